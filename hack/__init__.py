@@ -1,0 +1,1 @@
+"""Developer tooling (image builds, local registry, stub generation), importable by tests."""

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Generate Python protobuf/gRPC stubs for the containerd API into ``ccpu/api/gen/``.
+
+Why this exists: containerd's .proto files import each other as
+``github.com/containerd/containerd/...`` and protoc turns import paths into Python
+module paths, and ``github.com`` is not a valid Python package name. So we copy
+the needed files into a staging tree under a rewritten path
+(``ccpu/api/gen/containerd/...``, ``ccpu/api/gen/gogoproto/...``), rewrite their
+``import "..."`` lines to match, and run grpcio-tools' protoc on that tree. The
+proto ``package`` statements are left untouched, so fully-qualified wire names
+(e.g. ``containerd.services.snapshots.v1.Snapshots``) stay exactly what containerd
+expects; only the *file* names in the descriptor pool change.
+
+Mapping (source = Debian's golang-github-containerd-containerd-dev tree):
+
+    github.com/containerd/containerd/api/<p>     -> ccpu/api/gen/containerd/<p>
+    github.com/containerd/containerd/<other p>   -> ccpu/api/gen/containerd/<other p>
+    gogoproto/gogo.proto (gogo-protobuf)         -> ccpu/api/gen/gogoproto/gogo.proto
+    google/protobuf/*.proto                      -> not staged (grpcio-tools ships them)
+    google/rpc/status.proto                      -> not staged (googleapis-common-protos
+                                                    provides google.rpc.status_pb2; staging
+                                                    a private copy would register the symbol
+                                                    google.rpc.Status twice)
+
+Outputs are regenerated only when the inputs, this script or the grpcio-tools
+version change (stamp file ``ccpu/api/gen/.stamp``), because the stubs are
+imported by everything and regenerating them while something runs is wasteful.
+The new tree is swapped in with renames so concurrent importers never see a
+half-written package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GEN_PKG = "ccpu/api/gen"  # as a path relative to the repo root / staging root
+GEN_DIR = REPO_ROOT / GEN_PKG
+STAMP_NAME = ".stamp"
+# Bump when the staging/rewriting logic changes in a way that alters the output.
+RECIPE_VERSION = "1"
+
+GOCODE = Path(os.environ.get("FRACTAL_GOCODE", "/usr/share/gocode/src"))
+CONTAINERD_IMPORT = "github.com/containerd/containerd"
+CONTAINERD_SRC = GOCODE / CONTAINERD_IMPORT
+GOGO_SRC = GOCODE / "github.com/gogo/protobuf"
+
+# Files outside containerd's api/ dir that later work needs (shim Task API, runc
+# options, runtime options) and one that api/ imports (fieldpath plugin).
+EXTRA_CONTAINERD_PROTOS = (
+    "runtime/v2/task/shim.proto",
+    "pkg/runtimeoptions/v1/api.proto",
+    "runtime/v2/runc/options/oci.proto",
+    "protobuf/plugin/fieldpath.proto",
+)
+
+IMPORT_RE = re.compile(r'^(\s*import\s+(?:weak\s+|public\s+)?")([^"]+)(";.*)$', re.MULTILINE)
+
+
+class GenError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class StagedProto:
+    source: Path
+    staged: str  # path relative to the staging root, e.g. ccpu/api/gen/containerd/...
+
+
+def staged_name(import_path: str) -> str | None:
+    """Map an import path as written in a .proto to its staged path.
+
+    Returns None for files that are not staged (well-known google protos).
+    """
+    if import_path.startswith(CONTAINERD_IMPORT + "/"):
+        rel = import_path[len(CONTAINERD_IMPORT) + 1 :]
+        if rel.startswith("api/"):
+            rel = rel[len("api/") :]
+        return f"{GEN_PKG}/containerd/{rel}"
+    if import_path in ("gogoproto/gogo.proto", "github.com/gogo/protobuf/gogoproto/gogo.proto"):
+        return f"{GEN_PKG}/gogoproto/gogo.proto"
+    if import_path.startswith("google/"):
+        return None
+    raise GenError(f"don't know how to stage imported proto {import_path!r}")
+
+
+def collect_inputs() -> list[StagedProto]:
+    api_dir = CONTAINERD_SRC / "api"
+    if not api_dir.is_dir():
+        raise GenError(
+            f"{api_dir} not found: install golang-github-containerd-containerd-dev (hack/setup.sh does)"
+        )
+    gogo = GOGO_SRC / "gogoproto/gogo.proto"
+    if not gogo.is_file():
+        raise GenError(f"{gogo} not found: install golang-github-gogo-protobuf-dev")
+    protos = [
+        StagedProto(p, staged_name(f"{CONTAINERD_IMPORT}/{p.relative_to(CONTAINERD_SRC)}") or "")
+        for p in sorted(api_dir.rglob("*.proto"))
+    ]
+    for rel in EXTRA_CONTAINERD_PROTOS:
+        src = CONTAINERD_SRC / rel
+        if not src.is_file():
+            raise GenError(f"{src} not found (containerd dev package layout changed?)")
+        protos.append(StagedProto(src, staged_name(f"{CONTAINERD_IMPORT}/{rel}") or ""))
+    protos.append(StagedProto(gogo, f"{GEN_PKG}/gogoproto/gogo.proto"))
+    staged = [p.staged for p in protos]
+    if len(set(staged)) != len(staged):
+        raise GenError("two protos map to the same staged path")
+    return protos
+
+
+def rewrite_imports(text: str, origin: Path) -> str:
+    def repl(m: re.Match[str]) -> str:
+        target = staged_name(m.group(2))
+        return m.group(0) if target is None else f"{m.group(1)}{target}{m.group(3)}"
+
+    out = IMPORT_RE.sub(repl, text)
+    if "github.com/" in "\n".join(l for l in out.splitlines() if l.lstrip().startswith("import")):
+        raise GenError(f"unrewritten github.com import left in {origin}")
+    return out
+
+
+def well_known_include() -> Path:
+    import grpc_tools  # type: ignore[import-untyped]
+
+    path = Path(grpc_tools.__file__).parent / "_proto"
+    if not (path / "google/protobuf/descriptor.proto").is_file():
+        raise GenError(f"grpcio-tools well-known protos not found under {path}")
+    return path
+
+
+def google_rpc_include() -> Path:
+    """Directory containing google/rpc/status.proto, preferring the pip package.
+
+    The pip copy matches the google.rpc.status_pb2 module that is imported at
+    run time; Debian's gogo/googleapis copy is the fallback.
+    """
+    candidates: list[Path] = []
+    try:
+        import google.rpc  # type: ignore[import-untyped]
+
+        candidates += [Path(p).parent.parent for p in google.rpc.__path__]
+    except ImportError:
+        pass
+    candidates.append(GOCODE / "github.com/gogo/googleapis")
+    for c in candidates:
+        if (c / "google/rpc/status.proto").is_file():
+            return c
+    raise GenError("google/rpc/status.proto not found: pip install googleapis-common-protos")
+
+
+def tools_version() -> str:
+    return importlib.metadata.version("grpcio-tools")
+
+
+def input_digest(protos: list[StagedProto]) -> str:
+    h = hashlib.sha256()
+    h.update(f"recipe={RECIPE_VERSION}\ngrpcio-tools={tools_version()}\n".encode())
+    h.update(Path(__file__).read_bytes())
+    for p in protos:
+        h.update(p.staged.encode() + b"\0")
+        h.update(hashlib.sha256(p.source.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def up_to_date(digest: str) -> bool:
+    stamp = GEN_DIR / STAMP_NAME
+    return stamp.is_file() and stamp.read_text().strip() == digest
+
+
+def run_protoc(stage: Path, out: Path, protos: list[StagedProto]) -> None:
+    args = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{stage}",
+        f"-I{google_rpc_include()}",
+        f"-I{well_known_include()}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *[p.staged for p in protos],
+    ]
+    # A subprocess rather than protoc.main() so we can drop the harmless
+    # "Import gogoproto/gogo.proto is unused" warnings (containerd imports gogo
+    # everywhere, the Go options are meaningless for Python).
+    res = subprocess.run(args, capture_output=True, text=True)
+    noise = [l for l in res.stderr.splitlines() if l and "is unused." not in l]
+    if noise:
+        print("\n".join(noise), file=sys.stderr)
+    if res.returncode != 0:
+        raise GenError(f"protoc failed with exit code {res.returncode}")
+
+
+def add_init_files(root: Path) -> None:
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        init = d / "__init__.py"
+        if not init.exists():
+            init.write_text('"""Generated by hack/gen_protos.py; do not edit or commit."""\n')
+
+
+def generate(force: bool = False, quiet: bool = False) -> bool:
+    """Generate stubs if needed; return True if files were (re)written."""
+    protos = collect_inputs()
+    digest = input_digest(protos)
+    if not force and up_to_date(digest):
+        if not quiet:
+            print(f"gen_protos: {GEN_PKG} up to date ({len(protos)} protos)")
+        return False
+    if not quiet:
+        print(f"gen_protos: generating {len(protos)} protos into {GEN_PKG} (grpcio-tools {tools_version()})")
+    GEN_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gen-", dir=GEN_DIR.parent) as tmp:
+        tmpdir = Path(tmp)
+        stage, out = tmpdir / "stage", tmpdir / "out"
+        for p in protos:
+            dst = stage / p.staged
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(rewrite_imports(p.source.read_text(), p.source))
+        out.mkdir()
+        run_protoc(stage, out, protos)
+        new_gen = out / GEN_PKG
+        add_init_files(new_gen)
+        (new_gen / STAMP_NAME).write_text(digest + "\n")
+        # Swap in with renames so importers see either the old or the new tree.
+        old = tmpdir / "old"
+        if GEN_DIR.exists():
+            GEN_DIR.rename(old)
+        new_gen.rename(GEN_DIR)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--force", action="store_true", help="regenerate even if the stamp matches")
+    ap.add_argument("--check", action="store_true", help="exit 1 if regeneration is needed")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if args.check:
+            ok = up_to_date(input_digest(collect_inputs()))
+            print(f"gen_protos: {'up to date' if ok else 'needs regeneration'}")
+            return 0 if ok else 1
+        generate(force=args.force, quiet=args.quiet)
+    except GenError as e:
+        print(f"gen_protos: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
