@@ -1,0 +1,428 @@
+"""The layer repo: containerd snapshot semantics over content-addressed layers.
+
+On disk (ROOT defaults to /var/lib/fractal):
+
+    ROOT/metadata.db        SQLite: snapshots, layers, pins (see metastore.py)
+    ROOT/layers/<id>/       one unpacked layer; read-only once committed.  This
+                            directory is what guests get (shared read-only).
+    ROOT/active/<id>/fs     upper dir of an active snapshot (work/ beside it)
+    ROOT/trash/             directories on their way out (removed in background)
+
+A *snapshot* is containerd's name for a node in a parent chain (per
+namespace, with labels); a *layer* is the unpacked data, stored once and
+named by content (the chain ID from the containerd.io/snapshot.ref label).
+Many committed snapshots may name one layer: that is how a second namespace,
+or a second image sharing a base, costs no disk and no unpack.  A layer lives
+while a snapshot, a child layer or a pin (live layers) refers to it.
+
+Crash safety: every state change is one SQLite transaction.  Directories are
+created before the transaction and renamed into place inside it, and removed
+only after it commits, so after a crash the only possible mismatches are
+orphan directories or a commit whose rename outran its transaction; `recover`
+repairs both at start-up and on containerd's Cleanup call.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from .. import filters as _filters
+from ..stack import snapshot_mounts
+from . import validate
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RepoLocked
+from .fsutil import disk_usage, remove_tree
+from .metastore import MetaStore, SnapshotRow
+from .model import Kind, LayerInfo, Mount, SnapshotInfo, Usage
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
+
+
+class Repo:
+    """One repo directory, served by one process at a time (flock on ROOT/lock)."""
+
+    def __init__(self, root: Path | str, *, background_removal: bool = True) -> None:
+        self.root = Path(root).absolute()
+        self.layers_dir = self.root / "layers"
+        self.active_dir = self.root / "active"
+        self.trash_dir = self.root / "trash"
+        for d in (self.root, self.layers_dir, self.active_dir, self.trash_dir):
+            d.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self._lockfile = open(self.root / "lock", "a+")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lockfile.close()
+            raise RepoLocked(f"repo {self.root} is in use by another process") from None
+        self.meta = MetaStore(self.root / "metadata.db")
+        self._lock = threading.RLock()
+        self._background = background_removal
+        self._reaper: threading.Thread | None = None
+        self._reap_wanted = threading.Event()
+        self._closed = False
+        self.recover()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._reap_wanted.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=30)
+        self.meta.close()
+        self._lockfile.close()
+
+    # -- paths -------------------------------------------------------------
+    def layer_path(self, lid: int) -> Path:
+        return self.layers_dir / str(lid)
+
+    def _active_path(self, sid: int) -> Path:
+        return self.active_dir / str(sid)
+
+    # -- snapshot API (names and semantics as containerd's Snapshotter) -----
+    def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels or {})
+
+    def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels or {})
+
+    def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        validate.check_key(key)
+        validate.check_parent(parent)
+        labels = validate.check_labels(labels)
+        chain = labels.get(SNAPSHOT_REF_LABEL)
+        if chain is not None:
+            validate.check_chain_id(chain)
+        with self._lock:
+            if self.meta.snapshot(key) is not None:
+                raise AlreadyExists(f"snapshot {key!r} already exists")
+            prow = self._parent_row(parent)
+            if chain is not None and kind is Kind.ACTIVE:
+                self._link_existing_layer(chain, prow, labels)  # raises AlreadyExists if it could
+            tmp = self.active_dir / f".new-{uuid.uuid4().hex}"
+            try:
+                (tmp / "fs").mkdir(parents=True, mode=0o755)
+                if kind is Kind.ACTIVE:
+                    (tmp / "work").mkdir(mode=0o700)
+                if prow is not None:
+                    top = os.stat(self.layer_path(prow.layer_id))  # type: ignore[arg-type]
+                    os.chown(tmp / "fs", top.st_uid, top.st_gid)
+                with self.meta.tx():
+                    sid = self.meta.insert_snapshot(
+                        key, kind, prow.id if prow else None, None, chain if kind is Kind.ACTIVE else None,
+                        labels, time.time_ns(),
+                    )
+                    os.rename(tmp, self._active_path(sid))
+            except BaseException:
+                remove_tree(tmp)
+                raise
+            return self._mounts_of(self.meta.snapshot_by_id(sid))  # type: ignore[arg-type]
+
+    def _parent_row(self, parent: str) -> SnapshotRow | None:
+        if not parent:
+            return None
+        prow = self.meta.snapshot(parent)
+        if prow is None:
+            raise NotFound(f"parent snapshot {parent!r} does not exist")
+        if prow.kind is not Kind.COMMITTED:
+            raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
+        return prow
+
+    def _link_existing_layer(self, chain: str, prow: SnapshotRow | None, labels: dict[str, str]) -> None:
+        """containerd's remote-snapshot path: the layer is here already, skip the unpack.
+
+        We make (or find) a committed snapshot for the layer under the requested
+        parent, carrying the snapshot.ref label, and answer AlreadyExists;
+        containerd then finds it by List(labels.ref==chain, parent==parent).
+        """
+        layer = self.meta.layer_by_chain(chain)
+        parent_layer = prow.layer_id if prow else None
+        if layer is None or layer.parent_id != parent_layer:
+            return
+        parent_id = prow.id if prow else None
+        if self.meta.find_committed(chain, parent_id) is None:
+            name = chain
+            if self.meta.snapshot(name) is not None:
+                name = f"{chain}@{uuid.uuid4().hex[:12]}"
+            with self.meta.tx():
+                self.meta.insert_snapshot(name, Kind.COMMITTED, parent_id, layer.id, None, labels, time.time_ns())
+        raise AlreadyExists(f"target snapshot {chain!r} already exists in the repo")
+
+    def mounts(self, key: str) -> list[Mount]:
+        with self._lock:
+            row = self._row(key)
+            if row.kind is Kind.COMMITTED:
+                raise FailedPrecondition(f"snapshot {key!r} is committed: only active and view snapshots have mounts")
+            return self._mounts_of(row)
+
+    def _mounts_of(self, row: SnapshotRow) -> list[Mount]:
+        lowers = [str(self.layer_path(lid)) for lid in self._parent_layers(row)]
+        own = self._active_path(row.id)
+        if row.kind is Kind.ACTIVE:
+            return snapshot_mounts(lowers, str(own / "fs"), str(own / "work"))
+        return snapshot_mounts(lowers, empty_dir=str(own / "fs"))
+
+    def _parent_layers(self, row: SnapshotRow) -> list[int]:
+        """Layer ids below `row`, nearest first."""
+        out: list[int] = []
+        pid = row.parent_id
+        while pid is not None:
+            p = self.meta.snapshot_by_id(pid)
+            if p is None or p.layer_id is None:
+                raise FailedPrecondition(f"snapshot {row.name!r} has a broken parent chain")
+            out.append(p.layer_id)
+            pid = p.parent_id
+        return out
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        validate.check_key(name, "name")
+        validate.check_key(key)
+        labels = validate.check_labels(labels or {})
+        with self._lock:
+            row = self._row(key)
+            if row.kind is not Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is not active")
+            if self.meta.snapshot(name) is not None:
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+        # Measuring may take long for big layers: do it outside the lock, then re-check.
+        usage = disk_usage(self._active_path(row.id) / "fs")
+        with self._lock:
+            again = self.meta.snapshot(key)
+            if again is None or again.id != row.id or again.kind is not Kind.ACTIVE:
+                raise NotFound(f"snapshot {key!r} was removed while it was being committed")
+            if self.meta.snapshot(name) is not None:
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+            parent_layer = self.meta.snapshot_by_id(row.parent_id).layer_id if row.parent_id else None  # type: ignore[union-attr]
+            chain = row.chain_id
+            existing = self.meta.layer_by_chain(chain) if chain else None
+            src = self._active_path(row.id) / "fs"
+            dst = self.layer_path(row.id)
+            moved = False
+            try:
+                with self.meta.tx():
+                    now = time.time_ns()
+                    if existing is not None and existing.parent_id == parent_layer:
+                        # Unpacked twice concurrently: keep the first copy, drop ours.
+                        self.meta.set_committed(row.id, name, existing.id, labels, now)
+                    else:
+                        self.meta.insert_layer(
+                            row.id, chain if existing is None else None, parent_layer, usage.size, usage.inodes, now
+                        )
+                        self.meta.set_committed(row.id, name, row.id, labels, now)
+                        os.rename(src, dst)
+                        moved = True
+            except BaseException:
+                if moved and dst.exists() and not src.exists():
+                    os.rename(dst, src)
+                raise
+            self._trash(self._active_path(row.id))
+
+    def remove(self, key: str) -> None:
+        validate.check_key(key)
+        with self._lock:
+            row = self._row(key)
+            if self.meta.has_children(row.id):
+                raise FailedPrecondition(f"cannot remove snapshot {key!r} with child")
+            with self.meta.tx():
+                self.meta.delete_snapshot(row.id)
+                dead = self._collect_layers(row.layer_id)
+            if row.kind is not Kind.COMMITTED:
+                self._trash(self._active_path(row.id))
+            for lid in dead:
+                self._trash(self.layer_path(lid))
+
+    def _collect_layers(self, lid: int | None) -> list[int]:
+        """Delete layer rows no longer used, walking down the chain (inside a tx)."""
+        dead: list[int] = []
+        while lid is not None and self.meta.layer_users(lid) == 0:
+            layer = self.meta.layer(lid)
+            if layer is None:
+                break
+            self.meta.delete_layer(lid)
+            dead.append(lid)
+            lid = layer.parent_id
+        return dead
+
+    def stat(self, key: str) -> SnapshotInfo:
+        with self._lock:
+            return self._info(self._row(key))
+
+    def update(self, info: SnapshotInfo, fieldpaths: Sequence[str] = ()) -> SnapshotInfo:
+        """Update labels, as containerd's storage.UpdateInfo: only `labels` and `labels.*` may change."""
+        validate.check_key(info.name)
+        new_labels = validate.check_labels(info.labels)
+        with self._lock:
+            row = self._row(info.name)
+            labels = dict(row.labels)
+            if not fieldpaths:
+                labels = new_labels
+            for path in fieldpaths:
+                if path == "labels":
+                    labels = dict(new_labels)
+                elif path.startswith("labels."):
+                    k = path[len("labels."):]
+                    if k in new_labels:
+                        labels[k] = new_labels[k]
+                    else:
+                        labels.pop(k, None)
+                else:
+                    raise InvalidArgument(f"cannot update {path!r} field on snapshot {info.name!r}")
+            validate.check_labels(labels)
+            with self.meta.tx():
+                self.meta.set_labels(row.id, labels, time.time_ns())
+            return self._info(self.meta.snapshot_by_id(row.id))  # type: ignore[arg-type]
+
+    def usage(self, key: str) -> Usage:
+        with self._lock:
+            row = self._row(key)
+            if row.kind is Kind.COMMITTED:
+                layer = self.meta.layer(row.layer_id)  # type: ignore[arg-type]
+                return Usage(layer.size, layer.inodes) if layer else Usage()
+            if row.kind is Kind.VIEW:
+                return Usage()
+            path = self._active_path(row.id) / "fs"
+        return disk_usage(path)
+
+    def list(self, filter_strings: Sequence[str] = ()) -> Iterable[SnapshotInfo]:
+        try:
+            flt = _filters.parse(list(filter_strings))
+        except _filters.FilterSyntaxError as e:
+            raise InvalidArgument(f"bad filter: {e}") from None
+        with self._lock:
+            rows = self.meta.snapshots()
+            by_id = {r.id: r for r in rows}
+            infos = [self._info(r, by_id) for r in rows]
+        for info in infos:
+            adaptor = _filters.snapshot_adaptor(info.name, info.parent, info.kind.filter_name, info.labels)
+            if flt.match(adaptor):
+                yield info
+
+    def _row(self, key: str) -> SnapshotRow:
+        row = self.meta.snapshot(key)
+        if row is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return row
+
+    def _info(self, row: SnapshotRow, by_id: Mapping[int, SnapshotRow] | None = None) -> SnapshotInfo:
+        parent = ""
+        if row.parent_id is not None:
+            p = by_id.get(row.parent_id) if by_id is not None else self.meta.snapshot_by_id(row.parent_id)
+            parent = p.name if p else ""
+        return SnapshotInfo(row.name, row.kind, parent, dict(row.labels), row.created_ns, row.updated_ns)
+
+    # -- pins: references from outside containerd (live-added layers) -------
+    def pin(self, chain_or_id: str, owner: str) -> int:
+        with self._lock, self.meta.tx():
+            lid = self._resolve_layer(chain_or_id)
+            self.meta.pin(lid, owner)
+            return lid
+
+    def unpin(self, chain_or_id: str, owner: str) -> None:
+        with self._lock:
+            with self.meta.tx():
+                lid = self._resolve_layer(chain_or_id)
+                self.meta.unpin(lid, owner)
+                dead = self._collect_layers(lid)
+            for d in dead:
+                self._trash(self.layer_path(d))
+
+    def _resolve_layer(self, chain_or_id: str) -> int:
+        layer = self.meta.layer_by_chain(chain_or_id)
+        if layer is None and chain_or_id.isdigit():
+            layer = self.meta.layer(int(chain_or_id))
+        if layer is None:
+            raise NotFound(f"layer {chain_or_id!r} is not in the repo")
+        return layer.id
+
+    # -- introspection for `fractal repo` -----------------------------------
+    def layers(self) -> list[LayerInfo]:
+        with self._lock:
+            out = []
+            for layer in self.meta.layers():
+                users = [s.name for s in self.meta.snapshots_of_layer(layer.id)]
+                users += [f"pin:{o}" for o in self.meta.pins(layer.id)]
+                out.append(LayerInfo(layer.id, layer.chain_id, layer.parent_id, layer.size, layer.inodes,
+                                     layer.created_ns, tuple(users), str(self.layer_path(layer.id))))
+            return out
+
+    # -- crash recovery and removal ------------------------------------------
+    def recover(self) -> list[str]:
+        """Make directories agree with the metadata.  Returns what it did, for logs.
+
+        Safe to run any time the lock is held: it only removes what no row
+        names and re-does renames a crash interrupted.
+        """
+        actions: list[str] = []
+        with self._lock:
+            rows = self.meta.snapshots()
+            live_active = {r.id for r in rows if r.kind is not Kind.COMMITTED}
+            layer_ids = {layer.id for layer in self.meta.layers()}
+            for r in rows:
+                if r.kind is Kind.ACTIVE and not (self._active_path(r.id) / "fs").exists():
+                    half = self.layer_path(r.id)
+                    if half.exists() and r.id not in layer_ids:
+                        os.rename(half, self._active_path(r.id) / "fs")
+                        actions.append(f"undid interrupted commit of {r.name!r}")
+                    else:
+                        log.warning("active snapshot %r has lost its directory", r.name)
+            for entry in list(self.active_dir.iterdir()):
+                if not (entry.name.isdigit() and int(entry.name) in live_active):
+                    self._trash(entry)
+                    actions.append(f"removed orphan {entry}")
+            for entry in list(self.layers_dir.iterdir()):
+                if not (entry.name.isdigit() and int(entry.name) in layer_ids):
+                    self._trash(entry)
+                    actions.append(f"removed orphan {entry}")
+            with self.meta.tx():
+                dead: list[int] = []
+                for layer in self.meta.layers():
+                    if self.meta.layer(layer.id) is not None and self.meta.layer_users(layer.id) == 0:
+                        dead += self._collect_layers(layer.id)
+            for lid in dead:
+                self._trash(self.layer_path(lid))
+                actions.append(f"removed unused layer {lid}")
+        for a in actions:
+            log.info("recover: %s", a)
+        self._reap_wanted.set()
+        self._ensure_reaper()
+        return actions
+
+    def _trash(self, path: Path) -> None:
+        if not os.path.lexists(path):
+            return
+        dst = self.trash_dir / f"{path.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, dst)
+        if self._background:
+            self._reap_wanted.set()
+            self._ensure_reaper()
+        else:
+            remove_tree(dst)
+
+    def _ensure_reaper(self) -> None:
+        if not self._background:
+            self.empty_trash()
+            return
+        if self._reaper is None or not self._reaper.is_alive():
+            self._reaper = threading.Thread(target=self._reap_loop, name="repo-trash", daemon=True)
+            self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        while not self._closed:
+            self._reap_wanted.wait()
+            self._reap_wanted.clear()
+            self.empty_trash()
+
+    def empty_trash(self) -> None:
+        for entry in list(self.trash_dir.iterdir()):
+            try:
+                remove_tree(entry)
+            except OSError as e:  # busy mounts etc.: retried at next start
+                log.warning("cannot remove %s: %s", entry, e)

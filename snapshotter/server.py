@@ -1,0 +1,94 @@
+"""`fractal-snapshotter`: serve the layer repo to containerd as a proxy snapshotter.
+
+containerd connects to it through
+    [proxy_plugins.fractal]
+      type = "snapshot"
+      address = "/run/fractal/snapshotter.sock"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import grpc
+
+from ccpu.repo import Repo, RepoError
+
+from .service import add_to_server
+
+log = logging.getLogger("fractal.snapshotter")
+
+DEFAULT_ROOT = "/var/lib/fractal"
+DEFAULT_ADDRESS = "/run/fractal/snapshotter.sock"
+
+
+def _claim_socket(path: Path) -> None:
+    """Remove a stale socket, but never steal one a live server answers on."""
+    path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    if not os.path.lexists(path):
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        s.close()
+    raise RepoError(f"{path} is already served by another process")
+
+
+async def serve(root: Path, address: Path, *, ready: asyncio.Event | None = None) -> None:
+    repo = Repo(root)
+    try:
+        _claim_socket(address)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+        add_to_server(repo, server)
+        server.add_insecure_port(f"unix:{address}")
+        await server.start()
+        os.chmod(address, 0o600)
+        log.info("serving repo %s on %s", root, address)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down")
+        await server.stop(grace=2)
+    finally:
+        address.unlink(missing_ok=True)
+        repo.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fractal-snapshotter", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.environ.get("FRACTAL_ROOT", DEFAULT_ROOT), help="repo directory (default %(default)s)")
+    ap.add_argument("--address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS", DEFAULT_ADDRESS),
+                    help="unix socket to listen on (default %(default)s)")
+    ap.add_argument("--debug", action="store_true", help="log every request")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(serve(Path(args.root), Path(args.address)))
+    except RepoError as e:
+        print(f"fractal-snapshotter: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""containerd.services.snapshots.v1.Snapshots over the repo.
+
+Thin: each RPC validates nothing itself, runs one repo call in a worker
+thread (repo calls touch the disk; the event loop must keep serving List
+streams and other clients meanwhile) and converts the result.  Errors are
+mapped in snapshotter/errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import empty_pb2
+
+from ccpu.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from ccpu.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from ccpu.repo import Repo
+
+from . import convert
+from .errors import streaming, unary
+
+log = logging.getLogger(__name__)
+
+LIST_BATCH = 100  # containerd's own proxy server sends Infos in batches of this size
+
+
+class SnapshotsService(pb_grpc.SnapshotsServicer):
+    def __init__(self, repo: Repo) -> None:
+        self.repo = repo
+
+    @unary
+    async def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.PrepareSnapshotResponse:
+        mounts = await asyncio.to_thread(self.repo.prepare, request.key, request.parent, dict(request.labels))
+        return pb.PrepareSnapshotResponse(mounts=convert.mounts_pb(mounts))
+
+    @unary
+    async def View(self, request: pb.ViewSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.ViewSnapshotResponse:
+        mounts = await asyncio.to_thread(self.repo.view, request.key, request.parent, dict(request.labels))
+        return pb.ViewSnapshotResponse(mounts=convert.mounts_pb(mounts))
+
+    @unary
+    async def Mounts(self, request: pb.MountsRequest, context: grpc.aio.ServicerContext) -> pb.MountsResponse:
+        mounts = await asyncio.to_thread(self.repo.mounts, request.key)
+        return pb.MountsResponse(mounts=convert.mounts_pb(mounts))
+
+    @unary
+    async def Commit(self, request: pb.CommitSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        await asyncio.to_thread(self.repo.commit, request.name, request.key, dict(request.labels))
+        return empty_pb2.Empty()
+
+    @unary
+    async def Remove(self, request: pb.RemoveSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        await asyncio.to_thread(self.repo.remove, request.key)
+        return empty_pb2.Empty()
+
+    @unary
+    async def Stat(self, request: pb.StatSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.StatSnapshotResponse:
+        info = await asyncio.to_thread(self.repo.stat, request.key)
+        return pb.StatSnapshotResponse(info=convert.info_pb(info))
+
+    @unary
+    async def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.UpdateSnapshotResponse:
+        info = convert.info_from_pb(request.info)
+        paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
+        updated = await asyncio.to_thread(self.repo.update, info, paths)
+        return pb.UpdateSnapshotResponse(info=convert.info_pb(updated))
+
+    @streaming
+    async def List(self, request: pb.ListSnapshotsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ListSnapshotsResponse]:
+        infos = await asyncio.to_thread(lambda: list(self.repo.list(list(request.filters))))
+        for i in range(0, len(infos), LIST_BATCH):
+            yield pb.ListSnapshotsResponse(info=[convert.info_pb(x) for x in infos[i : i + LIST_BATCH]])
+
+    @unary
+    async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:
+        usage = await asyncio.to_thread(self.repo.usage, request.key)
+        return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
+
+    @unary
+    async def Cleanup(self, request: pb.CleanupRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        await asyncio.to_thread(self.repo.recover)
+        return empty_pb2.Empty()
+
+
+def add_to_server(repo: Repo, server: grpc.aio.Server) -> SnapshotsService:
+    svc = SnapshotsService(repo)
+    pb_grpc.add_SnapshotsServicer_to_server(svc, server)
+    return svc
