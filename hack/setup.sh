@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Bring this machine to the state fractal's build and tests need. Idempotent and
+# quick when nothing changed (every step checks before it acts), because CI and
+# every fresh clone run it: machines are handed over with arbitrary leftovers, so
+# the project's own files must install everything it needs.
+#
+#   hack/setup.sh [--with-debian] [--skip-images]
+#
+# Env: FRACTAL_CACHE (default /var/cache/fractal; outside the clone so clones on
+# one machine share built images), PYTHON (default python3).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${FRACTAL_CACHE:-/var/cache/fractal}"
+PY="${PYTHON:-python3}"
+WITH_DEBIAN=0
+SKIP_IMAGES=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-debian) WITH_DEBIAN=1 ;;
+    --skip-images) SKIP_IMAGES=1 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "setup: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+APT_PACKAGES=(
+  containerd runc umoci skopeo docker-registry busybox-static
+  golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev
+  golang-github-gogo-googleapis-dev
+  debootstrap qemu-system-x86 iproute2 e2fsprogs
+)
+
+step_start=$EPOCHREALTIME
+step() { step_start=$EPOCHREALTIME; echo "setup: $*"; }
+step_done() { awk -v a="$step_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "setup:   done in %.1fs\n", b - a }'; }
+
+# --- 1. apt packages -----------------------------------------------------------
+step "checking apt packages"
+missing=()
+installed="$(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${APT_PACKAGES[@]}" 2>/dev/null || true)"
+for p in "${APT_PACKAGES[@]}"; do
+  grep -qx "$p installed" <<<"$installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup:   installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "setup:   all ${#APT_PACKAGES[@]} present"
+fi
+step_done
+
+$SUDO mkdir -p "$CACHE"
+
+# --- 2. Python package (editable) + extras ---------------------------------------
+# The marker is keyed on pyproject.toml, the interpreter and this clone's path; the
+# editable install must also point at *this* clone (another clone may have
+# installed itself last).
+step "checking Python dependencies ($PY)"
+key="$( { sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1; "$PY" -c 'import sys; print(sys.prefix)'; echo "$ROOT"; } | sha256sum | cut -d' ' -f1)"
+marker="$CACHE/pip/$key"
+if [ -f "$marker" ] && "$PY" -P - "$ROOT" <<'EOF'
+import importlib.metadata as m, json, sys
+try:
+    d = m.distribution("fractal")
+    for req in ("grpcio", "grpcio-tools", "protobuf", "pytest", "hypothesis"):
+        m.version(req)
+except m.PackageNotFoundError:
+    sys.exit(1)
+url = json.loads(d.read_text("direct_url.json") or "{}").get("url", "")
+sys.exit(0 if url.rstrip("/") == "file://" + sys.argv[1] else 1)
+EOF
+then
+  echo "setup:   up to date"
+else
+  echo "setup:   pip install -e '.[build,images,test]'"
+  "$PY" -m pip install -q --root-user-action=ignore --disable-pip-version-check -e "$ROOT[build,images,test]"
+  $SUDO mkdir -p "$CACHE/pip"
+  $SUDO touch "$marker"
+fi
+step_done
+
+# --- 3. protobuf stubs -------------------------------------------------------------
+step "containerd API stubs"
+"$PY" "$ROOT/hack/gen_protos.py"
+step_done
+
+# --- 4. test images ----------------------------------------------------------------
+if [ "$SKIP_IMAGES" -eq 0 ]; then
+  step "test images in $CACHE/images"
+  extra=()
+  if [ "$WITH_DEBIAN" -eq 1 ] || [ "${FRACTAL_WITH_DEBIAN:-0}" = 1 ]; then extra+=(--with-debian); fi
+  $SUDO "$PY" "$ROOT/hack/testimages.py" --cache "$CACHE" build "${extra[@]}"
+  step_done
+fi
+echo "setup: ok"
