@@ -98,15 +98,16 @@ class Repo:
         validate.check_key(key)
         validate.check_parent(parent)
         labels = validate.check_labels(labels)
-        chain = labels.get(SNAPSHOT_REF_LABEL)
-        if chain is not None:
-            validate.check_chain_id(chain)
+        label_chain = labels.get(SNAPSHOT_REF_LABEL)
+        if label_chain is not None:
+            validate.check_chain_id(label_chain)
+        chain = label_chain or validate.chain_id_from_key(key)
         with self._lock:
             if self.meta.snapshot(key) is not None:
                 raise AlreadyExists(f"snapshot {key!r} already exists")
             prow = self._parent_row(parent)
-            if chain is not None and kind is Kind.ACTIVE:
-                self._link_existing_layer(chain, prow, labels)  # raises AlreadyExists if it could
+            if label_chain is not None and kind is Kind.ACTIVE:
+                self._link_existing_layer(label_chain, prow, labels)  # raises AlreadyExists if it could
             tmp = self.active_dir / f".new-{uuid.uuid4().hex}"
             try:
                 (tmp / "fs").mkdir(parents=True, mode=0o755)
@@ -142,6 +143,9 @@ class Repo:
         We make (or find) a committed snapshot for the layer under the requested
         parent, carrying the snapshot.ref label, and answer AlreadyExists;
         containerd then finds it by List(labels.ref==chain, parent==parent).
+        Only done when the label is there: without it containerd cannot find
+        the snapshot and would retry forever; such unpacks (ctr 1.6) are
+        deduplicated at Commit instead, by the chain ID in the key.
         """
         layer = self.meta.layer_by_chain(chain)
         parent_layer = prow.layer_id if prow else None
@@ -201,7 +205,7 @@ class Repo:
             if self.meta.snapshot(name) is not None:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
             parent_layer = self.meta.snapshot_by_id(row.parent_id).layer_id if row.parent_id else None  # type: ignore[union-attr]
-            chain = row.chain_id
+            chain = row.chain_id or validate.chain_id_from_name(name)
             existing = self.meta.layer_by_chain(chain) if chain else None
             src = self._active_path(row.id) / "fs"
             dst = self.layer_path(row.id)

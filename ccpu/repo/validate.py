@@ -65,3 +65,25 @@ def check_chain_id(value: str) -> str:
 
 def is_sha256(value: str) -> bool:
     return bool(_SHA256.match(value))
+
+
+def chain_id_from_key(key: str) -> str | None:
+    """The chain ID containerd's unpacker writes into extraction keys.
+
+    containerd names the active snapshot of an unpack "extract-<unique> <chainID>"
+    (snapshots.UnpackKeyFormat), behind its "<ns>/<seq>/" prefix.  `ctr images
+    pull` in containerd 1.6 sends no snapshot.ref label, so this is the only
+    place it tells us which layer it is unpacking.
+    """
+    base = key.split("/", 2)[-1]
+    if not base.startswith("extract-") or " " not in base:
+        return None
+    candidate = base.rsplit(" ", 1)[1]
+    return candidate if _DIGEST.match(candidate) else None
+
+
+def chain_id_from_name(name: str) -> str | None:
+    """containerd commits a layer under "<ns>/<seq>/<chainID>"."""
+    parts = name.split("/", 2)
+    candidate = parts[2] if len(parts) == 3 and parts[1].isdigit() else name
+    return candidate if _DIGEST.match(candidate) else None

@@ -271,3 +271,15 @@ def test_pins_keep_layers_alive(repo: Repo) -> None:
     assert repo.layers() == []
     with pytest.raises(NotFound):
         repo.pin(CHAIN2, "c")
+
+
+def test_unlabelled_unpack_is_deduplicated_at_commit(repo: Repo) -> None:
+    """ctr 1.6 sends no snapshot.ref label; the chain ID in key and name still identify the layer."""
+    for ns in ("ns1", "ns2"):
+        key = f"{ns}/5/extract-123-abc {CHAIN1}"
+        Path(upper_of(repo.prepare(key))).joinpath("f").write_text(ns)
+        repo.commit(f"{ns}/6/{CHAIN1}", key)
+    [layer] = repo.layers()
+    assert layer.chain_id == CHAIN1
+    assert Path(layer.path, "f").read_text() == "ns1"  # the first copy is kept, the second dropped
+    assert len(list(repo.trash_dir.iterdir())) == 0
