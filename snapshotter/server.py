@@ -19,14 +19,12 @@ from pathlib import Path
 
 import grpc
 
+from ccpu.defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS as DEFAULT_ADDRESS
 from ccpu.repo import Repo, RepoError
 
 from .service import add_to_server
 
 log = logging.getLogger("fractal.snapshotter")
-
-DEFAULT_ROOT = "/var/lib/fractal"
-DEFAULT_ADDRESS = "/run/fractal/snapshotter.sock"
 
 
 def _claim_socket(path: Path) -> None:

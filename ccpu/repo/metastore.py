@@ -99,8 +99,11 @@ class MetaStore:
     connection behind a lock is both simplest and fastest (no busy retries).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self._lock = threading.RLock()
+        if readonly:  # inspection beside a running snapshotter: WAL lets readers in
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            return
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

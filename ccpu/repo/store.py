@@ -54,6 +54,7 @@ class Repo:
         self.layers_dir = self.root / "layers"
         self.active_dir = self.root / "active"
         self.trash_dir = self.root / "trash"
+        self._closed = False
         for d in (self.root, self.layers_dir, self.active_dir, self.trash_dir):
             d.mkdir(mode=0o711, parents=True, exist_ok=True)
         self._lockfile = open(self.root / "lock", "a+")
@@ -70,6 +71,27 @@ class Repo:
         self._closed = False
         self.recover()
 
+    @classmethod
+    def open_readonly(cls, root: Path | str) -> "Repo":
+        """For inspection (`fractal repo ...`) while a snapshotter serves the repo.
+
+        Takes no lock and repairs nothing; any mutating call fails in SQLite.
+        """
+        self = cls.__new__(cls)
+        self.root = Path(root).absolute()
+        self.layers_dir, self.active_dir, self.trash_dir = (self.root / d for d in ("layers", "active", "trash"))
+        db = self.root / "metadata.db"
+        if not db.exists():
+            raise NotFound(f"{self.root} is not a fractal repo (no metadata.db)")
+        self.meta = MetaStore(db, readonly=True)
+        self._lock = threading.RLock()
+        self._lockfile = None  # type: ignore[assignment]
+        self._background = False
+        self._reaper = None
+        self._reap_wanted = threading.Event()
+        self._closed = False
+        return self
+
     def close(self) -> None:
         if self._closed:
             return
@@ -78,7 +100,8 @@ class Repo:
         if self._reaper is not None:
             self._reaper.join(timeout=30)
         self.meta.close()
-        self._lockfile.close()
+        if self._lockfile is not None:
+            self._lockfile.close()
 
     # -- paths -------------------------------------------------------------
     def layer_path(self, lid: int) -> Path:

@@ -1,0 +1,126 @@
+"""`fractal`: the user's view of the repo and of containerd integration.
+
+Thin by design: parse, call ccpu, print.  Errors from ccpu become one line on
+stderr and a non-zero exit; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
+from .repo import Repo, RepoError
+from .repo.fsutil import disk_usage
+
+
+def human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def containerd_snippet(address: str) -> str:
+    return (
+        "# containerd config.toml: let containerd use the fractal repo as a snapshotter\n"
+        f"[proxy_plugins.{SNAPSHOTTER_NAME}]\n"
+        '  type = "snapshot"\n'
+        f'  address = "{address}"\n'
+    )
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    if not args.print:
+        print("fractal install: only --print is available so far; add its output to containerd's config",
+              file=sys.stderr)
+        return 2
+    sys.stdout.write(containerd_snippet(args.address))
+    return 0
+
+
+def cmd_repo_ls(args: argparse.Namespace) -> int:
+    repo = Repo.open_readonly(args.root)
+    try:
+        layers = repo.layers()
+    finally:
+        repo.close()
+    if args.json:
+        json.dump([{
+            "id": la.id, "chain_id": la.chain_id, "parent": la.parent_id, "size": la.size,
+            "inodes": la.inodes, "users": list(la.users), "path": la.path,
+        } for la in layers], sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{'ID':>5}  {'CHAIN ID':<19}  {'PARENT':>6}  {'SIZE':>10}  USERS")
+    for la in layers:
+        chain = (la.chain_id or "-")[:19]
+        parent = str(la.parent_id) if la.parent_id is not None else "-"
+        users = ", ".join(la.users) if la.users else "-"
+        print(f"{la.id:>5}  {chain:<19}  {parent:>6}  {human(la.size):>10}  {users}")
+    return 0
+
+
+def cmd_repo_du(args: argparse.Namespace) -> int:
+    repo = Repo.open_readonly(args.root)
+    try:
+        layers = repo.layers()
+        snapshots = list(repo.list())
+    finally:
+        repo.close()
+    stored = sum(la.size for la in layers)
+    # what per-snapshot copies (containerd's overlayfs snapshotter) would need for the same snapshots
+    would_be = sum(la.size * max(1, sum(1 for u in la.users if not u.startswith("pin:"))) for la in layers)
+    on_disk = disk_usage(repo.root).size
+    print(f"repo:       {repo.root}")
+    print(f"layers:     {len(layers)} ({human(stored)} unpacked)")
+    print(f"snapshots:  {len(snapshots)}")
+    print(f"on disk:    {human(on_disk)} (layers, active snapshots, metadata)")
+    print(f"one copy per snapshot would take {human(would_be)}; shared layers save {human(would_be - stored)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fractal", description="fractal: many containers, one VM, one copy of every layer")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("install", help="containerd configuration for fractal")
+    p.add_argument("--print", action="store_true", help="print the containerd config snippet")
+    p.add_argument("--address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS", DEFAULT_SNAPSHOTTER_ADDRESS),
+                   help="snapshotter socket (default %(default)s)")
+    p.set_defaults(func=cmd_install)
+
+    repo = sub.add_parser("repo", help="inspect the layer repo").add_subparsers(dest="repo_command", required=True)
+    root_help = "repo directory (default %(default)s; env FRACTAL_ROOT)"
+    root_default = os.environ.get("FRACTAL_ROOT", DEFAULT_ROOT)
+    p = repo.add_parser("ls", help="layers, their sizes and the snapshots using them")
+    p.add_argument("--root", default=root_default, help=root_help)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_repo_ls)
+    p = repo.add_parser("du", help="disk used by the repo and what sharing saves")
+    p.add_argument("--root", default=root_default, help=root_help)
+    p.set_defaults(func=cmd_repo_du)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        return int(args.func(args))
+    except RepoError as e:
+        if args.debug:
+            raise
+        print(f"fractal: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
