@@ -614,8 +614,10 @@ def layer_blobs(layout: Path, tag: str = TAG) -> list[Path]:
 def layer_member_names(layout: Path) -> list[set[str]]:
     out = []
     for blob in layer_blobs(layout):
-        with gzip.open(blob) if blob.read_bytes()[:2] == b"\x1f\x8b" else blob.open("rb") as f:  # type: ignore[attr-defined]
-            with tarfile.open(fileobj=f, mode="r|") as t:
+        with blob.open("rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            with tarfile.open(fileobj=gzip.GzipFile(fileobj=raw) if gz else raw, mode="r|") as t:
                 out.append({m.name.removeprefix("./") for m in t})
     return out
 
