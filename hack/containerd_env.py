@@ -1,0 +1,984 @@
+"""Private containerd + fractal snapshotter daemons for tests, benchmarks and the demo.
+
+Why this exists: the integration tests, the benchmarks and ``make run`` all need a containerd
+that talks to *our* proxy snapshotter, and they must never touch the machine's own containerd
+(``/run/containerd/containerd.sock``, ``/var/lib/containerd``).  Every :class:`FractalEnv` gets
+
+* a short run dir ``/run/fractal-test/<6 hex>/`` for sockets and containerd's state (short
+  because unix socket paths are limited to ~106 bytes and shims put sockets under the state dir),
+* a root dir on disk ``/var/tmp/fractal-test/<same id>/`` for containerd's root (content store,
+  metadata, overlayfs snapshots), the snapshotter's repo and the daemons' log files,
+
+and tears all of it down -- processes, mounts, dirs -- even if a test fails midway.  Teardown is
+idempotent, and a later env sweeps up envs whose owning process died without cleaning up
+(e.g. pytest killed with SIGKILL).
+
+Only the standard library is used so the module works before any dependency is installed.
+
+Environment variables:
+    FRACTAL_KEEP=1        keep the dirs (logs, config, repo) after teardown for debugging;
+                          processes are still stopped and mounts still removed.
+    FRACTAL_RUN_BASE      base for run dirs (default /run/fractal-test).
+    FRACTAL_TMP_BASE      base for root dirs (default /var/tmp/fractal-test).
+    FRACTAL_CONTAINERD    containerd binary (default: ``containerd`` on PATH).
+    FRACTAL_CTR           ctr binary (default: ``ctr`` on PATH).
+
+Command line (for humans): ``python3 hack/containerd_env.py shell`` starts an env and prints
+how to reach it; ``python3 hack/containerd_env.py sweep`` cleans envs left by dead processes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+RUN_BASE = Path(os.environ.get("FRACTAL_RUN_BASE", "/run/fractal-test"))
+TMP_BASE = Path(os.environ.get("FRACTAL_TMP_BASE", "/var/tmp/fractal-test"))
+
+#: Plugins that slow start-up, need kernel modules / host state, or are simply not ours to use.
+#: CRI would also start its own streaming server and CNI handling.
+DISABLED_PLUGINS: tuple[str, ...] = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.snapshotter.v1.aufs",  # tries to modprobe aufs on the host
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
+)
+
+#: Name of the proxy snapshotter plugin in containerd's config; ``--snapshotter fractal``.
+SNAPSHOTTER_NAME = "fractal"
+
+
+def keep_requested() -> bool:
+    """True when FRACTAL_KEEP asks to keep the env's dirs for post-mortem debugging."""
+    return os.environ.get("FRACTAL_KEEP", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class HarnessError(RuntimeError):
+    """A daemon failed to start or a command of the harness failed."""
+
+
+class CommandError(HarnessError):
+    """A command exited non-zero; the message carries its stdout and stderr so tests show why."""
+
+    def __init__(self, cmd: Sequence[str], returncode: int | None, stdout: str, stderr: str,
+                 note: str = "") -> None:
+        self.cmd = list(cmd)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        what = "timed out" if returncode is None else f"exited {returncode}"
+        msg = f"command {what}: {' '.join(self.cmd)}"
+        if note:
+            msg += f" ({note})"
+        msg += f"\n--- stdout ---\n{_clip(stdout)}\n--- stderr ---\n{_clip(stderr)}"
+        super().__init__(msg)
+
+
+def _clip(text: str, limit: int = 4000) -> str:
+    text = text or ""
+    return text if len(text) <= limit else "...[clipped]...\n" + text[-limit:]
+
+
+def run_cmd(cmd: Sequence[str], *, check: bool = True, timeout: float = 120.0,
+            input: str | None = None, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """Run a command capturing text output; raise :class:`CommandError` (with output) on failure.
+
+    stdin is /dev/null unless ``input`` is given: ``ctr run`` would otherwise copy our stdin into
+    the container and hang waiting for it.
+    """
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                              input=input, env=env,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        raise CommandError(cmd, None, out, err, note=f"timeout {timeout}s") from None
+    if check and proc.returncode != 0:
+        raise CommandError(cmd, proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """Last lines of a log file, for error messages (missing file -> placeholder)."""
+    try:
+        data = path.read_bytes()[-64 * 1024:]
+    except OSError:
+        return f"<no log at {path}>"
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def _set_pdeathsig() -> None:
+    """preexec_fn: SIGKILL the daemon when the process that started it dies.
+
+    Keeps a crashed/killed pytest from leaving daemons behind.  Shims are re-parented daemons
+    and are not covered; :func:`sweep_stale` and :meth:`FractalEnv.close` deal with them.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort only
+        pass
+
+
+def wait_for_socket(path: Path, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until a unix socket accepts connections (or the process dies / time runs out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise HarnessError(f"process exited with {proc.returncode} before {path} accepted connections")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(str(path))
+                    return
+                except OSError:
+                    pass
+        if time.monotonic() > deadline:
+            raise HarnessError(f"{path} did not accept connections within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+class _Daemon:
+    """A long-running child process logging to a file, with stop/kill9/restart.
+
+    Started in its own session so a Ctrl-C in the terminal does not hit it before we stop it in
+    order (snapshotter must outlive containerd during teardown).
+    """
+
+    name = "daemon"
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start_seconds: float | None = None
+
+    def command(self) -> list[str]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _spawn(self, env: dict[str, str] | None = None) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== {time.strftime('%H:%M:%S')} starting: {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_set_pdeathsig, env=env)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _fail(self, why: str) -> HarnessError:
+        return HarnessError(f"{self.name}: {why}\n--- last lines of {self.log_path} ---\n{tail(self.log_path)}")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit code (None if never started)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        """SIGKILL without any chance to clean up: simulates a crash (sockets/mounts stay behind)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def start(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """stop() then start() with the same dirs and sockets (state must survive)."""
+        self.stop(timeout=timeout)
+        self.start()
+
+
+class Snapshotter(_Daemon):
+    """The fractal proxy snapshotter: ``python3 -m snapshotter.server --root ROOT --address SOCK``.
+
+    The module form is used (cwd = repo root, repo root on PYTHONPATH) so it works from a clean
+    checkout without the console script being installed.
+    """
+
+    name = "snapshotter"
+
+    def __init__(self, root: Path, address: Path, log_path: Path, extra_args: Sequence[str] = (),
+                 python: str = sys.executable, ready_timeout: float = 30.0) -> None:
+        super().__init__(log_path)
+        self.root = Path(root)
+        self.address = Path(address)
+        self.extra_args = list(extra_args)
+        self.python = python
+        self.ready_timeout = ready_timeout
+
+    def command(self) -> list[str]:
+        return [self.python, "-m", "snapshotter.server", "--root", str(self.root),
+                "--address", str(self.address), *self.extra_args]
+
+    def start(self) -> None:
+        """Start and wait until the socket accepts connections; error includes the log tail."""
+        if self.running():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        # A socket file left by kill9() must not be mistaken for readiness.
+        if self.address.is_socket():
+            self.address.unlink()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        t0 = time.monotonic()
+        self._spawn(env=env)
+        try:
+            wait_for_socket(self.address, self.ready_timeout, self.proc)
+        except HarnessError as exc:
+            self.stop(timeout=2)
+            raise self._fail(str(exc)) from None
+        self.start_seconds = time.monotonic() - t0
+
+
+@dataclasses.dataclass
+class ContainerdConfig:
+    """Everything that goes into the private containerd's config.toml (version = 2)."""
+
+    root: Path
+    state: Path
+    address: Path
+    log_level: str = "info"
+    snapshotter_address: Path | None = None
+    snapshotter_name: str = SNAPSHOTTER_NAME
+    temp: Path | None = None
+    opt_path: Path | None = None
+    disabled_plugins: tuple[str, ...] = DISABLED_PLUGINS
+
+    def render(self) -> str:
+        """TOML text.  ttrpc defaults to ``<grpc address>.ttrpc``, which is already private."""
+        q = _toml_str
+        lines = [
+            "version = 2",
+            f"root = {q(self.root)}",
+            f"state = {q(self.state)}",
+        ]
+        if self.temp is not None:
+            lines.append(f"temp = {q(self.temp)}")
+        lines.append("disabled_plugins = [" + ", ".join(q(p) for p in self.disabled_plugins) + "]")
+        lines += [
+            "",
+            "[grpc]",
+            f"  address = {q(self.address)}",
+            "",
+            "[ttrpc]",
+            f"  address = {q(str(self.address) + '.ttrpc')}",
+            "",
+            "[debug]",
+            f"  level = {q(self.log_level)}",
+            "",
+            "[metrics]",
+            '  address = ""',
+            "",
+        ]
+        if self.opt_path is not None:
+            # The opt plugin would otherwise create /opt/containerd on the host.
+            lines += ['[plugins."io.containerd.internal.v1.opt"]', f"  path = {q(self.opt_path)}", ""]
+        if self.snapshotter_address is not None:
+            lines += [
+                f"[proxy_plugins.{self.snapshotter_name}]",
+                '  type = "snapshot"',
+                f"  address = {q(self.snapshotter_address)}",
+                "",
+            ]
+        return "\n".join(lines)
+
+
+def _toml_str(value: object) -> str:
+    s = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+class PrivateContainerd(_Daemon):
+    """``containerd --config FILE`` with its own root, state and sockets; plus a ``ctr`` helper."""
+
+    name = "containerd"
+
+    def __init__(self, config: ContainerdConfig, config_path: Path, log_path: Path,
+                 binary: str | None = None, ctr_binary: str | None = None,
+                 ready_timeout: float = 30.0) -> None:
+        super().__init__(log_path)
+        self.config = config
+        self.config_path = Path(config_path)
+        self.binary = binary or os.environ.get("FRACTAL_CONTAINERD") or "containerd"
+        self.ctr_binary = ctr_binary or os.environ.get("FRACTAL_CTR") or "ctr"
+        self.ready_timeout = ready_timeout
+
+    @property
+    def address(self) -> Path:
+        return self.config.address
+
+    def command(self) -> list[str]:
+        return [self.binary, "--config", str(self.config_path)]
+
+    def start(self) -> None:
+        """Write the config, start containerd and wait until ``ctr version`` answers."""
+        if self.running():
+            return
+        for d in (self.config.root, self.config.state, self.config_path.parent):
+            Path(d).mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config.render())
+        if self.address.is_socket():
+            self.address.unlink()
+        t0 = time.monotonic()
+        self._spawn()
+        deadline = t0 + self.ready_timeout
+        try:
+            wait_for_socket(self.address, self.ready_timeout, self.proc)
+            while True:
+                r = self.ctr("version", check=False, timeout=10, namespace=None)
+                if r.returncode == 0:
+                    break
+                if not self.running():
+                    raise HarnessError(f"exited with {self.proc.returncode if self.proc else '?'}")
+                if time.monotonic() > deadline:
+                    raise HarnessError(f"`ctr version` still failing after {self.ready_timeout:.0f}s: {r.stderr.strip()}")
+                time.sleep(0.05)
+        except HarnessError as exc:
+            self.stop(timeout=2)
+            raise self._fail(str(exc)) from None
+        self.start_seconds = time.monotonic() - t0
+
+    def ctr_argv(self, *args: str, namespace: str | None = "default") -> list[str]:
+        argv = [self.ctr_binary, "--address", str(self.address)]
+        if namespace is not None:
+            argv += ["--namespace", namespace]
+        return argv + [str(a) for a in args]
+
+    def ctr(self, *args: str, namespace: str | None = "default", check: bool = True,
+            timeout: float = 120.0, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``ctr --address SOCK --namespace NS ARGS...``; raises :class:`CommandError` with output on failure."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER")}
+        return run_cmd(self.ctr_argv(*args, namespace=namespace), check=check, timeout=timeout,
+                       input=input, env=env)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cleanup primitives: processes and mounts.  All best effort, all idempotent.
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(*dirs: Path | str) -> list[str]:
+    """Mount points at or below any of ``dirs`` (this mount namespace), deepest/newest first."""
+    prefixes = [str(Path(d)) for d in dirs if d]
+    found: list[tuple[int, int, str]] = []
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 5:
+            continue
+        mp = _unescape_mountinfo(parts[4])
+        if any(mp == p or mp.startswith(p + "/") for p in prefixes):
+            found.append((mp.count("/"), int(parts[0]), mp))
+    found.sort(reverse=True)  # deepest first; among equals, most recently mounted first
+    return [mp for _, _, mp in found]
+
+
+def unmount_all(*dirs: Path | str, attempts: int = 20) -> list[str]:
+    """Unmount everything at or below ``dirs``; returns mount points that could not be removed.
+
+    Mounts can be stacked on one mount point, so repeat until none are left.  A busy mount gets
+    ``umount -l`` (detached now, freed when its last user goes) rather than failing teardown.
+    """
+    for _ in range(attempts):
+        mps = mounts_under(*dirs)
+        if not mps:
+            return []
+        for mp in mps:
+            r = subprocess.run(["umount", mp], capture_output=True)
+            if r.returncode != 0:
+                subprocess.run(["umount", "-l", mp], capture_output=True)
+    return mounts_under(*dirs)
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, cmdline with NULs as spaces) for every readable process."""
+    table: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        table[pid] = (ppid, cmd)
+    return table
+
+
+def _ancestors(pid: int, table: dict[int, tuple[int, str]]) -> set[int]:
+    seen: set[int] = set()
+    while pid in table and pid not in seen and pid > 1:
+        seen.add(pid)
+        pid = table[pid][0]
+    return seen
+
+
+def kill_processes_mentioning(*needles: str, exclude: Iterable[int] = ()) -> list[int]:
+    """SIGKILL processes whose cmdline mentions any needle, plus all their descendants.
+
+    Used for leftover shims (cmdline has ``-address <our socket>``), their containers (children
+    of the shim) and anything else started with our private paths (e.g. QEMU later).  Never
+    touches this process or its ancestors.  Returns the pids signalled.
+    """
+    needles = tuple(n for n in needles if n)
+    if not needles:
+        return []
+    table = _proc_table()
+    protected = _ancestors(os.getpid(), table) | set(exclude) | {os.getpid(), 1}
+    roots = {pid for pid, (_, cmd) in table.items() if any(n in cmd for n in needles)} - protected
+    victims = set(roots)
+    changed = True
+    while changed:  # add descendants
+        changed = False
+        for pid, (ppid, _) in table.items():
+            if ppid in victims and pid not in victims and pid not in protected:
+                victims.add(pid)
+                changed = True
+    # children first, so a shim cannot restart/reap-and-report in between
+    for pid in sorted(victims, key=lambda p: len(_ancestors(p, table)), reverse=True):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in victims):
+        time.sleep(0.05)
+    return sorted(victims)
+
+
+#: containerd 1.6 puts every shim socket in /run/containerd/s/ whatever its config says
+#: (runtime/v2/shim/util_unix.go: SocketAddress uses defaults.DefaultStateDir).
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+
+
+def shim_sockets_for(address: Path | str) -> list[Path]:
+    """Host paths of the sockets of the running shims started by the containerd at ``address``.
+
+    The name is sha256("<containerd address>/<namespace>/<id>"), so a SIGKILLed shim leaves a file
+    we can attribute to our env and delete (it would otherwise pile up on the host).
+    """
+    import hashlib
+
+    found: list[Path] = []
+    for pid, (_, cmd) in _proc_table().items():
+        argv = cmd.split()
+        if not argv or "containerd-shim" not in Path(argv[0]).name or str(address) not in argv:
+            continue
+        opts = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("-")}
+        ns, cid = opts.get("-namespace"), opts.get("-id")
+        if ns and cid:
+            digest = hashlib.sha256(os.path.join(str(address), ns, cid).encode()).hexdigest()
+            found.append(SHIM_SOCKET_DIR / digest)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2:].split()[0] != "Z"
+
+
+def _rmtree(path: Path) -> None:
+    """rm -rf that refuses to cross into something still mounted (would delete real data)."""
+    if not path.exists():
+        return
+    if mounts_under(path):
+        raise HarnessError(f"refusing to remove {path}: still has mounts {mounts_under(path)}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+OWNER_FILE = "owner"
+
+
+def _pid_start_time(pid: int) -> str | None:
+    """Start time (clock ticks since boot) of a live process; None if gone or a zombie.
+
+    Zombies count as dead: PID 1 on these VMs reaps lazily, so a SIGKILLed owner lingers as Z.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def sweep_stale(run_base: Path = RUN_BASE) -> list[str]:
+    """Clean envs whose owning process is gone (SIGKILLed pytest, crashed demo).
+
+    Each run dir holds an ``owner`` file "<pid> <starttime> <root dir>"; if that process no longer
+    exists, kill what mentions the env's paths, unmount, and remove its dirs.  Returns the ids swept.
+    """
+    swept: list[str] = []
+    if not run_base.is_dir():
+        return swept
+    for run_dir in sorted(run_base.iterdir()):
+        owner = run_dir / OWNER_FILE
+        try:
+            pid_s, start, root_s = owner.read_text().split(maxsplit=2)
+        except (OSError, ValueError):
+            continue
+        if _pid_start_time(int(pid_s)) == start:
+            continue  # owner alive
+        root_dir = Path(root_s.strip())
+        shim_socks = shim_sockets_for(run_dir / "containerd.sock")
+        kill_processes_mentioning(str(run_dir), str(root_dir))
+        for sock in shim_socks:
+            sock.unlink(missing_ok=True)
+        unmount_all(run_dir, root_dir)
+        if not mounts_under(run_dir, root_dir):
+            owner.unlink(missing_ok=True)
+            _rmtree(run_dir)
+            _rmtree(root_dir)
+        swept.append(run_dir.name)
+    return swept
+
+
+class FractalEnv:
+    """Snapshotter + private containerd, as a context manager.
+
+    ``with FractalEnv() as env: env.pull(ref); env.run(ref, "c1", "echo", "hi")``
+
+    ``snapshotter=False`` runs containerd alone (no proxy plugin configured) -- used to test the
+    harness itself with the built-in overlayfs snapshotter.
+    """
+
+    def __init__(self, snapshotter: bool = True, snapshotter_args: Sequence[str] = (),
+                 log_level: str = "info", keep: bool | None = None,
+                 run_base: Path | None = None, tmp_base: Path | None = None,
+                 ready_timeout: float = 30.0, sweep: bool = True) -> None:
+        self.id = secrets.token_hex(3)
+        self.keep = keep_requested() if keep is None else keep
+        self.run_dir = Path(run_base or RUN_BASE) / self.id
+        self.root_dir = Path(tmp_base or TMP_BASE) / self.id
+        self.log_dir = self.root_dir / "logs"
+        self.snapshotter_root = self.root_dir / "snapshotter"
+        self.snapshotter_address = self.run_dir / "snap.sock"
+        self.address = self.run_dir / "containerd.sock"
+        self.runc_root = self.run_dir / "runc"
+        self.fifo_dir = self.run_dir / "fifo"
+        self._sweep = sweep
+        self._closed = False
+        self._namespaces: set[str] = set()
+        self.snapshotter: Snapshotter | None = None
+        if snapshotter:
+            self.snapshotter = Snapshotter(self.snapshotter_root, self.snapshotter_address,
+                                           self.log_dir / "snapshotter.log", extra_args=snapshotter_args,
+                                           ready_timeout=ready_timeout)
+        self.containerd = PrivateContainerd(
+            ContainerdConfig(
+                root=self.root_dir / "containerd",
+                state=self.run_dir / "st",
+                address=self.address,
+                log_level=log_level,
+                snapshotter_address=self.snapshotter_address if snapshotter else None,
+                temp=self.root_dir / "tmp",
+                opt_path=self.root_dir / "opt",
+            ),
+            config_path=self.root_dir / "containerd.toml",
+            log_path=self.log_dir / "containerd.log",
+            ready_timeout=ready_timeout,
+        )
+        self.start_seconds: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> "FractalEnv":
+        """Create the dirs and start snapshotter then containerd; on failure tear down and re-raise."""
+        if self._sweep:
+            try:
+                sweep_stale(self.run_dir.parent)
+            except Exception as exc:  # noqa: BLE001 - a failed sweep must not block a new env
+                print(f"fractal env: sweep of stale envs failed: {exc}", file=sys.stderr)
+        t0 = time.monotonic()
+        for d in (self.run_dir, self.root_dir, self.log_dir, self.root_dir / "tmp", self.runc_root,
+                  self.fifo_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o711)
+        me = os.getpid()
+        (self.run_dir / OWNER_FILE).write_text(f"{me} {_pid_start_time(me)} {self.root_dir}\n")
+        try:
+            if self.snapshotter is not None:
+                self.snapshotter.start()
+            self.containerd.start()
+        except BaseException:
+            self.close()
+            raise
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def __enter__(self) -> "FractalEnv":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop everything and remove all traces; safe to call repeatedly and after partial start.
+
+        Order matters: containers/shims first (they hold rootfs mounts), then containerd, then the
+        snapshotter (containerd may still call it while shutting down), then mounts, then dirs.
+        """
+        errors: list[str] = []
+
+        def step(what: str, fn, *a, **kw) -> None:  # noqa: ANN001
+            try:
+                fn(*a, **kw)
+            except Exception as exc:  # noqa: BLE001 - keep cleaning whatever happens
+                errors.append(f"{what}: {exc}")
+
+        if self.containerd.running():
+            # Let shims end their containers properly (unmount rootfs, runc delete, cgroups);
+            # everything else in containerd's metadata is deleted with its root dir anyway.
+            step("stop tasks", self._stop_all_tasks)
+        shim_socks: list[Path] = []
+        step("find shims", lambda: shim_socks.extend(shim_sockets_for(self.address)))
+        step("stop containerd", self.containerd.stop, 10)
+        step("kill shims", kill_processes_mentioning, str(self.run_dir), str(self.root_dir),
+             exclude=[p for p in (self.snapshotter.pid if self.snapshotter else None,) if p])
+        for sock in shim_socks:
+            step(f"remove {sock}", sock.unlink, missing_ok=True)
+        if self.snapshotter is not None:
+            step("stop snapshotter", self.snapshotter.stop, 10)
+        # Anything else still mentioning our paths (e.g. a hung ctr, a VM) goes too.
+        step("kill leftovers", kill_processes_mentioning, str(self.run_dir), str(self.root_dir))
+        for ns in sorted(self._namespaces):
+            step(f"cgroups of {ns}", remove_namespace_traces, ns)
+        left: list[str] = []
+        try:
+            left = unmount_all(self.run_dir, self.root_dir)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"unmount: {exc}")
+        if left:
+            errors.append(f"mounts still present: {left}")
+        elif self.keep:
+            if not self._closed:
+                print(f"FRACTAL_KEEP: kept {self.root_dir} (logs, config, repo) and {self.run_dir}",
+                      file=sys.stderr)
+            (self.run_dir / OWNER_FILE).unlink(missing_ok=True)
+        else:
+            (self.run_dir / OWNER_FILE).unlink(missing_ok=True)
+            step("remove run dir", _rmtree, self.run_dir)
+            step("remove root dir", _rmtree, self.root_dir)
+        self._closed = True
+        if errors:
+            raise HarnessError("FractalEnv cleanup problems:\n  " + "\n  ".join(errors))
+
+    def restart_snapshotter(self, kill: bool = False, timeout: float = 15.0) -> float:
+        """Restart the snapshotter (SIGKILL first if ``kill``) and wait until containerd reaches it.
+
+        Why not just ``env.snapshotter.restart()``: containerd's proxy client (1.6,
+        services/server/server.go) redials with gRPC backoff capped at 3 s and fails calls fast
+        meanwhile, so the first ``ctr`` after a restart gets "connection refused".  Returns the
+        seconds until containerd could use the snapshotter again.
+        """
+        if self.snapshotter is None:
+            raise HarnessError("this FractalEnv runs without the fractal snapshotter")
+        t0 = time.monotonic()
+        if kill:
+            self.snapshotter.kill9()
+        else:
+            self.snapshotter.stop()
+        self.snapshotter.start()
+        self.wait_snapshotter_reachable(timeout)
+        return time.monotonic() - t0
+
+    def wait_snapshotter_reachable(self, timeout: float = 15.0) -> None:
+        """Poll until a call through containerd reaches the snapshotter backend.
+
+        List/Stat are answered from containerd's own metadata, so the probe Prepares (and then
+        removes) an empty snapshot in the private namespace ``fractal-harness``; containerd's GC
+        removes it from the backend shortly after.
+        """
+        ns = "fractal-harness"
+        key = f"probe-{secrets.token_hex(4)}"
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER_NAME, "prepare", key,
+                                    namespace=ns, check=False, timeout=10)
+            if r.returncode == 0:
+                self.containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER_NAME, "rm", key,
+                                    namespace=ns, check=False, timeout=10)
+                return
+            if time.monotonic() > deadline:
+                raise HarnessError(f"containerd cannot reach the snapshotter after {timeout:.0f}s: "
+                                   f"{r.stderr.strip()}\n--- last lines of {self.snapshotter.log_path if self.snapshotter else ''} ---\n"
+                                   f"{tail(self.snapshotter.log_path) if self.snapshotter else ''}")
+            time.sleep(0.2)
+
+    def _stop_all_tasks(self) -> None:
+        """Best effort (a hung call only warns): the SIGKILL sweep after it catches the rest."""
+        try:
+            r = self.containerd.ctr("namespaces", "ls", "-q", namespace=None, check=False, timeout=10)
+            for ns in r.stdout.split():
+                self._namespaces.add(ns)
+                tasks = self.containerd.ctr("tasks", "ls", namespace=ns, check=False, timeout=10)
+                for task in _task_ids(tasks):
+                    self.containerd.ctr("tasks", "kill", "-s", "SIGKILL", task, namespace=ns,
+                                        check=False, timeout=10)
+                    self.containerd.ctr("tasks", "delete", "-f", task, namespace=ns, check=False, timeout=10)
+        except CommandError as exc:
+            print(f"fractal env {self.id}: stopping tasks: {exc}", file=sys.stderr)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def snapshotters(self) -> list[str]:
+        """Snapshotter names usable in this env."""
+        return ["overlayfs", "native"] + ([SNAPSHOTTER_NAME] if self.snapshotter is not None else [])
+
+    def ctr(self, *args: str, namespace: str | None = "default", check: bool = True,
+            timeout: float = 120.0, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """See :meth:`PrivateContainerd.ctr`; also remembers namespaces for teardown."""
+        if namespace is not None and namespace != "default":
+            self._namespaces.add(namespace)
+        return self.containerd.ctr(*args, namespace=namespace, check=check, timeout=timeout, input=input)
+
+    def new_namespace(self, prefix: str = "t") -> str:
+        """A fresh, unique, short containerd namespace name (removed again at teardown)."""
+        ns = f"{prefix}{secrets.token_hex(3)}"
+        self._namespaces.add(ns)
+        return ns
+
+    def pull(self, ref: str, namespace: str = "default", snapshotter: str = SNAPSHOTTER_NAME,
+             timeout: float = 300.0, extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+        """``ctr images pull --plain-http --snapshotter S REF`` (unpacks for that snapshotter only)."""
+        return self.ctr("images", "pull", "--plain-http", "--snapshotter", snapshotter, *extra, ref,
+                        namespace=namespace, timeout=timeout)
+
+    def run(self, image: str, cid: str, *cmd: str, snapshotter: str = SNAPSHOTTER_NAME, rm: bool = True,
+            namespace: str = "default", extra: Sequence[str] = (), runtime: str | None = None,
+            check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """``ctr run [--rm] --snapshotter S [extra] IMAGE CID CMD...``.
+
+        IO fifos (``--fifo-dir``) and, with the default runc runtime, runc's state
+        (``--runc-root``) go to this env's run dir instead of the host's /run/containerd.
+        """
+        argv = ["run"]
+        if rm:
+            argv.append("--rm")
+        argv += ["--snapshotter", snapshotter]
+        argv += ["--fifo-dir", str(self.fifo_dir)]  # ctr's default is the host's /run/containerd/fifo
+        if runtime is None:
+            argv += ["--runc-root", str(self.runc_root)]
+        else:
+            argv += ["--runtime", runtime]
+        argv += [*extra, image, cid, *cmd]
+        return self.ctr(*argv, namespace=namespace, check=check, timeout=timeout)
+
+    def remove_namespace(self, ns: str) -> list[str]:
+        """Delete everything in ``ns`` and the namespace itself; returns problems (never raises).
+
+        tasks -> containers (with their snapshots) -> images -> leases -> leftover content and
+        snapshots (children first) -> namespace.  containerd refuses to delete a non-empty
+        namespace, and its GC is asynchronous, so the last steps retry for a while.
+        """
+        problems: list[str] = []
+
+        def c(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str] | None:
+            try:
+                return self.containerd.ctr(*args, namespace=ns, check=False, timeout=timeout)
+            except CommandError as exc:
+                problems.append(str(exc))
+                return None
+
+        def names(*args: str) -> list[str]:
+            r = c(*args)
+            return r.stdout.split() if r is not None and r.returncode == 0 else []
+
+        for task in _task_ids(c("tasks", "ls")):
+            c("tasks", "kill", "-s", "SIGKILL", task)
+            c("tasks", "delete", "-f", task)
+        for cont in names("containers", "ls", "-q"):
+            c("containers", "rm", cont)
+        imgs = names("images", "ls", "-q")
+        if imgs:
+            c("images", "rm", "--sync", *imgs, timeout=60)
+        for lease in names("leases", "ls", "-q"):
+            c("leases", "rm", "--sync", lease)
+        attempts = 20
+        for attempt in range(attempts):
+            for snap in self.snapshotters:
+                _remove_snapshots(c, snap)
+            blobs = names("content", "ls", "-q")
+            if blobs:
+                c("content", "rm", *blobs)
+            r = c("namespaces", "rm", ns)
+            if r is not None and r.returncode == 0:
+                break
+            listed = names("namespaces", "ls", "-q")  # namespace=ns is ignored by ns ls
+            if ns not in listed:
+                break
+            if attempt == attempts - 1:
+                problems.append(f"namespace {ns} not removed: {r.stderr.strip() if r else '?'}")
+            time.sleep(0.2)
+        remove_namespace_traces(ns)
+        self._namespaces.discard(ns)
+        return problems
+
+    def repo_size(self) -> int:
+        """Bytes used by the snapshotter's root (the layer repo), counting hard links once."""
+        return dir_size(self.snapshotter_root)
+
+
+def _task_ids(r: subprocess.CompletedProcess[str] | None) -> list[str]:
+    if r is None or r.returncode != 0:
+        return []
+    return [line.split()[0] for line in r.stdout.splitlines()[1:] if line.strip()]
+
+
+def _remove_snapshots(c, snapshotter: str) -> None:  # noqa: ANN001
+    """Remove all snapshots of one snapshotter in a namespace, children before parents."""
+    r = c("snapshots", "--snapshotter", snapshotter, "ls")
+    if r is None or r.returncode != 0:
+        return
+    rows = [line.split() for line in r.stdout.splitlines()[1:] if line.strip()]
+    # columns: KEY PARENT KIND; PARENT may be empty -> 2 columns
+    parent_of = {row[0]: (row[1] if len(row) == 3 else "") for row in rows}
+    for _ in range(len(parent_of) + 1):
+        if not parent_of:
+            break
+        parents = set(parent_of.values())
+        leaves = [k for k in parent_of if k not in parents]
+        if not leaves:
+            break
+        for k in leaves:
+            c("snapshots", "--snapshotter", snapshotter, "rm", k)
+            parent_of.pop(k, None)
+
+
+def remove_namespace_traces(ns: str) -> None:
+    """rmdir the empty per-namespace dirs containerd 1.6 leaves on the host.
+
+    ``ctr run`` creates cgroups ``/<ns>/<id>`` in every hierarchy and removes only ``<id>``; a
+    plain ``ctr run`` (without our ``--runc-root``) leaves ``/run/containerd/runc/<ns>``.  Only
+    empty dirs are removed, and "default" (shared with a host containerd) is never touched.
+    """
+    if not ns or ns == "default" or "/" in ns or ns.startswith("."):
+        return
+    try:
+        (Path("/run/containerd/runc") / ns).rmdir()
+    except OSError:
+        pass
+    base = Path("/sys/fs/cgroup")
+    candidates = [base / ns, base / "unified" / ns]
+    try:
+        candidates += [d / ns for d in base.iterdir() if d.is_dir() and not d.is_symlink()]
+    except OSError:
+        pass
+    for top in candidates:
+        if not top.is_dir():
+            continue
+        subdirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        for d in [*subdirs, top]:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def dir_size(path: Path) -> int:
+    """Disk usage in bytes like ``du -s --bytes`` on allocated blocks, hard links counted once."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in (*dirnames, *filenames):
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += st.st_blocks * 512
+    return total
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sh = sub.add_parser("shell", help="start an env, print how to use it, wait for Ctrl-C")
+    sh.add_argument("--no-snapshotter", action="store_true")
+    sh.add_argument("--debug", action="store_true", help="containerd debug log + snapshotter --debug")
+    sub.add_parser("sweep", help="clean envs whose owner process is gone")
+    args = ap.parse_args(argv)
+    if args.cmd == "sweep":
+        print("swept:", " ".join(sweep_stale()) or "nothing")
+        return 0
+    env = FractalEnv(snapshotter=not args.no_snapshotter,
+                     snapshotter_args=["--debug"] if args.debug else (),
+                     log_level="debug" if args.debug else "info")
+    with env:
+        print(f"env {env.id} up in {env.start_seconds:.2f}s")
+        print(f"  ctr --address {env.address} ...")
+        print(f"  logs: {env.log_dir}")
+        print("Ctrl-C to stop")
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,159 @@
+"""Fixtures for integration tests: a private containerd (+ fractal snapshotter) and a local registry.
+
+Why the shape:
+* One containerd for the whole session (starts in well under a second, but pulls are slow), with
+  a fresh containerd namespace per test so tests stay independent.
+* Integration tests need root, containerd, ctr and runc.  Without them the whole directory is
+  skipped with the reason -- except under CI (``CI`` set), where a missing prerequisite is an error,
+  so the skip can never hide the feature on the machine that is supposed to test it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from hack.containerd_env import FractalEnv  # noqa: E402
+
+ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+TEST_IMAGES = ("busybox", "edge", "tools")
+CACHE = Path(os.environ.get("FRACTAL_CACHE", "/var/cache/fractal"))
+
+
+def _missing_prerequisites() -> list[str]:
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("not running as root")
+    for tool in ("containerd", "ctr", "runc"):
+        if shutil.which(tool) is None:
+            missing.append(f"`{tool}` not on PATH")
+    return missing
+
+
+def _unavailable(reason: str) -> None:
+    """Skip locally; fail under CI (where the prerequisites are promised to exist)."""
+    if ON_CI:
+        pytest.fail(f"integration prerequisite missing on CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    missing = _missing_prerequisites()
+    for item in items:
+        if here not in Path(str(item.fspath)).parents:
+            continue
+        item.add_marker(pytest.mark.integration)
+        if missing and not ON_CI:
+            item.add_marker(pytest.mark.skip(reason="integration tests need " + "; ".join(missing)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _integration_prerequisites() -> None:
+    missing = _missing_prerequisites()
+    if missing:
+        _unavailable("; ".join(missing))
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclass
+class Registry:
+    """The session's local registry with the test images pushed to ``fractal/<name>:latest``."""
+
+    address: str
+    server: Any = field(repr=False, default=None)
+    pushed: dict[str, str] = field(default_factory=dict)
+
+    def ref(self, name: str) -> str:
+        return f"{self.address}/fractal/{name}:latest"
+
+
+def build_test_image(name: str) -> Path:
+    """Build (or reuse from the cache) ``$FRACTAL_CACHE/images/<name>`` with hack/testimages.py."""
+    if not (REPO / "hack" / "testimages.py").exists():
+        _unavailable("hack/testimages.py does not exist yet")
+    from hack import testimages
+
+    return testimages.build(name)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """Local registry with busybox, edge and tools pushed; ``.ref(name)`` gives the image ref.
+
+    ``FRACTAL_REGISTRY=127.0.0.1:PORT`` reuses an already running registry that has the images
+    (faster edit-test loops, debugging); nothing is built or pushed then.
+    """
+    existing = os.environ.get("FRACTAL_REGISTRY")
+    if existing:
+        yield Registry(address=existing)
+        return
+    if not (REPO / "hack" / "registry.py").exists():
+        _unavailable("hack/registry.py does not exist yet")
+    from hack.registry import LocalRegistry
+
+    server = LocalRegistry(tmp_path_factory.mktemp("registry"))
+    server.start()
+    try:
+        reg = Registry(address=server.address, server=server)
+        for name in TEST_IMAGES:
+            layout = build_test_image(name)
+            server.push(layout, f"fractal/{name}", "latest")
+            reg.pushed[name] = reg.ref(name)
+        yield reg
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# containerd environments
+
+
+@pytest.fixture(scope="session")
+def fenv() -> Iterator[FractalEnv]:
+    """Private containerd wired to the fractal snapshotter (``--snapshotter fractal``)."""
+    if not (REPO / "snapshotter" / "server.py").exists():
+        _unavailable("snapshotter/server.py does not exist yet")
+    with FractalEnv(snapshotter=True, snapshotter_args=["--debug"] if os.environ.get("FRACTAL_DEBUG") else ()) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def plain_env() -> Iterator[FractalEnv]:
+    """Private containerd without the fractal snapshotter (overlayfs baseline, harness tests)."""
+    with FractalEnv(snapshotter=False) as env:
+        yield env
+
+
+def _namespace(env: FractalEnv) -> Iterator[str]:
+    ns = env.new_namespace()
+    yield ns
+    problems = env.remove_namespace(ns)
+    if problems:
+        # Not a test failure of the feature, but it would make later tests interfere: report it.
+        pytest.fail("namespace cleanup failed:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def namespace(fenv: FractalEnv) -> Iterator[str]:
+    """A unique containerd namespace in ``fenv``; its images, containers and snapshots are removed after."""
+    yield from _namespace(fenv)
+
+
+@pytest.fixture
+def plain_namespace(plain_env: FractalEnv) -> Iterator[str]:
+    """Same as ``namespace`` but in ``plain_env``."""
+    yield from _namespace(plain_env)
