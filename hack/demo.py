@@ -21,14 +21,16 @@ import argparse
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
+REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make `hack` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(REPO))
 
 from hack.containerd_env import FractalEnv, HarnessError, dir_size, tail  # noqa: E402
 
@@ -104,6 +106,15 @@ def _dump_logs_on_failure(env: FractalEnv, failed: list[StepFailed]) -> None:
         return
     for log in sorted(env.log_dir.glob("*.log")):
         print(f"--- last lines of {log} ---\n{tail(log, 20)}", file=sys.stderr)
+
+
+def _fractal_cli(*args: str) -> str:
+    """Run the `fractal` CLI as a user would (module form: works before console scripts are on PATH)."""
+    r = subprocess.run([sys.executable, "-m", "ccpu.cli", *args], capture_output=True, text=True,
+                       cwd=REPO, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"fractal {' '.join(args)} failed: {r.stderr.strip()}")
+    return r.stdout.rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,11 +201,26 @@ def main(argv: list[str] | None = None) -> int:
             with nar.step(f"ctr -n {NS1} snapshots --snapshotter {sn} ls"):
                 nar.say(env.ctr("snapshots", "--snapshotter", sn, "ls", namespace=NS1).stdout)
 
-            with nar.step("clean up: remove namespaces, stop containerd/snapshotter/registry"):
+            if sn == "fractal":
+                with nar.step(f"fractal repo ls --root {env.snapshotter_root}  (one row per stored layer)"):
+                    nar.say(_fractal_cli("repo", "ls", "--root", str(env.snapshotter_root)))
+                    nar.say(_fractal_cli("repo", "du", "--root", str(env.snapshotter_root)))
+
+            with nar.step("remove the images from both namespaces; containerd's GC empties the repo"):
                 for ns in (NS1, NS2):
                     problems = env.remove_namespace(ns)
                     if problems:
                         raise RuntimeError("; ".join(problems))
+                if sn == "fractal":
+                    deadline = time.monotonic() + 15
+                    while any((env.snapshotter_root / "layers").iterdir()) and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    left = len(list((env.snapshotter_root / "layers").iterdir()))
+                    if left:
+                        raise RuntimeError(f"{left} layers still in the repo after GC")
+                    nar.say("repo holds no layers any more: reference counting followed containerd's GC")
+
+            with nar.step("clean up: stop containerd/snapshotter/registry"):
                 stack.close()  # env + registry + temp dir, in reverse order
                 nar.say("no daemons, mounts or dirs left")
     except StepFailed as exc:
