@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -59,7 +60,20 @@ def remove_tree(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
         return
+    if not path.exists():
+        return
+    _refuse_mount_points(path)
     shutil.rmtree(path, onerror=onerror)  # onexc is 3.12+
+
+
+def _refuse_mount_points(path: Path) -> None:
+    """Never delete through a mount: a container rootfs left mounted inside would lose its data."""
+    dev = os.lstat(path).st_dev
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if os.lstat(full).st_dev != dev or os.path.ismount(full):
+                raise OSError(errno.EBUSY, "a mount point is inside the tree; not removing it", full)
 
 
 def fsync_dir(path: Path) -> None:

@@ -426,12 +426,16 @@ class Repo:
         if not os.path.lexists(path):
             return
         dst = self.trash_dir / f"{path.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(path, dst)
+        try:
+            os.rename(path, dst)
+        except OSError as e:  # e.g. still a mount point: metadata is already right, recover() retries
+            log.warning("cannot move %s to trash: %s", path, e)
+            return
         if self._background:
             self._reap_wanted.set()
             self._ensure_reaper()
         else:
-            remove_tree(dst)
+            self.empty_trash()
 
     def _ensure_reaper(self) -> None:
         if not self._background:

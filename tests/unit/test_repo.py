@@ -283,3 +283,25 @@ def test_unlabelled_unpack_is_deduplicated_at_commit(repo: Repo) -> None:
     assert layer.chain_id == CHAIN1
     assert Path(layer.path, "f").read_text() == "ns1"  # the first copy is kept, the second dropped
     assert len(list(repo.trash_dir.iterdir())) == 0
+
+
+def test_removal_never_deletes_through_a_mount(repo: Repo, tmp_path: Path) -> None:
+    """A snapshot dir with something still mounted inside keeps that mount's data."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    up = Path(upper_of(repo.prepare("a")))
+    inner = up / "mnt"
+    inner.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
+    try:
+        (inner / "precious").write_text("keep")
+        repo.remove("a")  # metadata goes; the directory must not be emptied through the mount
+        assert list(repo.list()) == []
+        leftovers = [p for p in repo.trash_dir.rglob("precious")]
+        assert [p.read_text() for p in leftovers] == ["keep"]
+    finally:
+        subprocess.run(["umount", "-l", str(next(repo.trash_dir.rglob("mnt"), inner))], check=False)
+    repo.recover()
+    assert list(repo.trash_dir.iterdir()) == []
