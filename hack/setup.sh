@@ -54,6 +54,14 @@ else
 fi
 step_done
 
+# Go builds the conformance tests (containerd's own snapshotter testsuite as a library).
+# Machines of this kind ship Go in /usr/local/go; elsewhere Debian's golang-go will do.
+if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
+  echo "setup:   installing golang-go (no Go toolchain found)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends golang-go
+fi
+
 $SUDO mkdir -p "$CACHE"
 
 # --- 2. Python package (editable) + extras ---------------------------------------
