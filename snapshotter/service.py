@@ -1,9 +1,13 @@
 """containerd.services.snapshots.v1.Snapshots over the repo.
 
-Thin: each RPC validates nothing itself, runs one repo call in a worker
-thread (repo calls touch the disk; the event loop must keep serving List
-streams and other clients meanwhile) and converts the result.  Errors are
-mapped in snapshotter/errors.py.
+Thin: each RPC validates nothing itself, makes one repo call and converts
+the result.  Errors are mapped in snapshotter/errors.py.
+
+Calls that only touch SQLite and make or rename a directory (well under a
+millisecond) run on the event loop: measured with 8 concurrent clients, a hop
+to a worker thread cost more in GIL hand-offs than the work itself.  Calls
+that walk a directory tree (Commit and Usage measure disk use; Cleanup)
+run in worker threads so they never stall the other clients.
 """
 
 from __future__ import annotations
@@ -33,17 +37,17 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     @unary
     async def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.PrepareSnapshotResponse:
-        mounts = await asyncio.to_thread(self.repo.prepare, request.key, request.parent, dict(request.labels))
+        mounts = self.repo.prepare(request.key, request.parent, dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=convert.mounts_pb(mounts))
 
     @unary
     async def View(self, request: pb.ViewSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.ViewSnapshotResponse:
-        mounts = await asyncio.to_thread(self.repo.view, request.key, request.parent, dict(request.labels))
+        mounts = self.repo.view(request.key, request.parent, dict(request.labels))
         return pb.ViewSnapshotResponse(mounts=convert.mounts_pb(mounts))
 
     @unary
     async def Mounts(self, request: pb.MountsRequest, context: grpc.aio.ServicerContext) -> pb.MountsResponse:
-        mounts = await asyncio.to_thread(self.repo.mounts, request.key)
+        mounts = self.repo.mounts(request.key)
         return pb.MountsResponse(mounts=convert.mounts_pb(mounts))
 
     @unary
@@ -53,24 +57,24 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     @unary
     async def Remove(self, request: pb.RemoveSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        await asyncio.to_thread(self.repo.remove, request.key)
+        self.repo.remove(request.key)
         return empty_pb2.Empty()
 
     @unary
     async def Stat(self, request: pb.StatSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.StatSnapshotResponse:
-        info = await asyncio.to_thread(self.repo.stat, request.key)
+        info = self.repo.stat(request.key)
         return pb.StatSnapshotResponse(info=convert.info_pb(info))
 
     @unary
     async def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.UpdateSnapshotResponse:
         info = convert.info_from_pb(request.info)
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
-        updated = await asyncio.to_thread(self.repo.update, info, paths)
+        updated = self.repo.update(info, paths)
         return pb.UpdateSnapshotResponse(info=convert.info_pb(updated))
 
     @streaming
     async def List(self, request: pb.ListSnapshotsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ListSnapshotsResponse]:
-        infos = await asyncio.to_thread(lambda: list(self.repo.list(list(request.filters))))
+        infos = list(self.repo.list(list(request.filters)))
         for i in range(0, len(infos), LIST_BATCH):
             yield pb.ListSnapshotsResponse(info=[convert.info_pb(x) for x in infos[i : i + LIST_BATCH]])
 

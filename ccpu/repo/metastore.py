@@ -143,6 +143,19 @@ class MetaStore:
             rows = self._db.execute(f"SELECT {_SNAP_COLS} FROM snapshots ORDER BY id").fetchall()
         return [_snap(r) for r in rows]  # type: ignore[misc]
 
+    def ancestor_layers(self, sid: int) -> list[int | None]:
+        """Layer ids of the parent chain of snapshot `sid`, nearest first, in one query."""
+        with self._lock:
+            rows = self._db.execute(
+                "WITH RECURSIVE chain(id, parent_id, layer_id, depth) AS ("
+                " SELECT id, parent_id, layer_id, 0 FROM snapshots WHERE id=?"
+                " UNION ALL SELECT s.id, s.parent_id, s.layer_id, c.depth + 1"
+                " FROM snapshots s JOIN chain c ON s.id = c.parent_id)"
+                " SELECT layer_id FROM chain WHERE depth > 0 ORDER BY depth",
+                (sid,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def snapshots_of_layer(self, layer_id: int) -> list[SnapshotRow]:
         with self._lock:
             rows = self._db.execute(f"SELECT {_SNAP_COLS} FROM snapshots WHERE layer_id=? ORDER BY id", (layer_id,)).fetchall()

@@ -65,6 +65,7 @@ class Repo:
             raise RepoLocked(f"repo {self.root} is in use by another process") from None
         self.meta = MetaStore(self.root / "metadata.db")
         self._lock = threading.RLock()
+        self._inflight: set[str] = set()
         self._background = background_removal
         self._reaper: threading.Thread | None = None
         self._reap_wanted = threading.Event()
@@ -85,6 +86,7 @@ class Repo:
             raise NotFound(f"{self.root} is not a fractal repo (no metadata.db)")
         self.meta = MetaStore(db, readonly=True)
         self._lock = threading.RLock()
+        self._inflight = set()
         self._lockfile = None  # type: ignore[assignment]
         self._background = False
         self._reaper = None
@@ -125,17 +127,20 @@ class Repo:
         if label_chain is not None:
             validate.check_chain_id(label_chain)
         chain = label_chain or validate.chain_id_from_key(key)
-        with self._lock:
-            if self.meta.snapshot(key) is not None:
-                raise AlreadyExists(f"snapshot {key!r} already exists")
-            prow = self._parent_row(parent)
-            if label_chain is not None and kind is Kind.ACTIVE:
-                self._link_existing_layer(label_chain, prow, labels)  # raises AlreadyExists if it could
-            tmp = self.active_dir / f".new-{uuid.uuid4().hex}"
-            try:
-                (tmp / "fs").mkdir(parents=True, mode=0o755)
-                if kind is Kind.ACTIVE:
-                    (tmp / "work").mkdir(mode=0o700)
+        # The new directory is made outside the lock (only its rename needs it); a
+        # crash leaves a ".new-*" orphan that recover() removes.
+        tmp = self.active_dir / f".new-{uuid.uuid4().hex}"
+        self._inflight.add(tmp.name)
+        try:
+            (tmp / "fs").mkdir(parents=True, mode=0o755)
+            if kind is Kind.ACTIVE:
+                (tmp / "work").mkdir(mode=0o700)
+            with self._lock:
+                if self.meta.snapshot(key) is not None:
+                    raise AlreadyExists(f"snapshot {key!r} already exists")
+                prow = self._parent_row(parent)
+                if label_chain is not None and kind is Kind.ACTIVE:
+                    self._link_existing_layer(label_chain, prow, labels)  # raises AlreadyExists if it could
                 if prow is not None:
                     top = os.stat(self.layer_path(prow.layer_id))  # type: ignore[arg-type]
                     os.chown(tmp / "fs", top.st_uid, top.st_gid)
@@ -145,10 +150,13 @@ class Repo:
                         labels, time.time_ns(),
                     )
                     os.rename(tmp, self._active_path(sid))
-            except BaseException:
-                remove_tree(tmp)
-                raise
-            return self._mounts_of(self.meta.snapshot_by_id(sid))  # type: ignore[arg-type]
+                row = SnapshotRow(sid, key, kind, prow.id if prow else None, None, None, labels, 0, 0)
+                return self._mounts_of(row)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        finally:
+            self._inflight.discard(tmp.name)
 
     def _parent_row(self, parent: str) -> SnapshotRow | None:
         if not parent:
@@ -199,15 +207,12 @@ class Repo:
 
     def _parent_layers(self, row: SnapshotRow) -> list[int]:
         """Layer ids below `row`, nearest first."""
-        out: list[int] = []
-        pid = row.parent_id
-        while pid is not None:
-            p = self.meta.snapshot_by_id(pid)
-            if p is None or p.layer_id is None:
-                raise FailedPrecondition(f"snapshot {row.name!r} has a broken parent chain")
-            out.append(p.layer_id)
-            pid = p.parent_id
-        return out
+        if row.parent_id is None:
+            return []
+        layers = self.meta.ancestor_layers(row.id)
+        if any(lid is None for lid in layers):
+            raise FailedPrecondition(f"snapshot {row.name!r} has a broken parent chain")
+        return layers  # type: ignore[return-value]
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         validate.check_key(name, "name")
@@ -401,6 +406,8 @@ class Repo:
                     else:
                         log.warning("active snapshot %r has lost its directory", r.name)
             for entry in list(self.active_dir.iterdir()):
+                if entry.name in self._inflight:  # a Prepare is building it right now
+                    continue
                 if not (entry.name.isdigit() and int(entry.name) in live_active):
                     self._trash(entry)
                     actions.append(f"removed orphan {entry}")
