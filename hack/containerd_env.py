@@ -13,7 +13,7 @@ and tears all of it down -- processes, mounts, dirs -- even if a test fails midw
 idempotent, and a later env sweeps up envs whose owning process died without cleaning up
 (e.g. pytest killed with SIGKILL).
 
-Only the standard library is used so the module works before any dependency is installed.
+Only the standard library and ccpu (itself stdlib-only where used here) so it works before pip deps are installed.
 
 Environment variables:
     FRACTAL_KEEP=1        keep the dirs (logs, config, repo) after teardown for debugging;
@@ -743,7 +743,7 @@ class FractalEnv:
     def wait_snapshotter_reachable(self, timeout: float = 15.0) -> None:
         """Poll until a call through containerd reaches the snapshotter backend.
 
-        List/Stat are answered from containerd's own metadata, so the probe Prepares (and then
+        A Prepare is the one call sure to reach the backend whatever containerd caches, so the probe Prepares (and then
         removes) an empty snapshot in the private namespace ``fractal-harness``; containerd's GC
         removes it from the backend shortly after.
         """
@@ -935,21 +935,10 @@ def remove_namespace_traces(ns: str) -> None:
 
 
 def dir_size(path: Path) -> int:
-    """Disk usage in bytes like ``du -s --bytes`` on allocated blocks, hard links counted once."""
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in (*dirnames, *filenames):
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-            total += st.st_blocks * 512
-    return total
+    """Disk usage in bytes on allocated blocks, hard links counted once (the repo's own measure)."""
+    from ccpu.repo.fsutil import disk_usage
+
+    return disk_usage(path).size
 
 
 def _main(argv: list[str]) -> int:
