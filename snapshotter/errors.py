@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -37,14 +38,24 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 T = TypeVar("T")
 
 
+def _brief(request: Any) -> str:
+    """The request's identifying fields for a log line (never its whole label map)."""
+    parts = [f"{f}={getattr(request, f)!r}" for f in ("key", "name", "parent") if getattr(request, f, "")]
+    return " ".join(parts)
+
+
 def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        t0 = time.perf_counter()
         try:
-            return await fn(self, request, context)
+            result = await fn(self, request, context)
+            if log.isEnabledFor(logging.DEBUG):  # --debug: one line per request
+                log.debug("%s %s ok in %.2f ms", fn.__name__, _brief(request), (time.perf_counter() - t0) * 1e3)
+            return result
         except repo_errors.RepoError as e:
             code, msg = status_of(e)
-            log.debug("%s: %s %s", fn.__name__, code.name, msg)
+            log.debug("%s %s -> %s: %s", fn.__name__, _brief(request), code.name, msg)
             await context.abort(code, msg)
         except Exception as e:  # unexpected: log with traceback, still answer
             log.exception("%s failed", fn.__name__)

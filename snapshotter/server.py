@@ -76,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--debug", action="store_true", help="log every request")
     args = ap.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.debug:  # our own loggers only: grpc's debug output is noise to a user
+        for name in ("fractal", "snapshotter", "ccpu"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
     try:
         asyncio.run(serve(Path(args.root), Path(args.address)))
     except RepoError as e:
