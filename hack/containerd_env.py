@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sysconfig
 import sys
 import time
 from pathlib import Path
@@ -329,8 +330,9 @@ class PrivateContainerd(_Daemon):
 
     def __init__(self, config: ContainerdConfig, config_path: Path, log_path: Path,
                  binary: str | None = None, ctr_binary: str | None = None,
-                 ready_timeout: float = 30.0) -> None:
+                 ready_timeout: float = 30.0, extra_env: dict[str, str] | None = None) -> None:
         super().__init__(log_path)
+        self.extra_env = dict(extra_env or {})
         self.config = config
         self.config_path = Path(config_path)
         self.binary = binary or os.environ.get("FRACTAL_CONTAINERD") or "containerd"
@@ -344,6 +346,20 @@ class PrivateContainerd(_Daemon):
     def command(self) -> list[str]:
         return [self.binary, "--config", str(self.config_path)]
 
+    def environment(self) -> dict[str, str]:
+        """containerd's environment, which its shims inherit.
+
+        This Python's scripts dir goes first on PATH, so containerd finds the
+        `containerd-shim-fractal-v1` console script directly rather than through
+        a slow version-manager wrapper (pyenv shims); `extra_env` tells the shim
+        where this env's fractal repo is (FRACTAL_ROOT).
+        """
+        env = dict(os.environ)
+        scripts = sysconfig.get_path("scripts")
+        env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")])
+        env.update(self.extra_env)
+        return env
+
     def start(self) -> None:
         """Write the config, start containerd and wait until ``ctr version`` answers."""
         if self.running():
@@ -354,7 +370,7 @@ class PrivateContainerd(_Daemon):
         if self.address.is_socket():
             self.address.unlink()
         t0 = time.monotonic()
-        self._spawn()
+        self._spawn(env=self.environment())
         deadline = t0 + self.ready_timeout
         try:
             wait_for_socket(self.address, self.ready_timeout, self.proc)
@@ -635,6 +651,7 @@ class FractalEnv:
             config_path=self.root_dir / "containerd.toml",
             log_path=self.log_dir / "containerd.log",
             ready_timeout=ready_timeout,
+            extra_env={"FRACTAL_ROOT": str(self.snapshotter_root)} if snapshotter else {},
         )
         self.start_seconds: float | None = None
 
