@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from .defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
+from .containerd import ContainerdError
 from .repo import Repo, RepoError
 from .repo.fsutil import disk_usage
 
@@ -86,6 +87,57 @@ def cmd_repo_du(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ps(args: argparse.Namespace) -> int:
+    from . import sandboxes
+    from .containerd import FRACTAL_RUNTIME, ContainerdClient, resolve_target
+    from .grouping import sandbox_group
+
+    address, namespace = resolve_target(args.address, args.namespace)
+    with ContainerdClient(address, namespace) as client:
+        containers = client.containers(runtime=FRACTAL_RUNTIME)
+        tasks = client.tasks()
+    records = sandboxes.read_all(namespace)
+    groups: dict[str, list] = {}
+    for c in containers:
+        groups.setdefault(sandbox_group(c.id, c.annotations), []).append(c)
+    if args.json:
+        json.dump([{
+            "sandbox": g,
+            "mode": records[g].mode if g in records else None,
+            "shim_pid": records[g].shim_pid if g in records and records[g].alive else None,
+            "agent_pid": records[g].agent_pid if g in records else None,
+            "vm": records[g].vm if g in records else None,
+            "containers": [{"id": c.id, "image": c.image, "status": tasks[c.id].status if c.id in tasks else "no task",
+                            "pid": tasks[c.id].pid if c.id in tasks else None} for c in cs],
+        } for g, cs in sorted(groups.items())], sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{'SANDBOX':<20} {'MODE':<5} {'SHIM':>7} {'AGENT':>7}  {'CONTAINER':<20} {'STATUS':<9} {'PID':>7}  IMAGE")
+    for g, cs in sorted(groups.items()):
+        rec = records.get(g)
+        mode = rec.mode if rec else "-"
+        shim = str(rec.shim_pid) if rec and rec.alive else ("stale" if rec else "-")
+        agent = str(rec.agent_pid) if rec and rec.agent_pid else "-"
+        for i, c in enumerate(sorted(cs, key=lambda c: c.id)):
+            t = tasks.get(c.id)
+            status, pid = (t.status, str(t.pid)) if t else ("no task", "-")
+            head = f"{g[:20]:<20} {mode:<5} {shim:>7} {agent:>7}" if i == 0 else " " * 42
+            print(f"{head}  {c.id[:20]:<20} {status:<9} {pid:>7}  {c.image}")
+            if i == 0 and rec and rec.vm:
+                vm = rec.vm
+                print(f"{'':<20} vm pid {vm.get('pid')} accel {vm.get('accel')} memory {vm.get('memory')} "
+                      f"share {vm.get('share')}")
+    return 0
+
+
+def add_containerd_flags(p: argparse.ArgumentParser) -> None:
+    """The same flags and environment as ctr."""
+    p.add_argument("-a", "--address", default=None,
+                   help="containerd address (env CONTAINERD_ADDRESS, default /run/containerd/containerd.sock)")
+    p.add_argument("-n", "--namespace", default=None,
+                   help="containerd namespace (env CONTAINERD_NAMESPACE, default 'default')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fractal", description="fractal: many containers, one VM, one copy of every layer")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -96,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS", DEFAULT_SNAPSHOTTER_ADDRESS),
                    help="snapshotter socket (default %(default)s)")
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("ps", help="fractal sandboxes, their mode, containers and pids")
+    add_containerd_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ps)
 
     repo = sub.add_parser("repo", help="inspect the layer repo").add_subparsers(dest="repo_command", required=True)
     root_help = "repo directory (default %(default)s; env FRACTAL_ROOT)"
@@ -115,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
     try:
         return int(args.func(args))
-    except RepoError as e:
+    except (RepoError, ContainerdError) as e:
         if args.debug:
             raise
         print(f"fractal: {e}", file=sys.stderr)

@@ -630,6 +630,7 @@ class FractalEnv:
         self.address = self.run_dir / "containerd.sock"
         self.runc_root = self.run_dir / "runc"
         self.fifo_dir = self.run_dir / "fifo"
+        self.fractal_run_dir = self.run_dir / "fractal"  # shims' sandbox records, runc state
         self._sweep = sweep
         self._closed = False
         self._namespaces: set[str] = set()
@@ -651,7 +652,8 @@ class FractalEnv:
             config_path=self.root_dir / "containerd.toml",
             log_path=self.log_dir / "containerd.log",
             ready_timeout=ready_timeout,
-            extra_env={"FRACTAL_ROOT": str(self.snapshotter_root)} if snapshotter else {},
+            extra_env={"FRACTAL_RUN_DIR": str(self.fractal_run_dir),
+                       **({"FRACTAL_ROOT": str(self.snapshotter_root)} if snapshotter else {})},
         )
         self.start_seconds: float | None = None
 

@@ -1,0 +1,104 @@
+"""A small client of containerd's own API, for the `fractal` CLI.
+
+The CLI addresses containers the way `ctr` does: `--address/-a` and
+`--namespace/-n`, falling back to CONTAINERD_ADDRESS and CONTAINERD_NAMESPACE,
+then to containerd's defaults.  Only what the CLI needs is here (containers,
+tasks); the full API stays in the generated stubs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import grpc
+
+from .api.gen.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
+from .api.gen.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from .api.gen.containerd.types.task import task_pb2
+
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+DEFAULT_NAMESPACE = "default"
+FRACTAL_RUNTIME = "io.containerd.fractal.v1"
+
+
+class ContainerdError(Exception):
+    """containerd could not be reached or refused a request; the message says which and why."""
+
+
+def resolve_target(address: str | None, namespace: str | None) -> tuple[str, str]:
+    """Flags first, then ctr's environment variables, then containerd's defaults."""
+    addr = address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
+    ns = namespace or os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE
+    return addr.removeprefix("unix://"), ns
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerRecord:
+    id: str
+    runtime: str
+    image: str
+    snapshotter: str
+    snapshot_key: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    id: str
+    pid: int
+    status: str
+
+
+class ContainerdClient:
+    def __init__(self, address: str, namespace: str, *, timeout: float = 10.0) -> None:
+        self.address = address
+        self.namespace = namespace
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(f"unix:{address}")
+        self._md = (("containerd-namespace", namespace),)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "ContainerdClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn, request):  # type: ignore[no-untyped-def]
+        try:
+            return fn(request, metadata=self._md, timeout=self.timeout)
+        except grpc.RpcError as e:
+            code = e.code()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise ContainerdError(f"cannot reach containerd at {self.address}: {e.details()}") from None  # type: ignore[attr-defined]
+            raise ContainerdError(f"containerd: {code.name.lower()}: {e.details()}") from None  # type: ignore[attr-defined]
+
+    def containers(self, runtime: str | None = None) -> list[ContainerRecord]:
+        stub = containers_pb2_grpc.ContainersStub(self._channel)
+        resp = self._call(stub.List, containers_pb2.ListContainersRequest())
+        out = []
+        for c in resp.containers:
+            if runtime is not None and c.runtime.name != runtime:
+                continue
+            annotations: dict[str, str] = {}
+            if c.spec.value:
+                try:
+                    annotations = dict(json.loads(c.spec.value).get("annotations") or {})
+                except (ValueError, AttributeError):
+                    annotations = {}
+            out.append(ContainerRecord(c.id, c.runtime.name, c.image, c.snapshotter, c.snapshot_key,
+                                       dict(c.labels), annotations))
+        return out
+
+    def tasks(self) -> dict[str, TaskRecord]:
+        stub = tasks_pb2_grpc.TasksStub(self._channel)
+        resp = self._call(stub.List, tasks_pb2.ListTasksRequest())
+        return {
+            t.id: TaskRecord(t.id, t.pid, task_pb2.Status.Name(t.status).lower())
+            for t in resp.tasks
+        }
