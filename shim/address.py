@@ -1,0 +1,103 @@
+"""Where a shim daemon listens, and which containers share one (no I/O beyond small files).
+
+containerd 1.6 (runtime/v2/shim/util.go ``SocketAddress``) names shim sockets
+``unix:///run/containerd/s/<hex sha256(filepath.Join(address, namespace, id))>`` whatever its own
+state dir is; ``address`` is containerd's gRPC address (the ``-address`` flag).  The runc shim
+uses the group id instead of the container id, so containers of one group share a shim: ours
+is the first of the annotations :data:`GROUP_ANNOTATIONS`, else the container id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import socket
+
+SOCKET_DIR = "/run/containerd/s"
+
+from ccpu.grouping import SANDBOX_ANNOTATIONS as GROUP_ANNOTATIONS
+from ccpu.grouping import sandbox_group
+
+
+def go_join(*parts: str) -> str:
+    """Go's filepath.Join on Linux: join non-empty elements with '/', then Clean."""
+    joined = "/".join(p for p in parts if p)
+    return go_clean(joined) if joined else ""
+
+
+def go_clean(path: str) -> str:
+    """Go's path.Clean (posixpath.normpath keeps a leading '//', Go does not)."""
+    if not path:
+        return "."
+    cleaned = posixpath.normpath(path)
+    if cleaned.startswith("//"):
+        cleaned = "/" + cleaned.lstrip("/")
+    return cleaned
+
+
+def socket_path(containerd_address: str, namespace: str, group: str) -> str:
+    """Filesystem path of the shim socket for (containerd, namespace, group)."""
+    digest = hashlib.sha256(go_join(containerd_address, namespace, group).encode()).hexdigest()
+    return f"{SOCKET_DIR}/{digest}"
+
+
+def socket_address(containerd_address: str, namespace: str, group: str) -> str:
+    """The ``unix://`` address printed by ``start`` and stored in ``<bundle>/address``."""
+    return "unix://" + socket_path(containerd_address, namespace, group)
+
+
+def strip_scheme(address: str) -> str:
+    return address[len("unix://"):] if address.startswith("unix://") else address
+
+
+def read_annotations(bundle: str) -> dict[str, str]:
+    """Annotations of the OCI spec in ``bundle/config.json`` ({} if missing/unreadable)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    ann = spec.get("annotations") if isinstance(spec, dict) else None
+    return {str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {}
+
+
+def group_id(annotations: dict[str, str], container_id: str) -> str:
+    """The group (sandbox) id: first non-empty of :data:`GROUP_ANNOTATIONS`, else the id."""
+    return sandbox_group(container_id, annotations)
+
+
+def run_dir() -> str:
+    """fractal's run dir (sandbox records, runc state): $FRACTAL_RUN_DIR or /run/fractal."""
+    return os.environ.get("FRACTAL_RUN_DIR") or "/run/fractal"
+
+
+def runc_root(namespace: str) -> str:
+    """runc's --root for containers of one containerd namespace."""
+    return os.path.join(run_dir(), "runc", namespace)
+
+
+def write_address(bundle: str, address: str) -> None:
+    """Write ``<bundle>/address`` atomically (temp file + rename), as the runc shim does."""
+    path = os.path.join(bundle, "address")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, address.encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def can_connect(path: str, timeout: float = 1.0) -> bool:
+    """True if something accepts connections on the unix socket ``path``."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

@@ -1,0 +1,160 @@
+"""The shim daemon: serves the Task API for one group of containers (started by ``start``).
+
+``python -m shim.daemon -namespace NS -address ADDR -publish-binary P -id ID -bundle B
+-group G -socket PATH -listen-fd N [-debug]``
+
+* child subreaper with ONE reaper (SIGCHLD -> waitpid(-1)) for every child (the agent);
+* stderr goes to the first container's ``<bundle>/log`` FIFO, which containerd copies into its
+  own log; every line names the namespace, group and pid;
+* SIGPIPE ignored; SIGTERM/SIGINT shut down (containers are left running; containerd will
+  clean up with ``delete``);
+* exits after Shutdown when no containers are left (Shutdown is a no-op before that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from shim.main import UsageError, parse_args
+
+DAEMON_FLAGS: dict[str, bool] = {
+    "namespace": False, "address": False, "publish-binary": False, "id": False,
+    "bundle": False, "group": False, "socket": False, "listen-fd": False, "debug": True,
+}
+
+log = logging.getLogger("shim")
+
+
+def _setup_logging(bundle: str, namespace: str, group: str, debug: bool) -> None:
+    try:
+        fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError:
+        pass  # no log FIFO (tests, or containerd gone): stderr stays /dev/null
+    logging.raiseExceptions = False  # a broken log pipe must never break the shim
+    handler = logging.StreamHandler(open(2, "w", buffering=1, closefd=False, errors="replace"))
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s fractal-shim[{os.getpid()}] namespace={namespace} "
+        f"sandbox={group} %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+class Daemon:
+    def __init__(self, opts) -> None:  # noqa: ANN001
+        self.opts = opts
+        self.namespace = opts.namespace
+        self.group = opts.group or opts.id
+        self.stop_event = asyncio.Event()
+        self.exit_requested = False
+
+    async def run(self) -> int:
+        from ccpu.agent.reaper import Reaper
+        from ccpu.ttrpc import Server
+        from shim import address as addr
+        from shim.events import Publisher
+        from shim.sandbox import HostSandbox
+        from shim.task import SERVICE, TaskService
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signalled, sig)
+        self.reaper = Reaper()
+        self.reaper.start(loop, subreaper=True)
+
+        ttrpc_address = os.environ.get("TTRPC_ADDRESS") or (self.opts.address + ".ttrpc")
+        self.publisher = Publisher(ttrpc_address)
+        repo_root = os.environ.get("FRACTAL_ROOT") or "/var/lib/fractal"
+        bundle_root = os.path.dirname(os.path.realpath(self.opts.bundle))
+        self.sandbox = HostSandbox(
+            reaper=self.reaper, runc_root=addr.runc_root(self.namespace),
+            bundle_root=bundle_root, layer_root=repo_root)
+        self.service = TaskService(
+            self.sandbox, self.publisher.publish, self.namespace, repo_root=repo_root,
+            request_exit=self.request_exit, on_change=self.write_record)
+        self.sandbox.on_event = self.service.on_agent_event
+        self.sandbox.on_lost = self.service.on_agent_lost
+
+        self.server = Server()
+        self.server.register(SERVICE, self.service.methods())
+        await self.server.serve_fd(int(self.opts.listen_fd))
+        log.info("serving %s for group %s (first container %s)", self.opts.socket, self.group,
+                 self.opts.id)
+        starting = loop.create_task(self._start_sandbox())
+        await self.stop_event.wait()
+        await self.shutdown(starting)
+        return 0
+
+    async def _start_sandbox(self) -> None:
+        try:
+            await self.sandbox.start()
+            self.write_record()
+        except Exception:  # noqa: BLE001 - Create will report it
+            log.exception("sandbox start failed")
+
+    def write_record(self) -> None:
+        try:
+            from ccpu import sandboxes
+
+            sandboxes.write(sandboxes.SandboxRecord(
+                group=self.group, namespace=self.namespace, mode=self.sandbox.mode,
+                shim_pid=os.getpid(), agent_pid=self.sandbox.pid,
+                containers=sorted(self.service.tasks.containers)))
+        except Exception as exc:  # noqa: BLE001 - informational only
+            log.debug("sandbox record: %s", exc)
+
+    def request_exit(self) -> None:
+        self.exit_requested = True
+        self.stop_event.set()
+
+    def _signalled(self, sig: int) -> None:
+        log.info("got %s, shutting down", signal.Signals(sig).name)
+        self.stop_event.set()
+
+    async def shutdown(self, starting: asyncio.Task[None]) -> None:
+        # Let the Shutdown answer go out before the listener closes.
+        await asyncio.sleep(0.05)
+        await self.service.drain_exits()
+        if not starting.done():
+            starting.cancel()
+        try:
+            await self.sandbox.stop()
+        except Exception:  # noqa: BLE001
+            log.exception("sandbox stop failed")
+        await self.publisher.close()
+        await self.server.shutdown(grace=1.0)
+        try:
+            from ccpu import sandboxes
+
+            sandboxes.remove(self.namespace, self.group)
+        except Exception:  # noqa: BLE001
+            pass
+        self.reaper.stop()
+        log.info("shim exiting")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv, DAEMON_FLAGS)
+    except UsageError as exc:
+        sys.stderr.write(f"fractal shim daemon: {exc}\n")
+        return 2
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    _setup_logging(opts.bundle, opts.namespace, opts.group or opts.id, opts.debug)
+    try:
+        return asyncio.run(Daemon(opts).run())
+    except Exception:
+        log.exception("shim daemon failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

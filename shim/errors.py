@@ -1,0 +1,48 @@
+"""The one mapping of agent error codes to ttrpc status codes (1:1, by name)."""
+
+from __future__ import annotations
+
+from ccpu.ttrpc import Code, TtrpcError
+
+AGENT_CODES: dict[str, Code] = {
+    "InvalidArgument": Code.INVALID_ARGUMENT,
+    "NotFound": Code.NOT_FOUND,
+    "AlreadyExists": Code.ALREADY_EXISTS,
+    "FailedPrecondition": Code.FAILED_PRECONDITION,
+    "Unimplemented": Code.UNIMPLEMENTED,
+    "Unavailable": Code.UNAVAILABLE,
+    "DeadlineExceeded": Code.DEADLINE_EXCEEDED,
+    "Internal": Code.INTERNAL,
+}
+
+
+class AgentCallError(Exception):
+    """An agent answered a request with an error (``code`` is the protocol's code name)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def to_ttrpc(code: str, message: str) -> TtrpcError:
+    """TtrpcError for an agent error (unknown codes -> UNKNOWN, as containerd's errdefs)."""
+    return TtrpcError(AGENT_CODES.get(code, Code.UNKNOWN), message)
+
+
+def agent_error_code(exc: BaseException) -> str | None:
+    """The agent code name of an exception raised by an agent client, if it carries one."""
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, str) else None
+
+
+def not_found(what: str) -> TtrpcError:
+    return TtrpcError(Code.NOT_FOUND, f"{what}: not found")
+
+
+def failed_precondition(msg: str) -> TtrpcError:
+    return TtrpcError(Code.FAILED_PRECONDITION, msg)
+
+
+def already_exists(what: str) -> TtrpcError:
+    return TtrpcError(Code.ALREADY_EXISTS, f"{what}: already exists")

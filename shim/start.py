@@ -1,0 +1,123 @@
+"""The ``start`` verb: find or start the shim daemon of a container's group, print its address.
+
+Exactly as containerd's runc shim (runtime/v2/runc/manager, 1.6): the group's socket name is
+fixed (:mod:`shim.address`); if a live daemon listens there, this container joins it.  Otherwise
+the socket is bound and listening *before* we exit (containerd connects right after reading our
+output), and the daemon inherits the listening socket.  Two ``start`` of one group at once are
+serialised by an flock on the socket directory, held only for the check-bind-spawn step (no lock
+files are left behind when a shim is killed).
+
+Nothing but the address may be written to stdout or stderr: containerd reads both
+(CombinedOutput) as the address.  The daemon gets /dev/null as stdio and its own session, so
+containerd's read of our output ends when we exit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+
+from shim import address as addr
+
+#: The directory holding the ``shim`` package: put on the daemon's PYTHONPATH.
+_CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def daemon_argv(opts, group: str, bundle: str, sock_path: str, listen_fd: int) -> list[str]:  # noqa: ANN001
+    argv = [
+        sys.executable, "-m", "shim.daemon",
+        "-namespace", opts.namespace,
+        "-address", opts.address,
+        "-publish-binary", opts.publish_binary,
+        "-id", opts.id,
+        "-bundle", bundle,
+        "-group", group,
+        "-socket", sock_path,
+        "-listen-fd", str(listen_fd),
+    ]
+    if opts.debug:
+        argv.append("-debug")
+    return argv
+
+
+def _listen(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def start(opts) -> str:  # noqa: ANN001
+    """Return the address of the group's daemon, starting it if needed."""
+    if not opts.namespace or not opts.id or not opts.address:
+        raise ValueError("start needs -namespace, -address and -id")
+    bundle = opts.bundle or os.getcwd()
+    group = addr.group_id(addr.read_annotations(bundle), opts.id)
+    sock_path = addr.socket_path(opts.address, opts.namespace, group)
+    address = "unix://" + sock_path
+    os.makedirs(addr.SOCKET_DIR, mode=0o711, exist_ok=True)
+
+    dir_fd = os.open(addr.SOCKET_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        if addr.can_connect(sock_path):
+            addr.write_address(bundle, address)
+            return address
+        try:
+            os.unlink(sock_path)  # stale: its daemon is gone
+        except FileNotFoundError:
+            pass
+        sock = _listen(sock_path)
+        try:
+            fd = sock.fileno()
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
+            with open(os.devnull, "r+b") as devnull:
+                subprocess.Popen(
+                    daemon_argv(opts, group, bundle, sock_path, fd),
+                    stdin=devnull, stdout=devnull, stderr=devnull,
+                    pass_fds=(fd,), cwd=bundle, env=env, start_new_session=True,
+                    close_fds=True,
+                )
+        except BaseException:
+            sock.close()
+            try:
+                os.unlink(sock_path)
+            except OSError:
+                pass
+            raise
+        sock.close()
+        addr.write_address(bundle, address)
+        return address
+    finally:
+        os.close(dir_fd)
+
+
+def run(opts) -> int:  # noqa: ANN001
+    # The runtime options (protobuf Any, possibly empty) come on stdin: read them all so
+    # containerd's writer never blocks; host mode has no use for them yet.
+    try:
+        sys.stdin.buffer.read()
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        address = start(opts)
+    except Exception as exc:  # containerd shows this text in its error
+        sys.stderr.write(f"containerd-shim-fractal-v1 start: {exc}\n")
+        return 1
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0

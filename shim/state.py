@@ -1,0 +1,157 @@
+"""Task state machine: containers and their processes as the shim reports them to containerd.
+
+Pure bookkeeping (plus asyncio.Events to wake waiters): the TaskService decides what to ask
+the agent, this module decides what is allowed and what a process looks like afterwards.
+
+    CREATED --start--> RUNNING --pause--> PAUSED --resume--> RUNNING
+       |                  |                  |
+       +------exit--------+-------exit-------+----> STOPPED --delete--> (gone)
+    CREATED --delete--> (gone)
+
+Status values are containerd.types.task Status numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from shim.errors import already_exists, failed_precondition, not_found
+
+
+class Status(enum.IntEnum):
+    UNKNOWN = 0
+    CREATED = 1
+    RUNNING = 2
+    STOPPED = 3
+    PAUSED = 4
+    PAUSING = 5
+
+
+@dataclass
+class Process:
+    container: str
+    exec_id: str  # "" for the init process
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+    pid: int = 0
+    status: Status = Status.CREATED
+    exit_status: int = 0
+    exited_at: int = 0  # ns since the epoch, 0 while not stopped
+    io: Any = None  # shim.stdio.ProcessIO
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    starting: bool = False  # a Start call is in flight
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # Start finished (ok or not)
+
+    @property
+    def is_init(self) -> bool:
+        return self.exec_id == ""
+
+    @property
+    def name(self) -> str:
+        return self.container if self.is_init else f"{self.container}/{self.exec_id}"
+
+    def check_start(self) -> None:
+        if self.status != Status.CREATED or self.starting:
+            raise failed_precondition(f"process {self.name} is {self.status.name.lower()}, "
+                                      "cannot start")
+
+    def mark_running(self, pid: int) -> None:
+        if pid:
+            self.pid = pid
+        if self.status == Status.CREATED:
+            self.status = Status.RUNNING
+
+    def mark_exited(self, exit_status: int, exited_at: int) -> None:
+        self.status = Status.STOPPED
+        self.exit_status = exit_status
+        self.exited_at = exited_at
+        self.exited.set()
+
+    def check_delete(self) -> None:
+        if self.status not in (Status.CREATED, Status.STOPPED):
+            raise failed_precondition(f"process {self.name} is {self.status.name.lower()}, "
+                                      "cannot delete")
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: str
+    init: Process
+    rootfs: list[Any] = field(default_factory=list)
+    execs: dict[str, Process] = field(default_factory=dict)
+
+    @property
+    def status(self) -> Status:
+        return self.init.status
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise not_found(f"exec {exec_id} of {self.id}") from None
+
+    def add_exec(self, proc: Process) -> None:
+        if proc.exec_id in self.execs:
+            raise already_exists(f"exec {proc.exec_id}")
+        if self.init.status not in (Status.RUNNING, Status.PAUSED):
+            raise failed_precondition(f"container {self.id} is "
+                                      f"{self.init.status.name.lower()}, cannot exec")
+        self.execs[proc.exec_id] = proc
+
+    def check_pause(self) -> None:
+        if self.init.status != Status.RUNNING:
+            raise failed_precondition(f"container {self.id} is {self.init.status.name.lower()}, "
+                                      "cannot pause")
+
+    def check_resume(self) -> None:
+        if self.init.status != Status.PAUSED:
+            raise failed_precondition(f"container {self.id} is not paused")
+
+    def set_paused(self, paused: bool) -> None:
+        if paused and self.init.status == Status.RUNNING:
+            self.init.status = Status.PAUSED
+        elif not paused and self.init.status == Status.PAUSED:
+            self.init.status = Status.RUNNING
+
+
+class Tasks:
+    """All containers of one shim (its group)."""
+
+    def __init__(self) -> None:
+        self.containers: dict[str, Container] = {}
+
+    def __len__(self) -> int:
+        return len(self.containers)
+
+    def get(self, cid: str) -> Container:
+        try:
+            return self.containers[cid]
+        except KeyError:
+            raise not_found(f"container {cid}") from None
+
+    def add(self, container: Container) -> None:
+        if container.id in self.containers:
+            raise already_exists(f"container {container.id}")
+        self.containers[container.id] = container
+
+    def remove(self, cid: str) -> None:
+        self.containers.pop(cid, None)
+
+    def process(self, cid: str, exec_id: str = "") -> Process:
+        return self.get(cid).process(exec_id)
+
+    def live_processes(self) -> list[Process]:
+        out = []
+        for c in self.containers.values():
+            for p in (c.init, *c.execs.values()):
+                if p.status != Status.STOPPED:
+                    out.append(p)
+        return out

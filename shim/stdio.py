@@ -1,0 +1,231 @@
+"""containerd's stdio FIFOs <-> the agent's stdio channels, for one process.
+
+containerd (ctr, CRI) creates the FIFOs and opens its ends before it calls Create/Exec, so:
+
+* stdin is opened ``O_RDONLY|O_NONBLOCK`` (never blocks); epoll reports nothing until a
+  writer has come *and gone* (Linux FIFOs only report HUP for writers seen after our open), so
+  end-of-input is reported exactly when containerd closes its end -> ``close`` on the channel.
+* stdout/stderr are opened ``O_WRONLY|O_NONBLOCK``; when no reader is there yet (ENXIO), as
+  containerd's fifo package allows, we open ``O_RDWR`` instead, which never blocks.  Writes are
+  non-blocking and buffered; a vanished reader (EPIPE) discards output.
+
+``output_done`` is set when the agent closed every output channel and everything was written:
+the exit of a process is reported only then (``ctr run`` expects all output before the exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("shim.stdio")
+
+READ_SIZE = 64 * 1024
+
+
+class FifoWriter:
+    """Non-blocking, buffered writer to an output FIFO."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._buf = bytearray()
+        self._loop = asyncio.get_running_loop()
+        self._watching = False
+        self._closing = False
+        self.closed = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        if self.fd < 0 or self._closing:
+            return
+        self._buf += data
+        self._flush()
+
+    def close(self) -> None:
+        """Close once the buffer is written (or at once if the reader is gone)."""
+        self._closing = True
+        self._flush()
+
+    def abort(self) -> None:
+        self._buf.clear()
+        self._closing = True
+        self._finish()
+
+    def _flush(self) -> None:
+        while self._buf and self.fd >= 0:
+            try:
+                n = os.write(self.fd, self._buf)
+            except BlockingIOError:
+                if not self._watching:
+                    self._loop.add_writer(self.fd, self._flush)
+                    self._watching = True
+                return
+            except OSError as exc:  # EPIPE: the reader left; nobody wants the rest
+                log.debug("stdio: %s: %s, dropping output", self.path, exc)
+                self._buf.clear()
+                break
+            del self._buf[:n]
+        if self._watching:
+            self._loop.remove_writer(self.fd)
+            self._watching = False
+        if self._closing:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.fd >= 0:
+            if self._watching:
+                self._loop.remove_writer(self.fd)
+                self._watching = False
+            os.close(self.fd)
+            self.fd = -1
+        self.closed.set()
+
+
+class FifoReader:
+    """Reads an input FIFO and forwards it to an agent channel until EOF (or stop())."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, agent: Any, channel: int) -> None:
+        self._task = self._loop.create_task(self._pump(agent, channel))
+
+    async def _readable(self) -> None:
+        fut = self._loop.create_future()
+        self._loop.add_reader(self.fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self._loop.remove_reader(self.fd)
+
+    async def _pump(self, agent: Any, channel: int) -> None:
+        try:
+            while True:
+                try:
+                    data = os.read(self.fd, READ_SIZE)
+                except BlockingIOError:
+                    await self._readable()
+                    continue
+                if not data:
+                    break
+                await agent.send(channel, data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - agent gone etc.: stdin just ends
+            log.debug("stdio: stdin %s: %s", self.path, exc)
+        finally:
+            self._close_fd()
+        try:
+            await agent.close_channel(channel)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("stdio: closing stdin channel %d: %s", channel, exc)
+
+    def stop(self) -> None:
+        """Stop forwarding (CloseIO / delete): the channel gets its close from the pump."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ProcessIO:
+    """The stdio of one process: FIFOs on our side, channel numbers on the agent's."""
+
+    def __init__(self, agent: Any, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+        self.agent = agent
+        self.terminal = terminal
+        self.stdin_reader: FifoReader | None = None
+        self.writers: dict[int, FifoWriter] = {}
+        self.channels = {"stdin": 0, "stdout": 0, "stderr": 0}
+        self.output_done = asyncio.Event()
+        self._open_outputs: set[int] = set()
+        try:
+            if stdin:
+                self.stdin_reader = FifoReader(stdin)
+                self.channels["stdin"] = agent.new_channel()
+            for name, path in (("stdout", stdout), ("stderr", "" if terminal else stderr)):
+                if path:
+                    ch = agent.new_channel()
+                    self.channels[name] = ch
+                    self.writers[ch] = FifoWriter(path)
+                    self._open_outputs.add(ch)
+                    agent.open_channel(ch, self.writers[ch].write,
+                                       lambda ch=ch: self._output_closed(ch))
+        except BaseException:
+            self.close()
+            raise
+        if not self._open_outputs:
+            self.output_done.set()
+
+    def agent_args(self) -> dict[str, int]:
+        return dict(self.channels)
+
+    def start_stdin(self) -> None:
+        """Begin forwarding stdin (after the agent knows the process and its channels)."""
+        if self.stdin_reader is not None and self.channels["stdin"]:
+            self.stdin_reader.start(self.agent, self.channels["stdin"])
+
+    def close_stdin(self) -> None:
+        if self.stdin_reader is not None:
+            if self.stdin_reader._task is None:  # never started: close the channel ourselves
+                ch = self.channels["stdin"]
+                if ch:
+                    asyncio.get_running_loop().create_task(self._close_quietly(ch))
+            self.stdin_reader.stop()
+
+    async def _close_quietly(self, ch: int) -> None:
+        try:
+            await self.agent.close_channel(ch)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _output_closed(self, ch: int) -> None:
+        w = self.writers.get(ch)
+        if w is not None:
+            w.close()
+        self._open_outputs.discard(ch)
+        if not self._open_outputs:
+            asyncio.get_running_loop().create_task(self._drained())
+
+    async def _drained(self) -> None:
+        for w in self.writers.values():
+            await w.closed.wait()
+        self.output_done.set()
+
+    async def wait_output(self, timeout: float | None) -> bool:
+        """Wait until all output was relayed; False on timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.output_done.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        """Drop everything (process deleted): FIFOs closed, channels released."""
+        if self.stdin_reader is not None:
+            self.stdin_reader.stop()
+        for ch, w in self.writers.items():
+            w.abort()
+        for ch in [c for c in self.channels.values() if c]:
+            try:
+                self.agent.release_channel(ch)
+            except Exception:  # noqa: BLE001
+                pass
+        self._open_outputs.clear()
+        self.output_done.set()

@@ -1,0 +1,391 @@
+"""The containerd Task service (``containerd.task.v2.Task``) on top of one sandbox's agent.
+
+Every RPC is translated into agent operations (docs/agent-protocol.md); the state machine is
+:mod:`shim.state`, stdio relaying :mod:`shim.stdio`, events :mod:`shim.events`.  Handlers never
+wait for event delivery.  Exits come from the agent's ``exit`` events; a process is reported
+stopped (Wait returns, TaskExit is published) only after its output was fully relayed and after
+its TaskStart went out, so containerd always sees create, start, exit, delete in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf import any_pb2, empty_pb2
+
+from ccpu.api.gen.containerd.events import task_pb2 as ev
+from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
+from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
+from ccpu.ttrpc import Code, RequestContext, TtrpcError
+from shim import rootfs as rootfs_mod
+from shim.errors import agent_error_code, to_ttrpc
+from shim.events import timestamp
+from shim.state import Container, Process, Status, Tasks
+from shim.stdio import ProcessIO
+
+log = logging.getLogger("shim.task")
+
+SERVICE = "containerd.task.v2.Task"
+
+#: How long an exit waits for the agent to finish relaying the process's output.
+OUTPUT_GRACE = 10.0
+
+try:  # runc's ProcessDetails (exec id of a pid) for `ctr task ps`
+    from ccpu.api.gen.containerd.runtime.v2.runc.options import oci_pb2 as _oci
+except ImportError:  # pragma: no cover
+    _oci = None
+
+
+def _any(msg: Any) -> any_pb2.Any:
+    return any_pb2.Any(type_url=msg.DESCRIPTOR.full_name, value=msg.SerializeToString())
+
+
+class TaskService:
+    """Task RPC handlers for the containers of one shim.
+
+    ``sandbox`` gives the agent (``await sandbox.agent()``); ``publish(namespace, event)``
+    queues an event; ``request_exit()`` is called when Shutdown finds no containers left.
+    """
+
+    def __init__(self, sandbox: Any, publish: Callable[[str, Any], None], namespace: str,
+                 *, repo_root: str | None = None,
+                 request_exit: Callable[[], None] | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.sandbox = sandbox
+        self.publish_event = publish
+        self.namespace = namespace
+        self.repo_root = repo_root
+        self.request_exit = request_exit or (lambda: None)
+        self.on_change = on_change or (lambda: None)
+        self.tasks = Tasks()
+        self._exit_tasks: set[asyncio.Task[None]] = set()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def methods(self) -> dict[str, tuple[type, Callable[..., Any]]]:
+        return {
+            "State": (pb.StateRequest, self.State),
+            "Create": (pb.CreateTaskRequest, self.Create),
+            "Start": (pb.StartRequest, self.Start),
+            "Delete": (pb.DeleteRequest, self.Delete),
+            "Pids": (pb.PidsRequest, self.Pids),
+            "Pause": (pb.PauseRequest, self.Pause),
+            "Resume": (pb.ResumeRequest, self.Resume),
+            "Checkpoint": (pb.CheckpointTaskRequest, self.Checkpoint),
+            "Kill": (pb.KillRequest, self.Kill),
+            "Exec": (pb.ExecProcessRequest, self.Exec),
+            "ResizePty": (pb.ResizePtyRequest, self.ResizePty),
+            "CloseIO": (pb.CloseIORequest, self.CloseIO),
+            "Update": (pb.UpdateTaskRequest, self.Update),
+            "Wait": (pb.WaitRequest, self.Wait),
+            "Stats": (pb.StatsRequest, self.Stats),
+            "Connect": (pb.ConnectRequest, self.Connect),
+            "Shutdown": (pb.ShutdownRequest, self.Shutdown),
+        }
+
+    def publish(self, event: Any) -> None:
+        self.publish_event(self.namespace, event)
+
+    async def _agent(self) -> Any:
+        try:
+            return await self.sandbox.agent()
+        except TtrpcError:
+            raise
+        except Exception as exc:
+            raise TtrpcError(Code.UNAVAILABLE, f"sandbox agent unavailable: {exc}") from exc
+
+    async def _call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        agent = await self._agent()
+        try:
+            return await agent.call(op, args)
+        except TtrpcError:
+            raise
+        except Exception as exc:
+            code = agent_error_code(exc)
+            if code is not None:
+                raise to_ttrpc(code, getattr(exc, "message", str(exc))) from exc
+            raise TtrpcError(Code.UNAVAILABLE, f"agent {op}: {exc}") from exc
+
+    @staticmethod
+    def _exec_arg(exec_id: str) -> dict[str, str]:
+        return {"exec": exec_id} if exec_id else {}
+
+    # -- agent events -----------------------------------------------------------------------
+
+    def on_agent_event(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        if name == "exit":
+            cid = str(event.get("container", ""))
+            exec_id = str(event.get("exec", "") or "")
+            try:
+                proc = self.tasks.process(cid, exec_id)
+            except TtrpcError:
+                log.info("exit of unknown process %s/%s", cid, exec_id)
+                return
+            t = asyncio.get_running_loop().create_task(self._process_exited(
+                proc, int(event.get("pid") or proc.pid), int(event.get("exit_status", 255)),
+                int(event.get("exited_at") or time.time_ns())))
+            self._exit_tasks.add(t)
+            t.add_done_callback(self._exit_tasks.discard)
+        elif name == "oom":
+            cid = str(event.get("container", ""))
+            if cid in self.tasks.containers:
+                self.publish(ev.TaskOOM(container_id=cid))
+        else:
+            log.debug("agent event ignored: %s", event)
+
+    def on_agent_lost(self, why: str) -> None:
+        """The agent is gone: every process still alive is reported exited (255)."""
+        log.error("agent lost (%s): %d live processes reported exited", why,
+                  len(self.tasks.live_processes()))
+        now = time.time_ns()
+        for proc in self.tasks.live_processes():
+            if proc.io is not None:
+                proc.io.close()
+            t = asyncio.get_running_loop().create_task(
+                self._process_exited(proc, proc.pid, 255, now))
+            self._exit_tasks.add(t)
+            t.add_done_callback(self._exit_tasks.discard)
+
+    async def _process_exited(self, proc: Process, pid: int, status: int, at: int) -> None:
+        if proc.status == Status.STOPPED:
+            return
+        if proc.io is not None and not await proc.io.wait_output(OUTPUT_GRACE):
+            log.warning("%s: output not closed %.0fs after exit", proc.name, OUTPUT_GRACE)
+        if proc.starting:
+            await proc.started.wait()
+        if proc.status == Status.STOPPED:
+            return
+        proc.pid = pid or proc.pid
+        proc.mark_exited(status, at)
+        log.info("%s exited with %d", proc.name, status)
+        self.publish(ev.TaskExit(container_id=proc.container, id=proc.exec_id or proc.container,
+                                 pid=proc.pid, exit_status=status, exited_at=timestamp(at)))
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    async def State(self, req: pb.StateRequest, ctx: RequestContext) -> pb.StateResponse:
+        c = self.tasks.get(req.id)
+        p = c.process(req.exec_id)
+        resp = pb.StateResponse(
+            id=p.exec_id or c.id, bundle=c.bundle, pid=p.pid, status=int(p.status),
+            stdin=p.stdin, stdout=p.stdout, stderr=p.stderr, terminal=p.terminal,
+            exit_status=p.exit_status, exec_id=p.exec_id)
+        if p.exited_at:
+            resp.exited_at.CopyFrom(timestamp(p.exited_at))
+        return resp
+
+    async def Create(self, req: pb.CreateTaskRequest, ctx: RequestContext) -> pb.CreateTaskResponse:
+        if req.checkpoint or req.parent_checkpoint:
+            raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint/restore is not supported")
+        if req.id in self.tasks.containers:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
+        agent = await self._agent()
+        rootfs = rootfs_mod.translate(list(req.rootfs), self.repo_root)
+        proc = Process(container=req.id, exec_id="", stdin=req.stdin, stdout=req.stdout,
+                       stderr=req.stderr, terminal=req.terminal)
+        container = Container(id=req.id, bundle=req.bundle, init=proc, rootfs=list(req.rootfs))
+        self.tasks.add(container)
+        try:
+            proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal)
+            result = await self._call("create", {
+                "container": req.id, "bundle": req.bundle, "rootfs": rootfs,
+                "terminal": req.terminal, **proc.io.agent_args()})
+        except BaseException:
+            if proc.io is not None:
+                proc.io.close()
+            self.tasks.remove(req.id)
+            raise
+        proc.pid = int(result.get("pid", 0))
+        proc.io.start_stdin()
+        log.info("created %s (pid %d, rootfs %s)", req.id, proc.pid, rootfs["kind"])
+        self.on_change()
+        self.publish(ev.TaskCreate(
+            container_id=req.id, bundle=req.bundle, rootfs=list(req.rootfs),
+            io=ev.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
+                         terminal=req.terminal),
+            checkpoint=req.checkpoint, pid=proc.pid))
+        return pb.CreateTaskResponse(pid=proc.pid)
+
+    async def Start(self, req: pb.StartRequest, ctx: RequestContext) -> pb.StartResponse:
+        proc = self.tasks.process(req.id, req.exec_id)
+        proc.check_start()
+        proc.starting = True
+        proc.started.clear()
+        try:
+            result = await self._call("start", {"container": req.id,
+                                                **self._exec_arg(req.exec_id)})
+            proc.mark_running(int(result.get("pid", 0)))
+            if proc.is_init:
+                self.publish(ev.TaskStart(container_id=req.id, pid=proc.pid))
+            else:
+                self.publish(ev.TaskExecStarted(container_id=req.id, exec_id=req.exec_id,
+                                                pid=proc.pid))
+        finally:
+            proc.starting = False
+            proc.started.set()
+        return pb.StartResponse(pid=proc.pid)
+
+    async def Delete(self, req: pb.DeleteRequest, ctx: RequestContext) -> pb.DeleteResponse:
+        c = self.tasks.get(req.id)
+        proc = c.process(req.exec_id)
+        proc.check_delete()
+        if proc.is_init and any(p.status != Status.STOPPED for p in c.execs.values()):
+            # runc's shim kills remaining execs with the container; the agent does the same
+            pass
+        result: dict[str, Any] = {}
+        try:
+            result = await self._call("delete", {"container": req.id,
+                                                 **self._exec_arg(req.exec_id)})
+        except TtrpcError as exc:
+            if exc.code != Code.NOT_FOUND:
+                raise
+        if proc.io is not None:
+            proc.io.close()
+        if proc.status != Status.STOPPED:  # created, never started
+            proc.mark_exited(int(result.get("exit_status", 0) or 0),
+                             int(result.get("exited_at") or time.time_ns()))
+        pid = proc.pid
+        exit_status = proc.exit_status
+        exited_at = proc.exited_at or time.time_ns()
+        if proc.is_init:
+            for e in c.execs.values():
+                if e.io is not None:
+                    e.io.close()
+            self.tasks.remove(req.id)
+            self.on_change()
+            self.publish(ev.TaskDelete(container_id=req.id, pid=pid, exit_status=exit_status,
+                                       exited_at=timestamp(exited_at), id=req.id))
+        else:
+            c.execs.pop(req.exec_id, None)
+        resp = pb.DeleteResponse(pid=pid, exit_status=exit_status)
+        resp.exited_at.CopyFrom(timestamp(exited_at))
+        return resp
+
+    async def Pids(self, req: pb.PidsRequest, ctx: RequestContext) -> pb.PidsResponse:
+        self.tasks.get(req.id)
+        result = await self._call("pids", {"container": req.id})
+        resp = pb.PidsResponse()
+        for entry in result.get("processes", []):
+            info = task_types.ProcessInfo(pid=int(entry.get("pid", 0)))
+            exec_id = entry.get("exec") or ""
+            if exec_id and _oci is not None:
+                info.info.CopyFrom(_any(_oci.ProcessDetails(exec_id=exec_id)))
+            resp.processes.append(info)
+        return resp
+
+    async def Pause(self, req: pb.PauseRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        c = self.tasks.get(req.id)
+        c.check_pause()
+        c.init.status = Status.PAUSING
+        try:
+            await self._call("pause", {"container": req.id})
+        except BaseException:
+            if c.init.status == Status.PAUSING:
+                c.init.status = Status.RUNNING
+            raise
+        if c.init.status == Status.PAUSING:
+            c.init.status = Status.PAUSED
+        self.publish(ev.TaskPaused(container_id=req.id))
+        return empty_pb2.Empty()
+
+    async def Resume(self, req: pb.ResumeRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        c = self.tasks.get(req.id)
+        c.check_resume()
+        await self._call("resume", {"container": req.id})
+        c.set_paused(False)
+        self.publish(ev.TaskResumed(container_id=req.id))
+        return empty_pb2.Empty()
+
+    async def Checkpoint(self, req: pb.CheckpointTaskRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint is not supported by fractal")
+
+    async def Kill(self, req: pb.KillRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        proc = self.tasks.process(req.id, req.exec_id)
+        if proc.status == Status.STOPPED and not req.all:
+            raise TtrpcError(Code.NOT_FOUND, f"process {proc.name} already finished")
+        await self._call("kill", {"container": req.id, **self._exec_arg(req.exec_id),
+                                  "signal": int(req.signal), "all": bool(req.all)})
+        return empty_pb2.Empty()
+
+    async def Exec(self, req: pb.ExecProcessRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        c = self.tasks.get(req.id)
+        if not req.exec_id:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "exec id is required")
+        try:
+            process_spec = json.loads(req.spec.value or b"{}")
+        except ValueError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"exec spec is not JSON: {exc}") from exc
+        agent = await self._agent()
+        proc = Process(container=req.id, exec_id=req.exec_id, stdin=req.stdin,
+                       stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)
+        c.add_exec(proc)
+        try:
+            proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal)
+            await self._call("exec", {"container": req.id, "exec": req.exec_id,
+                                      "process": process_spec, "terminal": req.terminal,
+                                      **proc.io.agent_args()})
+        except BaseException:
+            if proc.io is not None:
+                proc.io.close()
+            c.execs.pop(req.exec_id, None)
+            raise
+        proc.io.start_stdin()
+        self.publish(ev.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
+        return empty_pb2.Empty()
+
+    async def ResizePty(self, req: pb.ResizePtyRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        self.tasks.process(req.id, req.exec_id)
+        await self._call("resize_pty", {"container": req.id, **self._exec_arg(req.exec_id),
+                                        "width": int(req.width), "height": int(req.height)})
+        return empty_pb2.Empty()
+
+    async def CloseIO(self, req: pb.CloseIORequest, ctx: RequestContext) -> empty_pb2.Empty:
+        proc = self.tasks.process(req.id, req.exec_id)
+        if req.stdin and proc.io is not None:
+            proc.io.close_stdin()
+        return empty_pb2.Empty()
+
+    async def Update(self, req: pb.UpdateTaskRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        self.tasks.get(req.id)
+        raise TtrpcError(Code.UNIMPLEMENTED, "update of resources is not supported yet")
+
+    async def Wait(self, req: pb.WaitRequest, ctx: RequestContext) -> pb.WaitResponse:
+        proc = self.tasks.process(req.id, req.exec_id)
+        await proc.exited.wait()
+        resp = pb.WaitResponse(exit_status=proc.exit_status)
+        resp.exited_at.CopyFrom(timestamp(proc.exited_at))
+        return resp
+
+    async def Stats(self, req: pb.StatsRequest, ctx: RequestContext) -> pb.StatsResponse:
+        self.tasks.get(req.id)
+        result = await self._call("stats", {"container": req.id})
+        from shim import metrics
+
+        resp = pb.StatsResponse()
+        resp.stats.CopyFrom(metrics.to_any(result))
+        return resp
+
+    async def Connect(self, req: pb.ConnectRequest, ctx: RequestContext) -> pb.ConnectResponse:
+        c = self.tasks.containers.get(req.id)
+        return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=c.init.pid if c else 0,
+                                  version="2")
+
+    async def Shutdown(self, req: pb.ShutdownRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        if len(self.tasks) == 0:
+            log.info("shutdown requested (%s): no containers left, exiting", req.id)
+            self.request_exit()
+        else:
+            log.info("shutdown requested (%s): %d containers remain, staying", req.id,
+                     len(self.tasks))
+        return empty_pb2.Empty()
+
+    async def drain_exits(self) -> None:
+        if self._exit_tasks:
+            await asyncio.wait(set(self._exit_tasks), timeout=OUTPUT_GRACE)

@@ -1,0 +1,104 @@
+"""`start` mechanics: socket bound before exit, reuse of a live group shim, stale sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from shim import address as addr
+from shim import start as start_mod
+from shim.main import parse_args
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):  # noqa: ANN001, ANN201
+    import shutil
+    import tempfile
+
+    sockdir = tempfile.mkdtemp(prefix="s", dir="/tmp")  # socket paths must stay < 108 bytes
+    monkeypatch.setattr(addr, "SOCKET_DIR", sockdir)
+    spawned: list[dict] = []
+
+    class FakePopen:
+        def __init__(self, argv, **kw) -> None:  # noqa: ANN001
+            spawned.append({"argv": argv, **kw})
+
+    monkeypatch.setattr(start_mod.subprocess, "Popen", FakePopen)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    yield tmp_path, bundle, spawned
+    shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def opts(bundle, cid="c1"):  # noqa: ANN001, ANN201
+    return parse_args(["-namespace", "ns", "-address", "/run/x/containerd.sock",
+                       "-publish-binary", "/usr/bin/containerd", "-id", cid, "-bundle",
+                       str(bundle), "start"])
+
+
+def test_start_binds_and_spawns(env) -> None:  # noqa: ANN001
+    tmp, bundle, spawned = env
+    address = start_mod.start(opts(bundle))
+    path = addr.strip_scheme(address)
+    assert address == "unix://" + addr.socket_path("/run/x/containerd.sock", "ns", "c1")
+    assert (bundle / "address").read_text() == address
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert len(spawned) == 1
+    kw = spawned[0]
+    assert kw["start_new_session"] and kw["cwd"] == str(bundle)
+    argv = kw["argv"]
+    assert argv[1:3] == ["-m", "shim.daemon"]
+    assert argv[argv.index("-group") + 1] == "c1"
+    assert int(argv[argv.index("-listen-fd") + 1]) in kw["pass_fds"]
+    # the listener we handed over was closed in this process, so nobody accepts now:
+    # the next start treats the socket as stale and binds again
+    assert not addr.can_connect(path)
+    start_mod.start(opts(bundle))
+    assert len(spawned) == 2
+
+
+def test_live_group_shim_is_reused(env) -> None:  # noqa: ANN001
+    tmp, bundle, spawned = env
+    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.fractal.sandbox": "sb"}}))
+    path = addr.socket_path("/run/x/containerd.sock", "ns", "sb")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(path)
+    live.listen(8)
+    stop = threading.Event()
+
+    def accept() -> None:
+        live.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                live.accept()[0].close()
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept)
+    t.start()
+    try:
+        address = start_mod.start(opts(bundle, cid="c2"))
+    finally:
+        stop.set()
+        t.join()
+        live.close()
+    assert address == "unix://" + path
+    assert (bundle / "address").read_text() == address
+    assert spawned == []
+
+
+def test_run_prints_only_the_address(env, capsys, monkeypatch) -> None:  # noqa: ANN001
+    tmp, bundle, spawned = env
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\x0a\x03abc")))
+    assert start_mod.run(opts(bundle)) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("unix://") and "\n" not in out and err == ""

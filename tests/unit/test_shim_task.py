@@ -1,0 +1,285 @@
+"""Task service against an in-memory agent: state machine, event order, Wait, stdio FIFOs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import pytest
+
+from ccpu.api.gen.containerd.events import task_pb2 as ev
+from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
+from ccpu.ttrpc import Code, RequestContext, TtrpcError
+from shim.errors import AgentCallError
+from shim.events import forward_request, pack_any, topic_of
+from shim.state import Status
+from shim.task import TaskService
+
+CTX = RequestContext(service="containerd.task.v2.Task", method="x")
+
+
+class FakeAgent:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.channels: dict[int, tuple[Any, Any]] = {}
+        self.received: dict[int, bytearray] = {}
+        self.closed: set[int] = set()
+        self.next = 1
+        self.fail: dict[str, tuple[str, str]] = {}
+        self.handler = None
+
+    async def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append((op, args))
+        if op in self.fail:
+            raise AgentCallError(*self.fail[op])
+        if op in ("create", "start"):
+            return {"pid": 100 + len(self.calls)}
+        if op == "delete":
+            return {"pid": 1, "exit_status": 0, "exited_at": 0}
+        if op == "pids":
+            return {"processes": [{"pid": 7, "exec": ""}, {"pid": 8, "exec": "e1"}]}
+        return {}
+
+    def new_channel(self) -> int:
+        ch = self.next
+        self.next += 2
+        return ch
+
+    def open_channel(self, ch: int, on_data: Any, on_close: Any) -> None:
+        self.channels[ch] = (on_data, on_close)
+
+    def release_channel(self, ch: int) -> None:
+        self.channels.pop(ch, None)
+
+    async def send(self, ch: int, data: bytes) -> None:
+        self.received.setdefault(ch, bytearray()).extend(data)
+
+    async def close_channel(self, ch: int) -> None:
+        self.closed.add(ch)
+
+    # test helpers: what the agent would send
+    def output(self, ch: int, data: bytes) -> None:
+        self.channels[ch][0](data)
+
+    def close(self, ch: int) -> None:
+        self.channels[ch][1]()
+
+
+class FakeSandbox:
+    def __init__(self, agent: FakeAgent) -> None:
+        self._agent = agent
+
+    async def agent(self) -> FakeAgent:
+        return self._agent
+
+
+@pytest.fixture
+def svc() -> tuple[TaskService, FakeAgent, list[Any], list[bool]]:
+    agent = FakeAgent()
+    events: list[Any] = []
+    exits: list[bool] = []
+    s = TaskService(FakeSandbox(agent), lambda ns, e: events.append((ns, e)), "ns1",
+                    repo_root="/repo", request_exit=lambda: exits.append(True))
+    return s, agent, events, exits
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_lifecycle_and_event_order(svc) -> None:  # noqa: ANN001
+    s, agent, events, exits = svc
+
+    async def go() -> None:
+        r = await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b/c1"), CTX)
+        assert r.pid == 101
+        st = await s.State(pb.StateRequest(id="c1"), CTX)
+        assert st.status == Status.CREATED and st.pid == 101 and st.bundle == "/b/c1"
+        waiter = asyncio.create_task(s.Wait(pb.WaitRequest(id="c1"), CTX))
+        await s.Start(pb.StartRequest(id="c1"), CTX)
+        assert (await s.State(pb.StateRequest(id="c1"), CTX)).status == Status.RUNNING
+        with pytest.raises(TtrpcError) as ei:
+            await s.Delete(pb.DeleteRequest(id="c1"), CTX)
+        assert ei.value.code == Code.FAILED_PRECONDITION
+        await s.Shutdown(pb.ShutdownRequest(id="c1"), CTX)
+        assert not exits  # containers remain
+        s.on_agent_event({"event": "exit", "container": "c1", "exec": "", "pid": 102,
+                          "exit_status": 3, "exited_at": 5_000_000_007})
+        w = await asyncio.wait_for(waiter, 2)
+        assert w.exit_status == 3 and w.exited_at.seconds == 5 and w.exited_at.nanos == 7
+        st = await s.State(pb.StateRequest(id="c1"), CTX)
+        assert st.status == Status.STOPPED and st.exit_status == 3
+        d = await s.Delete(pb.DeleteRequest(id="c1"), CTX)
+        assert d.exit_status == 3 and d.pid == 102
+        with pytest.raises(TtrpcError) as ei:
+            await s.State(pb.StateRequest(id="c1"), CTX)
+        assert ei.value.code == Code.NOT_FOUND
+        await s.Shutdown(pb.ShutdownRequest(id="c1"), CTX)
+        assert exits == [True]
+
+    run(go())
+    assert [type(e).__name__ for _, e in events] == ["TaskCreate", "TaskStart", "TaskExit",
+                                                     "TaskDelete"]
+    assert {ns for ns, _ in events} == {"ns1"}
+    exit_ev = events[2][1]
+    assert exit_ev.container_id == "c1" and exit_ev.id == "c1" and exit_ev.exit_status == 3
+    assert [op for op, _ in agent.calls] == ["create", "start", "delete"]
+    assert agent.calls[0][1]["rootfs"] == {"kind": "none"}
+
+
+def test_agent_errors_map_one_to_one(svc) -> None:  # noqa: ANN001
+    s, agent, events, _ = svc
+    agent.fail["create"] = ("InvalidArgument", "bad bundle")
+
+    async def go() -> None:
+        with pytest.raises(TtrpcError) as ei:
+            await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
+        assert ei.value.code == Code.INVALID_ARGUMENT and "bad bundle" in ei.value.message
+        assert len(s.tasks) == 0
+        del agent.fail["create"]
+        await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
+        with pytest.raises(TtrpcError) as ei:
+            await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
+        assert ei.value.code == Code.ALREADY_EXISTS
+        agent.fail["kill"] = ("NotFound", "gone")
+        with pytest.raises(TtrpcError) as ei:
+            await s.Kill(pb.KillRequest(id="c1", signal=9), CTX)
+        assert ei.value.code == Code.NOT_FOUND
+        for method, req in (("Checkpoint", pb.CheckpointTaskRequest(id="c1")),
+                            ("Update", pb.UpdateTaskRequest(id="c1"))):
+            with pytest.raises(TtrpcError) as ei:
+                await getattr(s, method)(req, CTX)
+            assert ei.value.code == Code.UNIMPLEMENTED
+
+    run(go())
+    assert [type(e).__name__ for _, e in events] == ["TaskCreate"]
+
+
+def test_exit_before_start_answer_keeps_order(svc) -> None:  # noqa: ANN001
+    s, agent, events, _ = svc
+    gate = asyncio.Event
+
+    async def go() -> None:
+        await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
+        orig = agent.call
+        release = gate()
+
+        async def slow_start(op: str, args: dict[str, Any]) -> dict[str, Any]:
+            if op == "start":
+                s.on_agent_event({"event": "exit", "container": "c1", "pid": 5, "exit_status": 0,
+                                  "exited_at": time.time_ns()})
+                await release.wait()
+            return await orig(op, args)
+
+        agent.call = slow_start  # type: ignore[method-assign]
+        t = asyncio.create_task(s.Start(pb.StartRequest(id="c1"), CTX))
+        await asyncio.sleep(0.05)
+        assert s.tasks.process("c1").status == Status.CREATED
+        release.set()
+        await t
+        await s.Wait(pb.WaitRequest(id="c1"), CTX)
+
+    run(go())
+    assert [type(e).__name__ for _, e in events] == ["TaskCreate", "TaskStart", "TaskExit"]
+
+
+def test_exec_pause_resume_pids(svc) -> None:  # noqa: ANN001
+    s, agent, events, _ = svc
+
+    async def go() -> None:
+        await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
+        with pytest.raises(TtrpcError) as ei:  # not running yet
+            await s.Exec(pb.ExecProcessRequest(id="c1", exec_id="e1"), CTX)
+        assert ei.value.code == Code.FAILED_PRECONDITION
+        await s.Start(pb.StartRequest(id="c1"), CTX)
+        spec = pb.ExecProcessRequest(id="c1", exec_id="e1")
+        spec.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+        spec.spec.value = b'{"args": ["true"], "cwd": "/"}'
+        await s.Exec(spec, CTX)
+        with pytest.raises(TtrpcError) as ei:
+            await s.Exec(spec, CTX)
+        assert ei.value.code == Code.ALREADY_EXISTS
+        await s.Start(pb.StartRequest(id="c1", exec_id="e1"), CTX)
+        s.on_agent_event({"event": "exit", "container": "c1", "exec": "e1", "pid": 9,
+                          "exit_status": 0, "exited_at": 1})
+        await s.Wait(pb.WaitRequest(id="c1", exec_id="e1"), CTX)
+        await s.Delete(pb.DeleteRequest(id="c1", exec_id="e1"), CTX)
+        await s.Pause(pb.PauseRequest(id="c1"), CTX)
+        assert (await s.State(pb.StateRequest(id="c1"), CTX)).status == Status.PAUSED
+        with pytest.raises(TtrpcError):
+            await s.Pause(pb.PauseRequest(id="c1"), CTX)
+        await s.Resume(pb.ResumeRequest(id="c1"), CTX)
+        assert (await s.State(pb.StateRequest(id="c1"), CTX)).status == Status.RUNNING
+        pids = await s.Pids(pb.PidsRequest(id="c1"), CTX)
+        assert [p.pid for p in pids.processes] == [7, 8]
+        assert pids.processes[1].info.type_url == "containerd.runc.v1.ProcessDetails"
+        c = await s.Connect(pb.ConnectRequest(id="c1"), CTX)
+        assert c.shim_pid == os.getpid() and c.task_pid == 102
+
+    run(go())
+    names = [type(e).__name__ for _, e in events]
+    assert names == ["TaskCreate", "TaskStart", "TaskExecAdded", "TaskExecStarted", "TaskExit",
+                     "TaskPaused", "TaskResumed"]
+    exit_ev = events[4][1]
+    assert exit_ev.id == "e1" and exit_ev.container_id == "c1"
+    exec_args = [a for op, a in agent.calls if op == "exec"][0]
+    assert exec_args["process"] == {"args": ["true"], "cwd": "/"}
+
+
+def test_stdio_fifos_and_exit_after_output(svc, tmp_path) -> None:  # noqa: ANN001
+    s, agent, events, _ = svc
+    paths = {n: str(tmp_path / n) for n in ("in", "out", "err")}
+    for p in paths.values():
+        os.mkfifo(p)
+
+    async def go() -> bytes:
+        # containerd's ends: its stdout/stderr readers are open before Create
+        out_r = os.open(paths["out"], os.O_RDONLY | os.O_NONBLOCK)
+        err_r = os.open(paths["err"], os.O_RDONLY | os.O_NONBLOCK)
+        await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b", stdin=paths["in"],
+                                            stdout=paths["out"], stderr=paths["err"]), CTX)
+        args = agent.calls[0][1]
+        assert (args["stdin"], args["stdout"], args["stderr"]) == (1, 3, 5)
+        in_w = os.open(paths["in"], os.O_WRONLY)
+        os.write(in_w, b"hello")
+        os.close(in_w)
+        for _ in range(100):
+            if 1 in agent.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert bytes(agent.received[1]) == b"hello" and 1 in agent.closed
+        await s.Start(pb.StartRequest(id="c1"), CTX)
+        waiter = asyncio.create_task(s.Wait(pb.WaitRequest(id="c1"), CTX))
+        agent.output(3, b"out1 ")
+        s.on_agent_event({"event": "exit", "container": "c1", "pid": 1, "exit_status": 0,
+                          "exited_at": 1})
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # output channels still open
+        agent.output(3, b"out2")
+        agent.output(5, b"err")
+        agent.close(3)
+        agent.close(5)
+        await asyncio.wait_for(waiter, 2)
+        data = os.read(out_r, 100)
+        assert os.read(err_r, 100) == b"err"
+        assert os.read(out_r, 100) == b""  # our write end is closed
+        os.close(out_r)
+        os.close(err_r)
+        return data
+
+    assert run(go()) == b"out1 out2"
+
+
+def test_event_encoding() -> None:
+    e = ev.TaskExit(container_id="c", id="c", pid=3, exit_status=1)
+    a = pack_any(e)
+    assert a.type_url == "containerd.events.TaskExit"
+    assert ev.TaskExit.FromString(a.value) == e
+    req = forward_request("ns", e)
+    assert req.envelope.topic == "/tasks/exit" and req.envelope.namespace == "ns"
+    assert req.envelope.timestamp.seconds > 0
+    assert topic_of(ev.TaskExecStarted()) == "/tasks/exec-started"
+    with pytest.raises(ValueError):
+        topic_of(pb.StateRequest())
