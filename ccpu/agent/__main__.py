@@ -1,0 +1,135 @@
+"""`python3 -m ccpu.agent`: the fractal agent's command line.
+
+    python3 -m ccpu.agent [--fd N] [--listen unix:PATH] --runc-root DIR [--runc PATH]
+                          --bundle-root DIR... --layer-root DIR... [--debug] [--log FILE]
+
+`--fd N`: serve the connected stream on fd N (a socketpair end from the shim, or a virtio-serial
+port); `--listen unix:PATH`: accept connections on a unix socket (one client at a time; a new
+one may connect after the previous one went away).  Both may be given.  With `--fd` alone the
+agent exits when that stream closes and no container exists (nobody could reach it any more).
+
+Standard library only: this runs in a minimal guest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+
+from .container import Supervisor
+from .reaper import Reaper, ensure_stdio_open
+from .runc import Runc
+from .server import Outbox, Server
+
+log = logging.getLogger("ccpu.agent")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python3 -m ccpu.agent", description="fractal agent")
+    p.add_argument("--fd", type=int, help="serve the connected stream on this fd")
+    p.add_argument("--listen", help="unix:PATH to accept connections on")
+    p.add_argument("--runc-root", required=True, help="runc's --root (state dir)")
+    p.add_argument("--runc", default="runc", help="runc binary (default: runc on PATH)")
+    p.add_argument("--bundle-root", action="append", default=[], required=True, help="bundles must be below this (repeatable)")
+    p.add_argument("--layer-root", action="append", default=[], help="layer/mount dirs must be below this (repeatable)")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--log", help="log file (default: stderr)")
+    ns = p.parse_args(argv)
+    if ns.fd is None and ns.listen is None:
+        p.error("one of --fd or --listen is required")
+    if ns.listen is not None and not ns.listen.startswith("unix:"):
+        p.error("--listen takes unix:PATH")
+    return ns
+
+
+async def _fd_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over an inherited fd: a socket, or a character device / pipe (virtio-serial)."""
+    os.set_inheritable(fd, False)
+    if stat.S_ISSOCK(os.fstat(fd).st_mode):
+        sock = socket.socket(fileno=fd)
+        return await asyncio.open_connection(sock=sock)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    read_proto = asyncio.StreamReaderProtocol(reader)
+    await loop.connect_read_pipe(lambda: read_proto, os.fdopen(fd, "rb", buffering=0))
+    wfd = os.dup(fd)
+    transport, write_proto = await loop.connect_write_pipe(
+        lambda: asyncio.streams.FlowControlMixin(), os.fdopen(wfd, "wb", buffering=0)
+    )
+    writer = asyncio.StreamWriter(transport, write_proto, reader, loop)
+    return reader, writer
+
+
+async def amain(ns: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    reaper = Reaper()
+    reaper.start(loop)
+    os.makedirs(ns.runc_root, mode=0o700, exist_ok=True)
+    outbox = Outbox()
+    sup = Supervisor(Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root)
+    server = Server(sup, outbox)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    listener: asyncio.AbstractServer | None = None
+    path = None
+    if ns.listen:
+        path = ns.listen[len("unix:") :]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            listener = await asyncio.start_unix_server(server.serve, path=path)
+        finally:
+            os.umask(old)
+        log.info("listening on %s", path)
+
+    async def serve_fd() -> None:
+        reader, writer = await _fd_streams(ns.fd)
+        await server.serve(reader, writer)
+        if listener is None:
+            if not sup.containers:
+                stop.set()
+            else:
+                log.warning("connection on fd %d closed with %d containers left", ns.fd, len(sup.containers))
+
+    fd_task = asyncio.ensure_future(serve_fd()) if ns.fd is not None else None
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.stopped.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if listener is not None:
+        listener.close()
+        if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    if fd_task is not None:
+        fd_task.cancel()
+        with contextlib.suppress(BaseException):
+            await fd_task
+    reaper.stop()
+    log.info("agent exiting (%d containers left)", len(sup.containers))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    ensure_stdio_open()
+    handler: logging.Handler = logging.FileHandler(ns.log) if ns.log else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if ns.debug else logging.INFO)
+    return asyncio.run(amain(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

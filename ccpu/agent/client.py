@@ -1,0 +1,231 @@
+"""An asyncio client of the agent protocol -- for the shim and for tests.
+
+Usage::
+
+    client = await AgentClient.connect_unix("/run/fractal/agent.sock")   # or connect_fd(fd)
+    await client.hello()
+    out = client.open_channel()                 # channel numbers are allocated for you
+    await client.call("create", container="c1", bundle=b, rootfs={"kind": "none"},
+                      terminal=False, stdin=0, stdout=out.number, stderr=0)
+    await client.call("start", container="c1")
+    data = await out.read_all()                 # everything up to the agent's `close`
+    event = await client.next_event()           # {"event": "exit", ...}
+    await client.close()
+
+`call` raises the `protocol.AgentError` subclass named by the error code (NotFound, ...); when
+the connection is lost, pending and later calls raise `Unavailable`.  Events are queued from
+the moment the client is connected; read them with `next_event()` or `async for` over
+`events()`.  Standard library only, like the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from . import protocol, wire
+
+
+class Channel:
+    """One stdio channel: write to it (a process's stdin) and/or read from it (its output)."""
+
+    def __init__(self, client: AgentClient, number: int) -> None:
+        self.client = client
+        self.number = number
+        self._reader = asyncio.StreamReader(limit=2**30)
+        self.closed_by_agent = False  # the agent sent `close`: all output is in (maybe unread)
+
+    async def write(self, data: bytes) -> None:
+        await self.client._send(wire.encode_data(self.number, data))
+
+    async def close_write(self) -> None:
+        """Send `close`: the process's stdin sees EOF."""
+        await self.client._send(wire.encode_close(self.number))
+
+    async def read(self, n: int = -1) -> bytes:
+        """Some output (b"" once the agent closed the channel)."""
+        return await self._reader.read(n) if n >= 0 else await self._reader.read(65536)
+
+    async def read_all(self) -> bytes:
+        """All output up to the agent's `close` of this channel."""
+        return await self._reader.read(-1)
+
+    def at_eof(self) -> bool:
+        """Closed by the agent and everything read."""
+        return self._reader.at_eof()
+
+    def release(self) -> None:
+        """Forget the channel (its number may be reused); later data for it is dropped."""
+        self.client._channels.pop(self.number, None)
+
+    def _feed(self, data: bytes) -> None:
+        self._reader.feed_data(data)
+
+    def _eof(self) -> None:
+        self.closed_by_agent = True
+        self._reader.feed_eof()
+
+
+class AgentClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._numbers = itertools.count(1, 2)  # channels: odd numbers from 1
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._channels: dict[int, Channel] = {}
+        self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.closed = False
+        self.close_reason: str = ""
+        self._task = asyncio.ensure_future(self._read_loop())
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    @classmethod
+    async def connect_unix(cls, path: str) -> AgentClient:
+        reader, writer = await asyncio.open_unix_connection(path, limit=2**21)
+        return cls(reader, writer)
+
+    @classmethod
+    async def connect_fd(cls, fd: int) -> AgentClient:
+        """Take over a connected socket fd (e.g. a socketpair end)."""
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ValueError(f"fd {fd} is not a socket")
+        reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd), limit=2**21)
+        return cls(reader, writer)
+
+    @classmethod
+    async def connect_socket(cls, sock: socket.socket) -> AgentClient:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**21)
+        return cls(reader, writer)
+
+    async def hello(self, version: int = protocol.PROTOCOL_VERSION, auth: Mapping[str, str] | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"version": version}
+        if auth is not None:
+            args["auth"] = dict(auth)
+        return await self.call("hello", args)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def call(self, op: str, args: Mapping[str, Any] | None = None, /, **kw: Any) -> dict[str, Any]:
+        """Send a request and wait for its response's result (errors raise AgentError)."""
+        if self.closed:
+            raise protocol.Unavailable(f"connection closed: {self.close_reason}")
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await self._send(wire.encode_control(protocol.request(rid, op, {**(args or {}), **kw})))
+            response = await fut
+        finally:
+            self._pending.pop(rid, None)
+        if response.get("ok"):
+            result = response.get("result")
+            return result if isinstance(result, dict) else {}
+        raise protocol.error_from_wire(response.get("error"))
+
+    # -- channels ------------------------------------------------------------------------------
+
+    def open_channel(self, number: int | None = None) -> Channel:
+        """A channel to name in create/exec; registered at once so no output is missed."""
+        if number is None:
+            number = next(n for n in self._numbers if n not in self._channels)
+        if number <= 0 or number in self._channels:
+            raise ValueError(f"channel {number} is invalid or in use")
+        ch = Channel(self, number)
+        self._channels[number] = ch
+        return ch
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next event; raises Unavailable once the connection is gone and none are left."""
+        event = await asyncio.wait_for(self._events.get(), timeout)
+        if event is None:
+            self._events.put_nowait(None)  # keep signalling the end
+            raise protocol.Unavailable(f"connection closed: {self.close_reason}")
+        return event
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Events until the connection closes."""
+        while True:
+            try:
+                yield await self.next_event()
+            except protocol.Unavailable:
+                return
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _send(self, raw: bytes) -> None:
+        if self.closed:
+            raise protocol.Unavailable(f"connection closed: {self.close_reason}")
+        try:
+            self._writer.write(raw)
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError) as e:
+            self._lost(f"write failed: {e}")
+            raise protocol.Unavailable(f"connection closed: {e}") from None
+
+    async def _read_loop(self) -> None:
+        reason = "closed by the agent"
+        try:
+            while True:
+                frame = await wire.read_frame(self._reader)
+                if frame is None:
+                    break
+                if frame.kind is wire.Kind.CONTROL:
+                    self._on_control(wire.decode_control(frame))
+                else:
+                    ch = self._channels.get(frame.channel)
+                    if ch is None:
+                        continue
+                    if frame.kind is wire.Kind.DATA:
+                        ch._feed(frame.payload)
+                    else:
+                        ch._eof()
+        except (wire.ProtocolError, ConnectionError, OSError) as e:
+            reason = f"{type(e).__name__}: {e}"
+        finally:
+            self._lost(reason)
+
+    def _on_control(self, msg: dict[str, Any]) -> None:
+        if "event" in msg:
+            self._events.put_nowait(msg)
+            return
+        fut = self._pending.get(msg.get("id"))  # type: ignore[arg-type]
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def _lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(protocol.Unavailable(f"connection closed: {reason}"))
+        for ch in self._channels.values():
+            ch._reader.feed_eof()  # no more data; `closed_by_agent` stays as it was
+        self._events.put_nowait(None)
+        with contextlib.suppress(Exception):
+            self._writer.close()
+
+    async def close(self) -> None:
+        self._lost("closed by the client")
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

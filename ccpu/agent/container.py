@@ -1,0 +1,431 @@
+"""Containers and the operations on them (create/start/exec/kill/.../delete).
+
+Why one `Supervisor` owning all containers: the table outlives client connections (a restarted
+shim reconnects and finds its containers), and the operations need the one reaper, the one runc
+wrapper and the one event outlet.  The server serializes requests per container (`serialized`);
+the methods here may assume they are the only operation on their container at a time.
+
+State machine, as containerd's runc shim: created -(start)-> running <-(pause/resume)-> paused;
+running/paused/created -(exit)-> stopped -(delete)-> gone.  Kill of a stopped process is
+NotFound "process already finished"; delete of a running one is FailedPrecondition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import mounts, protocol
+from .process import CREATED, DRAIN_TIMEOUT, PAUSED, RUNNING, STOPPED, Events, Process
+from .reaper import Reaper
+from .runc import Runc
+from .stdio import ConsoleStdio, PipeStdio, StdinQueue, Stdio
+
+log = logging.getLogger(__name__)
+
+CONSOLE_TIMEOUT = 10.0  # runc sends the pty master during create; this only bounds a broken runc
+DELETE_EXIT_TIMEOUT = 3.0
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: str
+    init: Process
+    rootfs: str  # bundle/rootfs
+    mounted: int  # how many mounts the agent stacked on `rootfs`
+    kill_all_on_exit: bool  # no pid namespace of its own: its processes outlive init
+    execs: dict[str, Process] = field(default_factory=dict)
+
+
+def _read_spec(bundle: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(bundle, "config.json"), encoding="utf-8") as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise protocol.InvalidArgument(f"bundle {bundle} has no config.json and no spec was given") from None
+    except (OSError, ValueError) as e:
+        raise protocol.InvalidArgument(f"bundle {bundle}: unreadable config.json: {e}") from None
+    if not isinstance(spec, dict):
+        raise protocol.InvalidArgument(f"bundle {bundle}: config.json is not an object")
+    return spec
+
+
+def _write_json(path: str, value: Any, mode: int = 0o600) -> None:
+    """Atomically (temp + rename) so runc never reads half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
+def _has_pid_namespace(spec: Mapping[str, Any]) -> bool:
+    linux = spec.get("linux") or {}
+    nss = linux.get("namespaces") or [] if isinstance(linux, dict) else []
+    return any(isinstance(ns, dict) and ns.get("type") == "pid" and not ns.get("path") for ns in nss)
+
+
+def _read_pid(path: str) -> int:
+    with open(path, encoding="ascii") as f:
+        return int(f.read().strip())
+
+
+def _unlink(*paths: str) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        runc: Runc,
+        reaper: Reaper,
+        events: Events,
+        bundle_roots: Sequence[str],
+        layer_roots: Sequence[str],
+    ) -> None:
+        self.runc = runc
+        self.reaper = reaper
+        self.events = events
+        self.bundle_roots = list(bundle_roots)
+        self.layer_roots = list(layer_roots)
+        self.containers: dict[str, Container] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._stdin: dict[int, StdinQueue] = {}
+
+    # -- serialization -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def serialized(self, container: str) -> AsyncIterator[None]:
+        """Per-container FIFO lock.  Acquire it before the first await after a request arrived,
+        so requests for one container run in arrival order (asyncio.Lock is fair)."""
+        lock, users = self._locks.get(container, (asyncio.Lock(), 0))
+        self._locks[container] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[container]
+            if users <= 1:
+                del self._locks[container]
+            else:
+                self._locks[container] = (lock, users - 1)
+
+    # -- stdin routing -------------------------------------------------------------------------
+
+    def reserve_stdin(self, channel: int) -> None:
+        """Called by the connection as soon as a create/exec naming `channel` arrives, so data
+        frames that follow the request are kept until the process's stdin exists."""
+        if channel and channel not in self._stdin:
+            self._stdin[channel] = StdinQueue()
+
+    def release_stdin(self, channel: int) -> None:
+        q = self._stdin.pop(channel, None)
+        if q is not None:
+            q.close()
+
+    def stdin_data(self, channel: int, data: bytes) -> None:
+        q = self._stdin.get(channel)
+        if q is not None:  # data for a channel nobody opened is dropped
+            q.put(data)
+
+    def stdin_close(self, channel: int) -> None:
+        self.release_stdin(channel)
+
+    def _stdio(self, terminal: bool, stdin: int, stdout: int, stderr: int) -> Stdio:
+        queue = None
+        if stdin:
+            self.reserve_stdin(stdin)
+            queue = self._stdin[stdin]
+        return ConsoleStdio(stdin, stdout, stderr, queue) if terminal else PipeStdio(stdin, stdout, stderr, queue)
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def _container(self, args: Mapping[str, Any]) -> Container:
+        cid = protocol.validate_id(args.get("container"), "container id")
+        c = self.containers.get(cid)
+        if c is None:
+            raise protocol.NotFound(f"container {cid} not found")
+        return c
+
+    def _process(self, args: Mapping[str, Any]) -> tuple[Container, Process]:
+        c = self._container(args)
+        eid = args.get("exec") or ""
+        if not eid:
+            return c, c.init
+        protocol.validate_id(eid, "exec id")
+        p = c.execs.get(eid)
+        if p is None:
+            raise protocol.NotFound(f"exec {eid} not found in container {c.id}")
+        return c, p
+
+    # -- operations ----------------------------------------------------------------------------
+
+    async def create(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        cid = protocol.validate_id(args.get("container"), "container id")
+        if cid in self.containers:
+            raise protocol.AlreadyExists(f"container {cid} already exists")
+        bundle = protocol.resolve_inside(args.get("bundle"), self.bundle_roots, "bundle")
+        terminal = protocol.arg_bool(args, "terminal", False) or False
+        stdin, stdout, stderr = (protocol.arg_channel(args, n) for n in ("stdin", "stdout", "stderr"))
+        plan = mounts.plan(args.get("rootfs") or {"kind": "none"}, self.layer_roots)
+        spec = protocol.arg_dict(args, "spec", None)
+        if not os.path.isdir(bundle):
+            raise protocol.InvalidArgument(f"bundle {bundle} is not a directory")
+        if spec is not None:
+            _write_json(os.path.join(bundle, "config.json"), spec)
+        else:
+            spec = _read_spec(bundle)
+        process = spec.get("process") if isinstance(spec.get("process"), dict) else {}
+        if bool(process.get("terminal", False)) != terminal:
+            raise protocol.InvalidArgument(
+                f"terminal={terminal} but the spec's process.terminal is {bool(process.get('terminal'))}"
+            )
+        rootfs = os.path.join(bundle, "rootfs")
+        os.makedirs(rootfs, exist_ok=True)
+        pid_file = os.path.join(bundle, "init.pid")
+        log_file = os.path.join(bundle, "log.json")
+        _unlink(pid_file)
+
+        mounted = await mounts.mount_all(self.reaper, plan, rootfs)
+        stdio: Stdio | None = None
+        created = False
+        try:
+            stdio = self._stdio(terminal, stdin, stdout, stderr)
+            pid, exited = await self._run_runc(
+                stdio,
+                lambda fds, sock: self.runc.spawn_create(cid, bundle, pid_file, log_file, fds, sock),
+                "create",
+                log_file,
+                pid_file,
+            )
+            created = True
+        except BaseException:
+            if stdio is not None:
+                stdio.release()
+            self.release_stdin(stdin)
+            if created:
+                with contextlib.suppress(Exception):
+                    await self.runc.delete(cid, force=True)
+            mounts.unmount(rootfs, mounted)
+            raise
+        init = Process(cid, "", stdio)
+        c = Container(cid, bundle, init, rootfs, mounted, kill_all_on_exit=not _has_pid_namespace(spec))
+        self.containers[cid] = c
+        if c.kill_all_on_exit:
+            exited.add_done_callback(lambda _f: asyncio.ensure_future(self._kill_all_quietly(cid)))
+        init.watch(pid, exited, self.events)
+        stdio.start(self.events)
+        return {"pid": pid}
+
+    async def _run_runc(self, stdio: Stdio, spawn: Any, what: str, log_file: str, pid_file: str) -> tuple[int, asyncio.Future[int]]:
+        """Run `runc create`/`runc exec` with `stdio`; the new process's pid and exit future.
+
+        The reaper's collect window covers runc's run and the pid-file read, so an exit of the
+        new process before we know its pid is not lost."""
+        console = stdio.socket_path if isinstance(stdio, ConsoleStdio) else None
+        with self.reaper.collect():
+            spawned = spawn(stdio.child_fds(), console)
+            if isinstance(stdio, PipeStdio):
+                stdio.close_child_ends()
+            receiving = asyncio.ensure_future(stdio.receive_master()) if isinstance(stdio, ConsoleStdio) else None
+            try:
+                result = await spawned.result()
+                self.runc.check(what, result.status, log_file)
+                if receiving is not None:
+                    await asyncio.wait_for(receiving, CONSOLE_TIMEOUT)
+            finally:
+                if receiving is not None and not receiving.done():
+                    receiving.cancel()
+            try:
+                pid = _read_pid(pid_file)
+            except (OSError, ValueError) as e:
+                raise protocol.Internal(f"runc {what}: no pid file: {e}") from None
+            return pid, self.reaper.wait(pid)
+
+    async def _kill_all_quietly(self, cid: str) -> None:
+        # as the runc shim (ShouldKillAllOnExit): without its own pid namespace, a container's
+        # other processes would outlive its init and hold its stdio open
+        with contextlib.suppress(Exception):
+            await self.runc.kill(cid, 9, all_=True)
+
+    async def start(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        c, p = self._process(args)
+        if p.status != CREATED:
+            raise protocol.FailedPrecondition(f"process is {p.status}, not created")
+        p.start_answered.clear()
+        try:
+            return await self._start(c, p)
+        finally:
+            # wakes the exit reporter only after the caller (server) wrote the response: waking
+            # takes a loop step, writing the response does not
+            p.start_answered.set()
+
+    async def _start(self, c: Container, p: Process) -> dict[str, Any]:
+        if p is c.init:
+            await self.runc.start(c.id)
+            if p.status == CREATED:
+                p.status = RUNNING
+            return {"pid": p.pid}
+        if c.init.status not in (RUNNING,):
+            raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}")
+        base = os.path.join(c.bundle, f".exec-{p.exec_id}")
+        process_file, pid_file, log_file = base + ".json", base + ".pid", base + ".log.json"
+        _write_json(process_file, p.spec)
+        _unlink(pid_file)
+        stdio = self._stdio(p.terminal, p.stdio.stdin_ch, p.stdio.stdout_ch, p.stdio.stderr_ch)
+        try:
+            pid, exited = await self._run_runc(
+                stdio,
+                lambda fds, sock: self.runc.spawn_exec(c.id, process_file, pid_file, log_file, fds, sock),
+                "exec",
+                log_file,
+                pid_file,
+            )
+        except BaseException:
+            stdio.release()
+            raise
+        finally:
+            _unlink(process_file, pid_file)
+        p.stdio = stdio
+        p.status = RUNNING
+        p.watch(pid, exited, self.events)
+        stdio.start(self.events)
+        return {"pid": pid}
+
+    async def exec(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        c = self._container(args)
+        eid = protocol.validate_id(args.get("exec"), "exec id")
+        if eid in c.execs:
+            raise protocol.AlreadyExists(f"exec {eid} already exists in container {c.id}")
+        if c.init.status == STOPPED:
+            raise protocol.FailedPrecondition(f"container {c.id} is stopped")
+        spec = dict(protocol.arg_dict(args, "process"))
+        terminal = protocol.arg_bool(args, "terminal", False) or False
+        spec["terminal"] = terminal
+        stdin, stdout, stderr = (protocol.arg_channel(args, n) for n in ("stdin", "stdout", "stderr"))
+        # pipes/console are made when the exec is started (an exec never started holds no fds);
+        # until then a bare Stdio keeps the channels and the stdin queue collects data
+        if stdin:
+            self.reserve_stdin(stdin)
+        p = Process(c.id, eid, Stdio(stdin, stdout, 0 if terminal else stderr, None), spec, terminal=terminal)
+        c.execs[eid] = p
+        return {}
+
+    async def kill(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        c, p = self._process(args)
+        sig = protocol.arg_int(args, "signal", 15) or 15
+        all_ = protocol.arg_bool(args, "all", False) or False
+        if not 0 < sig < 65:
+            raise protocol.InvalidArgument(f"invalid signal {sig}")
+        if p.status == STOPPED:
+            raise protocol.NotFound("process already finished")
+        if p is c.init:
+            await self.runc.kill(c.id, sig, all_=all_)
+            return {}
+        if p.status == CREATED:
+            raise protocol.FailedPrecondition(f"exec {p.exec_id} is not started")
+        try:
+            os.kill(p.pid, sig)
+        except ProcessLookupError:
+            raise protocol.NotFound("process already finished") from None
+        return {}
+
+    async def resize_pty(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        _c, p = self._process(args)
+        width = protocol.arg_int(args, "width")
+        height = protocol.arg_int(args, "height")
+        if not (0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF):
+            raise protocol.InvalidArgument("width and height must fit in 16 bits")
+        try:
+            p.stdio.resize(width, height)
+        except OSError as e:
+            raise protocol.FailedPrecondition(f"resize: {e}") from None
+        return {}
+
+    async def close_stdin(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        _c, p = self._process(args)
+        if p.stdio.stdin_ch:
+            self.release_stdin(p.stdio.stdin_ch)
+        return {}
+
+    async def pause(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        c = self._container(args)
+        if c.init.status != RUNNING:
+            raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}, not running")
+        await self.runc.pause(c.id)
+        if c.init.status == RUNNING:
+            c.init.status = PAUSED
+        return {}
+
+    async def resume(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        c = self._container(args)
+        if c.init.status != PAUSED:
+            raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}, not paused")
+        await self.runc.resume(c.id)
+        if c.init.status == PAUSED:
+            c.init.status = RUNNING
+        return {}
+
+    async def state(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        _c, p = self._process(args)
+        return p.state()
+
+    async def pids(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        c = self._container(args)
+        pids = await self.runc.ps(c.id)
+        by_pid = {p.pid: eid for eid, p in c.execs.items() if p.pid and p.status != STOPPED}
+        return {"processes": [{"pid": pid, "exec": by_pid.get(pid, "")} for pid in pids]}
+
+    async def stats(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        c = self._container(args)
+        return await self.runc.stats(c.id)
+
+    async def delete(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        c, p = self._process(args)
+        if p.running():
+            raise protocol.FailedPrecondition(f"cannot delete a {p.status} process")
+        if p is not c.init:
+            if p.status == STOPPED:
+                await self._reported(p)
+            p.close()
+            self.release_stdin(p.stdio.stdin_ch)
+            del c.execs[p.exec_id]
+            return p.exit_fields()
+        if p.status == CREATED:
+            # never started: runc delete --force kills the init waiting in runc's exec fifo; that
+            # exit is the delete's result, not an event
+            p.report_exit = False
+        else:
+            await self._reported(p)
+        try:
+            await self.runc.delete(c.id, force=True)
+        except protocol.NotFound:
+            pass
+        if p.status != STOPPED:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(p.reported.wait(), DELETE_EXIT_TIMEOUT)
+        for e in c.execs.values():
+            e.close()
+            self.release_stdin(e.stdio.stdin_ch)
+        p.close()
+        self.release_stdin(p.stdio.stdin_ch)
+        mounts.unmount(c.rootfs, c.mounted)
+        del self.containers[c.id]
+        _unlink(os.path.join(c.bundle, "init.pid"))
+        return p.exit_fields()
+
+    @staticmethod
+    async def _reported(p: Process) -> None:
+        """Let a stopped process's exit event go out before the delete's response."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(p.reported.wait(), DRAIN_TIMEOUT + 1)
+

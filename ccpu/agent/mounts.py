@@ -1,0 +1,309 @@
+"""Mounting a container's rootfs at `bundle/rootfs`, and unmounting it on delete.
+
+Why the agent mounts at all: in a guest VM the layers are only visible to the guest (shared in
+from the host's repo), so the guest must stack the overlay itself (`layers`); in host mode the
+shim may pass containerd's mounts through (`mounts`) or mount itself (`none`).
+
+Mounts use mount(2) through ctypes: the guest has no util-linux, and mount(8) would be one more
+process per container.  Options are interpreted as containerd's mount package does
+(mount_linux.go): flag words become MS_* flags, everything else is filesystem data, and a
+read-only bind is remounted read-only.  Overlay option strings longer than a page are shortened
+by making lowerdirs relative to their common parent and mounting from there, in a forked child
+so the agent's own cwd never moves.
+
+Every path in the request must resolve inside the agent's layer roots (checked in `plan`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import protocol
+from .reaper import Reaper, fork_call
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_MANDLOCK = 0x40
+MS_DIRSYNC = 0x80
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_UNBINDABLE = 1 << 17
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 0x2
+
+PAGE_SIZE = 4096
+COMPACT_LIMIT = PAGE_SIZE - 512
+
+# word -> (clear?, flag), as containerd's parseMountOptions
+_FLAGS: dict[str, tuple[bool, int]] = {
+    "async": (True, MS_SYNCHRONOUS),
+    "atime": (True, MS_NOATIME),
+    "bind": (False, MS_BIND),
+    "defaults": (False, 0),
+    "dev": (True, MS_NODEV),
+    "diratime": (True, MS_NODIRATIME),
+    "dirsync": (False, MS_DIRSYNC),
+    "exec": (True, MS_NOEXEC),
+    "mand": (False, MS_MANDLOCK),
+    "noatime": (False, MS_NOATIME),
+    "nodev": (False, MS_NODEV),
+    "nodiratime": (False, MS_NODIRATIME),
+    "noexec": (False, MS_NOEXEC),
+    "nomand": (True, MS_MANDLOCK),
+    "norelatime": (True, MS_RELATIME),
+    "nostrictatime": (True, MS_STRICTATIME),
+    "nosuid": (False, MS_NOSUID),
+    "rbind": (False, MS_BIND | MS_REC),
+    "relatime": (False, MS_RELATIME),
+    "remount": (False, MS_REMOUNT),
+    "ro": (False, MS_RDONLY),
+    "rw": (True, MS_RDONLY),
+    "strictatime": (False, MS_STRICTATIME),
+    "suid": (True, MS_NOSUID),
+    "sync": (False, MS_SYNCHRONOUS),
+}
+_PROPAGATION: dict[str, int] = {
+    "private": MS_PRIVATE,
+    "rprivate": MS_PRIVATE | MS_REC,
+    "shared": MS_SHARED,
+    "rshared": MS_SHARED | MS_REC,
+    "slave": MS_SLAVE,
+    "rslave": MS_SLAVE | MS_REC,
+    "unbindable": MS_UNBINDABLE,
+    "runbindable": MS_UNBINDABLE | MS_REC,
+}
+_TYPES = ("bind", "overlay", "tmpfs")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _b(s: str | None) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+def sys_mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or ''} {source or ''} on {target}: {os.strerror(err)}")
+
+
+def sys_umount(target: str, flags: int = 0) -> None:
+    if _libc.umount2(_b(target), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One mount(2) call: what containerd's mount.Mount holds, plus the cwd to mount from."""
+
+    type: str
+    source: str
+    options: tuple[str, ...]
+    chdir: str | None = None
+
+
+def parse_options(options: Sequence[str]) -> tuple[int, int, str]:
+    """(flags, propagation flags, data) for mount options, as containerd's parseMountOptions."""
+    flags = 0
+    propagation = 0
+    data: list[str] = []
+    for o in options:
+        if o in _FLAGS:
+            clear, f = _FLAGS[o]
+            flags = flags & ~f if clear else flags | f
+        elif o in _PROPAGATION:
+            propagation |= _PROPAGATION[o]
+        elif o == "loop":
+            raise protocol.Unimplemented("loop mounts are not supported by the agent")
+        else:
+            data.append(o)
+    return flags, propagation, ",".join(data)
+
+
+def compact_lowerdirs(options: Sequence[str], limit: int = COMPACT_LIMIT) -> tuple[str | None, tuple[str, ...]]:
+    """(cwd, options) with lowerdirs relative to their common parent when the options exceed
+    `limit`, as containerd does before mounting (ccpu.stack.compact_lowerdirs is the same rule;
+    it is not imported so the agent ships without the repo package)."""
+    if len(",".join(options)) < limit:
+        return None, tuple(options)
+    idx = next((i for i, o in enumerate(options) if o.startswith("lowerdir=")), None)
+    if idx is None:
+        raise protocol.InvalidArgument("mount options exceed a page and have no lowerdir to shorten")
+    lowers = options[idx][len("lowerdir=") :].split(":")
+    common = os.path.commonpath(lowers) if len(lowers) > 1 else os.path.dirname(lowers[0])
+    if common in lowers:
+        common = os.path.dirname(common)
+    new = list(options)
+    new[idx] = "lowerdir=" + ":".join(os.path.relpath(p, common) for p in lowers)
+    if len(",".join(new)) >= PAGE_SIZE:
+        raise protocol.InvalidArgument(f"{len(lowers)} lower dirs do not fit in one mount")
+    return common, tuple(new)
+
+
+def _overlay_paths(options: Sequence[str]) -> list[tuple[str, list[str]]]:
+    out = []
+    for o in options:
+        key, sep, value = o.partition("=")
+        if not sep:
+            continue
+        if key == "lowerdir":
+            out.append((key, value.split(":")))
+        elif key in ("upperdir", "workdir"):
+            out.append((key, [value]))
+    return out
+
+
+def plan(rootfs: Any, layer_roots: Sequence[str]) -> list[Mount]:
+    """Validated mounts for a `rootfs` argument (see docs/agent-protocol.md)."""
+    if not isinstance(rootfs, Mapping):
+        raise protocol.InvalidArgument("rootfs must be an object")
+    kind = rootfs.get("kind")
+    if kind == "none":
+        return []
+    if kind == "layers":
+        lowers = protocol.arg_list(rootfs, "lowers")
+        upper = rootfs.get("upper")
+        work = rootfs.get("work")
+        if not lowers:
+            raise protocol.InvalidArgument("rootfs.lowers is empty")
+        lowers = protocol.resolve_all(lowers, layer_roots, "lower dir")
+        if upper is None:
+            if len(lowers) == 1:
+                return [Mount("bind", lowers[0], ("rbind", "ro"))]
+            return [Mount("overlay", "overlay", ("index=off", "lowerdir=" + ":".join(lowers)))]
+        upper = protocol.resolve_inside(upper, layer_roots, "upper dir")
+        work = protocol.resolve_inside(work, layer_roots, "work dir")
+        opts = ("index=off", f"workdir={work}", f"upperdir={upper}", "lowerdir=" + ":".join(lowers))
+        return [Mount("overlay", "overlay", opts)]
+    if kind == "mounts":
+        result = []
+        for m in protocol.arg_list(rootfs, "mounts"):
+            if not isinstance(m, Mapping):
+                raise protocol.InvalidArgument("rootfs.mounts entries must be objects")
+            mtype = protocol.arg_str(m, "type")
+            source = protocol.arg_str(m, "source", "") or ""
+            options = protocol.arg_list(m, "options", []) or []
+            if not all(isinstance(o, str) for o in options):
+                raise protocol.InvalidArgument("mount options must be strings")
+            if mtype not in _TYPES:
+                raise protocol.InvalidArgument(f"unsupported mount type {mtype!r} (supported: {', '.join(_TYPES)})")
+            if mtype == "bind" or "bind" in options or "rbind" in options:
+                source = protocol.resolve_inside(source, layer_roots, "bind source")
+            if mtype == "overlay":
+                fixed = []
+                for o in options:
+                    key, sep, value = o.partition("=")
+                    if sep and key == "lowerdir":
+                        o = "lowerdir=" + ":".join(protocol.resolve_all(value.split(":"), layer_roots, "lower dir"))
+                    elif sep and key in ("upperdir", "workdir"):
+                        o = f"{key}={protocol.resolve_inside(value, layer_roots, key)}"
+                    fixed.append(o)
+                options = fixed
+            result.append(Mount(mtype, source, tuple(options)))
+        return result
+    raise protocol.InvalidArgument(f"unknown rootfs kind {kind!r}")
+
+
+def _mount_one(m: Mount, target: str) -> None:
+    flags, propagation, data = parse_options(m.options)
+    if not flags & MS_REMOUNT:
+        sys_mount(m.source, target, m.type, flags, data or None)
+    if propagation:
+        sys_mount(None, target, None, propagation, None)
+    if flags & (MS_BIND | MS_RDONLY) == (MS_BIND | MS_RDONLY):  # bind ignores ro: remount
+        sys_mount(None, target, None, flags | MS_REMOUNT, None)
+
+
+async def mount_all(reaper: Reaper, mounts: Sequence[Mount], target: str) -> int:
+    """Mount `mounts` in order on `target`; returns how many were mounted.  On failure the ones
+    already mounted are unmounted again before the error is raised."""
+    done = 0
+    try:
+        for m in mounts:
+            if m.type == "overlay":
+                cwd, opts = compact_lowerdirs(m.options)
+                m = Mount(m.type, m.source, opts, cwd)
+            if m.chdir is None:
+                _mount_one(m, target)
+            else:
+                await _mount_from(reaper, m, target)
+            done += 1
+    except OSError as e:
+        unmount(target, done)
+        raise protocol.Internal(str(e)) from None
+    except BaseException:
+        unmount(target, done)
+        raise
+    return done
+
+
+async def _mount_from(reaper: Reaper, m: Mount, target: str) -> None:
+    assert m.chdir is not None
+    chdir = m.chdir
+
+    def child() -> int:
+        try:
+            os.chdir(chdir)
+            _mount_one(m, target)
+        except OSError as e:
+            return e.errno or 255
+        return 0
+
+    code = await fork_call(reaper, child)
+    if code:
+        raise OSError(code, f"mount overlay on {target} from {chdir}: {os.strerror(code)}")
+
+
+def is_mountpoint(path: str) -> bool:
+    """Whether `path` is a mount point of this mount namespace (per /proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == real:
+                return True
+    return False
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def unmount(target: str, count: int) -> None:
+    """Undo `count` stacked mounts on `target`: retry EBUSY briefly, then detach lazily."""
+    for _ in range(count):
+        for attempt in range(10):
+            try:
+                sys_umount(target)
+                break
+            except OSError as e:
+                if e.errno == errno.EINVAL:  # not mounted (any more)
+                    return
+                if e.errno != errno.EBUSY or attempt == 9:
+                    try:
+                        sys_umount(target, MNT_DETACH)
+                    except OSError as e2:
+                        if e2.errno == errno.EINVAL:
+                            return
+                        raise
+                    break
+                time.sleep(0.05)

@@ -1,0 +1,165 @@
+"""Thin async wrapper over the runc command line.
+
+Why the CLI and not libcontainer: the guest has runc and Python, nothing else; the runc shim
+does the same through go-runc.  Every invocation goes through the agent's reaper (see
+reaper.py).  Failures raise `RuncError` carrying runc's own message; a few well-known messages
+are mapped to protocol codes the way containerd's runc shim maps them.
+
+`create` and `exec` hand runc the container's stdio as runc's own stdio, so runc's stderr is not
+ours to capture there: those calls use `--log FILE --log-format json` and read the error from
+the log, as containerd does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+from . import protocol
+from .reaper import DEVNULL, PIPE, Reaper, Spawned, run, spawn
+
+
+class RuncError(protocol.Internal):
+    """runc failed; `message` holds what runc said."""
+
+
+def _classify(op: str, message: str) -> protocol.AgentError:
+    """Protocol error for a runc failure.  As in containerd's shim (checkKillError), a kill of a
+    process that is gone is NotFound "process already finished"."""
+    low = message.lower()
+    if "does not exist" in low or "container not found" in low:
+        return protocol.NotFound(message)
+    if "already exists" in low:
+        return protocol.AlreadyExists(message)
+    gone = ("container not running", "process already finished", "no such process")
+    if op == "kill" and any(g in low for g in gone):
+        return protocol.NotFound(f"process already finished: {message}")
+    if any(s in low for s in ("not running", "not paused", "is paused", "cannot ", "not stopped")):
+        return protocol.FailedPrecondition(message)
+    return RuncError(message)
+
+
+def _log_error(log_file: str) -> str:
+    """The last error runc wrote to its JSON log (what went wrong in create/exec)."""
+    message = ""
+    try:
+        with open(log_file, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+                    message = str(entry.get("msg", ""))
+    except OSError:
+        pass
+    return message
+
+
+class Runc:
+    def __init__(self, reaper: Reaper, root: str, binary: str = "runc") -> None:
+        self.reaper = reaper
+        self.root = root
+        self.binary = binary
+
+    def _argv(self, *args: str, log: str | None = None) -> list[str]:
+        argv = [self.binary, "--root", self.root]
+        if log is not None:
+            argv += ["--log", log, "--log-format", "json"]
+        return argv + list(args)
+
+    async def _call(self, *args: str) -> bytes:
+        res = await run(self.reaper, self._argv(*args))
+        if res.status != 0:
+            msg = res.stderr.decode(errors="replace").strip() or f"exit status {res.status}"
+            raise _classify(args[0], f"runc {args[0]}: {msg}")
+        return res.stdout
+
+    def spawn_create(
+        self,
+        container: str,
+        bundle: str,
+        pid_file: str,
+        log_file: str,
+        stdio: Sequence[int],
+        console_socket: str | None = None,
+    ) -> Spawned:
+        """Start `runc create`; the caller awaits `.result()` and then `check(...)`."""
+        args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        return self._spawn_detached(args + [container], log_file, stdio)
+
+    def spawn_exec(
+        self,
+        container: str,
+        process_file: str,
+        pid_file: str,
+        log_file: str,
+        stdio: Sequence[int],
+        console_socket: str | None = None,
+    ) -> Spawned:
+        args = ["exec", "--detach", "--pid-file", pid_file, "--process", process_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        return self._spawn_detached(args + [container], log_file, stdio)
+
+    def _spawn_detached(self, args: list[str], log_file: str, stdio: Sequence[int]) -> Spawned:
+        try:
+            os.unlink(log_file)  # only this call's errors
+        except FileNotFoundError:
+            pass
+        return spawn(self.reaper, self._argv(*args, log=log_file), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+
+    @staticmethod
+    def check(what: str, status: int, log_file: str) -> None:
+        if status != 0:
+            raise _classify(what, f"runc {what}: {_log_error(log_file) or f'exit status {status}'}")
+
+    async def start(self, container: str) -> None:
+        await self._call("start", container)
+
+    async def kill(self, container: str, sig: int, all_: bool = False) -> None:
+        args = ["kill"] + (["--all"] if all_ else []) + [container, str(sig)]
+        await self._call(*args)
+
+    async def pause(self, container: str) -> None:
+        await self._call("pause", container)
+
+    async def resume(self, container: str) -> None:
+        await self._call("resume", container)
+
+    async def delete(self, container: str, force: bool = False) -> None:
+        await self._call("delete", *(["--force"] if force else []), container)
+
+    async def state(self, container: str) -> dict[str, Any]:
+        return _json_object(await self._call("state", container), "state")
+
+    async def ps(self, container: str) -> list[int]:
+        out = await self._call("ps", "--format", "json", container)
+        pids = json.loads(out or b"[]") or []
+        if not isinstance(pids, list):
+            raise RuncError(f"runc ps: unexpected output {out[:200]!r}")
+        return [int(p) for p in pids]
+
+    async def stats(self, container: str) -> dict[str, Any]:
+        ev = _json_object(await self._call("events", "--stats", container), "events --stats")
+        data = ev.get("data", {})
+        return data if isinstance(data, dict) else {}
+
+
+def _json_object(out: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(out)
+    except ValueError:
+        raise RuncError(f"runc {what}: output is not JSON: {out[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise RuncError(f"runc {what}: output is not a JSON object")
+    return value
+
+
+SIGKILL = int(signal.SIGKILL)
+__all__ = ["Runc", "RuncError", "DEVNULL", "PIPE", "SIGKILL"]

@@ -1,0 +1,248 @@
+"""Connections: framing in, requests dispatched, responses/output/events out.
+
+Why the shape:
+* One client at a time (the shim).  A second client is answered `Unavailable` while the first
+  is connected; once it is gone, a new one may connect (a restarted shim) and finds the
+  containers as they are.
+* Events are never lost: while no client has said `hello`, they are queued and delivered after
+  the next `hello`.  Process output produced while nobody is connected is dropped (the
+  channels belonged to the old connection).
+* Requests run concurrently, each in its own task; per container they are serialized in arrival
+  order (`Supervisor.serialized`, acquired before the task's first suspension).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from . import protocol, wire
+from .container import Supervisor
+
+log = logging.getLogger(__name__)
+
+FEATURES = ["terminal", "exec", "pause", "stats", "rootfs:layers", "rootfs:mounts", "rootfs:none"]
+
+
+class Connection:
+    def __init__(self, writer: asyncio.StreamWriter, name: str) -> None:
+        self.writer = writer
+        self.name = name
+        self.ready = False  # hello answered
+        self.closed = False
+
+    def send(self, raw: bytes) -> None:
+        if not self.closed and raw:
+            try:
+                self.writer.write(raw)
+            except (ConnectionError, RuntimeError):
+                self.closed = True
+
+    async def drain(self) -> None:
+        if not self.closed:
+            try:
+                await self.writer.drain()
+            except ConnectionError:
+                self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class Outbox:
+    """The current connection, as the processes see it (see stdio.Outbox / process.Events)."""
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
+        self._queued: list[dict[str, Any]] = []
+
+    def _live(self) -> Connection | None:
+        c = self.conn
+        return c if c is not None and c.ready and not c.closed else None
+
+    async def data(self, channel: int, data: bytes) -> None:
+        c = self._live()
+        if c is not None:
+            c.send(wire.encode_data(channel, data))
+            await c.drain()  # backpressure: a slow client slows the relayed process
+
+    def close(self, channel: int) -> None:
+        c = self._live()
+        if c is not None:
+            c.send(wire.encode_close(channel))
+
+    def event(self, message: dict[str, Any]) -> None:
+        c = self._live()
+        if c is None:
+            self._queued.append(message)
+        else:
+            c.send(wire.encode_control(message))
+
+    def attach(self, conn: Connection) -> None:
+        """`conn` said hello: it is the client now; queued events go to it."""
+        self.conn = conn
+        queued, self._queued = self._queued, []
+        for message in queued:
+            conn.send(wire.encode_control(message))
+
+    def detach(self, conn: Connection) -> None:
+        if self.conn is conn:
+            self.conn = None
+
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class Server:
+    def __init__(self, supervisor: Supervisor, outbox: Outbox) -> None:
+        self.sup = supervisor
+        self.outbox = outbox
+        self.stopped = asyncio.Event()  # set by `shutdown`
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._count = 0
+        self._ops: dict[str, Handler] = {
+            "create": supervisor.create,
+            "start": supervisor.start,
+            "exec": supervisor.exec,
+            "kill": supervisor.kill,
+            "resize_pty": supervisor.resize_pty,
+            "close_stdin": supervisor.close_stdin,
+            "pause": supervisor.pause,
+            "resume": supervisor.resume,
+            "state": supervisor.state,
+            "pids": supervisor.pids,
+            "stats": supervisor.stats,
+            "delete": supervisor.delete,
+        }
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection until it closes or breaks the protocol."""
+        self._count += 1
+        conn = Connection(writer, f"conn{self._count}")
+        log.debug("%s: connected", conn.name)
+        try:
+            while True:
+                frame = await wire.read_frame(reader)
+                if frame is None or conn.closed:
+                    break
+                if frame.kind is wire.Kind.CONTROL:
+                    self._on_control(conn, wire.decode_control(frame))
+                elif not conn.ready:
+                    continue
+                elif frame.kind is wire.Kind.DATA:
+                    self.sup.stdin_data(frame.channel, frame.payload)
+                else:
+                    self.sup.stdin_close(frame.channel)
+        except wire.ProtocolError as e:
+            log.warning("%s: protocol error: %s", conn.name, e)
+        except (ConnectionError, OSError) as e:
+            log.debug("%s: connection error: %s", conn.name, e)
+        finally:
+            log.debug("%s: disconnected", conn.name)
+            self.outbox.detach(conn)
+            conn.close()
+
+    def _on_control(self, conn: Connection, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        op = msg.get("op")
+        args = msg.get("args", {})
+        if args is None:
+            args = {}
+        if isinstance(rid, bool) or not isinstance(rid, int) or rid <= 0:
+            raise wire.ProtocolError(f"request without a positive integer id: {str(msg)[:200]}")
+        if not isinstance(op, str) or not isinstance(args, dict):
+            conn.send(wire.encode_control(protocol.response_error(rid, protocol.InvalidArgument("malformed request"))))
+            return
+        if not conn.ready:
+            current = self.outbox.conn
+            if current is not None and current is not conn and not current.closed:
+                err: protocol.AgentError = protocol.Unavailable("another client is connected")
+                conn.send(wire.encode_control(protocol.response_error(rid, err)))
+                conn.close()
+                return
+            if op != "hello":
+                err = protocol.FailedPrecondition("the first request must be hello")
+                conn.send(wire.encode_control(protocol.response_error(rid, err)))
+                conn.close()
+                return
+            try:
+                result = self._hello(args)
+            except protocol.AgentError as e:
+                conn.send(wire.encode_control(protocol.response_error(rid, e)))
+                conn.close()
+                return
+            conn.send(wire.encode_control(protocol.response_ok(rid, result)))
+            conn.ready = True
+            self.outbox.attach(conn)
+            return
+        if op in ("create", "exec"):
+            # keep stdin data that follows this request until the process exists
+            ch = args.get("stdin")
+            if isinstance(ch, int) and not isinstance(ch, bool) and ch > 0:
+                self.sup.reserve_stdin(ch)
+        task = asyncio.ensure_future(self._request(conn, rid, op, args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _hello(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        version = args.get("version")
+        if version != protocol.PROTOCOL_VERSION:
+            raise protocol.FailedPrecondition(f"unsupported protocol version {version!r} (agent speaks 1)")
+        return {
+            "version": protocol.PROTOCOL_VERSION,
+            "agent_pid": os.getpid(),
+            "features": FEATURES,
+            "kernel": os.uname().release,
+        }
+
+    async def _request(self, conn: Connection, rid: int, op: str, args: dict[str, Any]) -> None:
+        try:
+            result = await self._dispatch(op, args)
+            response = protocol.response_ok(rid, result)
+        except protocol.AgentError as e:
+            response = protocol.response_error(rid, e)
+            if op in ("create", "exec") and isinstance(args.get("stdin"), int) and args["stdin"] > 0:
+                if op == "create" or not self._exec_exists(args):
+                    self.sup.release_stdin(args["stdin"])
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("%s %s failed", op, args.get("container", ""))
+            response = protocol.response_error(rid, protocol.Internal(f"{type(e).__name__}: {e}"))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s -> %s", op, _brief(args), _brief(response))
+        conn.send(wire.encode_control(response))
+        if op == "shutdown" and response.get("ok"):
+            await conn.drain()
+            self.stopped.set()
+
+    def _exec_exists(self, args: Mapping[str, Any]) -> bool:
+        c = self.sup.containers.get(str(args.get("container")))
+        return c is not None and str(args.get("exec")) in c.execs
+
+    async def _dispatch(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "hello":
+            raise protocol.FailedPrecondition("hello was already done on this connection")
+        if op == "shutdown":
+            if self.sup.containers:
+                raise protocol.FailedPrecondition(f"{len(self.sup.containers)} containers exist")
+            return {}
+        handler = self._ops.get(op)
+        if handler is None:
+            raise protocol.Unimplemented(f"unknown operation {op!r}")
+        cid = args.get("container")
+        if not isinstance(cid, str):
+            return await handler(args)  # the handler refuses the missing/bad id
+        async with self.sup.serialized(cid):
+            return await handler(args)
+
+
+def _brief(value: Any) -> str:
+    text = str(value)
+    return text if len(text) < 300 else text[:300] + "..."

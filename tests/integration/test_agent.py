@@ -1,0 +1,485 @@
+"""The fractal agent end to end: a real agent process, real runc, the busybox test image.
+
+Each test starts its own agent (over a socketpair, `--fd`, like the shim does) with a private
+runc root, bundle root and layer root under a temp dir, and talks to it with
+`ccpu.agent.client.AgentClient`.  Teardown force-deletes every runc container of that root and
+unmounts whatever is still mounted below the temp dir, whatever the test did.
+
+Rootfs: the busybox image is unpacked once per module (umoci); tests stack it as the lower dir
+of an overlay (`rootfs.kind = "layers"`) with a fresh upper per container, so the unpacked
+image is never written to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ccpu.agent import protocol
+from ccpu.agent.client import AgentClient
+
+REPO = Path(__file__).resolve().parents[2]
+RUNC = shutil.which("runc") or "/usr/sbin/runc"
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """busybox unpacked once: <dir>/config.json (umoci's) and <dir>/rootfs."""
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci not installed")
+    from hack import testimages
+
+    layout = testimages.build("busybox")
+    dst = tmp_path_factory.mktemp("agent-image") / "busybox"
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(dst)], check=True, capture_output=True)
+    return dst
+
+
+def _mounts_below(prefix: str) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ")
+            if mp == prefix or mp.startswith(prefix + "/"):
+                out.append(mp)
+    return out
+
+
+class Agent:
+    """One agent process and its dirs."""
+
+    def __init__(self, base: Path, image: Path, listen: bool = False) -> None:
+        self.base = base
+        self.image = image
+        self.bundles = base / "bundles"
+        self.layers = base / "layers"
+        self.runc_root = base / "runc"
+        for d in (self.bundles, self.layers, self.runc_root):
+            d.mkdir()
+        self.sock_path = str(base / "agent.sock") if listen else None
+        self.log = base / "agent.log"
+        parent, child = socket.socketpair()
+        self.sock = parent
+        argv = [
+            sys.executable, "-m", "ccpu.agent", "--fd", str(child.fileno()),
+            "--runc-root", str(self.runc_root), "--runc", RUNC,
+            "--bundle-root", str(self.bundles), "--layer-root", str(self.layers),
+            "--layer-root", str(image), "--debug", "--log", str(self.log),
+        ]  # fmt: skip
+        if self.sock_path:
+            argv += ["--listen", f"unix:{self.sock_path}"]
+        self.proc = subprocess.Popen(argv, pass_fds=(child.fileno(),), cwd=REPO)
+        child.close()
+
+    def bundle(self, container: str, args: list[str], terminal: bool = False, **process: Any) -> tuple[Path, dict[str, Any]]:
+        """A bundle dir with a config.json running `args`; and the rootfs arg stacking the image."""
+        spec = json.loads((self.image / "config.json").read_text())
+        spec["process"]["args"] = args
+        spec["process"]["terminal"] = terminal
+        spec["process"].update(process)
+        b = self.bundles / container
+        b.mkdir()
+        (b / "config.json").write_text(json.dumps(spec))
+        upper, work = self.layers / container / "upper", self.layers / container / "work"
+        upper.mkdir(parents=True)
+        work.mkdir()
+        rootfs = {"kind": "layers", "lowers": [str(self.image / "rootfs")], "upper": str(upper), "work": str(work)}
+        return b, rootfs
+
+    def cleanup(self) -> None:
+        try:
+            listed = subprocess.run([RUNC, "--root", str(self.runc_root), "list", "-q"], capture_output=True, text=True)
+            for cid in listed.stdout.split():
+                subprocess.run([RUNC, "--root", str(self.runc_root), "delete", "--force", cid], capture_output=True)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.sock.close()
+            for mp in sorted(_mounts_below(str(self.base)), key=len, reverse=True):
+                subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+@pytest.fixture
+def agent(image: Path) -> Iterator[Agent]:
+    base = Path(tempfile.mkdtemp(prefix="agent-", dir="/tmp"))  # short: console socket paths
+    a = Agent(base, image)
+    try:
+        yield a
+    finally:
+        a.cleanup()
+        if os.environ.get("KEEP_AGENT_LOG"):
+            print((base / "agent.log").read_text())
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def listening_agent(image: Path) -> Iterator[Agent]:
+    base = Path(tempfile.mkdtemp(prefix="agent-", dir="/tmp"))
+    a = Agent(base, image, listen=True)
+    try:
+        yield a
+    finally:
+        a.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run(agent: Agent, scenario: Callable[[AgentClient], Awaitable[None]], timeout: float = 20) -> None:
+    """Run `scenario` with a connected, hello'd client on the agent's socketpair."""
+
+    async def main() -> None:
+        client = await AgentClient.connect_socket(agent.sock)  # closed at the end: agent sees EOF
+        try:
+            await client.hello()
+            await asyncio.wait_for(scenario(client), timeout)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def cid() -> str:
+    return "t-" + uuid.uuid4().hex[:12]
+
+
+async def create(client: AgentClient, agent: Agent, args: list[str], *, stdin: bool = False, terminal: bool = False, **process: Any) -> dict[str, Any]:
+    """Create a container running `args`; returns ids and channels."""
+    c = cid()
+    bundle, rootfs = agent.bundle(c, args, terminal=terminal, **process)
+    out = client.open_channel()
+    err = client.open_channel() if not terminal else None
+    inp = client.open_channel() if stdin else None
+    res = await client.call(
+        "create", container=c, bundle=str(bundle), rootfs=rootfs, terminal=terminal,
+        stdin=inp.number if inp else 0, stdout=out.number, stderr=err.number if err else 0,
+    )  # fmt: skip
+    return {"id": c, "bundle": bundle, "pid": res["pid"], "out": out, "err": err, "in": inp}
+
+
+async def exit_event(client: AgentClient, container: str, exec_id: str = "", timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = await client.next_event(max(0.01, deadline - time.monotonic()))
+        if ev.get("event") == "exit" and ev["container"] == container and ev["exec"] == exec_id:
+            return ev
+
+
+async def finish(client: AgentClient, container: str) -> None:
+    """Kill (if needed) and delete a container."""
+    st = await client.call("state", container=container)
+    if st["status"] != "stopped":
+        if st["status"] == "paused":
+            await client.call("resume", container=container)
+        await client.call("kill", container=container, signal=9, all=True)
+        await exit_event(client, container)
+    await client.call("delete", container=container)
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+
+
+def test_output_then_exit_status(agent: Agent) -> None:
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+        assert (await client.call("state", container=c["id"]))["status"] == "created"
+        started = await client.call("start", container=c["id"])
+        assert started["pid"] == c["pid"] > 0
+        ev = await exit_event(client, c["id"])
+        # output is complete (closed) by the time the exit event arrives
+        assert c["out"].closed_by_agent and c["err"].closed_by_agent
+        assert await c["out"].read_all() == b"out\n"
+        assert await c["err"].read_all() == b"err\n"
+        assert ev["exit_status"] == 3 and ev["pid"] == c["pid"] and ev["exited_at"] > 0
+        st = await client.call("state", container=c["id"])
+        assert st == {"status": "stopped", "pid": c["pid"], "exit_status": 3, "exited_at": ev["exited_at"]}
+        with pytest.raises(protocol.NotFound):
+            await client.call("kill", container=c["id"], signal=15)
+        deleted = await client.call("delete", container=c["id"])
+        assert deleted["exit_status"] == 3 and deleted["pid"] == c["pid"]
+        assert not _mounts_below(str(c["bundle"]))
+        assert not (agent.runc_root / c["id"]).exists()
+        with pytest.raises(protocol.NotFound):
+            await client.call("state", container=c["id"])
+
+    run(agent, scenario)
+
+
+def test_stdin_cat(agent: Agent) -> None:
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["cat"], stdin=True)
+        await c["in"].write(b"hello ")  # before start: queued in the pipe
+        await client.call("start", container=c["id"])
+        await c["in"].write(b"world\n")
+        assert await c["out"].read(100) in (b"hello world\n", b"hello ")
+        await c["in"].close_write()
+        ev = await exit_event(client, c["id"])
+        assert ev["exit_status"] == 0
+        await client.call("delete", container=c["id"])
+
+    run(agent, scenario)
+
+
+def test_close_stdin_op(agent: Agent) -> None:
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sh", "-c", "cat; echo done"], stdin=True)
+        await client.call("start", container=c["id"])
+        await c["in"].write(b"x\n")
+        await client.call("close_stdin", container=c["id"])
+        assert (await exit_event(client, c["id"]))["exit_status"] == 0
+        assert await c["out"].read_all() == b"x\ndone\n"
+        await client.call("delete", container=c["id"])
+
+    run(agent, scenario)
+
+
+def test_exec_kill_pause_pids(agent: Agent) -> None:
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sleep", "1000"])
+        cid_ = c["id"]
+        try:
+            await client.call("start", container=cid_)
+            eout, eerr = client.open_channel(), client.open_channel()
+            process = {"args": ["sh", "-c", "echo in-exec; echo e >&2; exit 5"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}
+            await client.call("exec", container=cid_, exec="e1", process=process, terminal=False, stdin=0, stdout=eout.number, stderr=eerr.number)
+            assert (await client.call("state", container=cid_, exec="e1"))["status"] == "created"
+            with pytest.raises(protocol.AlreadyExists):
+                await client.call("exec", container=cid_, exec="e1", process=process, terminal=False)
+            epid = (await client.call("start", container=cid_, exec="e1"))["pid"]
+            ev = await exit_event(client, cid_, "e1")
+            assert ev["exit_status"] == 5 and ev["pid"] == epid
+            assert await eout.read_all() == b"in-exec\n" and await eerr.read_all() == b"e\n"
+            with pytest.raises(protocol.NotFound):
+                await client.call("kill", container=cid_, exec="e1", signal=9)
+            assert (await client.call("delete", container=cid_, exec="e1"))["exit_status"] == 5
+
+            # a long-running exec shows up in pids
+            await client.call("exec", container=cid_, exec="e2", process={**process, "args": ["sleep", "1000"]}, terminal=False)
+            e2 = (await client.call("start", container=cid_, exec="e2"))["pid"]
+            procs = (await client.call("pids", container=cid_))["processes"]
+            assert {"pid": c["pid"], "exec": ""} in procs and {"pid": e2, "exec": "e2"} in procs
+            with pytest.raises(protocol.FailedPrecondition):
+                await client.call("delete", container=cid_, exec="e2")
+
+            await client.call("pause", container=cid_)
+            assert (await client.call("state", container=cid_))["status"] == "paused"
+            await client.call("resume", container=cid_)
+            assert (await client.call("state", container=cid_))["status"] == "running"
+
+            stats = await client.call("stats", container=cid_)
+            assert "memory" in stats or "pids" in stats, stats
+
+            with pytest.raises(protocol.FailedPrecondition):
+                await client.call("delete", container=cid_)
+            await client.call("kill", container=cid_, signal=9)
+            ev = await exit_event(client, cid_)
+            assert ev["exit_status"] == 137
+            await client.call("delete", container=cid_)
+            assert not (agent.runc_root / cid_).exists()
+        except BaseException:
+            await _best_effort_finish(client, cid_)
+            raise
+
+    run(agent, scenario)
+
+
+async def _best_effort_finish(client: AgentClient, container: str) -> None:
+    try:
+        await asyncio.wait_for(finish(client, container), 10)
+    except Exception:
+        pass  # the fixture's teardown force-deletes
+
+
+def test_terminal(agent: Agent) -> None:
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sh", "-c", "tty; stty size; echo hi"], terminal=True)
+        await client.call("resize_pty", container=c["id"], width=100, height=30)
+        await client.call("start", container=c["id"])
+        ev = await exit_event(client, c["id"])
+        out = await c["out"].read_all()
+        assert ev["exit_status"] == 0
+        assert b"/dev/pts/" in out and b"hi" in out, out
+        await client.call("delete", container=c["id"])
+
+    run(agent, scenario)
+
+
+def test_layers_two_lowers_and_upper(agent: Agent) -> None:
+    async def scenario(client: AgentClient) -> None:
+        c = cid()
+        bundle, rootfs = agent.bundle(c, ["sh", "-c", "cat /extra/x; echo written > /new; rm /extra/x"])
+        top = agent.layers / c / "top"
+        (top / "extra").mkdir(parents=True)
+        (top / "extra" / "x").write_text("from top\n")
+        rootfs["lowers"] = [str(top)] + rootfs["lowers"]  # nearest first
+        out = client.open_channel()
+        await client.call("create", container=c, bundle=str(bundle), rootfs=rootfs, terminal=False, stdout=out.number)
+        assert _mounts_below(str(bundle)) == [str(bundle / "rootfs")]
+        await client.call("start", container=c)
+        assert (await exit_event(client, c))["exit_status"] == 0
+        assert await out.read_all() == b"from top\n"
+        upper = Path(rootfs["upper"])
+        assert (upper / "new").read_text() == "written\n"
+        assert (top / "extra" / "x").exists()  # lower untouched; whiteout in upper
+        await client.call("delete", container=c)
+        assert not _mounts_below(str(bundle))
+        assert not (agent.runc_root / c).exists()
+
+    run(agent, scenario)
+
+
+def test_mounts_kind_bind_and_none(agent: Agent) -> None:
+    async def scenario(client: AgentClient) -> None:
+        # kind "mounts": a read-only bind of the image rootfs
+        c = cid()
+        bundle, _ = agent.bundle(c, ["sh", "-c", "echo ok; touch /x 2>/dev/null && echo writable || echo readonly"])
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["root"]["readonly"] = False
+        out = client.open_channel()
+        rootfs = {"kind": "mounts", "mounts": [{"type": "bind", "source": str(agent.image / "rootfs"), "options": ["rbind", "ro"]}]}
+        await client.call("create", container=c, bundle=str(bundle), rootfs=rootfs, spec=spec, terminal=False, stdout=out.number)
+        await client.call("start", container=c)
+        assert (await exit_event(client, c))["exit_status"] == 0
+        assert await out.read_all() == b"ok\nreadonly\n"
+        await client.call("delete", container=c)
+        assert not _mounts_below(str(bundle))
+
+        # kind "none": the bundle's rootfs is already there
+        c2 = cid()
+        bundle2, _ = agent.bundle(c2, ["echo", "none"])
+        shutil.copytree(agent.image / "rootfs", bundle2 / "rootfs", symlinks=True)
+        out2 = client.open_channel()
+        await client.call("create", container=c2, bundle=str(bundle2), rootfs={"kind": "none"}, terminal=False, stdout=out2.number)
+        await client.call("start", container=c2)
+        assert (await exit_event(client, c2))["exit_status"] == 0
+        assert await out2.read_all() == b"none\n"
+        await client.call("delete", container=c2)
+
+    run(agent, scenario)
+
+
+def test_kill_created_and_delete_created(agent: Agent) -> None:
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["true"])
+        deleted = await client.call("delete", container=c["id"])  # never started
+        assert deleted["pid"] == c["pid"]
+        assert not _mounts_below(str(c["bundle"]))
+        c2 = await create(client, agent, ["true"])
+        await client.call("kill", container=c2["id"], signal=9)
+        assert (await exit_event(client, c2["id"]))["exit_status"] == 137
+        with pytest.raises(protocol.FailedPrecondition):
+            await client.call("start", container=c2["id"])
+        await client.call("delete", container=c2["id"])
+
+    run(agent, scenario)
+
+
+def test_bad_requests(agent: Agent, tmp_path: Path) -> None:
+    async def scenario(client: AgentClient) -> None:
+        with pytest.raises(protocol.NotFound):
+            await client.call("state", container="no-such-container")
+        with pytest.raises(protocol.InvalidArgument):
+            await client.call("state", container="../etc")
+        with pytest.raises(protocol.InvalidArgument):
+            await client.call("create", container="-bad", bundle=str(agent.bundles / "x"), rootfs={"kind": "none"})
+        outside = tmp_path / "bundle"
+        outside.mkdir()
+        with pytest.raises(protocol.InvalidArgument):
+            await client.call("create", container=cid(), bundle=str(outside), rootfs={"kind": "none"})
+        link = agent.bundles / "escape"
+        link.symlink_to(outside)
+        with pytest.raises(protocol.InvalidArgument):
+            await client.call("create", container=cid(), bundle=str(link), rootfs={"kind": "none"})
+        c = cid()
+        bundle, rootfs = agent.bundle(c, ["true"])
+        with pytest.raises(protocol.InvalidArgument):
+            await client.call("create", container=c, bundle=str(bundle), rootfs={**rootfs, "lowers": ["/etc"]})
+        with pytest.raises(protocol.InvalidArgument):
+            await client.call("create", container=c, bundle=str(bundle), rootfs={**rootfs, "upper": "/tmp"})
+        # a failed runc create leaves nothing mounted and no container behind
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["process"]["args"] = ["/no/such/binary"]
+        with pytest.raises(protocol.AgentError, match="no/such/binary"):
+            await client.call("create", container=c, bundle=str(bundle), rootfs=rootfs, spec=spec)
+        assert not _mounts_below(str(bundle))
+        with pytest.raises(protocol.NotFound):
+            await client.call("state", container=c)
+        with pytest.raises(protocol.Unimplemented):
+            await client.call("checkpoint", container=c)
+        with pytest.raises(protocol.FailedPrecondition):
+            await client.call("hello", version=1)
+
+    run(agent, scenario)
+
+
+def test_request_before_hello(agent: Agent) -> None:
+    async def main() -> None:
+        client = await AgentClient.connect_socket(agent.sock)
+        with pytest.raises(protocol.FailedPrecondition):
+            await client.call("state", container="x")
+        with pytest.raises(protocol.Unavailable):  # the agent closed the connection
+            await client.next_event(5)
+        await client.close()
+
+    asyncio.run(main())
+    agent.proc.wait(5)  # --fd only and no containers: the agent is done
+    assert agent.proc.returncode == 0
+
+
+def test_reconnect_sees_running_container(listening_agent: Agent) -> None:
+    agent = listening_agent
+    state: dict[str, Any] = {}
+
+    async def first(client: AgentClient) -> None:
+        c = await create(client, agent, ["sh", "-c", "read x; echo got $x; exit 4"], stdin=True)
+        await client.call("start", container=c["id"])
+        state.update(id=c["id"], pid=c["pid"], stdin=c["in"].number)
+
+    async def second() -> None:
+        assert agent.sock_path
+        client = await AgentClient.connect_unix(agent.sock_path)
+        try:
+            info = await client.hello()
+            assert info["version"] == 1 and info["agent_pid"] == agent.proc.pid
+            st = await client.call("state", container=state["id"])
+            assert st["status"] == "running" and st["pid"] == state["pid"]
+            # a second client while this one is connected is refused
+            other = await AgentClient.connect_unix(agent.sock_path)
+            with pytest.raises(protocol.Unavailable):
+                await other.hello()
+            await other.close()
+            # the process's stdin channel still works from the new connection
+            inp = client.open_channel(state["stdin"])
+            await inp.write(b"again\n")
+            ev = await exit_event(client, state["id"])
+            assert ev["exit_status"] == 4
+            await client.call("delete", container=state["id"])
+            await client.call("shutdown")
+        finally:
+            await client.close()
+
+    run(agent, first)  # the client disconnects with the container running
+    asyncio.run(second())
+    agent.proc.wait(5)
+    assert agent.proc.returncode == 0
