@@ -184,7 +184,9 @@ class Supervisor:
             _write_json(os.path.join(bundle, "config.json"), spec)
         else:
             spec = _read_spec(bundle)
-        process = spec.get("process") if isinstance(spec.get("process"), dict) else {}
+        process = spec.get("process")
+        if not isinstance(process, dict):
+            raise protocol.InvalidArgument("the spec has no process object")
         if bool(process.get("terminal", False)) != terminal:
             raise protocol.InvalidArgument(
                 f"terminal={terminal} but the spec's process.terminal is {bool(process.get('terminal'))}"
@@ -234,8 +236,7 @@ class Supervisor:
         console = stdio.socket_path if isinstance(stdio, ConsoleStdio) else None
         with self.reaper.collect():
             spawned = spawn(stdio.child_fds(), console)
-            if isinstance(stdio, PipeStdio):
-                stdio.close_child_ends()
+            stdio.close_child_ends()
             receiving = asyncio.ensure_future(stdio.receive_master()) if isinstance(stdio, ConsoleStdio) else None
             try:
                 result = await spawned.result()
@@ -399,6 +400,7 @@ class Supervisor:
             p.close()
             self.release_stdin(p.stdio.stdin_ch)
             del c.execs[p.exec_id]
+            _unlink(os.path.join(c.bundle, f".exec-{p.exec_id}.log.json"))
             return p.exit_fields()
         if p.status == CREATED:
             # never started: runc delete --force kills the init waiting in runc's exec fifo; that

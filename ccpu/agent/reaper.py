@@ -184,9 +184,9 @@ def spawn(
         pid = os.posix_spawn(argv[0], list(argv), env if env is not None else dict(os.environ), file_actions=actions)
         fut = reaper.wait(pid)  # same loop step as the spawn: the exit cannot be missed
     except BaseException:
-        for fd in keep:
-            if fd is not None:
-                os.close(fd)
+        for kept in keep:
+            if kept is not None:
+                os.close(kept)
         raise
     finally:
         for fd in opened:
@@ -213,8 +213,9 @@ def ensure_stdio_open() -> None:
                 os.close(nfd)
 
 
-async def run(reaper: Reaper, argv: Sequence[str], **kw: int) -> Result:
-    return await spawn(reaper, argv, **kw).result()
+async def run(reaper: Reaper, argv: Sequence[str], *, stdin: int = DEVNULL) -> Result:
+    """Run `argv` to completion, capturing stdout and stderr."""
+    return await spawn(reaper, argv, stdin=stdin).result()
 
 
 def fork_call(reaper: Reaper, fn: Callable[[], int]) -> asyncio.Future[int]:
@@ -232,6 +233,12 @@ def fork_call(reaper: Reaper, fn: Callable[[], int]) -> asyncio.Future[int]:
         finally:
             os._exit(code)
     return reaper.wait(pid)
+
+
+def wake(fut: asyncio.Future[None]) -> None:
+    """Reader/writer callback: resolve `fut` once (the callback may fire again before removal)."""
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def read_all(fd: int) -> bytes:
@@ -262,7 +269,7 @@ async def read_some(fd: int, size: int = 65536) -> bytes:
                 return b""
             raise
         fut: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        loop.add_reader(fd, wake, fut)
         try:
             await fut
         finally:
@@ -281,7 +288,7 @@ async def write_all(fd: int, data: bytes) -> None:
         except BlockingIOError:
             pass
         fut: asyncio.Future[None] = loop.create_future()
-        loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        loop.add_writer(fd, wake, fut)
         try:
             await fut
         finally:

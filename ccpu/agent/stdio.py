@@ -23,7 +23,7 @@ import termios
 from collections.abc import Awaitable
 from typing import Protocol
 
-from .reaper import DEVNULL, read_some, write_all
+from .reaper import DEVNULL, read_some, wake, write_all
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,13 @@ class Stdio:
     def release(self) -> None:
         """Close fds held for a process that was never started (nothing here)."""
 
+    def child_fds(self) -> tuple[int, int, int]:
+        """What runc gets as fds 0-2."""
+        return DEVNULL, DEVNULL, DEVNULL
+
+    def close_child_ends(self) -> None:
+        """Drop our copies of the child's fds once runc was spawned (nothing here)."""
+
     def start(self, outbox: Outbox) -> None:
         """Begin relaying (nothing to relay here)."""
 
@@ -209,9 +216,6 @@ class ConsoleStdio(Stdio):
         self._sock.setblocking(False)
         self.master: int | None = None
 
-    def child_fds(self) -> tuple[int, int, int]:
-        return DEVNULL, DEVNULL, DEVNULL
-
     async def receive_master(self) -> int:
         """Accept runc's connection and take the pty master it sends (SCM_RIGHTS)."""
         loop = asyncio.get_running_loop()
@@ -224,7 +228,7 @@ class ConsoleStdio(Stdio):
                     break
                 except BlockingIOError:
                     fut: asyncio.Future[None] = loop.create_future()
-                    loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
+                    loop.add_reader(conn.fileno(), wake, fut)
                     try:
                         await fut
                     finally:

@@ -226,6 +226,19 @@ def test_output_then_exit_status(agent: Agent) -> None:
     run(agent, scenario)
 
 
+def test_large_output_is_complete_before_exit(agent: Agent) -> None:
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sh", "-c", "head -c 3000000 /dev/zero; echo tail >&2"])
+        await client.call("start", container=c["id"])
+        ev = await exit_event(client, c["id"])
+        assert ev["exit_status"] == 0 and c["out"].closed_by_agent
+        assert len(await c["out"].read_all()) == 3000000
+        assert await c["err"].read_all() == b"tail\n"
+        await client.call("delete", container=c["id"])
+
+    run(agent, scenario)
+
+
 def test_stdin_cat(agent: Agent) -> None:
     async def scenario(client: AgentClient) -> None:
         c = await create(client, agent, ["cat"], stdin=True)
@@ -313,13 +326,23 @@ async def _best_effort_finish(client: AgentClient, container: str) -> None:
 
 def test_terminal(agent: Agent) -> None:
     async def scenario(client: AgentClient) -> None:
-        c = await create(client, agent, ["sh", "-c", "tty; stty size; echo hi"], terminal=True)
+        c = await create(client, agent, ["sh", "-c", "tty; stty size; read x; echo got $x"], terminal=True, stdin=True)
         await client.call("resize_pty", container=c["id"], width=100, height=30)
         await client.call("start", container=c["id"])
+        # an exec with its own terminal while the init waits for input
+        eout = client.open_channel()
+        process = {"args": ["sh", "-c", "tty; echo exec-hi"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}
+        await client.call("exec", container=c["id"], exec="t1", process=process, terminal=True, stdout=eout.number)
+        await client.call("start", container=c["id"], exec="t1")
+        assert (await exit_event(client, c["id"], "t1"))["exit_status"] == 0
+        eo = await eout.read_all()
+        assert b"/dev/pts/" in eo and b"exec-hi" in eo, eo
+        await client.call("delete", container=c["id"], exec="t1")
+        await c["in"].write(b"abc\r")
         ev = await exit_event(client, c["id"])
         out = await c["out"].read_all()
         assert ev["exit_status"] == 0
-        assert b"/dev/pts/" in out and b"hi" in out, out
+        assert b"/dev/pts/" in out and b"30 100" in out and b"got abc" in out, out
         await client.call("delete", container=c["id"])
 
     run(agent, scenario)
