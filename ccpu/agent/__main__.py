@@ -1,7 +1,8 @@
 """`python3 -m ccpu.agent`: the fractal agent's command line.
 
     python3 -m ccpu.agent [--fd N] [--listen unix:PATH] --runc-root DIR [--runc PATH]
-                          --bundle-root DIR... --layer-root DIR... [--debug] [--log FILE]
+                          --bundle-root DIR... --layer-root DIR... [--drain-timeout S]
+                          [--debug] [--log FILE]
 
 `--fd N`: serve the connected stream on fd N (a socketpair end from the shim, or a virtio-serial
 port); `--listen unix:PATH`: accept connections on a unix socket (one client at a time; a new
@@ -39,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runc", default="runc", help="runc binary (default: runc on PATH)")
     p.add_argument("--bundle-root", action="append", default=[], required=True, help="bundles must be below this (repeatable)")
     p.add_argument("--layer-root", action="append", default=[], help="layer/mount dirs must be below this (repeatable)")
+    p.add_argument(
+        "--drain-timeout", type=float, default=5.0,
+        help="seconds an exited process's output may take to reach EOF (default 5)",
+    )  # fmt: skip
     p.add_argument("--debug", action="store_true")
     p.add_argument("--log", help="log file (default: stderr)")
     ns = p.parse_args(argv)
@@ -73,7 +78,9 @@ async def amain(ns: argparse.Namespace) -> int:
     reaper.start(loop)
     os.makedirs(ns.runc_root, mode=0o700, exist_ok=True)
     outbox = Outbox()
-    sup = Supervisor(Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root)
+    sup = Supervisor(
+        Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root, ns.drain_timeout
+    )
     server = Server(sup, outbox)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

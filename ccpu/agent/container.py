@@ -91,8 +91,10 @@ class Supervisor:
         events: Events,
         bundle_roots: Sequence[str],
         layer_roots: Sequence[str],
+        drain_timeout: float = DRAIN_TIMEOUT,
     ) -> None:
         self.runc = runc
+        self.drain_timeout = drain_timeout
         self.reaper = reaper
         self.events = events
         self.bundle_roots = list(bundle_roots)
@@ -224,7 +226,7 @@ class Supervisor:
         self.containers[cid] = c
         if c.kill_all_on_exit:
             exited.add_done_callback(lambda _f: asyncio.ensure_future(self._kill_all_quietly(cid)))
-        init.watch(pid, exited, self.events)
+        init.watch(pid, exited, self.events, self.drain_timeout)
         stdio.start(self.events)
         return {"pid": pid}
 
@@ -298,7 +300,7 @@ class Supervisor:
             _unlink(process_file, pid_file)
         p.stdio = stdio
         p.status = RUNNING
-        p.watch(pid, exited, self.events)
+        p.watch(pid, exited, self.events, self.drain_timeout)
         stdio.start(self.events)
         return {"pid": pid}
 
@@ -425,9 +427,8 @@ class Supervisor:
         _unlink(os.path.join(c.bundle, "init.pid"))
         return p.exit_fields()
 
-    @staticmethod
-    async def _reported(p: Process) -> None:
+    async def _reported(self, p: Process) -> None:
         """Let a stopped process's exit event go out before the delete's response."""
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(p.reported.wait(), DRAIN_TIMEOUT + 1)
+            await asyncio.wait_for(p.reported.wait(), self.drain_timeout + 1)
 

@@ -65,18 +65,18 @@ class Process:
     def running(self) -> bool:
         return self.status in (RUNNING, PAUSED)
 
-    def watch(self, pid: int, exited: asyncio.Future[int], events: Events) -> None:
+    def watch(self, pid: int, exited: asyncio.Future[int], events: Events, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         """Follow `pid` (now started) until it exits and report that exit."""
         self.pid = pid
-        self._watch = asyncio.ensure_future(self._follow(exited, events))
+        self._watch = asyncio.ensure_future(self._follow(exited, events, drain_timeout))
 
-    async def _follow(self, exited: asyncio.Future[int], events: Events) -> None:
+    async def _follow(self, exited: asyncio.Future[int], events: Events, drain_timeout: float) -> None:
         try:
             code = await exited
         except asyncio.CancelledError:
             return
         self.set_exited(code)
-        await self.stdio.drain(DRAIN_TIMEOUT)
+        await self.stdio.drain(drain_timeout)
         await self.start_answered.wait()
         for ch in self.stdio.output_channels():
             events.close(ch)

@@ -81,7 +81,7 @@ class Agent:
             sys.executable, "-m", "ccpu.agent", "--fd", str(child.fileno()),
             "--runc-root", str(self.runc_root), "--runc", RUNC,
             "--bundle-root", str(self.bundles), "--layer-root", str(self.layers),
-            "--layer-root", str(image), "--debug", "--log", str(self.log),
+            "--layer-root", str(image), "--debug", "--log", str(self.log), "--drain-timeout", "1",
         ]  # fmt: skip
         if self.sock_path:
             argv += ["--listen", f"unix:{self.sock_path}"]
@@ -254,6 +254,27 @@ def test_stdin_cat(agent: Agent) -> None:
     run(agent, scenario)
 
 
+def test_exec_with_a_background_child_holding_stdout(agent: Agent) -> None:
+    """The exec's exit is reported after the drain timeout even though its stdout never hits EOF."""
+
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sleep", "1000"])
+        try:
+            await client.call("start", container=c["id"])
+            out = client.open_channel()
+            process = {"args": ["sh", "-c", "sleep 1000 & echo bg"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}
+            await client.call("exec", container=c["id"], exec="bg", process=process, terminal=False, stdout=out.number)
+            await client.call("start", container=c["id"], exec="bg")
+            t0 = time.monotonic()
+            ev = await exit_event(client, c["id"], "bg")
+            assert ev["exit_status"] == 0 and 0.5 < time.monotonic() - t0 < 5
+            assert out.closed_by_agent and await out.read_all() == b"bg\n"
+        finally:
+            await _best_effort_finish(client, c["id"])
+
+    run(agent, scenario)
+
+
 def test_close_stdin_op(agent: Agent) -> None:
     async def scenario(client: AgentClient) -> None:
         c = await create(client, agent, ["sh", "-c", "cat; echo done"], stdin=True)
@@ -368,6 +389,33 @@ def test_layers_two_lowers_and_upper(agent: Agent) -> None:
         await client.call("delete", container=c)
         assert not _mounts_below(str(bundle))
         assert not (agent.runc_root / c).exists()
+
+    run(agent, scenario)
+
+
+def test_layers_longer_than_a_page(agent: Agent) -> None:
+    """120 lower dirs: the overlay options exceed a page and are mounted relative to their parent."""
+
+    async def scenario(client: AgentClient) -> None:
+        c = cid()
+        bundle, rootfs = agent.bundle(c, ["sh", "-c", "cat /layer-7 /layer-100"])
+        stack = agent.layers / c / "stack-with-a-rather-long-directory-name"
+        shutil.copytree(agent.image / "rootfs", stack / "base", symlinks=True)
+        lowers = []
+        for i in range(120):
+            d = stack / f"layer-number-{i:04d}"
+            d.mkdir()
+            (d / f"layer-{i}").write_text(f"{i}\n")
+            lowers.append(str(d))
+        rootfs["lowers"] = lowers[::-1] + [str(stack / "base")]
+        assert len(":".join(rootfs["lowers"])) > 4096
+        out = client.open_channel()
+        await client.call("create", container=c, bundle=str(bundle), rootfs=rootfs, terminal=False, stdout=out.number)
+        await client.call("start", container=c)
+        assert (await exit_event(client, c))["exit_status"] == 0
+        assert await out.read_all() == b"7\n100\n"
+        await client.call("delete", container=c)
+        assert not _mounts_below(str(bundle))
 
     run(agent, scenario)
 
@@ -487,6 +535,8 @@ def test_reconnect_sees_running_container(listening_agent: Agent) -> None:
             assert info["version"] == 1 and info["agent_pid"] == agent.proc.pid
             st = await client.call("state", container=state["id"])
             assert st["status"] == "running" and st["pid"] == state["pid"]
+            with pytest.raises(protocol.FailedPrecondition):
+                await client.call("shutdown")  # containers exist
             # a second client while this one is connected is refused
             other = await AgentClient.connect_unix(agent.sock_path)
             with pytest.raises(protocol.Unavailable):
