@@ -48,6 +48,21 @@ def _setup_logging(bundle: str, namespace: str, group: str, debug: bool) -> None
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def layer_roots(repo_root: str, bundle: str) -> list[str]:
+    """Dirs the agent may mount layers from: the fractal repo, and containerd's root (where
+    its own snapshotters, e.g. overlayfs, keep theirs).  containerd's root is found through the
+    bundle's ``work`` link (<root>/io.containerd.runtime.v2.task/<ns>/<id>)."""
+    roots = [repo_root]
+    try:
+        work = os.path.realpath(os.path.join(bundle, "work"))
+        if os.path.basename(os.path.dirname(os.path.dirname(work))) == \
+                "io.containerd.runtime.v2.task":
+            roots.append(os.path.dirname(os.path.dirname(os.path.dirname(work))))
+    except OSError:
+        pass
+    return roots
+
+
 class Daemon:
     def __init__(self, opts) -> None:  # noqa: ANN001
         self.opts = opts
@@ -76,7 +91,7 @@ class Daemon:
         bundle_root = os.path.dirname(os.path.realpath(self.opts.bundle))
         self.sandbox = HostSandbox(
             reaper=self.reaper, runc_root=addr.runc_root(self.namespace),
-            bundle_root=bundle_root, layer_root=repo_root)
+            bundle_root=bundle_root, layer_roots=layer_roots(repo_root, self.opts.bundle))
         self.service = TaskService(
             self.sandbox, self.publisher.publish, self.namespace, repo_root=repo_root,
             request_exit=self.request_exit, on_change=self.write_record)
@@ -85,6 +100,11 @@ class Daemon:
 
         self.server = Server()
         self.server.register(SERVICE, self.service.methods())
+        try:
+            st = os.stat(self.opts.socket)
+            self.socket_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            self.socket_id = None
         await self.server.serve_fd(int(self.opts.listen_fd))
         log.info("serving %s for group %s (first container %s)", self.opts.socket, self.group,
                  self.opts.id)
@@ -111,6 +131,15 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - informational only
             log.debug("sandbox record: %s", exc)
 
+    def _remove_socket(self) -> None:
+        """Remove our socket file, unless a successor's socket replaced it meanwhile."""
+        try:
+            st = os.stat(self.opts.socket)
+            if self.socket_id == (st.st_dev, st.st_ino):
+                os.unlink(self.opts.socket)
+        except OSError:
+            pass
+
     def request_exit(self) -> None:
         self.exit_requested = True
         self.stop_event.set()
@@ -131,6 +160,7 @@ class Daemon:
             log.exception("sandbox stop failed")
         await self.publisher.close()
         await self.server.shutdown(grace=1.0)
+        self._remove_socket()
         try:
             from ccpu import sandboxes
 

@@ -20,6 +20,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,14 +67,14 @@ class HostSandbox(Sandbox):
 
     mode = "host"
 
-    def __init__(self, *, reaper: Any, runc_root: str, bundle_root: str, layer_root: str,
+    def __init__(self, *, reaper: Any, runc_root: str, bundle_root: str, layer_roots: list[str],
                  python: str = sys.executable, extra_args: list[str] | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None,
                  ready_timeout: float = 30.0) -> None:
         self.reaper = reaper
         self.runc_root = runc_root
         self.bundle_root = bundle_root
-        self.layer_root = layer_root
+        self.layer_roots = list(layer_roots)
         self.python = python
         self.extra_args = list(extra_args or [])
         self.on_event = on_event
@@ -86,9 +87,10 @@ class HostSandbox(Sandbox):
         self._stopping = False
 
     def command(self, fd: int) -> list[str]:
-        return [self.python, "-m", "ccpu.agent", "--fd", str(fd),
+        runc = shutil.which("runc") or "runc"  # an absolute path: the agent does not search PATH
+        return [self.python, "-m", "ccpu.agent", "--fd", str(fd), "--runc", runc,
                 "--runc-root", self.runc_root, "--bundle-root", self.bundle_root,
-                "--layer-root", self.layer_root, *self.extra_args]
+                *[a for r in self.layer_roots for a in ("--layer-root", r)], *self.extra_args]
 
     async def start(self) -> None:
         if self._ready is None:
@@ -167,4 +169,4 @@ class HostSandbox(Sandbox):
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "agent_pid": self.pid, "runc_root": self.runc_root,
-                "bundle_root": self.bundle_root, "layer_root": self.layer_root}
+                "bundle_root": self.bundle_root, "layer_roots": self.layer_roots}

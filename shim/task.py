@@ -203,7 +203,6 @@ class TaskService:
             self.tasks.remove(req.id)
             raise
         proc.pid = int(result.get("pid", 0))
-        proc.io.start_stdin()
         log.info("created %s (pid %d, rootfs %s)", req.id, proc.pid, rootfs["kind"])
         self.on_change()
         self.publish(ev.TaskCreate(
@@ -222,6 +221,9 @@ class TaskService:
             result = await self._call("start", {"container": req.id,
                                                 **self._exec_arg(req.exec_id)})
             proc.mark_running(int(result.get("pid", 0)))
+            # stdin flows once the process exists: the FIFO holds what comes earlier
+            if proc.io is not None:
+                proc.io.start_stdin()
             if proc.is_init:
                 self.publish(ev.TaskStart(container_id=req.id, pid=proc.pid))
             else:
@@ -336,7 +338,6 @@ class TaskService:
                 proc.io.close()
             c.execs.pop(req.exec_id, None)
             raise
-        proc.io.start_stdin()
         self.publish(ev.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
         return empty_pb2.Empty()
 

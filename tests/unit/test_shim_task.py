@@ -244,13 +244,15 @@ def test_stdio_fifos_and_exit_after_output(svc, tmp_path) -> None:  # noqa: ANN0
         assert (args["stdin"], args["stdout"], args["stderr"]) == (1, 3, 5)
         in_w = os.open(paths["in"], os.O_WRONLY)
         os.write(in_w, b"hello")
+        await asyncio.sleep(0.05)
+        assert 1 not in agent.received  # stdin flows only once the process started
+        await s.Start(pb.StartRequest(id="c1"), CTX)
         os.close(in_w)
         for _ in range(100):
             if 1 in agent.closed:
                 break
             await asyncio.sleep(0.01)
         assert bytes(agent.received[1]) == b"hello" and 1 in agent.closed
-        await s.Start(pb.StartRequest(id="c1"), CTX)
         waiter = asyncio.create_task(s.Wait(pb.WaitRequest(id="c1"), CTX))
         agent.output(3, b"out1 ")
         s.on_agent_event({"event": "exit", "container": "c1", "pid": 1, "exit_status": 0,

