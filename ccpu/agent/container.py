@@ -201,7 +201,6 @@ class Supervisor:
 
         mounted = await mounts.mount_all(self.reaper, plan, rootfs)
         stdio: Stdio | None = None
-        created = False
         try:
             stdio = self._stdio(terminal, stdin, stdout, stderr)
             pid, exited = await self._run_runc(
@@ -211,15 +210,19 @@ class Supervisor:
                 log_file,
                 pid_file,
             )
-            created = True
-        except BaseException:
+        except BaseException as e:
             if stdio is not None:
                 stdio.release()
             self.release_stdin(stdin)
-            if created:
+            # runc may have got as far as creating it (e.g. the console never came); but an id
+            # runc already knew is someone else's container: leave that one alone
+            if not isinstance(e, protocol.AlreadyExists):
                 with contextlib.suppress(Exception):
                     await self.runc.delete(cid, force=True)
-            mounts.unmount(rootfs, mounted)
+            try:
+                mounts.unmount(rootfs, mounted)
+            except OSError as ue:
+                log.error("create %s failed and its rootfs stays mounted: %s", cid, ue)
             raise
         init = Process(cid, "", stdio)
         c = Container(cid, bundle, init, rootfs, mounted, kill_all_on_exit=not _has_pid_namespace(spec))
