@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hack.containerd_env import CommandError, FractalEnv, mounts_under
+from hack.containerd_env import FractalEnv, mounts_under
+from shim import address as addr
 
 RUNTIME = "io.containerd.fractal.v1"
 
@@ -205,3 +206,56 @@ def test_overlayfs_snapshotter(fenv: FractalEnv, namespace: str, registry) -> No
     r = fenv.run(ref, "ovl", "sh", "-c", "echo via-overlayfs", namespace=namespace,
                  runtime=RUNTIME, snapshotter="overlayfs")
     assert r.stdout == "via-overlayfs\n"
+
+
+def test_containerd_restart_keeps_tasks(fenv: FractalEnv, namespace: str, image: str) -> None:
+    start_detached(fenv, namespace, image, "survivor", "sleep", "300")
+    shims = shim_pids(fenv)
+    try:
+        fenv.containerd.restart()
+        wait_for(lambda: task_status(fenv, namespace, "survivor") == "RUNNING",
+                 what="task listed after restart")
+        assert shim_pids(fenv) == shims
+        r = fenv.ctr("tasks", "exec", "--exec-id", "after", "survivor", "echo", "ok",
+                     namespace=namespace)
+        assert r.stdout == "ok\n"
+        fenv.ctr("tasks", "kill", "-s", "SIGKILL", "survivor", namespace=namespace)
+        wait_for(lambda: task_status(fenv, namespace, "survivor") == "STOPPED", what="stopped")
+        fenv.ctr("tasks", "delete", "survivor", namespace=namespace)
+    finally:
+        remove(fenv, namespace, "survivor")
+    assert not mounts_under(bundle(fenv, namespace, "survivor"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return st[st.rindex(")") + 2:].split()[0] != "Z"
+
+
+def test_shim_kill9_cleans_up(fenv: FractalEnv, namespace: str, image: str) -> None:
+    before = set(shim_pids(fenv))
+    start_detached(fenv, namespace, image, "doomed", "sleep", "300")
+    (shim,) = set(shim_pids(fenv)) - before
+    agent = [p for p in children(shim) if b"ccpu.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    st = fenv.ctr("tasks", "ls", namespace=namespace).stdout
+    task_pid = int([line.split()[1] for line in st.splitlines() if line.startswith("doomed")][0])
+    rootfs = bundle(fenv, namespace, "doomed") / "rootfs"
+    assert mounts_under(rootfs)
+    os.kill(shim, signal.SIGKILL)
+    try:
+        wait_for(lambda: not _alive(shim) and not any(_alive(p) for p in agent),
+                 what="shim and agent gone")
+        # containerd notices the lost shim and runs `delete`: task gone, processes killed,
+        # rootfs unmounted (the task may leave `ctr tasks ls` before `delete` has finished)
+        wait_for(lambda: task_status(fenv, namespace, "doomed") == "", what="task cleaned up")
+        wait_for(lambda: not _alive(task_pid), what="container process killed")
+        wait_for(lambda: not mounts_under(rootfs), what="rootfs unmounted")
+        sock = Path(addr.strip_scheme((bundle(fenv, namespace, "doomed") / "address").read_text()))
+        wait_for(lambda: not sock.exists(), what="stale shim socket removed")
+    finally:
+        fenv.ctr("tasks", "delete", "-f", "doomed", namespace=namespace, check=False)
+        fenv.ctr("containers", "rm", "doomed", namespace=namespace, check=False)
+    assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
