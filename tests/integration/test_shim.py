@@ -244,6 +244,8 @@ def test_shim_kill9_cleans_up(fenv: FractalEnv, namespace: str, image: str) -> N
     task_pid = int([line.split()[1] for line in st.splitlines() if line.startswith("doomed")][0])
     rootfs = bundle(fenv, namespace, "doomed") / "rootfs"
     assert mounts_under(rootfs)
+    sock = Path(addr.strip_scheme((bundle(fenv, namespace, "doomed") / "address").read_text()))
+    assert sock.is_socket()
     os.kill(shim, signal.SIGKILL)
     try:
         wait_for(lambda: not _alive(shim) and not any(_alive(p) for p in agent),
@@ -253,7 +255,6 @@ def test_shim_kill9_cleans_up(fenv: FractalEnv, namespace: str, image: str) -> N
         wait_for(lambda: task_status(fenv, namespace, "doomed") == "", what="task cleaned up")
         wait_for(lambda: not _alive(task_pid), what="container process killed")
         wait_for(lambda: not mounts_under(rootfs), what="rootfs unmounted")
-        sock = Path(addr.strip_scheme((bundle(fenv, namespace, "doomed") / "address").read_text()))
         wait_for(lambda: not sock.exists(), what="stale shim socket removed")
     finally:
         fenv.ctr("tasks", "delete", "-f", "doomed", namespace=namespace, check=False)
