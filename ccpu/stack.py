@@ -22,7 +22,20 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .repo.model import Mount
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One entry of containerd's mount list (containerd.types.Mount).
+
+    Defined here, not in the repo package, so that the agent can ship this
+    module alone (stdlib only, no SQLite) into a guest.
+    """
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+    target: str = ""
 
 PAGE_SIZE = 4096
 

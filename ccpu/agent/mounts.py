@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import stack
 from . import protocol
 from .reaper import Reaper, fork_call
 
@@ -48,7 +49,6 @@ MS_STRICTATIME = 1 << 24
 MNT_DETACH = 0x2
 
 PAGE_SIZE = 4096
-COMPACT_LIMIT = PAGE_SIZE - 512
 
 # word -> (clear?, flag), as containerd's parseMountOptions
 _FLAGS: dict[str, tuple[bool, int]] = {
@@ -139,24 +139,13 @@ def parse_options(options: Sequence[str]) -> tuple[int, int, str]:
     return flags, propagation, ",".join(data)
 
 
-def compact_lowerdirs(options: Sequence[str], limit: int = COMPACT_LIMIT) -> tuple[str | None, tuple[str, ...]]:
-    """(cwd, options) with lowerdirs relative to their common parent when the options exceed
-    `limit`, as containerd does before mounting (ccpu.stack.compact_lowerdirs is the same rule;
-    it is not imported so the agent ships without the repo package)."""
-    if len(",".join(options)) < limit:
-        return None, tuple(options)
-    idx = next((i for i, o in enumerate(options) if o.startswith("lowerdir=")), None)
-    if idx is None:
-        raise protocol.InvalidArgument("mount options exceed a page and have no lowerdir to shorten")
-    lowers = options[idx][len("lowerdir=") :].split(":")
-    common = os.path.commonpath(lowers) if len(lowers) > 1 else os.path.dirname(lowers[0])
-    if common in lowers:
-        common = os.path.dirname(common)
-    new = list(options)
-    new[idx] = "lowerdir=" + ":".join(os.path.relpath(p, common) for p in lowers)
-    if len(",".join(new)) >= PAGE_SIZE:
-        raise protocol.InvalidArgument(f"{len(lowers)} lower dirs do not fit in one mount")
-    return common, tuple(new)
+def compact_lowerdirs(options: Sequence[str]) -> tuple[str | None, tuple[str, ...]]:
+    """(cwd, options) with lowerdirs relative to their common parent when they exceed a page."""
+    try:
+        plan = stack.compact_lowerdirs(options)
+    except stack.StackError as e:
+        raise protocol.InvalidArgument(str(e)) from None
+    return plan.chdir, plan.options
 
 
 def _overlay_paths(options: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -186,14 +175,14 @@ def plan(rootfs: Any, layer_roots: Sequence[str]) -> list[Mount]:
         if not lowers:
             raise protocol.InvalidArgument("rootfs.lowers is empty")
         lowers = protocol.resolve_all(lowers, layer_roots, "lower dir")
-        if upper is None:
-            if len(lowers) == 1:
-                return [Mount("bind", lowers[0], ("rbind", "ro"))]
-            return [Mount("overlay", "overlay", ("index=off", "lowerdir=" + ":".join(lowers)))]
-        upper = protocol.resolve_inside(upper, layer_roots, "upper dir")
-        work = protocol.resolve_inside(work, layer_roots, "work dir")
-        opts = ("index=off", f"workdir={work}", f"upperdir={upper}", "lowerdir=" + ":".join(lowers))
-        return [Mount("overlay", "overlay", opts)]
+        if upper is not None:
+            upper = protocol.resolve_inside(upper, layer_roots, "upper dir")
+            work = protocol.resolve_inside(work, layer_roots, "work dir")
+        try:  # the same mount shapes the snapshotter hands containerd
+            planned = stack.snapshot_mounts(lowers, upper, work)
+        except stack.StackError as e:
+            raise protocol.InvalidArgument(str(e)) from None
+        return [Mount(m.type, m.source, m.options) for m in planned]
     if kind == "mounts":
         result = []
         for m in protocol.arg_list(rootfs, "mounts"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ..stack import Mount  # noqa: F401  (re-exported: the repo hands out mounts)
+
 
 class Kind(enum.IntEnum):
     """Snapshot kinds, numbered exactly as containerd's Kind enum on the wire."""
@@ -36,16 +38,6 @@ class SnapshotInfo:
 class Usage:
     size: int = 0
     inodes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """One entry of containerd's mount list (containerd.types.Mount)."""
-
-    type: str
-    source: str
-    options: tuple[str, ...] = ()
-    target: str = ""
 
 
 @dataclass(frozen=True, slots=True)
