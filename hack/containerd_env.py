@@ -530,6 +530,9 @@ def shim_sockets_for(address: Path | str) -> list[Path]:
     found: list[Path] = []
     for pid, (_, cmd) in _proc_table().items():
         argv = cmd.split()
+        if "shim.daemon" in argv and str(address) in argv and "-socket" in argv:  # our Python shim daemon
+            found.append(Path(argv[argv.index("-socket") + 1].removeprefix("unix://")))
+            continue
         if not argv or "containerd-shim" not in Path(argv[0]).name or str(address) not in argv:
             continue
         opts = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("-")}

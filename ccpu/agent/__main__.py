@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import shutil
 import socket
 import stat
 import sys
@@ -51,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("one of --fd or --listen is required")
     if ns.listen is not None and not ns.listen.startswith("unix:"):
         p.error("--listen takes unix:PATH")
+    runc = shutil.which(ns.runc)  # processes are posix_spawn'ed: no PATH search later
+    if runc is None:
+        p.error(f"runc binary {ns.runc!r} not found")
+    ns.runc = runc
     return ns
 
 

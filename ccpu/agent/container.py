@@ -140,7 +140,11 @@ class Supervisor:
             q.put(data)
 
     def stdin_close(self, channel: int) -> None:
-        self.release_stdin(channel)
+        """End of input.  The queue stays registered (closed) until the process is deleted:
+        a close that arrives before `start` must still reach the process once it exists."""
+        q = self._stdin.get(channel)
+        if q is not None:
+            q.close()
 
     def _stdio(self, terminal: bool, stdin: int, stdout: int, stderr: int) -> Stdio:
         queue = None

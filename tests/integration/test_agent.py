@@ -308,6 +308,17 @@ def test_exec_kill_pause_pids(agent: Agent) -> None:
                 await client.call("kill", container=cid_, exec="e1", signal=9)
             assert (await client.call("delete", container=cid_, exec="e1"))["exit_status"] == 5
 
+            # stdin written and closed before the exec starts still reaches it (ctr exec < file)
+            ein, eout3 = client.open_channel(), client.open_channel()
+            await client.call("exec", container=cid_, exec="e3", process={**process, "args": ["cat"]},
+                              terminal=False, stdin=ein.number, stdout=eout3.number, stderr=0)
+            await ein.write(b"early input\n")
+            await ein.close_write()
+            await client.call("start", container=cid_, exec="e3")
+            assert (await exit_event(client, cid_, "e3"))["exit_status"] == 0
+            assert await eout3.read_all() == b"early input\n"
+            await client.call("delete", container=cid_, exec="e3")
+
             # a long-running exec shows up in pids
             await client.call("exec", container=cid_, exec="e2", process={**process, "args": ["sleep", "1000"]}, terminal=False)
             e2 = (await client.call("start", container=cid_, exec="e2"))["pid"]
