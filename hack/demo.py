@@ -108,10 +108,22 @@ def _dump_logs_on_failure(env: FractalEnv, failed: list[StepFailed]) -> None:
         print(f"--- last lines of {log} ---\n{tail(log, 20)}", file=sys.stderr)
 
 
-def _fractal_cli(*args: str) -> str:
+FRACTAL_RUNTIME = "io.containerd.fractal.v1"
+
+
+def _delete_when_stopped(env: FractalEnv, cid: str, ns: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while env.ctr("tasks", "delete", cid, namespace=ns, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"task {cid} did not stop")
+        time.sleep(0.1)
+    env.ctr("containers", "delete", cid, namespace=ns)
+
+
+def _fractal_cli(*args: str, env: dict[str, str] | None = None) -> str:
     """Run the `fractal` CLI as a user would (module form: works before console scripts are on PATH)."""
     r = subprocess.run([sys.executable, "-m", "ccpu.cli", *args], capture_output=True, text=True,
-                       cwd=REPO, check=False)
+                       cwd=REPO, check=False, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise RuntimeError(f"fractal {' '.join(args)} failed: {r.stderr.strip()}")
     return r.stdout.rstrip()
@@ -171,9 +183,30 @@ def main(argv: list[str] | None = None) -> int:
                     env.pull(refs[name], namespace=NS1, snapshotter=sn)
                     nar.say(f"layer storage now {human(dir_size(store))}")
 
-            with nar.step(f"ctr run --rm --snapshotter {sn} edge demo1 sh -c ..."):
-                r = env.run(refs["edge"], "demo1", "sh", "-c", RUN_SCRIPT, snapshotter=sn, namespace=NS1)
+            rt = FRACTAL_RUNTIME if sn == "fractal" else None
+            rt_flag = f" --runtime {rt}" if rt else ""
+            with nar.step(f"ctr run --rm{rt_flag} --snapshotter {sn} edge demo1 sh -c ..."):
+                r = env.run(refs["edge"], "demo1", "sh", "-c", RUN_SCRIPT, snapshotter=sn, namespace=NS1, runtime=rt)
                 nar.say(r.stdout)
+                if rt:
+                    nar.say("the fractal shim ran it through the fractal agent (host mode), which stacked the\n"
+                            "repo's layers into the container's overlay itself")
+
+            if rt:
+                with nar.step("two containers in ONE sandbox (--annotation io.fractal.sandbox=demo), then fractal ps"):
+                    for cid in ("web", "tools"):
+                        env.run(refs["edge"], cid, "sleep", "600", rm=False, snapshotter=sn, namespace=NS1,
+                                runtime=rt, extra=["-d", "--annotation", "io.fractal.sandbox=demo"])
+                    out = env.ctr("tasks", "exec", "--exec-id", "x1", "tools", "sh", "-c", "cat /edge/opaque/c",
+                                  namespace=NS1).stdout
+                    nar.say(f"ctr task exec tools cat /edge/opaque/c -> {out.strip()!r}")
+                    nar.say(_fractal_cli("ps", "-a", str(env.address), "-n", NS1,
+                                         env={"FRACTAL_RUN_DIR": str(env.fractal_run_dir)}))
+                    nar.say("both containers share one shim and one agent: that is the sandbox a VM will hold")
+                    for cid in ("web", "tools"):
+                        env.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=NS1)
+                    for cid in ("web", "tools"):
+                        _delete_when_stopped(env, cid, NS1)
 
             before = dir_size(store)
             with nar.step(f"pull the same images into a second namespace {NS2}"):
