@@ -17,6 +17,7 @@ from .defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAM
 from .containerd import ContainerdError
 from .repo import Repo, RepoError
 from .repo.fsutil import disk_usage
+from .vm.cli import add_guest_commands, add_vm_commands
 
 
 def human(n: int) -> str:
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = repo.add_parser("du", help="disk used by the repo and what sharing saves")
     p.add_argument("--root", default=root_default, help=root_help)
     p.set_defaults(func=cmd_repo_du)
+    add_guest_commands(sub)
+    add_vm_commands(sub)
     return ap
 
 

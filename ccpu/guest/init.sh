@@ -1,0 +1,161 @@
+#!/bin/sh
+# fractal guest init (PID 1), busybox sh.
+#
+# Why a shell script: busybox starts in milliseconds even under TCG, and every
+# step here is a mount or an insmod.  Python starts only for the agent.
+#
+# Kernel command line (set by ccpu.vm.qemu):
+#   fractal.mode=agent|run|shell   what to exec at the end (default agent)
+#   fractal.repo=9p|virtiofs|none  how the layer repo (tag fractalrepo) is shared; mounted ro at /repo
+#   fractal.share=TAG:TYPE:MODE:PATH  an extra share (TYPE 9p|virtiofs, MODE ro|rw), repeatable
+#   fractal.debug=1                 echo every step with its uptime to the console
+#
+# Milestones go to the console as "fractal-init: <uptime> <what>" so the host
+# can measure the boot timeline from the console log.
+
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=dumb LANG=C.UTF-8
+
+# --- 0. a root that pivot_root(2) accepts -------------------------------------
+# The initramfs root ("rootfs") has no parent mount, and pivot_root refuses to
+# move it away: runc could not start containers.  Bind the rootfs onto itself
+# and chroot into the bind mount (which does have a parent), once.
+if [ -z "$FRACTAL_STAGE2" ]; then
+    mkdir -p /.root
+    mount --bind / /.root && cd /.root && mount --move . / && FRACTAL_STAGE2=1 exec chroot . /init "$@"
+    echo "fractal-init: could not re-root; pivot_root will not work" >/dev/console
+fi
+
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
+mkdir -p /dev/pts /dev/shm /dev/mqueue /run /tmp /repo
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /dev/pts
+ln -sf pts/ptmx /dev/ptmx 2>/dev/null
+ln -sf /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout
+ln -sf /proc/self/fd/2 /dev/stderr
+mount -t tmpfs -o nosuid,nodev,mode=1777 shm /dev/shm
+mount -t mqueue -o nosuid,nodev,noexec mqueue /dev/mqueue 2>/dev/null
+mount -t tmpfs -o nosuid,nodev,mode=0755 run /run
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
+mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
+exec </dev/null >/dev/console 2>&1
+
+mode=agent repo=none debug=0 shares=""
+for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
+    case "$arg" in
+        fractal.mode=*) mode="${arg#*=}" ;;
+        fractal.repo=*) repo="${arg#*=}" ;;
+        fractal.share=*) shares="$shares ${arg#*=}" ;;
+        fractal.debug=*) debug="${arg#*=}" ;;
+    esac
+done
+
+milestone() { read -r up _ </proc/uptime; echo "fractal-init: $up $*"; }
+step() { [ "$debug" = 1 ] && milestone "$@"; return 0; }
+die() {
+    milestone "FATAL: $*"
+    sleep 1
+    poweroff -f
+}
+
+milestone "init started (mode=$mode)"
+hostname fractal
+ip link set lo up 2>/dev/null
+
+# --- 1. modules, dependencies first (order computed at build time) ------------
+# busybox insmod does not read module options from the kernel command line as
+# modprobe does: pass NAME.PARAM=VALUE args along (microvm's virtio_mmio.device=).
+rel="$(uname -r)"
+cmdline="$(cat /proc/cmdline)"
+while read -r ko; do
+    name="${ko##*/}"
+    name="${name%.ko}"
+    name="${name//-/_}"
+    params=""
+    for a in $cmdline; do
+        case "$a" in "$name".*=*) params="$params ${a#"$name".}" ;; esac
+    done
+    # shellcheck disable=SC2086
+    insmod "/lib/modules/$rel/$ko" $params || milestone "insmod $ko failed"
+done </etc/fractal/modules
+step "modules loaded"
+
+# --- 2. shares ----------------------------------------------------------------
+mount_share() {  # tag type mode path
+    mkdir -p "$4"
+    case "$2" in
+        9p) mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$3" "$1" "$4" ;;
+        virtiofs) mount -t virtiofs -o "$3" "$1" "$4" ;;
+        *) false ;;
+    esac || die "mount of share $1 ($2) at $4 failed"
+}
+[ "$repo" != none ] && mount_share fractalrepo "$repo" ro /repo
+for s in $shares; do
+    IFS=: read -r tag type smode path <<EOF
+$s
+EOF
+    mount_share "$tag" "$type" "$smode" "$path"
+done
+step "shares mounted"
+
+# --- 3. virtio-serial ports, found by name (no udev) ------------------------
+port() {
+    i=0
+    while [ $i -lt 200 ]; do
+        for d in /sys/class/virtio-ports/*; do
+            [ -e "$d/name" ] && [ "$(cat "$d/name")" = "$1" ] && [ -e "/dev/${d##*/}" ] && {
+                echo "/dev/${d##*/}"
+                return 0
+            }
+        done
+        sleep 0.02
+        i=$((i + 1))
+    done
+    return 1
+}
+
+case "$mode" in
+agent)
+    agent="$(port fractal.agent)" || die "no virtio-serial port named fractal.agent"
+    mkdir -p /run/runc /run/fractal/bundles
+    milestone "exec agent on $agent"
+    exec python3.11 -S -I -m ccpu.agent --serial "$agent" --runc-root /run/runc \
+        --bundle-root /run/fractal/bundles --layer-root /repo/layers
+    ;;
+run)
+    # Host protocol (ccpu.vm.run): the host writes two lines on fractal.run, a
+    # random end marker and the base64 of the shell command.  Stdout/stderr of
+    # the command go to the fractal.stdout/fractal.stderr ports, each followed by
+    # the marker; then "EXIT <code>" on fractal.run; the host acks with a line
+    # once it has both markers, and only then does the guest power off (nothing
+    # the command wrote can be lost in QEMU's buffers).
+    ctl="$(port fractal.run)" || die "no port fractal.run"
+    out="$(port fractal.stdout)" || die "no port fractal.stdout"
+    err="$(port fractal.stderr)" || die "no port fractal.stderr"
+    exec 3<>"$ctl" 4>"$out" 5>"$err"
+    read -r marker <&3
+    read -r cmd64 <&3
+    cmd="$(echo "$cmd64" | base64 -d)"
+    cd /work 2>/dev/null || cd /
+    milestone "run"
+    sh -c "$cmd" </dev/null >&4 2>&5
+    rc=$?
+    milestone "exit $rc"
+    printf '%s' "$marker" >&4
+    printf '%s' "$marker" >&5
+    echo "EXIT $rc" >&3
+    read -r -t 30 _ack <&3
+    exec 3>&- 4>&- 5>&-
+    sync
+    poweroff -f
+    ;;
+shell)
+    exec setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'
+    ;;
+*)
+    die "unknown fractal.mode=$mode"
+    ;;
+esac
+die "exec failed"

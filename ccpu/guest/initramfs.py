@@ -1,0 +1,368 @@
+"""The guest's initramfs: everything the VM runs, in one content-addressed file.
+
+Contents (see docs/vm.md for sizes):
+  /init                     ccpu/guest/init.sh (busybox sh)
+  /bin/busybox + applets    busybox-static, symlinks from `busybox --list-full`
+  /lib/modules/<rel>/...    the modules of `modules.GUEST_MODULES` and their dependencies;
+                            /etc/fractal/modules lists them in load order
+  /usr/bin/python3.11       Debian's interpreter (not pyenv's: its libpython is shared and elsewhere)
+  /usr/lib/python3.11       the stdlib minus tests, GUI, installers and modules whose libraries are
+                            heavy and useless here (ssl, dbm, curses, readline, nis); precompiled
+                            as unchecked-hash .pyc, because compiling at every boot costs seconds
+                            under TCG and timestamp-checked .pyc would be stale (mtimes are 0)
+  /usr/sbin/runc            + the shared libraries of all binaries above (from ldd)
+  /usr/lib/python3.11/ccpu  the project's stdlib-only modules (agent, stack)
+
+The build is cached by an *inputs key* (hash of every source file's path, mode
+and content, plus options): the same inputs are never rebuilt and give the
+same archive, whose sha256 is the guest's base-stack measurement recorded in
+manifest.json next to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cpio, modules
+from .kernel import Kernel, cache_root
+from .kernel import fetch as fetch_kernel
+
+BUILDER_VERSION = 1  # bump when the layout changes without any input changing
+
+PYTHON = "/usr/bin/python3.11"
+PYTHON_LIB = "/usr/lib/python3.11"
+BUSYBOX = "/bin/busybox"
+RUNC = "/usr/sbin/runc"
+GUEST_PYTHON_PKG_DIR = "usr/lib/python3.11"  # the project's package goes on the default sys.path
+
+# Top-level stdlib entries never needed in the guest.
+STDLIB_EXCLUDE_TOP = frozenset({
+    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+    "config-3.11-x86_64-linux-gnu", "site-packages", "dist-packages", "turtle.py", "EXTERNALLY-MANAGED",
+})
+# Extension modules left out: test modules, and those pulling in large libraries
+# (libcrypto/libssl, libdb, ncurses/readline, krb5/tirpc) nothing in the guest uses.
+DYNLOAD_EXCLUDE = re.compile(
+    r"^(_test\w*|_ctypes_test|_xxtestfuzz|xxlimited\w*|_xxsubinterpreters|_ssl|_hashlib|_dbm|_gdbm|nis|readline"
+    r"|_curses\w*|ossaudiodev|audioop|_crypt|_tkinter)\.cpython-")
+
+# The project's stdlib-only files for the guest, relative to the source tree root.
+# ccpu.stack imports ccpu.repo.model, whose package imports the whole (stdlib-only) repo and filters.
+PROJECT_FILES = ("ccpu/__init__.py", "ccpu/stack.py", "ccpu/filters.py")
+PROJECT_DIRS = ("ccpu/agent", "ccpu/repo")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file to put in the archive: where it comes from (or its bytes) and where it goes."""
+
+    dest: str
+    mode: int
+    path: str | None = None
+    data: bytes | None = None
+    link: str | None = None
+
+    def read(self) -> bytes:
+        if stat.S_ISDIR(self.mode):
+            return b""
+        if self.link is not None:
+            return self.link.encode()
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        with open(self.path, "rb") as f:
+            return f.read()
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A built guest: kernel + initramfs + their manifest."""
+
+    kernel: Path
+    initramfs: Path
+    manifest_path: Path
+    manifest: dict
+
+    @property
+    def sha256(self) -> str:
+        return str(self.manifest["initramfs"]["sha256"])
+
+
+# ---------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def parse_ldd(text: str) -> list[str]:
+    """Absolute library paths from `ldd` output (the vdso, which has no file, is skipped)."""
+    libs: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        m = re.match(r"\S+\s+=>\s+(/\S+)\s+\(0x", line) or re.match(r"(/\S+)\s+\(0x", line)
+        if m and m.group(1) not in libs:
+            libs.append(m.group(1))
+        elif "=> not found" in line:
+            raise ValueError(f"ldd: missing library: {line}")
+    return libs
+
+
+def keep_stdlib(rel: str) -> bool:
+    """Whether a path relative to /usr/lib/python3.11 goes into the guest."""
+    parts = rel.split("/")
+    if parts[0] in STDLIB_EXCLUDE_TOP or "__pycache__" in parts or "tests" in parts[1:-1]:
+        return False
+    if parts[0] == "lib-dynload" and len(parts) == 2:
+        return not DYNLOAD_EXCLUDE.match(parts[1])
+    return not rel.endswith((".pyc", ".exe", ".whl"))
+
+
+def applet_links(list_full: str, taken: Iterable[str]) -> list[Source]:
+    """Symlinks to /bin/busybox for `busybox --list-full` output, skipping paths already taken."""
+    busy = set(taken)
+    out = []
+    for line in sorted(set(list_full.split())):
+        path = line.strip("/")
+        if path and path not in busy and path != "bin/busybox":
+            out.append(Source(path, stat.S_IFLNK | 0o777, link="/bin/busybox"))
+    return out
+
+
+def inputs_key(sources: Sequence[Source], options: dict) -> str:
+    """Hash of everything that determines the archive: options and each source's dest, mode, content."""
+    h = hashlib.sha256(json.dumps({"builder": BUILDER_VERSION, **options}, sort_keys=True).encode())
+    for s in sorted(sources, key=lambda s: s.dest):
+        h.update(f"{s.dest}\0{s.mode:o}\0".encode())
+        h.update(hashlib.sha256(s.read()).digest())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# collecting the sources (reads the host)
+
+
+def _ldd(binary: str) -> list[str]:
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    if out.returncode != 0:
+        if "not a dynamic executable" in (out.stdout + out.stderr):
+            return []
+        raise RuntimeError(f"ldd {binary}: {out.stderr.strip()}")
+    return parse_ldd(out.stdout)
+
+
+def _file(dest: str, src: str, perm: int | None = None) -> Source:
+    st = os.stat(src)
+    return Source(dest.strip("/"), stat.S_IFREG | (perm if perm is not None else stat.S_IMODE(st.st_mode)), path=src)
+
+
+def _tree(src_root: str, dest_root: str, keep: Callable[[str], bool]) -> list[Source]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(src_root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, src_root)
+            if not keep(rel):
+                continue
+            dest = f"{dest_root}/{rel}"
+            if os.path.islink(full):
+                out.append(Source(dest, stat.S_IFLNK | 0o777, link=os.readlink(full)))
+            elif os.path.isfile(full):
+                out.append(_file(dest, full))
+    return out
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def collect(kernel: Kernel, root: Path | None = None) -> tuple[list[Source], dict]:
+    """Every file of the initramfs (without .pyc) and a description of where they came from."""
+    root = root or project_root()
+    for tool in (BUSYBOX, PYTHON, RUNC):
+        if not os.path.exists(tool):
+            raise RuntimeError(f"{tool} is missing (hack/setup.sh installs busybox-static, python3.11 and runc)")
+    here = Path(__file__).resolve().parent
+    srcs: list[Source] = [
+        _file("init", str(here / "init.sh"), 0o755),
+        _file("bin/busybox", BUSYBOX, 0o755),
+        _file("usr/bin/python3.11", PYTHON, 0o755),
+        _file("usr/sbin/runc", RUNC, 0o755),
+        Source("etc/passwd", stat.S_IFREG | 0o644, data=b"root:x:0:0:root:/root:/bin/sh\n"),
+        Source("etc/group", stat.S_IFREG | 0o644, data=b"root:x:0:\ntty:x:5:\n"),
+        Source("etc/hostname", stat.S_IFREG | 0o644, data=b"fractal\n"),
+    ]
+    # mount points (the kernel's built-in initramfs already provides /dev/console and /root)
+    srcs += [Source(d, stat.S_IFDIR | (0o1777 if d == "tmp" else 0o755))
+             for d in ("proc", "sys", "dev", "run", "tmp", "repo", "work", "mnt", "root")]
+    # shared libraries of everything dynamic (python, its extension modules, runc)
+    py_tree = _tree(PYTHON_LIB, GUEST_PYTHON_PKG_DIR, keep_stdlib)
+    dynamic = [PYTHON, RUNC] + [s.path for s in py_tree if s.path and s.dest.endswith(".so")]
+    libs: list[str] = []
+    for b in dynamic:
+        for lib in _ldd(b):
+            if lib not in libs:
+                libs.append(lib)
+    srcs += [_file(lib, os.path.realpath(lib), 0o755) for lib in sorted(libs)]
+    srcs += py_tree
+    # kernel modules in load order
+    deps = modules.parse_modules_dep((kernel.modules_dir / "modules.dep").read_text())
+    builtin_file = kernel.modules_dir / "modules.builtin"
+    builtin = builtin_file.read_text().split() if builtin_file.exists() else []
+    order = modules.load_order(deps, modules.GUEST_MODULES, builtin)
+    for ko in order:
+        data = (kernel.modules_dir / ko).read_bytes()
+        if ko.endswith(".xz"):  # busybox insmod cannot decompress
+            import lzma
+            data, ko = lzma.decompress(data), ko[:-3]
+        srcs.append(Source(f"lib/modules/{kernel.release}/{ko}", stat.S_IFREG | 0o644, data=data))
+    srcs.append(Source("etc/fractal/modules", stat.S_IFREG | 0o644,
+                       data="".join(k.removesuffix(".xz") + "\n" for k in order).encode()))
+    # the project's files
+    project: list[str] = []
+    for rel in PROJECT_FILES:
+        if (root / rel).exists():
+            srcs.append(_file(f"{GUEST_PYTHON_PKG_DIR}/{rel}", str(root / rel), 0o644))
+            project.append(rel)
+    for d in PROJECT_DIRS:
+        if (root / d).is_dir():
+            tree = _tree(str(root / d), f"{GUEST_PYTHON_PKG_DIR}/{d}",
+                         lambda r: "__pycache__" not in r.split("/") and not r.endswith(".pyc"))
+            srcs += tree
+            project += [s.dest.removeprefix(GUEST_PYTHON_PKG_DIR + "/") for s in tree]
+    # busybox applets last: they must not shadow real files
+    listing = subprocess.run([BUSYBOX, "--list-full"], check=True, capture_output=True, text=True).stdout
+    srcs += applet_links(listing, {s.dest for s in srcs})
+    described = {
+        "kernel": {"release": kernel.release, "package": kernel.package, "version": kernel.package_version,
+                   "deb_sha256": kernel.deb_sha256},
+        "modules": order,
+        "binaries": {"busybox": BUSYBOX, "python": PYTHON, "runc": RUNC},
+        "libraries": sorted(libs),
+        "project_files": project,
+    }
+    return srcs, described
+
+
+def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None]) -> list[Source]:
+    """Unchecked-hash .pyc for every .py, compiled by the guest's own interpreter.
+
+    Unchecked-hash pycs are never compared with the source's mtime (which is 0
+    in the archive), so Python neither recompiles nor rewrites them at boot.
+    """
+    py = [s for s in sources if s.dest.endswith(".py") and s.link is None]
+    with tempfile.TemporaryDirectory(prefix="fractal-pyc-") as tmp:
+        for s in py:
+            p = Path(tmp, s.dest)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(s.read())
+        progress(f"compiling {len(py)} modules to .pyc")
+        script = (
+            "import sys, py_compile, concurrent.futures as cf\n"
+            "tmp, files = sys.argv[1], sys.argv[2:]\n"
+            "def one(dest):\n"
+            "    try:\n"
+            "        py_compile.compile(f'{tmp}/{dest}', cfile=None, dfile='/' + dest, doraise=True,\n"
+            "            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
+            "    except py_compile.PyCompileError:\n"
+            "        pass\n"  # a few stdlib files are deliberately invalid (e.g. bad-syntax test data)
+            "with cf.ProcessPoolExecutor() as ex: list(ex.map(one, files, chunksize=64))\n"
+        )
+        subprocess.run([PYTHON, "-I", "-S", "-c", script, tmp, *[s.dest for s in py]], check=True,
+                       env={"PATH": "/usr/bin:/bin", "SOURCE_DATE_EPOCH": "0"})
+        out = []
+        for s in py:
+            d, name = os.path.split(s.dest)
+            cache = f"{d}/__pycache__/{name[:-3]}.cpython-311.pyc"
+            if Path(tmp, cache).exists():
+                out.append(Source(cache, stat.S_IFREG | 0o644, data=Path(tmp, cache).read_bytes()))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+def build(force: bool = False, progress: Callable[[str], None] = lambda s: None, *, pyc: bool = True,
+          compression: str = "none", level: int = 6) -> Guest:
+    """Build (or reuse) the guest for the current Debian kernel and this tree's project files."""
+    t0 = time.monotonic()
+    kern = fetch_kernel(progress)
+    progress(f"kernel {kern.release} ({kern.package_version})")
+    sources, described = collect(kern)
+    options = {"pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,
+               "boot_image": kern.boot_image.name}
+    key = inputs_key(sources, options)
+    out_dir = cache_root() / "build" / key[:32]
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.exists() and not force:
+        manifest = json.loads(manifest_path.read_text())
+        progress(f"up to date (inputs {key[:16]})")
+        return Guest(kern.boot_image, out_dir / manifest["initramfs"]["file"], manifest_path, manifest)
+    progress(f"collected {len(sources)} files (inputs {key[:16]})")
+    extra: list[Source] = compile_pyc(sources, progress) if pyc else []
+    progress("writing cpio")
+    entries = [cpio.Entry(s.dest, s.mode, s.read()) for s in sources + extra]
+    archive = cpio.write(entries)
+    name = "initramfs.cpio"
+    if compression == "gzip":
+        progress(f"compressing {len(archive) / 1e6:.1f} MB (gzip -{level})")
+        blob = cpio.compress(archive, level)
+        name += ".gz"
+    elif compression == "none":
+        blob = archive
+    else:
+        raise ValueError(f"unknown compression {compression}")
+    sha = hashlib.sha256(blob).hexdigest()
+    manifest = {
+        "initramfs": {"file": name, "sha256": sha, "size": len(blob), "uncompressed_size": len(archive),
+                      "entries": len(cpio.normalize(entries)), "compression": compression},
+        "kernel_image": {"path": str(kern.boot_image), "sha256": _sha256(kern.boot_image),
+                         "format": "vmlinux-pvh" if kern.vmlinux else "bzimage",
+                         "vmlinuz_sha256": _sha256(kern.vmlinuz)},
+        "inputs_key": key,
+        "options": options,
+        "builder_version": BUILDER_VERSION,
+        "build_python": sys.version.split()[0],
+        **described,
+    }
+    tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    (tmp_dir / name).write_bytes(blob)
+    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.rename(tmp_dir, out_dir)
+    (cache_root() / "current.json").write_text(json.dumps({"build": str(out_dir)}) + "\n")
+    progress(f"built in {time.monotonic() - t0:.1f}s")
+    return Guest(kern.boot_image, out_dir / name, manifest_path, manifest)
+
+
+def current() -> Guest | None:
+    """The most recently built guest, without rebuilding (None if there is none)."""
+    ptr = cache_root() / "current.json"
+    try:
+        out_dir = Path(json.loads(ptr.read_text())["build"])
+        manifest = json.loads((out_dir / "manifest.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    return Guest(Path(manifest["kernel_image"]["path"]), out_dir / manifest["initramfs"]["file"],
+                 out_dir / "manifest.json", manifest)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

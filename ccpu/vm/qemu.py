@@ -1,0 +1,188 @@
+"""The QEMU command line (a pure function of `VMConfig`) and a launcher that cannot leak QEMU.
+
+Shape of the VM: no disks, no network, no graphics, no default devices.
+The guest gets a kernel + initramfs (ccpu.guest), a serial console written
+to a log file, virtio-serial ports as its only channels to the host
+(host side: UNIX sockets), and file shares over 9p or virtiofs.
+
+Two machine types:
+- ``q35``: PCI virtio devices; firmware is qboot when available (SeaBIOS
+  spends seconds under TCG before it jumps to the kernel).
+- ``microvm``: virtio-mmio devices, no PCI, qboot built in.
+See docs/vm.md for measured boot times of both.
+
+The launcher sets PR_SET_PDEATHSIG(SIGKILL) in the child: when the process
+that started QEMU dies, for whatever reason, the kernel kills QEMU too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+QEMU = "qemu-system-x86_64"
+QBOOT = "/usr/share/qemu/qboot.rom"
+MACHINES = ("q35", "microvm")
+SHARE_TYPES = ("9p", "virtiofs")
+REPO_TAG = "fractalrepo"
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory seen by the guest.  virtiofs shares need a running virtiofsd at `socket`."""
+
+    tag: str
+    host_path: str
+    guest_path: str
+    readonly: bool = True
+    type: str = "9p"
+    socket: str | None = None  # virtiofsd's vhost-user socket
+
+
+@dataclass(frozen=True)
+class Port:
+    """A named virtio-serial port; the host end is a UNIX socket QEMU listens on."""
+
+    name: str
+    socket: str
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    kernel: str
+    initramfs: str
+    console_log: str
+    accel: str = "tcg"
+    machine: str = "q35"
+    memory_mb: int = 512
+    cpus: int = 2
+    mode: str = "agent"  # fractal.mode= of the guest init
+    repo: Share | None = None  # always mounted read-only at /repo
+    shares: Sequence[Share] = ()
+    ports: Sequence[Port] = ()
+    cmdline_extra: Sequence[str] = ()
+    qemu: str = QEMU
+    firmware: str | None = None  # None: qboot if present (q35); microvm has it built in
+    debug: bool = False
+    rng: bool = True  # virtio-rng: the guest's CRNG is ready at once (Python's os.urandom never waits)
+
+
+class ConfigError(ValueError):
+    """A VMConfig that cannot be turned into a working command line."""
+
+
+def _check(cfg: VMConfig) -> None:
+    if cfg.machine not in MACHINES:
+        raise ConfigError(f"machine {cfg.machine!r}: expected one of {MACHINES}")
+    if cfg.accel not in ("kvm", "tcg"):
+        raise ConfigError(f"accel {cfg.accel!r}: expected kvm or tcg")
+    tags = set()
+    for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares):
+        if s.type not in SHARE_TYPES:
+            raise ConfigError(f"share type {s.type!r}: expected one of {SHARE_TYPES}")
+        if s.type == "virtiofs" and not s.socket:
+            raise ConfigError(f"virtiofs share {s.tag} needs virtiofsd's socket")
+        # the init splits share specs on ':' and the kernel cmdline on whitespace
+        for v in (s.tag, s.guest_path):
+            if not v or any(c in v for c in ":, \t\n\"'\\"):
+                raise ConfigError(f"share tag/guest path {v!r} must not be empty or contain ':', ',', quotes or spaces")
+        if not s.guest_path.startswith("/"):
+            raise ConfigError(f"guest path {s.guest_path!r} must be absolute")
+        if s.tag in tags:
+            raise ConfigError(f"duplicate share tag {s.tag}")
+        tags.add(s.tag)
+    if cfg.repo and cfg.repo.tag != REPO_TAG:
+        raise ConfigError(f"the repo share must use tag {REPO_TAG}")
+    if any(s.tag == REPO_TAG for s in cfg.shares):
+        raise ConfigError(f"tag {REPO_TAG} is reserved for the repo")
+
+
+def uses_virtiofs(cfg: VMConfig) -> bool:
+    return any(s.type == "virtiofs" for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares))
+
+
+def kernel_cmdline(cfg: VMConfig) -> str:
+    """The guest kernel's command line: console on the serial port, no reboot on panic, our init's knobs."""
+    args = ["console=ttyS0", "panic=-1", "reboot=t" if cfg.machine == "microvm" else "",
+            "quiet" if not cfg.debug else "loglevel=7", "rdinit=/init",
+            "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
+            f"fractal.mode={cfg.mode}", f"fractal.repo={cfg.repo.type if cfg.repo else 'none'}"]
+    if cfg.debug:
+        args.append("fractal.debug=1")
+    for s in cfg.shares:
+        args.append(f"fractal.share={s.tag}:{s.type}:{'ro' if s.readonly else 'rw'}:{s.guest_path}")
+    args += list(cfg.cmdline_extra)
+    return " ".join(a for a in args if a)
+
+
+def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
+    """argv for QEMU.  Pure: `qboot_exists` is the only fact about the host it needs."""
+    _check(cfg)
+    micro = cfg.machine == "microvm"
+    bus = "device" if micro else "pci"  # virtio-X-device (mmio) vs virtio-X-pci
+    argv = [cfg.qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    vfs = uses_virtiofs(cfg)
+    # vhost-user daemons (virtiofsd) map the guest's RAM: it must be a shareable memfd
+    mem = ",memory-backend=mem" if vfs else ""
+    if micro:
+        argv += ["-machine", f"microvm,isa-serial=on,rtc=on,pit=on,pic=on,acpi=on{mem}"]
+    else:
+        argv += ["-machine", f"q35,vmport=off,sata=off,smbus=off,usb=off,graphics=off{mem}"]
+        fw = cfg.firmware or (QBOOT if qboot_exists else None)
+        if fw:
+            argv += ["-bios", fw]
+    if vfs:
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mb}M,share=on"]
+    argv += ["-accel", "kvm" if cfg.accel == "kvm" else "tcg,thread=multi",
+             "-cpu", "host" if cfg.accel == "kvm" else "max",
+             "-m", f"{cfg.memory_mb}M", "-smp", str(cfg.cpus),
+             "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg),
+             "-serial", f"file:{cfg.console_log}"]
+    if cfg.rng:
+        argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", f"virtio-rng-{bus},rng=rng0"]
+    if cfg.ports:
+        argv += ["-device", f"virtio-serial-{bus},id=vser0,max_ports={max(2, len(cfg.ports) + 1)}"]
+        for i, p in enumerate(cfg.ports):
+            argv += ["-chardev", f"socket,id=port{i},path={p.socket},server=on,wait=off",
+                     "-device", f"virtserialport,bus=vser0.0,chardev=port{i},name={p.name}"]
+    for i, s in enumerate(([cfg.repo] if cfg.repo else []) + list(cfg.shares)):
+        if s.type == "9p":
+            ro = ",readonly=on" if s.readonly else ""
+            argv += ["-fsdev", f"local,id=fs{i},path={s.host_path},security_model=none,multidevs=remap{ro}",
+                     "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={s.tag}"]
+        else:
+            dev = "vhost-user-fs-device" if micro else "vhost-user-fs-pci"
+            argv += ["-chardev", f"socket,id=vfs{i},path={s.socket}",
+                     "-device", f"{dev},chardev=vfs{i},tag={s.tag},queue-size=1024"]
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------
+# launching
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when its parent dies (QEMU/virtiofsd must never outlive us)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    # the parent may already be gone between fork and prctl
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
+          stderr: int | None = subprocess.PIPE) -> subprocess.Popen:
+    """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null."""
+    return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            preexec_fn=die_with_parent, close_fds=True)
+
+
+def qboot_available() -> bool:
+    return os.path.exists(QBOOT)

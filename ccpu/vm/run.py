@@ -1,0 +1,203 @@
+"""`fractal vm run`: boot the guest, run one shell command in it, stream its output, return its code.
+
+The VM lives exactly as long as this call: QEMU (and any virtiofsd) are
+started with PR_SET_PDEATHSIG, killed in a `finally`, and waited for.
+Shares: the repo (optional) read-only at /repo, the user's directories
+read-write (first at /work, the command's cwd).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from ..guest.initramfs import Guest
+from . import accel, qemu, runproto, shares
+
+log = logging.getLogger(__name__)
+
+PORT_RUN, PORT_OUT, PORT_ERR = "fractal.run", "fractal.stdout", "fractal.stderr"
+
+
+class VMError(RuntimeError):
+    """The VM could not be started or died before the command finished."""
+
+
+@dataclass(frozen=True)
+class ShareSpec:
+    host: str
+    guest: str
+    readonly: bool = False
+
+
+def parse_share(spec: str, index: int) -> ShareSpec:
+    """`HOST[:GUEST[:ro|rw]]`; the first share defaults to /work, later ones to /share<N>."""
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise ValueError(f"--share {spec!r}: expected HOST[:GUEST[:ro|rw]]")
+    guest = parts[1] if len(parts) > 1 and parts[1] else ("/work" if index == 0 else f"/share{index}")
+    mode = parts[2] if len(parts) > 2 else "rw"
+    if mode not in ("ro", "rw"):
+        raise ValueError(f"--share {spec!r}: mode must be ro or rw")
+    return ShareSpec(os.path.abspath(parts[0]), guest, mode == "ro")
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    timings: dict[str, float] = field(default_factory=dict)
+    console_log: str | None = None
+    qemu_maxrss_kb: int | None = None
+
+
+_MILESTONE = re.compile(r"fractal-init: (\d+\.\d+) (.*)")
+
+
+def console_milestones(text: str) -> list[tuple[float, str]]:
+    """(guest uptime, what) for each "fractal-init:" line of the console log."""
+    return [(float(m.group(1)), m.group(2)) for m in _MILESTONE.finditer(text)]
+
+
+def _connect(path: str, deadline: float, proc: subprocess.Popen) -> socket.socket:
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return s
+        except OSError:
+            s.close()
+            if proc.poll() is not None:
+                raise VMError(f"QEMU exited ({proc.returncode}) before its socket {path} was ready")
+            if time.monotonic() > deadline:
+                raise VMError(f"QEMU did not create {path}")
+            time.sleep(0.01)
+
+
+def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = (), repo: str | None = None,
+        memory_mb: int = 512, cpus: int = 2, share_type: str | None = None, machine: str = "q35",
+        timeout: float = 600.0, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
+        console_log: str | None = None, debug: bool = False,
+        note: Callable[[str], None] = lambda s: None) -> RunResult:
+    """Run `argv` (joined for `sh -c`) in a fresh guest; its stdout/stderr go to `stdout`/`stderr`."""
+    out_f = stdout or sys.stdout.buffer
+    err_f = stderr or sys.stderr.buffer
+    choice = accel.choose()
+    stype, why = shares.choose(share_type)
+    note(f"accel {choice.accel} ({choice.reason}); shares over {stype} ({why})")
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    helpers: list[subprocess.Popen] = []
+    proc: subprocess.Popen | None = None
+    conns: list[socket.socket] = []
+    with tempfile.TemporaryDirectory(prefix="fractal-vm-") as tmp:
+        try:
+            vfsd = shares.find_virtiofsd() if stype == "virtiofs" else None
+
+            def mk(tag: str, host: str, guest_path: str, ro: bool) -> qemu.Share:
+                if not os.path.isdir(host):
+                    raise VMError(f"share {host} is not a directory")
+                sock = os.path.join(tmp, f"vfs-{tag}.sock") if stype == "virtiofs" else None
+                return qemu.Share(tag, host, guest_path, ro, stype, sock)
+
+            repo_share = mk(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True) if repo else None
+            user_shares = [mk(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)]
+            if vfsd:
+                for s in ([repo_share] if repo_share else []) + user_shares:
+                    assert s.socket
+                    helpers.append(shares.start_virtiofsd(vfsd, s, s.socket))
+            ports = [qemu.Port(n, os.path.join(tmp, f"{n}.sock")) for n in (PORT_RUN, PORT_OUT, PORT_ERR)]
+            log_path = console_log or os.path.join(tmp, "console.log")
+            cfg = qemu.VMConfig(kernel=str(guest.kernel), initramfs=str(guest.initramfs), console_log=log_path,
+                                accel=choice.accel, machine=machine, memory_mb=memory_mb, cpus=cpus, mode="run",
+                                repo=repo_share, shares=user_shares, ports=ports, debug=debug)
+            cmd = qemu.command(cfg, qboot_exists=qemu.qboot_available())
+            log.debug("qemu: %s", " ".join(cmd))
+            proc = qemu.spawn(cmd)
+            deadline = time.monotonic() + 30
+            conns = [_connect(p.socket, deadline, proc) for p in ports]
+            ctl, out_s, err_s = conns
+            marker = runproto.new_marker()
+            ctl.sendall(runproto.request(marker, argv))
+            code = _pump(ctl, out_s, err_s, marker, out_f, err_f, proc, t0 + timeout, timings, t0)
+            ctl.sendall(runproto.ACK)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                log.warning("guest did not power off within 15 s; killing QEMU")
+            timings["qemu_exit"] = time.monotonic() - t0
+            text = _read(log_path)
+            result = RunResult(code, timings, console_log if console_log else None)
+            for up, what in console_milestones(text):
+                timings[f"guest:{what}"] = up
+            return result
+        except VMError as exc:
+            tail = _read(console_log or os.path.join(tmp, "console.log"))[-3000:]
+            raise VMError(f"{exc}\n--- guest console (tail) ---\n{tail}") from None
+        finally:
+            for c in conns:
+                c.close()
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            shares.stop_all(helpers)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _pump(ctl: socket.socket, out_s: socket.socket, err_s: socket.socket, marker: bytes,
+          out_f: BinaryIO, err_f: BinaryIO, proc: subprocess.Popen, deadline: float,
+          timings: dict[str, float], t0: float) -> int:
+    """Forward output until both streams ended and the exit code arrived; returns the exit code."""
+    sel = selectors.DefaultSelector()
+    ends = {out_s: runproto.StreamEnd(marker), err_s: runproto.StreamEnd(marker)}
+    sinks = {out_s: out_f, err_s: err_f}
+    control = runproto.Control()
+    for s in (ctl, out_s, err_s):
+        sel.register(s, selectors.EVENT_READ)
+    try:
+        while control.exit_code is None or not all(e.done for e in ends.values()):
+            now = time.monotonic()
+            if now > deadline:
+                raise VMError("timeout waiting for the command")
+            events = sel.select(timeout=min(0.5, deadline - now))
+            if not events and proc.poll() is not None:
+                raise VMError(f"QEMU exited ({proc.returncode}) before the command finished")
+            for key, _ in events:
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                data = s.recv(65536)
+                if not data:
+                    sel.unregister(s)
+                    if s is ctl or not ends[s].done:
+                        raise VMError("QEMU closed a port before the command finished")
+                    continue
+                if s is ctl:
+                    if control.feed(data) is not None:
+                        timings.setdefault("exit_code", time.monotonic() - t0)
+                else:
+                    chunk = ends[s].feed(data)
+                    if chunk:
+                        timings.setdefault("first_output", time.monotonic() - t0)
+                        sinks[s].write(chunk)
+                        sinks[s].flush()
+    finally:
+        sel.close()
+    assert control.exit_code is not None
+    return control.exit_code

@@ -1,0 +1,91 @@
+"""`fractal vm run`'s wire protocol with the guest init.  Pure: bytes in, bytes/decisions out.
+
+Three virtio-serial ports, each a byte stream:
+  fractal.run     host -> guest: "<marker>\\n<base64 of the shell command>\\n"
+                  guest -> host: "EXIT <code>\\n" once the command ended; host -> guest: "ok\\n"
+  fractal.stdout  the command's stdout, then the marker
+  fractal.stderr  the command's stderr, then the marker
+
+Why a marker: a guest closing a port does not close the host's socket, so
+the end of a stream must be in-band.  The marker is 32 random hex digits
+written only after the command has exited, so it cannot be confused with
+output; the host forwards everything before it.  Why the ack: the guest
+powers off only after the host has both markers, so no output can be lost in
+QEMU's buffers when the VM goes away.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import shlex
+from collections.abc import Sequence
+
+
+def new_marker() -> bytes:
+    return secrets.token_hex(16).encode()
+
+
+def request(marker: bytes, argv: Sequence[str]) -> bytes:
+    """The host's opening message: the marker and the command (argv joined for `sh -c`)."""
+    if not argv:
+        raise ValueError("empty command")
+    return marker + b"\n" + base64.b64encode(shlex.join(argv).encode()) + b"\n"
+
+
+class StreamEnd:
+    """Forwards a stream's bytes up to the marker, holding back what could be the marker's start."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.buf = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes safe to forward now.  After the marker, further data is ignored."""
+        if self.done:
+            return b""
+        self.buf += data
+        i = self.buf.find(self.marker)
+        if i >= 0:
+            out, self.buf, self.done = self.buf[:i], b"", True
+            return out
+        keep = _partial_suffix(self.buf, self.marker)
+        out = self.buf[:len(self.buf) - keep]
+        self.buf = self.buf[len(self.buf) - keep:]
+        return out
+
+    def flush(self) -> bytes:
+        """What is left when the stream ends without its marker (the VM died)."""
+        out, self.buf = self.buf, b""
+        return out
+
+
+def _partial_suffix(buf: bytes, marker: bytes) -> int:
+    """Length of the longest suffix of `buf` that is a proper prefix of `marker`."""
+    for n in range(min(len(buf), len(marker) - 1), 0, -1):
+        if buf.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class Control:
+    """The host's view of fractal.run: collects bytes until "EXIT <code>\\n"."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.exit_code: int | None = None
+
+    def feed(self, data: bytes) -> int | None:
+        self.buf += data
+        while self.exit_code is None and b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            if line.startswith(b"EXIT "):
+                try:
+                    self.exit_code = int(line[5:].strip())
+                except ValueError as exc:
+                    raise ValueError(f"bad exit line {line!r}") from exc
+        return self.exit_code
+
+
+ACK = b"ok\n"

@@ -1,0 +1,90 @@
+"""Share backends: 9p (built into QEMU) or virtiofs (a virtiofsd per share), chosen automatically.
+
+virtiofsd is not packaged in Debian bookworm; hack/setup.sh builds it from
+crates.io into ``$FRACTAL_CACHE/virtiofsd/bin``.  When it is there, virtiofs
+is used; otherwise 9p.  ``FRACTAL_SHARE=9p|virtiofs`` overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .qemu import SHARE_TYPES, Share, spawn
+
+log = logging.getLogger(__name__)
+
+
+def find_virtiofsd() -> str | None:
+    """FRACTAL_VIRTIOFSD, the cache's build, /usr/libexec/virtiofsd or PATH -- or None."""
+    env = os.environ.get("FRACTAL_VIRTIOFSD")
+    cache = Path(os.environ.get("FRACTAL_CACHE", "/var/cache/fractal")) / "virtiofsd" / "bin" / "virtiofsd"
+    for cand in (env, str(cache), "/usr/libexec/virtiofsd", shutil.which("virtiofsd")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def decide(requested: str | None, env: str | None, virtiofsd: str | None) -> tuple[str, str]:
+    """(share type, reason).  Pure.  An explicit request wins over the environment over availability."""
+    for source, value in (("requested", requested), ("FRACTAL_SHARE", env)):
+        if value:
+            if value not in SHARE_TYPES:
+                raise ValueError(f"{source} share type {value!r}: expected one of {SHARE_TYPES}")
+            if value == "virtiofs" and not virtiofsd:
+                raise ValueError("virtiofs requested but no virtiofsd found (hack/setup.sh builds one)")
+            return value, source
+    if virtiofsd:
+        return "virtiofs", f"virtiofsd at {virtiofsd}"
+    return "9p", "no virtiofsd"
+
+
+def choose(requested: str | None = None) -> tuple[str, str]:
+    t, why = decide(requested, os.environ.get("FRACTAL_SHARE") or None, find_virtiofsd())
+    log.info("share type %s (%s)", t, why)
+    return t, why
+
+
+def virtiofsd_argv(binary: str, share: Share, socket_path: str) -> list[str]:
+    """virtiofsd for one share.  Pure.
+
+    `--sandbox chroot` keeps the daemon inside the shared dir without needing user
+    namespaces; `--readonly` makes read-only shares read-only at the source (not only
+    a mount option the guest could drop).  No `--tag`: QEMU 7.1-8.0 crash on the
+    vhost-user CONFIG feature it enables.
+    """
+    argv = [binary, "--shared-dir", share.host_path, "--socket-path", socket_path,
+            "--sandbox", "chroot", "--cache", "auto", "--log-level", "error"]
+    if share.readonly:
+        argv.append("--readonly")
+    return argv
+
+
+def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float = 10.0) -> subprocess.Popen:
+    """Start virtiofsd and wait for its socket (QEMU fails if it connects too early)."""
+    proc = spawn(virtiofsd_argv(binary, share, socket_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"virtiofsd for {share.host_path} exited ({proc.returncode}): {err.strip()[-400:]}")
+        if os.path.exists(socket_path):  # never connect to probe: virtiofsd serves one connection
+            return proc
+        time.sleep(0.01)
+    proc.kill()
+    raise RuntimeError(f"virtiofsd did not create {socket_path} within {timeout}s")
+
+
+def stop_all(procs: Sequence[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.warning("helper %s did not exit after SIGKILL", p.pid)

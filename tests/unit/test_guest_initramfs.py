@@ -1,0 +1,51 @@
+"""Pure parts of the initramfs build: ldd parsing, stdlib filter, applets, inputs key."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from ccpu.guest import initramfs as ini
+
+LDD = """\
+\tlinux-vdso.so.1 (0x00007ffd6a3f2000)
+\tlibm.so.6 => /lib/x86_64-linux-gnu/libm.so.6 (0x00007f673e6c0000)
+\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f673e494000)
+\t/lib64/ld-linux-x86-64.so.2 (0x00007f673e7b6000)
+"""
+
+
+def test_parse_ldd() -> None:
+    assert ini.parse_ldd(LDD) == ["/lib/x86_64-linux-gnu/libm.so.6", "/lib/x86_64-linux-gnu/libc.so.6",
+                                  "/lib64/ld-linux-x86-64.so.2"]
+    with pytest.raises(ValueError):
+        ini.parse_ldd("\tlibfoo.so.1 => not found\n")
+
+
+@pytest.mark.parametrize("rel,keep", [
+    ("os.py", True), ("asyncio/base_events.py", True), ("lib-dynload/_asyncio.cpython-311-x86_64-linux-gnu.so", True),
+    ("test/test_os.py", False), ("idlelib/idle.py", False), ("tkinter/__init__.py", False),
+    ("ensurepip/__init__.py", False), ("lib2to3/main.py", False), ("__pycache__/os.cpython-311.pyc", False),
+    ("json/__pycache__/x.pyc", False), ("lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so", False),
+    ("lib-dynload/_testcapi.cpython-311-x86_64-linux-gnu.so", False),
+    ("config-3.11-x86_64-linux-gnu/libpython3.11.a", False), ("sqlite3/__init__.py", True),
+])
+def test_keep_stdlib(rel: str, keep: bool) -> None:
+    assert ini.keep_stdlib(rel) is keep
+
+
+def test_applet_links_skip_taken_paths() -> None:
+    links = ini.applet_links("bin/sh\nusr/bin/env\nbin/busybox\nusr/sbin/runc\n", {"usr/sbin/runc"})
+    assert [s.dest for s in links] == ["bin/sh", "usr/bin/env"]
+    assert all(stat.S_ISLNK(s.mode) and s.read() == b"/bin/busybox" for s in links)
+
+
+def test_inputs_key_depends_on_content_mode_and_options_not_order() -> None:
+    a = ini.Source("a", stat.S_IFREG | 0o644, data=b"1")
+    b = ini.Source("b", stat.S_IFREG | 0o755, data=b"2")
+    k = ini.inputs_key([a, b], {"pyc": True})
+    assert ini.inputs_key([b, a], {"pyc": True}) == k
+    assert ini.inputs_key([a, ini.Source("b", stat.S_IFREG | 0o755, data=b"3")], {"pyc": True}) != k
+    assert ini.inputs_key([a, ini.Source("b", stat.S_IFREG | 0o644, data=b"2")], {"pyc": True}) != k
+    assert ini.inputs_key([a, b], {"pyc": False}) != k

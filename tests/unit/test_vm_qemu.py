@@ -1,0 +1,126 @@
+"""The QEMU command line is a pure function of VMConfig."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ccpu.vm import qemu
+from ccpu.vm.qemu import Port, Share, VMConfig
+
+
+def cfg(**kw) -> VMConfig:
+    base = dict(kernel="/k/vmlinux", initramfs="/k/initramfs.cpio", console_log="/b/console.log")
+    base.update(kw)
+    return VMConfig(**base)
+
+
+def opt_after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_minimal_q35_tcg() -> None:
+    argv = qemu.command(cfg(), qboot_exists=True)
+    assert argv[0] == "qemu-system-x86_64"
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
+        assert flag in argv
+    assert opt_after(argv, "-machine")[0].startswith("q35")
+    assert opt_after(argv, "-accel") == ["tcg,thread=multi"]
+    assert opt_after(argv, "-bios") == [qemu.QBOOT]
+    assert opt_after(argv, "-m") == ["512M"] and opt_after(argv, "-smp") == ["2"]
+    assert opt_after(argv, "-serial") == ["file:/b/console.log"]
+    assert "-netdev" not in argv and "-drive" not in argv
+    append = opt_after(argv, "-append")[0]
+    assert "console=ttyS0" in append and "panic=-1" in append and "fractal.mode=agent" in append
+    assert "fractal.repo=none" in append
+
+
+def test_no_qboot_means_default_firmware_and_kvm_uses_host_cpu() -> None:
+    argv = qemu.command(cfg(accel="kvm"), qboot_exists=False)
+    assert "-bios" not in argv
+    assert opt_after(argv, "-accel") == ["kvm"] and opt_after(argv, "-cpu") == ["host"]
+
+
+def test_ports_are_named_virtserialports_on_listening_sockets() -> None:
+    argv = qemu.command(cfg(ports=[Port("fractal.agent", "/s/agent.sock")]))
+    assert "virtio-serial-pci,id=vser0,max_ports=2" in argv
+    assert "socket,id=port0,path=/s/agent.sock,server=on,wait=off" in argv
+    assert "virtserialport,bus=vser0.0,chardev=port0,name=fractal.agent" in argv
+
+
+def test_repo_share_is_read_only_9p_and_user_shares_can_be_rw() -> None:
+    c = cfg(repo=Share("fractalrepo", "/var/lib/fractal", "/repo", True, "9p"),
+            shares=[Share("share0", "/home/u/p", "/work", False, "9p")])
+    argv = qemu.command(c)
+    fsdevs = opt_after(argv, "-fsdev")
+    assert fsdevs[0] == "local,id=fs0,path=/var/lib/fractal,security_model=none,multidevs=remap,readonly=on"
+    assert "readonly" not in fsdevs[1]
+    assert "virtio-9p-pci,fsdev=fs0,mount_tag=fractalrepo" in argv
+    append = opt_after(argv, "-append")[0]
+    assert "fractal.repo=9p" in append and "fractal.share=share0:9p:rw:/work" in append
+
+
+def test_virtiofs_needs_shared_memfd_memory() -> None:
+    c = cfg(repo=Share("fractalrepo", "/r", "/repo", True, "virtiofs", "/s/vfs.sock"))
+    argv = qemu.command(c)
+    assert "memory-backend-memfd,id=mem,size=512M,share=on" in argv
+    assert "memory-backend=mem" in opt_after(argv, "-machine")[0]
+    assert "vhost-user-fs-pci,chardev=vfs0,tag=fractalrepo,queue-size=1024" in argv
+    assert "socket,id=vfs0,path=/s/vfs.sock" in argv
+
+
+def test_microvm_uses_mmio_devices() -> None:
+    c = cfg(machine="microvm", ports=[Port("p", "/s/p")], shares=[Share("share0", "/h", "/work", False, "9p")])
+    argv = qemu.command(c, qboot_exists=True)
+    assert opt_after(argv, "-machine")[0].startswith("microvm")
+    assert "-bios" not in argv
+    assert any(a.startswith("virtio-serial-device") for a in argv)
+    assert "virtio-9p-device,fsdev=fs0,mount_tag=share0" in argv
+
+
+@pytest.mark.parametrize("bad", [
+    dict(machine="pc-i440fx"), dict(accel="hvf"),
+    dict(shares=[Share("t", "/h", "/a b", False)]), dict(shares=[Share("t:x", "/h", "/w", False)]),
+    dict(shares=[Share("t", "/h", "relative", False)]), dict(shares=[Share("fractalrepo", "/h", "/w", False)]),
+    dict(shares=[Share("t", "/h", "/w", False, "virtiofs")]),  # no socket
+    dict(shares=[Share("t", "/h", "/w"), Share("t", "/h2", "/w2")]),
+    dict(repo=Share("other", "/r", "/repo")),
+])
+def test_bad_configs(bad: dict) -> None:
+    with pytest.raises(qemu.ConfigError):
+        qemu.command(cfg(**bad))
+
+
+def test_spawned_children_die_with_their_parent(tmp_path) -> None:
+    """A helper started through qemu.spawn is SIGKILLed when the process that spawned it dies."""
+    pidfile = tmp_path / "pid"
+    code = (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from ccpu.vm import qemu\n"
+        "p = qemu.spawn(['sleep', '60'])\n"
+        "open(%r, 'w').write(str(p.pid))\n"
+        "time.sleep(60)\n"
+    ) % (os.getcwd(), str(pidfile))
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    for _ in range(200):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.02)
+    child = int(pidfile.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(200):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(child, 9)
+        pytest.fail("child outlived its parent")

@@ -1,0 +1,27 @@
+"""Share type choice and virtiofsd flags (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ccpu.vm import shares
+from ccpu.vm.qemu import Share
+
+
+def test_decide_prefers_request_then_env_then_availability() -> None:
+    assert shares.decide(None, None, "/v")[0] == "virtiofs"
+    assert shares.decide(None, None, None)[0] == "9p"
+    assert shares.decide(None, "9p", "/v")[0] == "9p"
+    assert shares.decide("virtiofs", "9p", "/v")[0] == "virtiofs"
+    with pytest.raises(ValueError, match="no virtiofsd"):
+        shares.decide("virtiofs", None, None)
+    with pytest.raises(ValueError):
+        shares.decide(None, "nfs", None)
+
+
+def test_virtiofsd_argv_read_only_and_no_tag() -> None:
+    argv = shares.virtiofsd_argv("/bin/virtiofsd", Share("fractalrepo", "/repo", "/repo", True, "virtiofs", "/s"), "/s")
+    assert argv[:5] == ["/bin/virtiofsd", "--shared-dir", "/repo", "--socket-path", "/s"]
+    assert "--readonly" in argv and "--tag" not in argv
+    rw = shares.virtiofsd_argv("/bin/virtiofsd", Share("t", "/w", "/work", False, "virtiofs", "/s"), "/s")
+    assert "--readonly" not in rw
