@@ -1,0 +1,109 @@
+"""`fractal vm run` against real QEMU (TCG here): guest kernel, shares, exit codes, no leftovers.
+
+Three boots in all (~4-5 s each under TCG), one shared guest build.  Each boot
+checks several things so the file stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
+
+
+def qemu_processes(needle: str) -> list[str]:
+    """Command lines of running QEMU processes that mention `needle` (ours only, not other sessions')."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("qemu-system-x86_64") and needle in cmd:
+            found.append(f"{pid}: {cmd[:200]}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def guest() -> Path:
+    """Build (or reuse) the guest once for the session."""
+    out = subprocess.run([sys.executable, "-m", "ccpu.cli", "guest", "build", "--json"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.split('"initramfs": "')[1].split('"')[0])
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    work, repo = tmp_path / "work", tmp_path / "repo"
+    work.mkdir()
+    repo.mkdir()
+    (work / "marker-7f3a").write_text("hello from the host\n")
+    (repo / "layer-file").write_text("layer\n")
+    yield work, repo
+    assert qemu_processes(str(tmp_path)) == [], "QEMU outlived fractal vm run"
+
+
+def vm_run(work: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", *args], cwd=work, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_command_sees_shares_guest_kernel_and_a_read_only_repo(guest: Path, dirs: tuple[Path, Path]) -> None:
+    work, repo = dirs
+    script = (
+        "ls /work; uname -r; cat /repo/layer-file; "
+        "echo written-in-guest > /work/from-guest; "
+        "if touch /repo/intruder 2>/dev/null; then echo REPO-WRITABLE; else echo repo-ro; fi; "
+        "echo to-stderr >&2"
+    )
+    res = vm_run(work, "--share-type", "9p", "--repo", str(repo), "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "marker-7f3a" in lines
+    host_release = os.uname().release
+    guest_release = lines[lines.index("marker-7f3a") + 1]
+    assert guest_release != host_release and guest_release.startswith("6.1."), lines
+    assert "layer" in lines
+    assert "repo-ro" in lines and "REPO-WRITABLE" not in res.stdout
+    assert not (repo / "intruder").exists()
+    assert (work / "from-guest").read_text() == "written-in-guest\n"  # user shares are read-write
+    assert "to-stderr" in res.stderr and "to-stderr" not in res.stdout
+
+
+def test_exit_code_propagates_and_pivot_root_works(guest: Path, dirs: tuple[Path, Path]) -> None:
+    work, _ = dirs
+    # runc pivot_roots into container rootfs; the guest's root must allow it (it is not the bare initramfs)
+    script = ("unshare -m sh -c 'mkdir -p /tmp/nr && mount -t tmpfs t /tmp/nr && mkdir /tmp/nr/old && "
+              "cd /tmp/nr && pivot_root . old && echo pivot-ok'; exit 7")
+    res = vm_run(work, "--share-type", "9p", "--", "sh", "-c", script)
+    assert res.returncode == 7, res.stderr
+    assert "pivot-ok" in res.stdout, res.stderr
+
+
+def test_virtiofs_shares(guest: Path, dirs: tuple[Path, Path]) -> None:
+    sys.path.insert(0, str(REPO))
+    from ccpu.vm.shares import find_virtiofsd
+
+    if find_virtiofsd() is None:
+        pytest.skip("no virtiofsd (hack/setup.sh builds it into $FRACTAL_CACHE/virtiofsd)")
+    work, repo = dirs
+    script = ("ls /work; grep -E ' /(work|repo) ' /proc/mounts | cut -d' ' -f3,4 | cut -d, -f1; "
+              "echo v > /work/vfs-out; touch /repo/intruder 2>/dev/null && echo REPO-WRITABLE; exit 3")
+    res = vm_run(work, "--share-type", "virtiofs", "--repo", str(repo), "--", "sh", "-c", script)
+    assert res.returncode == 3, res.stderr
+    assert "marker-7f3a" in res.stdout
+    assert "virtiofs rw" in res.stdout and "virtiofs ro" in res.stdout
+    assert "REPO-WRITABLE" not in res.stdout and not (repo / "intruder").exists()
+    assert (work / "vfs-out").read_text() == "v\n"
