@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import mounts, protocol
+from . import live, mounts, protocol
 from .process import CREATED, DRAIN_TIMEOUT, PAUSED, RUNNING, STOPPED, Events, Process
 from .reaper import Reaper
 from .runc import Runc
@@ -42,6 +42,7 @@ class Container:
     mounted: int  # how many mounts the agent stacked on `rootfs`
     kill_all_on_exit: bool  # no pid namespace of its own: its processes outlive init
     execs: dict[str, Process] = field(default_factory=dict)
+    live: live.LiveStack | None = None  # the stack of a `layers` rootfs (live.py: restack)
 
 
 def _read_spec(bundle: str) -> dict[str, Any]:
@@ -230,6 +231,7 @@ class Supervisor:
             raise
         init = Process(cid, "", stdio)
         c = Container(cid, bundle, init, rootfs, mounted, kill_all_on_exit=not _has_pid_namespace(spec))
+        c.live = live.initial_stack(args.get("rootfs"), self.layer_roots)
         self.containers[cid] = c
         if c.kill_all_on_exit:
             exited.add_done_callback(lambda _f: asyncio.ensure_future(self._kill_all_quietly(cid)))
@@ -430,6 +432,7 @@ class Supervisor:
         p.close()
         self.release_stdin(p.stdio.stdin_ch)
         mounts.unmount(c.rootfs, c.mounted)
+        live.cleanup(c.live)
         del self.containers[c.id]
         _unlink(os.path.join(c.bundle, "init.pid"))
         return p.exit_fields()

@@ -20,12 +20,12 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from . import protocol, wire
+from . import live, protocol, wire
 from .container import Supervisor
 
 log = logging.getLogger(__name__)
 
-FEATURES = ["terminal", "exec", "pause", "stats", "rootfs:layers", "rootfs:mounts", "rootfs:none"]
+FEATURES = ["terminal", "exec", "pause", "stats", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live"]
 
 
 class Connection:
@@ -119,6 +119,8 @@ class Server:
             "pids": supervisor.pids,
             "stats": supervisor.stats,
             "delete": supervisor.delete,
+            "layers": lambda args: live.layers_op(supervisor, args),
+            "restack": lambda args: live.restack_op(supervisor, args),
         }
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,0 +1,132 @@
+"""The pure parts of live layers (ccpu.agent.live): planning a restack, helper messages, state."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from ccpu.agent import live, mounts, protocol
+
+L = ["/l/top", "/l/mid", "/l/base"]
+
+
+def test_add_on_top_by_default() -> None:
+    assert live.plan_restack(L, add=["/l/new"]) == ["/l/new", *L]
+
+
+def test_add_block_keeps_its_order_at_positions() -> None:
+    assert live.plan_restack(L, add=["/l/x", "/l/y"], position="top") == ["/l/x", "/l/y", *L]
+    assert live.plan_restack(L, add=["/l/x", "/l/y"], position="bottom") == [*L, "/l/x", "/l/y"]
+    assert live.plan_restack(L, add=["/l/x"], position=1) == ["/l/top", "/l/x", "/l/mid", "/l/base"]
+    assert live.plan_restack(L, add=["/l/x"], position=3) == [*L, "/l/x"]
+
+
+def test_remove_then_add_position_counts_the_remaining_stack() -> None:
+    assert live.plan_restack(L, add=["/l/x"], remove=["/l/top"], position=1) == ["/l/mid", "/l/x", "/l/base"]
+    assert live.plan_restack(L, remove=["/l/mid"]) == ["/l/top", "/l/base"]
+
+
+def test_a_removed_and_added_layer_moves() -> None:
+    assert live.plan_restack(L, add=["/l/top"], remove=["/l/top"], position="bottom") == ["/l/mid", "/l/base", "/l/top"]
+
+
+def test_replace_every_layer_is_allowed() -> None:
+    assert live.plan_restack(L, add=["/l/v2"], remove=L) == ["/l/v2"]
+
+
+def test_errors() -> None:
+    with pytest.raises(protocol.NotFound):
+        live.plan_restack(L, remove=["/l/other"])
+    with pytest.raises(protocol.AlreadyExists):
+        live.plan_restack(L, add=["/l/mid"])
+    with pytest.raises(protocol.FailedPrecondition):
+        live.plan_restack(L, remove=L)
+    with pytest.raises(protocol.InvalidArgument):
+        live.plan_restack(L)  # nothing to do
+    with pytest.raises(protocol.InvalidArgument):
+        live.plan_restack(L, add=["/l/x", "/l/x"])
+    with pytest.raises(protocol.InvalidArgument):
+        live.plan_restack(L, remove=["/l/top", "/l/top"])
+    for bad in (-1, 4, "middle", True, 1.5, None):
+        with pytest.raises(protocol.InvalidArgument):
+            live.plan_restack(L, add=["/l/x"], position=bad)  # type: ignore[arg-type]
+    with pytest.raises(protocol.InvalidArgument, match="overlaps"):
+        live.plan_restack(L, add=["/c/upper/sub"], upper="/c/upper", work="/c/work")
+    with pytest.raises(protocol.InvalidArgument, match="overlaps"):
+        live.plan_restack(L, add=["/c"], upper="/c/upper", work="/c/work")
+    with pytest.raises(protocol.InvalidArgument, match="overlaps"):
+        live.plan_restack(L, add=["/c/work"], upper="/c/upper", work="/c/work")
+    with pytest.raises(protocol.InvalidArgument, match="at most"):
+        live.plan_restack(L, add=[f"/m/{i}" for i in range(live.MAX_LOWERS)])
+
+
+def test_error_checks_do_not_depend_on_order() -> None:
+    # a sibling whose name extends the upper's is not inside it
+    assert live.plan_restack(L, add=["/c/upper2"], upper="/c/upper", work="/c/work") == ["/c/upper2", *L]
+
+
+def test_fresh_work_name(tmp_path: Path) -> None:
+    base = str(tmp_path / "work")
+    assert live.fresh_work_name(base) == base + ".1"
+    (tmp_path / "work.1").mkdir()
+    assert live.fresh_work_name(base) == base + ".2"
+    assert live.fresh_work_name(base, taken=[base + ".2"]) == base + ".3"
+
+
+def test_submounts_are_the_direct_children_of_the_root() -> None:
+    infos = [
+        (20, 10, "/", {"rw"}),
+        (21, 20, "/proc", {"rw", "nosuid"}),
+        (22, 20, "/dev", {"rw"}),
+        (23, 22, "/dev/pts", {"rw"}),
+        (24, 21, "/proc/kcore", {"ro"}),
+        (25, 20, "/etc/hosts", {"rw"}),
+        (26, 20, "/a dir", {"rw"}),
+    ]
+    assert live.submounts(infos, 20) == ["proc", "dev", "etc/hosts", "a dir"]
+
+
+def test_root_flags() -> None:
+    assert live.root_flags({"rw", "relatime"}) == mounts.MS_RELATIME
+    assert live.root_flags({"ro", "nosuid", "nodev"}) == mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV
+
+
+def test_helper_messages_map_to_codes() -> None:
+    assert isinstance(live._error(f"setns:{errno.ENOENT}:gone"), protocol.FailedPrecondition)
+    err = live._error(f"target:{errno.ENOENT}:the new stack has no /proc")
+    assert isinstance(err, protocol.FailedPrecondition) and "unchanged" in err.message and "/proc" in err.message
+    assert isinstance(live._error("root:0:x"), protocol.FailedPrecondition)
+    assert isinstance(live._error(f"pivot:{errno.EINVAL}:pivot_root: Invalid argument"), protocol.Internal)
+    assert isinstance(live._error("garbage"), protocol.Internal)
+
+
+def test_initial_stack_only_for_layers(tmp_path: Path) -> None:
+    roots = [str(tmp_path)]
+    for d in ("a", "b", "up", "wk"):
+        (tmp_path / d).mkdir()
+    assert live.initial_stack({"kind": "none"}, roots) is None
+    assert live.initial_stack({"kind": "mounts", "mounts": []}, roots) is None
+    ls = live.initial_stack(
+        {"kind": "layers", "lowers": [str(tmp_path / "a"), str(tmp_path / "b")], "upper": str(tmp_path / "up"), "work": str(tmp_path / "wk")},
+        roots,
+    )
+    assert ls is not None
+    d = ls.describe()
+    assert d["lowers"] == [str((tmp_path / "a").resolve()), str((tmp_path / "b").resolve())]
+    assert d["upper"] == str((tmp_path / "up").resolve()) and d["work"] == str((tmp_path / "wk").resolve())
+    assert len(d["history"]) == 1 and d["history"][0]["added"] == d["lowers"]
+    ro = live.initial_stack({"kind": "layers", "lowers": [str(tmp_path / "a")]}, roots)
+    assert ro is not None and ro.upper is None and ro.work is None
+
+
+def test_cleanup_removes_only_our_work_dirs(tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work.1" / "work").mkdir(parents=True)
+    (tmp_path / "work.1" / "work").chmod(0)
+    ls = live.LiveStack(["/l"], str(tmp_path / "up"), str(tmp_path / "work.1"), str(tmp_path / "work"))
+    ls.created_works.append(str(tmp_path / "work.1"))
+    live.cleanup(ls)
+    live.cleanup(None)
+    assert [p.name for p in tmp_path.iterdir()] == ["work"]
