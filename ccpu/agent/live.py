@@ -19,7 +19,10 @@ Mechanism (docs/agent-protocol.md, "Live layers"; checked on kernel 6.18 and on 
    it exists in every container, it is on the root mount itself (a staging dir under a submount
    such as /dev would be copied along with that submount into the new root), and it hides
    nothing: path lookups start at each process's root and never descend into a mount stacked
-   on the root itself, so until the pivot the container sees exactly its old tree.
+   on the root itself, so until the pivot the container sees exactly its old tree.  (Tried:
+   a plain dir on the root mount such as /tmp works too, but shows the new root there until the
+   pivot and breaks if the image mounts a tmpfs on it; /dev/shm leaves a copy of the whole new
+   root visible at /dev/shm afterwards, because it is copied along with /dev.)
 5. The helper (cwd = the new root) makes the new root private, gives it the old root's
    per-mount flags (ro, nosuid, ...), and recursively bind-mounts every direct submount of the
    old root onto the same path in the new root (copies of the same mounts: same superblocks,

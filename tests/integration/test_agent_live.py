@@ -260,6 +260,34 @@ def test_restack_keeps_a_readonly_root_readonly(agent: Agent) -> None:
     run(agent, scenario)
 
 
+def test_restack_a_paused_container_without_upper(agent: Agent) -> None:
+    """A read-only stack (no upper: a bind of the one lower, then an overlay of two) restacked
+    while the container is paused."""
+
+    async def scenario(client: AgentClient) -> None:
+        c = cid()
+        bundle, rootfs = agent.bundle(c, ["sleep", "100"])
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["root"]["readonly"] = True
+        rootfs = {"kind": "layers", "lowers": rootfs["lowers"]}
+        await client.call("create", container=c, bundle=str(bundle), rootfs=rootfs, spec=spec, terminal=False)
+        try:
+            await client.call("start", container=c)
+            await client.call("pause", container=c)
+            b = _layer(agent.layers / c, "b", {"added/hello": "hello\n"})
+            assert (await client.call("restack", container=c, add=[b]))["lowers"] == [b, os.path.realpath(rootfs["lowers"][0])]
+            await client.call("resume", container=c)
+            status, out = await sh(client, c, "cat /added/hello; touch /x")
+            assert status != 0 and out.startswith(b"hello\n") and b"Read-only" in out, out
+            info = await client.call("layers", container=c)
+            assert info["upper"] is None and info["work"] is None
+        finally:
+            await _best_effort_finish(client, c)
+        assert not _mounts_below(str(agent.base))
+
+    run(agent, scenario)
+
+
 @pytest.mark.parametrize("stage", ["attach", "binds"])
 def test_failure_inside_the_container_namespace_changes_nothing(image: Path, stage: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The helper fails after attaching the new root (or after copying the submounts onto it):
