@@ -32,6 +32,8 @@ APT_PACKAGES=(
   golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev
   golang-github-gogo-googleapis-dev
   debootstrap qemu-system-x86 iproute2 e2fsprogs
+  # VM guest (docs/vm.md): Debian's own python3.11 goes into the initramfs; virtiofsd builds need the -dev libs
+  python3.11 libcap-ng-dev libseccomp-dev pkg-config
 )
 
 step_start=$EPOCHREALTIME
@@ -105,4 +107,24 @@ if [ "$SKIP_IMAGES" -eq 0 ]; then
   $SUDO "$PY" "$ROOT/hack/testimages.py" --cache "$CACHE" build "${extra[@]}"
   step_done
 fi
+# --- 5. VM guest + virtiofsd (docs/vm.md) ------------------------------------------
+# The guest (Debian kernel + initramfs) is cached by its inputs under $CACHE/guest: a
+# warm run only re-hashes the inputs (~2 s).  virtiofsd is not in Debian bookworm; it
+# is built from crates.io once (~1 min here) into $CACHE/virtiofsd.  Without cargo the
+# VM falls back to 9p shares.
+step "VM guest in $CACHE/guest"
+(cd "$ROOT" && FRACTAL_CACHE="$CACHE" $SUDO "$PY" -m ccpu.cli guest build)
+step_done
+step "virtiofsd in $CACHE/virtiofsd"
+if [ -x "$CACHE/virtiofsd/bin/virtiofsd" ]; then
+  echo "setup:   present ($("$CACHE/virtiofsd/bin/virtiofsd" --version 2>/dev/null | head -1))"
+elif CARGO="$(command -v cargo || echo "$HOME/.cargo/bin/cargo")" && [ -x "$CARGO" ]; then
+  $SUDO "$CARGO" install virtiofsd --version '^1.14' --locked --root "$CACHE/virtiofsd" --quiet \
+    || echo "setup:   WARNING: virtiofsd did not build; the VM uses 9p shares"
+else
+  echo "setup:   no cargo: skipped (the VM uses 9p shares)"
+fi
+step_done
+# --- end of VM step ----------------------------------------------------------------
+
 echo "setup: ok"

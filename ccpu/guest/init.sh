@@ -121,8 +121,9 @@ agent)
     agent="$(port fractal.agent)" || die "no virtio-serial port named fractal.agent"
     mkdir -p /run/runc /run/fractal/bundles
     milestone "exec agent on $agent"
-    exec python3.11 -S -I -m ccpu.agent --serial "$agent" --runc-root /run/runc \
-        --bundle-root /run/fractal/bundles --layer-root /repo/layers
+    # The agent serves the port as an inherited fd (`--fd`: a socket or a character device).
+    exec python3.11 -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
+        --bundle-root /run/fractal/bundles --layer-root /repo/layers 3<>"$agent"
     ;;
 run)
     # Host protocol (ccpu.vm.run): the host writes two lines on fractal.run, a

@@ -80,7 +80,8 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         return 125
     if args.verbose:
         times = ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items())
-        print(f"vm: exit {res.exit_code}; {times}", file=sys.stderr)
+        rss = f"; QEMU peak RSS {res.qemu_maxrss_kb / 1024:.0f} MiB" if res.qemu_maxrss_kb else ""
+        print(f"vm: exit {res.exit_code}; {times}{rss}", file=sys.stderr)
     return res.exit_code
 
 

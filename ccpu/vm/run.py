@@ -130,6 +130,7 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             marker = runproto.new_marker()
             ctl.sendall(runproto.request(marker, argv))
             code = _pump(ctl, out_s, err_s, marker, out_f, err_f, proc, t0 + timeout, timings, t0)
+            hwm = _vm_hwm_kb(proc.pid)  # QEMU's peak RSS, read while it still exists
             ctl.sendall(runproto.ACK)
             try:
                 proc.wait(timeout=15)
@@ -137,7 +138,7 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
                 log.warning("guest did not power off within 15 s; killing QEMU")
             timings["qemu_exit"] = time.monotonic() - t0
             text = _read(log_path)
-            result = RunResult(code, timings, console_log if console_log else None)
+            result = RunResult(code, timings, console_log if console_log else None, hwm)
             for up, what in console_milestones(text):
                 timings[f"guest:{what}"] = up
             return result
@@ -152,6 +153,16 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
                     proc.kill()
                 proc.wait()
             shares.stop_all(helpers)
+
+
+def _vm_hwm_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _read(path: str) -> str:
