@@ -1,0 +1,83 @@
+"""What an image is made of, read from containerd: its layers' chain IDs.
+
+The repo names layers by chain ID (identity of a layer *on its parents*), the
+same key containerd uses for the committed snapshots of an image.  So to find
+an image's layer directories we read its manifest and config from containerd's
+content store and fold the config's diff IDs into chain IDs (OCI image spec:
+ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from .api.gen.containerd.services.content.v1 import content_pb2, content_pb2_grpc
+from .api.gen.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+from .containerd import ContainerdClient, ContainerdError
+
+INDEX_TYPES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for d in diff_ids:
+        out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+def _arch() -> str:
+    m = platform.machine()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(m, m)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLayers:
+    name: str
+    manifest: str
+    diff_ids: tuple[str, ...]
+    chain_ids: tuple[str, ...]  # bottom first, as in the config
+
+
+def image_layers(client: ContainerdClient, name: str) -> ImageLayers:
+    """The layers of image `name` in the client's namespace (NotFound -> ContainerdError)."""
+    images = images_pb2_grpc.ImagesStub(client._channel)
+    try:
+        img = images.Get(images_pb2.GetImageRequest(name=name), metadata=client._md, timeout=client.timeout).image
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            raise ContainerdError(f"image {name!r} not found in namespace {client.namespace!r}") from None
+        raise ContainerdError(f"containerd: {e.details()}") from None  # type: ignore[attr-defined]
+    media, digest = img.target.media_type, img.target.digest
+    doc = _read_json(client, digest)
+    if media in INDEX_TYPES or "manifests" in doc:
+        want = _arch()
+        for m in doc.get("manifests", []):
+            p = m.get("platform") or {}
+            if p.get("os", "linux") == "linux" and p.get("architecture") == want:
+                digest = m["digest"]
+                doc = _read_json(client, digest)
+                break
+        else:
+            raise ContainerdError(f"image {name!r} has no linux/{want} manifest")
+    config = _read_json(client, doc["config"]["digest"])
+    diff_ids = tuple(config.get("rootfs", {}).get("diff_ids", []))
+    return ImageLayers(name, digest, diff_ids, tuple(chain_ids(diff_ids)))
+
+
+def _read_json(client: ContainerdClient, digest: str) -> dict:
+    content = content_pb2_grpc.ContentStub(client._channel)
+    try:
+        data = b"".join(r.data for r in content.Read(content_pb2.ReadContentRequest(digest=digest),
+                                                     metadata=client._md, timeout=client.timeout))
+    except grpc.RpcError as e:
+        raise ContainerdError(f"cannot read {digest} from containerd's content store: {e.details()}") from None  # type: ignore[attr-defined]
+    return json.loads(data)
