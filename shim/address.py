@@ -9,11 +9,9 @@ is the first of the annotations :data:`GROUP_ANNOTATIONS`, else the container id
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
-import socket
 
 SOCKET_DIR = "/run/containerd/s"
 
@@ -37,9 +35,21 @@ def go_clean(path: str) -> str:
     return cleaned
 
 
+def _sha256_hex(data: bytes) -> str:
+    # the builtin module, not hashlib: hashlib loads OpenSSL (~3 ms of every start/delete)
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]  # Python <= 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # type: ignore[import-not-found, no-redef]  # 3.12+
+        except ImportError:
+            from hashlib import sha256  # type: ignore[assignment]
+    return sha256(data).hexdigest()  # type: ignore[no-any-return]
+
+
 def socket_path(containerd_address: str, namespace: str, group: str) -> str:
     """Filesystem path of the shim socket for (containerd, namespace, group)."""
-    digest = hashlib.sha256(go_join(containerd_address, namespace, group).encode()).hexdigest()
+    digest = _sha256_hex(go_join(containerd_address, namespace, group).encode())
     return f"{SOCKET_DIR}/{digest}"
 
 
@@ -92,6 +102,8 @@ def write_address(bundle: str, address: str) -> None:
 
 def can_connect(path: str, timeout: float = 1.0) -> bool:
     """True if something accepts connections on the unix socket ``path``."""
+    import socket
+
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:

@@ -1,9 +1,12 @@
 """The shim daemon: serves the Task API for one group of containers (started by ``start``).
 
+``start`` forks it (:func:`run_forked`: the interpreter and the modules ``start`` already
+imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
 ``python -m shim.daemon -namespace NS -address ADDR -publish-binary P -id ID -bundle B
--group G -socket PATH -listen-fd N [-debug]``
+-group G -socket PATH -listen-fd N [-debug]``.
 
-* child subreaper with ONE reaper (SIGCHLD -> waitpid(-1)) for every child (the agent);
+* child subreaper with ONE reaper (SIGCHLD -> waitpid(-1)) for every child: runc, the
+  containers' processes (the in-process agent's children), or the agent process;
 * stderr goes to the first container's ``<bundle>/log`` FIFO, which containerd copies into its
   own log; every line names the namespace, group and pid;
 * SIGPIPE ignored; SIGTERM/SIGINT shut down (containers are left running; containerd will
@@ -13,14 +16,31 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-import signal
 import sys
-import time
 
-from shim.main import UsageError, parse_args
+
+def skip_ssl() -> None:
+    """Make ``import ssl`` fail in the daemon (asyncio then runs without TLS support).
+
+    Why: asyncio imports ssl (and with it OpenSSL) only to offer TLS, which the daemon never
+    uses (unix sockets only); that import is ~10 ms of every sandbox start, on the critical path
+    of ``ctr run``.  Called only in the daemon's own process, before asyncio is imported.
+    ``FRACTAL_SHIM_SSL=1`` keeps ssl importable."""
+    import os
+
+    if "ssl" not in sys.modules and os.environ.get("FRACTAL_SHIM_SSL", "") != "1":
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+
+
+if __name__ == "__main__":
+    skip_ssl()
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+
+from shim.main import UsageError, parse_args  # noqa: E402
 
 DAEMON_FLAGS: dict[str, bool] = {
     "namespace": False, "address": False, "publish-binary": False, "id": False,
@@ -76,7 +96,7 @@ class Daemon:
         from ccpu.ttrpc import Server
         from shim import address as addr
         from shim.events import Publisher
-        from shim.sandbox import HostSandbox
+        from shim.sandbox import host_sandbox
         from shim.task import SERVICE, TaskService
 
         loop = asyncio.get_running_loop()
@@ -89,7 +109,7 @@ class Daemon:
         self.publisher = Publisher(ttrpc_address)
         repo_root = os.environ.get("FRACTAL_ROOT") or "/var/lib/fractal"
         bundle_root = os.path.dirname(os.path.realpath(self.opts.bundle))
-        self.sandbox = HostSandbox(
+        self.sandbox = host_sandbox(
             reaper=self.reaper, runc_root=addr.runc_root(self.namespace),
             bundle_root=bundle_root, layer_roots=layer_roots(repo_root, self.opts.bundle))
         self.service = TaskService(
@@ -105,9 +125,11 @@ class Daemon:
             self.socket_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
         except OSError:
             self.socket_id = None
-        await self.server.serve_fd(int(self.opts.listen_fd))
-        log.info("serving %s for group %s (first container %s)", self.opts.socket, self.group,
-                 self.opts.id)
+        listen_fd = int(self.opts.listen_fd)
+        os.set_inheritable(listen_fd, False)  # never into runc or a container
+        await self.server.serve_fd(listen_fd)
+        log.info("serving %s for group %s (first container %s, agent %s)", self.opts.socket,
+                 self.group, self.opts.id, self.sandbox.agent_mode)
         starting = loop.create_task(self._start_sandbox())
         await self.stop_event.wait()
         await self.shutdown(starting)
@@ -171,12 +193,22 @@ class Daemon:
         log.info("shim exiting")
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv, DAEMON_FLAGS)
-    except UsageError as exc:
-        sys.stderr.write(f"fractal shim daemon: {exc}\n")
-        return 2
+def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int):  # noqa: ANN001, ANN201
+    """The daemon's options from ``start``'s (what ``daemon_argv`` passes on the command line)."""
+    from shim.main import Options
+
+    d = Options()
+    for name in ("namespace", "address", "publish_binary", "id", "debug"):
+        setattr(d, name, getattr(opts, name))
+    d.bundle = bundle
+    d.group = group  # type: ignore[attr-defined]
+    d.socket = socket
+    d.listen_fd = str(listen_fd)  # type: ignore[attr-defined]
+    return d
+
+
+def serve(opts) -> int:  # noqa: ANN001
+    """Run the daemon for parsed ``opts`` (both ways of starting it end here)."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     _setup_logging(opts.bundle, opts.namespace, opts.group or opts.id, opts.debug)
     try:
@@ -184,6 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("shim daemon failed")
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv, DAEMON_FLAGS)
+    except UsageError as exc:
+        sys.stderr.write(f"fractal shim daemon: {exc}\n")
+        return 2
+    return serve(opts)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,15 @@ files are left behind when a shim is killed).
 Nothing but the address may be written to stdout or stderr: containerd reads both
 (CombinedOutput) as the address.  The daemon gets /dev/null as stdio and its own session, so
 containerd's read of our output ends when we exit.
+
+How the daemon is started (``FRACTAL_SHIM_SPAWN``):
+
+* ``fork`` (default): ``os.fork()`` once everything is parsed and the socket listens (no
+  threads exist in ``start``).  The child closes the lock, takes /dev/null as stdio, calls
+  setsid, moves to the bundle and runs :func:`shim.daemon.serve` -- no second interpreter start
+  and no second ``site`` import, which is most of a Python process's start-up cost.  The parent
+  prints the address and exits at once (``os._exit``: nothing of the child's to flush).
+* ``exec``: a fresh ``python -m shim.daemon`` that inherits the listening socket as an fd.
 """
 
 from __future__ import annotations
@@ -17,7 +26,6 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-import subprocess
 import sys
 
 from shim import address as addr
@@ -41,6 +49,55 @@ def daemon_argv(opts, group: str, bundle: str, sock_path: str, listen_fd: int) -
     if opts.debug:
         argv.append("-debug")
     return argv
+
+
+def spawn_mode() -> str:
+    return "exec" if os.environ.get("FRACTAL_SHIM_SPAWN", "").strip() == "exec" else "fork"
+
+
+def _exec_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.socket) -> None:  # noqa: ANN001
+    import subprocess
+
+    fd = sock.fileno()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
+    with open(os.devnull, "r+b") as devnull:
+        subprocess.Popen(
+            daemon_argv(opts, group, bundle, sock_path, fd),
+            stdin=devnull, stdout=devnull, stderr=devnull,
+            pass_fds=(fd,), cwd=bundle, env=env, start_new_session=True, close_fds=True,
+        )
+
+
+def _fork_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.socket,  # noqa: ANN001
+                 lock_fd: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return
+    # The child: never returns into start's code, never flushes start's buffers.
+    code = 1
+    try:
+        os.close(lock_fd)  # an flock belongs to the open file: the child must not keep it
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # containerd waits for EOF on start's stdout/stderr
+            os.dup2(null, fd)
+        if null > 2:
+            os.close(null)
+        os.setsid()
+        os.chdir(bundle)
+        if os.environ.get("FRACTAL_SHIM_SSL", "") != "1":
+            sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # see daemon.skip_ssl
+        from shim import daemon
+
+        dopts = daemon.daemon_options(opts, group=group, bundle=bundle, socket=sock_path,
+                                      listen_fd=sock.detach())
+        code = daemon.serve(dopts)
+    except BaseException:  # noqa: BLE001 - nothing to report to: stdio is /dev/null
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def _listen(path: str) -> socket.socket:
@@ -81,17 +138,10 @@ def start(opts) -> str:  # noqa: ANN001
             pass
         sock = _listen(sock_path)
         try:
-            fd = sock.fileno()
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
-            with open(os.devnull, "r+b") as devnull:
-                subprocess.Popen(
-                    daemon_argv(opts, group, bundle, sock_path, fd),
-                    stdin=devnull, stdout=devnull, stderr=devnull,
-                    pass_fds=(fd,), cwd=bundle, env=env, start_new_session=True,
-                    close_fds=True,
-                )
+            if spawn_mode() == "exec":
+                _exec_daemon(opts, group, bundle, sock_path, sock)
+            else:
+                _fork_daemon(opts, group, bundle, sock_path, sock, dir_fd)
         except BaseException:
             sock.close()
             try:
@@ -121,3 +171,4 @@ def run(opts) -> int:  # noqa: ANN001
     sys.stdout.write(address)
     sys.stdout.flush()
     return 0
+

@@ -97,29 +97,41 @@ class FifoReader:
         self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._finishing = False
 
-    def start(self, agent: Any, channel: int) -> None:
-        self._task = self._loop.create_task(self._pump(agent, channel))
+    def start(self, channel: Any) -> None:
+        """Forward to ``channel`` (an agent client Channel) until EOF."""
+        self._task = self._loop.create_task(self._pump(channel))
 
     async def _readable(self) -> None:
-        fut = self._loop.create_future()
-        self._loop.add_reader(self.fd, lambda: fut.done() or fut.set_result(None))
+        fd = self.fd
+        fut = self._wake = self._loop.create_future()
+        self._loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
         try:
             await fut
         finally:
-            self._loop.remove_reader(self.fd)
+            self._wake = None
+            self._loop.remove_reader(fd)
 
-    async def _pump(self, agent: Any, channel: int) -> None:
+    async def _pump(self, channel: Any) -> None:
         try:
-            while True:
-                try:
-                    data = os.read(self.fd, READ_SIZE)
-                except BlockingIOError:
-                    await self._readable()
-                    continue
-                if not data:
-                    break
-                await agent.send(channel, data)
+            eof = False
+            while not eof and not self._finishing:
+                # Wait for epoll first: read() on a FIFO returns b"" while NO writer has the
+                # FIFO open, including before containerd's writer has arrived (its fifo package
+                # opens the write end only once we, the reader, are there); epoll only reports
+                # data, or HUP once a writer came and went.
+                await self._readable()
+                while True:
+                    try:
+                        data = os.read(self.fd, READ_SIZE)
+                    except BlockingIOError:
+                        break
+                    if not data:
+                        eof = True
+                        break
+                    await channel.write(data)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - agent gone etc.: stdin just ends
@@ -127,15 +139,26 @@ class FifoReader:
         finally:
             self._close_fd()
         try:
-            await agent.close_channel(channel)
+            await channel.close_write()
         except Exception as exc:  # noqa: BLE001
-            log.debug("stdio: closing stdin channel %d: %s", channel, exc)
+            log.debug("stdio: closing stdin channel %d: %s", channel.number, exc)
+
+    def finish(self) -> None:
+        """CloseIO: forward what the FIFO holds now, then close the channel (stdin EOF)."""
+        self._finishing = True
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def stop(self) -> None:
-        """Stop forwarding (CloseIO / delete): the channel gets its close from the pump."""
+        """Stop forwarding (delete): nothing more is sent, not even the channel's close.
+
+        A running pump closes the fd itself, after taking it out of the event loop: an fd
+        closed while registered would leave a stale entry in asyncio's selector, which breaks
+        the next registration of that fd number."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        self._close_fd()
+        else:
+            self._close_fd()
 
     def _close_fd(self) -> None:
         if self.fd >= 0:
@@ -144,28 +167,33 @@ class FifoReader:
 
 
 class ProcessIO:
-    """The stdio of one process: FIFOs on our side, channel numbers on the agent's."""
+    """The stdio of one process: FIFOs on our side, channels of the agent client on the other."""
 
     def __init__(self, agent: Any, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
         self.agent = agent
         self.terminal = terminal
         self.stdin_reader: FifoReader | None = None
+        self.stdin_channel: Any = None
         self.writers: dict[int, FifoWriter] = {}
+        self.opened: list[Any] = []  # every channel of this process (released on close)
         self.channels = {"stdin": 0, "stdout": 0, "stderr": 0}
         self.output_done = asyncio.Event()
-        self._open_outputs: set[int] = set()
+        self._open_outputs: set[FifoWriter] = set()
         try:
             if stdin:
                 self.stdin_reader = FifoReader(stdin)
-                self.channels["stdin"] = agent.new_channel()
+                self.stdin_channel = agent.open_channel()
+                self.opened.append(self.stdin_channel)
+                self.channels["stdin"] = self.stdin_channel.number
             for name, path in (("stdout", stdout), ("stderr", "" if terminal else stderr)):
                 if path:
-                    ch = agent.new_channel()
-                    self.channels[name] = ch
-                    self.writers[ch] = FifoWriter(path)
-                    self._open_outputs.add(ch)
-                    agent.open_channel(ch, self.writers[ch].write,
-                                       lambda ch=ch: self._output_closed(ch))
+                    w = FifoWriter(path)
+                    self._open_outputs.add(w)
+                    ch = agent.open_channel(on_data=w.write,
+                                            on_close=lambda w=w: self._output_closed(w))
+                    self.opened.append(ch)
+                    self.channels[name] = ch.number
+                    self.writers[ch.number] = w
         except BaseException:
             self.close()
             raise
@@ -177,29 +205,31 @@ class ProcessIO:
 
     def start_stdin(self) -> None:
         """Begin forwarding stdin (after the agent knows the process and its channels)."""
-        if self.stdin_reader is not None and self.channels["stdin"]:
-            self.stdin_reader.start(self.agent, self.channels["stdin"])
+        if self.stdin_reader is not None and self.stdin_channel is not None:
+            self.stdin_reader.start(self.stdin_channel)
 
     def close_stdin(self) -> None:
         if self.stdin_reader is not None:
-            if self.stdin_reader._task is None:  # never started: close the channel ourselves
-                ch = self.channels["stdin"]
-                if ch:
-                    asyncio.get_running_loop().create_task(self._close_quietly(ch))
-            self.stdin_reader.stop()
+            if self.stdin_reader._task is None:
+                # never started: close the channel ourselves (the agent keeps the close for
+                # the process it starts later)
+                if self.stdin_channel is not None:
+                    asyncio.get_running_loop().create_task(self._close_quietly(self.stdin_channel))
+                self.stdin_reader.stop()
+            else:
+                self.stdin_reader.finish()
 
-    async def _close_quietly(self, ch: int) -> None:
+    @staticmethod
+    async def _close_quietly(channel: Any) -> None:
         try:
-            await self.agent.close_channel(ch)
+            await channel.close_write()
         except Exception:  # noqa: BLE001
             pass
 
-    def _output_closed(self, ch: int) -> None:
-        w = self.writers.get(ch)
-        if w is not None:
-            w.close()
-        self._open_outputs.discard(ch)
-        if not self._open_outputs:
+    def _output_closed(self, w: FifoWriter) -> None:
+        w.close()
+        self._open_outputs.discard(w)
+        if not self._open_outputs and not self.output_done.is_set():
             asyncio.get_running_loop().create_task(self._drained())
 
     async def _drained(self) -> None:
@@ -220,11 +250,11 @@ class ProcessIO:
         """Drop everything (process deleted): FIFOs closed, channels released."""
         if self.stdin_reader is not None:
             self.stdin_reader.stop()
-        for ch, w in self.writers.items():
+        for w in self.writers.values():
             w.abort()
-        for ch in [c for c in self.channels.values() if c]:
+        for ch in self.opened:
             try:
-                self.agent.release_channel(ch)
+                ch.release()
             except Exception:  # noqa: BLE001
                 pass
         self._open_outputs.clear()

@@ -36,10 +36,13 @@ SERVICE = "containerd.task.v2.Task"
 #: How long an exit waits for the agent to finish relaying the process's output.
 OUTPUT_GRACE = 10.0
 
-try:  # runc's ProcessDetails (exec id of a pid) for `ctr task ps`
-    from ccpu.api.gen.containerd.runtime.v2.runc.options import oci_pb2 as _oci
-except ImportError:  # pragma: no cover
-    _oci = None
+def _process_details(exec_id: str) -> Any:
+    """runc's ProcessDetails (exec id of a pid) for `ctr task ps` (imported when first used)."""
+    try:
+        from ccpu.api.gen.containerd.runtime.v2.runc.options import oci_pb2
+    except ImportError:  # pragma: no cover
+        return None
+    return _any(oci_pb2.ProcessDetails(exec_id=exec_id))
 
 
 def _any(msg: Any) -> any_pb2.Any:
@@ -277,8 +280,9 @@ class TaskService:
         for entry in result.get("processes", []):
             info = task_types.ProcessInfo(pid=int(entry.get("pid", 0)))
             exec_id = entry.get("exec") or ""
-            if exec_id and _oci is not None:
-                info.info.CopyFrom(_any(_oci.ProcessDetails(exec_id=exec_id)))
+            details = _process_details(exec_id) if exec_id else None
+            if details is not None:
+                info.info.CopyFrom(details)
             resp.processes.append(info)
         return resp
 

@@ -16,6 +16,15 @@ Usage::
 the connection is lost, pending and later calls raise `Unavailable`.  Events are queued from
 the moment the client is connected; read them with `next_event()` or `async for` over
 `events()`.  Standard library only, like the agent.
+
+Callback style (what the shim uses, one implementation for both styles)::
+
+    client.set_event_handler(on_event)          # events (also those queued so far) -> on_event
+    client.add_lost_handler(on_lost)            # on_lost(reason) once, when the connection ends
+    out = client.open_channel(on_data=fifo.write, on_close=fifo.close)
+
+A channel with callbacks delivers output to `on_data` as it arrives instead of buffering it, and
+calls `on_close` once: when the agent closes the channel, or when the connection is lost.
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from . import protocol, wire
@@ -35,10 +45,18 @@ from . import protocol, wire
 class Channel:
     """One stdio channel: write to it (a process's stdin) and/or read from it (its output)."""
 
-    def __init__(self, client: AgentClient, number: int) -> None:
+    def __init__(
+        self,
+        client: AgentClient,
+        number: int,
+        on_data: Callable[[bytes], None] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.client = client
         self.number = number
         self._reader = asyncio.StreamReader(limit=2**30)
+        self._on_data = on_data
+        self._on_close = on_close
         self.closed_by_agent = False  # the agent sent `close`: all output is in (maybe unread)
 
     async def write(self, data: bytes) -> None:
@@ -62,14 +80,23 @@ class Channel:
 
     def release(self) -> None:
         """Forget the channel (its number may be reused); later data for it is dropped."""
-        self.client._channels.pop(self.number, None)
+        if self.client._channels.get(self.number) is self:
+            del self.client._channels[self.number]
+        self._on_data = self._on_close = None
 
     def _feed(self, data: bytes) -> None:
-        self._reader.feed_data(data)
+        if self._on_data is not None:
+            self._on_data(data)
+        elif self._on_close is None:
+            self._reader.feed_data(data)
 
-    def _eof(self) -> None:
-        self.closed_by_agent = True
+    def _eof(self, by_agent: bool = True) -> None:
+        if by_agent:
+            self.closed_by_agent = True
         self._reader.feed_eof()
+        cb, self._on_close = self._on_close, None
+        if cb is not None:
+            cb()
 
 
 class AgentClient:
@@ -81,6 +108,8 @@ class AgentClient:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._channels: dict[int, Channel] = {}
         self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._event_handler: Callable[[dict[str, Any]], None] | None = None
+        self._lost_handlers: list[Callable[[str], None]] = []
         self.closed = False
         self.close_reason: str = ""
         self._task = asyncio.ensure_future(self._read_loop())
@@ -132,15 +161,53 @@ class AgentClient:
 
     # -- channels ------------------------------------------------------------------------------
 
-    def open_channel(self, number: int | None = None) -> Channel:
-        """A channel to name in create/exec; registered at once so no output is missed."""
+    def open_channel(
+        self,
+        number: int | None = None,
+        *,
+        on_data: Callable[[bytes], None] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> Channel:
+        """A channel to name in create/exec; registered at once so no output is missed.
+
+        With `on_data`/`on_close` output goes to the callbacks instead of the channel's buffer
+        (see the module docstring)."""
         if number is None:
             number = next(n for n in self._numbers if n not in self._channels)
         if number <= 0 or number in self._channels:
             raise ValueError(f"channel {number} is invalid or in use")
-        ch = Channel(self, number)
+        ch = Channel(self, number, on_data, on_close)
         self._channels[number] = ch
         return ch
+
+    # -- callbacks -----------------------------------------------------------------------------
+
+    def set_event_handler(self, handler: Callable[[dict[str, Any]], None] | None) -> None:
+        """Deliver events to `handler` (called in the reading task) instead of the queue; events
+        already queued are handed to it at once, in order."""
+        self._event_handler = handler
+        if handler is None:
+            return
+        while not self._events.empty():
+            event = self._events.get_nowait()
+            if event is None:
+                self._events.put_nowait(None)
+                break
+            self._dispatch_event(event)
+
+    def add_lost_handler(self, handler: Callable[[str], None]) -> None:
+        """`handler(reason)` is called once when the connection ends (at once if it has)."""
+        if self.closed:
+            handler(self.close_reason)
+        else:
+            self._lost_handlers.append(handler)
+
+    def _dispatch_event(self, event: dict[str, Any]) -> None:
+        assert self._event_handler is not None
+        try:
+            self._event_handler(event)
+        except Exception:  # noqa: BLE001 - a broken handler must not end the connection
+            logging.getLogger(__name__).exception("agent event handler failed for %s", event)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -168,7 +235,7 @@ class AgentClient:
         try:
             self._writer.write(raw)
             await self._writer.drain()
-        except (ConnectionError, RuntimeError) as e:
+        except (ConnectionError, RuntimeError, OSError) as e:
             self._lost(f"write failed: {e}")
             raise protocol.Unavailable(f"connection closed: {e}") from None
 
@@ -191,12 +258,21 @@ class AgentClient:
                         ch._eof()
         except (wire.ProtocolError, ConnectionError, OSError) as e:
             reason = f"{type(e).__name__}: {e}"
+        except asyncio.CancelledError:
+            reason = "closed by the client"
+            raise
+        except Exception as e:  # noqa: BLE001 - a failing callback: the connection cannot go on
+            logging.getLogger(__name__).exception("agent connection failed")
+            reason = f"{type(e).__name__}: {e}"
         finally:
             self._lost(reason)
 
     def _on_control(self, msg: dict[str, Any]) -> None:
         if "event" in msg:
-            self._events.put_nowait(msg)
+            if self._event_handler is not None:
+                self._dispatch_event(msg)
+            else:
+                self._events.put_nowait(msg)
             return
         fut = self._pending.get(msg.get("id"))  # type: ignore[arg-type]
         if fut is not None and not fut.done():
@@ -210,11 +286,18 @@ class AgentClient:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(protocol.Unavailable(f"connection closed: {reason}"))
-        for ch in self._channels.values():
-            ch._reader.feed_eof()  # no more data; `closed_by_agent` stays as it was
+        for ch in list(self._channels.values()):
+            with contextlib.suppress(Exception):
+                ch._eof(by_agent=False)  # no more data; `closed_by_agent` stays as it was
         self._events.put_nowait(None)
         with contextlib.suppress(Exception):
             self._writer.close()
+        handlers, self._lost_handlers = self._lost_handlers, []
+        for h in handlers:
+            try:
+                h(reason)
+            except Exception:  # noqa: BLE001
+                logging.getLogger(__name__).exception("agent lost handler failed")
 
     async def close(self) -> None:
         self._lost("closed by the client")

@@ -40,7 +40,8 @@ def run(env: FractalEnv, ns: str, image: str, cid: str, *cmd: str, **kw):  # noq
 
 
 def shim_pids(env: FractalEnv) -> list[int]:
-    """Daemons of our shim started by this env's containerd."""
+    """Daemons of our shim started by this env's containerd: forked by `start` (they keep its
+    command line), or `python -m shim.daemon` (FRACTAL_SHIM_SPAWN=exec)."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -49,9 +50,28 @@ def shim_pids(env: FractalEnv) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"shim.daemon" in cmd and str(env.address).encode() in cmd:
+        if str(env.address).encode() not in cmd:
+            continue
+        forked = any(c.endswith(b"containerd-shim-fractal-v1") for c in cmd) and b"start" in cmd
+        if forked or b"shim.daemon" in cmd:
             out.append(int(pid))
     return sorted(out)
+
+
+def agent_children(shim: int) -> list[int]:
+    """Agent processes of a shim (none with the default in-process agent)."""
+    out = []
+    for p in children(shim):
+        try:
+            if b"ccpu.agent" in Path(f"/proc/{p}/cmdline").read_bytes():
+                out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def in_process_agent() -> bool:
+    return os.environ.get("FRACTAL_AGENT", "inproc") in ("", "inproc")
 
 
 def children(pid: int) -> list[int]:
@@ -73,6 +93,15 @@ def task_status(env: FractalEnv, ns: str, cid: str) -> str:
         if parts and parts[0] == cid:
             return parts[-1]
     return ""
+
+
+def task_pid(env: FractalEnv, ns: str, cid: str) -> int:
+    r = env.ctr("tasks", "ls", namespace=ns)
+    for line in r.stdout.splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0] == cid:
+            return int(parts[1])
+    raise AssertionError(f"{cid} not in `ctr tasks ls`: {r.stdout}")
 
 
 def start_detached(env: FractalEnv, ns: str, image: str, cid: str, *cmd: str,
@@ -186,9 +215,12 @@ def test_sandbox_shares_one_shim(fenv: FractalEnv, namespace: str, image: str) -
         new = set(shim_pids(fenv)) - before
         assert len(new) == 1, new
         shim = new.pop()
-        agents = [p for p in children(shim)
-                  if b"ccpu.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert len(agents) == 1
+        if in_process_agent():
+            # the agent runs inside the shim: the containers are the shim's own children
+            assert agent_children(shim) == []
+            assert {task_pid(fenv, namespace, c) for c in ("sb-a", "sb-b")} <= set(children(shim))
+        else:
+            assert len(agent_children(shim)) == 1
         # deleting one container leaves the shim serving the other
         remove(fenv, namespace, "sb-a")
         assert shim in shim_pids(fenv)
@@ -239,9 +271,8 @@ def test_shim_kill9_cleans_up(fenv: FractalEnv, namespace: str, image: str) -> N
     before = set(shim_pids(fenv))
     start_detached(fenv, namespace, image, "doomed", "sleep", "300")
     (shim,) = set(shim_pids(fenv)) - before
-    agent = [p for p in children(shim) if b"ccpu.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    st = fenv.ctr("tasks", "ls", namespace=namespace).stdout
-    task_pid = int([line.split()[1] for line in st.splitlines() if line.startswith("doomed")][0])
+    agent = agent_children(shim)
+    pid = task_pid(fenv, namespace, "doomed")
     rootfs = bundle(fenv, namespace, "doomed") / "rootfs"
     assert mounts_under(rootfs)
     sock = Path(addr.strip_scheme((bundle(fenv, namespace, "doomed") / "address").read_text()))
@@ -253,7 +284,7 @@ def test_shim_kill9_cleans_up(fenv: FractalEnv, namespace: str, image: str) -> N
         # containerd notices the lost shim and runs `delete`: task gone, processes killed,
         # rootfs unmounted (the task may leave `ctr tasks ls` before `delete` has finished)
         wait_for(lambda: task_status(fenv, namespace, "doomed") == "", what="task cleaned up")
-        wait_for(lambda: not _alive(task_pid), what="container process killed")
+        wait_for(lambda: not _alive(pid), what="container process killed")
         wait_for(lambda: not mounts_under(rootfs), what="rootfs unmounted")
         wait_for(lambda: not sock.exists(), what="stale shim socket removed")
     finally:

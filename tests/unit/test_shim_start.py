@@ -28,7 +28,8 @@ def env(tmp_path, monkeypatch):  # noqa: ANN001, ANN201
         def __init__(self, argv, **kw) -> None:  # noqa: ANN001
             spawned.append({"argv": argv, **kw})
 
-    monkeypatch.setattr(start_mod.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr("subprocess.Popen", FakePopen)
+    monkeypatch.setenv("FRACTAL_SHIM_SPAWN", "exec")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     yield tmp_path, bundle, spawned
@@ -102,3 +103,21 @@ def test_run_prints_only_the_address(env, capsys, monkeypatch) -> None:  # noqa:
     assert start_mod.run(opts(bundle)) == 0
     out, err = capsys.readouterr()
     assert out.startswith("unix://") and "\n" not in out and err == ""
+
+
+def test_fork_mode_hands_over_socket_and_lock(env, monkeypatch) -> None:  # noqa: ANN001
+    """Default spawn mode: the daemon is forked with the listening socket and the lock fd (which
+    the child must close, or the flock would stay held)."""
+    tmp, bundle, spawned = env
+    monkeypatch.delenv("FRACTAL_SHIM_SPAWN")
+    forked: list[tuple] = []
+
+    def fake_fork(opts, group, bundle_, sock_path, sock, lock_fd):  # noqa: ANN001, ANN202
+        forked.append((group, bundle_, sock_path, sock.fileno(), lock_fd))
+        assert os.fstat(lock_fd)  # still open in the parent while the child is made
+
+    monkeypatch.setattr(start_mod, "_fork_daemon", fake_fork)
+    address = start_mod.start(opts(bundle))
+    assert spawned == [] and len(forked) == 1
+    group, b, path, _, _ = forked[0]
+    assert (group, b, "unix://" + path) == ("c1", str(bundle), address)

@@ -23,7 +23,7 @@ CTX = RequestContext(service="containerd.task.v2.Task", method="x")
 class FakeAgent:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.channels: dict[int, tuple[Any, Any]] = {}
+        self.channels: dict[int, FakeChannel] = {}
         self.received: dict[int, bytearray] = {}
         self.closed: set[int] = set()
         self.next = 1
@@ -42,29 +42,41 @@ class FakeAgent:
             return {"processes": [{"pid": 7, "exec": ""}, {"pid": 8, "exec": "e1"}]}
         return {}
 
-    def new_channel(self) -> int:
-        ch = self.next
-        self.next += 2
+    def open_channel(self, number: int | None = None, *, on_data: Any = None,
+                     on_close: Any = None) -> FakeChannel:
+        """As ccpu.agent.client.AgentClient.open_channel (odd numbers from 1)."""
+        if number is None:
+            number = self.next
+            self.next += 2
+        ch = FakeChannel(self, number, on_data, on_close)
+        self.channels[number] = ch
         return ch
-
-    def open_channel(self, ch: int, on_data: Any, on_close: Any) -> None:
-        self.channels[ch] = (on_data, on_close)
-
-    def release_channel(self, ch: int) -> None:
-        self.channels.pop(ch, None)
-
-    async def send(self, ch: int, data: bytes) -> None:
-        self.received.setdefault(ch, bytearray()).extend(data)
-
-    async def close_channel(self, ch: int) -> None:
-        self.closed.add(ch)
 
     # test helpers: what the agent would send
     def output(self, ch: int, data: bytes) -> None:
-        self.channels[ch][0](data)
+        self.channels[ch].on_data(data)
 
     def close(self, ch: int) -> None:
-        self.channels[ch][1]()
+        self.channels[ch].on_close()
+
+
+class FakeChannel:
+    """The part of ccpu.agent.client.Channel the shim uses."""
+
+    def __init__(self, agent: FakeAgent, number: int, on_data: Any, on_close: Any) -> None:
+        self.agent = agent
+        self.number = number
+        self.on_data = on_data
+        self.on_close = on_close
+
+    async def write(self, data: bytes) -> None:
+        self.agent.received.setdefault(self.number, bytearray()).extend(data)
+
+    async def close_write(self) -> None:
+        self.agent.closed.add(self.number)
+
+    def release(self) -> None:
+        self.agent.channels.pop(self.number, None)
 
 
 class FakeSandbox:
