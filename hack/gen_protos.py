@@ -15,6 +15,10 @@ Mapping (source = Debian's golang-github-containerd-containerd-dev tree):
 
     github.com/containerd/containerd/api/<p>     -> ccpu/api/gen/containerd/<p>
     github.com/containerd/containerd/<other p>   -> ccpu/api/gen/containerd/<other p>
+    github.com/containerd/cgroups/<p>            -> ccpu/api/gen/cgroups/<p>
+                                                    (golang-github-containerd-cgroups-dev:
+                                                    stats/v1/metrics.proto, the Task.Stats
+                                                    payload io.containerd.cgroups.v1.Metrics)
     gogoproto/gogo.proto (gogo-protobuf)         -> ccpu/api/gen/gogoproto/gogo.proto
     google/protobuf/*.proto                      -> not staged (grpcio-tools ships them)
     google/rpc/status.proto                      -> not staged (googleapis-common-protos
@@ -47,12 +51,17 @@ GEN_PKG = "ccpu/api/gen"  # as a path relative to the repo root / staging root
 GEN_DIR = REPO_ROOT / GEN_PKG
 STAMP_NAME = ".stamp"
 # Bump when the staging/rewriting logic changes in a way that alters the output.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 GOCODE = Path(os.environ.get("FRACTAL_GOCODE", "/usr/share/gocode/src"))
 CONTAINERD_IMPORT = "github.com/containerd/containerd"
 CONTAINERD_SRC = GOCODE / CONTAINERD_IMPORT
 GOGO_SRC = GOCODE / "github.com/gogo/protobuf"
+CGROUPS_IMPORT = "github.com/containerd/cgroups"
+CGROUPS_SRC = GOCODE / CGROUPS_IMPORT
+
+# From containerd/cgroups: the cgroup v1 metrics a shim returns from Task.Stats.
+CGROUPS_PROTOS = ("stats/v1/metrics.proto",)
 
 # Files outside containerd's api/ dir that later work needs (shim Task API, runc
 # options, runtime options) and one that api/ imports (fieldpath plugin).
@@ -86,6 +95,8 @@ def staged_name(import_path: str) -> str | None:
         if rel.startswith("api/"):
             rel = rel[len("api/") :]
         return f"{GEN_PKG}/containerd/{rel}"
+    if import_path.startswith(CGROUPS_IMPORT + "/"):
+        return f"{GEN_PKG}/cgroups/{import_path[len(CGROUPS_IMPORT) + 1 :]}"
     if import_path in ("gogoproto/gogo.proto", "github.com/gogo/protobuf/gogoproto/gogo.proto"):
         return f"{GEN_PKG}/gogoproto/gogo.proto"
     if import_path.startswith("google/"):
@@ -111,6 +122,11 @@ def collect_inputs() -> list[StagedProto]:
         if not src.is_file():
             raise GenError(f"{src} not found (containerd dev package layout changed?)")
         protos.append(StagedProto(src, staged_name(f"{CONTAINERD_IMPORT}/{rel}") or ""))
+    for rel in CGROUPS_PROTOS:
+        src = CGROUPS_SRC / rel
+        if not src.is_file():
+            raise GenError(f"{src} not found: install golang-github-containerd-cgroups-dev")
+        protos.append(StagedProto(src, staged_name(f"{CGROUPS_IMPORT}/{rel}") or ""))
     protos.append(StagedProto(gogo, f"{GEN_PKG}/gogoproto/gogo.proto"))
     staged = [p.staged for p in protos]
     if len(set(staged)) != len(staged):

@@ -30,7 +30,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 APT_PACKAGES=(
   containerd runc umoci skopeo docker-registry busybox-static
   golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev
-  golang-github-gogo-googleapis-dev
+  golang-github-gogo-googleapis-dev golang-github-containerd-cgroups-dev
   debootstrap qemu-system-x86 iproute2 e2fsprogs
   # VM guest (docs/vm.md): Debian's own python3.11 goes into the initramfs; virtiofsd builds need the -dev libs
   python3.11 libcap-ng-dev libseccomp-dev pkg-config

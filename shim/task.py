@@ -358,8 +358,17 @@ class TaskService:
         return empty_pb2.Empty()
 
     async def Update(self, req: pb.UpdateTaskRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        """New resources for a container: containerd sends the OCI LinuxResources as JSON in
+        the Any (typeurl registers runtime-spec types as JSON); the agent runs `runc update`."""
         self.tasks.get(req.id)
-        raise TtrpcError(Code.UNIMPLEMENTED, "update of resources is not supported yet")
+        try:
+            resources = json.loads(req.resources.value or b"{}")
+        except ValueError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"resources are not JSON: {exc}") from exc
+        if not isinstance(resources, dict):
+            raise TtrpcError(Code.INVALID_ARGUMENT, "resources must be a JSON object")
+        await self._call("update", {"container": req.id, "resources": resources})
+        return empty_pb2.Empty()
 
     async def Wait(self, req: pb.WaitRequest, ctx: RequestContext) -> pb.WaitResponse:
         proc = self.tasks.process(req.id, req.exec_id)

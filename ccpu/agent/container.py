@@ -397,6 +397,15 @@ class Supervisor:
         by_pid = {p.pid: eid for eid, p in c.execs.items() if p.pid and p.status != STOPPED}
         return {"processes": [{"pid": pid, "exec": by_pid.get(pid, "")} for pid in pids]}
 
+    async def update(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """New cgroup limits (an OCI LinuxResources object) for a running or paused container."""
+        c = self._container(args)
+        resources = protocol.arg_dict(args, "resources")
+        if c.init.status not in (RUNNING, PAUSED):
+            raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}")
+        await self.runc.update(c.id, resources)
+        return {}
+
     async def stats(self, args: Mapping[str, Any]) -> dict[str, Any]:
         c = self._container(args)
         return await self.runc.stats(c.id)

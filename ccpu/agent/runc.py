@@ -145,6 +145,25 @@ class Runc:
             raise RuncError(f"runc ps: unexpected output {out[:200]!r}")
         return [int(p) for p in pids]
 
+    async def update(self, container: str, resources: dict[str, Any]) -> None:
+        """`runc update --resources -` with the OCI LinuxResources object on stdin."""
+        data = json.dumps(resources).encode()
+        r, w = os.pipe()
+        try:
+            if len(data) > 60000:  # more than a pipe holds before runc reads
+                raise protocol.InvalidArgument("resources object too large")
+            os.write(w, data)
+            os.close(w)
+            w = -1
+            res = await run(self.reaper, self._argv("update", "--resources", "-", container), stdin=r)
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+        if res.status != 0:
+            msg = res.stderr.decode(errors="replace").strip() or f"exit status {res.status}"
+            raise _classify("update", f"runc update: {msg}")
+
     async def stats(self, container: str) -> dict[str, Any]:
         ev = _json_object(await self._call("events", "--stats", container), "events --stats")
         data = ev.get("data", {})

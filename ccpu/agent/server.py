@@ -25,7 +25,7 @@ from .container import Supervisor
 
 log = logging.getLogger(__name__)
 
-FEATURES = ["terminal", "exec", "pause", "stats", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live"]
+FEATURES = ["terminal", "exec", "pause", "stats", "update", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live"]
 
 
 class Connection:
@@ -118,6 +118,7 @@ class Server:
             "state": supervisor.state,
             "pids": supervisor.pids,
             "stats": supervisor.stats,
+            "update": supervisor.update,
             "delete": supervisor.delete,
             "layers": lambda args: live.layers_op(supervisor, args),
             "restack": lambda args: live.restack_op(supervisor, args),

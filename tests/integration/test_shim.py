@@ -291,3 +291,52 @@ def test_shim_kill9_cleans_up(fenv: FractalEnv, namespace: str, image: str) -> N
         fenv.ctr("tasks", "delete", "-f", "doomed", namespace=namespace, check=False)
         fenv.ctr("containers", "rm", "doomed", namespace=namespace, check=False)
     assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
+
+
+def update_resources(env: FractalEnv, ns: str, cid: str, resources: dict) -> None:
+    import asyncio
+    import json
+
+    from google.protobuf import any_pb2, empty_pb2
+
+    from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
+    from ccpu.ttrpc import Client
+
+    sock = addr.strip_scheme((bundle(env, ns, cid) / "address").read_text())
+    req = pb.UpdateTaskRequest(id=cid, resources=any_pb2.Any(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+        value=json.dumps(resources).encode()))
+
+    async def go() -> None:
+        client = await Client.connect(sock, timeout=5)
+        try:
+            await client.call("containerd.task.v2.Task", "Update", req, empty_pb2.Empty, timeout=10)
+        finally:
+            await client.close()
+
+    asyncio.run(go())
+
+
+def test_metrics_and_update(fenv: FractalEnv, namespace: str, image: str) -> None:
+    """`ctr task metrics` (Task.Stats -> io.containerd.cgroups.v1.Metrics) and `ctr task update`
+    (Task.Update -> runc update)."""
+    start_detached(fenv, namespace, image, "metered", "sleep", "300")
+    try:
+        limit = 96 * 1024 * 1024
+        # ctr 1.6 has no `tasks update`: call the shim's Task.Update as containerd would (CRI's
+        # UpdateContainerResources), with the runtime-spec LinuxResources as JSON in the Any
+        update_resources(fenv, namespace, "metered", {"memory": {"limit": limit}})
+        out = fenv.ctr("tasks", "metrics", "metered", namespace=namespace).stdout
+        values = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 2:
+                values[parts[0]] = parts[1]
+        assert int(values["memory.usage_in_bytes"]) > 0, out
+        assert int(values["memory.limit_in_bytes"]) == limit, out
+        assert int(values["cpuacct.usage"]) > 0, out
+        assert int(values["pids.current"]) >= 1, out
+        js = fenv.ctr("tasks", "metrics", "--format", "json", "metered", namespace=namespace).stdout
+        assert '"pids"' in js and '"memory"' in js, js
+    finally:
+        remove(fenv, namespace, "metered")

@@ -159,11 +159,19 @@ def test_agent_errors_map_one_to_one(svc) -> None:  # noqa: ANN001
         with pytest.raises(TtrpcError) as ei:
             await s.Kill(pb.KillRequest(id="c1", signal=9), CTX)
         assert ei.value.code == Code.NOT_FOUND
-        for method, req in (("Checkpoint", pb.CheckpointTaskRequest(id="c1")),
-                            ("Update", pb.UpdateTaskRequest(id="c1"))):
-            with pytest.raises(TtrpcError) as ei:
-                await getattr(s, method)(req, CTX)
-            assert ei.value.code == Code.UNIMPLEMENTED
+        with pytest.raises(TtrpcError) as ei:
+            await s.Checkpoint(pb.CheckpointTaskRequest(id="c1"), CTX)
+        assert ei.value.code == Code.UNIMPLEMENTED
+        # Update: LinuxResources JSON -> agent `update`; bad JSON is InvalidArgument
+        req = pb.UpdateTaskRequest(id="c1")
+        req.resources.value = b'{"memory": {"limit": 1048576}}'
+        await s.Update(req, CTX)
+        assert agent.calls[-1] == ("update", {"container": "c1",
+                                              "resources": {"memory": {"limit": 1048576}}})
+        req.resources.value = b"not json"
+        with pytest.raises(TtrpcError) as ei:
+            await s.Update(req, CTX)
+        assert ei.value.code == Code.INVALID_ARGUMENT
 
     run(go())
     assert [type(e).__name__ for _, e in events] == ["TaskCreate"]
