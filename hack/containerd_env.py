@@ -543,6 +543,34 @@ def shim_sockets_for(address: Path | str) -> list[Path]:
     return found
 
 
+def remove_dead_sockets(directory: Path) -> list[Path]:
+    """Unlink unix sockets in `directory` that refuse connections (their server is gone)."""
+    import socket as _socket
+    import stat as _stat
+
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        try:
+            if not _stat.S_ISSOCK(p.lstat().st_mode):
+                continue
+        except FileNotFoundError:
+            continue
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        s.settimeout(1.0)
+        try:
+            s.connect(str(p))
+        except ConnectionRefusedError:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return removed
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text()
@@ -717,6 +745,9 @@ class FractalEnv:
              exclude=[p for p in (self.snapshotter.pid if self.snapshotter else None,) if p])
         for sock in shim_socks:
             step(f"remove {sock}", sock.unlink, missing_ok=True)
+        # A forked shim daemon keeps `start`'s command line, so not every socket can be
+        # attributed above: remove the ones nobody listens on any more (dead, whoever made them).
+        step("remove dead shim sockets", remove_dead_sockets, SHIM_SOCKET_DIR)
         if self.snapshotter is not None:
             step("stop snapshotter", self.snapshotter.stop, 10)
         # Anything else still mentioning our paths (e.g. a hung ctr, a VM) goes too.
