@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_repo_du)
     add_guest_commands(sub)
     add_vm_commands(sub)
+    from .layers import add_commands as add_layers_commands  # fractal layers ls|add|rm
+
+    add_layers_commands(sub, add_containerd_flags)
     return ap
 
 

@@ -95,6 +95,24 @@ class ContainerdClient:
                                        dict(c.labels), annotations))
         return out
 
+    def container(self, container_id: str) -> ContainerRecord:
+        """One container (ContainerdError "... not found" if it does not exist)."""
+        for c in self.containers():
+            if c.id == container_id:
+                return c
+        raise ContainerdError(f"container {container_id!r} not found in namespace {self.namespace!r}")
+
+    def update_container_labels(self, container_id: str, labels: dict[str, str]) -> None:
+        """Set labels of a container, leaving the others alone (field mask ``labels.<key>``);
+        an empty value removes the label (containerd drops empty labels)."""
+        from google.protobuf import field_mask_pb2
+
+        stub = containers_pb2_grpc.ContainersStub(self._channel)
+        req = containers_pb2.UpdateContainerRequest(
+            container=containers_pb2.Container(id=container_id, labels=labels),
+            update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels]))
+        self._call(stub.Update, req)
+
     def tasks(self) -> dict[str, TaskRecord]:
         stub = tasks_pb2_grpc.TasksStub(self._channel)
         resp = self._call(stub.List, tasks_pb2.ListTasksRequest())

@@ -32,6 +32,7 @@ class SandboxRecord:
     agent_pid: int | None = None
     containers: list[str] = field(default_factory=list)
     vm: dict[str, object] | None = None  # pid, accel, memory, share type (VM mode)
+    address: str = ""  # the shim's ttrpc address (unix://...): `fractal layers` calls it
 
     @property
     def alive(self) -> bool:
@@ -72,7 +73,9 @@ def read_all(namespace: str, base: Path | None = None) -> dict[str, SandboxRecor
         return out
     for p in sorted(d.glob("*.json")):
         try:
-            rec = SandboxRecord(**json.loads(p.read_text()))
+            data = json.loads(p.read_text())
+            known = SandboxRecord.__dataclass_fields__  # fields of newer writers are ignored
+            rec = SandboxRecord(**{k: v for k, v in data.items() if k in known})
         except (OSError, ValueError, TypeError):
             continue
         out[rec.group] = rec

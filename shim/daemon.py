@@ -120,6 +120,9 @@ class Daemon:
 
         self.server = Server()
         self.server.register(SERVICE, self.service.methods())
+        from shim.layers import SERVICE as LAYERS_SERVICE, LayersService  # live layers (fractal CLI)
+
+        self.server.register(LAYERS_SERVICE, LayersService(self.service, self.sandbox, repo_root).methods())
         try:
             st = os.stat(self.opts.socket)
             self.socket_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
@@ -149,7 +152,8 @@ class Daemon:
             sandboxes.write(sandboxes.SandboxRecord(
                 group=self.group, namespace=self.namespace, mode=self.sandbox.mode,
                 shim_pid=os.getpid(), agent_pid=self.sandbox.pid,
-                containers=sorted(self.service.tasks.containers)))
+                containers=sorted(self.service.tasks.containers),
+                address="unix://" + self.opts.socket))
         except Exception as exc:  # noqa: BLE001 - informational only
             log.debug("sandbox record: %s", exc)
 

@@ -1,0 +1,343 @@
+"""Live layers through the shim: the ``fractal.layers.v1.Layers`` ttrpc service.
+
+Served on the shim's own socket next to ``containerd.task.v2.Task`` (containerd never calls
+it; ``fractal layers`` does, see docs/live-layers.md).  Every method takes and returns a
+``google.protobuf.StringValue`` whose ``value`` is a JSON object:
+
+* ``List``   {container}                                 -> the stack (below)
+* ``Add``    {container, layers: [{dir, chain_id, image, size, gc_label}], position}
+                                                         -> the stack + added, skipped, restack_ms
+* ``Remove`` {container, layers: [dir...], images: [name...]}
+                                                         -> the stack + removed (entries), restack_ms
+
+``layers`` (in requests and answers) are nearest first (the top of the stack first), ``dir`` is
+the layer's directory on the HOST (a repo layer dir); the sandbox translates it to what its
+agent sees (``sandbox.layer_path``: identity in host mode, the guest's share path in a VM).
+The stack in an answer: {container, repo_root, upper, layers: [{dir, live, chain_id, image,
+size, gc_label, added_at}], history}; ``live`` marks layers added by ``Add`` (the others are
+the image's, as the container was created; their chain_id/image are for the client to fill in).
+
+Changes of one container are serialized (one asyncio lock per container; the agent serializes
+too).  After a change the metadata (which layer came from which image, added when, its GC label)
+is written atomically to ``<bundle>/fractal-layers.json``, so a shim that restarts (or a
+second reader) knows it; the stack itself always comes from the agent (``layers`` op).
+Errors are ttrpc statuses with the agent's code (NotFound, FailedPrecondition, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf import wrappers_pb2
+
+from ccpu.ttrpc import Code, RequestContext, TtrpcError
+
+log = logging.getLogger("shim.layers")
+
+SERVICE = "fractal.layers.v1.Layers"
+RECORD_NAME = "fractal-layers.json"
+RECORD_VERSION = 1
+
+
+def _bad(msg: str) -> TtrpcError:
+    return TtrpcError(Code.INVALID_ARGUMENT, msg)
+
+
+def parse_request(req: wrappers_pb2.StringValue) -> dict[str, Any]:
+    try:
+        args = json.loads(req.value or "{}")
+    except ValueError as exc:
+        raise _bad(f"request is not JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise _bad("request must be a JSON object")
+    cid = args.get("container")
+    if not isinstance(cid, str) or not cid:
+        raise _bad("container is required")
+    return args
+
+
+def answer(obj: dict[str, Any]) -> wrappers_pb2.StringValue:
+    return wrappers_pb2.StringValue(value=json.dumps(obj))
+
+
+def parse_position(value: Any) -> str | int:
+    if value is None or value == "":
+        return "top"
+    if value in ("top", "bottom"):
+        return str(value)
+    if isinstance(value, bool):
+        raise _bad(f"position must be 'top', 'bottom' or an index, not {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise _bad(f"position must be 'top', 'bottom' or an index, not {value!r}")
+
+
+def parse_add_layers(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise _bad("layers must be a non-empty list of {dir, chain_id, image, size}")
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for item in value:
+        if isinstance(item, str):
+            item = {"dir": item}
+        if not isinstance(item, dict):
+            raise _bad(f"a layer must be an object with a dir, not {item!r}")
+        d = item.get("dir")
+        if not isinstance(d, str) or not os.path.isabs(d):
+            raise _bad(f"layer dir must be an absolute path, not {d!r}")
+        d = os.path.normpath(d)
+        if d in seen:
+            continue
+        seen.add(d)
+        size = item.get("size")
+        out.append({
+            "dir": d,
+            "chain_id": str(item.get("chain_id") or ""),
+            "image": str(item.get("image") or ""),
+            "size": int(size) if isinstance(size, int) and not isinstance(size, bool) else None,
+            "gc_label": str(item.get("gc_label") or ""),
+        })
+    return out
+
+
+def str_list(args: dict[str, Any], key: str) -> list[str]:
+    value = args.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _bad(f"{key} must be a list of strings")
+    return list(value)
+
+
+# -- the record in the bundle ------------------------------------------------------------------
+
+
+def record_path(bundle: str) -> str:
+    return os.path.join(bundle, RECORD_NAME)
+
+
+def load_record(bundle: str, container: str) -> dict[str, Any]:
+    """The metadata of ``container``'s live layers (an empty record if none was written)."""
+    empty: dict[str, Any] = {"version": RECORD_VERSION, "container": container, "live": {},
+                             "stack": [], "history": []}
+    try:
+        with open(record_path(bundle), encoding="utf-8") as f:
+            rec = json.load(f)
+    except FileNotFoundError:
+        return empty
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s): starting a new record", record_path(bundle), exc)
+        return empty
+    if not isinstance(rec, dict) or rec.get("container") != container:
+        return empty
+    for key, default in (("live", {}), ("stack", []), ("history", [])):
+        if not isinstance(rec.get(key), type(default)):
+            rec[key] = default
+    return rec
+
+
+def save_record(bundle: str, rec: dict[str, Any]) -> None:
+    """Write atomically: a reader sees the old or the new record, never a torn one."""
+    path = record_path(bundle)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    data = json.dumps(rec, indent=1).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+# -- the service -------------------------------------------------------------------------------
+
+
+class LayersService:
+    """``fractal.layers.v1.Layers`` for the containers of one shim (``task``: its TaskService)."""
+
+    def __init__(self, task: Any, sandbox: Any, repo_root: str | None = None) -> None:
+        self.task = task
+        self.sandbox = sandbox
+        self.repo_root = repo_root
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def methods(self) -> dict[str, tuple[type, Callable[..., Any]]]:
+        return {
+            "List": (wrappers_pb2.StringValue, self.List),
+            "Add": (wrappers_pb2.StringValue, self.Add),
+            "Remove": (wrappers_pb2.StringValue, self.Remove),
+        }
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def layer_path(self, host_dir: str) -> str:
+        """What the agent sees for a host layer dir (the sandbox decides; identity on the host)."""
+        fn = getattr(self.sandbox, "layer_path", None)
+        return str(fn(host_dir)) if callable(fn) else host_dir
+
+    def _lock(self, cid: str) -> asyncio.Lock:
+        for other in [k for k in self._locks if k not in self.task.tasks.containers]:
+            if not self._locks[other].locked():
+                del self._locks[other]
+        return self._locks.setdefault(cid, asyncio.Lock())
+
+    def _container(self, cid: str) -> Any:
+        c = self.task.tasks.containers.get(cid)
+        if c is None:
+            raise TtrpcError(Code.NOT_FOUND, f"container {cid} is not running in this sandbox")
+        return c
+
+    def _initial_lowers(self, c: Any) -> list[str] | None:
+        """Host dirs of the layers the container was created with; None if its rootfs is not a
+        stack of repo layers (overlayfs or native snapshotter, bind mounts...)."""
+        from shim import rootfs as rootfs_mod
+
+        plan = rootfs_mod.translate(list(c.rootfs), self.repo_root)
+        if plan.get("kind") != "layers":
+            return None
+        return [os.path.normpath(p) for p in plan["lowers"]]
+
+    def _check_stackable(self, c: Any) -> list[str]:
+        initial = self._initial_lowers(c)
+        if initial is None:
+            kinds = sorted({m.type for m in c.rootfs}) or ["none"]
+            raise TtrpcError(Code.FAILED_PRECONDITION,
+                             f"container {c.id}'s root filesystem is not a stack of fractal "
+                             f"layers (its snapshotter gave {len(c.rootfs)} mount(s) of type "
+                             f"{', '.join(kinds)}; only the fractal snapshotter's can be restacked)")
+        if c.init.status.name == "STOPPED":
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.id} is stopped")
+        return initial
+
+    async def _stack(self, c: Any, rec: dict[str, Any], initial: list[str]) -> dict[str, Any]:
+        """The agent's view of the stack, in host dirs."""
+        state = await self.task._call("layers", {"container": c.id})
+        back = self._reverse(initial, rec)
+        lowers = [back.get(os.path.normpath(p), p) for p in state.get("lowers") or []]
+        return {"lowers": lowers, "upper": state.get("upper"), "history": state.get("history") or []}
+
+    def _reverse(self, initial: list[str], rec: dict[str, Any]) -> dict[str, str]:
+        known = [*initial, *rec.get("live", {}), *rec.get("stack", [])]
+        return {os.path.normpath(self.layer_path(h)): h for h in known}
+
+    def _view(self, c: Any, rec: dict[str, Any], stack: dict[str, Any]) -> dict[str, Any]:
+        live = rec.get("live", {})
+        layers = []
+        for d in stack["lowers"]:
+            meta = live.get(d)
+            entry: dict[str, Any] = {"dir": d, "live": meta is not None}
+            if meta is not None:
+                entry.update({k: meta.get(k) for k in ("chain_id", "image", "size", "gc_label",
+                                                       "added_at")})
+            layers.append(entry)
+        return {"container": c.id, "repo_root": self.repo_root, "upper": stack.get("upper"),
+                "layers": layers, "history": rec.get("history", [])}
+
+    async def _restack(self, c: Any, add: list[str], remove: list[str],
+                       position: str | int) -> tuple[list[str], float]:
+        args: dict[str, Any] = {"container": c.id, "position": position}
+        if add:
+            args["add"] = [self.layer_path(d) for d in add]
+        if remove:
+            args["remove"] = [self.layer_path(d) for d in remove]
+        t0 = time.monotonic()
+        result = await self.task._call("restack", args)
+        ms = round((time.monotonic() - t0) * 1000, 2)
+        return list(result.get("lowers") or []), ms
+
+    # -- RPCs ---------------------------------------------------------------------------------
+
+    async def List(self, req: wrappers_pb2.StringValue, ctx: RequestContext) -> wrappers_pb2.StringValue:
+        args = parse_request(req)
+        c = self._container(args["container"])
+        initial = self._check_stackable(c)
+        async with self._lock(c.id):
+            rec = load_record(c.bundle, c.id)
+            stack = await self._stack(c, rec, initial)
+            return answer(self._view(c, rec, stack))
+
+    async def Add(self, req: wrappers_pb2.StringValue, ctx: RequestContext) -> wrappers_pb2.StringValue:
+        args = parse_request(req)
+        c = self._container(args["container"])
+        layers = parse_add_layers(args.get("layers"))
+        position = parse_position(args.get("position"))
+        initial = self._check_stackable(c)
+        async with self._lock(c.id):
+            rec = load_record(c.bundle, c.id)
+            stack = await self._stack(c, rec, initial)
+            present = set(stack["lowers"])
+            todo = [la for la in layers if la["dir"] not in present]
+            skipped = [la["dir"] for la in layers if la["dir"] in present]
+            restack_ms = 0.0
+            if todo:
+                lowers, restack_ms = await self._restack(c, [la["dir"] for la in todo], [], position)
+                now = time.time_ns()
+                for la in todo:
+                    rec["live"][la["dir"]] = {**{k: v for k, v in la.items() if k != "dir"},
+                                              "added_at": now}
+                back = self._reverse(initial, rec)
+                stack["lowers"] = [back.get(os.path.normpath(p), p) for p in lowers]
+                rec["stack"] = stack["lowers"]
+                rec["history"].append({"at": now, "added": [la["dir"] for la in todo],
+                                       "removed": [], "restack_ms": restack_ms})
+                self._persist(c, rec)
+                log.info("%s: added %d live layer(s) in %.1f ms: %s", c.id, len(todo), restack_ms,
+                         ", ".join(sorted({la["image"] or la["dir"] for la in todo})))
+            out = self._view(c, rec, stack)
+            out.update({"added": [la["dir"] for la in todo], "skipped": skipped,
+                        "restack_ms": restack_ms})
+            return answer(out)
+
+    async def Remove(self, req: wrappers_pb2.StringValue, ctx: RequestContext) -> wrappers_pb2.StringValue:
+        args = parse_request(req)
+        c = self._container(args["container"])
+        dirs = [os.path.normpath(d) for d in str_list(args, "layers")]
+        images = str_list(args, "images")
+        if not dirs and not images:
+            raise _bad("name layers or images to remove")
+        initial = self._check_stackable(c)
+        async with self._lock(c.id):
+            rec = load_record(c.bundle, c.id)
+            stack = await self._stack(c, rec, initial)
+            present = stack["lowers"]
+            for d in dirs:
+                if not os.path.isabs(d):
+                    raise _bad(f"layer dir must be an absolute path, not {d!r}")
+                if d not in present:
+                    raise TtrpcError(Code.NOT_FOUND, f"layer {d} is not in container {c.id}'s stack")
+            for name in images:
+                mine = [d for d in present if rec["live"].get(d, {}).get("image") == name]
+                if not mine:
+                    raise TtrpcError(Code.NOT_FOUND,
+                                     f"no layers of image {name} were added to container {c.id}")
+                dirs += [d for d in mine if d not in dirs]
+            remove = [d for d in present if d in set(dirs)]  # stack order, no duplicates
+            lowers, restack_ms = await self._restack(c, [], remove, "top")
+            now = time.time_ns()
+            back = self._reverse(initial, rec)
+            removed = []
+            for d in remove:
+                meta = rec["live"].pop(d, None)
+                removed.append({"dir": d, "live": meta is not None, **(meta or {})})
+            stack["lowers"] = [back.get(os.path.normpath(p), p) for p in lowers]
+            rec["stack"] = stack["lowers"]
+            rec["history"].append({"at": now, "added": [], "removed": remove,
+                                   "restack_ms": restack_ms})
+            self._persist(c, rec)
+            log.info("%s: removed %d layer(s) in %.1f ms", c.id, len(remove), restack_ms)
+            out = self._view(c, rec, stack)
+            out.update({"removed": removed, "restack_ms": restack_ms})
+            return answer(out)
+
+    def _persist(self, c: Any, rec: dict[str, Any]) -> None:
+        try:
+            save_record(c.bundle, rec)
+        except OSError as exc:  # the change is done; only the metadata could not be kept
+            log.error("%s: cannot write %s: %s", c.id, record_path(c.bundle), exc)
