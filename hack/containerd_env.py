@@ -662,6 +662,7 @@ class FractalEnv:
         self.runc_root = self.run_dir / "runc"
         self.fifo_dir = self.run_dir / "fifo"
         self.fractal_run_dir = self.run_dir / "fractal"  # shims' sandbox records, runc state
+        self.fractal_config = self.root_dir / "fractal.toml"  # the shim's FRACTAL_CONFIG
         self._sweep = sweep
         self._closed = False
         self._namespaces: set[str] = set()
@@ -684,6 +685,8 @@ class FractalEnv:
             log_path=self.log_dir / "containerd.log",
             ready_timeout=ready_timeout,
             extra_env={"FRACTAL_RUN_DIR": str(self.fractal_run_dir),
+                       # host mode unless a test asks for a VM (io.fractal.mode=vm): fast
+                       "FRACTAL_CONFIG": str(self.fractal_config),
                        **({"FRACTAL_ROOT": str(self.snapshotter_root)} if snapshotter else {})},
         )
         self.start_seconds: float | None = None
@@ -704,6 +707,7 @@ class FractalEnv:
         os.chmod(self.run_dir, 0o711)
         me = os.getpid()
         (self.run_dir / OWNER_FILE).write_text(f"{me} {_pid_start_time(me)} {self.root_dir}\n")
+        self.fractal_config.write_text('mode = "host"  # written by hack/containerd_env.py\n')
         try:
             if self.snapshotter is not None:
                 self.snapshotter.start()

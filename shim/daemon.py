@@ -96,7 +96,8 @@ class Daemon:
         from ccpu.ttrpc import Server
         from shim import address as addr
         from shim.events import Publisher
-        from shim.sandbox import host_sandbox
+        from shim import config as shim_config
+        from shim.sandbox import FailedSandbox, for_config
         from shim.task import SERVICE, TaskService
 
         loop = asyncio.get_running_loop()
@@ -109,9 +110,16 @@ class Daemon:
         self.publisher = Publisher(ttrpc_address)
         repo_root = os.environ.get("FRACTAL_ROOT") or "/var/lib/fractal"
         bundle_root = os.path.dirname(os.path.realpath(self.opts.bundle))
-        self.sandbox = host_sandbox(
-            reaper=self.reaper, runc_root=addr.runc_root(self.namespace),
-            bundle_root=bundle_root, layer_roots=layer_roots(repo_root, self.opts.bundle))
+        try:  # the first container decides the sandbox's mode (docs/config.md)
+            cfg = shim_config.load(addr.read_annotations(self.opts.bundle))
+            log.info("sandbox config: %s", cfg.describe())
+            self.sandbox = for_config(
+                cfg, reaper=self.reaper, namespace=self.namespace, group=self.group,
+                repo_root=repo_root, run_dir=addr.run_dir(), runc_root=addr.runc_root(self.namespace),
+                bundle_root=bundle_root, layer_roots=layer_roots(repo_root, self.opts.bundle))
+        except shim_config.ConfigError as exc:
+            log.error("sandbox config: %s", exc)
+            self.sandbox = FailedSandbox(f"fractal config: {exc}")
         self.service = TaskService(
             self.sandbox, self.publisher.publish, self.namespace, repo_root=repo_root,
             request_exit=self.request_exit, on_change=self.write_record)
@@ -152,6 +160,7 @@ class Daemon:
             sandboxes.write(sandboxes.SandboxRecord(
                 group=self.group, namespace=self.namespace, mode=self.sandbox.mode,
                 shim_pid=os.getpid(), agent_pid=self.sandbox.pid,
+                vm=self.sandbox.describe().get("vm"),
                 containers=sorted(self.service.tasks.containers),
                 address="unix://" + self.opts.socket))
         except Exception as exc:  # noqa: BLE001 - informational only

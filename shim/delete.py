@@ -6,7 +6,9 @@ shim was SIGKILLed).  Nothing is asked of the dead shim; best effort, fast:
 1. ``runc --root <runc root>/<ns> delete --force <id>`` (SIGKILLs the container's processes
    and removes runc's state; the agent, gone with its shim, cannot do it);
 2. unmount ``<bundle>/rootfs`` (lazily, everything stacked there);
-3. if no live shim listens on the group's socket any more, remove the stale socket file;
+3. if no live shim listens on the group's socket any more, remove the stale socket file, and
+   kill a VM sandbox's QEMU/virtiofsd left in ``$FRACTAL_RUN_DIR/vms/<ns>/<group>`` (they die
+   with the shim through PDEATHSIG; this is the second line) and remove that dir;
 4. print a raw protobuf DeleteResponse{pid, exit_status=137, exited_at=now} on stdout.
 
 Only the standard library is imported, and only what the case at hand needs: containerd also
@@ -119,6 +121,11 @@ def cleanup(namespace: str, cid: str, bundle: str, containerd_address: str) -> i
                     os.unlink(os.path.join(addr.run_dir(), "sandboxes", namespace, f"{group}.json"))
                 except OSError:
                     pass
+            vm_dir = os.path.join(addr.run_dir(), "vms", namespace, group)
+            if os.path.isdir(vm_dir) and not addr.can_connect(sock, timeout=0.5):
+                from shim.vm import cleanup_dead  # a VM sandbox's leftovers: QEMU, virtiofsd
+
+                cleanup_dead(vm_dir)
     return pid
 
 

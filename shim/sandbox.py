@@ -1,12 +1,18 @@
 """Sandboxes: where a shim's containers run, and how the shim reaches their agent.
 
 One shim daemon = one group of containers = one sandbox = one agent.  The Task service only
-uses this small interface, so a VM sandbox (QEMU + agent over virtio-serial) slots in later:
+uses this small interface; :func:`for_config` picks the implementation from the sandbox's
+config (shim/config.py): host mode (below) or VM mode (:class:`shim.vm.VmSandbox`: QEMU + the
+agent over virtio-serial):
 
 * ``await start()``      bring the agent up (idempotent; the first Create waits for it)
 * ``await agent()``      the connected :class:`ccpu.agent.client.AgentClient` (after start)
 * ``await stop()``       ask the agent to shut down, then make sure it is gone
-* ``describe()``         a dict for logs and the sandbox record (mode, pids, ...)
+* ``describe()``         a dict for logs and the sandbox record (mode, pids, ``vm``, ...)
+* ``layer_path(dir)``    the agent's path of a host repo layer dir (identity on the host; the
+                         guest's share path in a VM) -- for live layers
+* ``placement(id, bundle, rootfs, spec)``  the agent's ``bundle``/``rootfs``(/``spec``) args
+                         of a container's ``create`` (raises TtrpcError if it cannot run here)
 * ``on_lost``            callback(reason) when the agent goes away unexpectedly
 * ``on_event``           callback(event) for the agent's events
 
@@ -82,6 +88,55 @@ class Sandbox:
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    lost = False  # the agent went away unexpectedly (its containers were reported exited)
+
+    def layer_path(self, host_dir: str) -> str:
+        """Where the agent sees a layer dir of the host's repo: the same path on the host."""
+        return host_dir
+
+    def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
+                  spec: dict[str, Any] | None) -> dict[str, Any]:
+        """``create`` args saying where the container lives: on the host, the bundle as is (the
+        agent reads its config.json)."""
+        return {"bundle": bundle, "rootfs": rootfs}
+
+
+class FailedSandbox(Sandbox):
+    """A sandbox that could not be configured: every container's Create gets the reason."""
+
+    mode = "?"
+    agent_mode = "none"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def start(self) -> None:
+        from ccpu.ttrpc import Code, TtrpcError
+
+        raise TtrpcError(Code.FAILED_PRECONDITION, self.reason)
+
+    async def agent(self) -> AgentClient:
+        await self.start()
+        raise AssertionError("unreachable")
+
+    async def stop(self) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "error": self.reason}
+
+
+def for_config(cfg: Any, *, reaper: Any, namespace: str, group: str, repo_root: str,
+               run_dir: str, runc_root: str, bundle_root: str, layer_roots: list[str]) -> Sandbox:
+    """The sandbox for a :class:`shim.config.Config`: a VM, or host mode (``FRACTAL_AGENT``)."""
+    if cfg.mode == "vm":
+        from shim.vm import VmSandbox
+
+        return VmSandbox(reaper=reaper, namespace=namespace, group=group, repo_root=repo_root,
+                         run_dir=run_dir, settings=cfg.vm)
+    return host_sandbox(reaper=reaper, runc_root=runc_root, bundle_root=bundle_root,
+                        layer_roots=layer_roots)
 
 
 def host_sandbox(mode: str | None = None, **kw: Any) -> Sandbox:

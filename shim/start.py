@@ -158,11 +158,18 @@ def start(opts) -> str:  # noqa: ANN001
 
 def run(opts) -> int:  # noqa: ANN001
     # The runtime options (protobuf Any, possibly empty) come on stdin: read them all so
-    # containerd's writer never blocks; host mode has no use for them yet.
+    # containerd's writer never blocks.  A runtime config file named there
+    # (runtimeoptions.v1.Options.config_path) reaches the daemon through its environment.
     try:
-        sys.stdin.buffer.read()
+        options = sys.stdin.buffer.read()
     except (OSError, ValueError, AttributeError):
-        pass
+        options = b""
+    if options:
+        from shim.config import RUNTIME_CONFIG_ENV, config_path_from_options
+
+        path = config_path_from_options(options)
+        if path:
+            os.environ[RUNTIME_CONFIG_ENV] = path
     try:
         address = start(opts)
     except Exception as exc:  # containerd shows this text in its error

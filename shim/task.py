@@ -24,6 +24,7 @@ from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
 from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
 from shim import rootfs as rootfs_mod
+from shim.config import conflict
 from shim.errors import agent_error_code, to_ttrpc
 from shim.events import timestamp
 from shim.state import Container, Process, Status, Tasks
@@ -43,6 +44,21 @@ def _process_details(exec_id: str) -> Any:
     except ImportError:  # pragma: no cover
         return None
     return _any(oci_pb2.ProcessDetails(exec_id=exec_id))
+
+
+def _read_spec(bundle: str) -> dict[str, Any] | None:
+    """The bundle's config.json (None if unreadable: the agent then reports it)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) else None
+
+
+def _annotations(spec: dict[str, Any] | None) -> dict[str, str]:
+    ann = (spec or {}).get("annotations")
+    return {str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {}
 
 
 def _any(msg: Any) -> any_pb2.Any:
@@ -189,8 +205,15 @@ class TaskService:
             raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint/restore is not supported")
         if req.id in self.tasks.containers:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
-        agent = await self._agent()
         rootfs = rootfs_mod.translate(list(req.rootfs), self.repo_root)
+        spec = _read_spec(req.bundle)
+        why = conflict(getattr(self.sandbox, "mode", "host"), _annotations(spec))
+        if why:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {req.id}: {why}")
+        place = getattr(self.sandbox, "placement", None)  # where it runs (shim.sandbox, shim.vm)
+        placement = (place(req.id, req.bundle, rootfs, spec) if place is not None
+                     else {"bundle": req.bundle, "rootfs": rootfs})
+        agent = await self._agent()
         proc = Process(container=req.id, exec_id="", stdin=req.stdin, stdout=req.stdout,
                        stderr=req.stderr, terminal=req.terminal)
         container = Container(id=req.id, bundle=req.bundle, init=proc, rootfs=list(req.rootfs))
@@ -198,7 +221,7 @@ class TaskService:
         try:
             proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal)
             result = await self._call("create", {
-                "container": req.id, "bundle": req.bundle, "rootfs": rootfs,
+                "container": req.id, **placement,
                 "terminal": req.terminal, **proc.io.agent_args()})
         except BaseException:
             if proc.io is not None:
@@ -249,7 +272,9 @@ class TaskService:
             result = await self._call("delete", {"container": req.id,
                                                  **self._exec_arg(req.exec_id)})
         except TtrpcError as exc:
-            if exc.code != Code.NOT_FOUND:
+            # NotFound: the agent has forgotten it; a lost agent (dead VM) took it along
+            if exc.code != Code.NOT_FOUND and not (exc.code == Code.UNAVAILABLE
+                                                   and getattr(self.sandbox, "lost", False)):
                 raise
         if proc.io is not None:
             proc.io.close()

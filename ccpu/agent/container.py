@@ -43,6 +43,7 @@ class Container:
     kill_all_on_exit: bool  # no pid namespace of its own: its processes outlive init
     execs: dict[str, Process] = field(default_factory=dict)
     live: live.LiveStack | None = None  # the stack of a `layers` rootfs (live.py: restack)
+    made: list[str] = field(default_factory=list)  # dirs the agent created: removed on delete
 
 
 def _read_spec(bundle: str) -> dict[str, Any]:
@@ -76,6 +77,35 @@ def _has_pid_namespace(spec: Mapping[str, Any]) -> bool:
 def _read_pid(path: str) -> int:
     with open(path, encoding="ascii") as f:
         return int(f.read().strip())
+
+
+def _makedirs(path: str) -> list[str]:
+    """mkdir -p; returns the dirs it created, outermost first."""
+    created: list[str] = []
+    p = path
+    while p and p != "/" and not os.path.isdir(p):
+        created.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    return created[::-1]
+
+
+def _remove_made(made: Sequence[str]) -> None:
+    """Remove dirs `_makedirs` created (outermost first, so a tree goes at once).  Never crosses
+    into a mount: whatever is still mounted below stays (and is logged)."""
+    import shutil
+
+    if not made:
+        return
+    points = mounts.mount_points()
+    for d in made:
+        if not os.path.isdir(d):
+            continue
+        real = os.path.realpath(d)
+        if any(p == real or p.startswith(real + "/") for p in points):
+            log.error("not removing %s: something is still mounted below it", d)
+            continue
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _unlink(*paths: str) -> None:
@@ -185,6 +215,27 @@ class Supervisor:
         stdin, stdout, stderr = (protocol.arg_channel(args, n) for n in ("stdin", "stdout", "stderr"))
         plan = mounts.plan(args.get("rootfs") or {"kind": "none"}, self.layer_roots)
         spec = protocol.arg_dict(args, "spec", None)
+        # A VM guest has no bundle of its own: with an inline spec the agent makes the bundle
+        # dir, and the upper/work dirs of a `layers` rootfs (on the guest's tmpfs).  What it
+        # made it removes again on delete.
+        made: list[str] = []
+        if spec is not None and not os.path.isdir(bundle):
+            made += _makedirs(bundle)
+        rootfs_arg = args.get("rootfs")
+        if isinstance(rootfs_arg, Mapping) and rootfs_arg.get("kind") == "layers":
+            for key in ("upper", "work"):
+                d = rootfs_arg.get(key)
+                if isinstance(d, str) and d and not os.path.isdir(d):
+                    made += _makedirs(protocol.resolve_inside(d, self.layer_roots, f"{key} dir"))
+        try:
+            return await self._create(cid, bundle, terminal, stdin, stdout, stderr, plan, spec, made, args)
+        except BaseException:
+            _remove_made(made)
+            raise
+
+    async def _create(self, cid: str, bundle: str, terminal: bool, stdin: int, stdout: int, stderr: int,
+                      plan: list[mounts.Mount], spec: dict[str, Any] | None, made: list[str],
+                      args: Mapping[str, Any]) -> dict[str, Any]:
         if not os.path.isdir(bundle):
             raise protocol.InvalidArgument(f"bundle {bundle} is not a directory")
         if spec is not None:
@@ -230,7 +281,7 @@ class Supervisor:
                 log.error("create %s failed and its rootfs stays mounted: %s", cid, ue)
             raise
         init = Process(cid, "", stdio)
-        c = Container(cid, bundle, init, rootfs, mounted, kill_all_on_exit=not _has_pid_namespace(spec))
+        c = Container(cid, bundle, init, rootfs, mounted, kill_all_on_exit=not _has_pid_namespace(spec), made=made)
         c.live = live.initial_stack(args.get("rootfs"), self.layer_roots)
         self.containers[cid] = c
         if c.kill_all_on_exit:
@@ -444,6 +495,7 @@ class Supervisor:
         live.cleanup(c.live)
         del self.containers[c.id]
         _unlink(os.path.join(c.bundle, "init.pid"))
+        _remove_made(c.made)
         return p.exit_fields()
 
     async def _reported(self, p: Process) -> None:

@@ -273,6 +273,12 @@ def is_mountpoint(path: str) -> bool:
     return False
 
 
+def mount_points() -> list[str]:
+    """Every mount point of this mount namespace (per /proc/self/mountinfo)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        return [_unescape(fields[4]) for fields in (line.split() for line in f) if len(fields) > 4]
+
+
 def _unescape(s: str) -> str:
     return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 

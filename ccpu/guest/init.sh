@@ -119,11 +119,14 @@ port() {
 case "$mode" in
 agent)
     agent="$(port fractal.agent)" || die "no virtio-serial port named fractal.agent"
-    mkdir -p /run/runc /run/fractal/bundles
+    # /run/fractal/containers/<id>/{upper,work}: the containers' writable layers, on the
+    # guest's tmpfs (created by the agent; the host's snapshot stays empty in VM mode)
+    mkdir -p /run/runc /run/fractal/bundles /run/fractal/containers
     milestone "exec agent on $agent"
     # The agent serves the port as an inherited fd (`--fd`: a socket or a character device).
     exec python3.11 -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
-        --bundle-root /run/fractal/bundles --layer-root /repo/layers 3<>"$agent"
+        --bundle-root /run/fractal/bundles --layer-root /repo/layers \
+        --layer-root /run/fractal/containers 3<>"$agent"
     ;;
 run)
     # Host protocol (ccpu.vm.run): the host writes two lines on fractal.run, a

@@ -294,10 +294,13 @@ def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None]) -> l
 
 
 def build(force: bool = False, progress: Callable[[str], None] = lambda s: None, *, pyc: bool = True,
-          compression: str = "none", level: int = 6) -> Guest:
-    """Build (or reuse) the guest for the current Debian kernel and this tree's project files."""
+          compression: str = "none", level: int = 6, offline: bool = False) -> Guest:
+    """Build (or reuse) the guest for the current Debian kernel and this tree's project files.
+
+    ``offline``: use the newest kernel already in the cache without asking apt (saves ~1.3 s;
+    what the shim does before every VM start), falling back to apt when none is cached."""
     t0 = time.monotonic()
-    kern = fetch_kernel(progress)
+    kern = fetch_kernel(progress, offline=offline)
     progress(f"kernel {kern.release} ({kern.package_version})")
     sources, described = collect(kern)
     options = {"pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,

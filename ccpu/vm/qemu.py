@@ -178,10 +178,13 @@ def die_with_parent() -> None:
 
 
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
-          stderr: int | None = subprocess.PIPE) -> subprocess.Popen:
-    """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null."""
+          stderr: int | None = subprocess.PIPE, cwd: str | None = None) -> subprocess.Popen:
+    """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null.
+
+    ``cwd``: relative socket paths in ``argv`` are relative to it (unix socket paths are limited
+    to 108 bytes; a sandbox's run dir can be deeper than that)."""
     return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=die_with_parent, close_fds=True)
+                            preexec_fn=die_with_parent, close_fds=True, cwd=cwd)
 
 
 def qboot_available() -> bool:

@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .qemu import SHARE_TYPES, Share, spawn
@@ -65,15 +65,22 @@ def virtiofsd_argv(binary: str, share: Share, socket_path: str) -> list[str]:
     return argv
 
 
-def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float = 10.0) -> subprocess.Popen:
-    """Start virtiofsd and wait for its socket (QEMU fails if it connects too early)."""
-    proc = spawn(virtiofsd_argv(binary, share, socket_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float = 10.0, *,
+                    cwd: str | None = None, stderr: int | None = subprocess.PIPE,
+                    poll: Callable[[subprocess.Popen], int | None] | None = None) -> subprocess.Popen:
+    """Start virtiofsd and wait for its socket (QEMU fails if it connects too early).
+
+    ``cwd``: a relative ``socket_path`` is relative to it.  ``poll(proc)``: how to learn that it
+    exited (default ``proc.poll()``; a caller whose own reaper collects children passes its own)."""
+    proc = spawn(virtiofsd_argv(binary, share, socket_path), stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
+    check = poll or (lambda p: p.poll())
+    where = os.path.join(cwd, socket_path) if cwd else socket_path
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if check(proc) is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise RuntimeError(f"virtiofsd for {share.host_path} exited ({proc.returncode}): {err.strip()[-400:]}")
-        if os.path.exists(socket_path):  # never connect to probe: virtiofsd serves one connection
+        if os.path.exists(where):  # never connect to probe: virtiofsd serves one connection
             return proc
         time.sleep(0.01)
     proc.kill()

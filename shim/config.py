@@ -1,0 +1,301 @@
+"""Which mode a sandbox runs in (``vm`` or ``host``) and how its VM is shaped.  Pure: no I/O
+except :func:`load_file` / :func:`load` (reading the TOML files), see docs/config.md.
+
+Sources, strongest first (the FIRST container of a sandbox decides; see :func:`resolve`):
+
+1. annotations on the container's OCI spec: ``io.fractal.mode=vm|host``,
+   ``io.fractal.share=9p|virtiofs``, ``io.fractal.vm.memory=512M``, ``io.fractal.vm.cpus=2``;
+2. the runtime config file containerd names in the shim's runtime options
+   (``ctr run --runtime-config-path FILE``, CRI ``options = {ConfigPath = "FILE"}``): containerd
+   1.6 hands the options to ``start`` on its stdin as a protobuf ``Any`` of
+   ``runtimeoptions.v1.Options{type_url = 1, config_path = 2}`` (:func:`config_path_from_options`);
+3. ``$FRACTAL_CONFIG``, else ``/etc/fractal/config.toml``;
+4. defaults: ``mode = "vm"``, 512M, 2 CPUs, accel and share type chosen automatically.
+
+Files 2 and 3 are TOML with the same keys; when both exist they are merged key by key, the
+runtime config file winning.  A missing global file is fine; a missing or malformed file that
+was named explicitly is an error (the shim refuses to start the sandbox rather than silently
+running it somewhere else).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+MODES = ("vm", "host")
+ACCELS = ("auto", "kvm", "tcg")
+SHARES = ("auto", "virtiofs", "9p")
+DEFAULT_MODE = "vm"
+DEFAULT_FILE = "/etc/fractal/config.toml"
+
+ANN_MODE = "io.fractal.mode"
+ANN_SHARE = "io.fractal.share"
+ANN_MEMORY = "io.fractal.vm.memory"
+ANN_CPUS = "io.fractal.vm.cpus"
+
+#: the environment variable ``start`` uses to pass the runtime config path to its daemon
+RUNTIME_CONFIG_ENV = "FRACTAL_RUNTIME_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or file (the message names where it came from)."""
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    memory_mb: int = 512
+    cpus: int = 2
+    accel: str = "auto"
+    share: str = "auto"
+    boot_timeout: float = 90.0  # agent `hello` after QEMU start (TCG boots take ~4-6 s)
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str = DEFAULT_MODE
+    vm: VmSettings = VmSettings()
+    sources: tuple[str, ...] = ()  # where the values came from, for the log
+
+    def describe(self) -> str:
+        return (f"mode {self.mode}; vm memory {self.vm.memory_mb}M cpus {self.vm.cpus} accel "
+                f"{self.vm.accel} share {self.vm.share} (from {', '.join(self.sources) or 'defaults'})")
+
+
+# ---------------------------------------------------------------------------------------------
+# values
+
+
+def parse_memory(value: Any, where: str = "memory") -> int:
+    """MiB from ``512``, ``"512"``, ``"512M"``, ``"1G"`` (K/M/G/T, optional ``iB``/``B``)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}")
+    if isinstance(value, int):
+        mb = value
+    elif isinstance(value, str):
+        s = value.strip().upper()
+        for suffix in ("IB", "B"):
+            if s.endswith(suffix) and len(s) > len(suffix) and s[-len(suffix) - 1] in "KMGT":
+                s = s[: -len(suffix)]
+                break
+        mult = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+        try:
+            if s and s[-1] in mult:
+                mb = int(float(s[:-1]) * mult[s[-1]])
+            else:
+                mb = int(s)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}") from None
+    else:
+        raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}")
+    if not 64 <= mb <= 1024 * 1024:
+        raise ConfigError(f"{where}: {value!r} is out of range (64M..1T)")
+    return mb
+
+
+def parse_cpus(value: Any, where: str = "cpus") -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number of CPUs, got {value!r}") from None
+    if not 1 <= n <= 255:
+        raise ConfigError(f"{where}: {value!r} is out of range (1..255)")
+    return n
+
+
+def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in allowed:
+        raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value.strip().lower()
+
+
+def parse_mode(value: Any, where: str = "mode") -> str:
+    return _choice(value, MODES, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) -> Config:
+    """Apply a parsed TOML document on top of ``base``.  Unknown keys are errors (typos would
+    otherwise silently do nothing)."""
+    cfg = base or Config()
+    vm = cfg.vm
+    for key in data:
+        if key not in ("mode", "vm"):
+            raise ConfigError(f"{where}: unknown key {key!r} (known: mode, [vm])")
+    mode = parse_mode(data["mode"], f"{where}: mode") if "mode" in data else cfg.mode
+    table = data.get("vm", {})
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: vm must be a table ([vm])")
+    for key, value in table.items():
+        w = f"{where}: vm.{key}"
+        if key == "memory":
+            vm = replace(vm, memory_mb=parse_memory(value, w))
+        elif key == "cpus":
+            vm = replace(vm, cpus=parse_cpus(value, w))
+        elif key == "accel":
+            vm = replace(vm, accel=_choice(value, ACCELS, w))
+        elif key == "share":
+            vm = replace(vm, share=_choice(value, SHARES, w))
+        elif key == "boot_timeout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{w}: expected a positive number of seconds, got {value!r}")
+            vm = replace(vm, boot_timeout=float(value))
+        else:
+            raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, accel, share, "
+                              "boot_timeout)")
+    return Config(mode=mode, vm=vm, sources=cfg.sources + (where,))
+
+
+def parse_toml(text: str, where: str, base: Config | None = None) -> Config:
+    import tomllib
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    return from_table(data, where, base)
+
+
+def load_file(path: str, base: Config | None = None, *, required: bool = True) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return base or Config()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    return parse_toml(text, path, base)
+
+
+def apply_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
+    vm = cfg.vm
+    mode = cfg.mode
+    used = []
+    if annotations.get(ANN_MODE):
+        mode = parse_mode(annotations[ANN_MODE], f"annotation {ANN_MODE}")
+        used.append(ANN_MODE)
+    if annotations.get(ANN_SHARE):
+        vm = replace(vm, share=_choice(annotations[ANN_SHARE], SHARES, f"annotation {ANN_SHARE}"))
+        used.append(ANN_SHARE)
+    if annotations.get(ANN_MEMORY):
+        vm = replace(vm, memory_mb=parse_memory(annotations[ANN_MEMORY], f"annotation {ANN_MEMORY}"))
+        used.append(ANN_MEMORY)
+    if annotations.get(ANN_CPUS):
+        vm = replace(vm, cpus=parse_cpus(annotations[ANN_CPUS], f"annotation {ANN_CPUS}"))
+        used.append(ANN_CPUS)
+    if not used:
+        return cfg
+    return Config(mode=mode, vm=vm, sources=cfg.sources + ("annotations " + ",".join(used),))
+
+
+def resolve(annotations: Mapping[str, str], *, runtime_config: str | None,
+            global_file: str | None, read: Any = None) -> Config:
+    """The sandbox's config: defaults < global file < runtime config file < annotations.
+
+    ``global_file`` is ``$FRACTAL_CONFIG`` if set (then it must exist) else the default path
+    (optional).  ``read(path, base, required)`` loads a file (default :func:`load_file`;
+    injectable for tests)."""
+    read = read or (lambda p, b, required: load_file(p, b, required=required))
+    cfg = Config()
+    if global_file:
+        cfg = read(global_file, cfg, True)
+    else:
+        cfg = read(DEFAULT_FILE, cfg, False)
+    if runtime_config:
+        cfg = read(runtime_config, cfg, True)
+    return apply_annotations(cfg, annotations)
+
+
+def load(annotations: Mapping[str, str], environ: Mapping[str, str] | None = None) -> Config:
+    """:func:`resolve` with the paths from the environment (the shim daemon's)."""
+    env = os.environ if environ is None else environ
+    return resolve(annotations, runtime_config=env.get(RUNTIME_CONFIG_ENV) or None,
+                   global_file=env.get("FRACTAL_CONFIG") or None)
+
+
+def conflict(sandbox_mode: str, annotations: Mapping[str, str]) -> str | None:
+    """Why a later container cannot join a sandbox of ``sandbox_mode`` (None if it can): only
+    an explicit, different ``io.fractal.mode`` conflicts."""
+    want = annotations.get(ANN_MODE)
+    if not want or sandbox_mode not in MODES:
+        return None
+    try:
+        want = parse_mode(want, f"annotation {ANN_MODE}")
+    except ConfigError as exc:
+        return str(exc)
+    if want != sandbox_mode:
+        return (f"annotation {ANN_MODE}={want}, but this sandbox already runs in {sandbox_mode} "
+                "mode (the first container of a sandbox decides)")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime options (protobuf, decoded by hand: `start` must not import protobuf)
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(data: bytes) -> dict[int, list[bytes | int]]:
+    out: dict[int, list[bytes | int]] = {}
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _varint(data, i)
+            out.setdefault(num, []).append(v)
+        elif wire == 2:
+            n, i = _varint(data, i)
+            if i + n > len(data):
+                raise ValueError("truncated field")
+            out.setdefault(num, []).append(data[i:i + n])
+            i += n
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    return out
+
+
+def config_path_from_options(any_bytes: bytes) -> str | None:
+    """``config_path`` of a serialized ``Any{type_url, value}`` holding
+    ``runtimeoptions.v1.Options`` (what containerd writes on ``start``'s stdin and puts in
+    CreateTaskRequest.options).  None for anything else (empty, runc options, garbage)."""
+    if not any_bytes:
+        return None
+    try:
+        outer = _fields(any_bytes)
+        type_url = outer.get(1, [b""])[0]
+        value = outer.get(2, [b""])[0]
+        if not isinstance(type_url, bytes) or not isinstance(value, bytes):
+            return None
+        if not type_url.decode("utf-8", "replace").rsplit("/", 1)[-1] == "runtimeoptions.v1.Options":
+            return None
+        path = _fields(value).get(2, [b""])[0]
+    except (ValueError, IndexError):
+        return None
+    if not isinstance(path, bytes) or not path:
+        return None
+    return path.decode("utf-8", "replace")

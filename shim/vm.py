@@ -1,0 +1,509 @@
+"""VM mode: one QEMU guest per sandbox, the agent inside it, containers inside the guest.
+
+:class:`VmSandbox` implements the :class:`shim.sandbox.Sandbox` interface.  The first container
+of a sandbox boots the guest (``fractal guest build``'s kernel + initramfs, built on demand);
+the guest's init runs the agent on the virtio-serial port ``fractal.agent``, whose host end is a
+unix socket QEMU listens on; the shim connects to it and speaks the unchanged agent protocol.
+When the shim daemon exits (its last container was deleted) the agent is told to ``shutdown``
+and QEMU is stopped (SIGTERM, then SIGKILL).
+
+Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/``: ``agent.sock`` (the port),
+``vfs.sock`` (virtiofsd, if used), ``console.log`` (the guest's serial console; symlinked into
+every container bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's
+and virtiofsd's pid + start time, for :func:`cleanup_dead` when the shim is gone).  Sockets are
+given to QEMU/virtiofsd relative to the run dir (their cwd): a unix socket path has at most 107
+bytes and CRI sandbox ids alone are 64.
+
+What the guest sees (pure translation, :func:`guest_rootfs`):
+
+* the repo's layer dir ``<FRACTAL_ROOT>/layers`` read-only at ``/repo/layers`` (9p or
+  virtiofs): a host lower ``<root>/layers/<id>`` is ``/repo/layers/<id>`` in the guest;
+* the container's upper/work dirs live IN the guest, on tmpfs:
+  ``/run/fractal/containers/<id>/{upper,work}`` (the agent creates and removes them).  Writes
+  are limited by guest RAM and gone when the VM stops -- container semantics for ``--rm``; the
+  host-side active snapshot stays empty;
+* the bundle is ``/run/fractal/bundles/<id>``, the spec passed inline (from the host bundle's
+  config.json).
+
+Anything the guest cannot see is refused with FailedPrecondition: a rootfs whose lower dirs are
+not repo layers (e.g. the overlayfs snapshotter), and bind mounts of host paths in the spec.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger("shim.vm")
+
+GUEST_LAYERS = "/repo/layers"
+GUEST_BUNDLES = "/run/fractal/bundles"
+GUEST_SCRATCH = "/run/fractal/containers"
+LAYERS_TAG = "fractallayers"
+AGENT_PORT = "fractal.agent"
+PIDS_FILE = "pids"
+
+#: spec mount types the guest makes itself (no host path involved)
+_GUEST_FS_TYPES = frozenset({"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
+                             "shm", "bpf", "securityfs", "debugfs", "tracefs", "hugetlbfs"})
+
+
+class NotInVm(ValueError):
+    """Something the guest cannot see (FailedPrecondition for containerd)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# pure translation
+
+
+def _under(path: str, root: str) -> bool:
+    path, root = posixpath.normpath(path), posixpath.normpath(root)
+    return path.startswith(root.rstrip("/") + "/")
+
+
+def guest_layer_path(host_dir: str, host_layers: str) -> str:
+    """``<host_layers>/<id>[/...]`` -> ``/repo/layers/<id>[/...]``."""
+    if not posixpath.isabs(host_dir) or not _under(host_dir, host_layers):
+        raise NotInVm(f"{host_dir} is not in the fractal repo's layers ({host_layers}): the VM "
+                      "sees only those")
+    rel = posixpath.relpath(posixpath.normpath(host_dir), posixpath.normpath(host_layers))
+    return posixpath.join(GUEST_LAYERS, rel)
+
+
+def guest_scratch(cid: str) -> tuple[str, str]:
+    base = posixpath.join(GUEST_SCRATCH, cid)
+    return posixpath.join(base, "upper"), posixpath.join(base, "work")
+
+
+def guest_bundle(cid: str) -> str:
+    return posixpath.join(GUEST_BUNDLES, cid)
+
+
+def guest_rootfs(rootfs: Mapping[str, Any], cid: str, host_layers: str) -> dict[str, Any]:
+    """The agent's ``rootfs`` argument in the guest for the host-side one (shim.rootfs)."""
+    kind = rootfs.get("kind")
+    if kind != "layers":
+        what = {"mounts": "its mounts are not fractal repo layers (another snapshotter, e.g. "
+                          "overlayfs?)",
+                "none": "it has no rootfs mounts"}.get(str(kind), f"rootfs kind {kind!r}")
+        raise NotInVm(f"container {cid} cannot run in a VM: {what}; VM mode needs the fractal "
+                      "snapshotter (ctr --snapshotter fractal), or use io.fractal.mode=host")
+    lowers = [guest_layer_path(p, host_layers) for p in rootfs["lowers"]]
+    upper, work = guest_scratch(cid)
+    return {"kind": "layers", "lowers": lowers, "upper": upper, "work": work}
+
+
+def host_mounts_in_spec(spec: Mapping[str, Any]) -> list[str]:
+    """Destinations of spec mounts that need a host path (bind mounts): the guest lacks them."""
+    bad = []
+    for m in spec.get("mounts") or []:
+        if not isinstance(m, Mapping):
+            continue
+        mtype = str(m.get("type") or "")
+        opts = [str(o) for o in m.get("options") or []]
+        if mtype == "bind" or "bind" in opts or "rbind" in opts or (mtype and mtype not in _GUEST_FS_TYPES):
+            bad.append(f"{m.get('destination')} ({mtype or 'bind'} {m.get('source', '')})")
+    return bad
+
+
+def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
+    for v in (namespace, group):
+        if not v or "/" in v or v in (".", ".."):
+            raise ValueError(f"unsafe name {v!r}")
+    return os.path.join(run_dir, "vms", namespace, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# leftovers of a dead shim (stdlib only: called by the `delete` verb)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def read_pids(run_dir: str) -> list[tuple[str, int, str]]:
+    out = []
+    try:
+        with open(os.path.join(run_dir, PIDS_FILE)) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[1].isdigit():
+                    out.append((parts[0], int(parts[1]), parts[2]))
+    except OSError:
+        pass
+    return out
+
+
+def cleanup_dead(run_dir: str) -> list[int]:
+    """Kill the QEMU/virtiofsd recorded in ``run_dir`` (only if pid AND start time still
+    match: pids get reused) and remove the dir.  Returns the pids killed."""
+    import shutil
+
+    killed = []
+    for _name, pid, start in read_pids(run_dir):
+        if _start_time(pid) == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 3
+    while killed and time.monotonic() < deadline and any(_start_time(p) for p in killed):
+        time.sleep(0.02)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for d in (os.path.dirname(run_dir),):  # the namespace dir, if now empty
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+    return killed
+
+
+# ---------------------------------------------------------------------------------------------
+# the sandbox
+
+from shim.sandbox import Sandbox  # noqa: E402  (after the stdlib-only part used by `delete`)
+
+
+class VmSandbox(Sandbox):
+    """One QEMU guest running the agent (see the module docstring)."""
+
+    mode = "vm"
+    agent_mode = "vm"
+
+    def __init__(self, *, reaper: Any, namespace: str, group: str, repo_root: str, run_dir: str,
+                 settings: Any, on_event: Any = None) -> None:
+        self.reaper = reaper
+        self.namespace = namespace
+        self.group = group
+        self.repo_root = repo_root
+        self.host_layers = os.path.join(repo_root, "layers")
+        self.settings = settings  # shim.config.VmSettings
+        self.dir = vm_run_dir(run_dir, namespace, group)
+        self.console_log = os.path.join(self.dir, "console.log")
+        self.on_event = on_event
+        self.pid: int | None = None
+        self.accel = ""
+        self.accel_reason = ""
+        self.share = ""
+        self.exit_status: int | None = None
+        self.lost = False
+        self.timings: dict[str, float] = {}
+        self.guest_kernel = ""
+        self._helpers: dict[int, Any] = {}  # pid -> exit future (virtiofsd)
+        self._exited: Any = None  # QEMU's exit future
+        self._client: Any = None
+        self._ready: Any = None
+        self._stopping = False
+        self._dir_fd: int | None = None
+
+    # -- interface --------------------------------------------------------------------------
+
+    def layer_path(self, host_dir: str) -> str:
+        return guest_layer_path(host_dir, self.host_layers)
+
+    def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
+                  spec: dict[str, Any] | None) -> dict[str, Any]:
+        from ccpu.ttrpc import Code, TtrpcError
+
+        try:
+            grootfs = guest_rootfs(rootfs, cid, self.host_layers)
+        except NotInVm as exc:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+        if spec is None:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle} has no readable config.json")
+        bad = host_mounts_in_spec(spec)
+        if bad:
+            raise TtrpcError(Code.FAILED_PRECONDITION,
+                             f"container {cid} cannot run in a VM: its spec mounts host paths the "
+                             f"guest cannot see: {', '.join(bad)} (use io.fractal.mode=host)")
+        try:
+            os.symlink(self.console_log, os.path.join(bundle, "console.log"))
+        except OSError:
+            pass
+        return {"bundle": guest_bundle(cid), "rootfs": grootfs, "spec": spec}
+
+    async def start(self) -> None:
+        import asyncio
+
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._ready)
+
+    async def agent(self) -> Any:
+        await self.start()
+        assert self._client is not None
+        return self._client
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "agent": self.agent_mode, "agent_pid": self.pid,
+                "vm": self.vm_info()}
+
+    def vm_info(self) -> dict[str, Any]:
+        return {"pid": self.pid, "accel": self.accel, "memory": f"{self.settings.memory_mb}M",
+                "cpus": self.settings.cpus, "share": self.share, "kernel": self.guest_kernel,
+                "run_dir": self.dir, "console": self.console_log,
+                "boot_seconds": self.timings.get("agent_ready")}
+
+    # -- boot -------------------------------------------------------------------------------
+
+    def _guest(self) -> Any:
+        """The built guest (kernel + initramfs), built now if this tree's is missing."""
+        from ccpu.guest import initramfs
+        from ccpu.guest.kernel import KernelError
+
+        def progress(msg: str) -> None:
+            log.info("guest build: %s", msg)
+
+        try:
+            return initramfs.build(progress=progress, offline=True)
+        except KernelError:
+            return initramfs.build(progress=progress)  # no kernel cached yet: ask apt
+
+    def _sock_addr(self, name: str) -> str:
+        path = os.path.join(self.dir, name)
+        if len(path.encode()) < 100:
+            return path
+        if self._dir_fd is None:  # too long for sun_path: reach it through our fd of the dir
+            self._dir_fd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self._dir_fd}/{name}"
+
+    def _record_pids(self) -> None:
+        lines = []
+        for name, pid in [("qemu", self.pid)] + [("virtiofsd", p) for p in self._helpers]:
+            start = _start_time(pid) if pid else None
+            if pid and start:
+                lines.append(f"{name} {pid} {start}\n")
+        tmp = os.path.join(self.dir, PIDS_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, os.path.join(self.dir, PIDS_FILE))
+
+    async def _start(self) -> Any:
+        import asyncio
+        import subprocess
+
+        from ccpu.vm import accel, qemu, shares
+
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        if os.path.isdir(self.dir):  # a dead predecessor's (same namespace and group)
+            killed = cleanup_dead(self.dir)
+            if killed:
+                log.warning("killed leftover VM processes %s of %s", killed, self.dir)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        if not os.path.isdir(self.host_layers):
+            raise RuntimeError(f"the fractal repo has no layers dir {self.host_layers} "
+                               "(is FRACTAL_ROOT the snapshotter's root?)")
+        guest = await loop.run_in_executor(None, self._guest)
+        self.guest_kernel = str(guest.manifest.get("kernel", {}).get("version", ""))
+        self.timings["guest"] = time.monotonic() - t0
+
+        s = self.settings
+        if s.accel == "auto":
+            choice = accel.choose()
+            self.accel, self.accel_reason = choice.accel, choice.reason
+        else:
+            self.accel, self.accel_reason = s.accel, "configured"
+        vfsd = shares.find_virtiofsd()
+        self.share, why = shares.decide(None if s.share == "auto" else s.share,
+                                        os.environ.get("FRACTAL_SHARE") or None, vfsd)
+        layers = qemu.Share(LAYERS_TAG, self.host_layers, GUEST_LAYERS, True, self.share,
+                            "vfs.sock" if self.share == "virtiofs" else None)
+        qemu_log = os.open(os.path.join(self.dir, "qemu.log"),
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            if self.share == "virtiofs":
+                assert vfsd and layers.socket
+                vlog = os.open(os.path.join(self.dir, "virtiofsd.log"),
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                try:
+                    # spawned on the loop's thread: PDEATHSIG follows the thread that forked
+                    proc = shares.start_virtiofsd(vfsd, layers, layers.socket, cwd=self.dir,
+                                                  stderr=vlog)
+                finally:
+                    os.close(vlog)
+                self._helpers[proc.pid] = self.reaper.wait(proc.pid)
+            cfg = qemu.VMConfig(
+                kernel=str(guest.kernel), initramfs=str(guest.initramfs),
+                console_log=self.console_log, accel=self.accel, memory_mb=s.memory_mb,
+                cpus=s.cpus, mode="agent", repo=None, shares=[layers],
+                ports=[qemu.Port(AGENT_PORT, "agent.sock")])
+            argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
+            log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s); run dir %s",
+                     self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.dir)
+            log.debug("qemu: %s", " ".join(argv))
+            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=qemu_log, cwd=self.dir)
+        finally:
+            os.close(qemu_log)
+        self.pid = proc.pid
+        self._exited = self.reaper.wait(proc.pid)
+        self._exited.add_done_callback(self._qemu_exited)
+        self._record_pids()
+        self.timings["qemu_started"] = time.monotonic() - t0
+
+        deadline = t0 + s.boot_timeout
+        try:
+            client = await self._connect(deadline)
+            self.timings["connected"] = time.monotonic() - t0
+            client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
+            client.add_lost_handler(self._link_lost)
+            self._client = client
+            hello = await self._await_boot(client.hello(), deadline)
+        except BaseException as exc:
+            tail = self.console_tail()
+            await self._kill_all()
+            if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+                raise RuntimeError(f"VM agent not ready within {s.boot_timeout:.0f}s; console: "
+                                   f"{tail}") from None
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"VM did not start: {exc}; console: {tail}") from None
+            raise
+        self.timings["agent_ready"] = time.monotonic() - t0
+        log.info("VM agent up in %.2fs (guest %.2fs, qemu %.2fs, connected %.2fs): %s",
+                 self.timings["agent_ready"], self.timings["guest"], self.timings["qemu_started"],
+                 self.timings["connected"], hello)
+        return client
+
+    async def _await_boot(self, coro: Any, deadline: float) -> Any:
+        """``coro`` unless QEMU exits first or the deadline passes."""
+        import asyncio
+
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait({task, self._exited}, timeout=max(0.1, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        if self._exited in done:
+            raise RuntimeError(f"QEMU exited with {self.exit_status} during boot")
+        raise TimeoutError
+
+    async def _connect(self, deadline: float) -> Any:
+        """Connect to the port's socket as soon as QEMU made it.  The agent need not be up:
+        QEMU keeps what we send in the socket until the guest opens the port."""
+        import asyncio
+        import socket
+
+        from ccpu.agent.client import AgentClient
+
+        loop = asyncio.get_running_loop()
+        addr = self._sock_addr("agent.sock")
+        while True:
+            if self.exit_status is not None:
+                raise RuntimeError(f"QEMU exited with {self.exit_status} before its socket was ready")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, addr)
+                return await AgentClient.connect_socket(sock)
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            await asyncio.sleep(0.01)
+
+    def console_tail(self, n: int = 1500) -> str:
+        try:
+            with open(self.console_log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - n))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return "(no console log)"
+
+    # -- loss and stop ----------------------------------------------------------------------
+
+    def _qemu_exited(self, fut: Any) -> None:
+        if fut.cancelled():
+            return
+        self.exit_status = fut.result()
+        if self._stopping:
+            log.info("QEMU pid %s exited with %s", self.pid, self.exit_status)
+            return
+        log.error("QEMU pid %s exited unexpectedly with %s; guest console (tail):\n%s",
+                  self.pid, self.exit_status, self.console_tail())
+        self._report_lost(f"QEMU exited with {self.exit_status}")
+
+    def _link_lost(self, reason: str) -> None:
+        if not self._stopping:
+            self._report_lost(f"agent link lost: {reason}")
+
+    def _report_lost(self, reason: str) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        if self.on_lost is not None:
+            self.on_lost(reason)
+        if self.exit_status is None and self.pid is not None:  # link gone, QEMU alive: end it
+            import asyncio
+
+            asyncio.get_running_loop().create_task(self._kill_all())
+
+    async def _wait(self, fut: Any, timeout: float) -> bool:
+        import asyncio
+
+        if fut is None or fut.done():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return True
+        except (TimeoutError, asyncio.TimeoutError):
+            return False
+
+    async def _kill_all(self, grace: float = 0.0) -> None:
+        """QEMU: SIGTERM (after ``grace`` s for it to exit by itself), then SIGKILL; then the
+        helpers.  Everything is waited for (our reaper collects them)."""
+        if self.pid is not None and self._exited is not None and not self._exited.done():
+            if not await self._wait(self._exited, grace):
+                for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+                    try:
+                        os.kill(self.pid, sig)
+                    except ProcessLookupError:
+                        break
+                    if await self._wait(self._exited, wait):
+                        break
+        for pid, fut in self._helpers.items():
+            if not fut.done():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await self._wait(fut, 5.0)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        import asyncio
+        import shutil
+
+        self._stopping = True
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+        if self._client is not None and not self._client.closed and not self.lost:
+            try:
+                await asyncio.wait_for(self._client.call("shutdown"), timeout)
+            except Exception as exc:  # noqa: BLE001 - e.g. containers left (SIGTERMed shim)
+                log.warning("agent shutdown: %s", exc)
+        # the agent exits -> the guest's init is gone -> panic -> QEMU exits (-no-reboot)
+        await self._kill_all(grace=2.0)
+        if self._client is not None:
+            await self._client.close()
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(self.dir))
+        except OSError:
+            pass
+

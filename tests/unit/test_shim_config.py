@@ -1,0 +1,221 @@
+"""Mode selection and VM settings (shim/config.py) and VM path translation (shim/vm.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shim import config as c
+from shim import vm
+
+
+def _read(files: dict[str, str]):  # noqa: ANN202
+    def read(path: str, base: c.Config, required: bool) -> c.Config:
+        if path not in files:
+            if required:
+                raise c.ConfigError(f"config file {path} does not exist")
+            return base
+        return c.parse_toml(files[path], path, base)
+    return read
+
+
+def test_default_is_vm() -> None:
+    cfg = c.resolve({}, runtime_config=None, global_file=None, read=_read({}))
+    assert cfg.mode == "vm" and cfg.vm == c.VmSettings()
+
+
+def test_precedence_annotation_over_runtime_file_over_global() -> None:
+    files = {"/g.toml": 'mode = "host"\n[vm]\nmemory = "1G"\ncpus = 4\n',
+             "/r.toml": 'mode = "vm"\n[vm]\ncpus = 1\nshare = "9p"\n'}
+    cfg = c.resolve({}, runtime_config=None, global_file="/g.toml", read=_read(files))
+    assert cfg.mode == "host" and cfg.vm.memory_mb == 1024 and cfg.vm.cpus == 4
+    cfg = c.resolve({}, runtime_config="/r.toml", global_file="/g.toml", read=_read(files))
+    assert cfg.mode == "vm" and cfg.vm.memory_mb == 1024 and cfg.vm.cpus == 1 and cfg.vm.share == "9p"
+    cfg = c.resolve({"io.fractal.mode": "host", "io.fractal.share": "virtiofs",
+                     "io.fractal.vm.memory": "256M", "io.fractal.vm.cpus": "3"},
+                    runtime_config="/r.toml", global_file="/g.toml", read=_read(files))
+    assert (cfg.mode, cfg.vm.share, cfg.vm.memory_mb, cfg.vm.cpus) == ("host", "virtiofs", 256, 3)
+
+
+def test_default_file_is_optional_but_named_files_are_required() -> None:
+    assert c.resolve({}, runtime_config=None, global_file=None, read=_read({})).mode == "vm"
+    with pytest.raises(c.ConfigError, match="does not exist"):
+        c.resolve({}, runtime_config=None, global_file="/missing.toml", read=_read({}))
+    with pytest.raises(c.ConfigError, match="does not exist"):
+        c.resolve({}, runtime_config="/missing.toml", global_file=None, read=_read({}))
+
+
+@pytest.mark.parametrize("text, match", [
+    ('mode = "kvm"', "mode"),
+    ('moed = "vm"', "unknown key"),
+    ('[vm]\nmemroy = "1G"', "unknown key vm.memroy"),
+    ('[vm]\nmemory = "lots"', "size"),
+    ('[vm]\nmemory = "16K"', "out of range"),
+    ('[vm]\ncpus = 0', "out of range"),
+    ('[vm]\naccel = "hvf"', "accel"),
+    ('[vm]\nshare = "nfs"', "share"),
+    ('[vm]\nboot_timeout = -1', "boot_timeout"),
+    ("mode = ", "not valid TOML"),
+])
+def test_bad_files(text: str, match: str) -> None:
+    with pytest.raises(c.ConfigError, match=match):
+        c.parse_toml(text, "/f.toml")
+
+
+def test_bad_annotation() -> None:
+    with pytest.raises(c.ConfigError, match="io.fractal.mode"):
+        c.apply_annotations(c.Config(), {"io.fractal.mode": "container"})
+
+
+@pytest.mark.parametrize("value, mb", [(512, 512), ("512", 512), ("512M", 512), ("1G", 1024),
+                                       ("1GiB", 1024), ("2g", 2048), ("1.5G", 1536),
+                                       ("262144K", 256)])
+def test_memory(value: object, mb: int) -> None:
+    assert c.parse_memory(value) == mb
+
+
+def test_all_keys_accepted() -> None:
+    cfg = c.parse_toml('mode = "vm"\n[vm]\nmemory = "768M"\ncpus = 2\naccel = "tcg"\n'
+                       'share = "virtiofs"\nboot_timeout = 120\n', "/f")
+    assert cfg.vm == c.VmSettings(768, 2, "tcg", "virtiofs", 120.0)
+
+
+def test_conflict() -> None:
+    assert c.conflict("vm", {}) is None
+    assert c.conflict("vm", {"io.fractal.mode": "vm"}) is None
+    assert "already runs in vm mode" in (c.conflict("vm", {"io.fractal.mode": "host"}) or "")
+    assert "already runs in host mode" in (c.conflict("host", {"io.fractal.mode": "VM"}) or "")
+    assert c.conflict("?", {"io.fractal.mode": "vm"}) is None  # a failed sandbox says why itself
+
+
+def _pb_str(field: int, data: bytes) -> bytes:
+    return bytes([field << 3 | 2, len(data)]) + data
+
+
+def test_runtime_options_config_path() -> None:
+    inner = _pb_str(1, b"") + _pb_str(2, b"/etc/fractal/vm.toml")
+    for url in (b"runtimeoptions.v1.Options", b"types.googleapis.com/runtimeoptions.v1.Options"):
+        raw = _pb_str(1, url) + _pb_str(2, inner)
+        assert c.config_path_from_options(raw) == "/etc/fractal/vm.toml"
+    runc = _pb_str(1, b"containerd.runc.v1.Options") + _pb_str(2, _pb_str(2, b"/x"))
+    assert c.config_path_from_options(runc) is None
+    assert c.config_path_from_options(b"") is None
+    assert c.config_path_from_options(b"\xff\xff\xff") is None
+    assert c.config_path_from_options(_pb_str(1, b"runtimeoptions.v1.Options")) is None
+
+
+def test_runtime_options_against_protobuf() -> None:
+    """The hand decoder against real protobuf encoding (Any of a message with field 2)."""
+    from google.protobuf import any_pb2, wrappers_pb2
+
+    # StringValue has `value = 1`; build Options{config_path = 2} by hand, wrap in a real Any
+    value = _pb_str(2, b"/a/b.toml")
+    raw = any_pb2.Any(type_url="runtimeoptions.v1.Options", value=value).SerializeToString()
+    assert c.config_path_from_options(raw) == "/a/b.toml"
+    assert c.config_path_from_options(any_pb2.Any(
+        type_url="google.protobuf.StringValue",
+        value=wrappers_pb2.StringValue(value="x").SerializeToString()).SerializeToString()) is None
+
+
+# -- VM path translation ----------------------------------------------------------------------
+
+LAYERS = "/var/lib/fractal/layers"
+
+
+def test_guest_layer_path() -> None:
+    assert vm.guest_layer_path(f"{LAYERS}/abc", LAYERS) == "/repo/layers/abc"
+    assert vm.guest_layer_path(f"{LAYERS}/abc/", LAYERS) == "/repo/layers/abc"
+    assert vm.guest_layer_path(f"{LAYERS}/abc/fs", LAYERS) == "/repo/layers/abc/fs"
+    for bad in (LAYERS, f"{LAYERS}-x/abc", "/var/lib/fractal/snapshots/1/fs", "layers/abc",
+                f"{LAYERS}/../snapshots/1"):
+        with pytest.raises(vm.NotInVm):
+            vm.guest_layer_path(bad, LAYERS)
+
+
+def test_guest_rootfs_layers() -> None:
+    rootfs = {"kind": "layers", "lowers": [f"{LAYERS}/b", f"{LAYERS}/a"],
+              "upper": "/var/lib/fractal/snapshots/7/fs", "work": "/var/lib/fractal/snapshots/7/work"}
+    assert vm.guest_rootfs(rootfs, "c1", LAYERS) == {
+        "kind": "layers", "lowers": ["/repo/layers/b", "/repo/layers/a"],
+        "upper": "/run/fractal/containers/c1/upper", "work": "/run/fractal/containers/c1/work"}
+
+
+@pytest.mark.parametrize("rootfs", [
+    {"kind": "mounts", "mounts": [{"type": "overlay", "source": "overlay",
+                                   "options": ["lowerdir=/var/lib/containerd/x/1/fs"]}]},
+    {"kind": "none"},
+])
+def test_guest_rootfs_refuses_what_the_guest_cannot_see(rootfs: dict) -> None:
+    with pytest.raises(vm.NotInVm, match="fractal snapshotter"):
+        vm.guest_rootfs(rootfs, "c1", LAYERS)
+
+
+def test_host_mounts_in_spec() -> None:
+    spec = {"mounts": [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"},
+        {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]},
+        {"destination": "/data", "type": "none", "source": "/srv", "options": ["rbind", "ro"]},
+    ]}
+    assert vm.host_mounts_in_spec(spec) == ["/etc/hosts (bind /var/lib/x/hosts)", "/data (none /srv)"]
+    assert vm.host_mounts_in_spec({}) == []
+
+
+def test_vm_run_dir() -> None:
+    assert vm.vm_run_dir("/run/fractal", "default", "sb") == "/run/fractal/vms/default/sb"
+    for ns, group in (("..", "x"), ("a", "b/c"), ("", "x")):
+        with pytest.raises(ValueError):
+            vm.vm_run_dir("/run/fractal", ns, group)
+
+
+def test_placement_host_is_identity() -> None:
+    from shim.sandbox import InprocSandbox
+
+    sb = InprocSandbox(reaper=None, runc_root="/r", bundle_root="/b", layer_roots=[])
+    assert sb.layer_path(f"{LAYERS}/a") == f"{LAYERS}/a"
+    assert sb.placement("c", "/b/c", {"kind": "none"}, {}) == {"bundle": "/b/c", "rootfs": {"kind": "none"}}
+
+
+def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
+    from ccpu.ttrpc import TtrpcError
+
+    sb = vm.VmSandbox(reaper=None, namespace="ns", group="g", repo_root="/var/lib/fractal",
+                      run_dir=str(tmp_path), settings=c.VmSettings())
+    assert sb.layer_path(f"{LAYERS}/a") == "/repo/layers/a"
+    spec = {"process": {"args": ["true"]}, "mounts": [{"destination": "/proc", "type": "proc"}]}
+    rootfs = {"kind": "layers", "lowers": [f"{LAYERS}/a"], "upper": "/u", "work": "/w"}
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    args = sb.placement("c1", str(bundle), rootfs, spec)
+    assert args == {"bundle": "/run/fractal/bundles/c1", "spec": spec,
+                    "rootfs": {"kind": "layers", "lowers": ["/repo/layers/a"],
+                               "upper": "/run/fractal/containers/c1/upper",
+                               "work": "/run/fractal/containers/c1/work"}}
+    assert (bundle / "console.log").is_symlink()
+    with pytest.raises(TtrpcError, match="fractal snapshotter"):
+        sb.placement("c2", str(bundle), {"kind": "mounts", "mounts": []}, spec)
+    with pytest.raises(TtrpcError, match="host paths"):
+        sb.placement("c3", str(bundle), rootfs, {"mounts": [{"destination": "/x", "type": "bind",
+                                                            "source": "/srv"}]})
+
+
+def test_cleanup_dead_checks_start_time(tmp_path) -> None:  # noqa: ANN001
+    import os
+    import subprocess
+
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        d = tmp_path / "vms" / "ns" / "g"
+        d.mkdir(parents=True)
+        (d / "pids").write_text(f"qemu {p.pid} 1\n")  # wrong start time: not ours, left alone
+        assert vm.cleanup_dead(str(d)) == []
+        assert p.poll() is None and not d.exists()
+        d.mkdir(parents=True)
+        (d / "pids").write_text(f"qemu {p.pid} {vm._start_time(p.pid)}\n")
+        assert vm.cleanup_dead(str(d)) == [p.pid]
+        assert p.wait(timeout=5) == -9 and not d.exists()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    assert os.path.isdir(tmp_path / "vms")
