@@ -135,6 +135,7 @@ class Session:
             self.client.close()
             raise
         self._repo_layers: dict[str, Any] | None = None
+        self._own: dict[str, str] | None = None
         self.repo_root: str | None = None
 
     def close(self) -> None:
@@ -208,13 +209,7 @@ class Session:
     def _stack(self, raw: dict[str, Any]) -> Stack:
         self.repo_root = raw.get("repo_root") or self.repo_root
         repo = self.repo_layers()
-        own: dict[str, str] = {}
-        try:
-            from .images import image_layers
-
-            own = {ch: self.container.image for ch in image_layers(self.client, self.container.image).chain_ids}
-        except (ContainerdError, KeyError, ValueError):
-            pass  # the container's image may be gone: its layers are then shown without a name
+        own = self._own_image_layers()
         layers = []
         for e in raw.get("layers") or []:
             info = repo.get(os.path.normpath(e["dir"]))
@@ -225,6 +220,19 @@ class Session:
                 size=info.size if info is not None else e.get("size"),
                 added_at=e.get("added_at"), gc_label=e.get("gc_label") or ""))
         return Stack(raw.get("container", self.container.id), raw.get("upper"), layers, raw)
+
+    def _own_image_layers(self) -> dict[str, str]:
+        """chain ID -> the container's image name, for its layers (once per session)."""
+        if self._own is None:
+            self._own = {}
+            try:
+                from .images import image_layers
+
+                self._own = {ch: self.container.image
+                             for ch in image_layers(self.client, self.container.image).chain_ids}
+            except (ContainerdError, KeyError, ValueError):
+                pass  # the container's image may be gone: its layers are then shown without a name
+        return self._own
 
     def stack(self) -> Stack:
         return self._stack(shim_call(self.shim, "List", {"container": self.container.id}, what=self.what))

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Benchmark live layers: `fractal layers add` to a running container vs restarting it.
+
+One private :class:`~hack.containerd_env.FractalEnv` (fractal snapshotter + containerd 1.6, the
+fractal shim in host mode) fed by a :class:`~hack.registry.LocalRegistry` with the ``busybox``
+and ``tools`` test images (``tools`` = busybox's layer + 2 layers of its own: a 3-layer image
+sharing its base with the container).  Both images are pulled (``--snapshotter fractal``) first,
+so neither side pays for a pull.  Each round, in the same run:
+
+* **live**: ``ctr run -d`` a busybox container running a shell loop, then time
+  ``python3 -m ccpu.cli layers add CONTAINER TOOLS`` (wall time of the whole CLI process, the
+  CLI's own time after its imports, and the shim-side restack: the agent round trip inside the
+  shim), check the file shows up, and time ``layers rm`` the same way;
+* **restart**: the alternative -- stop that container and start one on the tools image:
+  ``ctr task kill -s SIGKILL`` + wait until stopped + ``ctr task rm`` + ``ctr container rm`` +
+  ``ctr run -d TOOLS`` until ``ctr task ls`` shows it RUNNING (timed as a whole).
+
+The order of live/restart alternates every round.  Prints medians and p90, the ratios, the
+command, machine info and the goals (live add <= 0.1x restart, < 100 ms); ``--json FILE``.
+Must run as root.
+
+    python3 hack/bench/layers.py [--runs 10] [--agent inproc|process] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import contextlib
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
+
+from hack.bench.snapshotter import log, machine_info, percentile  # noqa: E402
+from hack.containerd_env import FractalEnv, tail  # noqa: E402
+
+RUNTIME = "io.containerd.fractal.v1"
+NS = "bench"
+LOOP = "while :; do sleep 1; done"
+GOAL_RATIO = 0.1
+GOAL_MS = 100.0
+
+
+def ctr_run(env: FractalEnv, ref: str, cid: str) -> list[str]:
+    return env.containerd.ctr_argv("run", "-d", "--snapshotter", "fractal", "--fifo-dir", str(env.fifo_dir),
+                                   "--runtime", RUNTIME, ref, cid, "sh", "-c", LOOP, namespace=NS)
+
+
+def task_state(env: FractalEnv, cid: str) -> str:
+    r = env.ctr("tasks", "ls", namespace=NS, check=False)
+    for line in r.stdout.splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0] == cid:
+            return parts[-1]
+    return ""
+
+
+def wait_state(env: FractalEnv, cid: str, want: set[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while task_state(env, cid) not in want:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{cid} not {want} after {timeout}s")
+        time.sleep(0.005)
+
+
+def remove(env: FractalEnv, cid: str) -> None:
+    env.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=NS, check=False)
+    with contextlib.suppress(RuntimeError):
+        wait_state(env, cid, {"STOPPED", ""}, 20)
+    env.ctr("tasks", "delete", "-f", cid, namespace=NS, check=False)
+    env.ctr("containers", "rm", cid, namespace=NS, check=False)
+
+
+def fractal_cli(env: FractalEnv, *args: str) -> tuple[float, dict[str, Any]]:
+    e = {**os.environ, "FRACTAL_RUN_DIR": str(env.fractal_run_dir)}
+    argv = [sys.executable, "-m", "ccpu.cli", "layers", *args]
+    t0 = time.monotonic()
+    r = subprocess.run(argv, capture_output=True, text=True, env=e, timeout=120)
+    wall = (time.monotonic() - t0) * 1000
+    if r.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed: {r.stderr.strip()}")
+    return wall, json.loads(r.stdout)
+
+
+def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, float]:
+    subprocess.run(ctr_run(env, base, cid), check=True, capture_output=True, timeout=60)
+    wait_state(env, cid, {"RUNNING"})
+    flags = ["-a", str(env.address), "-n", NS]
+    try:
+        add_wall, add = fractal_cli(env, "add", *flags, "--json", cid, tools)
+        if len(add["added"]) != 2:
+            raise RuntimeError(f"expected 2 added layers, got {add['added']}")
+        out = env.ctr("tasks", "exec", "--exec-id", "chk", cid, "cat", "/opt/tools/hello.txt", namespace=NS).stdout
+        if out != "hello from tools\n":
+            raise RuntimeError(f"added file not visible: {out!r}")
+        rm_wall, rm = fractal_cli(env, "rm", *flags, "--json", cid, tools)
+        return {"add_wall_ms": add_wall, "add_cli_ms": add["cli_ms"], "add_restack_ms": add["restack_ms"],
+                "rm_wall_ms": rm_wall, "rm_cli_ms": rm["cli_ms"], "rm_restack_ms": rm["restack_ms"]}
+    finally:
+        remove(env, cid)
+
+
+def restart_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, float]:
+    subprocess.run(ctr_run(env, base, cid), check=True, capture_output=True, timeout=60)
+    wait_state(env, cid, {"RUNNING"})
+    new = cid + "-t"
+    try:
+        t0 = time.monotonic()
+        env.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=NS)
+        wait_state(env, cid, {"STOPPED", ""})
+        env.ctr("tasks", "delete", cid, namespace=NS)
+        env.ctr("containers", "rm", cid, namespace=NS)
+        subprocess.run(ctr_run(env, tools, new), check=True, capture_output=True, timeout=60)
+        wait_state(env, new, {"RUNNING"})
+        ms = (time.monotonic() - t0) * 1000
+        return {"restart_ms": ms}
+    finally:
+        remove(env, cid)
+        remove(env, new)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "p90": percentile(values, 90), "min": min(values),
+            "max": max(values), "n": len(values)}
+
+
+def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
+    s = result["summary"]
+    restart = s["restart_ms"]["median"]
+    lines = [f"live layers vs restart ({result['runs']} rounds, agent {result['agent']}; "
+             f"{result['image']}: 3 layers, 2 not yet in the container)",
+             f"{'':<34}{'median':>9}{'p90':>9}{'min':>9}{'max':>9}  (ms)"]
+    names = [("add_wall_ms", "layers add: CLI wall time"), ("add_cli_ms", "layers add: CLI after imports"),
+             ("add_restack_ms", "layers add: shim-side restack"), ("rm_wall_ms", "layers rm: CLI wall time"),
+             ("rm_restack_ms", "layers rm: shim-side restack"), ("restart_ms", "restart (kill+rm+run -d)")]
+    for key, label in names:
+        v = s[key]
+        lines.append(f"{label:<34}{v['median']:>9.1f}{v['p90']:>9.1f}{v['min']:>9.1f}{v['max']:>9.1f}")
+    goals = []
+    for key, label in (("add_restack_ms", "shim-side restack"), ("add_cli_ms", "CLI after imports"),
+                       ("add_wall_ms", "CLI wall time")):
+        med = s[key]["median"]
+        ratio = med / restart
+        ok = ratio <= GOAL_RATIO and med < GOAL_MS
+        goals.append((label, ok, f"{label}: {med:.1f} ms = {ratio:.3f}x restart "
+                                 f"(goal <= {GOAL_RATIO}x and < {GOAL_MS:.0f} ms): {'met' if ok else 'MISSED'}"))
+    lines += [g[2] for g in goals]
+    lines.append(f"command: {result['command']}")
+    m = result["machine"]
+    lines.append("machine: " + ", ".join(f"{k}={v}" for k, v in m.items()))
+    return "\n".join(lines), goals
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=10, help="rounds of each (default 10)")
+    ap.add_argument("--agent", choices=["inproc", "process"], default=os.environ.get("FRACTAL_AGENT", "inproc"))
+    ap.add_argument("--json", type=Path, metavar="FILE")
+    ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: must run as root", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.environ["FRACTAL_AGENT"] = args.agent
+    if not args.no_compile:
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        for d in ("ccpu", "shim"):
+            compileall.compile_dir(str(REPO / d), quiet=1)
+
+    from hack import testimages
+    from hack.registry import LocalRegistry
+
+    result: dict[str, Any] = {
+        "command": shlex.join(["hack/bench/layers.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine_info(), "agent": args.agent, "runs": args.runs, "image": "tools",
+        "goals": {"ratio_max": GOAL_RATIO, "ms_max": GOAL_MS},
+    }
+    rounds: list[dict[str, float]] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            reg_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-bench-reg-")))
+            reg = stack.enter_context(LocalRegistry(reg_dir))
+            refs = {name: reg.push(testimages.build(name), f"bench/{name}", "latest") for name in ("busybox", "tools")}
+            env = stack.enter_context(FractalEnv())
+            for ref in refs.values():
+                env.pull(ref, namespace=NS)
+            log(f"env {env.id} up; images {refs}")
+            try:
+                live_round(env, refs["busybox"], refs["tools"], "warm-l")  # untimed warm-up of both
+                restart_round(env, refs["busybox"], refs["tools"], "warm-r")
+                for i in range(args.runs):
+                    r: dict[str, float] = {}
+                    order = (live_round, restart_round) if i % 2 == 0 else (restart_round, live_round)
+                    for fn in order:
+                        r.update(fn(env, refs["busybox"], refs["tools"], f"b{i}{fn.__name__[0]}"))
+                    rounds.append(r)
+                    log(f"round {i + 1}/{args.runs}: add {r['add_wall_ms']:.0f} ms (restack "
+                        f"{r['add_restack_ms']:.1f}), restart {r['restart_ms']:.0f} ms")
+            except BaseException:
+                for lg in sorted(env.log_dir.glob("*.log")):
+                    print(f"--- last lines of {lg} ---\n{tail(lg, 30)}", file=sys.stderr)
+                raise
+            env.remove_namespace(NS)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        print(f"bench FAILED: {exc}", file=sys.stderr)
+        return 1
+    result["rounds"] = rounds
+    result["summary"] = {k: summary([r[k] for r in rounds]) for k in rounds[0]}
+    text, goals = report(result)
+    result["goals_met"] = {label: ok for label, ok, _ in goals}
+    print(text, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
