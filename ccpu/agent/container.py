@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import live, mounts, protocol
+from .oom import OomWatcher
 from .process import CREATED, DRAIN_TIMEOUT, PAUSED, RUNNING, STOPPED, Events, Process
 from .reaper import Reaper
 from .runc import Runc
@@ -133,6 +134,13 @@ class Supervisor:
         self.containers: dict[str, Container] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._stdin: dict[int, StdinQueue] = {}
+        self._oom: OomWatcher | None = None
+
+    def _oom_watcher(self) -> OomWatcher:
+        if self._oom is None:
+            self._oom = OomWatcher(asyncio.get_running_loop(),
+                                   lambda cid: self.events.event(protocol.event("oom", container=cid)))
+        return self._oom
 
     # -- serialization -------------------------------------------------------------------------
 
@@ -337,6 +345,9 @@ class Supervisor:
             await self.runc.start(c.id)
             if p.status == CREATED:
                 p.status = RUNNING
+            oom = self._oom_watcher()
+            if oom.watch(c.id, p.pid):
+                p.before_exit_report = lambda: oom.check_exit(c.id)
             return {"pid": p.pid}
         if c.init.status not in (RUNNING,):
             raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}")
@@ -491,6 +502,8 @@ class Supervisor:
             self.release_stdin(e.stdio.stdin_ch)
         p.close()
         self.release_stdin(p.stdio.stdin_ch)
+        if self._oom is not None:
+            self._oom.unwatch(c.id)
         mounts.unmount(c.rootfs, c.mounted)
         live.cleanup(c.live)
         del self.containers[c.id]

@@ -8,6 +8,7 @@ all output, `close` for each output channel, then the `exit` event.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import logging
 import time
 from typing import Any, Protocol
@@ -61,6 +62,8 @@ class Process:
         self.start_answered = asyncio.Event()
         self.start_answered.set()
         self._watch: asyncio.Task[None] | None = None
+        # e.g. the init's OOM check: runs when the exit is known, before it is reported
+        self.before_exit_report: Callable[[], None] | None = None
 
     def running(self) -> bool:
         return self.status in (RUNNING, PAUSED)
@@ -76,6 +79,8 @@ class Process:
         except asyncio.CancelledError:
             return
         self.set_exited(code)
+        if self.before_exit_report is not None:
+            self.before_exit_report()
         await self.stdio.drain(drain_timeout)
         await self.start_answered.wait()
         for ch in self.stdio.output_channels():

@@ -25,7 +25,7 @@ from .container import Supervisor
 
 log = logging.getLogger(__name__)
 
-FEATURES = ["terminal", "exec", "pause", "stats", "update", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live"]
+FEATURES = ["terminal", "exec", "pause", "stats", "update", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live", "oom"]
 
 
 class Connection:
