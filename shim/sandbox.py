@@ -59,6 +59,14 @@ def agent_mode() -> str:
     return mode
 
 
+def subprocess_umount(path: str) -> int:
+    """umount2(path, MNT_DETACH); 0 on success."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.umount2(path.encode(), 2))
+
+
 def _die_with_parent() -> None:  # preexec_fn: runs in the child between fork and exec
     import ctypes
 
@@ -90,6 +98,30 @@ class Sandbox:
         raise NotImplementedError
 
     lost = False  # the agent went away unexpectedly (its containers were reported exited)
+
+    def cleanup_after_loss(self, cid: str, bundle: str) -> None:
+        """Undo on the host what a lost agent left of container `cid` (blocking; run in a thread).
+
+        Host sandboxes: runc may still know the container (its processes outlive the agent as
+        the shim's orphans) and its rootfs is mounted in the bundle.  VM sandboxes override it:
+        what the guest had died with the guest.
+        """
+        runc_root = getattr(self, "runc_root", None)
+        if runc_root and os.path.exists(os.path.join(runc_root, cid)):
+            import subprocess
+
+            try:
+                subprocess.run([shutil.which("runc") or "runc", "--root", runc_root, "delete", "--force", cid],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=10)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log.warning("runc delete --force %s after agent loss: %s", cid, exc)
+        rootfs = os.path.join(bundle, "rootfs")
+        for _ in range(8):  # stacked mounts (live layers) come off one at a time
+            if not os.path.ismount(rootfs):
+                break
+            if subprocess_umount(rootfs) != 0:
+                break
 
     def layer_path(self, host_dir: str) -> str:
         """Where the agent sees a layer dir of the host's repo: the same path on the host."""
@@ -190,8 +222,10 @@ class InprocSandbox(Sandbox):
         return client
 
     def _lost(self, reason: str) -> None:
-        if not self._stopping and self.on_lost is not None:
-            self.on_lost(reason)
+        if not self._stopping:
+            self.lost = True
+            if self.on_lost is not None:
+                self.on_lost(reason)
 
     async def agent(self) -> AgentClient:
         await self.start()
@@ -292,8 +326,10 @@ class HostSandbox(Sandbox):
                 "agent pid %s exited with %s", self.pid, self.exit_status)
 
     def _link_lost(self, reason: str) -> None:
-        if not self._stopping and self.on_lost is not None:
-            self.on_lost(reason)
+        if not self._stopping:
+            self.lost = True
+            if self.on_lost is not None:
+                self.on_lost(reason)
 
     async def agent(self) -> AgentClient:
         await self.start()

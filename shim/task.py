@@ -273,9 +273,11 @@ class TaskService:
                                                  **self._exec_arg(req.exec_id)})
         except TtrpcError as exc:
             # NotFound: the agent has forgotten it; a lost agent (dead VM) took it along
-            if exc.code != Code.NOT_FOUND and not (exc.code == Code.UNAVAILABLE
-                                                   and getattr(self.sandbox, "lost", False)):
+            lost = exc.code == Code.UNAVAILABLE and getattr(self.sandbox, "lost", False)
+            if exc.code != Code.NOT_FOUND and not lost:
                 raise
+            if lost and proc.is_init:
+                await asyncio.to_thread(self.sandbox.cleanup_after_loss, req.id, c.bundle)
         if proc.io is not None:
             proc.io.close()
         if proc.status != Status.STOPPED:  # created, never started
