@@ -117,12 +117,14 @@ class FifoReader:
     async def _pump(self, channel: Any) -> None:
         try:
             eof = False
-            while not eof and not self._finishing:
+            while not eof:
                 # Wait for epoll first: read() on a FIFO returns b"" while NO writer has the
                 # FIFO open, including before containerd's writer has arrived (its fifo package
                 # opens the write end only once we, the reader, are there); epoll only reports
-                # data, or HUP once a writer came and went.
-                await self._readable()
+                # data, or HUP once a writer came and went.  After CloseIO (`finish`) there is
+                # no waiting: what the FIFO holds is forwarded, then the channel is closed.
+                if not self._finishing:
+                    await self._readable()
                 while True:
                     try:
                         data = os.read(self.fd, READ_SIZE)
@@ -132,6 +134,8 @@ class FifoReader:
                         eof = True
                         break
                     await channel.write(data)
+                if self._finishing:
+                    break
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - agent gone etc.: stdin just ends
@@ -209,22 +213,11 @@ class ProcessIO:
             self.stdin_reader.start(self.stdin_channel)
 
     def close_stdin(self) -> None:
+        """CloseIO.  It may come before Start (ctr sends it as soon as its input ended): then
+        the data already in the FIFO must still go to the process, so the pump is only told to
+        finish; it forwards what is there and closes the channel once Start has started it."""
         if self.stdin_reader is not None:
-            if self.stdin_reader._task is None:
-                # never started: close the channel ourselves (the agent keeps the close for
-                # the process it starts later)
-                if self.stdin_channel is not None:
-                    asyncio.get_running_loop().create_task(self._close_quietly(self.stdin_channel))
-                self.stdin_reader.stop()
-            else:
-                self.stdin_reader.finish()
-
-    @staticmethod
-    async def _close_quietly(channel: Any) -> None:
-        try:
-            await channel.close_write()
-        except Exception:  # noqa: BLE001
-            pass
+            self.stdin_reader.finish()
 
     def _output_closed(self, w: FifoWriter) -> None:
         w.close()

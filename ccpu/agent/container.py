@@ -164,14 +164,25 @@ class Supervisor:
 
     def reserve_stdin(self, channel: int) -> None:
         """Called by the connection as soon as a create/exec naming `channel` arrives, so data
-        frames that follow the request are kept until the process's stdin exists."""
-        if channel and channel not in self._stdin:
-            self._stdin[channel] = StdinQueue()
+        frames that follow the request are kept until the process's stdin exists.
 
-    def release_stdin(self, channel: int) -> None:
-        q = self._stdin.pop(channel, None)
-        if q is not None:
+        A closed queue left under that number belongs to an earlier process whose delete has
+        not been handled yet (the client may reuse a channel number as soon as it released
+        it): the new process gets a fresh queue."""
+        if channel:
+            q = self._stdin.get(channel)
+            if q is None or q.closed:
+                self._stdin[channel] = StdinQueue()
+
+    def release_stdin(self, channel: int, queue: StdinQueue | None = None) -> None:
+        """Drop the stdin queue of `channel`; with `queue`, only if that number still maps to
+        it (a reused channel number may belong to a newer process by now)."""
+        q = self._stdin.get(channel)
+        if q is not None and (queue is None or q is queue):
+            del self._stdin[channel]
             q.close()
+        elif queue is not None:
+            queue.close()
 
     def stdin_data(self, channel: int, data: bytes) -> None:
         q = self._stdin.get(channel)
@@ -188,7 +199,8 @@ class Supervisor:
     def _stdio(self, terminal: bool, stdin: int, stdout: int, stderr: int) -> Stdio:
         queue = None
         if stdin:
-            self.reserve_stdin(stdin)
+            if stdin not in self._stdin:  # keep a queue reserved (maybe already closed) at request time
+                self._stdin[stdin] = StdinQueue()
             queue = self._stdin[stdin]
         return ConsoleStdio(stdin, stdout, stderr, queue) if terminal else PipeStdio(stdin, stdout, stderr, queue)
 
@@ -428,7 +440,7 @@ class Supervisor:
     async def close_stdin(self, args: Mapping[str, Any]) -> dict[str, Any]:
         _c, p = self._process(args)
         if p.stdio.stdin_ch:
-            self.release_stdin(p.stdio.stdin_ch)
+            self.release_stdin(p.stdio.stdin_ch, p.stdio.stdin_queue)
         return {}
 
     async def pause(self, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -480,7 +492,7 @@ class Supervisor:
             if p.status == STOPPED:
                 await self._reported(p)
             p.close()
-            self.release_stdin(p.stdio.stdin_ch)
+            self.release_stdin(p.stdio.stdin_ch, p.stdio.stdin_queue)
             del c.execs[p.exec_id]
             _unlink(os.path.join(c.bundle, f".exec-{p.exec_id}.log.json"))
             return p.exit_fields()
@@ -499,9 +511,9 @@ class Supervisor:
                 await asyncio.wait_for(p.reported.wait(), DELETE_EXIT_TIMEOUT)
         for e in c.execs.values():
             e.close()
-            self.release_stdin(e.stdio.stdin_ch)
+            self.release_stdin(e.stdio.stdin_ch, e.stdio.stdin_queue)
         p.close()
-        self.release_stdin(p.stdio.stdin_ch)
+        self.release_stdin(p.stdio.stdin_ch, p.stdio.stdin_queue)
         if self._oom is not None:
             self._oom.unwatch(c.id)
         mounts.unmount(c.rootfs, c.mounted)
