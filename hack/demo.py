@@ -36,7 +36,7 @@ from hack.containerd_env import FractalEnv, HarnessError, dir_size, tail  # noqa
 
 NS1 = "fractal-demo"
 NS2 = "fractal-demo2"
-IMAGES = ("busybox", "edge")
+IMAGES = ("busybox", "edge", "tools")
 #: Growth of the fractal repo tolerated on the second pull (metadata, not layer data).
 SHARED_SLACK = 1024 * 1024
 RUN_SCRIPT = (
@@ -109,6 +109,30 @@ def _dump_logs_on_failure(env: FractalEnv, failed: list[StepFailed]) -> None:
 
 
 FRACTAL_RUNTIME = "io.containerd.fractal.v1"
+
+
+def _count_processes(name: str, mentioning: str) -> int:
+    """Processes called `name` whose command line mentions `mentioning` (this env's QEMU)."""
+    n = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith(name) or f"/{name}\0" in cmd or cmd.split("\0", 1)[0].endswith(name):
+            if mentioning in cmd:
+                n += 1
+    return n
+
+
+def _task_pid(env: FractalEnv, cid: str, ns: str) -> int:
+    for line in env.ctr("tasks", "ls", namespace=ns).stdout.splitlines()[1:]:
+        f = line.split()
+        if f and f[0] == cid:
+            return int(f[1])
+    raise RuntimeError(f"no task {cid}")
 
 
 def _delete_when_stopped(env: FractalEnv, cid: str, ns: str, timeout: float = 10.0) -> None:
@@ -193,20 +217,47 @@ def main(argv: list[str] | None = None) -> int:
                             "repo's layers into the container's overlay itself")
 
             if rt:
-                with nar.step("two containers in ONE sandbox (--annotation io.fractal.sandbox=demo), then fractal ps"):
-                    for cid in ("web", "tools"):
-                        env.run(refs["edge"], cid, "sleep", "600", rm=False, snapshotter=sn, namespace=NS1,
-                                runtime=rt, extra=["-d", "--annotation", "io.fractal.sandbox=demo"])
-                    out = env.ctr("tasks", "exec", "--exec-id", "x1", "tools", "sh", "-c", "cat /edge/opaque/c",
-                                  namespace=NS1).stdout
-                    nar.say(f"ctr task exec tools cat /edge/opaque/c -> {out.strip()!r}")
-                    nar.say(_fractal_cli("ps", "-a", str(env.address), "-n", NS1,
-                                         env={"FRACTAL_RUN_DIR": str(env.fractal_run_dir)}))
-                    nar.say("both containers share one shim and one agent: that is the sandbox a VM will hold")
-                    for cid in ("web", "tools"):
+                cli_env = {"FRACTAL_RUN_DIR": str(env.fractal_run_dir), "FRACTAL_ROOT": str(env.snapshotter_root)}
+                vm_ann = ["--annotation", "io.fractal.sandbox=demo", "--annotation", "io.fractal.mode=vm"]
+                with nar.step("ONE fractal VM, two containers in it (--annotation io.fractal.mode=vm, same sandbox)"):
+                    env.run(refs["edge"], "web", "sleep", "600", rm=False, snapshotter=sn, namespace=NS1,
+                            runtime=rt, extra=["-d", *vm_ann], timeout=300)
+                    env.run(refs["busybox"], "shell", "sleep", "600", rm=False, snapshotter=sn, namespace=NS1,
+                            runtime=rt, extra=["-d", *vm_ann], timeout=300)
+                    guest = env.ctr("tasks", "exec", "--exec-id", "k1", "web", "uname", "-r", namespace=NS1).stdout.strip()
+                    nar.say(f"kernel inside the containers: {guest} (the guest's; the host runs {os.uname().release})")
+                    qemus = _count_processes("qemu-system-x86_64", str(env.run_dir))
+                    nar.say(f"QEMU processes for this sandbox: {qemus}")
+                    nar.say(_fractal_cli("ps", "-a", str(env.address), "-n", NS1, env=cli_env))
+                    lowers = env.ctr("tasks", "exec", "--exec-id", "k2", "web", "sh", "-c",
+                                     "grep -o 'lowerdir=[^,]*' /proc/mounts | head -1", namespace=NS1).stdout.strip()
+                    nar.say(f"the container's root inside the VM stacks the repo share: {lowers[:90]}...")
+                pid_before = _task_pid(env, "web", NS1)
+                with nar.step(f"fractal layers add web {refs['tools']}  (live, into the running container in the VM)"):
+                    nar.say(_fractal_cli("layers", "add", "-a", str(env.address), "-n", NS1, "web", refs["tools"],
+                                         "--plain-http", env=cli_env))
+                    out = env.ctr("tasks", "exec", "--exec-id", "k3", "web", "cat", "/opt/tools/hello.txt",
+                                  namespace=NS1).stdout.strip()
+                    nar.say(f"web now reads /opt/tools/hello.txt -> {out!r}; its pid {pid_before} -> "
+                            f"{_task_pid(env, 'web', NS1)} (no restart)")
+                    if out != "hello from tools" or _task_pid(env, "web", NS1) != pid_before:
+                        raise RuntimeError("the live layer did not show up in the running container")
+                    nar.say(_fractal_cli("layers", "ls", "-a", str(env.address), "-n", NS1, "web", env=cli_env))
+                with nar.step("fractal layers rm web tools, then stop both containers: the VM goes with the last"):
+                    _fractal_cli("layers", "rm", "-a", str(env.address), "-n", NS1, "web", refs["tools"], env=cli_env)
+                    r = env.ctr("tasks", "exec", "--exec-id", "k4", "web", "test", "-e", "/opt/tools/hello.txt",
+                                namespace=NS1, check=False)
+                    nar.say(f"/opt/tools/hello.txt after rm: {'gone' if r.returncode else 'STILL THERE'}")
+                    if r.returncode == 0:
+                        raise RuntimeError("the removed layer is still visible")
+                    for cid in ("web", "shell"):
                         env.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=NS1)
-                    for cid in ("web", "tools"):
-                        _delete_when_stopped(env, cid, NS1)
+                    for cid in ("web", "shell"):
+                        _delete_when_stopped(env, cid, NS1, timeout=60)
+                    deadline = time.monotonic() + 30
+                    while _count_processes("qemu-system-x86_64", str(env.run_dir)) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    nar.say(f"QEMU processes left: {_count_processes('qemu-system-x86_64', str(env.run_dir))}")
 
             before = dir_size(store)
             with nar.step(f"pull the same images into a second namespace {NS2}"):
