@@ -1,0 +1,339 @@
+#!/usr/bin/env python3
+"""Benchmark VM mode of containerd-shim-fractal-v1 (one QEMU guest per sandbox) through containerd.
+
+One private :class:`~hack.containerd_env.FractalEnv` (fractal snapshotter + containerd 1.6, the
+harness's config says ``mode = "host"``; VM sandboxes ask with ``io.fractal.mode=vm``) fed by a
+:class:`~hack.registry.LocalRegistry`:
+
+1. **VM boot**: ``ctr run --rm --annotation io.fractal.mode=vm IMAGE idN echo hi`` in a sandbox
+   of its own, ``--boots`` times: wall time to the first output line and to ``ctr``'s exit, and
+   the shim's own "VM agent up in X s" (QEMU start -> agent ``hello``; from containerd's log).
+2. **Nth container in a running VM vs host mode**: a VM sandbox is kept running with a
+   ``sleep`` container; then ``ctr run --rm --annotation io.fractal.sandbox=<it> IMAGE idN true``
+   (joins the VM) alternates with a host-mode ``ctr run --rm IMAGE idN true``, ``--runs`` each
+   after one warm-up each.  Goal: VM / host median <= 1.5.
+3. **Memory**: host side, RSS of QEMU + virtiofsd of the sandbox (VmRSS; PSS too) with 1 and
+   with 1 + ``--extra`` sleep containers; guest side, ``MemTotal - MemAvailable`` of the
+   guest's /proc/meminfo read through ``ctr tasks exec`` in the first container, before and
+   after the extra containers: growth per extra container.  Goal: <= 10 MB.
+
+The accelerator is whatever ``ccpu.vm.accel`` picks (TCG when KVM is unusable, as on the build
+VM: then every guest-side figure is ~10x what KVM gives) and is printed.
+
+    python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4]
+                             [--share auto|9p|virtiofs] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent.parent
+if __package__ in (None, ""):  # run as a script: make `hack` and `ccpu` importable
+    sys.path.insert(0, str(REPO))
+
+from hack.bench.shim import _kb, _status, pss_kb, remove, wait_running  # noqa: E402
+from hack.bench.snapshotter import log, machine_info, percentile  # noqa: E402
+from hack.containerd_env import FractalEnv, tail  # noqa: E402
+
+RT = "io.containerd.fractal.v1"
+NS = "bench"
+VM = ("--annotation", "io.fractal.mode=vm")
+GOAL_NTH_RATIO = 1.5
+GOAL_GUEST_MB_PER_CONTAINER = 10.0
+
+
+def ctr_argv(env: FractalEnv, ref: str, cid: str, *extra: str, detach: bool = False,
+             cmd: tuple[str, ...] = ("true",)) -> list[str]:
+    return env.containerd.ctr_argv("run", "-d" if detach else "--rm", "--snapshotter", "fractal",
+                                   "--fifo-dir", str(env.fifo_dir), "--runtime", RT, *extra, ref,
+                                   cid, *cmd, namespace=NS)
+
+
+def timed(argv: list[str]) -> float:
+    t0 = time.monotonic()
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+    return dt
+
+
+def stats(vals: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(vals), "p90": percentile(vals, 90), "min": min(vals),
+            "max": max(vals)}
+
+
+_AGENT_UP = re.compile(r"sandbox=(\S+) shim\.vm: VM agent up in ([\d.]+)s")
+
+
+def agent_up_times(env: FractalEnv) -> dict[str, float]:
+    text = (env.log_dir / "containerd.log").read_text(errors="replace")
+    return {m.group(1): float(m.group(2)) for m in _AGENT_UP.finditer(text.replace('\\"', '"'))}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_boot(env: FractalEnv, ref: str, boots: int, share: tuple[str, ...]) -> dict[str, Any]:
+    first, total = [], []
+    for i in range(boots):
+        cid = f"boot{i}"
+        argv = ctr_argv(env, ref, cid, *VM, *share, cmd=("echo", "hi"))
+        t0 = time.monotonic()
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        t_first = time.monotonic() - t0
+        _, err = p.communicate(timeout=300)
+        t_total = time.monotonic() - t0
+        if p.returncode != 0 or line != "hi\n":
+            raise RuntimeError(f"boot run failed ({p.returncode}, {line!r}): {err.strip()}")
+        first.append(t_first)
+        total.append(t_total)
+        log(f"boot {i}: first output {t_first:.2f}s, ctr exit {t_total:.2f}s")
+    time.sleep(0.5)  # the log line is written before containerd's copy reaches the file
+    ups = agent_up_times(env)
+    agent = [ups[f"boot{i}"] for i in range(boots) if f"boot{i}" in ups]
+    return {"first_output": stats(first), "ctr_exit": stats(total),
+            "agent_ready": stats(agent) if agent else None,
+            "raw": {"first_output": first, "ctr_exit": total, "agent_ready": agent}}
+
+
+def bench_nth(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> dict[str, Any]:
+    sb = "nth"
+    ann = ("--annotation", f"io.fractal.sandbox={sb}", *VM, *share)
+    subprocess.run(ctr_argv(env, ref, sb, *ann, detach=True, cmd=("sleep", "3600")),
+                   check=True, capture_output=True, timeout=300)
+    wait_running(env, sb, timeout=120)
+    try:
+        configs = {"vm": ann, "host": ()}
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        for k, extra in configs.items():
+            timed(ctr_argv(env, ref, f"warm-{k}", *extra))
+        n = 0
+        for i in range(runs):
+            for k in (("vm", "host") if i % 2 == 0 else ("host", "vm")):
+                n += 1
+                times[k].append(timed(ctr_argv(env, ref, f"n{n}", *configs[k])))
+        out: dict[str, Any] = {k: stats(v) for k, v in times.items()}
+        out["raw"] = times
+        out["runs"] = runs
+        out["ratio"] = out["vm"]["median"] / out["host"]["median"]
+        return out
+    finally:
+        remove(env, sb)
+
+
+def _vm_pids(env: FractalEnv, group: str) -> dict[str, int]:
+    out = {}
+    pids = env.fractal_run_dir / "vms" / NS / group / "pids"
+    for line in pids.read_text().splitlines():
+        name, pid, _ = line.split()
+        out[f"{name}:{pid}"] = int(pid)
+    return out
+
+
+def _host_mem(env: FractalEnv, group: str) -> dict[str, Any]:
+    detail = {}
+    for name, pid in _vm_pids(env, group).items():
+        st = _status(pid)
+        detail[name] = {"rss_kb": _kb(st.get("VmRSS", "")), "pss_kb": pss_kb(pid),
+                        "hwm_kb": _kb(st.get("VmHWM", ""))}
+    return {"rss_mb": sum(d["rss_kb"] for d in detail.values()) / 1024,
+            "pss_mb": sum(d["pss_kb"] for d in detail.values()) / 1024, "detail": detail}
+
+
+def _guest_used_kb(env: FractalEnv, cid: str, tag: str) -> tuple[int, dict[str, int]]:
+    r = env.ctr("tasks", "exec", "--exec-id", f"mem-{tag}", cid, "cat", "/proc/meminfo",
+                namespace=NS, timeout=120)
+    info = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in r.stdout.splitlines()) if v}
+    return info["MemTotal"] - info["MemAvailable"], info
+
+
+def bench_memory(env: FractalEnv, ref: str, extra: int, share: tuple[str, ...]) -> dict[str, Any]:
+    sb = "mem"
+    ann = ("--annotation", f"io.fractal.sandbox={sb}", *VM, *share)
+    cids = [f"{sb}-{i}" for i in range(1 + extra)]
+    try:
+        subprocess.run(ctr_argv(env, ref, cids[0], *ann, detach=True, cmd=("sleep", "3600")),
+                       check=True, capture_output=True, timeout=300)
+        wait_running(env, cids[0], timeout=120)
+        time.sleep(3)  # let the guest settle (agent imports, page cache of the first image)
+        host1 = _host_mem(env, sb)
+        used1, info1 = _guest_used_kb(env, cids[0], "1")
+        for cid in cids[1:]:
+            subprocess.run(ctr_argv(env, ref, cid, *ann, detach=True, cmd=("sleep", "3600")),
+                           check=True, capture_output=True, timeout=300)
+            wait_running(env, cid, timeout=120)
+        time.sleep(3)
+        hostn = _host_mem(env, sb)
+        usedn, infon = _guest_used_kb(env, cids[0], "n")
+        return {
+            "extra": extra,
+            "host_1": host1, "host_n": hostn,
+            "host_per_container_mb": (hostn["rss_mb"] - host1["rss_mb"]) / extra,
+            "guest_used_1_mb": used1 / 1024, "guest_used_n_mb": usedn / 1024,
+            "guest_per_container_mb": (usedn - used1) / 1024 / extra,
+            "guest_memtotal_mb": info1["MemTotal"] / 1024,
+            "guest_shmem_delta_mb": (infon.get("Shmem", 0) - info1.get("Shmem", 0)) / 1024,
+            # with the page cache (image files read, runc) counted: an upper bound
+            "guest_nonfree_per_container_mb":
+                ((infon["MemTotal"] - infon["MemFree"]) - (info1["MemTotal"] - info1["MemFree"]))
+                / 1024 / extra,
+        }
+    finally:
+        for cid in cids:
+            remove(env, cid)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
+    lines = []
+    m = result["machine"]
+    lines.append(f"command: {result['command']}")
+    lines.append(f"machine: {m['nproc']} CPU {m['cpu']}, {m['mem_total']}, kernel {m['kernel']}, "
+                 f"{m['containerd']}, python {m['python']}")
+    lines.append(f"image: {result['image_ref']}; accel {result['accel']} ({result['accel_reason']}); "
+                 f"share {result['share']}; guest {result.get('guest_kernel', '?')}, 512M, 2 vCPU")
+    goals: list[tuple[str, bool, str]] = []
+    b = result.get("boot")
+    if b:
+        lines.append("")
+        lines.append(f"VM boot: ctr run --rm (own sandbox) IMAGE idN echo hi  ({len(b['raw']['ctr_exit'])} runs)")
+        lines.append(f"  {'':<34}{'median s':>10}{'p90 s':>10}{'min s':>10}{'max s':>10}")
+        for k, label in (("agent_ready", "QEMU start -> agent hello (shim)"),
+                         ("first_output", "ctr run -> first output"), ("ctr_exit", "ctr run -> exit (VM stopped)")):
+            v = b.get(k)
+            if v:
+                lines.append(f"  {label:<34}{v['median']:>10.2f}{v['p90']:>10.2f}{v['min']:>10.2f}{v['max']:>10.2f}")
+    n = result.get("nth")
+    if n:
+        lines.append("")
+        lines.append(f"Nth container: ctr run --rm IMAGE idN true  ({n['runs']} runs each, alternating)")
+        lines.append(f"  {'':<34}{'median s':>10}{'p90 s':>10}{'min s':>10}{'max s':>10}")
+        for k, label in (("vm", "in the running VM"), ("host", "host mode")):
+            v = n[k]
+            lines.append(f"  {label:<34}{v['median']:>10.3f}{v['p90']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}")
+        lines.append(f"  {'ratio vm/host':<34}{n['ratio']:>10.2f}")
+        goals.append((f"Nth container start vm/host <= {GOAL_NTH_RATIO}", n["ratio"] <= GOAL_NTH_RATIO,
+                      f"{n['ratio']:.2f}x"))
+    mem = result.get("memory")
+    if mem:
+        lines.append("")
+        lines.append("memory")
+        for k in ("host_1", "host_n"):
+            v = mem[k]
+            who = ", ".join(f"{name} {d['rss_kb'] / 1024:.0f}" for name, d in v["detail"].items())
+            cnt = 1 if k == "host_1" else 1 + mem["extra"]
+            lines.append(f"  host RSS with {cnt} container(s): {v['rss_mb']:.0f} MB (PSS {v['pss_mb']:.0f}) [{who}]")
+        lines.append(f"  host RSS growth per extra container: {mem['host_per_container_mb']:.1f} MB")
+        lines.append(f"  guest used (MemTotal-MemAvailable of {mem['guest_memtotal_mb']:.0f} MB): "
+                     f"{mem['guest_used_1_mb']:.1f} MB -> {mem['guest_used_n_mb']:.1f} MB with "
+                     f"{mem['extra']} more containers (Shmem {mem['guest_shmem_delta_mb']:+.1f} MB)")
+        v = mem["guest_per_container_mb"]
+        lines.append(f"  guest growth per extra container: {v:.1f} MB "
+                     f"(MemTotal-MemFree, page cache included: {mem['guest_nonfree_per_container_mb']:.1f} MB)")
+        goals.append((f"guest memory per extra container <= {GOAL_GUEST_MB_PER_CONTAINER:.0f} MB",
+                      v <= GOAL_GUEST_MB_PER_CONTAINER, f"{v:.1f} MB"))
+    lines.append("")
+    for what, ok, val in goals:
+        lines.append(f"goal {'MET   ' if ok else 'MISSED'} {what}: {val}")
+    return "\n".join(lines), goals
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--image", default="busybox", choices=["busybox", "edge"])
+    ap.add_argument("--boots", type=int, default=3, help="VM boots (own sandbox each; default 3)")
+    ap.add_argument("--runs", type=int, default=10, help="Nth-container runs per mode (default 10)")
+    ap.add_argument("--extra", type=int, default=4, help="extra containers for memory (default 4)")
+    ap.add_argument("--share", choices=["auto", "9p", "virtiofs"], default="auto")
+    ap.add_argument("--skip", action="append", default=[], choices=["boot", "nth", "memory"])
+    ap.add_argument("--json", type=Path, metavar="FILE")
+    ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: must run as root", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if not args.no_compile:
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        for d in ("ccpu", "shim"):
+            compileall.compile_dir(str(REPO / d), quiet=1)
+
+    from ccpu.guest import initramfs
+    from ccpu.vm import accel, shares
+    from hack import testimages
+    from hack.registry import LocalRegistry
+
+    guest = initramfs.build(offline=True)  # not part of any timing
+    choice = accel.choose()
+    share_type = args.share if args.share != "auto" else \
+        shares.decide(None, os.environ.get("FRACTAL_SHARE") or None, shares.find_virtiofsd())[0]
+    share = ("--annotation", f"io.fractal.share={share_type}")
+    result: dict[str, Any] = {
+        "command": shlex.join(["hack/bench/vm.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine_info(), "accel": choice.accel, "accel_reason": choice.reason,
+        "share": share_type, "guest_kernel": guest.manifest.get("kernel", {}).get("version"),
+        "goals": {"nth_ratio_max": GOAL_NTH_RATIO, "guest_mb_per_container_max": GOAL_GUEST_MB_PER_CONTAINER},
+    }
+    t_all = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            layout = testimages.build(args.image)
+            reg_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-bench-reg-")))
+            reg = stack.enter_context(LocalRegistry(reg_dir))
+            ref = reg.push(layout, f"bench/{args.image}", "latest")
+            result["image_ref"] = ref
+            env = stack.enter_context(FractalEnv())
+            log(f"env {env.id} up; pulling {ref}")
+            env.pull(ref, namespace=NS)
+            try:
+                if "boot" not in args.skip:
+                    result["boot"] = bench_boot(env, ref, args.boots, share)
+                if "nth" not in args.skip:
+                    result["nth"] = bench_nth(env, ref, args.runs, share)
+                    log(f"nth done: ratio {result['nth']['ratio']:.2f}")
+                if "memory" not in args.skip:
+                    result["memory"] = bench_memory(env, ref, args.extra, share)
+                    log("memory done")
+            except BaseException:
+                for lg in sorted(env.log_dir.glob("*.log")):
+                    print(f"--- last lines of {lg} ---\n{tail(lg, 30)}", file=sys.stderr)
+                raise
+            env.remove_namespace(NS)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        print(f"bench FAILED: {exc}", file=sys.stderr)
+        return 1
+    result["seconds"] = time.monotonic() - t_all
+    text, goals = report(result)
+    result["goals_met"] = {what: ok for what, ok, _ in goals}
+    print(text, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
