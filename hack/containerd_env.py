@@ -22,6 +22,10 @@ Environment variables:
     FRACTAL_TMP_BASE      base for root dirs (default /var/tmp/fractal-test).
     FRACTAL_CONTAINERD    containerd binary (default: ``containerd`` on PATH).
     FRACTAL_CTR           ctr binary (default: ``ctr`` on PATH).
+    FRACTAL_CONTAINERD_VERSION  ``1`` (default: the distribution's containerd 1.6 on PATH) or
+                          ``2``: containerd 2.x built by hack/peers.sh into
+                          ``$FRACTAL_CACHE/peers/containerd-<version>/bin`` (config ``version = 3``,
+                          its own ctr and containerd-shim-runc-v2).  Same as ``FractalEnv(containerd="2")``.
 
 Command line (for humans): ``python3 hack/containerd_env.py shell`` starts an env and prints
 how to reach it; ``python3 hack/containerd_env.py sweep`` cleans envs left by dead processes.
@@ -62,6 +66,92 @@ DISABLED_PLUGINS: tuple[str, ...] = (
 
 #: Name of the proxy snapshotter plugin in containerd's config; ``--snapshotter fractal``.
 SNAPSHOTTER_NAME = "fractal"
+
+#: containerd 2.x (config ``version = 3``): plugin ids from ``containerd config default`` of the
+#: 2.x binary.  CRI is split into several plugins; NRI (on by default in 2.x) would open
+#: /var/run/nri on the host; the image verifier would read /opt/containerd/image-verifier.
+DISABLED_PLUGINS_V2: tuple[str, ...] = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.cri.v1.images",
+    "io.containerd.cri.v1.runtime",
+    "io.containerd.podsandbox.controller.v1.podsandbox",
+    "io.containerd.nri.v1.nri",
+    "io.containerd.image-verifier.v1.bindir",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.blockfile",
+    "io.containerd.snapshotter.v1.erofs",
+    "io.containerd.differ.v1.erofs",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
+)
+
+CACHE = Path(os.environ.get("FRACTAL_CACHE", "/var/cache/fractal"))
+PEERS_SCRIPT = REPO_ROOT / "hack" / "peers.sh"
+
+
+def peer_bin_dir(name: str) -> Path:
+    """``$FRACTAL_CACHE/peers/<name>-<pinned version>/bin`` as hack/peers.sh builds it.
+
+    ``name`` is a peers.sh name: ``containerd2``, ``nerdctl`` or ``cri-tools``.  The pinned
+    versions live only in peers.sh; ``peers.sh --list`` tells where they go.
+    """
+    r = subprocess.run(["bash", str(PEERS_SCRIPT), "--list", name], capture_output=True, text=True,
+                       env={**os.environ, "FRACTAL_CACHE": str(CACHE)}, timeout=30)
+    if r.returncode != 0 or not r.stdout.split():
+        raise HarnessError(f"hack/peers.sh --list {name} failed: {r.stderr.strip()}")
+    return Path(r.stdout.split()[1])
+
+
+def peer_missing(name: str) -> str | None:
+    """None when hack/peers.sh has built ``name``; else why not (for skip messages)."""
+    try:
+        d = peer_bin_dir(name)
+    except HarnessError as exc:
+        return str(exc)
+    if not (d.parent / ".ok").is_file():
+        log = d.parent / "log" / "build.log"
+        why = f" (build log: {log})" if log.exists() else ""
+        return f"{name} not built in {d}: run hack/peers.sh {name}{why}"
+    return None
+
+
+def containerd_version_wanted(containerd: str | None = None) -> str:
+    """"1" or "2": the argument, else FRACTAL_CONTAINERD_VERSION, else "1"."""
+    v = str(containerd or os.environ.get("FRACTAL_CONTAINERD_VERSION") or "1").strip().lower()
+    v = v.removeprefix("v").split(".")[0]
+    if v not in ("1", "2"):
+        raise HarnessError(f"unsupported containerd version {v!r} (1 or 2)")
+    return v
+
+
+def containerd_config_version(binary: str) -> int:
+    """The config version a containerd binary writes natively (``config default``: 2 for 1.x,
+    3 for 2.0-2.3, 4 for 2.4+); older versions are migrated with a warning at every start."""
+    try:
+        out = subprocess.run([binary, "config", "default"], capture_output=True, text=True,
+                             timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 2
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "version" and value.strip().isdigit():
+            return int(value.strip())
+    return 2
+
+
+def containerd_major(binary: str) -> int:
+    """Major version of a containerd binary from ``containerd --version`` (1 if unparsable)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 1
+    for word in out.split():
+        w = word.removeprefix("v")
+        if w[:1].isdigit() and "." in w:
+            return int(w.split(".")[0])
+    return 1
 
 
 def keep_requested() -> bool:
@@ -278,19 +368,53 @@ class ContainerdConfig:
     temp: Path | None = None
     opt_path: Path | None = None
     disabled_plugins: tuple[str, ...] = DISABLED_PLUGINS
+    #: 2 for containerd 1.x, 3 for containerd 2.x (which also converts 2, but logs a warning
+    #: and re-maps plugin ids).
+    version: int = 2
+    #: containerd 2.x only: snapshotters the transfer service may unpack into (``ctr images pull``
+    #: uses the transfer service by default in 2.x and refuses a snapshotter without an
+    #: ``unpack_config`` entry for it).
+    unpack_snapshotters: tuple[str, ...] = ("overlayfs", "native")
+    platform: str = "linux/amd64"
 
     def render(self) -> str:
         """TOML text.  ttrpc defaults to ``<grpc address>.ttrpc``, which is already private."""
         q = _toml_str
         lines = [
-            "version = 2",
+            f"version = {self.version}",
             f"root = {q(self.root)}",
             f"state = {q(self.state)}",
         ]
         if self.temp is not None:
             lines.append(f"temp = {q(self.temp)}")
         lines.append("disabled_plugins = [" + ", ".join(q(p) for p in self.disabled_plugins) + "]")
-        lines += [
+        if self.version >= 3:
+            lines.append("imports = []  # 2.x's default imports /etc/containerd/conf.d/*.toml")
+        if self.version >= 4:
+            # containerd 2.4+: the servers are plugins; [grpc]/[ttrpc]/[metrics] are version 3 only
+            lines += [
+                "",
+                "[debug]",
+                f"  level = {q(self.log_level)}",
+                "",
+                "[plugins.'io.containerd.server.v1.grpc']",
+                f"  address = {q(self.address)}",
+                "",
+                "[plugins.'io.containerd.server.v1.ttrpc']",
+                f"  address = {q(str(self.address) + '.ttrpc')}",
+                "",
+                "[plugins.'io.containerd.server.v1.metrics']",
+                '  address = ""',
+                "",
+            ]
+        else:
+            lines += self._servers_v2()
+        return "\n".join(lines + self._plugins())
+
+    def _servers_v2(self) -> list[str]:
+        """[grpc] [ttrpc] [debug] [metrics] of config versions 2 and 3."""
+        q = _toml_str
+        return [
             "",
             "[grpc]",
             f"  address = {q(self.address)}",
@@ -305,9 +429,21 @@ class ContainerdConfig:
             '  address = ""',
             "",
         ]
+
+    def _plugins(self) -> list[str]:
+        q = _toml_str
+        lines: list[str] = []
         if self.opt_path is not None:
             # The opt plugin would otherwise create /opt/containerd on the host.
             lines += ['[plugins."io.containerd.internal.v1.opt"]', f"  path = {q(self.opt_path)}", ""]
+        if self.version >= 3:
+            snaps = list(self.unpack_snapshotters)
+            if self.snapshotter_address is not None and self.snapshotter_name not in snaps:
+                snaps.append(self.snapshotter_name)
+            for snap in snaps:
+                lines += ["[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]",
+                          f"  platform = {q(self.platform)}",
+                          f"  snapshotter = {q(snap)}", ""]
         if self.snapshotter_address is not None:
             lines += [
                 f"[proxy_plugins.{self.snapshotter_name}]",
@@ -315,7 +451,7 @@ class ContainerdConfig:
                 f"  address = {q(self.snapshotter_address)}",
                 "",
             ]
-        return "\n".join(lines)
+        return lines
 
 
 def _toml_str(value: object) -> str:
@@ -330,9 +466,12 @@ class PrivateContainerd(_Daemon):
 
     def __init__(self, config: ContainerdConfig, config_path: Path, log_path: Path,
                  binary: str | None = None, ctr_binary: str | None = None,
-                 ready_timeout: float = 30.0, extra_env: dict[str, str] | None = None) -> None:
+                 ready_timeout: float = 30.0, extra_env: dict[str, str] | None = None,
+                 path_prepend: Sequence[Path | str] = ()) -> None:
         super().__init__(log_path)
         self.extra_env = dict(extra_env or {})
+        #: dirs put first on containerd's PATH (2.x: its own containerd-shim-runc-v2)
+        self.path_prepend = [str(p) for p in path_prepend]
         self.config = config
         self.config_path = Path(config_path)
         self.binary = binary or os.environ.get("FRACTAL_CONTAINERD") or "containerd"
@@ -356,7 +495,7 @@ class PrivateContainerd(_Daemon):
         """
         env = dict(os.environ)
         scripts = sysconfig.get_path("scripts")
-        env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")])
+        env["PATH"] = os.pathsep.join([*self.path_prepend, scripts, env.get("PATH", "")])
         env.update(self.extra_env)
         return env
 
@@ -650,8 +789,24 @@ class FractalEnv:
     def __init__(self, snapshotter: bool = True, snapshotter_args: Sequence[str] = (),
                  log_level: str = "info", keep: bool | None = None,
                  run_base: Path | None = None, tmp_base: Path | None = None,
-                 ready_timeout: float = 30.0, sweep: bool = True) -> None:
+                 ready_timeout: float = 30.0, sweep: bool = True, containerd: str | None = None) -> None:
         self.id = secrets.token_hex(3)
+        # containerd "1" (PATH / FRACTAL_CONTAINERD) or "2" (hack/peers.sh's build; FRACTAL_CONTAINERD
+        # and FRACTAL_CTR still win when set).  See containerd_version_wanted().
+        self.containerd_version = containerd_version_wanted(containerd)
+        cd_bin = os.environ.get("FRACTAL_CONTAINERD") or None
+        ctr_bin = os.environ.get("FRACTAL_CTR") or None
+        path_prepend: list[Path] = []
+        if self.containerd_version == "2":
+            peer = peer_bin_dir("containerd2")
+            missing = peer_missing("containerd2")
+            if missing and not cd_bin:
+                raise HarnessError(missing)
+            cd_bin = cd_bin or str(peer / "containerd")
+            ctr_bin = ctr_bin or str(peer / "ctr")
+            path_prepend.append(Path(cd_bin).parent)
+        config_version = (max(3, containerd_config_version(cd_bin or "containerd"))
+                          if containerd_major(cd_bin or "containerd") >= 2 else 2)
         self.keep = keep_requested() if keep is None else keep
         self.run_dir = Path(run_base or RUN_BASE) / self.id
         self.root_dir = Path(tmp_base or TMP_BASE) / self.id
@@ -680,9 +835,12 @@ class FractalEnv:
                 snapshotter_address=self.snapshotter_address if snapshotter else None,
                 temp=self.root_dir / "tmp",
                 opt_path=self.root_dir / "opt",
+                version=config_version,
+                disabled_plugins=DISABLED_PLUGINS_V2 if config_version >= 3 else DISABLED_PLUGINS,
             ),
             config_path=self.root_dir / "containerd.toml",
             log_path=self.log_dir / "containerd.log",
+            binary=cd_bin, ctr_binary=ctr_bin, path_prepend=path_prepend,
             ready_timeout=ready_timeout,
             extra_env={"FRACTAL_RUN_DIR": str(self.fractal_run_dir),
                        # host mode unless a test asks for a VM (io.fractal.mode=vm): fast

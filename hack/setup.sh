@@ -126,5 +126,18 @@ else
 fi
 step_done
 # --- end of VM step ----------------------------------------------------------------
+# --- 6. peers: containerd 2.x, nerdctl, crictl/critest (docs/compat.md) -------------
+# Built from the Go module proxy, pinned, into $CACHE/peers/<name>-<version>/bin by
+# hack/peers.sh (skips what is built: ~0.1 s warm; cold timings in docs/compat.md).  A
+# peer that does not build is reported and its tests skip (fail under CI).
+# FRACTAL_SKIP_PEERS=1 skips this step.
+if [ "${FRACTAL_SKIP_PEERS:-0}" = 1 ]; then
+  echo "setup: peers: skipped (FRACTAL_SKIP_PEERS=1)"
+else
+  step "peers in $CACHE/peers"
+  FRACTAL_CACHE="$CACHE" $SUDO bash "$ROOT/hack/peers.sh" | sed 's/^peers:/setup:  /'
+  step_done
+fi
+# --- end of peers step -------------------------------------------------------------
 
 echo "setup: ok"

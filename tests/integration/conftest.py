@@ -30,11 +30,45 @@ TEST_IMAGES = ("busybox", "edge", "tools")
 CACHE = Path(os.environ.get("FRACTAL_CACHE", "/var/cache/fractal"))
 
 
+# containerd matrix: FRACTAL_CONTAINERD_VERSION=2 (or `--containerd 2` when this directory is
+# given on pytest's command line) runs every FractalEnv on containerd 2.x built by hack/peers.sh
+# instead of the distribution's 1.6.  tests/integration/test_containerd2.py runs the snapshotter
+# and shim suites that way.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--containerd", choices=("1", "2"), default=None,
+                     help="containerd major version for the private containerd (default: "
+                          "$FRACTAL_CONTAINERD_VERSION or 1); 2 = hack/peers.sh's containerd 2.x")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        wanted = config.getoption("--containerd")
+    except ValueError:
+        wanted = None
+    if wanted:
+        os.environ["FRACTAL_CONTAINERD_VERSION"] = wanted
+
+
+def containerd_matrix_version() -> str:
+    """"1" or "2": which containerd this session's envs run."""
+    return os.environ.get("FRACTAL_CONTAINERD_VERSION", "1").strip().removeprefix("v").split(".")[0] or "1"
+
+
 def _missing_prerequisites() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("not running as root")
-    for tool in ("containerd", "ctr", "runc"):
+    tools = ("containerd", "ctr", "runc")
+    if containerd_matrix_version() == "2":
+        from hack.containerd_env import peer_missing
+
+        why = peer_missing("containerd2")
+        if why:
+            missing.append(why)
+        tools = ("runc",)
+    for tool in tools:
         if shutil.which(tool) is None:
             missing.append(f"`{tool}` not on PATH")
     return missing

@@ -180,7 +180,8 @@ def test_ctr_snapshot_commands(fenv: FractalEnv, namespace: str) -> None:
     r = c("commit", "base", "child", check=False)
     assert r.returncode != 0 and "already exists" in r.stderr
     r = c("view", "v", "child", check=False)  # parent not committed
-    assert r.returncode != 0 and "invalid argument" in r.stderr
+    # 1.6 passes this to the backend (our InvalidArgument); 2.x's metadata refuses it itself
+    assert r.returncode != 0 and ("invalid argument" in r.stderr or "not a committed snapshot" in r.stderr)
     c("rm", "child")
     c("rm", "base")
     assert "base" not in c("ls").stdout
