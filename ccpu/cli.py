@@ -144,11 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("install", help="containerd configuration for fractal")
-    p.add_argument("--print", action="store_true", help="print the containerd config snippet")
-    p.add_argument("--address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS", DEFAULT_SNAPSHOTTER_ADDRESS),
-                   help="snapshotter socket (default %(default)s)")
-    p.set_defaults(func=cmd_install)
+    p = sub.add_parser("install", help="wire fractal into containerd (config, systemd unit, shim)")
+    from .install import add_install_arguments
+
+    add_install_arguments(p)
+    from .doctor import add_doctor_command
+
+    add_doctor_command(sub)
 
     p = sub.add_parser("ps", help="fractal sandboxes, their mode, containers and pids")
     add_containerd_flags(p)
