@@ -92,3 +92,25 @@ def test_snapshotter_and_shim_suites_on_containerd2(containerd2: None) -> None:
         pytest.fail(f"snapshotter/shim suites fail on containerd 2.x ({took:.0f}s):\n"
                     + out[-12000:], pytrace=False)
     assert " passed" in summary and "skipped" not in summary, out[-4000:]
+
+
+@pytest.mark.parametrize("peer,binary,version_args", [
+    ("containerd2", "containerd", ("--version",)),
+    ("containerd2", "ctr", ("--version",)),
+    ("nerdctl", "nerdctl", ("--version",)),
+    ("cri-tools", "crictl", ("--version",)),
+    ("cri-tools", "critest", ("--version",)),
+])
+def test_peer_binaries_run(peer: str, binary: str, version_args: tuple[str, ...]) -> None:
+    """Each peer hack/peers.sh built starts and names its pinned version."""
+    from hack.containerd_env import peer_bin_dir
+
+    why = peer_missing(peer)
+    if why:
+        if ON_CI:
+            pytest.fail(f"{peer} should have been built by hack/setup.sh: {why}", pytrace=False)
+        pytest.skip(why)
+    d = peer_bin_dir(peer)
+    pinned = d.parent.name.rsplit("-", 1)[1].lstrip("v")  # <name>-v<version>
+    r = subprocess.run([str(d / binary), *version_args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and pinned in r.stdout + r.stderr, (r.returncode, r.stdout, r.stderr)

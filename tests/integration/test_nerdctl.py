@@ -1,0 +1,144 @@
+"""nerdctl (built by hack/peers.sh) against the private containerd, with ``--snapshotter fractal``
+and ``--runtime io.containerd.fractal.v1``: pull, run --rm, run -d + exec + stop + rm, logs, VM mode.
+
+Runs on whichever containerd the session uses (1.6 by default; FRACTAL_CONTAINERD_VERSION=2 for
+2.x).  Everything nerdctl keeps goes under the env's root dir: ``--data-root``, ``--cni-path``,
+``--cni-netconfpath``, ``--hosts-dir``, and NERDCTL_TOML points at a file there (never the host's
+/var/lib/nerdctl, /etc/cni, /etc/nerdctl).  Containers use ``--network none``: the default bridge
+network needs CNI plugins and would touch the host's iptables.
+
+Without the nerdctl build this module skips -- except under CI, where hack/setup.sh (step 6) is
+supposed to have built it.  Known gaps of the shim are xfail with the precise reason
+(docs/compat.md): ``binary://`` log URIs (nerdctl's detached logging) and VM mode with nerdctl's
+/etc/hosts, /etc/resolv.conf, /etc/hostname bind mounts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hack.containerd_env import FractalEnv, peer_bin_dir, peer_missing, run_cmd
+
+ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+RUNTIME = "io.containerd.fractal.v1"
+
+
+class Nerdctl:
+    """``nerdctl --address <private containerd> --namespace NS --snapshotter fractal ...``."""
+
+    def __init__(self, env: FractalEnv, namespace: str) -> None:
+        self.binary = str(peer_bin_dir("nerdctl") / "nerdctl")
+        self.home = env.root_dir / "nerdctl"
+        for d in ("data", "cni", "net.d", "certs.d"):
+            (self.home / d).mkdir(parents=True, exist_ok=True)
+        self.base = [self.binary, "--address", str(env.address), "--namespace", namespace,
+                     "--snapshotter", "fractal",
+                     "--data-root", str(self.home / "data"), "--cni-path", str(self.home / "cni"),
+                     "--cni-netconfpath", str(self.home / "net.d"),
+                     "--hosts-dir", str(self.home / "certs.d"),
+                     "--insecure-registry"]  # the local registry is plain HTTP
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER")}
+        self.env["NERDCTL_TOML"] = str(self.home / "nerdctl.toml")  # absent: defaults, not /etc/nerdctl
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 120.0
+                 ) -> subprocess.CompletedProcess[str]:
+        return run_cmd([*self.base, *args], check=check, timeout=timeout, env=self.env)
+
+    def run(self, image: str, *cmd: str, extra: tuple[str, ...] = (), **kw) -> subprocess.CompletedProcess[str]:  # noqa: ANN003
+        return self("run", "--network", "none", "--runtime", RUNTIME, *extra, image, *cmd, **kw)
+
+
+@pytest.fixture(scope="module")
+def nerdctl_built() -> None:
+    why = peer_missing("nerdctl")
+    if why:
+        if ON_CI:
+            pytest.fail(f"nerdctl should have been built by hack/setup.sh: {why}", pytrace=False)
+        pytest.skip(why)
+
+
+@pytest.fixture
+def nerd(nerdctl_built: None, fenv: FractalEnv, namespace: str) -> Nerdctl:
+    return Nerdctl(fenv, namespace)
+
+
+@pytest.fixture
+def busybox(nerd: Nerdctl, registry) -> str:  # noqa: ANN001
+    ref = registry.ref("busybox")
+    nerd("pull", ref)
+    return ref
+
+
+def test_pull_unpacks_into_fractal(nerd: Nerdctl, busybox: str, fenv: FractalEnv, namespace: str) -> None:
+    images = nerd("images").stdout
+    assert "fractal/busybox" in images, images
+    snaps = fenv.ctr("snapshots", "--snapshotter", "fractal", "ls", namespace=namespace).stdout
+    assert "Committed" in snaps, snaps
+
+
+def test_run_rm_host_mode(nerd: Nerdctl, busybox: str, fenv: FractalEnv, namespace: str) -> None:
+    r = nerd.run(busybox, "sh", "-c", "echo hello-nerdctl; cat /proc/1/cmdline | tr '\\0' ' '",
+                 extra=("--rm", "--annotation", "io.fractal.mode=host"))
+    assert "hello-nerdctl" in r.stdout, r.stdout + r.stderr
+    assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
+    r = nerd.run(busybox, "sh", "-c", "exit 7", extra=("--rm",), check=False)
+    assert r.returncode == 7, (r.returncode, r.stderr)
+
+
+def test_detached_exec_stop_rm_host_mode(nerd: Nerdctl, busybox: str, fenv: FractalEnv,
+                                         namespace: str) -> None:
+    """``-d`` with ``--log-driver none``: the default json-file driver needs binary:// logging
+    (see test_logs_json_file)."""
+    nerd.run(busybox, "sleep", "300", extra=("-d", "--name", "sleeper", "--log-driver", "none"))
+    try:
+        ps = nerd("ps").stdout
+        assert "sleeper" in ps and "Up" in ps, ps
+        info = fenv.ctr("containers", "ls", namespace=namespace).stdout
+        assert RUNTIME in info, info
+        r = nerd("exec", "sleeper", "sh", "-c", "echo from-exec; exit 3", check=False)
+        # nerdctl 2.2 exits 1 and names the process's code: "exec failed with exit code 3"
+        assert r.returncode != 0 and "exit code 3" in r.stderr and "from-exec" in r.stdout, \
+            (r.returncode, r.stdout, r.stderr)
+        assert nerd("exec", "sleeper", "cat", "/proc/1/cmdline").stdout.startswith("sleep")
+        nerd("stop", "-t", "1", "sleeper")
+        ps = nerd("ps", "-a").stdout
+        assert "Exited" in ps, ps
+    finally:
+        nerd("rm", "-f", "sleeper", check=False)
+    assert "sleeper" not in nerd("ps", "-a").stdout
+    assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
+
+
+@pytest.mark.xfail(reason="shim: stdout/stderr as a binary:// log URI (nerdctl's json-file logging "
+                          "for -d) is opened as a FIFO path -> ENOENT in Task.Create", strict=False)
+def test_logs_json_file(nerd: Nerdctl, busybox: str) -> None:
+    try:
+        nerd.run(busybox, "sh", "-c", "echo to-the-log; sleep 300", extra=("-d", "--name", "logger"))
+        for _ in range(50):
+            out = nerd("logs", "logger").stdout
+            if "to-the-log" in out:
+                break
+        assert "to-the-log" in out
+    finally:
+        nerd("rm", "-f", "logger", check=False)
+
+
+@pytest.mark.xfail(reason="shim (VM mode) refuses nerdctl's bind mounts of /etc/hosts, /etc/resolv.conf "
+                          "and /etc/hostname from host paths the guest cannot see", strict=False)
+def test_run_rm_vm_mode(nerd: Nerdctl, busybox: str) -> None:
+    r = nerd.run(busybox, "echo", "hello-from-vm",
+                 extra=("--rm", "--annotation", "io.fractal.mode=vm"), timeout=300)
+    assert "hello-from-vm" in r.stdout
+
+
+def test_nerdctl_paths_stay_in_env(nerd: Nerdctl, busybox: str) -> None:
+    """Nothing of nerdctl's lands in the host's default dirs."""
+    nerd.run(busybox, "true", extra=("--rm",))
+    for host_dir in ("/var/lib/nerdctl", "/etc/cni/net.d/nerdctl-bridge.conflist", "/run/nerdctl"):
+        assert not Path(host_dir).exists(), host_dir
+    assert any((nerd.home / "data").iterdir())
