@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .layers import add_commands as add_layers_commands  # fractal layers ls|add|rm
 
     add_layers_commands(sub, add_containerd_flags)
+    from .imports import add_image_commands  # fractal image import|pull
+
+    add_image_commands(sub, add_containerd_flags)
     return ap
 
 

