@@ -371,7 +371,9 @@ def import_docker(target: Target, image: str, name: str | None, docker_host: str
     except docker.errors.DockerException as e:
         raise ImportError_(f"cannot talk to the Docker API ({docker_host or os.environ.get('DOCKER_HOST') or 'default socket'}): {e}") from None
     tags = img.tags or []
-    chunks = img.save(named=bool(tags))
+    # the archive's RepoTags: the asked-for name when it is a tag of the image, else its first tag
+    wanted = next((t for t in tags if t in (image, normalize_ref(image))), None)
+    chunks = img.save(named=wanted or bool(tags))
 
     def feed(fh) -> None:  # noqa: ANN001
         for c in chunks:

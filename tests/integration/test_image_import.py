@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,3 +93,48 @@ def test_pull_unreachable_registry(fenv: FractalEnv, namespace: str) -> None:
     r = fractal(fenv, "image", "pull", "127.0.0.1:9/x/y:1", "--plain-http", "-a", str(fenv.address),
                 "-n", namespace, timeout=120)
     assert r.returncode == 1 and "cannot reach 127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture
+def podman_api(tmp_path: Path):  # noqa: ANN201
+    """``podman system service`` on a private socket with private storage, busybox loaded."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman not installed (hack/setup.sh installs it)")
+    base = tmp_path / "pm"
+    runroot = Path(tempfile.mkdtemp(prefix="fractal-pm-"))  # podman: runroot at most 50 characters
+    pm = ["podman", "--root", str(base / "storage"), "--runroot", str(runroot), "--storage-driver", "vfs",
+          "--tmpdir", str(base / "tmp")]
+    subprocess.run([*pm, "pull", "-q", f"oci:{busybox_layout()}:latest"], check=True, capture_output=True,
+                   timeout=120)
+    subprocess.run([*pm, "tag", f"localhost{busybox_layout()}:latest", "localhost/fractal-bb:v1"], check=True,
+                   capture_output=True, timeout=60)
+    sock = base / "api.sock"
+    proc = subprocess.Popen([*pm, "system", "service", "--time", "0", f"unix://{sock}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "podman system service did not start"
+            time.sleep(0.05)
+        yield f"unix://{sock}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
+def test_import_from_docker_api(fenv: FractalEnv, namespace: str, podman_api: str) -> None:
+    t0 = time.monotonic()
+    r = fractal(fenv, "image", "import", "docker://localhost/fractal-bb:v1", "--docker-host", podman_api,
+                "-a", str(fenv.address), "-n", namespace)
+    assert r.returncode == 0, r.stderr
+    print(f"docker:// import {time.monotonic() - t0:.2f}s\n{r.stderr}{r.stdout}")
+    assert "imported localhost/fractal-bb:v1" in r.stdout
+    runs(fenv, "localhost/fractal-bb:v1", namespace, "imp-docker")
+    r = fractal(fenv, "image", "import", "docker://nosuch:1", "--docker-host", podman_api,
+                "-a", str(fenv.address), "-n", namespace)
+    assert r.returncode == 1 and "no image 'nosuch:1'" in r.stderr
