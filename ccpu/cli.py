@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
+from .defaults import DEFAULT_ROOT
 from .containerd import ContainerdError
 from .repo import Repo, RepoError
 from .repo.fsutil import disk_usage
@@ -27,24 +27,6 @@ def human(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError
-
-
-def containerd_snippet(address: str) -> str:
-    return (
-        "# containerd config.toml: let containerd use the fractal repo as a snapshotter\n"
-        f"[proxy_plugins.{SNAPSHOTTER_NAME}]\n"
-        '  type = "snapshot"\n'
-        f'  address = "{address}"\n'
-    )
-
-
-def cmd_install(args: argparse.Namespace) -> int:
-    if not args.print:
-        print("fractal install: only --print is available so far; add its output to containerd's config",
-              file=sys.stderr)
-        return 2
-    sys.stdout.write(containerd_snippet(args.address))
-    return 0
 
 
 def cmd_repo_ls(args: argparse.Namespace) -> int:
