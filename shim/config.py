@@ -287,6 +287,14 @@ def config_path_from_options(any_bytes: bytes) -> str | None:
         return None
     try:
         outer = _fields(any_bytes)
+        if 8 in outer:  # containerd 2.3+: BootstrapParams{..., repeated Extension{Any value=1} = 8}
+            for ext in outer[8]:
+                if isinstance(ext, bytes):
+                    inner = _fields(ext).get(1, [b""])[0]
+                    found = config_path_from_options(inner) if isinstance(inner, bytes) else None
+                    if found:
+                        return found
+            return None
         type_url = outer.get(1, [b""])[0]
         value = outer.get(2, [b""])[0]
         if not isinstance(type_url, bytes) or not isinstance(value, bytes):

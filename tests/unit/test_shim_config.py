@@ -219,3 +219,17 @@ def test_cleanup_dead_checks_start_time(tmp_path) -> None:  # noqa: ANN001
             p.kill()
         p.wait()
     assert os.path.isdir(tmp_path / "vms")
+
+
+def test_config_path_from_containerd2_bootstrap_params() -> None:
+    """containerd 2.3+ wraps the runtime options in BootstrapParams.extensions (captured bytes' shape)."""
+    from shim.config import config_path_from_options
+
+    def field(num: int, payload: bytes) -> bytes:
+        return bytes([(num << 3) | 2, len(payload)]) + payload
+
+    options = field(1, b"runtimeoptions.v1.Options") + field(2, field(2, b"/tmp/nx/fractal-vm.toml"))
+    params = (field(1, b"vm-cfg") + field(2, b"rc") + field(4, b"v2.4.2")
+              + field(8, field(1, options)) + field(9, b"/run/containerd/s"))
+    assert config_path_from_options(params) == "/tmp/nx/fractal-vm.toml"
+    assert config_path_from_options(field(1, b"vm-cfg") + field(8, field(1, field(1, b"other.Type")))) is None
