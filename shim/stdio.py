@@ -21,6 +21,8 @@ import logging
 import os
 from typing import Any
 
+from .logging_uri import is_uri, open_log_uri
+
 log = logging.getLogger("shim.stdio")
 
 READ_SIZE = 64 * 1024
@@ -29,14 +31,18 @@ READ_SIZE = 64 * 1024
 class FifoWriter:
     """Non-blocking, buffered writer to an output FIFO."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd is not None:  # an already open pipe or file (log URIs)
+            os.set_blocking(fd, False)
+            self.fd = fd
+        else:
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._buf = bytearray()
         self._loop = asyncio.get_running_loop()
         self._watching = False
@@ -173,7 +179,8 @@ class FifoReader:
 class ProcessIO:
     """The stdio of one process: FIFOs on our side, channels of the agent client on the other."""
 
-    def __init__(self, agent: Any, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+    def __init__(self, agent: Any, stdin: str, stdout: str, stderr: str, terminal: bool,
+                 container_id: str = "", namespace: str = "") -> None:
         self.agent = agent
         self.terminal = terminal
         self.stdin_reader: FifoReader | None = None
@@ -183,15 +190,22 @@ class ProcessIO:
         self.channels = {"stdin": 0, "stdout": 0, "stderr": 0}
         self.output_done = asyncio.Event()
         self._open_outputs: set[FifoWriter] = set()
+        self.logger_pid: int | None = None
         try:
             if stdin:
                 self.stdin_reader = FifoReader(stdin)
                 self.stdin_channel = agent.open_channel()
                 self.opened.append(self.stdin_channel)
                 self.channels["stdin"] = self.stdin_channel.number
+            fds: dict[str, int] = {}
+            if stdout and is_uri(stdout):  # binary:// or file://: one target for both streams
+                want_err = bool(stderr) and not terminal
+                target = open_log_uri(stdout, container_id, namespace, want_err)
+                fds = {"stdout": target.stdout_fd, "stderr": target.stderr_fd}
+                self.logger_pid = target.pid
             for name, path in (("stdout", stdout), ("stderr", "" if terminal else stderr)):
                 if path:
-                    w = FifoWriter(path)
+                    w = FifoWriter(path, fds[name]) if name in fds and fds[name] >= 0 else FifoWriter(path)
                     self._open_outputs.add(w)
                     ch = agent.open_channel(on_data=w.write,
                                             on_close=lambda w=w: self._output_closed(w))

@@ -219,7 +219,8 @@ class TaskService:
         container = Container(id=req.id, bundle=req.bundle, init=proc, rootfs=list(req.rootfs))
         self.tasks.add(container)
         try:
-            proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal)
+            proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal,
+                                container_id=req.id, namespace=self.namespace)
             result = await self._call("create", {
                 "container": req.id, **placement,
                 "terminal": req.terminal, **proc.io.agent_args()})
@@ -360,7 +361,8 @@ class TaskService:
                        stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)
         c.add_exec(proc)
         try:
-            proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal)
+            proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal,
+                                container_id=req.id, namespace=self.namespace)
             await self._call("exec", {"container": req.id, "exec": req.exec_id,
                                       "process": process_spec, "terminal": req.terminal,
                                       **proc.io.agent_args()})
