@@ -356,6 +356,63 @@ class Snapshotter(_Daemon):
 
 
 @dataclasses.dataclass
+class CriConfig:
+    """The CRI plugin of containerd 1.6 (config version 2), for ``FractalEnv(cri=CriConfig(...))``.
+
+    Off by default (CRI is in DISABLED_PLUGINS).  When on: images unpack into the fractal
+    snapshotter, runtime handler ``fractal`` is ``io.containerd.fractal.v1`` (and the default),
+    CNI dirs are empty dirs of the env (use host-network pods), the streaming server listens on
+    127.0.0.1 with a random port, and ``insecure_registries`` ("HOST:PORT") are reached over
+    plain HTTP.  CRI's own root/state dirs live under containerd's root/state (the env's).
+    """
+
+    sandbox_image: str = "registry.k8s.io/pause:3.6"
+    insecure_registries: tuple[str, ...] = ()
+    runtime_name: str = "fractal"
+    runtime_type: str = "io.containerd.fractal.v1"
+    #: filled in by FractalEnv (dirs under the env's root dir)
+    cni_bin_dir: Path | None = None
+    cni_conf_dir: Path | None = None
+
+    def render(self, snapshotter: str) -> list[str]:
+        q = _toml_str
+        cri = '[plugins."io.containerd.grpc.v1.cri"'
+        lines = [
+            cri + "]",
+            f"  sandbox_image = {q(self.sandbox_image)}",
+            "  disable_cgroup = false",
+            "  disable_apparmor = true",
+            # pods ask for oom_score_adj -998; lowering it needs CAP_SYS_RESOURCE, which these
+            # VMs' root lacks (runc init: "failed to update /proc/self/oom_score_adj: Permission
+            # denied"): clamp to containerd's own value instead.
+            "  restrict_oom_score_adj = true",
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            "",
+            cri + ".containerd]",
+            f"  snapshotter = {q(snapshotter)}",
+            f"  default_runtime_name = {q(self.runtime_name)}",
+            "",
+            cri + f".containerd.runtimes.{self.runtime_name}]",
+            f"  runtime_type = {q(self.runtime_type)}",
+            "",
+        ]
+        if self.cni_bin_dir is not None or self.cni_conf_dir is not None:
+            lines.append(cri + ".cni]")
+            if self.cni_bin_dir is not None:
+                lines.append(f"  bin_dir = {q(self.cni_bin_dir)}")
+            if self.cni_conf_dir is not None:
+                lines.append(f"  conf_dir = {q(self.cni_conf_dir)}")
+            lines.append("")
+        for reg in self.insecure_registries:
+            lines += [cri + f'.registry.mirrors."{reg}"]',
+                      f'  endpoint = ["http://{reg}"]', "",
+                      cri + f'.registry.configs."{reg}".tls]',
+                      "  insecure_skip_verify = true", ""]
+        return lines
+
+
+@dataclasses.dataclass
 class ContainerdConfig:
     """Everything that goes into the private containerd's config.toml (version = 2)."""
 
@@ -376,6 +433,8 @@ class ContainerdConfig:
     #: ``unpack_config`` entry for it).
     unpack_snapshotters: tuple[str, ...] = ("overlayfs", "native")
     platform: str = "linux/amd64"
+    #: containerd 1.x only: render the CRI plugin's config (and do not disable it)
+    cri: CriConfig | None = None
 
     def render(self) -> str:
         """TOML text.  ttrpc defaults to ``<grpc address>.ttrpc``, which is already private."""
@@ -387,7 +446,10 @@ class ContainerdConfig:
         ]
         if self.temp is not None:
             lines.append(f"temp = {q(self.temp)}")
-        lines.append("disabled_plugins = [" + ", ".join(q(p) for p in self.disabled_plugins) + "]")
+        disabled = self.disabled_plugins
+        if self.cri is not None:
+            disabled = tuple(p for p in disabled if p != "io.containerd.grpc.v1.cri")
+        lines.append("disabled_plugins = [" + ", ".join(q(p) for p in disabled) + "]")
         if self.version >= 3:
             lines.append("imports = []  # 2.x's default imports /etc/containerd/conf.d/*.toml")
         if self.version >= 4:
@@ -451,6 +513,8 @@ class ContainerdConfig:
                 f"  address = {q(self.snapshotter_address)}",
                 "",
             ]
+        if self.cri is not None:
+            lines += self.cri.render(self.snapshotter_name)
         return lines
 
 
@@ -789,7 +853,8 @@ class FractalEnv:
     def __init__(self, snapshotter: bool = True, snapshotter_args: Sequence[str] = (),
                  log_level: str = "info", keep: bool | None = None,
                  run_base: Path | None = None, tmp_base: Path | None = None,
-                 ready_timeout: float = 30.0, sweep: bool = True, containerd: str | None = None) -> None:
+                 ready_timeout: float = 30.0, sweep: bool = True, containerd: str | None = None,
+                 cri: CriConfig | bool | None = None) -> None:
         self.id = secrets.token_hex(3)
         # containerd "1" (PATH / FRACTAL_CONTAINERD) or "2" (hack/peers.sh's build; FRACTAL_CONTAINERD
         # and FRACTAL_CTR still win when set).  See containerd_version_wanted().
@@ -821,6 +886,14 @@ class FractalEnv:
         self._sweep = sweep
         self._closed = False
         self._namespaces: set[str] = set()
+        #: CRI plugin config (containerd 1.x only); None = CRI disabled as before
+        self.cri: CriConfig | None = None
+        if cri:
+            if config_version >= 3:
+                raise HarnessError("FractalEnv(cri=...) supports containerd 1.x (config version 2) only")
+            self.cri = dataclasses.replace(cri) if isinstance(cri, CriConfig) else CriConfig()
+            self.cri.cni_bin_dir = self.cri.cni_bin_dir or self.root_dir / "cni" / "bin"
+            self.cri.cni_conf_dir = self.cri.cni_conf_dir or self.root_dir / "cni" / "net.d"
         self.snapshotter: Snapshotter | None = None
         if snapshotter:
             self.snapshotter = Snapshotter(self.snapshotter_root, self.snapshotter_address,
@@ -837,6 +910,7 @@ class FractalEnv:
                 opt_path=self.root_dir / "opt",
                 version=config_version,
                 disabled_plugins=DISABLED_PLUGINS_V2 if config_version >= 3 else DISABLED_PLUGINS,
+                cri=self.cri,
             ),
             config_path=self.root_dir / "containerd.toml",
             log_path=self.log_dir / "containerd.log",
@@ -862,6 +936,10 @@ class FractalEnv:
         for d in (self.run_dir, self.root_dir, self.log_dir, self.root_dir / "tmp", self.runc_root,
                   self.fifo_dir):
             d.mkdir(parents=True, exist_ok=True)
+        if self.cri is not None:
+            for d in (self.cri.cni_bin_dir, self.cri.cni_conf_dir):
+                if d is not None:
+                    Path(d).mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o711)
         me = os.getpid()
         (self.run_dir / OWNER_FILE).write_text(f"{me} {_pid_start_time(me)} {self.root_dir}\n")
