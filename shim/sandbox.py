@@ -88,8 +88,21 @@ class Sandbox:
     async def start(self) -> None:
         raise NotImplementedError
 
+    _client: AgentClient | None = None
+    _stopping = False
+
     async def agent(self) -> AgentClient:
-        raise NotImplementedError
+        """The connected agent client, started on first use."""
+        await self.start()
+        assert self._client is not None
+        return self._client
+
+    def _link_lost(self, reason: str) -> None:
+        """The agent connection broke while we were not stopping: report it once upward."""
+        if not self._stopping and not self.lost:
+            self.lost = True
+            if self.on_lost is not None:
+                self.on_lost(reason)
 
     async def stop(self) -> None:
         raise NotImplementedError
@@ -215,22 +228,11 @@ class InprocSandbox(Sandbox):
             layer_roots=self.layer_roots, **kw)
         client = await self._embedded.connect()
         client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
-        client.add_lost_handler(self._lost)
+        client.add_lost_handler(self._link_lost)
         self._client = client
         hello = await asyncio.wait_for(client.hello(), self.ready_timeout)
         log.debug("agent up (in-process): %s", hello)
         return client
-
-    def _lost(self, reason: str) -> None:
-        if not self._stopping:
-            self.lost = True
-            if self.on_lost is not None:
-                self.on_lost(reason)
-
-    async def agent(self) -> AgentClient:
-        await self.start()
-        assert self._client is not None
-        return self._client
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
@@ -324,17 +326,6 @@ class HostSandbox(Sandbox):
             self.proc.returncode = self.exit_status  # reaped by our reaper, not by Popen
         log.log(logging.INFO if self._stopping else logging.ERROR,
                 "agent pid %s exited with %s", self.pid, self.exit_status)
-
-    def _link_lost(self, reason: str) -> None:
-        if not self._stopping:
-            self.lost = True
-            if self.on_lost is not None:
-                self.on_lost(reason)
-
-    async def agent(self) -> AgentClient:
-        await self.start()
-        assert self._client is not None
-        return self._client
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True

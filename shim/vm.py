@@ -241,11 +241,6 @@ class VmSandbox(Sandbox):
             self._ready = asyncio.get_running_loop().create_task(self._start())
         await asyncio.shield(self._ready)
 
-    async def agent(self) -> Any:
-        await self.start()
-        assert self._client is not None
-        return self._client
-
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "agent": self.agent_mode, "agent_pid": self.pid,
                 "vm": self.vm_info()}
