@@ -355,26 +355,67 @@ class Snapshotter(_Daemon):
         self.start_seconds = time.monotonic() - t0
 
 
+#: CRI plugins of containerd 2.x that FractalEnv(cri=...) enables again (DISABLED_PLUGINS_V2).
+CRI_PLUGINS_V2: tuple[str, ...] = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.cri.v1.images",
+    "io.containerd.cri.v1.runtime",
+    "io.containerd.podsandbox.controller.v1.podsandbox",
+)
+
+#: Debian's containernetworking-plugins (hack/setup.sh installs it) puts the CNI plugins here.
+CNI_PLUGIN_DIR = Path("/usr/lib/cni")
+
+
 @dataclasses.dataclass
 class CriConfig:
-    """The CRI plugin of containerd 1.6 (config version 2), for ``FractalEnv(cri=CriConfig(...))``.
+    """containerd's CRI plugin, for ``FractalEnv(cri=CriConfig(...))``: config version 2
+    (containerd 1.6, one plugin ``io.containerd.grpc.v1.cri``) or 3/4 (containerd 2.x, split into
+    ``io.containerd.cri.v1.images``, ``io.containerd.cri.v1.runtime``, ``io.containerd.grpc.v1.cri``
+    and the ``podsandbox`` controller).
 
     Off by default (CRI is in DISABLED_PLUGINS).  When on: images unpack into the fractal
-    snapshotter, runtime handler ``fractal`` is ``io.containerd.fractal.v1`` (and the default),
-    CNI dirs are empty dirs of the env (use host-network pods), the streaming server listens on
-    127.0.0.1 with a random port, and ``insecure_registries`` ("HOST:PORT") are reached over
-    plain HTTP.  CRI's own root/state dirs live under containerd's root/state (the env's).
+    snapshotter, runtime handler ``fractal`` is ``io.containerd.fractal.v1`` (and the default)
+    with ``pod_annotations = ["io.fractal.*"]`` (so pod annotations reach the shim's spec), the
+    streaming server listens on 127.0.0.1 with a random port, and ``insecure_registries``
+    ("HOST:PORT") are reached over plain HTTP (1.6: ``registry.mirrors``; 2.x: a ``hosts.toml``
+    per registry under ``registry_config_dir``, named by ``config_path``).  CRI's own root/state
+    dirs live under containerd's root/state (the env's).
+
+    ``network``: None -- the CNI dirs are empty dirs of the env, so only host-network pods work;
+    ``"bridge"`` -- CNI bin dir is :data:`CNI_PLUGIN_DIR` and the conf dir gets a conflist
+    (``bridge`` with host-local IPAM on ``subnet``, then ``loopback``) with a bridge device
+    ``bridge_name`` unique to the env, which :meth:`FractalEnv.close` deletes.
     """
 
     sandbox_image: str = "registry.k8s.io/pause:3.6"
     insecure_registries: tuple[str, ...] = ()
     runtime_name: str = "fractal"
     runtime_type: str = "io.containerd.fractal.v1"
-    #: filled in by FractalEnv (dirs under the env's root dir)
+    pod_annotations: tuple[str, ...] = ("io.fractal.*",)
+    network: str | None = None
+    #: filled in by FractalEnv (dirs under the env's root dir; bridge name and subnet per env)
     cni_bin_dir: Path | None = None
     cni_conf_dir: Path | None = None
+    registry_config_dir: Path | None = None
+    ipam_data_dir: Path | None = None
+    bridge_name: str | None = None
+    subnet: str | None = None
 
-    def render(self, snapshotter: str) -> list[str]:
+    def render(self, snapshotter: str, version: int = 2) -> list[str]:
+        """TOML lines for containerd's config (``version``: the config version of the file)."""
+        return self._render_v2(snapshotter) if version < 3 else self._render_v3(snapshotter)
+
+    def _runtime_lines(self, table: str, per_runtime_snapshotter: str | None) -> list[str]:
+        q = _toml_str
+        lines = [table + f".containerd.runtimes.{self.runtime_name}]",
+                 f"  runtime_type = {q(self.runtime_type)}"]
+        if per_runtime_snapshotter:
+            lines.append(f"  snapshotter = {q(per_runtime_snapshotter)}")
+        lines += ["  pod_annotations = [" + ", ".join(q(a) for a in self.pod_annotations) + "]", ""]
+        return lines
+
+    def _render_v2(self, snapshotter: str) -> list[str]:
         q = _toml_str
         cri = '[plugins."io.containerd.grpc.v1.cri"'
         lines = [
@@ -393,9 +434,7 @@ class CriConfig:
             f"  snapshotter = {q(snapshotter)}",
             f"  default_runtime_name = {q(self.runtime_name)}",
             "",
-            cri + f".containerd.runtimes.{self.runtime_name}]",
-            f"  runtime_type = {q(self.runtime_type)}",
-            "",
+            *self._runtime_lines(cri, None),
         ]
         if self.cni_bin_dir is not None or self.cni_conf_dir is not None:
             lines.append(cri + ".cni]")
@@ -410,6 +449,122 @@ class CriConfig:
                       cri + f'.registry.configs."{reg}".tls]',
                       "  insecure_skip_verify = true", ""]
         return lines
+
+    def _render_v3(self, snapshotter: str) -> list[str]:
+        """containerd 2.x (internal/cri/config/config.go of v2.4.2; checked with ``config dump``).
+
+        No ``disable_cgroup`` any more; ``sandbox_image`` became ``pinned_images.sandbox`` of the
+        images plugin; the CNI bin dir is a list ``bin_dirs``; the registry is configured through
+        ``config_path`` (hosts.toml dirs) only; the snapshotter is set in the images plugin (where
+        it unpacks) and per runtime.
+        """
+        q = _toml_str
+        img = "[plugins.'io.containerd.cri.v1.images'"
+        rt = "[plugins.'io.containerd.cri.v1.runtime'"
+        lines = [
+            img + "]",
+            f"  snapshotter = {q(snapshotter)}",
+            "",
+            img + ".pinned_images]",
+            f"  sandbox = {q(self.sandbox_image)}",
+            "",
+        ]
+        if self.registry_config_dir is not None:
+            lines += [img + ".registry]", f"  config_path = {q(self.registry_config_dir)}", ""]
+        lines += [
+            rt + "]",
+            "  disable_apparmor = true",
+            "  restrict_oom_score_adj = true",  # see _render_v2
+            "",
+            rt + ".containerd]",
+            f"  default_runtime_name = {q(self.runtime_name)}",
+            "",
+            *self._runtime_lines(rt, snapshotter),
+        ]
+        if self.cni_bin_dir is not None or self.cni_conf_dir is not None:
+            lines.append(rt + ".cni]")
+            if self.cni_bin_dir is not None:
+                lines.append(f"  bin_dirs = [{q(self.cni_bin_dir)}]")
+            if self.cni_conf_dir is not None:
+                lines.append(f"  conf_dir = {q(self.cni_conf_dir)}")
+            lines.append("")
+        lines += [
+            "[plugins.'io.containerd.grpc.v1.cri']",
+            "  disable_tcp_service = true",
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            "",
+        ]
+        return lines
+
+    def hosts_toml(self, registry: str) -> str:
+        """containerd 2.x's ``<config_path>/<HOST:PORT>/hosts.toml`` for a plain-HTTP registry."""
+        return (f'server = "http://{registry}"\n\n'
+                f'[host."http://{registry}"]\n'
+                '  capabilities = ["pull", "resolve"]\n'
+                "  skip_verify = true\n")
+
+    def conflist(self) -> dict:
+        """The CNI network of ``network="bridge"``: the host is the bridge's gateway (so it
+        reaches pod IPs directly), no masquerading, no iptables rules (no portmap/firewall)."""
+        return {
+            "cniVersion": "1.0.0",
+            "name": f"fractal-{self.bridge_name}",
+            "plugins": [
+                {"type": "bridge", "bridge": self.bridge_name, "isGateway": True, "ipMasq": False,
+                 "hairpinMode": False,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]],
+                          "dataDir": str(self.ipam_data_dir)}},
+                {"type": "loopback"},
+            ],
+        }
+
+    def write_files(self) -> None:
+        """CNI dirs, the conflist (bridge network) and the registries' hosts.toml (2.x)."""
+        import json
+
+        for d in (self.cni_bin_dir, self.cni_conf_dir, self.ipam_data_dir):
+            if d is not None and d != CNI_PLUGIN_DIR:
+                Path(d).mkdir(parents=True, exist_ok=True)
+        if self.network == "bridge" and self.cni_conf_dir is not None:
+            (Path(self.cni_conf_dir) / "10-fractal.conflist").write_text(json.dumps(self.conflist(), indent=2))
+        if self.registry_config_dir is not None:
+            for reg in self.insecure_registries:
+                d = Path(self.registry_config_dir) / reg
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "hosts.toml").write_text(self.hosts_toml(reg))
+
+
+def free_subnet(seed: str) -> str:
+    """A 10.x /24 that no address or route of the host overlaps, picked from ``seed`` (the env id)."""
+    import ipaddress
+
+    used: list[ipaddress.IPv4Network] = []
+    for cmd in (["ip", "-4", "-o", "addr", "show"], ["ip", "-4", "route", "show", "table", "all"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for word in out.split():
+            try:
+                net = ipaddress.ip_network(word, strict=False)
+            except ValueError:
+                continue
+            if isinstance(net, ipaddress.IPv4Network) and net.prefixlen > 0:
+                used.append(net)
+    start = int(seed, 16) if seed and all(c in "0123456789abcdef" for c in seed) else 0
+    for i in range(4096):
+        n = (start + i) % 4096
+        cand = ipaddress.ip_network(f"10.{200 + n // 256 % 50}.{n % 256}.0/24")
+        if not any(cand.overlaps(u) for u in used):
+            return str(cand)
+    raise HarnessError("no free 10.x /24 for the CNI bridge")
+
+
+def delete_link(name: str) -> None:
+    """``ip link del NAME`` if it exists (the env's CNI bridge)."""
+    if name and Path(f"/sys/class/net/{name}").exists():
+        subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=30)
 
 
 @dataclasses.dataclass
@@ -433,7 +588,7 @@ class ContainerdConfig:
     #: ``unpack_config`` entry for it).
     unpack_snapshotters: tuple[str, ...] = ("overlayfs", "native")
     platform: str = "linux/amd64"
-    #: containerd 1.x only: render the CRI plugin's config (and do not disable it)
+    #: render the CRI plugin's config (and do not disable it)
     cri: CriConfig | None = None
 
     def render(self) -> str:
@@ -448,7 +603,7 @@ class ContainerdConfig:
             lines.append(f"temp = {q(self.temp)}")
         disabled = self.disabled_plugins
         if self.cri is not None:
-            disabled = tuple(p for p in disabled if p != "io.containerd.grpc.v1.cri")
+            disabled = tuple(p for p in disabled if p not in CRI_PLUGINS_V2)
         lines.append("disabled_plugins = [" + ", ".join(q(p) for p in disabled) + "]")
         if self.version >= 3:
             lines.append("imports = []  # 2.x's default imports /etc/containerd/conf.d/*.toml")
@@ -514,7 +669,7 @@ class ContainerdConfig:
                 "",
             ]
         if self.cri is not None:
-            lines += self.cri.render(self.snapshotter_name)
+            lines += self.cri.render(self.snapshotter_name, self.version)
         return lines
 
 
@@ -886,14 +1041,22 @@ class FractalEnv:
         self._sweep = sweep
         self._closed = False
         self._namespaces: set[str] = set()
-        #: CRI plugin config (containerd 1.x only); None = CRI disabled as before
+        #: CRI plugin config (containerd 1.6 or 2.x); None = CRI disabled as before
         self.cri: CriConfig | None = None
         if cri:
-            if config_version >= 3:
-                raise HarnessError("FractalEnv(cri=...) supports containerd 1.x (config version 2) only")
             self.cri = dataclasses.replace(cri) if isinstance(cri, CriConfig) else CriConfig()
-            self.cri.cni_bin_dir = self.cri.cni_bin_dir or self.root_dir / "cni" / "bin"
+            if self.cri.network not in (None, "bridge"):
+                raise HarnessError(f"CriConfig.network: None or 'bridge', not {self.cri.network!r}")
+            bridge = self.cri.network == "bridge"
+            self.cri.cni_bin_dir = self.cri.cni_bin_dir or (
+                CNI_PLUGIN_DIR if bridge else self.root_dir / "cni" / "bin")
             self.cri.cni_conf_dir = self.cri.cni_conf_dir or self.root_dir / "cni" / "net.d"
+            if bridge:
+                self.cri.bridge_name = self.cri.bridge_name or f"fcni{self.id}"  # <= 15 chars
+                self.cri.subnet = self.cri.subnet or free_subnet(self.id)
+                self.cri.ipam_data_dir = self.cri.ipam_data_dir or self.root_dir / "cni" / "ipam"
+            if config_version >= 3 and self.cri.insecure_registries:
+                self.cri.registry_config_dir = self.cri.registry_config_dir or self.root_dir / "certs.d"
         self.snapshotter: Snapshotter | None = None
         if snapshotter:
             self.snapshotter = Snapshotter(self.snapshotter_root, self.snapshotter_address,
@@ -937,9 +1100,7 @@ class FractalEnv:
                   self.fifo_dir):
             d.mkdir(parents=True, exist_ok=True)
         if self.cri is not None:
-            for d in (self.cri.cni_bin_dir, self.cri.cni_conf_dir):
-                if d is not None:
-                    Path(d).mkdir(parents=True, exist_ok=True)
+            self.cri.write_files()
         os.chmod(self.run_dir, 0o711)
         me = os.getpid()
         (self.run_dir / OWNER_FILE).write_text(f"{me} {_pid_start_time(me)} {self.root_dir}\n")
@@ -994,6 +1155,8 @@ class FractalEnv:
         step("kill leftovers", kill_processes_mentioning, str(self.run_dir), str(self.root_dir))
         for ns in sorted(self._namespaces):
             step(f"cgroups of {ns}", remove_namespace_traces, ns)
+        if self.cri is not None and self.cri.bridge_name:
+            step(f"delete bridge {self.cri.bridge_name}", delete_link, self.cri.bridge_name)
         left: list[str] = []
         try:
             left = unmount_all(self.run_dir, self.root_dir)

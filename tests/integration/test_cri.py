@@ -1,12 +1,19 @@
-"""crictl (built by hack/peers.sh) against a private containerd 1.6 with its CRI plugin on:
-pull into the fractal snapshotter, a host-network pod on runtime handler ``fractal``
-(``io.containerd.fractal.v1``, host mode), two containers in it served by ONE shim (group = CRI
-sandbox id), exec, logs, stop/rm, stopp/rmp, no leaks.
+"""crictl (built by hack/peers.sh) against a private containerd with its CRI plugin on, once on
+containerd 1.6 (config version 2) and once on 2.x (hack/peers.sh's 2.4.2, config version 4; the
+module's env is shared by the tests of one version): pull into the fractal snapshotter, pods on
+runtime handler ``fractal`` (``io.containerd.fractal.v1``, host mode), two containers in a pod
+served by ONE shim (group = CRI sandbox id), exec, logs, stop/rm, stopp/rmp, no leaks.
+
+* ``test_crictl_pod_lifecycle``: a host-network pod (no CNI involved).
+* ``test_pod_network_bridge``: a pod with its own network namespace, set up by the real CNI
+  plugins of Debian's containernetworking-plugins (/usr/lib/cni: bridge + host-local + loopback;
+  ``CriConfig(network="bridge")``, a bridge ``fcni<env id>`` on a free private 10.x /24): the host
+  reaches a server in the pod at the pod IP, a second container reaches it over 127.0.0.1, and
+  after stopp/rmp the netns and the IP reservation are gone (the bridge goes with the env).
 
 The sandbox ("pause") image is busybox with Cmd ``/bin/sleep 2147483647``, made here with umoci
 on a copy of the busybox OCI layout and pushed to the session registry as ``fractal/pause``.
-Pods use the node's network namespace, so no CNI plugin is needed (CNI dirs are empty dirs of
-the env).  Everything CRI keeps is under the env's root/state dirs; pod logs under tmp_path.
+Everything CRI keeps is under the env's root/state dirs; pod logs under tmp_path.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from typing import Iterator
 
 import pytest
 
-from hack.containerd_env import CriConfig, FractalEnv, peer_bin_dir, peer_missing, run_cmd
+from hack.containerd_env import (CNI_PLUGIN_DIR, CriConfig, FractalEnv, peer_bin_dir, peer_missing,
+                                 run_cmd)
 
 
 ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
@@ -57,30 +65,51 @@ class Crictl:
         return run_cmd([*self.base, *args], check=check, timeout=timeout, env=self.env)
 
 
-@pytest.fixture(scope="module")
-def cri_env(registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FractalEnv]:  # noqa: ANN001
-    why = peer_missing("cri-tools")
+def _need(why: str | None, ci_note: str) -> None:
     if why:
         if ON_CI:
-            pytest.fail(f"cri-tools should have been built by hack/setup.sh: {why}", pytrace=False)
+            pytest.fail(f"{ci_note}: {why}", pytrace=False)
         pytest.skip(why)
-    if os.environ.get("FRACTAL_CONTAINERD_VERSION", "1").strip().removeprefix("v")[:1] not in ("", "1"):
-        pytest.skip("FractalEnv(cri=...) renders containerd 1.6's CRI config only")
+
+
+def cni_missing() -> str | None:
+    """None when the CNI plugins the bridge network uses are installed."""
+    for p in ("bridge", "host-local", "loopback"):
+        if not (CNI_PLUGIN_DIR / p).is_file():
+            return f"{CNI_PLUGIN_DIR / p} missing: apt-get install containernetworking-plugins (hack/setup.sh)"
+    if shutil.which("ip") is None:
+        return "ip (iproute2) not on PATH"
+    return None
+
+
+@pytest.fixture(scope="module")
+def pause_image(registry, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: ANN001
+    """busybox with a long sleep as Cmd (its own Cmd ["sh"] exits at once without stdin)."""
     if registry.server is None:
         pytest.skip("needs the session registry server (FRACTAL_REGISTRY set) to push the pause image")
-    if shutil.which("umoci") is None:
-        pytest.skip("umoci not on PATH")
-    # pause image: busybox with a long sleep as Cmd (its own Cmd ["sh"] exits at once without stdin)
+    _need(None if shutil.which("umoci") else "umoci not on PATH", "hack/setup.sh installs umoci")
     layout = tmp_path_factory.mktemp("pause") / "layout"
     from hack import testimages
 
     shutil.copytree(testimages.build("busybox"), layout)
     run_cmd(["umoci", "config", "--image", f"{layout}:latest",
              "--config.cmd", "/bin/sleep", "--config.cmd", "2147483647"])
-    pause = registry.server.push(layout, "fractal/pause", "latest")
-    with FractalEnv(snapshotter=True, cri=CriConfig(sandbox_image=pause,
-                                                     insecure_registries=(registry.address,))) as env:
+    return registry.server.push(layout, "fractal/pause", "latest")
+
+
+@pytest.fixture(scope="module", params=["1", "2"], ids=["containerd1", "containerd2"])
+def cri_env(request, registry, pause_image: str) -> Iterator[FractalEnv]:  # noqa: ANN001
+    """One env per containerd version, shared by the module's tests (CRI + bridge network when
+    the CNI plugins are there)."""
+    _need(peer_missing("cri-tools"), "cri-tools should have been built by hack/setup.sh")
+    if request.param == "2":
+        _need(peer_missing("containerd2"), "containerd 2.x should have been built by hack/setup.sh")
+    network = None if cni_missing() else "bridge"
+    cri = CriConfig(sandbox_image=pause_image, insecure_registries=(registry.address,), network=network)
+    with FractalEnv(snapshotter=True, containerd=request.param, cri=cri) as env:
         yield env
+    if env.cri is not None and env.cri.bridge_name:
+        assert not Path(f"/sys/class/net/{env.cri.bridge_name}").exists(), "bridge left after teardown"
 
 
 def _wait_state(crictl: Crictl, cid: str, want: str, timeout: float = 30.0) -> dict:
