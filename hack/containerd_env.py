@@ -1157,6 +1157,10 @@ class FractalEnv:
             step(f"cgroups of {ns}", remove_namespace_traces, ns)
         if self.cri is not None and self.cri.bridge_name:
             step(f"delete bridge {self.cri.bridge_name}", delete_link, self.cri.bridge_name)
+            # libcni's result cache (/var/lib/cni/results/<net>-<id>-<if>, deleted by CNI DEL)
+            # is not configurable through CRI: remove the dirs only if they are empty now
+            for d in (Path("/var/lib/cni/results"), Path("/var/lib/cni")):
+                step(f"rmdir {d}", lambda d=d: d.rmdir() if d.is_dir() and not any(d.iterdir()) else None)
         left: list[str] = []
         try:
             left = unmount_all(self.run_dir, self.root_dir)

@@ -32,6 +32,8 @@ APT_PACKAGES=(
   golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev
   golang-github-gogo-googleapis-dev golang-github-containerd-cgroups-dev
   debootstrap qemu-system-x86 iproute2 e2fsprogs
+  # CNI plugins (/usr/lib/cni) for CRI pods with their own network namespace (docs/cri.md)
+  containernetworking-plugins
   # `fractal image import docker://...` is tested against podman's Docker-API service (docs/images.md)
   podman
   # VM guest (docs/vm.md): Debian's own python3.11 goes into the initramfs; virtiofsd builds need the -dev libs

@@ -202,3 +202,111 @@ def test_crictl_pod_lifecycle(cri_env: FractalEnv, registry, tmp_path: Path) -> 
     mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if str(env.run_dir) in line or str(env.root_dir) in line]
     assert not any("/containers/" in m or "rootfs" in m or "/sandboxes/" in m for m in mounts), mounts
+
+
+def _netns_names() -> set[str]:
+    d = Path("/var/run/netns")
+    return {p.name for p in d.iterdir()} if d.is_dir() else set()
+
+
+def _http_get(host: str, port: int, timeout: float = 20.0) -> str:
+    """GET / over a plain socket (no proxies from the environment), retried until the server is up."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=3) as s:
+                s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            return data.decode(errors="replace")
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_pod_network_bridge(cri_env: FractalEnv, registry, tmp_path: Path) -> None:  # noqa: ANN001
+    _need(cni_missing(), "hack/setup.sh installs containernetworking-plugins")
+    env = cri_env
+    assert env.cri is not None and env.cri.network == "bridge"
+    import ipaddress
+
+    crictl = Crictl(env, tmp_path)
+    ref = registry.ref("busybox")
+    crictl("pull", ref, timeout=300)
+    netns_before = _netns_names()
+    pod = {
+        "metadata": {"name": "net-pod", "namespace": "default", "uid": "net-pod-uid", "attempt": 0},
+        "log_directory": str(tmp_path),
+        "annotations": {"io.fractal.mode": "host"},
+    }  # network namespace_options default: POD (its own netns, set up by CNI)
+    pod_json = tmp_path / "pod.json"
+    pod_json.write_text(json.dumps(pod))
+    pod_id = crictl("runp", "--runtime", "fractal", str(pod_json), timeout=180).stdout.strip()
+    cids: list[str] = []
+    try:
+        info = json.loads(crictl("inspectp", "-o", "json", pod_id).stdout)
+        ip = info["status"]["network"]["ip"]
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network(env.cri.subnet), (ip, env.cri.subnet)
+        netns = info["info"]["runtimeSpec"]["linux"]["namespaces"]
+        netns_path = next(n.get("path", "") for n in netns if n["type"] == "network")
+        assert netns_path, f"the pod has no network namespace path: {netns}"
+        # pod_annotations = ["io.fractal.*"]: the pod's annotation is in the sandbox's OCI spec
+        annotations = info["info"]["runtimeSpec"].get("annotations", {})
+        assert annotations.get("io.fractal.mode") == "host", annotations
+        # the netns is a real one, different from the host's
+        assert os.stat(netns_path).st_ino != os.stat("/proc/self/ns/net").st_ino
+        specs = [
+            ("web", ["sh", "-c", "mkdir -p /www && echo pong-from-pod > /www/index.html && "
+                                 "exec httpd -f -p 8080 -h /www"]),
+            ("client", ["sleep", "3600"]),
+        ]
+        for name, cmd in specs:
+            cfg = tmp_path / f"{name}.json"
+            cfg.write_text(json.dumps({"metadata": {"name": name}, "image": {"image": ref},
+                                       "command": cmd, "log_path": f"{name}.log"}))
+            cid = crictl("create", pod_id, str(cfg), str(pod_json), timeout=120).stdout.strip()
+            cids.append(cid)
+            crictl("start", cid, timeout=60)
+        for cid in cids:
+            _wait_state(crictl, cid, "CONTAINER_RUNNING")
+        # the host reaches the pod at its IP, through the bridge
+        assert "pong-from-pod" in _http_get(ip, 8080)
+        # the second container shares the pod's netns: the server is on its 127.0.0.1
+        deadline = time.monotonic() + 15
+        while True:
+            r = crictl("exec", cids[1], "wget", "-q", "-O", "-", "http://127.0.0.1:8080/", check=False, timeout=60)
+            if "pong-from-pod" in r.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert r.stdout.strip() == "pong-from-pod", r
+        addr = crictl("exec", cids[1], "ip", "-4", "-o", "addr", "show", "eth0", timeout=60).stdout
+        assert f"inet {ip}/" in addr, addr
+        assert env.cri.bridge_name in Path("/proc/net/dev").read_text()
+
+        for cid in cids:
+            crictl("stop", "-t", "2", cid, timeout=60)
+            crictl("rm", cid)
+        cids.clear()
+        crictl("stopp", pod_id, timeout=60)
+        crictl("rmp", pod_id, timeout=60)
+        pod_id = ""
+        # CNI DEL released the IP; CRI removed the netns
+        assert not Path(netns_path).exists(), f"{netns_path} left after rmp"
+        assert _netns_names() <= netns_before, _netns_names() - netns_before
+        ipam = Path(env.cri.ipam_data_dir or "")
+        leases = [p.name for p in ipam.rglob("*") if p.is_file() and p.name.count(".") == 3]
+        assert leases == [], f"host-local still reserves {leases}"
+        deadline = time.monotonic() + 15
+        while _pids_of_shims(env.address) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _pids_of_shims(env.address) == [], "the pod's shim is still running after rmp"
+    finally:
+        for cid in cids:
+            crictl("rm", "-f", cid, check=False)
+        if pod_id:
+            crictl("stopp", pod_id, check=False)
+            crictl("rmp", "-f", pod_id, check=False)
