@@ -25,6 +25,12 @@ Mapping (source = Debian's golang-github-containerd-containerd-dev tree):
                                                     provides google.rpc.status_pb2; staging
                                                     a private copy would register the symbol
                                                     google.rpc.Status twice)
+    hack/protos/containerd/<p> (in this repo)    -> ccpu/api/gen/containerd/<p>
+                                                    (containerd 2.x-only files, vendored from
+                                                    the containerd/api module: Debian ships
+                                                    only 1.6's tree.  types/introspection.proto
+                                                    = RuntimeInfo, what the shim's ``-info``
+                                                    prints for containerd 2.x)
 
 Outputs are regenerated only when the inputs, this script or the grpcio-tools
 version change (stamp file ``ccpu/api/gen/.stamp``), because the stubs are
@@ -51,7 +57,7 @@ GEN_PKG = "ccpu/api/gen"  # as a path relative to the repo root / staging root
 GEN_DIR = REPO_ROOT / GEN_PKG
 STAMP_NAME = ".stamp"
 # Bump when the staging/rewriting logic changes in a way that alters the output.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 
 GOCODE = Path(os.environ.get("FRACTAL_GOCODE", "/usr/share/gocode/src"))
 CONTAINERD_IMPORT = "github.com/containerd/containerd"
@@ -71,6 +77,12 @@ EXTRA_CONTAINERD_PROTOS = (
     "runtime/v2/runc/options/oci.proto",
     "protobuf/plugin/fieldpath.proto",
 )
+
+# containerd 2.x-only protos, vendored (with their provenance) under hack/protos/containerd/:
+# path there == path under containerd's api/ dir.  A file that also exists in Debian's 1.6
+# tree is an error (the two would map to the same staged path).
+VENDORED_DIR = REPO_ROOT / "hack/protos/containerd"
+VENDORED_PROTOS = ("types/introspection.proto",)
 
 IMPORT_RE = re.compile(r'^(\s*import\s+(?:weak\s+|public\s+)?")([^"]+)(";.*)$', re.MULTILINE)
 
@@ -127,6 +139,11 @@ def collect_inputs() -> list[StagedProto]:
         if not src.is_file():
             raise GenError(f"{src} not found: install golang-github-containerd-cgroups-dev")
         protos.append(StagedProto(src, staged_name(f"{CGROUPS_IMPORT}/{rel}") or ""))
+    for rel in VENDORED_PROTOS:
+        src = VENDORED_DIR / rel
+        if not src.is_file():
+            raise GenError(f"{src} not found (vendored proto missing from the checkout)")
+        protos.append(StagedProto(src, staged_name(f"{CONTAINERD_IMPORT}/api/{rel}") or ""))
     protos.append(StagedProto(gogo, f"{GEN_PKG}/gogoproto/gogo.proto"))
     staged = [p.staged for p in protos]
     if len(set(staged)) != len(staged):

@@ -5,6 +5,8 @@ containerd runs the binary in three ways (runtime v2, reference A):
 * ``-namespace NS -address ADDR -publish-binary P -id ID [-debug] start``: start (or find) the
   shim daemon of the container's group and print its ttrpc address;
 * ``... -id ID -bundle B delete``: clean up after a dead shim and print a DeleteResponse;
+* ``-info`` (containerd 2.x; a flag, not a verb): print the shim's RuntimeInfo
+  (:mod:`shim.info`);
 * (internal) the daemon itself is ``python -m shim.daemon ...``.
 
 Arguments follow Go's ``flag`` package: ``-flag value``, ``--flag value``, ``-flag=value``;
@@ -32,6 +34,7 @@ FLAGS: dict[str, bool] = {
     "socket": False,
     "debug": True,
     "v": True,
+    "info": True,
 }
 
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
@@ -54,6 +57,7 @@ class Options:
         self.socket = ""
         self.debug = False
         self.v = False
+        self.info = False
         self.args: list[str] = []
 
     @property
@@ -128,6 +132,13 @@ def main(argv: list[str] | None = None, *, fast_exit: bool | None = None) -> int
     if opts.v:
         sys.stdout.write("containerd-shim-fractal-v1 (fractal) 0.1.0\n")
         return 0
+    if opts.info:  # before any verb, as containerd's shim package does
+        from shim import info
+
+        code = info.run(opts)
+        if fast_exit:
+            exit_now(code)
+        return code
     verb = opts.verb
     if verb == "start":
         from shim import start
