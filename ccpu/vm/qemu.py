@@ -1,9 +1,10 @@
 """The QEMU command line (a pure function of `VMConfig`) and a launcher that cannot leak QEMU.
 
-Shape of the VM: no disks, no network, no graphics, no default devices.
+Shape of the VM: no disks, no graphics, no default devices.
 The guest gets a kernel + initramfs (ccpu.guest), a serial console written
 to a log file, virtio-serial ports as its only channels to the host
-(host side: UNIX sockets), and file shares over 9p or virtiofs.
+(host side: UNIX sockets), file shares over 9p or virtiofs, and optionally
+virtio-net NICs on tap fds opened by the caller (ccpu.vm.net: a pod's netns).
 
 Two machine types:
 - ``q35``: PCI virtio devices; firmware is qboot when available (SeaBIOS
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -52,6 +54,15 @@ class Port:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A virtio-net NIC backed by an already open tap fd (QEMU inherits it: spawn(pass_fds=...))."""
+
+    fd: int
+    mac: str
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
 class VMConfig:
     kernel: str
     initramfs: str
@@ -64,6 +75,7 @@ class VMConfig:
     repo: Share | None = None  # always mounted read-only at /repo
     shares: Sequence[Share] = ()
     ports: Sequence[Port] = ()
+    nics: Sequence[Nic] = ()
     cmdline_extra: Sequence[str] = ()
     qemu: str = QEMU
     firmware: str | None = None  # None: qboot if present (q35); microvm has it built in
@@ -99,6 +111,13 @@ def _check(cfg: VMConfig) -> None:
         raise ConfigError(f"the repo share must use tag {REPO_TAG}")
     if any(s.tag == REPO_TAG for s in cfg.shares):
         raise ConfigError(f"tag {REPO_TAG} is reserved for the repo")
+    for n in cfg.nics:
+        if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", n.mac):
+            raise ConfigError(f"NIC MAC {n.mac!r} is not a MAC address")
+        if not 68 <= n.mtu <= 65535:
+            raise ConfigError(f"NIC MTU {n.mtu} out of range")
+        if n.fd < 0:
+            raise ConfigError(f"NIC fd {n.fd} is not a file descriptor")
 
 
 def uses_virtiofs(cfg: VMConfig) -> bool:
@@ -158,6 +177,11 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
             dev = "vhost-user-fs-device" if micro else "vhost-user-fs-pci"
             argv += ["-chardev", f"socket,id=vfs{i},path={s.socket}",
                      "-device", f"{dev},chardev=vfs{i},tag={s.tag},queue-size=1024"]
+    for i, n in enumerate(cfg.nics):
+        # host_mtu: the guest driver learns the MTU from the device; romfile= (PCI): no iPXE option ROM
+        rom = "" if micro else ",romfile="
+        argv += ["-netdev", f"tap,id=net{i},fd={n.fd},vhost=off",
+                 "-device", f"virtio-net-{bus},netdev=net{i},mac={n.mac.lower()},host_mtu={n.mtu}{rom}"]
     return argv
 
 
@@ -178,13 +202,15 @@ def die_with_parent() -> None:
 
 
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
-          stderr: int | None = subprocess.PIPE, cwd: str | None = None) -> subprocess.Popen:
+          stderr: int | None = subprocess.PIPE, cwd: str | None = None,
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen:
     """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null.
 
     ``cwd``: relative socket paths in ``argv`` are relative to it (unix socket paths are limited
-    to 108 bytes; a sandbox's run dir can be deeper than that)."""
+    to 108 bytes; a sandbox's run dir can be deeper than that).
+    ``pass_fds``: fds the child inherits under the same numbers (the NICs' tap fds); all others are closed."""
     return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=die_with_parent, close_fds=True, cwd=cwd)
+                            preexec_fn=die_with_parent, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds))
 
 
 def qboot_available() -> bool:
