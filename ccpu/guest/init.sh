@@ -8,6 +8,9 @@
 #   fractal.mode=agent|run|shell   what to exec at the end (default agent)
 #   fractal.repo=9p|virtiofs|none  how the layer repo (tag fractalrepo) is shared; mounted ro at /repo
 #   fractal.share=TAG:TYPE:MODE:PATH  an extra share (TYPE 9p|virtiofs, MODE ro|rw), repeatable
+#   fractal.net=NAME,MAC,MTU,ITEM...  a NIC to configure (ccpu.vm.net: the pod's interface), repeatable;
+#                                   found by MAC, renamed NAME; ITEMs in order: A.B.C.D/N (address),
+#                                   r=DST (on-link route), r=DST@GW (route via GW), gw=GW (default route)
 #   fractal.debug=1                 echo every step with its uptime to the console
 #
 # Milestones go to the console as "fractal-init: <uptime> <what>" so the host
@@ -42,12 +45,13 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 shares=""
+mode=agent repo=none debug=0 shares="" nets=""
 for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
         fractal.repo=*) repo="${arg#*=}" ;;
         fractal.share=*) shares="$shares ${arg#*=}" ;;
+        fractal.net=*) nets="$nets ${arg#*=}" ;;
         fractal.debug=*) debug="${arg#*=}" ;;
     esac
 done
@@ -100,7 +104,46 @@ EOF
 done
 step "shares mounted"
 
-# --- 3. virtio-serial ports, found by name (no udev) ------------------------
+# --- 3. network: the pod's interfaces (before the agent: containers expect it up)
+nic_by_mac() {  # mac -> interface name; virtio-net probes during insmod, the wait is a safety net
+    i=0
+    while [ $i -lt 100 ]; do
+        for d in /sys/class/net/*; do
+            [ "$(cat "$d/address" 2>/dev/null)" = "$1" ] && { echo "${d##*/}"; return 0; }
+        done
+        sleep 0.02
+        i=$((i + 1))
+    done
+    return 1
+}
+net_up() {  # NAME,MAC,MTU,ITEM...
+    oldifs="$IFS"
+    IFS=,
+    # shellcheck disable=SC2086
+    set -- $1
+    IFS="$oldifs"
+    name="$1" mac="$2" mtu="$3"
+    shift 3
+    dev="$(nic_by_mac "$mac")" || die "network: no NIC with MAC $mac"
+    if [ "$dev" != "$name" ]; then
+        ip link set dev "$dev" name "$name" && dev="$name" || milestone "network: cannot rename $dev to $name"
+    fi
+    ip link set dev "$dev" mtu "$mtu" up || die "network: $dev mtu $mtu up failed"
+    for item in "$@"; do
+        case "$item" in
+            gw=*) ip route add default via "${item#gw=}" dev "$dev" onlink ;;
+            r=*@*) r="${item#r=}"; ip route add "${r%@*}" via "${r#*@}" dev "$dev" onlink ;;
+            r=*) ip route add "${item#r=}" dev "$dev" scope link ;;
+            *) ip addr add "$item" dev "$dev" ;;
+        esac || die "network: $dev: $item failed"
+    done
+}
+for n in $nets; do
+    net_up "$n"
+done
+[ -n "$nets" ] && step "network configured"
+
+# --- 4. virtio-serial ports, found by name (no udev) ------------------------
 port() {
     i=0
     while [ $i -lt 200 ]; do

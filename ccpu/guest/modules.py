@@ -23,12 +23,14 @@ from collections.abc import Iterable, Mapping, Sequence
 # - 9pnet_virtio + 9p, virtiofs (+ fuse): the repo share and `vm run --share`
 # - overlay: the agent stacks image layers as overlayfs
 # - virtio_rng: entropy early (Python's os.urandom/getrandom must not stall)
+# - virtio_net (+ net_failover, failover): the pod's NIC (ccpu.vm.net), when the sandbox has a netns
 # cgroups, namespaces, seccomp, devtmpfs and the 8250 console are built in.
 GUEST_MODULES: tuple[str, ...] = (
     "virtio_pci",
     "virtio_mmio",
     "virtio_console",
     "virtio_rng",
+    "virtio_net",
     "9pnet_virtio",
     "9p",
     "fuse",
