@@ -74,7 +74,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     try:
         res = run.run(guest, argv, share_dirs=share_dirs, repo=args.repo, memory_mb=args.mem, cpus=args.cpus,
                       share_type=args.share_type, machine=args.machine, timeout=args.timeout,
-                      console_log=args.console_log, debug=args.debug_guest, note=note)
+                      console_log=args.console_log, debug=args.debug_guest, netns=args.netns, note=note)
     except (run.VMError, ValueError) as exc:
         print(f"fractal: {exc}", file=sys.stderr)
         return 125
@@ -115,6 +115,9 @@ def add_vm_commands(subparsers: argparse._SubParsersAction) -> None:
                         "env FRACTAL_SHARE)")
     p.add_argument("--machine", choices=("q35", "microvm"), default=os.environ.get("FRACTAL_MACHINE", "q35"),
                    help="QEMU machine (default %(default)s)")
+    p.add_argument("--netns", metavar="PATH",
+                   help="give the guest the network of this namespace (/var/run/netns/NAME, /proc/PID/ns/net): "
+                        "its interface's MAC, MTU, IPv4 addresses and routes, traffic redirected through a tap")
     p.add_argument("--timeout", type=float, default=600, help="seconds before the VM is killed")
     p.add_argument("--console-log", metavar="FILE", help="keep the guest's serial console in FILE")
     p.add_argument("--debug-guest", action="store_true", help="verbose kernel + init logging on the console")

@@ -3,7 +3,8 @@
 The VM lives exactly as long as this call: QEMU (and any virtiofsd) are
 started with PR_SET_PDEATHSIG, killed in a `finally`, and waited for.
 Shares: the repo (optional) read-only at /repo, the user's directories
-read-write (first at /work, the command's cwd).
+read-write (first at /work, the command's cwd).  ``netns``: the VM's NIC
+becomes that network namespace's interface (ccpu.vm.net), detached afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..guest.initramfs import Guest
-from . import accel, qemu, runproto, shares
+from . import accel, net, qemu, runproto, shares
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _connect(path: str, deadline: float, proc: subprocess.Popen) -> socket.socke
 def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = (), repo: str | None = None,
         memory_mb: int = 512, cpus: int = 2, share_type: str | None = None, machine: str = "q35",
         timeout: float = 600.0, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
-        console_log: str | None = None, debug: bool = False,
+        console_log: str | None = None, debug: bool = False, netns: str | None = None,
         note: Callable[[str], None] = lambda s: None) -> RunResult:
     """Run `argv` (joined for `sh -c`) in a fresh guest; its stdout/stderr go to `stdout`/`stderr`."""
     out_f = stdout or sys.stdout.buffer
@@ -100,6 +101,7 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
     helpers: list[subprocess.Popen] = []
     proc: subprocess.Popen | None = None
     conns: list[socket.socket] = []
+    attached: net.Attachment | None = None
     with tempfile.TemporaryDirectory(prefix="fractal-vm-") as tmp:
         try:
             vfsd = shares.find_virtiofsd() if stype == "virtiofs" else None
@@ -118,12 +120,23 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
                     helpers.append(shares.start_virtiofsd(vfsd, s, s.socket))
             ports = [qemu.Port(n, os.path.join(tmp, f"{n}.sock")) for n in (PORT_RUN, PORT_OUT, PORT_ERR)]
             log_path = console_log or os.path.join(tmp, "console.log")
+            if netns:
+                try:
+                    attached = net.attach(netns)
+                except net.NetError as exc:
+                    raise VMError(str(exc)) from None
+                note(f"netns {netns}: " + (", ".join(f"{i.name} {i.mac} mtu {i.mtu} {' '.join(i.addrs)}"
+                                                     for i in attached.interfaces) or "no IPv4 interface"))
             cfg = qemu.VMConfig(kernel=str(guest.kernel), initramfs=str(guest.initramfs), console_log=log_path,
                                 accel=choice.accel, machine=machine, memory_mb=memory_mb, cpus=cpus, mode="run",
-                                repo=repo_share, shares=user_shares, ports=ports, debug=debug)
+                                repo=repo_share, shares=user_shares, ports=ports, debug=debug,
+                                nics=attached.nics if attached else (),
+                                cmdline_extra=attached.cmdline if attached else ())
             cmd = qemu.command(cfg, qboot_exists=qemu.qboot_available())
             log.debug("qemu: %s", " ".join(cmd))
-            proc = qemu.spawn(cmd)
+            proc = qemu.spawn(cmd, pass_fds=attached.fds if attached else ())
+            if attached:
+                attached.close_fds()  # QEMU holds the taps now
             deadline = time.monotonic() + 30
             conns = [_connect(p.socket, deadline, proc) for p in ports]
             ctl, out_s, err_s = conns
@@ -153,6 +166,8 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
                     proc.kill()
                 proc.wait()
             shares.stop_all(helpers)
+            if attached:
+                attached.detach()
 
 
 def _vm_hwm_kb(pid: int) -> int | None:
