@@ -8,7 +8,8 @@ imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
 * child subreaper with ONE reaper (SIGCHLD -> waitpid(-1)) for every child: runc, the
   containers' processes (the in-process agent's children), or the agent process;
 * stderr goes to the first container's ``<bundle>/log`` FIFO, which containerd copies into its
-  own log; every line names the namespace, group and pid;
+  own log; one logrus-style record per line (:mod:`shim.logfmt`, docs/logging.md) with the
+  namespace, sandbox (group), pid and -- while a request is handled -- the container id;
 * SIGPIPE ignored; SIGTERM/SIGINT shut down (containers are left running; containerd will
   clean up with ``delete``);
 * exits after Shutdown when no containers are left (Shutdown is a no-op before that).
@@ -51,6 +52,12 @@ log = logging.getLogger("shim")
 
 
 def _setup_logging(bundle: str, namespace: str, group: str, debug: bool) -> None:
+    """stderr -> the ``<bundle>/log`` FIFO containerd copies into its own log, one
+    :mod:`shim.logfmt` record per line (logrus text, like containerd's and its runc shim's):
+    ``namespace``/``sandbox`` on every record, ``container``/``exec`` while a request about
+    one is handled.  ``-debug`` (containerd passes it when it runs at debug level) -> DEBUG."""
+    from shim import logfmt
+
     try:
         fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(fd, True)
@@ -59,13 +66,9 @@ def _setup_logging(bundle: str, namespace: str, group: str, debug: bool) -> None
     except OSError:
         pass  # no log FIFO (tests, or containerd gone): stderr stays /dev/null
     logging.raiseExceptions = False  # a broken log pipe must never break the shim
-    handler = logging.StreamHandler(open(2, "w", buffering=1, closefd=False, errors="replace"))
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s fractal-shim[{os.getpid()}] namespace={namespace} "
-        f"sandbox={group} %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logfmt.setup(open(2, "w", buffering=1, closefd=False, errors="replace"), debug=debug,
+                 defaults={"namespace": namespace, "sandbox": group},
+                 trailing={"runtime": logfmt.RUNTIME, "pid": os.getpid()})
 
 
 def layer_roots(repo_root: str, bundle: str) -> list[str]:
@@ -126,11 +129,14 @@ class Daemon:
         self.sandbox.on_event = self.service.on_agent_event
         self.sandbox.on_lost = self.service.on_agent_lost
 
+        from shim.logfmt import with_request_fields  # records carry the request's container id
+
         self.server = Server()
-        self.server.register(SERVICE, self.service.methods())
+        self.server.register(SERVICE, with_request_fields(self.service.methods()))
         from shim.layers import SERVICE as LAYERS_SERVICE, LayersService  # live layers (fractal CLI)
 
-        self.server.register(LAYERS_SERVICE, LayersService(self.service, self.sandbox, repo_root).methods())
+        self.server.register(LAYERS_SERVICE, with_request_fields(
+            LayersService(self.service, self.sandbox, repo_root).methods()))
         try:
             st = os.stat(self.opts.socket)
             self.socket_id: tuple[int, int] | None = (st.st_dev, st.st_ino)

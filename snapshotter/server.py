@@ -73,16 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=os.environ.get("FRACTAL_ROOT", DEFAULT_ROOT), help="repo directory (default %(default)s)")
     ap.add_argument("--address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS", DEFAULT_ADDRESS),
                     help="unix socket to listen on (default %(default)s)")
-    ap.add_argument("--debug", action="store_true", help="log every request")
+    ap.add_argument("--debug", action="store_true", help="log every request (debug level)")
+    ap.add_argument("--log-format", choices=("text", "json"), default="text",
+                    help="stderr records: logrus-style key=value text (default) or JSON lines "
+                         "(docs/logging.md)")
     args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.debug:  # our own loggers only: grpc's debug output is noise to a user
-        for name in ("fractal", "snapshotter", "ccpu"):
-            logging.getLogger(name).setLevel(logging.DEBUG)
+    from shim import logfmt
+
+    # stderr: journald takes it under systemd.  With --debug our own loggers only go to debug
+    # level: grpc's debug output is noise to a user.
+    logfmt.setup(sys.stderr, debug=args.debug, fmt=args.log_format,
+                 debug_loggers=("fractal", "snapshotter", "ccpu"), trailing={"pid": os.getpid()})
     try:
         asyncio.run(serve(Path(args.root), Path(args.address)))
     except RepoError as e:
