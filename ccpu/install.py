@@ -45,6 +45,9 @@ BACKUP_SUFFIX = ".fractal-bak"
 BLOCK_BEGIN = "# >>> fractal: CRI runtime handler (written by `fractal install`)"
 BLOCK_END = "# <<< fractal"
 
+#: pod annotations CRI passes through to the shim (docs/config.md, docs/cri.md)
+POD_ANNOTATIONS = ("io.fractal.*",)
+
 CRI_V1 = "io.containerd.grpc.v1.cri"  # containerd 1.x, config version 2
 CRI_V2 = "io.containerd.cri.v1.runtime"  # containerd 2.x, config version 3
 
@@ -115,6 +118,9 @@ def render_runtime_block(major: int = 1, handler: str = "fractal", snapshotter: 
     lines = [BLOCK_BEGIN, f"[{runtime_table(major, handler)}]", f"  runtime_type = {_q(FRACTAL_RUNTIME_TYPE)}"]
     if major >= 2:
         lines.append(f"  snapshotter = {_q(snapshotter)}")
+    # CRI copies only the pod annotations listed here into the sandbox's and containers' OCI
+    # specs: without it `io.fractal.mode` etc. set on a Kubernetes pod never reach the shim.
+    lines.append("  pod_annotations = [" + ", ".join(_q(a) for a in POD_ANNOTATIONS) + "]")
     lines.append(BLOCK_END)
     return "\n".join(lines) + "\n"
 

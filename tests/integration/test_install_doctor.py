@@ -55,6 +55,12 @@ def test_install_then_private_containerd_uses_it(tmp_path: Path, registry) -> No
     print(f"install: {time.monotonic() - t0:.2f}s\n{r.stdout}")
     assert "created" in r.stdout and "restart containerd" in r.stdout
     assert (tmp_path / "etc" / "config.toml.fractal-bak").read_text() == user_text
+    # the CRI runtime handler (RuntimeClass handler "fractal") lets io.fractal.* pod annotations
+    # through to the shim
+    import tomllib
+
+    handler = tomllib.loads(cfg.read_text())["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["fractal"]
+    assert handler == {"runtime_type": "io.containerd.fractal.v1", "pod_annotations": ["io.fractal.*"]}, handler
     unit = (tmp_path / "units" / "fractal-snapshotter.service").read_text()
     assert f"--root {snap_root} --address {snap_sock}" in unit and "Restart=always" in unit
     shim_link = tmp_path / "bin" / "containerd-shim-fractal-v1"

@@ -38,10 +38,10 @@ def test_dropin_and_block_parse():
     assert tomllib.loads(I.render_dropin("/run/x.sock", 2))["version"] == 3
     b1 = tomllib.loads(I.render_runtime_block(1, "fractal"))
     assert b1["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["fractal"] == {
-        "runtime_type": "io.containerd.fractal.v1"}
+        "runtime_type": "io.containerd.fractal.v1", "pod_annotations": ["io.fractal.*"]}
     b2 = tomllib.loads(I.render_runtime_block(2, "fr"))
     assert b2["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["fr"] == {
-        "runtime_type": "io.containerd.fractal.v1", "snapshotter": "fractal"}
+        "runtime_type": "io.containerd.fractal.v1", "snapshotter": "fractal", "pod_annotations": ["io.fractal.*"]}
 
 
 def test_unit():
