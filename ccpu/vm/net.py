@@ -360,7 +360,7 @@ def attach(netns: str, *, max_nics: int | None = None) -> Attachment:
                     try:
                         _run(["tc", *cmd])
                     except NetError as exc:
-                        if "File exists" in str(exc) and cmd[:2] == ["qdisc", "add"]:
+                        if cmd[:2] == ["qdisc", "add"] and ("File exists" in str(exc) or "Exclusivity" in str(exc)):
                             raise NetError(f"{cmd[3]} in {netns} already has an ingress qdisc "
                                            f"(another VM, or a CNI plugin, uses it)") from None
                         raise
