@@ -13,6 +13,8 @@ agent over virtio-serial):
                          guest's share path in a VM) -- for live layers
 * ``placement(id, bundle, rootfs, spec)``  the agent's ``bundle``/``rootfs``(/``spec``) args
                          of a container's ``create`` (raises TtrpcError if it cannot run here)
+* ``created/started/deleted(id, ...)``  host-side work at those points of a container's
+                         life (VM mode: the spec's OCI hooks, shim/hooks.py)
 * ``on_lost``            callback(reason) when the agent goes away unexpectedly
 * ``on_event``           callback(event) for the agent's events
 
@@ -139,6 +141,16 @@ class Sandbox:
     def layer_path(self, host_dir: str) -> str:
         """Where the agent sees a layer dir of the host's repo: the same path on the host."""
         return host_dir
+
+    # Lifecycle points where a sandbox may act on the host (VM mode runs OCI hooks there).
+    async def created(self, cid: str, pid: int) -> None:
+        """After the agent created ``cid``; raising fails the Create (the shim deletes it)."""
+
+    async def started(self, cid: str, pid: int) -> None:
+        """After ``cid``'s init process started."""
+
+    async def deleted(self, cid: str) -> None:
+        """After ``cid`` was deleted."""
 
     def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
                   spec: dict[str, Any] | None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ its TaskStart went out, so containerd always sees create, start, exit, delete in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -230,6 +231,14 @@ class TaskService:
             self.tasks.remove(req.id)
             raise
         proc.pid = int(result.get("pid", 0))
+        try:
+            await self.sandbox.created(req.id, proc.pid)
+        except Exception as exc:  # e.g. a createRuntime hook failed: undo the create
+            with contextlib.suppress(Exception):
+                await self._call("delete", {"container": req.id})
+            proc.io.close()
+            self.tasks.remove(req.id)
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {req.id}: {exc}") from None
         log.info("created %s (pid %d, rootfs %s)", req.id, proc.pid, rootfs["kind"])
         self.on_change()
         self.publish(ev.TaskCreate(
@@ -253,6 +262,7 @@ class TaskService:
                 proc.io.start_stdin()
             if proc.is_init:
                 self.publish(ev.TaskStart(container_id=req.id, pid=proc.pid))
+                await self.sandbox.started(req.id, proc.pid)
             else:
                 self.publish(ev.TaskExecStarted(container_id=req.id, exec_id=req.exec_id,
                                                 pid=proc.pid))
@@ -293,6 +303,7 @@ class TaskService:
                     e.io.close()
             self.tasks.remove(req.id)
             self.on_change()
+            await self.sandbox.deleted(req.id)
             self.publish(ev.TaskDelete(container_id=req.id, pid=pid, exit_status=exit_status,
                                        exited_at=timestamp(exited_at), id=req.id))
         else:

@@ -25,8 +25,11 @@ What the guest sees (pure translation, :func:`guest_rootfs`):
 * the bundle is ``/run/fractal/bundles/<id>``, the spec passed inline (from the host bundle's
   config.json).
 
-Anything the guest cannot see is refused with FailedPrecondition: a rootfs whose lower dirs are
-not repo layers (e.g. the overlayfs snapshotter), and bind mounts of host paths in the spec.
+The spec itself is translated by :mod:`shim.guestspec` (small host files copied in, the pod's
+/dev/shm a guest dir, the pod netns dropped for the VM's own network, host hooks run here by
+:mod:`shim.hooks`).  Anything the guest cannot see is refused with FailedPrecondition: a rootfs
+whose lower dirs are not repo layers (e.g. the overlayfs snapshotter), bind mounts of host
+directories, host namespaces.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from shim import guestspec
+from shim.guestspec import NotInVm
+
 log = logging.getLogger("shim.vm")
 
 GUEST_LAYERS = "/repo/layers"
@@ -47,15 +53,6 @@ GUEST_SCRATCH = "/run/fractal/containers"
 LAYERS_TAG = "fractallayers"
 AGENT_PORT = "fractal.agent"
 PIDS_FILE = "pids"
-
-#: spec mount types the guest makes itself (no host path involved)
-_GUEST_FS_TYPES = frozenset({"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
-                             "shm", "bpf", "securityfs", "debugfs", "tracefs", "hugetlbfs"})
-
-
-class NotInVm(ValueError):
-    """Something the guest cannot see (FailedPrecondition for containerd)."""
-
 
 # ---------------------------------------------------------------------------------------------
 # pure translation
@@ -98,17 +95,28 @@ def guest_rootfs(rootfs: Mapping[str, Any], cid: str, host_layers: str) -> dict[
     return {"kind": "layers", "lowers": lowers, "upper": upper, "work": work}
 
 
-def host_mounts_in_spec(spec: Mapping[str, Any]) -> list[str]:
-    """Destinations of spec mounts that need a host path (bind mounts): the guest lacks them."""
-    bad = []
-    for m in spec.get("mounts") or []:
-        if not isinstance(m, Mapping):
-            continue
-        mtype = str(m.get("type") or "")
-        opts = [str(o) for o in m.get("options") or []]
-        if mtype == "bind" or "bind" in opts or "rbind" in opts or (mtype and mtype not in _GUEST_FS_TYPES):
-            bad.append(f"{m.get('destination')} ({mtype or 'bind'} {m.get('source', '')})")
-    return bad
+def _kind_of(path: str) -> tuple[str, int]:
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return guestspec.MISSING, 0
+    if stat.S_ISREG(st.st_mode):
+        return guestspec.FILE, st.st_size
+    return (guestspec.DIR if stat.S_ISDIR(st.st_mode) else guestspec.OTHER), 0
+
+
+def _file_arg(copy: guestspec.FileCopy) -> dict[str, Any]:
+    """The agent's ``files`` entry: content read now (a copy, see shim.guestspec)."""
+    import base64
+
+    with open(copy.host_path, "rb") as f:
+        data = f.read(guestspec.MAX_FILE + 1)
+        mode = os.fstat(f.fileno()).st_mode & 0o7777
+    if len(data) > guestspec.MAX_FILE:
+        raise NotInVm(f"{copy.host_path} grew beyond {guestspec.MAX_FILE} bytes")
+    return {"path": copy.guest_path, "data": base64.b64encode(data).decode(), "mode": mode}
 
 
 def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
@@ -207,6 +215,8 @@ class VmSandbox(Sandbox):
         self._ready: Any = None
         self._stopping = False
         self._dir_fd: int | None = None
+        self.netns: str | None = None  # the pod's network namespace the VM is attached to
+        self._hooks: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {}
 
     # -- interface --------------------------------------------------------------------------
 
@@ -217,22 +227,60 @@ class VmSandbox(Sandbox):
                   spec: dict[str, Any] | None) -> dict[str, Any]:
         from ccpu.ttrpc import Code, TtrpcError
 
-        try:
-            grootfs = guest_rootfs(rootfs, cid, self.host_layers)
-        except NotInVm as exc:
-            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
         if spec is None:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle} has no readable config.json")
-        bad = host_mounts_in_spec(spec)
-        if bad:
+        gbundle = guest_bundle(cid)
+        try:
+            grootfs = guest_rootfs(rootfs, cid, self.host_layers)
+            translated = guestspec.translate(spec, cid, gbundle, _kind_of)
+            files = [_file_arg(c) for c in translated.copies]
+        except NotInVm as exc:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+        except OSError as exc:
             raise TtrpcError(Code.FAILED_PRECONDITION,
-                             f"container {cid} cannot run in a VM: its spec mounts host paths the "
-                             f"guest cannot see: {', '.join(bad)} (use io.fractal.mode=host)")
+                             f"container {cid}: cannot copy {exc.filename} into the VM: {exc.strerror}") from None
+        netns = guestspec.network_namespace(spec)
+        if netns is not None:
+            if self._ready is None:
+                self.netns = netns  # the first container (CRI's pause) brings the pod network
+            elif netns != self.netns:
+                raise TtrpcError(Code.FAILED_PRECONDITION,
+                                 f"container {cid} joins network namespace {netns}, but this VM is "
+                                 f"attached to {self.netns or 'no network namespace'}")
+        for note in translated.notes:
+            log.debug("container %s: %s", cid, note)
+        if translated.host_hooks:
+            self._hooks[cid] = (translated.host_hooks, bundle,
+                                dict(spec.get("annotations") or {}))
         try:
             os.symlink(self.console_log, os.path.join(bundle, "console.log"))
         except OSError:
             pass
-        return {"bundle": guest_bundle(cid), "rootfs": grootfs, "spec": spec}
+        return {"bundle": gbundle, "rootfs": grootfs, "spec": translated.spec,
+                "files": files, "dirs": translated.shm_dirs}
+
+    async def _hook(self, cid: str, kinds: tuple[str, ...], status: str, fatal: bool) -> None:
+        from shim import hooks
+
+        entry = self._hooks.get(cid)
+        if entry is None:
+            return
+        all_hooks, bundle, annotations = entry
+        st = hooks.state(cid, status, self.pid or 0, bundle, annotations)
+        for kind in kinds:
+            await hooks.run(kind, all_hooks.get(kind, []), st, fatal=fatal)
+
+    async def created(self, cid: str, pid: int) -> None:
+        await self._hook(cid, ("createRuntime", "prestart"), "created", fatal=True)
+
+    async def started(self, cid: str, pid: int) -> None:
+        await self._hook(cid, ("poststart",), "running", fatal=False)
+
+    async def deleted(self, cid: str) -> None:
+        try:
+            await self._hook(cid, ("poststop",), "stopped", fatal=False)
+        finally:
+            self._hooks.pop(cid, None)
 
     async def start(self) -> None:
         import asyncio

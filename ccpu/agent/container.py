@@ -91,6 +91,39 @@ def _makedirs(path: str) -> list[str]:
     return created[::-1]
 
 
+def _place_files(args: Mapping[str, Any], bundle: str, layer_roots: Sequence[str]) -> None:
+    """A VM container's copied host files (``files``: into its bundle) and shared dirs
+    (``dirs``: the pod's /dev/shm, below a layer root) -- see shim/guestspec.py."""
+    import base64
+    import binascii
+
+    for entry in protocol.arg_list(args, "files", []) or []:
+        if not isinstance(entry, Mapping):
+            raise protocol.InvalidArgument("files entries must be objects")
+        path = protocol.resolve_inside(entry.get("path"), [bundle], "file path")
+        try:
+            data = base64.b64decode(str(entry.get("data") or ""), validate=True)
+        except (binascii.Error, ValueError):
+            raise protocol.InvalidArgument(f"file {path}: data is not base64") from None
+        mode = entry.get("mode", 0o644)
+        if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise protocol.InvalidArgument(f"file {path}: bad mode {mode!r}")
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+    for d in protocol.arg_list(args, "dirs", []) or []:
+        path = protocol.resolve_inside(d, layer_roots, "shared dir")
+        if not os.path.isdir(path):
+            os.makedirs(path, exist_ok=True)
+            os.chmod(path, 0o1777)  # like /dev/shm
+
+
 def _remove_made(made: Sequence[str]) -> None:
     """Remove dirs `_makedirs` created (outermost first, so a tree goes at once).  Never crosses
     into a mount: whatever is still mounted below stays (and is logged)."""
@@ -248,6 +281,7 @@ class Supervisor:
                 if isinstance(d, str) and d and not os.path.isdir(d):
                     made += _makedirs(protocol.resolve_inside(d, self.layer_roots, f"{key} dir"))
         try:
+            _place_files(args, bundle, self.layer_roots)
             return await self._create(cid, bundle, terminal, stdin, stdout, stderr, plan, spec, made, args)
         except BaseException:
             _remove_made(made)

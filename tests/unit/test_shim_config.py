@@ -149,18 +149,6 @@ def test_guest_rootfs_refuses_what_the_guest_cannot_see(rootfs: dict) -> None:
         vm.guest_rootfs(rootfs, "c1", LAYERS)
 
 
-def test_host_mounts_in_spec() -> None:
-    spec = {"mounts": [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"},
-        {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]},
-        {"destination": "/data", "type": "none", "source": "/srv", "options": ["rbind", "ro"]},
-    ]}
-    assert vm.host_mounts_in_spec(spec) == ["/etc/hosts (bind /var/lib/x/hosts)", "/data (none /srv)"]
-    assert vm.host_mounts_in_spec({}) == []
-
-
 def test_vm_run_dir() -> None:
     assert vm.vm_run_dir("/run/fractal", "default", "sb") == "/run/fractal/vms/default/sb"
     for ns, group in (("..", "x"), ("a", "b/c"), ("", "x")):
@@ -190,13 +178,23 @@ def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
     assert args == {"bundle": "/run/fractal/bundles/c1", "spec": spec,
                     "rootfs": {"kind": "layers", "lowers": ["/repo/layers/a"],
                                "upper": "/run/fractal/containers/c1/upper",
-                               "work": "/run/fractal/containers/c1/work"}}
+                               "work": "/run/fractal/containers/c1/work"},
+                    "files": [], "dirs": []}
     assert (bundle / "console.log").is_symlink()
     with pytest.raises(TtrpcError, match="fractal snapshotter"):
         sb.placement("c2", str(bundle), {"kind": "mounts", "mounts": []}, spec)
-    with pytest.raises(TtrpcError, match="host paths"):
+    with pytest.raises(TtrpcError, match="bind of host directory /srv"):
         sb.placement("c3", str(bundle), rootfs, {"mounts": [{"destination": "/x", "type": "bind",
                                                             "source": "/srv"}]})
+    # a small host file is read now and sent along (a copy: later changes are not seen)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    hosts.chmod(0o640)
+    args = sb.placement("c4", str(bundle), rootfs, {"mounts": [
+        {"destination": "/etc/hosts", "type": "bind", "source": str(hosts), "options": ["rbind", "ro"]}]})
+    assert args["files"] == [{"path": "/run/fractal/bundles/c4/files/0-hosts",
+                              "data": "MTI3LjAuMC4xIGxvY2FsaG9zdAo=", "mode": 0o640}]
+    assert args["spec"]["mounts"][0]["source"] == "/run/fractal/bundles/c4/files/0-hosts"
 
 
 def test_cleanup_dead_checks_start_time(tmp_path) -> None:  # noqa: ANN001

@@ -15,6 +15,7 @@ from ccpu.ttrpc import Code, RequestContext, TtrpcError
 from shim.errors import AgentCallError
 from shim.events import forward_request, pack_any, topic_of
 from shim.state import Status
+from shim.sandbox import Sandbox
 from shim.task import TaskService
 
 CTX = RequestContext(service="containerd.task.v2.Task", method="x")
@@ -79,7 +80,7 @@ class FakeChannel:
         self.agent.channels.pop(self.number, None)
 
 
-class FakeSandbox:
+class FakeSandbox(Sandbox):
     def __init__(self, agent: FakeAgent) -> None:
         self._agent = agent
 

@@ -1,0 +1,114 @@
+"""shim.guestspec: what a host spec becomes in the VM guest (pure; the stat is a table here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shim import guestspec as gs
+
+HOSTS = "/var/lib/containerd/io.containerd.grpc.v1.cri/sandboxes/abc/hosts"
+SHM = "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/abc/shm"
+FS = {HOSTS: (gs.FILE, 120), "/etc/resolv.conf": (gs.FILE, 60), SHM: (gs.DIR, 0),
+      "/srv/data": (gs.DIR, 0), "/big": (gs.FILE, gs.MAX_FILE + 1), "/dev/null": (gs.OTHER, 0)}
+
+
+def kind_of(path: str) -> tuple[str, int]:
+    return FS.get(path, (gs.MISSING, 0))
+
+
+def cri_app_spec() -> dict:
+    return {
+        "process": {"args": ["sh"]},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": HOSTS, "options": ["rbind", "rprivate", "rw"]},
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf", "options": ["rbind", "ro"]},
+            {"destination": "/dev/shm", "type": "bind", "source": SHM, "options": ["rbind", "rw"]},
+        ],
+        "linux": {"namespaces": [
+            {"type": "pid"},
+            {"type": "ipc", "path": "/proc/42/ns/ipc"},
+            {"type": "uts", "path": "/proc/42/ns/uts"},
+            {"type": "mount"},
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+        ]},
+        "hooks": {"createRuntime": [{"path": "/usr/bin/hook", "args": ["hook", "create"]}],
+                  "poststop": [{"path": "/usr/bin/hook", "args": ["hook", "stop"]}]},
+    }
+
+
+def test_cri_app_container() -> None:
+    spec = cri_app_spec()
+    out = gs.translate(spec, "c1", "/run/fractal/bundles/c1", kind_of)
+    mounts = {m["destination"]: m for m in out.spec["mounts"]}
+    # files are copied into the guest bundle, options kept
+    assert [(c.host_path, c.guest_path) for c in out.copies] == [
+        (HOSTS, "/run/fractal/bundles/c1/files/0-hosts"),
+        ("/etc/resolv.conf", "/run/fractal/bundles/c1/files/1-resolv.conf")]
+    assert mounts["/etc/hosts"]["source"] == "/run/fractal/bundles/c1/files/0-hosts"
+    assert mounts["/etc/resolv.conf"]["options"] == ["rbind", "ro"]
+    # the pod's shm: one guest dir per host source, under the shared-dir root
+    assert out.shm_dirs == [mounts["/dev/shm"]["source"]]
+    assert out.shm_dirs[0].startswith(gs.GUEST_SHM_ROOT + "/")
+    again = gs.translate(spec, "c2", "/run/fractal/bundles/c2", kind_of)
+    assert again.shm_dirs == out.shm_dirs  # same pod, same shm
+    # the netns path goes (the VM is the pod's network); /proc/<guest pid> paths stay
+    assert out.spec["linux"]["namespaces"] == [
+        {"type": "pid"}, {"type": "ipc", "path": "/proc/42/ns/ipc"},
+        {"type": "uts", "path": "/proc/42/ns/uts"}, {"type": "mount"}]
+    # hooks leave the guest spec and are returned for the host
+    assert "hooks" not in out.spec
+    assert sorted(out.host_hooks) == ["createRuntime", "poststop"]
+    # the input is not modified
+    assert spec["mounts"][1]["source"] == HOSTS and "hooks" in spec
+    assert gs.network_namespace(spec) == "/var/run/netns/cni-1234"
+    assert gs.network_namespace(out.spec) is None
+
+
+def test_new_network_namespace_stays() -> None:
+    spec = {"linux": {"namespaces": [{"type": "network"}]}}
+    assert gs.translate(spec, "c", "/b", kind_of).spec == spec
+
+
+@pytest.mark.parametrize("mount, why", [
+    ({"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind"]}, "host directory /srv/data"),
+    ({"destination": "/x", "type": "none", "source": "/nope", "options": ["bind"]}, "missing host path /nope"),
+    ({"destination": "/big", "type": "bind", "source": "/big"}, "too big"),
+    ({"destination": "/dev/null2", "type": "bind", "source": "/dev/null"}, "host path /dev/null"),
+])
+def test_refused_mounts(mount: dict, why: str) -> None:
+    with pytest.raises(gs.NotInVm, match=why):
+        gs.translate({"mounts": [mount]}, "c", "/b", kind_of)
+
+
+def test_every_problem_is_listed() -> None:
+    spec = {"mounts": [{"destination": "/a", "type": "bind", "source": "/srv/data"},
+                       {"destination": "/b", "type": "bind", "source": "/nope"}],
+            "linux": {"namespaces": [{"type": "ipc", "path": "/run/ipcns"}]},
+            "hooks": {"startContainer": [{"path": "/x"}]}}
+    with pytest.raises(gs.NotInVm) as info:
+        gs.translate(spec, "c", "/b", kind_of)
+    msg = str(info.value)
+    for part in ("/a: bind of host directory", "/b: bind of missing", "ipc namespace /run/ipcns",
+                 "startContainer hooks", "io.fractal.mode=host"):
+        assert part in msg
+
+
+def test_total_copy_limit() -> None:
+    files = {f"/f{i}": (gs.FILE, gs.MAX_FILE) for i in range(3)}
+    spec = {"mounts": [{"destination": p, "type": "bind", "source": p} for p in files]}
+    with pytest.raises(gs.NotInVm, match="too big"):
+        gs.translate(spec, "c", "/b", lambda p: files[p])
+
+
+@pytest.mark.parametrize("networks, ok", [
+    (["none"], True), (["host"], True), (["container:abc"], True), (["bridge"], False), (["none", "mynet"], False)])
+def test_nerdctl_cni_networks(networks: list[str], ok: bool) -> None:
+    spec = {"annotations": {"nerdctl/networks": json.dumps(networks)}}
+    if ok:
+        gs.translate(spec, "c", "/b", kind_of)
+    else:
+        with pytest.raises(gs.NotInVm, match="--network none"):
+            gs.translate(spec, "c", "/b", kind_of)
