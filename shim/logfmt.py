@@ -29,6 +29,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -42,7 +43,11 @@ _FIELDS: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.Conte
 LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
           logging.ERROR: "error", logging.CRITICAL: "fatal"}
 
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._/@^+")
+_SAFE_RE = re.compile(r"[A-Za-z0-9\-._/@^+]+")
+#: Go strconv.Quote-style escapes of what must not appear raw in a quoted value.
+_ESCAPES = {ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t",
+            ord("\r"): "\\r"}
+_ESCAPES.update({c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in _ESCAPES})
 
 
 def fields() -> dict[str, str]:
@@ -75,24 +80,9 @@ def bound(**kv: Any) -> Iterator[None]:
 
 def quote(value: str) -> str:
     """A logrus text value: bare if every character is safe, else a Go-style quoted string."""
-    if value and all(c in _SAFE for c in value):
+    if _SAFE_RE.fullmatch(value):
         return value
-    out = ['"']
-    for c in value:
-        if c == '"' or c == "\\":
-            out.append("\\" + c)
-        elif c == "\n":
-            out.append("\\n")
-        elif c == "\t":
-            out.append("\\t")
-        elif c == "\r":
-            out.append("\\r")
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\x{ord(c):02x}")
-        else:
-            out.append(c)
-    out.append('"')
-    return "".join(out)
+    return '"' + value.translate(_ESCAPES) + '"'
 
 
 def timestamp(created: float) -> str:
