@@ -16,11 +16,11 @@ The rules (kata does much the same; docs/vm.md "Specs in the guest"):
   source (``/run/fractal/containers/@shm/<hash>``, on guest tmpfs), so every container of the pod
   that binds the same host shm dir shares one guest dir -- the pod's shared memory, in the VM.
 * **any other bind mount** of a host path: refused (:class:`NotInVm`) -- the guest cannot see it.
-* **a network namespace given by path** (CRI's ``/var/run/netns/cni-...``): dropped, so the
+* **a network namespace given by a host path** (CRI's ``/var/run/netns/cni-...``): dropped, so the
   container runs in the guest's own network namespace, which *is* the pod's network (the VM's
   NIC is connected to that netns, ccpu/vm/net.py).  A network namespace without a path (a new,
   empty one, e.g. nerdctl ``--network none``) stays.
-* **other namespaces given by path**: kept when they are ``/proc/<pid>/ns/<type>`` -- the pids
+* **namespaces given by ``/proc/<pid>/ns/<type>``** (any type): kept -- the pids
   the shim reports for VM containers are guest pids, so CRI's "join the pause container's
   ipc/uts/pid namespace" paths are right inside the guest; any other path is refused.
 * **hooks**: removed from the guest spec (their binaries are on the host).  ``createRuntime``,
@@ -132,10 +132,10 @@ def translate(spec: Mapping[str, Any], cid: str, guest_bundle: str,
             path = str(ns.get("path") or "") if isinstance(ns, dict) else ""
             if not path:
                 kept.append(ns)
-            elif ns.get("type") == "network":
-                result.notes.append(f"network namespace {path}: the guest's (the VM is attached to it)")
             elif _PROC_NS.fullmatch(posixpath.normpath(path)):
                 kept.append(ns)  # a guest pid (the shim reports guest pids in VM mode)
+            elif ns.get("type") == "network":
+                result.notes.append(f"network namespace {path}: the guest's (the VM is attached to it)")
             else:
                 problems.append(f"{ns.get('type')} namespace {path} (a host namespace)")
         linux["namespaces"] = kept
@@ -178,6 +178,7 @@ def network_namespace(spec: Mapping[str, Any]) -> str | None:
     """The path of the spec's network namespace, if it joins one (CRI's pod netns)."""
     linux = spec.get("linux") if isinstance(spec, Mapping) else None
     for ns in (linux or {}).get("namespaces") or []:
-        if isinstance(ns, Mapping) and ns.get("type") == "network" and ns.get("path"):
+        if isinstance(ns, Mapping) and ns.get("type") == "network" and ns.get("path") \
+                and not _PROC_NS.fullmatch(posixpath.normpath(str(ns["path"]))):
             return str(ns["path"])
     return None

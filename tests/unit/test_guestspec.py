@@ -67,6 +67,13 @@ def test_cri_app_container() -> None:
     assert gs.network_namespace(out.spec) is None
 
 
+def test_guest_pid_network_namespace_stays() -> None:
+    """CRI (host-network pods) joins the pause container's netns by /proc/<pid>: a guest pid."""
+    spec = {"linux": {"namespaces": [{"type": "network", "path": "/proc/146/ns/net"}]}}
+    assert gs.translate(spec, "c", "/b", kind_of).spec == spec
+    assert gs.network_namespace(spec) is None
+
+
 def test_new_network_namespace_stays() -> None:
     spec = {"linux": {"namespaces": [{"type": "network"}]}}
     assert gs.translate(spec, "c", "/b", kind_of).spec == spec

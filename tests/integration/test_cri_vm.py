@@ -1,0 +1,169 @@
+"""Kubernetes RuntimeClass in VM mode through crictl: a pod on handler ``fractal`` with
+``io.fractal.mode=vm`` is ONE QEMU guest; its containers run inside it; the pod's /dev/shm,
+ipc and uts namespaces are shared in the guest; exec, logs, stop, rm; ``rmp`` -> VM gone.
+With CNI, the pod's network namespace is connected to the VM (tap + tc redirect, ccpu/vm/net.py):
+the host reaches a server in the VM at the pod IP, and the guest reaches the host's bridge.
+
+Uses test_cri's module env (one private containerd per version, CRI on, bridge CNI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from hack.containerd_env import FractalEnv
+from tests.integration.test_cri import (  # noqa: F401  (fixtures are used by name)
+    Crictl, _http_get, _need, _pids_of_shims, _wait_state, cni_missing, cri_env, pause_image)
+
+
+def _qemus_of(env: FractalEnv) -> list[int]:
+    """QEMU processes started for this env (their run dir is under the env's run dir)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"qemu-system-x86_64") and cwd.startswith(str(env.run_dir)):
+            out.append(int(entry))
+    return out
+
+
+class Pod:
+    def __init__(self, crictl: Crictl, tmp_path: Path, name: str, *, host_network: bool) -> None:
+        self.crictl, self.tmp = crictl, tmp_path
+        cfg = {"metadata": {"name": name, "namespace": "default", "uid": f"{name}-uid", "attempt": 0},
+               "log_directory": str(tmp_path), "annotations": {"io.fractal.mode": "vm"}}
+        if host_network:  # NODE network: no netns, and no UTS namespace of the pod's own
+            cfg["linux"] = {"security_context": {"namespace_options": {"network": 2}}}
+        else:
+            cfg["hostname"] = f"{name}-host"
+        self.json = tmp_path / f"{name}.json"
+        self.json.write_text(json.dumps(cfg))
+        self.id = crictl("runp", "--runtime", "fractal", str(self.json), timeout=300).stdout.strip()
+        self.cids: list[str] = []
+
+    def container(self, name: str, image: str, cmd: list[str]) -> str:
+        cfg = self.tmp / f"{name}.ctr.json"
+        cfg.write_text(json.dumps({"metadata": {"name": name}, "image": {"image": image},
+                                   "command": cmd, "log_path": f"{name}.log"}))
+        cid = self.crictl("create", self.id, str(cfg), str(self.json), timeout=180).stdout.strip()
+        self.cids.append(cid)
+        self.crictl("start", cid, timeout=120)
+        return cid
+
+    def remove(self) -> None:
+        for cid in self.cids:
+            self.crictl("stop", "-t", "2", cid, timeout=120)
+            self.crictl("rm", cid, timeout=60)
+        self.cids.clear()
+        self.crictl("stopp", self.id, timeout=120)
+        self.crictl("rmp", self.id, timeout=120)
+        self.id = ""
+
+    def cleanup(self) -> None:
+        for cid in self.cids:
+            self.crictl("rm", "-f", cid, check=False)
+        if self.id:
+            self.crictl("stopp", self.id, check=False)
+            self.crictl("rmp", "-f", self.id, check=False)
+
+
+def _wait_gone(env: FractalEnv) -> None:
+    deadline = time.monotonic() + 20
+    while (_pids_of_shims(env.address) or _qemus_of(env)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _pids_of_shims(env.address) == [], "the pod's shim is still running after rmp"
+    assert _qemus_of(env) == [], "the pod's VM is still running after rmp"
+
+
+def test_vm_pod_lifecycle(cri_env: FractalEnv, registry, tmp_path: Path) -> None:  # noqa: ANN001
+    env = cri_env
+    crictl = Crictl(env, tmp_path)
+    ref = registry.ref("busybox")
+    crictl("pull", ref, timeout=300)
+    pod = Pod(crictl, tmp_path, "vm-pod", host_network=True)
+    try:
+        qemus = _qemus_of(env)
+        assert len(qemus) == 1, f"runp must boot exactly one VM, found {qemus}"
+        writer = pod.container("writer", ref, ["sh", "-c", "echo shared-by-pod > /dev/shm/mark; "
+                                               "echo hello-from-vm; exec sleep 3600"])
+        reader = pod.container("reader", ref, ["sleep", "3600"])
+        for cid in pod.cids:
+            _wait_state(crictl, cid, "CONTAINER_RUNNING")
+        assert _qemus_of(env) == qemus, "both containers must join the pod's VM"
+        # inside the guest: its kernel, not the host's
+        r = crictl("exec", "-s", reader, "uname", "-r", timeout=120)
+        assert r.stdout.strip() and r.stdout.strip() != os.uname().release, r
+        # the pod's /dev/shm is one guest dir for all its containers
+        r = crictl("exec", "-s", reader, "cat", "/dev/shm/mark", timeout=120)
+        assert r.stdout.strip() == "shared-by-pod", r
+        # CRI's pod files (hosts, resolv.conf) were copied into the guest
+        assert "localhost" in crictl("exec", "-s", reader, "cat", "/etc/hosts", timeout=120).stdout
+        # ipc namespace joined by /proc/<pause pid>/ns/ipc: the guest pid the shim reported
+        ipc = {crictl("exec", "-s", c, "readlink", "/proc/self/ns/ipc", timeout=120).stdout.strip()
+               for c in (writer, reader)}
+        assert len(ipc) == 1, ipc
+        deadline = time.monotonic() + 30
+        while True:
+            logs = crictl("logs", writer, check=False)
+            if "hello-from-vm" in logs.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert "hello-from-vm" in logs.stdout, logs
+        pod.remove()
+        _wait_gone(env)
+    finally:
+        pod.cleanup()
+
+
+def test_vm_pod_network(cri_env: FractalEnv, registry, tmp_path: Path) -> None:  # noqa: ANN001
+    """The pod IP is the VM's: reachable from the host, and the guest reaches the bridge."""
+    _need(cni_missing(), "hack/setup.sh installs containernetworking-plugins")
+    env = cri_env
+    assert env.cri is not None and env.cri.network == "bridge"
+    crictl = Crictl(env, tmp_path)
+    ref = registry.ref("busybox")
+    crictl("pull", ref, timeout=300)
+    pod = Pod(crictl, tmp_path, "vm-net-pod", host_network=False)
+    try:
+        info = json.loads(crictl("inspectp", "-o", "json", pod.id).stdout)
+        ip = info["status"]["network"]["ip"]
+        web = pod.container("web", ref, ["sh", "-c", "mkdir -p /www && echo pong-from-vm > /www/index.html"
+                                         " && exec httpd -f -p 8080 -h /www"])
+        client = pod.container("client", ref, ["sleep", "3600"])
+        for cid in pod.cids:
+            _wait_state(crictl, cid, "CONTAINER_RUNNING")
+        assert crictl("exec", "-s", web, "uname", "-r", timeout=120).stdout.strip() != os.uname().release
+        # CRI's /etc/hostname copied in, the uts namespace the pause container's (a guest pid)
+        assert crictl("exec", "-s", client, "hostname", timeout=120).stdout.strip() == "vm-net-pod-host"
+        assert crictl("exec", "-s", client, "cat", "/etc/hostname", timeout=120).stdout.strip() == "vm-net-pod-host"
+        # the guest's eth0 carries the pod IP
+        addr = crictl("exec", "-s", client, "ip", "-4", "-o", "addr", timeout=120).stdout
+        assert f"inet {ip}/" in addr, addr
+        # host -> pod IP -> tap -> VM -> container
+        assert "pong-from-vm" in _http_get(ip, 8080, timeout=60)
+        # container -> the other container over the pod's loopback
+        r = crictl("exec", "-s", client, "wget", "-q", "-O", "-", "http://127.0.0.1:8080/", timeout=120)
+        assert r.stdout.strip() == "pong-from-vm", r
+        # guest -> the bridge's gateway address on the host
+        gw = next(line.split()[2] for line in crictl("exec", "-s", client, "ip", "route",
+                                                     timeout=120).stdout.splitlines()
+                  if line.startswith("default"))
+        r = crictl("exec", "-s", client, "ping", "-c", "1", "-W", "5", gw, check=False, timeout=120)
+        assert r.returncode == 0, r
+        netns = next(n.get("path", "") for n in info["info"]["runtimeSpec"]["linux"]["namespaces"]
+                     if n["type"] == "network")
+        pod.remove()
+        assert not Path(netns).exists(), f"{netns} left after rmp"
+        _wait_gone(env)
+    finally:
+        pod.cleanup()
