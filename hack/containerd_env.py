@@ -393,7 +393,12 @@ class CriConfig:
     runtime_name: str = "fractal"
     runtime_type: str = "io.containerd.fractal.v1"
     pod_annotations: tuple[str, ...] = ("io.fractal.*",)
+    #: registry host (e.g. "registry.k8s.io") -> "HOST:PORT" of a plain-HTTP mirror to pull from
+    mirrors: dict[str, str] = dataclasses.field(default_factory=dict)
     network: str | None = None
+    #: network="bridge" only: also the CNI ``portmap`` plugin (hostPort); it adds iptables
+    #: chains (CNI-HOSTPORT-*) to the host's nat table that outlive the env, hence off by default
+    portmap: bool = False
     #: filled in by FractalEnv (dirs under the env's root dir; bridge name and subnet per env)
     cni_bin_dir: Path | None = None
     cni_conf_dir: Path | None = None
@@ -448,6 +453,9 @@ class CriConfig:
                       f'  endpoint = ["http://{reg}"]', "",
                       cri + f'.registry.configs."{reg}".tls]',
                       "  insecure_skip_verify = true", ""]
+        for host, mirror in self.mirrors.items():
+            lines += [cri + f'.registry.mirrors."{host}"]',
+                      f'  endpoint = ["http://{mirror}"]', ""]
         return lines
 
     def _render_v3(self, snapshotter: str) -> list[str]:
@@ -497,10 +505,12 @@ class CriConfig:
         ]
         return lines
 
-    def hosts_toml(self, registry: str) -> str:
-        """containerd 2.x's ``<config_path>/<HOST:PORT>/hosts.toml`` for a plain-HTTP registry."""
-        return (f'server = "http://{registry}"\n\n'
-                f'[host."http://{registry}"]\n'
+    def hosts_toml(self, registry: str, mirror: str | None = None) -> str:
+        """containerd 2.x's ``<config_path>/<HOST:PORT>/hosts.toml`` for a plain-HTTP registry
+        (or, with ``mirror``, for ``registry`` pulled from the plain-HTTP ``mirror``)."""
+        server = f"https://{registry}" if mirror else f"http://{registry}"
+        return (f'server = "{server}"\n\n'
+                f'[host."http://{mirror or registry}"]\n'
                 '  capabilities = ["pull", "resolve"]\n'
                 "  skip_verify = true\n")
 
@@ -516,6 +526,7 @@ class CriConfig:
                  "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]],
                           "dataDir": str(self.ipam_data_dir)}},
                 {"type": "loopback"},
+                *([{"type": "portmap", "capabilities": {"portMappings": True}}] if self.portmap else []),
             ],
         }
 
@@ -529,10 +540,11 @@ class CriConfig:
         if self.network == "bridge" and self.cni_conf_dir is not None:
             (Path(self.cni_conf_dir) / "10-fractal.conflist").write_text(json.dumps(self.conflist(), indent=2))
         if self.registry_config_dir is not None:
-            for reg in self.insecure_registries:
+            hosts = {reg: None for reg in self.insecure_registries} | dict(self.mirrors)
+            for reg, mirror in hosts.items():
                 d = Path(self.registry_config_dir) / reg
                 d.mkdir(parents=True, exist_ok=True)
-                (d / "hosts.toml").write_text(self.hosts_toml(reg))
+                (d / "hosts.toml").write_text(self.hosts_toml(reg, mirror))
 
 
 def free_subnet(seed: str) -> str:
@@ -1055,7 +1067,7 @@ class FractalEnv:
                 self.cri.bridge_name = self.cri.bridge_name or f"fcni{self.id}"  # <= 15 chars
                 self.cri.subnet = self.cri.subnet or free_subnet(self.id)
                 self.cri.ipam_data_dir = self.cri.ipam_data_dir or self.root_dir / "cni" / "ipam"
-            if config_version >= 3 and self.cri.insecure_registries:
+            if config_version >= 3 and (self.cri.insecure_registries or self.cri.mirrors):
                 self.cri.registry_config_dir = self.cri.registry_config_dir or self.root_dir / "certs.d"
         self.snapshotter: Snapshotter | None = None
         if snapshotter:
