@@ -119,7 +119,8 @@ class Daemon:
             self.sandbox = for_config(
                 cfg, reaper=self.reaper, namespace=self.namespace, group=self.group,
                 repo_root=repo_root, run_dir=addr.run_dir(), runc_root=addr.runc_root(self.namespace),
-                bundle_root=bundle_root, layer_roots=layer_roots(repo_root, self.opts.bundle))
+                bundle_root=bundle_root, layer_roots=layer_roots(repo_root, self.opts.bundle),
+                first_bundle=self.opts.bundle)
         except shim_config.ConfigError as exc:
             log.error("sandbox config: %s", exc)
             self.sandbox = FailedSandbox(f"fractal config: {exc}")

@@ -18,7 +18,9 @@ The rules (kata does much the same; docs/vm.md "Specs in the guest"):
 * **any other bind mount** of a host path: refused (:class:`NotInVm`) -- the guest cannot see it.
 * **a network namespace given by a host path** (CRI's ``/var/run/netns/cni-...``): dropped, so the
   container runs in the guest's own network namespace, which *is* the pod's network (the VM's
-  NIC is connected to that netns, ccpu/vm/net.py).  A network namespace without a path (a new,
+  NIC is connected to that netns, ccpu/vm/net.py); the spec's ``net.*`` sysctls (CRI's
+  ``net.ipv4.ip_unprivileged_port_start``) go with it, set by the agent in the guest's network
+  namespace.  A network namespace without a path (a new,
   empty one, e.g. nerdctl ``--network none``) stays.
 * **namespaces given by ``/proc/<pid>/ns/<type>``** (any type): kept -- the pids
   the shim reports for VM containers are guest pids, so CRI's "join the pause container's
@@ -69,6 +71,7 @@ class GuestSpec:
     copies: list[FileCopy] = field(default_factory=list)
     shm_dirs: list[str] = field(default_factory=list)
     host_hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    sysctls: dict[str, str] = field(default_factory=dict)  # net.* of the pod netns, for the guest
     notes: list[str] = field(default_factory=list)
 
 
@@ -136,6 +139,12 @@ def translate(spec: Mapping[str, Any], cid: str, guest_bundle: str,
                 kept.append(ns)  # a guest pid (the shim reports guest pids in VM mode)
             elif ns.get("type") == "network":
                 result.notes.append(f"network namespace {path}: the guest's (the VM is attached to it)")
+                # runc refuses net.* sysctls without a netns of the container's own: they
+                # belong to the pod's netns, which is the guest's -- the agent sets them there
+                sysctl = linux.get("sysctl")
+                if isinstance(sysctl, dict):
+                    for key in [k for k in sysctl if str(k).startswith("net.")]:
+                        result.sysctls[str(key)] = str(sysctl.pop(key))
             else:
                 problems.append(f"{ns.get('type')} namespace {path} (a host namespace)")
         linux["namespaces"] = kept

@@ -185,13 +185,18 @@ class FailedSandbox(Sandbox):
 
 
 def for_config(cfg: Any, *, reaper: Any, namespace: str, group: str, repo_root: str,
-               run_dir: str, runc_root: str, bundle_root: str, layer_roots: list[str]) -> Sandbox:
-    """The sandbox for a :class:`shim.config.Config`: a VM, or host mode (``FRACTAL_AGENT``)."""
+               run_dir: str, runc_root: str, bundle_root: str, layer_roots: list[str],
+               first_bundle: str | None = None) -> Sandbox:
+    """The sandbox for a :class:`shim.config.Config`: a VM, or host mode (``FRACTAL_AGENT``).
+
+    ``first_bundle``: the bundle of the container the shim was started for; a VM boots before
+    its Create arrives and must know the pod network namespace (CRI's pause spec) by then."""
     if cfg.mode == "vm":
-        from shim.vm import VmSandbox
+        from shim.vm import VmSandbox, first_netns
 
         return VmSandbox(reaper=reaper, namespace=namespace, group=group, repo_root=repo_root,
-                         run_dir=run_dir, settings=cfg.vm)
+                         run_dir=run_dir, settings=cfg.vm,
+                         netns=first_netns(first_bundle) if first_bundle else None)
     return host_sandbox(reaper=reaper, runc_root=runc_root, bundle_root=bundle_root,
                         layer_roots=layer_roots)
 

@@ -119,6 +119,17 @@ def _file_arg(copy: guestspec.FileCopy) -> dict[str, Any]:
     return {"path": copy.guest_path, "data": base64.b64encode(data).decode(), "mode": mode}
 
 
+def first_netns(bundle: str) -> str | None:
+    """The pod network namespace in ``bundle``'s spec (None: none, or no readable spec)."""
+    import json
+
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            return guestspec.network_namespace(json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
 def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
     for v in (namespace, group):
         if not v or "/" in v or v in (".", ".."):
@@ -191,7 +202,7 @@ class VmSandbox(Sandbox):
     agent_mode = "vm"
 
     def __init__(self, *, reaper: Any, namespace: str, group: str, repo_root: str, run_dir: str,
-                 settings: Any, on_event: Any = None) -> None:
+                 settings: Any, on_event: Any = None, netns: str | None = None) -> None:
         self.reaper = reaper
         self.namespace = namespace
         self.group = group
@@ -215,7 +226,8 @@ class VmSandbox(Sandbox):
         self._ready: Any = None
         self._stopping = False
         self._dir_fd: int | None = None
-        self.netns: str | None = None  # the pod's network namespace the VM is attached to
+        self._net: Any = None  # ccpu.vm.net.Attachment while the VM is attached to self.netns
+        self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {}
 
     # -- interface --------------------------------------------------------------------------
@@ -240,10 +252,10 @@ class VmSandbox(Sandbox):
             raise TtrpcError(Code.FAILED_PRECONDITION,
                              f"container {cid}: cannot copy {exc.filename} into the VM: {exc.strerror}") from None
         netns = guestspec.network_namespace(spec)
-        if netns is not None:
+        if netns is not None and netns != self.netns:
             if self._ready is None:
-                self.netns = netns  # the first container (CRI's pause) brings the pod network
-            elif netns != self.netns:
+                self.netns = netns  # not booted yet: the first container brings the pod network
+            else:
                 raise TtrpcError(Code.FAILED_PRECONDITION,
                                  f"container {cid} joins network namespace {netns}, but this VM is "
                                  f"attached to {self.netns or 'no network namespace'}")
@@ -257,7 +269,7 @@ class VmSandbox(Sandbox):
         except OSError:
             pass
         return {"bundle": gbundle, "rootfs": grootfs, "spec": translated.spec,
-                "files": files, "dirs": translated.shm_dirs}
+                "files": files, "dirs": translated.shm_dirs, "sysctls": translated.sysctls}
 
     async def _hook(self, cid: str, kinds: tuple[str, ...], status: str, fatal: bool) -> None:
         from shim import hooks
@@ -296,7 +308,7 @@ class VmSandbox(Sandbox):
     def vm_info(self) -> dict[str, Any]:
         return {"pid": self.pid, "accel": self.accel, "memory": f"{self.settings.memory_mb}M",
                 "cpus": self.settings.cpus, "share": self.share, "kernel": self.guest_kernel,
-                "run_dir": self.dir, "console": self.console_log,
+                "run_dir": self.dir, "console": self.console_log, "netns": self.netns,
                 "boot_seconds": self.timings.get("agent_ready")}
 
     # -- boot -------------------------------------------------------------------------------
@@ -364,6 +376,15 @@ class VmSandbox(Sandbox):
                                         os.environ.get("FRACTAL_SHARE") or None, vfsd)
         layers = qemu.Share(LAYERS_TAG, self.host_layers, GUEST_LAYERS, True, self.share,
                             "vfs.sock" if self.share == "virtiofs" else None)
+        if self.netns is not None:  # the pod's network (CRI): its eth0 becomes the guest's
+            from ccpu.vm import net
+
+            try:
+                self._net = await loop.run_in_executor(None, net.attach, self.netns)
+            except net.NetError as exc:
+                raise RuntimeError(f"cannot connect the pod network {self.netns} to the VM: {exc}") from None
+            log.info("pod network %s: %s", self.netns,
+                     ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in self._net.interfaces) or "no IPv4 interface")
         qemu_log = os.open(os.path.join(self.dir, "qemu.log"),
                            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -382,14 +403,22 @@ class VmSandbox(Sandbox):
                 kernel=str(guest.kernel), initramfs=str(guest.initramfs),
                 console_log=self.console_log, accel=self.accel, memory_mb=s.memory_mb,
                 cpus=s.cpus, mode="agent", repo=None, shares=[layers],
-                ports=[qemu.Port(AGENT_PORT, "agent.sock")])
+                ports=[qemu.Port(AGENT_PORT, "agent.sock")],
+                nics=self._net.nics if self._net else (),
+                cmdline_extra=self._net.cmdline if self._net else ())
             argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
             log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s); run dir %s",
                      self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.dir)
             log.debug("qemu: %s", " ".join(argv))
-            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=qemu_log, cwd=self.dir)
+            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=qemu_log, cwd=self.dir,
+                              pass_fds=self._net.fds if self._net else ())
+        except BaseException:
+            self._detach_net()
+            raise
         finally:
             os.close(qemu_log)
+            if self._net is not None:
+                self._net.close_fds()  # QEMU holds the taps now
         self.pid = proc.pid
         self._exited = self.reaper.wait(proc.pid)
         self._exited.add_done_callback(self._qemu_exited)
@@ -524,6 +553,14 @@ class VmSandbox(Sandbox):
                 except ProcessLookupError:
                     pass
                 await self._wait(fut, 5.0)
+        if self._exited is None or self._exited.done():
+            self._detach_net()
+
+    def _detach_net(self) -> None:
+        """Take the taps and tc redirects out of the pod's netns (QEMU is gone: they are ours)."""
+        if self._net is not None:
+            net, self._net = self._net, None
+            net.detach()
 
     async def stop(self, timeout: float = 5.0) -> None:
         import asyncio

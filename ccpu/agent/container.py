@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,9 @@ def _makedirs(path: str) -> list[str]:
     return created[::-1]
 
 
+_NET_SYSCTL = re.compile(r"net(\.[A-Za-z0-9_-]+)+")
+
+
 def _place_files(args: Mapping[str, Any], bundle: str, layer_roots: Sequence[str]) -> None:
     """A VM container's copied host files (``files``: into its bundle) and shared dirs
     (``dirs``: the pod's /dev/shm, below a layer root) -- see shim/guestspec.py."""
@@ -117,6 +121,16 @@ def _place_files(args: Mapping[str, Any], bundle: str, layer_roots: Sequence[str
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
+    sysctls = protocol.arg_dict(args, "sysctls", {}) or {}
+    for key, value in sysctls.items():
+        # the pod netns's net.* sysctls, for the agent's own netns (= the pod's, in a VM)
+        if not _NET_SYSCTL.fullmatch(str(key)) or not isinstance(value, str) or "\n" in value:
+            raise protocol.InvalidArgument(f"sysctl {key!r}={value!r}: only net.* keys with one-line values")
+        try:
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise protocol.InvalidArgument(f"sysctl {key}={value}: {exc.strerror}") from None
     for d in protocol.arg_list(args, "dirs", []) or []:
         path = protocol.resolve_inside(d, layer_roots, "shared dir")
         if not os.path.isdir(path):

@@ -154,10 +154,14 @@ def test_vm_pod_network(cri_env: FractalEnv, registry, tmp_path: Path) -> None: 
         # container -> the other container over the pod's loopback
         r = crictl("exec", "-s", client, "wget", "-q", "-O", "-", "http://127.0.0.1:8080/", timeout=120)
         assert r.stdout.strip() == "pong-from-vm", r
-        # guest -> the bridge's gateway address on the host
-        gw = next(line.split()[2] for line in crictl("exec", "-s", client, "ip", "route",
-                                                     timeout=120).stdout.splitlines()
-                  if line.startswith("default"))
+        # guest -> the bridge's address on the host (the pod's gateway)
+        import ipaddress
+        import subprocess
+
+        brinfo = json.loads(subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", env.cri.bridge_name],
+                                           capture_output=True, text=True, check=True).stdout)
+        gw = brinfo[0]["addr_info"][0]["local"]
+        assert ipaddress.ip_address(gw) in ipaddress.ip_network(env.cri.subnet)
         r = crictl("exec", "-s", client, "ping", "-c", "1", "-W", "5", gw, check=False, timeout=120)
         assert r.returncode == 0, r
         netns = next(n.get("path", "") for n in info["info"]["runtimeSpec"]["linux"]["namespaces"]

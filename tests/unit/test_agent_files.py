@@ -39,12 +39,16 @@ def test_files_and_dirs(tmp_path: Path) -> None:
     ({"files": [_file("BUNDLE/f", b"x", 0o17777)]}, "bad mode"),
     ({"files": ["BUNDLE/f"]}, "objects"),
     ({"dirs": ["/tmp/elsewhere"]}, "outside"),
+    ({"sysctls": {"kernel.core_pattern": "|/x"}}, "only net"),
+    ({"sysctls": {"net.ipv4/../../kernel/x": "1"}}, "only net"),
+    ({"sysctls": {"net.ipv4.ip_forward": "1\n"}}, "one-line"),
 ])
 def test_bad_requests(tmp_path: Path, args: dict, why: str) -> None:
     bundle = tmp_path / "b"
     bundle.mkdir()
-    fixed = {k: [({**e, "path": e["path"].replace("BUNDLE", str(bundle))} if isinstance(e, dict)
-                  else e.replace("BUNDLE", str(bundle)) if k == "files" else e) for e in v]
+    fixed = {k: v if isinstance(v, dict) else
+             [({**e, "path": e["path"].replace("BUNDLE", str(bundle))} if isinstance(e, dict)
+               else e.replace("BUNDLE", str(bundle)) if k == "files" else e) for e in v]
              for k, v in args.items()}
     with pytest.raises(protocol.InvalidArgument, match=why):
         _place_files(fixed, str(bundle), [str(tmp_path / "scratch")])

@@ -67,6 +67,19 @@ def test_cri_app_container() -> None:
     assert gs.network_namespace(out.spec) is None
 
 
+def test_net_sysctls_follow_the_pod_netns() -> None:
+    """runc refuses net.* sysctls without a netns of the container's own (containerd 2.x's CRI
+    sets net.ipv4.ip_unprivileged_port_start): they go to the agent, for the guest's netns."""
+    spec = {"linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}],
+                      "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.msgmax": "8192"}}}
+    out = gs.translate(spec, "c", "/b", kind_of)
+    assert out.sysctls == {"net.ipv4.ip_unprivileged_port_start": "0"}
+    assert out.spec["linux"]["sysctl"] == {"kernel.msgmax": "8192"}
+    # with a netns of its own (or a guest pid's), runc applies them itself
+    spec = {"linux": {"namespaces": [{"type": "network"}], "sysctl": {"net.core.somaxconn": "10"}}}
+    assert gs.translate(spec, "c", "/b", kind_of).sysctls == {}
+
+
 def test_guest_pid_network_namespace_stays() -> None:
     """CRI (host-network pods) joins the pause container's netns by /proc/<pid>: a guest pid."""
     spec = {"linux": {"namespaces": [{"type": "network", "path": "/proc/146/ns/net"}]}}

@@ -179,7 +179,7 @@ def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
                     "rootfs": {"kind": "layers", "lowers": ["/repo/layers/a"],
                                "upper": "/run/fractal/containers/c1/upper",
                                "work": "/run/fractal/containers/c1/work"},
-                    "files": [], "dirs": []}
+                    "files": [], "dirs": [], "sysctls": {}}
     assert (bundle / "console.log").is_symlink()
     with pytest.raises(TtrpcError, match="fractal snapshotter"):
         sb.placement("c2", str(bundle), {"kind": "mounts", "mounts": []}, spec)
