@@ -24,7 +24,7 @@ from ccpu.api.gen.containerd.events import task_pb2 as ev
 from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
 from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
-from shim import rootfs as rootfs_mod
+from shim import logfmt, rootfs as rootfs_mod
 from shim.config import conflict
 from shim.errors import agent_error_code, to_ttrpc
 from shim.events import timestamp
@@ -174,6 +174,7 @@ class TaskService:
             t.add_done_callback(self._exit_tasks.discard)
 
     async def _process_exited(self, proc: Process, pid: int, status: int, at: int) -> None:
+        logfmt.bind(container=proc.container, exec=proc.exec_id)  # this task's own context
         if proc.status == Status.STOPPED:
             return
         if proc.io is not None and not await proc.io.wait_output(OUTPUT_GRACE):

@@ -60,6 +60,11 @@ def test_shim_records_carry_container_and_namespace(fenv: FractalEnv, registry, 
     assert c["container"] == cid and c["sandbox"] == cid and c["level"] == "info"
     assert c["logger"] == "shim.task" and c["pid"].isdigit()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", c["time"]), c
+    # the exit comes from an agent event, not a request: it still names the container
+    recs = wait_records(log, lambda r: r.get("msg", "") == f"{cid} exited with 0", f"'{cid} exited with 0'")
+    exited = [r for r in recs if r.get("msg", "") == f"{cid} exited with 0" and r.get("namespace") == namespace]
+    assert exited and exited[0].get("container") == cid, exited
+    mine = [r for r in records(log) if r.get("namespace") == namespace]
     # every record of this sandbox names its namespace and sandbox, request or not
     assert all(r.get("sandbox") == cid for r in mine), mine
     assert any(r.get("msg", "").startswith("serving ") and "container" not in r for r in mine), mine
