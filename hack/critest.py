@@ -300,7 +300,8 @@ def summarize(report_json: Path) -> dict:
             if state == "passed":
                 out["passed"].append(name)
             elif state in ("skipped", "pending"):
-                out["skipped"].append(name)
+                why = ((spec.get("Failure") or {}).get("Message") or "").strip().splitlines()
+                out["skipped"].append(f"{name} — {why[0][:200]}" if why else name)
             elif state in ("failed", "panicked", "timedout", "interrupted", "aborted"):
                 f = spec.get("Failure") or {}
                 loc = f.get("Location") or {}
@@ -365,7 +366,9 @@ def run(args: argparse.Namespace) -> int:
                 cmd = [str(critest), f"--runtime-endpoint={sock}", f"--image-endpoint={sock}",
                        "--runtime-handler=fractal",
                        *([f"--registry-prefix={server.address}"] if args.registry_prefix else []),
-                       f"--parallel={parallel}", f"--ginkgo.json-report={report_json}",
+                       # --parallel=1 given explicitly makes ginkgo refuse ("Use of go test -parallel")
+                       *([f"--parallel={parallel}"] if parallel > 1 else []),
+                       f"--ginkgo.json-report={report_json}",
                        f"--ginkgo.timeout={int(args.timeout)}s", "--ginkgo.no-color"]
                 cmd += [f"--ginkgo.focus={f}" for f in args.focus]
                 cmd += [f"--ginkgo.skip={s}" for s in (args.skip or DEFAULT_SKIP)]
