@@ -1147,6 +1147,10 @@ class FractalEnv:
             except Exception as exc:  # noqa: BLE001 - keep cleaning whatever happens
                 errors.append(f"{what}: {exc}")
 
+        if self.containerd.running() and self.cri is not None:
+            # CRI pods left behind (a failed test, critest) hold network namespaces in
+            # /var/run/netns (and IPs): only stopping them through CRI runs CNI DEL and removes them
+            step("remove CRI pods", self._remove_cri_pods)
         if self.containerd.running():
             # Let shims end their containers properly (unmount rootfs, runc delete, cgroups);
             # everything else in containerd's metadata is deleted with its root dir anyway.
@@ -1234,6 +1238,20 @@ class FractalEnv:
                                    f"{r.stderr.strip()}\n--- last lines of {self.snapshotter.log_path if self.snapshotter else ''} ---\n"
                                    f"{tail(self.snapshotter.log_path) if self.snapshotter else ''}")
             time.sleep(0.2)
+
+    def _remove_cri_pods(self) -> None:
+        """``crictl stopp`` + ``rmp`` every pod sandbox (best effort; needs hack/peers.sh's crictl)."""
+        if peer_missing("cri-tools"):
+            return
+        sock = f"unix://{self.address}"
+        base = [str(peer_bin_dir("cri-tools") / "crictl"), "--config", "/dev/null", "--runtime-endpoint", sock,
+                "--image-endpoint", sock, "--timeout", "30s"]
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CONTAINER_RUNTIME_ENDPOINT", "IMAGE_SERVICE_ENDPOINT", "CRI_CONFIG_FILE")}
+        pods = run_cmd([*base, "pods", "-q"], check=False, timeout=60, env=env).stdout.split()
+        for pod in pods:
+            run_cmd([*base, "stopp", pod], check=False, timeout=60, env=env)
+            run_cmd([*base, "rmp", "-f", pod], check=False, timeout=60, env=env)
 
     def _stop_all_tasks(self) -> None:
         """Best effort (a hung call only warns): the SIGKILL sweep after it catches the rest."""
