@@ -300,7 +300,8 @@ class HostSandbox(Sandbox):
         runc = shutil.which("runc") or "runc"  # an absolute path: the agent does not search PATH
         return [self.python, "-m", "ccpu.agent", "--fd", str(fd), "--runc", runc,
                 "--runc-root", self.runc_root, "--bundle-root", self.bundle_root,
-                *[a for r in self.layer_roots for a in ("--layer-root", r)], *self.extra_args]
+                *[a for r in self.layer_roots for a in ("--layer-root", r)], *self.extra_args,
+                *(["--debug"] if logging.getLogger().isEnabledFor(logging.DEBUG) else [])]
 
     async def start(self) -> None:
         if self._ready is None:

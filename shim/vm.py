@@ -404,6 +404,7 @@ class VmSandbox(Sandbox):
                 console_log=self.console_log, accel=self.accel, memory_mb=s.memory_mb,
                 cpus=s.cpus, mode="agent", repo=None, shares=[layers],
                 ports=[qemu.Port(AGENT_PORT, "agent.sock")],
+                debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
                 nics=self._net.nics if self._net else (),
                 cmdline_extra=self._net.cmdline if self._net else ())
             argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())

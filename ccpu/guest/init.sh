@@ -167,9 +167,12 @@ agent)
     mkdir -p /run/runc /run/fractal/bundles /run/fractal/containers
     milestone "exec agent on $agent"
     # The agent serves the port as an inherited fd (`--fd`: a socket or a character device).
+    agent_debug=""
+    [ "$debug" = 1 ] && agent_debug="--debug"
+    # shellcheck disable=SC2086
     exec python3.11 -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
         --bundle-root /run/fractal/bundles --layer-root /repo/layers \
-        --layer-root /run/fractal/containers 3<>"$agent"
+        --layer-root /run/fractal/containers $agent_debug 3<>"$agent"
     ;;
 run)
     # Host protocol (ccpu.vm.run): the host writes two lines on fractal.run, a
