@@ -2,14 +2,20 @@
 """The ``make run`` demo: images pulled through the fractal snapshotter into a private containerd.
 
 What it shows, step by step with timings:
-  1. test images (busybox, edge) built into the cache and served by a local registry;
-  2. a private containerd wired to the fractal proxy snapshotter (never the host's containerd);
-  3. ``ctr images pull --snapshotter fractal`` of both images into namespace ``fractal-demo``;
-  4. ``ctr run --rm --snapshotter fractal`` of the edge image (whiteouts, opaque dirs ... applied);
-  5. the same image pulled into a second namespace: the layer repo does not grow, because layers
+  1. test images (busybox, edge, tools) built into the cache and served by a local registry;
+  2. a private containerd wired to the fractal proxy snapshotter (never the host's containerd),
+     with its CRI plugin on (runtime handler ``fractal``, a CNI bridge of its own);
+  3. ``ctr images pull --snapshotter fractal`` of the images into namespace ``fractal-demo``;
+  4. ``ctr run --rm --snapshotter fractal --runtime io.containerd.fractal.v1`` of the edge image in
+     host mode (whiteouts, opaque dirs ... applied);
+  5. ONE fractal VM with two containers (same sandbox, ``io.fractal.mode=vm``); the tools image's
+     layers added LIVE to one of them (``fractal layers add``) and removed again;
+  6. a Kubernetes-style pod through CRI (``crictl runp`` on handler ``fractal``, VM mode): one VM,
+     the pod IP connected to the guest, an HTTP server in the VM answering the host;
+  7. the same images pulled into a second namespace: the layer repo does not grow, because layers
      are stored once and shared -- the figures are printed (compare ``--snapshotter overlayfs``,
      where every namespace unpacks its own copy);
-  6. ``ctr snapshots --snapshotter fractal ls``; then everything is removed again.
+  8. ``ctr snapshots ls``, ``fractal repo ls/du``; then everything is removed and GC empties the repo.
 
 Exits non-zero with the failing step named if anything goes wrong.  ``--snapshotter overlayfs``
 runs the same story on containerd's built-in snapshotter (baseline, and a harness check).
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make `hack` importable
     sys.path.insert(0, str(REPO))
 
-from hack.containerd_env import FractalEnv, HarnessError, dir_size, tail  # noqa: E402
+from hack.containerd_env import (  # noqa: E402
+    CNI_PLUGIN_DIR, CriConfig, FractalEnv, HarnessError, dir_size, peer_bin_dir, peer_missing, tail)
 
 NS1 = "fractal-demo"
 NS2 = "fractal-demo2"
@@ -153,6 +161,74 @@ def _fractal_cli(*args: str, env: dict[str, str] | None = None) -> str:
     return r.stdout.rstrip()
 
 
+def _http_get(host: str, port: int, timeout: float = 60.0) -> str:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=3) as s:
+                s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            return data.decode(errors="replace").split("\r\n\r\n", 1)[-1]
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def _cri_pod_in_vm(env: FractalEnv, nar: Narrator, image: str, work: Path) -> None:
+    """A pod through CRI (what kubelet does for a RuntimeClass with handler ``fractal``)."""
+    import json
+
+    sock = f"unix://{env.address}"
+    base = [str(peer_bin_dir("cri-tools") / "crictl"), "--runtime-endpoint", sock, "--image-endpoint", sock,
+            "--timeout", "120s"]
+    cenv = {k: v for k, v in os.environ.items() if k not in ("CONTAINER_RUNTIME_ENDPOINT", "IMAGE_SERVICE_ENDPOINT")}
+
+    def crictl(*a: str) -> str:
+        r = subprocess.run([*base, *a], capture_output=True, text=True, env=cenv, timeout=300, cwd=work)
+        if r.returncode != 0:
+            raise RuntimeError(f"crictl {' '.join(a)}: {r.stderr.strip()}")
+        return r.stdout.strip()
+
+    crictl("pull", image)
+    pod = work / "pod.json"
+    pod.write_text(json.dumps({
+        "metadata": {"name": "demo-pod", "namespace": "default", "uid": "demo-pod-uid", "attempt": 0},
+        "hostname": "demo-pod", "log_directory": str(work), "annotations": {"io.fractal.mode": "vm"}}))
+    ctr = work / "web.json"
+    ctr.write_text(json.dumps({
+        "metadata": {"name": "web"}, "image": {"image": image}, "log_path": "web.log",
+        "command": ["sh", "-c", "mkdir -p /www && echo \"hello from $(hostname), kernel $(uname -r)\" "
+                                "> /www/index.html && exec httpd -f -p 8080 -h /www"]}))
+    t0 = time.monotonic()
+    pod_id = crictl("runp", "--runtime", "fractal", str(pod))
+    try:
+        nar.say(f"pod {pod_id[:12]} up in {time.monotonic() - t0:.1f}s; QEMU processes: "
+                f"{_count_processes('qemu-system-x86_64', str(env.run_dir))}")
+        cid = crictl("create", pod_id, str(ctr), str(pod))
+        crictl("start", cid)
+        ip = json.loads(crictl("inspectp", "-o", "json", pod_id))["status"]["network"]["ip"]
+        if ip:
+            nar.say(f"pod IP {ip} (CNI bridge); GET http://{ip}:8080/ from the host -> "
+                    f"{_http_get(ip, 8080).strip()!r}")
+        else:
+            nar.say("no CNI plugins: the pod has no IP (host-network fallback)")
+        nar.say(f"crictl exec web uname -r -> {crictl('exec', cid, 'uname', '-r')} (host: {os.uname().release})")
+        crictl("stop", "-t", "2", cid)
+        crictl("rm", cid)
+    finally:
+        subprocess.run([*base, "stopp", pod_id], capture_output=True, env=cenv, timeout=300)
+        subprocess.run([*base, "rmp", "-f", pod_id], capture_output=True, env=cenv, timeout=300)
+    deadline = time.monotonic() + 30
+    while _count_processes("qemu-system-x86_64", str(env.run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    nar.say(f"crictl stopp/rmp: QEMU processes left: {_count_processes('qemu-system-x86_64', str(env.run_dir))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--snapshotter", default="fractal", choices=["fractal", "overlayfs", "native"],
@@ -190,10 +266,21 @@ def main(argv: list[str] | None = None) -> int:
                     refs[name] = reg.push(layouts[name], f"fractal/{name}", "latest")
                 nar.say("\n".join(refs.values()))
 
-            with nar.step("start the private containerd" + (" + fractal snapshotter" if sn == "fractal" else "")):
+            cri: CriConfig | None = None
+            if sn == "fractal" and peer_missing("cri-tools") is None and shutil.which("umoci"):
+                with nar.step("make a pause image for Kubernetes pods (busybox + sleep) and push it"):
+                    pause = reg_dir / "pause-layout"
+                    shutil.copytree(layouts["busybox"], pause)
+                    subprocess.run(["umoci", "config", "--image", f"{pause}:latest", "--config.cmd",
+                                    "/bin/sleep", "--config.cmd", "2147483647"], check=True)
+                    refs["pause"] = reg.push(pause, "fractal/pause", "latest")
+                cri = CriConfig(sandbox_image=refs["pause"], insecure_registries=(reg.address,),
+                                network="bridge" if (CNI_PLUGIN_DIR / "bridge").is_file() else None)
+            with nar.step("start the private containerd" + (" + fractal snapshotter" if sn == "fractal" else "")
+                          + (" + CRI" if cri else "")):
                 env = FractalEnv(snapshotter=(sn == "fractal"),
                                  snapshotter_args=["--debug"] if args.debug else (),
-                                 log_level="debug" if args.debug else "info")
+                                 log_level="debug" if args.debug else "info", cri=cri)
                 stack.enter_context(env)
                 nar.say(f"containerd at {env.address} (up in {env.start_seconds:.2f}s)")
                 if env.snapshotter is not None:
@@ -259,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(0.2)
                     nar.say(f"QEMU processes left: {_count_processes('qemu-system-x86_64', str(env.run_dir))}")
 
+            if rt and cri is not None:
+                with nar.step("Kubernetes: crictl runp on RuntimeClass handler `fractal` -> ONE VM for the pod, "
+                              "its pod IP served from inside the VM"):
+                    _cri_pod_in_vm(env, nar, refs["busybox"], reg_dir)
+
             before = dir_size(store)
             with nar.step(f"pull the same images into a second namespace {NS2}"):
                 for name in IMAGES:
@@ -291,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                     nar.say(_fractal_cli("repo", "du", "--root", str(env.snapshotter_root)))
 
             with nar.step("remove the images from both namespaces; containerd's GC empties the repo"):
-                for ns in (NS1, NS2):
+                for ns in (NS1, NS2, *(["k8s.io"] if cri else [])):
                     problems = env.remove_namespace(ns)
                     if problems:
                         raise RuntimeError("; ".join(problems))
