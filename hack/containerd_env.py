@@ -185,6 +185,26 @@ def _clip(text: str, limit: int = 4000) -> str:
     return text if len(text) <= limit else "...[clipped]...\n" + text[-limit:]
 
 
+def http_get(host: str, port: int, timeout: float = 20.0) -> str:
+    """GET / over a plain socket (no proxies from the environment), retried until the server is
+    up; the whole response, headers included."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=3) as s:
+                s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            return data.decode(errors="replace")
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def run_cmd(cmd: Sequence[str], *, check: bool = True, timeout: float = 120.0,
             input: str | None = None, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:

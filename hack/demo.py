@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `hack` importable
     sys.path.insert(0, str(REPO))
 
 from hack.containerd_env import (  # noqa: E402
-    CNI_PLUGIN_DIR, CriConfig, FractalEnv, HarnessError, dir_size, peer_bin_dir, peer_missing, tail)
+    CNI_PLUGIN_DIR, CriConfig, FractalEnv, HarnessError, dir_size, http_get, peer_bin_dir, peer_missing, tail)
 
 NS1 = "fractal-demo"
 NS2 = "fractal-demo2"
@@ -161,24 +161,6 @@ def _fractal_cli(*args: str, env: dict[str, str] | None = None) -> str:
     return r.stdout.rstrip()
 
 
-def _http_get(host: str, port: int, timeout: float = 60.0) -> str:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=3) as s:
-                s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-                data = b""
-                while chunk := s.recv(4096):
-                    data += chunk
-            return data.decode(errors="replace").split("\r\n\r\n", 1)[-1]
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
-
-
 def _cri_pod_in_vm(env: FractalEnv, nar: Narrator, image: str, work: Path) -> None:
     """A pod through CRI (what kubelet does for a RuntimeClass with handler ``fractal``)."""
     import json
@@ -213,8 +195,8 @@ def _cri_pod_in_vm(env: FractalEnv, nar: Narrator, image: str, work: Path) -> No
         crictl("start", cid)
         ip = json.loads(crictl("inspectp", "-o", "json", pod_id))["status"]["network"]["ip"]
         if ip:
-            nar.say(f"pod IP {ip} (CNI bridge); GET http://{ip}:8080/ from the host -> "
-                    f"{_http_get(ip, 8080).strip()!r}")
+            body = http_get(ip, 8080, timeout=60).split("\r\n\r\n", 1)[-1].strip()
+            nar.say(f"pod IP {ip} (CNI bridge); GET http://{ip}:8080/ from the host -> {body!r}")
         else:
             nar.say("no CNI plugins: the pod has no IP (host-network fallback)")
         nar.say(f"crictl exec web uname -r -> {crictl('exec', cid, 'uname', '-r')} (host: {os.uname().release})")

@@ -28,7 +28,7 @@ from typing import Iterator
 
 import pytest
 
-from hack.containerd_env import (CNI_PLUGIN_DIR, CriConfig, FractalEnv, peer_bin_dir, peer_missing,
+from hack.containerd_env import (CNI_PLUGIN_DIR, CriConfig, FractalEnv, http_get, peer_bin_dir, peer_missing,
                                  run_cmd)
 
 
@@ -209,25 +209,6 @@ def _netns_names() -> set[str]:
     return {p.name for p in d.iterdir()} if d.is_dir() else set()
 
 
-def _http_get(host: str, port: int, timeout: float = 20.0) -> str:
-    """GET / over a plain socket (no proxies from the environment), retried until the server is up."""
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=3) as s:
-                s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-                data = b""
-                while chunk := s.recv(4096):
-                    data += chunk
-            return data.decode(errors="replace")
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def test_pod_network_bridge(cri_env: FractalEnv, registry, tmp_path: Path) -> None:  # noqa: ANN001
     _need(cni_missing(), "hack/setup.sh installs containernetworking-plugins")
     env = cri_env
@@ -274,7 +255,7 @@ def test_pod_network_bridge(cri_env: FractalEnv, registry, tmp_path: Path) -> No
         for cid in cids:
             _wait_state(crictl, cid, "CONTAINER_RUNNING")
         # the host reaches the pod at its IP, through the bridge
-        assert "pong-from-pod" in _http_get(ip, 8080)
+        assert "pong-from-pod" in http_get(ip, 8080)
         # the second container shares the pod's netns: the server is on its 127.0.0.1
         deadline = time.monotonic() + 15
         while True:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from hack.containerd_env import FractalEnv
+from hack.containerd_env import FractalEnv, http_get
 from tests.integration.test_cri import (  # noqa: F401  (fixtures are used by name)
-    Crictl, _http_get, _need, _pids_of_shims, _wait_state, cni_missing, cri_env, pause_image)
+    Crictl, _need, _pids_of_shims, _wait_state, cni_missing, cri_env, pause_image)
 
 
 def _qemus_of(env: FractalEnv) -> list[int]:
@@ -150,7 +150,7 @@ def test_vm_pod_network(cri_env: FractalEnv, registry, tmp_path: Path) -> None: 
         addr = crictl("exec", "-s", client, "ip", "-4", "-o", "addr", timeout=120).stdout
         assert f"inet {ip}/" in addr, addr
         # host -> pod IP -> tap -> VM -> container
-        assert "pong-from-vm" in _http_get(ip, 8080, timeout=60)
+        assert "pong-from-vm" in http_get(ip, 8080, timeout=60)
         # container -> the other container over the pod's loopback
         r = crictl("exec", "-s", client, "wget", "-q", "-O", "-", "http://127.0.0.1:8080/", timeout=120)
         assert r.stdout.strip() == "pong-from-vm", r
