@@ -12,10 +12,13 @@ from the host's point of view.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("shim.hooks")
@@ -44,14 +47,16 @@ async def run_one(hook: Mapping[str, Any], st: Mapping[str, Any]) -> None:
     try:
         proc = await asyncio.create_subprocess_exec(
             path, *args[1:], stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, executable=path, cwd=str(st.get("bundle") or "/"))
+            stderr=asyncio.subprocess.PIPE, env=env, executable=path, cwd=str(st.get("bundle") or "/"),
+            start_new_session=True)  # its own process group: a timeout kills what it started too
     except OSError as exc:
         raise HookFailed(f"hook {path}: {exc}") from None
     try:
         out, err = await asyncio.wait_for(proc.communicate(json.dumps(st).encode()), timeout)
     except (TimeoutError, asyncio.TimeoutError):
-        proc.kill()
-        await proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.communicate()
         raise HookFailed(f"hook {path} timed out after {timeout:g}s") from None
     if proc.returncode != 0:
         text = (err or out).decode(errors="replace").strip()[-500:]
@@ -68,3 +73,33 @@ async def run(kind: str, hooks: Sequence[Mapping[str, Any]], st: Mapping[str, An
             if fatal:
                 raise HookFailed(f"{kind} {exc}") from None
             log.warning("%s %s (container %s)", kind, exc, st.get("id"))
+
+
+@dataclass
+class ContainerHooks:
+    """One container's host hooks and where it is in its life (runtime-spec runtime.md,
+    "Lifecycle"): ``prestart`` then ``createRuntime`` after create, fatal; ``poststart`` after
+    start; ``poststop`` after delete -- only if create got that far (a failed createRuntime hook
+    still ends with poststop, as the spec says; a failed create does not)."""
+
+    cid: str
+    hooks: Mapping[str, Sequence[Mapping[str, Any]]]
+    bundle: str
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    created: bool = False
+
+    def _state(self, status: str, pid: int) -> dict[str, Any]:
+        return state(self.cid, status, pid, self.bundle, self.annotations)
+
+    async def on_created(self, pid: int) -> None:
+        self.created = True
+        st = self._state("created", pid)
+        for kind in ("prestart", "createRuntime"):
+            await run(kind, self.hooks.get(kind, []), st, fatal=True)
+
+    async def on_started(self, pid: int) -> None:
+        await run("poststart", self.hooks.get("poststart", []), self._state("running", pid), fatal=False)
+
+    async def on_deleted(self, pid: int) -> None:
+        if self.created:
+            await run("poststop", self.hooks.get("poststop", []), self._state("stopped", pid), fatal=False)

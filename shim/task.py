@@ -230,6 +230,7 @@ class TaskService:
             if proc.io is not None:
                 proc.io.close()
             self.tasks.remove(req.id)
+            await self.sandbox.deleted(req.id)  # forgets it (no hook ran yet)
             raise
         proc.pid = int(result.get("pid", 0))
         try:
@@ -239,6 +240,7 @@ class TaskService:
                 await self._call("delete", {"container": req.id})
             proc.io.close()
             self.tasks.remove(req.id)
+            await self.sandbox.deleted(req.id)  # poststop hooks, as the runtime spec says
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {req.id}: {exc}") from None
         log.info("created %s (pid %d, rootfs %s)", req.id, proc.pid, rootfs["kind"])
         self.on_change()

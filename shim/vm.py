@@ -228,7 +228,7 @@ class VmSandbox(Sandbox):
         self._dir_fd: int | None = None
         self._net: Any = None  # ccpu.vm.net.Attachment while the VM is attached to self.netns
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
-        self._hooks: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {}
+        self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
 
     # -- interface --------------------------------------------------------------------------
 
@@ -262,8 +262,10 @@ class VmSandbox(Sandbox):
         for note in translated.notes:
             log.debug("container %s: %s", cid, note)
         if translated.host_hooks:
-            self._hooks[cid] = (translated.host_hooks, bundle,
-                                dict(spec.get("annotations") or {}))
+            from shim.hooks import ContainerHooks
+
+            self._hooks[cid] = ContainerHooks(cid, translated.host_hooks, bundle,
+                                              dict(spec.get("annotations") or {}))
         try:
             os.symlink(self.console_log, os.path.join(bundle, "console.log"))
         except OSError:
@@ -271,28 +273,19 @@ class VmSandbox(Sandbox):
         return {"bundle": gbundle, "rootfs": grootfs, "spec": translated.spec,
                 "files": files, "dirs": translated.shm_dirs, "sysctls": translated.sysctls}
 
-    async def _hook(self, cid: str, kinds: tuple[str, ...], status: str, fatal: bool) -> None:
-        from shim import hooks
-
-        entry = self._hooks.get(cid)
-        if entry is None:
-            return
-        all_hooks, bundle, annotations = entry
-        st = hooks.state(cid, status, self.pid or 0, bundle, annotations)
-        for kind in kinds:
-            await hooks.run(kind, all_hooks.get(kind, []), st, fatal=fatal)
-
+    # OCI hooks on the host; the state's pid is QEMU's (shim/hooks.py)
     async def created(self, cid: str, pid: int) -> None:
-        await self._hook(cid, ("createRuntime", "prestart"), "created", fatal=True)
+        if cid in self._hooks:
+            await self._hooks[cid].on_created(self.pid or 0)
 
     async def started(self, cid: str, pid: int) -> None:
-        await self._hook(cid, ("poststart",), "running", fatal=False)
+        if cid in self._hooks:
+            await self._hooks[cid].on_started(self.pid or 0)
 
     async def deleted(self, cid: str) -> None:
-        try:
-            await self._hook(cid, ("poststop",), "stopped", fatal=False)
-        finally:
-            self._hooks.pop(cid, None)
+        hooks = self._hooks.pop(cid, None)
+        if hooks is not None:
+            await hooks.on_deleted(self.pid or 0)
 
     async def start(self) -> None:
         import asyncio
