@@ -1,4 +1,4 @@
-"""The snapshotter and shim integration suites again, on containerd 2.x (docs/compat.md).
+"""The snapshotter, shim and nerdctl integration suites again, on containerd 2.x (docs/compat.md).
 
 containerd 2.x is built by hack/peers.sh (setup step 6) into $FRACTAL_CACHE/peers.  The suites run
 in a child pytest with FRACTAL_CONTAINERD_VERSION=2, so every FractalEnv there starts the 2.x
@@ -26,7 +26,8 @@ from hack.containerd_env import FractalEnv, peer_missing, tail
 
 REPO = Path(__file__).resolve().parents[2]
 ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
-SUITES = ("tests/integration/test_snapshotter.py", "tests/integration/test_shim.py")
+SUITES = ("tests/integration/test_snapshotter.py", "tests/integration/test_shim.py",
+          "tests/integration/test_nerdctl.py")  # nerdctl in host and VM mode, on 2.x too
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,8 @@ def test_transfer_service_pull_unpacks_into_fractal(env2: FractalEnv, registry) 
 
 
 def test_snapshotter_and_shim_suites_on_containerd2(containerd2: None) -> None:
-    """`pytest test_snapshotter.py test_shim.py` with FRACTAL_CONTAINERD_VERSION=2 passes."""
+    """`pytest test_snapshotter.py test_shim.py test_nerdctl.py` with FRACTAL_CONTAINERD_VERSION=2
+    passes."""
     env = dict(os.environ, FRACTAL_CONTAINERD_VERSION="2")
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", *SUITES, "-q", "-p", "no:cacheprovider",
