@@ -313,7 +313,7 @@ def summarize(report_json: Path) -> dict:
 
 
 def render_report(s: dict, meta: dict) -> str:
-    lines = [f"# critest {meta['critest_version']} against fractal (containerd {meta['containerd']})", "",
+    lines = [f"# critest {meta['critest_version']} against fractal (containerd {meta['containerd']}, {meta.get('mode', 'host')} mode)", "",
              f"{len(s['passed'])} passed, {len(s['failed'])} failed, {len(s['skipped'])} skipped "
              f"in {meta['seconds']:.0f} s (parallel {meta['parallel']}; images via {meta['images']}; "
              f"focus {meta['focus'] or '-'}; "
@@ -360,7 +360,9 @@ def run(args: argparse.Namespace) -> int:
             cri = CriConfig(sandbox_image=pushed["127.0.0.1/fractal/pause:critest"], insecure_registries=(server.address,),
                             network=network, mirrors=mirrors, portmap=args.portmap)
             with FractalEnv(snapshotter=True, containerd=args.containerd, cri=cri) as env:
-                log(f"env {env.id} (containerd {args.containerd}) up; logs in {env.log_dir}")
+                # the sandbox mode for every pod (shims read FRACTAL_CONFIG when they start)
+                env.fractal_config.write_text(f'mode = "{args.mode}"  # hack/critest.py --mode\n')
+                log(f"env {env.id} (containerd {args.containerd}, {args.mode} mode) up; logs in {env.log_dir}")
                 sock = f"unix://{env.address}"
                 report_json = work / "report.json"
                 cmd = [str(critest), f"--runtime-endpoint={sock}", f"--image-endpoint={sock}",
@@ -398,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
             log(f"critest wrote no report (exit {rc}); its output:\n{out_path.read_text()[-4000:]}")
             return 2
         s = summarize(report_json)
-        meta = {"critest_version": version, "containerd": args.containerd,
+        meta = {"critest_version": version, "containerd": args.containerd, "mode": args.mode,
                 "seconds": seconds, "parallel": parallel,
                 "images": "--registry-prefix" if args.registry_prefix else "mirrors of " + ", ".join(MIRRORED), "focus": " ".join(args.focus),
                 "skip": " ".join(args.skip or DEFAULT_SKIP)}
@@ -418,6 +420,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--containerd", choices=("1", "2"), default="1", help="1.6 (distribution) or 2.x (peers.sh)")
+    ap.add_argument("--mode", choices=("host", "vm"), default="host",
+                    help="fractal sandbox mode of every pod: host (runc on this machine) or vm (one QEMU guest per pod)")
     ap.add_argument("--parallel", type=int, default=2, help="ginkgo nodes (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=1800, help="ginkgo suite timeout, seconds")
     ap.add_argument("--focus", action="append", default=[], help="--ginkgo.focus regex (repeatable)")

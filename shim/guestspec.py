@@ -15,7 +15,14 @@ The rules (kata does much the same; docs/vm.md "Specs in the guest"):
 * **bind mounts of a directory onto /dev/shm** (CRI's per-pod shm): a guest directory per host
   source (``/run/fractal/containers/@shm/<hash>``, on guest tmpfs), so every container of the pod
   that binds the same host shm dir shares one guest dir -- the pod's shared memory, in the VM.
-* **any other bind mount** of a host path: refused (:class:`NotInVm`) -- the guest cannot see it.
+* **bind mounts of other host directories** (volumes: kubelet's emptyDir, configMap, secret,
+  hostPath; ``ctr --mount``, ``nerdctl -v``) and of files too big to copy: :class:`Volume` entries --
+  the shim bind-mounts each source under the sandbox's volume dir, which the guest sees over a
+  9p share at :data:`GUEST_VOLUMES` (9p: QEMU resolves paths on the host, so binds made after
+  boot are visible at once); read-only volumes are read-only on the host side too.  Shared, not
+  copied: writes go both ways.
+* **bind mounts of anything else** (device nodes, sockets) or of missing paths: refused
+  (:class:`NotInVm`) -- the guest cannot use them.
 * **a network namespace given by a host path** (CRI's ``/var/run/netns/cni-...``): dropped, so the
   container runs in the guest's own network namespace, which *is* the pod's network (the VM's
   NIC is connected to that netns, ccpu/vm/net.py); the spec's ``net.*`` sysctls (CRI's
@@ -45,6 +52,7 @@ from typing import Any
 GUEST_FS_TYPES = frozenset({"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
                             "shm", "bpf", "securityfs", "debugfs", "tracefs", "hugetlbfs"})
 GUEST_SHM_ROOT = "/run/fractal/containers/@shm"
+GUEST_VOLUMES = "/run/fractal/volumes"
 MAX_FILE = 256 * 1024
 MAX_TOTAL = 512 * 1024
 HOST_HOOKS = ("prestart", "createRuntime", "poststart", "poststop")
@@ -65,10 +73,22 @@ class FileCopy:
     guest_path: str
 
 
+@dataclass(frozen=True)
+class Volume:
+    """A host path the guest gets through the sandbox's volume share, as ``GUEST_VOLUMES/name``."""
+
+    host_path: str
+    name: str  # "<container id>/<n>"
+    is_dir: bool
+    readonly: bool
+    recursive: bool
+
+
 @dataclass
 class GuestSpec:
     spec: dict[str, Any]
     copies: list[FileCopy] = field(default_factory=list)
+    volumes: list[Volume] = field(default_factory=list)
     shm_dirs: list[str] = field(default_factory=list)
     host_hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)  # net.* of the pod netns, for the guest
@@ -107,12 +127,8 @@ def translate(spec: Mapping[str, Any], cid: str, guest_bundle: str,
             continue
         source, dest = str(m.get("source") or ""), str(m.get("destination") or "")
         kind, size = kind_of(source) if posixpath.isabs(source) else (MISSING, 0)
-        if kind == FILE:
+        if kind == FILE and size <= MAX_FILE and total + size <= MAX_TOTAL:
             total += size
-            if size > MAX_FILE or total > MAX_TOTAL:
-                problems.append(f"{dest}: bind of host file {source} ({size} bytes) is too big to copy "
-                                f"into the VM (limit {MAX_FILE} per file, {MAX_TOTAL} in all)")
-                continue
             guest = posixpath.join(guest_bundle, "files", _file_name(len(result.copies), source))
             result.copies.append(FileCopy(source, guest))
             mounts.append({**m, "source": guest})
@@ -122,8 +138,13 @@ def translate(spec: Mapping[str, Any], cid: str, guest_bundle: str,
                 result.shm_dirs.append(guest)
             mounts.append({**m, "source": guest})
             result.notes.append(f"/dev/shm of {source} is a guest tmpfs dir shared by the pod")
+        elif kind in (FILE, DIR):
+            opts = [str(o) for o in m.get("options") or []]
+            vol = Volume(source, f"{cid}/{len(result.volumes)}", kind == DIR, "ro" in opts, "rbind" in opts)
+            result.volumes.append(vol)
+            mounts.append({**m, "source": posixpath.join(GUEST_VOLUMES, vol.name)})
         else:
-            what = {DIR: "host directory", MISSING: "missing host path"}.get(kind, "host path")
+            what = {MISSING: "missing host path"}.get(kind, "host path (not a file or directory)")
             problems.append(f"{dest}: bind of {what} {source}")
     if "mounts" in out:
         out["mounts"] = mounts

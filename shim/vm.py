@@ -44,6 +44,8 @@ from typing import Any
 
 from shim import guestspec
 from shim.guestspec import NotInVm
+from shim.volumes import SHARE_TAG as VOLUMES_TAG
+from shim.volumes import VolumeDir, VolumeError, remove_tree
 
 log = logging.getLogger("shim.vm")
 
@@ -167,8 +169,6 @@ def read_pids(run_dir: str) -> list[tuple[str, int, str]]:
 def cleanup_dead(run_dir: str) -> list[int]:
     """Kill the QEMU/virtiofsd recorded in ``run_dir`` (only if pid AND start time still
     match: pids get reused) and remove the dir.  Returns the pids killed."""
-    import shutil
-
     killed = []
     for _name, pid, start in read_pids(run_dir):
         if _start_time(pid) == start:
@@ -180,7 +180,10 @@ def cleanup_dead(run_dir: str) -> list[int]:
     deadline = time.monotonic() + 3
     while killed and time.monotonic() < deadline and any(_start_time(p) for p in killed):
         time.sleep(0.02)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        remove_tree(run_dir)  # the volume binds are unmounted first: host data is never removed
+    except VolumeError as exc:
+        log.error("%s", exc)
     for d in (os.path.dirname(run_dir),):  # the namespace dir, if now empty
         try:
             os.rmdir(d)
@@ -229,6 +232,8 @@ class VmSandbox(Sandbox):
         self._net: Any = None  # ccpu.vm.net.Attachment while the VM is attached to self.netns
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
+        self.volumes = VolumeDir(os.path.join(self.dir, "volumes"))  # shared over 9p (shim/volumes.py)
+        self._dir_ready = False
 
     # -- interface --------------------------------------------------------------------------
 
@@ -261,6 +266,11 @@ class VmSandbox(Sandbox):
                                  f"attached to {self.netns or 'no network namespace'}")
         for note in translated.notes:
             log.debug("container %s: %s", cid, note)
+        self._prepare_dir()
+        try:  # last: nothing after it can fail (else Create never reaches deleted() to undo it)
+            self.volumes.attach(cid, translated.volumes)
+        except VolumeError as exc:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
         if translated.host_hooks:
             from shim.hooks import ContainerHooks
 
@@ -283,9 +293,12 @@ class VmSandbox(Sandbox):
             await self._hooks[cid].on_started(self.pid or 0)
 
     async def deleted(self, cid: str) -> None:
-        hooks = self._hooks.pop(cid, None)
-        if hooks is not None:
-            await hooks.on_deleted(self.pid or 0)
+        try:
+            hooks = self._hooks.pop(cid, None)
+            if hooks is not None:
+                await hooks.on_deleted(self.pid or 0)
+        finally:
+            self.volumes.detach(cid)
 
     async def start(self) -> None:
         import asyncio
@@ -338,6 +351,18 @@ class VmSandbox(Sandbox):
             f.writelines(lines)
         os.replace(tmp, os.path.join(self.dir, PIDS_FILE))
 
+    def _prepare_dir(self) -> None:
+        """The run dir, once: a dead predecessor's (same namespace and group) cleaned up first."""
+        if self._dir_ready:
+            return
+        if os.path.isdir(self.dir):
+            killed = cleanup_dead(self.dir)
+            if killed:
+                log.warning("killed leftover VM processes %s of %s", killed, self.dir)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.volumes.create()
+        self._dir_ready = True
+
     async def _start(self) -> Any:
         import asyncio
         import subprocess
@@ -346,11 +371,7 @@ class VmSandbox(Sandbox):
 
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        if os.path.isdir(self.dir):  # a dead predecessor's (same namespace and group)
-            killed = cleanup_dead(self.dir)
-            if killed:
-                log.warning("killed leftover VM processes %s of %s", killed, self.dir)
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self._prepare_dir()
         if not os.path.isdir(self.host_layers):
             raise RuntimeError(f"the fractal repo has no layers dir {self.host_layers} "
                                "(is FRACTAL_ROOT the snapshotter's root?)")
@@ -395,7 +416,9 @@ class VmSandbox(Sandbox):
             cfg = qemu.VMConfig(
                 kernel=str(guest.kernel), initramfs=str(guest.initramfs),
                 console_log=self.console_log, accel=self.accel, memory_mb=s.memory_mb,
-                cpus=s.cpus, mode="agent", repo=None, shares=[layers],
+                cpus=s.cpus, mode="agent", repo=None,
+                shares=[layers, qemu.Share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
+                                           readonly=False, type="9p")],
                 ports=[qemu.Port(AGENT_PORT, "agent.sock")],
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
                 nics=self._net.nics if self._net else (),
@@ -558,7 +581,6 @@ class VmSandbox(Sandbox):
 
     async def stop(self, timeout: float = 5.0) -> None:
         import asyncio
-        import shutil
 
         self._stopping = True
         if self._ready is not None and not self._ready.done():
@@ -575,7 +597,10 @@ class VmSandbox(Sandbox):
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            remove_tree(self.dir)  # unmounts the volume binds first; never removes host data
+        except VolumeError as exc:
+            log.error("%s", exc)
         try:
             os.rmdir(os.path.dirname(self.dir))
         except OSError:

@@ -56,12 +56,12 @@ STDLIB_EXCLUDE_TOP = frozenset({
 # (libcrypto/libssl, libdb, ncurses/readline, krb5/tirpc) nothing in the guest uses.
 DYNLOAD_EXCLUDE = re.compile(
     r"^(_test\w*|_ctypes_test|_xxtestfuzz|xxlimited\w*|_xxsubinterpreters|_ssl|_hashlib|_dbm|_gdbm|nis|readline"
-    r"|_curses\w*|ossaudiodev|audioop|_crypt|_tkinter)\.cpython-")
+    r"|_curses\w*|ossaudiodev|audioop|_crypt|_tkinter|_sqlite3)\.cpython-")
 
 # The project's stdlib-only files for the guest, relative to the source tree root.
-# ccpu.stack imports ccpu.repo.model, whose package imports the whole (stdlib-only) repo and filters.
-PROJECT_FILES = ("ccpu/__init__.py", "ccpu/stack.py", "ccpu/filters.py")
-PROJECT_DIRS = ("ccpu/agent", "ccpu/repo")
+# The agent needs only itself and ccpu.stack (mount plans); the repo and its SQLite stay on the host.
+PROJECT_FILES = ("ccpu/__init__.py", "ccpu/stack.py")
+PROJECT_DIRS = ("ccpu/agent",)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 # - overlay: the agent stacks image layers as overlayfs
 # - virtio_rng: entropy early (Python's os.urandom/getrandom must not stall)
 # - virtio_net (+ net_failover, failover): the pod's NIC (ccpu.vm.net), when the sandbox has a netns
+# - bridge (+ stp, llc): privileged containers that make bridges (critest's capability specs); the
+#   guest has no modprobe, so what is not loaded at boot is not there
 # cgroups, namespaces, seccomp, devtmpfs and the 8250 console are built in.
 GUEST_MODULES: tuple[str, ...] = (
     "virtio_pci",
@@ -36,6 +38,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "fuse",
     "virtiofs",
     "overlay",
+    "bridge",
 )
 
 

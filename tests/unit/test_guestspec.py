@@ -93,34 +93,50 @@ def test_new_network_namespace_stays() -> None:
 
 
 @pytest.mark.parametrize("mount, why", [
-    ({"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind"]}, "host directory /srv/data"),
     ({"destination": "/x", "type": "none", "source": "/nope", "options": ["bind"]}, "missing host path /nope"),
-    ({"destination": "/big", "type": "bind", "source": "/big"}, "too big"),
-    ({"destination": "/dev/null2", "type": "bind", "source": "/dev/null"}, "host path /dev/null"),
+    ({"destination": "/dev/null2", "type": "bind", "source": "/dev/null"}, "not a file or directory"),
+    ({"destination": "/rel", "type": "bind", "source": "relative/path"}, "missing host path"),
 ])
 def test_refused_mounts(mount: dict, why: str) -> None:
     with pytest.raises(gs.NotInVm, match=why):
         gs.translate({"mounts": [mount]}, "c", "/b", kind_of)
 
 
+def test_volumes_go_through_the_share() -> None:
+    """Host directories (and files too big to copy) are shared, not copied: one Volume each."""
+    spec = {"mounts": [
+        {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "ro"]},
+        {"destination": "/big", "type": "bind", "source": "/big", "options": ["bind"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": HOSTS, "options": ["rbind"]},
+    ]}
+    out = gs.translate(spec, "c1", "/run/fractal/bundles/c1", kind_of)
+    assert out.volumes == [gs.Volume("/srv/data", "c1/0", True, True, True),
+                           gs.Volume("/big", "c1/1", False, False, False)]
+    assert [m["source"] for m in out.spec["mounts"]] == [
+        f"{gs.GUEST_VOLUMES}/c1/0", f"{gs.GUEST_VOLUMES}/c1/1", "/run/fractal/bundles/c1/files/0-hosts"]
+    assert out.spec["mounts"][0]["options"] == ["rbind", "ro"]
+
+
 def test_every_problem_is_listed() -> None:
-    spec = {"mounts": [{"destination": "/a", "type": "bind", "source": "/srv/data"},
+    spec = {"mounts": [{"destination": "/a", "type": "bind", "source": "/dev/null"},
                        {"destination": "/b", "type": "bind", "source": "/nope"}],
             "linux": {"namespaces": [{"type": "ipc", "path": "/run/ipcns"}]},
             "hooks": {"startContainer": [{"path": "/x"}]}}
     with pytest.raises(gs.NotInVm) as info:
         gs.translate(spec, "c", "/b", kind_of)
     msg = str(info.value)
-    for part in ("/a: bind of host directory", "/b: bind of missing", "ipc namespace /run/ipcns",
+    for part in ("/a: bind of host path", "/b: bind of missing", "ipc namespace /run/ipcns",
                  "startContainer hooks", "io.fractal.mode=host"):
         assert part in msg
 
 
 def test_total_copy_limit() -> None:
+    """Beyond the copy budget, files are shared like volumes."""
     files = {f"/f{i}": (gs.FILE, gs.MAX_FILE) for i in range(3)}
     spec = {"mounts": [{"destination": p, "type": "bind", "source": p} for p in files]}
-    with pytest.raises(gs.NotInVm, match="too big"):
-        gs.translate(spec, "c", "/b", lambda p: files[p])
+    out = gs.translate(spec, "c", "/b", lambda p: files[p])
+    assert [c.host_path for c in out.copies] == ["/f0", "/f1"]
+    assert [v.host_path for v in out.volumes] == ["/f2"]
 
 
 @pytest.mark.parametrize("networks, ok", [
