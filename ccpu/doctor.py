@@ -61,6 +61,8 @@ class Facts:
     root_exists: bool = False
     cgroup2: bool = False
     cgroup_controllers: list[str] = field(default_factory=list)
+    tun: bool = False  # /dev/net/tun (VM pods: the tap in the pod netns)
+    net_tools: list[str] = field(default_factory=list)  # of "ip", "tc": the ones found
 
 
 def _version_at_least(text: str, want: tuple[int, int]) -> bool | None:
@@ -152,6 +154,13 @@ def evaluate(f: Facts) -> list[Check]:
     else:
         c.append(Check("repo dir", FAIL, f"{f.root} is not writable",
                        f"run as root, or pass --root to fractal-snapshotter and here"))
+    missing_net = ([] if f.tun else ["/dev/net/tun"]) + [t for t in ("ip", "tc") if t not in f.net_tools]
+    if missing_net:
+        c.append(Check("pod network", WARN, f"missing {', '.join(missing_net)}: VM pods cannot be connected "
+                       "to their network namespace (host mode and host-network pods are unaffected)",
+                       "apt-get install iproute2; modprobe tun"))
+    else:
+        c.append(Check("pod network", OK, "/dev/net/tun, ip, tc (VM pods: tap + tc redirect in the pod netns)"))
     if f.cgroup2:
         missing = [x for x in ("cpu", "memory", "pids") if x not in f.cgroup_controllers]
         if missing:
@@ -272,6 +281,8 @@ def gather(address: str, snapshotter_address: str | None, root: str) -> Facts:
     if snapshotter_address is None and f.plugin and f.plugin.get("address"):
         f.snapshotter_address = f.plugin["address"]
     _probe_snapshotter(f)
+    f.tun = os.path.exists("/dev/net/tun")
+    f.net_tools = [t for t in ("ip", "tc") if shutil.which(t)]
     f.runc = shutil.which("runc")
     if f.runc:
         f.runc_version = _run([f.runc, "--version"])

@@ -14,7 +14,8 @@ def good(**over) -> D.Facts:  # noqa: ANN003
                 shim_path_source="containerd pid 1", qemu="/usr/bin/qemu-system-x86_64", accel="kvm",
                 accel_reason="usable", filesystems=["ext4", "overlay", "9p"], virtiofsd="/usr/libexec/virtiofsd",
                 guest={"initramfs": "/c/i.cpio", "sha256": "ab" * 32, "kernel": "/c/k"}, root_writable=True,
-                root_exists=True, cgroup2=True, cgroup_controllers=["cpu", "memory", "pids", "io"])
+                root_exists=True, cgroup2=True, cgroup_controllers=["cpu", "memory", "pids", "io"],
+                tun=True, net_tools=["ip", "tc"])
     for k, v in over.items():
         setattr(f, k, v)
     return f
@@ -29,14 +30,14 @@ def test_all_good():
     assert [c.status for c in checks] == ["ok"] * len(checks)
     assert {c.name for c in checks} >= {"containerd", "containerd socket", "proxy plugin", "snapshotter socket",
                                         "runc", "shim", "qemu", "accel", "overlayfs", "share", "guest",
-                                        "repo dir", "cgroups"}
+                                        "repo dir", "cgroups", "pod network"}
 
 
 def test_every_miss_has_a_fix():
     bad = good(containerd_bin=None, daemon_version=None, daemon_error="connection refused", plugin=None,
                snapshotter_error="No such file or directory", runc=None, shim_path=None, qemu=None, accel="tcg",
                accel_reason="no /dev/kvm", filesystems=[], virtiofsd=None, guest=None, root_writable=False,
-               cgroup2=False)
+               cgroup2=False, tun=False, net_tools=["ip"])
     checks = D.evaluate(bad)
     assert all(c.status != "ok" and c.fix for c in checks), [c for c in checks if c.status == "ok" or not c.fix]
     fails = {c.name for c in checks if c.status == "fail"}
@@ -75,3 +76,8 @@ def test_cgroup2_missing_controllers():
 
 def test_listener_pid_unknown_socket():
     assert D.listener_pid("/nonexistent/fractal-doctor.sock") is None
+
+
+def test_pod_network_names_what_is_missing():
+    c = by_name(good(tun=False, net_tools=["ip"]))["pod network"]
+    assert c.status == "warn" and "/dev/net/tun" in c.detail and "tc" in c.detail and c.fix
