@@ -25,18 +25,14 @@ Must run as root.
 from __future__ import annotations
 
 import argparse
-import compileall
 import contextlib
 import json
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +40,9 @@ REPO = Path(__file__).resolve().parent.parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
-from hack.bench.snapshotter import log, machine_info, percentile  # noqa: E402
-from hack.containerd_env import FractalEnv, tail  # noqa: E402
+from hack.bench.common import (bench_env, byte_compile, command_line, dump_logs_on_failure, finish,  # noqa: E402
+                               guarded, log, machine_info, percentile, require_root)
+from hack.containerd_env import FractalEnv  # noqa: E402
 
 RUNTIME = "io.containerd.fractal.v1"
 NS = "bench"
@@ -171,35 +168,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: must run as root", file=sys.stderr)
+    if not require_root():
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ["FRACTAL_AGENT"] = args.agent
     if not args.no_compile:
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-        for d in ("ccpu", "shim"):
-            compileall.compile_dir(str(REPO / d), quiet=1)
-
-    from hack import testimages
-    from hack.registry import LocalRegistry
+        byte_compile()
 
     result: dict[str, Any] = {
-        "command": shlex.join(["hack/bench/layers.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("hack/bench/layers.py", argv),
         "machine": machine_info(), "agent": args.agent, "runs": args.runs, "image": "tools",
         "goals": {"ratio_max": GOAL_RATIO, "ms_max": GOAL_MS},
     }
     rounds: list[dict[str, float]] = []
-    try:
-        with contextlib.ExitStack() as stack:
-            reg_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-bench-reg-")))
-            reg = stack.enter_context(LocalRegistry(reg_dir))
-            refs = {name: reg.push(testimages.build(name), f"bench/{name}", "latest") for name in ("busybox", "tools")}
-            env = stack.enter_context(FractalEnv())
+
+    def measure() -> None:
+        with bench_env("busybox", "tools") as (env, refs):
             for ref in refs.values():
                 env.pull(ref, namespace=NS)
             log(f"env {env.id} up; images {refs}")
-            try:
+            with dump_logs_on_failure(env):
                 live_round(env, refs["busybox"], refs["tools"], "warm-l")  # untimed warm-up of both
                 restart_round(env, refs["busybox"], refs["tools"], "warm-r")
                 for i in range(args.runs):
@@ -210,25 +197,14 @@ def main(argv: list[str] | None = None) -> int:
                     rounds.append(r)
                     log(f"round {i + 1}/{args.runs}: add {r['add_wall_ms']:.0f} ms (restack "
                         f"{r['add_restack_ms']:.1f}), restart {r['restart_ms']:.0f} ms")
-            except BaseException:
-                for lg in sorted(env.log_dir.glob("*.log")):
-                    print(f"--- last lines of {lg} ---\n{tail(lg, 30)}", file=sys.stderr)
-                raise
             env.remove_namespace(NS)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001
-        traceback.print_exc()
-        print(f"bench FAILED: {exc}", file=sys.stderr)
-        return 1
+
+    rc = guarded(measure)
+    if rc:
+        return rc
     result["rounds"] = rounds
     result["summary"] = {k: summary([r[k] for r in rounds]) for k in rounds[0]}
-    text, goals = report(result)
-    result["goals_met"] = {label: ok for label, ok, _ in goals}
-    print(text, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return 0
+    return finish(result, report, args.json)
 
 
 if __name__ == "__main__":

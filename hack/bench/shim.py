@@ -28,18 +28,13 @@ figures.  Must run as root.
 from __future__ import annotations
 
 import argparse
-import compileall
 import contextlib
-import json
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +42,9 @@ REPO = Path(__file__).resolve().parent.parent.parent
 if __package__ in (None, ""):  # run as a script: make `hack` and `ccpu` importable
     sys.path.insert(0, str(REPO))
 
-from hack.bench.snapshotter import log, machine_info, percentile  # noqa: E402
-from hack.containerd_env import FractalEnv, tail  # noqa: E402
+from hack.bench.common import (bench_env, byte_compile, command_line, dump_logs_on_failure, finish,  # noqa: E402
+                               guarded, log, machine_info, percentile, require_root)
+from hack.containerd_env import FractalEnv  # noqa: E402
 
 FRACTAL_RT = "io.containerd.fractal.v1"
 RUNC_RT = "io.containerd.runc.v2"
@@ -271,40 +267,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: must run as root", file=sys.stderr)
+    if not require_root():
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ["FRACTAL_AGENT"] = args.agent  # containerd's environment -> the shims'
     os.environ["FRACTAL_SHIM_SPAWN"] = args.spawn
     if not args.no_compile:
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-        for d in ("ccpu", "shim"):
-            compileall.compile_dir(str(REPO / d), quiet=1)
-
-    from hack import testimages
-    from hack.registry import LocalRegistry
+        byte_compile()
 
     result: dict[str, Any] = {
-        "command": shlex.join(["hack/bench/shim.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("hack/bench/shim.py", argv),
         "machine": machine_info(),
         "agent": args.agent,
         "spawn": args.spawn,
         "goals": {"run_ratio_max": GOAL_RUN_RATIO, "rss_mb_max": GOAL_RSS_MB},
     }
     t_all = time.monotonic()
-    try:
-        with contextlib.ExitStack() as stack:
-            layout = testimages.build(args.image)
-            reg_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-bench-reg-")))
-            reg = stack.enter_context(LocalRegistry(reg_dir))
-            ref = reg.push(layout, f"bench/{args.image}", "latest")
-            result["image_ref"] = ref
-            env = stack.enter_context(FractalEnv())
+
+    def measure() -> None:
+        with bench_env(args.image) as (env, refs):
+            ref = result["image_ref"] = refs[args.image]
             log(f"env {env.id} up; pulling {ref}")
             for sn in SNAPSHOTTERS:
                 env.pull(ref, namespace=NS, snapshotter=sn)
-            try:
+            with dump_logs_on_failure(env):
                 if "run" not in args.skip:
                     t = time.monotonic()
                     result["run"] = bench_run(env, ref, args.runs)
@@ -312,24 +297,13 @@ def main(argv: list[str] | None = None) -> int:
                 if "memory" not in args.skip:
                     result["memory"] = bench_memory(env, ref)
                     log("memory done")
-            except BaseException:
-                for lg in sorted(env.log_dir.glob("*.log")):
-                    print(f"--- last lines of {lg} ---\n{tail(lg, 30)}", file=sys.stderr)
-                raise
             env.remove_namespace(NS)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001
-        traceback.print_exc()
-        print(f"bench FAILED: {exc}", file=sys.stderr)
-        return 1
+
+    rc = guarded(measure)
+    if rc:
+        return rc
     result["seconds"] = time.monotonic() - t_all
-    text, goals = report(result)
-    result["goals_met"] = {what: ok for what, ok, _ in goals}
-    print(text, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return 0
+    return finish(result, report, args.json)
 
 
 if __name__ == "__main__":

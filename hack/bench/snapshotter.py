@@ -32,27 +32,21 @@ Must run as root.  Exits non-zero on any error (the env is torn down in every ca
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import platform
-import shlex
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `hack` and `ccpu` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from hack.containerd_env import FractalEnv, HarnessError, tail  # noqa: E402
+from hack.bench.common import (bench_env, command_line, dump_logs_on_failure, finish, guarded,  # noqa: E402
+                               log, machine_info, percentile, require_root)
+from hack.containerd_env import FractalEnv, HarnessError  # noqa: E402
 
 FRACTAL = "fractal"
 OVERLAY = "overlayfs"
@@ -66,23 +60,12 @@ GC_TIMEOUT = 120.0
 OPS = ("Prepare", "Mounts", "Stat")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
-    return s[k]
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -434,31 +417,6 @@ def bench_latency(env: FractalEnv, stores: Stores, ref: str, clients: int, ops: 
 # Report
 
 
-def machine_info() -> dict[str, Any]:
-    def cmd(*argv: str) -> str:
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return "?"
-
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    fs = cmd("findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", "/var/tmp")
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "containerd": cmd(os.environ.get("FRACTAL_CONTAINERD", "containerd"), "--version"),
-        "python": platform.python_version(),
-        "filesystem": fs,
-        "mem_total": cmd("sh", "-c", "awk '/MemTotal/ {print $2\" kB\"}' /proc/meminfo"),
-    }
-
-
 def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     lines: list[str] = []
     goals: list[tuple[str, bool, str]] = []
@@ -550,10 +508,10 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def image_compressed_bytes(layout: Path) -> int:
+def image_compressed_bytes(image: str) -> int:
     from hack import testimages
 
-    return sum(p.stat().st_size for p in testimages.layer_blobs(layout))
+    return sum(p.stat().st_size for p in testimages.layer_blobs(testimages.layout_path(image)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,38 +529,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.namespaces < 1 or args.clients < 1 or args.ops < 1:
         ap.error("--rounds, --namespaces, --clients and --ops must be >= 1")
-    if os.geteuid() != 0:
-        print("bench: must run as root (containerd, mounts)", file=sys.stderr)
+    if not require_root("containerd, mounts"):
         return 2
-    # SIGTERM (make/CI timeouts) unwinds through the context managers -> full cleanup.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    from hack import testimages
-    from hack.registry import LocalRegistry
 
     t_all = time.monotonic()
     result: dict[str, Any] = {
-        "command": shlex.join([os.path.relpath(sys.argv[0]) if argv is None else "snapshotter.py",
-                               *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line(os.path.relpath(sys.argv[0]) if argv is None else "snapshotter.py", argv),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine_info(),
         "goals": {"pull_ratio_max": GOAL_PULL_RATIO, "disk_ratio_max": GOAL_DISK_RATIO, "p99_ms_max": GOAL_P99_MS},
     }
-    env: FractalEnv | None = None
-    finished: list[bool] = []  # set at the end: logs are dumped before teardown unless it is
-    try:
-        with contextlib.ExitStack() as stack:
-            log(f"building/finding test image {args.image}")
-            layout = testimages.build(args.image)
-            result["image_compressed_bytes"] = image_compressed_bytes(layout)
-            reg_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-bench-reg-")))
-            reg = stack.enter_context(LocalRegistry(reg_dir))
-            ref = reg.push(layout, f"bench/{args.image}", "latest")
-            result["image_ref"] = ref
-            env = FractalEnv(snapshotter_args=["--debug"] if args.debug else (),
-                             log_level="debug" if args.debug else "info")
-            stack.enter_context(env)
-            stack.callback(_dump_logs_unless, env, finished)
+
+    def measure() -> None:
+        log(f"building/finding test image {args.image}")
+        with bench_env(args.image, snapshotter_args=["--debug"] if args.debug else (),
+                       log_level="debug" if args.debug else "info") as (env, refs), \
+                dump_logs_on_failure(env, lines=20):
+            result["image_compressed_bytes"] = image_compressed_bytes(args.image)
+            ref = result["image_ref"] = refs[args.image]
             log(f"env {env.id} up in {env.start_seconds:.2f}s; containerd {env.address}")
             stores = Stores(env)
             # Blobs into containerd's content store once, kept by this namespace for the whole run.
@@ -616,32 +560,15 @@ def main(argv: list[str] | None = None) -> int:
                 result[step] = fn()
                 log(f"{step} done in {time.monotonic() - t:.1f}s")
             remove_ns(env, "bench-content")
-            finished.append(True)
-    except KeyboardInterrupt:
-        print("bench: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - any failure: message + non-zero exit (env already torn down)
-        traceback.print_exc()
-        print(f"bench FAILED: {exc}", file=sys.stderr)
-        return 1
+
+    rc = guarded(measure)
+    if rc:
+        return rc
     result["seconds"] = time.monotonic() - t_all
-    text, goals = report(result)
-    result["goals_met"] = {what: ok for what, ok, _ in goals}
-    print(text, flush=True)
+    rc = finish(result, report, args.json, strict=args.strict)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         print(f"wrote {args.json}")
-    if args.strict and not all(ok for _, ok, _ in goals):
-        return 3
-    return 0
-
-
-def _dump_logs_unless(env: FractalEnv, finished: list[bool]) -> None:
-    """Runs before teardown (logs go with the env's dirs): show them unless the run got to the end."""
-    if finished or not env.log_dir.exists():
-        return
-    for lg in sorted(env.log_dir.glob("*.log")):
-        print(f"--- last lines of {lg} ---\n{tail(lg, 20)}", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""Boilerplate shared by the benchmark scripts in hack/bench/ (snapshotter, shim, vm, layers).
+
+Why this exists: every benchmark script needs the same scaffolding around its own measurements --
+a root check and a SIGTERM handler that unwinds the cleanup, byte-compiling ccpu/ and shim/,
+machine info and a log line format, the test image(s) pushed to a private
+:class:`~hack.registry.LocalRegistry` feeding one private :class:`~hack.containerd_env.FractalEnv`,
+the env's logs dumped when a measurement fails, the exit codes (130 interrupted, 1 failed), and
+the tail that records ``goals_met``, prints the report and writes ``--json``.  It lives here once
+so the scripts differ only in what they measure and how they report it.  Plain functions and
+context managers, no framework:
+
+    if not require_root():
+        return 2
+    def measure() -> None:
+        with bench_env("busybox") as (env, refs), dump_logs_on_failure(env):
+            result["x"] = bench_x(env, refs["busybox"])
+    rc = guarded(measure)
+    return rc if rc else finish(result, report, args.json)
+"""
+
+from __future__ import annotations
+
+import compileall
+import contextlib
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from hack.containerd_env import FractalEnv, tail
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+# (description, met?, figure) per goal, as every script's report() returns them
+Goals = list[tuple[str, bool, str]]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def machine_info() -> dict[str, Any]:
+    def cmd(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return "?"
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    fs = cmd("findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", "/var/tmp")
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "containerd": cmd(os.environ.get("FRACTAL_CONTAINERD", "containerd"), "--version"),
+        "python": platform.python_version(),
+        "filesystem": fs,
+        "mem_total": cmd("sh", "-c", "awk '/MemTotal/ {print $2\" kB\"}' /proc/meminfo"),
+    }
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command as recorded in the report: ``script`` + the arguments given."""
+    return shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def require_root(why: str = "") -> bool:
+    """False (after saying so) unless root; else make SIGTERM (make/CI timeouts) raise SystemExit(143),
+    which unwinds through the context managers -> full cleanup."""
+    if os.geteuid() != 0:
+        print(f"bench: must run as root{f' ({why})' if why else ''}", file=sys.stderr)
+        return False
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return True
+
+
+def byte_compile() -> None:
+    """Compile ccpu/ and shim/ to byte code, as an installed package has it: the environment may set
+    PYTHONDONTWRITEBYTECODE, which would otherwise make every shim start compile its modules."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    for d in ("ccpu", "shim"):
+        compileall.compile_dir(str(REPO / d), quiet=1)
+
+
+@contextlib.contextmanager
+def bench_env(*images: str, **env_kwargs: Any) -> Iterator[tuple[FractalEnv, dict[str, str]]]:
+    """Build (or find) the test ``images``, push them to a private registry as ``bench/NAME:latest``
+    and start a :class:`FractalEnv` (``env_kwargs`` passed on); yields ``(env, {name: ref})``.
+    Everything is torn down on exit, in every case."""
+    from hack import testimages
+    from hack.registry import LocalRegistry
+
+    with contextlib.ExitStack() as stack:
+        layouts = {name: testimages.build(name) for name in images}
+        reg_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-bench-reg-")))
+        reg = stack.enter_context(LocalRegistry(reg_dir))
+        refs = {name: reg.push(layout, f"bench/{name}", "latest") for name, layout in layouts.items()}
+        env = stack.enter_context(FractalEnv(**env_kwargs))
+        yield env, refs
+
+
+@contextlib.contextmanager
+def dump_logs_on_failure(env: FractalEnv, lines: int = 30) -> Iterator[None]:
+    """On any exception (incl. Ctrl-C / SIGTERM) print the last ``lines`` of each of the env's logs
+    to stderr, then re-raise: used inside ``bench_env``, before teardown removes the logs."""
+    try:
+        yield
+    except BaseException:
+        if env.log_dir.exists():
+            for lg in sorted(env.log_dir.glob("*.log")):
+                print(f"--- last lines of {lg} ---\n{tail(lg, lines)}", file=sys.stderr)
+        raise
+
+
+def guarded(body: Callable[[], None]) -> int:
+    """Run ``body``; 0 if it returns, 130 on Ctrl-C, 1 (traceback + "bench FAILED") on any error.
+    The env is torn down by then in every case."""
+    try:
+        body()
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - any failure: message + non-zero exit
+        traceback.print_exc()
+        print(f"bench FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def finish(result: dict[str, Any], report: Callable[[dict[str, Any]], tuple[str, Goals]],
+           json_path: Path | None, strict: bool = False) -> int:
+    """Report ``result``: record ``goals_met``, print the report, write ``json_path`` if given.
+    Returns the exit code: 0, or 3 if ``strict`` and a goal was missed."""
+    text, goals = report(result)
+    result["goals_met"] = {what: ok for what, ok, _ in goals}
+    print(text, flush=True)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 3 if strict and not all(ok for _, ok, _ in goals) else 0
