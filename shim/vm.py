@@ -8,7 +8,7 @@ When the shim daemon exits (its last container was deleted) the agent is told to
 and QEMU is stopped (SIGTERM, then SIGKILL).
 
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/``: ``agent.sock`` (the port),
-``vfs.sock`` (virtiofsd, if used), ``console.log`` (the guest's serial console; symlinked into
+``vfs.sock`` (virtiofsd, if used), ``volumes/`` (the containers' volume binds), ``console.log`` (the guest's serial console; symlinked into
 every container bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's
 and virtiofsd's pid + start time, for :func:`cleanup_dead` when the shim is gone).  Sockets are
 given to QEMU/virtiofsd relative to the run dir (their cwd): a unix socket path has at most 107
@@ -25,11 +25,12 @@ What the guest sees (pure translation, :func:`guest_rootfs`):
 * the bundle is ``/run/fractal/bundles/<id>``, the spec passed inline (from the host bundle's
   config.json).
 
-The spec itself is translated by :mod:`shim.guestspec` (small host files copied in, the pod's
+The spec itself is translated by :mod:`shim.guestspec` (small host files copied in, volumes
+bound into ``volumes/`` of the run dir and shared over 9p by :mod:`shim.volumes`, the pod's
 /dev/shm a guest dir, the pod netns dropped for the VM's own network, host hooks run here by
-:mod:`shim.hooks`).  Anything the guest cannot see is refused with FailedPrecondition: a rootfs
-whose lower dirs are not repo layers (e.g. the overlayfs snapshotter), bind mounts of host
-directories, host namespaces.
+:mod:`shim.hooks`).  Anything the guest cannot use is refused with FailedPrecondition: a rootfs
+whose lower dirs are not repo layers (e.g. the overlayfs snapshotter), bind mounts of device
+nodes, sockets or missing paths, host namespaces.
 """
 
 from __future__ import annotations
