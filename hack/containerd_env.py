@@ -416,6 +416,8 @@ class CriConfig:
     #: registry host (e.g. "registry.k8s.io") -> "HOST:PORT" of a plain-HTTP mirror to pull from
     mirrors: dict[str, str] = dataclasses.field(default_factory=dict)
     network: str | None = None
+    #: also a ``runc`` handler (io.containerd.runc.v2; on 2.x with the overlayfs snapshotter)
+    runc_handler: bool = False
     #: network="bridge" only: also the CNI ``portmap`` plugin (hostPort); it adds iptables
     #: chains (CNI-HOSTPORT-*) to the host's nat table that outlive the env, hence off by default
     portmap: bool = False
@@ -438,6 +440,9 @@ class CriConfig:
         if per_runtime_snapshotter:
             lines.append(f"  snapshotter = {q(per_runtime_snapshotter)}")
         lines += ["  pod_annotations = [" + ", ".join(q(a) for a in self.pod_annotations) + "]", ""]
+        if self.runc_handler:  # containerd's own runtime next to ours (benchmark baseline)
+            lines += [table + ".containerd.runtimes.runc]", '  runtime_type = "io.containerd.runc.v2"',
+                      *([f'  snapshotter = "overlayfs"'] if per_runtime_snapshotter else []), ""]
         return lines
 
     def _render_v2(self, snapshotter: str) -> list[str]:
