@@ -142,6 +142,13 @@ class Sandbox:
         """Where the agent sees a layer dir of the host's repo: the same path on the host."""
         return host_dir
 
+    def diagnose(self) -> str:
+        """What to log when the agent is slow to answer (VM mode: the guest console's tail)."""
+        try:
+            return f"sandbox {self.describe()}"
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not raise
+            return f"(no sandbox details: {exc!r})"
+
     # Lifecycle points where a sandbox may act on the host (VM mode runs OCI hooks there).
     async def created(self, cid: str, pid: int) -> None:
         """After the agent created ``cid``; raising fails the Create (the shim deletes it)."""

@@ -33,6 +33,10 @@ from shim.stdio import ProcessIO
 
 log = logging.getLogger("shim.task")
 
+#: seconds after which a create still waiting on the agent is logged, with what the sandbox can
+#: tell (a VM: its console's tail) -- a hang should leave a trace before containerd's timeout
+SLOW_CREATE = 30.0
+
 SERVICE = "containerd.task.v2.Task"
 
 #: How long an exit waits for the agent to finish relaying the process's output.
@@ -223,9 +227,15 @@ class TaskService:
         try:
             proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal,
                                 container_id=req.id, namespace=self.namespace)
-            result = await self._call("create", {
-                "container": req.id, **placement,
-                "terminal": req.terminal, **proc.io.agent_args()})
+            slow = asyncio.get_running_loop().call_later(
+                SLOW_CREATE, lambda: log.warning("create of %s: no answer from the agent after %.0fs; %s",
+                                                 req.id, SLOW_CREATE, self.sandbox.diagnose()))
+            try:
+                result = await self._call("create", {
+                    "container": req.id, **placement,
+                    "terminal": req.terminal, **proc.io.agent_args()})
+            finally:
+                slow.cancel()
         except BaseException:
             if proc.io is not None:
                 proc.io.close()

@@ -504,6 +504,10 @@ class VmSandbox(Sandbox):
                 raise TimeoutError
             await asyncio.sleep(0.01)
 
+    def diagnose(self) -> str:
+        return (f"VM pid {self.pid} ({'alive' if self.exit_status is None else f'exited {self.exit_status}'}); "
+                f"guest console (tail):\n{self.console_tail()}")
+
     def console_tail(self, n: int = 1500) -> str:
         try:
             with open(self.console_log, "rb") as f:
