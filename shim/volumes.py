@@ -19,7 +19,8 @@ import logging
 import os
 from collections.abc import Sequence
 
-from ccpu.agent.mounts import MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, mount_points, sys_mount, sys_umount
+from ccpu.agent.mounts import (MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SLAVE, mount_points,
+                               sys_mount, sys_umount)
 from shim.guestspec import Volume
 
 log = logging.getLogger("shim.volumes")
@@ -87,6 +88,9 @@ class VolumeDir:
                     os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
                 flags = MS_BIND | (MS_REC if v.recursive else 0)
                 sys_mount(v.host_path, target, None, flags, None)
+                # slave: the node's later mounts and unmounts below the source reach the guest
+                # (rslave semantics); nothing done here propagates back to the node
+                sys_mount(None, target, None, MS_SLAVE | MS_REC, None)
                 if v.readonly:  # a bind ignores MS_RDONLY: remount it
                     sys_mount(None, target, None, flags | MS_REMOUNT | MS_RDONLY, None)
         except OSError as exc:
