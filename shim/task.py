@@ -228,8 +228,7 @@ class TaskService:
             proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal,
                                 container_id=req.id, namespace=self.namespace)
             slow = asyncio.get_running_loop().call_later(
-                SLOW_CREATE, lambda: log.warning("create of %s: no answer from the agent after %.0fs; %s",
-                                                 req.id, SLOW_CREATE, self.sandbox.diagnose()))
+                SLOW_CREATE, lambda: self._spawn(self._log_slow_create(req.id, agent)))
             try:
                 result = await self._call("create", {
                     "container": req.id, **placement,
@@ -260,6 +259,23 @@ class TaskService:
                          terminal=req.terminal),
             checkpoint=req.checkpoint, pid=proc.pid))
         return pb.CreateTaskResponse(pid=proc.pid)
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._exit_tasks.add(t)
+        t.add_done_callback(self._exit_tasks.discard)
+
+    async def _log_slow_create(self, cid: str, agent: Any) -> None:
+        """A create still unanswered: log what the agent's processes are doing (it serves
+        requests concurrently) and what the sandbox can tell (a VM: its console)."""
+        try:
+            procs = (await asyncio.wait_for(agent.call("diagnose", {}), 10)).get("processes", [])
+            ps = "\n".join(f"  {p.get('pid')} {p.get('state')} {p.get('wchan') or '-'} {p.get('age_s')}s "
+                           f"{p.get('cmd')}" for p in procs) or "  (none)"
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not raise
+            ps = f"  (agent did not answer diagnose: {exc!r})"
+        log.warning("create of %s: no answer from the agent after %.0fs; its processes (pid state "
+                    "wchan age cmd):\n%s\n%s", cid, SLOW_CREATE, ps, self.sandbox.diagnose())
 
     async def Start(self, req: pb.StartRequest, ctx: RequestContext) -> pb.StartResponse:
         proc = self.tasks.process(req.id, req.exec_id)

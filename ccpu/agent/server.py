@@ -20,7 +20,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from . import live, protocol, wire
+from . import diagnose, live, protocol, wire
 from .container import Supervisor
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class Server:
             "delete": supervisor.delete,
             "layers": lambda args: live.layers_op(supervisor, args),
             "restack": lambda args: live.restack_op(supervisor, args),
+            "diagnose": diagnose.diagnose_op,
         }
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -306,3 +306,27 @@ def test_event_encoding() -> None:
     assert topic_of(ev.TaskExecStarted()) == "/tasks/exec-started"
     with pytest.raises(ValueError):
         topic_of(pb.StateRequest())
+
+
+def test_slow_create_logs_what_the_agent_is_doing(svc, monkeypatch, caplog) -> None:  # noqa: ANN001
+    """A create the agent does not answer in time leaves a trace: the agent's `diagnose`
+    (it serves requests concurrently) and the sandbox's own account, in the shim log."""
+    from shim import task as task_mod
+
+    s, agent, _, _ = svc
+    monkeypatch.setattr(task_mod, "SLOW_CREATE", 0.05)
+    plain_call = agent.call
+
+    async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "create":
+            await asyncio.sleep(0.3)
+        if op == "diagnose":
+            return {"processes": [{"pid": 42, "state": "D", "wchan": "p9_client_rpc", "age_s": 0.2,
+                                   "cmd": "runc create c1"}]}
+        return await plain_call(op, args)
+
+    agent.call = call
+    run(s.Create(pb.CreateTaskRequest(id="c1", bundle="/b/c1"), CTX))
+    text = caplog.text
+    assert "create of c1: no answer from the agent" in text
+    assert "42 D p9_client_rpc 0.2s runc create c1" in text
