@@ -414,6 +414,8 @@ class VmSandbox(Sandbox):
                 finally:
                     os.close(vlog)
                 self._helpers[proc.pid] = self.reaper.wait(proc.pid)
+                self._helpers[proc.pid].add_done_callback(
+                    lambda fut, pid=proc.pid: self._helper_exited("virtiofsd", pid, fut))
             cfg = qemu.VMConfig(
                 kernel=str(guest.kernel), initramfs=str(guest.initramfs),
                 console_log=self.console_log, accel=self.accel, memory_mb=s.memory_mb,
@@ -529,6 +531,15 @@ class VmSandbox(Sandbox):
         log.error("QEMU pid %s exited unexpectedly with %s; guest console (tail):\n%s",
                   self.pid, self.exit_status, self.console_tail())
         self._report_lost(f"QEMU exited with {self.exit_status}")
+
+    def _helper_exited(self, name: str, pid: int, fut: Any) -> None:
+        """virtiofsd gone while the VM runs: the guest's layer share no longer answers and every
+        file access in its containers would hang for ever -- end the VM and report them exited."""
+        if fut.cancelled() or self._stopping:
+            return
+        log.error("%s pid %s exited with %s while its VM runs: the guest's layers are gone; "
+                  "stopping the VM", name, pid, fut.result())
+        self._report_lost(f"{name} exited with {fut.result()}")
 
     def _link_lost(self, reason: str) -> None:
         if not self._stopping:

@@ -96,3 +96,28 @@ def test_killed_shim_leaves_no_volume_mounts(fenv: FractalEnv, namespace: str, i
         fenv.ctr("containers", "rm", cid, namespace=namespace, check=False)
     assert not _mounts_below(vdir)
     assert (data / "keep").read_text() == "precious\n"
+
+
+def test_virtiofsd_killed_ends_the_vm_instead_of_hanging(fenv: FractalEnv, namespace: str,
+                                                         images: dict[str, str]) -> None:
+    """Without virtiofsd the guest's layer share never answers again: the shim must end the VM
+    and report the containers exited (255, as for a lost agent) -- never leave them hanging."""
+    import subprocess
+
+    cid = "vfs-kill"
+    start_detached(fenv, namespace, images["busybox"], cid, "sleep", "600",
+                   extra=("--annotation", "io.fractal.share=virtiofs"))
+    qemu = vm_pid(fenv, namespace, cid)
+    vfsd = [int(p) for p in subprocess.run(["pgrep", "-P", str(int(Path(f"/proc/{qemu}/stat").read_text()
+                                                                      .rsplit(")", 1)[1].split()[1])),
+                                            "-x", "virtiofsd"], capture_output=True, text=True).stdout.split()]
+    assert len(vfsd) == 1, f"expected the VM's virtiofsd, found {vfsd}"
+    try:
+        os.kill(vfsd[0], signal.SIGKILL)
+        wait_for(lambda: not _alive(qemu), what="QEMU stopped after virtiofsd died")
+        wait_for(lambda: task_status(fenv, namespace, cid) == "STOPPED", what="exit reported")
+        r = fenv.ctr("tasks", "ls", namespace=namespace)
+        assert "STOPPED" in r.stdout, r.stdout
+    finally:
+        remove(fenv, namespace, cid)
+    wait_for(lambda: not vm_dir(fenv, namespace, cid).exists(), what="VM run dir removed")
