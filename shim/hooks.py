@@ -35,7 +35,22 @@ def state(cid: str, status: str, pid: int, bundle: str, annotations: Mapping[str
             "annotations": dict(annotations)}
 
 
-async def run_one(hook: Mapping[str, Any], st: Mapping[str, Any]) -> None:
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass  # the hook does not read its stdin: fine
+    finally:
+        os.close(fd)
+
+
+async def run_one(hook: Mapping[str, Any], st: Mapping[str, Any], reaper: Any) -> None:
+    """Run one hook.  Spawned and waited for through the shim's one ``reaper`` (it reaps every
+    child with waitpid(-1): asyncio's own child watcher would race it and see status 255)."""
+    from ccpu.agent import reaper as reaper_mod
+
     path = str(hook.get("path") or "")
     if not os.path.isabs(path):
         raise HookFailed(f"hook path {path!r} is not absolute")
@@ -44,31 +59,40 @@ async def run_one(hook: Mapping[str, Any], st: Mapping[str, Any]) -> None:
     given = hook.get("env")
     env = dict(e.split("=", 1) for e in given if "=" in e) if given else None
     timeout = float(hook.get("timeout") or DEFAULT_TIMEOUT)
+    r, w = os.pipe()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            path, *args[1:], stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, executable=path, cwd=str(st.get("bundle") or "/"),
-            start_new_session=True)  # its own process group: a timeout kills what it started too
+        spawned = reaper_mod.spawn(reaper, [path, *args[1:]], stdin=r, env=env)
     except OSError as exc:
-        raise HookFailed(f"hook {path}: {exc}") from None
+        os.close(w)
+        raise HookFailed(f"hook {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(r)
+    loop = asyncio.get_running_loop()
+    writer = loop.run_in_executor(None, _write_all, w, json.dumps(st).encode())
     try:
-        out, err = await asyncio.wait_for(proc.communicate(json.dumps(st).encode()), timeout)
+        status = await asyncio.wait_for(asyncio.shield(spawned.exited), timeout)
     except (TimeoutError, asyncio.TimeoutError):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.communicate()
+            os.kill(spawned.pid, signal.SIGKILL)
+        await spawned.exited
         raise HookFailed(f"hook {path} timed out after {timeout:g}s") from None
-    if proc.returncode != 0:
-        text = (err or out).decode(errors="replace").strip()[-500:]
-        raise HookFailed(f"hook {path} exited with {proc.returncode}: {text}")
+    finally:
+        await writer
+    try:
+        result = await asyncio.wait_for(spawned.result(), 5)
+        text = (result.stderr or result.stdout).decode(errors="replace").strip()[-500:]
+    except (TimeoutError, asyncio.TimeoutError):  # a child of the hook still holds its output
+        text = "(output not closed)"
+    if status != 0:
+        raise HookFailed(f"hook {path} exited with {status}: {text}")
 
 
 async def run(kind: str, hooks: Sequence[Mapping[str, Any]], st: Mapping[str, Any], *,
-              fatal: bool) -> None:
+              fatal: bool, reaper: Any) -> None:
     """Run ``hooks`` in order; the first failure raises (``fatal``) or is logged."""
     for hook in hooks:
         try:
-            await run_one(hook, st)
+            await run_one(hook, st, reaper)
         except HookFailed as exc:
             if fatal:
                 raise HookFailed(f"{kind} {exc}") from None
@@ -85,6 +109,7 @@ class ContainerHooks:
     cid: str
     hooks: Mapping[str, Sequence[Mapping[str, Any]]]
     bundle: str
+    reaper: Any
     annotations: Mapping[str, str] = field(default_factory=dict)
     created: bool = False
 
@@ -95,11 +120,13 @@ class ContainerHooks:
         self.created = True
         st = self._state("created", pid)
         for kind in ("prestart", "createRuntime"):
-            await run(kind, self.hooks.get(kind, []), st, fatal=True)
+            await run(kind, self.hooks.get(kind, []), st, fatal=True, reaper=self.reaper)
 
     async def on_started(self, pid: int) -> None:
-        await run("poststart", self.hooks.get("poststart", []), self._state("running", pid), fatal=False)
+        await run("poststart", self.hooks.get("poststart", []), self._state("running", pid), fatal=False,
+                  reaper=self.reaper)
 
     async def on_deleted(self, pid: int) -> None:
         if self.created:
-            await run("poststop", self.hooks.get("poststop", []), self._state("stopped", pid), fatal=False)
+            await run("poststop", self.hooks.get("poststop", []), self._state("stopped", pid), fatal=False,
+                      reaper=self.reaper)

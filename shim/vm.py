@@ -275,7 +275,7 @@ class VmSandbox(Sandbox):
         if translated.host_hooks:
             from shim.hooks import ContainerHooks
 
-            self._hooks[cid] = ContainerHooks(cid, translated.host_hooks, bundle,
+            self._hooks[cid] = ContainerHooks(cid, translated.host_hooks, bundle, self.reaper,
                                               dict(spec.get("annotations") or {}))
         try:
             os.symlink(self.console_log, os.path.join(bundle, "console.log"))
