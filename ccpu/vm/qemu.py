@@ -156,7 +156,10 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
             argv += ["-bios", fw]
     if vfs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mb}M,share=on"]
-    argv += ["-accel", "kvm" if cfg.accel == "kvm" else "tcg,thread=multi",
+    # TCG: one host thread runs all vCPUs in turn.  With thread=multi, runc's create in a 2-vCPU
+    # guest sometimes left both vCPUs spinning for ever ("soft lockup - CPU#0 stuck", RCU
+    # stalls; console in docs/vm.md): a guest that hangs is worse than a slower one.
+    argv += ["-accel", "kvm" if cfg.accel == "kvm" else "tcg,thread=single",
              "-cpu", "host" if cfg.accel == "kvm" else "max",
              "-m", f"{cfg.memory_mb}M", "-smp", str(cfg.cpus),
              "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg),

@@ -29,7 +29,7 @@ def test_minimal_q35_tcg() -> None:
     for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
         assert flag in argv
     assert opt_after(argv, "-machine")[0].startswith("q35")
-    assert opt_after(argv, "-accel") == ["tcg,thread=multi"]
+    assert opt_after(argv, "-accel") == ["tcg,thread=single"]
     assert opt_after(argv, "-bios") == [qemu.QBOOT]
     assert opt_after(argv, "-m") == ["512M"] and opt_after(argv, "-smp") == ["2"]
     assert opt_after(argv, "-serial") == ["file:/b/console.log"]
