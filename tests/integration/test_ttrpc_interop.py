@@ -6,7 +6,7 @@
   (/run/containerd/s/<sha256(address/namespace/id)>) with ttrpc's Go client.
 
 Uses its own private containerd (not the session fixtures), so it is cheap and independent.
-Prerequisites (root, containerd, ctr) are enforced by tests/integration/conftest.py: skipped
+Prerequisites (root, containerd, ctr) are enforced by tests/harness.py: skipped
 locally when missing, failing under CI.
 """
 

@@ -1,4 +1,7 @@
-"""Fixtures for integration tests: a private containerd (+ fractal snapshotter) and a local registry.
+"""Fixtures for integration and security tests: a private containerd (+ fractal snapshotter) and a local registry.
+
+Loaded as a plugin by tests/conftest.py, so tests/integration/ and tests/security/ share one
+containerd per session.
 
 Why the shape:
 * One containerd for the whole session (starts in well under a second, but pulls are slow), with
@@ -19,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -28,6 +31,8 @@ from hack.containerd_env import FractalEnv  # noqa: E402
 ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 TEST_IMAGES = ("busybox", "edge", "tools")
 CACHE = Path(os.environ.get("FRACTAL_CACHE", "/var/cache/fractal"))
+#: the directories whose tests run through real containerd / QEMU (marked `integration`)
+SYSTEM_TEST_DIRS = {REPO / "tests" / "integration", REPO / "tests" / "security"}
 
 
 # containerd matrix: FRACTAL_CONTAINERD_VERSION=2 (or `--containerd 2` when this directory is
@@ -82,18 +87,20 @@ def _unavailable(reason: str) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
     missing = _missing_prerequisites()
     for item in items:
-        if here not in Path(str(item.fspath)).parents:
+        if not set(Path(str(item.fspath)).parents) & SYSTEM_TEST_DIRS:
             continue
         item.add_marker(pytest.mark.integration)
         if missing and not ON_CI:
             item.add_marker(pytest.mark.skip(reason="integration tests need " + "; ".join(missing)))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _integration_prerequisites() -> None:
+@pytest.fixture(autouse=True)
+def _integration_prerequisites(request: pytest.FixtureRequest) -> None:
+    """System tests need their prerequisites (skip locally, fail under CI); unit tests do not."""
+    if not set(Path(str(request.node.fspath)).parents) & SYSTEM_TEST_DIRS:
+        return
     missing = _missing_prerequisites()
     if missing:
         _unavailable("; ".join(missing))
