@@ -124,10 +124,23 @@ class MetaStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        """End a failed transaction, whatever state SQLite left it in.
+
+        A COMMIT that fails (SQLITE_FULL, I/O error) may or may not have rolled back by itself
+        (sqlite.org/lang_transaction.html).  Left open, every later ``tx()`` would join it and
+        nothing would ever be committed again: the wedge of issue 10 item 7.
+        """
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # rolled back automatically in the meantime
 
     # -- snapshots -------------------------------------------------------
     def snapshot(self, name: str) -> SnapshotRow | None:

@@ -1,0 +1,116 @@
+"""Running out of space or inodes in the repo: recognise it, say what is full, keep a reserve.
+
+Why a reserve: every SQLite transaction in WAL mode appends its pages to ``metadata.db-wal``,
+so even the DELETE that forgets a snapshot needs a few free blocks.  On a full disk that
+commit fails, the snapshot's data stays, and nothing can ever give space back (issue 18).
+The repo therefore keeps ``ROOT/reserve``, a small preallocated file: a transaction that
+*gives space back* (Remove, unpin, recovery) and fails because the disk is full releases the
+reserve and is retried once.  The reserve is made again as soon as there is room for it.
+
+Inodes need no reserve: the metastore's files exist while the snapshotter runs, so a
+metadata commit needs blocks only, and giving space back (rename into ``trash/``, unlink)
+needs no new inode.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RESERVE_NAME = "reserve"
+#: ample for the few pages a delete touches (SQLite pages are 4 KiB; a Remove writes < 20)
+RESERVE_BYTES = 2 << 20
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_full_error(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from the kernel, or SQLite's SQLITE_FULL ("database or disk is full")."""
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
+    return False
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def describe_full(root: Path, exc: BaseException) -> str:
+    """What ran out, in words an operator can act on (statvfs of the repo's filesystem)."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return f"repo {root} is full ({exc})"
+    if isinstance(exc, OSError) and exc.errno == errno.EDQUOT:
+        what = "disk quota exceeded"
+    elif st.f_files and st.f_favail == 0:
+        what = f"out of inodes (0 of {st.f_files} free)"
+    else:
+        what = f"out of disk space ({_human(st.f_bavail * st.f_frsize)} free of {_human(st.f_blocks * st.f_frsize)})"
+    return f"repo {root} is full: {what}; remove images or containers to free space"
+
+
+class Reserve:
+    """``ROOT/reserve``: space the metastore can always take back (see the module docstring)."""
+
+    def __init__(self, path: Path, size: int = RESERVE_BYTES) -> None:
+        self.path = path
+        self.size = size
+        self._present = False
+
+    def ensure(self) -> bool:
+        """Make the reserve if it is missing and there is room for it and more; True if present.
+
+        Cheap when it is there (one flag); never fails: no room simply means not yet.
+        """
+        if self._present:
+            return True
+        try:
+            if os.stat(self.path).st_blocks * 512 >= self.size:
+                self._present = True
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 4 * self.size:  # taking the last blocks would only move the problem
+                return False
+            tmp = self.path.with_name(self.path.name + ".new")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path)
+        except OSError as e:
+            if not is_full_error(e):
+                log.warning("cannot make the repo reserve %s: %s", self.path, e)
+            try:
+                os.unlink(self.path.with_name(self.path.name + ".new"))
+            except OSError:
+                pass
+            return False
+        self._present = True
+        log.info("repo reserve %s in place (%s)", self.path, _human(self.size))
+        return True
+
+    def release(self) -> bool:
+        """Free the reserve so a transaction that gives space back can commit; True if it freed any."""
+        self._present = False
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        log.warning("repo disk full: released the reserve %s so metadata can be committed", self.path)
+        return True
