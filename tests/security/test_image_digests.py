@@ -89,37 +89,36 @@ def traversal_to(path: Path) -> str:
     return "sha256:" + "../" * 16 + str(path).lstrip("/")
 
 
-def test_pull_refuses_a_digest_that_names_a_host_path(fenv: FractalEnv, namespace: str, tmp_path: Path,
-                                                       outside: Path) -> None:
-    target = outside / "pwned"
+def pull_config_from_hostile_registry(fenv: FractalEnv, namespace: str, tmpdir: Path, config_digest: str
+                                      ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """`fractal image pull` of an image whose manifest names ``config_digest``; (result, paths GET)."""
     manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": OCI_CONFIG, "digest": traversal_to(target), "size": 5},
-                "layers": []}
-    tmpdir = tmp_path / "tmp"
+                "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": 5}, "layers": []}
     tmpdir.mkdir()
     with HostileRegistry(manifest, b"pwned") as reg:
         r = fractal("image", "pull", f"{reg.address}/evil/img:latest", "--plain-http",
                     "-a", str(fenv.address), "-n", namespace, tmpdir=tmpdir)
+    return r, reg.requests
+
+
+def test_pull_refuses_a_digest_that_names_a_host_path(fenv: FractalEnv, namespace: str, tmp_path: Path,
+                                                       outside: Path) -> None:
+    tmpdir = tmp_path / "tmp"
+    r, requests = pull_config_from_hostile_registry(fenv, namespace, tmpdir, traversal_to(outside / "pwned"))
     assert sorted(p.name for p in outside.iterdir()) == []  # neither pwned nor pwned.part
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "refusing descriptor" in r.stderr and "sha256 needs 64 lower-case hex digits" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert list(tmpdir.iterdir()) == []  # the temp layout is gone too
-    assert not any("/blobs/" in p for p in reg.requests)  # refused before any download
+    assert not any("/blobs/" in p for p in requests)  # refused before any download
 
 
 def test_pull_refuses_a_blob_that_does_not_match_and_leaves_nothing(fenv: FractalEnv, namespace: str,
                                                                      tmp_path: Path) -> None:
     """A well-formed digest whose bytes do not match: the .part file does not outlive the check."""
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + hashlib.sha256(b"other").hexdigest(),
-                           "size": 5},
-                "layers": []}
     tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
-    with HostileRegistry(manifest, b"pwned") as reg:
-        r = fractal("image", "pull", f"{reg.address}/evil/img:latest", "--plain-http",
-                    "-a", str(fenv.address), "-n", namespace, tmpdir=tmpdir)
+    r, _ = pull_config_from_hostile_registry(fenv, namespace, tmpdir,
+                                             "sha256:" + hashlib.sha256(b"other").hexdigest())
     assert r.returncode == 1 and "digest mismatch" in r.stderr, r.stderr
     assert list(tmpdir.iterdir()) == []
 
