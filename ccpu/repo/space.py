@@ -7,9 +7,10 @@ The repo therefore keeps ``ROOT/reserve``, a small preallocated file: a transact
 *gives space back* (Remove, unpin, recovery) and fails because the disk is full releases the
 reserve and is retried once.  The reserve is made again as soon as there is room for it.
 
-Inodes need no reserve: the metastore's files exist while the snapshotter runs, so a
-metadata commit needs blocks only, and giving space back (rename into ``trash/``, unlink)
-needs no new inode.
+The reserve also holds a few inodes: while the snapshotter runs, a metadata commit needs blocks
+only (the metastore's files exist) and giving space back (rename into ``trash/``, unlink) needs
+no new inode; but SQLite deletes ``-wal`` and ``-shm`` on a clean stop and must create them when
+the snapshotter starts again, possibly on a full disk.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 RESERVE_NAME = "reserve"
 #: ample for the few pages a delete touches (SQLite pages are 4 KiB; a Remove writes < 20)
 RESERVE_BYTES = 2 << 20
+#: empty files besides the preallocated one: inodes for SQLite's -wal and -shm at start
+RESERVE_INODES = 3
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -61,11 +64,17 @@ def describe_full(root: Path, exc: BaseException) -> str:
 
 
 class Reserve:
-    """``ROOT/reserve``: space the metastore can always take back (see the module docstring)."""
+    """``ROOT/reserve/``: space and inodes the repo can always take back (see the module docstring).
 
-    def __init__(self, path: Path, size: int = RESERVE_BYTES) -> None:
+    One preallocated file of ``size`` bytes plus a few empty ones: releasing them frees blocks
+    for metadata commits and inodes for SQLite's ``-wal``/``-shm`` files, which SQLite creates
+    anew when the snapshotter starts after a clean stop.
+    """
+
+    def __init__(self, path: Path, size: int = RESERVE_BYTES, inodes: int = RESERVE_INODES) -> None:
         self.path = path
         self.size = size
+        self.files = [path / "blocks"] + [path / f"inode-{i}" for i in range(inodes)]
         self._present = False
 
     def ensure(self) -> bool:
@@ -76,41 +85,49 @@ class Reserve:
         if self._present:
             return True
         try:
-            if os.stat(self.path).st_blocks * 512 >= self.size:
+            if all(f.exists() for f in self.files) and os.stat(self.files[0]).st_blocks * 512 >= self.size:
                 self._present = True
                 return True
-        except FileNotFoundError:
+        except OSError:
             pass
         try:
             st = os.statvfs(self.path.parent)
-            if st.f_bavail * st.f_frsize < 4 * self.size:  # taking the last blocks would only move the problem
-                return False
-            tmp = self.path.with_name(self.path.name + ".new")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            if st.f_bavail * st.f_frsize < 4 * self.size or st.f_favail < 4 * len(self.files):
+                return False  # taking the last blocks would only move the problem
+            self.path.mkdir(mode=0o700, exist_ok=True)
+            for f in self.files[1:]:
+                f.touch(mode=0o600)
+            fd = os.open(self.files[0], os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 os.posix_fallocate(fd, 0, self.size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.path)
         except OSError as e:
             if not is_full_error(e):
                 log.warning("cannot make the repo reserve %s: %s", self.path, e)
-            try:
-                os.unlink(self.path.with_name(self.path.name + ".new"))
-            except OSError:
-                pass
+            self.release(quiet=True)
             return False
         self._present = True
-        log.info("repo reserve %s in place (%s)", self.path, _human(self.size))
+        log.info("repo reserve %s in place (%s, %d inodes)", self.path, _human(self.size), len(self.files) + 1)
         return True
 
-    def release(self) -> bool:
-        """Free the reserve so a transaction that gives space back can commit; True if it freed any."""
+    def release(self, quiet: bool = False) -> bool:
+        """Free the reserve so a transaction (or the metastore's opening) that gives space back
+        can go through; True if it freed anything."""
         self._present = False
+        freed = False
+        for f in self.files:
+            try:
+                os.unlink(f)
+                freed = True
+            except FileNotFoundError:
+                pass
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            return False
-        log.warning("repo disk full: released the reserve %s so metadata can be committed", self.path)
-        return True
+            os.rmdir(self.path)
+            freed = True
+        except OSError:
+            pass
+        if freed and not quiet:
+            log.warning("repo disk full: released the reserve %s so metadata can be written", self.path)
+        return freed

@@ -95,8 +95,12 @@ class Repo:
         except BlockingIOError:
             self._lockfile.close()
             raise RepoLocked(f"repo {self.root} is in use by another process") from None
-        self.meta = MetaStore(self.root / "metadata.db")
         self.reserve = Reserve(self.root / RESERVE_NAME)
+        try:
+            self.meta = self._open_metastore()
+        except BaseException:
+            self._lockfile.close()
+            raise
         self._lock = threading.RLock()
         self._trash_lock = threading.Lock()
         self._inflight: set[str] = set()
@@ -109,6 +113,26 @@ class Repo:
         except ResourceExhausted as e:  # serve anyway: containerd's Remove and Cleanup free space later
             log.error("recover at start: %s", e)
         self.reserve.ensure()
+
+    def _open_metastore(self) -> MetaStore:
+        """The metastore, also on a full disk: the reserve is released if opening needs room."""
+        db = self.root / "metadata.db"
+        try:
+            return MetaStore(db)
+        except (OSError, sqlite3.Error) as e:
+            if not is_full_error(e) and not self._fs_full():
+                raise
+            if not self.reserve.release():
+                raise ResourceExhausted(f"cannot open {db}: {describe_full(self.root, e)}") from e
+        try:
+            return MetaStore(db)
+        except (OSError, sqlite3.Error) as e:
+            raise ResourceExhausted(f"cannot open {db}: {describe_full(self.root, e)}") from e
+
+    def _fs_full(self) -> bool:
+        """SQLite reports a file it cannot create for lack of inodes as "unable to open": look."""
+        st = os.statvfs(self.root)
+        return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
 
     @classmethod
     def open_readonly(cls, root: Path | str) -> "Repo":

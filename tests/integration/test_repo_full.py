@@ -89,7 +89,7 @@ def check_heals(env: FractalEnv, ns: str, pid: int, failed: subprocess.Completed
     assert r.returncode == 0, r.stderr
     out = env.run(busybox, "after-full", "echo", "works again", namespace=ns).stdout
     assert out == "works again\n"
-    assert (env.snapshotter_root / RESERVE_NAME).is_file()  # the reserve is back in place
+    assert (env.snapshotter_root / RESERVE_NAME / "blocks").is_file()  # the reserve is back in place
     assert env.snapshotter.pid == pid  # no restart anywhere
 
 
@@ -157,3 +157,61 @@ def test_repo_full_says_what_is_full(empty_repo: FractalEnv, namespace_small: st
     finally:
         subprocess.run(["rm", "-rf", str(filler)], check=True)
     check_heals(env, ns, pid, r, refs["busybox"])
+
+
+def fill(env: FractalEnv, what: str) -> Path:
+    """Take every free block (what="space") or inode ("inodes") of the repo's tmpfs; returns the filler."""
+    filler = env.snapshotter_root / "filler"
+    if what == "space":
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * MiB)
+                    fh.flush()
+            except OSError:
+                pass
+    else:
+        filler.mkdir()
+        try:
+            while True:
+                (filler / str(len(os.listdir(filler)))).touch()
+        except OSError:
+            pass
+    return filler
+
+
+def prepare_once_reachable(env: FractalEnv, ns: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """A Prepare answered by the snapshotter itself: after a restart containerd's proxy client
+    redials with backoff and fails calls fast meanwhile ("connection closed: unavailable")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = env.ctr("snapshots", "--snapshotter", "fractal", "prepare", "full-probe", namespace=ns, check=False)
+        if "unavailable" not in r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("what", ["space", "inodes"])
+@pytest.mark.parametrize("kill", [False, True])
+def test_snapshotter_restarts_on_a_full_disk(empty_repo: FractalEnv, namespace_small: str, refs: dict[str, str],
+                                             what: str, kill: bool) -> None:
+    """A restart (or a crash) while the repo is full: it comes back, answers, and heals."""
+    env, ns = empty_repo, namespace_small
+    remount(env, "size=16m" if what == "space" else "nr_inodes=1000")
+    assert pull(env, refs["busybox"], ns).returncode == 0
+    filler = fill(env, what)
+    try:
+        # (not env.restart_snapshotter: its readiness probe Prepares, which needs room)
+        if kill:
+            env.snapshotter.kill9()
+        else:
+            env.snapshotter.stop()
+        env.snapshotter.start()
+        assert env.snapshotter.running()
+        r = prepare_once_reachable(env, ns)
+        assert r.returncode != 0 and "is full" in r.stderr, r.stderr
+        assert env.run(refs["busybox"], "on-full", "true", namespace=ns, check=False).returncode != 0
+        assert repo_consistent(env) == []
+    finally:
+        subprocess.run(["rm", "-rf", str(filler)], check=True)
+    check_heals(env, ns, env.snapshotter.pid, r, refs["busybox"])

@@ -91,7 +91,7 @@ def test_prepare_clears_a_directory_left_by_a_failed_attempt(tmp_path: Path) -> 
 def test_remove_on_a_full_disk_releases_the_reserve_and_heals(tmp_path: Path) -> None:
     r = Repo(tmp_path / "r", background_removal=False)
     try:
-        assert r.reserve.path.stat().st_blocks * 512 >= r.reserve.size
+        assert r.reserve.files[0].stat().st_blocks * 512 >= r.reserve.size
         up = Path(upper_of(r.prepare("a")))
         (up / "data").write_bytes(b"x" * (1 << 20))
         real = r.meta._db
@@ -101,7 +101,7 @@ def test_remove_on_a_full_disk_releases_the_reserve_and_heals(tmp_path: Path) ->
         assert not r.reserve.path.exists()
         r.meta._db = real  # space is back
         r.prepare("b")
-        assert r.reserve.path.stat().st_blocks * 512 >= r.reserve.size  # made again
+        assert r.reserve.files[0].stat().st_blocks * 512 >= r.reserve.size  # made again
     finally:
         r.close()
 
