@@ -73,7 +73,7 @@ def _reports_full(fn: F) -> F:
         except (OSError, sqlite3.Error) as e:
             if not is_full_error(e):
                 raise
-            raise ResourceExhausted(f"{fn.__name__}: {describe_full(self.root, e)}") from e
+            raise ResourceExhausted(describe_full(self.root, e)) from e
 
     return wrapper  # type: ignore[return-value]
 
