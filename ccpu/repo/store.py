@@ -602,13 +602,11 @@ class Repo:
             self._reap_wanted.clear()
             self.empty_trash()
 
-    def empty_trash(self) -> bool:
-        """Delete what is in trash/; True if there was anything (one caller at a time)."""
+    def empty_trash(self) -> None:
+        """Delete what is in trash/ (one caller at a time: the reaper, or a Prepare on a full disk)."""
         with self._trash_lock:
-            entries = list(self.trash_dir.iterdir())
-            for entry in entries:
+            for entry in list(self.trash_dir.iterdir()):
                 self._remove_now(entry)
-            return bool(entries)
 
     @staticmethod
     def _remove_now(path: Path) -> None:
