@@ -23,6 +23,8 @@ Images
              Cmd ["sh"], Env PATH.
 ``edge``     busybox layer + 3 layers exercising overlay/whiteout semantics (below).
 ``tools``    busybox layer + 2 small layers under /opt/tools (for "add a layer live").
+``many``     busybox layer + 1 layer of 3000 empty files under /many (inode exhaustion tests;
+             not built by a plain ``build``).
 ``debian``   Debian bookworm minbase (debootstrap from the mirror in this machine's apt
              sources), 1 layer, Cmd ["bash"]. Slow: built only with ``--only debian``
              or ``--with-debian``.
@@ -472,6 +474,19 @@ def build_tools(lay: Layout, work: Path) -> None:
     lay.configure(["sh"], [PATH_ENV + ":/opt/tools/bin"])
 
 
+MANY_FILES = 3000
+
+
+def build_many(lay: Layout, work: Path) -> None:
+    lay.add_layer(busybox_layer(work), "busybox-static /bin/busybox + applet symlinks")
+    w = LayerWriter(work / "many.tar")
+    w.dir("many")
+    for i in range(MANY_FILES):
+        w.file(f"many/{i:05d}")
+    lay.add_layer(w.close(), f"many: {MANY_FILES} empty files")
+    lay.configure(["sh"])
+
+
 def apt_mirror() -> str:
     """The Debian mirror this machine's apt uses (never hard-coded in the repo)."""
     suite_re = re.compile(rf"^{DEBIAN_SUITE}(-updates)?$")
@@ -527,6 +542,7 @@ RECIPES: dict[str, Recipe] = {
     "busybox": Recipe("1", build_busybox),
     "edge": Recipe("1", build_edge),
     "tools": Recipe("1", build_tools),
+    "many": Recipe("1", build_many, default=False),
     "debian": Recipe("1", build_debian, uses_busybox=False, default=False, extra_inputs=apt_mirror),
 }
 
