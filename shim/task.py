@@ -25,8 +25,8 @@ from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
 from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
 from shim import logfmt, rootfs as rootfs_mod
-from shim.config import conflict
-from shim.errors import agent_error_code, to_ttrpc
+from shim.config import ConfigError, conflict
+from shim.errors import agent_error_code, config_error, to_ttrpc
 from shim.events import timestamp
 from shim.state import Container, Process, Status, Tasks
 from shim.stdio import ProcessIO
@@ -80,8 +80,12 @@ class TaskService:
     def __init__(self, sandbox: Any, publish: Callable[[str, Any], None], namespace: str,
                  *, repo_root: str | None = None,
                  request_exit: Callable[[], None] | None = None,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 admit: Callable[[dict[str, str]], None] | None = None) -> None:
         self.sandbox = sandbox
+        #: raises shim.config.ConfigError for a container the sandbox's config refuses
+        #: (a Kubernetes pod's annotation the operator does not allow)
+        self.admit = admit
         self.publish_event = publish
         self.namespace = namespace
         self.repo_root = repo_root
@@ -213,7 +217,13 @@ class TaskService:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
         rootfs = rootfs_mod.translate(list(req.rootfs), self.repo_root)
         spec = _read_spec(req.bundle)
-        why = conflict(getattr(self.sandbox, "mode", "host"), _annotations(spec))
+        annotations = _annotations(spec)
+        if self.admit is not None:
+            try:
+                self.admit(annotations)
+            except ConfigError as exc:
+                raise config_error(exc, f"container {req.id}: ") from None
+        why = conflict(getattr(self.sandbox, "mode", "host"), annotations)
         if why:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {req.id}: {why}")
         place = getattr(self.sandbox, "placement", None)  # where it runs (shim.sandbox, shim.vm)
