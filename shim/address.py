@@ -9,12 +9,12 @@ is the first of the annotations :data:`GROUP_ANNOTATIONS`, else the container id
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 
 SOCKET_DIR = "/run/containerd/s"
 
+from ccpu.agent import jsonbound
 from ccpu.grouping import SANDBOX_ANNOTATIONS as GROUP_ANNOTATIONS
 from ccpu.grouping import asks_to_join, sandbox_group
 
@@ -66,7 +66,7 @@ def read_annotations(bundle: str) -> dict[str, str]:
     """Annotations of the OCI spec in ``bundle/config.json`` ({} if missing/unreadable)."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
-            spec = json.load(f)
+            spec = jsonbound.loads(f.read())
     except (OSError, ValueError):
         return {}
     ann = spec.get("annotations") if isinstance(spec, dict) else None

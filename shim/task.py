@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ from google.protobuf import any_pb2, empty_pb2
 from ccpu.api.gen.containerd.events import task_pb2 as ev
 from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
 from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
+from ccpu.agent import jsonbound
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
 from shim import logfmt, rootfs as rootfs_mod
 from shim.config import ConfigError, conflict
@@ -55,7 +55,7 @@ def _read_spec(bundle: str) -> dict[str, Any] | None:
     """The bundle's config.json (None if unreadable: the agent then reports it)."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
-            spec = json.load(f)
+            spec = jsonbound.loads(f.read())
     except (OSError, ValueError):
         return None
     return spec if isinstance(spec, dict) else None
@@ -403,7 +403,7 @@ class TaskService:
         if not req.exec_id:
             raise TtrpcError(Code.INVALID_ARGUMENT, "exec id is required")
         try:
-            process_spec = json.loads(req.spec.value or b"{}")
+            process_spec = jsonbound.loads(req.spec.value or b"{}")
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"exec spec is not JSON: {exc}") from exc
         agent = await self._agent()
@@ -441,7 +441,7 @@ class TaskService:
         the Any (typeurl registers runtime-spec types as JSON); the agent runs `runc update`."""
         self.tasks.get(req.id)
         try:
-            resources = json.loads(req.resources.value or b"{}")
+            resources = jsonbound.loads(req.resources.value or b"{}")
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"resources are not JSON: {exc}") from exc
         if not isinstance(resources, dict):
