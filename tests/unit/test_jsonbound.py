@@ -48,3 +48,20 @@ def test_deep_layers_request_and_spec(tmp_path) -> None:  # noqa: ANN001
     assert ei.value.code == Code.INVALID_ARGUMENT
     (tmp_path / "config.json").write_text('{"annotations": {"a": "b"}, "x": ' + DEEP + "}")
     assert address.read_annotations(str(tmp_path)) == {}  # unreadable spec: start still answers
+
+
+def test_deep_json_in_logging_spec_and_annotations(tmp_path) -> None:  # noqa: ANN001
+    """The other readers of peer JSON: the request-field logger, the VM's first spec, nerdctl's
+    networks annotation, the agent's spec reader -- a clean answer each, never RecursionError."""
+    from google.protobuf import wrappers_pb2
+
+    from ccpu.agent import container, protocol
+    from shim import guestspec, logfmt, vm
+
+    assert logfmt._request_fields(wrappers_pb2.StringValue(value=DEEP)) == {}
+    (tmp_path / "config.json").write_text(DEEP)
+    assert vm.first_netns(str(tmp_path)) is None
+    with pytest.raises(protocol.InvalidArgument):
+        container._read_spec(str(tmp_path))
+    assert guestspec._nerdctl_cni_networks({"annotations": {"nerdctl/networks": DEEP}}) == []
+    assert guestspec._nerdctl_cni_networks({"annotations": {"nerdctl/networks": "5"}}) == []
