@@ -124,11 +124,11 @@ def _file_arg(copy: guestspec.FileCopy) -> dict[str, Any]:
 
 def first_netns(bundle: str) -> str | None:
     """The pod network namespace in ``bundle``'s spec (None: none, or no readable spec)."""
-    import json
+    from ccpu.agent import jsonbound
 
     try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            return guestspec.network_namespace(json.load(f))
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            return guestspec.network_namespace(jsonbound.loads(f.read()))
     except (OSError, ValueError):
         return None
 

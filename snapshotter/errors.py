@@ -20,7 +20,12 @@ from ccpu.repo.space import is_full_error
 
 log = logging.getLogger(__name__)
 
+class DeadlineExceeded(repo_errors.RepoError):
+    """The snapshotter's own bound on an RPC's work ran out (List, snapshotter/service.py)."""
+
+
 CODES: dict[type[repo_errors.RepoError], grpc.StatusCode] = {
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     repo_errors.NotFound: grpc.StatusCode.NOT_FOUND,
     repo_errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     repo_errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
