@@ -87,6 +87,20 @@ def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float 
     raise RuntimeError(f"virtiofsd did not create {socket_path} within {timeout}s")
 
 
+def connect(socket_path: str) -> "socket.socket":
+    """The one connection a virtiofsd serves, made here and handed to QEMU as an fd (QEMU may run
+    as a user that cannot reach the socket's directory)."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(socket_path)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 def stop_all(procs: Sequence[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
