@@ -90,6 +90,8 @@ class VmSettings:
     accel: str = "auto"
     share: str = "auto"
     boot_timeout: float = 90.0  # agent `hello` after QEMU start (TCG boots take ~4-6 s)
+    #: QEMU's uid/gid is this + the shim daemon's pid (ccpu.vm.qemu.unprivileged); 0: QEMU stays root
+    qemu_uid_base: int = 0x7F000000
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,16 @@ def _brief(value: Any, limit: int = 64) -> str:
     return text if len(text) <= limit else text[:limit] + "...(" + str(len(text)) + " chars)"
 
 
+def parse_uid_base(value: Any, where: str = "qemu_uid_base") -> int:
+    """0 (QEMU runs as root) or the first uid of QEMU's per-VM users: the largest pid (2**22) must
+    still fit below 2**32 - 1, and uids below 65536 are left to the node's accounts."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected a uid number, got {_brief(value)}")
+    if value != 0 and not 65536 <= value <= 0xFFFFFFFE - (1 << 22):
+        raise ConfigError(f"{where}: {value} is out of range (0, or 65536..{0xFFFFFFFE - (1 << 22)})")
+    return value
+
+
 def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
     if not isinstance(value, str) or value.strip().lower() not in allowed:
         raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {_brief(value)}")
@@ -247,6 +259,8 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, accel=_choice(value, ACCELS, w))
         elif key == "share":
             vm = replace(vm, share=_choice(value, SHARES, w))
+        elif key == "qemu_uid_base":
+            vm = replace(vm, qemu_uid_base=parse_uid_base(value, w))
         elif key == "boot_timeout":
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
                     or not math.isfinite(value)):
@@ -254,7 +268,7 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, boot_timeout=float(value))
         else:
             raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, max_memory, "
-                              "max_cpus, accel, share, boot_timeout)")
+                              "max_cpus, accel, share, boot_timeout, qemu_uid_base)")
     return replace(cfg, mode=mode, vm=vm, policy=policy, sources=cfg.sources + (where,))
 
 

@@ -39,12 +39,14 @@ import logging
 import os
 import posixpath
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from shim import guestspec
 from shim.guestspec import NotInVm
+from shim.layerview import LayerView, undo_recorded
 from shim.volumes import SHARE_TAG as VOLUMES_TAG
 from shim.volumes import VolumeDir, VolumeError, remove_tree
 
@@ -181,6 +183,9 @@ def cleanup_dead(run_dir: str) -> list[int]:
     deadline = time.monotonic() + 3
     while killed and time.monotonic() < deadline and any(_start_time(p) for p in killed):
         time.sleep(0.02)
+    problems = undo_recorded(run_dir)  # the layer view: exactly the mounts its record names
+    if problems:
+        log.error("layer view of %s: %s", run_dir, "; ".join(problems))
     try:
         remove_tree(run_dir)  # the volume binds are unmounted first: host data is never removed
     except VolumeError as exc:
@@ -234,6 +239,8 @@ class VmSandbox(Sandbox):
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
         self.volumes = VolumeDir(os.path.join(self.dir, "volumes"))  # shared over 9p (shim/volumes.py)
+        self.view = LayerView(self.dir, self.host_layers)  # the layers its guest sees (shim/layerview.py)
+        self.qemu_user = ""
         self._dir_ready = False
 
     # -- interface --------------------------------------------------------------------------
@@ -267,11 +274,19 @@ class VmSandbox(Sandbox):
                                  f"attached to {self.netns or 'no network namespace'}")
         for note in translated.notes:
             log.debug("container %s: %s", cid, note)
-        self._prepare_dir()
+        try:
+            self._prepare_dir()
+            self.view.set(cid, rootfs["lowers"])  # its layers become visible to the guest
+        except (RuntimeError, OSError) as exc:  # LayerViewError, a repo without layers/
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {cid}: cannot give the VM its "
+                                                       f"layers: {exc}") from None
         try:  # last: nothing after it can fail (else Create never reaches deleted() to undo it)
             self.volumes.attach(cid, translated.volumes)
-        except VolumeError as exc:
-            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+        except BaseException as exc:
+            self.view.drop(cid)
+            if isinstance(exc, VolumeError):
+                raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+            raise
         if translated.host_hooks:
             from shim.hooks import ContainerHooks
 
@@ -299,7 +314,16 @@ class VmSandbox(Sandbox):
             if hooks is not None:
                 await hooks.on_deleted(self.pid or 0)
         finally:
-            self.volumes.detach(cid)
+            try:
+                self.volumes.detach(cid)
+            finally:
+                self.view.drop(cid)  # layers no other container stacks leave the guest's view
+
+    def layers_adding(self, cid: str, host_dirs: list[str]) -> None:
+        self.view.add(cid, host_dirs)
+
+    def layers_now(self, cid: str, host_dirs: list[str]) -> None:
+        self.view.set(cid, host_dirs)
 
     async def start(self) -> None:
         import asyncio
@@ -315,6 +339,7 @@ class VmSandbox(Sandbox):
     def vm_info(self) -> dict[str, Any]:
         return {"pid": self.pid, "accel": self.accel, "memory": f"{self.settings.memory_mb}M",
                 "cpus": self.settings.cpus, "share": self.share, "kernel": self.guest_kernel,
+                "qemu_user": self.qemu_user, "layers_visible": sorted(self.view.bound),
                 "run_dir": self.dir, "console": self.console_log, "netns": self.netns,
                 "boot_seconds": self.timings.get("agent_ready")}
 
@@ -362,20 +387,22 @@ class VmSandbox(Sandbox):
                 log.warning("killed leftover VM processes %s of %s", killed, self.dir)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.volumes.create()
+        if not os.path.isdir(self.host_layers):
+            raise RuntimeError(f"the fractal repo has no layers dir {self.host_layers} "
+                               "(is FRACTAL_ROOT the snapshotter's root?)")
+        self.view.create()
         self._dir_ready = True
 
     async def _start(self) -> Any:
         import asyncio
         import subprocess
 
+        from ccpu.agent.client import AgentClient
         from ccpu.vm import accel, qemu, shares
 
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         self._prepare_dir()
-        if not os.path.isdir(self.host_layers):
-            raise RuntimeError(f"the fractal repo has no layers dir {self.host_layers} "
-                               "(is FRACTAL_ROOT the snapshotter's root?)")
         guest = await loop.run_in_executor(None, self._guest)
         self.guest_kernel = str(guest.manifest.get("kernel", {}).get("version", ""))
         self.timings["guest"] = time.monotonic() - t0
@@ -389,8 +416,6 @@ class VmSandbox(Sandbox):
         vfsd = shares.find_virtiofsd()
         self.share, why = shares.decide(None if s.share == "auto" else s.share,
                                         os.environ.get("FRACTAL_SHARE") or None, vfsd)
-        layers = qemu.Share(LAYERS_TAG, self.host_layers, GUEST_LAYERS, True, self.share,
-                            "vfs.sock" if self.share == "virtiofs" else None)
         if self.netns is not None:  # the pod's network (CRI): its eth0 becomes the guest's
             from ccpu.vm import net
 
@@ -400,43 +425,45 @@ class VmSandbox(Sandbox):
                 raise RuntimeError(f"cannot connect the pod network {self.netns} to the VM: {exc}") from None
             log.info("pod network %s: %s", self.netns,
                      ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in self._net.interfaces) or "no IPv4 interface")
-        qemu_log = os.open(os.path.join(self.dir, "qemu.log"),
-                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # Everything QEMU uses arrives opened (it may run as a uid that can reach nothing here):
+        # the agent's channel is one end of a socketpair, virtiofsd connections are made here,
+        # the console log and the boot files are fds (ccpu/vm/qemu.py).
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        passed: list[Any] = [theirs]
+        fds: list[int] = []
         try:
-            if self.share == "virtiofs":
-                assert vfsd and layers.socket
-                vlog = os.open(os.path.join(self.dir, "virtiofsd.log"),
-                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-                try:
-                    # spawned on the loop's thread: PDEATHSIG follows the thread that forked
-                    proc = shares.start_virtiofsd(vfsd, layers, layers.socket, cwd=self.dir,
-                                                  stderr=vlog)
-                finally:
-                    os.close(vlog)
-                self._helpers[proc.pid] = self.reaper.wait(proc.pid)
-                self._helpers[proc.pid].add_done_callback(
-                    lambda fut, pid=proc.pid: self._helper_exited("virtiofsd", pid, fut))
+            shares_ = [self._share(LAYERS_TAG, self.view.path, GUEST_LAYERS, True, vfsd, passed),
+                       self._share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES, False, vfsd, passed)]
+            fds.append(os.open(self.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+            fds.append(os.open(os.path.join(self.dir, "qemu.log"),
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
             cfg = qemu.VMConfig(
                 kernel=str(guest.kernel), initramfs=str(guest.initramfs),
-                console_log=self.console_log, accel=self.accel, memory_mb=s.memory_mb,
-                cpus=s.cpus, mode="agent", repo=None,
-                shares=[layers, qemu.Share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
-                                           readonly=False, type="9p")],
-                ports=[qemu.Port(AGENT_PORT, "agent.sock")],
+                console_log=self.console_log, console_fd=fds[0], accel=self.accel, memory_mb=s.memory_mb,
+                cpus=s.cpus, mode="agent", repo=None, shares=shares_,
+                ports=[qemu.Port(AGENT_PORT, fd=theirs.fileno())],
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
                 nics=self._net.nics if self._net else (),
                 cmdline_extra=self._net.cmdline if self._net else ())
+            cfg, boot_fds = qemu.open_boot_files(cfg)
+            fds += boot_fds
+            creds, self.qemu_user = qemu.choose_creds(cfg, s.qemu_uid_base, os.getpid())
             argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
-            log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s); run dir %s",
-                     self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.dir)
+            log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s), QEMU as %s; run dir %s",
+                     self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.qemu_user,
+                     self.dir)
             log.debug("qemu: %s", " ".join(argv))
-            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=qemu_log, cwd=self.dir,
-                              pass_fds=self._net.fds if self._net else ())
+            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[1], cwd="/", creds=creds,
+                              pass_fds=qemu.inherited_fds(cfg) + boot_fds)
         except BaseException:
+            ours.close()
             self._detach_net()
             raise
         finally:
-            os.close(qemu_log)
+            for c in passed:
+                c.close()
+            for fd in fds:
+                os.close(fd)
             if self._net is not None:
                 self._net.close_fds()  # QEMU holds the taps now
         self.pid = proc.pid
@@ -447,7 +474,8 @@ class VmSandbox(Sandbox):
 
         deadline = t0 + s.boot_timeout
         try:
-            client = await self._connect(deadline)
+            ours.setblocking(False)
+            client = await AgentClient.connect_socket(ours)
             self.timings["connected"] = time.monotonic() - t0
             client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
             client.add_lost_handler(self._link_lost)
@@ -482,29 +510,33 @@ class VmSandbox(Sandbox):
             raise RuntimeError(f"QEMU exited with {self.exit_status} during boot")
         raise TimeoutError
 
-    async def _connect(self, deadline: float) -> Any:
-        """Connect to the port's socket as soon as QEMU made it.  The agent need not be up:
-        QEMU keeps what we send in the socket until the guest opens the port."""
-        import asyncio
-        import socket
+    def _share(self, tag: str, host: str, guest: str, readonly: bool, vfsd: str | None,
+               passed: list[Any]) -> Any:
+        """One file share of the VM: over virtiofs, a virtiofsd of its own (started here, its
+        connection appended to ``passed`` for QEMU); else 9p, served by QEMU itself."""
+        from ccpu.vm import qemu, shares
 
-        from ccpu.agent.client import AgentClient
-
-        loop = asyncio.get_running_loop()
-        addr = self._sock_addr("agent.sock")
-        while True:
-            if self.exit_status is not None:
-                raise RuntimeError(f"QEMU exited with {self.exit_status} before its socket was ready")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, addr)
-                return await AgentClient.connect_socket(sock)
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError
-            await asyncio.sleep(0.01)
+        if self.share != "virtiofs":
+            return qemu.Share(tag, host, guest, readonly, "9p")
+        assert vfsd
+        name = f"vfs-{tag}.sock"
+        share = qemu.Share(tag, host, guest, readonly, "virtiofs", name)
+        vlog = os.open(os.path.join(self.dir, "virtiofsd.log"),
+                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            # spawned on the loop's thread: PDEATHSIG follows the thread that forked
+            # The layer view is a tmpfs with one bind per layer: announced as submounts, each
+            # layer would be an automount point in the guest, which overlayfs refuses as a lower
+            # dir ("filesystem not supported").  Not announced, the guest sees one file system.
+            extra = ["--no-announce-submounts"] if tag == LAYERS_TAG else []
+            proc = shares.start_virtiofsd(vfsd, share, name, cwd=self.dir, stderr=vlog, extra=extra)
+        finally:
+            os.close(vlog)
+        self._helpers[proc.pid] = self.reaper.wait(proc.pid)
+        self._helpers[proc.pid].add_done_callback(
+            lambda fut, pid=proc.pid: self._helper_exited("virtiofsd", pid, fut))
+        passed.append(shares.connect(self._sock_addr(name)))
+        return qemu.Share(tag, host, guest, readonly, "virtiofs", fd=passed[-1].fileno())
 
     def diagnose(self) -> str:
         return (f"VM pid {self.pid} ({'alive' if self.exit_status is None else f'exited {self.exit_status}'}); "
@@ -537,7 +569,7 @@ class VmSandbox(Sandbox):
         file access in its containers would hang for ever -- end the VM and report them exited."""
         if fut.cancelled() or self._stopping:
             return
-        log.error("%s pid %s exited with %s while its VM runs: the guest's layers are gone; "
+        log.error("%s pid %s exited with %s while its VM runs: a share of the guest is gone; "
                   "stopping the VM", name, pid, fut.result())
         self._report_lost(f"{name} exited with {fut.result()}")
 
@@ -613,6 +645,9 @@ class VmSandbox(Sandbox):
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+        problems = self.view.close()  # exactly the view's recorded mounts
+        if problems:
+            log.error("layer view %s: %s", self.view.path, "; ".join(problems))
         try:
             remove_tree(self.dir)  # unmounts the volume binds first; never removes host data
         except VolumeError as exc:

@@ -50,7 +50,7 @@ def choose(requested: str | None = None) -> tuple[str, str]:
     return t, why
 
 
-def virtiofsd_argv(binary: str, share: Share, socket_path: str) -> list[str]:
+def virtiofsd_argv(binary: str, share: Share, socket_path: str, extra: Sequence[str] = ()) -> list[str]:
     """virtiofsd for one share.  Pure.
 
     `--sandbox chroot` keeps the daemon inside the shared dir without needing user
@@ -62,17 +62,18 @@ def virtiofsd_argv(binary: str, share: Share, socket_path: str) -> list[str]:
             "--sandbox", "chroot", "--cache", "auto", "--log-level", "error"]
     if share.readonly:
         argv.append("--readonly")
-    return argv
+    return argv + list(extra)
 
 
 def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float = 10.0, *,
-                    cwd: str | None = None, stderr: int | None = subprocess.PIPE,
+                    cwd: str | None = None, stderr: int | None = subprocess.PIPE, extra: Sequence[str] = (),
                     poll: Callable[[subprocess.Popen], int | None] | None = None) -> subprocess.Popen:
     """Start virtiofsd and wait for its socket (QEMU fails if it connects too early).
 
     ``cwd``: a relative ``socket_path`` is relative to it.  ``poll(proc)``: how to learn that it
-    exited (default ``proc.poll()``; a caller whose own reaper collects children passes its own)."""
-    proc = spawn(virtiofsd_argv(binary, share, socket_path), stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
+    exited (default ``proc.poll()``; a caller whose own reaper collects children passes its own).
+    ``extra``: more virtiofsd arguments."""
+    proc = spawn(virtiofsd_argv(binary, share, socket_path, extra), stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
     check = poll or (lambda p: p.poll())
     where = os.path.join(cwd, socket_path) if cwd else socket_path
     deadline = time.monotonic() + timeout
