@@ -439,7 +439,7 @@ class VmSandbox(Sandbox):
                                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
             cfg = qemu.VMConfig(
                 kernel=str(guest.kernel), initramfs=str(guest.initramfs),
-                console_log=self.console_log, console_fd=fds[0], accel=self.accel, memory_mb=s.memory_mb,
+                console_log=self.console_log, console_fd=fds[0], name=self.dir, accel=self.accel, memory_mb=s.memory_mb,
                 cpus=s.cpus, mode="agent", repo=None, shares=shares_,
                 ports=[qemu.Port(AGENT_PORT, fd=theirs.fileno())],
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
@@ -453,7 +453,7 @@ class VmSandbox(Sandbox):
                      self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.qemu_user,
                      self.dir)
             log.debug("qemu: %s", " ".join(argv))
-            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[1], cwd="/", creds=creds,
+            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[1], cwd=self.dir, creds=creds,
                               pass_fds=qemu.inherited_fds(cfg) + boot_fds)
         except BaseException:
             ours.close()

@@ -97,6 +97,7 @@ class VMConfig:
     firmware: str | None = None  # None: qboot if present (q35); microvm has it built in
     debug: bool = False
     console_fd: int | None = None  # write the console to this inherited fd instead of console_log
+    name: str | None = None  # -name: tells operators (ps) which QEMU is whose, e.g. the sandbox's run dir
     sandbox: bool = True  # -sandbox SANDBOX (QEMU's seccomp filter)
     rng: bool = True  # virtio-rng: the guest's CRNG is ready at once (Python's os.urandom never waits)
 
@@ -180,6 +181,8 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
     micro = cfg.machine == "microvm"
     bus = "device" if micro else "pci"  # virtio-X-device (mmio) vs virtio-X-pci
     argv = [cfg.qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    if cfg.name:
+        argv += ["-name", "guest=" + cfg.name.replace(",", ",,")]
     vfs = uses_virtiofs(cfg)
     # vhost-user daemons (virtiofsd) map the guest's RAM: it must be a shareable memfd
     mem = ",memory-backend=mem" if vfs else ""

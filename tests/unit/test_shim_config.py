@@ -175,8 +175,23 @@ def test_placement_host_is_identity() -> None:
 def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
     from ccpu.ttrpc import TtrpcError
 
+    class View:  # the layer view mounts (tests/security/test_vm_layer_view.py); here: its calls
+        path = str(tmp_path / "view")
+        owners: dict = {}
+
+        def create(self) -> None:
+            pass
+
+        def set(self, owner: str, dirs: list) -> None:
+            self.owners[owner] = list(dirs)
+
+        def drop(self, owner: str) -> None:
+            self.owners.pop(owner, None)
+
     sb = vm.VmSandbox(reaper=None, namespace="ns", group="g", repo_root="/var/lib/fractal",
                       run_dir=str(tmp_path), settings=c.VmSettings())
+    sb.view = View()
+    sb._dir_ready = True  # no repo here: nothing to prepare
     assert sb.layer_path(f"{LAYERS}/a") == "/repo/layers/a"
     spec = {"process": {"args": ["true"]}, "mounts": [{"destination": "/proc", "type": "proc"}]}
     rootfs = {"kind": "layers", "lowers": [f"{LAYERS}/a"], "upper": "/u", "work": "/w"}
@@ -189,6 +204,7 @@ def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
                                "work": "/run/fractal/containers/c1/work"},
                     "files": [], "dirs": [], "sysctls": {}}
     assert (bundle / "console.log").is_symlink()
+    assert sb.view.owners == {"c1": [f"{LAYERS}/a"]}  # its layers become visible to the guest
     with pytest.raises(TtrpcError, match="fractal snapshotter"):
         sb.placement("c2", str(bundle), {"kind": "mounts", "mounts": []}, spec)
     with pytest.raises(TtrpcError, match="bind of host path .*/dev/null"):

@@ -147,6 +147,11 @@ def test_connected_fds_replace_every_path_qemu_would_open() -> None:
     assert sorted(qemu.inherited_fds(c)) == [7, 8, 9]
 
 
+def test_the_name_says_whose_vm_it_is() -> None:
+    assert opt_after(qemu.command(cfg(name="/run/vms/ns,1/g")), "-name") == ["guest=/run/vms/ns,,1/g"]
+    assert "-name" not in qemu.command(cfg())
+
+
 def test_a_port_needs_exactly_one_of_socket_and_fd() -> None:
     for port in (Port("p"), Port("p", "/s/p", 3)):
         with pytest.raises(qemu.ConfigError):
