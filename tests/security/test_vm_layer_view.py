@@ -23,65 +23,23 @@ from pathlib import Path
 import pytest
 
 from hack.containerd_env import FractalEnv
+from tests.integration.test_layers_live_vm import fractal
+from tests.integration.test_shim_vm import (_virtiofs, exec_, remove, start_detached, task_status, vm_dir, vm_pid,
+                                           wait_for)
 
-RUNTIME = "io.containerd.fractal.v1"
-VM = ("--annotation", "io.fractal.mode=vm")
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/qemu-system-x86_64").exists(), reason="needs QEMU")
 
 
-def wait_for(cond, timeout: float = 60.0, what: str = "condition"):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def _virtiofs() -> bool:
-    from ccpu.vm import shares
-
-    return shares.find_virtiofsd() is not None
-
-
-def task_status(env: FractalEnv, ns: str, cid: str) -> str:
-    for line in env.ctr("tasks", "ls", namespace=ns).stdout.splitlines()[1:]:
-        parts = line.split()
-        if parts and parts[0] == cid:
-            return parts[-1]
-    return ""
-
-
-def start(env: FractalEnv, ns: str, image: str, cid: str, *extra: str) -> None:
-    env.ctr("run", "-d", "--snapshotter", "fractal", "--fifo-dir", str(env.fifo_dir), "--runtime", RUNTIME,
-            *VM, *extra, image, cid, "sleep", "600", namespace=ns, timeout=240)
-    wait_for(lambda: task_status(env, ns, cid) == "RUNNING", what=f"{cid} running")
-
-
-def remove(env: FractalEnv, ns: str, cid: str) -> None:
-    env.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=ns, check=False)
-    deadline = time.monotonic() + 60
-    while env.ctr("tasks", "delete", cid, namespace=ns, check=False).returncode != 0:
-        if task_status(env, ns, cid) == "" or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    env.ctr("containers", "rm", cid, namespace=ns, check=False)
-
-
-def exec_(env: FractalEnv, ns: str, cid: str, script: str) -> str:
-    eid = f"x{time.monotonic_ns()}"
-    return env.ctr("tasks", "exec", "--exec-id", eid, cid, "sh", "-c", script, namespace=ns,
-                   timeout=120).stdout
+def sh(env: FractalEnv, ns: str, cid: str, script: str) -> str:
+    return exec_(env, ns, cid, f"x{time.monotonic_ns()}", "sh", "-c", script).stdout
 
 
 def guest_layers(env: FractalEnv, ns: str, cid: str) -> set[str]:
     """What guest root finds at the layer share: mounted by the CAP_SYS_ADMIN container."""
     # ro like the guest's own mount of the tag: the same superblock is then shared with it
-    out = exec_(env, ns, cid, "mkdir -p /tmp/share && { grep -q ' /tmp/share ' /proc/mounts || "
+    out = sh(env, ns, cid, "mkdir -p /tmp/share && { grep -q ' /tmp/share ' /proc/mounts || "
                               "mount -t virtiofs -o ro fractallayers /tmp/share; } && ls -a /tmp/share")
     return set(out.split()) - {".", ".."}
 
@@ -97,39 +55,17 @@ def repo_layers(env: FractalEnv) -> set[str]:
     return set(os.listdir(env.snapshotter_root / "layers"))
 
 
-def fractal(env: FractalEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    e = {**os.environ, "FRACTAL_RUN_DIR": str(env.fractal_run_dir), "FRACTAL_ROOT": str(env.snapshotter_root)}
-    return subprocess.run([sys.executable, "-m", "ccpu.cli", *args], capture_output=True, text=True, env=e,
-                          timeout=120)
-
-
-def vm_dir(env: FractalEnv, ns: str, group: str) -> Path:
-    return env.fractal_run_dir / "vms" / ns / group
-
-
 def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` in containerd's mount namespace (where the shim mounts)."""
-    pid = env_containerd_pid(path)
+    """Mount points at or below ``path`` (the harness runs containerd, hence the shims, in the
+    test's own mount namespace)."""
     prefix = str(path)
     out = []
-    with open(f"/proc/{pid}/mountinfo") as f:
+    with open("/proc/self/mountinfo") as f:
         for line in f:
             mp = line.split()[4]
             if mp == prefix or mp.startswith(prefix + "/"):
                 out.append(mp)
     return out
-
-
-def env_containerd_pid(path: Path) -> int | str:
-    return "self"  # the harness runs containerd in the test's own mount namespace
-
-
-def qemu_of(env: FractalEnv, ns: str, group: str) -> int:
-    for line in (vm_dir(env, ns, group) / "pids").read_text().splitlines():
-        name, pid, _ = line.split()
-        if name == "qemu":
-            return int(pid)
-    raise AssertionError("no qemu pid recorded")
 
 
 @pytest.fixture
@@ -148,7 +84,7 @@ def test_a_vm_sees_only_its_containers_layers_as_they_come_and_go(fenv: FractalE
     fenv.pull(bb, namespace=namespace)
     fenv.pull(tools, namespace=namespace)
     cid = "view-root"
-    start(fenv, namespace, bb, cid, "--cap-add", "CAP_SYS_ADMIN")
+    start_detached(fenv, namespace, bb, cid, "sleep", "600", extra=("--cap-add", "CAP_SYS_ADMIN"))
     try:
         mine = own_layers(fenv, namespace, cid)
         others = repo_layers(fenv) - mine
@@ -162,7 +98,7 @@ def test_a_vm_sees_only_its_containers_layers_as_they_come_and_go(fenv: FractalE
         )["layers"] if la.get("live")}
         assert added and not added <= mine
         assert guest_layers(fenv, namespace, cid) == mine | added
-        assert exec_(fenv, namespace, cid, "cat /opt/tools/hello.txt") == "hello from tools\n"
+        assert sh(fenv, namespace, cid, "cat /opt/tools/hello.txt") == "hello from tools\n"
 
         r = fractal(fenv, "layers", "rm", "-a", str(fenv.address), "-n", namespace, cid, tools)
         assert r.returncode == 0, r.stderr
@@ -179,11 +115,11 @@ def test_a_dead_shims_view_is_unmounted_by_containerds_delete(fenv: FractalEnv, 
     bb = registry.ref("busybox")
     fenv.pull(bb, namespace=namespace)
     cid = "view-kill"
-    start(fenv, namespace, bb, cid)
+    start_detached(fenv, namespace, bb, cid, "sleep", "600")
     view = vm_dir(fenv, namespace, cid) / "layers"
     try:
         assert str(view) in mounts_under(view)
-        pid = qemu_of(fenv, namespace, cid)
+        pid = vm_pid(fenv, namespace, cid)
         shim = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # QEMU's parent
         os.kill(shim, signal.SIGKILL)
         # containerd notices the dead shim and runs `containerd-shim-fractal-v1 delete`
@@ -198,10 +134,10 @@ def test_qemu_runs_unprivileged_under_seccomp(fenv: FractalEnv, registry, namesp
     bb = registry.ref("busybox")
     fenv.pull(bb, namespace=namespace)
     cid = "qemu-confined"
-    start(fenv, namespace, bb, cid)
+    start_detached(fenv, namespace, bb, cid, "sleep", "600")
     try:
         status = dict(line.split(":", 1) for line in
-                      Path(f"/proc/{qemu_of(fenv, namespace, cid)}/status").read_text().splitlines())
+                      Path(f"/proc/{vm_pid(fenv, namespace, cid)}/status").read_text().splitlines())
         assert status["Seccomp"].strip() == "2"  # -sandbox on
         assert status["NoNewPrivs"].strip() == "1"
         uids = set(status["Uid"].split())
