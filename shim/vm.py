@@ -2,22 +2,26 @@
 
 :class:`VmSandbox` implements the :class:`shim.sandbox.Sandbox` interface.  The first container
 of a sandbox boots the guest (``fractal guest build``'s kernel + initramfs, built on demand);
-the guest's init runs the agent on the virtio-serial port ``fractal.agent``, whose host end is a
-unix socket QEMU listens on; the shim connects to it and speaks the unchanged agent protocol.
+the guest's init runs the agent on the virtio-serial port ``fractal.agent``, whose host end is
+the shim's end of a socketpair; the shim speaks the unchanged agent protocol over it.
 When the shim daemon exits (its last container was deleted) the agent is told to ``shutdown``
 and QEMU is stopped (SIGTERM, then SIGKILL).
 
-Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/``: ``agent.sock`` (the port),
-``vfs.sock`` (virtiofsd, if used), ``volumes/`` (the containers' volume binds), ``console.log`` (the guest's serial console; symlinked into
-every container bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's
-and virtiofsd's pid + start time, for :func:`cleanup_dead` when the shim is gone).  Sockets are
-given to QEMU/virtiofsd relative to the run dir (their cwd): a unix socket path has at most 107
-bytes and CRI sandbox ids alone are 64.
+Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/`` (root, 0700): ``layers/`` (the
+layer view, :mod:`shim.layerview`) and its record ``layers.mounts``, ``volumes/`` (the containers'
+volume binds), ``vfs-<tag>.sock`` (a virtiofsd per share, if used), ``console.log`` (the guest's
+serial console; symlinked into every container bundle as ``console.log``), ``qemu.log`` (QEMU's
+stderr) and ``pids`` (QEMU's and virtiofsd's pid + start time, for :func:`cleanup_dead` when the
+shim is gone).  virtiofsd gets its socket relative to the run dir (its cwd): a unix socket path has
+at most 107 bytes and CRI sandbox ids alone are 64.  QEMU gets no path at all: it may run as a uid
+of its own that can reach nothing here (ccpu/vm/qemu.py), so its agent port is one end of a
+socketpair and the console, boot files and virtiofsd connections are passed as fds.
 
 What the guest sees (pure translation, :func:`guest_rootfs`):
 
-* the repo's layer dir ``<FRACTAL_ROOT>/layers`` read-only at ``/repo/layers`` (9p or
-  virtiofs): a host lower ``<root>/layers/<id>`` is ``/repo/layers/<id>`` in the guest;
+* the sandbox's layer view read-only at ``/repo/layers`` (9p or virtiofs): one read-only bind of
+  ``<FRACTAL_ROOT>/layers/<id>`` at ``<id>`` per layer its containers stack, nothing else, so a
+  host lower ``<root>/layers/<id>`` is ``/repo/layers/<id>`` in the guest;
 * the container's upper/work dirs live IN the guest, on tmpfs:
   ``/run/fractal/containers/<id>/{upper,work}`` (the agent creates and removes them).  Writes
   are limited by guest RAM and gone when the VM stops -- container semantics for ``--rm``; the
@@ -26,7 +30,7 @@ What the guest sees (pure translation, :func:`guest_rootfs`):
   config.json).
 
 The spec itself is translated by :mod:`shim.guestspec` (small host files copied in, volumes
-bound into ``volumes/`` of the run dir and shared over 9p by :mod:`shim.volumes`, the pod's
+bound into ``volumes/`` of the run dir and shared (virtiofs or 9p) by :mod:`shim.volumes`, the pod's
 /dev/shm a guest dir, the pod netns dropped for the VM's own network, host hooks run here by
 :mod:`shim.hooks`).  Anything the guest cannot use is refused with FailedPrecondition: a rootfs
 whose lower dirs are not repo layers (e.g. the overlayfs snapshotter), bind mounts of device

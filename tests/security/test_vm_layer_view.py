@@ -24,7 +24,7 @@ import pytest
 
 from hack.containerd_env import FractalEnv
 from tests.integration.test_layers_live_vm import fractal
-from tests.integration.test_shim_vm import (_virtiofs, exec_, remove, start_detached, task_status, vm_dir, vm_pid,
+from tests.integration.test_shim_vm import (_virtiofsd, exec_, remove, start_detached, task_status, vm_dir, vm_pid,
                                            wait_for)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def other_tenant(fenv: FractalEnv, registry) -> str:  # noqa: ANN001
     fenv.remove_namespace(ns)
 
 
-@pytest.mark.skipif(not _virtiofs(), reason="guest root reads the share by mounting its virtiofs tag")
+@pytest.mark.skipif(not _virtiofsd(), reason="guest root reads the share by mounting its virtiofs tag")
 def test_a_vm_sees_only_its_containers_layers_as_they_come_and_go(fenv: FractalEnv, registry, namespace: str,  # noqa: ANN001
                                                                    other_tenant: str) -> None:
     bb, tools = registry.ref("busybox"), registry.ref("tools")
@@ -141,7 +141,7 @@ def test_qemu_runs_unprivileged_under_seccomp(fenv: FractalEnv, registry, namesp
         assert status["Seccomp"].strip() == "2"  # -sandbox on
         assert status["NoNewPrivs"].strip() == "1"
         uids = set(status["Uid"].split())
-        if _virtiofs():  # QEMU serves no file itself: a uid of its own, no capabilities
+        if _virtiofsd():  # QEMU serves no file itself: a uid of its own, no capabilities
             assert uids != {"0"} and len(uids) == 1 and int(uids.pop()) >= 65536
             assert set(status["Gid"].split()) == set(status["Uid"].split())
             assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
