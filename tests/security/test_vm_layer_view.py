@@ -125,7 +125,7 @@ def test_a_dead_shims_view_is_unmounted_by_containerds_delete(fenv: FractalEnv, 
         # containerd notices the dead shim and runs `containerd-shim-fractal-v1 delete`
         wait_for(lambda: task_status(fenv, namespace, cid) == "", what="task cleaned up")
         wait_for(lambda: not mounts_under(vm_dir(fenv, namespace, cid)), what="view unmounted")
-        assert not vm_dir(fenv, namespace, cid).exists()
+        wait_for(lambda: not vm_dir(fenv, namespace, cid).exists(), what="VM run dir removed")
     finally:
         remove(fenv, namespace, cid)
 
