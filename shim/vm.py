@@ -437,13 +437,14 @@ class VmSandbox(Sandbox):
         fds: list[int] = []
         try:
             shares_ = [self._share(LAYERS_TAG, self.view.path, GUEST_LAYERS, True, vfsd, passed),
-                       self._share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES, False, vfsd, passed)]
-            fds.append(os.open(self.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
-            fds.append(os.open(os.path.join(self.dir, "qemu.log"),
-                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+                       self._share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES, False, vfsd,
+                                   passed)]
+            append = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            fds.append(os.open(self.console_log, append, 0o600))
+            fds.append(os.open(os.path.join(self.dir, "qemu.log"), append, 0o600))
             cfg = qemu.VMConfig(
-                kernel=str(guest.kernel), initramfs=str(guest.initramfs),
-                console_log=self.console_log, console_fd=fds[0], name=self.dir, accel=self.accel, memory_mb=s.memory_mb,
+                kernel=str(guest.kernel), initramfs=str(guest.initramfs), console_log=self.console_log,
+                console_fd=fds[0], name=self.dir, accel=self.accel, memory_mb=s.memory_mb,
                 cpus=s.cpus, mode="agent", repo=None, shares=shares_,
                 ports=[qemu.Port(AGENT_PORT, fd=theirs.fileno())],
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
@@ -453,12 +454,12 @@ class VmSandbox(Sandbox):
             fds += boot_fds
             creds, self.qemu_user = qemu.choose_creds(cfg, s.qemu_uid_base, os.getpid())
             argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
-            log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s), QEMU as %s; run dir %s",
-                     self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.qemu_user,
-                     self.dir)
+            log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s), QEMU as %s; "
+                     "run dir %s", self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why,
+                     self.qemu_user, self.dir)
             log.debug("qemu: %s", " ".join(argv))
-            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[1], cwd=self.dir, creds=creds,
-                              pass_fds=qemu.inherited_fds(cfg) + boot_fds)
+            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[1], cwd=self.dir,
+                              creds=creds, pass_fds=qemu.inherited_fds(cfg) + boot_fds)
         except BaseException:
             ours.close()
             self._detach_net()
