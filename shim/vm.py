@@ -540,7 +540,11 @@ class VmSandbox(Sandbox):
         self._helpers[proc.pid] = self.reaper.wait(proc.pid)
         self._helpers[proc.pid].add_done_callback(
             lambda fut, pid=proc.pid: self._helper_exited("virtiofsd", pid, fut))
-        passed.append(shares.connect(self._sock_addr(name)))
+        try:
+            passed.append(shares.connect(self._sock_addr(name)))
+        except OSError as exc:
+            raise RuntimeError(f"virtiofsd pid {proc.pid} for share {tag} does not accept on "
+                               f"{os.path.join(self.dir, name)}: {exc}") from None
         return qemu.Share(tag, host, guest, readonly, "virtiofs", fd=passed[-1].fileno())
 
     def diagnose(self) -> str:

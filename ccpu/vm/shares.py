@@ -88,18 +88,26 @@ def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float 
     raise RuntimeError(f"virtiofsd did not create {socket_path} within {timeout}s")
 
 
-def connect(socket_path: str) -> "socket.socket":
+def connect(socket_path: str, timeout: float = 10.0) -> "socket.socket":
     """The one connection a virtiofsd serves, made here and handed to QEMU as an fd (QEMU may run
-    as a user that cannot reach the socket's directory)."""
+    as a user that cannot reach the socket's directory).  virtiofsd binds before it listens: a
+    connect in between is refused, so that is retried (briefly: a daemon that died stays refused)."""
     import socket
 
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(socket_path)
-    except BaseException:
-        s.close()
-        raise
-    return s
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(socket_path)
+            return s
+        except ConnectionRefusedError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        except BaseException:
+            s.close()
+            raise
 
 
 def stop_all(procs: Sequence[subprocess.Popen]) -> None:

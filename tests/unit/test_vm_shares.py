@@ -25,3 +25,27 @@ def test_virtiofsd_argv_read_only_and_no_tag() -> None:
     assert "--readonly" in argv and "--tag" not in argv
     rw = shares.virtiofsd_argv("/bin/virtiofsd", Share("t", "/w", "/work", False, "virtiofs", "/s"), "/s")
     assert "--readonly" not in rw
+
+
+def test_connect_waits_for_a_socket_bound_but_not_yet_listening(tmp_path) -> None:
+    import socket
+    import threading
+
+    from ccpu.vm import shares
+
+    path = str(tmp_path / "vfs.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)  # virtiofsd's window between bind() and listen()
+    timer = threading.Timer(0.2, srv.listen, (1,))
+    timer.start()
+    try:
+        conn = shares.connect(path, timeout=5)
+        conn.close()
+        refused = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        refused.bind(str(tmp_path / "dead.sock"))
+        with pytest.raises(ConnectionRefusedError):
+            shares.connect(str(tmp_path / "dead.sock"), timeout=0.1)
+        refused.close()
+    finally:
+        timer.join()
+        srv.close()
