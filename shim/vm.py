@@ -46,7 +46,7 @@ from typing import Any
 from shim import guestspec
 from shim.guestspec import NotInVm
 from shim.volumes import SHARE_TAG as VOLUMES_TAG
-from shim.volumes import VolumeDir, VolumeError, remove_tree
+from shim.volumes import VolumeDir, VolumeError, remove_run_dir
 
 log = logging.getLogger("shim.vm")
 
@@ -182,7 +182,7 @@ def cleanup_dead(run_dir: str) -> list[int]:
     while killed and time.monotonic() < deadline and any(_start_time(p) for p in killed):
         time.sleep(0.02)
     try:
-        remove_tree(run_dir)  # the volume binds are unmounted first: host data is never removed
+        remove_run_dir(run_dir)  # the recorded volume binds are unmounted first: host data is never removed
     except VolumeError as exc:
         log.error("%s", exc)
     for d in (os.path.dirname(run_dir),):  # the namespace dir, if now empty
@@ -233,7 +233,7 @@ class VmSandbox(Sandbox):
         self._net: Any = None  # ccpu.vm.net.Attachment while the VM is attached to self.netns
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
-        self.volumes = VolumeDir(os.path.join(self.dir, "volumes"))  # shared over 9p (shim/volumes.py)
+        self.volumes = VolumeDir(self.dir)  # <dir>/volumes, shared over 9p (shim/volumes.py)
         self._dir_ready = False
 
     # -- interface --------------------------------------------------------------------------
@@ -431,7 +431,7 @@ class VmSandbox(Sandbox):
                      self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.dir)
             log.debug("qemu: %s", " ".join(argv))
             proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=qemu_log, cwd=self.dir,
-                              pass_fds=self._net.fds if self._net else ())
+                              pass_fds=self._net.fds if self._net else (), guard_shares=True)
         except BaseException:
             self._detach_net()
             raise
@@ -613,8 +613,9 @@ class VmSandbox(Sandbox):
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+        self.volumes.close()
         try:
-            remove_tree(self.dir)  # unmounts the volume binds first; never removes host data
+            remove_run_dir(self.dir)  # unmounts the recorded volume binds first; never removes host data
         except VolumeError as exc:
             log.error("%s", exc)
         try:
