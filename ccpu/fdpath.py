@@ -60,8 +60,10 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int = STRICT, mode: int 
 
 def open_path(dirfd: int, path: str, *, cross_mounts: bool = True, directory: bool = False) -> int:
     """An O_PATH fd of ``dirfd/path`` (no symlinks, beneath ``dirfd``); with
-    ``cross_mounts=False`` a mount point on the way (the last component included) is EXDEV."""
-    flags = os.O_PATH | os.O_NOFOLLOW | (os.O_DIRECTORY if directory else 0)
+    ``cross_mounts=False`` a mount point on the way (the last component included) is EXDEV.
+    A symlink as the last component is ELOOP too (no O_NOFOLLOW: with it, openat2 would hand
+    out an fd of the symlink itself, and mount(2) onto that would cover the symlink)."""
+    flags = os.O_PATH | (os.O_DIRECTORY if directory else 0)
     return openat2(dirfd, path, flags, STRICT | (0 if cross_mounts else RESOLVE_NO_XDEV))
 
 

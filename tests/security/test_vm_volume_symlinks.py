@@ -11,16 +11,11 @@ volume_symlink_scenario.py), so a regression cannot detach the machine's mounts.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO
-
-SCENARIO = "tests.security.volume_symlink_scenario"
+from tests.security import privns
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,12 +28,8 @@ def _guest_built() -> None:
 
 
 def test_guest_symlink_in_volume_dir_cannot_steer_host_mounts(registry, tmp_path: Path) -> None:  # noqa: ANN001
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run(["unshare", "-m", "--propagation", "slave", "--", sys.executable, "-m", SCENARIO,
-                        "--registry", registry.address, "--work", str(tmp_path)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"scenario failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = privns.run("tests.security.volume_symlink_scenario", "--registry", registry.address,
+                     "--work", str(tmp_path))
     context = json.dumps(out, indent=1)
     assert out["private_mount_ns"]
     assert out["victim_start"][0] == 0 and out["attacker_start"][0] == 0, context

@@ -31,6 +31,7 @@ from pathlib import Path
 from ccpu.agent.mounts import MNT_DETACH, sys_mount, sys_umount
 from ccpu.agent.nsutil import mountinfo
 from hack.containerd_env import FractalEnv
+from tests.security.privns import in_private_mount_ns
 
 RUNTIME = "io.containerd.fractal.v1"
 
@@ -42,11 +43,6 @@ def _mount_ids_at(path: Path) -> list[int]:
 def _mounts_below(path: Path) -> list[str]:
     prefix = str(path).rstrip("/") + "/"
     return [point for _mid, _parent, point, _opts in mountinfo() if point.startswith(prefix)]
-
-
-def _own_mount_ns_is_private() -> bool:
-    """Ours differs from our parent's (the test that ran `unshare -m ... python3 -m THIS`)."""
-    return os.readlink("/proc/self/ns/mnt") != os.readlink(f"/proc/{os.getppid()}/ns/mnt")
 
 
 def _status(env: FractalEnv, ns: str, cid: str) -> str:
@@ -84,7 +80,7 @@ def _remove(env: FractalEnv, ns: str, cid: str) -> None:
 
 
 def scenario(registry: str, work: Path) -> dict:
-    out: dict = {"private_mount_ns": _own_mount_ns_is_private()}
+    out: dict = {"private_mount_ns": in_private_mount_ns()}
     if not out["private_mount_ns"]:
         raise SystemExit("refusing to run outside a private mount namespace")
     bait, bait2 = work / "bait", work / "bait2"
