@@ -22,6 +22,8 @@ import stat
 import sys
 from dataclasses import dataclass
 
+from ccpu.agent import nsutil
+
 SYS_OPENAT2 = 437
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -30,17 +32,13 @@ RESOLVE_BENEATH = 0x08
 #: what every lookup here uses: no symlink of any kind, nothing outside the starting dir
 STRICT = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
-AT_EMPTY_PATH = 0x1000
-STATX_MNT_ID = 0x1000
 STATX_ATTR_MOUNT_ROOT = 0x2000
-_STATX_SIZE = 256
 _STATX_ATTRIBUTES = 8
 _STATX_ATTRIBUTES_MASK = 56
 _STATX_MNT_ID = 144
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
 
 
 class _OpenHow(ctypes.Structure):
@@ -81,11 +79,7 @@ class MountOf:
 
 
 def mount_of(fd: int) -> MountOf:
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if _libc.statx(fd, b"", AT_EMPTY_PATH, STATX_MNT_ID, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"statx fd {fd}: {os.strerror(err)}")
-    raw = buf.raw
+    raw = nsutil.statx(fd, "", nsutil.AT_EMPTY_PATH, nsutil.STATX_MNT_ID)
 
     def u64(off: int) -> int:
         return int.from_bytes(raw[off:off + 8], sys.byteorder)

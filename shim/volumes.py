@@ -248,16 +248,25 @@ class VolumeDir:
     def create(self) -> None:
         """Make the dir and its read-only view (the run dir exists and has no record yet)."""
         run_fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._mounts = mounts = _Mounts.load(run_fd)
-        fdpath.make_dir(run_fd, VOLUMES, 0o700)
-        self._rw = fdpath.open_path(run_fd, VOLUMES, cross_mounts=False, directory=True)
-        mounts.add(VOLUMES)
-        sys_mount(fdpath.fd_path(self._rw), fdpath.fd_path(self._rw), None, MS_BIND, None)
-        self._view = fdpath.open_path(run_fd, VOLUMES, directory=True)
-        mounts.mounted(VOLUMES, self._view)
-        view = fdpath.fd_path(self._view)
-        sys_mount(None, view, None, MS_PRIVATE, None)  # binds made in it go nowhere else
-        sys_mount(None, view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        try:
+            self._mounts = mounts = _Mounts.load(run_fd)
+        except BaseException:
+            os.close(run_fd)
+            raise
+        try:
+            fdpath.make_dir(run_fd, VOLUMES, 0o700)
+            self._rw = fdpath.open_path(run_fd, VOLUMES, cross_mounts=False, directory=True)
+            mounts.add(VOLUMES)
+            sys_mount(fdpath.fd_path(self._rw), fdpath.fd_path(self._rw), None, MS_BIND, None)
+            self._view = fdpath.open_path(run_fd, VOLUMES, directory=True)
+            mounts.mounted(VOLUMES, self._view)
+            view = fdpath.fd_path(self._view)
+            sys_mount(None, view, None, MS_PRIVATE, None)  # binds made in it go nowhere else
+            sys_mount(None, view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      None)
+        except BaseException:
+            self.close()  # what was mounted is in the record: remove_run_dir undoes it
+            raise
 
     def attach(self, cid: str, volumes: Sequence[Volume]) -> None:
         """Bind every volume's host path to its place; all or nothing."""

@@ -5,7 +5,6 @@ make them for it.  Prints one JSON object with what happened; the test judges it
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -33,6 +32,22 @@ def _try(fn) -> int:  # noqa: ANN001
         return 0
     except OSError as exc:
         return exc.errno or -1
+
+
+def _sandbox_with_a_volume(run: Path, cid: str, data: Path, mnt_id: int | None = None) -> None:
+    """A shim's volume dir with one volume of ``cid``, then the shim gone (its fds dropped),
+    its record saying ``mnt_id`` for that volume (when given: a damaged or crashed record)."""
+    run.mkdir()
+    vols = VolumeDir(str(run))
+    vols.create()
+    vols.attach(cid, [Volume(str(data), f"{cid}/0", True, False, True)])
+    if mnt_id is not None:
+        rec = json.loads((run / RECORD).read_text())
+        for m in rec["mounts"]:
+            if m["path"] == f"volumes/{cid}/0":
+                m["id"] = mnt_id or None
+        (run / RECORD).write_text(json.dumps(rec))
+    vols.close()
 
 
 def scenario(work: Path) -> dict:
@@ -74,31 +89,13 @@ def scenario(work: Path) -> dict:
                               "data": sorted(os.listdir(data))}
 
     # 3. the shim died between recording a mount and learning its id: the intent is enough
-    run.mkdir()
-    vols = VolumeDir(str(run))
-    vols.create()
-    vols.attach("c3", [Volume(str(data), "c3/0", True, False, True)])
-    rec = json.loads((run / RECORD).read_text())
-    for m in rec["mounts"]:
-        if m["path"] == "volumes/c3/0":
-            m["id"] = None
-    (run / RECORD).write_text(json.dumps(rec))
-    vols.close()
+    _sandbox_with_a_volume(run, "c3", data, mnt_id=0)  # 0: recorded without an id
     remove_run_dir(str(run))
     out["after_intent_only"] = {"run_dir_exists": run.exists(), "mounts_below": _below(run),
                                 "data": sorted(os.listdir(data))}
 
     # 4. a record naming another mount's id is not obeyed: only the recorded mount at its place goes
-    run.mkdir()
-    vols = VolumeDir(str(run))
-    vols.create()
-    vols.attach("c4", [Volume(str(data), "c4/0", True, False, True)])
-    rec = json.loads((run / RECORD).read_text())
-    for m in rec["mounts"]:
-        if m["path"] == "volumes/c4/0":
-            m["id"] = bait_id
-    (run / RECORD).write_text(json.dumps(rec))
-    vols.close()
+    _sandbox_with_a_volume(run, "c4", data, mnt_id=bait_id)
     try:
         remove_run_dir(str(run))
         out["mismatch_error"] = None

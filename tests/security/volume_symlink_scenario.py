@@ -25,16 +25,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ccpu.agent.mounts import MNT_DETACH, sys_mount, sys_umount
 from ccpu.agent.nsutil import mountinfo
 from hack.containerd_env import FractalEnv
+from tests.integration.test_shim_vm import RUNTIME, remove, task_status, wait_for
 from tests.security.privns import in_private_mount_ns
-
-RUNTIME = "io.containerd.fractal.v1"
-
 
 def _mount_ids_at(path: Path) -> list[int]:
     return [mid for mid, _parent, point, _opts in mountinfo() if point == str(path)]
@@ -45,38 +42,14 @@ def _mounts_below(path: Path) -> list[str]:
     return [point for _mid, _parent, point, _opts in mountinfo() if point.startswith(prefix)]
 
 
-def _status(env: FractalEnv, ns: str, cid: str) -> str:
-    r = env.ctr("tasks", "ls", namespace=ns)
-    for line in r.stdout.splitlines()[1:]:
-        parts = line.split()
-        if parts and parts[0] == cid:
-            return parts[-1]
-    return ""
-
-
-def _wait(cond, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def _start(env: FractalEnv, ns: str, image: str, cid: str, *extra: str) -> subprocess.CompletedProcess[str]:
     r = env.ctr("run", "-d", "--snapshotter", "fractal", "--fifo-dir", str(env.fifo_dir),
                 "--runtime", RUNTIME, "--annotation", "io.fractal.mode=vm",
                 "--annotation", "io.fractal.sandbox=atk", *extra, image, cid, "sleep", "600",
                 namespace=ns, timeout=240, check=False)
     if r.returncode == 0:
-        _wait(lambda: _status(env, ns, cid) == "RUNNING", f"{cid} running")
+        wait_for(lambda: task_status(env, ns, cid) == "RUNNING", what=f"{cid} running")
     return r
-
-
-def _remove(env: FractalEnv, ns: str, cid: str) -> None:
-    env.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=ns, check=False)
-    _wait(lambda: _status(env, ns, cid) in ("STOPPED", ""), f"{cid} stopped")
-    env.ctr("tasks", "delete", cid, namespace=ns, check=False)
-    env.ctr("containers", "rm", cid, namespace=ns, check=False)
 
 
 def scenario(registry: str, work: Path) -> dict:
@@ -110,9 +83,9 @@ def scenario(registry: str, work: Path) -> dict:
             r = _start(env, ns, image, "late", "--mount", vol.format(work / "late-data"))
             out["late_start"] = [r.returncode, r.stderr[-2000:]]
             for cid in ("late", "victim", "attacker"):
-                _remove(env, ns, cid)
+                remove(env, ns, cid)
             vms = env.fractal_run_dir / "vms"
-            _wait(lambda: not (vms / ns / "atk").exists(), "VM run dir removed", timeout=60)
+            wait_for(lambda: not (vms / ns / "atk").exists(), what="VM run dir removed")
             out["mounts_left_in_run_dir"] = _mounts_below(env.fractal_run_dir)
             env.remove_namespace(ns)
     finally:
