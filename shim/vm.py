@@ -47,7 +47,8 @@ from typing import Any
 from shim import guestspec
 from shim.guestspec import NotInVm
 from shim.volumes import SHARE_TAG as VOLUMES_TAG
-from shim.volumes import VolumeDir, VolumeError, remove_run_dir
+from shim.mountrecord import MountRecordError, remove_run_dir
+from shim.volumes import VolumeDir
 
 log = logging.getLogger("shim.vm")
 
@@ -184,7 +185,7 @@ def cleanup_dead(run_dir: str) -> list[int]:
         time.sleep(0.02)
     try:
         remove_run_dir(run_dir)  # the recorded volume binds are unmounted first: host data is never removed
-    except VolumeError as exc:
+    except MountRecordError as exc:  # VolumeError too
         log.error("%s", exc)
     for d in (os.path.dirname(run_dir),):  # the namespace dir, if now empty
         try:
@@ -271,7 +272,7 @@ class VmSandbox(Sandbox):
         self._prepare_dir()
         try:  # last: nothing after it can fail (else Create never reaches deleted() to undo it)
             self.volumes.attach(cid, translated.volumes)
-        except VolumeError as exc:
+        except MountRecordError as exc:  # VolumeError too
             raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
         if translated.host_hooks:
             from shim.hooks import ContainerHooks
@@ -617,7 +618,7 @@ class VmSandbox(Sandbox):
         self.volumes.close()
         try:
             remove_run_dir(self.dir)  # unmounts the recorded volume binds first; never removes host data
-        except VolumeError as exc:
+        except MountRecordError as exc:  # VolumeError too
             log.error("%s", exc)
         try:
             os.rmdir(os.path.dirname(self.dir))

@@ -13,7 +13,8 @@ from pathlib import Path
 from ccpu.agent.mounts import MNT_DETACH, sys_mount, sys_umount
 from ccpu.agent.nsutil import mountinfo
 from shim.guestspec import Volume
-from shim.volumes import RECORD, VolumeDir, VolumeError, remove_run_dir
+from shim.mountrecord import RECORD, MountRecordError, remove_run_dir
+from shim.volumes import VolumeDir
 from tests.security.privns import in_private_mount_ns
 
 
@@ -99,7 +100,7 @@ def scenario(work: Path) -> dict:
     try:
         remove_run_dir(str(run))
         out["mismatch_error"] = None
-    except VolumeError as exc:
+    except MountRecordError as exc:
         out["mismatch_error"] = str(exc)
     out["after_mismatch"] = {"bait_mounted": bait_id in _ids(), "data": sorted(os.listdir(data)),
                              "run_dir_exists": run.exists()}

@@ -1,4 +1,4 @@
-"""shim/volumes.py's record of mounts (pure): what may be recorded, the undo order, and that a
+"""shim/mountrecord.py's record of mounts (pure): what may be recorded, the undo order, and that a
 damaged record is refused rather than trusted."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from shim.volumes import MountRecord, VolumeError, volume_path
+from shim.mountrecord import MountRecord, MountRecordError
+from shim.volumes import VolumeError, volume_path
 
 
 def test_volume_path_stays_in_its_container_dir() -> None:
@@ -27,10 +28,11 @@ def test_undo_order_children_first_then_the_view() -> None:
     assert [e.path for e in rec.below("volumes")] == ["volumes/ab/0", "volumes/a/1", "volumes/a/0", "volumes"]
     rec.drop("volumes/a/1")
     assert [(e.path, e.mnt_id) for e in rec.below("volumes/a")] == [("volumes/a/0", 11)]
-    with pytest.raises(VolumeError):
+    with pytest.raises(MountRecordError):
         rec.add("volumes/a/0")  # twice
-    with pytest.raises(VolumeError):
+    with pytest.raises(MountRecordError):
         rec.set_id("volumes/zz/0", 3)
+    assert [e.path for e in rec.below()] == ["volumes/ab/0", "volumes/a/0", "volumes"]
 
 
 def test_json_round_trip() -> None:
@@ -46,8 +48,10 @@ def test_json_round_trip() -> None:
     "", "[]", "{}", '{"mounts": {}}',
     json.dumps({"mounts": [{"path": "/", "id": 1}]}),
     json.dumps({"mounts": [{"path": "volumes/../..", "id": 1}]}),
-    json.dumps({"mounts": [{"path": "volumes/c", "id": 1}]}),
-    json.dumps({"mounts": [{"path": "elsewhere/c/0", "id": 1}]}),
+    json.dumps({"mounts": [{"path": "volumes//c", "id": 1}]}),
+    json.dumps({"mounts": [{"path": "volumes/c/", "id": 1}]}),
+    json.dumps({"mounts": [{"path": "/".join("a" * 9), "id": 1}]}),
+    json.dumps({"mounts": [{"path": "volumes", "id": 1}, {"path": "volumes", "id": 2}]}),
     json.dumps({"mounts": [{"path": "volumes/c/0", "id": "1"}]}),
     json.dumps({"mounts": [{"path": "volumes/c/0", "id": True}]}),
     json.dumps({"mounts": [{"path": "volumes/c/0", "id": -1}]}),
@@ -55,5 +59,5 @@ def test_json_round_trip() -> None:
     json.dumps({"mounts": [{"path": f"volumes/c/{i}", "id": i + 1} for i in range(5000)]}),
 ])
 def test_a_damaged_record_is_refused(text: str) -> None:
-    with pytest.raises(VolumeError, match="unreadable mount record"):
+    with pytest.raises(MountRecordError, match="unreadable mount record"):
         MountRecord.from_json(text)
