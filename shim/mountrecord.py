@@ -4,7 +4,7 @@ Why a record: parts of a run dir are writable by the guest (the volume share), s
 may be found again by walking directories, resolving paths the usual way or matching mount
 point prefixes -- a guest symlink would steer that anywhere on the host.  Instead every mount
 is written to ``<run dir>/mounts.json`` (which the guest cannot reach) *before* it is made (its
-path, relative to the run dir) and *after* (with its mount id), fsynced each time, so a shim
+path, relative to the run dir) and *after* (with its mount id), replaced atomically, so a shim
 that dies at any point leaves a record its successor or containerd's ``delete`` verb can use.
 
 Undoing one (:meth:`RunDirMounts.unmount`): the recorded path is looked up from an fd of the run
@@ -111,7 +111,7 @@ class MountRecord:
 
 
 class RunDirMounts:
-    """A run dir's record, kept in memory and saved (atomically, fsynced) on every change.
+    """A run dir's record, kept in memory and saved (atomically) on every change.
     ``run_fd``: an fd of the run dir (O_PATH is enough), owned by the caller."""
 
     def __init__(self, run_fd: int, record: MountRecord) -> None:
@@ -133,8 +133,8 @@ class RunDirMounts:
                      dir_fd=self.run_fd)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(self.record.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+        # atomic (a crash leaves the old or the new record), not fsynced: the mounts it lists do
+        # not survive a host crash either, and the page cache survives the shim's death
         os.replace(tmp, RECORD, src_dir_fd=self.run_fd, dst_dir_fd=self.run_fd)
 
     def add(self, path: str) -> None:
