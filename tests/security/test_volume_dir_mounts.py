@@ -29,5 +29,8 @@ def test_volume_share_resists_the_guest_and_cleanup_follows_the_record(tmp_path:
     # a record that names another mount's id: that mount is left alone, the dir is kept, data too
     assert out["mismatch_error"] and "is not there any more" in out["mismatch_error"], context
     assert out["after_mismatch"]["bait_mounted"] and out["after_mismatch"]["run_dir_exists"], context
-    for case in ("after_dead_shim", "after_intent_only", "after_mismatch"):
+    # a mount nobody recorded below the run dir: left mounted, not entered, the dir kept
+    assert out["unrecorded_error"] and "mounted below it" in out["unrecorded_error"], context
+    assert out["after_unrecorded"]["still_mounted"] == [str(tmp_path / "run5" / "other" / "mnt")], context
+    for case in ("after_dead_shim", "after_intent_only", "after_mismatch", "after_unrecorded"):
         assert out[case]["data"] == ["guest", "keep"], context

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from ccpu.agent.mounts import MNT_DETACH, sys_mount, sys_umount
+from ccpu.agent.mounts import MNT_DETACH, MS_BIND, sys_mount, sys_umount
 from ccpu.agent.nsutil import mountinfo
 from shim.guestspec import Volume
 from shim.mountrecord import RECORD, MountRecordError, remove_run_dir
@@ -105,6 +105,19 @@ def scenario(work: Path) -> dict:
     out["after_mismatch"] = {"bait_mounted": bait_id in _ids(), "data": sorted(os.listdir(data)),
                              "run_dir_exists": run.exists()}
     for point in reversed(_below(run)):  # the scenario's own clean-up
+        sys_umount(point, MNT_DETACH)
+
+    # 5. a mount nobody recorded: not unmounted, not entered, not removed (the data stays)
+    run5 = work / "run5"
+    (run5 / "other" / "mnt").mkdir(parents=True)
+    sys_mount(str(data), str(run5 / "other" / "mnt"), None, MS_BIND, None)
+    try:
+        remove_run_dir(str(run5))
+        out["unrecorded_error"] = None
+    except MountRecordError as exc:
+        out["unrecorded_error"] = str(exc)
+    out["after_unrecorded"] = {"still_mounted": _below(run5), "data": sorted(os.listdir(data))}
+    for point in reversed(_below(run5)):
         sys_umount(point, MNT_DETACH)
     sys_umount(str(bait), MNT_DETACH)
     return out
