@@ -9,7 +9,7 @@ and QEMU is stopped (SIGTERM, then SIGKILL).
 
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/``: ``agent.sock`` (the port),
 ``vfs.sock`` (virtiofsd, if used), ``volumes/`` (the containers' volume binds; ``mounts.json``
-records every mount made there, see :mod:`shim.volumes`), ``console.log`` (the guest's serial console; symlinked into
+records every mount made in the run dir, see :mod:`shim.mountrecord`), ``console.log`` (the guest's serial console; symlinked into
 every container bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's
 and virtiofsd's pid + start time, for :func:`cleanup_dead` when the shim is gone).  Sockets are
 given to QEMU/virtiofsd relative to the run dir (their cwd): a unix socket path has at most 107
