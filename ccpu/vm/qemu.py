@@ -206,14 +206,25 @@ def die_with_parent() -> None:
 
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
           stderr: int | None = subprocess.PIPE, cwd: str | None = None,
-          pass_fds: Sequence[int] = ()) -> subprocess.Popen:
+          pass_fds: Sequence[int] = (), guard_shares: bool = False) -> subprocess.Popen:
     """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null.
 
     ``cwd``: relative socket paths in ``argv`` are relative to it (unix socket paths are limited
     to 108 bytes; a sandbox's run dir can be deeper than that).
-    ``pass_fds``: fds the child inherits under the same numbers (the NICs' tap fds); all others are closed."""
+    ``pass_fds``: fds the child inherits under the same numbers (the NICs' tap fds); all others are closed.
+    ``guard_shares``: QEMU serving a read-write 9p share runs under :mod:`ccpu.vm.fsguard` (no
+    setuid/setgid file, device node or xattr written for the guest)."""
+    preexec = die_with_parent
+    if guard_shares:
+        from ccpu.vm import fsguard
+
+        install = fsguard.installer()
+
+        def preexec() -> None:
+            die_with_parent()
+            install()
     return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=die_with_parent, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds))
+                            preexec_fn=preexec, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds))
 
 
 def qboot_available() -> bool:

@@ -134,7 +134,7 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
                                 cmdline_extra=attached.cmdline if attached else ())
             cmd = qemu.command(cfg, qboot_exists=qemu.qboot_available())
             log.debug("qemu: %s", " ".join(cmd))
-            proc = qemu.spawn(cmd, pass_fds=attached.fds if attached else ())
+            proc = qemu.spawn(cmd, pass_fds=attached.fds if attached else (), guard_shares=True)
             if attached:
                 attached.close_fds()  # QEMU holds the taps now
             deadline = time.monotonic() + 30
