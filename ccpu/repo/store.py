@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .. import filters as _filters
 from ..stack import snapshot_mounts
-from . import validate
+from . import opaque, validate
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RepoLocked
 from .fsutil import disk_usage, remove_tree
 from .metastore import MetaStore, SnapshotRow
@@ -71,6 +71,8 @@ class Repo:
         self._reap_wanted = threading.Event()
         self._closed = False
         self.recover()
+        # layers (and writable uppers) made before opaque markers were mirrored: once per repo
+        opaque.migrate(self.root, [*self.layers_dir.iterdir(), *self.active_dir.glob("*/fs")])
 
     @classmethod
     def open_readonly(cls, root: Path | str) -> "Repo":
@@ -225,6 +227,8 @@ class Repo:
             if self.meta.snapshot(name) is not None:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
         # Measuring may take long for big layers: do it outside the lock, then re-check.
+        # The opaque markers containerd wrote (trusted.*) get their user.* twin (opaque.py).
+        opaque.mirror(self._active_path(row.id) / "fs")
         usage = disk_usage(self._active_path(row.id) / "fs")
         with self._lock:
             again = self.meta.snapshot(key)
