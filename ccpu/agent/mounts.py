@@ -255,6 +255,8 @@ async def _mount_overlay(reaper: Reaper, m: Mount, target: str) -> None:
         return
     lower_mp = f"{target.rstrip('/')}.lower"
     os.makedirs(lower_mp, exist_ok=True)
+    if is_mountpoint(lower_mp):  # left by an agent that died between the two mounts
+        sys_umount(lower_mp, MNT_DETACH)
     try:
         cwd, opts = compact_lowerdirs(nested.lower)
         await _mount_at(reaper, Mount("overlay", "overlay", opts, cwd), lower_mp)
