@@ -392,7 +392,7 @@ class VmSandbox(Sandbox):
         self.share, why = shares.decide(None if s.share == "auto" else s.share,
                                         os.environ.get("FRACTAL_SHARE") or None, vfsd)
         layers = qemu.Share(LAYERS_TAG, self.host_layers, GUEST_LAYERS, True, self.share,
-                            "vfs.sock" if self.share == "virtiofs" else None)
+                            "vfs.sock" if self.share == "virtiofs" else None, layers=True)
         if self.netns is not None:  # the pod's network (CRI): its eth0 becomes the guest's
             from ccpu.vm import net
 

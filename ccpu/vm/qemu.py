@@ -43,6 +43,9 @@ class Share:
     readonly: bool = True
     type: str = "9p"
     socket: str | None = None  # virtiofsd's vhost-user socket
+    # repo layers: their xattrs (file capabilities, user.*, ACLs, opaque markers) reach the
+    # guest, read-only (docs/vm.md, "Layer fidelity"); other shares carry none
+    layers: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ def _check(cfg: VMConfig) -> None:
                 raise ConfigError(f"share tag/guest path {v!r} must not be empty or contain ':', ',', quotes or spaces")
         if not s.guest_path.startswith("/"):
             raise ConfigError(f"guest path {s.guest_path!r} must be absolute")
+        if s.layers and not s.readonly:
+            raise ConfigError(f"share {s.tag} carries layers: it must be read-only (the guest must not set host xattrs)")
         if s.tag in tags:
             raise ConfigError(f"duplicate share tag {s.tag}")
         tags.add(s.tag)
@@ -118,6 +123,13 @@ def _check(cfg: VMConfig) -> None:
             raise ConfigError(f"NIC MTU {n.mtu} out of range")
         if n.fd < 0:
             raise ConfigError(f"NIC fd {n.fd} is not a file descriptor")
+
+
+def security_model(share: Share) -> str:
+    """9p: `passthrough` for (read-only) layers, `none` otherwise.  Both pass `user.*` xattrs
+    (opaque markers, image xattrs); only `passthrough` passes POSIX ACLs (`none` hides them).
+    No model passes `security.*` or `trusted.*`: QEMU's local backend has no handler for them."""
+    return "passthrough" if share.layers and share.readonly else "none"
 
 
 def uses_virtiofs(cfg: VMConfig) -> bool:
@@ -174,7 +186,7 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
     for i, s in enumerate(([cfg.repo] if cfg.repo else []) + list(cfg.shares)):
         if s.type == "9p":
             ro = ",readonly=on" if s.readonly else ""
-            argv += ["-fsdev", f"local,id=fs{i},path={s.host_path},security_model=none,multidevs=remap{ro}",
+            argv += ["-fsdev", f"local,id=fs{i},path={s.host_path},security_model={security_model(s)},multidevs=remap{ro}",
                      "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={s.tag}"]
         else:
             dev = "vhost-user-fs-device" if micro else "vhost-user-fs-pci"
