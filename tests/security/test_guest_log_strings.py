@@ -56,10 +56,9 @@ def test_huge_guest_strings_are_truncated_in_every_record(shim_log) -> None:  # 
 
     asyncio.run(go())
     lines = records(shim_log)
-    assert any("agent event dropped" in line for line in lines)
-    assert any("guest said" in line for line in lines)
     for line in lines:
         assert len(line) < 64 * 1024, line[:200]
+    assert any("guest said" in line for line in lines)
     # what was cut says so (and how long it was)
     assert any(f"({len(HUGE)} chars)" in line for line in lines)
 
