@@ -60,11 +60,16 @@ class Peer:
 
     def send(self, raw: bytes) -> None:
         assert self._writer is not None
-        self._writer.write(raw)
+        if not self._writer.is_closing():
+            self._writer.write(raw)
 
     async def drain(self) -> None:
+        """Wait until the shim took what was sent (nothing to wait for once it hung up)."""
         assert self._writer is not None
-        await self._writer.drain()
+        try:
+            await self._writer.drain()
+        except ConnectionError:
+            pass
 
     def event(self, **fields: Any) -> None:
         self.send(wire.encode_control(fields))
@@ -88,7 +93,10 @@ class Peer:
     async def _serve(self) -> None:
         assert self._reader is not None
         while True:
-            frame = await wire.read_frame(self._reader)
+            try:
+                frame = await wire.read_frame(self._reader)
+            except (ConnectionError, wire.ProtocolError):
+                return
             if frame is None:
                 return
             if frame.kind is getattr(wire.Kind, "WINDOW", None):
@@ -202,9 +210,78 @@ async def _flood(kind: str, count: int) -> dict[str, Any]:
     return out
 
 
+def random_frame(rng: Any, channels: list[int]) -> bytes:
+    """One frame a hostile agent might send: well-formed or not, plausible or not."""
+    pick = rng.random()
+    big = [0, 1, -1, 255, 256, 2**31, 2**32, 2**40, 2**64, 2**70, 10**30]
+    anything = [None, True, "", "c1", "x" * rng.randint(0, 3000), [], {}, 1.5, *big]
+    if pick < 0.35:
+        msg: dict[str, Any] = {"event": rng.choice(["exit", "oom", "bogus", 7, None]),
+                               "container": rng.choice(["c1", "c2", "nope", *anything]),
+                               "exec": rng.choice(["", "e1", *anything]),
+                               "pid": rng.choice(big + anything),
+                               "exit_status": rng.choice(big + anything),
+                               "exited_at": rng.choice(big + anything)}
+        return wire.encode_control({k: v for k, v in msg.items() if rng.random() < 0.9})
+    if pick < 0.45:  # responses to requests never made, or with junk ids
+        return wire.encode_control({"id": rng.choice(big + anything), "ok": rng.choice([True, False, None]),
+                                    "result": rng.choice(anything), "error": rng.choice(anything)})
+    if pick < 0.75:
+        return wire.encode_data(rng.choice(channels + [rng.randint(1, 2**32 - 1)]),
+                                rng.randbytes(rng.randint(1, 70000)))
+    if pick < 0.9:
+        return wire.encode_close(rng.choice(channels + [rng.randint(1, 2**32 - 1)]))
+    if pick < 0.98:  # nesting, constants, non-objects: protocol errors
+        return frame(0, 0, 1) if rng.random() < 0.1 else wire.encode(wire.Frame(0, wire.Kind.CONTROL, rng.choice(
+            [b"[" * 5000 + b"]" * 5000, b'{"a":' * 100 + b"1" + b"}" * 100, b'{"x": NaN}', b'{"x": Infinity}',
+             b"[]", b"\xff\xfe", b"null"])))
+    return rng.randbytes(rng.randint(1, 40))  # garbage: whatever the header says
+
+
+async def _fuzz(count: int, seed: int) -> dict[str, Any]:
+    """`count` random frames through fresh shims (a new one after each protocol error), peak
+    RSS of this process over all of them."""
+    import os
+    import random
+    import tempfile
+
+    rng = random.Random(seed)
+    base = peak = 0
+    sent = reconnects = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        while sent < count:
+            shim = await Shim.start(flow=rng.random() < 0.5)
+            fifo = os.path.join(tmp, f"out{reconnects}")
+            os.mkfifo(fifo)
+            await shim.create("c1", stdout=fifo)  # nobody reads it
+            await shim.start_task("c1")
+            channels = [shim.svc.tasks.process("c1").io.channels["stdout"]]
+            if not base:
+                base = peak = _rss_kib()
+            while sent < count and not shim.client.closed:
+                shim.peer.send(random_frame(rng, channels))
+                sent += 1
+                if sent % 16 == 0:
+                    await shim.peer.drain()
+                    await asyncio.sleep(0)
+                    peak = max(peak, _rss_kib())
+            await asyncio.sleep(0.005)
+            await shim.state("c1")  # the Task service still answers
+            peak = max(peak, _rss_kib())
+            await shim.close()
+            os.unlink(fifo)
+            reconnects += 1
+    return {"base_kib": base, "peak_kib": peak, "growth_kib": peak - base, "frames": sent,
+            "connections": reconnects}
+
+
 def main(argv: list[str]) -> int:
     kind, count = argv[0], int(argv[1])
-    print(json.dumps(asyncio.run(_flood(kind, count))))
+    if kind == "fuzz":
+        result = asyncio.run(_fuzz(count, int(argv[2]) if len(argv) > 2 else 0))
+    else:
+        result = asyncio.run(_flood(kind, count))
+    print(json.dumps(result))
     return 0
 
 
