@@ -17,31 +17,19 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from ccpu.agent import wire
 from hack.containerd_env import FractalEnv
+from tests.harness import wait_for
 
 from .agentpeer import Shim
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME = "io.containerd.fractal.v1"
 BLOCKS = 1000  # dd blocks of 64 KiB: 62.5 MiB
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "condition"):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            f = flooder()
-            raise AssertionError(f"timed out waiting for {what}: {describe(f[0]) if f else 'no dd'}")
-        time.sleep(0.1)
 
 
 def rss_kib(pid: int) -> int:
@@ -108,7 +96,7 @@ def test_unread_stdout_blocks_the_writer_not_the_shim(fenv: FractalEnv, namespac
              "--runtime", RUNTIME, image, "fl", "sleep", "300", namespace=namespace)
     flood = None
     try:
-        shim = wait_for(lambda: (shim_pids(fenv) - before) or None, what="the shim").pop()
+        shim = wait_for(lambda: (shim_pids(fenv) - before) or None, 60, what="the shim").pop()
         base = rss_kib(shim)
         # stdout goes to a pipe we do not read: ctr blocks on it and stops reading the FIFO
         flood = subprocess.Popen(
@@ -117,12 +105,14 @@ def test_unread_stdout_blocks_the_writer_not_the_shim(fenv: FractalEnv, namespac
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         # the writer must end up blocked on its pipe (the old shim read everything: dd finished)
         try:
-            started = wait_for(flooder, what="dd running")
+            started = wait_for(flooder, 60, what="dd running")
         except AssertionError:
             flood.kill()
             raise AssertionError(f"no dd: ctr said {flood.communicate()[1]!r}") from None
-        blocked = wait_for(lambda: (f := flooder()) is None or f[1],
-                           what="dd blocked or gone")
+        try:
+            blocked = wait_for(lambda: (f := flooder()) is None or f[1], 60, what="dd blocked or gone")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {describe(started[0])}") from None
         assert blocked is True and flooder() is not None, \
             "dd finished while nobody read its output: the shim buffered all of it"
         written = wchar(started[0])
@@ -147,7 +137,7 @@ def test_unread_stdout_blocks_the_writer_not_the_shim(fenv: FractalEnv, namespac
             flood.wait()
         fenv.ctr("tasks", "kill", "-s", "SIGKILL", "fl", namespace=namespace, check=False)
         wait_for(lambda: "RUNNING" not in fenv.ctr("tasks", "ls", namespace=namespace).stdout,
-                 what="fl stopped")
+                 60, what="fl stopped")
         fenv.ctr("tasks", "delete", "fl", namespace=namespace, check=False)
         fenv.ctr("containers", "rm", "fl", namespace=namespace, check=False)
 
