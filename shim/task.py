@@ -54,6 +54,7 @@ def _checked(what: str, fn: Callable[[], Any]) -> Any:
     except BadAgentValue as exc:
         raise TtrpcError(Code.INTERNAL, f"{what}: {exc}") from None
 
+
 def _process_details(exec_id: str) -> Any:
     """runc's ProcessDetails (exec id of a pid) for `ctr task ps` (imported when first used)."""
     try:
@@ -202,7 +203,8 @@ class TaskService:
                 self._drop_event("oom of an unknown container", cid)
                 return
             now = time.monotonic()
-            if now - self._last_oom.get(cid, -OOM_INTERVAL) < OOM_INTERVAL:
+            last = self._last_oom.get(cid)
+            if last is not None and now - last < OOM_INTERVAL:
                 self._drop_event("oom repeated within a second", cid)
                 return
             self._last_oom[cid] = now
