@@ -68,7 +68,7 @@ def ident(value: Any, field: str, *, empty: bool = False) -> str:
 
 def clip(value: Any, limit: int = 80) -> str:
     """`value` for an error message or log record: at most about `limit` characters."""
-    text = value if isinstance(value, str) else repr(value) if not isinstance(value, (bytes, bytearray)) else repr(bytes(value[:limit]))
+    text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
