@@ -218,6 +218,10 @@ class FifoReader:
             self.fd = -1
 
 
+def _ignore(data: bytes) -> None:
+    """Data from the agent on a channel that only carries data to it."""
+
+
 class ProcessIO:
     """The stdio of one process: FIFOs on our side, channels of the agent client on the other."""
 
@@ -236,7 +240,9 @@ class ProcessIO:
         try:
             if stdin:
                 self.stdin_reader = FifoReader(stdin)
-                self.stdin_channel = agent.open_channel()
+                # the agent never sends on a stdin channel: anything it does is dropped, not
+                # buffered in a channel nobody reads
+                self.stdin_channel = agent.open_channel(on_data=_ignore)
                 self.opened.append(self.stdin_channel)
                 self.channels["stdin"] = self.stdin_channel.number
             fds: dict[str, int] = {}

@@ -180,11 +180,13 @@ async def _flood(kind: str, count: int) -> dict[str, Any]:
 
     shim = await Shim.start(flow=False)  # a hostile agent: ignores flow control
     with tempfile.TemporaryDirectory() as tmp:
-        fifo = os.path.join(tmp, "out")
+        fifo, fifo_in = os.path.join(tmp, "out"), os.path.join(tmp, "in")
         os.mkfifo(fifo)
-        await shim.create("c1", stdout=fifo)  # nobody ever reads the FIFO
+        os.mkfifo(fifo_in)
+        await shim.create("c1", stdout=fifo, stdin=fifo_in)  # nobody ever reads the FIFO
         await shim.start_task("c1")
-        ch = shim.svc.tasks.process("c1").io.channels["stdout"]
+        # "stdin": the agent sends output on the process's stdin channel (nobody reads that)
+        ch = shim.svc.tasks.process("c1").io.channels["stdin" if kind == "stdin" else "stdout"]
         await asyncio.sleep(0)
         base = _rss_kib()
         peak = base
@@ -193,7 +195,7 @@ async def _flood(kind: str, count: int) -> dict[str, Any]:
             if kind == "exit":
                 shim.peer.event(event="exit", container="c1", exec="", pid=101, exit_status=0,
                                 exited_at=1)
-            elif kind == "output":
+            elif kind in ("output", "stdin"):
                 shim.peer.send(wire.encode_data(ch, chunk))
             if i % (256 if kind == "exit" else 8) == 7:
                 await shim.peer.drain()
@@ -251,11 +253,12 @@ async def _fuzz(count: int, seed: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         while sent < count:
             shim = await Shim.start(flow=rng.random() < 0.5)
-            fifo = os.path.join(tmp, f"out{reconnects}")
+            fifo, fifo_in = os.path.join(tmp, f"out{reconnects}"), os.path.join(tmp, f"in{reconnects}")
             os.mkfifo(fifo)
-            await shim.create("c1", stdout=fifo)  # nobody reads it
+            os.mkfifo(fifo_in)
+            await shim.create("c1", stdout=fifo, stdin=fifo_in)  # nobody reads stdout
             await shim.start_task("c1")
-            channels = [shim.svc.tasks.process("c1").io.channels["stdout"]]
+            channels = [shim.svc.tasks.process("c1").io.channels[n] for n in ("stdout", "stdin")]
             if not base:
                 base = peak = _rss_kib()
             while sent < count and not shim.client.closed:
@@ -270,6 +273,7 @@ async def _fuzz(count: int, seed: int) -> dict[str, Any]:
             peak = max(peak, _rss_kib())
             await shim.close()
             os.unlink(fifo)
+            os.unlink(fifo_in)
             reconnects += 1
     return {"base_kib": base, "peak_kib": peak, "growth_kib": peak - base, "frames": sent,
             "connections": reconnects}

@@ -152,6 +152,15 @@ def test_hostile_agent_ignoring_flow_control_is_capped_in_a_fresh_process() -> N
     assert "bytes of output dropped over the cap" in out.stderr
 
 
+def test_hostile_agent_writing_to_a_stdin_channel_is_not_buffered() -> None:
+    """Data frames on a process's stdin channel (shim -> agent only): dropped, not kept in the
+    channel's buffer that nobody reads (the old shim buffered all 128 MiB)."""
+    out = subprocess.run([sys.executable, "-m", "tests.security.agentpeer", "stdin", "2048"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["growth_kib"] < 16 * 1024, result
+
+
 def test_honest_agent_gets_window_back_as_the_reader_reads() -> None:
     from shim.stdio import OUTPUT_CAP
 
