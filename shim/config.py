@@ -90,6 +90,7 @@ class VmSettings:
     accel: str = "auto"
     share: str = "auto"
     boot_timeout: float = 90.0  # agent `hello` after QEMU start (TCG boots take ~4-6 s)
+    console_log_kib: int = 1024  # cap of console.log + console.log.1 (shim/console.py)
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,10 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, accel=_choice(value, ACCELS, w))
         elif key == "share":
             vm = replace(vm, share=_choice(value, SHARES, w))
+        elif key == "console_log_kib":
+            if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 1 << 20:
+                raise ConfigError(f"{w}: expected an integer from 16 to {1 << 20} (KiB), got {value!r}")
+            vm = replace(vm, console_log_kib=value)
         elif key == "boot_timeout":
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
                     or not math.isfinite(value)):
@@ -254,7 +259,7 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, boot_timeout=float(value))
         else:
             raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, max_memory, "
-                              "max_cpus, accel, share, boot_timeout)")
+                              "max_cpus, accel, share, boot_timeout, console_log_kib)")
     return replace(cfg, mode=mode, vm=vm, policy=policy, sources=cfg.sources + (where,))
 
 

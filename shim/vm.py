@@ -9,8 +9,9 @@ and QEMU is stopped (SIGTERM, then SIGKILL).
 
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/``: ``agent.sock`` (the port),
 ``vfs.sock`` (virtiofsd, if used), ``volumes/`` (the containers' volume binds; ``mounts.json``
-records every mount made in the run dir, see :mod:`shim.mountrecord`), ``console.log`` (the guest's serial console; symlinked into
-every container bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's
+records every mount made in the run dir, see :mod:`shim.mountrecord`), ``console.log`` (the guest's
+serial console, read by the shim and capped with ``console.log.1``: :mod:`shim.console`; symlinked
+into every container bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's
 and virtiofsd's pid + start time, for :func:`cleanup_dead` when the shim is gone).  Sockets are
 given to QEMU/virtiofsd relative to the run dir (their cwd): a unix socket path has at most 107
 bytes and CRI sandbox ids alone are 64.
@@ -217,6 +218,7 @@ class VmSandbox(Sandbox):
         self.settings = settings  # shim.config.VmSettings
         self.dir = vm_run_dir(run_dir, namespace, group)
         self.console_log = os.path.join(self.dir, "console.log")
+        self._console: Any = None  # shim.console.ConsoleLog while QEMU runs
         self.on_event = on_event
         self.pid: int | None = None
         self.accel = ""
@@ -402,9 +404,14 @@ class VmSandbox(Sandbox):
                 raise RuntimeError(f"cannot connect the pod network {self.netns} to the VM: {exc}") from None
             log.info("pod network %s: %s", self.netns,
                      ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in self._net.interfaces) or "no IPv4 interface")
+        from shim.console import ConsoleLog
+
         qemu_log = os.open(os.path.join(self.dir, "qemu.log"),
                            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        console_fd: int | None = None
         try:
+            self._console = ConsoleLog(self.console_log, s.console_log_kib * 1024)
+            console_fd = self._console.qemu_fd()
             if self.share == "virtiofs":
                 assert vfsd and layers.socket
                 vlog = os.open(os.path.join(self.dir, "virtiofsd.log"),
@@ -420,7 +427,7 @@ class VmSandbox(Sandbox):
                     lambda fut, pid=proc.pid: self._helper_exited("virtiofsd", pid, fut))
             cfg = qemu.VMConfig(
                 kernel=str(guest.kernel), initramfs=str(guest.initramfs),
-                console_log=self.console_log, accel=self.accel, memory_mb=s.memory_mb,
+                console_log=self.console_log, console_fd=console_fd, accel=self.accel, memory_mb=s.memory_mb,
                 cpus=s.cpus, mode="agent", repo=None,
                 shares=[layers, qemu.Share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
                                            readonly=False, type="9p")],
@@ -433,14 +440,18 @@ class VmSandbox(Sandbox):
                      self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.dir)
             log.debug("qemu: %s", " ".join(argv))
             proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=qemu_log, cwd=self.dir,
-                              pass_fds=self._net.fds if self._net else (), guard_shares=True)
+                              pass_fds=(*(self._net.fds if self._net else ()), console_fd),
+                              guard_shares=True)
         except BaseException:
             self._detach_net()
+            if self._console is not None:
+                self._console.close()
             raise
         finally:
             os.close(qemu_log)
             if self._net is not None:
                 self._net.close_fds()  # QEMU holds the taps now
+        self._console.start()  # QEMU holds its end
         self.pid = proc.pid
         self._exited = self.reaper.wait(proc.pid)
         self._exited.add_done_callback(self._qemu_exited)
@@ -513,13 +524,10 @@ class VmSandbox(Sandbox):
                 f"guest console (tail):\n{self.console_tail()}")
 
     def console_tail(self, n: int = 1500) -> str:
-        try:
-            with open(self.console_log, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - n))
-                return f.read().decode(errors="replace").strip()
-        except OSError:
-            return "(no console log)"
+        from shim.console import tail
+
+        text = tail(self.console_log, n)
+        return text.decode(errors="replace").strip() if text else "(no console log)"
 
     # -- loss and stop ----------------------------------------------------------------------
 
@@ -590,6 +598,8 @@ class VmSandbox(Sandbox):
                 await self._wait(fut, 5.0)
         if self._exited is None or self._exited.done():
             self._detach_net()
+            if self._console is not None:
+                self._console.close()  # what QEMU wrote last is read first
 
     def _detach_net(self) -> None:
         """Take the taps and tc redirects out of the pod's netns (QEMU is gone: they are ours)."""

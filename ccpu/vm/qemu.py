@@ -84,6 +84,9 @@ class VMConfig:
     firmware: str | None = None  # None: qboot if present (q35); microvm has it built in
     debug: bool = False
     rng: bool = True  # virtio-rng: the guest's CRNG is ready at once (Python's os.urandom never waits)
+    # the serial console on this connected socket (spawn(pass_fds=...)) instead of console_log:
+    # the reader bounds what it keeps (shim/console.py)
+    console_fd: int | None = None
 
 
 class ConfigError(ValueError):
@@ -174,8 +177,11 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
     argv += ["-accel", "kvm" if cfg.accel == "kvm" else "tcg,thread=single",
              "-cpu", "host" if cfg.accel == "kvm" else "max",
              "-m", f"{cfg.memory_mb}M", "-smp", str(cfg.cpus),
-             "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg),
-             "-serial", f"file:{cfg.console_log}"]
+             "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg)]
+    if cfg.console_fd is not None:
+        argv += ["-chardev", f"socket,id=con0,fd={cfg.console_fd},server=off", "-serial", "chardev:con0"]
+    else:
+        argv += ["-serial", f"file:{cfg.console_log}"]
     if cfg.rng:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", f"virtio-rng-{bus},rng=rng0"]
     if cfg.ports:

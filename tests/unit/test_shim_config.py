@@ -56,6 +56,8 @@ def test_default_file_is_optional_but_named_files_are_required() -> None:
     ('[vm]\naccel = "hvf"', "accel"),
     ('[vm]\nshare = "nfs"', "share"),
     ('[vm]\nboot_timeout = -1', "boot_timeout"),
+    ('[vm]\nconsole_log_kib = 8', "console_log_kib"),
+    ('[vm]\nconsole_log_kib = "1M"', "console_log_kib"),
     ("mode = ", "not valid TOML"),
     ('allowed_annotations = "mode"', "list of strings"),
     ("allowed_annotations = [1]", "list of strings"),
@@ -85,6 +87,7 @@ def test_all_keys_accepted() -> None:
     cfg = c.parse_toml('mode = "vm"\n[vm]\nmemory = "768M"\ncpus = 2\naccel = "tcg"\n'
                        'share = "virtiofs"\nboot_timeout = 120\n', "/f")
     assert cfg.vm == c.VmSettings(768, 2, "tcg", "virtiofs", 120.0)
+    assert c.parse_toml("[vm]\nconsole_log_kib = 64\n", "/f").vm.console_log_kib == 64
 
 
 def test_conflict() -> None:
