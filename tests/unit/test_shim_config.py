@@ -180,6 +180,17 @@ def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
 
     sb = vm.VmSandbox(reaper=None, namespace="ns", group="g", repo_root="/var/lib/fractal",
                       run_dir=str(tmp_path), settings=c.VmSettings())
+    try:
+        _check_placement(sb, tmp_path)
+    finally:  # the sandbox's volume view is a real mount: undo it as the shim's stop does
+        from shim.mountrecord import remove_run_dir
+
+        remove_run_dir(sb.dir)
+
+
+def _check_placement(sb, tmp_path) -> None:  # noqa: ANN001
+    from ccpu.ttrpc import TtrpcError
+
     assert sb.layer_path(f"{LAYERS}/a") == "/repo/layers/a"
     spec = {"process": {"args": ["true"]}, "mounts": [{"destination": "/proc", "type": "proc"}]}
     rootfs = {"kind": "layers", "lowers": [f"{LAYERS}/a"], "upper": "/u", "work": "/w"}
