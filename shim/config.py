@@ -4,13 +4,18 @@ except :func:`load_file` / :func:`load` (reading the TOML files), see docs/confi
 Sources, strongest first (the FIRST container of a sandbox decides; see :func:`resolve`):
 
 1. annotations on the container's OCI spec: ``io.fractal.mode=vm|host``,
-   ``io.fractal.share=9p|virtiofs``, ``io.fractal.vm.memory=512M``, ``io.fractal.vm.cpus=2``;
+   ``io.fractal.share=9p|virtiofs``, ``io.fractal.vm.memory=512M``, ``io.fractal.vm.cpus=2``,
+   ``io.fractal.vm.scratch=128M`` (a container's writable layer; never above the files'
+   ``vm.scratch_max``: annotations come from pod authors, the maximum from the operator);
 2. the runtime config file containerd names in the shim's runtime options
    (``ctr run --runtime-config-path FILE``, CRI ``options = {ConfigPath = "FILE"}``): containerd
    1.6 hands the options to ``start`` on its stdin as a protobuf ``Any`` of
    ``runtimeoptions.v1.Options{type_url = 1, config_path = 2}`` (:func:`config_path_from_options`);
 3. ``$FRACTAL_CONFIG``, else ``/etc/fractal/config.toml``;
-4. defaults: ``mode = "vm"``, 512M, 2 CPUs, accel and share type chosen automatically.
+4. defaults: ``mode = "vm"``, 512M, 2 CPUs, accel and share type chosen automatically, a
+   writable layer of a quarter of the guest's memory per container (at most half by
+   annotation), 64M of guest memory kept from the containers, the agent timeouts of
+   :class:`Timeouts`.
 
 Files 2 and 3 are TOML with the same keys; when both exist they are merged key by key, the
 runtime config file winning.  A missing global file is fine; a missing or malformed file that
@@ -35,6 +40,7 @@ ANN_MODE = "io.fractal.mode"
 ANN_SHARE = "io.fractal.share"
 ANN_MEMORY = "io.fractal.vm.memory"
 ANN_CPUS = "io.fractal.vm.cpus"
+ANN_SCRATCH = "io.fractal.vm.scratch"
 
 #: the environment variable ``start`` uses to pass the runtime config path to its daemon
 RUNTIME_CONFIG_ENV = "FRACTAL_RUNTIME_CONFIG"
@@ -51,6 +57,37 @@ class VmSettings:
     accel: str = "auto"
     share: str = "auto"
     boot_timeout: float = 90.0  # agent `hello` after QEMU start (TCG boots take ~4-6 s)
+    scratch_mb: int | None = None  # a container's writable layer (guest tmpfs); None: memory / 4
+    scratch_max_mb: int | None = None  # the most an annotation may ask for; None: memory / 2
+    memory_reserve_mb: int = 64  # guest memory the containers together can never take
+
+    @property
+    def scratch_limit_mb(self) -> int:
+        return self.scratch_mb if self.scratch_mb is not None else max(1, self.memory_mb // 4)
+
+    @property
+    def scratch_ceiling_mb(self) -> int:
+        return self.scratch_max_mb if self.scratch_max_mb is not None else max(1, self.memory_mb // 2)
+
+
+#: agent request kinds with a timeout of their own (every other request: ``default``)
+TIMEOUT_KINDS = ("create", "start", "delete", "restack", "default")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds the shim waits for the agent's answer to a request (docs/shim.md).  ``create``
+    mounts the rootfs and runs ``runc create``, ``start`` runs ``runc start``/``runc exec``,
+    ``delete`` waits for the process's output to drain; under TCG each is seconds, not ms."""
+
+    create: float = 120.0
+    start: float = 60.0
+    delete: float = 60.0
+    restack: float = 120.0
+    default: float = 30.0
+
+    def for_op(self, op: str) -> float:
+        return float(getattr(self, op)) if op in TIMEOUT_KINDS else self.default
 
 
 @dataclass(frozen=True)
@@ -58,18 +95,22 @@ class Config:
     mode: str = DEFAULT_MODE
     vm: VmSettings = VmSettings()
     sources: tuple[str, ...] = ()  # where the values came from, for the log
+    timeouts: Timeouts = Timeouts()
 
     def describe(self) -> str:
         return (f"mode {self.mode}; vm memory {self.vm.memory_mb}M cpus {self.vm.cpus} accel "
-                f"{self.vm.accel} share {self.vm.share} (from {', '.join(self.sources) or 'defaults'})")
+                f"{self.vm.accel} share {self.vm.share} scratch {self.vm.scratch_limit_mb}M (max "
+                f"{self.vm.scratch_ceiling_mb}M) reserve {self.vm.memory_reserve_mb}M "
+                f"(from {', '.join(self.sources) or 'defaults'})")
 
 
 # ---------------------------------------------------------------------------------------------
 # values
 
 
-def parse_memory(value: Any, where: str = "memory") -> int:
-    """MiB from ``512``, ``"512"``, ``"512M"``, ``"1G"`` (K/M/G/T, optional ``iB``/``B``)."""
+def parse_memory(value: Any, where: str = "memory", low: int = 64) -> int:
+    """MiB from ``512``, ``"512"``, ``"512M"``, ``"1G"`` (K/M/G/T, optional ``iB``/``B``), at
+    least ``low`` MiB."""
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}")
     if isinstance(value, int):
@@ -90,8 +131,39 @@ def parse_memory(value: Any, where: str = "memory") -> int:
             raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}") from None
     else:
         raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}")
-    if not 64 <= mb <= 1024 * 1024:
-        raise ConfigError(f"{where}: {value!r} is out of range (64M..1T)")
+    if not low <= mb <= 1024 * 1024:
+        raise ConfigError(f"{where}: {value!r} is out of range ({low}M..1T)")
+    return mb
+
+
+def parse_seconds(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise ConfigError(f"{where}: expected a positive number of seconds (at most a day), got {value!r}")
+    return float(value)
+
+
+def check_vm(vm: VmSettings, where: str) -> VmSettings:
+    """Relations between VM values: the writable layer within its maximum, a reserve that
+    leaves the containers something."""
+    if vm.scratch_limit_mb > vm.scratch_ceiling_mb:
+        raise ConfigError(f"{where}: vm.scratch ({vm.scratch_limit_mb}M) is above vm.scratch_max "
+                          f"({vm.scratch_ceiling_mb}M)")
+    if vm.memory_reserve_mb >= vm.memory_mb:
+        raise ConfigError(f"{where}: vm.memory_reserve ({vm.memory_reserve_mb}M) leaves nothing of "
+                          f"vm.memory ({vm.memory_mb}M) to the containers")
+    return vm
+
+
+def scratch_for(vm: VmSettings, annotations: Mapping[str, str]) -> int:
+    """MiB of writable layer for one container: its own ``io.fractal.vm.scratch`` annotation
+    (a pod's, passed to each container) within ``vm.scratch_max``, else the sandbox's."""
+    value = annotations.get(ANN_SCRATCH)
+    if not value:
+        return vm.scratch_limit_mb
+    mb = parse_memory(value, f"annotation {ANN_SCRATCH}", low=1)
+    if mb > vm.scratch_ceiling_mb:
+        raise ConfigError(f"annotation {ANN_SCRATCH}={value} is above the operator's limit "
+                          f"vm.scratch_max ({vm.scratch_ceiling_mb}M)")
     return mb
 
 
@@ -127,8 +199,16 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
     cfg = base or Config()
     vm = cfg.vm
     for key in data:
-        if key not in ("mode", "vm"):
-            raise ConfigError(f"{where}: unknown key {key!r} (known: mode, [vm])")
+        if key not in ("mode", "vm", "timeouts"):
+            raise ConfigError(f"{where}: unknown key {key!r} (known: mode, [vm], [timeouts])")
+    timeouts = cfg.timeouts
+    ttable = data.get("timeouts", {})
+    if not isinstance(ttable, Mapping):
+        raise ConfigError(f"{where}: timeouts must be a table ([timeouts])")
+    for key, value in ttable.items():
+        if key not in TIMEOUT_KINDS:
+            raise ConfigError(f"{where}: unknown key timeouts.{key} (known: {', '.join(TIMEOUT_KINDS)})")
+        timeouts = replace(timeouts, **{key: parse_seconds(value, f"{where}: timeouts.{key}")})
     mode = parse_mode(data["mode"], f"{where}: mode") if "mode" in data else cfg.mode
     table = data.get("vm", {})
     if not isinstance(table, Mapping):
@@ -144,13 +224,17 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
         elif key == "share":
             vm = replace(vm, share=_choice(value, SHARES, w))
         elif key == "boot_timeout":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{w}: expected a positive number of seconds, got {value!r}")
-            vm = replace(vm, boot_timeout=float(value))
+            vm = replace(vm, boot_timeout=parse_seconds(value, w))
+        elif key == "scratch":
+            vm = replace(vm, scratch_mb=parse_memory(value, w, low=1))
+        elif key == "scratch_max":
+            vm = replace(vm, scratch_max_mb=parse_memory(value, w, low=1))
+        elif key == "memory_reserve":
+            vm = replace(vm, memory_reserve_mb=parse_memory(value, w, low=16))
         else:
             raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, accel, share, "
-                              "boot_timeout)")
-    return Config(mode=mode, vm=vm, sources=cfg.sources + (where,))
+                              "boot_timeout, scratch, scratch_max, memory_reserve)")
+    return Config(mode=mode, vm=check_vm(vm, where), sources=cfg.sources + (where,), timeouts=timeouts)
 
 
 def parse_toml(text: str, where: str, base: Config | None = None) -> Config:
@@ -192,9 +276,13 @@ def apply_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
     if annotations.get(ANN_CPUS):
         vm = replace(vm, cpus=parse_cpus(annotations[ANN_CPUS], f"annotation {ANN_CPUS}"))
         used.append(ANN_CPUS)
+    if annotations.get(ANN_SCRATCH):  # the sandbox's default; bounded by the files' maximum
+        vm = replace(vm, scratch_mb=scratch_for(vm, annotations))
+        used.append(ANN_SCRATCH)
     if not used:
         return cfg
-    return Config(mode=mode, vm=vm, sources=cfg.sources + ("annotations " + ",".join(used),))
+    return Config(mode=mode, vm=check_vm(vm, "annotations"), sources=cfg.sources + ("annotations " + ",".join(used),),
+                  timeouts=cfg.timeouts)
 
 
 def resolve(annotations: Mapping[str, str], *, runtime_config: str | None,
