@@ -316,7 +316,7 @@ class Supervisor:
                     raise protocol.FailedPrecondition(f"scratch dir {scratch[0]} is already mounted")
                 made += _makedirs(scratch[0])
                 mounts.sys_mount("tmpfs", scratch[0], "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
-                                 f"size={scratch[1]},mode=0755")
+                                 limits.scratch_options(scratch[1]))
                 scratch_dir = scratch[0]
             for d in writable:
                 if not os.path.isdir(d):

@@ -19,7 +19,7 @@ which the agent needs too.  So, when the agent runs as the guest's agent (the in
   runs at 0; runc applies it to the container's init and its execs.
 * **writable layers**: each container's upper/work dirs live on a tmpfs of their own, mounted
   by the agent at ``create`` (the ``scratch`` argument, see docs/agent-protocol.md) with the
-  size the shim asks for.  A container that fills it gets ENOSPC from its own filesystem; the
+  size the shim asks for and one inode per KiB of it.  A container that fills it gets ENOSPC from its own filesystem; the
   agent's state (bundles, runc's root) is on another tmpfs the containers cannot write.
 
 Compare kubelet (ephemeral-storage limits, eviction) and kata (the container's rootfs in the
@@ -114,6 +114,13 @@ def setup_guest(parent: str, reserve: int, root: Path = CGROUP_ROOT) -> int:
     log.info("containers' memory: at most %d MiB (cgroup %s), %d MiB reserved for the guest",
              limit // MiB, path, reserve // MiB)
     return limit
+
+
+def scratch_options(size: int) -> str:
+    """tmpfs options of a container's writable layer: ``size`` bytes and one inode per KiB of
+    it (an inode costs the kernel about that much memory, so creating empty files cannot use
+    more of the guest than the limit allows; 128M gives 131072 files)."""
+    return f"size={size},nr_inodes={max(1024, size // 1024)},mode=0755"
 
 
 def forget_old_stack() -> None:

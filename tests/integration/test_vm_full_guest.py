@@ -26,7 +26,7 @@ import pytest
 from hack.containerd_env import FractalEnv
 
 from tests.integration.test_shim_vm import (VM, RUNTIME, _guest_built, _no_qemu_left, exec_, images, remove,  # noqa: F401
-                           start_detached, task_status, wait_for)
+                           start_detached, task_status, vm_dir, wait_for)
 
 MiB = 1 << 20
 HOG = "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done"
@@ -85,6 +85,30 @@ def test_full_writable_layer_hurts_only_its_container(fenv: FractalEnv, namespac
              what="the VM gone after its last container")
 
 
+def test_full_layer_is_resource_exhausted_naming_it_and_heals(fenv: FractalEnv, namespace: str,
+                                                             images: dict[str, str]) -> None:
+    """A writable layer out of inodes (1M: 1024 of them): the container's own writes fail, and a
+    live restack, which needs a fresh work dir on that layer, is ResourceExhausted with a
+    message saying which layer is full -- not Unknown, not a traceback.  Once the container
+    removes its files, the restack works."""
+    box = (*sandbox("inodes"), "--annotation", "io.fractal.vm.scratch=1M")
+    try:
+        start_detached(fenv, namespace, images["busybox"], "many", "sleep", "3600", extra=box)
+        r = exec_(fenv, namespace, "many", "touch", "sh", "-c",
+                  "mkdir /d; i=0; while [ $i -lt 1100 ]; do : > /d/f$i; i=$((i+1)); done", check=False)
+        assert r.returncode != 0 and "No space left on device" in r.stderr, (r.returncode, r.stderr)
+        r = fractal(fenv, "layers", "add", "-a", str(fenv.address), "-n", namespace, "many", images["tools"])
+        assert r.returncode != 0
+        assert "No space left on device: container many's writable layer" in r.stderr, r.stderr
+        assert "0 of 1024 inodes free" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        exec_(fenv, namespace, "many", "rm", "rm", "-r", "/d")
+        r = fractal(fenv, "layers", "add", "-a", str(fenv.address), "-n", namespace, "many", images["tools"])
+        assert r.returncode == 0, r.stderr
+        assert exec_(fenv, namespace, "many", "cat", "cat", "/opt/tools/hello.txt").stdout == "hello from tools\n"
+    finally:
+        remove(fenv, namespace, "many")
+
+
 def test_scratch_annotation_above_the_operator_limit_is_refused(fenv: FractalEnv, namespace: str,
                                                                 images: dict[str, str]) -> None:
     r = fenv.run(images["busybox"], "greedy", "true", namespace=namespace, runtime=RUNTIME,
@@ -104,6 +128,14 @@ def test_memory_hog_is_oom_killed_and_the_agent_answers(fenv: FractalEnv, namesp
         wait_for(lambda: task_status(fenv, namespace, "hog") == "STOPPED", timeout=240, what="the hog killed")
         fenv.ctr("tasks", "delete", "hog", namespace=namespace)
         assert exec_(fenv, namespace, "calm", "alive", "echo", "alive").stdout == "alive\n"
+        # the hog ran into the containers' limit (guest memory minus the reserve), not into the
+        # guest's end: the kernel (guest console) reports a memory-cgroup OOM -- in the parent
+        # of all containers, which the agent and init are outside of -- and no global one
+        console = (vm_dir(fenv, namespace, "hungry") / "console.log").read_text(errors="replace")
+        assert "Memory cgroup out of memory: Killed process" in console, console[-3000:]
+        assert "\nOut of memory: Killed process" not in console and "] Out of memory: Killed" not in console
+        # containers get an OOM score of their own (0), not the agent's -1000
+        assert exec_(fenv, namespace, "calm", "adj", "cat", "/proc/self/oom_score_adj").stdout == "0\n"
         ps = fenv.ctr("tasks", "ps", "calm", namespace=namespace, timeout=60)
         assert len(ps.stdout.splitlines()) >= 2, ps.stdout
         r = fenv.run(images["busybox"], "after", "echo", "after", namespace=namespace, runtime=RUNTIME,

@@ -58,6 +58,11 @@ def test_scratch_arg(tmp_path: Path) -> None:
             limits.scratch_arg({"scratch": bad}, roots)
 
 
+def test_scratch_options_bound_inodes_by_size() -> None:
+    assert limits.scratch_options(128 * MiB) == f"size={128 * MiB},nr_inodes=131072,mode=0755"
+    assert limits.scratch_options(MiB) == f"size={MiB},nr_inodes=1024,mode=0755"
+
+
 def test_runc_out_of_space_is_resource_exhausted() -> None:
     err = runc._classify("create", "runc create failed: write /run/runc/c1/state.json: no space left on device")
     assert isinstance(err, protocol.ResourceExhausted)

@@ -215,7 +215,7 @@ def test_scratch_and_reserve_settings() -> None:
     assert c.apply_annotations(cfg, {"io.fractal.vm.scratch": "48M"}).vm.scratch_limit_mb == 48
     with pytest.raises(c.ConfigError, match="io.fractal.vm.scratch=1G is above the operator's limit vm.scratch_max"):
         c.apply_annotations(cfg, {"io.fractal.vm.scratch": "1G"})
-    for bad, why in (('scratch = "300M"', "above vm.scratch_max"), ('memory_reserve = "1G"', "leaves nothing"),
+    for bad, why in (('scratch = "300M"', "above vm.scratch_max"), ('memory_reserve = "8M"', "out of range"),
                      ('scratch = "0"', "out of range")):
         with pytest.raises(c.ConfigError, match=why):
             c.parse_toml(f"[vm]\n{bad}\n", "f")
