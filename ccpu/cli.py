@@ -61,11 +61,11 @@ def cmd_repo_du(args: argparse.Namespace) -> int:
     stored = sum(la.size for la in layers)
     # what per-snapshot copies (containerd's overlayfs snapshotter) would need for the same snapshots
     would_be = sum(la.size * max(1, sum(1 for u in la.users if not u.startswith("pin:"))) for la in layers)
-    on_disk = disk_usage(repo.root).size
+    on_disk = disk_usage(repo.root).size  # includes ROOT/reserve (docs/snapshotter.md)
     print(f"repo:       {repo.root}")
     print(f"layers:     {len(layers)} ({human(stored)} unpacked)")
     print(f"snapshots:  {len(snapshots)}")
-    print(f"on disk:    {human(on_disk)} (layers, active snapshots, metadata)")
+    print(f"on disk:    {human(on_disk)} (layers, active snapshots, metadata, reserve)")
     print(f"one copy per snapshot would take {human(would_be)}; shared layers save {human(would_be - stored)}")
     return 0
 

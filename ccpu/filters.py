@@ -58,13 +58,15 @@ Version notes:
   wildcards and parse-time regexp errors; containerd sends none of that, and
   it is not accepted here (``a=b`` is an unsupported operator).
 
-Regexps: containerd uses Go RE2; we use Python ``re`` with ``re.ASCII`` so
-``\\d``, ``\\w``, ``\\s`` and ``\\b`` are ASCII-only as in RE2.  Known gaps:
-Python ``$`` also matches before a final newline (RE2's does not); RE2-only
-syntax (``\\pL``, ``\\z``, ``\\Q..\\E``) fails to compile here and so never
-matches, and ``[[:alpha:]]`` means something else; Python-only syntax
-(look-around, back-references) and repeat counts above 1000 compile here
-although containerd would reject them; ``(?i)`` folds ASCII only.
+Regexps: containerd uses Go's ``regexp`` (RE2 syntax and semantics, linear time); so do we,
+through Google's RE2 (the ``google-re2`` package, docs/dependencies.md).  Python's ``re``
+backtracks: ``labels.x~=^(a|a)*$`` against a label of 30 ``a`` and a ``b`` took it minutes, on
+the snapshotter's event loop.  RE2 gives the same answers as Go for the same pattern (``$`` only
+at the end, ``\\d``/``\\w``/``\\s``/``\\b`` ASCII, ``\\pL``, ``\\z``, ``(?i)`` with Unicode
+folding, repeat counts up to 1000) and refuses what Go refuses (back-references,
+look-around): such a pattern never matches, as in containerd.  Known gap: a pattern holding
+bytes that are not UTF-8 (``\\xff`` in a quoted filter value) never matches here, while Go
+would compile it.
 
 Error positions are character offsets into the filter string; Go reports byte
 offsets, which differ only for non-ASCII input.
@@ -73,11 +75,12 @@ offsets, which differ only for non-ASCII input.
 from __future__ import annotations
 
 import enum
-import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import re2  # type: ignore[import-untyped]  # google-re2: Go's regexp semantics, linear time
 
 __all__ = [
     "Adaptor",
@@ -141,9 +144,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: Operator
     value: str = ""
-    _regex: re.Pattern[str] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
+    _regex: Any = field(default=None, init=False, repr=False, compare=False)  # re2 pattern
 
     def __post_init__(self) -> None:
         if self.operator is Operator.MATCHES:
@@ -158,7 +159,7 @@ class Selector:
             return found is not None and value == self.value
         if self.operator is Operator.NOT_EQUAL:
             return value != self.value
-        return self._regex is not None and self._regex.search(value) is not None
+        return self._regex is not None and _search(self._regex, value)
 
 
 @dataclass(frozen=True)
@@ -235,12 +236,23 @@ def snapshot_adaptor(
 # --- regexps ---------------------------------------------------------------
 
 
-def _compile(pattern: str) -> re.Pattern[str] | None:
-    """Compile like Go would accept it, or None: such a selector never matches."""
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern from a client is not worth a line on stderr
+
+
+def _compile(pattern: str) -> Any:
+    """Compile with RE2 as Go would accept it, or None: such a selector never matches."""
     try:
-        return re.compile(pattern, re.ASCII)
-    except (re.error, OverflowError, RecursionError, ValueError):
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except (re2.error, UnicodeEncodeError, ValueError, TypeError):
         return None
+
+
+def _search(regex: Any, value: str) -> bool:
+    try:
+        return regex.search(value) is not None
+    except UnicodeEncodeError:  # a lone surrogate: no real label value holds one
+        return False
 
 
 # --- scanner ---------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from . import digest as digests
 from .api.gen.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 from .api.gen.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from .containerd import ContainerdClient, ContainerdError
@@ -69,7 +70,10 @@ def image_layers(client: ContainerdClient, name: str) -> ImageLayers:
         else:
             raise ContainerdError(f"image {name!r} has no linux/{want} manifest")
     config = _read_json(client, doc["config"]["digest"])
-    diff_ids = tuple(config.get("rootfs", {}).get("diff_ids", []))
+    try:  # the config is the image author's: its diff IDs become chain IDs we look up and label with
+        diff_ids = tuple(digests.check(d, "diff ID") for d in config.get("rootfs", {}).get("diff_ids", []))
+    except digests.InvalidDigest as e:
+        raise ContainerdError(f"image {name!r}: {e}") from None
     return ImageLayers(name, digest, diff_ids, tuple(chain_ids(diff_ids)))
 
 

@@ -15,10 +15,17 @@ with a progress line on stderr.  ``pull`` fetches manifest and blobs from a regi
 
 The pure parts (source parsing, tag selection, reachable blobs, names) are unit-tested; the rest
 is I/O.
+
+Registries and layouts are untrusted (issue 10 item 3): every digest is checked (ccpu/digest.py)
+before it becomes a path or a URL, blobs of a layout are opened relative to the layout's
+directory without following symlinks, documents (index, manifests) are read up to
+MAX_DOCUMENT bytes, downloads stop at the size their descriptor declares, and a download that
+fails its digest check leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -26,6 +33,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -35,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import digest as digests
 from .defaults import SNAPSHOTTER_NAME
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -43,6 +52,9 @@ INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
+#: largest index / manifest / oci-layout read from a layout or a registry (containerd's own
+#: fetcher refuses manifests above 4 MiB as well)
+MAX_DOCUMENT = 4 << 20
 
 
 class ImportError_(Exception):
@@ -159,11 +171,40 @@ def select_manifest(index: dict, tag: str | None) -> dict:
 
 
 def children(media_type: str, doc: dict) -> list[dict]:
-    """Descriptors a manifest or index refers to."""
+    """Descriptors a manifest or index refers to, each checked (`descriptor`)."""
+    if not isinstance(doc, dict):
+        raise ImportError_("a manifest or index is not a JSON object")
     if media_type in INDEX_TYPES or "manifests" in doc:
-        return list(doc.get("manifests") or [])
-    out = [doc["config"]] if "config" in doc else []
-    return out + list(doc.get("layers") or [])
+        found = doc.get("manifests") or []
+    else:
+        found = ([doc["config"]] if "config" in doc else []) + (doc.get("layers") or [])
+    if not isinstance(found, list):
+        raise ImportError_("a manifest's layers / an index's manifests is not a list")
+    return [descriptor(d) for d in found]
+
+
+def descriptor(d: object) -> dict:
+    """An OCI descriptor whose digest and size may be used (as a path, a URL, a download bound)."""
+    if not isinstance(d, dict):
+        raise ImportError_(f"descriptor is not a JSON object: {str(d)[:100]!r}")
+    try:
+        digests.check(d.get("digest"))
+    except digests.InvalidDigest as e:
+        raise ImportError_(f"refusing descriptor: {e}") from None
+    size = d.get("size", 0)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ImportError_(f"descriptor {d['digest']}: size {str(size)[:40]!r} is not a byte count")
+    return d
+
+
+def parse_json(data: bytes, what: str) -> dict:
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise ImportError_(f"{what} is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ImportError_(f"{what} is not a JSON object")
+    return doc
 
 
 def default_name(src: Source) -> str | None:
@@ -181,8 +222,75 @@ def imported_names(ctr_output: str) -> list[str]:
 
 
 def blob_path(layout: Path, digest: str) -> Path:
-    algo, _, hexd = digest.partition(":")
+    """``layout/blobs/<alg>/<hex>``; only for a digest that passed the check (else ImportError_)."""
+    try:
+        algo, _, hexd = digests.check(digest).partition(":")
+    except digests.InvalidDigest as e:
+        raise ImportError_(str(e)) from None
     return layout / "blobs" / algo / hexd
+
+
+# ------------------------------------------------------------------------------------------
+# reading an untrusted layout: relative to its directory, never through a symlink
+
+
+@dataclass
+class Blob:
+    """A blob file of a layout, open (so what is streamed is what was checked)."""
+
+    file: io.BufferedReader
+    size: int
+
+
+_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_beneath(layout_fd: int, *parts: str) -> int | None:
+    """fd of the regular file ``layout/parts...``; None if missing; ImportError_ if a symlink or not a file.
+
+    Each component is opened relative to the previous one with O_NOFOLLOW, so neither a
+    symlinked ``blobs`` dir nor a symlinked blob can lead outside the layout.
+    """
+    fds: list[int] = []
+    try:
+        fd = layout_fd
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                fd = os.open(part, _NOFOLLOW | (0 if last else os.O_DIRECTORY), dir_fd=fd)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ImportError_(f"{'/'.join(parts)} in the layout is a symlink or not a "
+                                       f"{'file' if last else 'directory'}: refusing it") from None
+                raise
+            fds.append(fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImportError_(f"{'/'.join(parts)} in the layout is not a regular file")
+        return fds.pop()
+    finally:
+        for f in fds:
+            os.close(f)
+
+
+def _read_doc(layout_fd: int, parts: tuple[str, ...], what: str) -> bytes | None:
+    fd = _open_beneath(layout_fd, *parts)
+    if fd is None:
+        return None
+    with open(fd, "rb") as fh:
+        data = fh.read(MAX_DOCUMENT + 1)
+    if len(data) > MAX_DOCUMENT:
+        raise ImportError_(f"{what} is larger than {MAX_DOCUMENT} bytes")
+    return data
+
+
+def _blob_parts(digest: str) -> tuple[str, ...]:
+    try:
+        algo, _, hexd = digests.check(digest).partition(":")
+    except digests.InvalidDigest as e:
+        raise ImportError_(str(e)) from None
+    return ("blobs", algo, hexd)
 
 
 # ------------------------------------------------------------------------------------------
@@ -209,49 +317,79 @@ def _tar_size(sizes: Iterable[int]) -> int:
     return (total + 10239) // 10240 * 10240
 
 
-def oci_members(layout: Path, tag: str | None, name: str) -> list[tuple[str, Path | bytes]]:
-    """(archive path, file or bytes) of an OCI archive holding only the selected image, named ``name``."""
-    if not (layout / "index.json").is_file() or not (layout / "oci-layout").is_file():
-        raise ImportError_(f"{layout} is not an OCI image layout (no index.json / oci-layout)")
-    index = json.loads((layout / "index.json").read_text())
-    desc = dict(select_manifest(index, tag))
-    desc["annotations"] = {**desc.get("annotations", {}), REF_NAME: name, CONTAINERD_NAME: name}
-    new_index = {"schemaVersion": 2, "mediaType": INDEX_TYPES[0], "manifests": [desc]}
-    members: list[tuple[str, Path | bytes]] = [
-        ("oci-layout", (layout / "oci-layout").read_bytes()),
-        ("index.json", json.dumps(new_index).encode()),
-    ]
-    seen: set[str] = set()
-    todo = [desc]
-    while todo:
-        d = todo.pop()
-        if d["digest"] in seen:
-            continue
-        seen.add(d["digest"])
-        p = blob_path(layout, d["digest"])
-        if not p.is_file():
-            if d.get("mediaType") in INDEX_TYPES + MANIFEST_TYPES and d is desc:
-                raise ImportError_(f"blob {d['digest']} missing from {layout}")
-            continue  # e.g. another platform's manifest in a single-platform copy
-        members.append((f"blobs/{d['digest'].replace(':', '/')}", p))
-        mt = d.get("mediaType", "")
-        if mt in INDEX_TYPES + MANIFEST_TYPES:
-            todo.extend(children(mt, json.loads(p.read_bytes())))
-    return members
+Member = tuple[str, "Blob | bytes"]
 
 
-def write_tar(members: list[tuple[str, Path | bytes]], out, progress: Progress) -> None:  # noqa: ANN001
+def oci_members(layout: Path, tag: str | None, name: str) -> list[Member]:
+    """(archive path, open blob or bytes) of an OCI archive holding only the selected image, named ``name``.
+
+    The caller closes the blobs (`close_members`).  Nothing outside ``layout`` is read.
+    """
+    try:
+        layout_fd = os.open(layout, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImportError_(f"{layout} is not an OCI image layout ({e.strerror})") from None
+    members: list[Member] = []
+    try:
+        index_data = _read_doc(layout_fd, ("index.json",), "index.json")
+        marker = _read_doc(layout_fd, ("oci-layout",), "oci-layout")
+        if index_data is None or marker is None:
+            raise ImportError_(f"{layout} is not an OCI image layout (no index.json / oci-layout)")
+        index = parse_json(index_data, "index.json")
+        children(INDEX_TYPES[0], index)  # every descriptor of the index is checked
+        desc = dict(select_manifest(index, tag))
+        annotations = desc.get("annotations") if isinstance(desc.get("annotations"), dict) else {}
+        desc["annotations"] = {**annotations, REF_NAME: name, CONTAINERD_NAME: name}
+        new_index = {"schemaVersion": 2, "mediaType": INDEX_TYPES[0], "manifests": [desc]}
+        members += [("oci-layout", marker), ("index.json", json.dumps(new_index).encode())]
+        seen: set[str] = set()
+        todo = [desc]
+        while todo:
+            d = todo.pop()
+            if d["digest"] in seen:
+                continue
+            seen.add(d["digest"])
+            parts = _blob_parts(d["digest"])
+            arc = "/".join(parts)
+            mt = d.get("mediaType", "")
+            if mt in INDEX_TYPES + MANIFEST_TYPES:
+                data = _read_doc(layout_fd, parts, f"manifest {d['digest']}")
+                if data is None:
+                    if d is desc:
+                        raise ImportError_(f"blob {d['digest']} missing from {layout}")
+                    continue  # e.g. another platform's manifest in a single-platform copy
+                members.append((arc, data))
+                todo.extend(children(mt, parse_json(data, f"manifest {d['digest']}")))
+                continue
+            fd = _open_beneath(layout_fd, *parts)
+            if fd is not None:
+                fh = open(fd, "rb")
+                members.append((arc, Blob(fh, os.fstat(fh.fileno()).st_size)))
+        return members
+    except BaseException:
+        close_members(members)
+        raise
+    finally:
+        os.close(layout_fd)
+
+
+def close_members(members: list[Member]) -> None:
+    for _, item in members:
+        if isinstance(item, Blob):
+            item.file.close()
+
+
+def member_size(item: "Blob | bytes") -> int:
+    return len(item) if isinstance(item, bytes) else item.size
+
+
+def write_tar(members: list[Member], out, progress: Progress) -> None:  # noqa: ANN001
     with tarfile.open(fileobj=_Counting(out, progress), mode="w|", format=tarfile.USTAR_FORMAT) as tar:
         for arc, item in members:
             info = tarfile.TarInfo(arc)
             info.mode, info.mtime = 0o644, 0
-            if isinstance(item, bytes):
-                info.size = len(item)
-                tar.addfile(info, io.BytesIO(item))
-            else:
-                info.size = item.stat().st_size
-                with open(item, "rb") as fh:
-                    tar.addfile(info, fh)
+            info.size = member_size(item)
+            tar.addfile(info, io.BytesIO(item) if isinstance(item, bytes) else item.file)
 
 
 # ------------------------------------------------------------------------------------------
@@ -327,9 +465,12 @@ def rename(target: Target, names: list[str], new: str) -> list[str]:
 def import_oci(target: Target, layout: Path, tag: str | None, name: str, stream=None,  # noqa: ANN001
                label: str | None = None) -> list[str]:
     members = oci_members(layout, tag, name)
-    sizes = [len(i) if isinstance(i, bytes) else i.stat().st_size for _, i in members]
-    label = label or f"import {layout.name}{':' + tag if tag else ''}"
-    return ctr_import(target, lambda fh: write_tar(members, fh, _NoProgress()), label, _tar_size(sizes), stream)
+    try:
+        sizes = [member_size(i) for _, i in members]
+        label = label or f"import {layout.name}{':' + tag if tag else ''}"
+        return ctr_import(target, lambda fh: write_tar(members, fh, _NoProgress()), label, _tar_size(sizes), stream)
+    finally:
+        close_members(members)
 
 
 class _NoProgress:
@@ -413,6 +554,15 @@ def _reachable(registry: str, plain_http: bool, timeout: float = 5.0) -> None:
         raise ImportError_(f"cannot reach {registry}: {e.strerror or e}") from None
 
 
+def _read_bounded(r, limit: int, what: str) -> bytes:  # noqa: ANN001 - a requests.Response
+    data = b""
+    for chunk in r.iter_content(chunk_size=1 << 16):
+        data += chunk
+        if len(data) > limit:
+            raise ImportError_(f"{what} is larger than {limit} bytes")
+    return data
+
+
 def pull_to_layout(ref: str, layout: Path, plain_http: bool, stream=None) -> dict:  # noqa: ANN001
     """Fetch REF's manifest (the host platform's, if REF is an index) and its blobs into an OCI layout.
 
@@ -429,7 +579,7 @@ def pull_to_layout(ref: str, layout: Path, plain_http: bool, stream=None) -> dic
     reg = oras.provider.Registry(hostname=container.registry, insecure=plain_http)
     accept = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
 
-    def get(url: str, accept_hdr: str | None = None):  # noqa: ANN202
+    def get(url: str, accept_hdr: str | None = None):  # noqa: ANN202 (url: digests checked by the caller)
         headers = {"Accept": accept_hdr} if accept_hdr else {}
         try:
             r = reg.do_request(url, "GET", headers=headers, stream=True)
@@ -449,35 +599,51 @@ def pull_to_layout(ref: str, layout: Path, plain_http: bool, stream=None) -> dic
         return {"mediaType": media_type, "digest": digest, "size": len(data)}
 
     def manifest(reference: str) -> tuple[dict, dict]:
+        if ":" in reference:  # by digest: checked before it goes into the URL, and verified after
+            try:
+                digests.check(reference, "manifest digest")
+            except digests.InvalidDigest as e:
+                raise ImportError_(f"{ref}: {e}") from None
         url = f"{reg.prefix}://{container.registry}/v2/{container.api_prefix}/manifests/{reference}"
-        r = get(url, accept)
-        data = r.content
-        mt = r.headers.get("Content-Type", "").split(";")[0] or json.loads(data).get("mediaType", MANIFEST_TYPES[0])
-        return save(data, mt), json.loads(data)
+        with get(url, accept) as r:
+            data = _read_bounded(r, MAX_DOCUMENT, f"manifest {reference}")
+            mt = r.headers.get("Content-Type", "").split(";")[0]
+        if ":" in reference and digests.of(reference, data) != reference:
+            raise ImportError_(f"manifest {reference} from {ref}: digest mismatch (got {digests.of(reference, data)})")
+        doc = parse_json(data, f"manifest {reference}")
+        return save(data, mt or str(doc.get("mediaType") or MANIFEST_TYPES[0])), doc
 
     desc, doc = manifest(container.digest or container.tag)
     if desc["mediaType"] in INDEX_TYPES:
-        chosen = pick_platform(doc, host_platform())
+        chosen = pick_platform({"manifests": children(INDEX_TYPES[0], doc)}, host_platform())
         desc, doc = manifest(chosen["digest"])
         desc["platform"] = chosen.get("platform")
-    blobs = children(desc["mediaType"], doc)
+    blobs = children(desc["mediaType"], doc)  # every digest checked before any path or URL use
     for i, b in enumerate(blobs):
         p = blob_path(layout, b["digest"])
+        (layout / "blobs" / p.parent.name).mkdir(exist_ok=True)
         if p.exists():
             continue
         url = f"{reg.prefix}://{container.get_blob_url(b['digest'])}"
         prog = Progress(f"pull {i + 1}/{len(blobs)} {b['digest'][7:19]}", b.get("size"), stream)
-        h = hashlib.sha256()
-        tmp = p.with_suffix(".part")
-        with get(url) as r, open(tmp, "wb") as fh:
-            for chunk in r.iter_content(chunk_size=1 << 20):
-                fh.write(chunk)
-                h.update(chunk)
-                prog.update(len(chunk))
-        prog.close()
-        if "sha256:" + h.hexdigest() != b["digest"]:
-            raise ImportError_(f"blob {b['digest']} from {ref}: digest mismatch (got sha256:{h.hexdigest()})")
-        tmp.rename(p)
+        h = digests.hasher(b["digest"])
+        tmp = p.with_name(p.name + ".part")
+        try:
+            with get(url) as r, open(tmp, "wb") as fh:
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    if prog.done + len(chunk) > b.get("size", 0):
+                        raise ImportError_(f"blob {b['digest']} from {ref}: more than the "
+                                           f"{b.get('size', 0)} bytes its descriptor declares")
+                    fh.write(chunk)
+                    h.update(chunk)
+                    prog.update(len(chunk))
+            prog.close()
+            got = f"{h.name}:{h.hexdigest()}"
+            if got != b["digest"]:
+                raise ImportError_(f"blob {b['digest']} from {ref}: digest mismatch (got {got})")
+            tmp.rename(p)
+        finally:
+            tmp.unlink(missing_ok=True)
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
     return desc
 

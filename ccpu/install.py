@@ -322,6 +322,9 @@ def plan(opts: Options) -> Plan:
         except tomllib.TOMLDecodeError as e:
             raise InstallError(f"{config} is not valid TOML ({e}); fix it first") from None
         version = tomllib.loads(text).get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise InstallError(f"{config}: `version` must be a number (2, or 3 for containerd "
+                               f"2.x), not {version!r}; containerd itself cannot read this file")
         if version < 2:
             raise InstallError(f"{config} has config version {version}; fractal needs version 2 "
                                "(`containerd config migrate` converts it)")
@@ -398,20 +401,59 @@ def apply(p: Plan) -> list[tuple[str, FileChange]]:
             tmp.unlink(missing_ok=True)
             os.symlink(ch.link_to, tmp)
             os.replace(tmp, path)
+            _fsync_dir(path.parent)
         else:
-            if ch.backup and existed:
+            st = os.stat(path) if existed else None
+            if ch.backup and st is not None:
                 bak = path.with_name(path.name + BACKUP_SUFFIX)
                 if not bak.exists():
-                    shutil.copy2(path, bak)
-            tmp = path.with_name(f".{path.name}.fractal-tmp")
-            tmp.write_text(ch.content or "")
-            if existed:
-                shutil.copymode(path, tmp)
-            else:
-                os.chmod(tmp, ch.mode)
-            os.replace(tmp, path)
+                    write_file(bak, path.read_bytes(), st)
+            write_file(path, (ch.content or "").encode(), st, ch.mode)
         done.append(("updated" if existed else "created", ch))
     return done
+
+
+def write_file(path: Path, data: bytes, like: os.stat_result | None, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically and durably, never exposing the content wider
+    than the file it replaces (containerd's config may hold registry credentials).
+
+    The temp file is created by ``mkstemp`` (O_EXCL, mode 0600, a random name: nothing planted
+    at a guessable name is followed), given the old file's mode and owner (``like``; else
+    ``mode``) before any content is written, fsynced, renamed over ``path``, and the directory
+    fsynced so the rename survives a crash."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".fractal-tmp", dir=path.parent)
+    try:
+        if like is not None:
+            if os.geteuid() == 0:
+                os.fchown(fd, like.st_uid, like.st_gid)
+            os.fchmod(fd, like.st_mode & 0o7777)
+        else:
+            os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def next_steps(p: Plan, opts: Options, done: list[tuple[str, FileChange]]) -> list[str]:

@@ -9,14 +9,14 @@ is the first of the annotations :data:`GROUP_ANNOTATIONS`, else the container id
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 
 SOCKET_DIR = "/run/containerd/s"
 
+from ccpu.agent import jsonbound
 from ccpu.grouping import SANDBOX_ANNOTATIONS as GROUP_ANNOTATIONS
-from ccpu.grouping import sandbox_group
+from ccpu.grouping import asks_to_join, sandbox_group
 
 
 def go_join(*parts: str) -> str:
@@ -66,7 +66,7 @@ def read_annotations(bundle: str) -> dict[str, str]:
     """Annotations of the OCI spec in ``bundle/config.json`` ({} if missing/unreadable)."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
-            spec = json.load(f)
+            spec = jsonbound.loads(f.read())
     except (OSError, ValueError):
         return {}
     ann = spec.get("annotations") if isinstance(spec, dict) else None
@@ -74,8 +74,15 @@ def read_annotations(bundle: str) -> dict[str, str]:
 
 
 def group_id(annotations: dict[str, str], container_id: str) -> str:
-    """The group (sandbox) id: first non-empty of :data:`GROUP_ANNOTATIONS`, else the id."""
-    return sandbox_group(container_id, annotations)
+    """The group (sandbox) id: first non-empty of :data:`GROUP_ANNOTATIONS`, else the id --
+    except that a Kubernetes pod's container names another sandbox only if the operator lets
+    pods join one (the config is read only in that rare case: ``start`` stays fast)."""
+    may_join = True
+    if asks_to_join(container_id, annotations):
+        from shim.config import pod_may_join
+
+        may_join = pod_may_join()
+    return sandbox_group(container_id, annotations, pod_may_join=may_join)
 
 
 def run_dir() -> str:

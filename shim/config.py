@@ -3,10 +3,11 @@ except :func:`load_file` / :func:`load` (reading the TOML files), see docs/confi
 
 Sources, strongest first (the FIRST container of a sandbox decides; see :func:`resolve`):
 
-1. annotations on the container's OCI spec: ``io.fractal.mode=vm|host``,
+1. annotations on the container's OCI spec (:data:`ANNOTATIONS`): ``io.fractal.mode=vm|host``,
    ``io.fractal.share=9p|virtiofs``, ``io.fractal.vm.memory=512M``, ``io.fractal.vm.cpus=2``,
-   ``io.fractal.vm.scratch=128M`` (a container's writable layer; never above the files'
-   ``vm.scratch_max``: annotations come from pod authors, the maximum from the operator);
+   ``io.fractal.vm.scratch=128M`` (a container's writable layer, never above ``vm.scratch_max``)
+   -- for Kubernetes (CRI) pods only those the operator allows (``allowed_annotations``, the VM
+   maxima; :func:`check_annotations`), for ``ctr``/nerdctl users (node admins) all of them;
 2. the runtime config file containerd names in the shim's runtime options
    (``ctr run --runtime-config-path FILE``, CRI ``options = {ConfigPath = "FILE"}``): containerd
    1.6 hands the options to ``start`` on its stdin as a protobuf ``Any`` of
@@ -25,10 +26,14 @@ running it somewhere else).
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from ccpu.grouping import FRACTAL_SANDBOX, from_cri
 
 MODES = ("vm", "host")
 ACCELS = ("auto", "kvm", "tcg")
@@ -40,7 +45,36 @@ ANN_MODE = "io.fractal.mode"
 ANN_SHARE = "io.fractal.share"
 ANN_MEMORY = "io.fractal.vm.memory"
 ANN_CPUS = "io.fractal.vm.cpus"
+ANN_SANDBOX = FRACTAL_SANDBOX  # read by ccpu/grouping.py (which shim a container joins)
 ANN_SCRATCH = "io.fractal.vm.scratch"
+ANN_PREFIX = "io.fractal."
+
+
+@dataclass(frozen=True)
+class AnnotationRule:
+    """One ``io.fractal.*`` annotation the shim reads.
+
+    ``kind`` says what its value is (and how :func:`apply_annotations` uses it; ``sandbox`` is
+    read by ccpu/grouping.py instead).  ``pods``: whether a Kubernetes (CRI) pod may set it when
+    the operator's ``allowed_annotations`` does not say otherwise.  Node admins (``ctr``,
+    nerdctl: anything that is not CRI) may set every one of them."""
+
+    name: str
+    kind: str
+    pods: bool
+    what: str
+
+
+#: Every annotation the shim reads, and who may set it by default.  To add one: a row here, and
+#: its ``kind`` in :func:`_apply_one` (docs/config.md lists them for operators).
+ANNOTATIONS: tuple[AnnotationRule, ...] = (
+    AnnotationRule(ANN_MODE, "mode", False, "vm or host: host runs the pod with runc on the node"),
+    AnnotationRule(ANN_SANDBOX, "sandbox", False, "join the named sandbox (its VM) instead of the pod's own"),
+    AnnotationRule(ANN_SHARE, "share", True, "how the layers reach the guest: auto, virtiofs, 9p"),
+    AnnotationRule(ANN_MEMORY, "memory", True, "guest RAM; pods at most vm.max_memory"),
+    AnnotationRule(ANN_CPUS, "cpus", True, "guest vCPUs; pods at most vm.max_cpus"),
+    AnnotationRule(ANN_SCRATCH, "scratch", True, "a container's writable layer in the guest; at most vm.scratch_max"),
+)
 
 #: the environment variable ``start`` uses to pass the runtime config path to its daemon
 RUNTIME_CONFIG_ENV = "FRACTAL_RUNTIME_CONFIG"
@@ -48,6 +82,11 @@ RUNTIME_CONFIG_ENV = "FRACTAL_RUNTIME_CONFIG"
 
 class ConfigError(ValueError):
     """A bad configuration value or file (the message names where it came from)."""
+
+
+class AnnotationDenied(ConfigError):
+    """A Kubernetes pod asked, by annotation, for something the operator does not allow it
+    (containerd sees InvalidArgument with this message, shim/errors.py)."""
 
 
 @dataclass(frozen=True)
@@ -91,11 +130,57 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Policy:
+    """What the operator lets Kubernetes (CRI) pods ask for by annotation.
+
+    ``allowed``: regular expressions, each matched against the WHOLE annotation name without
+    its ``io.fractal.`` prefix (``"vm\\..*"`` allows ``io.fractal.vm.memory`` and
+    ``io.fractal.vm.cpus``); None = the ``pods`` column of :data:`ANNOTATIONS`.
+    ``max_memory_mb`` / ``max_cpus``: the largest VM a pod's annotation may ask for; None = the
+    host's RAM / CPU count (as kata's ``default_maxmemory`` / ``default_maxvcpus``)."""
+
+    allowed: tuple[str, ...] | None = None
+    max_memory_mb: int | None = None
+    max_cpus: int | None = None
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """The host's RAM and CPUs: the default maxima of :class:`Policy` (``probe`` reads them)."""
+
+    memory_mb: int | None = None
+    cpus: int | None = None
+
+    @staticmethod
+    def probe() -> "HostLimits":
+        memory_mb = None
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemTotal:"):
+                        memory_mb = int(line.split()[1]) // 1024
+                        break
+        except (OSError, ValueError, IndexError):
+            pass
+        return HostLimits(memory_mb=memory_mb, cpus=os.cpu_count())
+
+
+@dataclass(frozen=True)
 class Config:
     mode: str = DEFAULT_MODE
     vm: VmSettings = VmSettings()
     sources: tuple[str, ...] = ()  # where the values came from, for the log
     timeouts: Timeouts = Timeouts()
+    policy: Policy = field(default_factory=Policy)
+    host: HostLimits = field(default_factory=HostLimits)
+
+    @property
+    def max_memory_mb(self) -> int | None:
+        return self.policy.max_memory_mb if self.policy.max_memory_mb is not None else self.host.memory_mb
+
+    @property
+    def max_cpus(self) -> int | None:
+        return self.policy.max_cpus if self.policy.max_cpus is not None else self.host.cpus
 
     def describe(self) -> str:
         return (f"mode {self.mode}; vm memory {self.vm.memory_mb}M cpus {self.vm.cpus} accel "
@@ -123,22 +208,28 @@ def parse_memory(value: Any, where: str = "memory", low: int = 64) -> int:
                 break
         mult = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
         try:
+            if len(s) > 32:  # no size needs more; int() of a huge string is slow
+                raise ValueError
             if s and s[-1] in mult:
-                mb = int(float(s[:-1]) * mult[s[-1]])
+                number = float(s[:-1]) * mult[s[-1]]
+                if not math.isfinite(number):  # "1e400M", "infG", "nanM"
+                    raise ValueError
+                mb = int(number)
             else:
                 mb = int(s)
         except ValueError:
-            raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}") from None
+            raise ConfigError(f"{where}: expected a size like \"512M\", got {_brief(value)}") from None
     else:
         raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}")
     if not low <= mb <= 1024 * 1024:
-        raise ConfigError(f"{where}: {value!r} is out of range ({low}M..1T)")
+        raise ConfigError(f"{where}: {_brief(value)} is out of range ({low}M..1T)")
     return mb
 
 
 def parse_seconds(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
-        raise ConfigError(f"{where}: expected a positive number of seconds (at most a day), got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0 < value <= 86400):
+        raise ConfigError(f"{where}: expected a positive number of seconds (at most a day), got {_brief(value)}")
     return float(value)
 
 
@@ -160,26 +251,32 @@ def scratch_for(vm: VmSettings, annotations: Mapping[str, str]) -> int:
         return vm.scratch_limit_mb
     mb = parse_memory(value, f"annotation {ANN_SCRATCH}", low=1)
     if mb > vm.scratch_ceiling_mb:
-        raise ConfigError(f"annotation {ANN_SCRATCH}={value} is above the operator's limit "
-                          f"vm.scratch_max ({vm.scratch_ceiling_mb}M)")
+        raise AnnotationDenied(f"annotation {ANN_SCRATCH}={_brief(value)} is above the operator's limit "
+                               f"vm.scratch_max ({vm.scratch_ceiling_mb}M)")
     return mb
 
 
 def parse_cpus(value: Any, where: str = "cpus") -> int:
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, str) and len(value) > 32):
             raise ValueError
         n = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected a number of CPUs, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf")) from TOML
+        raise ConfigError(f"{where}: expected a number of CPUs, got {_brief(value)}") from None
     if not 1 <= n <= 255:
-        raise ConfigError(f"{where}: {value!r} is out of range (1..255)")
+        raise ConfigError(f"{where}: {_brief(value)} is out of range (1..255)")
     return n
+
+
+def _brief(value: Any, limit: int = 64) -> str:
+    """``repr`` of a value for an error message, cut short (annotations come from pod authors)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(" + str(len(text)) + " chars)"
 
 
 def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
     if not isinstance(value, str) or value.strip().lower() not in allowed:
-        raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
+        raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {_brief(value)}")
     return value.strip().lower()
 
 
@@ -196,9 +293,11 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
     otherwise silently do nothing)."""
     cfg = base or Config()
     vm = cfg.vm
+    policy = cfg.policy
     for key in data:
-        if key not in ("mode", "vm", "timeouts"):
-            raise ConfigError(f"{where}: unknown key {key!r} (known: mode, [vm], [timeouts])")
+        if key not in ("mode", "vm", "allowed_annotations", "timeouts"):
+            raise ConfigError(f"{where}: unknown key {key!r} (known: mode, allowed_annotations, [vm], "
+                              "[timeouts])")
     timeouts = cfg.timeouts
     ttable = data.get("timeouts", {})
     if not isinstance(ttable, Mapping):
@@ -208,6 +307,9 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             raise ConfigError(f"{where}: unknown key timeouts.{key} (known: {', '.join(TIMEOUT_KINDS)})")
         timeouts = replace(timeouts, **{key: parse_seconds(value, f"{where}: timeouts.{key}")})
     mode = parse_mode(data["mode"], f"{where}: mode") if "mode" in data else cfg.mode
+    if "allowed_annotations" in data:
+        policy = replace(policy, allowed=parse_allowed(data["allowed_annotations"],
+                                                       f"{where}: allowed_annotations"))
     table = data.get("vm", {})
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: vm must be a table ([vm])")
@@ -217,6 +319,10 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, memory_mb=parse_memory(value, w))
         elif key == "cpus":
             vm = replace(vm, cpus=parse_cpus(value, w))
+        elif key == "max_memory":
+            policy = replace(policy, max_memory_mb=parse_memory(value, w))
+        elif key == "max_cpus":
+            policy = replace(policy, max_cpus=parse_cpus(value, w))
         elif key == "accel":
             vm = replace(vm, accel=_choice(value, ACCELS, w))
         elif key == "share":
@@ -230,9 +336,24 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
         elif key == "memory_reserve":
             vm = replace(vm, memory_reserve_mb=parse_memory(value, w, low=16))
         else:
-            raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, accel, share, "
-                              "boot_timeout, scratch, scratch_max, memory_reserve)")
-    return Config(mode=mode, vm=check_vm(vm, where), sources=cfg.sources + (where,), timeouts=timeouts)
+            raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, max_memory, "
+                              "max_cpus, accel, share, boot_timeout, scratch, scratch_max, memory_reserve)")
+    return replace(cfg, mode=mode, vm=check_vm(vm, where), policy=policy, timeouts=timeouts,
+                   sources=cfg.sources + (where,))
+
+
+def parse_allowed(value: Any, where: str) -> tuple[str, ...]:
+    """``allowed_annotations``: a list of regular expressions (checked to compile here, so a
+    typo fails the sandbox instead of silently allowing nothing)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings (regular expressions matched "
+                          f"against annotation names without {ANN_PREFIX!r}), got {_brief(value)}")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{where}: {pattern!r} is not a regular expression: {exc}") from None
+    return tuple(value)
 
 
 def parse_toml(text: str, where: str, base: Config | None = None) -> Config:
@@ -258,40 +379,88 @@ def load_file(path: str, base: Config | None = None, *, required: bool = True) -
     return parse_toml(text, path, base)
 
 
+# ---------------------------------------------------------------------------------------------
+# annotations and who may set them
+
+
+def pod_may_set(policy: Policy, rule: AnnotationRule) -> bool:
+    """Whether a Kubernetes (CRI) pod may set ``rule``'s annotation.
+
+    As kata's ``enable_annotations``: each entry is a regular expression over the name without
+    the common prefix; unlike kata's (Go ``regexp.MatchString``, unanchored, so ``"path"`` also
+    enables ``jailer_path``) the whole name must match -- an allow-list should allow exactly
+    what it names."""
+    if policy.allowed is None:
+        return rule.pods
+    short = rule.name[len(ANN_PREFIX):]
+    return any(re.fullmatch(p, short) for p in policy.allowed)
+
+
+def check_annotations(cfg: Config, annotations: Mapping[str, str]) -> None:
+    """Refuse (:class:`AnnotationDenied`) a Kubernetes pod's annotation that the operator does
+    not allow.  Node admins (anything that is not CRI, see ccpu/grouping.py ``from_cri``) may set
+    them all.  Refused rather than ignored, as kata does ("annotation X is not enabled"): a pod
+    that silently got another mode or size than it asked for would fail later and elsewhere."""
+    if not from_cri(annotations):
+        return
+    for rule in ANNOTATIONS:
+        if annotations.get(rule.name) and not pod_may_set(cfg.policy, rule):
+            raise AnnotationDenied(
+                f"annotation {rule.name} is not allowed for Kubernetes pods on this node (the "
+                "operator can allow it with allowed_annotations in the fractal config)")
+
+
 def apply_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
-    vm = cfg.vm
-    mode = cfg.mode
+    """``cfg`` with the container's ``io.fractal.*`` annotations applied (after
+    :func:`check_annotations`); a CRI pod's VM size is also held to the operator's maxima."""
+    check_annotations(cfg, annotations)
+    limited = from_cri(annotations)
     used = []
-    if annotations.get(ANN_MODE):
-        mode = parse_mode(annotations[ANN_MODE], f"annotation {ANN_MODE}")
-        used.append(ANN_MODE)
-    if annotations.get(ANN_SHARE):
-        vm = replace(vm, share=_choice(annotations[ANN_SHARE], SHARES, f"annotation {ANN_SHARE}"))
-        used.append(ANN_SHARE)
-    if annotations.get(ANN_MEMORY):
-        vm = replace(vm, memory_mb=parse_memory(annotations[ANN_MEMORY], f"annotation {ANN_MEMORY}"))
-        used.append(ANN_MEMORY)
-    if annotations.get(ANN_CPUS):
-        vm = replace(vm, cpus=parse_cpus(annotations[ANN_CPUS], f"annotation {ANN_CPUS}"))
-        used.append(ANN_CPUS)
-    if annotations.get(ANN_SCRATCH):  # the sandbox's default; bounded by the files' maximum
-        vm = replace(vm, scratch_mb=scratch_for(vm, annotations))
-        used.append(ANN_SCRATCH)
+    for rule in ANNOTATIONS:
+        value = annotations.get(rule.name)
+        if value and rule.kind != "sandbox":
+            cfg = _apply_one(cfg, rule, value, limited)
+            used.append(rule.name)
     if not used:
         return cfg
-    return Config(mode=mode, vm=check_vm(vm, "annotations"), sources=cfg.sources + ("annotations " + ",".join(used),),
-                  timeouts=cfg.timeouts)
+    return replace(cfg, vm=check_vm(cfg.vm, "annotations"), sources=cfg.sources + ("annotations " + ",".join(used),))
+
+
+def _apply_one(cfg: Config, rule: AnnotationRule, value: str, limited: bool) -> Config:
+    where = f"annotation {rule.name}"
+    if rule.kind == "mode":
+        return replace(cfg, mode=parse_mode(value, where))
+    if rule.kind == "share":
+        return replace(cfg, vm=replace(cfg.vm, share=_choice(value, SHARES, where)))
+    if rule.kind == "memory":
+        mb = parse_memory(value, where)
+        _within(limited, mb, cfg.max_memory_mb, where, value, "vm.max_memory", "M")
+        return replace(cfg, vm=replace(cfg.vm, memory_mb=mb))
+    if rule.kind == "cpus":
+        n = parse_cpus(value, where)
+        _within(limited, n, cfg.max_cpus, where, value, "vm.max_cpus", "")
+        return replace(cfg, vm=replace(cfg.vm, cpus=n))
+    if rule.kind == "scratch":  # the sandbox's default; each container may ask for its own (scratch_for)
+        return replace(cfg, vm=replace(cfg.vm, scratch_mb=scratch_for(cfg.vm, {ANN_SCRATCH: value})))
+    raise AssertionError(f"annotation kind {rule.kind!r} has no handler")
+
+
+def _within(limited: bool, asked: int, maximum: int | None, where: str, value: str,
+            key: str, unit: str) -> None:
+    if limited and maximum is not None and asked > maximum:
+        raise AnnotationDenied(f"{where}={_brief(value)} asks for more than this node allows "
+                               f"Kubernetes pods ({key} = {maximum}{unit})")
 
 
 def resolve(annotations: Mapping[str, str], *, runtime_config: str | None,
-            global_file: str | None, read: Any = None) -> Config:
+            global_file: str | None, read: Any = None, host: HostLimits | None = None) -> Config:
     """The sandbox's config: defaults < global file < runtime config file < annotations.
 
     ``global_file`` is ``$FRACTAL_CONFIG`` if set (then it must exist) else the default path
     (optional).  ``read(path, base, required)`` loads a file (default :func:`load_file`;
-    injectable for tests)."""
+    injectable for tests).  ``host``: the default maxima of a pod's VM (None: no maxima)."""
     read = read or (lambda p, b, required: load_file(p, b, required=required))
-    cfg = Config()
+    cfg = Config(host=host or HostLimits())
     if global_file:
         cfg = read(global_file, cfg, True)
     else:
@@ -305,7 +474,19 @@ def load(annotations: Mapping[str, str], environ: Mapping[str, str] | None = Non
     """:func:`resolve` with the paths from the environment (the shim daemon's)."""
     env = os.environ if environ is None else environ
     return resolve(annotations, runtime_config=env.get(RUNTIME_CONFIG_ENV) or None,
-                   global_file=env.get("FRACTAL_CONFIG") or None)
+                   global_file=env.get("FRACTAL_CONFIG") or None, host=HostLimits.probe())
+
+
+def pod_may_join(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the operator lets Kubernetes pods join another sandbox (``io.fractal.sandbox``):
+    asked by ``start`` only when a CRI container carries that annotation.  A config that does
+    not load allows nothing (the sandbox then fails with the config's error anyway)."""
+    try:
+        cfg = load({}, environ)
+    except ConfigError:
+        return False
+    rule = next(r for r in ANNOTATIONS if r.kind == "sandbox")
+    return pod_may_set(cfg.policy, rule)
 
 
 def conflict(sandbox_mode: str, annotations: Mapping[str, str]) -> str | None:
@@ -365,19 +546,29 @@ def _fields(data: bytes) -> dict[int, list[bytes | int]]:
     return out
 
 
-def config_path_from_options(any_bytes: bytes) -> str | None:
+#: containerd nests the options at most once (2.3+: BootstrapParams -> Extension -> Any)
+MAX_OPTIONS_NESTING = 1
+#: more than containerd ever writes (a path and a type URL); start reads its whole stdin
+MAX_OPTIONS_BYTES = 64 * 1024
+
+
+def config_path_from_options(any_bytes: bytes, _depth: int = 0) -> str | None:
     """``config_path`` of a serialized ``Any{type_url, value}`` holding
     ``runtimeoptions.v1.Options`` (what containerd writes on ``start``'s stdin and puts in
-    CreateTaskRequest.options).  None for anything else (empty, runc options, garbage)."""
-    if not any_bytes:
+    CreateTaskRequest.options).  None for anything else (empty, runc options, garbage,
+    extensions nested deeper than containerd nests them, more than :data:`MAX_OPTIONS_BYTES`)."""
+    if not any_bytes or len(any_bytes) > MAX_OPTIONS_BYTES:
         return None
     try:
         outer = _fields(any_bytes)
         if 8 in outer:  # containerd 2.3+: BootstrapParams{..., repeated Extension{Any value=1} = 8}
+            if _depth >= MAX_OPTIONS_NESTING:
+                return None
             for ext in outer[8]:
                 if isinstance(ext, bytes):
                     inner = _fields(ext).get(1, [b""])[0]
-                    found = config_path_from_options(inner) if isinstance(inner, bytes) else None
+                    found = (config_path_from_options(inner, _depth + 1)
+                             if isinstance(inner, bytes) else None)
                     if found:
                         return found
             return None

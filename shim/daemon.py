@@ -98,8 +98,11 @@ class Daemon:
         from ccpu.agent.reaper import Reaper
         from ccpu.ttrpc import Server
         from shim import address as addr
+        import functools
+
         from shim.events import Publisher
         from shim import config as shim_config
+        from shim.errors import config_error
         from shim.sandbox import FailedSandbox, for_config
         from shim.task import SERVICE, TaskService
 
@@ -113,9 +116,11 @@ class Daemon:
         self.publisher = Publisher(ttrpc_address)
         repo_root = os.environ.get("FRACTAL_ROOT") or "/var/lib/fractal"
         bundle_root = os.path.dirname(os.path.realpath(self.opts.bundle))
+        admit = None
         timeouts = shim_config.Timeouts()
         try:  # the first container decides the sandbox's mode (docs/config.md)
             cfg = shim_config.load(addr.read_annotations(self.opts.bundle))
+            admit = functools.partial(shim_config.check_annotations, cfg)  # every later container
             timeouts = cfg.timeouts
             log.info("sandbox config: %s", cfg.describe())
             self.sandbox = for_config(
@@ -125,10 +130,12 @@ class Daemon:
                 first_bundle=self.opts.bundle)
         except shim_config.ConfigError as exc:
             log.error("sandbox config: %s", exc)
-            self.sandbox = FailedSandbox(f"fractal config: {exc}")
+            err = config_error(exc, "fractal config: ")
+            self.sandbox = FailedSandbox(err.message, err.code)
         self.service = TaskService(
             self.sandbox, self.publisher.publish, self.namespace, repo_root=repo_root,
-            request_exit=self.request_exit, on_change=self.write_record, timeouts=timeouts)
+            request_exit=self.request_exit, on_change=self.write_record, admit=admit,
+            timeouts=timeouts)
         self.sandbox.on_event = self.service.on_agent_event
         self.sandbox.on_lost = self.service.on_agent_lost
 

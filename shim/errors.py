@@ -47,3 +47,16 @@ def failed_precondition(msg: str) -> TtrpcError:
 
 def already_exists(what: str) -> TtrpcError:
     return TtrpcError(Code.ALREADY_EXISTS, f"{what}: already exists")
+
+
+def config_error(exc: Exception, prefix: str = "") -> TtrpcError:
+    """A sandbox config error for containerd: InvalidArgument when a Kubernetes pod asked for
+    what the operator does not allow (shim.config.AnnotationDenied), else FailedPrecondition
+    (a bad value or file: the sandbox cannot start as configured).
+
+    Why not PermissionDenied: containerd 1.6's errdefs has no such error and shows it as
+    "unknown" (seen through CRI); InvalidArgument reads "invalid argument" on 1.6 and 2.x."""
+    from shim.config import AnnotationDenied
+
+    code = Code.INVALID_ARGUMENT if isinstance(exc, AnnotationDenied) else Code.FAILED_PRECONDITION
+    return TtrpcError(code, f"{prefix}{exc}")

@@ -195,12 +195,14 @@ def translate(spec: Mapping[str, Any], cid: str, files_root: str,
 
 def _nerdctl_cni_networks(spec: Mapping[str, Any]) -> list[str]:
     """nerdctl's CNI networks (annotation ``nerdctl/networks``) other than none/host/container:."""
-    import json
+    from ccpu.agent import jsonbound
 
     raw = (spec.get("annotations") or {}).get("nerdctl/networks")
     try:
-        names = json.loads(raw) if raw else []
+        names = jsonbound.loads(raw) if raw else []
     except ValueError:
+        return []
+    if not isinstance(names, list):  # an annotation: any JSON may come
         return []
     return [str(n) for n in names if isinstance(n, str)
             and n.split(":", 1)[0] not in ("none", "host", "container", "ns")]

@@ -36,6 +36,7 @@ from typing import Any
 
 from google.protobuf import wrappers_pb2
 
+from ccpu.agent import jsonbound
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
 
 log = logging.getLogger("shim.layers")
@@ -51,7 +52,7 @@ def _bad(msg: str) -> TtrpcError:
 
 def parse_request(req: wrappers_pb2.StringValue) -> dict[str, Any]:
     try:
-        args = json.loads(req.value or "{}")
+        args = jsonbound.loads(req.value or "{}")
     except ValueError as exc:
         raise _bad(f"request is not JSON: {exc}") from None
     if not isinstance(args, dict):

@@ -182,7 +182,9 @@ def _request_fields(msg: Any) -> dict[str, str]:
     cid = getattr(msg, "id", "") or getattr(msg, "container_id", "")
     if not cid and type(msg).__name__ == "StringValue":  # shim/layers.py: a JSON object
         try:
-            obj = json.loads(msg.value or "{}")
+            from ccpu.agent import jsonbound  # a deep request must not break the logging
+
+            obj = jsonbound.loads(msg.value or "{}")
             cid = obj.get("container", "") if isinstance(obj, dict) else ""
         except ValueError:
             cid = ""

@@ -172,13 +172,15 @@ class FailedSandbox(Sandbox):
     mode = "?"
     agent_mode = "none"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: int | None = None) -> None:
         self.reason = reason
+        self.code = code  # a ttrpc Code; None = FailedPrecondition
 
     async def start(self) -> None:
         from ccpu.ttrpc import Code, TtrpcError
 
-        raise TtrpcError(Code.FAILED_PRECONDITION, self.reason)
+        raise TtrpcError(Code(self.code) if self.code is not None else Code.FAILED_PRECONDITION,
+                         self.reason)
 
     async def agent(self) -> AgentClient:
         await self.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -23,10 +22,11 @@ from google.protobuf import any_pb2, empty_pb2
 from ccpu.api.gen.containerd.events import task_pb2 as ev
 from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
 from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
+from ccpu.agent import jsonbound
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
 from shim import logfmt, rootfs as rootfs_mod
-from shim.config import Timeouts, conflict
-from shim.errors import agent_error_code, to_ttrpc
+from shim.config import ConfigError, Timeouts, conflict
+from shim.errors import agent_error_code, config_error, to_ttrpc
 from shim.events import timestamp
 from shim.state import Container, Process, Status, Tasks
 from shim.stdio import ProcessIO
@@ -55,7 +55,7 @@ def _read_spec(bundle: str) -> dict[str, Any] | None:
     """The bundle's config.json (None if unreadable: the agent then reports it)."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
-            spec = json.load(f)
+            spec = jsonbound.loads(f.read())
     except (OSError, ValueError):
         return None
     return spec if isinstance(spec, dict) else None
@@ -81,8 +81,12 @@ class TaskService:
                  *, repo_root: str | None = None,
                  request_exit: Callable[[], None] | None = None,
                  on_change: Callable[[], None] | None = None,
+                 admit: Callable[[dict[str, str]], None] | None = None,
                  timeouts: Timeouts | None = None) -> None:
         self.sandbox = sandbox
+        #: raises shim.config.ConfigError for a container the sandbox's config refuses
+        #: (a Kubernetes pod's annotation the operator does not allow)
+        self.admit = admit
         self.timeouts = timeouts or Timeouts()
         self.publish_event = publish
         self.namespace = namespace
@@ -259,7 +263,13 @@ class TaskService:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
         rootfs = rootfs_mod.translate(list(req.rootfs), self.repo_root)
         spec = _read_spec(req.bundle)
-        why = conflict(getattr(self.sandbox, "mode", "host"), _annotations(spec))
+        annotations = _annotations(spec)
+        if self.admit is not None:
+            try:
+                self.admit(annotations)
+            except ConfigError as exc:
+                raise config_error(exc, f"container {req.id}: ") from None
+        why = conflict(getattr(self.sandbox, "mode", "host"), annotations)
         if why:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {req.id}: {why}")
         place = getattr(self.sandbox, "placement", None)  # where it runs (shim.sandbox, shim.vm)
@@ -439,7 +449,7 @@ class TaskService:
         if not req.exec_id:
             raise TtrpcError(Code.INVALID_ARGUMENT, "exec id is required")
         try:
-            process_spec = json.loads(req.spec.value or b"{}")
+            process_spec = jsonbound.loads(req.spec.value or b"{}")
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"exec spec is not JSON: {exc}") from exc
         agent = await self._agent()
@@ -477,7 +487,7 @@ class TaskService:
         the Any (typeurl registers runtime-spec types as JSON); the agent runs `runc update`."""
         self.tasks.get(req.id)
         try:
-            resources = json.loads(req.resources.value or b"{}")
+            resources = jsonbound.loads(req.resources.value or b"{}")
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"resources are not JSON: {exc}") from exc
         if not isinstance(resources, dict):

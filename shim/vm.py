@@ -8,7 +8,8 @@ When the shim daemon exits (its last container was deleted) the agent is told to
 and QEMU is stopped (SIGTERM, then SIGKILL).
 
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/``: ``agent.sock`` (the port),
-``vfs.sock`` (virtiofsd, if used), ``volumes/`` (the containers' volume binds), ``console.log`` (the guest's serial console; symlinked into
+``vfs.sock`` (virtiofsd, if used), ``volumes/`` (the containers' volume binds; ``mounts.json``
+records every mount made in the run dir, see :mod:`shim.mountrecord`), ``console.log`` (the guest's serial console; symlinked into
 every container bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's
 and virtiofsd's pid + start time, for :func:`cleanup_dead` when the shim is gone).  Sockets are
 given to QEMU/virtiofsd relative to the run dir (their cwd): a unix socket path has at most 107
@@ -49,7 +50,8 @@ from typing import Any
 from shim import guestspec
 from shim.guestspec import NotInVm
 from shim.volumes import SHARE_TAG as VOLUMES_TAG
-from shim.volumes import VolumeDir, VolumeError, remove_tree
+from shim.mountrecord import MountRecordError, remove_run_dir
+from shim.volumes import VolumeDir
 
 log = logging.getLogger("shim.vm")
 
@@ -132,11 +134,11 @@ def _file_arg(copy: guestspec.FileCopy) -> dict[str, Any]:
 
 def first_netns(bundle: str) -> str | None:
     """The pod network namespace in ``bundle``'s spec (None: none, or no readable spec)."""
-    import json
+    from ccpu.agent import jsonbound
 
     try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            return guestspec.network_namespace(json.load(f))
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            return guestspec.network_namespace(jsonbound.loads(f.read()))
     except (OSError, ValueError):
         return None
 
@@ -190,8 +192,8 @@ def cleanup_dead(run_dir: str) -> list[int]:
     while killed and time.monotonic() < deadline and any(_start_time(p) for p in killed):
         time.sleep(0.02)
     try:
-        remove_tree(run_dir)  # the volume binds are unmounted first: host data is never removed
-    except VolumeError as exc:
+        remove_run_dir(run_dir)  # the recorded volume binds are unmounted first: host data is never removed
+    except MountRecordError as exc:  # VolumeError too
         log.error("%s", exc)
     for d in (os.path.dirname(run_dir),):  # the namespace dir, if now empty
         try:
@@ -241,7 +243,7 @@ class VmSandbox(Sandbox):
         self._net: Any = None  # ccpu.vm.net.Attachment while the VM is attached to self.netns
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
-        self.volumes = VolumeDir(os.path.join(self.dir, "volumes"))  # shared over 9p (shim/volumes.py)
+        self.volumes = VolumeDir(self.dir)  # <dir>/volumes, shared over 9p (shim/volumes.py)
         self._dir_ready = False
 
     # -- interface --------------------------------------------------------------------------
@@ -284,7 +286,7 @@ class VmSandbox(Sandbox):
         self._prepare_dir()
         try:  # last: nothing after it can fail (else Create never reaches deleted() to undo it)
             self.volumes.attach(cid, translated.volumes)
-        except VolumeError as exc:
+        except MountRecordError as exc:  # VolumeError too
             raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
         if translated.host_hooks:
             from shim.hooks import ContainerHooks
@@ -405,7 +407,7 @@ class VmSandbox(Sandbox):
         self.share, why = shares.decide(None if s.share == "auto" else s.share,
                                         os.environ.get("FRACTAL_SHARE") or None, vfsd)
         layers = qemu.Share(LAYERS_TAG, self.host_layers, GUEST_LAYERS, True, self.share,
-                            "vfs.sock" if self.share == "virtiofs" else None)
+                            "vfs.sock" if self.share == "virtiofs" else None, layers=True)
         if self.netns is not None:  # the pod's network (CRI): its eth0 becomes the guest's
             from ccpu.vm import net
 
@@ -447,7 +449,7 @@ class VmSandbox(Sandbox):
                      self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.dir)
             log.debug("qemu: %s", " ".join(argv))
             proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=qemu_log, cwd=self.dir,
-                              pass_fds=self._net.fds if self._net else ())
+                              pass_fds=self._net.fds if self._net else (), guard_shares=True)
         except BaseException:
             self._detach_net()
             raise
@@ -629,9 +631,10 @@ class VmSandbox(Sandbox):
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+        self.volumes.close()
         try:
-            remove_tree(self.dir)  # unmounts the volume binds first; never removes host data
-        except VolumeError as exc:
+            remove_run_dir(self.dir)  # unmounts the recorded volume binds first; never removes host data
+        except MountRecordError as exc:  # VolumeError too
             log.error("%s", exc)
         try:
             os.rmdir(os.path.dirname(self.dir))

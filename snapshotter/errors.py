@@ -16,14 +16,22 @@ from typing import Any, TypeVar
 import grpc
 
 from ccpu.repo import errors as repo_errors
+from ccpu.repo.space import is_full_error
 
 log = logging.getLogger(__name__)
 
+class DeadlineExceeded(repo_errors.RepoError):
+    """The snapshotter's own bound on an RPC's work ran out (List, snapshotter/service.py)."""
+
+
 CODES: dict[type[repo_errors.RepoError], grpc.StatusCode] = {
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     repo_errors.NotFound: grpc.StatusCode.NOT_FOUND,
     repo_errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     repo_errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     repo_errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    # containerd passes the message through to ctr (docs/snapshotter.md, "When the disk is full")
+    repo_errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -32,6 +40,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code = CODES.get(cls)  # type: ignore[arg-type]
         if code is not None:
             return code, str(exc)
+    if is_full_error(exc):  # a full disk the repo did not wrap with its context: still not Unknown
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"no space left in the repo: {exc}"
     return grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"
 
 
@@ -55,7 +65,8 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             return result
         except repo_errors.RepoError as e:
             code, msg = status_of(e)
-            log.debug("%s %s -> %s: %s", fn.__name__, _brief(request), code.name, msg)
+            level = logging.WARNING if code is grpc.StatusCode.RESOURCE_EXHAUSTED else logging.DEBUG
+            log.log(level, "%s %s -> %s: %s", fn.__name__, _brief(request), code.name, msg)
             await context.abort(code, msg)
         except Exception as e:  # unexpected: log with traceback, still answer
             log.exception("%s failed", fn.__name__)

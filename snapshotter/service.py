@@ -7,33 +7,58 @@ Calls that only touch SQLite and make or rename a directory (well under a
 millisecond) run on the event loop: measured with 8 concurrent clients, a hop
 to a worker thread cost more in GIL hand-offs than the work itself.  Calls
 that walk a directory tree (Commit and Usage measure disk use; Cleanup)
-run in worker threads so they never stall the other clients.
+run in worker threads so they never stall the other clients.  So does List:
+its cost grows with the repo and with the client's filters (a regexp per
+snapshot), and it gets at most ``list_deadline`` seconds of work before it
+answers DeadlineExceeded (containerd's own List has no bound; ours must not
+let one client keep a thread and the repo busy forever).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 from google.protobuf import empty_pb2
 
 from ccpu.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from ccpu.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from ccpu.repo import Repo
+from ccpu.repo import Repo, SnapshotInfo
 
 from . import convert
-from .errors import streaming, unary
+from .errors import DeadlineExceeded, streaming, unary
 
 log = logging.getLogger(__name__)
 
 LIST_BATCH = 100  # containerd's own proxy server sends Infos in batches of this size
+#: seconds of work a List may take (matching thousands of snapshots takes milliseconds)
+LIST_DEADLINE = 10.0
+
+
+def list_batches(infos: Iterable[SnapshotInfo], deadline: float) -> list[pb.ListSnapshotsResponse]:
+    """The List answer, built in a worker thread; DeadlineExceeded once ``time.monotonic()``
+    passes ``deadline`` (checked between snapshots: each match is linear, RE2)."""
+    out: list[pb.ListSnapshotsResponse] = []
+    batch: list[SnapshotInfo] = []
+    for info in infos:
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded("List took longer than the snapshotter allows; use narrower filters")
+        batch.append(info)
+        if len(batch) == LIST_BATCH:
+            out.append(pb.ListSnapshotsResponse(info=[convert.info_pb(x) for x in batch]))
+            batch = []
+    if batch:
+        out.append(pb.ListSnapshotsResponse(info=[convert.info_pb(x) for x in batch]))
+    return out
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
-    def __init__(self, repo: Repo) -> None:
+    def __init__(self, repo: Repo, list_deadline: float = LIST_DEADLINE) -> None:
         self.repo = repo
+        self.list_deadline = list_deadline
 
     @unary
     async def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.PrepareSnapshotResponse:
@@ -74,9 +99,12 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     @streaming
     async def List(self, request: pb.ListSnapshotsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ListSnapshotsResponse]:
-        infos = list(self.repo.list(list(request.filters)))
-        for i in range(0, len(infos), LIST_BATCH):
-            yield pb.ListSnapshotsResponse(info=[convert.info_pb(x) for x in infos[i : i + LIST_BATCH]])
+        filters = list(request.filters)
+        deadline = time.monotonic() + self.list_deadline
+        # parsing the filters, reading the rows and matching them all run in the thread
+        for batch in await asyncio.to_thread(
+                lambda: list_batches(self.repo.list(filters), deadline)):
+            yield batch
 
     @unary
     async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:

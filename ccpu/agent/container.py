@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import limits, live, mounts, protocol
+from . import jsonbound, limits, live, mounts, protocol
 from .oom import OomWatcher
 from .process import CREATED, DRAIN_TIMEOUT, PAUSED, RUNNING, STOPPED, Events, Process
 from .reaper import Reaper
@@ -52,7 +52,7 @@ class Container:
 def _read_spec(bundle: str) -> dict[str, Any]:
     try:
         with open(os.path.join(bundle, "config.json"), encoding="utf-8") as f:
-            spec = json.load(f)
+            spec = jsonbound.loads(f.read())
     except FileNotFoundError:
         raise protocol.InvalidArgument(f"bundle {bundle} has no config.json and no spec was given") from None
     except (OSError, ValueError) as e:

@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from . import jsonbound
+
 HEADER = struct.Struct(">IIB")
 HEADER_LENGTH = HEADER.size  # 9
 MAX_PAYLOAD = 1 << 20
@@ -86,7 +88,7 @@ def encode_close(channel: int) -> bytes:
 def decode_control(frame: Frame) -> dict[str, Any]:
     """The JSON object of a control frame (anything else is a protocol error)."""
     try:
-        message = json.loads(frame.payload.decode("utf-8"))
+        message = jsonbound.loads(frame.payload.decode("utf-8"))  # nesting bounded
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"control frame is not UTF-8 JSON: {e}") from None
     if not isinstance(message, dict):

@@ -92,7 +92,9 @@ step "modules loaded"
 mount_share() {  # tag type mode path
     mkdir -p "$4"
     case "$2" in
-        9p) mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$3" "$1" "$4" ;;
+        # read-only shares (the layers): the POSIX ACLs of the host's files are seen and applied
+        9p) acl=""; [ "$3" = ro ] && acl=",posixacl"
+            mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$3$acl" "$1" "$4" ;;
         virtiofs) mount -t virtiofs -o "$3" "$1" "$4" ;;
         *) false ;;
     esac || die "mount of share $1 ($2) at $4 failed"

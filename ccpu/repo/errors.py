@@ -33,5 +33,13 @@ class InvalidArgument(RepoError):
     """The request itself is malformed (bad key, label, parent kind...)."""
 
 
+class ResourceExhausted(RepoError):
+    """The repo's filesystem is out of space or inodes (ENOSPC, EDQUOT, SQLite's "disk is full").
+
+    The message says which repo and what ran out; the request changed nothing.  It heals by
+    itself once space is freed: nothing stays wedged (docs/snapshotter.md, "When the disk is full").
+    """
+
+
 class RepoLocked(RepoError):
     """Another process serves this repo already."""

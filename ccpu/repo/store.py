@@ -20,30 +20,62 @@ created before the transaction and renamed into place inside it, and removed
 only after it commits, so after a crash the only possible mismatches are
 orphan directories or a commit whose rename outran its transaction; `recover`
 repairs both at start-up and on containerd's Cleanup call.
+
+Permissions: ROOT, layers/, active/ and trash/ are 0700 (fixed at every start).  Layers and
+uppers hold whatever images and containers wrote, setuid-root binaries and device nodes
+included; a non-root user of the node must not be able to reach them (containerd's
+CVE-2021-41103; its snapshotters make these dirs 0700 too).  Everything that uses the dirs
+runs as root: containerd's applier, the agent in host mode, virtiofsd for guests.
+
+Full disk: see space.py and `_freeing_tx`.  Giving space back never needs space.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .. import filters as _filters
 from ..stack import snapshot_mounts
-from . import validate
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RepoLocked
+from . import opaque, validate
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RepoLocked, ResourceExhausted
 from .fsutil import disk_usage, remove_tree
 from .metastore import MetaStore, SnapshotRow
 from .model import Kind, LayerInfo, Mount, SnapshotInfo, Usage
+from .space import RESERVE_NAME, Reserve, describe_full, is_full_error
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
+DIR_MODE = 0o700  # ROOT, layers/, active/, trash/: see the module docstring
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+def _reports_full(fn: F) -> F:
+    """A full disk inside `fn` becomes ResourceExhausted saying what is full (never a bare OSError)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "Repo", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except ResourceExhausted:
+            raise
+        except (OSError, sqlite3.Error) as e:
+            if not is_full_error(e):
+                raise
+            raise ResourceExhausted(describe_full(self.root, e)) from e
+
+    return wrapper  # type: ignore[return-value]
 
 
 class Repo:
@@ -56,21 +88,56 @@ class Repo:
         self.trash_dir = self.root / "trash"
         self._closed = False
         for d in (self.root, self.layers_dir, self.active_dir, self.trash_dir):
-            d.mkdir(mode=0o711, parents=True, exist_ok=True)
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         self._lockfile = open(self.root / "lock", "a+")
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lockfile.close()
             raise RepoLocked(f"repo {self.root} is in use by another process") from None
-        self.meta = MetaStore(self.root / "metadata.db")
+        self.reserve = Reserve(self.root / RESERVE_NAME)
+        try:
+            self.meta = self._open_metastore()
+        except BaseException:
+            self._lockfile.close()
+            raise
         self._lock = threading.RLock()
+        self._trash_lock = threading.Lock()
         self._inflight: set[str] = set()
         self._background = background_removal
         self._reaper: threading.Thread | None = None
         self._reap_wanted = threading.Event()
         self._closed = False
-        self.recover()
+        try:
+            self.recover()
+        except ResourceExhausted as e:  # serve anyway: containerd's Remove and Cleanup free space later
+            log.error("recover at start: %s", e)
+        self.reserve.ensure()
+        # layers (and writable uppers) made before opaque markers were mirrored: once per repo
+        try:
+            opaque.migrate(self.root, [*self.layers_dir.iterdir(), *self.active_dir.glob("*/fs")])
+        except OSError as e:  # e.g. a full disk: the stamp is not written, the next start retries
+            log.error("mirroring opaque markers of an older repo: %s", e)
+
+    def _open_metastore(self) -> MetaStore:
+        """The metastore, also on a full disk: the reserve is released if opening needs room."""
+        db = self.root / "metadata.db"
+        try:
+            return MetaStore(db)
+        except (OSError, sqlite3.Error) as e:
+            if not is_full_error(e) and not self._fs_full():
+                raise
+            if not self.reserve.release():
+                raise ResourceExhausted(f"cannot open {db}: {describe_full(self.root, e)}") from e
+        try:
+            return MetaStore(db)
+        except (OSError, sqlite3.Error) as e:
+            raise ResourceExhausted(f"cannot open {db}: {describe_full(self.root, e)}") from e
+
+    def _fs_full(self) -> bool:
+        """SQLite reports a file it cannot create for lack of inodes as "unable to open": look."""
+        st = os.statvfs(self.root)
+        return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
 
     @classmethod
     def open_readonly(cls, root: Path | str) -> "Repo":
@@ -85,7 +152,9 @@ class Repo:
         if not db.exists():
             raise NotFound(f"{self.root} is not a fractal repo (no metadata.db)")
         self.meta = MetaStore(db, readonly=True)
+        self.reserve = Reserve(self.root / RESERVE_NAME)
         self._lock = threading.RLock()
+        self._trash_lock = threading.Lock()
         self._inflight = set()
         self._lockfile = None  # type: ignore[assignment]
         self._background = False
@@ -119,7 +188,19 @@ class Repo:
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels or {})
 
+    @_reports_full
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        try:
+            return self._create_once(kind, key, parent, labels)
+        except (OSError, sqlite3.Error) as e:
+            if not is_full_error(e):
+                raise
+        # Trash is reclaimed first: what Remove gave back may still be on its way out.
+        self.empty_trash()
+        return self._create_once(kind, key, parent, labels)
+
+    def _create_once(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        self.reserve.ensure()
         validate.check_key(key)
         validate.check_parent(parent)
         labels = validate.check_labels(labels)
@@ -144,12 +225,7 @@ class Repo:
                 if prow is not None:
                     top = os.stat(self.layer_path(prow.layer_id))  # type: ignore[arg-type]
                     os.chown(tmp / "fs", top.st_uid, top.st_gid)
-                with self.meta.tx():
-                    sid = self.meta.insert_snapshot(
-                        key, kind, prow.id if prow else None, None, chain if kind is Kind.ACTIVE else None,
-                        labels, time.time_ns(),
-                    )
-                    os.rename(tmp, self._active_path(sid))
+                sid = self._insert_and_place(tmp, kind, key, prow, chain if kind is Kind.ACTIVE else None, labels)
                 row = SnapshotRow(sid, key, kind, prow.id if prow else None, None, None, labels, 0, 0)
                 return self._mounts_of(row)
         except BaseException:
@@ -157,6 +233,31 @@ class Repo:
             raise
         finally:
             self._inflight.discard(tmp.name)
+
+    def _insert_and_place(self, tmp: Path, kind: Kind, key: str, prow: SnapshotRow | None,
+                          chain: str | None, labels: dict[str, str]) -> int:
+        """The snapshot's row and its directory ``active/<id>``: both or neither.
+
+        The rename happens inside the transaction; if the COMMIT fails (full disk) it is undone,
+        so no ``active/<id>`` outlives a row that never was.  A directory already at that path
+        can only be the leftover of such an attempt (the id was never committed, so SQLite hands
+        it out again): it is cleared rather than failing every later Prepare.
+        """
+        dst: Path | None = None
+        try:
+            with self.meta.tx():
+                sid = self.meta.insert_snapshot(
+                    key, kind, prow.id if prow else None, None, chain, labels, time.time_ns())
+                if os.path.lexists(self._active_path(sid)):
+                    log.warning("clearing %s: left by a Prepare whose transaction failed", self._active_path(sid))
+                    self._trash(self._active_path(sid))
+                os.rename(tmp, self._active_path(sid))
+                dst = self._active_path(sid)
+            return sid
+        except BaseException:
+            if dst is not None and not os.path.lexists(tmp):
+                os.rename(dst, tmp)  # the caller removes tmp
+            raise
 
     def _parent_row(self, parent: str) -> SnapshotRow | None:
         if not parent:
@@ -214,6 +315,7 @@ class Repo:
             raise FailedPrecondition(f"snapshot {row.name!r} has a broken parent chain")
         return layers  # type: ignore[return-value]
 
+    @_reports_full
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         validate.check_key(name, "name")
         validate.check_key(key)
@@ -225,6 +327,8 @@ class Repo:
             if self.meta.snapshot(name) is not None:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
         # Measuring may take long for big layers: do it outside the lock, then re-check.
+        # The opaque markers containerd wrote (trusted.*) get their user.* twin (opaque.py).
+        opaque.mirror(self._active_path(row.id) / "fs")
         usage = disk_usage(self._active_path(row.id) / "fs")
         with self._lock:
             again = self.meta.snapshot(key)
@@ -257,19 +361,47 @@ class Repo:
                 raise
             self._trash(self._active_path(row.id))
 
+    @_reports_full
     def remove(self, key: str) -> None:
         validate.check_key(key)
         with self._lock:
             row = self._row(key)
             if self.meta.has_children(row.id):
                 raise FailedPrecondition(f"cannot remove snapshot {key!r} with child")
-            with self.meta.tx():
+
+            def forget() -> list[int]:
                 self.meta.delete_snapshot(row.id)
-                dead = self._collect_layers(row.layer_id)
+                return self._collect_layers(row.layer_id)
+
+            try:
+                dead = self._freeing_tx(forget)
+            except ResourceExhausted:
+                # Not even the reserve was enough: an active snapshot's data (a failed unpack,
+                # a container's upper) goes anyway; its row stays until containerd's retry.
+                if row.kind is not Kind.COMMITTED:
+                    self._trash(self._active_path(row.id))
+                    self.empty_trash()
+                raise
             if row.kind is not Kind.COMMITTED:
                 self._trash(self._active_path(row.id))
             for lid in dead:
                 self._trash(self.layer_path(lid))
+
+    def _freeing_tx(self, body: Callable[[], T]) -> T:
+        """One transaction that gives space back: if the disk is too full to commit it, the
+        reserve is released and it is retried once (the body runs again from scratch)."""
+        for attempt in (1, 2):
+            try:
+                with self.meta.tx():
+                    return body()
+            except (OSError, sqlite3.Error) as e:
+                if not is_full_error(e):
+                    raise
+                if attempt == 2:
+                    raise ResourceExhausted(describe_full(self.root, e)) from e
+                self.reserve.release()
+                self.empty_trash()
+        raise AssertionError("unreachable")
 
     def _collect_layers(self, lid: int | None) -> list[int]:
         """Delete layer rows no longer used, walking down the chain (inside a tx)."""
@@ -287,6 +419,7 @@ class Repo:
         with self._lock:
             return self._info(self._row(key))
 
+    @_reports_full
     def update(self, info: SnapshotInfo, fieldpaths: Sequence[str] = ()) -> SnapshotInfo:
         """Update labels, as containerd's storage.UpdateInfo: only `labels` and `labels.*` may change."""
         validate.check_key(info.name)
@@ -351,18 +484,23 @@ class Repo:
         return SnapshotInfo(row.name, row.kind, parent, dict(row.labels), row.created_ns, row.updated_ns)
 
     # -- pins: references from outside containerd (live-added layers) -------
+    @_reports_full
     def pin(self, chain_or_id: str, owner: str) -> int:
         with self._lock, self.meta.tx():
             lid = self._resolve_layer(chain_or_id)
             self.meta.pin(lid, owner)
             return lid
 
+    @_reports_full
     def unpin(self, chain_or_id: str, owner: str) -> None:
         with self._lock:
-            with self.meta.tx():
+
+            def forget() -> list[int]:
                 lid = self._resolve_layer(chain_or_id)
                 self.meta.unpin(lid, owner)
-                dead = self._collect_layers(lid)
+                return self._collect_layers(lid)
+
+            dead = self._freeing_tx(forget)
             for d in dead:
                 self._trash(self.layer_path(d))
 
@@ -386,6 +524,7 @@ class Repo:
             return out
 
     # -- crash recovery and removal ------------------------------------------
+    @_reports_full
     def recover(self) -> list[str]:
         """Make directories agree with the metadata.  Returns what it did, for logs.
 
@@ -394,6 +533,10 @@ class Repo:
         """
         actions: list[str] = []
         with self._lock:
+            for d in (self.root, self.layers_dir, self.active_dir, self.trash_dir):
+                if os.stat(d).st_mode & 0o7777 != DIR_MODE:
+                    os.chmod(d, DIR_MODE)  # a repo made by an older version (0711/0755)
+                    actions.append(f"made {d} {DIR_MODE:o}")
             rows = self.meta.snapshots()
             live_active = {r.id for r in rows if r.kind is not Kind.COMMITTED}
             layer_ids = {layer.id for layer in self.meta.layers()}
@@ -415,11 +558,15 @@ class Repo:
                 if not (entry.name.isdigit() and int(entry.name) in layer_ids):
                     self._trash(entry)
                     actions.append(f"removed orphan {entry}")
-            with self.meta.tx():
+
+            def collect() -> list[int]:
                 dead: list[int] = []
                 for layer in self.meta.layers():
                     if self.meta.layer(layer.id) is not None and self.meta.layer_users(layer.id) == 0:
                         dead += self._collect_layers(layer.id)
+                return dead
+
+            dead = self._freeing_tx(collect)
             for lid in dead:
                 self._trash(self.layer_path(lid))
                 actions.append(f"removed unused layer {lid}")
@@ -435,7 +582,11 @@ class Repo:
         dst = self.trash_dir / f"{path.name}-{uuid.uuid4().hex[:8]}"
         try:
             os.rename(path, dst)
-        except OSError as e:  # e.g. still a mount point: metadata is already right, recover() retries
+        except OSError as e:
+            if is_full_error(e):  # no room for trash/'s entry: delete in place, which needs none
+                self._remove_now(path)
+                return
+            # e.g. still a mount point: metadata is already right, recover() retries
             log.warning("cannot move %s to trash: %s", path, e)
             return
         if self._background:
@@ -459,8 +610,14 @@ class Repo:
             self.empty_trash()
 
     def empty_trash(self) -> None:
-        for entry in list(self.trash_dir.iterdir()):
-            try:
-                remove_tree(entry)
-            except OSError as e:  # busy mounts etc.: retried at next start
-                log.warning("cannot remove %s: %s", entry, e)
+        """Delete what is in trash/ (one caller at a time: the reaper, or a Prepare on a full disk)."""
+        with self._trash_lock:
+            for entry in list(self.trash_dir.iterdir()):
+                self._remove_now(entry)
+
+    @staticmethod
+    def _remove_now(path: Path) -> None:
+        try:
+            remove_tree(path)
+        except OSError as e:  # busy mounts etc.: retried at next start
+            log.warning("cannot remove %s: %s", path, e)

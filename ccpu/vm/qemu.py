@@ -43,6 +43,9 @@ class Share:
     readonly: bool = True
     type: str = "9p"
     socket: str | None = None  # virtiofsd's vhost-user socket
+    # repo layers: their xattrs (file capabilities, user.*, ACLs, opaque markers) reach the
+    # guest, read-only (docs/vm.md, "Layer fidelity"); other shares carry none
+    layers: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ def _check(cfg: VMConfig) -> None:
                 raise ConfigError(f"share tag/guest path {v!r} must not be empty or contain ':', ',', quotes or spaces")
         if not s.guest_path.startswith("/"):
             raise ConfigError(f"guest path {s.guest_path!r} must be absolute")
+        if s.layers and not s.readonly:
+            raise ConfigError(f"share {s.tag} carries layers: it must be read-only (the guest must not set host xattrs)")
         if s.tag in tags:
             raise ConfigError(f"duplicate share tag {s.tag}")
         tags.add(s.tag)
@@ -118,6 +123,13 @@ def _check(cfg: VMConfig) -> None:
             raise ConfigError(f"NIC MTU {n.mtu} out of range")
         if n.fd < 0:
             raise ConfigError(f"NIC fd {n.fd} is not a file descriptor")
+
+
+def security_model(share: Share) -> str:
+    """9p: `passthrough` for (read-only) layers, `none` otherwise.  Both pass `user.*` xattrs
+    (opaque markers, image xattrs); only `passthrough` passes POSIX ACLs (`none` hides them).
+    No model passes `security.*` or `trusted.*`: QEMU's local backend has no handler for them."""
+    return "passthrough" if share.layers and share.readonly else "none"
 
 
 def uses_virtiofs(cfg: VMConfig) -> bool:
@@ -174,7 +186,7 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
     for i, s in enumerate(([cfg.repo] if cfg.repo else []) + list(cfg.shares)):
         if s.type == "9p":
             ro = ",readonly=on" if s.readonly else ""
-            argv += ["-fsdev", f"local,id=fs{i},path={s.host_path},security_model=none,multidevs=remap{ro}",
+            argv += ["-fsdev", f"local,id=fs{i},path={s.host_path},security_model={security_model(s)},multidevs=remap{ro}",
                      "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={s.tag}"]
         else:
             dev = "vhost-user-fs-device" if micro else "vhost-user-fs-pci"
@@ -206,14 +218,25 @@ def die_with_parent() -> None:
 
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
           stderr: int | None = subprocess.PIPE, cwd: str | None = None,
-          pass_fds: Sequence[int] = ()) -> subprocess.Popen:
+          pass_fds: Sequence[int] = (), guard_shares: bool = False) -> subprocess.Popen:
     """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null.
 
     ``cwd``: relative socket paths in ``argv`` are relative to it (unix socket paths are limited
     to 108 bytes; a sandbox's run dir can be deeper than that).
-    ``pass_fds``: fds the child inherits under the same numbers (the NICs' tap fds); all others are closed."""
+    ``pass_fds``: fds the child inherits under the same numbers (the NICs' tap fds); all others are closed.
+    ``guard_shares``: QEMU serving a read-write 9p share runs under :mod:`ccpu.vm.fsguard` (no
+    setuid/setgid file, device node or xattr written for the guest)."""
+    preexec = die_with_parent
+    if guard_shares:
+        from ccpu.vm import fsguard
+
+        install = fsguard.installer()
+
+        def preexec() -> None:
+            die_with_parent()
+            install()
     return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=die_with_parent, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds))
+                            preexec_fn=preexec, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds))
 
 
 def qboot_available() -> bool:

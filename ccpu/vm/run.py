@@ -106,13 +106,13 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
         try:
             vfsd = shares.find_virtiofsd() if stype == "virtiofs" else None
 
-            def mk(tag: str, host: str, guest_path: str, ro: bool) -> qemu.Share:
+            def mk(tag: str, host: str, guest_path: str, ro: bool, layers: bool = False) -> qemu.Share:
                 if not os.path.isdir(host):
                     raise VMError(f"share {host} is not a directory")
                 sock = os.path.join(tmp, f"vfs-{tag}.sock") if stype == "virtiofs" else None
-                return qemu.Share(tag, host, guest_path, ro, stype, sock)
+                return qemu.Share(tag, host, guest_path, ro, stype, sock, layers=layers)
 
-            repo_share = mk(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True) if repo else None
+            repo_share = mk(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True, layers=True) if repo else None
             user_shares = [mk(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)]
             if vfsd:
                 for s in ([repo_share] if repo_share else []) + user_shares:
@@ -134,7 +134,7 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
                                 cmdline_extra=attached.cmdline if attached else ())
             cmd = qemu.command(cfg, qboot_exists=qemu.qboot_available())
             log.debug("qemu: %s", " ".join(cmd))
-            proc = qemu.spawn(cmd, pass_fds=attached.fds if attached else ())
+            proc = qemu.spawn(cmd, pass_fds=attached.fds if attached else (), guard_shares=True)
             if attached:
                 attached.close_fds()  # QEMU holds the taps now
             deadline = time.monotonic() + 30

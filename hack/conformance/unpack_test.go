@@ -109,15 +109,23 @@ func TestRemoteSnapshotUnpack(t *testing.T) {
 	if _, err := sn.Stat(ctxB, chain); err != nil {
 		t.Errorf("stat top snapshot %s in %s: %v", chain, nsB, err)
 	}
+	// A snapshot made outside a lease is garbage to containerd's GC, which may run
+	// (triggered by the other namespace's image deletes) between Prepare and Remove
+	// and delete it first: hold this check's snapshot in a lease, as every client must.
+	ctxL, done, err := client.WithLease(ctxB)
+	if err != nil {
+		t.Fatalf("lease in %s: %v", nsB, err)
+	}
+	defer done(ctxB)
 	key := "conformance-check-" + suffix
-	mounts, err := sn.Prepare(ctxB, key, chain)
+	mounts, err := sn.Prepare(ctxL, key, chain)
 	if err != nil {
 		t.Errorf("prepare on top of %s in %s: %v", chain, nsB, err)
 	} else {
 		if len(mounts) == 0 {
 			t.Errorf("prepare returned no mounts")
 		}
-		if err := sn.Remove(ctxB, key); err != nil {
+		if err := sn.Remove(ctxL, key); err != nil {
 			t.Errorf("remove %s: %v", key, err)
 		}
 	}

@@ -234,6 +234,20 @@ def test_regex_is_ascii_like_re2() -> None:
     assert matches([r"labels.x~=^\d$"], labels_of({"x": "3"}))
 
 
+def test_regex_has_go_re2_semantics() -> None:
+    """The answers Go's regexp gives (containerd's), which Python's re does not."""
+    assert matches([r'labels.x~="^\\pL+$"'], labels_of({"x": "été"}))  # RE2 Unicode classes
+    assert not matches(["labels.x~=/a$/"], labels_of({"x": "a\n"}))  # $ = end of text only
+    assert matches([r'labels.x~="a\\z"'], labels_of({"x": "ba"}))
+    assert not matches(["labels.x~=/(?i)straße/"], labels_of({"x": "STRASSE"}))  # simple folds only
+    assert matches(["labels.x~=/(?i)k/"], labels_of({"x": "\u212a"}))  # Kelvin sign folds to k
+    # what Go refuses never matches: back-references, look-around, repeats above 1000
+    assert not matches([r'labels.x~="(a)\\1"'], labels_of({"x": "aa"}))
+    assert not matches(["labels.x~=/a(?=b)/"], labels_of({"x": "ab"}))
+    assert not matches(["labels.x~=/a{1001}/"], labels_of({"x": "a" * 1001}))
+    assert matches(["labels.x~=/a{1000}/"], labels_of({"x": "a" * 1000}))
+
+
 def test_invalid_regex_parses_but_never_matches() -> None:
     f = parse(["labels.x~=[unclosed"])
     assert not f.match(labels_of({"x": "[unclosed"}))

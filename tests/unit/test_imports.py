@@ -96,9 +96,10 @@ def test_oci_members_only_the_selected_image(tmp_path):
     buf = io.BytesIO()
     M.write_tar(members, buf, M._NoProgress())
     assert len(buf.getvalue()) == M._tar_size(
-        [len(i) if isinstance(i, bytes) else i.stat().st_size for _, i in members])
+        [M.member_size(i) for _, i in members])
     with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as t:
         assert t.getnames() == arcs
+    M.close_members(members)
 
 
 def test_not_a_layout(tmp_path):
@@ -114,3 +115,41 @@ def test_progress_lines():
     p.close()
     lines = out.getvalue().splitlines()
     assert "25%" in lines[0] and lines[-1].startswith("import x [") and "100%" in lines[-1]
+
+
+@pytest.mark.parametrize("digest", [
+    "sha256:../../etc/passwd", "sha256:" + "A" * 64, "sha256:" + "a" * 63, "sha512:" + "a" * 64,
+    "md5:" + "a" * 32, "sha256/" + "a" * 64, "", None, 7, "sha256:" + "a" * 64 + "/x",
+])
+def test_bad_digests_are_refused_before_any_path_use(tmp_path, digest):
+    with pytest.raises(M.ImportError_):
+        M.blob_path(tmp_path, digest)
+    with pytest.raises(M.ImportError_, match="refusing descriptor"):
+        M.children(M.MANIFEST_TYPES[0], {"config": {"digest": digest, "size": 1}, "layers": []})
+
+
+def test_supported_digests():
+    for d in ("sha256:" + "0" * 64, "sha512:" + "f" * 128):
+        assert M.descriptor({"digest": d, "size": 3})["digest"] == d
+    with pytest.raises(M.ImportError_, match="size"):
+        M.descriptor({"digest": "sha256:" + "0" * 64, "size": -1})
+
+
+def test_layout_with_symlinked_blobs_dir_is_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    layout = tmp_path / "layout"
+    layout.mkdir()
+    man = _blob(elsewhere, b'{"schemaVersion": 2, "layers": []}')
+    (layout / "blobs").symlink_to(elsewhere / "blobs")
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"manifests": [{**man, "mediaType": M.MANIFEST_TYPES[0]}]}))
+    with pytest.raises(M.ImportError_, match="symlink"):
+        M.oci_members(layout, None, "x")
+
+
+def test_oversized_index_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "MAX_DOCUMENT", 10)
+    (tmp_path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (tmp_path / "index.json").write_text(json.dumps({"manifests": []}))
+    with pytest.raises(M.ImportError_, match="larger than 10 bytes"):
+        M.oci_members(tmp_path, None, "x")

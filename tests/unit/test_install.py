@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 
 import pytest
@@ -135,3 +136,59 @@ def test_version1_refused(tmp_path, monkeypatch):
     cfg.write_text('root = "/x"\n')
     with pytest.raises(I.InstallError, match="version 1"):
         I.plan(I.Options(containerd_config=str(cfg), major=1))
+
+
+@pytest.mark.parametrize("line", ['version = "2"', "version = 2.0", "version = true", "version = [2]"])
+def test_version_not_a_number_is_a_clean_error(tmp_path, monkeypatch, line):
+    monkeypatch.setattr(I, "console_script", lambda name: f"/opt/{name}")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(I.InstallError, match="`version` must be a number"):
+        I.plan(I.Options(containerd_config=str(cfg), major=1))
+    assert cfg.read_text() == line + "\n"
+
+
+def test_config_is_never_readable_wider_and_is_fsynced(tmp_path, monkeypatch, request):
+    """The edited copy of a 0600 config is 0600 from its creation (it may hold registry
+    credentials), both it and its directory are fsynced, and a file planted at the old fixed
+    temp name is not followed."""
+    monkeypatch.setattr(I, "console_script", lambda name: f"/opt/fractal/bin/{name}")
+    old_umask = os.umask(0o022)  # the usual one: a file created plainly is 0644
+    request.addfinalizer(lambda: os.umask(old_umask))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(USER_CONFIG)
+    os.chmod(cfg, 0o600)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (tmp_path / ".config.toml.fractal-tmp").symlink_to(victim)
+    seen: list[tuple[str, int]] = []  # (path, mode) of the temp copy at every step we can see
+    synced: set[str] = set()
+
+    def temps() -> list[Path]:
+        return [p for p in tmp_path.iterdir() if p.name.startswith(".config.toml.") and not p.is_symlink()]
+
+    def spy(name):  # noqa: ANN001, ANN202
+        real = getattr(os, name)
+
+        def wrapper(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            seen.extend((p.name, p.stat().st_mode & 0o777) for p in temps() if p.stat().st_size)
+            if name == "fsync":
+                synced.add(os.readlink(f"/proc/self/fd/{a[0]}"))
+            return real(*a, **kw)
+        monkeypatch.setattr(os, name, wrapper)
+
+    for name in ("fsync", "replace", "chmod", "fchmod", "rename"):
+        spy(name)
+    import shutil
+    real_copymode = shutil.copymode
+    monkeypatch.setattr(shutil, "copymode", lambda *a, **kw: (
+        seen.extend((p.name, p.stat().st_mode & 0o777) for p in temps() if p.stat().st_size),
+        real_copymode(*a, **kw))[1])
+    I.apply(I.plan(I.Options(containerd_config=str(cfg), bin_dir=str(tmp_path / "bin"), major=1)))
+    assert seen and all(mode == 0o600 for _, mode in seen), seen
+    assert cfg.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "config.toml.fractal-bak").stat().st_mode & 0o777 == 0o600
+    assert str(cfg) in synced or any(s.startswith(str(tmp_path / ".config.toml.")) for s in synced), synced
+    assert str(tmp_path) in synced, synced  # the directory: the rename is durable
+    assert victim.read_text() == "keep me\n"
+    assert not temps(), temps()

@@ -35,3 +35,16 @@ def test_records_round_trip_and_liveness(tmp_path: Path) -> None:
 def test_records_refuse_unsafe_names(tmp_path: Path, group: str) -> None:
     with pytest.raises(ValueError):
         sandboxes.write(sandboxes.SandboxRecord(group, "ns", "host", 1), tmp_path)
+
+
+def test_pod_join_needs_leave() -> None:
+    from ccpu.grouping import asks_to_join, from_cri
+
+    pod = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod",
+           "io.fractal.sandbox": "other"}
+    assert from_cri(pod) and not from_cri({"io.fractal.sandbox": "other"})
+    assert asks_to_join("c1", pod) and not asks_to_join("c1", {"io.fractal.sandbox": "other"})
+    assert not asks_to_join("c1", {**pod, "io.fractal.sandbox": "pod"})  # its own pod
+    assert sandbox_group("c1", pod, pod_may_join=False) == "pod"
+    assert sandbox_group("c1", pod, pod_may_join=True) == "other"
+    assert sandbox_group("c1", {"io.fractal.sandbox": "other"}, pod_may_join=False) == "other"

@@ -58,11 +58,21 @@ def test_go_join_clean() -> None:
     assert addr.go_join("a", "./b") == "a/b"
 
 
-def test_group_id_priority(tmp_path) -> None:  # noqa: ANN001
+def test_group_id_priority(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    config = tmp_path / "fractal.toml"
+    config.write_text("")
+    monkeypatch.setenv("FRACTAL_CONFIG", str(config))
+    monkeypatch.delenv("FRACTAL_RUNTIME_CONFIG", raising=False)
     assert addr.group_id({}, "c1") == "c1"
     assert addr.group_id({"io.kubernetes.cri.sandbox-id": "pod"}, "c1") == "pod"
-    assert addr.group_id({"io.kubernetes.cri.sandbox-id": "pod", "io.fractal.sandbox": "sb"},
-                         "c1") == "sb"
+    assert addr.group_id({"io.fractal.sandbox": "sb"}, "c1") == "sb"  # ctr: a node admin
+    # a Kubernetes pod names another sandbox: not followed unless the operator allows it
+    cri = {"io.kubernetes.cri.sandbox-id": "pod", "io.fractal.sandbox": "sb"}
+    assert addr.group_id(cri, "c1") == "pod"
+    config.write_text('allowed_annotations = ["sandbox"]\n')
+    assert addr.group_id(cri, "c1") == "sb"
+    config.write_text('allowed_annotations = "sandbox"\n')  # a broken config allows nothing
+    assert addr.group_id(cri, "c1") == "pod"
     assert addr.group_id({"io.fractal.sandbox": ""}, "c1") == "c1"
     (tmp_path / "config.json").write_text(json.dumps({"annotations": {"io.fractal.sandbox": "x"}}))
     assert addr.read_annotations(str(tmp_path)) == {"io.fractal.sandbox": "x"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from shim import config as c
@@ -55,6 +57,12 @@ def test_default_file_is_optional_but_named_files_are_required() -> None:
     ('[vm]\nshare = "nfs"', "share"),
     ('[vm]\nboot_timeout = -1', "boot_timeout"),
     ("mode = ", "not valid TOML"),
+    ('allowed_annotations = "mode"', "list of strings"),
+    ("allowed_annotations = [1]", "list of strings"),
+    ('allowed_annotations = ["("]', "not a regular expression"),
+    ('[vm]\nmax_cpus = 0', "out of range"),
+    ('[vm]\nmax_memory = "lots"', "size"),
+    ("[vm]\nboot_timeout = inf", "boot_timeout"),
 ])
 def test_bad_files(text: str, match: str) -> None:
     with pytest.raises(c.ConfigError, match=match):
@@ -213,7 +221,7 @@ def test_scratch_and_reserve_settings() -> None:
     assert (cfg.vm.scratch_limit_mb, cfg.vm.scratch_ceiling_mb, cfg.vm.memory_reserve_mb) == (32, 64, 96)
     # a pod annotation sets the sandbox's default, never above the files' maximum
     assert c.apply_annotations(cfg, {"io.fractal.vm.scratch": "48M"}).vm.scratch_limit_mb == 48
-    with pytest.raises(c.ConfigError, match="io.fractal.vm.scratch=1G is above the operator's limit vm.scratch_max"):
+    with pytest.raises(c.ConfigError, match="io.fractal.vm.scratch='1G' is above the operator's limit vm.scratch_max"):
         c.apply_annotations(cfg, {"io.fractal.vm.scratch": "1G"})
     for bad, why in (('scratch = "300M"', "above vm.scratch_max"), ('memory_reserve = "8M"', "out of range"),
                      ('scratch = "0"', "out of range")):
@@ -267,3 +275,127 @@ def test_config_path_from_containerd2_bootstrap_params() -> None:
               + field(8, field(1, options)) + field(9, b"/run/containerd/s"))
     assert config_path_from_options(params) == "/tmp/nx/fractal-vm.toml"
     assert config_path_from_options(field(1, b"vm-cfg") + field(8, field(1, field(1, b"other.Type")))) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the pod annotation policy (allowed_annotations, VM maxima)
+
+POD = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod1"}
+HOST = c.HostLimits(memory_mb=8192, cpus=4)
+
+
+def _pod_cfg(annotations: dict[str, str], text: str = "") -> c.Config:
+    files = {"/g.toml": text}
+    return c.resolve(annotations, runtime_config=None, global_file="/g.toml", read=_read(files),
+                     host=HOST)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("io.fractal.mode", "host"), ("io.fractal.mode", "vm"), ("io.fractal.sandbox", "other")])
+def test_pods_cannot_choose_mode_or_sandbox_by_default(name: str, value: str) -> None:
+    with pytest.raises(c.AnnotationDenied, match=f"annotation {name} is not allowed"):
+        _pod_cfg({**POD, name: value})
+    # node admins (ctr, nerdctl: no CRI annotations) may
+    cfg = _pod_cfg({name: value})
+    assert name == "io.fractal.sandbox" or cfg.mode == value
+
+
+def test_pods_may_size_their_vm_within_the_maxima() -> None:
+    cfg = _pod_cfg({**POD, "io.fractal.vm.memory": "8G", "io.fractal.vm.cpus": "4",
+                    "io.fractal.share": "9p"})
+    assert (cfg.vm.memory_mb, cfg.vm.cpus, cfg.vm.share) == (8192, 4, "9p")
+    with pytest.raises(c.AnnotationDenied, match=r"io.fractal.vm.memory='9G' asks for more .*"
+                                                  r"vm.max_memory = 8192M"):
+        _pod_cfg({**POD, "io.fractal.vm.memory": "9G"})
+    with pytest.raises(c.AnnotationDenied, match=r"vm.max_cpus = 4\)"):
+        _pod_cfg({**POD, "io.fractal.vm.cpus": "5"})
+    # the operator's maxima replace the host's
+    text = '[vm]\nmax_memory = "1G"\nmax_cpus = 1\n'
+    with pytest.raises(c.AnnotationDenied, match="vm.max_memory = 1024M"):
+        _pod_cfg({**POD, "io.fractal.vm.memory": "2G"}, text)
+    with pytest.raises(c.AnnotationDenied, match="vm.max_cpus = 1"):
+        _pod_cfg({**POD, "io.fractal.vm.cpus": "2"}, text)
+    # ... for pods only: a node admin's container is bounded by the value ranges alone
+    assert _pod_cfg({"io.fractal.vm.cpus": "255"}, text).vm.cpus == 255
+    # and the operator's own config is not held to the pod maxima
+    assert _pod_cfg({}, text + "cpus = 8\n").vm.cpus == 8
+
+
+def test_allowed_annotations_is_an_anchored_regex_list() -> None:
+    text = 'allowed_annotations = ["mode", "vm\\\\..*"]\n'
+    cfg = _pod_cfg({**POD, "io.fractal.mode": "host", "io.fractal.vm.cpus": "2"}, text)
+    assert (cfg.mode, cfg.vm.cpus) == ("host", 2)
+    # the list replaces the defaults: share is no longer allowed
+    with pytest.raises(c.AnnotationDenied, match="io.fractal.share"):
+        _pod_cfg({**POD, "io.fractal.share": "9p"}, text)
+    # anchored: "mod" does not allow "mode" (kata's unanchored match would)
+    with pytest.raises(c.AnnotationDenied, match="io.fractal.mode"):
+        _pod_cfg({**POD, "io.fractal.mode": "host"}, 'allowed_annotations = ["mod"]\n')
+    # an empty list allows nothing
+    with pytest.raises(c.AnnotationDenied, match="io.fractal.vm.cpus"):
+        _pod_cfg({**POD, "io.fractal.vm.cpus": "1"}, "allowed_annotations = []\n")
+    # allowing the mode does not lift the maxima
+    with pytest.raises(c.AnnotationDenied, match="max_cpus"):
+        _pod_cfg({**POD, "io.fractal.vm.cpus": "8"}, 'allowed_annotations = [".*"]\n')
+
+
+def test_every_annotation_has_a_handler() -> None:
+    """A row added to ANNOTATIONS without its kind in _apply_one would fail every sandbox."""
+    for rule in c.ANNOTATIONS:
+        assert rule.name.startswith(c.ANN_PREFIX)
+        if rule.kind != "sandbox":
+            value = {"mode": "vm", "share": "9p", "memory": "512M", "cpus": "1"}.get(rule.kind, "1")
+            c.apply_annotations(c.Config(), {rule.name: value})
+
+
+def test_later_container_is_checked_too() -> None:
+    """The shim checks every container of a sandbox, not only the first."""
+    cfg = _pod_cfg(POD)
+    c.check_annotations(cfg, {**POD, "io.fractal.vm.cpus": "2"})
+    with pytest.raises(c.AnnotationDenied):
+        c.check_annotations(cfg, {**POD, "io.fractal.mode": "host"})
+
+
+def test_host_limits_probe() -> None:
+    host = c.HostLimits.probe()
+    assert host.cpus == os.cpu_count() and host.memory_mb and host.memory_mb > 64
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile values: clean errors, never OverflowError / RecursionError
+
+
+@pytest.mark.parametrize("value", ["1e400M", "1e308T", "infG", "nanM", "-infK", "9" * 5000,
+                                   "1" + "0" * 40 + "M"])
+def test_memory_overflow_is_a_config_error(value: str) -> None:
+    with pytest.raises(c.ConfigError) as exc:
+        c.parse_memory(value, "annotation io.fractal.vm.memory")
+    assert len(str(exc.value)) < 300  # the value is cut short in the message
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "9" * 5000, 1e300])
+def test_cpus_overflow_is_a_config_error(value: object) -> None:
+    with pytest.raises(c.ConfigError):
+        c.parse_cpus(value)
+
+
+def test_nested_runtime_options_are_bounded() -> None:
+    """Options nested deeper than containerd nests them give None, not RecursionError."""
+    def field(num: int, payload: bytes) -> bytes:
+        n, head = len(payload), bytearray([(num << 3) | 2])
+        while True:
+            head.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(head) + payload
+
+    options = field(1, b"runtimeoptions.v1.Options") + field(2, field(2, b"/x.toml"))
+    nested = options
+    for _ in range(2):
+        nested = field(8, field(1, nested))
+    assert c.config_path_from_options(nested) is None
+    deep = options
+    for _ in range(5000):
+        deep = field(8, field(1, deep))
+    assert c.config_path_from_options(deep) is None
+    assert c.config_path_from_options(field(8, field(1, options))) == "/x.toml"

@@ -384,3 +384,51 @@ def test_full_filesystem_is_resource_exhausted(svc) -> None:  # noqa: ANN001
         assert ei.value.code == Code.RESOURCE_EXHAUSTED and "writable layer" in ei.value.message
 
     run(go())
+
+
+def test_deep_json_requests_get_invalid_argument(svc) -> None:  # noqa: ANN001
+    """Exec specs and Update resources nested past the bound: InvalidArgument, not a crash."""
+    s, agent, events, _ = svc
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    async def go() -> None:
+        await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
+        await s.Start(pb.StartRequest(id="c1"), CTX)
+        req = pb.ExecProcessRequest(id="c1", exec_id="e1")
+        req.spec.value = b'{"args": ' + deep + b"}"
+        with pytest.raises(TtrpcError) as ei:
+            await s.Exec(req, CTX)
+        assert ei.value.code == Code.INVALID_ARGUMENT and "nested deeper" in ei.value.message
+        upd = pb.UpdateTaskRequest(id="c1")
+        upd.resources.value = deep
+        with pytest.raises(TtrpcError) as ei:
+            await s.Update(upd, CTX)
+        assert ei.value.code == Code.INVALID_ARGUMENT
+
+    run(go())
+
+
+def test_create_checks_the_pod_policy_of_every_container(tmp_path) -> None:  # noqa: ANN001
+    """A later container of a Kubernetes pod carrying an annotation the operator does not allow
+    is refused (InvalidArgument naming it) before the agent sees it."""
+    import json
+
+    from shim import config as shim_config
+
+    cfg = shim_config.Config()
+    agent = FakeAgent()
+    s = TaskService(FakeSandbox(agent), lambda ns, e: None, "ns1", repo_root="/repo",
+                    admit=lambda ann: shim_config.check_annotations(cfg, ann))
+    pod = {"io.kubernetes.cri.sandbox-id": "pod1", "io.kubernetes.cri.container-type": "container"}
+    for name, ann in (("ok", pod), ("bad", {**pod, "io.fractal.mode": "host"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"annotations": ann}))
+
+    async def go() -> None:
+        await s.Create(pb.CreateTaskRequest(id="ok", bundle=str(tmp_path / "ok")), CTX)
+        with pytest.raises(TtrpcError) as ei:
+            await s.Create(pb.CreateTaskRequest(id="bad", bundle=str(tmp_path / "bad")), CTX)
+        assert ei.value.code == Code.INVALID_ARGUMENT and "io.fractal.mode" in ei.value.message
+        assert "bad" not in s.tasks.containers
+
+    run(go())

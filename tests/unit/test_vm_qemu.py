@@ -124,3 +124,14 @@ def test_spawned_children_die_with_their_parent(tmp_path) -> None:
     else:
         os.kill(child, 9)
         pytest.fail("child outlived its parent")
+
+
+def test_layer_share_9p_passes_acls_read_only() -> None:
+    """passthrough (ACLs and user.* xattrs) only for the read-only layers; a writable one is refused."""
+    c = cfg(shares=[Share("fractallayers", "/r/layers", "/repo/layers", True, "9p", layers=True),
+                    Share("vols", "/v", "/vols", False, "9p")])
+    fsdevs = opt_after(qemu.command(c), "-fsdev")
+    assert "security_model=passthrough" in fsdevs[0] and fsdevs[0].endswith(",readonly=on")
+    assert "security_model=none" in fsdevs[1]
+    with pytest.raises(qemu.ConfigError, match="read-only"):
+        qemu.command(cfg(shares=[Share("fractallayers", "/r/layers", "/repo/layers", False, "9p", layers=True)]))
