@@ -12,6 +12,7 @@ AGENT_CODES: dict[str, Code] = {
     "Unimplemented": Code.UNIMPLEMENTED,
     "Unavailable": Code.UNAVAILABLE,
     "DeadlineExceeded": Code.DEADLINE_EXCEEDED,
+    "ResourceExhausted": Code.RESOURCE_EXHAUSTED,
     "Internal": Code.INTERNAL,
 }
 

@@ -26,7 +26,7 @@ from ccpu.agent import jsonbound
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
 from shim import agentvalues, logfmt, rootfs as rootfs_mod
 from shim.agentvalues import BadAgentValue
-from shim.config import ConfigError, conflict
+from shim.config import ConfigError, Timeouts, conflict
 from shim.errors import agent_error_code, config_error, to_ttrpc
 from shim.events import timestamp
 from shim.state import Container, Process, Status, Tasks
@@ -94,11 +94,13 @@ class TaskService:
                  *, repo_root: str | None = None,
                  request_exit: Callable[[], None] | None = None,
                  on_change: Callable[[], None] | None = None,
-                 admit: Callable[[dict[str, str]], None] | None = None) -> None:
+                 admit: Callable[[dict[str, str]], None] | None = None,
+                 timeouts: Timeouts | None = None) -> None:
         self.sandbox = sandbox
         #: raises shim.config.ConfigError for a container the sandbox's config refuses
         #: (a Kubernetes pod's annotation the operator does not allow)
         self.admit = admit
+        self.timeouts = timeouts or Timeouts()
         self.publish_event = publish
         self.namespace = namespace
         self.repo_root = repo_root
@@ -145,9 +147,22 @@ class TaskService:
             raise TtrpcError(Code.UNAVAILABLE, f"sandbox agent unavailable: {exc}") from exc
 
     async def _call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The agent's answer to ``op``, within ``self.timeouts`` (docs/shim.md): a guest that
+        is stuck, stopped or overloaded gives DEADLINE_EXCEEDED naming what did not answer,
+        never a caller waiting for ever.  Agent errors map to ttrpc codes here, once."""
         agent = await self._agent()
+        limit = self.timeouts.for_op(op)
+        call = asyncio.ensure_future(agent.call(op, args))
         try:
-            return await agent.call(op, args)
+            done, _ = await asyncio.wait({call}, timeout=limit)
+        except BaseException:  # our caller gave up (containerd's deadline, a closed connection)
+            call.cancel()
+            raise
+        if not done:
+            self._undo_when_answered(op, args, call)
+            raise TtrpcError(Code.DEADLINE_EXCEEDED, self._no_answer(op, args, limit))
+        try:
+            return call.result()
         except TtrpcError:
             raise
         except Exception as exc:
@@ -155,6 +170,37 @@ class TaskService:
             if code is not None:
                 raise to_ttrpc(code, getattr(exc, "message", str(exc))) from exc
             raise TtrpcError(Code.UNAVAILABLE, f"agent {op}: {exc}") from exc
+
+    def _no_answer(self, op: str, args: dict[str, Any], limit: float) -> str:
+        what = f" of container {args['container']}" if args.get("container") else ""
+        if args.get("exec"):
+            what += f" (exec {args['exec']})"
+        where = getattr(self.sandbox, "mode", "")
+        pid = getattr(self.sandbox, "pid", None)
+        agent = f"the {where} sandbox's agent" + (f" (VM pid {pid})" if where == "vm" and pid else "")
+        return (f"{agent} did not answer {op}{what} within {limit:g}s: it is stuck or overloaded "
+                "(deadline exceeded; timeouts in the fractal config's [timeouts])")
+
+    def _undo_when_answered(self, op: str, args: dict[str, Any], call: asyncio.Future[Any]) -> None:
+        """A create or exec we gave up on may still succeed in the agent: undo it then, so the
+        container or exec id is free again and nothing runs that containerd does not know."""
+        log.warning("agent did not answer %s %s in time; undoing it if it still succeeds", op,
+                    args.get("container", ""))
+
+        def answered(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or fut.exception() is not None or op not in ("create", "exec"):
+                return
+            undo = {"container": args["container"], **({"exec": args["exec"]} if op == "exec" else {})}
+            log.warning("late answer to %s %s: deleting it again", op, undo)
+
+            async def delete() -> None:
+                with contextlib.suppress(Exception):
+                    agent = await self._agent()  # created / never-started processes delete directly
+                    await asyncio.wait_for(agent.call("delete", undo), self.timeouts.delete)
+
+            self._spawn(delete())
+
+        call.add_done_callback(answered)
 
     @staticmethod
     def _exec_arg(exec_id: str) -> dict[str, str]:

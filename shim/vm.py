@@ -20,10 +20,13 @@ What the guest sees (pure translation, :func:`guest_rootfs`):
 
 * the repo's layer dir ``<FRACTAL_ROOT>/layers`` read-only at ``/repo/layers`` (9p or
   virtiofs): a host lower ``<root>/layers/<id>`` is ``/repo/layers/<id>`` in the guest;
-* the container's upper/work dirs live IN the guest, on tmpfs:
-  ``/run/fractal/containers/<id>/{upper,work}`` (the agent creates and removes them).  Writes
-  are limited by guest RAM and gone when the VM stops -- container semantics for ``--rm``; the
-  host-side active snapshot stays empty;
+* the container's upper/work dirs live IN the guest, on a tmpfs of their own that the agent
+  mounts at ``/run/fractal/containers/<id>`` (the ``scratch`` argument) with the container's
+  writable-layer limit (``vm.scratch``, annotation ``io.fractal.vm.scratch`` within
+  ``vm.scratch_max``; docs/config.md).  Its copied host files (``files/``) are there too, so
+  what the container writes counts against its own limit, never against the agent's ``/run``.
+  Gone when the container is deleted -- container semantics for ``--rm``; the host-side active
+  snapshot stays empty;
 * the bundle is ``/run/fractal/bundles/<id>``, the spec passed inline (from the host bundle's
   config.json).
 
@@ -78,8 +81,13 @@ def guest_layer_path(host_dir: str, host_layers: str) -> str:
     return posixpath.join(GUEST_LAYERS, rel)
 
 
+def guest_scratch_dir(cid: str) -> str:
+    """The container's own tmpfs in the guest: its upper/work dirs and copied files."""
+    return posixpath.join(GUEST_SCRATCH, cid)
+
+
 def guest_scratch(cid: str) -> tuple[str, str]:
-    base = posixpath.join(GUEST_SCRATCH, cid)
+    base = guest_scratch_dir(cid)
     return posixpath.join(base, "upper"), posixpath.join(base, "work")
 
 
@@ -248,13 +256,19 @@ class VmSandbox(Sandbox):
     def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
                   spec: dict[str, Any] | None) -> dict[str, Any]:
         from ccpu.ttrpc import Code, TtrpcError
+        from shim import config
 
         if spec is None:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle} has no readable config.json")
         gbundle = guest_bundle(cid)
+        annotations = spec.get("annotations")
+        try:
+            scratch_mb = config.scratch_for(self.settings, annotations if isinstance(annotations, dict) else {})
+        except config.ConfigError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"container {cid}: {exc}") from None
         try:
             grootfs = guest_rootfs(rootfs, cid, self.host_layers)
-            translated = guestspec.translate(spec, cid, gbundle, _kind_of)
+            translated = guestspec.translate(spec, cid, guest_scratch_dir(cid), _kind_of)
             files = [_file_arg(c) for c in translated.copies]
         except NotInVm as exc:
             raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
@@ -286,6 +300,7 @@ class VmSandbox(Sandbox):
         except OSError:
             pass
         return {"bundle": gbundle, "rootfs": grootfs, "spec": translated.spec,
+                "scratch": {"path": guest_scratch_dir(cid), "size": scratch_mb << 20},
                 "files": files, "dirs": translated.shm_dirs, "sysctls": translated.sysctls}
 
     # OCI hooks on the host; the state's pid is QEMU's (shim/hooks.py)
@@ -434,7 +449,8 @@ class VmSandbox(Sandbox):
                 ports=[qemu.Port(AGENT_PORT, "agent.sock")],
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
                 nics=self._net.nics if self._net else (),
-                cmdline_extra=self._net.cmdline if self._net else ())
+                cmdline_extra=(*(self._net.cmdline if self._net else ()),
+                               f"fractal.reserve={s.memory_reserve_mb}"))
             argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
             log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s); run dir %s",
                      self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.dir)

@@ -288,6 +288,8 @@ async def mount_all(reaper: Reaper, mounts: Sequence[Mount], target: str) -> int
             done += 1
     except OSError as e:
         unmount(target, done)
+        if e.errno in protocol.NO_SPACE:
+            raise protocol.ResourceExhausted(f"{e} ({full_filesystem(target)})") from None
         raise protocol.Internal(str(e)) from None
     except BaseException:
         unmount(target, done)
@@ -327,6 +329,36 @@ def mount_points() -> list[str]:
     """Every mount point of this mount namespace (per /proc/self/mountinfo)."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
         return [_unescape(fields[4]) for fields in (line.split() for line in f) if len(fields) > 4]
+
+
+def mount_of(path: str) -> tuple[str, str]:
+    """(mount point, fs type) of the filesystem holding `path` (or its nearest existing parent)."""
+    real = os.path.realpath(path)
+    best, fstype = "/", "?"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 10 or "-" not in fields:
+                    continue
+                mp = _unescape(fields[4])
+                if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                    best, fstype = mp, fields[fields.index("-") + 1]
+    except OSError:
+        pass
+    return best, fstype
+
+
+def full_filesystem(path: str) -> str:
+    """Which filesystem is full, for an ENOSPC on `path`: mount point, type, size, inodes."""
+    mp, fstype = mount_of(path)
+    try:
+        st = os.statvfs(mp)
+        size = f"{st.f_blocks * st.f_frsize // (1 << 20)} MiB, {st.f_bavail * st.f_frsize // (1 << 20)} MiB free, " \
+               f"{st.f_favail} of {st.f_files} inodes free"
+    except OSError:
+        size = "size unknown"
+    return f"the {fstype} at {mp} is full ({size})"
 
 
 def _unescape(s: str) -> str:

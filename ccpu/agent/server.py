@@ -30,7 +30,7 @@ from .container import Supervisor
 
 log = logging.getLogger(__name__)
 
-FEATURES = ["terminal", "exec", "pause", "stats", "update", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live", "oom"]
+FEATURES = ["terminal", "exec", "pause", "stats", "update", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live", "oom", "scratch"]
 
 #: the per-channel window a client may ask for in `hello` (bytes)
 MIN_WINDOW = 4096
@@ -282,7 +282,14 @@ class Server:
 
     async def _request(self, conn: Connection, rid: int, op: str, args: dict[str, Any]) -> None:
         try:
-            result = await self._dispatch(op, args)
+            try:
+                result = await self._dispatch(op, args)
+            except OSError as e:
+                if e.errno not in protocol.NO_SPACE:
+                    raise
+                # a full filesystem is the caller's to know about, not a bug: say which one
+                log.warning("%s %s: %s", op, args.get("container", ""), e)
+                raise protocol.ResourceExhausted(f"{op}: {e.strerror}: {self.sup.full_filesystem(e.filename or '/')}") from None
             response = protocol.response_ok(rid, result)
         except protocol.AgentError as e:
             response = protocol.response_error(rid, e)
