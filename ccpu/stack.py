@@ -10,6 +10,11 @@ our own agent can mount the result unchanged:
 - several layers, read-only     -> overlay with lowerdirs only
 - anything below and writable   -> overlay with upper/work
 
+Every overlay is mounted with `userxattr`: overlayfs then reads opaque-directory markers from
+`user.overlay.opaque`, which the repo writes next to containerd's `trusted.overlay.opaque`
+(ccpu/repo/opaque.py) and which, unlike `trusted.*`, crosses both VM shares; it also keeps
+those markers hidden from the container, as overlayfs hides its trusted ones (docs/vm.md).
+
 The kernel takes mount options as one page (4096 bytes).  containerd shortens
 long lowerdir lists itself when it mounts (it chdirs to their common parent),
 and our agent does the same through `compact_lowerdirs`; layer directories
@@ -51,6 +56,7 @@ def snapshot_mounts(
     *,
     empty_dir: str | None = None,
     index_off: bool = True,
+    userxattr: bool = True,
 ) -> list[Mount]:
     """Mounts for a snapshot whose parents are `lowers` (top first).
 
@@ -63,9 +69,7 @@ def snapshot_mounts(
             return [Mount("bind", upper, ("rw", "rbind"))]
         if work is None:
             raise StackError("a writable overlay needs a work directory")
-        options: list[str] = []
-        if index_off:
-            options.append("index=off")
+        options = overlay_flags(index_off, userxattr)
         options += [f"workdir={work}", f"upperdir={upper}", "lowerdir=" + ":".join(lowers)]
         return [Mount("overlay", "overlay", tuple(options))]
     if not lowers:
@@ -74,9 +78,14 @@ def snapshot_mounts(
         return [Mount("bind", empty_dir, ("ro", "rbind"))]
     if len(lowers) == 1:
         return [Mount("bind", lowers[0], ("ro", "rbind"))]
-    options = ["index=off"] if index_off else []
+    options = overlay_flags(index_off, userxattr)
     options.append("lowerdir=" + ":".join(lowers))
     return [Mount("overlay", "overlay", tuple(options))]
+
+
+def overlay_flags(index_off: bool = True, userxattr: bool = True) -> list[str]:
+    """The overlay options that are not paths."""
+    return (["index=off"] if index_off else []) + (["userxattr"] if userxattr else [])
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +121,33 @@ def compact_lowerdirs(options: Sequence[str], limit: int = PAGE_SIZE - 512) -> C
     if options_size(new) >= PAGE_SIZE:
         raise StackError(f"{len(lowers)} layers do not fit in one mount even when relative to {common}")
     return CompactOptions(common, tuple(new))
+
+
+@dataclass(frozen=True, slots=True)
+class NestedOverlay:
+    """A writable `userxattr` overlay rewritten for an upper whose filesystem has no `user.*` xattrs.
+
+    With `userxattr` overlayfs also marks the opaque dirs it creates in the upper with
+    `user.overlay.opaque`; on such an upper (tmpfs before Linux 6.6: a VM guest's) `mkdir` over
+    a deleted directory then fails with EIO.  So `upper` is the writable overlay with overlayfs'
+    usual trusted xattrs (tmpfs has those).  With several layers, `lower` is a read-only
+    `userxattr` overlay of them (it reads their markers), mounted first; its mount point becomes
+    the only lower dir of `upper`.  A single layer has no layer below it to hide: `lower` is
+    None and `upper` keeps its lowerdir.
+    """
+
+    lower: tuple[str, ...] | None
+    upper: tuple[str, ...]  # without a lowerdir= when `lower` is given (its mount point, known at mount time)
+
+
+def nest_for_trusted_upper(options: Sequence[str]) -> NestedOverlay | None:
+    """The rewrite of a writable `userxattr` overlay; None for any other overlay (a read-only one
+    needs no xattrs on an upper)."""
+    opts = list(options)
+    lowerdir = next((o for o in opts if o.startswith("lowerdir=")), None)
+    if "userxattr" not in opts or lowerdir is None or not any(o.startswith("upperdir=") for o in opts):
+        return None
+    if ":" not in lowerdir:
+        return NestedOverlay(None, tuple(o for o in opts if o != "userxattr"))
+    lower = tuple(overlay_flags()) + (lowerdir,)
+    return NestedOverlay(lower, tuple(o for o in opts if o not in ("userxattr", lowerdir)))

@@ -51,6 +51,7 @@ RUN_SCRIPT = (
     'echo "hostname: $(hostname)"; '
     'echo "kernel:   $(uname -r)"; '
     'echo "/edge:    $(ls /edge | tr "\\n" " ")"; '
+    'echo "/edge/opaque: $(ls /edge/opaque | tr "\\n" " ")(a, b hidden by a later layer\'s opaque marker)"; '
     'echo "modified: $(cat /edge/modified)  (v2 = upper layer wins)"; '
     'test ! -e /edge/deleted && echo "deleted:  whited out, as expected"'
 )
@@ -300,7 +301,15 @@ def main(argv: list[str] | None = None) -> int:
                     nar.say(_fractal_cli("ps", "-a", str(env.address), "-n", NS1, env=cli_env))
                     lowers = env.ctr("tasks", "exec", "--exec-id", "k2", "web", "sh", "-c",
                                      "grep -o 'lowerdir=[^,]*' /proc/mounts | head -1", namespace=NS1).stdout.strip()
-                    nar.say(f"the container's root inside the VM stacks the repo share: {lowers[:90]}...")
+                    nar.say(f"the container's root inside the VM: {lowers[:90]}\n"
+                            "(a read-only overlay of the repo share's layers, under the guest-side upper)")
+                    in_vm = env.ctr("tasks", "exec", "--exec-id", "k4", "web", "ls", "/edge/opaque",
+                                    namespace=NS1).stdout.split()
+                    on_host = env.run(refs["edge"], "opaque-runc", "ls", "/edge/opaque", snapshotter=sn,
+                                      namespace=NS1).stdout.split()
+                    nar.say(f"ls /edge/opaque: in the VM {in_vm}, under runc on the host {on_host}")
+                    if in_vm != on_host:
+                        raise RuntimeError("the VM shows the opaque directory differently from runc")
                 pid_before = _task_pid(env, "web", NS1)
                 with nar.step(f"fractal layers add web {refs['tools']}  (live, into the running container in the VM)"):
                     nar.say(_fractal_cli("layers", "add", "-a", str(env.address), "-n", NS1, "web", refs["tools"],

@@ -28,6 +28,13 @@ Images
 ``debian``   Debian bookworm minbase (debootstrap from the mirror in this machine's apt
              sources), 1 layer, Cmd ["bash"]. Slow: built only with ``--only debian``
              or ``--with-debian``.
+``fidelity`` busybox layer + 3 layers for issue 16 (a container in a VM sees what runc shows):
+             L1 every attribute (ids, modes, hard/sym links, devices, file caps, user.*
+             xattrs, ACLs, big/zero-filled files, long and unicode names) under /fid and
+             the probe /probe (``hack/fsprobe.c``, compiled here with ``cc -static``);
+             L2 makes /fid/d and /fid/e opaque, whites out /fid/x; L3 re-populates /fid/e.
+             Cmd ["/probe", "/fid"].  ``fidelity-base``: its first two layers (for live
+             ``layers add``).  Built on demand (not by a plain ``build``).
 
 Edge image layout (``EDGE_EXPECTATIONS`` holds the same as data)
 ----------------------------------------------------------------
@@ -248,6 +255,18 @@ def check_rootfs(rootfs: Path, expectations: Mapping[str, Expect]) -> list[str]:
 # --------------------------------------------------------------------------- tar helpers
 
 
+def _set_xattrs(ti: tarfile.TarInfo, xattrs: Mapping[str, str | bytes] | None) -> None:
+    """PAX ``SCHILY.xattr.NAME`` records (how docker/containerd carry xattrs in layers).
+
+    Binary values (file capabilities, ACLs) go through surrogateescape: tarfile then writes the
+    record with ``hdrcharset=BINARY`` and the exact bytes, which is what Go's archive/tar reads."""
+    if xattrs:
+        ti.pax_headers = {
+            f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+            for k, v in xattrs.items()
+        }
+
+
 class LayerWriter:
     """Writes a reproducible, uncompressed PAX layer tar (root-owned unless told)."""
 
@@ -264,8 +283,16 @@ class LayerWriter:
         ti.mtime = EPOCH
         return ti
 
-    def dir(self, name: str, mode: int = 0o755) -> None:
-        self._tar.addfile(self._info(name, tarfile.DIRTYPE, mode))
+    def dir(self, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0,
+            xattrs: Mapping[str, str | bytes] | None = None) -> None:
+        ti = self._info(name, tarfile.DIRTYPE, mode, uid, gid)
+        _set_xattrs(ti, xattrs)
+        self._tar.addfile(ti)
+
+    def device(self, name: str, kind: Literal["char", "block"], major: int, minor: int, mode: int = 0o600) -> None:
+        ti = self._info(name, tarfile.CHRTYPE if kind == "char" else tarfile.BLKTYPE, mode)
+        ti.devmajor, ti.devminor = major, minor
+        self._tar.addfile(ti)
 
     def file(
         self,
@@ -274,12 +301,11 @@ class LayerWriter:
         mode: int = 0o644,
         uid: int = 0,
         gid: int = 0,
-        xattrs: Mapping[str, str] | None = None,
+        xattrs: Mapping[str, str | bytes] | None = None,
     ) -> None:
         ti = self._info(name, tarfile.REGTYPE, mode, uid, gid)
         ti.size = len(data)
-        if xattrs:
-            ti.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
+        _set_xattrs(ti, xattrs)
         self._tar.addfile(ti, io.BytesIO(data))
 
     def file_from(self, name: str, src: Path, size: int, mode: int = 0o644) -> None:
@@ -487,6 +513,126 @@ def build_many(lay: Layout, work: Path) -> None:
     lay.configure(["sh"])
 
 
+# --------------------------------------------------------------------------- fidelity
+
+FSPROBE_SRC = Path(__file__).resolve().parent / "fsprobe.c"
+FIDELITY_ROOTS = ("/fid",)  # what the probe walks: everything the fidelity layers create
+# struct vfs_cap_data, revision 2, effective: cap_net_raw (13) permitted+effective ("cap_net_raw+ep")
+FID_FILE_CAPS = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def posix_acl_xattr(entries: list[tuple[int, int, int]]) -> bytes:
+    """The kernel's posix_acl_xattr format: version 2, then (tag, perm, id) little-endian."""
+    out = (2).to_bytes(4, "little")
+    for tag, perm, ident in entries:
+        out += tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
+    return out
+
+
+# user::rwx user:1234:r-x group::r-x mask::r-x other::---
+FID_ACL = posix_acl_xattr([(0x01, 7, _ACL_UNDEFINED_ID), (0x02, 5, 1234), (0x04, 5, _ACL_UNDEFINED_ID),
+                           (0x10, 5, _ACL_UNDEFINED_ID), (0x20, 0, _ACL_UNDEFINED_ID)])
+FID_LONG_NAME = "L" * 251 + ".txt"  # 255 bytes: NAME_MAX
+FID_UNICODE_NAME = "ünïcødé-名前-😀"
+FID_BIG_SIZE = 20 * MiB + 7
+
+
+def build_fsprobe(work: Path) -> Path:
+    """hack/fsprobe.c -> a static, stripped binary (runs in any image, under any runtime)."""
+    out = work / "fsprobe"
+    run(["cc", "-static", "-O2", "-s", "-o", str(out), str(FSPROBE_SRC)], "cc -static fsprobe.c")
+    return out
+
+
+def fidelity_layer1(work: Path) -> Path:
+    """Everything whose attributes must survive: ids, modes, links, devices, xattrs, sizes, names."""
+    probe = build_fsprobe(work)
+    w = LayerWriter(work / "fid-1.tar")
+    w.file_from("probe", probe, probe.stat().st_size, mode=0o755)
+    probe.unlink()
+    w.dir("fid")
+    w.dir("fid/d")
+    w.file("fid/d/a", b"a\n")
+    w.file("fid/d/b", b"b\n")
+    w.dir("fid/d/sub")
+    w.file("fid/d/sub/deep", b"hidden by the opaque parent\n")
+    w.file("fid/x", b"whited out in layer 2\n")
+    w.dir("fid/e")
+    w.file("fid/e/old", b"hidden by layer 2's opaque marker\n")
+    w.file("fid/hard1", b"hardlinked\n")
+    w.hardlink("fid/hard2", "fid/hard1")
+    w.symlink("fid/abs-link", "/fid/d/a")
+    w.symlink("fid/rel-link", "../fid/hard1")
+    w.symlink("fid/dangling", "nowhere")
+    w.file("fid/setuid", b"setuid\n", mode=0o4755)
+    w.file("fid/setgid", b"setgid\n", mode=0o2755)
+    w.dir("fid/sticky", mode=0o1777)
+    w.dir("fid/setgid-dir", mode=0o2775, uid=1234, gid=5678)
+    w.file("fid/owned", b"owned\n", mode=0o640, uid=1234, gid=5678)
+    w.device("fid/null", "char", 1, 3, mode=0o666)
+    w.device("fid/loop", "block", 7, 0, mode=0o660)
+    w.file("fid/ping", b"#!/bin/sh\necho ping\n", mode=0o755, xattrs={"security.capability": FID_FILE_CAPS})
+    w.file("fid/user-xattr", b"user\n", xattrs={"user.fidelity": "hello", "user.empty": ""})
+    w.file("fid/acl", b"acl\n", mode=0o750, xattrs={"system.posix_acl_access": FID_ACL})
+    w.dir("fid/acl-dir", mode=0o750, xattrs={"system.posix_acl_access": FID_ACL, "system.posix_acl_default": FID_ACL})
+    w.file("fid/zeros", bytes(1 << 20))
+    w.file(f"fid/{FID_LONG_NAME}", b"long\n")
+    w.file(f"fid/{FID_UNICODE_NAME}", "unicode ✓\n".encode())
+    big = work / "fid-big"
+    with big.open("wb") as f:
+        for off in range(0, FID_BIG_SIZE, 4096):
+            f.write((b"%016x fidelity\n" % off * 200)[: min(4096, FID_BIG_SIZE - off)])
+    w.file_from("fid/big", big, FID_BIG_SIZE)
+    big.unlink()
+    return w.close()
+
+
+def fidelity_layer2(work: Path) -> Path:
+    """An opaque dir with a new entry, a whiteout, and a dir made opaque and emptied."""
+    w = LayerWriter(work / "fid-2.tar")
+    w.dir("fid")
+    w.dir("fid/d")
+    w.opaque("fid/d")
+    w.file("fid/d/c", b"c\n")
+    w.whiteout("fid/x")
+    w.dir("fid/e")
+    w.opaque("fid/e")
+    w.file("fid/e/mid", b"layer 2\n")
+    return w.close()
+
+
+def fidelity_layer3(work: Path) -> Path:
+    """Re-populates the dir layer 2 made opaque, and a dir below the other opaque one."""
+    w = LayerWriter(work / "fid-3.tar")
+    w.dir("fid")
+    w.dir("fid/e")
+    w.file("fid/e/new", b"layer 3\n")
+    w.dir("fid/d")
+    w.dir("fid/d/sub")
+    w.file("fid/d/sub/top", b"layer 3 in a dir under an opaque one\n")
+    return w.close()
+
+
+def build_fidelity_base(lay: Layout, work: Path) -> None:
+    lay.add_layer(busybox_layer(work), "busybox-static /bin/busybox + applet symlinks")
+    lay.add_layer(fidelity_layer1(work), "fidelity: attributes, links, devices, xattrs, probe")
+    lay.configure(["/probe", *FIDELITY_ROOTS])
+
+
+def build_fidelity(lay: Layout, work: Path) -> None:
+    build_fidelity_base(lay, work)
+    lay.add_layer(fidelity_layer2(work), "fidelity: opaque dirs, whiteout")
+    lay.add_layer(fidelity_layer3(work), "fidelity: an opaque dir re-populated")
+    lay.configure(["/probe", *FIDELITY_ROOTS])
+
+
+def _fidelity_inputs() -> str:
+    """The probe is compiled at build time: its source and the compiler are inputs."""
+    cc = subprocess.run(["cc", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    return f"fsprobe={_sha256_file(FSPROBE_SRC)} cc={cc}"
+
+
 def apt_mirror() -> str:
     """The Debian mirror this machine's apt uses (never hard-coded in the repo)."""
     suite_re = re.compile(rf"^{DEBIAN_SUITE}(-updates)?$")
@@ -544,6 +690,9 @@ RECIPES: dict[str, Recipe] = {
     "tools": Recipe("1", build_tools),
     "many": Recipe("1", build_many, default=False),
     "debian": Recipe("1", build_debian, uses_busybox=False, default=False, extra_inputs=apt_mirror),
+    # issue 16: the same probe under runc, host mode and VM mode (tests/integration/test_vm_fidelity.py)
+    "fidelity": Recipe("1", build_fidelity, default=False, extra_inputs=_fidelity_inputs),
+    "fidelity-base": Recipe("1", build_fidelity_base, default=False, extra_inputs=_fidelity_inputs),
 }
 
 

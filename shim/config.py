@@ -4,15 +4,19 @@ except :func:`load_file` / :func:`load` (reading the TOML files), see docs/confi
 Sources, strongest first (the FIRST container of a sandbox decides; see :func:`resolve`):
 
 1. annotations on the container's OCI spec (:data:`ANNOTATIONS`): ``io.fractal.mode=vm|host``,
-   ``io.fractal.share=9p|virtiofs``, ``io.fractal.vm.memory=512M``, ``io.fractal.vm.cpus=2`` --
-   for Kubernetes (CRI) pods only those the operator allows (``allowed_annotations``, the VM
+   ``io.fractal.share=9p|virtiofs``, ``io.fractal.vm.memory=512M``, ``io.fractal.vm.cpus=2``,
+   ``io.fractal.vm.scratch=128M`` (a container's writable layer, never above ``vm.scratch_max``)
+   -- for Kubernetes (CRI) pods only those the operator allows (``allowed_annotations``, the VM
    maxima; :func:`check_annotations`), for ``ctr``/nerdctl users (node admins) all of them;
 2. the runtime config file containerd names in the shim's runtime options
    (``ctr run --runtime-config-path FILE``, CRI ``options = {ConfigPath = "FILE"}``): containerd
    1.6 hands the options to ``start`` on its stdin as a protobuf ``Any`` of
    ``runtimeoptions.v1.Options{type_url = 1, config_path = 2}`` (:func:`config_path_from_options`);
 3. ``$FRACTAL_CONFIG``, else ``/etc/fractal/config.toml``;
-4. defaults: ``mode = "vm"``, 512M, 2 CPUs, accel and share type chosen automatically.
+4. defaults: ``mode = "vm"``, 512M, 2 CPUs, accel and share type chosen automatically, a
+   writable layer of a quarter of the guest's memory per container (at most half by
+   annotation), 64M of guest memory kept from the containers, the agent timeouts of
+   :class:`Timeouts`.
 
 Files 2 and 3 are TOML with the same keys; when both exist they are merged key by key, the
 runtime config file winning.  A missing global file is fine; a missing or malformed file that
@@ -42,6 +46,7 @@ ANN_SHARE = "io.fractal.share"
 ANN_MEMORY = "io.fractal.vm.memory"
 ANN_CPUS = "io.fractal.vm.cpus"
 ANN_SANDBOX = FRACTAL_SANDBOX  # read by ccpu/grouping.py (which shim a container joins)
+ANN_SCRATCH = "io.fractal.vm.scratch"
 ANN_PREFIX = "io.fractal."
 
 
@@ -68,6 +73,7 @@ ANNOTATIONS: tuple[AnnotationRule, ...] = (
     AnnotationRule(ANN_SHARE, "share", True, "how the layers reach the guest: auto, virtiofs, 9p"),
     AnnotationRule(ANN_MEMORY, "memory", True, "guest RAM; pods at most vm.max_memory"),
     AnnotationRule(ANN_CPUS, "cpus", True, "guest vCPUs; pods at most vm.max_cpus"),
+    AnnotationRule(ANN_SCRATCH, "scratch", True, "a container's writable layer in the guest; at most vm.scratch_max"),
 )
 
 #: the environment variable ``start`` uses to pass the runtime config path to its daemon
@@ -90,8 +96,40 @@ class VmSettings:
     accel: str = "auto"
     share: str = "auto"
     boot_timeout: float = 90.0  # agent `hello` after QEMU start (TCG boots take ~4-6 s)
+    console_log_kib: int = 1024  # cap of console.log + console.log.1 (shim/console.py)
+    scratch_mb: int | None = None  # a container's writable layer (guest tmpfs); None: memory / 4
+    scratch_max_mb: int | None = None  # the most an annotation may ask for; None: memory / 2
+    memory_reserve_mb: int = 64  # guest memory the containers together can never take
     #: QEMU's uid/gid is this + the shim daemon's pid (ccpu.vm.qemu.unprivileged); 0: QEMU stays root
     qemu_uid_base: int = 0x7F000000
+
+    @property
+    def scratch_limit_mb(self) -> int:
+        return self.scratch_mb if self.scratch_mb is not None else max(1, self.memory_mb // 4)
+
+    @property
+    def scratch_ceiling_mb(self) -> int:
+        return self.scratch_max_mb if self.scratch_max_mb is not None else max(1, self.memory_mb // 2)
+
+
+#: agent request kinds with a timeout of their own (every other request: ``default``)
+TIMEOUT_KINDS = ("create", "start", "delete", "restack", "default")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds the shim waits for the agent's answer to a request (docs/shim.md).  ``create``
+    mounts the rootfs and runs ``runc create``, ``start`` runs ``runc start``/``runc exec``,
+    ``delete`` waits for the process's output to drain; under TCG each is seconds, not ms."""
+
+    create: float = 120.0
+    start: float = 60.0
+    delete: float = 60.0
+    restack: float = 50.0  # below the CLI's own 60 s (ccpu/layers.py), so the shim says why
+    default: float = 30.0
+
+    def for_op(self, op: str) -> float:
+        return float(getattr(self, op)) if op in TIMEOUT_KINDS else self.default
 
 
 @dataclass(frozen=True)
@@ -135,6 +173,7 @@ class Config:
     mode: str = DEFAULT_MODE
     vm: VmSettings = VmSettings()
     sources: tuple[str, ...] = ()  # where the values came from, for the log
+    timeouts: Timeouts = Timeouts()
     policy: Policy = field(default_factory=Policy)
     host: HostLimits = field(default_factory=HostLimits)
 
@@ -148,15 +187,18 @@ class Config:
 
     def describe(self) -> str:
         return (f"mode {self.mode}; vm memory {self.vm.memory_mb}M cpus {self.vm.cpus} accel "
-                f"{self.vm.accel} share {self.vm.share} (from {', '.join(self.sources) or 'defaults'})")
+                f"{self.vm.accel} share {self.vm.share} scratch {self.vm.scratch_limit_mb}M (max "
+                f"{self.vm.scratch_ceiling_mb}M) reserve {self.vm.memory_reserve_mb}M "
+                f"(from {', '.join(self.sources) or 'defaults'})")
 
 
 # ---------------------------------------------------------------------------------------------
 # values
 
 
-def parse_memory(value: Any, where: str = "memory") -> int:
-    """MiB from ``512``, ``"512"``, ``"512M"``, ``"1G"`` (K/M/G/T, optional ``iB``/``B``)."""
+def parse_memory(value: Any, where: str = "memory", low: int = 64) -> int:
+    """MiB from ``512``, ``"512"``, ``"512M"``, ``"1G"`` (K/M/G/T, optional ``iB``/``B``), at
+    least ``low`` MiB."""
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}")
     if isinstance(value, int):
@@ -182,8 +224,38 @@ def parse_memory(value: Any, where: str = "memory") -> int:
             raise ConfigError(f"{where}: expected a size like \"512M\", got {_brief(value)}") from None
     else:
         raise ConfigError(f"{where}: expected a size like \"512M\", got {value!r}")
-    if not 64 <= mb <= 1024 * 1024:
-        raise ConfigError(f"{where}: {_brief(value)} is out of range (64M..1T)")
+    if not low <= mb <= 1024 * 1024:
+        raise ConfigError(f"{where}: {_brief(value)} is out of range ({low}M..1T)")
+    return mb
+
+
+def parse_seconds(value: Any, where: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0 < value <= 86400):
+        raise ConfigError(f"{where}: expected a positive number of seconds (at most a day), got {_brief(value)}")
+    return float(value)
+
+
+def check_vm(vm: VmSettings, where: str) -> VmSettings:
+    """Relations between VM values: the writable layer within its maximum.  (A reserve too big
+    for a small guest is not an error: the agent then gives the containers half of what the
+    guest has, ccpu/agent/limits.py.)"""
+    if vm.scratch_limit_mb > vm.scratch_ceiling_mb:
+        raise ConfigError(f"{where}: vm.scratch ({vm.scratch_limit_mb}M) is above vm.scratch_max "
+                          f"({vm.scratch_ceiling_mb}M)")
+    return vm
+
+
+def scratch_for(vm: VmSettings, annotations: Mapping[str, str]) -> int:
+    """MiB of writable layer for one container: its own ``io.fractal.vm.scratch`` annotation
+    (a pod's, passed to each container) within ``vm.scratch_max``, else the sandbox's."""
+    value = annotations.get(ANN_SCRATCH)
+    if not value:
+        return vm.scratch_limit_mb
+    mb = parse_memory(value, f"annotation {ANN_SCRATCH}", low=1)
+    if mb > vm.scratch_ceiling_mb:
+        raise AnnotationDenied(f"annotation {ANN_SCRATCH}={_brief(value)} is above the operator's limit "
+                               f"vm.scratch_max ({vm.scratch_ceiling_mb}M)")
     return mb
 
 
@@ -236,8 +308,17 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
     vm = cfg.vm
     policy = cfg.policy
     for key in data:
-        if key not in ("mode", "vm", "allowed_annotations"):
-            raise ConfigError(f"{where}: unknown key {key!r} (known: mode, allowed_annotations, [vm])")
+        if key not in ("mode", "vm", "allowed_annotations", "timeouts"):
+            raise ConfigError(f"{where}: unknown key {key!r} (known: mode, allowed_annotations, [vm], "
+                              "[timeouts])")
+    timeouts = cfg.timeouts
+    ttable = data.get("timeouts", {})
+    if not isinstance(ttable, Mapping):
+        raise ConfigError(f"{where}: timeouts must be a table ([timeouts])")
+    for key, value in ttable.items():
+        if key not in TIMEOUT_KINDS:
+            raise ConfigError(f"{where}: unknown key timeouts.{key} (known: {', '.join(TIMEOUT_KINDS)})")
+        timeouts = replace(timeouts, **{key: parse_seconds(value, f"{where}: timeouts.{key}")})
     mode = parse_mode(data["mode"], f"{where}: mode") if "mode" in data else cfg.mode
     if "allowed_annotations" in data:
         policy = replace(policy, allowed=parse_allowed(data["allowed_annotations"],
@@ -261,15 +342,24 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, share=_choice(value, SHARES, w))
         elif key == "qemu_uid_base":
             vm = replace(vm, qemu_uid_base=parse_uid_base(value, w))
+        elif key == "console_log_kib":
+            if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 1 << 20:
+                raise ConfigError(f"{w}: expected an integer from 16 to {1 << 20} (KiB), got {value!r}")
+            vm = replace(vm, console_log_kib=value)
         elif key == "boot_timeout":
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-                    or not math.isfinite(value)):
-                raise ConfigError(f"{w}: expected a positive number of seconds, got {value!r}")
-            vm = replace(vm, boot_timeout=float(value))
+            vm = replace(vm, boot_timeout=parse_seconds(value, w))
+        elif key == "scratch":
+            vm = replace(vm, scratch_mb=parse_memory(value, w, low=1))
+        elif key == "scratch_max":
+            vm = replace(vm, scratch_max_mb=parse_memory(value, w, low=1))
+        elif key == "memory_reserve":
+            vm = replace(vm, memory_reserve_mb=parse_memory(value, w, low=16))
         else:
             raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, max_memory, "
-                              "max_cpus, accel, share, boot_timeout, qemu_uid_base)")
-    return replace(cfg, mode=mode, vm=vm, policy=policy, sources=cfg.sources + (where,))
+                              "max_cpus, accel, share, boot_timeout, console_log_kib, scratch, scratch_max, "
+                              "memory_reserve, qemu_uid_base)")
+    return replace(cfg, mode=mode, vm=check_vm(vm, where), policy=policy, timeouts=timeouts,
+                   sources=cfg.sources + (where,))
 
 
 def parse_allowed(value: Any, where: str) -> tuple[str, ...]:
@@ -353,7 +443,7 @@ def apply_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
             used.append(rule.name)
     if not used:
         return cfg
-    return replace(cfg, sources=cfg.sources + ("annotations " + ",".join(used),))
+    return replace(cfg, vm=check_vm(cfg.vm, "annotations"), sources=cfg.sources + ("annotations " + ",".join(used),))
 
 
 def _apply_one(cfg: Config, rule: AnnotationRule, value: str, limited: bool) -> Config:
@@ -370,6 +460,8 @@ def _apply_one(cfg: Config, rule: AnnotationRule, value: str, limited: bool) -> 
         n = parse_cpus(value, where)
         _within(limited, n, cfg.max_cpus, where, value, "vm.max_cpus", "")
         return replace(cfg, vm=replace(cfg.vm, cpus=n))
+    if rule.kind == "scratch":  # the sandbox's default; each container may ask for its own (scratch_for)
+        return replace(cfg, vm=replace(cfg.vm, scratch_mb=scratch_for(cfg.vm, {ANN_SCRATCH: value})))
     raise AssertionError(f"annotation kind {rule.kind!r} has no handler")
 
 

@@ -117,9 +117,11 @@ class Daemon:
         repo_root = os.environ.get("FRACTAL_ROOT") or "/var/lib/fractal"
         bundle_root = os.path.dirname(os.path.realpath(self.opts.bundle))
         admit = None
+        timeouts = shim_config.Timeouts()
         try:  # the first container decides the sandbox's mode (docs/config.md)
             cfg = shim_config.load(addr.read_annotations(self.opts.bundle))
             admit = functools.partial(shim_config.check_annotations, cfg)  # every later container
+            timeouts = cfg.timeouts
             log.info("sandbox config: %s", cfg.describe())
             self.sandbox = for_config(
                 cfg, reaper=self.reaper, namespace=self.namespace, group=self.group,
@@ -132,7 +134,8 @@ class Daemon:
             self.sandbox = FailedSandbox(err.message, err.code)
         self.service = TaskService(
             self.sandbox, self.publisher.publish, self.namespace, repo_root=repo_root,
-            request_exit=self.request_exit, on_change=self.write_record, admit=admit)
+            request_exit=self.request_exit, on_change=self.write_record, admit=admit,
+            timeouts=timeouts)
         self.sandbox.on_event = self.service.on_agent_event
         self.sandbox.on_lost = self.service.on_agent_lost
 

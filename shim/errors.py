@@ -12,6 +12,7 @@ AGENT_CODES: dict[str, Code] = {
     "Unimplemented": Code.UNIMPLEMENTED,
     "Unavailable": Code.UNAVAILABLE,
     "DeadlineExceeded": Code.DEADLINE_EXCEEDED,
+    "ResourceExhausted": Code.RESOURCE_EXHAUSTED,
     "Internal": Code.INTERNAL,
 }
 
@@ -25,8 +26,14 @@ class AgentCallError(Exception):
         self.message = message
 
 
+#: longest agent error message passed on (the agent is untrusted; containerd logs these)
+MAX_MESSAGE = 4096
+
+
 def to_ttrpc(code: str, message: str) -> TtrpcError:
     """TtrpcError for an agent error (unknown codes -> UNKNOWN, as containerd's errdefs)."""
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE]}...({len(message)} chars)"
     return TtrpcError(AGENT_CODES.get(code, Code.UNKNOWN), message)
 
 

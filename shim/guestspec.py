@@ -8,8 +8,10 @@ own, without QEMU; the shim's VM sandbox (shim/vm.py) does the I/O (reading the 
 The rules (kata does much the same; docs/vm.md "Specs in the guest"):
 
 * **bind mounts of regular files** (CRI's and nerdctl's ``/etc/hosts``, ``/etc/resolv.conf``,
-  ``/etc/hostname``, ``/dev/termination-log``): copied into the guest bundle at create time
-  (``<guest bundle>/files/<n>-<name>``), the mount's source rewritten.  A copy, not a share: later
+  ``/etc/hostname``, ``/dev/termination-log``): copied into the guest at create time
+  (``<files root>/files/<n>-<name>``; the shim passes the container's own scratch tmpfs, so a
+  container appending to its /etc/hosts fills its own writable layer, not the agent's state),
+  the mount's source rewritten.  A copy, not a share: later
   changes on the host are not seen (the same as kata without a shared fs).  Limited to
   :data:`MAX_FILE` bytes each, :data:`MAX_TOTAL` in all (the agent protocol's 1 MiB frames).
 * **bind mounts of a directory onto /dev/shm** (CRI's per-pod shm): a guest directory per host
@@ -111,7 +113,7 @@ def _file_name(i: int, source: str) -> str:
     return f"{i}-{base}"
 
 
-def translate(spec: Mapping[str, Any], cid: str, guest_bundle: str,
+def translate(spec: Mapping[str, Any], cid: str, files_root: str,
               kind_of: Callable[[str], tuple[str, int]]) -> GuestSpec:
     """The guest's spec for ``spec``.  ``kind_of(host_path)`` -> (FILE|DIR|MISSING|OTHER, size)
     is the only I/O, done by the caller.  Raises :class:`NotInVm` listing *every* problem."""
@@ -129,7 +131,7 @@ def translate(spec: Mapping[str, Any], cid: str, guest_bundle: str,
         kind, size = kind_of(source) if posixpath.isabs(source) else (MISSING, 0)
         if kind == FILE and size <= MAX_FILE and total + size <= MAX_TOTAL:
             total += size
-            guest = posixpath.join(guest_bundle, "files", _file_name(len(result.copies), source))
+            guest = posixpath.join(files_root, "files", _file_name(len(result.copies), source))
             result.copies.append(FileCopy(source, guest))
             mounts.append({**m, "source": guest})
         elif kind == DIR and posixpath.normpath(dest) == "/dev/shm":

@@ -162,8 +162,12 @@ class LayerView:
         """Mount the (empty) view; the run dir exists and is the shim's."""
         if self._view_fd is not None:
             return
+        try:
+            self._layers_fd = os.open(self.host_layers, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LayerViewError(f"the fractal repo has no layers dir {self.host_layers} ({exc.strerror}; "
+                                 "is FRACTAL_ROOT the snapshotter's root?)") from None
         self._run_fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._layers_fd = os.open(self.host_layers, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.mkdir(VIEW, 0o700, dir_fd=self._run_fd)
         except FileExistsError:

@@ -11,7 +11,10 @@ e.g. ``container``, ``exec``), the record's own (``log.info(..., extra={"fields"
 ``logger`` (the Python logger's name), then the process' trailing fields (``runtime``, ``pid``).
 Values are quoted as logrus quotes them: only when they hold a character outside
 ``[A-Za-z0-9-._/@^+]`` (or are empty), with Go-style escapes, so a record never spans lines
-(a traceback goes into ``error="..."`` with ``\\n`` escapes).  ``JsonFormatter`` writes the
+(a traceback goes into ``error="..."`` with ``\\n`` escapes).  Every value is bounded
+(:func:`clip`): ``msg``, ``error`` and ``stack`` at ``MAX_TEXT`` characters, other fields at
+``MAX_FIELD``, the rest replaced by ``...(N chars)`` -- much of what the shim logs comes from
+the guest (ids, events, error messages), and a 1 MiB id must not become a 1 MiB log record.  ``JsonFormatter`` writes the
 same keys as one JSON object per line (logrus' JSON format).
 
 Context fields live in a :class:`contextvars.ContextVar`: asyncio copies the context into
@@ -48,6 +51,23 @@ _SAFE_RE = re.compile(r"[A-Za-z0-9\-._/@^+]+")
 _ESCAPES = {ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t",
             ord("\r"): "\\r"}
 _ESCAPES.update({c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in _ESCAPES})
+
+
+#: longest msg/error/stack value and longest other field value of a record (characters)
+MAX_TEXT = 16 * 1024
+MAX_FIELD = 1024
+_LONG_KEYS = frozenset({"msg", "error", "stack"})
+
+
+def clip(value: str, limit: int) -> str:
+    """`value` cut to `limit` characters, saying how long it was."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}...({len(value)} chars)"
+
+
+def _bounded(pairs: dict[str, str]) -> dict[str, str]:
+    return {k: clip(v, MAX_TEXT if k in _LONG_KEYS else MAX_FIELD) for k, v in pairs.items()}
 
 
 def fields() -> dict[str, str]:
@@ -126,14 +146,14 @@ class LogfmtFormatter(_Base):
     """containerd's (logrus) text format: ``key=value`` pairs on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return " ".join(f"{k}={quote(v)}" for k, v in self.pairs(record).items())
+        return " ".join(f"{k}={quote(v)}" for k, v in _bounded(self.pairs(record)).items())
 
 
 class JsonFormatter(_Base):
     """logrus' JSON format: one object per line, the same keys."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(self.pairs(record), ensure_ascii=False)
+        return json.dumps(_bounded(self.pairs(record)), ensure_ascii=False)
 
 
 class ContextFilter(logging.Filter):

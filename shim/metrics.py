@@ -51,7 +51,7 @@ def _u(value: Any) -> int:
         return int(value)
     if isinstance(value, int):
         return value if 0 <= value < 1 << 64 else 0
-    if isinstance(value, float) and value >= 0:
+    if isinstance(value, float) and 0 <= value < 1 << 64:  # not NaN, inf or beyond uint64
         return int(value)
     return 0
 

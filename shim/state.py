@@ -46,6 +46,7 @@ class Process:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     starting: bool = False  # a Start call is in flight
     started: asyncio.Event = field(default_factory=asyncio.Event)  # Start finished (ok or not)
+    exit_pending: bool = False  # an exit is being reported (one per process, whatever the agent sends)
 
     @property
     def is_init(self) -> bool:

@@ -9,6 +9,15 @@ containerd (ctr, CRI) creates the FIFOs and opens its ends before it calls Creat
   containerd's fifo package allows, we open ``O_RDWR`` instead, which never blocks.  Writes are
   non-blocking and buffered; a vanished reader (EPIPE) discards output.
 
+Backpressure (the guest is untrusted, so the shim never buffers output without limit): each
+output stream holds at most ``OUTPUT_CAP`` bytes not yet taken by containerd's reader.  Every
+byte that leaves the buffer (written, or discarded) is handed back to the agent as window
+credit (``Channel.consumed``), and the agent (protocol feature ``flow``) sends no more than the
+window (= the cap) ahead: a process writing faster than its reader is slowed -- its pipe in the
+agent fills and it blocks -- while other processes' streams and control messages go on.  Bytes
+beyond the cap (only an agent ignoring flow control, or an older agent without it, sends them)
+are dropped and counted; the count is logged once per stream and when it closes.
+
 ``output_done`` is set when the agent closed every output channel and everything was written:
 the exit of a process is reported only then (``ctr run`` expects all output before the exit).
 """
@@ -19,20 +28,32 @@ import asyncio
 import errno
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
+
+from ccpu.agent.client import DEFAULT_WINDOW
 
 from .logging_uri import is_uri, open_log_uri
 
 log = logging.getLogger("shim.stdio")
 
 READ_SIZE = 64 * 1024
+#: most bytes of one output stream the shim holds for a slow reader: the agent's flow-control
+#: window, so an agent that keeps to it never hits the cap
+OUTPUT_CAP = DEFAULT_WINDOW
 
 
 class FifoWriter:
-    """Non-blocking, buffered writer to an output FIFO."""
+    """Non-blocking writer to an output FIFO, buffering at most ``cap`` bytes.
 
-    def __init__(self, path: str, fd: int | None = None) -> None:
+    ``on_consumed(n)`` is called for every byte that leaves the buffer, written or dropped (the
+    agent channel's ``consumed``: window credit)."""
+
+    def __init__(self, path: str, fd: int | None = None, cap: int = OUTPUT_CAP) -> None:
         self.path = path
+        self.cap = cap
+        self.dropped = 0  # bytes over the cap, discarded
+        self.on_consumed: Callable[[int], None] = lambda n: None
         if fd is not None:  # an already open pipe or file (log URIs)
             os.set_blocking(fd, False)
             self.fd = fd
@@ -51,9 +72,22 @@ class FifoWriter:
 
     def write(self, data: bytes) -> None:
         if self.fd < 0 or self._closing:
+            self.on_consumed(len(data))  # nobody will write it: the sender may go on
             return
-        self._buf += data
-        self._flush()
+        room = self.cap - len(self._buf)
+        if len(data) > room:
+            self._drop(len(data) - max(room, 0))
+            data = data[:max(room, 0)]
+        if data:
+            self._buf += data
+            self._flush()
+
+    def _drop(self, n: int) -> None:
+        if not self.dropped:
+            log.warning("stdio: %s: output over the %d-byte cap: dropping (the agent does not "
+                        "keep to its flow-control window)", self.path, self.cap)
+        self.dropped += n
+        self.on_consumed(n)
 
     def close(self) -> None:
         """Close once the buffer is written (or at once if the reader is gone)."""
@@ -61,9 +95,14 @@ class FifoWriter:
         self._flush()
 
     def abort(self) -> None:
-        self._buf.clear()
+        self._discard()
         self._closing = True
         self._finish()
+
+    def _discard(self) -> None:
+        n = len(self._buf)
+        self._buf.clear()
+        self.on_consumed(n)
 
     def _flush(self) -> None:
         while self._buf and self.fd >= 0:
@@ -76,9 +115,10 @@ class FifoWriter:
                 return
             except OSError as exc:  # EPIPE: the reader left; nobody wants the rest
                 log.debug("stdio: %s: %s, dropping output", self.path, exc)
-                self._buf.clear()
+                self._discard()
                 break
             del self._buf[:n]
+            self.on_consumed(n)
         if self._watching:
             self._loop.remove_writer(self.fd)
             self._watching = False
@@ -86,6 +126,8 @@ class FifoWriter:
             self._finish()
 
     def _finish(self) -> None:
+        if self.dropped and self.fd >= 0:
+            log.warning("stdio: %s: %d bytes of output dropped over the cap", self.path, self.dropped)
         if self.fd >= 0:
             if self._watching:
                 self._loop.remove_writer(self.fd)
@@ -176,6 +218,10 @@ class FifoReader:
             self.fd = -1
 
 
+def _ignore(data: bytes) -> None:
+    """Data from the agent on a channel that only carries data to it."""
+
+
 class ProcessIO:
     """The stdio of one process: FIFOs on our side, channels of the agent client on the other."""
 
@@ -194,7 +240,9 @@ class ProcessIO:
         try:
             if stdin:
                 self.stdin_reader = FifoReader(stdin)
-                self.stdin_channel = agent.open_channel()
+                # the agent never sends on a stdin channel: anything it does is dropped, not
+                # buffered in a channel nobody reads
+                self.stdin_channel = agent.open_channel(on_data=_ignore)
                 self.opened.append(self.stdin_channel)
                 self.channels["stdin"] = self.stdin_channel.number
             fds: dict[str, int] = {}
@@ -209,6 +257,9 @@ class ProcessIO:
                     self._open_outputs.add(w)
                     ch = agent.open_channel(on_data=w.write,
                                             on_close=lambda w=w: self._output_closed(w))
+                    consumed = getattr(ch, "consumed", None)  # flow control (agent client)
+                    if consumed is not None:
+                        w.on_consumed = consumed
                     self.opened.append(ch)
                     self.channels[name] = ch.number
                     self.writers[ch.number] = w

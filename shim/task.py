@@ -24,8 +24,9 @@ from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
 from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
 from ccpu.agent import jsonbound
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
-from shim import logfmt, rootfs as rootfs_mod
-from shim.config import ConfigError, conflict
+from shim import agentvalues, logfmt, rootfs as rootfs_mod
+from shim.agentvalues import BadAgentValue
+from shim.config import ConfigError, Timeouts, conflict
 from shim.errors import agent_error_code, config_error, to_ttrpc
 from shim.events import timestamp
 from shim.state import Container, Process, Status, Tasks
@@ -41,6 +42,18 @@ SERVICE = "containerd.task.v2.Task"
 
 #: How long an exit waits for the agent to finish relaying the process's output.
 OUTPUT_GRACE = 10.0
+
+#: at most one TaskOOM per container per this many seconds (the agent could send millions)
+OOM_INTERVAL = 1.0
+
+
+def _checked(what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, with a value out of range from the agent as a clear INTERNAL error."""
+    try:
+        return fn()
+    except BadAgentValue as exc:
+        raise TtrpcError(Code.INTERNAL, f"{what}: {exc}") from None
+
 
 def _process_details(exec_id: str) -> Any:
     """runc's ProcessDetails (exec id of a pid) for `ctr task ps` (imported when first used)."""
@@ -81,11 +94,13 @@ class TaskService:
                  *, repo_root: str | None = None,
                  request_exit: Callable[[], None] | None = None,
                  on_change: Callable[[], None] | None = None,
-                 admit: Callable[[dict[str, str]], None] | None = None) -> None:
+                 admit: Callable[[dict[str, str]], None] | None = None,
+                 timeouts: Timeouts | None = None) -> None:
         self.sandbox = sandbox
         #: raises shim.config.ConfigError for a container the sandbox's config refuses
         #: (a Kubernetes pod's annotation the operator does not allow)
         self.admit = admit
+        self.timeouts = timeouts or Timeouts()
         self.publish_event = publish
         self.namespace = namespace
         self.repo_root = repo_root
@@ -93,6 +108,9 @@ class TaskService:
         self.on_change = on_change or (lambda: None)
         self.tasks = Tasks()
         self._exit_tasks: set[asyncio.Task[None]] = set()
+        #: agent events dropped, by reason (unknown process, finished, malformed, ...)
+        self.dropped_events: dict[str, int] = {}
+        self._last_oom: dict[str, float] = {}
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -129,9 +147,22 @@ class TaskService:
             raise TtrpcError(Code.UNAVAILABLE, f"sandbox agent unavailable: {exc}") from exc
 
     async def _call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The agent's answer to ``op``, within ``self.timeouts`` (docs/shim.md): a guest that
+        is stuck, stopped or overloaded gives DEADLINE_EXCEEDED naming what did not answer,
+        never a caller waiting for ever.  Agent errors map to ttrpc codes here, once."""
         agent = await self._agent()
+        limit = self.timeouts.for_op(op)
+        call = asyncio.ensure_future(agent.call(op, args))
         try:
-            return await agent.call(op, args)
+            done, _ = await asyncio.wait({call}, timeout=limit)
+        except BaseException:  # our caller gave up (containerd's deadline, a closed connection)
+            call.cancel()
+            raise
+        if not done:
+            self._undo_when_answered(op, args, call)
+            raise TtrpcError(Code.DEADLINE_EXCEEDED, self._no_answer(op, args, limit))
+        try:
+            return call.result()
         except TtrpcError:
             raise
         except Exception as exc:
@@ -140,33 +171,92 @@ class TaskService:
                 raise to_ttrpc(code, getattr(exc, "message", str(exc))) from exc
             raise TtrpcError(Code.UNAVAILABLE, f"agent {op}: {exc}") from exc
 
+    def _no_answer(self, op: str, args: dict[str, Any], limit: float) -> str:
+        what = f" of container {args['container']}" if args.get("container") else ""
+        if args.get("exec"):
+            what += f" (exec {args['exec']})"
+        where = getattr(self.sandbox, "mode", "")
+        pid = getattr(self.sandbox, "pid", None)
+        agent = f"the {where} sandbox's agent" + (f" (VM pid {pid})" if where == "vm" and pid else "")
+        return (f"{agent} did not answer {op}{what} within {limit:g}s: it is stuck or overloaded "
+                "(deadline exceeded; timeouts in the fractal config's [timeouts])")
+
+    def _undo_when_answered(self, op: str, args: dict[str, Any], call: asyncio.Future[Any]) -> None:
+        """A create or exec we gave up on may still succeed in the agent: undo it then, so the
+        container or exec id is free again and nothing runs that containerd does not know."""
+        log.warning("agent did not answer %s %s in time; undoing it if it still succeeds", op,
+                    args.get("container", ""))
+
+        def answered(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or fut.exception() is not None or op not in ("create", "exec"):
+                return
+            undo = {"container": args["container"], **({"exec": args["exec"]} if op == "exec" else {})}
+            log.warning("late answer to %s %s: deleting it again", op, undo)
+
+            async def delete() -> None:
+                with contextlib.suppress(Exception):
+                    agent = await self._agent()  # created / never-started processes delete directly
+                    await asyncio.wait_for(agent.call("delete", undo), self.timeouts.delete)
+
+            self._spawn(delete())
+
+        call.add_done_callback(answered)
+
     @staticmethod
     def _exec_arg(exec_id: str) -> dict[str, str]:
         return {"exec": exec_id} if exec_id else {}
 
     # -- agent events -----------------------------------------------------------------------
 
+    def _drop_event(self, reason: str, detail: str) -> None:
+        """Count a dropped agent event; log the 1st, 2nd, 4th, 8th... of each reason (a
+        flooding guest cannot flood the log)."""
+        n = self.dropped_events.get(reason, 0) + 1
+        self.dropped_events[reason] = n
+        if n & (n - 1) == 0:
+            log.warning("agent event dropped (%s): %s; %d dropped for this reason so far",
+                        reason, detail, n)
+
     def on_agent_event(self, event: dict[str, Any]) -> None:
+        """An event from the agent.  Each is checked before it changes anything: an exit for
+        an unknown or already finished process, a malformed one or one out of range is dropped
+        and counted, so a process gets at most one exit task however many frames arrive."""
         name = event.get("event")
         if name == "exit":
-            cid = str(event.get("container", ""))
-            exec_id = str(event.get("exec", "") or "")
             try:
-                proc = self.tasks.process(cid, exec_id)
-            except TtrpcError:
-                log.info("exit of unknown process %s/%s", cid, exec_id)
+                e = agentvalues.ExitEvent.parse(event)
+            except BadAgentValue as exc:
+                self._drop_event("malformed exit", str(exc))
                 return
-            t = asyncio.get_running_loop().create_task(self._process_exited(
-                proc, int(event.get("pid") or proc.pid), int(event.get("exit_status", 255)),
-                int(event.get("exited_at") or time.time_ns())))
-            self._exit_tasks.add(t)
-            t.add_done_callback(self._exit_tasks.discard)
+            try:
+                proc = self.tasks.process(e.container, e.exec_id)
+            except TtrpcError:
+                self._drop_event("exit of an unknown process", f"{e.container}/{e.exec_id}")
+                return
+            if proc.status == Status.STOPPED or proc.exit_pending:
+                self._drop_event("exit of a finished process", proc.name)
+                return
+            proc.exit_pending = True
+            self._spawn(self._process_exited(proc, e.pid or proc.pid, e.exit_status,
+                                             e.exited_at or time.time_ns()))
         elif name == "oom":
-            cid = str(event.get("container", ""))
-            if cid in self.tasks.containers:
-                self.publish(ev.TaskOOM(container_id=cid))
+            try:
+                cid = agentvalues.ident(event.get("container"), "container id")
+            except BadAgentValue as exc:
+                self._drop_event("malformed oom", str(exc))
+                return
+            if cid not in self.tasks.containers:
+                self._drop_event("oom of an unknown container", cid)
+                return
+            now = time.monotonic()
+            last = self._last_oom.get(cid)
+            if last is not None and now - last < OOM_INTERVAL:
+                self._drop_event("oom repeated within a second", cid)
+                return
+            self._last_oom[cid] = now
+            self.publish(ev.TaskOOM(container_id=cid))
         else:
-            log.debug("agent event ignored: %s", event)
+            self._drop_event("unknown event", agentvalues.clip(name))
 
     def on_agent_lost(self, why: str) -> None:
         """The agent is gone: every process still alive is reported exited (255)."""
@@ -176,10 +266,7 @@ class TaskService:
         for proc in self.tasks.live_processes():
             if proc.io is not None:
                 proc.io.close()
-            t = asyncio.get_running_loop().create_task(
-                self._process_exited(proc, proc.pid, 255, now))
-            self._exit_tasks.add(t)
-            t.add_done_callback(self._exit_tasks.discard)
+            self._spawn(self._process_exited(proc, proc.pid, 255, now))
 
     async def _process_exited(self, proc: Process, pid: int, status: int, at: int) -> None:
         logfmt.bind(container=proc.container, exec=proc.exec_id)  # this task's own context
@@ -251,7 +338,7 @@ class TaskService:
             self.tasks.remove(req.id)
             await self.sandbox.deleted(req.id)  # forgets it (no hook ran yet)
             raise
-        proc.pid = int(result.get("pid", 0))
+        proc.pid = _checked(f"create {req.id}", lambda: agentvalues.result_pid(result, "create"))
         try:
             await self.sandbox.created(req.id, proc.pid)
         except Exception as exc:  # e.g. a createRuntime hook failed: undo the create
@@ -295,7 +382,8 @@ class TaskService:
         try:
             result = await self._call("start", {"container": req.id,
                                                 **self._exec_arg(req.exec_id)})
-            proc.mark_running(int(result.get("pid", 0)))
+            proc.mark_running(_checked(f"start {proc.name}",
+                                       lambda: agentvalues.result_pid(result, "start")))
             # stdin flows once the process exists: the FIFO holds what comes earlier
             if proc.io is not None:
                 proc.io.start_stdin()
@@ -331,8 +419,8 @@ class TaskService:
         if proc.io is not None:
             proc.io.close()
         if proc.status != Status.STOPPED:  # created, never started
-            proc.mark_exited(int(result.get("exit_status", 0) or 0),
-                             int(result.get("exited_at") or time.time_ns()))
+            status, at = _checked(f"delete {proc.name}", lambda: agentvalues.result_exit(result))
+            proc.mark_exited(status, at or time.time_ns())
         pid = proc.pid
         exit_status = proc.exit_status
         exited_at = proc.exited_at or time.time_ns()
@@ -341,6 +429,7 @@ class TaskService:
                 if e.io is not None:
                     e.io.close()
             self.tasks.remove(req.id)
+            self._last_oom.pop(req.id, None)
             self.on_change()
             await self.sandbox.deleted(req.id)
             self.publish(ev.TaskDelete(container_id=req.id, pid=pid, exit_status=exit_status,
@@ -355,9 +444,12 @@ class TaskService:
         self.tasks.get(req.id)
         result = await self._call("pids", {"container": req.id})
         resp = pb.PidsResponse()
-        for entry in result.get("processes", []):
-            info = task_types.ProcessInfo(pid=int(entry.get("pid", 0)))
-            exec_id = entry.get("exec") or ""
+        entries = result.get("processes", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise TtrpcError(Code.INTERNAL, "pids: agent sent a malformed process list")
+        for entry in entries:
+            info = task_types.ProcessInfo(pid=_checked("pids", lambda: agentvalues.pid(entry.get("pid", 0))))
+            exec_id = _checked("pids", lambda: agentvalues.ident(entry.get("exec", ""), "exec id", empty=True))
             details = _process_details(exec_id) if exec_id else None
             if details is not None:
                 info.info.CopyFrom(details)

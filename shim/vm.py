@@ -9,23 +9,28 @@ and QEMU is stopped (SIGTERM, then SIGKILL).
 
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/`` (root, 0700): ``layers/`` (the
 layer view, :mod:`shim.layerview`) and its record ``layers.mounts``, ``volumes/`` (the containers'
-volume binds), ``vfs-<tag>.sock`` (a virtiofsd per share, if used), ``console.log`` (the guest's
-serial console; symlinked into every container bundle as ``console.log``), ``qemu.log`` (QEMU's
-stderr) and ``pids`` (QEMU's and virtiofsd's pid + start time, for :func:`cleanup_dead` when the
-shim is gone).  virtiofsd gets its socket relative to the run dir (its cwd): a unix socket path has
-at most 107 bytes and CRI sandbox ids alone are 64.  QEMU gets no path at all: it may run as a uid
-of its own that can reach nothing here (ccpu/vm/qemu.py), so its agent port is one end of a
-socketpair and the console, boot files and virtiofsd connections are passed as fds.
+volume binds; ``mounts.json`` records every mount made for them, see :mod:`shim.mountrecord`),
+``vfs-fractallayers.sock`` (virtiofsd, if used), ``console.log`` (the guest's serial console, read
+by the shim and capped with ``console.log.1``: :mod:`shim.console`; symlinked into every container
+bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's and virtiofsd's pid +
+start time, for :func:`cleanup_dead` when the shim is gone).  virtiofsd gets its socket relative to
+the run dir (its cwd): a unix socket path has at most 107 bytes and CRI sandbox ids alone are 64.
+QEMU gets no path in the run dir: its agent port is one end of a socketpair, the console a
+connected socket, boot files and the virtiofsd connection fds (so it can run as a uid of its own
+when it serves no 9p share, ccpu/vm/qemu.py).
 
 What the guest sees (pure translation, :func:`guest_rootfs`):
 
 * the sandbox's layer view read-only at ``/repo/layers`` (9p or virtiofs): one read-only bind of
   ``<FRACTAL_ROOT>/layers/<id>`` at ``<id>`` per layer its containers stack, nothing else, so a
   host lower ``<root>/layers/<id>`` is ``/repo/layers/<id>`` in the guest;
-* the container's upper/work dirs live IN the guest, on tmpfs:
-  ``/run/fractal/containers/<id>/{upper,work}`` (the agent creates and removes them).  Writes
-  are limited by guest RAM and gone when the VM stops -- container semantics for ``--rm``; the
-  host-side active snapshot stays empty;
+* the container's upper/work dirs live IN the guest, on a tmpfs of their own that the agent
+  mounts at ``/run/fractal/containers/<id>`` (the ``scratch`` argument) with the container's
+  writable-layer limit (``vm.scratch``, annotation ``io.fractal.vm.scratch`` within
+  ``vm.scratch_max``; docs/config.md).  Its copied host files (``files/``) are there too, so
+  what the container writes counts against its own limit, never against the agent's ``/run``.
+  Gone when the container is deleted -- container semantics for ``--rm``; the host-side active
+  snapshot stays empty;
 * the bundle is ``/run/fractal/bundles/<id>``, the spec passed inline (from the host bundle's
   config.json).
 
@@ -52,7 +57,8 @@ from shim import guestspec
 from shim.guestspec import NotInVm
 from shim.layerview import LayerView, undo_recorded
 from shim.volumes import SHARE_TAG as VOLUMES_TAG
-from shim.volumes import VolumeDir, VolumeError, remove_tree
+from shim.mountrecord import MountRecordError, remove_run_dir
+from shim.volumes import VolumeDir
 
 log = logging.getLogger("shim.vm")
 
@@ -81,8 +87,13 @@ def guest_layer_path(host_dir: str, host_layers: str) -> str:
     return posixpath.join(GUEST_LAYERS, rel)
 
 
+def guest_scratch_dir(cid: str) -> str:
+    """The container's own tmpfs in the guest: its upper/work dirs and copied files."""
+    return posixpath.join(GUEST_SCRATCH, cid)
+
+
 def guest_scratch(cid: str) -> tuple[str, str]:
-    base = posixpath.join(GUEST_SCRATCH, cid)
+    base = guest_scratch_dir(cid)
     return posixpath.join(base, "upper"), posixpath.join(base, "work")
 
 
@@ -191,8 +202,8 @@ def cleanup_dead(run_dir: str) -> list[int]:
     if problems:
         log.error("layer view of %s: %s", run_dir, "; ".join(problems))
     try:
-        remove_tree(run_dir)  # the volume binds are unmounted first: host data is never removed
-    except VolumeError as exc:
+        remove_run_dir(run_dir)  # the recorded volume binds are unmounted first: host data is never removed
+    except MountRecordError as exc:  # VolumeError too
         log.error("%s", exc)
     for d in (os.path.dirname(run_dir),):  # the namespace dir, if now empty
         try:
@@ -224,6 +235,7 @@ class VmSandbox(Sandbox):
         self.settings = settings  # shim.config.VmSettings
         self.dir = vm_run_dir(run_dir, namespace, group)
         self.console_log = os.path.join(self.dir, "console.log")
+        self._console: Any = None  # shim.console.ConsoleLog while QEMU runs
         self.on_event = on_event
         self.pid: int | None = None
         self.accel = ""
@@ -242,7 +254,7 @@ class VmSandbox(Sandbox):
         self._net: Any = None  # ccpu.vm.net.Attachment while the VM is attached to self.netns
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
-        self.volumes = VolumeDir(os.path.join(self.dir, "volumes"))  # shared over 9p (shim/volumes.py)
+        self.volumes = VolumeDir(self.dir)  # <dir>/volumes, shared over 9p (shim/volumes.py)
         self.view = LayerView(self.dir, self.host_layers)  # the layers its guest sees (shim/layerview.py)
         self.qemu_user = ""
         self._dir_ready = False
@@ -255,13 +267,19 @@ class VmSandbox(Sandbox):
     def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
                   spec: dict[str, Any] | None) -> dict[str, Any]:
         from ccpu.ttrpc import Code, TtrpcError
+        from shim import config
 
         if spec is None:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle} has no readable config.json")
         gbundle = guest_bundle(cid)
+        annotations = spec.get("annotations")
+        try:
+            scratch_mb = config.scratch_for(self.settings, annotations if isinstance(annotations, dict) else {})
+        except config.ConfigError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"container {cid}: {exc}") from None
         try:
             grootfs = guest_rootfs(rootfs, cid, self.host_layers)
-            translated = guestspec.translate(spec, cid, gbundle, _kind_of)
+            translated = guestspec.translate(spec, cid, guest_scratch_dir(cid), _kind_of)
             files = [_file_arg(c) for c in translated.copies]
         except NotInVm as exc:
             raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
@@ -288,7 +306,7 @@ class VmSandbox(Sandbox):
             self.volumes.attach(cid, translated.volumes)
         except BaseException as exc:
             self.view.drop(cid)
-            if isinstance(exc, VolumeError):
+            if isinstance(exc, MountRecordError):  # VolumeError too
                 raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
             raise
         if translated.host_hooks:
@@ -301,6 +319,7 @@ class VmSandbox(Sandbox):
         except OSError:
             pass
         return {"bundle": gbundle, "rootfs": grootfs, "spec": translated.spec,
+                "scratch": {"path": guest_scratch_dir(cid), "size": scratch_mb << 20},
                 "files": files, "dirs": translated.shm_dirs, "sysctls": translated.sysctls}
 
     # OCI hooks on the host; the state's pid is QEMU's (shim/hooks.py)
@@ -391,9 +410,6 @@ class VmSandbox(Sandbox):
                 log.warning("killed leftover VM processes %s of %s", killed, self.dir)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.volumes.create()
-        if not os.path.isdir(self.host_layers):
-            raise RuntimeError(f"the fractal repo has no layers dir {self.host_layers} "
-                               "(is FRACTAL_ROOT the snapshotter's root?)")
         self.view.create()
         self._dir_ready = True
 
@@ -429,27 +445,32 @@ class VmSandbox(Sandbox):
                 raise RuntimeError(f"cannot connect the pod network {self.netns} to the VM: {exc}") from None
             log.info("pod network %s: %s", self.netns,
                      ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in self._net.interfaces) or "no IPv4 interface")
-        # Everything QEMU uses arrives opened (it may run as a uid that can reach nothing here):
-        # the agent's channel is one end of a socketpair, virtiofsd connections are made here,
-        # the console log and the boot files are fds (ccpu/vm/qemu.py).
+        from shim.console import ConsoleLog
+
+        # What QEMU uses arrives opened (it may run as a uid that can reach nothing here): the
+        # agent's channel is one end of a socketpair, the virtiofsd connection is made here, the
+        # console is a connected socket (shim/console.py), the boot files are fds (ccpu/vm/qemu.py).
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         passed: list[Any] = [theirs]
         fds: list[int] = []
         try:
-            shares_ = [self._share(LAYERS_TAG, self.view.path, GUEST_LAYERS, True, vfsd, passed),
-                       self._share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES, False, vfsd,
-                                   passed)]
-            append = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-            fds.append(os.open(self.console_log, append, 0o600))
-            fds.append(os.open(os.path.join(self.dir, "qemu.log"), append, 0o600))
+            fds.append(os.open(os.path.join(self.dir, "qemu.log"),
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+            self._console = ConsoleLog(self.console_log, s.console_log_kib * 1024)
+            console_fd = self._console.qemu_fd()
+            shares_ = [self._share(LAYERS_TAG, self.view.path, GUEST_LAYERS, vfsd, passed),
+                       # read-write, 9p: served by QEMU under ccpu.vm.fsguard (shim/volumes.py)
+                       qemu.Share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
+                                  readonly=False, type="9p")]
             cfg = qemu.VMConfig(
                 kernel=str(guest.kernel), initramfs=str(guest.initramfs), console_log=self.console_log,
-                console_fd=fds[0], name=self.dir, accel=self.accel, memory_mb=s.memory_mb,
+                console_fd=console_fd, name=self.dir, accel=self.accel, memory_mb=s.memory_mb,
                 cpus=s.cpus, mode="agent", repo=None, shares=shares_,
                 ports=[qemu.Port(AGENT_PORT, fd=theirs.fileno())],
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
                 nics=self._net.nics if self._net else (),
-                cmdline_extra=self._net.cmdline if self._net else ())
+                cmdline_extra=(*(self._net.cmdline if self._net else ()),
+                               f"fractal.reserve={s.memory_reserve_mb}"))
             cfg, boot_fds = qemu.open_boot_files(cfg)
             fds += boot_fds
             creds, self.qemu_user = qemu.choose_creds(cfg, s.qemu_uid_base, os.getpid())
@@ -458,11 +479,13 @@ class VmSandbox(Sandbox):
                      "run dir %s", self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why,
                      self.qemu_user, self.dir)
             log.debug("qemu: %s", " ".join(argv))
-            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[1], cwd=self.dir,
-                              creds=creds, pass_fds=qemu.inherited_fds(cfg) + boot_fds)
+            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[0], cwd=self.dir,
+                              creds=creds, pass_fds=qemu.inherited_fds(cfg) + boot_fds, guard_shares=True)
         except BaseException:
             ours.close()
             self._detach_net()
+            if self._console is not None:
+                self._console.close()
             raise
         finally:
             for c in passed:
@@ -471,6 +494,7 @@ class VmSandbox(Sandbox):
                 os.close(fd)
             if self._net is not None:
                 self._net.close_fds()  # QEMU holds the taps now
+        self._console.start()  # QEMU holds its end
         self.pid = proc.pid
         self._exited = self.reaper.wait(proc.pid)
         self._exited.add_done_callback(self._qemu_exited)
@@ -515,26 +539,25 @@ class VmSandbox(Sandbox):
             raise RuntimeError(f"QEMU exited with {self.exit_status} during boot")
         raise TimeoutError
 
-    def _share(self, tag: str, host: str, guest: str, readonly: bool, vfsd: str | None,
-               passed: list[Any]) -> Any:
-        """One file share of the VM: over virtiofs, a virtiofsd of its own (started here, its
+    def _share(self, tag: str, host: str, guest: str, vfsd: str | None, passed: list[Any]) -> Any:
+        """The read-only layer share: over virtiofs, a virtiofsd of its own (started here, its
         connection appended to ``passed`` for QEMU); else 9p, served by QEMU itself."""
         from ccpu.vm import qemu, shares
 
         if self.share != "virtiofs":
-            return qemu.Share(tag, host, guest, readonly, "9p")
+            return qemu.Share(tag, host, guest, True, "9p", layers=True)
         assert vfsd
         name = f"vfs-{tag}.sock"
-        share = qemu.Share(tag, host, guest, readonly, "virtiofs", name)
+        share = qemu.Share(tag, host, guest, True, "virtiofs", name, layers=True)
         vlog = os.open(os.path.join(self.dir, "virtiofsd.log"),
                        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            # spawned on the loop's thread: PDEATHSIG follows the thread that forked
+            # spawned on the loop's thread: PDEATHSIG follows the thread that forked.
             # The layer view is a tmpfs with one bind per layer: announced as submounts, each
             # layer would be an automount point in the guest, which overlayfs refuses as a lower
             # dir ("filesystem not supported").  Not announced, the guest sees one file system.
-            extra = ["--no-announce-submounts"] if tag == LAYERS_TAG else []
-            proc = shares.start_virtiofsd(vfsd, share, name, cwd=self.dir, stderr=vlog, extra=extra)
+            proc = shares.start_virtiofsd(vfsd, share, name, cwd=self.dir, stderr=vlog,
+                                          extra=["--no-announce-submounts"])
         finally:
             os.close(vlog)
         self._helpers[proc.pid] = self.reaper.wait(proc.pid)
@@ -545,20 +568,17 @@ class VmSandbox(Sandbox):
         except OSError as exc:
             raise RuntimeError(f"virtiofsd pid {proc.pid} for share {tag} does not accept on "
                                f"{os.path.join(self.dir, name)}: {exc}") from None
-        return qemu.Share(tag, host, guest, readonly, "virtiofs", fd=passed[-1].fileno())
+        return qemu.Share(tag, host, guest, True, "virtiofs", fd=passed[-1].fileno(), layers=True)
 
     def diagnose(self) -> str:
         return (f"VM pid {self.pid} ({'alive' if self.exit_status is None else f'exited {self.exit_status}'}); "
                 f"guest console (tail):\n{self.console_tail()}")
 
     def console_tail(self, n: int = 1500) -> str:
-        try:
-            with open(self.console_log, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - n))
-                return f.read().decode(errors="replace").strip()
-        except OSError:
-            return "(no console log)"
+        from shim.console import tail
+
+        text = tail(self.console_log, n)
+        return text.decode(errors="replace").strip() if text else "(no console log)"
 
     # -- loss and stop ----------------------------------------------------------------------
 
@@ -578,7 +598,7 @@ class VmSandbox(Sandbox):
         file access in its containers would hang for ever -- end the VM and report them exited."""
         if fut.cancelled() or self._stopping:
             return
-        log.error("%s pid %s exited with %s while its VM runs: a share of the guest is gone; "
+        log.error("%s pid %s exited with %s while its VM runs: the guest's layers are gone; "
                   "stopping the VM", name, pid, fut.result())
         self._report_lost(f"{name} exited with {fut.result()}")
 
@@ -629,6 +649,8 @@ class VmSandbox(Sandbox):
                 await self._wait(fut, 5.0)
         if self._exited is None or self._exited.done():
             self._detach_net()
+            if self._console is not None:
+                self._console.close()  # what QEMU wrote last is read first
 
     def _detach_net(self) -> None:
         """Take the taps and tc redirects out of the pod's netns (QEMU is gone: they are ours)."""
@@ -654,12 +676,13 @@ class VmSandbox(Sandbox):
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+        self.volumes.close()
         problems = self.view.close()  # exactly the view's recorded mounts
         if problems:
             log.error("layer view %s: %s", self.view.path, "; ".join(problems))
         try:
-            remove_tree(self.dir)  # unmounts the volume binds first; never removes host data
-        except VolumeError as exc:
+            remove_run_dir(self.dir)  # unmounts the recorded volume binds first; never removes host data
+        except MountRecordError as exc:  # VolumeError too
             log.error("%s", exc)
         try:
             os.rmdir(os.path.dirname(self.dir))

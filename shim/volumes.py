@@ -8,91 +8,109 @@ when the guest asks, so a bind mount made under that dir later is visible in the
 The guest sees only what was bound there, nothing else of the host; read-only volumes are bound
 read-only on the host side too, so the guest cannot write them whatever it does.
 
-The one dangerous operation here is removal: the dir holds bind mounts of real host data, so it
-is never removed recursively while anything is mounted below it (:func:`unmount_under` first,
-then :func:`remove_tree` refuses to cross into a mount).
+The guest is hostile (guest root must be assumed), and it writes that share.  So:
+
+* **the guest cannot change the tree itself**: ``volumes`` is a read-only bind of itself (the
+  *view*, private propagation); QEMU serves the view, so the guest can write inside the volumes
+  (other mounts) but cannot create, rename, replace or remove anything of ``volumes/<cid>/<n>``:
+  no symlink planted for a later container, no mount point moved away, no junk filling the
+  host's /run.  The shim makes the dirs through an fd of the dir *under* the view (``_rw``),
+  which the guest never sees;
+* **the shim never follows a path the guest could have written**: every lookup below the run
+  dir goes through ``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)`` (:mod:`ccpu.fdpath`), and
+  mount/umount act on ``/proc/self/fd/N`` of what was found that way;
+* **the shim undoes exactly the mounts it made**: each one (the view and every volume) is in the
+  run dir's record (:mod:`shim.mountrecord`, ``<run dir>/mounts.json``, which the guest cannot
+  reach), and is detached only if the recorded mount is found at its recorded place.  A dead
+  shim's ``delete`` verb reads the same record (:func:`remove_run_dir`).  Nothing is ever
+  unmounted by walking a directory or by a path prefix.
+
+Removal never crosses a mount point (:func:`ccpu.fdpath.remove_tree`): host data bound into the
+dir is never deleted, even if an unmount failed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from collections.abc import Sequence
 
-from ccpu.agent.mounts import (MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SLAVE, mount_points,
-                               sys_mount, sys_umount)
+from ccpu import fdpath
+from ccpu.agent.mounts import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC,
+                               MS_REMOUNT, MS_SLAVE, sys_mount)
 from shim.guestspec import Volume
+from shim.mountrecord import MountRecordError, RunDirMounts, remove_run_dir, valid_path
+
+__all__ = ["SHARE_TAG", "VolumeDir", "VolumeError", "remove_run_dir", "volume_path"]
 
 log = logging.getLogger("shim.volumes")
 
 SHARE_TAG = "fractalvols"
+VOLUMES = "volumes"  # the shared dir, in the run dir
 
 
-class VolumeError(RuntimeError):
+class VolumeError(MountRecordError):
     pass
 
 
-def _below(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def unmount_under(root: str) -> list[str]:
-    """Detach every mount at or below ``root``, deepest first; returns those still there."""
-    root = os.path.realpath(root)
-    for _ in range(3):
-        mine = sorted((p for p in mount_points() if _below(p, root)), key=len, reverse=True)
-        if not mine:
-            return []
-        for p in mine:
-            try:
-                sys_umount(p, MNT_DETACH)
-            except OSError as exc:
-                log.warning("umount %s: %s", p, exc)
-    return [p for p in mount_points() if _below(p, root)]
-
-
-def remove_tree(root: str) -> None:
-    """rm -r that never descends into a mount point (there: an error, nothing removed below)."""
-    import shutil
-
-    left = unmount_under(root)
-    if left:
-        raise VolumeError(f"not removing {root}: still mounted below it: {', '.join(left)}")
-    shutil.rmtree(root, ignore_errors=True)
+def volume_path(name: str, cid: str) -> str:
+    """The run-dir-relative mount point of volume ``name`` (``<cid>/<n>``) of container ``cid``."""
+    parts = name.split("/")
+    if len(parts) != 2 or parts[0] != cid or not valid_path(name):
+        raise VolumeError(f"volume name {name!r} is not <container>/<n> below {cid}/")
+    return posixpath.join(VOLUMES, name)
 
 
 class VolumeDir:
-    """``<vm run dir>/volumes``: ``<container id>/<n>`` is the n-th volume of that container."""
+    """``<run dir>/volumes``: ``<container id>/<n>`` is the n-th volume of that container."""
 
-    def __init__(self, root: str) -> None:
-        self.root = root
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.root = os.path.join(run_dir, VOLUMES)  # what QEMU shares (the read-only view)
+        self._mounts: RunDirMounts | None = None
+        self._rw: int | None = None  # O_PATH fd of the dir under the view: where we make dirs
+        self._view: int | None = None  # O_PATH fd of the view's root: where we mount
 
     def create(self) -> None:
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        """Make the dir and its read-only view (the run dir exists and has no record yet)."""
+        run_fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._mounts = mounts = RunDirMounts.load(run_fd)
+        except BaseException:
+            os.close(run_fd)
+            raise
+        try:
+            fdpath.make_dir(run_fd, VOLUMES, 0o700)
+            self._rw = fdpath.open_path(run_fd, VOLUMES, cross_mounts=False, directory=True)
+            mounts.add(VOLUMES)
+            sys_mount(fdpath.fd_path(self._rw), fdpath.fd_path(self._rw), None, MS_BIND, None)
+            self._view = fdpath.open_path(run_fd, VOLUMES, directory=True)
+            mounts.mounted(VOLUMES, self._view)
+            view = fdpath.fd_path(self._view)
+            sys_mount(None, view, None, MS_PRIVATE, None)  # binds made in it go nowhere else
+            sys_mount(None, view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      None)
+        except BaseException:
+            self.close()  # what was mounted is in the record: remove_run_dir undoes it
+            raise
 
     def attach(self, cid: str, volumes: Sequence[Volume]) -> None:
         """Bind every volume's host path to its place; all or nothing."""
         if not volumes:
             return
-        base = os.path.join(self.root, cid)
+        assert self._mounts is not None and self._rw is not None and self._view is not None, "create() first"
+        paths = [volume_path(v.name, cid) for v in volumes]
         v: Volume | None = None
         try:
-            for v in volumes:
-                target = os.path.join(self.root, v.name)
-                if not _below(os.path.normpath(target), base):
-                    raise VolumeError(f"volume name {v.name!r} is not below {cid}/")
-                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            fdpath.make_dir(self._rw, cid, 0o700)
+            for v, path in zip(volumes, paths):
+                name = path.split("/", 1)[1]
                 if v.is_dir:
-                    os.makedirs(target, mode=0o700, exist_ok=True)
+                    fdpath.make_dir(self._rw, name, 0o700)
                 else:
-                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
-                flags = MS_BIND | (MS_REC if v.recursive else 0)
-                sys_mount(v.host_path, target, None, flags, None)
-                # slave: the node's later mounts and unmounts below the source reach the guest
-                # (rslave semantics); nothing done here propagates back to the node
-                sys_mount(None, target, None, MS_SLAVE | MS_REC, None)
-                if v.readonly:  # a bind ignores MS_RDONLY: remount it
-                    sys_mount(None, target, None, flags | MS_REMOUNT | MS_RDONLY, None)
+                    fdpath.make_file(self._rw, name, 0o600)
+                self._bind(v, name, path)
         except OSError as exc:
             self.detach(cid)
             raise VolumeError(f"container {cid}: cannot share {v.host_path if v else '?'} with the VM: "
@@ -101,11 +119,48 @@ class VolumeDir:
             self.detach(cid)
             raise
 
+    def _bind(self, v: Volume, name: str, path: str) -> None:
+        assert self._mounts is not None and self._view is not None
+        flags = MS_BIND | (MS_REC if v.recursive else 0)
+        target = fdpath.open_path(self._view, name, cross_mounts=False)  # on the view, not mounted yet
+        try:
+            # the source is the node's (kubelet's, the ctr user's) path: resolved as runc does
+            source = os.open(v.host_path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                self._mounts.add(path)
+                sys_mount(fdpath.fd_path(source), fdpath.fd_path(target), None, flags, None)
+            finally:
+                os.close(source)
+        finally:
+            os.close(target)
+        mounted = fdpath.open_path(self._view, name)
+        try:
+            self._mounts.mounted(path, mounted)
+            at = fdpath.fd_path(mounted)
+            # slave: the node's later mounts and unmounts below the source reach the guest
+            # (rslave semantics); nothing done here propagates back to the node
+            sys_mount(None, at, None, MS_SLAVE | MS_REC, None)
+            if v.readonly:  # a bind ignores MS_RDONLY: remount it
+                sys_mount(None, at, None, flags | MS_REMOUNT | MS_RDONLY, None)
+        finally:
+            os.close(mounted)
+
     def detach(self, cid: str) -> None:
         """Unmount and remove ``cid``'s volumes (the host data stays, of course)."""
-        base = os.path.join(self.root, cid)
-        if os.path.lexists(base):
-            remove_tree(base)
+        if self._mounts is None or self._rw is None:
+            return
+        base = volume_path(f"{cid}/0", cid).rsplit("/", 1)[0]
+        problems = self._mounts.unmount_below(base)
+        if problems:
+            raise VolumeError(f"container {cid}: volumes left mounted: {'; '.join(problems)}")
+        left = fdpath.remove_tree(self._rw, cid)
+        if left:
+            raise VolumeError(f"container {cid}: not removing its volume dir, still mounted: {', '.join(left)}")
 
     def close(self) -> None:
-        remove_tree(self.root)
+        """Forget the fds (the run dir itself goes with :func:`remove_run_dir`)."""
+        for fd in (self._rw, self._view, self._mounts.run_fd if self._mounts else None):
+            if fd is not None:
+                os.close(fd)
+        self._rw = self._view = None
+        self._mounts = None

@@ -122,6 +122,21 @@ class Registry:
         return f"{self.address}/fractal/{name}:latest"
 
 
+def wait_for(cond: Any, timeout: float = 30.0, what: str = "condition", interval: float = 0.1) -> Any:
+    """`cond()`'s first truthy value, polled every `interval` s; AssertionError naming `what`
+    after `timeout` s (a deadline for a state to be reached, never a speed assertion)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
 def build_test_image(name: str) -> Path:
     """Build (or reuse from the cache) ``$FRACTAL_CACHE/images/<name>`` with hack/testimages.py."""
     if not (REPO / "hack" / "testimages.py").exists():

@@ -2,12 +2,16 @@
 
     python3 -m ccpu.agent [--fd N] [--listen unix:PATH] --runc-root DIR [--runc PATH]
                           --bundle-root DIR... --layer-root DIR... [--drain-timeout S]
-                          [--debug] [--log FILE]
+                          [--cgroup-parent PATH --memory-reserve-mb N] [--debug] [--log FILE]
 
 `--fd N`: serve the connected stream on fd N (a socketpair end from the shim, or a virtio-serial
 port); `--listen unix:PATH`: accept connections on a unix socket (one client at a time; a new
 one may connect after the previous one went away).  Both may be given.  With `--fd` alone the
 agent exits when that stream closes and no container exists (nobody could reach it any more).
+
+`--cgroup-parent` (a guest's agent, from the init): the agent runs at oom_score_adj -1000 and
+puts every container's cgroup below PATH, whose memory.max keeps `--memory-reserve-mb` of the
+guest's memory for the kernel, the agent and runc (ccpu/agent/limits.py).
 
 Standard library only: this runs in a minimal guest.
 """
@@ -25,6 +29,7 @@ import socket
 import stat
 import sys
 
+from . import limits
 from .container import Supervisor
 from .reaper import Reaper, ensure_stdio_open
 from .runc import Runc
@@ -45,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--drain-timeout", type=float, default=5.0,
         help="seconds an exited process's output may take to reach EOF (default 5)",
     )  # fmt: skip
+    p.add_argument("--cgroup-parent", help="guest: the containers' parent cgroup (below /sys/fs/cgroup)")
+    p.add_argument("--memory-reserve-mb", type=int, default=64,
+                   help="guest: MiB of memory containers can never take (default 64)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--log", help="log file (default: stderr)")
     ns = p.parse_args(argv)
@@ -82,9 +90,17 @@ async def amain(ns: argparse.Namespace) -> int:
     reaper = Reaper()
     reaper.start(loop)
     os.makedirs(ns.runc_root, mode=0o700, exist_ok=True)
+    cgroup_parent = ns.cgroup_parent
+    if cgroup_parent:
+        try:
+            limits.setup_guest(cgroup_parent, ns.memory_reserve_mb * limits.MiB)
+        except OSError as e:  # containers still run, without the reserve: say so loudly
+            log.error("cannot set up the containers' memory limit in %s: %s", cgroup_parent, e)
+            cgroup_parent = None
     outbox = Outbox()
     sup = Supervisor(
-        Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root, ns.drain_timeout
+        Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root, ns.drain_timeout,
+        cgroup_parent=cgroup_parent,
     )
     server = Server(sup, outbox)
     stop = asyncio.Event()

@@ -25,6 +25,13 @@ Callback style (what the shim uses, one implementation for both styles)::
 
 A channel with callbacks delivers output to `on_data` as it arrives instead of buffering it, and
 calls `on_close` once: when the agent closes the channel, or when the connection is lost.
+
+Flow control (docs/agent-protocol.md, feature `flow`): `hello()` offers a per-channel window
+(`DEFAULT_WINDOW`); an agent that accepts sends at most that many bytes per output channel
+before the client grants more.  A callback channel grants bytes back when its consumer calls
+`Channel.consumed(n)` (the shim: once they left for containerd's FIFO, or were dropped), so a
+slow consumer slows only its own process; a buffered channel grants at once (unbounded, as
+before: for tests and tools that read with `read_all`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from . import protocol, wire
+
+#: bytes the agent may send on one output channel before the client grants more
+DEFAULT_WINDOW = 256 * 1024
+#: grant back once this share of the window was consumed (fewer, larger window frames)
+_GRANT_DIVISOR = 4
+#: no grants are queued while this much is waiting to go to an agent that does not read
+_MAX_UNSENT = 4 << 20
 
 
 class Channel:
@@ -58,6 +72,7 @@ class Channel:
         self._on_data = on_data
         self._on_close = on_close
         self.closed_by_agent = False  # the agent sent `close`: all output is in (maybe unread)
+        self._ungranted = 0  # consumed bytes not yet granted back (flow control)
 
     async def write(self, data: bytes) -> None:
         await self.client._send(wire.encode_data(self.number, data))
@@ -84,11 +99,23 @@ class Channel:
             del self.client._channels[self.number]
         self._on_data = self._on_close = None
 
+    def consumed(self, n: int) -> None:
+        """`n` bytes of this channel's output are out of our hands: let the agent send more."""
+        if n <= 0 or self.client.window is None or self.client._channels.get(self.number) is not self:
+            return
+        self._ungranted += n
+        if self._ungranted >= self.client.window // _GRANT_DIVISOR:
+            n, self._ungranted = self._ungranted, 0
+            self.client._grant(self.number, n)
+
     def _feed(self, data: bytes) -> None:
         if self._on_data is not None:
             self._on_data(data)
         elif self._on_close is None:
             self._reader.feed_data(data)
+            self.consumed(len(data))
+        else:
+            self.consumed(len(data))  # nobody reads it
 
     def _eof(self, by_agent: bool = True) -> None:
         if by_agent:
@@ -112,6 +139,7 @@ class AgentClient:
         self._lost_handlers: list[Callable[[str], None]] = []
         self.closed = False
         self.close_reason: str = ""
+        self.window: int | None = None  # per-channel window once the agent accepted flow control
         self._task = asyncio.ensure_future(self._read_loop())
 
     # -- connecting ----------------------------------------------------------------------------
@@ -134,11 +162,19 @@ class AgentClient:
         reader, writer = await asyncio.open_connection(sock=sock, limit=2**21)
         return cls(reader, writer)
 
-    async def hello(self, version: int = protocol.PROTOCOL_VERSION, auth: Mapping[str, str] | None = None) -> dict[str, Any]:
+    async def hello(self, version: int = protocol.PROTOCOL_VERSION, auth: Mapping[str, str] | None = None,
+                    window: int | None = DEFAULT_WINDOW) -> dict[str, Any]:
+        """`window`: offer flow control with this per-channel window (None: do not)."""
         args: dict[str, Any] = {"version": version}
         if auth is not None:
             args["auth"] = dict(auth)
-        return await self.call("hello", args)
+        if window is not None:
+            args["window"] = window
+        result = await self.call("hello", args)
+        features = result.get("features")
+        if window is not None and isinstance(features, list) and "flow" in features:
+            self.window = window  # an older agent ignores `window` and does not list `flow`
+        return result
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -207,7 +243,7 @@ class AgentClient:
         try:
             self._event_handler(event)
         except Exception:  # noqa: BLE001 - a broken handler must not end the connection
-            logging.getLogger(__name__).exception("agent event handler failed for %s", event)
+            logging.getLogger(__name__).exception("agent event handler failed for %.300s", event)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -239,6 +275,19 @@ class AgentClient:
             self._lost(f"write failed: {e}")
             raise protocol.Unavailable(f"connection closed: {e}") from None
 
+    def _grant(self, channel: int, n: int) -> None:
+        """Queue a window frame (never waits: called from the consumer's callbacks).  An agent
+        that stops reading gets no more grants once `_MAX_UNSENT` bytes wait for it."""
+        if self.closed:
+            return
+        transport = self._writer.transport
+        if transport is not None and transport.get_write_buffer_size() > _MAX_UNSENT:
+            return
+        try:
+            self._writer.write(wire.encode_window(channel, min(n, 0xFFFFFFFF)))
+        except (ConnectionError, RuntimeError, OSError) as e:
+            self._lost(f"write failed: {e}")
+
     async def _read_loop(self) -> None:
         reason = "closed by the agent"
         try:
@@ -248,10 +297,12 @@ class AgentClient:
                     break
                 if frame.kind is wire.Kind.CONTROL:
                     self._on_control(wire.decode_control(frame))
+                elif frame.kind is wire.Kind.WINDOW:
+                    raise wire.ProtocolError("window frame from the agent")
                 else:
                     ch = self._channels.get(frame.channel)
                     if ch is None:
-                        continue
+                        continue  # a channel we released (or never opened): dropped
                     if frame.kind is wire.Kind.DATA:
                         ch._feed(frame.payload)
                     else:
@@ -274,7 +325,8 @@ class AgentClient:
             else:
                 self._events.put_nowait(msg)
             return
-        fut = self._pending.get(msg.get("id"))  # type: ignore[arg-type]
+        rid = msg.get("id")
+        fut = self._pending.get(rid) if isinstance(rid, int) else None
         if fut is not None and not fut.done():
             fut.set_result(msg)
 

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import jsonbound, live, mounts, protocol
+from . import jsonbound, limits, live, mounts, protocol
 from .oom import OomWatcher
 from .process import CREATED, DRAIN_TIMEOUT, PAUSED, RUNNING, STOPPED, Events, Process
 from .reaper import Reaper
@@ -46,6 +46,7 @@ class Container:
     execs: dict[str, Process] = field(default_factory=dict)
     live: live.LiveStack | None = None  # the stack of a `layers` rootfs (live.py: restack)
     made: list[str] = field(default_factory=list)  # dirs the agent created: removed on delete
+    scratch: str | None = None  # the tmpfs holding its upper/work (limits.py), unmounted on delete
 
 
 def _read_spec(bundle: str) -> dict[str, Any]:
@@ -95,16 +96,18 @@ def _makedirs(path: str) -> list[str]:
 _NET_SYSCTL = re.compile(r"net(\.[A-Za-z0-9_-]+)+")
 
 
-def _place_files(args: Mapping[str, Any], bundle: str, layer_roots: Sequence[str]) -> None:
-    """A VM container's copied host files (``files``: into its bundle) and shared dirs
-    (``dirs``: the pod's /dev/shm, below a layer root) -- see shim/guestspec.py."""
+def _place_files(args: Mapping[str, Any], bundle: str, layer_roots: Sequence[str],
+                 scratch: str | None = None) -> None:
+    """A VM container's copied host files (``files``: into its bundle or its scratch dir, where
+    the container's writes to them count against its own limit) and shared dirs (``dirs``: the
+    pod's /dev/shm, below a layer root) -- see shim/guestspec.py."""
     import base64
     import binascii
 
     for entry in protocol.arg_list(args, "files", []) or []:
         if not isinstance(entry, Mapping):
             raise protocol.InvalidArgument("files entries must be objects")
-        path = protocol.resolve_inside(entry.get("path"), [bundle], "file path")
+        path = protocol.resolve_inside(entry.get("path"), [bundle] + ([scratch] if scratch else []), "file path")
         try:
             data = base64.b64decode(str(entry.get("data") or ""), validate=True)
         except (binascii.Error, ValueError):
@@ -171,8 +174,10 @@ class Supervisor:
         bundle_roots: Sequence[str],
         layer_roots: Sequence[str],
         drain_timeout: float = DRAIN_TIMEOUT,
+        cgroup_parent: str | None = None,
     ) -> None:
         self.runc = runc
+        self.cgroup_parent = cgroup_parent  # in a guest: every container's cgroup goes below it
         self.drain_timeout = drain_timeout
         self.reaper = reaper
         self.events = events
@@ -253,6 +258,14 @@ class Supervisor:
 
     # -- lookups -------------------------------------------------------------------------------
 
+    def full_filesystem(self, path: str) -> str:
+        """What is full, for an ENOSPC on `path` (a container's writable layer is named)."""
+        real = os.path.realpath(path)
+        for c in self.containers.values():
+            if c.scratch and (real == c.scratch or real.startswith(c.scratch + "/")):
+                return f"container {c.id}'s writable layer: {mounts.full_filesystem(c.scratch)}"
+        return mounts.full_filesystem(path)
+
     def _container(self, args: Mapping[str, Any]) -> Container:
         cid = protocol.validate_id(args.get("container"), "container id")
         c = self.containers.get(cid)
@@ -282,31 +295,49 @@ class Supervisor:
         stdin, stdout, stderr = (protocol.arg_channel(args, n) for n in ("stdin", "stdout", "stderr"))
         plan = mounts.plan(args.get("rootfs") or {"kind": "none"}, self.layer_roots)
         spec = protocol.arg_dict(args, "spec", None)
-        # A VM guest has no bundle of its own: with an inline spec the agent makes the bundle
-        # dir, and the upper/work dirs of a `layers` rootfs (on the guest's tmpfs).  What it
-        # made it removes again on delete.
-        made: list[str] = []
-        if spec is not None and not os.path.isdir(bundle):
-            made += _makedirs(bundle)
+        scratch = limits.scratch_arg(args, self.layer_roots)
         rootfs_arg = args.get("rootfs")
-        if isinstance(rootfs_arg, Mapping) and rootfs_arg.get("kind") == "layers":
-            for key in ("upper", "work"):
-                d = rootfs_arg.get(key)
-                if isinstance(d, str) and d and not os.path.isdir(d):
-                    made += _makedirs(protocol.resolve_inside(d, self.layer_roots, f"{key} dir"))
+        writable = [protocol.resolve_inside(rootfs_arg.get(key), self.layer_roots, f"{key} dir")
+                    for key in ("upper", "work")
+                    if isinstance(rootfs_arg, Mapping) and rootfs_arg.get("kind") == "layers"
+                    and rootfs_arg.get(key)]
+        if scratch is not None and not all(os.path.commonpath([d, scratch[0]]) == scratch[0] for d in writable):
+            raise protocol.InvalidArgument(f"the upper and work dirs must be inside the scratch dir {scratch[0]}")
+        # A VM guest has no bundle of its own: with an inline spec the agent makes the bundle
+        # dir, the container's scratch tmpfs and the upper/work dirs of a `layers` rootfs on it.
+        # What it made it removes again on delete.
+        made: list[str] = []
+        scratch_dir = None
         try:
-            _place_files(args, bundle, self.layer_roots)
-            return await self._create(cid, bundle, terminal, stdin, stdout, stderr, plan, spec, made, args)
+            if spec is not None and not os.path.isdir(bundle):
+                made += _makedirs(bundle)
+            if scratch is not None:
+                if os.path.isdir(scratch[0]) and mounts.is_mountpoint(scratch[0]):
+                    raise protocol.FailedPrecondition(f"scratch dir {scratch[0]} is already mounted")
+                made += _makedirs(scratch[0])
+                mounts.sys_mount("tmpfs", scratch[0], "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
+                                 limits.scratch_options(scratch[1]))
+                scratch_dir = scratch[0]
+            for d in writable:
+                if not os.path.isdir(d):
+                    made += _makedirs(d)
+            _place_files(args, bundle, self.layer_roots, scratch_dir)
+            return await self._create(cid, bundle, terminal, stdin, stdout, stderr, plan, spec, made,
+                                      args, scratch_dir)
         except BaseException:
+            if scratch_dir is not None:
+                mounts.unmount(scratch_dir, 1)
             _remove_made(made)
             raise
 
     async def _create(self, cid: str, bundle: str, terminal: bool, stdin: int, stdout: int, stderr: int,
                       plan: list[mounts.Mount], spec: dict[str, Any] | None, made: list[str],
-                      args: Mapping[str, Any]) -> dict[str, Any]:
+                      args: Mapping[str, Any], scratch: str | None) -> dict[str, Any]:
         if not os.path.isdir(bundle):
             raise protocol.InvalidArgument(f"bundle {bundle} is not a directory")
         if spec is not None:
+            if self.cgroup_parent:
+                limits.adjust_spec(spec, cid, self.cgroup_parent)
             _write_json(os.path.join(bundle, "config.json"), spec)
         else:
             spec = _read_spec(bundle)
@@ -349,7 +380,8 @@ class Supervisor:
                 log.error("create %s failed and its rootfs stays mounted: %s", cid, ue)
             raise
         init = Process(cid, "", stdio)
-        c = Container(cid, bundle, init, rootfs, mounted, kill_all_on_exit=not _has_pid_namespace(spec), made=made)
+        c = Container(cid, bundle, init, rootfs, mounted, kill_all_on_exit=not _has_pid_namespace(spec), made=made,
+                      scratch=scratch)
         c.live = live.initial_stack(args.get("rootfs"), self.layer_roots)
         self.containers[cid] = c
         if c.kill_all_on_exit:
@@ -566,6 +598,8 @@ class Supervisor:
             self._oom.unwatch(c.id)
         mounts.unmount(c.rootfs, c.mounted)
         live.cleanup(c.live)
+        if c.scratch is not None:
+            mounts.unmount(c.scratch, 1)  # its writes go with it
         del self.containers[c.id]
         _unlink(os.path.join(c.bundle, "init.pid"))
         _remove_made(c.made)

@@ -5,7 +5,9 @@ Why: ``json.loads`` recurses once per nesting level, so ``[[[[...`` a few thousa
 control frame from a guest, or an Exec spec, ended the reader instead of one request.  And a
 document just under the interpreter's limit would still make every later ``json.dumps`` or
 ``repr`` of it fail.  Here both are a :class:`TooDeep` (a ``ValueError``) at :data:`MAX_DEPTH`,
-far above any real message (an OCI spec nests about 6 deep).
+far above any real message (an OCI spec nests about 6 deep).  ``NaN``/``Infinity``, which
+Python's json accepts but JSON does not (RFC 8259), are refused too: an ``Infinity`` where a
+number is expected overflows ``int()`` far from where it was read.
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ class TooDeep(ValueError):
     """The document nests deeper than allowed."""
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def loads(data: str | bytes | bytearray, max_depth: int = MAX_DEPTH) -> Any:
-    """``json.loads`` that raises :class:`TooDeep` (a ``ValueError``) past ``max_depth``."""
+    """``json.loads`` that raises :class:`TooDeep` (a ``ValueError``) past ``max_depth``, and a
+    ``ValueError`` for NaN/Infinity."""
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constant)
     except RecursionError:
         raise TooDeep(f"JSON nested deeper than {max_depth} levels") from None
     # A document cannot nest deeper than it has brackets: counting them is C-speed, so the

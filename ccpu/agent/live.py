@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import stack
-from . import mounts, nsutil, protocol
+from . import limits, mounts, nsutil, protocol
 from .reaper import Reaper, fork_call
 
 log = logging.getLogger(__name__)
@@ -294,6 +294,8 @@ async def restack_op(sup: Any, args: Mapping[str, Any]) -> dict[str, Any]:
         live.lowers, live.work = list(done.lowers), done.work if done.work is not None else live.work
         live.history.append({"at": time.time_ns(), "lowers": list(new), "added": add, "removed": remove})
         log.info("restacked %s in %.1f ms (%s)", c.id, done.elapsed_ms, done.timings)
+        if getattr(sup, "cgroup_parent", None):  # a guest: the old overlay must let go of the upper
+            limits.forget_old_stack()
     return {"lowers": new}
 
 

@@ -222,6 +222,59 @@ def _mount_one(m: Mount, target: str) -> None:
         sys_mount(None, target, None, flags | MS_REMOUNT, None)
 
 
+def user_xattrs(path: str) -> bool:
+    """Whether the filesystem of `path` (a directory of ours) stores `user.*` xattrs."""
+    name = "user.fractal.probe"
+    try:
+        os.setxattr(path, name, b"1", follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return False
+        raise
+    os.removexattr(path, name, follow_symlinks=False)
+    return True
+
+
+def _workdir(options: Sequence[str]) -> str | None:
+    return next((o[len("workdir="):] for o in options if o.startswith("workdir=")), None)
+
+
+async def _mount_overlay(reaper: Reaper, m: Mount, target: str) -> None:
+    """One overlay; a writable `userxattr` one over an upper without user xattrs goes through
+    a read-only lower overlay (stack.NestedOverlay).  That lower overlay is mounted at a
+    private temporary dir next to `target` and detached again once the upper overlay holds it
+    (overlayfs keeps its own clone of every lower mount), so nothing extra is left to unmount."""
+    nested = stack.nest_for_trusted_upper(m.options)
+    work = _workdir(m.options)
+    if nested is None or work is None or user_xattrs(work):
+        cwd, opts = compact_lowerdirs(m.options)
+        await _mount_at(reaper, Mount(m.type, m.source, opts, cwd), target)
+        return
+    if nested.lower is None:  # one layer: the plain overlay, without userxattr
+        _mount_one(Mount(m.type, m.source, nested.upper), target)
+        return
+    lower_mp = f"{target.rstrip('/')}.lower"
+    os.makedirs(lower_mp, exist_ok=True)
+    if is_mountpoint(lower_mp):  # left by an agent that died between the two mounts
+        sys_umount(lower_mp, MNT_DETACH)
+    try:
+        cwd, opts = compact_lowerdirs(nested.lower)
+        await _mount_at(reaper, Mount("overlay", "overlay", opts, cwd), lower_mp)
+        try:
+            _mount_one(Mount(m.type, m.source, nested.upper + (f"lowerdir={lower_mp}",)), target)
+        finally:
+            sys_umount(lower_mp, MNT_DETACH)
+    finally:
+        os.rmdir(lower_mp)
+
+
+async def _mount_at(reaper: Reaper, m: Mount, target: str) -> None:
+    if m.chdir is None:
+        _mount_one(m, target)
+    else:
+        await _mount_from(reaper, m, target)
+
+
 async def mount_all(reaper: Reaper, mounts: Sequence[Mount], target: str) -> int:
     """Mount `mounts` in order on `target`; returns how many were mounted.  On failure the ones
     already mounted are unmounted again before the error is raised."""
@@ -229,15 +282,14 @@ async def mount_all(reaper: Reaper, mounts: Sequence[Mount], target: str) -> int
     try:
         for m in mounts:
             if m.type == "overlay":
-                cwd, opts = compact_lowerdirs(m.options)
-                m = Mount(m.type, m.source, opts, cwd)
-            if m.chdir is None:
-                _mount_one(m, target)
+                await _mount_overlay(reaper, m, target)
             else:
-                await _mount_from(reaper, m, target)
+                await _mount_at(reaper, m, target)
             done += 1
     except OSError as e:
         unmount(target, done)
+        if e.errno in protocol.NO_SPACE:
+            raise protocol.ResourceExhausted(f"{e} ({full_filesystem(target)})") from None
         raise protocol.Internal(str(e)) from None
     except BaseException:
         unmount(target, done)
@@ -277,6 +329,36 @@ def mount_points() -> list[str]:
     """Every mount point of this mount namespace (per /proc/self/mountinfo)."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
         return [_unescape(fields[4]) for fields in (line.split() for line in f) if len(fields) > 4]
+
+
+def mount_of(path: str) -> tuple[str, str]:
+    """(mount point, fs type) of the filesystem holding `path` (or its nearest existing parent)."""
+    real = os.path.realpath(path)
+    best, fstype = "/", "?"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 10 or "-" not in fields:
+                    continue
+                mp = _unescape(fields[4])
+                if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                    best, fstype = mp, fields[fields.index("-") + 1]
+    except OSError:
+        pass
+    return best, fstype
+
+
+def full_filesystem(path: str) -> str:
+    """Which filesystem is full, for an ENOSPC on `path`: mount point, type, size, inodes."""
+    mp, fstype = mount_of(path)
+    try:
+        st = os.statvfs(mp)
+        size = f"{st.f_blocks * st.f_frsize // (1 << 20)} MiB, {st.f_bavail * st.f_frsize // (1 << 20)} MiB free, " \
+               f"{st.f_favail} of {st.f_files} inodes free"
+    except OSError:
+        size = "size unknown"
+    return f"the {fstype} at {mp} is full ({size})"
 
 
 def _unescape(s: str) -> str:

@@ -73,12 +73,17 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(ret, "pivot_root")
 
 
+def statx(dirfd: int, path: str, flags: int, mask: int) -> bytes:
+    """The raw ``struct statx`` (256 bytes) of statx(2)."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    _check(_libc.statx(dirfd, os.fsencode(path), flags, mask, buf), f"statx {path or dirfd}")
+    return buf.raw
+
+
 def mount_id(path: str, follow: bool = True) -> int:
     """The mount id (as in mountinfo) of the mount `path` is on."""
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    flags = 0 if follow else AT_SYMLINK_NOFOLLOW
-    _check(_libc.statx(AT_FDCWD, os.fsencode(path), flags, STATX_MNT_ID, buf), f"statx {path}")
-    return int.from_bytes(buf.raw[_STATX_MNT_ID_OFFSET : _STATX_MNT_ID_OFFSET + 8], sys.byteorder)
+    raw = statx(AT_FDCWD, path, 0 if follow else AT_SYMLINK_NOFOLLOW, STATX_MNT_ID)
+    return int.from_bytes(raw[_STATX_MNT_ID_OFFSET : _STATX_MNT_ID_OFFSET + 8], sys.byteorder)
 
 
 def unescape(s: str) -> str:

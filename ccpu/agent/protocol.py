@@ -7,6 +7,7 @@ for every operation, before anything touches runc or mount(2).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +59,12 @@ class DeadlineExceeded(AgentError):
     code = "DeadlineExceeded"
 
 
+class ResourceExhausted(AgentError):
+    """Out of space (ENOSPC/EDQUOT) or another resource; the message names what is full."""
+
+    code = "ResourceExhausted"
+
+
 class Internal(AgentError):
     code = "Internal"
 
@@ -72,9 +79,14 @@ ERRORS: dict[str, type[AgentError]] = {
         Unimplemented,
         Unavailable,
         DeadlineExceeded,
+        ResourceExhausted,
         Internal,
     )
 }
+
+
+#: errnos that mean "a filesystem is full" (blocks or inodes; EDQUOT: a quota)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def error_from_wire(error: Any) -> AgentError:

@@ -30,6 +30,8 @@ def _classify(op: str, message: str) -> protocol.AgentError:
     """Protocol error for a runc failure.  As in containerd's shim (checkKillError), a kill of a
     process that is gone is NotFound "process already finished"."""
     low = message.lower()
+    if "no space left on device" in low or "disk quota exceeded" in low:
+        return protocol.ResourceExhausted(message)
     if "does not exist" in low or "container not found" in low:
         return protocol.NotFound(message)
     if "already exists" in low:

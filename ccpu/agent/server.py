@@ -9,6 +9,11 @@ Why the shape:
   channels belonged to the old connection).
 * Requests run concurrently, each in its own task; per container they are serialized in arrival
   order (`Supervisor.serialized`, acquired before the task's first suspension).
+* Output flow control (feature `flow`, asked for by the client's `window` in `hello`): each
+  output channel may have at most `window` bytes sent and not yet granted back by the client's
+  `window` frames; a relay with no credit left waits, so its process blocks on its pipe while
+  every other channel and the control messages keep flowing.  Without it (an older client),
+  output is paced only by the connection as a whole.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ from .container import Supervisor
 
 log = logging.getLogger(__name__)
 
-FEATURES = ["terminal", "exec", "pause", "stats", "update", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live", "oom"]
+FEATURES = ["terminal", "exec", "pause", "stats", "update", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live", "oom", "scratch"]
+
+#: the per-channel window a client may ask for in `hello` (bytes)
+MIN_WINDOW = 4096
+MAX_WINDOW = 1 << 30
 
 
 class Connection:
@@ -34,6 +43,9 @@ class Connection:
         self.name = name
         self.ready = False  # hello answered
         self.closed = False
+        self.window: int | None = None  # flow control: the client's per-channel window
+        self._credits: dict[int, int] = {}  # output channel -> bytes we may still send
+        self._waiters: dict[int, asyncio.Future[None]] = {}
 
     def send(self, raw: bytes) -> None:
         if not self.closed and raw:
@@ -49,8 +61,44 @@ class Connection:
             except ConnectionError:
                 self.closed = True
 
+    async def credit(self, channel: int, want: int) -> int:
+        """Bytes (1..want) we may send on `channel` now, waiting for a grant if none are left;
+        0 once the connection is closed."""
+        assert self.window is not None
+        while not self.closed:
+            avail = self._credits.setdefault(channel, self.window)
+            if avail > 0:
+                take = min(avail, want)
+                self._credits[channel] = avail - take
+                return take
+            fut = self._waiters[channel] = asyncio.get_running_loop().create_future()
+            try:
+                await fut
+            finally:
+                if self._waiters.get(channel) is fut:
+                    del self._waiters[channel]
+        return 0
+
+    def grant(self, channel: int, increment: int) -> None:
+        """A `window` frame: more room on `channel` (ignored for channels not sending)."""
+        if self.window is None:
+            raise wire.ProtocolError("window frame without flow control")
+        if channel in self._credits:
+            # never more than a window: a client granting too much gets no extra buffering from us
+            self._credits[channel] = min(self._credits[channel] + increment, self.window)
+            fut = self._waiters.get(channel)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def forget(self, channel: int) -> None:
+        """The channel is closed: no more credit bookkeeping for it."""
+        self._credits.pop(channel, None)
+
     def close(self) -> None:
         self.closed = True
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_result(None)
         with contextlib.suppress(Exception):
             self.writer.close()
 
@@ -68,14 +116,26 @@ class Outbox:
 
     async def data(self, channel: int, data: bytes) -> None:
         c = self._live()
-        if c is not None:
+        if c is None:
+            return
+        if c.window is None:
             c.send(wire.encode_data(channel, data))
             await c.drain()  # backpressure: a slow client slows the relayed process
+            return
+        view = memoryview(data)
+        while view:
+            n = await c.credit(channel, len(view))  # a slow reader of this channel waits here
+            if n == 0 or self._live() is not c:
+                return  # the client went away: output is dropped, as without a client
+            c.send(wire.encode_data(channel, bytes(view[:n])))
+            view = view[n:]
+        await c.drain()
 
     def close(self, channel: int) -> None:
         c = self._live()
         if c is not None:
             c.send(wire.encode_close(channel))
+            c.forget(channel)
 
     def event(self, message: dict[str, Any]) -> None:
         c = self._live()
@@ -141,6 +201,8 @@ class Server:
                     continue
                 elif frame.kind is wire.Kind.DATA:
                     self.sup.stdin_data(frame.channel, frame.payload)
+                elif frame.kind is wire.Kind.WINDOW:
+                    conn.grant(frame.channel, wire.decode_window(frame))
                 else:
                     self.sup.stdin_close(frame.channel)
         except wire.ProtocolError as e:
@@ -177,10 +239,13 @@ class Server:
                 return
             try:
                 result = self._hello(args)
+                conn.window = self._window(args)
             except protocol.AgentError as e:
                 conn.send(wire.encode_control(protocol.response_error(rid, e)))
                 conn.close()
                 return
+            if conn.window is not None:
+                result = {**result, "features": [*FEATURES, "flow"], "window": conn.window}
             conn.send(wire.encode_control(protocol.response_ok(rid, result)))
             conn.ready = True
             self.outbox.attach(conn)
@@ -205,9 +270,26 @@ class Server:
             "kernel": os.uname().release,
         }
 
+    @staticmethod
+    def _window(args: Mapping[str, Any]) -> int | None:
+        """The client's per-channel window (None: no flow control, an older client)."""
+        window = args.get("window")
+        if window is None:
+            return None
+        if isinstance(window, bool) or not isinstance(window, int) or not MIN_WINDOW <= window <= MAX_WINDOW:
+            raise protocol.InvalidArgument(f"window must be an integer in {MIN_WINDOW}..{MAX_WINDOW}")
+        return window
+
     async def _request(self, conn: Connection, rid: int, op: str, args: dict[str, Any]) -> None:
         try:
-            result = await self._dispatch(op, args)
+            try:
+                result = await self._dispatch(op, args)
+            except OSError as e:
+                if e.errno not in protocol.NO_SPACE:
+                    raise
+                # a full filesystem is the caller's to know about, not a bug: say which one
+                log.warning("%s %s: %s", op, args.get("container", ""), e)
+                raise protocol.ResourceExhausted(f"{op}: {e.strerror}: {self.sup.full_filesystem(e.filename or '/')}") from None
             response = protocol.response_ok(rid, result)
         except protocol.AgentError as e:
             response = protocol.response_error(rid, e)

@@ -5,6 +5,10 @@ and it must be pure so it can be property-tested -- any byte sequence either yie
 waits for more bytes, or raises `ProtocolError`; nothing else.
 
 Header: uint32 length (<= 1 MiB) | uint32 channel | uint8 kind, all big-endian.
+
+Everything a peer sends is bounded here before it is used: the payload length is checked from
+the header before a byte of the payload is buffered, control messages are UTF-8 JSON objects
+nested at most `jsonbound.MAX_DEPTH` deep without NaN/Infinity, window updates carry exactly one uint32.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ HEADER_LENGTH = HEADER.size  # 9
 MAX_PAYLOAD = 1 << 20
 CONTROL_CHANNEL = 0
 MAX_CHANNEL = 0xFFFFFFFF
+WINDOW_PAYLOAD = struct.Struct(">I")
 
 
 class Kind(enum.IntEnum):
     CONTROL = 1
     DATA = 2
     CLOSE = 3
+    WINDOW = 4  # flow control (negotiated in hello): the receiver grants more bytes on a channel
 
 
 class ProtocolError(Exception):
@@ -58,6 +64,8 @@ def _check(channel: int, kind: int, length: int) -> Kind:
         raise ProtocolError(f"{k.name.lower()} frame on the control channel")
     if k is Kind.CLOSE and length:
         raise ProtocolError("close frame with a payload")
+    if k is Kind.WINDOW and length != WINDOW_PAYLOAD.size:
+        raise ProtocolError(f"window frame with a payload of {length} bytes (want {WINDOW_PAYLOAD.size})")
     return k
 
 
@@ -85,12 +93,27 @@ def encode_close(channel: int) -> bytes:
     return encode(Frame(channel, Kind.CLOSE))
 
 
+def encode_window(channel: int, increment: int) -> bytes:
+    """Grant the peer `increment` more bytes of data on `channel` (1..2**32-1)."""
+    if not 0 < increment <= 0xFFFFFFFF:
+        raise ValueError(f"window increment {increment} out of range")
+    return encode(Frame(channel, Kind.WINDOW, WINDOW_PAYLOAD.pack(increment)))
+
+
+def decode_window(frame: Frame) -> int:
+    """The increment of a window frame (0 is a protocol error: it would grant nothing)."""
+    (increment,) = WINDOW_PAYLOAD.unpack(frame.payload)
+    if increment == 0:
+        raise ProtocolError(f"window frame for channel {frame.channel} grants 0 bytes")
+    return increment
+
+
 def decode_control(frame: Frame) -> dict[str, Any]:
     """The JSON object of a control frame (anything else is a protocol error)."""
     try:
-        message = jsonbound.loads(frame.payload.decode("utf-8"))  # nesting bounded
+        message = jsonbound.loads(frame.payload.decode("utf-8"))  # nesting bounded, no NaN
     except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"control frame is not UTF-8 JSON: {e}") from None
+        raise ProtocolError(f"control frame is not UTF-8 JSON: {str(e)[:200]}") from None
     if not isinstance(message, dict):
         raise ProtocolError("control message is not a JSON object")
     return message

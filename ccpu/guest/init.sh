@@ -11,6 +11,7 @@
 #   fractal.net=NAME,MAC,MTU,ITEM...  a NIC to configure (ccpu.vm.net: the pod's interface), repeatable;
 #                                   found by MAC, renamed NAME; ITEMs in order: A.B.C.D/N (address),
 #                                   r=DST (on-link route), r=DST@GW (route via GW), gw=GW (default route)
+#   fractal.reserve=MIB             guest memory containers can never take (agent mode; default 64)
 #   fractal.debug=1                 echo every step with its uptime to the console
 #
 # Milestones go to the console as "fractal-init: <uptime> <what>" so the host
@@ -45,7 +46,7 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 shares="" nets=""
+mode=agent repo=none debug=0 shares="" nets="" reserve=64
 for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
@@ -53,6 +54,7 @@ for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
         fractal.share=*) shares="$shares ${arg#*=}" ;;
         fractal.net=*) nets="$nets ${arg#*=}" ;;
         fractal.debug=*) debug="${arg#*=}" ;;
+        fractal.reserve=*) reserve="${arg#*=}" ;;
     esac
 done
 
@@ -90,7 +92,9 @@ step "modules loaded"
 mount_share() {  # tag type mode path
     mkdir -p "$4"
     case "$2" in
-        9p) mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$3" "$1" "$4" ;;
+        # read-only shares (the layers): the POSIX ACLs of the host's files are seen and applied
+        9p) acl=""; [ "$3" = ro ] && acl=",posixacl"
+            mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$3$acl" "$1" "$4" ;;
         virtiofs) mount -t virtiofs -o "$3" "$1" "$4" ;;
         *) false ;;
     esac || die "mount of share $1 ($2) at $4 failed"
@@ -162,17 +166,30 @@ port() {
 case "$mode" in
 agent)
     agent="$(port fractal.agent)" || die "no virtio-serial port named fractal.agent"
-    # /run/fractal/containers/<id>/{upper,work}: the containers' writable layers, on the
-    # guest's tmpfs (created by the agent; the host's snapshot stays empty in VM mode)
+    # Storage (docs/vm.md "The guest's storage"): the agent's own state (bundles, runc's root)
+    # stays on /run, which no container can write.  The containers' writable layers go below
+    # /run/fractal/containers: the agent mounts a tmpfs of the container's size limit at
+    # /run/fractal/containers/<id> for its upper/work dirs; this small tmpfs under them holds
+    # only those mount points and the pods' /dev/shm dirs (@shm, CRI's 64M).
     mkdir -p /run/runc /run/fractal/bundles /run/fractal/containers
+    mount -t tmpfs -o nosuid,nodev,mode=0755,size=64m scratch /run/fractal/containers ||
+        die "cannot mount the containers' scratch tmpfs"
+    case "$reserve" in '' | *[!0-9]*) reserve=64 ;; esac
     milestone "exec agent on $agent"
     # The agent serves the port as an inherited fd (`--fd`: a socket or a character device).
+    # It runs as init's child, both at oom_score_adj -1000; its containers' cgroups go below
+    # /fractal, whose memory.max keeps $reserve MiB for the kernel, the agent and runc.
+    echo -1000 >/proc/self/oom_score_adj
     agent_debug=""
     [ "$debug" = 1 ] && agent_debug="--debug"
     # shellcheck disable=SC2086
-    exec python3.11 -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
+    python3.11 -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
         --bundle-root /run/fractal/bundles --layer-root /repo/layers \
-        --layer-root /run/fractal/containers $agent_debug 3<>"$agent"
+        --layer-root /run/fractal/containers --cgroup-parent /fractal --memory-reserve-mb "$reserve" \
+        $agent_debug 3<>"$agent" &
+    wait $!
+    milestone "agent exited with $?"
+    exit 0  # init gone: the kernel panics and QEMU exits (-no-reboot), as the host expects
     ;;
 run)
     # Host protocol (ccpu.vm.run): the host writes two lines on fractal.run, a

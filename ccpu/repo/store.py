@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 
 from .. import filters as _filters
 from ..stack import snapshot_mounts
-from . import validate
+from . import opaque, validate
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RepoLocked, ResourceExhausted
 from .fsutil import disk_usage, remove_tree
 from .metastore import MetaStore, SnapshotRow
@@ -113,6 +113,11 @@ class Repo:
         except ResourceExhausted as e:  # serve anyway: containerd's Remove and Cleanup free space later
             log.error("recover at start: %s", e)
         self.reserve.ensure()
+        # layers (and writable uppers) made before opaque markers were mirrored: once per repo
+        try:
+            opaque.migrate(self.root, [*self.layers_dir.iterdir(), *self.active_dir.glob("*/fs")])
+        except OSError as e:  # e.g. a full disk: the stamp is not written, the next start retries
+            log.error("mirroring opaque markers of an older repo: %s", e)
 
     def _open_metastore(self) -> MetaStore:
         """The metastore, also on a full disk: the reserve is released if opening needs room."""
@@ -322,6 +327,8 @@ class Repo:
             if self.meta.snapshot(name) is not None:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
         # Measuring may take long for big layers: do it outside the lock, then re-check.
+        # The opaque markers containerd wrote (trusted.*) get their user.* twin (opaque.py).
+        opaque.mirror(self._active_path(row.id) / "fs")
         usage = disk_usage(self._active_path(row.id) / "fs")
         with self._lock:
             again = self.meta.snapshot(key)

@@ -20,8 +20,8 @@ Confinement (docs/vm.md, "QEMU's sandbox and user"): QEMU runs under its seccomp
 as an unprivileged uid/gid of its own (:func:`unprivileged`) that owns no file on the host.  The
 credentials are dropped by the launcher before exec, as libvirt does: QEMU's own ``-runas`` calls
 setuid, which ``elevateprivileges=deny`` forbids.  Everything such a QEMU needs arrives opened:
-the channels as connected sockets, the console log as an ``-add-fd`` fd set, the kernel and
-initramfs as ``/proc/self/fd/N`` (:func:`open_boot_files`), the NICs as tap fds.
+the channels and the console as connected sockets (or the console log as an ``-add-fd`` fd),
+the kernel and initramfs as ``/proc/self/fd/N`` (:func:`open_boot_files`), the NICs as tap fds.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ REPO_TAG = "fractalrepo"
 #: fork/exec (QEMU here never runs a helper: taps arrive opened, no -netdev script), no
 #: scheduler/affinity changes.  A denied syscall kills QEMU (it is a bug or an attack).
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-CONSOLE_FDSET = 1  # -add-fd set id of the console log
+CONSOLE_FDSET = 1  # -add-fd set id of console_log_fd
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class Share:
     type: str = "9p"
     socket: str | None = None  # virtiofsd's vhost-user socket
     fd: int | None = None  # or an inherited socket already connected to virtiofsd (QEMU needs no path)
+    # repo layers: their xattrs (file capabilities, user.*, ACLs, opaque markers) reach the
+    # guest, read-only (docs/vm.md, "Layer fidelity"); other shares carry none
+    layers: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,14 @@ class VMConfig:
     qemu: str = QEMU
     firmware: str | None = None  # None: qboot if present (q35); microvm has it built in
     debug: bool = False
-    console_fd: int | None = None  # write the console to this inherited fd instead of console_log
     name: str | None = None  # -name: tells operators (ps) which QEMU is whose, e.g. the sandbox's run dir
     sandbox: bool = True  # -sandbox SANDBOX (QEMU's seccomp filter)
     rng: bool = True  # virtio-rng: the guest's CRNG is ready at once (Python's os.urandom never waits)
+    # the serial console on this connected socket (spawn(pass_fds=...)) instead of console_log:
+    # the reader bounds what it keeps (shim/console.py)
+    console_fd: int | None = None
+    # or the console log as an open file QEMU inherits (-add-fd: it needs no path to it)
+    console_log_fd: int | None = None
 
 
 class ConfigError(ValueError):
@@ -123,6 +130,8 @@ def _check(cfg: VMConfig) -> None:
                 raise ConfigError(f"share tag/guest path {v!r} must not be empty or contain ':', ',', quotes or spaces")
         if not s.guest_path.startswith("/"):
             raise ConfigError(f"guest path {s.guest_path!r} must be absolute")
+        if s.layers and not s.readonly:
+            raise ConfigError(f"share {s.tag} carries layers: it must be read-only (the guest must not set host xattrs)")
         if s.tag in tags:
             raise ConfigError(f"duplicate share tag {s.tag}")
         tags.add(s.tag)
@@ -146,7 +155,7 @@ def inherited_fds(cfg: VMConfig) -> list[int]:
     """The fds the command line names: QEMU must inherit them under these numbers (spawn(pass_fds))."""
     fds = [n.fd for n in cfg.nics] + [p.fd for p in cfg.ports if p.fd is not None]
     fds += [s.fd for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares) if s.fd is not None]
-    return fds + ([cfg.console_fd] if cfg.console_fd is not None else [])
+    return fds + [fd for fd in (cfg.console_fd, cfg.console_log_fd) if fd is not None]
 
 
 def needs_root(cfg: VMConfig) -> str | None:
@@ -155,6 +164,13 @@ def needs_root(cfg: VMConfig) -> str | None:
     dirs of any owner.  virtiofs shares are served by virtiofsd; QEMU then touches no host file."""
     nine = [s.tag for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares) if s.type == "9p"]
     return f"QEMU serves 9p share(s) {', '.join(nine)} itself" if nine else None
+
+
+def security_model(share: Share) -> str:
+    """9p: `passthrough` for (read-only) layers, `none` otherwise.  Both pass `user.*` xattrs
+    (opaque markers, image xattrs); only `passthrough` passes POSIX ACLs (`none` hides them).
+    No model passes `security.*` or `trusted.*`: QEMU's local backend has no handler for them."""
+    return "passthrough" if share.layers and share.readonly else "none"
 
 
 def uses_virtiofs(cfg: VMConfig) -> bool:
@@ -202,8 +218,11 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
              "-cpu", "host" if cfg.accel == "kvm" else "max",
              "-m", f"{cfg.memory_mb}M", "-smp", str(cfg.cpus),
              "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg)]
-    if cfg.console_fd is not None:  # QEMU opens /dev/fdset/N by dup()ing the fd: no path, no permission
-        argv += ["-add-fd", f"fd={cfg.console_fd},set={CONSOLE_FDSET}", "-serial", f"file:/dev/fdset/{CONSOLE_FDSET}"]
+    if cfg.console_fd is not None:
+        argv += ["-chardev", f"socket,id=con0,fd={cfg.console_fd},server=off", "-serial", "chardev:con0"]
+    elif cfg.console_log_fd is not None:  # QEMU opens /dev/fdset/N by dup()ing the fd
+        argv += ["-add-fd", f"fd={cfg.console_log_fd},set={CONSOLE_FDSET}",
+                 "-serial", f"file:/dev/fdset/{CONSOLE_FDSET}"]
     else:
         argv += ["-serial", f"file:{cfg.console_log}"]
     if cfg.sandbox:
@@ -219,7 +238,7 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
     for i, s in enumerate(([cfg.repo] if cfg.repo else []) + list(cfg.shares)):
         if s.type == "9p":
             ro = ",readonly=on" if s.readonly else ""
-            argv += ["-fsdev", f"local,id=fs{i},path={s.host_path},security_model=none,multidevs=remap{ro}",
+            argv += ["-fsdev", f"local,id=fs{i},path={s.host_path},security_model={security_model(s)},multidevs=remap{ro}",
                      "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={s.tag}"]
         else:
             dev = "vhost-user-fs-device" if micro else "vhost-user-fs-pci"
@@ -323,19 +342,31 @@ def open_boot_files(cfg: VMConfig) -> tuple[VMConfig, list[int]]:
 
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
           stderr: int | None = subprocess.PIPE, cwd: str | None = None,
-          pass_fds: Sequence[int] = (), creds: Creds | None = None) -> subprocess.Popen:
+          pass_fds: Sequence[int] = (), guard_shares: bool = False,
+          creds: Creds | None = None) -> subprocess.Popen:
     """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null.
 
     ``cwd``: relative socket paths in ``argv`` are relative to it (unix socket paths are limited
     to 108 bytes; a sandbox's run dir can be deeper than that).
     ``pass_fds``: fds the child inherits under the same numbers (the NICs' tap fds); all others are closed.
-    ``creds``: drop to these before exec (PDEATHSIG is set after the drop: a credential change
-    clears it)."""
+    ``guard_shares``: QEMU serving a read-write 9p share runs under :mod:`ccpu.vm.fsguard` (no
+    setuid/setgid file, device node or xattr written for the guest).
+    ``creds``: drop to these before exec (PDEATHSIG and the guard are set up after the drop: a
+    credential change clears PDEATHSIG)."""
+    preexec = die_with_parent
+    if guard_shares:
+        from ccpu.vm import fsguard
+
+        install = fsguard.installer()
+
+        def preexec() -> None:
+            die_with_parent()
+            install()
     kw: dict[str, object] = {}
     if creds is not None:
         kw = {"user": creds.uid, "group": creds.gid, "extra_groups": list(creds.groups)}
     return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=die_with_parent, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds),
+                            preexec_fn=preexec, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds),
                             **kw)  # type: ignore[call-overload]
 
 

@@ -94,13 +94,13 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
         try:
             vfsd = shares.find_virtiofsd() if stype == "virtiofs" else None
 
-            def mk(tag: str, host: str, guest_path: str, ro: bool) -> qemu.Share:
+            def mk(tag: str, host: str, guest_path: str, ro: bool, layers: bool = False) -> qemu.Share:
                 if not os.path.isdir(host):
                     raise VMError(f"share {host} is not a directory")
                 sock = os.path.join(tmp, f"vfs-{tag}.sock") if stype == "virtiofs" else None
-                return qemu.Share(tag, host, guest_path, ro, stype, sock)
+                return qemu.Share(tag, host, guest_path, ro, stype, sock, layers=layers)
 
-            repo_share = mk(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True) if repo else None
+            repo_share = mk(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True, layers=True) if repo else None
             user_shares = [mk(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)]
             if vfsd:
                 for s in ([repo_share] if repo_share else []) + user_shares:
@@ -132,14 +132,16 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
                                 accel=choice.accel, machine=machine, memory_mb=memory_mb, cpus=cpus, mode="run",
                                 repo=repo_share, shares=user_shares, ports=ports, debug=debug,
                                 nics=attached.nics if attached else (),
-                                cmdline_extra=attached.cmdline if attached else (), console_fd=console_fd)
+                                cmdline_extra=attached.cmdline if attached else (),
+                                console_log_fd=console_fd)
             cfg, boot_fds = qemu.open_boot_files(cfg)
             fds += boot_fds
             creds, who = qemu.choose_creds(cfg, uid_base, os.getpid())
             note(f"QEMU runs as {who}")
             cmd = qemu.command(cfg, qboot_exists=qemu.qboot_available())
             log.debug("qemu: %s", " ".join(cmd))
-            proc = qemu.spawn(cmd, pass_fds=qemu.inherited_fds(cfg) + boot_fds, creds=creds, cwd="/")
+            proc = qemu.spawn(cmd, pass_fds=qemu.inherited_fds(cfg) + boot_fds, creds=creds, cwd="/",
+                              guard_shares=True)
             if attached:
                 attached.close_fds()  # QEMU holds the taps now
             for c in passed:  # and its ends of the channels

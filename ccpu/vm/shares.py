@@ -62,7 +62,16 @@ def virtiofsd_argv(binary: str, share: Share, socket_path: str, extra: Sequence[
             "--sandbox", "chroot", "--cache", "auto", "--log-level", "error"]
     if share.readonly:
         argv.append("--readonly")
+        if share.layers:
+            argv += LAYER_XATTRS
     return argv + list(extra)
+
+
+# A read-only layer share passes xattrs: file capabilities (security.capability), user.* (and
+# with them the repo's user.overlay.opaque markers, ccpu/repo/opaque.py) and POSIX ACLs.  The map
+# hides the host's trusted.* from listings and refuses them to the guest: virtiofsd keeps no
+# CAP_SYS_ADMIN, so it could not read them anyway, and no guest request ever reaches them.
+LAYER_XATTRS = ["--xattr", "--posix-acl", "--xattrmap", ":bad:all:trusted.:trusted.::ok:all:::"]
 
 
 def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float = 10.0, *,

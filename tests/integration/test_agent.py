@@ -567,3 +567,52 @@ def test_reconnect_sees_running_container(listening_agent: Agent) -> None:
     asyncio.run(second())
     agent.proc.wait(5)
     assert agent.proc.returncode == 0
+
+
+def test_flow_control_sends_at_most_the_window_ahead(agent: Agent) -> None:
+    """Feature `flow`: per output channel the agent is never more than the window ahead of the
+    client's grants; a channel without grants holds up neither another channel nor requests."""
+    window = 4096
+
+    async def main() -> None:
+        client = await AgentClient.connect_socket(agent.sock)
+        try:
+            hello = await client.hello(window=window)
+            assert "flow" in hello["features"] and hello["window"] == window
+            c = cid()
+            bundle, rootfs = agent.bundle(c, ["sh", "-c", "head -c 300000 /dev/zero; echo done >&2"])
+            got = bytearray()
+            ahead: list[int] = []
+            granting = False
+            granted = 0
+            closed = asyncio.Event()
+
+            def on_data(data: bytes) -> None:
+                nonlocal granted
+                got.extend(data)
+                ahead.append(len(got) - granted)
+                if granting:
+                    granted += len(data)
+                    out.consumed(len(data))
+
+            out = client.open_channel(on_data=on_data, on_close=closed.set)
+            err = client.open_channel()
+            await client.call("create", container=c, bundle=str(bundle), rootfs=rootfs, terminal=False,
+                              stdin=0, stdout=out.number, stderr=err.number)
+            await client.call("start", container=c)
+            while len(got) < window:
+                await asyncio.sleep(0.01)
+            assert (await client.call("state", container=c))["status"] == "running"  # requests flow
+            assert len(got) == window  # and no more output without a grant
+            granting = True
+            granted = window
+            out.consumed(window)
+            await closed.wait()
+            assert len(got) == 300000 and max(ahead) <= window
+            assert await err.read_all() == b"done\n"  # the other channel was never held up
+            await exit_event(client, c)
+            await client.call("delete", container=c)
+        finally:
+            await client.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from hack.containerd_env import FractalEnv
+from tests.harness import wait_for
 
 RUNTIME = "io.containerd.fractal.v1"
 HELLO = "/opt/tools/hello.txt"
@@ -34,17 +35,6 @@ def fractal(env: FractalEnv, *args: str, extra_env: dict[str, str] | None = None
 
 def flags(env: FractalEnv, ns: str) -> list[str]:
     return ["-a", str(env.address), "-n", ns]
-
-
-def wait_for(cond, timeout: float = 15.0, what: str = "condition"):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Box:

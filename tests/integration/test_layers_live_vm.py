@@ -38,6 +38,8 @@ def test_add_and_remove_a_layer_in_a_vm_container(fenv: FractalEnv, registry, na
                                                  namespace=namespace, **kw)
         assert exec_("k", "uname", "-r").stdout.strip() != os.uname().release  # really in the guest
         exec_("w", "sh", "-c", "echo mine > /mine")
+        # a dir of the (one-layer) image replaced in the guest's tmpfs upper (issue 16: not EIO)
+        assert exec_("d", "sh", "-c", "rm -rf /root && mkdir /root && echo made").stdout == "made\n"
         pid = task_pid(fenv, namespace, "vmlive")
         r = fractal(fenv, "layers", "add", "-a", str(fenv.address), "-n", namespace, "vmlive", tools)
         assert r.returncode == 0, r.stderr
@@ -46,7 +48,8 @@ def test_add_and_remove_a_layer_in_a_vm_container(fenv: FractalEnv, registry, na
         assert task_pid(fenv, namespace, "vmlive") == pid
         mounts = exec_("p", "cat", "/proc/mounts").stdout
         root = next(line for line in mounts.splitlines() if line.split()[1] == "/")
-        assert "/repo/layers/" in root, root  # the guest stacks layers straight from the share
+        # the same upper, over a read-only overlay of the share's layers (stack.NestedOverlay)
+        assert "upperdir=/run/fractal/containers/vmlive/upper" in root and "rootfs.live.lower" in root, root
         r = fractal(fenv, "layers", "rm", "-a", str(fenv.address), "-n", namespace, "vmlive", tools)
         assert r.returncode == 0, r.stderr
         assert exec_("g", "test", "-e", "/opt/tools/hello.txt", check=False).returncode != 0

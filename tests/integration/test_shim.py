@@ -13,19 +13,9 @@ import pytest
 
 from hack.containerd_env import FractalEnv, mounts_under
 from shim import address as addr
+from tests.harness import wait_for
 
 RUNTIME = "io.containerd.fractal.v1"
-
-
-def wait_for(cond, timeout: float = 15.0, what: str = "condition"):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -21,21 +21,11 @@ import pytest
 
 from hack.containerd_env import FractalEnv
 from shim import address as addr
+from tests.harness import wait_for
 
 RUNTIME = "io.containerd.fractal.v1"
 VM = ("--annotation", "io.fractal.mode=vm")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(cond, timeout: float = 30.0, what: str = "condition"):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _virtiofsd() -> bool:
@@ -243,13 +233,20 @@ def test_one_vm_many_containers(fenv: FractalEnv, namespace: str, images: dict[s
         assert exec_(fenv, namespace, c, "i3", "sh", "-c", probe).stdout == \
             "/opt/tools\n/bin/busybox\nno-deleted\n"
 
-        # the guest stacks lowers from the share, the upper lives in the guest
+        # the guest stacks lowers from the share, the upper lives in the guest; the guest's tmpfs
+        # keeps no user.* xattrs, so the share's layers are a read-only overlay of their own
+        # (it reads the layers' user.overlay.opaque markers) below the container's: its only lower
         opts = _root_overlay(exec_(fenv, namespace, b, "m1", "cat", "/proc/mounts").stdout)
-        lowers = opts["lowerdir"].split(":")
-        assert len(lowers) == 4 and all(lo.startswith("/repo/layers/") for lo in lowers), opts
+        assert opts["lowerdir"] == f"/run/fractal/bundles/{b}/rootfs.lower", opts
         assert opts["upperdir"] == f"/run/fractal/containers/{b}/upper", opts
+        e = {**os.environ, "FRACTAL_RUN_DIR": str(fenv.fractal_run_dir), "FRACTAL_ROOT": str(fenv.snapshotter_root)}
+        r = subprocess.run([sys.executable, "-m", "ccpu.cli", "layers", "ls", "-a", str(fenv.address), "-n",
+                            namespace, "--json", b], capture_output=True, text=True, env=e, timeout=60)
+        assert r.returncode == 0, r.stderr
+        lowers = [la["dir"] for la in json.loads(r.stdout)["layers"]]
+        assert len(lowers) == 4, lowers
         for lo in lowers:
-            assert (fenv.snapshotter_root / "layers" / lo.rsplit("/", 1)[1]).is_dir()
+            assert Path(lo).parent == fenv.snapshotter_root / "layers" and Path(lo).is_dir(), lo
         exec_(fenv, namespace, b, "w1", "sh", "-c", "echo written > /in-upper")
         assert exec_(fenv, namespace, b, "w2", "cat", "/in-upper").stdout == "written\n"
         assert exec_(fenv, namespace, a, "w3", "sh", "-c",

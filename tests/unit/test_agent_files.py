@@ -32,6 +32,17 @@ def test_files_and_dirs(tmp_path: Path) -> None:
     _place_files({"dirs": [str(shm)]}, str(bundle), [str(scratch)])
 
 
+def test_files_on_the_containers_scratch(tmp_path: Path) -> None:
+    """A VM container's copies go onto its own tmpfs (limits.py); elsewhere is still refused."""
+    bundle, scratch = tmp_path / "bundles" / "c1", tmp_path / "containers" / "c1"
+    bundle.mkdir(parents=True)
+    scratch.mkdir(parents=True)
+    _place_files({"files": [_file(f"{scratch}/files/0-hosts", b"h\n")]}, str(bundle), [], str(scratch))
+    assert (scratch / "files" / "0-hosts").read_bytes() == b"h\n"
+    with pytest.raises(protocol.InvalidArgument, match="outside"):
+        _place_files({"files": [_file(f"{tmp_path}/containers/c2/files/x", b"h")]}, str(bundle), [], str(scratch))
+
+
 @pytest.mark.parametrize("args, why", [
     ({"files": [_file("/etc/passwd", b"x")]}, "outside"),
     ({"files": [_file("BUNDLE/../escape", b"x")]}, "outside"),

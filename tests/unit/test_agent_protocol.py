@@ -118,7 +118,8 @@ def test_rootfs_plans(tmp_path: Path) -> None:
     l1, l2, up, wk = (str(layers / d) for d in ("l1", "l2", "up", "wk"))
     assert mounts.plan({"kind": "none"}, roots) == []
     (m,) = mounts.plan({"kind": "layers", "lowers": [l1, l2], "upper": up, "work": wk}, roots)
-    assert m.type == "overlay" and m.options == ("index=off", f"workdir={wk}", f"upperdir={up}", f"lowerdir={l1}:{l2}")
+    assert m.type == "overlay" and m.options == ("index=off", "userxattr", f"workdir={wk}", f"upperdir={up}",
+                                                 f"lowerdir={l1}:{l2}")
     (m,) = mounts.plan({"kind": "layers", "lowers": [l1]}, roots)
     assert (m.type, m.source, m.options) == ("bind", l1, ("ro", "rbind"))
     (m,) = mounts.plan({"kind": "mounts", "mounts": [{"type": "overlay", "source": "overlay", "options": [f"lowerdir={l1}:{l2}", f"upperdir={up}", f"workdir={wk}"]}]}, roots)

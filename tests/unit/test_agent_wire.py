@@ -140,3 +140,17 @@ def test_async_reader_clean_eof_and_truncation() -> None:
         _read_all(raw[:4])
     with pytest.raises(ProtocolError, match="payload"):
         _read_all(raw[:11])
+
+
+def test_window_frames() -> None:
+    from ccpu.agent.wire import decode_window, encode_window
+
+    (f,) = Decoder().feed(encode_window(5, 65536))
+    assert f.kind is Kind.WINDOW and f.channel == 5 and decode_window(f) == 65536
+    with pytest.raises(ProtocolError, match="grants 0"):
+        decode_window(Frame(5, Kind.WINDOW, b"\0\0\0\0"))
+    for bad in (struct.pack(">IIB", 3, 5, 4) + b"abc", struct.pack(">IIB", 4, 0, 4) + b"\0\0\0\1"):
+        with pytest.raises(ProtocolError):
+            Decoder().feed(bad)
+    with pytest.raises(ValueError):
+        encode_window(5, 0)

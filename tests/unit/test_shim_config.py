@@ -56,6 +56,8 @@ def test_default_file_is_optional_but_named_files_are_required() -> None:
     ('[vm]\naccel = "hvf"', "accel"),
     ('[vm]\nshare = "nfs"', "share"),
     ('[vm]\nboot_timeout = -1', "boot_timeout"),
+    ('[vm]\nconsole_log_kib = 8', "console_log_kib"),
+    ('[vm]\nconsole_log_kib = "1M"', "console_log_kib"),
     ("mode = ", "not valid TOML"),
     ('allowed_annotations = "mode"', "list of strings"),
     ("allowed_annotations = [1]", "list of strings"),
@@ -85,6 +87,7 @@ def test_all_keys_accepted() -> None:
     cfg = c.parse_toml('mode = "vm"\n[vm]\nmemory = "768M"\ncpus = 2\naccel = "tcg"\n'
                        'share = "virtiofs"\nboot_timeout = 120\n', "/f")
     assert cfg.vm == c.VmSettings(768, 2, "tcg", "virtiofs", 120.0)
+    assert c.parse_toml("[vm]\nconsole_log_kib = 64\n", "/f").vm.console_log_kib == 64
 
 
 def test_conflict() -> None:
@@ -173,8 +176,6 @@ def test_placement_host_is_identity() -> None:
 
 
 def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
-    from ccpu.ttrpc import TtrpcError
-
     class View:  # the layer view mounts (tests/security/test_vm_layer_view.py); here: its calls
         path = str(tmp_path / "view")
         owners: dict = {}
@@ -188,10 +189,23 @@ def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
         def drop(self, owner: str) -> None:
             self.owners.pop(owner, None)
 
+        def close(self) -> list:
+            return []
+
     sb = vm.VmSandbox(reaper=None, namespace="ns", group="g", repo_root="/var/lib/fractal",
                       run_dir=str(tmp_path), settings=c.VmSettings())
     sb.view = View()
-    sb._dir_ready = True  # no repo here: nothing to prepare
+    try:
+        _check_placement(sb, tmp_path)
+    finally:  # the sandbox's volume view is a real mount: undo it as the shim's stop does
+        from shim.mountrecord import remove_run_dir
+
+        remove_run_dir(sb.dir)
+
+
+def _check_placement(sb, tmp_path) -> None:  # noqa: ANN001
+    from ccpu.ttrpc import Code, TtrpcError
+
     assert sb.layer_path(f"{LAYERS}/a") == "/repo/layers/a"
     spec = {"process": {"args": ["true"]}, "mounts": [{"destination": "/proc", "type": "proc"}]}
     rootfs = {"kind": "layers", "lowers": [f"{LAYERS}/a"], "upper": "/u", "work": "/w"}
@@ -202,6 +216,8 @@ def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
                     "rootfs": {"kind": "layers", "lowers": ["/repo/layers/a"],
                                "upper": "/run/fractal/containers/c1/upper",
                                "work": "/run/fractal/containers/c1/work"},
+                    # its own tmpfs holds upper and work: a quarter of the guest's 512M
+                    "scratch": {"path": "/run/fractal/containers/c1", "size": 128 << 20},
                     "files": [], "dirs": [], "sysctls": {}}
     assert (bundle / "console.log").is_symlink()
     assert sb.view.owners == {"c1": [f"{LAYERS}/a"]}  # its layers become visible to the guest
@@ -216,9 +232,43 @@ def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
     hosts.chmod(0o640)
     args = sb.placement("c4", str(bundle), rootfs, {"mounts": [
         {"destination": "/etc/hosts", "type": "bind", "source": str(hosts), "options": ["rbind", "ro"]}]})
-    assert args["files"] == [{"path": "/run/fractal/bundles/c4/files/0-hosts",
+    # ... onto the container's own tmpfs: its writes to it count against its own limit
+    assert args["files"] == [{"path": "/run/fractal/containers/c4/files/0-hosts",
                               "data": "MTI3LjAuMC4xIGxvY2FsaG9zdAo=", "mode": 0o640}]
-    assert args["spec"]["mounts"][0]["source"] == "/run/fractal/bundles/c4/files/0-hosts"
+    assert args["spec"]["mounts"][0]["source"] == "/run/fractal/containers/c4/files/0-hosts"
+    # a container's own annotation sets its writable layer, within the operator's maximum
+    ann = {"annotations": {"io.fractal.vm.scratch": "200M"}}
+    assert sb.placement("c5", str(bundle), rootfs, {**spec, **ann})["scratch"]["size"] == 200 << 20
+    with pytest.raises(TtrpcError, match="vm.scratch_max") as err:
+        sb.placement("c6", str(bundle), rootfs, {**spec, "annotations": {"io.fractal.vm.scratch": "300M"}})
+    assert err.value.code == Code.INVALID_ARGUMENT
+
+
+def test_scratch_and_reserve_settings() -> None:
+    cfg = c.parse_toml('[vm]\nmemory = "1G"\n', "f")
+    assert (cfg.vm.scratch_limit_mb, cfg.vm.scratch_ceiling_mb, cfg.vm.memory_reserve_mb) == (256, 512, 64)
+    cfg = c.parse_toml('[vm]\nscratch = "32M"\nscratch_max = "64M"\nmemory_reserve = "96M"\n', "f")
+    assert (cfg.vm.scratch_limit_mb, cfg.vm.scratch_ceiling_mb, cfg.vm.memory_reserve_mb) == (32, 64, 96)
+    # a pod annotation sets the sandbox's default, never above the files' maximum
+    assert c.apply_annotations(cfg, {"io.fractal.vm.scratch": "48M"}).vm.scratch_limit_mb == 48
+    with pytest.raises(c.ConfigError, match="io.fractal.vm.scratch='1G' is above the operator's limit vm.scratch_max"):
+        c.apply_annotations(cfg, {"io.fractal.vm.scratch": "1G"})
+    for bad, why in (('scratch = "300M"', "above vm.scratch_max"), ('memory_reserve = "8M"', "out of range"),
+                     ('scratch = "0"', "out of range")):
+        with pytest.raises(c.ConfigError, match=why):
+            c.parse_toml(f"[vm]\n{bad}\n", "f")
+
+
+def test_timeouts() -> None:
+    t = c.parse_toml("[timeouts]\ncreate = 300\ndefault = 5\n", "f").timeouts
+    assert (t.for_op("create"), t.for_op("start"), t.for_op("pids"), t.for_op("exec")) == (300, 60, 5, 5)
+    # later files and annotations keep them
+    cfg = c.parse_toml('[vm]\ncpus = 1\n', "g", c.parse_toml("[timeouts]\ndelete = 7\n", "f"))
+    assert c.apply_annotations(cfg, {"io.fractal.vm.cpus": "2"}).timeouts.delete == 7
+    for bad, why in (("[timeouts]\nexec = 3", "unknown key timeouts.exec"), ("[timeouts]\ndefault = 0", "positive"),
+                     ("timeouts = 3", "must be a table")):
+        with pytest.raises(c.ConfigError, match=why):
+            c.parse_toml(bad, "f")
 
 
 def test_cleanup_dead_checks_start_time(tmp_path) -> None:  # noqa: ANN001

@@ -332,6 +332,60 @@ def test_slow_create_logs_what_the_agent_is_doing(svc, monkeypatch, caplog) -> N
     assert "42 D p9_client_rpc 0.2s runc create c1" in text
 
 
+def test_an_agent_that_does_not_answer_gives_deadline_exceeded() -> None:
+    """Issue 18: a stuck agent (a stopped or overloaded guest) never makes a caller wait for
+    ever: each request kind has its timeout, the error says what did not answer, and a create
+    that succeeds after the shim gave up is deleted again."""
+    from shim.config import Timeouts
+
+    agent = FakeAgent()
+    stuck: dict[str, asyncio.Future[Any]] = {}
+    orig = agent.call
+
+    async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op in ("pids", "create") and op not in stuck:
+            stuck[op] = asyncio.get_running_loop().create_future()
+            agent.calls.append((op, args))
+            return await stuck[op]
+        return await orig(op, args)
+
+    agent.call = call  # type: ignore[method-assign]
+    s = TaskService(FakeSandbox(agent), lambda ns, e: None, "ns1", repo_root="/repo",
+                    timeouts=Timeouts(create=0.2, default=0.1))
+
+    async def go() -> None:
+        with pytest.raises(TtrpcError) as ei:
+            await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
+        assert ei.value.code == Code.DEADLINE_EXCEEDED
+        assert "did not answer create of container c1 within 0.2s" in ei.value.message
+        assert len(s.tasks) == 0
+        stuck["create"].set_result({"pid": 42})  # the late answer: undone
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if agent.calls[-1][0] == "delete":
+                break
+        assert agent.calls[-1] == ("delete", {"container": "c1"})
+        await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)  # the id is free again
+        with pytest.raises(TtrpcError) as ei:
+            await s.Pids(pb.PidsRequest(id="c1"), CTX)
+        assert ei.value.code == Code.DEADLINE_EXCEEDED and "pids of container c1 within 0.1s" in ei.value.message
+
+    run(go())
+
+
+def test_full_filesystem_is_resource_exhausted(svc) -> None:  # noqa: ANN001
+    s, agent, _, _ = svc
+    agent.fail["start"] = ("ResourceExhausted", "start: No space left on device: container c1's writable layer")
+
+    async def go() -> None:
+        await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
+        with pytest.raises(TtrpcError) as ei:
+            await s.Start(pb.StartRequest(id="c1"), CTX)
+        assert ei.value.code == Code.RESOURCE_EXHAUSTED and "writable layer" in ei.value.message
+
+    run(go())
+
+
 def test_deep_json_requests_get_invalid_argument(svc) -> None:  # noqa: ANN001
     """Exec specs and Update resources nested past the bound: InvalidArgument, not a crash."""
     s, agent, events, _ = svc

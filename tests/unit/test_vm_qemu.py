@@ -126,6 +126,17 @@ def test_spawned_children_die_with_their_parent(tmp_path) -> None:
         pytest.fail("child outlived its parent")
 
 
+def test_layer_share_9p_passes_acls_read_only() -> None:
+    """passthrough (ACLs and user.* xattrs) only for the read-only layers; a writable one is refused."""
+    c = cfg(shares=[Share("fractallayers", "/r/layers", "/repo/layers", True, "9p", layers=True),
+                    Share("vols", "/v", "/vols", False, "9p")])
+    fsdevs = opt_after(qemu.command(c), "-fsdev")
+    assert "security_model=passthrough" in fsdevs[0] and fsdevs[0].endswith(",readonly=on")
+    assert "security_model=none" in fsdevs[1]
+    with pytest.raises(qemu.ConfigError, match="read-only"):
+        qemu.command(cfg(shares=[Share("fractallayers", "/r/layers", "/repo/layers", False, "9p", layers=True)]))
+
+
 # -- confinement: -sandbox, channels as fds, who QEMU runs as ---------------------------------
 
 
@@ -136,7 +147,7 @@ def test_qemu_runs_under_its_seccomp_filter_unless_told_not_to() -> None:
 
 
 def test_connected_fds_replace_every_path_qemu_would_open() -> None:
-    c = cfg(ports=[Port("fractal.agent", fd=7)], console_fd=9,
+    c = cfg(ports=[Port("fractal.agent", fd=7)], console_log_fd=9,
             shares=[Share("fractallayers", "/v", "/repo/layers", True, "virtiofs", fd=8)])
     argv = qemu.command(c)
     assert "socket,id=port0,fd=7" in argv

@@ -27,6 +27,17 @@ def test_virtiofsd_argv_read_only_and_no_tag() -> None:
     assert "--readonly" not in rw
 
 
+def test_only_a_read_only_layer_share_passes_xattrs() -> None:
+    """Layers: capabilities, user.* (opaque markers), ACLs; host trusted.* hidden and refused."""
+    layers = Share("fractallayers", "/r/layers", "/repo/layers", True, "virtiofs", "/s", layers=True)
+    argv = shares.virtiofsd_argv("/bin/virtiofsd", layers, "/s")
+    assert "--readonly" in argv and "--xattr" in argv and "--posix-acl" in argv
+    rules = argv[argv.index("--xattrmap") + 1]
+    assert rules.startswith(":bad:all:trusted.:trusted.:") and rules.endswith(":ok:all:::")
+    for other in (Share("t", "/w", "/work", False, "virtiofs", "/s"), Share("t", "/w", "/work", True, "virtiofs", "/s")):
+        assert not {"--xattr", "--posix-acl", "--xattrmap"} & set(shares.virtiofsd_argv("/bin/virtiofsd", other, "/s"))
+
+
 def test_connect_waits_for_a_socket_bound_but_not_yet_listening(tmp_path) -> None:
     import socket
     import threading
