@@ -1,14 +1,16 @@
-"""fd-relative path and mount syscalls for host code that works below directories (stdlib only).
+"""fd-relative mount syscalls for host code that works below directories (stdlib only).
 
 Why: a path string is resolved again at every use, and any component a guest or a container can
-write may be swapped for a symlink in between.  These helpers resolve names one directory fd at a
-time (``openat2`` with ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS``), attach mounts with the new mount
-API (``open_tree`` + ``mount_setattr`` + ``move_mount`` onto ``dirfd``/name, never following a
-symlink) and detach a mount only after checking, by mount id, that it is the one recorded.
+write may be swapped for a symlink in between.  Names are resolved from a directory fd with
+``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`` (:mod:`ccpu.fdpath`); these helpers attach
+mounts with the new mount API (``open_tree`` + ``mount_setattr`` + ``move_mount`` onto
+``dirfd``/name, never following a symlink; ``fsopen``/``fsmount`` for a new tmpfs) and detach a
+mount only after checking, by mount id, that it is the one recorded.
 
-The agent's ``ccpu.agent.nsutil`` has ``open_tree``/``move_mount`` already (reused here); this module
-adds what host-side code needs on top.  Syscall numbers are the unified ones (same on every
-architecture since 5.x): fsopen 430, fsconfig 431, fsmount 432, openat2 437, mount_setattr 442.
+The agent's ``ccpu.agent.nsutil`` has ``open_tree``/``move_mount`` already and ``ccpu.fdpath`` the
+confined lookups (both reused here); this module adds the mount calls host-side code needs on top.
+Syscall numbers are the unified ones (same on every architecture since 5.x): fsopen 430, fsconfig
+431, fsmount 432, mount_setattr 442.
 """
 
 from __future__ import annotations
@@ -17,25 +19,18 @@ import ctypes
 import os
 import sys
 
+from ccpu import fdpath
 from ccpu.agent.nsutil import (AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, STATX_MNT_ID, move_mount_fd,
                                open_tree_clone)
 
 SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
-SYS_OPENAT2 = 437
 SYS_MOUNT_SETATTR = 442
 FSOPEN_CLOEXEC = 1
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 1
-
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-#: the default for every lookup here: stay below the dir fd, follow no symlink of any kind
-CONFINED = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
@@ -54,10 +49,6 @@ _libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_ui
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
 class _MountAttr(ctypes.Structure):
     _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
@@ -70,17 +61,9 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = CONFINED) -> int:
-    """openat2(2): ``path`` below ``dirfd`` (by default: beneath it, no symlinks).  O_CLOEXEC is added."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    ret = _libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(path)),
-                        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-    return _check(ret, f"openat2 {path}")
-
-
 def open_dir(dirfd: int, path: str) -> int:
-    """An O_PATH fd of the directory ``path`` below ``dirfd`` (confined, see :func:`openat2`)."""
-    return openat2(dirfd, path, os.O_PATH | os.O_DIRECTORY)
+    """An O_PATH fd of the directory ``path`` below ``dirfd`` (no symlinks, beneath it: ccpu.fdpath)."""
+    return fdpath.open_path(dirfd, path, directory=True)
 
 
 def mount_setattr(mount_fd: int, attr_set: int = 0, propagation: int = 0) -> None:

@@ -31,7 +31,7 @@ import posixpath
 import re
 from collections.abc import Iterable
 
-from ccpu import mountfd
+from ccpu import fdpath, mountfd
 
 log = logging.getLogger("shim.layerview")
 
@@ -77,7 +77,7 @@ def _write_record(run_fd: int, view_id: int | None, binds: dict[str, int]) -> No
 
 def _read_record(run_fd: int) -> tuple[int | None, dict[str, int]]:
     try:
-        fd = mountfd.openat2(run_fd, RECORD, os.O_RDONLY)
+        fd = fdpath.openat2(run_fd, RECORD, os.O_RDONLY)
     except FileNotFoundError:
         return None, {}
     with os.fdopen(fd, "rb") as f:
