@@ -100,6 +100,8 @@ class VmSettings:
     scratch_mb: int | None = None  # a container's writable layer (guest tmpfs); None: memory / 4
     scratch_max_mb: int | None = None  # the most an annotation may ask for; None: memory / 2
     memory_reserve_mb: int = 64  # guest memory the containers together can never take
+    #: QEMU's uid/gid is this + the shim daemon's pid (ccpu.vm.qemu.unprivileged); 0: QEMU stays root
+    qemu_uid_base: int = 0x7F000000
 
     @property
     def scratch_limit_mb(self) -> int:
@@ -275,6 +277,16 @@ def _brief(value: Any, limit: int = 64) -> str:
     return text if len(text) <= limit else text[:limit] + "...(" + str(len(text)) + " chars)"
 
 
+def parse_uid_base(value: Any, where: str = "qemu_uid_base") -> int:
+    """0 (QEMU runs as root) or the first uid of QEMU's per-VM users: the largest pid (2**22) must
+    still fit below 2**32 - 1, and uids below 65536 are left to the node's accounts."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected a uid number, got {_brief(value)}")
+    if value != 0 and not 65536 <= value <= 0xFFFFFFFE - (1 << 22):
+        raise ConfigError(f"{where}: {value} is out of range (0, or 65536..{0xFFFFFFFE - (1 << 22)})")
+    return value
+
+
 def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
     if not isinstance(value, str) or value.strip().lower() not in allowed:
         raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {_brief(value)}")
@@ -328,6 +340,8 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, accel=_choice(value, ACCELS, w))
         elif key == "share":
             vm = replace(vm, share=_choice(value, SHARES, w))
+        elif key == "qemu_uid_base":
+            vm = replace(vm, qemu_uid_base=parse_uid_base(value, w))
         elif key == "console_log_kib":
             if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 1 << 20:
                 raise ConfigError(f"{w}: expected an integer from 16 to {1 << 20} (KiB), got {value!r}")
@@ -342,7 +356,8 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, memory_reserve_mb=parse_memory(value, w, low=16))
         else:
             raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, max_memory, "
-                              "max_cpus, accel, share, boot_timeout, console_log_kib, scratch, scratch_max, memory_reserve)")
+                              "max_cpus, accel, share, boot_timeout, console_log_kib, scratch, scratch_max, "
+                              "memory_reserve, qemu_uid_base)")
     return replace(cfg, mode=mode, vm=check_vm(vm, where), policy=policy, timeouts=timeouts,
                    sources=cfg.sources + (where,))
 

@@ -241,6 +241,25 @@ class LayersService:
         return {"container": c.id, "repo_root": self.repo_root, "upper": stack.get("upper"),
                 "layers": layers, "history": rec.get("history", [])}
 
+    def _grant(self, c: Any, dirs: list[str]) -> None:
+        """Let the sandbox make ``dirs`` reachable for the agent first (a VM's layer view)."""
+        fn = getattr(self.sandbox, "layers_adding", None)
+        try:
+            if callable(fn):
+                fn(c.id, dirs)
+        except Exception as exc:  # noqa: BLE001 - any failure to expose a layer fails the add
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.id}: cannot give the sandbox "
+                                                       f"layers {', '.join(dirs)}: {exc}") from None
+
+    def _settle(self, c: Any, lowers: list[str]) -> None:
+        """Tell the sandbox the container's stack (a VM unbinds layers no container uses)."""
+        fn = getattr(self.sandbox, "layers_now", None)
+        try:
+            if callable(fn):
+                fn(c.id, lowers)
+        except Exception as exc:  # noqa: BLE001 - the restack itself is done; keep the binds
+            log.error("%s: sandbox layer bookkeeping after restack: %s", c.id, exc)
+
     async def _restack(self, c: Any, add: list[str], remove: list[str],
                        position: str | int) -> tuple[list[str], float]:
         args: dict[str, Any] = {"container": c.id, "position": position}
@@ -278,13 +297,19 @@ class LayersService:
             skipped = [la["dir"] for la in layers if la["dir"] in present]
             restack_ms = 0.0
             if todo:
-                lowers, restack_ms = await self._restack(c, [la["dir"] for la in todo], [], position)
+                self._grant(c, [la["dir"] for la in todo])
+                try:
+                    lowers, restack_ms = await self._restack(c, [la["dir"] for la in todo], [], position)
+                except BaseException:
+                    self._settle(c, stack["lowers"])  # the stack stays as it was
+                    raise
                 now = time.time_ns()
                 for la in todo:
                     rec["live"][la["dir"]] = {**{k: v for k, v in la.items() if k != "dir"},
                                               "added_at": now}
                 back = self._reverse(initial, rec)
                 stack["lowers"] = [back.get(os.path.normpath(p), p) for p in lowers]
+                self._settle(c, stack["lowers"])
                 rec["stack"] = stack["lowers"]
                 rec["history"].append({"at": now, "added": [la["dir"] for la in todo],
                                        "removed": [], "restack_ms": restack_ms})
@@ -328,6 +353,7 @@ class LayersService:
                 meta = rec["live"].pop(d, None)
                 removed.append({"dir": d, "live": meta is not None, **(meta or {})})
             stack["lowers"] = [back.get(os.path.normpath(p), p) for p in lowers]
+            self._settle(c, stack["lowers"])  # removed layers leave a VM's view (unless in use)
             rec["stack"] = stack["lowers"]
             rec["history"].append({"at": now, "added": [], "removed": remove,
                                    "restack_ms": restack_ms})

@@ -142,6 +142,13 @@ class Sandbox:
         """Where the agent sees a layer dir of the host's repo: the same path on the host."""
         return host_dir
 
+    def layers_adding(self, cid: str, host_dirs: list[str]) -> None:
+        """Before a live restack stacks ``host_dirs`` on ``cid`` (a VM makes them visible to its
+        guest: shim/layerview.py).  Raising fails the add."""
+
+    def layers_now(self, cid: str, host_dirs: list[str]) -> None:
+        """``cid``'s stack after a live restack (or after a failed one: the stack as it is)."""
+
     def diagnose(self) -> str:
         """What to log when the agent is slow to answer (VM mode: the guest console's tail)."""
         try:

@@ -2,24 +2,28 @@
 
 :class:`VmSandbox` implements the :class:`shim.sandbox.Sandbox` interface.  The first container
 of a sandbox boots the guest (``fractal guest build``'s kernel + initramfs, built on demand);
-the guest's init runs the agent on the virtio-serial port ``fractal.agent``, whose host end is a
-unix socket QEMU listens on; the shim connects to it and speaks the unchanged agent protocol.
+the guest's init runs the agent on the virtio-serial port ``fractal.agent``, whose host end is
+the shim's end of a socketpair; the shim speaks the unchanged agent protocol over it.
 When the shim daemon exits (its last container was deleted) the agent is told to ``shutdown``
 and QEMU is stopped (SIGTERM, then SIGKILL).
 
-Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/``: ``agent.sock`` (the port),
-``vfs.sock`` (virtiofsd, if used), ``volumes/`` (the containers' volume binds; ``mounts.json``
-records every mount made in the run dir, see :mod:`shim.mountrecord`), ``console.log`` (the guest's
-serial console, read by the shim and capped with ``console.log.1``: :mod:`shim.console`; symlinked
-into every container bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's
-and virtiofsd's pid + start time, for :func:`cleanup_dead` when the shim is gone).  Sockets are
-given to QEMU/virtiofsd relative to the run dir (their cwd): a unix socket path has at most 107
-bytes and CRI sandbox ids alone are 64.
+Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/`` (root, 0700): ``layers/`` (the
+layer view, :mod:`shim.layerview`) and its record ``layers.mounts``, ``volumes/`` (the containers'
+volume binds; ``mounts.json`` records every mount made for them, see :mod:`shim.mountrecord`),
+``vfs-fractallayers.sock`` (virtiofsd, if used), ``console.log`` (the guest's serial console, read
+by the shim and capped with ``console.log.1``: :mod:`shim.console`; symlinked into every container
+bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's and virtiofsd's pid +
+start time, for :func:`cleanup_dead` when the shim is gone).  virtiofsd gets its socket relative to
+the run dir (its cwd): a unix socket path has at most 107 bytes and CRI sandbox ids alone are 64.
+QEMU gets no path in the run dir: its agent port is one end of a socketpair, the console a
+connected socket, boot files and the virtiofsd connection fds (so it can run as a uid of its own
+when it serves no 9p share, ccpu/vm/qemu.py).
 
 What the guest sees (pure translation, :func:`guest_rootfs`):
 
-* the repo's layer dir ``<FRACTAL_ROOT>/layers`` read-only at ``/repo/layers`` (9p or
-  virtiofs): a host lower ``<root>/layers/<id>`` is ``/repo/layers/<id>`` in the guest;
+* the sandbox's layer view read-only at ``/repo/layers`` (9p or virtiofs): one read-only bind of
+  ``<FRACTAL_ROOT>/layers/<id>`` at ``<id>`` per layer its containers stack, nothing else, so a
+  host lower ``<root>/layers/<id>`` is ``/repo/layers/<id>`` in the guest;
 * the container's upper/work dirs live IN the guest, on a tmpfs of their own that the agent
   mounts at ``/run/fractal/containers/<id>`` (the ``scratch`` argument) with the container's
   writable-layer limit (``vm.scratch``, annotation ``io.fractal.vm.scratch`` within
@@ -31,7 +35,7 @@ What the guest sees (pure translation, :func:`guest_rootfs`):
   config.json).
 
 The spec itself is translated by :mod:`shim.guestspec` (small host files copied in, volumes
-bound into ``volumes/`` of the run dir and shared over 9p by :mod:`shim.volumes`, the pod's
+bound into ``volumes/`` of the run dir and shared (virtiofs or 9p) by :mod:`shim.volumes`, the pod's
 /dev/shm a guest dir, the pod netns dropped for the VM's own network, host hooks run here by
 :mod:`shim.hooks`).  Anything the guest cannot use is refused with FailedPrecondition: a rootfs
 whose lower dirs are not repo layers (e.g. the overlayfs snapshotter), bind mounts of device
@@ -44,12 +48,14 @@ import logging
 import os
 import posixpath
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from shim import guestspec
 from shim.guestspec import NotInVm
+from shim.layerview import LayerView, undo_recorded
 from shim.volumes import SHARE_TAG as VOLUMES_TAG
 from shim.mountrecord import MountRecordError, remove_run_dir
 from shim.volumes import VolumeDir
@@ -192,6 +198,9 @@ def cleanup_dead(run_dir: str) -> list[int]:
     deadline = time.monotonic() + 3
     while killed and time.monotonic() < deadline and any(_start_time(p) for p in killed):
         time.sleep(0.02)
+    problems = undo_recorded(run_dir)  # the layer view: exactly the mounts its record names
+    if problems:
+        log.error("layer view of %s: %s", run_dir, "; ".join(problems))
     try:
         remove_run_dir(run_dir)  # the recorded volume binds are unmounted first: host data is never removed
     except MountRecordError as exc:  # VolumeError too
@@ -246,6 +255,8 @@ class VmSandbox(Sandbox):
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
         self.volumes = VolumeDir(self.dir)  # <dir>/volumes, shared over 9p (shim/volumes.py)
+        self.view = LayerView(self.dir, self.host_layers)  # the layers its guest sees (shim/layerview.py)
+        self.qemu_user = ""
         self._dir_ready = False
 
     # -- interface --------------------------------------------------------------------------
@@ -285,11 +296,19 @@ class VmSandbox(Sandbox):
                                  f"attached to {self.netns or 'no network namespace'}")
         for note in translated.notes:
             log.debug("container %s: %s", cid, note)
-        self._prepare_dir()
+        try:
+            self._prepare_dir()
+            self.view.set(cid, rootfs["lowers"])  # its layers become visible to the guest
+        except (RuntimeError, OSError) as exc:  # LayerViewError, a repo without layers/
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {cid}: cannot give the VM its "
+                                                       f"layers: {exc}") from None
         try:  # last: nothing after it can fail (else Create never reaches deleted() to undo it)
             self.volumes.attach(cid, translated.volumes)
-        except MountRecordError as exc:  # VolumeError too
-            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+        except BaseException as exc:
+            self.view.drop(cid)
+            if isinstance(exc, MountRecordError):  # VolumeError too
+                raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+            raise
         if translated.host_hooks:
             from shim.hooks import ContainerHooks
 
@@ -318,7 +337,16 @@ class VmSandbox(Sandbox):
             if hooks is not None:
                 await hooks.on_deleted(self.pid or 0)
         finally:
-            self.volumes.detach(cid)
+            try:
+                self.volumes.detach(cid)
+            finally:
+                self.view.drop(cid)  # layers no other container stacks leave the guest's view
+
+    def layers_adding(self, cid: str, host_dirs: list[str]) -> None:
+        self.view.add(cid, host_dirs)
+
+    def layers_now(self, cid: str, host_dirs: list[str]) -> None:
+        self.view.set(cid, host_dirs)
 
     async def start(self) -> None:
         import asyncio
@@ -334,6 +362,7 @@ class VmSandbox(Sandbox):
     def vm_info(self) -> dict[str, Any]:
         return {"pid": self.pid, "accel": self.accel, "memory": f"{self.settings.memory_mb}M",
                 "cpus": self.settings.cpus, "share": self.share, "kernel": self.guest_kernel,
+                "qemu_user": self.qemu_user, "layers_visible": sorted(self.view.bound),
                 "run_dir": self.dir, "console": self.console_log, "netns": self.netns,
                 "boot_seconds": self.timings.get("agent_ready")}
 
@@ -381,20 +410,19 @@ class VmSandbox(Sandbox):
                 log.warning("killed leftover VM processes %s of %s", killed, self.dir)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.volumes.create()
+        self.view.create()
         self._dir_ready = True
 
     async def _start(self) -> Any:
         import asyncio
         import subprocess
 
+        from ccpu.agent.client import AgentClient
         from ccpu.vm import accel, qemu, shares
 
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         self._prepare_dir()
-        if not os.path.isdir(self.host_layers):
-            raise RuntimeError(f"the fractal repo has no layers dir {self.host_layers} "
-                               "(is FRACTAL_ROOT the snapshotter's root?)")
         guest = await loop.run_in_executor(None, self._guest)
         self.guest_kernel = str(guest.manifest.get("kernel", {}).get("version", ""))
         self.timings["guest"] = time.monotonic() - t0
@@ -408,8 +436,6 @@ class VmSandbox(Sandbox):
         vfsd = shares.find_virtiofsd()
         self.share, why = shares.decide(None if s.share == "auto" else s.share,
                                         os.environ.get("FRACTAL_SHARE") or None, vfsd)
-        layers = qemu.Share(LAYERS_TAG, self.host_layers, GUEST_LAYERS, True, self.share,
-                            "vfs.sock" if self.share == "virtiofs" else None, layers=True)
         if self.netns is not None:  # the pod's network (CRI): its eth0 becomes the guest's
             from ccpu.vm import net
 
@@ -421,50 +447,51 @@ class VmSandbox(Sandbox):
                      ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in self._net.interfaces) or "no IPv4 interface")
         from shim.console import ConsoleLog
 
-        qemu_log = os.open(os.path.join(self.dir, "qemu.log"),
-                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        console_fd: int | None = None
+        # What QEMU uses arrives opened (it may run as a uid that can reach nothing here): the
+        # agent's channel is one end of a socketpair, the virtiofsd connection is made here, the
+        # console is a connected socket (shim/console.py), the boot files are fds (ccpu/vm/qemu.py).
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        passed: list[Any] = [theirs]
+        fds: list[int] = []
         try:
+            fds.append(os.open(os.path.join(self.dir, "qemu.log"),
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
             self._console = ConsoleLog(self.console_log, s.console_log_kib * 1024)
             console_fd = self._console.qemu_fd()
-            if self.share == "virtiofs":
-                assert vfsd and layers.socket
-                vlog = os.open(os.path.join(self.dir, "virtiofsd.log"),
-                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-                try:
-                    # spawned on the loop's thread: PDEATHSIG follows the thread that forked
-                    proc = shares.start_virtiofsd(vfsd, layers, layers.socket, cwd=self.dir,
-                                                  stderr=vlog)
-                finally:
-                    os.close(vlog)
-                self._helpers[proc.pid] = self.reaper.wait(proc.pid)
-                self._helpers[proc.pid].add_done_callback(
-                    lambda fut, pid=proc.pid: self._helper_exited("virtiofsd", pid, fut))
+            shares_ = [self._share(LAYERS_TAG, self.view.path, GUEST_LAYERS, vfsd, passed),
+                       # read-write, 9p: served by QEMU under ccpu.vm.fsguard (shim/volumes.py)
+                       qemu.Share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
+                                  readonly=False, type="9p")]
             cfg = qemu.VMConfig(
-                kernel=str(guest.kernel), initramfs=str(guest.initramfs),
-                console_log=self.console_log, console_fd=console_fd, accel=self.accel, memory_mb=s.memory_mb,
-                cpus=s.cpus, mode="agent", repo=None,
-                shares=[layers, qemu.Share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
-                                           readonly=False, type="9p")],
-                ports=[qemu.Port(AGENT_PORT, "agent.sock")],
+                kernel=str(guest.kernel), initramfs=str(guest.initramfs), console_log=self.console_log,
+                console_fd=console_fd, name=self.dir, accel=self.accel, memory_mb=s.memory_mb,
+                cpus=s.cpus, mode="agent", repo=None, shares=shares_,
+                ports=[qemu.Port(AGENT_PORT, fd=theirs.fileno())],
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
                 nics=self._net.nics if self._net else (),
                 cmdline_extra=(*(self._net.cmdline if self._net else ()),
                                f"fractal.reserve={s.memory_reserve_mb}"))
+            cfg, boot_fds = qemu.open_boot_files(cfg)
+            fds += boot_fds
+            creds, self.qemu_user = qemu.choose_creds(cfg, s.qemu_uid_base, os.getpid())
             argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
-            log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s); run dir %s",
-                     self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why, self.dir)
+            log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s), QEMU as %s; "
+                     "run dir %s", self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why,
+                     self.qemu_user, self.dir)
             log.debug("qemu: %s", " ".join(argv))
-            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=qemu_log, cwd=self.dir,
-                              pass_fds=(*(self._net.fds if self._net else ()), console_fd),
-                              guard_shares=True)
+            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[0], cwd=self.dir,
+                              creds=creds, pass_fds=qemu.inherited_fds(cfg) + boot_fds, guard_shares=True)
         except BaseException:
+            ours.close()
             self._detach_net()
             if self._console is not None:
                 self._console.close()
             raise
         finally:
-            os.close(qemu_log)
+            for c in passed:
+                c.close()
+            for fd in fds:
+                os.close(fd)
             if self._net is not None:
                 self._net.close_fds()  # QEMU holds the taps now
         self._console.start()  # QEMU holds its end
@@ -476,7 +503,8 @@ class VmSandbox(Sandbox):
 
         deadline = t0 + s.boot_timeout
         try:
-            client = await self._connect(deadline)
+            ours.setblocking(False)
+            client = await AgentClient.connect_socket(ours)
             self.timings["connected"] = time.monotonic() - t0
             client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
             client.add_lost_handler(self._link_lost)
@@ -511,29 +539,36 @@ class VmSandbox(Sandbox):
             raise RuntimeError(f"QEMU exited with {self.exit_status} during boot")
         raise TimeoutError
 
-    async def _connect(self, deadline: float) -> Any:
-        """Connect to the port's socket as soon as QEMU made it.  The agent need not be up:
-        QEMU keeps what we send in the socket until the guest opens the port."""
-        import asyncio
-        import socket
+    def _share(self, tag: str, host: str, guest: str, vfsd: str | None, passed: list[Any]) -> Any:
+        """The read-only layer share: over virtiofs, a virtiofsd of its own (started here, its
+        connection appended to ``passed`` for QEMU); else 9p, served by QEMU itself."""
+        from ccpu.vm import qemu, shares
 
-        from ccpu.agent.client import AgentClient
-
-        loop = asyncio.get_running_loop()
-        addr = self._sock_addr("agent.sock")
-        while True:
-            if self.exit_status is not None:
-                raise RuntimeError(f"QEMU exited with {self.exit_status} before its socket was ready")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, addr)
-                return await AgentClient.connect_socket(sock)
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError
-            await asyncio.sleep(0.01)
+        if self.share != "virtiofs":
+            return qemu.Share(tag, host, guest, True, "9p", layers=True)
+        assert vfsd
+        name = f"vfs-{tag}.sock"
+        share = qemu.Share(tag, host, guest, True, "virtiofs", name, layers=True)
+        vlog = os.open(os.path.join(self.dir, "virtiofsd.log"),
+                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            # spawned on the loop's thread: PDEATHSIG follows the thread that forked.
+            # The layer view is a tmpfs with one bind per layer: announced as submounts, each
+            # layer would be an automount point in the guest, which overlayfs refuses as a lower
+            # dir ("filesystem not supported").  Not announced, the guest sees one file system.
+            proc = shares.start_virtiofsd(vfsd, share, name, cwd=self.dir, stderr=vlog,
+                                          extra=["--no-announce-submounts"])
+        finally:
+            os.close(vlog)
+        self._helpers[proc.pid] = self.reaper.wait(proc.pid)
+        self._helpers[proc.pid].add_done_callback(
+            lambda fut, pid=proc.pid: self._helper_exited("virtiofsd", pid, fut))
+        try:
+            passed.append(shares.connect(self._sock_addr(name)))
+        except OSError as exc:
+            raise RuntimeError(f"virtiofsd pid {proc.pid} for share {tag} does not accept on "
+                               f"{os.path.join(self.dir, name)}: {exc}") from None
+        return qemu.Share(tag, host, guest, True, "virtiofs", fd=passed[-1].fileno(), layers=True)
 
     def diagnose(self) -> str:
         return (f"VM pid {self.pid} ({'alive' if self.exit_status is None else f'exited {self.exit_status}'}); "
@@ -642,6 +677,9 @@ class VmSandbox(Sandbox):
             os.close(self._dir_fd)
             self._dir_fd = None
         self.volumes.close()
+        problems = self.view.close()  # exactly the view's recorded mounts
+        if problems:
+            log.error("layer view %s: %s", self.view.path, "; ".join(problems))
         try:
             remove_run_dir(self.dir)  # unmounts the recorded volume binds first; never removes host data
         except MountRecordError as exc:  # VolumeError too

@@ -14,6 +14,14 @@ See docs/vm.md for measured boot times of both.
 
 The launcher sets PR_SET_PDEATHSIG(SIGKILL) in the child: when the process
 that started QEMU dies, for whatever reason, the kernel kills QEMU too.
+
+Confinement (docs/vm.md, "QEMU's sandbox and user"): QEMU runs under its seccomp filter
+(``-sandbox``, :data:`SANDBOX`) and, when it serves no 9p share (every file share is a virtiofsd's),
+as an unprivileged uid/gid of its own (:func:`unprivileged`) that owns no file on the host.  The
+credentials are dropped by the launcher before exec, as libvirt does: QEMU's own ``-runas`` calls
+setuid, which ``elevateprivileges=deny`` forbids.  Everything such a QEMU needs arrives opened:
+the channels and the console as connected sockets (or the console log as an ``-add-fd`` fd),
+the kernel and initramfs as ``/proc/self/fd/N`` (:func:`open_boot_files`), the NICs as tap fds.
 """
 
 from __future__ import annotations
@@ -31,6 +39,11 @@ QBOOT = "/usr/share/qemu/qboot.rom"
 MACHINES = ("q35", "microvm")
 SHARE_TYPES = ("9p", "virtiofs")
 REPO_TAG = "fractalrepo"
+#: QEMU's seccomp filter: no obsolete syscalls, no set*id (privileges only go down), no
+#: fork/exec (QEMU here never runs a helper: taps arrive opened, no -netdev script), no
+#: scheduler/affinity changes.  A denied syscall kills QEMU (it is a bug or an attack).
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+CONSOLE_FDSET = 1  # -add-fd set id of console_log_fd
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,7 @@ class Share:
     readonly: bool = True
     type: str = "9p"
     socket: str | None = None  # virtiofsd's vhost-user socket
+    fd: int | None = None  # or an inherited socket already connected to virtiofsd (QEMU needs no path)
     # repo layers: their xattrs (file capabilities, user.*, ACLs, opaque markers) reach the
     # guest, read-only (docs/vm.md, "Layer fidelity"); other shares carry none
     layers: bool = False
@@ -50,10 +64,12 @@ class Share:
 
 @dataclass(frozen=True)
 class Port:
-    """A named virtio-serial port; the host end is a UNIX socket QEMU listens on."""
+    """A named virtio-serial port; the host end is a UNIX socket QEMU listens on (``socket``) or
+    an inherited socket already connected to the host's end (``fd``, e.g. one of a socketpair)."""
 
     name: str
-    socket: str
+    socket: str | None = None
+    fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,10 +99,14 @@ class VMConfig:
     qemu: str = QEMU
     firmware: str | None = None  # None: qboot if present (q35); microvm has it built in
     debug: bool = False
+    name: str | None = None  # -name: tells operators (ps) which QEMU is whose, e.g. the sandbox's run dir
+    sandbox: bool = True  # -sandbox SANDBOX (QEMU's seccomp filter)
     rng: bool = True  # virtio-rng: the guest's CRNG is ready at once (Python's os.urandom never waits)
     # the serial console on this connected socket (spawn(pass_fds=...)) instead of console_log:
     # the reader bounds what it keeps (shim/console.py)
     console_fd: int | None = None
+    # or the console log as an open file QEMU inherits (-add-fd: it needs no path to it)
+    console_log_fd: int | None = None
 
 
 class ConfigError(ValueError):
@@ -102,7 +122,7 @@ def _check(cfg: VMConfig) -> None:
     for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares):
         if s.type not in SHARE_TYPES:
             raise ConfigError(f"share type {s.type!r}: expected one of {SHARE_TYPES}")
-        if s.type == "virtiofs" and not s.socket:
+        if s.type == "virtiofs" and not s.socket and s.fd is None:
             raise ConfigError(f"virtiofs share {s.tag} needs virtiofsd's socket")
         # the init splits share specs on ':' and the kernel cmdline on whitespace
         for v in (s.tag, s.guest_path):
@@ -126,6 +146,24 @@ def _check(cfg: VMConfig) -> None:
             raise ConfigError(f"NIC MTU {n.mtu} out of range")
         if n.fd < 0:
             raise ConfigError(f"NIC fd {n.fd} is not a file descriptor")
+    for p in cfg.ports:
+        if (p.socket is None) == (p.fd is None):
+            raise ConfigError(f"port {p.name}: give a socket path or a connected fd (one of them)")
+
+
+def inherited_fds(cfg: VMConfig) -> list[int]:
+    """The fds the command line names: QEMU must inherit them under these numbers (spawn(pass_fds))."""
+    fds = [n.fd for n in cfg.nics] + [p.fd for p in cfg.ports if p.fd is not None]
+    fds += [s.fd for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares) if s.fd is not None]
+    return fds + [fd for fd in (cfg.console_fd, cfg.console_log_fd) if fd is not None]
+
+
+def needs_root(cfg: VMConfig) -> str | None:
+    """Why QEMU must keep root for ``cfg`` (None: it can run unprivileged).  A 9p share is served by
+    QEMU itself, reading and writing host files as its own user: root-only repo layers, volume
+    dirs of any owner.  virtiofs shares are served by virtiofsd; QEMU then touches no host file."""
+    nine = [s.tag for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares) if s.type == "9p"]
+    return f"QEMU serves 9p share(s) {', '.join(nine)} itself" if nine else None
 
 
 def security_model(share: Share) -> str:
@@ -159,6 +197,8 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
     micro = cfg.machine == "microvm"
     bus = "device" if micro else "pci"  # virtio-X-device (mmio) vs virtio-X-pci
     argv = [cfg.qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    if cfg.name:
+        argv += ["-name", "guest=" + cfg.name.replace(",", ",,")]
     vfs = uses_virtiofs(cfg)
     # vhost-user daemons (virtiofsd) map the guest's RAM: it must be a shareable memfd
     mem = ",memory-backend=mem" if vfs else ""
@@ -180,14 +220,20 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
              "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg)]
     if cfg.console_fd is not None:
         argv += ["-chardev", f"socket,id=con0,fd={cfg.console_fd},server=off", "-serial", "chardev:con0"]
+    elif cfg.console_log_fd is not None:  # QEMU opens /dev/fdset/N by dup()ing the fd
+        argv += ["-add-fd", f"fd={cfg.console_log_fd},set={CONSOLE_FDSET}",
+                 "-serial", f"file:/dev/fdset/{CONSOLE_FDSET}"]
     else:
         argv += ["-serial", f"file:{cfg.console_log}"]
+    if cfg.sandbox:
+        argv += ["-sandbox", SANDBOX]
     if cfg.rng:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", f"virtio-rng-{bus},rng=rng0"]
     if cfg.ports:
         argv += ["-device", f"virtio-serial-{bus},id=vser0,max_ports={max(2, len(cfg.ports) + 1)}"]
         for i, p in enumerate(cfg.ports):
-            argv += ["-chardev", f"socket,id=port{i},path={p.socket},server=on,wait=off",
+            sock = f"fd={p.fd}" if p.fd is not None else f"path={p.socket},server=on,wait=off"
+            argv += ["-chardev", f"socket,id=port{i},{sock}",
                      "-device", f"virtserialport,bus=vser0.0,chardev=port{i},name={p.name}"]
     for i, s in enumerate(([cfg.repo] if cfg.repo else []) + list(cfg.shares)):
         if s.type == "9p":
@@ -196,7 +242,8 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
                      "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={s.tag}"]
         else:
             dev = "vhost-user-fs-device" if micro else "vhost-user-fs-pci"
-            argv += ["-chardev", f"socket,id=vfs{i},path={s.socket}",
+            sock = f"fd={s.fd}" if s.fd is not None else f"path={s.socket}"
+            argv += ["-chardev", f"socket,id=vfs{i},{sock}",
                      "-device", f"{dev},chardev=vfs{i},tag={s.tag},queue-size=1024"]
     for i, n in enumerate(cfg.nics):
         # host_mtu: the guest driver learns the MTU from the device; romfile= (PCI): no iPXE option ROM
@@ -222,16 +269,90 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+@dataclass(frozen=True)
+class Creds:
+    """Who a child runs as: set by the launcher between fork and exec (supplementary groups,
+    gid, then uid: all capabilities go with the uid change)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+#: default first uid of QEMU's per-VM users: above systemd's container ranges
+#: (0x80000-0x6FFFFFFF) and below its "foreign" range (0x7FFE0000); pids add at most 2**22
+DEFAULT_UID_BASE = 0x7F000000
+PID_MAX_LIMIT = 1 << 22  # the kernel's upper bound for pid_max on 64-bit
+
+
+def unprivileged(uid_base: int, owner_pid: int, accel: str = "tcg", kvm_gid: int | None = None) -> Creds:
+    """QEMU's credentials for a VM started by process ``owner_pid``: uid = gid = ``uid_base`` +
+    that pid.  Pure.
+
+    Why a uid per VM: two QEMUs of one uid could ptrace or signal each other, so one escaped
+    guest would reach every other VM's memory.  Why base + pid: each VM has its own starting
+    process (a shim daemon, a ``fractal vm run``) and QEMU dies with it (PDEATHSIG), so no two
+    live QEMUs share a uid, with no allocation state to leak when a shim is SIGKILLed; no
+    passwd entry is needed (the uid owns no file).  ``kvm_gid``: /dev/kvm's group, added when
+    ``accel`` is kvm so the device opens."""
+    if not 0 < owner_pid < PID_MAX_LIMIT:
+        raise ValueError(f"pid {owner_pid} out of range")
+    if not 0 < uid_base <= 0xFFFFFFFE - PID_MAX_LIMIT:
+        raise ValueError(f"uid base {uid_base} out of range")
+    groups = (kvm_gid,) if accel == "kvm" and kvm_gid is not None else ()
+    return Creds(uid_base + owner_pid, uid_base + owner_pid, groups)
+
+
+def choose_creds(cfg: VMConfig, uid_base: int, owner_pid: int) -> tuple[Creds | None, str]:
+    """(QEMU's credentials, why): None keeps root -- when configured (``uid_base`` 0) or when QEMU
+    serves a 9p share (:func:`needs_root`)."""
+    if uid_base == 0:
+        return None, "root (qemu_uid_base = 0)"
+    why = needs_root(cfg)
+    if why:
+        return None, f"root: {why}"
+    creds = unprivileged(uid_base, owner_pid, cfg.accel, kvm_group())
+    return creds, f"uid/gid {creds.uid}"
+
+
+def kvm_group() -> int | None:
+    try:
+        return os.stat("/dev/kvm").st_gid
+    except OSError:
+        return None
+
+
+def open_boot_files(cfg: VMConfig) -> tuple[VMConfig, list[int]]:
+    """``cfg`` with its kernel and initramfs read through fds opened here (``/proc/self/fd/N``),
+    and those fds: a QEMU without root reads them whatever the permissions of the dirs above
+    them (the guest cache may be root-only).  The caller closes the fds after spawning."""
+    import dataclasses
+
+    fds: list[int] = []
+    try:
+        for path in (cfg.kernel, cfg.initramfs):
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return dataclasses.replace(cfg, kernel=f"/proc/self/fd/{fds[0]}",
+                               initramfs=f"/proc/self/fd/{fds[1]}"), fds
+
+
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
           stderr: int | None = subprocess.PIPE, cwd: str | None = None,
-          pass_fds: Sequence[int] = (), guard_shares: bool = False) -> subprocess.Popen:
+          pass_fds: Sequence[int] = (), guard_shares: bool = False,
+          creds: Creds | None = None) -> subprocess.Popen:
     """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null.
 
     ``cwd``: relative socket paths in ``argv`` are relative to it (unix socket paths are limited
     to 108 bytes; a sandbox's run dir can be deeper than that).
     ``pass_fds``: fds the child inherits under the same numbers (the NICs' tap fds); all others are closed.
     ``guard_shares``: QEMU serving a read-write 9p share runs under :mod:`ccpu.vm.fsguard` (no
-    setuid/setgid file, device node or xattr written for the guest)."""
+    setuid/setgid file, device node or xattr written for the guest).
+    ``creds``: drop to these before exec (PDEATHSIG and the guard are set up after the drop: a
+    credential change clears PDEATHSIG)."""
     preexec = die_with_parent
     if guard_shares:
         from ccpu.vm import fsguard
@@ -241,8 +362,12 @@ def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
         def preexec() -> None:
             die_with_parent()
             install()
+    kw: dict[str, object] = {}
+    if creds is not None:
+        kw = {"user": creds.uid, "group": creds.gid, "extra_groups": list(creds.groups)}
     return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=preexec, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds))
+                            preexec_fn=preexec, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds),
+                            **kw)  # type: ignore[call-overload]
 
 
 def qboot_available() -> bool:

@@ -9,6 +9,7 @@ becomes that network namespace's interface (ccpu.vm.net), detached afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -70,26 +71,11 @@ def console_milestones(text: str) -> list[tuple[float, str]]:
     return [(float(m.group(1)), m.group(2)) for m in _MILESTONE.finditer(text)]
 
 
-def _connect(path: str, deadline: float, proc: subprocess.Popen) -> socket.socket:
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            return s
-        except OSError:
-            s.close()
-            if proc.poll() is not None:
-                raise VMError(f"QEMU exited ({proc.returncode}) before its socket {path} was ready")
-            if time.monotonic() > deadline:
-                raise VMError(f"QEMU did not create {path}")
-            time.sleep(0.01)
-
-
 def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = (), repo: str | None = None,
         memory_mb: int = 512, cpus: int = 2, share_type: str | None = None, machine: str = "q35",
         timeout: float = 600.0, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
         console_log: str | None = None, debug: bool = False, netns: str | None = None,
-        note: Callable[[str], None] = lambda s: None) -> RunResult:
+        uid_base: int = qemu.DEFAULT_UID_BASE, note: Callable[[str], None] = lambda s: None) -> RunResult:
     """Run `argv` (joined for `sh -c`) in a fresh guest; its stdout/stderr go to `stdout`/`stderr`."""
     out_f = stdout or sys.stdout.buffer
     err_f = stderr or sys.stderr.buffer
@@ -100,7 +86,9 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
     timings: dict[str, float] = {}
     helpers: list[subprocess.Popen] = []
     proc: subprocess.Popen | None = None
-    conns: list[socket.socket] = []
+    conns: list[socket.socket] = []  # ours: the channels' host ends
+    passed: list[socket.socket] = []  # QEMU's (channel ends, virtiofsd connections), closed once it runs
+    fds: list[int] = []  # console log, kernel, initramfs (QEMU's copies stay open)
     attached: net.Attachment | None = None
     with tempfile.TemporaryDirectory(prefix="fractal-vm-") as tmp:
         try:
@@ -118,8 +106,21 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
                 for s in ([repo_share] if repo_share else []) + user_shares:
                     assert s.socket
                     helpers.append(shares.start_virtiofsd(vfsd, s, s.socket))
-            ports = [qemu.Port(n, os.path.join(tmp, f"{n}.sock")) for n in (PORT_RUN, PORT_OUT, PORT_ERR)]
+                    # QEMU gets the connection, not the path (it may run without the right to reach it)
+                    passed.append(shares.connect(s.socket))
+                connected = iter(passed)
+                if repo_share:
+                    repo_share = dataclasses.replace(repo_share, fd=next(connected).fileno())
+                user_shares = [dataclasses.replace(s, fd=next(connected).fileno()) for s in user_shares]
+            ports = []
+            for n in (PORT_RUN, PORT_OUT, PORT_ERR):  # QEMU's end of each channel is one end of a socketpair
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                conns.append(ours)
+                passed.append(theirs)
+                ports.append(qemu.Port(n, fd=theirs.fileno()))
             log_path = console_log or os.path.join(tmp, "console.log")
+            console_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fds.append(console_fd)
             if netns:
                 try:
                     attached = net.attach(netns)
@@ -131,14 +132,21 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
                                 accel=choice.accel, machine=machine, memory_mb=memory_mb, cpus=cpus, mode="run",
                                 repo=repo_share, shares=user_shares, ports=ports, debug=debug,
                                 nics=attached.nics if attached else (),
-                                cmdline_extra=attached.cmdline if attached else ())
+                                cmdline_extra=attached.cmdline if attached else (),
+                                console_log_fd=console_fd)
+            cfg, boot_fds = qemu.open_boot_files(cfg)
+            fds += boot_fds
+            creds, who = qemu.choose_creds(cfg, uid_base, os.getpid())
+            note(f"QEMU runs as {who}")
             cmd = qemu.command(cfg, qboot_exists=qemu.qboot_available())
             log.debug("qemu: %s", " ".join(cmd))
-            proc = qemu.spawn(cmd, pass_fds=attached.fds if attached else (), guard_shares=True)
+            proc = qemu.spawn(cmd, pass_fds=qemu.inherited_fds(cfg) + boot_fds, creds=creds, cwd="/",
+                              guard_shares=True)
             if attached:
                 attached.close_fds()  # QEMU holds the taps now
-            deadline = time.monotonic() + 30
-            conns = [_connect(p.socket, deadline, proc) for p in ports]
+            for c in passed:  # and its ends of the channels
+                c.close()
+            passed.clear()
             ctl, out_s, err_s = conns
             marker = runproto.new_marker()
             ctl.sendall(runproto.request(marker, argv))
@@ -159,8 +167,10 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             tail = _read(console_log or os.path.join(tmp, "console.log"))[-3000:]
             raise VMError(f"{exc}\n--- guest console (tail) ---\n{tail}") from None
         finally:
-            for c in conns:
+            for c in conns + passed:
                 c.close()
+            for fd in fds:
+                os.close(fd)
             if proc is not None:
                 if proc.poll() is None:
                     proc.kill()

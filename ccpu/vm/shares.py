@@ -50,7 +50,7 @@ def choose(requested: str | None = None) -> tuple[str, str]:
     return t, why
 
 
-def virtiofsd_argv(binary: str, share: Share, socket_path: str) -> list[str]:
+def virtiofsd_argv(binary: str, share: Share, socket_path: str, extra: Sequence[str] = ()) -> list[str]:
     """virtiofsd for one share.  Pure.
 
     `--sandbox chroot` keeps the daemon inside the shared dir without needing user
@@ -64,7 +64,7 @@ def virtiofsd_argv(binary: str, share: Share, socket_path: str) -> list[str]:
         argv.append("--readonly")
         if share.layers:
             argv += LAYER_XATTRS
-    return argv
+    return argv + list(extra)
 
 
 # A read-only layer share passes xattrs: file capabilities (security.capability), user.* (and
@@ -75,13 +75,14 @@ LAYER_XATTRS = ["--xattr", "--posix-acl", "--xattrmap", ":bad:all:trusted.:trust
 
 
 def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float = 10.0, *,
-                    cwd: str | None = None, stderr: int | None = subprocess.PIPE,
+                    cwd: str | None = None, stderr: int | None = subprocess.PIPE, extra: Sequence[str] = (),
                     poll: Callable[[subprocess.Popen], int | None] | None = None) -> subprocess.Popen:
     """Start virtiofsd and wait for its socket (QEMU fails if it connects too early).
 
     ``cwd``: a relative ``socket_path`` is relative to it.  ``poll(proc)``: how to learn that it
-    exited (default ``proc.poll()``; a caller whose own reaper collects children passes its own)."""
-    proc = spawn(virtiofsd_argv(binary, share, socket_path), stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
+    exited (default ``proc.poll()``; a caller whose own reaper collects children passes its own).
+    ``extra``: more virtiofsd arguments."""
+    proc = spawn(virtiofsd_argv(binary, share, socket_path, extra), stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
     check = poll or (lambda p: p.poll())
     where = os.path.join(cwd, socket_path) if cwd else socket_path
     deadline = time.monotonic() + timeout
@@ -94,6 +95,28 @@ def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float 
         time.sleep(0.01)
     proc.kill()
     raise RuntimeError(f"virtiofsd did not create {socket_path} within {timeout}s")
+
+
+def connect(socket_path: str, timeout: float = 10.0) -> "socket.socket":
+    """The one connection a virtiofsd serves, made here and handed to QEMU as an fd (QEMU may run
+    as a user that cannot reach the socket's directory).  virtiofsd binds before it listens: a
+    connect in between is refused, so that is retried (briefly: a daemon that died stays refused)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(socket_path)
+            return s
+        except ConnectionRefusedError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        except BaseException:
+            s.close()
+            raise
 
 
 def stop_all(procs: Sequence[subprocess.Popen]) -> None:

@@ -176,8 +176,25 @@ def test_placement_host_is_identity() -> None:
 
 
 def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
+    class View:  # the layer view mounts (tests/security/test_vm_layer_view.py); here: its calls
+        path = str(tmp_path / "view")
+        owners: dict = {}
+
+        def create(self) -> None:
+            pass
+
+        def set(self, owner: str, dirs: list) -> None:
+            self.owners[owner] = list(dirs)
+
+        def drop(self, owner: str) -> None:
+            self.owners.pop(owner, None)
+
+        def close(self) -> list:
+            return []
+
     sb = vm.VmSandbox(reaper=None, namespace="ns", group="g", repo_root="/var/lib/fractal",
                       run_dir=str(tmp_path), settings=c.VmSettings())
+    sb.view = View()
     try:
         _check_placement(sb, tmp_path)
     finally:  # the sandbox's volume view is a real mount: undo it as the shim's stop does
@@ -203,6 +220,7 @@ def _check_placement(sb, tmp_path) -> None:  # noqa: ANN001
                     "scratch": {"path": "/run/fractal/containers/c1", "size": 128 << 20},
                     "files": [], "dirs": [], "sysctls": {}}
     assert (bundle / "console.log").is_symlink()
+    assert sb.view.owners == {"c1": [f"{LAYERS}/a"]}  # its layers become visible to the guest
     with pytest.raises(TtrpcError, match="fractal snapshotter"):
         sb.placement("c2", str(bundle), {"kind": "mounts", "mounts": []}, spec)
     with pytest.raises(TtrpcError, match="bind of host path .*/dev/null"):

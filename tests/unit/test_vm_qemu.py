@@ -135,3 +135,79 @@ def test_layer_share_9p_passes_acls_read_only() -> None:
     assert "security_model=none" in fsdevs[1]
     with pytest.raises(qemu.ConfigError, match="read-only"):
         qemu.command(cfg(shares=[Share("fractallayers", "/r/layers", "/repo/layers", False, "9p", layers=True)]))
+
+
+# -- confinement: -sandbox, channels as fds, who QEMU runs as ---------------------------------
+
+
+def test_qemu_runs_under_its_seccomp_filter_unless_told_not_to() -> None:
+    assert opt_after(qemu.command(cfg()), "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    assert "-sandbox" not in qemu.command(cfg(sandbox=False))
+
+
+def test_connected_fds_replace_every_path_qemu_would_open() -> None:
+    c = cfg(ports=[Port("fractal.agent", fd=7)], console_log_fd=9,
+            shares=[Share("fractallayers", "/v", "/repo/layers", True, "virtiofs", fd=8)])
+    argv = qemu.command(c)
+    assert "socket,id=port0,fd=7" in argv
+    assert opt_after(argv, "-add-fd") == [f"fd=9,set={qemu.CONSOLE_FDSET}"]
+    assert opt_after(argv, "-serial") == [f"file:/dev/fdset/{qemu.CONSOLE_FDSET}"]
+    assert "socket,id=vfs0,fd=8" in argv
+    assert not any("/b/console.log" in a or ".sock" in a for a in argv)
+    assert sorted(qemu.inherited_fds(c)) == [7, 8, 9]
+
+
+def test_the_name_says_whose_vm_it_is() -> None:
+    assert opt_after(qemu.command(cfg(name="/run/vms/ns,1/g")), "-name") == ["guest=/run/vms/ns,,1/g"]
+    assert "-name" not in qemu.command(cfg())
+
+
+def test_a_port_needs_exactly_one_of_socket_and_fd() -> None:
+    for port in (Port("p"), Port("p", "/s/p", 3)):
+        with pytest.raises(qemu.ConfigError):
+            qemu.command(cfg(ports=[port]))
+
+
+def test_qemu_keeps_root_only_while_it_serves_a_9p_share() -> None:
+    vfs = Share("fractallayers", "/v", "/repo/layers", True, "virtiofs", fd=8)
+    nine = Share("fractalvols", "/r/volumes", "/run/v", False, "9p")
+    assert qemu.needs_root(cfg(shares=[vfs])) is None
+    assert "fractalvols" in (qemu.needs_root(cfg(shares=[vfs, nine])) or "")
+    creds, why = qemu.choose_creds(cfg(shares=[vfs]), qemu.DEFAULT_UID_BASE, 1234)
+    assert creds == qemu.Creds(qemu.DEFAULT_UID_BASE + 1234, qemu.DEFAULT_UID_BASE + 1234, ())
+    assert qemu.choose_creds(cfg(shares=[vfs, nine]), qemu.DEFAULT_UID_BASE, 1234)[0] is None
+    assert qemu.choose_creds(cfg(shares=[vfs]), 0, 1234) == (None, "root (qemu_uid_base = 0)")
+
+
+def test_each_vm_gets_its_own_uid_and_kvm_adds_the_device_group() -> None:
+    a, b = qemu.unprivileged(100_000, 10), qemu.unprivileged(100_000, 11)
+    assert a.uid != b.uid and a.uid == a.gid == 100_010 and a.groups == ()
+    assert qemu.unprivileged(100_000, 10, "kvm", 108).groups == (108,)
+    for base, pid in ((0, 1), (100_000, 0), (100_000, qemu.PID_MAX_LIMIT), (0xFFFFFFFF, 1)):
+        with pytest.raises(ValueError):
+            qemu.unprivileged(base, pid)
+
+
+def test_spawn_drops_to_the_given_credentials_before_exec(tmp_path) -> None:
+    out = tmp_path / "ids"
+    with open(out, "w") as f:
+        p = qemu.spawn(["sh", "-c", "id -u; id -g; id -G; grep -E '^CapEff' /proc/self/status"], stdout=f,
+                       creds=qemu.Creds(2_000_000_123, 2_000_000_124, (2_000_000_125,)))
+        assert p.wait(timeout=10) == 0
+    uid, gid, groups, capeff = out.read_text().splitlines()
+    assert (uid, gid) == ("2000000123", "2000000124")
+    assert sorted(groups.split()) == ["2000000124", "2000000125"]
+    assert capeff.split()[1] == "0000000000000000"
+
+
+def test_boot_files_reach_qemu_through_fds(tmp_path) -> None:
+    (tmp_path / "k").write_text("kernel")
+    (tmp_path / "i").write_text("initramfs")
+    c, fds = qemu.open_boot_files(cfg(kernel=str(tmp_path / "k"), initramfs=str(tmp_path / "i")))
+    try:
+        assert c.kernel == f"/proc/self/fd/{fds[0]}" and c.initramfs == f"/proc/self/fd/{fds[1]}"
+        assert os.read(fds[0], 100) == b"kernel"
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -36,3 +36,27 @@ def test_only_a_read_only_layer_share_passes_xattrs() -> None:
     assert rules.startswith(":bad:all:trusted.:trusted.:") and rules.endswith(":ok:all:::")
     for other in (Share("t", "/w", "/work", False, "virtiofs", "/s"), Share("t", "/w", "/work", True, "virtiofs", "/s")):
         assert not {"--xattr", "--posix-acl", "--xattrmap"} & set(shares.virtiofsd_argv("/bin/virtiofsd", other, "/s"))
+
+
+def test_connect_waits_for_a_socket_bound_but_not_yet_listening(tmp_path) -> None:
+    import socket
+    import threading
+
+    from ccpu.vm import shares
+
+    path = str(tmp_path / "vfs.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)  # virtiofsd's window between bind() and listen()
+    timer = threading.Timer(0.2, srv.listen, (1,))
+    timer.start()
+    try:
+        conn = shares.connect(path, timeout=5)
+        conn.close()
+        refused = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        refused.bind(str(tmp_path / "dead.sock"))
+        with pytest.raises(ConnectionRefusedError):
+            shares.connect(str(tmp_path / "dead.sock"), timeout=0.1)
+        refused.close()
+    finally:
+        timer.join()
+        srv.close()
