@@ -11,7 +11,7 @@ Contents (see docs/vm.md for sizes):
                             as unchecked-hash .pyc, because compiling at every boot costs seconds
                             under TCG and timestamp-checked .pyc would be stale (mtimes are 0)
   /usr/sbin/runc            + the shared libraries of all binaries above (from ldd)
-  /usr/lib/python3.11/ccpu  the project's stdlib-only modules (agent, stack)
+  /usr/lib/python3.11/ccpu  the project's stdlib-only modules (agent, linux, stack)
 
 The build is cached by an *inputs key* (hash of every source file's path, mode
 and content, plus options): the same inputs are never rebuilt and give the
@@ -59,9 +59,10 @@ DYNLOAD_EXCLUDE = re.compile(
     r"|_curses\w*|ossaudiodev|audioop|_crypt|_tkinter|_sqlite3)\.cpython-")
 
 # The project's stdlib-only files for the guest, relative to the source tree root.
-# The agent needs only itself and ccpu.stack (mount plans); the repo and its SQLite stay on the host.
+# The agent needs only itself, ccpu.linux (platform helpers) and ccpu.stack (mount plans); the repo and
+# its SQLite stay on the host.
 PROJECT_FILES = ("ccpu/__init__.py", "ccpu/stack.py")
-PROJECT_DIRS = ("ccpu/agent",)
+PROJECT_DIRS = ("ccpu/agent", "ccpu/linux")
 
 
 @dataclass(frozen=True)
