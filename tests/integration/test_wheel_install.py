@@ -109,3 +109,53 @@ print(containers_pb2.DESCRIPTOR.package)
     site = str(installed.venv)
     assert probe[0].startswith(site) and probe[1].startswith(site), probe
     assert probe[2:] == ["True", "containerd.services.containers.v1"]
+
+
+class _VenvSnapshotter(Snapshotter):
+    """The venv's ``fractal-snapshotter`` console script, without --root (the config file
+    names it) and without the checkout on PYTHONPATH."""
+
+    def __init__(self, script: Path, config: Path, root: Path, address: Path, log: Path) -> None:
+        super().__init__(root, address, log)
+        self.script, self.config = script, config
+
+    def command(self) -> list[str]:
+        return ["env", "-u", "PYTHONPATH", "-u", "FRACTAL_ROOT", f"FRACTAL_CONFIG={self.config}",
+                str(self.script), "--address", str(self.address)]
+
+
+def test_a_container_runs_on_the_venvs_shim_and_snapshotter(installed: Installed, tmp_path: Path, registry) -> None:
+    run = Path("/run/fractal-test") / f"whl-{secrets.token_hex(3)}"
+    run.mkdir(parents=True)
+    snap_root, snap_sock = tmp_path / "repo", run / "snap.sock"
+    fconf = tmp_path / "fractal.toml"
+    fconf.write_text(f'mode = "host"\nroot = "{snap_root}"\n')
+    cfg = ContainerdConfig(root=tmp_path / "croot", state=run / "st", address=run / "c.sock", temp=tmp_path / "ctmp",
+                           opt_path=tmp_path / "opt", snapshotter_address=snap_sock, disabled_plugins=DISABLED_PLUGINS)
+    snap = _VenvSnapshotter(installed.bin / "fractal-snapshotter", fconf, snap_root, snap_sock,
+                            tmp_path / "snapshotter.log")
+    # the venv's bin first on containerd's PATH: it finds the venv's shim before the checkout's
+    cd = PrivateContainerd(cfg, tmp_path / "containerd.toml", tmp_path / "containerd.log",
+                           path_prepend=[installed.bin],
+                           extra_env={"PYTHONPATH": "", "FRACTAL_ROOT": "", "FRACTAL_CONFIG": str(fconf),
+                                      "FRACTAL_RUN_DIR": str(run / "fractal")})
+    try:
+        snap.start()
+        cd.start()
+        ref = registry.ref("busybox")
+        cd.ctr("images", "pull", "--plain-http", "--snapshotter", "fractal", ref, timeout=300)
+        assert any(snap_root.iterdir()), "the snapshotter did not use the config file's root"
+        cd.ctr("run", "-d", "--snapshotter", "fractal", "--fifo-dir", str(run / "fifo"),
+               "--runtime", "io.containerd.fractal.v1", ref, "whl1", "sleep", "60", timeout=120)
+        ps = installed.run("fractal", "ps", "-a", str(cfg.address), "-n", "default", "--json",
+                           FRACTAL_RUN_DIR=str(run / "fractal"))
+        boxes = json.loads(ps.stdout)
+        assert [c["id"] for b in boxes for c in b["containers"]] == ["whl1"], boxes
+        shim_cmd = Path(f"/proc/{boxes[0]['shim_pid']}/cmdline").read_bytes().split(b"\0")
+        assert shim_cmd[0].decode().startswith(str(installed.venv)), shim_cmd  # the venv's python
+    finally:
+        cd.stop()
+        kill_processes_mentioning(str(run), str(tmp_path), exclude=[p for p in (snap.pid,) if p])
+        snap.stop()
+        unmount_all(run, tmp_path)
+        shutil.rmtree(run, ignore_errors=True)
