@@ -1,7 +1,8 @@
 # Thin wrappers so the usual entry points are discoverable; the logic lives in hack/.
 # `make run` and `make test` are the README's two commands: both install what is
 # missing first (hack/setup.sh is idempotent and takes ~0.5 s when nothing changed).
-PYTHON ?= python3
+# .venv: hack/setup.sh's dev install when python3 is externally managed (stock Debian/Ubuntu)
+PYTHON ?= $(if $(wildcard .venv/bin/python3),.venv/bin/python3,python3)
 PYTEST_ARGS ?=
 
 .PHONY: run test setup setup-debian protos images bench

@@ -11,13 +11,15 @@ proto ``package`` statements are left untouched, so fully-qualified wire names
 (e.g. ``containerd.services.snapshots.v1.Snapshots``) stay exactly what containerd
 expects; only the *file* names in the descriptor pool change.
 
-Mapping (source = Debian's golang-github-containerd-containerd-dev tree):
+Sources: the pinned files of ``hack/protosrc.py`` (containerd v1.6.20's API, gogo's
+gogo.proto, cgroups' metrics.proto; each checked by sha256, found in an sdist, Debian's
+golang-*-dev trees, Go's module cache or the Go module proxy) plus the 2.x-only files vendored
+in this repo.  Mapping:
 
     github.com/containerd/containerd/api/<p>     -> ccpu/api/gen/containerd/<p>
     github.com/containerd/containerd/<other p>   -> ccpu/api/gen/containerd/<other p>
     github.com/containerd/cgroups/<p>            -> ccpu/api/gen/cgroups/<p>
-                                                    (golang-github-containerd-cgroups-dev:
-                                                    stats/v1/metrics.proto, the Task.Stats
+                                                    (stats/v1/metrics.proto, the Task.Stats
                                                     payload io.containerd.cgroups.v1.Metrics)
     gogoproto/gogo.proto (gogo-protobuf)         -> ccpu/api/gen/gogoproto/gogo.proto
     google/protobuf/*.proto                      -> not staged (grpcio-tools ships them)
@@ -27,10 +29,14 @@ Mapping (source = Debian's golang-github-containerd-containerd-dev tree):
                                                     google.rpc.Status twice)
     hack/protos/containerd/<p> (in this repo)    -> ccpu/api/gen/containerd/<p>
                                                     (containerd 2.x-only files, vendored from
-                                                    the containerd/api module: Debian ships
-                                                    only 1.6's tree.  types/introspection.proto
+                                                    the containerd/api module: the pinned tree
+                                                    is 1.6's.  types/introspection.proto
                                                     = RuntimeInfo, what the shim's ``-info``
                                                     prints for containerd 2.x)
+
+Two callers: ``hack/setup.sh`` (into this tree, for the dev install) and ``setup.py``'s
+build_py hook (``generate(out_root=<build dir>)``, so every wheel carries stubs made from the
+same pinned inputs).
 
 Outputs are regenerated only when the inputs, this script or the grpcio-tools
 version change (stamp file ``ccpu/api/gen/.stamp``), because the stubs are
@@ -49,38 +55,28 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script (hack/setup.sh) or imported by setup.py
+    sys.path.insert(0, str(REPO_ROOT))
+from hack import protosrc  # noqa: E402
+
 GEN_PKG = "ccpu/api/gen"  # as a path relative to the repo root / staging root
 GEN_DIR = REPO_ROOT / GEN_PKG
 STAMP_NAME = ".stamp"
 # Bump when the staging/rewriting logic changes in a way that alters the output.
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 
-GOCODE = Path(os.environ.get("FRACTAL_GOCODE", "/usr/share/gocode/src"))
-CONTAINERD_IMPORT = "github.com/containerd/containerd"
-CONTAINERD_SRC = GOCODE / CONTAINERD_IMPORT
-GOGO_SRC = GOCODE / "github.com/gogo/protobuf"
-CGROUPS_IMPORT = "github.com/containerd/cgroups"
-CGROUPS_SRC = GOCODE / CGROUPS_IMPORT
-
-# From containerd/cgroups: the cgroup v1 metrics a shim returns from Task.Stats.
-CGROUPS_PROTOS = ("stats/v1/metrics.proto",)
-
-# Files outside containerd's api/ dir that later work needs (shim Task API, runc
-# options, runtime options) and one that api/ imports (fieldpath plugin).
-EXTRA_CONTAINERD_PROTOS = (
-    "runtime/v2/task/shim.proto",
-    "pkg/runtimeoptions/v1/api.proto",
-    "runtime/v2/runc/options/oci.proto",
-    "protobuf/plugin/fieldpath.proto",
-)
+GOCODE = Path(os.environ.get("FRACTAL_GOCODE", protosrc.DEFAULT_GOCODE))  # google/rpc fallback
+CONTAINERD_IMPORT = protosrc.CONTAINERD.path
+CGROUPS_IMPORT = protosrc.CGROUPS.path
 
 # containerd 2.x-only protos, vendored (with their provenance) under hack/protos/containerd/:
-# path there == path under containerd's api/ dir.  A file that also exists in Debian's 1.6
-# tree is an error (the two would map to the same staged path).
+# path there == path under containerd's api/ dir.  A file that is also pinned from the 1.6
+# module is an error (the two would map to the same staged path).
 VENDORED_DIR = REPO_ROOT / "hack/protos/containerd"
 VENDORED_PROTOS = ("types/introspection.proto",)
 
@@ -93,8 +89,9 @@ class GenError(RuntimeError):
 
 @dataclass(frozen=True)
 class StagedProto:
-    source: Path
+    origin: str  # where the bytes came from, for messages
     staged: str  # path relative to the staging root, e.g. ccpu/api/gen/containerd/...
+    read: Callable[[], bytes]
 
 
 def staged_name(import_path: str) -> str | None:
@@ -117,41 +114,40 @@ def staged_name(import_path: str) -> str | None:
 
 
 def collect_inputs() -> list[StagedProto]:
-    api_dir = CONTAINERD_SRC / "api"
-    if not api_dir.is_dir():
-        raise GenError(
-            f"{api_dir} not found: install golang-github-containerd-containerd-dev (hack/setup.sh does)"
-        )
-    gogo = GOGO_SRC / "gogoproto/gogo.proto"
-    if not gogo.is_file():
-        raise GenError(f"{gogo} not found: install golang-github-gogo-protobuf-dev")
-    protos = [
-        StagedProto(p, staged_name(f"{CONTAINERD_IMPORT}/{p.relative_to(CONTAINERD_SRC)}") or "")
-        for p in sorted(api_dir.rglob("*.proto"))
-    ]
-    for rel in EXTRA_CONTAINERD_PROTOS:
-        src = CONTAINERD_SRC / rel
-        if not src.is_file():
-            raise GenError(f"{src} not found (containerd dev package layout changed?)")
-        protos.append(StagedProto(src, staged_name(f"{CONTAINERD_IMPORT}/{rel}") or ""))
-    for rel in CGROUPS_PROTOS:
-        src = CGROUPS_SRC / rel
-        if not src.is_file():
-            raise GenError(f"{src} not found: install golang-github-containerd-cgroups-dev")
-        protos.append(StagedProto(src, staged_name(f"{CGROUPS_IMPORT}/{rel}") or ""))
+    """Every proto to stage, without reading the pinned ones (see :func:`input_digest`)."""
+    pinned: dict[tuple[str, str], bytes] = {}
+
+    def reader(key: tuple[str, str]) -> Callable[[], bytes]:
+        def read() -> bytes:
+            if not pinned:  # resolved once, on first use: may download
+                try:
+                    pinned.update(protosrc.resolve(REPO_ROOT))
+                except protosrc.SourceError as exc:
+                    raise GenError(f"containerd API protos: {exc}") from None
+            return pinned[key]
+        return read
+
+    protos = [StagedProto(f"{m.key}/{rel}", _staged(f"{m.path}/{rel}"), reader((m.path, rel)))
+              for m in protosrc.MODULES for rel in m.files]
     for rel in VENDORED_PROTOS:
         src = VENDORED_DIR / rel
         if not src.is_file():
             raise GenError(f"{src} not found (vendored proto missing from the checkout)")
-        protos.append(StagedProto(src, staged_name(f"{CONTAINERD_IMPORT}/api/{rel}") or ""))
-    protos.append(StagedProto(gogo, f"{GEN_PKG}/gogoproto/gogo.proto"))
+        protos.append(StagedProto(str(src), _staged(f"{CONTAINERD_IMPORT}/api/{rel}"), src.read_bytes))
     staged = [p.staged for p in protos]
     if len(set(staged)) != len(staged):
         raise GenError("two protos map to the same staged path")
     return protos
 
 
-def rewrite_imports(text: str, origin: Path) -> str:
+def _staged(import_path: str) -> str:
+    name = staged_name(import_path)
+    if name is None:
+        raise GenError(f"{import_path} would not be staged")
+    return name
+
+
+def rewrite_imports(text: str, origin: str) -> str:
     def repl(m: re.Match[str]) -> str:
         target = staged_name(m.group(2))
         return m.group(0) if target is None else f"{m.group(1)}{target}{m.group(3)}"
@@ -196,17 +192,20 @@ def tools_version() -> str:
 
 
 def input_digest(protos: list[StagedProto]) -> str:
+    """Hash of everything the output depends on.  Pinned files count by their pins (the
+    bytes used must match them), so checking the stamp needs neither network nor sources."""
     h = hashlib.sha256()
-    h.update(f"recipe={RECIPE_VERSION}\ngrpcio-tools={tools_version()}\n".encode())
+    h.update(f"recipe={RECIPE_VERSION}\ngrpcio-tools={tools_version()}\npins={protosrc.PIN_DIGEST}\n".encode())
     h.update(Path(__file__).read_bytes())
     for p in protos:
         h.update(p.staged.encode() + b"\0")
-        h.update(hashlib.sha256(p.source.read_bytes()).digest())
+        if not p.origin.startswith(tuple(m.key + "/" for m in protosrc.MODULES)):
+            h.update(hashlib.sha256(p.read()).digest())
     return h.hexdigest()
 
 
-def up_to_date(digest: str) -> bool:
-    stamp = GEN_DIR / STAMP_NAME
+def up_to_date(digest: str, gen_dir: Path = GEN_DIR) -> bool:
+    stamp = gen_dir / STAMP_NAME
     return stamp.is_file() and stamp.read_text().strip() == digest
 
 
@@ -241,24 +240,26 @@ def add_init_files(root: Path) -> None:
             init.write_text('"""Generated by hack/gen_protos.py; do not edit or commit."""\n')
 
 
-def generate(force: bool = False, quiet: bool = False) -> bool:
-    """Generate stubs if needed; return True if files were (re)written."""
+def generate(force: bool = False, quiet: bool = False, out_root: Path = REPO_ROOT) -> bool:
+    """Generate stubs into ``out_root/ccpu/api/gen`` if needed; return True if files were
+    (re)written.  ``out_root``: this tree (dev), or setup.py's build dir (wheels)."""
+    gen_dir = out_root / GEN_PKG
     protos = collect_inputs()
     digest = input_digest(protos)
-    if not force and up_to_date(digest):
+    if not force and up_to_date(digest, gen_dir):
         if not quiet:
             print(f"gen_protos: {GEN_PKG} up to date ({len(protos)} protos)")
         return False
     if not quiet:
-        print(f"gen_protos: generating {len(protos)} protos into {GEN_PKG} (grpcio-tools {tools_version()})")
-    GEN_DIR.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".gen-", dir=GEN_DIR.parent) as tmp:
+        print(f"gen_protos: generating {len(protos)} protos into {gen_dir} (grpcio-tools {tools_version()})")
+    gen_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gen-", dir=gen_dir.parent) as tmp:
         tmpdir = Path(tmp)
         stage, out = tmpdir / "stage", tmpdir / "out"
         for p in protos:
             dst = stage / p.staged
             dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_text(rewrite_imports(p.source.read_text(), p.source))
+            dst.write_text(rewrite_imports(p.read().decode("utf-8"), p.origin))
         out.mkdir()
         run_protoc(stage, out, protos)
         new_gen = out / GEN_PKG
@@ -266,9 +267,9 @@ def generate(force: bool = False, quiet: bool = False) -> bool:
         (new_gen / STAMP_NAME).write_text(digest + "\n")
         # Swap in with renames so importers see either the old or the new tree.
         old = tmpdir / "old"
-        if GEN_DIR.exists():
-            GEN_DIR.rename(old)
-        new_gen.rename(GEN_DIR)
+        if gen_dir.exists():
+            gen_dir.rename(old)
+        new_gen.rename(gen_dir)
     return True
 
 

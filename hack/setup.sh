@@ -73,6 +73,16 @@ fi
 $SUDO mkdir -p "$CACHE"
 
 # --- 2. Python package (editable) + extras ---------------------------------------
+# A distribution's externally managed python3 (PEP 668) gets a venv in the clone instead
+# (hack/devpython.sh); every other interpreter is used as given.
+# shellcheck source=hack/devpython.sh
+. "$ROOT/hack/devpython.sh"
+if externally_managed "$PY" && ! "$PY" -c 'import ensurepip' 2>/dev/null; then
+  echo "setup:   installing python3-venv ($PY is externally managed and has no venv module)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv
+fi
+PY="$(dev_python "$PY" "$ROOT")"
 # The marker is keyed on pyproject.toml, the interpreter and this clone's path; the
 # editable install must also point at *this* clone (another clone may have
 # installed itself last).

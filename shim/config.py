@@ -19,7 +19,9 @@ Sources, strongest first (the FIRST container of a sandbox decides; see :func:`r
    :class:`Timeouts`.
 
 Files 2 and 3 are TOML with the same keys; when both exist they are merged key by key, the
-runtime config file winning.  A missing global file is fine; a missing or malformed file that
+runtime config file winning -- except ``root`` (the repo the snapshotter serves), which only the
+global file may set: the snapshotter reads that file too (:func:`repo_root`), so the two agree
+by construction, and a per-runtime file the snapshotter never sees could only break that.  A missing global file is fine; a missing or malformed file that
 was named explicitly is an error (the shim refuses to start the sandbox rather than silently
 running it somewhere else).
 """
@@ -171,6 +173,7 @@ class HostLimits:
 @dataclass(frozen=True)
 class Config:
     mode: str = DEFAULT_MODE
+    root: str | None = None  # the fractal repo (global file only); None: see repo_root()
     vm: VmSettings = VmSettings()
     sources: tuple[str, ...] = ()  # where the values came from, for the log
     timeouts: Timeouts = Timeouts()
@@ -297,6 +300,13 @@ def parse_mode(value: Any, where: str = "mode") -> str:
     return _choice(value, MODES, where)
 
 
+def parse_root(value: Any, where: str = "root") -> str:
+    """An absolute directory path, normalised (the agent compares real paths below it)."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 4096:
+        raise ConfigError(f"{where}: expected an absolute directory path, got {_brief(value)}")
+    return os.path.normpath(value)
+
+
 # ---------------------------------------------------------------------------------------------
 # files
 
@@ -308,8 +318,8 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
     vm = cfg.vm
     policy = cfg.policy
     for key in data:
-        if key not in ("mode", "vm", "allowed_annotations", "timeouts"):
-            raise ConfigError(f"{where}: unknown key {key!r} (known: mode, allowed_annotations, [vm], "
+        if key not in ("mode", "root", "vm", "allowed_annotations", "timeouts"):
+            raise ConfigError(f"{where}: unknown key {key!r} (known: mode, root, allowed_annotations, [vm], "
                               "[timeouts])")
     timeouts = cfg.timeouts
     ttable = data.get("timeouts", {})
@@ -320,6 +330,7 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             raise ConfigError(f"{where}: unknown key timeouts.{key} (known: {', '.join(TIMEOUT_KINDS)})")
         timeouts = replace(timeouts, **{key: parse_seconds(value, f"{where}: timeouts.{key}")})
     mode = parse_mode(data["mode"], f"{where}: mode") if "mode" in data else cfg.mode
+    root = parse_root(data["root"], f"{where}: root") if "root" in data else cfg.root
     if "allowed_annotations" in data:
         policy = replace(policy, allowed=parse_allowed(data["allowed_annotations"],
                                                        f"{where}: allowed_annotations"))
@@ -358,7 +369,7 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, max_memory, "
                               "max_cpus, accel, share, boot_timeout, console_log_kib, scratch, scratch_max, "
                               "memory_reserve, qemu_uid_base)")
-    return replace(cfg, mode=mode, vm=check_vm(vm, where), policy=policy, timeouts=timeouts,
+    return replace(cfg, mode=mode, root=root, vm=check_vm(vm, where), policy=policy, timeouts=timeouts,
                    sources=cfg.sources + (where,))
 
 
@@ -486,7 +497,11 @@ def resolve(annotations: Mapping[str, str], *, runtime_config: str | None,
     else:
         cfg = read(DEFAULT_FILE, cfg, False)
     if runtime_config:
+        root = cfg.root
         cfg = read(runtime_config, cfg, True)
+        if cfg.root != root:
+            raise ConfigError(f"{runtime_config}: root can only be set in the global config file "
+                              f"({DEFAULT_FILE} or $FRACTAL_CONFIG), which the snapshotter reads too")
     return apply_annotations(cfg, annotations)
 
 
@@ -495,6 +510,55 @@ def load(annotations: Mapping[str, str], environ: Mapping[str, str] | None = Non
     env = os.environ if environ is None else environ
     return resolve(annotations, runtime_config=env.get(RUNTIME_CONFIG_ENV) or None,
                    global_file=env.get("FRACTAL_CONFIG") or None, host=HostLimits.probe())
+
+
+#: where the shim and the snapshotter learn the repo root, strongest first (see repo_root)
+ROOT_ENV = "FRACTAL_ROOT"
+
+
+@dataclass(frozen=True)
+class RepoRoot:
+    """The fractal repo's directory and where that value came from (for errors and logs)."""
+
+    path: str
+    source: str
+    config_file: str  # the global file that was (or would be) read
+
+    def hint(self) -> str:
+        """How an operator fixes a root the snapshotter does not use (appended to "outside the
+        agent's roots" errors, shim/errors.py)."""
+        return (f"the shim's repo root is {self.path} ({self.source}); it must be the snapshotter's "
+                f"--root: set root = \"...\" in {self.config_file} (read by both) or {ROOT_ENV} in "
+                "containerd's environment")
+
+
+def repo_root(environ: Mapping[str, str] | None = None, *, strict: bool = False,
+              read: Any = None) -> RepoRoot:
+    """The repo root of the shim and the snapshotter's default ``--root``: ``$FRACTAL_ROOT``,
+    else ``root`` of the global file (``$FRACTAL_CONFIG`` or :data:`DEFAULT_FILE`), else
+    :data:`ccpu.defaults.DEFAULT_ROOT`.
+
+    Only the operator's inputs count (containerd's environment, a root-owned file); never a
+    path a client sent.  ``strict``: a global file that does not load is an error (the
+    snapshotter refuses to start); otherwise (the shim) the default is used and the source says
+    why -- the sandbox then fails with that file's error anyway (:func:`load`)."""
+    from ccpu.defaults import DEFAULT_ROOT
+
+    env = os.environ if environ is None else environ
+    read = read or (lambda p, required: load_file(p, required=required))
+    named = env.get("FRACTAL_CONFIG") or None
+    path = named or DEFAULT_FILE
+    if env.get(ROOT_ENV):
+        return RepoRoot(env[ROOT_ENV], f"${ROOT_ENV} in the environment", path)
+    try:
+        cfg = read(path, bool(named))
+    except ConfigError as exc:
+        if strict:
+            raise
+        return RepoRoot(DEFAULT_ROOT, f"the default: {exc}", path)
+    if cfg.root:
+        return RepoRoot(cfg.root, f"root in {path}", path)
+    return RepoRoot(DEFAULT_ROOT, f"the default: no root in {path}, no ${ROOT_ENV}", path)
 
 
 def pod_may_join(environ: Mapping[str, str] | None = None) -> bool:

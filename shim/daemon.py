@@ -114,7 +114,7 @@ class Daemon:
 
         ttrpc_address = os.environ.get("TTRPC_ADDRESS") or (self.opts.address + ".ttrpc")
         self.publisher = Publisher(ttrpc_address)
-        repo_root = os.environ.get("FRACTAL_ROOT") or "/var/lib/fractal"
+        repo_root = shim_config.repo_root().path  # $FRACTAL_ROOT, else root in the config file
         bundle_root = os.path.dirname(os.path.realpath(self.opts.bundle))
         admit = None
         timeouts = shim_config.Timeouts()

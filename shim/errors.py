@@ -34,7 +34,21 @@ def to_ttrpc(code: str, message: str) -> TtrpcError:
     """TtrpcError for an agent error (unknown codes -> UNKNOWN, as containerd's errdefs)."""
     if len(message) > MAX_MESSAGE:
         message = f"{message[:MAX_MESSAGE]}...({len(message)} chars)"
+    if code == "InvalidArgument" and OUTSIDE_ROOTS in message:
+        message = f"{message} ({root_hint()})"
     return TtrpcError(AGENT_CODES.get(code, Code.UNKNOWN), message)
+
+
+#: how the agent words a path outside its roots (ccpu/agent/protocol.py resolve_inside)
+OUTSIDE_ROOTS = "is outside the agent's roots"
+
+
+def root_hint() -> str:
+    """Where the shim's repo root came from and how to set it: the usual cause of a layer path
+    outside the agent's roots is a snapshotter whose --root is not the shim's root."""
+    from shim.config import repo_root
+
+    return repo_root().hint()
 
 
 def agent_error_code(exc: BaseException) -> str | None:

@@ -70,7 +70,9 @@ async def serve(root: Path, address: Path, *, ready: asyncio.Event | None = None
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fractal-snapshotter", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=os.environ.get("FRACTAL_ROOT", DEFAULT_ROOT), help="repo directory (default %(default)s)")
+    ap.add_argument("--root", default=None,
+                    help=f"repo directory (default: $FRACTAL_ROOT, else root in $FRACTAL_CONFIG or "
+                         f"/etc/fractal/config.toml, else {DEFAULT_ROOT}; the shim reads the same)")
     ap.add_argument("--address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS", DEFAULT_ADDRESS),
                     help="unix socket to listen on (default %(default)s)")
     ap.add_argument("--debug", action="store_true", help="log every request (debug level)")
@@ -78,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="stderr records: logrus-style key=value text (default) or JSON lines "
                          "(docs/logging.md)")
     args = ap.parse_args(argv)
+    if args.root is None:  # the shim finds its root the same way (shim/config.py repo_root)
+        from shim.config import ConfigError, repo_root
+
+        try:
+            args.root = repo_root(strict=True).path
+        except ConfigError as exc:
+            print(f"fractal-snapshotter: fractal config: {exc}", file=sys.stderr)
+            return 1
     from shim import logfmt
 
     # stderr: journald takes it under systemd.  With --debug our own loggers only go to debug
