@@ -5,13 +5,15 @@
 PYTHON ?= $(if $(wildcard .venv/bin/python3),.venv/bin/python3,python3)
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-debian protos images bench
-run: setup      ## set up, then run the main job: containers through containerd on the fractal repo
+.PHONY: run test setup setup-run setup-debian protos images bench
+run: setup-run  ## set up, then run the main job: containers through containerd on the fractal repo
 	$(PYTHON) hack/demo.py
 test: setup     ## set up, then run the whole test suite (unit + integration through a private containerd)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 setup:          ## apt packages, pip -e .[build,images,test], protobuf stubs, test images
 	bash hack/setup.sh
+setup-run:      ## what `make run` needs: as setup, but of the Go peers only crictl (the others are test-only)
+	bash hack/setup.sh --run
 setup-debian:   ## same, plus the slow debian test image
 	bash hack/setup.sh --with-debian
 protos:         ## (re)generate ccpu/api/gen if the containerd protos changed

@@ -94,7 +94,8 @@ PEERS_SCRIPT = REPO_ROOT / "hack" / "peers.sh"
 def peer_bin_dir(name: str) -> Path:
     """``$FRACTAL_CACHE/peers/<name>-<pinned version>/bin`` as hack/peers.sh builds it.
 
-    ``name`` is a peers.sh name: ``containerd2``, ``nerdctl`` or ``cri-tools``.  The pinned
+    ``name`` is a peers.sh name: ``containerd2``, ``nerdctl``, ``cri-tools`` (crictl + critest)
+    or ``crictl`` (crictl alone, same dir: what the demo needs).  The pinned
     versions live only in peers.sh; ``peers.sh --list`` tells where they go.
     """
     r = subprocess.run(["bash", str(PEERS_SCRIPT), "--list", name], capture_output=True, text=True,
@@ -110,7 +111,8 @@ def peer_missing(name: str) -> str | None:
         d = peer_bin_dir(name)
     except HarnessError as exc:
         return str(exc)
-    if not (d.parent / ".ok").is_file():
+    stamps = [".ok.crictl", ".ok"] if name == "crictl" else [".ok"]  # a full cri-tools build has crictl
+    if not any((d.parent / s).is_file() for s in stamps):
         log = d.parent / "log" / "build.log"
         why = f" (build log: {log})" if log.exists() else ""
         return f"{name} not built in {d}: run hack/peers.sh {name}{why}"

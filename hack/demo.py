@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 nar.say("\n".join(refs.values()))
 
             cri: CriConfig | None = None
-            if sn == "fractal" and peer_missing("cri-tools") is None and shutil.which("umoci"):
+            if sn == "fractal" and peer_missing("crictl") is None and shutil.which("umoci"):
                 with nar.step("make a pause image for Kubernetes pods (busybox + sleep) and push it"):
                     pause = reg_dir / "pause-layout"
                     shutil.copytree(layouts["busybox"], pause)

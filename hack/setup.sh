@@ -4,7 +4,10 @@
 # every fresh clone run it: machines are handed over with arbitrary leftovers, so
 # the project's own files must install everything it needs.
 #
-#   hack/setup.sh [--with-debian] [--skip-images]
+#   hack/setup.sh [--with-debian] [--skip-images] [--run]
+#
+# --run: only what the main job (`make run`, hack/demo.py) needs: of the Go peers only crictl
+# (the demo's Kubernetes step); containerd 2.x, nerdctl and critest are built by `make test`.
 #
 # Env: FRACTAL_CACHE (default /var/cache/fractal; outside the clone so clones on
 # one machine share built images), PYTHON (default python3).
@@ -15,11 +18,13 @@ CACHE="${FRACTAL_CACHE:-/var/cache/fractal}"
 PY="${PYTHON:-python3}"
 WITH_DEBIAN=0
 SKIP_IMAGES=0
+FOR_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --with-debian) WITH_DEBIAN=1 ;;
     --skip-images) SKIP_IMAGES=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --run) FOR_RUN=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "setup: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -150,8 +155,10 @@ step_done
 if [ "${FRACTAL_SKIP_PEERS:-0}" = 1 ]; then
   echo "setup: peers: skipped (FRACTAL_SKIP_PEERS=1)"
 else
-  step "peers in $CACHE/peers"
-  FRACTAL_CACHE="$CACHE" $SUDO bash "$ROOT/hack/peers.sh" | sed 's/^peers:/setup:  /'
+  peers=()
+  if [ "$FOR_RUN" -eq 1 ]; then peers=(crictl); fi  # the demo needs crictl only
+  step "peers in $CACHE/peers${peers:+ (${peers[*]} only: --run)}"
+  FRACTAL_CACHE="$CACHE" $SUDO bash "$ROOT/hack/peers.sh" "${peers[@]}" | sed 's/^peers:/setup:  /'
   step_done
 fi
 # --- end of peers step -------------------------------------------------------------
