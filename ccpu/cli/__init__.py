@@ -1,176 +1,172 @@
-"""`fractal`: the user's view of the repo and of containerd integration.
+"""`fractal`: the command line.  One module per command group; this one is the edge.
 
-Thin by design: parse, call ccpu, print.  Errors from ccpu become one line on
-stderr and a non-zero exit; tracebacks only with --debug.
+Thin by design: parse, call a library, print.  This module owns what every command shares:
+the top-level parser (global ``--debug``, ``-a/--address``, ``-n/--namespace`` also before the
+command, as ctr takes them; ``--version``), the exit codes (0 done, 1 a failure the user can act
+on, 2 a usage error, 130 interrupted) and the one place where expected failures become a single
+``fractal: ...`` line on stderr (a traceback only with ``--debug``).
+
+Start-up is kept cheap: a group's module is imported only when the command line names that
+group, so ``fractal --help`` and ``fractal ps`` do not load what ``fractal image`` or
+``fractal vm`` need; and no command module imports grpc at its top.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
-from .defaults import DEFAULT_ROOT
-from .containerd import ContainerdError
-from .repo import Repo, RepoError
-from .repo.fsutil import disk_usage
-from .vm.cli import add_guest_commands, add_vm_commands
-
-
-def human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
-def cmd_repo_ls(args: argparse.Namespace) -> int:
-    repo = Repo.open_readonly(args.root)
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A command group: its name, its one-line help and the module that fills in its parser
+    (``register(parser)``)."""
+
+    name: str
+    module: str
+    help: str
+
+
+GROUPS = (
+    Group("install", "ccpu.cli.install", "wire fractal into containerd (config, systemd unit, shim)"),
+    Group("doctor", "ccpu.cli.doctor", "check containerd, the snapshotter, the shim, QEMU ... and say what to fix"),
+    Group("ps", "ccpu.cli.ps", "fractal sandboxes, their mode, containers and pids"),
+    Group("repo", "ccpu.cli.repo", "inspect the layer repo"),
+    Group("layers", "ccpu.cli.layers", "add or remove layers of a running container (live layers)"),
+    Group("image", "ccpu.cli.images", "import images into containerd, unpacked for fractal"),
+    Group("guest", "ccpu.cli.guest", "the VM guest image (kernel + initramfs)"),
+    Group("vm", "ccpu.cli.vm", "run things in the fractal VM"),
+)
+
+#: failures a command expects and reports as one line, as (module, class): looked up only in
+#: modules already imported, since a command that never loaded a module cannot have raised its
+#: errors (and the edge must not import grpc or SQLite just to name them)
+EXPECTED_ERRORS = (
+    ("ccpu.client.containerd", "ContainerdError"),
+    ("ccpu.repo.errors", "RepoError"),
+    ("ccpu.cli.install", "InstallError"),
+    ("ccpu.cli.images", "ImportError_"),
+    ("ccpu.vm.run", "VMError"),
+    ("builtins", "OSError"),
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def version() -> str:
+    """The installed distribution's version; in a source tree without one, its pyproject's."""
+    from importlib import metadata
+
     try:
-        layers = repo.layers()
-    finally:
-        repo.close()
-    if args.json:
-        json.dump([{
-            "id": la.id, "chain_id": la.chain_id, "parent": la.parent_id, "size": la.size,
-            "inodes": la.inodes, "users": list(la.users), "path": la.path,
-        } for la in layers], sys.stdout, indent=2)
-        print()
-        return 0
-    print(f"{'ID':>5}  {'CHAIN ID':<19}  {'PARENT':>6}  {'SIZE':>10}  USERS")
-    for la in layers:
-        chain = (la.chain_id or "-")[:19]
-        parent = str(la.parent_id) if la.parent_id is not None else "-"
-        users = ", ".join(la.users) if la.users else "-"
-        print(f"{la.id:>5}  {chain:<19}  {parent:>6}  {human(la.size):>10}  {users}")
-    return 0
+        return metadata.version("fractal")
+    except metadata.PackageNotFoundError:
+        pass
+    import tomllib
+    from pathlib import Path
 
-
-def cmd_repo_du(args: argparse.Namespace) -> int:
-    repo = Repo.open_readonly(args.root)
     try:
-        layers = repo.layers()
-        snapshots = list(repo.list())
-    finally:
-        repo.close()
-    stored = sum(la.size for la in layers)
-    # what per-snapshot copies (containerd's overlayfs snapshotter) would need for the same snapshots
-    would_be = sum(la.size * max(1, sum(1 for u in la.users if not u.startswith("pin:"))) for la in layers)
-    on_disk = disk_usage(repo.root).size  # includes ROOT/reserve (docs/snapshotter.md)
-    print(f"repo:       {repo.root}")
-    print(f"layers:     {len(layers)} ({human(stored)} unpacked)")
-    print(f"snapshots:  {len(snapshots)}")
-    print(f"on disk:    {human(on_disk)} (layers, active snapshots, metadata, reserve)")
-    print(f"one copy per snapshot would take {human(would_be)}; shared layers save {human(would_be - stored)}")
-    return 0
+        with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
 
 
-def cmd_ps(args: argparse.Namespace) -> int:
-    from . import sandboxes
-    from .containerd import FRACTAL_RUNTIME, ContainerdClient, resolve_target
-    from .grouping import sandbox_group
+class _Version(argparse.Action):
+    """``--version``: computed only when asked (importlib.metadata is not free)."""
 
-    address, namespace = resolve_target(args.address, args.namespace)
-    with ContainerdClient(address, namespace) as client:
-        containers = client.containers(runtime=FRACTAL_RUNTIME)
-        tasks = client.tasks()
-    records = sandboxes.read_all(namespace)
-    groups: dict[str, list] = {}
-    for c in containers:
-        groups.setdefault(sandbox_group(c.id, c.annotations), []).append(c)
-    if args.json:
-        json.dump([{
-            "sandbox": g,
-            "mode": records[g].mode if g in records else None,
-            "shim_pid": records[g].shim_pid if g in records and records[g].alive else None,
-            "agent_pid": records[g].agent_pid if g in records else None,
-            "vm": records[g].vm if g in records else None,
-            "containers": [{"id": c.id, "image": c.image, "status": tasks[c.id].status if c.id in tasks else "no task",
-                            "pid": tasks[c.id].pid if c.id in tasks else None} for c in cs],
-        } for g, cs in sorted(groups.items())], sys.stdout, indent=2)
-        print()
-        return 0
-    print(f"{'SANDBOX':<20} {'MODE':<5} {'SHIM':>7} {'AGENT':>7}  {'CONTAINER':<20} {'STATUS':<9} {'PID':>7}  IMAGE")
-    for g, cs in sorted(groups.items()):
-        rec = records.get(g)
-        mode = rec.mode if rec else "-"
-        shim = str(rec.shim_pid) if rec and rec.alive else ("stale" if rec else "-")
-        agent = str(rec.agent_pid) if rec and rec.agent_pid else "-"
-        for i, c in enumerate(sorted(cs, key=lambda c: c.id)):
-            t = tasks.get(c.id)
-            status, pid = (t.status, str(t.pid)) if t else ("no task", "-")
-            head = f"{g[:20]:<20} {mode:<5} {shim:>7} {agent:>7}" if i == 0 else " " * 42
-            print(f"{head}  {c.id[:20]:<20} {status:<9} {pid:>7}  {c.image}")
-            if i == 0 and rec and rec.vm:
-                vm = rec.vm
-                print(f"{'':<20} vm pid {vm.get('pid')} accel {vm.get('accel')} memory {vm.get('memory')} "
-                      f"share {vm.get('share')}")
-    return 0
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print fractal's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(f"fractal {version()}")
+        parser.exit(0)
 
 
-def add_containerd_flags(p: argparse.ArgumentParser) -> None:
-    """The same flags and environment as ctr."""
-    p.add_argument("-a", "--address", default=None,
-                   help="containerd address (env CONTAINERD_ADDRESS, default /run/containerd/containerd.sock)")
-    p.add_argument("-n", "--namespace", default=None,
-                   help="containerd namespace (env CONTAINERD_NAMESPACE, default 'default')")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fractal", description="fractal: many containers, one VM, one copy of every layer")
+def _global_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = ap.add_subparsers(dest="command", required=True)
+    # ctr's global flags, accepted before the command too; a flag after the command wins
+    ap.add_argument("-a", "--address", dest="global_address", default=None, metavar="ADDRESS",
+                    help="containerd address (env CONTAINERD_ADDRESS, default /run/containerd/containerd.sock)")
+    ap.add_argument("-n", "--namespace", dest="global_namespace", default=None, metavar="NAMESPACE",
+                    help="containerd namespace (env CONTAINERD_NAMESPACE, default 'default')")
 
-    p = sub.add_parser("install", help="wire fractal into containerd (config, systemd unit, shim)")
-    from .install import add_install_arguments
 
-    add_install_arguments(p)
-    from .doctor import add_doctor_command
+class _Probe(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
 
-    add_doctor_command(sub)
 
-    p = sub.add_parser("ps", help="fractal sandboxes, their mode, containers and pids")
-    add_containerd_flags(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_ps)
+def _selected(argv: Sequence[str]) -> str | None:
+    """The group the command line names (global options and their values skipped), or None.
+    A probe: no help, no version, no errors of its own (the real parse reports them)."""
+    probe = _Probe(add_help=False)
+    _global_flags(probe)
+    probe.add_argument("command", nargs="?")
+    probe.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        ns, _ = probe.parse_known_args(list(argv))
+    except ValueError:
+        return None
+    return ns.command
 
-    repo = sub.add_parser("repo", help="inspect the layer repo").add_subparsers(dest="repo_command", required=True)
-    root_help = "repo directory (default %(default)s; env FRACTAL_ROOT)"
-    root_default = os.environ.get("FRACTAL_ROOT", DEFAULT_ROOT)
-    p = repo.add_parser("ls", help="layers, their sizes and the snapshots using them")
-    p.add_argument("--root", default=root_default, help=root_help)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_repo_ls)
-    p = repo.add_parser("du", help="disk used by the repo and what sharing saves")
-    p.add_argument("--root", default=root_default, help=root_help)
-    p.set_defaults(func=cmd_repo_du)
-    add_guest_commands(sub)
-    add_vm_commands(sub)
-    from .layers import add_commands as add_layers_commands  # fractal layers ls|add|rm
 
-    add_layers_commands(sub, add_containerd_flags)
-    from .imports import add_image_commands  # fractal image import|pull
-
-    add_image_commands(sub, add_containerd_flags)
+def build_parser(argv: Sequence[str] | None = None) -> Parser:
+    """The whole parser.  Only the group ``argv`` names gets its arguments (imports its module);
+    without ``argv`` every group does (for docs and tests)."""
+    ap = Parser(prog="fractal", description="fractal: many containers, one VM, one copy of every layer")
+    ap.add_argument("-v", "--version", action=_Version)
+    _global_flags(ap)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    want = None if argv is None else _selected(argv)
+    for g in GROUPS:
+        p = sub.add_parser(g.name, help=g.help, description=g.help)
+        p.set_defaults(parser=p)
+        if argv is None or g.name == want:
+            importlib.import_module(g.module).register(p)
     return ap
 
 
+def _expected(exc: BaseException) -> bool:
+    for module, name in EXPECTED_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser(argv)
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    func = getattr(args, "func", None)
+    if func is None:  # `fractal` or `fractal GROUP` alone: its help, as ctr does
+        getattr(args, "parser", ap).print_help()
+        return 0
+    for flag in ("address", "namespace"):  # a global flag fills in what the command's left unset
+        if getattr(args, flag, None) is None and hasattr(args, flag):
+            setattr(args, flag, getattr(args, f"global_{flag}"))
     try:
-        return int(args.func(args))
-    except (RepoError, ContainerdError) as e:
-        if args.debug:
+        return int(func(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the one edge where failures become a line
+        if args.debug or not _expected(e):
             raise
         print(f"fractal: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return EXIT_FAILURE

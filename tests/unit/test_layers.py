@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from google.protobuf import wrappers_pb2
 
-from ccpu import layers as cli_layers
+from ccpu.cli import layers as cli_layers
 from ccpu import sandboxes
 from ccpu.ttrpc import Code, TtrpcError
 from shim import layers
@@ -218,7 +219,7 @@ def test_cli_helpers() -> None:
     chain = "sha256:" + "ab" * 32
     assert cli_layers.gc_label("fractal", chain) == "containerd.io/gc.ref.snapshot.fractal/live-" + "ab" * 6
     assert cli_layers.parse_position("top") == "top" and cli_layers.parse_position("2") == 2
-    with pytest.raises(cli_layers.LayersError):
+    with pytest.raises(argparse.ArgumentTypeError, match="position must be"):
         cli_layers.parse_position("-1")
     stack = cli_layers.Stack("c1", "/u", [cli_layers.Layer(L(2), True, chain, "tools", 2048),
                                           cli_layers.Layer(L(1), False, "", "", None)])
