@@ -237,3 +237,25 @@ def test_sandbox_record_address_and_forward_compatibility(tmp_path: Path) -> Non
     p.write_text(json.dumps({"group": "old", "namespace": "ns", "mode": "host", "shim_pid": 1, "future": 1}))
     got = sandboxes.read_all("ns", tmp_path)["old"]
     assert got.address == "" and got.shim_pid == 1
+
+
+@pytest.mark.parametrize("value, want", [(None, "top"), ("", "top"), ("top", "top"), ("bottom", "bottom"),
+                                         (0, 0), (3, 3), ("12", 12)])
+def test_layersapi_positions_both_ends_accept(value: object, want: object) -> None:
+    from ccpu import layersapi
+
+    assert layersapi.parse_position(value) == want
+    assert layers.parse_position(value) == want  # the shim's, over the same rules
+
+
+@pytest.mark.parametrize("value", [-1, "-1", True, "middle", "١", 1.5, ["top"]])
+def test_layersapi_positions_both_ends_refuse(value: object) -> None:
+    from ccpu import layersapi
+
+    with pytest.raises(layersapi.BadPosition):
+        layersapi.parse_position(value)
+    with pytest.raises(TtrpcError) as e:
+        layers.parse_position(value)
+    assert e.value.code == Code.INVALID_ARGUMENT
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli_layers.parse_position(str(value))
