@@ -36,12 +36,13 @@ from typing import Any
 
 from google.protobuf import wrappers_pb2
 
+from ccpu import layersapi
 from ccpu.agent import jsonbound
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
 
 log = logging.getLogger("shim.layers")
 
-SERVICE = "fractal.layers.v1.Layers"
+SERVICE = layersapi.SERVICE
 RECORD_NAME = "fractal-layers.json"
 RECORD_VERSION = 1
 
@@ -68,17 +69,10 @@ def answer(obj: dict[str, Any]) -> wrappers_pb2.StringValue:
 
 
 def parse_position(value: Any) -> str | int:
-    if value is None or value == "":
-        return "top"
-    if value in ("top", "bottom"):
-        return str(value)
-    if isinstance(value, bool):
-        raise _bad(f"position must be 'top', 'bottom' or an index, not {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    raise _bad(f"position must be 'top', 'bottom' or an index, not {value!r}")
+    try:
+        return layersapi.parse_position(value)
+    except layersapi.BadPosition as exc:
+        raise _bad(str(exc)) from None
 
 
 def parse_add_layers(value: Any) -> list[dict[str, Any]]:

@@ -1,8 +1,8 @@
-"""ccpu/doctor.py: the pure evaluation of probed facts, and the exit code."""
+"""ccpu/cli/doctor.py: the pure evaluation of probed facts, and the exit code."""
 
 from __future__ import annotations
 
-from ccpu import doctor as D
+from ccpu.cli import doctor as D
 
 
 def good(**over) -> D.Facts:  # noqa: ANN003

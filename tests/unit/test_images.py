@@ -1,6 +1,6 @@
 import hashlib
 
-from ccpu.images import chain_ids
+from ccpu.client.images import chain_ids
 
 
 def test_chain_ids_follow_the_oci_definition() -> None:

@@ -1,4 +1,4 @@
-"""ccpu/imports.py: source parsing, tag selection, names, archive members (pure parts)."""
+"""ccpu/cli/images.py (`fractal image`): source parsing, tag selection, names, archive members (pure parts)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from ccpu import imports as M
+from ccpu.cli import images as M
 
 
 def test_parse_source():

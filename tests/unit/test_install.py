@@ -1,4 +1,4 @@
-"""ccpu/install.py: rendering and merging into containerd's config (pure), apply idempotence."""
+"""ccpu/cli/install.py: rendering and merging into containerd's config (pure), apply idempotence."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from ccpu import install as I
+from ccpu.cli import install as I
 
 DROPIN = "/etc/containerd/conf.d/fractal.toml"
 

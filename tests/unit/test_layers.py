@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from google.protobuf import wrappers_pb2
 
-from ccpu import layers as cli_layers
+from ccpu.cli import layers as cli_layers
 from ccpu import sandboxes
 from ccpu.ttrpc import Code, TtrpcError
 from shim import layers
@@ -218,7 +219,7 @@ def test_cli_helpers() -> None:
     chain = "sha256:" + "ab" * 32
     assert cli_layers.gc_label("fractal", chain) == "containerd.io/gc.ref.snapshot.fractal/live-" + "ab" * 6
     assert cli_layers.parse_position("top") == "top" and cli_layers.parse_position("2") == 2
-    with pytest.raises(cli_layers.LayersError):
+    with pytest.raises(argparse.ArgumentTypeError, match="position must be"):
         cli_layers.parse_position("-1")
     stack = cli_layers.Stack("c1", "/u", [cli_layers.Layer(L(2), True, chain, "tools", 2048),
                                           cli_layers.Layer(L(1), False, "", "", None)])
@@ -236,3 +237,25 @@ def test_sandbox_record_address_and_forward_compatibility(tmp_path: Path) -> Non
     p.write_text(json.dumps({"group": "old", "namespace": "ns", "mode": "host", "shim_pid": 1, "future": 1}))
     got = sandboxes.read_all("ns", tmp_path)["old"]
     assert got.address == "" and got.shim_pid == 1
+
+
+@pytest.mark.parametrize("value, want", [(None, "top"), ("", "top"), ("top", "top"), ("bottom", "bottom"),
+                                         (0, 0), (3, 3), ("12", 12)])
+def test_layersapi_positions_both_ends_accept(value: object, want: object) -> None:
+    from ccpu import layersapi
+
+    assert layersapi.parse_position(value) == want
+    assert layers.parse_position(value) == want  # the shim's, over the same rules
+
+
+@pytest.mark.parametrize("value", [-1, "-1", True, "middle", "١", 1.5, ["top"]])
+def test_layersapi_positions_both_ends_refuse(value: object) -> None:
+    from ccpu import layersapi
+
+    with pytest.raises(layersapi.BadPosition):
+        layersapi.parse_position(value)
+    with pytest.raises(TtrpcError) as e:
+        layers.parse_position(value)
+    assert e.value.code == Code.INVALID_ARGUMENT
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli_layers.parse_position(str(value))

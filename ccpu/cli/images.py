@@ -25,6 +25,7 @@ fails its digest check leaves nothing behind.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import io
@@ -43,8 +44,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import digest as digests
-from .defaults import SNAPSHOTTER_NAME
+from .. import digest as digests
+from ..defaults import SNAPSHOTTER_NAME
+from .common import add_containerd_flags, add_json_flag, human, print_json
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -65,14 +67,6 @@ class ImportError_(Exception):
 # progress: one self-rewriting line on a terminal, a few plain lines otherwise (stdlib only)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 class Progress:
     def __init__(self, label: str, total: int | None, stream=None, width: int = 24) -> None:  # noqa: ANN001
         self.label, self.total, self.done = label, total, 0
@@ -85,13 +79,13 @@ class Progress:
 
     def line(self) -> str:
         el = max(time.monotonic() - self.t0, 1e-6)
-        rate = f"{_human(self.done / el)}/s"
+        rate = f"{human(self.done / el)}/s"
         if self.total:
             frac = min(self.done / self.total, 1.0)
             bar = "#" * int(frac * self.width)
             return (f"{self.label} [{bar:<{self.width}}] {frac * 100:3.0f}% "
-                    f"{_human(self.done)}/{_human(self.total)} {rate}")
-        return f"{self.label} {_human(self.done)} {rate}"
+                    f"{human(self.done)}/{human(self.total)} {rate}")
+        return f"{self.label} {human(self.done)} {rate}"
 
     def update(self, n: int) -> None:
         self.done += n
@@ -653,23 +647,35 @@ def pull_to_layout(ref: str, layout: Path, plain_http: bool, stream=None) -> dic
 
 
 def _target(args) -> Target:  # noqa: ANN001
-    from .containerd import resolve_target
+    from ..client.address import resolve_target
 
     address, namespace = resolve_target(args.address, args.namespace)
     return Target(address, namespace, snapshotter=args.snapshotter)
 
 
-def _done(names: list[str], t0: float, target: Target) -> None:
+def _done(names: list[str], t0: float, target: Target, as_json: bool) -> None:
+    if as_json:
+        print_json({"images": names, "snapshotter": target.snapshotter, "namespace": target.namespace,
+                    "seconds": round(time.monotonic() - t0, 3)})
+        return
     for n in names:
         print(f"imported {n} (unpacked for snapshotter {target.snapshotter}, namespace {target.namespace}) "
               f"in {time.monotonic() - t0:.1f}s")
+
+
+def source_arg(text: str) -> Source:
+    """SOURCE's argparse type: an unknown form is a usage error (exit 2)."""
+    try:
+        return parse_source(text)
+    except ImportError_ as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_image_import(args) -> int:  # noqa: ANN001
     t0 = time.monotonic()
     try:
         target = _target(args)
-        src = parse_source(args.source)
+        src: Source = args.source
         if src.kind == "oci":
             names = import_oci(target, Path(src.path), src.tag, args.name or default_name(src))
         elif src.kind == "docker-archive":
@@ -679,7 +685,7 @@ def cmd_image_import(args) -> int:  # noqa: ANN001
     except (ImportError_, OSError, subprocess.SubprocessError) as e:
         print(f"fractal image import: {e}", file=sys.stderr)
         return 1
-    _done(names, t0, target)
+    _done(names, t0, target, args.json)
     return 0
 
 
@@ -696,21 +702,21 @@ def cmd_image_pull(args) -> int:  # noqa: ANN001
     except (ImportError_, OSError, subprocess.SubprocessError) as e:
         print(f"fractal image pull: {e}", file=sys.stderr)
         return 1
-    _done(names, t0, target)
+    _done(names, t0, target, args.json)
     return 0
 
 
-def add_image_commands(sub, add_containerd_flags) -> None:  # noqa: ANN001
-    image = sub.add_parser("image", help="import images into containerd, unpacked for fractal").add_subparsers(
-        dest="image_command", required=True)
+def register(group) -> None:  # noqa: ANN001
+    image = group.add_subparsers(dest="image_command", metavar="COMMAND")
     p = image.add_parser("import", help="import oci:DIR[:TAG], docker-archive:FILE or docker://NAME")
-    p.add_argument("source", help="oci:DIR[:TAG] | docker-archive:FILE | docker://NAME")
+    p.add_argument("source", type=source_arg, help="oci:DIR[:TAG] | docker-archive:FILE | docker://NAME")
     add_containerd_flags(p)
     p.add_argument("--name", default=None, help="image name in containerd (default: from the source)")
     p.add_argument("--snapshotter", default=SNAPSHOTTER_NAME, help="unpack for this snapshotter (default %(default)s)")
     p.add_argument("--docker-host", default=None,
                    help="Docker API address for docker:// (default $DOCKER_HOST or the docker socket), "
                         "e.g. unix:///run/podman/podman.sock")
+    add_json_flag(p, "print what was imported as JSON (progress stays on stderr)")
     p.set_defaults(func=cmd_image_import)
     p = image.add_parser("pull", help="pull REF from a registry (oras) and import it")
     p.add_argument("ref")
@@ -718,4 +724,5 @@ def add_image_commands(sub, add_containerd_flags) -> None:  # noqa: ANN001
     p.add_argument("--name", default=None, help="image name in containerd (default: REF)")
     p.add_argument("--plain-http", action="store_true", help="registry speaks http, not https")
     p.add_argument("--snapshotter", default=SNAPSHOTTER_NAME, help="unpack for this snapshotter (default %(default)s)")
+    add_json_flag(p, "print what was imported as JSON (progress stays on stderr)")
     p.set_defaults(func=cmd_image_pull)

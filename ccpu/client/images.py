@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from . import digest as digests
-from .api.gen.containerd.services.content.v1 import content_pb2, content_pb2_grpc
-from .api.gen.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+from .. import digest as digests
+from ..api.gen.containerd.services.content.v1 import content_pb2, content_pb2_grpc
+from ..api.gen.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from .containerd import ContainerdClient, ContainerdError
 
 INDEX_TYPES = {

@@ -1,25 +1,21 @@
 """A small client of containerd's own API, for the `fractal` CLI.
 
-The CLI addresses containers the way `ctr` does: `--address/-a` and
-`--namespace/-n`, falling back to CONTAINERD_ADDRESS and CONTAINERD_NAMESPACE,
-then to containerd's defaults.  Only what the CLI needs is here (containers,
-tasks); the full API stays in the generated stubs.
+The CLI addresses containers the way `ctr` does (ccpu/client/address.py).  Only what the CLI
+needs is here (containers, tasks, labels, and ``call`` for the sibling clients of images and
+snapshots); the full API stays in the generated stubs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import grpc
 
-from .api.gen.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
-from .api.gen.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
-from .api.gen.containerd.types.task import task_pb2
+from ..api.gen.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
+from ..api.gen.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from ..api.gen.containerd.types.task import task_pb2
 
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
-DEFAULT_NAMESPACE = "default"
 FRACTAL_RUNTIME = "io.containerd.fractal.v1"
 
 
@@ -27,11 +23,8 @@ class ContainerdError(Exception):
     """containerd could not be reached or refused a request; the message says which and why."""
 
 
-def resolve_target(address: str | None, namespace: str | None) -> tuple[str, str]:
-    """Flags first, then ctr's environment variables, then containerd's defaults."""
-    addr = address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
-    ns = namespace or os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE
-    return addr.removeprefix("unix://"), ns
+class NotFound(ContainerdError):
+    """containerd answered NotFound: the object asked for does not exist (in this namespace)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,18 +62,26 @@ class ContainerdClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, fn, request):  # type: ignore[no-untyped-def]
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    def call(self, fn, request):  # type: ignore[no-untyped-def]
+        """One unary call of a stub method bound to ``channel``, in this client's namespace;
+        gRPC failures become ContainerdError (NotFound for NOT_FOUND)."""
         try:
             return fn(request, metadata=self._md, timeout=self.timeout)
         except grpc.RpcError as e:
             code = e.code()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"containerd: not found: {e.details()}") from None  # type: ignore[attr-defined]
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise ContainerdError(f"cannot reach containerd at {self.address}: {e.details()}") from None  # type: ignore[attr-defined]
             raise ContainerdError(f"containerd: {code.name.lower()}: {e.details()}") from None  # type: ignore[attr-defined]
 
     def containers(self, runtime: str | None = None) -> list[ContainerRecord]:
         stub = containers_pb2_grpc.ContainersStub(self._channel)
-        resp = self._call(stub.List, containers_pb2.ListContainersRequest())
+        resp = self.call(stub.List, containers_pb2.ListContainersRequest())
         out = []
         for c in resp.containers:
             if runtime is not None and c.runtime.name != runtime:
@@ -111,11 +112,11 @@ class ContainerdClient:
         req = containers_pb2.UpdateContainerRequest(
             container=containers_pb2.Container(id=container_id, labels=labels),
             update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels]))
-        self._call(stub.Update, req)
+        self.call(stub.Update, req)
 
     def tasks(self) -> dict[str, TaskRecord]:
         stub = tasks_pb2_grpc.TasksStub(self._channel)
-        resp = self._call(stub.List, tasks_pb2.ListTasksRequest())
+        resp = self.call(stub.List, tasks_pb2.ListTasksRequest())
         return {
             t.id: TaskRecord(t.id, t.pid, task_pb2.Status.Name(t.status).lower())
             for t in resp.tasks

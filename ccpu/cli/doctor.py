@@ -18,7 +18,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
+from ..defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
+from .common import add_containerd_flags, add_json_flag
 from .install import SHIM_BINARY, containerd_version, parse_containerd_version
 
 SNAPSHOT_PLUGIN_TYPE = "io.containerd.snapshotter.v1"
@@ -231,8 +232,8 @@ def process_path(pid: int) -> str | None:
 def _probe_containerd(f: Facts) -> None:
     import grpc
 
-    from .api.gen.containerd.services.introspection.v1 import introspection_pb2, introspection_pb2_grpc
-    from .api.gen.containerd.services.version.v1 import version_pb2_grpc
+    from ..api.gen.containerd.services.introspection.v1 import introspection_pb2, introspection_pb2_grpc
+    from ..api.gen.containerd.services.version.v1 import version_pb2_grpc
     from google.protobuf import empty_pb2
 
     if not os.path.exists(f.address):
@@ -297,7 +298,7 @@ def gather(address: str, snapshotter_address: str | None, root: str) -> Facts:
     arch = {"x86_64": "x86_64", "aarch64": "aarch64"}.get(platform.machine(), platform.machine())
     f.qemu = shutil.which(f"qemu-system-{arch}")
     try:
-        from .vm import accel
+        from ..vm import accel
 
         ch = accel.decide(accel.probe())
         f.accel, f.accel_reason = ch.accel, ch.reason
@@ -308,13 +309,13 @@ def gather(address: str, snapshotter_address: str | None, root: str) -> Facts:
     except OSError:
         pass
     try:
-        from .vm.shares import find_virtiofsd
+        from ..vm.shares import find_virtiofsd
 
         f.virtiofsd = find_virtiofsd()
     except Exception:  # noqa: BLE001
         pass
     try:
-        from .guest import initramfs
+        from ..guest import initramfs
 
         g = initramfs.current()
         if g is not None and g.initramfs.exists():
@@ -339,7 +340,7 @@ def gather(address: str, snapshotter_address: str | None, root: str) -> Facts:
 
 
 def cmd_doctor(args) -> int:  # noqa: ANN001
-    from .containerd import resolve_target
+    from ..client.address import resolve_target
 
     address, _ = resolve_target(args.address, None)
     facts = gather(address, args.snapshotter_address, args.root)
@@ -359,14 +360,12 @@ def cmd_doctor(args) -> int:  # noqa: ANN001
     return 1 if failed else 0
 
 
-def add_doctor_command(sub) -> None:  # noqa: ANN001
-    p = sub.add_parser("doctor", help="check containerd, the snapshotter, the shim, QEMU ... and say what to fix")
-    p.add_argument("-a", "--address", default=None,
-                   help="containerd address (env CONTAINERD_ADDRESS, default /run/containerd/containerd.sock)")
+def register(p) -> None:  # noqa: ANN001
+    add_containerd_flags(p, namespace=False)
     p.add_argument("--root", default=os.environ.get("FRACTAL_ROOT", DEFAULT_ROOT),
                    help="the snapshotter's repo dir (default %(default)s)")
     p.add_argument("--snapshotter-address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS"),
                    help="snapshotter socket (default: the address containerd's fractal proxy plugin uses, "
                         f"else {DEFAULT_SNAPSHOTTER_ADDRESS})")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(p)
     p.set_defaults(func=cmd_doctor)

@@ -1,12 +1,12 @@
 """`fractal layers ls|add|rm`: change the layers of a RUNNING container (docs/live-layers.md).
 
-The container's shim serves ``fractal.layers.v1.Layers`` (shim/layers.py) on its ttrpc
-socket, found through the sandbox record the shim writes (ccpu.sandboxes).  This side does what
-needs containerd and the repo:
+The container's shim serves ``fractal.layers.v1.Layers`` (shim/layers.py, protocol names in
+ccpu/layersapi.py) on its ttrpc socket, found through the sandbox record the shim writes
+(ccpu.sandboxes).  This side does what needs containerd and the snapshotter:
 
-* which layers an image has (chain IDs from containerd's content store, ccpu.images) and where
-  the repo keeps them (``Repo.open_readonly(root).layers()``, read-only: the snapshotter owns
-  the repo);
+* which layers an image has (chain IDs from containerd's content store, ccpu.client.images) and
+  where the repo keeps them: the snapshotter says, through containerd's Snapshots service
+  (ccpu.client.snapshots); the CLI never opens the repo's metadata.db;
 * pulling an image that is not in the namespace (or not unpacked for the container's
   snapshotter) with ``ctr images pull --snapshotter S`` -- containerd 1.6 fetches and unpacks
   on the client side (Go code in ctr), so there is no API to ask containerd to do it;
@@ -18,6 +18,7 @@ needs containerd and the repo:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -28,9 +29,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .containerd import FRACTAL_RUNTIME, ContainerdClient, ContainerdError, ContainerRecord
+from ..client.containerd import FRACTAL_RUNTIME, ContainerdClient, ContainerdError, ContainerRecord
+from ..client.snapshots import Snapshots
+from ..layersapi import SERVICE, BadPosition
+from ..layersapi import parse_position as _parse_position
+from .common import add_containerd_flags, add_json_flag, human, print_json
 
-SERVICE = "fractal.layers.v1.Layers"
 GC_LABEL_PREFIX = "containerd.io/gc.ref.snapshot."
 LIVE_LABEL_MARK = "/live-"
 SHIM_TIMEOUT = 60.0
@@ -50,11 +54,11 @@ def short(chain_id: str, n: int = 12) -> str:
 
 
 def parse_position(text: str) -> str | int:
-    if text in ("top", "bottom"):
-        return text
-    if text.isdigit():
-        return int(text)
-    raise LayersError(f"--position must be top, bottom or a number, not {text!r}")
+    """--position's argparse type: a bad one is a usage error (exit 2), as the shim would refuse it."""
+    try:
+        return _parse_position(text)
+    except BadPosition as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass
@@ -86,7 +90,7 @@ class Stack:
 async def _call_async(address: str, method: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
     from google.protobuf import wrappers_pb2
 
-    from .ttrpc import Client
+    from ..ttrpc import Client
 
     client = await Client.connect(address, timeout=5.0)
     try:
@@ -101,7 +105,7 @@ async def _call_async(address: str, method: str, payload: dict[str, Any], timeou
 def shim_call(address: str, method: str, payload: dict[str, Any], *, timeout: float = SHIM_TIMEOUT,
               what: str = "change layers of") -> dict[str, Any]:
     """One call of the shim's Layers service; errors become LayersError with the shim's reason."""
-    from .ttrpc import Code, TtrpcError
+    from ..ttrpc import Code, TtrpcError
 
     try:
         return asyncio.run(_call_async(address, method, payload, timeout))
@@ -121,12 +125,10 @@ def shim_call(address: str, method: str, payload: dict[str, Any], *, timeout: fl
 class Session:
     """containerd + the container's record + its shim, for one command."""
 
-    def __init__(self, address: str, namespace: str, container_id: str, *, what: str = "change layers of",
-                 repo_root: str | None = None) -> None:
+    def __init__(self, address: str, namespace: str, container_id: str, *, what: str = "change layers of") -> None:
         self.address = address
         self.namespace = namespace
         self.what = what
-        self.repo_root_override = repo_root
         self.client = ContainerdClient(address, namespace)
         try:
             self.container = self._find(container_id)
@@ -134,9 +136,9 @@ class Session:
         except BaseException:
             self.client.close()
             raise
-        self._repo_layers: dict[str, Any] | None = None
+        self.snapshots = Snapshots(self.client, self.container.snapshotter)
         self._own: dict[str, str] | None = None
-        self.repo_root: str | None = None
+        self._sizes: dict[str, int | None] = {}
 
     def close(self) -> None:
         self.client.close()
@@ -166,8 +168,8 @@ class Session:
         return c
 
     def _shim_address(self, c: ContainerRecord) -> str:
-        from . import sandboxes
-        from .grouping import sandbox_group
+        from .. import sandboxes
+        from ..grouping import sandbox_group
 
         group = sandbox_group(c.id, c.annotations)
         rec = sandboxes.read_all(self.namespace).get(group)
@@ -179,59 +181,51 @@ class Session:
                               "serve live layers (started by an older fractal; restart the container)")
         return rec.address
 
-    # -- the repo -------------------------------------------------------------------------
+    # -- the snapshotter ------------------------------------------------------------------
 
-    def repo_layers(self) -> dict[str, Any]:
-        """chain ID -> LayerInfo and dir -> LayerInfo of the repo the container's shim uses."""
-        if self._repo_layers is None:
-            from .defaults import DEFAULT_ROOT
-            from .repo import Repo, RepoError
+    def size(self, chain_id: str) -> int | None:
+        """The unpacked size of a layer, by chain ID (asked once per session)."""
+        if chain_id not in self._sizes:
+            self._sizes[chain_id] = self.snapshots.size(chain_id)
+        return self._sizes[chain_id]
 
-            root = self.repo_root_override or self.repo_root or os.environ.get("FRACTAL_ROOT") or DEFAULT_ROOT
-            try:
-                repo = Repo.open_readonly(root)
-            except RepoError as e:
-                raise LayersError(f"cannot {self.what} {self.container.id}: {e}") from None
-            try:
-                infos = repo.layers()
-            finally:
-                repo.close()
-            out: dict[str, Any] = {}
-            for la in infos:
-                out[os.path.normpath(la.path)] = la
-                if la.chain_id:
-                    out[la.chain_id] = la
-            self._repo_layers = out
-        return self._repo_layers
+    def image_layer_dirs(self, ref: str, chain_ids: tuple[str, ...]) -> list[tuple[str, str]]:
+        """(dir, chain ID) of every layer of an unpacked image, top first."""
+        dirs = self.snapshots.layers_of(chain_ids[-1])
+        if len(dirs) != len(chain_ids):
+            raise LayersError(f"cannot {self.what} {self.container.id}: the {self.container.snapshotter} "
+                              f"snapshotter shows {len(dirs)} layer directories for the {len(chain_ids)} "
+                              f"layers of {ref} (not a fractal snapshotter?)")
+        return list(zip(dirs, reversed(chain_ids)))
 
     # -- the stack ------------------------------------------------------------------------
 
     def _stack(self, raw: dict[str, Any]) -> Stack:
-        self.repo_root = raw.get("repo_root") or self.repo_root
-        repo = self.repo_layers()
-        own = self._own_image_layers()
+        own = self._own_layers()
         layers = []
         for e in raw.get("layers") or []:
-            info = repo.get(os.path.normpath(e["dir"]))
-            chain = e.get("chain_id") or (info.chain_id if info is not None else "") or ""
+            d = os.path.normpath(e["dir"])
+            chain = e.get("chain_id") or own.get(d, "")
+            size = e.get("size")
             layers.append(Layer(
                 dir=e["dir"], live=bool(e.get("live")), chain_id=chain,
-                image=e.get("image") or ("" if e.get("live") else own.get(chain, "")),
-                size=info.size if info is not None else e.get("size"),
+                image=e.get("image") or ("" if e.get("live") or d not in own else self.container.image),
+                size=size if isinstance(size, int) or not chain else self.size(chain),
                 added_at=e.get("added_at"), gc_label=e.get("gc_label") or ""))
         return Stack(raw.get("container", self.container.id), raw.get("upper"), layers, raw)
 
-    def _own_image_layers(self) -> dict[str, str]:
-        """chain ID -> the container's image name, for its layers (once per session)."""
+    def _own_layers(self) -> dict[str, str]:
+        """dir -> chain ID of the layers the container was created with (once per session): the
+        lowerdirs of its snapshot's mounts, paired with its snapshot's parents."""
         if self._own is None:
             self._own = {}
             try:
-                from .images import image_layers
-
-                self._own = {ch: self.container.image
-                             for ch in image_layers(self.client, self.container.image).chain_ids}
-            except (ContainerdError, KeyError, ValueError):
-                pass  # the container's image may be gone: its layers are then shown without a name
+                dirs = self.snapshots.mounted_layers(self.container.snapshot_key)
+                chain = self.snapshots.chain(self.container.snapshot_key)
+            except ContainerdError:
+                return self._own  # the snapshot may be gone: its layers are then shown without names
+            if len(dirs) == len(chain):
+                self._own = {d: c for d, c in zip(dirs, chain) if c}
         return self._own
 
     def stack(self) -> Stack:
@@ -240,32 +234,14 @@ class Session:
     # -- images ---------------------------------------------------------------------------
 
     def _image_exists(self, ref: str) -> bool:
-        import grpc
+        from ..api.gen.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+        from ..client.containerd import NotFound
 
-        from .api.gen.containerd.services.images.v1 import images_pb2, images_pb2_grpc
-
-        stub = images_pb2_grpc.ImagesStub(self.client._channel)
+        stub = images_pb2_grpc.ImagesStub(self.client.channel)
         try:
-            stub.Get(images_pb2.GetImageRequest(name=ref), metadata=self.client._md, timeout=self.client.timeout)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                return False
-            raise LayersError(f"containerd: {e.details()}") from None  # type: ignore[attr-defined]
-        return True
-
-    def _snapshot_exists(self, key: str) -> bool:
-        import grpc
-
-        from .api.gen.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
-
-        stub = snapshots_pb2_grpc.SnapshotsStub(self.client._channel)
-        try:
-            stub.Stat(snapshots_pb2.StatSnapshotRequest(snapshotter=self.container.snapshotter, key=key),
-                      metadata=self.client._md, timeout=self.client.timeout)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                return False
-            raise LayersError(f"containerd: {e.details()}") from None  # type: ignore[attr-defined]
+            self.client.call(stub.Get, images_pb2.GetImageRequest(name=ref))
+        except NotFound:
+            return False
         return True
 
     def pull(self, ref: str, plain_http: bool) -> None:
@@ -286,14 +262,14 @@ class Session:
     def image(self, ref: str, *, pull: bool = True, plain_http: bool = False) -> Any:
         """The layers (ImageLayers) of `ref`, pulled and unpacked for the container's snapshotter
         if needed."""
-        from .images import image_layers
+        from ..client.images import image_layers
 
         for attempt in (0, 1):
             if self._image_exists(ref):
                 layers = image_layers(self.client, ref)
                 if not layers.chain_ids:
                     raise LayersError(f"image {ref} has no layers")
-                if self._snapshot_exists(layers.chain_ids[-1]):
+                if self.snapshots.exists(layers.chain_ids[-1]):
                     return layers
                 why = f"is not unpacked for the {self.container.snapshotter} snapshotter"
             else:
@@ -318,22 +294,14 @@ class Session:
         labels: dict[str, str] = {}
         for ref in refs:
             img = self.image(ref, pull=pull, plain_http=plain_http)
-            repo = self.repo_layers()
             label = gc_label(self.container.snapshotter, img.chain_ids[-1])
             labels[label] = img.chain_ids[-1]
-            for chain in reversed(img.chain_ids):  # top first
-                info = repo.get(chain)
-                if info is None:
-                    self._repo_layers = None  # unpacked meanwhile? read again once
-                    info = self.repo_layers().get(chain)
-                if info is None:
-                    raise LayersError(f"cannot {self.what} {self.container.id}: layer {chain} of {ref} "
-                                      f"is not in the fractal repo at {self.repo_root}")
-                d = os.path.normpath(info.path)
+            for d, chain in self.image_layer_dirs(ref, img.chain_ids):  # top first
                 if d in have:
                     continue
                 have.add(d)
-                plan.append({"dir": d, "chain_id": chain, "image": ref, "size": info.size, "gc_label": label})
+                plan.append({"dir": d, "chain_id": chain, "image": ref, "size": self.size(chain),
+                             "gc_label": label})
         if not plan:
             return {"added": [], "skipped": refs, "layers": current.raw.get("layers", []),
                     "restack_ms": 0.0, "cli_ms": round((time.monotonic() - t0) * 1000, 2),
@@ -400,17 +368,6 @@ class Session:
 # -- output ----------------------------------------------------------------------------------------
 
 
-def human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError
-
-
 def format_stack(stack: Stack) -> str:
     rows = [f"{'#':>3}  {'LAYER':<19}  {'SIZE':>10}  {'ADDED':<6}  IMAGE"]
     for i, la in enumerate(stack.layers):
@@ -425,35 +382,33 @@ def stack_json(stack: Stack) -> dict[str, Any]:
             "layers": [la.as_dict() for la in stack.layers]}
 
 
-# -- commands (called by ccpu.cli) ---------------------------------------------------------------
+# -- commands ------------------------------------------------------------------------------------
 
 
 def _session(args: Any, what: str) -> Session:
-    from .containerd import resolve_target
+    from ..client.address import resolve_target
 
     address, namespace = resolve_target(args.address, args.namespace)
-    return Session(address, namespace, args.container, what=what, repo_root=getattr(args, "root", None))
+    return Session(address, namespace, args.container, what=what)
 
 
 def cmd_ls(args: Any) -> int:
     with _session(args, "list layers of") as s:
         stack = s.stack()
     if args.json:
-        print(json.dumps(stack_json(stack), indent=2))
+        print_json(stack_json(stack))
     else:
         print(format_stack(stack))
     return 0
 
 
 def cmd_add(args: Any) -> int:
-    position = parse_position(args.position)
     with _session(args, "change layers of") as s:
-        res = s.add(list(args.images), position, plain_http=args.plain_http, pull=not args.no_pull)
+        res = s.add(list(args.images), args.position, plain_http=args.plain_http, pull=not args.no_pull)
     stack: Stack = res.pop("stack")
     if args.json:
-        print(json.dumps({"added": res.get("added", []), "skipped": res.get("skipped", []),
-                          "restack_ms": res.get("restack_ms"), "cli_ms": res.get("cli_ms"),
-                          **stack_json(stack)}, indent=2))
+        print_json({"added": res.get("added", []), "skipped": res.get("skipped", []),
+                    "restack_ms": res.get("restack_ms"), "cli_ms": res.get("cli_ms"), **stack_json(stack)})
         return 0
     added = res.get("added") or []
     if not added:
@@ -469,46 +424,40 @@ def cmd_rm(args: Any) -> int:
         res = s.remove(list(args.targets))
     stack: Stack = res.pop("stack")
     if args.json:
-        print(json.dumps({"removed": [e.get("dir") for e in res.get("removed") or []],
-                          "labels_removed": res.get("labels_removed", []),
-                          "restack_ms": res.get("restack_ms"), "cli_ms": res.get("cli_ms"),
-                          **stack_json(stack)}, indent=2))
+        print_json({"removed": [e.get("dir") for e in res.get("removed") or []],
+                    "labels_removed": res.get("labels_removed", []),
+                    "restack_ms": res.get("restack_ms"), "cli_ms": res.get("cli_ms"), **stack_json(stack)})
         return 0
     print(f"{args.container}: removed {len(res.get('removed') or [])} layer(s) "
           f"(restack {res.get('restack_ms', 0):.1f} ms)")
     return 0
 
 
-def add_commands(sub: Any, add_containerd_flags: Any) -> None:
-    """`fractal layers ls|add|rm` (argparse sub-parsers; flags as ctr's: -a/-n and the env)."""
-    layers = sub.add_parser("layers", help="add or remove layers of a running container (live layers)")
-    lsub = layers.add_subparsers(dest="layers_command", required=True)
-    root_help = "fractal repo (default: the one the container's shim uses)"
+def register(layers: argparse.ArgumentParser) -> None:
+    """`fractal layers ls|add|rm` (flags as ctr's: -a/-n and the env)."""
+    lsub = layers.add_subparsers(dest="layers_command", metavar="COMMAND")
 
     p = lsub.add_parser("ls", help="the container's layers, top first")
     add_containerd_flags(p)
-    p.add_argument("--root", default=None, help=root_help)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(p)
     p.add_argument("container")
     p.set_defaults(func=cmd_ls)
 
     p = lsub.add_parser("add", help="add every layer of images to a running container")
     add_containerd_flags(p)
-    p.add_argument("--root", default=None, help=root_help)
-    p.add_argument("--position", default="top",
+    p.add_argument("--position", default="top", type=parse_position,
                    help="where the image layers go: top (just below the container's writable "
                         "layer; default), bottom, or an index into the stack (0 = top)")
     p.add_argument("--plain-http", action="store_true", help="pull over plain HTTP (ctr's flag)")
     p.add_argument("--no-pull", action="store_true", help="fail instead of pulling a missing image")
-    p.add_argument("--json", action="store_true", help="machine-readable output (with timings)")
+    add_json_flag(p, "machine-readable output (with timings)")
     p.add_argument("container")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image refs; the first one ends up on top")
     p.set_defaults(func=cmd_add)
 
     p = lsub.add_parser("rm", help="remove layers (of an image added live, or by digest)")
     add_containerd_flags(p)
-    p.add_argument("--root", default=None, help=root_help)
-    p.add_argument("--json", action="store_true", help="machine-readable output (with timings)")
+    add_json_flag(p, "machine-readable output (with timings)")
     p.add_argument("container")
     p.add_argument("targets", nargs="+", metavar="IMAGE|DIGEST")
     p.set_defaults(func=cmd_rm)

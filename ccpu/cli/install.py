@@ -32,7 +32,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
+from ..defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
 
 FRACTAL_RUNTIME_TYPE = "io.containerd.fractal.v1"
 SHIM_BINARY = "containerd-shim-fractal-v1"
@@ -505,7 +505,7 @@ def cmd_install(args) -> int:  # noqa: ANN001
     return 0
 
 
-def add_install_arguments(p) -> None:  # noqa: ANN001
+def register(p) -> None:  # noqa: ANN001
     p.add_argument("--print", action="store_true", help="print everything install would write, write nothing")
     p.add_argument("--containerd-config", default=DEFAULT_CONTAINERD_CONFIG,
                    help="containerd's main config (default %(default)s)")

@@ -1,0 +1,172 @@
+"""`fractal`: the command line.  One module per command group; this one is the edge.
+
+Thin by design: parse, call a library, print.  This module owns what every command shares:
+the top-level parser (global ``--debug``, ``-a/--address``, ``-n/--namespace`` also before the
+command, as ctr takes them; ``--version``), the exit codes (0 done, 1 a failure the user can act
+on, 2 a usage error, 130 interrupted) and the one place where expected failures become a single
+``fractal: ...`` line on stderr (a traceback only with ``--debug``).
+
+Start-up is kept cheap: a group's module is imported only when the command line names that
+group, so ``fractal --help`` and ``fractal ps`` do not load what ``fractal image`` or
+``fractal vm`` need; and no command module imports grpc at its top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A command group: its name, its one-line help and the module that fills in its parser
+    (``register(parser)``)."""
+
+    name: str
+    module: str
+    help: str
+
+
+GROUPS = (
+    Group("install", "ccpu.cli.install", "wire fractal into containerd (config, systemd unit, shim)"),
+    Group("doctor", "ccpu.cli.doctor", "check containerd, the snapshotter, the shim, QEMU ... and say what to fix"),
+    Group("ps", "ccpu.cli.ps", "fractal sandboxes, their mode, containers and pids"),
+    Group("repo", "ccpu.cli.repo", "inspect the layer repo"),
+    Group("layers", "ccpu.cli.layers", "add or remove layers of a running container (live layers)"),
+    Group("image", "ccpu.cli.images", "import images into containerd, unpacked for fractal"),
+    Group("guest", "ccpu.cli.guest", "the VM guest image (kernel + initramfs)"),
+    Group("vm", "ccpu.cli.vm", "run things in the fractal VM"),
+)
+
+#: failures a command expects and reports as one line, as (module, class): looked up only in
+#: modules already imported, since a command that never loaded a module cannot have raised its
+#: errors (and the edge must not import grpc or SQLite just to name them)
+EXPECTED_ERRORS = (
+    ("ccpu.client.containerd", "ContainerdError"),
+    ("ccpu.repo.errors", "RepoError"),
+    ("ccpu.cli.install", "InstallError"),
+    ("ccpu.cli.images", "ImportError_"),
+    ("ccpu.vm.run", "VMError"),
+    ("builtins", "OSError"),
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def version() -> str:
+    """The installed distribution's version; in a source tree without one, its pyproject's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("fractal")
+    except metadata.PackageNotFoundError:
+        pass
+    import tomllib
+    from pathlib import Path
+
+    try:
+        with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+class _Version(argparse.Action):
+    """``--version``: computed only when asked (importlib.metadata is not free)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print fractal's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(f"fractal {version()}")
+        parser.exit(0)
+
+
+def _global_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    # ctr's global flags, accepted before the command too; a flag after the command wins
+    ap.add_argument("-a", "--address", dest="global_address", default=None, metavar="ADDRESS",
+                    help="containerd address (env CONTAINERD_ADDRESS, default /run/containerd/containerd.sock)")
+    ap.add_argument("-n", "--namespace", dest="global_namespace", default=None, metavar="NAMESPACE",
+                    help="containerd namespace (env CONTAINERD_NAMESPACE, default 'default')")
+
+
+class _Probe(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
+def _selected(argv: Sequence[str]) -> str | None:
+    """The group the command line names (global options and their values skipped), or None.
+    A probe: no help, no version, no errors of its own (the real parse reports them)."""
+    probe = _Probe(add_help=False)
+    _global_flags(probe)
+    probe.add_argument("command", nargs="?")
+    probe.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        ns, _ = probe.parse_known_args(list(argv))
+    except ValueError:
+        return None
+    return ns.command
+
+
+def build_parser(argv: Sequence[str] | None = None) -> Parser:
+    """The whole parser.  Only the group ``argv`` names gets its arguments (imports its module);
+    without ``argv`` every group does (for docs and tests)."""
+    ap = Parser(prog="fractal", description="fractal: many containers, one VM, one copy of every layer")
+    ap.add_argument("-v", "--version", action=_Version)
+    _global_flags(ap)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    want = None if argv is None else _selected(argv)
+    for g in GROUPS:
+        p = sub.add_parser(g.name, help=g.help, description=g.help)
+        p.set_defaults(parser=p)
+        if argv is None or g.name == want:
+            importlib.import_module(g.module).register(p)
+    return ap
+
+
+def _expected(exc: BaseException) -> bool:
+    for module, name in EXPECTED_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser(argv)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    func = getattr(args, "func", None)
+    if func is None:  # `fractal` or `fractal GROUP` alone: its help, as ctr does
+        getattr(args, "parser", ap).print_help()
+        return 0
+    for flag in ("address", "namespace"):  # a global flag fills in what the command's left unset
+        if getattr(args, flag, None) is None and hasattr(args, flag):
+            setattr(args, flag, getattr(args, f"global_{flag}"))
+    try:
+        return int(func(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the one edge where failures become a line
+        if args.debug or not _expected(e):
+            raise
+        print(f"fractal: {e}", file=sys.stderr)
+        return EXIT_FAILURE
