@@ -127,7 +127,7 @@ class Timeouts:
     create: float = 120.0
     start: float = 60.0
     delete: float = 60.0
-    restack: float = 50.0  # below the CLI's own 60 s (ccpu/layers.py), so the shim says why
+    restack: float = 50.0  # below the CLI's own 60 s (ccpu/cli/layers.py), so the shim says why
     default: float = 30.0
 
     def for_op(self, op: str) -> float:
