@@ -4,8 +4,9 @@ socketpair, a scripted peer speaking the agent wire format on the other.
 Why not the real agent: in VM mode guest root can write anything to the virtio-serial port, so
 the shim must survive frames no honest agent sends.  Everything on the shim side here is the
 shim's own code (``ccpu.agent.client.AgentClient``, ``shim.agentsandbox.AgentSandbox``,
-``shim.task.TaskService`` served through ``shim.errors.at_edge``, ``shim.stdio.ProcessIO``); only the agent is replaced by :class:`Peer`, which answers requests
-like an agent and lets a test inject raw bytes.
+``shim.task.TaskService`` served through ``shim.errors.at_edge``, ``shim.stdio.ProcessIO``);
+only the agent is replaced by :class:`Peer`, which answers requests like an agent and lets a
+test inject raw bytes.
 
 Used in-process by the targeted tests and as a script (``python3 -m tests.security.agentpeer
 fuzz ...``) by the RSS tests, so the memory measured is a fresh process's, not pytest's.

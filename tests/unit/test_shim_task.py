@@ -602,3 +602,82 @@ def test_a_sandbox_that_could_not_be_configured_refuses_with_its_reason() -> Non
         assert s.container("c1") is None
 
     run(go())
+
+
+def test_any_sandbox_kind_serves_the_task_api() -> None:
+    """The Task service needs nothing of a sandbox but the interface: a kind that is no agent
+    sandbox at all (here: processes in a dict) runs a container's whole life through it."""
+    from shim.sandbox import Created, Exit, NewContainer, ProcessEntry, RootLayers, Sandbox, Stdio
+
+    class NullRelay:
+        def start_stdin(self) -> None: ...
+        def close_stdin(self) -> None: ...
+        async def wait_output(self, timeout: float | None) -> bool:
+            return True
+        def close(self) -> None: ...
+
+    class DictSandbox(Sandbox):
+        mode = "dict"
+
+        def __init__(self) -> None:
+            self.procs: dict[str, int] = {}
+
+        async def start(self) -> None: ...
+        async def stop(self) -> None: ...
+        def describe(self) -> dict[str, Any]:
+            return {"mode": self.mode}
+
+        async def create(self, c: NewContainer) -> Created:
+            self.procs[c.id] = 7
+            return Created(7, NullRelay())
+
+        async def start_process(self, cid: str, exec_id: str = "") -> int:
+            return self.procs[cid]
+
+        async def exec(self, cid: str, exec_id: str, process: dict[str, Any], stdio: Stdio) -> Any:
+            return NullRelay()
+
+        async def kill(self, cid: str, exec_id: str, signal: int, all: bool = False) -> None:  # noqa: A002
+            assert self.on_event is not None
+            self.on_event({"event": "exit", "container": cid, "exec": exec_id, "pid": 7,
+                           "exit_status": 128 + signal, "exited_at": 1})
+
+        async def delete(self, cid: str, exec_id: str = "") -> Exit:
+            if cid not in self.procs:
+                raise errdefs.NotFound(f"{cid}: gone")
+            del self.procs[cid]
+            return Exit(0, 0)
+
+        async def pids(self, cid: str) -> list[ProcessEntry]:
+            return [ProcessEntry(self.procs[cid], "")]
+
+        async def pause(self, cid: str) -> None: ...
+        async def resume(self, cid: str) -> None: ...
+        async def resize_pty(self, cid: str, exec_id: str, width: int, height: int) -> None: ...
+        async def update(self, cid: str, resources: dict[str, Any]) -> None: ...
+        async def stats(self, cid: str) -> dict[str, Any]:
+            return {}
+
+        async def layers(self, cid: str) -> RootLayers:
+            return RootLayers([], None, [])
+
+        async def restack(self, cid: str, add: list[str], remove: list[str],
+                          position: str | int) -> list[str]:
+            raise errdefs.Unimplemented("no layers here")
+
+    sandbox = DictSandbox()
+    events: list[Any] = []
+    s = Served(TaskService(sandbox, lambda ns, e: events.append(e), "ns1"))
+    sandbox.on_event = s.on_agent_event
+
+    async def go() -> None:
+        assert (await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b/c1"), CTX)).pid == 7
+        await s.Start(pb.StartRequest(id="c1"), CTX)
+        assert [p.pid for p in (await s.Pids(pb.PidsRequest(id="c1"), CTX)).processes] == [7]
+        await s.Kill(pb.KillRequest(id="c1", signal=9), CTX)
+        assert (await s.Wait(pb.WaitRequest(id="c1"), CTX)).exit_status == 137
+        await s.Delete(pb.DeleteRequest(id="c1"), CTX)
+
+    run(go())
+    assert [type(e).__name__ for e in events] == ["TaskCreate", "TaskStart", "TaskExit", "TaskDelete"]
+    assert sandbox.procs == {}
