@@ -102,8 +102,8 @@ class Daemon:
 
         from shim.events import Publisher
         from shim import config as shim_config
-        from shim.errors import config_error
-        from shim.sandbox import FailedSandbox, for_config
+        from shim.errors import at_edge, config_error
+        from shim.sandbox import FailedSandbox, Sandbox, for_config
         from shim.task import SERVICE, TaskService
 
         loop = asyncio.get_running_loop()
@@ -117,11 +117,10 @@ class Daemon:
         repo_root = shim_config.repo_root().path  # $FRACTAL_ROOT, else root in the config file
         bundle_root = os.path.dirname(os.path.realpath(self.opts.bundle))
         admit = None
-        timeouts = shim_config.Timeouts()
+        self.sandbox: Sandbox
         try:  # the first container decides the sandbox's mode (docs/config.md)
             cfg = shim_config.load(addr.read_annotations(self.opts.bundle))
             admit = functools.partial(shim_config.check_annotations, cfg)  # every later container
-            timeouts = cfg.timeouts
             log.info("sandbox config: %s", cfg.describe())
             self.sandbox = for_config(
                 cfg, reaper=self.reaper, namespace=self.namespace, group=self.group,
@@ -130,23 +129,22 @@ class Daemon:
                 first_bundle=self.opts.bundle)
         except shim_config.ConfigError as exc:
             log.error("sandbox config: %s", exc)
-            err = config_error(exc, "fractal config: ")
-            self.sandbox = FailedSandbox(err.message, err.code)
+            self.sandbox = FailedSandbox(config_error(exc, "fractal config: "))
         self.service = TaskService(
             self.sandbox, self.publisher.publish, self.namespace, repo_root=repo_root,
-            request_exit=self.request_exit, on_change=self.write_record, admit=admit,
-            timeouts=timeouts)
+            request_exit=self.request_exit, on_change=self.write_record, admit=admit)
         self.sandbox.on_event = self.service.on_agent_event
         self.sandbox.on_lost = self.service.on_agent_lost
 
         from shim.logfmt import with_request_fields  # records carry the request's container id
 
+        # every handler answers errors through shim/errors.py: the one errdefs -> ttrpc mapping
         self.server = Server()
-        self.server.register(SERVICE, with_request_fields(self.service.methods()))
+        self.server.register(SERVICE, with_request_fields(at_edge(self.service.methods())))
         from shim.layers import SERVICE as LAYERS_SERVICE, LayersService  # live layers (fractal CLI)
 
-        self.server.register(LAYERS_SERVICE, with_request_fields(
-            LayersService(self.service, self.sandbox, repo_root).methods()))
+        self.server.register(LAYERS_SERVICE, with_request_fields(at_edge(
+            LayersService(self.service, self.sandbox, repo_root).methods())))
         try:
             st = os.stat(self.opts.socket)
             self.socket_id: tuple[int, int] | None = (st.st_dev, st.st_ino)

@@ -1,42 +1,65 @@
-"""The one mapping of agent error codes to ttrpc status codes (1:1, by name)."""
+"""The one place where the shim chooses a ttrpc status code.
+
+Everything in the shim -- the Task and Layers services, their state (shim/state.py), the
+sandboxes (shim/sandbox.py and its implementations) -- raises :mod:`ccpu.errdefs` errors, the
+same kinds the agent answers with (the agent client raises the class its answer names).  The
+daemon wraps every handler it serves with :func:`at_edge` (shim/daemon.py), which turns them
+into ttrpc statuses here, once, as ``snapshotter/errors.py`` does for the snapshotter's gRPC.
+
+containerd turns the codes back into its own errdefs (``ctr`` prints "not found", CRI retries on
+Unavailable, ...), so the mapping is 1:1 by kind.  An exception of no known kind is a bug: it is
+logged with its traceback and answered UNKNOWN, as containerd's errdefs does for what it does not
+know.  Messages are clipped: an agent's text is untrusted, and containerd logs it.
+"""
 
 from __future__ import annotations
 
-from ccpu.ttrpc import Code, TtrpcError
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-AGENT_CODES: dict[str, Code] = {
-    "InvalidArgument": Code.INVALID_ARGUMENT,
-    "NotFound": Code.NOT_FOUND,
-    "AlreadyExists": Code.ALREADY_EXISTS,
-    "FailedPrecondition": Code.FAILED_PRECONDITION,
-    "Unimplemented": Code.UNIMPLEMENTED,
-    "Unavailable": Code.UNAVAILABLE,
-    "DeadlineExceeded": Code.DEADLINE_EXCEEDED,
-    "ResourceExhausted": Code.RESOURCE_EXHAUSTED,
-    "Internal": Code.INTERNAL,
+from ccpu import errdefs
+from ccpu.ttrpc import Code, RequestContext, TtrpcError
+
+log = logging.getLogger("shim.errors")
+
+#: errdefs kind (code name) -> ttrpc code
+CODES: dict[str, Code] = {
+    errdefs.InvalidArgument.code: Code.INVALID_ARGUMENT,
+    errdefs.NotFound.code: Code.NOT_FOUND,
+    errdefs.AlreadyExists.code: Code.ALREADY_EXISTS,
+    errdefs.FailedPrecondition.code: Code.FAILED_PRECONDITION,
+    errdefs.Unimplemented.code: Code.UNIMPLEMENTED,
+    errdefs.Unavailable.code: Code.UNAVAILABLE,
+    errdefs.DeadlineExceeded.code: Code.DEADLINE_EXCEEDED,
+    errdefs.ResourceExhausted.code: Code.RESOURCE_EXHAUSTED,
+    errdefs.Internal.code: Code.INTERNAL,
 }
 
-
-class AgentCallError(Exception):
-    """An agent answered a request with an error (``code`` is the protocol's code name)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-#: longest agent error message passed on (the agent is untrusted; containerd logs these)
+#: longest error message passed on (an agent's is untrusted; containerd logs these)
 MAX_MESSAGE = 4096
 
+Handler = Callable[[Any, RequestContext], Awaitable[Any]]
+MethodTable = dict[str, tuple[type, Handler]]
 
-def to_ttrpc(code: str, message: str) -> TtrpcError:
-    """TtrpcError for an agent error (unknown codes -> UNKNOWN, as containerd's errdefs)."""
+
+def clip(message: str) -> str:
     if len(message) > MAX_MESSAGE:
-        message = f"{message[:MAX_MESSAGE]}...({len(message)} chars)"
-    if code == "InvalidArgument" and OUTSIDE_ROOTS in message:
-        message = f"{message} ({root_hint()})"
-    return TtrpcError(AGENT_CODES.get(code, Code.UNKNOWN), message)
+        return f"{message[:MAX_MESSAGE]}...({len(message)} chars)"
+    return message
+
+
+def to_ttrpc(exc: BaseException) -> TtrpcError:
+    """The ttrpc status containerd gets for ``exc``."""
+    if isinstance(exc, TtrpcError):  # already a status (ccpu.ttrpc's own)
+        return exc
+    if isinstance(exc, errdefs.Error):
+        message = exc.message
+        if isinstance(exc, errdefs.InvalidArgument) and OUTSIDE_ROOTS in message:
+            message = f"{clip(message)} ({root_hint()})"
+        return TtrpcError(CODES.get(exc.code, Code.UNKNOWN), clip(message))
+    return TtrpcError(Code.UNKNOWN, clip(str(exc) or type(exc).__name__))
 
 
 #: how the agent words a path outside its roots (ccpu/agent/protocol.py resolve_inside)
@@ -51,25 +74,26 @@ def root_hint() -> str:
     return repo_root().hint()
 
 
-def agent_error_code(exc: BaseException) -> str | None:
-    """The agent code name of an exception raised by an agent client, if it carries one."""
-    code = getattr(exc, "code", None)
-    return code if isinstance(code, str) else None
+def at_edge(methods: MethodTable) -> MethodTable:
+    """``methods`` (a service's handler table) answering every error as :func:`to_ttrpc` says."""
+    return {name: (request_type, _mapped(fn)) for name, (request_type, fn) in methods.items()}
 
 
-def not_found(what: str) -> TtrpcError:
-    return TtrpcError(Code.NOT_FOUND, f"{what}: not found")
+def _mapped(fn: Handler) -> Handler:
+    @functools.wraps(fn)
+    async def handler(request: Any, ctx: RequestContext) -> Any:
+        try:
+            return await fn(request, ctx)
+        except (errdefs.Error, TtrpcError) as exc:
+            raise to_ttrpc(exc) from None
+        except Exception as exc:
+            log.exception("%s failed", getattr(fn, "__name__", "handler"))
+            raise to_ttrpc(exc) from None
+
+    return handler
 
 
-def failed_precondition(msg: str) -> TtrpcError:
-    return TtrpcError(Code.FAILED_PRECONDITION, msg)
-
-
-def already_exists(what: str) -> TtrpcError:
-    return TtrpcError(Code.ALREADY_EXISTS, f"{what}: already exists")
-
-
-def config_error(exc: Exception, prefix: str = "") -> TtrpcError:
+def config_error(exc: Exception, prefix: str = "") -> errdefs.Error:
     """A sandbox config error for containerd: InvalidArgument when a Kubernetes pod asked for
     what the operator does not allow (shim.config.AnnotationDenied), else FailedPrecondition
     (a bad value or file: the sandbox cannot start as configured).
@@ -78,5 +102,5 @@ def config_error(exc: Exception, prefix: str = "") -> TtrpcError:
     "unknown" (seen through CRI); InvalidArgument reads "invalid argument" on 1.6 and 2.x."""
     from shim.config import AnnotationDenied
 
-    code = Code.INVALID_ARGUMENT if isinstance(exc, AnnotationDenied) else Code.FAILED_PRECONDITION
-    return TtrpcError(code, f"{prefix}{exc}")
+    kind = errdefs.InvalidArgument if isinstance(exc, AnnotationDenied) else errdefs.FailedPrecondition
+    return kind(f"{prefix}{exc}")

@@ -11,8 +11,9 @@ it; ``fractal layers`` does, see docs/live-layers.md).  Every method takes and r
                                                          -> the stack + removed (entries), restack_ms
 
 ``layers`` (in requests and answers) are nearest first (the top of the stack first), ``dir`` is
-the layer's directory on the HOST (a repo layer dir); the sandbox translates it to what its
-agent sees (``sandbox.layer_path``: identity in host mode, the guest's share path in a VM).
+the layer's directory on the HOST (a repo layer dir).  The sandbox (shim/sandbox.py:
+``layers``, ``restack``) takes and gives host dirs; how its agent sees them (the same path on
+the host, the guest's share path in a VM) and what it must expose first is its business.
 The stack in an answer: {container, repo_root, upper, layers: [{dir, live, chain_id, image,
 size, gc_label, added_at}], history}; ``live`` marks layers added by ``Add`` (the others are
 the image's, as the container was created; their chain_id/image are for the client to fill in).
@@ -21,7 +22,8 @@ Changes of one container are serialized (one asyncio lock per container; the age
 too).  After a change the metadata (which layer came from which image, added when, its GC label)
 is written atomically to ``<bundle>/fractal-layers.json``, so a shim that restarts (or a
 second reader) knows it; the stack itself always comes from the agent (``layers`` op).
-Errors are ttrpc statuses with the agent's code (NotFound, FailedPrecondition, ...).
+Errors are :mod:`ccpu.errdefs` errors (the agent's pass through with their kind: NotFound,
+FailedPrecondition, ...), turned into ttrpc codes at the service edge (shim/errors.py).
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import wrappers_pb2
 
-from ccpu import layersapi
+from ccpu import errdefs, layersapi
 from ccpu.agent import jsonbound
-from ccpu.ttrpc import Code, RequestContext, TtrpcError
+from ccpu.ttrpc import RequestContext
+from shim.sandbox import Sandbox
+from shim.state import Container, Status
 
 log = logging.getLogger("shim.layers")
 
@@ -47,8 +51,8 @@ RECORD_NAME = "fractal-layers.json"
 RECORD_VERSION = 1
 
 
-def _bad(msg: str) -> TtrpcError:
-    return TtrpcError(Code.INVALID_ARGUMENT, msg)
+def _bad(msg: str) -> errdefs.InvalidArgument:
+    return errdefs.InvalidArgument(msg)
 
 
 def parse_request(req: wrappers_pb2.StringValue) -> dict[str, Any]:
@@ -154,16 +158,24 @@ def save_record(bundle: str, rec: dict[str, Any]) -> None:
 # -- the service -------------------------------------------------------------------------------
 
 
-class LayersService:
-    """``fractal.layers.v1.Layers`` for the containers of one shim (``task``: its TaskService)."""
+class Containers(Protocol):
+    """What the Layers service needs of the Task service: its containers by id."""
 
-    def __init__(self, task: Any, sandbox: Any, repo_root: str | None = None) -> None:
+    def container(self, cid: str) -> Container | None: ...
+
+
+class LayersService:
+    """``fractal.layers.v1.Layers`` for the containers of one shim (``task``: its TaskService;
+    ``sandbox``: where they run)."""
+
+    def __init__(self, task: Containers, sandbox: Sandbox, repo_root: str | None = None) -> None:
         self.task = task
         self.sandbox = sandbox
         self.repo_root = repo_root
         self._locks: dict[str, asyncio.Lock] = {}
 
     def methods(self) -> dict[str, tuple[type, Callable[..., Any]]]:
+        """The handlers by RPC name (served through ``shim.errors.at_edge``)."""
         return {
             "List": (wrappers_pb2.StringValue, self.List),
             "Add": (wrappers_pb2.StringValue, self.Add),
@@ -172,57 +184,38 @@ class LayersService:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def layer_path(self, host_dir: str) -> str:
-        """What the agent sees for a host layer dir (the sandbox decides; identity on the host)."""
-        fn = getattr(self.sandbox, "layer_path", None)
-        return str(fn(host_dir)) if callable(fn) else host_dir
-
     def _lock(self, cid: str) -> asyncio.Lock:
-        for other in [k for k in self._locks if k not in self.task.tasks.containers]:
+        for other in [k for k in self._locks if self.task.container(k) is None]:
             if not self._locks[other].locked():
                 del self._locks[other]
         return self._locks.setdefault(cid, asyncio.Lock())
 
-    def _container(self, cid: str) -> Any:
-        c = self.task.tasks.containers.get(cid)
+    def _container(self, cid: str) -> Container:
+        c = self.task.container(cid)
         if c is None:
-            raise TtrpcError(Code.NOT_FOUND, f"container {cid} is not running in this sandbox")
+            raise errdefs.NotFound(f"container {cid} is not running in this sandbox")
         return c
 
-    def _initial_lowers(self, c: Any) -> list[str] | None:
-        """Host dirs of the layers the container was created with; None if its rootfs is not a
-        stack of repo layers (overlayfs or native snapshotter, bind mounts...)."""
+    def _check_stackable(self, c: Container) -> None:
+        """Refuse a container whose root is not a stack of repo layers (the overlayfs or native
+        snapshotter's, bind mounts...) or that has stopped."""
         from shim import rootfs as rootfs_mod
 
-        plan = rootfs_mod.translate(list(c.rootfs), self.repo_root)
-        if plan.get("kind") != "layers":
-            return None
-        return [os.path.normpath(p) for p in plan["lowers"]]
-
-    def _check_stackable(self, c: Any) -> list[str]:
-        initial = self._initial_lowers(c)
-        if initial is None:
+        if rootfs_mod.translate(list(c.rootfs), self.repo_root).get("kind") != "layers":
             kinds = sorted({m.type for m in c.rootfs}) or ["none"]
-            raise TtrpcError(Code.FAILED_PRECONDITION,
-                             f"container {c.id}'s root filesystem is not a stack of fractal "
-                             f"layers (its snapshotter gave {len(c.rootfs)} mount(s) of type "
-                             f"{', '.join(kinds)}; only the fractal snapshotter's can be restacked)")
-        if c.init.status.name == "STOPPED":
-            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.id} is stopped")
-        return initial
+            raise errdefs.FailedPrecondition(
+                f"container {c.id}'s root filesystem is not a stack of fractal "
+                f"layers (its snapshotter gave {len(c.rootfs)} mount(s) of type "
+                f"{', '.join(kinds)}; only the fractal snapshotter's can be restacked)")
+        if c.init.status == Status.STOPPED:
+            raise errdefs.FailedPrecondition(f"container {c.id} is stopped")
 
-    async def _stack(self, c: Any, rec: dict[str, Any], initial: list[str]) -> dict[str, Any]:
-        """The agent's view of the stack, in host dirs."""
-        state = await self.task._call("layers", {"container": c.id})
-        back = self._reverse(initial, rec)
-        lowers = [back.get(os.path.normpath(p), p) for p in state.get("lowers") or []]
-        return {"lowers": lowers, "upper": state.get("upper"), "history": state.get("history") or []}
+    async def _stack(self, c: Container) -> dict[str, Any]:
+        """The sandbox's view of the stack, in host dirs."""
+        now = await self.sandbox.layers(c.id)
+        return {"lowers": list(now.lowers), "upper": now.upper, "history": list(now.history)}
 
-    def _reverse(self, initial: list[str], rec: dict[str, Any]) -> dict[str, str]:
-        known = [*initial, *rec.get("live", {}), *rec.get("stack", [])]
-        return {os.path.normpath(self.layer_path(h)): h for h in known}
-
-    def _view(self, c: Any, rec: dict[str, Any], stack: dict[str, Any]) -> dict[str, Any]:
+    def _view(self, c: Container, rec: dict[str, Any], stack: dict[str, Any]) -> dict[str, Any]:
         live = rec.get("live", {})
         layers = []
         for d in stack["lowers"]:
@@ -235,46 +228,23 @@ class LayersService:
         return {"container": c.id, "repo_root": self.repo_root, "upper": stack.get("upper"),
                 "layers": layers, "history": rec.get("history", [])}
 
-    def _grant(self, c: Any, dirs: list[str]) -> None:
-        """Let the sandbox make ``dirs`` reachable for the agent first (a VM's layer view)."""
-        fn = getattr(self.sandbox, "layers_adding", None)
-        try:
-            if callable(fn):
-                fn(c.id, dirs)
-        except Exception as exc:  # noqa: BLE001 - any failure to expose a layer fails the add
-            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.id}: cannot give the sandbox "
-                                                       f"layers {', '.join(dirs)}: {exc}") from None
-
-    def _settle(self, c: Any, lowers: list[str]) -> None:
-        """Tell the sandbox the container's stack (a VM unbinds layers no container uses)."""
-        fn = getattr(self.sandbox, "layers_now", None)
-        try:
-            if callable(fn):
-                fn(c.id, lowers)
-        except Exception as exc:  # noqa: BLE001 - the restack itself is done; keep the binds
-            log.error("%s: sandbox layer bookkeeping after restack: %s", c.id, exc)
-
-    async def _restack(self, c: Any, add: list[str], remove: list[str],
+    async def _restack(self, c: Container, add: list[str], remove: list[str],
                        position: str | int) -> tuple[list[str], float]:
-        args: dict[str, Any] = {"container": c.id, "position": position}
-        if add:
-            args["add"] = [self.layer_path(d) for d in add]
-        if remove:
-            args["remove"] = [self.layer_path(d) for d in remove]
+        """The new lowers and how long the restack took (the sandbox's whole work: a VM's
+        layer binds too)."""
         t0 = time.monotonic()
-        result = await self.task._call("restack", args)
-        ms = round((time.monotonic() - t0) * 1000, 2)
-        return list(result.get("lowers") or []), ms
+        lowers = await self.sandbox.restack(c.id, add, remove, position)
+        return lowers, round((time.monotonic() - t0) * 1000, 2)
 
     # -- RPCs ---------------------------------------------------------------------------------
 
     async def List(self, req: wrappers_pb2.StringValue, ctx: RequestContext) -> wrappers_pb2.StringValue:
         args = parse_request(req)
         c = self._container(args["container"])
-        initial = self._check_stackable(c)
+        self._check_stackable(c)
         async with self._lock(c.id):
             rec = load_record(c.bundle, c.id)
-            stack = await self._stack(c, rec, initial)
+            stack = await self._stack(c)
             return answer(self._view(c, rec, stack))
 
     async def Add(self, req: wrappers_pb2.StringValue, ctx: RequestContext) -> wrappers_pb2.StringValue:
@@ -282,28 +252,21 @@ class LayersService:
         c = self._container(args["container"])
         layers = parse_add_layers(args.get("layers"))
         position = parse_position(args.get("position"))
-        initial = self._check_stackable(c)
+        self._check_stackable(c)
         async with self._lock(c.id):
             rec = load_record(c.bundle, c.id)
-            stack = await self._stack(c, rec, initial)
+            stack = await self._stack(c)
             present = set(stack["lowers"])
             todo = [la for la in layers if la["dir"] not in present]
             skipped = [la["dir"] for la in layers if la["dir"] in present]
             restack_ms = 0.0
             if todo:
-                self._grant(c, [la["dir"] for la in todo])
-                try:
-                    lowers, restack_ms = await self._restack(c, [la["dir"] for la in todo], [], position)
-                except BaseException:
-                    self._settle(c, stack["lowers"])  # the stack stays as it was
-                    raise
+                lowers, restack_ms = await self._restack(c, [la["dir"] for la in todo], [], position)
                 now = time.time_ns()
                 for la in todo:
                     rec["live"][la["dir"]] = {**{k: v for k, v in la.items() if k != "dir"},
                                               "added_at": now}
-                back = self._reverse(initial, rec)
-                stack["lowers"] = [back.get(os.path.normpath(p), p) for p in lowers]
-                self._settle(c, stack["lowers"])
+                stack["lowers"] = lowers
                 rec["stack"] = stack["lowers"]
                 rec["history"].append({"at": now, "added": [la["dir"] for la in todo],
                                        "removed": [], "restack_ms": restack_ms})
@@ -322,32 +285,29 @@ class LayersService:
         images = str_list(args, "images")
         if not dirs and not images:
             raise _bad("name layers or images to remove")
-        initial = self._check_stackable(c)
+        self._check_stackable(c)
         async with self._lock(c.id):
             rec = load_record(c.bundle, c.id)
-            stack = await self._stack(c, rec, initial)
+            stack = await self._stack(c)
             present = stack["lowers"]
             for d in dirs:
                 if not os.path.isabs(d):
                     raise _bad(f"layer dir must be an absolute path, not {d!r}")
                 if d not in present:
-                    raise TtrpcError(Code.NOT_FOUND, f"layer {d} is not in container {c.id}'s stack")
+                    raise errdefs.NotFound(f"layer {d} is not in container {c.id}'s stack")
             for name in images:
                 mine = [d for d in present if rec["live"].get(d, {}).get("image") == name]
                 if not mine:
-                    raise TtrpcError(Code.NOT_FOUND,
-                                     f"no layers of image {name} were added to container {c.id}")
+                    raise errdefs.NotFound(f"no layers of image {name} were added to container {c.id}")
                 dirs += [d for d in mine if d not in dirs]
             remove = [d for d in present if d in set(dirs)]  # stack order, no duplicates
             lowers, restack_ms = await self._restack(c, [], remove, "top")
             now = time.time_ns()
-            back = self._reverse(initial, rec)
             removed = []
             for d in remove:
                 meta = rec["live"].pop(d, None)
                 removed.append({"dir": d, "live": meta is not None, **(meta or {})})
-            stack["lowers"] = [back.get(os.path.normpath(p), p) for p in lowers]
-            self._settle(c, stack["lowers"])  # removed layers leave a VM's view (unless in use)
+            stack["lowers"] = lowers
             rec["stack"] = stack["lowers"]
             rec["history"].append({"at": now, "added": [], "removed": remove,
                                    "restack_ms": restack_ms})
@@ -357,7 +317,7 @@ class LayersService:
             out.update({"removed": removed, "restack_ms": restack_ms})
             return answer(out)
 
-    def _persist(self, c: Any, rec: dict[str, Any]) -> None:
+    def _persist(self, c: Container, rec: dict[str, Any]) -> None:
         try:
             save_record(c.bundle, rec)
         except OSError as exc:  # the change is done; only the metadata could not be kept

@@ -1,56 +1,287 @@
-"""Sandboxes: where a shim's containers run, and how the shim reaches their agent.
+"""Sandboxes: where a shim's containers run.  The Task and Layers services know only this interface.
 
-One shim daemon = one group of containers = one sandbox = one agent.  The Task service only
-uses this small interface; :func:`for_config` picks the implementation from the sandbox's
-config (shim/config.py): host mode (below) or VM mode (:class:`shim.vm.VmSandbox`: QEMU + the
-agent over virtio-serial):
+One shim daemon = one group of containers = one sandbox.  :class:`Sandbox` owns where and how a
+container runs -- its whole life: create (placement, the agent's create, OCI hooks, undoing all
+of it when a step fails), start, exec, kill, delete (also after the sandbox was lost), stats,
+its root's layers and their live restack.  The Task service (shim/task.py) keeps what
+containerd sees (shim/state.py: status, pids, exits; events; the stdio relays it is handed) and
+calls the sandbox for everything else; the Layers service (shim/layers.py) keeps the live-layer
+records.  Neither looks inside a sandbox.
 
-* ``await start()``      bring the agent up (idempotent; the first Create waits for it)
-* ``await agent()``      the connected :class:`ccpu.agent.client.AgentClient` (after start)
-* ``await stop()``       ask the agent to shut down, then make sure it is gone
-* ``describe()``         a dict for logs and the sandbox record (mode, pids, ``vm``, ...)
-* ``layer_path(dir)``    the agent's path of a host repo layer dir (identity on the host; the
-                         guest's share path in a VM) -- for live layers
-* ``placement(id, bundle, rootfs, spec)``  the agent's ``bundle``/``rootfs``(/``spec``) args
-                         of a container's ``create`` (raises TtrpcError if it cannot run here)
-* ``created/started/deleted(id, ...)``  host-side work at those points of a container's
-                         life (VM mode: the spec's OCI hooks, shim/hooks.py)
-* ``on_lost``            callback(reason) when the agent goes away unexpectedly
-* ``on_event``           callback(event) for the agent's events
+Implementations, chosen by :func:`for_config` from the sandbox's config (shim/config.py):
 
-Host mode has two ways to run the agent (``FRACTAL_AGENT``, see :func:`host_sandbox`):
+* :class:`shim.hostsandbox.InprocSandbox` (host mode, default; ``FRACTAL_AGENT=inproc``): the
+  agent's code in the shim daemon's own process and event loop, over a socketpair;
+* :class:`shim.hostsandbox.HostSandbox` (host mode, ``FRACTAL_AGENT=process``): the agent as a
+  child process over a socketpair -- the process boundary of a VM, on the host;
+* :class:`shim.vm.VmSandbox` (VM mode): QEMU, the agent in the guest over virtio-serial;
+* :class:`FailedSandbox`: a sandbox that could not be configured; every call raises why.
 
-* :class:`InprocSandbox` (default, ``inproc``): the agent's code runs in the shim daemon's own
-  process and event loop, over a ``socket.socketpair()``, with the daemon's one reaper.  No
-  second interpreter: faster sandbox start, half the memory.  A SIGKILLed shim takes the
-  agent with it, exactly as in process mode; containers are cleaned up by ``delete``.
-* :class:`HostSandbox` (``process``): the agent as a child process (``python3 -m ccpu.agent
-  --fd N``) over a socketpair -- the same process boundary as in a VM, useful to debug the
-  protocol, or to keep the shim's and the agent's faults apart.  The agent dies with the shim
-  (PR_SET_PDEATHSIG=SIGKILL); a crashed agent is reported as exited tasks.
+The first three are :class:`shim.agentsandbox.AgentSandbox`: everything that speaks the agent
+protocol (docs/agent-protocol.md) shares its request timeouts, its create sequence and its
+delete-after-loss there, and differs only in how the agent is reached and what the host does
+around it.  A new kind (a pool of VMs, a remote agent) is one new module with one class: an
+AgentSandbox subclass if it talks to an agent, else a Sandbox; plus one line in
+:func:`for_config` (docs/architecture.md, "Adding a sandbox kind").
+
+Errors: every method raises :mod:`ccpu.errdefs` errors (NotFound, FailedPrecondition, ...), which
+the service edge turns into ttrpc codes (shim/errors.py).
 """
 
 from __future__ import annotations
 
-import asyncio
+import abc
 import logging
 import os
-import shutil
-import signal
-import socket
-import sys
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ccpu.agent.client import AgentClient
+from ccpu import errdefs
+
+if TYPE_CHECKING:
+    from shim.config import Config
 
 log = logging.getLogger("shim.sandbox")
 
-PR_SET_PDEATHSIG = 1
-_CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 #: ``FRACTAL_AGENT`` values
 AGENT_MODES = ("inproc", "process")
+
+
+# ---------------------------------------------------------------------------------------------
+# what crosses the interface
+
+
+class Relay(Protocol):
+    """One process's stdio relay as the Task service drives it (:class:`shim.stdio.ProcessIO`
+    for agent sandboxes): the sandbox connects it, the Task service owns it afterwards."""
+
+    def start_stdin(self) -> None:
+        """The process exists: forward containerd's stdin to it from now on."""
+
+    def close_stdin(self) -> None:
+        """containerd's CloseIO: end the process's stdin once what is buffered went through."""
+
+    async def wait_output(self, timeout: float | None) -> bool:
+        """Wait until all output was relayed (an exit is reported only then); False on timeout."""
+
+    def close(self) -> None:
+        """Drop everything (the process is deleted, or its sandbox lost)."""
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """Where a process's stdio goes: containerd's FIFOs (or log URIs for stdout), "" for none."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+@dataclass(frozen=True)
+class NewContainer:
+    """What Create gives the sandbox."""
+
+    id: str
+    bundle: str  # the bundle dir on the host
+    rootfs: dict[str, Any]  # shim.rootfs.translate's plan (host paths)
+    spec: dict[str, Any] | None  # the bundle's config.json (None: unreadable)
+    stdio: Stdio = field(default_factory=Stdio)
+
+
+@dataclass(frozen=True)
+class Created:
+    pid: int  # the init process's pid, as the sandbox reports it
+    io: Relay
+
+
+@dataclass(frozen=True)
+class Exit:
+    """What the sandbox knows of a deleted process's end (0, 0 when it forgot the process)."""
+
+    status: int
+    at: int  # ns since the epoch; 0 = unknown
+
+
+@dataclass(frozen=True)
+class ProcessEntry:
+    pid: int
+    exec_id: str  # "" for the init process (or a process of no exec)
+
+
+@dataclass(frozen=True)
+class RootLayers:
+    """A container's root as stacked now: ``lowers`` nearest first, as HOST dirs."""
+
+    lowers: list[str]
+    upper: str | None
+    history: list[Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface
+
+
+class Sandbox(abc.ABC):
+    """Where a shim's containers run (see the module docstring).
+
+    Container ids are the Task API's; ``exec_id`` "" means the container's init process.
+    Events (exits, OOMs) go to ``on_event`` in the agent protocol's shape (docs/agent-protocol.md,
+    "Events"); ``on_lost(reason)`` is called once when the sandbox went away unexpectedly (its
+    processes are then reported exited)."""
+
+    mode = "?"  # "host" or "vm" (io.fractal.mode); a container asking for another is refused
+    agent_mode = "?"  # how the agent runs, for logs and records (inproc, process, vm, none)
+    pid: int | None = None  # the agent's process (QEMU's in VM mode), for records
+    on_event: Callable[[dict[str, Any]], None] | None = None
+    on_lost: Callable[[str], None] | None = None
+
+    # -- the sandbox itself ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Bring the sandbox up (idempotent: the daemon starts it early, the first Create waits)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Shut it down and make sure it is gone (the shim is exiting)."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """A dict for logs and the sandbox record (mode, pids, ``vm``, ...)."""
+
+    def diagnose(self) -> str:
+        """What to log when the sandbox is slow to answer (VM mode: the guest console's tail)."""
+        try:
+            return f"sandbox {self.describe()}"
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not raise
+            return f"(no sandbox details: {exc!r})"
+
+    # -- containers --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create(self, c: NewContainer) -> Created:
+        """Create ``c`` (not started).  All or nothing: when any step fails, whatever the earlier
+        ones did is undone before the error is raised."""
+
+    @abc.abstractmethod
+    async def start_process(self, cid: str, exec_id: str = "") -> int:
+        """Start a created process (the init's poststart work included); its pid."""
+
+    @abc.abstractmethod
+    async def exec(self, cid: str, exec_id: str, process: dict[str, Any], stdio: Stdio) -> Relay:
+        """Add process ``exec_id`` (an OCI process spec) to running container ``cid``."""
+
+    @abc.abstractmethod
+    async def kill(self, cid: str, exec_id: str, signal: int, all: bool = False) -> None:  # noqa: A002
+        """Signal a process (``all``: every process of the container)."""
+
+    @abc.abstractmethod
+    async def delete(self, cid: str, exec_id: str = "") -> Exit:
+        """Delete a created or stopped process; for the init, the container with what the host
+        holds for it.  A process the sandbox no longer knows, or that a lost sandbox took
+        along, is deleted without error."""
+
+    @abc.abstractmethod
+    async def pids(self, cid: str) -> list[ProcessEntry]:
+        """The container's processes."""
+
+    @abc.abstractmethod
+    async def pause(self, cid: str) -> None: ...
+
+    @abc.abstractmethod
+    async def resume(self, cid: str) -> None: ...
+
+    @abc.abstractmethod
+    async def resize_pty(self, cid: str, exec_id: str, width: int, height: int) -> None: ...
+
+    @abc.abstractmethod
+    async def update(self, cid: str, resources: dict[str, Any]) -> None:
+        """New OCI LinuxResources for the container."""
+
+    @abc.abstractmethod
+    async def stats(self, cid: str) -> dict[str, Any]:
+        """The container's cgroup statistics (the agent's ``stats`` shape, shim/metrics.py)."""
+
+    # -- live layers (docs/live-layers.md) ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def layers(self, cid: str) -> RootLayers:
+        """The container's root as stacked now, in host dirs."""
+
+    @abc.abstractmethod
+    async def restack(self, cid: str, add: list[str], remove: list[str],
+                      position: str | int) -> list[str]:
+        """Stack the host layer dirs ``add`` (nearest first) at ``position`` ("top", "bottom"
+        or an index) and take ``remove`` away, while the container runs; the new lowers, in
+        host dirs.  The sandbox makes the dirs reachable to wherever the container runs."""
+
+
+class FailedSandbox(Sandbox):
+    """A sandbox that could not be configured: every container operation raises ``reason``
+    (its kind is what containerd sees: shim/errors.py, ``config_error``)."""
+
+    agent_mode = "none"
+
+    def __init__(self, reason: errdefs.Error) -> None:
+        self.reason = reason
+
+    def _refuse(self) -> errdefs.Error:
+        return type(self.reason)(self.reason.message)
+
+    async def start(self) -> None:
+        raise self._refuse()
+
+    async def stop(self) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "error": self.reason.message}
+
+    async def create(self, c: NewContainer) -> Created:
+        raise self._refuse()
+
+    async def start_process(self, cid: str, exec_id: str = "") -> int:
+        raise self._refuse()
+
+    async def exec(self, cid: str, exec_id: str, process: dict[str, Any], stdio: Stdio) -> Relay:
+        raise self._refuse()
+
+    async def kill(self, cid: str, exec_id: str, signal: int, all: bool = False) -> None:  # noqa: A002
+        raise self._refuse()
+
+    async def delete(self, cid: str, exec_id: str = "") -> Exit:
+        raise self._refuse()
+
+    async def pids(self, cid: str) -> list[ProcessEntry]:
+        raise self._refuse()
+
+    async def pause(self, cid: str) -> None:
+        raise self._refuse()
+
+    async def resume(self, cid: str) -> None:
+        raise self._refuse()
+
+    async def resize_pty(self, cid: str, exec_id: str, width: int, height: int) -> None:
+        raise self._refuse()
+
+    async def update(self, cid: str, resources: dict[str, Any]) -> None:
+        raise self._refuse()
+
+    async def stats(self, cid: str) -> dict[str, Any]:
+        raise self._refuse()
+
+    async def layers(self, cid: str) -> RootLayers:
+        raise self._refuse()
+
+    async def restack(self, cid: str, add: list[str], remove: list[str],
+                      position: str | int) -> list[str]:
+        raise self._refuse()
+
+
+# ---------------------------------------------------------------------------------------------
+# which one
 
 
 def agent_mode() -> str:
@@ -61,149 +292,11 @@ def agent_mode() -> str:
     return mode
 
 
-def subprocess_umount(path: str) -> int:
-    """umount2(path, MNT_DETACH); 0 on success."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.umount2(path.encode(), 2))
-
-
-def _die_with_parent() -> None:  # preexec_fn: runs in the child between fork and exec
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-class Sandbox:
-    """Interface (see the module docstring)."""
-
-    mode = "?"
-    agent_mode = "?"
-    pid: int | None = None
-    on_lost: Callable[[str], None] | None = None
-    on_event: Callable[[dict[str, Any]], None] | None = None
-
-    async def start(self) -> None:
-        raise NotImplementedError
-
-    _client: AgentClient | None = None
-    _stopping = False
-
-    async def agent(self) -> AgentClient:
-        """The connected agent client, started on first use."""
-        await self.start()
-        assert self._client is not None
-        return self._client
-
-    def _link_lost(self, reason: str) -> None:
-        """The agent connection broke while we were not stopping: report it once upward."""
-        if not self._stopping and not self.lost:
-            self.lost = True
-            if self.on_lost is not None:
-                self.on_lost(reason)
-
-    async def stop(self) -> None:
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    lost = False  # the agent went away unexpectedly (its containers were reported exited)
-
-    def cleanup_after_loss(self, cid: str, bundle: str) -> None:
-        """Undo on the host what a lost agent left of container `cid` (blocking; run in a thread).
-
-        Host sandboxes: runc may still know the container (its processes outlive the agent as
-        the shim's orphans) and its rootfs is mounted in the bundle.  VM sandboxes override it:
-        what the guest had died with the guest.
-        """
-        runc_root = getattr(self, "runc_root", None)
-        if runc_root and os.path.exists(os.path.join(runc_root, cid)):
-            import subprocess
-
-            try:
-                subprocess.run([shutil.which("runc") or "runc", "--root", runc_root, "delete", "--force", cid],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               timeout=10)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                log.warning("runc delete --force %s after agent loss: %s", cid, exc)
-        rootfs = os.path.join(bundle, "rootfs")
-        for _ in range(8):  # stacked mounts (live layers) come off one at a time
-            if not os.path.ismount(rootfs):
-                break
-            if subprocess_umount(rootfs) != 0:
-                break
-
-    def layer_path(self, host_dir: str) -> str:
-        """Where the agent sees a layer dir of the host's repo: the same path on the host."""
-        return host_dir
-
-    def layers_adding(self, cid: str, host_dirs: list[str]) -> None:
-        """Before a live restack stacks ``host_dirs`` on ``cid`` (a VM makes them visible to its
-        guest: shim/layerview.py).  Raising fails the add."""
-
-    def layers_now(self, cid: str, host_dirs: list[str]) -> None:
-        """``cid``'s stack after a live restack (or after a failed one: the stack as it is)."""
-
-    def diagnose(self) -> str:
-        """What to log when the agent is slow to answer (VM mode: the guest console's tail)."""
-        try:
-            return f"sandbox {self.describe()}"
-        except Exception as exc:  # noqa: BLE001 - a diagnostic must not raise
-            return f"(no sandbox details: {exc!r})"
-
-    # Lifecycle points where a sandbox may act on the host (VM mode runs OCI hooks there).
-    async def created(self, cid: str, pid: int) -> None:
-        """After the agent created ``cid``; raising fails the Create (the shim deletes it)."""
-
-    async def started(self, cid: str, pid: int) -> None:
-        """After ``cid``'s init process started."""
-
-    async def deleted(self, cid: str) -> None:
-        """After ``cid`` was deleted."""
-
-    def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
-                  spec: dict[str, Any] | None) -> dict[str, Any]:
-        """``create`` args saying where the container lives: on the host, the bundle as is (the
-        agent reads its config.json)."""
-        return {"bundle": bundle, "rootfs": rootfs}
-
-
-class FailedSandbox(Sandbox):
-    """A sandbox that could not be configured: every container's Create gets the reason."""
-
-    mode = "?"
-    agent_mode = "none"
-
-    def __init__(self, reason: str, code: int | None = None) -> None:
-        self.reason = reason
-        self.code = code  # a ttrpc Code; None = FailedPrecondition
-
-    async def start(self) -> None:
-        from ccpu.ttrpc import Code, TtrpcError
-
-        raise TtrpcError(Code(self.code) if self.code is not None else Code.FAILED_PRECONDITION,
-                         self.reason)
-
-    async def agent(self) -> AgentClient:
-        await self.start()
-        raise AssertionError("unreachable")
-
-    async def stop(self) -> None:
-        return None
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "error": self.reason}
-
-
-def for_config(cfg: Any, *, reaper: Any, namespace: str, group: str, repo_root: str,
+def for_config(cfg: Config, *, reaper: Any, namespace: str, group: str, repo_root: str,
                run_dir: str, runc_root: str, bundle_root: str, layer_roots: list[str],
                first_bundle: str | None = None) -> Sandbox:
     """The sandbox for a :class:`shim.config.Config`: a VM, or host mode (``FRACTAL_AGENT``).
+    This is where a sandbox kind is chosen.
 
     ``first_bundle``: the bundle of the container the shim was started for; a VM boots before
     its Create arrives and must know the pod network namespace (CRI's pause spec) by then."""
@@ -211,181 +304,15 @@ def for_config(cfg: Any, *, reaper: Any, namespace: str, group: str, repo_root: 
         from shim.vm import VmSandbox, first_netns
 
         return VmSandbox(reaper=reaper, namespace=namespace, group=group, repo_root=repo_root,
-                         run_dir=run_dir, settings=cfg.vm,
+                         run_dir=run_dir, settings=cfg.vm, timeouts=cfg.timeouts,
                          netns=first_netns(first_bundle) if first_bundle else None)
     return host_sandbox(reaper=reaper, runc_root=runc_root, bundle_root=bundle_root,
-                        layer_roots=layer_roots)
+                        layer_roots=layer_roots, namespace=namespace, timeouts=cfg.timeouts)
 
 
 def host_sandbox(mode: str | None = None, **kw: Any) -> Sandbox:
     """The host-mode sandbox for ``mode`` (default: ``$FRACTAL_AGENT``, else inproc)."""
+    from shim.hostsandbox import HostSandbox, InprocSandbox
+
     mode = mode or agent_mode()
     return InprocSandbox(**kw) if mode == "inproc" else HostSandbox(**kw)
-
-
-class InprocSandbox(Sandbox):
-    """The agent's code in the shim daemon's process and loop (see the module docstring)."""
-
-    mode = "host"
-    agent_mode = "inproc"
-
-    def __init__(self, *, reaper: Any, runc_root: str, bundle_root: str, layer_roots: list[str],
-                 on_event: Callable[[dict[str, Any]], None] | None = None,
-                 ready_timeout: float = 30.0, drain_timeout: float | None = None) -> None:
-        self.reaper = reaper
-        self.runc_root = runc_root
-        self.bundle_root = bundle_root
-        self.layer_roots = list(layer_roots)
-        self.on_event = on_event
-        self.ready_timeout = ready_timeout
-        self.drain_timeout = drain_timeout
-        self.pid = os.getpid()
-        self._embedded: Any = None
-        self._client: AgentClient | None = None
-        self._ready: asyncio.Task[AgentClient] | None = None
-        self._stopping = False
-
-    async def start(self) -> None:
-        if self._ready is None:
-            self._ready = asyncio.get_running_loop().create_task(self._start())
-        await asyncio.shield(self._ready)
-
-    async def _start(self) -> AgentClient:
-        from ccpu.agent.embed import EmbeddedAgent
-
-        kw: dict[str, Any] = {}
-        if self.drain_timeout is not None:
-            kw["drain_timeout"] = self.drain_timeout
-        self._embedded = EmbeddedAgent(
-            self.reaper, runc_root=self.runc_root, bundle_roots=[self.bundle_root],
-            layer_roots=self.layer_roots, **kw)
-        client = await self._embedded.connect()
-        client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
-        client.add_lost_handler(self._link_lost)
-        self._client = client
-        hello = await asyncio.wait_for(client.hello(), self.ready_timeout)
-        log.debug("agent up (in-process): %s", hello)
-        return client
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        self._stopping = True
-        if self._client is not None:
-            if not self._client.closed:
-                try:
-                    await asyncio.wait_for(self._client.call("shutdown"), timeout)
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("agent shutdown: %s", exc)
-            await self._client.close()
-        if self._embedded is not None:
-            await self._embedded.close()
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "agent": self.agent_mode, "agent_pid": self.pid,
-                "runc_root": self.runc_root, "bundle_root": self.bundle_root,
-                "layer_roots": self.layer_roots}
-
-
-class HostSandbox(Sandbox):
-    """The agent as a child process of the shim, on the host (``FRACTAL_AGENT=process``)."""
-
-    mode = "host"
-    agent_mode = "process"
-
-    def __init__(self, *, reaper: Any, runc_root: str, bundle_root: str, layer_roots: list[str],
-                 python: str = sys.executable, extra_args: list[str] | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None,
-                 ready_timeout: float = 30.0, drain_timeout: float | None = None) -> None:
-        self.reaper = reaper
-        self.runc_root = runc_root
-        self.bundle_root = bundle_root
-        self.layer_roots = list(layer_roots)
-        self.python = python
-        self.extra_args = list(extra_args or [])
-        if drain_timeout is not None:
-            self.extra_args += ["--drain-timeout", str(drain_timeout)]
-        self.on_event = on_event
-        self.ready_timeout = ready_timeout
-        self.proc: Any = None  # subprocess.Popen
-        self.pid: int | None = None
-        self.exit_status: int | None = None
-        self._client: AgentClient | None = None
-        self._ready: asyncio.Task[AgentClient] | None = None
-        self._stopping = False
-
-    def command(self, fd: int) -> list[str]:
-        runc = shutil.which("runc") or "runc"  # an absolute path: the agent does not search PATH
-        return [self.python, "-m", "ccpu.agent", "--fd", str(fd), "--runc", runc,
-                "--runc-root", self.runc_root, "--bundle-root", self.bundle_root,
-                *[a for r in self.layer_roots for a in ("--layer-root", r)], *self.extra_args,
-                *(["--debug"] if logging.getLogger().isEnabledFor(logging.DEBUG) else [])]
-
-    async def start(self) -> None:
-        if self._ready is None:
-            self._ready = asyncio.get_running_loop().create_task(self._start())
-        await asyncio.shield(self._ready)
-
-    async def _start(self) -> AgentClient:
-        import subprocess
-
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
-            os.makedirs(self.runc_root, mode=0o711, exist_ok=True)
-            fd = theirs.fileno()
-            # Spawned from the event loop's thread: PDEATHSIG follows the spawning thread.
-            self.proc = subprocess.Popen(
-                self.command(fd), pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                stdout=2, stderr=2, cwd="/", env=env, preexec_fn=_die_with_parent)
-            self.pid = self.proc.pid
-            exited = self.reaper.wait(self.pid)
-            exited.add_done_callback(self._agent_exited)
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        client = await AgentClient.connect_socket(ours)
-        client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
-        client.add_lost_handler(self._link_lost)
-        self._client = client
-        hello = await asyncio.wait_for(client.hello(), self.ready_timeout)
-        log.info("agent up: pid %s, %s", self.pid, hello)
-        return client
-
-    def _agent_exited(self, fut: asyncio.Future[int]) -> None:
-        if fut.cancelled():
-            return
-        self.exit_status = fut.result()
-        if self.proc is not None:
-            self.proc.returncode = self.exit_status  # reaped by our reaper, not by Popen
-        log.log(logging.INFO if self._stopping else logging.ERROR,
-                "agent pid %s exited with %s", self.pid, self.exit_status)
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        self._stopping = True
-        if self._client is not None and not self._client.closed:
-            try:
-                await asyncio.wait_for(self._client.call("shutdown"), timeout)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("agent shutdown: %s", exc)
-        if self.pid is not None and self.exit_status is None:
-            fut = self.reaper.wait(self.pid)
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except TimeoutError:
-                log.warning("agent pid %s did not exit; killing it", self.pid)
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                try:
-                    await asyncio.wait_for(asyncio.shield(fut), timeout)
-                except TimeoutError:
-                    pass
-        if self._client is not None:
-            await self._client.close()
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "agent": self.agent_mode, "agent_pid": self.pid,
-                "runc_root": self.runc_root, "bundle_root": self.bundle_root,
-                "layer_roots": self.layer_roots}

@@ -1,7 +1,9 @@
 """Task state machine: containers and their processes as the shim reports them to containerd.
 
 Pure bookkeeping (plus asyncio.Events to wake waiters): the TaskService decides what to ask
-the agent, this module decides what is allowed and what a process looks like afterwards.
+the sandbox, this module decides what is allowed and what a process looks like afterwards.
+Refusals are :mod:`ccpu.errdefs` errors (NotFound, AlreadyExists, FailedPrecondition), turned
+into ttrpc codes at the service edge (shim/errors.py).
 
     CREATED --start--> RUNNING --pause--> PAUSED --resume--> RUNNING
        |                  |                  |
@@ -16,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shim.errors import already_exists, failed_precondition, not_found
+from ccpu import errdefs
+
+if TYPE_CHECKING:
+    from shim.sandbox import Relay
 
 
 class Status(enum.IntEnum):
@@ -42,7 +47,7 @@ class Process:
     status: Status = Status.CREATED
     exit_status: int = 0
     exited_at: int = 0  # ns since the epoch, 0 while not stopped
-    io: Any = None  # shim.stdio.ProcessIO
+    io: Relay | None = None  # connected by the sandbox (shim.stdio.ProcessIO for an agent)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     starting: bool = False  # a Start call is in flight
     started: asyncio.Event = field(default_factory=asyncio.Event)  # Start finished (ok or not)
@@ -58,7 +63,7 @@ class Process:
 
     def check_start(self) -> None:
         if self.status != Status.CREATED or self.starting:
-            raise failed_precondition(f"process {self.name} is {self.status.name.lower()}, "
+            raise errdefs.FailedPrecondition(f"process {self.name} is {self.status.name.lower()}, "
                                       "cannot start")
 
     def mark_running(self, pid: int) -> None:
@@ -75,7 +80,7 @@ class Process:
 
     def check_delete(self) -> None:
         if self.status not in (Status.CREATED, Status.STOPPED):
-            raise failed_precondition(f"process {self.name} is {self.status.name.lower()}, "
+            raise errdefs.FailedPrecondition(f"process {self.name} is {self.status.name.lower()}, "
                                       "cannot delete")
 
 
@@ -97,24 +102,24 @@ class Container:
         try:
             return self.execs[exec_id]
         except KeyError:
-            raise not_found(f"exec {exec_id} of {self.id}") from None
+            raise errdefs.NotFound(f"exec {exec_id} of {self.id}: not found") from None
 
     def add_exec(self, proc: Process) -> None:
         if proc.exec_id in self.execs:
-            raise already_exists(f"exec {proc.exec_id}")
+            raise errdefs.AlreadyExists(f"exec {proc.exec_id}: already exists")
         if self.init.status not in (Status.RUNNING, Status.PAUSED):
-            raise failed_precondition(f"container {self.id} is "
+            raise errdefs.FailedPrecondition(f"container {self.id} is "
                                       f"{self.init.status.name.lower()}, cannot exec")
         self.execs[proc.exec_id] = proc
 
     def check_pause(self) -> None:
         if self.init.status != Status.RUNNING:
-            raise failed_precondition(f"container {self.id} is {self.init.status.name.lower()}, "
+            raise errdefs.FailedPrecondition(f"container {self.id} is {self.init.status.name.lower()}, "
                                       "cannot pause")
 
     def check_resume(self) -> None:
         if self.init.status != Status.PAUSED:
-            raise failed_precondition(f"container {self.id} is not paused")
+            raise errdefs.FailedPrecondition(f"container {self.id} is not paused")
 
     def set_paused(self, paused: bool) -> None:
         if paused and self.init.status == Status.RUNNING:
@@ -136,11 +141,11 @@ class Tasks:
         try:
             return self.containers[cid]
         except KeyError:
-            raise not_found(f"container {cid}") from None
+            raise errdefs.NotFound(f"container {cid}: not found") from None
 
     def add(self, container: Container) -> None:
         if container.id in self.containers:
-            raise already_exists(f"container {container.id}")
+            raise errdefs.AlreadyExists(f"container {container.id}: already exists")
         self.containers[container.id] = container
 
     def remove(self, cid: str) -> None:

@@ -1,8 +1,10 @@
-"""The containerd Task service (``containerd.task.v2.Task``) on top of one sandbox's agent.
+"""The containerd Task service (``containerd.task.v2.Task``) on top of one sandbox.
 
-Every RPC is translated into agent operations (docs/agent-protocol.md); the state machine is
-:mod:`shim.state`, stdio relaying :mod:`shim.stdio`, events :mod:`shim.events`.  Handlers never
-wait for event delivery.  Exits come from the agent's ``exit`` events; a process is reported
+Every RPC that touches a container is one call of the :class:`shim.sandbox.Sandbox` interface
+(which runs it: the sandbox owns placement, the agent, hooks and their undoing); this service
+keeps what containerd sees: the state machine is :mod:`shim.state`, stdio relaying
+:mod:`shim.stdio` (relays the sandbox connected), events :mod:`shim.events`.  Handlers never
+wait for event delivery.  Exits come from the sandbox's ``exit`` events; a process is reported
 stopped (Wait returns, TaskExit is published) only after its output was fully relayed and after
 its TaskStart went out, so containerd always sees create, start, exit, delete in that order.
 """
@@ -10,11 +12,10 @@ its TaskStart went out, so containerd always sees create, start, exit, delete in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
@@ -22,21 +23,18 @@ from google.protobuf import any_pb2, empty_pb2
 from ccpu.api.gen.containerd.events import task_pb2 as ev
 from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
 from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
+from ccpu import errdefs
 from ccpu.agent import jsonbound
-from ccpu.ttrpc import Code, RequestContext, TtrpcError
+from ccpu.ttrpc import RequestContext
 from shim import agentvalues, logfmt, rootfs as rootfs_mod
 from shim.agentvalues import BadAgentValue
-from shim.config import ConfigError, Timeouts, conflict
-from shim.errors import agent_error_code, config_error, to_ttrpc
+from shim.config import ConfigError, conflict
+from shim.errors import config_error
 from shim.events import timestamp
+from shim.sandbox import NewContainer, Sandbox, Stdio
 from shim.state import Container, Process, Status, Tasks
-from shim.stdio import ProcessIO
 
 log = logging.getLogger("shim.task")
-
-#: seconds after which a create still waiting on the agent is logged, with what the sandbox can
-#: tell (a VM: its console's tail) -- a hang should leave a trace before containerd's timeout
-SLOW_CREATE = 30.0
 
 SERVICE = "containerd.task.v2.Task"
 
@@ -45,14 +43,6 @@ OUTPUT_GRACE = 10.0
 
 #: at most one TaskOOM per container per this many seconds (the agent could send millions)
 OOM_INTERVAL = 1.0
-
-
-def _checked(what: str, fn: Callable[[], Any]) -> Any:
-    """``fn()``, with a value out of range from the agent as a clear INTERNAL error."""
-    try:
-        return fn()
-    except BadAgentValue as exc:
-        raise TtrpcError(Code.INTERNAL, f"{what}: {exc}") from None
 
 
 def _process_details(exec_id: str) -> Any:
@@ -86,21 +76,23 @@ def _any(msg: Any) -> any_pb2.Any:
 class TaskService:
     """Task RPC handlers for the containers of one shim.
 
-    ``sandbox`` gives the agent (``await sandbox.agent()``); ``publish(namespace, event)``
+    ``sandbox`` runs the containers (shim/sandbox.py: every container operation goes there);
+    this service keeps what containerd sees of them (shim/state.py), publishes their events and
+    owns their stdio relays once the sandbox connected them.  ``publish(namespace, event)``
     queues an event; ``request_exit()`` is called when Shutdown finds no containers left.
+    Handlers raise :mod:`ccpu.errdefs` errors; the daemon serves them through
+    ``shim.errors.at_edge``, the one place they become ttrpc codes.
     """
 
-    def __init__(self, sandbox: Any, publish: Callable[[str, Any], None], namespace: str,
+    def __init__(self, sandbox: Sandbox, publish: Callable[[str, Any], None], namespace: str,
                  *, repo_root: str | None = None,
                  request_exit: Callable[[], None] | None = None,
                  on_change: Callable[[], None] | None = None,
-                 admit: Callable[[dict[str, str]], None] | None = None,
-                 timeouts: Timeouts | None = None) -> None:
+                 admit: Callable[[dict[str, str]], None] | None = None) -> None:
         self.sandbox = sandbox
         #: raises shim.config.ConfigError for a container the sandbox's config refuses
         #: (a Kubernetes pod's annotation the operator does not allow)
         self.admit = admit
-        self.timeouts = timeouts or Timeouts()
         self.publish_event = publish
         self.namespace = namespace
         self.repo_root = repo_root
@@ -115,6 +107,7 @@ class TaskService:
     # -- plumbing ---------------------------------------------------------------------------
 
     def methods(self) -> dict[str, tuple[type, Callable[..., Any]]]:
+        """The handlers by RPC name (served through ``shim.errors.at_edge``)."""
         return {
             "State": (pb.StateRequest, self.State),
             "Create": (pb.CreateTaskRequest, self.Create),
@@ -138,73 +131,9 @@ class TaskService:
     def publish(self, event: Any) -> None:
         self.publish_event(self.namespace, event)
 
-    async def _agent(self) -> Any:
-        try:
-            return await self.sandbox.agent()
-        except TtrpcError:
-            raise
-        except Exception as exc:
-            raise TtrpcError(Code.UNAVAILABLE, f"sandbox agent unavailable: {exc}") from exc
-
-    async def _call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """The agent's answer to ``op``, within ``self.timeouts`` (docs/shim.md): a guest that
-        is stuck, stopped or overloaded gives DEADLINE_EXCEEDED naming what did not answer,
-        never a caller waiting for ever.  Agent errors map to ttrpc codes here, once."""
-        agent = await self._agent()
-        limit = self.timeouts.for_op(op)
-        call = asyncio.ensure_future(agent.call(op, args))
-        try:
-            done, _ = await asyncio.wait({call}, timeout=limit)
-        except BaseException:  # our caller gave up (containerd's deadline, a closed connection)
-            call.cancel()
-            raise
-        if not done:
-            self._undo_when_answered(op, args, call)
-            raise TtrpcError(Code.DEADLINE_EXCEEDED, self._no_answer(op, args, limit))
-        try:
-            return call.result()
-        except TtrpcError:
-            raise
-        except Exception as exc:
-            code = agent_error_code(exc)
-            if code is not None:
-                raise to_ttrpc(code, getattr(exc, "message", str(exc))) from exc
-            raise TtrpcError(Code.UNAVAILABLE, f"agent {op}: {exc}") from exc
-
-    def _no_answer(self, op: str, args: dict[str, Any], limit: float) -> str:
-        what = f" of container {args['container']}" if args.get("container") else ""
-        if args.get("exec"):
-            what += f" (exec {args['exec']})"
-        where = getattr(self.sandbox, "mode", "")
-        pid = getattr(self.sandbox, "pid", None)
-        agent = f"the {where} sandbox's agent" + (f" (VM pid {pid})" if where == "vm" and pid else "")
-        return (f"{agent} did not answer {op}{what} within {limit:g}s: it is stuck or overloaded "
-                "(deadline exceeded; timeouts in the fractal config's [timeouts])")
-
-    def _undo_when_answered(self, op: str, args: dict[str, Any], call: asyncio.Future[Any]) -> None:
-        """A create or exec we gave up on may still succeed in the agent: undo it then, so the
-        container or exec id is free again and nothing runs that containerd does not know."""
-        log.warning("agent did not answer %s %s in time; undoing it if it still succeeds", op,
-                    args.get("container", ""))
-
-        def answered(fut: asyncio.Future[Any]) -> None:
-            if fut.cancelled() or fut.exception() is not None or op not in ("create", "exec"):
-                return
-            undo = {"container": args["container"], **({"exec": args["exec"]} if op == "exec" else {})}
-            log.warning("late answer to %s %s: deleting it again", op, undo)
-
-            async def delete() -> None:
-                with contextlib.suppress(Exception):
-                    agent = await self._agent()  # created / never-started processes delete directly
-                    await asyncio.wait_for(agent.call("delete", undo), self.timeouts.delete)
-
-            self._spawn(delete())
-
-        call.add_done_callback(answered)
-
-    @staticmethod
-    def _exec_arg(exec_id: str) -> dict[str, str]:
-        return {"exec": exec_id} if exec_id else {}
+    def container(self, cid: str) -> Container | None:
+        """Container ``cid`` of this shim, if it has one (for the Layers service)."""
+        return self.tasks.containers.get(cid)
 
     # -- agent events -----------------------------------------------------------------------
 
@@ -230,7 +159,7 @@ class TaskService:
                 return
             try:
                 proc = self.tasks.process(e.container, e.exec_id)
-            except TtrpcError:
+            except errdefs.NotFound:
                 self._drop_event("exit of an unknown process", f"{e.container}/{e.exec_id}")
                 return
             if proc.status == Status.STOPPED or proc.exit_pending:
@@ -299,9 +228,9 @@ class TaskService:
 
     async def Create(self, req: pb.CreateTaskRequest, ctx: RequestContext) -> pb.CreateTaskResponse:
         if req.checkpoint or req.parent_checkpoint:
-            raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint/restore is not supported")
+            raise errdefs.Unimplemented("checkpoint/restore is not supported")
         if req.id in self.tasks.containers:
-            raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
+            raise errdefs.AlreadyExists(f"container {req.id}: already exists")
         rootfs = rootfs_mod.translate(list(req.rootfs), self.repo_root)
         spec = _read_spec(req.bundle)
         annotations = _annotations(spec)
@@ -310,44 +239,20 @@ class TaskService:
                 self.admit(annotations)
             except ConfigError as exc:
                 raise config_error(exc, f"container {req.id}: ") from None
-        why = conflict(getattr(self.sandbox, "mode", "host"), annotations)
+        why = conflict(self.sandbox.mode, annotations)
         if why:
-            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {req.id}: {why}")
-        place = getattr(self.sandbox, "placement", None)  # where it runs (shim.sandbox, shim.vm)
-        placement = (place(req.id, req.bundle, rootfs, spec) if place is not None
-                     else {"bundle": req.bundle, "rootfs": rootfs})
-        agent = await self._agent()
+            raise errdefs.FailedPrecondition(f"container {req.id}: {why}")
         proc = Process(container=req.id, exec_id="", stdin=req.stdin, stdout=req.stdout,
                        stderr=req.stderr, terminal=req.terminal)
-        container = Container(id=req.id, bundle=req.bundle, init=proc, rootfs=list(req.rootfs))
-        self.tasks.add(container)
-        try:
-            proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal,
-                                container_id=req.id, namespace=self.namespace)
-            slow = asyncio.get_running_loop().call_later(
-                SLOW_CREATE, lambda: self._spawn(self._log_slow_create(req.id, agent)))
-            try:
-                result = await self._call("create", {
-                    "container": req.id, **placement,
-                    "terminal": req.terminal, **proc.io.agent_args()})
-            finally:
-                slow.cancel()
+        self.tasks.add(Container(id=req.id, bundle=req.bundle, init=proc, rootfs=list(req.rootfs)))
+        try:  # placement, the agent's create, hooks -- undone by the sandbox if a step fails
+            created = await self.sandbox.create(NewContainer(
+                id=req.id, bundle=req.bundle, rootfs=rootfs, spec=spec,
+                stdio=Stdio(req.stdin, req.stdout, req.stderr, req.terminal)))
         except BaseException:
-            if proc.io is not None:
-                proc.io.close()
             self.tasks.remove(req.id)
-            await self.sandbox.deleted(req.id)  # forgets it (no hook ran yet)
             raise
-        proc.pid = _checked(f"create {req.id}", lambda: agentvalues.result_pid(result, "create"))
-        try:
-            await self.sandbox.created(req.id, proc.pid)
-        except Exception as exc:  # e.g. a createRuntime hook failed: undo the create
-            with contextlib.suppress(Exception):
-                await self._call("delete", {"container": req.id})
-            proc.io.close()
-            self.tasks.remove(req.id)
-            await self.sandbox.deleted(req.id)  # poststop hooks, as the runtime spec says
-            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {req.id}: {exc}") from None
+        proc.pid, proc.io = created.pid, created.io
         log.info("created %s (pid %d, rootfs %s)", req.id, proc.pid, rootfs["kind"])
         self.on_change()
         self.publish(ev.TaskCreate(
@@ -357,22 +262,10 @@ class TaskService:
             checkpoint=req.checkpoint, pid=proc.pid))
         return pb.CreateTaskResponse(pid=proc.pid)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         t = asyncio.get_running_loop().create_task(coro)
         self._exit_tasks.add(t)
         t.add_done_callback(self._exit_tasks.discard)
-
-    async def _log_slow_create(self, cid: str, agent: Any) -> None:
-        """A create still unanswered: log what the agent's processes are doing (it serves
-        requests concurrently) and what the sandbox can tell (a VM: its console)."""
-        try:
-            procs = (await asyncio.wait_for(agent.call("diagnose", {}), 10)).get("processes", [])
-            ps = "\n".join(f"  {p.get('pid')} {p.get('state')} {p.get('wchan') or '-'} {p.get('age_s')}s "
-                           f"{p.get('cmd')}" for p in procs) or "  (none)"
-        except Exception as exc:  # noqa: BLE001 - a diagnostic must not raise
-            ps = f"  (agent did not answer diagnose: {exc!r})"
-        log.warning("create of %s: no answer from the agent after %.0fs; its processes (pid state "
-                    "wchan age cmd):\n%s\n%s", cid, SLOW_CREATE, ps, self.sandbox.diagnose())
 
     async def Start(self, req: pb.StartRequest, ctx: RequestContext) -> pb.StartResponse:
         proc = self.tasks.process(req.id, req.exec_id)
@@ -380,16 +273,12 @@ class TaskService:
         proc.starting = True
         proc.started.clear()
         try:
-            result = await self._call("start", {"container": req.id,
-                                                **self._exec_arg(req.exec_id)})
-            proc.mark_running(_checked(f"start {proc.name}",
-                                       lambda: agentvalues.result_pid(result, "start")))
+            proc.mark_running(await self.sandbox.start_process(req.id, req.exec_id))
             # stdin flows once the process exists: the FIFO holds what comes earlier
             if proc.io is not None:
                 proc.io.start_stdin()
             if proc.is_init:
                 self.publish(ev.TaskStart(container_id=req.id, pid=proc.pid))
-                await self.sandbox.started(req.id, proc.pid)
             else:
                 self.publish(ev.TaskExecStarted(container_id=req.id, exec_id=req.exec_id,
                                                 pid=proc.pid))
@@ -402,25 +291,13 @@ class TaskService:
         c = self.tasks.get(req.id)
         proc = c.process(req.exec_id)
         proc.check_delete()
-        if proc.is_init and any(p.status != Status.STOPPED for p in c.execs.values()):
-            # runc's shim kills remaining execs with the container; the agent does the same
-            pass
-        result: dict[str, Any] = {}
-        try:
-            result = await self._call("delete", {"container": req.id,
-                                                 **self._exec_arg(req.exec_id)})
-        except TtrpcError as exc:
-            # NotFound: the agent has forgotten it; a lost agent (dead VM) took it along
-            lost = exc.code == Code.UNAVAILABLE and getattr(self.sandbox, "lost", False)
-            if exc.code != Code.NOT_FOUND and not lost:
-                raise
-            if lost and proc.is_init:
-                await asyncio.to_thread(self.sandbox.cleanup_after_loss, req.id, c.bundle)
+        # the init's delete takes the container's remaining execs along (runc's shim does too);
+        # a process the sandbox forgot, or lost with the agent, is deleted all the same
+        end = await self.sandbox.delete(req.id, req.exec_id)
         if proc.io is not None:
             proc.io.close()
         if proc.status != Status.STOPPED:  # created, never started
-            status, at = _checked(f"delete {proc.name}", lambda: agentvalues.result_exit(result))
-            proc.mark_exited(status, at or time.time_ns())
+            proc.mark_exited(end.status, end.at or time.time_ns())
         pid = proc.pid
         exit_status = proc.exit_status
         exited_at = proc.exited_at or time.time_ns()
@@ -431,7 +308,6 @@ class TaskService:
             self.tasks.remove(req.id)
             self._last_oom.pop(req.id, None)
             self.on_change()
-            await self.sandbox.deleted(req.id)
             self.publish(ev.TaskDelete(container_id=req.id, pid=pid, exit_status=exit_status,
                                        exited_at=timestamp(exited_at), id=req.id))
         else:
@@ -442,15 +318,10 @@ class TaskService:
 
     async def Pids(self, req: pb.PidsRequest, ctx: RequestContext) -> pb.PidsResponse:
         self.tasks.get(req.id)
-        result = await self._call("pids", {"container": req.id})
         resp = pb.PidsResponse()
-        entries = result.get("processes", [])
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise TtrpcError(Code.INTERNAL, "pids: agent sent a malformed process list")
-        for entry in entries:
-            info = task_types.ProcessInfo(pid=_checked("pids", lambda: agentvalues.pid(entry.get("pid", 0))))
-            exec_id = _checked("pids", lambda: agentvalues.ident(entry.get("exec", ""), "exec id", empty=True))
-            details = _process_details(exec_id) if exec_id else None
+        for entry in await self.sandbox.pids(req.id):
+            info = task_types.ProcessInfo(pid=entry.pid)
+            details = _process_details(entry.exec_id) if entry.exec_id else None
             if details is not None:
                 info.info.CopyFrom(details)
             resp.processes.append(info)
@@ -461,7 +332,7 @@ class TaskService:
         c.check_pause()
         c.init.status = Status.PAUSING
         try:
-            await self._call("pause", {"container": req.id})
+            await self.sandbox.pause(req.id)
         except BaseException:
             if c.init.status == Status.PAUSING:
                 c.init.status = Status.RUNNING
@@ -474,43 +345,36 @@ class TaskService:
     async def Resume(self, req: pb.ResumeRequest, ctx: RequestContext) -> empty_pb2.Empty:
         c = self.tasks.get(req.id)
         c.check_resume()
-        await self._call("resume", {"container": req.id})
+        await self.sandbox.resume(req.id)
         c.set_paused(False)
         self.publish(ev.TaskResumed(container_id=req.id))
         return empty_pb2.Empty()
 
     async def Checkpoint(self, req: pb.CheckpointTaskRequest, ctx: RequestContext) -> empty_pb2.Empty:
-        raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint is not supported by fractal")
+        raise errdefs.Unimplemented("checkpoint is not supported by fractal")
 
     async def Kill(self, req: pb.KillRequest, ctx: RequestContext) -> empty_pb2.Empty:
         proc = self.tasks.process(req.id, req.exec_id)
         if proc.status == Status.STOPPED and not req.all:
-            raise TtrpcError(Code.NOT_FOUND, f"process {proc.name} already finished")
-        await self._call("kill", {"container": req.id, **self._exec_arg(req.exec_id),
-                                  "signal": int(req.signal), "all": bool(req.all)})
+            raise errdefs.NotFound(f"process {proc.name} already finished")
+        await self.sandbox.kill(req.id, req.exec_id, int(req.signal), bool(req.all))
         return empty_pb2.Empty()
 
     async def Exec(self, req: pb.ExecProcessRequest, ctx: RequestContext) -> empty_pb2.Empty:
         c = self.tasks.get(req.id)
         if not req.exec_id:
-            raise TtrpcError(Code.INVALID_ARGUMENT, "exec id is required")
+            raise errdefs.InvalidArgument("exec id is required")
         try:
             process_spec = jsonbound.loads(req.spec.value or b"{}")
         except ValueError as exc:
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"exec spec is not JSON: {exc}") from exc
-        agent = await self._agent()
+            raise errdefs.InvalidArgument(f"exec spec is not JSON: {exc}") from exc
         proc = Process(container=req.id, exec_id=req.exec_id, stdin=req.stdin,
                        stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)
         c.add_exec(proc)
         try:
-            proc.io = ProcessIO(agent, req.stdin, req.stdout, req.stderr, req.terminal,
-                                container_id=req.id, namespace=self.namespace)
-            await self._call("exec", {"container": req.id, "exec": req.exec_id,
-                                      "process": process_spec, "terminal": req.terminal,
-                                      **proc.io.agent_args()})
+            proc.io = await self.sandbox.exec(req.id, req.exec_id, process_spec,
+                                              Stdio(req.stdin, req.stdout, req.stderr, req.terminal))
         except BaseException:
-            if proc.io is not None:
-                proc.io.close()
             c.execs.pop(req.exec_id, None)
             raise
         self.publish(ev.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
@@ -518,8 +382,7 @@ class TaskService:
 
     async def ResizePty(self, req: pb.ResizePtyRequest, ctx: RequestContext) -> empty_pb2.Empty:
         self.tasks.process(req.id, req.exec_id)
-        await self._call("resize_pty", {"container": req.id, **self._exec_arg(req.exec_id),
-                                        "width": int(req.width), "height": int(req.height)})
+        await self.sandbox.resize_pty(req.id, req.exec_id, int(req.width), int(req.height))
         return empty_pb2.Empty()
 
     async def CloseIO(self, req: pb.CloseIORequest, ctx: RequestContext) -> empty_pb2.Empty:
@@ -535,10 +398,10 @@ class TaskService:
         try:
             resources = jsonbound.loads(req.resources.value or b"{}")
         except ValueError as exc:
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"resources are not JSON: {exc}") from exc
+            raise errdefs.InvalidArgument(f"resources are not JSON: {exc}") from exc
         if not isinstance(resources, dict):
-            raise TtrpcError(Code.INVALID_ARGUMENT, "resources must be a JSON object")
-        await self._call("update", {"container": req.id, "resources": resources})
+            raise errdefs.InvalidArgument("resources must be a JSON object")
+        await self.sandbox.update(req.id, resources)
         return empty_pb2.Empty()
 
     async def Wait(self, req: pb.WaitRequest, ctx: RequestContext) -> pb.WaitResponse:
@@ -550,7 +413,7 @@ class TaskService:
 
     async def Stats(self, req: pb.StatsRequest, ctx: RequestContext) -> pb.StatsResponse:
         self.tasks.get(req.id)
-        result = await self._call("stats", {"container": req.id})
+        result = await self.sandbox.stats(req.id)
         from shim import metrics
 
         resp = pb.StatsResponse()

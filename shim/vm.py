@@ -216,17 +216,21 @@ def cleanup_dead(run_dir: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # the sandbox
 
-from shim.sandbox import Sandbox  # noqa: E402  (after the stdlib-only part used by `delete`)
+from ccpu import errdefs  # noqa: E402  (after the stdlib-only part used by `delete`)
+from shim.agentsandbox import AgentSandbox  # noqa: E402
 
 
-class VmSandbox(Sandbox):
-    """One QEMU guest running the agent (see the module docstring)."""
+class VmSandbox(AgentSandbox):
+    """One QEMU guest running the agent (see the module docstring); the agent-protocol side
+    (timeouts, the create sequence, restacks) is :class:`shim.agentsandbox.AgentSandbox`'s."""
 
     mode = "vm"
     agent_mode = "vm"
 
     def __init__(self, *, reaper: Any, namespace: str, group: str, repo_root: str, run_dir: str,
-                 settings: Any, on_event: Any = None, netns: str | None = None) -> None:
+                 settings: Any, on_event: Any = None, netns: str | None = None,
+                 timeouts: Any = None) -> None:
+        super().__init__(namespace=namespace, timeouts=timeouts)  # timeouts: shim.config.Timeouts
         self.reaper = reaper
         self.namespace = namespace
         self.group = group
@@ -262,52 +266,61 @@ class VmSandbox(Sandbox):
     # -- interface --------------------------------------------------------------------------
 
     def layer_path(self, host_dir: str) -> str:
-        return guest_layer_path(host_dir, self.host_layers)
+        try:
+            return guest_layer_path(host_dir, self.host_layers)
+        except NotInVm as exc:
+            raise errdefs.FailedPrecondition(str(exc)) from None
+
+    def host_layer_path(self, agent_dir: str) -> str:
+        """``/repo/layers/<id>[/...]`` -> ``<host_layers>/<id>[/...]`` (anything else as is)."""
+        path = posixpath.normpath(agent_dir)
+        if not path.startswith(GUEST_LAYERS + "/"):
+            return agent_dir
+        return posixpath.join(self.host_layers, path[len(GUEST_LAYERS) + 1:])
 
     def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
                   spec: dict[str, Any] | None) -> dict[str, Any]:
-        from ccpu.ttrpc import Code, TtrpcError
         from shim import config
 
         if spec is None:
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle} has no readable config.json")
+            raise errdefs.InvalidArgument(f"bundle {bundle} has no readable config.json")
         gbundle = guest_bundle(cid)
         annotations = spec.get("annotations")
         try:
             scratch_mb = config.scratch_for(self.settings, annotations if isinstance(annotations, dict) else {})
         except config.ConfigError as exc:
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"container {cid}: {exc}") from None
+            raise errdefs.InvalidArgument(f"container {cid}: {exc}") from None
         try:
             grootfs = guest_rootfs(rootfs, cid, self.host_layers)
             translated = guestspec.translate(spec, cid, guest_scratch_dir(cid), _kind_of)
             files = [_file_arg(c) for c in translated.copies]
         except NotInVm as exc:
-            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+            raise errdefs.FailedPrecondition(str(exc)) from None
         except OSError as exc:
-            raise TtrpcError(Code.FAILED_PRECONDITION,
-                             f"container {cid}: cannot copy {exc.filename} into the VM: {exc.strerror}") from None
+            raise errdefs.FailedPrecondition(
+                f"container {cid}: cannot copy {exc.filename} into the VM: {exc.strerror}") from None
         netns = guestspec.network_namespace(spec)
         if netns is not None and netns != self.netns:
             if self._ready is None:
                 self.netns = netns  # not booted yet: the first container brings the pod network
             else:
-                raise TtrpcError(Code.FAILED_PRECONDITION,
-                                 f"container {cid} joins network namespace {netns}, but this VM is "
-                                 f"attached to {self.netns or 'no network namespace'}")
+                raise errdefs.FailedPrecondition(
+                    f"container {cid} joins network namespace {netns}, but this VM is "
+                    f"attached to {self.netns or 'no network namespace'}")
         for note in translated.notes:
             log.debug("container %s: %s", cid, note)
         try:
             self._prepare_dir()
             self.view.set(cid, rootfs["lowers"])  # its layers become visible to the guest
         except (RuntimeError, OSError) as exc:  # LayerViewError, a repo without layers/
-            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {cid}: cannot give the VM its "
-                                                       f"layers: {exc}") from None
+            raise errdefs.FailedPrecondition(f"container {cid}: cannot give the VM its "
+                                             f"layers: {exc}") from None
         try:  # last: nothing after it can fail (else Create never reaches deleted() to undo it)
             self.volumes.attach(cid, translated.volumes)
         except BaseException as exc:
             self.view.drop(cid)
             if isinstance(exc, MountRecordError):  # VolumeError too
-                raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+                raise errdefs.FailedPrecondition(str(exc)) from None
             raise
         if translated.host_hooks:
             from shim.hooks import ContainerHooks

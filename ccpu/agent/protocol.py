@@ -13,76 +13,25 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+# The error kinds are ccpu/errdefs.py's (the shim raises the same ones); re-exported here under
+# the names the agent has always used.  ``AgentError`` is their base class.
+from ccpu.errdefs import (  # noqa: F401
+    ERRORS,
+    AlreadyExists,
+    DeadlineExceeded,
+    Error as AgentError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
+
 PROTOCOL_VERSION = 1
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-class AgentError(Exception):
-    """An error answered to the client as {"code", "message"}; subclasses fix the code."""
-
-    code = "Internal"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def to_wire(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
-
-
-class InvalidArgument(AgentError):
-    code = "InvalidArgument"
-
-
-class NotFound(AgentError):
-    code = "NotFound"
-
-
-class AlreadyExists(AgentError):
-    code = "AlreadyExists"
-
-
-class FailedPrecondition(AgentError):
-    code = "FailedPrecondition"
-
-
-class Unimplemented(AgentError):
-    code = "Unimplemented"
-
-
-class Unavailable(AgentError):
-    code = "Unavailable"
-
-
-class DeadlineExceeded(AgentError):
-    code = "DeadlineExceeded"
-
-
-class ResourceExhausted(AgentError):
-    """Out of space (ENOSPC/EDQUOT) or another resource; the message names what is full."""
-
-    code = "ResourceExhausted"
-
-
-class Internal(AgentError):
-    code = "Internal"
-
-
-ERRORS: dict[str, type[AgentError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        FailedPrecondition,
-        Unimplemented,
-        Unavailable,
-        DeadlineExceeded,
-        ResourceExhausted,
-        Internal,
-    )
-}
 
 
 #: errnos that mean "a filesystem is full" (blocks or inodes; EDQUOT: a quota)

@@ -61,7 +61,7 @@ DYNLOAD_EXCLUDE = re.compile(
 # The project's stdlib-only files for the guest, relative to the source tree root.
 # The agent needs only itself, ccpu.linux (platform helpers) and ccpu.stack (mount plans); the repo and
 # its SQLite stay on the host.
-PROJECT_FILES = ("ccpu/__init__.py", "ccpu/stack.py")
+PROJECT_FILES = ("ccpu/__init__.py", "ccpu/errdefs.py", "ccpu/stack.py")
 PROJECT_DIRS = ("ccpu/agent", "ccpu/linux")
 
 

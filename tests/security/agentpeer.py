@@ -3,9 +3,10 @@ socketpair, a scripted peer speaking the agent wire format on the other.
 
 Why not the real agent: in VM mode guest root can write anything to the virtio-serial port, so
 the shim must survive frames no honest agent sends.  Everything on the shim side here is the
-shim's own code (``ccpu.agent.client.AgentClient``, ``shim.task.TaskService``,
-``shim.stdio.ProcessIO``); only the agent is replaced by :class:`Peer`, which answers requests
-like an agent and lets a test inject raw bytes.
+shim's own code (``ccpu.agent.client.AgentClient``, ``shim.agentsandbox.AgentSandbox``,
+``shim.task.TaskService`` served through ``shim.errors.at_edge``, ``shim.stdio.ProcessIO``);
+only the agent is replaced by :class:`Peer`, which answers requests like an agent and lets a
+test inject raw bytes.
 
 Used in-process by the targeted tests and as a script (``python3 -m tests.security.agentpeer
 fuzz ...``) by the RSS tests, so the memory measured is a fresh process's, not pytest's.
@@ -24,20 +25,30 @@ from ccpu.agent import wire
 from ccpu.agent.client import AgentClient
 from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
 from ccpu.ttrpc import RequestContext
-from shim.sandbox import Sandbox
+from shim.agentsandbox import AgentSandbox
+from shim.errors import at_edge
 from shim.task import TaskService
 
 CTX = RequestContext(service="containerd.task.v2.Task", method="x")
 
 
-class PeerSandbox(Sandbox):
+class PeerSandbox(AgentSandbox):
+    """The shim's agent sandbox, its agent already connected (to the Peer)."""
+
     mode = "host"
 
     def __init__(self, client: AgentClient) -> None:
+        super().__init__()
         self._client = client
 
-    async def agent(self) -> AgentClient:
-        return self._client
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode}
 
 
 class Peer:
@@ -121,6 +132,8 @@ class Shim:
         self.peer = peer
         self.events: list[Any] = []
         self.svc = TaskService(PeerSandbox(client), lambda ns, e: self.events.append(e), "ns")
+        #: the handlers as containerd reaches them (errors as ttrpc statuses)
+        self.rpc = {name: fn for name, (_, fn) in at_edge(self.svc.methods()).items()}
         client.set_event_handler(self.svc.on_agent_event)
         client.add_lost_handler(self.svc.on_agent_lost)
 
@@ -137,14 +150,14 @@ class Shim:
         return shim
 
     async def create(self, cid: str, bundle: str = "/nonexistent", **io: str) -> int:
-        r = await self.svc.Create(pb.CreateTaskRequest(id=cid, bundle=bundle, **io), CTX)
+        r = await self.rpc["Create"](pb.CreateTaskRequest(id=cid, bundle=bundle, **io), CTX)
         return int(r.pid)
 
     async def start_task(self, cid: str) -> int:
-        return int((await self.svc.Start(pb.StartRequest(id=cid), CTX)).pid)
+        return int((await self.rpc["Start"](pb.StartRequest(id=cid), CTX)).pid)
 
     async def state(self, cid: str) -> pb.StateResponse:
-        return await self.svc.State(pb.StateRequest(id=cid), CTX)
+        return await self.rpc["State"](pb.StateRequest(id=cid), CTX)
 
     async def close(self) -> None:
         for c in list(self.svc.tasks.containers.values()):

@@ -66,7 +66,7 @@ def test_scratch_options_bound_inodes_by_size() -> None:
 def test_runc_out_of_space_is_resource_exhausted() -> None:
     err = runc._classify("create", "runc create failed: write /run/runc/c1/state.json: no space left on device")
     assert isinstance(err, protocol.ResourceExhausted)
-    assert to_ttrpc(err.code, err.message).code == Code.RESOURCE_EXHAUSTED
+    assert to_ttrpc(err).code == Code.RESOURCE_EXHAUSTED
 
 
 class _FullSupervisor:

@@ -13,11 +13,14 @@ from typing import Any
 import pytest
 from google.protobuf import wrappers_pb2
 
+from ccpu import errdefs
 from ccpu.cli import layers as cli_layers
 from ccpu import sandboxes
 from ccpu.ttrpc import Code, TtrpcError
 from shim import layers
-from shim.state import Status
+from shim.agentsandbox import AgentSandbox
+from shim.errors import at_edge
+from shim.state import Container, Process, Status
 
 REPO = "/repo"
 
@@ -29,41 +32,16 @@ class M:
     options: list[str]
 
 
-@dataclass
-class Init:
-    status: Status = Status.RUNNING
-
-
-@dataclass
-class C:
-    id: str
-    bundle: str
-    rootfs: list[M]
-    init: Init = field(default_factory=Init)
-
-
-class Tasks:
-    def __init__(self) -> None:
-        self.containers: dict[str, C] = {}
-
-
-class FakeTask:
-    """The TaskService's `_call` against an agent that keeps a stack per container."""
+class StackAgent:
+    """An agent keeping a stack per container: the ``layers`` and ``restack`` ops (in the
+    paths the agent sees), with the agent's refusals."""
 
     def __init__(self) -> None:
-        self.tasks = Tasks()
         self.stacks: dict[str, list[str]] = {}
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.delay = 0.0
 
-    def add(self, cid: str, bundle: Path, lowers: list[str], overlay: bool = True) -> C:
-        opts = [f"lowerdir={':'.join(lowers)}", f"upperdir={REPO}/active/1/fs", f"workdir={REPO}/active/1/work"]
-        c = C(cid, str(bundle), [M("overlay" if overlay else "bind", "overlay", opts)])
-        self.tasks.containers[cid] = c
-        self.stacks[cid] = list(lowers)
-        return c
-
-    async def _call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         self.calls.append((op, dict(args)))
         cur = self.stacks[args["container"]]
         if op == "layers":
@@ -73,18 +51,80 @@ class FakeTask:
         add, remove = args.get("add", []), args.get("remove", [])
         for d in add:
             if d in cur:
-                raise TtrpcError(Code.ALREADY_EXISTS, f"layer {d} is already in the container's stack")
+                raise errdefs.AlreadyExists(f"layer {d} is already in the container's stack")
         kept = [d for d in cur if d not in remove]
         if not kept and not add:
-            raise TtrpcError(Code.FAILED_PRECONDITION, "restack would remove every image layer")
+            raise errdefs.FailedPrecondition("restack would remove every image layer")
         pos = args.get("position", "top")
         i = 0 if pos == "top" else len(kept) if pos == "bottom" else int(pos)
         self.stacks[args["container"]] = kept[:i] + add + kept[i:]
         return {"lowers": list(self.stacks[args["container"]])}
 
 
+class StackSandbox(AgentSandbox):
+    """An agent sandbox over a StackAgent, recording its layer bookkeeping; ``guest`` set, the
+    agent sees the repo there (as a VM's guest does)."""
+
+    mode = "host"
+
+    def __init__(self, agent: StackAgent, guest: str | None = None) -> None:
+        super().__init__()
+        self._agent = agent
+        self.guest = guest
+        self.adding: list[tuple[str, list[str]]] = []
+        self.now: list[tuple[str, list[str]]] = []
+        self.refuse: Exception | None = None
+
+    async def agent(self) -> Any:
+        return self._agent
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode}
+
+    def layer_path(self, host_dir: str) -> str:
+        return host_dir.replace(REPO, self.guest) if self.guest else host_dir
+
+    def host_layer_path(self, agent_dir: str) -> str:
+        return agent_dir.replace(self.guest, REPO) if self.guest else agent_dir
+
+    def layers_adding(self, cid: str, host_dirs: list[str]) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.adding.append((cid, list(host_dirs)))
+
+    def layers_now(self, cid: str, host_dirs: list[str]) -> None:
+        self.now.append((cid, list(host_dirs)))
+
+
+class Task:
+    """The Task service's side the Layers service uses: its containers by id."""
+
+    def __init__(self, agent: StackAgent) -> None:
+        self.agent = agent
+        self.containers: dict[str, Container] = {}
+
+    def container(self, cid: str) -> Container | None:
+        return self.containers.get(cid)
+
+    def add(self, cid: str, bundle: Path, lowers: list[str], overlay: bool = True,
+            agent_lowers: list[str] | None = None) -> Container:
+        opts = [f"lowerdir={':'.join(lowers)}", f"upperdir={REPO}/active/1/fs", f"workdir={REPO}/active/1/work"]
+        init = Process(container=cid, exec_id="", status=Status.RUNNING)
+        c = Container(cid, str(bundle), init, [M("overlay" if overlay else "bind", "overlay", opts)])
+        self.containers[cid] = c
+        self.agent.stacks[cid] = list(agent_lowers or lowers)
+        return c
+
+
 def call(svc: layers.LayersService, method: str, **payload: Any) -> dict[str, Any]:
-    fn = svc.methods()[method][1]
+    """``method`` as the CLI reaches it: through the daemon's error edge."""
+    fn = at_edge(svc.methods())[method][1]
     resp = asyncio.run(fn(wrappers_pb2.StringValue(value=json.dumps(payload)), None))
     return json.loads(resp.value)
 
@@ -93,16 +133,31 @@ def L(n: int) -> str:
     return f"{REPO}/layers/{n}"
 
 
+@dataclass
+class Fake:
+    agent: StackAgent
+    task: Task
+    sandbox: StackSandbox
+    svc: layers.LayersService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.svc = layers.LayersService(self.task, self.sandbox, REPO)
+
+
+def fake_shim(guest: str | None = None) -> Fake:
+    agent = StackAgent()
+    return Fake(agent, Task(agent), StackSandbox(agent, guest))
+
+
 @pytest.fixture
-def fake(tmp_path: Path) -> tuple[FakeTask, layers.LayersService]:
-    task = FakeTask()
-    task.add("c1", tmp_path, [L(1)])
-    return task, layers.LayersService(task, object(), REPO)
+def fake(tmp_path: Path) -> Fake:
+    f = fake_shim()
+    f.task.add("c1", tmp_path, [L(1)])
+    return f
 
 
 def test_add_records_and_persists_live_layers(fake, tmp_path: Path) -> None:  # noqa: ANN001
-    task, svc = fake
-    out = call(svc, "Add", container="c1", layers=[
+    out = call(fake.svc, "Add", container="c1", layers=[
         {"dir": L(3), "chain_id": "sha256:c3", "image": "tools", "size": 10, "gc_label": "g"},
         {"dir": L(2), "chain_id": "sha256:c2", "image": "tools", "size": 20, "gc_label": "g"},
         {"dir": L(1), "chain_id": "sha256:c1", "image": "tools", "size": 30, "gc_label": "g"}])
@@ -111,24 +166,27 @@ def test_add_records_and_persists_live_layers(fake, tmp_path: Path) -> None:  # 
     assert [la["live"] for la in out["layers"]] == [True, True, False]
     assert out["layers"][0]["image"] == "tools" and out["layers"][0]["size"] == 10
     assert out["restack_ms"] >= 0 and out["repo_root"] == REPO
-    assert task.calls[-1] == ("restack", {"container": "c1", "position": "top", "add": [L(3), L(2)]})
+    assert fake.agent.calls[-1] == ("restack", {"container": "c1", "position": "top", "add": [L(3), L(2)]})
+    # the sandbox exposed the new layers first and learnt the new stack after
+    assert fake.sandbox.adding == [("c1", [L(3), L(2)])]
+    assert fake.sandbox.now == [("c1", [L(3), L(2), L(1)])]
     rec = json.loads((tmp_path / layers.RECORD_NAME).read_text())
     assert set(rec["live"]) == {L(3), L(2)} and rec["stack"] == [L(3), L(2), L(1)]
     # a new service (a restarted shim) reads the record back
-    again = call(layers.LayersService(task, object(), REPO), "List", container="c1")
+    again = call(layers.LayersService(fake.task, fake.sandbox, REPO), "List", container="c1")
     assert [la["live"] for la in again["layers"]] == [True, True, False]
     assert again["layers"][1]["chain_id"] == "sha256:c2"
 
 
 def test_remove_by_image_and_by_dir(fake) -> None:  # noqa: ANN001
-    task, svc = fake
-    call(svc, "Add", container="c1", layers=[{"dir": L(5), "image": "a", "gc_label": "ga"}])
-    call(svc, "Add", container="c1", layers=[{"dir": L(6), "image": "b", "gc_label": "gb"}], position="bottom")
-    assert task.stacks["c1"] == [L(5), L(1), L(6)]
-    out = call(svc, "Remove", container="c1", images=["a"])
+    call(fake.svc, "Add", container="c1", layers=[{"dir": L(5), "image": "a", "gc_label": "ga"}])
+    call(fake.svc, "Add", container="c1", layers=[{"dir": L(6), "image": "b", "gc_label": "gb"}], position="bottom")
+    assert fake.agent.stacks["c1"] == [L(5), L(1), L(6)]
+    out = call(fake.svc, "Remove", container="c1", images=["a"])
     assert [e["dir"] for e in out["removed"]] == [L(5)] and out["removed"][0]["gc_label"] == "ga"
     assert [la["dir"] for la in out["layers"]] == [L(1), L(6)]
-    out = call(svc, "Remove", container="c1", layers=[L(6)])
+    assert fake.sandbox.now[-1] == ("c1", [L(1), L(6)])  # a removed layer may leave a VM's view
+    out = call(fake.svc, "Remove", container="c1", layers=[L(6)])
     assert out["removed"][0]["live"] and [la["dir"] for la in out["layers"]] == [L(1)]
 
 
@@ -140,45 +198,65 @@ def test_remove_by_image_and_by_dir(fake) -> None:  # noqa: ANN001
     ({"layers": [L(2)]}, Code.INVALID_ARGUMENT, "container is required"),
 ])
 def test_add_rejects_bad_requests(fake, payload, code, text) -> None:  # noqa: ANN001
-    task, svc = fake
     with pytest.raises(TtrpcError) as e:
-        call(svc, "Add", **payload)
+        call(fake.svc, "Add", **payload)
     assert e.value.code == code and text in e.value.message
-    assert task.stacks["c1"] == [L(1)]
+    assert fake.agent.stacks["c1"] == [L(1)]
 
 
 def test_remove_errors(fake) -> None:  # noqa: ANN001
-    task, svc = fake
     with pytest.raises(TtrpcError) as e:
-        call(svc, "Remove", container="c1", layers=[L(9)])
+        call(fake.svc, "Remove", container="c1", layers=[L(9)])
     assert e.value.code == Code.NOT_FOUND
     with pytest.raises(TtrpcError) as e:
-        call(svc, "Remove", container="c1", images=["never-added"])
+        call(fake.svc, "Remove", container="c1", images=["never-added"])
     assert e.value.code == Code.NOT_FOUND and "no layers of image never-added" in e.value.message
+    with pytest.raises(TtrpcError) as e:  # the agent's refusal, with its kind
+        call(fake.svc, "Remove", container="c1", layers=[L(1)])
+    assert e.value.code == Code.FAILED_PRECONDITION and "every image layer" in e.value.message
+
+
+def test_a_sandbox_that_cannot_expose_a_layer_fails_the_add(fake) -> None:  # noqa: ANN001
+    fake.sandbox.refuse = OSError("bind of /repo/layers/2: permission denied")
     with pytest.raises(TtrpcError) as e:
-        call(svc, "Remove", container="c1", layers=[L(1)])
+        call(fake.svc, "Add", container="c1", layers=[L(2)])
     assert e.value.code == Code.FAILED_PRECONDITION
+    assert e.value.message == ("container c1: cannot give the sandbox layers /repo/layers/2: "
+                               "bind of /repo/layers/2: permission denied")
+    assert not [op for op, _ in fake.agent.calls if op == "restack"]
+
+
+def test_a_failed_restack_leaves_the_sandbox_with_the_stack_as_it_was(fake) -> None:  # noqa: ANN001
+    async def already(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "restack":
+            raise errdefs.AlreadyExists("layer is already in the container's stack")
+        return await StackAgent.call(fake.agent, op, args)
+
+    fake.agent.call = already  # type: ignore[method-assign]
+    with pytest.raises(TtrpcError) as e:
+        call(fake.svc, "Add", container="c1", layers=[L(4)])
+    assert e.value.code == Code.ALREADY_EXISTS
+    assert fake.sandbox.adding[-1] == ("c1", [L(4)])  # exposed first ...
+    assert fake.sandbox.now == [("c1", [L(1)])]  # ... and taken back: the stack as it was
 
 
 def test_not_a_layer_stack_or_stopped(tmp_path: Path) -> None:
-    task = FakeTask()
-    task.add("ovl", tmp_path, ["/var/lib/containerd/snapshots/1/fs"])
-    c = task.add("stopped", tmp_path, [L(1)])
+    f = fake_shim()
+    f.task.add("ovl", tmp_path, ["/var/lib/containerd/snapshots/1/fs"])
+    c = f.task.add("stopped", tmp_path, [L(1)])
     c.init.status = Status.STOPPED
-    svc = layers.LayersService(task, object(), REPO)
     with pytest.raises(TtrpcError) as e:
-        call(svc, "Add", container="ovl", layers=[L(2)])
+        call(f.svc, "Add", container="ovl", layers=[L(2)])
     assert e.value.code == Code.FAILED_PRECONDITION and "not a stack of fractal layers" in e.value.message
     with pytest.raises(TtrpcError) as e:
-        call(svc, "List", container="stopped")
+        call(f.svc, "List", container="stopped")
     assert e.value.code == Code.FAILED_PRECONDITION and "stopped" in e.value.message
-    assert not [op for op, _ in task.calls if op == "restack"]
+    assert not f.agent.calls
 
 
 def test_concurrent_adds_are_serialized(fake) -> None:  # noqa: ANN001
-    task, svc = fake
-    task.delay = 0.02
-    add = svc.methods()["Add"][1]
+    fake.agent.delay = 0.02
+    add = at_edge(fake.svc.methods())["Add"][1]
 
     async def both() -> list[Any]:
         reqs = [wrappers_pb2.StringValue(value=json.dumps({"container": "c1", "layers": [{"dir": L(n), "image": f"i{n}"}]}))
@@ -186,24 +264,22 @@ def test_concurrent_adds_are_serialized(fake) -> None:  # noqa: ANN001
         return await asyncio.gather(*(add(r, None) for r in reqs))
 
     asyncio.run(both())
-    assert sorted(task.stacks["c1"][:2]) == [L(7), L(8)] and task.stacks["c1"][2] == L(1)
+    assert sorted(fake.agent.stacks["c1"][:2]) == [L(7), L(8)] and fake.agent.stacks["c1"][2] == L(1)
     # each restack saw the other's result (the second read the stack after the first changed it)
-    layers_calls = [a for op, a in task.calls if op == "layers"]
+    layers_calls = [a for op, a in fake.agent.calls if op == "layers"]
     assert len(layers_calls) == 2
 
 
 def test_layer_path_translation(tmp_path: Path) -> None:
-    class VMish:
-        def layer_path(self, host_dir: str) -> str:
-            return host_dir.replace(REPO, "/guest/repo")
-
-    task = FakeTask()
-    task.add("c1", tmp_path, [L(1)])
-    task.stacks["c1"] = ["/guest/repo/layers/1"]  # the agent sees guest paths
-    svc = layers.LayersService(task, VMish(), REPO)
-    out = call(svc, "Add", container="c1", layers=[{"dir": L(2), "image": "x"}])
-    assert task.calls[-1][1]["add"] == ["/guest/repo/layers/2"]
+    """The sandbox speaks host dirs to the service and its agent's paths to the agent."""
+    f = fake_shim(guest="/guest/repo")
+    f.task.add("c1", tmp_path, [L(1)], agent_lowers=["/guest/repo/layers/1"])
+    out = call(f.svc, "Add", container="c1", layers=[{"dir": L(2), "image": "x"}])
+    assert f.agent.calls[-1][1]["add"] == ["/guest/repo/layers/2"]
     assert [la["dir"] for la in out["layers"]] == [L(2), L(1)]  # host dirs again
+    assert f.sandbox.adding == [("c1", [L(2)])] and f.sandbox.now == [("c1", [L(2), L(1)])]
+    out = call(f.svc, "Remove", container="c1", layers=[L(2)])
+    assert f.agent.calls[-1][1]["remove"] == ["/guest/repo/layers/2"]
 
 
 def test_record_is_written_atomically_and_tolerates_garbage(tmp_path: Path) -> None:
@@ -254,8 +330,7 @@ def test_layersapi_positions_both_ends_refuse(value: object) -> None:
 
     with pytest.raises(layersapi.BadPosition):
         layersapi.parse_position(value)
-    with pytest.raises(TtrpcError) as e:
+    with pytest.raises(errdefs.InvalidArgument):  # INVALID_ARGUMENT at the service edge
         layers.parse_position(value)
-    assert e.value.code == Code.INVALID_ARGUMENT
     with pytest.raises(argparse.ArgumentTypeError):
         cli_layers.parse_position(str(value))

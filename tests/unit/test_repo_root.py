@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ccpu import errdefs
+
 from ccpu.defaults import DEFAULT_ROOT
 from shim import config, errors
 from snapshotter import server
@@ -56,10 +58,10 @@ def test_outside_roots_error_says_where_the_root_came_from(tmp_path: Path, monke
     f.write_text('mode = "host"\n')
     monkeypatch.setenv("FRACTAL_CONFIG", str(f))
     monkeypatch.delenv("FRACTAL_ROOT", raising=False)
-    err = errors.to_ttrpc("InvalidArgument", "work dir '/srv/x/active/2/work' is outside the agent's roots")
+    err = errors.to_ttrpc(errdefs.InvalidArgument("work dir '/srv/x/active/2/work' is outside the agent's roots"))
     assert f"the shim's repo root is {DEFAULT_ROOT} (the default: no root in {f}" in err.message
     assert f'set root = "..." in {f}' in err.message and "FRACTAL_ROOT" in err.message
-    other = errors.to_ttrpc("InvalidArgument", "args must be a list")
+    other = errors.to_ttrpc(errdefs.InvalidArgument("args must be a list"))
     assert other.message == "args must be a list"
 
 

@@ -168,7 +168,7 @@ def test_vm_run_dir() -> None:
 
 
 def test_placement_host_is_identity() -> None:
-    from shim.sandbox import InprocSandbox
+    from shim.hostsandbox import InprocSandbox
 
     sb = InprocSandbox(reaper=None, runc_root="/r", bundle_root="/b", layer_roots=[])
     assert sb.layer_path(f"{LAYERS}/a") == f"{LAYERS}/a"
@@ -204,7 +204,7 @@ def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
 
 
 def _check_placement(sb, tmp_path) -> None:  # noqa: ANN001
-    from ccpu.ttrpc import Code, TtrpcError
+    from ccpu import errdefs
 
     assert sb.layer_path(f"{LAYERS}/a") == "/repo/layers/a"
     spec = {"process": {"args": ["true"]}, "mounts": [{"destination": "/proc", "type": "proc"}]}
@@ -221,9 +221,9 @@ def _check_placement(sb, tmp_path) -> None:  # noqa: ANN001
                     "files": [], "dirs": [], "sysctls": {}}
     assert (bundle / "console.log").is_symlink()
     assert sb.view.owners == {"c1": [f"{LAYERS}/a"]}  # its layers become visible to the guest
-    with pytest.raises(TtrpcError, match="fractal snapshotter"):
+    with pytest.raises(errdefs.FailedPrecondition, match="fractal snapshotter"):
         sb.placement("c2", str(bundle), {"kind": "mounts", "mounts": []}, spec)
-    with pytest.raises(TtrpcError, match="bind of host path .*/dev/null"):
+    with pytest.raises(errdefs.FailedPrecondition, match="bind of host path .*/dev/null"):
         sb.placement("c3", str(bundle), rootfs, {"mounts": [{"destination": "/x", "type": "bind",
                                                             "source": "/dev/null"}]})
     # a small host file is read now and sent along (a copy: later changes are not seen)
@@ -239,9 +239,8 @@ def _check_placement(sb, tmp_path) -> None:  # noqa: ANN001
     # a container's own annotation sets its writable layer, within the operator's maximum
     ann = {"annotations": {"io.fractal.vm.scratch": "200M"}}
     assert sb.placement("c5", str(bundle), rootfs, {**spec, **ann})["scratch"]["size"] == 200 << 20
-    with pytest.raises(TtrpcError, match="vm.scratch_max") as err:
+    with pytest.raises(errdefs.InvalidArgument, match="vm.scratch_max"):
         sb.placement("c6", str(bundle), rootfs, {**spec, "annotations": {"io.fractal.vm.scratch": "300M"}})
-    assert err.value.code == Code.INVALID_ARGUMENT
 
 
 def test_scratch_and_reserve_settings() -> None:

@@ -11,11 +11,13 @@ import pytest
 
 from ccpu.api.gen.containerd.events import task_pb2 as ev
 from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
+from ccpu import errdefs
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
-from shim.errors import AgentCallError
+from shim.agentsandbox import AgentSandbox
+from shim.config import Timeouts
+from shim.errors import at_edge
 from shim.events import forward_request, pack_any, topic_of
 from shim.state import Status
-from shim.sandbox import Sandbox
 from shim.task import TaskService
 
 CTX = RequestContext(service="containerd.task.v2.Task", method="x")
@@ -28,13 +30,13 @@ class FakeAgent:
         self.received: dict[int, bytearray] = {}
         self.closed: set[int] = set()
         self.next = 1
-        self.fail: dict[str, tuple[str, str]] = {}
+        self.fail: dict[str, errdefs.Error] = {}  # op -> what the agent answers
         self.handler = None
 
     async def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         self.calls.append((op, args))
         if op in self.fail:
-            raise AgentCallError(*self.fail[op])
+            raise self.fail[op]
         if op in ("create", "start"):
             return {"pid": 100 + len(self.calls)}
         if op == "delete":
@@ -80,21 +82,75 @@ class FakeChannel:
         self.agent.channels.pop(self.number, None)
 
 
-class FakeSandbox(Sandbox):
-    def __init__(self, agent: FakeAgent) -> None:
-        self._agent = agent
+class FakeSandbox(AgentSandbox):
+    """An agent sandbox (the real create/delete sequences, timeouts) whose agent is a FakeAgent;
+    records its host-side lifecycle points, and fails ``created`` when told (a hook failed)."""
 
-    async def agent(self) -> FakeAgent:
+    mode = "host"
+
+    def __init__(self, agent: FakeAgent, timeouts: Timeouts | None = None) -> None:
+        super().__init__(namespace="ns1", timeouts=timeouts)
+        self._agent = agent
+        self.points: list[tuple[str, str]] = []
+        self.fail_created: Exception | None = None
+        self.placed: list[str] = []
+
+    async def agent(self) -> Any:
         return self._agent
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode}
+
+    def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
+                  spec: dict[str, Any] | None) -> dict[str, Any]:
+        self.placed.append(cid)
+        return super().placement(cid, bundle, rootfs, spec)
+
+    async def created(self, cid: str, pid: int) -> None:
+        self.points.append(("created", cid))
+        if self.fail_created is not None:
+            raise self.fail_created
+
+    async def started(self, cid: str, pid: int) -> None:
+        self.points.append(("started", cid))
+
+    async def deleted(self, cid: str) -> None:
+        self.points.append(("deleted", cid))
+
+    def cleanup_after_loss(self, cid: str, bundle: str | None) -> None:
+        self.points.append(("cleanup_after_loss", f"{cid} {bundle}"))
+
+
+class Served:
+    """The Task service as containerd reaches it: every handler through the daemon's error edge
+    (shim.errors.at_edge), so the tests see the ttrpc codes containerd sees."""
+
+    def __init__(self, svc: TaskService) -> None:
+        self.svc = svc
+        self.handlers = {name: fn for name, (_, fn) in at_edge(svc.methods()).items()}
+
+    def __getattr__(self, name: str) -> Any:
+        handler = self.__dict__["handlers"].get(name)
+        return handler if handler is not None else getattr(self.__dict__["svc"], name)
+
+
+def served(sandbox: AgentSandbox, publish: Any = lambda ns, e: None, **kw: Any) -> Any:
+    return Served(TaskService(sandbox, publish, "ns1", repo_root="/repo", **kw))
 
 
 @pytest.fixture
-def svc() -> tuple[TaskService, FakeAgent, list[Any], list[bool]]:
+def svc() -> tuple[Any, FakeAgent, list[Any], list[bool]]:
     agent = FakeAgent()
     events: list[Any] = []
     exits: list[bool] = []
-    s = TaskService(FakeSandbox(agent), lambda ns, e: events.append((ns, e)), "ns1",
-                    repo_root="/repo", request_exit=lambda: exits.append(True))
+    s = served(FakeSandbox(agent), lambda ns, e: events.append((ns, e)),
+               request_exit=lambda: exits.append(True))
     return s, agent, events, exits
 
 
@@ -144,7 +200,7 @@ def test_lifecycle_and_event_order(svc) -> None:  # noqa: ANN001
 
 def test_agent_errors_map_one_to_one(svc) -> None:  # noqa: ANN001
     s, agent, events, _ = svc
-    agent.fail["create"] = ("InvalidArgument", "bad bundle")
+    agent.fail["create"] = errdefs.InvalidArgument("bad bundle")
 
     async def go() -> None:
         with pytest.raises(TtrpcError) as ei:
@@ -156,7 +212,7 @@ def test_agent_errors_map_one_to_one(svc) -> None:  # noqa: ANN001
         with pytest.raises(TtrpcError) as ei:
             await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
         assert ei.value.code == Code.ALREADY_EXISTS
-        agent.fail["kill"] = ("NotFound", "gone")
+        agent.fail["kill"] = errdefs.NotFound("gone")
         with pytest.raises(TtrpcError) as ei:
             await s.Kill(pb.KillRequest(id="c1", signal=9), CTX)
         assert ei.value.code == Code.NOT_FOUND
@@ -311,10 +367,10 @@ def test_event_encoding() -> None:
 def test_slow_create_logs_what_the_agent_is_doing(svc, monkeypatch, caplog) -> None:  # noqa: ANN001
     """A create the agent does not answer in time leaves a trace: the agent's `diagnose`
     (it serves requests concurrently) and the sandbox's own account, in the shim log."""
-    from shim import task as task_mod
+    from shim import agentsandbox
 
     s, agent, _, _ = svc
-    monkeypatch.setattr(task_mod, "SLOW_CREATE", 0.05)
+    monkeypatch.setattr(agentsandbox, "SLOW_CREATE", 0.05)
     plain_call = agent.call
 
     async def call(op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -336,8 +392,6 @@ def test_an_agent_that_does_not_answer_gives_deadline_exceeded() -> None:
     """Issue 18: a stuck agent (a stopped or overloaded guest) never makes a caller wait for
     ever: each request kind has its timeout, the error says what did not answer, and a create
     that succeeds after the shim gave up is deleted again."""
-    from shim.config import Timeouts
-
     agent = FakeAgent()
     stuck: dict[str, asyncio.Future[Any]] = {}
     orig = agent.call
@@ -350,8 +404,7 @@ def test_an_agent_that_does_not_answer_gives_deadline_exceeded() -> None:
         return await orig(op, args)
 
     agent.call = call  # type: ignore[method-assign]
-    s = TaskService(FakeSandbox(agent), lambda ns, e: None, "ns1", repo_root="/repo",
-                    timeouts=Timeouts(create=0.2, default=0.1))
+    s = served(FakeSandbox(agent, Timeouts(create=0.2, default=0.1)))
 
     async def go() -> None:
         with pytest.raises(TtrpcError) as ei:
@@ -375,7 +428,7 @@ def test_an_agent_that_does_not_answer_gives_deadline_exceeded() -> None:
 
 def test_full_filesystem_is_resource_exhausted(svc) -> None:  # noqa: ANN001
     s, agent, _, _ = svc
-    agent.fail["start"] = ("ResourceExhausted", "start: No space left on device: container c1's writable layer")
+    agent.fail["start"] = errdefs.ResourceExhausted("start: No space left on device: container c1's writable layer")
 
     async def go() -> None:
         await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b"), CTX)
@@ -417,8 +470,7 @@ def test_create_checks_the_pod_policy_of_every_container(tmp_path) -> None:  # n
 
     cfg = shim_config.Config()
     agent = FakeAgent()
-    s = TaskService(FakeSandbox(agent), lambda ns, e: None, "ns1", repo_root="/repo",
-                    admit=lambda ann: shim_config.check_annotations(cfg, ann))
+    s = served(FakeSandbox(agent), admit=lambda ann: shim_config.check_annotations(cfg, ann))
     pod = {"io.kubernetes.cri.sandbox-id": "pod1", "io.kubernetes.cri.container-type": "container"}
     for name, ann in (("ok", pod), ("bad", {**pod, "io.fractal.mode": "host"})):
         (tmp_path / name).mkdir()
@@ -432,3 +484,200 @@ def test_create_checks_the_pod_policy_of_every_container(tmp_path) -> None:  # n
         assert "bad" not in s.tasks.containers
 
     run(go())
+
+
+# -- the sandbox's create sequence, through the Task service ---------------------------------
+
+
+def test_a_failed_created_hook_undoes_the_create() -> None:
+    """A createRuntime hook that fails: the agent's container is deleted again, the sandbox's
+    ``deleted`` runs (poststop, the placement's host work undone), containerd gets
+    FailedPrecondition naming the container, and the id is free for a new Create."""
+    agent = FakeAgent()
+    sandbox = FakeSandbox(agent)
+    sandbox.fail_created = RuntimeError("createRuntime hook /bin/false exited with 1")
+    events: list[Any] = []
+    s = served(sandbox, lambda ns, e: events.append(e))
+
+    async def go() -> None:
+        with pytest.raises(TtrpcError) as ei:
+            await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b/c1"), CTX)
+        assert ei.value.code == Code.FAILED_PRECONDITION
+        assert ei.value.message == "container c1: createRuntime hook /bin/false exited with 1"
+        assert [op for op, _ in agent.calls] == ["create", "delete"]
+        assert agent.calls[1][1] == {"container": "c1"}
+        assert sandbox.points == [("created", "c1"), ("deleted", "c1")]
+        assert s.container("c1") is None and not agent.channels  # stdio relay released
+        with pytest.raises(TtrpcError) as ei:
+            await s.State(pb.StateRequest(id="c1"), CTX)
+        assert ei.value.code == Code.NOT_FOUND
+        sandbox.fail_created = None
+        assert (await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b/c1"), CTX)).pid > 0
+
+    run(go())
+    assert [type(e).__name__ for e in events] == ["TaskCreate"]  # only the second create
+
+
+def test_a_refused_create_leaves_nothing() -> None:
+    """The agent refuses the create: its kind reaches containerd; only the placement is undone
+    (no hook ran, so no poststop); an unreachable agent is Unavailable, undone the same way."""
+    agent = FakeAgent()
+    sandbox = FakeSandbox(agent)
+    s = served(sandbox)
+    agent.fail["create"] = errdefs.FailedPrecondition("rootfs: not a directory")
+
+    async def go() -> None:
+        with pytest.raises(TtrpcError) as ei:
+            await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b/c1"), CTX)
+        assert (ei.value.code, ei.value.message) == (Code.FAILED_PRECONDITION, "rootfs: not a directory")
+        assert sandbox.points == [("deleted", "c1")] and s.container("c1") is None
+
+        async def no_agent() -> Any:
+            raise OSError("guest did not boot")
+
+        sandbox.agent = no_agent  # type: ignore[method-assign]
+        sandbox.points.clear()
+        with pytest.raises(TtrpcError) as ei:
+            await s.Create(pb.CreateTaskRequest(id="c2", bundle="/b/c2"), CTX)
+        assert ei.value.code == Code.UNAVAILABLE
+        assert ei.value.message == "sandbox agent unavailable: guest did not boot"
+        assert sandbox.points == [("deleted", "c2")] and s.container("c2") is None
+
+    run(go())
+
+
+def test_a_mode_conflict_is_refused_before_the_sandbox_sees_it(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    sandbox = FakeSandbox(FakeAgent())
+    s = served(sandbox)
+    (tmp_path / "config.json").write_text(json.dumps({"annotations": {"io.fractal.mode": "vm"}}))
+
+    async def go() -> None:
+        with pytest.raises(TtrpcError) as ei:
+            await s.Create(pb.CreateTaskRequest(id="c1", bundle=str(tmp_path)), CTX)
+        assert ei.value.code == Code.FAILED_PRECONDITION and "host mode" in ei.value.message
+
+    run(go())
+    assert sandbox.placed == [] and sandbox.points == []
+
+
+def test_delete_after_the_agent_was_lost() -> None:
+    """A lost agent (a dead VM, a crashed agent process) took its containers along: Delete still
+    succeeds, the host's leftovers are cleaned up once, and containerd gets TaskDelete.  An
+    agent that is merely unreachable (not lost) fails the Delete instead."""
+    agent = FakeAgent()
+    sandbox = FakeSandbox(agent)
+    events: list[Any] = []
+    s = served(sandbox, lambda ns, e: events.append(e))
+
+    async def go() -> None:
+        await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b/c1"), CTX)
+        await s.Start(pb.StartRequest(id="c1"), CTX)
+        agent.fail["delete"] = errdefs.Unavailable("connection closed: closed by the agent")
+        s.on_agent_lost("test")  # the Task service reports the processes exited (255)
+        await s.Wait(pb.WaitRequest(id="c1"), CTX)
+        with pytest.raises(TtrpcError) as ei:  # not lost (yet): the error stands
+            await s.Delete(pb.DeleteRequest(id="c1"), CTX)
+        assert ei.value.code == Code.UNAVAILABLE
+        sandbox.lost = True
+        d = await s.Delete(pb.DeleteRequest(id="c1"), CTX)
+        assert d.exit_status == 255
+
+    run(go())
+    assert sandbox.points[-2:] == [("cleanup_after_loss", "c1 /b/c1"), ("deleted", "c1")]
+    assert [type(e).__name__ for e in events][-2:] == ["TaskExit", "TaskDelete"]
+
+
+def test_a_sandbox_that_could_not_be_configured_refuses_with_its_reason() -> None:
+    from shim.sandbox import FailedSandbox
+
+    s = served(FailedSandbox(errdefs.InvalidArgument("fractal config: io.fractal.mode is not allowed")))
+
+    async def go() -> None:
+        with pytest.raises(TtrpcError) as ei:
+            await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b/c1"), CTX)
+        assert (ei.value.code, ei.value.message) == (
+            Code.INVALID_ARGUMENT, "fractal config: io.fractal.mode is not allowed")
+        assert s.container("c1") is None
+
+    run(go())
+
+
+def test_any_sandbox_kind_serves_the_task_api() -> None:
+    """The Task service needs nothing of a sandbox but the interface: a kind that is no agent
+    sandbox at all (here: processes in a dict) runs a container's whole life through it."""
+    from shim.sandbox import Created, Exit, NewContainer, ProcessEntry, RootLayers, Sandbox, Stdio
+
+    class NullRelay:
+        def start_stdin(self) -> None: ...
+        def close_stdin(self) -> None: ...
+        async def wait_output(self, timeout: float | None) -> bool:
+            return True
+        def close(self) -> None: ...
+
+    class DictSandbox(Sandbox):
+        mode = "dict"
+
+        def __init__(self) -> None:
+            self.procs: dict[str, int] = {}
+
+        async def start(self) -> None: ...
+        async def stop(self) -> None: ...
+        def describe(self) -> dict[str, Any]:
+            return {"mode": self.mode}
+
+        async def create(self, c: NewContainer) -> Created:
+            self.procs[c.id] = 7
+            return Created(7, NullRelay())
+
+        async def start_process(self, cid: str, exec_id: str = "") -> int:
+            return self.procs[cid]
+
+        async def exec(self, cid: str, exec_id: str, process: dict[str, Any], stdio: Stdio) -> Any:
+            return NullRelay()
+
+        async def kill(self, cid: str, exec_id: str, signal: int, all: bool = False) -> None:  # noqa: A002
+            assert self.on_event is not None
+            self.on_event({"event": "exit", "container": cid, "exec": exec_id, "pid": 7,
+                           "exit_status": 128 + signal, "exited_at": 1})
+
+        async def delete(self, cid: str, exec_id: str = "") -> Exit:
+            if cid not in self.procs:
+                raise errdefs.NotFound(f"{cid}: gone")
+            del self.procs[cid]
+            return Exit(0, 0)
+
+        async def pids(self, cid: str) -> list[ProcessEntry]:
+            return [ProcessEntry(self.procs[cid], "")]
+
+        async def pause(self, cid: str) -> None: ...
+        async def resume(self, cid: str) -> None: ...
+        async def resize_pty(self, cid: str, exec_id: str, width: int, height: int) -> None: ...
+        async def update(self, cid: str, resources: dict[str, Any]) -> None: ...
+        async def stats(self, cid: str) -> dict[str, Any]:
+            return {}
+
+        async def layers(self, cid: str) -> RootLayers:
+            return RootLayers([], None, [])
+
+        async def restack(self, cid: str, add: list[str], remove: list[str],
+                          position: str | int) -> list[str]:
+            raise errdefs.Unimplemented("no layers here")
+
+    sandbox = DictSandbox()
+    events: list[Any] = []
+    s = Served(TaskService(sandbox, lambda ns, e: events.append(e), "ns1"))
+    sandbox.on_event = s.on_agent_event
+
+    async def go() -> None:
+        assert (await s.Create(pb.CreateTaskRequest(id="c1", bundle="/b/c1"), CTX)).pid == 7
+        await s.Start(pb.StartRequest(id="c1"), CTX)
+        assert [p.pid for p in (await s.Pids(pb.PidsRequest(id="c1"), CTX)).processes] == [7]
+        await s.Kill(pb.KillRequest(id="c1", signal=9), CTX)
+        assert (await s.Wait(pb.WaitRequest(id="c1"), CTX)).exit_status == 137
+        await s.Delete(pb.DeleteRequest(id="c1"), CTX)
+
+    run(go())
+    assert [type(e).__name__ for e in events] == ["TaskCreate", "TaskStart", "TaskExit", "TaskDelete"]
+    assert sandbox.procs == {}
