@@ -95,7 +95,7 @@ class Daemon:
         self.exit_requested = False
 
     async def run(self) -> int:
-        from ccpu.agent.reaper import Reaper
+        from ccpu.linux.reaper import Reaper
         from ccpu.ttrpc import Server
         from shim import address as addr
         import functools

@@ -22,10 +22,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..linux import mountinfo
+from ..linux.mount import MS_NODEV, MS_NOSUID, mount
+from ..linux.reaper import Reaper
+from ..stack import Mount
 from . import jsonbound, limits, live, mounts, protocol
 from .oom import OomWatcher
 from .process import CREATED, DRAIN_TIMEOUT, PAUSED, RUNNING, STOPPED, Events, Process
-from .reaper import Reaper
 from .runc import Runc
 from .stdio import ConsoleStdio, PipeStdio, StdinQueue, Stdio
 
@@ -148,7 +151,7 @@ def _remove_made(made: Sequence[str]) -> None:
 
     if not made:
         return
-    points = mounts.mount_points()
+    points = mountinfo.mount_points()
     for d in made:
         if not os.path.isdir(d):
             continue
@@ -312,11 +315,10 @@ class Supervisor:
             if spec is not None and not os.path.isdir(bundle):
                 made += _makedirs(bundle)
             if scratch is not None:
-                if os.path.isdir(scratch[0]) and mounts.is_mountpoint(scratch[0]):
+                if os.path.isdir(scratch[0]) and mountinfo.is_mountpoint(scratch[0]):
                     raise protocol.FailedPrecondition(f"scratch dir {scratch[0]} is already mounted")
                 made += _makedirs(scratch[0])
-                mounts.sys_mount("tmpfs", scratch[0], "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
-                                 limits.scratch_options(scratch[1]))
+                mount("tmpfs", scratch[0], "tmpfs", MS_NOSUID | MS_NODEV, limits.scratch_options(scratch[1]))
                 scratch_dir = scratch[0]
             for d in writable:
                 if not os.path.isdir(d):
@@ -331,7 +333,7 @@ class Supervisor:
             raise
 
     async def _create(self, cid: str, bundle: str, terminal: bool, stdin: int, stdout: int, stderr: int,
-                      plan: list[mounts.Mount], spec: dict[str, Any] | None, made: list[str],
+                      plan: list[Mount], spec: dict[str, Any] | None, made: list[str],
                       args: Mapping[str, Any], scratch: str | None) -> dict[str, Any]:
         if not os.path.isdir(bundle):
             raise protocol.InvalidArgument(f"bundle {bundle} is not a directory")
