@@ -8,7 +8,7 @@ imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
 * child subreaper with ONE reaper (SIGCHLD -> waitpid(-1)) for every child: runc, the
   containers' processes (the in-process agent's children), or the agent process;
 * stderr goes to the first container's ``<bundle>/log`` FIFO, which containerd copies into its
-  own log; one logrus-style record per line (:mod:`shim.logfmt`, docs/logging.md) with the
+  own log; one logrus-style record per line (:mod:`ccpu.logfmt`, docs/logging.md) with the
   namespace, sandbox (group), pid and -- while a request is handled -- the container id;
 * SIGPIPE ignored; SIGTERM/SIGINT shut down (containers are left running; containerd will
   clean up with ``delete``);
@@ -53,10 +53,10 @@ log = logging.getLogger("shim")
 
 def _setup_logging(bundle: str, namespace: str, group: str, debug: bool) -> None:
     """stderr -> the ``<bundle>/log`` FIFO containerd copies into its own log, one
-    :mod:`shim.logfmt` record per line (logrus text, like containerd's and its runc shim's):
+    :mod:`ccpu.logfmt` record per line (logrus text, like containerd's and its runc shim's):
     ``namespace``/``sandbox`` on every record, ``container``/``exec`` while a request about
     one is handled.  ``-debug`` (containerd passes it when it runs at debug level) -> DEBUG."""
-    from shim import logfmt
+    from ccpu import logfmt
 
     try:
         fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -139,7 +139,7 @@ class Daemon:
         self.sandbox.on_event = self.service.on_agent_event
         self.sandbox.on_lost = self.service.on_agent_lost
 
-        from shim.logfmt import with_request_fields  # records carry the request's container id
+        from ccpu.logfmt import with_request_fields  # records carry the request's container id
 
         self.server = Server()
         self.server.register(SERVICE, with_request_fields(self.service.methods()))

@@ -24,7 +24,8 @@ from ccpu.api.gen.containerd.runtime.v2.task import shim_pb2 as pb
 from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
 from ccpu.agent import jsonbound
 from ccpu.ttrpc import Code, RequestContext, TtrpcError
-from shim import agentvalues, logfmt, rootfs as rootfs_mod
+from ccpu import logfmt
+from shim import agentvalues, rootfs as rootfs_mod
 from shim.agentvalues import BadAgentValue
 from shim.config import ConfigError, Timeouts, conflict
 from shim.errors import agent_error_code, config_error, to_ttrpc

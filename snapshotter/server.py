@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="stderr records: logrus-style key=value text (default) or JSON lines "
                          "(docs/logging.md)")
     args = ap.parse_args(argv)
-    from shim import logfmt
+    from ccpu import logfmt
 
     # stderr: journald takes it under systemd.  With --debug our own loggers only go to debug
     # level: grpc's debug output is noise to a user.
