@@ -41,7 +41,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 
-from shim.main import UsageError, parse_args  # noqa: E402
+from shim.args import UsageError, parse_args  # noqa: E402
 
 DAEMON_FLAGS: dict[str, bool] = {
     "namespace": False, "address": False, "publish-binary": False, "id": False,
@@ -224,7 +224,7 @@ class Daemon:
 
 def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int):  # noqa: ANN001, ANN201
     """The daemon's options from ``start``'s (what ``daemon_argv`` passes on the command line)."""
-    from shim.main import Options
+    from shim.args import Options
 
     d = Options()
     for name in ("namespace", "address", "publish_binary", "id", "debug"):

@@ -22,7 +22,7 @@ HUGE = "A" * ((1 << 20) - 200)  # fills one frame, as the issue's 1 MiB containe
 
 @pytest.fixture(params=["text", "json"])
 def shim_log(request):  # noqa: ANN001, ANN201
-    """The root logger routed through the shim's formatter into a buffer, as shim/main.py does."""
+    """The root logger routed through the shim's formatter into a buffer, as shim/daemon.py does."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     buf = io.StringIO()
