@@ -1,33 +1,18 @@
 """Task state machine: containers and their processes as the shim reports them to containerd.
 
 Pure bookkeeping (plus asyncio.Events to wake waiters): the TaskService decides what to ask
-the agent, this module decides what is allowed and what a process looks like afterwards.
-
-    CREATED --start--> RUNNING --pause--> PAUSED --resume--> RUNNING
-       |                  |                  |
-       +------exit--------+-------exit-------+----> STOPPED --delete--> (gone)
-    CREATED --delete--> (gone)
-
-Status values are containerd.types.task Status numbers.
+the agent, this module decides what is allowed and what a process looks like afterwards, by the
+table the agent checks too (:mod:`ccpu.linux.taskstate`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from ccpu.linux.taskstate import Op, Status, after, allowed
 from shim.errors import already_exists, failed_precondition, not_found
-
-
-class Status(enum.IntEnum):
-    UNKNOWN = 0
-    CREATED = 1
-    RUNNING = 2
-    STOPPED = 3
-    PAUSED = 4
-    PAUSING = 5
 
 
 @dataclass
@@ -57,15 +42,14 @@ class Process:
         return self.container if self.is_init else f"{self.container}/{self.exec_id}"
 
     def check_start(self) -> None:
-        if self.status != Status.CREATED or self.starting:
+        if not allowed(Op.START, self.status) or self.starting:
             raise failed_precondition(f"process {self.name} is {self.status.name.lower()}, "
                                       "cannot start")
 
     def mark_running(self, pid: int) -> None:
         if pid:
             self.pid = pid
-        if self.status == Status.CREATED:
-            self.status = Status.RUNNING
+        self.status = after(Op.START, self.status)
 
     def mark_exited(self, exit_status: int, exited_at: int) -> None:
         self.status = Status.STOPPED
@@ -74,7 +58,7 @@ class Process:
         self.exited.set()
 
     def check_delete(self) -> None:
-        if self.status not in (Status.CREATED, Status.STOPPED):
+        if not allowed(Op.DELETE, self.status):
             raise failed_precondition(f"process {self.name} is {self.status.name.lower()}, "
                                       "cannot delete")
 
@@ -102,25 +86,22 @@ class Container:
     def add_exec(self, proc: Process) -> None:
         if proc.exec_id in self.execs:
             raise already_exists(f"exec {proc.exec_id}")
-        if self.init.status not in (Status.RUNNING, Status.PAUSED):
+        if not allowed(Op.EXEC, self.init.status):
             raise failed_precondition(f"container {self.id} is "
                                       f"{self.init.status.name.lower()}, cannot exec")
         self.execs[proc.exec_id] = proc
 
     def check_pause(self) -> None:
-        if self.init.status != Status.RUNNING:
+        if not allowed(Op.PAUSE, self.init.status):
             raise failed_precondition(f"container {self.id} is {self.init.status.name.lower()}, "
                                       "cannot pause")
 
     def check_resume(self) -> None:
-        if self.init.status != Status.PAUSED:
+        if not allowed(Op.RESUME, self.init.status):
             raise failed_precondition(f"container {self.id} is not paused")
 
     def set_paused(self, paused: bool) -> None:
-        if paused and self.init.status == Status.RUNNING:
-            self.init.status = Status.PAUSED
-        elif not paused and self.init.status == Status.PAUSED:
-            self.init.status = Status.RUNNING
+        self.init.status = after(Op.PAUSE if paused else Op.RESUME, self.init.status)
 
 
 class Tasks:
