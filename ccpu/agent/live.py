@@ -77,6 +77,7 @@ from ..linux.mount import (MNT_DETACH, MS_BIND, MS_NOATIME, MS_NODEV, MS_NODIRAT
                            MS_PRIVATE, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT, mount, move_mount_fd,
                            open_tree_clone, pivot_root, umount)
 from ..linux.reaper import Reaper, fork_call
+from ..linux.taskstate import Op, allowed
 from . import limits, mounts, protocol
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ async def restack_op(sup: Any, args: Mapping[str, Any]) -> dict[str, Any]:
         if not os.path.isdir(d):
             raise protocol.InvalidArgument(f"layer dir {d} is not a directory")
     async with live.lock:  # the server serializes per container already; this guards direct callers
-        if c.init.status not in ("created", "running", "paused") or c.init.pid <= 0:
+        if not allowed(Op.RESTACK, c.init.status) or c.init.pid <= 0:
             raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}")
         new = plan_restack(live.lowers, add, remove, position, live.upper, live.work)
         done = await restack(sup.reaper, c.init.pid, c.rootfs, new, live.upper, live.base_work,

@@ -39,6 +39,7 @@ class Op(enum.Enum):
     PAUSE = "pause"  # the container's init
     RESUME = "resume"  # the container's init
     UPDATE = "update"  # new resources: the container's init
+    RESTACK = "restack"  # live layers (ccpu/agent/live.py): the container's init
 
 
 #: the states an operation is allowed in (of the process, or of the container's init)
@@ -50,6 +51,7 @@ ALLOWED: Mapping[Op, frozenset[Status]] = {
     Op.PAUSE: frozenset({Status.RUNNING}),
     Op.RESUME: frozenset({Status.PAUSED}),
     Op.UPDATE: frozenset({Status.RUNNING, Status.PAUSED}),
+    Op.RESTACK: frozenset({Status.CREATED, Status.RUNNING, Status.PAUSED}),
 }
 
 #: where a successful operation leaves the state (operations not here leave it as it is)

@@ -24,6 +24,7 @@ def test_status_numbers_are_containerds_and_words_are_the_protocols() -> None:
     (Op.PAUSE, {S.RUNNING}),
     (Op.RESUME, {S.PAUSED}),
     (Op.UPDATE, {S.RUNNING, S.PAUSED}),
+    (Op.RESTACK, {S.CREATED, S.RUNNING, S.PAUSED}),
 ])
 def test_what_each_operation_is_allowed_in(op: Op, ok: set[Status]) -> None:
     assert {s for s in Status if allowed(op, s)} == ok
