@@ -8,52 +8,17 @@ in the path is ELOOP, ``..`` out of the start is EXDEV.  What is done to the res
 through the fd (``*at`` calls relative to it, or ``/proc/self/fd/N`` for mount(2)/umount2(2),
 which then act on exactly the file the fd holds).
 
-Stdlib only (ctypes); Linux >= 5.6 for openat2, >= 5.8 for ``STATX_ATTR_MOUNT_ROOT``.
-openat2 is syscall 437 on every architecture (the unified numbers of syscalls added since 5.1);
-Python 3.11 has no ``os.openat2``.
+Stdlib only; Linux >= 5.6 for openat2 (the syscall itself: :mod:`ccpu.linux.openat2`; which
+mount a file is on: :func:`ccpu.linux.statx.mount_of`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
-import sys
-from dataclasses import dataclass
 
-from ccpu.agent import nsutil
-
-SYS_OPENAT2 = 437
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-#: what every lookup here uses: no symlink of any kind, nothing outside the starting dir
-STRICT = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
-
-STATX_ATTR_MOUNT_ROOT = 0x2000
-_STATX_ATTRIBUTES = 8
-_STATX_ATTRIBUTES_MASK = 56
-_STATX_MNT_ID = 144
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-def openat2(dirfd: int, path: str, flags: int, resolve: int = STRICT, mode: int = 0) -> int:
-    """openat2(2); the new fd is close-on-exec.  OSError with the path on failure."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
-    ret = _libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(path)),
-                        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"openat2 {path!r}: {os.strerror(err)}", path)
-    return int(ret)
+from ccpu.linux.openat2 import RESOLVE_NO_XDEV, STRICT, openat2
 
 
 def open_path(dirfd: int, path: str, *, cross_mounts: bool = True, directory: bool = False) -> int:
@@ -68,25 +33,6 @@ def open_path(dirfd: int, path: str, *, cross_mounts: bool = True, directory: bo
 def fd_path(fd: int) -> str:
     """The magic link that makes mount(2)/umount2(2) act on exactly the file ``fd`` holds."""
     return f"/proc/self/fd/{fd}"
-
-
-@dataclass(frozen=True)
-class MountOf:
-    """Which mount a file is on, and whether it is that mount's root (a mount point)."""
-
-    mnt_id: int
-    is_root: bool
-
-
-def mount_of(fd: int) -> MountOf:
-    raw = nsutil.statx(fd, "", nsutil.AT_EMPTY_PATH, nsutil.STATX_MNT_ID)
-
-    def u64(off: int) -> int:
-        return int.from_bytes(raw[off:off + 8], sys.byteorder)
-
-    if not u64(_STATX_ATTRIBUTES_MASK) & STATX_ATTR_MOUNT_ROOT:
-        raise OSError(errno.ENOSYS, "statx: the kernel does not report STATX_ATTR_MOUNT_ROOT (< 5.8)")
-    return MountOf(u64(_STATX_MNT_ID), bool(u64(_STATX_ATTRIBUTES) & STATX_ATTR_MOUNT_ROOT))
 
 
 def _split(path: str) -> tuple[str, str]:

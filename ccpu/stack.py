@@ -27,11 +27,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+#: what the kernel copies of mount(2)'s option string: one page
+PAGE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class Mount:
-    """One entry of containerd's mount list (containerd.types.Mount).
+    """One entry of containerd's mount list (containerd.types.Mount), and one mount(2) the
+    agent makes (``ccpu.agent.mounts``): the one mount type of the project.
 
     Defined here, not in the repo package, so that the agent can ship this
     module alone (stdlib only, no SQLite) into a guest.
@@ -41,8 +44,6 @@ class Mount:
     source: str
     options: tuple[str, ...] = ()
     target: str = ""
-
-PAGE_SIZE = 4096
 
 
 class StackError(ValueError):

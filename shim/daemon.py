@@ -8,7 +8,7 @@ imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
 * child subreaper with ONE reaper (SIGCHLD -> waitpid(-1)) for every child: runc, the
   containers' processes (the in-process agent's children), or the agent process;
 * stderr goes to the first container's ``<bundle>/log`` FIFO, which containerd copies into its
-  own log; one logrus-style record per line (:mod:`shim.logfmt`, docs/logging.md) with the
+  own log; one logrus-style record per line (:mod:`ccpu.logfmt`, docs/logging.md) with the
   namespace, sandbox (group), pid and -- while a request is handled -- the container id;
 * SIGPIPE ignored; SIGTERM/SIGINT shut down (containers are left running; containerd will
   clean up with ``delete``);
@@ -41,7 +41,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 
-from shim.main import UsageError, parse_args  # noqa: E402
+from shim.args import UsageError, parse_args  # noqa: E402
 
 DAEMON_FLAGS: dict[str, bool] = {
     "namespace": False, "address": False, "publish-binary": False, "id": False,
@@ -53,10 +53,10 @@ log = logging.getLogger("shim")
 
 def _setup_logging(bundle: str, namespace: str, group: str, debug: bool) -> None:
     """stderr -> the ``<bundle>/log`` FIFO containerd copies into its own log, one
-    :mod:`shim.logfmt` record per line (logrus text, like containerd's and its runc shim's):
+    :mod:`ccpu.logfmt` record per line (logrus text, like containerd's and its runc shim's):
     ``namespace``/``sandbox`` on every record, ``container``/``exec`` while a request about
     one is handled.  ``-debug`` (containerd passes it when it runs at debug level) -> DEBUG."""
-    from shim import logfmt
+    from ccpu import logfmt
 
     try:
         fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -95,7 +95,7 @@ class Daemon:
         self.exit_requested = False
 
     async def run(self) -> int:
-        from ccpu.agent.reaper import Reaper
+        from ccpu.linux.reaper import Reaper
         from ccpu.ttrpc import Server
         from shim import address as addr
         import functools
@@ -103,7 +103,8 @@ class Daemon:
         from shim.events import Publisher
         from shim import config as shim_config
         from shim.errors import at_edge, config_error
-        from shim.sandbox import FailedSandbox, Sandbox, for_config
+        from shim.sandbox import FailedSandbox, Sandbox
+        from shim.sandboxkind import for_config
         from shim.task import SERVICE, TaskService
 
         loop = asyncio.get_running_loop()
@@ -136,7 +137,7 @@ class Daemon:
         self.sandbox.on_event = self.service.on_agent_event
         self.sandbox.on_lost = self.service.on_agent_lost
 
-        from shim.logfmt import with_request_fields  # records carry the request's container id
+        from ccpu.logfmt import with_request_fields  # records carry the request's container id
 
         # every handler answers errors through shim/errors.py: the one errdefs -> ttrpc mapping
         self.server = Server()
@@ -222,7 +223,7 @@ class Daemon:
 
 def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int):  # noqa: ANN001, ANN201
     """The daemon's options from ``start``'s (what ``daemon_argv`` passes on the command line)."""
-    from shim.main import Options
+    from shim.args import Options
 
     d = Options()
     for name in ("namespace", "address", "publish_binary", "id", "debug"):

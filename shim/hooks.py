@@ -49,7 +49,7 @@ def _write_all(fd: int, data: bytes) -> None:
 async def run_one(hook: Mapping[str, Any], st: Mapping[str, Any], reaper: Any) -> None:
     """Run one hook.  Spawned and waited for through the shim's one ``reaper`` (it reaps every
     child with waitpid(-1): asyncio's own child watcher would race it and see status 255)."""
-    from ccpu.agent import reaper as reaper_mod
+    from ccpu.linux import reaper as reaper_mod
 
     path = str(hook.get("path") or "")
     if not os.path.isabs(path):

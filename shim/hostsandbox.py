@@ -1,6 +1,6 @@
 """Host mode: the agent runs on the host, next to the shim (``io.fractal.mode=host``).
 
-Two ways to run it (``FRACTAL_AGENT``, see :func:`shim.sandbox.host_sandbox`):
+Two ways to run it (``FRACTAL_AGENT``, see :func:`shim.sandboxkind.host_sandbox`):
 
 * :class:`InprocSandbox` (default, ``inproc``): the agent's code runs in the shim daemon's own
   process and event loop, over a ``socket.socketpair()``, with the daemon's one reaper.  No

@@ -31,7 +31,9 @@ import posixpath
 import re
 from collections.abc import Iterable
 
-from ccpu import fdpath, mountfd
+from ccpu import mountfd
+from ccpu.linux.mount import MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY
+from ccpu.linux.openat2 import openat2
 
 log = logging.getLogger("shim.layerview")
 
@@ -39,8 +41,8 @@ VIEW = "layers"
 RECORD = "layers.mounts"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TMPFS = {"mode": "0700", "size": "1m", "nr_inodes": "65536"}
-VIEW_ATTRS = mountfd.MOUNT_ATTR_NOSUID | mountfd.MOUNT_ATTR_NODEV | mountfd.MOUNT_ATTR_NOEXEC
-BIND_ATTRS = mountfd.MOUNT_ATTR_RDONLY | mountfd.MOUNT_ATTR_NOSUID | mountfd.MOUNT_ATTR_NODEV
+VIEW_ATTRS = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
+BIND_ATTRS = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
 
 
 class LayerViewError(RuntimeError):
@@ -77,7 +79,7 @@ def _write_record(run_fd: int, view_id: int | None, binds: dict[str, int]) -> No
 
 def _read_record(run_fd: int) -> tuple[int | None, dict[str, int]]:
     try:
-        fd = fdpath.openat2(run_fd, RECORD, os.O_RDONLY)
+        fd = openat2(run_fd, RECORD, os.O_RDONLY)
     except FileNotFoundError:
         return None, {}
     with os.fdopen(fd, "rb") as f:

@@ -23,7 +23,10 @@ import os
 from dataclasses import dataclass, field
 
 from ccpu import fdpath
-from ccpu.agent.mounts import MNT_DETACH, sys_umount
+from ccpu.linux import mountinfo
+from ccpu.linux.mount import MNT_DETACH, umount
+from ccpu.linux.openat2 import openat2
+from ccpu.linux.statx import mount_of
 
 RECORD = "mounts.json"
 MAX_RECORDED = 4096  # a record longer than this is not ours
@@ -121,7 +124,7 @@ class RunDirMounts:
     @classmethod
     def load(cls, run_fd: int) -> "RunDirMounts":
         try:
-            fd = fdpath.openat2(run_fd, RECORD, os.O_RDONLY)
+            fd = openat2(run_fd, RECORD, os.O_RDONLY)
         except FileNotFoundError:
             return cls(run_fd, MountRecord())
         with os.fdopen(fd, encoding="utf-8") as f:
@@ -144,7 +147,7 @@ class RunDirMounts:
 
     def mounted(self, path: str, fd: int) -> int:
         """After mounting: record the mount now at ``fd`` (the root of what was mounted at ``path``)."""
-        m = fdpath.mount_of(fd)
+        m = mount_of(fd)
         if not m.is_root:
             raise MountRecordError(f"{path}: no mount there after mounting")
         self.record.set_id(path, m.mnt_id)
@@ -161,9 +164,9 @@ class RunDirMounts:
             fd = None  # the mount point is gone, so is the mount
         if fd is not None:
             try:
-                m = fdpath.mount_of(fd)
+                m = mount_of(fd)
                 if m.is_root and entry.mnt_id in (None, m.mnt_id):
-                    sys_umount(fdpath.fd_path(fd), MNT_DETACH)
+                    umount(fdpath.fd_path(fd), MNT_DETACH)
                 elif entry.mnt_id is not None and m.mnt_id != entry.mnt_id and _mount_exists(entry.mnt_id):
                     return f"{entry.path}: mount {entry.mnt_id} is not there any more (found {m.mnt_id})"
             except OSError as exc:
@@ -180,9 +183,7 @@ class RunDirMounts:
 
 
 def _mount_exists(mnt_id: int) -> bool:
-    from ccpu.agent.nsutil import mountinfo
-
-    return any(mid == mnt_id for mid, *_ in mountinfo())
+    return any(m.mount_id == mnt_id for m in mountinfo.read())
 
 
 def remove_run_dir(run_dir: str) -> None:

@@ -8,7 +8,7 @@ containerd sees (shim/state.py: status, pids, exits; events; the stdio relays it
 calls the sandbox for everything else; the Layers service (shim/layers.py) keeps the live-layer
 records.  Neither looks inside a sandbox.
 
-Implementations, chosen by :func:`for_config` from the sandbox's config (shim/config.py):
+Implementations, chosen by :func:`shim.sandboxkind.for_config` from the sandbox's config (shim/config.py):
 
 * :class:`shim.hostsandbox.InprocSandbox` (host mode, default; ``FRACTAL_AGENT=inproc``): the
   agent's code in the shim daemon's own process and event loop, over a socketpair;
@@ -22,7 +22,7 @@ protocol (docs/agent-protocol.md) shares its request timeouts, its create sequen
 delete-after-loss there, and differs only in how the agent is reached and what the host does
 around it.  A new kind (a pool of VMs, a remote agent) is one new module with one class: an
 AgentSandbox subclass if it talks to an agent, else a Sandbox; plus one line in
-:func:`for_config` (docs/architecture.md, "Adding a sandbox kind").
+:func:`shim.sandboxkind.for_config` (docs/architecture.md, "Adding a sandbox kind").
 
 Errors: every method raises :mod:`ccpu.errdefs` errors (NotFound, FailedPrecondition, ...), which
 the service edge turns into ttrpc codes (shim/errors.py).
@@ -31,21 +31,12 @@ the service edge turns into ttrpc codes (shim/errors.py).
 from __future__ import annotations
 
 import abc
-import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ccpu import errdefs
 
-if TYPE_CHECKING:
-    from shim.config import Config
-
-log = logging.getLogger("shim.sandbox")
-
-#: ``FRACTAL_AGENT`` values
-AGENT_MODES = ("inproc", "process")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,41 +269,3 @@ class FailedSandbox(Sandbox):
     async def restack(self, cid: str, add: list[str], remove: list[str],
                       position: str | int) -> list[str]:
         raise self._refuse()
-
-
-# ---------------------------------------------------------------------------------------------
-# which one
-
-
-def agent_mode() -> str:
-    mode = os.environ.get("FRACTAL_AGENT", "").strip() or "inproc"
-    if mode not in AGENT_MODES:
-        log.warning("FRACTAL_AGENT=%r unknown (want inproc or process): using inproc", mode)
-        mode = "inproc"
-    return mode
-
-
-def for_config(cfg: Config, *, reaper: Any, namespace: str, group: str, repo_root: str,
-               run_dir: str, runc_root: str, bundle_root: str, layer_roots: list[str],
-               first_bundle: str | None = None) -> Sandbox:
-    """The sandbox for a :class:`shim.config.Config`: a VM, or host mode (``FRACTAL_AGENT``).
-    This is where a sandbox kind is chosen.
-
-    ``first_bundle``: the bundle of the container the shim was started for; a VM boots before
-    its Create arrives and must know the pod network namespace (CRI's pause spec) by then."""
-    if cfg.mode == "vm":
-        from shim.vm import VmSandbox, first_netns
-
-        return VmSandbox(reaper=reaper, namespace=namespace, group=group, repo_root=repo_root,
-                         run_dir=run_dir, settings=cfg.vm, timeouts=cfg.timeouts,
-                         netns=first_netns(first_bundle) if first_bundle else None)
-    return host_sandbox(reaper=reaper, runc_root=runc_root, bundle_root=bundle_root,
-                        layer_roots=layer_roots, namespace=namespace, timeouts=cfg.timeouts)
-
-
-def host_sandbox(mode: str | None = None, **kw: Any) -> Sandbox:
-    """The host-mode sandbox for ``mode`` (default: ``$FRACTAL_AGENT``, else inproc)."""
-    from shim.hostsandbox import HostSandbox, InprocSandbox
-
-    mode = mode or agent_mode()
-    return InprocSandbox(**kw) if mode == "inproc" else HostSandbox(**kw)

@@ -1,9 +1,10 @@
 """Task state machine: containers and their processes as the shim reports them to containerd.
 
 Pure bookkeeping (plus asyncio.Events to wake waiters): the TaskService decides what to ask
-the sandbox, this module decides what is allowed and what a process looks like afterwards.
-Refusals are :mod:`ccpu.errdefs` errors (NotFound, AlreadyExists, FailedPrecondition), turned
-into ttrpc codes at the service edge (shim/errors.py).
+the sandbox, this module decides what is allowed and what a process looks like afterwards, by
+the table the agent checks too (:mod:`ccpu.linux.taskstate`).  Refusals are :mod:`ccpu.errdefs`
+errors (NotFound, AlreadyExists, FailedPrecondition), turned into ttrpc codes at the service
+edge (shim/errors.py).
 
     CREATED --start--> RUNNING --pause--> PAUSED --resume--> RUNNING
        |                  |                  |
@@ -16,23 +17,14 @@ Status values are containerd.types.task Status numbers.
 from __future__ import annotations
 
 import asyncio
-import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ccpu import errdefs
+from ccpu.linux.taskstate import Op, Status, after, allowed
 
 if TYPE_CHECKING:
     from shim.sandbox import Relay
-
-
-class Status(enum.IntEnum):
-    UNKNOWN = 0
-    CREATED = 1
-    RUNNING = 2
-    STOPPED = 3
-    PAUSED = 4
-    PAUSING = 5
 
 
 @dataclass
@@ -62,15 +54,14 @@ class Process:
         return self.container if self.is_init else f"{self.container}/{self.exec_id}"
 
     def check_start(self) -> None:
-        if self.status != Status.CREATED or self.starting:
+        if not allowed(Op.START, self.status) or self.starting:
             raise errdefs.FailedPrecondition(f"process {self.name} is {self.status.name.lower()}, "
                                       "cannot start")
 
     def mark_running(self, pid: int) -> None:
         if pid:
             self.pid = pid
-        if self.status == Status.CREATED:
-            self.status = Status.RUNNING
+        self.status = after(Op.START, self.status)
 
     def mark_exited(self, exit_status: int, exited_at: int) -> None:
         self.status = Status.STOPPED
@@ -79,7 +70,7 @@ class Process:
         self.exited.set()
 
     def check_delete(self) -> None:
-        if self.status not in (Status.CREATED, Status.STOPPED):
+        if not allowed(Op.DELETE, self.status):
             raise errdefs.FailedPrecondition(f"process {self.name} is {self.status.name.lower()}, "
                                       "cannot delete")
 
@@ -107,25 +98,22 @@ class Container:
     def add_exec(self, proc: Process) -> None:
         if proc.exec_id in self.execs:
             raise errdefs.AlreadyExists(f"exec {proc.exec_id}: already exists")
-        if self.init.status not in (Status.RUNNING, Status.PAUSED):
+        if not allowed(Op.EXEC, self.init.status):
             raise errdefs.FailedPrecondition(f"container {self.id} is "
                                       f"{self.init.status.name.lower()}, cannot exec")
         self.execs[proc.exec_id] = proc
 
     def check_pause(self) -> None:
-        if self.init.status != Status.RUNNING:
+        if not allowed(Op.PAUSE, self.init.status):
             raise errdefs.FailedPrecondition(f"container {self.id} is {self.init.status.name.lower()}, "
                                       "cannot pause")
 
     def check_resume(self) -> None:
-        if self.init.status != Status.PAUSED:
+        if not allowed(Op.RESUME, self.init.status):
             raise errdefs.FailedPrecondition(f"container {self.id} is not paused")
 
     def set_paused(self, paused: bool) -> None:
-        if paused and self.init.status == Status.RUNNING:
-            self.init.status = Status.PAUSED
-        elif not paused and self.init.status == Status.PAUSED:
-            self.init.status = Status.RUNNING
+        self.init.status = after(Op.PAUSE if paused else Op.RESUME, self.init.status)
 
 
 class Tasks:

@@ -26,7 +26,8 @@ from ccpu.api.gen.containerd.types.task import task_pb2 as task_types
 from ccpu import errdefs
 from ccpu.agent import jsonbound
 from ccpu.ttrpc import RequestContext
-from shim import agentvalues, logfmt, rootfs as rootfs_mod
+from ccpu import logfmt
+from shim import agentvalues, rootfs as rootfs_mod
 from shim.agentvalues import BadAgentValue
 from shim.config import ConfigError, conflict
 from shim.errors import config_error

@@ -37,8 +37,8 @@ import posixpath
 from collections.abc import Sequence
 
 from ccpu import fdpath
-from ccpu.agent.mounts import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC,
-                               MS_REMOUNT, MS_SLAVE, sys_mount)
+from ccpu.linux.mount import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT,
+                              MS_SLAVE, mount)
 from shim.guestspec import Volume
 from shim.mountrecord import MountRecordError, RunDirMounts, remove_run_dir, valid_path
 
@@ -84,12 +84,12 @@ class VolumeDir:
             fdpath.make_dir(run_fd, VOLUMES, 0o700)
             self._rw = fdpath.open_path(run_fd, VOLUMES, cross_mounts=False, directory=True)
             mounts.add(VOLUMES)
-            sys_mount(fdpath.fd_path(self._rw), fdpath.fd_path(self._rw), None, MS_BIND, None)
+            mount(fdpath.fd_path(self._rw), fdpath.fd_path(self._rw), None, MS_BIND, None)
             self._view = fdpath.open_path(run_fd, VOLUMES, directory=True)
             mounts.mounted(VOLUMES, self._view)
             view = fdpath.fd_path(self._view)
-            sys_mount(None, view, None, MS_PRIVATE, None)  # binds made in it go nowhere else
-            sys_mount(None, view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            mount(None, view, None, MS_PRIVATE, None)  # binds made in it go nowhere else
+            mount(None, view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                       None)
         except BaseException:
             self.close()  # what was mounted is in the record: remove_run_dir undoes it
@@ -128,7 +128,7 @@ class VolumeDir:
             source = os.open(v.host_path, os.O_PATH | os.O_CLOEXEC)
             try:
                 self._mounts.add(path)
-                sys_mount(fdpath.fd_path(source), fdpath.fd_path(target), None, flags, None)
+                mount(fdpath.fd_path(source), fdpath.fd_path(target), None, flags, None)
             finally:
                 os.close(source)
         finally:
@@ -139,9 +139,9 @@ class VolumeDir:
             at = fdpath.fd_path(mounted)
             # slave: the node's later mounts and unmounts below the source reach the guest
             # (rslave semantics); nothing done here propagates back to the node
-            sys_mount(None, at, None, MS_SLAVE | MS_REC, None)
+            mount(None, at, None, MS_SLAVE | MS_REC, None)
             if v.readonly:  # a bind ignores MS_RDONLY: remount it
-                sys_mount(None, at, None, flags | MS_REMOUNT | MS_RDONLY, None)
+                mount(None, at, None, flags | MS_REMOUNT | MS_RDONLY, None)
         finally:
             os.close(mounted)
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"fractal-snapshotter: fractal config: {exc}", file=sys.stderr)
             return 1
-    from shim import logfmt
+    from ccpu import logfmt
 
     # stderr: journald takes it under systemd.  With --debug our own loggers only go to debug
     # level: grpc's debug output is noise to a user.

@@ -29,9 +29,9 @@ import socket
 import stat
 import sys
 
+from ..linux.reaper import Reaper, ensure_stdio_open
 from . import limits
 from .container import Supervisor
-from .reaper import Reaper, ensure_stdio_open
 from .runc import Runc
 from .server import Outbox, Server
 

@@ -5,9 +5,9 @@ shim reconnects and finds its containers), and the operations need the one reape
 wrapper and the one event outlet.  The server serializes requests per container (`serialized`);
 the methods here may assume they are the only operation on their container at a time.
 
-State machine, as containerd's runc shim: created -(start)-> running <-(pause/resume)-> paused;
-running/paused/created -(exit)-> stopped -(delete)-> gone.  Kill of a stopped process is
-NotFound "process already finished"; delete of a running one is FailedPrecondition.
+State machine: the one table of ccpu.linux.taskstate (the shim checks the same), as containerd's
+runc shim.  Kill of a stopped process is NotFound "process already finished"; delete of a running
+one is FailedPrecondition.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..linux import mountinfo
+from ..linux.mount import MS_NODEV, MS_NOSUID, mount
+from ..linux.reaper import Reaper
+from ..linux.taskstate import Op, Status, after, allowed
+from ..stack import Mount
 from . import jsonbound, limits, live, mounts, protocol
 from .oom import OomWatcher
-from .process import CREATED, DRAIN_TIMEOUT, PAUSED, RUNNING, STOPPED, Events, Process
-from .reaper import Reaper
+from .process import DRAIN_TIMEOUT, Events, Process
 from .runc import Runc
 from .stdio import ConsoleStdio, PipeStdio, StdinQueue, Stdio
 
@@ -148,7 +152,7 @@ def _remove_made(made: Sequence[str]) -> None:
 
     if not made:
         return
-    points = mounts.mount_points()
+    points = mountinfo.mount_points()
     for d in made:
         if not os.path.isdir(d):
             continue
@@ -312,11 +316,10 @@ class Supervisor:
             if spec is not None and not os.path.isdir(bundle):
                 made += _makedirs(bundle)
             if scratch is not None:
-                if os.path.isdir(scratch[0]) and mounts.is_mountpoint(scratch[0]):
+                if os.path.isdir(scratch[0]) and mountinfo.is_mountpoint(scratch[0]):
                     raise protocol.FailedPrecondition(f"scratch dir {scratch[0]} is already mounted")
                 made += _makedirs(scratch[0])
-                mounts.sys_mount("tmpfs", scratch[0], "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
-                                 limits.scratch_options(scratch[1]))
+                mount("tmpfs", scratch[0], "tmpfs", MS_NOSUID | MS_NODEV, limits.scratch_options(scratch[1]))
                 scratch_dir = scratch[0]
             for d in writable:
                 if not os.path.isdir(d):
@@ -331,7 +334,7 @@ class Supervisor:
             raise
 
     async def _create(self, cid: str, bundle: str, terminal: bool, stdin: int, stdout: int, stderr: int,
-                      plan: list[mounts.Mount], spec: dict[str, Any] | None, made: list[str],
+                      plan: list[Mount], spec: dict[str, Any] | None, made: list[str],
                       args: Mapping[str, Any], scratch: str | None) -> dict[str, Any]:
         if not os.path.isdir(bundle):
             raise protocol.InvalidArgument(f"bundle {bundle} is not a directory")
@@ -422,7 +425,7 @@ class Supervisor:
 
     async def start(self, args: Mapping[str, Any]) -> dict[str, Any]:
         c, p = self._process(args)
-        if p.status != CREATED:
+        if not allowed(Op.START, p.status):
             raise protocol.FailedPrecondition(f"process is {p.status}, not created")
         p.start_answered.clear()
         try:
@@ -435,13 +438,12 @@ class Supervisor:
     async def _start(self, c: Container, p: Process) -> dict[str, Any]:
         if p is c.init:
             await self.runc.start(c.id)
-            if p.status == CREATED:
-                p.status = RUNNING
+            p.status = after(Op.START, p.status)
             oom = self._oom_watcher()
             if oom.watch(c.id, p.pid):
                 p.before_exit_report = lambda: oom.check_exit(c.id)
             return {"pid": p.pid}
-        if c.init.status not in (RUNNING,):
+        if not allowed(Op.START_EXEC, c.init.status):
             raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}")
         base = os.path.join(c.bundle, f".exec-{p.exec_id}")
         process_file, pid_file, log_file = base + ".json", base + ".pid", base + ".log.json"
@@ -462,7 +464,7 @@ class Supervisor:
         finally:
             _unlink(process_file, pid_file)
         p.stdio = stdio
-        p.status = RUNNING
+        p.status = after(Op.START, p.status)
         p.watch(pid, exited, self.events, self.drain_timeout)
         stdio.start(self.events)
         return {"pid": pid}
@@ -472,8 +474,8 @@ class Supervisor:
         eid = protocol.validate_id(args.get("exec"), "exec id")
         if eid in c.execs:
             raise protocol.AlreadyExists(f"exec {eid} already exists in container {c.id}")
-        if c.init.status == STOPPED:
-            raise protocol.FailedPrecondition(f"container {c.id} is stopped")
+        if not allowed(Op.EXEC, c.init.status):
+            raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}")
         spec = dict(protocol.arg_dict(args, "process"))
         terminal = protocol.arg_bool(args, "terminal", False) or False
         spec["terminal"] = terminal
@@ -492,12 +494,12 @@ class Supervisor:
         all_ = protocol.arg_bool(args, "all", False) or False
         if not 0 < sig < 65:
             raise protocol.InvalidArgument(f"invalid signal {sig}")
-        if p.status == STOPPED:
+        if p.status == Status.STOPPED:
             raise protocol.NotFound("process already finished")
         if p is c.init:
             await self.runc.kill(c.id, sig, all_=all_)
             return {}
-        if p.status == CREATED:
+        if p.status == Status.CREATED:
             raise protocol.FailedPrecondition(f"exec {p.exec_id} is not started")
         try:
             os.kill(p.pid, sig)
@@ -525,20 +527,18 @@ class Supervisor:
 
     async def pause(self, args: Mapping[str, Any]) -> dict[str, Any]:
         c = self._container(args)
-        if c.init.status != RUNNING:
+        if not allowed(Op.PAUSE, c.init.status):
             raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}, not running")
         await self.runc.pause(c.id)
-        if c.init.status == RUNNING:
-            c.init.status = PAUSED
+        c.init.status = after(Op.PAUSE, c.init.status)
         return {}
 
     async def resume(self, args: Mapping[str, Any]) -> dict[str, Any]:
         c = self._container(args)
-        if c.init.status != PAUSED:
+        if not allowed(Op.RESUME, c.init.status):
             raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}, not paused")
         await self.runc.resume(c.id)
-        if c.init.status == PAUSED:
-            c.init.status = RUNNING
+        c.init.status = after(Op.RESUME, c.init.status)
         return {}
 
     async def state(self, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -548,14 +548,14 @@ class Supervisor:
     async def pids(self, args: Mapping[str, Any]) -> dict[str, Any]:
         c = self._container(args)
         pids = await self.runc.ps(c.id)
-        by_pid = {p.pid: eid for eid, p in c.execs.items() if p.pid and p.status != STOPPED}
+        by_pid = {p.pid: eid for eid, p in c.execs.items() if p.pid and p.status != Status.STOPPED}
         return {"processes": [{"pid": pid, "exec": by_pid.get(pid, "")} for pid in pids]}
 
     async def update(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """New cgroup limits (an OCI LinuxResources object) for a running or paused container."""
         c = self._container(args)
         resources = protocol.arg_dict(args, "resources")
-        if c.init.status not in (RUNNING, PAUSED):
+        if not allowed(Op.UPDATE, c.init.status):
             raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}")
         await self.runc.update(c.id, resources)
         return {}
@@ -569,14 +569,14 @@ class Supervisor:
         if p.running():
             raise protocol.FailedPrecondition(f"cannot delete a {p.status} process")
         if p is not c.init:
-            if p.status == STOPPED:
+            if p.status == Status.STOPPED:
                 await self._reported(p)
             p.close()
             self.release_stdin(p.stdio.stdin_ch, p.stdio.stdin_queue)
             del c.execs[p.exec_id]
             _unlink(os.path.join(c.bundle, f".exec-{p.exec_id}.log.json"))
             return p.exit_fields()
-        if p.status == CREATED:
+        if p.status == Status.CREATED:
             # never started: runc delete --force kills the init waiting in runc's exec fifo; that
             # exit is the delete's result, not an event
             p.report_exit = False
@@ -586,7 +586,7 @@ class Supervisor:
             await self.runc.delete(c.id, force=True)
         except protocol.NotFound:
             pass
-        if p.status != STOPPED:
+        if p.status != Status.STOPPED:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(p.reported.wait(), DELETE_EXIT_TIMEOUT)
         for e in c.execs.values():

@@ -25,10 +25,10 @@ import shutil
 import socket
 from collections.abc import Sequence
 
+from ..linux.reaper import Reaper
 from .client import AgentClient
 from .container import Supervisor
 from .process import DRAIN_TIMEOUT
-from .reaper import Reaper
 from .runc import Runc
 from .server import Outbox, Server
 

@@ -67,13 +67,18 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import stack
-from . import limits, mounts, nsutil, protocol
-from .reaper import Reaper, fork_call
+from ..linux import mountinfo, ns, statx
+from ..linux.mount import (MNT_DETACH, MS_BIND, MS_NOATIME, MS_NODEV, MS_NODIRATIME, MS_NOEXEC, MS_NOSUID,
+                           MS_PRIVATE, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT, mount, move_mount_fd,
+                           open_tree_clone, pivot_root, umount)
+from ..linux.reaper import Reaper, fork_call
+from ..linux.taskstate import Op, allowed
+from . import limits, mounts, protocol
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +87,13 @@ FAIL_ENV = "FRACTAL_LIVE_FAIL_AT"  # tests: make the helper fail at "attach" or 
 
 # per-mount flags of the old root that the new root gets too (mountinfo word -> MS_* flag)
 _MOUNT_FLAGS = {
-    "ro": mounts.MS_RDONLY,
-    "nosuid": mounts.MS_NOSUID,
-    "nodev": mounts.MS_NODEV,
-    "noexec": mounts.MS_NOEXEC,
-    "noatime": mounts.MS_NOATIME,
-    "nodiratime": mounts.MS_NODIRATIME,
-    "relatime": mounts.MS_RELATIME,
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
 }
 
 
@@ -167,7 +172,7 @@ def fresh_work_name(work_base: str, taken: Sequence[str] = ()) -> str:
         n += 1
 
 
-def root_flags(options: set[str]) -> int:
+def root_flags(options: Iterable[str]) -> int:
     """MS_* flags for a mount's per-mount options (as mountinfo prints them)."""
     flags = 0
     for word in options:
@@ -175,14 +180,11 @@ def root_flags(options: set[str]) -> int:
     return flags
 
 
-def submounts(infos: Sequence[tuple[int, int, str, set[str]]], root_id: int) -> list[str]:
+def submounts(infos: Sequence[mountinfo.MountInfo], root_id: int) -> list[str]:
     """Mount points of the direct submounts of mount `root_id`, in mount order, without the
     leading "/".  Deeper mounts (/dev/pts under /dev) come along with their parent."""
-    out = []
-    for mid, parent, mp, _opts in infos:
-        if parent == root_id and mid != root_id and mp != "/":
-            out.append(mp.lstrip("/"))
-    return out
+    return [m.mountpoint.lstrip("/") for m in infos
+            if m.parent_id == root_id and m.mount_id != root_id and m.mountpoint != "/"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ async def restack_op(sup: Any, args: Mapping[str, Any]) -> dict[str, Any]:
         if not os.path.isdir(d):
             raise protocol.InvalidArgument(f"layer dir {d} is not a directory")
     async with live.lock:  # the server serializes per container already; this guards direct callers
-        if c.init.status not in ("created", "running", "paused") or c.init.pid <= 0:
+        if not allowed(Op.RESTACK, c.init.status) or c.init.pid <= 0:
             raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}")
         new = plan_restack(live.lowers, add, remove, position, live.upper, live.work)
         done = await restack(sup.reaper, c.init.pid, c.rootfs, new, live.upper, live.base_work,
@@ -345,9 +347,8 @@ async def restack(
         planned = stack.snapshot_mounts(list(new_lowers), upper, new_work)
     except stack.StackError as e:
         raise protocol.InvalidArgument(str(e)) from None
-    plan = [mounts.Mount(m.type, m.source, m.options) for m in planned]
     staging = rootfs.rstrip("/") + ".live"
-    if mounts.is_mountpoint(staging):  # left by an agent that died mid-restack
+    if mountinfo.is_mountpoint(staging):  # left by an agent that died mid-restack
         mounts.unmount(staging, 8)
     os.makedirs(staging, exist_ok=True)
     if new_work is not None:
@@ -357,16 +358,16 @@ async def restack(
     committed = False
     warning = ""
     try:
-        staged = await mounts.mount_all(reaper, plan, staging)
+        staged = await mounts.mount_all(reaper, planned, staging)
         lap("mount")
-        tree_fd = nsutil.open_tree_clone(staging)
+        tree_fd = open_tree_clone(staging)
         try:
             ns_fd = os.open(f"/proc/{container_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            root_id = nsutil.mount_id(f"/proc/{container_pid}/root")
-            infos = nsutil.mountinfo(container_pid)
+            root_id = statx.mount_id(f"/proc/{container_pid}/root")
+            infos = mountinfo.read(container_pid)
         except FileNotFoundError:
             raise protocol.FailedPrecondition(f"container process {container_pid} is gone") from None
-        root_opts = next((opts for mid, _p, _mp, opts in infos if mid == root_id), set())
+        root_opts = next((m.options for m in infos if m.mount_id == root_id), frozenset())
         carried = submounts(infos, root_id)
         lap("prepare")
         message = await _run_in_child(reaper, lambda: _switch_root(ns_fd, tree_fd, root_id, carried, root_flags(root_opts)))
@@ -376,7 +377,7 @@ async def restack(
             warning = message[3:]
         elif not message:  # the helper died without a word: did it get past the pivot?
             with contextlib.suppress(OSError):
-                committed = nsutil.mount_id(f"/proc/{container_pid}/root") != root_id
+                committed = statx.mount_id(f"/proc/{container_pid}/root") != root_id
             if not committed:
                 raise protocol.Internal("restack helper died before the pivot")
             warning = "the helper died after the pivot"
@@ -403,13 +404,13 @@ async def restack(
     mounted = 0
     try:
         mounts.unmount(rootfs, agent_mounted)
-        mounts.sys_mount(staging, rootfs, None, mounts.MS_BIND, None)
+        mount(staging, rootfs, None, MS_BIND, None)
         mounted = 1
         mounts.unmount(staging, staged)
         os.rmdir(staging)
     except OSError as e:
         log.error("restack done, but the agent's view of %s is not updated: %s", rootfs, e)
-        if mounts.is_mountpoint(staging):
+        if mountinfo.is_mountpoint(staging):
             leftover.append(staging)
     lap("agent-view")
     return Restacked(list(new_lowers), new_work, mounted, leftover, timings["agent-view"], timings)
@@ -469,11 +470,11 @@ def _switch_root(ns_fd: int, tree_fd: int, root_id: int, carried: Sequence[str],
     after undoing whatever it did in the container's namespace."""
     fail_at = os.environ.get(FAIL_ENV, "")
     try:
-        nsutil.setns(ns_fd, nsutil.CLONE_NEWNS)
+        ns.setns(ns_fd, ns.CLONE_NEWNS)
     except OSError as e:
         return f"setns:{e.errno}:cannot enter the container's mount namespace: {e.strerror}"
     try:
-        if nsutil.mount_id("/") != root_id:
+        if statx.mount_id("/") != root_id:
             return "root:0:the container init's root is not the root of its mount namespace"
         for rel in carried:
             try:
@@ -487,7 +488,7 @@ def _switch_root(ns_fd: int, tree_fd: int, root_id: int, carried: Sequence[str],
     except OSError as e:
         return f"check:{e.errno}:{e}"
     try:
-        nsutil.move_mount_fd(tree_fd, "/")
+        move_mount_fd(tree_fd, "/")
     except OSError as e:
         return f"attach:{e.errno}:{e}"
     # from here on, failures detach the new root again (with the copies made on it)
@@ -497,24 +498,24 @@ def _switch_root(ns_fd: int, tree_fd: int, root_id: int, carried: Sequence[str],
         if fail_at == "attach":
             raise OSError(errno.EIO, "injected failure after attaching the new root")
         stage = "binds"
-        mounts.sys_mount(None, ".", None, mounts.MS_PRIVATE, None)
+        mount(None, ".", None, MS_PRIVATE, None)
         if flags:
-            mounts.sys_mount(None, ".", None, mounts.MS_REMOUNT | mounts.MS_BIND | flags, None)
+            mount(None, ".", None, MS_REMOUNT | MS_BIND | flags, None)
         for rel in carried:
-            mounts.sys_mount("/" + rel, rel, None, mounts.MS_BIND | mounts.MS_REC, None)
+            mount("/" + rel, rel, None, MS_BIND | MS_REC, None)
         if fail_at == "binds":
             raise OSError(errno.EIO, "injected failure before the pivot")
         stage = "pivot"
-        nsutil.pivot_root(".", ".")
+        pivot_root(".", ".")
     except OSError as e:
         try:
-            mounts.sys_umount(".", mounts.MNT_DETACH)  # cwd is the new root: detach it
+            umount(".", MNT_DETACH)  # cwd is the new root: detach it
         except OSError as e2:
             return f"{stage}:{e.errno}:{e}; and the new root could not be detached: {e2}"
         return f"{stage}:{e.errno}:{e}"
     # committed
     try:
-        mounts.sys_umount(".", mounts.MNT_DETACH)  # the old root, now stacked on the new one
+        umount(".", MNT_DETACH)  # the old root, now stacked on the new one
         os.chdir("/")
     except OSError as e:
         return f"ok:pivoted, but the old root was not detached: {e}"

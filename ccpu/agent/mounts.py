@@ -16,39 +16,20 @@ Every path in the request must resolve inside the agent's layer roots (checked i
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .. import stack
+from ..linux import mountinfo
+from ..linux.mount import (MNT_DETACH, MS_BIND, MS_DIRSYNC, MS_MANDLOCK, MS_NOATIME, MS_NODEV, MS_NODIRATIME,
+                           MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT, MS_SHARED,
+                           MS_SLAVE, MS_STRICTATIME, MS_SYNCHRONOUS, MS_UNBINDABLE, mount, umount)
+from ..linux.reaper import Reaper, fork_call
+from ..stack import Mount
 from . import protocol
-from .reaper import Reaper, fork_call
-
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_SYNCHRONOUS = 0x10
-MS_REMOUNT = 0x20
-MS_MANDLOCK = 0x40
-MS_DIRSYNC = 0x80
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_UNBINDABLE = 1 << 17
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MS_SHARED = 1 << 20
-MS_RELATIME = 1 << 21
-MS_STRICTATIME = 1 << 24
-MNT_DETACH = 0x2
-
-PAGE_SIZE = 4096
 
 # word -> (clear?, flag), as containerd's parseMountOptions
 _FLAGS: dict[str, tuple[bool, int]] = {
@@ -89,37 +70,6 @@ _PROPAGATION: dict[str, int] = {
     "runbindable": MS_UNBINDABLE | MS_REC,
 }
 _TYPES = ("bind", "overlay", "tmpfs")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def _b(s: str | None) -> bytes | None:
-    return None if s is None else os.fsencode(s)
-
-
-def sys_mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype or ''} {source or ''} on {target}: {os.strerror(err)}")
-
-
-def sys_umount(target: str, flags: int = 0) -> None:
-    if _libc.umount2(_b(target), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """One mount(2) call: what containerd's mount.Mount holds, plus the cwd to mount from."""
-
-    type: str
-    source: str
-    options: tuple[str, ...]
-    chdir: str | None = None
-
 
 def parse_options(options: Sequence[str]) -> tuple[int, int, str]:
     """(flags, propagation flags, data) for mount options, as containerd's parseMountOptions."""
@@ -182,7 +132,7 @@ def plan(rootfs: Any, layer_roots: Sequence[str]) -> list[Mount]:
             planned = stack.snapshot_mounts(lowers, upper, work)
         except stack.StackError as e:
             raise protocol.InvalidArgument(str(e)) from None
-        return [Mount(m.type, m.source, m.options) for m in planned]
+        return planned
     if kind == "mounts":
         result = []
         for m in protocol.arg_list(rootfs, "mounts"):
@@ -215,11 +165,11 @@ def plan(rootfs: Any, layer_roots: Sequence[str]) -> list[Mount]:
 def _mount_one(m: Mount, target: str) -> None:
     flags, propagation, data = parse_options(m.options)
     if not flags & MS_REMOUNT:
-        sys_mount(m.source, target, m.type, flags, data or None)
+        mount(m.source, target, m.type, flags, data or None)
     if propagation:
-        sys_mount(None, target, None, propagation, None)
+        mount(None, target, None, propagation, None)
     if flags & (MS_BIND | MS_RDONLY) == (MS_BIND | MS_RDONLY):  # bind ignores ro: remount
-        sys_mount(None, target, None, flags | MS_REMOUNT, None)
+        mount(None, target, None, flags | MS_REMOUNT, None)
 
 
 def user_xattrs(path: str) -> bool:
@@ -248,31 +198,32 @@ async def _mount_overlay(reaper: Reaper, m: Mount, target: str) -> None:
     work = _workdir(m.options)
     if nested is None or work is None or user_xattrs(work):
         cwd, opts = compact_lowerdirs(m.options)
-        await _mount_at(reaper, Mount(m.type, m.source, opts, cwd), target)
+        await _mount_at(reaper, Mount(m.type, m.source, opts), target, cwd)
         return
     if nested.lower is None:  # one layer: the plain overlay, without userxattr
         _mount_one(Mount(m.type, m.source, nested.upper), target)
         return
     lower_mp = f"{target.rstrip('/')}.lower"
     os.makedirs(lower_mp, exist_ok=True)
-    if is_mountpoint(lower_mp):  # left by an agent that died between the two mounts
-        sys_umount(lower_mp, MNT_DETACH)
+    if mountinfo.is_mountpoint(lower_mp):  # left by an agent that died between the two mounts
+        umount(lower_mp, MNT_DETACH)
     try:
         cwd, opts = compact_lowerdirs(nested.lower)
-        await _mount_at(reaper, Mount("overlay", "overlay", opts, cwd), lower_mp)
+        await _mount_at(reaper, Mount("overlay", "overlay", opts), lower_mp, cwd)
         try:
             _mount_one(Mount(m.type, m.source, nested.upper + (f"lowerdir={lower_mp}",)), target)
         finally:
-            sys_umount(lower_mp, MNT_DETACH)
+            umount(lower_mp, MNT_DETACH)
     finally:
         os.rmdir(lower_mp)
 
 
-async def _mount_at(reaper: Reaper, m: Mount, target: str) -> None:
-    if m.chdir is None:
+async def _mount_at(reaper: Reaper, m: Mount, target: str, chdir: str | None = None) -> None:
+    """Mount ``m`` on ``target``; from the cwd ``chdir`` when its options name paths relative to it."""
+    if chdir is None:
         _mount_one(m, target)
     else:
-        await _mount_from(reaper, m, target)
+        await _mount_from(reaper, m, target, chdir)
 
 
 async def mount_all(reaper: Reaper, mounts: Sequence[Mount], target: str) -> int:
@@ -297,10 +248,7 @@ async def mount_all(reaper: Reaper, mounts: Sequence[Mount], target: str) -> int
     return done
 
 
-async def _mount_from(reaper: Reaper, m: Mount, target: str) -> None:
-    assert m.chdir is not None
-    chdir = m.chdir
-
+async def _mount_from(reaper: Reaper, m: Mount, target: str, chdir: str) -> None:
     def child() -> int:
         try:
             os.chdir(chdir)
@@ -314,44 +262,13 @@ async def _mount_from(reaper: Reaper, m: Mount, target: str) -> None:
         raise OSError(code, f"mount overlay on {target} from {chdir}: {os.strerror(code)}")
 
 
-def is_mountpoint(path: str) -> bool:
-    """Whether `path` is a mount point of this mount namespace (per /proc/self/mountinfo)."""
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == real:
-                return True
-    return False
-
-
-def mount_points() -> list[str]:
-    """Every mount point of this mount namespace (per /proc/self/mountinfo)."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        return [_unescape(fields[4]) for fields in (line.split() for line in f) if len(fields) > 4]
-
-
-def mount_of(path: str) -> tuple[str, str]:
-    """(mount point, fs type) of the filesystem holding `path` (or its nearest existing parent)."""
-    real = os.path.realpath(path)
-    best, fstype = "/", "?"
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 10 or "-" not in fields:
-                    continue
-                mp = _unescape(fields[4])
-                if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-                    best, fstype = mp, fields[fields.index("-") + 1]
-    except OSError:
-        pass
-    return best, fstype
-
-
 def full_filesystem(path: str) -> str:
     """Which filesystem is full, for an ENOSPC on `path`: mount point, type, size, inodes."""
-    mp, fstype = mount_of(path)
+    try:
+        m = mountinfo.containing(os.path.realpath(path), mountinfo.read())
+    except OSError:
+        m = None
+    mp, fstype = (m.mountpoint, m.fstype) if m is not None else ("/", "?")
     try:
         st = os.statvfs(mp)
         size = f"{st.f_blocks * st.f_frsize // (1 << 20)} MiB, {st.f_bavail * st.f_frsize // (1 << 20)} MiB free, " \
@@ -361,23 +278,19 @@ def full_filesystem(path: str) -> str:
     return f"the {fstype} at {mp} is full ({size})"
 
 
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
 def unmount(target: str, count: int) -> None:
     """Undo `count` stacked mounts on `target`: retry EBUSY briefly, then detach lazily."""
     for _ in range(count):
         for attempt in range(10):
             try:
-                sys_umount(target)
+                umount(target)
                 break
             except OSError as e:
                 if e.errno == errno.EINVAL:  # not mounted (any more)
                     return
                 if e.errno != errno.EBUSY or attempt == 9:
                     try:
-                        sys_umount(target, MNT_DETACH)
+                        umount(target, MNT_DETACH)
                     except OSError as e2:
                         if e2.errno == errno.EINVAL:
                             return

@@ -13,15 +13,11 @@ import logging
 import time
 from typing import Any, Protocol
 
+from ..linux.taskstate import Op, Status, allowed
 from . import protocol
 from .stdio import Stdio
 
 log = logging.getLogger(__name__)
-
-CREATED = "created"
-RUNNING = "running"
-STOPPED = "stopped"
-PAUSED = "paused"
 
 # how long an exited process's output may take to reach EOF (see Stdio.drain)
 DRAIN_TIMEOUT = 5.0
@@ -51,7 +47,7 @@ class Process:
         self.stdio = stdio
         self.spec = spec  # the OCI process object of an exec (None for init)
         self.terminal = stdio.terminal if terminal is None else terminal
-        self.status = CREATED
+        self.status = Status.CREATED
         self.pid = 0
         self.exit_status = 0
         self.exited_at = 0
@@ -66,7 +62,8 @@ class Process:
         self.before_exit_report: Callable[[], None] | None = None
 
     def running(self) -> bool:
-        return self.status in (RUNNING, PAUSED)
+        """Started and not exited: neither deletable nor startable."""
+        return not allowed(Op.DELETE, self.status)
 
     def watch(self, pid: int, exited: asyncio.Future[int], events: Events, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         """Follow `pid` (now started) until it exits and report that exit."""
@@ -90,8 +87,8 @@ class Process:
         self.reported.set()
 
     def set_exited(self, code: int) -> None:
-        if self.status != STOPPED:
-            self.status = STOPPED
+        if self.status != Status.STOPPED:
+            self.status = Status.STOPPED
             self.exit_status = code
             self.exited_at = time.time_ns()
             log.debug("%s/%s pid %d exited with %d", self.container, self.exec_id or "init", self.pid, code)
@@ -107,7 +104,7 @@ class Process:
 
     def state(self) -> dict[str, Any]:
         return {
-            "status": self.status,
+            "status": str(self.status),  # the protocol's word: "created", "running", ...
             "pid": self.pid,
             "exit_status": self.exit_status,
             "exited_at": self.exited_at,

@@ -18,8 +18,8 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
+from ..linux.reaper import DEVNULL, PIPE, Reaper, Spawned, run, spawn
 from . import protocol
-from .reaper import DEVNULL, PIPE, Reaper, Spawned, run, spawn
 
 
 class RuncError(protocol.Internal):

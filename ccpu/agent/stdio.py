@@ -23,7 +23,7 @@ import termios
 from collections.abc import Awaitable
 from typing import Protocol
 
-from .reaper import DEVNULL, read_some, wake, write_all
+from ..linux.reaper import DEVNULL, read_some, wake, write_all
 
 log = logging.getLogger(__name__)
 

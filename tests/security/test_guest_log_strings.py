@@ -1,7 +1,7 @@
 """Guest strings in the shim's log: a hostile agent's 1 MiB id must not become a 1 MiB record.
 
 Through the real agent client + Task service (agentpeer.py) and the shim's real log formatters
-(shim/logfmt.py), the way the shim daemon sets them up.
+(ccpu/logfmt.py), the way the shim daemon sets them up.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 
 import pytest
 
-from shim import logfmt
+from ccpu import logfmt
 
 from .agentpeer import Shim
 
@@ -22,7 +22,7 @@ HUGE = "A" * ((1 << 20) - 200)  # fills one frame, as the issue's 1 MiB containe
 
 @pytest.fixture(params=["text", "json"])
 def shim_log(request):  # noqa: ANN001, ANN201
-    """The root logger routed through the shim's formatter into a buffer, as shim/main.py does."""
+    """The root logger routed through the shim's formatter into a buffer, as shim/daemon.py does."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     buf = io.StringIO()

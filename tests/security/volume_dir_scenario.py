@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from ccpu.agent.mounts import MNT_DETACH, MS_BIND, sys_mount, sys_umount
-from ccpu.agent.nsutil import mountinfo
+from ccpu.linux import mountinfo
+from ccpu.linux.mount import MNT_DETACH, MS_BIND, mount as sys_mount, umount as sys_umount
 from shim.guestspec import Volume
 from shim.mountrecord import RECORD, MountRecordError, remove_run_dir
 from shim.volumes import VolumeDir
@@ -19,12 +19,12 @@ from tests.security.privns import in_private_mount_ns
 
 
 def _ids() -> set[int]:
-    return {mid for mid, *_ in mountinfo()}
+    return {m.mount_id for m in mountinfo.read()}
 
 
 def _below(path: Path) -> list[str]:
     prefix = str(path) + "/"
-    return [p for _m, _p, p, _o in mountinfo() if p.startswith(prefix)]
+    return [m.mountpoint for m in mountinfo.read() if m.mountpoint.startswith(prefix)]
 
 
 def _try(fn) -> int:  # noqa: ANN001
@@ -60,7 +60,7 @@ def scenario(work: Path) -> dict:
     (data / "keep").write_text("host data\n")
     bait.mkdir()
     sys_mount("tmpfs", str(bait), "tmpfs", 0, "size=1m")
-    bait_id = max(m for m, _p, point, _o in mountinfo() if point == str(bait))
+    bait_id = max(m.mount_id for m in mountinfo.read() if m.mountpoint == str(bait))
     run = work / "run"
     run.mkdir()
 

@@ -27,19 +27,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ccpu.agent.mounts import MNT_DETACH, sys_mount, sys_umount
-from ccpu.agent.nsutil import mountinfo
+from ccpu.linux import mountinfo
+from ccpu.linux.mount import MNT_DETACH, mount as sys_mount, umount as sys_umount
 from hack.containerd_env import FractalEnv
 from tests.integration.test_shim_vm import RUNTIME, remove, task_status, wait_for
 from tests.security.privns import in_private_mount_ns
 
 def _mount_ids_at(path: Path) -> list[int]:
-    return [mid for mid, _parent, point, _opts in mountinfo() if point == str(path)]
+    return [m.mount_id for m in mountinfo.read() if m.mountpoint == str(path)]
 
 
 def _mounts_below(path: Path) -> list[str]:
     prefix = str(path).rstrip("/") + "/"
-    return [point for _mid, _parent, point, _opts in mountinfo() if point.startswith(prefix)]
+    return [m.mountpoint for m in mountinfo.read() if m.mountpoint.startswith(prefix)]
 
 
 def _start(env: FractalEnv, ns: str, image: str, cid: str, *extra: str) -> subprocess.CompletedProcess[str]:

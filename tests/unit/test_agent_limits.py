@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,10 @@ def test_enospc_in_a_request_is_resource_exhausted_naming_what_is_full(tmp_path:
 
 def test_full_filesystem_names_the_mount(tmp_path: Path) -> None:
     from ccpu.agent import mounts
+    from ccpu.linux import mountinfo
 
     text = mounts.full_filesystem(str(tmp_path / "nonexistent" / "file"))
-    mp, fstype = mounts.mount_of(str(tmp_path))
+    m = mountinfo.containing(os.path.realpath(tmp_path), mountinfo.read())
+    assert m is not None
+    mp, fstype = m.mountpoint, m.fstype
     assert text.startswith(f"the {fstype} at {mp} is full (") and "MiB free" in text and "inodes free" in text

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ccpu.agent import live, mounts, protocol
+from ccpu.agent import live, protocol
+from ccpu.linux import mountinfo
+from ccpu.linux.mount import MS_NODEV, MS_NOSUID, MS_RDONLY, MS_RELATIME
 
 L = ["/l/top", "/l/mid", "/l/base"]
 
@@ -76,21 +78,21 @@ def test_fresh_work_name(tmp_path: Path) -> None:
 
 
 def test_submounts_are_the_direct_children_of_the_root() -> None:
-    infos = [
-        (20, 10, "/", {"rw"}),
-        (21, 20, "/proc", {"rw", "nosuid"}),
-        (22, 20, "/dev", {"rw"}),
-        (23, 22, "/dev/pts", {"rw"}),
-        (24, 21, "/proc/kcore", {"ro"}),
-        (25, 20, "/etc/hosts", {"rw"}),
-        (26, 20, "/a dir", {"rw"}),
-    ]
+    infos = mountinfo.parse([
+        "20 10 0:1 / / rw - overlay overlay rw",
+        "21 20 0:2 / /proc rw,nosuid - proc proc rw",
+        "22 20 0:3 / /dev rw - tmpfs tmpfs rw",
+        "23 22 0:4 / /dev/pts rw - devpts devpts rw",
+        "24 21 0:3 /null /proc/kcore ro - tmpfs tmpfs rw",
+        "25 20 8:1 /hosts /etc/hosts rw - ext4 /dev/sda1 rw",
+        "26 20 8:1 /d /a\\040dir rw - ext4 /dev/sda1 rw",
+    ])
     assert live.submounts(infos, 20) == ["proc", "dev", "etc/hosts", "a dir"]
 
 
 def test_root_flags() -> None:
-    assert live.root_flags({"rw", "relatime"}) == mounts.MS_RELATIME
-    assert live.root_flags({"ro", "nosuid", "nodev"}) == mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV
+    assert live.root_flags({"rw", "relatime"}) == MS_RELATIME
+    assert live.root_flags({"ro", "nosuid", "nodev"}) == MS_RDONLY | MS_NOSUID | MS_NODEV
 
 
 def test_helper_messages_map_to_codes() -> None:

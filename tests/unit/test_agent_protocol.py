@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from ccpu import stack
 from ccpu.agent import mounts, protocol
+from ccpu.linux.mount import MS_BIND, MS_NOSUID, MS_PRIVATE, MS_REC
 
 
 @pytest.mark.parametrize("value", ["a", "c1", "A.b_c-d", "9" * 128, "x" + "-" * 127])
@@ -142,8 +144,8 @@ def test_rootfs_plans(tmp_path: Path) -> None:
 
 def test_mount_options_like_containerd() -> None:
     flags, prop, data = mounts.parse_options(["rbind", "ro", "nosuid", "rprivate", "index=off", "rw"])
-    assert flags == mounts.MS_BIND | mounts.MS_REC | mounts.MS_NOSUID  # rw clears ro
-    assert prop == mounts.MS_PRIVATE | mounts.MS_REC
+    assert flags == MS_BIND | MS_REC | MS_NOSUID  # rw clears ro
+    assert prop == MS_PRIVATE | MS_REC
     assert data == "index=off"
     with pytest.raises(protocol.Unimplemented):
         mounts.parse_options(["loop"])
@@ -155,5 +157,5 @@ def test_compact_lowerdirs() -> None:
     cwd, new = mounts.compact_lowerdirs(opts)
     assert cwd == "/var/lib/fractal/layers"
     assert new[3].split("=", 1)[1].split(":")[:2] == ["0/fs", "1/fs"]
-    assert len(",".join(new)) < mounts.PAGE_SIZE
+    assert len(",".join(new)) < stack.PAGE_SIZE
     assert mounts.compact_lowerdirs(opts[:3] + ["lowerdir=/a:/b"]) == (None, tuple(opts[:3] + ["lowerdir=/a:/b"]))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ccpu.agent.reaper import Reaper
+from ccpu.linux.reaper import Reaper
 from shim import hooks
 
 

@@ -55,7 +55,8 @@ def test_deep_json_in_logging_spec_and_annotations(tmp_path) -> None:  # noqa: A
     from google.protobuf import wrappers_pb2
 
     from ccpu.agent import container, protocol
-    from shim import guestspec, logfmt, vm
+    from ccpu import logfmt
+    from shim import guestspec, vm
 
     assert logfmt._request_fields(wrappers_pb2.StringValue(value=DEEP)) == {}
     (tmp_path / "config.json").write_text(DEEP)

@@ -1,4 +1,4 @@
-"""shim/logfmt.py: logrus-style records, context fields, the ttrpc wrapper; snapshotter --debug."""
+"""ccpu/logfmt.py: logrus-style records, context fields, the ttrpc wrapper; snapshotter --debug."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shim import logfmt
+from ccpu import logfmt
 
 REPO = Path(__file__).resolve().parents[2]
 PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^ ]+)')

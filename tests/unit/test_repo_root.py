@@ -73,7 +73,7 @@ def test_snapshotter_default_root_comes_from_the_config(tmp_path: Path, monkeypa
     served: list[Path] = []
     monkeypatch.setattr(server, "serve", lambda root, address: served.append(root))
     monkeypatch.setattr(server.asyncio, "run", lambda coro: None)
-    monkeypatch.setattr("shim.logfmt.setup", lambda *a, **kw: None)  # leave the test's logging alone
+    monkeypatch.setattr("ccpu.logfmt.setup", lambda *a, **kw: None)  # leave the test's logging alone
     assert server.main(["--address", str(tmp_path / "s.sock")]) == 1  # a bad file: refuse to start
     f.write_text(f'root = "{tmp_path}/repo"\n')
     assert server.main(["--address", str(tmp_path / "s.sock")]) == 0

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from shim import address as addr
+from shim.args import UsageError, parse_args
 from shim.delete import delete_response
-from shim.main import UsageError, main, parse_args
+from shim.main import main
 
 
 def test_containerd_start_argv() -> None:

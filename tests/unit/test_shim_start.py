@@ -12,7 +12,7 @@ import pytest
 
 from shim import address as addr
 from shim import start as start_mod
-from shim.main import parse_args
+from shim.args import parse_args
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""The agent's one reaper, and the spawn helper that goes with it.
+"""One reaper per process, and the spawn helpers that go with it (the agent's and the shim's).
 
-Why one reaper: the agent is a child subreaper, so container processes (orphaned by runc) become
-its children and only it can collect their exit status.  That requires `waitpid(-1)`, which steals
+Why one reaper: the agent (and the shim daemon, for runc, hooks and its agent process) is a
+child subreaper, so container processes (orphaned by runc) become its children and only it can
+collect their exit status.  That requires `waitpid(-1)`, which steals
 the exits asyncio's child watchers and `subprocess.wait` are waiting for (ECHILD).  So every child
 -- runc invocations, mount helpers, container and exec processes -- is reaped here and its exit
 dispatched to whoever registered its pid.
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import logging
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+
+from .libc import check, libc
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,7 @@ def exit_status(wait_status: int) -> int:
 
 
 def set_child_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+    check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 class Reaper:
