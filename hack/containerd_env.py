@@ -22,10 +22,11 @@ Environment variables:
     FRACTAL_TMP_BASE      base for root dirs (default /var/tmp/fractal-test).
     FRACTAL_CONTAINERD    containerd binary (default: ``containerd`` on PATH).
     FRACTAL_CTR           ctr binary (default: ``ctr`` on PATH).
-    FRACTAL_CONTAINERD_VERSION  ``1`` (default: the distribution's containerd 1.6 on PATH) or
-                          ``2``: containerd 2.x built by hack/peers.sh into
-                          ``$FRACTAL_CACHE/peers/containerd-<version>/bin`` (config ``version = 3``,
-                          its own ctr and containerd-shim-runc-v2).  Same as ``FractalEnv(containerd="2")``.
+    FRACTAL_CONTAINERD_VERSION  ``1`` (default: the distribution's containerd 1.6 on PATH),
+                          ``1.7`` or ``2``: containerd 1.7 / 2.x built by hack/peers.sh into
+                          ``$FRACTAL_CACHE/peers/containerd-<version>/bin`` (2.x: config
+                          ``version = 3``; each with its own ctr and containerd-shim-runc-v2).
+                          Same as ``FractalEnv(containerd="1.7")`` / ``FractalEnv(containerd="2")``.
 
 Command line (for humans): ``python3 hack/containerd_env.py shell`` starts an env and prints
 how to reach it; ``python3 hack/containerd_env.py sweep`` cleans envs left by dead processes.
@@ -119,12 +120,18 @@ def peer_missing(name: str) -> str | None:
     return None
 
 
+#: containerd versions of the matrix built by hack/peers.sh (the default "1" is the distribution's)
+CONTAINERD_PEERS = {"1.7": "containerd17", "2": "containerd2"}
+
+
 def containerd_version_wanted(containerd: str | None = None) -> str:
-    """"1" or "2": the argument, else FRACTAL_CONTAINERD_VERSION, else "1"."""
+    """"1" (1.6 on PATH), "1.7" or "2": the argument, else FRACTAL_CONTAINERD_VERSION, else "1"."""
     v = str(containerd or os.environ.get("FRACTAL_CONTAINERD_VERSION") or "1").strip().lower()
-    v = v.removeprefix("v").split(".")[0]
-    if v not in ("1", "2"):
-        raise HarnessError(f"unsupported containerd version {v!r} (1 or 2)")
+    v = v.removeprefix("v")
+    major, _, rest = v.partition(".")
+    v = "1.7" if major == "1" and rest.split(".")[0] == "7" else major
+    if v not in ("1", "1.7", "2"):
+        raise HarnessError(f"unsupported containerd version {v!r} (1, 1.7 or 2)")
     return v
 
 
@@ -1050,15 +1057,15 @@ class FractalEnv:
                  ready_timeout: float = 30.0, sweep: bool = True, containerd: str | None = None,
                  cri: CriConfig | bool | None = None) -> None:
         self.id = secrets.token_hex(3)
-        # containerd "1" (PATH / FRACTAL_CONTAINERD) or "2" (hack/peers.sh's build; FRACTAL_CONTAINERD
-        # and FRACTAL_CTR still win when set).  See containerd_version_wanted().
+        # containerd "1" (PATH / FRACTAL_CONTAINERD), "1.7" or "2" (hack/peers.sh's builds;
+        # FRACTAL_CONTAINERD and FRACTAL_CTR still win when set).  See containerd_version_wanted().
         self.containerd_version = containerd_version_wanted(containerd)
         cd_bin = os.environ.get("FRACTAL_CONTAINERD") or None
         ctr_bin = os.environ.get("FRACTAL_CTR") or None
         path_prepend: list[Path] = []
-        if self.containerd_version == "2":
-            peer = peer_bin_dir("containerd2")
-            missing = peer_missing("containerd2")
+        if self.containerd_version in CONTAINERD_PEERS:
+            peer = peer_bin_dir(CONTAINERD_PEERS[self.containerd_version])
+            missing = peer_missing(CONTAINERD_PEERS[self.containerd_version])
             if missing and not cd_bin:
                 raise HarnessError(missing)
             cd_bin = cd_bin or str(peer / "containerd")

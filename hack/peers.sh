@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Build the peers fractal is tested against -- containerd 2.x, nerdctl, crictl/critest --
+# Build the peers fractal is tested against -- containerd 2.x and 1.7, nerdctl, crictl/critest --
 # from the Go module proxy, pinned, into $FRACTAL_CACHE/peers/<name>-<version>/bin.
 # Idempotent: a peer whose binaries are all present (and whose .ok stamp matches the
 # pinned version + build flags) is skipped.  Prints timings.  A peer that fails to build
 # is reported and the others are still built; exit status is non-zero only with --strict.
 #
-#   hack/peers.sh [--strict] [--list] [NAME...]     NAME: containerd2 nerdctl cri-tools crictl
+#   hack/peers.sh [--strict] [--list] [NAME...]
+#       NAME: containerd2 containerd17 nerdctl cri-tools crictl
 #
 # `crictl` alone is what the main job (`make run`: the demo's Kubernetes step) needs; the
-# others (containerd 2.x, nerdctl, critest = cri-tools) only the tests do, so `make run` on a
+# others (containerd 2.x and 1.7, nerdctl, critest = cri-tools) only the tests do, so `make run` on a
 # fresh machine builds crictl only (~1 min instead of ~5, docs/compat.md).
 #
 # Env: FRACTAL_CACHE (default /var/cache/fractal), GO (default: go on PATH or /usr/local/go/bin/go).
@@ -23,11 +24,16 @@ GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 # project's machines use (others answer 403): these were checked.  containerd v2.4.x
 # needs go >= 1.26.6.
 CONTAINERD2_VERSION="v2.4.2"
+# containerd 1.7 (the module github.com/containerd/containerd, no /v2): the 1.x line with the
+# per-runtime CRI snapshotter, between Debian's 1.6 and 2.x (docs/compat.md).  go 1.23.
+CONTAINERD17_VERSION="v1.7.30"
 NERDCTL_VERSION="v2.2.2"
 CRI_TOOLS_VERSION="v1.36.0"
 # containerd's Makefile: the daemon needs no cgo once btrfs is out (btrfs needs libbtrfs
 # headers; devmapper is not needed); the runc shim is built CGO_ENABLED=0 there too.
 CONTAINERD_TAGS="no_btrfs no_devmapper no_zfs"
+# 1.7 still has the aufs snapshotter (removed in 2.0): out too, it would modprobe aufs
+CONTAINERD17_TAGS="no_btrfs no_devmapper no_zfs no_aufs"
 
 STRICT=0
 LIST=0
@@ -36,23 +42,24 @@ for arg in "$@"; do
   case "$arg" in
     --strict) STRICT=1 ;;
     --list) LIST=1 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    containerd2|nerdctl|cri-tools|crictl) want+=("$arg") ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    containerd2|containerd17|nerdctl|cri-tools|crictl) want+=("$arg") ;;
     *) echo "peers: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
-[ "${#want[@]}" -eq 0 ] && want=(containerd2 nerdctl cri-tools)
+[ "${#want[@]}" -eq 0 ] && want=(containerd2 containerd17 nerdctl cri-tools)
 
 dir_of() {
   case "$1" in
     containerd2) echo "$PEERS/containerd-$CONTAINERD2_VERSION" ;;
+    containerd17) echo "$PEERS/containerd-$CONTAINERD17_VERSION" ;;
     nerdctl) echo "$PEERS/nerdctl-$NERDCTL_VERSION" ;;
     cri-tools|crictl) echo "$PEERS/cri-tools-$CRI_TOOLS_VERSION" ;;
   esac
 }
 bins_of() {
   case "$1" in
-    containerd2) echo "containerd ctr containerd-shim-runc-v2" ;;
+    containerd2|containerd17) echo "containerd ctr containerd-shim-runc-v2" ;;
     nerdctl) echo "nerdctl" ;;
     cri-tools) echo "crictl critest" ;;
     crictl) echo "crictl" ;;
@@ -61,6 +68,7 @@ bins_of() {
 stamp_of() {  # what the .ok stamp must say for the build to count as current
   case "$1" in
     containerd2) echo "$CONTAINERD2_VERSION tags=$CONTAINERD_TAGS" ;;
+    containerd17) echo "$CONTAINERD17_VERSION tags=$CONTAINERD17_TAGS" ;;
     nerdctl) echo "$NERDCTL_VERSION" ;;
     cri-tools|crictl) echo "$CRI_TOOLS_VERSION" ;;
   esac
@@ -103,6 +111,19 @@ build_containerd2() {
     -ldflags "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD2_VERSION" \
     "$m/containerd@$CONTAINERD2_VERSION" "$m/ctr@$CONTAINERD2_VERSION" \
     "$m/containerd-shim-runc-v2@$CONTAINERD2_VERSION"
+}
+
+build_containerd17() {
+  # `go install ...@v1.7.30` refuses: 1.7's go.mod has an `exclude` directive (a module used
+  # as a dependency must not have one).  So build from a copy of the module, as for crictl;
+  # same tags and CGO_ENABLED=0 as 2.x.
+  local d="$1" src="$1/src" v="-X github.com/containerd/containerd/version.Version=$CONTAINERD17_VERSION"
+  module_copy github.com/containerd/containerd "$CONTAINERD17_VERSION" "$src" || return 1
+  ( cd "$src" && for b in containerd ctr containerd-shim-runc-v2; do
+      CGO_ENABLED=0 "$GO" build -mod=mod -trimpath -tags "$CONTAINERD17_TAGS" -ldflags "-s -w $v" \
+        -o "$d/bin/$b" "./cmd/$b" || exit 1
+    done ) || return 1
+  rm -rf "$src"
 }
 
 build_nerdctl() {

@@ -42,9 +42,10 @@ SYSTEM_TEST_DIRS = {REPO / "tests" / "integration", REPO / "tests" / "security"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--containerd", choices=("1", "2"), default=None,
-                     help="containerd major version for the private containerd (default: "
-                          "$FRACTAL_CONTAINERD_VERSION or 1); 2 = hack/peers.sh's containerd 2.x")
+    parser.addoption("--containerd", choices=("1", "1.7", "2"), default=None,
+                     help="containerd version for the private containerd (default: "
+                          "$FRACTAL_CONTAINERD_VERSION or 1 = the distribution's 1.6); 1.7 and 2 = "
+                          "hack/peers.sh's containerd 1.7 / 2.x")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,8 +58,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def containerd_matrix_version() -> str:
-    """"1" or "2": which containerd this session's envs run."""
-    return os.environ.get("FRACTAL_CONTAINERD_VERSION", "1").strip().removeprefix("v").split(".")[0] or "1"
+    """"1", "1.7" or "2": which containerd this session's envs run."""
+    from hack.containerd_env import containerd_version_wanted
+
+    return containerd_version_wanted()
 
 
 def _missing_prerequisites() -> list[str]:
@@ -66,10 +69,13 @@ def _missing_prerequisites() -> list[str]:
     if os.geteuid() != 0:
         missing.append("not running as root")
     tools = ("containerd", "ctr", "runc")
-    if containerd_matrix_version() == "2":
+    from hack.containerd_env import CONTAINERD_PEERS
+
+    peer = CONTAINERD_PEERS.get(containerd_matrix_version())
+    if peer:
         from hack.containerd_env import peer_missing
 
-        why = peer_missing("containerd2")
+        why = peer_missing(peer)
         if why:
             missing.append(why)
         tools = ("runc",)

@@ -38,6 +38,7 @@ class Group:
 
 GROUPS = (
     Group("install", "ccpu.cli.install", "wire fractal into containerd (config, systemd unit, shim)"),
+    Group("uninstall", "ccpu.cli.uninstall", "undo what `fractal install` did (the user's files restored byte for byte)"),
     Group("doctor", "ccpu.cli.doctor", "check containerd, the snapshotter, the shim, QEMU ... and say what to fix"),
     Group("ps", "ccpu.cli.ps", "fractal sandboxes, their mode, containers and pids"),
     Group("repo", "ccpu.cli.repo", "inspect the layer repo"),

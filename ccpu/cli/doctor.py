@@ -21,6 +21,8 @@ from pathlib import Path
 from ..defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
 from .common import add_containerd_flags, add_json_flag
 from .install import SHIM_BINARY, containerd_version, parse_containerd_version
+from .wiring import (CRI_RUNTIME_V2, CRI_V1, FRACTAL_RUNTIME_TYPE, POD_ANNOTATIONS, TRANSFER,
+                     effective_cri_snapshotter)
 
 SNAPSHOT_PLUGIN_TYPE = "io.containerd.snapshotter.v1"
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -64,6 +66,9 @@ class Facts:
     cgroup_controllers: list[str] = field(default_factory=list)
     tun: bool = False  # /dev/net/tun (VM pods: the tap in the pod netns)
     net_tools: list[str] = field(default_factory=list)  # of "ip", "tc": the ones found
+    handler: str = "fractal"  # the CRI runtime handler to check
+    config_dump: dict | None = None  # `containerd --config X config dump` of the running daemon
+    config_dump_error: str = ""  # why there is none
 
 
 def _version_at_least(text: str, want: tuple[int, int]) -> bool | None:
@@ -155,6 +160,7 @@ def evaluate(f: Facts) -> list[Check]:
     else:
         c.append(Check("repo dir", FAIL, f"{f.root} is not writable",
                        f"run as root, or pass --root to fractal-snapshotter and here"))
+    c += cri_checks(f)
     missing_net = ([] if f.tun else ["/dev/net/tun"]) + [t for t in ("ip", "tc") if t not in f.net_tools]
     if missing_net:
         c.append(Check("pod network", WARN, f"missing {', '.join(missing_net)}: VM pods cannot be connected "
@@ -173,6 +179,60 @@ def evaluate(f: Facts) -> list[Check]:
         c.append(Check("cgroups", WARN, "cgroup v1 or hybrid (runc works; memory accounting differs)",
                        "boot with systemd.unified_cgroup_hierarchy=1 for cgroup v2"))
     return c
+
+
+def cri_checks(f: Facts) -> list[Check]:
+    """The CRI wiring of the running containerd, from its ``config dump`` (what it really uses,
+    imports merged, unknown keys dropped): the handler with fractal's runtime and snapshotter
+    (1.6: the node-wide one, its only kind; 1.7/2.x: the handler's own, else the node-wide),
+    pod annotations, and on 2.x the transfer service's unpack entry for fractal."""
+    fix_install = "fractal install, then systemctl restart containerd"
+    if f.config_dump is None:
+        return [Check("cri handler", WARN, f"could not read containerd's config: {f.config_dump_error or 'no containerd'}",
+                      "run as root, or check `containerd config dump` by hand (docs/cri.md)")]
+    version = parse_containerd_version(f.daemon_version or "") or (1, 6)
+    d = f.config_dump
+    disabled = set(d.get("disabled_plugins") or [])
+    plugins = d.get("plugins") if isinstance(d.get("plugins"), dict) else {}
+    out: list[Check] = []
+    cri_id = CRI_RUNTIME_V2 if CRI_RUNTIME_V2 in plugins or version[0] >= 2 else CRI_V1
+    if disabled & {CRI_V1, CRI_RUNTIME_V2}:
+        out.append(Check("cri handler", WARN, f"containerd's CRI plugin is disabled ({cri_id}): Kubernetes "
+                         "cannot run fractal pods (ctr and nerdctl can)",
+                         "remove it from disabled_plugins if this node runs Kubernetes"))
+    else:
+        rt = (plugins.get(cri_id, {}).get("containerd", {}).get("runtimes", {}) or {}).get(f.handler)
+        snap, where = effective_cri_snapshotter(d, f.handler)
+        if not isinstance(rt, dict):
+            out.append(Check("cri handler", FAIL, f"no CRI runtime handler '{f.handler}' (RuntimeClass handler)",
+                             fix_install))
+        elif rt.get("runtime_type") != FRACTAL_RUNTIME_TYPE:
+            out.append(Check("cri handler", FAIL, f"handler '{f.handler}' runs {rt.get('runtime_type')!r}, "
+                             f"not {FRACTAL_RUNTIME_TYPE}", "fractal install --runtime-handler NAME with a free name"))
+        elif snap != SNAPSHOTTER_NAME:
+            why = ("containerd 1.6 has no per-runtime snapshotter, so CRI uses the node-wide one for every pod"
+                   if version < (1, 7) else f"handler '{f.handler}' has no snapshotter of its own")
+            out.append(Check("cri handler", FAIL, f"'{f.handler}' pods would get snapshotter {snap!r} ({where}; "
+                             f"{why}): VM pods fail, their mounts are not fractal repo layers", fix_install))
+        else:
+            ann = rt.get("pod_annotations") or []
+            detail = f"handler '{f.handler}': {FRACTAL_RUNTIME_TYPE}, snapshotter {snap} ({where})"
+            if not set(POD_ANNOTATIONS) <= set(ann):
+                out.append(Check("cri handler", WARN, detail + f"; pod_annotations {ann} do not pass "
+                                 f"{', '.join(POD_ANNOTATIONS)} (pods cannot choose VM sizes)", fix_install))
+            else:
+                out.append(Check("cri handler", OK, detail + f", pod annotations {', '.join(POD_ANNOTATIONS)}"))
+    if version[0] >= 2:
+        entries = (plugins.get(TRANSFER, {}) or {}).get("unpack_config") or []
+        mine = [e for e in entries if isinstance(e, dict) and e.get("snapshotter") == SNAPSHOTTER_NAME]
+        if mine:
+            out.append(Check("unpack config", OK, f"{TRANSFER} unpacks into {SNAPSHOTTER_NAME} for "
+                             + ", ".join(str(e.get("platform")) for e in mine)))
+        else:
+            out.append(Check("unpack config", FAIL, f"no unpack_config entry for {SNAPSHOTTER_NAME} in {TRANSFER}: "
+                             f"`ctr image pull --snapshotter {SNAPSHOTTER_NAME}` fails with \"no unpack platforms "
+                             "defined\"", fix_install))
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,10 +328,47 @@ def _probe_snapshotter(f: Facts) -> None:
         s.close()
 
 
-def gather(address: str, snapshotter_address: str | None, root: str) -> Facts:
+def _config_arg(cmdline: list[str]) -> str:
+    """containerd's ``--config``/``-c`` (either form), else its default path."""
+    for i, a in enumerate(cmdline):
+        if a in ("--config", "-c") and i + 1 < len(cmdline):
+            return cmdline[i + 1]
+        for flag in ("--config=", "-c="):
+            if a.startswith(flag):
+                return a[len(flag):]
+    return "/etc/containerd/config.toml"
+
+
+def _probe_config_dump(f: Facts, pid: int | None) -> None:
+    """``<containerd's own binary> --config <its config> config dump``: the merged config it runs
+    with (a binary on PATH may be another version than the daemon)."""
+    import tomllib
+
+    if pid is None:
+        f.config_dump_error = f"no process listens on {f.address}"
+        return
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError as e:
+        f.config_dump_error = f"containerd pid {pid}: {e.strerror or e}"
+        return
+    argv = [exe if os.path.exists(exe) else (f.containerd_bin or "containerd"),
+            "--config", _config_arg(cmdline), "config", "dump"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        if r.returncode != 0:
+            f.config_dump_error = f"{' '.join(argv)}: {(r.stderr or r.stdout).strip()[-300:]}"
+            return
+        f.config_dump = tomllib.loads(r.stdout)
+    except (OSError, subprocess.TimeoutExpired, tomllib.TOMLDecodeError) as e:
+        f.config_dump_error = f"{' '.join(argv)}: {e}"
+
+
+def gather(address: str, snapshotter_address: str | None, root: str, handler: str = "fractal") -> Facts:
     """``snapshotter_address`` None: the address containerd's proxy plugin exports, else the default."""
     f = Facts(address=address, snapshotter_address=snapshotter_address or DEFAULT_SNAPSHOTTER_ADDRESS, root=root,
-              snapshotter_error="not probed")
+              snapshotter_error="not probed", handler=handler)
     f.containerd_bin = shutil.which("containerd")
     if f.containerd_bin:
         _, f.containerd_bin_version = containerd_version(f.containerd_bin)
@@ -295,6 +392,7 @@ def gather(address: str, snapshotter_address: str | None, root: str) -> Facts:
         search, f.shim_path_source = os.environ.get("PATH", ""), "this shell; containerd not found"
     f.shim_search_path = search
     f.shim_path = shutil.which(SHIM_BINARY, path=search)
+    _probe_config_dump(f, pid)
     arch = {"x86_64": "x86_64", "aarch64": "aarch64"}.get(platform.machine(), platform.machine())
     f.qemu = shutil.which(f"qemu-system-{arch}")
     try:
@@ -343,7 +441,7 @@ def cmd_doctor(args) -> int:  # noqa: ANN001
     from ..client.address import resolve_target
 
     address, _ = resolve_target(args.address, None)
-    facts = gather(address, args.snapshotter_address, args.root)
+    facts = gather(address, args.snapshotter_address, args.root, args.runtime_handler)
     checks = evaluate(facts)
     failed = any(c.status == FAIL for c in checks)
     if args.json:
@@ -367,5 +465,7 @@ def register(p) -> None:  # noqa: ANN001
     p.add_argument("--snapshotter-address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS"),
                    help="snapshotter socket (default: the address containerd's fractal proxy plugin uses, "
                         f"else {DEFAULT_SNAPSHOTTER_ADDRESS})")
+    p.add_argument("--runtime-handler", default="fractal",
+                   help="the CRI runtime handler to check (default %(default)s)")
     add_json_flag(p)
     p.set_defaults(func=cmd_doctor)

@@ -1,27 +1,28 @@
-"""`fractal install`: wire fractal into a containerd (config drop-in, CRI runtime handler,
-systemd unit for the snapshotter, the shim on containerd's PATH).
+"""`fractal install`: wire fractal into a containerd (config drop-in, CRI runtime handler and
+snapshotter, the 2.x transfer service's unpack entry, the repo root in fractal's own config,
+systemd unit for the snapshotter, the shim on containerd's PATH), and keep a record of it all
+for `fractal uninstall` (ccpu/cli/uninstall.py).
 
-Pure rendering/merging functions first (unit-tested), then a thin layer that touches files.
+Pure planning first (unit-tested), then a thin layer that touches files.
 
 Why two places in containerd's config (docs/install.md):
 
 * The proxy snapshotter goes into a **drop-in** (``conf.d/fractal.toml``) named by an
   ``imports`` entry of the main config.  containerd merges ``proxy_plugins`` per name, so the
   drop-in adds ``fractal`` without touching anything else.
-* The **CRI runtime handler** cannot go into the drop-in: containerd 1.6 replaces a whole
+* Everything under ``[plugins...]`` (the CRI handler, 1.6's CRI snapshotter, 2.x's
+  ``unpack_config``) cannot go into the drop-in: containerd 1.6 replaces a whole
   ``[plugins."<id>"]`` section with the imported one (``containerd config dump`` shows the
-  user's ``sandbox_image``, ``runtimes.runc`` ... gone).  So the handler is *appended* to the
-  main config as a marked block (a new table at the end of a TOML file never changes the tables
-  before it).
+  user's ``sandbox_image``, ``runtimes.runc`` ... gone).  So those are edits of the main config
+  (ccpu/cli/containerd_toml.py: marked, re-parsed and checked before anything is written).
 
-Every rewrite of the main config is textual (insert one ``imports`` line, append one block),
-then re-parsed with tomllib and checked to contain everything the original had; otherwise
-nothing is written.  The original is kept once as ``config.toml.fractal-bak``.
+What each containerd version needs is ccpu/cli/wiring.py.  The originals of replaced files are
+kept as ``<file>.fractal-bak`` and listed, with everything created, in the install record
+(ccpu/cli/install_record.py).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import shutil
@@ -33,23 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
+from . import containerd_toml as ct
+from . import install_record as rec
+from .fractal_config import DEFAULT_FRACTAL_CONFIG, FractalConfigError, with_root
+from .wiring import (FRACTAL_RUNTIME_TYPE, GLOBAL_NOTE, TRANSFER, Target, config_version_for,
+                     default_platform, global_snapshotter, handler_items, unpack_entries)
 
-FRACTAL_RUNTIME_TYPE = "io.containerd.fractal.v1"
 SHIM_BINARY = "containerd-shim-fractal-v1"
 SNAPSHOTTER_BINARY = "fractal-snapshotter"
 UNIT_NAME = "fractal-snapshotter.service"
 DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 DEFAULT_SYSTEMD_DIR = "/etc/systemd/system"
 DEFAULT_BIN_DIR = "/usr/local/bin"
-BACKUP_SUFFIX = ".fractal-bak"
-BLOCK_BEGIN = "# >>> fractal: CRI runtime handler (written by `fractal install`)"
-BLOCK_END = "# <<< fractal"
-
-#: pod annotations CRI passes through to the shim (docs/config.md, docs/cri.md)
-POD_ANNOTATIONS = ("io.fractal.*",)
-
-CRI_V1 = "io.containerd.grpc.v1.cri"  # containerd 1.x, config version 2
-CRI_V2 = "io.containerd.cri.v1.runtime"  # containerd 2.x, config version 3
+BACKUP_SUFFIX = rec.BACKUP_SUFFIX
 
 
 class InstallError(Exception):
@@ -79,54 +76,36 @@ def containerd_version(binary: str = "containerd") -> tuple[tuple[int, int] | No
     return parse_containerd_version(line), line
 
 
-def config_version_for(major: int) -> int:
-    return 3 if major >= 2 else 2
+def parse_version_option(text: str) -> tuple[int, int]:
+    """``--containerd-version``: ``1.6``, ``1.7``, ``2`` or ``2.1`` -> (major, minor)."""
+    m = re.fullmatch(r"v?(\d+)(?:\.(\d+))?(?:\.\d+)?", text.strip())
+    if not m:
+        raise ValueError(f"not a containerd version: {text!r} (e.g. 1.6, 1.7, 2.0)")
+    major, minor = int(m.group(1)), int(m.group(2) or 0)
+    if (major, minor) < (1, 6):
+        raise ValueError(f"containerd {major}.{minor}: fractal needs 1.6 or newer")
+    return major, minor
 
 
 # ------------------------------------------------------------------------------------------
 # rendering (pure)
 
 
-def _q(value: object) -> str:
-    s = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
-
-
-def render_dropin(address: str, major: int = 1, name: str = SNAPSHOTTER_NAME) -> str:
+def render_dropin(address: str, config_version: int = 2, name: str = SNAPSHOTTER_NAME) -> str:
     """The drop-in: the proxy snapshotter (merged per name by containerd's imports)."""
     return (
         "# fractal: the proxy snapshotter (written by `fractal install`; see docs/install.md)\n"
-        f"version = {config_version_for(major)}\n\n"
+        f"version = {config_version}\n\n"
         f"[proxy_plugins.{name}]\n"
         '  type = "snapshot"\n'
-        f"  address = {_q(address)}\n"
+        f"  address = {ct.q(address)}\n"
     )
 
 
-def runtime_table(major: int, handler: str) -> str:
-    if major >= 2:
-        return f"plugins.'{CRI_V2}'.containerd.runtimes.{handler}"
-    return f'plugins."{CRI_V1}".containerd.runtimes.{handler}'
-
-
-def render_runtime_block(major: int = 1, handler: str = "fractal", snapshotter: str = SNAPSHOTTER_NAME) -> str:
-    """The CRI runtime handler (Kubernetes RuntimeClass ``handler: fractal``), as a marked block.
-
-    containerd 1.6 has no per-runtime snapshotter (1.7+ does), so there the CRI snapshotter
-    stays the global ``containerd.snapshotter`` setting; 2.x gets ``snapshotter = "fractal"``.
-    """
-    lines = [BLOCK_BEGIN, f"[{runtime_table(major, handler)}]", f"  runtime_type = {_q(FRACTAL_RUNTIME_TYPE)}"]
-    if major >= 2:
-        lines.append(f"  snapshotter = {_q(snapshotter)}")
-    # CRI copies only the pod annotations listed here into the sandbox's and containers' OCI
-    # specs: without it `io.fractal.mode` etc. set on a Kubernetes pod never reach the shim.
-    lines.append("  pod_annotations = [" + ", ".join(_q(a) for a in POD_ANNOTATIONS) + "]")
-    lines.append(BLOCK_END)
-    return "\n".join(lines) + "\n"
-
-
-def render_unit(exec_path: str, root: str, address: str) -> str:
-    """systemd unit for the snapshotter; it must be up before containerd dials it."""
+def render_unit(exec_path: str, address: str, fractal_config: str = DEFAULT_FRACTAL_CONFIG) -> str:
+    """systemd unit for the snapshotter; it must be up before containerd dials it.  No
+    ``--root``: the snapshotter reads ``root`` from fractal's config, as every shim does."""
+    env = "" if fractal_config == DEFAULT_FRACTAL_CONFIG else f"Environment=FRACTAL_CONFIG={fractal_config}\n"
     return (
         "[Unit]\n"
         "Description=fractal snapshotter (containerd proxy snapshotter over the fractal layer repo)\n"
@@ -134,7 +113,8 @@ def render_unit(exec_path: str, root: str, address: str) -> str:
         "After=local-fs.target\n"
         "Before=containerd.service\n\n"
         "[Service]\n"
-        f"ExecStart={exec_path} --root {root} --address {address}\n"
+        f"{env}"
+        f"ExecStart={exec_path} --address {address}\n"
         "Restart=always\n"
         "RestartSec=1\n"
         "KillMode=process\n"
@@ -144,109 +124,94 @@ def render_unit(exec_path: str, root: str, address: str) -> str:
     )
 
 
+def new_main_config(config_version: int) -> str:
+    return f"version = {config_version}\n"
+
+
 # ------------------------------------------------------------------------------------------
-# merging into the main config (pure: text in, text out)
+# the main config (pure: text in, text out)
 
 
-def _contains(big: object, small: object) -> bool:
-    """Every key/value of ``small`` is in ``big`` (lists: ``big`` may have more items in front)."""
-    if isinstance(small, dict):
-        return isinstance(big, dict) and all(k in big and _contains(big[k], v) for k, v in small.items())
-    if isinstance(small, list) and isinstance(big, list):
-        return all(item in big for item in small)
-    return big == small
+_INLINE_UNPACK_RE = re.compile(r"^\s*unpack_config\s*=", re.M)
 
 
-def import_covers(imports: list[str], dropin: str, config_dir: str) -> bool:
-    """Whether an existing imports entry (a path or glob, relative to the config's dir) names ``dropin``."""
-    for entry in imports:
-        pat = entry if os.path.isabs(entry) else os.path.join(config_dir, entry)
-        if pat == dropin or fnmatch.fnmatch(dropin, pat):
-            return True
-    return False
-
-
-_TABLE_RE = re.compile(r"^\s*\[")
-_IMPORTS_RE = re.compile(r"^(\s*imports\s*=\s*)\[")
-_VERSION_RE = re.compile(r"^\s*version\s*=")
-
-
-def add_import(text: str, dropin: str, config_dir: str) -> str:
-    """``text`` with ``dropin`` in its top-level ``imports``; unchanged if already covered."""
-    data = tomllib.loads(text)
-    imports = data.get("imports", [])
-    if not isinstance(imports, list):
-        raise InstallError("`imports` in the containerd config is not a list; add "
-                           f"{_q(dropin)} to it by hand")
-    if import_covers(imports, dropin, config_dir):
-        return text
-    lines = text.splitlines(keepends=True)
-    out: list[str] | None = None
-    top_end = next((i for i, ln in enumerate(lines) if _TABLE_RE.match(ln)), len(lines))
-    if "imports" in data:
-        for i in range(top_end):
-            m = _IMPORTS_RE.match(lines[i])
-            if m:
-                ln = lines[i]
-                lines[i] = ln[:m.end()] + _q(dropin) + ", " + ln[m.end():]
-                out = lines
-                break
-        if out is None:
-            raise InstallError("could not find the `imports = [` line in the containerd config; "
-                               f"add {_q(dropin)} to imports by hand")
-    else:
-        at = next((i + 1 for i in range(top_end) if _VERSION_RE.match(lines[i])), 0)
-        if at and not lines[at - 1].endswith("\n"):
-            lines[at - 1] += "\n"
-        lines.insert(at, f"imports = [{_q(dropin)}]  # fractal install\n")
-        out = lines
-    new = "".join(out)
-    _check_preserved(text, new, lambda d: dropin in d.get("imports", []))
-    return new
-
-
-def add_runtime_block(text: str, block: str, major: int, handler: str) -> str:
-    """``text`` with the CRI runtime handler appended; unchanged if that handler exists already."""
-    data = tomllib.loads(text)
-    node: object = data
-    for key in runtime_path(major, handler):
-        node = node.get(key) if isinstance(node, dict) else None
-    if isinstance(node, dict):
-        if node.get("runtime_type") not in (None, FRACTAL_RUNTIME_TYPE):
-            raise InstallError(f"the containerd config already has runtime handler {handler!r} with "
-                               f"runtime_type {node.get('runtime_type')!r}; pick another --runtime-handler")
-        return text
-    sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
-    new = text + sep + block
-
-    def has_handler(d: dict) -> bool:
-        n: object = d
-        for key in runtime_path(major, handler):
-            n = n.get(key) if isinstance(n, dict) else None
-        return isinstance(n, dict) and n.get("runtime_type") == FRACTAL_RUNTIME_TYPE
-
-    _check_preserved(text, new, has_handler)
-    return new
-
-
-def runtime_path(major: int, handler: str) -> list[str]:
-    plugin = CRI_V2 if major >= 2 else CRI_V1
-    return ["plugins", plugin, "containerd", "runtimes", handler]
-
-
-def _check_preserved(old: str, new: str, added) -> None:  # noqa: ANN001
+def wire_main(text: str, t: Target, dropin: str, config_dir: str, handler: str = "fractal",
+              snapshotter: str = SNAPSHOTTER_NAME, platform: str | None = None) -> tuple[str, list[str]]:
+    """(``text`` with everything fractal needs for containerd ``t``, notes for the user).
+    Unchanged when all of it is there already."""
+    platform = platform or default_platform()
+    notes: list[str] = []
     try:
-        new_data = tomllib.loads(new)
-    except tomllib.TOMLDecodeError as e:
-        raise InstallError(f"the edited containerd config would not parse ({e}); nothing written. "
-                           "Add the lines from `fractal install --print` by hand") from None
-    if not _contains(new_data, tomllib.loads(old)) or not added(new_data):
-        raise InstallError("editing the containerd config would change existing settings; nothing "
-                           "written. Add the lines from `fractal install --print` by hand")
+        new = ct.add_import(text, dropin, config_dir)
+        data = tomllib.loads(new)
+        block: list[str] = []
+        sets: list[ct.Setting] = []
+        table = t.handler_table(handler)
+        want = handler_items(t, snapshotter)
+        cur = ct.lookup(data, table)
+        if isinstance(cur, dict):
+            if cur.get("runtime_type") not in (None, FRACTAL_RUNTIME_TYPE):
+                raise InstallError(f"the containerd config already has runtime handler {handler!r} with "
+                                   f"runtime_type {cur.get('runtime_type')!r}; pick another --runtime-handler")
+            for key, value in want.items():
+                if cur.get(key) == value:
+                    continue
+                edited = ct.set_in_table(new, table, key, value)
+                if edited is None:
+                    raise ct.EditError(f"runtime handler {handler!r} is not a [table] of its own; set "
+                                       f"{key} = {ct.toml_value(value)} in it by hand")
+                new = edited
+                sets.append(ct.Setting(table, key, value))
+        elif cur is None:
+            block.append(ct.table_text(table, want))
+        else:
+            raise ct.EditError(f"{ct.header(table)} is not a table; add the handler by hand")
+        g = global_snapshotter(t, snapshotter)
+        if g is not None:
+            notes.append(GLOBAL_NOTE.format(snap=snapshotter, handler=handler))
+            if ct.lookup(data, g.path) != g.value:
+                edited = ct.set_in_table(new, g.table, g.key, g.value)
+                if edited is None:
+                    block.insert(0, ct.table_text(g.table, {g.key: g.value}))
+                else:
+                    new = edited
+                sets.append(g)
+        unpack_path = ("plugins", TRANSFER, "unpack_config")
+        existing = ct.lookup(data, unpack_path)
+        entries = unpack_entries(t, existing, snapshotter, platform)
+        if entries and existing is not None and _INLINE_UNPACK_RE.search(new):
+            line = "{platform = %s, snapshotter = %s}" % (ct.q(platform), ct.q(snapshotter))
+            raise ct.EditError(f"unpack_config of {TRANSFER} is an inline array; add {line} to it by hand")
+        for e in entries:
+            block.append(ct.table_text(unpack_path, e, array=True))
+        new = ct.append_block(new, "\n".join(block))
+
+        def added(d: dict) -> bool:
+            h = ct.lookup(d, table)
+            if not (isinstance(h, dict) and all(h.get(k) == v for k, v in want.items())):
+                return False
+            if g is not None and ct.lookup(d, g.path) != g.value:
+                return False
+            got = ct.lookup(d, unpack_path)
+            return not t.unpack_config or (isinstance(got, list) and any(
+                isinstance(e, dict) and e.get("snapshotter") == snapshotter for e in got))
+
+        if new != text:
+            ct.check_preserved(text, new, added, [(s.path, s.value) for s in sets])
+    except ct.EditError as e:
+        raise InstallError(str(e)) from None
+    return new, notes
 
 
-def new_main_config(major: int, dropin: str) -> str:
-    return f"version = {config_version_for(major)}\nimports = [{_q(dropin)}]  # fractal install\n"
+def file_config_version(text: str, config: str) -> int:
+    version = tomllib.loads(text).get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise InstallError(f"{config}: `version` must be a number (2, or 3 for containerd "
+                           f"2.x), not {version!r}; containerd itself cannot read this file")
+    if version < 2:
+        raise InstallError(f"{config} has config version {version}; fractal needs version 2 "
+                           "(`containerd config migrate` converts it)")
+    return version
 
 
 # ------------------------------------------------------------------------------------------
@@ -263,7 +228,9 @@ class Options:
     systemd_dir: str = DEFAULT_SYSTEMD_DIR
     bin_dir: str = DEFAULT_BIN_DIR
     containerd_binary: str = "containerd"
-    major: int | None = None  # containerd major version; None = detect
+    version: tuple[int, int] | None = None  # containerd (major, minor); None = detect
+    fractal_config: str = DEFAULT_FRACTAL_CONFIG
+    platform: str | None = None  # unpack platform (2.x); None = this machine's
 
 
 @dataclass
@@ -278,8 +245,10 @@ class FileChange:
 
 @dataclass
 class Plan:
-    major: int
+    version: tuple[int, int]
     version_line: str
+    target: Target
+    record: str  # the install record's path
     changes: list[FileChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -302,69 +271,94 @@ def dropin_path(config: str) -> str:
     return str(Path(config).resolve().parent / "conf.d" / "fractal.toml")
 
 
+def detect(opts: Options) -> tuple[tuple[int, int], str]:
+    if opts.version is not None:
+        return opts.version, f"containerd {opts.version[0]}.{opts.version[1]} (given)"
+    ver, line = containerd_version(opts.containerd_binary)
+    if ver is None:
+        raise InstallError(f"cannot tell containerd's version ({line}); install containerd 1.6+ first, "
+                           "or name it with --containerd-version")
+    if ver < (1, 6):
+        raise InstallError(f"{line}: fractal needs containerd 1.6 or newer")
+    return ver, line
+
+
 def plan(opts: Options) -> Plan:
-    if opts.major is not None:
-        major, line = opts.major, f"containerd {opts.major}.x (given)"
-    else:
-        ver, line = containerd_version(opts.containerd_binary)
-        if ver is None:
-            raise InstallError(f"cannot tell containerd's version ({line}); install containerd 1.6+ first")
-        major = ver[0]
-    p = Plan(major=major, version_line=line)
+    version, line = detect(opts)
     config = str(Path(opts.containerd_config).resolve())
     dropin = dropin_path(config)
-    p.changes.append(FileChange(dropin, render_dropin(opts.address, major), "containerd drop-in (proxy snapshotter)"))
-    block = render_runtime_block(major, opts.runtime_handler)
-    if os.path.exists(config):
+    existed = os.path.exists(config)
+    if existed:
         text = Path(config).read_text()
         try:
             tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise InstallError(f"{config} is not valid TOML ({e}); fix it first") from None
-        version = tomllib.loads(text).get("version", 1)
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise InstallError(f"{config}: `version` must be a number (2, or 3 for containerd "
-                               f"2.x), not {version!r}; containerd itself cannot read this file")
-        if version < 2:
-            raise InstallError(f"{config} has config version {version}; fractal needs version 2 "
-                               "(`containerd config migrate` converts it)")
-        new = add_import(text, dropin, str(Path(config).parent))
-        new = add_runtime_block(new, block, major, opts.runtime_handler)
-        p.changes.append(FileChange(config, new, "containerd config (imports entry, CRI runtime handler)",
-                                    backup=True))
+        fv = file_config_version(text, config)
+        if fv >= 3 and version[0] < 2:
+            raise InstallError(f"{config} has config version {fv}, which containerd {version[0]}.{version[1]} "
+                               "cannot read; is --containerd the containerd that uses this file?")
     else:
-        p.changes.append(FileChange(config, new_main_config(major, dropin) + "\n" + block,
-                                    "containerd config (new)"))
+        fv = config_version_for(version)
+        text = new_main_config(fv)
+    t = Target(version, fv)
+    p = Plan(version=version, version_line=line, target=t, record=str(rec.record_path(config)))
+    new, p.notes = wire_main(text, t, dropin, str(Path(config).parent), opts.runtime_handler,
+                             platform=opts.platform)
+    p.changes.append(FileChange(dropin, render_dropin(opts.address, fv), "containerd drop-in (proxy snapshotter)"))
+    p.changes.append(FileChange(config, new, f"containerd config ({t.label}: imports entry, CRI "
+                                "runtime handler" + (", CRI snapshotter" if not t.per_runtime_snapshotter else "")
+                                + (", unpack_config" if t.unpack_config else "") + ")" if existed
+                                else f"containerd config (new, {t.label})", backup=existed))
+    fconf = str(Path(opts.fractal_config).resolve())
+    try:
+        old = Path(fconf).read_text() if os.path.exists(fconf) else None
+        p.changes.append(FileChange(fconf, with_root(old, opts.root), "fractal config (root, read by "
+                                    "the snapshotter and every shim)", backup=old is not None))
+    except FractalConfigError as e:
+        raise InstallError(f"{fconf}: {e}") from None
+    if fconf != DEFAULT_FRACTAL_CONFIG:
+        p.notes.append(f"{fconf} is not {DEFAULT_FRACTAL_CONFIG}: containerd's environment needs "
+                       f"FRACTAL_CONFIG={fconf} so that the shims read it")
     shim = console_script(SHIM_BINARY)
     p.changes.append(FileChange(str(Path(opts.bin_dir) / SHIM_BINARY), None,
                                 "shim on containerd's PATH", link_to=shim))
     if opts.systemd:
         p.changes.append(FileChange(str(Path(opts.systemd_dir) / UNIT_NAME),
-                                    render_unit(console_script(SNAPSHOTTER_BINARY), opts.root, opts.address),
+                                    render_unit(console_script(SNAPSHOTTER_BINARY), opts.address, fconf),
                                     "systemd unit for the snapshotter"))
     return p
 
 
-def render_print(opts: Options, major: int | None) -> str:
-    """Everything install would write, as text (no file is read or written except the version probe)."""
+def render_print(opts: Options, version: tuple[int, int] | None) -> str:
+    """Everything install would write into a containerd config of its own, as text (no file is
+    read or written except the version probe)."""
     out: list[str] = []
-    majors = [major] if major is not None else [1, 2]
-    for m in majors:
-        label = "containerd 1.x (config version 2)" if m < 2 else "containerd 2.x (config version 3)"
-        if major is None:
-            out.append(f"# ===== {label}: containerd's version could not be detected =====\n")
-        out.append(f"# --- {dropin_path(opts.containerd_config)}  ({label}) ---\n")
-        out.append(render_dropin(opts.address, m))
-        out.append(f"\n# --- appended to {opts.containerd_config}, plus "
-                   f"imports = [{_q(dropin_path(opts.containerd_config))}] at its top ---\n")
-        out.append(render_runtime_block(m, opts.runtime_handler))
+    versions = [version] if version is not None else [(1, 6), (1, 7), (2, 0)]
+    for v in versions:
+        fv = config_version_for(v)
+        t = Target(v, fv)
+        if version is None:
+            out.append(f"# ===== {t.label}: containerd's version could not be detected =====\n")
+        dropin = dropin_path(opts.containerd_config)
+        out.append(f"# --- {dropin}  ({t.label}) ---\n")
+        out.append(render_dropin(opts.address, fv))
+        base = new_main_config(fv)
+        main, notes = wire_main(base, t, dropin, str(Path(dropin).parent.parent), opts.runtime_handler,
+                                platform=opts.platform)
+        out.append(f"\n# --- {opts.containerd_config} (an existing file gets the imports line and the "
+                   "block; a table it has already gets the key instead) ---\n")
+        out.append(main)
+        out.extend(f"# note: {n}\n" for n in notes)
         out.append("\n")
+    out.append(f"# --- {opts.fractal_config} ---\n")
+    out.append(with_root(None, opts.root))
     try:
         snap = console_script(SNAPSHOTTER_BINARY)
     except InstallError:
         snap = f"/usr/local/bin/{SNAPSHOTTER_BINARY}"
-    out.append(f"# --- {Path(opts.systemd_dir) / UNIT_NAME} (with --systemd) ---\n")
-    out.append(render_unit(snap, opts.root, opts.address))
+    out.append(f"\n# --- {Path(opts.systemd_dir) / UNIT_NAME} (with --systemd) ---\n")
+    out.append(render_unit(snap, opts.address, opts.fractal_config))
     try:
         shim = console_script(SHIM_BINARY)
     except InstallError:
@@ -384,8 +378,26 @@ def _current(change: FileChange) -> bool:
         return False
 
 
+def _mkdirs(directory: Path, record: rec.Record) -> None:
+    """mkdir -p, noting each directory created (uninstall removes them when empty)."""
+    missing = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        d.mkdir()
+        record.note_dir(str(d))
+
+
 def apply(p: Plan) -> list[tuple[str, FileChange]]:
-    """Write what differs; returns (status, change) with status created|updated|unchanged."""
+    """Write what differs and update the install record; returns (status, change) with status
+    created|updated|unchanged."""
+    record_file = Path(p.record)
+    try:
+        record = rec.load(record_file) or rec.Record()
+    except ValueError as e:
+        raise InstallError(f"{e}; move it away to install afresh") from None
     done: list[tuple[str, FileChange]] = []
     for ch in p.changes:
         path = Path(ch.path)
@@ -393,23 +405,35 @@ def apply(p: Plan) -> list[tuple[str, FileChange]]:
             done.append(("unchanged", ch))
             continue
         existed = path.exists() or path.is_symlink()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _mkdirs(path.parent, record)
+        known = record.get(ch.path)
+        entry = rec.Entry(ch.path, "link" if ch.link_to else "file", ch.what, created=not existed)
         if ch.link_to is not None:
             if existed and not path.is_symlink():
                 raise InstallError(f"{path} exists and is not a symlink; remove it or use --bin-dir")
+            if existed and known is None:
+                entry.backup = os.readlink(path)  # the link's old target, put back by uninstall
             tmp = path.with_name(f".{path.name}.fractal-tmp")
             tmp.unlink(missing_ok=True)
             os.symlink(ch.link_to, tmp)
             os.replace(tmp, path)
             _fsync_dir(path.parent)
+            entry.link_to = ch.link_to
         else:
             st = os.stat(path) if existed else None
-            if ch.backup and st is not None:
-                bak = path.with_name(path.name + BACKUP_SUFFIX)
-                if not bak.exists():
-                    write_file(bak, path.read_bytes(), st)
-            write_file(path, (ch.content or "").encode(), st, ch.mode)
+            if st is not None and known is None:
+                # first install touching this file: keep the user's bytes, mode and owner
+                bak = rec.backup_path(ch.path)
+                write_file(bak, path.read_bytes(), st)
+                entry.backup = str(bak)
+            data = (ch.content or "").encode()
+            write_file(path, data, st, ch.mode)
+            entry.sha256 = rec.sha256(data)
+        record.note(entry)
         done.append(("updated" if existed else "created", ch))
+    if any(s != "unchanged" for s, _ in done) or not record_file.exists():
+        _mkdirs(record_file.parent, record)
+        write_file(record_file, record.dumps().encode(), None, 0o600)
     return done
 
 
@@ -462,8 +486,9 @@ def next_steps(p: Plan, opts: Options, done: list[tuple[str, FileChange]]) -> li
     if opts.systemd:
         steps.append("systemctl daemon-reload && systemctl enable --now fractal-snapshotter.service")
     else:
-        steps.append(f"start the snapshotter before containerd: {SNAPSHOTTER_BINARY} --root {opts.root} "
-                     f"--address {opts.address}  (or rerun with --systemd)")
+        env = "" if opts.fractal_config == DEFAULT_FRACTAL_CONFIG else f"FRACTAL_CONFIG={opts.fractal_config} "
+        steps.append(f"start the snapshotter before containerd: {env}{SNAPSHOTTER_BINARY} --address {opts.address}"
+                     "  (its root comes from the fractal config; or rerun with --systemd)")
     if changed:
         steps.append("systemctl restart containerd   # containerd reads its config only at start")
     steps.append("fractal doctor   # checks all of it")
@@ -474,17 +499,28 @@ def next_steps(p: Plan, opts: Options, done: list[tuple[str, FileChange]]) -> li
 # CLI
 
 
+def _version_arg(args) -> tuple[int, int] | None:  # noqa: ANN001
+    if args.containerd_version:
+        try:
+            return parse_version_option(args.containerd_version)
+        except ValueError as e:
+            raise InstallError(str(e)) from None
+    if args.containerd_major:
+        return (1, 6) if args.containerd_major == 1 else (2, 0)
+    return None
+
+
 def cmd_install(args) -> int:  # noqa: ANN001
     opts = Options(containerd_config=args.containerd_config, root=args.root, address=args.address,
                    runtime_handler=args.runtime_handler, systemd=args.systemd, systemd_dir=args.systemd_dir,
-                   bin_dir=args.bin_dir, containerd_binary=args.containerd, major=args.containerd_major)
+                   bin_dir=args.bin_dir, containerd_binary=args.containerd, version=_version_arg(args),
+                   fractal_config=args.fractal_config, platform=args.platform)
     try:
         if args.print:
-            major = opts.major
-            if major is None:
-                ver, _ = containerd_version(opts.containerd_binary)
-                major = ver[0] if ver else None
-            sys.stdout.write(render_print(opts, major))
+            version = opts.version
+            if version is None:
+                version, _ = containerd_version(opts.containerd_binary)
+            sys.stdout.write(render_print(opts, version))
             return 0
         p = plan(opts)
         done = apply(p)
@@ -495,8 +531,12 @@ def cmd_install(args) -> int:  # noqa: ANN001
     for status, ch in done:
         extra = f" -> {ch.link_to}" if ch.link_to else ""
         print(f"  {status:<9} {ch.path}{extra}  ({ch.what})")
-        if status == "updated" and ch.backup:
-            print(f"            original kept as {ch.path}{BACKUP_SUFFIX}")
+        if status == "updated" and ch.backup and rec.backup_path(ch.path).exists():
+            print(f"            original kept as {rec.backup_path(ch.path)}")
+    print(f"  record    {p.record}  (what `fractal uninstall --containerd-config "
+          f"{opts.containerd_config}` undoes)")
+    for n in p.notes:
+        print(f"note: {n}")
     if all(s == "unchanged" for s, _ in done):
         print("nothing to do: everything was already installed")
     print("next:")
@@ -510,7 +550,10 @@ def register(p) -> None:  # noqa: ANN001
     p.add_argument("--containerd-config", default=DEFAULT_CONTAINERD_CONFIG,
                    help="containerd's main config (default %(default)s)")
     p.add_argument("--root", default=os.environ.get("FRACTAL_ROOT", DEFAULT_ROOT),
-                   help="the snapshotter's repo dir (default %(default)s)")
+                   help="the repo dir, written as root = ... into the fractal config, which the snapshotter "
+                        "and every shim read (default %(default)s)")
+    p.add_argument("--fractal-config", default=os.environ.get("FRACTAL_CONFIG") or DEFAULT_FRACTAL_CONFIG,
+                   help="fractal's config file (default $FRACTAL_CONFIG, else %(default)s)")
     p.add_argument("--address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS", DEFAULT_SNAPSHOTTER_ADDRESS),
                    help="snapshotter socket (default %(default)s)")
     p.add_argument("--runtime-handler", default="fractal", help="CRI runtime handler name (default %(default)s)")
@@ -519,6 +562,11 @@ def register(p) -> None:  # noqa: ANN001
     p.add_argument("--bin-dir", default=DEFAULT_BIN_DIR,
                    help=f"where the {SHIM_BINARY} symlink goes, on containerd's PATH (default %(default)s)")
     p.add_argument("--containerd", default="containerd", help="containerd binary whose version decides the config form")
-    p.add_argument("--containerd-major", type=int, choices=(1, 2), default=None,
-                   help="skip version detection: 1 (config version 2) or 2 (config version 3)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--containerd-version", default=None, metavar="X.Y",
+                   help="skip version detection: 1.6, 1.7 (config version 2) or 2.x (config version 3)")
+    g.add_argument("--containerd-major", type=int, choices=(1, 2), default=None,
+                   help="skip version detection: 1 (= 1.6) or 2 (= 2.0)")
+    p.add_argument("--platform", default=None,
+                   help="unpack platform of the 2.x transfer service (default: this machine's, e.g. linux/amd64)")
     p.set_defaults(func=cmd_install)

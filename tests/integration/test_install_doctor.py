@@ -48,7 +48,8 @@ def test_install_then_private_containerd_uses_it(tmp_path: Path, registry) -> No
     cfg.write_text(user_text)
     snap_sock, snap_root = run / "snap.sock", tmp_path / "repo"
     args = ["install", "--containerd-config", str(cfg), "--systemd", "--systemd-dir", str(tmp_path / "units"),
-            "--bin-dir", str(tmp_path / "bin"), "--address", str(snap_sock), "--root", str(snap_root)]
+            "--bin-dir", str(tmp_path / "bin"), "--address", str(snap_sock), "--root", str(snap_root),
+            "--fractal-config", str(tmp_path / "fractal.toml")]  # never /etc/fractal
     t0 = time.monotonic()
     r = fractal(*args)
     assert r.returncode == 0, r.stderr
@@ -62,7 +63,8 @@ def test_install_then_private_containerd_uses_it(tmp_path: Path, registry) -> No
     handler = tomllib.loads(cfg.read_text())["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["fractal"]
     assert handler == {"runtime_type": "io.containerd.fractal.v1", "pod_annotations": ["io.fractal.*"]}, handler
     unit = (tmp_path / "units" / "fractal-snapshotter.service").read_text()
-    assert f"--root {snap_root} --address {snap_sock}" in unit and "Restart=always" in unit
+    assert f"--address {snap_sock}\n" in unit and "--root" not in unit and "Restart=always" in unit
+    assert f"Environment=FRACTAL_CONFIG={tmp_path / 'fractal.toml'}" in unit
     shim_link = tmp_path / "bin" / "containerd-shim-fractal-v1"
     assert os.path.isabs(os.readlink(shim_link)) and os.access(shim_link, os.X_OK)
     r2 = fractal(*args)
@@ -70,7 +72,8 @@ def test_install_then_private_containerd_uses_it(tmp_path: Path, registry) -> No
 
     snap = Snapshotter(snap_root, snap_sock, tmp_path / "snapshotter.log")
     fconf = tmp_path / "fractal.toml"
-    fconf.write_text('mode = "host"\n')
+    assert tomllib.loads(fconf.read_text())["root"] == str(snap_root)
+    fconf.write_text(fconf.read_text() + 'mode = "host"\n')
     # PATH without this Python's scripts dir: containerd must find the shim through the symlink
     path = os.pathsep.join([str(tmp_path / "bin"), "/usr/local/sbin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
     cd = PrivateContainerd(_InstalledConfig(cfg, root=base.root, state=base.state, address=base.address),

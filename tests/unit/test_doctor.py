@@ -5,6 +5,25 @@ from __future__ import annotations
 from ccpu.cli import doctor as D
 
 
+HANDLER = {"runtime_type": "io.containerd.fractal.v1", "pod_annotations": ["io.fractal.*"]}
+
+
+def dump16(snapshotter: str = "fractal", handler: dict | None = HANDLER) -> dict:
+    runtimes = {"runc": {"runtime_type": "io.containerd.runc.v2"}, **({"fractal": handler} if handler else {})}
+    return {"version": 2, "plugins": {"io.containerd.grpc.v1.cri": {"containerd": {
+        "snapshotter": snapshotter, "runtimes": runtimes}}}}
+
+
+def dump2(per_runtime: str | None = "fractal", unpack: list | None = None) -> dict:
+    h = {**HANDLER, **({"snapshotter": per_runtime} if per_runtime else {})}
+    return {"version": 3, "plugins": {
+        "io.containerd.cri.v1.images": {"snapshotter": "overlayfs"},
+        "io.containerd.cri.v1.runtime": {"containerd": {"runtimes": {"fractal": h}}},
+        "io.containerd.transfer.v1.local": {"unpack_config": unpack if unpack is not None else [
+            {"platform": "linux/amd64", "snapshotter": "overlayfs"},
+            {"platform": "linux/amd64", "snapshotter": "fractal"}]}}}
+
+
 def good(**over) -> D.Facts:  # noqa: ANN003
     f = D.Facts(address="/run/containerd/containerd.sock", snapshotter_address="/run/fractal/s.sock",
                 root="/var/lib/fractal", containerd_bin="/usr/bin/containerd",
@@ -15,7 +34,7 @@ def good(**over) -> D.Facts:  # noqa: ANN003
                 accel_reason="usable", filesystems=["ext4", "overlay", "9p"], virtiofsd="/usr/libexec/virtiofsd",
                 guest={"initramfs": "/c/i.cpio", "sha256": "ab" * 32, "kernel": "/c/k"}, root_writable=True,
                 root_exists=True, cgroup2=True, cgroup_controllers=["cpu", "memory", "pids", "io"],
-                tun=True, net_tools=["ip", "tc"])
+                tun=True, net_tools=["ip", "tc"], config_dump=dump16())
     for k, v in over.items():
         setattr(f, k, v)
     return f
@@ -37,12 +56,12 @@ def test_every_miss_has_a_fix():
     bad = good(containerd_bin=None, daemon_version=None, daemon_error="connection refused", plugin=None,
                snapshotter_error="No such file or directory", runc=None, shim_path=None, qemu=None, accel="tcg",
                accel_reason="no /dev/kvm", filesystems=[], virtiofsd=None, guest=None, root_writable=False,
-               cgroup2=False, tun=False, net_tools=["ip"])
+               cgroup2=False, tun=False, net_tools=["ip"], config_dump=dump16(handler=None))
     checks = D.evaluate(bad)
     assert all(c.status != "ok" and c.fix for c in checks), [c for c in checks if c.status == "ok" or not c.fix]
     fails = {c.name for c in checks if c.status == "fail"}
     assert fails == {"containerd", "containerd socket", "proxy plugin", "snapshotter socket", "runc", "shim",
-                     "overlayfs", "repo dir"}
+                     "overlayfs", "repo dir", "cri handler"}
 
 
 def test_old_containerd_fails():
@@ -81,3 +100,40 @@ def test_listener_pid_unknown_socket():
 def test_pod_network_names_what_is_missing():
     c = by_name(good(tun=False, net_tools=["ip"]))["pod network"]
     assert c.status == "warn" and "/dev/net/tun" in c.detail and "tc" in c.detail and c.fix
+
+
+def test_cri_wiring_per_version():
+    assert by_name(good())["cri handler"].status == "ok"
+    # 1.6: the node-wide snapshotter is the only one CRI has
+    c = by_name(good(config_dump=dump16(snapshotter="overlayfs")))["cri handler"]
+    assert c.status == "fail" and "no per-runtime snapshotter" in c.detail and "fractal install" in c.fix
+    c = by_name(good(config_dump=dump16(handler=None)))["cri handler"]
+    assert c.status == "fail" and "no CRI runtime handler 'fractal'" in c.detail
+    c = by_name(good(config_dump=dump16(handler={"runtime_type": "io.containerd.runc.v2"})))["cri handler"]
+    assert c.status == "fail" and "io.containerd.runc.v2" in c.detail
+    c = by_name(good(config_dump=dump16(handler={"runtime_type": "io.containerd.fractal.v1"})))["cri handler"]
+    assert c.status == "warn" and "pod_annotations" in c.detail
+    # 2.x: per-runtime snapshotter, and the transfer service's unpack entry
+    v2 = {"daemon_version": "v2.4.2"}
+    checks = by_name(good(config_dump=dump2(), **v2))
+    assert checks["cri handler"].status == "ok" and checks["unpack config"].status == "ok"
+    assert "runtimes.fractal.snapshotter" in checks["cri handler"].detail
+    c = by_name(good(config_dump=dump2(per_runtime=None), **v2))["cri handler"]
+    assert c.status == "fail" and "'overlayfs'" in c.detail
+    c = by_name(good(config_dump=dump2(unpack=[]), **v2))["unpack config"]
+    assert c.status == "fail" and "no unpack platforms defined" in c.detail
+    assert "unpack config" not in by_name(good())  # 1.x pulls without the transfer service
+
+
+def test_cri_disabled_or_unreadable_only_warns():
+    d = dump16()
+    d["disabled_plugins"] = ["io.containerd.grpc.v1.cri"]
+    assert by_name(good(config_dump=d))["cri handler"].status == "warn"
+    c = by_name(good(config_dump=None, config_dump_error="permission denied"))["cri handler"]
+    assert c.status == "warn" and "permission denied" in c.detail
+
+
+def test_config_arg():
+    assert D._config_arg(["containerd", "--config", "/x.toml"]) == "/x.toml"
+    assert D._config_arg(["containerd", "-c=/y.toml"]) == "/y.toml"
+    assert D._config_arg(["/usr/bin/containerd"]) == "/etc/containerd/config.toml"

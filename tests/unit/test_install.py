@@ -7,6 +7,7 @@ import tomllib
 
 import pytest
 
+from ccpu.cli import containerd_toml as CT
 from ccpu.cli import install as I
 
 DROPIN = "/etc/containerd/conf.d/fractal.toml"
@@ -33,39 +34,108 @@ def test_parse_version():
     assert I.parse_containerd_version("garbage") is None
 
 
-def test_dropin_and_block_parse():
-    d = tomllib.loads(I.render_dropin("/run/x.sock", 1))
+V16 = I.Target((1, 6), 2)
+V17 = I.Target((1, 7), 2)
+V2 = I.Target((2, 4), 3)
+
+
+def wired(text, t, **kw):  # noqa: ANN001, ANN003
+    new, _ = I.wire_main(text, t, DROPIN, "/etc/containerd", platform="linux/amd64", **kw)
+    return new
+
+
+def test_dropin_and_unit():
+    d = tomllib.loads(I.render_dropin("/run/x.sock", 2))
     assert d == {"version": 2, "proxy_plugins": {"fractal": {"type": "snapshot", "address": "/run/x.sock"}}}
-    assert tomllib.loads(I.render_dropin("/run/x.sock", 2))["version"] == 3
-    b1 = tomllib.loads(I.render_runtime_block(1, "fractal"))
-    assert b1["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["fractal"] == {
-        "runtime_type": "io.containerd.fractal.v1", "pod_annotations": ["io.fractal.*"]}
-    b2 = tomllib.loads(I.render_runtime_block(2, "fr"))
-    assert b2["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["fr"] == {
-        "runtime_type": "io.containerd.fractal.v1", "snapshotter": "fractal", "pod_annotations": ["io.fractal.*"]}
+    assert tomllib.loads(I.render_dropin("/run/x.sock", 3))["version"] == 3
+    u = I.render_unit("/opt/bin/fractal-snapshotter", "/run/fractal/s.sock")
+    # no --root: the snapshotter reads root from fractal's config, as the shims do
+    assert "ExecStart=/opt/bin/fractal-snapshotter --address /run/fractal/s.sock\n" in u
+    assert "Restart=always" in u and "Before=containerd.service" in u and "Environment" not in u
+    u2 = I.render_unit("/x", "/s.sock", "/srv/fractal.toml")
+    assert "Environment=FRACTAL_CONFIG=/srv/fractal.toml\n" in u2
 
 
-def test_unit():
-    u = I.render_unit("/opt/bin/fractal-snapshotter", "/var/lib/fractal", "/run/fractal/s.sock")
-    assert "ExecStart=/opt/bin/fractal-snapshotter --root /var/lib/fractal --address /run/fractal/s.sock" in u
-    assert "Restart=always" in u and "Before=containerd.service" in u
+def test_wiring_per_version():
+    """1.6: handler without per-runtime snapshotter + CRI's global snapshotter; 1.7: per-runtime;
+    2.x: the 2.x plugin table, per-runtime, and unpack_config keeping containerd's default entry."""
+    handler = {"runtime_type": "io.containerd.fractal.v1", "pod_annotations": ["io.fractal.*"]}
+    d16 = tomllib.loads(wired("version = 2\n", V16))
+    cri = d16["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri == {"snapshotter": "fractal", "runtimes": {"fractal": handler}}
+    d17 = tomllib.loads(wired("version = 2\n", V17))
+    assert d17["plugins"]["io.containerd.grpc.v1.cri"]["containerd"] == {
+        "runtimes": {"fractal": {**handler, "snapshotter": "fractal"}}}
+    d2 = tomllib.loads(wired("version = 3\n", V2))
+    assert d2["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["fractal"] == {
+        **handler, "snapshotter": "fractal"}
+    assert d2["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"] == [
+        {"platform": "linux/amd64", "snapshotter": "overlayfs", "differ": "walking"},
+        {"platform": "linux/amd64", "snapshotter": "fractal"}]
+    for t in (V16, V17, V2):
+        once = wired(f"version = {t.file_version}\n", t)
+        assert wired(once, t) == once  # idempotent
+
+
+def test_notes_state_the_16_consequence():
+    _, notes = I.wire_main("version = 2\n", V16, DROPIN, "/etc/containerd")
+    assert any("every Kubernetes pod on this node" in n for n in notes)
+    assert I.wire_main("version = 2\n", V17, DROPIN, "/etc/containerd")[1] == []
+
+
+def test_16_global_snapshotter_replaced_in_the_users_table():
+    text = USER_CONFIG + ('\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
+                          '  snapshotter = "overlayfs"  # mine\n  default_runtime_name = "runc"\n')
+    new = wired(text, V16)
+    assert '  snapshotter = "fractal"  # fractal install\n' in new and "overlayfs" not in new
+    cri = tomllib.loads(new)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri["snapshotter"] == "fractal" and cri["default_runtime_name"] == "runc"
+    # nothing else moved: the same lines, one replaced, the import and the block added
+    assert new.count("\n") == text.count("\n") + 1 + 6  # imports; blank, markers, 3-line table
+
+
+def test_key_inserted_after_the_users_header():
+    text = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  default_runtime_name = "runc"\n'
+    new = wired(text, V16)
+    lines = new.splitlines()
+    i = lines.index('[plugins."io.containerd.grpc.v1.cri".containerd]')
+    assert lines[i + 1] == '  snapshotter = "fractal"  # fractal install'
+
+
+def test_2x_unpack_config_of_the_user_is_extended_not_replaced():
+    text = ("version = 3\n[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n"
+            "  platform = 'linux/amd64'\n  snapshotter = 'native'\n")
+    got = tomllib.loads(wired(text, V2))["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
+    assert got == [{"platform": "linux/amd64", "snapshotter": "native"},
+                   {"platform": "linux/amd64", "snapshotter": "fractal"}]
+    inline = "version = 3\n[plugins.'io.containerd.transfer.v1.local']\n  unpack_config = []\n"
+    with pytest.raises(I.InstallError, match="by hand"):
+        wired(inline, V2)
+
+
+def test_existing_handler_gets_the_missing_keys():
+    text = ('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.fractal]\n'
+            '  runtime_type = "io.containerd.fractal.v1"\n')
+    h = tomllib.loads(wired(text, V17))["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["fractal"]
+    assert h == {"runtime_type": "io.containerd.fractal.v1", "snapshotter": "fractal",
+                 "pod_annotations": ["io.fractal.*"]}
 
 
 def test_add_import_keeps_everything():
-    new = I.add_import(USER_CONFIG, DROPIN, "/etc/containerd")
+    new = CT.add_import(USER_CONFIG, DROPIN, "/etc/containerd")
     assert new.splitlines()[1].startswith("imports = [")
     data = tomllib.loads(new)
     assert data["imports"] == [DROPIN]
     data.pop("imports")
     assert data == tomllib.loads(USER_CONFIG)
-    assert I.add_import(new, DROPIN, "/etc/containerd") == new  # idempotent
+    assert CT.add_import(new, DROPIN, "/etc/containerd") == new  # idempotent
 
 
 @pytest.mark.parametrize("existing", ['imports = ["/a.toml"]\n', 'imports = []\n',
                                       'imports = [\n  "/a.toml",\n  "/b.toml",\n]\n'])
 def test_add_import_to_existing_list(existing):
     text = "version = 2\n" + existing + USER_CONFIG.removeprefix("version = 2\n")
-    new = I.add_import(text, DROPIN, "/etc/containerd")
+    new = CT.add_import(text, DROPIN, "/etc/containerd")
     data = tomllib.loads(new)
     assert data["imports"][0] == DROPIN
     assert data["imports"][1:] == tomllib.loads(text)["imports"]
@@ -73,36 +143,37 @@ def test_add_import_to_existing_list(existing):
 
 def test_glob_import_covers():
     text = 'version = 2\nimports = ["conf.d/*.toml"]\n'
-    assert I.add_import(text, DROPIN, "/etc/containerd") == text
+    assert CT.add_import(text, DROPIN, "/etc/containerd") == text
 
 
 def test_no_version_line_inserts_at_top():
-    new = I.add_import('[grpc]\n  address = "/x"\n', DROPIN, "/etc/containerd")
+    new = CT.add_import('[grpc]\n  address = "/x"\n', DROPIN, "/etc/containerd")
     assert tomllib.loads(new) == {"imports": [DROPIN], "grpc": {"address": "/x"}}
 
 
-def test_runtime_block_appended_once():
-    new = I.add_runtime_block(USER_CONFIG, I.render_runtime_block(1, "fractal"), 1, "fractal")
+def test_handler_appended_once_and_user_settings_kept():
+    new = wired(USER_CONFIG, V16)
     data = tomllib.loads(new)
     cri = data["plugins"]["io.containerd.grpc.v1.cri"]
     assert cri["sandbox_image"] == "example/pause:9"
     assert cri["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"] is True
     assert cri["containerd"]["runtimes"]["fractal"]["runtime_type"] == "io.containerd.fractal.v1"
-    assert I.add_runtime_block(new, I.render_runtime_block(1, "fractal"), 1, "fractal") == new
+    assert new.startswith(USER_CONFIG.splitlines(keepends=True)[0])
+    assert wired(new, V16) == new
 
 
 def test_runtime_handler_conflict():
     text = ('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.fractal]\n'
             '  runtime_type = "io.containerd.runc.v2"\n')
     with pytest.raises(I.InstallError, match="another --runtime-handler"):
-        I.add_runtime_block(text, I.render_runtime_block(1, "fractal"), 1, "fractal")
+        wired(text, V16)
 
 
 def test_inline_table_refused():
     # appending a table under an inline table is invalid TOML: refuse, never write a broken config
     text = 'version = 2\n[plugins]\n"io.containerd.grpc.v1.cri" = { containerd = { runtimes = {} } }\n'
     with pytest.raises(I.InstallError, match="by hand"):
-        I.add_runtime_block(text, I.render_runtime_block(1, "fractal"), 1, "fractal")
+        wired(text, V16)
 
 
 def test_plan_apply_idempotent(tmp_path, monkeypatch):
@@ -110,22 +181,22 @@ def test_plan_apply_idempotent(tmp_path, monkeypatch):
     cfg = tmp_path / "config.toml"
     cfg.write_text(USER_CONFIG)
     opts = I.Options(containerd_config=str(cfg), systemd=True, systemd_dir=str(tmp_path / "units"),
-                     bin_dir=str(tmp_path / "bin"), major=1)
+                     bin_dir=str(tmp_path / "bin"), version=(1, 6), fractal_config=str(tmp_path / "fractal" / "config.toml"))
     first = I.apply(I.plan(opts))
-    assert [s for s, _ in first] == ["created", "updated", "created", "created"]
+    assert [s for s, _ in first] == ["created", "updated", "created", "created", "created"]
     assert (tmp_path / "config.toml.fractal-bak").read_text() == USER_CONFIG
     assert (tmp_path / "bin" / "containerd-shim-fractal-v1").readlink().as_posix() == \
         "/opt/fractal/bin/containerd-shim-fractal-v1"
     assert (tmp_path / "conf.d" / "fractal.toml").exists()
     assert (tmp_path / "units" / "fractal-snapshotter.service").exists()
     second = I.apply(I.plan(opts))
-    assert [s for s, _ in second] == ["unchanged"] * 4
+    assert [s for s, _ in second] == ["unchanged"] * 5
 
 
 def test_plan_new_config(tmp_path, monkeypatch):
     monkeypatch.setattr(I, "console_script", lambda name: f"/opt/{name}")
     cfg = tmp_path / "etc" / "config.toml"
-    I.apply(I.plan(I.Options(containerd_config=str(cfg), bin_dir=str(tmp_path / "bin"), major=2)))
+    I.apply(I.plan(I.Options(containerd_config=str(cfg), bin_dir=str(tmp_path / "bin"), version=(2, 0), fractal_config=str(tmp_path / "fractal" / "config.toml"))))
     data = tomllib.loads(cfg.read_text())
     assert data["version"] == 3 and data["imports"] == [str(tmp_path / "etc" / "conf.d" / "fractal.toml")]
 
@@ -135,7 +206,7 @@ def test_version1_refused(tmp_path, monkeypatch):
     cfg = tmp_path / "config.toml"
     cfg.write_text('root = "/x"\n')
     with pytest.raises(I.InstallError, match="version 1"):
-        I.plan(I.Options(containerd_config=str(cfg), major=1))
+        I.plan(I.Options(containerd_config=str(cfg), version=(1, 6), fractal_config=str(tmp_path / "fractal" / "config.toml")))
 
 
 @pytest.mark.parametrize("line", ['version = "2"', "version = 2.0", "version = true", "version = [2]"])
@@ -144,7 +215,7 @@ def test_version_not_a_number_is_a_clean_error(tmp_path, monkeypatch, line):
     cfg = tmp_path / "config.toml"
     cfg.write_text(line + "\n")
     with pytest.raises(I.InstallError, match="`version` must be a number"):
-        I.plan(I.Options(containerd_config=str(cfg), major=1))
+        I.plan(I.Options(containerd_config=str(cfg), version=(1, 6), fractal_config=str(tmp_path / "fractal" / "config.toml")))
     assert cfg.read_text() == line + "\n"
 
 
@@ -184,7 +255,7 @@ def test_config_is_never_readable_wider_and_is_fsynced(tmp_path, monkeypatch, re
     monkeypatch.setattr(shutil, "copymode", lambda *a, **kw: (
         seen.extend((p.name, p.stat().st_mode & 0o777) for p in temps() if p.stat().st_size),
         real_copymode(*a, **kw))[1])
-    I.apply(I.plan(I.Options(containerd_config=str(cfg), bin_dir=str(tmp_path / "bin"), major=1)))
+    I.apply(I.plan(I.Options(containerd_config=str(cfg), bin_dir=str(tmp_path / "bin"), version=(1, 6), fractal_config=str(tmp_path / "fractal" / "config.toml"))))
     assert seen and all(mode == 0o600 for _, mode in seen), seen
     assert cfg.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "config.toml.fractal-bak").stat().st_mode & 0o777 == 0o600
@@ -192,3 +263,111 @@ def test_config_is_never_readable_wider_and_is_fsynced(tmp_path, monkeypatch, re
     assert str(tmp_path) in synced, synced  # the directory: the rename is durable
     assert victim.read_text() == "keep me\n"
     assert not temps(), temps()
+
+
+# ------------------------------------------------------------------------------------------
+# fractal's config: root, comments kept
+
+
+def test_root_written_into_fractal_config_keeping_comments():
+    from ccpu.cli.fractal_config import with_root
+
+    text = '# operator notes\nmode = "host"  # fast tests\n\n[vm]\nmemory = "1G"  # big guests\n'
+    new = with_root(text, "/srv/fractal")
+    assert tomllib.loads(new) == {"mode": "host", "root": "/srv/fractal", "vm": {"memory": "1G"}}
+    assert "# operator notes\n" in new and "# fast tests" in new and "# big guests" in new
+    assert with_root(new, "/srv/fractal") == new
+    assert tomllib.loads(with_root(None, "/x"))["root"] == "/x"
+    assert tomllib.loads(with_root(new, "/y"))["root"] == "/y"
+
+
+def test_fractal_config_default_path_is_the_shims():
+    from ccpu.cli.fractal_config import DEFAULT_FRACTAL_CONFIG
+    from shim.config import DEFAULT_FILE
+
+    assert DEFAULT_FRACTAL_CONFIG == DEFAULT_FILE
+
+
+# ------------------------------------------------------------------------------------------
+# uninstall: exactly what install did, from its record
+
+
+def _install(tmp_path, version=(1, 6), **kw):  # noqa: ANN001, ANN003, ANN202
+    opts = I.Options(containerd_config=str(tmp_path / "etc" / "config.toml"), systemd=True,
+                     systemd_dir=str(tmp_path / "units"), bin_dir=str(tmp_path / "bin"), version=version,
+                     fractal_config=str(tmp_path / "fractal" / "config.toml"), root="/srv/repo", **kw)
+    return I.apply(I.plan(opts))
+
+
+def _tree(root):  # noqa: ANN001, ANN202
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (os.readlink(p) if p.is_symlink() else
+                                         p.read_bytes() if p.is_file() else None, st.st_mode)
+    return out
+
+
+@pytest.mark.parametrize("version", [(1, 6), (1, 7), (2, 4)])
+def test_uninstall_restores_byte_for_byte(tmp_path, monkeypatch, version):
+    from ccpu.cli import uninstall as U
+    from ccpu.cli.install_record import load, record_path
+
+    monkeypatch.setattr(I, "console_script", lambda name: f"/opt/fractal/bin/{name}")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "units").mkdir()
+    cfg = tmp_path / "etc" / "config.toml"
+    cfg.write_bytes((USER_CONFIG if version < (2, 0) else "version = 3\n# mine\n").encode() + b"\n\n# no eol")
+    os.chmod(cfg, 0o640)
+    before = _tree(tmp_path)
+    _install(tmp_path, version)
+    _install(tmp_path, version)  # a second install changes nothing, and keeps the originals
+    rec = load(record_path(str(cfg)))
+    assert {e.path for e in rec.entries if e.created} == {
+        str(tmp_path / p) for p in ("etc/conf.d/fractal.toml", "fractal/config.toml", "bin/containerd-shim-fractal-v1",
+                                    "units/fractal-snapshotter.service")}
+    steps = U.undo(rec)
+    assert all(s.status in ("restored", "removed") for s in steps), steps
+    record_path(str(cfg)).unlink()
+    assert _tree(tmp_path) == before
+
+
+def test_uninstall_keeps_a_file_changed_since_install(tmp_path, monkeypatch):
+    from ccpu.cli import uninstall as U
+    from ccpu.cli.install_record import load, record_path
+
+    monkeypatch.setattr(I, "console_script", lambda name: f"/opt/fractal/bin/{name}")
+    cfg = tmp_path / "etc" / "config.toml"
+    cfg.parent.mkdir()
+    cfg.write_text(USER_CONFIG)
+    _install(tmp_path)
+    edited = cfg.read_text() + "# my later edit\n"
+    cfg.write_text(edited)
+    steps = {s.path: s for s in U.undo(load(record_path(str(cfg))))}
+    assert steps[str(cfg)].status == "kept" and "changed since" in steps[str(cfg)].detail
+    assert cfg.read_text() == edited
+    steps = {s.path: s for s in U.undo(load(record_path(str(cfg))), force=True)}
+    assert steps[str(cfg)].status == "restored" and cfg.read_text() == USER_CONFIG
+
+
+def test_existing_fractal_config_backed_up_and_restored(tmp_path, monkeypatch):
+    from ccpu.cli import uninstall as U
+    from ccpu.cli.install_record import load, record_path
+
+    monkeypatch.setattr(I, "console_script", lambda name: f"/opt/fractal/bin/{name}")
+    fconf = tmp_path / "fractal" / "config.toml"
+    fconf.parent.mkdir()
+    original = '# mine\nmode = "host"\n'
+    fconf.write_text(original)
+    _install(tmp_path)
+    assert tomllib.loads(fconf.read_text()) == {"mode": "host", "root": "/srv/repo"}
+    U.undo(load(record_path(str(tmp_path / "etc" / "config.toml"))))
+    assert fconf.read_text() == original and not (tmp_path / "fractal" / "config.toml.fractal-bak").exists()
+
+
+def test_version_option():
+    assert I.parse_version_option("1.7") == (1, 7) and I.parse_version_option("2") == (2, 0)
+    assert I.parse_version_option("v2.4.2") == (2, 4)
+    with pytest.raises(ValueError):
+        I.parse_version_option("1.5")
