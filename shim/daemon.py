@@ -142,6 +142,8 @@ class Daemon:
         from shim.logfmt import with_request_fields  # records carry the request's container id
 
         self.server = Server()
+        from shim import promexport  # Prometheus metrics over this ttrpc socket (docs/metrics.md)
+        promexport.install(self)
         self.server.register(SERVICE, with_request_fields(self.service.methods()))
         from shim.layers import SERVICE as LAYERS_SERVICE, LayersService  # live layers (fractal CLI)
 

@@ -137,3 +137,37 @@ def test_snapshotter_rpcs_and_repo_are_scraped(snapshotter: Snapshotter) -> None
     assert got[("fractal_repo_layers", ())] == 0
     assert not any(name.startswith("process_") or name.startswith("python_") for name, _ in got), \
         "the global registry's collectors leaked in"
+
+
+def test_shim_metrics_cost_nothing_at_start_and_count_calls() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ssl'] = None; import shim.promexport as P; "
+            "assert 'prometheus_client' not in sys.modules; m = P.ShimMetrics(); "
+            "m.observe('containerd.task.v2.Task', 'Create', 0, 0.004); "
+            "m.observe('containerd.task.v2.Task', 'Create', 5, 0.0005); print(m.text())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr  # prometheus-client imported at the scrape, ssl block lifted
+    got = samples(r.stdout)
+    base = (("method", "Create"), ("service", "containerd.task.v2.Task"))
+    assert got[("fractal_shim_rpc_duration_seconds_count", (("code", "OK"), *base))] == 1
+    assert got[("fractal_shim_rpc_duration_seconds_bucket", (("code", "OK"), ("le", "0.0025"), *base))] == 0
+    assert got[("fractal_shim_rpc_duration_seconds_bucket", (("code", "OK"), ("le", "0.005"), *base))] == 1
+    assert got[("fractal_shim_rpc_duration_seconds_bucket", (("code", "NOT_FOUND"), ("le", "0.0005"), *base))] == 1
+
+
+def test_merge_labels_shim_series_and_reports_dead_sources() -> None:
+    from ccpu.cli import metrics as CM
+
+    shim_text = 'fractal_shim_containers 2.0\n'
+    srcs = [CM.Source("snapshotter", text="fractal_repo_layers 3.0\n"),
+            CM.Source("shim", {"namespace": "ns", "sandbox": "a"}, text=shim_text),
+            CM.Source("shim", {"namespace": "ns", "sandbox": "b"}, text=shim_text),
+            CM.Source("shim", {"namespace": "ns", "sandbox": "c"}, error="gone")]
+    got = samples(CM.render(srcs).decode())
+    assert got[("fractal_repo_layers", ())] == 3
+    assert got[("fractal_shim_containers", (("namespace", "ns"), ("sandbox", "a")))] == 2
+    assert got[("fractal_shim_containers", (("namespace", "ns"), ("sandbox", "b")))] == 2
+    assert got[("fractal_scrape_up", (("namespace", "ns"), ("sandbox", "c"), ("source", "shim")))] == 0
