@@ -58,6 +58,22 @@ http:
     X-Content-Type-Options: [nosniff]
 """
 
+#: appended for a registry with users (docker-registry's htpasswd auth: bcrypt entries only)
+AUTH_TEMPLATE = """\
+auth:
+  htpasswd:
+    realm: fractal-test
+    path: {htpasswd}
+"""
+
+
+def htpasswd_line(user: str, password: str) -> str:
+    """One ``user:$2b$...`` line of an htpasswd file, as docker-registry reads them (bcrypt;
+    the ``bcrypt`` package is a test dependency, apache2-utils' htpasswd is not needed)."""
+    import bcrypt
+
+    return f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}\n"
+
 
 class RegistryError(RuntimeError):
     pass
@@ -81,9 +97,12 @@ def _die_with_parent() -> None:
 class LocalRegistry:
     """docker-registry on 127.0.0.1; use as ``with LocalRegistry(tmpdir) as reg: reg.push(...)``."""
 
-    def __init__(self, data_dir: Path | str, port: int | None = None, start_timeout: float = 15.0) -> None:
+    def __init__(self, data_dir: Path | str, port: int | None = None, start_timeout: float = 15.0,
+                 users: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
+        #: user -> password: the registry then asks for them (HTTP Basic, htpasswd); push() logs in
+        self.users = dict(users or {})
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -127,7 +146,12 @@ class LocalRegistry:
     def _spawn_and_wait(self) -> None:
         (self.data_dir / "storage").mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "config.yml"
-        config.write_text(CONFIG_TEMPLATE.format(storage=self.data_dir / "storage", addr=self.address))
+        text = CONFIG_TEMPLATE.format(storage=self.data_dir / "storage", addr=self.address)
+        if self.users:
+            htpasswd = self.data_dir / "htpasswd"
+            htpasswd.write_text("".join(htpasswd_line(u, pw) for u, pw in self.users.items()))
+            text += AUTH_TEMPLATE.format(htpasswd=htpasswd)
+        config.write_text(text)
         with self.log_path.open("ab") as log:
             try:
                 self._proc = subprocess.Popen(
@@ -215,6 +239,11 @@ class LocalRegistry:
             "skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
             f"oci:{layout}:{src_tag}", f"docker://{ref}",
         ]  # fmt: skip
+        if self.users:  # an auth file, so no password appears on a command line
+            user, password = next(iter(self.users.items()))
+            authfile = self.data_dir / "push-auth.json"
+            authfile.write_text(docker_auth_file(self.address, user, password))
+            cmd[4:4] = ["--dest-authfile", str(authfile)]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         except FileNotFoundError as e:
@@ -229,6 +258,15 @@ class LocalRegistry:
         if not testimages.is_built(name, cache):
             raise RegistryError(f"test image {name!r} not built: python3 hack/testimages.py build --only {name}")
         return self.push(layout, name, tag)
+
+
+def docker_auth_file(registry: str, user: str, password: str) -> str:
+    """A ``~/.docker/config.json`` (also podman's auth.json) with one registry's credentials."""
+    import base64
+    import json
+
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return json.dumps({"auths": {registry: {"auth": token}}})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,6 +141,8 @@ class Daemon:
 
         # every handler answers errors through shim/errors.py: the one errdefs -> ttrpc mapping
         self.server = Server()
+        from shim import promexport  # Prometheus metrics over this ttrpc socket (docs/metrics.md)
+        promexport.install(self)
         self.server.register(SERVICE, with_request_fields(at_edge(self.service.methods())))
         from shim.layers import SERVICE as LAYERS_SERVICE, LayersService  # live layers (fractal CLI)
 

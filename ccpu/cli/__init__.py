@@ -46,6 +46,8 @@ GROUPS = (
     Group("image", "ccpu.cli.images", "import images into containerd, unpacked for fractal"),
     Group("guest", "ccpu.cli.guest", "the VM guest image (kernel + initramfs)"),
     Group("vm", "ccpu.cli.vm", "run things in the fractal VM"),
+    Group("metrics", "ccpu.cli.metrics", "Prometheus metrics of the snapshotter and every shim"),
+    Group("collect", "ccpu.cli.collect", "write a bug-report bundle (versions, configs, doctor, logs; secrets redacted)"),
 )
 
 #: failures a command expects and reports as one line, as (module, class): looked up only in

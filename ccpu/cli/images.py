@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import digest as digests
+from ..client import registryauth
 from ..defaults import SNAPSHOTTER_NAME
 from .common import add_containerd_flags, add_json_flag, human, print_json
 
@@ -61,6 +62,10 @@ MAX_DOCUMENT = 4 << 20
 
 class ImportError_(Exception):
     """The source cannot be imported; the message says why and what to do."""
+
+
+class UsageError(ImportError_):
+    """Flags that do not go together (exit 2, as argparse's own errors)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -557,10 +562,49 @@ def _read_bounded(r, limit: int, what: str) -> bytes:  # noqa: ANN001 - a reques
     return data
 
 
-def pull_to_layout(ref: str, layout: Path, plain_http: bool, stream=None) -> dict:  # noqa: ANN001
+def challenge_scheme(www_authenticate: str | None) -> str | None:
+    """The scheme of a 401's ``WWW-Authenticate`` (``basic``, ``bearer``), lower-case; None without one."""
+    scheme = (www_authenticate or "").strip().split(" ", 1)[0].lower()
+    return scheme or None
+
+
+def oras_backend(scheme: str | None) -> str:
+    """oras' auth backend for what the registry asks: ``basic`` for a Basic challenge (docker-registry
+    with htpasswd, many private registries), ``token`` otherwise (Bearer: Docker Hub, ghcr, quay,
+    Harbor; and registries that ask for nothing)."""
+    return "basic" if scheme == "basic" else "token"
+
+
+def _challenge(registry: str, prefix: str) -> str | None:
+    """``GET /v2/`` without credentials (the distribution spec's auth probe): the 401's
+    ``WWW-Authenticate`` header, or None when the registry lets anyone in."""
+    import requests  # oras' own dependency
+
+    try:
+        r = requests.get(f"{prefix}://{registry}/v2/", timeout=30)
+    except requests.RequestException as e:
+        raise ImportError_(f"cannot reach {registry}: {type(e).__name__}"
+                           + ("" if prefix == "http" else " (plain http registry? add --plain-http)")) from None
+    with r:
+        return r.headers.get("WWW-Authenticate", "") if r.status_code == 401 else None
+
+
+def _unretried(reg):  # noqa: ANN001, ANN202 - an oras.provider.Registry
+    """``reg.do_request`` without oras' retry decorator: that one sleeps 3+5+11+29+83 s on any
+    exception, a refused login included; a pull reports a failure at once instead."""
+    fn = getattr(type(reg).do_request, "__wrapped__", None)
+    return (lambda *a, **kw: fn(reg, *a, **kw)) if fn else reg.do_request
+
+
+def pull_to_layout(ref: str, layout: Path, plain_http: bool, stream=None,  # noqa: ANN001
+                   credentials: "registryauth.Credentials | None" = None,
+                   find_credentials: Callable[[str, str], "registryauth.Credentials | None"] | None = None) -> dict:
     """Fetch REF's manifest (the host platform's, if REF is an index) and its blobs into an OCI layout.
 
-    Returns the manifest descriptor written to index.json.
+    Credentials: ``credentials`` (the command line), else the user's auth files
+    (`registryauth.find`); they are handed to oras' own auth backend, which answers the
+    registry's challenge (Basic, or a Bearer token fetched with them).  Returns the manifest
+    descriptor written to index.json.
     """
     try:
         import oras.container
@@ -570,16 +614,45 @@ def pull_to_layout(ref: str, layout: Path, plain_http: bool, stream=None) -> dic
         raise ImportError_("image pull needs the oras Python package: pip install 'fractal[images]'") from None
     container = oras.container.Container(ref)
     _reachable(container.registry, plain_http)  # oras retries with backoff for minutes otherwise
-    reg = oras.provider.Registry(hostname=container.registry, insecure=plain_http)
+    prefix = "http" if plain_http else "https"
+    scheme = challenge_scheme(_challenge(container.registry, prefix))
+    creds = credentials
+    if creds is None and scheme is not None:  # asked for: look in the auth files
+        try:
+            creds = (find_credentials or registryauth.find)(container.registry, container.api_prefix)
+        except registryauth.RegistryAuthError as e:
+            raise ImportError_(str(e)) from None
+    if scheme == "basic" and creds is None:
+        raise ImportError_(f"{container.registry} asks for credentials (HTTP 401): "
+                           + registryauth.login_hint(container.registry))
+    reg = oras.provider.Registry(hostname=container.registry, insecure=plain_http, auth_backend=oras_backend(scheme))
+    if creds is not None:
+        reg.auth.set_basic_auth(creds.username, creds.password)
+    request = _unretried(reg)
     accept = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
+
+    def refused(status: int) -> ImportError_:
+        if creds is None:
+            return ImportError_(f"{container.registry} asks for credentials (HTTP {status}): "
+                                + registryauth.login_hint(container.registry))
+        return ImportError_(f"{container.registry} refused the credentials ({creds}) for "
+                            f"{container.api_prefix} (HTTP {status}); "
+                            + registryauth.login_hint(container.registry))
 
     def get(url: str, accept_hdr: str | None = None):  # noqa: ANN202 (url: digests checked by the caller)
         headers = {"Accept": accept_hdr} if accept_hdr else {}
         try:
-            r = reg.do_request(url, "GET", headers=headers, stream=True)
+            r = request(url, "GET", headers=headers, stream=True)
+        except ValueError as e:  # oras: "Cannot respond to request for authentication."
+            if "authentication" in str(e):
+                raise refused(401) from None
+            raise ImportError_(f"GET {url}: {e}") from None
         except Exception as e:  # noqa: BLE001 - requests' many errors, one message
-            raise ImportError_(f"cannot reach {container.registry}: {e}"
+            raise ImportError_(f"cannot reach {container.registry}: {type(e).__name__}: {e}"
                                + ("" if plain_http else " (plain http registry? add --plain-http)")) from None
+        if r.status_code in (401, 403):
+            r.close()
+            raise refused(r.status_code)
         if r.status_code != 200:
             raise ImportError_(f"GET {url}: HTTP {r.status_code} {r.text[:200]}")
         return r
@@ -689,16 +762,47 @@ def cmd_image_import(args) -> int:  # noqa: ANN001
     return 0
 
 
+def read_password(stdin) -> str:  # noqa: ANN001
+    """``--password-stdin``: the first line of stdin without its line end (docker login's rule)."""
+    line = stdin.readline()
+    password = line.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise ImportError_("--password-stdin: stdin gave no password")
+    return password
+
+
+def command_line_credentials(args) -> "registryauth.Credentials | None":  # noqa: ANN001
+    """--username with --password-stdin (or a prompt on a terminal); a password is never a flag,
+    so it shows up in no process list or shell history."""
+    if args.password_stdin and not args.username:
+        raise UsageError("--password-stdin needs --username")
+    if not args.username:
+        return None
+    if args.password_stdin:
+        password = read_password(sys.stdin)
+    elif sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"Password for {args.username}: ")
+    else:
+        raise UsageError("--username needs --password-stdin when stdin is not a terminal")
+    return registryauth.Credentials(args.username, password)
+
+
 def cmd_image_pull(args) -> int:  # noqa: ANN001
     t0 = time.monotonic()
     try:
         target = _target(args)
         name = args.name or normalize_ref(args.ref)
+        creds = command_line_credentials(args)
         with tempfile.TemporaryDirectory(prefix="fractal-pull-") as tmp:
             layout = Path(tmp)
             pull_to_layout(normalize_ref(args.ref) if "/" not in args.ref else args.ref, layout,
-                           args.plain_http)
+                           args.plain_http, credentials=creds)
             names = import_oci(target, layout, None, name, label=f"import {name}")
+    except UsageError as e:
+        print(f"fractal image pull: {e} (see 'fractal image pull --help')", file=sys.stderr)
+        return 2
     except (ImportError_, OSError, subprocess.SubprocessError) as e:
         print(f"fractal image pull: {e}", file=sys.stderr)
         return 1
@@ -723,6 +827,10 @@ def register(group) -> None:  # noqa: ANN001
     add_containerd_flags(p)
     p.add_argument("--name", default=None, help="image name in containerd (default: REF)")
     p.add_argument("--plain-http", action="store_true", help="registry speaks http, not https")
+    p.add_argument("-u", "--username", default=None,
+                   help="registry user (default: the credentials of docker/podman login's auth files)")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the registry password from stdin's first line (with --username)")
     p.add_argument("--snapshotter", default=SNAPSHOTTER_NAME, help="unpack for this snapshotter (default %(default)s)")
     add_json_flag(p, "print what was imported as JSON (progress stays on stderr)")
     p.set_defaults(func=cmd_image_pull)

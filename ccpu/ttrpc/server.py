@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, RequestContext], Awaitable[pb_message.Message]]
 MethodTable = Mapping[str, tuple[type[pb_message.Message], Handler]]
+#: ``observer(service, method, status code, seconds)`` after each answered call (metrics)
+Observer = Callable[[str, str, int, float], None]
 
 _STREAM_FLAGS = Flags.REMOTE_OPEN | Flags.REMOTE_CLOSED
 
@@ -67,6 +69,8 @@ class Server:
         self._connections: set[_Connection] = set()
         self._socket_files: list[tuple[str, int, int]] = []  # (path, dev, inode) we created
         self._closing = False
+        #: told of every answered call; set by whoever wants RPC metrics (shim/promexport.py)
+        self.observer: Observer | None = None
 
     # -- registration -------------------------------------------------------------------
 
@@ -198,7 +202,21 @@ class Server:
     # -- dispatch -----------------------------------------------------------------------
 
     async def _dispatch(self, req: Any) -> tuple[status_pb2.Status, bytes]:
-        """Run one unary call; returns (status, response payload). Raises only CancelledError."""
+        """Run one unary call; returns (status, response payload). Raises only CancelledError.
+
+        The observer, if any, hears of every answered call (a failing observer is logged, and
+        the call's answer goes out regardless)."""
+        if self.observer is None:
+            return await self._call(req)
+        t0 = time.monotonic()
+        status, payload = await self._call(req)
+        try:
+            self.observer(req.service, req.method, status.code, time.monotonic() - t0)
+        except Exception:  # noqa: BLE001 - metrics never fail a call
+            log.exception("ttrpc: observer failed")
+        return status, payload
+
+    async def _call(self, req: Any) -> tuple[status_pb2.Status, bytes]:
         service = self._services.get(req.service)
         if service is None:
             return make_status(Code.UNIMPLEMENTED, f"service {req.service}"), b""

@@ -138,3 +138,82 @@ def test_import_from_docker_api(fenv: FractalEnv, namespace: str, podman_api: st
     r = fractal(fenv, "image", "import", "docker://nosuch:1", "--docker-host", podman_api,
                 "-a", str(fenv.address), "-n", namespace)
     assert r.returncode == 1 and "no image 'nosuch:1'" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# registry credentials (issue 14 item 4): docker-registry with htpasswd (HTTP Basic) auth
+
+PASSWORD = "pw-Zq8-never-printed"
+
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A second local registry that asks for user alice (bcrypt htpasswd), busybox pushed."""
+    pytest.importorskip("bcrypt", reason="the test extra's bcrypt writes the htpasswd file")
+    from hack.registry import LocalRegistry
+
+    with LocalRegistry(tmp_path_factory.mktemp("auth-registry"), users={"alice": PASSWORD}) as reg:
+        yield reg, reg.push(busybox_layout(), "private/busybox")
+
+
+def pull_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment with no auth file of the machine's user in sight."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG")}
+    return {**env, "HOME": str(home), **extra}
+
+
+def pull(fenv: FractalEnv, ref: str, namespace: str, env: dict[str, str], *flags: str,
+         stdin: str | None = None, debug: bool = True) -> subprocess.CompletedProcess[str]:
+    """``fractal --debug image pull REF``: debug logs on, so a secret in them would show."""
+    return subprocess.run([sys.executable, "-m", "ccpu.cli", *(["--debug"] if debug else []),
+                           "image", "pull", ref, "--plain-http",
+                           "-a", str(fenv.address), "-n", namespace, *flags],
+                          capture_output=True, text=True, cwd=REPO, timeout=300, env=env, input=stdin)
+
+
+def test_pull_without_credentials_says_how_to_log_in(fenv: FractalEnv, namespace: str, auth_registry,
+                                                       tmp_path: Path) -> None:
+    reg, ref = auth_registry
+    r = pull(fenv, ref, namespace, pull_env(tmp_path), debug=False)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "HTTP 401" in lines[0] and f"docker login {reg.address}" in lines[0], r.stderr
+    assert "--password-stdin" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_pull_with_auth_file(fenv: FractalEnv, namespace: str, auth_registry, tmp_path: Path) -> None:
+    from hack.registry import docker_auth_file
+
+    reg, ref = auth_registry
+    authfile = tmp_path / "auth.json"
+    authfile.write_text(docker_auth_file(reg.address, "alice", PASSWORD))
+    r = pull(fenv, ref, namespace, pull_env(tmp_path / "home", REGISTRY_AUTH_FILE=str(authfile)))
+    assert r.returncode == 0, r.stderr
+    assert PASSWORD not in r.stdout + r.stderr
+    runs(fenv, ref, namespace, "auth-file")
+    # docker's own place, ~/.docker/config.json, as `docker login` leaves it
+    (tmp_path / "home" / ".docker").mkdir(parents=True)
+    (tmp_path / "home" / ".docker" / "config.json").write_text(docker_auth_file(reg.address, "alice", PASSWORD))
+    r = pull(fenv, ref, namespace, pull_env(tmp_path / "home"), "--name", "local/auth:docker")
+    assert r.returncode == 0, r.stderr
+
+
+def test_pull_with_username_and_password_stdin(fenv: FractalEnv, namespace: str, auth_registry,
+                                               tmp_path: Path) -> None:
+    reg, ref = auth_registry
+    r = pull(fenv, ref, namespace, pull_env(tmp_path), "--username", "alice", "--password-stdin",
+             stdin=PASSWORD + "\n")
+    assert r.returncode == 0, r.stderr
+    assert PASSWORD not in r.stdout + r.stderr
+    runs(fenv, ref, namespace, "auth-stdin")
+    wrong = "wrong-" + PASSWORD
+    r = pull(fenv, ref, namespace, pull_env(tmp_path), "-u", "alice", "--password-stdin",
+             stdin=wrong + "\n")
+    assert r.returncode == 1 and "refused the credentials (user 'alice'" in r.stderr, r.stderr
+    assert wrong not in r.stdout + r.stderr and "Traceback" not in r.stderr
+    r = pull(fenv, ref, namespace, pull_env(tmp_path), "--password-stdin", stdin="x\n")
+    assert r.returncode == 2 and "needs --username" in r.stderr
+    # nothing the daemons logged holds the secret either (they never see it: oras pulls)
+    for log in fenv.log_dir.glob("*.log"):
+        assert PASSWORD not in log.read_text(errors="replace"), log

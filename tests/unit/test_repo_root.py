@@ -71,7 +71,7 @@ def test_snapshotter_default_root_comes_from_the_config(tmp_path: Path, monkeypa
     monkeypatch.setenv("FRACTAL_CONFIG", str(f))
     monkeypatch.delenv("FRACTAL_ROOT", raising=False)
     served: list[Path] = []
-    monkeypatch.setattr(server, "serve", lambda root, address: served.append(root))
+    monkeypatch.setattr(server, "serve", lambda root, address, **kw: served.append(root))
     monkeypatch.setattr(server.asyncio, "run", lambda coro: None)
     monkeypatch.setattr("ccpu.logfmt.setup", lambda *a, **kw: None)  # leave the test's logging alone
     assert server.main(["--address", str(tmp_path / "s.sock")]) == 1  # a bad file: refuse to start

@@ -609,3 +609,28 @@ def test_oversized_response_becomes_resource_exhausted(sock_dir: str) -> None:
         await server.shutdown(grace=0.5)
 
     run(go())
+
+
+def test_observer_hears_every_answered_call_and_cannot_break_one(sock_dir: str) -> None:
+    heard: list[tuple[str, str, int]] = []
+
+    def observer(service: str, method: str, code: int, seconds: float) -> None:
+        assert seconds >= 0
+        heard.append((service, method, code))
+        if method == "Kill":
+            raise RuntimeError("a broken observer")
+
+    async def go() -> None:
+        async with serving(sock_dir) as (server, path, _h):
+            server.observer = observer
+            async with await Client.connect(path) as client:
+                await state_call(client)
+                with pytest.raises(TtrpcError):
+                    await client.call(TASK, "Kill", shim_pb2.KillRequest(id="t", signal=1), shim_pb2.StateResponse)
+                with pytest.raises(TtrpcError):
+                    await client.call(TASK, "Nope", shim_pb2.StateRequest(), shim_pb2.StateResponse)
+                assert (await state_call(client, "after")).id == "after"
+
+    run(go())
+    assert heard == [(TASK, "State", Code.OK), (TASK, "Kill", Code.NOT_FOUND),
+                     (TASK, "Nope", Code.UNIMPLEMENTED), (TASK, "State", Code.OK)]
