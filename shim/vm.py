@@ -46,73 +46,28 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import signal
 import socket
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from shim import guestspec
+from shim import guestspec, leftovers
+from shim.guestpaths import GUEST_LAYERS, guest_bundle, guest_layer_path, guest_rootfs, guest_scratch_dir
 from shim.guestspec import NotInVm
-from shim.layerview import LayerView, undo_recorded
-from shim.volumes import SHARE_TAG as VOLUMES_TAG
+from shim.layerview import LayerView
+from shim.leftovers import cleanup_dead
 from shim.mountrecord import MountRecordError, remove_run_dir
+from shim.sandbox import Sandbox
+from shim.volumes import SHARE_TAG as VOLUMES_TAG
 from shim.volumes import VolumeDir
 
 log = logging.getLogger("shim.vm")
 
-GUEST_LAYERS = "/repo/layers"
-GUEST_BUNDLES = "/run/fractal/bundles"
-GUEST_SCRATCH = "/run/fractal/containers"
 LAYERS_TAG = "fractallayers"
 AGENT_PORT = "fractal.agent"
-PIDS_FILE = "pids"
 
 # ---------------------------------------------------------------------------------------------
-# pure translation
-
-
-def _under(path: str, root: str) -> bool:
-    path, root = posixpath.normpath(path), posixpath.normpath(root)
-    return path.startswith(root.rstrip("/") + "/")
-
-
-def guest_layer_path(host_dir: str, host_layers: str) -> str:
-    """``<host_layers>/<id>[/...]`` -> ``/repo/layers/<id>[/...]``."""
-    if not posixpath.isabs(host_dir) or not _under(host_dir, host_layers):
-        raise NotInVm(f"{host_dir} is not in the fractal repo's layers ({host_layers}): the VM "
-                      "sees only those")
-    rel = posixpath.relpath(posixpath.normpath(host_dir), posixpath.normpath(host_layers))
-    return posixpath.join(GUEST_LAYERS, rel)
-
-
-def guest_scratch_dir(cid: str) -> str:
-    """The container's own tmpfs in the guest: its upper/work dirs and copied files."""
-    return posixpath.join(GUEST_SCRATCH, cid)
-
-
-def guest_scratch(cid: str) -> tuple[str, str]:
-    base = guest_scratch_dir(cid)
-    return posixpath.join(base, "upper"), posixpath.join(base, "work")
-
-
-def guest_bundle(cid: str) -> str:
-    return posixpath.join(GUEST_BUNDLES, cid)
-
-
-def guest_rootfs(rootfs: Mapping[str, Any], cid: str, host_layers: str) -> dict[str, Any]:
-    """The agent's ``rootfs`` argument in the guest for the host-side one (shim.rootfs)."""
-    kind = rootfs.get("kind")
-    if kind != "layers":
-        what = {"mounts": "its mounts are not fractal repo layers (another snapshotter, e.g. "
-                          "overlayfs?)",
-                "none": "it has no rootfs mounts"}.get(str(kind), f"rootfs kind {kind!r}")
-        raise NotInVm(f"container {cid} cannot run in a VM: {what}; VM mode needs the fractal "
-                      "snapshotter (ctr --snapshotter fractal), or use io.fractal.mode=host")
-    lowers = [guest_layer_path(p, host_layers) for p in rootfs["lowers"]]
-    upper, work = guest_scratch(cid)
-    return {"kind": "layers", "lowers": lowers, "upper": upper, "work": work}
+# what the guest translation reads on the host (shim.guestspec decides, shim.guestpaths maps)
 
 
 def _kind_of(path: str) -> tuple[str, int]:
@@ -158,65 +113,7 @@ def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# leftovers of a dead shim (stdlib only: called by the `delete` verb)
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def read_pids(run_dir: str) -> list[tuple[str, int, str]]:
-    out = []
-    try:
-        with open(os.path.join(run_dir, PIDS_FILE)) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 3 and parts[1].isdigit():
-                    out.append((parts[0], int(parts[1]), parts[2]))
-    except OSError:
-        pass
-    return out
-
-
-def cleanup_dead(run_dir: str) -> list[int]:
-    """Kill the QEMU/virtiofsd recorded in ``run_dir`` (only if pid AND start time still
-    match: pids get reused) and remove the dir.  Returns the pids killed."""
-    killed = []
-    for _name, pid, start in read_pids(run_dir):
-        if _start_time(pid) == start:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 3
-    while killed and time.monotonic() < deadline and any(_start_time(p) for p in killed):
-        time.sleep(0.02)
-    problems = undo_recorded(run_dir)  # the layer view: exactly the mounts its record names
-    if problems:
-        log.error("layer view of %s: %s", run_dir, "; ".join(problems))
-    try:
-        remove_run_dir(run_dir)  # the recorded volume binds are unmounted first: host data is never removed
-    except MountRecordError as exc:  # VolumeError too
-        log.error("%s", exc)
-    for d in (os.path.dirname(run_dir),):  # the namespace dir, if now empty
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
-    return killed
-
-
-# ---------------------------------------------------------------------------------------------
 # the sandbox
-
-from shim.sandbox import Sandbox  # noqa: E402  (after the stdlib-only part used by `delete`)
 
 
 class VmSandbox(Sandbox):
@@ -390,15 +287,8 @@ class VmSandbox(Sandbox):
         return f"/proc/self/fd/{self._dir_fd}/{name}"
 
     def _record_pids(self) -> None:
-        lines = []
-        for name, pid in [("qemu", self.pid)] + [("virtiofsd", p) for p in self._helpers]:
-            start = _start_time(pid) if pid else None
-            if pid and start:
-                lines.append(f"{name} {pid} {start}\n")
-        tmp = os.path.join(self.dir, PIDS_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, os.path.join(self.dir, PIDS_FILE))
+        assert self.pid is not None
+        leftovers.record(self.dir, [("qemu", self.pid)] + [("virtiofsd", p) for p in self._helpers])
 
     def _prepare_dir(self) -> None:
         """The run dir, once: a dead predecessor's (same namespace and group) cleaned up first."""
