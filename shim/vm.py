@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import time
 from typing import Any
 
@@ -142,13 +140,10 @@ class VmSandbox(Sandbox):
         self.lost = False
         self.timings: dict[str, float] = {}
         self.guest_kernel = ""
-        self._helpers: dict[int, Any] = {}  # pid -> exit future (virtiofsd)
-        self._exited: Any = None  # QEMU's exit future
+        self._machine: Any = None  # ccpu.vm.machine.AsyncMachine once booting: QEMU + virtiofsd
         self._client: Any = None
         self._ready: Any = None
         self._stopping = False
-        self._dir_fd: int | None = None
-        self._net: Any = None  # ccpu.vm.net.Attachment while the VM is attached to self.netns
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
         self.volumes = VolumeDir(self.dir)  # <dir>/volumes, shared over 9p (shim/volumes.py)
@@ -278,17 +273,8 @@ class VmSandbox(Sandbox):
         except KernelError:
             return initramfs.build(progress=progress)  # no kernel cached yet: ask apt
 
-    def _sock_addr(self, name: str) -> str:
-        path = os.path.join(self.dir, name)
-        if len(path.encode()) < 100:
-            return path
-        if self._dir_fd is None:  # too long for sun_path: reach it through our fd of the dir
-            self._dir_fd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return f"/proc/self/fd/{self._dir_fd}/{name}"
-
     def _record_pids(self) -> None:
-        assert self.pid is not None
-        leftovers.record(self.dir, [("qemu", self.pid)] + [("virtiofsd", p) for p in self._helpers])
+        leftovers.record(self.dir, self._machine.pids())
 
     def _prepare_dir(self) -> None:
         """The run dir, once: a dead predecessor's (same namespace and group) cleaned up first."""
@@ -305,10 +291,10 @@ class VmSandbox(Sandbox):
 
     async def _start(self) -> Any:
         import asyncio
-        import subprocess
 
         from ccpu.agent.client import AgentClient
-        from ccpu.vm import accel, qemu, shares
+        from ccpu.vm import machine, shares
+        from shim.console import ConsoleLog
 
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
@@ -318,81 +304,52 @@ class VmSandbox(Sandbox):
         self.timings["guest"] = time.monotonic() - t0
 
         s = self.settings
-        if s.accel == "auto":
-            choice = accel.choose()
-            self.accel, self.accel_reason = choice.accel, choice.reason
-        else:
-            self.accel, self.accel_reason = s.accel, "configured"
         vfsd = shares.find_virtiofsd()
         self.share, why = shares.decide(None if s.share == "auto" else s.share,
                                         os.environ.get("FRACTAL_SHARE") or None, vfsd)
-        if self.netns is not None:  # the pod's network (CRI): its eth0 becomes the guest's
-            from ccpu.vm import net
-
-            try:
-                self._net = await loop.run_in_executor(None, net.attach, self.netns)
-            except net.NetError as exc:
-                raise RuntimeError(f"cannot connect the pod network {self.netns} to the VM: {exc}") from None
-            log.info("pod network %s: %s", self.netns,
-                     ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in self._net.interfaces) or "no IPv4 interface")
-        from shim.console import ConsoleLog
-
         # What QEMU uses arrives opened (it may run as a uid that can reach nothing here): the
-        # agent's channel is one end of a socketpair, the virtiofsd connection is made here, the
-        # console is a connected socket (shim/console.py), the boot files are fds (ccpu/vm/qemu.py).
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        passed: list[Any] = [theirs]
-        fds: list[int] = []
+        # agent's channel is one end of a socketpair, the virtiofsd connection is made by the
+        # machine, the console is a connected socket read by shim/console.py, capped.
+        self._console = ConsoleLog(self.console_log, s.console_log_kib * 1024)
         try:
-            fds.append(os.open(os.path.join(self.dir, "qemu.log"),
-                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
-            self._console = ConsoleLog(self.console_log, s.console_log_kib * 1024)
-            console_fd = self._console.qemu_fd()
-            shares_ = [self._share(LAYERS_TAG, self.view.path, GUEST_LAYERS, vfsd, passed),
-                       # read-write, 9p: served by QEMU under ccpu.vm.fsguard (shim/volumes.py)
-                       qemu.Share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
-                                  readonly=False, type="9p")]
-            cfg = qemu.VMConfig(
-                kernel=str(guest.kernel), initramfs=str(guest.initramfs), console_log=self.console_log,
-                console_fd=console_fd, name=self.dir, accel=self.accel, memory_mb=s.memory_mb,
-                cpus=s.cpus, mode="agent", repo=None, shares=shares_,
-                ports=[qemu.Port(AGENT_PORT, fd=theirs.fileno())],
+            spec = machine.MachineSpec(
+                kernel=str(guest.kernel), initramfs=str(guest.initramfs), workdir=self.dir,
+                console=machine.ConsoleSocket(self._console.qemu_fd()), mode="agent", accel=s.accel,
+                memory_mb=s.memory_mb, cpus=s.cpus, ports=(AGENT_PORT,), netns=self.netns,
+                uid_base=s.qemu_uid_base, name=self.dir, virtiofsd=vfsd,
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
-                nics=self._net.nics if self._net else (),
-                cmdline_extra=(*(self._net.cmdline if self._net else ()),
-                               f"fractal.reserve={s.memory_reserve_mb}"))
-            cfg, boot_fds = qemu.open_boot_files(cfg)
-            fds += boot_fds
-            creds, self.qemu_user = qemu.choose_creds(cfg, s.qemu_uid_base, os.getpid())
-            argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
-            log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s), QEMU as %s; "
-                     "run dir %s", self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why,
-                     self.qemu_user, self.dir)
-            log.debug("qemu: %s", " ".join(argv))
-            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[0], cwd=self.dir,
-                              creds=creds, pass_fds=qemu.inherited_fds(cfg) + boot_fds, guard_shares=True)
+                cmdline_extra=(f"fractal.reserve={s.memory_reserve_mb}",),
+                shares=(
+                    # the layer view is a tmpfs with one bind per layer: announced as submounts,
+                    # each layer would be an automount point in the guest, which overlayfs refuses
+                    # as a lower dir ("filesystem not supported").  Not announced: one file system.
+                    machine.DirShare(LAYERS_TAG, self.view.path, GUEST_LAYERS, readonly=True,
+                                     transport=self.share, layers=True,
+                                     virtiofsd_args=("--no-announce-submounts",)),
+                    # read-write, 9p: served by QEMU under ccpu.vm.fsguard (shim/volumes.py)
+                    machine.DirShare(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
+                                     readonly=False, transport="9p")))
+            self._machine = machine.AsyncMachine(spec, self.reaper, on_end=self._vm_ended)
+            await self._machine.boot()
         except BaseException:
-            ours.close()
-            self._detach_net()
-            if self._console is not None:
-                self._console.close()
+            self._console.close()
             raise
-        finally:
-            for c in passed:
-                c.close()
-            for fd in fds:
-                os.close(fd)
-            if self._net is not None:
-                self._net.close_fds()  # QEMU holds the taps now
+        m = self._machine
         self._console.start()  # QEMU holds its end
-        self.pid = proc.pid
-        self._exited = self.reaper.wait(proc.pid)
-        self._exited.add_done_callback(self._qemu_exited)
+        self.pid = m.pid
+        self.accel, self.accel_reason, self.qemu_user = m.accel.accel, m.accel.reason, m.qemu_user
         self._record_pids()
         self.timings["qemu_started"] = time.monotonic() - t0
+        if m.net is not None:
+            log.info("pod network %s: %s", self.netns,
+                     ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in m.net.interfaces) or "no IPv4 interface")
+        log.info("VM started: QEMU pid %s, accel %s (%s), %dM, %d cpus, layers over %s (%s), QEMU as %s; "
+                 "run dir %s", self.pid, self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why,
+                 self.qemu_user, self.dir)
 
         deadline = t0 + s.boot_timeout
         try:
+            ours = m.ports.pop(AGENT_PORT)  # ours now: the client closes it
             ours.setblocking(False)
             client = await AgentClient.connect_socket(ours)
             self.timings["connected"] = time.monotonic() - t0
@@ -419,46 +376,16 @@ class VmSandbox(Sandbox):
         """``coro`` unless QEMU exits first or the deadline passes."""
         import asyncio
 
+        exited = self._machine.exited
         task = asyncio.ensure_future(coro)
-        done, _ = await asyncio.wait({task, self._exited}, timeout=max(0.1, deadline - time.monotonic()),
+        done, _ = await asyncio.wait({task, exited}, timeout=max(0.1, deadline - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
         task.cancel()
-        if self._exited in done:
-            raise RuntimeError(f"QEMU exited with {self.exit_status} during boot")
+        if exited in done:
+            raise RuntimeError(f"QEMU exited with {exited.result()} during boot")
         raise TimeoutError
-
-    def _share(self, tag: str, host: str, guest: str, vfsd: str | None, passed: list[Any]) -> Any:
-        """The read-only layer share: over virtiofs, a virtiofsd of its own (started here, its
-        connection appended to ``passed`` for QEMU); else 9p, served by QEMU itself."""
-        from ccpu.vm import qemu, shares
-
-        if self.share != "virtiofs":
-            return qemu.Share(tag, host, guest, True, "9p", layers=True)
-        assert vfsd
-        name = f"vfs-{tag}.sock"
-        share = qemu.Share(tag, host, guest, True, "virtiofs", name, layers=True)
-        vlog = os.open(os.path.join(self.dir, "virtiofsd.log"),
-                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            # spawned on the loop's thread: PDEATHSIG follows the thread that forked.
-            # The layer view is a tmpfs with one bind per layer: announced as submounts, each
-            # layer would be an automount point in the guest, which overlayfs refuses as a lower
-            # dir ("filesystem not supported").  Not announced, the guest sees one file system.
-            proc = shares.start_virtiofsd(vfsd, share, name, cwd=self.dir, stderr=vlog,
-                                          extra=["--no-announce-submounts"])
-        finally:
-            os.close(vlog)
-        self._helpers[proc.pid] = self.reaper.wait(proc.pid)
-        self._helpers[proc.pid].add_done_callback(
-            lambda fut, pid=proc.pid: self._helper_exited("virtiofsd", pid, fut))
-        try:
-            passed.append(shares.connect(self._sock_addr(name)))
-        except OSError as exc:
-            raise RuntimeError(f"virtiofsd pid {proc.pid} for share {tag} does not accept on "
-                               f"{os.path.join(self.dir, name)}: {exc}") from None
-        return qemu.Share(tag, host, guest, True, "virtiofs", fd=passed[-1].fileno(), layers=True)
 
     def diagnose(self) -> str:
         return (f"VM pid {self.pid} ({'alive' if self.exit_status is None else f'exited {self.exit_status}'}); "
@@ -472,25 +399,17 @@ class VmSandbox(Sandbox):
 
     # -- loss and stop ----------------------------------------------------------------------
 
-    def _qemu_exited(self, fut: Any) -> None:
-        if fut.cancelled():
+    def _vm_ended(self, reason: str) -> None:
+        """The machine ended by itself: QEMU exited, or a virtiofsd died (the guest's layer share
+        no longer answers and every file access in its containers would hang for ever, so the
+        machine stopped the VM) -- report the containers exited."""
+        self.exit_status = self._machine.exit_status
+        if self._stopping:  # the agent was told to shut down: the guest powers off
+            log.info("QEMU pid %s: %s", self.pid, reason)
             return
-        self.exit_status = fut.result()
-        if self._stopping:
-            log.info("QEMU pid %s exited with %s", self.pid, self.exit_status)
-            return
-        log.error("QEMU pid %s exited unexpectedly with %s; guest console (tail):\n%s",
-                  self.pid, self.exit_status, self.console_tail())
-        self._report_lost(f"QEMU exited with {self.exit_status}")
-
-    def _helper_exited(self, name: str, pid: int, fut: Any) -> None:
-        """virtiofsd gone while the VM runs: the guest's layer share no longer answers and every
-        file access in its containers would hang for ever -- end the VM and report them exited."""
-        if fut.cancelled() or self._stopping:
-            return
-        log.error("%s pid %s exited with %s while its VM runs: the guest's layers are gone; "
-                  "stopping the VM", name, pid, fut.result())
-        self._report_lost(f"{name} exited with {fut.result()}")
+        log.error("VM of %s ended unexpectedly (QEMU pid %s): %s; guest console (tail):\n%s",
+                  self.dir, self.pid, reason, self.console_tail())
+        self._report_lost(reason)
 
     def _link_lost(self, reason: str) -> None:
         if not self._stopping:
@@ -507,46 +426,16 @@ class VmSandbox(Sandbox):
 
             asyncio.get_running_loop().create_task(self._kill_all())
 
-    async def _wait(self, fut: Any, timeout: float) -> bool:
-        import asyncio
-
-        if fut is None or fut.done():
-            return True
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-            return True
-        except (TimeoutError, asyncio.TimeoutError):
-            return False
-
     async def _kill_all(self, grace: float = 0.0) -> None:
-        """QEMU: SIGTERM (after ``grace`` s for it to exit by itself), then SIGKILL; then the
-        helpers.  Everything is waited for (our reaper collects them)."""
-        if self.pid is not None and self._exited is not None and not self._exited.done():
-            if not await self._wait(self._exited, grace):
-                for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-                    try:
-                        os.kill(self.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    if await self._wait(self._exited, wait):
-                        break
-        for pid, fut in self._helpers.items():
-            if not fut.done():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                await self._wait(fut, 5.0)
-        if self._exited is None or self._exited.done():
-            self._detach_net()
+        """The machine: QEMU (after ``grace`` s for it to exit by itself) and its helpers, all
+        waited for (our reaper collects them); then the console, once QEMU is gone."""
+        m = self._machine
+        if m is not None:
+            await m.stop(grace)
+            self.exit_status = m.exit_status
+        if m is None or m.exited is None or m.exited.done():
             if self._console is not None:
                 self._console.close()  # what QEMU wrote last is read first
-
-    def _detach_net(self) -> None:
-        """Take the taps and tc redirects out of the pod's netns (QEMU is gone: they are ours)."""
-        if self._net is not None:
-            net, self._net = self._net, None
-            net.detach()
 
     async def stop(self, timeout: float = 5.0) -> None:
         import asyncio
@@ -563,9 +452,6 @@ class VmSandbox(Sandbox):
         await self._kill_all(grace=2.0)
         if self._client is not None:
             await self._client.close()
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-            self._dir_fd = None
         self.volumes.close()
         problems = self.view.close()  # exactly the view's recorded mounts
         if problems:
