@@ -1,25 +1,23 @@
 """VM mode: one QEMU guest per sandbox, the agent inside it, containers inside the guest.
 
 :class:`VmSandbox` implements the :class:`shim.sandbox.Sandbox` interface.  The first container
-of a sandbox boots the guest (``fractal guest build``'s kernel + initramfs, built on demand);
-the guest's init runs the agent on the virtio-serial port ``fractal.agent``, whose host end is
-the shim's end of a socketpair; the shim speaks the unchanged agent protocol over it.
-When the shim daemon exits (its last container was deleted) the agent is told to ``shutdown``
-and QEMU is stopped (SIGTERM, then SIGKILL).
+of a sandbox boots the guest (``fractal guest build``'s kernel + initramfs, built on demand) as a
+:class:`ccpu.vm.machine.AsyncMachine` -- the same boot as ``fractal vm run``: QEMU and its
+virtiofsd, confined, everything passed as fds; a dying virtiofsd ends the VM.  The guest's init
+runs the agent on the virtio-serial port ``fractal.agent``, whose host end is the shim's end of a
+socketpair; the shim speaks the unchanged agent protocol over it.  When the shim daemon exits
+(its last container was deleted) the agent is told to ``shutdown`` and the machine is stopped
+(QEMU: a grace period, SIGTERM, then SIGKILL; then virtiofsd).
 
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/`` (root, 0700): ``layers/`` (the
 layer view, :mod:`shim.layerview`) and its record ``layers.mounts``, ``volumes/`` (the containers'
 volume binds; ``mounts.json`` records every mount made for them, see :mod:`shim.mountrecord`),
 ``vfs-fractallayers.sock`` (virtiofsd, if used), ``console.log`` (the guest's serial console, read
 by the shim and capped with ``console.log.1``: :mod:`shim.console`; symlinked into every container
-bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's and virtiofsd's pid +
-start time, for :func:`cleanup_dead` when the shim is gone).  virtiofsd gets its socket relative to
-the run dir (its cwd): a unix socket path has at most 107 bytes and CRI sandbox ids alone are 64.
-QEMU gets no path in the run dir: its agent port is one end of a socketpair, the console a
-connected socket, boot files and the virtiofsd connection fds (so it can run as a uid of its own
-when it serves no 9p share, ccpu/vm/qemu.py).
+bundle as ``console.log``), ``qemu.log`` and ``virtiofsd.log`` (their stderr) and ``pids`` (QEMU's
+and virtiofsd's pid + start time, for :mod:`shim.leftovers` when the shim is gone).
 
-What the guest sees (pure translation, :func:`guest_rootfs`):
+What the guest sees (pure translation, :mod:`shim.guestpaths`):
 
 * the sandbox's layer view read-only at ``/repo/layers`` (9p or virtiofs): one read-only bind of
   ``<FRACTAL_ROOT>/layers/<id>`` at ``<id>`` per layer its containers stack, nothing else, so a
