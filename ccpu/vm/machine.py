@@ -23,7 +23,7 @@ Helpers share the VM's life: a virtiofsd that dies while the VM runs leaves the 
 system hanging for ever, so the VM is ended (and the caller told why); ``stop`` ends the helpers
 after QEMU.  :meth:`pids` feeds the shim's record for a dead shim's ``delete`` (shim/leftovers.py).
 
-Files in ``workdir`` (a root-only dir the caller owns): ``qemu.log`` (QEMU's stderr),
+Files in ``workdir`` (a root-only dir the caller owns; QEMU's and virtiofsd's cwd): ``qemu.log`` (QEMU's stderr),
 ``virtiofsd.log``, and the virtiofsd sockets ``vfs-<tag>.sock``, reached relative to it (a unix
 socket path has at most 107 bytes; a sandbox's run dir can be deeper).
 """
@@ -274,7 +274,9 @@ class _Launcher:
             creds, self.qemu_user = qemu.choose_creds(cfg, spec.uid_base, owner)
             self.argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
             log.debug("qemu: %s", " ".join(self.argv))
-            self.qemu = qemu.spawn(self.argv, stdout=subprocess.DEVNULL, stderr=fds[0], cwd="/", creds=creds,
+            # cwd: the workdir, though QEMU opens nothing by path (chdir precedes the uid drop):
+            # operators and tests tell whose QEMU it is by it (and by -name)
+            self.qemu = qemu.spawn(self.argv, stdout=subprocess.DEVNULL, stderr=fds[0], cwd=spec.workdir, creds=creds,
                                    pass_fds=qemu.inherited_fds(cfg) + boot_fds, guard_shares=True)
             spawned("qemu", self.qemu)
         except BaseException:

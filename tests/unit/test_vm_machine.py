@@ -155,6 +155,7 @@ def test_sync_boot_and_stop(fakes: Path) -> None:
         assert any(a.startswith("socket,id=vfs0,fd=") for a in args)
         assert args[args.index("-serial") + 1] == f"file:/dev/fdset/{qemu.CONSOLE_FDSET}"
         assert set(vm.ports) == {"a", "b"} and vm.poll() is None
+        assert vm.pid is not None and os.readlink(f"/proc/{vm.pid}/cwd") == str(fakes / "work")  # whose it is
         assert (fakes / "work" / "console.log").exists() and (fakes / "work" / machine.QEMU_LOG).exists()
         pids = [p for _, p in vm.pids()]
     assert vm.exit_status == -signal.SIGTERM and not any(alive(p) for p in pids)
