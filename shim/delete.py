@@ -123,7 +123,7 @@ def cleanup(namespace: str, cid: str, bundle: str, containerd_address: str) -> i
                     pass
             vm_dir = os.path.join(addr.run_dir(), "vms", namespace, group)
             if os.path.isdir(vm_dir) and not addr.can_connect(sock, timeout=0.5):
-                from shim.vm import cleanup_dead  # a VM sandbox's leftovers: QEMU, virtiofsd
+                from shim.leftovers import cleanup_dead  # a VM sandbox's leftovers: QEMU, virtiofsd
 
                 cleanup_dead(vm_dir)
     return pid

@@ -14,17 +14,13 @@ import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from shim.guestpaths import under
+
 
 class MountLike(Protocol):
     type: str
     source: str
     options: Sequence[str]
-
-
-def _under(path: str, root: str) -> bool:
-    root = posixpath.normpath(root)
-    path = posixpath.normpath(path)
-    return path.startswith(root.rstrip("/") + "/")
 
 
 def _overlay_parts(options: Iterable[str]) -> tuple[list[str], str, str, list[str]] | None:
@@ -61,7 +57,7 @@ def translate(mounts: Sequence[MountLike], repo_root: str | None) -> dict[str, A
         if parts is not None:
             lowers, upper, work, _ = parts
             if (lowers and upper and work
-                    and all(posixpath.isabs(p) and _under(p, layers_dir) for p in lowers)):
+                    and all(posixpath.isabs(p) and under(p, layers_dir) for p in lowers)):
                 return {"kind": "layers", "lowers": lowers, "upper": upper, "work": work}
     return {
         "kind": "mounts",

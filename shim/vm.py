@@ -1,25 +1,23 @@
 """VM mode: one QEMU guest per sandbox, the agent inside it, containers inside the guest.
 
 :class:`VmSandbox` implements the :class:`shim.sandbox.Sandbox` interface.  The first container
-of a sandbox boots the guest (``fractal guest build``'s kernel + initramfs, built on demand);
-the guest's init runs the agent on the virtio-serial port ``fractal.agent``, whose host end is
-the shim's end of a socketpair; the shim speaks the unchanged agent protocol over it.
-When the shim daemon exits (its last container was deleted) the agent is told to ``shutdown``
-and QEMU is stopped (SIGTERM, then SIGKILL).
+of a sandbox boots the guest (``fractal guest build``'s kernel + initramfs, built on demand) as a
+:class:`ccpu.vm.machine.AsyncMachine` -- the same boot as ``fractal vm run``: QEMU and its
+virtiofsd, confined, everything passed as fds; a dying virtiofsd ends the VM.  The guest's init
+runs the agent on the virtio-serial port ``fractal.agent``, whose host end is the shim's end of a
+socketpair; the shim speaks the unchanged agent protocol over it.  When the shim daemon exits
+(its last container was deleted) the agent is told to ``shutdown`` and the machine is stopped
+(QEMU: a grace period, SIGTERM, then SIGKILL; then virtiofsd).
 
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/`` (root, 0700): ``layers/`` (the
 layer view, :mod:`shim.layerview`) and its record ``layers.mounts``, ``volumes/`` (the containers'
 volume binds; ``mounts.json`` records every mount made for them, see :mod:`shim.mountrecord`),
 ``vfs-fractallayers.sock`` (virtiofsd, if used), ``console.log`` (the guest's serial console, read
 by the shim and capped with ``console.log.1``: :mod:`shim.console`; symlinked into every container
-bundle as ``console.log``), ``qemu.log`` (QEMU's stderr) and ``pids`` (QEMU's and virtiofsd's pid +
-start time, for :func:`cleanup_dead` when the shim is gone).  virtiofsd gets its socket relative to
-the run dir (its cwd): a unix socket path has at most 107 bytes and CRI sandbox ids alone are 64.
-QEMU gets no path in the run dir: its agent port is one end of a socketpair, the console a
-connected socket, boot files and the virtiofsd connection fds (so it can run as a uid of its own
-when it serves no 9p share, ccpu/vm/qemu.py).
+bundle as ``console.log``), ``qemu.log`` and ``virtiofsd.log`` (their stderr) and ``pids`` (QEMU's
+and virtiofsd's pid + start time, for :mod:`shim.leftovers` when the shim is gone).
 
-What the guest sees (pure translation, :func:`guest_rootfs`):
+What the guest sees (pure translation, :mod:`shim.guestpaths`):
 
 * the sandbox's layer view read-only at ``/repo/layers`` (9p or virtiofs): one read-only bind of
   ``<FRACTAL_ROOT>/layers/<id>`` at ``<id>`` per layer its containers stack, nothing else, so a
@@ -46,73 +44,27 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
-import signal
-import socket
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from shim import guestspec
+from ccpu import errdefs
+from shim import guestspec, leftovers
+from shim.guestpaths import GUEST_LAYERS, guest_bundle, guest_layer_path, guest_rootfs, guest_scratch_dir
 from shim.guestspec import NotInVm
-from shim.layerview import LayerView, undo_recorded
-from shim.volumes import SHARE_TAG as VOLUMES_TAG
+from shim.layerview import LayerView
+from shim.leftovers import cleanup_dead
 from shim.mountrecord import MountRecordError, remove_run_dir
+from shim.agentsandbox import AgentSandbox
+from shim.volumes import SHARE_TAG as VOLUMES_TAG
 from shim.volumes import VolumeDir
 
 log = logging.getLogger("shim.vm")
 
-GUEST_LAYERS = "/repo/layers"
-GUEST_BUNDLES = "/run/fractal/bundles"
-GUEST_SCRATCH = "/run/fractal/containers"
 LAYERS_TAG = "fractallayers"
 AGENT_PORT = "fractal.agent"
-PIDS_FILE = "pids"
 
 # ---------------------------------------------------------------------------------------------
-# pure translation
-
-
-def _under(path: str, root: str) -> bool:
-    path, root = posixpath.normpath(path), posixpath.normpath(root)
-    return path.startswith(root.rstrip("/") + "/")
-
-
-def guest_layer_path(host_dir: str, host_layers: str) -> str:
-    """``<host_layers>/<id>[/...]`` -> ``/repo/layers/<id>[/...]``."""
-    if not posixpath.isabs(host_dir) or not _under(host_dir, host_layers):
-        raise NotInVm(f"{host_dir} is not in the fractal repo's layers ({host_layers}): the VM "
-                      "sees only those")
-    rel = posixpath.relpath(posixpath.normpath(host_dir), posixpath.normpath(host_layers))
-    return posixpath.join(GUEST_LAYERS, rel)
-
-
-def guest_scratch_dir(cid: str) -> str:
-    """The container's own tmpfs in the guest: its upper/work dirs and copied files."""
-    return posixpath.join(GUEST_SCRATCH, cid)
-
-
-def guest_scratch(cid: str) -> tuple[str, str]:
-    base = guest_scratch_dir(cid)
-    return posixpath.join(base, "upper"), posixpath.join(base, "work")
-
-
-def guest_bundle(cid: str) -> str:
-    return posixpath.join(GUEST_BUNDLES, cid)
-
-
-def guest_rootfs(rootfs: Mapping[str, Any], cid: str, host_layers: str) -> dict[str, Any]:
-    """The agent's ``rootfs`` argument in the guest for the host-side one (shim.rootfs)."""
-    kind = rootfs.get("kind")
-    if kind != "layers":
-        what = {"mounts": "its mounts are not fractal repo layers (another snapshotter, e.g. "
-                          "overlayfs?)",
-                "none": "it has no rootfs mounts"}.get(str(kind), f"rootfs kind {kind!r}")
-        raise NotInVm(f"container {cid} cannot run in a VM: {what}; VM mode needs the fractal "
-                      "snapshotter (ctr --snapshotter fractal), or use io.fractal.mode=host")
-    lowers = [guest_layer_path(p, host_layers) for p in rootfs["lowers"]]
-    upper, work = guest_scratch(cid)
-    return {"kind": "layers", "lowers": lowers, "upper": upper, "work": work}
+# what the guest translation reads on the host (shim.guestspec decides, shim.guestpaths maps)
 
 
 def _kind_of(path: str) -> tuple[str, int]:
@@ -158,66 +110,7 @@ def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# leftovers of a dead shim (stdlib only: called by the `delete` verb)
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def read_pids(run_dir: str) -> list[tuple[str, int, str]]:
-    out = []
-    try:
-        with open(os.path.join(run_dir, PIDS_FILE)) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 3 and parts[1].isdigit():
-                    out.append((parts[0], int(parts[1]), parts[2]))
-    except OSError:
-        pass
-    return out
-
-
-def cleanup_dead(run_dir: str) -> list[int]:
-    """Kill the QEMU/virtiofsd recorded in ``run_dir`` (only if pid AND start time still
-    match: pids get reused) and remove the dir.  Returns the pids killed."""
-    killed = []
-    for _name, pid, start in read_pids(run_dir):
-        if _start_time(pid) == start:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 3
-    while killed and time.monotonic() < deadline and any(_start_time(p) for p in killed):
-        time.sleep(0.02)
-    problems = undo_recorded(run_dir)  # the layer view: exactly the mounts its record names
-    if problems:
-        log.error("layer view of %s: %s", run_dir, "; ".join(problems))
-    try:
-        remove_run_dir(run_dir)  # the recorded volume binds are unmounted first: host data is never removed
-    except MountRecordError as exc:  # VolumeError too
-        log.error("%s", exc)
-    for d in (os.path.dirname(run_dir),):  # the namespace dir, if now empty
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
-    return killed
-
-
-# ---------------------------------------------------------------------------------------------
 # the sandbox
-
-from ccpu import errdefs  # noqa: E402  (after the stdlib-only part used by `delete`)
-from shim.agentsandbox import AgentSandbox  # noqa: E402
 
 
 class VmSandbox(AgentSandbox):
@@ -249,13 +142,10 @@ class VmSandbox(AgentSandbox):
         self.lost = False
         self.timings: dict[str, float] = {}
         self.guest_kernel = ""
-        self._helpers: dict[int, Any] = {}  # pid -> exit future (virtiofsd)
-        self._exited: Any = None  # QEMU's exit future
+        self._machine: Any = None  # ccpu.vm.machine.AsyncMachine once booting: QEMU + virtiofsd
         self._client: Any = None
         self._ready: Any = None
         self._stopping = False
-        self._dir_fd: int | None = None
-        self._net: Any = None  # ccpu.vm.net.Attachment while the VM is attached to self.netns
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
         self.volumes = VolumeDir(self.dir)  # <dir>/volumes, shared over 9p (shim/volumes.py)
@@ -394,24 +284,8 @@ class VmSandbox(AgentSandbox):
         except KernelError:
             return initramfs.build(progress=progress)  # no kernel cached yet: ask apt
 
-    def _sock_addr(self, name: str) -> str:
-        path = os.path.join(self.dir, name)
-        if len(path.encode()) < 100:
-            return path
-        if self._dir_fd is None:  # too long for sun_path: reach it through our fd of the dir
-            self._dir_fd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return f"/proc/self/fd/{self._dir_fd}/{name}"
-
     def _record_pids(self) -> None:
-        lines = []
-        for name, pid in [("qemu", self.pid)] + [("virtiofsd", p) for p in self._helpers]:
-            start = _start_time(pid) if pid else None
-            if pid and start:
-                lines.append(f"{name} {pid} {start}\n")
-        tmp = os.path.join(self.dir, PIDS_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, os.path.join(self.dir, PIDS_FILE))
+        leftovers.record(self.dir, self._machine.pids())
 
     def _prepare_dir(self) -> None:
         """The run dir, once: a dead predecessor's (same namespace and group) cleaned up first."""
@@ -428,10 +302,10 @@ class VmSandbox(AgentSandbox):
 
     async def _start(self) -> Any:
         import asyncio
-        import subprocess
 
         from ccpu.agent.client import AgentClient
-        from ccpu.vm import accel, qemu, shares
+        from ccpu.vm import machine, shares
+        from shim.console import ConsoleLog
 
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
@@ -441,81 +315,52 @@ class VmSandbox(AgentSandbox):
         self.timings["guest"] = time.monotonic() - t0
 
         s = self.settings
-        if s.accel == "auto":
-            choice = accel.choose()
-            self.accel, self.accel_reason = choice.accel, choice.reason
-        else:
-            self.accel, self.accel_reason = s.accel, "configured"
         vfsd = shares.find_virtiofsd()
         self.share, why = shares.decide(None if s.share == "auto" else s.share,
                                         os.environ.get("FRACTAL_SHARE") or None, vfsd)
-        if self.netns is not None:  # the pod's network (CRI): its eth0 becomes the guest's
-            from ccpu.vm import net
-
-            try:
-                self._net = await loop.run_in_executor(None, net.attach, self.netns)
-            except net.NetError as exc:
-                raise RuntimeError(f"cannot connect the pod network {self.netns} to the VM: {exc}") from None
-            log.info("pod network %s: %s", self.netns,
-                     ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in self._net.interfaces) or "no IPv4 interface")
-        from shim.console import ConsoleLog
-
         # What QEMU uses arrives opened (it may run as a uid that can reach nothing here): the
-        # agent's channel is one end of a socketpair, the virtiofsd connection is made here, the
-        # console is a connected socket (shim/console.py), the boot files are fds (ccpu/vm/qemu.py).
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        passed: list[Any] = [theirs]
-        fds: list[int] = []
+        # agent's channel is one end of a socketpair, the virtiofsd connection is made by the
+        # machine, the console is a connected socket read by shim/console.py, capped.
+        self._console = ConsoleLog(self.console_log, s.console_log_kib * 1024)
         try:
-            fds.append(os.open(os.path.join(self.dir, "qemu.log"),
-                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
-            self._console = ConsoleLog(self.console_log, s.console_log_kib * 1024)
-            console_fd = self._console.qemu_fd()
-            shares_ = [self._share(LAYERS_TAG, self.view.path, GUEST_LAYERS, vfsd, passed),
-                       # read-write, 9p: served by QEMU under ccpu.vm.fsguard (shim/volumes.py)
-                       qemu.Share(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
-                                  readonly=False, type="9p")]
-            cfg = qemu.VMConfig(
-                kernel=str(guest.kernel), initramfs=str(guest.initramfs), console_log=self.console_log,
-                console_fd=console_fd, name=self.dir, accel=self.accel, memory_mb=s.memory_mb,
-                cpus=s.cpus, mode="agent", repo=None, shares=shares_,
-                ports=[qemu.Port(AGENT_PORT, fd=theirs.fileno())],
+            spec = machine.MachineSpec(
+                kernel=str(guest.kernel), initramfs=str(guest.initramfs), workdir=self.dir,
+                console=machine.ConsoleSocket(self._console.qemu_fd()), mode="agent", accel=s.accel,
+                memory_mb=s.memory_mb, cpus=s.cpus, ports=(AGENT_PORT,), netns=self.netns,
+                uid_base=s.qemu_uid_base, name=self.dir, virtiofsd=vfsd,
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
-                nics=self._net.nics if self._net else (),
-                cmdline_extra=(*(self._net.cmdline if self._net else ()),
-                               f"fractal.reserve={s.memory_reserve_mb}"))
-            cfg, boot_fds = qemu.open_boot_files(cfg)
-            fds += boot_fds
-            creds, self.qemu_user = qemu.choose_creds(cfg, s.qemu_uid_base, os.getpid())
-            argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
-            log.info("starting VM: accel %s (%s), %dM, %d cpus, layers over %s (%s), QEMU as %s; "
-                     "run dir %s", self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why,
-                     self.qemu_user, self.dir)
-            log.debug("qemu: %s", " ".join(argv))
-            proc = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=fds[0], cwd=self.dir,
-                              creds=creds, pass_fds=qemu.inherited_fds(cfg) + boot_fds, guard_shares=True)
+                cmdline_extra=(f"fractal.reserve={s.memory_reserve_mb}",),
+                shares=(
+                    # the layer view is a tmpfs with one bind per layer: announced as submounts,
+                    # each layer would be an automount point in the guest, which overlayfs refuses
+                    # as a lower dir ("filesystem not supported").  Not announced: one file system.
+                    machine.DirShare(LAYERS_TAG, self.view.path, GUEST_LAYERS, readonly=True,
+                                     transport=self.share, layers=True,
+                                     virtiofsd_args=("--no-announce-submounts",)),
+                    # read-write, 9p: served by QEMU under ccpu.vm.fsguard (shim/volumes.py)
+                    machine.DirShare(VOLUMES_TAG, self.volumes.root, guestspec.GUEST_VOLUMES,
+                                     readonly=False, transport="9p")))
+            self._machine = machine.AsyncMachine(spec, self.reaper, on_end=self._vm_ended)
+            await self._machine.boot()
         except BaseException:
-            ours.close()
-            self._detach_net()
-            if self._console is not None:
-                self._console.close()
+            self._console.close()
             raise
-        finally:
-            for c in passed:
-                c.close()
-            for fd in fds:
-                os.close(fd)
-            if self._net is not None:
-                self._net.close_fds()  # QEMU holds the taps now
+        m = self._machine
         self._console.start()  # QEMU holds its end
-        self.pid = proc.pid
-        self._exited = self.reaper.wait(proc.pid)
-        self._exited.add_done_callback(self._qemu_exited)
+        self.pid = m.pid
+        self.accel, self.accel_reason, self.qemu_user = m.accel.accel, m.accel.reason, m.qemu_user
         self._record_pids()
         self.timings["qemu_started"] = time.monotonic() - t0
+        if m.net is not None:
+            log.info("pod network %s: %s", self.netns,
+                     ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in m.net.interfaces) or "no IPv4 interface")
+        log.info("VM started: QEMU pid %s, accel %s (%s), %dM, %d cpus, layers over %s (%s), QEMU as %s; "
+                 "run dir %s", self.pid, self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why,
+                 self.qemu_user, self.dir)
 
         deadline = t0 + s.boot_timeout
         try:
+            ours = m.ports.pop(AGENT_PORT)  # ours now: the client closes it
             ours.setblocking(False)
             client = await AgentClient.connect_socket(ours)
             self.timings["connected"] = time.monotonic() - t0
@@ -542,46 +387,16 @@ class VmSandbox(AgentSandbox):
         """``coro`` unless QEMU exits first or the deadline passes."""
         import asyncio
 
+        exited = self._machine.exited
         task = asyncio.ensure_future(coro)
-        done, _ = await asyncio.wait({task, self._exited}, timeout=max(0.1, deadline - time.monotonic()),
+        done, _ = await asyncio.wait({task, exited}, timeout=max(0.1, deadline - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
         task.cancel()
-        if self._exited in done:
-            raise RuntimeError(f"QEMU exited with {self.exit_status} during boot")
+        if exited in done:
+            raise RuntimeError(f"QEMU exited with {exited.result()} during boot")
         raise TimeoutError
-
-    def _share(self, tag: str, host: str, guest: str, vfsd: str | None, passed: list[Any]) -> Any:
-        """The read-only layer share: over virtiofs, a virtiofsd of its own (started here, its
-        connection appended to ``passed`` for QEMU); else 9p, served by QEMU itself."""
-        from ccpu.vm import qemu, shares
-
-        if self.share != "virtiofs":
-            return qemu.Share(tag, host, guest, True, "9p", layers=True)
-        assert vfsd
-        name = f"vfs-{tag}.sock"
-        share = qemu.Share(tag, host, guest, True, "virtiofs", name, layers=True)
-        vlog = os.open(os.path.join(self.dir, "virtiofsd.log"),
-                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            # spawned on the loop's thread: PDEATHSIG follows the thread that forked.
-            # The layer view is a tmpfs with one bind per layer: announced as submounts, each
-            # layer would be an automount point in the guest, which overlayfs refuses as a lower
-            # dir ("filesystem not supported").  Not announced, the guest sees one file system.
-            proc = shares.start_virtiofsd(vfsd, share, name, cwd=self.dir, stderr=vlog,
-                                          extra=["--no-announce-submounts"])
-        finally:
-            os.close(vlog)
-        self._helpers[proc.pid] = self.reaper.wait(proc.pid)
-        self._helpers[proc.pid].add_done_callback(
-            lambda fut, pid=proc.pid: self._helper_exited("virtiofsd", pid, fut))
-        try:
-            passed.append(shares.connect(self._sock_addr(name)))
-        except OSError as exc:
-            raise RuntimeError(f"virtiofsd pid {proc.pid} for share {tag} does not accept on "
-                               f"{os.path.join(self.dir, name)}: {exc}") from None
-        return qemu.Share(tag, host, guest, True, "virtiofs", fd=passed[-1].fileno(), layers=True)
 
     def diagnose(self) -> str:
         return (f"VM pid {self.pid} ({'alive' if self.exit_status is None else f'exited {self.exit_status}'}); "
@@ -595,25 +410,17 @@ class VmSandbox(AgentSandbox):
 
     # -- loss and stop ----------------------------------------------------------------------
 
-    def _qemu_exited(self, fut: Any) -> None:
-        if fut.cancelled():
+    def _vm_ended(self, reason: str) -> None:
+        """The machine ended by itself: QEMU exited, or a virtiofsd died (the guest's layer share
+        no longer answers and every file access in its containers would hang for ever, so the
+        machine stopped the VM) -- report the containers exited."""
+        self.exit_status = self._machine.exit_status
+        if self._stopping:  # the agent was told to shut down: the guest powers off
+            log.info("QEMU pid %s: %s", self.pid, reason)
             return
-        self.exit_status = fut.result()
-        if self._stopping:
-            log.info("QEMU pid %s exited with %s", self.pid, self.exit_status)
-            return
-        log.error("QEMU pid %s exited unexpectedly with %s; guest console (tail):\n%s",
-                  self.pid, self.exit_status, self.console_tail())
-        self._report_lost(f"QEMU exited with {self.exit_status}")
-
-    def _helper_exited(self, name: str, pid: int, fut: Any) -> None:
-        """virtiofsd gone while the VM runs: the guest's layer share no longer answers and every
-        file access in its containers would hang for ever -- end the VM and report them exited."""
-        if fut.cancelled() or self._stopping:
-            return
-        log.error("%s pid %s exited with %s while its VM runs: the guest's layers are gone; "
-                  "stopping the VM", name, pid, fut.result())
-        self._report_lost(f"{name} exited with {fut.result()}")
+        log.error("VM of %s ended unexpectedly (QEMU pid %s): %s; guest console (tail):\n%s",
+                  self.dir, self.pid, reason, self.console_tail())
+        self._report_lost(reason)
 
     def _link_lost(self, reason: str) -> None:
         if not self._stopping:
@@ -630,46 +437,16 @@ class VmSandbox(AgentSandbox):
 
             asyncio.get_running_loop().create_task(self._kill_all())
 
-    async def _wait(self, fut: Any, timeout: float) -> bool:
-        import asyncio
-
-        if fut is None or fut.done():
-            return True
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-            return True
-        except (TimeoutError, asyncio.TimeoutError):
-            return False
-
     async def _kill_all(self, grace: float = 0.0) -> None:
-        """QEMU: SIGTERM (after ``grace`` s for it to exit by itself), then SIGKILL; then the
-        helpers.  Everything is waited for (our reaper collects them)."""
-        if self.pid is not None and self._exited is not None and not self._exited.done():
-            if not await self._wait(self._exited, grace):
-                for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-                    try:
-                        os.kill(self.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    if await self._wait(self._exited, wait):
-                        break
-        for pid, fut in self._helpers.items():
-            if not fut.done():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                await self._wait(fut, 5.0)
-        if self._exited is None or self._exited.done():
-            self._detach_net()
+        """The machine: QEMU (after ``grace`` s for it to exit by itself) and its helpers, all
+        waited for (our reaper collects them); then the console, once QEMU is gone."""
+        m = self._machine
+        if m is not None:
+            await m.stop(grace)
+            self.exit_status = m.exit_status
+        if m is None or m.exited is None or m.exited.done():
             if self._console is not None:
                 self._console.close()  # what QEMU wrote last is read first
-
-    def _detach_net(self) -> None:
-        """Take the taps and tc redirects out of the pod's netns (QEMU is gone: they are ours)."""
-        if self._net is not None:
-            net, self._net = self._net, None
-            net.detach()
 
     async def stop(self, timeout: float = 5.0) -> None:
         import asyncio
@@ -686,9 +463,6 @@ class VmSandbox(AgentSandbox):
         await self._kill_all(grace=2.0)
         if self._client is not None:
             await self._client.close()
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-            self._dir_fd = None
         self.volumes.close()
         problems = self.view.close()  # exactly the view's recorded mounts
         if problems:

@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ccpu.linux.proc import ProcStat, stat
+
 MAX_PROCESSES = 64
 
 
@@ -23,28 +25,19 @@ def _read(path: str) -> str:
         return ""
 
 
-def _stat(pid: int) -> tuple[int, str, int] | None:
-    """(ppid, state, start time in clock ticks) of ``pid``."""
-    raw = _read(f"/proc/{pid}/stat")
-    if ")" not in raw:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[1]), fields[0], int(fields[19])
-
-
 def processes(root: int) -> list[dict[str, Any]]:
     """The descendants of ``root`` (not ``root`` itself), oldest first."""
-    table = {}
+    table: dict[int, ProcStat] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            st = _stat(int(entry))
+            st = stat(int(entry))
             if st is not None:
-                table[int(entry)] = st
+                table[st.pid] = st
     mine, todo = [], [root]
     while todo and len(mine) < MAX_PROCESSES:
         parent = todo.pop()
-        for pid, (ppid, _, _) in table.items():
-            if ppid == parent and pid not in mine:
+        for pid, st in table.items():
+            if st.ppid == parent and pid not in mine:
                 mine.append(pid)
                 todo.append(pid)
     try:
@@ -52,10 +45,10 @@ def processes(root: int) -> list[dict[str, Any]]:
     except (ValueError, IndexError, OSError):
         ticks, uptime = 100, 0.0
     out = []
-    for pid in sorted(mine, key=lambda p: table[p][2])[:MAX_PROCESSES]:
-        ppid, state, start = table[pid]
-        out.append({"pid": pid, "ppid": ppid, "state": state, "wchan": _read(f"/proc/{pid}/wchan"),
-                    "age_s": round(max(0.0, uptime - start / ticks), 1),
+    for pid in sorted(mine, key=lambda p: table[p].start_time)[:MAX_PROCESSES]:
+        st = table[pid]
+        out.append({"pid": pid, "ppid": st.ppid, "state": st.state, "wchan": _read(f"/proc/{pid}/wchan"),
+                    "age_s": round(max(0.0, uptime - st.start_time / ticks), 1),
                     "cmd": _read(f"/proc/{pid}/cmdline").replace("\0", " ").strip()[:200]})
     return out
 

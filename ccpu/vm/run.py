@@ -1,7 +1,7 @@
 """`fractal vm run`: boot the guest, run one shell command in it, stream its output, return its code.
 
-The VM lives exactly as long as this call: QEMU (and any virtiofsd) are
-started with PR_SET_PDEATHSIG, killed in a `finally`, and waited for.
+The VM (ccpu.vm.machine, the same boot as a shim's sandbox) lives exactly as long as this call:
+QEMU (and any virtiofsd) are started with PR_SET_PDEATHSIG, killed in a `finally`, and waited for.
 Shares: the repo (optional) read-only at /repo, the user's directories
 read-write (first at /work, the command's cwd).  ``netns``: the VM's NIC
 becomes that network namespace's interface (ccpu.vm.net), detached afterwards.
@@ -9,13 +9,11 @@ becomes that network namespace's interface (ccpu.vm.net), detached afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
 import selectors
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,14 +23,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..guest.initramfs import Guest
-from . import accel, net, qemu, runproto, shares
+from . import qemu, runproto, shares
+from .machine import ConsoleFile, DirShare, Machine, MachineError, MachineSpec
 
 log = logging.getLogger(__name__)
 
 PORT_RUN, PORT_OUT, PORT_ERR = "fractal.run", "fractal.stdout", "fractal.stderr"
 
 
-class VMError(RuntimeError):
+class VMError(MachineError):
     """The VM could not be started or died before the command finished."""
 
 
@@ -79,83 +78,38 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
     """Run `argv` (joined for `sh -c`) in a fresh guest; its stdout/stderr go to `stdout`/`stderr`."""
     out_f = stdout or sys.stdout.buffer
     err_f = stderr or sys.stderr.buffer
-    choice = accel.choose()
     stype, why = shares.choose(share_type)
-    note(f"accel {choice.accel} ({choice.reason}); shares over {stype} ({why})")
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    helpers: list[subprocess.Popen] = []
-    proc: subprocess.Popen | None = None
-    conns: list[socket.socket] = []  # ours: the channels' host ends
-    passed: list[socket.socket] = []  # QEMU's (channel ends, virtiofsd connections), closed once it runs
-    fds: list[int] = []  # console log, kernel, initramfs (QEMU's copies stay open)
-    attached: net.Attachment | None = None
     with tempfile.TemporaryDirectory(prefix="fractal-vm-") as tmp:
+        log_path = console_log or os.path.join(tmp, "console.log")
+
+        def share(tag: str, host: str, guest_path: str, ro: bool, layers: bool = False) -> DirShare:
+            return DirShare(tag, host, guest_path, ro, stype, layers=layers)
+
+        spec = MachineSpec(
+            kernel=str(guest.kernel), initramfs=str(guest.initramfs), workdir=tmp, console=ConsoleFile(log_path),
+            mode="run", accel="auto", machine=machine, memory_mb=memory_mb, cpus=cpus,
+            repo=share(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True, layers=True) if repo else None,
+            shares=tuple(share(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)),
+            ports=(PORT_RUN, PORT_OUT, PORT_ERR), netns=netns, uid_base=uid_base, debug=debug)
+        vm = Machine(spec)
         try:
-            vfsd = shares.find_virtiofsd() if stype == "virtiofs" else None
-
-            def mk(tag: str, host: str, guest_path: str, ro: bool, layers: bool = False) -> qemu.Share:
-                if not os.path.isdir(host):
-                    raise VMError(f"share {host} is not a directory")
-                sock = os.path.join(tmp, f"vfs-{tag}.sock") if stype == "virtiofs" else None
-                return qemu.Share(tag, host, guest_path, ro, stype, sock, layers=layers)
-
-            repo_share = mk(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True, layers=True) if repo else None
-            user_shares = [mk(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)]
-            if vfsd:
-                for s in ([repo_share] if repo_share else []) + user_shares:
-                    assert s.socket
-                    helpers.append(shares.start_virtiofsd(vfsd, s, s.socket))
-                    # QEMU gets the connection, not the path (it may run without the right to reach it)
-                    passed.append(shares.connect(s.socket))
-                connected = iter(passed)
-                if repo_share:
-                    repo_share = dataclasses.replace(repo_share, fd=next(connected).fileno())
-                user_shares = [dataclasses.replace(s, fd=next(connected).fileno()) for s in user_shares]
-            ports = []
-            for n in (PORT_RUN, PORT_OUT, PORT_ERR):  # QEMU's end of each channel is one end of a socketpair
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                conns.append(ours)
-                passed.append(theirs)
-                ports.append(qemu.Port(n, fd=theirs.fileno()))
-            log_path = console_log or os.path.join(tmp, "console.log")
-            console_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            fds.append(console_fd)
+            vm.boot()
+            assert vm.accel is not None
+            note(f"accel {vm.accel.accel} ({vm.accel.reason}); shares over {stype} ({why})")
             if netns:
-                try:
-                    attached = net.attach(netns)
-                except net.NetError as exc:
-                    raise VMError(str(exc)) from None
+                assert vm.net is not None
                 note(f"netns {netns}: " + (", ".join(f"{i.name} {i.mac} mtu {i.mtu} {' '.join(i.addrs)}"
-                                                     for i in attached.interfaces) or "no IPv4 interface"))
-            cfg = qemu.VMConfig(kernel=str(guest.kernel), initramfs=str(guest.initramfs), console_log=log_path,
-                                accel=choice.accel, machine=machine, memory_mb=memory_mb, cpus=cpus, mode="run",
-                                repo=repo_share, shares=user_shares, ports=ports, debug=debug,
-                                nics=attached.nics if attached else (),
-                                cmdline_extra=attached.cmdline if attached else (),
-                                console_log_fd=console_fd)
-            cfg, boot_fds = qemu.open_boot_files(cfg)
-            fds += boot_fds
-            creds, who = qemu.choose_creds(cfg, uid_base, os.getpid())
-            note(f"QEMU runs as {who}")
-            cmd = qemu.command(cfg, qboot_exists=qemu.qboot_available())
-            log.debug("qemu: %s", " ".join(cmd))
-            proc = qemu.spawn(cmd, pass_fds=qemu.inherited_fds(cfg) + boot_fds, creds=creds, cwd="/",
-                              guard_shares=True)
-            if attached:
-                attached.close_fds()  # QEMU holds the taps now
-            for c in passed:  # and its ends of the channels
-                c.close()
-            passed.clear()
-            ctl, out_s, err_s = conns
+                                                     for i in vm.net.interfaces) or "no IPv4 interface"))
+            note(f"QEMU runs as {vm.qemu_user}")
+            ctl, out_s, err_s = (vm.ports[p] for p in (PORT_RUN, PORT_OUT, PORT_ERR))
             marker = runproto.new_marker()
             ctl.sendall(runproto.request(marker, argv))
-            code = _pump(ctl, out_s, err_s, marker, out_f, err_f, proc, t0 + timeout, timings, t0)
-            hwm = _vm_hwm_kb(proc.pid)  # QEMU's peak RSS, read while it still exists
+            code = _pump(ctl, out_s, err_s, marker, out_f, err_f, vm, t0 + timeout, timings, t0)
+            hwm = _vm_hwm_kb(vm.pid)  # QEMU's peak RSS, read while it still exists
             ctl.sendall(runproto.ACK)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
+            if vm.wait(timeout=15) is None:
                 log.warning("guest did not power off within 15 s; killing QEMU")
             timings["qemu_exit"] = time.monotonic() - t0
             text = _read(log_path)
@@ -163,24 +117,16 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             for up, what in console_milestones(text):
                 timings[f"guest:{what}"] = up
             return result
-        except VMError as exc:
-            tail = _read(console_log or os.path.join(tmp, "console.log"))[-3000:]
+        except MachineError as exc:
+            tail = _read(log_path)[-3000:]
             raise VMError(f"{exc}\n--- guest console (tail) ---\n{tail}") from None
         finally:
-            for c in conns + passed:
+            for c in vm.ports.values():
                 c.close()
-            for fd in fds:
-                os.close(fd)
-            if proc is not None:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-            shares.stop_all(helpers)
-            if attached:
-                attached.detach()
+            vm.stop()
 
 
-def _vm_hwm_kb(pid: int) -> int | None:
+def _vm_hwm_kb(pid: int | None) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -198,7 +144,7 @@ def _read(path: str) -> str:
 
 
 def _pump(ctl: socket.socket, out_s: socket.socket, err_s: socket.socket, marker: bytes,
-          out_f: BinaryIO, err_f: BinaryIO, proc: subprocess.Popen, deadline: float,
+          out_f: BinaryIO, err_f: BinaryIO, vm: Machine, deadline: float,
           timings: dict[str, float], t0: float) -> int:
     """Forward output until both streams ended and the exit code arrived; returns the exit code."""
     sel = selectors.DefaultSelector()
@@ -213,8 +159,9 @@ def _pump(ctl: socket.socket, out_s: socket.socket, err_s: socket.socket, marker
             if now > deadline:
                 raise VMError("timeout waiting for the command")
             events = sel.select(timeout=min(0.5, deadline - now))
-            if not events and proc.poll() is not None:
-                raise VMError(f"QEMU exited ({proc.returncode}) before the command finished")
+            if not events and vm.poll() is not None:
+                why = "" if vm.ended is None or vm.ended.startswith("QEMU") else f": {vm.ended}"
+                raise VMError(f"QEMU exited ({vm.exit_status}) before the command finished{why}")
             for key, _ in events:
                 s = key.fileobj
                 assert isinstance(s, socket.socket)

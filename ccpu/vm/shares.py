@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from .qemu import SHARE_TYPES, Share, spawn
@@ -75,19 +75,18 @@ LAYER_XATTRS = ["--xattr", "--posix-acl", "--xattrmap", ":bad:all:trusted.:trust
 
 
 def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float = 10.0, *,
-                    cwd: str | None = None, stderr: int | None = subprocess.PIPE, extra: Sequence[str] = (),
-                    poll: Callable[[subprocess.Popen], int | None] | None = None) -> subprocess.Popen:
+                    cwd: str | None = None, stderr: int | None = subprocess.PIPE,
+                    extra: Sequence[str] = ()) -> subprocess.Popen:
     """Start virtiofsd and wait for its socket (QEMU fails if it connects too early).
 
-    ``cwd``: a relative ``socket_path`` is relative to it.  ``poll(proc)``: how to learn that it
-    exited (default ``proc.poll()``; a caller whose own reaper collects children passes its own).
-    ``extra``: more virtiofsd arguments."""
+    ``cwd``: a relative ``socket_path`` is relative to it.  ``extra``: more virtiofsd arguments.
+    Its exit is watched with ``proc.poll()`` while it starts: an asyncio caller whose reaper
+    collects children calls this on the loop's thread, where that reaper cannot run meanwhile."""
     proc = spawn(virtiofsd_argv(binary, share, socket_path, extra), stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
-    check = poll or (lambda p: p.poll())
     where = os.path.join(cwd, socket_path) if cwd else socket_path
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check(proc) is not None:
+        if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise RuntimeError(f"virtiofsd for {share.host_path} exited ({proc.returncode}): {err.strip()[-400:]}")
         if os.path.exists(where):  # never connect to probe: virtiofsd serves one connection
@@ -117,13 +116,3 @@ def connect(socket_path: str, timeout: float = 10.0) -> "socket.socket":
         except BaseException:
             s.close()
             raise
-
-
-def stop_all(procs: Sequence[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            log.warning("helper %s did not exit after SIGKILL", p.pid)
