@@ -37,6 +37,15 @@ def guest_layer_path(host_dir: str, host_layers: str) -> str:
     return posixpath.join(GUEST_LAYERS, rel)
 
 
+def host_layer_path(agent_dir: str, host_layers: str) -> str:
+    """The inverse of :func:`guest_layer_path`: ``/repo/layers/<id>[/...]`` ->
+    ``<host_layers>/<id>[/...]``; any other path as is (it is not a layer the guest was given)."""
+    path = posixpath.normpath(agent_dir)
+    if not path.startswith(GUEST_LAYERS + "/"):
+        return agent_dir
+    return posixpath.join(host_layers, path[len(GUEST_LAYERS) + 1:])
+
+
 def guest_scratch_dir(cid: str) -> str:
     """The container's own tmpfs in the guest: its upper/work dirs and copied files."""
     return posixpath.join(GUEST_SCRATCH, cid)

@@ -49,7 +49,8 @@ from typing import Any
 
 from ccpu import errdefs
 from shim import guestspec, leftovers
-from shim.guestpaths import GUEST_LAYERS, guest_bundle, guest_layer_path, guest_rootfs, guest_scratch_dir
+from shim.guestpaths import (GUEST_LAYERS, guest_bundle, guest_layer_path, guest_rootfs, guest_scratch_dir,
+                             host_layer_path)
 from shim.guestspec import NotInVm
 from shim.layerview import LayerView
 from shim.leftovers import cleanup_dead
@@ -162,11 +163,7 @@ class VmSandbox(AgentSandbox):
             raise errdefs.FailedPrecondition(str(exc)) from None
 
     def host_layer_path(self, agent_dir: str) -> str:
-        """``/repo/layers/<id>[/...]`` -> ``<host_layers>/<id>[/...]`` (anything else as is)."""
-        path = posixpath.normpath(agent_dir)
-        if not path.startswith(GUEST_LAYERS + "/"):
-            return agent_dir
-        return posixpath.join(self.host_layers, path[len(GUEST_LAYERS) + 1:])
+        return host_layer_path(agent_dir, self.host_layers)
 
     def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
                   spec: dict[str, Any] | None) -> dict[str, Any]:

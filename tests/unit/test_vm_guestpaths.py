@@ -45,3 +45,14 @@ def test_guest_rootfs_layers() -> None:
 def test_guest_rootfs_refuses_what_the_guest_cannot_see(rootfs: dict) -> None:
     with pytest.raises(NotInVm, match="fractal snapshotter"):
         gp.guest_rootfs(rootfs, "c1", LAYERS)
+
+
+def test_host_layer_path_inverts_guest_layer_path() -> None:
+    from shim.guestpaths import guest_layer_path, host_layer_path
+
+    host = "/var/lib/fractal/layers/17/fs"
+    guest = guest_layer_path(host, "/var/lib/fractal/layers")
+    assert host_layer_path(guest, "/var/lib/fractal/layers") == host
+    assert host_layer_path("/run/fractal/containers/c/upper", "/var/lib/fractal/layers") == \
+        "/run/fractal/containers/c/upper"
+    assert host_layer_path("/repo/layers/../etc", "/var/lib/fractal/layers") == "/repo/layers/../etc"
