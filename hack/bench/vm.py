@@ -21,7 +21,11 @@ The accelerator is whatever ``ccpu.vm.accel`` picks (TCG when KVM is unusable, a
 VM: then every guest-side figure is ~10x what KVM gives) and is printed.
 
     python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4]
-                             [--share auto|9p|virtiofs] [--json FILE]
+                             [--share auto|9p|virtiofs] [--json FILE] [--plot DIR]
+
+``--plot DIR`` draws ``DIR/vm-boot.svg``: the boot of the sandbox of step 2 on the shim's clock
+(guest found, QEMU spawned, agent hello) and on the guest's (console milestones), with step 1's
+median to first output (hack/bench/plots.py).
 """
 
 from __future__ import annotations
@@ -82,6 +86,34 @@ def agent_up_times(env: FractalEnv) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in _AGENT_UP.finditer(text.replace('\\"', '"'))}
 
 
+_AGENT_UP_PHASES = re.compile(r"sandbox=(\S+) shim\.vm: VM agent up in ([\d.]+)s \(guest ([\d.]+)s, qemu ([\d.]+)s, "
+                              r"connected ([\d.]+)s\)")
+
+
+def boot_phases(env: FractalEnv, sandbox: str) -> dict[str, float] | None:
+    """The shim's clock of one VM boot (seconds from its start): guest found, QEMU spawned, agent
+    connected, agent ``hello`` answered."""
+    text = (env.log_dir / "containerd.log").read_text(errors="replace").replace('\\"', '"')
+    for m in _AGENT_UP_PHASES.finditer(text):
+        if m.group(1) == sandbox:
+            up, guest, qemu, conn = (float(g) for g in m.group(2, 3, 4, 5))
+            return {"guest": guest, "qemu_started": qemu, "connected": conn, "agent_ready": up}
+    return None
+
+
+def boot_timeline(env: FractalEnv, sandbox: str) -> dict[str, Any] | None:
+    """One boot of ``sandbox``'s VM: the shim's phases and the guest's console milestones
+    (``fractal-init: <uptime> <what>``, ccpu/guest/init.sh), for the timeline figure."""
+    from ccpu.vm.run import console_milestones
+
+    host = boot_phases(env, sandbox)
+    try:
+        console = (env.fractal_run_dir / "vms" / NS / sandbox / "console.log").read_text(errors="replace")
+    except OSError:
+        return None
+    return {"host": host, "guest": console_milestones(console)} if host else None
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -116,6 +148,8 @@ def bench_nth(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> d
     subprocess.run(ctr_argv(env, ref, sb, *ann, detach=True, cmd=("sleep", "3600")),
                    check=True, capture_output=True, timeout=300)
     wait_running(env, sb, timeout=120)
+    time.sleep(0.5)  # the shim's log line reaches containerd's log file a little later
+    timeline = boot_timeline(env, sb)
     try:
         configs = {"vm": ann, "host": ()}
         times: dict[str, list[float]] = {k: [] for k in configs}
@@ -130,6 +164,7 @@ def bench_nth(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> d
         out["raw"] = times
         out["runs"] = runs
         out["ratio"] = out["vm"]["median"] / out["host"]["median"]
+        out["timeline"] = timeline
         return out
     finally:
         remove(env, sb)
@@ -263,8 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--share", choices=["auto", "9p", "virtiofs"], default="auto")
     ap.add_argument("--skip", action="append", default=[], choices=["boot", "nth", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
+    ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the boot timeline as DIR/vm-boot.svg")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
     args = ap.parse_args(argv)
+    if args.plot:
+        from hack.bench import plots
+
+        plots.require(ap.error)
     if not require_root():
         return 2
     if not args.no_compile:
@@ -306,7 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         return rc
     result["seconds"] = time.monotonic() - t_all
-    return finish(result, report, args.json)
+    rc = finish(result, report, args.json)
+    timeline = (result.get("nth") or {}).get("timeline")
+    if args.plot and timeline:
+        from hack.bench import plots
+
+        boot = result.get("boot")
+        timeline["first_output"] = boot["first_output"]["median"] if boot else None
+        title = f"VM boot ({result['accel']}, {result['share']}, guest {result.get('guest_kernel', '?')})"
+        print(f"wrote {plots.plot_timeline(plots.timeline_rows(timeline), args.plot / 'vm-boot.svg', title)}")
+    elif args.plot:
+        print("no boot timeline measured (step nth skipped, or its log line/console not found)", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":
