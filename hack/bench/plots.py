@@ -8,10 +8,17 @@ data do.  Each ``*_series`` function turns a result into plain data (pure, unit-
 ``plot_*`` draws that data into one file.  matplotlib is imported only here and only when a
 figure is drawn (the ``bench`` extra: ``pip install '.[bench]'``); a benchmark without
 ``--plot`` does not need it.
+
+A figure can be redrawn from a result saved with ``--json`` without measuring again:
+
+    python3 hack/bench/plots.py disk|start|boot RESULT.json OUT.svg
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,20 +155,65 @@ def plot_start_latency(series: Mapping[str, Sequence[float]], path: Path, title:
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # beside: no curve hidden
     return _save(fig, path)
 
 
 def plot_timeline(rows: Sequence[tuple[str, Sequence[tuple[float, float, str]]]], path: Path, title: str) -> Path:
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
     fig, ax = plt.subplots(figsize=(7.2, 0.9 + 0.8 * len(rows)))
     colours = ["#1f6fb4", "#6aa84f", "#d9822b", "#a64d79", "#999999"]
+    xmax = max((b for _, segs in rows for _, b, _ in segs), default=1.0)
+    small: list[Any] = []  # segments too narrow for their label: named in the legend instead
     for y, (_, segs) in enumerate(reversed(rows)):
         for i, (a, b, what) in enumerate(segs):
-            ax.broken_barh([(a, b - a)], (y - 0.35, 0.7), color=colours[i % len(colours)], alpha=0.85)
-            ax.text(a + (b - a) / 2, y, f"{what}\n{b - a:.2f} s", ha="center", va="center", fontsize=7)
+            colour = colours[(i + 2 * y) % len(colours)]
+            ax.broken_barh([(a, b - a)], (y - 0.35, 0.7), color=colour, alpha=0.85)
+            label = f"{what}\n{b - a:.2f} s"
+            if b - a >= 0.12 * xmax:
+                ax.text(a + (b - a) / 2, y, label, ha="center", va="center", fontsize=7)
+            else:
+                small.append(Patch(color=colour, alpha=0.85, label=label.replace("\n", " ")))
+    if small:
+        ax.legend(handles=small, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(small), fontsize=7,
+                  frameon=False)
     ax.set_yticks(range(len(rows)), [name for name, _ in reversed(rows)])
     ax.set_xlabel("seconds")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Redraw a benchmark figure from its --json result.")
+    ap.add_argument("figure", choices=["disk", "start", "boot"])
+    ap.add_argument("result", type=Path)
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args(argv)
+    require(ap.error)
+    r = json.loads(args.result.read_text())
+    try:
+        if args.figure == "disk":
+            plot_disk(disk_series(r["disk"]), r["args"]["image"], args.out)
+        elif args.figure == "start":
+            title = f"Container start, {r['run']['runs']} runs each (FRACTAL_AGENT={r['agent']})"
+            plot_start_latency(start_series(r["run"]), args.out, title)
+        else:
+            timeline = dict(r["nth"]["timeline"])
+            timeline["first_output"] = r["boot"]["first_output"]["median"] if r.get("boot") else None
+            plot_timeline(timeline_rows(timeline), args.out, boot_title(r))
+    except (KeyError, TypeError, PlotError) as exc:
+        print(f"plots: {args.result} has no {args.figure} figure's data: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+def boot_title(result: Mapping[str, Any]) -> str:
+    return f"VM boot ({result['accel']}, {result['share']}, guest kernel {result.get('guest_kernel', '?')})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

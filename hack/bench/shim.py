@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and "run" in result:
         from hack.bench import plots
 
-        title = f"Container start, {result['run']['runs']} runs each ({args.image}, FRACTAL_AGENT={args.agent})"
+        title = f"Container start, {result['run']['runs']} runs each (FRACTAL_AGENT={args.agent})"
         print(f"wrote {plots.plot_start_latency(plots.start_series(result['run']), args.plot / 'shim-start.svg', title)}")
     return rc
 

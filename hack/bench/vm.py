@@ -78,27 +78,27 @@ def stats(vals: list[float]) -> dict[str, float]:
             "max": max(vals)}
 
 
-_AGENT_UP = re.compile(r"sandbox=(\S+) shim\.vm: VM agent up in ([\d.]+)s")
+_AGENT_UP = re.compile(r"VM agent up in ([\d.]+)s \(guest ([\d.]+)s, qemu ([\d.]+)s, connected ([\d.]+)s\)")
+_SANDBOX = re.compile(r"\bsandbox=(\S+)")
+
+
+def boot_phases_by_sandbox(log_text: str) -> dict[str, dict[str, float]]:
+    """The shim's clock of each VM boot in containerd's log (seconds from the boot's start): guest
+    found, QEMU spawned, agent connected, agent ``hello`` answered.  The shim logs in logfmt
+    (ccpu/logfmt.py) and containerd copies the line with the fields after the message:
+    ``msg="VM agent up in 13.01s (guest 0.61s, qemu 0.67s, connected 0.67s): ..." ... sandbox=X``."""
+    out: dict[str, dict[str, float]] = {}
+    for line in log_text.splitlines():
+        m, sb = _AGENT_UP.search(line), _SANDBOX.search(line)
+        if m and sb:
+            up, guest, qemu, conn = (float(g) for g in m.groups())
+            out[sb.group(1)] = {"guest": guest, "qemu_started": qemu, "connected": conn, "agent_ready": up}
+    return out
 
 
 def agent_up_times(env: FractalEnv) -> dict[str, float]:
     text = (env.log_dir / "containerd.log").read_text(errors="replace")
-    return {m.group(1): float(m.group(2)) for m in _AGENT_UP.finditer(text.replace('\\"', '"'))}
-
-
-_AGENT_UP_PHASES = re.compile(r"sandbox=(\S+) shim\.vm: VM agent up in ([\d.]+)s \(guest ([\d.]+)s, qemu ([\d.]+)s, "
-                              r"connected ([\d.]+)s\)")
-
-
-def boot_phases(env: FractalEnv, sandbox: str) -> dict[str, float] | None:
-    """The shim's clock of one VM boot (seconds from its start): guest found, QEMU spawned, agent
-    connected, agent ``hello`` answered."""
-    text = (env.log_dir / "containerd.log").read_text(errors="replace").replace('\\"', '"')
-    for m in _AGENT_UP_PHASES.finditer(text):
-        if m.group(1) == sandbox:
-            up, guest, qemu, conn = (float(g) for g in m.group(2, 3, 4, 5))
-            return {"guest": guest, "qemu_started": qemu, "connected": conn, "agent_ready": up}
-    return None
+    return {sb: p["agent_ready"] for sb, p in boot_phases_by_sandbox(text).items()}
 
 
 def boot_timeline(env: FractalEnv, sandbox: str) -> dict[str, Any] | None:
@@ -106,7 +106,7 @@ def boot_timeline(env: FractalEnv, sandbox: str) -> dict[str, Any] | None:
     (``fractal-init: <uptime> <what>``, ccpu/guest/init.sh), for the timeline figure."""
     from ccpu.vm.run import console_milestones
 
-    host = boot_phases(env, sandbox)
+    host = boot_phases_by_sandbox((env.log_dir / "containerd.log").read_text(errors="replace")).get(sandbox)
     try:
         console = (env.fractal_run_dir / "vms" / NS / sandbox / "console.log").read_text(errors="replace")
     except OSError:
@@ -353,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
         boot = result.get("boot")
         timeline["first_output"] = boot["first_output"]["median"] if boot else None
-        title = f"VM boot ({result['accel']}, {result['share']}, guest {result.get('guest_kernel', '?')})"
-        print(f"wrote {plots.plot_timeline(plots.timeline_rows(timeline), args.plot / 'vm-boot.svg', title)}")
+        print(f"wrote {plots.plot_timeline(plots.timeline_rows(timeline), args.plot / 'vm-boot.svg', plots.boot_title(result))}")
     elif args.plot:
         print("no boot timeline measured (step nth skipped, or its log line/console not found)", file=sys.stderr)
     return rc

@@ -70,3 +70,25 @@ def test_figures_are_reproducible_svg_text(tmp_path: Path) -> None:
     s = plots.plot_start_latency({"fractal/fractal": [0.4, 0.5], "runc/fractal": [0.2, 0.25]},
                                  tmp_path / "s.svg", "start").read_text()
     assert "runc shim, fractal snapshotter" in s
+
+
+def test_boot_phases_from_containerds_copy_of_the_shims_log() -> None:
+    from hack.bench.vm import boot_phases_by_sandbox
+
+    log = ('time="2026-12-07T02:16:51.270607000Z" level=info msg="VM agent up in 13.01s (guest 0.61s, qemu 0.67s, '
+           "connected 0.67s): {'version': 1, 'agent_pid': 141}\" namespace=t1 sandbox=vm-uname logger=shim.vm "
+           'runtime=io.containerd.fractal.v1 pid=4337\n'
+           'time="2026-12-07T02:16:52Z" level=info msg="VM agent up soon" sandbox=other\n')
+    assert boot_phases_by_sandbox(log) == {
+        "vm-uname": {"guest": 0.61, "qemu_started": 0.67, "connected": 0.67, "agent_ready": 13.01}}
+
+
+def test_redraw_from_a_saved_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    import json
+
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"args": {"image": "busybox"}, "disk": _disk()}))
+    assert plots.main(["disk", str(res), str(tmp_path / "d.svg")]) == 0 and (tmp_path / "d.svg").is_file()
+    assert plots.main(["boot", str(res), str(tmp_path / "b.svg")]) == 1  # a snapshotter result has no timeline
+    assert "has no boot figure's data" in capsys.readouterr().err and not (tmp_path / "b.svg").exists()
