@@ -14,7 +14,7 @@ mirror, package list and recipe version:
     $FRACTAL_CACHE/hostroots/<name>/rootfs     + <name>.stamp (key, python and glibc version)
     $FRACTAL_CACHE/hostroots/wheels/<cpXY-glibc-hash>/   pip download for that python/glibc
 
-Mirrors: Debian's from this machine's apt sources (``$FRACTAL_DEBIAN_MIRROR`` overrides),
+Mirrors: Debian's from this machine's apt sources, else deb.debian.org (``$FRACTAL_DEBIAN_MIRROR`` overrides),
 Ubuntu's ``http://archive.ubuntu.com/ubuntu`` (``$FRACTAL_UBUNTU_MIRROR``).  Signatures are
 checked by debootstrap as usual: Debian's keyring is the host's; Ubuntu's is the host's
 ``ubuntu-archive-keyring.gpg`` when installed, else taken from the ``ubuntu-keyring`` package
@@ -61,6 +61,7 @@ PACKAGES = ("python3", "python3-venv")
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")
 UBUNTU_MIRROR = "http://archive.ubuntu.com/ubuntu"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
 #: ubuntu-keyring from noble's main (its Packages index gives this sha256)
 UBUNTU_KEYRING_DEB = ("pool/main/u/ubuntu-keyring/ubuntu-keyring_2023.11.28.1_all.deb",
                       "36de43b15853ccae0028e9a767613770c704833f82586f28eb262f0311adb8a8")
@@ -166,7 +167,12 @@ def cache_dir(cache: Path | str | None = None) -> Path:
 def mirror_of(d: Distro) -> str:
     if d.archive == "ubuntu":
         return os.environ.get("FRACTAL_UBUNTU_MIRROR") or UBUNTU_MIRROR
-    return os.environ.get("FRACTAL_DEBIAN_MIRROR") or testimages.apt_mirror()
+    if os.environ.get("FRACTAL_DEBIAN_MIRROR"):
+        return os.environ["FRACTAL_DEBIAN_MIRROR"]
+    try:
+        return testimages.apt_mirror()
+    except testimages.ImageBuildError:  # no bookworm source on this machine: Debian's redirector
+        return DEBIAN_MIRROR
 
 
 def _run(argv: list[str], what: str, timeout: float = 1800) -> None:

@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         from hack.bench import plots
 
         title = f"Container start, {result['run']['runs']} runs each (FRACTAL_AGENT={args.agent})"
-        print(f"wrote {plots.plot_start_latency(plots.start_series(result['run']), args.plot / 'shim-start.svg', title)}")
+        out = plots.plot_start_latency(plots.start_series(result['run']), args.plot / 'shim-start.svg', title)
+        print(f"wrote {out}")
     return rc
 
 

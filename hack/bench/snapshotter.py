@@ -576,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and "disk" in result:
         from hack.bench import plots
 
-        print(f"wrote {plots.plot_disk(plots.disk_series(result['disk']), args.image, args.plot / 'snapshotter-disk.svg')}")
+        out = plots.plot_disk(plots.disk_series(result['disk']), args.image, args.plot / 'snapshotter-disk.svg')
+        print(f"wrote {out}")
     return rc
 
 

@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
 
         boot = result.get("boot")
         timeline["first_output"] = boot["first_output"]["median"] if boot else None
-        print(f"wrote {plots.plot_timeline(plots.timeline_rows(timeline), args.plot / 'vm-boot.svg', plots.boot_title(result))}")
+        out = plots.plot_timeline(plots.timeline_rows(timeline), args.plot / 'vm-boot.svg', plots.boot_title(result))
+        print(f"wrote {out}")
     elif args.plot:
         print("no boot timeline measured (step nth skipped, or its log line/console not found)", file=sys.stderr)
     return rc
