@@ -20,9 +20,11 @@ has it: the environment may set PYTHONDONTWRITEBYTECODE, which would otherwise m
 start compile its modules from source.
 
 Prints a table, the command, machine info and the goals met/missed; ``--json FILE`` writes all
-figures.  Must run as root.
+figures; ``--plot DIR`` draws the start-time distributions as ``DIR/shim-start.svg``
+(hack/bench/plots.py).  Must run as root.
 
     python3 hack/bench/shim.py [--image busybox] [--runs 10] [--agent inproc|process] [--json FILE]
+        [--plot DIR]
 """
 
 from __future__ import annotations
@@ -265,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="FRACTAL_SHIM_SPAWN: how `start` starts the daemon (default: fork)")
     ap.add_argument("--skip", action="append", default=[], choices=["run", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
+    ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the start-time figure as DIR/shim-start.svg")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
     args = ap.parse_args(argv)
+    if args.plot:
+        from hack.bench import plots
+
+        plots.require(ap.error)
     if not require_root():
         return 2
     os.environ["FRACTAL_AGENT"] = args.agent  # containerd's environment -> the shims'
@@ -303,7 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         return rc
     result["seconds"] = time.monotonic() - t_all
-    return finish(result, report, args.json)
+    rc = finish(result, report, args.json)
+    if args.plot and "run" in result:
+        from hack.bench import plots
+
+        title = f"Container start, {result['run']['runs']} runs each (FRACTAL_AGENT={args.agent})"
+        out = plots.plot_start_latency(plots.start_series(result['run']), args.plot / 'shim-start.svg', title)
+        print(f"wrote {out}")
+    return rc
 
 
 if __name__ == "__main__":

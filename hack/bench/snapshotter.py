@@ -14,19 +14,21 @@ meaningful.  Three measurements:
    namespace still has the image -- into a second fresh namespace (fractal: ``ctr`` 1.6 sends no
    snapshot.ref label, so it extracts again and drops its copy at Commit), then removes both
    namespaces and waits until the snapshotter's storage is empty again.
-2. **Disk** used after ``--namespaces`` namespaces pulled the image: ``disk_usage`` (allocated
-   blocks, hard links once) of the whole fractal repo (layers + metadata) vs containerd's
-   overlayfs snapshotter dir.
+2. **Disk** used after each of ``--namespaces`` namespaces pulled the image: ``disk_usage``
+   (allocated blocks, hard links once) of the whole fractal repo (layers + metadata) vs
+   containerd's overlayfs snapshotter dir, measured after every pull (fractal: once its trash of
+   dropped duplicate extractions is empty).
 3. **Prepare / Mounts / Stat latency** with ``--clients`` threads (own gRPC channel each) doing
    ``--ops`` iterations each, on top of the image's top layer: (a) straight to the fractal
    socket, (b) through containerd's snapshots service for ``fractal``, (c) the same for
    ``overlayfs``.  Keys are removed after the timed loop (not timed).
 
-Prints a table with ratios and the goals met/missed; ``--json FILE`` writes all figures.
+Prints a table with ratios and the goals met/missed; ``--json FILE`` writes all figures;
+``--plot DIR`` draws ``DIR/snapshotter-disk.svg`` (disk vs namespaces, hack/bench/plots.py).
 Must run as root.  Exits non-zero on any error (the env is torn down in every case).
 
     python3 hack/bench/snapshotter.py [--image debian|edge|busybox] [--rounds 3]
-        [--namespaces 10] [--clients 8] [--ops 300] [--json FILE]
+        [--namespaces 10] [--clients 8] [--ops 300] [--json FILE] [--plot DIR]
 """
 
 from __future__ import annotations
@@ -195,24 +197,22 @@ def bench_disk(env: FractalEnv, stores: Stores, ref: str, n: int) -> dict[str, A
         base = stores.usage(sn)
         nss: list[str] = []
         times: list[float] = []
-        one = 0
+        usage: list[int] = []  # after each pull: the disk figure (hack/bench/plots.py)
         for i in range(n):
             ns = env.new_namespace("bd")
             nss.append(ns)
             times.append(timed_pull(env, ref, ns, sn))
-            if i == 0:
-                if sn == FRACTAL:
-                    stores.wait_trash()
-                one = stores.usage(sn)
-        if sn == FRACTAL:
-            stores.wait_trash()  # dropped duplicate extractions are removed in the background
-        total = stores.usage(sn)
+            if sn == FRACTAL:
+                stores.wait_trash()  # dropped duplicate extractions are removed in the background
+            usage.append(stores.usage(sn))
+        one, total = usage[0], usage[-1]
         log(f"disk {sn:9s}: empty {human(base)}, 1 ns {human(one)}, {n} ns {human(total)} "
             f"(pulls {', '.join(f'{t:.1f}' for t in times)} s)")
         for ns in nss:
             remove_ns(env, ns)
         stores.wait_entries(sn, 0)
-        res[sn] = {"empty_bytes": base, "one_ns_bytes": one, "n_ns_bytes": total, "pull_seconds": times,
+        res[sn] = {"empty_bytes": base, "one_ns_bytes": one, "n_ns_bytes": total, "usage_bytes": usage,
+                   "pull_seconds": times,
                    "later_pull_median": statistics.median(times[1:]) if n > 1 else None}
     res["namespaces"] = n
     res["ratio_n_ns"] = ratio(res[FRACTAL]["n_ns_bytes"], res[OVERLAY]["n_ns_bytes"])
@@ -522,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=8, help="concurrent latency clients (default 8)")
     ap.add_argument("--ops", type=int, default=300, help="Prepare+Mounts+Stat iterations per client (default 300)")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write all figures as JSON to FILE")
+    ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the disk figure as DIR/snapshotter-disk.svg")
     ap.add_argument("--skip", action="append", default=[], choices=["pull", "disk", "latency"],
                     help="skip a measurement (repeatable; for debugging)")
     ap.add_argument("--debug", action="store_true", help="debug logs (snapshotter logs every request)")
@@ -529,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.namespaces < 1 or args.clients < 1 or args.ops < 1:
         ap.error("--rounds, --namespaces, --clients and --ops must be >= 1")
+    if args.plot:
+        from hack.bench import plots
+
+        plots.require(ap.error)
     if not require_root("containerd, mounts"):
         return 2
 
@@ -568,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     rc = finish(result, report, args.json, strict=args.strict)
     if args.json:
         print(f"wrote {args.json}")
+    if args.plot and "disk" in result:
+        from hack.bench import plots
+
+        out = plots.plot_disk(plots.disk_series(result['disk']), args.image, args.plot / 'snapshotter-disk.svg')
+        print(f"wrote {out}")
     return rc
 
 

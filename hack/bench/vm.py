@@ -21,7 +21,11 @@ The accelerator is whatever ``ccpu.vm.accel`` picks (TCG when KVM is unusable, a
 VM: then every guest-side figure is ~10x what KVM gives) and is printed.
 
     python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4]
-                             [--share auto|9p|virtiofs] [--json FILE]
+                             [--share auto|9p|virtiofs] [--json FILE] [--plot DIR]
+
+``--plot DIR`` draws ``DIR/vm-boot.svg``: the boot of the sandbox of step 2 on the shim's clock
+(guest found, QEMU spawned, agent hello) and on the guest's (console milestones), with step 1's
+median to first output (hack/bench/plots.py).
 """
 
 from __future__ import annotations
@@ -74,12 +78,40 @@ def stats(vals: list[float]) -> dict[str, float]:
             "max": max(vals)}
 
 
-_AGENT_UP = re.compile(r"sandbox=(\S+) shim\.vm: VM agent up in ([\d.]+)s")
+_AGENT_UP = re.compile(r"VM agent up in ([\d.]+)s \(guest ([\d.]+)s, qemu ([\d.]+)s, connected ([\d.]+)s\)")
+_SANDBOX = re.compile(r"\bsandbox=(\S+)")
+
+
+def boot_phases_by_sandbox(log_text: str) -> dict[str, dict[str, float]]:
+    """The shim's clock of each VM boot in containerd's log (seconds from the boot's start): guest
+    found, QEMU spawned, agent connected, agent ``hello`` answered.  The shim logs in logfmt
+    (ccpu/logfmt.py) and containerd copies the line with the fields after the message:
+    ``msg="VM agent up in 13.01s (guest 0.61s, qemu 0.67s, connected 0.67s): ..." ... sandbox=X``."""
+    out: dict[str, dict[str, float]] = {}
+    for line in log_text.splitlines():
+        m, sb = _AGENT_UP.search(line), _SANDBOX.search(line)
+        if m and sb:
+            up, guest, qemu, conn = (float(g) for g in m.groups())
+            out[sb.group(1)] = {"guest": guest, "qemu_started": qemu, "connected": conn, "agent_ready": up}
+    return out
 
 
 def agent_up_times(env: FractalEnv) -> dict[str, float]:
     text = (env.log_dir / "containerd.log").read_text(errors="replace")
-    return {m.group(1): float(m.group(2)) for m in _AGENT_UP.finditer(text.replace('\\"', '"'))}
+    return {sb: p["agent_ready"] for sb, p in boot_phases_by_sandbox(text).items()}
+
+
+def boot_timeline(env: FractalEnv, sandbox: str) -> dict[str, Any] | None:
+    """One boot of ``sandbox``'s VM: the shim's phases and the guest's console milestones
+    (``fractal-init: <uptime> <what>``, ccpu/guest/init.sh), for the timeline figure."""
+    from ccpu.vm.run import console_milestones
+
+    host = boot_phases_by_sandbox((env.log_dir / "containerd.log").read_text(errors="replace")).get(sandbox)
+    try:
+        console = (env.fractal_run_dir / "vms" / NS / sandbox / "console.log").read_text(errors="replace")
+    except OSError:
+        return None
+    return {"host": host, "guest": console_milestones(console)} if host else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +148,8 @@ def bench_nth(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> d
     subprocess.run(ctr_argv(env, ref, sb, *ann, detach=True, cmd=("sleep", "3600")),
                    check=True, capture_output=True, timeout=300)
     wait_running(env, sb, timeout=120)
+    time.sleep(0.5)  # the shim's log line reaches containerd's log file a little later
+    timeline = boot_timeline(env, sb)
     try:
         configs = {"vm": ann, "host": ()}
         times: dict[str, list[float]] = {k: [] for k in configs}
@@ -130,6 +164,7 @@ def bench_nth(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> d
         out["raw"] = times
         out["runs"] = runs
         out["ratio"] = out["vm"]["median"] / out["host"]["median"]
+        out["timeline"] = timeline
         return out
     finally:
         remove(env, sb)
@@ -263,8 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--share", choices=["auto", "9p", "virtiofs"], default="auto")
     ap.add_argument("--skip", action="append", default=[], choices=["boot", "nth", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
+    ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the boot timeline as DIR/vm-boot.svg")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
     args = ap.parse_args(argv)
+    if args.plot:
+        from hack.bench import plots
+
+        plots.require(ap.error)
     if not require_root():
         return 2
     if not args.no_compile:
@@ -306,7 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         return rc
     result["seconds"] = time.monotonic() - t_all
-    return finish(result, report, args.json)
+    rc = finish(result, report, args.json)
+    timeline = (result.get("nth") or {}).get("timeline")
+    if args.plot and timeline:
+        from hack.bench import plots
+
+        boot = result.get("boot")
+        timeline["first_output"] = boot["first_output"]["median"] if boot else None
+        out = plots.plot_timeline(plots.timeline_rows(timeline), args.plot / 'vm-boot.svg', plots.boot_title(result))
+        print(f"wrote {out}")
+    elif args.plot:
+        print("no boot timeline measured (step nth skipped, or its log line/console not found)", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":
