@@ -10,7 +10,7 @@ run: setup-run  ## set up, then run the main job: containers through containerd 
 	$(PYTHON) hack/demo.py
 test: setup     ## set up, then run the whole test suite (unit + integration through a private containerd)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
-setup:          ## apt packages, pip -e .[build,images,test], protobuf stubs, test images
+setup:          ## apt packages, pip -e .[build,images,test,bench], protobuf stubs, test images
 	bash hack/setup.sh
 setup-run:      ## what `make run` needs: as setup, but of the Go peers only crictl (the others are test-only)
 	bash hack/setup.sh --run

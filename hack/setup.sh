@@ -88,11 +88,12 @@ if externally_managed "$PY" && ! "$PY" -c 'import ensurepip' 2>/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv
 fi
 PY="$(dev_python "$PY" "$ROOT")"
-# The marker is keyed on pyproject.toml, the interpreter and this clone's path; the
+# The marker is keyed on pyproject.toml, the extras, the interpreter and this clone's path; the
 # editable install must also point at *this* clone (another clone may have
 # installed itself last).
 step "checking Python dependencies ($PY)"
-key="$( { sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1; "$PY" -c 'import sys; print(sys.prefix)'; echo "$ROOT"; } | sha256sum | cut -d' ' -f1)"
+EXTRAS="build,images,test,bench"
+key="$( { sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1; "$PY" -c 'import sys; print(sys.prefix)'; echo "$ROOT $EXTRAS"; } | sha256sum | cut -d' ' -f1)"
 marker="$CACHE/pip/$key"
 if [ -f "$marker" ] && "$PY" -P - "$ROOT" <<'EOF'
 import importlib.metadata as m, json, sys
@@ -108,8 +109,8 @@ EOF
 then
   echo "setup:   up to date"
 else
-  echo "setup:   pip install -e '.[build,images,test]'"
-  "$PY" -m pip install -q --root-user-action=ignore --disable-pip-version-check -e "$ROOT[build,images,test]"
+  echo "setup:   pip install -e '.[$EXTRAS]'"
+  "$PY" -m pip install -q --root-user-action=ignore --disable-pip-version-check -e "$ROOT[$EXTRAS]"
   $SUDO mkdir -p "$CACHE/pip"
   $SUDO touch "$marker"
 fi
@@ -162,5 +163,14 @@ else
   step_done
 fi
 # --- end of peers step -------------------------------------------------------------
+# --- 7. clean hosts for the install walk-through test (tests/integration/test_distro_install.py)
+# debootstrap minbase trees of Debian 12/13 and Ubuntu 24.04 with their own python3 (~1-4 min
+# each, cold; cached by suite + package list in $CACHE/hostroots).  Test-only: not for --run.
+if [ "$FOR_RUN" -eq 0 ]; then
+  step "clean host trees in $CACHE/hostroots"
+  $SUDO "$PY" "$ROOT/hack/hostroots.py" --cache "$CACHE" build \
+    || echo "setup:   WARNING: a host tree did not build; test_distro_install reports which"
+  step_done
+fi
 
 echo "setup: ok"

@@ -79,6 +79,10 @@ def walk(name: str, wheel: Path, base: Path) -> Walk:
         root = hostroots.build(name)
         wheels = hostroots.wheelhouse(root, hostroots.project_requirements())
     except (hostroots.HostRootError, OSError) as exc:
+        if hostroots.DISTROS[name].archive != "debian":
+            # Ubuntu's archive is not among the registries promised to this project's machines
+            # (Debian, PyPI, the Go proxy, crates.io, npm): reachable here, but not a CI prerequisite
+            pytest.skip(f"no {name} tree (its archive is not a promised registry): {exc}")
         _unavailable(f"no {name} tree: {exc}")
     out = base / "out"
     out.mkdir(parents=True)
