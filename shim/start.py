@@ -61,6 +61,8 @@ def _exec_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.soc
     fd = sock.fileno()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
+    if not sys.dont_write_bytecode:  # as this process (shim.main.keep_byte_code)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     with open(os.devnull, "r+b") as devnull:
         subprocess.Popen(
             daemon_argv(opts, group, bundle, sock_path, fd),
