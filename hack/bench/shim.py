@@ -1,28 +1,43 @@
 #!/usr/bin/env python3
 """Benchmark containerd-shim-fractal-v1 (host mode) against containerd's runc shim, same containerd.
 
-Everything runs in one private :class:`~hack.containerd_env.FractalEnv` (fractal proxy snapshotter +
-containerd 1.6) fed by a :class:`~hack.registry.LocalRegistry`, so both runtimes are measured in
-the SAME run, on the same images and snapshots:
+Each *setup* (``--setups``) is a private :class:`~hack.containerd_env.FractalEnv` (fractal proxy
+snapshotter + containerd 1.6) of its own, all up at once and fed by a
+:class:`~hack.registry.LocalRegistry`, so every runtime and setup is measured in the SAME run:
 
-1. **Start-to-exit wall time** of ``ctr run --rm --snapshotter S --runtime R IMAGE idN true`` for
-   R in (io.containerd.fractal.v1, io.containerd.runc.v2) and S in (fractal, overlayfs); ``--runs``
-   rounds, the order of the four configurations rotating every round, after one untimed warm-up
-   each.  Median, p90 and the fractal/runc ratio per snapshotter.
+* ``installed`` (always first): what a user has after ``fractal install``: the fractal config as
+  install writes it (``root = <snapshotter root>`` and nothing else, so the sandbox mode is the
+  default ``vm`` and every ``ctr run`` says ``--annotation io.fractal.mode=host``), no
+  ``FRACTAL_ROOT``, the shim found on containerd's PATH as the console script itself (install's
+  ``/usr/local/bin`` symlink points there), byte code present (``pip install`` compiles it);
+* ``tuned``: the benchmark's former setup: a config with ``mode = "host"``, ``FRACTAL_ROOT`` in
+  containerd's environment, no annotation;
+* ``dev-shell``: containerd started from a developer's shell on this machine: the shell's PATH
+  (a pyenv wrapper script instead of the console script, if that is what PATH finds first) and
+  ``PYTHONDONTWRITEBYTECODE=1`` with an editable install that has no byte code (a copy of
+  ccpu/ and shim/ without ``__pycache__``) -- the case issue 13 found at twice the time.
+
+1. **Start-to-exit wall time** of ``ctr run --rm --snapshotter S --runtime R IMAGE idN true``: in
+   the ``installed`` env for R in (io.containerd.fractal.v1, io.containerd.runc.v2) and S in
+   (fractal, overlayfs), in every other setup's env for fractal/fractal; ``--runs`` rounds, the
+   order of all configurations rotating every round, after one untimed warm-up each.  Median,
+   p90 and the ratio to runc (same snapshotter, same run).
 2. **Memory per sandbox**: ``ctr run -d`` of ``sleep`` containers, 1 and then 3 of them in one
    sandbox (``--annotation io.fractal.sandbox=X``; for runc ``io.containerd.runc.v2.group=X``, so
    its shim is shared the same way).  The figure is the summed VmRSS (and PSS) of the processes
    between the container's init and containerd/init: the shim daemon, plus the agent when it
-   runs as a process of its own (``FRACTAL_AGENT=process``).
+   runs as a process of its own (``FRACTAL_AGENT=process``).  In the ``installed`` env.
 
-Python byte code is compiled first (``compileall`` of ccpu/ and shim/), as an installed package
+The shims run the code of this checkout (``PYTHONPATH`` = the checkout for containerd).  Python
+byte code is compiled first (``compileall`` of ccpu/ and shim/), as an installed package
 has it: the environment may set PYTHONDONTWRITEBYTECODE, which would otherwise make every shim
 start compile its modules from source.
 
 Prints a table, the command, machine info and the goals met/missed; ``--json FILE`` writes all
 figures.  Must run as root.
 
-    python3 hack/bench/shim.py [--image busybox] [--runs 10] [--agent inproc|process] [--json FILE]
+    python3 hack/bench/shim.py [--image busybox] [--runs 10] [--setups installed,tuned,dev-shell]
+                               [--agent inproc|process] [--json FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,12 +62,14 @@ from hack.bench.common import (bench_env, byte_compile, command_line, dump_logs_
                                guarded, log, machine_info, percentile, require_root)
 from hack.containerd_env import FractalEnv  # noqa: E402
 
+from dataclasses import dataclass  # noqa: E402
+
 FRACTAL_RT = "io.containerd.fractal.v1"
 RUNC_RT = "io.containerd.runc.v2"
 SNAPSHOTTERS = ("fractal", "overlayfs")
 RUNTIMES = (FRACTAL_RT, RUNC_RT)
 
-GOAL_RUN_RATIO = 1.5  # fractal / runc, median `ctr run --rm IMAGE true`
+GOAL_RUN_RATIO = 1.3  # fractal / runc, median `ctr run --rm IMAGE true` (issue 13)
 GOAL_RSS_MB = 40.0  # shim + agent RSS per sandbox (1 container)
 
 NS = "bench"
@@ -59,6 +77,54 @@ NS = "bench"
 
 def short(rt: str) -> str:
     return "fractal" if rt == FRACTAL_RT else "runc"
+
+
+HOST_MODE = ("--annotation", "io.fractal.mode=host")
+SHIM_BINARY = "containerd-shim-fractal-v1"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way containerd and fractal are set up; ``ctr_args``: what every ``ctr run`` adds."""
+
+    name: str
+    what: str
+    ctr_args: tuple[str, ...] = ()
+
+
+SETUPS = {s.name: s for s in (
+    Setup("installed", "after `fractal install`: config with root only (mode vm by default), "
+          "--annotation io.fractal.mode=host, byte code present", HOST_MODE),
+    Setup("tuned", "config mode = \"host\" + FRACTAL_ROOT (the benchmark's former setup)"),
+    Setup("dev-shell", "containerd from this shell: its PATH, PYTHONDONTWRITEBYTECODE=1, editable "
+          "install without byte code", HOST_MODE),
+)}
+
+
+def configure(env: FractalEnv, setup: Setup, scratch: Path) -> dict[str, str]:
+    """Restart ``env``'s containerd the way ``setup`` has it; returns what was set (for the report)."""
+    from ccpu.cli.fractal_config import with_root
+
+    ce = env.containerd
+    ce.extra_env["PYTHONPATH"] = str(REPO)  # the shims run this checkout's code
+    ce.extra_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if setup.name == "tuned":
+        return {"config": env.fractal_config.read_text().strip(), "FRACTAL_ROOT": ce.extra_env["FRACTAL_ROOT"]}
+    env.fractal_config.write_text(with_root(None, str(env.snapshotter_root)))  # as `fractal install`
+    ce.extra_env.pop("FRACTAL_ROOT", None)
+    out = {"config": env.fractal_config.read_text().strip()}
+    if setup.name == "dev-shell":
+        found = shutil.which(SHIM_BINARY, path=os.environ.get("PATH", ""))
+        if found:  # what a containerd started from this shell runs (e.g. a pyenv wrapper)
+            ce.path_prepend = [str(Path(found).parent)]
+        code = scratch / "nopyc"
+        for d in ("ccpu", "shim"):
+            shutil.copytree(REPO / d, code / d, ignore=shutil.ignore_patterns("__pycache__"))
+        ce.extra_env.update(PYTHONPATH=str(code), PYTHONDONTWRITEBYTECODE="1")
+        out.update(shim=found or "?", PYTHONPATH=str(code), PYTHONDONTWRITEBYTECODE="1")
+    ce.stop()
+    ce.start()
+    return out
 
 
 def ctr_run_argv(env: FractalEnv, ref: str, rt: str, sn: str, cid: str, *extra: str,
@@ -70,8 +136,8 @@ def ctr_run_argv(env: FractalEnv, ref: str, rt: str, sn: str, cid: str, *extra: 
     return env.containerd.ctr_argv(*argv, *extra, ref, cid, *cmd, namespace=NS)
 
 
-def timed_run(env: FractalEnv, ref: str, rt: str, sn: str, cid: str) -> float:
-    argv = ctr_run_argv(env, ref, rt, sn, cid)
+def timed_run(env: FractalEnv, ref: str, rt: str, sn: str, cid: str, *extra: str) -> float:
+    argv = ctr_run_argv(env, ref, rt, sn, cid, *extra)
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     dt = time.monotonic() - t0
@@ -80,23 +146,38 @@ def timed_run(env: FractalEnv, ref: str, rt: str, sn: str, cid: str) -> float:
     return dt
 
 
-def bench_run(env: FractalEnv, ref: str, runs: int) -> dict[str, Any]:
-    configs = [(rt, sn) for sn in SNAPSHOTTERS for rt in RUNTIMES]
-    times: dict[str, list[float]] = {f"{short(rt)}/{sn}": [] for rt, sn in configs}
-    for rt, sn in configs:  # warm-up: page cache, first shim binary start, snapshot GC
-        timed_run(env, ref, rt, sn, f"warm-{short(rt)}-{sn}")
+def bench_run(envs: dict[str, tuple[FractalEnv, str]], runs: int) -> dict[str, Any]:
+    """``envs``: setup name -> (env, image ref), the ``installed`` one first."""
+    first = next(iter(envs))
+    configs = [(first, rt, sn) for sn in SNAPSHOTTERS for rt in RUNTIMES]
+    configs += [(name, FRACTAL_RT, "fractal") for name in envs if name != first]
+
+    def key(name: str, rt: str, sn: str) -> str:
+        return f"{short(rt)}/{sn}" if name == first else f"{short(rt)}/{sn}/{name}"
+
+    def one(name: str, rt: str, sn: str, cid: str) -> float:
+        env, ref = envs[name]
+        extra = SETUPS[name].ctr_args if rt == FRACTAL_RT else ()
+        return timed_run(env, ref, rt, sn, cid, *extra)
+
+    times: dict[str, list[float]] = {key(*c): [] for c in configs}
+    for c in configs:  # warm-up: page cache, first shim binary start (and its byte code), snapshot GC
+        one(*c, f"warm-{short(c[1])}-{c[2]}")
     n = 0
     for i in range(runs):
         order = configs[i % len(configs):] + configs[:i % len(configs)]
-        for rt, sn in order:
+        for c in order:
             n += 1
-            times[f"{short(rt)}/{sn}"].append(timed_run(env, ref, rt, sn, f"id{n}"))
-    out: dict[str, Any] = {"raw": times, "runs": runs}
-    for key, vals in times.items():
-        out[key] = {"median": statistics.median(vals), "p90": percentile(vals, 90),
-                    "min": min(vals), "max": max(vals)}
+            times[key(*c)].append(one(*c, f"id{n}"))
+    out: dict[str, Any] = {"raw": times, "runs": runs, "setups": list(envs)}
+    for k, vals in times.items():
+        out[k] = {"median": statistics.median(vals), "p90": percentile(vals, 90),
+                  "min": min(vals), "max": max(vals)}
     for sn in SNAPSHOTTERS:
         out[f"ratio/{sn}"] = out[f"fractal/{sn}"]["median"] / out[f"runc/{sn}"]["median"]
+    for name in envs:
+        if name != first:
+            out[f"ratio/fractal/{name}"] = out[f"fractal/fractal/{name}"]["median"] / out["runc/fractal"]["median"]
     return out
 
 
@@ -178,7 +259,7 @@ def remove(env: FractalEnv, cid: str) -> None:
     env.ctr("containers", "rm", cid, namespace=NS, check=False)
 
 
-def bench_memory(env: FractalEnv, ref: str) -> dict[str, Any]:
+def bench_memory(env: FractalEnv, ref: str, fractal_args: tuple[str, ...] = ()) -> dict[str, Any]:
     stop = {p for p in (env.containerd.pid,) if p}
     out: dict[str, Any] = {}
     for rt in RUNTIMES:
@@ -188,7 +269,8 @@ def bench_memory(env: FractalEnv, ref: str) -> dict[str, Any]:
             cids = [f"{group}-{i}" for i in range(count)]
             try:
                 for cid in cids:
-                    argv = ctr_run_argv(env, ref, rt, "fractal", cid, "--annotation", f"{ann}={group}",
+                    extra = fractal_args if rt == FRACTAL_RT else ()
+                    argv = ctr_run_argv(env, ref, rt, "fractal", cid, *extra, "--annotation", f"{ann}={group}",
                                         detach=True, cmd=("sleep", "600"))
                     subprocess.run(argv, check=True, capture_output=True, timeout=60)
                     wait_running(env, cid)
@@ -221,22 +303,31 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     lines.append(f"machine: {m['nproc']} CPU {m['cpu']}, {m['mem_total']}, kernel {m['kernel']}, "
                  f"{m['containerd']}, python {m['python']}, fs {m['filesystem']}")
     lines.append(f"image: {result['image_ref']}; FRACTAL_AGENT={result['agent']} "
-                 f"FRACTAL_SHIM_SPAWN={result['spawn']}")
+                 f"FRACTAL_SHIM_SPAWN={result['spawn']}; load average at start {result.get('loadavg', '?')}")
     goals: list[tuple[str, bool, str]] = []
     run = result.get("run")
     if run:
         lines.append("")
         lines.append(f"ctr run --rm IMAGE idN true  ({run['runs']} runs each, alternating)")
-        lines.append(f"  {'runtime/snapshotter':<22}{'median s':>10}{'p90 s':>10}{'min s':>10}{'max s':>10}")
+        setups = run.get("setups", ["installed"])
+        for name in setups:
+            lines.append(f"  setup {name}: {SETUPS[name].what}")
+        lines.append(f"  {'runtime/snapshotter[/setup]':<30}{'median s':>10}{'p90 s':>10}{'min s':>10}{'max s':>10}")
+
+        def row(k: str) -> None:
+            v = run[k]
+            lines.append(f"  {k:<30}{v['median']:>10.3f}{v['p90']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}")
+
         for sn in SNAPSHOTTERS:
             for rt in RUNTIMES:
-                k = f"{short(rt)}/{sn}"
-                v = run[k]
-                lines.append(f"  {k:<22}{v['median']:>10.3f}{v['p90']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}")
-            lines.append(f"  {'ratio fractal/runc':<22}{run[f'ratio/{sn}']:>10.2f}")
+                row(f"{short(rt)}/{sn}")
+            lines.append(f"  {'ratio fractal/runc':<30}{run[f'ratio/{sn}']:>10.2f}")
+        for name in setups[1:]:
+            row(f"fractal/fractal/{name}")
+            lines.append(f"  {'ratio to runc/fractal':<30}{run[f'ratio/fractal/{name}']:>10.2f}")
         r = run["ratio/fractal"]
-        goals.append((f"run --rm ratio (fractal snapshotter) <= {GOAL_RUN_RATIO}", r <= GOAL_RUN_RATIO,
-                      f"{r:.2f}x"))
+        goals.append((f"run --rm ratio, {setups[0]} (fractal snapshotter) <= {GOAL_RUN_RATIO}",
+                      r <= GOAL_RUN_RATIO, f"{r:.2f}x"))
     mem = result.get("memory")
     if mem:
         lines.append("")
@@ -263,10 +354,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="FRACTAL_AGENT for the shims (default: inproc)")
     ap.add_argument("--spawn", choices=["fork", "exec"], default=os.environ.get("FRACTAL_SHIM_SPAWN", "fork"),
                     help="FRACTAL_SHIM_SPAWN: how `start` starts the daemon (default: fork)")
+    ap.add_argument("--setups", default="installed,tuned,dev-shell",
+                    help="comma-separated, of " + ", ".join(SETUPS) + " (installed is always measured, first)")
     ap.add_argument("--skip", action="append", default=[], choices=["run", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
     args = ap.parse_args(argv)
+    setups = ["installed"] + [n for n in args.setups.split(",") if n and n != "installed"]
+    if unknown := [n for n in setups if n not in SETUPS]:
+        ap.error(f"unknown setup(s) {unknown}; known: {', '.join(SETUPS)}")
     if not require_root():
         return 2
     os.environ["FRACTAL_AGENT"] = args.agent  # containerd's environment -> the shims'
@@ -279,25 +375,37 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "agent": args.agent,
         "spawn": args.spawn,
+        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "setups": setups,
         "goals": {"run_ratio_max": GOAL_RUN_RATIO, "rss_mb_max": GOAL_RSS_MB},
     }
     t_all = time.monotonic()
 
     def measure() -> None:
-        with bench_env(args.image) as (env, refs):
-            ref = result["image_ref"] = refs[args.image]
-            log(f"env {env.id} up; pulling {ref}")
-            for sn in SNAPSHOTTERS:
-                env.pull(ref, namespace=NS, snapshotter=sn)
-            with dump_logs_on_failure(env):
-                if "run" not in args.skip:
-                    t = time.monotonic()
-                    result["run"] = bench_run(env, ref, args.runs)
-                    log(f"run done in {time.monotonic() - t:.1f}s")
-                if "memory" not in args.skip:
-                    result["memory"] = bench_memory(env, ref)
-                    log("memory done")
-            env.remove_namespace(NS)
+        import tempfile
+
+        with contextlib.ExitStack() as stack:
+            envs: dict[str, tuple[FractalEnv, str]] = {}
+            result["setup_env"] = {}
+            for name in setups:
+                env, refs = stack.enter_context(bench_env(args.image))
+                ref = result["image_ref"] = refs[args.image]
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-bench-")))
+                result["setup_env"][name] = configure(env, SETUPS[name], scratch)
+                log(f"setup {name}: env {env.id} up; pulling {ref}")
+                for sn in (SNAPSHOTTERS if name == setups[0] else ("fractal",)):
+                    env.pull(ref, namespace=NS, snapshotter=sn)
+                stack.enter_context(dump_logs_on_failure(env))
+                stack.callback(env.remove_namespace, NS)
+                envs[name] = (env, ref)
+            if "run" not in args.skip:
+                t = time.monotonic()
+                result["run"] = bench_run(envs, args.runs)
+                log(f"run done in {time.monotonic() - t:.1f}s")
+            if "memory" not in args.skip:
+                env, ref = envs[setups[0]]
+                result["memory"] = bench_memory(env, ref, SETUPS[setups[0]].ctr_args)
+                log("memory done")
 
     rc = guarded(measure)
     if rc:
