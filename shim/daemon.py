@@ -223,6 +223,22 @@ class Daemon:
         log.info("shim exiting")
 
 
+def preload() -> None:
+    """Import every module :meth:`Daemon.run` imports, and the sandbox kinds: the fork-server
+    (shim/zygote.py) calls it once, so the daemons it forks find them loaded."""
+    import functools  # noqa: F401
+
+    from ccpu import logfmt, sandboxes  # noqa: F401
+    from ccpu.linux import reaper  # noqa: F401
+    from ccpu import ttrpc  # noqa: F401
+    from shim import (address, config, errors, events, hostsandbox, layers, promexport,  # noqa: F401
+                      sandbox, sandboxkind, task)
+    try:
+        from shim import vm  # noqa: F401  # VM sandboxes
+    except Exception:  # noqa: BLE001 - a VM sandbox imports it again and reports
+        pass
+
+
 def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int):  # noqa: ANN001, ANN201
     """The daemon's options from ``start``'s (what ``daemon_argv`` passes on the command line)."""
     from shim.args import Options

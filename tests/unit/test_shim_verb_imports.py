@@ -31,6 +31,8 @@ FORBIDDEN = ("grpc", "google.protobuf", "asyncio", "ssl", "_ssl", "shim.daemon",
              "shim.config", "ccpu.ttrpc", "ccpu.api")
 START_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.start", "shim.address", "ccpu",
                   "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
+#: with FRACTAL_SHIM_SPAWN=zygote, start also asks the fork-server (its client half)
+ZYGOTE_START_MAY_LOAD = START_MAY_LOAD | {"shim.zygote"}
 DELETE_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.delete", "shim.address", "ccpu",
                    "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
 
@@ -49,6 +51,9 @@ if verb == "start":
     def fake_fork(opts, group, bundle, sock_path, sock, lock_fd):
         sock.close()
     start._fork_daemon = fake_fork
+    if os.environ.get("FRACTAL_SHIM_SPAWN") == "zygote":  # no zygote there: record its start
+        from shim import zygote
+        zygote.start_zygote = lambda address: None
 code = shim_main.main(sys.argv[4:], fast_exit=False)
 import json
 with open(out, "w") as f:
@@ -103,6 +108,14 @@ def test_start_imports_no_grpc_protobuf_asyncio_or_daemon(tmp_path: Path) -> Non
     assert forbidden(loaded) == [], report
     assert project(loaded) <= START_MAY_LOAD, (sorted(project(loaded) - START_MAY_LOAD), report)
     assert "shim.start" in loaded  # the verb really ran
+
+
+def test_start_with_the_fork_server_imports_only_its_client(tmp_path: Path) -> None:
+    loaded, report, stdout = run_verb(tmp_path, "start", env_extra={"FRACTAL_SHIM_SPAWN": "zygote"})
+    assert stdout.startswith(b"unix://")
+    assert forbidden(loaded) == [], report
+    assert project(loaded) <= ZYGOTE_START_MAY_LOAD, (sorted(project(loaded) - ZYGOTE_START_MAY_LOAD), report)
+    assert "shim.zygote" in loaded
 
 
 def test_delete_after_a_clean_exit_needs_only_the_stdlib_basics(tmp_path: Path) -> None:
