@@ -12,6 +12,8 @@ snapshotter + containerd 1.6) of its own, all up at once and fed by a
   ``/usr/local/bin`` symlink points there), byte code present (``pip install`` compiles it);
 * ``tuned``: the benchmark's former setup: a config with ``mode = "host"``, ``FRACTAL_ROOT`` in
   containerd's environment, no annotation;
+* ``zygote``: ``installed`` with ``FRACTAL_SHIM_SPAWN=zygote`` (shim/zygote.py: a warm
+  fork-server forks each sandbox's daemon; memory measured there too, with the USS);
 * ``dev-shell``: containerd started from a developer's shell on this machine: the shell's PATH
   (a pyenv wrapper script instead of the console script, if that is what PATH finds first) and
   ``PYTHONDONTWRITEBYTECODE=1`` with an editable install that has no byte code (a copy of
@@ -36,7 +38,7 @@ start compile its modules from source.
 Prints a table, the command, machine info and the goals met/missed; ``--json FILE`` writes all
 figures.  Must run as root.
 
-    python3 hack/bench/shim.py [--image busybox] [--runs 10] [--setups installed,tuned,dev-shell]
+    python3 hack/bench/shim.py [--image busybox] [--runs 10] [--setups installed,tuned,zygote,dev-shell]
                                [--agent inproc|process] [--json FILE]
 """
 
@@ -96,6 +98,8 @@ SETUPS = {s.name: s for s in (
     Setup("installed", "after `fractal install`: config with root only (mode vm by default), "
           "--annotation io.fractal.mode=host, byte code present", HOST_MODE),
     Setup("tuned", "config mode = \"host\" + FRACTAL_ROOT (the benchmark's former setup)"),
+    Setup("zygote", "installed + FRACTAL_SHIM_SPAWN=zygote: a warm fork-server forks each "
+          "sandbox's daemon", HOST_MODE),
     Setup("dev-shell", "containerd from this shell: its PATH, PYTHONDONTWRITEBYTECODE=1, editable "
           "install without byte code", HOST_MODE),
 )}
@@ -113,6 +117,9 @@ def configure(env: FractalEnv, setup: Setup, scratch: Path) -> dict[str, str]:
     env.fractal_config.write_text(with_root(None, str(env.snapshotter_root)))  # as `fractal install`
     ce.extra_env.pop("FRACTAL_ROOT", None)
     out = {"config": env.fractal_config.read_text().strip()}
+    if setup.name == "zygote":
+        ce.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
+        out["FRACTAL_SHIM_SPAWN"] = "zygote"
     if setup.name == "dev-shell":
         found = shutil.which(SHIM_BINARY, path=os.environ.get("PATH", ""))
         if found:  # what a containerd started from this shell runs (e.g. a pyenv wrapper)
@@ -206,6 +213,17 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
+def uss_kb(pid: int) -> int:
+    """Unique set size: the pages only this process has (Private_Clean + Private_Dirty) -- what a
+    daemon forked from a warm zygote really costs, its copy-on-write pages shared with it aside."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -259,10 +277,11 @@ def remove(env: FractalEnv, cid: str) -> None:
     env.ctr("containers", "rm", cid, namespace=NS, check=False)
 
 
-def bench_memory(env: FractalEnv, ref: str, fractal_args: tuple[str, ...] = ()) -> dict[str, Any]:
+def bench_memory(env: FractalEnv, ref: str, fractal_args: tuple[str, ...] = (),
+                 runtimes: tuple[str, ...] = RUNTIMES, suffix: str = "") -> dict[str, Any]:
     stop = {p for p in (env.containerd.pid,) if p}
     out: dict[str, Any] = {}
-    for rt in RUNTIMES:
+    for rt in runtimes:
         for count in (1, 3):
             group = f"mem-{short(rt)}-{count}"
             ann = "io.fractal.sandbox" if rt == FRACTAL_RT else "io.containerd.runc.v2.group"
@@ -279,16 +298,37 @@ def bench_memory(env: FractalEnv, ref: str, fractal_args: tuple[str, ...] = ()) 
                 for cid in cids:
                     procs.update(shim_processes(task_pid(env, cid), stop))
                 detail = [{"pid": p, "rss_kb": _kb(_status(p).get("VmRSS", "")), "pss_kb": pss_kb(p),
-                           "cmd": cmdline(p)[:120]} for p in sorted(procs)]
-                out[f"{short(rt)}/{count}"] = {
+                           "uss_kb": uss_kb(p), "cmd": cmdline(p)[:120]} for p in sorted(procs)]
+                out[f"{short(rt)}/{count}{suffix}"] = {
                     "processes": len(procs),
                     "rss_mb": sum(d["rss_kb"] for d in detail) / 1024,
                     "pss_mb": sum(d["pss_kb"] for d in detail) / 1024,
+                    "uss_mb": sum(d["uss_kb"] for d in detail) / 1024,
                     "detail": detail,
                 }
             finally:
                 for cid in cids:
                     remove(env, cid)
+    return out
+
+
+def zygote_memory(env: FractalEnv) -> list[dict[str, Any]]:
+    """The fork-server itself (one per containerd, not per sandbox): RSS, PSS, USS.  The daemons
+    it forked share its command line; they are named in the sandbox records."""
+    import json
+
+    daemons = set()
+    for f in env.fractal_run_dir.glob("sandboxes/*/*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            daemons.add(int(json.loads(f.read_text())["shim_pid"]))
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            cmd = cmdline(int(d.name))
+            p = int(d.name)
+            if "shim.zygote" in cmd and str(env.address) in cmd and p not in daemons:
+                out.append({"pid": p, "rss_kb": _kb(_status(p).get("VmRSS", "")), "pss_kb": pss_kb(p),
+                            "uss_kb": uss_kb(p)})
     return out
 
 
@@ -332,12 +372,13 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     if mem:
         lines.append("")
         lines.append("memory per sandbox (processes between the container's init and containerd)")
-        lines.append(f"  {'runtime/containers':<22}{'procs':>6}{'RSS MB':>10}{'PSS MB':>10}")
-        for rt in RUNTIMES:
-            for count in (1, 3):
-                v = mem[f"{short(rt)}/{count}"]
-                lines.append(f"  {short(rt) + '/' + str(count):<22}{v['processes']:>6}"
-                             f"{v['rss_mb']:>10.1f}{v['pss_mb']:>10.1f}")
+        lines.append(f"  {'runtime/containers':<22}{'procs':>6}{'RSS MB':>10}{'PSS MB':>10}{'USS MB':>10}")
+        for k, v in mem.items():
+            lines.append(f"  {k:<22}{v['processes']:>6}{v['rss_mb']:>10.1f}{v['pss_mb']:>10.1f}"
+                         f"{v.get('uss_mb', 0.0):>10.1f}")
+        for z in result.get("zygote_process", []):
+            lines.append(f"  {'zygote (per containerd)':<22}{1:>6}{z['rss_kb'] / 1024:>10.1f}"
+                         f"{z['pss_kb'] / 1024:>10.1f}{z['uss_kb'] / 1024:>10.1f}")
         v = mem["fractal/1"]["rss_mb"]
         goals.append((f"shim+agent RSS per sandbox <= {GOAL_RSS_MB:.0f} MB", v <= GOAL_RSS_MB, f"{v:.1f} MB"))
     lines.append("")
@@ -354,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="FRACTAL_AGENT for the shims (default: inproc)")
     ap.add_argument("--spawn", choices=["fork", "exec"], default=os.environ.get("FRACTAL_SHIM_SPAWN", "fork"),
                     help="FRACTAL_SHIM_SPAWN: how `start` starts the daemon (default: fork)")
-    ap.add_argument("--setups", default="installed,tuned,dev-shell",
+    ap.add_argument("--setups", default="installed,tuned,zygote,dev-shell",
                     help="comma-separated, of " + ", ".join(SETUPS) + " (installed is always measured, first)")
     ap.add_argument("--skip", action="append", default=[], choices=["run", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
@@ -405,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
             if "memory" not in args.skip:
                 env, ref = envs[setups[0]]
                 result["memory"] = bench_memory(env, ref, SETUPS[setups[0]].ctr_args)
+                if "zygote" in envs:  # the forked daemon's own pages (USS) is its cost
+                    env, ref = envs["zygote"]
+                    result["memory"].update(bench_memory(env, ref, SETUPS["zygote"].ctr_args,
+                                                         runtimes=(FRACTAL_RT,), suffix="/zygote"))
+                    result["zygote_process"] = zygote_memory(env)
                 log("memory done")
 
     rc = guarded(measure)

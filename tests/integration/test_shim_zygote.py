@@ -155,6 +155,12 @@ def test_zygote_killed_9_loses_no_sandbox_and_leaks_nothing(registry) -> None:  
             wait_for(lambda: len(zygotes(env)) == 1, what="a new zygote")
             (zyg2,) = zygotes(env)
             assert zyg2 != zyg
+
+            # kill -9 of a daemon the zygote forked: containerd's `delete` cleans up as ever
+            victim = int(env.ctr("tasks", "ls", namespace=ns).stdout.split("second", 1)[1].split()[0])
+            os.kill(second, signal.SIGKILL)
+            wait_for(lambda: task_status(env, ns, "second") == "", what="second cleaned up")
+            wait_for(lambda: not alive(victim), what="second's container process killed")
         finally:
             remove(env, ns, "first")
             remove(env, ns, "second")
