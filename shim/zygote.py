@@ -52,6 +52,10 @@ ANSWER_SECONDS = 2.0
 #: how long a new daemon waits for ``start``'s go before it exits unused
 GO_SECONDS = 10.0
 REQUEST_MAX = 1 << 20
+#: the zygote's process name (``/proc/PID/comm``, ``ps``); its daemons take back the shim's
+ZYGOTE_COMM = b"fractal-zygote"
+DAEMON_COMM = b"containerd-shim"  # what a daemon forked by ``start`` has (the script's name, cut)
+PR_SET_NAME = 15
 
 _CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _VERSION_FILES = ("shim/__init__.py", "shim/daemon.py", "shim/zygote.py", "shim/task.py",
@@ -172,6 +176,17 @@ def start_zygote(containerd_address: str) -> None:
 # server (``python -m shim.zygote``)
 
 
+def set_comm(name: bytes) -> None:
+    """Name this process in ``/proc/PID/comm``: the zygote and the daemons it forks share one
+    command line, ``ps -o comm`` and the tests tell them apart by this."""
+    try:
+        from ccpu.linux.libc import libc
+
+        libc.prctl(PR_SET_NAME, name, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
@@ -214,6 +229,7 @@ def _become_daemon(conn: socket.socket, listener: socket.socket, req: dict, list
     code = 1
     try:
         listener.close()
+        set_comm(DAEMON_COMM)
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -264,6 +280,7 @@ def preload() -> None:
 
 
 def serve(listener: socket.socket, path: str, idle: float = IDLE_SECONDS) -> int:
+    set_comm(ZYGOTE_COMM)
     version = code_version()
     preload()
     me = os.getuid()

@@ -46,27 +46,18 @@ def ours(env: FractalEnv) -> list[int]:
     return sorted(out)
 
 
+def comm(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/comm").read_bytes().strip()
+    except OSError:
+        return b""
+
+
 def zygotes(env: FractalEnv) -> list[int]:
-    """Live zygotes of this env.  The daemons a zygote forked have its command line too; they
-    are the ones named as a sandbox's shim in the sandbox records."""
-    shims = daemon_pids_from_records()
-    return [p for p in ours(env) if b"shim.zygote" in cmdline(p) and alive(p) and p not in shims]
-
-
-_RECORDS: list[Path] = []
-
-
-def daemon_pids_from_records() -> set[int]:
-    import json
-
-    out = set()
-    for base in _RECORDS:
-        for f in base.glob("sandboxes/*/*.json"):
-            try:
-                out.add(int(json.loads(f.read_text())["shim_pid"]))
-            except (OSError, ValueError, KeyError):
-                pass
-    return out
+    """Live zygotes of this env.  The daemons a zygote forked share its command line; the
+    zygote names itself (comm) fractal-zygote, they take back the shim's name."""
+    return [p for p in ours(env) if b"shim.zygote" in cmdline(p) and alive(p)
+            and comm(p) == zygote.ZYGOTE_COMM]
 
 
 def wait_ready(path: str) -> None:
@@ -119,7 +110,6 @@ def test_zygote_killed_9_loses_no_sandbox_and_leaks_nothing(registry) -> None:  
     env = FractalEnv()
     env.containerd.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
     with env:
-        _RECORDS[:] = [env.fractal_run_dir]
         ns = env.new_namespace()
         ref = registry.ref("busybox")
         env.pull(ref, namespace=ns)
@@ -137,6 +127,7 @@ def test_zygote_killed_9_loses_no_sandbox_and_leaks_nothing(registry) -> None:  
         start(env, ns, ref, "second")
         second = shim_pid(env, ns, "second")
         assert b"shim.zygote" in cmdline(second), cmdline(second)
+        assert comm(second) == zygote.DAEMON_COMM == comm(first)
         assert stat_fields(second)[1] != str(zyg)
         assert second not in [int(p) for p in Path(f"/proc/{zyg}/task/{zyg}/children").read_text().split()]
 
