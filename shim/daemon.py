@@ -1,7 +1,7 @@
 """The shim daemon: serves the Task API for one group of containers (started by ``start``).
 
-The fork-server (:mod:`shim.zygote`, the default) or ``start`` forks it (both call :func:`serve`:
-no second interpreter start), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
+``start`` forks it (``shim.start._fork_daemon`` calls :func:`serve`: the interpreter and the
+modules ``start`` already imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
 ``python -m shim.daemon -namespace NS -address ADDR -publish-binary P -id ID -bundle B
 -group G -socket PATH -listen-fd N [-debug]``.
 

@@ -13,15 +13,15 @@ containerd's read of our output ends when we exit.
 
 How the daemon is started (``FRACTAL_SHIM_SPAWN``):
 
-* ``zygote`` (default): a warm fork-server (:mod:`shim.zygote`) that has the daemon's modules
-  imported forks it, with the listening socket passed over its unix socket; without a usable
-  zygote, ``fork`` as below, and a zygote is started for the next sandbox.
-* ``fork``: ``os.fork()`` once everything is parsed and the socket listens (no
+* ``fork`` (default): ``os.fork()`` once everything is parsed and the socket listens (no
   threads exist in ``start``).  The child closes the lock, takes /dev/null as stdio, calls
   setsid, moves to the bundle and runs :func:`shim.daemon.serve` -- no second interpreter start
   and no second ``site`` import, which is most of a Python process's start-up cost.  The parent
   prints the address and exits at once (``os._exit``: nothing of the child's to flush).
 * ``exec``: a fresh ``python -m shim.daemon`` that inherits the listening socket as an fd.
+* ``zygote``: a warm fork-server (:mod:`shim.zygote`) that has the daemon's modules imported
+  forks it, with the listening socket passed over its unix socket; without a usable zygote,
+  ``fork`` as above, and a zygote is started for the next sandbox.
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ def daemon_argv(opts, group: str, bundle: str, sock_path: str, listen_fd: int) -
     return argv
 
 
-SPAWN_MODES = ("zygote", "fork", "exec")  # the first is the default
+SPAWN_MODES = ("fork", "exec", "zygote")
 
 
 def spawn_mode() -> str:
     mode = os.environ.get("FRACTAL_SHIM_SPAWN", "").strip()
-    return mode if mode in SPAWN_MODES else SPAWN_MODES[0]
+    return mode if mode in SPAWN_MODES else "fork"
 
 
 def _zygote_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.socket) -> bool:  # noqa: ANN001

@@ -12,8 +12,8 @@ snapshotter + containerd 1.6) of its own, all up at once and fed by a
   ``/usr/local/bin`` symlink points there), byte code present (``pip install`` compiles it);
 * ``tuned``: the benchmark's former setup: a config with ``mode = "host"``, ``FRACTAL_ROOT`` in
   containerd's environment, no annotation;
-* ``fork``: ``installed`` with ``FRACTAL_SHIM_SPAWN=fork``: ``start`` forks each sandbox's
-  daemon itself, no warm fork-server (shim/zygote.py, the default); memory measured there too;
+* ``zygote``: ``installed`` with ``FRACTAL_SHIM_SPAWN=zygote`` (shim/zygote.py: a warm
+  fork-server forks each sandbox's daemon; memory measured there too, with the USS);
 * ``dev-shell``: containerd started from a developer's shell on this machine: the shell's PATH
   (a pyenv wrapper script instead of the console script, if that is what PATH finds first) and
   ``PYTHONDONTWRITEBYTECODE=1`` with an editable install that has no byte code (a copy of
@@ -38,7 +38,7 @@ start compile its modules from source.
 Prints a table, the command, machine info and the goals met/missed; ``--json FILE`` writes all
 figures.  Must run as root.
 
-    python3 hack/bench/shim.py [--image busybox] [--runs 10] [--setups installed,tuned,fork,dev-shell]
+    python3 hack/bench/shim.py [--image busybox] [--runs 10] [--setups installed,tuned,zygote,dev-shell]
                                [--agent inproc|process] [--json FILE]
 """
 
@@ -98,8 +98,8 @@ SETUPS = {s.name: s for s in (
     Setup("installed", "after `fractal install`: config with root only (mode vm by default), "
           "--annotation io.fractal.mode=host, byte code present", HOST_MODE),
     Setup("tuned", "config mode = \"host\" + FRACTAL_ROOT (the benchmark's former setup)"),
-    Setup("fork", "installed + FRACTAL_SHIM_SPAWN=fork: start forks the daemon itself, no "
-          "warm fork-server (the default before issue 13)", HOST_MODE),
+    Setup("zygote", "installed + FRACTAL_SHIM_SPAWN=zygote: a warm fork-server forks each "
+          "sandbox's daemon", HOST_MODE),
     Setup("dev-shell", "containerd from this shell: its PATH, PYTHONDONTWRITEBYTECODE=1, editable "
           "install without byte code", HOST_MODE),
 )}
@@ -117,9 +117,9 @@ def configure(env: FractalEnv, setup: Setup, scratch: Path) -> dict[str, str]:
     env.fractal_config.write_text(with_root(None, str(env.snapshotter_root)))  # as `fractal install`
     ce.extra_env.pop("FRACTAL_ROOT", None)
     out = {"config": env.fractal_config.read_text().strip()}
-    if setup.name == "fork":
-        ce.extra_env["FRACTAL_SHIM_SPAWN"] = "fork"
-        out["FRACTAL_SHIM_SPAWN"] = "fork"
+    if setup.name == "zygote":
+        ce.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
+        out["FRACTAL_SHIM_SPAWN"] = "zygote"
     if setup.name == "dev-shell":
         found = shutil.which(SHIM_BINARY, path=os.environ.get("PATH", ""))
         if found:  # what a containerd started from this shell runs (e.g. a pyenv wrapper)
@@ -393,9 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=10, help="timed runs per configuration (default 10)")
     ap.add_argument("--agent", choices=["inproc", "process"], default=os.environ.get("FRACTAL_AGENT", "inproc"),
                     help="FRACTAL_AGENT for the shims (default: inproc)")
-    ap.add_argument("--spawn", choices=["", "zygote", "fork", "exec"], default=os.environ.get("FRACTAL_SHIM_SPAWN", ""),
-                    help="FRACTAL_SHIM_SPAWN: how `start` starts the daemon (default: the shim's, zygote)")
-    ap.add_argument("--setups", default="installed,tuned,fork,dev-shell",
+    ap.add_argument("--spawn", choices=["fork", "exec"], default=os.environ.get("FRACTAL_SHIM_SPAWN", "fork"),
+                    help="FRACTAL_SHIM_SPAWN: how `start` starts the daemon (default: fork)")
+    ap.add_argument("--setups", default="installed,tuned,zygote,dev-shell",
                     help="comma-separated, of " + ", ".join(SETUPS) + " (installed is always measured, first)")
     ap.add_argument("--skip", action="append", default=[], choices=["run", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
@@ -407,10 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if not require_root():
         return 2
     os.environ["FRACTAL_AGENT"] = args.agent  # containerd's environment -> the shims'
-    if args.spawn:
-        os.environ["FRACTAL_SHIM_SPAWN"] = args.spawn
-    else:
-        os.environ.pop("FRACTAL_SHIM_SPAWN", None)
+    os.environ["FRACTAL_SHIM_SPAWN"] = args.spawn
     if not args.no_compile:
         byte_compile()
 
@@ -449,12 +446,11 @@ def main(argv: list[str] | None = None) -> int:
             if "memory" not in args.skip:
                 env, ref = envs[setups[0]]
                 result["memory"] = bench_memory(env, ref, SETUPS[setups[0]].ctr_args)
-                if result["spawn"] in ("", "zygote"):  # the forked daemon's own pages (USS) is its cost
+                if "zygote" in envs:  # the forked daemon's own pages (USS) is its cost
+                    env, ref = envs["zygote"]
+                    result["memory"].update(bench_memory(env, ref, SETUPS["zygote"].ctr_args,
+                                                         runtimes=(FRACTAL_RT,), suffix="/zygote"))
                     result["zygote_process"] = zygote_memory(env)
-                if "fork" in envs:
-                    env, ref = envs["fork"]
-                    result["memory"].update(bench_memory(env, ref, SETUPS["fork"].ctr_args,
-                                                         runtimes=(FRACTAL_RT,), suffix="/fork"))
                 log("memory done")
 
     rc = guarded(measure)

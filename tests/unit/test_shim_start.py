@@ -106,10 +106,10 @@ def test_run_prints_only_the_address(env, capsys, monkeypatch) -> None:  # noqa:
 
 
 def test_fork_mode_hands_over_socket_and_lock(env, monkeypatch) -> None:  # noqa: ANN001
-    """FRACTAL_SHIM_SPAWN=fork (and the fork-server's fallback): the daemon is forked with the
-    listening socket and the lock fd (which the child must close, or the flock would stay held)."""
+    """Default spawn mode: the daemon is forked with the listening socket and the lock fd (which
+    the child must close, or the flock would stay held)."""
     tmp, bundle, spawned = env
-    monkeypatch.setenv("FRACTAL_SHIM_SPAWN", "fork")
+    monkeypatch.delenv("FRACTAL_SHIM_SPAWN")
     forked: list[tuple] = []
 
     def fake_fork(opts, group, bundle_, sock_path, sock, lock_fd):  # noqa: ANN001, ANN202
@@ -125,13 +125,12 @@ def test_fork_mode_hands_over_socket_and_lock(env, monkeypatch) -> None:  # noqa
 
 @pytest.mark.parametrize("outcome", ["served", "absent", "slow"])
 def test_zygote_mode_falls_back_to_fork(env, monkeypatch, outcome) -> None:  # noqa: ANN001
-    """The default (FRACTAL_SHIM_SPAWN unset or zygote): the fork-server forks the daemon; when
-    it started none, start forks it itself -- and starts a new zygote unless one merely
-    answered slowly."""
+    """FRACTAL_SHIM_SPAWN=zygote: the fork-server forks the daemon; when it started none,
+    start forks it itself -- and starts a new zygote unless one merely answered slowly."""
     from shim import zygote
 
     tmp, bundle, spawned = env
-    monkeypatch.delenv("FRACTAL_SHIM_SPAWN")
+    monkeypatch.setenv("FRACTAL_SHIM_SPAWN", "zygote")
     asked: list[dict] = []
     started: list[str] = []
     forked: list[str] = []
@@ -151,7 +150,7 @@ def test_zygote_mode_falls_back_to_fork(env, monkeypatch, outcome) -> None:  # n
     start_mod.start(opts(bundle))
     (req,) = asked
     assert (req["group"], req["bundle"], req["id"]) == ("c1", str(bundle), "c1")
-    assert req["version"] == zygote.code_version() and req["env"]["HOME"] == os.environ["HOME"]
+    assert req["version"] == zygote.code_version() and req["env"]["FRACTAL_SHIM_SPAWN"] == "zygote"
     assert forked == ([] if outcome == "served" else ["c1"])
     assert started == (["/run/x/containerd.sock"] if outcome == "absent" else [])
     assert spawned == []

@@ -31,7 +31,7 @@ FORBIDDEN = ("grpc", "google.protobuf", "asyncio", "ssl", "_ssl", "shim.daemon",
              "shim.config", "ccpu.ttrpc", "ccpu.api")
 START_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.start", "shim.address", "ccpu",
                   "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
-#: by default start asks the fork-server (its client half); FRACTAL_SHIM_SPAWN=fork does not
+#: with FRACTAL_SHIM_SPAWN=zygote, start also asks the fork-server (its client half)
 ZYGOTE_START_MAY_LOAD = START_MAY_LOAD | {"shim.zygote"}
 DELETE_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.delete", "shim.address", "ccpu",
                    "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
@@ -51,7 +51,7 @@ if verb == "start":
     def fake_fork(opts, group, bundle, sock_path, sock, lock_fd):
         sock.close()
     start._fork_daemon = fake_fork
-    if start.spawn_mode() == "zygote":  # there is no zygote: start would start one
+    if os.environ.get("FRACTAL_SHIM_SPAWN") == "zygote":  # no zygote there: record its start
         from shim import zygote
         zygote.start_zygote = lambda address: None
 code = shim_main.main(sys.argv[4:], fast_exit=False)
@@ -103,8 +103,7 @@ def project(loaded: set[str]) -> set[str]:
 
 
 def test_start_imports_no_grpc_protobuf_asyncio_or_daemon(tmp_path: Path) -> None:
-    """FRACTAL_SHIM_SPAWN=fork: start forks the daemon itself."""
-    loaded, report, stdout = run_verb(tmp_path, "start", env_extra={"FRACTAL_SHIM_SPAWN": "fork"})
+    loaded, report, stdout = run_verb(tmp_path, "start")
     assert stdout.startswith(b"unix://")
     assert forbidden(loaded) == [], report
     assert project(loaded) <= START_MAY_LOAD, (sorted(project(loaded) - START_MAY_LOAD), report)
@@ -112,8 +111,7 @@ def test_start_imports_no_grpc_protobuf_asyncio_or_daemon(tmp_path: Path) -> Non
 
 
 def test_start_with_the_fork_server_imports_only_its_client(tmp_path: Path) -> None:
-    """The default: start asks the fork-server (none here: it forks, and would start one)."""
-    loaded, report, stdout = run_verb(tmp_path, "start", env_extra={"FRACTAL_SHIM_SPAWN": ""})
+    loaded, report, stdout = run_verb(tmp_path, "start", env_extra={"FRACTAL_SHIM_SPAWN": "zygote"})
     assert stdout.startswith(b"unix://")
     assert forbidden(loaded) == [], report
     assert project(loaded) <= ZYGOTE_START_MAY_LOAD, (sorted(project(loaded) - ZYGOTE_START_MAY_LOAD), report)
