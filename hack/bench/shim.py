@@ -14,6 +14,9 @@ snapshotter + containerd 1.6) of its own, all up at once and fed by a
   containerd's environment, no annotation;
 * ``zygote``: ``installed`` with ``FRACTAL_SHIM_SPAWN=zygote`` (shim/zygote.py: a warm
   fork-server forks each sandbox's daemon; memory measured there too, with the USS);
+* ``no-site``: ``zygote`` with the shim started by ``python3 -S`` (a launcher script with the
+  checkout and site-packages on ``sys.path``): no ``.pth`` hooks in ``site`` -- a lever
+  ``fractal install`` could use, measured here only;
 * ``dev-shell``: containerd started from a developer's shell on this machine: the shell's PATH
   (a pyenv wrapper script instead of the console script, if that is what PATH finds first) and
   ``PYTHONDONTWRITEBYTECODE=1`` with an editable install that has no byte code (a copy of
@@ -100,6 +103,8 @@ SETUPS = {s.name: s for s in (
     Setup("tuned", "config mode = \"host\" + FRACTAL_ROOT (the benchmark's former setup)"),
     Setup("zygote", "installed + FRACTAL_SHIM_SPAWN=zygote: a warm fork-server forks each "
           "sandbox's daemon", HOST_MODE),
+    Setup("no-site", "zygote + the shim run by `python3 -S` with the code and site-packages "
+          "put on sys.path (no .pth hooks): a launcher `fractal install` could write", HOST_MODE),
     Setup("dev-shell", "containerd from this shell: its PATH, PYTHONDONTWRITEBYTECODE=1, editable "
           "install without byte code", HOST_MODE),
 )}
@@ -120,6 +125,19 @@ def configure(env: FractalEnv, setup: Setup, scratch: Path) -> dict[str, str]:
     if setup.name == "zygote":
         ce.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
         out["FRACTAL_SHIM_SPAWN"] = "zygote"
+    if setup.name == "no-site":  # measures a lever: a launcher without site's .pth processing
+        import sysconfig
+
+        ce.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
+        bindir = scratch / "bin"
+        bindir.mkdir()
+        launcher = bindir / SHIM_BINARY
+        paths = [str(REPO), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+        launcher.write_text(f"#!{sys.executable} -S\nimport sys\nsys.path[1:1] = {list(dict.fromkeys(paths))!r}\n"
+                            "from shim.main import main\nsys.exit(main())\n")
+        launcher.chmod(0o755)
+        ce.path_prepend = [str(bindir)]
+        out.update(FRACTAL_SHIM_SPAWN="zygote", shim=str(launcher))
     if setup.name == "dev-shell":
         found = shutil.which(SHIM_BINARY, path=os.environ.get("PATH", ""))
         if found:  # what a containerd started from this shell runs (e.g. a pyenv wrapper)
