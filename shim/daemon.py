@@ -1,7 +1,7 @@
 """The shim daemon: serves the Task API for one group of containers (started by ``start``).
 
-``start`` forks it (:func:`run_forked`: the interpreter and the modules ``start`` already
-imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
+``start`` forks it (``shim.start._fork_daemon`` calls :func:`serve`: the interpreter and the
+modules ``start`` already imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
 ``python -m shim.daemon -namespace NS -address ADDR -publish-binary P -id ID -bundle B
 -group G -socket PATH -listen-fd N [-debug]``.
 
@@ -221,6 +221,22 @@ class Daemon:
             pass
         self.reaper.stop()
         log.info("shim exiting")
+
+
+def preload() -> None:
+    """Import every module :meth:`Daemon.run` imports, and the sandbox kinds: the fork-server
+    (shim/zygote.py) calls it once, so the daemons it forks find them loaded."""
+    import functools  # noqa: F401
+
+    from ccpu import logfmt, sandboxes  # noqa: F401
+    from ccpu.linux import reaper  # noqa: F401
+    from ccpu import ttrpc  # noqa: F401
+    from shim import (address, config, errors, events, hostsandbox, layers, promexport,  # noqa: F401
+                      sandbox, sandboxkind, task)
+    try:
+        from shim import vm  # noqa: F401  # VM sandboxes
+    except Exception:  # noqa: BLE001 - a VM sandbox imports it again and reports
+        pass
 
 
 def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int):  # noqa: ANN001, ANN201

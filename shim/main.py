@@ -15,6 +15,8 @@ Only ``os``, ``sys`` and :mod:`shim.args` are imported here: containerd gives ``
 and every ``ctr run`` waits for ``start`` and (through its clean-up of the closed shim connection) for
 ``delete``, so start-up time matters.  Both verbs end with ``os._exit`` once their output is
 flushed (:func:`exit_now`): interpreter finalisation would only add time.
+
+The binary writes byte code even under ``PYTHONDONTWRITEBYTECODE`` (:func:`keep_byte_code`).
 """
 
 from __future__ import annotations
@@ -34,10 +36,27 @@ def exit_now(code: int) -> None:
         os._exit(code)
 
 
+def keep_byte_code() -> None:
+    """Let this process write the ``__pycache__`` files of the modules it compiles, whatever
+    ``PYTHONDONTWRITEBYTECODE`` says.
+
+    Why: containerd passes its environment on to the shim, and a containerd started from a
+    developer's shell (or a service that sets the variable) carries ``PYTHONDONTWRITEBYTECODE=1``.
+    With an editable install (no byte code shipped) every ``start`` then compiled the daemon's
+    ~150 modules -- protobuf stubs, the agent, the Task service -- from source again: +~55 ms of
+    every sandbox start here, and ~30 % of ``ctr run --rm`` (docs/performance.md, issue 13).  A
+    packaged install has its byte code already and is unaffected; where the tree is read-only
+    Python skips the write silently.  Only the console script does this (not ``main(argv)``
+    from tests)."""
+    sys.dont_write_bytecode = False
+
+
 def main(argv: list[str] | None = None, *, fast_exit: bool | None = None) -> int:
     """Run one verb; as the console script (``argv`` None) start/delete end with exit_now."""
     if fast_exit is None:
         fast_exit = argv is None
+    if argv is None:
+        keep_byte_code()
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts = parse_args(argv)

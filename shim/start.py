@@ -19,6 +19,9 @@ How the daemon is started (``FRACTAL_SHIM_SPAWN``):
   and no second ``site`` import, which is most of a Python process's start-up cost.  The parent
   prints the address and exits at once (``os._exit``: nothing of the child's to flush).
 * ``exec``: a fresh ``python -m shim.daemon`` that inherits the listening socket as an fd.
+* ``zygote``: a warm fork-server (:mod:`shim.zygote`) that has the daemon's modules imported
+  forks it, with the listening socket passed over its unix socket; without a usable zygote,
+  ``fork`` as above, and a zygote is started for the next sandbox.
 """
 
 from __future__ import annotations
@@ -51,8 +54,31 @@ def daemon_argv(opts, group: str, bundle: str, sock_path: str, listen_fd: int) -
     return argv
 
 
+SPAWN_MODES = ("fork", "exec", "zygote")
+
+
 def spawn_mode() -> str:
-    return "exec" if os.environ.get("FRACTAL_SHIM_SPAWN", "").strip() == "exec" else "fork"
+    mode = os.environ.get("FRACTAL_SHIM_SPAWN", "").strip()
+    return mode if mode in SPAWN_MODES else "fork"
+
+
+def _zygote_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.socket) -> bool:  # noqa: ANN001
+    """Have the fork-server fork the daemon (shim/zygote.py); False: no daemon was started --
+    then the caller forks it itself, and a fresh zygote is started for the next sandbox."""
+    from shim import zygote
+
+    try:
+        zygote.spawn_daemon(zygote.socket_path(opts.address),
+                            zygote.daemon_request(opts, group=group, bundle=bundle, socket=sock_path),
+                            sock)
+        return True
+    except zygote.Unavailable as exc:
+        if exc.restart:
+            try:
+                zygote.start_zygote(opts.address)
+            except OSError:
+                pass  # the next start tries again; this one forks as always
+        return False
 
 
 def _exec_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.socket) -> None:  # noqa: ANN001
@@ -61,6 +87,8 @@ def _exec_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.soc
     fd = sock.fileno()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
+    if not sys.dont_write_bytecode:  # as this process (shim.main.keep_byte_code)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     with open(os.devnull, "r+b") as devnull:
         subprocess.Popen(
             daemon_argv(opts, group, bundle, sock_path, fd),
@@ -138,9 +166,10 @@ def start(opts) -> str:  # noqa: ANN001
             pass
         sock = _listen(sock_path)
         try:
-            if spawn_mode() == "exec":
+            mode = spawn_mode()
+            if mode == "exec":
                 _exec_daemon(opts, group, bundle, sock_path, sock)
-            else:
+            elif not (mode == "zygote" and _zygote_daemon(opts, group, bundle, sock_path, sock)):
                 _fork_daemon(opts, group, bundle, sock_path, sock, dir_fd)
         except BaseException:
             sock.close()

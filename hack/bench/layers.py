@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if not require_root():
         return 2
     os.environ["FRACTAL_AGENT"] = args.agent
+    # the shims (containerd's environment) and the CLI run this checkout's code, not an install's
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     if not args.no_compile:
         byte_compile()
 

@@ -1,21 +1,40 @@
 #!/usr/bin/env python3
 """Benchmark containerd-shim-fractal-v1 (host mode) against containerd's runc shim, same containerd.
 
-Everything runs in one private :class:`~hack.containerd_env.FractalEnv` (fractal proxy snapshotter +
-containerd 1.6) fed by a :class:`~hack.registry.LocalRegistry`, so both runtimes are measured in
-the SAME run, on the same images and snapshots:
+Each *setup* (``--setups``) is a private :class:`~hack.containerd_env.FractalEnv` (fractal proxy
+snapshotter + containerd 1.6) of its own, all up at once and fed by a
+:class:`~hack.registry.LocalRegistry`, so every runtime and setup is measured in the SAME run:
 
-1. **Start-to-exit wall time** of ``ctr run --rm --snapshotter S --runtime R IMAGE idN true`` for
-   R in (io.containerd.fractal.v1, io.containerd.runc.v2) and S in (fractal, overlayfs); ``--runs``
-   rounds, the order of the four configurations rotating every round, after one untimed warm-up
-   each.  Median, p90 and the fractal/runc ratio per snapshotter.
+* ``installed`` (always first): what a user has after ``fractal install``: the fractal config as
+  install writes it (``root = <snapshotter root>`` and nothing else, so the sandbox mode is the
+  default ``vm`` and every ``ctr run`` says ``--annotation io.fractal.mode=host``), no
+  ``FRACTAL_ROOT``, the shim found on containerd's PATH as the console script itself (install's
+  ``/usr/local/bin`` symlink points there), byte code present (``pip install`` compiles it);
+* ``tuned``: the benchmark's former setup: a config with ``mode = "host"``, ``FRACTAL_ROOT`` in
+  containerd's environment, no annotation;
+* ``zygote``: ``installed`` with ``FRACTAL_SHIM_SPAWN=zygote`` (shim/zygote.py: a warm
+  fork-server forks each sandbox's daemon; memory measured there too, with the USS);
+* ``no-site``: ``zygote`` with the shim started by ``python3 -S`` (a launcher script with the
+  checkout and site-packages on ``sys.path``): no ``.pth`` hooks in ``site`` -- a lever
+  ``fractal install`` could use, measured here only;
+* ``dev-shell``: containerd started from a developer's shell on this machine: the shell's PATH
+  (a pyenv wrapper script instead of the console script, if that is what PATH finds first) and
+  ``PYTHONDONTWRITEBYTECODE=1`` with an editable install that has no byte code (a copy of
+  ccpu/ and shim/ without ``__pycache__``) -- the case issue 13 found at twice the time.
+
+1. **Start-to-exit wall time** of ``ctr run --rm --snapshotter S --runtime R IMAGE idN true``: in
+   the ``installed`` env for R in (io.containerd.fractal.v1, io.containerd.runc.v2) and S in
+   (fractal, overlayfs), in every other setup's env for fractal/fractal; ``--runs`` rounds, the
+   order of all configurations rotating every round, after one untimed warm-up each.  Median,
+   p90 and the ratio to runc (same snapshotter, same run).
 2. **Memory per sandbox**: ``ctr run -d`` of ``sleep`` containers, 1 and then 3 of them in one
    sandbox (``--annotation io.fractal.sandbox=X``; for runc ``io.containerd.runc.v2.group=X``, so
    its shim is shared the same way).  The figure is the summed VmRSS (and PSS) of the processes
    between the container's init and containerd/init: the shim daemon, plus the agent when it
-   runs as a process of its own (``FRACTAL_AGENT=process``).
+   runs as a process of its own (``FRACTAL_AGENT=process``).  In the ``installed`` env.
 
-Python byte code is compiled first (``compileall`` of ccpu/ and shim/), as an installed package
+The shims run the code of this checkout (``PYTHONPATH`` = the checkout for containerd).  Python
+byte code is compiled first (``compileall`` of ccpu/ and shim/), as an installed package
 has it: the environment may set PYTHONDONTWRITEBYTECODE, which would otherwise make every shim
 start compile its modules from source.
 
@@ -23,8 +42,8 @@ Prints a table, the command, machine info and the goals met/missed; ``--json FIL
 figures; ``--plot DIR`` draws the start-time distributions as ``DIR/shim-start.svg``
 (hack/bench/plots.py).  Must run as root.
 
-    python3 hack/bench/shim.py [--image busybox] [--runs 10] [--agent inproc|process] [--json FILE]
-        [--plot DIR]
+    python3 hack/bench/shim.py [--image busybox] [--runs 10] [--setups installed,tuned,zygote,dev-shell]
+                               [--agent inproc|process] [--json FILE] [--plot DIR]
 """
 
 from __future__ import annotations
@@ -33,6 +52,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,12 +68,14 @@ from hack.bench.common import (bench_env, byte_compile, command_line, dump_logs_
                                guarded, log, machine_info, percentile, require_root)
 from hack.containerd_env import FractalEnv  # noqa: E402
 
+from dataclasses import dataclass  # noqa: E402
+
 FRACTAL_RT = "io.containerd.fractal.v1"
 RUNC_RT = "io.containerd.runc.v2"
 SNAPSHOTTERS = ("fractal", "overlayfs")
 RUNTIMES = (FRACTAL_RT, RUNC_RT)
 
-GOAL_RUN_RATIO = 1.5  # fractal / runc, median `ctr run --rm IMAGE true`
+GOAL_RUN_RATIO = 1.3  # fractal / runc, median `ctr run --rm IMAGE true` (issue 13)
 GOAL_RSS_MB = 40.0  # shim + agent RSS per sandbox (1 container)
 
 NS = "bench"
@@ -61,6 +83,74 @@ NS = "bench"
 
 def short(rt: str) -> str:
     return "fractal" if rt == FRACTAL_RT else "runc"
+
+
+HOST_MODE = ("--annotation", "io.fractal.mode=host")
+SHIM_BINARY = "containerd-shim-fractal-v1"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way containerd and fractal are set up; ``ctr_args``: what every ``ctr run`` adds."""
+
+    name: str
+    what: str
+    ctr_args: tuple[str, ...] = ()
+
+
+SETUPS = {s.name: s for s in (
+    Setup("installed", "after `fractal install`: config with root only (mode vm by default), "
+          "--annotation io.fractal.mode=host, byte code present", HOST_MODE),
+    Setup("tuned", "config mode = \"host\" + FRACTAL_ROOT (the benchmark's former setup)"),
+    Setup("zygote", "installed + FRACTAL_SHIM_SPAWN=zygote: a warm fork-server forks each "
+          "sandbox's daemon", HOST_MODE),
+    Setup("no-site", "zygote + the shim run by `python3 -S` with the code and site-packages "
+          "put on sys.path (no .pth hooks): a launcher `fractal install` could write", HOST_MODE),
+    Setup("dev-shell", "containerd from this shell: its PATH, PYTHONDONTWRITEBYTECODE=1, editable "
+          "install without byte code", HOST_MODE),
+)}
+
+
+def configure(env: FractalEnv, setup: Setup, scratch: Path) -> dict[str, str]:
+    """Restart ``env``'s containerd the way ``setup`` has it; returns what was set (for the report)."""
+    from ccpu.cli.fractal_config import with_root
+
+    ce = env.containerd
+    ce.extra_env["PYTHONPATH"] = str(REPO)  # the shims run this checkout's code
+    ce.extra_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if setup.name == "tuned":
+        return {"config": env.fractal_config.read_text().strip(), "FRACTAL_ROOT": ce.extra_env["FRACTAL_ROOT"]}
+    env.fractal_config.write_text(with_root(None, str(env.snapshotter_root)))  # as `fractal install`
+    ce.extra_env.pop("FRACTAL_ROOT", None)
+    out = {"config": env.fractal_config.read_text().strip()}
+    if setup.name == "zygote":
+        ce.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
+        out["FRACTAL_SHIM_SPAWN"] = "zygote"
+    if setup.name == "no-site":  # measures a lever: a launcher without site's .pth processing
+        import sysconfig
+
+        ce.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
+        bindir = scratch / "bin"
+        bindir.mkdir()
+        launcher = bindir / SHIM_BINARY
+        paths = [str(REPO), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+        launcher.write_text(f"#!{sys.executable} -S\nimport sys\nsys.path[1:1] = {list(dict.fromkeys(paths))!r}\n"
+                            "from shim.main import main\nsys.exit(main())\n")
+        launcher.chmod(0o755)
+        ce.path_prepend = [str(bindir)]
+        out.update(FRACTAL_SHIM_SPAWN="zygote", shim=str(launcher))
+    if setup.name == "dev-shell":
+        found = shutil.which(SHIM_BINARY, path=os.environ.get("PATH", ""))
+        if found:  # what a containerd started from this shell runs (e.g. a pyenv wrapper)
+            ce.path_prepend = [str(Path(found).parent)]
+        code = scratch / "nopyc"
+        for d in ("ccpu", "shim"):
+            shutil.copytree(REPO / d, code / d, ignore=shutil.ignore_patterns("__pycache__"))
+        ce.extra_env.update(PYTHONPATH=str(code), PYTHONDONTWRITEBYTECODE="1")
+        out.update(shim=found or "?", PYTHONPATH=str(code), PYTHONDONTWRITEBYTECODE="1")
+    ce.stop()
+    ce.start()
+    return out
 
 
 def ctr_run_argv(env: FractalEnv, ref: str, rt: str, sn: str, cid: str, *extra: str,
@@ -72,8 +162,8 @@ def ctr_run_argv(env: FractalEnv, ref: str, rt: str, sn: str, cid: str, *extra: 
     return env.containerd.ctr_argv(*argv, *extra, ref, cid, *cmd, namespace=NS)
 
 
-def timed_run(env: FractalEnv, ref: str, rt: str, sn: str, cid: str) -> float:
-    argv = ctr_run_argv(env, ref, rt, sn, cid)
+def timed_run(env: FractalEnv, ref: str, rt: str, sn: str, cid: str, *extra: str) -> float:
+    argv = ctr_run_argv(env, ref, rt, sn, cid, *extra)
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     dt = time.monotonic() - t0
@@ -82,23 +172,38 @@ def timed_run(env: FractalEnv, ref: str, rt: str, sn: str, cid: str) -> float:
     return dt
 
 
-def bench_run(env: FractalEnv, ref: str, runs: int) -> dict[str, Any]:
-    configs = [(rt, sn) for sn in SNAPSHOTTERS for rt in RUNTIMES]
-    times: dict[str, list[float]] = {f"{short(rt)}/{sn}": [] for rt, sn in configs}
-    for rt, sn in configs:  # warm-up: page cache, first shim binary start, snapshot GC
-        timed_run(env, ref, rt, sn, f"warm-{short(rt)}-{sn}")
+def bench_run(envs: dict[str, tuple[FractalEnv, str]], runs: int) -> dict[str, Any]:
+    """``envs``: setup name -> (env, image ref), the ``installed`` one first."""
+    first = next(iter(envs))
+    configs = [(first, rt, sn) for sn in SNAPSHOTTERS for rt in RUNTIMES]
+    configs += [(name, FRACTAL_RT, "fractal") for name in envs if name != first]
+
+    def key(name: str, rt: str, sn: str) -> str:
+        return f"{short(rt)}/{sn}" if name == first else f"{short(rt)}/{sn}/{name}"
+
+    def one(name: str, rt: str, sn: str, cid: str) -> float:
+        env, ref = envs[name]
+        extra = SETUPS[name].ctr_args if rt == FRACTAL_RT else ()
+        return timed_run(env, ref, rt, sn, cid, *extra)
+
+    times: dict[str, list[float]] = {key(*c): [] for c in configs}
+    for c in configs:  # warm-up: page cache, first shim binary start (and its byte code), snapshot GC
+        one(*c, f"warm-{short(c[1])}-{c[2]}")
     n = 0
     for i in range(runs):
         order = configs[i % len(configs):] + configs[:i % len(configs)]
-        for rt, sn in order:
+        for c in order:
             n += 1
-            times[f"{short(rt)}/{sn}"].append(timed_run(env, ref, rt, sn, f"id{n}"))
-    out: dict[str, Any] = {"raw": times, "runs": runs}
-    for key, vals in times.items():
-        out[key] = {"median": statistics.median(vals), "p90": percentile(vals, 90),
-                    "min": min(vals), "max": max(vals)}
+            times[key(*c)].append(one(*c, f"id{n}"))
+    out: dict[str, Any] = {"raw": times, "runs": runs, "setups": list(envs)}
+    for k, vals in times.items():
+        out[k] = {"median": statistics.median(vals), "p90": percentile(vals, 90),
+                  "min": min(vals), "max": max(vals)}
     for sn in SNAPSHOTTERS:
         out[f"ratio/{sn}"] = out[f"fractal/{sn}"]["median"] / out[f"runc/{sn}"]["median"]
+    for name in envs:
+        if name != first:
+            out[f"ratio/fractal/{name}"] = out[f"fractal/fractal/{name}"]["median"] / out["runc/fractal"]["median"]
     return out
 
 
@@ -125,6 +230,17 @@ def pss_kb(pid: int) -> int:
             if line.startswith("Pss:"):
                 return int(line.split()[1])
     return 0
+
+
+def uss_kb(pid: int) -> int:
+    """Unique set size: the pages only this process has (Private_Clean + Private_Dirty) -- what a
+    daemon forked from a warm zygote really costs, its copy-on-write pages shared with it aside."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total
 
 
 def cmdline(pid: int) -> str:
@@ -180,17 +296,19 @@ def remove(env: FractalEnv, cid: str) -> None:
     env.ctr("containers", "rm", cid, namespace=NS, check=False)
 
 
-def bench_memory(env: FractalEnv, ref: str) -> dict[str, Any]:
+def bench_memory(env: FractalEnv, ref: str, fractal_args: tuple[str, ...] = (),
+                 runtimes: tuple[str, ...] = RUNTIMES, suffix: str = "") -> dict[str, Any]:
     stop = {p for p in (env.containerd.pid,) if p}
     out: dict[str, Any] = {}
-    for rt in RUNTIMES:
+    for rt in runtimes:
         for count in (1, 3):
             group = f"mem-{short(rt)}-{count}"
             ann = "io.fractal.sandbox" if rt == FRACTAL_RT else "io.containerd.runc.v2.group"
             cids = [f"{group}-{i}" for i in range(count)]
             try:
                 for cid in cids:
-                    argv = ctr_run_argv(env, ref, rt, "fractal", cid, "--annotation", f"{ann}={group}",
+                    extra = fractal_args if rt == FRACTAL_RT else ()
+                    argv = ctr_run_argv(env, ref, rt, "fractal", cid, *extra, "--annotation", f"{ann}={group}",
                                         detach=True, cmd=("sleep", "600"))
                     subprocess.run(argv, check=True, capture_output=True, timeout=60)
                     wait_running(env, cid)
@@ -199,16 +317,37 @@ def bench_memory(env: FractalEnv, ref: str) -> dict[str, Any]:
                 for cid in cids:
                     procs.update(shim_processes(task_pid(env, cid), stop))
                 detail = [{"pid": p, "rss_kb": _kb(_status(p).get("VmRSS", "")), "pss_kb": pss_kb(p),
-                           "cmd": cmdline(p)[:120]} for p in sorted(procs)]
-                out[f"{short(rt)}/{count}"] = {
+                           "uss_kb": uss_kb(p), "cmd": cmdline(p)[:120]} for p in sorted(procs)]
+                out[f"{short(rt)}/{count}{suffix}"] = {
                     "processes": len(procs),
                     "rss_mb": sum(d["rss_kb"] for d in detail) / 1024,
                     "pss_mb": sum(d["pss_kb"] for d in detail) / 1024,
+                    "uss_mb": sum(d["uss_kb"] for d in detail) / 1024,
                     "detail": detail,
                 }
             finally:
                 for cid in cids:
                     remove(env, cid)
+    return out
+
+
+def zygote_memory(env: FractalEnv) -> list[dict[str, Any]]:
+    """The fork-server itself (one per containerd, not per sandbox): RSS, PSS, USS.  The daemons
+    it forked share its command line; they are named in the sandbox records."""
+    import json
+
+    daemons = set()
+    for f in env.fractal_run_dir.glob("sandboxes/*/*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            daemons.add(int(json.loads(f.read_text())["shim_pid"]))
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            cmd = cmdline(int(d.name))
+            p = int(d.name)
+            if "shim.zygote" in cmd and str(env.address) in cmd and p not in daemons:
+                out.append({"pid": p, "rss_kb": _kb(_status(p).get("VmRSS", "")), "pss_kb": pss_kb(p),
+                            "uss_kb": uss_kb(p)})
     return out
 
 
@@ -223,32 +362,42 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     lines.append(f"machine: {m['nproc']} CPU {m['cpu']}, {m['mem_total']}, kernel {m['kernel']}, "
                  f"{m['containerd']}, python {m['python']}, fs {m['filesystem']}")
     lines.append(f"image: {result['image_ref']}; FRACTAL_AGENT={result['agent']} "
-                 f"FRACTAL_SHIM_SPAWN={result['spawn']}")
+                 f"FRACTAL_SHIM_SPAWN={result['spawn']}; load average at start {result.get('loadavg', '?')}")
     goals: list[tuple[str, bool, str]] = []
     run = result.get("run")
     if run:
         lines.append("")
         lines.append(f"ctr run --rm IMAGE idN true  ({run['runs']} runs each, alternating)")
-        lines.append(f"  {'runtime/snapshotter':<22}{'median s':>10}{'p90 s':>10}{'min s':>10}{'max s':>10}")
+        setups = run.get("setups", ["installed"])
+        for name in setups:
+            lines.append(f"  setup {name}: {SETUPS[name].what}")
+        lines.append(f"  {'runtime/snapshotter[/setup]':<30}{'median s':>10}{'p90 s':>10}{'min s':>10}{'max s':>10}")
+
+        def row(k: str) -> None:
+            v = run[k]
+            lines.append(f"  {k:<30}{v['median']:>10.3f}{v['p90']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}")
+
         for sn in SNAPSHOTTERS:
             for rt in RUNTIMES:
-                k = f"{short(rt)}/{sn}"
-                v = run[k]
-                lines.append(f"  {k:<22}{v['median']:>10.3f}{v['p90']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}")
-            lines.append(f"  {'ratio fractal/runc':<22}{run[f'ratio/{sn}']:>10.2f}")
+                row(f"{short(rt)}/{sn}")
+            lines.append(f"  {'ratio fractal/runc':<30}{run[f'ratio/{sn}']:>10.2f}")
+        for name in setups[1:]:
+            row(f"fractal/fractal/{name}")
+            lines.append(f"  {'ratio to runc/fractal':<30}{run[f'ratio/fractal/{name}']:>10.2f}")
         r = run["ratio/fractal"]
-        goals.append((f"run --rm ratio (fractal snapshotter) <= {GOAL_RUN_RATIO}", r <= GOAL_RUN_RATIO,
-                      f"{r:.2f}x"))
+        goals.append((f"run --rm ratio, {setups[0]} (fractal snapshotter) <= {GOAL_RUN_RATIO}",
+                      r <= GOAL_RUN_RATIO, f"{r:.2f}x"))
     mem = result.get("memory")
     if mem:
         lines.append("")
         lines.append("memory per sandbox (processes between the container's init and containerd)")
-        lines.append(f"  {'runtime/containers':<22}{'procs':>6}{'RSS MB':>10}{'PSS MB':>10}")
-        for rt in RUNTIMES:
-            for count in (1, 3):
-                v = mem[f"{short(rt)}/{count}"]
-                lines.append(f"  {short(rt) + '/' + str(count):<22}{v['processes']:>6}"
-                             f"{v['rss_mb']:>10.1f}{v['pss_mb']:>10.1f}")
+        lines.append(f"  {'runtime/containers':<22}{'procs':>6}{'RSS MB':>10}{'PSS MB':>10}{'USS MB':>10}")
+        for k, v in mem.items():
+            lines.append(f"  {k:<22}{v['processes']:>6}{v['rss_mb']:>10.1f}{v['pss_mb']:>10.1f}"
+                         f"{v.get('uss_mb', 0.0):>10.1f}")
+        for z in result.get("zygote_process", []):
+            lines.append(f"  {'zygote (per containerd)':<22}{1:>6}{z['rss_kb'] / 1024:>10.1f}"
+                         f"{z['pss_kb'] / 1024:>10.1f}{z['uss_kb'] / 1024:>10.1f}")
         v = mem["fractal/1"]["rss_mb"]
         goals.append((f"shim+agent RSS per sandbox <= {GOAL_RSS_MB:.0f} MB", v <= GOAL_RSS_MB, f"{v:.1f} MB"))
     lines.append("")
@@ -265,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="FRACTAL_AGENT for the shims (default: inproc)")
     ap.add_argument("--spawn", choices=["fork", "exec"], default=os.environ.get("FRACTAL_SHIM_SPAWN", "fork"),
                     help="FRACTAL_SHIM_SPAWN: how `start` starts the daemon (default: fork)")
+    ap.add_argument("--setups", default="installed,tuned,zygote,dev-shell",
+                    help="comma-separated, of " + ", ".join(SETUPS) + " (installed is always measured, first)")
     ap.add_argument("--skip", action="append", default=[], choices=["run", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the start-time figure as DIR/shim-start.svg")
@@ -274,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         from hack.bench import plots
 
         plots.require(ap.error)
+    setups = ["installed"] + [n for n in args.setups.split(",") if n and n != "installed"]
+    if unknown := [n for n in setups if n not in SETUPS]:
+        ap.error(f"unknown setup(s) {unknown}; known: {', '.join(SETUPS)}")
     if not require_root():
         return 2
     os.environ["FRACTAL_AGENT"] = args.agent  # containerd's environment -> the shims'
@@ -286,25 +440,42 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "agent": args.agent,
         "spawn": args.spawn,
+        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "setups": setups,
         "goals": {"run_ratio_max": GOAL_RUN_RATIO, "rss_mb_max": GOAL_RSS_MB},
     }
     t_all = time.monotonic()
 
     def measure() -> None:
-        with bench_env(args.image) as (env, refs):
-            ref = result["image_ref"] = refs[args.image]
-            log(f"env {env.id} up; pulling {ref}")
-            for sn in SNAPSHOTTERS:
-                env.pull(ref, namespace=NS, snapshotter=sn)
-            with dump_logs_on_failure(env):
-                if "run" not in args.skip:
-                    t = time.monotonic()
-                    result["run"] = bench_run(env, ref, args.runs)
-                    log(f"run done in {time.monotonic() - t:.1f}s")
-                if "memory" not in args.skip:
-                    result["memory"] = bench_memory(env, ref)
-                    log("memory done")
-            env.remove_namespace(NS)
+        import tempfile
+
+        with contextlib.ExitStack() as stack:
+            envs: dict[str, tuple[FractalEnv, str]] = {}
+            result["setup_env"] = {}
+            for name in setups:
+                env, refs = stack.enter_context(bench_env(args.image))
+                ref = result["image_ref"] = refs[args.image]
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-bench-")))
+                result["setup_env"][name] = configure(env, SETUPS[name], scratch)
+                log(f"setup {name}: env {env.id} up; pulling {ref}")
+                for sn in (SNAPSHOTTERS if name == setups[0] else ("fractal",)):
+                    env.pull(ref, namespace=NS, snapshotter=sn)
+                stack.enter_context(dump_logs_on_failure(env))
+                stack.callback(env.remove_namespace, NS)
+                envs[name] = (env, ref)
+            if "run" not in args.skip:
+                t = time.monotonic()
+                result["run"] = bench_run(envs, args.runs)
+                log(f"run done in {time.monotonic() - t:.1f}s")
+            if "memory" not in args.skip:
+                env, ref = envs[setups[0]]
+                result["memory"] = bench_memory(env, ref, SETUPS[setups[0]].ctr_args)
+                if "zygote" in envs:  # the forked daemon's own pages (USS) is its cost
+                    env, ref = envs["zygote"]
+                    result["memory"].update(bench_memory(env, ref, SETUPS["zygote"].ctr_args,
+                                                         runtimes=(FRACTAL_RT,), suffix="/zygote"))
+                    result["zygote_process"] = zygote_memory(env)
+                log("memory done")
 
     rc = guarded(measure)
     if rc:

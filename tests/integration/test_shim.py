@@ -31,7 +31,8 @@ def run(env: FractalEnv, ns: str, image: str, cid: str, *cmd: str, **kw):  # noq
 
 def shim_pids(env: FractalEnv) -> list[int]:
     """Daemons of our shim started by this env's containerd: forked by `start` (they keep its
-    command line), or `python -m shim.daemon` (FRACTAL_SHIM_SPAWN=exec)."""
+    command line), by the fork-server (its command line, not its comm; FRACTAL_SHIM_SPAWN=zygote)
+    or `python -m shim.daemon` (FRACTAL_SHIM_SPAWN=exec)."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -43,6 +44,11 @@ def shim_pids(env: FractalEnv) -> list[int]:
         if str(env.address).encode() not in cmd:
             continue
         forked = any(c.endswith(b"containerd-shim-fractal-v1") for c in cmd) and b"start" in cmd
+        if b"shim.zygote" in cmd:  # FRACTAL_SHIM_SPAWN=zygote: its daemons, not the zygote itself
+            try:
+                forked = Path(f"/proc/{pid}/comm").read_bytes().strip() != b"fractal-zygote"
+            except OSError:
+                continue
         if forked or b"shim.daemon" in cmd:
             out.append(int(pid))
     return sorted(out)

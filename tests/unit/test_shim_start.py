@@ -121,3 +121,36 @@ def test_fork_mode_hands_over_socket_and_lock(env, monkeypatch) -> None:  # noqa
     assert spawned == [] and len(forked) == 1
     group, b, path, _, _ = forked[0]
     assert (group, b, "unix://" + path) == ("c1", str(bundle), address)
+
+
+@pytest.mark.parametrize("outcome", ["served", "absent", "slow"])
+def test_zygote_mode_falls_back_to_fork(env, monkeypatch, outcome) -> None:  # noqa: ANN001
+    """FRACTAL_SHIM_SPAWN=zygote: the fork-server forks the daemon; when it started none,
+    start forks it itself -- and starts a new zygote unless one merely answered slowly."""
+    from shim import zygote
+
+    tmp, bundle, spawned = env
+    monkeypatch.setenv("FRACTAL_SHIM_SPAWN", "zygote")
+    asked: list[dict] = []
+    started: list[str] = []
+    forked: list[str] = []
+
+    def fake_spawn(path, request, sock, timeout=1.0):  # noqa: ANN001, ANN202
+        asked.append(request)
+        assert path == zygote.socket_path("/run/x/containerd.sock") and sock.fileno() >= 0
+        if outcome == "absent":
+            raise zygote.Unavailable("no zygote", restart=True)
+        if outcome == "slow":
+            raise zygote.Unavailable("no answer", restart=False)
+        return 4242
+
+    monkeypatch.setattr(zygote, "spawn_daemon", fake_spawn)
+    monkeypatch.setattr(zygote, "start_zygote", started.append)
+    monkeypatch.setattr(start_mod, "_fork_daemon", lambda *a: forked.append(a[1]))
+    start_mod.start(opts(bundle))
+    (req,) = asked
+    assert (req["group"], req["bundle"], req["id"]) == ("c1", str(bundle), "c1")
+    assert req["version"] == zygote.code_version() and req["env"]["FRACTAL_SHIM_SPAWN"] == "zygote"
+    assert forked == ([] if outcome == "served" else ["c1"])
+    assert started == (["/run/x/containerd.sock"] if outcome == "absent" else [])
+    assert spawned == []

@@ -1,0 +1,210 @@
+"""The warm fork-server (FRACTAL_SHIM_SPAWN=zygote, shim/zygote.py) through a real containerd:
+it forks daemons that outlive it, a ``kill -9`` of it loses no sandbox and leaks no process,
+and ``start`` falls back to forking itself (and starts a new zygote) when it is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from hack.containerd_env import FractalEnv
+from shim import zygote
+from tests.harness import wait_for
+
+RUNTIME = "io.containerd.fractal.v1"
+
+
+def cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def stat_fields(pid: int) -> list[str]:
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return st[st.rindex(")") + 2:].split()  # state, ppid, ...
+
+
+def alive(pid: int) -> bool:
+    f = stat_fields(pid)
+    return bool(f) and f[0] != "Z"
+
+
+def ours(env: FractalEnv) -> list[int]:
+    """Processes whose command line names this env's containerd: zygotes and shim daemons."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and str(env.address).encode() in cmdline(int(d)):
+            out.append(int(d))
+    return sorted(out)
+
+
+def comm(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/comm").read_bytes().strip()
+    except OSError:
+        return b""
+
+
+def zygotes(env: FractalEnv) -> list[int]:
+    """Live zygotes of this env.  The daemons a zygote forked share its command line; the
+    zygote names itself (comm) fractal-zygote, they take back the shim's name."""
+    return [p for p in ours(env) if b"shim.zygote" in cmdline(p) and alive(p)
+            and comm(p) == zygote.ZYGOTE_COMM]
+
+
+def wait_ready(path: str) -> None:
+    """The zygote accepts only once it has imported the daemon's modules: a connection it
+    accepted and closed (an empty request) means it is ready."""
+    def ready() -> bool:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        try:
+            s.connect(path)
+            s.sendall(b"\0\0\0\0")
+            return s.recv(1) == b""
+        except OSError:
+            return False
+        finally:
+            s.close()
+    wait_for(ready, what="zygote ready", timeout=60)
+
+
+def task_status(env: FractalEnv, ns: str, cid: str) -> str:
+    for line in env.ctr("tasks", "ls", namespace=ns).stdout.splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0] == cid:
+            return parts[-1]
+    return ""
+
+
+def shim_pid(env: FractalEnv, ns: str, cid: str) -> int:
+    import json
+
+    f = env.fractal_run_dir / "sandboxes" / ns / f"{cid}.json"
+    wait_for(f.exists, what=f"sandbox record of {cid}")
+    return int(json.loads(f.read_text())["shim_pid"])
+
+
+def start(env: FractalEnv, ns: str, ref: str, cid: str) -> None:
+    env.ctr("run", "-d", "--snapshotter", "fractal", "--fifo-dir", str(env.fifo_dir), "--runtime", RUNTIME,
+            ref, cid, "sleep", "600", namespace=ns)
+    wait_for(lambda: task_status(env, ns, cid) == "RUNNING", what=f"{cid} running")
+
+
+def remove(env: FractalEnv, ns: str, cid: str) -> None:
+    env.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=ns, check=False)
+    wait_for(lambda: task_status(env, ns, cid) in ("STOPPED", ""), what=f"{cid} stopped")
+    env.ctr("tasks", "delete", cid, namespace=ns, check=False)
+    env.ctr("containers", "rm", cid, namespace=ns, check=False)
+
+
+def test_zygote_killed_9_loses_no_sandbox_and_leaks_nothing(registry) -> None:  # noqa: ANN001
+    env = FractalEnv()
+    env.containerd.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
+    with env:
+        ns = env.new_namespace()
+        ref = registry.ref("busybox")
+        env.pull(ref, namespace=ns)
+        path = zygote.socket_path(str(env.address))
+
+        # 1st sandbox: no zygote yet -> start forks the daemon itself and starts a zygote
+        start(env, ns, ref, "first")
+        first = shim_pid(env, ns, "first")
+        assert b"start" in cmdline(first)  # forked by start: keeps start's command line
+        wait_for(lambda: len(zygotes(env)) == 1, what="a zygote started")
+        (zyg,) = zygotes(env)
+        wait_ready(path)
+
+        # 2nd sandbox: forked by the zygote, and no child of it
+        start(env, ns, ref, "second")
+        second = shim_pid(env, ns, "second")
+        assert b"shim.zygote" in cmdline(second), cmdline(second)
+        assert comm(second) == zygote.DAEMON_COMM == comm(first)
+        assert stat_fields(second)[1] != str(zyg)
+        assert second not in [int(p) for p in Path(f"/proc/{zyg}/task/{zyg}/children").read_text().split()]
+
+        os.kill(zyg, signal.SIGKILL)
+        wait_for(lambda: not alive(zyg), what="zygote gone")
+        try:
+            for cid in ("first", "second"):  # both sandboxes still serve
+                assert task_status(env, ns, cid) == "RUNNING"
+                r = env.ctr("tasks", "exec", "--exec-id", "probe", cid, "echo", "hi", namespace=ns)
+                assert r.stdout == "hi\n"
+            assert alive(first) and alive(second)
+
+            # no zygote: start falls back to forking and starts a new zygote
+            r = env.run(ref, "third", "true", namespace=ns, runtime=RUNTIME)
+            assert r.returncode == 0
+            wait_for(lambda: len(zygotes(env)) == 1, what="a new zygote")
+            (zyg2,) = zygotes(env)
+            assert zyg2 != zyg
+
+            # kill -9 of a daemon the zygote forked: containerd's `delete` cleans up as ever
+            victim = int(env.ctr("tasks", "ls", namespace=ns).stdout.split("second", 1)[1].split()[0])
+            os.kill(second, signal.SIGKILL)
+            wait_for(lambda: task_status(env, ns, "second") == "", what="second cleaned up")
+            wait_for(lambda: not alive(victim), what="second's container process killed")
+        finally:
+            remove(env, ns, "first")
+            remove(env, ns, "second")
+        # the sandboxes' daemons leave with their last container; nothing else of ours is left
+        # but the new zygote (which would leave when idle), and no zombie
+        wait_for(lambda: not alive(first) and not alive(second), what="daemons gone")
+        left = [p for p in ours(env) if p != zyg2]
+        assert left == [], [(p, cmdline(p), stat_fields(p)[:2]) for p in left]
+        os.kill(zyg2, signal.SIGTERM)  # no handler: it just goes
+        wait_for(lambda: not alive(zyg2), what="new zygote gone")
+        assert not Path(path).exists() or not zygote_answers(path)
+        assert env.remove_namespace(ns) == []
+
+
+def zygote_answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def test_zygote_of_other_code_refuses_and_start_falls_back(registry, tmp_path) -> None:  # noqa: ANN001
+    """A request of another code version gets `no`, the zygote leaves; no daemon is started."""
+    sock_dir = Path("/tmp") / f"zt{os.getpid()}"
+    sock_dir.mkdir(exist_ok=True)
+    path = str(sock_dir / "z")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([os.sys.executable, "-m", "shim.zygote", "-address", "/x", "-socket", path,
+                             "-listen-fd", str(listener.fileno())], pass_fds=(listener.fileno(),), env=env,
+                            stdin=subprocess.DEVNULL)
+    listener.close()
+    try:
+        dummy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        req = {"version": "not this one", "env": {}}
+        try:
+            zygote.spawn_daemon(path, req, dummy, timeout=60)
+            raise AssertionError("a zygote of other code started a daemon")
+        except zygote.Unavailable as exc:
+            assert exc.restart and "version" in str(exc)
+        finally:
+            dummy.close()
+        assert proc.wait(timeout=30) == 0
+        assert not Path(path).exists()  # it removed its own socket
+    finally:
+        proc.kill()
+        proc.wait()
+        import shutil
+
+        shutil.rmtree(sock_dir, ignore_errors=True)
