@@ -54,6 +54,7 @@ class Facts:
     shim_path: str | None = None  # where the shim is found on containerd's PATH
     shim_search_path: str = ""
     shim_path_source: str = ""  # "containerd pid N" or "this shell"
+    shim_interpreter: str = ""  # the shim's #! line (a shell there = a wrapper such as pyenv's)
     qemu: str | None = None
     accel: str = ""
     accel_reason: str = ""
@@ -75,6 +76,32 @@ def _version_at_least(text: str, want: tuple[int, int]) -> bool | None:
     v = parse_containerd_version(text)
     return None if v is None else v >= want
 
+
+
+#: interpreters that make a script a wrapper around the real shim rather than the shim itself
+SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
+
+
+def interpreter_line(path: str) -> str:
+    """The ``#!`` line of ``path`` ("" for a binary, an unreadable file or no ``#!``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return ""
+    if not head.startswith(b"#!"):
+        return ""
+    return head[2:].split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
+def shell_wrapper(interpreter: str) -> bool:
+    """Whether a ``#!`` line runs a shell (``/bin/bash``, ``/usr/bin/env bash``): the shim on
+    containerd's PATH is then a wrapper (pyenv's shims are), not the console script."""
+    words = interpreter.split()
+    if not words:
+        return False
+    prog = words[1] if os.path.basename(words[0]) == "env" and len(words) > 1 else words[0]
+    return os.path.basename(prog) in SHELLS
 
 def evaluate(f: Facts) -> list[Check]:
     """Facts -> checks.  Pure."""
@@ -128,6 +155,12 @@ def evaluate(f: Facts) -> list[Check]:
     if f.shim_path is None:
         c.append(Check("shim", FAIL, f"{SHIM_BINARY} not on containerd's PATH ({f.shim_path_source})",
                        f"fractal install (links it into /usr/local/bin), or put {SHIM_BINARY} on containerd's PATH"))
+    elif shell_wrapper(f.shim_interpreter):
+        c.append(Check("shim", WARN, f"{f.shim_path} (PATH of {f.shim_path_source}) is a shell wrapper "
+                       f"({f.shim_interpreter}): every shim start and delete pays a shell and the "
+                       "wrapper's lookups first (pyenv's: ~+65 ms CPU each, twice per container; "
+                       "docs/performance.md)",
+                       "fractal install links the venv's own script; point containerd's PATH at that"))
     else:
         c.append(Check("shim", OK, f"{f.shim_path} (PATH of {f.shim_path_source})"))
     # VM mode
@@ -392,6 +425,8 @@ def gather(address: str, snapshotter_address: str | None, root: str, handler: st
         search, f.shim_path_source = os.environ.get("PATH", ""), "this shell; containerd not found"
     f.shim_search_path = search
     f.shim_path = shutil.which(SHIM_BINARY, path=search)
+    if f.shim_path:
+        f.shim_interpreter = interpreter_line(f.shim_path)
     _probe_config_dump(f, pid)
     arch = {"x86_64": "x86_64", "aarch64": "aarch64"}.get(platform.machine(), platform.machine())
     f.qemu = shutil.which(f"qemu-system-{arch}")

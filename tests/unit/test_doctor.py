@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ccpu.cli import doctor as D
 
 
@@ -137,3 +139,22 @@ def test_config_arg():
     assert D._config_arg(["containerd", "--config", "/x.toml"]) == "/x.toml"
     assert D._config_arg(["containerd", "-c=/y.toml"]) == "/y.toml"
     assert D._config_arg(["/usr/bin/containerd"]) == "/etc/containerd/config.toml"
+
+
+@pytest.mark.parametrize("line,wrapper", [
+    ("/usr/bin/env bash", True), ("/bin/sh -e", True), ("/usr/bin/dash", True),
+    ("/opt/fractal/bin/python3", False), ("/usr/bin/env python3", False), ("", False)])
+def test_a_shell_wrapper_shim_is_a_warning_with_the_fix(line: str, wrapper: bool) -> None:
+    c = by_name(good(shim_interpreter=line))["shim"]
+    assert c.status == ("warn" if wrapper else "ok"), c
+    if wrapper:
+        assert "shell wrapper" in c.detail and c.fix
+
+
+def test_interpreter_line_reads_only_scripts(tmp_path) -> None:  # noqa: ANN001
+    script, binary = tmp_path / "s", tmp_path / "b"
+    script.write_text('#!/usr/bin/env bash\nexec "$(pyenv which x)" "$@"\n')
+    binary.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 64)
+    assert D.interpreter_line(str(script)) == "/usr/bin/env bash"
+    assert D.interpreter_line(str(binary)) == ""
+    assert D.interpreter_line(str(tmp_path / "missing")) == ""
