@@ -26,7 +26,6 @@ from ..linux import mountinfo
 from ..linux.mount import MS_NODEV, MS_NOSUID, mount
 from ..linux.reaper import Reaper
 from ..linux.taskstate import Op, Status, after, allowed
-from ..stack import Mount
 from . import jsonbound, limits, live, mounts, protocol
 from .oom import OomWatcher
 from .process import DRAIN_TIMEOUT, Events, Process
@@ -297,14 +296,11 @@ class Supervisor:
         bundle = protocol.resolve_inside(args.get("bundle"), self.bundle_roots, "bundle")
         terminal = protocol.arg_bool(args, "terminal", False) or False
         stdin, stdout, stderr = (protocol.arg_channel(args, n) for n in ("stdin", "stdout", "stderr"))
-        plan = mounts.plan(args.get("rootfs") or {"kind": "none"}, self.layer_roots)
+        plan = mounts.rootfs_plan(args.get("rootfs") or {"kind": "none"}, self.layer_roots)
         spec = protocol.arg_dict(args, "spec", None)
         scratch = limits.scratch_arg(args, self.layer_roots)
-        rootfs_arg = args.get("rootfs")
-        writable = [protocol.resolve_inside(rootfs_arg.get(key), self.layer_roots, f"{key} dir")
-                    for key in ("upper", "work")
-                    if isinstance(rootfs_arg, Mapping) and rootfs_arg.get("kind") == "layers"
-                    and rootfs_arg.get(key)]
+        layers = plan.stack  # validated once (protocol.resolve_stack); live.py keeps it
+        writable = [d for d in (layers.upper, layers.work) if d] if layers is not None else []
         if scratch is not None and not all(os.path.commonpath([d, scratch[0]]) == scratch[0] for d in writable):
             raise protocol.InvalidArgument(f"the upper and work dirs must be inside the scratch dir {scratch[0]}")
         # A VM guest has no bundle of its own: with an inline spec the agent makes the bundle
@@ -326,7 +322,7 @@ class Supervisor:
                     made += _makedirs(d)
             _place_files(args, bundle, self.layer_roots, scratch_dir)
             return await self._create(cid, bundle, terminal, stdin, stdout, stderr, plan, spec, made,
-                                      args, scratch_dir)
+                                      scratch_dir)
         except BaseException:
             if scratch_dir is not None:
                 mounts.unmount(scratch_dir, 1)
@@ -334,8 +330,8 @@ class Supervisor:
             raise
 
     async def _create(self, cid: str, bundle: str, terminal: bool, stdin: int, stdout: int, stderr: int,
-                      plan: list[Mount], spec: dict[str, Any] | None, made: list[str],
-                      args: Mapping[str, Any], scratch: str | None) -> dict[str, Any]:
+                      plan: mounts.RootfsPlan, spec: dict[str, Any] | None, made: list[str],
+                      scratch: str | None) -> dict[str, Any]:
         if not os.path.isdir(bundle):
             raise protocol.InvalidArgument(f"bundle {bundle} is not a directory")
         if spec is not None:
@@ -357,7 +353,7 @@ class Supervisor:
         log_file = os.path.join(bundle, "log.json")
         _unlink(pid_file)
 
-        mounted = await mounts.mount_all(self.reaper, plan, rootfs)
+        mounted = await mounts.mount_all(self.reaper, plan.mounts, rootfs)
         stdio: Stdio | None = None
         try:
             stdio = self._stdio(terminal, stdin, stdout, stderr)
@@ -385,7 +381,7 @@ class Supervisor:
         init = Process(cid, "", stdio)
         c = Container(cid, bundle, init, rootfs, mounted, kill_all_on_exit=not _has_pid_namespace(spec), made=made,
                       scratch=scratch)
-        c.live = live.initial_stack(args.get("rootfs"), self.layer_roots)
+        c.live = live.initial_stack(plan.stack)
         self.containers[cid] = c
         if c.kill_all_on_exit:
             exited.add_done_callback(lambda _f: asyncio.ensure_future(self._kill_all_quietly(cid)))
