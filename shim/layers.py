@@ -199,9 +199,10 @@ class LayersService:
     def _check_stackable(self, c: Container) -> None:
         """Refuse a container whose root is not a stack of repo layers (the overlayfs or native
         snapshotter's, bind mounts...) or that has stopped."""
+        from ccpu.stack import LayerStack
         from shim import rootfs as rootfs_mod
 
-        if rootfs_mod.translate(list(c.rootfs), self.repo_root).get("kind") != "layers":
+        if not isinstance(rootfs_mod.parse(list(c.rootfs), self.repo_root), LayerStack):
             kinds = sorted({m.type for m in c.rootfs}) or ["none"]
             raise errdefs.FailedPrecondition(
                 f"container {c.id}'s root filesystem is not a stack of fractal "

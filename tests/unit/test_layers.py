@@ -45,7 +45,8 @@ class StackAgent:
         self.calls.append((op, dict(args)))
         cur = self.stacks[args["container"]]
         if op == "layers":
-            return {"lowers": list(cur), "upper": f"{REPO}/active/1/fs", "history": []}
+            return {"lowers": list(cur), "upper": f"{REPO}/active/1/fs", "work": f"{REPO}/active/1/work",
+                    "history": []}
         assert op == "restack"
         await asyncio.sleep(self.delay)
         add, remove = args.get("add", []), args.get("remove", [])
