@@ -1,5 +1,6 @@
-"""Build hooks (everything else is in pyproject.toml): the containerd API stubs are made while
-the wheel is built, from pinned .proto sources, and never committed (docs/install.md).
+"""Build hooks (everything else is in pyproject.toml): the containerd API stubs (and fractal's own
+``fractal.layers.v1``, hack/protos/fractal/) are made while the wheel is built, from pinned .proto
+sources, and never committed (docs/install.md).
 
 * ``build_py``: after the packages are copied, ``hack/gen_protos.py`` generates
   ``ccpu/api/gen`` into the build dir, so the wheel carries stubs that match its own
@@ -38,7 +39,7 @@ class build_py(_build_py):
         try:
             gen_protos.generate(force=True, quiet=False, out_root=Path(self.build_lib))
         except gen_protos.GenError as exc:
-            raise SystemExit(f"fractal: cannot generate the containerd API stubs: {exc}") from None
+            raise SystemExit(f"fractal: cannot generate the API stubs: {exc}") from None
 
 
 class sdist(_sdist):

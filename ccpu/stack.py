@@ -24,8 +24,10 @@ are named by short numeric ids so that 128 layers fit either way.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 #: what the kernel copies of mount(2)'s option string: one page
 PAGE_SIZE = 4096
@@ -47,7 +49,97 @@ class Mount:
 
 
 class StackError(ValueError):
-    """A stack that cannot be expressed as a mount."""
+    """A stack that cannot be expressed as a mount, or a malformed one on the wire."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStack:
+    """A container's root as a stack of layer directories: the ONE value for it, end to end.
+
+    Why one typed value: the stack used to be re-parsed from overlay options, re-shaped into
+    dicts and re-validated in the shim, the VM placement and the agent, each a little
+    differently.  Now shim/rootfs.py parses containerd's mounts into a LayerStack once, the
+    sandbox's layer paths (shim/layerpaths.py) move it to where the agent sees it with one
+    :meth:`map`, it crosses the agent protocol as :meth:`to_wire` (``rootfs`` of kind
+    ``layers``), and the agent checks it once (ccpu/agent/protocol.py: ``resolve_stack``) and
+    keeps it as the container's live stack (ccpu/agent/live.py).
+
+    ``lowers`` are nearest (top) first; ``upper``/``work`` are None for a read-only stack
+    (the agent accepts that; the shim always sends a writable one).
+    """
+
+    lowers: tuple[str, ...]
+    upper: str | None = None
+    work: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lowers, str) or not isinstance(self.lowers, tuple):
+            object.__setattr__(self, "lowers", tuple(self.lowers))
+        if not self.lowers:
+            raise StackError("a layer stack needs at least one lower layer")
+        if not all(isinstance(p, str) and p for p in self.lowers):
+            raise StackError("lower dirs must be non-empty strings")
+        for name in ("upper", "work"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise StackError(f"the {name} dir must be a non-empty string")
+        if (self.upper is None) != (self.work is None):
+            raise StackError("a writable stack needs both an upper and a work dir")
+
+    @property
+    def writable(self) -> bool:
+        return self.upper is not None
+
+    def map(self, fn: Callable[[str, str], str]) -> LayerStack:
+        """The same stack with every path ``p`` replaced by ``fn(p, role)`` (role: ``lower``,
+        ``upper`` or ``work``): how a stack moves between the host's and an agent's view."""
+        return LayerStack(tuple(fn(p, "lower") for p in self.lowers),
+                          None if self.upper is None else fn(self.upper, "upper"),
+                          None if self.work is None else fn(self.work, "work"))
+
+    def with_lowers(self, lowers: Sequence[str]) -> LayerStack:
+        return replace(self, lowers=tuple(lowers))
+
+    def with_writable(self, upper: str | None, work: str | None) -> LayerStack:
+        return replace(self, upper=upper, work=work)
+
+    def mounts(self) -> list[Mount]:
+        """The mount(s) that stack it, shaped as the snapshotter gives containerd."""
+        return snapshot_mounts(list(self.lowers), self.upper, self.work)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The agent protocol's ``rootfs`` object of kind ``layers`` (docs/agent-protocol.md)."""
+        out: dict[str, Any] = {"kind": "layers", "lowers": list(self.lowers)}
+        if self.upper is not None:
+            out.update(upper=self.upper, work=self.work)
+        return out
+
+    @classmethod
+    def from_wire(cls, value: Any) -> LayerStack:
+        """The stack of a ``layers`` object; StackError if it is malformed (shape only: where
+        its paths may point is the receiver's to check)."""
+        if not isinstance(value, Mapping):
+            raise StackError("a layer stack must be an object")
+        lowers = value.get("lowers")
+        if not isinstance(lowers, list):
+            raise StackError("rootfs.lowers must be a list of paths")
+        if not lowers:
+            raise StackError("rootfs.lowers is empty")
+        upper, work = value.get("upper"), value.get("work")
+        for name, v in (("upper", upper), ("work", work)):
+            if v is not None and not isinstance(v, str):
+                raise StackError(f"rootfs.{name} must be a path")
+        if upper is None:
+            work = None  # a read-only stack: a work dir means nothing
+        return cls(tuple(lowers), upper, work)
+
+
+def normalized_abs(path: str, role: str = "path") -> str:
+    """``path`` normalized; StackError unless it is absolute (a stack's paths never depend on
+    anyone's cwd)."""
+    if not posixpath.isabs(path) or "\0" in path:
+        raise StackError(f"{role} dir {path!r} is not an absolute path")
+    return posixpath.normpath(path)
 
 
 def snapshot_mounts(

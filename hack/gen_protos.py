@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate Python protobuf/gRPC stubs for the containerd API into ``ccpu/api/gen/``.
+"""Generate Python protobuf/gRPC stubs for the containerd API (and fractal's own) into ``ccpu/api/gen/``.
 
 Why this exists: containerd's .proto files import each other as
 ``github.com/containerd/containerd/...`` and protoc turns import paths into Python
@@ -33,6 +33,9 @@ in this repo.  Mapping:
                                                     is 1.6's.  types/introspection.proto
                                                     = RuntimeInfo, what the shim's ``-info``
                                                     prints for containerd 2.x)
+    hack/protos/fractal/<p> (in this repo)       -> ccpu/api/gen/fractal/<p>
+                                                    (the project's own API: fractal.layers.v1,
+                                                    the shim's live-layer service)
 
 Two callers: ``hack/setup.sh`` (into this tree, for the dev install) and ``setup.py``'s
 build_py hook (``generate(out_root=<build dir>)``, so every wheel carries stubs made from the
@@ -80,6 +83,10 @@ CGROUPS_IMPORT = protosrc.CGROUPS.path
 VENDORED_DIR = REPO_ROOT / "hack/protos/containerd"
 VENDORED_PROTOS = ("types/introspection.proto",)
 
+# the project's own protos (package fractal.*): path there == import path under "fractal/"
+PROJECT_DIR = REPO_ROOT / "hack/protos/fractal"
+PROJECT_PROTOS = ("layers/v1/layers.proto",)
+
 IMPORT_RE = re.compile(r'^(\s*import\s+(?:weak\s+|public\s+)?")([^"]+)(";.*)$', re.MULTILINE)
 
 
@@ -108,6 +115,8 @@ def staged_name(import_path: str) -> str | None:
         return f"{GEN_PKG}/cgroups/{import_path[len(CGROUPS_IMPORT) + 1 :]}"
     if import_path in ("gogoproto/gogo.proto", "github.com/gogo/protobuf/gogoproto/gogo.proto"):
         return f"{GEN_PKG}/gogoproto/gogo.proto"
+    if import_path.startswith("fractal/"):
+        return f"{GEN_PKG}/{import_path}"
     if import_path.startswith("google/"):
         return None
     raise GenError(f"don't know how to stage imported proto {import_path!r}")
@@ -134,6 +143,11 @@ def collect_inputs() -> list[StagedProto]:
         if not src.is_file():
             raise GenError(f"{src} not found (vendored proto missing from the checkout)")
         protos.append(StagedProto(str(src), _staged(f"{CONTAINERD_IMPORT}/api/{rel}"), src.read_bytes))
+    for rel in PROJECT_PROTOS:
+        src = PROJECT_DIR / rel
+        if not src.is_file():
+            raise GenError(f"{src} not found (project proto missing from the checkout)")
+        protos.append(StagedProto(str(src), _staged(f"fractal/{rel}"), src.read_bytes))
     staged = [p.staged for p in protos]
     if len(set(staged)) != len(staged):
         raise GenError("two protos map to the same staged path")

@@ -6,13 +6,15 @@ does around it:
 
 * ``start()`` (bring the agent up, set ``self._client``), ``stop()``, ``describe()`` -- required;
 * ``placement(cid, bundle, rootfs, spec)``: the agent's ``bundle``/``rootfs`` (/``spec``, ...)
-  arguments of a container's ``create``; raising refuses the container (default: the host's);
+  arguments of a container's ``create`` for its parsed root (shim.rootfs.Rootfs, host paths);
+  raising refuses the container (default: the host's);
 * ``created``/``started``/``deleted(cid, ...)``: host-side work at those points of a
   container's life (VM mode: the spec's OCI hooks, shim/hooks.py; its layer view and volumes);
 * ``cleanup_after_loss(cid, bundle)``: what the host must undo when the agent died with the
   container (host mode: runc's state and the rootfs mount);
 * ``layer_path``/``host_layer_path``: a repo layer dir as the agent sees it and back (identity
-  on the host; the guest's share path in a VM); ``layers_adding``/``layers_now``: make layers
+  on the host; the guest's share path in a VM), applied to a whole stack by ``stack_for_agent``
+  / ``stack_from_agent`` (one ``LayerStack.map``); ``layers_adding``/``layers_now``: make layers
   reachable before a restack, and learn the stack after one (a VM's layer view).
 
 What it does for all of them, once:
@@ -42,9 +44,11 @@ from typing import Any, TypeVar
 
 from ccpu import errdefs
 from ccpu.agent.client import AgentClient
+from ccpu.stack import LayerStack, StackError
 from shim import agentvalues
 from shim.agentvalues import BadAgentValue
 from shim.config import Timeouts
+from shim.rootfs import Rootfs
 from shim.sandbox import Created, Exit, NewContainer, ProcessEntry, Relay, RootLayers, Sandbox, Stdio
 from shim.stdio import ProcessIO
 
@@ -94,12 +98,14 @@ class AgentSandbox(Sandbox):
         assert self._client is not None
         return self._client
 
-    def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
+    def placement(self, cid: str, bundle: str, rootfs: Rootfs,
                   spec: dict[str, Any] | None) -> dict[str, Any]:
         """``create`` args saying where the container lives: on the host, the bundle as is (the
         agent reads its config.json).  Raising refuses the container; nothing is left behind
         by a placement that raised (``deleted`` undoes one that succeeded)."""
-        return {"bundle": bundle, "rootfs": rootfs}
+        if isinstance(rootfs, LayerStack):
+            rootfs = self.stack_for_agent(rootfs)
+        return {"bundle": bundle, "rootfs": rootfs.to_wire()}
 
     async def created(self, cid: str, pid: int) -> None:
         """After the agent created ``cid``; raising fails the create (which is undone)."""
@@ -121,6 +127,15 @@ class AgentSandbox(Sandbox):
     def host_layer_path(self, agent_dir: str) -> str:
         """The host dir of a layer path the agent reports (``layer_path`` reversed)."""
         return agent_dir
+
+    def stack_for_agent(self, stack: LayerStack) -> LayerStack:
+        """A stack of host layer dirs as the agent sees it (its lowers through ``layer_path``)."""
+        return stack.map(lambda p, role: self.layer_path(p) if role == "lower" else p)
+
+    def stack_from_agent(self, stack: LayerStack) -> LayerStack:
+        """A stack the agent reports, in host layer dirs (``stack_for_agent`` reversed)."""
+        return stack.map(lambda p, role: self.host_layer_path(os.path.normpath(p))
+                         if role == "lower" else p)
 
     def layers_adding(self, cid: str, host_dirs: list[str]) -> None:
         """Before a restack stacks ``host_dirs`` on ``cid`` (a VM makes them visible to its
@@ -339,12 +354,16 @@ class AgentSandbox(Sandbox):
         return [self.host_layer_path(os.path.normpath(p)) for p in value]
 
     async def layers(self, cid: str) -> RootLayers:
+        """The agent's live stack (the single source of truth), in host dirs."""
         state = await self.call("layers", {"container": cid})
-        lowers = self._host_dirs(state.get("lowers"), "layers")
-        self._stacks[cid] = lowers
-        upper = state.get("upper")
-        return RootLayers(lowers, upper if isinstance(upper, str) else None,
-                          list(state.get("history") or []))
+        try:
+            stack = self.stack_from_agent(LayerStack.from_wire(state))
+        except StackError as exc:
+            raise errdefs.Internal(f"layers: agent sent a malformed stack: {exc}") from None
+        history = state.get("history")
+        self._stacks[cid] = list(stack.lowers)
+        return RootLayers(list(stack.lowers), stack.upper,
+                          list(history) if isinstance(history, list) else [])
 
     async def restack(self, cid: str, add: list[str], remove: list[str],
                       position: str | int) -> list[str]:

@@ -11,9 +11,7 @@ limit), and its bundle is ``/run/fractal/bundles/<id>``.  Nothing here touches t
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping
-from typing import Any
-
+from ccpu.stack import LayerStack
 from shim.guestspec import NotInVm
 
 GUEST_LAYERS = "/repo/layers"
@@ -61,15 +59,17 @@ def guest_bundle(cid: str) -> str:
     return posixpath.join(GUEST_BUNDLES, cid)
 
 
-def guest_rootfs(rootfs: Mapping[str, Any], cid: str, host_layers: str) -> dict[str, Any]:
-    """The agent's ``rootfs`` argument in the guest for the host-side one (shim.rootfs)."""
-    kind = rootfs.get("kind")
-    if kind != "layers":
-        what = {"mounts": "its mounts are not fractal repo layers (another snapshotter, e.g. "
-                          "overlayfs?)",
-                "none": "it has no rootfs mounts"}.get(str(kind), f"rootfs kind {kind!r}")
+def guest_rootfs(rootfs: object, cid: str, host_layers: str) -> LayerStack:
+    """The container's stack as its guest sees it, for the host-side one (shim.rootfs.parse):
+    one map over the value -- lowers to the guest's share, upper/work to its scratch tmpfs."""
+    if not isinstance(rootfs, LayerStack):
+        what = {"PassThroughMounts": "its mounts are not fractal repo layers (another "
+                                     "snapshotter, e.g. overlayfs?)",
+                "NoRootfs": "it has no rootfs mounts"}.get(type(rootfs).__name__,
+                                                           f"rootfs {rootfs!r}")
         raise NotInVm(f"container {cid} cannot run in a VM: {what}; VM mode needs the fractal "
                       "snapshotter (ctr --snapshotter fractal), or use io.fractal.mode=host")
-    lowers = [guest_layer_path(p, host_layers) for p in rootfs["lowers"]]
     upper, work = guest_scratch(cid)
-    return {"kind": "layers", "lowers": lowers, "upper": upper, "work": work}
+    scratch = {"upper": upper, "work": work}
+    return rootfs.map(lambda path, role: (guest_layer_path(path, host_layers) if role == "lower"
+                                          else scratch[role]))

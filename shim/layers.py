@@ -1,13 +1,14 @@
 """Live layers through the shim: the ``fractal.layers.v1.Layers`` ttrpc service.
 
 Served on the shim's own socket next to ``containerd.task.v2.Task`` (containerd never calls
-it; ``fractal layers`` does, see docs/live-layers.md).  Every method takes and returns a
-``google.protobuf.StringValue`` whose ``value`` is a JSON object:
+it; ``fractal layers`` does, see docs/live-layers.md).  The messages are
+hack/protos/fractal/layers/v1/layers.proto's (converted by ccpu/layersmsg.py, shared with the
+CLI); every method answers a ``Stack``:
 
-* ``List``   {container}                                 -> the stack (below)
-* ``Add``    {container, layers: [{dir, chain_id, image, size, gc_label}], position}
+* ``List``   ListRequest{container}                      -> the stack (below)
+* ``Add``    AddRequest{container, layers: [{dir, chain_id, image, size, gc_label}], position}
                                                          -> the stack + added, skipped, restack_ms
-* ``Remove`` {container, layers: [dir...], images: [name...]}
+* ``Remove`` RemoveRequest{container, layers: [dir...], images: [name...]}
                                                          -> the stack + removed (entries), restack_ms
 
 ``layers`` (in requests and answers) are nearest first (the top of the stack first), ``dir`` is
@@ -21,7 +22,8 @@ the image's, as the container was created; their chain_id/image are for the clie
 Changes of one container are serialized (one asyncio lock per container; the agent serializes
 too).  After a change the metadata (which layer came from which image, added when, its GC label)
 is written atomically to ``<bundle>/fractal-layers.json``, so a shim that restarts (or a
-second reader) knows it; the stack itself always comes from the agent (``layers`` op).
+second reader) knows it.  The record only caches that metadata: the stack itself always comes
+from the agent (``layers`` op), whose live stack is the single source of truth.
 Errors are :mod:`ccpu.errdefs` errors (the agent's pass through with their kind: NotFound,
 FailedPrecondition, ...), turned into ttrpc codes at the service edge (shim/errors.py).
 """
@@ -36,10 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from google.protobuf import wrappers_pb2
-
-from ccpu import errdefs, layersapi
-from ccpu.agent import jsonbound
+from ccpu import errdefs, layersapi, layersmsg
 from ccpu.ttrpc import RequestContext
 from shim.sandbox import Sandbox
 from shim.state import Container, Status
@@ -48,28 +47,23 @@ log = logging.getLogger("shim.layers")
 
 SERVICE = layersapi.SERVICE
 RECORD_NAME = "fractal-layers.json"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: no "stack" (the agent's live stack is the only one)
 
 
 def _bad(msg: str) -> errdefs.InvalidArgument:
     return errdefs.InvalidArgument(msg)
 
 
-def parse_request(req: wrappers_pb2.StringValue) -> dict[str, Any]:
-    try:
-        args = jsonbound.loads(req.value or "{}")
-    except ValueError as exc:
-        raise _bad(f"request is not JSON: {exc}") from None
-    if not isinstance(args, dict):
-        raise _bad("request must be a JSON object")
-    cid = args.get("container")
-    if not isinstance(cid, str) or not cid:
+def parse_request(req: Any) -> dict[str, Any]:
+    """A request message as a dict (ccpu/layersmsg.py); the container is required."""
+    args = layersmsg.request_args(req)
+    if not args["container"]:
         raise _bad("container is required")
     return args
 
 
-def answer(obj: dict[str, Any]) -> wrappers_pb2.StringValue:
-    return wrappers_pb2.StringValue(value=json.dumps(obj))
+def answer(obj: dict[str, Any]) -> Any:
+    return layersmsg.answer(obj)
 
 
 def parse_position(value: Any) -> str | int:
@@ -124,7 +118,7 @@ def record_path(bundle: str) -> str:
 def load_record(bundle: str, container: str) -> dict[str, Any]:
     """The metadata of ``container``'s live layers (an empty record if none was written)."""
     empty: dict[str, Any] = {"version": RECORD_VERSION, "container": container, "live": {},
-                             "stack": [], "history": []}
+                             "history": []}
     try:
         with open(record_path(bundle), encoding="utf-8") as f:
             rec = json.load(f)
@@ -135,9 +129,11 @@ def load_record(bundle: str, container: str) -> dict[str, Any]:
         return empty
     if not isinstance(rec, dict) or rec.get("container") != container:
         return empty
-    for key, default in (("live", {}), ("stack", []), ("history", [])):
+    for key, default in (("live", {}), ("history", [])):
         if not isinstance(rec.get(key), type(default)):
             rec[key] = default
+    rec.pop("stack", None)  # version 1 cached the stack too: the agent's is the only one
+    rec["version"] = RECORD_VERSION
     return rec
 
 
@@ -176,11 +172,8 @@ class LayersService:
 
     def methods(self) -> dict[str, tuple[type, Callable[..., Any]]]:
         """The handlers by RPC name (served through ``shim.errors.at_edge``)."""
-        return {
-            "List": (wrappers_pb2.StringValue, self.List),
-            "Add": (wrappers_pb2.StringValue, self.Add),
-            "Remove": (wrappers_pb2.StringValue, self.Remove),
-        }
+        return {name: (layersmsg.REQUESTS[name], getattr(self, name))
+                for name in ("List", "Add", "Remove")}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -199,9 +192,10 @@ class LayersService:
     def _check_stackable(self, c: Container) -> None:
         """Refuse a container whose root is not a stack of repo layers (the overlayfs or native
         snapshotter's, bind mounts...) or that has stopped."""
+        from ccpu.stack import LayerStack
         from shim import rootfs as rootfs_mod
 
-        if rootfs_mod.translate(list(c.rootfs), self.repo_root).get("kind") != "layers":
+        if not isinstance(rootfs_mod.parse(list(c.rootfs), self.repo_root), LayerStack):
             kinds = sorted({m.type for m in c.rootfs}) or ["none"]
             raise errdefs.FailedPrecondition(
                 f"container {c.id}'s root filesystem is not a stack of fractal "
@@ -238,7 +232,7 @@ class LayersService:
 
     # -- RPCs ---------------------------------------------------------------------------------
 
-    async def List(self, req: wrappers_pb2.StringValue, ctx: RequestContext) -> wrappers_pb2.StringValue:
+    async def List(self, req: Any, ctx: RequestContext) -> Any:
         args = parse_request(req)
         c = self._container(args["container"])
         self._check_stackable(c)
@@ -247,7 +241,7 @@ class LayersService:
             stack = await self._stack(c)
             return answer(self._view(c, rec, stack))
 
-    async def Add(self, req: wrappers_pb2.StringValue, ctx: RequestContext) -> wrappers_pb2.StringValue:
+    async def Add(self, req: Any, ctx: RequestContext) -> Any:
         args = parse_request(req)
         c = self._container(args["container"])
         layers = parse_add_layers(args.get("layers"))
@@ -267,7 +261,6 @@ class LayersService:
                     rec["live"][la["dir"]] = {**{k: v for k, v in la.items() if k != "dir"},
                                               "added_at": now}
                 stack["lowers"] = lowers
-                rec["stack"] = stack["lowers"]
                 rec["history"].append({"at": now, "added": [la["dir"] for la in todo],
                                        "removed": [], "restack_ms": restack_ms})
                 self._persist(c, rec)
@@ -278,7 +271,7 @@ class LayersService:
                         "restack_ms": restack_ms})
             return answer(out)
 
-    async def Remove(self, req: wrappers_pb2.StringValue, ctx: RequestContext) -> wrappers_pb2.StringValue:
+    async def Remove(self, req: Any, ctx: RequestContext) -> Any:
         args = parse_request(req)
         c = self._container(args["container"])
         dirs = [os.path.normpath(d) for d in str_list(args, "layers")]
@@ -308,7 +301,6 @@ class LayersService:
                 meta = rec["live"].pop(d, None)
                 removed.append({"dir": d, "live": meta is not None, **(meta or {})})
             stack["lowers"] = lowers
-            rec["stack"] = stack["lowers"]
             rec["history"].append({"at": now, "added": [], "removed": remove,
                                    "restack_ms": restack_ms})
             self._persist(c, rec)

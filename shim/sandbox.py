@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ccpu import errdefs
+from shim.rootfs import Rootfs
 
 
 
@@ -76,7 +77,7 @@ class NewContainer:
 
     id: str
     bundle: str  # the bundle dir on the host
-    rootfs: dict[str, Any]  # shim.rootfs.translate's plan (host paths)
+    rootfs: Rootfs  # shim.rootfs.parse's value (host paths)
     spec: dict[str, Any] | None  # the bundle's config.json (None: unreadable)
     stdio: Stdio = field(default_factory=Stdio)
 

@@ -232,7 +232,7 @@ class TaskService:
             raise errdefs.Unimplemented("checkpoint/restore is not supported")
         if req.id in self.tasks.containers:
             raise errdefs.AlreadyExists(f"container {req.id}: already exists")
-        rootfs = rootfs_mod.translate(list(req.rootfs), self.repo_root)
+        rootfs = rootfs_mod.parse(list(req.rootfs), self.repo_root)
         spec = _read_spec(req.bundle)
         annotations = _annotations(spec)
         if self.admit is not None:
@@ -254,7 +254,7 @@ class TaskService:
             self.tasks.remove(req.id)
             raise
         proc.pid, proc.io = created.pid, created.io
-        log.info("created %s (pid %d, rootfs %s)", req.id, proc.pid, rootfs["kind"])
+        log.info("created %s (pid %d, rootfs %s)", req.id, proc.pid, rootfs_mod.kind(rootfs))
         self.on_change()
         self.publish(ev.TaskCreate(
             container_id=req.id, bundle=req.bundle, rootfs=list(req.rootfs),

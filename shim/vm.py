@@ -48,6 +48,7 @@ import time
 from typing import Any
 
 from ccpu import errdefs
+from ccpu.stack import LayerStack
 from shim import guestspec, leftovers
 from shim.guestpaths import (GUEST_LAYERS, guest_bundle, guest_layer_path, guest_rootfs, guest_scratch_dir,
                              host_layer_path)
@@ -55,6 +56,7 @@ from shim.guestspec import NotInVm
 from shim.layerview import LayerView
 from shim.leftovers import cleanup_dead
 from shim.mountrecord import MountRecordError, remove_run_dir
+from shim.rootfs import Rootfs
 from shim.agentsandbox import AgentSandbox
 from shim.volumes import SHARE_TAG as VOLUMES_TAG
 from shim.volumes import VolumeDir
@@ -165,7 +167,7 @@ class VmSandbox(AgentSandbox):
     def host_layer_path(self, agent_dir: str) -> str:
         return host_layer_path(agent_dir, self.host_layers)
 
-    def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
+    def placement(self, cid: str, bundle: str, rootfs: Rootfs,
                   spec: dict[str, Any] | None) -> dict[str, Any]:
         from shim import config
 
@@ -179,6 +181,7 @@ class VmSandbox(AgentSandbox):
             raise errdefs.InvalidArgument(f"container {cid}: {exc}") from None
         try:
             grootfs = guest_rootfs(rootfs, cid, self.host_layers)
+            assert isinstance(rootfs, LayerStack)  # guest_rootfs refuses any other root
             translated = guestspec.translate(spec, cid, guest_scratch_dir(cid), _kind_of)
             files = [_file_arg(c) for c in translated.copies]
         except NotInVm as exc:
@@ -198,7 +201,7 @@ class VmSandbox(AgentSandbox):
             log.debug("container %s: %s", cid, note)
         try:
             self._prepare_dir()
-            self.view.set(cid, rootfs["lowers"])  # its layers become visible to the guest
+            self.view.set(cid, list(rootfs.lowers))  # its layers become visible to the guest
         except (RuntimeError, OSError) as exc:  # LayerViewError, a repo without layers/
             raise errdefs.FailedPrecondition(f"container {cid}: cannot give the VM its "
                                              f"layers: {exc}") from None
@@ -218,7 +221,7 @@ class VmSandbox(AgentSandbox):
             os.symlink(self.console_log, os.path.join(bundle, "console.log"))
         except OSError:
             pass
-        return {"bundle": gbundle, "rootfs": grootfs, "spec": translated.spec,
+        return {"bundle": gbundle, "rootfs": grootfs.to_wire(), "spec": translated.spec,
                 "scratch": {"path": guest_scratch_dir(cid), "size": scratch_mb << 20},
                 "files": files, "dirs": translated.shm_dirs, "sysctls": translated.sysctls}
 

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +25,7 @@ from ..linux import mountinfo
 from ..linux.mount import MS_NODEV, MS_NOSUID, mount
 from ..linux.reaper import Reaper
 from ..linux.taskstate import Op, Status, after, allowed
-from ..stack import Mount
-from . import jsonbound, limits, live, mounts, protocol
+from . import jsonbound, limits, live, mounts, placed, protocol
 from .oom import OomWatcher
 from .process import DRAIN_TIMEOUT, Events, Process
 from .runc import Runc
@@ -84,83 +82,6 @@ def _has_pid_namespace(spec: Mapping[str, Any]) -> bool:
 def _read_pid(path: str) -> int:
     with open(path, encoding="ascii") as f:
         return int(f.read().strip())
-
-
-def _makedirs(path: str) -> list[str]:
-    """mkdir -p; returns the dirs it created, outermost first."""
-    created: list[str] = []
-    p = path
-    while p and p != "/" and not os.path.isdir(p):
-        created.append(p)
-        p = os.path.dirname(p)
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    return created[::-1]
-
-
-_NET_SYSCTL = re.compile(r"net(\.[A-Za-z0-9_-]+)+")
-
-
-def _place_files(args: Mapping[str, Any], bundle: str, layer_roots: Sequence[str],
-                 scratch: str | None = None) -> None:
-    """A VM container's copied host files (``files``: into its bundle or its scratch dir, where
-    the container's writes to them count against its own limit) and shared dirs (``dirs``: the
-    pod's /dev/shm, below a layer root) -- see shim/guestspec.py."""
-    import base64
-    import binascii
-
-    for entry in protocol.arg_list(args, "files", []) or []:
-        if not isinstance(entry, Mapping):
-            raise protocol.InvalidArgument("files entries must be objects")
-        path = protocol.resolve_inside(entry.get("path"), [bundle] + ([scratch] if scratch else []), "file path")
-        try:
-            data = base64.b64decode(str(entry.get("data") or ""), validate=True)
-        except (binascii.Error, ValueError):
-            raise protocol.InvalidArgument(f"file {path}: data is not base64") from None
-        mode = entry.get("mode", 0o644)
-        if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-            raise protocol.InvalidArgument(f"file {path}: bad mode {mode!r}")
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-    sysctls = protocol.arg_dict(args, "sysctls", {}) or {}
-    for key, value in sysctls.items():
-        # the pod netns's net.* sysctls, for the agent's own netns (= the pod's, in a VM)
-        if not _NET_SYSCTL.fullmatch(str(key)) or not isinstance(value, str) or "\n" in value:
-            raise protocol.InvalidArgument(f"sysctl {key!r}={value!r}: only net.* keys with one-line values")
-        try:
-            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
-                f.write(value)
-        except OSError as exc:
-            raise protocol.InvalidArgument(f"sysctl {key}={value}: {exc.strerror}") from None
-    for d in protocol.arg_list(args, "dirs", []) or []:
-        path = protocol.resolve_inside(d, layer_roots, "shared dir")
-        if not os.path.isdir(path):
-            os.makedirs(path, exist_ok=True)
-            os.chmod(path, 0o1777)  # like /dev/shm
-
-
-def _remove_made(made: Sequence[str]) -> None:
-    """Remove dirs `_makedirs` created (outermost first, so a tree goes at once).  Never crosses
-    into a mount: whatever is still mounted below stays (and is logged)."""
-    import shutil
-
-    if not made:
-        return
-    points = mountinfo.mount_points()
-    for d in made:
-        if not os.path.isdir(d):
-            continue
-        real = os.path.realpath(d)
-        if any(p == real or p.startswith(real + "/") for p in points):
-            log.error("not removing %s: something is still mounted below it", d)
-            continue
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _unlink(*paths: str) -> None:
@@ -297,14 +218,11 @@ class Supervisor:
         bundle = protocol.resolve_inside(args.get("bundle"), self.bundle_roots, "bundle")
         terminal = protocol.arg_bool(args, "terminal", False) or False
         stdin, stdout, stderr = (protocol.arg_channel(args, n) for n in ("stdin", "stdout", "stderr"))
-        plan = mounts.plan(args.get("rootfs") or {"kind": "none"}, self.layer_roots)
+        plan = mounts.rootfs_plan(args.get("rootfs") or {"kind": "none"}, self.layer_roots)
         spec = protocol.arg_dict(args, "spec", None)
         scratch = limits.scratch_arg(args, self.layer_roots)
-        rootfs_arg = args.get("rootfs")
-        writable = [protocol.resolve_inside(rootfs_arg.get(key), self.layer_roots, f"{key} dir")
-                    for key in ("upper", "work")
-                    if isinstance(rootfs_arg, Mapping) and rootfs_arg.get("kind") == "layers"
-                    and rootfs_arg.get(key)]
+        layers = plan.stack  # validated once (protocol.resolve_stack); live.py keeps it
+        writable = [d for d in (layers.upper, layers.work) if d] if layers is not None else []
         if scratch is not None and not all(os.path.commonpath([d, scratch[0]]) == scratch[0] for d in writable):
             raise protocol.InvalidArgument(f"the upper and work dirs must be inside the scratch dir {scratch[0]}")
         # A VM guest has no bundle of its own: with an inline spec the agent makes the bundle
@@ -314,28 +232,28 @@ class Supervisor:
         scratch_dir = None
         try:
             if spec is not None and not os.path.isdir(bundle):
-                made += _makedirs(bundle)
+                made += placed.makedirs(bundle)
             if scratch is not None:
                 if os.path.isdir(scratch[0]) and mountinfo.is_mountpoint(scratch[0]):
                     raise protocol.FailedPrecondition(f"scratch dir {scratch[0]} is already mounted")
-                made += _makedirs(scratch[0])
+                made += placed.makedirs(scratch[0])
                 mount("tmpfs", scratch[0], "tmpfs", MS_NOSUID | MS_NODEV, limits.scratch_options(scratch[1]))
                 scratch_dir = scratch[0]
             for d in writable:
                 if not os.path.isdir(d):
-                    made += _makedirs(d)
-            _place_files(args, bundle, self.layer_roots, scratch_dir)
+                    made += placed.makedirs(d)
+            placed.place_files(args, bundle, self.layer_roots, scratch_dir)
             return await self._create(cid, bundle, terminal, stdin, stdout, stderr, plan, spec, made,
-                                      args, scratch_dir)
+                                      scratch_dir)
         except BaseException:
             if scratch_dir is not None:
                 mounts.unmount(scratch_dir, 1)
-            _remove_made(made)
+            placed.remove_made(made)
             raise
 
     async def _create(self, cid: str, bundle: str, terminal: bool, stdin: int, stdout: int, stderr: int,
-                      plan: list[Mount], spec: dict[str, Any] | None, made: list[str],
-                      args: Mapping[str, Any], scratch: str | None) -> dict[str, Any]:
+                      plan: mounts.RootfsPlan, spec: dict[str, Any] | None, made: list[str],
+                      scratch: str | None) -> dict[str, Any]:
         if not os.path.isdir(bundle):
             raise protocol.InvalidArgument(f"bundle {bundle} is not a directory")
         if spec is not None:
@@ -357,7 +275,7 @@ class Supervisor:
         log_file = os.path.join(bundle, "log.json")
         _unlink(pid_file)
 
-        mounted = await mounts.mount_all(self.reaper, plan, rootfs)
+        mounted = await mounts.mount_all(self.reaper, plan.mounts, rootfs)
         stdio: Stdio | None = None
         try:
             stdio = self._stdio(terminal, stdin, stdout, stderr)
@@ -385,7 +303,7 @@ class Supervisor:
         init = Process(cid, "", stdio)
         c = Container(cid, bundle, init, rootfs, mounted, kill_all_on_exit=not _has_pid_namespace(spec), made=made,
                       scratch=scratch)
-        c.live = live.initial_stack(args.get("rootfs"), self.layer_roots)
+        c.live = live.initial_stack(plan.stack)
         self.containers[cid] = c
         if c.kill_all_on_exit:
             exited.add_done_callback(lambda _f: asyncio.ensure_future(self._kill_all_quietly(cid)))
@@ -602,7 +520,7 @@ class Supervisor:
             mounts.unmount(c.scratch, 1)  # its writes go with it
         del self.containers[c.id]
         _unlink(os.path.join(c.bundle, "init.pid"))
-        _remove_made(c.made)
+        placed.remove_made(c.made)
         return p.exit_fields()
 
     async def _reported(self, p: Process) -> None:

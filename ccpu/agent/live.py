@@ -193,11 +193,12 @@ def submounts(infos: Sequence[mountinfo.MountInfo], root_id: int) -> list[str]:
 
 @dataclass
 class LiveStack:
-    """What the agent knows about a `layers` container's stack (Container.live)."""
+    """What the agent knows about a `layers` container's stack (Container.live): the single
+    source of truth of what the container's root is stacked from (the shim's bundle record only
+    caches metadata about it).  ``stack`` is the validated value create mounted, replaced by
+    each restack (its work dir is then one of ours)."""
 
-    lowers: list[str]
-    upper: str | None
-    work: str | None  # the current overlay's work dir
+    stack: stack.LayerStack
     base_work: str | None  # the client's work dir (never removed by us)
     created_works: list[str] = field(default_factory=list)  # ours, removed on delete
     leftover_mounts: list[str] = field(default_factory=list)  # unmounted on delete
@@ -211,22 +212,21 @@ class LiveStack:
         return self._lock
 
     def describe(self) -> dict[str, Any]:
-        return {"lowers": list(self.lowers), "upper": self.upper, "work": self.work, "history": list(self.history)}
+        """The ``layers`` answer: the stack's wire shape (without its kind) and the history."""
+        out = {k: v for k, v in self.stack.to_wire().items() if k != "kind"}
+        out.setdefault("upper", None)
+        out.setdefault("work", None)
+        return {**out, "history": list(self.history)}
 
 
-def initial_stack(rootfs: Any, layer_roots: Sequence[str]) -> LiveStack | None:
-    """The LiveStack for a `create`'s rootfs argument (already validated by mounts.plan), or
+def initial_stack(layers: stack.LayerStack | None) -> LiveStack | None:
+    """The LiveStack for the stack a `create` mounted (mounts.rootfs_plan validated it), or
     None for rootfs kinds the agent does not stack itself."""
-    if not isinstance(rootfs, Mapping) or rootfs.get("kind") != "layers":
+    if layers is None:
         return None
-    lowers = protocol.resolve_all(rootfs.get("lowers") or [], layer_roots, "lower dir")
-    upper = rootfs.get("upper")
-    work = rootfs.get("work")
-    if upper is not None:
-        upper = protocol.resolve_inside(upper, layer_roots, "upper dir")
-        work = protocol.resolve_inside(work, layer_roots, "work dir")
-    ls = LiveStack(lowers, upper, work, work)
-    ls.history.append({"at": time.time_ns(), "lowers": list(lowers), "added": list(lowers), "removed": []})
+    ls = LiveStack(layers, layers.work)
+    ls.history.append({"at": time.time_ns(), "lowers": list(layers.lowers),
+                       "added": list(layers.lowers), "removed": []})
     return ls
 
 
@@ -286,14 +286,17 @@ async def restack_op(sup: Any, args: Mapping[str, Any]) -> dict[str, Any]:
     async with live.lock:  # the server serializes per container already; this guards direct callers
         if not allowed(Op.RESTACK, c.init.status) or c.init.pid <= 0:
             raise protocol.FailedPrecondition(f"container {c.id} is {c.init.status}")
-        new = plan_restack(live.lowers, add, remove, position, live.upper, live.work)
-        done = await restack(sup.reaper, c.init.pid, c.rootfs, new, live.upper, live.base_work,
+        now = live.stack
+        new = plan_restack(now.lowers, add, remove, position, now.upper, now.work)
+        done = await restack(sup.reaper, c.init.pid, c.rootfs, new, now.upper, live.base_work,
                              agent_mounted=c.mounted, taken=live.created_works)  # fmt: skip
         c.mounted = done.agent_mounted
         if done.work is not None:
             live.created_works.append(done.work)
         live.leftover_mounts.extend(done.leftover_mounts)
-        live.lowers, live.work = list(done.lowers), done.work if done.work is not None else live.work
+        live.stack = now.with_lowers(done.lowers)
+        if done.work is not None:
+            live.stack = live.stack.with_writable(now.upper, done.work)
         live.history.append({"at": time.time_ns(), "lowers": list(new), "added": add, "removed": remove})
         log.info("restacked %s in %.1f ms (%s)", c.id, done.elapsed_ms, done.timings)
         if getattr(sup, "cgroup_parent", None):  # a guest: the old overlay must let go of the upper
@@ -382,7 +385,7 @@ async def restack(
                 raise protocol.Internal("restack helper died before the pivot")
             warning = "the helper died after the pivot"
         else:
-            raise _error(message)
+            raise helper_error(message)
     except OSError as e:
         raise protocol.Internal(f"restack: {e}") from None
     finally:
@@ -416,7 +419,9 @@ async def restack(
     return Restacked(list(new_lowers), new_work, mounted, leftover, timings["agent-view"], timings)
 
 
-def _error(message: str) -> protocol.AgentError:
+def helper_error(message: str) -> protocol.AgentError:
+    """The error for the restack helper's failure line (``<stage>:<errno>:<text>``): what went
+    wrong before the pivot is the caller's (FailedPrecondition) or ours (Internal)."""
     stage, _, rest = message.partition(":")
     err_s, _, text = rest.partition(":")
     err = int(err_s) if err_s.isdigit() else 0

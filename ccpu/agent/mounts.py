@@ -20,6 +20,7 @@ import errno
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .. import stack
@@ -111,28 +112,33 @@ def _overlay_paths(options: Sequence[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+@dataclass(frozen=True)
+class RootfsPlan:
+    """What a ``create``'s rootfs argument comes to: the mounts to make, and for kind
+    ``layers`` the validated stack they were made from (the container's live stack)."""
+
+    mounts: list[Mount]
+    stack: stack.LayerStack | None = None
+
+
 def plan(rootfs: Any, layer_roots: Sequence[str]) -> list[Mount]:
     """Validated mounts for a `rootfs` argument (see docs/agent-protocol.md)."""
+    return rootfs_plan(rootfs, layer_roots).mounts
+
+
+def rootfs_plan(rootfs: Any, layer_roots: Sequence[str]) -> RootfsPlan:
+    """The mounts (and stack) for a `rootfs` argument, every path checked against the roots."""
     if not isinstance(rootfs, Mapping):
         raise protocol.InvalidArgument("rootfs must be an object")
     kind = rootfs.get("kind")
     if kind == "none":
-        return []
+        return RootfsPlan([])
     if kind == "layers":
-        lowers = protocol.arg_list(rootfs, "lowers")
-        upper = rootfs.get("upper")
-        work = rootfs.get("work")
-        if not lowers:
-            raise protocol.InvalidArgument("rootfs.lowers is empty")
-        lowers = protocol.resolve_all(lowers, layer_roots, "lower dir")
-        if upper is not None:
-            upper = protocol.resolve_inside(upper, layer_roots, "upper dir")
-            work = protocol.resolve_inside(work, layer_roots, "work dir")
+        layers = protocol.resolve_stack(rootfs, layer_roots)
         try:  # the same mount shapes the snapshotter hands containerd
-            planned = stack.snapshot_mounts(lowers, upper, work)
+            return RootfsPlan(layers.mounts(), layers)
         except stack.StackError as e:
             raise protocol.InvalidArgument(str(e)) from None
-        return planned
     if kind == "mounts":
         result = []
         for m in protocol.arg_list(rootfs, "mounts"):
@@ -158,7 +164,7 @@ def plan(rootfs: Any, layer_roots: Sequence[str]) -> list[Mount]:
                     fixed.append(o)
                 options = fixed
             result.append(Mount(mtype, source, tuple(options)))
-        return result
+        return RootfsPlan(result)
     raise protocol.InvalidArgument(f"unknown rootfs kind {kind!r}")
 
 

@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..stack import LayerStack, StackError
+
 # The error kinds are ccpu/errdefs.py's (the shim raises the same ones); re-exported here under
 # the names the agent has always used.  ``AgentError`` is their base class.
 from ccpu.errdefs import (  # noqa: F401
@@ -152,3 +154,14 @@ def resolve_inside(path: Any, roots: Sequence[str], what: str = "path") -> str:
 
 def resolve_all(paths: Iterable[Any], roots: Sequence[str], what: str) -> list[str]:
     return [resolve_inside(p, roots, what) for p in paths]
+
+
+def resolve_stack(value: Any, roots: Sequence[str]) -> LayerStack:
+    """The ONE check of a layer stack the agent is handed (a ``rootfs`` of kind ``layers``):
+    well formed, every path absolute and resolved inside ``roots``.  create mounts, and restack
+    later changes, only the stack this returns (ccpu/agent/live.py keeps it)."""
+    try:
+        given = value if isinstance(value, LayerStack) else LayerStack.from_wire(value)
+    except StackError as e:
+        raise InvalidArgument(str(e)) from None
+    return given.map(lambda path, role: resolve_inside(path, roots, f"{role} dir"))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -88,18 +87,16 @@ class Stack:
 
 
 async def _call_async(address: str, method: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
-    from google.protobuf import wrappers_pb2
-
+    from .. import layersmsg
     from ..ttrpc import Client
 
     client = await Client.connect(address, timeout=5.0)
     try:
-        resp = await client.call(SERVICE, method, wrappers_pb2.StringValue(value=json.dumps(payload)),
-                                 wrappers_pb2.StringValue, timeout=timeout)
+        resp = await client.call(SERVICE, method, layersmsg.request(method, payload),
+                                 layersmsg.Stack, timeout=timeout)
     finally:
         await client.close()
-    out = json.loads(resp.value or "{}")
-    return out if isinstance(out, dict) else {}
+    return layersmsg.answer_dict(resp)
 
 
 def shim_call(address: str, method: str, payload: dict[str, Any], *, timeout: float = SHIM_TIMEOUT,

@@ -88,6 +88,7 @@ def test_wheel_holds_stubs_and_runtime_files(installed: Installed) -> None:
     assert "ccpu/guest/init.sh" in names
     assert "ccpu/api/gen/containerd/services/snapshots/v1/snapshots_pb2_grpc.py" in names
     assert "ccpu/api/gen/containerd/runtime/v2/task/shim_pb2.py" in names
+    assert "ccpu/api/gen/fractal/layers/v1/layers_pb2.py" in names  # fractal's own API, generated too
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"ccpu", "shim", "snapshotter"}, tops  # no hack/, no tests/
 
@@ -102,13 +103,15 @@ def test_console_scripts_and_imports_from_the_venv(installed: Installed) -> None
 import importlib.resources, os, ccpu, shim, snapshotter
 from ccpu.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from ccpu.api.gen.containerd.services.containers.v1 import containers_pb2
+from ccpu import layersmsg
 print(os.path.dirname(ccpu.__file__)); print(os.path.dirname(shim.__file__))
 print(importlib.resources.files("ccpu.guest").joinpath("init.sh").is_file())
 print(containers_pb2.DESCRIPTOR.package)
+print(layersmsg.Stack.DESCRIPTOR.full_name)
 """).stdout.split()
     site = str(installed.venv)
     assert probe[0].startswith(site) and probe[1].startswith(site), probe
-    assert probe[2:] == ["True", "containerd.services.containers.v1"]
+    assert probe[2:] == ["True", "containerd.services.containers.v1", "fractal.layers.v1.Stack"]
 
 
 class _VenvSnapshotter(Snapshotter):

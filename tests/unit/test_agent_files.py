@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ccpu.agent import protocol
-from ccpu.agent.container import _place_files
+from ccpu.agent.placed import place_files
 
 
 def _file(path: str, data: bytes, mode: int = 0o644) -> dict:
@@ -22,14 +22,14 @@ def test_files_and_dirs(tmp_path: Path) -> None:
     bundle.mkdir(parents=True)
     scratch.mkdir()
     shm = scratch / "@shm" / "abc"
-    _place_files({"files": [_file(f"{bundle}/files/0-hosts", b"127.0.0.1 x\n", 0o640)],
+    place_files({"files": [_file(f"{bundle}/files/0-hosts", b"127.0.0.1 x\n", 0o640)],
                   "dirs": [str(shm)]}, str(bundle), [str(scratch)])
     f = bundle / "files" / "0-hosts"
     assert f.read_bytes() == b"127.0.0.1 x\n"
     assert stat.S_IMODE(f.stat().st_mode) == 0o640
     assert stat.S_IMODE(shm.stat().st_mode) == 0o1777
     # idempotent for the shared dir (the pod's second container)
-    _place_files({"dirs": [str(shm)]}, str(bundle), [str(scratch)])
+    place_files({"dirs": [str(shm)]}, str(bundle), [str(scratch)])
 
 
 def test_files_on_the_containers_scratch(tmp_path: Path) -> None:
@@ -37,10 +37,10 @@ def test_files_on_the_containers_scratch(tmp_path: Path) -> None:
     bundle, scratch = tmp_path / "bundles" / "c1", tmp_path / "containers" / "c1"
     bundle.mkdir(parents=True)
     scratch.mkdir(parents=True)
-    _place_files({"files": [_file(f"{scratch}/files/0-hosts", b"h\n")]}, str(bundle), [], str(scratch))
+    place_files({"files": [_file(f"{scratch}/files/0-hosts", b"h\n")]}, str(bundle), [], str(scratch))
     assert (scratch / "files" / "0-hosts").read_bytes() == b"h\n"
     with pytest.raises(protocol.InvalidArgument, match="outside"):
-        _place_files({"files": [_file(f"{tmp_path}/containers/c2/files/x", b"h")]}, str(bundle), [], str(scratch))
+        place_files({"files": [_file(f"{tmp_path}/containers/c2/files/x", b"h")]}, str(bundle), [], str(scratch))
 
 
 @pytest.mark.parametrize("args, why", [
@@ -62,7 +62,7 @@ def test_bad_requests(tmp_path: Path, args: dict, why: str) -> None:
                else e.replace("BUNDLE", str(bundle)) if k == "files" else e) for e in v]
              for k, v in args.items()}
     with pytest.raises(protocol.InvalidArgument, match=why):
-        _place_files(fixed, str(bundle), [str(tmp_path / "scratch")])
+        place_files(fixed, str(bundle), [str(tmp_path / "scratch")])
     assert not os.path.exists(tmp_path / "escape")
 
 
@@ -73,5 +73,5 @@ def test_symlink_in_bundle_is_not_followed(tmp_path: Path) -> None:
     target.write_text("keep")
     os.symlink(target, bundle / "files" / "0-hosts")
     with pytest.raises((protocol.InvalidArgument, OSError)):
-        _place_files({"files": [_file(f"{bundle}/files/0-hosts", b"x")]}, str(bundle), [])
+        place_files({"files": [_file(f"{bundle}/files/0-hosts", b"x")]}, str(bundle), [])
     assert target.read_text() == "keep"

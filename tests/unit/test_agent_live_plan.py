@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ccpu.agent import live, protocol
+from ccpu.agent import live, mounts, protocol
 from ccpu.linux import mountinfo
 from ccpu.linux.mount import MS_NODEV, MS_NOSUID, MS_RDONLY, MS_RELATIME
+from ccpu.stack import LayerStack
 
 L = ["/l/top", "/l/mid", "/l/base"]
 
@@ -96,38 +97,37 @@ def test_root_flags() -> None:
 
 
 def test_helper_messages_map_to_codes() -> None:
-    assert isinstance(live._error(f"setns:{errno.ENOENT}:gone"), protocol.FailedPrecondition)
-    err = live._error(f"target:{errno.ENOENT}:the new stack has no /proc")
+    assert isinstance(live.helper_error(f"setns:{errno.ENOENT}:gone"), protocol.FailedPrecondition)
+    err = live.helper_error(f"target:{errno.ENOENT}:the new stack has no /proc")
     assert isinstance(err, protocol.FailedPrecondition) and "unchanged" in err.message and "/proc" in err.message
-    assert isinstance(live._error("root:0:x"), protocol.FailedPrecondition)
-    assert isinstance(live._error(f"pivot:{errno.EINVAL}:pivot_root: Invalid argument"), protocol.Internal)
-    assert isinstance(live._error("garbage"), protocol.Internal)
+    assert isinstance(live.helper_error("root:0:x"), protocol.FailedPrecondition)
+    assert isinstance(live.helper_error(f"pivot:{errno.EINVAL}:pivot_root: Invalid argument"), protocol.Internal)
+    assert isinstance(live.helper_error("garbage"), protocol.Internal)
 
 
-def test_initial_stack_only_for_layers(tmp_path: Path) -> None:
+def test_initial_stack_is_the_validated_stack_create_mounts(tmp_path: Path) -> None:
     roots = [str(tmp_path)]
     for d in ("a", "b", "up", "wk"):
         (tmp_path / d).mkdir()
-    assert live.initial_stack({"kind": "none"}, roots) is None
-    assert live.initial_stack({"kind": "mounts", "mounts": []}, roots) is None
-    ls = live.initial_stack(
-        {"kind": "layers", "lowers": [str(tmp_path / "a"), str(tmp_path / "b")], "upper": str(tmp_path / "up"), "work": str(tmp_path / "wk")},
-        roots,
-    )
+    assert live.initial_stack(mounts.rootfs_plan({"kind": "none"}, roots).stack) is None
+    assert live.initial_stack(mounts.rootfs_plan({"kind": "mounts", "mounts": []}, roots).stack) is None
+    wire = {"kind": "layers", "lowers": [str(tmp_path / "a"), str(tmp_path / "b")],
+            "upper": str(tmp_path / "up"), "work": str(tmp_path / "wk")}
+    ls = live.initial_stack(mounts.rootfs_plan(wire, roots).stack)
     assert ls is not None
     d = ls.describe()
     assert d["lowers"] == [str((tmp_path / "a").resolve()), str((tmp_path / "b").resolve())]
     assert d["upper"] == str((tmp_path / "up").resolve()) and d["work"] == str((tmp_path / "wk").resolve())
     assert len(d["history"]) == 1 and d["history"][0]["added"] == d["lowers"]
-    ro = live.initial_stack({"kind": "layers", "lowers": [str(tmp_path / "a")]}, roots)
-    assert ro is not None and ro.upper is None and ro.work is None
+    ro = live.initial_stack(mounts.rootfs_plan({"kind": "layers", "lowers": [str(tmp_path / "a")]}, roots).stack)
+    assert ro is not None and ro.stack.upper is None and ro.describe()["work"] is None
 
 
 def test_cleanup_removes_only_our_work_dirs(tmp_path: Path) -> None:
     (tmp_path / "work").mkdir()
     (tmp_path / "work.1" / "work").mkdir(parents=True)
     (tmp_path / "work.1" / "work").chmod(0)
-    ls = live.LiveStack(["/l"], str(tmp_path / "up"), str(tmp_path / "work.1"), str(tmp_path / "work"))
+    ls = live.LiveStack(LayerStack(("/l",), str(tmp_path / "up"), str(tmp_path / "work.1")), str(tmp_path / "work"))
     ls.created_works.append(str(tmp_path / "work.1"))
     live.cleanup(ls)
     live.cleanup(None)

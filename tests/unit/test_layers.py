@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import wrappers_pb2
 
 from ccpu import errdefs
+from ccpu import layersmsg
 from ccpu.cli import layers as cli_layers
 from ccpu import sandboxes
 from ccpu.ttrpc import Code, TtrpcError
@@ -45,7 +45,8 @@ class StackAgent:
         self.calls.append((op, dict(args)))
         cur = self.stacks[args["container"]]
         if op == "layers":
-            return {"lowers": list(cur), "upper": f"{REPO}/active/1/fs", "history": []}
+            return {"lowers": list(cur), "upper": f"{REPO}/active/1/fs", "work": f"{REPO}/active/1/work",
+                    "history": []}
         assert op == "restack"
         await asyncio.sleep(self.delay)
         add, remove = args.get("add", []), args.get("remove", [])
@@ -125,8 +126,8 @@ class Task:
 def call(svc: layers.LayersService, method: str, **payload: Any) -> dict[str, Any]:
     """``method`` as the CLI reaches it: through the daemon's error edge."""
     fn = at_edge(svc.methods())[method][1]
-    resp = asyncio.run(fn(wrappers_pb2.StringValue(value=json.dumps(payload)), None))
-    return json.loads(resp.value)
+    resp = asyncio.run(fn(layersmsg.request(method, payload), None))
+    return layersmsg.answer_dict(resp)
 
 
 def L(n: int) -> str:
@@ -171,7 +172,8 @@ def test_add_records_and_persists_live_layers(fake, tmp_path: Path) -> None:  # 
     assert fake.sandbox.adding == [("c1", [L(3), L(2)])]
     assert fake.sandbox.now == [("c1", [L(3), L(2), L(1)])]
     rec = json.loads((tmp_path / layers.RECORD_NAME).read_text())
-    assert set(rec["live"]) == {L(3), L(2)} and rec["stack"] == [L(3), L(2), L(1)]
+    # the record caches metadata only: the stack is the agent's
+    assert set(rec["live"]) == {L(3), L(2)} and "stack" not in rec
     # a new service (a restarted shim) reads the record back
     again = call(layers.LayersService(fake.task, fake.sandbox, REPO), "List", container="c1")
     assert [la["live"] for la in again["layers"]] == [True, True, False]
@@ -259,7 +261,7 @@ def test_concurrent_adds_are_serialized(fake) -> None:  # noqa: ANN001
     add = at_edge(fake.svc.methods())["Add"][1]
 
     async def both() -> list[Any]:
-        reqs = [wrappers_pb2.StringValue(value=json.dumps({"container": "c1", "layers": [{"dir": L(n), "image": f"i{n}"}]}))
+        reqs = [layersmsg.request("Add", {"container": "c1", "layers": [{"dir": L(n), "image": f"i{n}"}]})
                 for n in (7, 8)]
         return await asyncio.gather(*(add(r, None) for r in reqs))
 

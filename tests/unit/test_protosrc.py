@@ -118,4 +118,6 @@ def test_the_real_pins_cover_what_the_generator_stages() -> None:
     assert "ccpu/api/gen/containerd/services/snapshots/v1/snapshots.proto" in staged
     assert "ccpu/api/gen/cgroups/stats/v1/metrics.proto" in staged
     assert "ccpu/api/gen/gogoproto/gogo.proto" in staged
-    assert len(staged) == sum(len(m.files) for m in protosrc.MODULES) + len(gen_protos.VENDORED_PROTOS)
+    assert "ccpu/api/gen/fractal/layers/v1/layers.proto" in staged  # the project's own API
+    assert len(staged) == (sum(len(m.files) for m in protosrc.MODULES) + len(gen_protos.VENDORED_PROTOS)
+                           + len(gen_protos.PROJECT_PROTOS))

@@ -139,12 +139,16 @@ def test_vm_run_dir() -> None:
             vm.vm_run_dir("/run/fractal", ns, group)
 
 
+from ccpu.stack import LayerStack  # noqa: E402
+from shim.rootfs import NoRootfs, PassThroughMounts  # noqa: E402
+
+
 def test_placement_host_is_identity() -> None:
     from shim.hostsandbox import InprocSandbox
 
     sb = InprocSandbox(reaper=None, runc_root="/r", bundle_root="/b", layer_roots=[])
     assert sb.layer_path(f"{LAYERS}/a") == f"{LAYERS}/a"
-    assert sb.placement("c", "/b/c", {"kind": "none"}, {}) == {"bundle": "/b/c", "rootfs": {"kind": "none"}}
+    assert sb.placement("c", "/b/c", NoRootfs(), {}) == {"bundle": "/b/c", "rootfs": {"kind": "none"}}
 
 
 def test_vm_placement(tmp_path) -> None:  # noqa: ANN001
@@ -180,7 +184,7 @@ def _check_placement(sb, tmp_path) -> None:  # noqa: ANN001
 
     assert sb.layer_path(f"{LAYERS}/a") == "/repo/layers/a"
     spec = {"process": {"args": ["true"]}, "mounts": [{"destination": "/proc", "type": "proc"}]}
-    rootfs = {"kind": "layers", "lowers": [f"{LAYERS}/a"], "upper": "/u", "work": "/w"}
+    rootfs = LayerStack((f"{LAYERS}/a",), "/u", "/w")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     args = sb.placement("c1", str(bundle), rootfs, spec)
@@ -194,7 +198,7 @@ def _check_placement(sb, tmp_path) -> None:  # noqa: ANN001
     assert (bundle / "console.log").is_symlink()
     assert sb.view.owners == {"c1": [f"{LAYERS}/a"]}  # its layers become visible to the guest
     with pytest.raises(errdefs.FailedPrecondition, match="fractal snapshotter"):
-        sb.placement("c2", str(bundle), {"kind": "mounts", "mounts": []}, spec)
+        sb.placement("c2", str(bundle), PassThroughMounts(()), spec)
     with pytest.raises(errdefs.FailedPrecondition, match="bind of host path .*/dev/null"):
         sb.placement("c3", str(bundle), rootfs, {"mounts": [{"destination": "/x", "type": "bind",
                                                             "source": "/dev/null"}]})

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shim.rootfs import translate
+from shim.rootfs import parse
+
+
+def translate(mounts, repo_root):  # noqa: ANN001, ANN201 - the agent's rootfs argument
+    return parse(mounts, repo_root).to_wire()
 
 REPO = "/var/lib/fractal"
 

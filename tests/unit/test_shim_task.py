@@ -107,7 +107,7 @@ class FakeSandbox(AgentSandbox):
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode}
 
-    def placement(self, cid: str, bundle: str, rootfs: dict[str, Any],
+    def placement(self, cid: str, bundle: str, rootfs: Any,
                   spec: dict[str, Any] | None) -> dict[str, Any]:
         self.placed.append(cid)
         return super().placement(cid, bundle, rootfs, spec)

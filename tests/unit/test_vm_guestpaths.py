@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ccpu.stack import LayerStack, Mount
+from shim.rootfs import NoRootfs, PassThroughMounts
+
 from shim import guestpaths as gp
 from shim.guestspec import NotInVm
 
@@ -28,9 +31,9 @@ def test_guest_layer_path() -> None:
 
 
 def test_guest_rootfs_layers() -> None:
-    rootfs = {"kind": "layers", "lowers": [f"{LAYERS}/b", f"{LAYERS}/a"],
-              "upper": "/var/lib/fractal/snapshots/7/fs", "work": "/var/lib/fractal/snapshots/7/work"}
-    assert gp.guest_rootfs(rootfs, "c1", LAYERS) == {
+    rootfs = LayerStack((f"{LAYERS}/b", f"{LAYERS}/a"),
+                        "/var/lib/fractal/snapshots/7/fs", "/var/lib/fractal/snapshots/7/work")
+    assert gp.guest_rootfs(rootfs, "c1", LAYERS).to_wire() == {
         "kind": "layers", "lowers": ["/repo/layers/b", "/repo/layers/a"],
         "upper": "/run/fractal/containers/c1/upper", "work": "/run/fractal/containers/c1/work"}
     assert gp.guest_scratch_dir("c1") == "/run/fractal/containers/c1"
@@ -38,11 +41,10 @@ def test_guest_rootfs_layers() -> None:
 
 
 @pytest.mark.parametrize("rootfs", [
-    {"kind": "mounts", "mounts": [{"type": "overlay", "source": "overlay",
-                                   "options": ["lowerdir=/var/lib/containerd/x/1/fs"]}]},
-    {"kind": "none"},
+    PassThroughMounts((Mount("overlay", "overlay", ("lowerdir=/var/lib/containerd/x/1/fs",)),)),
+    NoRootfs(),
 ])
-def test_guest_rootfs_refuses_what_the_guest_cannot_see(rootfs: dict) -> None:
+def test_guest_rootfs_refuses_what_the_guest_cannot_see(rootfs: object) -> None:
     with pytest.raises(NotInVm, match="fractal snapshotter"):
         gp.guest_rootfs(rootfs, "c1", LAYERS)
 
