@@ -13,6 +13,15 @@ Contents (see docs/vm.md for sizes):
   /usr/sbin/runc            + the shared libraries of all binaries above (from ldd)
   /usr/lib/python3.11/ccpu  the project's stdlib-only modules (agent, linux, stack)
 
+Two layouts (``build(layout=...)``, ``fractal guest build --layout``; docs/vm.md "The small guest"):
+  image      (the default) the initramfs keeps only /init, busybox, the modules and /etc; everything
+             under usr/, lib/<multiarch>/ and lib64/ (python, the stdlib + .pyc, the project's
+             modules, runc, the libraries) goes into a read-only EROFS image (``erofs.write``,
+             system.erofs) that QEMU attaches as a read-only virtio-blk disk; the init mounts it at
+             /.image, and symlinks in the initramfs (usr -> /.image/usr, ...) put it in place.
+             The guest reads only the pages it uses, and the page cache can drop them again.
+  initramfs  everything in the initramfs, unpacked into guest RAM at every boot (the old layout).
+
 The build is cached by an *inputs key* (hash of every source file's path, mode
 and content, plus options): the same inputs are never rebuilt and give the
 same archive, whose sha256 is the guest's base-stack measurement recorded in
@@ -35,17 +44,28 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cpio, modules
+from . import cpio, erofs, modules
 from .kernel import Kernel, cache_root
 from .kernel import fetch as fetch_kernel
 
-BUILDER_VERSION = 1  # bump when the layout changes without any input changing
+BUILDER_VERSION = 2  # bump when the layout changes without any input changing
 
 PYTHON = "/usr/bin/python3.11"
 PYTHON_LIB = "/usr/lib/python3.11"
 BUSYBOX = "/bin/busybox"
 RUNC = "/usr/sbin/runc"
 GUEST_PYTHON_PKG_DIR = "usr/lib/python3.11"  # the project's package goes on the default sys.path
+
+LAYOUTS = ("image", "initramfs")
+DEFAULT_LAYOUT = "initramfs"
+LAYOUT_ENV = "FRACTAL_GUEST_LAYOUT"  # overrides DEFAULT_LAYOUT (what the shim's on-demand build uses)
+IMAGE_FILE = "system.erofs"
+IMAGE_MOUNT = ".image"  # where the init mounts the image (relative to the guest's root)
+IMAGE_TOPS = ("usr/", "lib64/", "lib/")  # what goes into the image ...
+IMAGE_KEEP = ("lib/modules/",)  # ... except what the init needs before it is mounted
+# the image's disk and filesystem: virtio_blk, erofs (+ libcrc32c, which needs a crc32c
+# implementation registered first: no modprobe resolves the crypto API's soft dependency)
+IMAGE_MODULES = ("virtio_blk", "crc32c_generic", "erofs")
 
 # Top-level stdlib entries never needed in the guest.
 STDLIB_EXCLUDE_TOP = frozenset({
@@ -95,6 +115,7 @@ class Guest:
     initramfs: Path
     manifest_path: Path
     manifest: dict
+    image: Path | None = None  # the read-only system image (layout "image"), attached by QEMU
 
     @property
     def sha256(self) -> str:
@@ -148,6 +169,49 @@ def inputs_key(sources: Sequence[Source], options: dict) -> str:
     return h.hexdigest()
 
 
+def in_image(dest: str) -> bool:
+    """Whether a file goes into the read-only image (layout "image") rather than the initramfs."""
+    return dest.startswith(IMAGE_TOPS) and not dest.startswith(IMAGE_KEEP)
+
+
+def split_layout(sources: Sequence[Source]) -> tuple[list[Source], list[Source]]:
+    """(initramfs, image) for layout "image": the image's files, and in the initramfs a symlink
+    for each highest image directory the initramfs does not have itself (usr ->
+    /.image/usr, lib/x86_64-linux-gnu -> /.image/lib/x86_64-linux-gnu), plus the mount point."""
+    image = [s for s in sources if in_image(s.dest)]
+    initrd = [s for s in sources if not in_image(s.dest)]
+    init_dirs = {s.dest for s in initrd if stat.S_ISDIR(s.mode)}
+    for s in initrd:
+        parts = s.dest.split("/")
+        init_dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    links: dict[str, Source] = {}
+    for s in image:
+        parts = s.dest.split("/")
+        for i in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:i])
+            if prefix not in init_dirs:
+                links.setdefault(prefix, Source(prefix, stat.S_IFLNK | 0o777, link=f"/{IMAGE_MOUNT}/{prefix}"))
+                break
+    return initrd + [Source(IMAGE_MOUNT, stat.S_IFDIR | 0o755), *links.values()], image
+
+
+def image_marker(sha256: str) -> Source:
+    """/etc/fractal/image: tells the init to mount the image, and names the image's hash, so the
+    initramfs's hash (the guest's measurement) covers the image too."""
+    return Source("etc/fractal/image", stat.S_IFREG | 0o644, data=f"erofs {sha256}\n".encode())
+
+
+def image_files(sources: Sequence[Source]) -> list[erofs.File]:
+    return [erofs.File(s.dest, s.mode, s.read) for s in sources]
+
+
+def default_layout() -> str:
+    layout = os.environ.get(LAYOUT_ENV) or DEFAULT_LAYOUT
+    if layout not in LAYOUTS:
+        raise ValueError(f"{LAYOUT_ENV}={layout}: expected one of {LAYOUTS}")
+    return layout
+
+
 # ---------------------------------------------------------------------------------------------
 # collecting the sources (reads the host)
 
@@ -187,8 +251,8 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def collect(kernel: Kernel, root: Path | None = None) -> tuple[list[Source], dict]:
-    """Every file of the initramfs (without .pyc) and a description of where they came from."""
+def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs") -> tuple[list[Source], dict]:
+    """Every file of the guest (without .pyc) and a description of where they came from."""
     root = root or project_root()
     for tool in (BUSYBOX, PYTHON, RUNC):
         if not os.path.exists(tool):
@@ -220,7 +284,8 @@ def collect(kernel: Kernel, root: Path | None = None) -> tuple[list[Source], dic
     deps = modules.parse_modules_dep((kernel.modules_dir / "modules.dep").read_text())
     builtin_file = kernel.modules_dir / "modules.builtin"
     builtin = builtin_file.read_text().split() if builtin_file.exists() else []
-    order = modules.load_order(deps, modules.GUEST_MODULES, builtin)
+    wanted = modules.GUEST_MODULES + (IMAGE_MODULES if layout == "image" else ())
+    order = modules.load_order(deps, wanted, builtin)
     for ko in order:
         data = (kernel.modules_dir / ko).read_bytes()
         if ko.endswith(".xz"):  # busybox insmod cannot decompress
@@ -295,16 +360,21 @@ def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None]) -> l
 
 
 def build(force: bool = False, progress: Callable[[str], None] = lambda s: None, *, pyc: bool = True,
-          compression: str = "none", level: int = 6, offline: bool = False) -> Guest:
+          compression: str = "none", level: int = 6, offline: bool = False, layout: str | None = None) -> Guest:
     """Build (or reuse) the guest for the current Debian kernel and this tree's project files.
+
+    ``layout``: "image" or "initramfs" (module docstring); None: $FRACTAL_GUEST_LAYOUT or DEFAULT_LAYOUT.
 
     ``offline``: use the newest kernel already in the cache without asking apt (saves ~1.3 s;
     what the shim does before every VM start), falling back to apt when none is cached."""
     t0 = time.monotonic()
     kern = fetch_kernel(progress, offline=offline)
     progress(f"kernel {kern.release} ({kern.package_version})")
-    sources, described = collect(kern)
-    options = {"pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,
+    layout = layout or default_layout()
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    sources, described = collect(kern, layout=layout)
+    options = {"layout": layout, "pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,
                "boot_image": kern.boot_image.name}
     key = inputs_key(sources, options)
     out_dir = cache_root() / "build" / key[:32]
@@ -312,11 +382,23 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     if manifest_path.exists() and not force:
         manifest = json.loads(manifest_path.read_text())
         progress(f"up to date (inputs {key[:16]})")
-        return Guest(kern.boot_image, out_dir / manifest["initramfs"]["file"], manifest_path, manifest)
+        return _guest(kern.boot_image, out_dir, manifest)
     progress(f"collected {len(sources)} files (inputs {key[:16]})")
     extra: list[Source] = compile_pyc(sources, progress) if pyc else []
+    initrd = sources + extra
+    image_blob: bytes | None = None
+    image_desc: dict = {}
+    if layout == "image":
+        initrd, in_img = split_layout(initrd)
+        progress(f"writing the read-only image ({len(in_img)} files, erofs)")
+        image_blob = erofs.write(image_files(in_img))
+        image_sha = hashlib.sha256(image_blob).hexdigest()
+        initrd.append(image_marker(image_sha))
+        image_desc = {"image": {"file": IMAGE_FILE, "sha256": image_sha,
+                                "size": len(image_blob), "files": len(in_img), "format": "erofs",
+                                "mount": "/" + IMAGE_MOUNT}}
     progress("writing cpio")
-    entries = [cpio.Entry(s.dest, s.mode, s.read()) for s in sources + extra]
+    entries = [cpio.Entry(s.dest, s.mode, s.read()) for s in initrd]
     archive = cpio.write(entries)
     name = "initramfs.cpio"
     if compression == "gzip":
@@ -334,6 +416,8 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
         "kernel_image": {"path": str(kern.boot_image), "sha256": _sha256(kern.boot_image),
                          "format": "vmlinux-pvh" if kern.vmlinux else "bzimage",
                          "vmlinuz_sha256": _sha256(kern.vmlinuz)},
+        **image_desc,
+        "layout": layout,
         "inputs_key": key,
         "options": options,
         "builder_version": BUILDER_VERSION,
@@ -344,12 +428,20 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     (tmp_dir / name).write_bytes(blob)
+    if image_blob is not None:
+        (tmp_dir / IMAGE_FILE).write_bytes(image_blob)
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.rename(tmp_dir, out_dir)
     (cache_root() / "current.json").write_text(json.dumps({"build": str(out_dir)}) + "\n")
     progress(f"built in {time.monotonic() - t0:.1f}s")
-    return Guest(kern.boot_image, out_dir / name, manifest_path, manifest)
+    return _guest(kern.boot_image, out_dir, manifest)
+
+
+def _guest(kernel: Path, out_dir: Path, manifest: dict) -> Guest:
+    image = manifest.get("image")
+    return Guest(kernel, out_dir / manifest["initramfs"]["file"], out_dir / "manifest.json", manifest,
+                 out_dir / image["file"] if image else None)
 
 
 def current() -> Guest | None:
@@ -360,8 +452,7 @@ def current() -> Guest | None:
         manifest = json.loads((out_dir / "manifest.json").read_text())
     except (OSError, ValueError, KeyError):
         return None
-    return Guest(Path(manifest["kernel_image"]["path"]), out_dir / manifest["initramfs"]["file"],
-                 out_dir / "manifest.json", manifest)
+    return _guest(Path(manifest["kernel_image"]["path"]), out_dir, manifest)
 
 
 def _sha256(path: Path) -> str:
