@@ -207,7 +207,8 @@ agent)
     agent_debug=""
     [ "$debug" = 1 ] && agent_debug="--debug"
     # shellcheck disable=SC2086
-    python3.11 -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
+    read -r python </etc/fractal/python || python=python3
+    "$python" -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
         --bundle-root /run/fractal/bundles --layer-root /repo/layers \
         --layer-root /run/fractal/containers --cgroup-parent /fractal --memory-reserve-mb "$reserve" \
         $agent_debug 3<>"$agent" &

@@ -5,13 +5,14 @@ Contents (see docs/vm.md for sizes):
   /bin/busybox + applets    busybox-static, symlinks from `busybox --list-full`
   /lib/modules/<rel>/...    the modules of `modules.GUEST_MODULES` and their dependencies;
                             /etc/fractal/modules lists them in load order
-  /usr/bin/python3.11       Debian's interpreter (not pyenv's: its libpython is shared and elsewhere)
-  /usr/lib/python3.11       the stdlib minus tests, GUI, installers and modules whose libraries are
+  /usr/bin/python3.X        the distribution's interpreter: /usr/bin/python3 resolved, or
+                            $FRACTAL_GUEST_PYTHON (not pyenv's: its libpython is shared and elsewhere)
+  /usr/lib/python3.X        the stdlib (asked from that python) minus tests, GUI, installers and modules whose libraries are
                             heavy and useless here (ssl, dbm, curses, readline, nis); precompiled
                             as unchecked-hash .pyc, because compiling at every boot costs seconds
                             under TCG and timestamp-checked .pyc would be stale (mtimes are 0)
   /usr/sbin/runc            + the shared libraries of all binaries above (from ldd)
-  /usr/lib/python3.11/ccpu  the project's stdlib-only modules (agent, linux, stack)
+  /usr/lib/python3.X/ccpu   the project's stdlib-only modules (agent, linux, stack)
 
 Two layouts (``build(layout=...)``, ``fractal guest build --layout``; docs/vm.md "The small guest"):
   image      (the default) the initramfs keeps only /init, busybox, the modules and /etc; everything
@@ -50,14 +51,12 @@ from .kernel import fetch as fetch_kernel
 
 BUILDER_VERSION = 2  # bump when the layout changes without any input changing
 
-PYTHON = "/usr/bin/python3.11"
-PYTHON_LIB = "/usr/lib/python3.11"
+PYTHON_DEFAULT = "/usr/bin/python3"  # the distribution's python (not pyenv's first-on-PATH); $FRACTAL_GUEST_PYTHON
 BUSYBOX = "/bin/busybox"
 RUNC = "/usr/sbin/runc"
-GUEST_PYTHON_PKG_DIR = "usr/lib/python3.11"  # the project's package goes on the default sys.path
 
 LAYOUTS = ("image", "initramfs")
-DEFAULT_LAYOUT = "initramfs"
+DEFAULT_LAYOUT = "image"
 LAYOUT_ENV = "FRACTAL_GUEST_LAYOUT"  # overrides DEFAULT_LAYOUT (what the shim's on-demand build uses)
 IMAGE_FILE = "system.erofs"
 IMAGE_MOUNT = ".image"  # where the init mounts the image (relative to the guest's root)
@@ -70,7 +69,7 @@ IMAGE_MODULES = ("virtio_blk", "crc32c_generic", "erofs")
 # Top-level stdlib entries never needed in the guest.
 STDLIB_EXCLUDE_TOP = frozenset({
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-    "config-3.11-x86_64-linux-gnu", "site-packages", "dist-packages", "turtle.py", "EXTERNALLY-MANAGED",
+    "site-packages", "dist-packages", "turtle.py", "EXTERNALLY-MANAGED",
 })
 # Extension modules left out: test modules, and those pulling in large libraries
 # (libcrypto/libssl, libdb, ncurses/readline, krb5/tirpc) nothing in the guest uses.
@@ -139,10 +138,47 @@ def parse_ldd(text: str) -> list[str]:
     return libs
 
 
+@dataclass(frozen=True)
+class Python:
+    """The guest's interpreter, found on the host (not hard-coded: the version and the
+    multiarch dir follow the distribution and the architecture)."""
+
+    binary: str  # /usr/bin/python3.11 (symlinks resolved)
+    stdlib: str  # /usr/lib/python3.11: the project's package goes there too (the default sys.path)
+    cache_tag: str  # cpython-311: the .pyc names
+
+    @property
+    def pkg_dir(self) -> str:
+        return self.stdlib.strip("/")
+
+
+def parse_python_probe(binary: str, text: str) -> Python:
+    """PYTHON_PROBE's output -> Python.  Pure."""
+    fields = text.split()
+    if len(fields) != 2 or not fields[0].startswith("/") or not fields[1].startswith("cpython-"):
+        raise ValueError(f"{binary}: unexpected probe output {text!r} (a CPython is needed)")
+    return Python(binary, fields[0].rstrip("/"), fields[1])
+
+
+PYTHON_PROBE = "import sys, sysconfig; print(sysconfig.get_path('stdlib'), sys.implementation.cache_tag)"
+
+
+def find_python() -> Python:
+    """The distribution's python3 ($FRACTAL_GUEST_PYTHON overrides), asked for its stdlib and tag."""
+    binary = os.path.realpath(os.environ.get("FRACTAL_GUEST_PYTHON") or PYTHON_DEFAULT)
+    if not os.path.exists(binary):
+        raise RuntimeError(f"{binary} is missing (hack/setup.sh installs the distribution's python3)")
+    out = subprocess.run([binary, "-I", "-S", "-c", PYTHON_PROBE], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{binary}: {out.stderr.strip()[-300:]}")
+    return parse_python_probe(binary, out.stdout)
+
+
 def keep_stdlib(rel: str) -> bool:
-    """Whether a path relative to /usr/lib/python3.11 goes into the guest."""
+    """Whether a path relative to the stdlib dir (/usr/lib/python3.X) goes into the guest."""
     parts = rel.split("/")
-    if parts[0] in STDLIB_EXCLUDE_TOP or "__pycache__" in parts or "tests" in parts[1:-1]:
+    if parts[0] in STDLIB_EXCLUDE_TOP or parts[0].startswith("config-") or "__pycache__" in parts \
+            or "tests" in parts[1:-1]:
         return False
     if parts[0] == "lib-dynload" and len(parts) == 2:
         return not DYNLOAD_EXCLUDE.match(parts[1])
@@ -254,14 +290,17 @@ def project_root() -> Path:
 def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs") -> tuple[list[Source], dict]:
     """Every file of the guest (without .pyc) and a description of where they came from."""
     root = root or project_root()
-    for tool in (BUSYBOX, PYTHON, RUNC):
+    py = find_python()
+    for tool in (BUSYBOX, RUNC):
         if not os.path.exists(tool):
-            raise RuntimeError(f"{tool} is missing (hack/setup.sh installs busybox-static, python3.11 and runc)")
+            raise RuntimeError(f"{tool} is missing (hack/setup.sh installs busybox-static and runc)")
     here = Path(__file__).resolve().parent
     srcs: list[Source] = [
         _file("init", str(here / "init.sh"), 0o755),
         _file("bin/busybox", BUSYBOX, 0o755),
-        _file("usr/bin/python3.11", PYTHON, 0o755),
+        _file(py.binary, py.binary, 0o755),
+        # the init runs the agent with it (the process keeps its name: `pidof python3.11`)
+        Source("etc/fractal/python", stat.S_IFREG | 0o644, data=f"{py.binary}\n".encode()),
         _file("usr/sbin/runc", RUNC, 0o755),
         Source("etc/passwd", stat.S_IFREG | 0o644, data=b"root:x:0:0:root:/root:/bin/sh\n"),
         Source("etc/group", stat.S_IFREG | 0o644, data=b"root:x:0:\ntty:x:5:\n"),
@@ -271,8 +310,8 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs")
     srcs += [Source(d, stat.S_IFDIR | (0o1777 if d == "tmp" else 0o755))
              for d in ("proc", "sys", "dev", "run", "tmp", "repo", "work", "mnt", "root")]
     # shared libraries of everything dynamic (python, its extension modules, runc)
-    py_tree = _tree(PYTHON_LIB, GUEST_PYTHON_PKG_DIR, keep_stdlib)
-    dynamic = [PYTHON, RUNC] + [s.path for s in py_tree if s.path and s.dest.endswith(".so")]
+    py_tree = _tree(py.stdlib, py.pkg_dir, keep_stdlib)
+    dynamic = [py.binary, RUNC] + [s.path for s in py_tree if s.path and s.dest.endswith(".so")]
     libs: list[str] = []
     for b in dynamic:
         for lib in _ldd(b):
@@ -298,14 +337,14 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs")
     project: list[str] = []
     for rel in PROJECT_FILES:
         if (root / rel).exists():
-            srcs.append(_file(f"{GUEST_PYTHON_PKG_DIR}/{rel}", str(root / rel), 0o644))
+            srcs.append(_file(f"{py.pkg_dir}/{rel}", str(root / rel), 0o644))
             project.append(rel)
     for d in PROJECT_DIRS:
         if (root / d).is_dir():
-            tree = _tree(str(root / d), f"{GUEST_PYTHON_PKG_DIR}/{d}",
+            tree = _tree(str(root / d), f"{py.pkg_dir}/{d}",
                          lambda r: "__pycache__" not in r.split("/") and not r.endswith(".pyc"))
             srcs += tree
-            project += [s.dest.removeprefix(GUEST_PYTHON_PKG_DIR + "/") for s in tree]
+            project += [s.dest.removeprefix(py.pkg_dir + "/") for s in tree]
     # busybox applets last: they must not shadow real files
     listing = subprocess.run([BUSYBOX, "--list-full"], check=True, capture_output=True, text=True).stdout
     srcs += applet_links(listing, {s.dest for s in srcs})
@@ -313,26 +352,29 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs")
         "kernel": {"release": kernel.release, "package": kernel.package, "version": kernel.package_version,
                    "deb_sha256": kernel.deb_sha256},
         "modules": order,
-        "binaries": {"busybox": BUSYBOX, "python": PYTHON, "runc": RUNC},
+        "binaries": {"busybox": BUSYBOX, "python": py.binary, "runc": RUNC},
+        "python": {"stdlib": py.stdlib, "cache_tag": py.cache_tag},
         "libraries": sorted(libs),
         "project_files": project,
     }
     return srcs, described
 
 
-def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None]) -> list[Source]:
+def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None],
+                py: Python | None = None) -> list[Source]:
     """Unchecked-hash .pyc for every .py, compiled by the guest's own interpreter.
 
     Unchecked-hash pycs are never compared with the source's mtime (which is 0
     in the archive), so Python neither recompiles nor rewrites them at boot.
     """
-    py = [s for s in sources if s.dest.endswith(".py") and s.link is None]
+    py = py or find_python()
+    todo = [s for s in sources if s.dest.endswith(".py") and s.link is None]
     with tempfile.TemporaryDirectory(prefix="fractal-pyc-") as tmp:
-        for s in py:
+        for s in todo:
             p = Path(tmp, s.dest)
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(s.read())
-        progress(f"compiling {len(py)} modules to .pyc")
+        progress(f"compiling {len(todo)} modules to .pyc")
         script = (
             "import sys, py_compile, concurrent.futures as cf\n"
             "tmp, files = sys.argv[1], sys.argv[2:]\n"
@@ -344,12 +386,12 @@ def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None]) -> l
             "        pass\n"  # a few stdlib files are deliberately invalid (e.g. bad-syntax test data)
             "with cf.ProcessPoolExecutor() as ex: list(ex.map(one, files, chunksize=64))\n"
         )
-        subprocess.run([PYTHON, "-I", "-S", "-c", script, tmp, *[s.dest for s in py]], check=True,
+        subprocess.run([py.binary, "-I", "-S", "-c", script, tmp, *[s.dest for s in todo]], check=True,
                        env={"PATH": "/usr/bin:/bin", "SOURCE_DATE_EPOCH": "0"})
         out = []
-        for s in py:
+        for s in todo:
             d, name = os.path.split(s.dest)
-            cache = f"{d}/__pycache__/{name[:-3]}.cpython-311.pyc"
+            cache = f"{d}/__pycache__/{name[:-3]}.{py.cache_tag}.pyc"
             if Path(tmp, cache).exists():
                 out.append(Source(cache, stat.S_IFREG | 0o644, data=Path(tmp, cache).read_bytes()))
         return out

@@ -85,3 +85,13 @@ def test_default_layout_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(ini.LAYOUT_ENV, "floppy")
     with pytest.raises(ValueError):
         ini.default_layout()
+
+
+def test_python_is_found_not_hard_coded() -> None:
+    py = ini.parse_python_probe("/usr/bin/python3.12", "/usr/lib/python3.12 cpython-312\n")
+    assert py == ini.Python("/usr/bin/python3.12", "/usr/lib/python3.12", "cpython-312")
+    assert py.pkg_dir == "usr/lib/python3.12"
+    with pytest.raises(ValueError):
+        ini.parse_python_probe("/usr/bin/pypy3", "/usr/lib/pypy3.9 pypy39\n")
+    # the static libpython dir is left out whatever its version and multiarch
+    assert not ini.keep_stdlib("config-3.12-aarch64-linux-gnu/libpython3.12.a")
