@@ -49,7 +49,7 @@ from . import cpio, erofs, modules
 from .kernel import Kernel, cache_root
 from .kernel import fetch as fetch_kernel
 
-BUILDER_VERSION = 2  # bump when the layout changes without any input changing
+BUILDER_VERSION = 3  # bump when the layout changes without any input changing
 
 PYTHON_DEFAULT = "/usr/bin/python3"  # the distribution's python (not pyenv's first-on-PATH); $FRACTAL_GUEST_PYTHON
 BUSYBOX = "/bin/busybox"

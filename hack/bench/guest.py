@@ -105,7 +105,15 @@ def boot_agent(guest: initramfs.Guest, tmp: str) -> dict[str, float]:
         asyncio.run(hello())
         ready = time.monotonic() - t0
         time.sleep(1)
-        return {"ready_s": ready, "qemu_rss_mb": _rss_kb(vm.pid) / 1024}
+        out = {"ready_s": ready, "qemu_rss_mb": _rss_kb(vm.pid) / 1024}
+        # guest uptimes of the init's milestones: kernel -> init -> python started
+        text = Path(tmp, "agent.log").read_text(errors="replace")
+        for up, what in vmrun.console_milestones(text):
+            if what.startswith("init started"):
+                out["init_uptime_s"] = up
+            elif what.startswith("exec agent"):
+                out["exec_agent_uptime_s"] = up
+        return out
     finally:
         for s in vm.ports.values():
             s.close()

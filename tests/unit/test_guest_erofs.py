@@ -125,3 +125,10 @@ def test_the_kernel_mounts_it(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n") == ["#!/bin/sh", "echo hi", "/usr/bin/tool", "600", "7700", "same", ""]
+
+
+def test_directories_come_before_file_data() -> None:
+    r = Reader(erofs.write(FILES + MANY))
+    dirs = [r.lookup(p) for p in ("usr", "usr/bin", "many", "lib64")] + [r.root]
+    files = [r.lookup(p) for p in ("usr/bin/tool", "usr/lib/big", "lib64/ld.so")]
+    assert max(r.inode(d)[3] for d in dirs) < min(r.inode(f)[3] for f in files)
