@@ -7,10 +7,11 @@ Contents (see docs/vm.md for sizes):
                             /etc/fractal/modules lists them in load order
   /usr/bin/python3.X        the distribution's interpreter: /usr/bin/python3 resolved, or
                             $FRACTAL_GUEST_PYTHON (not pyenv's: its libpython is shared and elsewhere)
-  /usr/lib/python3.X        the stdlib (asked from that python) minus tests, GUI, installers and modules whose libraries are
-                            heavy and useless here (ssl, dbm, curses, readline, nis); precompiled
-                            as unchecked-hash .pyc, because compiling at every boot costs seconds
-                            under TCG and timestamp-checked .pyc would be stale (mtimes are 0)
+  /usr/lib/python3.X        the stdlib (asked from that python) minus tests, GUI, installers and
+                            modules whose libraries are heavy and useless here (ssl, dbm, curses,
+                            readline, nis); precompiled as unchecked-hash .pyc, because compiling at
+                            every boot costs seconds under TCG and timestamp-checked .pyc would be
+                            stale (mtimes are 0)
   /usr/sbin/runc            + the shared libraries of all binaries above (from ldd)
   /usr/lib/python3.X/ccpu   the project's stdlib-only modules (agent, linux, stack)
 

@@ -1,7 +1,9 @@
 """The QEMU command line (a pure function of `VMConfig`) and a launcher that cannot leak QEMU.
 
-Shape of the VM: no disks, no graphics, no default devices.
-The guest gets a kernel + initramfs (ccpu.guest), a serial console written
+Shape of the VM: no graphics, no default devices, no disk but the guest's read-only system image.
+The guest gets a kernel + initramfs (ccpu.guest) and, with the "image" layout, the read-only
+EROFS image with python, the agent and runc as a read-only virtio-blk disk (``system_image``,
+found by the guest through its serial), a serial console written
 to a log file, virtio-serial ports as its only channels to the host
 (host side: UNIX sockets), file shares over 9p or virtiofs, and optionally
 virtio-net NICs on tap fds opened by the caller (ccpu.vm.net: a pod's netns).
@@ -21,7 +23,8 @@ as an unprivileged uid/gid of its own (:func:`unprivileged`) that owns no file o
 credentials are dropped by the launcher before exec, as libvirt does: QEMU's own ``-runas`` calls
 setuid, which ``elevateprivileges=deny`` forbids.  Everything such a QEMU needs arrives opened:
 the channels and the console as connected sockets (or the console log as an ``-add-fd`` fd),
-the kernel and initramfs as ``/proc/self/fd/N`` (:func:`open_boot_files`), the NICs as tap fds.
+the kernel, initramfs and system image as ``/proc/self/fd/N`` (:func:`open_boot_files`), the NICs
+as tap fds.
 """
 
 from __future__ import annotations
