@@ -6,7 +6,7 @@ Three kinds of boot, same QEMU flags (``ccpu.vm.machine``: q35 + qboot, the acce
 shared (report medians):
 
 - **bare**: the same kernel with a tiny initramfs (busybox + an /init that prints its uptime and
-  MemTotal - MemAvailable, then powers off): the kernel's own limit.
+  MemTotal - MemAvailable, then waits to be stopped): the kernel's own limit.
 - **initramfs** / **image**: the two layouts of ``fractal guest build`` (ccpu/guest/initramfs.py).
   *agent ready*: QEMU start -> the agent answered ``hello`` on its port (what the shim waits
   for); QEMU's RSS then.  *guest used*: a second boot in ``vm run`` mode running
@@ -45,6 +45,7 @@ BARE_INIT = b"""#!/bin/busybox sh
 read up _ </proc/uptime
 t=$(/bin/busybox awk '/MemTotal/{t=$2}/MemAvailable/{a=$2}END{print t-a}' /proc/meminfo)
 echo "bare: $up used_kb=$t"
+/bin/busybox sleep 60  # the host reads QEMU's RSS, then stops it
 /bin/busybox poweroff -f
 """
 MEM_CMD = ("python3.11 -S -I -c 'import ccpu.agent.__main__' && "
