@@ -325,6 +325,7 @@ class VmSandbox(AgentSandbox):
         try:
             spec = machine.MachineSpec(
                 kernel=str(guest.kernel), initramfs=str(guest.initramfs), workdir=self.dir,
+                system_image=str(guest.image) if guest.image else None,
                 console=machine.ConsoleSocket(self._console.qemu_fd()), mode="agent", accel=s.accel,
                 memory_mb=s.memory_mb, cpus=s.cpus, ports=(AGENT_PORT,), netns=self.netns,
                 uid_base=s.qemu_uid_base, name=self.dir, virtiofsd=vfsd,

@@ -88,6 +88,30 @@ while read -r ko; do
 done </etc/fractal/modules
 step "modules loaded"
 
+# --- 1b. the read-only system image (layout "image", ccpu/guest/initramfs.py) -
+# python, the agent, runc and their libraries are on a read-only virtio-blk disk
+# (serial fractal-sys, EROFS); the initramfs's symlinks (usr -> /.image/usr, ...)
+# point into its mount.
+disk() {  # serial -> /dev/vdX (virtio-blk probes during insmod; the wait is a safety net)
+    i=0
+    while [ $i -lt 200 ]; do
+        for d in /sys/block/vd*; do
+            [ "$(cat "$d/serial" 2>/dev/null)" = "$1" ] && [ -e "/dev/${d##*/}" ] && {
+                echo "/dev/${d##*/}"
+                return 0
+            }
+        done
+        sleep 0.02
+        i=$((i + 1))
+    done
+    return 1
+}
+if [ -e /etc/fractal/image ]; then
+    sysdisk="$(disk fractal-sys)" || die "no system image disk (virtio-blk serial fractal-sys)"
+    mount -t erofs -o ro "$sysdisk" /.image || die "cannot mount the system image $sysdisk"
+    step "system image mounted"
+fi
+
 # --- 2. shares ----------------------------------------------------------------
 mount_share() {  # tag type mode path
     mkdir -p "$4"
@@ -183,7 +207,8 @@ agent)
     agent_debug=""
     [ "$debug" = 1 ] && agent_debug="--debug"
     # shellcheck disable=SC2086
-    python3.11 -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
+    read -r python </etc/fractal/python || python=python3
+    "$python" -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
         --bundle-root /run/fractal/bundles --layer-root /repo/layers \
         --layer-root /run/fractal/containers --cgroup-parent /fractal --memory-reserve-mb "$reserve" \
         $agent_debug 3<>"$agent" &

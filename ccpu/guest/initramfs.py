@@ -5,13 +5,24 @@ Contents (see docs/vm.md for sizes):
   /bin/busybox + applets    busybox-static, symlinks from `busybox --list-full`
   /lib/modules/<rel>/...    the modules of `modules.GUEST_MODULES` and their dependencies;
                             /etc/fractal/modules lists them in load order
-  /usr/bin/python3.11       Debian's interpreter (not pyenv's: its libpython is shared and elsewhere)
-  /usr/lib/python3.11       the stdlib minus tests, GUI, installers and modules whose libraries are
-                            heavy and useless here (ssl, dbm, curses, readline, nis); precompiled
-                            as unchecked-hash .pyc, because compiling at every boot costs seconds
-                            under TCG and timestamp-checked .pyc would be stale (mtimes are 0)
+  /usr/bin/python3.X        the distribution's interpreter: /usr/bin/python3 resolved, or
+                            $FRACTAL_GUEST_PYTHON (not pyenv's: its libpython is shared and elsewhere)
+  /usr/lib/python3.X        the stdlib (asked from that python) minus tests, GUI, installers and
+                            modules whose libraries are heavy and useless here (ssl, dbm, curses,
+                            readline, nis); precompiled as unchecked-hash .pyc, because compiling at
+                            every boot costs seconds under TCG and timestamp-checked .pyc would be
+                            stale (mtimes are 0)
   /usr/sbin/runc            + the shared libraries of all binaries above (from ldd)
-  /usr/lib/python3.11/ccpu  the project's stdlib-only modules (agent, linux, stack)
+  /usr/lib/python3.X/ccpu   the project's stdlib-only modules (agent, linux, stack)
+
+Two layouts (``build(layout=...)``, ``fractal guest build --layout``; docs/vm.md "The small guest"):
+  image      (the default) the initramfs keeps only /init, busybox, the modules and /etc; everything
+             under usr/, lib/<multiarch>/ and lib64/ (python, the stdlib + .pyc, the project's
+             modules, runc, the libraries) goes into a read-only EROFS image (``erofs.write``,
+             system.erofs) that QEMU attaches as a read-only virtio-blk disk; the init mounts it at
+             /.image, and symlinks in the initramfs (usr -> /.image/usr, ...) put it in place.
+             The guest reads only the pages it uses, and the page cache can drop them again.
+  initramfs  everything in the initramfs, unpacked into guest RAM at every boot (the old layout).
 
 The build is cached by an *inputs key* (hash of every source file's path, mode
 and content, plus options): the same inputs are never rebuilt and give the
@@ -35,22 +46,31 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cpio, modules
+from . import cpio, erofs, modules
 from .kernel import Kernel, cache_root
 from .kernel import fetch as fetch_kernel
 
-BUILDER_VERSION = 1  # bump when the layout changes without any input changing
+BUILDER_VERSION = 3  # bump when the layout changes without any input changing
 
-PYTHON = "/usr/bin/python3.11"
-PYTHON_LIB = "/usr/lib/python3.11"
+PYTHON_DEFAULT = "/usr/bin/python3"  # the distribution's python (not pyenv's first-on-PATH); $FRACTAL_GUEST_PYTHON
 BUSYBOX = "/bin/busybox"
 RUNC = "/usr/sbin/runc"
-GUEST_PYTHON_PKG_DIR = "usr/lib/python3.11"  # the project's package goes on the default sys.path
+
+LAYOUTS = ("image", "initramfs")
+DEFAULT_LAYOUT = "image"
+LAYOUT_ENV = "FRACTAL_GUEST_LAYOUT"  # overrides DEFAULT_LAYOUT (what the shim's on-demand build uses)
+IMAGE_FILE = "system.erofs"
+IMAGE_MOUNT = ".image"  # where the init mounts the image (relative to the guest's root)
+IMAGE_TOPS = ("usr/", "lib64/", "lib/")  # what goes into the image ...
+IMAGE_KEEP = ("lib/modules/",)  # ... except what the init needs before it is mounted
+# the image's disk and filesystem: virtio_blk, erofs (+ libcrc32c, which needs a crc32c
+# implementation registered first: no modprobe resolves the crypto API's soft dependency)
+IMAGE_MODULES = ("virtio_blk", "crc32c_generic", "erofs")
 
 # Top-level stdlib entries never needed in the guest.
 STDLIB_EXCLUDE_TOP = frozenset({
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-    "config-3.11-x86_64-linux-gnu", "site-packages", "dist-packages", "turtle.py", "EXTERNALLY-MANAGED",
+    "site-packages", "dist-packages", "turtle.py", "EXTERNALLY-MANAGED",
 })
 # Extension modules left out: test modules, and those pulling in large libraries
 # (libcrypto/libssl, libdb, ncurses/readline, krb5/tirpc) nothing in the guest uses.
@@ -95,6 +115,7 @@ class Guest:
     initramfs: Path
     manifest_path: Path
     manifest: dict
+    image: Path | None = None  # the read-only system image (layout "image"), attached by QEMU
 
     @property
     def sha256(self) -> str:
@@ -118,10 +139,47 @@ def parse_ldd(text: str) -> list[str]:
     return libs
 
 
+@dataclass(frozen=True)
+class Python:
+    """The guest's interpreter, found on the host (not hard-coded: the version and the
+    multiarch dir follow the distribution and the architecture)."""
+
+    binary: str  # /usr/bin/python3.11 (symlinks resolved)
+    stdlib: str  # /usr/lib/python3.11: the project's package goes there too (the default sys.path)
+    cache_tag: str  # cpython-311: the .pyc names
+
+    @property
+    def pkg_dir(self) -> str:
+        return self.stdlib.strip("/")
+
+
+def parse_python_probe(binary: str, text: str) -> Python:
+    """PYTHON_PROBE's output -> Python.  Pure."""
+    fields = text.split()
+    if len(fields) != 2 or not fields[0].startswith("/") or not fields[1].startswith("cpython-"):
+        raise ValueError(f"{binary}: unexpected probe output {text!r} (a CPython is needed)")
+    return Python(binary, fields[0].rstrip("/"), fields[1])
+
+
+PYTHON_PROBE = "import sys, sysconfig; print(sysconfig.get_path('stdlib'), sys.implementation.cache_tag)"
+
+
+def find_python() -> Python:
+    """The distribution's python3 ($FRACTAL_GUEST_PYTHON overrides), asked for its stdlib and tag."""
+    binary = os.path.realpath(os.environ.get("FRACTAL_GUEST_PYTHON") or PYTHON_DEFAULT)
+    if not os.path.exists(binary):
+        raise RuntimeError(f"{binary} is missing (hack/setup.sh installs the distribution's python3)")
+    out = subprocess.run([binary, "-I", "-S", "-c", PYTHON_PROBE], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{binary}: {out.stderr.strip()[-300:]}")
+    return parse_python_probe(binary, out.stdout)
+
+
 def keep_stdlib(rel: str) -> bool:
-    """Whether a path relative to /usr/lib/python3.11 goes into the guest."""
+    """Whether a path relative to the stdlib dir (/usr/lib/python3.X) goes into the guest."""
     parts = rel.split("/")
-    if parts[0] in STDLIB_EXCLUDE_TOP or "__pycache__" in parts or "tests" in parts[1:-1]:
+    if parts[0] in STDLIB_EXCLUDE_TOP or parts[0].startswith("config-") or "__pycache__" in parts \
+            or "tests" in parts[1:-1]:
         return False
     if parts[0] == "lib-dynload" and len(parts) == 2:
         return not DYNLOAD_EXCLUDE.match(parts[1])
@@ -146,6 +204,49 @@ def inputs_key(sources: Sequence[Source], options: dict) -> str:
         h.update(f"{s.dest}\0{s.mode:o}\0".encode())
         h.update(hashlib.sha256(s.read()).digest())
     return h.hexdigest()
+
+
+def in_image(dest: str) -> bool:
+    """Whether a file goes into the read-only image (layout "image") rather than the initramfs."""
+    return dest.startswith(IMAGE_TOPS) and not dest.startswith(IMAGE_KEEP)
+
+
+def split_layout(sources: Sequence[Source]) -> tuple[list[Source], list[Source]]:
+    """(initramfs, image) for layout "image": the image's files, and in the initramfs a symlink
+    for each highest image directory the initramfs does not have itself (usr ->
+    /.image/usr, lib/x86_64-linux-gnu -> /.image/lib/x86_64-linux-gnu), plus the mount point."""
+    image = [s for s in sources if in_image(s.dest)]
+    initrd = [s for s in sources if not in_image(s.dest)]
+    init_dirs = {s.dest for s in initrd if stat.S_ISDIR(s.mode)}
+    for s in initrd:
+        parts = s.dest.split("/")
+        init_dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    links: dict[str, Source] = {}
+    for s in image:
+        parts = s.dest.split("/")
+        for i in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:i])
+            if prefix not in init_dirs:
+                links.setdefault(prefix, Source(prefix, stat.S_IFLNK | 0o777, link=f"/{IMAGE_MOUNT}/{prefix}"))
+                break
+    return initrd + [Source(IMAGE_MOUNT, stat.S_IFDIR | 0o755), *links.values()], image
+
+
+def image_marker(sha256: str) -> Source:
+    """/etc/fractal/image: tells the init to mount the image, and names the image's hash, so the
+    initramfs's hash (the guest's measurement) covers the image too."""
+    return Source("etc/fractal/image", stat.S_IFREG | 0o644, data=f"erofs {sha256}\n".encode())
+
+
+def image_files(sources: Sequence[Source]) -> list[erofs.File]:
+    return [erofs.File(s.dest, s.mode, s.read) for s in sources]
+
+
+def default_layout() -> str:
+    layout = os.environ.get(LAYOUT_ENV) or DEFAULT_LAYOUT
+    if layout not in LAYOUTS:
+        raise ValueError(f"{LAYOUT_ENV}={layout}: expected one of {LAYOUTS}")
+    return layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,17 +288,20 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def collect(kernel: Kernel, root: Path | None = None) -> tuple[list[Source], dict]:
-    """Every file of the initramfs (without .pyc) and a description of where they came from."""
+def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs") -> tuple[list[Source], dict]:
+    """Every file of the guest (without .pyc) and a description of where they came from."""
     root = root or project_root()
-    for tool in (BUSYBOX, PYTHON, RUNC):
+    py = find_python()
+    for tool in (BUSYBOX, RUNC):
         if not os.path.exists(tool):
-            raise RuntimeError(f"{tool} is missing (hack/setup.sh installs busybox-static, python3.11 and runc)")
+            raise RuntimeError(f"{tool} is missing (hack/setup.sh installs busybox-static and runc)")
     here = Path(__file__).resolve().parent
     srcs: list[Source] = [
         _file("init", str(here / "init.sh"), 0o755),
         _file("bin/busybox", BUSYBOX, 0o755),
-        _file("usr/bin/python3.11", PYTHON, 0o755),
+        _file(py.binary, py.binary, 0o755),
+        # the init runs the agent with it (the process keeps its name: `pidof python3.11`)
+        Source("etc/fractal/python", stat.S_IFREG | 0o644, data=f"{py.binary}\n".encode()),
         _file("usr/sbin/runc", RUNC, 0o755),
         Source("etc/passwd", stat.S_IFREG | 0o644, data=b"root:x:0:0:root:/root:/bin/sh\n"),
         Source("etc/group", stat.S_IFREG | 0o644, data=b"root:x:0:\ntty:x:5:\n"),
@@ -207,8 +311,8 @@ def collect(kernel: Kernel, root: Path | None = None) -> tuple[list[Source], dic
     srcs += [Source(d, stat.S_IFDIR | (0o1777 if d == "tmp" else 0o755))
              for d in ("proc", "sys", "dev", "run", "tmp", "repo", "work", "mnt", "root")]
     # shared libraries of everything dynamic (python, its extension modules, runc)
-    py_tree = _tree(PYTHON_LIB, GUEST_PYTHON_PKG_DIR, keep_stdlib)
-    dynamic = [PYTHON, RUNC] + [s.path for s in py_tree if s.path and s.dest.endswith(".so")]
+    py_tree = _tree(py.stdlib, py.pkg_dir, keep_stdlib)
+    dynamic = [py.binary, RUNC] + [s.path for s in py_tree if s.path and s.dest.endswith(".so")]
     libs: list[str] = []
     for b in dynamic:
         for lib in _ldd(b):
@@ -220,7 +324,8 @@ def collect(kernel: Kernel, root: Path | None = None) -> tuple[list[Source], dic
     deps = modules.parse_modules_dep((kernel.modules_dir / "modules.dep").read_text())
     builtin_file = kernel.modules_dir / "modules.builtin"
     builtin = builtin_file.read_text().split() if builtin_file.exists() else []
-    order = modules.load_order(deps, modules.GUEST_MODULES, builtin)
+    wanted = modules.GUEST_MODULES + (IMAGE_MODULES if layout == "image" else ())
+    order = modules.load_order(deps, wanted, builtin)
     for ko in order:
         data = (kernel.modules_dir / ko).read_bytes()
         if ko.endswith(".xz"):  # busybox insmod cannot decompress
@@ -233,14 +338,14 @@ def collect(kernel: Kernel, root: Path | None = None) -> tuple[list[Source], dic
     project: list[str] = []
     for rel in PROJECT_FILES:
         if (root / rel).exists():
-            srcs.append(_file(f"{GUEST_PYTHON_PKG_DIR}/{rel}", str(root / rel), 0o644))
+            srcs.append(_file(f"{py.pkg_dir}/{rel}", str(root / rel), 0o644))
             project.append(rel)
     for d in PROJECT_DIRS:
         if (root / d).is_dir():
-            tree = _tree(str(root / d), f"{GUEST_PYTHON_PKG_DIR}/{d}",
+            tree = _tree(str(root / d), f"{py.pkg_dir}/{d}",
                          lambda r: "__pycache__" not in r.split("/") and not r.endswith(".pyc"))
             srcs += tree
-            project += [s.dest.removeprefix(GUEST_PYTHON_PKG_DIR + "/") for s in tree]
+            project += [s.dest.removeprefix(py.pkg_dir + "/") for s in tree]
     # busybox applets last: they must not shadow real files
     listing = subprocess.run([BUSYBOX, "--list-full"], check=True, capture_output=True, text=True).stdout
     srcs += applet_links(listing, {s.dest for s in srcs})
@@ -248,26 +353,29 @@ def collect(kernel: Kernel, root: Path | None = None) -> tuple[list[Source], dic
         "kernel": {"release": kernel.release, "package": kernel.package, "version": kernel.package_version,
                    "deb_sha256": kernel.deb_sha256},
         "modules": order,
-        "binaries": {"busybox": BUSYBOX, "python": PYTHON, "runc": RUNC},
+        "binaries": {"busybox": BUSYBOX, "python": py.binary, "runc": RUNC},
+        "python": {"stdlib": py.stdlib, "cache_tag": py.cache_tag},
         "libraries": sorted(libs),
         "project_files": project,
     }
     return srcs, described
 
 
-def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None]) -> list[Source]:
+def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None],
+                py: Python | None = None) -> list[Source]:
     """Unchecked-hash .pyc for every .py, compiled by the guest's own interpreter.
 
     Unchecked-hash pycs are never compared with the source's mtime (which is 0
     in the archive), so Python neither recompiles nor rewrites them at boot.
     """
-    py = [s for s in sources if s.dest.endswith(".py") and s.link is None]
+    py = py or find_python()
+    todo = [s for s in sources if s.dest.endswith(".py") and s.link is None]
     with tempfile.TemporaryDirectory(prefix="fractal-pyc-") as tmp:
-        for s in py:
+        for s in todo:
             p = Path(tmp, s.dest)
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(s.read())
-        progress(f"compiling {len(py)} modules to .pyc")
+        progress(f"compiling {len(todo)} modules to .pyc")
         script = (
             "import sys, py_compile, concurrent.futures as cf\n"
             "tmp, files = sys.argv[1], sys.argv[2:]\n"
@@ -279,12 +387,12 @@ def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None]) -> l
             "        pass\n"  # a few stdlib files are deliberately invalid (e.g. bad-syntax test data)
             "with cf.ProcessPoolExecutor() as ex: list(ex.map(one, files, chunksize=64))\n"
         )
-        subprocess.run([PYTHON, "-I", "-S", "-c", script, tmp, *[s.dest for s in py]], check=True,
+        subprocess.run([py.binary, "-I", "-S", "-c", script, tmp, *[s.dest for s in todo]], check=True,
                        env={"PATH": "/usr/bin:/bin", "SOURCE_DATE_EPOCH": "0"})
         out = []
-        for s in py:
+        for s in todo:
             d, name = os.path.split(s.dest)
-            cache = f"{d}/__pycache__/{name[:-3]}.cpython-311.pyc"
+            cache = f"{d}/__pycache__/{name[:-3]}.{py.cache_tag}.pyc"
             if Path(tmp, cache).exists():
                 out.append(Source(cache, stat.S_IFREG | 0o644, data=Path(tmp, cache).read_bytes()))
         return out
@@ -295,16 +403,21 @@ def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None]) -> l
 
 
 def build(force: bool = False, progress: Callable[[str], None] = lambda s: None, *, pyc: bool = True,
-          compression: str = "none", level: int = 6, offline: bool = False) -> Guest:
+          compression: str = "none", level: int = 6, offline: bool = False, layout: str | None = None) -> Guest:
     """Build (or reuse) the guest for the current Debian kernel and this tree's project files.
+
+    ``layout``: "image" or "initramfs" (module docstring); None: $FRACTAL_GUEST_LAYOUT or DEFAULT_LAYOUT.
 
     ``offline``: use the newest kernel already in the cache without asking apt (saves ~1.3 s;
     what the shim does before every VM start), falling back to apt when none is cached."""
     t0 = time.monotonic()
     kern = fetch_kernel(progress, offline=offline)
     progress(f"kernel {kern.release} ({kern.package_version})")
-    sources, described = collect(kern)
-    options = {"pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,
+    layout = layout or default_layout()
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    sources, described = collect(kern, layout=layout)
+    options = {"layout": layout, "pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,
                "boot_image": kern.boot_image.name}
     key = inputs_key(sources, options)
     out_dir = cache_root() / "build" / key[:32]
@@ -312,11 +425,23 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     if manifest_path.exists() and not force:
         manifest = json.loads(manifest_path.read_text())
         progress(f"up to date (inputs {key[:16]})")
-        return Guest(kern.boot_image, out_dir / manifest["initramfs"]["file"], manifest_path, manifest)
+        return _guest(kern.boot_image, out_dir, manifest)
     progress(f"collected {len(sources)} files (inputs {key[:16]})")
     extra: list[Source] = compile_pyc(sources, progress) if pyc else []
+    initrd = sources + extra
+    image_blob: bytes | None = None
+    image_desc: dict = {}
+    if layout == "image":
+        initrd, in_img = split_layout(initrd)
+        progress(f"writing the read-only image ({len(in_img)} files, erofs)")
+        image_blob = erofs.write(image_files(in_img))
+        image_sha = hashlib.sha256(image_blob).hexdigest()
+        initrd.append(image_marker(image_sha))
+        image_desc = {"image": {"file": IMAGE_FILE, "sha256": image_sha,
+                                "size": len(image_blob), "files": len(in_img), "format": "erofs",
+                                "mount": "/" + IMAGE_MOUNT}}
     progress("writing cpio")
-    entries = [cpio.Entry(s.dest, s.mode, s.read()) for s in sources + extra]
+    entries = [cpio.Entry(s.dest, s.mode, s.read()) for s in initrd]
     archive = cpio.write(entries)
     name = "initramfs.cpio"
     if compression == "gzip":
@@ -334,6 +459,8 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
         "kernel_image": {"path": str(kern.boot_image), "sha256": _sha256(kern.boot_image),
                          "format": "vmlinux-pvh" if kern.vmlinux else "bzimage",
                          "vmlinuz_sha256": _sha256(kern.vmlinuz)},
+        **image_desc,
+        "layout": layout,
         "inputs_key": key,
         "options": options,
         "builder_version": BUILDER_VERSION,
@@ -344,12 +471,20 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     (tmp_dir / name).write_bytes(blob)
+    if image_blob is not None:
+        (tmp_dir / IMAGE_FILE).write_bytes(image_blob)
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.rename(tmp_dir, out_dir)
     (cache_root() / "current.json").write_text(json.dumps({"build": str(out_dir)}) + "\n")
     progress(f"built in {time.monotonic() - t0:.1f}s")
-    return Guest(kern.boot_image, out_dir / name, manifest_path, manifest)
+    return _guest(kern.boot_image, out_dir, manifest)
+
+
+def _guest(kernel: Path, out_dir: Path, manifest: dict) -> Guest:
+    image = manifest.get("image")
+    return Guest(kernel, out_dir / manifest["initramfs"]["file"], out_dir / "manifest.json", manifest,
+                 out_dir / image["file"] if image else None)
 
 
 def current() -> Guest | None:
@@ -360,8 +495,7 @@ def current() -> Guest | None:
         manifest = json.loads((out_dir / "manifest.json").read_text())
     except (OSError, ValueError, KeyError):
         return None
-    return Guest(Path(manifest["kernel_image"]["path"]), out_dir / manifest["initramfs"]["file"],
-                 out_dir / "manifest.json", manifest)
+    return _guest(Path(manifest["kernel_image"]["path"]), out_dir, manifest)
 
 
 def _sha256(path: Path) -> str:

@@ -26,7 +26,24 @@ from . import modules
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = "/var/cache/fractal"
-META_PACKAGE = "linux-image-amd64"
+#: Debian architecture -> the flavour of its default kernel (the meta package is linux-image-<flavour>,
+#: the versioned one linux-image-<abi>-<flavour>).  Only amd64 is booted today (q35/microvm, PVH);
+#: arm64 resolves and unpacks but needs QEMU's `virt` machine and an Image boot (docs/vm.md).
+KERNEL_FLAVOURS = {"amd64": "amd64", "arm64": "arm64"}
+
+
+def kernel_flavour(arch: str) -> str:
+    """Debian architecture (``dpkg --print-architecture``) -> its kernel flavour.  Pure."""
+    try:
+        return KERNEL_FLAVOURS[arch]
+    except KeyError:
+        raise KernelError(f"no guest kernel flavour known for architecture {arch!r} "
+                          f"(known: {', '.join(sorted(KERNEL_FLAVOURS))})") from None
+
+
+def host_arch() -> str:
+    """The host's Debian architecture, from dpkg (the guest runs the host's binaries)."""
+    return _run(["dpkg", "--print-architecture"]).strip()
 
 
 class KernelError(RuntimeError):
@@ -60,13 +77,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("FRACTAL_CACHE", DEFAULT_CACHE)) / "guest"
 
 
-def parse_depends(apt_cache_depends: str) -> str:
-    """`apt-cache depends linux-image-amd64` output -> the versioned image package name."""
+def parse_depends(apt_cache_depends: str, flavour: str = "amd64") -> str:
+    """`apt-cache depends linux-image-<flavour>` output -> the versioned image package name."""
     for line in apt_cache_depends.splitlines():
-        m = re.match(r"\s*\|?Depends:\s*(linux-image-\d[^\s]*-amd64)\s*$", line)
+        m = re.match(rf"\s*\|?Depends:\s*(linux-image-\d[^\s]*-{re.escape(flavour)})\s*$", line)
         if m:
             return m.group(1)
-    raise KernelError("apt-cache depends linux-image-amd64 names no linux-image-<version>-amd64")
+    raise KernelError(f"apt-cache depends linux-image-{flavour} names no linux-image-<version>-{flavour}")
 
 
 def parse_policy_candidate(apt_cache_policy: str) -> str:
@@ -88,7 +105,10 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
 
 def resolve_package() -> tuple[str, str]:
     """(package, version) of the kernel Debian currently ships, e.g. (linux-image-6.1.0-56-amd64, 6.1.192-2)."""
-    pkg = os.environ.get("FRACTAL_KERNEL_PACKAGE") or parse_depends(_run(["apt-cache", "depends", META_PACKAGE]))
+    pkg = os.environ.get("FRACTAL_KERNEL_PACKAGE")
+    if not pkg:
+        flavour = kernel_flavour(host_arch())
+        pkg = parse_depends(_run(["apt-cache", "depends", f"linux-image-{flavour}"]), flavour)
     return pkg, parse_policy_candidate(_run(["apt-cache", "policy", pkg]))
 
 

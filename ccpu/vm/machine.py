@@ -101,6 +101,7 @@ class MachineSpec:
     initramfs: str
     workdir: str
     console: ConsoleFile | ConsoleSocket
+    system_image: str | None = None  # the guest build's read-only image (Guest.image), a read-only disk
     mode: str = "agent"  # the guest init's fractal.mode: agent (a sandbox) | run (vm run)
     accel: str = "auto"  # auto | kvm | tcg
     machine: str = "q35"  # q35 | microvm
@@ -149,7 +150,7 @@ def plan(spec: MachineSpec, accel: str, opened: Opened) -> qemu.VMConfig:
 
     console = spec.console
     return qemu.VMConfig(
-        kernel=spec.kernel, initramfs=spec.initramfs,
+        kernel=spec.kernel, initramfs=spec.initramfs, system_image=spec.system_image,
         console_log=console.path if isinstance(console, ConsoleFile) else "",
         console_log_fd=opened.console_fd if isinstance(console, ConsoleFile) else None,
         console_fd=opened.console_fd if isinstance(console, ConsoleSocket) else None,
@@ -236,7 +237,7 @@ class _Launcher:
             if not os.path.isdir(s.host):
                 raise MachineError(f"share {s.host} is not a directory")
         passed: list[socket.socket] = []  # QEMU's: virtiofsd connections, its ends of the ports
-        fds: list[int] = []  # QEMU's log, the console file, kernel and initramfs
+        fds: list[int] = []  # QEMU's log, the console file, kernel, initramfs and system image
         opened_shares: dict[str, int] = {}
         try:
             virtiofs = [s for s in spec.all_shares() if s.transport == "virtiofs"]

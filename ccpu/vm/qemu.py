@@ -1,7 +1,9 @@
 """The QEMU command line (a pure function of `VMConfig`) and a launcher that cannot leak QEMU.
 
-Shape of the VM: no disks, no graphics, no default devices.
-The guest gets a kernel + initramfs (ccpu.guest), a serial console written
+Shape of the VM: no graphics, no default devices, no disk but the guest's read-only system image.
+The guest gets a kernel + initramfs (ccpu.guest) and, with the "image" layout, the read-only
+EROFS image with python, the agent and runc as a read-only virtio-blk disk (``system_image``,
+found by the guest through its serial), a serial console written
 to a log file, virtio-serial ports as its only channels to the host
 (host side: UNIX sockets), file shares over 9p or virtiofs, and optionally
 virtio-net NICs on tap fds opened by the caller (ccpu.vm.net: a pod's netns).
@@ -21,7 +23,8 @@ as an unprivileged uid/gid of its own (:func:`unprivileged`) that owns no file o
 credentials are dropped by the launcher before exec, as libvirt does: QEMU's own ``-runas`` calls
 setuid, which ``elevateprivileges=deny`` forbids.  Everything such a QEMU needs arrives opened:
 the channels and the console as connected sockets (or the console log as an ``-add-fd`` fd),
-the kernel and initramfs as ``/proc/self/fd/N`` (:func:`open_boot_files`), the NICs as tap fds.
+the kernel, initramfs and system image as ``/proc/self/fd/N`` (:func:`open_boot_files`), the NICs
+as tap fds.
 """
 
 from __future__ import annotations
@@ -107,6 +110,12 @@ class VMConfig:
     console_fd: int | None = None
     # or the console log as an open file QEMU inherits (-add-fd: it needs no path to it)
     console_log_fd: int | None = None
+    # the guest's read-only system image (ccpu.guest layout "image"): a read-only virtio-blk disk
+    # with serial SYSTEM_DISK_SERIAL, which the guest init mounts
+    system_image: str | None = None
+
+
+SYSTEM_DISK_SERIAL = "fractal-sys"  # how the init finds the disk (/sys/block/vdX/serial)
 
 
 class ConfigError(ValueError):
@@ -245,6 +254,12 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
             sock = f"fd={s.fd}" if s.fd is not None else f"path={s.socket}"
             argv += ["-chardev", f"socket,id=vfs{i},{sock}",
                      "-device", f"{dev},chardev=vfs{i},tag={s.tag},queue-size=1024"]
+    if cfg.system_image:
+        # read-only at every level: the guest cannot write it, QEMU opens it O_RDONLY and takes
+        # only a shared lock (every VM on the host attaches the same file)
+        path = cfg.system_image.replace(",", ",,")
+        argv += ["-drive", f"file={path},if=none,id=sys,format=raw,readonly=on,media=disk,cache=writeback",
+                 "-device", f"virtio-blk-{bus},drive=sys,serial={SYSTEM_DISK_SERIAL}"]
     for i, n in enumerate(cfg.nics):
         # host_mtu: the guest driver learns the MTU from the device; romfile= (PCI): no iPXE option ROM
         rom = "" if micro else ",romfile="
@@ -323,21 +338,24 @@ def kvm_group() -> int | None:
 
 
 def open_boot_files(cfg: VMConfig) -> tuple[VMConfig, list[int]]:
-    """``cfg`` with its kernel and initramfs read through fds opened here (``/proc/self/fd/N``),
-    and those fds: a QEMU without root reads them whatever the permissions of the dirs above
-    them (the guest cache may be root-only).  The caller closes the fds after spawning."""
+    """``cfg`` with its kernel, initramfs and system image read through fds opened here
+    (``/proc/self/fd/N``), and those fds: a QEMU without root reads them whatever the
+    permissions of the dirs above them (the guest cache may be root-only).  The caller closes
+    the fds after spawning."""
     import dataclasses
 
+    paths = [cfg.kernel, cfg.initramfs] + ([cfg.system_image] if cfg.system_image else [])
     fds: list[int] = []
     try:
-        for path in (cfg.kernel, cfg.initramfs):
+        for path in paths:
             fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return dataclasses.replace(cfg, kernel=f"/proc/self/fd/{fds[0]}",
-                               initramfs=f"/proc/self/fd/{fds[1]}"), fds
+    named = [f"/proc/self/fd/{fd}" for fd in fds]
+    return dataclasses.replace(cfg, kernel=named[0], initramfs=named[1],
+                               system_image=named[2] if cfg.system_image else None), fds
 
 
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,

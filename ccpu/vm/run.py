@@ -88,7 +88,8 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             return DirShare(tag, host, guest_path, ro, stype, layers=layers)
 
         spec = MachineSpec(
-            kernel=str(guest.kernel), initramfs=str(guest.initramfs), workdir=tmp, console=ConsoleFile(log_path),
+            kernel=str(guest.kernel), initramfs=str(guest.initramfs), workdir=tmp,
+            system_image=str(guest.image) if guest.image else None, console=ConsoleFile(log_path),
             mode="run", accel="auto", machine=machine, memory_mb=memory_mb, cpus=cpus,
             repo=share(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True, layers=True) if repo else None,
             shares=tuple(share(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)),

@@ -49,3 +49,49 @@ def test_inputs_key_depends_on_content_mode_and_options_not_order() -> None:
     assert ini.inputs_key([a, ini.Source("b", stat.S_IFREG | 0o755, data=b"3")], {"pyc": True}) != k
     assert ini.inputs_key([a, ini.Source("b", stat.S_IFREG | 0o644, data=b"2")], {"pyc": True}) != k
     assert ini.inputs_key([a, b], {"pyc": False}) != k
+
+
+def _src(dest: str, kind: int = stat.S_IFREG) -> ini.Source:
+    return ini.Source(dest, kind | (0o755 if kind == stat.S_IFDIR else 0o644), data=b"x")
+
+
+def test_image_layout_keeps_init_busybox_modules_and_links_the_rest() -> None:
+    srcs = [_src("init"), _src("bin/busybox"), _src("etc/passwd"), _src("proc", stat.S_IFDIR),
+            _src("lib/modules/6.1/kernel/fs/erofs/erofs.ko"), _src("lib/x86_64-linux-gnu/libc.so.6"),
+            _src("lib64/ld-linux-x86-64.so.2"), _src("usr/bin/python3.11"), _src("usr/lib/python3.11/os.py"),
+            ini.Source("usr/bin/env", stat.S_IFLNK | 0o777, link="/bin/busybox")]
+    initrd, image = ini.split_layout(srcs)
+    assert [s.dest for s in image] == ["lib/x86_64-linux-gnu/libc.so.6", "lib64/ld-linux-x86-64.so.2",
+                                       "usr/bin/python3.11", "usr/lib/python3.11/os.py", "usr/bin/env"]
+    by = {s.dest: s for s in initrd}
+    assert {"init", "bin/busybox", "etc/passwd", "proc", "lib/modules/6.1/kernel/fs/erofs/erofs.ko"} <= set(by)
+    # one link per highest directory the initramfs lacks: lib itself stays (it holds the modules)
+    links = {d: s.link for d, s in by.items() if s.link is not None}
+    assert links == {"lib/x86_64-linux-gnu": "/.image/lib/x86_64-linux-gnu", "lib64": "/.image/lib64",
+                     "usr": "/.image/usr"}
+    assert stat.S_ISDIR(by[".image"].mode)
+
+
+def test_image_marker_names_the_image_hash() -> None:
+    m = ini.image_marker("ab" * 32)
+    assert m.dest == "etc/fractal/image" and m.read() == b"erofs " + b"ab" * 32 + b"\n"
+
+
+def test_default_layout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ini.LAYOUT_ENV, raising=False)
+    assert ini.default_layout() == ini.DEFAULT_LAYOUT
+    monkeypatch.setenv(ini.LAYOUT_ENV, "initramfs")
+    assert ini.default_layout() == "initramfs"
+    monkeypatch.setenv(ini.LAYOUT_ENV, "floppy")
+    with pytest.raises(ValueError):
+        ini.default_layout()
+
+
+def test_python_is_found_not_hard_coded() -> None:
+    py = ini.parse_python_probe("/usr/bin/python3.12", "/usr/lib/python3.12 cpython-312\n")
+    assert py == ini.Python("/usr/bin/python3.12", "/usr/lib/python3.12", "cpython-312")
+    assert py.pkg_dir == "usr/lib/python3.12"
+    with pytest.raises(ValueError):
+        ini.parse_python_probe("/usr/bin/pypy3", "/usr/lib/pypy3.9 pypy39\n")
+    # the static libpython dir is left out whatever its version and multiarch
+    assert not ini.keep_stdlib("config-3.12-aarch64-linux-gnu/libpython3.12.a")

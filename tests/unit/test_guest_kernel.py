@@ -47,3 +47,13 @@ def test_pvh_note_detection_and_extraction() -> None:
     bz = b"MZ setup code" + b"\x00" * 100 + lzma.compress(elf, format=lzma.FORMAT_XZ) + b"trailer"
     assert k.extract_vmlinux(bz) == elf
     assert k.extract_vmlinux(b"no payload") is None
+
+
+def test_kernel_package_follows_the_architecture() -> None:
+    assert k.kernel_flavour("amd64") == "amd64" and k.kernel_flavour("arm64") == "arm64"
+    with pytest.raises(k.KernelError):
+        k.kernel_flavour("mips64el")
+    arm = "linux-image-arm64\n  Depends: linux-image-6.1.0-56-arm64\n"
+    assert k.parse_depends(arm, "arm64") == "linux-image-6.1.0-56-arm64"
+    with pytest.raises(k.KernelError):  # an amd64 kernel is no answer for arm64
+        k.parse_depends(DEPENDS, "arm64")

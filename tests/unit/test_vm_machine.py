@@ -75,6 +75,12 @@ def test_virtiofsd_argv_layers_refuse_trusted_and_announce_no_submounts() -> Non
     assert all(flag in argv for flag in shares.LAYER_XATTRS) and argv[-1] == "--no-announce-submounts"
 
 
+def test_plan_attaches_the_system_image() -> None:
+    opened = Opened({}, {"fractal.agent": 6}, 9)
+    assert machine.plan(spec(system_image="/g/system.erofs"), "tcg", opened).system_image == "/g/system.erofs"
+    assert machine.plan(spec(), "tcg", opened).system_image is None
+
+
 def test_choose_accel() -> None:
     assert machine.choose_accel("tcg") == machine.accel_.Choice("tcg", "configured")
     with pytest.raises(ValueError, match="hvf"):

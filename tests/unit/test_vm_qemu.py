@@ -211,3 +211,27 @@ def test_boot_files_reach_qemu_through_fds(tmp_path) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_system_image_is_a_read_only_disk_found_by_serial() -> None:
+    argv = qemu.command(cfg(system_image="/proc/self/fd/7"), qboot_exists=True)
+    drive = opt_after(argv, "-drive")
+    assert len(drive) == 1 and drive[0].startswith("file=/proc/self/fd/7,")
+    assert "readonly=on" in drive[0].split(",") and "format=raw" in drive[0].split(",")
+    assert "virtio-blk-pci,drive=sys,serial=fractal-sys" in opt_after(argv, "-device")
+    micro = qemu.command(cfg(system_image="/img", machine="microvm"))
+    assert "virtio-blk-device,drive=sys,serial=fractal-sys" in opt_after(micro, "-device")
+    assert "-drive" not in qemu.command(cfg())
+
+
+def test_system_image_reaches_qemu_through_an_fd(tmp_path) -> None:
+    for name in ("k", "i", "s"):
+        (tmp_path / name).write_text(name)
+    c, fds = qemu.open_boot_files(cfg(kernel=str(tmp_path / "k"), initramfs=str(tmp_path / "i"),
+                                      system_image=str(tmp_path / "s")))
+    try:
+        assert len(fds) == 3 and c.system_image == f"/proc/self/fd/{fds[2]}"
+        assert os.read(fds[2], 100) == b"s"
+    finally:
+        for fd in fds:
+            os.close(fd)

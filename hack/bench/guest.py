@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Benchmark the guest's layouts against the bare kernel (issue 12 item 1), without containerd.
+
+Three kinds of boot, same QEMU flags (``ccpu.vm.machine``: q35 + qboot, the accelerator
+``ccpu.vm.accel`` picks, ``-m 512M -smp 2``), alternated round by round because the machine is
+shared (report medians):
+
+- **bare**: the same kernel with a tiny initramfs (busybox + an /init that prints its uptime and
+  MemTotal - MemAvailable, then waits to be stopped): the kernel's own limit.
+- **initramfs** / **image**: the two layouts of ``fractal guest build`` (ccpu/guest/initramfs.py).
+  *agent ready*: QEMU start -> the agent answered ``hello`` on its port (what the shim waits
+  for); QEMU's RSS then.  *guest used*: a second boot in ``vm run`` mode running
+  ``python3.11 -c 'import ccpu.agent.__main__'`` and then reading /proc/meminfo
+  (MemTotal - MemAvailable: the agent has no op that reports the guest's memory).
+
+    python3 hack/bench/guest.py [--rounds 5] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import re
+import stat
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
+
+from ccpu.agent.client import AgentClient  # noqa: E402
+from ccpu.guest import cpio, initramfs  # noqa: E402
+from ccpu.vm import run as vmrun  # noqa: E402
+from ccpu.vm.machine import ConsoleFile, Machine, MachineSpec  # noqa: E402
+
+BARE_INIT = b"""#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+read up _ </proc/uptime
+t=$(/bin/busybox awk '/MemTotal/{t=$2}/MemAvailable/{a=$2}END{print t-a}' /proc/meminfo)
+echo "bare: $up used_kb=$t"
+/bin/busybox sleep 60  # the host reads QEMU's RSS, then stops it
+/bin/busybox poweroff -f
+"""
+MEM_CMD = ("python3.11 -S -I -c 'import ccpu.agent.__main__' && "
+           "awk '/MemTotal/{t=$2}/MemAvailable/{a=$2}END{print \"used_kb=\" t-a}' /proc/meminfo")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def bare_initramfs(path: Path) -> None:
+    entries = [cpio.Entry("init", stat.S_IFREG | 0o755, BARE_INIT),
+               cpio.Entry("bin/busybox", stat.S_IFREG | 0o755, Path(initramfs.BUSYBOX).read_bytes()),
+               cpio.Entry("proc", stat.S_IFDIR | 0o755, b"")]
+    path.write_bytes(cpio.write(entries))
+
+
+def _rss_kb(pid: int | None) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
+
+
+def boot_bare(kernel: str, initrd: Path, tmp: str) -> dict[str, float]:
+    console = os.path.join(tmp, "bare.log")
+    vm = Machine(MachineSpec(kernel=kernel, initramfs=str(initrd), workdir=tmp, console=ConsoleFile(console),
+                             mode="run"))
+    t0 = time.monotonic()
+    vm.boot()
+    try:
+        while time.monotonic() - t0 < 120:
+            m = re.search(r"bare: (\d+\.\d+) used_kb=(\d+)", Path(console).read_text(errors="replace"))
+            if m:
+                return {"ready_s": time.monotonic() - t0, "uptime_s": float(m.group(1)),
+                        "guest_used_mb": int(m.group(2)) / 1024, "qemu_rss_mb": _rss_kb(vm.pid) / 1024}
+            time.sleep(0.02)
+        raise RuntimeError("bare kernel: no line on the console")
+    finally:
+        vm.stop()
+
+
+def boot_agent(guest: initramfs.Guest, tmp: str) -> dict[str, float]:
+    vm = Machine(MachineSpec(kernel=str(guest.kernel), initramfs=str(guest.initramfs), workdir=tmp,
+                             system_image=str(guest.image) if guest.image else None,
+                             console=ConsoleFile(os.path.join(tmp, "agent.log")), mode="agent",
+                             ports=("fractal.agent",)))
+    t0 = time.monotonic()
+    vm.boot()
+    try:
+        sock = vm.ports["fractal.agent"]
+
+        async def hello() -> None:
+            client = await AgentClient.connect_fd(os.dup(sock.fileno()))
+            try:
+                await asyncio.wait_for(client.hello(), 120)
+            finally:
+                await client.close()
+
+        asyncio.run(hello())
+        ready = time.monotonic() - t0
+        time.sleep(1)
+        out = {"ready_s": ready, "qemu_rss_mb": _rss_kb(vm.pid) / 1024}
+        # guest uptimes of the init's milestones: kernel -> init -> python started
+        text = Path(tmp, "agent.log").read_text(errors="replace")
+        for up, what in vmrun.console_milestones(text):
+            if what.startswith("init started"):
+                out["init_uptime_s"] = up
+            elif what.startswith("exec agent"):
+                out["exec_agent_uptime_s"] = up
+        return out
+    finally:
+        for s in vm.ports.values():
+            s.close()
+        vm.stop()
+
+
+def guest_used(guest: initramfs.Guest) -> float:
+    out = io.BytesIO()
+    res = vmrun.run(guest, ["sh", "-c", MEM_CMD], stdout=out, stderr=io.BytesIO(), timeout=300)
+    m = re.search(rb"used_kb=(\d+)", out.getvalue())
+    if res.exit_code != 0 or not m:
+        raise RuntimeError(f"vm run: exit {res.exit_code}, {out.getvalue()!r}")
+    return int(m.group(1)) / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    guests = {layout: initramfs.build(layout=layout, offline=True) for layout in ("initramfs", "image")}
+    kernel = str(guests["image"].kernel)
+    raw: dict[str, list[dict[str, float]]] = {k: [] for k in ("bare", *guests)}
+    with tempfile.TemporaryDirectory(prefix="fractal-bench-guest-") as tmp:
+        os.chmod(tmp, 0o700)
+        bare = Path(tmp, "bare.cpio")
+        bare_initramfs(bare)
+        order = ["bare", "initramfs", "image"]
+        for r in range(args.rounds):
+            for kind in order[r % 3:] + order[:r % 3]:
+                if kind == "bare":
+                    one = boot_bare(kernel, bare, tmp)
+                else:
+                    one = boot_agent(guests[kind], tmp)
+                    one["guest_used_mb"] = guest_used(guests[kind])
+                raw[kind].append(one)
+                log(f"round {r} {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in one.items()))
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in raw.items()}
+    sizes = {k: {"initramfs_mb": g.manifest["initramfs"]["uncompressed_size"] / 1e6,
+                 "image_mb": g.manifest["image"]["size"] / 1e6 if g.image else 0.0} for k, g in guests.items()}
+    result = {"rounds": args.rounds, "median": med, "sizes": sizes, "raw": raw}
+    for k, v in med.items():
+        ratio = v["ready_s"] / med["bare"]["ready_s"]
+        size = sizes.get(k, {})
+        print(f"{k:10s} ready {v['ready_s']:.2f} s ({ratio:.2f}x bare)  guest used {v['guest_used_mb']:.0f} MB  "
+              f"QEMU RSS {v['qemu_rss_mb']:.0f} MB  " + "  ".join(f"{a} {b:.1f}" for a, b in size.items()))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
