@@ -43,6 +43,8 @@ APT_PACKAGES=(
   podman
   # VM guest (docs/vm.md): Debian's own python3.11 goes into the initramfs; virtiofsd builds need the -dev libs
   python3.11 libcap-ng-dev libseccomp-dev pkg-config
+  # the small guest's read-only system image (mkfs.erofs; docs/vm.md "The small guest")
+  erofs-utils
   # the fidelity test image's probe is compiled statically at build time (hack/fsprobe.c, docs/vm.md)
   gcc libc6-dev
 )

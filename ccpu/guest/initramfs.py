@@ -50,7 +50,7 @@ from . import cpio, erofs, modules
 from .kernel import Kernel, cache_root
 from .kernel import fetch as fetch_kernel
 
-BUILDER_VERSION = 3  # bump when the layout changes without any input changing
+BUILDER_VERSION = 4  # bump when the layout changes without any input changing
 
 PYTHON_DEFAULT = "/usr/bin/python3"  # the distribution's python (not pyenv's first-on-PATH); $FRACTAL_GUEST_PYTHON
 BUSYBOX = "/bin/busybox"
@@ -243,7 +243,9 @@ def image_files(sources: Sequence[Source]) -> list[erofs.File]:
 
 
 def default_layout() -> str:
-    layout = os.environ.get(LAYOUT_ENV) or DEFAULT_LAYOUT
+    """``$FRACTAL_GUEST_LAYOUT``, else the small guest ("image") when mkfs.erofs is there to build
+    its system image, else everything in the initramfs (works everywhere, costs guest RAM)."""
+    layout = os.environ.get(LAYOUT_ENV) or (DEFAULT_LAYOUT if erofs.available() else "initramfs")
     if layout not in LAYOUTS:
         raise ValueError(f"{LAYOUT_ENV}={layout}: expected one of {LAYOUTS}")
     return layout

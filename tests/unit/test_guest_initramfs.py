@@ -79,7 +79,10 @@ def test_image_marker_names_the_image_hash() -> None:
 
 def test_default_layout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ini.LAYOUT_ENV, raising=False)
-    assert ini.default_layout() == ini.DEFAULT_LAYOUT
+    monkeypatch.setattr(ini.erofs, "available", lambda: "/usr/bin/mkfs.erofs")
+    assert ini.default_layout() == ini.DEFAULT_LAYOUT == "image"
+    monkeypatch.setattr(ini.erofs, "available", lambda: None)  # no mkfs.erofs: the layout that needs none
+    assert ini.default_layout() == "initramfs"
     monkeypatch.setenv(ini.LAYOUT_ENV, "initramfs")
     assert ini.default_layout() == "initramfs"
     monkeypatch.setenv(ini.LAYOUT_ENV, "floppy")
