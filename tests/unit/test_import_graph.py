@@ -303,3 +303,14 @@ def test_the_import_runner_catches_an_order_dependent_module(tmp_path: Path) -> 
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert list(json.loads(r.stdout)) == ["orderpkg.b"]
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """Test dirs without an ``__init__.py`` (tests/unit, tests/integration) import their files by
+    basename: two files of one name collide at collection ("import file mismatch") when the whole
+    suite runs, though each dir alone passes -- a CI-only failure, caught here in a unit run."""
+    seen: dict[str, list[str]] = {}
+    for p in (ROOT / "tests").rglob("test_*.py"):
+        if not (p.parent / "__init__.py").exists():
+            seen.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
+    assert not {name: where for name, where in seen.items() if len(where) > 1}
