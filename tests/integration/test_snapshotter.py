@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -215,7 +216,32 @@ def test_bad_requests_get_codes_and_leave_nothing(snap_client, fenv: FractalEnv)
     assert repo_consistent(fenv) == before == []
 
 
-def test_update_and_list_filters_over_grpc(snap_client) -> None:
+@pytest.fixture
+def own_snap_client(tmp_path: Path):
+    """A Snapshots client of a snapshotter of its own, which no containerd knows.  Snapshots made
+    straight over gRPC must not live in the session's snapshotter: containerd's metadata GC walks
+    its backends and removes every snapshot its database does not name (metadata/snapshot.go
+    garbageCollect), so such a snapshot vanishes whenever a GC runs meanwhile -- seen on 2.x."""
+    sock, err = tmp_path / "s.sock", tmp_path / "stderr"
+    with open(err, "wb") as ef:
+        proc = subprocess.Popen([sys.executable, "-m", "snapshotter.server", "--root", str(tmp_path / "root"),
+                                 "--address", str(sock), "--metrics-address", "none"],
+                                cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL, stderr=ef)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.is_socket():
+            assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, "snapshotter did not listen: " + err.read_text()
+            time.sleep(0.05)
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            yield pb_grpc.SnapshotsStub(ch)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_update_and_list_filters_over_grpc(own_snap_client) -> None:
+    snap_client = own_snap_client
     snap_client.Prepare(pb.PrepareSnapshotRequest(key="grpc-a", labels={"x": "1"}))
     try:
         from google.protobuf.field_mask_pb2 import FieldMask
