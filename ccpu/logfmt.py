@@ -197,7 +197,7 @@ def setup(stream: Any, *, debug: bool = False, fmt: str = "text", level: int | N
 _request_log = logging.getLogger("shim.request")
 
 
-def _request_fields(msg: Any) -> dict[str, str]:
+def request_fields(msg: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     cid = getattr(msg, "id", "") or getattr(msg, "container_id", "")
     if not cid and type(msg).__name__ == "StringValue":  # shim/layers.py: a JSON object
@@ -227,7 +227,7 @@ def with_request_fields(methods: Mapping[str, tuple[type, Callable[..., Any]]]
     for name, (cls, handler) in methods.items():
         async def call(msg: Any, ctx: Any, _handler: Callable[..., Any] = handler,
                        _name: str = name) -> Any:
-            bind(**_request_fields(msg))
+            bind(**request_fields(msg))
             if _request_log.isEnabledFor(logging.DEBUG):  # -debug: one record per request
                 _request_log.debug("%s %s", getattr(ctx, "service", ""), _name)
             return await _handler(msg, ctx)

@@ -182,7 +182,7 @@ def translate(spec: Mapping[str, Any], cid: str, files_root: str,
             else:
                 problems.append(f"{name} hooks ({len(entries)}) must run in the container's "
                                 "namespaces, which are in the guest, where their binaries are not")
-    networks = _nerdctl_cni_networks(out)
+    networks = nerdctl_cni_networks(out)
     if networks:
         problems.append(f"nerdctl network(s) {', '.join(networks)}: nerdctl sets CNI networks up from "
                         "a host hook in the container's (host) netns, which the VM does not use; "
@@ -193,7 +193,7 @@ def translate(spec: Mapping[str, Any], cid: str, files_root: str,
     return result
 
 
-def _nerdctl_cni_networks(spec: Mapping[str, Any]) -> list[str]:
+def nerdctl_cni_networks(spec: Mapping[str, Any]) -> list[str]:
     """nerdctl's CNI networks (annotation ``nerdctl/networks``) other than none/host/container:."""
     from ccpu.agent import jsonbound
 

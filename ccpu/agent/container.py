@@ -51,7 +51,7 @@ class Container:
     scratch: str | None = None  # the tmpfs holding its upper/work (limits.py), unmounted on delete
 
 
-def _read_spec(bundle: str) -> dict[str, Any]:
+def read_spec(bundle: str) -> dict[str, Any]:
     try:
         with open(os.path.join(bundle, "config.json"), encoding="utf-8") as f:
             spec = jsonbound.loads(f.read())
@@ -261,7 +261,7 @@ class Supervisor:
                 limits.adjust_spec(spec, cid, self.cgroup_parent)
             _write_json(os.path.join(bundle, "config.json"), spec)
         else:
-            spec = _read_spec(bundle)
+            spec = read_spec(bundle)
         process = spec.get("process")
         if not isinstance(process, dict):
             raise protocol.InvalidArgument("the spec has no process object")

@@ -26,7 +26,7 @@ class RuncError(protocol.Internal):
     """runc failed; `message` holds what runc said."""
 
 
-def _classify(op: str, message: str) -> protocol.AgentError:
+def classify(op: str, message: str) -> protocol.AgentError:
     """Protocol error for a runc failure.  As in containerd's shim (checkKillError), a kill of a
     process that is gone is NotFound "process already finished"."""
     low = message.lower()
@@ -77,7 +77,7 @@ class Runc:
         res = await run(self.reaper, self._argv(*args))
         if res.status != 0:
             msg = res.stderr.decode(errors="replace").strip() or f"exit status {res.status}"
-            raise _classify(args[0], f"runc {args[0]}: {msg}")
+            raise classify(args[0], f"runc {args[0]}: {msg}")
         return res.stdout
 
     def spawn_create(
@@ -119,7 +119,7 @@ class Runc:
     @staticmethod
     def check(what: str, status: int, log_file: str) -> None:
         if status != 0:
-            raise _classify(what, f"runc {what}: {_log_error(log_file) or f'exit status {status}'}")
+            raise classify(what, f"runc {what}: {_log_error(log_file) or f'exit status {status}'}")
 
     async def start(self, container: str) -> None:
         await self._call("start", container)
@@ -164,7 +164,7 @@ class Runc:
                 os.close(w)
         if res.status != 0:
             msg = res.stderr.decode(errors="replace").strip() or f"exit status {res.status}"
-            raise _classify("update", f"runc update: {msg}")
+            raise classify("update", f"runc update: {msg}")
 
     async def stats(self, container: str) -> dict[str, Any]:
         ev = _json_object(await self._call("events", "--stats", container), "events --stats")

@@ -255,7 +255,7 @@ class Server:
             ch = args.get("stdin")
             if isinstance(ch, int) and not isinstance(ch, bool) and ch > 0:
                 self.sup.reserve_stdin(ch)
-        task = asyncio.ensure_future(self._request(conn, rid, op, args))
+        task = asyncio.ensure_future(self.handle_request(conn, rid, op, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -280,7 +280,7 @@ class Server:
             raise protocol.InvalidArgument(f"window must be an integer in {MIN_WINDOW}..{MAX_WINDOW}")
         return window
 
-    async def _request(self, conn: Connection, rid: int, op: str, args: dict[str, Any]) -> None:
+    async def handle_request(self, conn: Connection, rid: int, op: str, args: dict[str, Any]) -> None:
         try:
             try:
                 result = await self._dispatch(op, args)

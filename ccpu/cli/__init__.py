@@ -144,7 +144,7 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
     return ap
 
 
-def _expected(exc: BaseException) -> bool:
+def expected_failure(exc: BaseException) -> bool:
     for module, name in EXPECTED_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(exc, cls):
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one edge where failures become a line
-        if args.debug or not _expected(e):
+        if args.debug or not expected_failure(e):
             raise
         print(f"fractal: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -361,7 +361,7 @@ def _probe_snapshotter(f: Facts) -> None:
         s.close()
 
 
-def _config_arg(cmdline: list[str]) -> str:
+def config_arg(cmdline: list[str]) -> str:
     """containerd's ``--config``/``-c`` (either form), else its default path."""
     for i, a in enumerate(cmdline):
         if a in ("--config", "-c") and i + 1 < len(cmdline):
@@ -387,7 +387,7 @@ def _probe_config_dump(f: Facts, pid: int | None) -> None:
         f.config_dump_error = f"containerd pid {pid}: {e.strerror or e}"
         return
     argv = [exe if os.path.exists(exe) else (f.containerd_bin or "containerd"),
-            "--config", _config_arg(cmdline), "config", "dump"]
+            "--config", config_arg(cmdline), "config", "dump"]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
         if r.returncode != 0:

@@ -311,7 +311,7 @@ class _Counting(io.RawIOBase):
         return len(b)
 
 
-def _tar_size(sizes: Iterable[int]) -> int:
+def tar_size(sizes: Iterable[int]) -> int:
     total = sum(512 + (s + 511) // 512 * 512 for s in sizes) + 1024
     return (total + 10239) // 10240 * 10240
 
@@ -467,7 +467,7 @@ def import_oci(target: Target, layout: Path, tag: str | None, name: str, stream=
     try:
         sizes = [member_size(i) for _, i in members]
         label = label or f"import {layout.name}{':' + tag if tag else ''}"
-        return ctr_import(target, lambda fh: write_tar(members, fh, _NoProgress()), label, _tar_size(sizes), stream)
+        return ctr_import(target, lambda fh: write_tar(members, fh, _NoProgress()), label, tar_size(sizes), stream)
     finally:
         close_members(members)
 

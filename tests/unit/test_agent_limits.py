@@ -65,7 +65,7 @@ def test_scratch_options_bound_inodes_by_size() -> None:
 
 
 def test_runc_out_of_space_is_resource_exhausted() -> None:
-    err = runc._classify("create", "runc create failed: write /run/runc/c1/state.json: no space left on device")
+    err = runc.classify("create", "runc create failed: write /run/runc/c1/state.json: no space left on device")
     assert isinstance(err, protocol.ResourceExhausted)
     assert to_ttrpc(err).code == Code.RESOURCE_EXHAUSTED
 
@@ -114,8 +114,8 @@ def test_enospc_in_a_request_is_resource_exhausted_naming_what_is_full(tmp_path:
             def send(self, raw: bytes) -> None:
                 sent.append(raw)
 
-        await server._request(Conn(), 1, "pids", {"container": "c1"})  # type: ignore[arg-type]
-        await server._request(Conn(), 2, "stats", {"container": "c1"})  # type: ignore[arg-type]
+        await server.handle_request(Conn(), 1, "pids", {"container": "c1"})  # type: ignore[arg-type]
+        await server.handle_request(Conn(), 2, "stats", {"container": "c1"})  # type: ignore[arg-type]
         out = []
         for raw in sent:
             reader = asyncio.StreamReader()

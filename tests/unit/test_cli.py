@@ -174,8 +174,8 @@ def test_an_unexpected_failure_still_shows_its_traceback(monkeypatch: pytest.Mon
 
 
 def test_a_sqlite_error_outside_repo_is_not_swallowed() -> None:
-    assert not cli._expected(sqlite3.DatabaseError("x"))
-    assert cli._expected(OSError(2, "No such file"))
+    assert not cli.expected_failure(sqlite3.DatabaseError("x"))
+    assert cli.expected_failure(OSError(2, "No such file"))
 
 
 class _M:

@@ -136,9 +136,9 @@ def test_cri_disabled_or_unreadable_only_warns():
 
 
 def test_config_arg():
-    assert D._config_arg(["containerd", "--config", "/x.toml"]) == "/x.toml"
-    assert D._config_arg(["containerd", "-c=/y.toml"]) == "/y.toml"
-    assert D._config_arg(["/usr/bin/containerd"]) == "/etc/containerd/config.toml"
+    assert D.config_arg(["containerd", "--config", "/x.toml"]) == "/x.toml"
+    assert D.config_arg(["containerd", "-c=/y.toml"]) == "/y.toml"
+    assert D.config_arg(["/usr/bin/containerd"]) == "/etc/containerd/config.toml"
 
 
 @pytest.mark.parametrize("line,wrapper", [

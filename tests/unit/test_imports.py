@@ -95,7 +95,7 @@ def test_oci_members_only_the_selected_image(tmp_path):
     assert idx["manifests"][0]["annotations"][M.CONTAINERD_NAME] == "example.com/x:a"
     buf = io.BytesIO()
     M.write_tar(members, buf, M._NoProgress())
-    assert len(buf.getvalue()) == M._tar_size(
+    assert len(buf.getvalue()) == M.tar_size(
         [M.member_size(i) for _, i in members])
     with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as t:
         assert t.getnames() == arcs

@@ -53,10 +53,10 @@ def test_deep_json_in_logging_spec_and_annotations(tmp_path) -> None:  # noqa: A
     from ccpu import logfmt
     from shim import guestspec, vm
 
-    assert logfmt._request_fields(wrappers_pb2.StringValue(value=DEEP)) == {}
+    assert logfmt.request_fields(wrappers_pb2.StringValue(value=DEEP)) == {}
     (tmp_path / "config.json").write_text(DEEP)
     assert vm.first_netns(str(tmp_path)) is None
     with pytest.raises(protocol.InvalidArgument):
-        container._read_spec(str(tmp_path))
-    assert guestspec._nerdctl_cni_networks({"annotations": {"nerdctl/networks": DEEP}}) == []
-    assert guestspec._nerdctl_cni_networks({"annotations": {"nerdctl/networks": "5"}}) == []
+        container.read_spec(str(tmp_path))
+    assert guestspec.nerdctl_cni_networks({"annotations": {"nerdctl/networks": DEEP}}) == []
+    assert guestspec.nerdctl_cni_networks({"annotations": {"nerdctl/networks": "5"}}) == []
