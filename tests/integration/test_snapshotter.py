@@ -163,14 +163,25 @@ def test_gc_after_image_removal_shrinks_repo(fenv: FractalEnv, registry, namespa
 def test_ctr_snapshot_commands(fenv: FractalEnv, namespace: str) -> None:
     c = lambda *a, **kw: fenv.ctr("snapshots", "--snapshotter", SN, *a, namespace=namespace, **kw)  # noqa: E731
     c("prepare", "--target", "/nonexistent-never-mounted", "a")
+    # no parent: one rw bind mount of the upper, "mount -t bind SRC /mnt -o rbind,rw"
+    upper = Path(c("mounts", "/mnt", "a").stdout.split()[3])
+    (upper / "data").write_bytes(b"x" * 65536)
+
+    def usage(key: str) -> tuple[str, int]:
+        """(size as ctr prints it, inodes) of ``ctr snapshots usage KEY``."""
+        *size, inodes = c("usage", key).stdout.splitlines()[-1].split()[1:]
+        return " ".join(size), int(inodes)
+
+    active_usage = usage("a")  # measured now (an active upper, walked in a worker thread)
+    assert active_usage[1] == 2, active_usage  # the upper dir and the file
     c("commit", "base", "a")
+    assert usage("base") == active_usage  # recorded at Commit, answered from the layer's row
     c("prepare", "child", "base")
     c("label", "child", "team=x")
     ls = c("ls").stdout
     assert "base" in ls and "Committed" in ls and "child" in ls and "Active" in ls
     info = json.loads(c("info", "child").stdout)
     assert info["Parent"] == "base" and info["Labels"]["team"] == "x"
-    assert c("usage", "base").returncode == 0
     mounts = c("mounts", "/mnt", "child").stdout
     assert "overlay" in mounts and "upperdir=" in mounts
     # errors come back as the codes containerd understands
