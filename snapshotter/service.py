@@ -5,9 +5,13 @@ the result.  Errors are mapped in snapshotter/errors.py.
 
 Calls that only touch SQLite and make or rename a directory (well under a
 millisecond) run on the event loop: measured with 8 concurrent clients, a hop
-to a worker thread cost more in GIL hand-offs than the work itself.  Calls
-that walk a directory tree (Commit and Usage measure disk use; Cleanup)
-run in worker threads so they never stall the other clients.  So does List:
+to a worker thread cost more in GIL hand-offs than the work itself.  The
+reads among them (Stat, Mounts, Usage of a committed layer) take no lock
+(Repo's reads use their thread's own read-only connection), so they never
+block the loop behind a Commit or Cleanup holding the repo in a worker
+thread.  Calls that walk a directory tree (Commit and Usage of an active
+snapshot measure disk use; Cleanup) run in worker threads so they never
+stall the other clients.  So does List:
 its cost grows with the repo and with the client's filters (a regexp per
 snapshot), and it gets at most ``list_deadline`` seconds of work before it
 answers DeadlineExceeded (containerd's own List has no bound; ours must not
@@ -108,7 +112,9 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     @unary
     async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:
-        usage = await asyncio.to_thread(self.repo.usage, request.key)
+        usage = self.repo.recorded_usage(request.key)  # a committed layer's: one row, no walk
+        if usage is None:  # an active snapshot: its upper is measured, off the event loop
+            usage = await asyncio.to_thread(self.repo.usage, request.key)
         return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
 
     @unary

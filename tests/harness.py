@@ -18,6 +18,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pytest
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from hack.containerd_env import FractalEnv  # noqa: E402
+from hack.containerd_env import FractalEnv, Snapshotter  # noqa: E402
 
 ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 TEST_IMAGES = ("busybox", "edge", "tools")
@@ -219,3 +220,42 @@ def namespace(fenv: FractalEnv) -> Iterator[str]:
 def plain_namespace(plain_env: FractalEnv) -> Iterator[str]:
     """Same as ``namespace`` but in ``plain_env``."""
     yield from _namespace(plain_env)
+
+
+# ---------------------------------------------------------------------------------------------
+# a snapshotter of a test's own
+
+
+@dataclass
+class PrivateSnapshotter:
+    """A running ``python3 -m snapshotter.server`` no containerd knows, and a Snapshots client."""
+
+    daemon: Snapshotter
+    client: Any  # snapshots_pb2_grpc.SnapshotsStub
+
+    def output_lines(self) -> list[str]:
+        """What the snapshotter wrote (stdout and stderr), without the harness's own lines."""
+        text = self.daemon.log_path.read_text() if self.daemon.log_path.exists() else ""
+        return [line for line in text.splitlines() if line and not line.startswith("==== ")]
+
+
+@contextmanager
+def private_snapshotter(tmp: Path, *args: str) -> Iterator[PrivateSnapshotter]:
+    """A snapshotter process of its own on a fresh repo under ``tmp`` (socket ``tmp/s.sock``,
+    output in ``tmp/snapshotter.log``), started with the extra ``args``; stopped on exit.
+
+    Snapshots made straight over gRPC must not live in a session env's snapshotter: containerd's
+    metadata GC walks its backends and removes every snapshot its database does not name
+    (metadata/snapshot.go garbageCollect), so such a snapshot vanishes whenever a GC runs.
+    """
+    import grpc
+
+    from ccpu.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+
+    daemon = Snapshotter(tmp / "root", tmp / "s.sock", tmp / "snapshotter.log", extra_args=args)
+    daemon.start()
+    try:
+        with grpc.insecure_channel(f"unix:{daemon.address}") as ch:
+            yield PrivateSnapshotter(daemon, pb_grpc.SnapshotsStub(ch))
+    finally:
+        daemon.stop(timeout=30)

@@ -9,6 +9,12 @@ start-up (see store.Repo.recover).
 Durability: WAL journal with synchronous=NORMAL survives a killed process
 (the kill -9 case containerd users meet); only an OS crash may lose the last
 transactions, never corrupt the file.
+
+Readers never wait behind writers: every thread that reads (the event loop,
+each worker thread) gets its own read-only connection (`MetaStore.reading`).
+In WAL mode a reader sees the last committed state and takes no lock a
+writer holds, so a Stat or Mounts answers while a Commit or a Cleanup is
+in the middle of its transaction (issue 13).
 """
 
 from __future__ import annotations
@@ -92,63 +98,21 @@ def _layer(row: tuple | None) -> LayerRow | None:
     return None if row is None else LayerRow(*row)
 
 
-class MetaStore:
-    """One SQLite database; all access serialized by one lock.
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    """A read-only connection: WAL lets it in beside the writer (another process's too)."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
 
-    The snapshotter is one process with short transactions, so a single
-    connection behind a lock is both simplest and fastest (no busy retries).
+
+class Queries:
+    """The read queries, over one connection (``_db``) guarded by ``_lock``.
+
+    Shared by the writer (`MetaStore`: reads inside a write transaction must see
+    its own uncommitted rows) and the per-thread readers (`MetaReader`).
     """
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        self._lock = threading.RLock()
-        if readonly:  # inspection beside a running snapshotter: WAL lets readers in
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-            return
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            # Written only when needed: opening an existing repo on a full disk must need no space.
-            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                self._db.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        except BaseException:
-            self._db.close()
-            raise
+    _db: sqlite3.Connection
+    _lock: threading.RLock
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def tx(self) -> Iterator["MetaStore"]:
-        """A write transaction.  Nested use joins the outer one."""
-        with self._lock:
-            if self._db.in_transaction:
-                yield self
-                return
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-
-    def _rollback(self) -> None:
-        """End a failed transaction, whatever state SQLite left it in.
-
-        A COMMIT that fails (SQLITE_FULL, I/O error) may or may not have rolled back by itself
-        (sqlite.org/lang_transaction.html).  Left open, every later ``tx()`` would join it and
-        nothing would ever be committed again: the wedge of issue 10 item 7.
-        """
-        if self._db.in_transaction:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # rolled back automatically in the meantime
-
-    # -- snapshots -------------------------------------------------------
     def snapshot(self, name: str) -> SnapshotRow | None:
         with self._lock:
             return _snap(self._db.execute(f"SELECT {_SNAP_COLS} FROM snapshots WHERE name=?", (name,)).fetchone())
@@ -180,6 +144,163 @@ class MetaStore:
             rows = self._db.execute(f"SELECT {_SNAP_COLS} FROM snapshots WHERE layer_id=? ORDER BY id", (layer_id,)).fetchall()
         return [_snap(r) for r in rows]  # type: ignore[misc]
 
+    def has_children(self, sid: int) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM snapshots WHERE parent_id=? LIMIT 1", (sid,)).fetchone() is not None
+
+    def find_committed(self, chain_id: str, parent_id: int | None) -> SnapshotRow | None:
+        """A committed snapshot labelled with `chain_id` under exactly `parent_id`."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_SNAP_COLS} FROM snapshots s WHERE kind=? AND parent_id IS ?"
+                " AND layer_id IN (SELECT id FROM layers WHERE chain_id=?) ORDER BY id",
+                (int(Kind.COMMITTED), parent_id, chain_id),
+            ).fetchall()
+        for r in rows:
+            snap = _snap(r)
+            assert snap is not None
+            if snap.labels.get("containerd.io/snapshot.ref") == chain_id:
+                return snap
+        return None
+
+    def layer(self, lid: int) -> LayerRow | None:
+        with self._lock:
+            return _layer(self._db.execute(f"SELECT {_LAYER_COLS} FROM layers WHERE id=?", (lid,)).fetchone())
+
+    def layer_by_chain(self, chain_id: str) -> LayerRow | None:
+        with self._lock:
+            return _layer(self._db.execute(f"SELECT {_LAYER_COLS} FROM layers WHERE chain_id=?", (chain_id,)).fetchone())
+
+    def layers(self) -> list[LayerRow]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_LAYER_COLS} FROM layers ORDER BY id").fetchall()
+        return [LayerRow(*r) for r in rows]
+
+    def layer_users(self, lid: int) -> int:
+        """References that keep a layer: snapshots naming it, child layers, pins."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM snapshots WHERE layer_id=?)"
+                " + (SELECT COUNT(*) FROM layers WHERE parent_id=?)"
+                " + (SELECT COUNT(*) FROM pins WHERE layer_id=?)",
+                (lid, lid, lid),
+            ).fetchone()
+        return int(row[0])
+
+    def pins(self, lid: int) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT owner FROM pins WHERE layer_id=? ORDER BY owner", (lid,))]
+
+
+class MetaReader(Queries):
+    """One thread's read-only connection; see `MetaStore.reading`."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.RLock()  # uncontended: only its own thread uses it
+        self._db = _connect_ro(path)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class MetaStore(Queries):
+    """One SQLite database: one writer connection behind a lock, one reader per reading thread.
+
+    The snapshotter is one process with short transactions, so a single
+    writing connection behind a lock is both simplest and fastest (no busy
+    retries).  Reads that need not see a transaction in progress go through
+    `reading` and never take that lock.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self._lock = threading.RLock()
+        self._path = path
+        self._local = threading.local()
+        self._readers: list[MetaReader] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        if readonly:  # inspection beside a running snapshotter: WAL lets readers in
+            self._db = _connect_ro(path)
+            return
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            # Written only when needed: opening an existing repo on a full disk must need no space.
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._db.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        """Readers first: the writer, closing last, checkpoints the WAL into the database."""
+        with self._readers_lock:
+            self._closed = True
+            readers, self._readers = self._readers, []
+        for r in readers:
+            r.close()
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def reading(self) -> Iterator[Queries]:
+        """A consistent read of the committed state on this thread's own connection.
+
+        Takes neither the write lock nor SQLite's write lock: a writer holding
+        both (a Commit renaming a layer into place, a Cleanup walking the repo)
+        does not delay it.  All queries inside see one snapshot of the
+        database (a deferred read transaction).  Nested use joins the outer one.
+        """
+        reader: MetaReader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = MetaReader(self._path)
+            with self._readers_lock:
+                if self._closed:
+                    reader.close()
+                    raise sqlite3.ProgrammingError("the metastore is closed")
+                self._readers.append(reader)
+            self._local.reader = reader
+        if reader._db.in_transaction:
+            yield reader
+            return
+        reader._db.execute("BEGIN")
+        try:
+            yield reader
+        finally:
+            if reader._db.in_transaction:
+                reader._db.execute("COMMIT")  # ends the read: the WAL may be checkpointed past it
+
+    @contextmanager
+    def tx(self) -> Iterator["MetaStore"]:
+        """A write transaction.  Nested use joins the outer one."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield self
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        """End a failed transaction, whatever state SQLite left it in.
+
+        A COMMIT that fails (SQLITE_FULL, I/O error) may or may not have rolled back by itself
+        (sqlite.org/lang_transaction.html).  Left open, every later ``tx()`` would join it and
+        nothing would ever be committed again: the wedge of issue 10 item 7.
+        """
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # rolled back automatically in the meantime
+
+    # -- snapshots -------------------------------------------------------
     def insert_snapshot(
         self, name: str, kind: Kind, parent_id: int | None, layer_id: int | None,
         chain_id: str | None, labels: dict[str, str], now_ns: int,
@@ -212,56 +333,13 @@ class MetaStore:
         with self._lock:
             self._db.execute("DELETE FROM snapshots WHERE id=?", (sid,))
 
-    def has_children(self, sid: int) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM snapshots WHERE parent_id=? LIMIT 1", (sid,)).fetchone() is not None
-
-    def find_committed(self, chain_id: str, parent_id: int | None) -> SnapshotRow | None:
-        """A committed snapshot labelled with `chain_id` under exactly `parent_id`."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_SNAP_COLS} FROM snapshots s WHERE kind=? AND parent_id IS ?"
-                " AND layer_id IN (SELECT id FROM layers WHERE chain_id=?) ORDER BY id",
-                (int(Kind.COMMITTED), parent_id, chain_id),
-            ).fetchall()
-        for r in rows:
-            snap = _snap(r)
-            assert snap is not None
-            if snap.labels.get("containerd.io/snapshot.ref") == chain_id:
-                return snap
-        return None
-
     # -- layers ----------------------------------------------------------
-    def layer(self, lid: int) -> LayerRow | None:
-        with self._lock:
-            return _layer(self._db.execute(f"SELECT {_LAYER_COLS} FROM layers WHERE id=?", (lid,)).fetchone())
-
-    def layer_by_chain(self, chain_id: str) -> LayerRow | None:
-        with self._lock:
-            return _layer(self._db.execute(f"SELECT {_LAYER_COLS} FROM layers WHERE chain_id=?", (chain_id,)).fetchone())
-
-    def layers(self) -> list[LayerRow]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_LAYER_COLS} FROM layers ORDER BY id").fetchall()
-        return [LayerRow(*r) for r in rows]
-
     def insert_layer(self, lid: int, chain_id: str | None, parent_id: int | None, size: int, inodes: int, now_ns: int) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT INTO layers (id, chain_id, parent_id, size, inodes, created_ns) VALUES (?,?,?,?,?,?)",
                 (lid, chain_id, parent_id, size, inodes, now_ns),
             )
-
-    def layer_users(self, lid: int) -> int:
-        """References that keep a layer: snapshots naming it, child layers, pins."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM snapshots WHERE layer_id=?)"
-                " + (SELECT COUNT(*) FROM layers WHERE parent_id=?)"
-                " + (SELECT COUNT(*) FROM pins WHERE layer_id=?)",
-                (lid, lid, lid),
-            ).fetchone()
-        return int(row[0])
 
     def delete_layer(self, lid: int) -> None:
         with self._lock:
@@ -275,7 +353,3 @@ class MetaStore:
     def unpin(self, lid: int, owner: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM pins WHERE layer_id=? AND owner=?", (lid, owner))
-
-    def pins(self, lid: int) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT owner FROM pins WHERE layer_id=? ORDER BY owner", (lid,))]

@@ -21,6 +21,13 @@ only after it commits, so after a crash the only possible mismatches are
 orphan directories or a commit whose rename outran its transaction; `recover`
 repairs both at start-up and on containerd's Cleanup call.
 
+Reads (stat, mounts, usage of a committed snapshot, list, layers) take no lock:
+they read the last committed state on their thread's own SQLite connection
+(`MetaStore.reading`), so they never wait behind a write in progress.  That is
+sound because the directories follow the rows inside each write transaction
+(a directory a committed row names is in place before the COMMIT and goes only
+after it), so the state a reader sees is always one whose paths exist.
+
 Permissions: ROOT, layers/, active/ and trash/ are 0700 (fixed at every start).  Layers and
 uppers hold whatever images and containers wrote, setuid-root binaries and device nodes
 included; a non-root user of the node must not be able to reach them (containerd's
@@ -49,7 +56,7 @@ from ..stack import snapshot_mounts
 from . import opaque, validate
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RepoLocked, ResourceExhausted
 from .fsutil import disk_usage, remove_tree
-from .metastore import MetaStore, SnapshotRow
+from .metastore import MetaStore, Queries, SnapshotRow
 from .model import Kind, LayerInfo, Mount, SnapshotInfo, Usage
 from .space import RESERVE_NAME, Reserve, describe_full, is_full_error
 
@@ -227,7 +234,7 @@ class Repo:
                     os.chown(tmp / "fs", top.st_uid, top.st_gid)
                 sid = self._insert_and_place(tmp, kind, key, prow, chain if kind is Kind.ACTIVE else None, labels)
                 row = SnapshotRow(sid, key, kind, prow.id if prow else None, None, None, labels, 0, 0)
-                return self._mounts_of(row)
+                return self._mounts_of(row, self.meta)
         except BaseException:
             remove_tree(tmp)
             raise
@@ -293,24 +300,24 @@ class Repo:
         raise AlreadyExists(f"target snapshot {chain!r} already exists in the repo")
 
     def mounts(self, key: str) -> list[Mount]:
-        with self._lock:
-            row = self._row(key)
+        with self.meta.reading() as q:
+            row = self._row(key, q)
             if row.kind is Kind.COMMITTED:
                 raise FailedPrecondition(f"snapshot {key!r} is committed: only active and view snapshots have mounts")
-            return self._mounts_of(row)
+            return self._mounts_of(row, q)
 
-    def _mounts_of(self, row: SnapshotRow) -> list[Mount]:
-        lowers = [str(self.layer_path(lid)) for lid in self._parent_layers(row)]
+    def _mounts_of(self, row: SnapshotRow, q: Queries) -> list[Mount]:
+        lowers = [str(self.layer_path(lid)) for lid in self._parent_layers(row, q)]
         own = self._active_path(row.id)
         if row.kind is Kind.ACTIVE:
             return snapshot_mounts(lowers, str(own / "fs"), str(own / "work"))
         return snapshot_mounts(lowers, empty_dir=str(own / "fs"))
 
-    def _parent_layers(self, row: SnapshotRow) -> list[int]:
+    def _parent_layers(self, row: SnapshotRow, q: Queries) -> list[int]:
         """Layer ids below `row`, nearest first."""
         if row.parent_id is None:
             return []
-        layers = self.meta.ancestor_layers(row.id)
+        layers = q.ancestor_layers(row.id)
         if any(lid is None for lid in layers):
             raise FailedPrecondition(f"snapshot {row.name!r} has a broken parent chain")
         return layers  # type: ignore[return-value]
@@ -416,8 +423,8 @@ class Repo:
         return dead
 
     def stat(self, key: str) -> SnapshotInfo:
-        with self._lock:
-            return self._info(self._row(key))
+        with self.meta.reading() as q:
+            return self._info(self._row(key, q), q)
 
     @_reports_full
     def update(self, info: SnapshotInfo, fieldpaths: Sequence[str] = ()) -> SnapshotInfo:
@@ -443,43 +450,54 @@ class Repo:
             validate.check_labels(labels)
             with self.meta.tx():
                 self.meta.set_labels(row.id, labels, time.time_ns())
-            return self._info(self.meta.snapshot_by_id(row.id))  # type: ignore[arg-type]
+            return self._info(self.meta.snapshot_by_id(row.id), self.meta)  # type: ignore[arg-type]
 
     def usage(self, key: str) -> Usage:
-        with self._lock:
-            row = self._row(key)
+        source = self._usage_source(key)
+        return source if isinstance(source, Usage) else disk_usage(source)
+
+    def recorded_usage(self, key: str) -> Usage | None:
+        """Usage without walking a directory: a committed layer's (measured at Commit) or a
+        view's (nothing); None for an active snapshot, whose upper must be measured (`usage`)."""
+        source = self._usage_source(key)
+        return source if isinstance(source, Usage) else None
+
+    def _usage_source(self, key: str) -> Usage | Path:
+        """The recorded usage, or the active snapshot's upper directory to measure."""
+        with self.meta.reading() as q:
+            row = self._row(key, q)
             if row.kind is Kind.COMMITTED:
-                layer = self.meta.layer(row.layer_id)  # type: ignore[arg-type]
+                layer = q.layer(row.layer_id)  # type: ignore[arg-type]
                 return Usage(layer.size, layer.inodes) if layer else Usage()
             if row.kind is Kind.VIEW:
                 return Usage()
-            path = self._active_path(row.id) / "fs"
-        return disk_usage(path)
+            return self._active_path(row.id) / "fs"
 
     def list(self, filter_strings: Sequence[str] = ()) -> Iterable[SnapshotInfo]:
         try:
             flt = _filters.parse(list(filter_strings))
         except _filters.FilterSyntaxError as e:
             raise InvalidArgument(f"bad filter: {e}") from None
-        with self._lock:
-            rows = self.meta.snapshots()
-            by_id = {r.id: r for r in rows}
-            infos = [self._info(r, by_id) for r in rows]
+        with self.meta.reading() as q:
+            rows = q.snapshots()
+        by_id = {r.id: r for r in rows}
+        infos = [self._info(r, q, by_id) for r in rows]
         for info in infos:
             adaptor = _filters.snapshot_adaptor(info.name, info.parent, info.kind.filter_name, info.labels)
             if flt.match(adaptor):
                 yield info
 
-    def _row(self, key: str) -> SnapshotRow:
-        row = self.meta.snapshot(key)
+    def _row(self, key: str, q: Queries | None = None) -> SnapshotRow:
+        row = (q or self.meta).snapshot(key)
         if row is None:
             raise NotFound(f"snapshot {key!r} does not exist")
         return row
 
-    def _info(self, row: SnapshotRow, by_id: Mapping[int, SnapshotRow] | None = None) -> SnapshotInfo:
+    @staticmethod
+    def _info(row: SnapshotRow, q: Queries, by_id: Mapping[int, SnapshotRow] | None = None) -> SnapshotInfo:
         parent = ""
         if row.parent_id is not None:
-            p = by_id.get(row.parent_id) if by_id is not None else self.meta.snapshot_by_id(row.parent_id)
+            p = by_id.get(row.parent_id) if by_id is not None else q.snapshot_by_id(row.parent_id)
             parent = p.name if p else ""
         return SnapshotInfo(row.name, row.kind, parent, dict(row.labels), row.created_ns, row.updated_ns)
 
@@ -514,11 +532,11 @@ class Repo:
 
     # -- introspection for `fractal repo` -----------------------------------
     def layers(self) -> list[LayerInfo]:
-        with self._lock:
+        with self.meta.reading() as q:
             out = []
-            for layer in self.meta.layers():
-                users = [s.name for s in self.meta.snapshots_of_layer(layer.id)]
-                users += [f"pin:{o}" for o in self.meta.pins(layer.id)]
+            for layer in q.layers():
+                users = [s.name for s in q.snapshots_of_layer(layer.id)]
+                users += [f"pin:{o}" for o in q.pins(layer.id)]
                 out.append(LayerInfo(layer.id, layer.chain_id, layer.parent_id, layer.size, layer.inodes,
                                      layer.created_ns, tuple(users), str(self.layer_path(layer.id))))
             return out

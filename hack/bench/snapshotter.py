@@ -22,13 +22,17 @@ meaningful.  Three measurements:
    ``--ops`` iterations each, on top of the image's top layer: (a) straight to the fractal
    socket, (b) through containerd's snapshots service for ``fractal``, (c) the same for
    ``overlayfs``.  Keys are removed after the timed loop (not timed).
+4. **Reads behind writes**: ``--clients`` threads x ``--ops`` x (Mounts, Stat) of ``--read-keys`` active
+   snapshots straight to the fractal socket, first alone, then while one more client loops
+   Cleanup (a walk of the whole repo) + Prepare/Commit/Remove: the ratio of the two p99s shows
+   whether reads wait behind writes (issue 13).
 
 Prints a table with ratios and the goals met/missed; ``--json FILE`` writes all figures;
 ``--plot DIR`` draws ``DIR/snapshotter-disk.svg`` (disk vs namespaces, hack/bench/plots.py).
 Must run as root.  Exits non-zero on any error (the env is torn down in every case).
 
     python3 hack/bench/snapshotter.py [--image debian|edge|busybox] [--rounds 3]
-        [--namespaces 10] [--clients 8] [--ops 300] [--json FILE] [--plot DIR]
+        [--namespaces 10] [--clients 8] [--ops 300] [--read-keys 200] [--json FILE] [--plot DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a script: make `hack` and `ccpu` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
@@ -413,6 +417,115 @@ def bench_latency(env: FractalEnv, stores: Stores, ref: str, clients: int, ops: 
     return res
 
 
+READ_KEYS = 200  # default: active snapshots the read clients Stat/Mount (and Cleanup walks)
+
+
+def read_clients(address: Path, keys: list[str], clients: int, ops: int,
+                 writer: Callable[[Any, threading.Event], int] | None) -> tuple[dict[str, list[float]], int]:
+    """``clients`` threads x ``ops`` x (Mounts, Stat) of existing ``keys`` straight to the
+    snapshotter; with ``writer``, one more thread runs ``writer(stub, stop)`` until they are done.
+    Returns (ms per op, writer iterations)."""
+    import grpc
+
+    pb, pb_grpc = _pb()
+    lat: dict[str, list[float]] = {"Mounts": [], "Stat": []}
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    wrote = [0]
+
+    def client(c: int) -> None:
+        mine: dict[str, list[float]] = {"Mounts": [], "Stat": []}
+        try:
+            with grpc.insecure_channel(f"unix:{address}") as ch:
+                stub = pb_grpc.SnapshotsStub(ch)
+                grpc.channel_ready_future(ch).result(timeout=30)
+                for i in range(ops):
+                    key = keys[(c * ops + i) % len(keys)]
+                    t0 = time.perf_counter()
+                    stub.Mounts(pb.MountsRequest(snapshotter=FRACTAL, key=key), timeout=60)
+                    t1 = time.perf_counter()
+                    stub.Stat(pb.StatSnapshotRequest(snapshotter=FRACTAL, key=key), timeout=60)
+                    t2 = time.perf_counter()
+                    mine["Mounts"].append((t1 - t0) * 1e3)
+                    mine["Stat"].append((t2 - t1) * 1e3)
+        except BaseException as exc:  # noqa: BLE001
+            with lock:
+                errors.append(f"reader {c}: {exc}")
+        with lock:
+            for op, v in mine.items():
+                lat[op].extend(v)
+
+    def write() -> None:
+        try:
+            with grpc.insecure_channel(f"unix:{address}") as ch:
+                wrote[0] = writer(pb_grpc.SnapshotsStub(ch), stop)  # type: ignore[misc]
+        except BaseException as exc:  # noqa: BLE001
+            with lock:
+                errors.append(f"writer: {exc}")
+
+    w = threading.Thread(target=write, daemon=True) if writer else None
+    if w:
+        w.start()
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    if w:
+        w.join()
+    if errors:
+        raise HarnessError("read clients failed:\n  " + "\n  ".join(errors[:5]))
+    return lat, wrote[0]
+
+
+def bench_reads(env: FractalEnv, stores: Stores, ref: str, clients: int, ops: int,
+                read_keys: int = READ_KEYS) -> dict[str, Any]:
+    """Mounts/Stat straight to the snapshotter, alone and while one more client loops the writes
+    that hold the repo longest: Cleanup (walks every directory of the repo) and a
+    Prepare/Commit/Remove of a snapshot.  Reads that never wait behind writes keep their latency."""
+    import grpc
+
+    pb, pb_grpc = _pb()
+    ns = env.new_namespace("br")
+    env.pull(ref, namespace=ns, snapshotter=FRACTAL, timeout=600)
+    stores.wait_trash()
+    address = env.snapshotter_address
+    parent = top_committed(address, FRACTAL, ())
+    run_id = uuid.uuid4().hex[:6]
+    keys = [f"bench-reads-{run_id}-{i}" for i in range(read_keys)]
+    with grpc.insecure_channel(f"unix:{address}") as ch:
+        stub = pb_grpc.SnapshotsStub(ch)
+        for k in keys:
+            stub.Prepare(pb.PrepareSnapshotRequest(snapshotter=FRACTAL, key=k, parent=parent), timeout=60)
+
+    def writer(stub: Any, stop: threading.Event) -> int:
+        n = 0
+        while not stop.is_set():
+            stub.Cleanup(pb.CleanupRequest(snapshotter=FRACTAL), timeout=60)
+            key, name = f"bench-w-{run_id}-{n}", f"bench-wc-{run_id}-{n}"
+            stub.Prepare(pb.PrepareSnapshotRequest(snapshotter=FRACTAL, key=key, parent=parent), timeout=60)
+            stub.Commit(pb.CommitSnapshotRequest(snapshotter=FRACTAL, name=name, key=key), timeout=60)
+            stub.Remove(pb.RemoveSnapshotRequest(snapshotter=FRACTAL, key=name), timeout=60)
+            n += 1
+        return n
+
+    res: dict[str, Any] = {"clients": clients, "ops_per_client": ops, "keys": len(keys)}
+    quiet, _ = read_clients(address, keys, clients, ops, None)
+    busy, wrote = read_clients(address, keys, clients, ops, writer)
+    res["quiet"], res["writing"] = summarize(quiet), summarize(busy)
+    res["writer_iterations"] = wrote
+    for name in ("quiet", "writing"):
+        log(f"reads {name:8s}: " + ", ".join(f"{op} p50 {res[name][op]['p50_ms']:.2f} p99 {res[name][op]['p99_ms']:.2f}"
+                                              for op in ("Mounts", "Stat"))
+            + (f" ms ({wrote} Cleanup+Prepare+Commit+Remove meanwhile)" if name == "writing" else " ms"))
+    remove_keys(address, FRACTAL, keys, (), workers=clients)
+    remove_ns(env, ns)
+    stores.wait_entries(FRACTAL, 0)
+    return res
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 
@@ -497,6 +610,21 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
                               all(t[op]["p99_ms"] <= GOAL_P99_MS for op in OPS),
                               f"worst {worst} p99 {t[worst]['p99_ms']:.2f} ms"))
 
+    rd = result.get("reads")
+    if rd:
+        lines.append("")
+        lines.append(f"4. reads behind writes: {rd['clients']} clients x {rd['ops_per_client']} x (Mounts, Stat) of "
+                     f"{rd['keys']} active snapshots, direct, ms")
+        lines.append(f"   {'':10s} {'op':8s} {'p50':>7s} {'p99':>7s} {'max':>7s} {'p99 vs quiet':>13s}")
+        for name in ("quiet", "writing"):
+            for op in ("Mounts", "Stat"):
+                s = rd[name][op]
+                r99 = ratio(s["p99_ms"], rd["quiet"][op]["p99_ms"]) if name == "writing" else None
+                lines.append(f"   {name if op == 'Mounts' else '':10s} {op:8s} {s['p50_ms']:7.2f} {s['p99_ms']:7.2f} "
+                             f"{s['max_ms']:7.2f} {fmt_ratio(r99) if r99 else '':>13s}")
+        lines.append(f"   (writing: one more client looped Cleanup + Prepare/Commit/Remove "
+                     f"{rd['writer_iterations']} times meanwhile)")
+
     lines.append("")
     lines.append("goals:")
     for what, ok, fig in goals:
@@ -521,15 +649,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--namespaces", type=int, default=10, help="namespaces for the disk figure (default 10)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent latency clients (default 8)")
     ap.add_argument("--ops", type=int, default=300, help="Prepare+Mounts+Stat iterations per client (default 300)")
+    ap.add_argument("--read-keys", type=int, default=READ_KEYS,
+                    help="active snapshots for the reads-behind-writes step (default %(default)s; more = a "
+                         "longer Cleanup walk)")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write all figures as JSON to FILE")
     ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the disk figure as DIR/snapshotter-disk.svg")
-    ap.add_argument("--skip", action="append", default=[], choices=["pull", "disk", "latency"],
+    ap.add_argument("--skip", action="append", default=[], choices=["pull", "disk", "latency", "reads"],
                     help="skip a measurement (repeatable; for debugging)")
     ap.add_argument("--debug", action="store_true", help="debug logs (snapshotter logs every request)")
     ap.add_argument("--strict", action="store_true", help="exit 3 if a goal is missed")
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.namespaces < 1 or args.clients < 1 or args.ops < 1:
-        ap.error("--rounds, --namespaces, --clients and --ops must be >= 1")
+    if args.rounds < 1 or args.namespaces < 1 or args.clients < 1 or args.ops < 1 or args.read_keys < 1:
+        ap.error("--rounds, --namespaces, --clients, --ops and --read-keys must be >= 1")
     if args.plot:
         from hack.bench import plots
 
@@ -558,7 +689,9 @@ def main(argv: list[str] | None = None) -> int:
             env.ctr("content", "fetch", "--plain-http", ref, namespace="bench-content", timeout=600)
             for step, fn in (("pull", lambda: bench_pull(env, stores, ref, args.rounds)),
                              ("disk", lambda: bench_disk(env, stores, ref, args.namespaces)),
-                             ("latency", lambda: bench_latency(env, stores, ref, args.clients, args.ops))):
+                             ("latency", lambda: bench_latency(env, stores, ref, args.clients, args.ops)),
+                             ("reads", lambda: bench_reads(env, stores, ref, args.clients, args.ops,
+                                                           args.read_keys))):
                 if step in args.skip:
                     continue
                 t = time.monotonic()

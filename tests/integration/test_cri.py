@@ -21,15 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from hack.containerd_env import (CNI_PLUGIN_DIR, CriConfig, FractalEnv, http_get, peer_bin_dir, peer_missing,
-                                 run_cmd)
+from hack.containerd_env import CNI_PLUGIN_DIR, CriConfig, FractalEnv, http_get, peer_missing, run_cmd
+from tests.cri_pods import Crictl, CriPod
 
 
 ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
@@ -49,20 +48,6 @@ def _pids_of_shims(address: Path) -> list[int]:
         if str(address) in cmd and (SHIM in cmd or "shim.daemon" in cmd):
             out.append(int(entry))
     return sorted(out)
-
-
-class Crictl:
-    def __init__(self, env: FractalEnv, home: Path) -> None:
-        self.binary = str(peer_bin_dir("cri-tools") / "crictl")
-        sock = f"unix://{env.address}"
-        cfg = home / "crictl.yaml"
-        cfg.write_text(f"runtime-endpoint: {sock}\nimage-endpoint: {sock}\ntimeout: 60\n")
-        self.base = [self.binary, "--config", str(cfg), "--runtime-endpoint", sock, "--image-endpoint", sock]
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("CONTAINER_RUNTIME_ENDPOINT", "IMAGE_SERVICE_ENDPOINT", "CRI_CONFIG_FILE")}
-
-    def __call__(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return run_cmd([*self.base, *args], check=check, timeout=timeout, env=self.env)
 
 
 def _need(why: str | None, ci_note: str) -> None:
@@ -136,33 +121,14 @@ def test_crictl_pod_lifecycle(cri_env: FractalEnv, registry, tmp_path: Path) -> 
 
     logdir = tmp_path / "podlogs"
     logdir.mkdir()
-    pod = {
-        "metadata": {"name": "fractal-pod", "namespace": "default", "uid": "fractal-pod-uid", "attempt": 0},
-        "log_directory": str(logdir),
-        "linux": {"security_context": {"namespace_options": {"network": 2}}},  # NODE: no CNI
-    }
-    pod_json = tmp_path / "pod.json"
-    pod_json.write_text(json.dumps(pod))
-    pod_id = crictl("runp", "--runtime", "fractal", str(pod_json), timeout=180).stdout.strip()
-    cids: list[str] = []
-    try:
+    with CriPod(crictl, tmp_path, "fractal-pod", host_network=True, log_dir=logdir) as pod:
         shims = _pids_of_shims(env.address)
         assert len(shims) == 1, f"expected one shim for the pod, found {shims}"
-        for i in range(2):
-            ctr = {
-                "metadata": {"name": f"c{i}"},
-                "image": {"image": ref},
-                "command": ["sh", "-c", f"echo hello-from-c{i}; exec sleep 3600"],
-                "log_path": f"c{i}.log",
-            }
-            ctr_json = tmp_path / f"ctr{i}.json"
-            ctr_json.write_text(json.dumps(ctr))
-            cid = crictl("create", pod_id, str(ctr_json), str(pod_json), timeout=120).stdout.strip()
-            cids.append(cid)
-            crictl("start", cid, timeout=60)
+        cids = [pod.container(f"c{i}", ref, ["sh", "-c", f"echo hello-from-c{i}; exec sleep 3600"])
+                for i in range(2)]
         for cid in cids:
             _wait_state(crictl, cid, "CONTAINER_RUNNING")
-        ps = crictl("ps", "-p", pod_id, "-q").stdout.split()
+        ps = crictl("ps", "-p", pod.id, "-q").stdout.split()
         assert sorted(ps) == sorted(cids), ps
         shims_now = _pids_of_shims(env.address)
         assert shims_now == shims, f"one shim must serve the whole pod: {shims} then {shims_now}"
@@ -183,22 +149,13 @@ def test_crictl_pod_lifecycle(cri_env: FractalEnv, registry, tmp_path: Path) -> 
         for cid in cids:
             crictl("stop", "-t", "2", cid, timeout=60)
             _wait_state(crictl, cid, "CONTAINER_EXITED")
-            crictl("rm", cid)
-        cids.clear()
-        assert crictl("ps", "-a", "-p", pod_id, "-q").stdout.split() == []
-        crictl("stopp", pod_id, timeout=60)
-        crictl("rmp", pod_id, timeout=60)
-        pod_id = ""
+        pod.remove_containers()
+        assert crictl("ps", "-a", "-p", pod.id, "-q").stdout.split() == []
+        pod.remove()
         deadline = time.monotonic() + 15
         while _pids_of_shims(env.address) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _pids_of_shims(env.address) == [], "the pod's shim is still running after rmp"
-    finally:
-        for cid in cids:
-            crictl("rm", "-f", cid, check=False)
-        if pod_id:
-            crictl("stopp", pod_id, check=False)
-            crictl("rmp", "-f", pod_id, check=False)
     mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if str(env.run_dir) in line or str(env.root_dir) in line]
     assert not any("/containers/" in m or "rootfs" in m or "/sandboxes/" in m for m in mounts), mounts
@@ -219,17 +176,9 @@ def test_pod_network_bridge(cri_env: FractalEnv, registry, tmp_path: Path) -> No
     ref = registry.ref("busybox")
     crictl("pull", ref, timeout=300)
     netns_before = _netns_names()
-    pod = {
-        "metadata": {"name": "net-pod", "namespace": "default", "uid": "net-pod-uid", "attempt": 0},
-        "log_directory": str(tmp_path),
-        "annotations": {"io.fractal.mode": "host"},
-    }  # network namespace_options default: POD (its own netns, set up by CNI)
-    pod_json = tmp_path / "pod.json"
-    pod_json.write_text(json.dumps(pod))
-    pod_id = crictl("runp", "--runtime", "fractal", str(pod_json), timeout=180).stdout.strip()
-    cids: list[str] = []
-    try:
-        info = json.loads(crictl("inspectp", "-o", "json", pod_id).stdout)
+    # network namespace_options default: POD (its own netns, set up by CNI)
+    with CriPod(crictl, tmp_path, "net-pod", host_network=False, mode="host") as pod:
+        info = json.loads(crictl("inspectp", "-o", "json", pod.id).stdout)
         ip = info["status"]["network"]["ip"]
         assert ipaddress.ip_address(ip) in ipaddress.ip_network(env.cri.subnet), (ip, env.cri.subnet)
         netns = info["info"]["runtimeSpec"]["linux"]["namespaces"]
@@ -240,18 +189,9 @@ def test_pod_network_bridge(cri_env: FractalEnv, registry, tmp_path: Path) -> No
         assert annotations.get("io.fractal.mode") == "host", annotations
         # the netns is a real one, different from the host's
         assert os.stat(netns_path).st_ino != os.stat("/proc/self/ns/net").st_ino
-        specs = [
-            ("web", ["sh", "-c", "mkdir -p /www && echo pong-from-pod > /www/index.html && "
-                                 "exec httpd -f -p 8080 -h /www"]),
-            ("client", ["sleep", "3600"]),
-        ]
-        for name, cmd in specs:
-            cfg = tmp_path / f"{name}.json"
-            cfg.write_text(json.dumps({"metadata": {"name": name}, "image": {"image": ref},
-                                       "command": cmd, "log_path": f"{name}.log"}))
-            cid = crictl("create", pod_id, str(cfg), str(pod_json), timeout=120).stdout.strip()
-            cids.append(cid)
-            crictl("start", cid, timeout=60)
+        cids = [pod.container("web", ref, ["sh", "-c", "mkdir -p /www && echo pong-from-pod > /www/index.html && "
+                                                       "exec httpd -f -p 8080 -h /www"]),
+                pod.container("client", ref, ["sleep", "3600"])]
         for cid in cids:
             _wait_state(crictl, cid, "CONTAINER_RUNNING")
         # the host reaches the pod at its IP, through the bridge
@@ -268,13 +208,7 @@ def test_pod_network_bridge(cri_env: FractalEnv, registry, tmp_path: Path) -> No
         assert f"inet {ip}/" in addr, addr
         assert env.cri.bridge_name in Path("/proc/net/dev").read_text()
 
-        for cid in cids:
-            crictl("stop", "-t", "2", cid, timeout=60)
-            crictl("rm", cid)
-        cids.clear()
-        crictl("stopp", pod_id, timeout=60)
-        crictl("rmp", pod_id, timeout=60)
-        pod_id = ""
+        pod.remove()
         # CNI DEL released the IP; CRI removed the netns
         assert not Path(netns_path).exists(), f"{netns_path} left after rmp"
         assert _netns_names() <= netns_before, _netns_names() - netns_before
@@ -285,9 +219,3 @@ def test_pod_network_bridge(cri_env: FractalEnv, registry, tmp_path: Path) -> No
         while _pids_of_shims(env.address) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _pids_of_shims(env.address) == [], "the pod's shim is still running after rmp"
-    finally:
-        for cid in cids:
-            crictl("rm", "-f", cid, check=False)
-        if pod_id:
-            crictl("stopp", pod_id, check=False)
-            crictl("rmp", "-f", pod_id, check=False)

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from hack.containerd_env import FractalEnv, http_get
+from tests.cri_pods import Crictl, CriPod
 from tests.integration.test_cri import (  # noqa: F401  (fixtures are used by name)
-    Crictl, _need, _pids_of_shims, _wait_state, cni_missing, cri_env, pause_image)
+    _need, _pids_of_shims, _wait_state, cni_missing, cri_env, pause_image)
 
 
 def _qemus_of(env: FractalEnv) -> list[int]:
@@ -37,46 +38,6 @@ def _qemus_of(env: FractalEnv) -> list[int]:
     return out
 
 
-class Pod:
-    def __init__(self, crictl: Crictl, tmp_path: Path, name: str, *, host_network: bool) -> None:
-        self.crictl, self.tmp = crictl, tmp_path
-        cfg = {"metadata": {"name": name, "namespace": "default", "uid": f"{name}-uid", "attempt": 0},
-               "log_directory": str(tmp_path), "annotations": {"io.fractal.mode": "vm"}}
-        if host_network:  # NODE network: no netns, and no UTS namespace of the pod's own
-            cfg["linux"] = {"security_context": {"namespace_options": {"network": 2}}}
-        else:
-            cfg["hostname"] = f"{name}-host"
-        self.json = tmp_path / f"{name}.json"
-        self.json.write_text(json.dumps(cfg))
-        self.id = crictl("runp", "--runtime", "fractal", str(self.json), timeout=300).stdout.strip()
-        self.cids: list[str] = []
-
-    def container(self, name: str, image: str, cmd: list[str]) -> str:
-        cfg = self.tmp / f"{name}.ctr.json"
-        cfg.write_text(json.dumps({"metadata": {"name": name}, "image": {"image": image},
-                                   "command": cmd, "log_path": f"{name}.log"}))
-        cid = self.crictl("create", self.id, str(cfg), str(self.json), timeout=180).stdout.strip()
-        self.cids.append(cid)
-        self.crictl("start", cid, timeout=120)
-        return cid
-
-    def remove(self) -> None:
-        for cid in self.cids:
-            self.crictl("stop", "-t", "2", cid, timeout=120)
-            self.crictl("rm", cid, timeout=60)
-        self.cids.clear()
-        self.crictl("stopp", self.id, timeout=120)
-        self.crictl("rmp", self.id, timeout=120)
-        self.id = ""
-
-    def cleanup(self) -> None:
-        for cid in self.cids:
-            self.crictl("rm", "-f", cid, check=False)
-        if self.id:
-            self.crictl("stopp", self.id, check=False)
-            self.crictl("rmp", "-f", self.id, check=False)
-
-
 def _wait_gone(env: FractalEnv) -> None:
     deadline = time.monotonic() + 20
     while (_pids_of_shims(env.address) or _qemus_of(env)) and time.monotonic() < deadline:
@@ -90,7 +51,7 @@ def test_vm_pod_lifecycle(cri_env: FractalEnv, registry, tmp_path: Path) -> None
     crictl = Crictl(env, tmp_path)
     ref = registry.ref("busybox")
     crictl("pull", ref, timeout=300)
-    pod = Pod(crictl, tmp_path, "vm-pod", host_network=True)
+    pod = CriPod(crictl, tmp_path, "vm-pod", host_network=True, mode="vm")
     try:
         qemus = _qemus_of(env)
         assert len(qemus) == 1, f"runp must boot exactly one VM, found {qemus}"
@@ -133,7 +94,7 @@ def test_vm_pod_network(cri_env: FractalEnv, registry, tmp_path: Path) -> None: 
     crictl = Crictl(env, tmp_path)
     ref = registry.ref("busybox")
     crictl("pull", ref, timeout=300)
-    pod = Pod(crictl, tmp_path, "vm-net-pod", host_network=False)
+    pod = CriPod(crictl, tmp_path, "vm-net-pod", host_network=False, mode="vm", hostname="vm-net-pod-host")
     try:
         info = json.loads(crictl("inspectp", "-o", "json", pod.id).stdout)
         ip = info["status"]["network"]["ip"]

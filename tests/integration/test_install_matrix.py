@@ -27,6 +27,7 @@ import pytest
 from ccpu.cli.wiring import effective_cri_snapshotter
 from hack.containerd_env import (CONTAINERD_PEERS, CriConfig, FractalEnv, Snapshotter, peer_bin_dir,
                                  peer_missing, run_cmd, tail)
+from tests.cri_pods import Crictl, CriPod
 
 REPO = Path(__file__).resolve().parents[2]
 ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
@@ -161,34 +162,17 @@ def test_install_wires_each_containerd_and_uninstall_restores(version: str, regi
 
 def _cri_pod(env: FractalEnv, ref: str, tmp_path: Path) -> None:
     """A pod through RuntimeClass handler `fractal`: its containers on fractal's snapshotter."""
-    sock = f"unix://{env.address}"
-    conf = tmp_path / "crictl.yaml"
-    conf.write_text(f"runtime-endpoint: {sock}\nimage-endpoint: {sock}\ntimeout: 60\n")
-    base = [str(peer_bin_dir("cri-tools") / "crictl"), "--config", str(conf)]
-    cenv = {k: v for k, v in os.environ.items()
-            if k not in ("CONTAINER_RUNTIME_ENDPOINT", "IMAGE_SERVICE_ENDPOINT", "CRI_CONFIG_FILE")}
-
-    def crictl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return run_cmd([*base, *args], timeout=timeout, env=cenv)
-
+    crictl = Crictl(env, tmp_path)
     crictl("pull", ref, timeout=300)
     logdir = tmp_path / "podlogs"
     logdir.mkdir()
-    pod = {"metadata": {"name": "inst-pod", "namespace": "default", "uid": "inst-pod-uid", "attempt": 0},
-           "log_directory": str(logdir), "linux": {"security_context": {"namespace_options": {"network": 2}}}}
-    (tmp_path / "pod.json").write_text(json.dumps(pod))
-    ctr = {"metadata": {"name": "c"}, "image": {"image": ref}, "command": ["sleep", "3600"], "log_path": "c.log"}
-    (tmp_path / "c.json").write_text(json.dumps(ctr))
-    pod_id = crictl("runp", "--runtime", "fractal", str(tmp_path / "pod.json"), timeout=180).stdout.strip()
-    try:
-        cid = crictl("create", pod_id, str(tmp_path / "c.json"), str(tmp_path / "pod.json")).stdout.strip()
-        crictl("start", cid)
-        assert crictl("exec", "-s", cid, "echo", "hi-from-cri").stdout.strip() == "hi-from-cri"
-        info = json.loads(env.ctr("containers", "info", cid, namespace="k8s.io").stdout)
-        assert info["Snapshotter"] == "fractal" and info["Runtime"]["Name"] == "io.containerd.fractal.v1", info
-    except Exception:
-        print(tail(env.containerd.log_path), file=sys.stderr)
-        raise
-    finally:
-        crictl("stopp", pod_id, timeout=120)
-        crictl("rmp", pod_id, timeout=120)
+    with CriPod(crictl, tmp_path, "inst-pod", host_network=True, log_dir=logdir, timeout=180) as pod:
+        try:
+            cid = pod.container("c", ref, ["sleep", "3600"])
+            assert crictl("exec", "-s", cid, "echo", "hi-from-cri").stdout.strip() == "hi-from-cri"
+            info = json.loads(env.ctr("containers", "info", cid, namespace="k8s.io").stdout)
+            assert info["Snapshotter"] == "fractal" and info["Runtime"]["Name"] == "io.containerd.fractal.v1", info
+            pod.remove()
+        except Exception:
+            print(tail(env.containerd.log_path), file=sys.stderr)
+            raise

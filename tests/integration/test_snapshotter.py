@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from ccpu.repo.fsutil import disk_usage
 from ccpu.stack import compact_lowerdirs
 from hack import testimages
 from hack.containerd_env import CommandError, FractalEnv
+from tests.harness import private_snapshotter
 
 SN = "fractal"
 
@@ -163,14 +163,25 @@ def test_gc_after_image_removal_shrinks_repo(fenv: FractalEnv, registry, namespa
 def test_ctr_snapshot_commands(fenv: FractalEnv, namespace: str) -> None:
     c = lambda *a, **kw: fenv.ctr("snapshots", "--snapshotter", SN, *a, namespace=namespace, **kw)  # noqa: E731
     c("prepare", "--target", "/nonexistent-never-mounted", "a")
+    # no parent: one rw bind mount of the upper, "mount -t bind SRC /mnt -o rbind,rw"
+    upper = Path(c("mounts", "/mnt", "a").stdout.split()[3])
+    (upper / "data").write_bytes(b"x" * 65536)
+
+    def usage(key: str) -> tuple[str, int]:
+        """(size as ctr prints it, inodes) of ``ctr snapshots usage KEY``."""
+        *size, inodes = c("usage", key).stdout.splitlines()[-1].split()[1:]
+        return " ".join(size), int(inodes)
+
+    active_usage = usage("a")  # measured now (an active upper, walked in a worker thread)
+    assert active_usage[1] == 2, active_usage  # the upper dir and the file
     c("commit", "base", "a")
+    assert usage("base") == active_usage  # recorded at Commit, answered from the layer's row
     c("prepare", "child", "base")
     c("label", "child", "team=x")
     ls = c("ls").stdout
     assert "base" in ls and "Committed" in ls and "child" in ls and "Active" in ls
     info = json.loads(c("info", "child").stdout)
     assert info["Parent"] == "base" and info["Labels"]["team"] == "x"
-    assert c("usage", "base").returncode == 0
     mounts = c("mounts", "/mnt", "child").stdout
     assert "overlay" in mounts and "upperdir=" in mounts
     # errors come back as the codes containerd understands
@@ -218,26 +229,10 @@ def test_bad_requests_get_codes_and_leave_nothing(snap_client, fenv: FractalEnv)
 
 @pytest.fixture
 def own_snap_client(tmp_path: Path):
-    """A Snapshots client of a snapshotter of its own, which no containerd knows.  Snapshots made
-    straight over gRPC must not live in the session's snapshotter: containerd's metadata GC walks
-    its backends and removes every snapshot its database does not name (metadata/snapshot.go
-    garbageCollect), so such a snapshot vanishes whenever a GC runs meanwhile -- seen on 2.x."""
-    sock, err = tmp_path / "s.sock", tmp_path / "stderr"
-    with open(err, "wb") as ef:
-        proc = subprocess.Popen([sys.executable, "-m", "snapshotter.server", "--root", str(tmp_path / "root"),
-                                 "--address", str(sock), "--metrics-address", "none"],
-                                cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL, stderr=ef)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.is_socket():
-            assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, "snapshotter did not listen: " + err.read_text()
-            time.sleep(0.05)
-        with grpc.insecure_channel(f"unix:{sock}") as ch:
-            yield pb_grpc.SnapshotsStub(ch)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    """A Snapshots client of a snapshotter of its own, which no containerd knows (see
+    tests/harness.py private_snapshotter: containerd's GC would remove what we make over gRPC)."""
+    with private_snapshotter(tmp_path, "--metrics-address", "none") as snap:
+        yield snap.client
 
 
 def test_update_and_list_filters_over_grpc(own_snap_client) -> None:

@@ -9,17 +9,15 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from ccpu import logfmt
+from tests.harness import private_snapshotter
 
-REPO = Path(__file__).resolve().parents[2]
 PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^ ]+)')
 
 
@@ -173,31 +171,13 @@ def _snapshotter_lines(*flags: str) -> list[str]:
     import grpc
 
     from ccpu.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as spb
-    from ccpu.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as sgrpc
 
     with tempfile.TemporaryDirectory(prefix="fractal-logfmt-") as tmp:
-        sock = Path(tmp) / "s.sock"
-        err = Path(tmp) / "stderr"
-        with open(err, "wb") as ef:
-            proc = subprocess.Popen([sys.executable, "-m", "snapshotter.server", "--root",
-                                     str(Path(tmp) / "root"), "--address", str(sock), *flags],
-                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=ef)
-        try:
-            deadline = time.monotonic() + 30
-            while not sock.is_socket():
-                assert proc.poll() is None, err.read_text()
-                assert time.monotonic() < deadline, "snapshotter did not listen: " + err.read_text()
-                time.sleep(0.05)
-            with grpc.insecure_channel(f"unix:{sock}") as ch:
-                stub = sgrpc.SnapshotsStub(ch)
-                with pytest.raises(grpc.RpcError) as ei:
-                    stub.Stat(spb.StatSnapshotRequest(snapshotter="fractal", key="default/1/nope"),
-                              timeout=10)
-                assert ei.value.code() == grpc.StatusCode.NOT_FOUND
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        return err.read_text().splitlines()
+        with private_snapshotter(Path(tmp), *flags) as snap:
+            with pytest.raises(grpc.RpcError) as ei:
+                snap.client.Stat(spb.StatSnapshotRequest(snapshotter="fractal", key="default/1/nope"), timeout=10)
+            assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+        return snap.output_lines()
 
 
 def test_snapshotter_debug_emits_debug_records() -> None:
