@@ -4,6 +4,11 @@ Why the shape:
 * One client at a time (the shim).  A second client is answered `Unavailable` while the first
   is connected; once it is gone, a new one may connect (a restarted shim) and finds the
   containers as they are.
+* Over TCP (remote mode, mutual TLS: ccpu/agent/tls.py) each connection carries its peer's
+  certificate identity.  The first client to say `hello` owns the agent's containers; while any
+  exist, a client presenting another identity is refused (`FailedPrecondition`), even after
+  the owner's connection went away -- a stolen or different host key cannot take them over.
+  A successful `shutdown` (no containers) frees the agent for the next client.
 * Events are never lost: while no client has said `hello`, they are queued and delivered after
   the next `hello`.  Process output produced while nobody is connected is dropped (the
   channels belonged to the old connection).
@@ -44,6 +49,7 @@ class Connection:
         self.ready = False  # hello answered
         self.closed = False
         self.window: int | None = None  # flow control: the client's per-channel window
+        self.identity: str | None = None  # the peer's certificate fingerprint (TCP + TLS)
         self._credits: dict[int, int] = {}  # output channel -> bytes we may still send
         self._waiters: dict[int, asyncio.Future[None]] = {}
 
@@ -166,6 +172,7 @@ class Server:
         self.stopped = asyncio.Event()  # set by `shutdown`
         self._tasks: set[asyncio.Task[None]] = set()
         self._count = 0
+        self.owner: str | None = None  # the identity that owns the containers (TCP + TLS)
         self._ops: dict[str, Handler] = {
             "create": supervisor.create,
             "start": supervisor.start,
@@ -185,10 +192,13 @@ class Server:
             "diagnose": diagnose.diagnose_op,
         }
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one connection until it closes or breaks the protocol."""
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    identity: str | None = None) -> None:
+        """Serve one connection until it closes or breaks the protocol.  ``identity``: the
+        peer's authenticated identity (its TLS certificate's fingerprint), None on a local link."""
         self._count += 1
         conn = Connection(writer, f"conn{self._count}")
+        conn.identity = identity
         log.debug("%s: connected", conn.name)
         try:
             while True:
@@ -238,6 +248,7 @@ class Server:
                 conn.close()
                 return
             try:
+                self._check_owner(conn)
                 result = self._hello(args)
                 conn.window = self._window(args)
             except protocol.AgentError as e:
@@ -248,6 +259,7 @@ class Server:
                 result = {**result, "features": [*FEATURES, "flow"], "window": conn.window}
             conn.send(wire.encode_control(protocol.response_ok(rid, result)))
             conn.ready = True
+            self.owner = conn.identity
             self.outbox.attach(conn)
             return
         if op in ("create", "exec"):
@@ -258,6 +270,15 @@ class Server:
         task = asyncio.ensure_future(self.handle_request(conn, rid, op, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _check_owner(self, conn: Connection) -> None:
+        """A client of another identity may not take over existing containers."""
+        if self.owner is not None and conn.identity != self.owner and self.sup.containers:
+            log.warning("%s: refused: identity %s is not %s, which owns %d containers", conn.name,
+                        conn.identity, self.owner, len(self.sup.containers))
+            raise protocol.FailedPrecondition(
+                f"this agent's {len(self.sup.containers)} containers belong to another client "
+                f"identity ({self.owner}); yours is {conn.identity}")
 
     def _hello(self, args: Mapping[str, Any]) -> dict[str, Any]:
         version = args.get("version")
@@ -305,6 +326,7 @@ class Server:
             log.debug("%s %s -> %s", op, _brief(args), _brief(response))
         conn.send(wire.encode_control(response))
         if op == "shutdown" and response.get("ok"):
+            self.owner = None
             await conn.drain()
             self.stopped.set()
 
