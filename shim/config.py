@@ -131,7 +131,7 @@ MAX_ENDPOINTS = 64
 
 def parse_endpoint(value: Any, where: str) -> str:
     """``HOST:PORT`` or ``[V6]:PORT``."""
-    from ccpu.agent.tls import parse_tcp
+    from ccpu.agent.endpoint import parse_tcp
 
     if not isinstance(value, str) or len(value) > 300:
         raise ConfigError(f"{where}: expected \"HOST:PORT\", got {_brief(value)}")

@@ -23,16 +23,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
+import sys
+from types import ModuleType
 from typing import Any
 
 from ccpu import errdefs
-from ccpu.agent import tls
 from ccpu.agent.client import AgentClient
+from ccpu.agent.endpoint import parse_tcp
 from shim.agentsandbox import AgentSandbox
 from shim.config import RemoteSettings, Timeouts
 
 log = logging.getLogger("shim.sandbox")
+
+
+def allow_ssl() -> ModuleType:
+    """``ssl``, importable again in a shim daemon that blocked it (shim/daemon.py ``skip_ssl``:
+    ~10 ms of every other sandbox's start), and known to asyncio's modules, which were imported
+    while it was blocked and so hold ``ssl = None`` (they would refuse TLS, or hang in the
+    handshake: ``sslproto`` defines its retry errors only when ssl imported).  ``sslproto`` is
+    re-run; the two others only test ``ssl`` by name."""
+    import asyncio.base_events
+    import asyncio.selector_events
+    import asyncio.sslproto
+    import importlib
+
+    if "ssl" in sys.modules and sys.modules["ssl"] is None:
+        del sys.modules["ssl"]
+    import ssl
+
+    if asyncio.sslproto.ssl is None:
+        importlib.reload(asyncio.sslproto)
+    for mod in (asyncio.base_events, asyncio.selector_events):
+        if getattr(mod, "ssl", ssl) is None:
+            mod.ssl = ssl  # type: ignore[attr-defined]
+    return ssl
 
 
 class RemoteSandbox(AgentSandbox):
@@ -55,13 +79,16 @@ class RemoteSandbox(AgentSandbox):
         await asyncio.shield(self._ready)
 
     async def _start(self) -> AgentClient:
+        ssl = allow_ssl()
+        from ccpu.agent import tls
+
         try:
             context = tls.client_context(tls.TlsFiles.in_dir(self.settings.tls_dir, "host"))
         except tls.TlsConfigError as exc:
             raise errdefs.FailedPrecondition(f"remote mode: {exc}") from None
         failures: list[str] = []
         for endpoint in self.settings.endpoints:
-            host, port = tls.parse_tcp(endpoint)
+            host, port = parse_tcp(endpoint)
             try:
                 client = await AgentClient.connect_tls(host, port, context,
                                                        timeout=self.settings.connect_timeout)

@@ -34,7 +34,7 @@ import stat
 import sys
 
 from ..linux.reaper import Reaper, ensure_stdio_open
-from . import limits, tls
+from . import endpoint, limits, tls
 from .container import Supervisor
 from .runc import Runc
 from .server import Outbox, Server
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not ns.tls_dir:
             p.error("--listen tcp: needs --tls-dir (mutual TLS; there is no plaintext TCP)")
         try:
-            ns.tcp = tls.parse_tcp(ns.listen)
+            ns.tcp = endpoint.parse_tcp(ns.listen)
             ns.tls = tls.server_context(tls.TlsFiles.in_dir(ns.tls_dir, "agent"))
         except ValueError as e:
             p.error(f"--listen {ns.listen}: {e}")

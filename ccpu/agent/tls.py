@@ -86,16 +86,3 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | Non
         return None
     der = ssl_object.getpeercert(binary_form=True)
     return "sha256:" + hashlib.sha256(der).hexdigest() if der else None
-
-
-def parse_tcp(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` / ``[V6]:PORT`` (an optional ``tcp:`` prefix) -> (host, port)."""
-    text = address[4:] if address.startswith("tcp:") else address
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, sep, port_text = text.rpartition(":")
-    if not host or not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host, int(port_text)

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ccpu import pki
-from ccpu.agent import protocol, tls, wire
+from ccpu.agent import endpoint, protocol, tls, wire
 from ccpu.agent.client import AgentClient
 from ccpu.agent.server import Outbox, Server
 from ccpu.cli import main as cli_main
@@ -283,11 +283,11 @@ def test_tls_dir_without_files_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_parse_tcp() -> None:
-    assert tls.parse_tcp("tcp:10.0.0.1:7443") == ("10.0.0.1", 7443)
-    assert tls.parse_tcp("[fd00::1]:1") == ("fd00::1", 1)
+    assert endpoint.parse_tcp("tcp:10.0.0.1:7443") == ("10.0.0.1", 7443)
+    assert endpoint.parse_tcp("[fd00::1]:1") == ("fd00::1", 1)
     for bad in ("10.0.0.1", ":80", "h:0", "h:70000", "h:x", "[::1]"):
         with pytest.raises(ValueError):
-            tls.parse_tcp(bad)
+            endpoint.parse_tcp(bad)
 
 
 def test_agent_command_line_has_no_plaintext_tcp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

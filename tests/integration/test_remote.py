@@ -1,0 +1,206 @@
+"""Remote mode through containerd: the agent on a "machine" reached only over TCP + mutual TLS.
+
+The machine is simulated on this host (the limit of this step, docs/remote.md): the agent runs
+in a network namespace made here (a veth pair with link-local 169.254.X.0/30 addresses on it
+only), in a PID and mount namespace of its own -- so killing the agent (the namespace's init)
+takes its containers and mounts with it, as a machine that dies.  It shares the host's
+filesystem, so the bundle and repo layer paths are the same there (no layer streaming yet).
+
+`ctr run --runtime io.containerd.fractal.v1 --annotation io.fractal.mode=remote` runs a
+container on it (output read back, exec works); a killed agent is reported as the exit of the
+task and nothing is left on the host; an agent whose certificate another CA issued is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ccpu import pki
+from hack.containerd_env import FractalEnv, mounts_under
+from tests.harness import wait_for
+
+RUNTIME = "io.containerd.fractal.v1"
+REMOTE = ["--annotation", "io.fractal.mode=remote"]
+PORT = 7443
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=30)
+
+
+@dataclass
+class Machine:
+    """A network namespace with one veth link to the host: the remote machine's network."""
+
+    netns: str
+    host_ip: str
+    agent_ip: str
+    host_link: str
+
+
+@pytest.fixture
+def machine() -> Iterator[Machine]:
+    tag = secrets.token_hex(3)
+    used = _sh("ip", "-o", "addr").stdout
+    third = next(x for x in random.sample(range(100, 250), 150) if f"169.254.{x}." not in used)
+    m = Machine(f"fr15-{tag}", f"169.254.{third}.1", f"169.254.{third}.2", f"fr15h{tag}")
+    peer = f"fr15a{tag}"
+    _sh("ip", "netns", "add", m.netns)
+    try:
+        _sh("ip", "link", "add", m.host_link, "type", "veth", "peer", "name", peer)
+        _sh("ip", "link", "set", peer, "netns", m.netns)
+        _sh("ip", "addr", "add", f"{m.host_ip}/30", "dev", m.host_link)
+        _sh("ip", "link", "set", m.host_link, "up")
+        for cmd in (("addr", "add", f"{m.agent_ip}/30", "dev", peer), ("link", "set", peer, "up"),
+                    ("link", "set", "lo", "up")):
+            _sh("ip", "-n", m.netns, *cmd)
+        yield m
+    finally:
+        _sh("ip", "link", "del", m.host_link, check=False)
+        _sh("ip", "netns", "del", m.netns, check=False)
+
+
+class RemoteAgent:
+    """`python3 -m ccpu.agent --listen tcp:...` in the machine's namespaces (net, pid, mount)."""
+
+    def __init__(self, env: FractalEnv, m: Machine, tls_dir: Path, port: int = PORT) -> None:
+        self.runc_root = env.run_dir / f"remote-runc-{port}"
+        self.log = env.log_dir / f"remote-agent-{port}.log"
+        r, w = os.pipe()
+        cmd = ["nsenter", f"--net=/run/netns/{m.netns}", "--",
+               "unshare", "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "slave", "--kill-child",
+               sys.executable, "-m", "ccpu.agent", "--listen", f"tcp:{m.agent_ip}:{port}",
+               "--tls-dir", str(tls_dir), "--runc-root", str(self.runc_root),
+               "--runc", shutil.which("runc") or "runc",
+               "--bundle-root", str(env.run_dir / "st"), "--layer-root", str(env.snapshotter_root),
+               "--ready-fd", str(w), "--log", str(self.log), "--debug"]
+        envvars = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, env=envvars)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            ready = f.read(6)
+        assert ready == b"ready\n", f"remote agent did not come up: {self._tail()}"
+
+    def _tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text()[-3000:]
+        return "(no log)"
+
+    def agent_pid(self) -> int:
+        """The agent's host pid: the init of its PID namespace, unshare's child."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        return int(children[0])
+
+    def kill_machine(self) -> None:
+        os.kill(self.agent_pid(), signal.SIGKILL)  # the namespace's init: everything in it dies
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        # what a dead machine leaves in this host's shared dirs (on a real one: gone at reboot)
+        runc = shutil.which("runc") or "runc"
+        if self.runc_root.is_dir():
+            for cid in os.listdir(self.runc_root):
+                _sh(runc, "--root", str(self.runc_root), "delete", "--force", cid, check=False)
+
+
+def _config(env: FractalEnv, m: Machine, tls_dir: Path) -> None:
+    env.fractal_config.write_text(
+        'mode = "host"\nallowed_annotations = [".*"]\n'
+        f'[remote]\nendpoints = ["{m.agent_ip}:{PORT}"]\ntls_dir = "{tls_dir}"\nconnect_timeout = 10\n')
+
+
+def _pids_running(needle: bytes) -> list[int]:
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{d}/cmdline").read_bytes():
+                    found.append(int(d))
+    return found
+
+
+@pytest.fixture
+def remote_env(machine: Machine, registry, tmp_path: Path) -> Iterator[tuple[FractalEnv, Machine, Path, str, str]]:  # noqa: ANN001
+    pki_dir = tmp_path / "pki"
+    pki.init(str(pki_dir), [machine.agent_ip])
+    env = FractalEnv()
+    with env:
+        ns = env.new_namespace()
+        ref = registry.ref("busybox")
+        env.pull(ref, namespace=ns)
+        _config(env, machine, pki_dir)
+        yield env, machine, pki_dir, ns, ref
+
+
+def test_remote_run_exec_and_machine_loss(remote_env) -> None:  # noqa: ANN001
+    env, m, pki_dir, ns, ref = remote_env
+    agent = RemoteAgent(env, m, pki_dir)
+    try:
+        out = env.run(ref, "r1", "sh", "-c", "echo remote-ok; cat /etc/os-release | head -1",
+                      namespace=ns, runtime=RUNTIME, extra=REMOTE)
+        assert "remote-ok" in out.stdout, out
+        log = agent._tail()
+        assert "connected (identity sha256:" in log and "create {'container': 'r1'" in log, log  # it ran there
+
+        marker = f"fr15-sleep-{secrets.token_hex(4)}"
+        env.run(ref, "r2", "sh", "-c", f"sleep 600; echo {marker}", rm=False, namespace=ns,
+                runtime=RUNTIME, extra=[*REMOTE, "-d"])
+        wait_for(lambda: "RUNNING" in env.ctr("tasks", "ls", namespace=ns).stdout, 60,
+                 f"task r2 running: {env.ctr('tasks', 'ls', namespace=ns).stdout}")
+        ex = env.ctr("tasks", "exec", "--exec-id", "e1", "r2", "sh", "-c", "echo exec-ok", namespace=ns)
+        assert "exec-ok" in ex.stdout
+        assert _pids_running(marker.encode()), "the container's process is not running"
+
+        agent.kill_machine()
+        wait_for(lambda: "STOPPED" in env.ctr("tasks", "ls", namespace=ns).stdout, 60,
+                 "the task's exit after the machine died")
+        env.ctr("tasks", "delete", "r2", namespace=ns)
+        env.ctr("containers", "delete", "r2", namespace=ns)
+        assert not _pids_running(marker.encode()), "the container outlived its machine"
+        assert mounts_under(env.run_dir, env.root_dir) == []
+        wait_for(lambda: not any(b"r2" in Path(f"/proc/{p}/cmdline").read_bytes()
+                                 for p in _pids_running(b"containerd-shim-fractal")), 30, "the shim's exit")
+    finally:
+        agent.stop()
+    assert env.remove_namespace(ns) == []
+
+
+def test_agent_with_a_certificate_of_another_ca_is_refused(remote_env, tmp_path: Path) -> None:  # noqa: ANN001
+    env, m, pki_dir, ns, ref = remote_env
+    rogue = tmp_path / "rogue"
+    pki.init(str(rogue), [m.agent_ip])  # a complete PKI of its own, same address
+    agent = RemoteAgent(env, m, rogue)
+    try:
+        res = env.run(ref, "x1", "echo", "must-not-run", namespace=ns, runtime=RUNTIME, extra=REMOTE,
+                      check=False)
+        assert res.returncode != 0 and "must-not-run" not in res.stdout
+        assert "certificate" in res.stderr and "ca.pem" in res.stderr, res.stderr
+        assert "connected (identity" not in agent._tail()  # the agent never served it either
+    finally:
+        agent.stop()
+    with contextlib.suppress(Exception):
+        env.ctr("containers", "delete", "x1", namespace=ns, check=False)
+    assert mounts_under(env.run_dir, env.root_dir) == []
+    assert env.remove_namespace(ns) == []
