@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import socket
 import ssl
 import stat
 from pathlib import Path
@@ -304,3 +305,60 @@ def test_agent_command_line_has_no_plaintext_tcp(tmp_path: Path, capsys: pytest.
     ns = parse_args(["--listen", "tcp:127.0.0.1:7443", "--tls-dir", str(d), *base])
     assert ns.tcp == ("127.0.0.1", 7443) and ns.tls.verify_mode == ssl.CERT_REQUIRED
     assert ns.tls.minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_remote_sandbox_skips_unreachable_agents_and_refuses_a_foreign_one(tmp_path: Path) -> None:
+    from ccpu import errdefs
+    from shim.config import RemoteSettings
+    from shim.remotesandbox import RemoteSandbox
+
+    d = _pki(tmp_path)
+    rogue = _pki(tmp_path, "rogue")
+
+    async def go() -> tuple[str | None, str, str | None, BaseException]:
+        listener, port, seen, _ = await _serve(tls.server_context(_files(d, "agent")))
+        foreign, fport, fseen, _ = await _serve(tls.server_context(_files(rogue, "agent")))
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        async with listener, foreign:
+            sb = RemoteSandbox(settings=RemoteSettings((f"127.0.0.1:{dead}", f"127.0.0.1:{port}"), str(d), 5))
+            await sb.start()
+            endpoint, identity = sb.endpoint, sb.identity
+            await sb.stop()
+            bad = RemoteSandbox(settings=RemoteSettings((f"127.0.0.1:{fport}", f"127.0.0.1:{port}"), str(d), 5))
+            with pytest.raises(errdefs.FailedPrecondition) as info:
+                await bad.start()
+            assert fseen == []
+        return endpoint, f"127.0.0.1:{port}", identity, info.value
+
+    endpoint, live, identity, refused = asyncio.run(go())
+    assert endpoint == live  # the dead endpoint was skipped
+    assert identity == pki.fingerprint((d / "agent.pem").read_bytes())
+    assert "does not verify" in str(refused) and "ca.pem" in str(refused)  # never tried the next one
+
+
+def test_a_shim_daemon_without_ssl_gets_it_back_for_tls(tmp_path: Path) -> None:
+    """shim/daemon.py blocks `import ssl` before asyncio loads; a remote sandbox re-enables it."""
+    import subprocess
+    import sys
+
+    d = _pki(tmp_path)
+    code = f"""
+import sys; sys.modules["ssl"] = None
+import asyncio
+from shim.remotesandbox import allow_ssl
+allow_ssl()
+from ccpu.agent import tls
+from tests.unit.test_pki import _serve, _hello, _files
+from pathlib import Path
+async def go():
+    listener, port, seen, _ = await _serve(tls.server_context(_files(Path({str(d)!r}), "agent")))
+    async with listener:
+        print((await _hello(port, tls.client_context(_files(Path({str(d)!r}), "host"))))["version"])
+asyncio.run(go())
+"""
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.stdout.strip() == "1", out.stderr[-2000:]
