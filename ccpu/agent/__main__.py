@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cgroup-parent", help="guest: the containers' parent cgroup (below /sys/fs/cgroup)")
     p.add_argument("--memory-reserve-mb", type=int, default=64,
                    help="guest: MiB of memory containers can never take (default 64)")
+    p.add_argument("--orphan-grace", type=float, default=30.0,
+                   help="tcp: seconds a lost client's containers are kept for it to return (default 30)")
     p.add_argument("--ready-fd", type=int, help="write 'ready' to this fd once listening (tcp)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--log", help="log file (default: stderr)")
@@ -76,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--listen takes unix:PATH or tcp:HOST:PORT")
     elif ns.tls_dir:
         p.error("--tls-dir goes with --listen tcp:HOST:PORT")
+    if not 0 <= ns.orphan_grace <= 86400:
+        p.error("--orphan-grace: seconds from 0 to 86400")
     runc = shutil.which(ns.runc)  # processes are posix_spawn'ed: no PATH search later
     if runc is None:
         p.error(f"runc binary {ns.runc!r} not found")
@@ -118,7 +122,7 @@ async def amain(ns: argparse.Namespace) -> int:
         Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root, ns.drain_timeout,
         cgroup_parent=cgroup_parent,
     )
-    server = Server(sup, outbox)
+    server = Server(sup, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

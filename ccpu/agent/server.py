@@ -8,7 +8,10 @@ Why the shape:
   certificate identity.  The first client to say `hello` owns the agent's containers; while any
   exist, a client presenting another identity is refused (`FailedPrecondition`), even after
   the owner's connection went away -- a stolen or different host key cannot take them over.
-  A successful `shutdown` (no containers) frees the agent for the next client.
+  A successful `shutdown` (no containers) frees the agent for the next client.  When the
+  owner's connection breaks instead, the shim has reported every process exited (a lost link is
+  a lost machine to it): after `orphan_grace` seconds without the owner back, the agent kills
+  and deletes the containers, so nothing runs on the machine that no host knows of.
 * Events are never lost: while no client has said `hello`, they are queued and delivered after
   the next `hello`.  Process output produced while nobody is connected is dropped (the
   channels belonged to the old connection).
@@ -166,8 +169,10 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class Server:
-    def __init__(self, supervisor: Supervisor, outbox: Outbox) -> None:
+    def __init__(self, supervisor: Supervisor, outbox: Outbox, orphan_grace: float | None = None) -> None:
         self.sup = supervisor
+        self.orphan_grace = orphan_grace  # TCP: reap a lost owner's containers after this (s)
+        self._orphans: asyncio.Task[None] | None = None
         self.outbox = outbox
         self.stopped = asyncio.Event()  # set by `shutdown`
         self._tasks: set[asyncio.Task[None]] = set()
@@ -221,8 +226,37 @@ class Server:
             log.debug("%s: connection error: %s", conn.name, e)
         finally:
             log.debug("%s: disconnected", conn.name)
+            owner_lost = conn.ready and self.outbox.conn is conn and conn.identity is not None
             self.outbox.detach(conn)
             conn.close()
+            if owner_lost and self.orphan_grace is not None and self.sup.containers and not self.stopped.is_set():
+                log.warning("%s: the owner's connection broke with %d containers; reaping them in %gs "
+                            "unless it comes back", conn.name, len(self.sup.containers), self.orphan_grace)
+                self._orphans = asyncio.ensure_future(self._reap_orphans(self.orphan_grace))
+
+    async def _reap_orphans(self, grace: float) -> None:
+        """Kill and delete every container of an owner that did not come back."""
+        await asyncio.sleep(grace)
+        if self.outbox.conn is not None:
+            return  # the owner is back
+        for cid in list(self.sup.containers):
+            async with self.sup.serialized(cid):
+                with contextlib.suppress(protocol.AgentError):
+                    await self.sup.kill({"container": cid, "signal": 9, "all": True})
+            for _ in range(600):  # the init's exit is reported within a few seconds of SIGKILL
+                if self.outbox.conn is not None:
+                    return
+                try:
+                    async with self.sup.serialized(cid):
+                        await self.sup.delete({"container": cid})
+                    break
+                except protocol.NotFound:
+                    break
+                except protocol.FailedPrecondition:
+                    await asyncio.sleep(0.1)
+            log.warning("reaped container %s of a lost owner", cid)
+        if not self.sup.containers:
+            self.owner = None
 
     def _on_control(self, conn: Connection, msg: dict[str, Any]) -> None:
         rid = msg.get("id")
@@ -260,6 +294,9 @@ class Server:
             conn.send(wire.encode_control(protocol.response_ok(rid, result)))
             conn.ready = True
             self.owner = conn.identity
+            if self._orphans is not None:
+                self._orphans.cancel()  # the owner is back (or the containers are gone)
+                self._orphans = None
             self.outbox.attach(conn)
             return
         if op in ("create", "exec"):

@@ -362,3 +362,67 @@ asyncio.run(go())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
                          env={**os.environ, "PYTHONPATH": root})
     assert out.stdout.strip() == "1", out.stderr[-2000:]
+
+
+class _ReapSup(_Sup):
+    """Containers whose init exits a moment after SIGKILL (delete refused until then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.killed: list[tuple[str, int]] = []
+
+    async def kill(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.killed.append((args["container"], args["signal"]))
+        return {}
+
+    async def delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        cid = args["container"]
+        if sum(1 for k in self.killed if k[0] == cid) < 1 or self.containers[cid] == "running":
+            self.containers[cid] = "exiting"  # the exit is reported after a first refusal
+            raise protocol.FailedPrecondition("cannot delete a running process")
+        del self.containers[cid]
+        return {}
+
+    def serialized(self, cid: str) -> Any:
+        return asyncio.Lock()
+
+
+@pytest.mark.parametrize("owner_returns", [False, True])
+def test_a_lost_owners_containers_are_reaped_unless_it_returns(tmp_path: Path, owner_returns: bool) -> None:
+    d = _pki(tmp_path)
+    sup = _ReapSup()
+
+    async def go() -> None:
+        server = Server(sup, Outbox(), orphan_grace=0.3 if not owner_returns else 30)  # type: ignore[arg-type]
+
+        async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.serve(reader, writer, tls.peer_identity(writer.get_extra_info("ssl_object")))
+
+        listener = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=tls.server_context(_files(d, "agent")))
+        port = listener.sockets[0].getsockname()[1]
+        async with listener:
+            client = await AgentClient.connect_tls("127.0.0.1", port, tls.client_context(_files(d, "host")), timeout=5)
+            await client.hello()
+            sup.containers.update({"c1": "running", "c2": "running"})
+            await client.close()  # the link breaks: no shutdown
+            if owner_returns:
+                for _ in range(100):
+                    if server._orphans is not None:
+                        break
+                    await asyncio.sleep(0.02)
+                assert server._orphans is not None  # reaping was scheduled
+                back = await AgentClient.connect_tls("127.0.0.1", port, tls.client_context(_files(d, "host")),
+                                                     timeout=5)
+                await back.hello()
+                assert server._orphans is None and sup.killed == [] and len(sup.containers) == 2
+                await back.close()
+                server._orphans.cancel()
+                return
+            for _ in range(300):  # bounded wait for the reaping (not a speed check)
+                if not sup.containers:
+                    break
+                await asyncio.sleep(0.05)
+        assert sup.containers == {} and sorted(sup.killed) == [("c1", 9), ("c2", 9)]
+        assert server.owner is None
+
+    asyncio.run(go())
