@@ -240,23 +240,32 @@ class Server:
         if self.outbox.conn is not None:
             return  # the owner is back
         for cid in list(self.sup.containers):
-            async with self.sup.serialized(cid):
-                with contextlib.suppress(protocol.AgentError):
-                    await self.sup.kill({"container": cid, "signal": 9, "all": True})
-            for _ in range(600):  # the init's exit is reported within a few seconds of SIGKILL
-                if self.outbox.conn is not None:
-                    return
-                try:
-                    async with self.sup.serialized(cid):
-                        await self.sup.delete({"container": cid})
-                    break
-                except protocol.NotFound:
-                    break
-                except protocol.FailedPrecondition:
-                    await asyncio.sleep(0.1)
-            log.warning("reaped container %s of a lost owner", cid)
+            try:
+                await self._reap(cid)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the next container still goes
+                log.exception("reaping container %s of a lost owner", cid)
         if not self.sup.containers:
             self.owner = None
+
+    async def _reap(self, cid: str) -> None:
+        async with self.sup.serialized(cid):
+            with contextlib.suppress(protocol.AgentError):
+                await self.sup.kill({"container": cid, "signal": 9, "all": True})
+        for _ in range(600):  # the init's exit is reported within seconds of SIGKILL
+            if self.outbox.conn is not None:
+                return  # the owner came back meanwhile: the rest is its business
+            try:
+                async with self.sup.serialized(cid):
+                    await self.sup.delete({"container": cid})
+            except protocol.NotFound:
+                return
+            except protocol.FailedPrecondition:
+                await asyncio.sleep(0.1)
+                continue
+            log.warning("reaped container %s of a lost owner", cid)
+            return
 
     def _on_control(self, conn: Connection, msg: dict[str, Any]) -> None:
         rid = msg.get("id")

@@ -77,7 +77,8 @@ def machine() -> Iterator[Machine]:
 class RemoteAgent:
     """`python3 -m ccpu.agent --listen tcp:...` in the machine's namespaces (net, pid, mount)."""
 
-    def __init__(self, env: FractalEnv, m: Machine, tls_dir: Path, port: int = PORT) -> None:
+    def __init__(self, env: FractalEnv, m: Machine, tls_dir: Path, port: int = PORT,
+                 orphan_grace: float = 30.0) -> None:
         self.runc_root = env.run_dir / f"remote-runc-{port}"
         self.log = env.log_dir / f"remote-agent-{port}.log"
         r, w = os.pipe()
@@ -87,7 +88,7 @@ class RemoteAgent:
                "--tls-dir", str(tls_dir), "--runc-root", str(self.runc_root),
                "--runc", shutil.which("runc") or "runc",
                "--bundle-root", str(env.run_dir / "st"), "--layer-root", str(env.snapshotter_root),
-               "--ready-fd", str(w), "--log", str(self.log), "--debug"]
+               "--orphan-grace", str(orphan_grace), "--ready-fd", str(w), "--log", str(self.log), "--debug"]
         envvars = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, env=envvars)
         os.close(w)
@@ -182,6 +183,31 @@ def test_remote_run_exec_and_machine_loss(remote_env) -> None:  # noqa: ANN001
         assert mounts_under(env.run_dir, env.root_dir) == []
         wait_for(lambda: not any(b"r2" in Path(f"/proc/{p}/cmdline").read_bytes()
                                  for p in _pids_running(b"containerd-shim-fractal")), 30, "the shim's exit")
+    finally:
+        agent.stop()
+    assert env.remove_namespace(ns) == []
+
+
+def test_a_dead_shims_containers_are_reaped_on_the_machine(remote_env) -> None:  # noqa: ANN001
+    """The host side dies (shim SIGKILLed, the TLS link breaks without shutdown): the agent
+    kills and deletes the containers it ran for it once its grace period is over."""
+    env, m, pki_dir, ns, ref = remote_env
+    agent = RemoteAgent(env, m, pki_dir, orphan_grace=1)
+    try:
+        marker = f"fr15-orphan-{secrets.token_hex(4)}"
+        env.run(ref, "o1", "sh", "-c", f"sleep 600; echo {marker}", rm=False, namespace=ns,
+                runtime=RUNTIME, extra=[*REMOTE, "-d"])
+        wait_for(lambda: _pids_running(marker.encode()), 60, "the container's process")
+        shims = [p for p in _pids_running(b"containerd-shim-fractal") if ns.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert shims, "no shim found for the namespace"
+        for pid in shims:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _pids_running(marker.encode()), 60, "the machine reaping the orphaned container")
+        wait_for(lambda: "reaped container o1" in agent._tail(), 30, "the agent's log of the reaping")
+        assert not (agent.runc_root / "o1").exists(), "runc still knows o1 on the machine"
+        env.ctr("tasks", "delete", "o1", namespace=ns, check=False)
+        env.ctr("containers", "delete", "o1", namespace=ns, check=False)
+        assert mounts_under(env.run_dir, env.root_dir) == []
     finally:
         agent.stop()
     assert env.remove_namespace(ns) == []

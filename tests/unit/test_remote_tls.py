@@ -350,7 +350,7 @@ import asyncio
 from shim.remotesandbox import allow_ssl
 allow_ssl()
 from ccpu.agent import tls
-from tests.unit.test_pki import _serve, _hello, _files
+from tests.unit.test_remote_tls import _serve, _hello, _files
 from pathlib import Path
 async def go():
     listener, port, seen, _ = await _serve(tls.server_context(_files(Path({str(d)!r}), "agent")))
@@ -426,3 +426,11 @@ def test_a_lost_owners_containers_are_reaped_unless_it_returns(tmp_path: Path, o
         assert server.owner is None
 
     asyncio.run(go())
+
+
+def test_unmounting_a_removed_rootfs_is_done(tmp_path: Path) -> None:
+    """A dead shim's bundle removed by containerd detaches the remote agent's rootfs mount and
+    takes its dir: the agent's delete must still complete (it reaps the orphans)."""
+    from ccpu.agent.mounts import unmount
+
+    unmount(str(tmp_path / "gone" / "rootfs"), 2)  # no FileNotFoundError
