@@ -434,3 +434,18 @@ def test_unmounting_a_removed_rootfs_is_done(tmp_path: Path) -> None:
     from ccpu.agent.mounts import unmount
 
     unmount(str(tmp_path / "gone" / "rootfs"), 2)  # no FileNotFoundError
+
+
+def test_fractal_agent_serve_runs_the_agent_on_tcp_with_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+
+    def execv(path: str, argv: list[str]) -> None:
+        seen.append(argv)
+
+    monkeypatch.setattr(os, "execv", execv)
+    cli_main(["agent", "serve", "--listen", "10.0.0.2:7443", "--tls-dir", "/etc/fractal/tls"])
+    argv = seen[0]
+    assert argv[1:3] == ["-m", "ccpu.agent"]
+    assert argv[argv.index("--listen") + 1] == "tcp:10.0.0.2:7443"
+    assert argv[argv.index("--tls-dir") + 1] == "/etc/fractal/tls"
+    assert "--bundle-root" in argv and "--layer-root" in argv
