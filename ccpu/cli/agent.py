@@ -22,6 +22,7 @@ def cmd_agent_serve(args: argparse.Namespace) -> int:
     if args.debug:
         argv.append("--debug")
     os.execv(sys.executable, [sys.executable, "-m", "ccpu.agent", *argv])
+    return 127  # not reached: execv replaced this process or raised
 
 
 def register(agent: argparse.ArgumentParser) -> None:
