@@ -34,7 +34,7 @@ import stat
 import sys
 
 from ..linux.reaper import Reaper, ensure_stdio_open
-from . import endpoint, limits, tls
+from . import endpoint, limits
 from .container import Supervisor
 from .runc import Runc
 from .server import Outbox, Server
@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if ns.listen is not None and ns.listen.startswith("tcp:"):
         if not ns.tls_dir:
             p.error("--listen tcp: needs --tls-dir (mutual TLS; there is no plaintext TCP)")
+        from . import tls  # only here: the VM guest ships no ssl (ccpu/guest/initramfs.py)
+
         try:
             ns.tcp = endpoint.parse_tcp(ns.listen)
             ns.tls = tls.server_context(tls.TlsFiles.in_dir(ns.tls_dir, "agent"))
@@ -131,6 +133,8 @@ async def amain(ns: argparse.Namespace) -> int:
     path = None
     tcp = getattr(ns, "tcp", None)
     if tcp is not None:
+        from . import tls
+
         async def serve_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             identity = tls.peer_identity(writer.get_extra_info("ssl_object"))
             log.info("client %s connected (identity %s)", writer.get_extra_info("peername"), identity)

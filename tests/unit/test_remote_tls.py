@@ -449,3 +449,18 @@ def test_fractal_agent_serve_runs_the_agent_on_tcp_with_tls(monkeypatch: pytest.
     assert argv[argv.index("--listen") + 1] == "tcp:10.0.0.2:7443"
     assert argv[argv.index("--tls-dir") + 1] == "/etc/fractal/tls"
     assert "--bundle-root" in argv and "--layer-root" in argv
+
+
+def test_the_agent_starts_without_ssl() -> None:
+    """The VM guest ships no ssl module (ccpu/guest/initramfs.py): the agent must not need it
+    unless it listens on TCP (seen failing: every VM's init died at the agent's import)."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[2])
+    code = ('import sys; sys.modules["ssl"] = None; sys.modules["_ssl"] = None\n'
+            'import ccpu.agent.__main__, ccpu.agent.server, ccpu.agent.client\n'
+            'print("ok")')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
