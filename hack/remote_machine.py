@@ -119,8 +119,9 @@ class RemoteAgent:
                 _sh(runc, "--root", str(self.runc_root), "delete", "--force", cid, check=False)
 
 
-def remote_config(env: FractalEnv, m: Machine, tls_dir: Path, port: int = PORT) -> None:
-    """The env's fractal config with ``[remote]`` pointing at the machine's agent."""
+def remote_config(env: FractalEnv, m: Machine, tls_dir: Path, port: int = PORT, extra: str = "") -> None:
+    """The env's fractal config with ``[remote]`` pointing at the machine's agent (``extra``:
+    more TOML tables, e.g. ``[vm]``)."""
     env.fractal_config.write_text(
         'mode = "host"\nallowed_annotations = [".*"]\n'
-        f'[remote]\nendpoints = ["{m.agent_ip}:{port}"]\ntls_dir = "{tls_dir}"\nconnect_timeout = 10\n')
+        f'[remote]\nendpoints = ["{m.agent_ip}:{port}"]\ntls_dir = "{tls_dir}"\nconnect_timeout = 10\n{extra}')

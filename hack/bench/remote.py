@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench_env("busybox") as (env, refs), dump_logs_on_failure(env):
             tls_dir = Path(tmp) / "pki"
             pki.init(str(tls_dir), [m.agent_ip])
-            remote_config(env, m, tls_dir)
+            remote_config(env, m, tls_dir, extra="[vm]\nboot_timeout = 600\n")  # TCG on a busy host
             agent = RemoteAgent(env, m, tls_dir)
             try:
                 ns = env.new_namespace("bench")
