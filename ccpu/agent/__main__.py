@@ -10,8 +10,10 @@ port); `--listen unix:PATH`: accept connections on a unix socket (one client at 
 one may connect after the previous one went away).  Both may be given.  `--listen tcp:HOST:PORT`
 (remote mode, docs/remote.md): TLS 1.3 with a client certificate from the CA of `--tls-dir`
 (`ca.pem`, `agent.pem`, `agent.key`: ccpu/agent/tls.py); there is no plaintext TCP.  A TCP
-agent serves one client after another: `shutdown` ends a client's session, not the agent.  With `--fd` alone the
-agent exits when that stream closes and no container exists (nobody could reach it any more).
+agent serves one client after another: `shutdown` ends a client's session, not the agent; a
+client lost with containers gets them reaped after `--orphan-grace` s (server.py).  With `--fd`
+alone the agent exits when that stream closes and no container exists (nobody could reach it
+any more).
 
 `--cgroup-parent` (a guest's agent, from the init): the agent runs at oom_score_adj -1000 and
 puts every container's cgroup below PATH, whose memory.max keeps `--memory-reserve-mb` of the
