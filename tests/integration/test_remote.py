@@ -71,13 +71,25 @@ def test_remote_run_exec_and_machine_loss(remote_env) -> None:  # noqa: ANN001
         assert "connected (identity sha256:" in log and "create {'container': 'r1'" in log, log  # it ran there
 
         marker = f"fr15-sleep-{secrets.token_hex(4)}"
+        # r2 and r3 share one sandbox: one agent serves one sandbox (docs/remote.md)
+        shared = [*REMOTE, "--annotation", "io.fractal.sandbox=rsb", "-d"]
         env.run(ref, "r2", "sh", "-c", f"sleep 600; echo {marker}", rm=False, namespace=ns,
-                runtime=RUNTIME, extra=[*REMOTE, "-d"])
+                runtime=RUNTIME, extra=shared)
         wait_for(lambda: "RUNNING" in env.ctr("tasks", "ls", namespace=ns).stdout, 60,
                  f"task r2 running: {env.ctr('tasks', 'ls', namespace=ns).stdout}")
         ex = env.ctr("tasks", "exec", "--exec-id", "e1", "r2", "sh", "-c", "echo exec-ok", namespace=ns)
         assert "exec-ok" in ex.stdout
         assert _pids_running(marker.encode()), "the container's process is not running"
+        metrics = env.ctr("tasks", "metrics", "r2", namespace=ns).stdout  # the agent's stats
+        assert "r2" in metrics and "memory" in metrics.lower(), metrics
+
+        env.run(ref, "r3", "sleep", "600", rm=False, namespace=ns, runtime=RUNTIME, extra=shared)
+        wait_for(lambda: "r3" in env.ctr("tasks", "ls", namespace=ns).stdout, 60, "task r3")
+        env.ctr("tasks", "kill", "-s", "SIGKILL", "r3", namespace=ns)
+        wait_for(lambda: any(ln.startswith("r3") and "STOPPED" in ln
+                             for ln in env.ctr("tasks", "ls", namespace=ns).stdout.splitlines()), 60, "r3 killed")
+        env.ctr("tasks", "delete", "r3", namespace=ns)
+        env.ctr("containers", "delete", "r3", namespace=ns)
 
         agent.kill_machine()
         wait_for(lambda: "STOPPED" in env.ctr("tasks", "ls", namespace=ns).stdout, 60,
