@@ -27,7 +27,7 @@ def run_dir() -> Path:
 class SandboxRecord:
     group: str
     namespace: str
-    mode: str  # "host" or "vm"
+    mode: str  # "host", "vm" or "remote"
     shim_pid: int
     agent_pid: int | None = None
     containers: list[str] = field(default_factory=list)

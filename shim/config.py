@@ -37,7 +37,7 @@ from typing import Any
 
 from ccpu.grouping import FRACTAL_SANDBOX, from_cri
 
-MODES = ("vm", "host")
+MODES = ("vm", "host", "remote")
 ACCELS = ("auto", "kvm", "tcg")
 SHARES = ("auto", "virtiofs", "9p")
 DEFAULT_MODE = "vm"
@@ -70,7 +70,8 @@ class AnnotationRule:
 #: Every annotation the shim reads, and who may set it by default.  To add one: a row here, and
 #: its ``kind`` in :func:`_apply_one` (docs/config.md lists them for operators).
 ANNOTATIONS: tuple[AnnotationRule, ...] = (
-    AnnotationRule(ANN_MODE, "mode", False, "vm or host: host runs the pod with runc on the node"),
+    AnnotationRule(ANN_MODE, "mode", False, "vm, host or remote: host runs the pod with runc on the node, "
+                   "remote on a machine of [remote] endpoints"),
     AnnotationRule(ANN_SANDBOX, "sandbox", False, "join the named sandbox (its VM) instead of the pod's own"),
     AnnotationRule(ANN_SHARE, "share", True, "how the layers reach the guest: auto, virtiofs, 9p"),
     AnnotationRule(ANN_MEMORY, "memory", True, "guest RAM; pods at most vm.max_memory"),
@@ -112,6 +113,52 @@ class VmSettings:
     @property
     def scratch_ceiling_mb(self) -> int:
         return self.scratch_max_mb if self.scratch_max_mb is not None else max(1, self.memory_mb // 2)
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Remote mode (docs/remote.md): the agents' addresses, tried in order (an agent busy with
+    another sandbox refuses, the next is tried), and the shim's TLS dir (``ca.pem``,
+    ``host.pem``, ``host.key``).  Only the operator's files set these, never an annotation."""
+
+    endpoints: tuple[str, ...] = ()
+    tls_dir: str = "/etc/fractal/pki"
+    connect_timeout: float = 15.0
+
+
+MAX_ENDPOINTS = 64
+
+
+def parse_endpoint(value: Any, where: str) -> str:
+    """``HOST:PORT`` or ``[V6]:PORT``."""
+    from ccpu.agent.endpoint import parse_tcp
+
+    if not isinstance(value, str) or len(value) > 300:
+        raise ConfigError(f"{where}: expected \"HOST:PORT\", got {_brief(value)}")
+    try:
+        parse_tcp(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return value
+
+
+def parse_remote(table: Any, where: str, base: RemoteSettings) -> RemoteSettings:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: remote must be a table ([remote])")
+    remote = base
+    for key, value in table.items():
+        w = f"{where}: remote.{key}"
+        if key == "endpoints":
+            if not isinstance(value, list) or not 0 < len(value) <= MAX_ENDPOINTS:
+                raise ConfigError(f"{w}: expected a list of 1..{MAX_ENDPOINTS} \"HOST:PORT\" strings")
+            remote = replace(remote, endpoints=tuple(parse_endpoint(v, w) for v in value))
+        elif key == "tls_dir":
+            remote = replace(remote, tls_dir=parse_root(value, w))
+        elif key == "connect_timeout":
+            remote = replace(remote, connect_timeout=parse_seconds(value, w))
+        else:
+            raise ConfigError(f"{where}: unknown key remote.{key} (known: endpoints, tls_dir, connect_timeout)")
+    return remote
 
 
 #: agent request kinds with a timeout of their own (every other request: ``default``)
@@ -179,6 +226,7 @@ class Config:
     timeouts: Timeouts = Timeouts()
     policy: Policy = field(default_factory=Policy)
     host: HostLimits = field(default_factory=HostLimits)
+    remote: RemoteSettings = RemoteSettings()
 
     @property
     def max_memory_mb(self) -> int | None:
@@ -189,6 +237,9 @@ class Config:
         return self.policy.max_cpus if self.policy.max_cpus is not None else self.host.cpus
 
     def describe(self) -> str:
+        if self.mode == "remote":
+            return (f"mode remote; endpoints {', '.join(self.remote.endpoints)}, TLS dir {self.remote.tls_dir} "
+                    f"(from {', '.join(self.sources) or 'defaults'})")
         return (f"mode {self.mode}; vm memory {self.vm.memory_mb}M cpus {self.vm.cpus} accel "
                 f"{self.vm.accel} share {self.vm.share} scratch {self.vm.scratch_limit_mb}M (max "
                 f"{self.vm.scratch_ceiling_mb}M) reserve {self.vm.memory_reserve_mb}M "
@@ -318,9 +369,10 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
     vm = cfg.vm
     policy = cfg.policy
     for key in data:
-        if key not in ("mode", "root", "vm", "allowed_annotations", "timeouts"):
+        if key not in ("mode", "root", "vm", "allowed_annotations", "timeouts", "remote"):
             raise ConfigError(f"{where}: unknown key {key!r} (known: mode, root, allowed_annotations, [vm], "
-                              "[timeouts])")
+                              "[timeouts], [remote])")
+    remote = parse_remote(data["remote"], where, cfg.remote) if "remote" in data else cfg.remote
     timeouts = cfg.timeouts
     ttable = data.get("timeouts", {})
     if not isinstance(ttable, Mapping):
@@ -370,7 +422,7 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
                               "max_cpus, accel, share, boot_timeout, console_log_kib, scratch, scratch_max, "
                               "memory_reserve, qemu_uid_base)")
     return replace(cfg, mode=mode, root=root, vm=check_vm(vm, where), policy=policy, timeouts=timeouts,
-                   sources=cfg.sources + (where,))
+                   remote=remote, sources=cfg.sources + (where,))
 
 
 def parse_allowed(value: Any, where: str) -> tuple[str, ...]:
@@ -502,7 +554,15 @@ def resolve(annotations: Mapping[str, str], *, runtime_config: str | None,
         if cfg.root != root:
             raise ConfigError(f"{runtime_config}: root can only be set in the global config file "
                               f"({DEFAULT_FILE} or $FRACTAL_CONFIG), which the snapshotter reads too")
-    return apply_annotations(cfg, annotations)
+    return check_remote(apply_annotations(cfg, annotations))
+
+
+def check_remote(cfg: Config) -> Config:
+    """Remote mode needs somewhere to go: the operator's ``[remote] endpoints``."""
+    if cfg.mode == "remote" and not cfg.remote.endpoints:
+        raise ConfigError(f"mode remote needs [remote] endpoints in the fractal config (from "
+                          f"{', '.join(cfg.sources) or 'defaults'}; docs/remote.md)")
+    return cfg
 
 
 def load(annotations: Mapping[str, str], environ: Mapping[str, str] | None = None) -> Config:

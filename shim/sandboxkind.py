@@ -35,11 +35,16 @@ def agent_mode() -> str:
 def for_config(cfg: Config, *, reaper: Any, namespace: str, group: str, repo_root: str,
                run_dir: str, runc_root: str, bundle_root: str, layer_roots: list[str],
                first_bundle: str | None = None) -> Sandbox:
-    """The sandbox for a :class:`shim.config.Config`: a VM, or host mode (``FRACTAL_AGENT``).
+    """The sandbox for a :class:`shim.config.Config`: a VM, a remote agent (mTLS), or host mode
+    (``FRACTAL_AGENT``).
     This is where a sandbox kind is chosen.
 
     ``first_bundle``: the bundle of the container the shim was started for; a VM boots before
     its Create arrives and must know the pod network namespace (CRI's pause spec) by then."""
+    if cfg.mode == "remote":
+        from shim.remotesandbox import RemoteSandbox
+
+        return RemoteSandbox(settings=cfg.remote, namespace=namespace, timeouts=cfg.timeouts)
     if cfg.mode == "vm":
         from shim.vm import VmSandbox, first_netns
 

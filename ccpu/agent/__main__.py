@@ -1,13 +1,19 @@
 """`python3 -m ccpu.agent`: the fractal agent's command line.
 
-    python3 -m ccpu.agent [--fd N] [--listen unix:PATH] --runc-root DIR [--runc PATH]
+    python3 -m ccpu.agent [--fd N] [--listen unix:PATH | --listen tcp:HOST:PORT --tls-dir DIR]
+                          --runc-root DIR [--runc PATH]
                           --bundle-root DIR... --layer-root DIR... [--drain-timeout S]
                           [--cgroup-parent PATH --memory-reserve-mb N] [--debug] [--log FILE]
 
 `--fd N`: serve the connected stream on fd N (a socketpair end from the shim, or a virtio-serial
 port); `--listen unix:PATH`: accept connections on a unix socket (one client at a time; a new
-one may connect after the previous one went away).  Both may be given.  With `--fd` alone the
-agent exits when that stream closes and no container exists (nobody could reach it any more).
+one may connect after the previous one went away).  Both may be given.  `--listen tcp:HOST:PORT`
+(remote mode, docs/remote.md): TLS 1.3 with a client certificate from the CA of `--tls-dir`
+(`ca.pem`, `agent.pem`, `agent.key`: ccpu/agent/tls.py); there is no plaintext TCP.  A TCP
+agent serves one client after another: `shutdown` ends a client's session, not the agent; a
+client lost with containers gets them reaped after `--orphan-grace` s (server.py).  With `--fd`
+alone the agent exits when that stream closes and no container exists (nobody could reach it
+any more).
 
 `--cgroup-parent` (a guest's agent, from the init): the agent runs at oom_score_adj -1000 and
 puts every container's cgroup below PATH, whose memory.max keeps `--memory-reserve-mb` of the
@@ -30,7 +36,7 @@ import stat
 import sys
 
 from ..linux.reaper import Reaper, ensure_stdio_open
-from . import limits
+from . import endpoint, limits
 from .container import Supervisor
 from .runc import Runc
 from .server import Outbox, Server
@@ -41,7 +47,8 @@ log = logging.getLogger("ccpu.agent")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m ccpu.agent", description="fractal agent")
     p.add_argument("--fd", type=int, help="serve the connected stream on this fd")
-    p.add_argument("--listen", help="unix:PATH to accept connections on")
+    p.add_argument("--listen", help="unix:PATH or tcp:HOST:PORT (with --tls-dir) to accept connections on")
+    p.add_argument("--tls-dir", help="tcp: the dir with ca.pem, agent.pem, agent.key (`fractal pki init`)")
     p.add_argument("--runc-root", required=True, help="runc's --root (state dir)")
     p.add_argument("--runc", default="runc", help="runc binary (default: runc on PATH)")
     p.add_argument("--bundle-root", action="append", default=[], required=True, help="bundles must be below this (repeatable)")
@@ -53,13 +60,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cgroup-parent", help="guest: the containers' parent cgroup (below /sys/fs/cgroup)")
     p.add_argument("--memory-reserve-mb", type=int, default=64,
                    help="guest: MiB of memory containers can never take (default 64)")
+    p.add_argument("--orphan-grace", type=float, default=30.0,
+                   help="tcp: seconds a lost client's containers are kept for it to return (default 30)")
+    p.add_argument("--ready-fd", type=int, help="write 'ready' to this fd once listening (tcp)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--log", help="log file (default: stderr)")
     ns = p.parse_args(argv)
     if ns.fd is None and ns.listen is None:
         p.error("one of --fd or --listen is required")
-    if ns.listen is not None and not ns.listen.startswith("unix:"):
-        p.error("--listen takes unix:PATH")
+    if ns.listen is not None and ns.listen.startswith("tcp:"):
+        if not ns.tls_dir:
+            p.error("--listen tcp: needs --tls-dir (mutual TLS; there is no plaintext TCP)")
+        from . import tls  # only here: the VM guest ships no ssl (ccpu/guest/initramfs.py)
+
+        try:
+            ns.tcp = endpoint.parse_tcp(ns.listen)
+            ns.tls = tls.server_context(tls.TlsFiles.in_dir(ns.tls_dir, "agent"))
+        except ValueError as e:
+            p.error(f"--listen {ns.listen}: {e}")
+    elif ns.listen is not None and not ns.listen.startswith("unix:"):
+        p.error("--listen takes unix:PATH or tcp:HOST:PORT")
+    elif ns.tls_dir:
+        p.error("--tls-dir goes with --listen tcp:HOST:PORT")
+    if not 0 <= ns.orphan_grace <= 86400:
+        p.error("--orphan-grace: seconds from 0 to 86400")
     runc = shutil.which(ns.runc)  # processes are posix_spawn'ed: no PATH search later
     if runc is None:
         p.error(f"runc binary {ns.runc!r} not found")
@@ -102,14 +126,30 @@ async def amain(ns: argparse.Namespace) -> int:
         Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root, ns.drain_timeout,
         cgroup_parent=cgroup_parent,
     )
-    server = Server(sup, outbox)
+    server = Server(sup, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     listener: asyncio.AbstractServer | None = None
     path = None
-    if ns.listen:
+    tcp = getattr(ns, "tcp", None)
+    if tcp is not None:
+        from . import tls
+
+        async def serve_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            identity = tls.peer_identity(writer.get_extra_info("ssl_object"))
+            log.info("client %s connected (identity %s)", writer.get_extra_info("peername"), identity)
+            await server.serve(reader, writer, identity)
+
+        listener = await asyncio.start_server(serve_tls, tcp[0], tcp[1], ssl=ns.tls,
+                                              ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT,
+                                              reuse_address=True)
+        log.info("listening on %s (TLS 1.3, client certificates of %s)", ns.listen, ns.tls_dir)
+        if ns.ready_fd is not None:  # a supervisor waits for the listening socket
+            os.write(ns.ready_fd, b"ready\n")
+            os.close(ns.ready_fd)
+    elif ns.listen:
         path = ns.listen[len("unix:") :]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -130,10 +170,15 @@ async def amain(ns: argparse.Namespace) -> int:
                 log.warning("connection on fd %d closed with %d containers left", ns.fd, len(sup.containers))
 
     fd_task = asyncio.ensure_future(serve_fd()) if ns.fd is not None else None
-    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.stopped.wait())]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for w in waits:
-        w.cancel()
+    while True:
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.stopped.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if tcp is None or stop.is_set():
+            break
+        server.stopped.clear()  # a TCP agent outlives its clients' sessions
+        log.info("client session ended by shutdown; waiting for the next client")
     if listener is not None:
         listener.close()
         if path:

@@ -158,6 +158,23 @@ class AgentClient:
         return cls(reader, writer)
 
     @classmethod
+    async def connect_tls(cls, host: str, port: int, context: Any, server_hostname: str | None = None,
+                          timeout: float = 15.0) -> AgentClient:
+        """A remote agent over TCP with mutual TLS (`context`: ccpu.agent.tls.client_context).
+        The handshake (and so the certificate checks) completes before this returns."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=server_hostname or host,
+                                    limit=2**21, ssl_handshake_timeout=timeout), timeout)
+        return cls(reader, writer)
+
+    @property
+    def peer_identity(self) -> str | None:
+        """``sha256:HEX`` of the agent's TLS certificate (None on a local link)."""
+        from .tls import peer_identity
+
+        return peer_identity(self._writer.get_extra_info("ssl_object"))
+
+    @classmethod
     async def connect_socket(cls, sock: socket.socket) -> AgentClient:
         reader, writer = await asyncio.open_connection(sock=sock, limit=2**21)
         return cls(reader, writer)

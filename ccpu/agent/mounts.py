@@ -285,20 +285,23 @@ def full_filesystem(path: str) -> str:
 
 
 def unmount(target: str, count: int) -> None:
-    """Undo `count` stacked mounts on `target`: retry EBUSY briefly, then detach lazily."""
+    """Undo `count` stacked mounts on `target`: retry EBUSY briefly, then detach lazily.  A
+    target that is gone (ENOENT: its dir was removed, which detaches the mounts on it in every
+    namespace -- containerd removing a dead shim's bundle under a remote agent) has nothing
+    left to unmount."""
     for _ in range(count):
         for attempt in range(10):
             try:
                 umount(target)
                 break
             except OSError as e:
-                if e.errno == errno.EINVAL:  # not mounted (any more)
+                if e.errno in (errno.EINVAL, errno.ENOENT):  # not mounted (any more), or gone
                     return
                 if e.errno != errno.EBUSY or attempt == 9:
                     try:
                         umount(target, MNT_DETACH)
                     except OSError as e2:
-                        if e2.errno == errno.EINVAL:
+                        if e2.errno in (errno.EINVAL, errno.ENOENT):
                             return
                         raise
                     break

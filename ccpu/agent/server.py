@@ -4,6 +4,14 @@ Why the shape:
 * One client at a time (the shim).  A second client is answered `Unavailable` while the first
   is connected; once it is gone, a new one may connect (a restarted shim) and finds the
   containers as they are.
+* Over TCP (remote mode, mutual TLS: ccpu/agent/tls.py) each connection carries its peer's
+  certificate identity.  The first client to say `hello` owns the agent's containers; while any
+  exist, a client presenting another identity is refused (`FailedPrecondition`), even after
+  the owner's connection went away -- a stolen or different host key cannot take them over.
+  A successful `shutdown` (no containers) frees the agent for the next client.  When the
+  owner's connection breaks instead, the shim has reported every process exited (a lost link is
+  a lost machine to it): after `orphan_grace` seconds without the owner back, the agent kills
+  and deletes the containers, so nothing runs on the machine that no host knows of.
 * Events are never lost: while no client has said `hello`, they are queued and delivered after
   the next `hello`.  Process output produced while nobody is connected is dropped (the
   channels belonged to the old connection).
@@ -44,6 +52,7 @@ class Connection:
         self.ready = False  # hello answered
         self.closed = False
         self.window: int | None = None  # flow control: the client's per-channel window
+        self.identity: str | None = None  # the peer's certificate fingerprint (TCP + TLS)
         self._credits: dict[int, int] = {}  # output channel -> bytes we may still send
         self._waiters: dict[int, asyncio.Future[None]] = {}
 
@@ -160,12 +169,15 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class Server:
-    def __init__(self, supervisor: Supervisor, outbox: Outbox) -> None:
+    def __init__(self, supervisor: Supervisor, outbox: Outbox, orphan_grace: float | None = None) -> None:
         self.sup = supervisor
+        self.orphan_grace = orphan_grace  # TCP: reap a lost owner's containers after this (s)
+        self._orphans: asyncio.Task[None] | None = None
         self.outbox = outbox
         self.stopped = asyncio.Event()  # set by `shutdown`
         self._tasks: set[asyncio.Task[None]] = set()
         self._count = 0
+        self.owner: str | None = None  # the identity that owns the containers (TCP + TLS)
         self._ops: dict[str, Handler] = {
             "create": supervisor.create,
             "start": supervisor.start,
@@ -185,10 +197,13 @@ class Server:
             "diagnose": diagnose.diagnose_op,
         }
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one connection until it closes or breaks the protocol."""
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    identity: str | None = None) -> None:
+        """Serve one connection until it closes or breaks the protocol.  ``identity``: the
+        peer's authenticated identity (its TLS certificate's fingerprint), None on a local link."""
         self._count += 1
         conn = Connection(writer, f"conn{self._count}")
+        conn.identity = identity
         log.debug("%s: connected", conn.name)
         try:
             while True:
@@ -211,8 +226,46 @@ class Server:
             log.debug("%s: connection error: %s", conn.name, e)
         finally:
             log.debug("%s: disconnected", conn.name)
+            owner_lost = conn.ready and self.outbox.conn is conn and conn.identity is not None
             self.outbox.detach(conn)
             conn.close()
+            if owner_lost and self.orphan_grace is not None and self.sup.containers and not self.stopped.is_set():
+                log.warning("%s: the owner's connection broke with %d containers; reaping them in %gs "
+                            "unless it comes back", conn.name, len(self.sup.containers), self.orphan_grace)
+                self._orphans = asyncio.ensure_future(self._reap_orphans(self.orphan_grace))
+
+    async def _reap_orphans(self, grace: float) -> None:
+        """Kill and delete every container of an owner that did not come back."""
+        await asyncio.sleep(grace)
+        if self.outbox.conn is not None:
+            return  # the owner is back
+        for cid in list(self.sup.containers):
+            try:
+                await self._reap(cid)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the next container still goes
+                log.exception("reaping container %s of a lost owner", cid)
+        if not self.sup.containers:
+            self.owner = None
+
+    async def _reap(self, cid: str) -> None:
+        async with self.sup.serialized(cid):
+            with contextlib.suppress(protocol.AgentError):
+                await self.sup.kill({"container": cid, "signal": 9, "all": True})
+        for _ in range(600):  # the init's exit is reported within seconds of SIGKILL
+            if self.outbox.conn is not None:
+                return  # the owner came back meanwhile: the rest is its business
+            try:
+                async with self.sup.serialized(cid):
+                    await self.sup.delete({"container": cid})
+            except protocol.NotFound:
+                return
+            except protocol.FailedPrecondition:
+                await asyncio.sleep(0.1)
+                continue
+            log.warning("reaped container %s of a lost owner", cid)
+            return
 
     def _on_control(self, conn: Connection, msg: dict[str, Any]) -> None:
         rid = msg.get("id")
@@ -238,6 +291,7 @@ class Server:
                 conn.close()
                 return
             try:
+                self._check_owner(conn)
                 result = self._hello(args)
                 conn.window = self._window(args)
             except protocol.AgentError as e:
@@ -248,6 +302,10 @@ class Server:
                 result = {**result, "features": [*FEATURES, "flow"], "window": conn.window}
             conn.send(wire.encode_control(protocol.response_ok(rid, result)))
             conn.ready = True
+            self.owner = conn.identity
+            if self._orphans is not None:
+                self._orphans.cancel()  # the owner is back (or the containers are gone)
+                self._orphans = None
             self.outbox.attach(conn)
             return
         if op in ("create", "exec"):
@@ -258,6 +316,15 @@ class Server:
         task = asyncio.ensure_future(self.handle_request(conn, rid, op, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _check_owner(self, conn: Connection) -> None:
+        """A client of another identity may not take over existing containers."""
+        if self.owner is not None and conn.identity != self.owner and self.sup.containers:
+            log.warning("%s: refused: identity %s is not %s, which owns %d containers", conn.name,
+                        conn.identity, self.owner, len(self.sup.containers))
+            raise protocol.FailedPrecondition(
+                f"this agent's {len(self.sup.containers)} containers belong to another client "
+                f"identity ({self.owner}); yours is {conn.identity}")
 
     def _hello(self, args: Mapping[str, Any]) -> dict[str, Any]:
         version = args.get("version")
@@ -305,6 +372,7 @@ class Server:
             log.debug("%s %s -> %s", op, _brief(args), _brief(response))
         conn.send(wire.encode_control(response))
         if op == "shutdown" and response.get("ok"):
+            self.owner = None
             await conn.drain()
             self.stopped.set()
 

@@ -46,6 +46,8 @@ GROUPS = (
     Group("image", "ccpu.cli.images", "import images into containerd, unpacked for fractal"),
     Group("guest", "ccpu.cli.guest", "the VM guest image (kernel + initramfs)"),
     Group("vm", "ccpu.cli.vm", "run things in the fractal VM"),
+    Group("pki", "ccpu.cli.pki", "certificates for remote mode's mutual TLS (a CA, the host's, agents')"),
+    Group("agent", "ccpu.cli.agent", "run the fractal agent on a machine (remote mode, mutual TLS)"),
     Group("metrics", "ccpu.cli.metrics", "Prometheus metrics of the snapshotter and every shim"),
     Group("collect", "ccpu.cli.collect", "write a bug-report bundle (versions, configs, doctor, logs; secrets redacted)"),
 )
@@ -59,6 +61,7 @@ EXPECTED_ERRORS = (
     ("ccpu.cli.install", "InstallError"),
     ("ccpu.cli.images", "ImportError_"),
     ("ccpu.vm.run", "VMError"),
+    ("ccpu.pki", "PkiError"),
     ("builtins", "OSError"),
 )
 

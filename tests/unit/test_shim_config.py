@@ -382,3 +382,52 @@ def test_nested_runtime_options_are_bounded() -> None:
         deep = field(8, field(1, deep))
     assert c.config_path_from_options(deep) is None
     assert c.config_path_from_options(field(8, field(1, options))) == "/x.toml"
+
+
+# -- remote mode (docs/remote.md) ----------------------------------------------------------
+
+
+def test_remote_mode_reads_endpoints_and_tls_dir() -> None:
+    files = {"/g.toml": '[remote]\nendpoints = ["10.0.0.2:7443", "[fd00::2]:7443"]\n'
+                        'tls_dir = "/etc/pki/fractal/"\nconnect_timeout = 3\n'}
+    cfg = c.resolve({c.ANN_MODE: "remote"}, runtime_config=None, global_file="/g.toml", read=_read(files))
+    assert cfg.mode == "remote"
+    assert cfg.remote == c.RemoteSettings(("10.0.0.2:7443", "[fd00::2]:7443"), "/etc/pki/fractal", 3.0)
+    assert "endpoints 10.0.0.2:7443" in cfg.describe()
+
+
+def test_remote_mode_without_endpoints_is_refused() -> None:
+    with pytest.raises(c.ConfigError, match=r"mode remote needs \[remote\] endpoints"):
+        c.resolve({c.ANN_MODE: "remote"}, runtime_config=None, global_file=None, read=_read({}))
+    files = {"/g.toml": 'mode = "remote"\n'}
+    with pytest.raises(c.ConfigError, match="needs"):
+        c.resolve({}, runtime_config=None, global_file="/g.toml", read=_read(files))
+
+
+@pytest.mark.parametrize("table", [
+    'endpoints = "10.0.0.2:7443"', "endpoints = []", 'endpoints = ["10.0.0.2"]',
+    'endpoints = ["h:99999"]', 'tls_dir = "relative"', "connect_timeout = -1", 'password = "x"',
+])
+def test_bad_remote_settings(table: str) -> None:
+    with pytest.raises(c.ConfigError, match="remote"):
+        c.parse_toml(f"[remote]\n{table}\n", "/g.toml")
+
+
+def test_a_pod_asks_for_remote_mode_only_if_the_operator_allows_it() -> None:
+    files = {"/g.toml": '[remote]\nendpoints = ["10.0.0.2:7443"]\n'}
+    with pytest.raises(c.AnnotationDenied, match="io.fractal.mode is not allowed"):
+        c.resolve({**POD, c.ANN_MODE: "remote"}, runtime_config=None, global_file="/g.toml", read=_read(files))
+    allowed = {"/g.toml": 'allowed_annotations = ["mode"]\n' + files["/g.toml"]}
+    cfg = c.resolve({**POD, c.ANN_MODE: "remote"}, runtime_config=None, global_file="/g.toml", read=_read(allowed))
+    assert cfg.mode == "remote"
+
+
+def test_remote_sandbox_is_chosen_for_remote_mode() -> None:
+    from shim.remotesandbox import RemoteSandbox
+    from shim.sandboxkind import for_config
+
+    cfg = c.Config(mode="remote", remote=c.RemoteSettings(("10.0.0.2:7443",)))
+    sb = for_config(cfg, reaper=None, namespace="n", group="g", repo_root="/r", run_dir="/run/x",
+                    runc_root="/run/x/runc", bundle_root="/b", layer_roots=["/r"])
+    assert isinstance(sb, RemoteSandbox) and sb.mode == "remote"
+    assert sb.describe()["endpoints"] == ["10.0.0.2:7443"]
