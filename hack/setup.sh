@@ -59,7 +59,7 @@ step_done() { awk -v a="$step_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "setu
 # alongside them: a fresh machine's setup takes about as long as its longest build instead of
 # the sum (docs/development.md, "A fresh machine's make run").  Each one's output goes to
 # $LOGS/setup-NAME.log while it runs, so the console stays one line per event; `join` waits for
-# it and prints its log with a [NAME] prefix, its CPU time and its time since its start.
+# it and prints its log with a [NAME] prefix, its own time and CPU time, and when it was joined.
 # FRACTAL_SETUP_SERIAL=1 runs the same functions in the foreground, in order.
 declare -A BG_PID BG_T0 BG_RC
 LOGS="$CACHE/logs"
@@ -71,8 +71,8 @@ bg() {  # bg NAME FUNCTION: start FUNCTION in the background
   fi
   mkdir -p "$LOGS"
   BG_T0[$name]=$EPOCHREALTIME
-  # the last line is the step's CPU time (bash's `time`: user and system of all its processes)
-  ( set +e; TIMEFORMAT="cpu: user %1Us, system %1Ss"; time "$fn" ) >"$LOGS/setup-$name.log" 2>&1 &
+  # the last line is the step's own time and CPU (bash's `time`: user and system of all its processes)
+  ( set +e; TIMEFORMAT="took %1Rs; cpu: user %1Us, system %1Ss"; time "$fn" ) >"$LOGS/setup-$name.log" 2>&1 &
   BG_PID[$name]=$!
   echo "setup: $name: started in the background (log $LOGS/setup-$name.log)"
 }
@@ -83,7 +83,7 @@ join() {  # join NAME: wait for a background step; its exit status is returned
   echo "setup: $name (background)"
   sed "s/^/setup:   [$name] /" "$LOGS/setup-$name.log"
   awk -v a="${BG_T0[$name]}" -v b="$EPOCHREALTIME" -v rc="$rc" \
-    'BEGIN { printf "setup:   %s in %.1fs since its start\n", rc == 0 ? "done" : "FAILED (exit " rc ")", b - a }'
+    'BEGIN { printf "setup:   %s (joined %.1fs after its start)\n", rc == 0 ? "done" : "FAILED (exit " rc ")", b - a }'
   unset "BG_PID[$name]"
   return "$rc"
 }
