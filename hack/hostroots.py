@@ -180,7 +180,10 @@ def mirror_of(d: Distro) -> str:
 
 
 def _run(argv: list[str], what: str, timeout: float = 1800) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # a slow mirror: the callers' HostRootError path (a skip for Ubuntu)
+        raise HostRootError(f"{what} took longer than {timeout:.0f}s: {' '.join(argv)}") from None
     if r.returncode != 0:
         raise HostRootError(f"{what} failed ({r.returncode}): {' '.join(argv)}\n{(r.stdout + r.stderr)[-3000:]}")
 
