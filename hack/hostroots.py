@@ -55,9 +55,13 @@ from hack import testimages  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 #: Bump when what a tree contains changes in a way the key does not see.
-RECIPE_VERSION = "1"
-#: What a stock host has before fractal: the distribution's python3 and its venv module.
-PACKAGES = ("python3", "python3-venv")
+RECIPE_VERSION = "2"
+#: What a stock host has before fractal: the distribution's python3 and its venv module; and what
+#: `fractal guest build` takes from the host besides python3 and the kernel package (which it
+#: downloads with apt: hence the tree keeps its apt lists): busybox-static (the guest's init and
+#: tools), runc, erofs-utils (the small guest's system image) and zstd (Ubuntu's kernel modules are
+#: .ko.zst; Python before 3.14 has no zstd module).  tests/integration/test_distro_guest.py.
+PACKAGES = ("python3", "python3-venv", "busybox-static", "runc", "erofs-utils", "zstd")
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")
 UBUNTU_MIRROR = "http://archive.ubuntu.com/ubuntu"
@@ -176,7 +180,10 @@ def mirror_of(d: Distro) -> str:
 
 
 def _run(argv: list[str], what: str, timeout: float = 1800) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # a slow mirror: the callers' HostRootError path (a skip for Ubuntu)
+        raise HostRootError(f"{what} took longer than {timeout:.0f}s: {' '.join(argv)}") from None
     if r.returncode != 0:
         raise HostRootError(f"{what} failed ({r.returncode}): {' '.join(argv)}\n{(r.stdout + r.stderr)[-3000:]}")
 
@@ -263,6 +270,9 @@ def build(name: str, cache: Path | str | None = None, force: bool = False,
                 for p in (rootfs / junk).glob("*"):
                     if p.is_file() and p.name != "lock":
                         p.unlink()
+            # apt lists, so that `apt-get download` (the guest kernel) works in the tree later
+            _run(["chroot", str(rootfs), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                  "apt-get", "update", "-qq"], f"apt-get update in the {d.suite} tree")
             python, glibc = _facts(d, rootfs)
             _stamp(base, name).unlink(missing_ok=True)
             dst = base / name
@@ -328,14 +338,16 @@ exec chroot "$m" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/
 
 
 def run_in(root: HostRoot, script: str, binds: Sequence[Bind], scratch: Path,
-           timeout: float = 600) -> subprocess.CompletedProcess[str]:
+           timeout: float = 600, network: bool = False) -> subprocess.CompletedProcess[str]:
     """``sh -c script`` as root on a throw-away overlay of ``root``'s tree, with no network (a new,
     empty network namespace), no environment but PATH/HOME/LANG, and ``binds``.  What podman
     ``--rootfs DIR:O --network=none`` does, without its rlimit defaults (podman 4.3 fails to set
-    them in a container whose hard limits are lower) or its storage."""
+    them in a container whose hard limits are lower) or its storage.  ``network``: the host's
+    network instead (the guest build's apt download of the distribution's kernel)."""
     scratch.mkdir(parents=True, exist_ok=True)
     specs = [f"{b.host}:{b.guest}:{'ro' if b.readonly else 'rw'}" for b in binds]
-    return subprocess.run(["unshare", "--mount", "--net", "--pid", "--fork", "--ipc", "--uts", "sh", "-c", _ENTER,
+    net = [] if network else ["--net"]
+    return subprocess.run(["unshare", "--mount", *net, "--pid", "--fork", "--ipc", "--uts", "sh", "-c", _ENTER,
                            "enter", str(root.rootfs), str(scratch), script, *specs],
                           capture_output=True, text=True, timeout=timeout)
 

@@ -53,6 +53,81 @@ step_start=$EPOCHREALTIME
 step() { step_start=$EPOCHREALTIME; echo "setup: $*"; }
 step_done() { awk -v a="$step_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "setup:   done in %.1fs\n", b - a }'; }
 
+# Background steps.  The slow ones -- virtiofsd (cargo), the Go peers (crictl for `make run`),
+# the VM guest (a kernel download) and, for the tests, the clean host trees (debootstrap) -- need
+# nothing from each other nor from the steps after apt (the Go peers not even apt), so they run
+# alongside them: a fresh machine's setup takes about as long as its longest build instead of
+# the sum (docs/development.md, "A fresh machine's make run").  Each one's output goes to
+# $LOGS/setup-NAME.log while it runs, so the console stays one line per event; `join` waits for
+# it and prints its log with a [NAME] prefix, its own time and CPU time, and when it was joined.
+# FRACTAL_SETUP_SERIAL=1 runs the same functions in the foreground, in order.
+declare -A BG_PID BG_T0 BG_RC
+LOGS="$CACHE/logs"
+if [ "$(id -u)" -ne 0 ]; then LOGS="${TMPDIR:-/tmp}/fractal-setup-logs"; fi  # the cache is root's
+bg() {  # bg NAME FUNCTION: start FUNCTION in the background
+  local name=$1 fn=$2
+  if [ "${FRACTAL_SETUP_SERIAL:-0}" = 1 ]; then  # in the foreground; `join` reports the status
+    step "$name"; BG_RC[$name]=0; "$fn" || BG_RC[$name]=$?; step_done; return 0
+  fi
+  mkdir -p "$LOGS"
+  BG_T0[$name]=$EPOCHREALTIME
+  # the last line is the step's own time and CPU (bash's `time`: user and system of all its processes)
+  ( set +e; TIMEFORMAT="took %1Rs; cpu: user %1Us, system %1Ss"; time "$fn" ) >"$LOGS/setup-$name.log" 2>&1 &
+  BG_PID[$name]=$!
+  echo "setup: $name: started in the background (log $LOGS/setup-$name.log)"
+}
+join() {  # join NAME: wait for a background step; its exit status is returned
+  local name=$1 rc=0
+  [ -n "${BG_PID[$name]:-}" ] || return "${BG_RC[$name]:-0}"
+  wait "${BG_PID[$name]}" || rc=$?
+  echo "setup: $name (background)"
+  sed "s/^/setup:   [$name] /" "$LOGS/setup-$name.log"
+  awk -v a="${BG_T0[$name]}" -v b="$EPOCHREALTIME" -v rc="$rc" \
+    'BEGIN { printf "setup:   %s (joined %.1fs after its start)\n", rc == 0 ? "done" : "FAILED (exit " rc ")", b - a }'
+  unset "BG_PID[$name]"
+  return "$rc"
+}
+# an interrupted setup does not leave builds running behind it
+kill_tree() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$c"; done; kill "$1" 2>/dev/null || true; }
+trap 'for p in "${BG_PID[@]}"; do kill_tree "$p"; done' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# The build steps, run by `bg` (definitions here, calls below in order).
+build_virtiofsd() {
+  # virtiofsd is not in Debian bookworm; built from crates.io once into $CACHE/virtiofsd.
+  # Without cargo the VM falls back to 9p shares.
+  if [ -x "$CACHE/virtiofsd/bin/virtiofsd" ]; then
+    echo "present ($("$CACHE/virtiofsd/bin/virtiofsd" --version 2>/dev/null | head -1))"
+  elif CARGO="$(command -v cargo || echo "$HOME/.cargo/bin/cargo")" && [ -x "$CARGO" ]; then
+    $SUDO "$CARGO" install virtiofsd --version '^1.14' --locked --root "$CACHE/virtiofsd" --quiet \
+      || echo "WARNING: virtiofsd did not build; the VM uses 9p shares"
+  else
+    echo "no cargo: skipped (the VM uses 9p shares)"
+  fi
+}
+PEERS=()
+if [ "$FOR_RUN" -eq 1 ]; then PEERS=(crictl); fi  # the demo needs crictl only
+build_peers() {
+  # containerd 2.x/1.7, nerdctl, crictl/critest (docs/compat.md): built from the Go module proxy,
+  # pinned, into $CACHE/peers/<name>-<version>/bin by hack/peers.sh (skips what is built: ~0.1 s
+  # warm).  A peer that does not build is reported and its tests skip (fail under CI).
+  FRACTAL_CACHE="$CACHE" $SUDO bash "$ROOT/hack/peers.sh" "${PEERS[@]}"
+}
+start_peers() {
+  if [ "${FRACTAL_SKIP_PEERS:-0}" = 1 ]; then
+    echo "setup: peers: skipped (FRACTAL_SKIP_PEERS=1)"
+  else
+    echo "setup: peers in $CACHE/peers: ${PEERS[*]:-all}${PEERS:+ (--run: the others are test-only)}"
+    bg peers build_peers
+  fi
+}
+
+# --- 0. the Go peers start first when a Go toolchain is there (they need nothing from apt) ---
+$SUDO mkdir -p "$CACHE"
+peers_started=0
+if command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ]; then start_peers; peers_started=1; fi
+
 # --- 1. apt packages -----------------------------------------------------------
 step "checking apt packages"
 missing=()
@@ -76,8 +151,15 @@ if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends golang-go
 fi
-
-$SUDO mkdir -p "$CACHE"
+[ "$peers_started" -eq 1 ] || start_peers
+# The VM guest (docs/vm.md: the distribution's kernel + initramfs + system image), cached by its
+# inputs under $CACHE/guest (a warm run only re-hashes them, ~2 s).  It needs apt's busybox-static,
+# runc, erofs-utils and python3, and of this project only the stdlib-only ccpu.guest (run from the
+# clone: no pip install needed), so it builds while pip installs.
+build_guest() { cd "$ROOT" && FRACTAL_CACHE="$CACHE" $SUDO "$PY" -m ccpu.cli guest build; }
+bg guest build_guest
+# virtiofsd needs apt's libcap-ng-dev, libseccomp-dev and pkg-config
+bg virtiofsd build_virtiofsd
 
 # --- 2. Python package (editable) + extras ---------------------------------------
 # A distribution's externally managed python3 (PEP 668) gets a venv in the clone instead
@@ -117,6 +199,13 @@ else
   $SUDO touch "$marker"
 fi
 step_done
+# clean hosts for the install walk-through and the guest build on other distributions
+# (tests/integration/test_distro_install.py): debootstrap minbase trees of Debian 12/13 and Ubuntu
+# 24.04 with their own python3 (~1-4 min each, cold, mostly the mirror's; cached by suite + package
+# list in $CACHE/hostroots).  Test-only: not for --run.  After the Python step: its
+# wheelhouse needs that python's pip.
+build_hostroots() { $SUDO "$PY" "$ROOT/hack/hostroots.py" --cache "$CACHE" build; }
+if [ "$FOR_RUN" -eq 0 ]; then bg hostroots build_hostroots; fi
 
 # --- 3. protobuf stubs -------------------------------------------------------------
 step "containerd API stubs"
@@ -131,48 +220,11 @@ if [ "$SKIP_IMAGES" -eq 0 ]; then
   $SUDO "$PY" "$ROOT/hack/testimages.py" --cache "$CACHE" build "${extra[@]}"
   step_done
 fi
-# --- 5. VM guest + virtiofsd (docs/vm.md) ------------------------------------------
-# The guest (Debian kernel + initramfs) is cached by its inputs under $CACHE/guest: a
-# warm run only re-hashes the inputs (~2 s).  virtiofsd is not in Debian bookworm; it
-# is built from crates.io once (~1 min here) into $CACHE/virtiofsd.  Without cargo the
-# VM falls back to 9p shares.
-step "VM guest in $CACHE/guest"
-(cd "$ROOT" && FRACTAL_CACHE="$CACHE" $SUDO "$PY" -m ccpu.cli guest build)
-step_done
-step "virtiofsd in $CACHE/virtiofsd"
-if [ -x "$CACHE/virtiofsd/bin/virtiofsd" ]; then
-  echo "setup:   present ($("$CACHE/virtiofsd/bin/virtiofsd" --version 2>/dev/null | head -1))"
-elif CARGO="$(command -v cargo || echo "$HOME/.cargo/bin/cargo")" && [ -x "$CARGO" ]; then
-  $SUDO "$CARGO" install virtiofsd --version '^1.14' --locked --root "$CACHE/virtiofsd" --quiet \
-    || echo "setup:   WARNING: virtiofsd did not build; the VM uses 9p shares"
-else
-  echo "setup:   no cargo: skipped (the VM uses 9p shares)"
-fi
-step_done
-# --- end of VM step ----------------------------------------------------------------
-# --- 6. peers: containerd 2.x, nerdctl, crictl/critest (docs/compat.md) -------------
-# Built from the Go module proxy, pinned, into $CACHE/peers/<name>-<version>/bin by
-# hack/peers.sh (skips what is built: ~0.1 s warm; cold timings in docs/compat.md).  A
-# peer that does not build is reported and its tests skip (fail under CI).
-# FRACTAL_SKIP_PEERS=1 skips this step.
-if [ "${FRACTAL_SKIP_PEERS:-0}" = 1 ]; then
-  echo "setup: peers: skipped (FRACTAL_SKIP_PEERS=1)"
-else
-  peers=()
-  if [ "$FOR_RUN" -eq 1 ]; then peers=(crictl); fi  # the demo needs crictl only
-  step "peers in $CACHE/peers${peers:+ (${peers[*]} only: --run)}"
-  FRACTAL_CACHE="$CACHE" $SUDO bash "$ROOT/hack/peers.sh" "${peers[@]}" | sed 's/^peers:/setup:  /'
-  step_done
-fi
-# --- end of peers step -------------------------------------------------------------
-# --- 7. clean hosts for the install walk-through test (tests/integration/test_distro_install.py)
-# debootstrap minbase trees of Debian 12/13 and Ubuntu 24.04 with their own python3 (~1-4 min
-# each, cold; cached by suite + package list in $CACHE/hostroots).  Test-only: not for --run.
+# --- 5. join the background builds: the guest, virtiofsd, the Go peers, the host trees ---------
+join guest || { echo "setup: the VM guest did not build" >&2; exit 1; }
+join virtiofsd || echo "setup:   WARNING: virtiofsd did not build; the VM uses 9p shares"
+join peers || echo "setup:   WARNING: the peers step failed"
 if [ "$FOR_RUN" -eq 0 ]; then
-  step "clean host trees in $CACHE/hostroots"
-  $SUDO "$PY" "$ROOT/hack/hostroots.py" --cache "$CACHE" build \
-    || echo "setup:   WARNING: a host tree did not build; test_distro_install reports which"
-  step_done
+  join hostroots || echo "setup:   WARNING: a host tree did not build; test_distro_install reports which"
 fi
-
 echo "setup: ok"

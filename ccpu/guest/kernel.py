@@ -26,19 +26,47 @@ from . import modules
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = "/var/cache/fractal"
-#: Debian architecture -> the flavour of its default kernel (the meta package is linux-image-<flavour>,
-#: the versioned one linux-image-<abi>-<flavour>).  Only amd64 is booted today (q35/microvm, PVH);
-#: arm64 resolves and unpacks but needs QEMU's `virt` machine and an Image boot (docs/vm.md).
-KERNEL_FLAVOURS = {"amd64": "amd64", "arm64": "arm64"}
+#: (distribution family, Debian architecture) -> the flavour of its default kernel (the meta package is
+#: linux-image-<flavour>, the versioned one linux-image-<abi>-<flavour>).  Debian names the flavour after
+#: the architecture, Ubuntu calls it "generic".  Only amd64 is booted today (q35/microvm, PVH); arm64
+#: resolves and unpacks but needs QEMU's `virt` machine and an Image boot (docs/vm.md).
+KERNEL_FLAVOURS = {("debian", "amd64"): "amd64", ("debian", "arm64"): "arm64",
+                   ("ubuntu", "amd64"): "generic", ("ubuntu", "arm64"): "generic"}
+#: Packages of the same kernel release that hold modules too (Ubuntu splits them off the image:
+#: linux-modules-<release> has the common ones, -extra the rest); fetched when apt knows them.
+COMPANION_PACKAGES = ("linux-modules-{release}", "linux-modules-extra-{release}")
+OS_RELEASE = "/etc/os-release"
 
 
-def kernel_flavour(arch: str) -> str:
+def kernel_flavour(arch: str, family: str = "debian") -> str:
     """Debian architecture (``dpkg --print-architecture``) -> its kernel flavour.  Pure."""
     try:
-        return KERNEL_FLAVOURS[arch]
+        return KERNEL_FLAVOURS[(family, arch)]
     except KeyError:
-        raise KernelError(f"no guest kernel flavour known for architecture {arch!r} "
-                          f"(known: {', '.join(sorted(KERNEL_FLAVOURS))})") from None
+        known = ", ".join(f"{f}/{a}" for f, a in sorted(KERNEL_FLAVOURS))
+        raise KernelError(f"no guest kernel flavour known for {family} on architecture {arch!r} "
+                          f"(known: {known})") from None
+
+
+def distro_family(os_release: str) -> str:
+    """``/etc/os-release`` text -> "ubuntu" or "debian" (ID, then ID_LIKE).  Pure.
+
+    Ubuntu and its derivatives ship the generic flavour and split modules into companion packages;
+    everything else with apt is taken for Debian-like."""
+    fields = {}
+    for line in os_release.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip().strip('"').strip("'")
+    ids = [fields.get("ID", ""), *fields.get("ID_LIKE", "").split()]
+    return "ubuntu" if "ubuntu" in ids else "debian"
+
+
+def host_family() -> str:
+    try:
+        return distro_family(Path(OS_RELEASE).read_text())
+    except OSError:
+        return "debian"
 
 
 def host_arch() -> str:
@@ -104,12 +132,42 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
 
 
 def resolve_package() -> tuple[str, str]:
-    """(package, version) of the kernel Debian currently ships, e.g. (linux-image-6.1.0-56-amd64, 6.1.192-2)."""
+    """(package, version) of the kernel the distribution currently ships, e.g.
+    (linux-image-6.1.0-56-amd64, 6.1.192-2) on Debian 12, (linux-image-6.8.0-90-generic, ...) on Ubuntu."""
     pkg = os.environ.get("FRACTAL_KERNEL_PACKAGE")
     if not pkg:
-        flavour = kernel_flavour(host_arch())
+        flavour = kernel_flavour(host_arch(), host_family())
         pkg = parse_depends(_run(["apt-cache", "depends", f"linux-image-{flavour}"]), flavour)
     return pkg, parse_policy_candidate(_run(["apt-cache", "policy", pkg]))
+
+
+def companions(release: str) -> list[tuple[str, str]]:
+    """(package, version) of COMPANION_PACKAGES that apt has a candidate for (none on Debian)."""
+    out = []
+    for template in COMPANION_PACKAGES:
+        pkg = template.format(release=release)
+        try:
+            out.append((pkg, parse_policy_candidate(_run(["apt-cache", "policy", pkg]))))
+        except KernelError:  # unknown to apt (empty output) or no candidate
+            continue
+    return out
+
+
+def decompress_modules(mod_dir: Path) -> int:
+    """Decompress every .ko.zst under ``mod_dir`` in place (one zstd run), returning how many.
+
+    busybox's insmod loads only plain .ko, and Python before 3.14 reads no zstd, so Ubuntu's
+    zstd-compressed modules are unpacked once, when the kernel is cached (.ko.xz, Debian 13's,
+    are read with lzma where needed)."""
+    found = [str(p) for p in mod_dir.rglob("*.ko.zst")]
+    if not found:
+        return 0
+    if shutil.which("zstd") is None:
+        raise KernelError(f"{len(found)} kernel modules are zstd-compressed and zstd is not installed "
+                          "(apt-get install zstd)")
+    for i in range(0, len(found), 500):
+        _run(["zstd", "-d", "-q", "--rm", *found[i:i + 500]])
+    return len(found)
 
 
 def release_of(package: str) -> str:
@@ -183,7 +241,7 @@ def _write_modules_dep(mod_dir: Path) -> None:
 
 
 def fetch(progress: Callable[[str], None] = lambda s: None, *, offline: bool = False) -> Kernel:
-    """The current Debian kernel, unpacked in the cache (downloaded and unpacked only once).
+    """The distribution's current kernel (image + companion module packages), unpacked in the cache (downloaded and unpacked only once).
 
     With `offline`, or when apt cannot resolve a version, the newest kernel
     already in the cache is used, so a built guest keeps working without apt.
@@ -203,25 +261,34 @@ def fetch(progress: Callable[[str], None] = lambda s: None, *, offline: bool = F
     dest = root / f"{release}_{version}"
     if (dest / "kernel.json").exists():
         return _load(dest)
-    progress(f"downloading {package} {version}")
+    extra = companions(release)
+    names = " + ".join(p for p, _ in extra)
+    progress(f"downloading {package} {version}" + (f" + {names}" if names else ""))
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
         tmpdir = Path(tmp)
         os.chmod(tmpdir, 0o755)  # apt's _apt sandbox user must be able to write here
-        _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=tmpdir)
-        debs = list(tmpdir.glob("*.deb"))
-        if len(debs) != 1:
-            raise KernelError(f"apt-get download produced {len(debs)} .deb files")
-        deb_sha = _sha256_file(debs[0])
-        progress(f"unpacking {debs[0].name}")
+        debs: dict[str, Path] = {}
+        for pkg, ver in [(package, version), *extra]:
+            before = set(tmpdir.glob("*.deb"))
+            _run(["apt-get", "download", "-q", f"{pkg}={ver}"], cwd=tmpdir)
+            got = set(tmpdir.glob("*.deb")) - before
+            if len(got) != 1:
+                raise KernelError(f"apt-get download {pkg} produced {len(got)} .deb files")
+            debs[pkg] = got.pop()
+        deb_sha = _sha256_file(debs[package])
         tree = tmpdir / "tree"
-        _run(["dpkg-deb", "-x", str(debs[0]), str(tree)])
+        for deb in debs.values():
+            progress(f"unpacking {deb.name}")
+            _run(["dpkg-deb", "-x", str(deb), str(tree)])
         vmlinuz = tree / "boot" / f"vmlinuz-{release}"
         mod_dir = tree / "lib" / "modules" / release
         if not mod_dir.is_dir():
             mod_dir = tree / "usr" / "lib" / "modules" / release
         if not vmlinuz.exists() or not mod_dir.is_dir():
-            raise KernelError(f"{debs[0].name} has no vmlinuz or modules for {release}")
+            raise KernelError(f"{', '.join(d.name for d in debs.values())}: no vmlinuz or modules for {release}")
+        if n := decompress_modules(mod_dir):
+            progress(f"decompressed {n} zstd modules")
         out = tmpdir / "out"
         out.mkdir()
         shutil.move(str(vmlinuz), out / "vmlinuz")
@@ -235,6 +302,7 @@ def fetch(progress: Callable[[str], None] = lambda s: None, *, offline: bool = F
         import json
         (out / "kernel.json").write_text(json.dumps({
             "release": release, "package": package, "package_version": version, "deb_sha256": deb_sha,
+            "debs": {pkg: {"file": deb.name, "sha256": _sha256_file(deb)} for pkg, deb in debs.items()},
         }, indent=2) + "\n")
         if dest.exists():
             shutil.rmtree(dest)

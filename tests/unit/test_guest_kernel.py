@@ -57,3 +57,48 @@ def test_kernel_package_follows_the_architecture() -> None:
     assert k.parse_depends(arm, "arm64") == "linux-image-6.1.0-56-arm64"
     with pytest.raises(k.KernelError):  # an amd64 kernel is no answer for arm64
         k.parse_depends(DEPENDS, "arm64")
+
+
+UBUNTU_OS_RELEASE = '''PRETTY_NAME="Ubuntu 24.04.1 LTS"
+NAME="Ubuntu"
+VERSION_ID="24.04"
+ID=ubuntu
+ID_LIKE=debian
+'''
+MINT_OS_RELEASE = 'NAME="Linux Mint"\nID=linuxmint\nID_LIKE="ubuntu debian"\n'
+DEBIAN_OS_RELEASE = 'PRETTY_NAME="Debian GNU/Linux 13 (trixie)"\nID=debian\nVERSION_ID="13"\n'
+
+
+def test_kernel_package_follows_the_distribution() -> None:
+    """Ubuntu (and what says it is like Ubuntu) ships the "generic" flavour; Debian and the rest
+    name it after the architecture."""
+    assert k.distro_family(UBUNTU_OS_RELEASE) == "ubuntu"
+    assert k.distro_family(MINT_OS_RELEASE) == "ubuntu"
+    assert k.distro_family(DEBIAN_OS_RELEASE) == "debian"
+    assert k.distro_family("") == "debian"
+    assert k.kernel_flavour("amd64", "ubuntu") == "generic"
+    with pytest.raises(k.KernelError, match="ubuntu"):
+        k.kernel_flavour("mips64el", "ubuntu")
+    noble = ("linux-image-generic\n  Depends: linux-image-6.8.0-90-generic\n"
+             "  Depends: linux-firmware\n  Depends: intel-microcode\n")
+    assert k.parse_depends(noble, "generic") == "linux-image-6.8.0-90-generic"
+    assert k.release_of("linux-image-6.8.0-90-generic") == "6.8.0-90-generic"
+    with pytest.raises(k.KernelError):  # a Debian answer is no answer for the generic flavour
+        k.parse_depends(DEPENDS, "generic")
+
+
+def test_zstd_modules_are_decompressed_once(tmp_path) -> None:  # noqa: ANN001
+    """Ubuntu's .ko.zst become plain .ko (busybox insmod and Python < 3.14 read no zstd)."""
+    import shutil
+    import subprocess
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd not installed")
+    d = tmp_path / "kernel" / "fs" / "9p"
+    d.mkdir(parents=True)
+    (d / "9p.ko").write_bytes(b"\x7fELF module body")
+    subprocess.run(["zstd", "-q", "--rm", str(d / "9p.ko")], check=True)
+    (tmp_path / "plain.ko").write_bytes(b"plain")
+    assert k.decompress_modules(tmp_path) == 1
+    assert (d / "9p.ko").read_bytes() == b"\x7fELF module body" and not (d / "9p.ko.zst").exists()
+    assert (tmp_path / "plain.ko").read_bytes() == b"plain"
+    assert k.decompress_modules(tmp_path) == 0
