@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cgroup-parent", help="guest: the containers' parent cgroup (below /sys/fs/cgroup)")
     p.add_argument("--memory-reserve-mb", type=int, default=64,
                    help="guest: MiB of memory containers can never take (default 64)")
+    p.add_argument("--nics", action="store_true",
+                   help="guest: serve the `nic` op (configure NICs the host plugs in after boot)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--log", help="log file (default: stderr)")
     ns = p.parse_args(argv)
@@ -102,7 +104,7 @@ async def amain(ns: argparse.Namespace) -> int:
         Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root, ns.drain_timeout,
         cgroup_parent=cgroup_parent,
     )
-    server = Server(sup, outbox)
+    server = Server(sup, outbox, nics=ns.nics)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

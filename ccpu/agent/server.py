@@ -25,7 +25,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from . import diagnose, live, protocol, wire
+from . import diagnose, live, nic, protocol, wire
 from .container import Supervisor
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class Server:
-    def __init__(self, supervisor: Supervisor, outbox: Outbox) -> None:
+    def __init__(self, supervisor: Supervisor, outbox: Outbox, nics: bool = False) -> None:
         self.sup = supervisor
         self.outbox = outbox
         self.stopped = asyncio.Event()  # set by `shutdown`
@@ -184,6 +184,10 @@ class Server:
             "restack": lambda args: live.restack_op(supervisor, args),
             "diagnose": diagnose.diagnose_op,
         }
+        # configuring NICs: only a guest's agent (--nics); on the host it would take the host's
+        self.features = [*FEATURES, "nic"] if nics else list(FEATURES)
+        if nics:
+            self._ops["nic"] = lambda args: nic.nic_op(supervisor.reaper, args)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one connection until it closes or breaks the protocol."""
@@ -245,7 +249,7 @@ class Server:
                 conn.close()
                 return
             if conn.window is not None:
-                result = {**result, "features": [*FEATURES, "flow"], "window": conn.window}
+                result = {**result, "features": [*self.features, "flow"], "window": conn.window}
             conn.send(wire.encode_control(protocol.response_ok(rid, result)))
             conn.ready = True
             self.outbox.attach(conn)
@@ -266,7 +270,7 @@ class Server:
         return {
             "version": protocol.PROTOCOL_VERSION,
             "agent_pid": os.getpid(),
-            "features": FEATURES,
+            "features": self.features,
             "kernel": os.uname().release,
         }
 
