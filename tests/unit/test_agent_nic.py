@@ -64,3 +64,44 @@ def test_device_by_mac(tmp_path: Path) -> None:
     assert nic.device_by_mac("0a:58:0a:04:00:05", str(tmp_path)) == "eth0"
     assert nic.device_by_mac("0a:58:0a:04:00:06", str(tmp_path)) is None
     assert nic.device_by_mac("0a:58:0a:04:00:05", str(tmp_path / "none")) is None
+
+
+def test_only_a_guest_agent_serves_the_op() -> None:
+    """A host-mode agent (no --nics) must not touch the host's interfaces: Unimplemented, and
+    `nic` is not among its features; the guest's agent lists it and validates before acting."""
+    import asyncio
+
+    from ccpu.agent import wire
+    from ccpu.agent.server import Outbox, Server
+
+    class Sup:
+        reaper = None
+
+        def __getattr__(self, name: str) -> Any:  # the other ops: never called here
+            def never(*a: object) -> None:
+                raise AssertionError(f"{name} called")
+            return never
+
+    async def ask(server: Server, args: dict[str, Any]) -> dict[str, Any]:
+        sent: list[bytes] = []
+
+        class Conn:
+            closed = False
+            name = "c"
+
+            def send(self, raw: bytes) -> None:
+                sent.append(raw)
+
+        await server.handle_request(Conn(), 1, "nic", args)  # type: ignore[arg-type]
+        reader = asyncio.StreamReader()
+        reader.feed_data(sent[0])
+        reader.feed_eof()
+        frame = await wire.read_frame(reader)
+        assert frame is not None
+        return wire.decode_control(frame)
+
+    host = Server(Sup(), Outbox())  # type: ignore[arg-type]
+    guest = Server(Sup(), Outbox(), nics=True)  # type: ignore[arg-type]
+    assert "nic" not in host.features and "nic" in guest.features
+    assert asyncio.run(ask(host, GOOD))["error"]["code"] == "Unimplemented"
+    assert asyncio.run(ask(guest, {**GOOD, "name": "lo"}))["error"]["code"] == "InvalidArgument"
