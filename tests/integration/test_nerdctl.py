@@ -252,6 +252,44 @@ def test_cni_network_in_vm_mode(nerd: Nerdctl, busybox: str, cni_bridge: tuple[s
     assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
 
 
+def test_cni_network_in_vm_mode_survives_a_killed_shim(nerd: Nerdctl, busybox: str,
+                                                       cni_bridge: tuple[str, str, str],
+                                                       fenv: FractalEnv, namespace: str) -> None:
+    """SIGKILL of the shim of a VM container on a CNI network: QEMU dies with it, and the netns
+    the shim held only by an fd goes too, with CNI's veth -- nothing is left on the bridge and no
+    tap anywhere, before any cleanup ran; ``rm -f`` then succeeds."""
+    import signal
+
+    name, bridge, _gateway = cni_bridge
+    base = list(nerd.base)
+    base[base.index("--cni-path") + 1] = "/usr/lib/cni"
+    run_cmd([*base, "run", "-d", "--name", "vmkill", "--runtime", RUNTIME, "--network", name,
+             "--annotation", "io.fractal.mode=vm", busybox, "sleep", "300"], timeout=300, env=nerd.env)
+    try:
+        assert _ip("-o", "link", "show", "master", bridge).stdout.count("\n") == 1
+        shims = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "containerd-shim-fractal-v1" in cmd and f"-namespace {namespace} " in cmd \
+                    and str(fenv.address) in cmd:
+                shims.append(int(pid))
+        assert shims, "the container's shim must be running"
+        for pid in shims:
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(300):  # the kernel destroys a netns (and its veth) asynchronously
+            if _ip("-o", "link", "show", "master", bridge, check=False).stdout.strip() == "":
+                break
+            time.sleep(0.1)
+        assert _ip("-o", "link", "show", "master", bridge, check=False).stdout.strip() == ""
+        assert "_fractal" not in _ip("-o", "link").stdout
+    finally:
+        nerd("rm", "-f", "vmkill", check=False, timeout=120)
+    assert "vmkill" not in nerd("ps", "-a").stdout
+
+
 def test_nerdctl_paths_stay_in_env(nerd: Nerdctl, busybox: str) -> None:
     """Nothing of nerdctl's lands in the host's default dirs."""
     nerd.run(busybox, "true", extra=("--rm",))
