@@ -30,7 +30,10 @@ The rules (kata does much the same; docs/vm.md "Specs in the guest"):
   NIC is connected to that netns, ccpu/vm/net.py); the spec's ``net.*`` sysctls (CRI's
   ``net.ipv4.ip_unprivileged_port_start``) go with it, set by the agent in the guest's network
   namespace.  A network namespace without a path (a new,
-  empty one, e.g. nerdctl ``--network none``) stays.
+  empty one, e.g. nerdctl ``--network none``) stays -- unless nerdctl names CNI networks for
+  the container (``--network bridge``, annotation ``nerdctl/networks``): then it is dropped too,
+  and ``cni_networks`` tells the shim to make a netns for nerdctl's OCI hook (which sets the
+  networks up in it) and to plug a NIC mirroring it into the guest (shim/vm.py).
 * **namespaces given by ``/proc/<pid>/ns/<type>``** (any type): kept -- the pids
   the shim reports for VM containers are guest pids, so CRI's "join the pause container's
   ipc/uts/pid namespace" paths are right inside the guest; any other path is refused.
@@ -94,6 +97,7 @@ class GuestSpec:
     shm_dirs: list[str] = field(default_factory=list)
     host_hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)  # net.* of the pod netns, for the guest
+    cni_networks: list[str] = field(default_factory=list)  # nerdctl's CNI networks (shim/vm.py plugs a NIC)
     notes: list[str] = field(default_factory=list)
 
 
@@ -162,12 +166,7 @@ def translate(spec: Mapping[str, Any], cid: str, files_root: str,
                 kept.append(ns)  # a guest pid (the shim reports guest pids in VM mode)
             elif ns.get("type") == "network":
                 result.notes.append(f"network namespace {path}: the guest's (the VM is attached to it)")
-                # runc refuses net.* sysctls without a netns of the container's own: they
-                # belong to the pod's netns, which is the guest's -- the agent sets them there
-                sysctl = linux.get("sysctl")
-                if isinstance(sysctl, dict):
-                    for key in [k for k in sysctl if str(k).startswith("net.")]:
-                        result.sysctls[str(key)] = str(sysctl.pop(key))
+                _move_net_sysctls(linux, result.sysctls)
             else:
                 problems.append(f"{ns.get('type')} namespace {path} (a host namespace)")
         linux["namespaces"] = kept
@@ -184,13 +183,29 @@ def translate(spec: Mapping[str, Any], cid: str, files_root: str,
                                 "namespaces, which are in the guest, where their binaries are not")
     networks = nerdctl_cni_networks(out)
     if networks:
-        problems.append(f"nerdctl network(s) {', '.join(networks)}: nerdctl sets CNI networks up from "
-                        "a host hook in the container's (host) netns, which the VM does not use; "
-                        "use --network none or --network host")
+        # nerdctl's createRuntime hook puts the CNI interfaces into a netns the shim makes; the
+        # shim then plugs a NIC mirroring them into the guest: the container uses the guest's
+        # own netns, like a CRI pod's containers
+        result.cni_networks = networks
+        if isinstance(linux, dict) and isinstance(linux.get("namespaces"), list):
+            linux["namespaces"] = [ns for ns in linux["namespaces"]
+                                   if not (isinstance(ns, dict) and ns.get("type") == "network")]
+            _move_net_sysctls(linux, result.sysctls)
+        result.notes.append(f"nerdctl network(s) {', '.join(networks)}: the guest's netns, with a NIC "
+                            "plugged for them after the OCI hook")
     if problems:
         raise NotInVm(f"container {cid} cannot run in a VM: " + "; ".join(problems)
                       + " (use io.fractal.mode=host for it)")
     return result
+
+
+def _move_net_sysctls(linux: dict[str, Any], into: dict[str, str]) -> None:
+    """runc refuses net.* sysctls without a netns of the container's own: they belong to the
+    pod's (or nerdctl network's) netns, which is the guest's -- the agent sets them there."""
+    sysctl = linux.get("sysctl")
+    if isinstance(sysctl, dict):
+        for key in [k for k in sysctl if str(k).startswith("net.")]:
+            into[str(key)] = str(sysctl.pop(key))
 
 
 def nerdctl_cni_networks(spec: Mapping[str, Any]) -> list[str]:

@@ -6,7 +6,8 @@ the same.  Semantics follow the runtime spec (config.md#posix-platform-hooks): t
 state JSON on stdin, ``path``/``args``/``env`` as given (no ``env``: the shim's, as with runc), ``timeout`` in seconds; a failing
 ``prestart``/``createRuntime`` hook fails the create, a failing ``poststart``/``poststop`` hook is
 only logged.  The state's ``pid`` is QEMU's, as in kata: the process that *is* the container
-from the host's point of view.
+from the host's point of view; for a nerdctl CNI network the state's annotations also name the
+netns the shim made for it (``nerdctl/network-namespace``, which nerdctl's hook prefers).
 """
 
 from __future__ import annotations

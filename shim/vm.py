@@ -35,7 +35,9 @@ What the guest sees (pure translation, :mod:`shim.guestpaths`):
 The spec itself is translated by :mod:`shim.guestspec` (small host files copied in, volumes
 bound into ``volumes/`` of the run dir and shared (virtiofs or 9p) by :mod:`shim.volumes`, the pod's
 /dev/shm a guest dir, the pod netns dropped for the VM's own network, host hooks run here by
-:mod:`shim.hooks`).  Anything the guest cannot use is refused with FailedPrecondition: a rootfs
+:mod:`shim.hooks`).  A nerdctl CNI network (``--network bridge``) gets a netns made here for
+nerdctl's hook (annotation ``nerdctl/network-namespace``), whose interface is then plugged into
+the running guest as a NIC (:meth:`VmSandbox.attach_nic`: QMP hot-plug + the agent's ``nic`` op).  Anything the guest cannot use is refused with FailedPrecondition: a rootfs
 whose lower dirs are not repo layers (e.g. the overlayfs snapshotter), bind mounts of device
 nodes, sockets or missing paths, host namespaces.
 """
@@ -65,6 +67,11 @@ log = logging.getLogger("shim.vm")
 
 LAYERS_TAG = "fractallayers"
 AGENT_PORT = "fractal.agent"
+#: NICs a sandbox's VM can get after boot (empty pcie-root-ports + QMP, ccpu/vm/qmp.py): a nerdctl
+#: CNI network's, a pool-adopted pod's.  Each costs a PCI bridge in the guest, nothing on the host.
+HOTPLUG_NICS = 2
+#: the annotation nerdctl's OCI hook reads the netns path from (over the state's pid, QEMU's)
+NERDCTL_NETNS = "nerdctl/network-namespace"
 
 # ---------------------------------------------------------------------------------------------
 # what the guest translation reads on the host (shim.guestspec decides, shim.guestpaths maps)
@@ -116,6 +123,13 @@ def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
 # the sandbox
 
 
+def _machine_errors() -> tuple[type[BaseException], ...]:
+    from ccpu.vm.machine import MachineError
+    from ccpu.vm.net import NetError
+
+    return (MachineError, NetError)
+
+
 class VmSandbox(AgentSandbox):
     """One QEMU guest running the agent (see the module docstring); the agent-protocol side
     (timeouts, the create sequence, restacks) is :class:`shim.agentsandbox.AgentSandbox`'s."""
@@ -151,6 +165,8 @@ class VmSandbox(AgentSandbox):
         self._stopping = False
         self.netns = netns  # the pod's network namespace the VM is attached to (CRI)
         self._hooks: dict[str, Any] = {}  # cid -> shim.hooks.ContainerHooks
+        self._cni: dict[str, int] = {}  # cid -> fd of the netns made for its nerdctl CNI networks
+        self.nics: list[str] = []  # netns connected after boot (attach_nic)
         self.volumes = VolumeDir(self.dir)  # <dir>/volumes, shared over 9p (shim/volumes.py)
         self.view = LayerView(self.dir, self.host_layers)  # the layers its guest sees (shim/layerview.py)
         self.qemu_user = ""
@@ -199,24 +215,32 @@ class VmSandbox(AgentSandbox):
                     f"attached to {self.netns or 'no network namespace'}")
         for note in translated.notes:
             log.debug("container %s: %s", cid, note)
+        hook_annotations = dict(spec.get("annotations") or {})
+        if translated.cni_networks:  # first: undone below if what follows fails
+            hook_annotations[NERDCTL_NETNS] = self._cni_netns(cid, translated.cni_networks)
         try:
-            self._prepare_dir()
-            self.view.set(cid, list(rootfs.lowers))  # its layers become visible to the guest
-        except (RuntimeError, OSError) as exc:  # LayerViewError, a repo without layers/
-            raise errdefs.FailedPrecondition(f"container {cid}: cannot give the VM its "
-                                             f"layers: {exc}") from None
-        try:  # last: nothing after it can fail (else Create never reaches deleted() to undo it)
-            self.volumes.attach(cid, translated.volumes)
-        except BaseException as exc:
-            self.view.drop(cid)
-            if isinstance(exc, MountRecordError):  # VolumeError too
-                raise errdefs.FailedPrecondition(str(exc)) from None
+            try:
+                self._prepare_dir()
+                self.view.set(cid, list(rootfs.lowers))  # its layers become visible to the guest
+            except (RuntimeError, OSError) as exc:  # LayerViewError, a repo without layers/
+                raise errdefs.FailedPrecondition(f"container {cid}: cannot give the VM its "
+                                                 f"layers: {exc}") from None
+            try:  # last: nothing after it can fail (else Create never reaches deleted() to undo it)
+                self.volumes.attach(cid, translated.volumes)
+            except BaseException as exc:
+                self.view.drop(cid)
+                if isinstance(exc, MountRecordError):  # VolumeError too
+                    raise errdefs.FailedPrecondition(str(exc)) from None
+                raise
+        except BaseException:
+            fd = self._cni.pop(cid, None)
+            if fd is not None:
+                os.close(fd)
             raise
         if translated.host_hooks:
             from shim.hooks import ContainerHooks
 
-            self._hooks[cid] = ContainerHooks(cid, translated.host_hooks, bundle, self.reaper,
-                                              dict(spec.get("annotations") or {}))
+            self._hooks[cid] = ContainerHooks(cid, translated.host_hooks, bundle, self.reaper, hook_annotations)
         try:
             os.symlink(self.console_log, os.path.join(bundle, "console.log"))
         except OSError:
@@ -225,10 +249,67 @@ class VmSandbox(AgentSandbox):
                 "scratch": {"path": guest_scratch_dir(cid), "size": scratch_mb << 20},
                 "files": files, "dirs": translated.shm_dirs, "sysctls": translated.sysctls}
 
+    # -- nerdctl CNI networks: a netns for nerdctl's hook, mirrored into the guest --------------
+
+    def _cni_netns(self, cid: str, networks: list[str]) -> str:
+        """A new netns for ``cid``'s CNI networks, held by an fd of ours: the path nerdctl's
+        createRuntime hook (annotation :data:`NERDCTL_NETNS`) sets the networks up in, and that
+        :meth:`created` then connects to the guest.  One such container per VM: its interfaces
+        become the guest's."""
+        from ccpu.vm import net
+
+        if self.netns is not None or self._cni:
+            raise errdefs.FailedPrecondition(
+                f"container {cid}: nerdctl network(s) {', '.join(networks)} need the VM's network, which "
+                f"{'pod network ' + self.netns if self.netns else 'another container'} has; run it in a "
+                "VM of its own (another io.fractal.group)")
+        try:
+            fd = net.new_netns()
+        except net.NetError as exc:
+            raise errdefs.FailedPrecondition(f"container {cid}: {exc}") from None
+        self._cni[cid] = fd
+        return self._cni_path(fd)
+
+    @staticmethod
+    def _cni_path(fd: int) -> str:
+        return f"/proc/{os.getpid()}/fd/{fd}"
+
+    async def attach_nic(self, netns: str) -> list[Any]:
+        """Connect ``netns`` (its interfaces, as CNI left them) to the running VM: a NIC per
+        interface plugged live (ccpu.vm.machine.AsyncMachine.attach_nic), then configured by the
+        agent (its ``nic`` op: name, MTU, addresses, routes).  A pooled VM gets its pod's network
+        this way; so does a nerdctl CNI network.  All or nothing."""
+        await self.start()
+        ifaces = await self._machine.attach_nic(netns)
+        try:
+            from ccpu.vm import net
+
+            for iface in ifaces:
+                await self.call("nic", net.agent_args(iface))
+        except BaseException:
+            await self._machine.detach_nic(netns)
+            raise
+        self.nics.append(netns)
+        log.info("network %s connected after boot: %s", netns,
+                 ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in ifaces) or "no IPv4 interface")
+        return ifaces
+
+    async def detach_nic(self, netns: str) -> None:
+        """Unplug ``netns``'s NICs (the guest lets go of them) and remove their taps."""
+        if netns in self.nics:
+            self.nics.remove(netns)
+            if self._machine is not None:
+                await self._machine.detach_nic(netns)
+
     # OCI hooks on the host; the state's pid is QEMU's (shim/hooks.py)
     async def created(self, cid: str, pid: int) -> None:
         if cid in self._hooks:
             await self._hooks[cid].on_created(self.pid or 0)
+        if cid in self._cni:  # nerdctl's hook has set its networks up in the netns: into the guest
+            try:
+                await self.attach_nic(self._cni_path(self._cni[cid]))
+            except _machine_errors() as exc:
+                raise errdefs.FailedPrecondition(f"container {cid}: its nerdctl network: {exc}") from None
 
     async def started(self, cid: str, pid: int) -> None:
         if cid in self._hooks:
@@ -236,10 +317,19 @@ class VmSandbox(AgentSandbox):
 
     async def deleted(self, cid: str) -> None:
         try:
+            fd = self._cni.get(cid)
+            if fd is not None:
+                try:
+                    await self.detach_nic(self._cni_path(fd))
+                except _machine_errors() as exc:  # e.g. the VM is gone: its NICs went with it
+                    log.warning("container %s: unplugging its network: %s", cid, exc)
             hooks = self._hooks.pop(cid, None)
             if hooks is not None:
-                await hooks.on_deleted(self.pid or 0)
+                await hooks.on_deleted(self.pid or 0)  # nerdctl's: CNI DEL in the netns, still held
         finally:
+            fd = self._cni.pop(cid, None)
+            if fd is not None:
+                os.close(fd)  # the netns goes, and what CNI left in it (the veth's end)
             try:
                 self.volumes.detach(cid)
             finally:
@@ -266,7 +356,7 @@ class VmSandbox(AgentSandbox):
         return {"pid": self.pid, "accel": self.accel, "memory": f"{self.settings.memory_mb}M",
                 "cpus": self.settings.cpus, "share": self.share, "kernel": self.guest_kernel,
                 "qemu_user": self.qemu_user, "layers_visible": sorted(self.view.bound),
-                "run_dir": self.dir, "console": self.console_log, "netns": self.netns,
+                "run_dir": self.dir, "console": self.console_log, "netns": self.netns, "nics": list(self.nics),
                 "boot_seconds": self.timings.get("agent_ready")}
 
     # -- boot -------------------------------------------------------------------------------
@@ -328,6 +418,7 @@ class VmSandbox(AgentSandbox):
                 system_image=str(guest.image) if guest.image else None,
                 console=machine.ConsoleSocket(self._console.qemu_fd()), mode="agent", accel=s.accel,
                 memory_mb=s.memory_mb, cpus=s.cpus, ports=(AGENT_PORT,), netns=self.netns,
+                hotplug_nics=HOTPLUG_NICS,
                 uid_base=s.qemu_uid_base, name=self.dir, virtiofsd=vfsd,
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
                 cmdline_extra=(f"fractal.reserve={s.memory_reserve_mb}",),
@@ -464,6 +555,9 @@ class VmSandbox(AgentSandbox):
         await self._kill_all(grace=2.0)
         if self._client is not None:
             await self._client.close()
+        for fd in self._cni.values():  # containers never deleted: their netns go with the VM
+            os.close(fd)
+        self._cni.clear()
         self.volumes.close()
         problems = self.view.close()  # exactly the view's recorded mounts
         if problems:

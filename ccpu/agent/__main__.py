@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--orphan-grace", type=float, default=30.0,
                    help="tcp: seconds a lost client's containers are kept for it to return (default 30)")
     p.add_argument("--ready-fd", type=int, help="write 'ready' to this fd once listening (tcp)")
+    p.add_argument("--nics", action="store_true",
+                   help="guest: serve the `nic` op (configure NICs the host plugs in after boot)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--log", help="log file (default: stderr)")
     ns = p.parse_args(argv)
@@ -126,7 +128,8 @@ async def amain(ns: argparse.Namespace) -> int:
         Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root, ns.drain_timeout,
         cgroup_parent=cgroup_parent,
     )
-    server = Server(sup, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None)
+    server = Server(sup, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None,
+                    nics=ns.nics)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

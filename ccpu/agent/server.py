@@ -33,7 +33,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from . import diagnose, live, protocol, wire
+from . import diagnose, live, nic, protocol, wire
 from .container import Supervisor
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,8 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class Server:
-    def __init__(self, supervisor: Supervisor, outbox: Outbox, orphan_grace: float | None = None) -> None:
+    def __init__(self, supervisor: Supervisor, outbox: Outbox, orphan_grace: float | None = None,
+                 nics: bool = False) -> None:
         self.sup = supervisor
         self.orphan_grace = orphan_grace  # TCP: reap a lost owner's containers after this (s)
         self._orphans: asyncio.Task[None] | None = None
@@ -196,6 +197,10 @@ class Server:
             "restack": lambda args: live.restack_op(supervisor, args),
             "diagnose": diagnose.diagnose_op,
         }
+        # configuring NICs: only a guest's agent (--nics); on the host it would take the host's
+        self.features = [*FEATURES, "nic"] if nics else list(FEATURES)
+        if nics:
+            self._ops["nic"] = lambda args: nic.nic_op(supervisor.reaper, args)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     identity: str | None = None) -> None:
@@ -299,7 +304,7 @@ class Server:
                 conn.close()
                 return
             if conn.window is not None:
-                result = {**result, "features": [*FEATURES, "flow"], "window": conn.window}
+                result = {**result, "features": [*self.features, "flow"], "window": conn.window}
             conn.send(wire.encode_control(protocol.response_ok(rid, result)))
             conn.ready = True
             self.owner = conn.identity
@@ -333,7 +338,7 @@ class Server:
         return {
             "version": protocol.PROTOCOL_VERSION,
             "agent_pid": os.getpid(),
-            "features": FEATURES,
+            "features": self.features,
             "kernel": os.uname().release,
         }
 

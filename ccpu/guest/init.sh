@@ -210,7 +210,7 @@ agent)
     read -r python </etc/fractal/python || python=python3
     "$python" -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
         --bundle-root /run/fractal/bundles --layer-root /repo/layers \
-        --layer-root /run/fractal/containers --cgroup-parent /fractal --memory-reserve-mb "$reserve" \
+        --layer-root /run/fractal/containers --cgroup-parent /fractal --memory-reserve-mb "$reserve" --nics \
         $agent_debug 3<>"$agent" &
     wait $!
     milestone "agent exited with $?"

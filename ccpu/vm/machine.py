@@ -43,6 +43,7 @@ from typing import Protocol
 
 from . import accel as accel_
 from . import net, qemu, shares
+from . import qmp as qmp_
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class MachineSpec:
     shares: tuple[DirShare, ...] = ()
     ports: tuple[str, ...] = ()  # virtio-serial port names, each a socketpair
     netns: str | None = None  # its interfaces become the guest's NICs (ccpu.vm.net)
+    hotplug_nics: int = 0  # NICs that can be added after boot (attach_nic): QMP + free root ports
     uid_base: int = qemu.DEFAULT_UID_BASE
     owner_pid: int | None = None
     cmdline_extra: tuple[str, ...] = ()
@@ -132,6 +134,7 @@ class Opened:
     console_fd: int = -1
     nics: Sequence[qemu.Nic] = ()
     net_cmdline: Sequence[str] = ()
+    qmp_fd: int | None = None  # QEMU's end of the QMP socketpair
 
 
 def socket_name(tag: str) -> str:
@@ -158,7 +161,7 @@ def plan(spec: MachineSpec, accel: str, opened: Opened) -> qemu.VMConfig:
         repo=share(spec.repo) if spec.repo else None, shares=[share(s) for s in spec.shares],
         ports=[qemu.Port(p, fd=opened.port_fds[p]) for p in spec.ports], nics=list(opened.nics),
         cmdline_extra=(*opened.net_cmdline, *spec.cmdline_extra), debug=spec.debug, name=spec.name,
-        qemu=spec.qemu_binary)
+        qemu=spec.qemu_binary, qmp_fd=opened.qmp_fd, hotplug_slots=spec.hotplug_nics)
 
 
 def virtiofsd_argv(binary: str, share: DirShare) -> list[str]:
@@ -182,6 +185,14 @@ def choose_accel(requested: str) -> accel_.Choice:
 Spawned = Callable[[str, subprocess.Popen], None]
 
 
+@dataclass
+class HotNics:
+    """A netns connected after boot: its attachment (taps, tc) and the hot-plug slots its NICs use."""
+
+    attachment: net.Attachment
+    slots: list[int]
+
+
 class _Launcher:
     """State and steps common to :class:`Machine` and :class:`AsyncMachine`."""
 
@@ -191,6 +202,9 @@ class _Launcher:
         self.qemu_user = ""  # e.g. "uid/gid 2130706433", or why root
         self.argv: list[str] = []
         self.net: net.Attachment | None = None
+        self.qmp: qmp_.Qmp | None = None  # with spec.hotplug_nics: QEMU's monitor
+        self.hot: dict[str, HotNics] = {}  # netns -> the NICs attach_nic added for it
+        self._slots_lost: set[int] = set()  # a device the guest never released: its port stays taken
         self.ports: dict[str, socket.socket] = {}  # our ends; the caller's after boot
         self.qemu: subprocess.Popen | None = None
         self.helpers: list[tuple[str, subprocess.Popen]] = []
@@ -225,6 +239,100 @@ class _Launcher:
         for s in self.ports.values():
             s.close()
         self.ports.clear()
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+
+    def _alive(self) -> bool:
+        """Whether QEMU runs (each runner knows how without reaping it)."""
+        raise NotImplementedError
+
+    # -- NICs after boot (blocking: the async runner calls these in a worker thread) ----------
+
+    def _free_slots(self) -> list[int]:
+        used = {s for h in self.hot.values() for s in h.slots} | self._slots_lost
+        return [s for s in range(self.spec.hotplug_nics) if s not in used]
+
+    def _hot_attach(self, netns: str) -> list[net.Interface]:
+        """Connect ``netns`` to the running VM: its interfaces' taps (ccpu.vm.net.attach), each
+        given to QEMU (``getfd``) and plugged as a virtio-net NIC with the interface's MAC into a
+        free root port.  All or nothing: on failure what was plugged is unplugged again."""
+        if self.qmp is None or not self._alive():
+            raise MachineError("NICs can be added only to a running VM booted with hotplug_nics")
+        if netns in self.hot or netns == self.spec.netns:
+            raise MachineError(f"network namespace {netns} is already connected to this VM")
+        free = self._free_slots()
+        try:
+            att = net.attach(netns)
+        except net.NetError as exc:
+            raise MachineError(f"cannot connect network namespace {netns} to the VM: {exc}") from None
+        hot = HotNics(att, [])
+        try:
+            if len(att.links) > len(free):
+                raise MachineError(f"network namespace {netns} has {len(att.links)} interfaces; this VM has "
+                                   f"{len(free)} free NIC slots (of {self.spec.hotplug_nics})")
+            for link, slot in zip(att.links, free):
+                ids = qmp_.nic_ids(slot)
+                assert link.fd is not None
+                self.qmp.execute("getfd", {"fdname": ids.fd}, fd=link.fd)
+                try:
+                    for cmd, args in qmp_.hotplug_commands(slot, link.iface.mac, link.iface.mtu):
+                        self.qmp.execute(cmd, args)
+                except BaseException:
+                    with contextlib.suppress(qmp_.QmpError):
+                        self.qmp.execute("netdev_del", {"id": ids.netdev})
+                    with contextlib.suppress(qmp_.QmpError):
+                        self.qmp.execute("closefd", {"fdname": ids.fd})
+                    raise
+                hot.slots.append(slot)
+            att.close_fds()  # QEMU holds the taps now
+        except BaseException as exc:
+            self._unplug(hot)
+            att.detach()
+            if isinstance(exc, qmp_.QmpError):
+                raise MachineError(f"cannot add the NIC of {netns}: {exc}") from None
+            raise
+        self.hot[netns] = hot
+        return att.interfaces
+
+    def _unplug(self, hot: HotNics) -> None:
+        """device_del, wait for the guest to release it (DEVICE_DELETED), netdev_del; a device the
+        guest keeps is logged and its slot never reused (its backend is deleted all the same, which
+        closes the tap)."""
+        if self.qmp is None:
+            return
+        for slot in hot.slots:
+            (dev_cmd, dev_args), (net_cmd, net_args) = qmp_.unplug_commands(slot)
+            try:
+                self.qmp.execute(dev_cmd, dev_args)
+                self.qmp.wait_event(lambda ev, d=dev_args["id"]: qmp_.is_deleted_event(ev, d), qmp_.UNPLUG_TIMEOUT)
+            except qmp_.QmpError as exc:
+                log.warning("NIC %s: %s; its slot stays taken", dev_args["id"], exc)
+                self._slots_lost.add(slot)
+            try:
+                self.qmp.execute(net_cmd, net_args)
+            except qmp_.QmpError as exc:
+                log.warning("NIC backend %s: %s", net_args["id"], exc)
+        hot.slots.clear()
+
+    def _hot_detach(self, netns: str) -> None:
+        """Unplug ``netns``'s NICs from the running VM, then remove its taps and tc redirects."""
+        hot = self.hot.pop(netns, None)
+        if hot is None:
+            raise MachineError(f"network namespace {netns} is not connected to this VM after boot")
+        try:
+            if self._alive():
+                self._unplug(hot)
+        finally:
+            hot.attachment.detach()
+
+    def _detach_hot(self) -> None:
+        """Once QEMU is gone: the taps and redirects of every NIC added after boot, and QMP."""
+        for netns in list(self.hot):
+            self.hot.pop(netns).attachment.detach()
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
 
     def _launch(self, spawned: Spawned) -> None:
         """virtiofsds, ports, console, QEMU -- on the caller's thread.  ``spawned(name, proc)`` is
@@ -255,6 +363,12 @@ class _Launcher:
                             raise MachineError(f"virtiofsd pid {proc.pid} for share {s.tag} does not accept "
                                                f"on {os.path.join(spec.workdir, socket_name(s.tag))}: {exc}") from None
                         opened_shares[s.tag] = passed[-1].fileno()
+            qmp_fd = None
+            if spec.hotplug_nics:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.qmp = qmp_.Qmp(ours)
+                passed.append(theirs)
+                qmp_fd = theirs.fileno()
             port_fds = {}
             for name in spec.ports:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -268,7 +382,7 @@ class _Launcher:
             else:
                 console_fd = spec.console.fd
             opened = Opened(opened_shares, port_fds, console_fd,
-                            self.net.nics if self.net else (), self.net.cmdline if self.net else ())
+                            self.net.nics if self.net else (), self.net.cmdline if self.net else (), qmp_fd)
             cfg, boot_fds = qemu.open_boot_files(plan(spec, self.accel.accel, opened))
             fds += boot_fds
             owner = spec.owner_pid if spec.owner_pid is not None else os.getpid()
@@ -373,6 +487,9 @@ class Machine(_Launcher):
             self.stop()
             raise
 
+    def _alive(self) -> bool:
+        return self.qemu is not None and self.qemu.poll() is None
+
     def poll(self) -> int | None:
         """QEMU's exit status (``Popen.returncode``), None while it runs.  A helper found dead
         ends the VM (see the module docstring); :attr:`ended` says why."""
@@ -417,6 +534,7 @@ class Machine(_Launcher):
         if q is None or q.poll() is not None:
             self.exit_status = None if q is None else q.returncode
             self._detach_net()
+            self._detach_hot()
         if q is None:
             self._close_ports()
         return self.exit_status
@@ -426,6 +544,9 @@ class Machine(_Launcher):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    attach_nic = _Launcher._hot_attach
+    detach_nic = _Launcher._hot_detach
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +624,9 @@ class AsyncMachine(_Launcher):
             self._stopper = asyncio.get_running_loop().create_task(self._stop(grace))
         await asyncio.shield(self._stopper)
 
+    def _alive(self) -> bool:
+        return self.exited is not None and not self.exited.done()
+
     def _gone(self) -> bool:
         return self.exited is None or self.exited.done()
 
@@ -524,8 +648,17 @@ class AsyncMachine(_Launcher):
                     log.warning("helper pid %s did not exit after SIGKILL", pid)
         if self._gone():
             self._detach_net()
+            self._detach_hot()
         if self.qemu is None:
             self._close_ports()
+
+    async def attach_nic(self, netns: str) -> list[net.Interface]:
+        """Connect ``netns`` to the running VM (see :meth:`_Launcher._hot_attach`); the interfaces
+        the guest now has NICs for (configure them with the agent's ``nic`` call)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._hot_attach, netns)
+
+    async def detach_nic(self, netns: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._hot_detach, netns)
 
 
 async def _wait(fut: asyncio.Future[int], timeout: float) -> bool:

@@ -164,6 +164,14 @@ def guest_arg(iface: Interface) -> str:
     return "fractal.net=" + ",".join(items)
 
 
+def agent_args(iface: Interface) -> dict[str, object]:
+    """The agent's ``nic`` op arguments for ``iface`` (ccpu/agent/nic.py): a NIC added after boot
+    gets what the boot path's ``fractal.net=`` gives."""
+    validate(iface)
+    return {"mac": iface.mac, "name": iface.name, "mtu": iface.mtu, "addrs": list(iface.addrs),
+            "routes": [{"dst": r.dst, "gateway": r.gateway} for r in iface.routes]}
+
+
 def guest_cmdline(ifaces: Sequence[Interface]) -> list[str]:
     args = [guest_arg(i) for i in ifaces]
     if sum(len(a) + 1 for a in args) > MAX_CMDLINE_NET:
@@ -247,6 +255,32 @@ def open_tap(name: str) -> int:
         raise NetError(f"cannot create tap {name}: {exc.strerror}"
                        + (" (the netns is already connected to a VM?)" if exc.errno == 16 else "")) from None
     return fd
+
+
+def new_netns() -> int:
+    """An fd of a new, empty network namespace (it lives as long as an fd of it is open: no
+    bind mount, so nothing is left behind when the holder dies).  Made in a thread that ends
+    right after: unshare(2) changes the calling thread's netns only."""
+    def make() -> int:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetError(f"cannot create a network namespace: {os.strerror(err)}")
+        return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            box["value"] = make()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=body, name="fractal-netns-new", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
 
 
 def _same_netns_as_us(ns_fd: int) -> bool:

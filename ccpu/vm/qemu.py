@@ -113,9 +113,14 @@ class VMConfig:
     # the guest's read-only system image (ccpu.guest layout "image"): a read-only virtio-blk disk
     # with serial SYSTEM_DISK_SERIAL, which the guest init mounts
     system_image: str | None = None
+    # QMP (ccpu.vm.qmp) on this connected socket: QEMU's end of a socketpair (spawn(pass_fds=...))
+    qmp_fd: int | None = None
+    # free pcie-root-ports reserved for NICs added after boot (q35 only; ccpu.vm.qmp)
+    hotplug_slots: int = 0
 
 
 SYSTEM_DISK_SERIAL = "fractal-sys"  # how the init finds the disk (/sys/block/vdX/serial)
+MAX_HOTPLUG_SLOTS = 8  # each root port takes a PCI bus number and bridge windows
 
 
 class ConfigError(ValueError):
@@ -155,6 +160,12 @@ def _check(cfg: VMConfig) -> None:
             raise ConfigError(f"NIC MTU {n.mtu} out of range")
         if n.fd < 0:
             raise ConfigError(f"NIC fd {n.fd} is not a file descriptor")
+    if not 0 <= cfg.hotplug_slots <= MAX_HOTPLUG_SLOTS:
+        raise ConfigError(f"hotplug slots {cfg.hotplug_slots}: expected 0..{MAX_HOTPLUG_SLOTS}")
+    if cfg.hotplug_slots and cfg.machine != "q35":
+        raise ConfigError(f"NICs added after boot need PCIe root ports: machine q35, not {cfg.machine}")
+    if cfg.hotplug_slots and cfg.qmp_fd is None:
+        raise ConfigError("hotplug slots without a QMP channel cannot be used")
     for p in cfg.ports:
         if (p.socket is None) == (p.fd is None):
             raise ConfigError(f"port {p.name}: give a socket path or a connected fd (one of them)")
@@ -164,7 +175,7 @@ def inherited_fds(cfg: VMConfig) -> list[int]:
     """The fds the command line names: QEMU must inherit them under these numbers (spawn(pass_fds))."""
     fds = [n.fd for n in cfg.nics] + [p.fd for p in cfg.ports if p.fd is not None]
     fds += [s.fd for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares) if s.fd is not None]
-    return fds + [fd for fd in (cfg.console_fd, cfg.console_log_fd) if fd is not None]
+    return fds + [fd for fd in (cfg.console_fd, cfg.console_log_fd, cfg.qmp_fd) if fd is not None]
 
 
 def needs_root(cfg: VMConfig) -> str | None:
@@ -260,6 +271,12 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
         path = cfg.system_image.replace(",", ",,")
         argv += ["-drive", f"file={path},if=none,id=sys,format=raw,readonly=on,media=disk,cache=writeback",
                  "-device", f"virtio-blk-{bus},drive=sys,serial={SYSTEM_DISK_SERIAL}"]
+    if cfg.qmp_fd is not None:
+        argv += ["-chardev", f"socket,id=qmp,fd={cfg.qmp_fd},server=off", "-mon", "chardev=qmp,mode=control"]
+    for i in range(cfg.hotplug_slots):
+        # empty root ports on the root complex, one per NIC that may arrive later: q35 hot-plugs
+        # only into a port (ccpu.vm.qmp.root_port_id names them)
+        argv += ["-device", f"pcie-root-port,id=hp{i},bus=pcie.0,chassis={i + 1}"]
     for i, n in enumerate(cfg.nics):
         # host_mtu: the guest driver learns the MTU from the device; romfile= (PCI): no iPXE option ROM
         rom = "" if micro else ",romfile="

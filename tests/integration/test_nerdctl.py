@@ -5,7 +5,8 @@ Runs on whichever containerd the session uses (1.6 by default; FRACTAL_CONTAINER
 2.x).  Everything nerdctl keeps goes under the env's root dir: ``--data-root``, ``--cni-path``,
 ``--cni-netconfpath``, ``--hosts-dir``, and NERDCTL_TOML points at a file there (never the host's
 /var/lib/nerdctl, /etc/cni, /etc/nerdctl).  Containers use ``--network none``: the default bridge
-network needs CNI plugins and would touch the host's iptables.
+network needs CNI plugins and would touch the host's iptables; the CNI test brings a bridge
+network of its own (bridge + host-local plugins only, no iptables).
 
 Without the nerdctl build this module skips -- except under CI, where hack/setup.sh (step 6) is
 supposed to have built it.  Known gaps of the shim are xfail with the precise reason
@@ -15,9 +16,11 @@ copied into the guest and its OCI hooks run on the host (shim/guestspec.py, shim
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -168,17 +171,123 @@ def test_detached_exec_logs_stop_rm_vm_mode(nerd: Nerdctl, busybox: str, fenv: F
     assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
 
 
-def test_cni_network_refused_in_vm_mode(nerd: Nerdctl, busybox: str) -> None:
-    """nerdctl's CNI networks are set up by a host hook in a netns the VM does not use: the shim
-    says so instead of running a container without its network."""
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run_cmd(["ip", *args], check=check, timeout=30)
+
+
+@pytest.fixture
+def cni_bridge(nerd: Nerdctl) -> Iterator[tuple[str, str, str]]:
+    """A CNI bridge network of this test's own in nerdctl's net.d: (name, bridge, gateway).
+
+    bridge + host-local only (no portmap/firewall plugins: the host's iptables stay untouched),
+    IPAM state under the env's dir; the bridge and its subnet are this test's (10.216.N.0/24,
+    unused on the host) and removed after.  The bridge plugin turns on IPv4 forwarding for a
+    gateway: the value is put back."""
+    import secrets
+
     if not Path("/usr/lib/cni/bridge").exists():
         pytest.fail("containernetworking-plugins (hack/setup.sh) is missing: /usr/lib/cni/bridge")
+    tag = secrets.token_hex(3)
+    used = _ip("-4", "addr").stdout + _ip("-4", "route", "show", "table", "all").stdout
+    n = next((n for n in range(100, 250) if f"10.216.{n}." not in used), None)
+    assert n is not None, "no free 10.216.N.0/24 on this host"
+    name, bridge, gateway = f"fractal-t-{tag}", f"fnb{tag}", f"10.216.{n}.1"
+    conf = {"cniVersion": "1.0.0", "name": name, "plugins": [
+        {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False, "hairpinMode": False,
+         "ipam": {"type": "host-local", "ranges": [[{"subnet": f"10.216.{n}.0/24", "gateway": gateway}]],
+                  "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(nerd.home / "ipam")}}]}
+    path = nerd.home / "net.d" / f"{name}.conflist"
+    path.write_text(json.dumps(conf))
+    forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    try:
+        yield name, bridge, gateway
+    finally:
+        path.unlink()
+        _ip("link", "del", bridge, check=False)
+        Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
+
+
+def test_cni_network_in_vm_mode(nerd: Nerdctl, busybox: str, cni_bridge: tuple[str, str, str],
+                                fenv: FractalEnv, namespace: str) -> None:
+    """``nerdctl run --network <CNI bridge>`` in VM mode: nerdctl's createRuntime hook sets the
+    network up in a netns the shim made (annotation nerdctl/network-namespace), and the shim
+    plugs a NIC mirroring its interface into the running guest (QMP + the agent's ``nic`` op).
+    The container reaches the bridge's gateway; the host reaches a server in the container on
+    its IP; removing the container leaves no veth on the bridge and no tap anywhere."""
+    import urllib.request
+
+    name, bridge, gateway = cni_bridge
     base = list(nerd.base)
-    base[base.index("--cni-path") + 1] = "/usr/lib/cni"  # nerdctl checks the plugin exists
-    r = run_cmd([*base, "run", "--rm", "--runtime", RUNTIME, "--network", "bridge", "--annotation",
-                 "io.fractal.mode=vm", busybox, "true"], check=False, timeout=120, env=nerd.env)
-    assert r.returncode != 0
-    assert "--network none" in r.stderr, r.stderr
+    base[base.index("--cni-path") + 1] = "/usr/lib/cni"  # nerdctl checks the plugins exist
+    script = (f"ip -4 -o addr show dev eth0; ping -c 1 -W 10 {gateway} >/dev/null && echo gateway-ok; "
+              "mkdir -p /tmp/www && echo served-from-the-vm >/tmp/www/index.html && "
+              "echo serving && exec httpd -f -p 8080 -h /tmp/www")
+    run_cmd([*base, "run", "-d", "--name", "vmnet", "--runtime", RUNTIME, "--network", name,
+             "--annotation", "io.fractal.mode=vm", busybox, "sh", "-c", script], timeout=300, env=nerd.env)
+    try:
+        out = ""
+        for _ in range(300):
+            out = nerd("logs", "vmnet").stdout
+            if "serving" in out:
+                break
+            time.sleep(0.1)
+        assert "gateway-ok" in out, out
+        ip = out.split("inet ", 1)[1].split("/", 1)[0]
+        assert ip.startswith(gateway.rsplit(".", 1)[0] + "."), out
+        # the guest's NIC is the CNI interface, seen from the host side of the bridge
+        assert _ip("-o", "link", "show", "master", bridge).stdout.count("\n") == 1
+        body = ""
+        for _ in range(100):  # httpd starts right after "serving"
+            try:
+                with urllib.request.urlopen(f"http://{ip}:8080/", timeout=10) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert body.strip() == "served-from-the-vm"
+    finally:
+        nerd("rm", "-f", "vmnet", check=False, timeout=120)
+    assert _ip("-o", "link", "show", "master", bridge, check=False).stdout.strip() == ""
+    assert "_fractal" not in _ip("-o", "link").stdout
+    assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
+
+
+def test_cni_network_in_vm_mode_survives_a_killed_shim(nerd: Nerdctl, busybox: str,
+                                                       cni_bridge: tuple[str, str, str],
+                                                       fenv: FractalEnv, namespace: str) -> None:
+    """SIGKILL of the shim of a VM container on a CNI network: QEMU dies with it, and the netns
+    the shim held only by an fd goes too, with CNI's veth -- nothing is left on the bridge and no
+    tap anywhere, before any cleanup ran; ``rm -f`` then succeeds."""
+    import signal
+
+    name, bridge, _gateway = cni_bridge
+    base = list(nerd.base)
+    base[base.index("--cni-path") + 1] = "/usr/lib/cni"
+    run_cmd([*base, "run", "-d", "--name", "vmkill", "--runtime", RUNTIME, "--network", name,
+             "--annotation", "io.fractal.mode=vm", busybox, "sleep", "300"], timeout=300, env=nerd.env)
+    try:
+        assert _ip("-o", "link", "show", "master", bridge).stdout.count("\n") == 1
+        shims = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "containerd-shim-fractal-v1" in cmd and f"-namespace {namespace} " in cmd \
+                    and str(fenv.address) in cmd:
+                shims.append(int(pid))
+        assert shims, "the container's shim must be running"
+        for pid in shims:
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(300):  # the kernel destroys a netns (and its veth) asynchronously
+            if _ip("-o", "link", "show", "master", bridge, check=False).stdout.strip() == "":
+                break
+            time.sleep(0.1)
+        assert _ip("-o", "link", "show", "master", bridge, check=False).stdout.strip() == ""
+        assert "_fractal" not in _ip("-o", "link").stdout
+    finally:
+        nerd("rm", "-f", "vmkill", check=False, timeout=120)
+    assert "vmkill" not in nerd("ps", "-a").stdout
 
 
 def test_nerdctl_paths_stay_in_env(nerd: Nerdctl, busybox: str) -> None:

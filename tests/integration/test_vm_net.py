@@ -259,3 +259,97 @@ def test_refusals_leave_nothing_behind(pod: Pod) -> None:
     ip("-n", pod.name, "addr", "flush", "dev", "eth0")
     with net.attach(pod.path) as att:
         assert att.links == [] and att.cmdline == [] and att.fds == []
+
+
+def _ping(addr: str, timeout: float = 10.0) -> bool:
+    """One ICMP echo to ``addr`` (a raw socket: the host may have no ping); whether it was answered."""
+    import struct
+
+    ident = secrets.randbelow(0xFFFF)
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"fractal-nic"
+    padded = body + b"\0" * (len(body) % 2)
+    csum = sum(struct.unpack(f"!{len(padded) // 2}H", padded))
+    csum = (csum >> 16) + (csum & 0xFFFF)
+    csum = ~(csum + (csum >> 16)) & 0xFFFF
+    packet = body[:2] + struct.pack("!H", csum) + body[4:]
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        s.sendto(packet, (addr, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                data, peer = s.recvfrom(2048)
+            except TimeoutError:
+                return False
+            icmp = data[(data[0] & 0x0F) * 4:]
+            if peer[0] == addr and icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+                return True
+    return False
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None and not ON_CI, reason="needs qemu-system-x86_64")
+def test_nic_added_after_boot_then_removed(pod: Pod, tmp_path: Path) -> None:
+    """A VM booted without a network gets the pod's NIC live (QMP getfd + netdev_add + device_add,
+    then the agent's ``nic`` op): the host reaches the pod IP, which the guest now answers; the
+    agent refuses bad values; unplugging leaves the netns as CNI made it (no tap, no qdisc)."""
+    import asyncio
+
+    from ccpu import errdefs
+    from ccpu.agent.client import AgentClient
+    from ccpu.guest import initramfs
+    from ccpu.linux.reaper import Reaper
+    from ccpu.vm import machine
+
+    before = netns_state(pod)
+    guest = initramfs.build(offline=True)
+
+    async def scenario() -> dict[str, object]:
+        reaper = Reaper()
+        reaper.start(asyncio.get_running_loop(), subreaper=False)
+        spec = machine.MachineSpec(
+            kernel=str(guest.kernel), initramfs=str(guest.initramfs), workdir=str(tmp_path),
+            system_image=str(guest.image) if guest.image else None,
+            console=machine.ConsoleFile(str(tmp_path / "console.log")), mode="agent", accel="tcg",
+            ports=("fractal.agent",), hotplug_nics=2)
+        m = machine.AsyncMachine(spec, reaper)
+        seen: dict[str, object] = {}
+        try:
+            await m.boot()
+            sock = m.ports.pop("fractal.agent")
+            sock.setblocking(False)
+            client = await AgentClient.connect_socket(sock)
+            hello = await asyncio.wait_for(client.hello(), 120)
+            assert "nic" in hello["features"], hello
+            seen["ping_before"] = await asyncio.to_thread(_ping, pod.pod_ip)  # the netns's own stack
+            ifaces = await m.attach_nic(pod.path)
+            assert [i.name for i in ifaces] == ["eth0"]
+            seen["attached"] = netns_state(pod)
+            # redirected into the guest, whose NIC is not configured yet: nobody answers
+            seen["ping_unconfigured"] = await asyncio.to_thread(_ping, pod.pod_ip, 3.0)
+            bad = dict(net.agent_args(ifaces[0]), routes=[{"dst": "default", "gateway": "not-an-ip"}])
+            with pytest.raises(errdefs.InvalidArgument):
+                await client.call("nic", bad)
+            result = await client.call("nic", net.agent_args(ifaces[0]))
+            seen["result"] = result
+            seen["ping"] = await asyncio.to_thread(_ping, pod.pod_ip)
+            await m.detach_nic(pod.path)
+            seen["detached"] = netns_state(pod)
+            seen["ping_after"] = await asyncio.to_thread(_ping, pod.pod_ip)
+            with pytest.raises(machine.MachineError, match="not connected"):
+                await m.detach_nic(pod.path)
+            await client.close()
+        finally:
+            await m.stop()
+            reaper.stop()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["ping_before"] is True
+    assert "tap0_fractal" in str(seen["attached"][0])
+    assert seen["ping_unconfigured"] is False, "the pod's frames must go to the guest once attached"
+    assert seen["result"] == {"name": "eth0", "device": seen["result"]["device"]}
+    assert seen["ping"] is True, "the host must reach the pod IP through the NIC added after boot"
+    assert seen["detached"] == before, "unplugging must leave the netns as it was"
+    assert seen["ping_after"] is True  # the netns's own stack again
+    assert netns_state(pod) == before
+    assert qemu_with(str(tmp_path)) == []

@@ -139,12 +139,20 @@ def test_total_copy_limit() -> None:
     assert [v.host_path for v in out.volumes] == ["/f2"]
 
 
-@pytest.mark.parametrize("networks, ok", [
-    (["none"], True), (["host"], True), (["container:abc"], True), (["bridge"], False), (["none", "mynet"], False)])
-def test_nerdctl_cni_networks(networks: list[str], ok: bool) -> None:
-    spec = {"annotations": {"nerdctl/networks": json.dumps(networks)}}
-    if ok:
-        gs.translate(spec, "c", "/b", kind_of)
-    else:
-        with pytest.raises(gs.NotInVm, match="--network none"):
-            gs.translate(spec, "c", "/b", kind_of)
+@pytest.mark.parametrize("networks, cni", [
+    (["none"], []), (["host"], []), (["container:abc"], []), (["bridge"], ["bridge"]),
+    (["none", "mynet"], ["mynet"])])
+def test_nerdctl_cni_networks(networks: list[str], cni: list[str]) -> None:
+    """CNI networks are no longer refused: the shim plugs a NIC for them; the container's own
+    new netns goes (it runs in the guest's, which gets the NIC); other networks keep theirs."""
+    spec = {"annotations": {"nerdctl/networks": json.dumps(networks)},
+            "linux": {"namespaces": [{"type": "network"}, {"type": "pid"}],
+                      "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "1"}}}
+    out = gs.translate(spec, "c", "/b", kind_of)
+    assert out.cni_networks == cni
+    kept = [ns["type"] for ns in out.spec["linux"]["namespaces"]]
+    assert kept == (["pid"] if cni else ["network", "pid"])
+    # the net.* sysctls go with the netns: the agent sets them in the guest's
+    assert out.sysctls == ({"net.ipv4.ip_unprivileged_port_start": "0"} if cni else {})
+    assert "kernel.shmmax" in out.spec["linux"]["sysctl"]
+    assert spec["linux"]["namespaces"][0] == {"type": "network"}  # the caller's spec is not changed
