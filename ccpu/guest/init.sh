@@ -187,6 +187,31 @@ port() {
     return 1
 }
 
+# --- 4b. run-at-boot commands (fractal guest build --run-at-boot; docs/vm.md "Extending the guest")
+# Each runs beside the agent (or the command), output on the console, restarted when it exits: after
+# 1 s, doubling up to 32 s while it keeps dying within 10 s of its start.
+supervise() {  # N CMD
+    delay=1
+    while :; do
+        read -r t0 _ </proc/uptime
+        echo "fractal-run-at-boot[$1]: start: $2"
+        sh -c "$2" </dev/null
+        rc=$?
+        read -r t1 _ </proc/uptime
+        [ $((${t1%.*} - ${t0%.*})) -ge 10 ] && delay=1
+        echo "fractal-run-at-boot[$1]: exited $rc; restart in ${delay}s"
+        sleep "$delay"
+        [ "$delay" -lt 32 ] && delay=$((delay * 2))
+    done
+}
+if [ -s /etc/fractal/run-at-boot ]; then
+    n=0
+    while IFS= read -r cmd; do
+        n=$((n + 1))
+        supervise "$n" "$cmd" &
+    done </etc/fractal/run-at-boot
+fi
+
 case "$mode" in
 agent)
     agent="$(port fractal.agent)" || die "no virtio-serial port named fractal.agent"
