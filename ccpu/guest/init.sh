@@ -12,6 +12,7 @@
 #                                   found by MAC, renamed NAME; ITEMs in order: A.B.C.D/N (address),
 #                                   r=DST (on-link route), r=DST@GW (route via GW), gw=GW (default route)
 #   fractal.reserve=MIB             guest memory containers can never take (agent mode; default 64)
+#   fractal.tty=TERM                run mode: CMD on a pty with TERM (vm run -t), keys on fractal.stdin
 #   fractal.debug=1                 echo every step with its uptime to the console
 #
 # Milestones go to the console as "fractal-init: <uptime> <what>" so the host
@@ -46,7 +47,7 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 shares="" nets="" reserve=64
+mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty=""
 for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
@@ -55,6 +56,7 @@ for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
         fractal.net=*) nets="$nets ${arg#*=}" ;;
         fractal.debug=*) debug="${arg#*=}" ;;
         fractal.reserve=*) reserve="${arg#*=}" ;;
+        fractal.tty=*) tty="${arg#*=}" ;;
     esac
 done
 
@@ -257,7 +259,13 @@ run)
     cmd="$(echo "$cmd64" | base64 -d)"
     cd /work 2>/dev/null || cd /
     milestone "run"
-    sh -c "$cmd" </dev/null >&4 2>&5
+    if [ -n "$tty" ]; then  # vm run -t: CMD on a pty (ccpu/agent/vmtty.py), keystrokes on fractal.stdin
+        in="$(port fractal.stdin)" || die "no port fractal.stdin"
+        read -r python </etc/fractal/python || python=python3
+        TERM="$tty" "$python" -S -I -m ccpu.agent.vmtty "$cmd" 6<"$in"
+    else
+        sh -c "$cmd" </dev/null >&4 2>&5
+    fi
     rc=$?
     milestone "exit $rc"
     printf '%s' "$marker" >&4

@@ -6,6 +6,12 @@ Three virtio-serial ports, each a byte stream:
   fractal.stdout  the command's stdout, then the marker
   fractal.stderr  the command's stderr, then the marker
 
+With a TTY (`vm run -t`; the kernel command line has fractal.tty=TERM) a fourth port:
+  fractal.stdin   host -> guest: the user's keystrokes, raw
+and after the request the host writes "W <rows> <cols>\n" on fractal.run: once at once (the
+command starts with that size), again at every SIGWINCH.  The guest's output is the pty's, on
+fractal.stdout; fractal.stderr carries only its marker.
+
 Why a marker: a guest closing a port does not close the host's socket, so
 the end of a stream must be in-band.  The marker is 32 random hex digits
 written only after the command has exited, so it cannot be confused with
@@ -17,6 +23,7 @@ QEMU's buffers when the VM goes away.
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import shlex
 from collections.abc import Sequence
@@ -89,3 +96,20 @@ class Control:
 
 
 ACK = b"ok\n"
+
+
+MAX_DIM = 10000  # the guest refuses larger sizes (ccpu/agent/vmtty.py)
+_TERM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def winsize(rows: int, cols: int) -> bytes:
+    """The window-size line; sizes clamped to what the guest accepts (a 0 means "unknown": 24x80)."""
+    rows = min(max(rows, 1), MAX_DIM) if rows else 24
+    cols = min(max(cols, 1), MAX_DIM) if cols else 80
+    return f"W {rows} {cols}\n".encode()
+
+
+def term_name(term: str | None) -> str:
+    """$TERM for the guest's kernel command line: one plain word, else vt100 (what the guest's
+    busybox knows anyway); the command line is split on spaces by the init."""
+    return term if term and _TERM.fullmatch(term) else "vt100"
