@@ -414,12 +414,19 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     options = {"layout": layout, "pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,
                "boot_image": kern.boot_image.name}
     key = inputs_key(sources, options)
-    out_dir = cache_root() / "build" / key[:32]
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.exists() and not force:
-        manifest = json.loads(manifest_path.read_text())
-        progress(f"up to date (inputs {key[:16]})")
-        return _guest(kern.boot_image, out_dir, manifest)
+    roots = build_roots(cache_root(), user_cache())
+    for root in roots:
+        out_dir = root / key[:32]
+        manifest_path = out_dir / "manifest.json"
+        if manifest_path.exists() and not force:
+            manifest = json.loads(manifest_path.read_text())
+            progress(f"up to date (inputs {key[:16]}{'' if root == roots[0] else f', in {root}'})")
+            return _guest(kern.boot_image, out_dir, manifest)
+    out_root = writable_root(roots)
+    if out_root is None:
+        raise PermissionError(f"cannot write a guest build: neither {roots[0]} nor {roots[-1]} is writable "
+                              "(set FRACTAL_CACHE to a directory of yours, or XDG_CACHE_HOME/HOME)")
+    out_dir = out_root / key[:32]
     progress(f"collected {len(sources)} files (inputs {key[:16]})")
     extra: list[Source] = compile_pyc(sources, progress) if pyc else []
     initrd = sources + extra
@@ -470,9 +477,39 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.rename(tmp_dir, out_dir)
-    (cache_root() / "current.json").write_text(json.dumps({"build": str(out_dir)}) + "\n")
+    if out_root == roots[0]:  # the shared cache's pointer; a per-user build leaves it alone
+        (cache_root() / "current.json").write_text(json.dumps({"build": str(out_dir)}) + "\n")
     progress(f"built in {time.monotonic() - t0:.1f}s")
     return _guest(kern.boot_image, out_dir, manifest)
+
+
+def user_cache() -> Path | None:
+    """A user's own guest builds ($XDG_CACHE_HOME, else ~/.cache, + fractal/guest/build); None
+    without a usable home (the user `nobody`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    if not base:
+        home = os.environ.get("HOME") or ""
+        if not home or home == "/nonexistent" or not os.path.isdir(home):
+            return None
+        base = os.path.join(home, ".cache")
+    return Path(base) / "fractal" / "guest" / "build"
+
+
+def build_roots(cache: Path, user: Path | None) -> list[Path]:
+    """Where builds are looked up, in order: the shared cache (``$FRACTAL_CACHE/guest/build``: a
+    user without write access reads root's builds there, read-only), then the user's own."""
+    return [cache / "build"] + ([user] if user is not None and user != cache / "build" else [])
+
+
+def writable_root(roots: Sequence[Path]) -> Path | None:
+    """The first root this process may create builds in (its nearest existing ancestor writable)."""
+    for root in roots:
+        p = root
+        while not p.exists() and p.parent != p:
+            p = p.parent
+        if os.access(p, os.W_OK | os.X_OK):
+            return root
+    return None
 
 
 def _guest(kernel: Path, out_dir: Path, manifest: dict) -> Guest:

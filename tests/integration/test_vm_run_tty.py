@@ -1,5 +1,5 @@
-"""`fractal vm run -it` driven through a pty as a person would (issue 17 part 2), and `vm run` as a
-user without root.
+"""`fractal vm run -it` driven through a pty as a person would (issue 17 part 2), and `vm run` and
+`guest build` as a user without root (`nobody`).
 
 The test is the person at the terminal: it starts `fractal vm run -it` on a pty of its own with a
 window size, types into it, resizes the window, presses ^C, and reads the screen.  Each check has a
@@ -133,3 +133,67 @@ def test_tty_needs_a_terminal_and_i_needs_t(guest: Path, tmp_path: Path) -> None
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
         assert res.returncode in (2, 125) and msg in res.stderr, res.stderr
+
+
+def _python_for(user: str) -> str:
+    """This interpreter if `user` may run it (not one under /root), else the distribution's."""
+    ok = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c", "import grpc"], capture_output=True)
+    return sys.executable if ok.returncode == 0 else "/usr/bin/python3"
+
+
+def _as_user(user: str, argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["runuser", "-u", user, "--", "env", f"PYTHONPATH={REPO}",
+                           f"FRACTAL_CACHE={os.environ.get('FRACTAL_CACHE', '/var/cache/fractal')}",
+                           *[f"{k}={v}" for k, v in env.items()], _python_for(user), *argv],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None, reason="needs root to become nobody")
+def test_vm_run_as_nobody_sees_only_the_working_directory(guest: Path) -> None:  # noqa: F811
+    """`nobody` (no home, no write access to the cache) boots the guest root built and shares its
+    working directory: files it writes there are nobody's, nothing else of the host is mounted."""
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    work = Path(tempfile.mkdtemp(prefix="fractal-nobody-"))
+    try:
+        os.chown(work, nobody.pw_uid, nobody.pw_gid)
+        script = ("pwd; echo from-guest > made-here; grep -E ' (9p|virtiofs) ' /proc/mounts | cut -d' ' -f2,3; "
+                  "test -e /repo/layers && echo REPO-VISIBLE; exit 5")
+        res = _as_user("nobody", ["-m", "ccpu.cli", "vm", "run", "-v", "--", "sh", "-c", script], work)
+        assert res.returncode == 5, res.stdout + res.stderr
+        lines = res.stdout.splitlines()
+        assert lines[0] == "/work"
+        assert [ln for ln in lines if " 9p" in ln or " virtiofs" in ln] == ["/work 9p"], lines  # nothing else
+        assert "REPO-VISIBLE" not in res.stdout
+        made = work / "made-here"
+        assert made.read_text() == "from-guest\n"
+        assert (made.stat().st_uid, made.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+        assert "QEMU runs as the calling user" in res.stderr, res.stderr
+        assert qemu_processes(str(work)) == []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None, reason="needs root to become nobody")
+def test_a_user_builds_a_guest_into_their_own_cache(guest: Path) -> None:  # noqa: F811
+    """A build the shared cache lacks (here: the other layout) goes to the user's ~/.cache, not
+    into root's cache (which the user cannot write)."""
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    home = Path(tempfile.mkdtemp(prefix="fractal-home-"))
+    try:
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        layout = "initramfs" if "system.erofs" in os.listdir(guest.parent) else "image"
+        res = _as_user("nobody", ["-m", "ccpu.cli", "guest", "build", "--json", "--layout", layout], home,
+                       HOME=str(home))
+        assert res.returncode == 0, res.stderr
+        assert '"initramfs": "' + str(home / ".cache" / "fractal" / "guest" / "build") in res.stdout, res.stdout
+        # without a home there is nowhere to write: a clear error, not a traceback
+        res = _as_user("nobody", ["-m", "ccpu.cli", "guest", "build", "--force", "--layout", layout], home,
+                       HOME="/nonexistent")
+        assert res.returncode != 0 and "cannot write a guest build" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
