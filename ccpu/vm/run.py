@@ -181,7 +181,11 @@ def _pump(ctl: socket.socket, out_s: socket.socket, err_s: socket.socket, marker
             now = time.monotonic()
             if now > deadline:
                 raise VMError("timeout waiting for the command")
-            events = sel.select(timeout=min(0.5, deadline - now))
+            held = tty is not None and ends[out_s].pending()
+            events = sel.select(timeout=min(0.02 if held else 0.5, deadline - now))
+            if not events and held:
+                out_f.write(ends[out_s].release())
+                out_f.flush()
             if not events and vm.poll() is not None:
                 why = "" if vm.ended is None or vm.ended.startswith("QEMU") else f": {vm.ended}"
                 raise VMError(f"QEMU exited ({vm.exit_status}) before the command finished{why}")

@@ -45,7 +45,8 @@ class StreamEnd:
 
     def __init__(self, marker: bytes) -> None:
         self.marker = marker
-        self.buf = b""
+        self.buf = b""  # held back: could be the marker's start
+        self.sent = 0  # how much of buf release() already forwarded
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
@@ -55,11 +56,24 @@ class StreamEnd:
         self.buf += data
         i = self.buf.find(self.marker)
         if i >= 0:
-            out, self.buf, self.done = self.buf[:i], b"", True
+            out, self.buf, self.sent, self.done = self.buf[self.sent:i], b"", 0, True
             return out
-        keep = _partial_suffix(self.buf, self.marker)
-        out = self.buf[:len(self.buf) - keep]
-        self.buf = self.buf[len(self.buf) - keep:]
+        cut = len(self.buf) - _partial_suffix(self.buf, self.marker)
+        out = self.buf[self.sent:cut]
+        self.buf, self.sent = self.buf[cut:], max(0, self.sent - cut)
+        return out
+
+    def pending(self) -> bool:
+        """Whether bytes are held back that release() would forward."""
+        return len(self.buf) > self.sent
+
+    def release(self) -> bytes:
+        """The held-back bytes, forwarded now but still matched against the marker.  For a TTY:
+        a typed key that happens to be the marker's first hex digit must echo at once, not when
+        the next key comes.  Should the marker follow after all, its already-shown start stays
+        on the screen (at most 31 hex digits, the output's very end); nothing is lost or hangs."""
+        out = self.buf[self.sent:]
+        self.sent = len(self.buf)
         return out
 
     def flush(self) -> bytes:

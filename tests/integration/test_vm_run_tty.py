@@ -4,7 +4,8 @@
 The test is the person at the terminal: it starts `fractal vm run -it` on a pty of its own with a
 window size, types into it, resizes the window, presses ^C, and reads the screen.  Each check has a
 failure mode it catches: the host terminal not raw (the typed line would be echoed twice, once by
-the host and once by the guest, and not sent before Enter), the window size not relayed (`stty
+the host and once by the guest, and not sent before Enter), a typed key held back by the host (the
+end-of-stream marker's hold-back), the window size not relayed (`stty
 size`), ^C handled by the host (fractal would die instead of the guest's command trap), the exit
 status lost, the terminal left raw afterwards.
 """
@@ -87,7 +88,10 @@ def test_interactive_tty_through_a_pty(guest: Path, tmp_path: Path) -> None:  # 
     work.mkdir()
     (work / "here-9c1e").write_text("")
     script = ("stty size; pwd; ls; echo READY; read line; echo \"got:$line\"; "
-              "read x; stty size; trap 'echo TRAPPED-INT; exit 42' INT; echo ARMED; sleep 1000; echo NOT-REACHED")
+              "read x; stty size; trap 'echo TRAPPED-INT; exit 42' INT; "
+              # ARMED comes from the foreground child itself: a ^C typed before `sleep` was forked would
+              # otherwise reach only the outer sh, whose trap waits for the foreground command to end
+              "sh -c 'echo ARMED; exec sleep 1000'; echo NOT-REACHED")
     master, slave = pty.openpty()
     winsize(slave, 33, 101)
     proc = subprocess.Popen(
@@ -100,12 +104,17 @@ def test_interactive_tty_through_a_pty(guest: Path, tmp_path: Path) -> None:  # 
         before = screen.expect(b"READY")
         assert b"33 101" in before, before  # the initial window size
         assert b"/work" in before and b"here-9c1e" in before, before  # the cwd, shared, is where it starts
-        # typing: while nothing has been sent, the host must not echo (raw); the guest's pty echoes
-        screen.type(b"hel")
-        time.sleep(1)  # not a timing assertion: just let a (wrong) local echo show up before we look
-        screen.type(b"lo\r")
-        echoed = screen.expect(b"got:hello")
-        assert echoed.count(b"hello") == 1, echoed  # echoed once, by the guest
+        # typing key by key, each echoed before the next (by the guest's pty: every hex digit once
+        # begins the host's end-of-stream marker, which must not hold an echo back) ...
+        line = b"0123456789abcdef"
+        for key in line:
+            screen.type(bytes([key]))
+            screen.expect(bytes([key]))
+        time.sleep(1)  # not a timing assertion: just let a (wrong) second echo show up before we look
+        screen.type(b"\r")
+        # ... and only once: a host terminal left cooked would echo too
+        echoed = screen.expect(b"got:" + line)
+        assert not any(c in echoed for c in line), echoed
         # resize the window: SIGWINCH on the host, the new size in the guest
         winsize(master, 40, 120)  # the kernel sends SIGWINCH to fractal, the terminal's foreground
         time.sleep(1)
