@@ -145,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
               "ratios": {"run()_vs_bare": med["run()"] / med["bare"], "CLI_vs_bare": med["CLI"] / med["bare"],
                          "echo_vm_vs_local": med["echo_vm"] / med["echo_local"]}}
     print(f"bare kernel boot (to its init's line)  {med['bare']:.2f} s")
-    print(f"vm run -- true, in process             {med['run()']:.2f} s  ({result['ratios']['run()_vs_bare']:.2f}x bare)")
-    print(f"fractal vm run -- true (CLI)           {med['CLI']:.2f} s  ({result['ratios']['CLI_vs_bare']:.2f}x bare)")
+    ratios = result["ratios"]
+    print(f"vm run -- true, in process             {med['run()']:.2f} s  ({ratios['run()_vs_bare']:.2f}x bare)")
+    print(f"fractal vm run -- true (CLI)           {med['CLI']:.2f} s  ({ratios['CLI_vs_bare']:.2f}x bare)")
     print(f"-it keystroke echo, median              {med['echo_vm'] * 1000:.1f} ms  "
-          f"(local pty {med['echo_local'] * 1000:.2f} ms; {result['ratios']['echo_vm_vs_local']:.0f}x; "
+          f"(local pty {med['echo_local'] * 1000:.2f} ms; {ratios['echo_vm_vs_local']:.0f}x; "
           f"p90 {statistics.quantiles(raw['echo_vm'], n=10)[-1] * 1000:.1f} ms)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
