@@ -16,16 +16,31 @@ def progress(msg: str) -> None:
 
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
-    from ..guest import initramfs
+    from ..guest import extend, initramfs
+    from ..guest.kernel import cache_root
 
     t0 = time.monotonic()
-    g = initramfs.build(force=args.force, progress=progress, compression=args.compression,
-                         layout=args.layout)
+    ext: extend.Extensions | None = None  # None: the recorded extensions
+    try:
+        if args.add or args.run_at_boot:
+            if args.clear_extensions:
+                raise extend.ExtensionError("--clear-extensions and --add/--run-at-boot exclude each other")
+            ext = extend.make(args.add or (), args.run_at_boot or ())
+        elif args.clear_extensions:
+            ext = extend.Extensions()
+        g = initramfs.build(force=args.force, progress=progress, compression=args.compression,
+                             layout=args.layout, extensions=ext)
+    except extend.ExtensionError as exc:
+        print(f"fractal: {exc}", file=sys.stderr)
+        return 2
+    if ext is not None:  # recorded only once it built: later builds (the shim's, vm run's) make the same guest
+        extend.save(cache_root(), ext)
     m = g.manifest
     if args.json:
         json.dump({"kernel": str(g.kernel), "initramfs": str(g.initramfs), "manifest": str(g.manifest_path),
                    "sha256": g.sha256, "image": str(g.image) if g.image else None,
-                   "image_sha256": m["image"]["sha256"] if g.image else None}, sys.stdout, indent=2)
+                   "image_sha256": m["image"]["sha256"] if g.image else None,
+                   "extensions": m.get("extensions")}, sys.stdout, indent=2)
         print()
         return 0
     ini = m["initramfs"]
@@ -36,6 +51,10 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
         img = m["image"]
         print(f"image:      {g.image} ({img['size'] / 1e6:.1f} MB {img['format']}, {img['files']} files, "
               f"sha256 {img['sha256']})")
+    for a in m.get("extensions", {}).get("add", []):
+        print(f"added:      {a['host']} -> {a['guest']} ({a['entries']} entries, sha256 {a['sha256'][:16]})")
+    for c in m.get("extensions", {}).get("run_at_boot", []):
+        print(f"at boot:    {c}")
     print(f"manifest:   {g.manifest_path}")
     print(f"sha256:     {g.sha256}")
     print(f"time:       {time.monotonic() - t0:.1f}s")
@@ -56,13 +75,25 @@ def cmd_guest_show(args: argparse.Namespace) -> int:
 
 def register(guest: argparse.ArgumentParser) -> None:
     sub = guest.add_subparsers(dest="guest_command", metavar="COMMAND")
-    p = sub.add_parser("build", help="fetch Debian's kernel and build the initramfs (cached by inputs)")
+    p = sub.add_parser("build", help="fetch Debian's kernel and build the initramfs (cached by inputs)",
+                       description="Build the guest.  --add/--run-at-boot are recorded in the cache "
+                                   "(guest/extensions.json): every later build -- the shim's, fractal vm run's, "
+                                   "a plain `fractal guest build` -- keeps them until replaced by new "
+                                   "--add/--run-at-boot flags or removed with --clear-extensions.")
     p.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
     p.add_argument("--compression", choices=("none", "gzip"), default="none",
                    help="initramfs compression (default none: boots faster under TCG)")
     p.add_argument("--layout", choices=("image", "initramfs"), default=None,
                    help="image: python/agent/runc on a read-only EROFS disk, a small initramfs; initramfs: "
                         "everything in the initramfs (default: $FRACTAL_GUEST_LAYOUT, else the build's default)")
+    p.add_argument("--add", action="append", metavar="HOST_PATH:GUEST_PATH",
+                   help="add a host file or directory (a static binary, a tree) to the guest at GUEST_PATH "
+                        "(repeatable; hashed into the build like every other file)")
+    p.add_argument("--run-at-boot", action="append", metavar="CMD",
+                   help="a shell command the guest's init starts at boot beside the agent, restarted when it "
+                        "exits, its output on the console (repeatable)")
+    p.add_argument("--clear-extensions", action="store_true",
+                   help="build the plain guest again (forget earlier --add/--run-at-boot)")
     add_json_flag(p)
     p.set_defaults(func=cmd_guest_build)
     p = sub.add_parser("show", help="the manifest of the current guest build (JSON)")

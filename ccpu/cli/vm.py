@@ -19,6 +19,12 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     if not argv:
         print("fractal vm run: no command (fractal vm run [options] -- CMD...)", file=sys.stderr)
         return 2
+    if args.interactive and not args.tty:
+        print("fractal vm run: -i needs -t (stdin is relayed through the guest's terminal)", file=sys.stderr)
+        return 2
+    if args.tty and args.interactive and not os.isatty(sys.stdin.fileno()):
+        print("fractal vm run: the input device is not a TTY (-it needs a terminal on stdin)", file=sys.stderr)
+        return 2
     note = progress if args.verbose else (lambda s: None)
     guest = initramfs.build(progress=note)
     specs = args.share or [os.getcwd()]
@@ -27,10 +33,12 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fractal: {exc}", file=sys.stderr)
         return 2
+    timeout = args.timeout if args.timeout is not None else (None if args.tty else 600.0)
     try:
         res = run.run(guest, argv, share_dirs=share_dirs, repo=args.repo, memory_mb=args.mem, cpus=args.cpus,
-                      share_type=args.share_type, machine=args.machine, timeout=args.timeout,
-                      console_log=args.console_log, debug=args.debug_guest, netns=args.netns, note=note)
+                      share_type=args.share_type, machine=args.machine, timeout=timeout,
+                      console_log=args.console_log, debug=args.debug_guest, netns=args.netns, note=note,
+                      tty=args.tty, stdin_fd=sys.stdin.fileno() if args.interactive else None)
     except (run.VMError, ValueError) as exc:
         print(f"fractal: {exc}", file=sys.stderr)
         return 125
@@ -60,7 +68,12 @@ def register(vm: argparse.ArgumentParser) -> None:
     p.add_argument("--netns", metavar="PATH",
                    help="give the guest the network of this namespace (/var/run/netns/NAME, /proc/PID/ns/net): "
                         "its interface's MAC, MTU, IPv4 addresses and routes, traffic redirected through a tap")
-    p.add_argument("--timeout", type=float, default=600, help="seconds before the VM is killed")
+    p.add_argument("-i", "--interactive", action="store_true", help="relay stdin (with -t: -it)")
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="run CMD on a terminal in the guest: raw keystrokes, window size, ^C to the guest's "
+                        "foreground process, its exit status back (like docker run -it)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds before the VM is killed (default 600; none with -t)")
     p.add_argument("--console-log", metavar="FILE", help="keep the guest's serial console in FILE")
     p.add_argument("--debug-guest", action="store_true", help="verbose kernel + init logging on the console")
     p.add_argument("-v", "--verbose", action="store_true", help="progress and boot timings on stderr")

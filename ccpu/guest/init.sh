@@ -12,6 +12,7 @@
 #                                   found by MAC, renamed NAME; ITEMs in order: A.B.C.D/N (address),
 #                                   r=DST (on-link route), r=DST@GW (route via GW), gw=GW (default route)
 #   fractal.reserve=MIB             guest memory containers can never take (agent mode; default 64)
+#   fractal.tty=TERM                run mode: CMD on a pty with TERM (vm run -t), keys on fractal.stdin
 #   fractal.debug=1                 echo every step with its uptime to the console
 #
 # Milestones go to the console as "fractal-init: <uptime> <what>" so the host
@@ -46,7 +47,7 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 shares="" nets="" reserve=64
+mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty=""
 for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
@@ -55,6 +56,7 @@ for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
         fractal.net=*) nets="$nets ${arg#*=}" ;;
         fractal.debug=*) debug="${arg#*=}" ;;
         fractal.reserve=*) reserve="${arg#*=}" ;;
+        fractal.tty=*) tty="${arg#*=}" ;;
     esac
 done
 
@@ -187,6 +189,31 @@ port() {
     return 1
 }
 
+# --- 4b. run-at-boot commands (fractal guest build --run-at-boot; docs/vm.md "Extending the guest")
+# Each runs beside the agent (or the command), output on the console, restarted when it exits: after
+# 1 s, doubling up to 32 s while it keeps dying within 10 s of its start.
+supervise() {  # N CMD
+    delay=1
+    while :; do
+        read -r t0 _ </proc/uptime
+        echo "fractal-run-at-boot[$1]: start: $2"
+        sh -c "$2" </dev/null
+        rc=$?
+        read -r t1 _ </proc/uptime
+        [ $((${t1%.*} - ${t0%.*})) -ge 10 ] && delay=1
+        echo "fractal-run-at-boot[$1]: exited $rc; restart in ${delay}s"
+        sleep "$delay"
+        [ "$delay" -lt 32 ] && delay=$((delay * 2))
+    done
+}
+if [ -s /etc/fractal/run-at-boot ]; then
+    n=0
+    while IFS= read -r cmd; do
+        n=$((n + 1))
+        supervise "$n" "$cmd" &
+    done </etc/fractal/run-at-boot
+fi
+
 case "$mode" in
 agent)
     agent="$(port fractal.agent)" || die "no virtio-serial port named fractal.agent"
@@ -232,7 +259,13 @@ run)
     cmd="$(echo "$cmd64" | base64 -d)"
     cd /work 2>/dev/null || cd /
     milestone "run"
-    sh -c "$cmd" </dev/null >&4 2>&5
+    if [ -n "$tty" ]; then  # vm run -t: CMD on a pty (ccpu/agent/vmtty.py), keystrokes on fractal.stdin
+        in="$(port fractal.stdin)" || die "no port fractal.stdin"
+        read -r python </etc/fractal/python || python=python3
+        TERM="$tty" "$python" -S -I -m ccpu.agent.vmtty "$cmd" 6<"$in"
+    else
+        sh -c "$cmd" </dev/null >&4 2>&5
+    fi
     rc=$?
     milestone "exit $rc"
     printf '%s' "$marker" >&4

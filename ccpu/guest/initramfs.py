@@ -46,9 +46,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cpio, erofs, modules
+from . import cpio, erofs, extend, modules
 from .kernel import Kernel, cache_root
 from .kernel import fetch as fetch_kernel
+from .source import Source
 
 BUILDER_VERSION = 4  # bump when the layout changes without any input changing
 
@@ -83,28 +84,6 @@ DYNLOAD_EXCLUDE = re.compile(
 # its SQLite stay on the host.
 PROJECT_FILES = ("ccpu/__init__.py", "ccpu/errdefs.py", "ccpu/stack.py")
 PROJECT_DIRS = ("ccpu/agent", "ccpu/linux")
-
-
-@dataclass(frozen=True)
-class Source:
-    """A file to put in the archive: where it comes from (or its bytes) and where it goes."""
-
-    dest: str
-    mode: int
-    path: str | None = None
-    data: bytes | None = None
-    link: str | None = None
-
-    def read(self) -> bytes:
-        if stat.S_ISDIR(self.mode):
-            return b""
-        if self.link is not None:
-            return self.link.encode()
-        if self.data is not None:
-            return self.data
-        assert self.path is not None
-        with open(self.path, "rb") as f:
-            return f.read()
 
 
 @dataclass(frozen=True)
@@ -290,8 +269,11 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs") -> tuple[list[Source], dict]:
-    """Every file of the guest (without .pyc) and a description of where they came from."""
+def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs",
+            added: Sequence[Source] = ()) -> tuple[list[Source], dict]:
+    """Every file of the guest (without .pyc) and a description of where they came from.
+
+    ``added``: the user's additions (ccpu.guest.extend); they may shadow busybox applets, nothing else."""
     root = root or project_root()
     py = find_python()
     for tool in (BUSYBOX, RUNC):
@@ -348,6 +330,8 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs")
                          lambda r: "__pycache__" not in r.split("/") and not r.endswith(".pyc"))
             srcs += tree
             project += [s.dest.removeprefix(py.pkg_dir + "/") for s in tree]
+    extend.check_conflicts(srcs, added)
+    srcs += added
     # busybox applets last: they must not shadow real files
     listing = subprocess.run([BUSYBOX, "--list-full"], check=True, capture_output=True, text=True).stdout
     srcs += applet_links(listing, {s.dest for s in srcs})
@@ -405,8 +389,12 @@ def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None],
 
 
 def build(force: bool = False, progress: Callable[[str], None] = lambda s: None, *, pyc: bool = True,
-          compression: str = "none", level: int = 6, offline: bool = False, layout: str | None = None) -> Guest:
+          compression: str = "none", level: int = 6, offline: bool = False, layout: str | None = None,
+          extensions: extend.Extensions | None = None) -> Guest:
     """Build (or reuse) the guest for the current Debian kernel and this tree's project files.
+
+    ``extensions``: the user's additions and run-at-boot commands; None: the recorded ones
+    (``$FRACTAL_CACHE/guest/extensions.json``, ccpu.guest.extend), so every build makes the same guest.
 
     ``layout``: "image" or "initramfs" (module docstring); None: $FRACTAL_GUEST_LAYOUT or DEFAULT_LAYOUT.
 
@@ -418,16 +406,27 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     layout = layout or default_layout()
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
-    sources, described = collect(kern, layout=layout)
+    ext = extend.load(cache_root()) if extensions is None else extensions
+    added = extend.sources(ext)
+    sources, described = collect(kern, layout=layout, added=added)
+    if ext:
+        described["extensions"] = extend.describe(ext, added)
     options = {"layout": layout, "pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,
                "boot_image": kern.boot_image.name}
     key = inputs_key(sources, options)
-    out_dir = cache_root() / "build" / key[:32]
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.exists() and not force:
-        manifest = json.loads(manifest_path.read_text())
-        progress(f"up to date (inputs {key[:16]})")
-        return _guest(kern.boot_image, out_dir, manifest)
+    roots = build_roots(cache_root(), user_cache())
+    for root in roots:
+        out_dir = root / key[:32]
+        manifest_path = out_dir / "manifest.json"
+        if manifest_path.exists() and not force:
+            manifest = json.loads(manifest_path.read_text())
+            progress(f"up to date (inputs {key[:16]}{'' if root == roots[0] else f', in {root}'})")
+            return _guest(kern.boot_image, out_dir, manifest)
+    out_root = writable_root(roots)
+    if out_root is None:
+        raise PermissionError(f"cannot write a guest build: neither {roots[0]} nor {roots[-1]} is writable "
+                              "(set FRACTAL_CACHE to a directory of yours, or XDG_CACHE_HOME/HOME)")
+    out_dir = out_root / key[:32]
     progress(f"collected {len(sources)} files (inputs {key[:16]})")
     extra: list[Source] = compile_pyc(sources, progress) if pyc else []
     initrd = sources + extra
@@ -478,9 +477,39 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.rename(tmp_dir, out_dir)
-    (cache_root() / "current.json").write_text(json.dumps({"build": str(out_dir)}) + "\n")
+    if out_root == roots[0]:  # the shared cache's pointer; a per-user build leaves it alone
+        (cache_root() / "current.json").write_text(json.dumps({"build": str(out_dir)}) + "\n")
     progress(f"built in {time.monotonic() - t0:.1f}s")
     return _guest(kern.boot_image, out_dir, manifest)
+
+
+def user_cache() -> Path | None:
+    """A user's own guest builds ($XDG_CACHE_HOME, else ~/.cache, + fractal/guest/build); None
+    without a usable home (the user `nobody`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    if not base:
+        home = os.environ.get("HOME") or ""
+        if not home or home == "/nonexistent" or not os.path.isdir(home):
+            return None
+        base = os.path.join(home, ".cache")
+    return Path(base) / "fractal" / "guest" / "build"
+
+
+def build_roots(cache: Path, user: Path | None) -> list[Path]:
+    """Where builds are looked up, in order: the shared cache (``$FRACTAL_CACHE/guest/build``: a
+    user without write access reads root's builds there, read-only), then the user's own."""
+    return [cache / "build"] + ([user] if user is not None and user != cache / "build" else [])
+
+
+def writable_root(roots: Sequence[Path]) -> Path | None:
+    """The first root this process may create builds in (its nearest existing ancestor writable)."""
+    for root in roots:
+        p = root
+        while not p.exists() and p.parent != p:
+            p = p.parent
+        if os.access(p, os.W_OK | os.X_OK):
+            return root
+    return None
 
 
 def _guest(kernel: Path, out_dir: Path, manifest: dict) -> Guest:

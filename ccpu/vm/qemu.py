@@ -335,9 +335,13 @@ def unprivileged(uid_base: int, owner_pid: int, accel: str = "tcg", kvm_gid: int
     return Creds(uid_base + owner_pid, uid_base + owner_pid, groups)
 
 
-def choose_creds(cfg: VMConfig, uid_base: int, owner_pid: int) -> tuple[Creds | None, str]:
+def choose_creds(cfg: VMConfig, uid_base: int, owner_pid: int, euid: int | None = None) -> tuple[Creds | None, str]:
     """(QEMU's credentials, why): None keeps root -- when configured (``uid_base`` 0) or when QEMU
-    serves a 9p share (:func:`needs_root`)."""
+    serves a 9p share (:func:`needs_root`) -- or, not started by root, the caller's own user (a
+    rootless `vm run`: nothing to drop, and QEMU serves the user's 9p shares as the user)."""
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        return None, f"the calling user (uid {euid}; not root: nothing to drop)"
     if uid_base == 0:
         return None, "root (qemu_uid_base = 0)"
     why = needs_root(cfg)

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..guest.initramfs import Guest
-from . import qemu, runproto, shares
+from . import qemu, runproto, shares, terminal
 from .machine import ConsoleFile, DirShare, Machine, MachineError, MachineSpec
 
 log = logging.getLogger(__name__)
 
-PORT_RUN, PORT_OUT, PORT_ERR = "fractal.run", "fractal.stdout", "fractal.stderr"
+PORT_RUN, PORT_OUT, PORT_ERR, PORT_IN = "fractal.run", "fractal.stdout", "fractal.stderr", "fractal.stdin"
 
 
 class VMError(MachineError):
@@ -72,10 +72,17 @@ def console_milestones(text: str) -> list[tuple[float, str]]:
 
 def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = (), repo: str | None = None,
         memory_mb: int = 512, cpus: int = 2, share_type: str | None = None, machine: str = "q35",
-        timeout: float = 600.0, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
+        timeout: float | None = 600.0, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
         console_log: str | None = None, debug: bool = False, netns: str | None = None,
-        uid_base: int = qemu.DEFAULT_UID_BASE, note: Callable[[str], None] = lambda s: None) -> RunResult:
-    """Run `argv` (joined for `sh -c`) in a fresh guest; its stdout/stderr go to `stdout`/`stderr`."""
+        uid_base: int = qemu.DEFAULT_UID_BASE, note: Callable[[str], None] = lambda s: None,
+        tty: bool = False, stdin_fd: int | None = None) -> RunResult:
+    """Run `argv` (joined for `sh -c`) in a fresh guest; its stdout/stderr go to `stdout`/`stderr`.
+
+    ``tty``: on a pty in the guest (``vm run -t``): ``stdin_fd`` (a terminal, or None for no input)
+    is put in raw mode and relayed, window sizes follow SIGWINCH, all output goes to `stdout`.
+    ``timeout`` None: no limit."""
+    if tty and stdin_fd is not None and not os.isatty(stdin_fd):
+        raise ValueError("the input device is not a TTY (-t with -i needs a terminal on stdin)")
     out_f = stdout or sys.stdout.buffer
     err_f = stderr or sys.stderr.buffer
     stype, why = shares.choose(share_type)
@@ -93,7 +100,8 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             mode="run", accel="auto", machine=machine, memory_mb=memory_mb, cpus=cpus,
             repo=share(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True, layers=True) if repo else None,
             shares=tuple(share(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)),
-            ports=(PORT_RUN, PORT_OUT, PORT_ERR), netns=netns, uid_base=uid_base, debug=debug)
+            ports=(PORT_RUN, PORT_OUT, PORT_ERR) + ((PORT_IN,) if tty else ()), netns=netns, uid_base=uid_base,
+            debug=debug, cmdline_extra=(f"fractal.tty={runproto.term_name(os.environ.get('TERM'))}",) if tty else ())
         vm = Machine(spec)
         try:
             vm.boot()
@@ -107,7 +115,14 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             ctl, out_s, err_s = (vm.ports[p] for p in (PORT_RUN, PORT_OUT, PORT_ERR))
             marker = runproto.new_marker()
             ctl.sendall(runproto.request(marker, argv))
-            code = _pump(ctl, out_s, err_s, marker, out_f, err_f, vm, t0 + timeout, timings, t0)
+            deadline = t0 + timeout if timeout is not None else float("inf")
+            if tty:
+                with terminal.Relay(stdin_fd, out_f.fileno() if hasattr(out_f, "fileno") else None) as term:
+                    ctl.sendall(runproto.winsize(*term.size()))
+                    code = _pump(ctl, out_s, err_s, marker, out_f, out_f, vm, deadline, timings, t0,
+                                 tty=(term, vm.ports[PORT_IN]))
+            else:
+                code = _pump(ctl, out_s, err_s, marker, out_f, err_f, vm, deadline, timings, t0)
             hwm = _vm_hwm_kb(vm.pid)  # QEMU's peak RSS, read while it still exists
             ctl.sendall(runproto.ACK)
             if vm.wait(timeout=15) is None:
@@ -146,24 +161,46 @@ def _read(path: str) -> str:
 
 def _pump(ctl: socket.socket, out_s: socket.socket, err_s: socket.socket, marker: bytes,
           out_f: BinaryIO, err_f: BinaryIO, vm: Machine, deadline: float,
-          timings: dict[str, float], t0: float) -> int:
-    """Forward output until both streams ended and the exit code arrived; returns the exit code."""
+          timings: dict[str, float], t0: float,
+          tty: tuple[terminal.Relay, socket.socket] | None = None) -> int:
+    """Forward output until both streams ended and the exit code arrived; returns the exit code.
+    ``tty``: also the user's keystrokes to the stdin port and window sizes to the control port."""
     sel = selectors.DefaultSelector()
     ends = {out_s: runproto.StreamEnd(marker), err_s: runproto.StreamEnd(marker)}
     sinks = {out_s: out_f, err_s: err_f}
     control = runproto.Control()
     for s in (ctl, out_s, err_s):
         sel.register(s, selectors.EVENT_READ)
+    if tty is not None:
+        term, in_s = tty
+        if term.in_fd is not None:
+            sel.register(term.in_fd, selectors.EVENT_READ, "stdin")
+        sel.register(term.winch_fd, selectors.EVENT_READ, "winch")
     try:
         while control.exit_code is None or not all(e.done for e in ends.values()):
             now = time.monotonic()
             if now > deadline:
                 raise VMError("timeout waiting for the command")
-            events = sel.select(timeout=min(0.5, deadline - now))
+            held = tty is not None and ends[out_s].pending()
+            events = sel.select(timeout=min(0.02 if held else 0.5, deadline - now))
+            if not events and held:
+                out_f.write(ends[out_s].release())
+                out_f.flush()
             if not events and vm.poll() is not None:
                 why = "" if vm.ended is None or vm.ended.startswith("QEMU") else f": {vm.ended}"
                 raise VMError(f"QEMU exited ({vm.exit_status}) before the command finished{why}")
             for key, _ in events:
+                if key.data == "stdin":
+                    keys = os.read(term.in_fd, 4096) if term.in_fd is not None else b""
+                    if keys:
+                        in_s.sendall(keys)
+                    else:
+                        sel.unregister(key.fileobj)  # stdin ended: the command keeps running
+                    continue
+                if key.data == "winch":
+                    if term.winched():
+                        ctl.sendall(runproto.winsize(*term.size()))
+                    continue
                 s = key.fileobj
                 assert isinstance(s, socket.socket)
                 data = s.recv(65536)

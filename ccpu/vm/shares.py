@@ -30,8 +30,10 @@ def find_virtiofsd() -> str | None:
     return None
 
 
-def decide(requested: str | None, env: str | None, virtiofsd: str | None) -> tuple[str, str]:
-    """(share type, reason).  Pure.  An explicit request wins over the environment over availability."""
+def decide(requested: str | None, env: str | None, virtiofsd: str | None, root: bool = True) -> tuple[str, str]:
+    """(share type, reason).  Pure.  An explicit request wins over the environment over availability.
+    Without root the default is 9p: QEMU serves it as the user, while virtiofsd's sandbox
+    (``--sandbox chroot``) needs root."""
     for source, value in (("requested", requested), ("FRACTAL_SHARE", env)):
         if value:
             if value not in SHARE_TYPES:
@@ -39,13 +41,15 @@ def decide(requested: str | None, env: str | None, virtiofsd: str | None) -> tup
             if value == "virtiofs" and not virtiofsd:
                 raise ValueError("virtiofs requested but no virtiofsd found (hack/setup.sh builds one)")
             return value, source
+    if virtiofsd and not root:
+        return "9p", "not root: virtiofsd's chroot sandbox needs root; QEMU serves 9p as this user"
     if virtiofsd:
         return "virtiofs", f"virtiofsd at {virtiofsd}"
     return "9p", "no virtiofsd"
 
 
 def choose(requested: str | None = None) -> tuple[str, str]:
-    t, why = decide(requested, os.environ.get("FRACTAL_SHARE") or None, find_virtiofsd())
+    t, why = decide(requested, os.environ.get("FRACTAL_SHARE") or None, find_virtiofsd(), os.geteuid() == 0)
     log.info("share type %s (%s)", t, why)
     return t, why
 

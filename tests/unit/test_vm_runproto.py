@@ -43,3 +43,18 @@ def test_control_parses_exit_line_in_pieces() -> None:
     assert c.feed(b"2\n") == 42
     with pytest.raises(ValueError):
         Control().feed(b"EXIT x\n")
+
+
+def test_release_shows_a_held_key_at_once_and_the_marker_still_ends_the_stream() -> None:
+    """A TTY echo that is the marker's first digit must not wait for the next key (vm run -t)."""
+    end = StreamEnd(b"abcdef")
+    assert end.feed(b"xa") == b"x" and end.pending()
+    assert end.release() == b"a" and not end.pending()
+    assert end.feed(b"z") == b"z"  # not the marker after all: nothing shown twice
+    assert end.feed(b"ab") == b"" and end.release() == b"ab"
+    assert end.feed(b"cdef+after") == b"" and end.done  # the marker completes what was released
+    end = StreamEnd(b"abcdef")
+    assert end.feed(b"a") == b"" and end.release() == b"a"
+    assert end.feed(b"a") == b"" and end.pending()  # "aa": the first a was shown, the second is held
+    assert end.release() == b"a"
+    assert end.feed(b"bcdef") == b"" and end.done
