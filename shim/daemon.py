@@ -1,7 +1,8 @@
 """The shim daemon: serves the Task API for one group of containers (started by ``start``).
 
-``start`` forks it (``shim.start._fork_daemon`` calls :func:`serve`: the interpreter and the
-modules ``start`` already imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
+The warm fork-server forks it (shim/zygote.py, the default), or ``start`` forks it
+(``shim.start._fork_daemon`` calls :func:`serve`: the interpreter and the modules ``start``
+already imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
 ``python -m shim.daemon -namespace NS -address ADDR -publish-binary P -id ID -bundle B
 -group G -socket PATH -listen-fd N [-debug]``.
 
@@ -254,7 +255,10 @@ def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int
 
 
 def serve(opts) -> int:  # noqa: ANN001
-    """Run the daemon for parsed ``opts`` (both ways of starting it end here)."""
+    """Run the daemon for parsed ``opts`` (every way of starting it ends here)."""
+    from shim import procs
+
+    procs.set_comm(procs.DAEMON_COMM)  # the one rule tools find daemons by (shim/procs.py)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     _setup_logging(opts.bundle, opts.namespace, opts.group or opts.id, opts.debug)
     try:

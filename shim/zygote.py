@@ -52,13 +52,9 @@ ANSWER_SECONDS = 2.0
 #: how long a new daemon waits for ``start``'s go before it exits unused
 GO_SECONDS = 10.0
 REQUEST_MAX = 1 << 20
-#: the zygote's process name (``/proc/PID/comm``, ``ps``); its daemons take back the shim's
-ZYGOTE_COMM = b"fractal-zygote"
-DAEMON_COMM = b"containerd-shim"  # what a daemon forked by ``start`` has (the script's name, cut)
-PR_SET_NAME = 15
 
 _CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_VERSION_FILES = ("shim/__init__.py", "shim/daemon.py", "shim/zygote.py", "shim/task.py",
+_VERSION_FILES = ("shim/__init__.py", "shim/daemon.py", "shim/zygote.py", "shim/task.py", "shim/procs.py",
                   "ccpu/__init__.py")
 
 
@@ -151,14 +147,8 @@ def start_zygote(containerd_address: str) -> None:
         os.unlink(path)  # stale (a zygote killed -9) or of another version (it is leaving)
     except FileNotFoundError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = addr.listen_unix(path)
     try:
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(socket.SOMAXCONN)
         fd = sock.fileno()
         os.set_inheritable(fd, True)
         env = dict(os.environ)
@@ -174,17 +164,6 @@ def start_zygote(containerd_address: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # server (``python -m shim.zygote``)
-
-
-def set_comm(name: bytes) -> None:
-    """Name this process in ``/proc/PID/comm``: the zygote and the daemons it forks share one
-    command line, ``ps -o comm`` and the tests tell them apart by this."""
-    try:
-        from ccpu.linux.libc import libc
-
-        libc.prctl(PR_SET_NAME, name, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -229,7 +208,9 @@ def _become_daemon(conn: socket.socket, listener: socket.socket, req: dict, list
     code = 1
     try:
         listener.close()
-        set_comm(DAEMON_COMM)
+        from shim import procs
+
+        procs.set_comm(procs.DAEMON_COMM)  # shim.daemon.serve sets it again
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -280,7 +261,9 @@ def preload() -> None:
 
 
 def serve(listener: socket.socket, path: str, idle: float = IDLE_SECONDS) -> int:
-    set_comm(ZYGOTE_COMM)
+    from shim import procs
+
+    procs.set_comm(procs.ZYGOTE_COMM)
     version = code_version()
     preload()
     me = os.getuid()

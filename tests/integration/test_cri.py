@@ -37,18 +37,10 @@ SHIM = "containerd-shim-fractal-v1"
 
 
 def _pids_of_shims(address: Path) -> list[int]:
-    """Shim processes (start or daemon) whose command line names this env's containerd socket."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(address) in cmd and (SHIM in cmd or "shim.daemon" in cmd):
-            out.append(int(entry))
-    return sorted(out)
+    """Our shim daemons started by this env's containerd (shim/procs.py's one rule)."""
+    from shim import procs
+
+    return procs.daemon_pids(str(address))
 
 
 class Crictl:

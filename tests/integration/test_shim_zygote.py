@@ -1,6 +1,7 @@
-"""The warm fork-server (FRACTAL_SHIM_SPAWN=zygote, shim/zygote.py) through a real containerd:
-it forks daemons that outlive it, a ``kill -9`` of it loses no sandbox and leaks no process,
-and ``start`` falls back to forking itself (and starts a new zygote) when it is gone."""
+"""The warm fork-server (the default; shim/zygote.py) through a real containerd: it forks
+daemons that outlive it, a ``kill -9`` of it loses no sandbox and leaks no process, ``start``
+falls back to forking itself (and starts a new zygote) when it is gone, and the one rule of
+shim/procs.py finds every daemon and its socket whoever forked it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-from hack.containerd_env import FractalEnv
-from shim import zygote
+from hack.containerd_env import FractalEnv, shim_sockets_for
+from shim import procs, zygote
 from tests.harness import wait_for
 
 RUNTIME = "io.containerd.fractal.v1"
@@ -54,10 +55,17 @@ def comm(pid: int) -> bytes:
 
 
 def zygotes(env: FractalEnv) -> list[int]:
-    """Live zygotes of this env.  The daemons a zygote forked share its command line; the
-    zygote names itself (comm) fractal-zygote, they take back the shim's name."""
-    return [p for p in ours(env) if b"shim.zygote" in cmdline(p) and alive(p)
-            and comm(p) == zygote.ZYGOTE_COMM]
+    """Live zygotes of this env (shim/procs.py's rule)."""
+    return [p for p in procs.zygote_pids(str(env.address)) if alive(p)]
+
+
+def uss_mb(pid: int) -> float:
+    """Unique set size: the pages only this process has (shared ones are the zygote's)."""
+    kb = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            kb += int(line.split()[1])
+    return kb / 1024
 
 
 def wait_ready(path: str) -> None:
@@ -85,12 +93,16 @@ def task_status(env: FractalEnv, ns: str, cid: str) -> str:
     return ""
 
 
-def shim_pid(env: FractalEnv, ns: str, cid: str) -> int:
+def record(env: FractalEnv, ns: str, cid: str) -> dict:
     import json
 
     f = env.fractal_run_dir / "sandboxes" / ns / f"{cid}.json"
     wait_for(f.exists, what=f"sandbox record of {cid}")
-    return int(json.loads(f.read_text())["shim_pid"])
+    return json.loads(f.read_text())
+
+
+def shim_pid(env: FractalEnv, ns: str, cid: str) -> int:
+    return int(record(env, ns, cid)["shim_pid"])
 
 
 def start(env: FractalEnv, ns: str, ref: str, cid: str) -> None:
@@ -108,12 +120,13 @@ def remove(env: FractalEnv, ns: str, cid: str) -> None:
 
 def test_zygote_killed_9_loses_no_sandbox_and_leaks_nothing(registry) -> None:  # noqa: ANN001
     env = FractalEnv()
-    env.containerd.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
+    env.containerd.extra_env.pop("FRACTAL_SHIM_SPAWN", None)  # the default
     with env:
         ns = env.new_namespace()
         ref = registry.ref("busybox")
         env.pull(ref, namespace=ns)
         path = zygote.socket_path(str(env.address))
+        assert zygotes(env) == []
 
         # 1st sandbox: no zygote yet -> start forks the daemon itself and starts a zygote
         start(env, ns, ref, "first")
@@ -127,9 +140,16 @@ def test_zygote_killed_9_loses_no_sandbox_and_leaks_nothing(registry) -> None:  
         start(env, ns, ref, "second")
         second = shim_pid(env, ns, "second")
         assert b"shim.zygote" in cmdline(second), cmdline(second)
-        assert comm(second) == zygote.DAEMON_COMM == comm(first)
+        assert comm(second).decode() == procs.DAEMON_COMM == comm(first).decode()
         assert stat_fields(second)[1] != str(zyg)
         assert second not in [int(p) for p in Path(f"/proc/{zyg}/task/{zyg}/children").read_text().split()]
+        # the one rule finds both daemons and their sockets, whoever forked them (not the zygote)
+        assert procs.daemon_pids(str(env.address)) == sorted([first, second])
+        socks = {p.pid: p.socket for p in procs.find(str(env.address))}
+        for pid, cid in ((first, "first"), (second, "second")):
+            assert "unix://" + socks[pid] == record(env, ns, cid)["address"]
+        assert sorted(map(str, shim_sockets_for(env.address))) == sorted(socks.values())
+        assert uss_mb(second) <= 40, uss_mb(second)  # the issue's bound per sandbox
 
         os.kill(zyg, signal.SIGKILL)
         wait_for(lambda: not alive(zyg), what="zygote gone")
