@@ -238,6 +238,18 @@ def preload() -> None:
         from shim import vm  # noqa: F401  # VM sandboxes
     except Exception:  # noqa: BLE001 - a VM sandbox imports it again and reports
         pass
+    # What each daemon imported lazily on its first request (cProfile of a zygote-forked daemon,
+    # docs/performance.md): the host-mode agent (~20 modules), the config file's TOML parser
+    # and the metrics service's message types.  Imported once here, shared by every fork.
+    import base64  # noqa: F401
+    import encodings.ascii  # noqa: F401
+    import tomllib  # noqa: F401
+
+    from ccpu.agent import diagnose, embed  # noqa: F401
+    try:
+        from google.protobuf import empty_pb2, wrappers_pb2  # noqa: F401
+    except ImportError:  # promexport reports it
+        pass
 
 
 def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int):  # noqa: ANN001, ANN201

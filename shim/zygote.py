@@ -234,7 +234,17 @@ def _become_daemon(conn: socket.socket, listener: socket.socket, req: dict, list
         o.debug = bool(req.get("debug"))
         dopts = daemon.daemon_options(o, group=str(req["group"]), bundle=str(req["bundle"]),
                                       socket=str(req["socket"]), listen_fd=listen_fd)
-        code = daemon.serve(dopts)
+        if os.environ.get("XPROF"):
+            import cProfile
+            pr = cProfile.Profile()
+            pr.enable()
+            try:
+                code = daemon.serve(dopts)
+            finally:
+                pr.disable()
+                pr.dump_stats(f"{os.environ['XPROF']}/{os.getpid()}.prof")
+        else:
+            code = daemon.serve(dopts)
     except BaseException:  # noqa: BLE001 - stdio is /dev/null; start falls back on no answer
         code = 1
     finally:
