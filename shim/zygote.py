@@ -52,6 +52,8 @@ ANSWER_SECONDS = 2.0
 #: how long a new daemon waits for ``start``'s go before it exits unused
 GO_SECONDS = 10.0
 REQUEST_MAX = 1 << 20
+#: a directory: each forked daemon writes its cProfile stats there (measurement only)
+PROFILE_ENV = "FRACTAL_SHIM_PROFILE"
 
 _CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _VERSION_FILES = ("shim/__init__.py", "shim/daemon.py", "shim/zygote.py", "shim/task.py", "shim/procs.py",
@@ -153,6 +155,8 @@ def start_zygote(containerd_address: str) -> None:
         os.set_inheritable(fd, True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
+        if not sys.dont_write_bytecode:  # as start (shim.main.keep_byte_code): compile once
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
         argv = [sys.executable, "-m", "shim.zygote", "-address", containerd_address, "-socket", path,
                 "-listen-fd", str(fd)]
         os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
@@ -234,21 +238,27 @@ def _become_daemon(conn: socket.socket, listener: socket.socket, req: dict, list
         o.debug = bool(req.get("debug"))
         dopts = daemon.daemon_options(o, group=str(req["group"]), bundle=str(req["bundle"]),
                                       socket=str(req["socket"]), listen_fd=listen_fd)
-        if os.environ.get("XPROF"):
-            import cProfile
-            pr = cProfile.Profile()
-            pr.enable()
-            try:
-                code = daemon.serve(dopts)
-            finally:
-                pr.disable()
-                pr.dump_stats(f"{os.environ['XPROF']}/{os.getpid()}.prof")
-        else:
-            code = daemon.serve(dopts)
+        code = _serve_profiled(dopts) if os.environ.get(PROFILE_ENV) else daemon.serve(dopts)
     except BaseException:  # noqa: BLE001 - stdio is /dev/null; start falls back on no answer
         code = 1
     finally:
         os._exit(code)
+
+
+def _serve_profiled(dopts) -> int:  # noqa: ANN001
+    """``daemon.serve`` under cProfile, the stats written to ``$FRACTAL_SHIM_PROFILE/PID.prof``
+    at exit: how what a forked daemon still does per sandbox is measured (docs/performance.md)."""
+    import cProfile
+
+    from shim import daemon
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return daemon.serve(dopts)
+    finally:
+        prof.disable()
+        prof.dump_stats(os.path.join(os.environ[PROFILE_ENV], f"{os.getpid()}.prof"))
 
 
 def fork_daemon(conn: socket.socket, listener: socket.socket, req: dict, listen_fd: int) -> None:
