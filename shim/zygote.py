@@ -273,6 +273,39 @@ def fork_daemon(conn: socket.socket, listener: socket.socket, req: dict, listen_
     os.waitpid(pid, 0)
 
 
+def code_snapshot(modules: dict | None = None) -> dict[str, tuple[int, int, int]]:
+    """(inode, mtime, size) of the file of every loaded module of ours (shim, ccpu).
+
+    Why, besides :func:`code_version` (which ``start`` computes from a few files, to stay
+    cheap): a daemon forked now runs the code the zygote imported, so an edit of any other
+    module (ccpu/agent, say) must also retire the zygote; it checks this snapshot at each
+    request (~130 stats)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    root = _CODE_ROOT + os.sep
+    for mod in list((sys.modules if modules is None else modules).values()):
+        path = getattr(mod, "__file__", None)
+        if not isinstance(path, str) or not path.startswith(root):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def changed_file(snapshot: dict[str, tuple[int, int, int]]) -> str | None:
+    """The first file of ``snapshot`` that is gone or differs now (None: the code is as loaded)."""
+    for path, ident in snapshot.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            return path
+        if (st.st_ino, st.st_mtime_ns, st.st_size) != ident:
+            return path
+    return None
+
+
 def preload() -> None:
     """Import what a daemon imports (shim.daemon's Daemon.run), so forked daemons start warm."""
     from shim import daemon
@@ -286,6 +319,7 @@ def serve(listener: socket.socket, path: str, idle: float = IDLE_SECONDS) -> int
     procs.set_comm(procs.ZYGOTE_COMM)
     version = code_version()
     preload()
+    loaded = code_snapshot()
     me = os.getuid()
     try:
         st = os.stat(path)
@@ -308,7 +342,7 @@ def serve(listener: socket.socket, path: str, idle: float = IDLE_SECONDS) -> int
                 except (OSError, EOFError, ValueError):
                     continue
                 try:
-                    if req.get("version") != version:
+                    if req.get("version") != version or changed_file(loaded):
                         conn.sendall(b"no version\n")
                         return 0  # the code changed: start starts a zygote of the new code
                     fork_daemon(conn, listener, req, fds[0])

@@ -92,3 +92,4 @@ def test_find_names_the_daemon_and_its_socket_not_its_unexeced_child() -> None:
         import shutil
 
         shutil.rmtree(sockdir, ignore_errors=True)
+
