@@ -93,7 +93,7 @@ def pause_image(registry, tmp_path_factory: pytest.TempPathFactory) -> str:  # n
 def cri_env(request, registry, pause_image: str) -> Iterator[FractalEnv]:  # noqa: ANN001
     """One env per containerd version, shared by the module's tests (CRI + bridge network when
     the CNI plugins are there)."""
-    _need(peer_missing("cri-tools"), "cri-tools should have been built by hack/setup.sh")
+    _need(peer_missing("crictl"), "cri-tools should have been built by hack/setup.sh")
     if request.param == "2":
         _need(peer_missing("containerd2"), "containerd 2.x should have been built by hack/setup.sh")
     network = None if cni_missing() else "bridge"
