@@ -1,4 +1,4 @@
-"""A warm fork-server for shim daemons (``FRACTAL_SHIM_SPAWN=zygote``).
+"""A warm fork-server for shim daemons (the default; ``FRACTAL_SHIM_SPAWN=fork``/``exec`` opt out).
 
 Why: a new sandbox's daemon spends most of its start importing (asyncio, protobuf and the
 generated modules, the Task service, the agent: ~90 ms here, docs/performance.md), on the path
