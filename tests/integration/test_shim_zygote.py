@@ -228,3 +228,35 @@ def test_zygote_of_other_code_refuses_and_start_falls_back(registry, tmp_path) -
         import shutil
 
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_opt_outs_start_no_zygote_and_a_bad_mode_is_refused_clearly(registry) -> None:  # noqa: ANN001
+    """FRACTAL_SHIM_SPAWN=fork and =exec: no fork-server is started, the one rule still finds
+    the daemon and its socket; an unknown value fails `ctr run` with the shim's reason."""
+    env = FractalEnv()
+    with env:
+        ns = env.new_namespace()
+        ref = registry.ref("busybox")
+        env.pull(ref, namespace=ns)
+        for mode in ("fork", "exec"):
+            env.containerd.extra_env["FRACTAL_SHIM_SPAWN"] = mode
+            env.containerd.restart()
+            cid = f"opt-{mode}"
+            start(env, ns, ref, cid)
+            try:
+                pid = shim_pid(env, ns, cid)
+                found = procs.find(str(env.address))
+                assert [p.pid for p in found] == [pid], (mode, found)
+                assert "unix://" + found[0].socket == record(env, ns, cid)["address"]
+                assert zygotes(env) == [], mode
+            finally:
+                remove(env, ns, cid)
+            wait_for(lambda: not alive(pid), what=f"{mode} daemon gone")
+        env.containerd.extra_env["FRACTAL_SHIM_SPAWN"] = "forkk"
+        env.containerd.restart()
+        r = env.run(ref, "bad-mode", "true", namespace=ns, runtime=RUNTIME, check=False)
+        assert r.returncode != 0
+        assert "FRACTAL_SHIM_SPAWN='forkk': want one of zygote, fork, exec" in r.stderr, r.stderr
+        assert procs.find(str(env.address), kinds=(procs.DAEMON, procs.ZYGOTE)) == []
+        env.ctr("containers", "rm", "bad-mode", namespace=ns, check=False)
+        assert env.remove_namespace(ns) == []
