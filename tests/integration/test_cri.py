@@ -33,7 +33,6 @@ from hack.containerd_env import (CNI_PLUGIN_DIR, CriConfig, FractalEnv, http_get
 
 
 ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
-SHIM = "containerd-shim-fractal-v1"
 
 
 def _pids_of_shims(address: Path) -> list[int]:
