@@ -926,18 +926,24 @@ SHIM_SOCKET_DIR = Path("/run/containerd/s")
 def shim_sockets_for(address: Path | str) -> list[Path]:
     """Host paths of the sockets of the running shims started by the containerd at ``address``.
 
-    The name is sha256("<containerd address>/<namespace>/<id>"), so a SIGKILLed shim leaves a file
-    we can attribute to our env and delete (it would otherwise pile up on the host).
+    Our daemons by the one rule of shim/procs.py (however they were started: forked by the
+    fork-server, by ``start``, or executed) with the socket they listen on; other shims (runc's)
+    by their command line: the name is sha256("<containerd address>/<namespace>/<id>"), so a
+    SIGKILLed shim leaves a file we can attribute to our env and delete (it would otherwise pile
+    up on the host).
     """
     import hashlib
 
-    found: list[Path] = []
+    from shim import procs
+
+    ours = procs.find(str(address))
+    found: list[Path] = [Path(p.socket) for p in ours if p.socket]
+    mine = {p.pid for p in ours}
     for pid, (_, cmd) in _proc_table().items():
         argv = cmd.split()
-        if "shim.daemon" in argv and str(address) in argv and "-socket" in argv:  # our Python shim daemon
-            found.append(Path(argv[argv.index("-socket") + 1].removeprefix("unix://")))
+        if pid in mine or not argv or procs.SHIM_BINARY in cmd or str(address) not in argv:
             continue
-        if not argv or "containerd-shim" not in Path(argv[0]).name or str(address) not in argv:
+        if "containerd-shim" not in Path(argv[0]).name:
             continue
         opts = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("-")}
         ns, cid = opts.get("-namespace"), opts.get("-id")

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 import posixpath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
 
 SOCKET_DIR = "/run/containerd/s"
 
@@ -105,6 +109,26 @@ def write_address(bundle: str, address: str) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, path)
+
+
+def listen_unix(path: str) -> "socket.socket":
+    """A unix stream socket bound at ``path`` (0600 from the start: no window in which another
+    user could connect) and listening; the shim daemons' and the fork-server's sockets."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def can_connect(path: str, timeout: float = 1.0) -> bool:

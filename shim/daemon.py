@@ -1,7 +1,8 @@
 """The shim daemon: serves the Task API for one group of containers (started by ``start``).
 
-``start`` forks it (``shim.start._fork_daemon`` calls :func:`serve`: the interpreter and the
-modules ``start`` already imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
+The warm fork-server forks it (shim/zygote.py, the default), or ``start`` forks it
+(``shim.start._fork_daemon`` calls :func:`serve`: the interpreter and the modules ``start``
+already imported are reused), or, with ``FRACTAL_SHIM_SPAWN=exec``, executes
 ``python -m shim.daemon -namespace NS -address ADDR -publish-binary P -id ID -bundle B
 -group G -socket PATH -listen-fd N [-debug]``.
 
@@ -237,6 +238,18 @@ def preload() -> None:
         from shim import vm  # noqa: F401  # VM sandboxes
     except Exception:  # noqa: BLE001 - a VM sandbox imports it again and reports
         pass
+    # What each daemon imported lazily on its first request (cProfile of a zygote-forked daemon,
+    # docs/performance.md): the host-mode agent (~20 modules), the config file's TOML parser
+    # and the metrics service's message types.  Imported once here, shared by every fork.
+    import base64  # noqa: F401
+    import encodings.ascii  # noqa: F401
+    import tomllib  # noqa: F401
+
+    from ccpu.agent import diagnose, embed  # noqa: F401
+    try:
+        from google.protobuf import empty_pb2, wrappers_pb2  # noqa: F401
+    except ImportError:  # promexport reports it
+        pass
 
 
 def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int):  # noqa: ANN001, ANN201
@@ -254,7 +267,10 @@ def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int
 
 
 def serve(opts) -> int:  # noqa: ANN001
-    """Run the daemon for parsed ``opts`` (both ways of starting it end here)."""
+    """Run the daemon for parsed ``opts`` (every way of starting it ends here)."""
+    from shim import procs
+
+    procs.set_comm(procs.DAEMON_COMM)  # the one rule tools find daemons by (shim/procs.py)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     _setup_logging(opts.bundle, opts.namespace, opts.group or opts.id, opts.debug)
     try:

@@ -13,15 +13,20 @@ containerd's read of our output ends when we exit.
 
 How the daemon is started (``FRACTAL_SHIM_SPAWN``):
 
-* ``fork`` (default): ``os.fork()`` once everything is parsed and the socket listens (no
-  threads exist in ``start``).  The child closes the lock, takes /dev/null as stdio, calls
-  setsid, moves to the bundle and runs :func:`shim.daemon.serve` -- no second interpreter start
-  and no second ``site`` import, which is most of a Python process's start-up cost.  The parent
-  prints the address and exits at once (``os._exit``: nothing of the child's to flush).
-* ``exec``: a fresh ``python -m shim.daemon`` that inherits the listening socket as an fd.
-* ``zygote``: a warm fork-server (:mod:`shim.zygote`) that has the daemon's modules imported
-  forks it, with the listening socket passed over its unix socket; without a usable zygote,
-  ``fork`` as above, and a zygote is started for the next sandbox.
+* ``zygote`` (default): a warm fork-server (:mod:`shim.zygote`) that has the daemon's modules
+  imported forks it, with the listening socket passed over its unix socket.  Whenever it
+  started no daemon (absent, refused, another code version, no answer in time) ``start`` falls
+  back to ``fork`` below, and starts a zygote for the next sandbox.
+* ``fork``: ``os.fork()`` once everything is parsed and the socket listens (no threads exist
+  in ``start``).  The child closes the lock, takes /dev/null as stdio, calls setsid, moves to
+  the bundle and runs :func:`shim.daemon.serve` -- no second interpreter start and no second
+  ``site`` import, but every module of the daemon is imported in the child.  The parent prints
+  the address and exits at once (``os._exit``: nothing of the child's to flush).
+* ``exec``: a fresh ``python -m shim.daemon`` that inherits the listening socket as an fd (no
+  fork-server, no fork of ``start``: the opt-out when either is unwanted).
+
+However it was started, a daemon has the comm ``containerd-shim``: tools find daemons by the one
+rule in :mod:`shim.procs`, never by a command line.
 """
 
 from __future__ import annotations
@@ -54,12 +59,16 @@ def daemon_argv(opts, group: str, bundle: str, sock_path: str, listen_fd: int) -
     return argv
 
 
-SPAWN_MODES = ("fork", "exec", "zygote")
+SPAWN_MODES = ("zygote", "fork", "exec")
 
 
 def spawn_mode() -> str:
-    mode = os.environ.get("FRACTAL_SHIM_SPAWN", "").strip()
-    return mode if mode in SPAWN_MODES else "fork"
+    """``FRACTAL_SHIM_SPAWN`` (zygote when unset or empty); another value is refused with a
+    clear error (containerd shows it) rather than silently taking some other way."""
+    mode = os.environ.get("FRACTAL_SHIM_SPAWN", "").strip() or "zygote"
+    if mode not in SPAWN_MODES:
+        raise ValueError(f"FRACTAL_SHIM_SPAWN={mode[:40]!r}: want one of {', '.join(SPAWN_MODES)}")
+    return mode
 
 
 def _zygote_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.socket) -> bool:  # noqa: ANN001
@@ -128,26 +137,11 @@ def _fork_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.soc
         os._exit(code)
 
 
-def _listen(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def start(opts) -> str:  # noqa: ANN001
     """Return the address of the group's daemon, starting it if needed."""
     if not opts.namespace or not opts.id or not opts.address:
         raise ValueError("start needs -namespace, -address and -id")
+    mode = spawn_mode()
     bundle = opts.bundle or os.getcwd()
     group = addr.group_id(addr.read_annotations(bundle), opts.id)
     sock_path = addr.socket_path(opts.address, opts.namespace, group)
@@ -164,9 +158,8 @@ def start(opts) -> str:  # noqa: ANN001
             os.unlink(sock_path)  # stale: its daemon is gone
         except FileNotFoundError:
             pass
-        sock = _listen(sock_path)
+        sock = addr.listen_unix(sock_path)
         try:
-            mode = spawn_mode()
             if mode == "exec":
                 _exec_daemon(opts, group, bundle, sock_path, sock)
             elif not (mode == "zygote" and _zygote_daemon(opts, group, bundle, sock_path, sock)):

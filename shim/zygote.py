@@ -1,4 +1,4 @@
-"""A warm fork-server for shim daemons (``FRACTAL_SHIM_SPAWN=zygote``).
+"""A warm fork-server for shim daemons (the default; ``FRACTAL_SHIM_SPAWN=fork``/``exec`` opt out).
 
 Why: a new sandbox's daemon spends most of its start importing (asyncio, protobuf and the
 generated modules, the Task service, the agent: ~90 ms here, docs/performance.md), on the path
@@ -52,13 +52,11 @@ ANSWER_SECONDS = 2.0
 #: how long a new daemon waits for ``start``'s go before it exits unused
 GO_SECONDS = 10.0
 REQUEST_MAX = 1 << 20
-#: the zygote's process name (``/proc/PID/comm``, ``ps``); its daemons take back the shim's
-ZYGOTE_COMM = b"fractal-zygote"
-DAEMON_COMM = b"containerd-shim"  # what a daemon forked by ``start`` has (the script's name, cut)
-PR_SET_NAME = 15
+#: a directory: each forked daemon writes its cProfile stats there (measurement only)
+PROFILE_ENV = "FRACTAL_SHIM_PROFILE"
 
 _CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_VERSION_FILES = ("shim/__init__.py", "shim/daemon.py", "shim/zygote.py", "shim/task.py",
+_VERSION_FILES = ("shim/__init__.py", "shim/daemon.py", "shim/zygote.py", "shim/task.py", "shim/procs.py",
                   "ccpu/__init__.py")
 
 
@@ -151,18 +149,14 @@ def start_zygote(containerd_address: str) -> None:
         os.unlink(path)  # stale (a zygote killed -9) or of another version (it is leaving)
     except FileNotFoundError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = addr.listen_unix(path)
     try:
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(socket.SOMAXCONN)
         fd = sock.fileno()
         os.set_inheritable(fd, True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
+        if not sys.dont_write_bytecode:  # as start (shim.main.keep_byte_code): compile once
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
         argv = [sys.executable, "-m", "shim.zygote", "-address", containerd_address, "-socket", path,
                 "-listen-fd", str(fd)]
         os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
@@ -174,17 +168,6 @@ def start_zygote(containerd_address: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # server (``python -m shim.zygote``)
-
-
-def set_comm(name: bytes) -> None:
-    """Name this process in ``/proc/PID/comm``: the zygote and the daemons it forks share one
-    command line, ``ps -o comm`` and the tests tell them apart by this."""
-    try:
-        from ccpu.linux.libc import libc
-
-        libc.prctl(PR_SET_NAME, name, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -229,7 +212,9 @@ def _become_daemon(conn: socket.socket, listener: socket.socket, req: dict, list
     code = 1
     try:
         listener.close()
-        set_comm(DAEMON_COMM)
+        from shim import procs
+
+        procs.set_comm(procs.DAEMON_COMM)  # shim.daemon.serve sets it again
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -253,11 +238,27 @@ def _become_daemon(conn: socket.socket, listener: socket.socket, req: dict, list
         o.debug = bool(req.get("debug"))
         dopts = daemon.daemon_options(o, group=str(req["group"]), bundle=str(req["bundle"]),
                                       socket=str(req["socket"]), listen_fd=listen_fd)
-        code = daemon.serve(dopts)
+        code = _serve_profiled(dopts) if os.environ.get(PROFILE_ENV) else daemon.serve(dopts)
     except BaseException:  # noqa: BLE001 - stdio is /dev/null; start falls back on no answer
         code = 1
     finally:
         os._exit(code)
+
+
+def _serve_profiled(dopts) -> int:  # noqa: ANN001
+    """``daemon.serve`` under cProfile, the stats written to ``$FRACTAL_SHIM_PROFILE/PID.prof``
+    at exit: how what a forked daemon still does per sandbox is measured (docs/performance.md)."""
+    import cProfile
+
+    from shim import daemon
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return daemon.serve(dopts)
+    finally:
+        prof.disable()
+        prof.dump_stats(os.path.join(os.environ[PROFILE_ENV], f"{os.getpid()}.prof"))
 
 
 def fork_daemon(conn: socket.socket, listener: socket.socket, req: dict, listen_fd: int) -> None:
@@ -272,6 +273,39 @@ def fork_daemon(conn: socket.socket, listener: socket.socket, req: dict, listen_
     os.waitpid(pid, 0)
 
 
+def code_snapshot(modules: dict | None = None) -> dict[str, tuple[int, int, int]]:
+    """(inode, mtime, size) of the file of every loaded module of ours (shim, ccpu).
+
+    Why, besides :func:`code_version` (which ``start`` computes from a few files, to stay
+    cheap): a daemon forked now runs the code the zygote imported, so an edit of any other
+    module (ccpu/agent, say) must also retire the zygote; it checks this snapshot at each
+    request (~130 stats)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    root = _CODE_ROOT + os.sep
+    for mod in list((sys.modules if modules is None else modules).values()):
+        path = getattr(mod, "__file__", None)
+        if not isinstance(path, str) or not path.startswith(root):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def changed_file(snapshot: dict[str, tuple[int, int, int]]) -> str | None:
+    """The first file of ``snapshot`` that is gone or differs now (None: the code is as loaded)."""
+    for path, ident in snapshot.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            return path
+        if (st.st_ino, st.st_mtime_ns, st.st_size) != ident:
+            return path
+    return None
+
+
 def preload() -> None:
     """Import what a daemon imports (shim.daemon's Daemon.run), so forked daemons start warm."""
     from shim import daemon
@@ -280,9 +314,12 @@ def preload() -> None:
 
 
 def serve(listener: socket.socket, path: str, idle: float = IDLE_SECONDS) -> int:
-    set_comm(ZYGOTE_COMM)
+    from shim import procs
+
+    procs.set_comm(procs.ZYGOTE_COMM)
     version = code_version()
     preload()
+    loaded = code_snapshot()
     me = os.getuid()
     try:
         st = os.stat(path)
@@ -305,7 +342,7 @@ def serve(listener: socket.socket, path: str, idle: float = IDLE_SECONDS) -> int
                 except (OSError, EOFError, ValueError):
                     continue
                 try:
-                    if req.get("version") != version:
+                    if req.get("version") != version or changed_file(loaded):
                         conn.sendall(b"no version\n")
                         return 0  # the code changed: start starts a zygote of the new code
                     fork_daemon(conn, listener, req, fds[0])

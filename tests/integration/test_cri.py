@@ -32,22 +32,13 @@ from tests.cri_pods import Crictl, CriPod
 
 
 ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
-SHIM = "containerd-shim-fractal-v1"
 
 
 def _pids_of_shims(address: Path) -> list[int]:
-    """Shim processes (start or daemon) whose command line names this env's containerd socket."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(address) in cmd and (SHIM in cmd or "shim.daemon" in cmd):
-            out.append(int(entry))
-    return sorted(out)
+    """Our shim daemons started by this env's containerd (shim/procs.py's one rule)."""
+    from shim import procs
+
+    return procs.daemon_pids(str(address))
 
 
 def _need(why: str | None, ci_note: str) -> None:
@@ -86,7 +77,7 @@ def pause_image(registry, tmp_path_factory: pytest.TempPathFactory) -> str:  # n
 def cri_env(request, registry, pause_image: str) -> Iterator[FractalEnv]:  # noqa: ANN001
     """One env per containerd version, shared by the module's tests (CRI + bridge network when
     the CNI plugins are there)."""
-    _need(peer_missing("cri-tools"), "cri-tools should have been built by hack/setup.sh")
+    _need(peer_missing("crictl"), "cri-tools should have been built by hack/setup.sh")
     if request.param == "2":
         _need(peer_missing("containerd2"), "containerd 2.x should have been built by hack/setup.sh")
     network = None if cni_missing() else "bridge"

@@ -13,6 +13,7 @@ import pytest
 
 from hack.containerd_env import FractalEnv, mounts_under
 from shim import address as addr
+from shim import procs
 from tests.harness import wait_for
 
 RUNTIME = "io.containerd.fractal.v1"
@@ -30,28 +31,9 @@ def run(env: FractalEnv, ns: str, image: str, cid: str, *cmd: str, **kw):  # noq
 
 
 def shim_pids(env: FractalEnv) -> list[int]:
-    """Daemons of our shim started by this env's containerd: forked by `start` (they keep its
-    command line), by the fork-server (its command line, not its comm; FRACTAL_SHIM_SPAWN=zygote)
-    or `python -m shim.daemon` (FRACTAL_SHIM_SPAWN=exec)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(env.address).encode() not in cmd:
-            continue
-        forked = any(c.endswith(b"containerd-shim-fractal-v1") for c in cmd) and b"start" in cmd
-        if b"shim.zygote" in cmd:  # FRACTAL_SHIM_SPAWN=zygote: its daemons, not the zygote itself
-            try:
-                forked = Path(f"/proc/{pid}/comm").read_bytes().strip() != b"fractal-zygote"
-            except OSError:
-                continue
-        if forked or b"shim.daemon" in cmd:
-            out.append(int(pid))
-    return sorted(out)
+    """Daemons of our shim started by this env's containerd (shim/procs.py's one rule: however
+    they were started)."""
+    return procs.daemon_pids(str(env.address))
 
 
 def agent_children(shim: int) -> list[int]:

@@ -1,6 +1,7 @@
-"""The warm fork-server (FRACTAL_SHIM_SPAWN=zygote, shim/zygote.py) through a real containerd:
-it forks daemons that outlive it, a ``kill -9`` of it loses no sandbox and leaks no process,
-and ``start`` falls back to forking itself (and starts a new zygote) when it is gone."""
+"""The warm fork-server (the default; shim/zygote.py) through a real containerd: it forks
+daemons that outlive it, a ``kill -9`` of it loses no sandbox and leaks no process, ``start``
+falls back to forking itself (and starts a new zygote) when it is gone, and the one rule of
+shim/procs.py finds every daemon and its socket whoever forked it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-from hack.containerd_env import FractalEnv
-from shim import zygote
+from hack.containerd_env import FractalEnv, shim_sockets_for
+from shim import procs, zygote
 from tests.harness import wait_for
 
 RUNTIME = "io.containerd.fractal.v1"
@@ -54,10 +55,17 @@ def comm(pid: int) -> bytes:
 
 
 def zygotes(env: FractalEnv) -> list[int]:
-    """Live zygotes of this env.  The daemons a zygote forked share its command line; the
-    zygote names itself (comm) fractal-zygote, they take back the shim's name."""
-    return [p for p in ours(env) if b"shim.zygote" in cmdline(p) and alive(p)
-            and comm(p) == zygote.ZYGOTE_COMM]
+    """Live zygotes of this env (shim/procs.py's rule)."""
+    return [p for p in procs.zygote_pids(str(env.address)) if alive(p)]
+
+
+def uss_mb(pid: int) -> float:
+    """Unique set size: the pages only this process has (shared ones are the zygote's)."""
+    kb = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            kb += int(line.split()[1])
+    return kb / 1024
 
 
 def wait_ready(path: str) -> None:
@@ -85,12 +93,16 @@ def task_status(env: FractalEnv, ns: str, cid: str) -> str:
     return ""
 
 
-def shim_pid(env: FractalEnv, ns: str, cid: str) -> int:
+def record(env: FractalEnv, ns: str, cid: str) -> dict:
     import json
 
     f = env.fractal_run_dir / "sandboxes" / ns / f"{cid}.json"
     wait_for(f.exists, what=f"sandbox record of {cid}")
-    return int(json.loads(f.read_text())["shim_pid"])
+    return json.loads(f.read_text())
+
+
+def shim_pid(env: FractalEnv, ns: str, cid: str) -> int:
+    return int(record(env, ns, cid)["shim_pid"])
 
 
 def start(env: FractalEnv, ns: str, ref: str, cid: str) -> None:
@@ -108,12 +120,13 @@ def remove(env: FractalEnv, ns: str, cid: str) -> None:
 
 def test_zygote_killed_9_loses_no_sandbox_and_leaks_nothing(registry) -> None:  # noqa: ANN001
     env = FractalEnv()
-    env.containerd.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
+    env.containerd.extra_env.pop("FRACTAL_SHIM_SPAWN", None)  # the default
     with env:
         ns = env.new_namespace()
         ref = registry.ref("busybox")
         env.pull(ref, namespace=ns)
         path = zygote.socket_path(str(env.address))
+        assert zygotes(env) == []
 
         # 1st sandbox: no zygote yet -> start forks the daemon itself and starts a zygote
         start(env, ns, ref, "first")
@@ -127,9 +140,16 @@ def test_zygote_killed_9_loses_no_sandbox_and_leaks_nothing(registry) -> None:  
         start(env, ns, ref, "second")
         second = shim_pid(env, ns, "second")
         assert b"shim.zygote" in cmdline(second), cmdline(second)
-        assert comm(second) == zygote.DAEMON_COMM == comm(first)
+        assert comm(second).decode() == procs.DAEMON_COMM == comm(first).decode()
         assert stat_fields(second)[1] != str(zyg)
         assert second not in [int(p) for p in Path(f"/proc/{zyg}/task/{zyg}/children").read_text().split()]
+        # the one rule finds both daemons and their sockets, whoever forked them (not the zygote)
+        assert procs.daemon_pids(str(env.address)) == sorted([first, second])
+        socks = {p.pid: p.socket for p in procs.find(str(env.address))}
+        for pid, cid in ((first, "first"), (second, "second")):
+            assert "unix://" + socks[pid] == record(env, ns, cid)["address"]
+        assert sorted(map(str, shim_sockets_for(env.address))) == sorted(socks.values())
+        assert uss_mb(second) <= 40, uss_mb(second)  # the issue's bound per sandbox
 
         os.kill(zyg, signal.SIGKILL)
         wait_for(lambda: not alive(zyg), what="zygote gone")
@@ -208,3 +228,35 @@ def test_zygote_of_other_code_refuses_and_start_falls_back(registry, tmp_path) -
         import shutil
 
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_opt_outs_start_no_zygote_and_a_bad_mode_is_refused_clearly(registry) -> None:  # noqa: ANN001
+    """FRACTAL_SHIM_SPAWN=fork and =exec: no fork-server is started, the one rule still finds
+    the daemon and its socket; an unknown value fails `ctr run` with the shim's reason."""
+    env = FractalEnv()
+    with env:
+        ns = env.new_namespace()
+        ref = registry.ref("busybox")
+        env.pull(ref, namespace=ns)
+        for mode in ("fork", "exec"):
+            env.containerd.extra_env["FRACTAL_SHIM_SPAWN"] = mode
+            env.containerd.restart()
+            cid = f"opt-{mode}"
+            start(env, ns, ref, cid)
+            try:
+                pid = shim_pid(env, ns, cid)
+                found = procs.find(str(env.address))
+                assert [p.pid for p in found] == [pid], (mode, found)
+                assert "unix://" + found[0].socket == record(env, ns, cid)["address"]
+                assert zygotes(env) == [], mode
+            finally:
+                remove(env, ns, cid)
+            wait_for(lambda: not alive(pid), what=f"{mode} daemon gone")
+        env.containerd.extra_env["FRACTAL_SHIM_SPAWN"] = "forkk"
+        env.containerd.restart()
+        r = env.run(ref, "bad-mode", "true", namespace=ns, runtime=RUNTIME, check=False)
+        assert r.returncode != 0
+        assert "FRACTAL_SHIM_SPAWN='forkk': want one of zygote, fork, exec" in r.stderr, r.stderr
+        assert procs.find(str(env.address), kinds=(procs.DAEMON, procs.ZYGOTE)) == []
+        env.ctr("containers", "rm", "bad-mode", namespace=ns, check=False)
+        assert env.remove_namespace(ns) == []

@@ -40,16 +40,9 @@ def rss_kib(pid: int) -> int:
 
 
 def shim_pids(env: FractalEnv) -> set[int]:
-    out = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(env.address).encode() in cmd and (b"start" in cmd or b"shim.daemon" in cmd) and \
-                any(c.endswith(b"containerd-shim-fractal-v1") or c == b"shim.daemon" for c in cmd):
-            out.add(int(pid))
-    return out
+    from shim import procs
+
+    return set(procs.daemon_pids(str(env.address)))
 
 
 def flooder() -> tuple[int, bool] | None:

@@ -105,11 +105,34 @@ def test_run_prints_only_the_address(env, capsys, monkeypatch) -> None:  # noqa:
     assert out.startswith("unix://") and "\n" not in out and err == ""
 
 
-def test_fork_mode_hands_over_socket_and_lock(env, monkeypatch) -> None:  # noqa: ANN001
-    """Default spawn mode: the daemon is forked with the listening socket and the lock fd (which
-    the child must close, or the flock would stay held)."""
+def test_the_fork_server_is_the_default_with_fork_and_exec_as_opt_outs(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.delenv("FRACTAL_SHIM_SPAWN", raising=False)
+    assert start_mod.spawn_mode() == "zygote"
+    for mode in ("exec", "fork", "zygote"):
+        monkeypatch.setenv("FRACTAL_SHIM_SPAWN", mode)
+        assert start_mod.spawn_mode() == mode
+    monkeypatch.setenv("FRACTAL_SHIM_SPAWN", "forkk")
+    with pytest.raises(ValueError, match="FRACTAL_SHIM_SPAWN='forkk': want one of zygote, fork, exec"):
+        start_mod.spawn_mode()
+
+
+def test_an_unknown_spawn_mode_fails_start_clearly_and_leaves_no_socket(env, monkeypatch, capsys) -> None:  # noqa: ANN001
+    import io
+
     tmp, bundle, spawned = env
-    monkeypatch.delenv("FRACTAL_SHIM_SPAWN")
+    monkeypatch.setenv("FRACTAL_SHIM_SPAWN", "forkk")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert start_mod.run(opts(bundle)) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "FRACTAL_SHIM_SPAWN='forkk'" in err
+    assert spawned == [] and os.listdir(addr.SOCKET_DIR) == []
+
+
+def test_fork_mode_hands_over_socket_and_lock(env, monkeypatch) -> None:  # noqa: ANN001
+    """FRACTAL_SHIM_SPAWN=fork (and the zygote's fallback): the daemon is forked with the
+    listening socket and the lock fd (which the child must close, or the flock would stay held)."""
+    tmp, bundle, spawned = env
+    monkeypatch.setenv("FRACTAL_SHIM_SPAWN", "fork")
     forked: list[tuple] = []
 
     def fake_fork(opts, group, bundle_, sock_path, sock, lock_fd):  # noqa: ANN001, ANN202
@@ -125,12 +148,12 @@ def test_fork_mode_hands_over_socket_and_lock(env, monkeypatch) -> None:  # noqa
 
 @pytest.mark.parametrize("outcome", ["served", "absent", "slow"])
 def test_zygote_mode_falls_back_to_fork(env, monkeypatch, outcome) -> None:  # noqa: ANN001
-    """FRACTAL_SHIM_SPAWN=zygote: the fork-server forks the daemon; when it started none,
+    """The default (zygote): the fork-server forks the daemon; when it started none,
     start forks it itself -- and starts a new zygote unless one merely answered slowly."""
     from shim import zygote
 
     tmp, bundle, spawned = env
-    monkeypatch.setenv("FRACTAL_SHIM_SPAWN", "zygote")
+    monkeypatch.delenv("FRACTAL_SHIM_SPAWN")
     asked: list[dict] = []
     started: list[str] = []
     forked: list[str] = []
@@ -150,7 +173,7 @@ def test_zygote_mode_falls_back_to_fork(env, monkeypatch, outcome) -> None:  # n
     start_mod.start(opts(bundle))
     (req,) = asked
     assert (req["group"], req["bundle"], req["id"]) == ("c1", str(bundle), "c1")
-    assert req["version"] == zygote.code_version() and req["env"]["FRACTAL_SHIM_SPAWN"] == "zygote"
+    assert req["version"] == zygote.code_version() and "FRACTAL_SHIM_SPAWN" not in req["env"]
     assert forked == ([] if outcome == "served" else ["c1"])
     assert started == (["/run/x/containerd.sock"] if outcome == "absent" else [])
     assert spawned == []

@@ -31,7 +31,7 @@ FORBIDDEN = ("grpc", "google.protobuf", "asyncio", "ssl", "_ssl", "shim.daemon",
              "shim.config", "ccpu.ttrpc", "ccpu.api")
 START_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.start", "shim.address", "ccpu",
                   "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
-#: with FRACTAL_SHIM_SPAWN=zygote, start also asks the fork-server (its client half)
+#: by default (FRACTAL_SHIM_SPAWN unset = zygote) start also asks the fork-server (its client half)
 ZYGOTE_START_MAY_LOAD = START_MAY_LOAD | {"shim.zygote"}
 DELETE_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.delete", "shim.address", "ccpu",
                    "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
@@ -51,7 +51,7 @@ if verb == "start":
     def fake_fork(opts, group, bundle, sock_path, sock, lock_fd):
         sock.close()
     start._fork_daemon = fake_fork
-    if os.environ.get("FRACTAL_SHIM_SPAWN") == "zygote":  # no zygote there: record its start
+    if os.environ.get("FRACTAL_SHIM_SPAWN", "zygote") == "zygote":  # no zygote there: no new one
         from shim import zygote
         zygote.start_zygote = lambda address: None
 code = shim_main.main(sys.argv[4:], fast_exit=False)
@@ -62,7 +62,8 @@ with open(out, "w") as f:
 
 
 def run_verb(tmp_path: Path, verb: str, *, bundle: Path | None = None,
-             env_extra: dict[str, str] | None = None) -> tuple[set[str], str, bytes]:
+             env_extra: dict[str, str] | None = None,
+             base_env: dict[str, str] | None = None) -> tuple[set[str], str, bytes]:
     """Run ``verb`` in a fresh ``python3 -X importtime``; (modules it loaded, its importtime
     report for the project's and the forbidden modules, its stdout)."""
     bundle = bundle or tmp_path / "bundle"
@@ -72,7 +73,7 @@ def run_verb(tmp_path: Path, verb: str, *, bundle: Path | None = None,
     sockdir = tempfile.mkdtemp(prefix="s", dir="/tmp")  # socket paths must stay < 108 bytes
     argv = ["-namespace", "ns", "-address", str(tmp_path / "containerd.sock"), "-publish-binary",
             "/usr/bin/containerd", "-id", "c1", "-bundle", str(bundle), verb]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FRACTAL_RUN_DIR": str(tmp_path / "run"),
+    env = {**(os.environ if base_env is None else base_env), "PYTHONPATH": str(ROOT), "FRACTAL_RUN_DIR": str(tmp_path / "run"),
            **(env_extra or {})}
     try:
         r = subprocess.run([sys.executable, "-X", "importtime", "-c", SCRIPT, str(out), sockdir, verb,
@@ -103,7 +104,7 @@ def project(loaded: set[str]) -> set[str]:
 
 
 def test_start_imports_no_grpc_protobuf_asyncio_or_daemon(tmp_path: Path) -> None:
-    loaded, report, stdout = run_verb(tmp_path, "start")
+    loaded, report, stdout = run_verb(tmp_path, "start", env_extra={"FRACTAL_SHIM_SPAWN": "fork"})
     assert stdout.startswith(b"unix://")
     assert forbidden(loaded) == [], report
     assert project(loaded) <= START_MAY_LOAD, (sorted(project(loaded) - START_MAY_LOAD), report)
@@ -111,7 +112,9 @@ def test_start_imports_no_grpc_protobuf_asyncio_or_daemon(tmp_path: Path) -> Non
 
 
 def test_start_with_the_fork_server_imports_only_its_client(tmp_path: Path) -> None:
-    loaded, report, stdout = run_verb(tmp_path, "start", env_extra={"FRACTAL_SHIM_SPAWN": "zygote"})
+    """The default: no zygote answers here, so start falls back to forking (recorded)."""
+    env = {k: v for k, v in os.environ.items() if k != "FRACTAL_SHIM_SPAWN"}
+    loaded, report, stdout = run_verb(tmp_path, "start", env_extra=None, base_env=env)
     assert stdout.startswith(b"unix://")
     assert forbidden(loaded) == [], report
     assert project(loaded) <= ZYGOTE_START_MAY_LOAD, (sorted(project(loaded) - ZYGOTE_START_MAY_LOAD), report)
