@@ -48,6 +48,9 @@ log = logging.getLogger("shim.poold")
 
 NAMESPACE = "pool"
 LOCK = "pool.lock"
+#: a pooled boot delays no sandbox: on a loaded machine it gets at least this long (s) before
+#: it is given up (vm.boot_timeout, 90 s, bounds what a sandbox waits for its own boot)
+POOL_BOOT_TIMEOUT = 300.0
 VIEWS = "views"  # <pool dir>/views/<id>: each pooled VM's layer view (shim/layerview.py)
 
 
@@ -114,8 +117,11 @@ class Pool:
         from shim.vm import VmSandbox
 
         vid = f"{time.strftime('%Y%m%d%H%M%S')}-{os.urandom(4).hex()}"
+        import dataclasses
+
+        settings = dataclasses.replace(self.cfg.vm, boot_timeout=max(self.cfg.vm.boot_timeout, POOL_BOOT_TIMEOUT))
         sb = VmSandbox(reaper=self.reaper, namespace=NAMESPACE, group=vid, repo_root=self.repo_root,
-                       run_dir=pool.pool_dir(self.run_dir), settings=self.cfg.vm, timeouts=self.cfg.timeouts)
+                       run_dir=pool.pool_dir(self.run_dir), settings=settings, timeouts=self.cfg.timeouts)
         sb.die_with_shim = False
         # the view stays at this path for the VM's life (its run dir is renamed at adoption):
         # virtiofsd finds each layer's bind mount by the path it was started with

@@ -57,7 +57,7 @@ class PoolProc:
         except OSError:
             return {}
 
-    def ready(self, n: int = 1, timeout: float = 300) -> list[dict]:
+    def ready(self, n: int = 1, timeout: float = 900) -> list[dict]:
         def check() -> list[dict] | None:
             assert self.proc.poll() is None, f"the pool exited: {self.log.read_text()[-3000:]}"
             r = self.status().get("ready") or []
@@ -149,15 +149,19 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
         p.stop()
     # pool stop: its un-adopted VM is stopped, its mounts and dir removed
     assert not alive(again["qemu_pid"])
-    assert mounts_below(pool.pool_dir(str(fenv.fractal_run_dir))) == []
-    assert set(os.listdir(pool.pool_dir(str(fenv.fractal_run_dir)))) <= {"pool.lock"}  # no VM dir, no view
+    wait_for(lambda: mounts_below(pool.pool_dir(str(fenv.fractal_run_dir))) == [], timeout=60,
+             what="no mount left in the pool dir")
+    pdir = pool.pool_dir(str(fenv.fractal_run_dir))
+    assert set(os.listdir(pdir)) <= {"pool.lock", "views"}  # no VM dir, no socket
+    wait_for(lambda: not os.path.exists(os.path.join(pdir, "views")) or not os.listdir(os.path.join(pdir, "views")),
+             timeout=60, what="no view left")
 
 
 def test_pool_killed_leaves_no_orphan_and_sandboxes_run_on(fenv: FractalEnv, namespace: str,
                                                            images: dict[str, str]) -> None:
     """SIGKILL of the pool: the sandbox that adopted a VM keeps running, the un-adopted VM ends
-    by itself (its agent link closed), a new sandbox boots its own VM, and the next pool removes
-    what the dead one left (mounts, dirs)."""
+    by itself (its agent link closed), a shim asking the dead pool is told to boot its own VM,
+    and the next pool removes what the dead one left (mounts, dirs) and serves new sandboxes."""
     run_dir = str(fenv.fractal_run_dir)
     p = PoolProc(fenv)
     p2 = None
@@ -174,17 +178,22 @@ def test_pool_killed_leaves_no_orphan_and_sandboxes_run_on(fenv: FractalEnv, nam
         # the adopted one runs on
         assert alive(ready["qemu_pid"])
         assert fenv.ctr("tasks", "exec", "--exec-id", "e", a, "echo", "still", namespace=namespace).stdout == "still\n"
-        # no pool: a new sandbox boots its own VM
-        before = set(qemus(fenv))
-        start_detached(fenv, namespace, images["busybox"], b, "sleep", "600")
-        vm_b = sandbox_vm(fenv, namespace, b)
-        assert vm_b["pooled"] is None and vm_b["pid"] in set(qemus(fenv)) - before
+        # no pool (its socket is left, nobody listens): a shim is told to boot its own VM
+        from shim.config import VmSettings
+
+        h, why = pool.adopt(run_dir, VmSettings(), os.path.join(run_dir, "vms", namespace, "nobody"))
+        assert h is None and "refused" in why, why
+        assert not os.path.exists(os.path.join(run_dir, "vms", namespace, "nobody"))
         # the dead pool left its VM's dir (and mounts): the next pool removes them at start
-        assert mounts_below(pool.pool_dir(run_dir)) != []
+        assert mounts_below(waiting["run_dir"]) != []
         p2 = PoolProc(fenv)
-        wait_for(lambda: p2.status().get("ok"), timeout=120, what="new pool serving")
+        (ready2,) = p2.ready()
         assert not os.path.exists(waiting["run_dir"])
         assert mounts_below(waiting["run_dir"]) == []
+        assert [m for m in mounts_below(pool.pool_dir(run_dir)) if waiting["id"] in m] == []
+        # and serves new sandboxes
+        start_detached(fenv, namespace, images["busybox"], b, "sleep", "600")
+        assert sandbox_vm(fenv, namespace, b)["pid"] == ready2["qemu_pid"]
     finally:
         remove(fenv, namespace, a)
         remove(fenv, namespace, b)
@@ -192,5 +201,6 @@ def test_pool_killed_leaves_no_orphan_and_sandboxes_run_on(fenv: FractalEnv, nam
             p2.stop()
         if p.proc.poll() is None:
             p.stop()
-    assert mounts_below(pool.pool_dir(run_dir)) == []
+    # the sandboxes' shims stop their VMs (and unmount the adopted views) after containerd's delete
     wait_for(lambda: not alive(ready["qemu_pid"]), timeout=60, what="adopted QEMU gone with its sandbox")
+    wait_for(lambda: mounts_below(pool.pool_dir(run_dir)) == [], timeout=60, what="no mount left in the pool dir")
