@@ -9,6 +9,13 @@ socketpair; the shim speaks the unchanged agent protocol over it.  When the shim
 (its last container was deleted) the agent is told to ``shutdown`` and the machine is stopped
 (QEMU: a grace period, SIGTERM, then SIGKILL; then virtiofsd).
 
+With a pool running (``vm.pool``, shim/poold.py) and no pod network namespace, the sandbox first
+asks the pool for a ready VM of its settings (:meth:`VmSandbox._adopt`, shim/pool.py): the pool
+renames that VM's run dir to ours and passes the agent link, the console, pidfds of QEMU and
+virtiofsd and the volume dir; the VM is then ours exactly as if we had booted it (records,
+views, stop), watched through the pidfds (ccpu/vm/adopted.py).  Otherwise, or if anything about
+the handover is wrong, it boots its own.
+
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/`` (root, 0700): ``layers/`` (the
 layer view, :mod:`shim.layerview`) and its record ``layers.mounts``, ``volumes/`` (the containers'
 volume binds; ``mounts.json`` records every mount made for them, see :mod:`shim.mountrecord`),
@@ -399,6 +406,15 @@ class VmSandbox(AgentSandbox):
             ours.setblocking(False)
             client = await AgentClient.connect_socket(ours)
         except BaseException:
+            if self._machine is None:  # not watched yet: end it through the pidfds we still hold
+                import signal
+
+                for fd in [h.fds.get("qemu", -1)] + [fd for _n, fd in h.helpers]:
+                    if fd >= 0:
+                        try:
+                            signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        except OSError:
+                            pass
             h.close()
             await self._kill_all()
             raise
