@@ -92,6 +92,10 @@ class AnnotationDenied(ConfigError):
     (containerd sees InvalidArgument with this message, shim/errors.py)."""
 
 
+#: the most ready VMs ``vm.pool`` may ask for (each holds its guest RAM while it waits)
+MAX_POOL = 16
+
+
 @dataclass(frozen=True)
 class VmSettings:
     memory_mb: int = 512
@@ -105,6 +109,10 @@ class VmSettings:
     memory_reserve_mb: int = 64  # guest memory the containers together can never take
     #: QEMU's uid/gid is this + the shim daemon's pid (ccpu.vm.qemu.unprivileged); 0: QEMU stays root
     qemu_uid_base: int = 0x7F000000
+    #: ready VMs the pool daemon keeps (shim/poold.py); a VM sandbox adopts one when the pool runs.
+    #: 0: no pool (every sandbox boots its own).  1 fits a 2-core machine: a second would boot
+    #: while the first is adopted, halving the CPU of the sandboxes meanwhile.
+    pool: int = 1
 
     @property
     def scratch_limit_mb(self) -> int:
@@ -415,12 +423,17 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, scratch_mb=parse_memory(value, w, low=1))
         elif key == "scratch_max":
             vm = replace(vm, scratch_max_mb=parse_memory(value, w, low=1))
+        elif key == "pool":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_POOL:
+                raise ConfigError(f"{w}: expected an integer from 0 (no pool) to {MAX_POOL} (ready VMs), "
+                                  f"got {value!r}")
+            vm = replace(vm, pool=value)
         elif key == "memory_reserve":
             vm = replace(vm, memory_reserve_mb=parse_memory(value, w, low=16))
         else:
             raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, max_memory, "
                               "max_cpus, accel, share, boot_timeout, console_log_kib, scratch, scratch_max, "
-                              "memory_reserve, qemu_uid_base)")
+                              "memory_reserve, qemu_uid_base, pool)")
     return replace(cfg, mode=mode, root=root, vm=check_vm(vm, where), policy=policy, timeouts=timeouts,
                    remote=remote, sources=cfg.sources + (where,))
 

@@ -59,6 +59,14 @@ class ConsoleLog:
             os.unlink(self.path + ".1")  # a predecessor's
         return self._theirs.fileno()
 
+    def adopt(self, sock: socket.socket) -> None:
+        """Read the console socket another process read so far (a pooled VM's: shim/pool.py);
+        what it wrote stays at the start of :attr:`path`, appended to from here."""
+        self._ours = sock
+        sock.setblocking(False)
+        self._fd = os.open(self.path, (_FLAGS & ~os.O_TRUNC) | os.O_APPEND, 0o600)
+        self._size = os.fstat(self._fd).st_size
+
     def start(self) -> None:
         """QEMU has its end: drop our copy of it and read ours."""
         assert self._ours is not None
@@ -67,6 +75,18 @@ class ConsoleLog:
             self._theirs = None
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._ours.fileno(), self._readable)
+
+    def release(self) -> socket.socket:
+        """Stop reading and give up the console socket (handed to a shim adopting the VM); the
+        log file is closed, not removed (it goes with the VM's run dir)."""
+        assert self._ours is not None
+        if self._loop is not None:
+            self._loop.remove_reader(self._ours.fileno())
+        sock, self._ours = self._ours, None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        return sock
 
     def _readable(self) -> None:
         assert self._ours is not None

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from ccpu import mountfd
 from ccpu.linux.mount import MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY
 from ccpu.linux.openat2 import openat2
+from ccpu.linux.statx import mount_id_at
 
 log = logging.getLogger("shim.layerview")
 
@@ -66,8 +67,11 @@ def needed(owners: dict[str, frozenset[str]]) -> set[str]:
     return set().union(*owners.values()) if owners else set()
 
 
-def _write_record(run_fd: int, view_id: int | None, binds: dict[str, int]) -> None:
-    data = json.dumps({"view": view_id, "binds": binds}).encode()
+def _write_record(run_fd: int, view_id: int | None, binds: dict[str, int], at: str | None = None) -> None:
+    rec: dict[str, object] = {"view": view_id, "binds": binds}
+    if at is not None:
+        rec["at"] = at
+    data = json.dumps(rec).encode()
     tmp = RECORD + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=run_fd)
     try:
@@ -77,44 +81,77 @@ def _write_record(run_fd: int, view_id: int | None, binds: dict[str, int]) -> No
     os.replace(tmp, RECORD, src_dir_fd=run_fd, dst_dir_fd=run_fd)
 
 
-def _read_record(run_fd: int) -> tuple[int | None, dict[str, int]]:
+def _read_record(run_fd: int) -> tuple[int | None, dict[str, int], str | None]:
     try:
         fd = openat2(run_fd, RECORD, os.O_RDONLY)
     except FileNotFoundError:
-        return None, {}
+        return None, {}, None
     with os.fdopen(fd, "rb") as f:
         rec = json.loads(f.read(1 << 20) or b"{}")
     view = rec.get("view") if isinstance(rec.get("view"), int) else None
     binds = {str(k): v for k, v in (rec.get("binds") or {}).items()
              if isinstance(v, int) and _NAME.fullmatch(str(k))}
-    return view, binds
+    at = rec.get("at")
+    if at is not None and not valid_view_dir(at):
+        raise ValueError(f"{RECORD}: view path {at!r} is not absolute and normal")
+    return view, binds, at
 
 
-def _undo(run_fd: int, view_id: int | None, binds: dict[str, int]) -> list[str]:
+def valid_view_dir(path: object) -> bool:
+    """A view kept outside its run dir: an absolute normal path with a parent.  Pure."""
+    return (isinstance(path, str) and posixpath.isabs(path) and posixpath.normpath(path) == path
+            and posixpath.dirname(path) != path and len(path) < 4096)
+
+
+def _place(run_fd: int, at: str | None) -> tuple[int, str, bool]:
+    """(dir fd, name, whether the fd is ours to close) of the view: ``<run dir>/layers``, or
+    ``at`` (a pooled VM's view, which must keep the path virtiofsd was started with)."""
+    if at is None:
+        return run_fd, VIEW, False
+    return (os.open(posixpath.dirname(at), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC),
+            posixpath.basename(at), True)
+
+
+def _undo(run_fd: int, view_id: int | None, binds: dict[str, int], at: str | None = None) -> list[str]:
     """Detach the recorded binds, then the view; returns what could not be undone."""
     problems: list[str] = []
-    view_fd = None
     try:
-        view_fd = mountfd.open_dir(run_fd, VIEW)
+        parent, name, close = _place(run_fd, at)
     except FileNotFoundError:
-        pass
+        return []
     except OSError as exc:
-        problems.append(f"{VIEW}: {exc}")
-    if view_fd is not None:
+        return [f"{at}: {exc}"]
+    try:
+        view_fd = None
         try:
-            for name, mid in binds.items():
-                try:
-                    if mountfd.umount_at(view_fd, name, mid):
-                        os.rmdir(name, dir_fd=view_fd)
-                except OSError as exc:
-                    problems.append(f"{VIEW}/{name}: {exc}")
-        finally:
-            os.close(view_fd)
-    if view_id is not None:
-        try:
-            mountfd.umount_at(run_fd, VIEW, view_id)  # with it goes any bind made but not recorded
+            view_fd = mountfd.open_dir(parent, name)
+        except FileNotFoundError:
+            pass
         except OSError as exc:
-            problems.append(f"{VIEW}: {exc}")
+            problems.append(f"{name}: {exc}")
+        if view_fd is not None:
+            try:
+                for layer, mid in binds.items():
+                    try:
+                        if mountfd.umount_at(view_fd, layer, mid):
+                            os.rmdir(layer, dir_fd=view_fd)
+                    except OSError as exc:
+                        problems.append(f"{name}/{layer}: {exc}")
+            finally:
+                os.close(view_fd)
+        if view_id is not None:
+            try:
+                mountfd.umount_at(parent, name, view_id)  # with it goes any bind made but not recorded
+            except OSError as exc:
+                problems.append(f"{name}: {exc}")
+        if not problems:
+            try:
+                os.rmdir(name, dir_fd=parent)
+            except OSError:
+                pass
+    finally:
+        if close:
+            os.close(parent)
     return problems
 
 
@@ -127,16 +164,15 @@ def undo_recorded(run_dir: str) -> list[str]:
         return []
     try:
         try:
-            view_id, binds = _read_record(run_fd)
+            view_id, binds, at = _read_record(run_fd)
         except (OSError, ValueError) as exc:
             return [f"{RECORD}: unreadable ({exc})"]
-        problems = _undo(run_fd, view_id, binds)
+        problems = _undo(run_fd, view_id, binds, at)
         if not problems:
-            for name in (RECORD, VIEW):
-                try:
-                    (os.rmdir if name == VIEW else os.unlink)(name, dir_fd=run_fd)
-                except OSError:
-                    pass
+            try:
+                os.unlink(RECORD, dir_fd=run_fd)
+            except OSError:
+                pass
         return problems
     finally:
         os.close(run_fd)
@@ -145,10 +181,15 @@ def undo_recorded(run_dir: str) -> list[str]:
 class LayerView:
     """``<run dir>/layers`` of one VM sandbox (see the module docstring)."""
 
-    def __init__(self, run_dir: str, host_layers: str) -> None:
+    def __init__(self, run_dir: str, host_layers: str, at: str | None = None) -> None:
+        """``at``: the view's own path, outside the run dir (a pooled VM's: its run dir is renamed
+        at adoption, and virtiofsd finds a submount by the path it was started with)."""
+        if at is not None and not valid_view_dir(at):
+            raise ValueError(f"view path {at!r} is not absolute and normal")
         self.run_dir = run_dir
         self.host_layers = host_layers
-        self.path = os.path.join(run_dir, VIEW)
+        self.at = at
+        self.path = at or os.path.join(run_dir, VIEW)
         self._owners: dict[str, frozenset[str]] = {}
         self._binds: dict[str, int] = {}
         self._view_id: int | None = None
@@ -170,13 +211,44 @@ class LayerView:
             raise LayerViewError(f"the fractal repo has no layers dir {self.host_layers} ({exc.strerror}; "
                                  "is FRACTAL_ROOT the snapshotter's root?)") from None
         self._run_fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if self.at is not None:
+            os.makedirs(os.path.dirname(self.at), mode=0o700, exist_ok=True)
+        parent, name, close = _place(self._run_fd, self.at)
         try:
-            os.mkdir(VIEW, 0o700, dir_fd=self._run_fd)
-        except FileExistsError:
-            pass
-        self._view_id = mountfd.tmpfs_at(self._run_fd, VIEW, TMPFS, VIEW_ATTRS)
-        _write_record(self._run_fd, self._view_id, {})
-        self._view_fd = mountfd.open_dir(self._run_fd, VIEW)
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent)
+            except FileExistsError:
+                pass
+            _write_record(self._run_fd, None, {}, self.at)  # its place first: undone even if we die here
+            self._view_id = mountfd.tmpfs_at(parent, name, TMPFS, VIEW_ATTRS)
+            _write_record(self._run_fd, self._view_id, {}, self.at)
+            self._view_fd = mountfd.open_dir(parent, name)
+        finally:
+            if close:
+                os.close(parent)
+
+    def adopt(self) -> None:
+        """Take over the view another process mounted in this run dir (a pooled VM's, renamed
+        here: shim/pool.py): its record must name the tmpfs mounted there now (mount id checked)
+        and no bind yet."""
+        if self._view_fd is not None:
+            return
+        self._layers_fd = os.open(self.host_layers, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._run_fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        view_id, binds, at = _read_record(self._run_fd)
+        if view_id is None or binds:
+            raise LayerViewError(f"layer view of {self.run_dir}: the record names no empty view")
+        self.at = at
+        self.path = at or os.path.join(self.run_dir, VIEW)
+        parent, name, close = _place(self._run_fd, at)
+        try:
+            self._view_fd = mountfd.open_dir(parent, name)
+        finally:
+            if close:
+                os.close(parent)
+        if mount_id_at(self._view_fd, "") != view_id:
+            raise LayerViewError(f"layer view {self.path}: not the recorded mount {view_id}")
+        self._view_id = view_id
 
     def names(self, dirs: Iterable[str]) -> frozenset[str]:
         return frozenset(layer_name(d, self.host_layers) for d in dirs)
@@ -237,7 +309,7 @@ class LayerView:
             self._binds[name] = mountfd.bind_at(src, self._view_fd, name, BIND_ATTRS)
         finally:
             os.close(src)
-        _write_record(self._run_fd, self._view_id, self._binds)
+        _write_record(self._run_fd, self._view_id, self._binds, self.at)
         log.debug("layer view %s: bound %s", self.path, name)
 
     def _unbind(self, name: str) -> None:
@@ -250,20 +322,30 @@ class LayerView:
                 os.rmdir(name, dir_fd=self._view_fd)
             except OSError as exc:
                 log.warning("layer view %s: rmdir %s: %s", self.path, name, exc)
-        _write_record(self._run_fd, self._view_id, self._binds)
+        _write_record(self._run_fd, self._view_id, self._binds, self.at)
         log.debug("layer view %s: unbound %s", self.path, name)
+
+    def forget(self) -> None:
+        """Close our fds and leave the mounts (their record goes with the run dir to whoever
+        took it over: a shim adopting a pooled VM, shim/pool.py)."""
+        for fd in (self._view_fd, self._layers_fd, self._run_fd):
+            if fd is not None:
+                os.close(fd)
+        self._view_fd = self._layers_fd = self._run_fd = None
+        self._binds.clear()
+        self._owners.clear()
+        self._view_id = None
 
     def close(self) -> list[str]:
         """Detach everything (the record's mounts, checked by id); returns the problems."""
         problems: list[str] = []
         if self._run_fd is not None:
-            problems = _undo(self._run_fd, self._view_id, self._binds)
+            problems = _undo(self._run_fd, self._view_id, self._binds, self.at)
             if not problems:
-                for name in (RECORD, VIEW):
-                    try:
-                        (os.rmdir if name == VIEW else os.unlink)(name, dir_fd=self._run_fd)
-                    except OSError:
-                        pass
+                try:
+                    os.unlink(RECORD, dir_fd=self._run_fd)
+                except OSError:
+                    pass
         for fd in (self._view_fd, self._layers_fd, self._run_fd):
             if fd is not None:
                 os.close(fd)

@@ -9,6 +9,13 @@ socketpair; the shim speaks the unchanged agent protocol over it.  When the shim
 (its last container was deleted) the agent is told to ``shutdown`` and the machine is stopped
 (QEMU: a grace period, SIGTERM, then SIGKILL; then virtiofsd).
 
+With a pool running (``vm.pool``, shim/poold.py) and no pod network namespace, the sandbox first
+asks the pool for a ready VM of its settings (:meth:`VmSandbox._adopt`, shim/pool.py): the pool
+renames that VM's run dir to ours and passes the agent link, the console, pidfds of QEMU and
+virtiofsd and the volume dir; the VM is then ours exactly as if we had booted it (records,
+views, stop), watched through the pidfds (ccpu/vm/adopted.py).  Otherwise, or if anything about
+the handover is wrong, it boots its own.
+
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/`` (root, 0700): ``layers/`` (the
 layer view, :mod:`shim.layerview`) and its record ``layers.mounts``, ``volumes/`` (the containers'
 volume binds; ``mounts.json`` records every mount made for them, see :mod:`shim.mountrecord`),
@@ -112,6 +119,17 @@ def first_netns(bundle: str) -> str | None:
         return None
 
 
+def _check_pidfd(pidfd: int, pid: int) -> None:
+    """That ``pidfd`` (handed over) is a pidfd of ``pid``: its fdinfo says so."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                if int(line.split()[1]) == pid:
+                    return
+                break
+    raise ValueError(f"fd {pidfd} is not a pidfd of pid {pid}")
+
+
 def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
     for v in (namespace, group):
         if not v or "/" in v or v in (".", ".."):
@@ -171,6 +189,12 @@ class VmSandbox(AgentSandbox):
         self.view = LayerView(self.dir, self.host_layers)  # the layers its guest sees (shim/layerview.py)
         self.qemu_user = ""
         self._dir_ready = False
+        self.run_root = run_dir
+        #: False for the pool's own VMs (shim/poold.py): QEMU outlives the pool once adopted
+        self.die_with_shim = True
+        self._handover: Any = None  # shim.pool.Handover: a pooled VM renamed into self.dir
+        self.pool_vm: dict[str, Any] | None = None  # what the pool said about the VM adopted
+        self.hello: dict[str, Any] = {}
 
     # -- interface --------------------------------------------------------------------------
 
@@ -357,7 +381,10 @@ class VmSandbox(AgentSandbox):
                 "cpus": self.settings.cpus, "share": self.share, "kernel": self.guest_kernel,
                 "qemu_user": self.qemu_user, "layers_visible": sorted(self.view.bound),
                 "run_dir": self.dir, "console": self.console_log, "netns": self.netns, "nics": list(self.nics),
-                "boot_seconds": self.timings.get("agent_ready")}
+                "boot_seconds": self.timings.get("agent_ready"),
+                "pooled": None if self.pool_vm is None else {
+                    "id": self.pool_vm.get("id"), "boot_seconds": self.pool_vm.get("boot_seconds"),
+                    "adopt_seconds": self.timings.get("adopted")}}
 
     # -- boot -------------------------------------------------------------------------------
 
@@ -385,10 +412,159 @@ class VmSandbox(AgentSandbox):
             killed = cleanup_dead(self.dir)
             if killed:
                 log.warning("killed leftover VM processes %s of %s", killed, self.dir)
+        if self._adopt():
+            self._dir_ready = True
+            return
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.volumes.create()
         self.view.create()
         self._dir_ready = True
+
+    # -- a pooled VM (shim/pool.py, shim/poold.py) ------------------------------------------
+
+    def _adopt(self) -> bool:
+        """Ask the pool for a ready VM (renamed to our run dir by the pool); False: boot our own.
+        A VM with a pod network boots its own: its NICs are fixed at boot today."""
+        from shim import pool
+
+        if self.settings.pool <= 0 or not self.die_with_shim or self.netns is not None:
+            return False
+        os.makedirs(os.path.dirname(self.dir), mode=0o700, exist_ok=True)
+        t0 = time.monotonic()
+        h, why = pool.adopt(self.run_root, self.settings, self.dir)
+        if h is None:
+            log.info("booting a VM of its own: %s", why)
+            if os.path.isdir(self.dir):  # renamed here, then not handed over whole
+                cleanup_dead(self.dir)
+            return False
+        try:
+            _check_pidfd(h.fds["qemu"], int(h.vm["qemu_pid"]))
+            helper_pids = [int(p) for p in h.vm.get("helper_pids", [])]
+            if len(helper_pids) != len(h.helpers):
+                raise ValueError("helper pids and pidfds differ")
+            for (_n, fd), pid in zip(h.helpers, helper_pids):
+                _check_pidfd(fd, pid)
+            self.view.adopt()
+            self.volumes.adopt(h.fds.pop("volumes"))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.error("pooled VM %s not usable (%s): ending it, booting our own", h.vm.get("id"), exc)
+            import signal
+
+            for fd in [h.fds.get("qemu", -1)] + [fd for _n, fd in h.helpers]:
+                if fd >= 0:
+                    try:
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    except OSError:
+                        pass
+            h.close()
+            self.view.forget()
+            self.volumes.close()
+            cleanup_dead(self.dir)
+            return False
+        self._handover = h
+        self.timings["adopted"] = time.monotonic() - t0
+        log.info("adopted pooled VM %s (QEMU pid %s, booted in %.2fs) in %.3fs", h.vm.get("id"),
+                 h.vm.get("qemu_pid"), float(h.vm.get("boot_seconds") or 0), self.timings["adopted"])
+        return True
+
+    async def _start_adopted(self, t0: float) -> Any:
+        import socket
+
+        from ccpu.agent.client import DEFAULT_WINDOW, AgentClient
+        from ccpu.vm.adopted import AdoptedAccel, AdoptedMachine, AdoptedProcess
+        from shim.console import ConsoleLog
+
+        h, self._handover = self._handover, None
+        vm = h.vm
+        self.pool_vm = vm
+        try:
+            self._console = ConsoleLog(self.console_log, self.settings.console_log_kib * 1024)
+            self._console.adopt(socket.socket(fileno=h.fds.pop("console")))
+            self._console.start()
+            helpers = [AdoptedProcess(n, int(pid), fd) for (n, fd), pid in zip(h.helpers, vm["helper_pids"])]
+            h.helpers = []
+            qemu = AdoptedProcess("qemu", int(vm["qemu_pid"]), h.fds.pop("qemu"))
+            self._machine = m = AdoptedMachine(qemu, helpers, AdoptedAccel(str(vm.get("accel", "")),
+                                               str(vm.get("accel_reason", ""))),
+                                               str(vm.get("qemu_user", "")), on_end=self._vm_ended)
+            self.pid = m.pid
+            self.accel, self.accel_reason, self.qemu_user = m.accel.accel, m.accel.reason, m.qemu_user
+            self.share = str(vm.get("share", ""))
+            self.guest_kernel = str(vm.get("kernel", ""))
+            self._record_pids()
+            ours = socket.socket(fileno=h.fds.pop("agent"))
+            ours.setblocking(False)
+            client = await AgentClient.connect_socket(ours)
+        except BaseException:
+            if self._machine is None:  # not watched yet: end it through the pidfds we still hold
+                import signal
+
+                for fd in [h.fds.get("qemu", -1)] + [fd for _n, fd in h.helpers]:
+                    if fd >= 0:
+                        try:
+                            signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        except OSError:
+                            pass
+            h.close()
+            await self._kill_all()
+            raise
+        hello = vm.get("hello") if isinstance(vm.get("hello"), dict) else {}
+        features = hello.get("features")
+        if isinstance(features, list) and "flow" in features:
+            client.window = DEFAULT_WINDOW  # the pool's hello offered it (one hello per connection)
+        client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
+        client.add_lost_handler(self._link_lost)
+        self._client = client
+        self.timings["agent_ready"] = time.monotonic() - t0
+        log.info("VM adopted from the pool: QEMU pid %s, accel %s, layers over %s; run dir %s",
+                 self.pid, self.accel, self.share, self.dir)
+        return client
+
+    def handover_fds(self) -> tuple[dict[str, Any], list[str], list[int]]:
+        """The pool's side of a handover (this VM booted with ``die_with_shim`` False and ready):
+        what the adopter is told, and the fds it gets (dups or new pidfds: the caller closes
+        them once sent).  The VM's console stops being read here."""
+        m = self._machine
+        assert m is not None and self._client is not None and m.qemu is not None
+        names: list[str] = []
+        fds: list[int] = []
+        try:
+            sock = self._client._writer.transport.get_extra_info("socket")
+            fds.append(os.dup(sock.fileno()))
+            names.append("agent")
+            fds.append(self._console.release().detach())
+            names.append("console")
+            fds.append(os.pidfd_open(m.qemu.pid))
+            names.append("qemu")
+            helper_pids = []
+            for name, p in m.helpers:
+                fds.append(os.pidfd_open(p.pid))
+                names.append(name)
+                helper_pids.append(p.pid)
+            assert self.volumes._rw is not None
+            fds.append(os.dup(self.volumes._rw))
+            names.append("volumes")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        vm = {"qemu_pid": m.qemu.pid, "helper_pids": helper_pids, "accel": self.accel,
+              "accel_reason": self.accel_reason, "qemu_user": self.qemu_user, "share": self.share,
+              "kernel": self.guest_kernel, "hello": self.hello,
+              "boot_seconds": self.timings.get("agent_ready")}
+        return vm, names, fds
+
+    async def forget(self) -> None:
+        """The pool's side once the VM is handed over: close our ends, leave the VM running and
+        its mounts in place (the adopter's now).  Its exit is still reaped here (our child)."""
+        self._stopping = True
+        if self._machine is not None:
+            self._machine._stopping = True
+            self._machine._close_ports()
+        if self._client is not None:
+            await self._client.close()
+        self.view.forget()
+        self.volumes.close()
 
     async def _start(self) -> Any:
         import asyncio
@@ -400,6 +576,8 @@ class VmSandbox(AgentSandbox):
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         self._prepare_dir()
+        if self._handover is not None:
+            return await self._start_adopted(t0)
         guest = await loop.run_in_executor(None, self._guest)
         self.guest_kernel = str(guest.manifest.get("kernel", {}).get("version", ""))
         self.timings["guest"] = time.monotonic() - t0
@@ -419,7 +597,7 @@ class VmSandbox(AgentSandbox):
                 console=machine.ConsoleSocket(self._console.qemu_fd()), mode="agent", accel=s.accel,
                 memory_mb=s.memory_mb, cpus=s.cpus, ports=(AGENT_PORT,), netns=self.netns,
                 hotplug_nics=HOTPLUG_NICS,
-                uid_base=s.qemu_uid_base, name=self.dir, virtiofsd=vfsd,
+                uid_base=s.qemu_uid_base, name=self.dir, virtiofsd=vfsd, die_with_starter=self.die_with_shim,
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
                 cmdline_extra=(f"fractal.reserve={s.memory_reserve_mb}",),
                 shares=(
@@ -459,7 +637,7 @@ class VmSandbox(AgentSandbox):
             client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
             client.add_lost_handler(self._link_lost)
             self._client = client
-            hello = await self._await_boot(client.hello(), deadline)
+            hello = self.hello = await self._await_boot(client.hello(), deadline)
         except BaseException as exc:
             tail = self.console_tail()
             await self._kill_all()

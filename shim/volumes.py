@@ -40,6 +40,7 @@ from ccpu import fdpath
 from ccpu.linux.mount import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT,
                               MS_SLAVE, mount)
 from shim.guestspec import Volume
+from ccpu.linux.statx import mount_of
 from shim.mountrecord import MountRecordError, RunDirMounts, remove_run_dir, valid_path
 
 __all__ = ["SHARE_TAG", "VolumeDir", "VolumeError", "remove_run_dir", "volume_path"]
@@ -94,6 +95,25 @@ class VolumeDir:
         except BaseException:
             self.close()  # what was mounted is in the record: remove_run_dir undoes it
             raise
+
+    def adopt(self, rw_fd: int) -> None:
+        """Take over the dir another process made in this run dir (a pooled VM's, renamed here:
+        shim/pool.py).  ``rw_fd``: its fd of the dir under the view (a path reaches only the
+        view); ours now.  The view must be the mount the record names."""
+        run_fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._mounts = mounts = RunDirMounts.load(run_fd)
+        except BaseException:
+            os.close(run_fd)
+            os.close(rw_fd)
+            raise
+        self._rw = rw_fd
+        self._view = fdpath.open_path(run_fd, VOLUMES, directory=True)
+        rec = next((e for e in mounts.record.entries if e.path == VOLUMES), None)
+        m = mount_of(self._view)
+        if rec is None or not m.is_root or rec.mnt_id != m.mnt_id:
+            self.close()
+            raise VolumeError(f"{self.root}: not the recorded volume view")
 
     def attach(self, cid: str, volumes: Sequence[Volume]) -> None:
         """Bind every volume's host path to its place; all or nothing."""

@@ -43,6 +43,7 @@ from .wiring import (FRACTAL_RUNTIME_TYPE, GLOBAL_NOTE, TRANSFER, Target, config
 SHIM_BINARY = "containerd-shim-fractal-v1"
 SNAPSHOTTER_BINARY = "fractal-snapshotter"
 UNIT_NAME = "fractal-snapshotter.service"
+POOL_UNIT_NAME = "fractal-pool.service"
 DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 DEFAULT_SYSTEMD_DIR = "/etc/systemd/system"
 DEFAULT_BIN_DIR = "/usr/local/bin"
@@ -121,6 +122,31 @@ def render_unit(exec_path: str, address: str, fractal_config: str = DEFAULT_FRAC
         "LimitNOFILE=1048576\n\n"
         "[Install]\n"
         "WantedBy=multi-user.target containerd.service\n"
+    )
+
+
+def render_pool_unit(python: str, fractal_config: str = DEFAULT_FRACTAL_CONFIG) -> str:
+    """systemd unit for the pool of ready VMs (shim/poold.py; ``vm.pool`` in fractal's config,
+    0 = the pool keeps none).  ``KillMode=process``: a stop or restart signals only the pool,
+    which stops its un-adopted VMs itself; VMs that sandboxes adopted are in this unit's cgroup
+    (the pool started them) but are the sandboxes' and must live on.  ``ExecStopPost``: whatever
+    a pool killed -9 left (records in its run dir) is removed before the next start."""
+    env = "" if fractal_config == DEFAULT_FRACTAL_CONFIG else f"Environment=FRACTAL_CONFIG={fractal_config}\n"
+    return (
+        "[Unit]\n"
+        "Description=fractal VM pool (guests booted ahead for new VM sandboxes)\n"
+        "Documentation=https://github.com/fractal/fractal/blob/main/docs/vm.md\n"
+        "After=local-fs.target fractal-snapshotter.service\n\n"
+        "[Service]\n"
+        f"{env}"
+        f"ExecStart={python} -m shim.poold\n"
+        f"ExecStopPost={python} -m shim.poold cleanup\n"
+        "Restart=always\n"
+        "RestartSec=2\n"
+        "KillMode=process\n"
+        "LimitNOFILE=1048576\n\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
     )
 
 
@@ -327,6 +353,9 @@ def plan(opts: Options) -> Plan:
         p.changes.append(FileChange(str(Path(opts.systemd_dir) / UNIT_NAME),
                                     render_unit(console_script(SNAPSHOTTER_BINARY), opts.address, fconf),
                                     "systemd unit for the snapshotter"))
+        p.changes.append(FileChange(str(Path(opts.systemd_dir) / POOL_UNIT_NAME),
+                                    render_pool_unit(sys.executable, fconf),
+                                    "systemd unit for the VM pool (vm.pool ready VMs)"))
     return p
 
 
@@ -359,6 +388,8 @@ def render_print(opts: Options, version: tuple[int, int] | None) -> str:
         snap = f"/usr/local/bin/{SNAPSHOTTER_BINARY}"
     out.append(f"\n# --- {Path(opts.systemd_dir) / UNIT_NAME} (with --systemd) ---\n")
     out.append(render_unit(snap, opts.address, opts.fractal_config))
+    out.append(f"\n# --- {Path(opts.systemd_dir) / POOL_UNIT_NAME} (with --systemd) ---\n")
+    out.append(render_pool_unit(sys.executable, opts.fractal_config))
     try:
         shim = console_script(SHIM_BINARY)
     except InstallError:
@@ -484,7 +515,8 @@ def next_steps(p: Plan, opts: Options, done: list[tuple[str, FileChange]]) -> li
     changed = any(s != "unchanged" for s, _ in done)
     steps = []
     if opts.systemd:
-        steps.append("systemctl daemon-reload && systemctl enable --now fractal-snapshotter.service")
+        steps.append("systemctl daemon-reload && systemctl enable --now fractal-snapshotter.service "
+                     "fractal-pool.service")
     else:
         env = "" if opts.fractal_config == DEFAULT_FRACTAL_CONFIG else f"FRACTAL_CONFIG={opts.fractal_config} "
         steps.append(f"start the snapshotter before containerd: {env}{SNAPSHOTTER_BINARY} --address {opts.address}"
@@ -557,7 +589,7 @@ def register(p) -> None:  # noqa: ANN001
     p.add_argument("--address", default=os.environ.get("FRACTAL_SNAPSHOTTER_ADDRESS", DEFAULT_SNAPSHOTTER_ADDRESS),
                    help="snapshotter socket (default %(default)s)")
     p.add_argument("--runtime-handler", default="fractal", help="CRI runtime handler name (default %(default)s)")
-    p.add_argument("--systemd", action="store_true", help=f"also write {UNIT_NAME}")
+    p.add_argument("--systemd", action="store_true", help=f"also write {UNIT_NAME} and {POOL_UNIT_NAME}")
     p.add_argument("--systemd-dir", default=DEFAULT_SYSTEMD_DIR, help="where the unit goes (default %(default)s)")
     p.add_argument("--bin-dir", default=DEFAULT_BIN_DIR,
                    help=f"where the {SHIM_BINARY} symlink goes, on containerd's PATH (default %(default)s)")

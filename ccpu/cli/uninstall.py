@@ -103,7 +103,7 @@ def cmd_uninstall(args) -> int:  # noqa: ANN001
         return 1
     record_file.unlink()
     print(f"  removed   {record_file}  (install record)")
-    print("next: systemctl restart containerd   # and stop fractal-snapshotter if it runs")
+    print("next: systemctl restart containerd   # and stop fractal-snapshotter and fractal-pool if they run")
     return 0
 
 

@@ -120,6 +120,9 @@ class MachineSpec:
     name: str | None = None  # QEMU's -name: which QEMU is whose in ps
     virtiofsd: str | None = None  # its binary; None: shares.find_virtiofsd()
     qemu_binary: str = qemu.QEMU
+    #: False: QEMU and virtiofsd do not die with the starter (PDEATHSIG): a pooled VM outlives the
+    #: pool once a shim adopted it (shim/poold.py ends the un-adopted ones itself)
+    die_with_starter: bool = True
 
     def all_shares(self) -> tuple[DirShare, ...]:
         return ((self.repo,) if self.repo else ()) + self.shares
@@ -392,7 +395,8 @@ class _Launcher:
             # cwd: the workdir, though QEMU opens nothing by path (chdir precedes the uid drop):
             # operators and tests tell whose QEMU it is by it (and by -name)
             self.qemu = qemu.spawn(self.argv, stdout=subprocess.DEVNULL, stderr=fds[0], cwd=spec.workdir, creds=creds,
-                                   pass_fds=qemu.inherited_fds(cfg) + boot_fds, guard_shares=True)
+                                   pass_fds=qemu.inherited_fds(cfg) + boot_fds, guard_shares=True,
+                                   die_with_parent_=spec.die_with_starter)
             spawned("qemu", self.qemu)
         except BaseException:
             for _name, p in self.helpers:
@@ -412,7 +416,8 @@ class _Launcher:
         vlog = _open_log(os.path.join(self.spec.workdir, VIRTIOFSD_LOG))
         try:
             proc = shares.start_virtiofsd(binary, _qemu_share(share), socket_name(share.tag), cwd=self.spec.workdir,
-                                          stderr=vlog, extra=share.virtiofsd_args)
+                                          stderr=vlog, extra=share.virtiofsd_args,
+                                          die_with_parent=self.spec.die_with_starter)
         except RuntimeError as exc:
             raise MachineError(f"{exc}; {VIRTIOFSD_LOG}: {_tail(os.path.join(self.spec.workdir, VIRTIOFSD_LOG))}") from None
         finally:

@@ -34,7 +34,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 QEMU = "qemu-system-x86_64"
@@ -382,7 +382,7 @@ def open_boot_files(cfg: VMConfig) -> tuple[VMConfig, list[int]]:
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
           stderr: int | None = subprocess.PIPE, cwd: str | None = None,
           pass_fds: Sequence[int] = (), guard_shares: bool = False,
-          creds: Creds | None = None) -> subprocess.Popen:
+          creds: Creds | None = None, die_with_parent_: bool = True) -> subprocess.Popen:
     """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null.
 
     ``cwd``: relative socket paths in ``argv`` are relative to it (unix socket paths are limited
@@ -391,15 +391,18 @@ def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
     ``guard_shares``: QEMU serving a read-write 9p share runs under :mod:`ccpu.vm.fsguard` (no
     setuid/setgid file, device node or xattr written for the guest).
     ``creds``: drop to these before exec (PDEATHSIG and the guard are set up after the drop: a
-    credential change clears PDEATHSIG)."""
-    preexec = die_with_parent
+    credential change clears PDEATHSIG).
+    ``die_with_parent_``: False for a VM that outlives its starter (a pooled VM, handed to the
+    shim that adopts it: shim/poold.py, which ends un-adopted ones itself)."""
+    preexec: Callable[[], None] | None = die_with_parent if die_with_parent_ else None
     if guard_shares:
         from ccpu.vm import fsguard
 
         install = fsguard.installer()
 
         def preexec() -> None:
-            die_with_parent()
+            if die_with_parent_:
+                die_with_parent()
             install()
     kw: dict[str, object] = {}
     if creds is not None:

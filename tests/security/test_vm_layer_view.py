@@ -80,12 +80,34 @@ def other_tenant(fenv: FractalEnv, registry) -> str:  # noqa: ANN001
 @pytest.mark.skipif(not _virtiofsd(), reason="guest root reads the share by mounting its virtiofs tag")
 def test_a_vm_sees_only_its_containers_layers_as_they_come_and_go(fenv: FractalEnv, registry, namespace: str,  # noqa: ANN001
                                                                    other_tenant: str) -> None:
+    only_own_layers(fenv, registry, namespace, "view-root")
+
+
+@pytest.mark.skipif(not _virtiofsd(), reason="guest root reads the share by mounting its virtiofs tag")
+def test_a_pooled_vm_sees_only_its_containers_layers(fenv: FractalEnv, registry, namespace: str,  # noqa: ANN001
+                                                     other_tenant: str) -> None:
+    """The same on a VM the pool booted before the sandbox existed (shim/poold.py): its view was
+    empty until adoption, and holds exactly the sandbox's layers after."""
+    from tests.integration.test_vm_pool import PoolProc
+
+    p = PoolProc(fenv)
+    try:
+        (ready,) = p.ready()
+        only_own_layers(fenv, registry, namespace, "view-pooled", pooled_pid=ready["qemu_pid"])
+    finally:
+        p.stop()
+    assert mounts_under(fenv.fractal_run_dir / "pool") == []
+
+
+def only_own_layers(fenv: FractalEnv, registry, namespace: str, cid: str,  # noqa: ANN001
+                    pooled_pid: int | None = None) -> None:
     bb, tools = registry.ref("busybox"), registry.ref("tools")
     fenv.pull(bb, namespace=namespace)
     fenv.pull(tools, namespace=namespace)
-    cid = "view-root"
     start_detached(fenv, namespace, bb, cid, "sleep", "600", extra=("--cap-add", "CAP_SYS_ADMIN"))
     try:
+        if pooled_pid is not None:
+            assert vm_pid(fenv, namespace, cid) == pooled_pid  # the pooled VM was adopted
         mine = own_layers(fenv, namespace, cid)
         others = repo_layers(fenv) - mine
         assert others, "the repo must hold layers of other images for this test to mean anything"

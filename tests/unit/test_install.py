@@ -183,14 +183,15 @@ def test_plan_apply_idempotent(tmp_path, monkeypatch):
     opts = I.Options(containerd_config=str(cfg), systemd=True, systemd_dir=str(tmp_path / "units"),
                      bin_dir=str(tmp_path / "bin"), version=(1, 6), fractal_config=str(tmp_path / "fractal" / "config.toml"))
     first = I.apply(I.plan(opts))
-    assert [s for s, _ in first] == ["created", "updated", "created", "created", "created"]
+    assert [s for s, _ in first] == ["created", "updated", "created", "created", "created", "created"]
     assert (tmp_path / "config.toml.fractal-bak").read_text() == USER_CONFIG
     assert (tmp_path / "bin" / "containerd-shim-fractal-v1").readlink().as_posix() == \
         "/opt/fractal/bin/containerd-shim-fractal-v1"
     assert (tmp_path / "conf.d" / "fractal.toml").exists()
     assert (tmp_path / "units" / "fractal-snapshotter.service").exists()
+    assert "-m shim.poold" in (tmp_path / "units" / "fractal-pool.service").read_text()
     second = I.apply(I.plan(opts))
-    assert [s for s, _ in second] == ["unchanged"] * 5
+    assert [s for s, _ in second] == ["unchanged"] * 6
 
 
 def test_plan_new_config(tmp_path, monkeypatch):
@@ -326,7 +327,7 @@ def test_uninstall_restores_byte_for_byte(tmp_path, monkeypatch, version):
     rec = load(record_path(str(cfg)))
     assert {e.path for e in rec.entries if e.created} == {
         str(tmp_path / p) for p in ("etc/conf.d/fractal.toml", "fractal/config.toml", "bin/containerd-shim-fractal-v1",
-                                    "units/fractal-snapshotter.service")}
+                                    "units/fractal-snapshotter.service", "units/fractal-pool.service")}
     steps = U.undo(rec)
     assert all(s.status in ("restored", "removed") for s in steps), steps
     record_path(str(cfg)).unlink()

@@ -1,0 +1,339 @@
+"""The pool daemon: ``vm.pool`` guests booted with the agent ready, handed to VM sandboxes.
+
+Why a daemon of its own (``python3 -m shim.poold``, the ``fractal-pool`` systemd unit that
+``fractal install`` writes) and not the snapshotter or a shim: a ready VM must outlive the
+process that asks for it (shims come and go with their sandboxes), the snapshotter must stay
+small and free of QEMU (it serves every image pull), and a crash here costs only the warm VMs --
+never a running sandbox, since an adopted VM is no longer the pool's (below).  One pool per
+``FRACTAL_RUN_DIR`` (a lock file); its protocol and the handover are :mod:`shim.pool`'s.
+
+Each pooled VM is booted exactly as a sandbox's (:class:`shim.vm.VmSandbox`, namespace
+``pool``, run dir ``<run dir>/pool/vms/pool/<id>``): an empty layer view (a tmpfs mounted before
+virtiofsd starts, so binds made under it at adoption reach the guest), an empty volume view, no
+NIC, the agent said hello.  QEMU and virtiofsd are started *without* PR_SET_PDEATHSIG: they must
+survive the pool once a shim adopted them.  Handing over renames the run dir to the sandbox's
+(``rename(2)``: the mounts, the process record ``pids``, the console log move with it, atomically)
+and passes the fds; from then on the VM is the shim's and a dead shim's ``delete`` cleans it up
+from the same records as any other.  A used VM never comes back: the shim stops it when its
+sandbox ends.
+
+What never leaks:
+
+* an un-adopted VM at pool stop (SIGTERM): stopped and its dir removed, like a sandbox's;
+* the pool killed -9: the host end of each un-adopted VM's agent port closes with the process,
+  the agent sees EOF with no container and exits, the guest powers off, QEMU exits, virtiofsd
+  follows (its one connection closed).  What is left on the host (the run dirs, their mounts) is
+  removed from the records by the next pool's start (or ``python3 -m shim.poold cleanup``, the
+  unit's ExecStopPost), which also kills any process still recorded (pid AND start time match);
+* a VM that dies while waiting: dropped and cleaned up, another booted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from shim import pool
+
+log = logging.getLogger("shim.poold")
+
+NAMESPACE = "pool"
+LOCK = "pool.lock"
+#: a pooled boot delays no sandbox: on a loaded machine it gets at least this long (s) before
+#: it is given up (vm.boot_timeout, 90 s, bounds what a sandbox waits for its own boot)
+POOL_BOOT_TIMEOUT = 300.0
+VIEWS = "views"  # <pool dir>/views/<id>: each pooled VM's layer view (shim/layerview.py)
+
+
+def vms_dir(run_dir: str) -> str:
+    return os.path.join(pool.pool_dir(run_dir), "vms", NAMESPACE)
+
+
+def cleanup(run_dir: str) -> list[str]:
+    """Remove every VM a dead pool left (processes recorded in each dir, then its mounts and
+    the dir).  Returns the dirs cleaned."""
+    from shim.leftovers import cleanup_dead
+
+    base = vms_dir(run_dir)
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return []
+    done = []
+    for name in names:
+        d = os.path.join(base, name)
+        killed = cleanup_dead(d)
+        log.info("removed a dead pool's VM %s%s", d, f" (killed {killed})" if killed else "")
+        done.append(d)
+    return done
+
+
+def remove_empty_dirs(run_dir: str) -> None:
+    """The pool's dirs once no VM is left in them (a view still in use by a sandbox keeps
+    ``views``)."""
+    p = pool.pool_dir(run_dir)
+    for d in (vms_dir(run_dir), os.path.join(p, "vms"), os.path.join(p, VIEWS)):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+class Pool:
+    def __init__(self, run_dir: str, size: int, cfg: Any, repo_root: str) -> None:
+        self.run_dir = run_dir
+        self.size = size
+        self.cfg = cfg
+        self.repo_root = repo_root
+        self.ready: list[tuple[str, Any]] = []  # (id, VmSandbox), oldest first
+        self.booting: dict[str, Any] = {}
+        self.changed = asyncio.Event()
+        self.stopping = False
+        self.reaper: Any = None
+        self.boot_failures = 0
+        self.share = pool.share_of(cfg.vm)
+
+    # -- filling ------------------------------------------------------------------------------
+
+    async def fill(self) -> None:
+        """Keep ``size`` VMs ready, booting one at a time (boots compete for the same cores as
+        the sandboxes)."""
+        while not self.stopping:
+            if len(self.ready) + len(self.booting) < self.size:
+                await self._boot_one()
+                continue
+            self.changed.clear()
+            await self.changed.wait()
+
+    async def _boot_one(self) -> None:
+        from shim.layerview import LayerView
+        from shim.vm import VmSandbox
+
+        vid = f"{time.strftime('%Y%m%d%H%M%S')}-{os.urandom(4).hex()}"
+        import dataclasses
+
+        settings = dataclasses.replace(self.cfg.vm, boot_timeout=max(self.cfg.vm.boot_timeout, POOL_BOOT_TIMEOUT))
+        sb = VmSandbox(reaper=self.reaper, namespace=NAMESPACE, group=vid, repo_root=self.repo_root,
+                       run_dir=pool.pool_dir(self.run_dir), settings=settings, timeouts=self.cfg.timeouts)
+        sb.die_with_shim = False
+        # the view stays at this path for the VM's life (its run dir is renamed at adoption):
+        # virtiofsd finds each layer's bind mount by the path it was started with
+        sb.view = LayerView(sb.dir, sb.host_layers, at=os.path.join(pool.pool_dir(self.run_dir), VIEWS, vid))
+        sb.on_lost = lambda reason, vid=vid: self._lost(vid, reason)
+        self.booting[vid] = sb
+        t0 = time.monotonic()
+        try:
+            await sb.start()
+        except Exception as exc:  # noqa: BLE001 - logged; retried after a pause
+            self.booting.pop(vid, None)
+            self.boot_failures += 1
+            log.error("pooled VM %s did not boot: %s", vid, exc)
+            await sb.stop()
+            await asyncio.sleep(min(60.0, 2.0 * self.boot_failures))
+            return
+        self.booting.pop(vid, None)
+        if self.stopping:
+            await sb.stop()
+            return
+        self.boot_failures = 0
+        self.ready.append((vid, sb))
+        log.info("pooled VM %s ready (QEMU pid %s) in %.2fs; %d ready", vid, sb.pid, time.monotonic() - t0,
+                 len(self.ready))
+
+    def _lost(self, vid: str, reason: str) -> None:
+        for i, (v, sb) in enumerate(self.ready):
+            if v == vid:
+                del self.ready[i]
+                log.error("pooled VM %s ended while waiting: %s", vid, reason)
+                asyncio.get_running_loop().create_task(sb.stop())
+                self.changed.set()
+                return
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def serve(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            loop.create_task(self._serve_one(conn))
+
+    async def _serve_one(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            buf = b""
+            while not buf.endswith(b"\n"):
+                data = await asyncio.wait_for(loop.sock_recv(conn, pool.MAX_MESSAGE), 10)
+                if not data or len(buf) + len(data) > pool.MAX_MESSAGE:
+                    return
+                buf += data
+            import json
+
+            try:
+                req = json.loads(buf)
+            except ValueError:
+                req = None
+            if not isinstance(req, dict):
+                await self._reply(conn, {"ok": False, "why": "not a JSON object"})
+            elif req.get("op") == "status":
+                await self._reply(conn, self.status())
+            elif req.get("op") == "adopt":
+                await self._adopt(conn, req)
+            else:
+                await self._reply(conn, {"ok": False, "why": f"unknown op {req.get('op')!r}"})
+        except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+            log.warning("pool client: %s", exc)
+        finally:
+            conn.close()
+
+    async def _reply(self, conn: socket.socket, msg: dict[str, Any], fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        conn.setblocking(True)
+        conn.settimeout(5)
+        try:
+            pool.send(conn, msg, fds)
+        finally:
+            conn.setblocking(False)
+
+    def status(self) -> dict[str, Any]:
+        return {"ok": True, "size": self.size, "booting": len(self.booting),
+                "key": pool.vm_key(self.cfg.vm, self.share),
+                "ready": [{"id": v, "qemu_pid": sb.pid, "run_dir": sb.dir,
+                           "boot_seconds": sb.timings.get("agent_ready")} for v, sb in self.ready]}
+
+    async def _adopt(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        from shim.leftovers import cleanup_dead
+
+        want = pool.vm_key(self.cfg.vm, self.share)
+        target = req.get("dir")
+        if req.get("key") != want:
+            return await self._reply(conn, {"ok": False, "why": f"the pool's VMs are {want}, not {req.get('key')}"})
+        if not isinstance(target, str) or not pool.target_ok(self.run_dir, target):
+            return await self._reply(conn, {"ok": False, "why": f"{target!r} is not a sandbox run dir"})
+        if os.path.lexists(target):
+            return await self._reply(conn, {"ok": False, "why": f"{target} exists"})
+        if not self.ready:
+            return await self._reply(conn, {"ok": False, "why": "no ready VM (booting %d)" % len(self.booting)})
+        vid, sb = self.ready.pop(0)
+        self.changed.set()  # refill
+        try:
+            vm, names, fds = sb.handover_fds()
+        except Exception as exc:  # noqa: BLE001
+            log.error("pooled VM %s: cannot hand over: %s", vid, exc)
+            await sb.stop()
+            return await self._reply(conn, {"ok": False, "why": f"pooled VM broken: {exc}"})
+        try:
+            try:
+                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                os.rename(sb.dir, target)
+            except OSError as exc:
+                log.error("pooled VM %s: cannot move it to %s: %s", vid, target, exc)
+                await sb.stop()
+                return await self._reply(conn, {"ok": False, "why": f"cannot move the VM's dir: {exc}"})
+            try:
+                await self._reply(conn, {"ok": True, "vm": {**vm, "id": vid}, "fds": names}, fds)
+            except OSError as exc:  # the shim went away: the VM is nobody's, end it
+                log.error("pooled VM %s: handover to %s failed (%s): ending it", vid, target, exc)
+                await sb.forget()
+                cleanup_dead(target)
+                return
+            await sb.forget()
+            log.info("pooled VM %s (QEMU pid %s) handed over to %s", vid, vm["qemu_pid"], target)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.changed.set()
+        vms = [sb for _v, sb in self.ready] + list(self.booting.values())
+        self.ready.clear()
+        await asyncio.gather(*(sb.stop() for sb in vms), return_exceptions=True)
+
+
+def _lock(run_dir: str) -> int:
+    d = pool.pool_dir(run_dir)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)
+    fd = os.open(os.path.join(d, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"fractal-pool: another pool runs for {run_dir} ({os.path.join(d, LOCK)} is locked)")
+    return fd
+
+
+async def amain(ns: argparse.Namespace) -> int:
+    from ccpu.linux.reaper import Reaper
+    from shim import address, config
+
+    run_dir = address.run_dir()
+    lock = _lock(run_dir)
+    if ns.command == "cleanup":
+        cleanup(run_dir)
+        remove_empty_dirs(run_dir)
+        os.close(lock)
+        return 0
+    cfg = config.load({})
+    size = cfg.vm.pool if ns.size is None else ns.size
+    cleanup(run_dir)  # what a dead predecessor left
+    p = Pool(run_dir, size, cfg, config.repo_root().path)
+    loop = asyncio.get_running_loop()
+    p.reaper = Reaper()
+    p.reaper.start(loop, subreaper=False)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    path = pool.socket_path(run_dir)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(16)
+    listener.setblocking(False)
+    log.info("pool of %d VM(s) (%s) for %s, repo %s, listening on %s", size, cfg.vm.memory_mb, run_dir,
+             p.repo_root, path)
+    tasks = [loop.create_task(p.serve(listener)), loop.create_task(p.fill())]
+    await stop.wait()
+    log.info("stopping: %d ready VM(s), %d booting", len(p.ready), len(p.booting))
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(BaseException):
+            await t
+    listener.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    await p.stop()
+    cleanup(run_dir)
+    remove_empty_dirs(run_dir)
+    os.close(lock)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fractal-pool", description="keep VMs booted for new VM sandboxes")
+    ap.add_argument("command", nargs="?", choices=("run", "cleanup"), default="run",
+                    help="run the pool (default), or remove what a dead pool left and exit")
+    ap.add_argument("--size", type=int, default=None, help="ready VMs (default: vm.pool of the config)")
+    ap.add_argument("--debug", action="store_true")
+    ns = ap.parse_args(argv)
+    if ns.size is not None and not 0 <= ns.size <= 16:
+        ap.error("--size: 0 to 16")
+    logging.basicConfig(level=logging.DEBUG if ns.debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return asyncio.run(amain(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The pool of ready VMs through containerd (shim/poold.py, shim/pool.py, issue 12 item 2).
+
+The pool daemon runs with the harness's environment (its run dir, config and repo), so a VM
+sandbox of the harness's containerd adopts its VMs.  Adoption is asserted by identity: the
+QEMU pid the pool reported ready is the pid `fractal ps` shows for the sandbox, and the
+sandbox's record names the pooled VM.  Each test starts and stops its own pool, so the other
+VM tests (no pool running) keep booting their own VMs: the fallback path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hack.containerd_env import FractalEnv
+from shim import pool
+from tests.harness import wait_for
+from tests.integration.test_shim_vm import fractal_ps, qemus, start_detached, task_status
+
+RUNTIME = "io.containerd.fractal.v1"
+
+
+@pytest.fixture
+def images(fenv: FractalEnv, registry, namespace: str) -> dict[str, str]:  # noqa: ANN001
+    refs = {}
+    for name in ("busybox", "tools"):
+        refs[name] = registry.ref(name)
+        fenv.pull(refs[name], namespace=namespace)
+    return refs
+
+
+def env_of(fenv: FractalEnv) -> dict[str, str]:
+    return {**os.environ, "FRACTAL_RUN_DIR": str(fenv.fractal_run_dir),
+            "FRACTAL_CONFIG": str(fenv.fractal_config), "FRACTAL_ROOT": str(fenv.snapshotter_root)}
+
+
+class PoolProc:
+    """``python3 -m shim.poold`` for ``fenv``, its log in the env's log dir."""
+
+    def __init__(self, fenv: FractalEnv, size: int = 1) -> None:
+        self.fenv = fenv
+        self.run_dir = str(fenv.fractal_run_dir)
+        self.log = Path(fenv.log_dir) / f"pool-{time.monotonic_ns()}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "shim.poold", "--size", str(size)],
+                                         env=env_of(fenv), stdout=out, stderr=subprocess.STDOUT)
+
+    def status(self) -> dict:
+        try:
+            return pool.status(self.run_dir)
+        except OSError:
+            return {}
+
+    def ready(self, n: int = 1, timeout: float = 900) -> list[dict]:
+        def check() -> list[dict] | None:
+            assert self.proc.poll() is None, f"the pool exited: {self.log.read_text()[-3000:]}"
+            r = self.status().get("ready") or []
+            return r if len(r) >= n else None
+
+        return wait_for(check, timeout=timeout, what=f"{n} pooled VM(s) ready", interval=0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def mounts_below(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(path.rstrip("/") + "/")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def remove(fenv: FractalEnv, ns: str, cid: str) -> None:
+    fenv.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=ns, check=False)
+    deadline = time.monotonic() + 60
+    while fenv.ctr("tasks", "delete", cid, namespace=ns, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    fenv.ctr("containers", "delete", cid, namespace=ns, check=False)
+
+
+def sandbox_vm(fenv: FractalEnv, ns: str, cid: str) -> dict:
+    (entry,) = [e for e in fractal_ps(fenv, ns) if cid in [c["id"] for c in e["containers"]]]
+    return entry["vm"]
+
+
+def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespace: str,
+                                                       images: dict[str, str], tmp_path: Path) -> None:
+    """A new VM sandbox runs on the VM the pool had ready (same QEMU), its layers and a live
+    `fractal layers add` reach that guest, the pool refills with a fresh VM, and the adopted VM
+    ends with its sandbox even when the shim is SIGKILLed (containerd's cleanup): no orphan."""
+    p = PoolProc(fenv)
+    cid = "pooled"
+    try:
+        (ready,) = p.ready()
+        qemu = ready["qemu_pid"]
+        pool_dir = ready["run_dir"]
+        vol = tmp_path / "vol"
+        vol.mkdir()
+        (vol / "hello").write_text("from the host\n")
+        start_detached(fenv, namespace, images["busybox"], cid, "sleep", "600",
+                       extra=("--mount", f"type=bind,src={vol},dst=/data,options=rbind:ro"))
+        vm = sandbox_vm(fenv, namespace, cid)
+        assert vm["pid"] == qemu, (vm, ready)  # the pooled QEMU, not a new one
+        assert vm["pooled"] and vm["pooled"]["id"] == ready["id"], vm
+        assert not os.path.exists(pool_dir)  # moved to the sandbox's run dir
+        assert vm["layers_visible"], vm  # its image's layers, bound after boot
+        ex = lambda eid, *cmd, **kw: fenv.ctr("tasks", "exec", "--exec-id", eid, cid, *cmd,  # noqa: E731
+                                              namespace=namespace, **kw)
+        assert ex("u", "uname", "-r").stdout.strip() != os.uname().release  # in the guest
+        assert ex("v", "cat", "/data/hello").stdout == "from the host\n"  # a volume bound after boot
+        r = subprocess.run([sys.executable, "-m", "ccpu.cli", "layers", "add", "-a", str(fenv.address),
+                            "-n", namespace, cid, images["tools"]], capture_output=True, text=True,
+                           env=env_of(fenv), timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert ex("c", "cat", "/opt/tools/hello.txt").stdout == "hello from tools\n"
+        # refilled with a fresh VM: never the used one
+        (again,) = p.ready()
+        assert again["qemu_pid"] != qemu and again["id"] != ready["id"]
+        # the shim dies: containerd's cleanup (`delete` verb) ends the VM it adopted
+        shim_pid = [e for e in fractal_ps(fenv, namespace) if e["vm"] and e["vm"]["pid"] == qemu][0]["shim_pid"]
+        os.kill(shim_pid, signal.SIGKILL)
+        wait_for(lambda: task_status(fenv, namespace, cid) in ("STOPPED", ""), timeout=60, what="task stopped")
+        remove(fenv, namespace, cid)
+        wait_for(lambda: not alive(qemu), timeout=60, what=f"adopted QEMU {qemu} gone")
+        sdir = str(fenv.fractal_run_dir / "vms" / namespace)
+        assert mounts_below(sdir) == []
+    finally:
+        remove(fenv, namespace, cid)
+        p.stop()
+    # pool stop: its un-adopted VM is stopped, its mounts and dir removed
+    assert not alive(again["qemu_pid"])
+    wait_for(lambda: mounts_below(pool.pool_dir(str(fenv.fractal_run_dir))) == [], timeout=60,
+             what="no mount left in the pool dir")
+    pdir = pool.pool_dir(str(fenv.fractal_run_dir))
+    assert set(os.listdir(pdir)) <= {"pool.lock", "views"}  # no VM dir, no socket
+    wait_for(lambda: not os.path.exists(os.path.join(pdir, "views")) or not os.listdir(os.path.join(pdir, "views")),
+             timeout=60, what="no view left")
+
+
+def test_pool_killed_leaves_no_orphan_and_sandboxes_run_on(fenv: FractalEnv, namespace: str,
+                                                           images: dict[str, str]) -> None:
+    """SIGKILL of the pool: the sandbox that adopted a VM keeps running, the un-adopted VM ends
+    by itself (its agent link closed), a shim asking the dead pool is told to boot its own VM,
+    and the next pool removes what the dead one left (mounts, dirs) and serves new sandboxes."""
+    run_dir = str(fenv.fractal_run_dir)
+    p = PoolProc(fenv)
+    p2 = None
+    a, b = "adopter", "after-pool"
+    try:
+        (ready,) = p.ready()
+        start_detached(fenv, namespace, images["busybox"], a, "sleep", "600")
+        assert sandbox_vm(fenv, namespace, a)["pid"] == ready["qemu_pid"]
+        (waiting,) = p.ready()
+        p.proc.kill()
+        p.proc.wait()
+        # the un-adopted VM ends by itself: no orphan QEMU
+        wait_for(lambda: not alive(waiting["qemu_pid"]), timeout=120, what="un-adopted QEMU gone")
+        # the adopted one runs on
+        assert alive(ready["qemu_pid"])
+        assert fenv.ctr("tasks", "exec", "--exec-id", "e", a, "echo", "still", namespace=namespace).stdout == "still\n"
+        # no pool (its socket is left, nobody listens): a shim is told to boot its own VM
+        from shim.config import VmSettings
+
+        h, why = pool.adopt(run_dir, VmSettings(), os.path.join(run_dir, "vms", namespace, "nobody"))
+        assert h is None and "refused" in why, why
+        assert not os.path.exists(os.path.join(run_dir, "vms", namespace, "nobody"))
+        # the dead pool left its VM's dir (and mounts): the next pool removes them at start
+        assert mounts_below(waiting["run_dir"]) != []
+        p2 = PoolProc(fenv)
+        (ready2,) = p2.ready()
+        assert not os.path.exists(waiting["run_dir"])
+        assert mounts_below(waiting["run_dir"]) == []
+        assert [m for m in mounts_below(pool.pool_dir(run_dir)) if waiting["id"] in m] == []
+        # and serves new sandboxes
+        start_detached(fenv, namespace, images["busybox"], b, "sleep", "600")
+        assert sandbox_vm(fenv, namespace, b)["pid"] == ready2["qemu_pid"]
+    finally:
+        remove(fenv, namespace, a)
+        remove(fenv, namespace, b)
+        if p2 is not None:
+            p2.stop()
+        if p.proc.poll() is None:
+            p.stop()
+    # the sandboxes' shims stop their VMs (and unmount the adopted views) after containerd's delete
+    wait_for(lambda: not alive(ready["qemu_pid"]), timeout=60, what="adopted QEMU gone with its sandbox")
+    wait_for(lambda: mounts_below(pool.pool_dir(run_dir)) == [], timeout=60, what="no mount left in the pool dir")
