@@ -94,7 +94,7 @@ class AnnotationDenied(ConfigError):
 @dataclass(frozen=True)
 class VmSettings:
     memory_mb: int = 512
-    cpus: int = 2
+    cpus: int | None = None  # None: 1 under TCG, 2 under KVM (ccpu.vm.qemu.default_cpus)
     accel: str = "auto"
     share: str = "auto"
     boot_timeout: float = 90.0  # agent `hello` after QEMU start (TCG boots take ~4-6 s)
@@ -189,7 +189,7 @@ class Config:
         return self.policy.max_cpus if self.policy.max_cpus is not None else self.host.cpus
 
     def describe(self) -> str:
-        return (f"mode {self.mode}; vm memory {self.vm.memory_mb}M cpus {self.vm.cpus} accel "
+        return (f"mode {self.mode}; vm memory {self.vm.memory_mb}M cpus {self.vm.cpus or 'auto'} accel "
                 f"{self.vm.accel} share {self.vm.share} scratch {self.vm.scratch_limit_mb}M (max "
                 f"{self.vm.scratch_ceiling_mb}M) reserve {self.vm.memory_reserve_mb}M "
                 f"(from {', '.join(self.sources) or 'defaults'})")

@@ -35,7 +35,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 QEMU = "qemu-system-x86_64"
 QBOOT = "/usr/share/qemu/qboot.rom"
@@ -47,6 +47,74 @@ REPO_TAG = "fractalrepo"
 #: scheduler/affinity changes.  A denied syscall kills QEMU (it is a bug or an attack).
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 CONSOLE_FDSET = 1  # -add-fd set id of console_log_fd
+
+
+class ConfigError(ValueError):
+    """A VMConfig that cannot be turned into a working command line."""
+
+
+def default_cpus(accel: str) -> int:
+    """vCPUs when nobody asked: 2 under KVM; 1 under TCG, where one host thread runs the vCPUs in
+    turn (``thread=single``): a second vCPU adds no throughput, and every wait of one vCPU for the
+    other (a spinlock, an IPI, Go's runtime spinning) lasts until the round-robin switches, up to
+    100 ms.  Measured in docs/vm.md "Accelerator" (hack/bench/tcg.py)."""
+    return 1 if accel == "tcg" else 2
+
+
+TCG_THREADS = ("single", "multi")
+TCG_CPUS = ("max", "qemu64", "Skylake-Client-v4", "EPYC-v3")  # models QEMU 7.2's TCG runs a 6.1 kernel on
+TB_SIZE_MAX_MB = 2048
+
+
+@dataclass(frozen=True)
+class Tcg:
+    """How TCG runs the guest (ignored under KVM).  Defaults: docs/vm.md "Accelerator".
+
+    ``threads``: ``single`` (one host thread runs every vCPU in turn) or ``multi`` (a host thread per
+    vCPU).  ``tb_size_mb``: the translation-block cache, allocated up front and kept for the VM's
+    life (QEMU 7.2's default under softmmu is 1 GiB of address space, filled as code is translated:
+    bounding it bounds QEMU's RSS).  ``cpu``: the CPU model."""
+
+    threads: str = "single"
+    tb_size_mb: int | None = 64
+    cpu: str = "max"
+
+    def check(self) -> None:
+        if self.threads not in TCG_THREADS:
+            raise ConfigError(f"tcg thread={self.threads!r}: expected one of {TCG_THREADS}")
+        if self.tb_size_mb is not None and not 1 <= self.tb_size_mb <= TB_SIZE_MAX_MB:
+            raise ConfigError(f"tcg tb-size={self.tb_size_mb}: expected 1..{TB_SIZE_MAX_MB} (MiB)")
+        if self.cpu not in TCG_CPUS:
+            raise ConfigError(f"tcg cpu={self.cpu!r}: expected one of {TCG_CPUS}")
+
+    def accel_arg(self) -> str:
+        tb = f",tb-size={self.tb_size_mb}" if self.tb_size_mb is not None else ""
+        return f"tcg,thread={self.threads}{tb}"
+
+
+def parse_tcg(text: str, base: Tcg = Tcg()) -> Tcg:
+    """``thread=multi,tb-size=128,cpu=qemu64`` (any subset; ``tb-size=default`` is QEMU's own) ->
+    Tcg over ``base``; the FRACTAL_TCG override, for measuring (hack/bench/guest.py, hack/vm_soak.py)."""
+    out = base
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"tcg option {item!r}: expected KEY=VALUE (thread, tb-size, cpu)")
+        if key == "thread":
+            out = replace(out, threads=value)
+        elif key == "tb-size":
+            if value == "default":
+                out = replace(out, tb_size_mb=None)
+            elif value.isdigit() and len(value) <= 6:
+                out = replace(out, tb_size_mb=int(value))
+            else:
+                raise ConfigError(f"tcg tb-size={value!r}: expected MiB or 'default'")
+        elif key == "cpu":
+            out = replace(out, cpu=value)
+        else:
+            raise ConfigError(f"tcg option {key!r}: expected thread, tb-size or cpu")
+    out.check()
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,16 +181,16 @@ class VMConfig:
     # the guest's read-only system image (ccpu.guest layout "image"): a read-only virtio-blk disk
     # with serial SYSTEM_DISK_SERIAL, which the guest init mounts
     system_image: str | None = None
+    tcg: Tcg = Tcg()
+    # virtio-balloon with free page reporting: pages the guest frees are discarded on the host
+    balloon: bool = True
 
 
 SYSTEM_DISK_SERIAL = "fractal-sys"  # how the init finds the disk (/sys/block/vdX/serial)
 
 
-class ConfigError(ValueError):
-    """A VMConfig that cannot be turned into a working command line."""
-
-
 def _check(cfg: VMConfig) -> None:
+    cfg.tcg.check()
     if cfg.machine not in MACHINES:
         raise ConfigError(f"machine {cfg.machine!r}: expected one of {MACHINES}")
     if cfg.accel not in ("kvm", "tcg"):
@@ -220,11 +288,9 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
             argv += ["-bios", fw]
     if vfs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mb}M,share=on"]
-    # TCG: one host thread runs all vCPUs in turn.  With thread=multi, runc's create in a 2-vCPU
-    # guest sometimes left both vCPUs spinning for ever ("soft lockup - CPU#0 stuck", RCU
-    # stalls; console in docs/vm.md): a guest that hangs is worse than a slower one.
-    argv += ["-accel", "kvm" if cfg.accel == "kvm" else "tcg,thread=single",
-             "-cpu", "host" if cfg.accel == "kvm" else "max",
+    # TCG: docs/vm.md "Accelerator" (why thread=single by default, why the cache is bounded)
+    argv += ["-accel", "kvm" if cfg.accel == "kvm" else cfg.tcg.accel_arg(),
+             "-cpu", "host" if cfg.accel == "kvm" else cfg.tcg.cpu,
              "-m", f"{cfg.memory_mb}M", "-smp", str(cfg.cpus),
              "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg)]
     if cfg.console_fd is not None:
@@ -238,6 +304,10 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
         argv += ["-sandbox", SANDBOX]
     if cfg.rng:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", f"virtio-rng-{bus},rng=rng0"]
+    if cfg.balloon:
+        # the guest reports freed 2 MiB+ blocks; QEMU discards them (MADV_DONTNEED, or a hole punched
+        # in the shared memfd with virtiofs): the host gets the memory of exited containers back
+        argv += ["-device", f"virtio-balloon-{bus},id=balloon0,free-page-reporting=on"]
     if cfg.ports:
         argv += ["-device", f"virtio-serial-{bus},id=vser0,max_ports={max(2, len(cfg.ports) + 1)}"]
         for i, p in enumerate(cfg.ports):

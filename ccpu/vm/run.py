@@ -71,10 +71,11 @@ def console_milestones(text: str) -> list[tuple[float, str]]:
 
 
 def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = (), repo: str | None = None,
-        memory_mb: int = 512, cpus: int = 2, share_type: str | None = None, machine: str = "q35",
+        memory_mb: int = 512, cpus: int | None = None, share_type: str | None = None, machine: str = "q35",
         timeout: float = 600.0, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
         console_log: str | None = None, debug: bool = False, netns: str | None = None,
-        uid_base: int = qemu.DEFAULT_UID_BASE, note: Callable[[str], None] = lambda s: None) -> RunResult:
+        uid_base: int = qemu.DEFAULT_UID_BASE, note: Callable[[str], None] = lambda s: None,
+        balloon: bool = True) -> RunResult:
     """Run `argv` (joined for `sh -c`) in a fresh guest; its stdout/stderr go to `stdout`/`stderr`."""
     out_f = stdout or sys.stdout.buffer
     err_f = stderr or sys.stderr.buffer
@@ -93,7 +94,8 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             mode="run", accel="auto", machine=machine, memory_mb=memory_mb, cpus=cpus,
             repo=share(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True, layers=True) if repo else None,
             shares=tuple(share(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)),
-            ports=(PORT_RUN, PORT_OUT, PORT_ERR), netns=netns, uid_base=uid_base, debug=debug)
+            ports=(PORT_RUN, PORT_OUT, PORT_ERR), netns=netns, uid_base=uid_base, debug=debug,
+            balloon=balloon)
         vm = Machine(spec)
         try:
             vm.boot()
