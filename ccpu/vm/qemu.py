@@ -71,12 +71,13 @@ class Tcg:
     """How TCG runs the guest (ignored under KVM).  Defaults: docs/vm.md "Accelerator".
 
     ``threads``: ``single`` (one host thread runs every vCPU in turn) or ``multi`` (a host thread per
-    vCPU).  ``tb_size_mb``: the translation-block cache, allocated up front and kept for the VM's
-    life (QEMU 7.2's default under softmmu is 1 GiB of address space, filled as code is translated:
-    bounding it bounds QEMU's RSS).  ``cpu``: the CPU model."""
+    vCPU).  ``tb_size_mb``: the translation-block cache (QEMU 7.2 reserves 1 GiB by default and
+    fills it as it translates; full, it is flushed).  Bounding it bounds QEMU's RSS: 256 MiB is above
+    the working sets seen (a fresh guest ~26 MiB; a sandbox after 10 containers filled 64 MiB, so 64
+    would keep flushing; 108 MiB in a long-lived sandbox), docs/vm.md "TCG's settings".  ``cpu``: the CPU model."""
 
     threads: str = "single"
-    tb_size_mb: int | None = 64
+    tb_size_mb: int | None = 256
     cpu: str = "max"
 
     def check(self) -> None:
