@@ -154,7 +154,7 @@ def one(cfg: Config, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         except BaseException as e:  # noqa: BLE001 - reported by the caller
             err.append(e)
 
-    th = threading.Thread(target=body)
+    th = threading.Thread(target=body, daemon=True)  # SIGTERM (SystemExit) ends the bench and, with it, QEMU
     th.start()
     samples: dict[str, dict[str, float]] = {}
     guest_t: dict[str, float] = {}
