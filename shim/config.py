@@ -99,7 +99,7 @@ MAX_POOL = 16
 @dataclass(frozen=True)
 class VmSettings:
     memory_mb: int = 512
-    cpus: int = 2
+    cpus: int | None = None  # None: 1 under TCG, 2 under KVM (ccpu.vm.qemu.default_cpus)
     accel: str = "auto"
     share: str = "auto"
     boot_timeout: float = 90.0  # agent `hello` after QEMU start (TCG boots take ~4-6 s)
@@ -248,7 +248,7 @@ class Config:
         if self.mode == "remote":
             return (f"mode remote; endpoints {', '.join(self.remote.endpoints)}, TLS dir {self.remote.tls_dir} "
                     f"(from {', '.join(self.sources) or 'defaults'})")
-        return (f"mode {self.mode}; vm memory {self.vm.memory_mb}M cpus {self.vm.cpus} accel "
+        return (f"mode {self.mode}; vm memory {self.vm.memory_mb}M cpus {self.vm.cpus or 'auto'} accel "
                 f"{self.vm.accel} share {self.vm.share} scratch {self.vm.scratch_limit_mb}M (max "
                 f"{self.vm.scratch_ceiling_mb}M) reserve {self.vm.memory_reserve_mb}M "
                 f"(from {', '.join(self.sources) or 'defaults'})")

@@ -188,6 +188,7 @@ class VmSandbox(AgentSandbox):
         self.volumes = VolumeDir(self.dir)  # <dir>/volumes, shared over 9p (shim/volumes.py)
         self.view = LayerView(self.dir, self.host_layers)  # the layers its guest sees (shim/layerview.py)
         self.qemu_user = ""
+        self.cpus = 0  # the guest's vCPUs once booted (settings.cpus, or the accelerator's default)
         self._dir_ready = False
         self.run_root = run_dir
         #: False for the pool's own VMs (shim/poold.py): QEMU outlives the pool once adopted
@@ -378,7 +379,7 @@ class VmSandbox(AgentSandbox):
 
     def vm_info(self) -> dict[str, Any]:
         return {"pid": self.pid, "accel": self.accel, "memory": f"{self.settings.memory_mb}M",
-                "cpus": self.settings.cpus, "share": self.share, "kernel": self.guest_kernel,
+                "cpus": self.cpus, "share": self.share, "kernel": self.guest_kernel,
                 "qemu_user": self.qemu_user, "layers_visible": sorted(self.view.bound),
                 "run_dir": self.dir, "console": self.console_log, "netns": self.netns, "nics": list(self.nics),
                 "boot_seconds": self.timings.get("agent_ready"),
@@ -619,13 +620,14 @@ class VmSandbox(AgentSandbox):
         self._console.start()  # QEMU holds its end
         self.pid = m.pid
         self.accel, self.accel_reason, self.qemu_user = m.accel.accel, m.accel.reason, m.qemu_user
+        self.cpus = m.cpus
         self._record_pids()
         self.timings["qemu_started"] = time.monotonic() - t0
         if m.net is not None:
             log.info("pod network %s: %s", self.netns,
                      ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in m.net.interfaces) or "no IPv4 interface")
         log.info("VM started: QEMU pid %s, accel %s (%s), %dM, %d cpus, layers over %s (%s), QEMU as %s; "
-                 "run dir %s", self.pid, self.accel, self.accel_reason, s.memory_mb, s.cpus, self.share, why,
+                 "run dir %s", self.pid, self.accel, self.accel_reason, s.memory_mb, self.cpus, self.share, why,
                  self.qemu_user, self.dir)
 
         deadline = t0 + s.boot_timeout

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import signal
-import shutil
 import socket
 import stat
 import sys
@@ -42,6 +41,16 @@ from .runc import Runc
 from .server import Outbox, Server
 
 log = logging.getLogger("ccpu.agent")
+
+
+def which(name: str) -> str | None:
+    """``shutil.which`` for one executable name or path: without shutil (and the bz2/lzma/fnmatch
+    it loads), which the agent's boot in a guest would pay for under TCG (docs/vm.md)."""
+    candidates = [name] if os.sep in name else [os.path.join(d, name) for d in os.get_exec_path()]
+    for c in candidates:
+        if os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tls-dir goes with --listen tcp:HOST:PORT")
     if not 0 <= ns.orphan_grace <= 86400:
         p.error("--orphan-grace: seconds from 0 to 86400")
-    runc = shutil.which(ns.runc)  # processes are posix_spawn'ed: no PATH search later
+    runc = which(ns.runc)  # processes are posix_spawn'ed: no PATH search later
     if runc is None:
         p.error(f"runc binary {ns.runc!r} not found")
     ns.runc = runc

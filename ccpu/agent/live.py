@@ -64,7 +64,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import stat
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -246,6 +245,8 @@ def cleanup(live: LiveStack | None) -> None:
 
 def _rmtree(path: str) -> None:
     try:
+        import shutil  # here: only a removal needs it, not the agent's start (docs/vm.md)
+
         shutil.rmtree(path)
     except FileNotFoundError:
         pass

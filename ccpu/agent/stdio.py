@@ -18,7 +18,6 @@ import logging
 import os
 import socket
 import struct
-import tempfile
 import termios
 from collections.abc import Awaitable
 from typing import Protocol
@@ -208,6 +207,8 @@ class ConsoleStdio(Stdio):
 
     def __init__(self, stdin: int, stdout: int, stderr: int, stdin_queue: StdinQueue | None) -> None:
         super().__init__(stdin, stdout, 0, stdin_queue)
+        import tempfile  # here: only a console needs it, not the agent's start (docs/vm.md)
+
         self._dir = tempfile.mkdtemp(prefix="fractal-console-")
         self.socket_path = os.path.join(self._dir, "c.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -59,7 +59,7 @@ def register(vm: argparse.ArgumentParser) -> None:
                         "command's cwd; default: the current directory)")
     p.add_argument("--repo", metavar="DIR", help="share DIR read-only at /repo (the layer repo)")
     p.add_argument("--mem", type=int, default=512, metavar="MB", help="guest memory (default %(default)s)")
-    p.add_argument("--cpus", type=int, default=2, help="guest CPUs (default %(default)s)")
+    p.add_argument("--cpus", type=int, default=None, help="guest CPUs (default: 1 under TCG, 2 under KVM)")
     p.add_argument("--share-type", choices=("9p", "virtiofs"), default=None,
                    help="share transport (default: virtiofs when virtiofsd is available, else 9p; "
                         "env FRACTAL_SHARE)")

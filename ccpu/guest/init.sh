@@ -68,6 +68,23 @@ die() {
     poweroff -f
 }
 
+# find_dev CLASSDIR ATTR VALUE -> /dev/NAME of the sysfs entry whose ATTR file reads VALUE, once
+# its device node exists.  The devices probe during insmod: the wait (<= 4 s) is a safety net.
+find_dev() {
+    i=0
+    while [ $i -lt 200 ]; do
+        for d in "$1"/*; do
+            [ "$(cat "$d/$2" 2>/dev/null)" = "$3" ] && [ -e "/dev/${d##*/}" ] && {
+                echo "/dev/${d##*/}"
+                return 0
+            }
+        done
+        sleep 0.02
+        i=$((i + 1))
+    done
+    return 1
+}
+
 milestone "init started (mode=$mode)"
 hostname fractal
 ip link set lo up 2>/dev/null
@@ -94,22 +111,8 @@ step "modules loaded"
 # python, the agent, runc and their libraries are on a read-only virtio-blk disk
 # (serial fractal-sys, EROFS); the initramfs's symlinks (usr -> /.image/usr, ...)
 # point into its mount.
-disk() {  # serial -> /dev/vdX (virtio-blk probes during insmod; the wait is a safety net)
-    i=0
-    while [ $i -lt 200 ]; do
-        for d in /sys/block/vd*; do
-            [ "$(cat "$d/serial" 2>/dev/null)" = "$1" ] && [ -e "/dev/${d##*/}" ] && {
-                echo "/dev/${d##*/}"
-                return 0
-            }
-        done
-        sleep 0.02
-        i=$((i + 1))
-    done
-    return 1
-}
 if [ -e /etc/fractal/image ]; then
-    sysdisk="$(disk fractal-sys)" || die "no system image disk (virtio-blk serial fractal-sys)"
+    sysdisk="$(find_dev /sys/block serial fractal-sys)" || die "no system image disk (virtio-blk serial fractal-sys)"
     mount -t erofs -o ro "$sysdisk" /.image || die "cannot mount the system image $sysdisk"
     step "system image mounted"
 fi
@@ -174,20 +177,7 @@ done
 [ -n "$nets" ] && step "network configured"
 
 # --- 4. virtio-serial ports, found by name (no udev) ------------------------
-port() {
-    i=0
-    while [ $i -lt 200 ]; do
-        for d in /sys/class/virtio-ports/*; do
-            [ -e "$d/name" ] && [ "$(cat "$d/name")" = "$1" ] && [ -e "/dev/${d##*/}" ] && {
-                echo "/dev/${d##*/}"
-                return 0
-            }
-        done
-        sleep 0.02
-        i=$((i + 1))
-    done
-    return 1
-}
+port() { find_dev /sys/class/virtio-ports name "$1"; }
 
 # --- 4b. run-at-boot commands (fractal guest build --run-at-boot; docs/vm.md "Extending the guest")
 # Each runs beside the agent (or the command), output on the console, restarted when it exits: after

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 # - 9pnet_virtio + 9p, virtiofs (+ fuse): the repo share and `vm run --share`
 # - overlay: the agent stacks image layers as overlayfs
 # - virtio_rng: entropy early (Python's os.urandom/getrandom must not stall)
+# - virtio_balloon: free page reporting -- pages the guest frees go back to the host (QEMU's RSS
+#   falls after a container exits; the kernel's CONFIG_PAGE_REPORTING is built in)
 # - virtio_net (+ net_failover, failover): the pod's NIC (ccpu.vm.net), when the sandbox has a netns
 # - bridge (+ stp, llc): privileged containers that make bridges (critest's capability specs); the
 #   guest has no modprobe, so what is not loaded at boot is not there
@@ -32,6 +34,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_mmio",
     "virtio_console",
     "virtio_rng",
+    "virtio_balloon",
     "virtio_net",
     "9pnet_virtio",
     "9p",

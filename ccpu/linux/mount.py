@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 
 from .libc import AT_EMPTY_PATH, AT_FDCWD, check, fsencode, libc, syscall
 
@@ -124,7 +123,7 @@ def fsmount_new(fstype: str, options: dict[str, str], attrs: int) -> int:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    nr = _PIVOT_ROOT.get(platform.machine())
+    nr = _PIVOT_ROOT.get(os.uname().machine)
     if nr is None:
-        raise OSError(errno.ENOSYS, f"pivot_root: unknown syscall number on {platform.machine()}")
+        raise OSError(errno.ENOSYS, f"pivot_root: unknown syscall number on {os.uname().machine}")
     syscall(nr, ctypes.c_char_p(os.fsencode(new_root)), ctypes.c_char_p(os.fsencode(put_old)), what="pivot_root")

@@ -38,7 +38,7 @@ import signal
 import socket
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from . import accel as accel_
@@ -107,7 +107,7 @@ class MachineSpec:
     accel: str = "auto"  # auto | kvm | tcg
     machine: str = "q35"  # q35 | microvm
     memory_mb: int = 512
-    cpus: int = 2
+    cpus: int | None = None  # None: qemu.default_cpus(the accelerator)
     repo: DirShare | None = None  # read-only at /repo (vm run --repo); tag qemu.REPO_TAG
     shares: tuple[DirShare, ...] = ()
     ports: tuple[str, ...] = ()  # virtio-serial port names, each a socketpair
@@ -123,6 +123,8 @@ class MachineSpec:
     #: False: QEMU and virtiofsd do not die with the starter (PDEATHSIG): a pooled VM outlives the
     #: pool once a shim adopted it (shim/poold.py ends the un-adopted ones itself)
     die_with_starter: bool = True
+    tcg: qemu.Tcg | None = None  # None: qemu.Tcg() unless FRACTAL_TCG overrides (tcg_options)
+    balloon: bool = True  # free page reporting (qemu.VMConfig.balloon); off only to measure it
 
     def all_shares(self) -> tuple[DirShare, ...]:
         return ((self.repo,) if self.repo else ()) + self.shares
@@ -160,11 +162,23 @@ def plan(spec: MachineSpec, accel: str, opened: Opened) -> qemu.VMConfig:
         console_log=console.path if isinstance(console, ConsoleFile) else "",
         console_log_fd=opened.console_fd if isinstance(console, ConsoleFile) else None,
         console_fd=opened.console_fd if isinstance(console, ConsoleSocket) else None,
-        accel=accel, machine=spec.machine, memory_mb=spec.memory_mb, cpus=spec.cpus, mode=spec.mode,
+        accel=accel, machine=spec.machine, memory_mb=spec.memory_mb,
+        cpus=spec.cpus if spec.cpus is not None else qemu.default_cpus(accel), mode=spec.mode,
         repo=share(spec.repo) if spec.repo else None, shares=[share(s) for s in spec.shares],
         ports=[qemu.Port(p, fd=opened.port_fds[p]) for p in spec.ports], nics=list(opened.nics),
         cmdline_extra=(*opened.net_cmdline, *spec.cmdline_extra), debug=spec.debug, name=spec.name,
-        qemu=spec.qemu_binary, qmp_fd=opened.qmp_fd, hotplug_slots=spec.hotplug_nics)
+        qemu=spec.qemu_binary, qmp_fd=opened.qmp_fd, hotplug_slots=spec.hotplug_nics,
+        tcg=spec.tcg or qemu.Tcg(), balloon=spec.balloon)
+
+
+def tcg_options(env: Mapping[str, str] | None = None) -> qemu.Tcg:
+    """TCG's settings: the defaults (docs/vm.md "Accelerator"), or ``FRACTAL_TCG`` (e.g.
+    ``thread=multi,tb-size=128``) for measuring another configuration; a bad value is an error."""
+    text = (os.environ if env is None else env).get("FRACTAL_TCG", "")
+    try:
+        return qemu.parse_tcg(text)
+    except qemu.ConfigError as e:
+        raise qemu.ConfigError(f"FRACTAL_TCG={text!r}: {e}") from None
 
 
 def virtiofsd_argv(binary: str, share: DirShare) -> list[str]:
@@ -203,6 +217,7 @@ class _Launcher:
         self.spec = spec
         self.accel: accel_.Choice | None = None
         self.qemu_user = ""  # e.g. "uid/gid 2130706433", or why root
+        self.cpus = 0  # the guest's vCPUs, once launched
         self.argv: list[str] = []
         self.net: net.Attachment | None = None
         self.qmp: qmp_.Qmp | None = None  # with spec.hotplug_nics: QEMU's monitor
@@ -386,11 +401,13 @@ class _Launcher:
                 console_fd = spec.console.fd
             opened = Opened(opened_shares, port_fds, console_fd,
                             self.net.nics if self.net else (), self.net.cmdline if self.net else (), qmp_fd)
-            cfg, boot_fds = qemu.open_boot_files(plan(spec, self.accel.accel, opened))
+            cfg, boot_fds = qemu.open_boot_files(plan(replace(spec, tcg=spec.tcg or tcg_options()), self.accel.accel,
+                                                       opened))
             fds += boot_fds
             owner = spec.owner_pid if spec.owner_pid is not None else os.getpid()
             creds, self.qemu_user = qemu.choose_creds(cfg, spec.uid_base, owner)
             self.argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
+            self.cpus = cfg.cpus
             log.debug("qemu: %s", " ".join(self.argv))
             # cwd: the workdir, though QEMU opens nothing by path (chdir precedes the uid drop):
             # operators and tests tell whose QEMU it is by it (and by -name)

@@ -35,7 +35,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 QEMU = "qemu-system-x86_64"
 QBOOT = "/usr/share/qemu/qboot.rom"
@@ -47,6 +47,75 @@ REPO_TAG = "fractalrepo"
 #: scheduler/affinity changes.  A denied syscall kills QEMU (it is a bug or an attack).
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 CONSOLE_FDSET = 1  # -add-fd set id of console_log_fd
+
+
+class ConfigError(ValueError):
+    """A VMConfig that cannot be turned into a working command line."""
+
+
+def default_cpus(accel: str) -> int:
+    """vCPUs when nobody asked: 2 under KVM; 1 under TCG, where one host thread runs the vCPUs in
+    turn (``thread=single``): a second vCPU adds no throughput, and every wait of one vCPU for the
+    other (a spinlock, an IPI, Go's runtime spinning) lasts until the round-robin switches, up to
+    100 ms.  Measured in docs/vm.md "Accelerator" (hack/bench/tcg.py)."""
+    return 1 if accel == "tcg" else 2
+
+
+TCG_THREADS = ("single", "multi")
+TCG_CPUS = ("max", "qemu64", "Skylake-Client-v4", "EPYC-v3")  # models QEMU 7.2's TCG runs a 6.1 kernel on
+TB_SIZE_MAX_MB = 2048
+
+
+@dataclass(frozen=True)
+class Tcg:
+    """How TCG runs the guest (ignored under KVM).  Defaults: docs/vm.md "Accelerator".
+
+    ``threads``: ``single`` (one host thread runs every vCPU in turn) or ``multi`` (a host thread per
+    vCPU).  ``tb_size_mb``: the translation-block cache (QEMU 7.2 reserves 1 GiB by default and
+    fills it as it translates; full, it is flushed).  Bounding it bounds QEMU's RSS: 256 MiB is above
+    the working sets seen (a fresh guest ~26 MiB; a sandbox after 10 containers filled 64 MiB, so 64
+    would keep flushing; 108 MiB in a long-lived sandbox), docs/vm.md "TCG's settings".  ``cpu``: the CPU model."""
+
+    threads: str = "single"
+    tb_size_mb: int | None = 256
+    cpu: str = "max"
+
+    def check(self) -> None:
+        if self.threads not in TCG_THREADS:
+            raise ConfigError(f"tcg thread={self.threads!r}: expected one of {TCG_THREADS}")
+        if self.tb_size_mb is not None and not 1 <= self.tb_size_mb <= TB_SIZE_MAX_MB:
+            raise ConfigError(f"tcg tb-size={self.tb_size_mb}: expected 1..{TB_SIZE_MAX_MB} (MiB)")
+        if self.cpu not in TCG_CPUS:
+            raise ConfigError(f"tcg cpu={self.cpu!r}: expected one of {TCG_CPUS}")
+
+    def accel_arg(self) -> str:
+        tb = f",tb-size={self.tb_size_mb}" if self.tb_size_mb is not None else ""
+        return f"tcg,thread={self.threads}{tb}"
+
+
+def parse_tcg(text: str, base: Tcg = Tcg()) -> Tcg:
+    """``thread=multi,tb-size=128,cpu=qemu64`` (any subset; ``tb-size=default`` is QEMU's own) ->
+    Tcg over ``base``; the FRACTAL_TCG override, for measuring (hack/bench/guest.py, hack/vm_soak.py)."""
+    out = base
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"tcg option {item!r}: expected KEY=VALUE (thread, tb-size, cpu)")
+        if key == "thread":
+            out = replace(out, threads=value)
+        elif key == "tb-size":
+            if value == "default":
+                out = replace(out, tb_size_mb=None)
+            elif value.isdigit() and len(value) <= 6:
+                out = replace(out, tb_size_mb=int(value))
+            else:
+                raise ConfigError(f"tcg tb-size={value!r}: expected MiB or 'default'")
+        elif key == "cpu":
+            out = replace(out, cpu=value)
+        else:
+            raise ConfigError(f"tcg option {key!r}: expected thread, tb-size or cpu")
+    out.check()
+    return out
 
 
 @dataclass(frozen=True)
@@ -117,17 +186,17 @@ class VMConfig:
     qmp_fd: int | None = None
     # free pcie-root-ports reserved for NICs added after boot (q35 only; ccpu.vm.qmp)
     hotplug_slots: int = 0
+    tcg: Tcg = Tcg()
+    # virtio-balloon with free page reporting: pages the guest frees are discarded on the host
+    balloon: bool = True
 
 
 SYSTEM_DISK_SERIAL = "fractal-sys"  # how the init finds the disk (/sys/block/vdX/serial)
 MAX_HOTPLUG_SLOTS = 8  # each root port takes a PCI bus number and bridge windows
 
 
-class ConfigError(ValueError):
-    """A VMConfig that cannot be turned into a working command line."""
-
-
 def _check(cfg: VMConfig) -> None:
+    cfg.tcg.check()
     if cfg.machine not in MACHINES:
         raise ConfigError(f"machine {cfg.machine!r}: expected one of {MACHINES}")
     if cfg.accel not in ("kvm", "tcg"):
@@ -199,8 +268,11 @@ def uses_virtiofs(cfg: VMConfig) -> bool:
 
 def kernel_cmdline(cfg: VMConfig) -> str:
     """The guest kernel's command line: console on the serial port, no reboot on panic, our init's knobs."""
+    # no_timer_check: the kernel's boot-time check that the PIT ticks through the IO-APIC busy-waits
+    # a few ticks; under TCG on a loaded host the ticks come late and the kernel panics ("IO-APIC +
+    # timer doesn't work!", seen by hack/bench/tcg.py at load average 30).  QEMU's timer is known good.
     args = ["console=ttyS0", "panic=-1", "reboot=t" if cfg.machine == "microvm" else "",
-            "quiet" if not cfg.debug else "loglevel=7", "rdinit=/init",
+            "quiet" if not cfg.debug else "loglevel=7", "rdinit=/init", "no_timer_check",
             "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
             f"fractal.mode={cfg.mode}", f"fractal.repo={cfg.repo.type if cfg.repo else 'none'}"]
     if cfg.debug:
@@ -231,11 +303,9 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
             argv += ["-bios", fw]
     if vfs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mb}M,share=on"]
-    # TCG: one host thread runs all vCPUs in turn.  With thread=multi, runc's create in a 2-vCPU
-    # guest sometimes left both vCPUs spinning for ever ("soft lockup - CPU#0 stuck", RCU
-    # stalls; console in docs/vm.md): a guest that hangs is worse than a slower one.
-    argv += ["-accel", "kvm" if cfg.accel == "kvm" else "tcg,thread=single",
-             "-cpu", "host" if cfg.accel == "kvm" else "max",
+    # TCG: docs/vm.md "Accelerator" (why thread=single by default, why the cache is bounded)
+    argv += ["-accel", "kvm" if cfg.accel == "kvm" else cfg.tcg.accel_arg(),
+             "-cpu", "host" if cfg.accel == "kvm" else cfg.tcg.cpu,
              "-m", f"{cfg.memory_mb}M", "-smp", str(cfg.cpus),
              "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg)]
     if cfg.console_fd is not None:
@@ -249,6 +319,10 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
         argv += ["-sandbox", SANDBOX]
     if cfg.rng:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", f"virtio-rng-{bus},rng=rng0"]
+    if cfg.balloon:
+        # the guest reports freed 2 MiB+ blocks; QEMU discards them (MADV_DONTNEED, or a hole punched
+        # in the shared memfd with virtiofs): the host gets the memory of exited containers back
+        argv += ["-device", f"virtio-balloon-{bus},id=balloon0,free-page-reporting=on"]
     if cfg.ports:
         argv += ["-device", f"virtio-serial-{bus},id=vser0,max_ports={max(2, len(cfg.ports) + 1)}"]
         for i, p in enumerate(cfg.ports):

@@ -71,11 +71,11 @@ def console_milestones(text: str) -> list[tuple[float, str]]:
 
 
 def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = (), repo: str | None = None,
-        memory_mb: int = 512, cpus: int = 2, share_type: str | None = None, machine: str = "q35",
+        memory_mb: int = 512, cpus: int | None = None, share_type: str | None = None, machine: str = "q35",
         timeout: float | None = 600.0, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
         console_log: str | None = None, debug: bool = False, netns: str | None = None,
         uid_base: int = qemu.DEFAULT_UID_BASE, note: Callable[[str], None] = lambda s: None,
-        tty: bool = False, stdin_fd: int | None = None) -> RunResult:
+        tty: bool = False, stdin_fd: int | None = None, balloon: bool = True) -> RunResult:
     """Run `argv` (joined for `sh -c`) in a fresh guest; its stdout/stderr go to `stdout`/`stderr`.
 
     ``tty``: on a pty in the guest (``vm run -t``): ``stdin_fd`` (a terminal, or None for no input)
@@ -101,7 +101,8 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             repo=share(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True, layers=True) if repo else None,
             shares=tuple(share(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)),
             ports=(PORT_RUN, PORT_OUT, PORT_ERR) + ((PORT_IN,) if tty else ()), netns=netns, uid_base=uid_base,
-            debug=debug, cmdline_extra=(f"fractal.tty={runproto.term_name(os.environ.get('TERM'))}",) if tty else ())
+            debug=debug, cmdline_extra=(f"fractal.tty={runproto.term_name(os.environ.get('TERM'))}",) if tty else (),
+            balloon=balloon)
         vm = Machine(spec)
         try:
             vm.boot()

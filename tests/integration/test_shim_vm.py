@@ -366,3 +366,35 @@ def test_shim_killed_takes_the_vm(fenv: FractalEnv, namespace: str, images: dict
     finally:
         fenv.ctr("tasks", "delete", "-f", cid, namespace=namespace, check=False)
         fenv.ctr("containers", "rm", cid, namespace=namespace, check=False)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_tcg_default_vcpus_and_freed_guest_memory_returns_to_the_host(
+        fenv: FractalEnv, namespace: str, images: dict[str, str]) -> None:
+    """A sandbox that asks for no vCPU count gets the accelerator's default (1 under TCG: docs/vm.md
+    "TCG's settings"); memory a container touched and freed goes back to the host (virtio-balloon
+    free page reporting): QEMU's RSS falls again after the file that took it is deleted."""
+    from ccpu.vm import qemu
+
+    sb = "vm-balloon"
+    start_detached(fenv, namespace, images["busybox"], sb, "sleep", "600")
+    pid = vm_pid(fenv, namespace, sb)
+    try:
+        cpus = exec_(fenv, namespace, sb, "nproc", "sh", "-c", "grep -c ^processor /proc/cpuinfo").stdout
+        accel = "kvm" if "-accel kvm" in " ".join(a.decode() for a in _proc_cmd(pid)) else "tcg"
+        assert int(cpus) == qemu.default_cpus(accel), cpus
+        exec_(fenv, namespace, sb, "touch", "sh", "-c",
+              "mkdir -p /tmp && dd if=/dev/zero of=/tmp/big bs=1M count=96 && sync")
+        touched = _rss_mb(pid)
+        exec_(fenv, namespace, sb, "free", "rm", "/tmp/big")
+        # the guest reports freed 2 MiB blocks after ~2 s; allow for a loaded machine
+        wait_for(lambda: _rss_mb(pid) < touched - 48, timeout=120,
+                 what=f"QEMU RSS below {touched - 48:.0f} MB after the guest freed 96 MB (was {touched:.0f} MB)")
+    finally:
+        remove(fenv, namespace, sb)

@@ -41,7 +41,7 @@ def test_plan_passes_fds_not_paths() -> None:
     assert "socket,id=con0,fd=9,server=off" in joined and "file:" not in joined
     assert ".sock" not in joined  # no virtiofsd socket path: QEMU may not reach the run dir
     assert argv[argv.index("-sandbox") + 1] == qemu.SANDBOX
-    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
+    assert argv[argv.index("-accel") + 1] == qemu.Tcg().accel_arg()
     assert sorted(qemu.inherited_fds(cfg)) == [5, 6, 9]
     cmdline = argv[argv.index("-append") + 1]
     assert cmdline.endswith("fractal.net=eth0,x fractal.reserve=64")  # the network first, then the caller's
@@ -252,3 +252,14 @@ def test_long_workdir_reaches_virtiofsd_through_a_dir_fd(fakes: Path) -> None:
     with Machine(fake_spec(fakes, workdir=str(deep))) as vm:
         vm.boot()
         assert stat.S_ISSOCK(os.stat(deep / "vfs-layers.sock").st_mode) and vm.poll() is None
+
+
+def test_tcg_options_come_from_the_spec_or_fractal_tcg() -> None:
+    opened = Opened(port_fds={"fractal.agent": 6}, console_fd=9)
+    assert machine.plan(spec(), "tcg", opened).tcg == qemu.Tcg()
+    mine = qemu.Tcg(threads="multi", tb_size_mb=32)
+    assert machine.plan(spec(tcg=mine), "tcg", opened).tcg == mine
+    assert machine.tcg_options({}) == qemu.Tcg()
+    assert machine.tcg_options({"FRACTAL_TCG": "thread=multi"}).threads == "multi"
+    with pytest.raises(qemu.ConfigError, match="FRACTAL_TCG='thread=x'"):
+        machine.tcg_options({"FRACTAL_TCG": "thread=x"})

@@ -29,13 +29,15 @@ def test_minimal_q35_tcg() -> None:
     for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
         assert flag in argv
     assert opt_after(argv, "-machine")[0].startswith("q35")
-    assert opt_after(argv, "-accel") == ["tcg,thread=single"]
+    # one host thread for every vCPU, and a bounded translation cache (docs/vm.md "Accelerator")
+    assert opt_after(argv, "-accel") == [f"tcg,thread=single,tb-size={qemu.Tcg().tb_size_mb}"]
     assert opt_after(argv, "-bios") == [qemu.QBOOT]
     assert opt_after(argv, "-m") == ["512M"] and opt_after(argv, "-smp") == ["2"]
     assert opt_after(argv, "-serial") == ["file:/b/console.log"]
     assert "-netdev" not in argv and "-drive" not in argv
     append = opt_after(argv, "-append")[0]
     assert "console=ttyS0" in append and "panic=-1" in append and "fractal.mode=agent" in append
+    assert "no_timer_check" in append.split()  # no boot-time timer probe that a loaded host can fail
     assert "fractal.repo=none" in append
 
 
@@ -235,3 +237,32 @@ def test_system_image_reaches_qemu_through_an_fd(tmp_path) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_free_page_reporting_balloon_by_default_and_on_the_machines_bus() -> None:
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in qemu.command(cfg())
+    assert "virtio-balloon-device,id=balloon0,free-page-reporting=on" in qemu.command(cfg(machine="microvm"))
+    assert not any("balloon" in a for a in qemu.command(cfg(balloon=False)))
+
+
+def test_tcg_options_parse_and_reach_the_command_line() -> None:
+    t = qemu.parse_tcg("thread=multi, tb-size=128,cpu=qemu64")
+    assert t == qemu.Tcg(threads="multi", tb_size_mb=128, cpu="qemu64")
+    argv = qemu.command(cfg(tcg=t))
+    assert opt_after(argv, "-accel") == ["tcg,thread=multi,tb-size=128"] and opt_after(argv, "-cpu") == ["qemu64"]
+    assert qemu.parse_tcg("tb-size=default").accel_arg() == "tcg,thread=single"  # QEMU's own size
+    assert qemu.parse_tcg("") == qemu.Tcg()
+    # KVM ignores them
+    assert opt_after(qemu.command(cfg(accel="kvm", tcg=t)), "-accel") == ["kvm"]
+
+
+@pytest.mark.parametrize("text", ["thread=many", "tb-size=0", "tb-size=99999", "tb-size=-1", "tb-size=1e3",
+                                  "cpu=host", "cpu=max,foo", "threads=multi", "thread"])
+def test_bad_tcg_options_are_config_errors(text: str) -> None:
+    with pytest.raises(qemu.ConfigError):
+        qemu.parse_tcg(text)
+
+
+def test_a_bad_tcg_in_a_config_is_refused_by_command() -> None:
+    with pytest.raises(qemu.ConfigError, match="tb-size"):
+        qemu.command(cfg(tcg=qemu.Tcg(tb_size_mb=0)))
