@@ -4,18 +4,24 @@
 What it shows, step by step with timings:
   1. test images (busybox, edge, tools) built into the cache and served by a local registry;
   2. a private containerd wired to the fractal proxy snapshotter (never the host's containerd),
-     with its CRI plugin on (runtime handler ``fractal``, a CNI bridge of its own);
+     with its CRI plugin on (runtime handler ``fractal``, a CNI bridge of its own); the pool of
+     ready VMs (``python3 -m shim.poold --size 1``) started on its run dir, booting in the background;
   3. ``ctr images pull --snapshotter fractal`` of the images into namespace ``fractal-demo``;
   4. ``ctr run --rm --snapshotter fractal --runtime io.containerd.fractal.v1`` of the edge image in
-     host mode (whiteouts, opaque dirs ... applied);
-  5. ONE fractal VM with two containers (same sandbox, ``io.fractal.mode=vm``); the tools image's
-     layers added LIVE to one of them (``fractal layers add``) and removed again;
+     host mode (whiteouts, opaque dirs ... applied), its shim daemon forked by the fork-server;
+  5. ONE fractal VM with two containers (same sandbox, ``io.fractal.mode=vm``): the sandbox ADOPTS
+     the pool's ready VM (same QEMU pid; adoption time vs the boot it saved, from ``fractal ps``);
+     the tools image's layers added LIVE to one of them (``fractal layers add``) and removed again;
+     then the pool is stopped, ending the VM it refilled;
   6. a Kubernetes-style pod through CRI (``crictl runp`` on handler ``fractal``, VM mode): one VM,
      the pod IP connected to the guest, an HTTP server in the VM answering the host;
-  7. the same images pulled into a second namespace: the layer repo does not grow, because layers
+  7. remote mode: ``fractal pki init``, the agent serving TLS 1.3 in a network namespace "machine"
+     (hack/remote_machine.py), ``ctr run --annotation io.fractal.mode=remote`` on it, with the
+     endpoint and both identities (certificate fingerprints) that served it;
+  8. the same images pulled into a second namespace: the layer repo does not grow, because layers
      are stored once and shared -- the figures are printed (compare ``--snapshotter overlayfs``,
      where every namespace unpacks its own copy);
-  8. ``ctr snapshots ls``, ``fractal repo ls/du``; then everything is removed and GC empties the repo.
+  9. ``ctr snapshots ls``, ``fractal repo ls/du``; then everything is removed and GC empties the repo.
 
 Exits non-zero with the failing step named if anything goes wrong.  ``--snapshotter overlayfs``
 runs the same story on containerd's built-in snapshotter (baseline, and a harness check).
@@ -136,6 +142,28 @@ def _count_processes(name: str, mentioning: str) -> int:
     return n
 
 
+def _sandbox_qemus(env: FractalEnv) -> int:
+    """This env's QEMU processes that sandboxes booted: not the pool's (booted under
+    ``<run dir>/pool``; an adopted pooled VM keeps that command line, so it is watched by pid)."""
+    pool_dir = str(env.fractal_run_dir / "pool") + "/"
+    n = 0
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace")
+                if "qemu-system-x86_64" in cmd.split("\0", 1)[0] and str(env.run_dir) in cmd and pool_dir not in cmd:
+                    n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _task_pid(env: FractalEnv, cid: str, ns: str) -> int:
     for line in env.ctr("tasks", "ls", namespace=ns).stdout.splitlines()[1:]:
         f = line.split()
@@ -190,8 +218,8 @@ def _cri_pod_in_vm(env: FractalEnv, nar: Narrator, image: str, work: Path) -> No
     t0 = time.monotonic()
     pod_id = crictl("runp", "--runtime", "fractal", str(pod))
     try:
-        nar.say(f"pod {pod_id[:12]} up in {time.monotonic() - t0:.1f}s; QEMU processes: "
-                f"{_count_processes('qemu-system-x86_64', str(env.run_dir))}")
+        nar.say(f"pod {pod_id[:12]} up in {time.monotonic() - t0:.1f}s; its QEMU processes: "
+                f"{_sandbox_qemus(env)} (a pod with a network boots its own VM, not a pooled one)")
         cid = crictl("create", pod_id, str(ctr), str(pod))
         crictl("start", cid)
         ip = json.loads(crictl("inspectp", "-o", "json", pod_id))["status"]["network"]["ip"]
@@ -207,9 +235,116 @@ def _cri_pod_in_vm(env: FractalEnv, nar: Narrator, image: str, work: Path) -> No
         subprocess.run([*base, "stopp", pod_id], capture_output=True, env=cenv, timeout=300)
         subprocess.run([*base, "rmp", "-f", pod_id], capture_output=True, env=cenv, timeout=300)
     deadline = time.monotonic() + 30
-    while _count_processes("qemu-system-x86_64", str(env.run_dir)) and time.monotonic() < deadline:
+    while _sandbox_qemus(env) and time.monotonic() < deadline:
         time.sleep(0.2)
-    nar.say(f"crictl stopp/rmp: QEMU processes left: {_count_processes('qemu-system-x86_64', str(env.run_dir))}")
+    nar.say(f"crictl stopp/rmp: the pod's QEMU processes left: {_sandbox_qemus(env)}")
+
+
+class Pool:
+    """``python3 -m shim.poold --size 1`` in the demo env's run dir/config/repo (as the tests do):
+    it boots a VM in the background, which the first VM sandbox adopts instead of booting."""
+
+    def __init__(self, env: FractalEnv) -> None:
+        self.run_dir = str(env.fractal_run_dir)
+        self.log = env.log_dir / "pool.log"
+        penv = {**os.environ, "FRACTAL_RUN_DIR": str(env.fractal_run_dir),
+                "FRACTAL_CONFIG": str(env.fractal_config), "FRACTAL_ROOT": str(env.snapshotter_root)}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "shim.poold", "--size", "1"], env=penv,
+                                         stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def ready(self, timeout: float = 600) -> dict:
+        """The pool's first ready VM, waiting for its boot (a failure names the pool's log)."""
+        from shim import pool
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the pool exited ({self.proc.returncode}): {tail(self.log, 20)}")
+            with contextlib.suppress(OSError):
+                ready = pool.status(self.run_dir).get("ready") or []
+                if ready:
+                    return ready[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no pooled VM ready after {timeout:.0f}s: {tail(self.log, 20)}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM: the pool stops its un-adopted VM and removes its dirs and mounts."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _sandbox_vm(env: FractalEnv, ns: str, sandbox: str, cli_env: dict[str, str]) -> dict:
+    import json
+
+    for entry in json.loads(_fractal_cli("ps", "--json", "-a", str(env.address), "-n", ns, env=cli_env)):
+        if entry["sandbox"] == sandbox and entry.get("vm"):
+            return entry["vm"]
+    raise RuntimeError(f"fractal ps shows no VM for sandbox {sandbox}")
+
+
+def _zygotes(env: FractalEnv) -> list[int]:
+    """The shim fork-server(s) of this env's containerd (``python -m shim.zygote -address A``)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+                if b"shim.zygote" in cmd and str(env.address).encode() in cmd:
+                    found.append(int(d))
+    return found
+
+
+def _remote_step(env: FractalEnv, nar: Narrator, ref: str, work: Path) -> None:
+    """Remote mode: `fractal pki init`, the agent in a network namespace "machine" reached over
+    TCP + mutual TLS only, `ctr run` with io.fractal.mode=remote on it."""
+    import re
+
+    from ccpu import pki
+    from hack.remote_machine import RemoteAgent, machine_netns
+
+    with machine_netns() as m:
+        pki_dir = work / "pki"
+        _fractal_cli("pki", "init", str(pki_dir), "--agent-name", m.agent_ip)
+        nar.say(f"fractal pki init {pki_dir} --agent-name {m.agent_ip} -> "
+                f"{' '.join(sorted(p.name for p in pki_dir.iterdir()))}")
+        agent_id = pki.fingerprint((pki_dir / "agent.pem").read_bytes())
+        host_id = pki.fingerprint((pki_dir / "host.pem").read_bytes())
+        # keep the env's config, add where remote sandboxes go
+        cfg = env.fractal_config.read_text()
+        env.fractal_config.write_text(cfg + f'[remote]\nendpoints = ["{m.agent_ip}:7443"]\n'
+                                            f'tls_dir = "{pki_dir}"\nconnect_timeout = 10\n')
+        agent = RemoteAgent(env, m, pki_dir)
+        try:
+            nar.say(f"agent serving TLS 1.3 on {m.agent_ip}:7443 in netns {m.netns} (own PID + mount "
+                    f"namespaces; the host reaches it at {m.host_ip} -> {m.agent_ip} only)")
+            r = env.run(ref, "remote1", "sh", "-c", 'echo "hello from remote1 (pid $$ in its container), '
+                        'run by the remote agent"',
+                        namespace=NS1, runtime=FRACTAL_RUNTIME, extra=["--annotation", "io.fractal.mode=remote"])
+            nar.say(f"output: {r.stdout.strip()}")
+            served = re.findall(r"connected \(identity (sha256:[0-9a-f]+)\)", agent.log.read_text())
+            if host_id not in served or "create {'container': 'remote1'" not in agent.log.read_text():
+                raise RuntimeError(f"the agent's log shows no session of the host's identity that created "
+                                   f"remote1: {agent._tail()}")
+            shim_line = [ln for ln in (env.log_dir / "containerd.log").read_text().splitlines()
+                         if "remote agent" in ln and " up (identity " in ln]
+            nar.say(f"the agent's log: host identity {host_id[:23]}... (host.pem, verified against ca.pem) "
+                    "connected and created remote1 there")
+            up = r"remote agent (\S+) up \(identity (sha256:[0-9a-f]+)\)"
+            m2 = re.search(up, shim_line[-1]) if shim_line else None
+            if m2 is None or m2.group(2) != agent_id:
+                raise RuntimeError(f"the shim's log (in containerd's) names no agent of identity {agent_id}: "
+                                   f"{shim_line[-1:] or 'no remote agent line'}")
+            nar.say(f"the shim's log: it dialled endpoint {m2.group(1)}, agent identity {m2.group(2)[:23]}... "
+                    "(= agent.pem's)")
+        finally:
+            agent.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,12 +407,21 @@ def main(argv: list[str] | None = None) -> int:
             store = storage_dir(env, sn)
             stack.callback(_dump_logs_on_failure, env, nar.failed)
 
+            rt = FRACTAL_RUNTIME if sn == "fractal" else None
+            pool: Pool | None = None
+            if rt:
+                with nar.step("start the pool of ready VMs (python3 -m shim.poold --size 1): it boots one "
+                              "in the background"):
+                    pool = Pool(env)
+                    stack.callback(pool.stop)  # before the env's teardown: its VM's mounts are in the run dir
+                    nar.say(f"pool pid {pool.proc.pid}, socket {env.fractal_run_dir}/pool/pool.sock; "
+                            "the next steps run while it boots")
+
             for name in IMAGES:
                 with nar.step(f"pull {name} into namespace {NS1} with --snapshotter {sn}"):
                     env.pull(refs[name], namespace=NS1, snapshotter=sn)
                     nar.say(f"layer storage now {human(dir_size(store))}")
 
-            rt = FRACTAL_RUNTIME if sn == "fractal" else None
             rt_flag = f" --runtime {rt}" if rt else ""
             with nar.step(f"ctr run --rm{rt_flag} --snapshotter {sn} edge demo1 sh -c ..."):
                 r = env.run(refs["edge"], "demo1", "sh", "-c", RUN_SCRIPT, snapshotter=sn, namespace=NS1, runtime=rt)
@@ -285,11 +429,19 @@ def main(argv: list[str] | None = None) -> int:
                 if rt:
                     nar.say("the fractal shim ran it through the fractal agent (host mode), which stacked the\n"
                             "repo's layers into the container's overlay itself")
+                    zyg = _zygotes(env)
+                    nar.say(f"its shim daemon was forked by the shim fork-server (python -m shim.zygote, pid "
+                            f"{', '.join(map(str, zyg)) or 'none: fell back to fork'}), which keeps the imports warm")
 
             if rt:
                 cli_env = {"FRACTAL_RUN_DIR": str(env.fractal_run_dir), "FRACTAL_ROOT": str(env.snapshotter_root)}
                 vm_ann = ["--annotation", "io.fractal.sandbox=demo", "--annotation", "io.fractal.mode=vm"]
-                with nar.step("ONE fractal VM, two containers in it (--annotation io.fractal.mode=vm, same sandbox)"):
+                assert pool is not None
+                with nar.step("ONE fractal VM, two containers in it (--annotation io.fractal.mode=vm, same sandbox); "
+                              "the VM is the pool's, adopted"):
+                    ready = pool.ready()
+                    nar.say(f"pool: VM {ready['id']} ready (QEMU pid {ready['qemu_pid']}, booted in "
+                            f"{float(ready.get('boot_seconds') or 0):.1f}s)")
                     env.run(refs["edge"], "web", "sleep", "600", rm=False, snapshotter=sn, namespace=NS1,
                             runtime=rt, extra=["-d", *vm_ann], timeout=300)
                     env.run(refs["busybox"], "shell", "sleep", "600", rm=False, snapshotter=sn, namespace=NS1,
@@ -297,7 +449,15 @@ def main(argv: list[str] | None = None) -> int:
                     guest = env.ctr("tasks", "exec", "--exec-id", "k1", "web", "uname", "-r", namespace=NS1).stdout.strip()
                     nar.say(f"kernel inside the containers: {guest} (the guest's; the host runs {os.uname().release})")
                     qemus = _count_processes("qemu-system-x86_64", str(env.run_dir))
-                    nar.say(f"QEMU processes for this sandbox: {qemus}")
+                    nar.say(f"QEMU processes of this env: {qemus} (the sandbox's, and the pool booting its refill)")
+                    vm = _sandbox_vm(env, NS1, "demo", cli_env)
+                    adopted = vm.get("pooled") or {}
+                    if vm.get("pid") != ready["qemu_pid"] or adopted.get("id") != ready["id"]:
+                        raise RuntimeError(f"the sandbox did not adopt the pooled VM: {vm} (pool: {ready})")
+                    adopted_qemu = int(vm["pid"])
+                    nar.say(f"sandbox demo ADOPTED pooled VM {adopted['id']} (QEMU pid {vm['pid']}) in "
+                            f"{float(adopted.get('adopt_seconds') or 0):.2f}s instead of a "
+                            f"{float(adopted.get('boot_seconds') or 0):.1f}s boot (fractal ps --json: vm.pooled)")
                     nar.say(_fractal_cli("ps", "-a", str(env.address), "-n", NS1, env=cli_env))
                     lowers = env.ctr("tasks", "exec", "--exec-id", "k2", "web", "sh", "-c",
                                      "grep -o 'lowerdir=[^,]*' /proc/mounts | head -1", namespace=NS1).stdout.strip()
@@ -333,14 +493,33 @@ def main(argv: list[str] | None = None) -> int:
                     for cid in ("web", "shell"):
                         _delete_when_stopped(env, cid, NS1, timeout=60)
                     deadline = time.monotonic() + 30
+                    while _alive(adopted_qemu) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    if _alive(adopted_qemu):
+                        raise RuntimeError(f"the sandbox's VM (QEMU pid {adopted_qemu}) outlived its containers")
+                    nar.say(f"the sandbox's VM (QEMU pid {adopted_qemu}) ended with its last container "
+                            "(the pool boots its refill meanwhile)")
+
+            if pool is not None:
+                with nar.step("stop the pool (SIGTERM): it ends the refill VM it booted after the adoption"):
+                    pool.stop()
+                    deadline = time.monotonic() + 30
                     while _count_processes("qemu-system-x86_64", str(env.run_dir)) and time.monotonic() < deadline:
                         time.sleep(0.2)
-                    nar.say(f"QEMU processes left: {_count_processes('qemu-system-x86_64', str(env.run_dir))}")
+                    left = _count_processes("qemu-system-x86_64", str(env.run_dir))
+                    nar.say(f"pool exit status {pool.proc.returncode}; QEMU processes left: {left}")
+                    if left:
+                        raise RuntimeError(f"{left} QEMU processes outlived the pool: {tail(pool.log, 20)}")
 
             if rt and cri is not None:
                 with nar.step("Kubernetes: crictl runp on RuntimeClass handler `fractal` -> ONE VM for the pod, "
                               "its pod IP served from inside the VM"):
                     _cri_pod_in_vm(env, nar, refs["busybox"], reg_dir)
+
+            if rt:
+                with nar.step("remote mode: fractal pki init, an agent on a \"machine\" (netns) over mutual TLS, "
+                              "ctr run --annotation io.fractal.mode=remote"):
+                    _remote_step(env, nar, refs["busybox"], reg_dir)
 
             before = dir_size(store)
             with nar.step(f"pull the same images into a second namespace {NS2}"):
