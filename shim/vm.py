@@ -9,12 +9,13 @@ socketpair; the shim speaks the unchanged agent protocol over it.  When the shim
 (its last container was deleted) the agent is told to ``shutdown`` and the machine is stopped
 (QEMU: a grace period, SIGTERM, then SIGKILL; then virtiofsd).
 
-With a pool running (``vm.pool``, shim/poold.py) and no pod network namespace, the sandbox first
-asks the pool for a ready VM of its settings (:meth:`VmSandbox._adopt`, shim/pool.py): the pool
-renames that VM's run dir to ours and passes the agent link, the console, pidfds of QEMU and
-virtiofsd and the volume dir; the VM is then ours exactly as if we had booted it (records,
-views, stop), watched through the pidfds (ccpu/vm/adopted.py).  Otherwise, or if anything about
-the handover is wrong, it boots its own.
+With a pool running (``vm.pool``, shim/poold.py), the sandbox first asks the pool for a ready VM
+of its settings (:meth:`VmSandbox._adopt`, shim/pool.py): the pool renames that VM's run dir to
+ours and passes the agent link, the console, pidfds of QEMU and virtiofsd, the volume dir and
+QEMU's QMP channel; the VM is then ours exactly as if we had booted it (records, views, stop,
+NICs), watched through the pidfds (ccpu/vm/adopted.py).  A pod network namespace (CRI) is
+plugged into it live (:meth:`VmSandbox._pod_nic`).  Otherwise, or if anything about the
+handover is wrong, it boots its own.
 
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/`` (root, 0700): ``layers/`` (the
 layer view, :mod:`shim.layerview`) and its record ``layers.mounts``, ``volumes/`` (the containers'
