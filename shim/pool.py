@@ -14,7 +14,9 @@ a JSON line from the shim, one JSON reply from the pool, with file descriptors a
   ``{"ok": true, "vm": {...}, "fds": [names]}`` with the fds in that order: ``agent`` (the host end
   of the agent's virtio-serial port, hello done), ``console`` (the serial console socket),
   ``qemu`` and one ``virtiofsd`` per share (pidfds), ``volumes`` (the dir under the volume
-  share's read-only view: shim/volumes.py makes the binds through it).  From then on the VM is
+  share's read-only view: shim/volumes.py makes the binds through it), ``qmp`` (a dup of the
+  pool's end of QEMU's QMP socketpair: NICs are added live on it; ``vm.hotplug_slots`` lists the
+  root ports still free, ``vm.qmp_negotiated`` whether the greeting was consumed).  From then on the VM is
   the shim's: the pool never touches it or its dir again, and a dead shim's ``delete`` finds its
   processes and mounts in the dir's records like those of a VM it booted.
   ``{"ok": false, "why": "..."}``: nothing handed over; the shim boots its own.
@@ -37,7 +39,7 @@ POOL_DIR = "pool"
 SOCKET = "pool.sock"
 #: the largest request or reply (a reply carries a few short fields)
 MAX_MESSAGE = 1 << 16
-#: fds a reply may carry (agent, console, qemu, virtiofsds, volumes)
+#: fds a reply may carry (agent, console, qemu, virtiofsds, volumes, qmp)
 MAX_FDS = 8
 #: how long a shim waits for the pool's answer before booting its own VM
 ASK_TIMEOUT = 5.0
@@ -175,11 +177,11 @@ def adopt(run_dir: str, settings: Any, target: str, timeout: float = ASK_TIMEOUT
     for name, fd in zip(names, fds):
         if name == "virtiofsd":
             h.helpers.append((name, fd))
-        elif name in ("agent", "console", "qemu", "volumes") and name not in h.fds:
+        elif name in ("agent", "console", "qemu", "volumes", "qmp") and name not in h.fds:
             h.fds[name] = fd
         else:
             os.close(fd)
-    if set(h.fds) != {"agent", "console", "qemu", "volumes"}:
+    if set(h.fds) - {"qmp"} != {"agent", "console", "qemu", "volumes"}:
         h.close()
         return None, "pool handed over an incomplete VM"
     return h, "adopted"

@@ -9,12 +9,13 @@ socketpair; the shim speaks the unchanged agent protocol over it.  When the shim
 (its last container was deleted) the agent is told to ``shutdown`` and the machine is stopped
 (QEMU: a grace period, SIGTERM, then SIGKILL; then virtiofsd).
 
-With a pool running (``vm.pool``, shim/poold.py) and no pod network namespace, the sandbox first
-asks the pool for a ready VM of its settings (:meth:`VmSandbox._adopt`, shim/pool.py): the pool
-renames that VM's run dir to ours and passes the agent link, the console, pidfds of QEMU and
-virtiofsd and the volume dir; the VM is then ours exactly as if we had booted it (records,
-views, stop), watched through the pidfds (ccpu/vm/adopted.py).  Otherwise, or if anything about
-the handover is wrong, it boots its own.
+With a pool running (``vm.pool``, shim/poold.py), the sandbox first asks the pool for a ready VM
+of its settings (:meth:`VmSandbox._adopt`, shim/pool.py): the pool renames that VM's run dir to
+ours and passes the agent link, the console, pidfds of QEMU and virtiofsd, the volume dir and
+QEMU's QMP channel; the VM is then ours exactly as if we had booted it (records, views, stop,
+NICs), watched through the pidfds (ccpu/vm/adopted.py).  A pod network namespace (CRI) is
+plugged into it live (:meth:`VmSandbox._pod_nic`).  Otherwise, or if anything about the
+handover is wrong, it boots its own.
 
 Per sandbox run dir ``$FRACTAL_RUN_DIR/vms/<namespace>/<group>/`` (root, 0700): ``layers/`` (the
 layer view, :mod:`shim.layerview`) and its record ``layers.mounts``, ``volumes/`` (the containers'
@@ -117,6 +118,20 @@ def first_netns(bundle: str) -> str | None:
             return guestspec.network_namespace(jsonbound.loads(f.read()))
     except (OSError, ValueError):
         return None
+
+
+#: the most hot-plug slots a pooled VM may announce (QEMU's root ports are numbered below it)
+MAX_HOTPLUG_SLOTS = 8
+
+
+def _hotplug_slots(value: Any) -> list[int]:
+    """The pool's free hot-plug slots, checked (a list of distinct small ints).  Pure."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_HOTPLUG_SLOTS or \
+            not all(type(v) is int and 0 <= v < MAX_HOTPLUG_SLOTS for v in value) or len(set(value)) != len(value):
+        raise ValueError(f"bad hotplug_slots from the pool: {str(value)[:100]}")
+    return list(value)
 
 
 def _check_pidfd(pidfd: int, pid: int) -> None:
@@ -425,10 +440,10 @@ class VmSandbox(AgentSandbox):
 
     def _adopt(self) -> bool:
         """Ask the pool for a ready VM (renamed to our run dir by the pool); False: boot our own.
-        A VM with a pod network boots its own: its NICs are fixed at boot today."""
+        A pod network (CRI) is connected once the VM is ours (:meth:`_start_adopted`)."""
         from shim import pool
 
-        if self.settings.pool <= 0 or not self.die_with_shim or self.netns is not None:
+        if self.settings.pool <= 0 or not self.die_with_shim:
             return False
         os.makedirs(os.path.dirname(self.dir), mode=0o700, exist_ok=True)
         t0 = time.monotonic()
@@ -445,6 +460,9 @@ class VmSandbox(AgentSandbox):
                 raise ValueError("helper pids and pidfds differ")
             for (_n, fd), pid in zip(h.helpers, helper_pids):
                 _check_pidfd(fd, pid)
+            if self.netns is not None and "qmp" not in h.fds:
+                raise ValueError("no QMP channel handed over: the pod network cannot be connected")
+            h.vm["hotplug_slots"] = _hotplug_slots(h.vm.get("hotplug_slots"))
             self.view.adopt()
             self.volumes.adopt(h.fds.pop("volumes"))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -473,6 +491,7 @@ class VmSandbox(AgentSandbox):
 
         from ccpu.agent.client import DEFAULT_WINDOW, AgentClient
         from ccpu.vm.adopted import AdoptedAccel, AdoptedMachine, AdoptedProcess
+        from ccpu.vm.qmp import Qmp
         from shim.console import ConsoleLog
 
         h, self._handover = self._handover, None
@@ -485,9 +504,13 @@ class VmSandbox(AgentSandbox):
             helpers = [AdoptedProcess(n, int(pid), fd) for (n, fd), pid in zip(h.helpers, vm["helper_pids"])]
             h.helpers = []
             qemu = AdoptedProcess("qemu", int(vm["qemu_pid"]), h.fds.pop("qemu"))
+            qmp_fd = h.fds.pop("qmp", None)
+            monitor = Qmp(socket.socket(fileno=qmp_fd), negotiated=vm.get("qmp_negotiated") is True) \
+                if qmp_fd is not None else None
             self._machine = m = AdoptedMachine(qemu, helpers, AdoptedAccel(str(vm.get("accel", "")),
                                                str(vm.get("accel_reason", ""))),
-                                               str(vm.get("qemu_user", "")), on_end=self._vm_ended)
+                                               str(vm.get("qemu_user", "")), on_end=self._vm_ended,
+                                               qmp=monitor, hotplug_slots=tuple(vm["hotplug_slots"]))
             self.pid = m.pid
             self.accel, self.accel_reason, self.qemu_user = m.accel.accel, m.accel.reason, m.qemu_user
             self.share = str(vm.get("share", ""))
@@ -516,10 +539,34 @@ class VmSandbox(AgentSandbox):
         client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
         client.add_lost_handler(self._link_lost)
         self._client = client
+        if self.netns is not None:
+            await self._pod_nic(m, client)
         self.timings["agent_ready"] = time.monotonic() - t0
         log.info("VM adopted from the pool: QEMU pid %s, accel %s, layers over %s; run dir %s",
                  self.pid, self.accel, self.share, self.dir)
         return client
+
+    async def _pod_nic(self, m: Any, client: Any) -> None:
+        """The pod's network on an adopted VM (booted with none): its interfaces plugged live and
+        configured by the agent, as a boot-time NIC is by the guest's init (fractal.net=).  A
+        failure ends the VM: the sandbox does not start without its pod network.  (The agent is
+        called directly: the sandbox is not started until this returns.)"""
+        import asyncio
+
+        from ccpu.vm import net
+
+        assert self.netns is not None
+        try:
+            ifaces = await m.attach_nic(self.netns)
+            for iface in ifaces:
+                await asyncio.wait_for(client.call("nic", net.agent_args(iface)), self.timeouts.for_op("nic"))
+        except BaseException as exc:
+            await self._kill_all()
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"pod network {self.netns} on the pooled VM (QEMU pid {self.pid}): {exc}") from None
+            raise
+        log.info("pod network %s connected after adoption: %s", self.netns,
+                 ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in ifaces) or "no IPv4 interface")
 
     def handover_fds(self) -> tuple[dict[str, Any], list[str], list[int]]:
         """The pool's side of a handover (this VM booted with ``die_with_shim`` False and ready):
@@ -545,6 +592,10 @@ class VmSandbox(AgentSandbox):
             assert self.volumes._rw is not None
             fds.append(os.dup(self.volumes._rw))
             names.append("volumes")
+            nics = m.nics
+            if nics is not None and nics.qmp is not None:
+                fds.append(os.dup(nics.qmp.sock.fileno()))
+                names.append("qmp")
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -552,7 +603,9 @@ class VmSandbox(AgentSandbox):
         vm = {"qemu_pid": m.qemu.pid, "helper_pids": helper_pids, "accel": self.accel,
               "accel_reason": self.accel_reason, "qemu_user": self.qemu_user, "share": self.share,
               "kernel": self.guest_kernel, "hello": self.hello,
-              "boot_seconds": self.timings.get("agent_ready")}
+              "boot_seconds": self.timings.get("agent_ready"),
+              "hotplug_slots": m.nics.free_slots() if m.nics is not None else [],
+              "qmp_negotiated": bool(m.nics is not None and m.nics.qmp is not None and m.nics.qmp.negotiated)}
         return vm, names, fds
 
     async def forget(self) -> None:

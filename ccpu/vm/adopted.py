@@ -8,9 +8,14 @@ pid.  The exit *status* belongs to the parent (the pool, or init once the pool i
 not known here: :attr:`exit_status` is :data:`UNKNOWN_STATUS` once QEMU is gone.
 
 The interface is the part of :class:`ccpu.vm.machine.AsyncMachine` the VM sandbox uses (``pid``,
-``exited``, ``exit_status``, ``stop``, ``pids``, ``accel``, ``qemu_user``, ``net``, ``ports``), so
+``exited``, ``exit_status``, ``stop``, ``pids``, ``accel``, ``qemu_user``, ``net``, ``ports``,
+``attach_nic``, ``detach_nic``), so
 shim/vm.py treats a booted and an adopted VM alike.  The same rule holds: a helper (virtiofsd)
 that dies while the VM runs ends the VM, since the guest's files would hang for ever.
+
+NICs: the pool hands over its QMP channel (a dup of its end of the socketpair) and the hot-plug
+slots the VM still has free; :class:`ccpu.vm.nics.Nics` adds and removes NICs on it exactly as for
+a VM booted here (a CRI pod's network, a nerdctl CNI network).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .machine import KILL_WAIT, TERM_WAIT
+from . import nics as nics_
+from . import qmp as qmp_
+from .machine import KILL_WAIT, TERM_WAIT, MachineError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,8 @@ class AdoptedMachine:
     pidfds (closed by :meth:`close`, which :meth:`stop` calls)."""
 
     def __init__(self, qemu: AdoptedProcess, helpers: list[AdoptedProcess], accel: AdoptedAccel,
-                 qemu_user: str = "", on_end: Callable[[str], None] | None = None) -> None:
+                 qemu_user: str = "", on_end: Callable[[str], None] | None = None,
+                 qmp: qmp_.Qmp | None = None, hotplug_slots: tuple[int, ...] = ()) -> None:
         self.qemu = qemu
         self.helpers = helpers
         self.accel = accel
@@ -66,6 +74,8 @@ class AdoptedMachine:
         self._stopping = False
         self._stopper: asyncio.Task[None] | None = None
         self._helper_gone: dict[int, asyncio.Future[None]] = {}
+        #: with the pool's QMP channel: the NICs added after adoption (ccpu.vm.nics)
+        self.nics = nics_.Nics(qmp, hotplug_slots, self._alive) if qmp is not None else None
         loop = asyncio.get_running_loop()
         loop.add_reader(qemu.pidfd, self._qemu_gone)
         for h in helpers:
@@ -78,6 +88,27 @@ class AdoptedMachine:
 
     def pids(self) -> list[tuple[str, int]]:
         return [("qemu", self.qemu.pid)] + [(h.name, h.pid) for h in self.helpers]
+
+    def _alive(self) -> bool:
+        return not self.exited.done()
+
+    async def attach_nic(self, netns: str) -> list:
+        """Connect ``netns`` to the adopted VM (ccpu.vm.nics.Nics.attach, in a worker thread)."""
+        if self.nics is None:
+            raise MachineError("NICs can be added only to a pooled VM handed over with its QMP channel")
+        return await asyncio.get_running_loop().run_in_executor(None, self._nic_call, self.nics.attach, netns)
+
+    async def detach_nic(self, netns: str) -> None:
+        if self.nics is None:
+            raise MachineError(f"network namespace {netns} is not connected to this VM after boot")
+        await asyncio.get_running_loop().run_in_executor(None, self._nic_call, self.nics.detach, netns)
+
+    @staticmethod
+    def _nic_call(fn: Callable[[str], object], netns: str) -> object:
+        try:
+            return fn(netns)
+        except nics_.NicError as exc:
+            raise MachineError(str(exc)) from None
 
     def _qemu_gone(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,6 +163,9 @@ class AdoptedMachine:
             self.close()
 
     def close(self) -> None:
+        """Once QEMU is gone: the pidfds, and the taps of the NICs added after adoption."""
+        if self.nics is not None:
+            self.nics.close()
         loop = asyncio.get_running_loop()
         for p in [self.qemu, *self.helpers]:
             if p.pidfd >= 0:

@@ -43,6 +43,7 @@ from typing import Protocol
 
 from . import accel as accel_
 from . import net, qemu, shares
+from . import nics as nics_
 from . import qmp as qmp_
 
 log = logging.getLogger(__name__)
@@ -202,14 +203,6 @@ def choose_accel(requested: str) -> accel_.Choice:
 Spawned = Callable[[str, subprocess.Popen], None]
 
 
-@dataclass
-class HotNics:
-    """A netns connected after boot: its attachment (taps, tc) and the hot-plug slots its NICs use."""
-
-    attachment: net.Attachment
-    slots: list[int]
-
-
 class _Launcher:
     """State and steps common to :class:`Machine` and :class:`AsyncMachine`."""
 
@@ -220,9 +213,7 @@ class _Launcher:
         self.cpus = 0  # the guest's vCPUs, once launched
         self.argv: list[str] = []
         self.net: net.Attachment | None = None
-        self.qmp: qmp_.Qmp | None = None  # with spec.hotplug_nics: QEMU's monitor
-        self.hot: dict[str, HotNics] = {}  # netns -> the NICs attach_nic added for it
-        self._slots_lost: set[int] = set()  # a device the guest never released: its port stays taken
+        self.nics: nics_.Nics | None = None  # with spec.hotplug_nics: QMP and the NICs added after boot
         self.ports: dict[str, socket.socket] = {}  # our ends; the caller's after boot
         self.qemu: subprocess.Popen | None = None
         self.helpers: list[tuple[str, subprocess.Popen]] = []
@@ -257,9 +248,8 @@ class _Launcher:
         for s in self.ports.values():
             s.close()
         self.ports.clear()
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
+        if self.nics is not None:
+            self.nics.release()
 
     def _alive(self) -> bool:
         """Whether QEMU runs (each runner knows how without reaping it)."""
@@ -267,90 +257,28 @@ class _Launcher:
 
     # -- NICs after boot (blocking: the async runner calls these in a worker thread) ----------
 
-    def _free_slots(self) -> list[int]:
-        used = {s for h in self.hot.values() for s in h.slots} | self._slots_lost
-        return [s for s in range(self.spec.hotplug_nics) if s not in used]
-
     def _hot_attach(self, netns: str) -> list[net.Interface]:
-        """Connect ``netns`` to the running VM: its interfaces' taps (ccpu.vm.net.attach), each
-        given to QEMU (``getfd``) and plugged as a virtio-net NIC with the interface's MAC into a
-        free root port.  All or nothing: on failure what was plugged is unplugged again."""
-        if self.qmp is None or not self._alive():
+        """Connect ``netns`` to the running VM (ccpu.vm.nics.Nics.attach)."""
+        if self.nics is None:
             raise MachineError("NICs can be added only to a running VM booted with hotplug_nics")
-        if netns in self.hot or netns == self.spec.netns:
-            raise MachineError(f"network namespace {netns} is already connected to this VM")
-        free = self._free_slots()
         try:
-            att = net.attach(netns)
-        except net.NetError as exc:
-            raise MachineError(f"cannot connect network namespace {netns} to the VM: {exc}") from None
-        hot = HotNics(att, [])
-        try:
-            if len(att.links) > len(free):
-                raise MachineError(f"network namespace {netns} has {len(att.links)} interfaces; this VM has "
-                                   f"{len(free)} free NIC slots (of {self.spec.hotplug_nics})")
-            for link, slot in zip(att.links, free):
-                ids = qmp_.nic_ids(slot)
-                assert link.fd is not None
-                self.qmp.execute("getfd", {"fdname": ids.fd}, fd=link.fd)
-                try:
-                    for cmd, args in qmp_.hotplug_commands(slot, link.iface.mac, link.iface.mtu):
-                        self.qmp.execute(cmd, args)
-                except BaseException:
-                    with contextlib.suppress(qmp_.QmpError):
-                        self.qmp.execute("netdev_del", {"id": ids.netdev})
-                    with contextlib.suppress(qmp_.QmpError):
-                        self.qmp.execute("closefd", {"fdname": ids.fd})
-                    raise
-                hot.slots.append(slot)
-            att.close_fds()  # QEMU holds the taps now
-        except BaseException as exc:
-            self._unplug(hot)
-            att.detach()
-            if isinstance(exc, qmp_.QmpError):
-                raise MachineError(f"cannot add the NIC of {netns}: {exc}") from None
-            raise
-        self.hot[netns] = hot
-        return att.interfaces
-
-    def _unplug(self, hot: HotNics) -> None:
-        """device_del, wait for the guest to release it (DEVICE_DELETED), netdev_del; a device the
-        guest keeps is logged and its slot never reused (its backend is deleted all the same, which
-        closes the tap)."""
-        if self.qmp is None:
-            return
-        for slot in hot.slots:
-            (dev_cmd, dev_args), (net_cmd, net_args) = qmp_.unplug_commands(slot)
-            try:
-                self.qmp.execute(dev_cmd, dev_args)
-                self.qmp.wait_event(lambda ev, d=dev_args["id"]: qmp_.is_deleted_event(ev, d), qmp_.UNPLUG_TIMEOUT)
-            except qmp_.QmpError as exc:
-                log.warning("NIC %s: %s; its slot stays taken", dev_args["id"], exc)
-                self._slots_lost.add(slot)
-            try:
-                self.qmp.execute(net_cmd, net_args)
-            except qmp_.QmpError as exc:
-                log.warning("NIC backend %s: %s", net_args["id"], exc)
-        hot.slots.clear()
+            return self.nics.attach(netns)
+        except nics_.NicError as exc:
+            raise MachineError(str(exc)) from None
 
     def _hot_detach(self, netns: str) -> None:
         """Unplug ``netns``'s NICs from the running VM, then remove its taps and tc redirects."""
-        hot = self.hot.pop(netns, None)
-        if hot is None:
+        if self.nics is None:
             raise MachineError(f"network namespace {netns} is not connected to this VM after boot")
         try:
-            if self._alive():
-                self._unplug(hot)
-        finally:
-            hot.attachment.detach()
+            self.nics.detach(netns)
+        except nics_.NicError as exc:
+            raise MachineError(str(exc)) from None
 
     def _detach_hot(self) -> None:
         """Once QEMU is gone: the taps and redirects of every NIC added after boot, and QMP."""
-        for netns in list(self.hot):
-            self.hot.pop(netns).attachment.detach()
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
+        if self.nics is not None:
+            self.nics.close()
 
     def _launch(self, spawned: Spawned) -> None:
         """virtiofsds, ports, console, QEMU -- on the caller's thread.  ``spawned(name, proc)`` is
@@ -384,7 +312,7 @@ class _Launcher:
             qmp_fd = None
             if spec.hotplug_nics:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.qmp = qmp_.Qmp(ours)
+                self.nics = nics_.Nics(qmp_.Qmp(ours), range(spec.hotplug_nics), self._alive, spec.netns)
                 passed.append(theirs)
                 qmp_fd = theirs.fileno()
             port_fds = {}

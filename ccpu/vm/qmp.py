@@ -124,12 +124,18 @@ class Qmp:
 
     MAX_EVENTS = 256
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, negotiated: bool = False) -> None:
+        """``negotiated``: the greeting was read and capabilities negotiated on this channel
+        already (by the process that handed it over: a pooled VM's)."""
         self.sock = sock
         self._buf = b""
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._ready = False
+        self._ready = negotiated
+
+    @property
+    def negotiated(self) -> bool:
+        return self._ready
 
     def close(self) -> None:
         self.sock.close()

@@ -132,3 +132,73 @@ def test_vm_pod_network(cri_env: FractalEnv, registry, tmp_path: Path) -> None: 
         _wait_gone(env)
     finally:
         pod.cleanup()
+
+
+def _taps_in(netns_path: str) -> list[str]:
+    """The VM taps (ccpu.vm.net.tap_name) in a netns."""
+    import subprocess
+
+    from ccpu.vm.net import TAP_SUFFIX
+
+    r = subprocess.run(["nsenter", f"--net={netns_path}", "ip", "-j", "link", "show"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return [link["ifname"] for link in json.loads(r.stdout) if link.get("ifname", "").endswith(TAP_SUFFIX)]
+
+
+def test_vm_pod_network_on_a_pooled_vm(cri_env: FractalEnv, registry, tmp_path: Path) -> None:  # noqa: ANN001
+    """A CRI pod with a pod network adopts the VM the pool had ready (booted with no NIC): the
+    pod's interface is plugged live (QMP over the handed-over channel) and configured by the
+    agent, so the pod IP is the guest's and serves the host; rmp leaves no QEMU, tap or mount."""
+    from tests.integration.test_vm_pool import PoolProc, alive, mounts_below
+
+    _need(cni_missing(), "hack/setup.sh installs containernetworking-plugins")
+    env = cri_env
+    assert env.cri is not None and env.cri.network == "bridge"
+    crictl = Crictl(env, tmp_path)
+    ref = registry.ref("busybox")
+    crictl("pull", ref, timeout=300)
+    p = PoolProc(env)
+    pod = None
+    try:
+        (ready,) = p.ready()
+        qemu = ready["qemu_pid"]
+        pod = CriPod(crictl, tmp_path, "pooled-net-pod", host_network=False, mode="vm", hostname="pooled-host")
+        info = json.loads(crictl("inspectp", "-o", "json", pod.id).stdout)
+        ip = info["status"]["network"]["ip"]
+        netns = next(n.get("path", "") for n in info["info"]["runtimeSpec"]["linux"]["namespaces"]
+                     if n["type"] == "network")
+        web = pod.container("web", ref, ["sh", "-c", "mkdir -p /www && echo pong-from-pooled > /www/index.html"
+                                         " && exec httpd -f -p 8080 -h /www"])
+        _wait_state(crictl, web, "CONTAINER_RUNNING")
+        from tests.integration.test_shim_vm import fractal_ps
+
+        (entry,) = [e for e in fractal_ps(env, "k8s.io") if e["vm"] and web in [c["id"] for c in e["containers"]]]
+        assert entry["vm"]["pid"] == qemu, (entry["vm"], ready)  # the pooled QEMU: adopted, not booted
+        assert entry["vm"]["pooled"] and entry["vm"]["pooled"]["id"] == ready["id"]
+        assert entry["vm"]["netns"] == netns
+        assert crictl("exec", "-s", web, "uname", "-r", timeout=120).stdout.strip() != os.uname().release
+        assert crictl("exec", "-s", web, "cat", "/etc/hostname", timeout=120).stdout.strip() == "pooled-host"
+        addr = crictl("exec", "-s", web, "ip", "-4", "-o", "addr", timeout=120).stdout
+        assert f"inet {ip}/" in addr, addr  # the NIC plugged after boot carries the pod IP
+        assert _taps_in(netns), "no tap in the pod netns"
+        # host -> pod IP -> tap -> the pooled VM -> container
+        assert "pong-from-pooled" in http_get(ip, 8080, timeout=60)
+        pod.remove()
+        pod = None
+        deadline = time.monotonic() + 60
+        while alive(qemu) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(qemu), "the adopted QEMU outlived rmp"
+        assert not Path(netns).exists(), f"{netns} left after rmp"
+        # the shim unmounts and removes the sandbox's run dir once QEMU is gone
+        deadline = time.monotonic() + 60
+        while _pids_of_shims(env.address) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _pids_of_shims(env.address) == [], "the pod's shim is still running after rmp"
+        assert mounts_below(str(env.fractal_run_dir / "vms")) == []
+    finally:
+        if pod is not None:
+            pod.cleanup()
+        p.stop()
+    _wait_gone(env)  # the pool's refill stopped with it: no QEMU, no shim of this env

@@ -207,16 +207,33 @@ def cni_bridge(nerd: Nerdctl) -> Iterator[tuple[str, str, str]]:
         Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["booted", "pooled"])
 def test_cni_network_in_vm_mode(nerd: Nerdctl, busybox: str, cni_bridge: tuple[str, str, str],
-                                fenv: FractalEnv, namespace: str) -> None:
+                                fenv: FractalEnv, namespace: str, pooled: bool) -> None:
     """``nerdctl run --network <CNI bridge>`` in VM mode: nerdctl's createRuntime hook sets the
     network up in a netns the shim made (annotation nerdctl/network-namespace), and the shim
     plugs a NIC mirroring its interface into the running guest (QMP + the agent's ``nic`` op).
     The container reaches the bridge's gateway; the host reaches a server in the container on
-    its IP; removing the container leaves no veth on the bridge and no tap anywhere."""
-    import urllib.request
+    its IP; removing the container leaves no veth on the bridge and no tap anywhere.
+    ``pooled``: the VM is one the pool had ready (adopted with the pool's QMP channel)."""
+    from tests.integration.test_vm_pool import PoolProc, alive
 
     name, bridge, gateway = cni_bridge
+    pool_proc = PoolProc(fenv) if pooled else None
+    try:
+        ready = pool_proc.ready()[0] if pool_proc is not None else None
+        _cni_network_in_vm(nerd, busybox, fenv, namespace, name, bridge, gateway, ready)
+    finally:
+        if pool_proc is not None:
+            pool_proc.stop()
+    if ready is not None:
+        assert not alive(ready["qemu_pid"])
+
+
+def _cni_network_in_vm(nerd: Nerdctl, busybox: str, fenv: FractalEnv, namespace: str, name: str, bridge: str,
+                       gateway: str, ready: dict | None) -> None:
+    import urllib.request
+
     base = list(nerd.base)
     base[base.index("--cni-path") + 1] = "/usr/lib/cni"  # nerdctl checks the plugins exist
     script = (f"ip -4 -o addr show dev eth0; ping -c 1 -W 10 {gateway} >/dev/null && echo gateway-ok; "
@@ -245,6 +262,12 @@ def test_cni_network_in_vm_mode(nerd: Nerdctl, busybox: str, cni_bridge: tuple[s
             except OSError:
                 time.sleep(0.1)
         assert body.strip() == "served-from-the-vm"
+        if ready is not None:  # the pooled QEMU took the NIC: adopted, not booted
+            from tests.integration.test_shim_vm import fractal_ps
+
+            vms = [e["vm"] for e in fractal_ps(fenv, namespace) if e["vm"]]
+            assert [v["pid"] for v in vms] == [ready["qemu_pid"]], (vms, ready)
+            assert vms[0]["pooled"]["id"] == ready["id"] and len(vms[0]["nics"]) == 1
     finally:
         nerd("rm", "-f", "vmnet", check=False, timeout=120)
     assert _ip("-o", "link", "show", "master", bridge, check=False).stdout.strip() == ""

@@ -116,3 +116,53 @@ def test_pool_unit_leaves_adopted_vms_alone() -> None:
     assert "KillMode=process" in unit and "ExecStart=/usr/bin/python3 -m shim.poold\n" in unit
     assert "ExecStopPost=/usr/bin/python3 -m shim.poold cleanup" in unit
     assert "Environment=FRACTAL_CONFIG=/etc/x.toml" in unit
+
+
+def test_adopt_hands_over_the_qmp_channel_with_the_rest(tmp_path) -> None:  # noqa: ANN001
+    run_dir = str(tmp_path)
+    os.makedirs(pool.pool_dir(run_dir))
+    pipes = [os.pipe() for _ in range(6)]
+    names = ["agent", "console", "qemu", "virtiofsd", "volumes", "qmp"]
+    t = serve_once(pool.socket_path(run_dir), {"ok": True, "vm": {"hotplug_slots": [0, 1]}, "fds": names},
+                   [r for r, _w in pipes])
+    h, why = pool.adopt(run_dir, settings(share="9p"), f"{run_dir}/vms/n/g")
+    t.join()
+    try:
+        assert h is not None, why
+        assert set(h.fds) == {"agent", "console", "qemu", "volumes", "qmp"} and len(h.helpers) == 1
+        os.write(pipes[5][1], b"q")
+        assert os.read(h.fds["qmp"], 1) == b"q"  # the QMP fd is the one sent last
+    finally:
+        if h is not None:
+            h.close()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
+def test_hotplug_slots_from_the_pool_are_bounded() -> None:
+    from shim.vm import _hotplug_slots
+
+    assert _hotplug_slots(None) == [] and _hotplug_slots([1, 0]) == [1, 0]
+    for bad in ([0, 0], [-1], [99], ["0"], [True], "01", list(range(20))):
+        with pytest.raises(ValueError):
+            _hotplug_slots(bad)
+
+
+def test_nics_use_only_the_free_slots_and_refuse_a_dead_vm() -> None:
+    from ccpu.vm import nics, qmp
+
+    a, b = socket.socketpair()
+    try:
+        n = nics.Nics(qmp.Qmp(a, negotiated=True), [1, 0, 1], lambda: False)
+        assert n.slots == [0, 1] and n.free_slots() == [0, 1]
+        assert n.qmp is not None and n.qmp.negotiated
+        with pytest.raises(nics.NicError, match="running VM"):
+            n.attach("/proc/self/ns/net")
+        with pytest.raises(nics.NicError, match="not connected"):
+            n.detach("/proc/self/ns/net")
+        n.close()
+        assert n.qmp is None and a.fileno() == -1
+    finally:
+        a.close()
+        b.close()
