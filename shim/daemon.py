@@ -148,7 +148,8 @@ class Daemon:
         from shim.layers import SERVICE as LAYERS_SERVICE, LayersService  # live layers (fractal CLI)
 
         self.server.register(LAYERS_SERVICE, with_request_fields(at_edge(
-            LayersService(self.service, self.sandbox, repo_root).methods())))
+            LayersService(self.service, self.sandbox, repo_root,
+                          (self.opts.address, self.namespace)).methods())))
         try:
             st = os.stat(self.opts.socket)
             self.socket_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
