@@ -251,6 +251,15 @@ def preload() -> None:
         from google.protobuf import empty_pb2, wrappers_pb2  # noqa: F401
     except ImportError:  # promexport reports it
         pass
+    # `fractal layers add` has the shim do its containerd lookups (shim/layers.py AddImages):
+    # grpc and the containerd stubs were ~200 ms of the first call in every new daemon.  Only
+    # imported here (no channel, no thread: the zygote stays single-threaded for its forks),
+    # and without grpc's fork handlers (see grpc_without_fork_handlers).
+    layers.grpc_without_fork_handlers()
+    try:
+        from ccpu.client import livelayers  # noqa: F401
+    except ImportError:  # grpc missing: AddImages reports it when asked
+        pass
 
 
 def daemon_options(opts, *, group: str, bundle: str, socket: str, listen_fd: int):  # noqa: ANN001, ANN201
