@@ -48,6 +48,9 @@ log = logging.getLogger("shim.layers")
 
 SERVICE = layersapi.SERVICE
 RECORD_NAME = "fractal-layers.json"
+#: AddImages' bounds: each image is several containerd lookups under the container's lock
+MAX_IMAGES = 64
+MAX_REF = 4096
 RECORD_VERSION = 2  # 2: no "stack" (the agent's live stack is the only one)
 
 
@@ -306,6 +309,8 @@ class LayersService:
         images = str_list(args, "images")
         if not images:
             raise _bad("name images to add")
+        if len(images) > MAX_IMAGES or any(len(i) > MAX_REF for i in images):
+            raise _bad(f"at most {MAX_IMAGES} images of at most {MAX_REF} bytes each")
         position = parse_position(args.get("position"))
         self._check_stackable(c)
         if not self.containerd:

@@ -206,6 +206,22 @@ def test_add_rejects_bad_requests(fake, payload, code, text) -> None:  # noqa: A
     assert fake.agent.stacks["c1"] == [L(1)]
 
 
+@pytest.mark.parametrize("payload, code, text", [
+    ({"container": "nope", "images": ["img"]}, Code.NOT_FOUND, "not running in this sandbox"),
+    ({"container": "c1", "images": []}, Code.INVALID_ARGUMENT, "name images"),
+    ({"container": "c1", "images": ["i"] * 65}, Code.INVALID_ARGUMENT, "at most 64 images"),
+    ({"container": "c1", "images": ["i" * 4097]}, Code.INVALID_ARGUMENT, "at most 64 images"),
+    ({"container": "c1", "images": ["img"], "position": "middle"}, Code.INVALID_ARGUMENT, "position"),
+    ({"container": "c1", "images": ["img"]}, Code.FAILED_PRECONDITION, "containerd's address"),
+])
+def test_add_images_rejects_bad_requests_before_asking_containerd(fake, payload, code, text) -> None:  # noqa: ANN001
+    """(the fake shim knows no containerd: a request that passes the checks fails there)"""
+    with pytest.raises(TtrpcError) as e:
+        call(fake.svc, "AddImages", **payload)
+    assert e.value.code == code and text in e.value.message
+    assert fake.agent.stacks["c1"] == [L(1)]
+
+
 def test_remove_errors(fake) -> None:  # noqa: ANN001
     with pytest.raises(TtrpcError) as e:
         call(fake.svc, "Remove", container="c1", layers=[L(9)])
