@@ -10,6 +10,11 @@ CLI); every method answers a ``Stack``:
                                                          -> the stack + added, skipped, restack_ms
 * ``Remove`` RemoveRequest{container, layers: [dir...], images: [name...]}
                                                          -> the stack + removed (entries), restack_ms
+* ``AddImages`` AddImagesRequest{container, images: [ref...], position}
+                                                         -> as Add (every layer named), or only
+                                                            missing {image: why} + snapshotter
+  (``fractal layers add``: the shim does the containerd lookups, ccpu/client/livelayers.py, so
+  the CLI's process needs no gRPC; it pulls what is missing and asks again)
 
 ``layers`` (in requests and answers) are nearest first (the top of the stack first), ``dir`` is
 the layer's directory on the HOST (a repo layer dir).  The sandbox (shim/sandbox.py:

@@ -2,7 +2,12 @@
 
 The container's shim serves ``fractal.layers.v1.Layers`` (shim/layers.py, protocol names in
 ccpu/layersapi.py) on its ttrpc socket, found through the sandbox record the shim writes
-(ccpu.sandboxes).  This side does what needs containerd and the snapshotter:
+(ccpu.sandboxes).
+
+``add`` asks the shim's ``AddImages`` to do the containerd lookups below (the shim is warm and
+connected; this process then loads no grpc, protobuf or asyncio: ccpu/layerswire.py) and only
+pulls what it reports missing.  ``ls``, ``rm``, and ``add`` for a shim without ``AddImages`` or
+not found locally do them here (ccpu/client/livelayers.py):
 
 * which layers an image has (chain IDs from containerd's content store, ccpu.client.images) and
   where the repo keeps them: the snapshotter says, through containerd's Snapshots service
