@@ -44,6 +44,7 @@ if __package__ in (None, ""):
 
 from hack.bench.common import (bench_env, byte_compile, command_line, dump_logs_on_failure, finish,  # noqa: E402
                                guarded, log, machine_info, percentile, require_root)
+from hack.bench.shim import uss_kb  # noqa: E402
 from hack.containerd_env import FractalEnv  # noqa: E402
 
 RUNTIME = "io.containerd.fractal.v1"
@@ -101,6 +102,17 @@ def fractal_cli(env: FractalEnv, *args: str, via_containerd: bool = False) -> tu
     return wall, json.loads(r.stdout)
 
 
+def shim_records(env: FractalEnv, cid: str) -> list[dict[str, Any]]:
+    """The sandbox records (ccpu/sandboxes.py) listing ``cid``: its shim daemon's pid."""
+    out = []
+    for p in (env.fractal_run_dir / "sandboxes" / NS).glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            rec = json.loads(p.read_text())
+            if cid in rec.get("containers", []):
+                out.append(rec)
+    return out
+
+
 def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, float]:
     subprocess.run(ctr_run(env, base, cid), check=True, capture_output=True, timeout=60)
     wait_state(env, cid, {"RUNNING"})
@@ -112,6 +124,7 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
         out = env.ctr("tasks", "exec", "--exec-id", "chk", cid, "cat", "/opt/tools/hello.txt", namespace=NS).stdout
         if out != "hello from tools\n":
             raise RuntimeError(f"added file not visible: {out!r}")
+        shim_uss = sum(uss_kb(rec["shim_pid"]) for rec in shim_records(env, cid)) / 1024
         rm_wall, rm = fractal_cli(env, "rm", *flags, "--json", cid, tools)
         old_wall, old = fractal_cli(env, "add", *flags, "--json", cid, tools, via_containerd=True)
         if len(old["added"]) != 2:
@@ -123,7 +136,7 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
         return {"add_wall_ms": add_wall, "add_cli_ms": add["cli_ms"], "add_restack_ms": add["restack_ms"],
                 "rm_wall_ms": rm_wall, "rm_cli_ms": rm["cli_ms"], "rm_restack_ms": rm["restack_ms"],
                 "add_via_containerd_wall_ms": old_wall, "add_via_containerd_cli_ms": old["cli_ms"],
-                "python_floor_ms": floor}
+                "python_floor_ms": floor, "shim_uss_mb_after_add": shim_uss}
     finally:
         remove(env, cid)
 
@@ -167,6 +180,8 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     for key, label in names:
         v = s[key]
         lines.append(f"{label:<34}{v['median']:>9.1f}{v['p90']:>9.1f}{v['min']:>9.1f}{v['max']:>9.1f}")
+    u = s["shim_uss_mb_after_add"]
+    lines.append(f"shim daemon USS after an add (MB): median {u['median']:.1f}, max {u['max']:.1f} (goal <= 40)")
     goals = []
     for key, label in (("add_restack_ms", "shim-side restack"), ("add_cli_ms", "CLI after imports"),
                        ("add_wall_ms", "CLI wall time")):
