@@ -161,7 +161,7 @@ def _local_shim(namespace: str, cid: str) -> str:
     from .. import sandboxes
 
     for rec in sandboxes.read_all(namespace).values():
-        if cid in rec.containers and rec.address and rec.alive:
+        if isinstance(rec.containers, list) and cid in rec.containers and rec.address and rec.alive:
             return rec.address
     raise _OldShim(cid)
 
