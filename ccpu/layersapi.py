@@ -32,3 +32,17 @@ def parse_position(value: object) -> str | int:
     if isinstance(value, str) and value.isascii() and value.isdigit():
         return int(value)
     raise BadPosition(f"position must be top, bottom or an index, not {value!r}")
+
+
+GC_LABEL_PREFIX = "containerd.io/gc.ref.snapshot."
+LIVE_LABEL_MARK = "/live-"
+
+
+def short(chain_id: str, n: int = 12) -> str:
+    return chain_id.split(":", 1)[-1][:n]
+
+
+def gc_label(snapshotter: str, top_chain_id: str) -> str:
+    """The container label that keeps an added image's snapshots (and so its repo layers):
+    set by whoever resolves the image (the CLI, or the shim's AddImages)."""
+    return f"{GC_LABEL_PREFIX}{snapshotter}{LIVE_LABEL_MARK}{short(top_chain_id, 12)}"

@@ -16,7 +16,7 @@ from ccpu.api.gen.fractal.layers.v1 import layers_pb2 as pb
 
 #: the request message of each method; every method answers a :class:`pb.Stack`
 REQUESTS: dict[str, type[Any]] = {"List": pb.ListRequest, "Add": pb.AddRequest,
-                                  "Remove": pb.RemoveRequest}
+                                  "Remove": pb.RemoveRequest, "AddImages": pb.AddImagesRequest}
 Stack = pb.Stack
 
 
@@ -40,6 +40,10 @@ def request(method: str, payload: dict[str, Any]) -> Any:
                   for la in given]
         return pb.AddRequest(container=payload.get("container") or "", layers=layers,
                              position="" if position is None else str(position))
+    if method == "AddImages":
+        position = payload.get("position")
+        return pb.AddImagesRequest(container=payload.get("container") or "", images=payload.get("images") or [],
+                                   position="" if position is None else str(position))
     if method == "Remove":
         return pb.RemoveRequest(container=payload.get("container") or "", layers=payload.get("layers") or [],
                                 images=payload.get("images") or [])
@@ -52,6 +56,9 @@ def request_args(req: Any) -> dict[str, Any]:
     if isinstance(req, pb.AddRequest):
         out["layers"] = [{"dir": la.dir, "chain_id": la.chain_id, "image": la.image,
                           "size": _opt(la, "size"), "gc_label": la.gc_label} for la in req.layers]
+        out["position"] = req.position or None
+    elif isinstance(req, pb.AddImagesRequest):
+        out["images"] = list(req.images)
         out["position"] = req.position or None
     elif isinstance(req, pb.RemoveRequest):
         out["layers"] = list(req.layers)
@@ -87,7 +94,9 @@ def answer(view: dict[str, Any]) -> Any:
                                       restack_ms=float(h.get("restack_ms") or 0.0))
                             for h in view.get("history") or [] if isinstance(h, dict)],
                    added=view.get("added") or [], skipped=view.get("skipped") or [],
-                   removed=[_layer(e) for e in view.get("removed") or []])
+                   removed=[_layer(e) for e in view.get("removed") or []],
+                   missing={str(k): str(v) for k, v in (view.get("missing") or {}).items()},
+                   snapshotter=view.get("snapshotter") or "")
     for k in ("repo_root", "upper"):
         if view.get(k) is not None:
             setattr(msg, k, view[k])
@@ -104,6 +113,9 @@ def answer_dict(msg: Any) -> dict[str, Any]:
         "history": [{"at": h.at, "added": list(h.added), "removed": list(h.removed),
                      "restack_ms": h.restack_ms} for h in msg.history],
     }
+    if msg.missing:
+        out["missing"] = dict(msg.missing)
+        out["snapshotter"] = msg.snapshotter
     if msg.HasField("restack_ms"):
         out["restack_ms"] = msg.restack_ms
         out.update(added=list(msg.added), skipped=list(msg.skipped),

@@ -148,7 +148,8 @@ class Daemon:
         from shim.layers import SERVICE as LAYERS_SERVICE, LayersService  # live layers (fractal CLI)
 
         self.server.register(LAYERS_SERVICE, with_request_fields(at_edge(
-            LayersService(self.service, self.sandbox, repo_root).methods())))
+            LayersService(self.service, self.sandbox, repo_root,
+                          (self.opts.address, self.namespace)).methods())))
         try:
             st = os.stat(self.opts.socket)
             self.socket_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
@@ -249,6 +250,15 @@ def preload() -> None:
     try:
         from google.protobuf import empty_pb2, wrappers_pb2  # noqa: F401
     except ImportError:  # promexport reports it
+        pass
+    # `fractal layers add` has the shim do its containerd lookups (shim/layers.py AddImages):
+    # grpc and the containerd stubs were ~200 ms of the first call in every new daemon.  Only
+    # imported here (no channel, no thread: the zygote stays single-threaded for its forks),
+    # and without grpc's fork handlers (see grpc_without_fork_handlers).
+    layers.grpc_without_fork_handlers()
+    try:
+        from ccpu.client import livelayers  # noqa: F401
+    except ImportError:  # grpc missing: AddImages reports it when asked
         pass
 
 

@@ -10,6 +10,11 @@ CLI); every method answers a ``Stack``:
                                                          -> the stack + added, skipped, restack_ms
 * ``Remove`` RemoveRequest{container, layers: [dir...], images: [name...]}
                                                          -> the stack + removed (entries), restack_ms
+* ``AddImages`` AddImagesRequest{container, images: [ref...], position}
+                                                         -> as Add (every layer named), or only
+                                                            missing {image: why} + snapshotter
+  (``fractal layers add``: the shim does the containerd lookups, ccpu/client/livelayers.py, so
+  the CLI's process needs no gRPC; it pulls what is missing and asks again)
 
 ``layers`` (in requests and answers) are nearest first (the top of the stack first), ``dir`` is
 the layer's directory on the HOST (a repo layer dir).  The sandbox (shim/sandbox.py:
@@ -34,6 +39,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -47,6 +53,9 @@ log = logging.getLogger("shim.layers")
 
 SERVICE = layersapi.SERVICE
 RECORD_NAME = "fractal-layers.json"
+#: AddImages' bounds: each image is several containerd lookups under the container's lock
+MAX_IMAGES = 64
+MAX_REF = 4096
 RECORD_VERSION = 2  # 2: no "stack" (the agent's live stack is the only one)
 
 
@@ -154,6 +163,22 @@ def save_record(bundle: str, rec: dict[str, Any]) -> None:
 # -- the service -------------------------------------------------------------------------------
 
 
+def grpc_without_fork_handlers() -> None:
+    """Before the shim first imports grpc: no fork handlers.  With them (grpc's default while
+    a channel is open), every os.fork of the shim starts grpc threads in the child, and the
+    agent's restack helper -- a forked child that setns()es into the container's mount
+    namespace (ccpu/agent/live.py) -- then fails with EINVAL (a multi-threaded process cannot
+    change its mount namespace).  The shim's forked children never use grpc."""
+    if "grpc" not in sys.modules:
+        os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+
+
+def _containerd_errors() -> type[Exception]:
+    from ccpu.client.containerd import ContainerdError  # imports grpc: only when used
+
+    return ContainerdError
+
+
 class Containers(Protocol):
     """What the Layers service needs of the Task service: its containers by id."""
 
@@ -164,16 +189,18 @@ class LayersService:
     """``fractal.layers.v1.Layers`` for the containers of one shim (``task``: its TaskService;
     ``sandbox``: where they run)."""
 
-    def __init__(self, task: Containers, sandbox: Sandbox, repo_root: str | None = None) -> None:
+    def __init__(self, task: Containers, sandbox: Sandbox, repo_root: str | None = None,
+                 containerd: tuple[str, str] | None = None) -> None:
         self.task = task
         self.sandbox = sandbox
         self.repo_root = repo_root
+        self.containerd = containerd  # (gRPC address, namespace): AddImages asks it
         self._locks: dict[str, asyncio.Lock] = {}
 
     def methods(self) -> dict[str, tuple[type, Callable[..., Any]]]:
         """The handlers by RPC name (served through ``shim.errors.at_edge``)."""
         return {name: (layersmsg.REQUESTS[name], getattr(self, name))
-                for name in ("List", "Add", "Remove")}
+                for name in ("List", "Add", "Remove", "AddImages")}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -248,28 +275,105 @@ class LayersService:
         position = parse_position(args.get("position"))
         self._check_stackable(c)
         async with self._lock(c.id):
-            rec = load_record(c.bundle, c.id)
-            stack = await self._stack(c)
-            present = set(stack["lowers"])
-            todo = [la for la in layers if la["dir"] not in present]
-            skipped = [la["dir"] for la in layers if la["dir"] in present]
-            restack_ms = 0.0
-            if todo:
-                lowers, restack_ms = await self._restack(c, [la["dir"] for la in todo], [], position)
-                now = time.time_ns()
-                for la in todo:
-                    rec["live"][la["dir"]] = {**{k: v for k, v in la.items() if k != "dir"},
-                                              "added_at": now}
-                stack["lowers"] = lowers
-                rec["history"].append({"at": now, "added": [la["dir"] for la in todo],
-                                       "removed": [], "restack_ms": restack_ms})
-                self._persist(c, rec)
-                log.info("%s: added %d live layer(s) in %.1f ms: %s", c.id, len(todo), restack_ms,
-                         ", ".join(sorted({la["image"] or la["dir"] for la in todo})))
-            out = self._view(c, rec, stack)
-            out.update({"added": [la["dir"] for la in todo], "skipped": skipped,
-                        "restack_ms": restack_ms})
-            return answer(out)
+            return answer(await self._add(c, layers, position))
+
+    async def _add(self, c: Container, layers: list[dict[str, Any]], position: str | int) -> dict[str, Any]:
+        """Stack ``layers`` (checked; the caller holds the container's lock): the view plus
+        added, skipped, restack_ms."""
+        rec = load_record(c.bundle, c.id)
+        stack = await self._stack(c)
+        present = set(stack["lowers"])
+        todo = [la for la in layers if la["dir"] not in present]
+        skipped = [la["dir"] for la in layers if la["dir"] in present]
+        restack_ms = 0.0
+        if todo:
+            lowers, restack_ms = await self._restack(c, [la["dir"] for la in todo], [], position)
+            now = time.time_ns()
+            for la in todo:
+                rec["live"][la["dir"]] = {**{k: v for k, v in la.items() if k != "dir"},
+                                          "added_at": now}
+            stack["lowers"] = lowers
+            rec["history"].append({"at": now, "added": [la["dir"] for la in todo],
+                                   "removed": [], "restack_ms": restack_ms})
+            self._persist(c, rec)
+            log.info("%s: added %d live layer(s) in %.1f ms: %s", c.id, len(todo), restack_ms,
+                     ", ".join(sorted({la["image"] or la["dir"] for la in todo})))
+        out = self._view(c, rec, stack)
+        out.update({"added": [la["dir"] for la in todo], "skipped": skipped,
+                    "restack_ms": restack_ms})
+        return out
+
+    async def AddImages(self, req: Any, ctx: RequestContext) -> Any:
+        """Add every layer of images (first on top), doing what ``fractal layers add`` did
+        through containerd (ccpu/client/livelayers.py) here, where the interpreter is warm:
+        image -> chain IDs -> repo dirs, the container's GC label (set before the restack,
+        taken back if it fails).  An image that needs a pull changes nothing and is named in
+        the answer's ``missing``."""
+        args = parse_request(req)
+        c = self._container(args["container"])
+        images = str_list(args, "images")
+        if not images:
+            raise _bad("name images to add")
+        if len(images) > MAX_IMAGES or any(len(i) > MAX_REF for i in images):
+            raise _bad(f"at most {MAX_IMAGES} images of at most {MAX_REF} bytes each")
+        position = parse_position(args.get("position"))
+        self._check_stackable(c)
+        if not self.containerd:
+            raise errdefs.FailedPrecondition("this shim does not know containerd's address")
+        async with self._lock(c.id):
+            look = await asyncio.to_thread(self._lookups, c.id)
+            try:
+                found = [(ref, await asyncio.to_thread(look.find_image, ref)) for ref in images]
+                missing = {ref: why for ref, (img, why) in found if img is None}
+                if missing:
+                    return answer({"container": c.id, "missing": missing,
+                                   "snapshotter": look.container.snapshotter})
+                stack = await self._stack(c)
+                plan = await asyncio.to_thread(
+                    look.plan, [(ref, img) for ref, (img, _) in found if img is not None],
+                    {os.path.normpath(d) for d in stack["lowers"]})
+                if plan.layers and plan.labels:  # referenced from the moment they are used
+                    await asyncio.to_thread(look.client.update_container_labels, c.id, plan.labels)
+                if not plan.layers:
+                    out = self._view(c, load_record(c.bundle, c.id), stack)
+                    out.update({"added": [], "skipped": images, "restack_ms": 0.0})
+                else:
+                    try:
+                        out = await self._add(c, plan.layers, position)
+                    except BaseException:
+                        if plan.labels:
+                            await asyncio.to_thread(self._unlabel, look, c.id, plan.labels)
+                        raise
+                out["layers"] = await asyncio.to_thread(lambda: [look.named(e) for e in out["layers"]])
+                return answer(out)
+            except _containerd_errors() as exc:
+                raise errdefs.FailedPrecondition(str(exc)) from None
+            finally:
+                look.client.close()
+
+    def _lookups(self, cid: str) -> Any:
+        """containerd lookups for container ``cid`` (a new connection per request: the shim
+        keeps no gRPC channel between the rare ``layers add`` calls)."""
+        grpc_without_fork_handlers()
+        from ccpu.client.containerd import ContainerdClient
+        from ccpu.client.livelayers import Lookups
+
+        address, namespace = self.containerd
+        client = ContainerdClient(address, namespace)
+        try:
+            return Lookups(client, client.container(cid))
+        except BaseException as exc:
+            client.close()
+            if isinstance(exc, _containerd_errors()):
+                raise errdefs.FailedPrecondition(f"containerd: {exc}") from None
+            raise
+
+    @staticmethod
+    def _unlabel(look: Any, cid: str, labels: dict[str, str]) -> None:
+        try:
+            look.client.update_container_labels(cid, {k: "" for k in labels})
+        except _containerd_errors() as exc:
+            log.warning("%s: cannot take back labels %s: %s", cid, sorted(labels), exc)
 
     async def Remove(self, req: Any, ctx: RequestContext) -> Any:
         args = parse_request(req)

@@ -57,6 +57,7 @@ GROUPS = (
 #: errors (and the edge must not import grpc or SQLite just to name them)
 EXPECTED_ERRORS = (
     ("ccpu.client.containerd", "ContainerdError"),
+    ("ccpu.cli.layers", "LayersError"),
     ("ccpu.repo.errors", "RepoError"),
     ("ccpu.cli.install", "InstallError"),
     ("ccpu.cli.images", "ImportError_"),

@@ -2,7 +2,12 @@
 
 The container's shim serves ``fractal.layers.v1.Layers`` (shim/layers.py, protocol names in
 ccpu/layersapi.py) on its ttrpc socket, found through the sandbox record the shim writes
-(ccpu.sandboxes).  This side does what needs containerd and the snapshotter:
+(ccpu.sandboxes).
+
+``add`` asks the shim's ``AddImages`` to do the containerd lookups below (the shim is warm and
+connected; this process then loads no grpc, protobuf or asyncio: ccpu/layerswire.py) and only
+pulls what it reports missing.  ``ls``, ``rm``, and ``add`` for a shim without ``AddImages`` or
+not found locally do them here (ccpu/client/livelayers.py):
 
 * which layers an image has (chain IDs from containerd's content store, ccpu.client.images) and
   where the repo keeps them: the snapshotter says, through containerd's Snapshots service
@@ -19,37 +24,26 @@ ccpu/layersapi.py) on its ttrpc socket, found through the sandbox record the shi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..client.containerd import FRACTAL_RUNTIME, ContainerdClient, ContainerdError, ContainerRecord
-from ..client.snapshots import Snapshots
-from ..layersapi import SERVICE, BadPosition
+from ..layersapi import GC_LABEL_PREFIX, LIVE_LABEL_MARK, SERVICE, BadPosition, gc_label, short  # noqa: F401
 from ..layersapi import parse_position as _parse_position
 from .common import add_containerd_flags, add_json_flag, human, print_json
 
-GC_LABEL_PREFIX = "containerd.io/gc.ref.snapshot."
-LIVE_LABEL_MARK = "/live-"
+if TYPE_CHECKING:
+    from ..client.containerd import ContainerRecord
+
+#: ccpu.client.containerd's (not imported here: it loads grpc, which `layers add` avoids)
+FRACTAL_RUNTIME = "io.containerd.fractal.v1"
 SHIM_TIMEOUT = 60.0
 
 
-class LayersError(ContainerdError):
+class LayersError(Exception):
     """A `fractal layers` request that cannot be done; the message is for the user."""
-
-
-def gc_label(snapshotter: str, top_chain_id: str) -> str:
-    """The container label that keeps an added image's snapshots (and so its repo layers)."""
-    return f"{GC_LABEL_PREFIX}{snapshotter}{LIVE_LABEL_MARK}{short(top_chain_id, 12)}"
-
-
-def short(chain_id: str, n: int = 12) -> str:
-    return chain_id.split(":", 1)[-1][:n]
 
 
 def parse_position(text: str) -> str | int:
@@ -86,7 +80,7 @@ class Stack:
 # -- the shim ------------------------------------------------------------------------------------
 
 
-async def _call_async(address: str, method: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+async def _call_async(address: str, method: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:  # noqa: E501
     from .. import layersmsg
     from ..ttrpc import Client
 
@@ -102,6 +96,8 @@ async def _call_async(address: str, method: str, payload: dict[str, Any], timeou
 def shim_call(address: str, method: str, payload: dict[str, Any], *, timeout: float = SHIM_TIMEOUT,
               what: str = "change layers of") -> dict[str, Any]:
     """One call of the shim's Layers service; errors become LayersError with the shim's reason."""
+    import asyncio
+
     from ..ttrpc import Code, TtrpcError
 
     try:
@@ -116,6 +112,96 @@ def shim_call(address: str, method: str, payload: dict[str, Any], *, timeout: fl
         raise LayersError(f"cannot {what} {cid}: {e.message}") from None
 
 
+def stack_of(raw: dict[str, Any], entries: list[dict[str, Any]], container: str) -> Stack:
+    """A :class:`Stack` of the shim's answer whose layer entries are named (livelayers.named)."""
+    layers = [Layer(dir=e["dir"], live=bool(e.get("live")), chain_id=e.get("chain_id") or "",
+                    image=e.get("image") or "", size=e.get("size"), added_at=e.get("added_at"),
+                    gc_label=e.get("gc_label") or "") for e in entries]
+    return Stack(raw.get("container") or container, raw.get("upper"), layers, raw)
+
+
+def missing_error(what: str, cid: str, ref: str, why: str, no_pull_snapshotter: str | None) -> LayersError:
+    """An image that cannot be added: not pulled, or not unpacked for the container's snapshotter."""
+    return LayersError(f"cannot {what} {cid}: image {ref} {why}"
+                       + ("" if no_pull_snapshotter is None else
+                          f" (pull it with --snapshotter {no_pull_snapshotter})"))
+
+
+def pull(address: str, namespace: str, snapshotter: str, ref: str, plain_http: bool) -> None:
+    """``ctr images pull --snapshotter S``: containerd 1.6 fetches and unpacks on the client side."""
+    import shutil
+    import subprocess
+
+    ctr = os.environ.get("FRACTAL_CTR") or shutil.which("ctr")
+    if not ctr:
+        raise LayersError(f"image {ref} is not in namespace {namespace!r} and `ctr` (to pull it) "
+                          "is not on PATH")
+    argv = [ctr, "-a", address, "-n", namespace, "images", "pull",
+            "--snapshotter", snapshotter, *(["--plain-http"] if plain_http else []), ref]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LayersError(f"cannot pull {ref}: {e}") from None
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["ctr failed"])[-1]
+        raise LayersError(f"image {ref} is not in namespace {namespace!r} and cannot be pulled: {last}")
+
+
+# -- the fast path of `layers add`: the shim does the containerd lookups ----------------------------
+
+
+class _OldShim(Exception):
+    """The shim has no AddImages (an older fractal) or cannot be found here: take the slow path,
+    which also gives every error about the container itself (no such container, not fractal's,
+    not running) as before."""
+
+
+def _local_shim(namespace: str, cid: str) -> str:
+    """The ttrpc address of the live shim whose sandbox record lists ``cid`` (no containerd)."""
+    from .. import sandboxes
+
+    for rec in sandboxes.read_all(namespace).values():
+        if isinstance(rec.containers, list) and cid in rec.containers and rec.address and rec.alive:
+            return rec.address
+    raise _OldShim(cid)
+
+
+def add_through_shim(address: str, namespace: str, cid: str, refs: list[str], position: str | int, *,
+                     plain_http: bool = False, pull_missing: bool = True,
+                     what: str = "change layers of") -> dict[str, Any]:
+    """`layers add` without gRPC: ask the shim's AddImages (it resolves the images through
+    containerd); pull what it reports missing with ctr and ask again.  Raises _OldShim when the
+    shim cannot be asked here."""
+    from .. import layerswire as wire
+
+    t0 = time.monotonic()
+    shim = _local_shim(namespace, cid)
+    payload = wire.add_images_request(cid, refs, str(position))
+    for attempt in (0, 1):
+        try:
+            raw = wire.stack(wire.call(shim, payload, SHIM_TIMEOUT))
+        except wire.WireError as e:
+            if e.code == wire.UNIMPLEMENTED:
+                raise _OldShim(cid) from None
+            if e.code == wire.UNAVAILABLE:
+                raise LayersError(f"cannot {what} {cid}: its shim does not answer ({e.message})") from None
+            raise LayersError(f"cannot {what} {cid}: {e.message}") from None
+        missing: dict[str, str] = raw.get("missing") or {}
+        if not missing:
+            raw["stack"] = stack_of(raw, raw.get("layers") or [], cid)
+            raw["cli_ms"] = round((time.monotonic() - t0) * 1000, 2)
+            if not raw.get("added"):
+                raw["skipped"] = refs
+            return raw
+        snapshotter = raw.get("snapshotter") or "fractal"
+        ref = next(r for r in refs if r in missing)
+        if attempt or not pull_missing:
+            raise missing_error(what, cid, ref, missing[ref], None if pull_missing else snapshotter)
+        for ref in (r for r in refs if r in missing):
+            pull(address, namespace, snapshotter, ref, plain_http)
+    raise AssertionError("unreachable")
+
+
 # -- a session on one container --------------------------------------------------------------------
 
 
@@ -123,19 +209,21 @@ class Session:
     """containerd + the container's record + its shim, for one command."""
 
     def __init__(self, address: str, namespace: str, container_id: str, *, what: str = "change layers of") -> None:
+        from ..client.containerd import ContainerdClient
+        from ..client.livelayers import Lookups
+
         self.address = address
         self.namespace = namespace
         self.what = what
         self.client = ContainerdClient(address, namespace)
         try:
-            self.container = self._find(container_id)
+            self.container: ContainerRecord = self._find(container_id)
             self.shim = self._shim_address(self.container)
         except BaseException:
             self.client.close()
             raise
-        self.snapshots = Snapshots(self.client, self.container.snapshotter)
-        self._own: dict[str, str] | None = None
-        self._sizes: dict[str, int | None] = {}
+        self.look = Lookups(self.client, self.container, what=what)
+        self.snapshots = self.look.snapshots
 
     def close(self) -> None:
         self.client.close()
@@ -147,6 +235,8 @@ class Session:
         self.close()
 
     def _find(self, cid: str) -> ContainerRecord:
+        from ..client.containerd import ContainerdError
+
         try:
             c = self.client.container(cid)
         except ContainerdError as e:
@@ -178,103 +268,32 @@ class Session:
                               "serve live layers (started by an older fractal; restart the container)")
         return rec.address
 
-    # -- the snapshotter ------------------------------------------------------------------
-
-    def size(self, chain_id: str) -> int | None:
-        """The unpacked size of a layer, by chain ID (asked once per session)."""
-        if chain_id not in self._sizes:
-            self._sizes[chain_id] = self.snapshots.size(chain_id)
-        return self._sizes[chain_id]
-
-    def image_layer_dirs(self, ref: str, chain_ids: tuple[str, ...]) -> list[tuple[str, str]]:
-        """(dir, chain ID) of every layer of an unpacked image, top first."""
-        dirs = self.snapshots.layers_of(chain_ids[-1])
-        if len(dirs) != len(chain_ids):
-            raise LayersError(f"cannot {self.what} {self.container.id}: the {self.container.snapshotter} "
-                              f"snapshotter shows {len(dirs)} layer directories for the {len(chain_ids)} "
-                              f"layers of {ref} (not a fractal snapshotter?)")
-        return list(zip(dirs, reversed(chain_ids)))
-
     # -- the stack ------------------------------------------------------------------------
 
-    def _stack(self, raw: dict[str, Any]) -> Stack:
-        own = self._own_layers()
-        layers = []
-        for e in raw.get("layers") or []:
-            d = os.path.normpath(e["dir"])
-            chain = e.get("chain_id") or own.get(d, "")
-            size = e.get("size")
-            layers.append(Layer(
-                dir=e["dir"], live=bool(e.get("live")), chain_id=chain,
-                image=e.get("image") or ("" if e.get("live") or d not in own else self.container.image),
-                size=size if isinstance(size, int) or not chain else self.size(chain),
-                added_at=e.get("added_at"), gc_label=e.get("gc_label") or ""))
-        return Stack(raw.get("container", self.container.id), raw.get("upper"), layers, raw)
+    def size(self, chain_id: str) -> int | None:
+        return self.look.size(chain_id)
 
-    def _own_layers(self) -> dict[str, str]:
-        """dir -> chain ID of the layers the container was created with (once per session): the
-        lowerdirs of its snapshot's mounts, paired with its snapshot's parents."""
-        if self._own is None:
-            self._own = {}
-            try:
-                dirs = self.snapshots.mounted_layers(self.container.snapshot_key)
-                chain = self.snapshots.chain(self.container.snapshot_key)
-            except ContainerdError:
-                return self._own  # the snapshot may be gone: its layers are then shown without names
-            if len(dirs) == len(chain):
-                self._own = {d: c for d, c in zip(dirs, chain) if c}
-        return self._own
+    def _stack(self, raw: dict[str, Any]) -> Stack:
+        return stack_of(raw, [self.look.named(e) for e in raw.get("layers") or []], self.container.id)
 
     def stack(self) -> Stack:
         return self._stack(shim_call(self.shim, "List", {"container": self.container.id}, what=self.what))
 
     # -- images ---------------------------------------------------------------------------
 
-    def _image_exists(self, ref: str) -> bool:
-        from ..api.gen.containerd.services.images.v1 import images_pb2, images_pb2_grpc
-        from ..client.containerd import NotFound
-
-        stub = images_pb2_grpc.ImagesStub(self.client.channel)
-        try:
-            self.client.call(stub.Get, images_pb2.GetImageRequest(name=ref))
-        except NotFound:
-            return False
-        return True
-
     def pull(self, ref: str, plain_http: bool) -> None:
-        ctr = os.environ.get("FRACTAL_CTR") or shutil.which("ctr")
-        if not ctr:
-            raise LayersError(f"image {ref} is not in namespace {self.namespace!r} and `ctr` (to pull it) "
-                              "is not on PATH")
-        argv = [ctr, "-a", self.address, "-n", self.namespace, "images", "pull",
-                "--snapshotter", self.container.snapshotter, *(["--plain-http"] if plain_http else []), ref]
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise LayersError(f"cannot pull {ref}: {e}") from None
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["ctr failed"])[-1]
-            raise LayersError(f"image {ref} is not in namespace {self.namespace!r} and cannot be pulled: {last}")
+        pull(self.address, self.namespace, self.container.snapshotter, ref, plain_http)
 
     def image(self, ref: str, *, pull: bool = True, plain_http: bool = False) -> Any:
         """The layers (ImageLayers) of `ref`, pulled and unpacked for the container's snapshotter
         if needed."""
-        from ..client.images import image_layers
-
         for attempt in (0, 1):
-            if self._image_exists(ref):
-                layers = image_layers(self.client, ref)
-                if not layers.chain_ids:
-                    raise LayersError(f"image {ref} has no layers")
-                if self.snapshots.exists(layers.chain_ids[-1]):
-                    return layers
-                why = f"is not unpacked for the {self.container.snapshotter} snapshotter"
-            else:
-                why = f"is not in namespace {self.namespace!r}"
+            layers, why = self.look.find_image(ref)
+            if layers is not None:
+                return layers
             if attempt or not pull:
-                raise LayersError(f"cannot {self.what} {self.container.id}: image {ref} {why}"
-                                  + ("" if pull else " (pull it with --snapshotter "
-                                     f"{self.container.snapshotter})"))
+                raise missing_error(self.what, self.container.id, ref, why,
+                                    None if pull else self.container.snapshotter)
             self.pull(ref, plain_http)
         raise AssertionError("unreachable")
 
@@ -286,31 +305,21 @@ class Session:
         skipped.  Returns the shim's answer plus what was done."""
         t0 = time.monotonic()
         current = self.stack()
-        have = {os.path.normpath(la.dir) for la in current.layers}
-        plan: list[dict[str, Any]] = []
-        labels: dict[str, str] = {}
-        for ref in refs:
-            img = self.image(ref, pull=pull, plain_http=plain_http)
-            label = gc_label(self.container.snapshotter, img.chain_ids[-1])
-            labels[label] = img.chain_ids[-1]
-            for d, chain in self.image_layer_dirs(ref, img.chain_ids):  # top first
-                if d in have:
-                    continue
-                have.add(d)
-                plan.append({"dir": d, "chain_id": chain, "image": ref, "size": self.size(chain),
-                             "gc_label": label})
+        imgs = [(ref, self.image(ref, pull=pull, plain_http=plain_http)) for ref in refs]
+        planned = self.look.plan(imgs, {os.path.normpath(la.dir) for la in current.layers})
+        plan, new_labels = planned.layers, planned.labels
         if not plan:
             return {"added": [], "skipped": refs, "layers": current.raw.get("layers", []),
                     "restack_ms": 0.0, "cli_ms": round((time.monotonic() - t0) * 1000, 2),
                     "stack": current}
-        used = {p["gc_label"] for p in plan}
-        new_labels = {k: v for k, v in labels.items() if k in used and self.container.labels.get(k) != v}
         if new_labels:  # before the restack: the layers are referenced from the moment they are used
             self.client.update_container_labels(self.container.id, new_labels)
         try:
             raw = shim_call(self.shim, "Add", {"container": self.container.id, "layers": plan,
                                                "position": position}, what=self.what)
         except BaseException:
+            from ..client.containerd import ContainerdError
+
             if new_labels:
                 try:
                     self.client.update_container_labels(self.container.id, {k: "" for k in new_labels})
@@ -400,8 +409,15 @@ def cmd_ls(args: Any) -> int:
 
 
 def cmd_add(args: Any) -> int:
-    with _session(args, "change layers of") as s:
-        res = s.add(list(args.images), args.position, plain_http=args.plain_http, pull=not args.no_pull)
+    from ..client.address import resolve_target
+
+    address, namespace = resolve_target(args.address, args.namespace)
+    try:
+        res = add_through_shim(address, namespace, args.container, list(args.images), args.position,
+                               plain_http=args.plain_http, pull_missing=not args.no_pull)
+    except _OldShim:
+        with _session(args, "change layers of") as s:
+            res = s.add(list(args.images), args.position, plain_http=args.plain_http, pull=not args.no_pull)
     stack: Stack = res.pop("stack")
     if args.json:
         print_json({"added": res.get("added", []), "skipped": res.get("skipped", []),

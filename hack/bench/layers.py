@@ -10,7 +10,9 @@ so neither side pays for a pull.  Each round, in the same run:
 * **live**: ``ctr run -d`` a busybox container running a shell loop, then time
   ``python3 -m ccpu.cli layers add CONTAINER TOOLS`` (wall time of the whole CLI process, the
   CLI's own time after its imports, and the shim-side restack: the agent round trip inside the
-  shim), check the file shows up, and time ``layers rm`` the same way;
+  shim), check the file shows up, and time ``layers rm`` the same way; then the same add with
+  the containerd lookups in the CLI's own process over gRPC (the path before the shim's
+  AddImages, still taken for an older shim) and ``python3 -c pass`` (the interpreter's floor);
 * **restart**: the alternative -- stop that container and start one on the tools image:
   ``ctr task kill -s SIGKILL`` + wait until stopped + ``ctr task rm`` + ``ctr container rm`` +
   ``ctr run -d TOOLS`` until ``ctr task ls`` shows it RUNNING (timed as a whole).
@@ -42,6 +44,7 @@ if __package__ in (None, ""):
 
 from hack.bench.common import (bench_env, byte_compile, command_line, dump_logs_on_failure, finish,  # noqa: E402
                                guarded, log, machine_info, percentile, require_root)
+from hack.bench.shim import uss_kb  # noqa: E402
 from hack.containerd_env import FractalEnv  # noqa: E402
 
 RUNTIME = "io.containerd.fractal.v1"
@@ -81,15 +84,33 @@ def remove(env: FractalEnv, cid: str) -> None:
     env.ctr("containers", "rm", cid, namespace=NS, check=False)
 
 
-def fractal_cli(env: FractalEnv, *args: str) -> tuple[float, dict[str, Any]]:
+#: the CLI as it was before the shim's AddImages: every containerd lookup from the CLI's own
+#: process over gRPC (the path an older shim still gets), for the same-run comparison
+VIA_CONTAINERD = ("import sys\nfrom ccpu.cli import layers, main\n"
+                  "def no_shim(namespace, cid):\n    raise layers._OldShim(cid)\n"
+                  "layers._local_shim = no_shim\nsys.exit(main(sys.argv[1:]))")
+
+
+def fractal_cli(env: FractalEnv, *args: str, via_containerd: bool = False) -> tuple[float, dict[str, Any]]:
     e = {**os.environ, "FRACTAL_RUN_DIR": str(env.fractal_run_dir)}
-    argv = [sys.executable, "-m", "ccpu.cli", "layers", *args]
+    argv = [sys.executable, *(["-c", VIA_CONTAINERD] if via_containerd else ["-m", "ccpu.cli"]), "layers", *args]
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, env=e, timeout=120)
     wall = (time.monotonic() - t0) * 1000
     if r.returncode != 0:
         raise RuntimeError(f"{shlex.join(argv)} failed: {r.stderr.strip()}")
     return wall, json.loads(r.stdout)
+
+
+def shim_records(env: FractalEnv, cid: str) -> list[dict[str, Any]]:
+    """The sandbox records (ccpu/sandboxes.py) listing ``cid``: its shim daemon's pid."""
+    out = []
+    for p in (env.fractal_run_dir / "sandboxes" / NS).glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            rec = json.loads(p.read_text())
+            if cid in rec.get("containers", []):
+                out.append(rec)
+    return out
 
 
 def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, float]:
@@ -103,9 +124,19 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
         out = env.ctr("tasks", "exec", "--exec-id", "chk", cid, "cat", "/opt/tools/hello.txt", namespace=NS).stdout
         if out != "hello from tools\n":
             raise RuntimeError(f"added file not visible: {out!r}")
+        shim_uss = sum(uss_kb(rec["shim_pid"]) for rec in shim_records(env, cid)) / 1024
         rm_wall, rm = fractal_cli(env, "rm", *flags, "--json", cid, tools)
+        old_wall, old = fractal_cli(env, "add", *flags, "--json", cid, tools, via_containerd=True)
+        if len(old["added"]) != 2:
+            raise RuntimeError(f"expected 2 added layers (containerd path), got {old['added']}")
+        fractal_cli(env, "rm", *flags, "--json", cid, tools)
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
+        floor = (time.monotonic() - t0) * 1000
         return {"add_wall_ms": add_wall, "add_cli_ms": add["cli_ms"], "add_restack_ms": add["restack_ms"],
-                "rm_wall_ms": rm_wall, "rm_cli_ms": rm["cli_ms"], "rm_restack_ms": rm["restack_ms"]}
+                "rm_wall_ms": rm_wall, "rm_cli_ms": rm["cli_ms"], "rm_restack_ms": rm["restack_ms"],
+                "add_via_containerd_wall_ms": old_wall, "add_via_containerd_cli_ms": old["cli_ms"],
+                "python_floor_ms": floor, "shim_uss_mb_after_add": shim_uss}
     finally:
         remove(env, cid)
 
@@ -141,11 +172,16 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
              f"{result['image']}: 3 layers, 2 not yet in the container)",
              f"{'':<34}{'median':>9}{'p90':>9}{'min':>9}{'max':>9}  (ms)"]
     names = [("add_wall_ms", "layers add: CLI wall time"), ("add_cli_ms", "layers add: CLI after imports"),
+             ("add_via_containerd_wall_ms", "  same, lookups in the CLI: wall"),
+             ("add_via_containerd_cli_ms", "  same, lookups in CLI: after imp."),
+             ("python_floor_ms", "python3 -c pass (floor)"),
              ("add_restack_ms", "layers add: shim-side restack"), ("rm_wall_ms", "layers rm: CLI wall time"),
              ("rm_restack_ms", "layers rm: shim-side restack"), ("restart_ms", "restart (kill+rm+run -d)")]
     for key, label in names:
         v = s[key]
         lines.append(f"{label:<34}{v['median']:>9.1f}{v['p90']:>9.1f}{v['min']:>9.1f}{v['max']:>9.1f}")
+    u = s["shim_uss_mb_after_add"]
+    lines.append(f"shim daemon USS after an add (MB): median {u['median']:.1f}, max {u['max']:.1f} (goal <= 40)")
     goals = []
     for key, label in (("add_restack_ms", "shim-side restack"), ("add_cli_ms", "CLI after imports"),
                        ("add_wall_ms", "CLI wall time")):
@@ -155,6 +191,9 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
         goals.append((label, ok, f"{label}: {med:.1f} ms = {ratio:.3f}x restart "
                                  f"(goal <= {GOAL_RATIO}x and < {GOAL_MS:.0f} ms): {'met' if ok else 'MISSED'}"))
     lines += [g[2] for g in goals]
+    old = s["add_via_containerd_wall_ms"]["median"]
+    lines.append(f"CLI wall, shim does the lookups vs the CLI: {s['add_wall_ms']['median']:.1f} / {old:.1f} ms "
+                 f"= {s['add_wall_ms']['median'] / old:.2f}x; python3 floor {s['python_floor_ms']['median']:.1f} ms")
     lines.append(f"command: {result['command']}")
     m = result["machine"]
     lines.append("machine: " + ", ".join(f"{k}={v}" for k, v in m.items()))

@@ -166,6 +166,33 @@ def test_environment_instead_of_flags_and_position(fenv: FractalEnv, images: dic
     assert box.alive()
 
 
+def test_add_asks_the_shim_not_containerd(fenv: FractalEnv, images: dict[str, str], namespace: str,
+                                         box: Box) -> None:
+    """`layers add` has the shim do the containerd lookups (AddImages, issue 13): the CLI is
+    given an address where no containerd listens and still adds, the GC label is still set,
+    and --json still names every layer (the shim fills in the container's own layers)."""
+    tools = images["tools"]
+    nowhere = ["-a", str(fenv.fractal_run_dir / "no-containerd.sock"), "-n", namespace]
+    r = fractal(fenv, "layers", "add", *nowhere, "--no-pull", box.cid, tools)
+    assert r.returncode != 0 and "is not in namespace" in r.stderr, r.stderr
+    assert "(pull it with --snapshotter fractal)" in r.stderr, r.stderr
+    fenv.pull(tools, namespace=namespace)
+    r = fractal(fenv, "layers", "add", *nowhere, "--json", box.cid, tools)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["added"]) == 2 and out["restack_ms"] > 0
+    assert [la["live"] for la in out["layers"]] == [True, True, False]
+    assert all(la["chain_id"].startswith("sha256:") and la["size"] is not None for la in out["layers"])
+    assert out["layers"][2]["image"] == images["busybox"] and out["layers"][0]["image"] == tools
+    assert box.sh(f"cat {HELLO}") == "hello from tools"
+    info = json.loads(fenv.ctr("containers", "info", box.cid, namespace=namespace).stdout)
+    refs = [v for k, v in (info.get("Labels") or {}).items() if "/live-" in k]
+    assert refs == [out["layers"][0]["chain_id"]]
+    r = fractal(fenv, "layers", "add", *nowhere, box.cid, tools)
+    assert r.returncode == 0 and "nothing added" in r.stdout, r.stdout + r.stderr
+    assert box.alive()
+
+
 def test_errors_leave_the_container_running(fenv: FractalEnv, images: dict[str, str], namespace: str, box: Box,
                                             registry) -> None:  # noqa: ANN001
     f = flags(fenv, namespace)

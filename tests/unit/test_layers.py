@@ -206,6 +206,22 @@ def test_add_rejects_bad_requests(fake, payload, code, text) -> None:  # noqa: A
     assert fake.agent.stacks["c1"] == [L(1)]
 
 
+@pytest.mark.parametrize("payload, code, text", [
+    ({"container": "nope", "images": ["img"]}, Code.NOT_FOUND, "not running in this sandbox"),
+    ({"container": "c1", "images": []}, Code.INVALID_ARGUMENT, "name images"),
+    ({"container": "c1", "images": ["i"] * 65}, Code.INVALID_ARGUMENT, "at most 64 images"),
+    ({"container": "c1", "images": ["i" * 4097]}, Code.INVALID_ARGUMENT, "at most 64 images"),
+    ({"container": "c1", "images": ["img"], "position": "middle"}, Code.INVALID_ARGUMENT, "position"),
+    ({"container": "c1", "images": ["img"]}, Code.FAILED_PRECONDITION, "containerd's address"),
+])
+def test_add_images_rejects_bad_requests_before_asking_containerd(fake, payload, code, text) -> None:  # noqa: ANN001
+    """(the fake shim knows no containerd: a request that passes the checks fails there)"""
+    with pytest.raises(TtrpcError) as e:
+        call(fake.svc, "AddImages", **payload)
+    assert e.value.code == code and text in e.value.message
+    assert fake.agent.stacks["c1"] == [L(1)]
+
+
 def test_remove_errors(fake) -> None:  # noqa: ANN001
     with pytest.raises(TtrpcError) as e:
         call(fake.svc, "Remove", container="c1", layers=[L(9)])
@@ -336,3 +352,71 @@ def test_layersapi_positions_both_ends_refuse(value: object) -> None:
         layers.parse_position(value)
     with pytest.raises(argparse.ArgumentTypeError):
         cli_layers.parse_position(str(value))
+
+
+class FakeLook:
+    """ccpu.client.livelayers.Lookups as the shim's AddImages uses it, over a fixed image table
+    (the real one is exercised through containerd in tests/integration/test_layers_live.py)."""
+
+    def __init__(self, images: dict[str, list[str]]) -> None:
+        from types import SimpleNamespace
+
+        self.images = images
+        self.labels: list[dict[str, str]] = []
+        self.closed = False
+        self.container = SimpleNamespace(snapshotter="fractal", labels={})
+        self.client = SimpleNamespace(update_container_labels=lambda cid, labels: self.labels.append(labels),
+                                      close=self._close)
+
+    def _close(self) -> None:
+        self.closed = True
+
+    def find_image(self, ref: str) -> tuple[Any, str]:
+        return (ref, "") if ref in self.images else (None, "is not in namespace 'default'")
+
+    def plan(self, images: list[tuple[str, Any]], present: set[str]) -> Any:
+        from ccpu.client.livelayers import Planned
+
+        layers = [{"dir": d, "chain_id": f"sha256:{ref}", "image": ref, "size": 1, "gc_label": f"gc/{ref}"}
+                  for ref, _ in images for d in self.images[ref] if d not in present]
+        return Planned(layers, {f"gc/{ref}": f"sha256:{ref}" for ref, _ in images} if layers else {})
+
+    def named(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return {**entry, "chain_id": entry.get("chain_id") or "sha256:own"}
+
+
+def add_images_shim(fake: Fake, look: FakeLook) -> None:
+    fake.svc.containerd = ("/nowhere.sock", "default")
+    fake.svc._lookups = lambda cid: look  # type: ignore[method-assign]
+
+
+def test_add_images_labels_then_restacks_and_names_the_stack(fake) -> None:  # noqa: ANN001
+    look = FakeLook({"tools": [L(3), L(2)]})
+    add_images_shim(fake, look)
+    out = call(fake.svc, "AddImages", container="c1", images=["tools"])
+    assert fake.agent.stacks["c1"] == [L(3), L(2), L(1)]
+    assert out["added"] == [L(3), L(2)] and look.labels == [{"gc/tools": "sha256:tools"}]
+    assert [(la["live"], la["chain_id"]) for la in out["layers"]] == [
+        (True, "sha256:tools"), (True, "sha256:tools"), (False, "sha256:own")]
+    assert look.closed
+    again = call(fake.svc, "AddImages", container="c1", images=["tools"])
+    assert again["added"] == [] and again["skipped"] == ["tools"] and len(look.labels) == 1
+
+
+def test_add_images_takes_the_label_back_when_the_restack_fails(fake) -> None:  # noqa: ANN001
+    look = FakeLook({"tools": [L(2)]})
+    add_images_shim(fake, look)
+    fake.sandbox.refuse = OSError("bind of /repo/layers/2: permission denied")
+    with pytest.raises(TtrpcError) as e:
+        call(fake.svc, "AddImages", container="c1", images=["tools"])
+    assert e.value.code == Code.FAILED_PRECONDITION
+    assert look.labels == [{"gc/tools": "sha256:tools"}, {"gc/tools": ""}]
+    assert fake.agent.stacks["c1"] == [L(1)] and look.closed
+
+
+def test_add_images_reports_missing_images_and_changes_nothing(fake) -> None:  # noqa: ANN001
+    look = FakeLook({"tools": [L(2)]})
+    add_images_shim(fake, look)
+    out = call(fake.svc, "AddImages", container="c1", images=["tools", "absent"])
+    assert out["missing"] == {"absent": "is not in namespace 'default'"} and out["snapshotter"] == "fractal"
+    assert "restack_ms" not in out and look.labels == [] and fake.agent.stacks["c1"] == [L(1)]
