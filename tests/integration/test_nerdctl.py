@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from hack.containerd_env import FractalEnv, peer_bin_dir, peer_missing, run_cmd
+from shim import procs
 
 ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 RUNTIME = "io.containerd.fractal.v1"
@@ -290,15 +291,7 @@ def test_cni_network_in_vm_mode_survives_a_killed_shim(nerd: Nerdctl, busybox: s
              "--annotation", "io.fractal.mode=vm", busybox, "sleep", "300"], timeout=300, env=nerd.env)
     try:
         assert _ip("-o", "link", "show", "master", bridge).stdout.count("\n") == 1
-        shims = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "containerd-shim-fractal-v1" in cmd and f"-namespace {namespace} " in cmd \
-                    and str(fenv.address) in cmd:
-                shims.append(int(pid))
+        shims = procs.daemon_pids(str(fenv.address))  # the one rule (shim/procs.py): forked daemons too
         assert shims, "the container's shim must be running"
         for pid in shims:
             os.kill(pid, signal.SIGKILL)
