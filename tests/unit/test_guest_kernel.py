@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import lzma
+import shutil
 import struct
+import subprocess
 
 import pytest
 
@@ -47,6 +49,36 @@ def test_pvh_note_detection_and_extraction() -> None:
     bz = b"MZ setup code" + b"\x00" * 100 + lzma.compress(elf, format=lzma.FORMAT_XZ) + b"trailer"
     assert k.extract_vmlinux(bz) == elf
     assert k.extract_vmlinux(b"no payload") is None
+
+
+def _bzimage(payload: bytes, setup_sects: int = 3) -> bytes:
+    """A bzImage as the boot protocol lays it out: setup sectors, then the protected-mode code
+    whose payload_offset/payload_length (0x248/0x24c) say where the compressed kernel is."""
+    setup = bytearray((setup_sects + 1) * 512)
+    setup[0x1F1] = setup_sects
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", setup, 0x206, 0x20F)
+    head = b"\x90" * 300  # decompressor code before the payload
+    struct.pack_into("<II", setup, 0x248, len(head), len(payload))
+    return bytes(setup) + head + payload + b"\x00" * 64
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd not installed (hack/setup.sh installs it)")
+def test_zstd_payload_is_found_by_the_boot_header_and_its_size_trailer_cut() -> None:
+    """Ubuntu 24.04's kernels are zstd bzImages; before this was read they booted as bzImages,
+    which ended QEMU (qboot + TCG) before the first console line."""
+    elf = _elf_with_note(b"Xen", k.XEN_ELFNOTE_PHYS32_ENTRY) + b"kernel text" * 1000
+    frame = subprocess.run(["zstd", "-q", "-c"], input=elf, capture_output=True, check=True).stdout
+    payload = frame + struct.pack("<I", len(elf))  # the kernel build appends the size
+    bz = _bzimage(payload)
+    assert k.bzimage_payload(bz) == payload
+    assert k.extract_vmlinux(bz) is None  # no zstd reader given: not guessed
+    out = k.extract_vmlinux(bz, zstd=k.unzstd)
+    assert out == elf and k.has_pvh_note(out)
+    assert k.bzimage_payload(b"MZ" + b"\x00" * 0x300) is None  # no HdrS
+    short = bytearray(bz)
+    struct.pack_into("<I", short, 0x24C, len(bz))  # a length past the end of the file
+    assert k.bzimage_payload(bytes(short)) is None
 
 
 def test_kernel_package_follows_the_architecture() -> None:
