@@ -11,7 +11,7 @@ from .guest import progress
 
 def cmd_vm_run(args: argparse.Namespace) -> int:
     from ..guest import initramfs
-    from ..vm import run
+    from ..vm import hostos, run
 
     argv = list(args.cmd)
     if argv and argv[0] == "--":
@@ -39,6 +39,9 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
                       share_type=args.share_type, machine=args.machine, timeout=timeout,
                       console_log=args.console_log, debug=args.debug_guest, netns=args.netns, note=note,
                       tty=args.tty, stdin_fd=sys.stdin.fileno() if args.interactive else None)
+    except hostos.HostPolicyError as exc:  # a share the host's policy refuses: the caller's to fix
+        print(f"fractal: {exc}", file=sys.stderr)
+        return 2
     except (run.VMError, ValueError) as exc:
         print(f"fractal: {exc}", file=sys.stderr)
         return 125

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from . import accel as accel_
+from . import hostos
+from .hostos import HostOS
 from . import net, qemu, shares
 from . import nics as nics_
 from . import qmp as qmp_
@@ -126,6 +128,7 @@ class MachineSpec:
     die_with_starter: bool = True
     tcg: qemu.Tcg | None = None  # None: qemu.Tcg() unless FRACTAL_TCG overrides (tcg_options)
     balloon: bool = True  # free page reporting (qemu.VMConfig.balloon); off only to measure it
+    host: HostOS = field(default_factory=hostos.current)  # Linux, or macOS (untested: ccpu/vm/hostos.py)
 
     def all_shares(self) -> tuple[DirShare, ...]:
         return ((self.repo,) if self.repo else ()) + self.shares
@@ -169,7 +172,7 @@ def plan(spec: MachineSpec, accel: str, opened: Opened) -> qemu.VMConfig:
         ports=[qemu.Port(p, fd=opened.port_fds[p]) for p in spec.ports], nics=list(opened.nics),
         cmdline_extra=(*opened.net_cmdline, *spec.cmdline_extra), debug=spec.debug, name=spec.name,
         qemu=spec.qemu_binary, qmp_fd=opened.qmp_fd, hotplug_slots=spec.hotplug_nics,
-        tcg=spec.tcg or qemu.Tcg(), balloon=spec.balloon)
+        tcg=spec.tcg or qemu.Tcg(), balloon=spec.balloon, host=spec.host)
 
 
 def tcg_options(env: Mapping[str, str] | None = None) -> qemu.Tcg:
@@ -191,8 +194,10 @@ def choose_accel(requested: str) -> accel_.Choice:
     """``auto``: probe the host; otherwise what was configured."""
     if requested == "auto":
         return accel_.choose()
-    if requested not in accel_.ACCELS:
-        raise qemu.ConfigError(f"accel {requested!r}: expected auto or one of {accel_.ACCELS}")
+    import platform
+    here = accel_.HOST_ACCELS.get(platform.system(), accel_.ACCELS)
+    if requested not in here:
+        raise qemu.ConfigError(f"accel {requested!r}: expected auto or one of {here} on {platform.system()}")
     return accel_.Choice(requested, "configured")
 
 
@@ -334,7 +339,7 @@ class _Launcher:
             fds += boot_fds
             owner = spec.owner_pid if spec.owner_pid is not None else os.getpid()
             creds, self.qemu_user = qemu.choose_creds(cfg, spec.uid_base, owner)
-            self.argv = qemu.command(cfg, qboot_exists=qemu.qboot_available())
+            self.argv = qemu.command(cfg, qboot_exists=qemu.qboot_available(cfg.host))
             self.cpus = cfg.cpus
             log.debug("qemu: %s", " ".join(self.argv))
             # cwd: the workdir, though QEMU opens nothing by path (chdir precedes the uid drop):

@@ -34,11 +34,14 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from .hostos import LINUX, HostOS
+
 QEMU = "qemu-system-x86_64"
-QBOOT = "/usr/share/qemu/qboot.rom"
+QBOOT = LINUX.qboot_paths[0]
 MACHINES = ("q35", "microvm")
 SHARE_TYPES = ("9p", "virtiofs")
 REPO_TAG = "fractalrepo"
@@ -47,6 +50,7 @@ REPO_TAG = "fractalrepo"
 #: scheduler/affinity changes.  A denied syscall kills QEMU (it is a bug or an attack).
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 CONSOLE_FDSET = 1  # -add-fd set id of console_log_fd
+HOST_ACCELS = {"linux": ("kvm", "tcg"), "darwin": ("hvf", "tcg")}  # TCG runs everywhere
 
 
 class ConfigError(ValueError):
@@ -189,6 +193,8 @@ class VMConfig:
     tcg: Tcg = Tcg()
     # virtio-balloon with free page reporting: pages the guest frees are discarded on the host
     balloon: bool = True
+    # the host's OS (ccpu.vm.hostos): Linux, or macOS (hvf, 9p only, no seccomp; untested)
+    host: HostOS = LINUX
 
 
 SYSTEM_DISK_SERIAL = "fractal-sys"  # how the init finds the disk (/sys/block/vdX/serial)
@@ -199,8 +205,14 @@ def _check(cfg: VMConfig) -> None:
     cfg.tcg.check()
     if cfg.machine not in MACHINES:
         raise ConfigError(f"machine {cfg.machine!r}: expected one of {MACHINES}")
-    if cfg.accel not in ("kvm", "tcg"):
-        raise ConfigError(f"accel {cfg.accel!r}: expected kvm or tcg")
+    if cfg.accel not in ("kvm", "tcg", "hvf"):
+        raise ConfigError(f"accel {cfg.accel!r}: expected kvm, tcg or hvf")
+    if cfg.accel not in HOST_ACCELS[cfg.host.name]:
+        raise ConfigError(f"accel {cfg.accel} does not exist on {cfg.host.name} (kvm: Linux, hvf: macOS)")
+    if uses_virtiofs(cfg) and not cfg.host.virtiofs:
+        raise ConfigError(f"virtiofs needs virtiofsd and vhost-user, which {cfg.host.name} lacks: use 9p shares")
+    if cfg.nics and not cfg.host.tap:
+        raise ConfigError(f"tap NICs (a network namespace's) do not exist on {cfg.host.name}")
     tags = set()
     for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares):
         if s.type not in SHARE_TYPES:
@@ -298,14 +310,15 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
         argv += ["-machine", f"microvm,isa-serial=on,rtc=on,pit=on,pic=on,acpi=on{mem}"]
     else:
         argv += ["-machine", f"q35,vmport=off,sata=off,smbus=off,usb=off,graphics=off{mem}"]
-        fw = cfg.firmware or (QBOOT if qboot_exists else None)
+        fw = cfg.firmware or (qboot_path(cfg.host) if qboot_exists else None)
         if fw:
             argv += ["-bios", fw]
     if vfs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mb}M,share=on"]
     # TCG: docs/vm.md "Accelerator" (why thread=single by default, why the cache is bounded)
-    argv += ["-accel", "kvm" if cfg.accel == "kvm" else cfg.tcg.accel_arg(),
-             "-cpu", "host" if cfg.accel == "kvm" else cfg.tcg.cpu,
+    hw = cfg.accel in ("kvm", "hvf")  # hardware virtualisation: the guest sees the host's CPU
+    argv += ["-accel", cfg.accel if hw else cfg.tcg.accel_arg(),
+             "-cpu", "host" if hw else cfg.tcg.cpu,
              "-m", f"{cfg.memory_mb}M", "-smp", str(cfg.cpus),
              "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg)]
     if cfg.console_fd is not None:
@@ -315,7 +328,7 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
                  "-serial", f"file:/dev/fdset/{CONSOLE_FDSET}"]
     else:
         argv += ["-serial", f"file:{cfg.console_log}"]
-    if cfg.sandbox:
+    if cfg.sandbox and cfg.host.seccomp:  # QEMU builds its seccomp filter on Linux only
         argv += ["-sandbox", SANDBOX]
     if cfg.rng:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", f"virtio-rng-{bus},rng=rng0"]
@@ -363,10 +376,16 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
 # launching
 
 PR_SET_PDEATHSIG = 1
+LINUX_HOST = sys.platform.startswith("linux")
 
 
 def die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when its parent dies (QEMU/virtiofsd must never outlive us)."""
+    """preexec_fn: SIGKILL this child when its parent dies (QEMU/virtiofsd must never outlive us).
+
+    Linux only: macOS has no PR_SET_PDEATHSIG, so there a QEMU whose starter is SIGKILLed lives on
+    until its guest powers off (the launcher's ``finally`` still stops it on every other exit)."""
+    if not LINUX_HOST:
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
@@ -434,7 +453,7 @@ def kvm_group() -> int | None:
 
 def open_boot_files(cfg: VMConfig) -> tuple[VMConfig, list[int]]:
     """``cfg`` with its kernel, initramfs and system image read through fds opened here
-    (``/proc/self/fd/N``), and those fds: a QEMU without root reads them whatever the
+    (``/proc/self/fd/N``; ``/dev/fd/N`` on macOS), and those fds: a QEMU without root reads them whatever the
     permissions of the dirs above them (the guest cache may be root-only).  The caller closes
     the fds after spawning."""
     import dataclasses
@@ -448,7 +467,7 @@ def open_boot_files(cfg: VMConfig) -> tuple[VMConfig, list[int]]:
         for fd in fds:
             os.close(fd)
         raise
-    named = [f"/proc/self/fd/{fd}" for fd in fds]
+    named = [f"{cfg.host.fd_dir}/{fd}" for fd in fds]
     return dataclasses.replace(cfg, kernel=named[0], initramfs=named[1],
                                system_image=named[2] if cfg.system_image else None), fds
 
@@ -486,5 +505,10 @@ def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
                             **kw)  # type: ignore[call-overload]
 
 
-def qboot_available() -> bool:
-    return os.path.exists(QBOOT)
+def qboot_path(host: HostOS = LINUX) -> str:
+    """Where qboot.rom is on ``host`` (its first candidate when none exists)."""
+    return next((p for p in host.qboot_paths if os.path.exists(p)), host.qboot_paths[0])
+
+
+def qboot_available(host: HostOS = LINUX) -> bool:
+    return any(os.path.exists(p) for p in host.qboot_paths)

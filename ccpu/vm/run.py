@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..guest.initramfs import Guest
-from . import qemu, runproto, shares, terminal
+from . import hostos, qemu, runproto, shares, terminal
 from .machine import ConsoleFile, DirShare, Machine, MachineError, MachineSpec
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
         raise ValueError("the input device is not a TTY (-t with -i needs a terminal on stdin)")
     out_f = stdout or sys.stdout.buffer
     err_f = stderr or sys.stderr.buffer
+    host = hostos.current()
+    for path in [s.host for s in share_dirs] + ([repo] if repo else []):
+        hostos.check_share(host, os.path.realpath(path))  # macOS: $HOME only (ccpu/vm/hostos.py)
     stype, why = shares.choose(share_type)
     t0 = time.monotonic()
     timings: dict[str, float] = {}

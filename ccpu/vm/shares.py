@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import hostos
+from .hostos import LINUX, HostOS
 from .qemu import SHARE_TYPES, Share, spawn
 
 log = logging.getLogger(__name__)
@@ -30,17 +32,22 @@ def find_virtiofsd() -> str | None:
     return None
 
 
-def decide(requested: str | None, env: str | None, virtiofsd: str | None, root: bool = True) -> tuple[str, str]:
+def decide(requested: str | None, env: str | None, virtiofsd: str | None, root: bool = True,
+           host: HostOS = LINUX) -> tuple[str, str]:
     """(share type, reason).  Pure.  An explicit request wins over the environment over availability.
     Without root the default is 9p: QEMU serves it as the user, while virtiofsd's sandbox
-    (``--sandbox chroot``) needs root."""
+    (``--sandbox chroot``) needs root.  A host without vhost-user (macOS) has 9p only."""
     for source, value in (("requested", requested), ("FRACTAL_SHARE", env)):
         if value:
             if value not in SHARE_TYPES:
                 raise ValueError(f"{source} share type {value!r}: expected one of {SHARE_TYPES}")
+            if value == "virtiofs" and not host.virtiofs:
+                raise ValueError(f"virtiofs is Linux only (virtiofsd, vhost-user); on {host.name} shares are 9p")
             if value == "virtiofs" and not virtiofsd:
                 raise ValueError("virtiofs requested but no virtiofsd found (hack/setup.sh builds one)")
             return value, source
+    if not host.virtiofs:
+        return "9p", f"{host.name}: QEMU serves 9p itself (no virtiofsd there)"
     if virtiofsd and not root:
         return "9p", "not root: virtiofsd's chroot sandbox needs root; QEMU serves 9p as this user"
     if virtiofsd:
@@ -49,7 +56,8 @@ def decide(requested: str | None, env: str | None, virtiofsd: str | None, root: 
 
 
 def choose(requested: str | None = None) -> tuple[str, str]:
-    t, why = decide(requested, os.environ.get("FRACTAL_SHARE") or None, find_virtiofsd(), os.geteuid() == 0)
+    t, why = decide(requested, os.environ.get("FRACTAL_SHARE") or None, find_virtiofsd(), os.geteuid() == 0,
+                    hostos.current())
     log.info("share type %s (%s)", t, why)
     return t, why
 
