@@ -19,9 +19,6 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     if not argv:
         print("fractal vm run: no command (fractal vm run [options] -- CMD...)", file=sys.stderr)
         return 2
-    if args.interactive and not args.tty:
-        print("fractal vm run: -i needs -t (stdin is relayed through the guest's terminal)", file=sys.stderr)
-        return 2
     if args.tty and args.interactive and not os.isatty(sys.stdin.fileno()):
         print("fractal vm run: the input device is not a TTY (-it needs a terminal on stdin)", file=sys.stderr)
         return 2

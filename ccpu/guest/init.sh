@@ -13,6 +13,7 @@
 #                                   r=DST (on-link route), r=DST@GW (route via GW), gw=GW (default route)
 #   fractal.reserve=MIB             guest memory containers can never take (agent mode; default 64)
 #   fractal.tty=TERM                run mode: CMD on a pty with TERM (vm run -t), keys on fractal.stdin
+#   fractal.stdin=1                 run mode: CMD's stdin is the fractal.stdin port (vm run -i)
 #   fractal.debug=1                 echo every step with its uptime to the console
 #
 # Milestones go to the console as "fractal-init: <uptime> <what>" so the host
@@ -47,7 +48,7 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty=""
+mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty="" stdin=0
 for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
@@ -57,6 +58,7 @@ for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
         fractal.debug=*) debug="${arg#*=}" ;;
         fractal.reserve=*) reserve="${arg#*=}" ;;
         fractal.tty=*) tty="${arg#*=}" ;;
+        fractal.stdin=*) stdin="${arg#*=}" ;;
     esac
 done
 
@@ -253,6 +255,9 @@ run)
         in="$(port fractal.stdin)" || die "no port fractal.stdin"
         read -r python </etc/fractal/python || python=python3
         TERM="$tty" "$python" -S -I -m ccpu.agent.vmtty "$cmd" 6<"$in"
+    elif [ "$stdin" = 1 ]; then  # vm run -i: the host's stdin; its end = the host side disconnecting
+        in="$(port fractal.stdin)" || die "no port fractal.stdin"
+        sh -c "$cmd" <"$in" >&4 2>&5
     else
         sh -c "$cmd" </dev/null >&4 2>&5
     fi

@@ -80,6 +80,8 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
 
     ``tty``: on a pty in the guest (``vm run -t``): ``stdin_fd`` (a terminal, or None for no input)
     is put in raw mode and relayed, window sizes follow SIGWINCH, all output goes to `stdout`.
+    Without ``tty``, ``stdin_fd`` (``vm run -i``: a pipe, a file, a terminal) becomes the command's
+    stdin, its end the command's EOF; None: the command's stdin is /dev/null.
     ``timeout`` None: no limit."""
     if tty and stdin_fd is not None and not os.isatty(stdin_fd):
         raise ValueError("the input device is not a TTY (-t with -i needs a terminal on stdin)")
@@ -103,8 +105,10 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             mode="run", accel="auto", machine=machine, memory_mb=memory_mb, cpus=cpus,
             repo=share(qemu.REPO_TAG, os.path.abspath(repo), "/repo", True, layers=True) if repo else None,
             shares=tuple(share(f"share{i}", s.host, s.guest, s.readonly) for i, s in enumerate(share_dirs)),
-            ports=(PORT_RUN, PORT_OUT, PORT_ERR) + ((PORT_IN,) if tty else ()), netns=netns, uid_base=uid_base,
-            debug=debug, cmdline_extra=(f"fractal.tty={runproto.term_name(os.environ.get('TERM'))}",) if tty else (),
+            ports=(PORT_RUN, PORT_OUT, PORT_ERR) + ((PORT_IN,) if tty or stdin_fd is not None else ()),
+            netns=netns, uid_base=uid_base, debug=debug,
+            cmdline_extra=((f"fractal.tty={runproto.term_name(os.environ.get('TERM'))}",) if tty
+                           else ("fractal.stdin=1",) if stdin_fd is not None else ()),
             balloon=balloon)
         vm = Machine(spec)
         try:
@@ -123,10 +127,12 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             if tty:
                 with terminal.Relay(stdin_fd, out_f.fileno() if hasattr(out_f, "fileno") else None) as term:
                     ctl.sendall(runproto.winsize(*term.size()))
+                    feed = _Input(stdin_fd, vm.ports[PORT_IN], eof_ends=False) if stdin_fd is not None else None
                     code = _pump(ctl, out_s, err_s, marker, out_f, out_f, vm, deadline, timings, t0,
-                                 tty=(term, vm.ports[PORT_IN]))
+                                 term=term, feed=feed)
             else:
-                code = _pump(ctl, out_s, err_s, marker, out_f, err_f, vm, deadline, timings, t0)
+                feed = _Input(stdin_fd, vm.ports[PORT_IN], eof_ends=True) if stdin_fd is not None else None
+                code = _pump(ctl, out_s, err_s, marker, out_f, err_f, vm, deadline, timings, t0, feed=feed)
             hwm = _vm_hwm_kb(vm.pid)  # QEMU's peak RSS, read while it still exists
             ctl.sendall(runproto.ACK)
             if vm.wait(timeout=15) is None:
@@ -163,29 +169,105 @@ def _read(path: str) -> str:
         return ""
 
 
+class _Input:
+    """The host's stdin relayed to the guest's fractal.stdin port, never blocking the pump: a
+    guest that stops reading must not stop its output from being read (it would wait on us).
+
+    ``eof_ends``: at the end of the input the port's host end is shut for writing; the guest sees
+    its port's host side disconnect and the command reads EOF (``vm run -i``).  With a TTY the
+    end of the keystrokes ends nothing (the user types ^D)."""
+
+    def __init__(self, src_fd: int, sock: socket.socket, eof_ends: bool) -> None:
+        self.src_fd, self.sock, self.eof_ends = src_fd, sock, eof_ends
+        self.pending = b""
+        self.eof = False
+        self.own_fd: int | None = None  # a pipe made here (_piped), closed by close()
+        sock.setblocking(False)
+
+    def close(self) -> None:
+        if self.own_fd is not None:
+            os.close(self.own_fd)
+            self.own_fd = None
+
+    def register(self, sel: selectors.BaseSelector) -> None:
+        try:
+            sel.register(self.src_fd, selectors.EVENT_READ, "stdin")
+        except PermissionError:  # epoll refuses regular files (`< file`): a thread pipes it
+            self.src_fd = self.own_fd = _piped(self.src_fd)
+            sel.register(self.src_fd, selectors.EVENT_READ, "stdin")
+
+    def on_readable(self, sel: selectors.BaseSelector) -> None:
+        data = os.read(self.src_fd, 65536)
+        sel.unregister(self.src_fd)
+        if not data:
+            self.eof = True
+        self.pending = data
+        self._flush(sel, first=True)
+
+    def on_writable(self, sel: selectors.BaseSelector) -> None:
+        self._flush(sel, first=False)
+
+    def _flush(self, sel: selectors.BaseSelector, first: bool) -> None:
+        try:
+            if self.pending:
+                self.pending = self.pending[self.sock.send(self.pending):]
+        except BlockingIOError:
+            pass
+        except OSError:  # QEMU went away: the pump reports that; the input is dropped
+            self.pending, self.eof = b"", True
+            self.eof_ends = False
+        if self.pending:
+            if first:
+                sel.register(self.sock, selectors.EVENT_WRITE, "stdin-out")
+            return
+        if not first:
+            sel.unregister(self.sock)
+        if not self.eof:
+            self.register(sel)
+        elif self.eof_ends:
+            self.sock.shutdown(socket.SHUT_WR)
+
+
+def _piped(fd: int) -> int:
+    """The read end of a pipe that a daemon thread fills from ``fd`` (a file epoll cannot watch)."""
+    import threading
+
+    r, w = os.pipe()
+
+    def copy() -> None:
+        try:
+            while data := os.read(fd, 65536):
+                os.write(w, data)
+        except OSError:
+            pass  # the reader went away (the run ended): nothing to deliver to
+        finally:
+            os.close(w)
+    threading.Thread(target=copy, name="vm-run-stdin", daemon=True).start()
+    return r
+
+
 def _pump(ctl: socket.socket, out_s: socket.socket, err_s: socket.socket, marker: bytes,
           out_f: BinaryIO, err_f: BinaryIO, vm: Machine, deadline: float,
           timings: dict[str, float], t0: float,
-          tty: tuple[terminal.Relay, socket.socket] | None = None) -> int:
+          term: terminal.Relay | None = None, feed: _Input | None = None) -> int:
     """Forward output until both streams ended and the exit code arrived; returns the exit code.
-    ``tty``: also the user's keystrokes to the stdin port and window sizes to the control port."""
+    ``term``: a TTY's window sizes to the control port; ``feed``: input to the stdin port."""
     sel = selectors.DefaultSelector()
     ends = {out_s: runproto.StreamEnd(marker), err_s: runproto.StreamEnd(marker)}
     sinks = {out_s: out_f, err_s: err_f}
     control = runproto.Control()
     for s in (ctl, out_s, err_s):
         sel.register(s, selectors.EVENT_READ)
-    if tty is not None:
-        term, in_s = tty
-        if term.in_fd is not None:
-            sel.register(term.in_fd, selectors.EVENT_READ, "stdin")
+    if feed is not None:
+        feed.register(sel)
+    if term is not None:
         sel.register(term.winch_fd, selectors.EVENT_READ, "winch")
     try:
         while control.exit_code is None or not all(e.done for e in ends.values()):
             now = time.monotonic()
             if now > deadline:
                 raise VMError("timeout waiting for the command")
-            held = tty is not None and ends[out_s].pending()
+            held = term is not None and ends[out_s].pending()
             events = sel.select(timeout=min(0.02 if held else 0.5, deadline - now))
             if not events and held:
                 out_f.write(ends[out_s].release())
@@ -194,14 +276,13 @@ def _pump(ctl: socket.socket, out_s: socket.socket, err_s: socket.socket, marker
                 why = "" if vm.ended is None or vm.ended.startswith("QEMU") else f": {vm.ended}"
                 raise VMError(f"QEMU exited ({vm.exit_status}) before the command finished{why}")
             for key, _ in events:
-                if key.data == "stdin":
-                    keys = os.read(term.in_fd, 4096) if term.in_fd is not None else b""
-                    if keys:
-                        in_s.sendall(keys)
-                    else:
-                        sel.unregister(key.fileobj)  # stdin ended: the command keeps running
+                if key.data == "stdin" and feed is not None:
+                    feed.on_readable(sel)
                     continue
-                if key.data == "winch":
+                if key.data == "stdin-out" and feed is not None:
+                    feed.on_writable(sel)
+                    continue
+                if key.data == "winch" and term is not None:
                     if term.winched():
                         ctl.sendall(runproto.winsize(*term.size()))
                     continue
@@ -224,5 +305,7 @@ def _pump(ctl: socket.socket, out_s: socket.socket, err_s: socket.socket, marker
                         sinks[s].flush()
     finally:
         sel.close()
+        if feed is not None:
+            feed.close()
     assert control.exit_code is not None
     return control.exit_code

@@ -107,3 +107,27 @@ def test_virtiofs_shares(guest: Path, dirs: tuple[Path, Path]) -> None:
     assert "virtiofs rw" in res.stdout and "virtiofs ro" in res.stdout
     assert "REPO-WRITABLE" not in res.stdout and not (repo / "intruder").exists()
     assert (work / "vfs-out").read_text() == "v\n"
+
+
+def test_stdin_with_i_reaches_the_command_and_ends_it(guest: Path, dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """`vm run -i` without -t (docker run -i): the host's stdin, pipe or file, is the command's, its
+    end the command's EOF; output flows while input is still pending (`cat` echoes 512 KiB back: a
+    pump that blocked on the guest's input would deadlock on its output).  Without -i: /dev/null."""
+    work, _ = dirs
+    data = os.urandom(512 * 1024)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    echo = subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", "-i", "--", "cat"], cwd=work,
+                          input=data, capture_output=True, timeout=300, env=env)
+    assert echo.returncode == 0, echo.stderr[-2000:]
+    assert echo.stdout == data
+    src = tmp_path / "input.bin"
+    src.write_bytes(data)
+    with src.open("rb") as f:  # a regular file: epoll cannot watch it
+        digest = subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", "-i", "--", "sha256sum"], cwd=work,
+                                stdin=f, capture_output=True, timeout=300, env=env)
+    assert digest.returncode == 0, digest.stderr[-2000:]
+    import hashlib
+    assert digest.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    closed = subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", "--", "sh", "-c", "cat; echo end"],
+                            cwd=work, input=b"not for the guest\n", capture_output=True, timeout=300, env=env)
+    assert closed.returncode == 0 and closed.stdout == b"end\n", closed

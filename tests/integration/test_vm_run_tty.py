@@ -136,12 +136,13 @@ def test_interactive_tty_through_a_pty(guest: Path, tmp_path: Path) -> None:  # 
     assert qemu_processes(str(work)) == []
 
 
-def test_tty_needs_a_terminal_and_i_needs_t(guest: Path, tmp_path: Path) -> None:  # noqa: F811
-    for flags, msg in ((["-it"], "not a TTY"), (["-i"], "-i needs -t")):
-        res = subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", *flags, "--", "true"], cwd=tmp_path,
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert res.returncode in (2, 125) and msg in res.stderr, res.stderr
+def test_tty_needs_a_terminal(guest: Path, tmp_path: Path) -> None:  # noqa: F811
+    """-it with stdin not a terminal is a usage error (docker says the same); -i alone is fine
+    (tests/integration/test_vm_run.py::test_stdin_with_i_reaches_the_command_and_ends_it)."""
+    res = subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", "-it", "--", "true"], cwd=tmp_path,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 2 and "not a TTY" in res.stderr, res.stderr
 
 
 def _python_for(user: str) -> str:
