@@ -1,0 +1,489 @@
+"""A machine's own layer repo, filled from containerd's compressed blobs streamed by the shim
+(remote mode, feature ``layers:pull``; docs/remote.md "Layers on the machine").
+
+Why here and why this shape: a remote machine does not see the host's repo, so the shim sends
+each layer it lacks as the compressed blob containerd keeps (content store), on a data channel
+of the authenticated connection.  Everything in the stream is untrusted input for the agent:
+
+* the blob is written to a temporary file while hashed; more bytes than the declared size are
+  refused as they arrive (the shim declared the descriptor's size, capped by ``max_blob``);
+* the compressed digest is checked before a byte is decompressed; the decompressed stream is
+  hashed against the diff ID while it is applied (capped by ``max_unpacked``, ``max_entries``);
+* the tar is applied with the rules containerd's applier uses for an overlay snapshot: OCI
+  whiteouts ``.wh.NAME`` become 0/0 character devices, ``.wh..wh..opq`` the opaque xattr (both
+  ``trusted.`` and ``user.overlay.opaque``, as the host repo records it: ccpu/repo/opaque.py);
+  every name is confined (no absolute names, no ``..``, no write through a symlink, hard links
+  only to earlier entries of the same layer);
+* the result is fsynced and renamed into ``layers/<chain hex>`` only when complete and
+  verified: a crash leaves at most a directory under ``tmp/``, removed at the next start.
+
+References: each layer records the containers that use it (``refs.json``, written before the
+rename, so a published layer is never unreferenced by a crash); ``release`` drops a container's
+references and removes layers nobody uses any more.  Standard library only (zstd through the
+``zstandard`` package when present: remote machines only, never the VM guest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tarfile
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from . import protocol
+
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+GZIP_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+}
+ZSTD_TYPES = {"application/vnd.oci.image.layer.v1.tar+zstd"}
+TAR_TYPES = {"application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.image.rootfs.diff.tar"}
+MEDIA_TYPES = GZIP_TYPES | ZSTD_TYPES | TAR_TYPES
+
+MAX_BLOB = 4 << 30  # compressed bytes of one layer (agent --max-layer-mb can lower it)
+MAX_UNPACKED = 16 << 30  # decompressed bytes of one layer
+MAX_ENTRIES = 1_000_000  # tar entries of one layer
+CHUNK = 1 << 20
+OPAQUE = ".wh..wh..opq"
+WHITEOUT = ".wh."
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+XATTR_PREFIX = "SCHILY.xattr."
+
+
+class LayerError(protocol.InvalidArgument):
+    """The stream or the layer in it is refused (digest, diff ID, size, a name, a type)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerBlob:
+    """What the shim says a layer is: checked before any byte is accepted."""
+
+    chain_id: str
+    diff_id: str
+    digest: str
+    media_type: str
+    size: int
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], max_blob: int = MAX_BLOB) -> LayerBlob:
+        vals = {}
+        for key in ("chain_id", "diff_id", "digest"):
+            v = protocol.arg_str(args, key)
+            if not DIGEST_RE.fullmatch(v):
+                raise protocol.InvalidArgument(f"{key} {v[:100]!r} is not sha256:<64 hex>")
+            vals[key] = v
+        media = protocol.arg_str(args, "media_type")
+        if media not in MEDIA_TYPES:
+            raise protocol.InvalidArgument(f"layer media type {media[:200]!r} is not one of "
+                                           f"{', '.join(sorted(MEDIA_TYPES))}")
+        size = protocol.arg_int(args, "size")
+        if not 0 < size <= max_blob:
+            raise protocol.ResourceExhausted(f"layer {vals['digest']}: {size} bytes is outside "
+                                             f"1..{max_blob} (the agent's --max-layer-mb)")
+        return cls(vals["chain_id"], vals["diff_id"], vals["digest"], media, size)
+
+
+def chain_dir_name(chain_id: str) -> str:
+    if not DIGEST_RE.fullmatch(chain_id):
+        raise protocol.InvalidArgument(f"chain ID {chain_id[:100]!r} is not sha256:<64 hex>")
+    return chain_id.split(":", 1)[1]
+
+
+class Receiver:
+    """One blob arriving on a data channel: written to ``path`` while hashed.  ``feed`` is
+    called for every data frame (in the connection's read loop: the socket is the only
+    buffer), ``close`` at the channel's close frame."""
+
+    def __init__(self, blob: LayerBlob, path: str) -> None:
+        self.blob = blob
+        self.path = path
+        self.received = 0
+        self.error: str | None = None
+        self._hash = hashlib.sha256()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.closed = False
+
+    def feed(self, data: bytes) -> None:
+        if self.error is not None or self._fd is None:
+            return
+        if self.received + len(data) > self.blob.size:
+            self.error = (f"layer {self.blob.digest}: the stream is longer than its declared "
+                          f"{self.blob.size} bytes")
+            self._close_fd()
+            return
+        try:
+            os.write(self._fd, data)  # a regular file: all of it (or an OSError)
+        except OSError as e:
+            self.error = f"layer {self.blob.digest}: writing {self.path}: {e.strerror}"
+            self._close_fd()
+            return
+        self.received += len(data)
+        self._hash.update(data)
+
+    def close(self) -> None:
+        self.closed = True
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def verify(self) -> None:
+        """The whole blob arrived and is the one named: else LayerError."""
+        if self.error is not None:
+            raise LayerError(self.error)
+        if self.received != self.blob.size:
+            raise LayerError(f"layer {self.blob.digest}: got {self.received} of {self.blob.size} bytes")
+        got = "sha256:" + self._hash.hexdigest()
+        if got != self.blob.digest:
+            raise LayerError(f"layer {self.blob.digest}: digest mismatch: the stream is {got}")
+
+
+class _Hashing:
+    """A read-only file over ``raw`` that hashes and counts what is read, up to ``cap``."""
+
+    def __init__(self, raw: IO[bytes], cap: int) -> None:
+        self.raw = raw
+        self.cap = cap
+        self.count = 0
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n if n is not None and n >= 0 else CHUNK)
+        self.count += len(data)
+        if self.count > self.cap:
+            raise LayerError(f"the layer unpacks to more than {self.cap} bytes")
+        self.hash.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def _decompressor(media_type: str, f: IO[bytes]) -> IO[bytes]:
+    if media_type in GZIP_TYPES:
+        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+    if media_type in ZSTD_TYPES:
+        try:
+            import zstandard  # type: ignore[import-not-found]
+        except ImportError:
+            raise protocol.Unimplemented("zstd layers need the zstandard package on the machine "
+                                         "(python3-zstandard)") from None
+        return zstandard.ZstdDecompressor().stream_reader(f)  # type: ignore[no-any-return]
+    return f
+
+
+def clean_name(name: str) -> str:
+    """A tar member name as a relative path inside the layer ('' for its root), or LayerError:
+    no absolute names, no ``..``, no NUL."""
+    if "\0" in name:
+        raise LayerError(f"tar entry {name[:200]!r}: NUL in its name")
+    if name.startswith("/"):
+        raise LayerError(f"tar entry {name[:200]!r}: absolute name")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise LayerError(f"tar entry {name[:200]!r}: '..' in its name")
+    return "/".join(parts)
+
+
+def _real_dir(root: str, rel: str) -> str:
+    """``root/rel`` as a directory that is really below ``root``: every component an existing
+    directory (missing ones made 0755, as containerd's applier does), none a symlink."""
+    path = root
+    for part in [p for p in rel.split("/") if p]:
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise LayerError(f"tar entry below {rel!r}: {part!r} is not a directory (a symlink?)")
+    return path
+
+
+def _remove(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _set_xattrs(path: str, member: tarfile.TarInfo) -> None:
+    for key, value in member.pax_headers.items():
+        if key.startswith(XATTR_PREFIX):
+            name = key[len(XATTR_PREFIX):]
+            raw = value.encode("utf-8", "surrogateescape")
+            os.setxattr(path, name, raw, follow_symlinks=False)
+
+
+def apply_tar(fileobj: IO[bytes], dest: str, max_entries: int = MAX_ENTRIES) -> None:
+    """Apply one layer's tar into the empty directory ``dest`` as an overlay lower dir."""
+    dir_times: list[tuple[str, int]] = []
+    with tarfile.open(fileobj=fileobj, mode="r|", errors="surrogateescape") as tar:  # type: ignore[call-overload]
+        for n, m in enumerate(tar):
+            if n >= max_entries:
+                raise LayerError(f"the layer has more than {max_entries} entries")
+            rel = clean_name(m.name)
+            parent_rel, _, base = rel.rpartition("/")
+            if not base:  # the layer's root itself: its metadata only
+                if m.isdir():
+                    os.chmod(dest, m.mode & 0o7777)
+                    os.lchown(dest, m.uid, m.gid)
+                    dir_times.append((dest, m.mtime))
+                continue
+            parent = _real_dir(dest, parent_rel)
+            if base == OPAQUE:
+                for name in OPAQUE_XATTRS:
+                    os.setxattr(parent, name, b"y", follow_symlinks=False)
+                continue
+            if base.startswith(WHITEOUT):
+                hidden = base[len(WHITEOUT):]
+                if not hidden or hidden in (".", ".."):
+                    raise LayerError(f"tar entry {m.name[:200]!r}: a whiteout of nothing")
+                target = os.path.join(parent, hidden)
+                _remove(target)
+                os.mknod(target, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+                continue
+            target = os.path.join(parent, base)
+            _apply_member(tar, m, target, dest)
+            if m.isdir():
+                dir_times.append((target, m.mtime))
+    for path, mtime in reversed(dir_times):  # after their contents: entries change a dir's mtime
+        os.utime(path, (mtime, mtime), follow_symlinks=False)
+
+
+def _apply_member(tar: tarfile.TarFile, m: tarfile.TarInfo, target: str, dest: str) -> None:
+    existing = None
+    with contextlib.suppress(FileNotFoundError):
+        existing = os.lstat(target)
+    if m.isdir():
+        if existing is None or not stat.S_ISDIR(existing.st_mode):
+            _remove(target)
+            os.mkdir(target, 0o700)
+    else:
+        _remove(target)  # a later entry replaces an earlier one of the same name
+        if m.isreg():
+            src = tar.extractfile(m)
+            assert src is not None
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                while chunk := src.read(CHUNK):
+                    os.write(fd, chunk)
+            finally:
+                os.close(fd)
+        elif m.issym():
+            os.symlink(m.linkname, target)  # resolved in the container's root, never here
+        elif m.islnk():
+            src_rel = clean_name(m.linkname)
+            src_path = os.path.join(dest, src_rel)
+            if not src_rel:
+                raise LayerError(f"tar entry {m.name[:200]!r}: hard link to the layer's root")
+            _real_dir(dest, src_rel.rpartition("/")[0])  # no symlink on the way to the source
+            try:
+                st = os.lstat(src_path)
+            except FileNotFoundError:
+                raise LayerError(f"tar entry {m.name[:200]!r}: hard link to {m.linkname[:200]!r}, "
+                                 "which is not in this layer (yet)") from None
+            if stat.S_ISDIR(st.st_mode):
+                raise LayerError(f"tar entry {m.name[:200]!r}: hard link to a directory")
+            os.link(src_path, target, follow_symlinks=False)
+            return  # the link shares its source's inode: its metadata is the source's
+        elif m.ischr() or m.isblk():  # as containerd's applier (running as root) does
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            os.mknod(target, 0o600 | kind, os.makedev(m.devmajor, m.devminor))
+        elif m.isfifo():
+            os.mkfifo(target, 0o600)
+        else:
+            raise LayerError(f"tar entry {m.name[:200]!r}: unsupported type {m.type!r}")
+    os.lchown(target, m.uid, m.gid)
+    if not m.issym():
+        os.chmod(target, m.mode & 0o7777)  # after chown: chown clears setuid bits
+    _set_xattrs(target, m)
+    if not m.isdir():
+        os.utime(target, (m.mtime, m.mtime), follow_symlinks=False)
+
+
+def unpack(blob: LayerBlob, blob_path: str, dest: str, max_unpacked: int = MAX_UNPACKED) -> None:
+    """Decompress and apply the verified blob at ``blob_path`` into ``dest`` (made here),
+    checking the diff ID of what was applied."""
+    os.mkdir(dest, 0o755)
+    with open(blob_path, "rb") as raw:
+        try:
+            plain = _Hashing(_decompressor(blob.media_type, raw), max_unpacked)
+            apply_tar(plain, dest)  # type: ignore[arg-type]
+            plain.drain()  # the tar's end padding counts for the diff ID too
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib_error()) as e:
+            raise LayerError(f"layer {blob.digest}: not a valid {blob.media_type}: {e}") from None
+        except OSError as e:
+            if e.errno in protocol.NO_SPACE:
+                raise
+            if type(e).__name__ == "ZstdError":
+                raise LayerError(f"layer {blob.digest}: not valid zstd: {e}") from None
+            raise
+    got = "sha256:" + plain.hash.hexdigest()
+    if got != blob.diff_id:
+        raise LayerError(f"layer {blob.digest}: diff ID mismatch: it unpacks to {got}, "
+                         f"not {blob.diff_id}")
+
+
+def zlib_error() -> type[Exception]:
+    import zlib
+
+    return zlib.error
+
+
+class LocalRepo:
+    """``ROOT/layers/<chain hex>/`` (published, read-only by convention), ``ROOT/tmp/``
+    (arriving blobs and layers being applied), ``ROOT/refs.json`` ({chain id: [container...]})."""
+
+    def __init__(self, root: str, max_blob: int = MAX_BLOB, max_unpacked: int = MAX_UNPACKED) -> None:
+        self.root = os.path.realpath(root)
+        self.layers = os.path.join(self.root, "layers")
+        self.tmp = os.path.join(self.root, "tmp")
+        self.refs_path = os.path.join(self.root, "refs.json")
+        self.max_blob = max_blob
+        self.max_unpacked = max_unpacked
+        self.transfers = 0  # layers received since start (the tests' and bench's counter)
+        self._lock = threading.Lock()  # refs: publishes run in threads
+        for d in (self.root, self.layers, self.tmp):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self.refs: dict[str, list[str]] = self._load_refs()
+        self.recover()
+
+    def _load_refs(self) -> dict[str, list[str]]:
+        try:
+            with open(self.refs_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: [c for c in v if isinstance(c, str)] for k, v in data.items()
+                if isinstance(k, str) and DIGEST_RE.fullmatch(k) and isinstance(v, list)}
+
+    def _save_refs(self) -> None:
+        tmp = self.refs_path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(self.refs, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.refs_path)
+
+    def recover(self) -> None:
+        """After a crash: nothing half-made stays (``tmp/``), no layer nobody references."""
+        for name in os.listdir(self.tmp):
+            _remove(os.path.join(self.tmp, name))
+        known = {chain_dir_name(c) for c, users in self.refs.items() if users}
+        for name in os.listdir(self.layers):
+            if name not in known:
+                _remove(os.path.join(self.layers, name))
+
+    def path(self, chain_id: str) -> str:
+        return os.path.join(self.layers, chain_dir_name(chain_id))
+
+    def has(self, chain_id: str) -> bool:
+        return os.path.isdir(self.path(chain_id))
+
+    def _ref(self, container: str, chain_ids: Iterable[str]) -> None:
+        with self._lock:
+            self._ref_locked(container, chain_ids)
+
+    def _ref_locked(self, container: str, chain_ids: Iterable[str]) -> None:
+        changed = False
+        for c in chain_ids:
+            users = self.refs.setdefault(c, [])
+            if container not in users:
+                users.append(container)
+                changed = True
+        if changed:
+            self._save_refs()
+
+    def have(self, container: str, chain_ids: list[str]) -> list[str]:
+        """The chain IDs this repo lacks; ``container`` holds a reference on every other one."""
+        for c in chain_ids:
+            chain_dir_name(c)
+        present = [c for c in chain_ids if self.has(c)]
+        self._ref(container, present)
+        return [c for c in chain_ids if c not in present]
+
+    def receiver(self, blob: LayerBlob) -> Receiver:
+        return Receiver(blob, os.path.join(self.tmp, f"{uuid.uuid4().hex}.blob"))
+
+    def publish(self, container: str, rx: Receiver) -> str:
+        """Verify, unpack, fsync and rename the received layer into place (blocking: run in a
+        thread).  The blob and any partial tree are removed whatever happens."""
+        blob = rx.blob
+        work = os.path.join(self.tmp, f"{uuid.uuid4().hex}.d")
+        try:
+            rx.verify()
+            if self.has(blob.chain_id):  # another container's pull of it won
+                self._ref(container, [blob.chain_id])
+                return self.path(blob.chain_id)
+            unpack(blob, rx.path, work, self.max_unpacked)
+            os.sync()  # every file and dir of the tree is on disk before it becomes visible
+            self._ref(container, [blob.chain_id])  # before the rename: never unreferenced
+            try:
+                os.rename(work, self.path(blob.chain_id))
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            dfd = os.open(self.layers, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            self.transfers += 1
+            return self.path(blob.chain_id)
+        finally:
+            rx.close()
+            _remove(rx.path)
+            _remove(work)
+
+    def release(self, container: str, chain_ids: list[str] | None = None) -> list[str]:
+        """Drop ``container``'s references (all, or those of ``chain_ids``); layers left without
+        any are removed.  Returns the removed chain IDs."""
+        with self._lock:
+            removed = self._unref_locked(container, chain_ids)
+        for c in removed:  # after the record: a crash here leaves a dir recover() removes
+            gone = os.path.join(self.tmp, f"{uuid.uuid4().hex}.gone")
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path(c), gone)
+                _remove(gone)
+        return removed
+
+    def _unref_locked(self, container: str, chain_ids: list[str] | None) -> list[str]:
+        removed = []
+        for c in list(self.refs):
+            if chain_ids is not None and c not in chain_ids:
+                continue
+            users = self.refs[c]
+            if container in users:
+                users.remove(container)
+            if not users:
+                del self.refs[c]
+                removed.append(c)
+        self._save_refs()
+        return removed
