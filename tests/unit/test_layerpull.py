@@ -189,3 +189,82 @@ def test_zstd_layers(tmp_path: Path) -> None:
     repo = LocalRepo(str(tmp_path / "repo"))
     path = _pull(repo, blob, zs)
     assert Path(path, "etc/hello").read_bytes() == b"hello from the layer\n"
+
+
+# -- through the agent's server, over a real socket (the protocol of the shim's RemoteSandbox) ---
+
+
+def _serve(tmp_path: Path):  # noqa: ANN202
+    import asyncio
+    import socket
+
+    from ccpu.agent.client import AgentClient
+    from ccpu.agent.container import Supervisor
+    from ccpu.agent.server import Outbox, Server
+
+    async def start() -> tuple[AgentClient, Server, LocalRepo, asyncio.Task[None]]:
+        repo = LocalRepo(str(tmp_path / "machine"))
+        outbox = Outbox()
+        server = Server(Supervisor(None, None, outbox, [], []), outbox, repo=repo)  # type: ignore[arg-type]
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=a)
+        task = asyncio.ensure_future(server.serve(reader, writer))
+        client = await AgentClient.connect_socket(b)
+        return client, server, repo, task
+
+    return start
+
+
+async def _stream(client, blob: LayerBlob, data: bytes, container: str = "c1", cut: bool = False):  # noqa: ANN001, ANN202
+    import asyncio
+
+    ch = client.open_channel()
+    args = {"container": container, "chain_id": blob.chain_id, "diff_id": blob.diff_id,
+            "digest": blob.digest, "media_type": blob.media_type, "size": blob.size, "channel": ch.number}
+    call = asyncio.ensure_future(client.call("layers_pull", args))
+    await asyncio.sleep(0)
+    await ch.write(data[:len(data) // 2] if cut else data)
+    if cut:
+        await client.close()  # the link breaks mid-stream
+        return call
+    await ch.close_write()
+    return await call
+
+
+def test_the_server_pulls_refuses_a_tampered_stream_and_releases(tmp_path: Path) -> None:
+    import asyncio
+
+    from ccpu import errdefs
+
+    blob, gz = _blob(BASIC)
+
+    async def scenario() -> None:
+        client, server, repo, task = await _serve(tmp_path)()
+        hello = await client.hello()
+        assert "layers:pull" in hello["features"] and hello["repo"] == repo.root
+        have = await client.call("layers_have", {"container": "c1", "chain_ids": [blob.chain_id]})
+        assert have == {"missing": [blob.chain_id], "layers": repo.layers}
+        bad = bytearray(gz)
+        bad[-12] ^= 0xFF
+        with pytest.raises(errdefs.InvalidArgument, match="digest mismatch"):
+            await _stream(client, blob, bytes(bad))
+        assert _leftovers(repo) == [] and not server._pulls
+        done = await _stream(client, blob, gz)
+        assert done["path"] == repo.path(blob.chain_id) and done["transfers"] == 1
+        have = await client.call("layers_have", {"container": "c2", "chain_ids": [blob.chain_id]})
+        assert have["missing"] == []
+        assert (await client.call("layers_release", {"container": "c1"}))["removed"] == []
+        assert (await client.call("layers_release", {"container": "c2"}))["removed"] == [blob.chain_id]
+        assert _leftovers(repo) == []
+        with pytest.raises(errdefs.InvalidArgument, match="chain ID"):
+            await client.call("layers_have", {"container": "c1", "chain_ids": ["sha256:../../etc"]})
+        # the link breaks mid-stream: the pull ends, its temp file goes, no layer appears
+        await _stream(client, blob, gz, cut=True)
+        await asyncio.wait_for(task, 10)
+        for _ in range(100):
+            if not server._pulls:
+                break
+            await asyncio.sleep(0.05)
+        assert not server._pulls and _leftovers(repo) == []
+
+    asyncio.run(scenario())
