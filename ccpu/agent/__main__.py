@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "containers' bundles and writable layers")
     p.add_argument("--max-layer-mb", type=int, default=4096,
                    help="--repo: the largest compressed layer accepted, MiB (default 4096)")
+    p.add_argument("--layer-cache-mb", type=int, default=2048,
+                   help="--repo: MiB of layers no container uses kept for the next sandbox (default 2048)")
     p.add_argument("--ready-fd", type=int, help="write 'ready' to this fd once listening (tcp)")
     p.add_argument("--nics", action="store_true",
                    help="guest: serve the `nic` op (configure NICs the host plugs in after boot)")
@@ -88,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--bundle-root (or --repo) is required")
     if not 1 <= ns.max_layer_mb <= 1 << 20:
         p.error("--max-layer-mb: from 1 to 1048576")
+    if not 0 <= ns.layer_cache_mb <= 1 << 30:
+        p.error("--layer-cache-mb: from 0")
     if ns.listen is not None and ns.listen.startswith("tcp:"):
         if not ns.tls_dir:
             p.error("--listen tcp: needs --tls-dir (mutual TLS; there is no plaintext TCP)")
@@ -147,7 +151,7 @@ async def amain(ns: argparse.Namespace) -> int:
     if ns.repo:
         from .layerpull import LocalRepo
 
-        repo = LocalRepo(ns.repo, max_blob=ns.max_layer_mb << 20)
+        repo = LocalRepo(ns.repo, max_blob=ns.max_layer_mb << 20, cache_max=ns.layer_cache_mb << 20)
         for sub in ("bundles", "containers"):
             os.makedirs(os.path.join(repo.root, sub), mode=0o700, exist_ok=True)
         bundle_roots.append(os.path.join(repo.root, "bundles"))

@@ -17,9 +17,10 @@ of the authenticated connection.  Everything in the stream is untrusted input fo
 * the result is fsynced and renamed into ``layers/<chain hex>`` only when complete and
   verified: a crash leaves at most a directory under ``tmp/``, removed at the next start.
 
-References: each layer records the containers that use it (``refs.json``, written before the
-rename, so a published layer is never unreferenced by a crash); ``release`` drops a container's
-references and removes layers nobody uses any more.  Standard library only (zstd through the
+References: each layer records the containers that use it (``state.json``, written before the
+rename, so a published layer is never unknown after a crash); ``release`` drops a container's
+references; a layer nobody uses is kept idle (the next sandbox's containers need no transfer)
+up to the cache's size, oldest evicted first.  Standard library only (zstd through the
 ``zstandard`` package when present: remote machines only, never the VM guest).
 """
 
@@ -322,9 +323,9 @@ def _apply_member(tar: tarfile.TarFile, m: tarfile.TarInfo, target: str, dest: s
         os.utime(target, (m.mtime, m.mtime), follow_symlinks=False)
 
 
-def unpack(blob: LayerBlob, blob_path: str, dest: str, max_unpacked: int = MAX_UNPACKED) -> None:
+def unpack(blob: LayerBlob, blob_path: str, dest: str, max_unpacked: int = MAX_UNPACKED) -> int:
     """Decompress and apply the verified blob at ``blob_path`` into ``dest`` (made here),
-    checking the diff ID of what was applied."""
+    checking the diff ID of what was applied.  Returns the tar's size."""
     os.mkdir(dest, 0o755)
     with open(blob_path, "rb") as raw:
         try:
@@ -343,6 +344,7 @@ def unpack(blob: LayerBlob, blob_path: str, dest: str, max_unpacked: int = MAX_U
     if got != blob.diff_id:
         raise LayerError(f"layer {blob.digest}: diff ID mismatch: it unpacks to {got}, "
                          f"not {blob.diff_id}")
+    return plain.count
 
 
 def zlib_error() -> type[Exception]:
@@ -353,80 +355,105 @@ def zlib_error() -> type[Exception]:
 
 class LocalRepo:
     """``ROOT/layers/<chain hex>/`` (published, read-only by convention), ``ROOT/tmp/``
-    (arriving blobs and layers being applied), ``ROOT/refs.json`` ({chain id: [container...]})."""
+    (arriving blobs and layers being applied), ``ROOT/state.json``: ``refs`` {chain ID:
+    [container...]}, ``sizes`` {chain ID: unpacked bytes} of every published layer, ``idle``
+    [chain ID...] of the layers no container uses, oldest first.
 
-    def __init__(self, root: str, max_blob: int = MAX_BLOB, max_unpacked: int = MAX_UNPACKED) -> None:
+    Why idle layers are kept: one agent serves one sandbox at a time, so each new sandbox (a
+    ``ctr run --rm``, a new pod) would stream its image again if the last container's release
+    removed it.  Idle layers are kept up to ``cache_max`` bytes, the oldest evicted first."""
+
+    def __init__(self, root: str, max_blob: int = MAX_BLOB, max_unpacked: int = MAX_UNPACKED,
+                 cache_max: int = 2 << 30) -> None:
         self.root = os.path.realpath(root)
         self.layers = os.path.join(self.root, "layers")
         self.tmp = os.path.join(self.root, "tmp")
-        self.refs_path = os.path.join(self.root, "refs.json")
+        self.state_path = os.path.join(self.root, "state.json")
         self.max_blob = max_blob
         self.max_unpacked = max_unpacked
+        self.cache_max = cache_max
         self.transfers = 0  # layers received since start (the tests' and bench's counter)
-        self._lock = threading.Lock()  # refs: publishes run in threads
+        self._lock = threading.Lock()  # the state: publishes run in threads
         for d in (self.root, self.layers, self.tmp):
             os.makedirs(d, mode=0o700, exist_ok=True)
-        self.refs: dict[str, list[str]] = self._load_refs()
+        self.refs: dict[str, list[str]] = {}
+        self.sizes: dict[str, int] = {}
+        self.idle: list[str] = []
+        self._load()
         self.recover()
 
-    def _load_refs(self) -> dict[str, list[str]]:
+    def _load(self) -> None:
         try:
-            with open(self.refs_path, encoding="utf-8") as f:
+            with open(self.state_path, encoding="utf-8") as f:
                 data = json.load(f)
-        except FileNotFoundError:
-            return {}
         except (OSError, ValueError):
-            return {}
+            return  # none yet, or unreadable: recover() then removes every layer (unknown)
         if not isinstance(data, dict):
-            return {}
-        return {k: [c for c in v if isinstance(c, str)] for k, v in data.items()
-                if isinstance(k, str) and DIGEST_RE.fullmatch(k) and isinstance(v, list)}
+            return
+        sizes = data.get("sizes")
+        if isinstance(sizes, dict):
+            self.sizes = {k: v for k, v in sizes.items() if isinstance(k, str) and DIGEST_RE.fullmatch(k)
+                          and isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+        refs = data.get("refs")
+        if isinstance(refs, dict):
+            self.refs = {k: [c for c in v if isinstance(c, str)] for k, v in refs.items()
+                         if k in self.sizes and isinstance(v, list)}
+        idle = data.get("idle")
+        if isinstance(idle, list):
+            self.idle = [c for c in idle if c in self.sizes]
 
-    def _save_refs(self) -> None:
-        tmp = self.refs_path + ".tmp"
+    def _save(self) -> None:
+        tmp = self.state_path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, json.dumps(self.refs, sort_keys=True).encode())
+            os.write(fd, json.dumps({"refs": self.refs, "sizes": self.sizes, "idle": self.idle},
+                                    sort_keys=True).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.refs_path)
+        os.replace(tmp, self.state_path)
 
     def recover(self) -> None:
-        """After a crash: nothing half-made stays (``tmp/``), no layer nobody references."""
+        """At start: nothing half-made stays (``tmp/``), no layer the state does not know; the
+        containers of a previous run are gone with it (the agent's table starts empty), so
+        their layers become idle (and are evicted beyond the cache's size)."""
         for name in os.listdir(self.tmp):
             _remove(os.path.join(self.tmp, name))
-        known = {chain_dir_name(c) for c, users in self.refs.items() if users}
-        for name in os.listdir(self.layers):
-            if name not in known:
-                _remove(os.path.join(self.layers, name))
+        on_disk = set(os.listdir(self.layers))
+        known = {chain_dir_name(c): c for c in self.sizes}
+        for name in on_disk - set(known):
+            _remove(os.path.join(self.layers, name))
+        self.sizes = {c: n for c, n in self.sizes.items() if chain_dir_name(c) in on_disk}
+        self.idle = [c for c in self.idle if c in self.sizes] + \
+            [c for c in self.refs if c in self.sizes and c not in self.idle]
+        self.idle += [c for c in self.sizes if c not in self.idle]
+        self.refs = {}
+        for c in self._evict_locked():
+            _remove(self.path(c))
+        self._save()
 
     def path(self, chain_id: str) -> str:
         return os.path.join(self.layers, chain_dir_name(chain_id))
 
     def has(self, chain_id: str) -> bool:
-        return os.path.isdir(self.path(chain_id))
-
-    def _ref(self, container: str, chain_ids: Iterable[str]) -> None:
-        with self._lock:
-            self._ref_locked(container, chain_ids)
+        return chain_id in self.sizes and os.path.isdir(self.path(chain_id))
 
     def _ref_locked(self, container: str, chain_ids: Iterable[str]) -> None:
-        changed = False
         for c in chain_ids:
             users = self.refs.setdefault(c, [])
             if container not in users:
                 users.append(container)
-                changed = True
-        if changed:
-            self._save_refs()
+            if c in self.idle:
+                self.idle.remove(c)
 
     def have(self, container: str, chain_ids: list[str]) -> list[str]:
         """The chain IDs this repo lacks; ``container`` holds a reference on every other one."""
         for c in chain_ids:
             chain_dir_name(c)
-        present = [c for c in chain_ids if self.has(c)]
-        self._ref(container, present)
+        with self._lock:
+            present = [c for c in chain_ids if self.has(c)]
+            self._ref_locked(container, present)
+            self._save()
         return [c for c in chain_ids if c not in present]
 
     def receiver(self, blob: LayerBlob) -> Receiver:
@@ -439,17 +466,22 @@ class LocalRepo:
         work = os.path.join(self.tmp, f"{uuid.uuid4().hex}.d")
         try:
             rx.verify()
-            if self.has(blob.chain_id):  # another container's pull of it won
-                self._ref(container, [blob.chain_id])
-                return self.path(blob.chain_id)
-            unpack(blob, rx.path, work, self.max_unpacked)
+            with self._lock:
+                if self.has(blob.chain_id):  # another container's pull of it won
+                    self._ref_locked(container, [blob.chain_id])
+                    self._save()
+                    return self.path(blob.chain_id)
+            size = unpack(blob, rx.path, work, self.max_unpacked)
             os.sync()  # every file and dir of the tree is on disk before it becomes visible
-            self._ref(container, [blob.chain_id])  # before the rename: never unreferenced
-            try:
-                os.rename(work, self.path(blob.chain_id))
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
+            with self._lock:
+                self.sizes[blob.chain_id] = size  # before the rename: never an unknown layer
+                self._ref_locked(container, [blob.chain_id])
+                self._save()
+                try:
+                    os.rename(work, self.path(blob.chain_id))
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
             dfd = os.open(self.layers, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fsync(dfd)
@@ -464,26 +496,34 @@ class LocalRepo:
 
     def release(self, container: str, chain_ids: list[str] | None = None) -> list[str]:
         """Drop ``container``'s references (all, or those of ``chain_ids``); layers left without
-        any are removed.  Returns the removed chain IDs."""
+        any become idle, and the oldest idle ones beyond the cache's size are removed.  Returns
+        the removed chain IDs."""
         with self._lock:
-            removed = self._unref_locked(container, chain_ids)
-        for c in removed:  # after the record: a crash here leaves a dir recover() removes
-            gone = os.path.join(self.tmp, f"{uuid.uuid4().hex}.gone")
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self.path(c), gone)
-                _remove(gone)
+            for c in list(self.refs):
+                if chain_ids is not None and c not in chain_ids:
+                    continue
+                users = self.refs[c]
+                if container in users:
+                    users.remove(container)
+                if not users:
+                    del self.refs[c]
+                    self.idle.append(c)
+            removed = self._evict_locked()
+            gone = []
+            for c in removed:  # out of layers/ at once: has() is false before the lock drops
+                g = os.path.join(self.tmp, f"{uuid.uuid4().hex}.gone")
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self.path(c), g)
+                    gone.append(g)
+            self._save()
+        for g in gone:
+            _remove(g)
         return removed
 
-    def _unref_locked(self, container: str, chain_ids: list[str] | None) -> list[str]:
+    def _evict_locked(self) -> list[str]:
         removed = []
-        for c in list(self.refs):
-            if chain_ids is not None and c not in chain_ids:
-                continue
-            users = self.refs[c]
-            if container in users:
-                users.remove(container)
-            if not users:
-                del self.refs[c]
-                removed.append(c)
-        self._save_refs()
+        while self.idle and sum(self.sizes[c] for c in self.idle) > self.cache_max:
+            c = self.idle.pop(0)
+            del self.sizes[c]
+            removed.append(c)
         return removed

@@ -15,6 +15,7 @@ task and nothing is left on the host; an agent whose certificate another CA issu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -163,7 +164,8 @@ def _fractal(env: FractalEnv, *args: str) -> subprocess.CompletedProcess[str]:
 def test_layers_are_streamed_to_the_machine_once_and_released(remote_env, registry) -> None:  # noqa: ANN001
     """The machine cannot see the host's repo or bundles: the image's layer arrives as
     containerd's blob (once for two containers), a live layer add pulls the new layers first,
-    and deleting the containers releases them on the machine."""
+    deleting the containers releases them on the machine, and the next sandbox finds them in
+    the machine's cache (no transfer)."""
     env, m, pki_dir, ns, ref = remote_env
     agent = RemoteAgent(env, m, pki_dir)
     try:
@@ -200,7 +202,12 @@ def test_layers_are_streamed_to_the_machine_once_and_released(remote_env, regist
                                  for ln in env.ctr("tasks", "ls", namespace=ns).stdout.splitlines()), 60, cid)
             env.ctr("tasks", "delete", cid, namespace=ns)
             env.ctr("containers", "delete", cid, namespace=ns)
-        wait_for(lambda: agent.layers() == [], 30, "the machine's layers released")
+        wait_for(lambda: "session ended by shutdown" in agent._tail(), 60, "the sandbox's end")
+        state = json.loads((agent.repo / "state.json").read_text())
+        assert state["refs"] == {} and len(state["idle"]) == 3, state  # released, kept as cache
+        out = env.run(ref, "p3", "head", "-1", "/etc/passwd", namespace=ns, runtime=RUNTIME, extra=REMOTE)
+        assert out.stdout.startswith("root:"), out
+        assert agent.received() == 3, "a new sandbox transferred a cached layer again"
         assert mounts_under(env.run_dir, env.root_dir) == []
     finally:
         agent.stop()

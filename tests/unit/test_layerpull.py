@@ -76,7 +76,7 @@ BASIC = _tar([
 
 
 def test_a_layer_is_verified_applied_and_published(tmp_path: Path) -> None:
-    repo = LocalRepo(str(tmp_path / "repo"))
+    repo = LocalRepo(str(tmp_path / "repo"), cache_max=0)
     blob, gz = _blob(BASIC)
     path = _pull(repo, blob, gz)
     assert path == repo.path(blob.chain_id) and os.path.isdir(path)
@@ -182,6 +182,26 @@ def test_a_crash_mid_way_leaves_no_layer_visible(tmp_path: Path) -> None:
     assert LocalRepo(str(root)).has(blob.chain_id)  # a published one survives a restart
 
 
+def test_idle_layers_are_cached_up_to_the_cache_size(tmp_path: Path) -> None:
+    """A released layer stays for the next sandbox (no transfer), until newer idle layers push
+    it past the cache's size; a restart keeps the cache and forgets the old containers."""
+    a, gz_a = _blob(_tar([_file("a", b"a" * 5000)]))
+    b, gz_b = _blob(_tar([_file("b", b"b" * 5000)]))
+    root = str(tmp_path / "repo")
+    repo = LocalRepo(root, cache_max=15000)  # one idle layer's tar fits, two do not
+    _pull(repo, a, gz_a, "c1")
+    _pull(repo, b, gz_b, "c2")
+    assert repo.release("c1") == [] and repo.has(a.chain_id)
+    assert repo.have("c3", [a.chain_id]) == []  # the next sandbox: nothing to transfer
+    assert repo.release("c3") == []
+    assert repo.release("c2") == [a.chain_id]  # a is older: evicted; b stays
+    assert not repo.has(a.chain_id) and repo.has(b.chain_id)
+    assert os.listdir(repo.layers) == [b.chain_id.split(":")[1]]
+    _pull(repo, a, gz_a, "c4")  # in use: never evicted, whatever the cache's size
+    again = LocalRepo(root, cache_max=15000)  # restart: c4 is gone with the old agent
+    assert again.refs == {} and again.has(b.chain_id) is False and again.has(a.chain_id)
+
+
 def test_zstd_layers(tmp_path: Path) -> None:
     zstandard = pytest.importorskip("zstandard")
     zs = zstandard.ZstdCompressor().compress(BASIC)
@@ -203,7 +223,7 @@ def _serve(tmp_path: Path):  # noqa: ANN202
     from ccpu.agent.server import Outbox, Server
 
     async def start() -> tuple[AgentClient, Server, LocalRepo, asyncio.Task[None]]:
-        repo = LocalRepo(str(tmp_path / "machine"))
+        repo = LocalRepo(str(tmp_path / "machine"), cache_max=0)
         outbox = Outbox()
         server = Server(Supervisor(None, None, outbox, [], []), outbox, repo=repo)  # type: ignore[arg-type]
         a, b = socket.socketpair()
