@@ -90,6 +90,7 @@ class RemoteSandbox(AgentSandbox):
         self._paths: dict[str, str] = {}  # host layer dir -> the machine's dir of that layer
         self._source: Any = None  # shim.remotelayers.BlobSource, made on first use
         self.sent: list[tuple[str, int]] = []  # (chain ID, bytes) of the layers streamed
+        self._pulling = asyncio.Lock()  # one have+pull at a time: a layer two containers need goes once
 
     async def start(self) -> None:
         if self._ready is None:
@@ -146,8 +147,8 @@ class RemoteSandbox(AgentSandbox):
         await self.start()
         if self.machine_repo is None or not isinstance(c.rootfs, LayerStack):
             return await super().create(c)
-        await self._ensure_layers(c.id, list(c.rootfs.lowers))
         try:
+            await self._ensure_layers(c.id, list(c.rootfs.lowers))
             return await super().create(c)
         except BaseException:
             await self._release(c.id)
@@ -216,11 +217,15 @@ class RemoteSandbox(AgentSandbox):
             raise errdefs.FailedPrecondition("remote layers: the shim does not know the fractal repo")
         dirs = [os.path.normpath(d) for d in host_dirs]
         chains = await asyncio.to_thread(chain_ids_of, self.repo_root, dirs)
+        async with self._pulling:
+            await self._have_and_pull(cid, dirs, chains)
+
+    async def _have_and_pull(self, cid: str, dirs: list[str], chains: list[str]) -> None:
         have = await self.call("layers_have", {"container": cid, "chain_ids": chains})
         layers_dir = have.get("layers")
         missing = have.get("missing")
         if not isinstance(layers_dir, str) or not layers_dir.startswith("/") or \
-                not isinstance(missing, list) or not set(missing) <= set(chains):
+                not isinstance(missing, list) or not all(isinstance(m, str) and m in chains for m in missing):
             raise errdefs.Internal("layers_have: the agent sent a malformed answer")
         if missing:
             source = self._blob_source()

@@ -294,6 +294,8 @@ class Server:
                 await asyncio.sleep(0.1)
                 continue
             log.warning("reaped container %s of a lost owner", cid)
+            if self.repo is not None:
+                self.repo.release(cid)  # no shim will send layers_release for it
             return
 
     def _on_control(self, conn: Connection, msg: dict[str, Any]) -> None:
@@ -362,7 +364,7 @@ class Server:
             ch = protocol.arg_channel(args, "channel")
         except protocol.AgentError:
             return
-        if ch and ch not in self._pulls and not self.sup._stdin.get(ch):
+        if ch and ch not in self._pulls:
             self._pulls[ch] = (self.repo.receiver(blob), asyncio.Event(), conn)
 
     async def _layers_have(self, args: Mapping[str, Any]) -> dict[str, Any]:
