@@ -2,7 +2,7 @@
 
     python3 -m ccpu.agent [--fd N] [--listen unix:PATH | --listen tcp:HOST:PORT --tls-dir DIR]
                           --runc-root DIR [--runc PATH]
-                          --bundle-root DIR... --layer-root DIR... [--drain-timeout S]
+                          --bundle-root DIR... --layer-root DIR... [--repo DIR] [--drain-timeout S]
                           [--cgroup-parent PATH --memory-reserve-mb N] [--debug] [--log FILE]
 
 `--fd N`: serve the connected stream on fd N (a socketpair end from the shim, or a virtio-serial
@@ -14,6 +14,10 @@ agent serves one client after another: `shutdown` ends a client's session, not t
 client lost with containers gets them reaped after `--orphan-grace` s (server.py).  With `--fd`
 alone the agent exits when that stream closes and no container exists (nobody could reach it
 any more).
+
+`--repo DIR` (a remote machine, docs/remote.md): the machine's own layer repo, filled by the
+layers the shim streams (feature `layers:pull`, ccpu/agent/layerpull.py); the containers'
+bundles and writable layers go below it too, so no host path is needed on the machine.
 
 `--cgroup-parent` (a guest's agent, from the init): the agent runs at oom_score_adj -1000 and
 puts every container's cgroup below PATH, whose memory.max keeps `--memory-reserve-mb` of the

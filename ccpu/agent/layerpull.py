@@ -61,6 +61,10 @@ OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 XATTR_PREFIX = "SCHILY.xattr."
+#: xattrs a layer's tar may not set: overlayfs's own (a redirect or metacopy crafted by an image
+#: would steer lookups); whiteouts and opaque dirs come only from the OCI markers
+OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
+MAX_SPECIAL = 1 << 20  # a PAX or GNU long-name header's size (Go's archive/tar: the same 1 MiB)
 
 
 class LayerError(protocol.InvalidArgument):
@@ -232,14 +236,30 @@ def _set_xattrs(path: str, member: tarfile.TarInfo) -> None:
     for key, value in member.pax_headers.items():
         if key.startswith(XATTR_PREFIX):
             name = key[len(XATTR_PREFIX):]
+            if name.startswith(OVERLAY_XATTRS):
+                raise LayerError(f"tar entry {member.name[:200]!r}: sets the overlay xattr {name[:100]!r}")
             raw = value.encode("utf-8", "surrogateescape")
             os.setxattr(path, name, raw, follow_symlinks=False)
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """tarfile reads a PAX or GNU long-name header whole into memory: refuse one over
+    MAX_SPECIAL before it is read (the headers that follow are read by this class too)."""
+
+    SPECIAL = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+               tarfile.SOLARIS_XHDTYPE)
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type in self.SPECIAL and self.size > MAX_SPECIAL:
+            raise LayerError(f"a tar extension header of {self.size} bytes (at most {MAX_SPECIAL})")
+        return super()._proc_member(tar)  # type: ignore[misc,no-any-return]
 
 
 def apply_tar(fileobj: IO[bytes], dest: str, max_entries: int = MAX_ENTRIES) -> None:
     """Apply one layer's tar into the empty directory ``dest`` as an overlay lower dir."""
     dir_times: list[tuple[str, int]] = []
-    with tarfile.open(fileobj=fileobj, mode="r|", errors="surrogateescape") as tar:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=fileobj, mode="r|", errors="surrogateescape",  # type: ignore[call-overload]
+                      tarinfo=_BoundedInfo) as tar:
         for n, m in enumerate(tar):
             if n >= max_entries:
                 raise LayerError(f"the layer has more than {max_entries} entries")

@@ -163,6 +163,25 @@ def test_names_are_confined(tmp_path: Path, entries: list, why: str) -> None:  #
     assert not (tmp_path / "escape").exists()
 
 
+def test_huge_extension_headers_and_overlay_xattrs_are_refused(tmp_path: Path) -> None:
+    repo = LocalRepo(str(tmp_path / "repo"))
+    big, _ = _file("f", b"x")
+    big.pax_headers = {"comment": "y" * (2 << 20)}  # tarfile would read it whole into memory
+    blob, gz = _blob(_tar([(big, b"x")]))
+    with pytest.raises(LayerError, match="extension header"):
+        _pull(repo, blob, gz)
+    redirect, _ = _entry("d", tarfile.DIRTYPE)
+    redirect.pax_headers = {"SCHILY.xattr.trusted.overlay.redirect": "/etc"}
+    blob, gz = _blob(_tar([(redirect, None)]))
+    with pytest.raises(LayerError, match="overlay xattr"):
+        _pull(repo, blob, gz)
+    fine, _ = _file("cap", b"x")
+    fine.pax_headers = {"SCHILY.xattr.user.note": "kept"}
+    blob, gz = _blob(_tar([(fine, b"x")]))
+    assert os.getxattr(Path(_pull(repo, blob, gz), "cap"), "user.note") == b"kept"
+    assert os.listdir(repo.tmp) == []
+
+
 def test_a_crash_mid_way_leaves_no_layer_visible(tmp_path: Path) -> None:
     """A crash after part of the stream (or part of the unpack): at the next start, the temp
     files go and no layer dir is there; a layer dir without a reference (crash between rename
