@@ -119,6 +119,7 @@ class Receiver:
         self._hash = hashlib.sha256()
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.closed = False
+        self.claimed = False  # a layers_pull request waits for it (and removes it when done)
 
     def feed(self, data: bytes) -> None:
         if self.error is not None or self._fd is None:
@@ -140,6 +141,11 @@ class Receiver:
     def close(self) -> None:
         self.closed = True
         self._close_fd()
+
+    def discard(self) -> None:
+        """Closed and its temp file removed (a stream no request will publish)."""
+        self.close()
+        _remove(self.path)
 
     def _close_fd(self) -> None:
         if self._fd is not None:

@@ -250,11 +250,14 @@ class Server:
             log.debug("%s: connection error: %s", conn.name, e)
         finally:
             log.debug("%s: disconnected", conn.name)
-            for _, (rx, done, by) in list(self._pulls.items()):
+            for ch, (rx, done, by) in list(self._pulls.items()):
                 if by is conn:  # a stream cut short: its pull fails, its temp file goes
                     rx.error = rx.error or "the connection closed before the layer's end"
                     rx.close()
                     done.set()
+                    if not rx.claimed:  # no request waits for it: nobody else removes the file
+                        del self._pulls[ch]
+                        rx.discard()
             owner_lost = conn.ready and self.outbox.conn is conn and conn.identity is not None
             self.outbox.detach(conn)
             conn.close()
@@ -384,12 +387,13 @@ class Server:
 
         assert self.repo is not None
         cid = protocol.validate_id(args.get("container"), "container id")
-        LayerBlob.from_args(dict(args), self.repo.max_blob)  # the same refusal _reserve_pull met
+        blob = LayerBlob.from_args(dict(args), self.repo.max_blob)  # the refusal _reserve_pull met
         ch = protocol.arg_channel(args, "channel")
         pull = self._pulls.get(ch)
-        if not ch or pull is None:
+        if not ch or pull is None or pull[0].claimed or pull[0].blob != blob:
             raise protocol.InvalidArgument(f"channel {ch} is not free for a layer stream")
         rx, done, _ = pull
+        rx.claimed = True
         try:
             await done.wait()
             path = await asyncio.to_thread(self.repo.publish, cid, rx)
