@@ -373,6 +373,20 @@ def unpack(blob: LayerBlob, blob_path: str, dest: str, max_unpacked: int = MAX_U
     return plain.count
 
 
+def syncfs(path: str) -> None:
+    """syncfs(2) of the filesystem holding ``path``: the repo's, not every mounted one (sync(2)
+    would wait for every other writer of the machine)."""
+    import ctypes
+
+    from ..linux.libc import check, libc
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        check(libc.syncfs(ctypes.c_int(fd)), "syncfs", path)
+    finally:
+        os.close(fd)
+
+
 def zlib_error() -> type[Exception]:
     import zlib
 
@@ -498,7 +512,7 @@ class LocalRepo:
                     self._save()
                     return self.path(blob.chain_id)
             size = unpack(blob, rx.path, work, self.max_unpacked)
-            os.sync()  # every file and dir of the tree is on disk before it becomes visible
+            syncfs(work)  # every file and dir of the tree is on disk before it becomes visible
             with self._lock:
                 self.sizes[blob.chain_id] = size  # before the rename: never an unknown layer
                 self._ref_locked(container, [blob.chain_id])
