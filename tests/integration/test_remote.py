@@ -171,9 +171,10 @@ def test_layers_are_streamed_to_the_machine_once_and_released(remote_env, regist
     env, m, pki_dir, ns, ref = remote_env
     agent = RemoteAgent(env, m, pki_dir)
     try:
-        hidden = subprocess.run(["nsenter", "-t", str(agent.agent_pid()), "-m", "ls", "-A",
-                                 str(env.snapshotter_root)], capture_output=True, text=True, timeout=30)
-        assert hidden.returncode == 0 and hidden.stdout.strip() == "", hidden  # the tmpfs, empty
+        for d in (env.snapshotter_root, env.run_dir / "st"):  # the host's repo and bundles
+            hidden = subprocess.run(["nsenter", "-t", str(agent.agent_pid()), "-m", "ls", "-A", str(d)],
+                                    capture_output=True, text=True, timeout=30)
+            assert hidden.returncode == 0 and hidden.stdout.strip() == "", hidden  # the tmpfs, empty
         assert os.listdir(env.snapshotter_root / "layers"), "the host's repo has the image's layers"
 
         shared = [*REMOTE, "--annotation", "io.fractal.sandbox=pull", "-d"]
