@@ -28,6 +28,7 @@ so the same Task API semantics (io, exits, exec, kill, stats, live layers).  Wha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import posixpath
@@ -258,8 +259,15 @@ class RemoteSandbox(AgentSandbox):
                     sent += len(data)
                 if not call.done():
                     await ch.close_write()
-            except BaseException:
+            except BaseException as exc:
+                # end the stream short: the agent refuses it (fewer bytes than declared) and
+                # frees the channel and the container's turn, instead of waiting for the rest
+                with contextlib.suppress(Exception):
+                    await ch.close_write()
                 call.cancel()
+                if isinstance(exc, Exception) and not isinstance(exc, errdefs.Error):
+                    raise errdefs.Unavailable(f"layer {blob.digest} for the remote machine: "
+                                              f"{type(exc).__name__}: {exc}") from None
                 raise
             limit = max(self.timeouts.for_op("create"), blob.size / (1 << 20))  # >= 1 MiB/s
             try:

@@ -307,3 +307,69 @@ def test_the_server_pulls_refuses_a_tampered_stream_and_releases(tmp_path: Path)
         assert not server._pulls and _leftovers(repo) == []
 
     asyncio.run(scenario())
+
+
+# -- the shim's side (shim/remotesandbox.py) against the real server, the blob source faked ------
+
+
+class _Source:
+    """A BlobSource stand-in: the blobs of a dict; ``fail_after`` chunks, then a read error."""
+
+    def __init__(self, blobs: dict[str, tuple[LayerBlob, bytes]], fail_after: int | None = None) -> None:
+        self.blobs = blobs
+        self.fail_after = fail_after
+        self.sent = 0
+
+    def resolve(self, container: str, chain_ids: list[str]) -> dict[str, LayerBlob]:
+        return {c: self.blobs[c][0] for c in chain_ids}
+
+    def chunks(self, digest: str):  # noqa: ANN201
+        data = next(gz for b, gz in self.blobs.values() if b.digest == digest)
+        for n, i in enumerate(range(0, len(data), 4096)):
+            if self.fail_after is not None and n >= self.fail_after:
+                raise OSError("containerd went away")
+            self.sent += 1
+            yield data[i:i + 4096]
+
+
+def test_the_remote_sandbox_pulls_what_is_missing_and_ends_a_failed_stream(tmp_path: Path) -> None:
+    import asyncio
+
+    from ccpu import errdefs
+    from shim.config import RemoteSettings
+    from shim.remotesandbox import RemoteSandbox
+
+    big = _tar([_file("etc/big", os.urandom(64 << 10))])
+    blob, gz = _blob(big)
+
+    async def scenario() -> None:
+        client, server, repo, task = await _serve(tmp_path)()
+        await client.hello()
+        sb = RemoteSandbox(settings=RemoteSettings(endpoints=("127.0.0.1:1",)), repo_root=str(tmp_path))
+        sb._client = client
+        sb._ready = asyncio.get_running_loop().create_future()
+        sb._ready.set_result(client)
+        sb.machine_repo = repo.root
+        # a read error mid-stream: Unavailable, the agent refuses the short stream, nothing stays
+        sb._source = _Source({blob.chain_id: (blob, gz)}, fail_after=3)
+        with pytest.raises(errdefs.Unavailable, match="containerd went away"):
+            await sb._have_and_pull("c1", ["/host/layers/1"], [blob.chain_id])
+        for _ in range(100):
+            if not server._pulls:
+                break
+            await asyncio.sleep(0.05)
+        assert not server._pulls and _leftovers(repo) == []
+        await asyncio.wait_for(sb._release("c1"), 10)  # the container's turn is free again
+        # then the whole blob: on the machine, the host dir mapped to it
+        sb._source = source = _Source({blob.chain_id: (blob, gz)})
+        await sb._have_and_pull("c1", ["/host/layers/1"], [blob.chain_id])
+        assert sb.layer_path("/host/layers/1") == repo.path(blob.chain_id)
+        assert sb.host_layer_path(repo.path(blob.chain_id)) == "/host/layers/1"
+        assert Path(repo.path(blob.chain_id), "etc/big").stat().st_size == 64 << 10
+        sent = source.sent
+        await sb._have_and_pull("c2", ["/host/layers/1"], [blob.chain_id])  # present: not sent again
+        assert source.sent == sent and repo.refs[blob.chain_id] == ["c1", "c2"]
+        await client.close()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(scenario())
