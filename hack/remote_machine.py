@@ -4,9 +4,11 @@ The "machine" is a network namespace made here, joined to the host by one veth p
 link-local 169.254.X.0/30 addresses on its two ends only, and the fractal agent runs there in a
 PID and mount namespace of its own (`nsenter --net` + `unshare --pid --mount`): reached only over
 TCP with mutual TLS, and killing it (the PID namespace's init) takes its containers and mounts
-with it, as a machine that dies.  It shares the host's filesystem (this step's limit: the
-bundle and layer paths are the host's).  `ip netns exec` is not used: it remounts /sys, which
-hides the cgroup hierarchies runc needs.
+with it, as a machine that dies.  It has a layer repo of its own (`--repo`: layers arrive as
+containerd's blobs streamed by the shim), and in its mount namespace a tmpfs is mounted over the
+host's fractal repo and containerd's bundle dir: it cannot see them, as a separate machine
+would not.  `ip netns exec` is not used: it remounts /sys, which hides the cgroup hierarchies
+runc needs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -74,14 +77,18 @@ class RemoteAgent:
                  orphan_grace: float = 30.0) -> None:
         self.runc_root = env.run_dir / f"remote-runc-{port}"
         self.log = env.log_dir / f"remote-agent-{port}.log"
+        self.repo = env.root_dir / f"machine-repo-{port}"  # the machine's own (--repo)
+        self.hidden = [env.snapshotter_root, env.run_dir / "st"]  # the host's repo and bundles
         r, w = os.pipe()
+        agent = [sys.executable, "-m", "ccpu.agent", "--listen", f"tcp:{m.agent_ip}:{port}",
+                 "--tls-dir", str(tls_dir), "--runc-root", str(self.runc_root),
+                 "--runc", shutil.which("runc") or "runc", "--repo", str(self.repo),
+                 "--orphan-grace", str(orphan_grace), "--ready-fd", str(w), "--log", str(self.log), "--debug"]
+        hide = " && ".join(f"mkdir -p {shlex.quote(str(d))} && mount -t tmpfs -o size=1m,mode=0700 "
+                           f"fractal-machine-hides-this {shlex.quote(str(d))}" for d in self.hidden)
         cmd = ["nsenter", f"--net=/run/netns/{m.netns}", "--",
                "unshare", "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "slave", "--kill-child",
-               sys.executable, "-m", "ccpu.agent", "--listen", f"tcp:{m.agent_ip}:{port}",
-               "--tls-dir", str(tls_dir), "--runc-root", str(self.runc_root),
-               "--runc", shutil.which("runc") or "runc",
-               "--bundle-root", str(env.run_dir / "st"), "--layer-root", str(env.snapshotter_root),
-               "--orphan-grace", str(orphan_grace), "--ready-fd", str(w), "--log", str(self.log), "--debug"]
+               "sh", "-c", f'{hide} && exec "$@"', "machine", *agent]
         envvars = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, env=envvars)
         os.close(w)
@@ -93,6 +100,18 @@ class RemoteAgent:
         with contextlib.suppress(OSError):
             return self.log.read_text()[-3000:]
         return "(no log)"
+
+    def layers(self) -> list[str]:
+        """The machine repo's published layers (chain ID hex names)."""
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(os.listdir(self.repo / "layers"))
+        return []
+
+    def received(self) -> int:
+        """How many layers the agent received (its log's count of pulls)."""
+        with contextlib.suppress(OSError):
+            return self.log.read_text().count(" received (")
+        return 0
 
     def agent_pid(self) -> int:
         """The agent's host pid: the init of its PID namespace, unshare's child."""

@@ -128,7 +128,7 @@ class Daemon:
                 cfg, reaper=self.reaper, namespace=self.namespace, group=self.group,
                 repo_root=repo_root, run_dir=addr.run_dir(), runc_root=addr.runc_root(self.namespace),
                 bundle_root=bundle_root, layer_roots=layer_roots(repo_root, self.opts.bundle),
-                first_bundle=self.opts.bundle)
+                first_bundle=self.opts.bundle, containerd_address=self.opts.address)
         except shim_config.ConfigError as exc:
             log.error("sandbox config: %s", exc)
             self.sandbox = FailedSandbox(config_error(exc, "fractal config: "))

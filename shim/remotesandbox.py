@@ -14,15 +14,24 @@ so the same Task API semantics (io, exits, exec, kill, stats, live layers).  Wha
   exited (``on_lost``) and ``delete`` completes without the agent; nothing is left on this host
   (the containers' mounts and processes live on the machine).
 
-Limit of this step: the agent must see the host's bundle and repo paths at the same paths (the
-"machine" shares this host's filesystem, as in the tests: a network namespace).  Streaming
-layers to a machine is designed in docs/remote.md, not built.
+* layers (an agent with feature ``layers:pull``, i.e. a repo of its own): before a container's
+  create (and before a live layer add) the shim asks which of its layers the machine lacks
+  (``layers_have``, which also takes the container's reference on the others) and streams
+  each missing one as containerd's compressed blob (``layers_pull``, a data channel:
+  shim/remotelayers.py finds and reads the blob); the machine verifies and unpacks it once
+  (ccpu/agent/layerpull.py).  ``create`` then carries the spec, and the stack names the
+  machine's paths (its ``layers/<chain hex>``, the container's upper/work and bundle below its
+  repo); ``delete`` releases the container's references.  An agent without the feature gets
+  the host's paths as they are (it must see them: a machine that mounts them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import posixpath
 import sys
 from types import ModuleType
 from typing import Any
@@ -30,8 +39,11 @@ from typing import Any
 from ccpu import errdefs
 from ccpu.agent.client import AgentClient
 from ccpu.agent.endpoint import parse_tcp
+from ccpu.stack import LayerStack
 from shim.agentsandbox import AgentSandbox
 from shim.config import RemoteSettings, Timeouts
+from shim.rootfs import Rootfs
+from shim.sandbox import Created, Exit, NewContainer
 
 log = logging.getLogger("shim.sandbox")
 
@@ -66,12 +78,20 @@ class RemoteSandbox(AgentSandbox):
     agent_mode = "remote"
 
     def __init__(self, *, settings: RemoteSettings, namespace: str = "",
-                 timeouts: Timeouts | None = None) -> None:
+                 timeouts: Timeouts | None = None, repo_root: str | None = None,
+                 containerd_address: str | None = None) -> None:
         super().__init__(namespace=namespace, timeouts=timeouts)
         self.settings = settings
         self.endpoint: str | None = None
         self.identity: str | None = None  # the agent's certificate fingerprint
         self._ready: asyncio.Task[AgentClient] | None = None
+        self.repo_root = repo_root  # the host's fractal repo (its layer dirs -> chain IDs)
+        self.containerd_address = containerd_address
+        self.machine_repo: str | None = None  # the agent's own repo (feature layers:pull)
+        self._paths: dict[str, str] = {}  # host layer dir -> the machine's dir of that layer
+        self._source: Any = None  # shim.remotelayers.BlobSource, made on first use
+        self.sent: list[tuple[str, int]] = []  # (chain ID, bytes) of the layers streamed
+        self._pulling = asyncio.Lock()  # one have+pull at a time: a layer two containers need goes once
 
     async def start(self) -> None:
         if self._ready is None:
@@ -108,6 +128,11 @@ class RemoteSandbox(AgentSandbox):
                 await client.close()
                 failures.append(f"{endpoint}: {exc}")
                 continue
+            features = hello.get("features") if isinstance(hello, dict) else None
+            repo = hello.get("repo") if isinstance(hello, dict) else None
+            if isinstance(features, list) and "layers:pull" in features and isinstance(repo, str) \
+                    and repo.startswith("/") and "\0" not in repo:
+                self.machine_repo = repo
             client.set_event_handler(lambda e: self.on_event(e) if self.on_event else None)
             client.add_lost_handler(self._link_lost)
             self._client = client
@@ -117,8 +142,149 @@ class RemoteSandbox(AgentSandbox):
             return client
         raise errdefs.Unavailable("no remote agent accepted this sandbox: " + "; ".join(failures))
 
+    # -- layers on the machine (feature layers:pull) -----------------------------------------
+
+    async def create(self, c: NewContainer) -> Created:
+        await self.start()
+        if self.machine_repo is None or not isinstance(c.rootfs, LayerStack):
+            return await super().create(c)
+        try:
+            await self._ensure_layers(c.id, list(c.rootfs.lowers))
+            return await super().create(c)
+        except BaseException:
+            await self._release(c.id)
+            raise
+
+    def placement(self, cid: str, bundle: str, rootfs: Rootfs,
+                  spec: dict[str, Any] | None) -> dict[str, Any]:
+        if self.machine_repo is None:
+            return super().placement(cid, bundle, rootfs, spec)
+        if spec is None:
+            raise errdefs.InvalidArgument(f"bundle {bundle} has no readable config.json")
+        if not isinstance(rootfs, LayerStack):
+            raise errdefs.FailedPrecondition(
+                f"container {cid} cannot run on a remote machine: its rootfs is not fractal repo "
+                "layers (use the fractal snapshotter: ctr --snapshotter fractal)")
+        scratch = posixpath.join(self.machine_repo, "containers", cid)
+        writable = {"upper": posixpath.join(scratch, "upper"), "work": posixpath.join(scratch, "work")}
+        stack = rootfs.map(lambda p, role: self.layer_path(p) if role == "lower" else writable[role])
+        return {"bundle": posixpath.join(self.machine_repo, "bundles", cid),
+                "rootfs": stack.to_wire(), "spec": spec}
+
+    def layer_path(self, host_dir: str) -> str:
+        return self._paths.get(os.path.normpath(host_dir), host_dir)
+
+    def host_layer_path(self, agent_dir: str) -> str:
+        for host, there in self._paths.items():
+            if there == agent_dir:
+                return host
+        return agent_dir
+
+    async def restack(self, cid: str, add: list[str], remove: list[str],
+                      position: str | int) -> list[str]:
+        if add and self.machine_repo is not None:
+            await self._ensure_layers(cid, add)  # a live layer: on the machine first
+        return await super().restack(cid, add, remove, position)
+
+    async def delete(self, cid: str, exec_id: str = "") -> Exit:
+        result = await super().delete(cid, exec_id)
+        if not exec_id and self.machine_repo is not None:
+            await self._release(cid)
+        return result
+
+    async def _release(self, cid: str) -> None:
+        if self.lost or self._client is None or self._client.closed:
+            return  # the machine is gone (or unreachable): its agent's recover() cleans up
+        try:
+            await self.call("layers_release", {"container": cid})
+        except errdefs.Error as exc:
+            log.warning("releasing %s's layers on the machine: %s", cid, exc)
+
+    def _blob_source(self) -> Any:
+        if self._source is None:
+            from shim.remotelayers import BlobSource
+
+            if not self.containerd_address:
+                raise errdefs.FailedPrecondition("remote layers: the shim does not know containerd's address")
+            self._source = BlobSource(self.containerd_address, self.namespace)
+        return self._source
+
+    async def _ensure_layers(self, cid: str, host_dirs: list[str]) -> None:
+        """Every layer of ``host_dirs`` on the machine, referenced by ``cid``; their machine
+        paths in ``self._paths``."""
+        from shim.remotelayers import chain_ids_of
+
+        if self.repo_root is None:
+            raise errdefs.FailedPrecondition("remote layers: the shim does not know the fractal repo")
+        dirs = [os.path.normpath(d) for d in host_dirs]
+        chains = await asyncio.to_thread(chain_ids_of, self.repo_root, dirs)
+        async with self._pulling:
+            await self._have_and_pull(cid, dirs, chains)
+
+    async def _have_and_pull(self, cid: str, dirs: list[str], chains: list[str]) -> None:
+        have = await self.call("layers_have", {"container": cid, "chain_ids": chains})
+        layers_dir = have.get("layers")
+        missing = have.get("missing")
+        if not isinstance(layers_dir, str) or not layers_dir.startswith("/") or \
+                not isinstance(missing, list) or not all(isinstance(m, str) and m in chains for m in missing):
+            raise errdefs.Internal("layers_have: the agent sent a malformed answer")
+        if missing:
+            source = self._blob_source()
+            blobs = await asyncio.to_thread(source.resolve, cid, missing)
+            for chain in missing:
+                await self._pull(cid, blobs[chain], source)
+        for d, chain in zip(dirs, chains):
+            self._paths[d] = posixpath.join(layers_dir, chain.split(":", 1)[1])
+
+    async def _pull(self, cid: str, blob: Any, source: Any) -> None:
+        """Stream one blob on a data channel of its own; the answer comes once the machine has
+        verified and unpacked it."""
+        agent = await self.connected()
+        ch = agent.open_channel()
+        try:
+            args = {"container": cid, "chain_id": blob.chain_id, "diff_id": blob.diff_id,
+                    "digest": blob.digest, "media_type": blob.media_type, "size": blob.size,
+                    "channel": ch.number}
+            call = asyncio.ensure_future(agent.call("layers_pull", args))
+            await asyncio.sleep(0)  # the request goes out before its data
+            chunks = source.chunks(blob.digest)
+            sent = 0
+            try:
+                while not call.done():
+                    data = await asyncio.to_thread(next, chunks, None)
+                    if data is None:
+                        break
+                    for i in range(0, len(data), 1 << 19):
+                        await ch.write(data[i:i + (1 << 19)])
+                    sent += len(data)
+                if not call.done():
+                    await ch.close_write()
+            except BaseException as exc:
+                # end the stream short: the agent refuses it (fewer bytes than declared) and
+                # frees the channel and the container's turn, instead of waiting for the rest
+                with contextlib.suppress(Exception):
+                    await ch.close_write()
+                call.cancel()
+                if isinstance(exc, Exception) and not isinstance(exc, errdefs.Error):
+                    raise errdefs.Unavailable(f"layer {blob.digest} for the remote machine: "
+                                              f"{type(exc).__name__}: {exc}") from None
+                raise
+            limit = max(self.timeouts.for_op("create"), blob.size / (1 << 20))  # >= 1 MiB/s
+            try:
+                await asyncio.wait_for(call, limit)
+            except TimeoutError:
+                raise errdefs.DeadlineExceeded(f"the remote agent did not take layer {blob.digest} "
+                                               f"within {limit:g}s") from None
+            self.sent.append((blob.chain_id, sent))
+            log.info("layer %s (%s, %d bytes) sent to %s for %s", blob.chain_id, blob.digest, sent,
+                     self.endpoint, cid)
+        finally:
+            ch.release()
+
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
+        if self._source is not None:
+            self._source.close()
         if self._client is not None:
             if not self._client.closed:
                 try:
@@ -129,4 +295,5 @@ class RemoteSandbox(AgentSandbox):
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "agent": self.agent_mode, "endpoint": self.endpoint,
-                "agent_identity": self.identity, "endpoints": list(self.settings.endpoints)}
+                "agent_identity": self.identity, "endpoints": list(self.settings.endpoints),
+                "machine_repo": self.machine_repo, "layers_sent": len(self.sent)}

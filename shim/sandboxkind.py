@@ -34,7 +34,7 @@ def agent_mode() -> str:
 
 def for_config(cfg: Config, *, reaper: Any, namespace: str, group: str, repo_root: str,
                run_dir: str, runc_root: str, bundle_root: str, layer_roots: list[str],
-               first_bundle: str | None = None) -> Sandbox:
+               first_bundle: str | None = None, containerd_address: str | None = None) -> Sandbox:
     """The sandbox for a :class:`shim.config.Config`: a VM, a remote agent (mTLS), or host mode
     (``FRACTAL_AGENT``).
     This is where a sandbox kind is chosen.
@@ -44,7 +44,8 @@ def for_config(cfg: Config, *, reaper: Any, namespace: str, group: str, repo_roo
     if cfg.mode == "remote":
         from shim.remotesandbox import RemoteSandbox
 
-        return RemoteSandbox(settings=cfg.remote, namespace=namespace, timeouts=cfg.timeouts)
+        return RemoteSandbox(settings=cfg.remote, namespace=namespace, timeouts=cfg.timeouts,
+                             repo_root=repo_root, containerd_address=containerd_address)
     if cfg.mode == "vm":
         from shim.vm import VmSandbox, first_netns
 

@@ -2,7 +2,7 @@
 
     python3 -m ccpu.agent [--fd N] [--listen unix:PATH | --listen tcp:HOST:PORT --tls-dir DIR]
                           --runc-root DIR [--runc PATH]
-                          --bundle-root DIR... --layer-root DIR... [--drain-timeout S]
+                          --bundle-root DIR... --layer-root DIR... [--repo DIR] [--drain-timeout S]
                           [--cgroup-parent PATH --memory-reserve-mb N] [--debug] [--log FILE]
 
 `--fd N`: serve the connected stream on fd N (a socketpair end from the shim, or a virtio-serial
@@ -14,6 +14,10 @@ agent serves one client after another: `shutdown` ends a client's session, not t
 client lost with containers gets them reaped after `--orphan-grace` s (server.py).  With `--fd`
 alone the agent exits when that stream closes and no container exists (nobody could reach it
 any more).
+
+`--repo DIR` (a remote machine, docs/remote.md): the machine's own layer repo, filled by the
+layers the shim streams (feature `layers:pull`, ccpu/agent/layerpull.py); the containers'
+bundles and writable layers go below it too, so no host path is needed on the machine.
 
 `--cgroup-parent` (a guest's agent, from the init): the agent runs at oom_score_adj -1000 and
 puts every container's cgroup below PATH, whose memory.max keeps `--memory-reserve-mb` of the
@@ -60,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-dir", help="tcp: the dir with ca.pem, agent.pem, agent.key (`fractal pki init`)")
     p.add_argument("--runc-root", required=True, help="runc's --root (state dir)")
     p.add_argument("--runc", default="runc", help="runc binary (default: runc on PATH)")
-    p.add_argument("--bundle-root", action="append", default=[], required=True, help="bundles must be below this (repeatable)")
+    p.add_argument("--bundle-root", action="append", default=[], help="bundles must be below this (repeatable)")
     p.add_argument("--layer-root", action="append", default=[], help="layer/mount dirs must be below this (repeatable)")
     p.add_argument(
         "--drain-timeout", type=float, default=5.0,
@@ -71,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="guest: MiB of memory containers can never take (default 64)")
     p.add_argument("--orphan-grace", type=float, default=30.0,
                    help="tcp: seconds a lost client's containers are kept for it to return (default 30)")
+    p.add_argument("--repo", help="remote machine: its own layer repo, filled by streamed layers "
+                                  "(feature layers:pull); its bundles/ and containers/ hold the "
+                                  "containers' bundles and writable layers")
+    p.add_argument("--max-layer-mb", type=int, default=4096,
+                   help="--repo: the largest compressed layer accepted, MiB (default 4096)")
+    p.add_argument("--layer-cache-mb", type=int, default=2048,
+                   help="--repo: MiB of layers no container uses kept for the next sandbox (default 2048)")
     p.add_argument("--ready-fd", type=int, help="write 'ready' to this fd once listening (tcp)")
     p.add_argument("--nics", action="store_true",
                    help="guest: serve the `nic` op (configure NICs the host plugs in after boot)")
@@ -79,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ns = p.parse_args(argv)
     if ns.fd is None and ns.listen is None:
         p.error("one of --fd or --listen is required")
+    if not ns.bundle_root and not ns.repo:
+        p.error("--bundle-root (or --repo) is required")
+    if not 1 <= ns.max_layer_mb <= 1 << 20:
+        p.error("--max-layer-mb: from 1 to 1048576")
+    if not 0 <= ns.layer_cache_mb <= 1 << 30:
+        p.error("--layer-cache-mb: from 0")
     if ns.listen is not None and ns.listen.startswith("tcp:"):
         if not ns.tls_dir:
             p.error("--listen tcp: needs --tls-dir (mutual TLS; there is no plaintext TCP)")
@@ -133,12 +150,22 @@ async def amain(ns: argparse.Namespace) -> int:
             log.error("cannot set up the containers' memory limit in %s: %s", cgroup_parent, e)
             cgroup_parent = None
     outbox = Outbox()
+    repo = None
+    bundle_roots, layer_roots = list(ns.bundle_root), list(ns.layer_root)
+    if ns.repo:
+        from .layerpull import LocalRepo
+
+        repo = LocalRepo(ns.repo, max_blob=ns.max_layer_mb << 20, cache_max=ns.layer_cache_mb << 20)
+        for sub in ("bundles", "containers"):
+            os.makedirs(os.path.join(repo.root, sub), mode=0o700, exist_ok=True)
+        bundle_roots.append(os.path.join(repo.root, "bundles"))
+        layer_roots += [repo.layers, os.path.join(repo.root, "containers")]
     sup = Supervisor(
-        Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root, ns.drain_timeout,
+        Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, bundle_roots, layer_roots, ns.drain_timeout,
         cgroup_parent=cgroup_parent,
     )
     server = Server(sup, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None,
-                    nics=ns.nics)
+                    nics=ns.nics, repo=repo)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

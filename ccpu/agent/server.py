@@ -31,10 +31,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import diagnose, live, nic, protocol, wire
 from .container import Supervisor
+
+if TYPE_CHECKING:
+    from .layerpull import LocalRepo, Receiver
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +173,7 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 class Server:
     def __init__(self, supervisor: Supervisor, outbox: Outbox, orphan_grace: float | None = None,
-                 nics: bool = False) -> None:
+                 nics: bool = False, repo: LocalRepo | None = None) -> None:
         self.sup = supervisor
         self.orphan_grace = orphan_grace  # TCP: reap a lost owner's containers after this (s)
         self._orphans: asyncio.Task[None] | None = None
@@ -201,6 +204,13 @@ class Server:
         self.features = [*FEATURES, "nic"] if nics else list(FEATURES)
         if nics:
             self._ops["nic"] = lambda args: nic.nic_op(supervisor.reaper, args)
+        # a machine's own layer repo (remote mode, --repo): layers streamed by the shim
+        self.repo = repo
+        self._pulls: dict[int, tuple[Receiver, asyncio.Event, Connection]] = {}
+        if repo is not None:
+            self.features.append("layers:pull")
+            self._ops.update({"layers_have": self._layers_have, "layers_pull": self._layers_pull,
+                              "layers_release": self._layers_release})
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     identity: str | None = None) -> None:
@@ -220,17 +230,34 @@ class Server:
                 elif not conn.ready:
                     continue
                 elif frame.kind is wire.Kind.DATA:
-                    self.sup.stdin_data(frame.channel, frame.payload)
+                    pull = self._pulls.get(frame.channel)
+                    if pull is not None and pull[2] is conn:
+                        pull[0].feed(frame.payload)  # to its temp file: the socket is the buffer
+                    else:
+                        self.sup.stdin_data(frame.channel, frame.payload)
                 elif frame.kind is wire.Kind.WINDOW:
                     conn.grant(frame.channel, wire.decode_window(frame))
                 else:
-                    self.sup.stdin_close(frame.channel)
+                    pull = self._pulls.get(frame.channel)
+                    if pull is not None and pull[2] is conn:
+                        pull[0].close()
+                        pull[1].set()
+                    else:
+                        self.sup.stdin_close(frame.channel)
         except wire.ProtocolError as e:
             log.warning("%s: protocol error: %s", conn.name, e)
         except (ConnectionError, OSError) as e:
             log.debug("%s: connection error: %s", conn.name, e)
         finally:
             log.debug("%s: disconnected", conn.name)
+            for ch, (rx, done, by) in list(self._pulls.items()):
+                if by is conn:  # a stream cut short: its pull fails, its temp file goes
+                    rx.error = rx.error or "the connection closed before the layer's end"
+                    rx.close()
+                    done.set()
+                    if not rx.claimed:  # no request waits for it: nobody else removes the file
+                        del self._pulls[ch]
+                        rx.discard()
             owner_lost = conn.ready and self.outbox.conn is conn and conn.identity is not None
             self.outbox.detach(conn)
             conn.close()
@@ -270,6 +297,8 @@ class Server:
                 await asyncio.sleep(0.1)
                 continue
             log.warning("reaped container %s of a lost owner", cid)
+            if self.repo is not None:
+                self.repo.release(cid)  # no shim will send layers_release for it
             return
 
     def _on_control(self, conn: Connection, msg: dict[str, Any]) -> None:
@@ -313,6 +342,8 @@ class Server:
                 self._orphans = None
             self.outbox.attach(conn)
             return
+        if op == "layers_pull" and self.repo is not None:
+            self._reserve_pull(conn, args)  # before the data frames that follow the request
         if op in ("create", "exec"):
             # keep stdin data that follows this request until the process exists
             ch = args.get("stdin")
@@ -321,6 +352,65 @@ class Server:
         task = asyncio.ensure_future(self.handle_request(conn, rid, op, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- layers streamed to a machine's repo (ccpu/agent/layerpull.py) -------------------------
+
+    def _reserve_pull(self, conn: Connection, args: dict[str, Any]) -> None:
+        """A receiver for the pull's data channel, registered as its request arrives; a bad
+        request registers nothing (its handler answers the same error)."""
+        from .layerpull import LayerBlob
+
+        assert self.repo is not None
+        try:
+            protocol.validate_id(args.get("container"), "container id")
+            blob = LayerBlob.from_args(args, self.repo.max_blob)
+            ch = protocol.arg_channel(args, "channel")
+        except protocol.AgentError:
+            return
+        if ch and ch not in self._pulls:
+            self._pulls[ch] = (self.repo.receiver(blob), asyncio.Event(), conn)
+
+    async def _layers_have(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """{container, chain_ids} -> {missing, repo}: the container references the others."""
+        assert self.repo is not None
+        cid = protocol.validate_id(args.get("container"), "container id")
+        chains = protocol.arg_list(args, "chain_ids")
+        if len(chains) > 1024 or not all(isinstance(c, str) for c in chains):
+            raise protocol.InvalidArgument("chain_ids must be at most 1024 strings")
+        missing = self.repo.have(cid, chains)
+        return {"missing": missing, "layers": self.repo.layers}
+
+    async def _layers_pull(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """{container, chain_id, diff_id, digest, media_type, size, channel}: the blob follows
+        on ``channel``; answered once it is verified and unpacked -> {path, transfers}."""
+        from .layerpull import LayerBlob
+
+        assert self.repo is not None
+        cid = protocol.validate_id(args.get("container"), "container id")
+        blob = LayerBlob.from_args(dict(args), self.repo.max_blob)  # the refusal _reserve_pull met
+        ch = protocol.arg_channel(args, "channel")
+        pull = self._pulls.get(ch)
+        if not ch or pull is None or pull[0].claimed or pull[0].blob != blob:
+            raise protocol.InvalidArgument(f"channel {ch} is not free for a layer stream")
+        rx, done, _ = pull
+        rx.claimed = True
+        try:
+            await done.wait()
+            path = await asyncio.to_thread(self.repo.publish, cid, rx)
+        finally:
+            self._pulls.pop(ch, None)
+            rx.close()
+        log.info("layer %s received (%d bytes) for %s -> %s", rx.blob.chain_id, rx.received, cid, path)
+        return {"path": path, "transfers": self.repo.transfers}
+
+    async def _layers_release(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """{container[, chain_ids]} -> {removed}: the layers nobody uses any more are gone."""
+        assert self.repo is not None
+        cid = protocol.validate_id(args.get("container"), "container id")
+        chains = protocol.arg_list(args, "chain_ids", None)
+        if chains is not None and not all(isinstance(c, str) for c in chains):
+            raise protocol.InvalidArgument("chain_ids must be strings")
+        return {"removed": self.repo.release(cid, chains)}
 
     def _check_owner(self, conn: Connection) -> None:
         """A client of another identity may not take over existing containers."""
@@ -340,6 +430,7 @@ class Server:
             "agent_pid": os.getpid(),
             "features": self.features,
             "kernel": os.uname().release,
+            **({"repo": self.repo.root} if self.repo is not None else {}),
         }
 
     @staticmethod

@@ -48,8 +48,54 @@ class ImageLayers:
     chain_ids: tuple[str, ...]  # bottom first, as in the config
 
 
+@dataclass(frozen=True, slots=True)
+class LayerBlob:
+    """One layer as containerd's content store keeps it: the compressed blob (digest, media
+    type, size: the manifest's descriptor) and what it unpacks to (diff ID, chain ID)."""
+
+    chain_id: str
+    diff_id: str
+    digest: str
+    media_type: str
+    size: int
+
+
+def image_blobs(client: ContainerdClient, name: str) -> list[LayerBlob]:
+    """Image `name`'s layers as blobs, bottom first (remote mode streams them to a machine)."""
+    layers, manifest = _image(client, name)
+    descs = manifest.get("layers", [])
+    if not isinstance(descs, list) or len(descs) != len(layers.diff_ids):
+        raise ContainerdError(f"image {name!r}: its manifest names {len(descs) if isinstance(descs, list) else '?'} "
+                              f"layers, its config {len(layers.diff_ids)}")
+    out = []
+    for desc, diff, chain in zip(descs, layers.diff_ids, layers.chain_ids):
+        try:
+            dig = digests.check(desc.get("digest"), "layer digest")
+        except (digests.InvalidDigest, AttributeError) as e:
+            raise ContainerdError(f"image {name!r}: {e}") from None
+        size = desc.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ContainerdError(f"image {name!r}: layer {dig} has no valid size")
+        out.append(LayerBlob(chain, diff, dig, str(desc.get("mediaType", "")), size))
+    return out
+
+
+def read_blob(client: ContainerdClient, digest: str):  # type: ignore[no-untyped-def]
+    """The blob's bytes from containerd's content store, in the chunks containerd sends."""
+    content = content_pb2_grpc.ContentStub(client._channel)
+    try:
+        for r in content.Read(content_pb2.ReadContentRequest(digest=digest), metadata=client._md):
+            yield r.data
+    except grpc.RpcError as e:
+        raise ContainerdError(f"cannot read {digest} from containerd's content store: {e.details()}") from None  # type: ignore[attr-defined]
+
+
 def image_layers(client: ContainerdClient, name: str) -> ImageLayers:
     """The layers of image `name` in the client's namespace (NotFound -> ContainerdError)."""
+    return _image(client, name)[0]
+
+
+def _image(client: ContainerdClient, name: str) -> tuple[ImageLayers, dict]:
     images = images_pb2_grpc.ImagesStub(client._channel)
     try:
         img = images.Get(images_pb2.GetImageRequest(name=name), metadata=client._md, timeout=client.timeout).image
@@ -74,7 +120,7 @@ def image_layers(client: ContainerdClient, name: str) -> ImageLayers:
         diff_ids = tuple(digests.check(d, "diff ID") for d in config.get("rootfs", {}).get("diff_ids", []))
     except digests.InvalidDigest as e:
         raise ContainerdError(f"image {name!r}: {e}") from None
-    return ImageLayers(name, digest, diff_ids, tuple(chain_ids(diff_ids)))
+    return ImageLayers(name, digest, diff_ids, tuple(chain_ids(diff_ids))), doc
 
 
 def _read_json(client: ContainerdClient, digest: str) -> dict:

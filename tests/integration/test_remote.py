@@ -1,10 +1,11 @@
 """Remote mode through containerd: the agent on a "machine" reached only over TCP + mutual TLS.
 
-The machine is simulated on this host (the limit of this step, docs/remote.md): the agent runs
-in a network namespace made here (a veth pair with link-local 169.254.X.0/30 addresses on it
-only), in a PID and mount namespace of its own -- so killing the agent (the namespace's init)
-takes its containers and mounts with it, as a machine that dies.  It shares the host's
-filesystem, so the bundle and repo layer paths are the same there (no layer streaming yet).
+The machine is simulated on this host: the agent runs in a network namespace made here (a veth
+pair with link-local 169.254.X.0/30 addresses on it only), in a PID and mount namespace of its
+own -- so killing the agent (the namespace's init) takes its containers and mounts with it, as a
+machine that dies.  It has a layer repo of its own (``--repo``), and the host's fractal repo and
+bundle dir are hidden under a tmpfs in its mount namespace: every layer it runs was streamed to
+it by the shim (containerd's blob, verified, unpacked once) and every spec came inside create.
 
 `ctr run --runtime io.containerd.fractal.v1 --annotation io.fractal.mode=remote` runs a
 container on it (output read back, exec works); a killed agent is reported as the exit of the
@@ -14,9 +15,12 @@ task and nothing is left on the host; an agent whose certificate another CA issu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,6 +126,8 @@ def test_a_dead_shims_containers_are_reaped_on_the_machine(remote_env) -> None: 
         wait_for(lambda: not _pids_running(marker.encode()), 60, "the machine reaping the orphaned container")
         wait_for(lambda: "reaped container o1" in agent._tail(), 30, "the agent's log of the reaping")
         assert not (agent.runc_root / "o1").exists(), "runc still knows o1 on the machine"
+        state = json.loads((agent.repo / "state.json").read_text())  # its layers released (idle)
+        assert state["refs"] == {} and len(state["idle"]) == 1, state
         env.ctr("tasks", "delete", "o1", namespace=ns, check=False)
         env.ctr("containers", "delete", "o1", namespace=ns, check=False)
         assert mounts_under(env.run_dir, env.root_dir) == []
@@ -146,4 +152,66 @@ def test_agent_with_a_certificate_of_another_ca_is_refused(remote_env, tmp_path:
     with contextlib.suppress(Exception):
         env.ctr("containers", "delete", "x1", namespace=ns, check=False)
     assert mounts_under(env.run_dir, env.root_dir) == []
+    assert env.remove_namespace(ns) == []
+
+
+def _fractal(env: FractalEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    e = {**os.environ, "FRACTAL_RUN_DIR": str(env.fractal_run_dir)}
+    for k in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE"):
+        e.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "ccpu.cli", *args], capture_output=True, text=True,
+                          env=e, timeout=180)
+
+
+def test_layers_are_streamed_to_the_machine_once_and_released(remote_env, registry) -> None:  # noqa: ANN001
+    """The machine cannot see the host's repo or bundles: the image's layer arrives as
+    containerd's blob (once for two containers), a live layer add pulls the new layers first,
+    deleting the containers releases them on the machine, and the next sandbox finds them in
+    the machine's cache (no transfer)."""
+    env, m, pki_dir, ns, ref = remote_env
+    agent = RemoteAgent(env, m, pki_dir)
+    try:
+        for d in (env.snapshotter_root, env.run_dir / "st"):  # the host's repo and bundles
+            hidden = subprocess.run(["nsenter", "-t", str(agent.agent_pid()), "-m", "ls", "-A", str(d)],
+                                    capture_output=True, text=True, timeout=30)
+            assert hidden.returncode == 0 and hidden.stdout.strip() == "", hidden  # the tmpfs, empty
+        assert os.listdir(env.snapshotter_root / "layers"), "the host's repo has the image's layers"
+
+        shared = [*REMOTE, "--annotation", "io.fractal.sandbox=pull", "-d"]
+        env.run(ref, "p1", "sh", "-c", "head -1 /etc/passwd > /first; sleep 600", rm=False,
+                namespace=ns, runtime=RUNTIME, extra=shared)
+        wait_for(lambda: "p1" in env.ctr("tasks", "ls", namespace=ns).stdout, 60, "task p1")
+        first = env.ctr("tasks", "exec", "--exec-id", "x1", "p1", "cat", "/first", namespace=ns).stdout
+        assert first.startswith("root:"), first  # a file of the image, read on the machine
+        assert agent.received() == 1 and len(agent.layers()) == 1, agent._tail()
+
+        env.run(ref, "p2", "sleep", "600", rm=False, namespace=ns, runtime=RUNTIME, extra=shared)
+        wait_for(lambda: "p2" in env.ctr("tasks", "ls", namespace=ns).stdout, 60, "task p2")
+        assert agent.received() == 1, "the second container's layer was transferred again"
+        assert "create {'container': 'p2'" in agent._tail()
+
+        tools = registry.ref("tools")
+        r = _fractal(env, "layers", "add", "-a", str(env.address), "-n", ns, "--plain-http", "p1", tools)
+        assert r.returncode == 0, r.stderr
+        hello = env.ctr("tasks", "exec", "--exec-id", "x2", "p1", "cat", "/opt/tools/hello.txt",
+                        namespace=ns).stdout
+        assert hello.strip() == "hello from tools", hello
+        assert agent.received() == 3 and len(agent.layers()) == 3  # tools' own two, on busybox's
+
+        for cid in ("p1", "p2"):
+            env.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=ns)
+        for cid in ("p1", "p2"):
+            wait_for(lambda: any(ln.startswith(cid) and "STOPPED" in ln
+                                 for ln in env.ctr("tasks", "ls", namespace=ns).stdout.splitlines()), 60, cid)
+            env.ctr("tasks", "delete", cid, namespace=ns)
+            env.ctr("containers", "delete", cid, namespace=ns)
+        wait_for(lambda: "session ended by shutdown" in agent._tail(), 60, "the sandbox's end")
+        state = json.loads((agent.repo / "state.json").read_text())
+        assert state["refs"] == {} and len(state["idle"]) == 3, state  # released, kept as cache
+        out = env.run(ref, "p3", "head", "-1", "/etc/passwd", namespace=ns, runtime=RUNTIME, extra=REMOTE)
+        assert out.stdout.startswith("root:"), out
+        assert agent.received() == 3, "a new sandbox transferred a cached layer again"
+        assert mounts_under(env.run_dir, env.root_dir) == []
+    finally:
+        agent.stop()
     assert env.remove_namespace(ns) == []

@@ -448,7 +448,13 @@ def test_fractal_agent_serve_runs_the_agent_on_tcp_with_tls(monkeypatch: pytest.
     assert argv[1:3] == ["-m", "ccpu.agent"]
     assert argv[argv.index("--listen") + 1] == "tcp:10.0.0.2:7443"
     assert argv[argv.index("--tls-dir") + 1] == "/etc/fractal/tls"
-    assert "--bundle-root" in argv and "--layer-root" in argv
+    # by default the machine keeps its own repo (layers streamed by the shim)
+    assert argv[argv.index("--repo") + 1] == "/var/lib/fractal-agent"
+    assert "--bundle-root" not in argv and "--layer-root" not in argv
+    seen.clear()
+    cli_main(["agent", "serve", "--listen", "10.0.0.2:7443", "--tls-dir", "/etc/fractal/tls", "--no-repo"])
+    argv = seen[0]  # the host's paths, mounted on the machine at the same place
+    assert "--repo" not in argv and "--bundle-root" in argv and "--layer-root" in argv
 
 
 def test_the_agent_starts_without_ssl() -> None:
