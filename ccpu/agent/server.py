@@ -33,7 +33,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from . import diagnose, live, nic, protocol, wire
+from . import diagnose, live, nic, protocol, tpm, wire
 from .container import Supervisor
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,11 @@ class Server:
         self.features = [*FEATURES, "nic"] if nics else list(FEATURES)
         if nics:
             self._ops["nic"] = lambda args: nic.nic_op(supervisor.reaper, args)
+        # a TPM quote of what this guest booted (shim/vm.py asks before any container): only a
+        # guest's agent, and only with a TPM and tpm2-tools (a VM booted with vm.attest)
+        if nics and tpm.available():
+            self.features.append("attest")
+            self._ops["attest"] = lambda args: tpm.attest_op(supervisor.reaper, args)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     identity: str | None = None) -> None:
