@@ -654,7 +654,9 @@ class VmSandbox(AgentSandbox):
                 hotplug_nics=HOTPLUG_NICS,
                 uid_base=s.qemu_uid_base, name=self.dir, virtiofsd=vfsd, die_with_starter=self.die_with_shim,
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
-                cmdline_extra=(f"fractal.reserve={s.memory_reserve_mb}",),
+                # attested: the init hashes the system image disk against the (measured) initramfs
+                cmdline_extra=(f"fractal.reserve={s.memory_reserve_mb}",) +
+                              (("fractal.verify_image=1",) if s.attest else ()),
                 **self._attest_spec(guest),
                 shares=(
                     # the layer view is a tmpfs with one bind per layer: announced as submounts,

@@ -115,3 +115,25 @@ def test_tampered_initramfs_is_refused_before_any_container(fenv: FractalEnv, na
     assert "the guest build predicts" in r.stderr, r.stderr
     fenv.ctr("containers", "rm", "att-bad", namespace=namespace, check=False)
     wait_for(lambda: not qemus(fenv), timeout=60, what="the refused VM gone")
+
+
+def test_tampered_system_image_is_refused_by_the_measured_init(fenv: FractalEnv, namespace: str, busybox: str,
+                                                                cfg: Path, guest) -> None:  # noqa: ANN001
+    """The EROFS system image is a separate disk, outside the UKI: an attested VM's init hashes it
+    against the sha256 its (measured) initramfs names and stops on a mismatch -- one byte changed
+    in the file the host attaches, and no container runs."""
+    assert guest.image is not None
+    saved = guest.image.with_name(guest.image.name + ".good")
+    data = bytearray(guest.image.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    os.rename(guest.image, saved)
+    try:
+        guest.image.write_bytes(bytes(data))
+        r = fenv.run(busybox, "att-img", "echo", "SHOULD-NOT-RUN", namespace=namespace, runtime=RUNTIME,
+                     extra=["--runtime-config-path", str(cfg)], check=False, timeout=400)
+    finally:
+        os.replace(saved, guest.image)
+    assert r.returncode != 0 and "SHOULD-NOT-RUN" not in r.stdout
+    assert "the initramfs names" in r.stderr and "refused" in r.stderr, r.stderr
+    fenv.ctr("containers", "rm", "att-img", namespace=namespace, check=False)
+    wait_for(lambda: not qemus(fenv), timeout=60, what="the refused VM gone")
