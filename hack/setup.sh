@@ -41,6 +41,10 @@ APT_PACKAGES=(
   containernetworking-plugins
   # `fractal image import docker://...` is tested against podman's Docker-API service (docs/images.md)
   podman
+  # attested VMs (vm.attest, docs/hardware.md): UEFI firmware, a TPM per VM and its local CA,
+  # tpm2-tools (host: makecredential/checkquote; guest: its image carries them), systemd's EFI stub
+  # for the unified kernel image (objcopy from binutils assembles it)
+  ovmf swtpm swtpm-tools tpm2-tools systemd-boot-efi binutils
   # VM guest (docs/vm.md): Debian's own python3.11 goes into the initramfs; virtiofsd builds need the -dev libs
   python3.11 libcap-ng-dev libseccomp-dev pkg-config
   # the small guest's read-only system image (mkfs.erofs; docs/vm.md "The small guest")

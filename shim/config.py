@@ -113,6 +113,10 @@ class VmSettings:
     #: 0: no pool (every sandbox boots its own).  1 fits a 2-core machine: a second would boot
     #: while the first is adopted, halving the CPU of the sandboxes meanwhile.
     pool: int = 1
+    #: boot the guest's unified kernel image through OVMF with a TPM of its own, and create no
+    #: container before its TPM quote verified what it booted (ccpu/attest.py, docs/hardware.md);
+    #: such sandboxes never adopt a pooled VM (the pool's boot is not attested)
+    attest: bool = False
 
     @property
     def scratch_limit_mb(self) -> int:
@@ -430,10 +434,14 @@ def from_table(data: Mapping[str, Any], where: str, base: Config | None = None) 
             vm = replace(vm, pool=value)
         elif key == "memory_reserve":
             vm = replace(vm, memory_reserve_mb=parse_memory(value, w, low=16))
+        elif key == "attest":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{w}: expected true or false, got {value!r}")
+            vm = replace(vm, attest=value)
         else:
             raise ConfigError(f"{where}: unknown key vm.{key} (known: memory, cpus, max_memory, "
                               "max_cpus, accel, share, boot_timeout, console_log_kib, scratch, scratch_max, "
-                              "memory_reserve, qemu_uid_base, pool)")
+                              "memory_reserve, qemu_uid_base, pool, attest)")
     return replace(cfg, mode=mode, root=root, vm=check_vm(vm, where), policy=policy, timeouts=timeouts,
                    remote=remote, sources=cfg.sources + (where,))
 

@@ -282,6 +282,8 @@ async def amain(ns: argparse.Namespace) -> int:
         return 0
     cfg = config.load({})
     size = cfg.vm.pool if ns.size is None else ns.size
+    if cfg.vm.attest:  # attested sandboxes boot their own VM (shim/vm.py _adopt)
+        size = 0
     cleanup(run_dir)  # what a dead predecessor left
     p = Pool(run_dir, size, cfg, config.repo_root().path)
     loop = asyncio.get_running_loop()

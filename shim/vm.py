@@ -211,6 +211,7 @@ class VmSandbox(AgentSandbox):
         self._handover: Any = None  # shim.pool.Handover: a pooled VM renamed into self.dir
         self.pool_vm: dict[str, Any] | None = None  # what the pool said about the VM adopted
         self.hello: dict[str, Any] = {}
+        self.attested: dict[str, Any] | None = None  # the verified measurement (vm.attest)
 
     # -- interface --------------------------------------------------------------------------
 
@@ -397,7 +398,7 @@ class VmSandbox(AgentSandbox):
                 "cpus": self.cpus, "share": self.share, "kernel": self.guest_kernel,
                 "qemu_user": self.qemu_user, "layers_visible": sorted(self.view.bound),
                 "run_dir": self.dir, "console": self.console_log, "netns": self.netns, "nics": list(self.nics),
-                "boot_seconds": self.timings.get("agent_ready"),
+                "boot_seconds": self.timings.get("agent_ready"), "attested": self.attested,
                 "pooled": None if self.pool_vm is None else {
                     "id": self.pool_vm.get("id"), "boot_seconds": self.pool_vm.get("boot_seconds"),
                     "adopt_seconds": self.timings.get("adopted")}}
@@ -443,7 +444,7 @@ class VmSandbox(AgentSandbox):
         A pod network (CRI) is connected once the VM is ours (:meth:`_start_adopted`)."""
         from shim import pool
 
-        if self.settings.pool <= 0 or not self.die_with_shim:
+        if self.settings.pool <= 0 or self.settings.attest or not self.die_with_shim:
             return False
         os.makedirs(os.path.dirname(self.dir), mode=0o700, exist_ok=True)
         t0 = time.monotonic()
@@ -653,7 +654,10 @@ class VmSandbox(AgentSandbox):
                 hotplug_nics=HOTPLUG_NICS,
                 uid_base=s.qemu_uid_base, name=self.dir, virtiofsd=vfsd, die_with_starter=self.die_with_shim,
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
-                cmdline_extra=(f"fractal.reserve={s.memory_reserve_mb}",),
+                # attested: the init hashes the system image disk against the (measured) initramfs
+                cmdline_extra=(f"fractal.reserve={s.memory_reserve_mb}",) +
+                              (("fractal.verify_image=1",) if s.attest else ()),
+                **self._attest_spec(guest),
                 shares=(
                     # the layer view is a tmpfs with one bind per layer: announced as submounts,
                     # each layer would be an automount point in the guest, which overlayfs refuses
@@ -702,11 +706,57 @@ class VmSandbox(AgentSandbox):
             if isinstance(exc, Exception):
                 raise RuntimeError(f"VM did not start: {exc}; console: {tail}") from None
             raise
+        if s.attest:
+            try:
+                self.attested = await self._await_boot(self._attest(client, guest, m.argv), deadline)
+            except BaseException as exc:
+                await self._kill_all()
+                if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+                    raise RuntimeError(f"VM attestation not done within {s.boot_timeout:.0f}s") from None
+                raise
+            self.timings["attested"] = time.monotonic() - t0
         self.timings["agent_ready"] = time.monotonic() - t0
         log.info("VM agent up in %.2fs (guest %.2fs, qemu %.2fs, connected %.2fs): %s",
                  self.timings["agent_ready"], self.timings["guest"], self.timings["qemu_started"],
                  self.timings["connected"], hello)
         return client
+
+    def _attest_spec(self, guest: Any) -> dict[str, Any]:
+        """MachineSpec fields of an attested VM: the UKI through OVMF, a TPM (ccpu/vm/tpm.py)."""
+        if not self.settings.attest:
+            return {}
+        from ccpu.guest.kernel import cache_root
+        from ccpu.vm import tpm
+
+        if guest.uki is None:
+            raise errdefs.FailedPrecondition("vm.attest: the guest build has no unified kernel image "
+                                             "(apt-get install systemd-boot-efi, then fractal guest build)")
+        missing = tpm.missing_tools()
+        if missing:
+            raise errdefs.FailedPrecondition(f"vm.attest: missing {', '.join(missing)} "
+                                             "(apt-get install ovmf swtpm swtpm-tools tpm2-tools)")
+        return {"uki": str(guest.uki), "tpm_ca": str(tpm.ca_dir(cache_root().parent))}
+
+    async def _attest(self, client: Any, guest: Any, argv: list[str]) -> dict[str, Any]:
+        """The guest's TPM quote checked against its build's manifest before any container
+        (ccpu/attest.py); an AttestationError names the PCR that differed."""
+        from ccpu import attest
+        from ccpu.guest.kernel import cache_root
+        from ccpu.vm import tpm
+
+        if "attest" not in (self.hello.get("features") or []):
+            raise attest.AttestationError("vm.attest: the guest's agent offers no attest (no TPM or no tpm2-tools "
+                                          "in the guest)")
+        t0 = time.monotonic()
+        cmdline = argv[argv.index("-append") + 1] if "-append" in argv else None
+        ca = tpm.ensure_ca(tpm.ca_dir(cache_root().parent))
+        verified = await attest.attest(client.call, [ca.root_cert, ca.issuer_cert],
+                                       attest.expected(guest.manifest, cmdline))
+        took = time.monotonic() - t0
+        out = {**verified.describe(), "uki_sha256": guest.manifest["uki"]["sha256"], "seconds": round(took, 3)}
+        log.info("VM attested in %.3fs: TPM quote verified, EK %s, %s", took, verified.ek_subject,
+                 ", ".join(f"PCR {k} {v}" for k, v in out["pcrs"].items()))
+        return out
 
     async def _await_boot(self, coro: Any, deadline: float) -> Any:
         """``coro`` unless QEMU exits first or the deadline passes."""

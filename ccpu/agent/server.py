@@ -33,7 +33,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import diagnose, live, nic, protocol, wire
+from . import diagnose, live, nic, protocol, tpm, wire
 from .container import Supervisor
 
 if TYPE_CHECKING:
@@ -211,6 +211,11 @@ class Server:
             self.features.append("layers:pull")
             self._ops.update({"layers_have": self._layers_have, "layers_pull": self._layers_pull,
                               "layers_release": self._layers_release})
+        # a TPM quote of what this guest booted (shim/vm.py asks before any container): only a
+        # guest's agent, and only with a TPM and tpm2-tools (a VM booted with vm.attest)
+        if nics and tpm.available():
+            self.features.append("attest")
+            self._ops["attest"] = lambda args: tpm.attest_op(supervisor.reaper, args)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     identity: str | None = None) -> None:

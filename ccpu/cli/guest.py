@@ -40,7 +40,8 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
         json.dump({"kernel": str(g.kernel), "initramfs": str(g.initramfs), "manifest": str(g.manifest_path),
                    "sha256": g.sha256, "image": str(g.image) if g.image else None,
                    "image_sha256": m["image"]["sha256"] if g.image else None,
-                   "extensions": m.get("extensions")}, sys.stdout, indent=2)
+                   "extensions": m.get("extensions"), "uki": str(g.uki) if g.uki else None,
+                   "uki_sha256": m["uki"]["sha256"] if g.uki else None}, sys.stdout, indent=2)
         print()
         return 0
     ini = m["initramfs"]
@@ -51,6 +52,10 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
         img = m["image"]
         print(f"image:      {g.image} ({img['size'] / 1e6:.1f} MB {img['format']}, {img['files']} files, "
               f"sha256 {img['sha256']})")
+    if g.uki is not None:
+        u = m["uki"]
+        print(f"uki:        {g.uki} ({u['size'] / 1e6:.1f} MB EFI image, sha256 {u['sha256']}, "
+              f"PCR 11 {u['pcr11']})")
     for a in m.get("extensions", {}).get("add", []):
         print(f"added:      {a['host']} -> {a['guest']} ({a['entries']} entries, sha256 {a['sha256'][:16]})")
     for c in m.get("extensions", {}).get("run_at_boot", []):

@@ -15,6 +15,9 @@
 #   fractal.tty=TERM                run mode: CMD on a pty with TERM (vm run -t), keys on fractal.stdin
 #   fractal.stdin=1                 run mode: CMD's stdin is the fractal.stdin port (vm run -i)
 #   fractal.debug=1                 echo every step with its uptime to the console
+#   fractal.verify_image=1          hash the system image disk before mounting it and stop unless it is
+#                                   the one /etc/fractal/image names (vm.attest: the measured initramfs
+#                                   then vouches for the disk too; docs/hardware.md)
 #
 # Milestones go to the console as "fractal-init: <uptime> <what>" so the host
 # can measure the boot timeline from the console log.
@@ -48,7 +51,7 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty="" stdin=0
+mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0
 for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
@@ -59,6 +62,7 @@ for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
         fractal.reserve=*) reserve="${arg#*=}" ;;
         fractal.tty=*) tty="${arg#*=}" ;;
         fractal.stdin=*) stdin="${arg#*=}" ;;
+        fractal.verify_image=*) verify_image="${arg#*=}" ;;
     esac
 done
 
@@ -115,6 +119,12 @@ step "modules loaded"
 # point into its mount.
 if [ -e /etc/fractal/image ]; then
     sysdisk="$(find_dev /sys/block serial fractal-sys)" || die "no system image disk (virtio-blk serial fractal-sys)"
+    if [ "$verify_image" = 1 ]; then
+        read -r _ want </etc/fractal/image
+        got="$(sha256sum "$sysdisk")"
+        [ "${got%% *}" = "$want" ] || die "system image $sysdisk is sha256 ${got%% *}, the initramfs names $want: refused"
+        milestone "system image verified (sha256 $want)"
+    fi
     mount -t erofs -o ro "$sysdisk" /.image || die "cannot mount the system image $sysdisk"
     step "system image mounted"
 fi

@@ -46,16 +46,24 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cpio, erofs, extend, modules
+from . import cpio, erofs, extend, modules, uki
 from .kernel import Kernel, cache_root
 from .kernel import fetch as fetch_kernel
 from .source import Source
 
-BUILDER_VERSION = 4  # bump when the layout changes without any input changing
+BUILDER_VERSION = 5  # bump when the layout changes without any input changing
 
 PYTHON_DEFAULT = "/usr/bin/python3"  # the distribution's python (not pyenv's first-on-PATH); $FRACTAL_GUEST_PYTHON
 BUSYBOX = "/bin/busybox"
 RUNC = "/usr/sbin/runc"
+#: tpm2-tools' multi-call binary: the agent's ``attest`` op (ccpu/agent/tpm.py) runs it; in the guest
+#: when the host has it, with tpm2-tss's TCTI for the kernel's TPM device, which it dlopen()s
+#: (ldd cannot see it)
+TPM2 = "/usr/bin/tpm2"
+TPM2_DLOPEN = ("libtss2-tcti-device.so.0",)
+#: the command line built into the UKI: what a machine booting it alone gets (on QEMU, the VM's
+#: own command line overrides it and is measured into PCR 12)
+UKI_CMDLINE = "console=ttyS0 panic=-1 quiet rdinit=/init fractal.mode=agent"
 
 LAYOUTS = ("image", "initramfs")
 DEFAULT_LAYOUT = "image"
@@ -95,6 +103,7 @@ class Guest:
     manifest_path: Path
     manifest: dict
     image: Path | None = None  # the read-only system image (layout "image"), attached by QEMU
+    uki: Path | None = None  # the unified kernel image (ccpu.guest.uki), when systemd's stub is there
 
     @property
     def sha256(self) -> str:
@@ -265,6 +274,14 @@ def _tree(src_root: str, dest_root: str, keep: Callable[[str], bool]) -> list[So
     return out
 
 
+def _dlopened(libs: Sequence[str], name: str) -> str:
+    """A library loaded with dlopen(): looked up beside the libraries ldd found (the same multiarch dir)."""
+    for d in dict.fromkeys(os.path.dirname(lib) for lib in libs):
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    raise RuntimeError(f"{name} is missing (hack/setup.sh installs tpm2-tools and its libraries)")
+
+
 def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
@@ -297,11 +314,21 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs",
     # shared libraries of everything dynamic (python, its extension modules, runc)
     py_tree = _tree(py.stdlib, py.pkg_dir, keep_stdlib)
     dynamic = [py.binary, RUNC] + [s.path for s in py_tree if s.path and s.dest.endswith(".so")]
+    tpm2 = os.path.exists(TPM2)
+    if tpm2:
+        srcs.append(_file("usr/bin/tpm2", TPM2, 0o755))
+        dynamic.append(TPM2)
     libs: list[str] = []
     for b in dynamic:
         for lib in _ldd(b):
             if lib not in libs:
                 libs.append(lib)
+    if tpm2:
+        for name in TPM2_DLOPEN:
+            lib = _dlopened(libs, name)
+            for dep in [lib, *_ldd(lib)]:
+                if dep not in libs:
+                    libs.append(dep)
     srcs += [_file(lib, os.path.realpath(lib), 0o755) for lib in sorted(libs)]
     srcs += py_tree
     # kernel modules in load order
@@ -339,7 +366,7 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs",
         "kernel": {"release": kernel.release, "package": kernel.package, "version": kernel.package_version,
                    "deb_sha256": kernel.deb_sha256},
         "modules": order,
-        "binaries": {"busybox": BUSYBOX, "python": py.binary, "runc": RUNC},
+        "binaries": {"busybox": BUSYBOX, "python": py.binary, "runc": RUNC, **({"tpm2": TPM2} if tpm2 else {})},
         "python": {"stdlib": py.stdlib, "cache_tag": py.cache_tag},
         "libraries": sorted(libs),
         "project_files": project,
@@ -412,7 +439,8 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     if ext:
         described["extensions"] = extend.describe(ext, added)
     options = {"layout": layout, "pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,
-               "boot_image": kern.boot_image.name}
+               "boot_image": kern.boot_image.name,
+               "uki_stub": _sha256(Path(uki.STUB)) if uki.available() else None}
     key = inputs_key(sources, options)
     roots = build_roots(cache_root(), user_cache())
     for root in roots:
@@ -472,6 +500,11 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     (tmp_dir / name).write_bytes(blob)
+    if uki.available():  # the EFI image (docs/hardware.md): ~0.3 s and the initramfs's size again
+        progress("writing the unified kernel image (systemd-stub + kernel + initramfs)")
+        made = uki.build(tmp_dir / uki.FILE, kernel=kern.vmlinuz, initramfs=tmp_dir / name, cmdline=UKI_CMDLINE,
+                         osrel=uki.os_release(kern.release, sha))
+        manifest["uki"] = made.describe()
     if image_blob is not None:
         (tmp_dir / IMAGE_FILE).write_bytes(image_blob)
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -514,8 +547,9 @@ def writable_root(roots: Sequence[Path]) -> Path | None:
 
 def _guest(kernel: Path, out_dir: Path, manifest: dict) -> Guest:
     image = manifest.get("image")
+    efi = manifest.get("uki")
     return Guest(kernel, out_dir / manifest["initramfs"]["file"], out_dir / "manifest.json", manifest,
-                 out_dir / image["file"] if image else None)
+                 out_dir / image["file"] if image else None, out_dir / efi["file"] if efi else None)
 
 
 def current() -> Guest | None:

@@ -37,6 +37,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -47,6 +48,7 @@ from .hostos import HostOS
 from . import net, qemu, shares
 from . import nics as nics_
 from . import qmp as qmp_
+from . import tpm as tpm_
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,10 @@ class MachineSpec:
     tcg: qemu.Tcg | None = None  # None: qemu.Tcg() unless FRACTAL_TCG overrides (tcg_options)
     balloon: bool = True  # free page reporting (qemu.VMConfig.balloon); off only to measure it
     host: HostOS = field(default_factory=hostos.current)  # Linux, or macOS (untested: ccpu/vm/hostos.py)
+    #: UEFI boot of this unified kernel image (ccpu.guest.uki) through OVMF, with a TPM of its own
+    #: (an swtpm helper, EK certified by the CA in ``tpm_ca``: ccpu.vm.tpm); docs/hardware.md
+    uki: str | None = None
+    tpm_ca: str | None = None
 
     def all_shares(self) -> tuple[DirShare, ...]:
         return ((self.repo,) if self.repo else ()) + self.shares
@@ -144,6 +150,8 @@ class Opened:
     nics: Sequence[qemu.Nic] = ()
     net_cmdline: Sequence[str] = ()
     qmp_fd: int | None = None  # QEMU's end of the QMP socketpair
+    ovmf_vars: str | None = None  # the VM's copy of OVMF's variable store (spec.uki)
+    tpm_fd: int | None = None  # QEMU's connection to the VM's swtpm (spec.tpm_ca)
 
 
 def socket_name(tag: str) -> str:
@@ -162,7 +170,8 @@ def plan(spec: MachineSpec, accel: str, opened: Opened) -> qemu.VMConfig:
 
     console = spec.console
     return qemu.VMConfig(
-        kernel=spec.kernel, initramfs=spec.initramfs, system_image=spec.system_image,
+        kernel=spec.uki or spec.kernel, initramfs=spec.initramfs, system_image=spec.system_image,
+        ovmf=(tpm_.OVMF_CODE, opened.ovmf_vars) if spec.uki and opened.ovmf_vars else None, tpm_fd=opened.tpm_fd,
         console_log=console.path if isinstance(console, ConsoleFile) else "",
         console_log_fd=opened.console_fd if isinstance(console, ConsoleFile) else None,
         console_fd=opened.console_fd if isinstance(console, ConsoleSocket) else None,
@@ -314,6 +323,17 @@ class _Launcher:
                             raise MachineError(f"virtiofsd pid {proc.pid} for share {s.tag} does not accept "
                                                f"on {os.path.join(spec.workdir, socket_name(s.tag))}: {exc}") from None
                         opened_shares[s.tag] = passed[-1].fileno()
+            tpm_fd = None
+            if spec.tpm_ca is not None:
+                proc = self._start_swtpm()
+                spawned("swtpm", proc)
+                try:
+                    with _DirAddress(spec.workdir) as where:
+                        passed.append(shares.connect(where(tpm_.SOCKET)))
+                except OSError as exc:
+                    raise MachineError(f"swtpm pid {proc.pid} does not accept: {exc}") from None
+                tpm_fd = passed[-1].fileno()
+            ovmf_vars = tpm_.vars_copy(spec.workdir) if spec.uki else None
             qmp_fd = None
             if spec.hotplug_nics:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -333,12 +353,15 @@ class _Launcher:
             else:
                 console_fd = spec.console.fd
             opened = Opened(opened_shares, port_fds, console_fd,
-                            self.net.nics if self.net else (), self.net.cmdline if self.net else (), qmp_fd)
+                            self.net.nics if self.net else (), self.net.cmdline if self.net else (), qmp_fd,
+                            ovmf_vars, tpm_fd)
             cfg, boot_fds = qemu.open_boot_files(plan(replace(spec, tcg=spec.tcg or tcg_options()), self.accel.accel,
                                                        opened))
             fds += boot_fds
             owner = spec.owner_pid if spec.owner_pid is not None else os.getpid()
             creds, self.qemu_user = qemu.choose_creds(cfg, spec.uid_base, owner)
+            if ovmf_vars is not None and creds is not None:  # the firmware writes its variables
+                os.chown(ovmf_vars, creds.uid, creds.gid)
             self.argv = qemu.command(cfg, qboot_exists=qemu.qboot_available(cfg.host))
             self.cpus = cfg.cpus
             log.debug("qemu: %s", " ".join(self.argv))
@@ -361,6 +384,31 @@ class _Launcher:
                 os.close(fd)
             if self.net is not None:
                 self.net.close_fds()  # QEMU holds the taps now
+
+    def _start_swtpm(self) -> subprocess.Popen:
+        """A new TPM in the workdir (manufactured now: its own EK) and its swtpm, a helper of the VM
+        like a virtiofsd: it dies with the starter, and the VM ends if it dies."""
+        from pathlib import Path
+
+        assert self.spec.tpm_ca is not None
+        work = Path(self.spec.workdir)
+        try:
+            tpm_.manufacture(work / tpm_.STATE_DIR, tpm_.ensure_ca(Path(self.spec.tpm_ca)))
+        except (tpm_.TpmError, OSError) as exc:
+            raise MachineError(f"cannot make the VM's TPM: {exc}") from None
+        log_fd = _open_log(os.path.join(self.spec.workdir, tpm_.LOG))
+        try:
+            proc = qemu.spawn(tpm_.swtpm_argv(work / tpm_.STATE_DIR, tpm_.SOCKET), stdout=subprocess.DEVNULL,
+                              stderr=log_fd, cwd=self.spec.workdir, die_with_parent_=self.spec.die_with_starter)
+        finally:
+            os.close(log_fd)
+        self.helpers.append(("swtpm", proc))
+        deadline = time.monotonic() + 10
+        while not os.path.exists(work / tpm_.SOCKET):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise MachineError(f"swtpm did not start; {tpm_.LOG}: {_tail(str(work / tpm_.LOG))}")
+            time.sleep(0.01)
+        return proc
 
     def _start_virtiofsd(self, binary: str, share: DirShare) -> subprocess.Popen:
         vlog = _open_log(os.path.join(self.spec.workdir, VIRTIOFSD_LOG))

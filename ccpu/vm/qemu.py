@@ -195,6 +195,12 @@ class VMConfig:
     balloon: bool = True
     # the host's OS (ccpu.vm.hostos): Linux, or macOS (hvf, 9p only, no seccomp; untested)
     host: HostOS = LINUX
+    # UEFI boot (docs/hardware.md): OVMF's code and this VM's own copy of its variable store, as
+    # pflash; ``kernel`` is then a unified kernel image (ccpu.guest.uki) with its own initramfs
+    # (no -initrd) and the command line below overrides its built-in one (measured into PCR 12)
+    ovmf: tuple[str, str] | None = None
+    # a TPM: -tpmdev emulator on this connected socket to its swtpm's control channel (ccpu.vm.tpm)
+    tpm_fd: int | None = None
 
 
 SYSTEM_DISK_SERIAL = "fractal-sys"  # how the init finds the disk (/sys/block/vdX/serial)
@@ -245,6 +251,10 @@ def _check(cfg: VMConfig) -> None:
         raise ConfigError(f"hotplug slots {cfg.hotplug_slots}: expected 0..{MAX_HOTPLUG_SLOTS}")
     if cfg.hotplug_slots and cfg.machine != "q35":
         raise ConfigError(f"NICs added after boot need PCIe root ports: machine q35, not {cfg.machine}")
+    if cfg.ovmf and (cfg.machine != "q35" or cfg.firmware):
+        raise ConfigError("UEFI boot (OVMF) needs machine q35 and no other firmware")
+    if cfg.tpm_fd is not None and cfg.tpm_fd < 0:
+        raise ConfigError(f"TPM fd {cfg.tpm_fd} is not a file descriptor")
     if cfg.hotplug_slots and cfg.qmp_fd is None:
         raise ConfigError("hotplug slots without a QMP channel cannot be used")
     for p in cfg.ports:
@@ -256,7 +266,7 @@ def inherited_fds(cfg: VMConfig) -> list[int]:
     """The fds the command line names: QEMU must inherit them under these numbers (spawn(pass_fds))."""
     fds = [n.fd for n in cfg.nics] + [p.fd for p in cfg.ports if p.fd is not None]
     fds += [s.fd for s in ([cfg.repo] if cfg.repo else []) + list(cfg.shares) if s.fd is not None]
-    return fds + [fd for fd in (cfg.console_fd, cfg.console_log_fd, cfg.qmp_fd) if fd is not None]
+    return fds + [fd for fd in (cfg.console_fd, cfg.console_log_fd, cfg.qmp_fd, cfg.tpm_fd) if fd is not None]
 
 
 def needs_root(cfg: VMConfig) -> str | None:
@@ -310,8 +320,12 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
         argv += ["-machine", f"microvm,isa-serial=on,rtc=on,pit=on,pic=on,acpi=on{mem}"]
     else:
         argv += ["-machine", f"q35,vmport=off,sata=off,smbus=off,usb=off,graphics=off{mem}"]
-        fw = cfg.firmware or (qboot_path(cfg.host) if qboot_exists else None)
-        if fw:
+        fw = cfg.firmware or (qboot_path(cfg.host) if qboot_exists and not cfg.ovmf else None)
+        if cfg.ovmf:
+            code, vars_ = (p.replace(",", ",,") for p in cfg.ovmf)
+            argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                     "-drive", f"if=pflash,format=raw,unit=1,file={vars_}"]
+        elif fw:
             argv += ["-bios", fw]
     if vfs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mb}M,share=on"]
@@ -320,7 +334,12 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
     argv += ["-accel", cfg.accel if hw else cfg.tcg.accel_arg(),
              "-cpu", "host" if hw else cfg.tcg.cpu,
              "-m", f"{cfg.memory_mb}M", "-smp", str(cfg.cpus),
-             "-kernel", cfg.kernel, "-initrd", cfg.initramfs, "-append", kernel_cmdline(cfg)]
+             "-kernel", cfg.kernel]
+    # a UKI carries its initramfs (systemd-stub hands it over; a -initrd would be a second one)
+    argv += ([] if cfg.ovmf else ["-initrd", cfg.initramfs]) + ["-append", kernel_cmdline(cfg)]
+    if cfg.tpm_fd is not None:
+        argv += ["-chardev", f"socket,id=tpmchr,fd={cfg.tpm_fd}", "-tpmdev", "emulator,id=tpm0,chardev=tpmchr",
+                 "-device", "tpm-tis,tpmdev=tpm0"]
     if cfg.console_fd is not None:
         argv += ["-chardev", f"socket,id=con0,fd={cfg.console_fd},server=off", "-serial", "chardev:con0"]
     elif cfg.console_log_fd is not None:  # QEMU opens /dev/fdset/N by dup()ing the fd

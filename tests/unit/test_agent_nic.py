@@ -105,3 +105,18 @@ def test_only_a_guest_agent_serves_the_op() -> None:
     assert "nic" not in host.features and "nic" in guest.features
     assert asyncio.run(ask(host, GOOD))["error"]["code"] == "Unimplemented"
     assert asyncio.run(ask(guest, {**GOOD, "name": "lo"}))["error"]["code"] == "InvalidArgument"
+
+
+def test_attest_quote_arguments_are_bounded() -> None:
+    """The agent's attest op (ccpu/agent/tpm.py) takes a nonce of bounded hex and a small credential."""
+    import base64
+
+    from ccpu.agent import protocol, tpm
+
+    good = {"nonce": "ab" * 32, "credential": base64.b64encode(b"x" * 100).decode()}
+    assert tpm.check_quote_args(good) == ("ab" * 32, b"x" * 100)
+    for bad in ({**good, "nonce": "ab" * 8 + "a"}, {**good, "nonce": "AB" * 32}, {**good, "nonce": "ab" * 65},
+                {**good, "nonce": "-x" * 32}, {**good, "credential": "!!"}, {**good, "credential": ""},
+                {**good, "credential": base64.b64encode(b"x" * 5000).decode()}):
+        with pytest.raises(protocol.InvalidArgument):
+            tpm.check_quote_args(bad)

@@ -431,3 +431,10 @@ def test_remote_sandbox_is_chosen_for_remote_mode() -> None:
                     runc_root="/run/x/runc", bundle_root="/b", layer_roots=["/r"])
     assert isinstance(sb, RemoteSandbox) and sb.mode == "remote"
     assert sb.describe()["endpoints"] == ["10.0.0.2:7443"]
+
+
+def test_vm_attest_setting() -> None:
+    assert c.parse_toml("[vm]\n", "f").vm.attest is False
+    assert c.parse_toml("[vm]\nattest = true\n", "f").vm.attest is True
+    with pytest.raises(c.ConfigError, match="vm.attest: expected true or false"):
+        c.parse_toml('[vm]\nattest = "yes"\n', "f")

@@ -263,3 +263,24 @@ def test_tcg_options_come_from_the_spec_or_fractal_tcg() -> None:
     assert machine.tcg_options({"FRACTAL_TCG": "thread=multi"}).threads == "multi"
     with pytest.raises(qemu.ConfigError, match="FRACTAL_TCG='thread=x'"):
         machine.tcg_options({"FRACTAL_TCG": "thread=x"})
+
+
+def test_plan_of_an_attested_vm_boots_the_uki_through_ovmf_with_its_tpm() -> None:
+    from ccpu.vm import tpm
+
+    opened = Opened({}, {"fractal.agent": 6}, 9, ovmf_vars="/run/vm/OVMF_VARS.fd", tpm_fd=11)
+    cfg = machine.plan(spec(uki="/b/fractal.efi", tpm_ca="/cache/attest/ca"), "tcg", opened)
+    assert cfg.kernel == "/b/fractal.efi" and cfg.ovmf == (tpm.OVMF_CODE, "/run/vm/OVMF_VARS.fd")
+    assert cfg.tpm_fd == 11
+    plain = machine.plan(spec(), "tcg", Opened({}, {"fractal.agent": 6}, 9))
+    assert plain.ovmf is None and plain.tpm_fd is None and plain.kernel != "/b/fractal.efi"
+
+
+def test_swtpm_serves_qemu_on_its_control_socket_and_ends_with_it() -> None:
+    from pathlib import Path
+
+    from ccpu.vm import tpm
+
+    argv = tpm.swtpm_argv(Path("/run/vm/tpm"), "swtpm.sock")
+    assert argv[:3] == ["swtpm", "socket", "--tpm2"] and "--terminate" in argv
+    assert "type=unixio,path=swtpm.sock" in argv and "dir=/run/vm/tpm" in argv

@@ -266,3 +266,26 @@ def test_bad_tcg_options_are_config_errors(text: str) -> None:
 def test_a_bad_tcg_in_a_config_is_refused_by_command() -> None:
     with pytest.raises(qemu.ConfigError, match="tb-size"):
         qemu.command(cfg(tcg=qemu.Tcg(tb_size_mb=0)))
+
+
+def test_uefi_boot_of_a_uki_with_a_tpm() -> None:
+    """vm.attest: OVMF as pflash (code read-only, the VM's own variables), the UKI as -kernel with
+    no -initrd (it carries its own), the command line still given (measured into PCR 12), and
+    a TPM on the swtpm connection's fd."""
+    argv = qemu.command(cfg(kernel="/b/fractal.efi", ovmf=("/usr/share/OVMF/CODE.fd", "/run/x/VARS.fd"), tpm_fd=9),
+                        qboot_exists=True)
+    assert "-bios" not in argv and "-initrd" not in argv
+    assert opt_after(argv, "-kernel") == ["/b/fractal.efi"]
+    assert opt_after(argv, "-drive")[:2] == ["if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/CODE.fd",
+                                            "if=pflash,format=raw,unit=1,file=/run/x/VARS.fd"]
+    assert "socket,id=tpmchr,fd=9" in opt_after(argv, "-chardev")
+    assert opt_after(argv, "-tpmdev") == ["emulator,id=tpm0,chardev=tpmchr"]
+    assert "tpm-tis,tpmdev=tpm0" in opt_after(argv, "-device")
+    assert 9 in qemu.inherited_fds(cfg(tpm_fd=9))
+    assert "fractal.mode=agent" in opt_after(argv, "-append")[0]
+
+
+def test_uefi_boot_needs_q35_and_no_other_firmware() -> None:
+    for bad in (dict(machine="microvm"), dict(firmware="/x/bios.bin")):
+        with pytest.raises(qemu.ConfigError, match="OVMF"):
+            qemu.command(cfg(ovmf=("/c", "/v"), **bad))

@@ -1,0 +1,175 @@
+"""The guest as one EFI image: a unified kernel image (UKI) made with systemd's stub.
+
+A UKI is systemd's EFI stub (``linuxx64.efi.stub``, Debian package systemd-boot-efi) with the
+kernel, the initramfs, the default command line and an os-release added as PE sections
+(``.linux``, ``.initrd``, ``.cmdline``, ``.osrel``) by ``objcopy``.  UEFI firmware (OVMF here, any
+UEFI machine on hardware) boots it as one file; the firmware measures the whole PE image into PCR 4
+and the stub measures each of its sections into PCR 11 (docs/hardware.md).  So PCR 11 names the
+exact kernel and initramfs -- and the initramfs names the EROFS system image by its sha256
+(/etc/fractal/image, ``initramfs.image_marker``), so it covers the system image too.
+
+Section addresses are computed from the sizes (each section page-aligned after the previous one),
+never from the clock, and objcopy copies the stub's header: the same inputs give the same bytes
+(a unit test builds twice and compares).
+
+``pcr11`` predicts the value the stub leaves in PCR 11 from the section contents (systemd's
+documented rule: for each section present, in the stub's order, extend the section's name with
+its NUL, then its contents; a hash chain, no TPM marshalling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+STUB = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
+OBJCOPY = "objcopy"
+FILE = "fractal.efi"
+#: the order in which systemd-stub (252) measures the sections it knows into PCR 11
+MEASURED_ORDER = (".linux", ".osrel", ".cmdline", ".initrd", ".splash", ".dtb", ".pcrsig", ".pcrpkey")
+PCR_SECTIONS = 11  # systemd-stub: the UKI's sections
+PCR_CMDLINE = 12  # systemd-stub: a command line given by the loader (overrides .cmdline, Secure Boot off)
+PCR_BOOT_APP = 4  # the firmware: the PE image it loaded
+ALIGN = 0x1000
+#: where the first added section goes: above the stub's own sections (checked against the stub)
+FIRST_VMA = 0x20000
+
+
+class UkiError(RuntimeError):
+    """The UKI cannot be built (no stub, no objcopy, a stub with sections where ours would go)."""
+
+
+@dataclass(frozen=True)
+class Uki:
+    path: Path
+    sha256: str
+    size: int
+    cmdline: str
+    sections: dict[str, str]  # section name -> sha256 of its contents
+
+    def describe(self) -> dict:
+        return {"file": self.path.name, "sha256": self.sha256, "size": self.size, "cmdline": self.cmdline,
+                "sections": self.sections, "pcr11": pcr11(self.sections).hex()}
+
+
+def available() -> bool:
+    return os.path.exists(STUB)
+
+
+def os_release(kernel_release: str, initramfs_sha256: str) -> bytes:
+    """The .osrel section: who this image is (systemd-boot and `bootctl` show it)."""
+    return (f'ID=fractal\nNAME="fractal guest"\nPRETTY_NAME="fractal guest {initramfs_sha256[:12]}"\n'
+            f"VERSION_ID={initramfs_sha256[:12]}\nBUILD_ID={kernel_release}\n").encode()
+
+
+def extend(pcr: bytes, data: bytes) -> bytes:
+    """One TPM2 extend in the sha256 bank: new = H(old || H(data))."""
+    return hashlib.sha256(pcr + hashlib.sha256(data).digest()).digest()
+
+
+def pcr11(section_sha256: Mapping[str, str]) -> bytes:
+    """PCR 11 (sha256 bank) after systemd-stub measured these sections, from their sha256s.
+
+    The stub extends, per section present in MEASURED_ORDER, first the name with its trailing NUL
+    (e.g. ``b".linux\\0"``), then the section's contents.  Pure."""
+    pcr = bytes(32)
+    for name in MEASURED_ORDER:
+        digest = section_sha256.get(name)
+        if digest is None:
+            continue
+        pcr = hashlib.sha256(pcr + hashlib.sha256(name.encode() + b"\0").digest()).digest()
+        pcr = hashlib.sha256(pcr + bytes.fromhex(digest)).digest()
+    return pcr
+
+
+def cmdline_pcr12(cmdline: str) -> bytes:
+    """PCR 12 after systemd-stub measured a loader-given command line: its UTF-16LE bytes with
+    the terminating NUL (how UEFI hands load options over).  Pure."""
+    return extend(bytes(32), (cmdline + "\0").encode("utf-16-le"))
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def layout(sizes: Mapping[str, int], first: int = FIRST_VMA) -> list[tuple[str, int]]:
+    """(section, VMA) for each section, in order, page-aligned one after the other.  Pure."""
+    out = []
+    vma = first
+    for name, size in sizes.items():
+        out.append((name, vma))
+        vma = _align(vma + max(size, 1))
+    return out
+
+
+def _stub_end(stub: str) -> int:
+    """The first address after the stub's own sections (objdump -h)."""
+    out = subprocess.run(["objdump", "-h", stub], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UkiError(f"objdump -h {stub}: {out.stderr.strip()[-300:]}")
+    end = 0
+    for line in out.stdout.splitlines():
+        f = line.split()
+        if len(f) >= 7 and f[0].isdigit():
+            end = max(end, int(f[3], 16) + int(f[2], 16))
+    return end
+
+
+def pe_checksum(blob: bytes, at: int) -> int:
+    """The PE optional header's CheckSum: 16-bit one's-complement-style sum of the file with the
+    checksum field itself read as 0, plus the file's length.  Pure."""
+    data = blob[:at] + bytes(4) + blob[at + 4:]
+    if len(data) % 2:
+        data += b"\0"
+    total = 0
+    for (word,) in struct.iter_unpack("<H", data):
+        total += word
+        total = (total & 0xFFFF) + (total >> 16)
+    return (total & 0xFFFF) + len(blob)
+
+
+def deterministic(blob: bytes) -> bytes:
+    """objcopy writes the clock into the PE header's TimeDateStamp (and so into its CheckSum): set
+    it to 0 and compute the checksum again, so the same sections give the same file.  Pure."""
+    if blob[:2] != b"MZ":
+        raise UkiError("objcopy's output is not a PE image")
+    pe = struct.unpack_from("<I", blob, 0x3C)[0]
+    if blob[pe:pe + 4] != b"PE\0\0":
+        raise UkiError("objcopy's output has no PE header")
+    out = bytearray(blob)
+    struct.pack_into("<I", out, pe + 8, 0)  # COFF header: TimeDateStamp
+    at = pe + 24 + 64  # optional header: CheckSum
+    struct.pack_into("<I", out, at, pe_checksum(bytes(out), at))
+    return bytes(out)
+
+
+def build(out: Path, *, kernel: Path, initramfs: Path, cmdline: str, osrel: bytes, stub: str = STUB) -> Uki:
+    """Write the UKI to ``out`` (atomically) and describe it."""
+    if not os.path.exists(stub):
+        raise UkiError(f"{stub} is missing (apt-get install systemd-boot-efi)")
+    contents = {".osrel": osrel, ".cmdline": cmdline.encode(), ".linux": kernel.read_bytes(),
+                ".initrd": initramfs.read_bytes()}
+    first = max(FIRST_VMA, _align(_stub_end(stub)))
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with tempfile.TemporaryDirectory(prefix="fractal-uki-") as d:
+        argv = [OBJCOPY]
+        for name, vma in layout({k: len(v) for k, v in contents.items()}, first):
+            p = Path(d, name.lstrip("."))
+            p.write_bytes(contents[name])
+            argv += ["--add-section", f"{name}={p}", "--change-section-vma", f"{name}={vma:#x}"]
+        argv += [stub, str(tmp)]
+        res = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "SOURCE_DATE_EPOCH": "0"})
+        if res.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise UkiError(f"objcopy: {res.stderr.strip()[-500:]}")
+    blob = deterministic(tmp.read_bytes())
+    tmp.write_bytes(blob)
+    os.rename(tmp, out)
+    return Uki(out, hashlib.sha256(blob).hexdigest(), len(blob), cmdline,
+               {k: hashlib.sha256(v).hexdigest() for k, v in contents.items()})

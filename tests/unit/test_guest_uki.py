@@ -1,0 +1,99 @@
+"""The unified kernel image (ccpu/guest/uki.py): its PCR 11 prediction, its reproducibility."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ccpu.guest import uki
+
+MEASURE = "/usr/lib/systemd/systemd-measure"
+
+
+def _chain(steps: list[bytes]) -> bytes:
+    pcr = bytes(32)
+    for data in steps:
+        pcr = hashlib.sha256(pcr + hashlib.sha256(data).digest()).digest()
+    return pcr
+
+
+def test_pcr11_is_the_stubs_hash_chain_in_its_order() -> None:
+    """Name with NUL, then contents, per section, in the stub's order whatever the dict's order."""
+    contents = {".initrd": b"I", ".linux": b"L", ".cmdline": b"C", ".osrel": b"O"}
+    sha = {k: hashlib.sha256(v).hexdigest() for k, v in contents.items()}
+    want = _chain([b".linux\0", b"L", b".osrel\0", b"O", b".cmdline\0", b"C", b".initrd\0", b"I"])
+    assert uki.pcr11(sha) == want
+    assert uki.pcr11({k: sha[k] for k in (".linux", ".initrd")}) == _chain([b".linux\0", b"L", b".initrd\0", b"I"])
+    # any section changing changes the value
+    assert uki.pcr11({**sha, ".initrd": hashlib.sha256(b"J").hexdigest()}) != want
+
+
+@pytest.mark.skipif(not os.path.exists(MEASURE), reason="no systemd-measure (systemd >= 252)")
+def test_pcr11_agrees_with_systemd_measure(tmp_path: Path) -> None:
+    """systemd's own calculator, after its first boot phase ("enter-initrd", measured by
+    systemd-pcrphase, which fractal's init does not run): one more extend of ours gives its value."""
+    files = {".linux": b"kernel bytes" * 100, ".osrel": b"ID=fractal\n", ".cmdline": b"console=ttyS0",
+             ".initrd": b"\x07" * 4099}
+    args = []
+    for name, data in files.items():
+        (tmp_path / name[1:]).write_bytes(data)
+        args.append(f"--{name[1:]}={tmp_path / name[1:]}")
+    out = subprocess.run([MEASURE, "calculate", "--bank=sha256", *args], capture_output=True, text=True, check=True)
+    first = next(line for line in out.stdout.splitlines() if line.startswith("11:sha256="))
+    ours = uki.pcr11({k: hashlib.sha256(v).hexdigest() for k, v in files.items()})
+    assert uki.extend(ours, b"enter-initrd").hex() == first.split("=", 1)[1].lower()
+
+
+def test_cmdline_pcr12_is_the_utf16_load_options_with_nul() -> None:
+    assert uki.cmdline_pcr12("ab") == _chain(["ab\0".encode("utf-16-le")])
+
+
+def test_layout_places_sections_page_aligned_after_each_other() -> None:
+    assert uki.layout({".osrel": 10, ".cmdline": 0x1000, ".linux": 0x1001}, 0x20000) == [
+        (".osrel", 0x20000), (".cmdline", 0x21000), (".linux", 0x22000)]
+
+
+def _pe(timestamp: int) -> bytes:
+    blob = bytearray(0x200)
+    blob[:2] = b"MZ"
+    struct.pack_into("<I", blob, 0x3C, 0x80)
+    blob[0x80:0x84] = b"PE\0\0"
+    struct.pack_into("<I", blob, 0x80 + 8, timestamp)
+    blob[0x100:0x110] = b"some code bytes!"
+    return bytes(blob)
+
+
+def test_deterministic_clears_the_timestamp_and_recomputes_the_checksum() -> None:
+    a, b = uki.deterministic(_pe(1234)), uki.deterministic(_pe(99999))
+    assert a == b
+    assert struct.unpack_from("<I", a, 0x80 + 8)[0] == 0
+    at = 0x80 + 24 + 64
+    assert struct.unpack_from("<I", a, at)[0] == uki.pe_checksum(a, at) != 0
+    with pytest.raises(uki.UkiError):
+        uki.deterministic(b"ELF" + bytes(100))
+
+
+@pytest.mark.skipif(not uki.available() or shutil.which("objcopy") is None, reason="no systemd-boot-efi stub")
+def test_two_builds_give_the_same_image(tmp_path: Path) -> None:
+    """Same inputs, same bytes: objcopy's clock is taken out (the build sleeps past a second)."""
+    import time
+
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    kernel.write_bytes(b"\x01" * 5000)
+    initrd.write_bytes(b"\x02" * 7000)
+    kw = dict(kernel=kernel, initramfs=initrd, cmdline="console=ttyS0", osrel=uki.os_release("6.1", "ab" * 32))
+    one = uki.build(tmp_path / "a.efi", **kw)
+    time.sleep(1.1)
+    two = uki.build(tmp_path / "b.efi", **kw)
+    assert one.sha256 == two.sha256 and (tmp_path / "a.efi").read_bytes() == (tmp_path / "b.efi").read_bytes()
+    assert one.sections[".initrd"] == hashlib.sha256(b"\x02" * 7000).hexdigest()
+    sections = subprocess.run(["objdump", "-h", str(tmp_path / "a.efi")], capture_output=True, text=True).stdout
+    for name in (".osrel", ".cmdline", ".linux", ".initrd"):
+        assert name in sections
+    assert one.describe()["pcr11"] == uki.pcr11(one.sections).hex()
