@@ -75,6 +75,13 @@ def test_image_without_boot_gets_fractals_kernel_with_a_note(booted: subprocess.
     assert "may be missing" in booted.stderr
 
 
+def test_boot_over_9p(machine: list[str]) -> None:
+    """The 9p fallback carries the layers (and the opaque markers, user.* xattrs) as virtiofs does."""
+    r = fractal(*machine, "--share-type", "9p")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert EXPECTED in r.stdout, r.stdout
+
+
 def test_tgz_round_trip(machine: list[str], tmp_path: Path) -> None:
     """--export tgz writes the merged root (whiteout and opaque dir applied); booting that tarball
     prints the same marker; it is unpacked into the cache under its sha256."""
