@@ -130,13 +130,19 @@ def parse_share(spec: str) -> Share:
     return Share(host, guest, mode == "ro")
 
 
+KERNEL_CHOICES = ("auto", "image", "fractal")
+
+
 @dataclass(frozen=True, slots=True)
 class Kernel:
-    """The kernel that boots, and what the user must know about it."""
+    """The kernel that boots, its initramfs (None: fractal's guest initramfs), and what the user
+    must know about it."""
 
     path: str
     image_kernel: str | None  # the image's /boot/vmlinuz-<version> seen (None: it has none)
     note: str
+    initrd: str | None = None
+    own: bool = False  # the image's own kernel boots
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -151,19 +157,32 @@ def image_kernels(boot_names: Sequence[str]) -> list[str]:
     return sorted(versions, key=version_key, reverse=True)
 
 
-def choose_kernel(boot_names: Sequence[str], fractal_kernel: str, fractal_release: str = "") -> Kernel:
-    """This first step boots fractal's kernel always (docs/boot.md "Kernel"): its initramfs has
-    the modules the boot stage needs (virtiofs, 9p, overlay).  The note says which kernel the
-    image has, since its modules (/lib/modules) will not match the kernel that runs."""
+def choose_kernel(boot_names: Sequence[str], fractal_kernel: str, fractal_release: str = "", want: str = "auto",
+                  built: tuple[str, str] | None = None, why_not: str = "") -> Kernel:
+    """Which kernel boots (docs/boot.md "Kernel").  ``want``: ``auto`` (the image's newest
+    /boot/vmlinuz-* when it could be prepared, else fractal's), ``image`` (the image's or an
+    error), ``fractal``.  ``built``: (kernel, initramfs) of the image's newest kernel, prepared by
+    ccpu/boot/initrd.py, or None with ``why_not``.  The note says which kernel boots and why."""
+    if want not in KERNEL_CHOICES:
+        raise BootUsageError(f"--kernel {want!r}: expected one of {', '.join(KERNEL_CHOICES)}")
     versions = image_kernels(boot_names)
     ours = f"fractal's kernel{f' {fractal_release}' if fractal_release else ''}"
-    if versions:
-        note = (f"note: the image has /boot/vmlinuz-{versions[0]}, but booting its own kernel is not "
-                f"supported yet: booting {ours}; the image's modules (/lib/modules/{versions[0]}) will not load")
-        return Kernel(fractal_kernel, versions[0], note)
-    note = (f"note: the image has no /boot/vmlinuz-*: booting {ours}; modules the image expects "
-            "in /lib/modules may be missing")
-    return Kernel(fractal_kernel, None, note)
+    if not versions:
+        if want == "image":
+            raise BootUsageError("--kernel image: the image has no /boot/vmlinuz-*")
+        return Kernel(fractal_kernel, None, f"note: the image has no /boot/vmlinuz-*: booting {ours}; modules "
+                      "the image expects in /lib/modules may be missing")
+    v = versions[0]
+    if want == "fractal":
+        return Kernel(fractal_kernel, v, f"note: booting {ours} (--kernel fractal), not the image's "
+                      f"/boot/vmlinuz-{v}; the image's modules (/lib/modules/{v}) will not load")
+    if built is not None:
+        return Kernel(built[0], v, f"note: booting the image's kernel /boot/vmlinuz-{v} (its modules for the "
+                      "boot stage, from /lib/modules)", initrd=built[1], own=True)
+    if want == "image":
+        raise BootUsageError(f"--kernel image: the image's /boot/vmlinuz-{v} cannot be booted: {why_not}")
+    return Kernel(fractal_kernel, v, f"note: the image's /boot/vmlinuz-{v} cannot be booted ({why_not}): booting "
+                  f"{ours}; the image's modules (/lib/modules/{v}) will not load")
 
 
 @dataclass(frozen=True, slots=True)

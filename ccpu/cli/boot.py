@@ -56,8 +56,12 @@ def _image_dirs(args: argparse.Namespace) -> list[str]:
                 f"{namespace!r} (ctr -n {namespace} images pull --snapshotter {args.snapshotter} ...): {exc}") from None
 
 
+def _fractal_cache() -> Path:
+    return Path(os.environ.get("FRACTAL_CACHE", "/var/cache/fractal"))
+
+
 def _cache() -> Path:
-    return Path(os.environ.get("FRACTAL_CACHE", "/var/cache/fractal")) / "boot" / "tgz"
+    return _fractal_cache() / "boot" / "tgz"
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
@@ -99,15 +103,31 @@ def cmd_boot(args: argparse.Namespace) -> int:
                                       + " (--init PATH names another)")
         from ..guest import initramfs
 
+        if args.kernel not in plan.KERNEL_CHOICES:
+            raise plan.BootUsageError(f"--kernel {args.kernel!r}: expected one of {', '.join(plan.KERNEL_CHOICES)}")
+        built, why_not = None, ""
+        versions = plan.image_kernels(boot_names)
+        if versions and args.kernel != "fractal":
+            from ..boot import initrd
+
+            note(f"preparing the image's kernel {versions[0]} and its modules for the boot stage")
+            try:
+                built = initrd.build(view, versions[0], str(_fractal_cache()))
+            except initrd.InitrdError as exc:
+                why_not = str(exc)
         guest = initramfs.build(progress=note)
         release = str(guest.manifest.get("kernel", {}).get("release", ""))
-        kernel = plan.choose_kernel(boot_names, str(guest.kernel), release)
+        kernel = plan.choose_kernel(boot_names, str(guest.kernel), release, args.kernel, built, why_not)
         bplan = plan.make(dirs, init, kernel, memory, args.cpus, shares)
     except plan.BootUsageError as exc:
         return _err(exc.message)
     print(f"fractal boot: {kernel.note}", file=sys.stderr)
     note(f"booting {args.source}: {len(bplan.layers.names)} layer(s), init {init} ({entry.path})")
-    outcome = machine.boot(bplan, initramfs=str(guest.initramfs), system_image=str(guest.image) if guest.image else None,
+    if kernel.initrd is not None:  # the image's kernel: its boot stage is busybox only, no system image
+        initrd_path, system_image = kernel.initrd, None
+    else:
+        initrd_path, system_image = str(guest.initramfs), str(guest.image) if guest.image else None
+    outcome = machine.boot(bplan, initramfs=initrd_path, system_image=system_image,
                            interactive=args.console, share_type=args.share_type, note=note, debug=args.debug_guest)
     if outcome.exit_status != 0:
         print(f"\nfractal boot: {outcome.why}", file=sys.stderr)
@@ -130,6 +150,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, default=None, help="guest CPUs (default: 1 under TCG, 2 under KVM)")
     p.add_argument("--share", action="append", metavar="HOST[:GUEST[:ro|rw]]",
                    help="a host directory in the machine (default at /mnt/<its name>, read-write; repeatable)")
+    p.add_argument("--kernel", default="auto", metavar="auto|image|fractal",
+                   help="the image's own /boot/vmlinuz-* (image), fractal's kernel (fractal), or the image's when "
+                        "it can be booted, else fractal's (auto, the default)")
     p.add_argument("--init", default="/sbin/init", metavar="PATH", help="the image's init (default %(default)s)")
     p.add_argument("--share-type", choices=("9p", "virtiofs"), default=None,
                    help="share transport (default: virtiofs when virtiofsd is available, else 9p)")

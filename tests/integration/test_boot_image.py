@@ -196,3 +196,30 @@ def test_console_is_interactive(machine: list[str]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_debian_boots_with_its_own_kernel_to_multi_user(fenv: FractalEnv, registry) -> None:  # noqa: ANN001
+    """A debootstrap image with linux-image-amd64 and systemd-sysv boots with ITS kernel (its
+    modules in fractal's boot stage) and systemd reaches multi-user.target, where a unit of the
+    image reports on the console and powers the machine off."""
+    import re
+
+    from hack import testimages
+
+    testimages.build("machine-debian")
+    if registry.server is not None:
+        registry.server.push(testimages.layout_path("machine-debian"), "fractal/machine-debian", "latest")
+    ns = fenv.new_namespace()
+    try:
+        fenv.pull(registry.ref("machine-debian"), namespace=ns, timeout=900)
+        r = fractal("-a", str(fenv.address), "-n", ns, registry.ref("machine-debian"), "--kernel", "image",
+                    timeout=1500)
+    finally:
+        problems = fenv.remove_namespace(ns)
+    assert not problems, problems
+    m = re.search(r"booting the image's kernel /boot/vmlinuz-(\S+) ", r.stderr)
+    assert m, r.stderr
+    assert r.returncode == 0, r.stderr + r.stdout[-5000:]
+    marker = f"{testimages.MACHINE_DEBIAN_MARKER}: kernel={m.group(1)} multi-user=active pid1=systemd"
+    assert marker in r.stdout, r.stdout[-5000:]

@@ -57,13 +57,34 @@ def test_bad_cpus(n: int) -> None:
         plan.check_cpus(n)
 
 
-def test_kernel_choice_notes() -> None:
-    k = plan.choose_kernel(["config-6.1.0-13-amd64", "vmlinuz-6.1.0-13-amd64", "vmlinuz-6.1.0-27-amd64",
-                            "vmlinuz-../../etc/passwd", "initrd.img-6.1.0-27-amd64"], "/cache/vmlinuz", "6.1.0-57")
-    assert k.path == "/cache/vmlinuz" and k.image_kernel == "6.1.0-27-amd64"
-    assert "/boot/vmlinuz-6.1.0-27-amd64" in k.note and "not supported yet" in k.note
+BOOT = ["config-6.1.0-13-amd64", "vmlinuz-6.1.0-13-amd64", "vmlinuz-6.1.0-27-amd64", "vmlinuz-../../etc/passwd",
+        "initrd.img-6.1.0-27-amd64"]
+
+
+def test_kernel_choice_image_kernel_when_prepared() -> None:
+    k = plan.choose_kernel(BOOT, "/cache/vmlinuz", "6.1.0-57", built=("/l/2/boot/vmlinuz-6.1.0-27-amd64", "/c/i.gz"))
+    assert (k.path, k.initrd, k.own, k.image_kernel) == ("/l/2/boot/vmlinuz-6.1.0-27-amd64", "/c/i.gz", True,
+                                                         "6.1.0-27-amd64")
+    assert "booting the image's kernel /boot/vmlinuz-6.1.0-27-amd64" in k.note
+
+
+def test_kernel_choice_falls_back_with_a_note() -> None:
+    k = plan.choose_kernel(BOOT, "/cache/vmlinuz", "6.1.0-57", why_not="the image has no file modules.dep")
+    assert k.path == "/cache/vmlinuz" and k.initrd is None and not k.own
+    assert "cannot be booted (the image has no file modules.dep)" in k.note and "fractal's kernel 6.1.0-57" in k.note
+    with pytest.raises(BootUsageError, match="--kernel image"):
+        plan.choose_kernel(BOOT, "/cache/vmlinuz", want="image", why_not="x")
+    k = plan.choose_kernel(BOOT, "/cache/vmlinuz", want="fractal", built=("/a", "/b"))
+    assert k.path == "/cache/vmlinuz" and "--kernel fractal" in k.note
+    with pytest.raises(BootUsageError):
+        plan.choose_kernel(BOOT, "/k", want="mine")
+
+
+def test_no_boot_kernel_note() -> None:
     k = plan.choose_kernel([], "/cache/vmlinuz")
     assert k.image_kernel is None and "no /boot/vmlinuz-*" in k.note and "may be missing" in k.note
+    with pytest.raises(BootUsageError, match="no /boot/vmlinuz"):
+        plan.choose_kernel([], "/cache/vmlinuz", want="image")
 
 
 def test_kernel_versions_sort_numerically() -> None:
