@@ -129,6 +129,9 @@ def build(view: RootView, version: str, cache: str) -> tuple[str, str]:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(cpio.compress(archive))
+            # QEMU reads it through /proc/self/fd/N, which reopens the file as QEMU's own
+            # (unprivileged) user: world-readable, as the guest build's initramfs (nothing secret)
+            os.chmod(tmp, 0o644)
             os.rename(tmp, out)
         except BaseException:
             os.unlink(tmp)
