@@ -25,6 +25,12 @@ Images
 ``tools``    busybox layer + 2 small layers under /opt/tools (for "add a layer live").
 ``many``     busybox layer + 1 layer of 3000 empty files under /many (inode exhaustion tests;
              not built by a plain ``build``).
+``machine``  busybox layer + /sbin/init, an inittab whose sysinit one-shot service prints what
+             the booted root looks like and powers off, /etc/doomed (whited out by layer 3) and
+             /etc/opq (made opaque by layer 3).  For ``fractal boot``; built on demand.
+``machine-debian``  Debian bookworm minbase + linux-image-amd64 + systemd-sysv (its own kernel,
+             systemd as init) + a unit after multi-user.target that reports on the console and
+             powers off.  For ``fractal boot`` with the image's kernel; slow, built on demand.
 ``debian``   Debian bookworm minbase (debootstrap from the mirror in this machine's apt
              sources), 1 layer, Cmd ["bash"]. Slow: built only with ``--only debian``
              or ``--with-debian``.
@@ -627,6 +633,83 @@ def build_fidelity(lay: Layout, work: Path) -> None:
     lay.configure(["/probe", *FIDELITY_ROOTS])
 
 
+# --------------------------------------------------------------------------- machine (fractal boot)
+
+#: what the machine image's one-shot service prints (tests/integration/test_boot_image.py)
+MACHINE_MARKER = "fractal-boot-oneshot"
+MACHINE_ONESHOT = f"""#!/bin/sh
+# sysinit of busybox init (PID 1): what the booted root looks like, on the console, then power off
+[ -e /etc/doomed ] && doomed=present || doomed=absent
+opq=$(ls /etc/opq | tr '\\n' ,)
+echo written >/written && written=$(cat /written)
+root=$(awk '$2 == "/" {{print $3}}' /proc/mounts | tail -n 1)
+echo "{MACHINE_MARKER}: pid1=$(cat /proc/1/comm) doomed=$doomed opq=$opq written=$written root=$root"
+[ -d /mnt/data ] && echo "{MACHINE_MARKER}: share=$(cat /mnt/data/hello.txt)"
+poweroff -f
+""".encode()
+
+
+def build_machine(lay: Layout, work: Path) -> None:
+    """busybox + an init that runs a one-shot service, a file a later layer deletes and a dir it
+    makes opaque: `fractal boot` boots it to its init (docs/boot.md)."""
+    lay.add_layer(busybox_layer(work), "busybox-static /bin/busybox + applet symlinks")
+    w = LayerWriter(work / "machine-1.tar")
+    for d in ("sbin", "etc", "etc/init.d", "etc/opq", "mnt"):
+        w.dir(d)
+    w.symlink("sbin/init", "../bin/busybox")
+    w.file("etc/inittab", b"::sysinit:/etc/init.d/oneshot\n")
+    w.file("etc/init.d/oneshot", MACHINE_ONESHOT, mode=0o755)
+    w.file("etc/doomed", b"a later layer deletes me\n")
+    w.file("etc/opq/a", b"a\n")
+    w.file("etc/opq/b", b"b\n")
+    lay.add_layer(w.close(), "machine: inittab, one-shot service, files to delete")
+    w = LayerWriter(work / "machine-2.tar")
+    w.dir("etc")
+    w.whiteout("etc/doomed")
+    w.dir("etc/opq")
+    w.opaque("etc/opq")
+    w.file("etc/opq/c", b"c\n")
+    lay.add_layer(w.close(), "machine: a whiteout, an opaque dir")
+    lay.configure(["/sbin/init"])
+
+
+MACHINE_DEBIAN_MARKER = "fractal-boot-systemd"
+#: a unit ordered after multi-user.target: the boot reached it; it says so on the console, then powers off
+MACHINE_DEBIAN_UNIT = f"""[Unit]
+Description=fractal boot check: multi-user.target reached, then power off
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo "{MACHINE_DEBIAN_MARKER}: kernel=$(uname -r) multi-user=$(systemctl is-active multi-user.target) pid1=$(cat /proc/1/comm)" >/dev/console; systemctl --no-block poweroff'
+
+[Install]
+WantedBy=multi-user.target
+""".encode()
+
+
+def build_machine_debian(lay: Layout, work: Path) -> None:
+    """Debian with its own kernel (linux-image-amd64) and systemd as /sbin/init, and a unit that
+    reports multi-user.target on the console and powers off (`fractal boot` with the image's kernel)."""
+    rootfs = work / "rootfs"
+    mirror = apt_mirror()
+    print(f"testimages: debootstrap {DEBIAN_SUITE} + linux-image-amd64, systemd-sysv from {mirror} (slow)", flush=True)
+    run(["debootstrap", "--variant=minbase", "--include=linux-image-amd64,systemd-sysv", DEBIAN_SUITE,
+         str(rootfs), mirror], "debootstrap")
+    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for p in (rootfs / junk).glob("*"):
+            if p.is_file() and p.name != "lock":
+                p.unlink()
+    unit = rootfs / "etc/systemd/system/fractal-boot-check.service"
+    unit.write_bytes(MACHINE_DEBIAN_UNIT)
+    wants = rootfs / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
+    lay.insert_tree(rootfs, f"debootstrap {DEBIAN_SUITE} + linux-image-amd64 systemd-sysv + a boot check unit")
+    shutil.rmtree(rootfs)
+    lay.configure(["/sbin/init"])
+
+
 def _fidelity_inputs() -> str:
     """The probe is compiled at build time: its source and the compiler are inputs."""
     cc = subprocess.run(["cc", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
@@ -693,6 +776,9 @@ RECIPES: dict[str, Recipe] = {
     # issue 16: the same probe under runc, host mode and VM mode (tests/integration/test_vm_fidelity.py)
     "fidelity": Recipe("1", build_fidelity, default=False, extra_inputs=_fidelity_inputs),
     "fidelity-base": Recipe("1", build_fidelity_base, default=False, extra_inputs=_fidelity_inputs),
+    # fractal boot (tests/integration/test_boot_image.py)
+    "machine": Recipe("1", build_machine, default=False),
+    "machine-debian": Recipe("1", build_machine_debian, uses_busybox=False, default=False, extra_inputs=apt_mirror),
 }
 
 

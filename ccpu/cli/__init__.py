@@ -46,6 +46,7 @@ GROUPS = (
     Group("image", "ccpu.cli.images", "import images into containerd, unpacked for fractal"),
     Group("guest", "ccpu.cli.guest", "the VM guest image (kernel + initramfs)"),
     Group("vm", "ccpu.cli.vm", "run things in the fractal VM"),
+    Group("boot", "ccpu.cli.boot", "boot an image (or a docker-export tgz) as a whole machine, its own init as PID 1"),
     Group("pki", "ccpu.cli.pki", "certificates for remote mode's mutual TLS (a CA, the host's, agents')"),
     Group("agent", "ccpu.cli.agent", "run the fractal agent on a machine (remote mode, mutual TLS)"),
     Group("metrics", "ccpu.cli.metrics", "Prometheus metrics of the snapshotter and every shim"),

@@ -18,6 +18,8 @@
 #   fractal.verify_image=1          hash the system image disk before mounting it and stop unless it is
 #                                   the one /etc/fractal/image names (vm.attest: the measured initramfs
 #                                   then vouches for the disk too; docs/hardware.md)
+#   fractal.boot.lowers=N:M:...     boot mode (fractal boot): the image's layer dirs below /repo, top first
+#   fractal.boot.init=PATH          boot mode: the image's init, exec'd as PID 1 in its root
 #
 # Milestones go to the console as "fractal-init: <uptime> <what>" so the host
 # can measure the boot timeline from the console log.
@@ -51,7 +53,7 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0
+mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0 blowers="" binit=/sbin/init
 for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
@@ -63,6 +65,8 @@ for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
         fractal.tty=*) tty="${arg#*=}" ;;
         fractal.stdin=*) stdin="${arg#*=}" ;;
         fractal.verify_image=*) verify_image="${arg#*=}" ;;
+        fractal.boot.lowers=*) blowers="${arg#*=}" ;;
+        fractal.boot.init=*) binit="${arg#*=}" ;;
     esac
 done
 
@@ -208,7 +212,7 @@ supervise() {  # N CMD
         [ "$delay" -lt 32 ] && delay=$((delay * 2))
     done
 }
-if [ -s /etc/fractal/run-at-boot ]; then
+if [ -s /etc/fractal/run-at-boot ] && [ "$mode" != boot ]; then
     n=0
     while IFS= read -r cmd; do
         n=$((n + 1))
@@ -280,6 +284,50 @@ run)
     exec 3>&- 4>&- 5>&-
     sync
     poweroff -f
+    ;;
+boot)
+    # fractal boot (ccpu/boot, docs/boot.md): the image's layers (read-only at /repo) + a tmpfs
+    # upper become the root, stacked as the agent stacks a container's (ccpu/stack.py
+    # nest_for_trusted_upper): several layers are first a read-only `userxattr` overlay (it
+    # reads the repo's user.overlay.opaque markers, the only ones a share carries), which is
+    # the one lower of the writable overlay whose upper is on tmpfs (no user.* xattrs there).
+    # Then the kernel's file systems and the shares move into it, and the image's init runs as PID 1.
+    b=/.boot
+    mkdir -p $b/rw $b/lower $b/root
+    mount -t tmpfs -o mode=0755 bootrw $b/rw || die "boot: cannot mount the writable layer's tmpfs"
+    mkdir -p $b/rw/upper $b/rw/work
+    lower=""
+    oldifs="$IFS"
+    IFS=:
+    for l in $blowers; do
+        case "$l" in '' | .* | */*) die "boot: bad layer name '$l'" ;; esac
+        [ -d "/repo/$l" ] || die "boot: layer /repo/$l is not shared"
+        lower="$lower${lower:+:}/repo/$l"
+    done
+    IFS="$oldifs"
+    [ -n "$lower" ] || die "boot: no layers (fractal.boot.lowers)"
+    case "$lower" in
+    *:*)
+        mount -t overlay -o "ro,index=off,userxattr,lowerdir=$lower" bootlower $b/lower ||
+            die "boot: cannot stack the image's layers"
+        lower=$b/lower ;;
+    esac
+    mount -t overlay -o "index=off,lowerdir=$lower,upperdir=$b/rw/upper,workdir=$b/rw/work" bootroot $b/root ||
+        die "boot: cannot mount the image's root"
+    for s in $shares; do  # mounted at their paths above: into the new root
+        path="${s##*:}"
+        mkdir -p "$b/root$path" && mount --move "$path" "$b/root$path" || die "boot: cannot move share $path"
+    done
+    [ -e "$b/root$binit" ] || [ -L "$b/root$binit" ] || die "boot: no $binit in the image"
+    milestone "boot: exec $binit"
+    for m in dev proc sys run; do
+        mkdir -p "$b/root/$m" && mount --move "/$m" "$b/root/$m" || die "boot: cannot move /$m into the root"
+    done
+    exec <"$b/root/dev/console" >"$b/root/dev/console" 2>&1  # as the kernel starts init
+    umount /tmp 2>/dev/null
+    cd $b/root && mount --move . / || die "boot: cannot make the image's root the root"
+    exec chroot . "$binit"
+    die "boot: cannot exec $binit"
     ;;
 shell)
     exec setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'
