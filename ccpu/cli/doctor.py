@@ -154,7 +154,7 @@ def evaluate(f: Facts) -> list[Check]:
     # the shim
     if f.shim_path is None:
         c.append(Check("shim", FAIL, f"{SHIM_BINARY} not on containerd's PATH ({f.shim_path_source})",
-                       f"fractal install (links it into /usr/local/bin), or put {SHIM_BINARY} on containerd's PATH"))
+                       f"fractal install (writes it into /usr/local/bin), or put {SHIM_BINARY} on containerd's PATH"))
     elif shell_wrapper(f.shim_interpreter):
         c.append(Check("shim", WARN, f"{f.shim_path} (PATH of {f.shim_path_source}) is a shell wrapper "
                        f"({f.shim_interpreter}): every shim start and delete pays a shell and the "
