@@ -160,7 +160,12 @@ def evaluate(f: Facts) -> list[Check]:
                        f"({f.shim_interpreter}): every shim start and delete pays a shell and the "
                        "wrapper's lookups first (pyenv's: ~+65 ms CPU each, twice per container; "
                        "docs/performance.md)",
-                       "fractal install links the venv's own script; point containerd's PATH at that"))
+                       "fractal install writes a launcher for the venv's own python; point containerd's "
+                       "PATH at that"))
+    elif f.shim_interpreter and " -S" not in f" {f.shim_interpreter} ":
+        c.append(Check("shim", OK, f"{f.shim_path} (PATH of {f.shim_path_source}) is a console script: "
+                       "`site` runs at every shim start and delete; `fractal install` writes a `python -S` "
+                       "launcher instead (docs/install.md)"))
     else:
         c.append(Check("shim", OK, f"{f.shim_path} (PATH of {f.shim_path_source})"))
     # VM mode
