@@ -510,6 +510,10 @@ def apply(p: Plan) -> list[tuple[str, FileChange]]:
             write_file(path, data, None, ch.mode)  # replaces the link, never writes through it
             entry.sha256 = rec.sha256(data)
         else:
+            if existed and known is None and ch.mode & 0o111:
+                # an executable of someone else's (pip's own console script when pip installed
+                # into --bin-dir): never replaced, as before the launcher
+                raise InstallError(f"{path} exists and is not fractal install's; remove it or use --bin-dir")
             st = os.stat(path) if existed else None
             if st is not None and known is None:
                 # first install touching this file: keep the user's bytes, mode and owner

@@ -482,3 +482,21 @@ def test_site_paths_leave_pythonpath_out_and_name_fractals_packages(tmp_path, mo
         return
     assert str(tmp_path / "mine") not in paths and all(os.path.isabs(p) for p in paths)
     assert any(os.path.isdir(os.path.join(p, "shim")) for p in paths)
+
+
+def test_someone_elses_file_where_the_launcher_goes_is_refused_and_kept(tmp_path, monkeypatch):
+    """pip installing into --bin-dir puts its own console script there: not replaced (as with
+    the symlink before), the user is told to choose."""
+    import sys
+
+    from ccpu.cli import launcher as L
+
+    bindir = _fake_console_script(tmp_path, sys.executable)
+    monkeypatch.setattr(I, "console_script", lambda name: str(bindir / name))
+    monkeypatch.setattr(L, "site_paths", lambda python: ["/x/site-packages"])
+    (tmp_path / "bin").mkdir()
+    theirs = tmp_path / "bin" / I.SHIM_BINARY
+    theirs.write_text("#!/bin/sh\nexit 0\n")
+    with pytest.raises(I.InstallError, match="--bin-dir"):
+        _install(tmp_path)
+    assert theirs.read_text() == "#!/bin/sh\nexit 0\n"
