@@ -97,11 +97,15 @@ def cli_launcher() -> Path:
     """The ``fractal`` CLI as a ``python -S`` launcher with the paths ``site`` would add fixed
     (ccpu/cli/launcher.py, the one ``fractal install`` writes for the shim; the checkout comes
     first through ``PYTHONPATH`` as for the other variants): measures that lever for the CLI."""
+    import atexit
+    import shutil
     import tempfile
 
     from ccpu.cli import launcher
 
-    path = Path(tempfile.mkdtemp(prefix="fractal-bench-cli-")) / "fractal"
+    work = tempfile.mkdtemp(prefix="fractal-bench-cli-")
+    atexit.register(shutil.rmtree, work, True)
+    path = Path(work) / "fractal"
     path.write_text(launcher.render(sys.executable, launcher.site_paths(sys.executable), "ccpu.cli"))
     path.chmod(0o755)
     return path
