@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     scripts = Path(sysconfig.get_path("scripts"))
     work = Path(tempfile.mkdtemp(prefix="fractal-bench-verbs-"))
+    try:
+        return measure(args, py, scripts, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, py: str, scripts: Path, work: Path) -> int:
     paths = launcher.site_paths(py)
     for mod, name in (("shim.main", "shim"), ("ccpu.cli", "fractal")):
         (work / name).write_text(launcher.render(py, paths, mod))
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 env = dict(os.environ, PYTHONPATH=path, FRACTAL_RUN_DIR=str(work / "run"))
                 raw[case][tree].append(one(cmd, env))
     load1 = os.getloadavg()
-    result: dict[str, Any] = {"command": " ".join(["hack/bench/verbs.py", *(argv or sys.argv[1:])]),
+    result: dict[str, Any] = {"command": " ".join(["hack/bench/verbs.py", *sys.argv[1:]]),
                               "runs": args.runs, "trees": trees, "loadavg": [load0[0], load1[0]], "cases": {}}
     print(f"per process, median of {args.runs} (ms); load average {load0[0]:.1f} -> {load1[0]:.1f}")
     print(f"{'':34s}" + "".join(f"{t + ' CPU':>12s}{t + ' wall':>12s}" for t in trees))
