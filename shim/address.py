@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # not typing's: `start` and `delete` import this module, and typing
+if TYPE_CHECKING:     # (with re, contextlib, ...) is ~10 ms of their interpreter start
     import socket
 
 SOCKET_DIR = "/run/containerd/s"
 
-from ccpu.agent import jsonbound
 from ccpu.grouping import SANDBOX_ANNOTATIONS as GROUP_ANNOTATIONS
 from ccpu.grouping import asks_to_join, sandbox_group
 
@@ -68,6 +66,8 @@ def strip_scheme(address: str) -> str:
 
 def read_annotations(bundle: str) -> dict[str, str]:
     """Annotations of the OCI spec in ``bundle/config.json`` ({} if missing/unreadable)."""
+    from ccpu.agent import jsonbound  # json (and re): not for a `delete` that needs no spec
+
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
             spec = jsonbound.loads(f.read())
@@ -97,6 +97,23 @@ def run_dir() -> str:
 def runc_root(namespace: str) -> str:
     """runc's --root for containers of one containerd namespace."""
     return os.path.join(run_dir(), "runc", namespace)
+
+
+def read_recorded_socket(bundle: str) -> str | None:
+    """The shim socket ``start`` recorded in ``<bundle>/address`` (:func:`write_address`), or
+    None when there is none or it is not one of ours (a path of :data:`SOCKET_DIR` named by a
+    sha256): lets ``delete`` find the socket without parsing the spec."""
+    try:
+        with open(os.path.join(bundle, "address"), "rb") as f:
+            text = f.read(256).decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    path = strip_scheme(text.strip())
+    name = path[len(SOCKET_DIR) + 1:]
+    if posixpath.dirname(path) != SOCKET_DIR or len(name) != 64 or \
+            name.strip("0123456789abcdef"):
+        return None
+    return path
 
 
 def write_address(bundle: str, address: str) -> None:

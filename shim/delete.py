@@ -58,12 +58,16 @@ def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
 
 
 def _runc_pid(runc_root: str, cid: str) -> int:
+    try:
+        with open(os.path.join(runc_root, cid, "state.json"), "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return 0  # the usual case (a clean exit): json is not even imported
     import json
 
     try:
-        with open(os.path.join(runc_root, cid, "state.json"), "rb") as f:
-            return int(json.load(f).get("init_process_pid", 0))
-    except (OSError, ValueError, TypeError):
+        return int(json.loads(data).get("init_process_pid", 0))
+    except (ValueError, TypeError, AttributeError):
         return 0
 
 
@@ -92,6 +96,50 @@ def _unmount_all(path: str) -> None:
             return
 
 
+def _has_entries(path: str) -> bool:
+    try:
+        with os.scandir(path) as it:
+            return next(it, None) is not None
+    except OSError:
+        return False
+
+
+def _clean_sandbox(namespace: str, cid: str, bundle: str, containerd_address: str) -> None:
+    """A dead shim's stale socket, sandbox record and VM leftovers.
+
+    The sandbox's group comes from the spec's annotations (json, and with it re: ~10 ms of
+    this process), so it is read only when needed: the socket is the one ``start`` recorded in
+    ``<bundle>/address`` when that is there, and a VM can have been left only if the namespace
+    has a VM dir at all.  After a clean exit in host mode nothing is parsed."""
+    from shim import address as addr
+
+    found: list[str] = []
+
+    def group() -> str:
+        if not found:
+            found.append(addr.group_id(addr.read_annotations(bundle), cid))
+        return found[0]
+
+    sock = addr.read_recorded_socket(bundle) or addr.socket_path(containerd_address, namespace, group())
+    if os.path.exists(sock) and not addr.can_connect(sock, timeout=0.5):
+        try:
+            os.unlink(sock)
+        except OSError:
+            pass
+        try:  # the dead shim's record for `fractal ps`
+            os.unlink(os.path.join(addr.run_dir(), "sandboxes", namespace, f"{group()}.json"))
+        except OSError:
+            pass
+    vms = os.path.join(addr.run_dir(), "vms", namespace)
+    if not _has_entries(vms):
+        return
+    vm_dir = os.path.join(vms, group())
+    if os.path.isdir(vm_dir) and not addr.can_connect(sock, timeout=0.5):
+        from shim.leftovers import cleanup_dead  # a VM sandbox's leftovers: QEMU, virtiofsd
+
+        cleanup_dead(vm_dir)
+
+
 def cleanup(namespace: str, cid: str, bundle: str, containerd_address: str) -> int:
     """Do the clean-up; returns the container's last known pid (0 if unknown)."""
     from shim import address as addr
@@ -110,22 +158,7 @@ def cleanup(namespace: str, cid: str, bundle: str, containerd_address: str) -> i
     if bundle:
         _unmount_all(os.path.join(os.path.realpath(bundle), "rootfs"))
         if containerd_address:
-            group = addr.group_id(addr.read_annotations(bundle), cid)
-            sock = addr.socket_path(containerd_address, namespace, group)
-            if os.path.exists(sock) and not addr.can_connect(sock, timeout=0.5):
-                try:
-                    os.unlink(sock)
-                except OSError:
-                    pass
-                try:  # the dead shim's record for `fractal ps`
-                    os.unlink(os.path.join(addr.run_dir(), "sandboxes", namespace, f"{group}.json"))
-                except OSError:
-                    pass
-            vm_dir = os.path.join(addr.run_dir(), "vms", namespace, group)
-            if os.path.isdir(vm_dir) and not addr.can_connect(sock, timeout=0.5):
-                from shim.leftovers import cleanup_dead  # a VM sandbox's leftovers: QEMU, virtiofsd
-
-                cleanup_dead(vm_dir)
+            _clean_sandbox(namespace, cid, bundle, containerd_address)
     return pid
 
 

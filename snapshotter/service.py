@@ -9,7 +9,10 @@ to a worker thread cost more in GIL hand-offs than the work itself.  The
 reads among them (Stat, Mounts, Usage of a committed layer) take no lock
 (Repo's reads use their thread's own read-only connection), so they never
 block the loop behind a Commit or Cleanup holding the repo in a worker
-thread.  Calls that walk a directory tree (Commit and Usage of an active
+thread.  The short writes (Prepare, View, Remove, Update) stay on the loop only while
+the repo lock is free; when a worker thread holds it (a Commit or Cleanup walking a tree) they
+wait for it in a thread of their own instead of stopping the loop (``Repo.if_free``).  Calls
+that walk a directory tree (Commit and Usage of an active
 snapshot measure disk use; Cleanup) run in worker threads so they never
 stall the other clients.  So does List:
 its cost grows with the repo and with the client's filters (a regexp per
@@ -23,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
@@ -36,6 +40,7 @@ from . import convert
 from .errors import DeadlineExceeded, streaming, unary
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LIST_BATCH = 100  # containerd's own proxy server sends Infos in batches of this size
 #: seconds of work a List may take (matching thousands of snapshots takes milliseconds)
@@ -64,14 +69,22 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self.repo = repo
         self.list_deadline = list_deadline
 
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """A short write: on the event loop when the repo lock is free, else in a worker thread
+        (a Commit or Cleanup holds it there: waiting on the loop would stop every client)."""
+        done, out = self.repo.if_free(fn, *args)
+        if done:
+            return out  # type: ignore[return-value]
+        return await asyncio.to_thread(fn, *args)
+
     @unary
     async def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.PrepareSnapshotResponse:
-        mounts = self.repo.prepare(request.key, request.parent, dict(request.labels))
+        mounts = await self._write(self.repo.prepare, request.key, request.parent, dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=convert.mounts_pb(mounts))
 
     @unary
     async def View(self, request: pb.ViewSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.ViewSnapshotResponse:
-        mounts = self.repo.view(request.key, request.parent, dict(request.labels))
+        mounts = await self._write(self.repo.view, request.key, request.parent, dict(request.labels))
         return pb.ViewSnapshotResponse(mounts=convert.mounts_pb(mounts))
 
     @unary
@@ -86,7 +99,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     @unary
     async def Remove(self, request: pb.RemoveSnapshotRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        self.repo.remove(request.key)
+        await self._write(self.repo.remove, request.key)
         return empty_pb2.Empty()
 
     @unary
@@ -98,7 +111,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     async def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.UpdateSnapshotResponse:
         info = convert.info_from_pb(request.info)
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
-        updated = self.repo.update(info, paths)
+        updated = await self._write(self.repo.update, info, paths)
         return pb.UpdateSnapshotResponse(info=convert.info_pb(updated))
 
     @streaming

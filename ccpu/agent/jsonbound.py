@@ -13,7 +13,10 @@ number is expected overflows ``int()`` far from where it was read.
 from __future__ import annotations
 
 import json
-from typing import Any
+
+TYPE_CHECKING = False  # typing only for checkers: the shim's start/delete import this module
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_DEPTH = 64
 

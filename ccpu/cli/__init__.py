@@ -15,25 +15,29 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NoReturn
+
+TYPE_CHECKING = False  # typing, dataclasses and logging cost `fractal --help` ~30 ms of imports
+if TYPE_CHECKING:      # here (issue 13): annotations only, logging once a command runs
+    from collections.abc import Sequence
+    from typing import NoReturn
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-@dataclass(frozen=True, slots=True)
 class Group:
     """A command group: its name, its one-line help and the module that fills in its parser
-    (``register(parser)``)."""
+    (``register(parser)``).  A plain class, not a dataclass: see the imports."""
 
-    name: str
-    module: str
-    help: str
+    __slots__ = ("name", "module", "help")
+
+    def __init__(self, name: str, module: str, help: str) -> None:  # noqa: A002
+        self.name, self.module, self.help = name, module, help
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, {self.module!r}, {self.help!r})"
 
 
 GROUPS = (
@@ -141,12 +145,47 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
     _global_flags(ap)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     want = None if argv is None else _selected(argv)
+    if argv is not None:  # only the named group's parser is made now (see _LazyParsers)
+        lazy = _LazyParsers(sub)
+        sub._name_parser_map = sub.choices = lazy  # type: ignore[assignment]
     for g in GROUPS:
-        p = sub.add_parser(g.name, help=g.help, description=g.help)
-        p.set_defaults(parser=p)
         if argv is None or g.name == want:
+            p = sub.add_parser(g.name, help=g.help, description=g.help)
+            p.set_defaults(parser=p)
             importlib.import_module(g.module).register(p)
+        else:
+            lazy.later(g)
     return ap
+
+
+class _LazyParsers(dict):
+    """The subparsers' name -> parser map, a parser made on first use only.
+
+    Why: each argparse parser costs ~2 ms here (gettext looks its messages up on disk for every
+    one, and its formatter compiles regexps), and ``fractal --help`` made 13 that nothing but
+    the one-line help of the group list needs: ~25 ms of an ~80 ms goal (issue 13).  The help
+    list comes from the pseudo-actions registered here; an unnamed group's parser (a usage
+    error naming it, a command line the probe could not read) is made as before when asked."""
+
+    def __init__(self, sub: argparse._SubParsersAction) -> None:
+        super().__init__()
+        self._sub = sub
+
+    def later(self, g: Group) -> None:
+        dict.__setitem__(self, g.name, None)
+        self._sub._choices_actions.append(self._sub._ChoicesPseudoAction(g.name, (), g.help))
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        parser = dict.__getitem__(self, name)
+        if parser is None:
+            g = next(g for g in GROUPS if g.name == name)
+            parser = self._sub._parser_class(prog=f"{self._sub._prog_prefix} {name}", description=g.help)
+            parser.set_defaults(parser=parser)
+            dict.__setitem__(self, name, parser)
+        return parser
+
+    def get(self, name, default=None):  # noqa: ANN001, ANN201
+        return self[name] if name in self else default
 
 
 def expected_failure(exc: BaseException) -> bool:
@@ -161,11 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser(argv)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
     func = getattr(args, "func", None)
     if func is None:  # `fractal` or `fractal GROUP` alone: its help, as ctr does
         getattr(args, "parser", ap).print_help()
         return 0
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
     for flag in ("address", "namespace"):  # a global flag fills in what the command's left unset
         if getattr(args, flag, None) is None and hasattr(args, flag):
             setattr(args, flag, getattr(args, f"global_{flag}"))

@@ -154,13 +154,18 @@ def evaluate(f: Facts) -> list[Check]:
     # the shim
     if f.shim_path is None:
         c.append(Check("shim", FAIL, f"{SHIM_BINARY} not on containerd's PATH ({f.shim_path_source})",
-                       f"fractal install (links it into /usr/local/bin), or put {SHIM_BINARY} on containerd's PATH"))
+                       f"fractal install (writes it into /usr/local/bin), or put {SHIM_BINARY} on containerd's PATH"))
     elif shell_wrapper(f.shim_interpreter):
         c.append(Check("shim", WARN, f"{f.shim_path} (PATH of {f.shim_path_source}) is a shell wrapper "
                        f"({f.shim_interpreter}): every shim start and delete pays a shell and the "
                        "wrapper's lookups first (pyenv's: ~+65 ms CPU each, twice per container; "
                        "docs/performance.md)",
-                       "fractal install links the venv's own script; point containerd's PATH at that"))
+                       "fractal install writes a launcher for the venv's own python; point containerd's "
+                       "PATH at that"))
+    elif f.shim_interpreter and " -S" not in f" {f.shim_interpreter} ":
+        c.append(Check("shim", OK, f"{f.shim_path} (PATH of {f.shim_path_source}) is a console script: "
+                       "`site` runs at every shim start and delete; `fractal install` writes a `python -S` "
+                       "launcher instead (docs/install.md)"))
     else:
         c.append(Check("shim", OK, f"{f.shim_path} (PATH of {f.shim_path_source})"))
     # VM mode

@@ -36,6 +36,7 @@ from pathlib import Path
 from ..defaults import DEFAULT_ROOT, DEFAULT_SNAPSHOTTER_ADDRESS, SNAPSHOTTER_NAME
 from . import containerd_toml as ct
 from . import install_record as rec
+from . import launcher
 from .fractal_config import DEFAULT_FRACTAL_CONFIG, FractalConfigError, with_root
 from .wiring import (FRACTAL_RUNTIME_TYPE, GLOBAL_NOTE, TRANSFER, Target, config_version_for,
                      default_platform, global_snapshotter, handler_items, unpack_entries)
@@ -293,6 +294,37 @@ def console_script(name: str) -> str:
     raise InstallError(f"{name} is not installed; run `pip install .` (or hack/setup.sh) in the fractal checkout")
 
 
+def script_python(script: str) -> str | None:
+    """The interpreter a console script names on its shebang line (None: not a plain path)."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    return words[0] if len(words) == 1 and os.path.isabs(words[0]) else None
+
+
+def shim_change(opts: Options, notes: list[str]) -> FileChange:
+    """The shim on containerd's PATH: the launcher (``python -S``, ccpu/cli/launcher.py) for
+    the console script's interpreter; a symlink to the console script where no launcher can be
+    written (a note says why)."""
+    shim = console_script(SHIM_BINARY)
+    target = str(Path(opts.bin_dir) / SHIM_BINARY)
+    python = script_python(shim)
+    try:
+        if python is None:
+            raise launcher.LauncherError(f"{shim} does not start with a plain #!python line")
+        text = launcher.render(python, launcher.site_paths(python))
+    except launcher.LauncherError as e:
+        notes.append(f"{SHIM_BINARY} linked to the console script, not a launcher without `site` "
+                     f"(each shim start is slower): {e}")
+        return FileChange(target, None, "shim on containerd's PATH", link_to=shim)
+    return FileChange(target, text, f"shim on containerd's PATH (launcher: {python} -S)", mode=0o755)
+
+
 def dropin_path(config: str) -> str:
     return str(Path(config).resolve().parent / "conf.d" / "fractal.toml")
 
@@ -346,9 +378,7 @@ def plan(opts: Options) -> Plan:
     if fconf != DEFAULT_FRACTAL_CONFIG:
         p.notes.append(f"{fconf} is not {DEFAULT_FRACTAL_CONFIG}: containerd's environment needs "
                        f"FRACTAL_CONFIG={fconf} so that the shims read it")
-    shim = console_script(SHIM_BINARY)
-    p.changes.append(FileChange(str(Path(opts.bin_dir) / SHIM_BINARY), None,
-                                "shim on containerd's PATH", link_to=shim))
+    p.changes.append(shim_change(opts, p.notes))
     if opts.systemd:
         p.changes.append(FileChange(str(Path(opts.systemd_dir) / UNIT_NAME),
                                     render_unit(console_script(SNAPSHOTTER_BINARY), opts.address, fconf),
@@ -391,10 +421,15 @@ def render_print(opts: Options, version: tuple[int, int] | None) -> str:
     out.append(f"\n# --- {Path(opts.systemd_dir) / POOL_UNIT_NAME} (with --systemd) ---\n")
     out.append(render_pool_unit(sys.executable, opts.fractal_config))
     try:
-        shim = console_script(SHIM_BINARY)
+        notes: list[str] = []
+        ch = shim_change(opts, notes)
+        if ch.link_to is not None:
+            out.append(f"\n# --- symlink {ch.path} -> {ch.link_to} ---\n")
+            out.extend(f"# note: {n}\n" for n in notes)
+        else:
+            out.append(f"\n# --- {ch.path} (mode 0755) ---\n{ch.content}")
     except InstallError:
-        shim = "(not installed)"
-    out.append(f"\n# --- symlink {Path(opts.bin_dir) / SHIM_BINARY} -> {shim} ---\n")
+        out.append(f"\n# --- {Path(opts.bin_dir) / SHIM_BINARY}: (the shim is not installed) ---\n")
     return "".join(out)
 
 
@@ -403,6 +438,8 @@ def _current(change: FileChange) -> bool:
     path = Path(change.path)
     if change.link_to is not None:
         return path.is_symlink() and os.readlink(path) == change.link_to
+    if path.is_symlink():  # a file change never leaves a link (its target's text is not ours)
+        return False
     try:
         return path.read_text() == change.content
     except OSError:
@@ -440,8 +477,16 @@ def apply(p: Plan) -> list[tuple[str, FileChange]]:
         known = record.get(ch.path)
         entry = rec.Entry(ch.path, "link" if ch.link_to else "file", ch.what, created=not existed)
         if ch.link_to is not None:
-            if existed and not path.is_symlink():
+            if existed and not path.is_symlink() and (known is None or known.kind != "file"):
                 raise InstallError(f"{path} exists and is not a symlink; remove it or use --bin-dir")
+            if known is not None and known.kind == "file" and known.backup:
+                # a launcher an earlier install wrote over a link: that link stays the origin
+                bak = Path(known.backup)
+                if not bak.is_symlink():
+                    raise InstallError(f"{path}: its original {bak} is not a link; run `fractal "
+                                       "uninstall` first")
+                known.backup = os.readlink(bak)
+                bak.unlink()
             if existed and known is None:
                 entry.backup = os.readlink(path)  # the link's old target, put back by uninstall
             tmp = path.with_name(f".{path.name}.fractal-tmp")
@@ -450,7 +495,25 @@ def apply(p: Plan) -> list[tuple[str, FileChange]]:
             os.replace(tmp, path)
             _fsync_dir(path.parent)
             entry.link_to = ch.link_to
+        elif path.is_symlink():  # a link where a file goes (the shim, linked by an older install)
+            # the link that was there before any install is kept as a link beside it (uninstall
+            # renames it back); a link an older install created is simply replaced
+            before = os.readlink(path) if known is None else known.backup
+            if before and (known is None or known.kind == "link"):
+                bak = rec.backup_path(ch.path)
+                bak.unlink(missing_ok=True)
+                os.symlink(before, bak)
+                entry.backup = str(bak)
+                if known is not None:
+                    known.backup = str(bak)  # the record's origin moves from a target to a file
+            data = (ch.content or "").encode()
+            write_file(path, data, None, ch.mode)  # replaces the link, never writes through it
+            entry.sha256 = rec.sha256(data)
         else:
+            if existed and known is None and ch.mode & 0o111:
+                # an executable of someone else's (pip's own console script when pip installed
+                # into --bin-dir): never replaced, as before the launcher
+                raise InstallError(f"{path} exists and is not fractal install's; remove it or use --bin-dir")
             st = os.stat(path) if existed else None
             if st is not None and known is None:
                 # first install touching this file: keep the user's bytes, mode and owner
@@ -458,7 +521,8 @@ def apply(p: Plan) -> list[tuple[str, FileChange]]:
                 write_file(bak, path.read_bytes(), st)
                 entry.backup = str(bak)
             data = (ch.content or "").encode()
-            write_file(path, data, st, ch.mode)
+            # an executable (the launcher) keeps its own mode whatever the old file's was
+            write_file(path, data, None if ch.mode & 0o111 else st, ch.mode)
             entry.sha256 = rec.sha256(data)
         record.note(entry)
         done.append(("updated" if existed else "created", ch))
@@ -592,7 +656,8 @@ def register(p) -> None:  # noqa: ANN001
     p.add_argument("--systemd", action="store_true", help=f"also write {UNIT_NAME} and {POOL_UNIT_NAME}")
     p.add_argument("--systemd-dir", default=DEFAULT_SYSTEMD_DIR, help="where the unit goes (default %(default)s)")
     p.add_argument("--bin-dir", default=DEFAULT_BIN_DIR,
-                   help=f"where the {SHIM_BINARY} symlink goes, on containerd's PATH (default %(default)s)")
+                   help=f"where the {SHIM_BINARY} launcher (or symlink) goes, on containerd's PATH "
+                        "(default %(default)s)")
     p.add_argument("--containerd", default="containerd", help="containerd binary whose version decides the config form")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--containerd-version", default=None, metavar="X.Y",

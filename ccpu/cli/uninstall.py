@@ -52,7 +52,7 @@ def undo(record: rec.Record, force: bool = False) -> list[Step]:
         sha = _current_sha(path)
         if sha is None and not path.exists():
             steps.append(Step(e.path, "gone", "already removed"))
-            if e.backup and Path(e.backup).exists() and not path.exists():
+            if e.backup and os.path.lexists(e.backup) and not path.exists():
                 os.replace(e.backup, path)
                 steps[-1] = Step(e.path, "restored", "from " + e.backup)
             continue
@@ -62,7 +62,7 @@ def undo(record: rec.Record, force: bool = False) -> list[Step]:
                                               "or --force"))
             continue
         if e.backup:
-            if not Path(e.backup).exists():
+            if not os.path.lexists(e.backup):  # (a link kept as the backup may dangle)
                 steps.append(Step(e.path, "kept", f"its original {e.backup} is missing"))
                 continue
             os.replace(e.backup, path)  # the user's own file: bytes, mode, owner

@@ -170,6 +170,22 @@ class Repo:
         self._closed = False
         return self
 
+    def if_free(self, fn: Callable[..., T], *args: Any) -> tuple[bool, T | None]:
+        """Run ``fn(*args)`` now if no other thread holds the repo lock: (True, its result);
+        else (False, None) without waiting -- the caller runs it where waiting is harmless.
+
+        Why: the snapshotter runs its short writes (Prepare, View, Remove, Update) on its event
+        loop, where a hop to a thread costs more than the work; but a write that finds the lock
+        held by a Commit or a Cleanup in a worker thread would block the loop, and every client
+        with it (reads included), until that walk is done.  The lock is re-entrant, so ``fn``
+        takes it again as usual."""
+        if not self._lock.acquire(blocking=False):
+            return False, None
+        try:
+            return True, fn(*args)
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
         if self._closed:
             return

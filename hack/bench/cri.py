@@ -6,6 +6,7 @@ busybox container until it runs, and the teardown (``stopp`` + ``rmp``).  The ba
 containerd's own runc handler (``io.containerd.runc.v2``) in the same containerd 1.6 with the same
 CNI bridge; 1.6 has one CRI snapshotter, so all three unpack into fractal (the comparison is of
 the runtimes).  Pods have their own netns; in VM mode that includes attaching it to the VM.
+The fractal shim is the launcher ``fractal install`` writes (``python -S``, no ``site``).
 Under TCG (no usable KVM here) the VM figures are dominated by the guest boot.
 
     python3 hack/bench/cri.py [--runs N] [--json FILE]
@@ -84,6 +85,27 @@ def one_pod(crictl: Crictl, image: str, handler: str, annotations: dict[str, str
     return {"runp_s": t_pod - t0, "to_running_s": t_run - t0, "teardown_s": t_end - t_stop0}
 
 
+def use_installed_launcher(env: FractalEnv, work: Path) -> str:
+    """The shim on containerd's PATH as `fractal install` leaves it: its ``python -S``
+    launcher (ccpu/cli/launcher.py), rendered by install's own ``shim_change``; containerd is
+    restarted to pick it up."""
+    from ccpu.cli import install
+
+    bindir = work / "bin"
+    bindir.mkdir()
+    notes: list[str] = []
+    ch = install.shim_change(install.Options(bin_dir=str(bindir)), notes)
+    if ch.link_to is not None:
+        raise RuntimeError(f"fractal install would write no launcher here: {notes}")
+    Path(ch.path).write_text(ch.content or "")
+    Path(ch.path).chmod(ch.mode)
+    ce = env.containerd
+    ce.path_prepend = [str(bindir), *ce.path_prepend]
+    ce.stop()
+    ce.start()
+    return f"{ch.path} ({ch.what})"
+
+
 def bench(env: FractalEnv, image: str, runs: int, work: Path) -> dict[str, Any]:
     crictl = Crictl(env, work)
     crictl("pull", image)
@@ -147,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             cri = CriConfig(sandbox_image=reg.push(pause, "bench/pause", "latest"),
                             insecure_registries=(reg.address,), network="bridge", runc_handler=True)
             env = stack.enter_context(FractalEnv(cri=cri))
+            result["shim"] = use_installed_launcher(env, work)
             with dump_logs_on_failure(env):
                 result["pods"] = bench(env, image, args.runs, work)
 

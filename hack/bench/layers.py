@@ -12,7 +12,9 @@ so neither side pays for a pull.  Each round, in the same run:
   CLI's own time after its imports, and the shim-side restack: the agent round trip inside the
   shim), check the file shows up, and time ``layers rm`` the same way; then the same add with
   the containerd lookups in the CLI's own process over gRPC (the path before the shim's
-  AddImages, still taken for an older shim) and ``python3 -c pass`` (the interpreter's floor);
+  AddImages, still taken for an older shim); the same add by the CLI started through a
+  ``python3 -S`` launcher (ccpu/cli/launcher.py, as ``fractal install`` writes the shim's: no
+  ``site``); and ``python3 -c pass`` / ``python3 -S -c pass`` (the interpreter's floors);
 * **restart**: the alternative -- stop that container and start one on the tools image:
   ``ctr task kill -s SIGKILL`` + wait until stopped + ``ctr task rm`` + ``ctr container rm`` +
   ``ctr run -d TOOLS`` until ``ctr task ls`` shows it RUNNING (timed as a whole).
@@ -91,9 +93,36 @@ VIA_CONTAINERD = ("import sys\nfrom ccpu.cli import layers, main\n"
                   "layers._local_shim = no_shim\nsys.exit(main(sys.argv[1:]))")
 
 
-def fractal_cli(env: FractalEnv, *args: str, via_containerd: bool = False) -> tuple[float, dict[str, Any]]:
+def cli_launcher() -> Path:
+    """The ``fractal`` CLI as a ``python -S`` launcher with the paths ``site`` would add fixed
+    (ccpu/cli/launcher.py, the one ``fractal install`` writes for the shim; the checkout comes
+    first through ``PYTHONPATH`` as for the other variants): measures that lever for the CLI."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from ccpu.cli import launcher
+
+    work = tempfile.mkdtemp(prefix="fractal-bench-cli-")
+    atexit.register(shutil.rmtree, work, True)
+    path = Path(work) / "fractal"
+    path.write_text(launcher.render(sys.executable, launcher.site_paths(sys.executable), "ccpu.cli"))
+    path.chmod(0o755)
+    return path
+
+
+LAUNCHER: list[Path] = []
+
+
+def fractal_cli(env: FractalEnv, *args: str, via_containerd: bool = False,
+                via_launcher: bool = False) -> tuple[float, dict[str, Any]]:
     e = {**os.environ, "FRACTAL_RUN_DIR": str(env.fractal_run_dir)}
-    argv = [sys.executable, *(["-c", VIA_CONTAINERD] if via_containerd else ["-m", "ccpu.cli"]), "layers", *args]
+    if via_launcher:
+        if not LAUNCHER:
+            LAUNCHER.append(cli_launcher())
+        argv = [str(LAUNCHER[0]), "layers", *args]
+    else:
+        argv = [sys.executable, *(["-c", VIA_CONTAINERD] if via_containerd else ["-m", "ccpu.cli"]), "layers", *args]
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, env=e, timeout=120)
     wall = (time.monotonic() - t0) * 1000
@@ -130,13 +159,21 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
         if len(old["added"]) != 2:
             raise RuntimeError(f"expected 2 added layers (containerd path), got {old['added']}")
         fractal_cli(env, "rm", *flags, "--json", cid, tools)
+        fast_wall, fast = fractal_cli(env, "add", *flags, "--json", cid, tools, via_launcher=True)
+        if len(fast["added"]) != 2:
+            raise RuntimeError(f"expected 2 added layers (launcher), got {fast['added']}")
+        fractal_cli(env, "rm", *flags, "--json", cid, tools, via_launcher=True)
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
         floor = (time.monotonic() - t0) * 1000
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-S", "-c", "pass"], check=True, timeout=60)
+        floor_s = (time.monotonic() - t0) * 1000
         return {"add_wall_ms": add_wall, "add_cli_ms": add["cli_ms"], "add_restack_ms": add["restack_ms"],
                 "rm_wall_ms": rm_wall, "rm_cli_ms": rm["cli_ms"], "rm_restack_ms": rm["restack_ms"],
                 "add_via_containerd_wall_ms": old_wall, "add_via_containerd_cli_ms": old["cli_ms"],
-                "python_floor_ms": floor, "shim_uss_mb_after_add": shim_uss}
+                "add_launcher_wall_ms": fast_wall, "add_launcher_cli_ms": fast["cli_ms"],
+                "python_floor_ms": floor, "python_s_floor_ms": floor_s, "shim_uss_mb_after_add": shim_uss}
     finally:
         remove(env, cid)
 
@@ -174,7 +211,10 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     names = [("add_wall_ms", "layers add: CLI wall time"), ("add_cli_ms", "layers add: CLI after imports"),
              ("add_via_containerd_wall_ms", "  same, lookups in the CLI: wall"),
              ("add_via_containerd_cli_ms", "  same, lookups in CLI: after imp."),
+             ("add_launcher_wall_ms", "  same, CLI by python -S launcher"),
+             ("add_launcher_cli_ms", "  same, launcher: after imports"),
              ("python_floor_ms", "python3 -c pass (floor)"),
+             ("python_s_floor_ms", "python3 -S -c pass (floor)"),
              ("add_restack_ms", "layers add: shim-side restack"), ("rm_wall_ms", "layers rm: CLI wall time"),
              ("rm_restack_ms", "layers rm: shim-side restack"), ("restart_ms", "restart (kill+rm+run -d)")]
     for key, label in names:
@@ -184,7 +224,7 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     lines.append(f"shim daemon USS after an add (MB): median {u['median']:.1f}, max {u['max']:.1f} (goal <= 40)")
     goals = []
     for key, label in (("add_restack_ms", "shim-side restack"), ("add_cli_ms", "CLI after imports"),
-                       ("add_wall_ms", "CLI wall time")):
+                       ("add_wall_ms", "CLI wall time"), ("add_launcher_wall_ms", "CLI wall time, launcher")):
         med = s[key]["median"]
         ratio = med / restart
         ok = ratio <= GOAL_RATIO and med < GOAL_MS

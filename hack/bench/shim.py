@@ -8,8 +8,11 @@ snapshotter + containerd 1.6) of its own, all up at once and fed by a
 * ``installed`` (always first): what a user has after ``fractal install``: the fractal config as
   install writes it (``root = <snapshotter root>`` and nothing else, so the sandbox mode is the
   default ``vm`` and every ``ctr run`` says ``--annotation io.fractal.mode=host``), no
-  ``FRACTAL_ROOT``, the shim found on containerd's PATH as the console script itself (install's
-  ``/usr/local/bin`` symlink points there), byte code present (``pip install`` compiles it);
+  ``FRACTAL_ROOT``, the shim found on containerd's PATH as the launcher install writes
+  (``python -S``, ccpu/cli/launcher.py; rendered by install's own ``shim_change``), byte code
+  present (``pip install`` compiles it);
+* ``link``: ``installed`` with the shim found as the console script itself (what install's
+  symlink was before the launcher, and its fallback): every start and delete runs ``site``;
 * ``tuned``: the benchmark's former setup: a config with ``mode = "host"``, ``FRACTAL_ROOT`` in
   containerd's environment, no annotation;
   Daemons come from the warm fork-server (shim/zygote.py), the default; the memory figures
@@ -17,9 +20,6 @@ snapshotter + containerd 1.6) of its own, all up at once and fed by a
 * ``fork``: ``installed`` with ``FRACTAL_SHIM_SPAWN=fork`` (``start`` forks the daemon, which
   imports everything itself: the default before, and the fallback when no fork-server answers);
 * ``exec``: ``installed`` with ``FRACTAL_SHIM_SPAWN=exec`` (a fresh ``python -m shim.daemon``);
-* ``no-site``: ``installed`` with the shim started by ``python3 -S`` (a launcher script with the
-  checkout and site-packages on ``sys.path``): no ``.pth`` hooks in ``site`` -- a lever
-  ``fractal install`` could use, measured here only;
 * ``dev-shell``: containerd started from a developer's shell on this machine: the shell's PATH
   (a pyenv wrapper script instead of the console script, if that is what PATH finds first) and
   ``PYTHONDONTWRITEBYTECODE=1`` with an editable install that has no byte code (a copy of
@@ -108,8 +108,8 @@ SETUPS = {s.name: s for s in (
     Setup("fork", "installed + FRACTAL_SHIM_SPAWN=fork: start forks the daemon (no fork-server; "
           "its fallback)", HOST_MODE),
     Setup("exec", "installed + FRACTAL_SHIM_SPAWN=exec: a fresh python -m shim.daemon", HOST_MODE),
-    Setup("no-site", "zygote + the shim run by `python3 -S` with the code and site-packages "
-          "put on sys.path (no .pth hooks): a launcher `fractal install` could write", HOST_MODE),
+    Setup("link", "installed, but the shim on PATH is the console script (install's symlink before "
+          "the launcher): site and its .pth hooks run at every start/delete", HOST_MODE),
     Setup("dev-shell", "containerd from this shell: its PATH, PYTHONDONTWRITEBYTECODE=1, editable "
           "install without byte code", HOST_MODE),
 )}
@@ -130,19 +130,21 @@ def configure(env: FractalEnv, setup: Setup, scratch: Path) -> dict[str, str]:
     if setup.name in ("fork", "exec"):
         ce.extra_env["FRACTAL_SHIM_SPAWN"] = setup.name
         out["FRACTAL_SHIM_SPAWN"] = setup.name
-    if setup.name == "no-site":  # measures a lever: a launcher without site's .pth processing
-        import sysconfig
+    if setup.name in ("installed", "fork", "exec"):  # the launcher, as `fractal install` writes it
+        from ccpu.cli import install
 
-        ce.extra_env["FRACTAL_SHIM_SPAWN"] = "zygote"
         bindir = scratch / "bin"
         bindir.mkdir()
-        launcher = bindir / SHIM_BINARY
-        paths = [str(REPO), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
-        launcher.write_text(f"#!{sys.executable} -S\nimport sys\nsys.path[1:1] = {list(dict.fromkeys(paths))!r}\n"
-                            "from shim.main import main\nsys.exit(main())\n")
-        launcher.chmod(0o755)
-        ce.path_prepend = [str(bindir)]
-        out.update(FRACTAL_SHIM_SPAWN="zygote", shim=str(launcher))
+        notes: list[str] = []
+        ch = install.shim_change(install.Options(bin_dir=str(bindir)), notes)
+        if ch.link_to is not None:
+            raise RuntimeError(f"fractal install would write no launcher here: {notes}")
+        Path(ch.path).write_text(ch.content or "")
+        Path(ch.path).chmod(ch.mode)
+        ce.path_prepend = [str(bindir), *ce.path_prepend]
+        out["shim"] = f"{ch.path} ({ch.what})"
+    if setup.name == "link":  # the console script itself on PATH (the harness puts its dir first)
+        out["shim"] = shutil.which(SHIM_BINARY, path=os.pathsep.join([*ce.path_prepend, os.environ.get("PATH", "")])) or "?"
     if setup.name == "dev-shell":
         found = shutil.which(SHIM_BINARY, path=os.environ.get("PATH", ""))
         if found:  # what a containerd started from this shell runs (e.g. a pyenv wrapper)

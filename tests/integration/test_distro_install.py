@@ -121,7 +121,9 @@ def test_the_walk_through_on_a_clean_host(name: str, wheel: Path, tmp_path: Path
     p = w.out["print"]
     assert p.count("containerd's version could not be detected") == 3 and p.count("[proxy_plugins.fractal]") == 3
     assert "ExecStart=/opt/fractal/bin/fractal-snapshotter" in p
-    assert "containerd-shim-fractal-v1 -> /opt/fractal/bin/containerd-shim-fractal-v1 ---" in p
+    # the shim as install writes it: the venv python's `-S` launcher with the venv's site-packages
+    assert "containerd-shim-fractal-v1 (mode 0755) ---\n#!/opt/fractal/bin/python" in p, p[-1500:]
+    assert " -S\n" in p and "'/opt/fractal/lib/python" in p and "from shim.main import main" in p
     assert "Traceback" not in p
     # doctor: the missing containerd is one check saying so, exit status 1, no traceback
     assert w.rc["doctor"] == 1, w.out["doctor"]

@@ -1,6 +1,6 @@
 """`fractal install` into a scratch containerd config, then a private containerd started from
 exactly that config: the proxy snapshotter is there and a container runs through the shim found
-via the installed symlink.  And `fractal doctor` against the session's containerd."""
+via the installed launcher.  And `fractal doctor` against the session's containerd."""
 
 from __future__ import annotations
 
@@ -65,8 +65,10 @@ def test_install_then_private_containerd_uses_it(tmp_path: Path, registry) -> No
     unit = (tmp_path / "units" / "fractal-snapshotter.service").read_text()
     assert f"--address {snap_sock}\n" in unit and "--root" not in unit and "Restart=always" in unit
     assert f"Environment=FRACTAL_CONFIG={tmp_path / 'fractal.toml'}" in unit
-    shim_link = tmp_path / "bin" / "containerd-shim-fractal-v1"
-    assert os.path.isabs(os.readlink(shim_link)) and os.access(shim_link, os.X_OK)
+    # the shim on containerd's PATH: the launcher (python -S, ccpu/cli/launcher.py)
+    shim_bin = tmp_path / "bin" / "containerd-shim-fractal-v1"
+    assert not shim_bin.is_symlink() and os.access(shim_bin, os.X_OK)
+    assert shim_bin.read_text().splitlines()[0].endswith(" -S")
     r2 = fractal(*args)
     assert r2.returncode == 0 and "nothing to do" in r2.stdout and "created" not in r2.stdout
 

@@ -158,3 +158,11 @@ def test_interpreter_line_reads_only_scripts(tmp_path) -> None:  # noqa: ANN001
     assert D.interpreter_line(str(script)) == "/usr/bin/env bash"
     assert D.interpreter_line(str(binary)) == ""
     assert D.interpreter_line(str(tmp_path / "missing")) == ""
+
+
+@pytest.mark.parametrize("line,console", [
+    ("/opt/fractal/bin/python3", True), ("/opt/fractal/bin/python3 -S", False), ("", False)])
+def test_a_console_script_shim_is_ok_and_names_the_launcher(line: str, console: bool) -> None:
+    c = by_name(good(shim_interpreter=line))["shim"]
+    assert c.status == "ok", c
+    assert ("console script" in c.detail and "python -S" in c.detail) == console, c

@@ -372,3 +372,131 @@ def test_version_option():
     assert I.parse_version_option("v2.4.2") == (2, 4)
     with pytest.raises(ValueError):
         I.parse_version_option("1.5")
+
+
+# ------------------------------------------------------------------------------------------
+# the shim's launcher (ccpu/cli/launcher.py): `python -S`, the paths of `site` fixed at install
+
+
+def _fake_console_script(tmp_path, python):  # noqa: ANN001, ANN202
+    d = tmp_path / "venv" / "bin"
+    d.mkdir(parents=True, exist_ok=True)
+    for name in (I.SHIM_BINARY, I.SNAPSHOTTER_BINARY):
+        (d / name).write_text(f"#!{python}\nimport sys\nfrom shim.main import main\nsys.exit(main())\n")
+        (d / name).chmod(0o755)
+    return d
+
+
+def test_install_writes_a_launcher_that_runs_the_shim_without_site(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from ccpu.cli import launcher as L
+
+    bindir = _fake_console_script(tmp_path, sys.executable)
+    monkeypatch.setattr(I, "console_script", lambda name: str(bindir / name))
+    # where the checkout is: site_paths asks the interpreter without PYTHONPATH, and this
+    # checkout may be reached only through it (a worktree): add it as `site` would not
+    root = os.path.dirname(os.path.dirname(os.path.abspath(I.__file__)))
+    real = L.site_paths(sys.executable)
+    monkeypatch.setattr(L, "site_paths", lambda python: [*real, root])
+    done = _install(tmp_path)
+    shim = tmp_path / "bin" / I.SHIM_BINARY
+    assert ("created", str(shim)) in [(s, ch.path) for s, ch in done]
+    assert not shim.is_symlink() and shim.stat().st_mode & 0o777 == 0o755
+    text = shim.read_text()
+    assert text.startswith(f"#!{sys.executable} -S\n") and repr(root) in text
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONPROFILEIMPORTTIME")}
+    r = subprocess.run([str(shim), "-v"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("containerd-shim-fractal-v1 (fractal)"), r
+    # no `site` ran: PYTHONPROFILEIMPORTTIME lists every module imported
+    r = subprocess.run([str(shim), "-v"], capture_output=True, text=True, timeout=60,
+                       env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert "shim.main" in imported and "site" not in imported, r.stderr
+    # and PYTHONPATH still wins, as with the console script (`-S` is not `-E`)
+    other = tmp_path / "other" / "shim"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    (other / "main.py").write_text("def main():\n    print('the PYTHONPATH shim')\n    return 0\n")
+    r = subprocess.run([str(shim)], capture_output=True, text=True, timeout=60,
+                       env={**env, "PYTHONPATH": str(tmp_path / "other")})
+    assert r.stdout.strip() == "the PYTHONPATH shim", r
+    assert [s for s, _ in _install(tmp_path)] == ["unchanged"] * 6
+
+
+def test_launcher_replaces_an_older_installs_link_and_uninstall_restores_the_users_link(tmp_path, monkeypatch):
+    import sys
+
+    from ccpu.cli import launcher as L
+    from ccpu.cli import uninstall as U
+    from ccpu.cli.install_record import load, record_path
+
+    bindir = _fake_console_script(tmp_path, sys.executable)
+    monkeypatch.setattr(I, "console_script", lambda name: str(bindir / name))
+    (tmp_path / "bin").mkdir()
+    shim = tmp_path / "bin" / I.SHIM_BINARY
+    shim.symlink_to("/opt/someone-elses/shim")  # the user's own link, before any install
+    # an older install: the link (no launcher could be written)
+    monkeypatch.setattr(L, "site_paths", lambda python: (_ for _ in ()).throw(L.LauncherError("no")))
+    _install(tmp_path)
+    assert os.readlink(shim) == str(bindir / I.SHIM_BINARY)
+    target = bindir / I.SHIM_BINARY
+    before = target.read_bytes()
+    monkeypatch.setattr(L, "site_paths", lambda python: ["/x/site-packages"])
+    _install(tmp_path)  # now the launcher: the link is replaced, never written through
+    assert not shim.is_symlink() and "/x/site-packages" in shim.read_text()
+    assert target.read_bytes() == before
+    steps = {s.path: s.status for s in U.undo(load(record_path(str(tmp_path / "etc" / "config.toml"))))}
+    assert steps[str(shim)] == "restored", steps
+    assert os.readlink(shim) == "/opt/someone-elses/shim"  # the user's link, as it was
+    assert not os.path.lexists(f"{shim}.fractal-bak")
+
+
+def test_no_launcher_for_an_unnameable_interpreter_falls_back_to_the_link(tmp_path, monkeypatch):
+    from ccpu.cli import launcher as L
+
+    with pytest.raises(L.LauncherError):
+        L.render("/opt/my python/bin/python3", [])
+    with pytest.raises(L.LauncherError):
+        L.render("python3", [])
+    bindir = _fake_console_script(tmp_path, "/usr/bin/env python3")  # not a plain path
+    monkeypatch.setattr(I, "console_script", lambda name: str(bindir / name))
+    p = I.plan(I.Options(containerd_config=str(tmp_path / "config.toml"), bin_dir=str(tmp_path / "bin"),
+                         version=(1, 6), fractal_config=str(tmp_path / "f.toml")))
+    ch = [c for c in p.changes if c.path.endswith(I.SHIM_BINARY)][0]
+    assert ch.link_to == str(bindir / I.SHIM_BINARY)
+    assert any("launcher" in n for n in p.notes)
+
+
+def test_site_paths_leave_pythonpath_out_and_name_fractals_packages(tmp_path, monkeypatch):
+    import sys
+
+    from ccpu.cli import launcher as L
+
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "mine"))
+    try:
+        paths = L.site_paths(sys.executable)
+    except L.LauncherError as e:  # a checkout reached only through PYTHONPATH: a clear error
+        assert "without PYTHONPATH" in str(e)
+        return
+    assert str(tmp_path / "mine") not in paths and all(os.path.isabs(p) for p in paths)
+    assert any(os.path.isdir(os.path.join(p, "shim")) for p in paths)
+
+
+def test_someone_elses_file_where_the_launcher_goes_is_refused_and_kept(tmp_path, monkeypatch):
+    """pip installing into --bin-dir puts its own console script there: not replaced (as with
+    the symlink before), the user is told to choose."""
+    import sys
+
+    from ccpu.cli import launcher as L
+
+    bindir = _fake_console_script(tmp_path, sys.executable)
+    monkeypatch.setattr(I, "console_script", lambda name: str(bindir / name))
+    monkeypatch.setattr(L, "site_paths", lambda python: ["/x/site-packages"])
+    (tmp_path / "bin").mkdir()
+    theirs = tmp_path / "bin" / I.SHIM_BINARY
+    theirs.write_text("#!/bin/sh\nexit 0\n")
+    with pytest.raises(I.InstallError, match="--bin-dir"):
+        _install(tmp_path)
+    assert theirs.read_text() == "#!/bin/sh\nexit 0\n"

@@ -55,28 +55,41 @@ if verb == "start":
         from shim import zygote
         zygote.start_zygote = lambda address: None
 code = shim_main.main(sys.argv[4:], fast_exit=False)
+loaded = sorted(set(sys.modules) - before)  # before this script's own json
 import json
 with open(out, "w") as f:
-    json.dump({"code": code, "loaded": sorted(set(sys.modules) - before)}, f)
+    json.dump({"code": code, "loaded": loaded}, f)
 """
 
 
 def run_verb(tmp_path: Path, verb: str, *, bundle: Path | None = None,
              env_extra: dict[str, str] | None = None,
-             base_env: dict[str, str] | None = None) -> tuple[set[str], str, bytes]:
+             base_env: dict[str, str] | None = None,
+             no_site: bool = False, recorded: bool = False) -> tuple[set[str], str, bytes]:
     """Run ``verb`` in a fresh ``python3 -X importtime``; (modules it loaded, its importtime
-    report for the project's and the forbidden modules, its stdout)."""
+    report for the project's and the forbidden modules, its stdout).  ``no_site``: as the
+    launcher `fractal install` writes runs it (``python3 -S``, site-packages put on the path by
+    hand), so that the stdlib modules ``site`` would have loaded count too.  ``recorded``: the
+    bundle has the ``address`` file ``start`` writes (a socket in the test's socket dir)."""
     bundle = bundle or tmp_path / "bundle"
     bundle.mkdir(exist_ok=True)
     (bundle / "config.json").write_text(json.dumps({"annotations": {"io.fractal.mode": "host"}}))
     out = tmp_path / f"{verb}.json"
     sockdir = tempfile.mkdtemp(prefix="s", dir="/tmp")  # socket paths must stay < 108 bytes
+    if recorded:
+        (bundle / "address").write_text(f"unix://{sockdir}/{'ab' * 32}")
     argv = ["-namespace", "ns", "-address", str(tmp_path / "containerd.sock"), "-publish-binary",
             "/usr/bin/containerd", "-id", "c1", "-bundle", str(bundle), verb]
-    env = {**(os.environ if base_env is None else base_env), "PYTHONPATH": str(ROOT), "FRACTAL_RUN_DIR": str(tmp_path / "run"),
-           **(env_extra or {})}
+    pythonpath = [str(ROOT)]
+    if no_site:
+        import sysconfig
+
+        pythonpath += [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    env = {**(os.environ if base_env is None else base_env), "PYTHONPATH": os.pathsep.join(pythonpath),
+           "FRACTAL_RUN_DIR": str(tmp_path / "run"), **(env_extra or {})}
+    flags = ["-S"] if no_site else []
     try:
-        r = subprocess.run([sys.executable, "-X", "importtime", "-c", SCRIPT, str(out), sockdir, verb,
+        r = subprocess.run([sys.executable, *flags, "-X", "importtime", "-c", SCRIPT, str(out), sockdir, verb,
                             *argv], capture_output=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
     finally:
         import shutil
@@ -146,3 +159,87 @@ def test_delete_after_a_crash_runs_runc_but_imports_no_more_of_the_project(tmp_p
     assert "subprocess" in loaded
     assert forbidden(loaded) == [], report
     assert project(loaded) <= DELETE_MAY_LOAD, (sorted(project(loaded) - DELETE_MAY_LOAD), report)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# As the launcher runs them (`python3 -S`, ccpu/cli/launcher.py): nothing of `site` loaded
+# beforehand, so the stdlib the verbs pull in is theirs, and pinned here too.
+
+#: stdlib modules that only cost time here: typing (with contextlib, warnings), logging,
+#: dataclasses/inspect, subprocess; and site's own
+NO_SITE_FORBIDDEN = ("typing", "contextlib", "warnings", "logging", "dataclasses", "inspect",
+                     "subprocess", "site", "hashlib", "_hashlib", "pathlib", "tempfile")
+
+
+def no_site_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "FRACTAL_SHIM_SPAWN"}
+
+
+def test_start_under_the_launcher_loads_no_typing_or_other_heavy_stdlib(tmp_path: Path) -> None:
+    loaded, report, stdout = run_verb(tmp_path, "start", base_env=no_site_env(), no_site=True)
+    assert stdout.startswith(b"unix://")
+    assert "site" not in loaded and "shim.start" in loaded
+    assert forbidden(loaded) == [], report
+    assert project(loaded) <= ZYGOTE_START_MAY_LOAD, (sorted(project(loaded) - ZYGOTE_START_MAY_LOAD), report)
+    assert sorted(loaded & set(NO_SITE_FORBIDDEN)) == [], report
+
+
+def test_delete_after_a_clean_exit_under_the_launcher_parses_nothing(tmp_path: Path) -> None:
+    """containerd's `delete` after every shim exit: the socket comes from the bundle's `address`
+    file, no VM dir exists, so not even json (and re) is loaded."""
+    loaded, report, stdout = run_verb(tmp_path, "delete", base_env=no_site_env(), no_site=True,
+                                      recorded=True)
+    assert stdout.startswith(b"\x10\x89\x01")
+    assert "shim.delete" in loaded and "site" not in loaded
+    assert forbidden(loaded) == [], report
+    assert sorted(loaded & {"json", "re", "ccpu.agent.jsonbound", *NO_SITE_FORBIDDEN}) == [], report
+    assert project(loaded) <= DELETE_MAY_LOAD, (sorted(project(loaded) - DELETE_MAY_LOAD), report)
+
+
+def test_delete_without_the_recorded_address_still_finds_the_group_from_the_spec(tmp_path: Path) -> None:
+    """No `address` file (start never finished): the stale socket of the spec's group is found
+    and removed, so the fast path did not drop the clean-up."""
+    sockdir = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))
+    try:
+        from shim import address as addr
+
+        (tmp_path / "bundle").mkdir()
+        old = addr.SOCKET_DIR
+        addr.SOCKET_DIR = str(sockdir)
+        try:
+            sock = Path(addr.socket_path(str(tmp_path / "containerd.sock"), "ns", "grp"))
+        finally:
+            addr.SOCKET_DIR = old
+        sock.write_text("")  # a stale socket file: nothing listens
+        from shim import delete
+
+        spec = {"annotations": {"io.fractal.sandbox": "grp"}}
+        (tmp_path / "bundle" / "config.json").write_text(json.dumps(spec))
+        import unittest.mock as um
+
+        with um.patch.object(addr, "SOCKET_DIR", str(sockdir)), \
+                um.patch.dict(os.environ, {"FRACTAL_RUN_DIR": str(tmp_path / "run")}):
+            delete.cleanup("ns", "c1", str(tmp_path / "bundle"), str(tmp_path / "containerd.sock"))
+            assert not sock.exists()
+            # and with the address recorded (a socket of the same dir), that one is cleaned
+            sock.write_text("")
+            (tmp_path / "bundle" / "config.json").write_text("{}")  # the spec no longer names it
+            (tmp_path / "bundle" / "address").write_text(f"unix://{sock}")
+            delete.cleanup("ns", "c1", str(tmp_path / "bundle"), str(tmp_path / "containerd.sock"))
+            assert not sock.exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_a_recorded_address_outside_the_socket_dir_is_not_trusted(tmp_path: Path) -> None:
+    from shim import address as addr
+
+    for text in ("unix:///etc/passwd", f"unix://{addr.SOCKET_DIR}/../x/{'a' * 64}",
+                 f"unix://{addr.SOCKET_DIR}/{'A' * 64}", f"unix://{addr.SOCKET_DIR}/{'a' * 63}", "\xff"):
+        (tmp_path / "address").write_text(text, errors="surrogateescape")
+        assert addr.read_recorded_socket(str(tmp_path)) is None, text
+    (tmp_path / "address").write_text(f"unix://{addr.SOCKET_DIR}/{'0f' * 32}")
+    assert addr.read_recorded_socket(str(tmp_path)) == f"{addr.SOCKET_DIR}/{'0f' * 32}"

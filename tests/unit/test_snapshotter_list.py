@@ -127,3 +127,58 @@ def test_list_batches(served: Any) -> None:
     srv = served(ManyRepo())
     sizes = [len(r.info) for r in srv.stub.List(pb.ListSnapshotsRequest(), timeout=30)]
     assert sizes == [LIST_BATCH, LIST_BATCH, 1]
+
+
+def test_a_write_waiting_for_the_repo_lock_does_not_stop_the_event_loop(served: Any, tmp_path: Path) -> None:
+    """A Prepare (and a Remove) arriving while a worker thread holds the repo lock -- a Commit or
+    Cleanup walking a tree -- waits in a thread of its own: a Stat is answered meanwhile (before:
+    the Prepare waited for the lock on the event loop, and the Stat with it, until the walk
+    ended; here the walk ends only after the Stat, so the Stat's call timed out)."""
+    from ccpu.repo import Repo
+
+    repo = Repo(tmp_path / "repo", background_removal=False)
+    try:
+        repo.prepare("base-key")
+        repo.commit("base", "base-key")
+        srv = served(repo)
+        release = threading.Event()
+        held = threading.Event()
+        entered = threading.Event()
+        prepare = repo.prepare
+
+        def noted_prepare(*a: Any) -> Any:  # the Prepare has reached the repo (and its lock)
+            entered.set()
+            return prepare(*a)
+
+        repo.prepare = noted_prepare  # type: ignore[method-assign]
+
+        def walk() -> None:  # stands in for Commit/Cleanup holding the lock in a worker thread
+            with repo._lock:
+                held.set()
+                release.wait(60)
+
+        walker = threading.Thread(target=walk)
+        walker.start()
+        try:
+            assert held.wait(10)
+            with ThreadPoolExecutor(2) as pool:
+                prep = pool.submit(srv.stub.Prepare, pb.PrepareSnapshotRequest(key="box", parent="base"),
+                                   timeout=60)
+                assert entered.wait(20)
+                rm = pool.submit(srv.stub.Remove, pb.RemoveSnapshotRequest(key="nothing"), timeout=60)
+                st = srv.stub.Stat(pb.StatSnapshotRequest(key="base"), timeout=20)  # a stuck-bound only
+                assert st.info.name == "base"
+                assert not prep.done()  # it does wait for the lock, off the loop
+                release.set()
+                assert prep.result(60).mounts
+                with pytest.raises(grpc.RpcError) as exc:
+                    rm.result(60)
+                assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            release.set()
+            walker.join(30)
+        assert repo.stat("box").parent == "base"
+        # with the lock free, writes still run (on the loop) as before
+        srv.stub.Remove(pb.RemoveSnapshotRequest(key="box"), timeout=20)
+    finally:
+        repo.close()
