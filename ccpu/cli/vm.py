@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .common import add_containerd_flags
 from .guest import progress
 
 
@@ -23,6 +24,14 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         print("fractal vm run: the input device is not a TTY (-it needs a terminal on stdin)", file=sys.stderr)
         return 2
     note = progress if args.verbose else (lambda s: None)
+    repo, lowers = args.repo, ()
+    if args.image:
+        from ..errdefs import InvalidArgument
+        try:
+            repo, lowers = _image_root(args)
+        except (ValueError, InvalidArgument) as exc:  # BootUsageError, RootViewError: the image, not the VM
+            print(f"fractal vm run: {exc}", file=sys.stderr)
+            return 2
     guest = initramfs.build(progress=note)
     specs = args.share or [os.getcwd()]
     try:
@@ -32,7 +41,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         return 2
     timeout = args.timeout if args.timeout is not None else (None if args.tty else 600.0)
     try:
-        res = run.run(guest, argv, share_dirs=share_dirs, repo=args.repo, memory_mb=args.mem, cpus=args.cpus,
+        res = run.run(guest, argv, share_dirs=share_dirs, repo=repo, image_lowers=lowers, memory_mb=args.mem, cpus=args.cpus,
                       share_type=args.share_type, machine=args.machine, timeout=timeout,
                       console_log=args.console_log, debug=args.debug_guest, netns=args.netns, note=note,
                       tty=args.tty, stdin_fd=sys.stdin.fileno() if args.interactive else None)
@@ -49,6 +58,24 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
     return res.exit_code
 
 
+def _image_root(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
+    """``--image``: (the repo layers dir to share at /repo, the image's layer names, top first),
+    found as `fractal boot` finds them (through containerd, ccpu/cli/boot.py), its /bin/sh checked
+    on the host before anything boots."""
+    from ..boot import plan, rootview
+    from .boot import _image_dirs
+
+    if args.repo:
+        raise plan.BootUsageError("--image and --repo both name what /repo is: give one")
+    dirs = _image_dirs(argparse.Namespace(source=args.image, address=args.address, namespace=args.namespace,
+                                          snapshotter=args.snapshotter))
+    layers = plan.layers_of(dirs)
+    sh = rootview.RootView(layers.host_dirs()).lookup("/bin/sh")
+    if sh is None or not sh.executable:
+        raise plan.BootUsageError(f"image {args.image!r} has no executable /bin/sh to run the command with")
+    return layers.root, layers.names
+
+
 def register(vm: argparse.ArgumentParser) -> None:
     sub = vm.add_subparsers(dest="vm_command", metavar="COMMAND")
     p = sub.add_parser("run", help="boot a guest, run CMD (sh -c, cwd /work), return its exit code",
@@ -58,6 +85,11 @@ def register(vm: argparse.ArgumentParser) -> None:
                    help="share a host directory read-write (repeatable; the first goes to /work, the "
                         "command's cwd; default: the current directory)")
     p.add_argument("--repo", metavar="DIR", help="share DIR read-only at /repo (the layer repo)")
+    p.add_argument("--image", metavar="IMAGE",
+                   help="run CMD in IMAGE's root (its layers from the repo, no copy; a tmpfs on top) instead of "
+                        "the fractal guest's; IMAGE must be unpacked for the fractal snapshotter")
+    add_containerd_flags(p)
+    p.add_argument("--snapshotter", default="fractal", help="with --image: its snapshotter (default %(default)s)")
     p.add_argument("--mem", type=int, default=512, metavar="MB", help="guest memory (default %(default)s)")
     p.add_argument("--cpus", type=int, default=None, help="guest CPUs (default: 1 under TCG, 2 under KVM)")
     p.add_argument("--share-type", choices=("9p", "virtiofs"), default=None,

@@ -20,6 +20,8 @@
 #                                   then vouches for the disk too; docs/hardware.md)
 #   fractal.boot.lowers=N:M:...     boot mode (fractal boot): the image's layer dirs below /repo, top first
 #   fractal.boot.init=PATH          boot mode: the image's init, exec'd as PID 1 in its root
+#                                   (run mode with fractal.boot.lowers: vm run --image, the command
+#                                   runs chrooted in the image's root)
 #
 # Milestones go to the console as "fractal-init: <uptime> <what>" so the host
 # can measure the boot timeline from the console log.
@@ -220,6 +222,37 @@ if [ -s /etc/fractal/run-at-boot ] && [ "$mode" != boot ]; then
     done </etc/fractal/run-at-boot
 fi
 
+# stack_image_root: the image's layers (fractal.boot.lowers, read-only at /repo) + a tmpfs upper,
+# mounted at $b/root (b=/.boot).  fractal boot runs the image's init in it; vm run --image runs the
+# command in it.  Stacked as the agent stacks a container's (ccpu/stack.py nest_for_trusted_upper):
+# several layers are first a read-only `userxattr` overlay (it reads the repo's user.overlay.opaque
+# markers, the only ones a share carries), which is the one lower of the writable overlay whose
+# upper is on tmpfs (no user.* xattrs there).
+b=/.boot
+stack_image_root() {
+    mkdir -p $b/rw $b/lower $b/root
+    mount -t tmpfs -o mode=0755 bootrw $b/rw || die "boot: cannot mount the writable layer's tmpfs"
+    mkdir -p $b/rw/upper $b/rw/work
+    lower=""
+    oldifs="$IFS"
+    IFS=:
+    for l in $blowers; do
+        case "$l" in '' | .* | */*) die "boot: bad layer name '$l'" ;; esac
+        [ -d "/repo/$l" ] || die "boot: layer /repo/$l is not shared"
+        lower="$lower${lower:+:}/repo/$l"
+    done
+    IFS="$oldifs"
+    [ -n "$lower" ] || die "boot: no layers (fractal.boot.lowers)"
+    case "$lower" in
+    *:*)
+        mount -t overlay -o "ro,index=off,userxattr,lowerdir=$lower" bootlower $b/lower ||
+            die "boot: cannot stack the image's layers"
+        lower=$b/lower ;;
+    esac
+    mount -t overlay -o "index=off,lowerdir=$lower,upperdir=$b/rw/upper,workdir=$b/rw/work" bootroot $b/root ||
+        die "boot: cannot mount the image's root"
+}
+
 case "$mode" in
 agent)
     agent="$(port fractal.agent)" || die "no virtio-serial port named fractal.agent"
@@ -264,6 +297,20 @@ run)
     read -r cmd64 <&3
     cmd="$(echo "$cmd64" | base64 -d)"
     cd /work 2>/dev/null || cd /
+    if [ -n "$blowers" ]; then  # vm run --image: the command runs in the image's root, /work in it
+        stack_image_root
+        for s in $shares; do
+            path="${s##*:}"
+            mkdir -p "$b/root$path" && mount --bind "$path" "$b/root$path" || die "run: cannot bind share $path"
+        done
+        for m in dev proc sys; do
+            mkdir -p "$b/root/$m" && mount --rbind "/$m" "$b/root/$m" || die "run: cannot bind /$m into the image"
+        done
+        [ -x "$b/root/bin/sh" ] || die "run: the image has no /bin/sh"
+        # the command crosses the chroot in the environment, not re-quoted into a command line
+        export FRACTAL_CMD="$cmd"
+        cmd="exec chroot $b/root /bin/sh -c 'cd /work 2>/dev/null || cd /; eval \"\$FRACTAL_CMD\"'"
+    fi
     milestone "run"
     if [ -n "$tty" ]; then  # vm run -t: CMD on a pty (ccpu/agent/vmtty.py), keystrokes on fractal.stdin
         in="$(port fractal.stdin)" || die "no port fractal.stdin"
@@ -286,34 +333,9 @@ run)
     poweroff -f
     ;;
 boot)
-    # fractal boot (ccpu/boot, docs/boot.md): the image's layers (read-only at /repo) + a tmpfs
-    # upper become the root, stacked as the agent stacks a container's (ccpu/stack.py
-    # nest_for_trusted_upper): several layers are first a read-only `userxattr` overlay (it
-    # reads the repo's user.overlay.opaque markers, the only ones a share carries), which is
-    # the one lower of the writable overlay whose upper is on tmpfs (no user.* xattrs there).
-    # Then the kernel's file systems and the shares move into it, and the image's init runs as PID 1.
-    b=/.boot
-    mkdir -p $b/rw $b/lower $b/root
-    mount -t tmpfs -o mode=0755 bootrw $b/rw || die "boot: cannot mount the writable layer's tmpfs"
-    mkdir -p $b/rw/upper $b/rw/work
-    lower=""
-    oldifs="$IFS"
-    IFS=:
-    for l in $blowers; do
-        case "$l" in '' | .* | */*) die "boot: bad layer name '$l'" ;; esac
-        [ -d "/repo/$l" ] || die "boot: layer /repo/$l is not shared"
-        lower="$lower${lower:+:}/repo/$l"
-    done
-    IFS="$oldifs"
-    [ -n "$lower" ] || die "boot: no layers (fractal.boot.lowers)"
-    case "$lower" in
-    *:*)
-        mount -t overlay -o "ro,index=off,userxattr,lowerdir=$lower" bootlower $b/lower ||
-            die "boot: cannot stack the image's layers"
-        lower=$b/lower ;;
-    esac
-    mount -t overlay -o "index=off,lowerdir=$lower,upperdir=$b/rw/upper,workdir=$b/rw/work" bootroot $b/root ||
-        die "boot: cannot mount the image's root"
+    # fractal boot (ccpu/boot, docs/boot.md): the image's root (stack_image_root), then the
+    # kernel's file systems and the shares move into it, and the image's init runs as PID 1.
+    stack_image_root
     for s in $shares; do  # mounted at their paths above: into the new root
         path="${s##*:}"
         mkdir -p "$b/root$path" && mount --move "$path" "$b/root$path" || die "boot: cannot move share $path"

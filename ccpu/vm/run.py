@@ -75,14 +75,19 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
         timeout: float | None = 600.0, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
         console_log: str | None = None, debug: bool = False, netns: str | None = None,
         uid_base: int = qemu.DEFAULT_UID_BASE, note: Callable[[str], None] = lambda s: None,
-        tty: bool = False, stdin_fd: int | None = None, balloon: bool = True) -> RunResult:
+        tty: bool = False, stdin_fd: int | None = None, balloon: bool = True,
+        image_lowers: Sequence[str] = ()) -> RunResult:
     """Run `argv` (joined for `sh -c`) in a fresh guest; its stdout/stderr go to `stdout`/`stderr`.
 
     ``tty``: on a pty in the guest (``vm run -t``): ``stdin_fd`` (a terminal, or None for no input)
     is put in raw mode and relayed, window sizes follow SIGWINCH, all output goes to `stdout`.
     Without ``tty``, ``stdin_fd`` (``vm run -i``: a pipe, a file, a terminal) becomes the command's
     stdin, its end the command's EOF; None: the command's stdin is /dev/null.
+    ``image_lowers``: the command runs chrooted in an image's root stacked from these dirs below
+    ``repo`` (top first; ``vm run --image``), /work bound into it.
     ``timeout`` None: no limit."""
+    if image_lowers and not repo:
+        raise ValueError("an image root needs the repo its layers are in")
     if tty and stdin_fd is not None and not os.isatty(stdin_fd):
         raise ValueError("the input device is not a TTY (-t with -i needs a terminal on stdin)")
     out_f = stdout or sys.stdout.buffer
@@ -108,7 +113,8 @@ def run(guest: Guest, argv: Sequence[str], *, share_dirs: Sequence[ShareSpec] = 
             ports=(PORT_RUN, PORT_OUT, PORT_ERR) + ((PORT_IN,) if tty or stdin_fd is not None else ()),
             netns=netns, uid_base=uid_base, debug=debug,
             cmdline_extra=((f"fractal.tty={runproto.term_name(os.environ.get('TERM'))}",) if tty
-                           else ("fractal.stdin=1",) if stdin_fd is not None else ()),
+                           else ("fractal.stdin=1",) if stdin_fd is not None else ())
+            + ((f"fractal.boot.lowers={':'.join(image_lowers)}",) if image_lowers else ()),
             balloon=balloon)
         vm = Machine(spec)
         try:

@@ -122,6 +122,27 @@ def test_image_not_in_repo_and_image_without_init(machine: list[str], registry) 
     assert r.returncode == 2 and "no init /sbin/init in" in r.stderr, r.stderr
 
 
+def test_vm_run_image_runs_the_command_in_the_images_root(machine: list[str], tmp_path: Path) -> None:
+    """`fractal vm run --image` (issue 17 part 2): the command runs in the image's root, stacked
+    from the repo's layers as `fractal boot` stacks it (whiteout and opaque dir honoured, a
+    writable tmpfs on top), with the working directory at /work; `--image` with `--repo` is a
+    usage error."""
+    *flags, ref = machine
+    env = {k: v for k, v in os.environ.items() if k not in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE")}
+    (tmp_path / "in.txt").write_text("from the host\n")
+    script = ("[ -e /etc/doomed ] && echo doomed=present || echo doomed=absent; ls /etc/opq | tr '\\n' ,; echo; "
+              "cat /etc/inittab; echo x > /new && cat /new; cat in.txt; pwd; echo out > out.txt")
+    r = subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", *flags, "--image", ref, "--", "sh", "-c", script],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n") == ["doomed=absent", "c,", "::sysinit:/etc/init.d/oneshot", "x", "from the host",
+                                     "/work", ""], r.stdout
+    assert (tmp_path / "out.txt").read_text() == "out\n"
+    bad = subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", *flags, "--image", ref, "--repo", str(tmp_path),
+                          "--", "true"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "--image and --repo" in bad.stderr, bad.stderr
+
+
 def _children(pid: int) -> dict[int, str]:
     out = {}
     for p in Path("/proc").iterdir():
