@@ -20,6 +20,13 @@ puts every container's cgroup below PATH, whose memory.max keeps `--memory-reser
 guest's memory for the kernel, the agent and runc (ccpu/agent/limits.py).
 
 Standard library only: this runs in a minimal guest.
+
+Ready first: what `hello` needs (asyncio, the wire, the protocol) is all that loads before the
+agent answers it; the container machinery (`CONTAINER_MODULES`) is imported in a thread right
+after, and the Supervisor (with the reaper, the subreaper flag and the guest's memory reserve)
+is built when the first request needs it -- before it no container, so no child, can exist.
+Under TCG the imports are most of a guest's boot -> ready time (docs/vm.md "The agent's
+imports"); tests/unit/test_import_graph.py pins what the ready path may import.
 """
 
 from __future__ import annotations
@@ -33,14 +40,20 @@ import signal
 import socket
 import stat
 import sys
+import typing
 
-from ..linux.reaper import Reaper, ensure_stdio_open
-from . import endpoint, limits
-from .container import Supervisor
-from .runc import Runc
-from .server import Outbox, Server
+from . import endpoint
+from .server import LazySupervisor, Outbox, Server
+
+if typing.TYPE_CHECKING:
+    from ..linux.reaper import Reaper
+    from .container import Supervisor
 
 log = logging.getLogger("ccpu.agent")
+
+#: imported after `hello` (preload) or by the first request that needs them, never before ready
+CONTAINER_MODULES = ("ccpu.agent.container", "ccpu.agent.runc", "ccpu.agent.limits", "ccpu.agent.live",
+                     "ccpu.agent.diagnose", "ccpu.linux.reaper")
 
 
 def which(name: str) -> str | None:
@@ -53,8 +66,18 @@ def which(name: str) -> str | None:
     return None
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter with a fixed width: the default asks ``shutil.get_terminal_size``, and
+    importing shutil (fnmatch, zlib, bz2, lzma) would be on the guest's boot path (every
+    ``add_argument`` makes a formatter)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=100)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python3 -m ccpu.agent", description="fractal agent")
+    p = argparse.ArgumentParser(prog="python3 -m ccpu.agent", description="fractal agent",
+                                formatter_class=_Formatter)
     p.add_argument("--fd", type=int, help="serve the connected stream on this fd")
     p.add_argument("--listen", help="unix:PATH or tcp:HOST:PORT (with --tls-dir) to accept connections on")
     p.add_argument("--tls-dir", help="tcp: the dir with ca.pem, agent.pem, agent.key (`fractal pki init`)")
@@ -120,10 +143,26 @@ async def _fd_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
     return reader, writer
 
 
-async def amain(ns: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
+def preload(nics: bool) -> None:
+    """Import the container machinery (run in a thread after `hello`; imports are idempotent)."""
+    import importlib
+
+    for name in CONTAINER_MODULES + (("ccpu.agent.nic",) if nics else ()):
+        importlib.import_module(name)
+
+
+def build_supervisor(ns: argparse.Namespace, outbox: Outbox, loop: asyncio.AbstractEventLoop,
+                     started: list[Reaper]) -> Supervisor:
+    """The Supervisor, its reaper started (subreaper from now on) and, in a guest, the
+    containers' memory reserve set up; ``started`` gets the reaper (stopped at exit)."""
+    from ..linux.reaper import Reaper
+    from . import limits
+    from .container import Supervisor
+    from .runc import Runc
+
     reaper = Reaper()
     reaper.start(loop)
+    started.append(reaper)
     os.makedirs(ns.runc_root, mode=0o700, exist_ok=True)
     cgroup_parent = ns.cgroup_parent
     if cgroup_parent:
@@ -132,12 +171,19 @@ async def amain(ns: argparse.Namespace) -> int:
         except OSError as e:  # containers still run, without the reserve: say so loudly
             log.error("cannot set up the containers' memory limit in %s: %s", cgroup_parent, e)
             cgroup_parent = None
-    outbox = Outbox()
-    sup = Supervisor(
+    return Supervisor(
         Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, ns.bundle_root, ns.layer_root, ns.drain_timeout,
         cgroup_parent=cgroup_parent,
     )
-    server = Server(sup, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None,
+
+
+async def amain(ns: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    outbox = Outbox()
+    reapers: list[Reaper] = []
+    lazy = LazySupervisor(build=lambda: build_supervisor(ns, outbox, loop, reapers),
+                          preload=lambda: preload(ns.nics))
+    server = Server(lazy, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None,
                     nics=ns.nics)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -176,10 +222,10 @@ async def amain(ns: argparse.Namespace) -> int:
         reader, writer = await _fd_streams(ns.fd)
         await server.serve(reader, writer)
         if listener is None:
-            if not sup.containers:
+            if not server.container_count():
                 stop.set()
             else:
-                log.warning("connection on fd %d closed with %d containers left", ns.fd, len(sup.containers))
+                log.warning("connection on fd %d closed with %d containers left", ns.fd, server.container_count())
 
     fd_task = asyncio.ensure_future(serve_fd()) if ns.fd is not None else None
     while True:
@@ -200,12 +246,15 @@ async def amain(ns: argparse.Namespace) -> int:
         fd_task.cancel()
         with contextlib.suppress(BaseException):
             await fd_task
-    reaper.stop()
-    log.info("agent exiting (%d containers left)", len(sup.containers))
+    for reaper in reapers:
+        reaper.stop()
+    log.info("agent exiting (%d containers left)", server.container_count())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..linux.stdio import ensure_stdio_open
+
     ns = parse_args(argv)
     ensure_stdio_open()
     handler: logging.Handler = logging.FileHandler(ns.log) if ns.log else logging.StreamHandler(sys.stderr)
