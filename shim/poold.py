@@ -51,6 +51,11 @@ LOCK = "pool.lock"
 #: a pooled boot delays no sandbox: on a loaded machine it gets at least this long (s) before
 #: it is given up (vm.boot_timeout, 90 s, bounds what a sandbox waits for its own boot)
 POOL_BOOT_TIMEOUT = 300.0
+#: a pooled VM boots at this nice value (QEMU + virtiofsd, every thread from exec on) and is set
+#: back to 0 once ready: a refill starts right when a sandbox adopts a VM and would otherwise
+#: take half the cores from that sandbox's first container (docs/vm.md "The pool").  Not
+#: SCHED_IDLE: on a machine kept busy by others a refill would never finish.
+POOL_BOOT_NICE = 10
 VIEWS = "views"  # <pool dir>/views/<id>: each pooled VM's layer view (shim/layerview.py)
 
 
@@ -123,6 +128,7 @@ class Pool:
         sb = VmSandbox(reaper=self.reaper, namespace=NAMESPACE, group=vid, repo_root=self.repo_root,
                        run_dir=pool.pool_dir(self.run_dir), settings=settings, timeouts=self.cfg.timeouts)
         sb.die_with_shim = False
+        sb.boot_nice = POOL_BOOT_NICE
         # the view stays at this path for the VM's life (its run dir is renamed at adoption):
         # virtiofsd finds each layer's bind mount by the path it was started with
         sb.view = LayerView(sb.dir, sb.host_layers, at=os.path.join(pool.pool_dir(self.run_dir), VIEWS, vid))
@@ -142,6 +148,7 @@ class Pool:
         if self.stopping:
             await sb.stop()
             return
+        sb.renice(0)  # ready: adopted, it runs a sandbox at the sandboxes' priority
         self.boot_failures = 0
         self.ready.append((vid, sb))
         log.info("pooled VM %s ready (QEMU pid %s) in %.2fs; %d ready", vid, sb.pid, time.monotonic() - t0,
