@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     guest = initramfs.build(offline=True)
     with tempfile.TemporaryDirectory(prefix="fractal-bench-runc-") as work:
         os.chmod(work, 0o755)
-        # built already: no need to wait for the images lock (another build may hold it for minutes)
-        layout = testimages.layout_path("busybox") if testimages.is_built("busybox") else testimages.build("busybox")
+        layout = testimages.build("busybox")
         subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", os.path.join(work, "img")], check=True,
                        capture_output=True)
         Path(work, "bench.py").write_text(IN_GUEST)
