@@ -23,7 +23,7 @@ from ccpu.linux import proc
 from shim import pool
 from shim.poold import POOL_BOOT_NICE
 from tests.harness import wait_for
-from tests.integration.test_shim_vm import fractal_ps, qemus, start_detached, task_status
+from tests.integration.test_shim_vm import _proc_cmd, fractal_ps, qemus, start_detached, task_status
 
 RUNTIME = "io.containerd.fractal.v1"
 
@@ -114,7 +114,9 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
     cid = "pooled"
     try:
         # while it boots, the pooled VM's QEMU runs at the pool's low priority (shim/poold.py)
-        (booting,) = wait_for(lambda: qemus(fenv) or None, timeout=300, what="the pool's QEMU", interval=0.05)
+        pooled = pool.pool_dir(p.run_dir).encode()
+        (booting,) = wait_for(lambda: [q for q in qemus(fenv) if any(pooled in c for c in _proc_cmd(q))] or None,
+                              timeout=300, what="the pool's QEMU", interval=0.05)
         assert proc.thread_nices(booting)[booting] == POOL_BOOT_NICE, p.status()
         (ready,) = p.ready()
         qemu = ready["qemu_pid"]
