@@ -51,6 +51,11 @@ LOCK = "pool.lock"
 #: a pooled boot delays no sandbox: on a loaded machine it gets at least this long (s) before
 #: it is given up (vm.boot_timeout, 90 s, bounds what a sandbox waits for its own boot)
 POOL_BOOT_TIMEOUT = 300.0
+#: a pooled VM boots at this nice value (QEMU + virtiofsd, every thread from exec on) and is set
+#: back to 0 once ready: a refill starts right when a sandbox adopts a VM and would otherwise
+#: take half the cores from that sandbox's first container (docs/vm.md "The pool").  Not
+#: SCHED_IDLE: on a machine kept busy by others a refill would never finish.
+POOL_BOOT_NICE = 10
 VIEWS = "views"  # <pool dir>/views/<id>: each pooled VM's layer view (shim/layerview.py)
 
 
@@ -87,8 +92,9 @@ def remove_empty_dirs(run_dir: str) -> None:
 
 
 class Pool:
-    def __init__(self, run_dir: str, size: int, cfg: Any, repo_root: str) -> None:
+    def __init__(self, run_dir: str, size: int, cfg: Any, repo_root: str, boot_nice: int = POOL_BOOT_NICE) -> None:
         self.run_dir = run_dir
+        self.boot_nice = boot_nice
         self.size = size
         self.cfg = cfg
         self.repo_root = repo_root
@@ -123,6 +129,7 @@ class Pool:
         sb = VmSandbox(reaper=self.reaper, namespace=NAMESPACE, group=vid, repo_root=self.repo_root,
                        run_dir=pool.pool_dir(self.run_dir), settings=settings, timeouts=self.cfg.timeouts)
         sb.die_with_shim = False
+        sb.boot_nice = self.boot_nice
         # the view stays at this path for the VM's life (its run dir is renamed at adoption):
         # virtiofsd finds each layer's bind mount by the path it was started with
         sb.view = LayerView(sb.dir, sb.host_layers, at=os.path.join(pool.pool_dir(self.run_dir), VIEWS, vid))
@@ -142,6 +149,7 @@ class Pool:
         if self.stopping:
             await sb.stop()
             return
+        sb.renice(0)  # ready: adopted, it runs a sandbox at the sandboxes' priority
         self.boot_failures = 0
         self.ready.append((vid, sb))
         log.info("pooled VM %s ready (QEMU pid %s) in %.2fs; %d ready", vid, sb.pid, time.monotonic() - t0,
@@ -285,7 +293,7 @@ async def amain(ns: argparse.Namespace) -> int:
     if cfg.vm.attest:  # attested sandboxes boot their own VM (shim/vm.py _adopt)
         size = 0
     cleanup(run_dir)  # what a dead predecessor left
-    p = Pool(run_dir, size, cfg, config.repo_root().path)
+    p = Pool(run_dir, size, cfg, config.repo_root().path, boot_nice=ns.boot_nice)
     loop = asyncio.get_running_loop()
     p.reaper = Reaper()
     p.reaper.start(loop, subreaper=False)
@@ -328,10 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", nargs="?", choices=("run", "cleanup"), default="run",
                     help="run the pool (default), or remove what a dead pool left and exit")
     ap.add_argument("--size", type=int, default=None, help="ready VMs (default: vm.pool of the config)")
+    ap.add_argument("--boot-nice", type=int, default=POOL_BOOT_NICE,
+                    help=f"nice value a VM boots at, 0 once ready (default {POOL_BOOT_NICE}; 0: as a sandbox's)")
     ap.add_argument("--debug", action="store_true")
     ns = ap.parse_args(argv)
     if ns.size is not None and not 0 <= ns.size <= 16:
         ap.error("--size: 0 to 16")
+    if not 0 <= ns.boot_nice <= 19:
+        ap.error("--boot-nice: 0 to 19")
     logging.basicConfig(level=logging.DEBUG if ns.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return asyncio.run(amain(ns))

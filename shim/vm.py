@@ -208,6 +208,8 @@ class VmSandbox(AgentSandbox):
         self.run_root = run_dir
         #: False for the pool's own VMs (shim/poold.py): QEMU outlives the pool once adopted
         self.die_with_shim = True
+        #: the nice value QEMU and virtiofsd boot at (the pool's: its boots yield to sandboxes)
+        self.boot_nice = 0
         self._handover: Any = None  # shim.pool.Handover: a pooled VM renamed into self.dir
         self.pool_vm: dict[str, Any] | None = None  # what the pool said about the VM adopted
         self.hello: dict[str, Any] = {}
@@ -569,6 +571,11 @@ class VmSandbox(AgentSandbox):
         log.info("pod network %s connected after adoption: %s", self.netns,
                  ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in ifaces) or "no IPv4 interface")
 
+    def renice(self, value: int) -> None:
+        """QEMU's and virtiofsd's threads to nice ``value`` (a pooled VM once ready: 0)."""
+        if self._machine is not None and hasattr(self._machine, "renice"):  # booted here, not adopted
+            self._machine.renice(value)
+
     def handover_fds(self) -> tuple[dict[str, Any], list[str], list[int]]:
         """The pool's side of a handover (this VM booted with ``die_with_shim`` False and ready):
         what the adopter is told, and the fds it gets (dups or new pidfds: the caller closes
@@ -653,6 +660,7 @@ class VmSandbox(AgentSandbox):
                 memory_mb=s.memory_mb, cpus=s.cpus, ports=(AGENT_PORT,), netns=self.netns,
                 hotplug_nics=HOTPLUG_NICS,
                 uid_base=s.qemu_uid_base, name=self.dir, virtiofsd=vfsd, die_with_starter=self.die_with_shim,
+                nice=self.boot_nice,
                 debug=logging.getLogger().isEnabledFor(logging.DEBUG),  # shim -debug: guest too
                 # attested: the init hashes the system image disk against the (measured) initramfs
                 cmdline_extra=(f"fractal.reserve={s.memory_reserve_mb}",) +

@@ -24,6 +24,13 @@ puts every container's cgroup below PATH, whose memory.max keeps `--memory-reser
 guest's memory for the kernel, the agent and runc (ccpu/agent/limits.py).
 
 Standard library only: this runs in a minimal guest.
+
+Ready first: what `hello` needs (asyncio, the wire, the protocol) is all that loads before the
+agent answers it; the container machinery (`CONTAINER_MODULES`) is imported in a thread right
+after, and the Supervisor (with the reaper, the subreaper flag and the guest's memory reserve)
+is built when the first request needs it -- before it no container, so no child, can exist.
+Under TCG the imports are most of a guest's boot -> ready time (docs/vm.md "The agent's
+imports"); tests/unit/test_import_graph.py pins what the ready path may import.
 """
 
 from __future__ import annotations
@@ -37,14 +44,21 @@ import signal
 import socket
 import stat
 import sys
+import typing
 
-from ..linux.reaper import Reaper, ensure_stdio_open
-from . import endpoint, limits
-from .container import Supervisor
-from .runc import Runc
-from .server import Outbox, Server
+from . import endpoint
+from .server import LazySupervisor, Outbox, Server
+
+if typing.TYPE_CHECKING:
+    from ..linux.reaper import Reaper
+    from .container import Supervisor
+    from .layerpull import LocalRepo
 
 log = logging.getLogger("ccpu.agent")
+
+#: imported after `hello` (preload) or by the first request that needs them, never before ready
+CONTAINER_MODULES = ("ccpu.agent.container", "ccpu.agent.runc", "ccpu.agent.limits", "ccpu.agent.live",
+                     "ccpu.agent.diagnose", "ccpu.linux.reaper")
 
 
 def which(name: str) -> str | None:
@@ -57,8 +71,18 @@ def which(name: str) -> str | None:
     return None
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter with a fixed width: the default asks ``shutil.get_terminal_size``, and
+    importing shutil (fnmatch, zlib, bz2, lzma) would be on the guest's boot path (every
+    ``add_argument`` makes a formatter)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=100)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python3 -m ccpu.agent", description="fractal agent")
+    p = argparse.ArgumentParser(prog="python3 -m ccpu.agent", description="fractal agent",
+                                formatter_class=_Formatter)
     p.add_argument("--fd", type=int, help="serve the connected stream on this fd")
     p.add_argument("--listen", help="unix:PATH or tcp:HOST:PORT (with --tls-dir) to accept connections on")
     p.add_argument("--tls-dir", help="tcp: the dir with ca.pem, agent.pem, agent.key (`fractal pki init`)")
@@ -137,10 +161,26 @@ async def _fd_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
     return reader, writer
 
 
-async def amain(ns: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
+def preload(nics: bool) -> None:
+    """Import the container machinery (run in a thread after `hello`; imports are idempotent)."""
+    import importlib
+
+    for name in CONTAINER_MODULES + (("ccpu.agent.nic",) if nics else ()):
+        importlib.import_module(name)
+
+
+def build_supervisor(ns: argparse.Namespace, outbox: Outbox, loop: asyncio.AbstractEventLoop,
+                     started: list[Reaper], roots: tuple[list[str], list[str]]) -> Supervisor:
+    """The Supervisor, its reaper started (subreaper from now on) and, in a guest, the
+    containers' memory reserve set up; ``started`` gets the reaper (stopped at exit)."""
+    from ..linux.reaper import Reaper
+    from . import limits
+    from .container import Supervisor
+    from .runc import Runc
+
     reaper = Reaper()
     reaper.start(loop)
+    started.append(reaper)
     os.makedirs(ns.runc_root, mode=0o700, exist_ok=True)
     cgroup_parent = ns.cgroup_parent
     if cgroup_parent:
@@ -149,22 +189,36 @@ async def amain(ns: argparse.Namespace) -> int:
         except OSError as e:  # containers still run, without the reserve: say so loudly
             log.error("cannot set up the containers' memory limit in %s: %s", cgroup_parent, e)
             cgroup_parent = None
-    outbox = Outbox()
-    repo = None
-    bundle_roots, layer_roots = list(ns.bundle_root), list(ns.layer_root)
-    if ns.repo:
-        from .layerpull import LocalRepo
-
-        repo = LocalRepo(ns.repo, max_blob=ns.max_layer_mb << 20, cache_max=ns.layer_cache_mb << 20)
-        for sub in ("bundles", "containers"):
-            os.makedirs(os.path.join(repo.root, sub), mode=0o700, exist_ok=True)
-        bundle_roots.append(os.path.join(repo.root, "bundles"))
-        layer_roots += [repo.layers, os.path.join(repo.root, "containers")]
-    sup = Supervisor(
-        Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, bundle_roots, layer_roots, ns.drain_timeout,
+    return Supervisor(
+        Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, roots[0], roots[1], ns.drain_timeout,
         cgroup_parent=cgroup_parent,
     )
-    server = Server(sup, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None,
+
+
+def local_repo(ns: argparse.Namespace) -> tuple[LocalRepo | None, tuple[list[str], list[str]]]:
+    """A machine's own layer repo (``--repo``: remote mode, layers streamed by the shim) and the
+    (bundle roots, layer roots) the Supervisor may use: the flags' plus the repo's dirs."""
+    bundle_roots, layer_roots = list(ns.bundle_root), list(ns.layer_root)
+    if not ns.repo:
+        return None, (bundle_roots, layer_roots)
+    from .layerpull import LocalRepo
+
+    repo = LocalRepo(ns.repo, max_blob=ns.max_layer_mb << 20, cache_max=ns.layer_cache_mb << 20)
+    for sub in ("bundles", "containers"):
+        os.makedirs(os.path.join(repo.root, sub), mode=0o700, exist_ok=True)
+    bundle_roots.append(os.path.join(repo.root, "bundles"))
+    layer_roots += [repo.layers, os.path.join(repo.root, "containers")]
+    return repo, (bundle_roots, layer_roots)
+
+
+async def amain(ns: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    outbox = Outbox()
+    reapers: list[Reaper] = []
+    repo, roots = local_repo(ns)
+    lazy = LazySupervisor(build=lambda: build_supervisor(ns, outbox, loop, reapers, roots),
+                          preload=lambda: preload(ns.nics))
+    server = Server(lazy, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None,
                     nics=ns.nics, repo=repo)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -203,10 +257,10 @@ async def amain(ns: argparse.Namespace) -> int:
         reader, writer = await _fd_streams(ns.fd)
         await server.serve(reader, writer)
         if listener is None:
-            if not sup.containers:
+            if not server.container_count():
                 stop.set()
             else:
-                log.warning("connection on fd %d closed with %d containers left", ns.fd, len(sup.containers))
+                log.warning("connection on fd %d closed with %d containers left", ns.fd, server.container_count())
 
     fd_task = asyncio.ensure_future(serve_fd()) if ns.fd is not None else None
     while True:
@@ -227,12 +281,15 @@ async def amain(ns: argparse.Namespace) -> int:
         fd_task.cancel()
         with contextlib.suppress(BaseException):
             await fd_task
-    reaper.stop()
-    log.info("agent exiting (%d containers left)", len(sup.containers))
+    for reaper in reapers:
+        reaper.stop()
+    log.info("agent exiting (%d containers left)", server.container_count())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..linux.stdio import ensure_stdio_open
+
     ns = parse_args(argv)
     ensure_stdio_open()
     handler: logging.Handler = logging.FileHandler(ns.log) if ns.log else logging.StreamHandler(sys.stderr)

@@ -11,9 +11,10 @@ import errno
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..stack import LayerStack, StackError
+if TYPE_CHECKING:  # imported by resolve_stack: the agent's ready path does not need it
+    from ..stack import LayerStack
 
 # The error kinds are ccpu/errdefs.py's (the shim raises the same ones); re-exported here under
 # the names the agent has always used.  ``AgentError`` is their base class.
@@ -160,6 +161,8 @@ def resolve_stack(value: Any, roots: Sequence[str]) -> LayerStack:
     """The ONE check of a layer stack the agent is handed (a ``rootfs`` of kind ``layers``):
     well formed, every path absolute and resolved inside ``roots``.  create mounts, and restack
     later changes, only the stack this returns (ccpu/agent/live.py keeps it)."""
+    from ..stack import LayerStack, StackError
+
     try:
         given = value if isinstance(value, LayerStack) else LayerStack.from_wire(value)
     except StackError as e:

@@ -31,10 +31,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import diagnose, live, nic, protocol, tpm, wire
-from .container import Supervisor
+from . import protocol, wire
+
+if TYPE_CHECKING:  # the container machinery loads after `hello` (Server's docstring)
+    from .container import Supervisor
 
 if TYPE_CHECKING:
     from .layerpull import LocalRepo, Receiver
@@ -171,10 +174,36 @@ class Outbox:
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
+@dataclass(frozen=True)
+class LazySupervisor:
+    """How to build the Supervisor when a request first needs it (``build``, in the event
+    loop's thread) and how to import its modules ahead of that (``preload``, in a thread)."""
+
+    build: Callable[[], Supervisor]
+    preload: Callable[[], None]
+
+
 class Server:
-    def __init__(self, supervisor: Supervisor, outbox: Outbox, orphan_grace: float | None = None,
-                 nics: bool = False, repo: LocalRepo | None = None) -> None:
-        self.sup = supervisor
+    """Serves the protocol over the Supervisor.
+
+    ``supervisor`` may be a `LazySupervisor`: then the container machinery (ccpu.agent.container and what
+    it imports: runc, live, mounts, stdio, oom, limits, the reaper's libc) is built only when a
+    request first needs it, and the agent answers ``hello`` without it.  In a guest under TCG
+    those imports are ~half of the boot -> ready time (docs/vm.md "The agent's imports"); the
+    shim (and the pool) waits only for ``hello``.  `preload` imports them in a thread right
+    after the first ``hello``, so a pooled VM has them before its sandbox's first request.
+    """
+
+    def __init__(self, supervisor: Supervisor | LazySupervisor, outbox: Outbox,
+                 orphan_grace: float | None = None, nics: bool = False, repo: LocalRepo | None = None) -> None:
+        self._sup: Supervisor | None = None
+        self._factory: Callable[[], Supervisor] | None = None
+        self._preload: Callable[[], None] | None = None
+        if isinstance(supervisor, LazySupervisor):
+            self._factory, self._preload = supervisor.build, supervisor.preload
+        else:
+            self._sup = supervisor
+        self._preloading: asyncio.Future[None] | None = None
         self.orphan_grace = orphan_grace  # TCP: reap a lost owner's containers after this (s)
         self._orphans: asyncio.Task[None] | None = None
         self.outbox = outbox
@@ -182,40 +211,86 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._count = 0
         self.owner: str | None = None  # the identity that owns the containers (TCP + TLS)
-        self._ops: dict[str, Handler] = {
-            "create": supervisor.create,
-            "start": supervisor.start,
-            "exec": supervisor.exec,
-            "kill": supervisor.kill,
-            "resize_pty": supervisor.resize_pty,
-            "close_stdin": supervisor.close_stdin,
-            "pause": supervisor.pause,
-            "resume": supervisor.resume,
-            "state": supervisor.state,
-            "pids": supervisor.pids,
-            "stats": supervisor.stats,
-            "update": supervisor.update,
-            "delete": supervisor.delete,
-            "layers": lambda args: live.layers_op(supervisor, args),
-            "restack": lambda args: live.restack_op(supervisor, args),
-            "diagnose": diagnose.diagnose_op,
-        }
+        self._ops: dict[str, Handler] | None = None
+        self._nics = nics
         # configuring NICs: only a guest's agent (--nics); on the host it would take the host's
         self.features = [*FEATURES, "nic"] if nics else list(FEATURES)
-        if nics:
-            self._ops["nic"] = lambda args: nic.nic_op(supervisor.reaper, args)
         # a machine's own layer repo (remote mode, --repo): layers streamed by the shim
         self.repo = repo
         self._pulls: dict[int, tuple[Receiver, asyncio.Event, Connection]] = {}
         if repo is not None:
             self.features.append("layers:pull")
-            self._ops.update({"layers_have": self._layers_have, "layers_pull": self._layers_pull,
-                              "layers_release": self._layers_release})
         # a TPM quote of what this guest booted (shim/vm.py asks before any container): only a
         # guest's agent, and only with a TPM and tpm2-tools (a VM booted with vm.attest)
-        if nics and tpm.available():
-            self.features.append("attest")
-            self._ops["attest"] = lambda args: tpm.attest_op(supervisor.reaper, args)
+        self._attest = False
+        if nics:
+            from . import tpm  # its heavier imports wait for the op itself
+
+            self._attest = tpm.available()
+            if self._attest:
+                self.features.append("attest")
+
+    @property
+    def sup(self) -> Supervisor:
+        """The Supervisor, built on first use (the container modules are imported then)."""
+        if self._sup is None:
+            assert self._factory is not None
+            self._sup = self._factory()
+            self._factory = None
+        return self._sup
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the Supervisor exists (no container can exist before it does)."""
+        return self._sup is not None
+
+    def container_count(self) -> int:
+        return len(self._sup.containers) if self._sup is not None else 0
+
+    def ops(self) -> dict[str, Handler]:
+        if self._ops is None:
+            from . import diagnose, live
+
+            sup = self.sup
+            self._ops = {
+                "create": sup.create,
+                "start": sup.start,
+                "exec": sup.exec,
+                "kill": sup.kill,
+                "resize_pty": sup.resize_pty,
+                "close_stdin": sup.close_stdin,
+                "pause": sup.pause,
+                "resume": sup.resume,
+                "state": sup.state,
+                "pids": sup.pids,
+                "stats": sup.stats,
+                "update": sup.update,
+                "delete": sup.delete,
+                "layers": lambda args: live.layers_op(sup, args),
+                "restack": lambda args: live.restack_op(sup, args),
+                "diagnose": diagnose.diagnose_op,
+            }
+            if self._nics:
+                from . import nic
+
+                self._ops["nic"] = lambda args: nic.nic_op(sup.reaper, args)
+            if self.repo is not None:
+                self._ops.update({"layers_have": self._layers_have, "layers_pull": self._layers_pull,
+                                  "layers_release": self._layers_release})
+            if self._attest:
+                from . import tpm
+
+                self._ops["attest"] = lambda args: tpm.attest_op(sup.reaper, args)
+        return self._ops
+
+    def _start_preload(self) -> None:
+        """Import the container machinery in a thread, once, after the first `hello` was sent:
+        the event loop keeps serving meanwhile (a request that needs the modules first waits on
+        the import lock, as it would have waited for the import itself)."""
+        if self._preload is None or self._preloading is not None or self._sup is not None:
+            return
+        self._preloading = asyncio.get_running_loop().run_in_executor(None, self._preload)
+        self._preloading.add_done_callback(_preload_done)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     identity: str | None = None) -> None:
@@ -266,9 +341,9 @@ class Server:
             owner_lost = conn.ready and self.outbox.conn is conn and conn.identity is not None
             self.outbox.detach(conn)
             conn.close()
-            if owner_lost and self.orphan_grace is not None and self.sup.containers and not self.stopped.is_set():
+            if owner_lost and self.orphan_grace is not None and self.container_count() and not self.stopped.is_set():
                 log.warning("%s: the owner's connection broke with %d containers; reaping them in %gs "
-                            "unless it comes back", conn.name, len(self.sup.containers), self.orphan_grace)
+                            "unless it comes back", conn.name, self.container_count(), self.orphan_grace)
                 self._orphans = asyncio.ensure_future(self._reap_orphans(self.orphan_grace))
 
     async def _reap_orphans(self, grace: float) -> None:
@@ -346,6 +421,7 @@ class Server:
                 self._orphans.cancel()  # the owner is back (or the containers are gone)
                 self._orphans = None
             self.outbox.attach(conn)
+            self._start_preload()
             return
         if op == "layers_pull" and self.repo is not None:
             self._reserve_pull(conn, args)  # before the data frames that follow the request
@@ -419,11 +495,11 @@ class Server:
 
     def _check_owner(self, conn: Connection) -> None:
         """A client of another identity may not take over existing containers."""
-        if self.owner is not None and conn.identity != self.owner and self.sup.containers:
+        if self.owner is not None and conn.identity != self.owner and self.container_count():
             log.warning("%s: refused: identity %s is not %s, which owns %d containers", conn.name,
-                        conn.identity, self.owner, len(self.sup.containers))
+                        conn.identity, self.owner, self.container_count())
             raise protocol.FailedPrecondition(
-                f"this agent's {len(self.sup.containers)} containers belong to another client "
+                f"this agent's {self.container_count()} containers belong to another client "
                 f"identity ({self.owner}); yours is {conn.identity}")
 
     def _hello(self, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -478,17 +554,19 @@ class Server:
             self.stopped.set()
 
     def _exec_exists(self, args: Mapping[str, Any]) -> bool:
-        c = self.sup.containers.get(str(args.get("container")))
+        if self._sup is None:
+            return False
+        c = self._sup.containers.get(str(args.get("container")))
         return c is not None and str(args.get("exec")) in c.execs
 
     async def _dispatch(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         if op == "hello":
             raise protocol.FailedPrecondition("hello was already done on this connection")
         if op == "shutdown":
-            if self.sup.containers:
-                raise protocol.FailedPrecondition(f"{len(self.sup.containers)} containers exist")
+            if self.container_count():
+                raise protocol.FailedPrecondition(f"{self.container_count()} containers exist")
             return {}
-        handler = self._ops.get(op)
+        handler = self.ops().get(op)
         if handler is None:
             raise protocol.Unimplemented(f"unknown operation {op!r}")
         cid = args.get("container")
@@ -496,6 +574,11 @@ class Server:
             return await handler(args)  # the handler refuses the missing/bad id
         async with self.sup.serialized(cid):
             return await handler(args)
+
+
+def _preload_done(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:  # the first request will say it again
+        log.warning("preloading the container modules failed: %s", fut.exception())
 
 
 def _brief(value: Any) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -122,6 +121,8 @@ async def _quote(reaper: Any, nonce: str, cred: bytes) -> dict[str, Any]:
     for name in ("ek.ctx", "ak.ctx"):
         if not os.path.exists(_w(name)):
             raise protocol.FailedPrecondition("attest: the keys step must come first")
+    import tempfile  # not at import: the agent's ready path loads this module (shutil via tempfile)
+
     fd, path = tempfile.mkstemp(dir=WORK, prefix="cred-")
     with os.fdopen(fd, "wb") as f:
         f.write(cred)

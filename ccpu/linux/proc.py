@@ -6,6 +6,7 @@ later: pids are reused, a (pid, start time) pair is not.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -50,3 +51,37 @@ def start_time(pid: int) -> int | None:
     """The start time of a live ``pid`` (None when it is gone or a zombie)."""
     st = stat(pid)
     return st.start_time if st is not None and st.alive else None
+
+
+def renice(pid: int, value: int) -> int:
+    """Set every thread of ``pid`` to nice ``value``; the number of threads set.  Nice is per
+    thread on Linux (a thread keeps the value it was created with), so the process's own value
+    alone would leave e.g. QEMU's vCPU threads where they were.  Threads that end meanwhile are
+    skipped; lowering the value needs CAP_SYS_NICE."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    n = 0
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), value)
+        except ProcessLookupError:
+            continue
+        n += 1
+    return n
+
+
+def thread_nices(pid: int) -> dict[int, int]:
+    """tid -> nice value of each thread of ``pid`` (empty when it is gone)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            out[int(tid)] = os.getpriority(os.PRIO_PROCESS, int(tid))
+        except ProcessLookupError:
+            continue
+    return out

@@ -195,21 +195,9 @@ def spawn(
 
 def _ensure_not_stdio(fd: int) -> None:
     # posix_spawn's dup2 onto the same number would keep FD_CLOEXEC set; the agent makes sure
-    # its own 0/1/2 are open (see ensure_stdio_open) so pipe and devnull fds are never 0..2.
+    # its own 0/1/2 are open (see ccpu.linux.stdio.ensure_stdio_open) so pipe and devnull fds are never 0..2.
     if fd in (0, 1, 2):
         raise ValueError(f"refusing to hand fd {fd} to a child: make sure stdio is open")
-
-
-def ensure_stdio_open() -> None:
-    """Open /dev/null on any of fds 0-2 that are closed, so new fds are never 0-2."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            nfd = os.open(os.devnull, os.O_RDWR)
-            if nfd != fd:
-                os.dup2(nfd, fd)
-                os.close(nfd)
 
 
 async def run(reaper: Reaper, argv: Sequence[str], *, stdin: int = DEVNULL) -> Result:

@@ -129,6 +129,9 @@ class MachineSpec:
     #: pool once a shim adopted it (shim/poold.py ends the un-adopted ones itself)
     die_with_starter: bool = True
     tcg: qemu.Tcg | None = None  # None: qemu.Tcg() unless FRACTAL_TCG overrides (tcg_options)
+    #: QEMU's and virtiofsd's nice value from their exec on (a pooled VM's boot yields to running
+    #: sandboxes: shim/poold.py; `Machine.renice` sets it back)
+    nice: int = 0
     balloon: bool = True  # free page reporting (qemu.VMConfig.balloon); off only to measure it
     host: HostOS = field(default_factory=hostos.current)  # Linux, or macOS (untested: ccpu/vm/hostos.py)
     #: UEFI boot of this unified kernel image (ccpu.guest.uki) through OVMF, with a TPM of its own
@@ -243,6 +246,14 @@ class _Launcher:
         """(name, pid) of QEMU and its helpers, for the record a dead shim's ``delete`` reads."""
         return ([("qemu", self.qemu.pid)] if self.qemu is not None else []) + \
             [(name, p.pid) for name, p in self.helpers]
+
+    def renice(self, value: int) -> None:
+        """Every thread of QEMU and its helpers to nice ``value`` (a pooled VM, ready: back to
+        the sandboxes' priority; see ``MachineSpec.nice``)."""
+        from ccpu.linux import proc
+
+        for _name, pid in self.pids():
+            proc.renice(pid, value)
 
     def _attach_net(self) -> None:
         if self.spec.netns is None:
@@ -369,7 +380,7 @@ class _Launcher:
             # operators and tests tell whose QEMU it is by it (and by -name)
             self.qemu = qemu.spawn(self.argv, stdout=subprocess.DEVNULL, stderr=fds[0], cwd=spec.workdir, creds=creds,
                                    pass_fds=qemu.inherited_fds(cfg) + boot_fds, guard_shares=True,
-                                   die_with_parent_=spec.die_with_starter)
+                                   die_with_parent_=spec.die_with_starter, nice=spec.nice)
             spawned("qemu", self.qemu)
         except BaseException:
             for _name, p in self.helpers:
@@ -415,7 +426,7 @@ class _Launcher:
         try:
             proc = shares.start_virtiofsd(binary, _qemu_share(share), socket_name(share.tag), cwd=self.spec.workdir,
                                           stderr=vlog, extra=share.virtiofsd_args,
-                                          die_with_parent=self.spec.die_with_starter)
+                                          die_with_parent=self.spec.die_with_starter, nice=self.spec.nice)
         except RuntimeError as exc:
             raise MachineError(f"{exc}; {VIRTIOFSD_LOG}: {_tail(os.path.join(self.spec.workdir, VIRTIOFSD_LOG))}") from None
         finally:

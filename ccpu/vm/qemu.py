@@ -494,7 +494,7 @@ def open_boot_files(cfg: VMConfig) -> tuple[VMConfig, list[int]]:
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
           stderr: int | None = subprocess.PIPE, cwd: str | None = None,
           pass_fds: Sequence[int] = (), guard_shares: bool = False,
-          creds: Creds | None = None, die_with_parent_: bool = True) -> subprocess.Popen:
+          creds: Creds | None = None, die_with_parent_: bool = True, nice: int = 0) -> subprocess.Popen:
     """Start a helper (QEMU, virtiofsd) that dies with us; stdin is /dev/null.
 
     ``cwd``: relative socket paths in ``argv`` are relative to it (unix socket paths are limited
@@ -505,22 +505,28 @@ def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
     ``creds``: drop to these before exec (PDEATHSIG and the guard are set up after the drop: a
     credential change clears PDEATHSIG).
     ``die_with_parent_``: False for a VM that outlives its starter (a pooled VM, handed to the
-    shim that adopts it: shim/poold.py, which ends un-adopted ones itself)."""
-    preexec: Callable[[], None] | None = die_with_parent if die_with_parent_ else None
+    shim that adopts it: shim/poold.py, which ends un-adopted ones itself).
+    ``nice``: the child's nice value, before exec, so every thread it makes inherits it (a pooled
+    VM boots at a low priority: shim/poold.py); raising it needs no privilege after the drop."""
+    install = None
     if guard_shares:
         from ccpu.vm import fsguard
 
         install = fsguard.installer()
 
-        def preexec() -> None:
-            if die_with_parent_:
-                die_with_parent()
+    def preexec() -> None:
+        if die_with_parent_:
+            die_with_parent()
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        if install is not None:
             install()
+    preexec_fn: Callable[[], None] | None = preexec if die_with_parent_ or install is not None or nice else None
     kw: dict[str, object] = {}
     if creds is not None:
         kw = {"user": creds.uid, "group": creds.gid, "extra_groups": list(creds.groups)}
     return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=preexec, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds),
+                            preexec_fn=preexec_fn, close_fds=True, cwd=cwd, pass_fds=tuple(pass_fds),
                             **kw)  # type: ignore[call-overload]
 
 

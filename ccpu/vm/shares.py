@@ -88,14 +88,14 @@ LAYER_XATTRS = ["--xattr", "--posix-acl", "--xattrmap", ":bad:all:trusted.:trust
 
 def start_virtiofsd(binary: str, share: Share, socket_path: str, timeout: float = 10.0, *,
                     cwd: str | None = None, stderr: int | None = subprocess.PIPE,
-                    extra: Sequence[str] = (), die_with_parent: bool = True) -> subprocess.Popen:
+                    extra: Sequence[str] = (), die_with_parent: bool = True, nice: int = 0) -> subprocess.Popen:
     """Start virtiofsd and wait for its socket (QEMU fails if it connects too early).
 
     ``cwd``: a relative ``socket_path`` is relative to it.  ``extra``: more virtiofsd arguments.
     Its exit is watched with ``proc.poll()`` while it starts: an asyncio caller whose reaper
     collects children calls this on the loop's thread, where that reaper cannot run meanwhile."""
     proc = spawn(virtiofsd_argv(binary, share, socket_path, extra), stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd,
-                 die_with_parent_=die_with_parent)
+                 die_with_parent_=die_with_parent, nice=nice)
     where = os.path.join(cwd, socket_path) if cwd else socket_path
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

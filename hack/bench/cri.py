@@ -9,7 +9,12 @@ the runtimes).  Pods have their own netns; in VM mode that includes attaching it
 The fractal shim is the launcher ``fractal install`` writes (``python -S``, no ``site``).
 Under TCG (no usable KVM here) the VM figures are dominated by the guest boot.
 
-    python3 hack/bench/cri.py [--runs N] [--json FILE]
+``--pool``: one more variant, "fractal vm pooled": VM-mode pods with a pool daemon
+(``python3 -m shim.poold --size 1``) keeping a VM ready; each pod adopts it (checked in
+containerd's log) and the pool is waited for until it has refilled before the next pod (the
+refill is not in the figure, as in hack/bench/vm.py).
+
+    python3 hack/bench/cri.py [--runs N] [--pool] [--json FILE]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -106,13 +112,62 @@ def use_installed_launcher(env: FractalEnv, work: Path) -> str:
     return f"{ch.path} ({ch.what})"
 
 
-def bench(env: FractalEnv, image: str, runs: int, work: Path) -> dict[str, Any]:
+POOLED = ("fractal vm pooled", "fractal", {"io.fractal.mode": "vm"})
+
+
+@contextlib.contextmanager
+def pool_daemon(env: FractalEnv) -> Iterator[Callable[[], str]]:
+    """A pool of one ready VM for ``env``; yields ``ready()``: waits for a ready VM, its id."""
+    from shim import pool
+
+    penv = {**os.environ, "FRACTAL_RUN_DIR": str(env.fractal_run_dir), "FRACTAL_CONFIG": str(env.fractal_config),
+            "FRACTAL_ROOT": str(env.snapshotter_root)}
+    with open(env.log_dir / "pool.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "shim.poold", "--size", "1"], env=penv, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+    def ready() -> str:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the pool exited with {proc.returncode} (see {env.log_dir / 'pool.log'})")
+            with contextlib.suppress(OSError):
+                r = pool.status(str(env.fractal_run_dir)).get("ready") or []
+                if r:
+                    return str(r[0]["id"])
+            time.sleep(0.5)
+        raise RuntimeError("the pool has no ready VM after 600 s")
+
+    try:
+        yield ready
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+def bench(env: FractalEnv, image: str, runs: int, work: Path, pooled: bool = False) -> dict[str, Any]:
     crictl = Crictl(env, work)
     crictl("pull", image)
     out: dict[str, Any] = {}
     for label, handler, ann in VARIANTS:
         one_pod(crictl, image, handler, ann, -1)  # warm-up (page cache, guest build check)
         samples = [one_pod(crictl, image, handler, ann, i) for i in range(runs)]
+        out[label] = {k: {"median": percentile([s[k] for s in samples], 50),
+                          "max": max(s[k] for s in samples)} for k in samples[0]}
+        log(f"{label}: to running {out[label]['to_running_s']['median']:.2f} s (median of {runs})")
+    if pooled:
+        label, handler, ann = POOLED
+        with pool_daemon(env) as ready:
+            adopted, samples = [], []
+            for i in range(-1, runs):
+                adopted.append(ready())
+                s = one_pod(crictl, image, handler, ann, i)
+                if i >= 0:
+                    samples.append(s)
+        log_text = (env.log_dir / "containerd.log").read_text(errors="replace")
+        missing = [v for v in adopted if f"adopted pooled VM {v}" not in log_text]
+        if missing:
+            raise RuntimeError(f"pods did not adopt the pooled VMs {missing}: not a pool figure")
         out[label] = {k: {"median": percentile([s[k] for s in samples], 50),
                           "max": max(s[k] for s in samples)} for k in samples[0]}
         log(f"{label}: to running {out[label]['to_running_s']['median']:.2f} s (median of {runs})")
@@ -125,7 +180,7 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     lines = [f"CRI pod (runp + 1 container to running, then stopp + rmp), {result['runs']} runs each, "
              f"containerd 1.6, CNI bridge",
              f"{'':<16}{'runp':>9}{'running':>9}{'teardown':>10}{'vs runc':>9}  (s, median)"]
-    for label, _, _ in VARIANTS:
+    for label in [v[0] for v in VARIANTS] + ([POOLED[0]] if POOLED[0] in p else []):
         v = p[label]
         ratio = v["to_running_s"]["median"] / base["to_running_s"]["median"]
         lines.append(f"{label:<16}{v['runp_s']['median']:>9.2f}{v['to_running_s']['median']:>9.2f}"
@@ -138,6 +193,7 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="pods per variant (default 3)")
+    ap.add_argument("--pool", action="store_true", help="also VM mode with a warm pool (shim.poold)")
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
     args = ap.parse_args(argv)
@@ -171,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             env = stack.enter_context(FractalEnv(cri=cri))
             result["shim"] = use_installed_launcher(env, work)
             with dump_logs_on_failure(env):
-                result["pods"] = bench(env, image, args.runs, work)
+                result["pods"] = bench(env, image, args.runs, work, pooled=args.pool)
 
     rc = guarded(measure)
     return rc if rc else finish(result, report, args.json)

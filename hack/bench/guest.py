@@ -13,7 +13,15 @@ shared (report medians):
   ``python3.11 -c 'import ccpu.agent.__main__'`` and then reading /proc/meminfo
   (MemTotal - MemAvailable: the agent has no op that reports the guest's memory).
 
-    python3 hack/bench/guest.py [--rounds 5] [--json FILE]
+    python3 hack/bench/guest.py [--rounds 5] [--layouts initramfs,image] [--no-memory] [--baseline DIR]
+                                [--json FILE]
+
+``--baseline DIR``: also boot the guest built in DIR (its manifest.json), as "baseline" -- e.g.
+one built from another tree to compare agents in the same run:
+``FRACTAL_CACHE=... PYTHONPATH=/work/main python3 -c 'from ccpu.guest import initramfs;
+print(initramfs.build(layout="image", offline=True).initramfs.parent)'``.
+``--layouts image --no-memory``: only the boot -> agent ready ratio of the default layout (the
+guest-used boot in ``vm run`` mode is skipped).
 """
 
 from __future__ import annotations
@@ -133,33 +141,46 @@ def guest_used(guest: initramfs.Guest) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--layouts", default="initramfs,image", help="comma-separated (default initramfs,image)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the guest-used boots")
+    ap.add_argument("--baseline", type=Path, metavar="DIR", help="also boot the guest built in DIR")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    guests = {layout: initramfs.build(layout=layout, offline=True) for layout in ("initramfs", "image")}
-    kernel = str(guests["image"].kernel)
+    layouts = [x for x in args.layouts.split(",") if x]
+    if not layouts or any(x not in ("initramfs", "image") for x in layouts):
+        ap.error("--layouts: initramfs and/or image")
+    guests = {layout: initramfs.build(layout=layout, offline=True) for layout in layouts}
+    kernel = str(next(iter(guests.values())).kernel)
+    if args.baseline is not None:
+        manifest = json.loads((args.baseline / "manifest.json").read_text())
+        guests["baseline"] = initramfs._guest(Path(kernel), args.baseline, manifest)
+        layouts.append("baseline")
     raw: dict[str, list[dict[str, float]]] = {k: [] for k in ("bare", *guests)}
     with tempfile.TemporaryDirectory(prefix="fractal-bench-guest-") as tmp:
         os.chmod(tmp, 0o700)
         bare = Path(tmp, "bare.cpio")
         bare_initramfs(bare)
-        order = ["bare", "initramfs", "image"]
+        order = ["bare", *layouts]
         for r in range(args.rounds):
-            for kind in order[r % 3:] + order[:r % 3]:
+            for kind in order[r % len(order):] + order[:r % len(order)]:
                 if kind == "bare":
                     one = boot_bare(kernel, bare, tmp)
                 else:
                     one = boot_agent(guests[kind], tmp)
-                    one["guest_used_mb"] = guest_used(guests[kind])
+                    if not args.no_memory:
+                        one["guest_used_mb"] = guest_used(guests[kind])
                 raw[kind].append(one)
                 log(f"round {r} {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in one.items()))
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in raw.items()}
-    sizes = {k: {"initramfs_mb": g.manifest["initramfs"]["uncompressed_size"] / 1e6,
+    sizes = {k: {"initramfs_mb": g.manifest["initramfs"].get("uncompressed_size", 0) / 1e6,
                  "image_mb": g.manifest["image"]["size"] / 1e6 if g.image else 0.0} for k, g in guests.items()}
-    result = {"rounds": args.rounds, "median": med, "sizes": sizes, "raw": raw}
+    result = {"rounds": args.rounds, "load_average": os.getloadavg(), "median": med, "sizes": sizes, "raw": raw}
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}, {args.rounds} alternated rounds")
     for k, v in med.items():
         ratio = v["ready_s"] / med["bare"]["ready_s"]
         size = sizes.get(k, {})
-        print(f"{k:10s} ready {v['ready_s']:.2f} s ({ratio:.2f}x bare)  guest used {v['guest_used_mb']:.0f} MB  "
+        used = f"guest used {v['guest_used_mb']:.0f} MB  " if "guest_used_mb" in v else ""
+        print(f"{k:10s} ready {v['ready_s']:.2f} s ({ratio:.2f}x bare)  {used}"
               f"QEMU RSS {v['qemu_rss_mb']:.0f} MB  " + "  ".join(f"{a} {b:.1f}" for a, b in size.items()))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -27,7 +27,11 @@ The accelerator is whatever ``ccpu.vm.accel`` picks (TCG when KVM is unusable, a
 VM: then every guest-side figure is ~10x what KVM gives) and is printed.
 
     python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4]
-                             [--pool-runs 3] [--share auto|9p|virtiofs] [--json FILE] [--plot DIR]
+                             [--pool-runs 3] [--pool-nice 0,10] [--share auto|9p|virtiofs] [--json FILE]
+                             [--plot DIR]
+
+``--pool-nice 0,10``: step 3 once per pool ``--boot-nice`` value (a pool daemon each), to compare
+the refill's priority in one run.
 
 ``--plot DIR`` draws ``DIR/vm-boot.svg``: the boot of the sandbox of step 2 on the shim's clock
 (guest found, QEMU spawned, agent hello) and on the guest's (console milestones), with step 1's
@@ -177,16 +181,20 @@ def bench_nth(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> d
         remove(env, sb)
 
 
-def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> dict[str, Any]:
+def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], nice: int | None = None,
+               tag: str = "") -> dict[str, Any]:
+    """``nice``: the pool's ``--boot-nice`` (None: its default); ``tag``: names of this pass."""
     from shim import pool
 
-    sb = "pnth"
+    sb = f"pnth{tag}"
     ann = ("--annotation", f"io.fractal.sandbox={sb}", *VM, *share)
     penv = {**os.environ, "FRACTAL_RUN_DIR": str(env.fractal_run_dir), "FRACTAL_CONFIG": str(env.fractal_config),
             "FRACTAL_ROOT": str(env.snapshotter_root)}
-    with open(env.log_dir / "pool.log", "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "shim.poold", "--size", "1"], env=penv, stdout=out,
-                                stderr=subprocess.STDOUT)
+    argv = [sys.executable, "-m", "shim.poold", "--size", "1"]
+    if nice is not None:
+        argv += ["--boot-nice", str(nice)]
+    with open(env.log_dir / f"pool{tag}.log", "wb") as out:
+        proc = subprocess.Popen(argv, env=penv, stdout=out, stderr=subprocess.STDOUT)
 
     def ready() -> list[dict[str, Any]]:
         deadline = time.monotonic() + 600
@@ -210,16 +218,16 @@ def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> 
                        check=True, capture_output=True, timeout=300)
         wait_running(env, sb, timeout=120)
         times: dict[str, list[float]] = {"pooled": [], "nth": []}
-        timed(ctr_argv(env, ref, "pwarm", *ann))
+        timed(ctr_argv(env, ref, f"pwarm{tag}", *ann))
         adopted = []
         for i in range(runs):
             for k in (("pooled", "nth") if i % 2 == 0 else ("nth", "pooled")):
                 if k == "pooled":
                     (vm,) = ready()[:1]
                     adopted.append(vm["id"])
-                    times[k].append(timed(ctr_argv(env, ref, f"p{i}", *VM, *share)))
+                    times[k].append(timed(ctr_argv(env, ref, f"p{tag}{i}", *VM, *share)))
                 else:
-                    times[k].append(timed(ctr_argv(env, ref, f"pn{i}", *ann)))
+                    times[k].append(timed(ctr_argv(env, ref, f"pn{tag}{i}", *ann)))
         log_text = (env.log_dir / "containerd.log").read_text(errors="replace")
         missing = [v for v in adopted if f"adopted pooled VM {v}" not in log_text]
         if missing:
@@ -228,6 +236,8 @@ def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> 
         out["raw"] = times
         out["runs"] = runs
         out["ratio"] = out["pooled"]["median"] / out["nth"]["median"]
+        out["boot_nice"] = nice
+        out["load_average"] = os.getloadavg()
         return out
     finally:
         proc.terminate()
@@ -330,10 +340,12 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
         lines.append(f"  {'ratio vm/host':<34}{n['ratio']:>10.2f}")
         goals.append((f"Nth container start vm/host <= {GOAL_NTH_RATIO}", n["ratio"] <= GOAL_NTH_RATIO,
                       f"{n['ratio']:.2f}x"))
-    pl = result.get("pool")
-    if pl:
+    for pl in result.get("pool_passes") or ([result["pool"]] if result.get("pool") else []):
         lines.append("")
-        lines.append(f"pool warm: ctr run --rm IMAGE idN true  ({pl['runs']} runs each, alternating)")
+        nice = "" if pl.get("boot_nice") is None else f", pool --boot-nice {pl['boot_nice']}"
+        load = " ".join(f"{x:.1f}" for x in pl.get("load_average", ()))
+        lines.append(f"pool warm: ctr run --rm IMAGE idN true  ({pl['runs']} runs each, alternating{nice}; "
+                     f"load average {load})")
         lines.append(f"  {'':<34}{'median s':>10}{'p90 s':>10}{'min s':>10}{'max s':>10}")
         for k, label in (("pooled", "NEW sandbox, pooled VM"), ("nth", "Nth container in a running VM")):
             v = pl[k]
@@ -373,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", type=int, default=4, help="extra containers for memory (default 4)")
     ap.add_argument("--share", choices=["auto", "9p", "virtiofs"], default="auto")
     ap.add_argument("--pool-runs", type=int, default=3, help="new-sandbox runs with the pool warm (default 3)")
+    ap.add_argument("--pool-nice", default="",
+                    help="comma-separated pool --boot-nice values, one pool pass each (default: the pool's)")
     ap.add_argument("--skip", action="append", default=[], choices=["boot", "nth", "pool", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the boot timeline as DIR/vm-boot.svg")
@@ -415,8 +429,14 @@ def main(argv: list[str] | None = None) -> int:
                     result["nth"] = bench_nth(env, ref, args.runs, share)
                     log(f"nth done: ratio {result['nth']['ratio']:.2f}")
                 if "pool" not in args.skip:
-                    result["pool"] = bench_pool(env, ref, args.pool_runs, share)
-                    log(f"pool done: ratio {result['pool']['ratio']:.2f}")
+                    nices = [int(x) for x in args.pool_nice.split(",") if x] or [None]
+                    passes = []
+                    for j, nice in enumerate(nices):
+                        passes.append(bench_pool(env, ref, args.pool_runs, share, nice=nice, tag=f"{j}" if j else ""))
+                        log(f"pool done (boot nice {nice}): ratio {passes[-1]['ratio']:.2f}")
+                    result["pool"] = passes[-1]
+                    if len(passes) > 1:
+                        result["pool_passes"] = passes
                 if "memory" not in args.skip:
                     result["memory"] = bench_memory(env, ref, args.extra, share)
                     log("memory done")

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 
 from hack.containerd_env import FractalEnv
+from ccpu.linux import proc
 from shim import pool
+from shim.poold import POOL_BOOT_NICE
 from tests.harness import wait_for
-from tests.integration.test_shim_vm import fractal_ps, qemus, start_detached, task_status
+from tests.integration.test_shim_vm import _proc_cmd, fractal_ps, qemus, start_detached, task_status
 
 RUNTIME = "io.containerd.fractal.v1"
 
@@ -111,9 +113,16 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
     p = PoolProc(fenv)
     cid = "pooled"
     try:
+        # while it boots, the pooled VM's QEMU runs at the pool's low priority (shim/poold.py)
+        pooled = pool.pool_dir(p.run_dir).encode()
+        (booting,) = wait_for(lambda: [q for q in qemus(fenv) if any(pooled in c for c in _proc_cmd(q))] or None,
+                              timeout=300, what="the pool's QEMU", interval=0.05)
+        assert proc.thread_nices(booting)[booting] == POOL_BOOT_NICE, p.status()
         (ready,) = p.ready()
         qemu = ready["qemu_pid"]
         pool_dir = ready["run_dir"]
+        # booted at the pool's low priority, every thread back to 0 once ready (a sandbox's VM)
+        assert set(proc.thread_nices(qemu).values()) == {0}, proc.thread_nices(qemu)
         vol = tmp_path / "vol"
         vol.mkdir()
         (vol / "hello").write_text("from the host\n")

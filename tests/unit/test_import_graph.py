@@ -38,6 +38,15 @@ AGENT_MAY_IMPORT = ("ccpu.agent", "ccpu.linux", "ccpu.stack", "ccpu.errdefs")
 #: in its place (never at import time): zstd layers on a remote machine (docs/remote.md)
 AGENT_OPTIONAL = {"ccpu.agent.layerpull": {"zstandard"}}
 
+#: every project module the agent loads before it answers `hello` (ccpu/agent/__main__.py "Ready
+#: first": under TCG each import is boot time; the container machinery loads after ready)
+AGENT_READY_PATH = frozenset({
+    "ccpu", "ccpu.agent", "ccpu.agent.__main__", "ccpu.agent.endpoint", "ccpu.agent.jsonbound",
+    "ccpu.agent.protocol", "ccpu.agent.server", "ccpu.agent.wire", "ccpu.errdefs",
+})
+#: standard-library modules the ready path must not load (only container work needs them)
+AGENT_NOT_BEFORE_READY = frozenset({"ctypes", "shutil", "tempfile", "pathlib", "fnmatch"})
+
 
 def _skipped(name: str) -> bool:
     return any(name == s or name.startswith(s + ".") for s in SKIP)
@@ -237,6 +246,26 @@ def test_agent_imports_only_the_stdlib_and_what_the_guest_ships() -> None:
         if outside or disallowed or unshipped:
             bad[name] = {"third party": outside, "not allowed": disallowed, "not in the guest": unshipped}
     assert not bad, f"ccpu/agent imports: {json.dumps(bad, indent=1)}"
+
+
+def test_the_agents_ready_path_loads_only_what_hello_needs() -> None:
+    """What the guest's init runs (`python3 -S -I -m ccpu.agent`) up to serving: the import and
+    the argument parsing load the pinned project modules and nothing of the container machinery
+    (which the agent imports after `hello`: tests/unit/test_agent_ready.py)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import ccpu.agent.__main__ as m; "
+            "m.parse_args(['--fd', '3', '--runc-root', '/r', '--runc', sys.executable, '--bundle-root', '/b', "
+            "'--nics', '--cgroup-parent', '/fractal']); print(json.dumps(sorted(sys.modules)))")
+    r = subprocess.run([sys.executable, "-S", "-I", "-c", code, str(ROOT)], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0, r.stderr
+    loaded = set(json.loads(r.stdout))
+    ours = {m for m in loaded if m.split(".")[0] in PACKAGES}
+    assert ours == AGENT_READY_PATH, f"extra: {sorted(ours - AGENT_READY_PATH)}, gone: {sorted(AGENT_READY_PATH - ours)}"
+    assert not loaded & AGENT_NOT_BEFORE_READY
+
+    from ccpu.agent.__main__ import CONTAINER_MODULES
+
+    assert not AGENT_READY_PATH & set(CONTAINER_MODULES)
 
 
 # ---------------------------------------------------------------------------------------------
