@@ -645,6 +645,12 @@ echo written >/written && written=$(cat /written)
 root=$(awk '$2 == "/" {{print $3}}' /proc/mounts | tail -n 1)
 echo "{MACHINE_MARKER}: pid1=$(cat /proc/1/comm) doomed=$doomed opq=$opq written=$written root=$root"
 [ -d /mnt/data ] && echo "{MACHINE_MARKER}: share=$(cat /mnt/data/hello.txt)"
+for i in /sys/class/net/*; do  # NICs the boot stage configured (fractal boot --netns)
+    n=${{i##*/}}
+    [ "$n" = lo ] || echo "{MACHINE_MARKER}: net $n $(ip -o -4 addr show dev $n | awk '{{print $4}}')"
+done
+gw=$(ip route | awk '/^default/ {{print $3}}')
+[ -n "$gw" ] && ping -c 1 -W 5 "$gw" >/dev/null && echo "{MACHINE_MARKER}: ping $gw ok"
 poweroff -f
 """.encode()
 
@@ -777,7 +783,7 @@ RECIPES: dict[str, Recipe] = {
     "fidelity": Recipe("1", build_fidelity, default=False, extra_inputs=_fidelity_inputs),
     "fidelity-base": Recipe("1", build_fidelity_base, default=False, extra_inputs=_fidelity_inputs),
     # fractal boot (tests/integration/test_boot_image.py)
-    "machine": Recipe("1", build_machine, default=False),
+    "machine": Recipe("2", build_machine, default=False),
     "machine-debian": Recipe("1", build_machine_debian, uses_busybox=False, default=False, extra_inputs=apt_mirror),
 }
 

@@ -31,7 +31,7 @@ from .rootview import RootView, RootViewError
 #: the boot stage's needs: the PCI transport, the shares (9p, virtiofs over fuse), overlay
 REQUIRED = ("virtio_pci", "9pnet_virtio", "9p", "fuse", "virtiofs", "overlay")
 #: loaded when the image's kernel has them: microvm's transport, early entropy, free page reporting
-OPTIONAL = ("virtio_mmio", "virtio_rng", "virtio_balloon")
+OPTIONAL = ("virtio_mmio", "virtio_rng", "virtio_balloon", "virtio_net")  # virtio_net: --netns
 MAX_KERNEL = 128 << 20
 MAX_MODULE = 64 << 20
 MAX_DEP = 16 << 20  # modules.dep / modules.builtin

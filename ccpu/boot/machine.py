@@ -51,19 +51,23 @@ class Outcome:
 
 
 def spec_for(plan: BootPlan, *, kernel: str, initramfs: str, system_image: str | None, workdir: str,
-             console_fd: int, share_type: str, name: str, debug: bool = False) -> MachineSpec:
+             console_fd: int, share_type: str, name: str, debug: bool = False,
+             netns: str | None = None) -> MachineSpec:
     """The VM of ``plan``.  Pure."""
     repo = DirShare(qemu.REPO_TAG, plan.layers.root, "/repo", True, share_type, layers=True)
     extra = tuple(DirShare(f"share{i}", s.host, s.guest, s.readonly, share_type) for i, s in enumerate(plan.shares))
     return MachineSpec(kernel=kernel, initramfs=initramfs, system_image=system_image, workdir=workdir,
                        console=ConsoleSocket(console_fd), mode="boot", memory_mb=plan.memory_mb, cpus=plan.cpus,
-                       repo=repo, shares=extra, cmdline_extra=plan.cmdline(), debug=debug, name=name)
+                       repo=repo, shares=extra, cmdline_extra=plan.cmdline(), debug=debug, name=name,
+                       netns=netns)
 
 
 def boot(plan: BootPlan, *, initramfs: str, system_image: str | None, interactive: bool,
          out_fd: int | None = None, in_fd: int | None = None, share_type: str | None = None,
-         note: Callable[[str], None] = lambda s: None, debug: bool = False) -> Outcome:
-    """Boot ``plan`` and relay its console until it ends; see the module docstring."""
+         note: Callable[[str], None] = lambda s: None, debug: bool = False, netns: str | None = None) -> Outcome:
+    """Boot ``plan`` and relay its console until it ends; see the module docstring.  ``netns``: the
+    network namespace whose interfaces become the machine's NICs (ccpu/vm/net.py, as `vm run
+    --netns`); the boot stage configures them before the image's init starts."""
     out_fd = sys.stdout.fileno() if out_fd is None else out_fd
     in_fd = sys.stdin.fileno() if in_fd is None and interactive else in_fd
     stype, why = shares_.choose(share_type)
@@ -80,7 +84,7 @@ def boot(plan: BootPlan, *, initramfs: str, system_image: str | None, interactiv
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             spec = spec_for(plan, kernel=plan.kernel.path, initramfs=initramfs, system_image=system_image,
                             workdir=tmp, console_fd=theirs.fileno(), share_type=stype,
-                            name=f"fractal-boot-{os.getpid()}", debug=debug)
+                            name=f"fractal-boot-{os.getpid()}", debug=debug, netns=netns)
             vm = Machine(spec)
             try:
                 try:

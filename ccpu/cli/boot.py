@@ -76,6 +76,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
         for s in shares:
             if not os.path.isdir(s.host):
                 raise plan.BootUsageError(f"--share {s.host}: not a directory")
+        if args.netns and not os.path.exists(args.netns):
+            raise plan.BootUsageError(f"--netns {args.netns}: no such network namespace")
         if args.export and args.export[0] != "tgz":
             raise plan.BootUsageError(f"--export {args.export[0]!r}: the one format is tgz")
         if os.path.isfile(args.source):
@@ -128,7 +130,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     else:
         initrd_path, system_image = str(guest.initramfs), str(guest.image) if guest.image else None
     outcome = machine.boot(bplan, initramfs=initrd_path, system_image=system_image,
-                           interactive=args.console, share_type=args.share_type, note=note, debug=args.debug_guest)
+                           interactive=args.console, share_type=args.share_type, note=note, debug=args.debug_guest,
+                           netns=args.netns)
     if outcome.exit_status != 0:
         print(f"\nfractal boot: {outcome.why}", file=sys.stderr)
     else:
@@ -154,6 +157,10 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="the image's own /boot/vmlinuz-* (image), fractal's kernel (fractal), or the image's when "
                         "it can be booted, else fractal's (auto, the default)")
     p.add_argument("--init", default="/sbin/init", metavar="PATH", help="the image's init (default %(default)s)")
+    p.add_argument("--netns", metavar="PATH",
+                   help="give the machine the network of this namespace (/var/run/netns/NAME, /proc/PID/ns/net): "
+                        "its interfaces become the machine's NICs, addresses and routes configured before the "
+                        "image's init starts (needs root)")
     p.add_argument("--share-type", choices=("9p", "virtiofs"), default=None,
                    help="share transport (default: virtiofs when virtiofsd is available, else 9p)")
     p.add_argument("--export", nargs=2, metavar=("tgz", "PATH"),

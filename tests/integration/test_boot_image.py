@@ -22,6 +22,7 @@ from typing import Iterator
 import pytest
 
 from hack.containerd_env import FractalEnv
+from tests.integration.test_vm_net import Pod, pod  # noqa: F401 - the netns fixture
 
 MARKER = "fractal-boot-oneshot"
 EXPECTED = f"{MARKER}: pid1=init doomed=absent opq=c, written=written root=overlay"
@@ -141,6 +142,18 @@ def test_vm_run_image_runs_the_command_in_the_images_root(machine: list[str], tm
     bad = subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", *flags, "--image", ref, "--repo", str(tmp_path),
                           "--", "true"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--image and --repo" in bad.stderr, bad.stderr
+
+
+def test_boot_with_a_nic_in_a_netns(machine: list[str], pod: Pod) -> None:
+    """`fractal boot --netns` (issue 17 part 1): the netns's interface becomes the machine's NIC,
+    configured by the boot stage before the image's init runs (its address, its default route);
+    the image's one-shot service reaches the veth's host end through it."""
+    r = fractal(*machine, "--netns", pod.path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert f"{MARKER}: net eth0 {pod.pod_ip}/24" in r.stdout, r.stdout
+    assert f"{MARKER}: ping {pod.host_ip} ok" in r.stdout, r.stdout
+    bad = fractal(*machine, "--netns", "/var/run/netns/fractal-no-such-netns")
+    assert bad.returncode == 2 and "no such network namespace" in bad.stderr, bad.stderr
 
 
 def _children(pid: int) -> dict[int, str]:
