@@ -8,7 +8,7 @@ taken from the image's ``/lib/modules/<ver>`` in load order (its ``modules.dep``
 ``ccpu/guest/modules.py``).  No system image, no python: the boot stage is busybox only.
 
 Everything comes from the untrusted image through :class:`~ccpu.boot.rootview.RootView`
-(confined lookups) and is bounded: module paths are relative ``.ko``/``.ko.xz`` names below
+(confined lookups) and is bounded: module paths are relative ``.ko``/``.ko.xz``/``.ko.zst`` names below
 the modules dir, each file and the whole archive have a size limit.  The archive is cached under
 ``$FRACTAL_CACHE/boot/initrd/<sha256 of its inputs>.cpio.gz``, written atomically.
 """
@@ -36,7 +36,7 @@ MAX_KERNEL = 128 << 20
 MAX_MODULE = 64 << 20
 MAX_DEP = 16 << 20  # modules.dep / modules.builtin
 MAX_TOTAL = 256 << 20
-_KO = re.compile(r"[A-Za-z0-9_./+-]+\.ko(\.xz)?")
+_KO = re.compile(r"[A-Za-z0-9_./+-]+\.ko(\.xz|\.zst)?")
 INIT_SH = Path(__file__).resolve().parent.parent / "guest" / "init.sh"
 
 
@@ -88,9 +88,52 @@ def module_order(view: RootView, version: str) -> list[str]:
     return order
 
 
+def _unzstd(data: bytes, ko: str) -> bytes:
+    """A ``.ko.zst`` module decompressed, bounded by MAX_MODULE whatever its frame header claims
+    (the image is untrusted: a small file must not become gigabytes here)."""
+    import io
+
+    import zstandard
+
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
+            out = r.read(MAX_MODULE + 1)
+    except zstandard.ZstdError as exc:
+        raise InitrdError(f"{ko}: {exc}") from None
+    if len(out) > MAX_MODULE:
+        raise InitrdError(f"{ko}: larger than {MAX_MODULE >> 20} MiB decompressed")
+    return out
+
+
+def pvh_kernel(view: RootView, version: str, cache: str) -> str:
+    """The image's kernel as QEMU should boot it: the ELF vmlinux inside its bzImage when that has
+    a PVH entry (QEMU boots it directly: no decompression under TCG, and Ubuntu's zstd bzImages do
+    not boot as bzImages under qboot + TCG at all; ccpu/guest/kernel.py), cached by the bzImage's
+    sha256; else the bzImage itself.  Bounded: the image is untrusted (MAX_KERNEL in, MAX_VMLINUX out)."""
+    from ..guest import kernel as guest_kernel
+
+    host, data = _read(view, f"/boot/vmlinuz-{version}", MAX_KERNEL)
+    out = os.path.join(cache, "boot", "kernel", hashlib.sha256(data).hexdigest() + ".vmlinux")
+    if os.path.exists(out):
+        return out
+    try:
+        elf = guest_kernel.extract_vmlinux(data, zstd=guest_kernel.unzstd)
+    except guest_kernel.KernelError as exc:
+        raise InitrdError(f"/boot/vmlinuz-{version}: {exc}") from None
+    if elf is None or not guest_kernel.has_pvh_note(elf):
+        return host
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".vmlinux-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(elf)
+    os.chmod(tmp, 0o644)  # QEMU may run as its own user
+    os.replace(tmp, out)
+    return out
+
+
 def build(view: RootView, version: str, cache: str) -> tuple[str, str]:
     """(kernel, initramfs) host paths for booting the image's kernel ``version``."""
-    kernel = kernel_path(view, version)
+    kernel = pvh_kernel(view, version, cache)
     order = module_order(view, version)
     entries: list[cpio.Entry] = []
     total = 0
@@ -102,11 +145,15 @@ def build(view: RootView, version: str, cache: str) -> tuple[str, str]:
             except lzma.LZMAError as exc:
                 raise InitrdError(f"{ko}: {exc}") from None
             ko = ko[:-3]
+        elif ko.endswith(".zst"):  # Ubuntu's modules
+            data = _unzstd(data, ko)
+            ko = ko[:-4]
         total += len(data)
         if total > MAX_TOTAL:
             raise InitrdError(f"the boot stage's modules are larger than {MAX_TOTAL >> 20} MiB")
         entries.append(cpio.Entry.file(f"lib/modules/{version}/{ko}", data))
-    entries.append(cpio.Entry.file("etc/fractal/modules", "".join(k.removesuffix(".xz") + "\n" for k in order).encode()))
+    entries.append(cpio.Entry.file("etc/fractal/modules",
+                                   "".join(k.removesuffix(".xz").removesuffix(".zst") + "\n" for k in order).encode()))
     entries.append(cpio.Entry.file("init", INIT_SH.read_bytes(), 0o755))
     with open(BUSYBOX, "rb") as f:
         entries.append(cpio.Entry.file("bin/busybox", f.read(), 0o755))

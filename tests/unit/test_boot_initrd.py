@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from ccpu.boot import initrd
 from ccpu.boot.rootview import RootView
@@ -38,7 +39,8 @@ def _image(tmp: Path, mods: dict[str, list[str]] = MODS, extra_dep: str = "") ->
     for p in mods:
         (mdir / p).parent.mkdir(parents=True, exist_ok=True)
         data = f"module {p}".encode()
-        (mdir / p).write_bytes(lzma.compress(data) if p.endswith(".xz") else data)
+        (mdir / p).write_bytes(lzma.compress(data) if p.endswith(".xz")
+                               else zstandard.ZstdCompressor().compress(data) if p.endswith(".zst") else data)
     (mdir / "modules.dep").write_text("".join(f"{p}: {' '.join(d)}\n" for p, d in mods.items()) + extra_dep)
     (mdir / "modules.builtin").write_text("kernel/drivers/virtio/virtio_mmio.ko\n")
     return RootView([str(root)])
@@ -58,6 +60,22 @@ def test_modules_in_load_order_from_the_image(tmp_path: Path) -> None:
     assert b"fractal.boot.lowers" in entries["init"].data and "bin/busybox" in entries
     assert "etc/fractal/image" not in entries  # no system image: the boot stage is busybox only
     assert initrd.build(view, VER, str(tmp_path / "cache"))[1] == out  # cached by content
+
+
+def test_zstd_modules_are_stored_decompressed_and_bounded(tmp_path: Path) -> None:
+    """Ubuntu's modules are .ko.zst: decompressed into the boot stage like .ko.xz; a module whose
+    decompressed size passes the bound is refused (the image is untrusted)."""
+    mods = {p.replace("overlay.ko", "overlay.ko.zst"): d for p, d in MODS.items()}
+    _, out = initrd.build(_image(tmp_path, mods), VER, str(tmp_path / "cache"))
+    entries = {e.path: e for e in cpio.read(gzip.decompress(Path(out).read_bytes()))}
+    assert entries[f"lib/modules/{VER}/kernel/fs/overlayfs/overlay.ko"].data == b"module kernel/fs/overlayfs/overlay.ko.zst"
+    assert "kernel/fs/overlayfs/overlay.ko" in entries["etc/fractal/modules"].data.decode().split()
+    bomb = tmp_path / "bomb"
+    view = _image(bomb, mods)
+    big = bomb / "layer/usr/lib/modules" / VER / "kernel/fs/overlayfs/overlay.ko.zst"
+    big.write_bytes(zstandard.ZstdCompressor().compress(b"\0" * (initrd.MAX_MODULE + 1)))
+    with pytest.raises(initrd.InitrdError, match="decompressed"):
+        initrd.build(view, VER, str(bomb / "cache"))
 
 
 def test_a_missing_required_module_is_a_reason(tmp_path: Path) -> None:
@@ -80,3 +98,18 @@ def test_no_modules_dep(tmp_path: Path) -> None:
     os.unlink(tmp_path / "layer/usr/lib/modules" / VER / "modules.dep")
     with pytest.raises(initrd.InitrdError, match="modules.dep"):
         initrd.build(view, VER, str(tmp_path / "cache"))
+
+
+def test_the_images_kernel_boots_as_its_pvh_vmlinux(tmp_path: Path) -> None:
+    """A bzImage with a PVH ELF inside (Debian's xz, Ubuntu's zstd) is booted as that ELF, cached
+    by the bzImage's hash: no decompression under TCG, and zstd bzImages do not boot as such."""
+    from ccpu.guest import kernel as k
+    from tests.unit.test_guest_kernel import _bzimage, _elf_with_note
+
+    elf = _elf_with_note(b"Xen", k.XEN_ELFNOTE_PHYS32_ENTRY) + b"text" * 100
+    view = _image(tmp_path)
+    bz = tmp_path / "layer" / "boot" / f"vmlinuz-{VER}"
+    bz.write_bytes(_bzimage(zstandard.ZstdCompressor().compress(elf) + b"size"))
+    kernel, _ = initrd.build(view, VER, str(tmp_path / "cache"))
+    assert kernel.startswith(str(tmp_path / "cache" / "boot" / "kernel")) and Path(kernel).read_bytes() == elf
+    assert initrd.build(view, VER, str(tmp_path / "cache"))[0] == kernel  # cached
