@@ -91,18 +91,12 @@ def module_order(view: RootView, version: str) -> list[str]:
 def _unzstd(data: bytes, ko: str) -> bytes:
     """A ``.ko.zst`` module decompressed, bounded by MAX_MODULE whatever its frame header claims
     (the image is untrusted: a small file must not become gigabytes here)."""
-    import io
-
-    import zstandard
+    from ..guest import kernel as guest_kernel
 
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
-            out = r.read(MAX_MODULE + 1)
-    except zstandard.ZstdError as exc:
+        return guest_kernel.unzstd(data, limit=MAX_MODULE)
+    except guest_kernel.KernelError as exc:
         raise InitrdError(f"{ko}: {exc}") from None
-    if len(out) > MAX_MODULE:
-        raise InitrdError(f"{ko}: larger than {MAX_MODULE >> 20} MiB decompressed")
-    return out
 
 
 def pvh_kernel(view: RootView, version: str, cache: str) -> str:

@@ -222,9 +222,9 @@ def unzstd(data: bytes, limit: int = MAX_VMLINUX) -> bytes:
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
             out = r.read(limit + 1)
     except zstandard.ZstdError as exc:
-        raise KernelError(f"the zstd kernel payload: {exc}") from None
+        raise KernelError(f"zstd: {exc}") from None
     if len(out) > limit:
-        raise KernelError(f"the zstd kernel payload is larger than {limit >> 20} MiB decompressed")
+        raise KernelError(f"zstd data larger than {limit >> 20} MiB decompressed")
     return out
 
 
