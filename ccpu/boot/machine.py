@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from ..vm import qemu, shares as shares_, terminal
-from ..vm.machine import QEMU_LOG, ConsoleSocket, DirShare, Machine, MachineError, MachineSpec
+from ..vm.machine import QEMU_LOG, ConsoleSocket, DirShare, Machine, MachineError, MachineSpec, log_tail
 from .plan import BootPlan
 
 ESCAPE = b"\x1d"  # ^]: leaves an interactive console (as telnet's escape does)
@@ -103,7 +103,7 @@ def boot(plan: BootPlan, *, initramfs: str, system_image: str | None, interactiv
                 if PANIC in tail:
                     return Outcome(1, "the guest kernel panicked (its init exited or could not run)", status, tail)
                 if status != 0:
-                    return Outcome(1, f"QEMU exited with {status}: {_tail(os.path.join(tmp, QEMU_LOG))}", status, tail)
+                    return Outcome(1, f"QEMU exited with {status}: {log_tail(os.path.join(tmp, QEMU_LOG), 1500)}", status, tail)
                 return Outcome(0, "the machine powered off", status, tail)
             except Stopped as exc:
                 vm.stop()
@@ -153,13 +153,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _tail(path: str, n: int = 1500) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - n))
-            return f.read().decode(errors="replace").strip() or "(its log is empty)"
-    except OSError:
-        return "(no log)"

@@ -417,7 +417,7 @@ class _Launcher:
         deadline = time.monotonic() + 10
         while not os.path.exists(work / tpm_.SOCKET):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise MachineError(f"swtpm did not start; {tpm_.LOG}: {_tail(str(work / tpm_.LOG))}")
+                raise MachineError(f"swtpm did not start; {tpm_.LOG}: {log_tail(str(work / tpm_.LOG))}")
             time.sleep(0.01)
         return proc
 
@@ -428,7 +428,7 @@ class _Launcher:
                                           stderr=vlog, extra=share.virtiofsd_args,
                                           die_with_parent=self.spec.die_with_starter, nice=self.spec.nice)
         except RuntimeError as exc:
-            raise MachineError(f"{exc}; {VIRTIOFSD_LOG}: {_tail(os.path.join(self.spec.workdir, VIRTIOFSD_LOG))}") from None
+            raise MachineError(f"{exc}; {VIRTIOFSD_LOG}: {log_tail(os.path.join(self.spec.workdir, VIRTIOFSD_LOG))}") from None
         finally:
             os.close(vlog)
         self.helpers.append(("virtiofsd", proc))
@@ -473,14 +473,17 @@ def _open_log(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
-def _tail(path: str, n: int = 400) -> str:
+def log_tail(path: str, n: int = 400) -> str:
+    """The last *n* bytes of a helper's log, for an error message: the reason a helper died is
+    almost always in its last lines, and a bounded read keeps a guest-filled log from flooding
+    the error that containerd shows."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - n))
-            return f.read().decode(errors="replace").strip() or "(empty)"
+            return f.read().decode(errors="replace").strip() or "(its log is empty)"
     except OSError:
-        return "(none)"
+        return "(no log)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -158,3 +158,20 @@ def finish(result: dict[str, Any], report: Callable[[dict[str, Any]], tuple[str,
     if json_path:
         json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 3 if strict and not all(ok for _, ok, _ in goals) else 0
+
+
+def install_shim_launcher(env: FractalEnv, bindir: Path) -> str:
+    """Put the shim on containerd's PATH as `fractal install` leaves it: its ``python -S``
+    launcher (ccpu/cli/launcher.py), rendered by install's own ``shim_change`` so the benchmark
+    measures exactly what users get.  The caller restarts containerd to pick it up."""
+    from ccpu.cli import install
+
+    bindir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    ch = install.shim_change(install.Options(bin_dir=str(bindir)), notes)
+    if ch.link_to is not None:
+        raise RuntimeError(f"fractal install would write no launcher here: {notes}")
+    Path(ch.path).write_text(ch.content or "")
+    Path(ch.path).chmod(ch.mode)
+    env.containerd.path_prepend = [str(bindir), *env.containerd.path_prepend]
+    return f"{ch.path} ({ch.what})"

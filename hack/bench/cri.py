@@ -37,7 +37,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 from hack.bench.common import (  # noqa: E402
-    byte_compile, command_line, dump_logs_on_failure, finish, guarded, log, machine_info, percentile, require_root)
+    byte_compile, command_line, dump_logs_on_failure, finish, guarded, install_shim_launcher, log, machine_info, percentile, require_root)
 from hack.containerd_env import CNI_PLUGIN_DIR, CriConfig, FractalEnv, peer_bin_dir, peer_missing  # noqa: E402
 
 #: (label, handler, pod annotations)
@@ -95,21 +95,10 @@ def use_installed_launcher(env: FractalEnv, work: Path) -> str:
     """The shim on containerd's PATH as `fractal install` leaves it: its ``python -S``
     launcher (ccpu/cli/launcher.py), rendered by install's own ``shim_change``; containerd is
     restarted to pick it up."""
-    from ccpu.cli import install
-
-    bindir = work / "bin"
-    bindir.mkdir()
-    notes: list[str] = []
-    ch = install.shim_change(install.Options(bin_dir=str(bindir)), notes)
-    if ch.link_to is not None:
-        raise RuntimeError(f"fractal install would write no launcher here: {notes}")
-    Path(ch.path).write_text(ch.content or "")
-    Path(ch.path).chmod(ch.mode)
-    ce = env.containerd
-    ce.path_prepend = [str(bindir), *ce.path_prepend]
-    ce.stop()
-    ce.start()
-    return f"{ch.path} ({ch.what})"
+    shim = install_shim_launcher(env, work / "bin")
+    env.containerd.stop()
+    env.containerd.start()
+    return shim
 
 
 POOLED = ("fractal vm pooled", "fractal", {"io.fractal.mode": "vm"})

@@ -68,7 +68,7 @@ if __package__ in (None, ""):  # run as a script: make `hack` and `ccpu` importa
     sys.path.insert(0, str(REPO))
 
 from hack.bench.common import (bench_env, byte_compile, command_line, dump_logs_on_failure, finish,  # noqa: E402
-                               guarded, log, machine_info, percentile, require_root)
+                               guarded, install_shim_launcher, log, machine_info, percentile, require_root)
 from hack.containerd_env import FractalEnv  # noqa: E402
 
 from dataclasses import dataclass  # noqa: E402
@@ -131,18 +131,7 @@ def configure(env: FractalEnv, setup: Setup, scratch: Path) -> dict[str, str]:
         ce.extra_env["FRACTAL_SHIM_SPAWN"] = setup.name
         out["FRACTAL_SHIM_SPAWN"] = setup.name
     if setup.name in ("installed", "fork", "exec"):  # the launcher, as `fractal install` writes it
-        from ccpu.cli import install
-
-        bindir = scratch / "bin"
-        bindir.mkdir()
-        notes: list[str] = []
-        ch = install.shim_change(install.Options(bin_dir=str(bindir)), notes)
-        if ch.link_to is not None:
-            raise RuntimeError(f"fractal install would write no launcher here: {notes}")
-        Path(ch.path).write_text(ch.content or "")
-        Path(ch.path).chmod(ch.mode)
-        ce.path_prepend = [str(bindir), *ce.path_prepend]
-        out["shim"] = f"{ch.path} ({ch.what})"
+        out["shim"] = install_shim_launcher(env, scratch / "bin")
     if setup.name == "link":  # the console script itself on PATH (the harness puts its dir first)
         out["shim"] = shutil.which(SHIM_BINARY, path=os.pathsep.join([*ce.path_prepend, os.environ.get("PATH", "")])) or "?"
     if setup.name == "dev-shell":
