@@ -18,10 +18,14 @@ What it shows, step by step with timings:
   7. remote mode: ``fractal pki init``, the agent serving TLS 1.3 in a network namespace "machine"
      (hack/remote_machine.py), ``ctr run --annotation io.fractal.mode=remote`` on it, with the
      endpoint and both identities (certificate fingerprints) that served it;
-  8. the same images pulled into a second namespace: the layer repo does not grow, because layers
+  8. ``vm.attest``: a VM booted through OVMF from fractal.efi with its own swtpm; the shim checks
+     the guest's TPM quote (PCR 11 predicted from the build manifest) before the first container;
+     then ``fractal boot`` of the machine image: its layers booted as a whole machine, its own
+     init as PID 1, a one-shot service reporting what it sees, then poweroff;
+  9. the same images pulled into a second namespace: the layer repo does not grow, because layers
      are stored once and shared -- the figures are printed (compare ``--snapshotter overlayfs``,
      where every namespace unpacks its own copy);
-  9. ``ctr snapshots ls``, ``fractal repo ls/du``; then everything is removed and GC empties the repo.
+  10. ``ctr snapshots ls``, ``fractal repo ls/du``; then everything is removed and GC empties the repo.
 
 Exits non-zero with the failing step named if anything goes wrong.  ``--snapshotter overlayfs``
 runs the same story on containerd's built-in snapshotter (baseline, and a harness check).
@@ -51,6 +55,8 @@ from hack.containerd_env import (  # noqa: E402
 NS1 = "fractal-demo"
 NS2 = "fractal-demo2"
 IMAGES = ("busybox", "edge", "tools")
+#: Booted as a whole machine by `fractal boot` (busybox init + an inittab one-shot that reports).
+BOOT_IMAGES = ("machine",)
 #: Growth of the fractal repo tolerated on the second pull (metadata, not layer data).
 SHARED_SLACK = 1024 * 1024
 RUN_SCRIPT = (
@@ -347,6 +353,51 @@ def _remote_step(env: FractalEnv, nar: Narrator, ref: str, work: Path) -> None:
             agent.stop()
 
 
+def _attest_step(env: FractalEnv, nar: Narrator, ref: str, sn: str, work: Path, cli_env: dict[str, str]) -> None:
+    """vm.attest: the sandbox's VM boots fractal.efi through OVMF with its own swtpm, and the shim
+    checks the guest's TPM quote against the build manifest before the first container."""
+    from ccpu.guest import initramfs, uki
+
+    guest = initramfs.build(offline=True)
+    cfg = work / "attest.toml"
+    cfg.write_text('mode = "vm"\n[vm]\nattest = true\npool = 0\nboot_timeout = 240\n')
+    t0 = time.monotonic()
+    env.run(ref, "attested", "sleep", "600", rm=False, snapshotter=sn, namespace=NS1, runtime=FRACTAL_RUNTIME,
+            extra=["-d", "--runtime-config-path", str(cfg), "--annotation", "io.fractal.sandbox=attested"],
+            timeout=400)
+    try:
+        nar.say(f"container running {time.monotonic() - t0:.1f}s after ctr run (UEFI boot under TCG, "
+                "quote checked before the container was created)")
+        vm = _sandbox_vm(env, NS1, "attested", cli_env)
+        att = vm.get("attested") or {}
+        want11 = uki.pcr11(guest.manifest["uki"]["sections"]).hex()
+        pcrs = att.get("pcrs") or {}
+        if pcrs.get("11") != want11 or att.get("uki_sha256") != guest.manifest["uki"]["sha256"]:
+            raise RuntimeError(f"the sandbox records no quote matching the build: {att} (PCR 11 predicted {want11})")
+        nar.say(f"verified quote: PCR 11 {pcrs['11'][:16]}... = predicted from the manifest's UKI sections; "
+                f"PCR 12 {pcrs.get('12', '?')[:16]}... (the command line); fractal.efi sha256 "
+                f"{att['uki_sha256'][:16]}... (fractal ps --json: vm.attested)")
+        kernel = env.ctr("tasks", "exec", "--exec-id", "a1", "attested", "uname", "-r", namespace=NS1).stdout.strip()
+        nar.say(f"uname -r in the attested VM: {kernel}")
+    finally:
+        env.ctr("tasks", "kill", "-s", "SIGKILL", "attested", namespace=NS1, check=False)
+        _delete_when_stopped(env, "attested", NS1, timeout=60)
+
+
+def _boot_step(env: FractalEnv, nar: Narrator, ref: str, cli_env: dict[str, str]) -> None:
+    """`fractal boot`: the machine image (busybox init + an inittab one-shot) booted as a whole
+    machine from the repo's layers, its own init as PID 1."""
+    env.pull(ref, namespace=NS1)
+    t0 = time.monotonic()
+    out = _fractal_cli("boot", "-a", str(env.address), "-n", NS1, ref,
+                       env={**cli_env, "FRACTAL_CONFIG": str(env.fractal_config)})
+    lines = [ln.strip() for ln in out.splitlines() if "fractal-boot-oneshot:" in ln]
+    if not any("pid1=init" in ln for ln in lines):
+        raise RuntimeError(f"the machine's one-shot service did not report: {out[-800:]}")
+    nar.say(f"booted to its own init and powered off in {time.monotonic() - t0:.1f}s; its one-shot service said:\n"
+            + "\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--snapshotter", default="fractal", choices=["fractal", "overlayfs", "native"],
@@ -373,14 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             layouts: dict[str, Path] = {}
             with nar.step(f"build test images {', '.join(IMAGES)} (cached in {testimages.cache_dir()})"):
-                for name in IMAGES:
+                for name in (*IMAGES, *(BOOT_IMAGES if sn == "fractal" else ())):
                     layouts[name] = testimages.build(name)
 
             reg_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-demo-reg-")))
             refs: dict[str, str] = {}
             with nar.step("start a local registry and push the images"):
                 reg = stack.enter_context(LocalRegistry(reg_dir))
-                for name in IMAGES:
+                for name in layouts:
                     refs[name] = reg.push(layouts[name], f"fractal/{name}", "latest")
                 nar.say("\n".join(refs.values()))
 
@@ -520,6 +571,18 @@ def main(argv: list[str] | None = None) -> int:
                 with nar.step("remote mode: fractal pki init, an agent on a \"machine\" (netns) over mutual TLS, "
                               "ctr run --annotation io.fractal.mode=remote"):
                     _remote_step(env, nar, refs["busybox"], reg_dir)
+                from ccpu.vm import tpm
+
+                missing = tpm.missing_tools()
+                if missing or not os.path.exists("/usr/lib/systemd/boot/efi/linuxx64.efi.stub"):
+                    nar.say(f"vm.attest step left out: needs {', '.join(missing) or 'systemd-boot-efi'} "
+                            "(hack/setup.sh installs them)")
+                else:
+                    with nar.step("vm.attest: the VM boots fractal.efi through OVMF with its own swtpm; the shim "
+                                  "checks its TPM quote before the first container"):
+                        _attest_step(env, nar, refs["busybox"], sn, reg_dir, cli_env)
+                with nar.step("fractal boot: the machine image booted as a whole machine (its own init as PID 1)"):
+                    _boot_step(env, nar, refs["machine"], cli_env)
 
             before = dir_size(store)
             with nar.step(f"pull the same images into a second namespace {NS2}"):
