@@ -51,7 +51,8 @@ class Expected:
 
 
 def expected(manifest: Mapping[str, Any], cmdline: str | None) -> Expected:
-    """What the guest build ``manifest`` predicts: PCR 11 from its UKI's sections, and PCR 12 from
+    """What the guest build ``manifest`` predicts: PCR 4 from the Authenticode hashes of its UKI and
+    kernel (booted as QEMU's -kernel: ``uki.pcr4``), PCR 11 from its UKI's sections, and PCR 12 from
     the command line the VM was given (None: the UKI's own, nothing measured into 12).  Pure."""
     u = manifest.get("uki")
     if not isinstance(u, Mapping) or not isinstance(u.get("sections"), Mapping):
@@ -61,6 +62,11 @@ def expected(manifest: Mapping[str, Any], cmdline: str | None) -> Expected:
     pcrs = {uki.PCR_SECTIONS: uki.pcr11(sections)}
     meaning = {uki.PCR_SECTIONS: "the UKI's sections " + " ".join(
         f"{n}={sections[n][:16]}" for n in uki.MEASURED_ORDER if n in sections)}
+    if u.get("authenticode") and u.get("linux_authenticode"):
+        pcrs[uki.PCR_BOOT_APP] = uki.pcr4(str(u["authenticode"]), str(u["linux_authenticode"]))
+        meaning[uki.PCR_BOOT_APP] = (f"the boot applications the firmware started: fractal.efi (Authenticode "
+                                     f"{str(u['authenticode'])[:16]}) and its kernel "
+                                     f"({str(u['linux_authenticode'])[:16]})")
     if cmdline is not None:
         pcrs[uki.PCR_CMDLINE] = uki.cmdline_pcr12(cmdline)
         meaning[uki.PCR_CMDLINE] = f"the kernel command line {cmdline!r}"

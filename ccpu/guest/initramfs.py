@@ -440,7 +440,7 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
         described["extensions"] = extend.describe(ext, added)
     options = {"layout": layout, "pyc": pyc, "compression": compression, "level": level, "kernel": kern.deb_sha256,
                "boot_image": kern.boot_image.name,
-               "uki_stub": _sha256(Path(uki.STUB)) if uki.available() else None}
+               "uki_stub": _sha256(Path(uki.STUB)) if uki.available() else None, "uki_format": uki.FORMAT}
     key = inputs_key(sources, options)
     roots = build_roots(cache_root(), user_cache())
     for root in roots:

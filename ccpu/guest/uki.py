@@ -12,6 +12,11 @@ Section addresses are computed from the sizes (each section page-aligned after t
 never from the clock, and objcopy copies the stub's header: the same inputs give the same bytes
 (a unit test builds twice and compares).
 
+``pcr4`` predicts what the firmware leaves in PCR 4 from the Authenticode hashes of the UKI and
+of its ``.linux`` (ccpu.guest.pe), which the build records: OVMF measures the UKI as it loads it
+and, when the stub loads the kernel through the firmware's LoadImage, the kernel too; the events
+between them are fixed strings.  The attestation tests check it against a real OVMF + swtpm boot.
+
 ``pcr11`` predicts the value the stub leaves in PCR 11 from the section contents (systemd's
 documented rule: for each section present, in the stub's order, extend the section's name with
 its NUL, then its contents; a hash chain, no TPM marshalling).
@@ -28,6 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import pe
+
 STUB = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
 OBJCOPY = "objcopy"
 FILE = "fractal.efi"
@@ -37,6 +44,9 @@ PCR_SECTIONS = 11  # systemd-stub: the UKI's sections
 PCR_CMDLINE = 12  # systemd-stub: a command line given by the loader (overrides .cmdline, Secure Boot off)
 PCR_BOOT_APP = 4  # the firmware: the PE image it loaded
 ALIGN = 0x1000
+#: the manifest's "uki" record: part of the build's inputs, so a build made before a field the
+#: verifier needs (2: the Authenticode hashes for PCR 4) is made again rather than reused
+FORMAT = 2
 #: where the first added section goes: above the stub's own sections (checked against the stub)
 FIRST_VMA = 0x20000
 
@@ -52,10 +62,18 @@ class Uki:
     size: int
     cmdline: str
     sections: dict[str, str]  # section name -> sha256 of its contents
+    authenticode: str  # the UKI's Authenticode sha256 (what the firmware measures into PCR 4)
+    #: the same of its .linux section, the kernel the stub loads; None if that is no PE image (then
+    #: the firmware does not load it, and PCR 4 is not predicted)
+    linux_authenticode: str | None
 
     def describe(self) -> dict:
-        return {"file": self.path.name, "sha256": self.sha256, "size": self.size, "cmdline": self.cmdline,
-                "sections": self.sections, "pcr11": pcr11(self.sections).hex()}
+        out = {"file": self.path.name, "sha256": self.sha256, "size": self.size, "cmdline": self.cmdline,
+               "sections": self.sections, "pcr11": pcr11(self.sections).hex(), "authenticode": self.authenticode}
+        if self.linux_authenticode:
+            out.update(linux_authenticode=self.linux_authenticode,
+                       pcr4=pcr4(self.authenticode, self.linux_authenticode).hex())
+        return out
 
 
 def available() -> bool:
@@ -85,6 +103,30 @@ def pcr11(section_sha256: Mapping[str, str]) -> bytes:
             continue
         pcr = hashlib.sha256(pcr + hashlib.sha256(name.encode() + b"\0").digest()).digest()
         pcr = hashlib.sha256(pcr + bytes.fromhex(digest)).digest()
+    return pcr
+
+
+#: EV_EFI_ACTION that UEFI (PI spec) measures into PCR 4 before it starts a boot option
+CALLING_BOOT_OPTION = b"Calling EFI Application from Boot Option"
+#: EV_SEPARATOR: the firmware closes PCRs 0-7 at ReadyToBoot with four zero bytes
+SEPARATOR = bytes(4)
+
+
+def pcr4(uki_authenticode: str, linux_authenticode: str, *, direct_kernel: bool = True) -> bytes:
+    """PCR 4 (sha256 bank) after the firmware booted this UKI and the stub started its kernel.
+
+    ``direct_kernel``: the UKI came from QEMU's ``-kernel`` (attested VMs, test machines): OVMF
+    loads -- and so measures -- it while it prepares the boot options, before the boot-option
+    action and the separator (seen in the guest's event log,
+    /sys/kernel/security/tpm0/binary_bios_measurements).  False: a machine booting the UKI from
+    a Boot#### entry (disk, USB, HTTP boot), where the image is measured after them.  In both, the
+    kernel the stub hands to LoadImage comes last.  Pure."""
+    events = [hashlib.sha256(CALLING_BOOT_OPTION).digest(), hashlib.sha256(SEPARATOR).digest()]
+    uki_app = bytes.fromhex(uki_authenticode)
+    events = [uki_app, *events] if direct_kernel else [*events, uki_app]
+    pcr = bytes(32)
+    for digest in [*events, bytes.fromhex(linux_authenticode)]:
+        pcr = hashlib.sha256(pcr + digest).digest()
     return pcr
 
 
@@ -172,4 +214,12 @@ def build(out: Path, *, kernel: Path, initramfs: Path, cmdline: str, osrel: byte
     tmp.write_bytes(blob)
     os.rename(tmp, out)
     return Uki(out, hashlib.sha256(blob).hexdigest(), len(blob), cmdline,
-               {k: hashlib.sha256(v).hexdigest() for k, v in contents.items()})
+               {k: hashlib.sha256(v).hexdigest() for k, v in contents.items()},
+               pe.authenticode_sha256(blob).hex(), _authenticode(contents[".linux"]))
+
+
+def _authenticode(image: bytes) -> str | None:
+    try:
+        return pe.authenticode_sha256(image).hex()
+    except pe.PeError:
+        return None
