@@ -45,7 +45,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 from hack.bench.common import (bench_env, byte_compile, command_line, dump_logs_on_failure, finish,  # noqa: E402
-                               guarded, log, machine_info, percentile, require_root)
+                               guarded, launcher_paths, log, machine_info, percentile, require_root)
 from hack.bench.shim import uss_kb  # noqa: E402
 from hack.containerd_env import FractalEnv  # noqa: E402
 
@@ -106,7 +106,7 @@ def cli_launcher() -> Path:
     work = tempfile.mkdtemp(prefix="fractal-bench-cli-")
     atexit.register(shutil.rmtree, work, True)
     path = Path(work) / "fractal"
-    path.write_text(launcher.render(sys.executable, launcher.site_paths(sys.executable), "ccpu.cli"))
+    path.write_text(launcher.render(sys.executable, launcher_paths(sys.executable), "ccpu.cli"))
     path.chmod(0o755)
     return path
 
