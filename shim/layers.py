@@ -322,6 +322,11 @@ class LayersService:
             raise errdefs.FailedPrecondition("this shim does not know containerd's address")
         async with self._lock(c.id):
             look = await asyncio.to_thread(self._lookups, c.id)
+            # the container's own layers are named for the answer (Mounts, a Stat per parent,
+            # Usage: ~7 ms of round trips): asked meanwhile, beside the image lookups and the
+            # restack, rather than after them (issue 13; one gRPC channel serves both threads)
+            own = asyncio.ensure_future(asyncio.to_thread(
+                lambda: [look.size(chain) for chain in look.own_layers().values()]))
             try:
                 found = [(ref, await asyncio.to_thread(look.find_image, ref)) for ref in images]
                 missing = {ref: why for ref, (img, why) in found if img is None}
@@ -344,11 +349,13 @@ class LayersService:
                         if plan.labels:
                             await asyncio.to_thread(self._unlabel, look, c.id, plan.labels)
                         raise
+                await own
                 out["layers"] = await asyncio.to_thread(lambda: [look.named(e) for e in out["layers"]])
                 return answer(out)
             except _containerd_errors() as exc:
                 raise errdefs.FailedPrecondition(str(exc)) from None
             finally:
+                await asyncio.gather(own, return_exceptions=True)  # never close under its feet
                 look.client.close()
 
     def _lookups(self, cid: str) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 TYPE_CHECKING = False  # typing, dataclasses and logging cost `fractal --help` ~30 ms of imports
@@ -72,8 +73,36 @@ EXPECTED_ERRORS = (
 )
 
 
+def _columns() -> int:
+    """The help's width as argparse computes it (``shutil.get_terminal_size``: ``$COLUMNS``, else
+    the terminal's, else 80; minus 2), without importing shutil: argparse imports it for every
+    parser it formats, argument checks included, and with its bz2/lzma/zlib that was ~5 ms of
+    ``fractal layers add``'s imports (issue 13)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() if width is None else width)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit 2) instead of the usage block."""
+    """argparse with one-line usage errors (exit 2) instead of the usage block, and a help
+    formatter that does not import shutil (:func:`_columns`)."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
@@ -126,7 +155,7 @@ class _Probe(argparse.ArgumentParser):
 def _selected(argv: Sequence[str]) -> str | None:
     """The group the command line names (global options and their values skipped), or None.
     A probe: no help, no version, no errors of its own (the real parse reports them)."""
-    probe = _Probe(add_help=False)
+    probe = _Probe(add_help=False, formatter_class=_Formatter)
     _global_flags(probe)
     probe.add_argument("command", nargs="?")
     probe.add_argument("rest", nargs=argparse.REMAINDER)
@@ -196,6 +225,15 @@ def expected_failure(exc: BaseException) -> bool:
     return False
 
 
+def setup_logging(debug: bool) -> None:
+    """Log records to stderr (debug ones with ``--debug``).  Done before every command except
+    those that set ``lazy_logging`` (``fractal layers add``: logging is ~5 ms of its imports and
+    its fast path logs nothing), which call this where they start to need it."""
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser(argv)
@@ -204,9 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:  # `fractal` or `fractal GROUP` alone: its help, as ctr does
         getattr(args, "parser", ap).print_help()
         return 0
-    import logging
-
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    if args.debug or not getattr(args, "lazy_logging", False):
+        setup_logging(args.debug)
     for flag in ("address", "namespace"):  # a global flag fills in what the command's left unset
         if getattr(args, flag, None) is None and hasattr(args, flag):
             setattr(args, flag, getattr(args, f"global_{flag}"))

@@ -217,7 +217,7 @@ def sandbox_records() -> str:
         raise PartError(f"no sandbox records under {base} (no fractal sandbox ran, or $FRACTAL_RUN_DIR differs)")
     out = {}
     for ns in sorted(p.name for p in base.iterdir() if p.is_dir()):
-        out[ns] = {g: {**asdict(r), "alive": r.alive} for g, r in sandboxes.read_all(ns).items()}
+        out[ns] = {g: {**r.as_dict(), "alive": r.alive} for g, r in sandboxes.read_all(ns).items()}
     return json.dumps(out, indent=2) + "\n"
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing: annotations only (`fractal layers add`'s imports, issue 13)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def add_containerd_flags(p: argparse.ArgumentParser, *, namespace: bool = True) -> None:

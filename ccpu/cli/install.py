@@ -42,6 +42,7 @@ from .wiring import (FRACTAL_RUNTIME_TYPE, GLOBAL_NOTE, TRANSFER, Target, config
                      default_platform, global_snapshotter, handler_items, unpack_entries)
 
 SHIM_BINARY = "containerd-shim-fractal-v1"
+CLI_BINARY = "fractal"
 SNAPSHOTTER_BINARY = "fractal-snapshotter"
 UNIT_NAME = "fractal-snapshotter.service"
 POOL_UNIT_NAME = "fractal-pool.service"
@@ -325,6 +326,40 @@ def shim_change(opts: Options, notes: list[str]) -> FileChange:
     return FileChange(target, text, f"shim on containerd's PATH (launcher: {python} -S)", mode=0o755)
 
 
+def cli_change(opts: Options, notes: list[str], record: rec.Record | None) -> FileChange | None:
+    """``fractal`` itself in ``--bin-dir`` as a ``python -S`` launcher of ``ccpu.cli`` (the
+    shim's kind, ccpu/cli/launcher.py): ``site`` is most of ``fractal --help``'s and ``fractal
+    layers add``'s start (docs/performance.md, issue 13).  Optional, unlike the shim: pip's
+    console script works wherever it is, so where no launcher can be written, or a file that
+    is not install's own is there (pip's script when pip installed into ``--bin-dir``, a link
+    elsewhere), nothing is written and a note says why.  A link to this very console script
+    (docs/install.md's ``ln -s``) is replaced; :func:`apply` keeps it aside for uninstall."""
+    target = str(Path(opts.bin_dir) / CLI_BINARY)
+    try:
+        script = console_script(CLI_BINARY)
+    except InstallError:
+        notes.append(f"no {CLI_BINARY} launcher: the {CLI_BINARY} console script is not installed")
+        return None
+    ours = record is not None and record.get(target) is not None
+    if os.path.islink(target) and os.path.realpath(target) == os.path.realpath(script):
+        pass  # the link to the console script docs/install.md has users make: replaced, kept aside
+    elif os.path.realpath(script) == os.path.realpath(target):
+        return None  # pip put its script there: that is the user's `fractal`
+    elif os.path.lexists(target) and not ours:
+        notes.append(f"{target} is not fractal install's: left as it is (no {CLI_BINARY} launcher)")
+        return None
+    python = script_python(script)
+    try:
+        if python is None:
+            raise launcher.LauncherError(f"{script} does not start with a plain #!python line")
+        text = launcher.render(python, launcher.site_paths(python), "ccpu.cli")
+    except launcher.LauncherError as e:
+        notes.append(f"no {CLI_BINARY} launcher without `site` (the console script {script} "
+                     f"starts slower): {e}")
+        return None
+    return FileChange(target, text, f"the {CLI_BINARY} command (launcher: {python} -S)", mode=0o755)
+
+
 def dropin_path(config: str) -> str:
     return str(Path(config).resolve().parent / "conf.d" / "fractal.toml")
 
@@ -379,6 +414,13 @@ def plan(opts: Options) -> Plan:
         p.notes.append(f"{fconf} is not {DEFAULT_FRACTAL_CONFIG}: containerd's environment needs "
                        f"FRACTAL_CONFIG={fconf} so that the shims read it")
     p.changes.append(shim_change(opts, p.notes))
+    try:
+        record = rec.load(Path(p.record))
+    except ValueError:
+        record = None  # apply() says what is wrong with it
+    cli = cli_change(opts, p.notes, record)
+    if cli is not None:
+        p.changes.append(cli)
     if opts.systemd:
         p.changes.append(FileChange(str(Path(opts.systemd_dir) / UNIT_NAME),
                                     render_unit(console_script(SNAPSHOTTER_BINARY), opts.address, fconf),
@@ -430,6 +472,11 @@ def render_print(opts: Options, version: tuple[int, int] | None) -> str:
             out.append(f"\n# --- {ch.path} (mode 0755) ---\n{ch.content}")
     except InstallError:
         out.append(f"\n# --- {Path(opts.bin_dir) / SHIM_BINARY}: (the shim is not installed) ---\n")
+    cli_notes: list[str] = []
+    cli = cli_change(opts, cli_notes, None)
+    if cli is not None:
+        out.append(f"\n# --- {cli.path} (mode 0755; only where no file of someone else's is) ---\n{cli.content}")
+    out.extend(f"# note: {n}\n" for n in cli_notes)
     return "".join(out)
 
 
@@ -656,7 +703,8 @@ def register(p) -> None:  # noqa: ANN001
     p.add_argument("--systemd", action="store_true", help=f"also write {UNIT_NAME} and {POOL_UNIT_NAME}")
     p.add_argument("--systemd-dir", default=DEFAULT_SYSTEMD_DIR, help="where the unit goes (default %(default)s)")
     p.add_argument("--bin-dir", default=DEFAULT_BIN_DIR,
-                   help=f"where the {SHIM_BINARY} launcher (or symlink) goes, on containerd's PATH "
+                   help=f"where the {SHIM_BINARY} launcher (or symlink) goes, on containerd's PATH, "
+                        f"and a {CLI_BINARY} launcher unless a {CLI_BINARY} is there already "
                         "(default %(default)s)")
     p.add_argument("--containerd", default="containerd", help="containerd binary whose version decides the config form")
     g = p.add_mutually_exclusive_group()

@@ -27,14 +27,15 @@ import argparse
 import os
 import re
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from ..layersapi import GC_LABEL_PREFIX, LIVE_LABEL_MARK, SERVICE, BadPosition, gc_label, short  # noqa: F401
 from ..layersapi import parse_position as _parse_position
 from .common import add_containerd_flags, add_json_flag, human, print_json
 
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # typing and dataclasses cost `fractal layers add` ~20 ms of imports
+if TYPE_CHECKING:      # (issue 13): annotations only, Layer and Stack are plain classes
+    from typing import Any
+
     from ..client.containerd import ContainerRecord
 
 #: ccpu.client.containerd's (not imported here: it loads grpc, which `layers add` avoids)
@@ -54,27 +55,39 @@ def parse_position(text: str) -> str | int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-@dataclass
 class Layer:
-    dir: str
-    live: bool
-    chain_id: str = ""
-    image: str = ""
-    size: int | None = None
-    added_at: int | None = None
-    gc_label: str = ""
+    """One layer of a container's stack, as the CLI shows it."""
+
+    __slots__ = ("dir", "live", "chain_id", "image", "size", "added_at", "gc_label")
+
+    def __init__(self, dir: str, live: bool, chain_id: str = "", image: str = "",  # noqa: A002
+                 size: int | None = None, added_at: int | None = None, gc_label: str = "") -> None:
+        self.dir, self.live, self.chain_id, self.image = dir, live, chain_id, image
+        self.size, self.added_at, self.gc_label = size, added_at, gc_label
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self) -> str:
+        return "Layer(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
     def as_dict(self) -> dict[str, Any]:
         return {"dir": self.dir, "live": self.live, "chain_id": self.chain_id or None,
                 "image": self.image or None, "size": self.size, "added_at": self.added_at}
 
 
-@dataclass
 class Stack:
-    container: str
-    upper: str | None
-    layers: list[Layer]  # top first
-    raw: dict[str, Any] = field(default_factory=dict)
+    """A container's stack: its writable layer and its layers, top first."""
+
+    __slots__ = ("container", "upper", "layers", "raw")
+
+    def __init__(self, container: str, upper: str | None, layers: list[Layer],
+                 raw: dict[str, Any] | None = None) -> None:
+        self.container, self.upper, self.layers = container, upper, layers
+        self.raw: dict[str, Any] = {} if raw is None else raw
+
+    def __repr__(self) -> str:
+        return f"Stack(container={self.container!r}, upper={self.upper!r}, layers={self.layers!r})"
 
 
 # -- the shim ------------------------------------------------------------------------------------
@@ -416,6 +429,9 @@ def cmd_add(args: Any) -> int:
         res = add_through_shim(address, namespace, args.container, list(args.images), args.position,
                                plain_http=args.plain_http, pull_missing=not args.no_pull)
     except _OldShim:
+        from . import setup_logging
+
+        setup_logging(args.debug)  # the gRPC path's libraries log
         with _session(args, "change layers of") as s:
             res = s.add(list(args.images), args.position, plain_http=args.plain_http, pull=not args.no_pull)
     stack: Stack = res.pop("stack")
@@ -466,7 +482,7 @@ def register(layers: argparse.ArgumentParser) -> None:
     add_json_flag(p, "machine-readable output (with timings)")
     p.add_argument("container")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image refs; the first one ends up on top")
-    p.set_defaults(func=cmd_add)
+    p.set_defaults(func=cmd_add, lazy_logging=True)
 
     p = lsub.add_parser("rm", help="remove layers (of an image added live, or by digest)")
     add_containerd_flags(p)

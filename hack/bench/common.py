@@ -55,6 +55,22 @@ def percentile(values: list[float], p: float) -> float:
     return s[k]
 
 
+def launcher_paths(python: str) -> list[str]:
+    """The paths a ``python -S`` launcher appends (ccpu/cli/launcher.py's ``site_paths``), or,
+    where this interpreter cannot import fractal without ``PYTHONPATH`` (no install, or an
+    editable install whose checkout moved), just what ``site`` adds: the benchmarks put the
+    checkout first on ``PYTHONPATH`` anyway, so the launcher still runs this tree."""
+    from ccpu.cli import launcher
+
+    try:
+        return launcher.site_paths(python)
+    except launcher.LauncherError:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+        out = subprocess.run([python, "-c", "import json, sys; print(json.dumps(sys.path))"], env=env,
+                             cwd="/", capture_output=True, text=True, check=True, timeout=30).stdout
+        return [p for p in json.loads(out) if p and os.path.isabs(p)]
+
+
 def machine_info() -> dict[str, Any]:
     def cmd(*argv: str) -> str:
         try:

@@ -19,11 +19,14 @@ so neither side pays for a pull.  Each round, in the same run:
   ``ctr task kill -s SIGKILL`` + wait until stopped + ``ctr task rm`` + ``ctr container rm`` +
   ``ctr run -d TOOLS`` until ``ctr task ls`` shows it RUNNING (timed as a whole).
 
-The order of live/restart alternates every round.  Prints medians and p90, the ratios, the
+With ``--base DIR`` the same add is also timed with an older checkout's CLI (``PYTHONPATH=DIR``,
+through the launcher; the shim stays this checkout's), for a before/after in the same rounds.
+Each CLI process's CPU (user+sys) is recorded beside its wall time: under other load it moves
+far less.  The order of live/restart alternates every round.  Prints medians and p90, the ratios, the
 command, machine info and the goals (live add <= 0.1x restart, < 100 ms); ``--json FILE``.
 Must run as root.
 
-    python3 hack/bench/layers.py [--runs 10] [--agent inproc|process] [--json FILE]
+    python3 hack/bench/layers.py [--runs 10] [--agent inproc|process] [--base DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 from hack.bench.common import (bench_env, byte_compile, command_line, dump_logs_on_failure, finish,  # noqa: E402
-                               guarded, log, machine_info, percentile, require_root)
+                               guarded, launcher_paths, log, machine_info, percentile, require_root)
 from hack.bench.shim import uss_kb  # noqa: E402
 from hack.containerd_env import FractalEnv  # noqa: E402
 
@@ -106,7 +109,7 @@ def cli_launcher() -> Path:
     work = tempfile.mkdtemp(prefix="fractal-bench-cli-")
     atexit.register(shutil.rmtree, work, True)
     path = Path(work) / "fractal"
-    path.write_text(launcher.render(sys.executable, launcher.site_paths(sys.executable), "ccpu.cli"))
+    path.write_text(launcher.render(sys.executable, launcher_paths(sys.executable), "ccpu.cli"))
     path.chmod(0o755)
     return path
 
@@ -114,18 +117,29 @@ def cli_launcher() -> Path:
 LAUNCHER: list[Path] = []
 
 
+#: the CPU (user+sys, ms) of the last fractal_cli process: less sensitive to other load than wall
+LAST_CPU: list[float] = [0.0]
+
+
 def fractal_cli(env: FractalEnv, *args: str, via_containerd: bool = False,
-                via_launcher: bool = False) -> tuple[float, dict[str, Any]]:
+                via_launcher: bool = False, tree: str | None = None) -> tuple[float, dict[str, Any]]:
+    import resource
+
     e = {**os.environ, "FRACTAL_RUN_DIR": str(env.fractal_run_dir)}
+    if tree is not None:  # an older checkout's CLI (--base), same shim
+        e["PYTHONPATH"] = tree
     if via_launcher:
         if not LAUNCHER:
             LAUNCHER.append(cli_launcher())
         argv = [str(LAUNCHER[0]), "layers", *args]
     else:
         argv = [sys.executable, *(["-c", VIA_CONTAINERD] if via_containerd else ["-m", "ccpu.cli"]), "layers", *args]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, env=e, timeout=120)
     wall = (time.monotonic() - t0) * 1000
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    LAST_CPU[0] = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1000
     if r.returncode != 0:
         raise RuntimeError(f"{shlex.join(argv)} failed: {r.stderr.strip()}")
     return wall, json.loads(r.stdout)
@@ -142,12 +156,16 @@ def shim_records(env: FractalEnv, cid: str) -> list[dict[str, Any]]:
     return out
 
 
+BASE: list[str] = []  # --base: an older checkout whose CLI is measured beside this one's
+
+
 def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, float]:
     subprocess.run(ctr_run(env, base, cid), check=True, capture_output=True, timeout=60)
     wait_state(env, cid, {"RUNNING"})
     flags = ["-a", str(env.address), "-n", NS]
     try:
         add_wall, add = fractal_cli(env, "add", *flags, "--json", cid, tools)
+        add_cpu = LAST_CPU[0]
         if len(add["added"]) != 2:
             raise RuntimeError(f"expected 2 added layers, got {add['added']}")
         out = env.ctr("tasks", "exec", "--exec-id", "chk", cid, "cat", "/opt/tools/hello.txt", namespace=NS).stdout
@@ -160,9 +178,16 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
             raise RuntimeError(f"expected 2 added layers (containerd path), got {old['added']}")
         fractal_cli(env, "rm", *flags, "--json", cid, tools)
         fast_wall, fast = fractal_cli(env, "add", *flags, "--json", cid, tools, via_launcher=True)
+        fast_cpu = LAST_CPU[0]
         if len(fast["added"]) != 2:
             raise RuntimeError(f"expected 2 added layers (launcher), got {fast['added']}")
         fractal_cli(env, "rm", *flags, "--json", cid, tools, via_launcher=True)
+        extra: dict[str, float] = {}
+        if BASE:
+            bw, b = fractal_cli(env, "add", *flags, "--json", cid, tools, via_launcher=True, tree=BASE[0])
+            extra = {"base_add_launcher_wall_ms": bw, "base_add_launcher_cpu_ms": LAST_CPU[0],
+                     "base_add_launcher_cli_ms": b["cli_ms"]}
+            fractal_cli(env, "rm", *flags, "--json", cid, tools, via_launcher=True)
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
         floor = (time.monotonic() - t0) * 1000
@@ -173,6 +198,7 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
                 "rm_wall_ms": rm_wall, "rm_cli_ms": rm["cli_ms"], "rm_restack_ms": rm["restack_ms"],
                 "add_via_containerd_wall_ms": old_wall, "add_via_containerd_cli_ms": old["cli_ms"],
                 "add_launcher_wall_ms": fast_wall, "add_launcher_cli_ms": fast["cli_ms"],
+                "add_cpu_ms": add_cpu, "add_launcher_cpu_ms": fast_cpu, **extra,
                 "python_floor_ms": floor, "python_s_floor_ms": floor_s, "shim_uss_mb_after_add": shim_uss}
     finally:
         remove(env, cid)
@@ -213,11 +239,18 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
              ("add_via_containerd_cli_ms", "  same, lookups in CLI: after imp."),
              ("add_launcher_wall_ms", "  same, CLI by python -S launcher"),
              ("add_launcher_cli_ms", "  same, launcher: after imports"),
+             ("add_cpu_ms", "layers add: CLI process CPU"),
+             ("add_launcher_cpu_ms", "  same, launcher: CPU"),
+             ("base_add_launcher_wall_ms", "--base CLI, launcher: wall"),
+             ("base_add_launcher_cpu_ms", "--base CLI, launcher: CPU"),
+             ("base_add_launcher_cli_ms", "--base CLI, launcher: after imp."),
              ("python_floor_ms", "python3 -c pass (floor)"),
              ("python_s_floor_ms", "python3 -S -c pass (floor)"),
              ("add_restack_ms", "layers add: shim-side restack"), ("rm_wall_ms", "layers rm: CLI wall time"),
              ("rm_restack_ms", "layers rm: shim-side restack"), ("restart_ms", "restart (kill+rm+run -d)")]
     for key, label in names:
+        if key not in s:
+            continue
         v = s[key]
         lines.append(f"{label:<34}{v['median']:>9.1f}{v['p90']:>9.1f}{v['min']:>9.1f}{v['max']:>9.1f}")
     u = s["shim_uss_mb_after_add"]
@@ -246,7 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agent", choices=["inproc", "process"], default=os.environ.get("FRACTAL_AGENT", "inproc"))
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
+    ap.add_argument("--base", type=Path, metavar="DIR",
+                    help="an older checkout (e.g. `git archive BASE | tar -x -C DIR`) whose CLI is also "
+                         "timed each round through the launcher, against this checkout's shim")
     args = ap.parse_args(argv)
+    if args.base:
+        import compileall
+
+        BASE.append(str(args.base.resolve()))
+        compileall.compile_dir(BASE[0], quiet=1)
     if not require_root():
         return 2
     os.environ["FRACTAL_AGENT"] = args.agent

@@ -366,6 +366,18 @@ def summarize(lat: dict[str, list[float]]) -> dict[str, Any]:
     return out
 
 
+def proc_cpu_ms(pid: int | None) -> float:
+    """user+sys CPU of process ``pid`` so far (ms; 0 if it cannot be read)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def bench_latency(env: FractalEnv, stores: Stores, ref: str, clients: int, ops: int) -> dict[str, Any]:
     res: dict[str, Any] = {"clients": clients, "ops_per_client": ops, "targets": {}}
     nss = {sn: env.new_namespace("bl") for sn in SNAPSHOTTERS}
@@ -392,7 +404,16 @@ def bench_latency(env: FractalEnv, stores: Stores, ref: str, clients: int, ops: 
         parent = top_committed(address, sn, md)
         base = stores.entries(sn)
         t_start = time.perf_counter()
+        # CPU per call of the snapshotter, containerd and these client threads: what the loop's
+        # latencies queue behind (2 cores shared by all three), and far steadier under other load
+        pids = {"snapshotter": env.snapshotter.proc.pid if env.snapshotter.proc else None,
+                "containerd": env.containerd.proc.pid if env.containerd.proc else None}
+        cpu0 = {k: proc_cpu_ms(v) for k, v in pids.items()}
+        self0 = time.process_time()
         lat, keys, wall = run_clients(address, sn, parent, md, clients, ops, tag=name.split()[0][:4])
+        calls = max(1, 3 * len(keys))
+        cpu = {f"{k}_cpu_ms_per_call": (proc_cpu_ms(v) - cpu0[k]) / calls for k, v in pids.items()}
+        cpu["clients_cpu_ms_per_call"] = (time.process_time() - self0) * 1000 / calls
         t_rm = time.perf_counter()
         remove_keys(address, sn, keys, md, workers=clients)
         rm_s = time.perf_counter() - t_rm
@@ -405,11 +426,12 @@ def bench_latency(env: FractalEnv, stores: Stores, ref: str, clients: int, ops: 
             stores.wait_entries(sn, base)
         summ = summarize(lat)
         summ.update(parent=parent, wall_seconds=wall, ops_per_second=3 * len(keys) / wall if wall else None,
-                    remove_seconds=rm_s, gc_seconds=gc, total_seconds=time.perf_counter() - t_start)
+                    remove_seconds=rm_s, gc_seconds=gc, total_seconds=time.perf_counter() - t_start, **cpu)
         res["targets"][name] = summ
         log(f"latency {name:25s}: " + ", ".join(
             f"{op} p50 {summ[op]['p50_ms']:.2f} p99 {summ[op]['p99_ms']:.2f}" for op in OPS)
-            + f" ms ({3 * len(keys)} calls in {wall:.1f}s; cleanup {rm_s:.1f}s + gc {gc:.1f}s)")
+            + f" ms ({3 * len(keys)} calls in {wall:.1f}s; cleanup {rm_s:.1f}s + gc {gc:.1f}s; CPU per call: "
+            + ", ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in cpu.items()) + " ms)")
     for ns in nss.values():
         remove_ns(env, ns)
     for sn in SNAPSHOTTERS:
@@ -599,6 +621,10 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
                              f"{s['max_ms']:7.2f} {fmt_ratio(r50) if r50 else '':>11s} {fmt_ratio(r99) if r99 else '':>11s}")
             lines.append(f"   {'':26s} {3 * t['Prepare']['n']} calls in {t['wall_seconds']:.1f}s = "
                          f"{t['ops_per_second']:.0f} calls/s")
+            if "snapshotter_cpu_ms_per_call" in t:
+                lines.append(f"   {'':26s} CPU per call: snapshotter {t['snapshotter_cpu_ms_per_call']:.2f}, "
+                             f"containerd {t['containerd_cpu_ms_per_call']:.2f}, "
+                             f"clients {t['clients_cpu_ms_per_call']:.2f} ms")
         lines.append("   (client-side times of Python gRPC client threads on the same machine; through containerd")
         lines.append("    all three ops also reach the snapshotter; containerd 1.6 wraps each Prepare in two bolt")
         lines.append("    write transactions (one writer at a time, fsync each): Prepares queue there for any snapshotter)")

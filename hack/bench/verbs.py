@@ -42,6 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 from ccpu.cli import launcher  # noqa: E402
+from hack.bench.common import byte_compile, launcher_paths  # noqa: E402
 
 
 def one(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -72,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(args: argparse.Namespace, py: str, scripts: Path, work: Path) -> int:
-    paths = launcher.site_paths(py)
+    byte_compile()  # as an install has it (and PYTHONDONTWRITEBYTECODE would recompile every run)
+    if args.base:
+        import compileall
+
+        compileall.compile_dir(str(args.base), quiet=1)
+    paths = launcher_paths(py)
     for mod, name in (("shim.main", "shim"), ("ccpu.cli", "fractal")):
         (work / name).write_text(launcher.render(py, paths, mod))
         (work / name).chmod(0o755)

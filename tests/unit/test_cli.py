@@ -227,3 +227,27 @@ def test_lowerdirs_of_the_snapshotters_mounts() -> None:
     assert lowerdirs([_M("bind", "/r/active/4/fs", ["rw", "rbind"])]) == []  # nothing below an upper
     assert lowerdirs([_M("overlay", "overlay", ["workdir=/w", "upperdir=/u", "lowerdir=/r/layers/2/fs"])]) \
         == ["/r/layers/2/fs"]
+
+
+def test_the_help_is_as_wide_as_argparse_makes_it_without_importing_shutil(monkeypatch) -> None:  # noqa: ANN001
+    """ccpu.cli's formatter computes argparse's width itself (shutil's imports were ~5 ms of
+    `fractal layers add`, issue 13): the same text for $COLUMNS set, unset and nonsense."""
+    import argparse
+
+    from ccpu import cli
+
+    def both() -> tuple[str, str]:
+        out = []
+        for cls in (cli.Parser, argparse.ArgumentParser):
+            p = cls(prog="fractal", description="word " * 60)
+            p.add_argument("--flag", help="a help text long enough to wrap somewhere " * 4)
+            out.append(p.format_help())
+        return out[0], out[1]
+
+    for columns in ("50", "173", None, "x", "-3"):
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", columns)
+        ours, theirs = both()
+        assert ours == theirs, columns

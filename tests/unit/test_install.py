@@ -381,10 +381,28 @@ def test_version_option():
 def _fake_console_script(tmp_path, python):  # noqa: ANN001, ANN202
     d = tmp_path / "venv" / "bin"
     d.mkdir(parents=True, exist_ok=True)
-    for name in (I.SHIM_BINARY, I.SNAPSHOTTER_BINARY):
+    for name in (I.SHIM_BINARY, I.SNAPSHOTTER_BINARY, I.CLI_BINARY):
         (d / name).write_text(f"#!{python}\nimport sys\nfrom shim.main import main\nsys.exit(main())\n")
         (d / name).chmod(0o755)
     return d
+
+
+def _real_site_paths() -> list[str]:
+    """This interpreter's ``site_paths``; where it cannot import fractal without PYTHONPATH (an
+    editable install whose checkout moved), what ``site`` adds alone (the test adds the checkout)."""
+    import json
+    import subprocess
+    import sys
+
+    from ccpu.cli import launcher as L
+
+    try:
+        return L.site_paths(sys.executable)
+    except L.LauncherError:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        out = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"],
+                             env=env, cwd="/", capture_output=True, text=True, check=True).stdout
+        return [p for p in json.loads(out) if p and os.path.isabs(p)]
 
 
 def test_install_writes_a_launcher_that_runs_the_shim_without_site(tmp_path, monkeypatch):
@@ -398,7 +416,7 @@ def test_install_writes_a_launcher_that_runs_the_shim_without_site(tmp_path, mon
     # where the checkout is: site_paths asks the interpreter without PYTHONPATH, and this
     # checkout may be reached only through it (a worktree): add it as `site` would not
     root = os.path.dirname(os.path.dirname(os.path.abspath(I.__file__)))
-    real = L.site_paths(sys.executable)
+    real = _real_site_paths()
     monkeypatch.setattr(L, "site_paths", lambda python: [*real, root])
     done = _install(tmp_path)
     shim = tmp_path / "bin" / I.SHIM_BINARY
@@ -422,7 +440,7 @@ def test_install_writes_a_launcher_that_runs_the_shim_without_site(tmp_path, mon
     r = subprocess.run([str(shim)], capture_output=True, text=True, timeout=60,
                        env={**env, "PYTHONPATH": str(tmp_path / "other")})
     assert r.stdout.strip() == "the PYTHONPATH shim", r
-    assert [s for s, _ in _install(tmp_path)] == ["unchanged"] * 6
+    assert [s for s, _ in _install(tmp_path)] == ["unchanged"] * 7
 
 
 def test_launcher_replaces_an_older_installs_link_and_uninstall_restores_the_users_link(tmp_path, monkeypatch):
@@ -500,3 +518,107 @@ def test_someone_elses_file_where_the_launcher_goes_is_refused_and_kept(tmp_path
     with pytest.raises(I.InstallError, match="--bin-dir"):
         _install(tmp_path)
     assert theirs.read_text() == "#!/bin/sh\nexit 0\n"
+
+
+# ------------------------------------------------------------------------------------------
+# `fractal` itself as a launcher (issue 13): optional, never over someone else's file
+
+
+def test_install_writes_a_fractal_launcher_that_runs_the_cli_without_site(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from ccpu.cli import launcher as L
+    from ccpu.cli import uninstall as U
+    from ccpu.cli.install_record import load, record_path
+
+    bindir = _fake_console_script(tmp_path, sys.executable)
+    monkeypatch.setattr(I, "console_script", lambda name: str(bindir / name))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(I.__file__)))
+    real = _real_site_paths()
+    monkeypatch.setattr(L, "site_paths", lambda python: [*real, root])
+    done = _install(tmp_path)
+    cli = tmp_path / "bin" / I.CLI_BINARY
+    assert ("created", str(cli)) in [(s, ch.path) for s, ch in done]
+    assert cli.stat().st_mode & 0o777 == 0o755 and cli.read_text().startswith(f"#!{sys.executable} -S\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONPROFILEIMPORTTIME")}
+    r = subprocess.run([str(cli), "--help"], capture_output=True, text=True, timeout=60,
+                       env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert r.returncode == 0 and "layers" in r.stdout, r
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert "ccpu.cli" in imported and "site" not in imported, r.stderr
+    r = subprocess.run([str(cli), "layers", "nope"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "invalid choice" in r.stderr, r  # the CLI's own usage error
+    assert [s for s, _ in _install(tmp_path)] == ["unchanged"] * 7
+    steps = {s.path: s.status for s in U.undo(load(record_path(str(tmp_path / "etc" / "config.toml"))))}
+    assert steps[str(cli)] == "removed", steps
+    assert not os.path.lexists(cli)
+
+
+def test_someone_elses_fractal_in_bin_dir_is_left_alone_and_install_goes_on(tmp_path, monkeypatch):
+    """pip installing into --bin-dir put its console script there: that is the user's
+    `fractal`; install writes the rest and says why there is no launcher."""
+    import sys
+
+    from ccpu.cli import launcher as L
+    from ccpu.cli import uninstall as U
+    from ccpu.cli.install_record import load, record_path
+
+    bindir = _fake_console_script(tmp_path, sys.executable)
+    monkeypatch.setattr(I, "console_script", lambda name: str(bindir / name))
+    monkeypatch.setattr(L, "site_paths", lambda python: ["/x/site-packages"])
+    (tmp_path / "bin").mkdir()
+    theirs = tmp_path / "bin" / I.CLI_BINARY
+    theirs.write_text("#!/bin/sh\necho mine\n")
+    theirs.chmod(0o755)
+    opts = I.Options(containerd_config=str(tmp_path / "etc" / "config.toml"), bin_dir=str(tmp_path / "bin"),
+                     version=(1, 6), fractal_config=str(tmp_path / "f.toml"))
+    p = I.plan(opts)
+    assert str(theirs) not in [c.path for c in p.changes]
+    assert any(str(theirs) in n and "left as it is" in n for n in p.notes), p.notes
+    I.apply(p)
+    assert (tmp_path / "bin" / I.SHIM_BINARY).exists()
+    U.undo(load(record_path(str(tmp_path / "etc" / "config.toml"))))
+    assert theirs.read_text() == "#!/bin/sh\necho mine\n"
+
+
+def test_the_console_script_in_bin_dir_itself_gets_no_launcher(tmp_path, monkeypatch):
+    import sys
+
+    from ccpu.cli import launcher as L
+
+    bindir = _fake_console_script(tmp_path, sys.executable)
+    monkeypatch.setattr(I, "console_script", lambda name: str(bindir / name))
+    monkeypatch.setattr(L, "site_paths", lambda python: ["/x/site-packages"])
+    p = I.plan(I.Options(containerd_config=str(tmp_path / "config.toml"), bin_dir=str(bindir),
+                         version=(1, 6), fractal_config=str(tmp_path / "f.toml")))
+    assert str(bindir / I.CLI_BINARY) not in [c.path for c in p.changes]
+    # and an interpreter that cannot run it: a note, no launcher, the install goes on
+    monkeypatch.setattr(L, "site_paths", lambda python: (_ for _ in ()).throw(L.LauncherError("no ccpu")))
+    p = I.plan(I.Options(containerd_config=str(tmp_path / "config.toml"), bin_dir=str(tmp_path / "bin"),
+                         version=(1, 6), fractal_config=str(tmp_path / "f.toml")))
+    assert str(tmp_path / "bin" / I.CLI_BINARY) not in [c.path for c in p.changes]
+    assert any("no fractal launcher" in n and "no ccpu" in n for n in p.notes), p.notes
+
+
+def test_the_users_link_to_the_console_script_becomes_the_launcher_and_comes_back(tmp_path, monkeypatch):
+    """docs/install.md has users `ln -s VENV/bin/fractal /usr/local/bin/fractal`: install
+    replaces that link by the launcher, uninstall puts the link back."""
+    import sys
+
+    from ccpu.cli import launcher as L
+    from ccpu.cli import uninstall as U
+    from ccpu.cli.install_record import load, record_path
+
+    bindir = _fake_console_script(tmp_path, sys.executable)
+    monkeypatch.setattr(I, "console_script", lambda name: str(bindir / name))
+    monkeypatch.setattr(L, "site_paths", lambda python: ["/x/site-packages"])
+    (tmp_path / "bin").mkdir()
+    link = tmp_path / "bin" / I.CLI_BINARY
+    link.symlink_to(bindir / I.CLI_BINARY)
+    before = (bindir / I.CLI_BINARY).read_bytes()
+    _install(tmp_path)
+    assert not link.is_symlink() and "ccpu.cli" in link.read_text() and "/x/site-packages" in link.read_text()
+    assert (bindir / I.CLI_BINARY).read_bytes() == before  # never written through the link
+    U.undo(load(record_path(str(tmp_path / "etc" / "config.toml"))))
+    assert os.readlink(link) == str(bindir / I.CLI_BINARY)

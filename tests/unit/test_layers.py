@@ -381,13 +381,28 @@ class FakeLook:
                   for ref, _ in images for d in self.images[ref] if d not in present]
         return Planned(layers, {f"gc/{ref}": f"sha256:{ref}" for ref, _ in images} if layers else {})
 
+    def own_layers(self) -> dict[str, str]:
+        """Asked by AddImages beside its other lookups (in a thread of its own): recorded, and
+        never after the client was closed."""
+        assert not self.closed, "the container's own layers were looked up after close"
+        self.own_asked = getattr(self, "own_asked", 0) + 1
+        return {L(1): "sha256:own"}
+
+    def size(self, chain_id: str) -> int | None:
+        assert not self.closed
+        return 1
+
     def named(self, entry: dict[str, Any]) -> dict[str, Any]:
         return {**entry, "chain_id": entry.get("chain_id") or "sha256:own"}
 
 
 def add_images_shim(fake: Fake, look: FakeLook) -> None:
     fake.svc.containerd = ("/nowhere.sock", "default")
-    fake.svc._lookups = lambda cid: look  # type: ignore[method-assign]
+    def lookups(cid: str) -> FakeLook:  # a fresh (open) client per request, as the shim's
+        look.closed = False
+        return look
+
+    fake.svc._lookups = lookups  # type: ignore[method-assign]
 
 
 def test_add_images_labels_then_restacks_and_names_the_stack(fake) -> None:  # noqa: ANN001
@@ -398,7 +413,7 @@ def test_add_images_labels_then_restacks_and_names_the_stack(fake) -> None:  # n
     assert out["added"] == [L(3), L(2)] and look.labels == [{"gc/tools": "sha256:tools"}]
     assert [(la["live"], la["chain_id"]) for la in out["layers"]] == [
         (True, "sha256:tools"), (True, "sha256:tools"), (False, "sha256:own")]
-    assert look.closed
+    assert look.closed and look.own_asked == 1
     again = call(fake.svc, "AddImages", container="c1", images=["tools"])
     assert again["added"] == [] and again["skipped"] == ["tools"] and len(look.labels) == 1
 

@@ -33,11 +33,18 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def run_cli(tmp_path: Path, argv: list[str]) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+#: what `site` would have loaded anyway, and so hides from the test above: under ``python -S``
+#: (the launcher `fractal install` writes, ccpu/cli/launcher.py) these are the CLI's own cost,
+#: ~50 ms of imports before issue 13's trims (docs/performance.md)
+HEAVY = ("dataclasses", "inspect", "typing", "pathlib", "tempfile", "socket", "logging", "shutil",
+         "subprocess", "asyncio", "grpc")
+
+
+def run_cli(tmp_path: Path, argv: list[str], *flags: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
     out = tmp_path / "out.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FRACTAL_RUN_DIR": str(tmp_path / "run"),
            "CONTAINERD_ADDRESS": str(tmp_path / "no-containerd.sock")}
-    r = subprocess.run([sys.executable, "-X", "importtime", "-c", SCRIPT, str(out), *argv],
+    r = subprocess.run([sys.executable, *flags, "-X", "importtime", "-c", SCRIPT, str(out), *argv],
                        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
     assert out.exists(), r.stderr[-3000:]
     return json.loads(out.read_text()), r
@@ -72,6 +79,29 @@ def test_layers_add_loads_no_grpc_protobuf_or_asyncio(tmp_path: Path) -> None:
     assert "added 1 layer(s) of tools (restack 2.5 ms)" in r.stdout
     bad = forbidden(res["loaded"])
     assert not bad, f"`fractal layers add` loaded {bad}\n{importtime_report(r.stderr)}"
+
+
+def test_layers_add_without_site_loads_none_of_the_heavy_stdlib(tmp_path: Path) -> None:
+    """Under ``-S`` nothing is loaded before the CLI: every module counts.  dataclasses (with
+    inspect, ast, dis), typing, pathlib, tempfile, socket's enums and logging were ~60 % of the
+    process's imports; the records, the stack and the wire client do without them."""
+    async def add_images(req: Any, ctx: Any) -> Any:
+        return layersmsg.answer({"container": req.container, "upper": "/u",
+                                 "layers": [{"dir": "/r/l9", "live": True, "image": "tools"}],
+                                 "added": ["/r/l9"], "skipped": [], "restack_ms": 2.5})
+
+    with serving(add_images) as address:
+        sandboxes.write(sandboxes.SandboxRecord(group="c1", namespace="default", mode="host",
+                                                shim_pid=os.getpid(), containers=["c1"],
+                                                address=address), base=tmp_path / "run")
+        res, r = run_cli(tmp_path, ["layers", "add", "c1", "tools"], "-S")
+        assert res["code"] == 0, r.stderr[-2000:]
+        assert "added 1 layer(s) of tools" in r.stdout
+        heavy = [m for m in res["loaded"] if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+        assert not heavy, f"`python -S -m ccpu.cli layers add` loaded {heavy}\n{importtime_report(r.stderr)}"
+        res, r = run_cli(tmp_path, ["layers", "add", "--json", "c1", "tools"], "-S")
+        assert res["code"] == 0 and json.loads(r.stdout)["added"] == ["/r/l9"], r.stderr[-2000:]
+        assert not [m for m in res["loaded"] if m in HEAVY], res["loaded"]
 
 
 def test_an_older_shim_takes_the_grpc_path(tmp_path: Path) -> None:
