@@ -25,8 +25,11 @@ guest's memory for the kernel, the agent and runc (ccpu/agent/limits.py).
 
 Standard library only: this runs in a minimal guest.
 
-Ready first: what `hello` needs (asyncio, the wire, the protocol) is all that loads before the
-agent answers it; the container machinery (`CONTAINER_MODULES`) is imported in a thread right
+Ready first: on `--fd` alone (a guest's port, a host-mode child's socketpair) the first `hello` is
+read and answered with blocking reads (hello.answer_first) before asyncio, logging or dataclasses
+are imported -- under TCG asyncio's import alone was ~1.6 s of the boot -> ready time; the event loop
+then takes the greeted connection over.  Otherwise what `hello` needs (asyncio, the wire, the
+protocol) is all that loads before the agent answers it.  The container machinery (`CONTAINER_MODULES`) is imported in a thread right
 after, and the Supervisor (with the reaper, the subreaper flag and the guest's memory reserve)
 is built when the first request needs it -- before it no container, so no child, can exist.
 Under TCG the imports are most of a guest's boot -> ready time (docs/vm.md "The agent's
