@@ -92,7 +92,7 @@ def _agent(tmp_path: Path, sent: bytes) -> list[dict[str, Any]]:
     try:
         ours.sendall(sent)
         ours.settimeout(60)
-        raw, decoder, out = b"", wire.Decoder(), []
+        decoder, out = wire.Decoder(), []
         while len(out) < sent.count(b'"op"'):
             chunk = ours.recv(65536)
             if not chunk:
