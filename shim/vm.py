@@ -515,6 +515,7 @@ class VmSandbox(AgentSandbox):
                                                str(vm.get("qemu_user", "")), on_end=self._vm_ended,
                                                qmp=monitor, hotplug_slots=tuple(vm["hotplug_slots"]))
             self.pid = m.pid
+            m.watch_guest()
             self.accel, self.accel_reason, self.qemu_user = m.accel.accel, m.accel.reason, m.qemu_user
             self.share = str(vm.get("share", ""))
             self.guest_kernel = str(vm.get("kernel", ""))
@@ -687,6 +688,8 @@ class VmSandbox(AgentSandbox):
         self.accel, self.accel_reason, self.qemu_user = m.accel.accel, m.accel.reason, m.qemu_user
         self.cpus = m.cpus
         self._record_pids()
+        if self.die_with_shim:  # ours for good (a pool's VM is watched by the sandbox adopting it)
+            m.watch_guest()  # a guest poweroff/reset/panic is the sandbox's end at once
         self.timings["qemu_started"] = time.monotonic() - t0
         if m.net is not None:
             log.info("pod network %s: %s", self.netns,

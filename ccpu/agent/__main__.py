@@ -25,8 +25,11 @@ guest's memory for the kernel, the agent and runc (ccpu/agent/limits.py).
 
 Standard library only: this runs in a minimal guest.
 
-Ready first: what `hello` needs (asyncio, the wire, the protocol) is all that loads before the
-agent answers it; the container machinery (`CONTAINER_MODULES`) is imported in a thread right
+Ready first: on `--fd` alone (a guest's port, a host-mode child's socketpair) the first `hello` is
+read and answered with blocking reads (hello.answer_first) before asyncio, logging or dataclasses
+are imported -- under TCG asyncio's import alone was ~1.6 s of the boot -> ready time; the event loop
+then takes the greeted connection over.  Otherwise what `hello` needs (asyncio, the wire, the
+protocol) is all that loads before the agent answers it.  The container machinery (`CONTAINER_MODULES`) is imported in a thread right
 after, and the Supervisor (with the reaper, the subreaper flag and the guest's memory reserve)
 is built when the first request needs it -- before it no container, so no child, can exist.
 Under TCG the imports are most of a guest's boot -> ready time (docs/vm.md "The agent's
@@ -36,25 +39,27 @@ imports"); tests/unit/test_import_graph.py pins what the ready path may import.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import logging
 import os
-import signal
-import socket
-import stat
 import sys
 import typing
 
-from . import endpoint
-from .server import LazySupervisor, Outbox, Server
+from . import endpoint, hello
 
 if typing.TYPE_CHECKING:
+    import asyncio
+    import logging
+
     from ..linux.reaper import Reaper
     from .container import Supervisor
     from .layerpull import LocalRepo
+    from .server import Outbox
 
-log = logging.getLogger("ccpu.agent")
+
+def _log() -> logging.Logger:
+    """The agent's logger (logging, like asyncio, is imported after the first `hello`)."""
+    import logging
+
+    return logging.getLogger("ccpu.agent")
 
 #: imported after `hello` (preload) or by the first request that needs them, never before ready
 CONTAINER_MODULES = ("ccpu.agent.container", "ccpu.agent.runc", "ccpu.agent.limits", "ccpu.agent.live",
@@ -143,15 +148,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ns
 
 
-async def _fd_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Streams over an inherited fd: a socket, or a character device / pipe (virtio-serial)."""
+async def _fd_streams(fd: int, rest: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over an inherited fd: a socket, or a character device / pipe (virtio-serial).
+    ``rest``: bytes already read from it (hello.answer_first), read first."""
+    import asyncio
+    import socket
+    import stat
+
     os.set_inheritable(fd, False)
-    if stat.S_ISSOCK(os.fstat(fd).st_mode):
-        sock = socket.socket(fileno=fd)
-        return await asyncio.open_connection(sock=sock)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
+    if rest:
+        reader.feed_data(rest)
     read_proto = asyncio.StreamReaderProtocol(reader)
+    if stat.S_ISSOCK(os.fstat(fd).st_mode):
+        transport, _ = await loop.create_connection(lambda: read_proto, sock=socket.socket(fileno=fd))
+        return reader, asyncio.StreamWriter(transport, read_proto, reader, loop)
     await loop.connect_read_pipe(lambda: read_proto, os.fdopen(fd, "rb", buffering=0))
     wfd = os.dup(fd)
     transport, write_proto = await loop.connect_write_pipe(
@@ -187,7 +199,7 @@ def build_supervisor(ns: argparse.Namespace, outbox: Outbox, loop: asyncio.Abstr
         try:
             limits.setup_guest(cgroup_parent, ns.memory_reserve_mb * limits.MiB)
         except OSError as e:  # containers still run, without the reserve: say so loudly
-            log.error("cannot set up the containers' memory limit in %s: %s", cgroup_parent, e)
+            _log().error("cannot set up the containers' memory limit in %s: %s", cgroup_parent, e)
             cgroup_parent = None
     return Supervisor(
         Runc(reaper, ns.runc_root, ns.runc), reaper, outbox, roots[0], roots[1], ns.drain_timeout,
@@ -211,7 +223,15 @@ def local_repo(ns: argparse.Namespace) -> tuple[LocalRepo | None, tuple[list[str
     return repo, (bundle_roots, layer_roots)
 
 
-async def amain(ns: argparse.Namespace) -> int:
+async def amain(ns: argparse.Namespace, first: hello.Greeted | hello.Unanswered | None = None) -> int:
+    """Serve until stopped.  ``first``: what became of the first frame on ``--fd`` (read before
+    asyncio was imported: :func:`main`)."""
+    import asyncio
+    import contextlib
+    import signal
+
+    from .server import LazySupervisor, Outbox, Server
+
     loop = asyncio.get_running_loop()
     outbox = Outbox()
     reapers: list[Reaper] = []
@@ -232,13 +252,13 @@ async def amain(ns: argparse.Namespace) -> int:
 
         async def serve_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             identity = tls.peer_identity(writer.get_extra_info("ssl_object"))
-            log.info("client %s connected (identity %s)", writer.get_extra_info("peername"), identity)
+            _log().info("client %s connected (identity %s)", writer.get_extra_info("peername"), identity)
             await server.serve(reader, writer, identity)
 
         listener = await asyncio.start_server(serve_tls, tcp[0], tcp[1], ssl=ns.tls,
                                               ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT,
                                               reuse_address=True)
-        log.info("listening on %s (TLS 1.3, client certificates of %s)", ns.listen, ns.tls_dir)
+        _log().info("listening on %s (TLS 1.3, client certificates of %s)", ns.listen, ns.tls_dir)
         if ns.ready_fd is not None:  # a supervisor waits for the listening socket
             os.write(ns.ready_fd, b"ready\n")
             os.close(ns.ready_fd)
@@ -251,16 +271,18 @@ async def amain(ns: argparse.Namespace) -> int:
             listener = await asyncio.start_unix_server(server.serve, path=path)
         finally:
             os.umask(old)
-        log.info("listening on %s", path)
+        _log().info("listening on %s", path)
 
     async def serve_fd() -> None:
-        reader, writer = await _fd_streams(ns.fd)
-        await server.serve(reader, writer)
+        greeted = first if isinstance(first, hello.Greeted) else None
+        rest = first.rest if isinstance(first, hello.Greeted) else first.raw if first is not None else b""
+        reader, writer = await _fd_streams(ns.fd, rest)
+        await server.serve(reader, writer, greeted=greeted)
         if listener is None:
             if not server.container_count():
                 stop.set()
             else:
-                log.warning("connection on fd %d closed with %d containers left", ns.fd, server.container_count())
+                _log().warning("connection on fd %d closed with %d containers left", ns.fd, server.container_count())
 
     fd_task = asyncio.ensure_future(serve_fd()) if ns.fd is not None else None
     while True:
@@ -271,7 +293,7 @@ async def amain(ns: argparse.Namespace) -> int:
         if tcp is None or stop.is_set():
             break
         server.stopped.clear()  # a TCP agent outlives its clients' sessions
-        log.info("client session ended by shutdown; waiting for the next client")
+        _log().info("client session ended by shutdown; waiting for the next client")
     if listener is not None:
         listener.close()
         if path:
@@ -283,7 +305,7 @@ async def amain(ns: argparse.Namespace) -> int:
             await fd_task
     for reaper in reapers:
         reaper.stop()
-    log.info("agent exiting (%d containers left)", server.container_count())
+    _log().info("agent exiting (%d containers left)", server.container_count())
     return 0
 
 
@@ -292,12 +314,19 @@ def main(argv: list[str] | None = None) -> int:
 
     ns = parse_args(argv)
     ensure_stdio_open()
+    first = None
+    if ns.fd is not None and ns.listen is None and ns.repo is None:
+        # ready first: the shim waits for this answer only (module docstring)
+        first = hello.answer_first(ns.fd, hello.features(ns.nics, False, ns.nics and hello.attest_available()))
+    import asyncio
+    import logging
+
     handler: logging.Handler = logging.FileHandler(ns.log) if ns.log else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if ns.debug else logging.INFO)
-    return asyncio.run(amain(ns))
+    return asyncio.run(amain(ns, first))
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import hello as hello_
 from . import protocol, wire
 
 if TYPE_CHECKING:  # the container machinery loads after `hello` (Server's docstring)
@@ -44,11 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FEATURES = ["terminal", "exec", "pause", "stats", "update", "rootfs:layers", "rootfs:mounts", "rootfs:none", "layers:live", "oom", "scratch"]
-
-#: the per-channel window a client may ask for in `hello` (bytes)
-MIN_WINDOW = 4096
-MAX_WINDOW = 1 << 30
+FEATURES = hello_.FEATURES
+MIN_WINDOW, MAX_WINDOW = hello_.MIN_WINDOW, hello_.MAX_WINDOW
 
 
 class Connection:
@@ -212,23 +209,15 @@ class Server:
         self._count = 0
         self.owner: str | None = None  # the identity that owns the containers (TCP + TLS)
         self._ops: dict[str, Handler] | None = None
-        self._nics = nics
         # configuring NICs: only a guest's agent (--nics); on the host it would take the host's
-        self.features = [*FEATURES, "nic"] if nics else list(FEATURES)
+        self._nics = nics
         # a machine's own layer repo (remote mode, --repo): layers streamed by the shim
         self.repo = repo
         self._pulls: dict[int, tuple[Receiver, asyncio.Event, Connection]] = {}
-        if repo is not None:
-            self.features.append("layers:pull")
         # a TPM quote of what this guest booted (shim/vm.py asks before any container): only a
         # guest's agent, and only with a TPM and tpm2-tools (a VM booted with vm.attest)
-        self._attest = False
-        if nics:
-            from . import tpm  # its heavier imports wait for the op itself
-
-            self._attest = tpm.available()
-            if self._attest:
-                self.features.append("attest")
+        self._attest = nics and hello_.attest_available()
+        self.features = hello_.features(nics, repo is not None, self._attest)
 
     @property
     def sup(self) -> Supervisor:
@@ -293,13 +282,17 @@ class Server:
         self._preloading.add_done_callback(_preload_done)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    identity: str | None = None) -> None:
+                    identity: str | None = None, greeted: hello_.Greeted | None = None) -> None:
         """Serve one connection until it closes or breaks the protocol.  ``identity``: the
-        peer's authenticated identity (its TLS certificate's fingerprint), None on a local link."""
+        peer's authenticated identity (its TLS certificate's fingerprint), None on a local link.
+        ``greeted``: its first `hello` was answered already (hello.answer_first, before this
+        process imported asyncio; its bytes past the `hello` are in ``reader`` already)."""
         self._count += 1
         conn = Connection(writer, f"conn{self._count}")
         conn.identity = identity
         log.debug("%s: connected", conn.name)
+        if greeted is not None:
+            self._greeted(conn, greeted.window)
         try:
             while True:
                 frame = await wire.read_frame(reader)
@@ -406,22 +399,13 @@ class Server:
                 return
             try:
                 self._check_owner(conn)
-                result = self._hello(args)
-                conn.window = self._window(args)
+                result, window = hello_.respond(args, self.features, self.repo.root if self.repo is not None else None)
             except protocol.AgentError as e:
                 conn.send(wire.encode_control(protocol.response_error(rid, e)))
                 conn.close()
                 return
-            if conn.window is not None:
-                result = {**result, "features": [*self.features, "flow"], "window": conn.window}
             conn.send(wire.encode_control(protocol.response_ok(rid, result)))
-            conn.ready = True
-            self.owner = conn.identity
-            if self._orphans is not None:
-                self._orphans.cancel()  # the owner is back (or the containers are gone)
-                self._orphans = None
-            self.outbox.attach(conn)
-            self._start_preload()
+            self._greeted(conn, window)
             return
         if op == "layers_pull" and self.repo is not None:
             self._reserve_pull(conn, args)  # before the data frames that follow the request
@@ -502,27 +486,16 @@ class Server:
                 f"this agent's {self.container_count()} containers belong to another client "
                 f"identity ({self.owner}); yours is {conn.identity}")
 
-    def _hello(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        version = args.get("version")
-        if version != protocol.PROTOCOL_VERSION:
-            raise protocol.FailedPrecondition(f"unsupported protocol version {version!r} (agent speaks 1)")
-        return {
-            "version": protocol.PROTOCOL_VERSION,
-            "agent_pid": os.getpid(),
-            "features": self.features,
-            "kernel": os.uname().release,
-            **({"repo": self.repo.root} if self.repo is not None else {}),
-        }
-
-    @staticmethod
-    def _window(args: Mapping[str, Any]) -> int | None:
-        """The client's per-channel window (None: no flow control, an older client)."""
-        window = args.get("window")
-        if window is None:
-            return None
-        if isinstance(window, bool) or not isinstance(window, int) or not MIN_WINDOW <= window <= MAX_WINDOW:
-            raise protocol.InvalidArgument(f"window must be an integer in {MIN_WINDOW}..{MAX_WINDOW}")
-        return window
+    def _greeted(self, conn: Connection, window: int | None) -> None:
+        """``conn`` got its `hello` answered: it is the client now."""
+        conn.window = window
+        conn.ready = True
+        self.owner = conn.identity
+        if self._orphans is not None:
+            self._orphans.cancel()  # the owner is back (or the containers are gone)
+            self._orphans = None
+        self.outbox.attach(conn)
+        self._start_preload()
 
     async def handle_request(self, conn: Connection, rid: int, op: str, args: dict[str, Any]) -> None:
         try:

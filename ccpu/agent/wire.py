@@ -13,14 +13,15 @@ nested at most `jsonbound.MAX_DEPTH` deep without NaN/Infinity, window updates c
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import jsonbound
+
+if TYPE_CHECKING:  # imported where used: the agent's first `hello` is answered without asyncio (hello.py)
+    import asyncio
 
 HEADER = struct.Struct(">IIB")
 HEADER_LENGTH = HEADER.size  # 9
@@ -41,8 +42,10 @@ class ProtocolError(Exception):
     """The peer broke the framing; the connection cannot continue."""
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
+    """One frame (a NamedTuple, not a dataclass: dataclasses imports inspect and ast, which the
+    agent's boot under TCG would pay for before its first `hello`)."""
+
     channel: int
     kind: Kind
     payload: bytes = b""
@@ -130,6 +133,11 @@ class Decoder:
         """Bytes held back waiting for the rest of a frame."""
         return len(self._buf)
 
+    def take_pending(self) -> bytes:
+        """The bytes held back (part of a frame), handed to another reader of the stream."""
+        out, self._buf = bytes(self._buf), bytearray()
+        return out
+
     def feed(self, data: bytes) -> list[Frame]:
         self._buf += data
         frames: list[Frame] = []
@@ -146,6 +154,8 @@ class Decoder:
 
 async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     """Next frame from a stream; None on EOF between frames, ProtocolError on EOF inside one."""
+    import asyncio
+
     try:
         header = await reader.readexactly(HEADER_LENGTH)
     except asyncio.IncompleteReadError as e:

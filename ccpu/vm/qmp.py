@@ -23,7 +23,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,32 @@ def unplug_commands(slot: int) -> tuple[tuple[str, dict[str, Any]], tuple[str, d
     return ("device_del", {"id": ids.device}), ("netdev_del", {"id": ids.netdev})
 
 
+#: events that mean the guest is gone: with ``-no-reboot`` (ccpu.vm.qemu.command) a reset -- also the
+#: reboot of a kernel panic (``panic=-1``) -- ends QEMU as a shutdown does; GUEST_PANICKED needs a
+#: pvpanic device, which these guests do not have (the panic's reboot is seen as SHUTDOWN)
+GUEST_END_EVENTS = frozenset({"SHUTDOWN", "RESET", "GUEST_PANICKED"})
+
+
+def guest_end(msg: Mapping[str, Any]) -> str | None:
+    """What a QMP event says about the guest's end, in words; None for any other event.  Only a
+    guest's own end counts: a SHUTDOWN QEMU reports for a signal (``"guest": false``) is ours."""
+    event = msg.get("event")
+    if event not in GUEST_END_EVENTS:
+        return None
+    data = msg.get("data")
+    data = data if isinstance(data, Mapping) else {}
+    if event == "GUEST_PANICKED":
+        return "the guest kernel panicked"
+    if data.get("guest") is False:
+        return None  # a host signal, a quit, the monitor: whoever did it knows
+    reason = str(data.get("reason", ""))[:64]
+    if event == "RESET" or reason == "guest-reset":
+        return "the guest reset itself (a reboot, or a kernel panic: panic=-1)"
+    if reason == "guest-panic":
+        return "the guest kernel panicked"
+    return f"the guest shut down ({reason or 'no reason given'})"
+
+
 def is_deleted_event(msg: Mapping[str, Any], device: str) -> bool:
     data = msg.get("data")
     return msg.get("event") == "DEVICE_DELETED" and isinstance(data, Mapping) and data.get("device") == device
@@ -120,7 +146,13 @@ class Qmp:
 
     :meth:`connect` reads the greeting and leaves negotiation mode; commands are serialized by a
     lock (replies carry no id here: one command in flight at a time).  Events that arrive while
-    waiting are kept (bounded) for :meth:`wait_event`."""
+    waiting are kept (bounded) for :meth:`wait_event`.
+
+    :meth:`watch` (the VM's owner, once it runs) moves all reading to a thread: every line is read
+    as QEMU writes it, so an event that ends the guest (:func:`guest_end`) is seen at once --
+    before QEMU has exited, and whether or not a command is in flight -- and reported once to
+    ``on_end``; commands then wait for their reply from that thread.  A channel handed to another
+    process (a pooled VM's) is never watched by the giver: two readers would split its lines."""
 
     MAX_EVENTS = 256
 
@@ -130,22 +162,40 @@ class Qmp:
         self.sock = sock
         self._buf = b""
         self._events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one command at a time (and, unwatched, one reader)
         self._ready = negotiated
+        self._cond = threading.Condition()  # watched: the reader's news (replies, events, its end)
+        self._replies: list[dict[str, Any]] = []
+        self._watcher: threading.Thread | None = None
+        self._broken: str | None = None  # watched: why the reader stopped
 
     @property
     def negotiated(self) -> bool:
         return self._ready
 
+    @property
+    def watched(self) -> bool:
+        return self._watcher is not None
+
     def close(self) -> None:
+        if self._watcher is not None:
+            # ours alone (a watched channel is never handed over): the watcher blocked in recv
+            # wakes up on the shutdown and ends
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.sock.close()
 
-    def _read_line(self, deadline: float) -> bytes:
+    def _read_line(self, deadline: float | None) -> bytes:
         while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise QmpError("QEMU did not answer on QMP in time")
-            self.sock.settimeout(left)
+            if deadline is None:
+                self.sock.settimeout(None)
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise QmpError("QEMU did not answer on QMP in time")
+                self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
             except TimeoutError:
@@ -185,6 +235,11 @@ class Qmp:
     def _execute(self, command: str, arguments: Mapping[str, Any] | None, fd: int | None,
                  deadline: float) -> Any:
         data = encode(command, arguments)
+        if self._watcher is not None:
+            with self._cond:
+                if self._broken is not None:
+                    raise QmpError(self._broken)  # QEMU is gone: say why, not EPIPE
+                self._replies.clear()  # a reply nobody waited for (a command that timed out)
         try:
             if fd is not None:
                 socket.send_fds(self.sock, [data], [fd])
@@ -193,7 +248,7 @@ class Qmp:
         except OSError as exc:
             raise QmpError(f"QMP channel: {exc}") from None
         while True:
-            msg = parse(self._read_line(deadline))
+            msg = self._next_reply(deadline) if self._watcher is not None else parse(self._read_line(deadline))
             if "event" in msg:
                 self._keep(msg)
             elif "return" in msg:
@@ -202,9 +257,32 @@ class Qmp:
                 err = msg["error"] if isinstance(msg["error"], Mapping) else {}
                 raise QmpError(f"{command}: {err.get('desc', msg['error'])}")
 
+    def _next_reply(self, deadline: float) -> dict[str, Any]:
+        with self._cond:
+            while not self._replies:
+                if self._broken is not None:
+                    raise QmpError(self._broken)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise QmpError("QEMU did not answer on QMP in time")
+                self._cond.wait(left)
+            return self._replies.pop(0)
+
     def wait_event(self, match: Any, timeout: float) -> dict[str, Any]:
         """The first event (kept or new) for which ``match(event)`` is true."""
         deadline = time.monotonic() + timeout
+        if self._watcher is not None:
+            with self._cond:
+                while True:
+                    for i, ev in enumerate(self._events):
+                        if match(ev):
+                            return self._events.pop(i)
+                    if self._broken is not None:
+                        raise QmpError(self._broken)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise QmpError("QEMU did not answer on QMP in time")
+                    self._cond.wait(left)
         with self._lock:
             while True:
                 for i, ev in enumerate(self._events):
@@ -213,3 +291,71 @@ class Qmp:
                 msg = parse(self._read_line(deadline))
                 if "event" in msg:
                     self._keep(msg)
+
+    def watch(self, on_end: Callable[[str], None]) -> None:
+        """Read every line in a thread from now on; ``on_end(words)`` once, from that thread, when
+        QEMU reports the guest's end (:func:`guest_end`).  Negotiates first if nobody did (in the
+        thread, holding the command lock meanwhile: QEMU may still be starting).  Idempotent."""
+        self._lock.acquire()
+        if self._watcher is not None:
+            self._lock.release()
+            return
+        negotiate = not self._ready
+        self._watcher = threading.Thread(target=self._watch, args=(on_end, negotiate), name="qmp-events",
+                                         daemon=True)
+        if not negotiate:
+            self._lock.release()
+        self._watcher.start()  # with ``negotiate`` the thread releases the lock once negotiated
+
+    def _watch(self, on_end: Callable[[str], None], negotiate: bool) -> None:
+        reported = False
+        try:
+            if negotiate:
+                try:
+                    deadline = time.monotonic() + REPLY_TIMEOUT
+                    greeting = parse(self._read_line(deadline))
+                    if "QMP" not in greeting:
+                        raise QmpError(f"not a QMP greeting: {str(greeting)[:200]}")
+                    self.sock.sendall(encode("qmp_capabilities"))
+                    while True:
+                        msg = parse(self._read_line(deadline))
+                        if "return" in msg:
+                            break
+                        if "error" in msg:
+                            raise QmpError(f"qmp_capabilities: {str(msg['error'])[:200]}")
+                        if "event" in msg:
+                            with self._cond:
+                                self._keep(msg)
+                    self._ready = True
+                except OSError as exc:
+                    raise QmpError(f"QMP channel: {exc}") from None
+                finally:
+                    self._lock.release()
+            while True:
+                msg = parse(self._read_line(None))
+                words = guest_end(msg) if "event" in msg else None
+                with self._cond:
+                    if "event" in msg:
+                        self._keep(msg)
+                    elif "return" in msg or "error" in msg:
+                        self._replies.append(msg)
+                    self._cond.notify_all()
+                if words is not None and not reported:
+                    reported = True
+                    on_end(words)
+        except (QmpError, OSError) as exc:  # OSError: the channel closed under it (EBADF)
+            with self._cond:
+                self._broken = str(exc) if isinstance(exc, QmpError) else f"QMP channel: {exc}"
+                self._cond.notify_all()
+
+
+def watch_in_loop(client: Qmp, loop: Any, on_end: Callable[[str], None]) -> None:
+    """:meth:`Qmp.watch` with ``on_end`` called on ``loop``'s thread (an asyncio owner's)."""
+
+    def report(words: str) -> None:
+        try:
+            loop.call_soon_threadsafe(on_end, words)
+        except RuntimeError:  # the loop is closed: its owner is gone, nobody to tell
+            pass
+
+    client.watch(report)

@@ -10,7 +10,8 @@ the host (hack/bench/vm.py) mixes the agent's cost with TCG's.  Here both sides 
   (posix_spawn + wait, from the guest's Python);
 - **runc steps**: what the agent has runc do for it: ``runc create`` + ``runc start`` + the
   init's exit (a pidfd) + ``runc delete`` -- each runc invocation is a Go binary's start, ~0.3-0.5 s
-  under TCG, so this separates the agent's own (Python) cost from runc's;
+  under TCG, so this separates the agent's own (Python) cost from runc's; each step is also timed
+  alone, with ``runc --version`` (a Go start and nothing else) beside them;
 - **agent**: the guest's own agent (``python3 -m ccpu.agent --listen unix:...``, as the init
   starts it, without the virtio-serial link) driven by ``ccpu.agent.client`` in the guest:
   ``create`` (stdout/stderr channels, rootfs ``none``: the same bundle dir and rootfs, a copy of
@@ -73,20 +74,33 @@ def runc_run(i):
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     return time.monotonic() - t0
 
+steps = {"create": [], "start": [], "exit": [], "delete": [], "go_start": []}
+
 def runc_steps(i):
-    """What the agent has runc do: create, start, the init's exit, delete."""
+    """What the agent has runc do: create, start, the init's exit, delete (each step timed)."""
     import select
     t0 = time.monotonic()
     r = [runc, "--root", base + "/runc"]
     cid, pidfile = f"s{i}", f"{base}/s{i}.pid"
     subprocess.run(r + ["create", "--bundle", bundle, "--pid-file", pidfile, cid], check=True,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    t1 = time.monotonic()
     fd = os.pidfd_open(int(open(pidfile).read()))
     subprocess.run(r + ["start", cid], check=True)
+    t2 = time.monotonic()
     select.select([fd], [], [], 120)
     os.close(fd)
+    t3 = time.monotonic()
     subprocess.run(r + ["delete", cid], check=True)
-    return time.monotonic() - t0
+    t4 = time.monotonic()
+    if i >= 0:
+        for k, v in zip(("create", "start", "exit", "delete"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            steps[k].append(v)
+        # one Go binary's start and exit, nothing else: what each runc invocation costs at least
+        t5 = time.monotonic()
+        subprocess.run([runc, "--version"], check=True, stdout=subprocess.DEVNULL)
+        steps["go_start"].append(time.monotonic() - t5)
+    return t4 - t0
 
 async def main():
     client = await AgentClient.connect_unix(sock)
@@ -117,7 +131,7 @@ async def main():
         for k in order[i % 3:] + order[:i % 3]:
             times[k].append(runc_run(i) if k == "runc" else runc_steps(i) if k == "runc_steps" else await agent_run(i))
     await client.close()
-    return times
+    return {**times, "steps": steps}
 
 times = asyncio.run(main())
 agent.terminate()
@@ -156,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"in-guest benchmark failed (exit {res.exit_code}):\n{out.getvalue().decode(errors='replace')}"
                          f"\n{err.getvalue().decode(errors='replace')[-3000:]}")
     times = json.loads(m.group(1))
+    steps = times.pop("steps", {})
     import statistics
 
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -167,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("runc", "runc_steps", "agent"):
         v = times[k]
         print(f"  {k:10s} median {med[k]:.3f} s  min {min(v):.3f}  max {max(v):.3f}")
+    for k, v in steps.items():
+        if v:
+            print(f"    runc steps: {k:8s} median {statistics.median(v):.3f} s  min {min(v):.3f}  max {max(v):.3f}")
     print(f"  ratio agent / runc run: {ratio:.2f}x (goal <= 1.3x)")
     print(f"  ratio agent / runc create+start+delete (the agent's own cost): {steps_ratio:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"rounds": args.rounds, "load_average": load, "times": times,
-                                         "median": med, "ratio": ratio,
+                                         "median": med, "ratio": ratio, "steps": steps,
                                          "steps_ratio": steps_ratio}, indent=2) + "\n")
     return 0
 

@@ -351,6 +351,42 @@ def test_qemu_killed_reports_exit_and_cleans_up(fenv: FractalEnv, namespace: str
     assert not _alive(pid)
 
 
+@pytest.mark.parametrize("trigger, words", [("o", "the guest shut down"),
+                                             ("c", "the guest reset itself (a reboot, or a kernel panic")],
+                         ids=["poweroff", "panic"])
+def test_guest_poweroff_or_panic_ends_the_sandbox(fenv: FractalEnv, namespace: str, images: dict[str, str],
+                                                  trigger: str, words: str) -> None:
+    """The guest powers itself off (sysrq o) or panics (sysrq c; panic=-1 resets, -no-reboot ends
+    QEMU): QEMU's QMP event is the sandbox's end, reported as such (the shim names the guest's
+    end, not QEMU's exit), every container is reported exited, and nothing is left: QEMU, the run
+    dir, the task."""
+    sb = f"vm-gend-{trigger}"
+    ann = ("--annotation", f"io.fractal.sandbox={sb}")
+    start_detached(fenv, namespace, images["busybox"], sb, "sleep", "600", extra=ann)
+    pid = vm_pid(fenv, namespace, sb)
+    log_from = fenv.containerd.log_path.stat().st_size
+    fg_id = f"{sb}-fg"
+    try:
+        # a privileged container of the sandbox can reach the guest's /proc/sysrq-trigger
+        r = fenv.ctr("run", "--rm", "--privileged", "--snapshotter", "fractal", "--fifo-dir", str(fenv.fifo_dir),
+                     "--runtime", RUNTIME, *VM, *ann, images["busybox"], fg_id,
+                     "sh", "-c", f"echo {trigger} > /proc/sysrq-trigger; sleep 600",
+                     namespace=namespace, check=False, timeout=180)
+        assert r.returncode == 255, (r.returncode, r.stdout, r.stderr)
+        wait_for(lambda: task_status(fenv, namespace, sb) == "STOPPED", what="task exit reported")
+        with fenv.containerd.log_path.open("rb") as f:
+            f.seek(log_from)
+            log = f.read().decode(errors="replace")
+        assert f"ended unexpectedly (QEMU pid {pid}): {words}" in log, log[-3000:]
+        fenv.ctr("tasks", "delete", sb, namespace=namespace)
+        assert task_status(fenv, namespace, sb) == ""
+    finally:
+        remove(fenv, namespace, sb)
+        fenv.ctr("containers", "rm", fg_id, namespace=namespace, check=False)
+    wait_for(lambda: not vm_dir(fenv, namespace, sb).exists(), what="VM run dir removed")
+    assert not _alive(pid)
+
+
 def test_shim_killed_takes_the_vm(fenv: FractalEnv, namespace: str, images: dict[str, str]) -> None:
     cid = "vm-skill"
     start_detached(fenv, namespace, images["busybox"], cid, "sleep", "600")

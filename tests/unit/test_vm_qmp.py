@@ -52,9 +52,11 @@ def test_deleted_event_matches_its_device_only() -> None:
     assert not qmp.is_deleted_event({"event": "RESET"}, "hpnic0")
 
 
-def test_client_against_a_scripted_peer() -> None:
+@pytest.mark.parametrize("watched", [False, True])
+def test_client_against_a_scripted_peer(watched: bool) -> None:
     """The client's dialogue: greeting, capabilities, a command whose fd arrives by SCM_RIGHTS,
-    an event kept while waiting for a reply, an error reply."""
+    an event kept while waiting for a reply, an error reply -- the same with the channel watched
+    (every line read by the watcher thread, which negotiates)."""
     ours, theirs = socket.socketpair()
     got: dict[str, object] = {}
 
@@ -73,12 +75,17 @@ def test_client_against_a_scripted_peer() -> None:
     t.start()
     r, w = socket.socketpair()
     client = qmp.Qmp(ours)
+    ends: list[str] = []
+    if watched:
+        client.watch(ends.append)
+        client.watch(ends.append)  # idempotent
     try:
         assert client.execute("getfd", {"fdname": "hpfd0"}, fd=r.fileno()) == {}
         with pytest.raises(qmp.QmpError, match="Duplicate ID"):
             client.execute("device_add", {"id": "x"})
         ev = client.wait_event(lambda e: qmp.is_deleted_event(e, "hpnic0"), 1.0)
         assert ev["data"]["device"] == "hpnic0"
+        assert client.watched is watched and not ends
     finally:
         t.join()
         client.close()
@@ -103,6 +110,66 @@ def test_closed_channel_is_an_error() -> None:
     with pytest.raises(qmp.QmpError, match="closed"):
         qmp.Qmp(ours).execute("query-status")
     ours.close()
+
+
+@pytest.mark.parametrize("event, words", [
+    ({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"}}, "the guest shut down (guest-shutdown)"),
+    ({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-reset"}}, "the guest reset itself"),
+    ({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-panic"}}, "panicked"),
+    ({"event": "RESET", "data": {"guest": True, "reason": "guest-reset"}}, "the guest reset itself"),
+    ({"event": "GUEST_PANICKED", "data": {"action": "pause"}}, "panicked"),
+    ({"event": "SHUTDOWN", "data": {"guest": False, "reason": "host-signal"}}, None),  # ours (a signal)
+    ({"event": "SHUTDOWN", "data": "x" * 10}, "the guest shut down (no reason given)"),
+    ({"event": "DEVICE_DELETED", "data": {"device": "hpnic0"}}, None),
+    ({"event": "STOP"}, None),
+])
+def test_guest_end_says_which_events_end_the_guest(event: dict, words: str | None) -> None:
+    got = qmp.guest_end(event)
+    assert got is None if words is None else got is not None and words in got
+
+
+def test_a_watched_channel_reports_the_guests_end_at_once_and_once() -> None:
+    """No command in flight: the watcher still reads the SHUTDOWN as it comes (QEMU has not even
+    closed the channel yet), reports it once, and a command after QEMU's end fails clearly."""
+    ours, theirs = socket.socketpair()
+    ends: list[str] = []
+    seen = threading.Event()
+
+    def on_end(words: str) -> None:
+        ends.append(words)
+        seen.set()
+
+    client = qmp.Qmp(ours, negotiated=True)
+    client.watch(on_end)
+    try:
+        theirs.sendall(b'{"event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}\n')
+        theirs.sendall(b'{"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}\n')
+        assert seen.wait(30), "the guest's end was not reported while the channel is still open"
+        theirs.sendall(b'{"event": "RESET", "data": {"guest": true, "reason": "guest-reset"}}\n')
+        theirs.close()  # QEMU exits
+        assert client._watcher is not None
+        client._watcher.join(30)
+        with pytest.raises(qmp.QmpError, match="closed"):
+            client.execute("query-status")
+        with pytest.raises(qmp.QmpError, match="closed"):
+            client.wait_event(lambda e: False, 30)
+    finally:
+        client.close()
+    assert ends == ["the guest shut down (guest-shutdown)"]
+    assert client._watcher is not None
+    client._watcher.join(30)
+    assert not client._watcher.is_alive()
+
+
+def test_closing_a_watched_channel_ends_its_watcher() -> None:
+    ours, theirs = socket.socketpair()
+    client = qmp.Qmp(ours, negotiated=True)
+    client.watch(lambda words: None)
+    client.close()
+    assert client._watcher is not None
+    client._watcher.join(30)
+    assert not client._watcher.is_alive()
+    theirs.close()
 
 
 def _cfg(**kw: object) -> qemu.VMConfig:
