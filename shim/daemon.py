@@ -94,6 +94,7 @@ class Daemon:
         self.group = opts.group or opts.id
         self.stop_event = asyncio.Event()
         self.exit_requested = False
+        self.socket_id: tuple[int, int] | None = None  # (dev, ino) of our socket file, once serving
 
     async def run(self) -> int:
         from ccpu.linux.reaper import Reaper
@@ -152,7 +153,7 @@ class Daemon:
                           (self.opts.address, self.namespace)).methods())))
         try:
             st = os.stat(self.opts.socket)
-            self.socket_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            self.socket_id = (st.st_dev, st.st_ino)
         except OSError:
             self.socket_id = None
         listen_fd = int(self.opts.listen_fd)
@@ -195,7 +196,14 @@ class Daemon:
             pass
 
     def request_exit(self) -> None:
+        """Shutdown with no containers left (or the sandbox is gone): leave.  The socket file
+        goes at once, before Shutdown's answer: containerd runs ``delete`` as soon as it has
+        closed our connection, and a ``delete`` that still finds the file connects to tell
+        whether we live (a socket import and a round trip on every ``ctr run --rm``); and a
+        ``start`` of this group from now on gets a new daemon instead of joining one that is
+        leaving."""
         self.exit_requested = True
+        self._remove_socket()
         self.stop_event.set()
 
     def _signalled(self, sig: int) -> None:
@@ -218,7 +226,7 @@ class Daemon:
         try:
             from ccpu import sandboxes
 
-            sandboxes.remove(self.namespace, self.group)
+            sandboxes.remove(self.namespace, self.group, owner=os.getpid())  # not a successor's
         except Exception:  # noqa: BLE001
             pass
         self.reaper.stop()
@@ -288,6 +296,22 @@ def serve(opts) -> int:  # noqa: ANN001
     except Exception:
         log.exception("shim daemon failed")
         return 1
+
+
+def serve_profiled(dopts) -> int:  # noqa: ANN001
+    """``daemon.serve`` under cProfile, the stats written to ``$FRACTAL_SHIM_PROFILE/PID.prof``
+    at exit: how what a forked daemon still does per sandbox is measured (docs/performance.md)."""
+    import cProfile
+
+    from shim.zygoteclient import PROFILE_ENV
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return serve(dopts)
+    finally:
+        prof.disable()
+        prof.dump_stats(os.path.join(os.environ[PROFILE_ENV], f"{os.getpid()}.prof"))
 
 
 def main(argv: list[str] | None = None) -> int:
