@@ -56,3 +56,46 @@ def test_request_exit_before_serving_is_harmless(tmp_path: Path) -> None:
         d = daemon_for(path)  # socket_id not known yet: nothing is removed
         d.request_exit()
         assert d.stop_event.is_set() and path.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the sandbox record (`fractal ps`): written off the RPC's path, never after the daemon left
+
+
+def test_record_writes_leave_the_loop_coalesce_and_stop_at_shutdown(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from ccpu import sandboxes
+
+    gate = threading.Event()
+    written: list[list[str]] = []
+
+    def slow_write(record, base=None):  # noqa: ANN001, ANN202 - a disk that takes its time
+        gate.wait(10)
+        written.append(list(record.containers))
+
+    monkeypatch.setattr(sandboxes, "write", slow_write)
+    d = daemon_for(tmp_path / "s")
+    containers: dict[str, object] = {"a": 1}
+    d.sandbox = SimpleNamespace(mode="host", pid=1, describe=lambda: {})
+    d.service = SimpleNamespace(tasks=SimpleNamespace(containers=containers))
+
+    async def scenario() -> None:
+        d.write_record()  # returns at once: the answer is not held up by the disk
+        await asyncio.sleep(0.05)
+        assert written == []  # the first write is still in the "disk"
+        containers["b"] = 2
+        d.write_record()
+        containers["c"] = 3
+        d.write_record()  # two requests while one write is in flight: one more write
+        gate.set()
+        await asyncio.wait_for(asyncio.shield(d._record_writer), 10)
+        assert written == [["a"], ["a", "b", "c"]]
+        await d._close_records()
+        d.write_record()  # leaving: the record is removed next, nothing may recreate it
+        await asyncio.sleep(0.05)
+        assert written == [["a"], ["a", "b", "c"]]
+
+    asyncio.run(scenario())
