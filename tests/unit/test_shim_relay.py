@@ -194,3 +194,14 @@ def test_no_usable_answer_falls_back_to_start_here(tmp_path: Path, answer: bytes
     assert result["code"] == 0, r.stderr
     assert result["seen"]["options"] == "opts" and result["seen"]["forked"] == "c1"
     assert r.stdout.startswith(b"unix://")
+
+
+def test_the_workers_answer_for_a_failing_start_is_one_err_line() -> None:
+    """What the zygote's worker answers when ``start`` fails: containerd shows the text."""
+    from shim import start
+    from shim.args import parse_args
+
+    opts = parse_args(["-namespace", "ns", "-address", "/run/c.sock", "start"])  # no -id
+    assert start.serve_relayed(opts, b"", ()) == b"err start needs -namespace, -address and -id"
+    opts = parse_args(["-namespace", "ns", "-address", "/run/c.sock", "-id", "c1", "delete"])
+    assert start.serve_relayed(opts, b"", ()).startswith(b"err relayed verb 'delete'")
