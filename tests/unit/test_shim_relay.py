@@ -146,6 +146,7 @@ def run_start(tmp_path: Path, answer: bytes | None, *, stdin: bytes = b"",
     env = {k: v for k, v in os.environ.items() if k != "FRACTAL_SHIM_SPAWN"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
     env["FRACTAL_TEST_MARK"] = "relayed"
+    env["FRACTAL_RUN_DIR"] = str(tmp_path / "run")  # nothing of this test under /run/fractal
     try:
         r = subprocess.run([sys.executable, "-S", "-c", SCRIPT, str(out), sockdir,
                             "fallback" if fallback else "relay", *argv], input=stdin,
