@@ -90,8 +90,17 @@ def write(record: SandboxRecord, base: Path | None = None) -> Path:
     return path
 
 
-def remove(namespace: str, group: str, base: Path | None = None) -> None:
-    _path(namespace, group, base).unlink(missing_ok=True)
+def remove(namespace: str, group: str, base: Path | None = None, owner: int | None = None) -> None:
+    """Remove the record; with ``owner``, only if it is that shim's (or unreadable): a shim
+    leaving after a successor of its group started keeps its hands off the successor's."""
+    path = _path(namespace, group, base)
+    if owner is not None:
+        try:
+            if int(json.loads(path.read_text()).get("shim_pid", 0)) != owner:
+                return
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    path.unlink(missing_ok=True)
 
 
 def read_all(namespace: str, base: Path | None = None) -> dict[str, SandboxRecord]:

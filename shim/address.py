@@ -149,10 +149,11 @@ def listen_unix(path: str) -> "socket.socket":
 
 
 def can_connect(path: str, timeout: float = 1.0) -> bool:
-    """True if something accepts connections on the unix socket ``path``."""
-    import socket
+    """True if something accepts connections on the unix socket ``path``.  ``_socket`` (the C
+    module) rather than ``socket``: its import (enum, selectors) was most of a ``delete``'s."""
+    import _socket  # type: ignore[import-not-found]
 
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(path)

@@ -94,6 +94,10 @@ class Daemon:
         self.group = opts.group or opts.id
         self.stop_event = asyncio.Event()
         self.exit_requested = False
+        self.socket_id: tuple[int, int] | None = None  # (dev, ino) of our socket file, once serving
+        self._record_dirty = False  # the sandbox record is to be rewritten (write_record)
+        self._record_closed = False
+        self._record_writer: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
         from ccpu.linux.reaper import Reaper
@@ -152,7 +156,7 @@ class Daemon:
                           (self.opts.address, self.namespace)).methods())))
         try:
             st = os.stat(self.opts.socket)
-            self.socket_id: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            self.socket_id = (st.st_dev, st.st_ino)
         except OSError:
             self.socket_id = None
         listen_fd = int(self.opts.listen_fd)
@@ -172,18 +176,56 @@ class Daemon:
         except Exception:  # noqa: BLE001 - Create will report it
             log.exception("sandbox start failed")
 
+    def _record(self):  # noqa: ANN202
+        from ccpu import sandboxes
+
+        return sandboxes.SandboxRecord(
+            group=self.group, namespace=self.namespace, mode=self.sandbox.mode,
+            shim_pid=os.getpid(), agent_pid=self.sandbox.pid,
+            vm=self.sandbox.describe().get("vm"),
+            containers=sorted(self.service.tasks.containers),
+            address="unix://" + self.opts.socket)
+
     def write_record(self) -> None:
+        """Have the sandbox record (for ``fractal ps``) rewritten, off the RPC's path.
+
+        Why not here and now: Create and Delete call this before they answer, and the record's
+        write-and-rename over the old one cost 2-5 ms of each answer where the run dir is on
+        a disk (ext4 flushes a file renamed over another: measured, docs/performance.md).  So
+        a writer task takes a snapshot of the state on the loop and writes it in a thread;
+        requests made meanwhile are coalesced (the latest state wins), :meth:`shutdown` waits
+        for the writer before it removes the record."""
+        self._record_dirty = True
+        if self._record_writer is not None and not self._record_writer.done():
+            return
+        try:
+            self._record_writer = asyncio.get_running_loop().create_task(self._write_records())
+        except RuntimeError:  # no loop running (never in the daemon): write it now
+            self._write_record_now()
+
+    async def _write_records(self) -> None:
+        from ccpu import sandboxes
+
+        while self._record_dirty and not self._record_closed:
+            self._record_dirty = False
+            try:
+                await asyncio.to_thread(sandboxes.write, self._record())
+            except Exception as exc:  # noqa: BLE001 - informational only
+                log.debug("sandbox record: %s", exc)
+
+    def _write_record_now(self) -> None:
         try:
             from ccpu import sandboxes
 
-            sandboxes.write(sandboxes.SandboxRecord(
-                group=self.group, namespace=self.namespace, mode=self.sandbox.mode,
-                shim_pid=os.getpid(), agent_pid=self.sandbox.pid,
-                vm=self.sandbox.describe().get("vm"),
-                containers=sorted(self.service.tasks.containers),
-                address="unix://" + self.opts.socket))
+            sandboxes.write(self._record())
         except Exception as exc:  # noqa: BLE001 - informational only
             log.debug("sandbox record: %s", exc)
+
+    async def _close_records(self) -> None:
+        """No record writes from now on, and none in flight (then the record can go)."""
+        self._record_closed = True
+        if self._record_writer is not None:
+            await asyncio.wait({self._record_writer})
 
     def _remove_socket(self) -> None:
         """Remove our socket file, unless a successor's socket replaced it meanwhile."""
@@ -195,7 +237,14 @@ class Daemon:
             pass
 
     def request_exit(self) -> None:
+        """Shutdown with no containers left (or the sandbox is gone): leave.  The socket file
+        goes at once, before Shutdown's answer: containerd runs ``delete`` as soon as it has
+        closed our connection, and a ``delete`` that still finds the file connects to tell
+        whether we live (a socket import and a round trip on every ``ctr run --rm``); and a
+        ``start`` of this group from now on gets a new daemon instead of joining one that is
+        leaving."""
         self.exit_requested = True
+        self._remove_socket()
         self.stop_event.set()
 
     def _signalled(self, sig: int) -> None:
@@ -215,10 +264,11 @@ class Daemon:
         await self.publisher.close()
         await self.server.shutdown(grace=1.0)
         self._remove_socket()
+        await self._close_records()
         try:
             from ccpu import sandboxes
 
-            sandboxes.remove(self.namespace, self.group)
+            sandboxes.remove(self.namespace, self.group, owner=os.getpid())  # not a successor's
         except Exception:  # noqa: BLE001
             pass
         self.reaper.stop()
@@ -288,6 +338,22 @@ def serve(opts) -> int:  # noqa: ANN001
     except Exception:
         log.exception("shim daemon failed")
         return 1
+
+
+def serve_profiled(dopts) -> int:  # noqa: ANN001
+    """``daemon.serve`` under cProfile, the stats written to ``$FRACTAL_SHIM_PROFILE/PID.prof``
+    at exit: how what a forked daemon still does per sandbox is measured (docs/performance.md)."""
+    import cProfile
+
+    from shim.zygoteclient import PROFILE_ENV
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return serve(dopts)
+    finally:
+        prof.disable()
+        prof.dump_stats(os.path.join(os.environ[PROFILE_ENV], f"{os.getpid()}.prof"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,9 +75,16 @@ def main(argv: list[str] | None = None, *, fast_exit: bool | None = None) -> int
         return code
     verb = opts.verb
     if verb == "start":
-        from shim import start
+        code, options = None, None
+        if os.environ.get("FRACTAL_SHIM_SPAWN", "").strip() in ("", "zygote"):
+            from shim import relay  # the fork-server does start's work (no json, socket, ...)
 
-        code = start.run(opts)
+            code = relay.run(opts, argv)
+            options = relay.stdin_options
+        if code is None:  # no fork-server answered: do it here
+            from shim import start
+
+            code = start.run(opts, options)
         if fast_exit:
             exit_now(code)
         return code

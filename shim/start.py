@@ -13,10 +13,13 @@ containerd's read of our output ends when we exit.
 
 How the daemon is started (``FRACTAL_SHIM_SPAWN``):
 
-* ``zygote`` (default): a warm fork-server (:mod:`shim.zygote`) that has the daemon's modules
-  imported forks it, with the listening socket passed over its unix socket.  Whenever it
-  started no daemon (absent, refused, another code version, no answer in time) ``start`` falls
-  back to ``fork`` below, and starts a zygote for the next sandbox.
+* ``zygote`` (default): the verb relays its whole invocation to a warm fork-server
+  (:mod:`shim.relay`, :mod:`shim.zygote`), whose worker runs :func:`serve_relayed` -- this
+  module's ``fork`` path below, with every module already imported -- and prints the address
+  it answers.  When nothing usable answered, the verb runs this module itself: it asks the
+  fork-server once more the older way (it forks the daemon, with the listening socket passed
+  over its unix socket), else falls back to ``fork`` below and starts a zygote for the next
+  sandbox.
 * ``fork``: ``os.fork()`` once everything is parsed and the socket listens (no threads exist
   in ``start``).  The child closes the lock, takes /dev/null as stdio, calls setsid, moves to
   the bundle and runs :func:`shim.daemon.serve` -- no second interpreter start and no second
@@ -74,7 +77,7 @@ def spawn_mode() -> str:
 def _zygote_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.socket) -> bool:  # noqa: ANN001
     """Have the fork-server fork the daemon (shim/zygote.py); False: no daemon was started --
     then the caller forks it itself, and a fresh zygote is started for the next sandbox."""
-    from shim import zygote
+    from shim import zygoteclient as zygote
 
     try:
         zygote.spawn_daemon(zygote.socket_path(opts.address),
@@ -107,7 +110,7 @@ def _exec_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.soc
 
 
 def _fork_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.socket,  # noqa: ANN001
-                 lock_fd: int) -> None:
+                 lock_fd: int, close: tuple[int, ...] = ()) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -117,6 +120,8 @@ def _fork_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.soc
     code = 1
     try:
         os.close(lock_fd)  # an flock belongs to the open file: the child must not keep it
+        for fd in close:  # the fork-server worker's connection to the relaying verb
+            os.close(fd)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # containerd waits for EOF on start's stdout/stderr
             os.dup2(null, fd)
@@ -130,18 +135,22 @@ def _fork_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.soc
 
         dopts = daemon.daemon_options(opts, group=group, bundle=bundle, socket=sock_path,
                                       listen_fd=sock.detach())
-        code = daemon.serve(dopts)
+        if os.environ.get("FRACTAL_SHIM_PROFILE"):  # measurement only (docs/performance.md)
+            code = daemon.serve_profiled(dopts)
+        else:
+            code = daemon.serve(dopts)
     except BaseException:  # noqa: BLE001 - nothing to report to: stdio is /dev/null
         code = 1
     finally:
         os._exit(code)
 
 
-def start(opts) -> str:  # noqa: ANN001
-    """Return the address of the group's daemon, starting it if needed."""
+def start(opts, mode: str | None = None, close_in_daemon: tuple[int, ...] = ()) -> str:  # noqa: ANN001
+    """Return the address of the group's daemon, starting it if needed (``mode``: as
+    ``FRACTAL_SHIM_SPAWN`` says unless given; ``close_in_daemon``: fds a forked daemon closes)."""
     if not opts.namespace or not opts.id or not opts.address:
         raise ValueError("start needs -namespace, -address and -id")
-    mode = spawn_mode()
+    mode = mode or spawn_mode()
     bundle = opts.bundle or os.getcwd()
     group = addr.group_id(addr.read_annotations(bundle), opts.id)
     sock_path = addr.socket_path(opts.address, opts.namespace, group)
@@ -163,7 +172,7 @@ def start(opts) -> str:  # noqa: ANN001
             if mode == "exec":
                 _exec_daemon(opts, group, bundle, sock_path, sock)
             elif not (mode == "zygote" and _zygote_daemon(opts, group, bundle, sock_path, sock)):
-                _fork_daemon(opts, group, bundle, sock_path, sock, dir_fd)
+                _fork_daemon(opts, group, bundle, sock_path, sock, dir_fd, close_in_daemon)
         except BaseException:
             sock.close()
             try:
@@ -178,20 +187,39 @@ def start(opts) -> str:  # noqa: ANN001
         os.close(dir_fd)
 
 
-def run(opts) -> int:  # noqa: ANN001
-    # The runtime options (protobuf Any, possibly empty) come on stdin: read them all so
-    # containerd's writer never blocks.  A runtime config file named there
-    # (runtimeoptions.v1.Options.config_path) reaches the daemon through its environment.
-    try:
-        options = sys.stdin.buffer.read()
-    except (OSError, ValueError, AttributeError):
-        options = b""
+def apply_options(options: bytes) -> None:
+    """The runtime options (protobuf Any, possibly empty) containerd wrote on stdin: a runtime
+    config file named there (runtimeoptions.v1.Options.config_path) reaches the daemon through
+    its environment."""
     if options:
         from shim.config import RUNTIME_CONFIG_ENV, config_path_from_options
 
         path = config_path_from_options(options)
         if path:
             os.environ[RUNTIME_CONFIG_ENV] = path
+
+
+def serve_relayed(opts, options: bytes, close_in_daemon: tuple[int, ...]) -> bytes:  # noqa: ANN001
+    """In the fork-server's worker (shim/zygote.py), with the relaying verb's environment and
+    directory: run ``start`` down the ``fork`` path; the answer line for :mod:`shim.relay`."""
+    try:
+        if opts.verb != "start":
+            raise ValueError(f"relayed verb {opts.verb!r}: only start is")
+        apply_options(options)
+        address = start(opts, mode="fork", close_in_daemon=close_in_daemon)
+    except Exception as exc:  # noqa: BLE001 - containerd shows the text
+        return b"err " + " ".join(str(exc).split())[:1000].encode(errors="replace")
+    return b"ok " + address.encode()
+
+
+def run(opts, options: bytes | None = None) -> int:  # noqa: ANN001
+    # Read all of stdin (unless shim.relay did) so containerd's writer never blocks.
+    if options is None:
+        try:
+            options = sys.stdin.buffer.read()
+        except (OSError, ValueError, AttributeError):
+            options = b""
+    apply_options(options)
     try:
         address = start(opts)
     except Exception as exc:  # containerd shows this text in its error

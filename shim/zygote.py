@@ -25,13 +25,19 @@ What must hold, and how:
 * **Only root (the zygote's uid) may ask** (``SO_PEERCRED``); the socket is 0600 in
   containerd's shim socket dir.
 
-Protocol on the zygote's unix socket, one request per connection: ``start`` sends a 4-byte
-big-endian length and a JSON object (the daemon's options, the bundle, the socket path, the
+Protocol on the zygote's unix socket, one request per connection, of two kinds.  **Relayed
+start** (the default, :mod:`shim.relay`): the verb sends its whole invocation; the zygote forks
+a *worker* that takes the invocation's environment and directory and runs ``start``'s ``fork``
+path (:func:`shim.start.serve_relayed`): the daemon is the worker's child, reparented when the
+worker exits at once -- so again no child of the zygote -- and the worker answers the address
+(the zygote reaps only the worker).  **Daemon spawn** (``start``'s second try when the relay got
+no answer): ``start`` sends a 4-byte big-endian length and a JSON object (the daemon's options, the bundle, the socket path, the
 environment containerd gave ``start``, the version) with the daemon's listening socket as
 ``SCM_RIGHTS``; the new daemon answers ``pid N\\n`` (the zygote answers ``no REASON\\n``);
 ``start`` answers ``go``.
 
-``start`` imports only this module's client half (standard library, no daemon module).
+``start`` imports only the client half, :mod:`shim.zygoteclient` (standard library, no daemon
+module); the default ``start`` only :mod:`shim.relay`.
 """
 
 from __future__ import annotations
@@ -43,127 +49,14 @@ import socket
 import struct
 import sys
 
-from shim import address as addr
-
-#: a zygote without requests for this long exits
-IDLE_SECONDS = 600.0
-#: how long ``start`` waits for the zygote's answer (it then falls back to forking itself)
-ANSWER_SECONDS = 2.0
-#: how long a new daemon waits for ``start``'s go before it exits unused
-GO_SECONDS = 10.0
-REQUEST_MAX = 1 << 20
-#: a directory: each forked daemon writes its cProfile stats there (measurement only)
-PROFILE_ENV = "FRACTAL_SHIM_PROFILE"
+from shim import relay
+from shim.zygoteclient import (ANSWER_SECONDS, GO_SECONDS, IDLE_SECONDS, PROFILE_ENV, REQUEST_MAX,  # noqa: F401
+                               Unavailable, code_version, daemon_request, socket_path, spawn_daemon,
+                               start_zygote)
 
 _CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_VERSION_FILES = ("shim/__init__.py", "shim/daemon.py", "shim/zygote.py", "shim/task.py", "shim/procs.py",
-                  "ccpu/__init__.py")
-
-
-class Unavailable(Exception):
-    """No daemon was started; ``restart``: no usable zygote is there (start a new one)."""
-
-    def __init__(self, why: str, restart: bool) -> None:
-        super().__init__(why)
-        self.restart = restart
-
-
-def socket_path(containerd_address: str) -> str:
-    """The zygote's socket for one containerd (next to the shims' sockets; never one of them:
-    those hash address/namespace/group)."""
-    return f"{addr.SOCKET_DIR}/{addr._sha256_hex((containerd_address + chr(0) + 'fractal-zygote').encode())}"
-
-
-def code_version() -> str:
-    """What a daemon forked now would run: the interpreter and the identity of the shim's files
-    (an upgrade replaces them)."""
-    parts = [sys.executable, sys.version, _CODE_ROOT]
-    for rel in _VERSION_FILES:
-        try:
-            st = os.stat(os.path.join(_CODE_ROOT, rel))
-            parts.append(f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
-        except OSError:
-            parts.append("-")
-    return "|".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# client (``start``)
-
-
-def daemon_request(opts, *, group: str, bundle: str, socket: str) -> dict:  # noqa: ANN001
-    return {"version": code_version(), "namespace": opts.namespace, "address": opts.address,
-            "publish_binary": opts.publish_binary, "id": opts.id, "debug": bool(opts.debug),
-            "group": group, "bundle": bundle, "socket": socket, "env": dict(os.environ)}
-
-
-def _read_line(conn: socket.socket, limit: int = 256) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = conn.recv(limit - len(buf))
-        if not chunk:
-            raise EOFError("connection closed")
-        buf += chunk
-        if len(buf) >= limit:
-            raise ValueError("answer too long")
-    return buf[:-1]
-
-
-def spawn_daemon(path: str, request: dict, listen_sock: socket.socket,
-                 timeout: float = ANSWER_SECONDS) -> int:
-    """Have the zygote at ``path`` fork the daemon for ``request`` on ``listen_sock``; its pid.
-    Raises :class:`Unavailable` when no daemon was started (then fall back)."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(timeout)
-    try:
-        try:
-            conn.connect(path)
-        except OSError as exc:
-            raise Unavailable(f"no zygote at {path}: {exc}", restart=True) from None
-        data = json.dumps(request).encode()
-        try:
-            conn.sendmsg([struct.pack("!I", len(data)) + data],
-                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [listen_sock.fileno()]))])
-            answer = _read_line(conn)
-        except (OSError, EOFError, ValueError) as exc:  # reset by a zygote that just left, or slow
-            raise Unavailable(f"zygote did not answer: {exc}",
-                              restart=not isinstance(exc, TimeoutError)) from None
-        if not answer.startswith(b"pid "):
-            raise Unavailable(f"zygote refused: {answer[:100]!r}", restart=True)
-        try:
-            pid = int(answer[4:])
-            conn.sendall(b"go")  # from here on the daemon serves
-        except (OSError, ValueError) as exc:  # no go reached it: it exits unused
-            raise Unavailable(f"daemon not confirmed: {exc}", restart=False) from None
-        return pid
-    finally:
-        conn.close()
-
-
-def start_zygote(containerd_address: str) -> None:
-    """Start a zygote for ``containerd_address`` in the background (``start`` holds the socket
-    dir's flock: no two zygotes race for the socket).  Its socket is bound and listening before
-    this returns; the zygote imports the daemon's modules after that, and requests wait for it."""
-    path = socket_path(containerd_address)
-    try:
-        os.unlink(path)  # stale (a zygote killed -9) or of another version (it is leaving)
-    except FileNotFoundError:
-        pass
-    sock = addr.listen_unix(path)
-    try:
-        fd = sock.fileno()
-        os.set_inheritable(fd, True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH", "")) if p)
-        if not sys.dont_write_bytecode:  # as start (shim.main.keep_byte_code): compile once
-            env.pop("PYTHONDONTWRITEBYTECODE", None)
-        argv = [sys.executable, "-m", "shim.zygote", "-address", containerd_address, "-socket", path,
-                "-listen-fd", str(fd)]
-        os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),  # never containerd's pipes
-            (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
-    finally:
-        sock.close()
+#: the comm of a worker running a relayed start (neither a daemon nor a zygote: shim/procs.py)
+WORKER_COMM = "fractal-start"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +78,9 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return buf
 
 
-def recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
-    """One request and the fds that came with it (the caller closes them)."""
+def recv_request(conn: socket.socket) -> tuple[dict | relay.Request, list[int]]:
+    """One request -- a daemon spawn's JSON object, or a :class:`shim.relay.Request` -- and the
+    fds that came with it (the caller closes them)."""
     fds = array.array("i")
     head, ancdata, _, _ = conn.recvmsg(4, socket.CMSG_SPACE(4 * fds.itemsize))
     for level, kind, data in ancdata:
@@ -194,6 +88,13 @@ def recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
             fds.frombytes(data[:len(data) - (len(data) % fds.itemsize)])
     try:
         head += _recv_exact(conn, 4 - len(head))
+        if head == relay.MAGIC:
+            if fds:
+                raise ValueError("a relayed start carries no fd")
+            (n,) = struct.unpack("!I", _recv_exact(conn, 4))
+            if n > relay.REQUEST_MAX:
+                raise ValueError(f"request of {n} bytes")
+            return relay.decode(_recv_exact(conn, n)), []
         (n,) = struct.unpack("!I", head)
         if n > REQUEST_MAX:
             raise ValueError(f"request of {n} bytes")
@@ -238,27 +139,11 @@ def _become_daemon(conn: socket.socket, listener: socket.socket, req: dict, list
         o.debug = bool(req.get("debug"))
         dopts = daemon.daemon_options(o, group=str(req["group"]), bundle=str(req["bundle"]),
                                       socket=str(req["socket"]), listen_fd=listen_fd)
-        code = _serve_profiled(dopts) if os.environ.get(PROFILE_ENV) else daemon.serve(dopts)
+        code = daemon.serve_profiled(dopts) if os.environ.get(PROFILE_ENV) else daemon.serve(dopts)
     except BaseException:  # noqa: BLE001 - stdio is /dev/null; start falls back on no answer
         code = 1
     finally:
         os._exit(code)
-
-
-def _serve_profiled(dopts) -> int:  # noqa: ANN001
-    """``daemon.serve`` under cProfile, the stats written to ``$FRACTAL_SHIM_PROFILE/PID.prof``
-    at exit: how what a forked daemon still does per sandbox is measured (docs/performance.md)."""
-    import cProfile
-
-    from shim import daemon
-
-    prof = cProfile.Profile()
-    prof.enable()
-    try:
-        return daemon.serve(dopts)
-    finally:
-        prof.disable()
-        prof.dump_stats(os.path.join(os.environ[PROFILE_ENV], f"{os.getpid()}.prof"))
 
 
 def fork_daemon(conn: socket.socket, listener: socket.socket, req: dict, listen_fd: int) -> None:
@@ -270,6 +155,43 @@ def fork_daemon(conn: socket.socket, listener: socket.socket, req: dict, listen_
                 _become_daemon(conn, listener, req, listen_fd)
         finally:
             os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _start_worker(conn: socket.socket, listener: socket.socket, req: relay.Request) -> None:
+    """In the worker: become the relaying verb (its environment, directory, argv) and run
+    ``start``'s fork path; answer its result.  Never returns."""
+    code = 1
+    try:
+        listener.close()
+        from shim import procs, start
+        from shim.args import UsageError, parse_args
+
+        procs.set_comm(WORKER_COMM)
+        os.environ.clear()
+        os.environ.update(req.env)
+        os.chdir(req.cwd)
+        try:
+            opts = parse_args(req.argv)
+        except UsageError as exc:
+            answer = f"err {exc}".encode()
+        else:
+            answer = start.serve_relayed(opts, req.options, (conn.fileno(),))
+        conn.sendall(answer + b"\n")
+        code = 0
+    except BaseException:  # noqa: BLE001 - stdio is /dev/null; the verb falls back on no answer
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def start_worker(conn: socket.socket, listener: socket.socket, req: relay.Request) -> None:
+    """Fork the worker of a relayed start and reap it.  Bounded: the worker does what a
+    ``start`` process does (a flock held by other starts only for their check-bind-fork step,
+    connects with timeouts, one fork); the zygote handles its requests one by one."""
+    pid = os.fork()
+    if pid == 0:
+        _start_worker(conn, listener, req)
     os.waitpid(pid, 0)
 
 
@@ -307,8 +229,10 @@ def changed_file(snapshot: dict[str, tuple[int, int, int]]) -> str | None:
 
 
 def preload() -> None:
-    """Import what a daemon imports (shim.daemon's Daemon.run), so forked daemons start warm."""
-    from shim import daemon
+    """Import what a daemon imports (shim.daemon's Daemon.run), so forked daemons start warm,
+    and what a relayed start's worker runs (shim.start: json, fcntl, the spec's annotations)."""
+    from shim import args, daemon, start  # noqa: F401
+    from ccpu.agent import jsonbound  # noqa: F401
 
     daemon.preload()
 
@@ -342,10 +266,15 @@ def serve(listener: socket.socket, path: str, idle: float = IDLE_SECONDS) -> int
                 except (OSError, EOFError, ValueError):
                     continue
                 try:
-                    if req.get("version") != version or changed_file(loaded):
+                    relayed = isinstance(req, relay.Request)
+                    asked = req.version if relayed else req.get("version")
+                    if asked != version or changed_file(loaded):
                         conn.sendall(b"no version\n")
                         return 0  # the code changed: start starts a zygote of the new code
-                    fork_daemon(conn, listener, req, fds[0])
+                    if relayed:
+                        start_worker(conn, listener, req)
+                    else:
+                        fork_daemon(conn, listener, req, fds[0])
                 except OSError:
                     pass
                 finally:

@@ -20,6 +20,9 @@ snapshotter + containerd 1.6) of its own, all up at once and fed by a
 * ``fork``: ``installed`` with ``FRACTAL_SHIM_SPAWN=fork`` (``start`` forks the daemon, which
   imports everything itself: the default before, and the fallback when no fork-server answers);
 * ``exec``: ``installed`` with ``FRACTAL_SHIM_SPAWN=exec`` (a fresh ``python -m shim.daemon``);
+* ``base``: ``installed`` running the code of another checkout (``--base DIR``, e.g.
+  ``git archive REV ccpu shim snapshotter | tar -x -C DIR`` with the generated stubs copied in):
+  a before/after of a change measured in the same run;
 * ``dev-shell``: containerd started from a developer's shell on this machine: the shell's PATH
   (a pyenv wrapper script instead of the console script, if that is what PATH finds first) and
   ``PYTHONDONTWRITEBYTECODE=1`` with an editable install that has no byte code (a copy of
@@ -110,17 +113,23 @@ SETUPS = {s.name: s for s in (
     Setup("exec", "installed + FRACTAL_SHIM_SPAWN=exec: a fresh python -m shim.daemon", HOST_MODE),
     Setup("link", "installed, but the shim on PATH is the console script (install's symlink before "
           "the launcher): site and its .pth hooks run at every start/delete", HOST_MODE),
+    Setup("base", "installed, with the code of --base DIR (an earlier checkout): before/after in one run",
+          HOST_MODE),
     Setup("dev-shell", "containerd from this shell: its PATH, PYTHONDONTWRITEBYTECODE=1, editable "
           "install without byte code", HOST_MODE),
 )}
 
 
-def configure(env: FractalEnv, setup: Setup, scratch: Path) -> dict[str, str]:
+def configure(env: FractalEnv, setup: Setup, scratch: Path, base: Path | None = None) -> dict[str, str]:
     """Restart ``env``'s containerd the way ``setup`` has it; returns what was set (for the report)."""
     from ccpu.cli.fractal_config import with_root
 
     ce = env.containerd
     ce.extra_env["PYTHONPATH"] = str(REPO)  # the shims run this checkout's code
+    if setup.name == "base":
+        if base is None:
+            raise ValueError("setup base needs --base DIR")
+        ce.extra_env["PYTHONPATH"] = str(base)  # before the launcher's own paths: DIR's code runs
     ce.extra_env.pop("PYTHONDONTWRITEBYTECODE", None)
     if setup.name == "tuned":
         return {"config": env.fractal_config.read_text().strip(), "FRACTAL_ROOT": ce.extra_env["FRACTAL_ROOT"]}
@@ -130,8 +139,10 @@ def configure(env: FractalEnv, setup: Setup, scratch: Path) -> dict[str, str]:
     if setup.name in ("fork", "exec"):
         ce.extra_env["FRACTAL_SHIM_SPAWN"] = setup.name
         out["FRACTAL_SHIM_SPAWN"] = setup.name
-    if setup.name in ("installed", "fork", "exec"):  # the launcher, as `fractal install` writes it
+    if setup.name in ("installed", "fork", "exec", "base"):  # the launcher, as `fractal install` writes it
         out["shim"] = install_shim_launcher(env, scratch / "bin")
+        if setup.name == "base":
+            out["PYTHONPATH"] = str(base)
     if setup.name == "link":  # the console script itself on PATH (the harness puts its dir first)
         out["shim"] = shutil.which(SHIM_BINARY, path=os.pathsep.join([*ce.path_prepend, os.environ.get("PATH", "")])) or "?"
     if setup.name == "dev-shell":
@@ -405,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the start-time figure as DIR/shim-start.svg")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
+    ap.add_argument("--base", type=Path, metavar="DIR", help="the code setup `base` runs (an earlier checkout)")
     args = ap.parse_args(argv)
     if args.plot:
         from hack.bench import plots
@@ -417,8 +429,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ["FRACTAL_AGENT"] = args.agent  # containerd's environment -> the shims'
     os.environ["FRACTAL_SHIM_SPAWN"] = args.spawn
+    if "base" in setups and (args.base is None or not (args.base / "shim" / "main.py").is_file()):
+        ap.error("setup base needs --base DIR holding an earlier checkout's shim/ and ccpu/")
     if not args.no_compile:
         byte_compile()
+        if args.base is not None:
+            import compileall
+
+            for d in ("ccpu", "shim"):
+                compileall.compile_dir(str(args.base / d), quiet=1)
 
     result: dict[str, Any] = {
         "command": command_line("hack/bench/shim.py", argv),
@@ -441,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                 env, refs = stack.enter_context(bench_env(args.image))
                 ref = result["image_ref"] = refs[args.image]
                 scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fractal-bench-")))
-                result["setup_env"][name] = configure(env, SETUPS[name], scratch)
+                result["setup_env"][name] = configure(env, SETUPS[name], scratch, args.base)
                 log(f"setup {name}: env {env.id} up; pulling {ref}")
                 for sn in (SNAPSHOTTERS if name == setups[0] else ("fractal",)):
                     env.pull(ref, namespace=NS, snapshotter=sn)

@@ -260,3 +260,61 @@ def test_opt_outs_start_no_zygote_and_a_bad_mode_is_refused_clearly(registry) ->
         assert procs.find(str(env.address), kinds=(procs.DAEMON, procs.ZYGOTE)) == []
         env.ctr("containers", "rm", "bad-mode", namespace=ns, check=False)
         assert env.remove_namespace(ns) == []
+
+
+def test_relayed_start_runs_in_a_worker_and_the_daemon_outlives_the_zygote(tmp_path) -> None:  # noqa: ANN001
+    """The default ``start`` (shim/relay.py) against a real fork-server: its worker binds the
+    group's socket and forks the daemon, which is no child of the zygote, listens before the
+    answer comes, and a second start of the group joins it; a request of another code version
+    is refused (the verb then falls back) and the zygote leaves, the daemon serving on."""
+    from shim import address as addr
+    from shim import relay
+
+    sock_dir = Path("/tmp") / f"zr{os.getpid()}"
+    sock_dir.mkdir(exist_ok=True)
+    path = str(sock_dir / "z")
+    containerd = str(sock_dir / "containerd.sock")  # nothing listens: the daemon never calls it here
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([os.sys.executable, "-m", "shim.zygote", "-address", containerd, "-socket", path,
+                             "-listen-fd", str(listener.fileno())], pass_fds=(listener.fileno(),),
+                            env={**os.environ, "PYTHONPATH": root}, stdin=subprocess.DEVNULL)
+    listener.close()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text('{"annotations": {"io.fractal.mode": "host"}}')
+    daemon = 0
+    try:
+        wait_ready(path)
+        env = {**os.environ, "PYTHONPATH": root, "FRACTAL_RUN_DIR": str(tmp_path / "run")}
+        argv = ["-namespace", "zr", "-address", containerd, "-publish-binary", "/bin/true", "-id", "c1", "start"]
+        answer = relay.ask(path, relay.encode(relay.code_version(), str(bundle), b"", argv, env), timeout=60)
+        want = addr.socket_address(containerd, "zr", "c1")
+        assert answer == b"ok " + want.encode(), answer
+        assert (bundle / "address").read_text() == want
+        sock = addr.strip_scheme(want)
+        assert addr.can_connect(sock)  # listening before the answer
+        (daemon,) = [p.pid for p in procs.find(containerd)]
+        assert comm(daemon).decode() == procs.DAEMON_COMM
+        assert stat_fields(daemon)[1] != str(proc.pid)  # reparented: the worker has left
+        assert daemon not in [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        # a second start of the group joins the daemon (the worker's check under the flock)
+        again = relay.ask(path, relay.encode(relay.code_version(), str(bundle), b"", argv, env), timeout=60)
+        assert again == answer and [p.pid for p in procs.find(containerd)] == [daemon]
+        # a request of another code version: refused, nothing started, the zygote leaves
+        other = relay.ask(path, relay.encode("not this one", str(bundle), b"", argv, env), timeout=60)
+        assert other == b"no version"
+        assert proc.wait(timeout=30) == 0
+        assert alive(daemon) and addr.can_connect(sock)  # the daemon does not depend on it
+    finally:
+        proc.kill()
+        proc.wait()
+        if daemon and alive(daemon):
+            os.kill(daemon, signal.SIGTERM)
+            wait_for(lambda: not alive(daemon), what="relayed daemon gone")
+        import shutil
+
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    assert not Path(addr.strip_scheme(addr.socket_address(containerd, "zr", "c1"))).exists()

@@ -31,6 +31,20 @@ def test_records_round_trip_and_liveness(tmp_path: Path) -> None:
     assert set(sandboxes.read_all("ns", tmp_path)) == {"g2"}
 
 
+def test_a_leaving_shim_removes_only_its_own_record(tmp_path: Path) -> None:
+    """A daemon gives up its socket at Shutdown, so a successor of its group may start and write
+    the group's record before the leaving one gets to remove "its" record."""
+    sandboxes.write(sandboxes.SandboxRecord("g1", "ns", "host", 4242), tmp_path)  # the successor's
+    sandboxes.remove("ns", "g1", tmp_path, owner=4141)
+    assert set(sandboxes.read_all("ns", tmp_path)) == {"g1"}
+    sandboxes.remove("ns", "g1", tmp_path, owner=4242)
+    assert sandboxes.read_all("ns", tmp_path) == {}
+    sandboxes.remove("ns", "g1", tmp_path, owner=4242)  # gone already: no error
+    (tmp_path / "sandboxes" / "ns" / "g1.json").write_text("{not json")  # junk goes
+    sandboxes.remove("ns", "g1", tmp_path, owner=4242)
+    assert not (tmp_path / "sandboxes" / "ns" / "g1.json").exists()
+
+
 @pytest.mark.parametrize("group", ["..", "a/b", ""])
 def test_records_refuse_unsafe_names(tmp_path: Path, group: str) -> None:
     with pytest.raises(ValueError):

@@ -30,6 +30,9 @@ CD = "/run/x/containerd.sock"
     ("containerd-shim", ["/usr/bin/python3", "-m", "shim.daemon", "-namespace", "n", "-address", CD],
      ("daemon", CD)),
     ("fractal-zygote", ["/usr/bin/python3", "-m", "shim.zygote", "-address", CD], ("zygote", CD)),
+    # a relayed start's worker (forked by the zygote, leaves at once): neither
+    ("fractal-start", ["/usr/bin/python3", "-m", "shim.zygote", "-address", CD, "-socket", "/s/z",
+                       "-listen-fd", "3"], None),
     # containerd's runc shim: same comm, not ours
     ("containerd-shim", ["/usr/bin/containerd-shim-runc-v2", "-namespace", "n", "-id", "c", "-address", CD],
      None),

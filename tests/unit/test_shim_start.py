@@ -135,7 +135,7 @@ def test_fork_mode_hands_over_socket_and_lock(env, monkeypatch) -> None:  # noqa
     monkeypatch.setenv("FRACTAL_SHIM_SPAWN", "fork")
     forked: list[tuple] = []
 
-    def fake_fork(opts, group, bundle_, sock_path, sock, lock_fd):  # noqa: ANN001, ANN202
+    def fake_fork(opts, group, bundle_, sock_path, sock, lock_fd, close=()):  # noqa: ANN001, ANN202
         forked.append((group, bundle_, sock_path, sock.fileno(), lock_fd))
         assert os.fstat(lock_fd)  # still open in the parent while the child is made
 
@@ -150,7 +150,7 @@ def test_fork_mode_hands_over_socket_and_lock(env, monkeypatch) -> None:  # noqa
 def test_zygote_mode_falls_back_to_fork(env, monkeypatch, outcome) -> None:  # noqa: ANN001
     """The default (zygote): the fork-server forks the daemon; when it started none,
     start forks it itself -- and starts a new zygote unless one merely answered slowly."""
-    from shim import zygote
+    from shim import zygoteclient as zygote
 
     tmp, bundle, spawned = env
     monkeypatch.delenv("FRACTAL_SHIM_SPAWN")

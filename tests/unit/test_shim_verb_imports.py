@@ -32,7 +32,7 @@ FORBIDDEN = ("grpc", "google.protobuf", "asyncio", "ssl", "_ssl", "shim.daemon",
 START_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.start", "shim.address", "ccpu",
                   "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
 #: by default (FRACTAL_SHIM_SPAWN unset = zygote) start also asks the fork-server (its client half)
-ZYGOTE_START_MAY_LOAD = START_MAY_LOAD | {"shim.zygote"}
+ZYGOTE_START_MAY_LOAD = START_MAY_LOAD | {"shim.relay", "shim.zygoteclient"}
 DELETE_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.delete", "shim.address", "ccpu",
                    "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
 
@@ -48,12 +48,12 @@ from shim import address as addr
 addr.SOCKET_DIR = sockdir
 if verb == "start":
     from shim import start
-    def fake_fork(opts, group, bundle, sock_path, sock, lock_fd):
+    def fake_fork(opts, group, bundle, sock_path, sock, lock_fd, close=()):
         sock.close()
     start._fork_daemon = fake_fork
     if os.environ.get("FRACTAL_SHIM_SPAWN", "zygote") == "zygote":  # no zygote there: no new one
-        from shim import zygote
-        zygote.start_zygote = lambda address: None
+        from shim import zygoteclient
+        zygoteclient.start_zygote = lambda address: None
 code = shim_main.main(sys.argv[4:], fast_exit=False)
 loaded = sorted(set(sys.modules) - before)  # before this script's own json
 import json
@@ -131,7 +131,7 @@ def test_start_with_the_fork_server_imports_only_its_client(tmp_path: Path) -> N
     assert stdout.startswith(b"unix://")
     assert forbidden(loaded) == [], report
     assert project(loaded) <= ZYGOTE_START_MAY_LOAD, (sorted(project(loaded) - ZYGOTE_START_MAY_LOAD), report)
-    assert "shim.zygote" in loaded
+    assert "shim.zygoteclient" in loaded and "shim.zygote" not in loaded
 
 
 def test_delete_after_a_clean_exit_needs_only_the_stdlib_basics(tmp_path: Path) -> None:
@@ -194,6 +194,9 @@ def test_delete_after_a_clean_exit_under_the_launcher_parses_nothing(tmp_path: P
     assert "shim.delete" in loaded and "site" not in loaded
     assert forbidden(loaded) == [], report
     assert sorted(loaded & {"json", "re", "ccpu.agent.jsonbound", *NO_SITE_FORBIDDEN}) == [], report
+    # nor socket (enum, selectors) or collections: the socket probe uses _socket, and grouping
+    # needs collections.abc only for annotations
+    assert sorted(loaded & {"socket", "enum", "selectors", "collections"}) == [], report
     assert project(loaded) <= DELETE_MAY_LOAD, (sorted(project(loaded) - DELETE_MAY_LOAD), report)
 
 
