@@ -19,6 +19,7 @@ SOCKET_DIR = "/run/containerd/s"
 
 from ccpu.grouping import SANDBOX_ANNOTATIONS as GROUP_ANNOTATIONS
 from ccpu.grouping import asks_to_join, sandbox_group
+from shim.sha import sha256_hex
 
 
 def go_join(*parts: str) -> str:
@@ -37,21 +38,9 @@ def go_clean(path: str) -> str:
     return cleaned
 
 
-def _sha256_hex(data: bytes) -> str:
-    # the builtin module, not hashlib: hashlib loads OpenSSL (~3 ms of every start/delete)
-    try:
-        from _sha256 import sha256  # type: ignore[import-not-found]  # Python <= 3.11
-    except ImportError:
-        try:
-            from _sha2 import sha256  # type: ignore[import-not-found, no-redef]  # 3.12+
-        except ImportError:
-            from hashlib import sha256  # type: ignore[assignment]
-    return sha256(data).hexdigest()  # type: ignore[no-any-return]
-
-
 def socket_path(containerd_address: str, namespace: str, group: str) -> str:
     """Filesystem path of the shim socket for (containerd, namespace, group)."""
-    digest = _sha256_hex(go_join(containerd_address, namespace, group).encode())
+    digest = sha256_hex(go_join(containerd_address, namespace, group).encode())
     return f"{SOCKET_DIR}/{digest}"
 
 

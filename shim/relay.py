@@ -32,6 +32,8 @@ from __future__ import annotations
 import os
 import sys
 
+from shim.sha import sha256_hex
+
 #: the first 4 bytes of a relayed request; as a length of the fork-server's other request
 #: kind (the daemon spawn) it would be > 1 GiB, which that refuses: the two cannot be confused
 MAGIC = b"FRS1"
@@ -47,21 +49,10 @@ _VERSION_FILES = ("shim/__init__.py", "shim/daemon.py", "shim/zygote.py", "shim/
                   "shim/start.py", "shim/relay.py", "ccpu/__init__.py")
 
 
-def _sha256_hex(data: bytes) -> str:
-    try:
-        from _sha256 import sha256  # type: ignore[import-not-found]  # Python <= 3.11
-    except ImportError:
-        try:
-            from _sha2 import sha256  # type: ignore[import-not-found, no-redef]  # 3.12+
-        except ImportError:
-            from hashlib import sha256  # type: ignore[assignment]
-    return sha256(data).hexdigest()  # type: ignore[no-any-return]
-
-
 def zygote_socket(containerd_address: str, socket_dir: str | None = None) -> str:
     """The fork-server's socket for one containerd (next to the shims' sockets; never one of
     them: those hash address/namespace/group)."""
-    return f"{socket_dir or SOCKET_DIR}/{_sha256_hex((containerd_address + chr(0) + 'fractal-zygote').encode())}"
+    return f"{socket_dir or SOCKET_DIR}/{sha256_hex((containerd_address + chr(0) + 'fractal-zygote').encode())}"
 
 
 def code_version() -> str:

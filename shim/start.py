@@ -119,6 +119,11 @@ def _fork_daemon(opts, group: str, bundle: str, sock_path: str, sock: socket.soc
     # The child: never returns into start's code, never flushes start's buffers.
     code = 1
     try:
+        from shim import procs
+
+        # first: from here on this is a daemon to every tool that looks (a relayed start's worker
+        # has another comm, and the daemon's imports below can take a while under load)
+        procs.set_comm(procs.DAEMON_COMM)
         os.close(lock_fd)  # an flock belongs to the open file: the child must not keep it
         for fd in close:  # the fork-server worker's connection to the relaying verb
             os.close(fd)

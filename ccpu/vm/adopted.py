@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from . import nics as nics_
 from . import qmp as qmp_
-from .machine import KILL_WAIT, TERM_WAIT, MachineError
+from .machine import KILL_WAIT, TERM_WAIT, GuestWatch, MachineError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class AdoptedProcess:
     pidfd: int
 
 
-class AdoptedMachine:
+class AdoptedMachine(GuestWatch):
     """QEMU and its helpers, owned by pidfd (see the module docstring).  Takes ownership of the
     pidfds (closed by :meth:`close`, which :meth:`stop` calls)."""
 
@@ -91,22 +91,6 @@ class AdoptedMachine:
 
     def _alive(self) -> bool:
         return not self.exited.done()
-
-    def watch_guest(self) -> bool:
-        """Report the guest's own end (QMP SHUTDOWN/RESET/GUEST_PANICKED, ccpu.vm.qmp.guest_end) to
-        ``on_end`` as QEMU announces it, before QEMU has exited; False: no QMP channel to watch.
-        Only the VM's final owner watches (never a pool that hands the channel over)."""
-        if self.nics is None or self.nics.qmp is None:
-            return False
-        qmp_.watch_in_loop(self.nics.qmp, asyncio.get_running_loop(), self._guest_ended)
-        return True
-
-    def _guest_ended(self, words: str) -> None:
-        if self._stopping or self.ended is not None or not self._alive():
-            log.info("QEMU pid %s: %s", self.pid, words)
-            return
-        log.warning("QEMU pid %s: %s", self.pid, words)
-        self._end(words)
 
     async def attach_nic(self, netns: str) -> list:
         """Connect ``netns`` to the adopted VM (ccpu.vm.nics.Nics.attach, in a worker thread)."""

@@ -40,7 +40,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import accel as accel_
 from . import hostos
@@ -218,6 +218,30 @@ def choose_accel(requested: str) -> accel_.Choice:
 
 
 Spawned = Callable[[str, subprocess.Popen], None]
+
+
+class GuestWatch:
+    """The guest's own end (QMP SHUTDOWN/RESET/GUEST_PANICKED, ccpu.vm.qmp.guest_end), reported as
+    QEMU announces it rather than when QEMU has exited -- for a VM the shim booted and for one
+    it adopted from the pool alike.  The host class provides ``nics``, ``pid``, ``ended``,
+    ``_stopping``, ``_alive()`` and ``_end(words)``."""
+
+    def watch_guest(self) -> bool:
+        """Start watching; False: no QMP channel to watch.  Only the VM's final owner watches
+        (never a pool that hands the channel over: two readers would split QEMU's lines)."""
+        me: Any = self
+        if me.nics is None or me.nics.qmp is None:
+            return False
+        qmp_.watch_in_loop(me.nics.qmp, asyncio.get_running_loop(), self._guest_ended)
+        return True
+
+    def _guest_ended(self, words: str) -> None:
+        me: Any = self
+        if me._stopping or me.ended is not None or not me._alive():
+            log.info("QEMU pid %s: %s", me.pid, words)
+            return
+        log.warning("QEMU pid %s: %s", me.pid, words)
+        me._end(words)
 
 
 class _Launcher:
@@ -577,7 +601,7 @@ class ChildWaiter(Protocol):
     def wait(self, pid: int) -> asyncio.Future[int]: ...
 
 
-class AsyncMachine(_Launcher):
+class AsyncMachine(_Launcher, GuestWatch):
     """A VM for an asyncio caller whose :class:`~ccpu.linux.reaper.Reaper` collects every child.
 
     ``on_end(reason)`` is called once if the VM ends by itself (QEMU exited, or a helper died and
@@ -643,22 +667,6 @@ class AsyncMachine(_Launcher):
 
     def _alive(self) -> bool:
         return self.exited is not None and not self.exited.done()
-
-    def watch_guest(self) -> bool:
-        """Report the guest's own end (QMP SHUTDOWN/RESET/GUEST_PANICKED, ccpu.vm.qmp.guest_end) to
-        ``on_end`` as QEMU announces it, before QEMU has exited; False: no QMP channel to watch.
-        Only the VM's final owner watches (never a pool that hands the channel over)."""
-        if self.nics is None or self.nics.qmp is None:
-            return False
-        qmp_.watch_in_loop(self.nics.qmp, asyncio.get_running_loop(), self._guest_ended)
-        return True
-
-    def _guest_ended(self, words: str) -> None:
-        if self._stopping or self.ended is not None or not self._alive():
-            log.info("QEMU pid %s: %s", self.pid, words)
-            return
-        log.warning("QEMU pid %s: %s", self.pid, words)
-        self._end(words)
 
     def _gone(self) -> bool:
         return self.exited is None or self.exited.done()

@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 #: stdlib/third-party packages no verb may load (checked as a name or a dotted prefix)
 FORBIDDEN = ("grpc", "google.protobuf", "asyncio", "ssl", "_ssl", "shim.daemon", "shim.task",
              "shim.config", "ccpu.ttrpc", "ccpu.api")
-START_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.start", "shim.address", "ccpu",
+START_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.start", "shim.address", "shim.sha", "ccpu",
                   "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
 #: by default (FRACTAL_SHIM_SPAWN unset = zygote) start also asks the fork-server (its client half)
 ZYGOTE_START_MAY_LOAD = START_MAY_LOAD | {"shim.relay", "shim.zygoteclient"}
-DELETE_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.delete", "shim.address", "ccpu",
+DELETE_MAY_LOAD = {"shim", "shim.main", "shim.args", "shim.delete", "shim.address", "shim.sha", "ccpu",
                    "ccpu.agent", "ccpu.agent.jsonbound", "ccpu.grouping"}
 
 #: Runs in the fresh interpreter: one verb through shim.main.main, as containerd runs it, with
