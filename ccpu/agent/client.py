@@ -167,6 +167,11 @@ class AgentClient:
                                     limit=2**21, ssl_handshake_timeout=timeout), timeout)
         return cls(reader, writer)
 
+    def peer_certificate(self) -> bytes:
+        """The agent's TLS certificate (DER) from the handshake; b"" on a local link."""
+        obj = self._writer.get_extra_info("ssl_object")
+        return (obj.getpeercert(binary_form=True) or b"") if obj is not None else b""
+
     @property
     def peer_identity(self) -> str | None:
         """``sha256:HEX`` of the agent's TLS certificate (None on a local link)."""

@@ -85,7 +85,17 @@ def available() -> bool:
     return os.access(TPM2, os.X_OK) and os.path.exists(TCTI.split(":", 1)[1])
 
 
-async def attest_op(reaper: Any, args: Mapping[str, Any]) -> dict[str, Any]:
+def qualifying_data(nonce: str, bind: bytes | None) -> str:
+    """What the quote signs beside the PCRs (hex): the host's nonce, or on a machine with a boot
+    TLS key ``sha256(nonce || SPKI hash)`` (ccpu/agent/tls.py ``binding``).  Pure."""
+    if bind is None:
+        return nonce
+    from .tls import binding
+
+    return binding(bytes.fromhex(nonce), bind).hex()
+
+
+async def attest_op(reaper: Any, args: Mapping[str, Any], bind: bytes | None = None) -> dict[str, Any]:
     if not available():
         raise protocol.FailedPrecondition("this guest has no TPM (/dev/tpmrm0) or no tpm2-tools")
     step = args.get("step")
@@ -94,7 +104,10 @@ async def attest_op(reaper: Any, args: Mapping[str, Any]) -> dict[str, Any]:
         return await _keys(reaper)
     if step == "quote":
         nonce, cred = check_quote_args(args)
-        return await _quote(reaper, nonce, cred)
+        reply = await _quote(reaper, qualifying_data(nonce, bind), cred)
+        if bind is not None:
+            reply["bound_key"] = bind.hex()
+        return reply
     raise protocol.InvalidArgument(f"attest step {step!r}: expected keys or quote")
 
 
