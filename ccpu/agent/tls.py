@@ -168,19 +168,24 @@ def make_boot_key(directory: str, openssl: str = OPENSSL) -> BootKey:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
     key, cert = os.path.join(directory, "agent.key"), os.path.join(directory, "agent.pem")
+    # a machine has no /usr/lib/ssl/openssl.cnf, and `openssl req` refuses to run without one
+    conf = os.path.join(directory, "openssl.cnf")
+    with open(conf, "w") as f:
+        f.write("[req]\ndistinguished_name = dn\n[dn]\n")
+    env = {"PATH": "/usr/bin:/bin", "OPENSSL_CONF": conf}
     old = os.umask(0o077)
     try:
-        res = subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        res = subprocess.run([openssl, "req", "-config", conf, "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
                               "-nodes", "-keyout", key, "-out", cert, "-subj", "/CN=fractal machine boot key",
                               "-days", "30", "-addext", "basicConstraints=critical,CA:FALSE",
                               "-addext", "keyUsage=critical,digitalSignature",
                               "-addext", "extendedKeyUsage=serverAuth"],
-                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
     finally:
         os.umask(old)
     if res.returncode != 0:
         raise TlsConfigError(f"openssl cannot make the boot key: {(res.stderr or res.stdout).strip()[-300:]}")
-    res = subprocess.run([openssl, "pkey", "-in", key, "-pubout"], capture_output=True, text=True)
+    res = subprocess.run([openssl, "pkey", "-in", key, "-pubout"], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise TlsConfigError(f"openssl pkey: {res.stderr.strip()[-300:]}")
     return BootKey(cert, key, hashlib.sha256(spki_of_pem_public_key(res.stdout)).digest())
