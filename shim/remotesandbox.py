@@ -353,4 +353,6 @@ class RemoteSandbox(AgentSandbox):
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "agent": self.agent_mode, "endpoint": self.endpoint,
                 "agent_identity": self.identity, "endpoints": list(self.settings.endpoints),
-                "machine_repo": self.machine_repo, "layers_sent": len(self.sent), "attested": self.attested}
+                "machine_repo": self.machine_repo, "layers_sent": len(self.sent), "attested": self.attested,
+                # the sandbox record's machine entry (`fractal ps`): an attested machine's measurement
+                **({"vm": {"machine": self.endpoint, "attested": self.attested}} if self.settings.attest else {})}
