@@ -109,6 +109,56 @@ def _client_refused(m: machine_mod.Machine, tls_dir: Path) -> str:
     return asyncio.run(tls_hello()) + " / " + asyncio.run(plaintext())
 
 
+class Relay:
+    """A man in the middle with a TLS key of its own that forwards everything to the real machine
+    (as a client holding a host certificate): the quote the shim gets is genuine and fresh, but
+    names the machine's key, not the relay's.  Runs its own event loop in a thread."""
+
+    def __init__(self, m: machine_mod.Machine, pki_dir: Path, workdir: Path) -> None:
+        import ssl
+        import threading
+
+        from ccpu.agent import tls
+
+        key = tls.make_boot_key(str(workdir))
+        self._srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._srv.load_cert_chain(key.cert, key.key)
+        self._cli = tls.attested_client_context(str(pki_dir / "host.pem"), str(pki_dir / "host.key"))
+        self._up = m.endpoint.rsplit(":", 1)
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.port = 0
+
+        async def start() -> None:
+            self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._srv)
+            self.port = self.server.sockets[0].getsockname()[1]
+
+        def run() -> None:
+            self.loop.run_until_complete(start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection(self._up[0], int(self._up[1]), ssl=self._cli)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            w.close()
+
+        await asyncio.gather(pipe(reader, uw), pipe(ur, writer))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 def test_containers_run_on_an_attested_machine(env, guest, pki_dir: Path, tmp_path: Path, registry) -> None:  # noqa: ANN001
     e, ns, ref = env
     with machine_mod.boot(guest, (pki_dir / "ca.pem").read_bytes(), tmp_path / "m") as m:
@@ -119,6 +169,19 @@ def test_containers_run_on_an_attested_machine(env, guest, pki_dir: Path, tmp_pa
         seen = _client_refused(m, rogue)
         assert seen.startswith("refused:") and "agent_pid" not in seen, seen
         assert "connected (identity" not in m.console_tail(20000), m.console_tail()
+
+        # a relay in the middle: the machine's genuine, fresh quote names another TLS key
+        relay = Relay(m, pki_dir, tmp_path / "relay")
+        try:
+            via = f"127.0.0.1:{relay.port}"
+            e.fractal_config.write_text(m.config_toml(pki_dir).replace(f'"{m.endpoint}"', f'"{via}"'))
+            r = e.run(ref, "rl", "echo", "SHOULD-NOT-RUN", namespace=ns, runtime=RUNTIME, extra=REMOTE, check=False,
+                      timeout=400)
+        finally:
+            relay.close()
+        assert r.returncode != 0 and "SHOULD-NOT-RUN" not in r.stdout
+        assert "names another TLS key" in r.stderr, r.stderr
+        e.ctr("containers", "rm", "rl", namespace=ns, check=False)
 
         e.fractal_config.write_text(m.config_toml(pki_dir))
         shared = [*REMOTE, "--annotation", "io.fractal.sandbox=mach", "-d"]
