@@ -151,3 +151,30 @@ def test_agent_flags_for_a_machine(tmp_path: Path) -> None:
     ns = agent_main.parse_args([*base, "--tls-ca-pin", _pin((d / "ca.pem").read_bytes()), "--tls-ca-file",
                                 str(medium), "--tls-boot-dir", str(tmp_path / "k")])
     assert len(ns.tls_spki) == 32 and ns.tcp == ("127.0.0.1", 7443)
+
+
+def test_the_shim_refuses_a_machine_that_trusts_another_ca(tmp_path: Path) -> None:
+    """Before any TPM request: the command line the operator booted the machine with must name
+    this host's CA (else someone else could drive the machine), and the agent must offer attest."""
+    from shim.config import RemoteAttest, RemoteSettings
+    from shim.remotesandbox import RemoteSandbox
+
+    d = _pki(tmp_path)
+    other = _pin(pki.make_ca().cert_pem)
+    ep = "10.0.0.2:7443"
+
+    class Client:
+        def peer_certificate(self) -> bytes:
+            raise AssertionError("no TPM or key step before the CA check")
+
+    def sandbox(cmdline: str) -> RemoteSandbox:
+        att = RemoteAttest(str(tmp_path / "manifest.json"), (str(tmp_path / "ca.pem"),), ((ep, cmdline),))
+        return RemoteSandbox(settings=RemoteSettings((ep,), str(d), 5.0, att))
+
+    with pytest.raises(attest.AttestationError, match=f"trusts CA {other}, this host's is "
+                       f"{_pin((d / 'ca.pem').read_bytes())}"):
+        asyncio.run(sandbox(f"console=ttyS0 fractal.ca={other}")._attest(Client(), ep, {"features": ["attest"]}))
+    with pytest.raises(attest.AttestationError, match="trusts CA None"):
+        asyncio.run(sandbox("console=ttyS0")._attest(Client(), ep, {"features": ["attest"]}))
+    with pytest.raises(attest.AttestationError, match="offers no attest"):
+        asyncio.run(sandbox("console=ttyS0")._attest(Client(), ep, {"features": []}))
