@@ -178,7 +178,7 @@ class Verified:
 def expected_extra(nonce: bytes, tls_key: bytes | None) -> bytes:
     """The qualifying data the quote must carry: the nonce, or for a machine reached over TLS
     with a boot key ``sha256(nonce || SPKI hash of the key of this TLS session)``.  Pure."""
-    from .agent.tls import binding
+    from .agent.tpm import binding  # not tls.py: no ssl in a VM sandbox's shim daemon
 
     return nonce if tls_key is None else binding(nonce, tls_key)
 

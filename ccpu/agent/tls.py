@@ -144,11 +144,10 @@ def spki_of_pem_public_key(pem: str) -> bytes:
 
 
 def binding(nonce: bytes, spki_sha256: bytes) -> bytes:
-    """The quote's qualifying data on a machine: ``sha256(nonce || sha256(SPKI of the TLS key))``
-    -- the TPM signs that this boot made the quote *and* serves this TLS key.  Pure."""
-    if len(spki_sha256) != 32:
-        raise ValueError("the key's SPKI hash must be 32 bytes")
-    return hashlib.sha256(nonce + spki_sha256).digest()
+    """The quote's qualifying data on a machine (ccpu/agent/tpm.py ``binding``, ssl-free there)."""
+    from .tpm import binding as bind
+
+    return bind(nonce, spki_sha256)
 
 
 @dataclass(frozen=True)

@@ -85,14 +85,21 @@ def available() -> bool:
     return os.access(TPM2, os.X_OK) and os.path.exists(TCTI.split(":", 1)[1])
 
 
+def binding(nonce: bytes, spki_sha256: bytes) -> bytes:
+    """The quote's qualifying data on a machine: ``sha256(nonce || sha256(SPKI of the TLS key))``
+    -- the TPM signs that this boot made the quote *and* serves this TLS key.  Here, not in
+    tls.py: the host's check (ccpu/attest.py) runs in a shim daemon that has no ssl.  Pure."""
+    import hashlib
+
+    if len(spki_sha256) != 32:
+        raise ValueError("the key's SPKI hash must be 32 bytes")
+    return hashlib.sha256(nonce + spki_sha256).digest()
+
+
 def qualifying_data(nonce: str, bind: bytes | None) -> str:
     """What the quote signs beside the PCRs (hex): the host's nonce, or on a machine with a boot
-    TLS key ``sha256(nonce || SPKI hash)`` (ccpu/agent/tls.py ``binding``).  Pure."""
-    if bind is None:
-        return nonce
-    from .tls import binding
-
-    return binding(bytes.fromhex(nonce), bind).hex()
+    TLS key :func:`binding` of it.  Pure."""
+    return nonce if bind is None else binding(bytes.fromhex(nonce), bind).hex()
 
 
 async def attest_op(reaper: Any, args: Mapping[str, Any], bind: bytes | None = None) -> dict[str, Any]:
