@@ -13,6 +13,8 @@ Contents (see docs/vm.md for sizes):
                             every boot costs seconds under TCG and timestamp-checked .pyc would be
                             stale (mtimes are 0)
   /usr/sbin/runc            + the shared libraries of all binaries above (from ldd)
+  /usr/bin/tpm2, openssl    when the host has them: the attest op's TPM tools, an attested
+                            machine's boot TLS key (docs/hardware.md)
   /usr/lib/python3.X/ccpu   the project's stdlib-only modules (agent, linux, stack)
 
 Two layouts (``build(layout=...)``, ``fractal guest build --layout``; docs/vm.md "The small guest"):
