@@ -204,6 +204,8 @@ def test_containers_run_on_an_attested_machine(env, guest, pki_dir: Path, tmp_pa
         assert att["pcrs"]["12"] == uki.cmdline_pcr12(m.cmdline).hex()
         assert len(att["tls_key"]) == 64
         print("attested machine:", att)
+        text = _fractal(e, "ps", "-a", str(e.address), "-n", ns)
+        assert f"machine {m.endpoint} attested: PCR 11 {att['pcrs']['11'][:16]}" in text.stdout, text
 
         tools = registry.ref("tools")
         r = _fractal(e, "layers", "add", "-a", str(e.address), "-n", ns, "--plain-http", "m1", tools)
