@@ -113,8 +113,7 @@ class RemoteSandbox(AgentSandbox):
         cmdline = att.cmdline(endpoint)
         if cmdline is None:
             raise attest.AttestationError(f"[remote.attest] has no cmdline for {endpoint}")
-        ours = pki.fingerprint(await asyncio.to_thread(
-            lambda: open(os.path.join(self.settings.tls_dir, "ca.pem"), "rb").read()))
+        ours = pki.fingerprint(await asyncio.to_thread(Path(self.settings.tls_dir, "ca.pem").read_bytes))
         theirs = attest.ca_fingerprint_on(cmdline)
         if theirs != ours:
             raise attest.AttestationError(f"remote machine {endpoint}: its command line trusts CA {theirs}, this "
