@@ -181,22 +181,48 @@ class Verified:
         return {"ek": self.ek_subject, "pcrs": {str(k): v.hex() for k, v in sorted(self.pcrs.items())}}
 
 
+def expected_extra(nonce: bytes, tls_key: bytes | None) -> bytes:
+    """The qualifying data the quote must carry: the nonce, or for a machine reached over TLS
+    with a boot key ``sha256(nonce || SPKI hash of the key of this TLS session)``.  Pure."""
+    from .agent.tpm import binding  # not tls.py: no ssl in a VM sandbox's shim daemon
+
+    return nonce if tls_key is None else binding(nonce, tls_key)
+
+
+def explain_extra(got_hex: str, *, nonce: bytes, tls_key: bytes | None, claimed_key: str | None) -> str:
+    """Why a quote's qualifying data is not the expected one, in words.  Pure."""
+    if tls_key is not None and isinstance(claimed_key, str) and len(claimed_key) == 64 and \
+            claimed_key != tls_key.hex():
+        try:
+            other = expected_extra(nonce, bytes.fromhex(claimed_key)).hex()
+        except ValueError:
+            other = ""
+        if other == got_hex:
+            return (f"the guest's quote names another TLS key (SPKI sha256 {claimed_key}) than the one of this "
+                    f"connection ({tls_key.hex()}): a quote relayed from another machine?")
+    return (f"the guest's quote is not for this request: qualifying data {got_hex or '?'} instead of "
+            f"{expected_extra(nonce, tls_key).hex()} (a replayed quote, an old nonce?)")
+
+
 def check_quote(keys: Keys, reply: Mapping[str, Any], *, nonce: bytes, secret: bytes, want: Expected,
-                ek_subject: str = "") -> Verified:
-    """The quote step's reply checked (module docstring, step 3); AttestationError says what failed."""
+                ek_subject: str = "", tls_key: bytes | None = None) -> Verified:
+    """The quote step's reply checked (module docstring, step 3); AttestationError says what failed.
+    ``tls_key``: the SPKI sha256 of the TLS key the host is talking to, which the quote must name."""
     if _blob(reply, "secret") != secret:
         raise AttestationError("the guest's TPM did not open the credential: its AK is not in the certified TPM")
     msg, sig, pcr_blob = _blob(reply, "message"), _blob(reply, "signature"), _blob(reply, "pcr_values")
+    extra = expected_extra(nonce, tls_key)
     with tempfile.TemporaryDirectory(prefix="fractal-attest-") as d:
         for name, data in (("ak.pem", keys.ak_public_pem), ("msg", msg), ("sig", sig), ("pcrs", pcr_blob)):
             Path(d, name).write_bytes(data)
         printed = _run(["print", "-t", "TPMS_ATTEST", f"{d}/msg"], "the guest's quote does not parse")
         m = _EXTRA.search(printed)
-        if m is None or m.group(1).lower() != nonce.hex():
-            raise AttestationError(f"the guest's quote is not for this request: nonce {m.group(1) if m else '?'} "
-                                   f"instead of {nonce.hex()} (a replayed quote?)")
+        if m is None or m.group(1).lower() != extra.hex():
+            claimed = reply.get("bound_key")
+            raise AttestationError(explain_extra(m.group(1).lower() if m else "", nonce=nonce, tls_key=tls_key,
+                                                 claimed_key=claimed if isinstance(claimed, str) else None))
         out = _run(["checkquote", "-u", f"{d}/ak.pem", "-m", f"{d}/msg", "-s", f"{d}/sig", "-f", f"{d}/pcrs",
-                    "-g", "sha256", "-q", nonce.hex()], "the guest's quote does not verify with its AK")
+                    "-g", "sha256", "-q", extra.hex()], "the guest's quote does not verify with its AK")
     values = parse_pcrs(out)
     wrong = []
     for pcr, value in sorted(want.pcrs.items()):
@@ -209,8 +235,27 @@ def check_quote(keys: Keys, reply: Mapping[str, Any], *, nonce: bytes, secret: b
     return Verified(values, ek_subject)
 
 
-async def attest(call: Any, ca_certs: Sequence[Path], want: Expected) -> Verified:
-    """The whole exchange over an agent client's ``call`` (``await call(op, args)``)."""
+def spki_sha256(cert_der: bytes) -> bytes:
+    """sha256 of the SubjectPublicKeyInfo of a DER certificate (the TLS peer's, from the handshake)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_der_x509_certificate(cert_der)
+    import hashlib
+
+    return hashlib.sha256(cert.public_key().public_bytes(serialization.Encoding.DER,
+                                                         serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+
+
+def ca_fingerprint_on(cmdline: str) -> str | None:
+    """The ``fractal.ca=sha256:HEX`` a machine's command line names (None without one).  Pure."""
+    found = [a.split("=", 1)[1] for a in cmdline.split() if a.startswith("fractal.ca=")]
+    return found[-1] if found else None
+
+
+async def attest(call: Any, ca_certs: Sequence[Path], want: Expected, tls_key: bytes | None = None) -> Verified:
+    """The whole exchange over an agent client's ``call`` (``await call(op, args)``); ``tls_key``:
+    the SPKI sha256 of the peer's TLS key, when the quote must bind it (a machine)."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -221,4 +266,5 @@ async def attest(call: Any, ca_certs: Sequence[Path], want: Expected) -> Verifie
     nonce = new_nonce()
     reply = await call("attest", {"step": "quote", "nonce": nonce.hex(), "credential": base64.b64encode(cred).decode()})
     return await loop.run_in_executor(
-        None, lambda: check_quote(keys, reply, nonce=nonce, secret=secret, want=want, ek_subject=subject))
+        None, lambda: check_quote(keys, reply, nonce=nonce, secret=secret, want=want, ek_subject=subject,
+                                  tls_key=tls_key))

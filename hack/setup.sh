@@ -45,8 +45,10 @@ APT_PACKAGES=(
   # tpm2-tools (host: makecredential/checkquote; guest: its image carries them), systemd's EFI stub
   # for the unified kernel image (objcopy from binutils assembles it)
   ovmf swtpm swtpm-tools tpm2-tools systemd-boot-efi binutils
+  # an attested machine's agent makes its boot TLS key with the openssl tool (the guest image carries it)
+  openssl
   # tests only: an independent Authenticode implementation to check ours (PCR 4) against
-  osslsigncode openssl
+  osslsigncode
   # VM guest (docs/vm.md): Debian's own python3.11 goes into the initramfs; virtiofsd builds need the -dev libs
   python3.11 libcap-ng-dev libseccomp-dev pkg-config
   # the small guest's read-only system image (mkfs.erofs; docs/vm.md "The small guest")

@@ -128,6 +128,22 @@ class VmSettings:
 
 
 @dataclass(frozen=True)
+class RemoteAttest:
+    """``[remote.attest]``: the machines are attested before any container (docs/hardware.md
+    "The machine over a NIC"): they boot ``manifest``'s UKI with a key made at boot, and each
+    endpoint's TPM quote must show that build's PCR 11, the PCR 12 of its ``cmdline`` (what the
+    operator booted it with: its address and the host CA's fingerprint) and name the TLS key
+    the shim is talking to.  ``ek_ca``: the CA certificates the TPMs' EK certificates chain to."""
+
+    manifest: str
+    ek_ca: tuple[str, ...]
+    cmdlines: tuple[tuple[str, str], ...]  # (endpoint, its kernel command line)
+
+    def cmdline(self, endpoint: str) -> str | None:
+        return dict(self.cmdlines).get(endpoint)
+
+
+@dataclass(frozen=True)
 class RemoteSettings:
     """Remote mode (docs/remote.md): the agents' addresses, tried in order (an agent busy with
     another sandbox refuses, the next is tried), and the shim's TLS dir (``ca.pem``,
@@ -136,6 +152,7 @@ class RemoteSettings:
     endpoints: tuple[str, ...] = ()
     tls_dir: str = "/etc/fractal/pki"
     connect_timeout: float = 15.0
+    attest: RemoteAttest | None = None
 
 
 MAX_ENDPOINTS = 64
@@ -168,9 +185,42 @@ def parse_remote(table: Any, where: str, base: RemoteSettings) -> RemoteSettings
             remote = replace(remote, tls_dir=parse_root(value, w))
         elif key == "connect_timeout":
             remote = replace(remote, connect_timeout=parse_seconds(value, w))
+        elif key == "attest":
+            remote = replace(remote, attest=parse_remote_attest(value, w))
         else:
-            raise ConfigError(f"{where}: unknown key remote.{key} (known: endpoints, tls_dir, connect_timeout)")
+            raise ConfigError(f"{where}: unknown key remote.{key} (known: endpoints, tls_dir, connect_timeout, "
+                              "attest)")
     return remote
+
+
+MAX_CMDLINE = 2048  # x86's COMMAND_LINE_SIZE
+
+
+def parse_remote_attest(table: Any, where: str) -> RemoteAttest:
+    """``[remote.attest]`` = manifest (a guest build's manifest.json), ek_ca (CA files),
+    ``[remote.attest.cmdline]`` "HOST:PORT" = the command line that machine boots with."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table ([remote.attest])")
+    unknown = set(table) - {"manifest", "ek_ca", "cmdline"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: manifest, ek_ca, cmdline)")
+    if "manifest" not in table or "ek_ca" not in table or "cmdline" not in table:
+        raise ConfigError(f"{where}: needs manifest, ek_ca and cmdline")
+    manifest = parse_root(table["manifest"], f"{where}.manifest")
+    cas = table["ek_ca"]
+    if not isinstance(cas, list) or not 0 < len(cas) <= 16:
+        raise ConfigError(f"{where}.ek_ca: expected a list of 1..16 CA certificate files")
+    ek_ca = tuple(parse_root(c, f"{where}.ek_ca") for c in cas)
+    lines = table["cmdline"]
+    if not isinstance(lines, Mapping) or not 0 < len(lines) <= MAX_ENDPOINTS:
+        raise ConfigError(f"{where}.cmdline: expected a table \"HOST:PORT\" = \"kernel command line\"")
+    cmdlines = []
+    for ep, line in lines.items():
+        parse_endpoint(ep, f"{where}.cmdline")
+        if not isinstance(line, str) or not 0 < len(line) < MAX_CMDLINE or "\0" in line or "\n" in line:
+            raise ConfigError(f"{where}.cmdline.{ep}: expected a kernel command line (< {MAX_CMDLINE} bytes)")
+        cmdlines.append((ep, line))
+    return RemoteAttest(manifest, ek_ca, tuple(cmdlines))
 
 
 #: agent request kinds with a timeout of their own (every other request: ``default``)
@@ -583,6 +633,12 @@ def check_remote(cfg: Config) -> Config:
     if cfg.mode == "remote" and not cfg.remote.endpoints:
         raise ConfigError(f"mode remote needs [remote] endpoints in the fractal config (from "
                           f"{', '.join(cfg.sources) or 'defaults'}; docs/remote.md)")
+    att = cfg.remote.attest
+    if cfg.mode == "remote" and att is not None:
+        missing = [e for e in cfg.remote.endpoints if att.cmdline(e) is None]
+        if missing:
+            raise ConfigError(f"[remote.attest] has no cmdline for endpoint(s) {', '.join(missing)}: the host "
+                              "predicts PCR 12 from it (docs/hardware.md)")
     return cfg
 
 

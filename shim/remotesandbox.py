@@ -33,6 +33,7 @@ import logging
 import os
 import posixpath
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -92,6 +93,47 @@ class RemoteSandbox(AgentSandbox):
         self._source: Any = None  # shim.remotelayers.BlobSource, made on first use
         self.sent: list[tuple[str, int]] = []  # (chain ID, bytes) of the layers streamed
         self._pulling = asyncio.Lock()  # one have+pull at a time: a layer two containers need goes once
+        self.attested: dict[str, Any] | None = None  # the verified measurement ([remote.attest])
+
+    async def _attest(self, client: AgentClient, endpoint: str, hello: Any) -> dict[str, Any]:
+        """The machine's TPM quote checked before any container (docs/hardware.md "The machine
+        over a NIC"): it must show the build's PCR 11, the PCR 12 of the command line the operator
+        booted it with -- which must trust our CA and no other -- and name the TLS key of this
+        very connection (a relayed quote names another)."""
+        import json
+        import time
+
+        from ccpu import attest, pki
+
+        att = self.settings.attest
+        assert att is not None
+        t0 = time.monotonic()
+        if not isinstance(hello, dict) or "attest" not in (hello.get("features") or []):
+            raise attest.AttestationError(f"remote machine {endpoint} offers no attest (no TPM?): refused")
+        cmdline = att.cmdline(endpoint)
+        if cmdline is None:
+            raise attest.AttestationError(f"[remote.attest] has no cmdline for {endpoint}")
+        ours = pki.fingerprint(await asyncio.to_thread(Path(self.settings.tls_dir, "ca.pem").read_bytes))
+        theirs = attest.ca_fingerprint_on(cmdline)
+        if theirs != ours:
+            raise attest.AttestationError(f"remote machine {endpoint}: its command line trusts CA {theirs}, this "
+                                          f"host's is {ours} ({self.settings.tls_dir}/ca.pem)")
+
+        def manifest() -> dict[str, Any]:
+            with open(att.manifest, "rb") as f:
+                return json.loads(f.read(1 << 20))
+
+        try:
+            want = attest.expected(await asyncio.to_thread(manifest), cmdline)
+        except (OSError, ValueError) as exc:
+            raise errdefs.FailedPrecondition(f"[remote.attest] manifest {att.manifest}: {exc}") from None
+        tls_key = attest.spki_sha256(client.peer_certificate())
+        verified = await attest.attest(client.call, [Path(p) for p in att.ek_ca], want, tls_key=tls_key)
+        took = time.monotonic() - t0
+        out = {**verified.describe(), "tls_key": tls_key.hex(), "seconds": round(took, 3)}
+        log.info("remote machine %s attested in %.3fs: TPM quote verified, EK %s, TLS key %s, %s", endpoint,
+                 took, verified.ek_subject, tls_key.hex(), ", ".join(f"PCR {k} {v}" for k, v in out["pcrs"].items()))
+        return out
 
     async def start(self) -> None:
         if self._ready is None:
@@ -103,7 +145,11 @@ class RemoteSandbox(AgentSandbox):
         from ccpu.agent import tls
 
         try:
-            context = tls.client_context(tls.TlsFiles.in_dir(self.settings.tls_dir, "host"))
+            files = tls.TlsFiles.in_dir(self.settings.tls_dir, "host")
+            # an attested machine's certificate is made at its boot: its key is pinned from the
+            # handshake and must be the one its TPM quote names (_attest), before anything else
+            context = (tls.attested_client_context(files.cert, files.key) if self.settings.attest
+                       else tls.client_context(files))
         except tls.TlsConfigError as exc:
             raise errdefs.FailedPrecondition(f"remote mode: {exc}") from None
         failures: list[str] = []
@@ -128,6 +174,16 @@ class RemoteSandbox(AgentSandbox):
                 await client.close()
                 failures.append(f"{endpoint}: {exc}")
                 continue
+            if self.settings.attest is not None:
+                try:
+                    self.attested = await asyncio.wait_for(self._attest(client, endpoint, hello),
+                                                           max(60.0, self.timeouts.for_op("create")))
+                except BaseException as exc:
+                    await client.close()
+                    if isinstance(exc, TimeoutError):
+                        raise errdefs.DeadlineExceeded(f"remote machine {endpoint}: attestation not done "
+                                                       "in time") from None
+                    raise  # a machine that does not prove its boot: no other way is tried
             features = hello.get("features") if isinstance(hello, dict) else None
             repo = hello.get("repo") if isinstance(hello, dict) else None
             if isinstance(features, list) and "layers:pull" in features and isinstance(repo, str) \
@@ -296,4 +352,6 @@ class RemoteSandbox(AgentSandbox):
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "agent": self.agent_mode, "endpoint": self.endpoint,
                 "agent_identity": self.identity, "endpoints": list(self.settings.endpoints),
-                "machine_repo": self.machine_repo, "layers_sent": len(self.sent)}
+                "machine_repo": self.machine_repo, "layers_sent": len(self.sent), "attested": self.attested,
+                # the sandbox record's machine entry (`fractal ps`): an attested machine's measurement
+                **({"vm": {"machine": self.endpoint, "attested": self.attested}} if self.settings.attest else {})}

@@ -91,6 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fd", type=int, help="serve the connected stream on this fd")
     p.add_argument("--listen", help="unix:PATH or tcp:HOST:PORT (with --tls-dir) to accept connections on")
     p.add_argument("--tls-dir", help="tcp: the dir with ca.pem, agent.pem, agent.key (`fractal pki init`)")
+    p.add_argument("--tls-ca-pin", help="tcp, an attested machine (instead of --tls-dir): sha256:HEX of the "
+                   "only CA whose client certificates are accepted; a TLS key is made at boot and the TPM "
+                   "quote binds it (docs/hardware.md)")
+    p.add_argument("--tls-ca-file", help="with --tls-ca-pin: where the CA certificate is read (a file or "
+                   "a disk holding its PEM; untrusted until its sha256 matches the pin)")
+    p.add_argument("--tls-boot-dir", default="/run/fractal/tls",
+                   help="with --tls-ca-pin: the RAM directory for the boot key")
     p.add_argument("--runc-root", required=True, help="runc's --root (state dir)")
     p.add_argument("--runc", default="runc", help="runc binary (default: runc on PATH)")
     p.add_argument("--bundle-root", action="append", default=[], help="bundles must be below this (repeatable)")
@@ -125,20 +132,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max-layer-mb: from 1 to 1048576")
     if not 0 <= ns.layer_cache_mb <= 1 << 30:
         p.error("--layer-cache-mb: from 0")
+    ns.tls_spki = None
     if ns.listen is not None and ns.listen.startswith("tcp:"):
-        if not ns.tls_dir:
-            p.error("--listen tcp: needs --tls-dir (mutual TLS; there is no plaintext TCP)")
-        from . import tls  # only here: the VM guest ships no ssl (ccpu/guest/initramfs.py)
+        if bool(ns.tls_dir) == bool(ns.tls_ca_pin):
+            p.error("--listen tcp: needs --tls-dir or --tls-ca-pin (mutual TLS; there is no plaintext TCP)")
+        if bool(ns.tls_ca_pin) != bool(ns.tls_ca_file):
+            p.error("--tls-ca-pin and --tls-ca-file go together")
+        from . import tls  # only here: the agent of a local VM never needs ssl
 
         try:
             ns.tcp = endpoint.parse_tcp(ns.listen)
-            ns.tls = tls.server_context(tls.TlsFiles.in_dir(ns.tls_dir, "agent"))
-        except ValueError as e:
+            if ns.tls_dir:
+                ns.tls = tls.server_context(tls.TlsFiles.in_dir(ns.tls_dir, "agent"))
+            else:
+                ns.tls, ns.tls_spki = boot_tls(ns.tls_ca_pin, ns.tls_ca_file, ns.tls_boot_dir)
+        except (ValueError, OSError) as e:
             p.error(f"--listen {ns.listen}: {e}")
     elif ns.listen is not None and not ns.listen.startswith("unix:"):
         p.error("--listen takes unix:PATH or tcp:HOST:PORT")
-    elif ns.tls_dir:
-        p.error("--tls-dir goes with --listen tcp:HOST:PORT")
+    elif ns.tls_dir or ns.tls_ca_pin:
+        p.error("--tls-dir / --tls-ca-pin go with --listen tcp:HOST:PORT")
     if not 0 <= ns.orphan_grace <= 86400:
         p.error("--orphan-grace: seconds from 0 to 86400")
     runc = which(ns.runc)  # processes are posix_spawn'ed: no PATH search later
@@ -146,6 +159,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"runc binary {ns.runc!r} not found")
     ns.runc = runc
     return ns
+
+
+def boot_tls(pin: str, ca_file: str, directory: str) -> tuple[typing.Any, bytes]:
+    """An attested machine's TLS: the CA read from ``ca_file`` and accepted only if its sha256 is
+    ``pin`` (from the measured command line), a key made now in RAM; (server context, the key's
+    SPKI sha256 that every quote binds)."""
+    from . import tls
+
+    want = tls.parse_pin(pin)
+    with open(ca_file, "rb") as f:
+        pem = tls.pinned_ca(f.read(tls.MAX_CA_BYTES), want)
+    key = tls.make_boot_key(directory)
+    ca_path = os.path.join(directory, "ca.pem")
+    with open(ca_path, "w") as f:
+        f.write(pem)
+    _log().info("boot TLS key made (SPKI sha256 %s); client certificates of CA sha256:%s only",
+             key.spki_sha256.hex(), want.hex())
+    return tls.boot_server_context(key, ca_path), key.spki_sha256
 
 
 async def _fd_streams(fd: int, rest: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -239,7 +270,7 @@ async def amain(ns: argparse.Namespace, first: hello.Greeted | hello.Unanswered 
     lazy = LazySupervisor(build=lambda: build_supervisor(ns, outbox, loop, reapers, roots),
                           preload=lambda: preload(ns.nics))
     server = Server(lazy, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None,
-                    nics=ns.nics, repo=repo)
+                    nics=ns.nics, repo=repo, tls_spki=ns.tls_spki)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -258,7 +289,7 @@ async def amain(ns: argparse.Namespace, first: hello.Greeted | hello.Unanswered 
         listener = await asyncio.start_server(serve_tls, tcp[0], tcp[1], ssl=ns.tls,
                                               ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT,
                                               reuse_address=True)
-        _log().info("listening on %s (TLS 1.3, client certificates of %s)", ns.listen, ns.tls_dir)
+        _log().info("listening on %s (TLS 1.3, client certificates of %s)", ns.listen, ns.tls_dir or ns.tls_ca_pin)
         if ns.ready_fd is not None:  # a supervisor waits for the listening socket
             os.write(ns.ready_fd, b"ready\n")
             os.close(ns.ready_fd)

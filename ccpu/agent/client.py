@@ -126,6 +126,30 @@ class Channel:
             cb()
 
 
+#: a machine that vanishes (powered off, its QEMU killed, its network cut) sends no RST: TCP
+#: keepalive probes after KEEPALIVE[0] s idle, every [1] s, [2] unanswered = the link is lost; and
+#: data unacknowledged for USER_TIMEOUT_MS ends it too.  Then the sandbox's processes are
+#: reported exited (shim/agentsandbox.py), as for a dead VM.
+KEEPALIVE = (5, 2, 3)
+USER_TIMEOUT_MS = 20000
+
+
+def keepalive(sock: Any) -> None:
+    """TCP keepalive and a user timeout on a remote agent's connection (best effort)."""
+    if sock is None:
+        return
+    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE[0]), ("TCP_KEEPINTVL", KEEPALIVE[1]),
+                        ("TCP_KEEPCNT", KEEPALIVE[2]), ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS)):
+        if hasattr(socket, name):
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, opt, value in opts:
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass
+
+
 class AgentClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -165,7 +189,13 @@ class AgentClient:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=context, server_hostname=server_hostname or host,
                                     limit=2**21, ssl_handshake_timeout=timeout), timeout)
+        keepalive(writer.get_extra_info("socket"))
         return cls(reader, writer)
+
+    def peer_certificate(self) -> bytes:
+        """The agent's TLS certificate (DER) from the handshake; b"" on a local link."""
+        obj = self._writer.get_extra_info("ssl_object")
+        return (obj.getpeercert(binary_form=True) or b"") if obj is not None else b""
 
     @property
     def peer_identity(self) -> str | None:

@@ -192,7 +192,8 @@ class Server:
     """
 
     def __init__(self, supervisor: Supervisor | LazySupervisor, outbox: Outbox,
-                 orphan_grace: float | None = None, nics: bool = False, repo: LocalRepo | None = None) -> None:
+                 orphan_grace: float | None = None, nics: bool = False, repo: LocalRepo | None = None,
+                 tls_spki: bytes | None = None) -> None:
         self._sup: Supervisor | None = None
         self._factory: Callable[[], Supervisor] | None = None
         self._preload: Callable[[], None] | None = None
@@ -218,6 +219,7 @@ class Server:
         # guest's agent, and only with a TPM and tpm2-tools (a VM booted with vm.attest)
         self._attest = nics and hello_.attest_available()
         self.features = hello_.features(nics, repo is not None, self._attest)
+        self.tls_spki = tls_spki  # sha256 of the SPKI of this machine's boot TLS key (--tls-ca-pin)
 
     @property
     def sup(self) -> Supervisor:
@@ -269,7 +271,8 @@ class Server:
             if self._attest:
                 from . import tpm
 
-                self._ops["attest"] = lambda args: tpm.attest_op(sup.reaper, args)
+                # a machine's boot TLS key: every quote binds it (qualifying data), never the bare nonce
+                self._ops["attest"] = lambda args: tpm.attest_op(sup.reaper, args, bind=self.tls_spki)
         return self._ops
 
     def _start_preload(self) -> None:

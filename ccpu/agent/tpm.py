@@ -85,7 +85,24 @@ def available() -> bool:
     return os.access(TPM2, os.X_OK) and os.path.exists(TCTI.split(":", 1)[1])
 
 
-async def attest_op(reaper: Any, args: Mapping[str, Any]) -> dict[str, Any]:
+def binding(nonce: bytes, spki_sha256: bytes) -> bytes:
+    """The quote's qualifying data on a machine: ``sha256(nonce || sha256(SPKI of the TLS key))``
+    -- the TPM signs that this boot made the quote *and* serves this TLS key.  Here, not in
+    tls.py: the host's check (ccpu/attest.py) runs in a shim daemon that has no ssl.  Pure."""
+    import hashlib
+
+    if len(spki_sha256) != 32:
+        raise ValueError("the key's SPKI hash must be 32 bytes")
+    return hashlib.sha256(nonce + spki_sha256).digest()
+
+
+def qualifying_data(nonce: str, bind: bytes | None) -> str:
+    """What the quote signs beside the PCRs (hex): the host's nonce, or on a machine with a boot
+    TLS key :func:`binding` of it.  Pure."""
+    return nonce if bind is None else binding(bytes.fromhex(nonce), bind).hex()
+
+
+async def attest_op(reaper: Any, args: Mapping[str, Any], bind: bytes | None = None) -> dict[str, Any]:
     if not available():
         raise protocol.FailedPrecondition("this guest has no TPM (/dev/tpmrm0) or no tpm2-tools")
     step = args.get("step")
@@ -94,7 +111,10 @@ async def attest_op(reaper: Any, args: Mapping[str, Any]) -> dict[str, Any]:
         return await _keys(reaper)
     if step == "quote":
         nonce, cred = check_quote_args(args)
-        return await _quote(reaper, nonce, cred)
+        reply = await _quote(reaper, qualifying_data(nonce, bind), cred)
+        if bind is not None:
+            reply["bound_key"] = bind.hex()
+        return reply
     raise protocol.InvalidArgument(f"attest step {step!r}: expected keys or quote")
 
 

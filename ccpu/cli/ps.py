@@ -48,7 +48,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
             status, pid = (t.status, str(t.pid)) if t else ("no task", "-")
             head = f"{g[:20]:<20} {mode:<5} {shim:>7} {agent:>7}" if i == 0 else " " * 42
             print(f"{head}  {c.id[:20]:<20} {status:<9} {pid:>7}  {c.image}")
-            if i == 0 and rec and rec.vm:
+            if i == 0 and rec and rec.vm and "machine" in rec.vm:  # an attested remote machine
+                att = rec.vm.get("attested") or {}
+                pcrs = att.get("pcrs") if isinstance(att, dict) else None
+                print(f"{'':<20} machine {rec.vm.get('machine')} attested: "
+                      + (f"PCR 11 {str(pcrs.get('11'))[:16]}... PCR 12 {str(pcrs.get('12'))[:16]}..."
+                         if isinstance(pcrs, dict) else "no"))
+            elif i == 0 and rec and rec.vm:
                 vm = rec.vm
                 print(f"{'':<20} vm pid {vm.get('pid')} accel {vm.get('accel')} memory {vm.get('memory')} "
                       f"share {vm.get('share')}")

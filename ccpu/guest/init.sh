@@ -18,6 +18,12 @@
 #   fractal.verify_image=1          hash the system image disk before mounting it and stop unless it is
 #                                   the one /etc/fractal/image names (vm.attest: the measured initramfs
 #                                   then vouches for the disk too; docs/hardware.md)
+#   fractal.listen=IP:PORT          agent mode on a machine (docs/hardware.md): no virtio-serial port; the
+#                                   agent listens on TCP with mutual TLS, a key made at boot, and its
+#                                   own layer repo on a tmpfs (layers streamed by the host)
+#   fractal.ca=sha256:HEX           with fractal.listen: the only CA whose client certificates the agent
+#                                   accepts; its certificate is read from the disk with serial
+#                                   fractal-ca and refused unless its sha256 is HEX
 #   fractal.boot.lowers=N:M:...     boot mode (fractal boot): the image's layer dirs below /repo, top first
 #   fractal.boot.init=PATH          boot mode: the image's init, exec'd as PID 1 in its root
 #                                   (run mode with fractal.boot.lowers: vm run --image, the command
@@ -55,7 +61,7 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0 blowers="" binit=/sbin/init
+mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0 blowers="" binit=/sbin/init listen="" ca=""
 for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
@@ -69,6 +75,8 @@ for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
         fractal.verify_image=*) verify_image="${arg#*=}" ;;
         fractal.boot.lowers=*) blowers="${arg#*=}" ;;
         fractal.boot.init=*) binit="${arg#*=}" ;;
+        fractal.listen=*) listen="${arg#*=}" ;;
+        fractal.ca=*) ca="${arg#*=}" ;;
     esac
 done
 
@@ -255,6 +263,28 @@ stack_image_root() {
 
 case "$mode" in
 agent)
+    if [ -n "$listen" ]; then
+        # a machine (docs/hardware.md "The machine over a NIC"): reached only over its NIC; the
+        # agent checks the CA disk against fractal.ca itself (this command line is measured)
+        [ -n "$ca" ] || die "fractal.listen needs fractal.ca=sha256:HEX (the host CA's fingerprint)"
+        cadev="$(find_dev /sys/block serial fractal-ca)" || die "no CA disk (virtio-blk serial fractal-ca)"
+        mkdir -p /var/lib/fractal-agent /run/runc
+        mount -t tmpfs -o nosuid,nodev,mode=0700 machinerepo /var/lib/fractal-agent ||
+            die "cannot mount the machine's layer repo tmpfs"
+        case "$reserve" in '' | *[!0-9]*) reserve=64 ;; esac
+        milestone "exec agent on tcp:$listen"
+        echo -1000 >/proc/self/oom_score_adj
+        agent_debug=""
+        [ "$debug" = 1 ] && agent_debug="--debug"
+        read -r python </etc/fractal/python || python=python3
+        # shellcheck disable=SC2086
+        "$python" -S -I -m ccpu.agent --listen "tcp:$listen" --tls-ca-pin "$ca" --tls-ca-file "$cadev" \
+            --runc-root /run/runc --repo /var/lib/fractal-agent --cgroup-parent /fractal \
+            --memory-reserve-mb "$reserve" --nics $agent_debug &
+        wait $!
+        milestone "agent exited with $?"
+        exit 0
+    fi
     agent="$(port fractal.agent)" || die "no virtio-serial port named fractal.agent"
     # Storage (docs/vm.md "The guest's storage"): the agent's own state (bundles, runc's root)
     # stays on /run, which no container can write.  The containers' writable layers go below

@@ -8,11 +8,13 @@ Contents (see docs/vm.md for sizes):
   /usr/bin/python3.X        the distribution's interpreter: /usr/bin/python3 resolved, or
                             $FRACTAL_GUEST_PYTHON (not pyenv's: its libpython is shared and elsewhere)
   /usr/lib/python3.X        the stdlib (asked from that python) minus tests, GUI, installers and
-                            modules whose libraries are heavy and useless here (ssl, dbm, curses,
+                            modules whose libraries are heavy and useless here (_hashlib, dbm, curses,
                             readline, nis); precompiled as unchecked-hash .pyc, because compiling at
                             every boot costs seconds under TCG and timestamp-checked .pyc would be
                             stale (mtimes are 0)
   /usr/sbin/runc            + the shared libraries of all binaries above (from ldd)
+  /usr/bin/tpm2, openssl    when the host has them: the attest op's TPM tools, an attested
+                            machine's boot TLS key (docs/hardware.md)
   /usr/lib/python3.X/ccpu   the project's stdlib-only modules (agent, linux, stack)
 
 Two layouts (``build(layout=...)``, ``fractal guest build --layout``; docs/vm.md "The small guest"):
@@ -61,6 +63,9 @@ RUNC = "/usr/sbin/runc"
 #: (ldd cannot see it)
 TPM2 = "/usr/bin/tpm2"
 TPM2_DLOPEN = ("libtss2-tcti-device.so.0",)
+#: openssl's tool: a machine's agent makes its boot TLS key with it (ccpu/agent/tls.py make_boot_key);
+#: the agent serves TLS with the stdlib's ssl (_ssl), which needs the same libssl/libcrypto
+OPENSSL = "/usr/bin/openssl"
 #: the command line built into the UKI: what a machine booting it alone gets (on QEMU, the VM's
 #: own command line overrides it and is measured into PCR 12)
 UKI_CMDLINE = "console=ttyS0 panic=-1 quiet rdinit=/init fractal.mode=agent"
@@ -82,9 +87,10 @@ STDLIB_EXCLUDE_TOP = frozenset({
     "site-packages", "dist-packages", "turtle.py", "EXTERNALLY-MANAGED",
 })
 # Extension modules left out: test modules, and those pulling in large libraries
-# (libcrypto/libssl, libdb, ncurses/readline, krb5/tirpc) nothing in the guest uses.
+# (libdb, ncurses/readline, krb5/tirpc) nothing in the guest uses.  _ssl stays: a machine's agent
+# serves TLS (docs/hardware.md); its libcrypto is tpm2-tools' anyway.
 DYNLOAD_EXCLUDE = re.compile(
-    r"^(_test\w*|_ctypes_test|_xxtestfuzz|xxlimited\w*|_xxsubinterpreters|_ssl|_hashlib|_dbm|_gdbm|nis|readline"
+    r"^(_test\w*|_ctypes_test|_xxtestfuzz|xxlimited\w*|_xxsubinterpreters|_hashlib|_dbm|_gdbm|nis|readline"
     r"|_curses\w*|ossaudiodev|audioop|_crypt|_tkinter|_sqlite3)\.cpython-")
 
 # The project's stdlib-only files for the guest, relative to the source tree root.
@@ -318,6 +324,10 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs",
     if tpm2:
         srcs.append(_file("usr/bin/tpm2", TPM2, 0o755))
         dynamic.append(TPM2)
+    openssl = os.path.exists(OPENSSL)
+    if openssl:
+        srcs.append(_file("usr/bin/openssl", OPENSSL, 0o755))
+        dynamic.append(OPENSSL)
     libs: list[str] = []
     for b in dynamic:
         for lib in _ldd(b):
@@ -366,7 +376,8 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs",
         "kernel": {"release": kernel.release, "package": kernel.package, "version": kernel.package_version,
                    "deb_sha256": kernel.deb_sha256},
         "modules": order,
-        "binaries": {"busybox": BUSYBOX, "python": py.binary, "runc": RUNC, **({"tpm2": TPM2} if tpm2 else {})},
+        "binaries": {"busybox": BUSYBOX, "python": py.binary, "runc": RUNC, **({"tpm2": TPM2} if tpm2 else {}),
+                     **({"openssl": OPENSSL} if openssl else {})},
         "python": {"stdlib": py.stdlib, "cache_tag": py.cache_tag},
         "libraries": sorted(libs),
         "project_files": project,

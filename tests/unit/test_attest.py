@@ -29,11 +29,16 @@ SECTIONS = {".linux": hashlib.sha256(b"kernel").hexdigest(), ".osrel": hashlib.s
             ".cmdline": hashlib.sha256(b"console=ttyS0").hexdigest(),
             ".initrd": hashlib.sha256(b"initramfs").hexdigest()}
 CMDLINE = "console=ttyS0 fractal.mode=agent"
+BOUND_KEY = hashlib.sha256(b"the SPKI of the machine's boot TLS key").digest()
+OTHER_KEY = hashlib.sha256(b"the SPKI of another machine's key").digest()
 
 
 class Recorded:
     def __init__(self, keys: attest.Keys, reply: dict, nonce: bytes, secret: bytes, ca: tpm.Ca) -> None:
         self.keys, self.reply, self.nonce, self.secret, self.ca = keys, reply, nonce, secret, ca
+        # a machine's quote (ccpu/agent/tpm.py with bind=): qualifying data names TLS key BOUND_KEY
+        self.bound_reply: dict = {}
+        self.bound_nonce = b""
 
     @property
     def cas(self) -> list[Path]:
@@ -89,10 +94,17 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
         nonce = attest.new_nonce()
         run("quote", "-c", "ak.ctx", "-l", agent_tpm.PCR_SELECTION, "-q", nonce.hex(), "-g", "sha256",
             "-m", "quote.msg", "-s", "quote.sig", "-o", "quote.pcrs")
-        reply = {k: base64.b64encode((d / f).read_bytes()).decode()
-                 for k, f in (("secret", "secret"), ("message", "quote.msg"), ("signature", "quote.sig"),
-                              ("pcr_values", "quote.pcrs"))}
-        return Recorded(keys, reply, nonce, secret, ca)
+        files = (("secret", "secret"), ("message", "quote.msg"), ("signature", "quote.sig"),
+                 ("pcr_values", "quote.pcrs"))
+        reply = {k: base64.b64encode((d / f).read_bytes()).decode() for k, f in files}
+        rec = Recorded(keys, reply, nonce, secret, ca)
+        rec.bound_nonce = attest.new_nonce()
+        run("quote", "-c", "ak.ctx", "-l", agent_tpm.PCR_SELECTION, "-q",
+            agent_tpm.qualifying_data(rec.bound_nonce.hex(), BOUND_KEY), "-g", "sha256",
+            "-m", "quote.msg", "-s", "quote.sig", "-o", "quote.pcrs")
+        rec.bound_reply = {**{k: base64.b64encode((d / f).read_bytes()).decode() for k, f in files},
+                           "bound_key": BOUND_KEY.hex()}
+        return rec
     finally:
         proc.terminate()
         proc.wait(10)
@@ -171,3 +183,40 @@ def test_bad_replies_are_refused_by_name() -> None:
         attest.Keys.from_reply({"ek_public": "eA==", "ak_public": "eA==", "ek_certificate": ""})
     with pytest.raises(attest.AttestationError, match="not base64"):
         attest.Keys.from_reply({"ek_public": "!!", "ak_public": "eA==", "ak_name": "eA==", "ek_certificate": ""})
+
+
+# --- a machine's quote binds its boot TLS key (issue 15 item 5) ---------------------------------
+
+
+def test_a_quote_naming_the_sessions_tls_key_verifies(recorded: Recorded) -> None:
+    v = attest.check_quote(recorded.keys, recorded.bound_reply, nonce=recorded.bound_nonce, secret=recorded.secret,
+                           want=_want(), tls_key=BOUND_KEY)
+    assert v.pcrs[11] == uki.pcr11(SECTIONS)
+
+
+def test_a_quote_naming_another_tls_key_is_refused_as_a_relay(recorded: Recorded) -> None:
+    """A relay: the host talks TLS to OTHER_KEY, which forwards a genuine machine's quote (fresh
+    nonce and all) naming the machine's own key."""
+    with pytest.raises(attest.AttestationError, match="names another TLS key.*relayed"):
+        attest.check_quote(recorded.keys, recorded.bound_reply, nonce=recorded.bound_nonce,
+                           secret=recorded.secret, want=_want(), tls_key=OTHER_KEY)
+
+
+def test_a_relay_that_lies_about_the_key_is_still_refused(recorded: Recorded) -> None:
+    reply = {**recorded.bound_reply, "bound_key": OTHER_KEY.hex()}
+    with pytest.raises(attest.AttestationError, match="not for this request"):
+        attest.check_quote(recorded.keys, reply, nonce=recorded.bound_nonce, secret=recorded.secret,
+                           want=_want(), tls_key=OTHER_KEY)
+
+
+def test_a_bound_quote_with_an_old_nonce_is_refused(recorded: Recorded) -> None:
+    with pytest.raises(attest.AttestationError, match="replayed"):
+        attest.check_quote(recorded.keys, recorded.bound_reply, nonce=attest.new_nonce(), secret=recorded.secret,
+                           want=_want(), tls_key=BOUND_KEY)
+
+
+def test_an_unbound_quote_is_refused_where_a_key_must_be_named(recorded: Recorded) -> None:
+    """A machine's quote over the bare nonce proves nothing about the TLS peer: refused."""
+    with pytest.raises(attest.AttestationError, match="not for this request"):
+        attest.check_quote(recorded.keys, recorded.reply, nonce=recorded.nonce, secret=recorded.secret,
+                           want=_want(), tls_key=BOUND_KEY)

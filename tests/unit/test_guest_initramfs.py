@@ -27,7 +27,7 @@ def test_parse_ldd() -> None:
     ("os.py", True), ("asyncio/base_events.py", True), ("lib-dynload/_asyncio.cpython-311-x86_64-linux-gnu.so", True),
     ("test/test_os.py", False), ("idlelib/idle.py", False), ("tkinter/__init__.py", False),
     ("ensurepip/__init__.py", False), ("lib2to3/main.py", False), ("__pycache__/os.cpython-311.pyc", False),
-    ("json/__pycache__/x.pyc", False), ("lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so", False),
+    ("json/__pycache__/x.pyc", False), ("lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so", True), ("lib-dynload/_hashlib.cpython-311-x86_64-linux-gnu.so", False),
     ("lib-dynload/_testcapi.cpython-311-x86_64-linux-gnu.so", False),
     ("config-3.11-x86_64-linux-gnu/libpython3.11.a", False), ("sqlite3/__init__.py", True),
 ])

@@ -438,3 +438,35 @@ def test_vm_attest_setting() -> None:
     assert c.parse_toml("[vm]\nattest = true\n", "f").vm.attest is True
     with pytest.raises(c.ConfigError, match="vm.attest: expected true or false"):
         c.parse_toml('[vm]\nattest = "yes"\n', "f")
+
+
+ATTEST = ('[remote]\nendpoints = ["10.0.0.2:7443"]\n[remote.attest]\nmanifest = "/b/manifest.json"\n'
+          'ek_ca = ["/ca/root.pem"]\n[remote.attest.cmdline]\n"10.0.0.2:7443" = "console=ttyS0 fractal.ca=sha256:ab"\n')
+
+
+def test_remote_attest_reads_manifest_cas_and_cmdlines() -> None:
+    cfg = c.resolve({c.ANN_MODE: "remote"}, runtime_config=None, global_file="/g.toml",
+                    read=_read({"/g.toml": ATTEST}))
+    att = cfg.remote.attest
+    assert att is not None and att.manifest == "/b/manifest.json" and att.ek_ca == ("/ca/root.pem",)
+    assert att.cmdline("10.0.0.2:7443") == "console=ttyS0 fractal.ca=sha256:ab"
+    assert att.cmdline("10.0.0.3:7443") is None
+
+
+def test_remote_attest_needs_a_cmdline_per_endpoint() -> None:
+    files = {"/g.toml": ATTEST.replace('endpoints = ["10.0.0.2:7443"]', 'endpoints = ["10.0.0.2:7443", "10.0.0.3:1"]')}
+    with pytest.raises(c.ConfigError, match=r"no cmdline for endpoint\(s\) 10.0.0.3:1"):
+        c.resolve({c.ANN_MODE: "remote"}, runtime_config=None, global_file="/g.toml", read=_read(files))
+
+
+@pytest.mark.parametrize("table", [
+    'manifest = "/m"\nek_ca = ["/c"]',  # no cmdline
+    'manifest = "m"\nek_ca = ["/c"]\ncmdline = {"1.2.3.4:1" = "x"}',  # relative
+    'manifest = "/m"\nek_ca = []\ncmdline = {"1.2.3.4:1" = "x"}',
+    'manifest = "/m"\nek_ca = ["/c"]\ncmdline = {"nowhere" = "x"}',
+    'manifest = "/m"\nek_ca = ["/c"]\ncmdline = {"1.2.3.4:1" = ""}',
+    'manifest = "/m"\nek_ca = ["/c"]\ncmdline = {"1.2.3.4:1" = "x"}\nextra = 1',
+])
+def test_bad_remote_attest_settings(table: str) -> None:
+    with pytest.raises(c.ConfigError, match="remote"):
+        c.parse_toml(f"[remote.attest]\n{table}\n", "/g.toml")
