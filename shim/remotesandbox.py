@@ -110,23 +110,29 @@ class RemoteSandbox(AgentSandbox):
         t0 = time.monotonic()
         if not isinstance(hello, dict) or "attest" not in (hello.get("features") or []):
             raise attest.AttestationError(f"remote machine {endpoint} offers no attest (no TPM?): refused")
-        cmdline = att.cmdline(endpoint)
-        if cmdline is None:
-            raise attest.AttestationError(f"[remote.attest] has no cmdline for {endpoint}")
+        own_uki = att.uki(endpoint)  # a UKI of its own, booted from a boot entry: the command line inside
+        path = own_uki or att.manifest
+        loader_cmdline = None if own_uki else att.cmdline(endpoint)
+        if path is None or (own_uki is None and loader_cmdline is None):
+            raise attest.AttestationError(f"[remote.attest] has no cmdline nor uki for {endpoint}")
+
+        def manifest() -> dict[str, Any]:
+            with open(path, "rb") as f:
+                return json.loads(f.read(1 << 20))
+
+        try:
+            built = await asyncio.to_thread(manifest)
+            want = attest.expected(built, loader_cmdline)
+            cmdline = loader_cmdline if own_uki is None else built["uki"]["cmdline"]
+            if not isinstance(cmdline, str):
+                raise ValueError("its uki.cmdline is not a string")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise errdefs.FailedPrecondition(f"[remote.attest] manifest {path}: {exc!s:.300}") from None
         ours = pki.fingerprint(await asyncio.to_thread(Path(self.settings.tls_dir, "ca.pem").read_bytes))
         theirs = attest.ca_fingerprint_on(cmdline)
         if theirs != ours:
             raise attest.AttestationError(f"remote machine {endpoint}: its command line trusts CA {theirs}, this "
                                           f"host's is {ours} ({self.settings.tls_dir}/ca.pem)")
-
-        def manifest() -> dict[str, Any]:
-            with open(att.manifest, "rb") as f:
-                return json.loads(f.read(1 << 20))
-
-        try:
-            want = attest.expected(await asyncio.to_thread(manifest), cmdline)
-        except (OSError, ValueError) as exc:
-            raise errdefs.FailedPrecondition(f"[remote.attest] manifest {att.manifest}: {exc}") from None
         tls_key = attest.spki_sha256(client.peer_certificate())
         verified = await attest.attest(client.call, [Path(p) for p in att.ek_ca], want, tls_key=tls_key)
         took = time.monotonic() - t0
