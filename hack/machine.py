@@ -82,6 +82,7 @@ class Machine:
     #: booted from a disk image with its own UKI (``manifest`` is then that UKI's, from
     #: ``fractal guest uki``: the host's [remote.attest.uki]); None: QEMU's -kernel/-append
     esp: Path | None = None
+    esp_seconds: float = 0.0  # how long `fractal guest uki --esp` took (benchmarks)
     qemu: subprocess.Popen[bytes] | None = None
     swtpm: subprocess.Popen[bytes] | None = None
     fds: list[int] = field(default_factory=list)
@@ -163,30 +164,35 @@ def without_loader(argv: list[str]) -> list[str]:
 def machine_uki(guest: Any, cmdline: str, workdir: Path,
                 tamper: Callable[[bytes], bytes] | None = None) -> tuple[Path, Path]:
     """The machine's own UKI (the build's with ``cmdline`` built in) on a disk image, and its
-    manifest, as ``fractal guest uki --esp`` writes them.  ``tamper``: changes the UKI's bytes
-    before they go on the disk, the manifest kept (tests).  Returns (disk image, manifest)."""
+    manifest, made by ``fractal guest uki --esp`` (the operator's command).  ``tamper``: changes
+    the UKI's bytes before they go on the disk, the manifest kept (tests).  Returns (disk
+    image, manifest)."""
     import json
 
-    from ccpu.guest import esp, uki
+    from ccpu.guest import esp
 
-    made = uki.with_cmdline(guest.uki, workdir / "machine.efi", cmdline)
+    efi, disk, manifest = workdir / "machine.efi", workdir / "esp.img", workdir / "machine.efi.json"
+    res = subprocess.run([sys.executable, "-m", "ccpu.cli", "guest", "uki", "--cmdline", cmdline, "-o", str(efi),
+                          "--esp", str(disk), "--json", "--offline"], capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"fractal guest uki: {res.stderr.strip()[-500:]}")
+    made = json.loads(res.stdout)
+    if made["guest_sha256"] != guest.sha256:
+        raise RuntimeError(f"fractal guest uki used guest build {made['guest_sha256']}, not {guest.sha256}")
     if tamper is not None:
-        made.path.write_bytes(tamper(made.path.read_bytes()))
-    disk = esp.build(made.path, workdir / "esp.img")
-    manifest = workdir / "machine.efi.json"
-    manifest.write_text(json.dumps(uki.machine_manifest(made, guest_sha256=guest.sha256,
-                                                        kernel_release=guest.manifest["kernel"]["release"],
-                                                        esp=disk.describe()), indent=2))
-    return disk.path, manifest
+        efi.write_bytes(tamper(efi.read_bytes()))
+        esp.build(efi, disk)
+    return disk, manifest
 
 
 def boot(guest: Any, ca_pem: bytes, workdir: Path, *, uki: Path | None = None, memory_mb: int = 768,
          tpm_ca_dir: Path | None = None, esp: bool = False,
-         tamper: Callable[[bytes], bytes] | None = None) -> Machine:
+         tamper: Callable[[bytes], bytes] | None = None, loader: bool = False) -> Machine:
     """Boot a machine from the guest build ``guest`` (ccpu.guest.initramfs.Guest) trusting the
     host CA ``ca_pem``; ``uki``: another EFI image to boot instead of the build's (a tampered
     one, for tests); ``esp``: from a disk image with its own UKI (module docstring), ``tamper``
-    applied to that UKI.  Returns once QEMU runs (see :meth:`Machine.wait_listening`)."""
+    applied to that UKI; ``loader``: that UKI handed to QEMU's -kernel with -append instead (a
+    loader's command line overriding the built-in one, for tests).  Returns once QEMU runs (see :meth:`Machine.wait_listening`)."""
     from ccpu import pki
     from ccpu.guest.kernel import cache_root
     from ccpu.vm import net, qemu, tpm
@@ -243,7 +249,11 @@ def boot(guest: Any, ca_pem: bytes, workdir: Path, *, uki: Path | None = None, m
         m.fds.append(tpm_fd)
         ca_disk(ca_pem, workdir / "ca.disk")
         if esp:
+            t0 = time.monotonic()
             m.esp, m.manifest = machine_uki(guest, cmdline, workdir, tamper)
+            m.esp_seconds = time.monotonic() - t0
+        if loader and m.esp is not None:
+            uki = m.esp.with_name("machine.efi")
         cfg = qemu.VMConfig(kernel=str(uki or guest.uki), initramfs=str(guest.initramfs),
                             console_log=str(m.console), mode="agent", memory_mb=memory_mb, cpus=1,
                             system_image=str(guest.image), ovmf=(tpm.OVMF_CODE, tpm.vars_copy(str(workdir))),
@@ -254,7 +264,7 @@ def boot(guest: Any, ca_pem: bytes, workdir: Path, *, uki: Path | None = None, m
         disk = str(workdir / "ca.disk").replace(",", ",,")
         argv += ["-drive", f"file={disk},if=none,id=ca,format=raw,readonly=on,media=disk",
                  "-device", f"virtio-blk-pci,drive=ca,serial={CA_DISK_SERIAL}"]
-        if m.esp is not None:  # the USB stick: the firmware's boot manager starts EFI/BOOT/BOOTX64.EFI
+        if m.esp is not None and not loader:  # the USB stick: the firmware's boot manager starts EFI/BOOT/BOOTX64.EFI
             argv = without_loader(argv)
             stick = str(m.esp).replace(",", ",,")
             argv += ["-drive", f"file={stick},if=none,id=esp,format=raw,readonly=on,media=disk",

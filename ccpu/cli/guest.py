@@ -86,7 +86,7 @@ def cmd_guest_uki(args: argparse.Namespace) -> int:
 
     from ..guest import esp, initramfs, uki
 
-    g = initramfs.build(progress=progress)
+    g = initramfs.build(progress=progress, offline=args.offline)  # the build for this tree: cached, as a VM's
     if g.uki is None:
         print("fractal: the guest build has no UKI (apt-get install systemd-boot-efi)", file=sys.stderr)
         return 1
@@ -104,7 +104,8 @@ def cmd_guest_uki(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.rename(mpath)
     if args.json:
-        json.dump({"uki": str(out), "manifest": str(mpath), "esp": str(disk.path) if disk else None, **manifest},
+        json.dump({"uki": str(out), "manifest": str(mpath), "esp": str(disk.path) if disk else None,
+                   "system_image": str(g.image) if g.image else None, **manifest},
                   sys.stdout, indent=2)
         print()
         return 0
@@ -115,6 +116,8 @@ def cmd_guest_uki(args: argparse.Namespace) -> int:
     print(f"PCR 11:     {u['pcr11']}")
     if disk is not None:
         print(f"esp:        {disk.path} ({disk.size >> 20} MiB, sha256 {disk.sha256}, {esp.PATH})")
+    if g.image is not None:
+        print(f"image:      {g.image} (the system image: the machine needs it on a disk with serial fractal-sys)")
     print(f"manifest:   {mpath} (the host's [remote.attest.uki])")
     return 0
 
@@ -144,13 +147,14 @@ def register(guest: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_guest_build)
     p = sub.add_parser("uki", help="a machine's own EFI image: the build's with a command line built in",
                        description="Write a UKI for one machine booting without a loader (USB stick, disk, UEFI "
-                                   "HTTP boot): the current guest build's kernel, initramfs and os-release with "
+                                   "HTTP boot): the guest build's (made or reused as `fractal guest build` would) kernel, initramfs and os-release with "
                                    "--cmdline as its built-in command line, and its manifest (PCR 4 in the "
                                    "boot-entry order, PCR 11) for the host's [remote.attest.uki].")
     p.add_argument("--cmdline", required=True, help="the machine's kernel command line (fractal.listen=, "
                                                     "fractal.net=, fractal.ca=, ...: docs/hardware.md)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the EFI image to write")
     p.add_argument("--manifest", metavar="FILE", help="where its manifest goes (default: FILE.json)")
+    p.add_argument("--offline", action="store_true", help="the newest kernel already cached, without asking apt")
     p.add_argument("--esp", metavar="IMG", help="also a disk image (MBR, one FAT EFI System partition) with the "
                                                 "UKI as EFI/BOOT/BOOTX64.EFI, to dd to a USB stick")
     add_json_flag(p)

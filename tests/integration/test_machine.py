@@ -11,6 +11,11 @@ Negative cases here: a client certificate of another CA and a plaintext client g
 the machine; a tampered UKI (one initramfs byte) is refused before any container, naming PCR 11.
 A replayed quote and a relayed one (naming another TLS key) need a lying agent: their checks are
 tested against a real TPM in tests/unit/test_attest.py.  Under TCG a boot takes ~45 s.
+
+Booted as on hardware (``esp=True``): the machine's own UKI (``fractal guest uki --esp``: its
+command line built in) on a disk image, no -kernel, no -append -- attested with PCR 4 in the
+boot-entry order and PCR 12 zeros, and it runs a container; one byte of that UKI changed is
+refused naming PCR 4 and 11; the same UKI started by a loader with a command line, naming PCR 12.
 """
 
 from __future__ import annotations
@@ -324,3 +329,20 @@ def test_a_one_byte_change_to_the_esp_uki_is_refused(env, guest, pki_dir: Path, 
         assert "PCR 11" in r.stderr and "PCR 4" in r.stderr and "the guest build predicts" in r.stderr, r.stderr
         e.ctr("containers", "rm", "t2", namespace=ns, check=False)
         assert mounts_under(e.run_dir, e.root_dir) == []
+
+
+def test_a_loader_command_line_over_the_machines_uki_is_refused(env, guest, pki_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """The machine's own UKI started by a loader (QEMU's -kernel) that passes a command line --
+    the same text as the built-in one: systemd-stub takes the loader's and measures it into
+    PCR 12, which the host predicts all zeros for a UKI booted from its boot entry.  Refused
+    before any container, naming PCR 12 (and PCR 4: the firmware measured it in the loader's order)."""
+    e, ns, ref = env
+    with machine_mod.boot(guest, (pki_dir / "ca.pem").read_bytes(), tmp_path / "m", esp=True, loader=True) as m:
+        m.wait_listening()
+        e.fractal_config.write_text(m.config_toml(pki_dir))
+        r = e.run(ref, "t3", "echo", "SHOULD-NOT-RUN", namespace=ns, runtime=RUNTIME, extra=REMOTE, check=False,
+                  timeout=400)
+        assert r.returncode != 0 and "SHOULD-NOT-RUN" not in r.stdout
+        assert "PCR 12 (no command line from a loader" in r.stderr and "PCR 4" in r.stderr, r.stderr
+        assert "PCR 11" not in r.stderr, r.stderr  # the UKI itself is the one described
+        e.ctr("containers", "rm", "t3", namespace=ns, check=False)
