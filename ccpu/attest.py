@@ -57,7 +57,7 @@ def expected(manifest: Mapping[str, Any], cmdline: str | None) -> Expected:
     measured into 12).  A machine's own UKI (``fractal guest uki``: boot ``entry``) is started by
     the firmware's boot manager, with no loader: its command line is the built-in one (in PCR 11)
     and PCR 12 must be all zeros -- a loader's command line would override the built-in one.  Pure."""
-    u = manifest.get("uki")
+    u = manifest.get("uki") if isinstance(manifest, Mapping) else None
     if not isinstance(u, Mapping) or not isinstance(u.get("sections"), Mapping):
         raise AttestationError("the guest build has no unified kernel image to attest (systemd-boot-efi missing "
                                "when it was built?)")
