@@ -39,10 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 PORT = 7443
 ESP_DISK_SERIAL = "fractal-esp"
