@@ -192,7 +192,8 @@ def boot(guest: Any, ca_pem: bytes, workdir: Path, *, uki: Path | None = None, m
     host CA ``ca_pem``; ``uki``: another EFI image to boot instead of the build's (a tampered
     one, for tests); ``esp``: from a disk image with its own UKI (module docstring), ``tamper``
     applied to that UKI; ``loader``: that UKI handed to QEMU's -kernel with -append instead (a
-    loader's command line overriding the built-in one, for tests).  Returns once QEMU runs (see :meth:`Machine.wait_listening`)."""
+    loader's command line overriding the built-in one, for tests).  Returns once QEMU runs (see
+    :meth:`Machine.wait_listening`)."""
     from ccpu import pki
     from ccpu.guest.kernel import cache_root
     from ccpu.vm import net, qemu, tpm

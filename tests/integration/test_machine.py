@@ -339,6 +339,7 @@ def test_a_loader_command_line_over_the_machines_uki_is_refused(env, guest, pki_
     e, ns, ref = env
     with machine_mod.boot(guest, (pki_dir / "ca.pem").read_bytes(), tmp_path / "m", esp=True, loader=True) as m:
         m.wait_listening()
+        assert "BdsDxe: starting Boot" not in m.console_tail(200000)  # QEMU's loader, not the boot manager
         e.fractal_config.write_text(m.config_toml(pki_dir))
         r = e.run(ref, "t3", "echo", "SHOULD-NOT-RUN", namespace=ns, runtime=RUNTIME, extra=REMOTE, check=False,
                   timeout=400)

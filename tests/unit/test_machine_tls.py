@@ -235,3 +235,13 @@ def test_the_hosts_quote_check_needs_no_ssl() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
                          env={**os.environ, "PYTHONPATH": root})
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_disk_boot_has_no_loader_arguments() -> None:
+    """hack/machine.py's USB-stick boot: QEMU gets neither -kernel nor -append (nor -initrd), so
+    OVMF's boot manager must find EFI/BOOT/BOOTX64.EFI itself; every other argument stays."""
+    from hack.machine import without_loader
+
+    argv = ["qemu", "-m", "768M", "-kernel", "/b/fractal.efi", "-append", "console=ttyS0 -kernel x", "-initrd",
+            "/b/i", "-device", "virtio-blk-pci,drive=sys"]
+    assert without_loader(argv) == ["qemu", "-m", "768M", "-device", "virtio-blk-pci,drive=sys"]
