@@ -52,22 +52,38 @@ class Expected:
 
 def expected(manifest: Mapping[str, Any], cmdline: str | None) -> Expected:
     """What the guest build ``manifest`` predicts: PCR 4 from the Authenticode hashes of its UKI and
-    kernel (booted as QEMU's -kernel: ``uki.pcr4``), PCR 11 from its UKI's sections, and PCR 12 from
-    the command line the VM was given (None: the UKI's own, nothing measured into 12).  Pure."""
-    u = manifest.get("uki")
+    kernel (``uki.pcr4``, in the order of how it boots: ``uki.boot``), PCR 11 from its UKI's
+    sections, and PCR 12 from the command line the VM was given (None: the UKI's own, nothing
+    measured into 12).  A machine's own UKI (``fractal guest uki``: boot ``entry``) is started by
+    the firmware's boot manager, with no loader: its command line is the built-in one (in PCR 11)
+    and PCR 12 must be all zeros -- a loader's command line would override the built-in one.  Pure."""
+    u = manifest.get("uki") if isinstance(manifest, Mapping) else None
     if not isinstance(u, Mapping) or not isinstance(u.get("sections"), Mapping):
         raise AttestationError("the guest build has no unified kernel image to attest (systemd-boot-efi missing "
                                "when it was built?)")
+    boot = u.get("boot", uki.BOOT_LOADER)
+    if boot not in uki.BOOTS:
+        raise AttestationError(f"the manifest's UKI boots {boot!r}: unknown (known: {', '.join(uki.BOOTS)})")
     sections = {str(k): str(v) for k, v in u["sections"].items()}
     pcrs = {uki.PCR_SECTIONS: uki.pcr11(sections)}
     meaning = {uki.PCR_SECTIONS: "the UKI's sections " + " ".join(
         f"{n}={sections[n][:16]}" for n in uki.MEASURED_ORDER if n in sections)}
     if u.get("authenticode") and u.get("linux_authenticode"):
-        pcrs[uki.PCR_BOOT_APP] = uki.pcr4(str(u["authenticode"]), str(u["linux_authenticode"]))
-        meaning[uki.PCR_BOOT_APP] = (f"the boot applications the firmware started: fractal.efi (Authenticode "
+        pcrs[uki.PCR_BOOT_APP] = uki.pcr4(str(u["authenticode"]), str(u["linux_authenticode"]),
+                                          direct_kernel=boot == uki.BOOT_LOADER)
+        meaning[uki.PCR_BOOT_APP] = (f"the boot applications the firmware started "
+                                     f"({'from a boot entry' if boot == uki.BOOT_ENTRY else 'from the loader'}): "
+                                     f"{u.get('file', uki.FILE)} (Authenticode "
                                      f"{str(u['authenticode'])[:16]}) and its kernel "
                                      f"({str(u['linux_authenticode'])[:16]})")
-    if cmdline is not None:
+    if boot == uki.BOOT_ENTRY:
+        if cmdline is not None:
+            raise AttestationError("a UKI booted from a boot entry runs its built-in command line: the host was "
+                                   f"given another one to predict ({cmdline!r})")
+        pcrs[uki.PCR_CMDLINE] = uki.PCR12_NO_LOADER_CMDLINE
+        meaning[uki.PCR_CMDLINE] = ("no command line from a loader (the UKI's built-in one applies: "
+                                    f"{str(u.get('cmdline', '?'))!r})")
+    elif cmdline is not None:
         pcrs[uki.PCR_CMDLINE] = uki.cmdline_pcr12(cmdline)
         meaning[uki.PCR_CMDLINE] = f"the kernel command line {cmdline!r}"
     return Expected(pcrs, meaning)

@@ -11,9 +11,17 @@ with an EK certificate from fractal's local CA -- but with **no virtio-serial po
   accepts it only if its sha256 is the ``fractal.ca=`` of the measured command line;
 * the command line names the listening address, the static address (``fractal.net=``) and the CA.
 
-A real operator would PXE/USB-boot the same UKI with that command line built in (docs/hardware.md).
+Two ways to boot it:
 
-    python3 -m hack.machine --tls-dir /etc/fractal/pki      # boots one, prints the endpoint + config
+* ``esp=False``: QEMU's ``-kernel fractal.efi -append CMDLINE`` -- the build's UKI, the command
+  line from the loader (measured into PCR 12);
+* ``esp=True``: like a USB stick on hardware -- a per-machine UKI with the command line built in
+  (``fractal guest uki``: ccpu.guest.uki.with_cmdline) as EFI/BOOT/BOOTX64.EFI on a disk image
+  (ccpu.guest.esp), no ``-kernel``, no ``-append``: OVMF's boot manager finds the file itself,
+  measures it after the boot-option action and the separator (PCR 4 in the boot-entry order),
+  and the stub measures the built-in command line with the sections (PCR 11; PCR 12 stays 0).
+
+    python3 -m hack.machine --tls-dir /etc/fractal/pki [--esp]   # boots one, prints the endpoint + config
 
 Killing the QEMU process (:meth:`Machine.kill`) is a machine losing power: nothing answers on the
 link any more (no RST), the host notices by TCP keepalive.
@@ -31,11 +39,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 PORT = 7443
+ESP_DISK_SERIAL = "fractal-esp"
 MAC = "52:54:00:f7:15:05"
 CA_DISK_SERIAL = "fractal-ca"
 
@@ -69,6 +79,10 @@ class Machine:
     cmdline: str
     manifest: Path
     ek_ca: list[Path]
+    #: booted from a disk image with its own UKI (``manifest`` is then that UKI's, from
+    #: ``fractal guest uki``: the host's [remote.attest.uki]); None: QEMU's -kernel/-append
+    esp: Path | None = None
+    esp_seconds: float = 0.0  # how long `fractal guest uki --esp` took (benchmarks)
     qemu: subprocess.Popen[bytes] | None = None
     swtpm: subprocess.Popen[bytes] | None = None
     fds: list[int] = field(default_factory=list)
@@ -85,10 +99,13 @@ class Machine:
     def config_toml(self, tls_dir: str | Path, extra: str = "") -> str:
         """The host's fractal config for remote mode with attestation of this machine."""
         cas = ", ".join(f'"{p}"' for p in self.ek_ca)
-        return ('mode = "host"\nallowed_annotations = [".*"]\n'
-                f'[remote]\nendpoints = ["{self.endpoint}"]\ntls_dir = "{tls_dir}"\nconnect_timeout = 30\n'
-                f'[remote.attest]\nmanifest = "{self.manifest}"\nek_ca = [{cas}]\n'
-                f'[remote.attest.cmdline]\n"{self.endpoint}" = "{self.cmdline}"\n{extra}')
+        head = ('mode = "host"\nallowed_annotations = [".*"]\n'
+                f'[remote]\nendpoints = ["{self.endpoint}"]\ntls_dir = "{tls_dir}"\nconnect_timeout = 30\n')
+        if self.esp is not None:  # its own UKI: the command line is in it, its manifest says so
+            return head + f'[remote.attest]\nek_ca = [{cas}]\n[remote.attest.uki]\n"{self.endpoint}" = ' \
+                          f'"{self.manifest}"\n{extra}'
+        return head + (f'[remote.attest]\nmanifest = "{self.manifest}"\nek_ca = [{cas}]\n'
+                       f'[remote.attest.cmdline]\n"{self.endpoint}" = "{self.cmdline}"\n{extra}')
 
     def wait_listening(self, timeout: float = 400.0) -> None:
         """Until the agent accepts TCP connections (then closes ours: no TLS was spoken)."""
@@ -132,11 +149,51 @@ class Machine:
         self.stop()
 
 
+def without_loader(argv: list[str]) -> list[str]:
+    """QEMU's argv with no ``-kernel`` and no ``-append``: the firmware boots from a disk.  Pure."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in ("-kernel", "-append", "-initrd"):
+            next(it)
+            continue
+        out.append(a)
+    return out
+
+
+def machine_uki(guest: Any, cmdline: str, workdir: Path,
+                tamper: Callable[[bytes], bytes] | None = None) -> tuple[Path, Path]:
+    """The machine's own UKI (the build's with ``cmdline`` built in) on a disk image, and its
+    manifest, made by ``fractal guest uki --esp`` (the operator's command).  ``tamper``: changes
+    the UKI's bytes before they go on the disk, the manifest kept (tests).  Returns (disk
+    image, manifest)."""
+    import json
+
+    from ccpu.guest import esp
+
+    efi, disk, manifest = workdir / "machine.efi", workdir / "esp.img", workdir / "machine.efi.json"
+    res = subprocess.run([sys.executable, "-m", "ccpu.cli", "guest", "uki", "--cmdline", cmdline, "-o", str(efi),
+                          "--esp", str(disk), "--json", "--offline"], capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"fractal guest uki: {res.stderr.strip()[-500:]}")
+    made = json.loads(res.stdout)
+    if made["guest_sha256"] != guest.sha256:
+        raise RuntimeError(f"fractal guest uki used guest build {made['guest_sha256']}, not {guest.sha256}")
+    if tamper is not None:
+        efi.write_bytes(tamper(efi.read_bytes()))
+        esp.build(efi, disk)
+    return disk, manifest
+
+
 def boot(guest: Any, ca_pem: bytes, workdir: Path, *, uki: Path | None = None, memory_mb: int = 768,
-         tpm_ca_dir: Path | None = None) -> Machine:
+         tpm_ca_dir: Path | None = None, esp: bool = False,
+         tamper: Callable[[bytes], bytes] | None = None, loader: bool = False) -> Machine:
     """Boot a machine from the guest build ``guest`` (ccpu.guest.initramfs.Guest) trusting the
     host CA ``ca_pem``; ``uki``: another EFI image to boot instead of the build's (a tampered
-    one, for tests).  Returns once QEMU runs (see :meth:`Machine.wait_listening`)."""
+    one, for tests); ``esp``: from a disk image with its own UKI (module docstring), ``tamper``
+    applied to that UKI; ``loader``: that UKI handed to QEMU's -kernel with -append instead (a
+    loader's command line overriding the built-in one, for tests).  Returns once QEMU runs (see
+    :meth:`Machine.wait_listening`)."""
     from ccpu import pki
     from ccpu.guest.kernel import cache_root
     from ccpu.vm import net, qemu, tpm
@@ -192,6 +249,12 @@ def boot(guest: Any, ca_pem: bytes, workdir: Path, *, uki: Path | None = None, m
         tpm_fd = tsock.detach()
         m.fds.append(tpm_fd)
         ca_disk(ca_pem, workdir / "ca.disk")
+        if esp:
+            t0 = time.monotonic()
+            m.esp, m.manifest = machine_uki(guest, cmdline, workdir, tamper)
+            m.esp_seconds = time.monotonic() - t0
+        if loader and m.esp is not None:
+            uki = m.esp.with_name("machine.efi")
         cfg = qemu.VMConfig(kernel=str(uki or guest.uki), initramfs=str(guest.initramfs),
                             console_log=str(m.console), mode="agent", memory_mb=memory_mb, cpus=1,
                             system_image=str(guest.image), ovmf=(tpm.OVMF_CODE, tpm.vars_copy(str(workdir))),
@@ -202,6 +265,11 @@ def boot(guest: Any, ca_pem: bytes, workdir: Path, *, uki: Path | None = None, m
         disk = str(workdir / "ca.disk").replace(",", ",,")
         argv += ["-drive", f"file={disk},if=none,id=ca,format=raw,readonly=on,media=disk",
                  "-device", f"virtio-blk-pci,drive=ca,serial={CA_DISK_SERIAL}"]
+        if m.esp is not None and not loader:  # the USB stick: the firmware's boot manager starts EFI/BOOT/BOOTX64.EFI
+            argv = without_loader(argv)
+            stick = str(m.esp).replace(",", ",,")
+            argv += ["-drive", f"file={stick},if=none,id=esp,format=raw,readonly=on,media=disk",
+                     "-device", f"virtio-blk-pci,drive=esp,serial={ESP_DISK_SERIAL},bootindex=0"]
         m.qemu = qemu.spawn(argv, stdout=subprocess.DEVNULL, stderr=None, cwd=str(workdir),
                             pass_fds=qemu.inherited_fds(cfg))
         return m
@@ -213,13 +281,14 @@ def boot(guest: Any, ca_pem: bytes, workdir: Path, *, uki: Path | None = None, m
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m hack.machine", description=__doc__.split("\n\n")[0])
     p.add_argument("--tls-dir", required=True, help="the host's `fractal pki` dir (its ca.pem is trusted)")
+    p.add_argument("--esp", action="store_true", help="boot a per-machine UKI from a disk image (no -kernel)")
     p.add_argument("--workdir", help="where the machine's files go (default: a temp dir)")
     ns = p.parse_args(argv)
     from ccpu.guest import initramfs
 
     guest = initramfs.build(offline=True)
     work = Path(ns.workdir or tempfile.mkdtemp(prefix="fractal-machine-"))
-    with boot(guest, Path(ns.tls_dir, "ca.pem").read_bytes(), work) as m:
+    with boot(guest, Path(ns.tls_dir, "ca.pem").read_bytes(), work, esp=ns.esp) as m:
         m.wait_listening()
         print(f"endpoint: {m.endpoint}\nconsole: {m.console}\n--- fractal config ---\n{m.config_toml(ns.tls_dir)}",
               flush=True)

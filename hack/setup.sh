@@ -43,8 +43,8 @@ APT_PACKAGES=(
   podman
   # attested VMs (vm.attest, docs/hardware.md): UEFI firmware, a TPM per VM and its local CA,
   # tpm2-tools (host: makecredential/checkquote; guest: its image carries them), systemd's EFI stub
-  # for the unified kernel image (objcopy from binutils assembles it)
-  ovmf swtpm swtpm-tools tpm2-tools systemd-boot-efi binutils
+  # for the unified kernel image (objcopy from binutils assembles it); mtools writes a machine's UKI onto a USB-stick image
+  ovmf swtpm swtpm-tools tpm2-tools systemd-boot-efi binutils mtools
   # an attested machine's agent makes its boot TLS key with the openssl tool (the guest image carries it)
   openssl
   # tests only: an independent Authenticode implementation to check ours (PCR 4) against

@@ -133,14 +133,27 @@ class RemoteAttest:
     "The machine over a NIC"): they boot ``manifest``'s UKI with a key made at boot, and each
     endpoint's TPM quote must show that build's PCR 11, the PCR 12 of its ``cmdline`` (what the
     operator booted it with: its address and the host CA's fingerprint) and name the TLS key
-    the shim is talking to.  ``ek_ca``: the CA certificates the TPMs' EK certificates chain to."""
+    the shim is talking to.  An endpoint in ``uki`` instead boots its own UKI from a boot entry
+    (``fractal guest uki``): its manifest gives PCR 4 (boot-entry order), PCR 11 (the command
+    line is a section) and the command line; PCR 12 must be zeros.  ``ek_ca``: the CA
+    certificates the TPMs' EK certificates chain to."""
 
-    manifest: str
+    manifest: str | None
     ek_ca: tuple[str, ...]
     cmdlines: tuple[tuple[str, str], ...]  # (endpoint, its kernel command line)
+    #: (endpoint, the manifest of its own UKI, `fractal guest uki`): a machine booting without a
+    #: loader (USB stick, disk, HTTP boot), its command line built in
+    ukis: tuple[tuple[str, str], ...] = ()
 
     def cmdline(self, endpoint: str) -> str | None:
         return dict(self.cmdlines).get(endpoint)
+
+    def uki(self, endpoint: str) -> str | None:
+        return dict(self.ukis).get(endpoint)
+
+    def covers(self, endpoint: str) -> bool:
+        """Whether the host can predict this endpoint's PCRs."""
+        return self.uki(endpoint) is not None or (self.manifest is not None and self.cmdline(endpoint) is not None)
 
 
 @dataclass(frozen=True)
@@ -197,30 +210,46 @@ MAX_CMDLINE = 2048  # x86's COMMAND_LINE_SIZE
 
 
 def parse_remote_attest(table: Any, where: str) -> RemoteAttest:
-    """``[remote.attest]`` = manifest (a guest build's manifest.json), ek_ca (CA files),
-    ``[remote.attest.cmdline]`` "HOST:PORT" = the command line that machine boots with."""
+    """``[remote.attest]`` = ek_ca (CA files); manifest (a guest build's manifest.json) with
+    ``[remote.attest.cmdline]`` "HOST:PORT" = the command line that machine boots with, and/or
+    ``[remote.attest.uki]`` "HOST:PORT" = the manifest of that machine's own UKI."""
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: expected a table ([remote.attest])")
-    unknown = set(table) - {"manifest", "ek_ca", "cmdline"}
+    unknown = set(table) - {"manifest", "ek_ca", "cmdline", "uki"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: manifest, ek_ca, cmdline)")
-    if "manifest" not in table or "ek_ca" not in table or "cmdline" not in table:
-        raise ConfigError(f"{where}: needs manifest, ek_ca and cmdline")
-    manifest = parse_root(table["manifest"], f"{where}.manifest")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: manifest, ek_ca, cmdline, "
+                          "uki)")
+    if "ek_ca" not in table or not ("cmdline" in table or "uki" in table):
+        raise ConfigError(f"{where}: needs ek_ca, and manifest with cmdline, or uki")
+    if ("manifest" in table) != ("cmdline" in table):
+        raise ConfigError(f"{where}: manifest and cmdline go together (the build and the command lines given to it)")
+    manifest = parse_root(table["manifest"], f"{where}.manifest") if "manifest" in table else None
     cas = table["ek_ca"]
     if not isinstance(cas, list) or not 0 < len(cas) <= 16:
         raise ConfigError(f"{where}.ek_ca: expected a list of 1..16 CA certificate files")
     ek_ca = tuple(parse_root(c, f"{where}.ek_ca") for c in cas)
-    lines = table["cmdline"]
-    if not isinstance(lines, Mapping) or not 0 < len(lines) <= MAX_ENDPOINTS:
-        raise ConfigError(f"{where}.cmdline: expected a table \"HOST:PORT\" = \"kernel command line\"")
     cmdlines = []
-    for ep, line in lines.items():
-        parse_endpoint(ep, f"{where}.cmdline")
-        if not isinstance(line, str) or not 0 < len(line) < MAX_CMDLINE or "\0" in line or "\n" in line:
-            raise ConfigError(f"{where}.cmdline.{ep}: expected a kernel command line (< {MAX_CMDLINE} bytes)")
-        cmdlines.append((ep, line))
-    return RemoteAttest(manifest, ek_ca, tuple(cmdlines))
+    if "cmdline" in table:
+        lines = table["cmdline"]
+        if not isinstance(lines, Mapping) or not 0 < len(lines) <= MAX_ENDPOINTS:
+            raise ConfigError(f"{where}.cmdline: expected a table \"HOST:PORT\" = \"kernel command line\"")
+        for ep, line in lines.items():
+            parse_endpoint(ep, f"{where}.cmdline")
+            if not isinstance(line, str) or not 0 < len(line) < MAX_CMDLINE or "\0" in line or "\n" in line:
+                raise ConfigError(f"{where}.cmdline.{ep}: expected a kernel command line (< {MAX_CMDLINE} bytes)")
+            cmdlines.append((ep, line))
+    ukis = []
+    if "uki" in table:
+        files = table["uki"]
+        if not isinstance(files, Mapping) or not 0 < len(files) <= MAX_ENDPOINTS:
+            raise ConfigError(f"{where}.uki: expected a table \"HOST:PORT\" = \"the manifest of its UKI "
+                              "(fractal guest uki)\"")
+        for ep, path in files.items():
+            parse_endpoint(ep, f"{where}.uki")
+            if ep in dict(cmdlines):
+                raise ConfigError(f"{where}: {ep} is in both cmdline and uki: a machine boots one way")
+            ukis.append((ep, parse_root(path, f"{where}.uki.{ep}")))
+    return RemoteAttest(manifest, ek_ca, tuple(cmdlines), tuple(ukis))
 
 
 #: agent request kinds with a timeout of their own (every other request: ``default``)
@@ -635,10 +664,10 @@ def check_remote(cfg: Config) -> Config:
                           f"{', '.join(cfg.sources) or 'defaults'}; docs/remote.md)")
     att = cfg.remote.attest
     if cfg.mode == "remote" and att is not None:
-        missing = [e for e in cfg.remote.endpoints if att.cmdline(e) is None]
+        missing = [e for e in cfg.remote.endpoints if not att.covers(e)]
         if missing:
-            raise ConfigError(f"[remote.attest] has no cmdline for endpoint(s) {', '.join(missing)}: the host "
-                              "predicts PCR 12 from it (docs/hardware.md)")
+            raise ConfigError(f"[remote.attest] has no cmdline (with manifest) nor uki for endpoint(s) "
+                              f"{', '.join(missing)}: the host predicts its PCRs from them (docs/hardware.md)")
     return cfg
 
 

@@ -110,23 +110,38 @@ class RemoteSandbox(AgentSandbox):
         t0 = time.monotonic()
         if not isinstance(hello, dict) or "attest" not in (hello.get("features") or []):
             raise attest.AttestationError(f"remote machine {endpoint} offers no attest (no TPM?): refused")
-        cmdline = att.cmdline(endpoint)
-        if cmdline is None:
-            raise attest.AttestationError(f"[remote.attest] has no cmdline for {endpoint}")
+        own_uki = att.uki(endpoint)  # a UKI of its own, booted from a boot entry: the command line inside
+        path = own_uki or att.manifest
+        loader_cmdline = None if own_uki else att.cmdline(endpoint)
+        if path is None or (own_uki is None and loader_cmdline is None):
+            raise attest.AttestationError(f"[remote.attest] has no cmdline nor uki for {endpoint}")
         ours = pki.fingerprint(await asyncio.to_thread(Path(self.settings.tls_dir, "ca.pem").read_bytes))
-        theirs = attest.ca_fingerprint_on(cmdline)
-        if theirs != ours:
-            raise attest.AttestationError(f"remote machine {endpoint}: its command line trusts CA {theirs}, this "
-                                          f"host's is {ours} ({self.settings.tls_dir}/ca.pem)")
+
+        def trusts_us(cmdline: str) -> None:
+            theirs = attest.ca_fingerprint_on(cmdline)
+            if theirs != ours:
+                raise attest.AttestationError(f"remote machine {endpoint}: its command line trusts CA {theirs}, "
+                                              f"this host's is {ours} ({self.settings.tls_dir}/ca.pem)")
+
+        if loader_cmdline is not None:  # known before any file is read
+            trusts_us(loader_cmdline)
 
         def manifest() -> dict[str, Any]:
-            with open(att.manifest, "rb") as f:
+            with open(path, "rb") as f:
                 return json.loads(f.read(1 << 20))
 
         try:
-            want = attest.expected(await asyncio.to_thread(manifest), cmdline)
-        except (OSError, ValueError) as exc:
-            raise errdefs.FailedPrecondition(f"[remote.attest] manifest {att.manifest}: {exc}") from None
+            built = await asyncio.to_thread(manifest)
+            if not isinstance(built, dict):
+                raise ValueError("not a JSON object")
+            want = attest.expected(built, loader_cmdline)
+            builtin = built["uki"]["cmdline"] if own_uki else None
+            if own_uki and not isinstance(builtin, str):
+                raise ValueError("its uki.cmdline is not a string")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise errdefs.FailedPrecondition(f"[remote.attest] manifest {path}: {exc!s:.300}") from None
+        if builtin is not None:  # the command line the UKI carries (PCR 11 covers it)
+            trusts_us(builtin)
         tls_key = attest.spki_sha256(client.peer_certificate())
         verified = await attest.attest(client.call, [Path(p) for p in att.ek_ca], want, tls_key=tls_key)
         took = time.monotonic() - t0

@@ -78,6 +78,50 @@ def cmd_guest_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guest_uki(args: argparse.Namespace) -> int:
+    """A machine's own UKI (docs/hardware.md "On a real machine"): the build's kernel, initramfs
+    and os-release with the machine's command line built in, its manifest beside it, and with
+    --esp a disk image to write to a USB stick."""
+    from pathlib import Path
+
+    from ..guest import esp, initramfs, uki
+
+    g = initramfs.build(progress=progress, offline=args.offline)  # the build for this tree: cached, as a VM's
+    if g.uki is None:
+        print("fractal: the guest build has no UKI (apt-get install systemd-boot-efi)", file=sys.stderr)
+        return 1
+    out = Path(args.output)
+    try:
+        made = uki.with_cmdline(g.uki, out, args.cmdline)
+        disk = esp.build(out, Path(args.esp)) if args.esp else None
+    except (uki.UkiError, esp.EspError) as exc:
+        print(f"fractal: {exc}", file=sys.stderr)
+        return 1
+    manifest = uki.machine_manifest(made, guest_sha256=g.sha256, kernel_release=g.manifest["kernel"]["release"],
+                                    esp=disk.describe() if disk else None)
+    mpath = Path(args.manifest or f"{out}.json")
+    tmp = mpath.with_name(mpath.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.rename(mpath)
+    if args.json:
+        json.dump({"uki": str(out), "manifest": str(mpath), "esp": str(disk.path) if disk else None,
+                   "system_image": str(g.image) if g.image else None, **manifest},
+                  sys.stdout, indent=2)
+        print()
+        return 0
+    u = manifest["uki"]
+    print(f"uki:        {out} ({u['size'] / 1e6:.1f} MB, sha256 {u['sha256']})")
+    print(f"cmdline:    {u['cmdline']}")
+    print(f"PCR 4:      {u.get('pcr4', '?')} (booted from a boot entry: disk, USB, HTTP boot)")
+    print(f"PCR 11:     {u['pcr11']}")
+    if disk is not None:
+        print(f"esp:        {disk.path} ({disk.size >> 20} MiB, sha256 {disk.sha256}, {esp.PATH})")
+    if g.image is not None:
+        print(f"image:      {g.image} (the system image: the machine needs it on a disk with serial fractal-sys)")
+    print(f"manifest:   {mpath} (the host's [remote.attest.uki])")
+    return 0
+
+
 def register(guest: argparse.ArgumentParser) -> None:
     sub = guest.add_subparsers(dest="guest_command", metavar="COMMAND")
     p = sub.add_parser("build", help="fetch Debian's kernel and build the initramfs (cached by inputs)",
@@ -101,6 +145,20 @@ def register(guest: argparse.ArgumentParser) -> None:
                    help="build the plain guest again (forget earlier --add/--run-at-boot)")
     add_json_flag(p)
     p.set_defaults(func=cmd_guest_build)
+    p = sub.add_parser("uki", help="a machine's own EFI image: the build's with a command line built in",
+                       description="Write a UKI for one machine booting without a loader (USB stick, disk, UEFI "
+                                   "HTTP boot): the guest build's (made or reused as `fractal guest build` would) kernel, initramfs and os-release with "
+                                   "--cmdline as its built-in command line, and its manifest (PCR 4 in the "
+                                   "boot-entry order, PCR 11) for the host's [remote.attest.uki].")
+    p.add_argument("--cmdline", required=True, help="the machine's kernel command line (fractal.listen=, "
+                                                    "fractal.net=, fractal.ca=, ...: docs/hardware.md)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the EFI image to write")
+    p.add_argument("--manifest", metavar="FILE", help="where its manifest goes (default: FILE.json)")
+    p.add_argument("--offline", action="store_true", help="the newest kernel already cached, without asking apt")
+    p.add_argument("--esp", metavar="IMG", help="also a disk image (MBR, one FAT EFI System partition) with the "
+                                                "UKI as EFI/BOOT/BOOTX64.EFI, to dd to a USB stick")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_guest_uki)
     p = sub.add_parser("show", help="the manifest of the current guest build (JSON)")
     add_json_flag(p, "machine-readable output (the default: the manifest is JSON)")
     p.set_defaults(func=cmd_guest_show)

@@ -47,6 +47,14 @@ ALIGN = 0x1000
 #: the manifest's "uki" record: part of the build's inputs, so a build made before a field the
 #: verifier needs (2: the Authenticode hashes for PCR 4) is made again rather than reused
 FORMAT = 2
+#: how the firmware starts the UKI (Uki.describe): QEMU's -kernel with a loader's command line, or
+#: a Boot#### entry (disk, USB stick, HTTP boot) with the built-in one
+BOOT_LOADER = "loader"
+BOOT_ENTRY = "entry"
+BOOTS = (BOOT_LOADER, BOOT_ENTRY)
+#: what PCR 12 holds when no loader gave a command line (systemd-stub measures none): never extended
+PCR12_NO_LOADER_CMDLINE = bytes(32)
+MAX_CMDLINE = 2048  # x86's COMMAND_LINE_SIZE, with its NUL
 #: where the first added section goes: above the stub's own sections (checked against the stub)
 FIRST_VMA = 0x20000
 
@@ -67,12 +75,19 @@ class Uki:
     #: the firmware does not load it, and PCR 4 is not predicted)
     linux_authenticode: str | None
 
-    def describe(self) -> dict:
+    def describe(self, boot: str = BOOT_LOADER) -> dict:
+        """The manifest's record.  ``boot``: how the firmware starts it (BOOT_LOADER: QEMU's
+        -kernel, a command line from the loader; BOOT_ENTRY: a Boot#### entry, a disk or USB
+        stick, the built-in command line) -- it decides the order of PCR 4 and what PCR 12 holds."""
+        if boot not in BOOTS:
+            raise UkiError(f"unknown boot {boot!r} (known: {', '.join(BOOTS)})")
         out = {"file": self.path.name, "sha256": self.sha256, "size": self.size, "cmdline": self.cmdline,
-               "sections": self.sections, "pcr11": pcr11(self.sections).hex(), "authenticode": self.authenticode}
+               "sections": self.sections, "pcr11": pcr11(self.sections).hex(), "authenticode": self.authenticode,
+               "boot": boot}
         if self.linux_authenticode:
             out.update(linux_authenticode=self.linux_authenticode,
-                       pcr4=pcr4(self.authenticode, self.linux_authenticode).hex())
+                       pcr4=pcr4(self.authenticode, self.linux_authenticode,
+                                 direct_kernel=boot == BOOT_LOADER).hex())
         return out
 
 
@@ -216,6 +231,50 @@ def build(out: Path, *, kernel: Path, initramfs: Path, cmdline: str, osrel: byte
     return Uki(out, hashlib.sha256(blob).hexdigest(), len(blob), cmdline,
                {k: hashlib.sha256(v).hexdigest() for k, v in contents.items()},
                pe.authenticode_sha256(blob).hex(), _authenticode(contents[".linux"]))
+
+
+def check_cmdline(cmdline: str) -> str:
+    """A command line to build in: printable ASCII, one line, shorter than the kernel's limit."""
+    if not cmdline.strip():
+        raise UkiError("the command line is empty")
+    if len(cmdline) >= MAX_CMDLINE:
+        raise UkiError(f"the command line is {len(cmdline)} bytes: the kernel takes < {MAX_CMDLINE}")
+    bad = sorted({c for c in cmdline if not " " <= c <= "~"})
+    if bad:
+        raise UkiError(f"the command line has characters other than printable ASCII: {bad[:5]!r}")
+    return cmdline
+
+
+def with_cmdline(src: Path, out: Path, cmdline: str, *, stub: str = STUB) -> Uki:
+    """A UKI for one machine: ``src``'s (the guest build's) kernel, initramfs and os-release
+    sections, unchanged byte for byte, with ``cmdline`` built in as its ``.cmdline`` -- what a
+    machine booting it from a disk or USB stick runs with, no loader to give another."""
+    check_cmdline(cmdline)
+    image = src.read_bytes()
+    try:
+        parts = {n: pe.section_data(image, n) for n in (".linux", ".initrd", ".osrel")}
+    except pe.PeError as exc:
+        raise UkiError(f"{src}: not a UKI: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="fractal-uki-") as d:
+        Path(d, "linux").write_bytes(parts[".linux"])
+        Path(d, "initrd").write_bytes(parts[".initrd"])
+        return build(out, kernel=Path(d, "linux"), initramfs=Path(d, "initrd"), cmdline=cmdline,
+                     osrel=parts[".osrel"], stub=stub)
+
+
+#: the per-machine manifest's format (``fractal guest uki``)
+MACHINE_FORMAT = 1
+
+
+def machine_manifest(made: Uki, *, guest_sha256: str, kernel_release: str, esp: Mapping | None = None) -> dict:
+    """What the host needs to attest a machine booting ``made`` from a boot entry: its record
+    (PCR 4 in the boot-entry order, PCR 11 of its sections, the built-in command line), the guest
+    build it came from, and the disk image it went on.  ``[remote.attest.uki]`` names it.  Pure."""
+    out = {"kind": "fractal-machine-uki", "format": MACHINE_FORMAT, "guest_sha256": guest_sha256,
+           "kernel": {"release": kernel_release}, "uki": made.describe(BOOT_ENTRY)}
+    if esp is not None:
+        out["esp"] = dict(esp)
+    return out
 
 
 def _authenticode(image: bytes) -> str | None:

@@ -11,6 +11,11 @@ Negative cases here: a client certificate of another CA and a plaintext client g
 the machine; a tampered UKI (one initramfs byte) is refused before any container, naming PCR 11.
 A replayed quote and a relayed one (naming another TLS key) need a lying agent: their checks are
 tested against a real TPM in tests/unit/test_attest.py.  Under TCG a boot takes ~45 s.
+
+Booted as on hardware (``esp=True``): the machine's own UKI (``fractal guest uki --esp``: its
+command line built in) on a disk image, no -kernel, no -append -- attested with PCR 4 in the
+boot-entry order and PCR 12 zeros, and it runs a container; one byte of that UKI changed is
+refused naming PCR 4 and 11; the same UKI started by a loader with a command line, naming PCR 12.
 """
 
 from __future__ import annotations
@@ -256,3 +261,89 @@ def test_a_tampered_uki_is_refused_before_any_container(env, guest, pki_dir: Pat
         assert "PCR 11" in r.stderr and "the guest build predicts" in r.stderr, r.stderr
         e.ctr("containers", "rm", "t1", namespace=ns, check=False)
         assert mounts_under(e.run_dir, e.root_dir) == []
+
+
+def _osrel_byte_changed(image: bytes) -> bytes:
+    """The UKI with one byte of its .osrel section changed (``NAME="fractal`` -> ``NAME="Fractal``):
+    it boots the same, but it is not what the manifest describes."""
+    from ccpu.guest import pe
+
+    at, size, _ = pe.sections(image)[".osrel"]
+    i = image.index(b'NAME="fractal', at, at + size) + len(b'NAME="')
+    return image[:i] + b"F" + image[i + 1:]
+
+
+def test_a_machine_booted_from_its_esp_disk_attests_and_runs_a_container(env, guest, pki_dir: Path,
+                                                                        tmp_path: Path) -> None:  # noqa: ANN001
+    """As on hardware with a USB stick: the machine's own UKI (`fractal guest uki`: the command
+    line built in) as EFI/BOOT/BOOTX64.EFI on a disk image, no -kernel and no -append.  OVMF's
+    boot manager starts it; the quote shows PCR 4 in the boot-entry order (predicted, not seen
+    before this test), PCR 11 with the built-in command line, and PCR 12 untouched (no loader)."""
+    import json
+
+    from ccpu.guest import esp, uki
+
+    e, ns, ref = env
+    with machine_mod.boot(guest, (pki_dir / "ca.pem").read_bytes(), tmp_path / "m", esp=True) as m:
+        assert m.esp is not None
+        built = json.loads(m.manifest.read_text())
+        assert built["uki"]["cmdline"] == m.cmdline and built["uki"]["boot"] == "entry"
+        assert esp.read_app(m.esp) == (tmp_path / "m" / "machine.efi").read_bytes()
+        m.wait_listening()
+        console = m.console_tail(200000)
+        assert "BdsDxe: starting Boot" in console, console  # the firmware's boot manager, not QEMU's loader
+        e.fractal_config.write_text(m.config_toml(pki_dir))
+        assert "[remote.attest.uki]" in e.fractal_config.read_text()
+        e.run(ref, "u1", "sh", "-c", "head -1 /etc/passwd > /first; sleep 600", rm=False, namespace=ns,
+              runtime=RUNTIME, extra=[*REMOTE, "-d"], timeout=400)
+        wait_for(lambda: "u1" in e.ctr("tasks", "ls", namespace=ns).stdout, 120, "task u1")
+        first = e.ctr("tasks", "exec", "--exec-id", "x1", "u1", "cat", "/first", namespace=ns, timeout=120).stdout
+        assert first.startswith("root:"), first
+
+        from tests.integration.test_shim_vm import fractal_ps
+
+        (entry,) = [x for x in fractal_ps(e, ns) if "u1" in [c["id"] for c in x["containers"]]]
+        att = entry["vm"]["attested"]
+        print("attested machine (ESP):", att)
+        assert att["pcrs"]["4"] == built["uki"]["pcr4"] == uki.pcr4(
+            built["uki"]["authenticode"], built["uki"]["linux_authenticode"], direct_kernel=False).hex()
+        assert att["pcrs"]["11"] == built["uki"]["pcr11"] != guest.manifest["uki"]["pcr11"]
+        assert att["pcrs"]["12"] == "00" * 32
+        e.ctr("tasks", "kill", "-s", "SIGKILL", "u1", namespace=ns)
+        wait_for(lambda: _stopped(e, ns, "u1"), 120, "u1's exit")
+        e.ctr("tasks", "delete", "u1", namespace=ns)
+        e.ctr("containers", "delete", "u1", namespace=ns)
+
+
+def test_a_one_byte_change_to_the_esp_uki_is_refused(env, guest, pki_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """The ESP's UKI with one .osrel byte changed, the manifest of the real one on the host:
+    refused before any container, naming PCR 4 and PCR 11."""
+    e, ns, ref = env
+    with machine_mod.boot(guest, (pki_dir / "ca.pem").read_bytes(), tmp_path / "m", esp=True,
+                          tamper=_osrel_byte_changed) as m:
+        m.wait_listening()
+        e.fractal_config.write_text(m.config_toml(pki_dir))
+        r = e.run(ref, "t2", "echo", "SHOULD-NOT-RUN", namespace=ns, runtime=RUNTIME, extra=REMOTE, check=False,
+                  timeout=400)
+        assert r.returncode != 0 and "SHOULD-NOT-RUN" not in r.stdout
+        assert "PCR 11" in r.stderr and "PCR 4" in r.stderr and "the guest build predicts" in r.stderr, r.stderr
+        e.ctr("containers", "rm", "t2", namespace=ns, check=False)
+        assert mounts_under(e.run_dir, e.root_dir) == []
+
+
+def test_a_loader_command_line_over_the_machines_uki_is_refused(env, guest, pki_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """The machine's own UKI started by a loader (QEMU's -kernel) that passes a command line --
+    the same text as the built-in one: systemd-stub takes the loader's and measures it into
+    PCR 12, which the host predicts all zeros for a UKI booted from its boot entry.  Refused
+    before any container, naming PCR 12 (and PCR 4: the firmware measured it in the loader's order)."""
+    e, ns, ref = env
+    with machine_mod.boot(guest, (pki_dir / "ca.pem").read_bytes(), tmp_path / "m", esp=True, loader=True) as m:
+        m.wait_listening()
+        assert "BdsDxe: starting Boot" not in m.console_tail(200000)  # QEMU's loader, not the boot manager
+        e.fractal_config.write_text(m.config_toml(pki_dir))
+        r = e.run(ref, "t3", "echo", "SHOULD-NOT-RUN", namespace=ns, runtime=RUNTIME, extra=REMOTE, check=False,
+                  timeout=400)
+        assert r.returncode != 0 and "SHOULD-NOT-RUN" not in r.stdout
+        assert "PCR 12 (no command line from a loader" in r.stderr and "PCR 4" in r.stderr, r.stderr
+        assert "PCR 11" not in r.stderr, r.stderr  # the UKI itself is the one described
+        e.ctr("containers", "rm", "t3", namespace=ns, check=False)

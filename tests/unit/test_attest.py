@@ -220,3 +220,22 @@ def test_an_unbound_quote_is_refused_where_a_key_must_be_named(recorded: Recorde
     with pytest.raises(attest.AttestationError, match="not for this request"):
         attest.check_quote(recorded.keys, recorded.reply, nonce=recorded.nonce, secret=recorded.secret,
                            want=_want(), tls_key=BOUND_KEY)
+
+
+def test_a_uki_booted_from_a_boot_entry_predicts_pcr4_after_the_separator_and_pcr12_zero() -> None:
+    u = {"sections": SECTIONS, "authenticode": "11" * 32, "linux_authenticode": "22" * 32, "boot": "entry",
+         "cmdline": "console=ttyS0 fractal.ca=sha256:ab"}
+    want = attest.expected({"uki": u}, None)
+    assert want.pcrs[uki.PCR_BOOT_APP] == uki.pcr4("11" * 32, "22" * 32, direct_kernel=False)
+    assert want.pcrs[uki.PCR_BOOT_APP] != attest.expected({"uki": {**u, "boot": "loader"}}, None).pcrs[4]
+    assert want.pcrs[uki.PCR_CMDLINE] == bytes(32)
+    assert "no command line from a loader" in want.meaning[uki.PCR_CMDLINE]
+    assert "from a boot entry" in want.meaning[uki.PCR_BOOT_APP]
+    # a loader's command line cannot be predicted for it, and an unknown boot is refused
+    with pytest.raises(attest.AttestationError, match="built-in command line"):
+        attest.expected({"uki": u}, "console=ttyS0")
+    with pytest.raises(attest.AttestationError, match="unknown"):
+        attest.expected({"uki": {**u, "boot": "pxe"}}, None)
+    # a build's manifest of before the field: booted by the loader, as then
+    old = attest.expected({"uki": {k: v for k, v in u.items() if k != "boot"}}, "x")
+    assert old.pcrs[uki.PCR_BOOT_APP] == uki.pcr4("11" * 32, "22" * 32) and old.pcrs[12] == uki.cmdline_pcr12("x")

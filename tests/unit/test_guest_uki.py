@@ -97,3 +97,56 @@ def test_two_builds_give_the_same_image(tmp_path: Path) -> None:
     for name in (".osrel", ".cmdline", ".linux", ".initrd"):
         assert name in sections
     assert one.describe()["pcr11"] == uki.pcr11(one.sections).hex()
+
+
+def test_pcr4_orders_the_uki_by_how_it_boots() -> None:
+    """-kernel: the UKI before the boot-option action and the separator; a boot entry: after."""
+    app, kernel = "11" * 32, "22" * 32
+    action, sep = uki.CALLING_BOOT_OPTION, uki.SEPARATOR
+
+    def chain(digests: list[bytes]) -> bytes:
+        pcr = bytes(32)
+        for d in digests:
+            pcr = hashlib.sha256(pcr + d).digest()
+        return pcr
+
+    h = lambda b: hashlib.sha256(b).digest()  # noqa: E731
+    assert uki.pcr4(app, kernel) == chain([bytes.fromhex(app), h(action), h(sep), bytes.fromhex(kernel)])
+    assert uki.pcr4(app, kernel, direct_kernel=False) == chain([h(action), h(sep), bytes.fromhex(app),
+                                                                bytes.fromhex(kernel)])
+
+
+def test_cmdline_to_build_in_is_checked() -> None:
+    assert uki.check_cmdline("console=ttyS0 fractal.listen=1.2.3.4:7443") == "console=ttyS0 fractal.listen=1.2.3.4:7443"
+    for bad, why in (("", "empty"), ("a\nb", "printable ASCII"), ("é", "printable ASCII"), ("x" * 2048, "< 2048")):
+        with pytest.raises(uki.UkiError, match=why):
+            uki.check_cmdline(bad)
+
+
+@pytest.mark.skipif(not uki.available() or shutil.which("objcopy") is None, reason="no systemd-boot-efi stub")
+def test_a_machines_uki_keeps_the_builds_sections_and_builds_its_cmdline_in(tmp_path: Path) -> None:
+    from ccpu.guest import pe
+
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    kernel.write_bytes(b"\x01" * 5000)
+    initrd.write_bytes(b"\x02" * 7000)
+    base = uki.build(tmp_path / "base.efi", kernel=kernel, initramfs=initrd, cmdline="console=ttyS0",
+                     osrel=uki.os_release("6.1", "ab" * 32))
+    line = "console=ttyS0 fractal.listen=169.254.9.2:7443 fractal.ca=sha256:" + "cd" * 32
+    one = uki.with_cmdline(base.path, tmp_path / "m1.efi", line)
+    two = uki.with_cmdline(base.path, tmp_path / "m2.efi", line)
+    assert one.sha256 == two.sha256  # reproducible
+    assert {k: v for k, v in one.sections.items() if k != ".cmdline"} == \
+        {k: v for k, v in base.sections.items() if k != ".cmdline"}
+    assert pe.section_data(one.path.read_bytes(), ".cmdline") == line.encode()
+    m = uki.machine_manifest(one, guest_sha256="ab" * 32, kernel_release="6.1", esp={"file": "esp.img"})
+    u = m["uki"]
+    assert u["boot"] == "entry" and u["cmdline"] == line and m["esp"] == {"file": "esp.img"}
+    assert u["pcr11"] == uki.pcr11(one.sections).hex() != base.describe()["pcr11"]
+    assert base.describe()["boot"] == "loader"
+    if one.linux_authenticode:  # our fake kernel is no PE image: no PCR 4 then
+        assert u["pcr4"] == uki.pcr4(one.authenticode, one.linux_authenticode, direct_kernel=False).hex()
+    with pytest.raises(uki.UkiError, match="not a UKI"):
+        uki.with_cmdline(initrd, tmp_path / "x.efi", line)
+    with pytest.raises(uki.UkiError, match="unknown boot"):
+        one.describe("pxe")

@@ -181,6 +181,44 @@ def test_the_shim_refuses_a_machine_that_trusts_another_ca(tmp_path: Path) -> No
         asyncio.run(sandbox("console=ttyS0")._attest(Client(), ep, {"features": []}))
 
 
+def test_the_shim_reads_a_machine_ukis_ca_from_its_built_in_command_line(tmp_path: Path) -> None:
+    """[remote.attest.uki]: the CA check takes fractal.ca from the command line in the machine's
+    UKI manifest (`fractal guest uki`), before any TPM request; a manifest that is not one fails."""
+    import json
+
+    from ccpu.errdefs import FailedPrecondition
+    from shim.config import RemoteAttest, RemoteSettings
+    from shim.remotesandbox import RemoteSandbox
+
+    d = _pki(tmp_path)
+    ours, other = _pin((d / "ca.pem").read_bytes()), _pin(pki.make_ca().cert_pem)
+    ep = "10.0.0.2:7443"
+
+    class Client:
+        def peer_certificate(self) -> bytes:
+            raise AssertionError("no TPM or key step before the CA check")
+
+    def run(doc: object) -> None:
+        (tmp_path / "m.efi.json").write_text(json.dumps(doc))
+        att = RemoteAttest(None, (str(tmp_path / "ca.pem"),), (), ((ep, str(tmp_path / "m.efi.json")),))
+        sb = RemoteSandbox(settings=RemoteSettings((ep,), str(d), 5.0, att))
+        asyncio.run(sb._attest(Client(), ep, {"features": ["attest"]}))
+
+    u = {"sections": {".linux": "00" * 32}, "boot": "entry", "cmdline": f"console=ttyS0 fractal.ca={other}"}
+    with pytest.raises(attest.AttestationError, match=f"trusts CA {other}, this host's is {ours}"):
+        run({"uki": u})
+    with pytest.raises(FailedPrecondition, match="uki.cmdline is not a string"):
+        run({"uki": {**u, "cmdline": 3}})
+    with pytest.raises(FailedPrecondition, match="m.efi.json"):
+        run([1])
+    with pytest.raises(attest.AttestationError, match="built-in command line"):  # a loader's line cannot apply
+        att = RemoteAttest(str(tmp_path / "m.efi.json"), (str(tmp_path / "ca.pem"),),
+                           ((ep, f"console=ttyS0 fractal.ca={ours}"),))
+        (tmp_path / "m.efi.json").write_text(json.dumps({"uki": u}))
+        asyncio.run(RemoteSandbox(settings=RemoteSettings((ep,), str(d), 5.0, att))._attest(
+            Client(), ep, {"features": ["attest"]}))
+
+
 def test_the_hosts_quote_check_needs_no_ssl() -> None:
     """A VM sandbox's shim daemon blocks ssl (shim/daemon.py): the attest checks and the quote
     binding must work there (seen failing: vm.attest sandboxes died with "import of ssl halted")."""
@@ -197,3 +235,13 @@ def test_the_hosts_quote_check_needs_no_ssl() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
                          env={**os.environ, "PYTHONPATH": root})
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_disk_boot_has_no_loader_arguments() -> None:
+    """hack/machine.py's USB-stick boot: QEMU gets neither -kernel nor -append (nor -initrd), so
+    OVMF's boot manager must find EFI/BOOT/BOOTX64.EFI itself; every other argument stays."""
+    from hack.machine import without_loader
+
+    argv = ["qemu", "-m", "768M", "-kernel", "/b/fractal.efi", "-append", "console=ttyS0 -kernel x", "-initrd",
+            "/b/i", "-device", "virtio-blk-pci,drive=sys"]
+    assert without_loader(argv) == ["qemu", "-m", "768M", "-device", "virtio-blk-pci,drive=sys"]

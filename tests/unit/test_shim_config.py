@@ -455,8 +455,26 @@ def test_remote_attest_reads_manifest_cas_and_cmdlines() -> None:
 
 def test_remote_attest_needs_a_cmdline_per_endpoint() -> None:
     files = {"/g.toml": ATTEST.replace('endpoints = ["10.0.0.2:7443"]', 'endpoints = ["10.0.0.2:7443", "10.0.0.3:1"]')}
-    with pytest.raises(c.ConfigError, match=r"no cmdline for endpoint\(s\) 10.0.0.3:1"):
+    with pytest.raises(c.ConfigError, match=r"no cmdline \(with manifest\) nor uki for endpoint\(s\) 10.0.0.3:1"):
         c.resolve({c.ANN_MODE: "remote"}, runtime_config=None, global_file="/g.toml", read=_read(files))
+
+
+def test_remote_attest_uki_per_endpoint() -> None:
+    """A machine booting its own UKI (`fractal guest uki`) needs no build manifest nor cmdline."""
+    files = {"/g.toml": '[remote]\nendpoints = ["10.0.0.2:7443", "10.0.0.3:7443"]\n[remote.attest]\n'
+                        'ek_ca = ["/ca/root.pem"]\n[remote.attest.uki]\n"10.0.0.2:7443" = "/m/a.efi.json"\n'
+                        '"10.0.0.3:7443" = "/m/b.efi.json"\n'}
+    cfg = c.resolve({c.ANN_MODE: "remote"}, runtime_config=None, global_file="/g.toml", read=_read(files))
+    att = cfg.remote.attest
+    assert att is not None and att.manifest is None
+    assert att.uki("10.0.0.2:7443") == "/m/a.efi.json" and att.cmdline("10.0.0.2:7443") is None
+    assert att.covers("10.0.0.3:7443") and not att.covers("10.0.0.4:7443")
+    # both kinds side by side: one machine by the loader's command line, one by its own UKI
+    mixed = ATTEST + '[remote.attest.uki]\n"10.0.0.3:7443" = "/m/b.efi.json"\n'
+    mixed = mixed.replace('endpoints = ["10.0.0.2:7443"]', 'endpoints = ["10.0.0.2:7443", "10.0.0.3:7443"]')
+    att = c.resolve({c.ANN_MODE: "remote"}, runtime_config=None, global_file="/g.toml",
+                    read=_read({"/g.toml": mixed})).remote.attest
+    assert att is not None and att.covers("10.0.0.2:7443") and att.uki("10.0.0.3:7443") == "/m/b.efi.json"
 
 
 @pytest.mark.parametrize("table", [
@@ -466,6 +484,13 @@ def test_remote_attest_needs_a_cmdline_per_endpoint() -> None:
     'manifest = "/m"\nek_ca = ["/c"]\ncmdline = {"nowhere" = "x"}',
     'manifest = "/m"\nek_ca = ["/c"]\ncmdline = {"1.2.3.4:1" = ""}',
     'manifest = "/m"\nek_ca = ["/c"]\ncmdline = {"1.2.3.4:1" = "x"}\nextra = 1',
+    'ek_ca = ["/c"]\ncmdline = {"1.2.3.4:1" = "x"}',  # a cmdline without the build it is given to
+    'manifest = "/m"\nek_ca = ["/c"]\nuki = {"1.2.3.4:1" = "/u.json"}',  # a manifest without cmdline
+    'ek_ca = ["/c"]\nuki = {"1.2.3.4:1" = "u.json"}',  # relative
+    'ek_ca = ["/c"]\nuki = {"nowhere" = "/u.json"}',
+    'ek_ca = ["/c"]\nuki = {}',
+    'ek_ca = ["/c"]',
+    'manifest = "/m"\nek_ca = ["/c"]\ncmdline = {"1.2.3.4:1" = "x"}\nuki = {"1.2.3.4:1" = "/u.json"}',  # both
 ])
 def test_bad_remote_attest_settings(table: str) -> None:
     with pytest.raises(c.ConfigError, match="remote"):
