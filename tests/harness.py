@@ -144,6 +144,16 @@ def wait_for(cond: Any, timeout: float = 30.0, what: str = "condition", interval
         time.sleep(interval)
 
 
+def shim_daemons(env: FractalEnv, namespace: str, group: str) -> list[int]:
+    """Pids of the shim daemon serving sandbox ``group`` of ``namespace`` in ``env``: found by the
+    rule tools use (shim/procs.py: its comm and its socket), never by its command line -- a daemon
+    forked by the fork-server carries the fork-server's, which names no namespace."""
+    from shim import address, procs
+
+    want = address.socket_path(str(env.address), namespace, group)
+    return [p.pid for p in procs.find(str(env.address)) if p.socket == want]
+
+
 def build_test_image(name: str) -> Path:
     """Build (or reuse from the cache) ``$FRACTAL_CACHE/images/<name>`` with hack/testimages.py."""
     if not (REPO / "hack" / "testimages.py").exists():

@@ -33,7 +33,7 @@ import pytest
 from ccpu import pki
 from hack import machine as machine_mod
 from hack.containerd_env import FractalEnv, mounts_under
-from tests.harness import wait_for
+from tests.harness import shim_daemons, wait_for
 
 pytestmark = pytest.mark.skipif(bool(__import__("ccpu.vm.tpm", fromlist=["x"]).missing_tools()) or
                                 not os.path.exists("/usr/lib/systemd/boot/efi/linuxx64.efi.stub"),
@@ -193,6 +193,7 @@ def test_containers_run_on_an_attested_machine(env, guest, pki_dir: Path, tmp_pa
         e.run(ref, "m1", "sh", "-c", "head -1 /etc/passwd > /first; sleep 600", rm=False, namespace=ns,
               runtime=RUNTIME, extra=shared, timeout=400)
         wait_for(lambda: "m1" in e.ctr("tasks", "ls", namespace=ns).stdout, 120, "task m1")
+        assert shim_daemons(e, ns, "mach"), "no shim daemon for sandbox mach"  # its exit is waited for below
         first = e.ctr("tasks", "exec", "--exec-id", "x1", "m1", "cat", "/first", namespace=ns, timeout=120).stdout
         assert first.startswith("root:"), first  # a file of the image, read on the machine
         uname = e.ctr("tasks", "exec", "--exec-id", "x2", "m1", "uname", "-r", namespace=ns, timeout=120).stdout
@@ -224,18 +225,7 @@ def test_containers_run_on_an_attested_machine(env, guest, pki_dir: Path, tmp_pa
         e.ctr("tasks", "delete", "m1", namespace=ns)
         e.ctr("containers", "delete", "m1", namespace=ns)
         assert mounts_under(e.run_dir, e.root_dir) == []
-        wait_for(lambda: not _shims(ns), 60, "the shim's exit")
-
-
-def _shims(ns: str) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            with contextlib.suppress(OSError):
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-                if b"containerd-shim-fractal" in cmd and ns.encode() in cmd:
-                    out.append(int(d))
-    return out
+        wait_for(lambda: not shim_daemons(e, ns, "mach"), 60, "the shim's exit")
 
 
 def test_a_tampered_uki_is_refused_before_any_container(env, guest, pki_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
