@@ -59,12 +59,23 @@ def test_console_flood_from_a_vm_container_is_capped(fenv: FractalEnv, namespace
     script = (f"i=0; while [ $i -lt 80 ]; do head -c 1024 /dev/zero | tr '\\0' x > /dev/ttyS0; "
               f"i=$((i+1)); done; echo {marker} > /dev/ttyS0")
     try:
-        r = fenv.ctr("run", "--rm", "--snapshotter", "fractal", "--fifo-dir", str(fenv.fifo_dir),
+        # detached, and read while the container (so its sandbox and the VM's run dir, where the
+        # console log lives) still exists: the run dir goes with the sandbox, and a `run --rm`
+        # may return after the sandbox ended
+        r = fenv.ctr("run", "-d", "--snapshotter", "fractal", "--fifo-dir", str(fenv.fifo_dir),
                      "--runtime", RUNTIME, "--annotation", "io.fractal.mode=vm",
                      "--annotation", "io.fractal.sandbox=cons", "--device", "/dev/ttyS0",
                      image, "cons", "sh", "-c", script, namespace=namespace, timeout=600)
         assert r.returncode == 0
-        files = wait_for(lambda: console_files(vms) or None, 60, what="console files")
+        wait_for(lambda: "STOPPED" in fenv.ctr("tasks", "ls", namespace=namespace).stdout, 300,
+                 what="the flooding task's exit")
+
+        def kept() -> bytes:
+            d = vms / "cons"
+            return b"".join(p.read_bytes() for p in (d / "console.log.1", d / "console.log") if p.is_file())
+
+        wait_for(lambda: marker.encode() in kept(), 60, what="the marker in the console log")
+        files = console_files(vms)
         total = sum(p.stat().st_size for p in files)
         names = {p.name for p in files}
         assert total <= CAP_KIB * 1024, {str(p): p.stat().st_size for p in files}
