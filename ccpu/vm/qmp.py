@@ -258,36 +258,37 @@ class Qmp:
                 raise QmpError(f"{command}: {err.get('desc', msg['error'])}")
 
     def _next_reply(self, deadline: float) -> dict[str, Any]:
+        return self._wait_for(lambda: self._replies.pop(0) if self._replies else None, deadline)
+
+    def _wait_for(self, take: Callable[[], Any], deadline: float) -> Any:
+        """Under the watcher: wait until ``take()`` (called holding the condition) returns
+        something other than None; the reader's end or the deadline is an error."""
         with self._cond:
-            while not self._replies:
+            while True:
+                got = take()
+                if got is not None:
+                    return got
                 if self._broken is not None:
                     raise QmpError(self._broken)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise QmpError("QEMU did not answer on QMP in time")
                 self._cond.wait(left)
-            return self._replies.pop(0)
 
     def wait_event(self, match: Any, timeout: float) -> dict[str, Any]:
         """The first event (kept or new) for which ``match(event)`` is true."""
         deadline = time.monotonic() + timeout
+        def take() -> dict[str, Any] | None:
+            for i, ev in enumerate(self._events):
+                if match(ev):
+                    return self._events.pop(i)
+            return None
         if self._watcher is not None:
-            with self._cond:
-                while True:
-                    for i, ev in enumerate(self._events):
-                        if match(ev):
-                            return self._events.pop(i)
-                    if self._broken is not None:
-                        raise QmpError(self._broken)
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise QmpError("QEMU did not answer on QMP in time")
-                    self._cond.wait(left)
+            return self._wait_for(take, deadline)
         with self._lock:
             while True:
-                for i, ev in enumerate(self._events):
-                    if match(ev):
-                        return self._events.pop(i)
+                if (ev := take()) is not None:
+                    return ev
                 msg = parse(self._read_line(deadline))
                 if "event" in msg:
                     self._keep(msg)

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import compileall
-import io
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -38,7 +36,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 from ccpu.guest import initramfs  # noqa: E402
-from ccpu.vm import run as vmrun  # noqa: E402
+from hack.bench.common import run_in_guest  # noqa: E402
 
 #: runs in the guest (its python, -S -I), the share at /work: prints one JSON line
 IN_GUEST = r'''
@@ -115,17 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             copy_tree(args.baseline, Path(work, "baseline"))
             trees.append("/work/baseline")
         Path(work, "bench.py").write_text(IN_GUEST)
-        out, err = io.BytesIO(), io.BytesIO()
-        t0 = time.monotonic()
-        res = vmrun.run(guest, ["sh", "-c", f'"$(cat /etc/fractal/python)" -S -I /work/bench.py {args.rounds} '
-                                            + " ".join(trees)],
-                        share_dirs=[vmrun.ShareSpec(work, "/work", False)], stdout=out, stderr=err, timeout=1800)
-        log(f"vm run: exit {res.exit_code} in {time.monotonic() - t0:.1f} s")
-    m = re.search(rb"RESULT (.*)", out.getvalue())
-    if res.exit_code != 0 or not m:
-        raise SystemExit(f"in-guest benchmark failed (exit {res.exit_code}):\n{out.getvalue().decode(errors='replace')}"
-                         f"\n{err.getvalue().decode(errors='replace')[-3000:]}")
-    times = json.loads(m.group(1))
+        times = run_in_guest(guest, work, f"{args.rounds} " + " ".join(trees))
     med = {k: statistics.median(v) for k, v in times.items()}
     load = os.getloadavg()
     print(f"in one guest, {args.rounds} alternated rounds, load average {' '.join(f'{x:.1f}' for x in load)}:")

@@ -191,3 +191,24 @@ def install_shim_launcher(env: FractalEnv, bindir: Path) -> str:
     Path(ch.path).chmod(ch.mode)
     env.containerd.path_prepend = [str(bindir), *env.containerd.path_prepend]
     return f"{ch.path} ({ch.what})"
+
+
+def run_in_guest(guest: Any, work: str, args: str, timeout: float = 1800) -> dict[str, Any]:
+    """Run ``WORK/bench.py ARGS`` with the guest's own python in a `vm run` of ``guest``, WORK
+    shared at /work, and return the JSON it printed after ``RESULT``; a failed run exits with both
+    streams, since a benchmark without its figure has nothing else to say."""
+    import io
+    import re
+
+    from ccpu.vm import run as vmrun
+
+    out, err = io.BytesIO(), io.BytesIO()
+    t0 = time.monotonic()
+    res = vmrun.run(guest, ["sh", "-c", f'"$(cat /etc/fractal/python)" -S -I /work/bench.py {args}'],
+                    share_dirs=[vmrun.ShareSpec(work, "/work", False)], stdout=out, stderr=err, timeout=timeout)
+    log(f"vm run: exit {res.exit_code} in {time.monotonic() - t0:.1f} s")
+    m = re.search(rb"RESULT (.*)", out.getvalue())
+    if res.exit_code != 0 or not m:
+        raise SystemExit(f"in-guest benchmark failed (exit {res.exit_code}):\n{out.getvalue().decode(errors='replace')}"
+                         f"\n{err.getvalue().decode(errors='replace')[-3000:]}")
+    return json.loads(m.group(1))

@@ -16,9 +16,9 @@ import pytest
 
 from ccpu import attest, pki
 from ccpu.agent import __main__ as agent_main
-from ccpu.agent import protocol, tls, wire
+from ccpu.agent import tls
 from ccpu.agent.client import AgentClient
-from tests.unit.test_remote_tls import _pki, _refused, _serve, _write
+from tests.unit.test_remote_tls import _pki, _plaintext_hello, _refused, _serve, _write
 
 
 def _pin(ca_pem: bytes) -> str:
@@ -104,15 +104,7 @@ def test_the_machine_refuses_clients_of_another_ca_and_plaintext(tmp_path: Path,
         listener, port, seen, _ = await _serve(ctx)
         async with listener:
             if case == "plaintext":
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(wire.encode_control(protocol.request(1, "hello", {"version": 1})))
-                await writer.drain()
-                try:
-                    answer = await asyncio.wait_for(reader.read(65536), 10)
-                except ConnectionError:
-                    answer = b""
-                writer.close()
-                return answer, seen
+                return await _plaintext_hello(port), seen
             if case == "other-ca":
                 cctx = tls.attested_client_context(str(bad / "host.pem"), str(bad / "host.key"))
             else:

@@ -235,18 +235,24 @@ def test_tls12_and_plaintext_get_no_service(tmp_path: Path) -> None:
     async def plaintext() -> tuple[bytes, list[str | None]]:
         listener, port, seen, _ = await _serve(tls.server_context(_files(d, "agent")))
         async with listener:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(wire.encode_control(protocol.request(1, "hello", {"version": 1})))
-            await writer.drain()
-            try:
-                answer = await asyncio.wait_for(reader.read(65536), 10)
-            except ConnectionError:
-                answer = b""
-            writer.close()
+            answer = await _plaintext_hello(port)
         return answer, seen
 
     answer, seen = asyncio.run(plaintext())
     assert seen == [] and b"agent_pid" not in answer  # at most a TLS alert, never an answer
+
+
+async def _plaintext_hello(port: int) -> bytes:
+    """A `hello` sent in the clear to a TLS-only listener; whatever comes back (at most an alert)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(wire.encode_control(protocol.request(1, "hello", {"version": 1})))
+    await writer.drain()
+    try:
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+    except ConnectionError:
+        answer = b""
+    writer.close()
+    return answer
 
 
 def test_another_identity_cannot_take_over_the_containers(tmp_path: Path) -> None:
