@@ -355,7 +355,11 @@ class Supervisor:
 
     async def _start(self, c: Container, p: Process) -> dict[str, Any]:
         if p is c.init:
-            await self.runc.start(c.id)
+            if p.exited is None:
+                await self.runc.start(c.id)
+            else:
+                how = await self.runc.start_created(c.id, p.exited)
+                log.debug("%s started (%s)", c.id, how)
             p.status = after(Op.START, p.status)
             oom = self._oom_watcher()
             if oom.watch(c.id, p.pid):

@@ -477,6 +477,60 @@ def test_kill_created_and_delete_created(agent: Agent) -> None:
     run(agent, scenario)
 
 
+def runc_state(agent: Agent, container: str) -> str:
+    r = subprocess.run([RUNC, "--root", str(agent.runc_root), "state", container], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["status"]
+
+
+def test_start_through_the_exec_fifo(agent: Agent) -> None:
+    """The agent starts the init itself (runc's exec-fifo handshake, no `runc start`): runc then
+    sees a running container, and ps, exec, kill and delete work as after `runc start`."""
+
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sh", "-c", "echo started; exec sleep 1000"])
+        fifo = agent.runc_root / c["id"] / "exec.fifo"
+        assert fifo.exists() and runc_state(agent, c["id"]) == "created"
+        try:
+            assert (await client.call("start", container=c["id"]))["pid"] == c["pid"]
+            assert await c["out"].read(100) == b"started\n"
+            assert not fifo.exists() and runc_state(agent, c["id"]) == "running"
+            assert f"{c['id']} started (fifo)" in agent.log.read_text()
+            procs = (await client.call("pids", container=c["id"]))["processes"]
+            assert {"pid": c["pid"], "exec": ""} in procs
+            out = client.open_channel()
+            process = {"args": ["echo", "in-exec"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}
+            await client.call("exec", container=c["id"], exec="e", process=process, terminal=False, stdout=out.number)
+            await client.call("start", container=c["id"], exec="e")
+            assert (await exit_event(client, c["id"], "e"))["exit_status"] == 0
+            assert await out.read_all() == b"in-exec\n"
+            await client.call("delete", container=c["id"], exec="e")
+            await client.call("kill", container=c["id"], signal=9)
+            assert (await exit_event(client, c["id"]))["exit_status"] == 137
+            await client.call("delete", container=c["id"])
+            assert not (agent.runc_root / c["id"]).exists()
+        except BaseException:
+            await _best_effort_finish(client, c["id"])
+            raise
+
+    run(agent, scenario)
+
+
+def test_start_after_the_init_died(agent: Agent) -> None:
+    """The init killed while it waits on the exec fifo: start is a clean error, not a hang."""
+
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sleep", "1000"])
+        os.kill(c["pid"], 9)
+        with pytest.raises(protocol.FailedPrecondition):
+            await asyncio.wait_for(client.call("start", container=c["id"]), 10)
+        await exit_event(client, c["id"])
+        await client.call("delete", container=c["id"])
+        assert not (agent.runc_root / c["id"]).exists()
+
+    run(agent, scenario)
+
+
 def test_bad_requests(agent: Agent, tmp_path: Path) -> None:
     async def scenario(client: AgentClient) -> None:
         with pytest.raises(protocol.NotFound):

@@ -165,6 +165,27 @@ def test_task_commands(fenv: FractalEnv, namespace: str, image: str) -> None:
     assert task_status(fenv, namespace, "svc") == ""
 
 
+def test_started_without_runc_start_is_running_for_runc(fenv: FractalEnv, namespace: str, image: str) -> None:
+    """The agent does runc's exec-fifo handshake itself (no `runc start`): runc sees the task
+    running, and ps/exec/kill/delete and an immediate re-run of the same id work."""
+    import json
+
+    root = fenv.fractal_run_dir / "runc" / namespace
+    for round_ in range(2):  # the second: the same id again right after delete
+        start_detached(fenv, namespace, image, "fifo1", "sh", "-c", "echo up; exec sleep 300")
+        try:
+            r = subprocess.run(["runc", "--root", str(root), "state", "fifo1"], capture_output=True, text=True)
+            assert r.returncode == 0 and json.loads(r.stdout)["status"] == "running", (r.stdout, r.stderr)
+            assert not (root / "fifo1" / "exec.fifo").exists()
+            assert len(fenv.ctr("tasks", "ps", "fifo1", namespace=namespace).stdout.splitlines()) >= 2
+            r = fenv.ctr("tasks", "exec", "--exec-id", f"x{round_}", "fifo1", "echo", "in", namespace=namespace)
+            assert r.stdout == "in\n"
+        finally:
+            remove(fenv, namespace, "fifo1")
+        assert task_status(fenv, namespace, "fifo1") == ""
+        wait_for(lambda: not (root / "fifo1").exists(), what="runc state of fifo1 removed")
+
+
 def test_events(fenv: FractalEnv, namespace: str, image: str) -> None:
     argv = fenv.containerd.ctr_argv("events", namespace=None)
     ev = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
