@@ -292,6 +292,34 @@ def test_shim_kill9_cleans_up(fenv: FractalEnv, namespace: str, image: str) -> N
     assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
 
 
+def test_shim_kill9_right_after_a_delete(fenv: FractalEnv, namespace: str, image: str) -> None:
+    """The agent answers a stopped container's delete before its `runc delete` ends; a shim
+    killed -9 just then leaves runc no state and no cgroup of that container."""
+    import json
+
+    root = fenv.fractal_run_dir / "runc" / namespace
+    ann = ("--annotation", "io.fractal.sandbox=k9d")
+    before = set(shim_pids(fenv))
+    start_detached(fenv, namespace, image, "k9d-keep", "sleep", "300", extra=ann)
+    (shim,) = set(shim_pids(fenv)) - before
+    try:
+        fenv.ctr("run", "-d", "--snapshotter", "fractal", "--fifo-dir", str(fenv.fifo_dir), "--runtime", RUNTIME,
+                 *ann, image, "k9d-gone", "true", namespace=namespace)
+        wait_for(lambda: task_status(fenv, namespace, "k9d-gone") == "STOPPED", what="k9d-gone stopped")
+        cgroup = json.loads((bundle(fenv, namespace, "k9d-gone") / "config.json").read_text())["linux"]["cgroupsPath"]
+        cgdirs = [Path("/sys/fs/cgroup", c, cgroup.lstrip("/")) for c in ("pids", "memory", "unified")]
+        assert any(d.is_dir() for d in cgdirs), cgdirs
+        fenv.ctr("tasks", "delete", "k9d-gone", namespace=namespace)
+        os.kill(shim, signal.SIGKILL)
+        wait_for(lambda: not _alive(shim), what="shim gone")
+        wait_for(lambda: not (root / "k9d-gone").exists(), what="runc state of k9d-gone removed")
+        wait_for(lambda: not any(d.is_dir() for d in cgdirs), what="cgroup of k9d-gone removed")
+    finally:
+        remove(fenv, namespace, "k9d-gone")
+        fenv.ctr("tasks", "delete", "-f", "k9d-keep", namespace=namespace, check=False)
+        fenv.ctr("containers", "rm", "k9d-keep", namespace=namespace, check=False)
+
+
 def update_resources(env: FractalEnv, ns: str, cid: str, resources: dict) -> None:
     import asyncio
     import json
