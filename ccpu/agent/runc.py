@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import select
 import signal
@@ -24,6 +25,8 @@ from typing import Any
 
 from ..linux.reaper import DEVNULL, PIPE, Reaper, Spawned, run, spawn
 from . import protocol
+
+log = logging.getLogger(__name__)
 
 
 class RuncError(protocol.Internal):
@@ -152,7 +155,10 @@ class Runc:
         dir_fd, fifo = opened
         try:
             await _await_fifo_byte(fifo, init_exited)
-            os.unlink(EXEC_FIFO, dir_fd=dir_fd)
+            try:  # started whatever happens here: the init has its byte and execs
+                os.unlink(EXEC_FIFO, dir_fd=dir_fd)
+            except OSError as e:
+                log.warning("start %s: the exec fifo stays (runc will say created): %s", container, e)
         finally:
             os.close(fifo)
             os.close(dir_fd)
