@@ -567,6 +567,24 @@ def test_delete_then_create_the_same_id(agent: Agent) -> None:
     run(agent, scenario)
 
 
+def test_shutdown_waits_for_the_background_deletes(agent: Agent) -> None:
+    """A clean stop leaves runc nothing: `shutdown` answers after the `runc delete`s it had
+    not waited for."""
+
+    async def scenario(client: AgentClient) -> None:
+        ids = []
+        for _ in range(3):
+            c = await create(client, agent, ["true"])
+            await client.call("start", container=c["id"])
+            await exit_event(client, c["id"])
+            await client.call("delete", container=c["id"])
+            ids.append(c["id"])
+        await client.call("shutdown")
+        assert [i for i in ids if (agent.runc_root / i).exists()] == []
+
+    run(agent, scenario)
+
+
 def test_poststop_hooks_run_before_delete_answers(agent: Agent, tmp_path: Path) -> None:
     """runc runs poststop hooks in `runc delete`: with hooks, delete waits for it."""
     mark = tmp_path / "poststop-ran"

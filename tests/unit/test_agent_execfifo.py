@@ -217,3 +217,76 @@ def test_id_confined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: str) 
     r = Recorder(tmp_path / "root")
     with pytest.raises(protocol.InvalidArgument):
         asyncio.run(start(r, bad))
+
+
+# -- runc delete in the background (ccpu/agent/container.py) ------------------------------------
+
+
+class FlakyDelete(Runc):
+    """`runc delete` that fails `fails` times, then works; records each call."""
+
+    def __init__(self, fails: int, delay: float = 0.0) -> None:
+        super().__init__(reaper=None, root="/nonexistent", binary="/nonexistent/runc")  # type: ignore[arg-type]
+        self.fails = fails
+        self.delay = delay
+        self.calls: list[str] = []
+
+    async def delete(self, container: str, force: bool = False) -> None:
+        self.calls.append(container)
+        await asyncio.sleep(self.delay)
+        if self.fails:
+            self.fails -= 1
+            raise runcmod.RuncError("runc delete: device or resource busy")
+
+
+def supervisor(r: Runc):  # noqa: ANN201
+    from ccpu.agent.container import Supervisor
+
+    return Supervisor(r, None, None, [], [])  # type: ignore[arg-type]
+
+
+def test_create_waits_for_the_background_delete() -> None:
+    async def main() -> None:
+        r = FlakyDelete(0, delay=0.2)
+        sup = supervisor(r)
+        sup._delete_in_background("c1")
+        await sup._deleted_by_runc("c1")  # what create does first
+        assert r.calls == ["c1"] and "c1" not in sup._deleting
+
+    asyncio.run(main())
+
+
+def test_a_failed_background_delete_is_tried_again_by_create() -> None:
+    async def main() -> None:
+        r = FlakyDelete(1)
+        sup = supervisor(r)
+        sup._delete_in_background("c1")
+        await asyncio.sleep(0.05)
+        assert "c1" in sup._deleting  # kept: the next create of c1 must know
+        await sup._deleted_by_runc("c1")
+        assert r.calls == ["c1", "c1"] and "c1" not in sup._deleting
+
+    asyncio.run(main())
+
+
+def test_create_fails_if_runc_still_cannot_delete() -> None:
+    async def main() -> None:
+        sup = supervisor(FlakyDelete(2))
+        sup._delete_in_background("c1")
+        await sup._deleted_by_runc("c1")
+
+    with pytest.raises(runcmod.RuncError, match="busy"):
+        asyncio.run(main())
+
+
+def test_settle_is_bounded() -> None:
+    """shutdown's wait ends at its bound: a runc delete that hangs does not hold it."""
+
+    async def main() -> None:
+        sup = supervisor(FlakyDelete(0, delay=30))
+        sup._delete_in_background("c1")
+        await sup.settle(timeout=0.2)
+        assert not sup._deleting["c1"].done()  # returned without it
+        sup._deleting["c1"].cancel()
+
+    asyncio.run(main())
