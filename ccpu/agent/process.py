@@ -58,6 +58,7 @@ class Process:
         self.start_answered = asyncio.Event()
         self.start_answered.set()
         self._watch: asyncio.Task[None] | None = None
+        self.exited: asyncio.Future[int] | None = None  # the exit status, once watched
         # e.g. the init's OOM check: runs when the exit is known, before it is reported
         self.before_exit_report: Callable[[], None] | None = None
 
@@ -68,6 +69,7 @@ class Process:
     def watch(self, pid: int, exited: asyncio.Future[int], events: Events, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         """Follow `pid` (now started) until it exits and report that exit."""
         self.pid = pid
+        self.exited = exited
         self._watch = asyncio.ensure_future(self._follow(exited, events, drain_timeout))
 
     async def _follow(self, exited: asyncio.Future[int], events: Events, drain_timeout: float) -> None:

@@ -541,6 +541,8 @@ class Server:
         if op == "shutdown":
             if self.container_count():
                 raise protocol.FailedPrecondition(f"{self.container_count()} containers exist")
+            if self._sup is not None:
+                await self._sup.settle()
             return {}
         handler = self.ops().get(op)
         if handler is None:

@@ -185,6 +185,15 @@ async def exit_event(client: AgentClient, container: str, exec_id: str = "", tim
             return ev
 
 
+async def runc_forgot(agent: Agent, container: str, timeout: float = 10) -> None:
+    """runc's state of `container` is gone (its `runc delete` may finish after the agent's
+    delete was answered)."""
+    deadline = time.monotonic() + timeout
+    while (agent.runc_root / container).exists():
+        assert time.monotonic() < deadline, f"runc still knows {container}"
+        await asyncio.sleep(0.02)
+
+
 async def finish(client: AgentClient, container: str) -> None:
     """Kill (if needed) and delete a container."""
     st = await client.call("state", container=container)
@@ -219,7 +228,7 @@ def test_output_then_exit_status(agent: Agent) -> None:
         deleted = await client.call("delete", container=c["id"])
         assert deleted["exit_status"] == 3 and deleted["pid"] == c["pid"]
         assert not _mounts_below(str(c["bundle"]))
-        assert not (agent.runc_root / c["id"]).exists()
+        await runc_forgot(agent, c["id"])
         with pytest.raises(protocol.NotFound):
             await client.call("state", container=c["id"])
 
@@ -341,7 +350,7 @@ def test_exec_kill_pause_pids(agent: Agent) -> None:
             ev = await exit_event(client, cid_)
             assert ev["exit_status"] == 137
             await client.call("delete", container=cid_)
-            assert not (agent.runc_root / cid_).exists()
+            await runc_forgot(agent, cid_)
         except BaseException:
             await _best_effort_finish(client, cid_)
             raise
@@ -399,7 +408,7 @@ def test_layers_two_lowers_and_upper(agent: Agent) -> None:
         assert (top / "extra" / "x").exists()  # lower untouched; whiteout in upper
         await client.call("delete", container=c)
         assert not _mounts_below(str(bundle))
-        assert not (agent.runc_root / c).exists()
+        await runc_forgot(agent, c)
 
     run(agent, scenario)
 
@@ -473,6 +482,124 @@ def test_kill_created_and_delete_created(agent: Agent) -> None:
         with pytest.raises(protocol.FailedPrecondition):
             await client.call("start", container=c2["id"])
         await client.call("delete", container=c2["id"])
+
+    run(agent, scenario)
+
+
+def runc_state(agent: Agent, container: str) -> str:
+    r = subprocess.run([RUNC, "--root", str(agent.runc_root), "state", container], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["status"]
+
+
+def test_start_through_the_exec_fifo(agent: Agent) -> None:
+    """The agent starts the init itself (runc's exec-fifo handshake, no `runc start`): runc then
+    sees a running container, and ps, exec, kill and delete work as after `runc start`."""
+
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sh", "-c", "echo started; exec sleep 1000"])
+        fifo = agent.runc_root / c["id"] / "exec.fifo"
+        assert fifo.exists() and runc_state(agent, c["id"]) == "created"
+        try:
+            assert (await client.call("start", container=c["id"]))["pid"] == c["pid"]
+            assert await c["out"].read(100) == b"started\n"
+            assert not fifo.exists() and runc_state(agent, c["id"]) == "running"
+            assert f"{c['id']} started (fifo)" in agent.log.read_text()
+            procs = (await client.call("pids", container=c["id"]))["processes"]
+            assert {"pid": c["pid"], "exec": ""} in procs
+            out = client.open_channel()
+            process = {"args": ["echo", "in-exec"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}
+            await client.call("exec", container=c["id"], exec="e", process=process, terminal=False, stdout=out.number)
+            await client.call("start", container=c["id"], exec="e")
+            assert (await exit_event(client, c["id"], "e"))["exit_status"] == 0
+            assert await out.read_all() == b"in-exec\n"
+            await client.call("delete", container=c["id"], exec="e")
+            await client.call("kill", container=c["id"], signal=9)
+            assert (await exit_event(client, c["id"]))["exit_status"] == 137
+            await client.call("delete", container=c["id"])
+            await runc_forgot(agent, c["id"])
+        except BaseException:
+            await _best_effort_finish(client, c["id"])
+            raise
+
+    run(agent, scenario)
+
+
+def test_start_after_the_init_died(agent: Agent) -> None:
+    """The init killed while it waits on the exec fifo: start is a clean error, not a hang."""
+
+    async def scenario(client: AgentClient) -> None:
+        c = await create(client, agent, ["sleep", "1000"])
+        os.kill(c["pid"], 9)
+        with pytest.raises(protocol.FailedPrecondition):
+            await asyncio.wait_for(client.call("start", container=c["id"]), 10)
+        await exit_event(client, c["id"])
+        await client.call("delete", container=c["id"])
+        await runc_forgot(agent, c["id"])
+
+    run(agent, scenario)
+
+
+async def create_as(client: AgentClient, agent: Agent, container: str, name: str, args: list[str],
+                    **process: Any) -> dict[str, Any]:
+    """A container `container` from a bundle of its own (`name`): the same id twice."""
+    bundle, rootfs = agent.bundle(name, args, **process)
+    out = client.open_channel()
+    res = await client.call("create", container=container, bundle=str(bundle), rootfs=rootfs, terminal=False,
+                            stdout=out.number)
+    return {"id": container, "bundle": bundle, "pid": res["pid"], "out": out}
+
+
+def test_delete_then_create_the_same_id(agent: Agent) -> None:
+    """delete is answered before its `runc delete` has finished; a create of the same id right
+    after waits for it (else runc: "container with id exists")."""
+
+    async def scenario(client: AgentClient) -> None:
+        c = cid()
+        for i in range(3):
+            made = await create_as(client, agent, c, f"{c}-{i}", ["echo", f"round {i}"])
+            await client.call("start", container=c)
+            assert (await exit_event(client, c))["exit_status"] == 0
+            assert await made["out"].read_all() == f"round {i}\n".encode()
+            assert (await client.call("delete", container=c))["pid"] == made["pid"]
+        await runc_forgot(agent, c)
+
+    run(agent, scenario)
+
+
+def test_shutdown_waits_for_the_background_deletes(agent: Agent) -> None:
+    """A clean stop leaves runc nothing: `shutdown` answers after the `runc delete`s it had
+    not waited for."""
+
+    async def scenario(client: AgentClient) -> None:
+        ids = []
+        for _ in range(3):
+            c = await create(client, agent, ["true"])
+            await client.call("start", container=c["id"])
+            await exit_event(client, c["id"])
+            await client.call("delete", container=c["id"])
+            ids.append(c["id"])
+        await client.call("shutdown")
+        assert [i for i in ids if (agent.runc_root / i).exists()] == []
+
+    run(agent, scenario)
+
+
+def test_poststop_hooks_run_before_delete_answers(agent: Agent, tmp_path: Path) -> None:
+    """runc runs poststop hooks in `runc delete`: with hooks, delete waits for it."""
+    mark = tmp_path / "poststop-ran"
+
+    async def scenario(client: AgentClient) -> None:
+        c = cid()
+        bundle, rootfs = agent.bundle(c, ["true"])
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["hooks"] = {"poststop": [{"path": "/bin/sh", "args": ["sh", "-c", f"touch {mark}"]}]}
+        (bundle / "config.json").write_text(json.dumps(spec))
+        await client.call("create", container=c, bundle=str(bundle), rootfs=rootfs, terminal=False)
+        await client.call("start", container=c)
+        await exit_event(client, c)
+        await client.call("delete", container=c)
+        assert mark.exists() and not (agent.runc_root / c).exists()
 
     run(agent, scenario)
 

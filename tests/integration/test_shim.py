@@ -165,6 +165,27 @@ def test_task_commands(fenv: FractalEnv, namespace: str, image: str) -> None:
     assert task_status(fenv, namespace, "svc") == ""
 
 
+def test_started_without_runc_start_is_running_for_runc(fenv: FractalEnv, namespace: str, image: str) -> None:
+    """The agent does runc's exec-fifo handshake itself (no `runc start`): runc sees the task
+    running, and ps/exec/kill/delete and an immediate re-run of the same id work."""
+    import json
+
+    root = fenv.fractal_run_dir / "runc" / namespace
+    for round_ in range(2):  # the second: the same id again right after delete
+        start_detached(fenv, namespace, image, "fifo1", "sh", "-c", "echo up; exec sleep 300")
+        try:
+            r = subprocess.run(["runc", "--root", str(root), "state", "fifo1"], capture_output=True, text=True)
+            assert r.returncode == 0 and json.loads(r.stdout)["status"] == "running", (r.stdout, r.stderr)
+            assert not (root / "fifo1" / "exec.fifo").exists()
+            assert len(fenv.ctr("tasks", "ps", "fifo1", namespace=namespace).stdout.splitlines()) >= 2
+            r = fenv.ctr("tasks", "exec", "--exec-id", f"x{round_}", "fifo1", "echo", "in", namespace=namespace)
+            assert r.stdout == "in\n"
+        finally:
+            remove(fenv, namespace, "fifo1")
+        assert task_status(fenv, namespace, "fifo1") == ""
+        wait_for(lambda: not (root / "fifo1").exists(), what="runc state of fifo1 removed")
+
+
 def test_events(fenv: FractalEnv, namespace: str, image: str) -> None:
     argv = fenv.containerd.ctr_argv("events", namespace=None)
     ev = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -269,6 +290,34 @@ def test_shim_kill9_cleans_up(fenv: FractalEnv, namespace: str, image: str) -> N
         fenv.ctr("tasks", "delete", "-f", "doomed", namespace=namespace, check=False)
         fenv.ctr("containers", "rm", "doomed", namespace=namespace, check=False)
     assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
+
+
+def test_shim_kill9_right_after_a_delete(fenv: FractalEnv, namespace: str, image: str) -> None:
+    """The agent answers a stopped container's delete before its `runc delete` ends; a shim
+    killed -9 just then leaves runc no state and no cgroup of that container."""
+    import json
+
+    root = fenv.fractal_run_dir / "runc" / namespace
+    ann = ("--annotation", "io.fractal.sandbox=k9d")
+    before = set(shim_pids(fenv))
+    start_detached(fenv, namespace, image, "k9d-keep", "sleep", "300", extra=ann)
+    (shim,) = set(shim_pids(fenv)) - before
+    try:
+        fenv.ctr("run", "-d", "--snapshotter", "fractal", "--fifo-dir", str(fenv.fifo_dir), "--runtime", RUNTIME,
+                 *ann, image, "k9d-gone", "true", namespace=namespace)
+        wait_for(lambda: task_status(fenv, namespace, "k9d-gone") == "STOPPED", what="k9d-gone stopped")
+        cgroup = json.loads((bundle(fenv, namespace, "k9d-gone") / "config.json").read_text())["linux"]["cgroupsPath"]
+        cgdirs = [Path("/sys/fs/cgroup", c, cgroup.lstrip("/")) for c in ("pids", "memory", "unified")]
+        assert any(d.is_dir() for d in cgdirs), cgdirs
+        fenv.ctr("tasks", "delete", "k9d-gone", namespace=namespace)
+        os.kill(shim, signal.SIGKILL)
+        wait_for(lambda: not _alive(shim), what="shim gone")
+        wait_for(lambda: not (root / "k9d-gone").exists(), what="runc state of k9d-gone removed")
+        wait_for(lambda: not any(d.is_dir() for d in cgdirs), what="cgroup of k9d-gone removed")
+    finally:
+        remove(fenv, namespace, "k9d-gone")
+        fenv.ctr("tasks", "delete", "-f", "k9d-keep", namespace=namespace, check=False)
+        fenv.ctr("containers", "rm", "k9d-keep", namespace=namespace, check=False)
 
 
 def update_resources(env: FractalEnv, ns: str, cid: str, resources: dict) -> None:

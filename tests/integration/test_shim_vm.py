@@ -311,6 +311,28 @@ def test_one_vm_many_containers(fenv: FractalEnv, namespace: str, images: dict[s
     wait_for(lambda: not vm_dir(fenv, namespace, sb).exists(), what="VM run dir removed")
 
 
+def test_same_id_again_in_a_running_vm(fenv: FractalEnv, namespace: str, images: dict[str, str]) -> None:
+    """In a running VM the agent starts a container without `runc start` (the exec fifo) and
+    answers its delete before `runc delete` ends: the output arrives, and a `ctr run --rm` of
+    the same id right after the last one works (its create waits for that runc delete)."""
+    sb = "vmagain"
+    ann = ("--annotation", f"io.fractal.sandbox={sb}")
+    start_detached(fenv, namespace, images["busybox"], f"{sb}-keep", "sleep", "600", extra=ann)
+    pid = vm_pid(fenv, namespace, sb)
+    try:
+        for i in range(3):
+            r = fenv.ctr("run", "--rm", "--snapshotter", "fractal", "--fifo-dir", str(fenv.fifo_dir),
+                         "--runtime", RUNTIME, *VM, *ann, images["busybox"], f"{sb}-again", "sh", "-c",
+                         f"echo round {i}; exit {i}", namespace=namespace, check=False, timeout=120)
+            assert (r.returncode, r.stdout) == (i, f"round {i}\n"), r.stderr
+        assert vm_pid(fenv, namespace, sb) == pid  # all in the one VM
+        assert exec_(fenv, namespace, f"{sb}-keep", "k", "echo", "still").stdout == "still\n"
+    finally:
+        remove(fenv, namespace, f"{sb}-again")
+        remove(fenv, namespace, f"{sb}-keep")
+    wait_for(lambda: not _alive(pid), what="QEMU stopped with the last container")
+
+
 def test_overlayfs_snapshotter_refused(fenv: FractalEnv, namespace: str, registry) -> None:  # noqa: ANN001
     ref = registry.ref("busybox")
     fenv.pull(ref, namespace=namespace, snapshotter="overlayfs")
