@@ -295,11 +295,13 @@ class LayersService:
         async with self._lock(c.id):
             return answer(await self._add(c, layers, position))
 
-    async def _add(self, c: Container, layers: list[dict[str, Any]], position: str | int) -> dict[str, Any]:
-        """Stack ``layers`` (checked; the caller holds the container's lock): the view plus
-        added, skipped, restack_ms."""
+    async def _add(self, c: Container, layers: list[dict[str, Any]], position: str | int,
+                   stack: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Stack ``layers`` (checked; the caller holds the container's lock, and may pass the
+        stack it read under it): the view plus added, skipped, restack_ms."""
         rec = load_record(c.bundle, c.id)
-        stack = await self._stack(c)
+        if stack is None:
+            stack = await self._stack(c)
         present = set(stack["lowers"])
         todo = [la for la in layers if la["dir"] not in present]
         skipped = [la["dir"] for la in layers if la["dir"] in present]
@@ -362,7 +364,7 @@ class LayersService:
                     out.update({"added": [], "skipped": images, "restack_ms": 0.0})
                 else:
                     try:
-                        out = await self._add(c, plan.layers, position)
+                        out = await self._add(c, plan.layers, position, stack)
                     except BaseException:
                         if plan.labels:
                             await asyncio.to_thread(self._unlabel, look, c.id, plan.labels)
