@@ -314,6 +314,17 @@ def test_gc_reference_keeps_added_layers(fenv: FractalEnv, images: dict[str, str
     wait_for(lambda: not any(d.exists() for d in dirs), timeout=20, what="the removed layers to be collected")
     assert box.alive() and box.sh("cat /mine") == "mine"
 
+    # pulled again: new snapshots in new dirs.  The shim remembers the image's old dirs
+    # (livelayers.Facts), keyed by the top snapshot's creation time, so it must not hand out the
+    # collected ones now
+    fenv.pull(tools, namespace=namespace)
+    r = fractal(fenv, "layers", "add", *flags(fenv, namespace), "--json", box.cid, tools)
+    assert r.returncode == 0, r.stderr
+    new = [la["dir"] for la in json.loads(r.stdout)["layers"] if la["live"]]
+    assert len(new) == 2 and all(Path(d).is_dir() for d in new), new
+    assert not set(new) & {str(d) for d in dirs}
+    assert box.sh(f"cat {HELLO}") == "hello from tools" and box.alive()
+
 
 def test_without_the_gc_reference_the_layers_would_go(fenv: FractalEnv, images: dict[str, str], namespace: str,
                                                       box: Box) -> None:
