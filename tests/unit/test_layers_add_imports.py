@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ccpu import layersmsg, sandboxes
 from tests.unit.test_layerswire import serving
 
@@ -135,9 +137,11 @@ def test_layers_rm_is_as_lean_as_add(tmp_path: Path) -> None:
     assert calls == [("c1", ["tools", "sha256:abcd"]), ("c1", ["tools"])]
 
 
-def test_an_older_shim_takes_the_grpc_path(tmp_path: Path) -> None:
-    """A shim without AddImages (it answers UNIMPLEMENTED) sends the CLI down the containerd
-    path (here: no containerd, so its error) instead of failing with the shim's code."""
+@pytest.mark.parametrize("verb", ["add", "rm"])
+def test_an_older_shim_takes_the_grpc_path(tmp_path: Path, verb: str) -> None:
+    """A shim without AddImages / RemoveTargets (it answers UNIMPLEMENTED) sends the CLI down
+    the containerd path (here: no containerd, so its error) instead of failing with the
+    shim's code."""
     async def add(req: Any, ctx: Any) -> Any:
         raise AssertionError("not called")
 
@@ -145,7 +149,7 @@ def test_an_older_shim_takes_the_grpc_path(tmp_path: Path) -> None:
         sandboxes.write(sandboxes.SandboxRecord(group="c1", namespace="default", mode="host",
                                                 shim_pid=os.getpid(), containers=["c1"],
                                                 address=address), base=tmp_path / "run")
-        res, r = run_cli(tmp_path, ["layers", "add", "c1", "tools"])
+        res, r = run_cli(tmp_path, ["layers", verb, "c1", "tools"])
     assert res["code"] != 0
     assert "grpc" in res["loaded"], "the fallback asks containerd"
     assert "fractal: " in r.stderr and "does not serve" not in r.stderr
