@@ -70,6 +70,8 @@ RECORD_NAME = "fractal-layers.json"
 MAX_IMAGES = 64
 MAX_REF = 4096
 RECORD_VERSION = 2  # 2: no "stack" (the agent's live stack is the only one)
+#: under the run dir: what the shims remember of images and layers (livelayers.Facts)
+FACTS_DIR = "layerfacts"
 
 
 def _bad(msg: str) -> errdefs.InvalidArgument:
@@ -393,8 +395,10 @@ class LayersService:
         from ccpu.client.containerd import ContainerdClient
         from ccpu.client.livelayers import Facts, Lookups
 
-        if self._facts is None:
-            self._facts = Facts()
+        if self._facts is None:  # shared by the shims of this run dir (root's only)
+            from ccpu import sandboxes
+
+            self._facts = Facts(directory=str(sandboxes.run_dir() / FACTS_DIR))
         address, namespace = self.containerd  # type: ignore[misc]
         known = self._known.get(c.id)
         if known is not None and known[0] is not c:

@@ -53,10 +53,15 @@ class Facts:
       directory once (its ids are never reused) and a committed layer's recorded size never
       changes.
 
-    Bounded (least recently used out); thread-safe (the shim asks from worker threads)."""
+    Bounded (least recently used out); thread-safe (the shim asks from worker threads).  With
+    ``directory`` (the shims' run dir, root's only) the facts are also kept there, one small
+    JSON file each, so that every shim -- one per sandbox, each new -- finds what another
+    learnt: a container's first ``layers add`` is then as cheap as its later ones.  What a
+    file says is checked for shape on reading; anything else reads as unknown."""
 
-    def __init__(self, limit: int = 512) -> None:
+    def __init__(self, limit: int = 512, directory: str | None = None) -> None:
         self.limit = limit
+        self.directory = directory
         self._maps: dict[str, OrderedDict[Any, Any]] = {k: OrderedDict() for k in ("image", "dirs", "size")}
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -68,16 +73,127 @@ class Facts:
                 m.move_to_end(key)
                 self.hits += 1
                 return m[key]
-            self.misses += 1
-            return None
+        value = self._read(kind, key)
+        with self._lock:
+            if value is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._keep(kind, key, value)
+            return value
 
     def put(self, kind: str, key: Any, value: Any) -> None:
         with self._lock:
-            m = self._maps[kind]
-            m[key] = value
-            m.move_to_end(key)
-            while len(m) > self.limit:
-                m.popitem(last=False)
+            self._keep(kind, key, value)
+        self._write(kind, key, value)
+
+    def _keep(self, kind: str, key: Any, value: Any) -> None:
+        m = self._maps[kind]
+        m[key] = value
+        m.move_to_end(key)
+        while len(m) > self.limit:
+            m.popitem(last=False)
+
+    # -- the shared copy ------------------------------------------------------------------
+
+    def _path(self, kind: str, key: Any) -> str:
+        import hashlib
+        import json
+
+        name = hashlib.sha256(json.dumps([kind, list(key) if isinstance(key, tuple) else key]).encode()).hexdigest()
+        return os.path.join(self.directory or "", f"{kind}-{name}.json")
+
+    def _trusted_dir(self) -> bool:
+        """Only a directory of this user's that no one else may write is read (its facts name
+        the host dirs a container gets)."""
+        try:
+            st = os.stat(self.directory)  # type: ignore[arg-type]
+        except OSError:
+            return False
+        return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+    def _read(self, kind: str, key: Any) -> Any:
+        if self.directory is None or not self._trusted_dir():
+            return None
+        import json
+
+        try:
+            with open(self._path(kind, key), encoding="utf-8") as f:
+                doc = json.loads(f.read(MAX_FACT_BYTES + 1)[:MAX_FACT_BYTES])
+        except (OSError, ValueError):
+            return None
+        try:  # the key is in the file too: a hash collision or a stray file reads as unknown
+            if doc["key"] != (list(key) if isinstance(key, tuple) else key):
+                return None
+            return _from_json(kind, doc["value"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _write(self, kind: str, key: Any, value: Any) -> None:
+        if self.directory is None:
+            return
+        import json
+
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            path = self._path(kind, key)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"key": list(key) if isinstance(key, tuple) else key, "value": _to_json(kind, value)}, f)
+            os.replace(tmp, path)  # a reader sees a whole file or none
+            self._prune()
+        except OSError:
+            pass  # only a shortcut is lost
+
+    def _prune(self) -> None:
+        """At most ``4 x limit`` files: the oldest half goes when there are more."""
+        names = [n for n in os.listdir(self.directory) if n.endswith(".json")]  # type: ignore[arg-type]
+        if len(names) <= 4 * self.limit:
+            return
+        paths = [os.path.join(self.directory, n) for n in names]  # type: ignore[arg-type]
+        stamped = []
+        for p in paths:
+            try:
+                stamped.append((os.stat(p).st_mtime_ns, p))
+            except OSError:
+                continue
+        for _, p in sorted(stamped)[: len(stamped) // 2]:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+#: a fact file bigger than this is not one of ours (an image of 128 layers is ~20 KiB)
+MAX_FACT_BYTES = 256 << 10
+
+
+def _to_json(kind: str, value: Any) -> Any:
+    if kind == "image":
+        return {"manifest": value.manifest, "diff_ids": list(value.diff_ids), "chain_ids": list(value.chain_ids)}
+    if kind == "dirs":
+        return [list(pair) for pair in value]
+    return value
+
+
+def _from_json(kind: str, doc: Any) -> Any:
+    """A fact read back, its shape checked (a wrong one raises TypeError/ValueError)."""
+    from .. import digest as digests
+
+    if kind == "image":
+        diff_ids = tuple(digests.check(d, "diff ID") for d in doc["diff_ids"])
+        chain = tuple(digests.check(d, "chain ID") for d in doc["chain_ids"])
+        if len(chain) != len(diff_ids) or not isinstance(doc["manifest"], str):
+            raise ValueError("inconsistent image fact")
+        return ImageLayers("", doc["manifest"], diff_ids, chain)
+    if kind == "dirs":
+        pairs = tuple((str(d), digests.check(c, "chain ID")) for d, c in doc)
+        if not all(os.path.isabs(d) for d, _ in pairs):
+            raise ValueError("a layer dir must be absolute")
+        return pairs
+    if isinstance(doc, bool) or not isinstance(doc, int) or doc < 0:
+        raise ValueError("a size is a non-negative int")
+    return doc
 
 
 class Lookups:

@@ -216,23 +216,29 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
 
 def lookup_rounds(env: FractalEnv, base: str, tools: str, cid: str, n: int) -> dict[str, list[float]]:
     """The containerd lookups of the shim's AddImages for ``tools`` on a running container, from
-    this (warm) process, alternated: ``cold`` remembers nothing (a shim's first request, and
-    every request before livelayers.Facts), ``warm`` with the Facts and own-layer names a
-    previous request left (what the shim keeps).  Each: a new connection, the container's
+    this (warm) process, alternated: ``cold`` remembers nothing (every request before
+    livelayers.Facts), ``shared`` a new shim's first request (the facts another shim left in
+    the run dir, nothing in memory, the container's own layers not yet named), ``warm`` with
+    the Facts and own-layer names a previous request left (what the shim keeps).  Each: a new connection, the container's
     record, the image found, its layers planned, every layer of the answer named (ms)."""
     from ccpu.client.containerd import ContainerdClient
     from ccpu.client.livelayers import Facts, Lookups
 
     subprocess.run(ctr_run(env, base, cid), check=True, capture_output=True, timeout=60)
     wait_state(env, cid, {"RUNNING"})
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="fractal-bench-facts-")
     facts = Facts()
     own: dict[str, str] | None = None
-    out: dict[str, list[float]] = {"lookups_cold_ms": [], "lookups_warm_ms": []}
+    out: dict[str, list[float]] = {"lookups_cold_ms": [], "lookups_shared_ms": [], "lookups_warm_ms": []}
 
-    def once(warm: bool) -> tuple[float, dict[str, str] | None]:
+    def once(kind: str) -> tuple[float, dict[str, str] | None]:
         t0 = time.monotonic()
         with ContainerdClient(str(env.address), NS) as client:
-            look = Lookups(client, client.container(cid), facts=facts if warm else None,
+            warm = kind == "warm"
+            mine = facts if warm else Facts(directory=shared) if kind == "shared" else None
+            look = Lookups(client, client.container(cid), facts=mine,
                            own=dict(own) if warm and own else None)
             img, why = look.find_image(tools)
             if img is None:
@@ -245,13 +251,18 @@ def lookup_rounds(env: FractalEnv, base: str, tools: str, cid: str, n: int) -> d
         return (time.monotonic() - t0) * 1000, look.own_known()
 
     try:
-        _, own = once(True)  # what the shim's first request leaves behind
+        _, own = once("warm")  # what the shim's first request leaves behind
+        once("shared")  # ... and what it leaves in the shims' run dir
+        kinds = ("cold", "shared", "warm")
         for i in range(n):
-            for warm in ((False, True) if i % 2 == 0 else (True, False)):
-                ms, _ = once(warm)
-                out["lookups_warm_ms" if warm else "lookups_cold_ms"].append(ms)
+            for kind in (kinds if i % 2 == 0 else tuple(reversed(kinds))):
+                ms, _ = once(kind)
+                out[f"lookups_{kind}_ms"].append(ms)
     finally:
         remove(env, cid)
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
     return out
 
 
@@ -306,6 +317,7 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
              ("base_rm_launcher_cpu_ms", "--base CLI rm, launcher: CPU"),
              ("rm_restack_ms", "layers rm: shim-side restack"), ("restart_ms", "restart (kill+rm+run -d)"),
              ("lookups_cold_ms", "AddImages' lookups, nothing kept"),
+             ("lookups_shared_ms", "  same, a new shim: run dir's facts"),
              ("lookups_warm_ms", "  same, with what the shim keeps")]
     for key, label in names:
         if key not in s:
