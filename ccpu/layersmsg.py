@@ -16,7 +16,8 @@ from ccpu.api.gen.fractal.layers.v1 import layers_pb2 as pb
 
 #: the request message of each method; every method answers a :class:`pb.Stack`
 REQUESTS: dict[str, type[Any]] = {"List": pb.ListRequest, "Add": pb.AddRequest,
-                                  "Remove": pb.RemoveRequest, "AddImages": pb.AddImagesRequest}
+                                  "Remove": pb.RemoveRequest, "AddImages": pb.AddImagesRequest,
+                                  "RemoveTargets": pb.RemoveTargetsRequest}
 Stack = pb.Stack
 
 
@@ -47,6 +48,9 @@ def request(method: str, payload: dict[str, Any]) -> Any:
     if method == "Remove":
         return pb.RemoveRequest(container=payload.get("container") or "", layers=payload.get("layers") or [],
                                 images=payload.get("images") or [])
+    if method == "RemoveTargets":
+        return pb.RemoveTargetsRequest(container=payload.get("container") or "",
+                                       targets=payload.get("targets") or [])
     raise ValueError(f"no such method {method!r}")
 
 
@@ -63,6 +67,8 @@ def request_args(req: Any) -> dict[str, Any]:
     elif isinstance(req, pb.RemoveRequest):
         out["layers"] = list(req.layers)
         out["images"] = list(req.images)
+    elif isinstance(req, pb.RemoveTargetsRequest):
+        out["targets"] = list(req.targets)
     return out
 
 
@@ -96,7 +102,8 @@ def answer(view: dict[str, Any]) -> Any:
                    added=view.get("added") or [], skipped=view.get("skipped") or [],
                    removed=[_layer(e) for e in view.get("removed") or []],
                    missing={str(k): str(v) for k, v in (view.get("missing") or {}).items()},
-                   snapshotter=view.get("snapshotter") or "")
+                   snapshotter=view.get("snapshotter") or "",
+                   labels_removed=view.get("labels_removed") or [])
     for k in ("repo_root", "upper"):
         if view.get(k) is not None:
             setattr(msg, k, view[k])
@@ -120,4 +127,6 @@ def answer_dict(msg: Any) -> dict[str, Any]:
         out["restack_ms"] = msg.restack_ms
         out.update(added=list(msg.added), skipped=list(msg.skipped),
                    removed=[_layer_dict(e) for e in msg.removed])
+    if msg.labels_removed:
+        out["labels_removed"] = list(msg.labels_removed)
     return out

@@ -1,5 +1,5 @@
-"""``fractal layers add``'s call to its shim without asyncio or protobuf: a synchronous ttrpc
-client of one method (``AddImages``) over a unix socket, with the few protobuf messages it needs
+"""``fractal layers add`` and ``rm``'s calls to their shim without asyncio or protobuf: a
+synchronous ttrpc client of two methods (``AddImages``, ``RemoveTargets``) over a unix socket, with the few protobuf messages it needs
 encoded and decoded by hand.
 
 Why by hand: the whole CLI process of ``fractal layers add`` should cost <= 100 ms (issue 13),
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 SERVICE = "fractal.layers.v1.Layers"  # ccpu/layersapi.py's (not imported: one module less)
 METHOD = "AddImages"
+REMOVE_METHOD = "RemoveTargets"
 
 #: ttrpc framing (ccpu/ttrpc/framing.py): length, stream id, type, flags; big endian
 _HEADER = struct.Struct(">IIBB")
@@ -75,6 +76,11 @@ def add_images_request(container: str, images: list[str], position: str) -> byte
     """``AddImagesRequest{container, images, position}`` serialized."""
     return (_str_field(1, container) + b"".join(_bytes_field(2, i.encode()) for i in images)
             + _str_field(3, position))
+
+
+def remove_targets_request(container: str, targets: list[str]) -> bytes:
+    """``RemoveTargetsRequest{container, targets}`` serialized."""
+    return _str_field(1, container) + b"".join(_bytes_field(2, t.encode()) for t in targets)
 
 
 def ttrpc_request(service: str, method: str, payload: bytes, timeout_nano: int = 0) -> bytes:
@@ -176,6 +182,7 @@ def stack(buf: bytes) -> dict[str, Any]:
     missing: dict[str, str] = {}
     restack_ms: float | None = None
     snapshotter = ""
+    labels_removed: list[str] = []
     for number, wt, v in fields(buf):
         if wt == 2 and number in (1, 2, 3):
             out[{1: "container", 2: "repo_root", 3: "upper"}[number]] = v.decode()
@@ -196,10 +203,14 @@ def stack(buf: bytes) -> dict[str, Any]:
             missing[entry.get(1, "")] = entry.get(2, "")
         elif wt == 2 and number == 11:
             snapshotter = v.decode()
+        elif wt == 2 and number == 12:
+            labels_removed.append(v.decode())
     if restack_ms is not None:
         out.update(restack_ms=restack_ms, added=added, skipped=skipped, removed=removed)
     if missing:
         out.update(missing=missing, snapshotter=snapshotter)
+    if labels_removed:
+        out["labels_removed"] = labels_removed
     return out
 
 

@@ -15,6 +15,19 @@ CLI); every method answers a ``Stack``:
                                                             missing {image: why} + snapshotter
   (``fractal layers add``: the shim does the containerd lookups, ccpu/client/livelayers.py, so
   the CLI's process needs no gRPC; it pulls what is missing and asks again)
+* ``RemoveTargets`` RemoveTargetsRequest{container, targets: [image or chain ID prefix...]}
+                                                         -> as Remove, every layer named, plus
+                                                            labels_removed (``fractal layers rm``,
+                                                            the same way: ccpu.layersapi's rule)
+
+The shim remembers between requests only what cannot change while its key holds
+(ccpu/client/livelayers.py ``Facts``: an image target digest's chain IDs, a snapshot's layer
+dirs by its identity, a layer dir's size) and, per container (the Container object the Task
+service made at Create: a new one for a container re-created under the same id), its
+containerd record's immutable part (snapshotter, snapshot key) and the chain IDs of the layers
+it was created with (its snapshot's parents, fixed at Prepare).  Every name is still looked up
+each time: the image name's target, whether the image's top snapshot exists and since when,
+the container's labels before an add.
 
 ``layers`` (in requests and answers) are nearest first (the top of the stack first), ``dir`` is
 the layer's directory on the HOST (a repo layer dir).  The sandbox (shim/sandbox.py:
@@ -57,6 +70,8 @@ RECORD_NAME = "fractal-layers.json"
 MAX_IMAGES = 64
 MAX_REF = 4096
 RECORD_VERSION = 2  # 2: no "stack" (the agent's live stack is the only one)
+#: under the run dir: what the shims remember of images and layers (livelayers.Facts)
+FACTS_DIR = "layerfacts"
 
 
 def _bad(msg: str) -> errdefs.InvalidArgument:
@@ -147,14 +162,19 @@ def load_record(bundle: str, container: str) -> dict[str, Any]:
 
 
 def save_record(bundle: str, rec: dict[str, Any]) -> None:
-    """Write atomically: a reader sees the old or the new record, never a torn one."""
+    """Write atomically: a reader sees the old or the new record, never a torn one.
+
+    No fsync: the record describes a running container's stack, which no machine crash leaves
+    running (its mounts and processes are gone with it), while against a crash of the shim the
+    rename is atomic already (the page cache outlives the process).  A record torn by a power
+    loss is read as none (``load_record``).  The fsync cost 5-6 ms of every add/rm's answer
+    (ext4, measured at load ~6: 6-8 ms with it, 0.4-4 ms without; docs/performance.md)."""
     path = record_path(bundle)
     tmp = f"{path}.{os.getpid()}.tmp"
     data = json.dumps(rec, indent=1).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
@@ -196,11 +216,14 @@ class LayersService:
         self.repo_root = repo_root
         self.containerd = containerd  # (gRPC address, namespace): AddImages asks it
         self._locks: dict[str, asyncio.Lock] = {}
+        self._facts: Any = None  # livelayers.Facts, made with the first lookup (it imports grpc)
+        #: per container: (its Container, its containerd record, its own layers' dir -> chain ID)
+        self._known: dict[str, tuple[Container, Any, dict[str, str]]] = {}
 
     def methods(self) -> dict[str, tuple[type, Callable[..., Any]]]:
         """The handlers by RPC name (served through ``shim.errors.at_edge``)."""
         return {name: (layersmsg.REQUESTS[name], getattr(self, name))
-                for name in ("List", "Add", "Remove", "AddImages")}
+                for name in ("List", "Add", "Remove", "AddImages", "RemoveTargets")}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -208,6 +231,8 @@ class LayersService:
         for other in [k for k in self._locks if self.task.container(k) is None]:
             if not self._locks[other].locked():
                 del self._locks[other]
+        for other in [k for k, v in self._known.items() if self.task.container(k) is not v[0]]:
+            del self._known[other]
         return self._locks.setdefault(cid, asyncio.Lock())
 
     def _container(self, cid: str) -> Container:
@@ -277,11 +302,13 @@ class LayersService:
         async with self._lock(c.id):
             return answer(await self._add(c, layers, position))
 
-    async def _add(self, c: Container, layers: list[dict[str, Any]], position: str | int) -> dict[str, Any]:
-        """Stack ``layers`` (checked; the caller holds the container's lock): the view plus
-        added, skipped, restack_ms."""
+    async def _add(self, c: Container, layers: list[dict[str, Any]], position: str | int,
+                   stack: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Stack ``layers`` (checked; the caller holds the container's lock, and may pass the
+        stack it read under it): the view plus added, skipped, restack_ms."""
         rec = load_record(c.bundle, c.id)
-        stack = await self._stack(c)
+        if stack is None:
+            stack = await self._stack(c)
         present = set(stack["lowers"])
         todo = [la for la in layers if la["dir"] not in present]
         skipped = [la["dir"] for la in layers if la["dir"] in present]
@@ -321,7 +348,7 @@ class LayersService:
         if not self.containerd:
             raise errdefs.FailedPrecondition("this shim does not know containerd's address")
         async with self._lock(c.id):
-            look = await asyncio.to_thread(self._lookups, c.id)
+            look = await asyncio.to_thread(self._lookups, c, True)
             # the container's own layers are named for the answer (Mounts, a Stat per parent,
             # Usage: ~7 ms of round trips): asked meanwhile, beside the image lookups and the
             # restack, rather than after them (issue 13; one gRPC channel serves both threads)
@@ -344,7 +371,7 @@ class LayersService:
                     out.update({"added": [], "skipped": images, "restack_ms": 0.0})
                 else:
                     try:
-                        out = await self._add(c, plan.layers, position)
+                        out = await self._add(c, plan.layers, position, stack)
                     except BaseException:
                         if plan.labels:
                             await asyncio.to_thread(self._unlabel, look, c.id, plan.labels)
@@ -356,31 +383,51 @@ class LayersService:
                 raise errdefs.FailedPrecondition(str(exc)) from None
             finally:
                 await asyncio.gather(own, return_exceptions=True)  # never close under its feet
+                self._remember(c, look)
                 look.client.close()
 
-    def _lookups(self, cid: str) -> Any:
-        """containerd lookups for container ``cid`` (a new connection per request: the shim
-        keeps no gRPC channel between the rare ``layers add`` calls)."""
+    def _lookups(self, c: Container, fresh: bool) -> Any:
+        """containerd lookups for container ``c`` (a new connection per request: the shim
+        keeps no gRPC channel between the rare ``layers`` calls).  ``fresh``: read its record
+        (labels) from containerd even if it is known; else the remembered one serves (its
+        snapshotter and snapshot key are immutable in containerd; its image name is shown)."""
         grpc_without_fork_handlers()
         from ccpu.client.containerd import ContainerdClient
-        from ccpu.client.livelayers import Lookups
+        from ccpu.client.livelayers import Facts, Lookups
 
-        address, namespace = self.containerd
+        if self._facts is None:  # shared by the shims of this run dir (root's only)
+            from ccpu import sandboxes
+
+            self._facts = Facts(directory=str(sandboxes.run_dir() / FACTS_DIR))
+        address, namespace = self.containerd  # type: ignore[misc]
+        known = self._known.get(c.id)
+        if known is not None and known[0] is not c:
+            known = None
         client = ContainerdClient(address, namespace)
         try:
-            return Lookups(client, client.container(cid))
+            record = client.container(c.id) if fresh or known is None else known[1]
+            return Lookups(client, record, facts=self._facts,
+                           own=None if known is None else dict(known[2]))
         except BaseException as exc:
             client.close()
             if isinstance(exc, _containerd_errors()):
                 raise errdefs.FailedPrecondition(f"containerd: {exc}") from None
             raise
 
+    def _remember(self, c: Container, look: Any) -> None:
+        """Keep what stays true of ``c`` while it exists: its record, its own layers' names."""
+        own = look.own_known()
+        if own and self.task.container(c.id) is c:
+            self._known[c.id] = (c, look.container, dict(own))
+
     @staticmethod
-    def _unlabel(look: Any, cid: str, labels: dict[str, str]) -> None:
+    def _unlabel(look: Any, cid: str, labels: dict[str, str]) -> bool:
         try:
             look.client.update_container_labels(cid, {k: "" for k in labels})
         except _containerd_errors() as exc:
             log.warning("%s: cannot take back labels %s: %s", cid, sorted(labels), exc)
+            return False
+        return True
 
     async def Remove(self, req: Any, ctx: RequestContext) -> Any:
         args = parse_request(req)
@@ -393,32 +440,81 @@ class LayersService:
         async with self._lock(c.id):
             rec = load_record(c.bundle, c.id)
             stack = await self._stack(c)
-            present = stack["lowers"]
-            for d in dirs:
-                if not os.path.isabs(d):
-                    raise _bad(f"layer dir must be an absolute path, not {d!r}")
-                if d not in present:
-                    raise errdefs.NotFound(f"layer {d} is not in container {c.id}'s stack")
-            for name in images:
-                mine = [d for d in present if rec["live"].get(d, {}).get("image") == name]
-                if not mine:
-                    raise errdefs.NotFound(f"no layers of image {name} were added to container {c.id}")
-                dirs += [d for d in mine if d not in dirs]
-            remove = [d for d in present if d in set(dirs)]  # stack order, no duplicates
-            lowers, restack_ms = await self._restack(c, [], remove, "top")
-            now = time.time_ns()
-            removed = []
-            for d in remove:
-                meta = rec["live"].pop(d, None)
-                removed.append({"dir": d, "live": meta is not None, **(meta or {})})
-            stack["lowers"] = lowers
-            rec["history"].append({"at": now, "added": [], "removed": remove,
-                                   "restack_ms": restack_ms})
-            self._persist(c, rec)
-            log.info("%s: removed %d layer(s) in %.1f ms", c.id, len(remove), restack_ms)
-            out = self._view(c, rec, stack)
-            out.update({"removed": removed, "restack_ms": restack_ms})
-            return answer(out)
+            return answer(await self._remove(c, rec, stack, dirs, images))
+
+    async def _remove(self, c: Container, rec: dict[str, Any], stack: dict[str, Any], dirs: list[str],
+                      images: list[str]) -> dict[str, Any]:
+        """Take layers off (by host dir, or every layer added for an image; the caller holds
+        the container's lock): the view plus removed, restack_ms."""
+        present = stack["lowers"]
+        dirs = list(dirs)
+        for d in dirs:
+            if not os.path.isabs(d):
+                raise _bad(f"layer dir must be an absolute path, not {d!r}")
+            if d not in present:
+                raise errdefs.NotFound(f"layer {d} is not in container {c.id}'s stack")
+        for name in images:
+            mine = [d for d in present if rec["live"].get(d, {}).get("image") == name]
+            if not mine:
+                raise errdefs.NotFound(f"no layers of image {name} were added to container {c.id}")
+            dirs += [d for d in mine if d not in dirs]
+        remove = [d for d in present if d in set(dirs)]  # stack order, no duplicates
+        lowers, restack_ms = await self._restack(c, [], remove, "top")
+        now = time.time_ns()
+        removed = []
+        for d in remove:
+            meta = rec["live"].pop(d, None)
+            removed.append({"dir": d, "live": meta is not None, **(meta or {})})
+        stack["lowers"] = lowers
+        rec["history"].append({"at": now, "added": [], "removed": remove,
+                               "restack_ms": restack_ms})
+        self._persist(c, rec)
+        log.info("%s: removed %d layer(s) in %.1f ms", c.id, len(remove), restack_ms)
+        out = self._view(c, rec, stack)
+        out.update({"removed": removed, "restack_ms": restack_ms})
+        return out
+
+    async def RemoveTargets(self, req: Any, ctx: RequestContext) -> Any:
+        """Remove layers named as ``fractal layers rm`` names them (ccpu.layersapi
+        ``resolve_targets``: an image added live, or a chain ID prefix of any layer), then take
+        the GC labels no remaining added layer needs off the container, here where the
+        interpreter is warm (the CLI's process then needs no gRPC, issue 13)."""
+        args = parse_request(req)
+        c = self._container(args["container"])
+        targets = str_list(args, "targets")
+        if not targets:
+            raise _bad("name layers or images to remove")
+        if len(targets) > MAX_IMAGES or any(len(t) > MAX_REF for t in targets):
+            raise _bad(f"at most {MAX_IMAGES} targets of at most {MAX_REF} bytes each")
+        self._check_stackable(c)
+        if not self.containerd:
+            raise errdefs.FailedPrecondition("this shim does not know containerd's address")
+        async with self._lock(c.id):
+            rec = load_record(c.bundle, c.id)
+            stack = await self._stack(c)
+            look = await asyncio.to_thread(self._lookups, c, False)
+            try:
+                named = await asyncio.to_thread(
+                    lambda: [look.named(e) for e in self._view(c, rec, stack)["layers"]])
+                try:
+                    dirs, images = layersapi.resolve_targets(targets, named)
+                except layersapi.BadTarget as exc:
+                    if exc.ambiguous:
+                        raise _bad(str(exc)) from None
+                    raise errdefs.NotFound(str(exc)) from None
+                out = await self._remove(c, rec, stack, dirs, images)
+                still = {la.get("gc_label") for la in out["layers"] if la.get("live")}
+                gone = sorted({e.get("gc_label") or "" for e in out["removed"]} - still - {""})
+                if gone and not await asyncio.to_thread(self._unlabel, look, c.id, dict.fromkeys(gone, "")):
+                    gone = []  # the layers are off; a label left only keeps them from GC longer
+                out["labels_removed"] = gone
+                out["layers"] = await asyncio.to_thread(lambda: [look.named(e) for e in out["layers"]])
+                return answer(out)
+            except _containerd_errors() as exc:
+                raise errdefs.FailedPrecondition(str(exc)) from None
+            finally:
+                self._remember(c, look)
+                look.client.close()
 
     def _persist(self, c: Container, rec: dict[str, Any]) -> None:
         try:

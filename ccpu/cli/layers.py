@@ -6,8 +6,9 @@ ccpu/layersapi.py) on its ttrpc socket, found through the sandbox record the shi
 
 ``add`` asks the shim's ``AddImages`` to do the containerd lookups below (the shim is warm and
 connected; this process then loads no grpc, protobuf or asyncio: ccpu/layerswire.py) and only
-pulls what it reports missing.  ``ls``, ``rm``, and ``add`` for a shim without ``AddImages`` or
-not found locally do them here (ccpu/client/livelayers.py):
+pulls what it reports missing; ``rm`` asks its ``RemoveTargets`` the same way.  ``ls``, and
+``add``/``rm`` for a shim without those methods or not found locally, do them here
+(ccpu/client/livelayers.py):
 
 * which layers an image has (chain IDs from containerd's content store, ccpu.client.images) and
   where the repo keeps them: the snapshotter says, through containerd's Snapshots service
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 
-from ..layersapi import GC_LABEL_PREFIX, LIVE_LABEL_MARK, SERVICE, BadPosition, gc_label, short  # noqa: F401
+from ..layersapi import GC_LABEL_PREFIX, LIVE_LABEL_MARK, SERVICE, BadPosition, BadTarget, gc_label, short  # noqa: F401
+from ..layersapi import resolve_targets
 from ..layersapi import parse_position as _parse_position
 from .common import add_containerd_flags, add_json_flag, human, print_json
 
@@ -215,6 +216,29 @@ def add_through_shim(address: str, namespace: str, cid: str, refs: list[str], po
     raise AssertionError("unreachable")
 
 
+def remove_through_shim(namespace: str, cid: str, targets: list[str], *,
+                        what: str = "change layers of") -> dict[str, Any]:
+    """`layers rm` without gRPC: the shim's RemoveTargets resolves the targets, restacks and
+    takes the GC labels off.  Raises _OldShim when the shim cannot be asked here."""
+    from .. import layerswire as wire
+
+    t0 = time.monotonic()
+    shim = _local_shim(namespace, cid)
+    try:
+        raw = wire.stack(wire.call(shim, wire.remove_targets_request(cid, targets), SHIM_TIMEOUT,
+                                   method=wire.REMOVE_METHOD))
+    except wire.WireError as e:
+        if e.code == wire.UNIMPLEMENTED:
+            raise _OldShim(cid) from None
+        if e.code == wire.UNAVAILABLE:
+            raise LayersError(f"cannot {what} {cid}: its shim does not answer ({e.message})") from None
+        raise LayersError(f"cannot {what} {cid}: {e.message}") from None
+    raw["stack"] = stack_of(raw, raw.get("layers") or [], cid)
+    raw.setdefault("labels_removed", [])
+    raw["cli_ms"] = round((time.monotonic() - t0) * 1000, 2)
+    return raw
+
+
 # -- a session on one container --------------------------------------------------------------------
 
 
@@ -348,28 +372,11 @@ class Session:
         prefix, with or without ``sha256:``; any layer of the stack)."""
         t0 = time.monotonic()
         current = self.stack()
-        dirs: list[str] = []
-        images: list[str] = []
-        for t in targets:
-            hexpart = t.removeprefix("sha256:")
-            matches = []
-            if re.fullmatch(r"[0-9a-f]{4,64}", hexpart):
-                matches = [la for la in current.layers if short(la.chain_id, 64).startswith(hexpart)]
-            if len(matches) > 1:
-                raise LayersError(f"cannot {self.what} {self.container.id}: {t} matches "
-                                  f"{len(matches)} layers; give more of the digest")
-            if matches:
-                if matches[0].dir not in dirs:
-                    dirs.append(matches[0].dir)
-                continue
-            if any(la.live and la.image == t for la in current.layers):
-                images.append(t)
-                continue
-            if t.startswith("sha256:") or re.fullmatch(r"[0-9a-f]{12,64}", t):
-                raise LayersError(f"cannot {self.what} {self.container.id}: no layer {t} in its stack")
-            raise LayersError(f"cannot {self.what} {self.container.id}: no layers of image {t} were "
-                              "added to it (name a layer digest from `fractal layers ls` to remove "
-                              "one of its image's layers)")
+        try:
+            dirs, images = resolve_targets(targets, [{"dir": la.dir, "live": la.live, "chain_id": la.chain_id,
+                                                      "image": la.image} for la in current.layers])
+        except BadTarget as e:
+            raise LayersError(f"cannot {self.what} {self.container.id}: {e}") from None
         raw = shim_call(self.shim, "Remove", {"container": self.container.id, "layers": dirs,
                                               "images": images}, what=self.what)
         stack = self._stack(raw)
@@ -449,8 +456,17 @@ def cmd_add(args: Any) -> int:
 
 
 def cmd_rm(args: Any) -> int:
-    with _session(args, "change layers of") as s:
-        res = s.remove(list(args.targets))
+    from ..client.address import resolve_target
+
+    address, namespace = resolve_target(args.address, args.namespace)
+    try:
+        res = remove_through_shim(namespace, args.container, list(args.targets))
+    except _OldShim:
+        from . import setup_logging
+
+        setup_logging(args.debug)  # the gRPC path's libraries log
+        with _session(args, "change layers of") as s:
+            res = s.remove(list(args.targets))
     stack: Stack = res.pop("stack")
     if args.json:
         print_json({"removed": [e.get("dir") for e in res.get("removed") or []],
@@ -489,4 +505,4 @@ def register(layers: argparse.ArgumentParser) -> None:
     add_json_flag(p, "machine-readable output (with timings)")
     p.add_argument("container")
     p.add_argument("targets", nargs="+", metavar="IMAGE|DIGEST")
-    p.set_defaults(func=cmd_rm)
+    p.set_defaults(func=cmd_rm, lazy_logging=True)

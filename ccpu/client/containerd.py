@@ -79,29 +79,31 @@ class ContainerdClient:
                 raise ContainerdError(f"cannot reach containerd at {self.address}: {e.details()}") from None  # type: ignore[attr-defined]
             raise ContainerdError(f"containerd: {code.name.lower()}: {e.details()}") from None  # type: ignore[attr-defined]
 
+    @staticmethod
+    def _record(c) -> ContainerRecord:  # type: ignore[no-untyped-def]
+        annotations: dict[str, str] = {}
+        if c.spec.value:
+            try:
+                annotations = dict(json.loads(c.spec.value).get("annotations") or {})
+            except (ValueError, AttributeError):
+                annotations = {}
+        return ContainerRecord(c.id, c.runtime.name, c.image, c.snapshotter, c.snapshot_key,
+                               dict(c.labels), annotations)
+
     def containers(self, runtime: str | None = None) -> list[ContainerRecord]:
         stub = containers_pb2_grpc.ContainersStub(self._channel)
         resp = self.call(stub.List, containers_pb2.ListContainersRequest())
-        out = []
-        for c in resp.containers:
-            if runtime is not None and c.runtime.name != runtime:
-                continue
-            annotations: dict[str, str] = {}
-            if c.spec.value:
-                try:
-                    annotations = dict(json.loads(c.spec.value).get("annotations") or {})
-                except (ValueError, AttributeError):
-                    annotations = {}
-            out.append(ContainerRecord(c.id, c.runtime.name, c.image, c.snapshotter, c.snapshot_key,
-                                       dict(c.labels), annotations))
-        return out
+        return [self._record(c) for c in resp.containers if runtime is None or c.runtime.name == runtime]
 
     def container(self, container_id: str) -> ContainerRecord:
-        """One container (ContainerdError "... not found" if it does not exist)."""
-        for c in self.containers():
-            if c.id == container_id:
-                return c
-        raise ContainerdError(f"container {container_id!r} not found in namespace {self.namespace!r}")
+        """One container (ContainerdError "... not found" if it does not exist): one Get, not a
+        List of every container with each spec parsed (``layers add``/``rm`` ask it each time)."""
+        stub = containers_pb2_grpc.ContainersStub(self._channel)
+        try:
+            resp = self.call(stub.Get, containers_pb2.GetContainerRequest(id=container_id))
+        except NotFound:
+            raise ContainerdError(f"container {container_id!r} not found in namespace {self.namespace!r}") from None
+        return self._record(resp.container)
 
     def update_container_labels(self, container_id: str, labels: dict[str, str]) -> None:
         """Set labels of a container, leaving the others alone (field mask ``labels.<key>``);

@@ -20,7 +20,7 @@ import grpc
 from .. import digest as digests
 from ..api.gen.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 from ..api.gen.containerd.services.images.v1 import images_pb2, images_pb2_grpc
-from .containerd import ContainerdClient, ContainerdError
+from .containerd import ContainerdClient, ContainerdError, NotFound
 
 INDEX_TYPES = {
     "application/vnd.oci.image.index.v1+json",
@@ -95,15 +95,26 @@ def image_layers(client: ContainerdClient, name: str) -> ImageLayers:
     return _image(client, name)[0]
 
 
-def _image(client: ContainerdClient, name: str) -> tuple[ImageLayers, dict]:
+def image_target(client: ContainerdClient, name: str) -> tuple[str, str]:
+    """(media type, digest) of image `name`'s target: the one lookup by name, which changes
+    whenever the name is pointed elsewhere (NotFound -> ContainerdError)."""
     images = images_pb2_grpc.ImagesStub(client._channel)
     try:
         img = images.Get(images_pb2.GetImageRequest(name=name), metadata=client._md, timeout=client.timeout).image
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-            raise ContainerdError(f"image {name!r} not found in namespace {client.namespace!r}") from None
+            raise NotFound(f"image {name!r} not found in namespace {client.namespace!r}") from None
         raise ContainerdError(f"containerd: {e.details()}") from None  # type: ignore[attr-defined]
-    media, digest = img.target.media_type, img.target.digest
+    return img.target.media_type, img.target.digest
+
+
+def _image(client: ContainerdClient, name: str) -> tuple[ImageLayers, dict]:
+    return target_layers(client, name, *image_target(client, name))
+
+
+def target_layers(client: ContainerdClient, name: str, media: str, digest: str) -> tuple[ImageLayers, dict]:
+    """The layers of the image whose target is ``digest`` (manifest or index) and its manifest:
+    a function of the digest alone (content-addressed), read from the content store."""
     doc = _read_json(client, digest)
     if media in INDEX_TYPES or "manifests" in doc:
         want = _arch()

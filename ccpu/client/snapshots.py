@@ -55,11 +55,18 @@ class Snapshots:
         self._stub = pb_grpc.SnapshotsStub(client.channel)
 
     def exists(self, key: str) -> bool:
+        return self.created(key) is not None
+
+    def created(self, key: str) -> int | None:
+        """When snapshot ``key`` was created in this namespace (ns since the epoch, containerd's
+        own record of it), or None if there is none.  A snapshot removed and made again gets a
+        new time: with the key it names one snapshot's life, during which its layer
+        directories cannot change (livelayers.Facts)."""
         try:
-            self.client.call(self._stub.Stat, pb.StatSnapshotRequest(snapshotter=self.snapshotter, key=key))
+            info = self.client.call(self._stub.Stat, pb.StatSnapshotRequest(snapshotter=self.snapshotter, key=key)).info
         except NotFound:
-            return False
-        return True
+            return None
+        return int(info.created_at.seconds) * 1_000_000_000 + int(info.created_at.nanos)
 
     def parent(self, key: str) -> str:
         info = self.client.call(self._stub.Stat, pb.StatSnapshotRequest(snapshotter=self.snapshotter, key=key)).info

@@ -14,10 +14,14 @@ so neither side pays for a pull.  Each round, in the same run:
   the containerd lookups in the CLI's own process over gRPC (the path before the shim's
   AddImages, still taken for an older shim); the same add by the CLI started through a
   ``python3 -S`` launcher (ccpu/cli/launcher.py, as ``fractal install`` writes the shim's: no
-  ``site``); and ``python3 -c pass`` / ``python3 -S -c pass`` (the interpreter's floors);
+  ``site``; the shim warm, what it may remember remembered: livelayers.Facts), and ``layers rm``
+  through it; and ``python3 -c pass`` / ``python3 -S -c pass`` (the interpreter's floors);
 * **restart**: the alternative -- stop that container and start one on the tools image:
   ``ctr task kill -s SIGKILL`` + wait until stopped + ``ctr task rm`` + ``ctr container rm`` +
   ``ctr run -d TOOLS`` until ``ctr task ls`` shows it RUNNING (timed as a whole).
+
+Then the containerd lookups of the shim's ``AddImages`` alone, from this warm process, remembering
+nothing vs with what the shim keeps between requests (``lookup_rounds``), alternated.
 
 With ``--base DIR`` the same add is also timed with an older checkout's CLI (``PYTHONPATH=DIR``,
 through the launcher; the shim stays this checkout's), for a before/after in the same rounds.
@@ -164,7 +168,7 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
     wait_state(env, cid, {"RUNNING"})
     flags = ["-a", str(env.address), "-n", NS]
     try:
-        add_wall, add = fractal_cli(env, "add", *flags, "--json", cid, tools)
+        add_wall, add = fractal_cli(env, "add", *flags, "--json", cid, tools)  # the shim's first: cold
         add_cpu = LAST_CPU[0]
         if len(add["added"]) != 2:
             raise RuntimeError(f"expected 2 added layers, got {add['added']}")
@@ -173,6 +177,7 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
             raise RuntimeError(f"added file not visible: {out!r}")
         shim_uss = sum(uss_kb(rec["shim_pid"]) for rec in shim_records(env, cid)) / 1024
         rm_wall, rm = fractal_cli(env, "rm", *flags, "--json", cid, tools)
+        rm_cpu = LAST_CPU[0]
         old_wall, old = fractal_cli(env, "add", *flags, "--json", cid, tools, via_containerd=True)
         if len(old["added"]) != 2:
             raise RuntimeError(f"expected 2 added layers (containerd path), got {old['added']}")
@@ -181,13 +186,18 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
         fast_cpu = LAST_CPU[0]
         if len(fast["added"]) != 2:
             raise RuntimeError(f"expected 2 added layers (launcher), got {fast['added']}")
-        fractal_cli(env, "rm", *flags, "--json", cid, tools, via_launcher=True)
-        extra: dict[str, float] = {}
+        frm_wall, frm = fractal_cli(env, "rm", *flags, "--json", cid, tools, via_launcher=True)
+        frm_cpu = LAST_CPU[0]
+        if len(frm["removed"]) != 2 or len(frm["labels_removed"]) != 1:
+            raise RuntimeError(f"expected 2 removed layers and 1 label (launcher), got {frm}")
+        extra: dict[str, float] = {"rm_launcher_wall_ms": frm_wall, "rm_launcher_cpu_ms": frm_cpu,
+                                   "rm_launcher_cli_ms": frm["cli_ms"]}
         if BASE:
             bw, b = fractal_cli(env, "add", *flags, "--json", cid, tools, via_launcher=True, tree=BASE[0])
-            extra = {"base_add_launcher_wall_ms": bw, "base_add_launcher_cpu_ms": LAST_CPU[0],
-                     "base_add_launcher_cli_ms": b["cli_ms"]}
-            fractal_cli(env, "rm", *flags, "--json", cid, tools, via_launcher=True)
+            extra.update({"base_add_launcher_wall_ms": bw, "base_add_launcher_cpu_ms": LAST_CPU[0],
+                          "base_add_launcher_cli_ms": b["cli_ms"]})
+            bw, b = fractal_cli(env, "rm", *flags, "--json", cid, tools, via_launcher=True, tree=BASE[0])
+            extra.update({"base_rm_launcher_wall_ms": bw, "base_rm_launcher_cpu_ms": LAST_CPU[0]})
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
         floor = (time.monotonic() - t0) * 1000
@@ -195,13 +205,65 @@ def live_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, fl
         subprocess.run([sys.executable, "-S", "-c", "pass"], check=True, timeout=60)
         floor_s = (time.monotonic() - t0) * 1000
         return {"add_wall_ms": add_wall, "add_cli_ms": add["cli_ms"], "add_restack_ms": add["restack_ms"],
-                "rm_wall_ms": rm_wall, "rm_cli_ms": rm["cli_ms"], "rm_restack_ms": rm["restack_ms"],
+                "rm_wall_ms": rm_wall, "rm_cli_ms": rm["cli_ms"], "rm_cpu_ms": rm_cpu, "rm_restack_ms": rm["restack_ms"],
                 "add_via_containerd_wall_ms": old_wall, "add_via_containerd_cli_ms": old["cli_ms"],
                 "add_launcher_wall_ms": fast_wall, "add_launcher_cli_ms": fast["cli_ms"],
                 "add_cpu_ms": add_cpu, "add_launcher_cpu_ms": fast_cpu, **extra,
                 "python_floor_ms": floor, "python_s_floor_ms": floor_s, "shim_uss_mb_after_add": shim_uss}
     finally:
         remove(env, cid)
+
+
+def lookup_rounds(env: FractalEnv, base: str, tools: str, cid: str, n: int) -> dict[str, list[float]]:
+    """The containerd lookups of the shim's AddImages for ``tools`` on a running container, from
+    this (warm) process, alternated: ``cold`` remembers nothing (every request before
+    livelayers.Facts), ``shared`` a new shim's first request (the facts another shim left in
+    the run dir, nothing in memory, the container's own layers not yet named), ``warm`` with
+    the Facts and own-layer names a previous request left (what the shim keeps).  Each: a new connection, the container's
+    record, the image found, its layers planned, every layer of the answer named (ms)."""
+    from ccpu.client.containerd import ContainerdClient
+    from ccpu.client.livelayers import Facts, Lookups
+
+    subprocess.run(ctr_run(env, base, cid), check=True, capture_output=True, timeout=60)
+    wait_state(env, cid, {"RUNNING"})
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="fractal-bench-facts-")
+    facts = Facts()
+    own: dict[str, str] | None = None
+    out: dict[str, list[float]] = {"lookups_cold_ms": [], "lookups_shared_ms": [], "lookups_warm_ms": []}
+
+    def once(kind: str) -> tuple[float, dict[str, str] | None]:
+        t0 = time.monotonic()
+        with ContainerdClient(str(env.address), NS) as client:
+            warm = kind == "warm"
+            mine = facts if warm else Facts(directory=shared) if kind == "shared" else None
+            look = Lookups(client, client.container(cid), facts=mine,
+                           own=dict(own) if warm and own else None)
+            img, why = look.find_image(tools)
+            if img is None:
+                raise RuntimeError(f"{tools}: {why}")
+            present = set(look.own_layers())
+            plan = look.plan([(tools, img)], present)
+            named = [look.named({"dir": d, "live": False}) for d in present]
+            if len(plan.layers) != 2 or not all(e["chain_id"] for e in named):
+                raise RuntimeError(f"unexpected plan {plan} / names {named}")
+        return (time.monotonic() - t0) * 1000, look.own_known()
+
+    try:
+        _, own = once("warm")  # what the shim's first request leaves behind
+        once("shared")  # ... and what it leaves in the shims' run dir
+        kinds = ("cold", "shared", "warm")
+        for i in range(n):
+            for kind in (kinds if i % 2 == 0 else tuple(reversed(kinds))):
+                ms, _ = once(kind)
+                out[f"lookups_{kind}_ms"].append(ms)
+    finally:
+        remove(env, cid)
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
+    return out
 
 
 def restart_round(env: FractalEnv, base: str, tools: str, cid: str) -> dict[str, float]:
@@ -247,7 +309,16 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
              ("python_floor_ms", "python3 -c pass (floor)"),
              ("python_s_floor_ms", "python3 -S -c pass (floor)"),
              ("add_restack_ms", "layers add: shim-side restack"), ("rm_wall_ms", "layers rm: CLI wall time"),
-             ("rm_restack_ms", "layers rm: shim-side restack"), ("restart_ms", "restart (kill+rm+run -d)")]
+             ("rm_cli_ms", "layers rm: CLI after imports"), ("rm_cpu_ms", "layers rm: CLI process CPU"),
+             ("rm_launcher_wall_ms", "  same, CLI by python -S launcher"),
+             ("rm_launcher_cli_ms", "  same, launcher: after imports"),
+             ("rm_launcher_cpu_ms", "  same, launcher: CPU"),
+             ("base_rm_launcher_wall_ms", "--base CLI rm, launcher: wall"),
+             ("base_rm_launcher_cpu_ms", "--base CLI rm, launcher: CPU"),
+             ("rm_restack_ms", "layers rm: shim-side restack"), ("restart_ms", "restart (kill+rm+run -d)"),
+             ("lookups_cold_ms", "AddImages' lookups, nothing kept"),
+             ("lookups_shared_ms", "  same, a new shim: run dir's facts"),
+             ("lookups_warm_ms", "  same, with what the shim keeps")]
     for key, label in names:
         if key not in s:
             continue
@@ -257,7 +328,8 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     lines.append(f"shim daemon USS after an add (MB): median {u['median']:.1f}, max {u['max']:.1f} (goal <= 40)")
     goals = []
     for key, label in (("add_restack_ms", "shim-side restack"), ("add_cli_ms", "CLI after imports"),
-                       ("add_wall_ms", "CLI wall time"), ("add_launcher_wall_ms", "CLI wall time, launcher")):
+                       ("add_wall_ms", "CLI wall time"), ("add_launcher_wall_ms", "CLI wall time, launcher"),
+                       ("rm_launcher_wall_ms", "rm: CLI wall time, launcher")):
         med = s[key]["median"]
         ratio = med / restart
         ok = ratio <= GOAL_RATIO and med < GOAL_MS
@@ -302,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": {"ratio_max": GOAL_RATIO, "ms_max": GOAL_MS},
     }
     rounds: list[dict[str, float]] = []
+    lookups: dict[str, list[float]] = {}
 
     def measure() -> None:
         with bench_env("busybox", "tools") as (env, refs):
@@ -319,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                     rounds.append(r)
                     log(f"round {i + 1}/{args.runs}: add {r['add_wall_ms']:.0f} ms (restack "
                         f"{r['add_restack_ms']:.1f}), restart {r['restart_ms']:.0f} ms")
+                lookups.update(lookup_rounds(env, refs["busybox"], refs["tools"], "lk", 4 * args.runs))
             env.remove_namespace(NS)
 
     rc = guarded(measure)
@@ -326,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     result["rounds"] = rounds
     result["summary"] = {k: summary([r[k] for r in rounds]) for k in rounds[0]}
+    result["summary"].update({k: summary(v) for k, v in lookups.items()})
     return finish(result, report, args.json)
 
 

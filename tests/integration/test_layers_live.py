@@ -166,11 +166,12 @@ def test_environment_instead_of_flags_and_position(fenv: FractalEnv, images: dic
     assert box.alive()
 
 
-def test_add_asks_the_shim_not_containerd(fenv: FractalEnv, images: dict[str, str], namespace: str,
+def test_add_and_rm_ask_the_shim_not_containerd(fenv: FractalEnv, images: dict[str, str], namespace: str,
                                          box: Box) -> None:
-    """`layers add` has the shim do the containerd lookups (AddImages, issue 13): the CLI is
-    given an address where no containerd listens and still adds, the GC label is still set,
-    and --json still names every layer (the shim fills in the container's own layers)."""
+    """`layers add` and `rm` have the shim do the containerd lookups (AddImages, RemoveTargets,
+    issue 13): the CLI is given an address where no containerd listens and still adds and
+    removes, the GC label is still set and taken off, and --json still names every layer (the
+    shim fills in the container's own layers)."""
     tools = images["tools"]
     nowhere = ["-a", str(fenv.fractal_run_dir / "no-containerd.sock"), "-n", namespace]
     r = fractal(fenv, "layers", "add", *nowhere, "--no-pull", box.cid, tools)
@@ -190,6 +191,27 @@ def test_add_asks_the_shim_not_containerd(fenv: FractalEnv, images: dict[str, st
     assert refs == [out["layers"][0]["chain_id"]]
     r = fractal(fenv, "layers", "add", *nowhere, box.cid, tools)
     assert r.returncode == 0 and "nothing added" in r.stdout, r.stdout + r.stderr
+    assert box.alive()
+
+    # `layers rm` too (RemoveTargets): by a chain ID prefix of one added layer, then by image;
+    # the GC label goes with the last of the image's layers
+    top = out["layers"][0]["chain_id"]
+    r = fractal(fenv, "layers", "rm", *nowhere, "--json", box.cid, top[:19])
+    assert r.returncode == 0, r.stderr
+    one = json.loads(r.stdout)
+    assert one["removed"] == [out["layers"][0]["dir"]] and one["labels_removed"] == []
+    assert [la["live"] for la in one["layers"]] == [True, False]
+    assert one["layers"][1]["chain_id"] == out["layers"][2]["chain_id"]  # named by the shim
+    r = fractal(fenv, "layers", "rm", *nowhere, "--json", box.cid, tools)
+    assert r.returncode == 0, r.stderr
+    two = json.loads(r.stdout)
+    assert two["removed"] == [out["layers"][1]["dir"]] and len(two["labels_removed"]) == 1
+    assert [la["live"] for la in two["layers"]] == [False]
+    assert box.sh(f"cat {HELLO} 2>&1; echo rc=$?").endswith("rc=1")
+    info = json.loads(fenv.ctr("containers", "info", box.cid, namespace=namespace).stdout)
+    assert not [k for k in (info.get("Labels") or {}) if "/live-" in k]
+    r = fractal(fenv, "layers", "rm", *nowhere, box.cid, tools)
+    assert r.returncode != 0 and f"no layers of image {tools} were added" in r.stderr, r.stderr
     assert box.alive()
 
 
@@ -291,6 +313,17 @@ def test_gc_reference_keeps_added_layers(fenv: FractalEnv, images: dict[str, str
     fenv.ctr("leases", "rm", "--sync", lease, namespace=namespace)  # GC now: nothing refers to them
     wait_for(lambda: not any(d.exists() for d in dirs), timeout=20, what="the removed layers to be collected")
     assert box.alive() and box.sh("cat /mine") == "mine"
+
+    # pulled again: new snapshots in new dirs.  The shim remembers the image's old dirs
+    # (livelayers.Facts), keyed by the top snapshot's creation time, so it must not hand out the
+    # collected ones now
+    fenv.pull(tools, namespace=namespace)
+    r = fractal(fenv, "layers", "add", *flags(fenv, namespace), "--json", box.cid, tools)
+    assert r.returncode == 0, r.stderr
+    new = [la["dir"] for la in json.loads(r.stdout)["layers"] if la["live"]]
+    assert len(new) == 2 and all(Path(d).is_dir() for d in new), new
+    assert not set(new) & {str(d) for d in dirs}
+    assert box.sh(f"cat {HELLO}") == "hello from tools" and box.alive()
 
 
 def test_without_the_gc_reference_the_layers_would_go(fenv: FractalEnv, images: dict[str, str], namespace: str,

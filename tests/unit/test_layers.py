@@ -392,14 +392,20 @@ class FakeLook:
         assert not self.closed
         return 1
 
+    def own_known(self) -> dict[str, str] | None:
+        return None
+
     def named(self, entry: dict[str, Any]) -> dict[str, Any]:
-        return {**entry, "chain_id": entry.get("chain_id") or "sha256:own"}
+        assert not self.closed
+        own = {L(1): "sha256:0aaa1", L(5): "sha256:0aaa5"}
+        return {**entry, "chain_id": entry.get("chain_id") or own.get(entry["dir"], "sha256:own")}
 
 
 def add_images_shim(fake: Fake, look: FakeLook) -> None:
     fake.svc.containerd = ("/nowhere.sock", "default")
-    def lookups(cid: str) -> FakeLook:  # a fresh (open) client per request, as the shim's
+    def lookups(c: Any, fresh: bool) -> FakeLook:  # a fresh (open) client per request, as the shim's
         look.closed = False
+        look.fresh = getattr(look, "fresh", []) + [fresh]
         return look
 
     fake.svc._lookups = lookups  # type: ignore[method-assign]
@@ -412,7 +418,7 @@ def test_add_images_labels_then_restacks_and_names_the_stack(fake) -> None:  # n
     assert fake.agent.stacks["c1"] == [L(3), L(2), L(1)]
     assert out["added"] == [L(3), L(2)] and look.labels == [{"gc/tools": "sha256:tools"}]
     assert [(la["live"], la["chain_id"]) for la in out["layers"]] == [
-        (True, "sha256:tools"), (True, "sha256:tools"), (False, "sha256:own")]
+        (True, "sha256:tools"), (True, "sha256:tools"), (False, "sha256:0aaa1")]
     assert look.closed and look.own_asked == 1
     again = call(fake.svc, "AddImages", container="c1", images=["tools"])
     assert again["added"] == [] and again["skipped"] == ["tools"] and len(look.labels) == 1
@@ -435,3 +441,71 @@ def test_add_images_reports_missing_images_and_changes_nothing(fake) -> None:  #
     out = call(fake.svc, "AddImages", container="c1", images=["tools", "absent"])
     assert out["missing"] == {"absent": "is not in namespace 'default'"} and out["snapshotter"] == "fractal"
     assert "restack_ms" not in out and look.labels == [] and fake.agent.stacks["c1"] == [L(1)]
+
+
+def test_remove_targets_by_image_takes_the_label_off(fake) -> None:  # noqa: ANN001
+    """`fractal layers rm C IMAGE` through the shim (RemoveTargets): the image's added layers
+    go, and so does its GC label, which no remaining added layer uses."""
+    look = FakeLook({"tools": [L(3), L(2)], "edge": [L(4)]})
+    add_images_shim(fake, look)
+    call(fake.svc, "AddImages", container="c1", images=["tools"])
+    call(fake.svc, "AddImages", container="c1", images=["edge"])
+    look.labels.clear()
+    out = call(fake.svc, "RemoveTargets", container="c1", targets=["tools"])
+    assert fake.agent.stacks["c1"] == [L(4), L(1)]
+    assert [e["dir"] for e in out["removed"]] == [L(3), L(2)]
+    assert out["labels_removed"] == ["gc/tools"] and look.labels == [{"gc/tools": ""}]
+    assert [(la["dir"], la["chain_id"]) for la in out["layers"]] == [(L(4), "sha256:edge"), (L(1), "sha256:0aaa1")]
+    assert look.closed and look.fresh[-1] is False  # no containerd record needed for a removal
+
+
+def test_remove_targets_by_chain_id_prefix_and_its_errors(fake, tmp_path: Path) -> None:  # noqa: ANN001
+    """Digest prefixes name any layer (the container's own ones too, named through
+    containerd); a prefix of two layers is refused, an unknown one is NotFound; each error
+    leaves the stack as it was and takes no label off."""
+    fake.task.add("c2", tmp_path, [L(5), L(1)])
+    look = FakeLook({})
+    add_images_shim(fake, look)
+    with pytest.raises(TtrpcError) as e:
+        call(fake.svc, "RemoveTargets", container="c2", targets=["sha256:0aaa"])
+    assert e.value.code == Code.INVALID_ARGUMENT and "matches 2 layers" in e.value.message
+    with pytest.raises(TtrpcError) as e:
+        call(fake.svc, "RemoveTargets", container="c2", targets=["sha256:" + "0" * 64])
+    assert e.value.code == Code.NOT_FOUND and "no layer sha256:" in e.value.message
+    with pytest.raises(TtrpcError) as e:
+        call(fake.svc, "RemoveTargets", container="c2", targets=["tools"])
+    assert e.value.code == Code.NOT_FOUND and "no layers of image tools were added" in e.value.message
+    assert fake.agent.stacks["c2"] == [L(5), L(1)]
+    out = call(fake.svc, "RemoveTargets", container="c2", targets=["0aaa5"])
+    assert fake.agent.stacks["c2"] == [L(1)] and out["removed"][0]["dir"] == L(5)
+    assert "labels_removed" not in out and look.labels == []
+    with pytest.raises(TtrpcError) as e:  # bounded like AddImages
+        call(fake.svc, "RemoveTargets", container="c2", targets=["x"] * (layers.MAX_IMAGES + 1))
+    assert e.value.code == Code.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("targets, want", [
+    (["tools"], ([], ["tools"])),
+    (["sha256:aaaa11", "aaaa11"], (["/l/a"], [])),
+    (["bbbb"], (["/l/b"], [])),
+])
+def test_resolve_targets(targets: list[str], want: object) -> None:
+    from ccpu.layersapi import resolve_targets
+
+    stack = [{"dir": "/l/a", "live": True, "chain_id": "sha256:aaaa11" + "0" * 58, "image": "tools"},
+             {"dir": "/l/b", "live": False, "chain_id": "sha256:bbbb" + "1" * 60, "image": "busybox"}]
+    assert resolve_targets(targets, stack) == want
+
+
+@pytest.mark.parametrize("target, text", [
+    ("busybox", "no layers of image busybox were added"),  # an image layer: by digest only
+    ("sha256:cccc", "no layer sha256:cccc"), ("cccccccccccc", "no layer cccccccccccc"),
+    ("aaa", "no layers of image aaa"),  # too short to be a prefix
+])
+def test_resolve_targets_refuses(target: str, text: str) -> None:
+    from ccpu.layersapi import BadTarget, resolve_targets
+
+    stack = [{"dir": "/l/b", "live": False, "chain_id": "sha256:aaaa" + "1" * 60, "image": "busybox"}]
+    with pytest.raises(BadTarget) as e:
+        resolve_targets([target], stack)
+    assert text in str(e.value) and not e.value.ambiguous

@@ -1,4 +1,4 @@
-"""What ``fractal layers add`` imports: its whole process should cost <= 100 ms (issue 13), and
+"""What ``fractal layers add`` (and ``rm``) imports: its whole process should cost <= 100 ms (issue 13), and
 grpc, protobuf and asyncio were most of it.  The shim does the containerd lookups (AddImages,
 shim/layers.py); the CLI finds the shim through its sandbox record and calls it with
 ccpu/layerswire.py.  So the CLI runs here for real, in a fresh ``python3 -X importtime``
@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ccpu import layersmsg, sandboxes
 from tests.unit.test_layerswire import serving
@@ -104,9 +106,42 @@ def test_layers_add_without_site_loads_none_of_the_heavy_stdlib(tmp_path: Path) 
         assert not [m for m in res["loaded"] if m in HEAVY], res["loaded"]
 
 
-def test_an_older_shim_takes_the_grpc_path(tmp_path: Path) -> None:
-    """A shim without AddImages (it answers UNIMPLEMENTED) sends the CLI down the containerd
-    path (here: no containerd, so its error) instead of failing with the shim's code."""
+def test_layers_rm_is_as_lean_as_add(tmp_path: Path) -> None:
+    """`fractal layers rm` asks the shim's RemoveTargets (it resolves the targets, restacks and
+    takes the GC labels off) with ccpu/layerswire.py: under ``-S`` none of the heavy stdlib, no
+    grpc, protobuf or asyncio (before: ~340 ms, the whole gRPC client in the CLI's process)."""
+    calls: list[tuple[str, list[str]]] = []
+
+    async def remove_targets(req: Any, ctx: Any) -> Any:
+        calls.append((req.container, list(req.targets)))
+        return layersmsg.answer({"container": req.container, "upper": "/u",
+                                 "layers": [{"dir": "/r/l1", "live": False, "chain_id": "sha256:ab"}],
+                                 "removed": [{"dir": "/r/l9", "live": True, "image": "tools"}],
+                                 "restack_ms": 1.5, "labels_removed": ["gc/tools"]})
+
+    with serving(remove_targets, method="RemoveTargets") as address:
+        sandboxes.write(sandboxes.SandboxRecord(group="c1", namespace="default", mode="host",
+                                                shim_pid=os.getpid(), containers=["c1"],
+                                                address=address), base=tmp_path / "run")
+        res, r = run_cli(tmp_path, ["layers", "rm", "c1", "tools", "sha256:abcd"], "-S")
+        assert res["code"] == 0, r.stderr[-2000:]
+        assert "c1: removed 1 layer(s) (restack 1.5 ms)" in r.stdout
+        bad = [m for m in res["loaded"] if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+        bad += forbidden(res["loaded"])
+        assert not bad, f"`python -S -m ccpu.cli layers rm` loaded {bad}\n{importtime_report(r.stderr)}"
+        res, r = run_cli(tmp_path, ["layers", "rm", "--json", "c1", "tools"], "-S")
+        assert res["code"] == 0, r.stderr[-2000:]
+        out = json.loads(r.stdout)
+        assert out["removed"] == ["/r/l9"] and out["labels_removed"] == ["gc/tools"]
+        assert out["layers"][0]["chain_id"] == "sha256:ab"
+    assert calls == [("c1", ["tools", "sha256:abcd"]), ("c1", ["tools"])]
+
+
+@pytest.mark.parametrize("verb", ["add", "rm"])
+def test_an_older_shim_takes_the_grpc_path(tmp_path: Path, verb: str) -> None:
+    """A shim without AddImages / RemoveTargets (it answers UNIMPLEMENTED) sends the CLI down
+    the containerd path (here: no containerd, so its error) instead of failing with the
+    shim's code."""
     async def add(req: Any, ctx: Any) -> Any:
         raise AssertionError("not called")
 
@@ -114,7 +149,7 @@ def test_an_older_shim_takes_the_grpc_path(tmp_path: Path) -> None:
         sandboxes.write(sandboxes.SandboxRecord(group="c1", namespace="default", mode="host",
                                                 shim_pid=os.getpid(), containers=["c1"],
                                                 address=address), base=tmp_path / "run")
-        res, r = run_cli(tmp_path, ["layers", "add", "c1", "tools"])
+        res, r = run_cli(tmp_path, ["layers", verb, "c1", "tools"])
     assert res["code"] != 0
     assert "grpc" in res["loaded"], "the fallback asks containerd"
     assert "fractal: " in r.stderr and "does not serve" not in r.stderr

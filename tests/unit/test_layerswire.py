@@ -34,6 +34,13 @@ def test_request_bytes_equal_the_generated_class(container: str, images: list[st
 
 
 @settings(deadline=None, max_examples=200)
+@given(container=text, targets=st.lists(text, max_size=4))
+def test_remove_request_bytes_equal_the_generated_class(container: str, targets: list[str]) -> None:
+    want = pb.RemoveTargetsRequest(container=container, targets=targets).SerializeToString()
+    assert layerswire.remove_targets_request(container, targets) == want
+
+
+@settings(deadline=None, max_examples=200)
 @given(service=text, method=text, payload=st.binary(max_size=64),
        timeout=st.integers(min_value=0, max_value=(1 << 63) - 1))
 def test_ttrpc_request_bytes_equal_the_generated_class(service: str, method: str, payload: bytes,
@@ -48,15 +55,15 @@ layer_msgs = st.builds(
         **({} if size is None else {"size": size}), **({} if added is None else {"added_at": added})),
     text, st.booleans(), text, text, st.none() | i64, text, st.none() | i64)
 stack_msgs = st.builds(
-    lambda container, repo_root, upper, layers, history, added, skipped, removed, restack, missing, snap: pb.Stack(
+    lambda container, repo_root, upper, layers, history, added, skipped, removed, restack, missing, snap, gone: pb.Stack(
         container=container, layers=layers, history=history, added=added, skipped=skipped, removed=removed,
-        missing=missing, snapshotter=snap, **({} if repo_root is None else {"repo_root": repo_root}),
+        missing=missing, snapshotter=snap, labels_removed=gone, **({} if repo_root is None else {"repo_root": repo_root}),
         **({} if upper is None else {"upper": upper}), **({} if restack is None else {"restack_ms": restack})),
     text, st.none() | text, st.none() | text, st.lists(layer_msgs, max_size=3),
     st.lists(st.builds(lambda at, a, r, ms: pb.Change(at=at, added=a, removed=r, restack_ms=ms),
                        i64, st.lists(text, max_size=2), st.lists(text, max_size=2), doubles), max_size=2),
     st.lists(text, max_size=2), st.lists(text, max_size=2), st.lists(layer_msgs, max_size=2),
-    st.none() | doubles, st.dictionaries(text, text, max_size=2), text)
+    st.none() | doubles, st.dictionaries(text, text, max_size=2), text, st.lists(text, max_size=2))
 
 
 @settings(deadline=None, max_examples=300)
@@ -88,7 +95,7 @@ def serving(handler: Any, method: str = "AddImages") -> Iterator[str]:
     path = os.path.join(sock_dir, "s.sock")
     loop = asyncio.new_event_loop()
     server = Server()
-    server.register(layerswire.SERVICE, {method: (pb.AddImagesRequest, handler)})
+    server.register(layerswire.SERVICE, {method: (layersmsg.REQUESTS.get(method, pb.AddImagesRequest), handler)})
     started = threading.Event()
 
     def run() -> None:
