@@ -17,6 +17,14 @@ and passes the fds; from then on the VM is the shim's and a dead shim's ``delete
 from the same records as any other.  A used VM never comes back: the shim stops it when its
 sandbox ends.
 
+Two things keep an adopter's first container as cheap as its Nth (docs/vm.md "Where a new
+sandbox's time went"): a VM is offered only once the agent's ``warm`` op answered (container
+modules imported, the Supervisor built, runc read and run once -- before any sandbox exists in
+that guest, nothing of one touched: what it leaves is what any first create would leave), and
+the refill after a handover is held until the adopter's shim says its first container runs
+(``refill``), at most :data:`REFILL_HOLD` seconds, so that first create does not share the cores
+with a whole boot.
+
 What never leaks:
 
 * an un-adopted VM at pool stop (SIGTERM): stopped and its dir removed, like a sandbox's;
