@@ -240,7 +240,8 @@ class Pool:
                 if vid is not None and (not isinstance(vid, str) or len(vid) > 64):
                     await self._reply(conn, {"ok": False, "why": "id: a VM id"})
                 else:
-                    await self._reply(conn, {"ok": True, "released": self._release(vid, "its adopter's first container runs")})
+                    released = self._release(vid, "its adopter's first container runs")
+                    await self._reply(conn, {"ok": True, "released": released})
             else:
                 await self._reply(conn, {"ok": False, "why": f"unknown op {req.get('op')!r}"})
         except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
