@@ -20,8 +20,10 @@ a JSON line from the shim, one JSON reply from the pool, with file descriptors a
   the shim's: the pool never touches it or its dir again, and a dead shim's ``delete`` finds its
   processes and mounts in the dir's records like those of a VM it booted.
   ``{"ok": false, "why": "..."}``: nothing handed over; the shim boots its own.
-* ``{"op": "status"}``: ``{"ok": true, "size": N, "ready": [{"id", "qemu_pid", ...}],
-  "booting": n}``.
+* ``{"op": "refill", "id": "<VM id>"}``: the adopter of that VM runs its first container; the
+  refill the pool held back since the handover boots now.  ``{"ok": true, "released": bool}``.
+* ``{"op": "status"}``: ``{"ok": true, "size": N, "ready": [{"id", "qemu_pid", "warm", ...}],
+  "booting": n, "held": [VM ids whose refill waits]}``.
 
 Kept stdlib-only and light: the shim imports it on every VM sandbox start.
 """
@@ -156,6 +158,20 @@ def status(run_dir: str, timeout: float = ASK_TIMEOUT) -> dict[str, Any]:
     for fd in fds:
         os.close(fd)
     return msg
+
+
+def refill(run_dir: str, vm_id: str, timeout: float = 2.0) -> bool:
+    """Tell the pool that the VM ``vm_id`` it handed over runs its sandbox's first container: the
+    refill it held back (shim/poold.py REFILL_HOLD) may boot now.  Best effort: whether a held
+    refill was released (False: no pool answered, or it held nothing for that VM -- the hold
+    then ends by itself)."""
+    try:
+        msg, fds = _ask(run_dir, {"op": "refill", "id": vm_id}, timeout)
+    except (OSError, ValueError, PoolError):
+        return False
+    for fd in fds:
+        os.close(fd)
+    return bool(msg.get("ok") and msg.get("released"))
 
 
 def adopt(run_dir: str, settings: Any, target: str, timeout: float = ASK_TIMEOUT) -> tuple[Handover | None, str]:

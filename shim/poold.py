@@ -17,6 +17,14 @@ and passes the fds; from then on the VM is the shim's and a dead shim's ``delete
 from the same records as any other.  A used VM never comes back: the shim stops it when its
 sandbox ends.
 
+Two things keep an adopter's first container as cheap as its Nth (docs/vm.md "Where a new
+sandbox's time went"): a VM is offered only once the agent's ``warm`` op answered (container
+modules imported, the Supervisor built, runc read and run once -- before any sandbox exists in
+that guest, nothing of one touched: what it leaves is what any first create would leave), and
+the refill after a handover is held until the adopter's shim says its first container runs
+(``refill``), at most :data:`REFILL_HOLD` seconds, so that first create does not share the cores
+with a whole boot.
+
 What never leaks:
 
 * an un-adopted VM at pool stop (SIGTERM): stopped and its dir removed, like a sandbox's;
@@ -56,6 +64,13 @@ POOL_BOOT_TIMEOUT = 300.0
 #: take half the cores from that sandbox's first container (docs/vm.md "The pool").  Not
 #: SCHED_IDLE: on a machine kept busy by others a refill would never finish.
 POOL_BOOT_NICE = 10
+#: after a handover the refill waits for the adopter's word (``refill``: its first container
+#: runs) at most this long (s): the adopting sandbox's first create then has the cores to itself
+#: instead of sharing them with a whole boot.  The bound keeps a pool whose adopter died (or
+#: never says it) from staying empty.
+REFILL_HOLD = 30.0
+#: how long a pooled guest's warm-up (the agent's ``warm``) may take before the VM is given up
+POOL_WARM_TIMEOUT = 120.0
 VIEWS = "views"  # <pool dir>/views/<id>: each pooled VM's layer view (shim/layerview.py)
 
 
@@ -92,8 +107,12 @@ def remove_empty_dirs(run_dir: str) -> None:
 
 
 class Pool:
-    def __init__(self, run_dir: str, size: int, cfg: Any, repo_root: str, boot_nice: int = POOL_BOOT_NICE) -> None:
+    def __init__(self, run_dir: str, size: int, cfg: Any, repo_root: str, boot_nice: int = POOL_BOOT_NICE,
+                 warm: bool = True, refill_hold: float = REFILL_HOLD) -> None:
         self.run_dir = run_dir
+        self.refill_hold = refill_hold  # 0: refill at the handover (the old behaviour)
+        self.held: dict[str, asyncio.TimerHandle] = {}  # adopted VM id -> its refill's deadline
+        self.warm = warm  # offer only guests whose create path was warmed (agent `warm`)
         self.boot_nice = boot_nice
         self.size = size
         self.cfg = cfg
@@ -112,7 +131,9 @@ class Pool:
         """Keep ``size`` VMs ready, booting one at a time (boots compete for the same cores as
         the sandboxes)."""
         while not self.stopping:
-            if len(self.ready) + len(self.booting) < self.size:
+            if len(self.ready) + len(self.booting) + len(self.held) < self.size:
+                log.info("booting a refill (%d ready, %d booting, %d held)", len(self.ready), len(self.booting),
+                         len(self.held))
                 await self._boot_one()
                 continue
             self.changed.clear()
@@ -138,6 +159,8 @@ class Pool:
         t0 = time.monotonic()
         try:
             await sb.start()
+            if self.warm:  # before the VM is offered: its adopter's first create finds it hot
+                await sb.warm(POOL_WARM_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - logged; retried after a pause
             self.booting.pop(vid, None)
             self.boot_failures += 1
@@ -152,8 +175,27 @@ class Pool:
         sb.renice(0)  # ready: adopted, it runs a sandbox at the sandboxes' priority
         self.boot_failures = 0
         self.ready.append((vid, sb))
-        log.info("pooled VM %s ready (QEMU pid %s) in %.2fs; %d ready", vid, sb.pid, time.monotonic() - t0,
+        log.info("pooled VM %s ready (QEMU pid %s) in %.2fs (agent up %.2fs, %s); %d ready", vid, sb.pid,
+                 time.monotonic() - t0, sb.timings.get("agent_ready") or 0.0,
+                 f"warmed in {sb.warmed.get('seconds')}s: {sb.warmed.get('runc')}" if sb.warmed else "not warmed",
                  len(self.ready))
+
+    def _hold(self, vid: str) -> None:
+        """The refill for the VM ``vid`` just handed over waits (:data:`REFILL_HOLD`)."""
+        if self.refill_hold > 0:
+            self.held[vid] = asyncio.get_running_loop().call_later(self.refill_hold, self._release, vid, "hold expired")
+
+    def _release(self, vid: str | None, why: str) -> bool:
+        """Let the refill for ``vid`` (None: the oldest held) boot now."""
+        if vid is None:
+            vid = next(iter(self.held), None)
+        timer = self.held.pop(vid, None) if vid is not None else None
+        if timer is None:
+            return False
+        timer.cancel()
+        log.info("refill for %s released: %s", vid, why)
+        self.changed.set()
+        return True
 
     def _lost(self, vid: str, reason: str) -> None:
         for i, (v, sb) in enumerate(self.ready):
@@ -193,6 +235,13 @@ class Pool:
                 await self._reply(conn, self.status())
             elif req.get("op") == "adopt":
                 await self._adopt(conn, req)
+            elif req.get("op") == "refill":
+                vid = req.get("id")
+                if vid is not None and (not isinstance(vid, str) or len(vid) > 64):
+                    await self._reply(conn, {"ok": False, "why": "id: a VM id"})
+                else:
+                    released = self._release(vid, "its adopter's first container runs")
+                    await self._reply(conn, {"ok": True, "released": released})
             else:
                 await self._reply(conn, {"ok": False, "why": f"unknown op {req.get('op')!r}"})
         except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
@@ -209,10 +258,11 @@ class Pool:
             conn.setblocking(False)
 
     def status(self) -> dict[str, Any]:
-        return {"ok": True, "size": self.size, "booting": len(self.booting),
+        return {"ok": True, "size": self.size, "booting": len(self.booting), "held": sorted(self.held),
                 "key": pool.vm_key(self.cfg.vm, self.share),
                 "ready": [{"id": v, "qemu_pid": sb.pid, "run_dir": sb.dir,
-                           "boot_seconds": sb.timings.get("agent_ready")} for v, sb in self.ready]}
+                           "boot_seconds": sb.timings.get("agent_ready"), "warm": sb.warmed}
+                          for v, sb in self.ready]}
 
     async def _adopt(self, conn: socket.socket, req: dict[str, Any]) -> None:
         from shim.leftovers import cleanup_dead
@@ -228,11 +278,13 @@ class Pool:
         if not self.ready:
             return await self._reply(conn, {"ok": False, "why": "no ready VM (booting %d)" % len(self.booting)})
         vid, sb = self.ready.pop(0)
-        self.changed.set()  # refill
+        self._hold(vid)  # the refill waits for the adopter's first container (or the hold's end)
+        self.changed.set()
         try:
             vm, names, fds = sb.handover_fds()
         except Exception as exc:  # noqa: BLE001
             log.error("pooled VM %s: cannot hand over: %s", vid, exc)
+            self._release(vid, "not handed over")
             await sb.stop()
             return await self._reply(conn, {"ok": False, "why": f"pooled VM broken: {exc}"})
         try:
@@ -241,12 +293,14 @@ class Pool:
                 os.rename(sb.dir, target)
             except OSError as exc:
                 log.error("pooled VM %s: cannot move it to %s: %s", vid, target, exc)
+                self._release(vid, "not handed over")
                 await sb.stop()
                 return await self._reply(conn, {"ok": False, "why": f"cannot move the VM's dir: {exc}"})
             try:
                 await self._reply(conn, {"ok": True, "vm": {**vm, "id": vid}, "fds": names}, fds)
             except OSError as exc:  # the shim went away: the VM is nobody's, end it
                 log.error("pooled VM %s: handover to %s failed (%s): ending it", vid, target, exc)
+                self._release(vid, "not handed over")
                 await sb.forget()
                 cleanup_dead(target)
                 return
@@ -258,6 +312,9 @@ class Pool:
 
     async def stop(self) -> None:
         self.stopping = True
+        for timer in self.held.values():
+            timer.cancel()
+        self.held.clear()
         self.changed.set()
         vms = [sb for _v, sb in self.ready] + list(self.booting.values())
         self.ready.clear()
@@ -293,7 +350,8 @@ async def amain(ns: argparse.Namespace) -> int:
     if cfg.vm.attest:  # attested sandboxes boot their own VM (shim/vm.py _adopt)
         size = 0
     cleanup(run_dir)  # what a dead predecessor left
-    p = Pool(run_dir, size, cfg, config.repo_root().path, boot_nice=ns.boot_nice)
+    p = Pool(run_dir, size, cfg, config.repo_root().path, boot_nice=ns.boot_nice, warm=not ns.no_warm,
+             refill_hold=ns.refill_hold)
     loop = asyncio.get_running_loop()
     p.reaper = Reaper()
     p.reaper.start(loop, subreaper=False)
@@ -338,10 +396,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="ready VMs (default: vm.pool of the config)")
     ap.add_argument("--boot-nice", type=int, default=POOL_BOOT_NICE,
                     help=f"nice value a VM boots at, 0 once ready (default {POOL_BOOT_NICE}; 0: as a sandbox's)")
+    ap.add_argument("--no-warm", action="store_true",
+                    help="offer guests as soon as the agent answers, without warming their create path "
+                         "(for comparison: hack/bench/vm.py --pool-warm)")
+    ap.add_argument("--refill-hold", type=float, default=REFILL_HOLD,
+                    help=f"seconds a refill waits after a handover for the adopter's first container "
+                         f"(default {REFILL_HOLD:g}; 0: refill at once)")
     ap.add_argument("--debug", action="store_true")
     ns = ap.parse_args(argv)
     if ns.size is not None and not 0 <= ns.size <= 16:
         ap.error("--size: 0 to 16")
+    if not 0 <= ns.refill_hold <= 3600:
+        ap.error("--refill-hold: 0 to 3600")
     if not 0 <= ns.boot_nice <= 19:
         ap.error("--boot-nice: 0 to 19")
     logging.basicConfig(level=logging.DEBUG if ns.debug else logging.INFO, stream=sys.stderr,

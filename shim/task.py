@@ -275,6 +275,7 @@ class TaskService:
         proc.started.clear()
         try:
             proc.mark_running(await self.sandbox.start_process(req.id, req.exec_id))
+            log.info("started %s (pid %d)", proc.name, proc.pid)
             # stdin flows once the process exists: the FIFO holds what comes earlier
             if proc.io is not None:
                 proc.io.start_stdin()

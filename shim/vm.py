@@ -214,6 +214,8 @@ class VmSandbox(AgentSandbox):
         self.pool_vm: dict[str, Any] | None = None  # what the pool said about the VM adopted
         self.hello: dict[str, Any] = {}
         self.attested: dict[str, Any] | None = None  # the verified measurement (vm.attest)
+        self.warmed: dict[str, Any] | None = None  # the agent's `warm` answer (a pooled VM's)
+        self._refill_told = False  # the pool was told our first container runs (its refill may boot)
 
     # -- interface --------------------------------------------------------------------------
 
@@ -355,6 +357,9 @@ class VmSandbox(AgentSandbox):
                 raise errdefs.FailedPrecondition(f"container {cid}: its nerdctl network: {exc}") from None
 
     async def started(self, cid: str, pid: int) -> None:
+        if self.pool_vm is not None and not self._refill_told:  # an adopted VM runs its first container
+            self._refill_told = True
+            self._tell_pool_refill()
         if cid in self._hooks:
             await self._hooks[cid].on_started(self.pid or 0)
 
@@ -403,6 +408,7 @@ class VmSandbox(AgentSandbox):
                 "boot_seconds": self.timings.get("agent_ready"), "attested": self.attested,
                 "pooled": None if self.pool_vm is None else {
                     "id": self.pool_vm.get("id"), "boot_seconds": self.pool_vm.get("boot_seconds"),
+                    "warm": self.pool_vm.get("warm"),
                     "adopt_seconds": self.timings.get("adopted")}}
 
     # -- boot -------------------------------------------------------------------------------
@@ -485,8 +491,10 @@ class VmSandbox(AgentSandbox):
             return False
         self._handover = h
         self.timings["adopted"] = time.monotonic() - t0
-        log.info("adopted pooled VM %s (QEMU pid %s, booted in %.2fs) in %.3fs", h.vm.get("id"),
-                 h.vm.get("qemu_pid"), float(h.vm.get("boot_seconds") or 0), self.timings["adopted"])
+        warm = h.vm.get("warm") if isinstance(h.vm.get("warm"), dict) else {}
+        log.info("adopted pooled VM %s (QEMU pid %s, booted in %.2fs, %s) in %.3fs", h.vm.get("id"),
+                 h.vm.get("qemu_pid"), float(h.vm.get("boot_seconds") or 0),
+                 f"warmed in {warm.get('seconds')}s" if warm else "not warmed", self.timings["adopted"])
         return True
 
     async def _start_adopted(self, t0: float) -> Any:
@@ -572,6 +580,30 @@ class VmSandbox(AgentSandbox):
         log.info("pod network %s connected after adoption: %s", self.netns,
                  ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in ifaces) or "no IPv4 interface")
 
+    async def warm(self, timeout: float) -> dict[str, Any]:
+        """Warm the booted guest's create path (the agent's ``warm`` op: the container modules,
+        the Supervisor, runc read and run once) -- the pool's, before it offers the VM, so the
+        adopting sandbox's first container does not pay it (docs/vm.md "The pool")."""
+        import asyncio
+
+        if self._client is None:
+            raise RuntimeError("the VM's agent is not connected")
+        self.warmed = await asyncio.wait_for(self._client.call("warm"), timeout)
+        return self.warmed
+
+    def _tell_pool_refill(self) -> None:
+        """The pool holds its refill back while the sandbox that adopted a VM makes its first
+        container (so that create has the cores to itself): say it runs now.  Off the Start
+        answer's path (a thread; a pool that does not answer lets its hold expire)."""
+        import asyncio
+
+        from shim import pool
+
+        vid = str((self.pool_vm or {}).get("id", ""))
+        fut = asyncio.get_running_loop().run_in_executor(None, pool.refill, self.run_root, vid)
+        fut.add_done_callback(lambda f: log.info("told the pool to refill for %s: %s", vid,
+                                                 f.result() if not f.exception() else f.exception()))
+
     def renice(self, value: int) -> None:
         """QEMU's and virtiofsd's threads to nice ``value`` (a pooled VM once ready: 0)."""
         if self._machine is not None and hasattr(self._machine, "renice"):  # booted here, not adopted
@@ -612,7 +644,7 @@ class VmSandbox(AgentSandbox):
         vm = {"qemu_pid": m.qemu.pid, "helper_pids": helper_pids, "accel": self.accel,
               "accel_reason": self.accel_reason, "qemu_user": self.qemu_user, "share": self.share,
               "kernel": self.guest_kernel, "hello": self.hello,
-              "boot_seconds": self.timings.get("agent_ready"),
+              "boot_seconds": self.timings.get("agent_ready"), "warm": self.warmed,
               "hotplug_slots": m.nics.free_slots() if m.nics is not None else [],
               "qmp_negotiated": bool(m.nics is not None and m.nics.qmp is not None and m.nics.qmp.negotiated)}
         return vm, names, fds

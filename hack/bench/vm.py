@@ -15,9 +15,13 @@ harness's config says ``mode = "host"``; VM sandboxes ask with ``io.fractal.mode
 3. **A new sandbox with the pool warm** (``--pool-runs``, issue 12 item 2): a pool daemon
    (``python3 -m shim.poold --size 1``, shim/poold.py) keeps one VM ready; ``ctr run --rm`` of
    a NEW VM sandbox (it adopts the ready VM) alternates with ``ctr run --rm`` of the Nth
-   container in a running VM sandbox (itself on the first pooled VM).  Before each new
-   sandbox the pool is waited for until it has refilled (the refill is not in the figure).  Each
-   adoption is checked in containerd's log.  Goal: new sandbox / Nth <= 1.5.
+   container in a running VM sandbox (itself on the first pooled VM).  Before EVERY run the pool
+   is waited for until it is full (no boot running when a run starts): a new sandbox's run then
+   contains its own refill (as a new sandbox in use does), the Nth container's none.  Each
+   adoption is checked in containerd's log.  Goal: new sandbox / Nth <= 1.5.  Printed with it,
+   per phase (hack/bench/phases.py, from the shim's and the pool's logs): the new shim's start,
+   the adoption, create, start, exit, delete, ``ctr``'s exit, the VM's stop, and how long the
+   refill boot ran during each kind of run.
 4. **Memory**: host side, RSS of QEMU + virtiofsd of the sandbox (VmRSS; PSS too) with 1 and
    with 1 + ``--extra`` sleep containers; guest side, ``MemTotal - MemAvailable`` of the
    guest's /proc/meminfo read through ``ctr tasks exec`` in the first container, before and
@@ -27,11 +31,15 @@ The accelerator is whatever ``ccpu.vm.accel`` picks (TCG when KVM is unusable, a
 VM: then every guest-side figure is ~10x what KVM gives) and is printed.
 
     python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4]
-                             [--pool-runs 3] [--pool-nice 0,10] [--share auto|9p|virtiofs] [--json FILE]
+                             [--pool-runs 3] [--pool-nice 0,10] [--pool-warm 0,1] [--pool-hold 0,30]
+                             [--share auto|9p|virtiofs] [--json FILE]
                              [--plot DIR]
 
 ``--pool-nice 0,10``: step 3 once per pool ``--boot-nice`` value (a pool daemon each), to compare
-the refill's priority in one run.
+the refill's priority in one run.  ``--pool-warm 0,1`` likewise with the pool's guests offered
+unwarmed (``--no-warm``) and warmed (the default), ``--pool-hold 0,30`` with the refill at the
+handover and held until the adopter's first container runs (``--refill-hold``); the lists are
+crossed, one pass (and pool daemon) per combination.
 
 ``--plot DIR`` draws ``DIR/vm-boot.svg``: the boot of the sandbox of step 2 on the shim's clock
 (guest found, QEMU spawned, agent hello) and on the guest's (console milestones), with step 1's
@@ -182,8 +190,10 @@ def bench_nth(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> d
 
 
 def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], nice: int | None = None,
-               tag: str = "") -> dict[str, Any]:
-    """``nice``: the pool's ``--boot-nice`` (None: its default); ``tag``: names of this pass."""
+               tag: str = "", warm: bool = True, hold: float | None = None) -> dict[str, Any]:
+    """``nice``: the pool's ``--boot-nice`` (None: its default); ``warm``: False runs the pool with
+    ``--no-warm`` (guests offered unwarmed, the old behaviour); ``tag``: names of this pass."""
+    from hack.bench import phases
     from shim import pool
 
     sb = f"pnth{tag}"
@@ -193,14 +203,19 @@ def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], nic
     argv = [sys.executable, "-m", "shim.poold", "--size", "1"]
     if nice is not None:
         argv += ["--boot-nice", str(nice)]
-    with open(env.log_dir / f"pool{tag}.log", "wb") as out:
+    if not warm:
+        argv += ["--no-warm"]
+    if hold is not None:
+        argv += ["--refill-hold", f"{hold:g}"]
+    pool_log = env.log_dir / f"pool{tag}.log"
+    with open(pool_log, "wb") as out:
         proc = subprocess.Popen(argv, env=penv, stdout=out, stderr=subprocess.STDOUT)
 
     def ready() -> list[dict[str, Any]]:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"the pool exited with {proc.returncode} (see {env.log_dir / 'pool.log'})")
+                raise RuntimeError(f"the pool exited with {proc.returncode} (see {pool_log})")
             try:
                 r = pool.status(str(env.fractal_run_dir)).get("ready") or []
             except OSError:
@@ -210,6 +225,12 @@ def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], nic
             time.sleep(0.5)
         raise RuntimeError("the pool has no ready VM after 600 s")
 
+    def run(kind: str, cid: str, group: str, argv: list[str]) -> None:
+        t0 = time.time()
+        dt = timed(argv)
+        times[kind].append(dt)
+        marked.append(phases.Run(kind, cid, group, t0, t0 + dt))
+
     try:
         # the running VM is a pooled one too (a pooled boot may take longer than vm.boot_timeout
         # on a loaded machine); which one it is does not change the Nth container's figure
@@ -218,26 +239,44 @@ def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], nic
                        check=True, capture_output=True, timeout=300)
         wait_running(env, sb, timeout=120)
         times: dict[str, list[float]] = {"pooled": [], "nth": []}
+        marked: list[phases.Run] = []
         timed(ctr_argv(env, ref, f"pwarm{tag}", *ann))
         adopted = []
         for i in range(runs):
             for k in (("pooled", "nth") if i % 2 == 0 else ("nth", "pooled")):
+                # every run starts with the pool full (no boot running): a new sandbox's run
+                # then contains its own refill, and the Nth container's none
+                (vm,) = ready()[:1]
                 if k == "pooled":
-                    (vm,) = ready()[:1]
                     adopted.append(vm["id"])
-                    times[k].append(timed(ctr_argv(env, ref, f"p{tag}{i}", *VM, *share)))
+                    run(k, f"p{tag}{i}", f"p{tag}{i}", ctr_argv(env, ref, f"p{tag}{i}", *VM, *share))
                 else:
-                    times[k].append(timed(ctr_argv(env, ref, f"pn{tag}{i}", *ann)))
+                    run(k, f"pn{tag}{i}", sb, ctr_argv(env, ref, f"pn{tag}{i}", *ann))
+        time.sleep(1.0)  # the last records reach containerd's log file a little later
         log_text = (env.log_dir / "containerd.log").read_text(errors="replace")
         missing = [v for v in adopted if f"adopted pooled VM {v}" not in log_text]
         if missing:
             raise RuntimeError(f"new sandboxes did not adopt the pooled VMs {missing}: not a pool figure")
+        unwarmed = [v for v in adopted
+                    if re.search(rf"adopted pooled VM {re.escape(v)} \(QEMU pid \d+, booted in [\d.]+s, not warmed\)",
+                                 log_text)]
+        phases.mark_runs(log_text, marked)
+        pool_text = pool_log.read_text(errors="replace")
+        phases.overlap(marked, phases.refills(pool_text))
+        phases.vm_stops(pool_text, marked)
         out: dict[str, Any] = {k: stats(v) for k, v in times.items()}
         out["raw"] = times
         out["runs"] = runs
         out["ratio"] = out["pooled"]["median"] / out["nth"]["median"]
         out["boot_nice"] = nice
+        out["warm"] = warm
+        out["refill_hold"] = hold
         out["load_average"] = os.getloadavg()
+        out["phases"] = phases.table(marked)
+        out["marks"] = [{"kind": r.kind, "cid": r.cid, "marks": r.marks, "vm_stopped": r.vm_stopped,
+                         "refill_overlap": r.refill_overlap} for r in marked]
+        if warm and unwarmed:
+            raise RuntimeError(f"adopted VM(s) {unwarmed} were not warmed by a warming pool")
         return out
     finally:
         proc.terminate()
@@ -343,6 +382,8 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     for pl in result.get("pool_passes") or ([result["pool"]] if result.get("pool") else []):
         lines.append("")
         nice = "" if pl.get("boot_nice") is None else f", pool --boot-nice {pl['boot_nice']}"
+        nice += "" if pl.get("warm", True) else ", pool --no-warm"
+        nice += "" if pl.get("refill_hold") is None else f", pool --refill-hold {pl['refill_hold']:g}"
         load = " ".join(f"{x:.1f}" for x in pl.get("load_average", ()))
         lines.append(f"pool warm: ctr run --rm IMAGE idN true  ({pl['runs']} runs each, alternating{nice}; "
                      f"load average {load})")
@@ -351,6 +392,7 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
             v = pl[k]
             lines.append(f"  {label:<34}{v['median']:>10.3f}{v['p90']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}")
         lines.append(f"  {'ratio new/Nth':<34}{pl['ratio']:>10.2f}")
+        lines.extend(pl.get("phases") or [])
         goals.append((f"new sandbox (pool warm) / Nth container <= {GOAL_POOL_RATIO}", pl["ratio"] <= GOAL_POOL_RATIO,
                       f"{pl['ratio']:.2f}x"))
     mem = result.get("memory")
@@ -387,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-runs", type=int, default=3, help="new-sandbox runs with the pool warm (default 3)")
     ap.add_argument("--pool-nice", default="",
                     help="comma-separated pool --boot-nice values, one pool pass each (default: the pool's)")
+    ap.add_argument("--pool-warm", default="",
+                    help="comma-separated 1/0: a pool pass warming its guests (default) or not (--no-warm), "
+                         "crossed with --pool-nice")
+    ap.add_argument("--pool-hold", default="",
+                    help="comma-separated pool --refill-hold values (s; 0: refill at the handover), crossed "
+                         "with the others")
     ap.add_argument("--skip", action="append", default=[], choices=["boot", "nth", "pool", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the boot timeline as DIR/vm-boot.svg")
@@ -430,10 +478,14 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"nth done: ratio {result['nth']['ratio']:.2f}")
                 if "pool" not in args.skip:
                     nices = [int(x) for x in args.pool_nice.split(",") if x] or [None]
+                    warms = [x.strip() not in ("0", "no", "false") for x in args.pool_warm.split(",") if x] or [True]
+                    holds = [float(x) for x in args.pool_hold.split(",") if x] or [None]
                     passes = []
-                    for j, nice in enumerate(nices):
-                        passes.append(bench_pool(env, ref, args.pool_runs, share, nice=nice, tag=f"{j}" if j else ""))
-                        log(f"pool done (boot nice {nice}): ratio {passes[-1]['ratio']:.2f}")
+                    for j, (nice, warm, hold) in enumerate((n, w, h) for n in nices for w in warms for h in holds):
+                        passes.append(bench_pool(env, ref, args.pool_runs, share, nice=nice, warm=warm, hold=hold,
+                                                 tag=f"{j}" if j else ""))
+                        log(f"pool done (boot nice {nice}, warm {warm}, refill hold {hold}): "
+                            f"ratio {passes[-1]['ratio']:.2f}")
                     result["pool"] = passes[-1]
                     if len(passes) > 1:
                         result["pool_passes"] = passes

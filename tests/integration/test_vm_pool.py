@@ -45,12 +45,12 @@ def env_of(fenv: FractalEnv) -> dict[str, str]:
 class PoolProc:
     """``python3 -m shim.poold`` for ``fenv``, its log in the env's log dir."""
 
-    def __init__(self, fenv: FractalEnv, size: int = 1) -> None:
+    def __init__(self, fenv: FractalEnv, size: int = 1, extra: tuple[str, ...] = ()) -> None:
         self.fenv = fenv
         self.run_dir = str(fenv.fractal_run_dir)
         self.log = Path(fenv.log_dir) / f"pool-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "shim.poold", "--size", str(size)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "shim.poold", "--size", str(size), *extra],
                                          env=env_of(fenv), stdout=out, stderr=subprocess.STDOUT)
 
     def status(self) -> dict:
@@ -107,10 +107,12 @@ def sandbox_vm(fenv: FractalEnv, ns: str, cid: str) -> dict:
 
 def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespace: str,
                                                        images: dict[str, str], tmp_path: Path) -> None:
-    """A new VM sandbox runs on the VM the pool had ready (same QEMU), its layers and a live
-    `fractal layers add` reach that guest, the pool refills with a fresh VM, and the adopted VM
-    ends with its sandbox even when the shim is SIGKILLed (containerd's cleanup): no orphan."""
-    p = PoolProc(fenv)
+    """A new VM sandbox runs on the VM the pool had ready (same QEMU) and warmed (its agent ran
+    runc once), its layers and a live `fractal layers add` reach that guest, the pool refills with
+    a fresh VM once the sandbox's first container runs (the shim says so: the pool's own hold is
+    an hour here), and the adopted VM ends with its sandbox even when the shim is SIGKILLed
+    (containerd's cleanup): no orphan."""
+    p = PoolProc(fenv, extra=("--refill-hold", "3600"))
     cid = "pooled"
     try:
         # while it boots, the pooled VM's QEMU runs at the pool's low priority (shim/poold.py)
@@ -121,6 +123,9 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
         (ready,) = p.ready()
         qemu = ready["qemu_pid"]
         pool_dir = ready["run_dir"]
+        # offered only once warmed: the guest's agent built its machinery and ran runc
+        assert (ready.get("warm") or {}).get("runc", "").startswith("runc version"), ready
+        assert ready["warm"]["read_bytes"] > 1 << 20, ready
         # booted at the pool's low priority, every thread back to 0 once ready (a sandbox's VM)
         assert set(proc.thread_nices(qemu).values()) == {0}, proc.thread_nices(qemu)
         vol = tmp_path / "vol"
@@ -131,6 +136,7 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
         vm = sandbox_vm(fenv, namespace, cid)
         assert vm["pid"] == qemu, (vm, ready)  # the pooled QEMU, not a new one
         assert vm["pooled"] and vm["pooled"]["id"] == ready["id"], vm
+        assert vm["pooled"]["warm"] == ready["warm"], vm
         assert not os.path.exists(pool_dir)  # moved to the sandbox's run dir
         assert vm["layers_visible"], vm  # its image's layers, bound after boot
         ex = lambda eid, *cmd, **kw: fenv.ctr("tasks", "exec", "--exec-id", eid, cid, *cmd,  # noqa: E731
@@ -142,8 +148,10 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
                            env=env_of(fenv), timeout=180)
         assert r.returncode == 0, r.stderr
         assert ex("c", "cat", "/opt/tools/hello.txt").stdout == "hello from tools\n"
-        # refilled with a fresh VM: never the used one
-        (again,) = p.ready()
+        # refilled with a fresh VM, never the used one: released by the shim's word (an hour's hold)
+        (again,) = p.ready(timeout=600)
+        assert p.status()["held"] == []
+        assert f"refill for {ready['id']} released: its adopter's first container runs" in p.log.read_text()
         assert again["qemu_pid"] != qemu and again["id"] != ready["id"]
         # the shim dies: containerd's cleanup (`delete` verb) ends the VM it adopted
         shim_pid = [e for e in fractal_ps(fenv, namespace) if e["vm"] and e["vm"]["pid"] == qemu][0]["shim_pid"]
