@@ -20,8 +20,11 @@ Usage (root; as many of the modes as given, in order):
     python3 hack/vm_rss.py --pid PID [--memory-mb 512]        # a running QEMU (a sandbox's: its run
                                                                # dir's ``pids`` file names it)
     python3 hack/vm_rss.py --bare [--settle 20]                # the bare kernel (hack/bench/guest.py's)
-    python3 hack/vm_rss.py --idle [--settle 20]                # the guest, agent mode, agent ready
-    python3 hack/vm_rss.py --vm-run [--settle 20]              # ``vm run``: the guest's meminfo too
+    python3 hack/vm_rss.py --idle [--settle 20]                # the guest, agent mode, agent ready (booted
+                                                               # here: without the shim's page-out of the
+                                                               # boot files, ccpu/vm/pageout.py)
+    python3 hack/vm_rss.py --vm-run [--settle 20] [--guest-cmd CMD]   # ``vm run``: the guest's meminfo
+                                                               # too, after CMD (e.g. drop_caches)
 
 ``--json FILE`` writes the figures.  ``breakdown(pid, memory_mb)`` is what hack/bench/vm.py calls.
 """
