@@ -182,3 +182,13 @@ def test_pvh_image_is_made_once_beside_vmlinux(tmp_path) -> None:  # noqa: ANN00
     img = k.pvh_image(tmp_path / "vmlinux")
     assert img == tmp_path / k.PVH_IMAGE and img.read_bytes() == k.trim_zero_tails(elf) != elf
     assert k.pvh_image(tmp_path / "vmlinux") == img and (tmp_path / "vmlinux").read_bytes() == elf
+
+
+def test_a_kernel_cache_that_cannot_be_written_boots_the_untrimmed_vmlinux(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "vmlinux").write_bytes(_elf_with_loads([(b"x" + b"\0" * 100, 101)]))
+
+    def refused(*_a: object) -> None:
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(k.os, "replace", refused)
+    assert k.pvh_image(tmp_path / "vmlinux") == tmp_path / "vmlinux"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vmlinux"]  # no temp file left behind
