@@ -16,7 +16,7 @@ seconds after deleting it (free page reporting returns the freed pages then, if 
 Configurations are alternated round by round (the machine is shared: read medians).
 
     python3 hack/bench/tcg.py [--rounds 3] [--runs 6] [--touch 200]
-                              [--config LABEL:CPUS:FRACTAL_TCG[:noballoon]]... [--json FILE]
+                              [--config LABEL:CPUS:FRACTAL_TCG[:noballoon|:pr=ORDER]]... [--json FILE]
 
 Default configurations: the shipped settings against each lever turned back (balloon off, QEMU's
 own tb-size, a bigger and smaller tb-size, 2 vCPUs and thread=multi).
@@ -45,6 +45,7 @@ if __package__ in (None, ""):
 from hack.bench.common import command_line, log, machine_info, require_root  # noqa: E402
 
 GUEST_SCRIPT = r"""
+{prefix}
 m() { read -r up _ </proc/uptime; echo "bench: $1 $up" >/dev/console; sleep "${2:-0}"; }
 m idle 3
 i=0
@@ -68,6 +69,7 @@ class Config:
     cpus: int
     tcg: str  # FRACTAL_TCG
     balloon: bool = True
+    report_order: int | None = None  # the guest's page_reporting_order (None: the kernel's default)
 
 
 DEFAULT_CONFIGS = (
@@ -82,10 +84,14 @@ DEFAULT_CONFIGS = (
 
 
 def parse_config(text: str) -> Config:
+    """``LABEL:CPUS:FRACTAL_TCG[:noballoon|:pr=ORDER]``: ``pr=ORDER`` sets the guest's free page
+    reporting order (``page_reporting.page_reporting_order``, default 9: 2 MiB) before the workload."""
     parts = text.split(":")
-    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "noballoon"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL:CPUS:FRACTAL_TCG[:noballoon]")
-    return Config(parts[0], int(parts[1]), parts[2], len(parts) == 3)
+    extra = parts[3] if len(parts) == 4 else ""
+    if len(parts) not in (3, 4) or (extra and extra != "noballoon" and not re.fullmatch(r"pr=\d{1,2}", extra)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL:CPUS:FRACTAL_TCG[:noballoon|:pr=ORDER]")
+    order = int(extra[3:]) if extra.startswith("pr=") else None
+    return Config(parts[0], int(parts[1]), parts[2], extra != "noballoon", order)
 
 
 def make_bundle(root: Path) -> None:
@@ -141,7 +147,10 @@ def one(cfg: Config, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     guest = initramfs.build(offline=True)
     os.environ["FRACTAL_TCG"] = cfg.tcg
     console = tmp / f"console-{cfg.label}.log"
-    script = (GUEST_SCRIPT.replace("{runs}", str(args.runs)).replace("{touch}", str(args.touch))
+    console.unlink(missing_ok=True)  # a later round must not read this one's milestones
+    prefix = ("" if cfg.report_order is None else
+              f"echo {cfg.report_order} > /sys/module/page_reporting/parameters/page_reporting_order")
+    script = (GUEST_SCRIPT.replace("{prefix}", prefix).replace("{runs}", str(args.runs)).replace("{touch}", str(args.touch))
               .replace("{settle}", str(args.settle)))
     (tmp / "bench.sh").write_text(script)
     err: list[BaseException] = []

@@ -294,13 +294,20 @@ def _vm_pids(env: FractalEnv, group: str) -> dict[str, int]:
 
 
 def _host_mem(env: FractalEnv, group: str) -> dict[str, Any]:
-    detail = {}
+    from hack import vm_rss
+
+    detail: dict[str, Any] = {}
     for name, pid in _vm_pids(env, group).items():
         st = _status(pid)
         detail[name] = {"rss_kb": _kb(st.get("VmRSS", "")), "pss_kb": pss_kb(pid),
                         "hwm_kb": _kb(st.get("VmHWM", ""))}
+        if name.startswith("qemu"):  # where QEMU's RSS is (hack/vm_rss.py)
+            b = vm_rss.breakdown(pid)
+            detail[name]["parts"] = {k: {"rss_kb": p.rss_kb, "pss_kb": p.pss_kb} for k, p in b.parts.items()}
+            detail[name]["breakdown"] = vm_rss.render(b, top_files=4)
     return {"rss_mb": sum(d["rss_kb"] for d in detail.values()) / 1024,
-            "pss_mb": sum(d["pss_kb"] for d in detail.values()) / 1024, "detail": detail}
+            "pss_mb": sum(d["pss_kb"] for d in detail.values()) / 1024, "detail": detail,
+            "load_average": os.getloadavg()}
 
 
 def _guest_used_kb(env: FractalEnv, cid: str, tag: str) -> tuple[int, dict[str, int]]:
@@ -404,6 +411,7 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
             who = ", ".join(f"{name} {d['rss_kb'] / 1024:.0f}" for name, d in v["detail"].items())
             cnt = 1 if k == "host_1" else 1 + mem["extra"]
             lines.append(f"  host RSS with {cnt} container(s): {v['rss_mb']:.0f} MB (PSS {v['pss_mb']:.0f}) [{who}]")
+            lines += ["    " + ln for d in v["detail"].values() for ln in d.get("breakdown", "").splitlines()]
         lines.append(f"  host RSS growth per extra container: {mem['host_per_container_mb']:.1f} MB")
         lines.append(f"  guest used (MemTotal-MemAvailable of {mem['guest_memtotal_mb']:.0f} MB): "
                      f"{mem['guest_used_1_mb']:.1f} MB -> {mem['guest_used_n_mb']:.1f} MB with "

@@ -433,6 +433,41 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+def _boot_file_rss_kb(pid: int) -> int:
+    from hack import vm_rss
+
+    files = vm_rss.breakdown(pid).parts["file"].files
+    return sum(rss for path, (rss, _pss) in files.items() if "/vmlinux" in path or "/initramfs" in path)
+
+
+def test_idle_sandbox_holds_no_boot_file_copies_and_no_more_guest_ram_than_the_guest_uses(
+        fenv: FractalEnv, namespace: str, images: dict[str, str]) -> None:
+    """docs/vm.md "Host memory per VM": once the agent answered, QEMU's ROM copies of the kernel and
+    initramfs are paged out (they were ~40 MB of its RSS for the VM's life), and the guest's RAM
+    resident on the host is no more than what the guest has not free (its reserved memory --
+    kernel image, struct pages -- plus MemTotal - MemFree) and a margin for free pages not yet
+    reported: the guest RAM is 4 KiB shared memory, not 2 MiB huge pages."""
+    from hack import vm_rss
+
+    sb = "vm-rss"
+    start_detached(fenv, namespace, images["busybox"], sb, "sleep", "600")
+    pid = vm_pid(fenv, namespace, sb)
+    try:
+        assert _boot_file_rss_kb(pid) < 4 << 10, vm_rss.render(vm_rss.breakdown(pid))
+
+        n = iter(range(1000))
+
+        def guest_ram_within() -> bool:
+            out = exec_(fenv, namespace, sb, f"meminfo{next(n)}", "cat", "/proc/meminfo").stdout
+            info = vm_rss.meminfo(out)
+            not_free_kb = 512 * 1024 - info["MemFree"]
+            ram = vm_rss.breakdown(pid).parts["guest_ram"]
+            return ram.mappings == 1 and ram.anon_huge_kb == 0 and ram.rss_kb <= not_free_kb + (24 << 10)
+        wait_for(guest_ram_within, timeout=120, what="QEMU's guest RAM resident <= the guest's not-free + 24 MiB")
+    finally:
+        remove(fenv, namespace, sb)
+
+
 def test_tcg_default_vcpus_and_freed_guest_memory_returns_to_the_host(
         fenv: FractalEnv, namespace: str, images: dict[str, str]) -> None:
     """A sandbox that asks for no vCPU count gets the accelerator's default (1 under TCG: docs/vm.md

@@ -135,3 +135,60 @@ def test_zstd_modules_are_decompressed_once(tmp_path) -> None:  # noqa: ANN001
     assert (d / "9p.ko").read_bytes() == b"\x7fELF module body" and not (d / "9p.ko.zst").exists()
     assert (tmp_path / "plain.ko").read_bytes() == b"plain"
     assert k.decompress_modules(tmp_path) == 0
+
+
+def _elf_with_loads(segments: list[tuple[bytes, int]]) -> bytes:
+    """A 64-bit ELF with one PT_LOAD per (file bytes, memsz), laid out one after the other."""
+    hdr = bytearray(64)
+    hdr[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", hdr, 0x20, 64)
+    struct.pack_into("<HH", hdr, 0x36, 56, len(segments))
+    off = 64 + 56 * len(segments)
+    phs, bodies = b"", b""
+    for body, memsz in segments:
+        phs += struct.pack("<IIQQQQQQ", 1, 7, off + len(bodies), 0x1000, 0x1000, len(body), memsz, 0x1000)
+        bodies += body
+    return bytes(hdr) + phs + bodies
+
+
+def _loaded(elf: bytes) -> list[bytes]:
+    """What an ELF loader puts in memory per PT_LOAD: the file bytes, zero-filled to memsz."""
+    out = []
+    for i in range(struct.unpack_from("<H", elf, 0x38)[0]):
+        _t, _f, off, _v, _p, filesz, memsz, _a = struct.unpack_from("<IIQQQQQQ", elf, 64 + 56 * i)
+        out.append(elf[off:off + filesz] + b"\0" * (memsz - filesz))
+    return out
+
+
+def test_zero_tails_are_left_to_the_loader_and_the_loaded_bytes_stay_the_same() -> None:
+    elf = _elf_with_loads([(b"text" * 10, 40), (b"data\0\0x" + b"\0" * 5000, 9000), (b"\0" * 300, 300)])
+    trimmed = k.trim_zero_tails(elf)
+    assert _loaded(trimmed) == _loaded(elf)
+    filesz = [struct.unpack_from("<Q", trimmed, 64 + 56 * i + 0x20)[0] for i in range(3)]
+    assert filesz == [40, 7, 0]  # untouched, cut after the last non-zero byte, all zeros
+    assert len(trimmed) == len(elf) and k.trim_zero_tails(trimmed) == trimmed
+    with pytest.raises(k.KernelError):
+        k.trim_zero_tails(b"\x7fELF\x01\x01" + b"\0" * 60)  # 32-bit
+    bad = bytearray(elf)
+    struct.pack_into("<Q", bad, 64 + 0x20, 1 << 40)  # p_filesz past the end of the file
+    with pytest.raises(k.KernelError):
+        k.trim_zero_tails(bytes(bad))
+
+
+def test_pvh_image_is_made_once_beside_vmlinux(tmp_path) -> None:  # noqa: ANN001
+    assert k.pvh_image(tmp_path / "vmlinux") is None
+    elf = _elf_with_loads([(b"x" + b"\0" * 100, 101)])
+    (tmp_path / "vmlinux").write_bytes(elf)
+    img = k.pvh_image(tmp_path / "vmlinux")
+    assert img == tmp_path / k.PVH_IMAGE and img.read_bytes() == k.trim_zero_tails(elf) != elf
+    assert k.pvh_image(tmp_path / "vmlinux") == img and (tmp_path / "vmlinux").read_bytes() == elf
+
+
+def test_a_kernel_cache_that_cannot_be_written_boots_the_untrimmed_vmlinux(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "vmlinux").write_bytes(_elf_with_loads([(b"x" + b"\0" * 100, 101)]))
+
+    def refused(*_a: object) -> None:
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(k.os, "replace", refused)
+    assert k.pvh_image(tmp_path / "vmlinux") == tmp_path / "vmlinux"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vmlinux"]  # no temp file left behind

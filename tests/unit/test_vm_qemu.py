@@ -75,6 +75,14 @@ def test_virtiofs_needs_shared_memfd_memory() -> None:
     assert "socket,id=vfs0,path=/s/vfs.sock" in argv
 
 
+def test_guest_ram_is_a_shared_memfd_on_linux_even_without_virtiofs() -> None:
+    """Anonymous guest RAM would fault in 2 MiB huge pages (QEMU madvises it): docs/vm.md."""
+    for c in (cfg(), cfg(machine="microvm"), cfg(shares=[Share("share0", "/h", "/work", False, "9p")])):
+        argv = qemu.command(c)
+        assert "memory-backend-memfd,id=mem,size=512M,share=on" in argv
+        assert "memory-backend=mem" in opt_after(argv, "-machine")[0]
+
+
 def test_microvm_uses_mmio_devices() -> None:
     c = cfg(machine="microvm", ports=[Port("p", "/s/p")], shares=[Share("share0", "/h", "/work", False, "9p")])
     argv = qemu.command(c, qboot_exists=True)
