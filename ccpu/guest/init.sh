@@ -65,7 +65,8 @@ mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
 mode=agent repo=none debug=0 timeline=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0 blowers="" binit=/sbin/init listen="" ca=""
-for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
+read -r cmdline </proc/cmdline  # a builtin, not a fork: under TCG each fork of busybox costs ms
+for arg in $cmdline; do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
         fractal.repo=*) repo="${arg#*=}" ;;
@@ -98,7 +99,9 @@ find_dev() {
     i=0
     while [ $i -lt 200 ]; do
         for d in "$1"/*; do
-            [ "$(cat "$d/$2" 2>/dev/null)" = "$3" ] && [ -e "/dev/${d##*/}" ] && {
+            v=""
+            { read -r v <"$d/$2"; } 2>/dev/null  # a builtin: no fork per device under TCG
+            [ "$v" = "$3" ] && [ -e "/dev/${d##*/}" ] && {
                 echo "/dev/${d##*/}"
                 return 0
             }
@@ -110,8 +113,7 @@ find_dev() {
 }
 
 milestone "init started (mode=$mode)"
-hostname fractal
-ip link set lo up 2>/dev/null
+echo fractal >/proc/sys/kernel/hostname
 
 # --- 1. modules, dependencies first (order computed at build time) ------------
 # /etc/fractal/modules: what the agent's start needs (the virtio transports, the ports, the system
@@ -119,8 +121,7 @@ ip link set lo up 2>/dev/null
 # by finish_boot -- beside the agent in agent mode, before anything else in the others.
 # busybox insmod does not read module options from the kernel command line as
 # modprobe does: pass NAME.PARAM=VALUE args along (microvm's virtio_mmio.device=).
-rel="$(uname -r)"
-cmdline="$(cat /proc/cmdline)"
+read -r rel </proc/sys/kernel/osrelease
 load_modules() {  # LIST: one module path (below /lib/modules/REL) a line, dependencies first
     [ -e "$1" ] || return 0
     while read -r ko; do
@@ -215,6 +216,7 @@ net_up() {  # NAME,MAC,MTU,ITEM...
 # the pod's NICs.  Agent mode over a port runs it beside the agent (the `hello` does not wait for
 # it, every other request does: the agent's --init-done), every other mode before its step.
 finish_boot() {
+    ip link set lo up 2>/dev/null
     load_modules /etc/fractal/modules.later
     step "later modules loaded"
     mount_shares
@@ -246,13 +248,15 @@ supervise() {  # N CMD
         [ "$delay" -lt 32 ] && delay=$((delay * 2))
     done
 }
-if [ -s /etc/fractal/run-at-boot ] && [ "$mode" != boot ]; then
+start_run_at_boot() {  # after finish_boot: the commands find the shares, NICs and modules there
+    [ -s /etc/fractal/run-at-boot ] && [ "$mode" != boot ] || return 0
     n=0
     while IFS= read -r cmd; do
         n=$((n + 1))
         supervise "$n" "$cmd" &
     done </etc/fractal/run-at-boot
-fi
+}
+{ [ "$mode" = agent ] && [ -z "$listen" ]; } || start_run_at_boot
 
 # stack_image_root: the image's layers (fractal.boot.lowers, read-only at /repo) + a tmpfs upper,
 # mounted at $b/root (b=/.boot).  fractal boot runs the image's init in it; vm run --image runs the
@@ -342,6 +346,7 @@ agent)
     renice 19 -p $$ >/dev/null
     finish_boot
     renice 0 -p $$ >/dev/null
+    start_run_at_boot
     : >"$done"
     step "boot finished"
     wait_agent
