@@ -339,15 +339,15 @@ agent)
         die "cannot mount the containers' scratch tmpfs"
     # The agent serves the port as an inherited fd (`--fd`: a socket or a character device).
     # It answers `hello` while the init finishes the boot at the lowest priority (under TCG the
-    # agent's start gets the vCPU); its other requests wait for $done (--init-done).
-    done=/run/fractal/init.done
+    # agent's start gets the vCPU); its other requests wait for $init_done (--init-done).
+    init_done=/run/fractal/init.done
     start_agent "$agent" --fd 3 --runc-root /run/runc --bundle-root /run/fractal/bundles \
-        --layer-root /repo/layers --layer-root /run/fractal/containers --init-done "$done" 3<>"$agent"
+        --layer-root /repo/layers --layer-root /run/fractal/containers --init-done "$init_done" 3<>"$agent"
     renice 19 -p $$ >/dev/null
     finish_boot
     renice 0 -p $$ >/dev/null
     start_run_at_boot
-    : >"$done"
+    : >"$init_done"
     step "boot finished"
     wait_agent
     ;;
