@@ -38,16 +38,17 @@ imports"); tests/unit/test_import_graph.py pins what the ready path may import.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import typing
 
 from . import endpoint, hello
 
-if typing.TYPE_CHECKING:
+TYPE_CHECKING = False  # typing (re, contextlib, warnings) only for checkers: not on the boot path
+if TYPE_CHECKING:
+    import argparse
     import asyncio
     import logging
+    from typing import Any
 
     from ..linux.reaper import Reaper
     from .container import Supervisor
@@ -76,54 +77,120 @@ def which(name: str) -> str | None:
     return None
 
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's formatter with a fixed width: the default asks ``shutil.get_terminal_size``, and
-    importing shutil (fnmatch, zlib, bz2, lzma) would be on the guest's boot path (every
-    ``add_argument`` makes a formatter)."""
+#: the flags: (flag, type, default, help); type ``bool`` is a switch, ``list`` a repeatable str.
+#: One table for both parsers (:func:`parse_args`), so they cannot disagree on a default.
+OPTIONS: tuple[tuple[str, type, object, str], ...] = (
+    ("--fd", int, None, "serve the connected stream on this fd"),
+    ("--listen", str, None, "unix:PATH or tcp:HOST:PORT (with --tls-dir) to accept connections on"),
+    ("--tls-dir", str, None, "tcp: the dir with ca.pem, agent.pem, agent.key (`fractal pki init`)"),
+    ("--tls-ca-pin", str, None, "tcp, an attested machine (instead of --tls-dir): sha256:HEX of the "
+     "only CA whose client certificates are accepted; a TLS key is made at boot and the TPM "
+     "quote binds it (docs/hardware.md)"),
+    ("--tls-ca-file", str, None, "with --tls-ca-pin: where the CA certificate is read (a file or "
+     "a disk holding its PEM; untrusted until its sha256 matches the pin)"),
+    ("--tls-boot-dir", str, "/run/fractal/tls", "with --tls-ca-pin: the RAM directory for the boot key"),
+    ("--runc-root", str, None, "runc's --root (state dir; required)"),
+    ("--runc", str, "runc", "runc binary (default: runc on PATH)"),
+    ("--bundle-root", list, None, "bundles must be below this (repeatable)"),
+    ("--layer-root", list, None, "layer/mount dirs must be below this (repeatable)"),
+    ("--drain-timeout", float, 5.0, "seconds an exited process's output may take to reach EOF (default 5)"),
+    ("--cgroup-parent", str, None, "guest: the containers' parent cgroup (below /sys/fs/cgroup)"),
+    ("--memory-reserve-mb", int, 64, "guest: MiB of memory containers can never take (default 64)"),
+    ("--orphan-grace", float, 30.0, "tcp: seconds a lost client's containers are kept for it to return (default 30)"),
+    ("--repo", str, None, "remote machine: its own layer repo, filled by streamed layers (feature "
+     "layers:pull); its bundles/ and containers/ hold the containers' bundles and writable layers"),
+    ("--max-layer-mb", int, 4096, "--repo: the largest compressed layer accepted, MiB (default 4096)"),
+    ("--layer-cache-mb", int, 2048, "--repo: MiB of layers no container uses kept for the next sandbox (default 2048)"),
+    ("--ready-fd", int, None, "write 'ready' to this fd once listening (tcp)"),
+    ("--nics", bool, False, "guest: serve the `nic` op (configure NICs the host plugs in after boot)"),
+    ("--init-done", str, None, "guest: requests other than hello wait until this file exists (the "
+     "init's boot steps that run beside the agent: shares, NICs, the remaining modules)"),
+    ("--debug", bool, False, ""),
+    ("--log", str, None, "log file (default: stderr)"),
+)
 
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, width=100)
+#: the flags a guest's init passes over a port (ccpu/guest/init.sh): parsed without argparse
+FAST_FLAGS = frozenset({"--fd", "--runc-root", "--runc", "--bundle-root", "--layer-root", "--cgroup-parent",
+                        "--memory-reserve-mb", "--nics", "--init-done", "--debug", "--log"})
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    """The agent's arguments (an argparse.Namespace, or the same values as a SimpleNamespace).
+
+    Why two parsers: argparse (with gettext, locale, its formatter) was ~0.1-0.15 s of the guest
+    agent's boot under TCG before its first `hello` (docs/vm.md "The agent's imports").  The
+    init's own command line (`FAST_FLAGS`, every value in its own word) is parsed by hand;
+    anything else -- another flag, a value argparse would read differently, a missing required
+    flag, an error to report -- goes to argparse, which gives the same values or the same
+    error as it always has (tests/unit/test_agent_args.py checks both agree)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    ns = _parse_fast(args)
+    return ns if ns is not None else _parse_argparse(args)
+
+
+def _parse_fast(args: list[str]) -> Any:
+    """The values for `args` if every flag is in FAST_FLAGS with a plain value, all required
+    flags are there and runc is found; None for argparse to decide otherwise."""
+    import types
+
+    kinds = {flag: kind for flag, kind, _, _ in OPTIONS}
+    values: dict[str, object] = {_dest(f): ([] if k is list else d) for f, k, d, _ in OPTIONS}
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        if flag not in FAST_FLAGS:
+            return None
+        kind = kinds[flag]
+        if kind is bool:
+            values[_dest(flag)] = True
+            i += 1
+            continue
+        if i + 1 >= len(args) or args[i + 1].startswith("-"):
+            return None
+        value = args[i + 1]
+        if kind is int:
+            if not (value.isascii() and value.isdigit()):
+                return None
+            values[_dest(flag)] = int(value)
+        elif kind is list:
+            values[_dest(flag)].append(value)  # type: ignore[union-attr]
+        else:
+            values[_dest(flag)] = value
+        i += 2
+    if values["fd"] is None or values["runc_root"] is None or not values["bundle_root"]:
+        return None
+    runc = which(str(values["runc"]))
+    if runc is None:
+        return None
+    values["runc"] = runc
+    values["tls_spki"] = None
+    return types.SimpleNamespace(**values)
+
+
+def _parse_argparse(args: list[str]) -> argparse.Namespace:
+    import argparse
+
+    class _Formatter(argparse.HelpFormatter):
+        """A fixed width: the default asks ``shutil.get_terminal_size`` (shutil, fnmatch, zlib,
+        bz2, lzma)."""
+
+        def __init__(self, prog: str) -> None:
+            super().__init__(prog, width=100)
+
     p = argparse.ArgumentParser(prog="python3 -m ccpu.agent", description="fractal agent",
                                 formatter_class=_Formatter)
-    p.add_argument("--fd", type=int, help="serve the connected stream on this fd")
-    p.add_argument("--listen", help="unix:PATH or tcp:HOST:PORT (with --tls-dir) to accept connections on")
-    p.add_argument("--tls-dir", help="tcp: the dir with ca.pem, agent.pem, agent.key (`fractal pki init`)")
-    p.add_argument("--tls-ca-pin", help="tcp, an attested machine (instead of --tls-dir): sha256:HEX of the "
-                   "only CA whose client certificates are accepted; a TLS key is made at boot and the TPM "
-                   "quote binds it (docs/hardware.md)")
-    p.add_argument("--tls-ca-file", help="with --tls-ca-pin: where the CA certificate is read (a file or "
-                   "a disk holding its PEM; untrusted until its sha256 matches the pin)")
-    p.add_argument("--tls-boot-dir", default="/run/fractal/tls",
-                   help="with --tls-ca-pin: the RAM directory for the boot key")
-    p.add_argument("--runc-root", required=True, help="runc's --root (state dir)")
-    p.add_argument("--runc", default="runc", help="runc binary (default: runc on PATH)")
-    p.add_argument("--bundle-root", action="append", default=[], help="bundles must be below this (repeatable)")
-    p.add_argument("--layer-root", action="append", default=[], help="layer/mount dirs must be below this (repeatable)")
-    p.add_argument(
-        "--drain-timeout", type=float, default=5.0,
-        help="seconds an exited process's output may take to reach EOF (default 5)",
-    )  # fmt: skip
-    p.add_argument("--cgroup-parent", help="guest: the containers' parent cgroup (below /sys/fs/cgroup)")
-    p.add_argument("--memory-reserve-mb", type=int, default=64,
-                   help="guest: MiB of memory containers can never take (default 64)")
-    p.add_argument("--orphan-grace", type=float, default=30.0,
-                   help="tcp: seconds a lost client's containers are kept for it to return (default 30)")
-    p.add_argument("--repo", help="remote machine: its own layer repo, filled by streamed layers "
-                                  "(feature layers:pull); its bundles/ and containers/ hold the "
-                                  "containers' bundles and writable layers")
-    p.add_argument("--max-layer-mb", type=int, default=4096,
-                   help="--repo: the largest compressed layer accepted, MiB (default 4096)")
-    p.add_argument("--layer-cache-mb", type=int, default=2048,
-                   help="--repo: MiB of layers no container uses kept for the next sandbox (default 2048)")
-    p.add_argument("--ready-fd", type=int, help="write 'ready' to this fd once listening (tcp)")
-    p.add_argument("--nics", action="store_true",
-                   help="guest: serve the `nic` op (configure NICs the host plugs in after boot)")
-    p.add_argument("--debug", action="store_true")
-    p.add_argument("--log", help="log file (default: stderr)")
-    ns = p.parse_args(argv)
+    for flag, kind, default, help_ in OPTIONS:
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=help_ or None)
+        elif kind is list:
+            p.add_argument(flag, action="append", default=[], help=help_)
+        else:
+            p.add_argument(flag, type=kind, default=default, help=help_, required=flag == "--runc-root")
+    ns = p.parse_args(args)
     if ns.fd is None and ns.listen is None:
         p.error("one of --fd or --listen is required")
     if not ns.bundle_root and not ns.repo:
@@ -161,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ns
 
 
-def boot_tls(pin: str, ca_file: str, directory: str) -> tuple[typing.Any, bytes]:
+def boot_tls(pin: str, ca_file: str, directory: str) -> tuple[Any, bytes]:
     """An attested machine's TLS: the CA read from ``ca_file`` and accepted only if its sha256 is
     ``pin`` (from the measured command line), a key made now in RAM; (server context, the key's
     SPKI sha256 that every quote binds)."""
@@ -212,7 +279,7 @@ def preload(nics: bool) -> None:
         importlib.import_module(name)
 
 
-def build_supervisor(ns: argparse.Namespace, outbox: Outbox, loop: asyncio.AbstractEventLoop,
+def build_supervisor(ns: Any, outbox: Outbox, loop: asyncio.AbstractEventLoop,
                      started: list[Reaper], roots: tuple[list[str], list[str]]) -> Supervisor:
     """The Supervisor, its reaper started (subreaper from now on) and, in a guest, the
     containers' memory reserve set up; ``started`` gets the reaper (stopped at exit)."""
@@ -238,7 +305,7 @@ def build_supervisor(ns: argparse.Namespace, outbox: Outbox, loop: asyncio.Abstr
     )
 
 
-def local_repo(ns: argparse.Namespace) -> tuple[LocalRepo | None, tuple[list[str], list[str]]]:
+def local_repo(ns: Any) -> tuple[LocalRepo | None, tuple[list[str], list[str]]]:
     """A machine's own layer repo (``--repo``: remote mode, layers streamed by the shim) and the
     (bundle roots, layer roots) the Supervisor may use: the flags' plus the repo's dirs."""
     bundle_roots, layer_roots = list(ns.bundle_root), list(ns.layer_root)
@@ -254,7 +321,7 @@ def local_repo(ns: argparse.Namespace) -> tuple[LocalRepo | None, tuple[list[str
     return repo, (bundle_roots, layer_roots)
 
 
-async def amain(ns: argparse.Namespace, first: hello.Greeted | hello.Unanswered | None = None) -> int:
+async def amain(ns: Any, first: hello.Greeted | hello.Unanswered | None = None) -> int:
     """Serve until stopped.  ``first``: what became of the first frame on ``--fd`` (read before
     asyncio was imported: :func:`main`)."""
     import asyncio
@@ -270,7 +337,7 @@ async def amain(ns: argparse.Namespace, first: hello.Greeted | hello.Unanswered 
     lazy = LazySupervisor(build=lambda: build_supervisor(ns, outbox, loop, reapers, roots),
                           preload=lambda: preload(ns.nics))
     server = Server(lazy, outbox, orphan_grace=ns.orphan_grace if getattr(ns, "tcp", None) else None,
-                    nics=ns.nics, repo=repo, tls_spki=ns.tls_spki)
+                    nics=ns.nics, repo=repo, tls_spki=ns.tls_spki, init_done=ns.init_done)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -340,7 +407,20 @@ async def amain(ns: argparse.Namespace, first: hello.Greeted | hello.Unanswered 
     return 0
 
 
+def milestone(what: str) -> None:
+    """A guest boot timeline line on stderr (the console), as the init's: ``fractal-agent: UPTIME
+    WHAT`` -- only when the init asked for the timeline (fractal.timeline=1: FRACTAL_TIMELINE=1)."""
+    if os.environ.get("FRACTAL_TIMELINE") == "1":
+        try:
+            with open("/proc/uptime", "rb") as f:
+                up = f.read().split()[0].decode()
+            os.write(2, f"fractal-agent: {up} {what}\n".encode())
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    milestone("imported")
     from ..linux.stdio import ensure_stdio_open
 
     ns = parse_args(argv)
@@ -349,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.fd is not None and ns.listen is None and ns.repo is None:
         # ready first: the shim waits for this answer only (module docstring)
         first = hello.answer_first(ns.fd, hello.features(ns.nics, False, ns.nics and hello.attest_available()))
+        milestone("hello answered")
     import asyncio
     import logging
 

@@ -11,7 +11,7 @@ Anything else as the first frame (another op, a bad id, a wrong version, a frame
 is not answered here: its bytes go to the asyncio server, which answers exactly as it always has.
 The answer itself (:func:`respond`) is the one the asyncio server gives to every later client.
 
-Standard library only, no asyncio, logging or dataclasses (inspect, ast): this is the guest's boot path
+Standard library only, no asyncio, logging, dataclasses (inspect, ast) or typing: this is the guest's boot path
 (tests/unit/test_import_graph.py pins it).
 """
 
@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import os
 import select
+from collections import namedtuple
 from collections.abc import Mapping
-from typing import Any, NamedTuple
 
 from . import protocol, wire
+
+TYPE_CHECKING = False  # typing (re, contextlib, warnings) only for checkers: not on the boot path
+if TYPE_CHECKING:
+    from typing import Any
 
 FEATURES = ["terminal", "exec", "pause", "stats", "update", "rootfs:layers", "rootfs:mounts", "rootfs:none",
             "layers:live", "oom", "scratch"]
@@ -85,16 +89,19 @@ def respond(args: Mapping[str, Any], offered: list[str], repo_root: str | None) 
     return result, w
 
 
-class Greeted(NamedTuple):
-    """The first `hello` was answered: the connection's window and the bytes read past it."""
+class Greeted(namedtuple("Greeted", ("window", "rest"))):
+    """The first `hello` was answered: the connection's window (int or None) and the bytes
+    read past it (a collections.namedtuple: typing is not on the boot path)."""
 
+    __slots__ = ()
     window: int | None
     rest: bytes
 
 
-class Unanswered(NamedTuple):
+class Unanswered(namedtuple("Unanswered", ("raw",))):
     """Not a `hello` this module answers (or the stream ended): every byte read, for the server."""
 
+    __slots__ = ()
     raw: bytes
 
 

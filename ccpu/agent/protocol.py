@@ -11,9 +11,10 @@ import errno
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # typing only for checkers: the agent's ready path loads this module
+if TYPE_CHECKING:  # LayerStack: imported by resolve_stack, the agent's ready path does not need it
+    from typing import Any
 
-if TYPE_CHECKING:  # imported by resolve_stack: the agent's ready path does not need it
     from ..stack import LayerStack
 
 # The error kinds are ccpu/errdefs.py's (the shim raises the same ones); re-exported here under

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -193,7 +194,7 @@ class Server:
 
     def __init__(self, supervisor: Supervisor | LazySupervisor, outbox: Outbox,
                  orphan_grace: float | None = None, nics: bool = False, repo: LocalRepo | None = None,
-                 tls_spki: bytes | None = None) -> None:
+                 tls_spki: bytes | None = None, init_done: str | None = None) -> None:
         self._sup: Supervisor | None = None
         self._factory: Callable[[], Supervisor] | None = None
         self._preload: Callable[[], None] | None = None
@@ -220,6 +221,9 @@ class Server:
         self._attest = nics and hello_.attest_available()
         self.features = hello_.features(nics, repo is not None, self._attest)
         self.tls_spki = tls_spki  # sha256 of the SPKI of this machine's boot TLS key (--tls-ca-pin)
+        # a guest's init finishes its boot (shares, NICs, modules) beside the agent: every request
+        # but `hello`/`shutdown` waits for this file (--init-done; ccpu/guest/init.sh)
+        self._init_done = init_done
 
     @property
     def sup(self) -> Supervisor:
@@ -562,6 +566,8 @@ class Server:
             if self._sup is not None:
                 await self._sup.settle()
             return {}
+        if self._init_done is not None:
+            await self._wait_init_done()
         handler = self.ops().get(op)
         if handler is None:
             raise protocol.Unimplemented(f"unknown operation {op!r}")
@@ -570,6 +576,26 @@ class Server:
             return await handler(args)  # the handler refuses the missing/bad id
         async with self.sup.serialized(cid):
             return await handler(args)
+
+
+    async def _wait_init_done(self) -> None:
+        """Wait (bounded: INIT_DONE_WAIT s) until the guest's init has finished the boot steps it
+        runs beside the agent; Unavailable if it never does (the init powers the guest off when a
+        step fails, so this is a hung step)."""
+        path = self._init_done
+        assert path is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INIT_DONE_WAIT
+        while not os.path.exists(path):
+            if loop.time() > deadline:
+                raise protocol.Unavailable(f"the guest's init has not finished booting ({path} missing after "
+                                           f"{INIT_DONE_WAIT:.0f} s)")
+            await asyncio.sleep(0.02)
+        self._init_done = None
+
+
+#: seconds a request waits for the guest's init to finish booting (--init-done)
+INIT_DONE_WAIT = 300.0
 
 
 def _preload_done(fut: asyncio.Future[None]) -> None:

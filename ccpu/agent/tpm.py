@@ -26,7 +26,10 @@ import base64
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+
+TYPE_CHECKING = False  # typing only for checkers: the agent's ready path loads this module (hello.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 from . import protocol
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections import namedtuple
 
 from . import jsonbound
 
-if TYPE_CHECKING:  # imported where used: the agent's first `hello` is answered without asyncio (hello.py)
+TYPE_CHECKING = False  # typing only for checkers: it is not on the guest agent's boot path (hello.py)
+if TYPE_CHECKING:  # asyncio: imported where used, the first `hello` is answered without it (hello.py)
     import asyncio
+    from typing import Any
 
 HEADER = struct.Struct(">IIB")
 HEADER_LENGTH = HEADER.size  # 9
@@ -42,13 +44,16 @@ class ProtocolError(Exception):
     """The peer broke the framing; the connection cannot continue."""
 
 
-class Frame(NamedTuple):
-    """One frame (a NamedTuple, not a dataclass: dataclasses imports inspect and ast, which the
-    agent's boot under TCG would pay for before its first `hello`)."""
+class Frame(namedtuple("Frame", ("channel", "kind", "payload"), defaults=(b"",))):
+    """One frame: ``channel`` (int), ``kind`` (Kind), ``payload`` (bytes, default empty).  A
+    named tuple, not a dataclass (dataclasses imports inspect and ast) nor typing.NamedTuple
+    (typing imports re, contextlib, warnings): the agent's boot under TCG would pay for them
+    before its first `hello`."""
 
+    __slots__ = ()
     channel: int
     kind: Kind
-    payload: bytes = b""
+    payload: bytes
 
 
 def _check(channel: int, kind: int, length: int) -> Kind:

@@ -15,6 +15,9 @@
 #   fractal.tty=TERM                run mode: CMD on a pty with TERM (vm run -t), keys on fractal.stdin
 #   fractal.stdin=1                 run mode: CMD's stdin is the fractal.stdin port (vm run -i)
 #   fractal.debug=1                 echo every step with its uptime to the console
+#   fractal.timeline=1              the same steps' uptimes without debug's kernel log level and agent
+#                                   --debug, and the agent's own (FRACTAL_TIMELINE=1: imported, hello
+#                                   answered): hack/bench/guest.py --timeline
 #   fractal.verify_image=1          hash the system image disk before mounting it and stop unless it is
 #                                   the one /etc/fractal/image names (vm.attest: the measured initramfs
 #                                   then vouches for the disk too; docs/hardware.md)
@@ -61,14 +64,16 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0 blowers="" binit=/sbin/init listen="" ca=""
-for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
+mode=agent repo=none debug=0 timeline=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0 blowers="" binit=/sbin/init listen="" ca=""
+read -r cmdline </proc/cmdline  # a builtin, not a fork: under TCG each fork of busybox costs ms
+for arg in $cmdline; do  # fractal.* only; values have no spaces
     case "$arg" in
         fractal.mode=*) mode="${arg#*=}" ;;
         fractal.repo=*) repo="${arg#*=}" ;;
         fractal.share=*) shares="$shares ${arg#*=}" ;;
         fractal.net=*) nets="$nets ${arg#*=}" ;;
         fractal.debug=*) debug="${arg#*=}" ;;
+        fractal.timeline=*) timeline="${arg#*=}" ;;
         fractal.reserve=*) reserve="${arg#*=}" ;;
         fractal.tty=*) tty="${arg#*=}" ;;
         fractal.stdin=*) stdin="${arg#*=}" ;;
@@ -81,7 +86,7 @@ for arg in $(cat /proc/cmdline); do  # fractal.* only; values have no spaces
 done
 
 milestone() { read -r up _ </proc/uptime; echo "fractal-init: $up $*"; }
-step() { [ "$debug" = 1 ] && milestone "$@"; return 0; }
+step() { { [ "$debug" = 1 ] || [ "$timeline" = 1 ]; } && milestone "$@"; return 0; }
 die() {
     milestone "FATAL: $*"
     sleep 1
@@ -94,7 +99,9 @@ find_dev() {
     i=0
     while [ $i -lt 200 ]; do
         for d in "$1"/*; do
-            [ "$(cat "$d/$2" 2>/dev/null)" = "$3" ] && [ -e "/dev/${d##*/}" ] && {
+            v=""
+            { read -r v <"$d/$2"; } 2>/dev/null  # a builtin: no fork per device under TCG
+            [ "$v" = "$3" ] && [ -e "/dev/${d##*/}" ] && {
                 echo "/dev/${d##*/}"
                 return 0
             }
@@ -106,25 +113,30 @@ find_dev() {
 }
 
 milestone "init started (mode=$mode)"
-hostname fractal
-ip link set lo up 2>/dev/null
+echo fractal >/proc/sys/kernel/hostname
 
 # --- 1. modules, dependencies first (order computed at build time) ------------
+# /etc/fractal/modules: what the agent's start needs (the virtio transports, the ports, the system
+# disk); /etc/fractal/modules.later (if any): the rest (shares, NICs, overlay, bridge, ...), loaded
+# by finish_boot -- beside the agent in agent mode, before anything else in the others.
 # busybox insmod does not read module options from the kernel command line as
 # modprobe does: pass NAME.PARAM=VALUE args along (microvm's virtio_mmio.device=).
-rel="$(uname -r)"
-cmdline="$(cat /proc/cmdline)"
-while read -r ko; do
-    name="${ko##*/}"
-    name="${name%.ko}"
-    name="${name//-/_}"
-    params=""
-    for a in $cmdline; do
-        case "$a" in "$name".*=*) params="$params ${a#"$name".}" ;; esac
-    done
-    # shellcheck disable=SC2086
-    insmod "/lib/modules/$rel/$ko" $params || milestone "insmod $ko failed"
-done </etc/fractal/modules
+read -r rel </proc/sys/kernel/osrelease
+load_modules() {  # LIST: one module path (below /lib/modules/REL) a line, dependencies first
+    [ -e "$1" ] || return 0
+    while read -r ko; do
+        name="${ko##*/}"
+        name="${name%.ko}"
+        name="${name//-/_}"
+        params=""
+        for a in $cmdline; do
+            case "$a" in "$name".*=*) params="$params ${a#"$name".}" ;; esac
+        done
+        # shellcheck disable=SC2086
+        insmod "/lib/modules/$rel/$ko" $params || milestone "insmod $ko failed"
+    done <"$1"
+}
+load_modules /etc/fractal/modules
 step "modules loaded"
 
 # --- 1b. the read-only system image (layout "image", ccpu/guest/initramfs.py) -
@@ -140,6 +152,9 @@ if [ -e /etc/fractal/image ]; then
         milestone "system image verified (sha256 $want)"
     fi
     mount -t erofs -o ro "$sysdisk" /.image || die "cannot mount the system image $sysdisk"
+    # larger reads for python's first page faults and file reads (each virtio-blk request costs
+    # under TCG): 2 MiB instead of the block layer's 128 KiB
+    echo 2048 >"/sys/block/${sysdisk#/dev/}/queue/read_ahead_kb" 2>/dev/null
     step "system image mounted"
 fi
 
@@ -154,14 +169,16 @@ mount_share() {  # tag type mode path
         *) false ;;
     esac || die "mount of share $1 ($2) at $4 failed"
 }
-[ "$repo" != none ] && mount_share fractalrepo "$repo" ro /repo
-for s in $shares; do
-    IFS=: read -r tag type smode path <<EOF
+mount_shares() {
+    [ "$repo" != none ] && mount_share fractalrepo "$repo" ro /repo
+    for s in $shares; do
+        IFS=: read -r tag type smode path <<EOF
 $s
 EOF
-    mount_share "$tag" "$type" "$smode" "$path"
-done
-step "shares mounted"
+        mount_share "$tag" "$type" "$smode" "$path"
+    done
+    step "shares mounted"
+}
 
 # --- 3. network: the pod's interfaces (before the agent: containers expect it up)
 nic_by_mac() {  # mac -> interface name; virtio-net probes during insmod, the wait is a safety net
@@ -197,10 +214,22 @@ net_up() {  # NAME,MAC,MTU,ITEM...
         esac || die "network: $dev: $item failed"
     done
 }
-for n in $nets; do
-    net_up "$n"
-done
-[ -n "$nets" ] && step "network configured"
+
+# finish_boot: what is left of the boot once the agent can start -- the other modules, the shares,
+# the pod's NICs.  Agent mode over a port runs it beside the agent (the `hello` does not wait for
+# it, every other request does: the agent's --init-done), every other mode before its step.
+finish_boot() {
+    ip link set lo up 2>/dev/null
+    load_modules /etc/fractal/modules.later
+    step "later modules loaded"
+    mount_shares
+    for n in $nets; do
+        net_up "$n"
+    done
+    [ -n "$nets" ] && step "network configured"
+    return 0
+}
+{ [ "$mode" = agent ] && [ -z "$listen" ]; } || finish_boot
 
 # --- 4. virtio-serial ports, found by name (no udev) ------------------------
 port() { find_dev /sys/class/virtio-ports name "$1"; }
@@ -222,13 +251,15 @@ supervise() {  # N CMD
         [ "$delay" -lt 32 ] && delay=$((delay * 2))
     done
 }
-if [ -s /etc/fractal/run-at-boot ] && [ "$mode" != boot ]; then
+start_run_at_boot() {  # after finish_boot: the commands find the shares, NICs and modules there
+    [ -s /etc/fractal/run-at-boot ] && [ "$mode" != boot ] || return 0
     n=0
     while IFS= read -r cmd; do
         n=$((n + 1))
         supervise "$n" "$cmd" &
     done </etc/fractal/run-at-boot
-fi
+}
+{ [ "$mode" = agent ] && [ -z "$listen" ]; } || start_run_at_boot
 
 # stack_image_root: the image's layers (fractal.boot.lowers, read-only at /repo) + a tmpfs upper,
 # mounted at $b/root (b=/.boot).  fractal boot runs the image's init in it; vm run --image runs the
@@ -261,6 +292,31 @@ stack_image_root() {
         die "boot: cannot mount the image's root"
 }
 
+# start_agent WHERE ARGS...: the agent (python -S -I, ccpu.agent's main with ARGS) as init's child in
+# the background ($agent_pid), both at oom_score_adj -1000; its containers' cgroups go below
+# /fractal, whose memory.max keeps $reserve MiB for the kernel, the agent and runc; --debug with
+# fractal.debug=1.  Launched with -c rather than -m: runpy (importlib.util, contextlib) is not on
+# the boot path.
+start_agent() {
+    where="$1"
+    shift
+    case "$reserve" in '' | *[!0-9]*) reserve=64 ;; esac
+    agent_debug=""
+    [ "$debug" = 1 ] && agent_debug="--debug"
+    read -r python </etc/fractal/python || python=python3
+    milestone "exec agent on $where"
+    echo -1000 >/proc/self/oom_score_adj
+    # shellcheck disable=SC2086
+    FRACTAL_TIMELINE="$timeline" "$python" -S -I -c 'import sys; from ccpu.agent.__main__ import main; sys.exit(main())' \
+        "$@" --cgroup-parent /fractal --memory-reserve-mb "$reserve" --nics $agent_debug &
+    agent_pid=$!
+}
+wait_agent() {  # init gone: the kernel panics and QEMU exits (-no-reboot), as the host expects
+    wait "$agent_pid"
+    milestone "agent exited with $?"
+    exit 0
+}
+
 case "$mode" in
 agent)
     if [ -n "$listen" ]; then
@@ -271,19 +327,9 @@ agent)
         mkdir -p /var/lib/fractal-agent /run/runc
         mount -t tmpfs -o nosuid,nodev,mode=0700 machinerepo /var/lib/fractal-agent ||
             die "cannot mount the machine's layer repo tmpfs"
-        case "$reserve" in '' | *[!0-9]*) reserve=64 ;; esac
-        milestone "exec agent on tcp:$listen"
-        echo -1000 >/proc/self/oom_score_adj
-        agent_debug=""
-        [ "$debug" = 1 ] && agent_debug="--debug"
-        read -r python </etc/fractal/python || python=python3
-        # shellcheck disable=SC2086
-        "$python" -S -I -m ccpu.agent --listen "tcp:$listen" --tls-ca-pin "$ca" --tls-ca-file "$cadev" \
-            --runc-root /run/runc --repo /var/lib/fractal-agent --cgroup-parent /fractal \
-            --memory-reserve-mb "$reserve" --nics $agent_debug &
-        wait $!
-        milestone "agent exited with $?"
-        exit 0
+        start_agent "tcp:$listen" --listen "tcp:$listen" --tls-ca-pin "$ca" --tls-ca-file "$cadev" \
+            --runc-root /run/runc --repo /var/lib/fractal-agent
+        wait_agent
     fi
     agent="$(port fractal.agent)" || die "no virtio-serial port named fractal.agent"
     # Storage (docs/vm.md "The guest's storage"): the agent's own state (bundles, runc's root)
@@ -294,23 +340,19 @@ agent)
     mkdir -p /run/runc /run/fractal/bundles /run/fractal/containers
     mount -t tmpfs -o nosuid,nodev,mode=0755,size=64m scratch /run/fractal/containers ||
         die "cannot mount the containers' scratch tmpfs"
-    case "$reserve" in '' | *[!0-9]*) reserve=64 ;; esac
-    milestone "exec agent on $agent"
     # The agent serves the port as an inherited fd (`--fd`: a socket or a character device).
-    # It runs as init's child, both at oom_score_adj -1000; its containers' cgroups go below
-    # /fractal, whose memory.max keeps $reserve MiB for the kernel, the agent and runc.
-    echo -1000 >/proc/self/oom_score_adj
-    agent_debug=""
-    [ "$debug" = 1 ] && agent_debug="--debug"
-    # shellcheck disable=SC2086
-    read -r python </etc/fractal/python || python=python3
-    "$python" -S -I -m ccpu.agent --fd 3 --runc-root /run/runc \
-        --bundle-root /run/fractal/bundles --layer-root /repo/layers \
-        --layer-root /run/fractal/containers --cgroup-parent /fractal --memory-reserve-mb "$reserve" --nics \
-        $agent_debug 3<>"$agent" &
-    wait $!
-    milestone "agent exited with $?"
-    exit 0  # init gone: the kernel panics and QEMU exits (-no-reboot), as the host expects
+    # It answers `hello` while the init finishes the boot at the lowest priority (under TCG the
+    # agent's start gets the vCPU); its other requests wait for $init_done (--init-done).
+    init_done=/run/fractal/init.done
+    start_agent "$agent" --fd 3 --runc-root /run/runc --bundle-root /run/fractal/bundles \
+        --layer-root /repo/layers --layer-root /run/fractal/containers --init-done "$init_done" 3<>"$agent"
+    renice 19 -p $$ >/dev/null
+    finish_boot
+    renice 0 -p $$ >/dev/null
+    start_run_at_boot
+    : >"$init_done"
+    step "boot finished"
+    wait_agent
     ;;
 run)
     # Host protocol (ccpu.vm.run): the host writes two lines on fractal.run, a

@@ -4,7 +4,9 @@ Contents (see docs/vm.md for sizes):
   /init                     ccpu/guest/init.sh (busybox sh)
   /bin/busybox + applets    busybox-static, symlinks from `busybox --list-full`
   /lib/modules/<rel>/...    the modules of `modules.GUEST_MODULES` and their dependencies;
-                            /etc/fractal/modules lists them in load order
+                            /etc/fractal/modules lists those the agent's start needs
+                            (modules.BOOT_MODULES), /etc/fractal/modules.later the rest, each in
+                            load order
   /usr/bin/python3.X        the distribution's interpreter: /usr/bin/python3 resolved, or
                             $FRACTAL_GUEST_PYTHON (not pyenv's: its libpython is shared and elsewhere)
   /usr/lib/python3.X        the stdlib (asked from that python) minus tests, GUI, installers and
@@ -345,16 +347,21 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs",
     deps = modules.parse_modules_dep((kernel.modules_dir / "modules.dep").read_text())
     builtin_file = kernel.modules_dir / "modules.builtin"
     builtin = builtin_file.read_text().split() if builtin_file.exists() else []
-    wanted = modules.GUEST_MODULES + (IMAGE_MODULES if layout == "image" else ())
-    order = modules.load_order(deps, wanted, builtin)
+    image_modules = IMAGE_MODULES if layout == "image" else ()
+    first, later = modules.split_order(deps, modules.BOOT_MODULES + image_modules,
+                                       modules.GUEST_MODULES + image_modules, builtin)
+    order = first + later
     for ko in order:
         data = (kernel.modules_dir / ko).read_bytes()
         if ko.endswith(".xz"):  # busybox insmod cannot decompress
             import lzma
             data, ko = lzma.decompress(data), ko[:-3]
         srcs.append(Source(f"lib/modules/{kernel.release}/{ko}", stat.S_IFREG | 0o644, data=data))
+    # before the agent starts / while it starts (ccpu/guest/init.sh load_modules, finish_boot)
     srcs.append(Source("etc/fractal/modules", stat.S_IFREG | 0o644,
-                       data="".join(k.removesuffix(".xz") + "\n" for k in order).encode()))
+                       data="".join(k.removesuffix(".xz") + "\n" for k in first).encode()))
+    srcs.append(Source("etc/fractal/modules.later", stat.S_IFREG | 0o644,
+                       data="".join(k.removesuffix(".xz") + "\n" for k in later).encode()))
     # the project's files
     project: list[str] = []
     for rel in PROJECT_FILES:
@@ -376,6 +383,7 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs",
         "kernel": {"release": kernel.release, "package": kernel.package, "version": kernel.package_version,
                    "deb_sha256": kernel.deb_sha256},
         "modules": order,
+        "modules_later": later,
         "binaries": {"busybox": BUSYBOX, "python": py.binary, "runc": RUNC, **({"tpm2": TPM2} if tpm2 else {}),
                      **({"openssl": OPENSSL} if openssl else {})},
         "python": {"stdlib": py.stdlib, "cache_tag": py.cache_tag},

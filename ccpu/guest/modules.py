@@ -45,6 +45,24 @@ GUEST_MODULES: tuple[str, ...] = (
 )
 
 
+#: What the guest's agent needs before it can answer `hello` (the init loads these first): the
+#: transports, the ports, entropy.  The rest of GUEST_MODULES (shares, NICs, overlay, bridge,
+#: balloon) the init loads while the agent starts (ccpu/guest/init.sh finish_boot): under TCG
+#: each insmod is tens of ms of the boot -> ready time (docs/vm.md "The guest's boot timeline").
+BOOT_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_mmio", "virtio_console", "virtio_rng")
+
+
+def split_order(deps: Mapping[str, Sequence[str]], first: Iterable[str], wanted: Iterable[str],
+                builtin: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """(load first, load later): the load order of ``first`` (module names, with their
+    dependencies), then the rest of ``wanted``'s, each list dependencies first -- the first list
+    is closed under dependencies, so the second one loaded after it is a valid order too."""
+    built = list(builtin)
+    head = load_order(deps, first, built)
+    done = set(head)
+    return head, [k for k in load_order(deps, [*first, *wanted], built) if k not in done]
+
+
 class ModuleError(ValueError):
     """A wanted module or one of its dependencies is missing."""
 

@@ -14,7 +14,7 @@ shared (report medians):
   (MemTotal - MemAvailable: the agent has no op that reports the guest's memory).
 
     python3 hack/bench/guest.py [--rounds 5] [--layouts initramfs,image] [--no-memory] [--baseline DIR]
-                                [--json FILE]
+                                [--timeline] [--json FILE]
 
 ``--baseline DIR``: also boot the guest built in DIR (its manifest.json), as "baseline" -- e.g.
 one built from another tree to compare agents in the same run:
@@ -22,6 +22,11 @@ one built from another tree to compare agents in the same run:
 print(initramfs.build(layout="image", offline=True).initramfs.parent)'``.
 ``--layouts image --no-memory``: only the boot -> agent ready ratio of the default layout (the
 guest-used boot in ``vm run`` mode is skipped).
+
+``--timeline``: the guests boot with ``fractal.timeline=1`` -- the init prints every step's uptime
+and the agent its own (imported, `hello` answered) on the console (a few lines more than a plain
+boot: for the per-phase figures, not for the ratio); the medians of each phase are printed,
+on the guest's clock (kernel -> init -> each step -> exec agent -> imported -> `hello`).
 """
 
 from __future__ import annotations
@@ -94,11 +99,26 @@ def boot_bare(kernel: str, initrd: Path, tmp: str) -> dict[str, float]:
         vm.stop()
 
 
-def boot_agent(guest: initramfs.Guest, tmp: str) -> dict[str, float]:
+#: the console lines of a timeline: the init's milestones and the agent's (ccpu/agent/__main__.py)
+TIMELINE = re.compile(r"^fractal-(init|agent): (\d+\.\d+) (.*?)\s*$", re.M)
+
+
+def timeline(text: str) -> dict[str, float]:
+    """{phase: guest uptime} from a console log; a phase name is its line's first words (a repeated
+    one keeps its first time)."""
+    out: dict[str, float] = {}
+    for who, up, what in TIMELINE.findall(text):
+        words = what.split(" on ")[0].split(" (")[0]
+        out.setdefault(f"{who}: {words}", float(up))
+    return out
+
+
+def boot_agent(guest: initramfs.Guest, tmp: str, with_timeline: bool = False) -> dict[str, float]:
     vm = Machine(MachineSpec(kernel=str(guest.kernel), initramfs=str(guest.initramfs), workdir=tmp,
                              system_image=str(guest.image) if guest.image else None,
                              console=ConsoleFile(os.path.join(tmp, "agent.log")), mode="agent",
-                             ports=("fractal.agent",)))
+                             ports=("fractal.agent",),
+                             cmdline_extra=("fractal.timeline=1",) if with_timeline else ()))
     t0 = time.monotonic()
     vm.boot()
     try:
@@ -122,6 +142,8 @@ def boot_agent(guest: initramfs.Guest, tmp: str) -> dict[str, float]:
                 out["init_uptime_s"] = up
             elif what.startswith("exec agent"):
                 out["exec_agent_uptime_s"] = up
+        if with_timeline:
+            out.update({f"@ {k}": v for k, v in timeline(text).items()})
         return out
     finally:
         for s in vm.ports.values():
@@ -144,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", default="initramfs,image", help="comma-separated (default initramfs,image)")
     ap.add_argument("--no-memory", action="store_true", help="skip the guest-used boots")
     ap.add_argument("--baseline", type=Path, metavar="DIR", help="also boot the guest built in DIR")
+    ap.add_argument("--timeline", action="store_true", help="boot with fractal.timeline=1: per-phase uptimes")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     layouts = [x for x in args.layouts.split(",") if x]
@@ -166,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "bare":
                     one = boot_bare(kernel, bare, tmp)
                 else:
-                    one = boot_agent(guests[kind], tmp)
+                    one = boot_agent(guests[kind], tmp, args.timeline)
                     if not args.no_memory:
                         one["guest_used_mb"] = guest_used(guests[kind])
                 raw[kind].append(one)
                 log(f"round {r} {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in one.items()))
-    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in raw.items()}
+    med = {k: {m: statistics.median(x[m] for x in v if m in x) for m in v[0]} for k, v in raw.items()}
     sizes = {k: {"initramfs_mb": g.manifest["initramfs"].get("uncompressed_size", 0) / 1e6,
                  "image_mb": g.manifest["image"]["size"] / 1e6 if g.image else 0.0} for k, g in guests.items()}
     result = {"rounds": args.rounds, "load_average": os.getloadavg(), "median": med, "sizes": sizes, "raw": raw}
@@ -182,6 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         used = f"guest used {v['guest_used_mb']:.0f} MB  " if "guest_used_mb" in v else ""
         print(f"{k:10s} ready {v['ready_s']:.2f} s ({ratio:.2f}x bare)  {used}"
               f"QEMU RSS {v['qemu_rss_mb']:.0f} MB  " + "  ".join(f"{a} {b:.1f}" for a, b in size.items()))
+    if args.timeline:
+        print("guest timeline (uptime medians, s; + since the previous line):")
+        for k, v in med.items():
+            if k == "bare":
+                print(f"  bare       its /init's line {v['uptime_s']:.2f}")
+                continue
+            phases = sorted(((t, m[2:]) for m, t in v.items() if m.startswith("@ ")))
+            prev = 0.0
+            for t, name in phases:
+                print(f"  {k:10s} {name:32s} {t:6.2f}  +{t - prev:.2f}")
+                prev = t
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

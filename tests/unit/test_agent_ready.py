@@ -134,3 +134,47 @@ def test_the_agent_process_answers_hello_then_serves_requests(tmp_path: Path) ->
     assert hello["version"] == protocol.PROTOCOL_VERSION
     assert "nope" in err
     assert (tmp_path / "runc").is_dir()  # built by the request
+
+
+def test_requests_wait_for_the_guests_init_to_finish_booting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--init-done: `hello` and `shutdown` are answered while the init still loads modules and mounts
+    the shares (ccpu/guest/init.sh finish_boot); any other request waits for the file, and is
+    refused (Unavailable) if it never comes."""
+    done = tmp_path / "init.done"
+    built: list[_Sup] = []
+
+    def build() -> _Sup:
+        assert done.exists(), "the Supervisor was built before the init finished booting"
+        built.append(_Sup())
+        return built[-1]
+
+    async def go() -> tuple[list[dict[str, Any]], bool]:
+        server = Server(LazySupervisor(build=build, preload=lambda: None), Outbox(), nics=True,  # type: ignore[arg-type]
+                        init_done=str(done))
+        first = await _roundtrip(server, [protocol.request(1, "hello", {"version": protocol.PROTOCOL_VERSION}),
+                                          protocol.request(2, "shutdown", {})])
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, done.touch)
+        waited = await _roundtrip(server, [protocol.request(1, "hello", {"version": protocol.PROTOCOL_VERSION}),
+                                           protocol.request(2, "state", {"container": "c1"})])
+        return first + waited, done.exists()
+
+    (hello, shutdown, _, state), existed = asyncio.run(go())
+    assert hello["ok"] and shutdown["ok"]
+    assert state["error"]["code"] == "NotFound" and existed and len(built) == 1
+
+    # never done: refused after the bound, and nothing built
+    from ccpu.agent import server as server_mod
+
+    monkeypatch.setattr(server_mod, "INIT_DONE_WAIT", 0.2)
+    built.clear()
+
+    async def never() -> list[dict[str, Any]]:
+        server = Server(LazySupervisor(build=build, preload=lambda: None), Outbox(), nics=True,  # type: ignore[arg-type]
+                        init_done=str(tmp_path / "never"))
+        return await _roundtrip(server, [protocol.request(1, "hello", {"version": protocol.PROTOCOL_VERSION}),
+                                         protocol.request(2, "state", {"container": "c1"})])
+
+    _, refused = asyncio.run(never())
+    assert refused["error"]["code"] == "Unavailable" and "has not finished booting" in refused["error"]["message"]
+    assert not built

@@ -81,3 +81,16 @@ def test_modinfo_depends_reads_the_elf_section() -> None:
     assert m.modinfo_depends(_elf_with_modinfo(b"depends=\0")) == []
     with pytest.raises(m.ModuleError):
         m.modinfo_depends(b"not an elf")
+
+
+def test_split_order_loads_the_boot_set_first_and_the_rest_after() -> None:
+    """/etc/fractal/modules and modules.later (ccpu/guest/init.sh): the first list is closed under
+    dependencies, the second holds the rest of the wanted closure, each dependencies first."""
+    deps = m.parse_modules_dep(DEP)
+    first, later = m.split_order(deps, ["virtio_pci", "virtio_console"], ["virtio_pci", "9p", "9pnet_virtio"])
+    assert [m.module_name(p) for p in first] == ["virtio_ring", "virtio", "virtio_pci", "virtio_console"]
+    assert [m.module_name(p) for p in later] == ["9pnet", "9p", "9pnet_virtio"]
+    both = first + later
+    for i, p in enumerate(both):
+        assert set(deps[p]) <= set(both[:i])
+    assert m.split_order(deps, ["virtio_pci"], [])[1] == []

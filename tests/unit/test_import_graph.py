@@ -47,7 +47,12 @@ AGENT_READY_PATH = frozenset({
 #: standard-library modules the ready path must not load (only container work needs them; asyncio
 #: and logging, ~1.6 s of the guest's boot under TCG, load once `hello` is answered: ccpu/agent/hello.py)
 AGENT_NOT_BEFORE_READY = frozenset({"ctypes", "shutil", "tempfile", "pathlib", "fnmatch", "asyncio", "logging",
-                                    "concurrent", "subprocess", "ssl", "inspect"})
+                                    "concurrent", "subprocess", "ssl", "inspect",
+                                    # the init's flags are parsed by hand (ccpu/agent/__main__.py
+                                    # parse_args), annotations need no typing at run time, and the
+                                    # init runs main with -c, not -m
+                                    "argparse", "gettext", "locale", "typing", "contextlib", "warnings",
+                                    "runpy", "importlib.util"})
 
 
 def _skipped(name: str) -> bool:
@@ -251,14 +256,16 @@ def test_agent_imports_only_the_stdlib_and_what_the_guest_ships() -> None:
 
 
 def test_the_agents_ready_path_loads_only_what_hello_needs() -> None:
-    """What the guest's init runs (`python3 -S -I -m ccpu.agent`) up to serving: the import and
-    the argument parsing load the pinned project modules and nothing of the container machinery
-    (which the agent imports after `hello`: tests/unit/test_agent_ready.py)."""
+    """What the guest's init runs (`python3 -S -I -c '...main()'`, ccpu/guest/init.sh start_agent) up
+    to serving: the import and the argument parsing (the init's own flags) load the pinned project
+    modules and nothing of the container machinery (which the agent imports after `hello`:
+    tests/unit/test_agent_ready.py), nor argparse or typing."""
     # as main() does up to the answer: the arguments, then the first `hello` read and answered on a
     # socketpair (the test's end wrote it first)
     code = ("import json, sys, socket; sys.path.insert(0, sys.argv[1]); import ccpu.agent.__main__ as m; "
             "ns = m.parse_args(['--fd', '3', '--runc-root', '/r', '--runc', sys.executable, '--bundle-root', '/b', "
-            "'--nics', '--cgroup-parent', '/fractal']); "
+            "'--layer-root', '/repo/layers', '--layer-root', '/c', '--init-done', '/run/done', "
+            "'--cgroup-parent', '/fractal', '--memory-reserve-mb', '64', '--nics']); "
             "a, b = socket.socketpair(); "
             "a.sendall(m.hello.wire.encode_control({'id': 1, 'op': 'hello', 'args': {'version': 1}})); "
             "g = m.hello.answer_first(b.fileno(), m.hello.features(ns.nics, False, m.hello.attest_available())); "
