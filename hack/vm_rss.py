@@ -39,7 +39,6 @@ import os
 import re
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
