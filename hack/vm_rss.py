@@ -32,7 +32,6 @@ Usage (root; as many of the modes as given, in order):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import os
@@ -193,9 +192,9 @@ def boot_bare(settle: float) -> tuple[Breakdown, dict[str, int]]:
 
 def boot_idle(settle: float) -> Breakdown:
     """The guest in agent mode, as a sandbox boots it (system image, agent port), agent ready."""
-    from ccpu.agent.client import AgentClient
     from ccpu.guest import initramfs
     from ccpu.vm.machine import ConsoleFile, Machine, MachineSpec
+    from hack.bench.common import agent_hello
 
     guest = initramfs.build(layout="image", offline=True)
     with tempfile.TemporaryDirectory(prefix="fractal-vm-rss-") as tmp:
@@ -205,16 +204,7 @@ def boot_idle(settle: float) -> Breakdown:
                                  ports=("fractal.agent",)))
         vm.boot()
         try:
-            sock = vm.ports["fractal.agent"]
-
-            async def hello() -> None:
-                client = await AgentClient.connect_fd(os.dup(sock.fileno()))
-                try:
-                    await asyncio.wait_for(client.hello(), 300)
-                finally:
-                    await client.close()
-
-            asyncio.run(hello())
+            agent_hello(vm.ports["fractal.agent"], 300)
             assert vm.pid is not None
             return _settle_then(vm.pid, settle, 512)
         finally:

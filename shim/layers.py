@@ -74,6 +74,17 @@ RECORD_VERSION = 2  # 2: no "stack" (the agent's live stack is the only one)
 FACTS_DIR = "layerfacts"
 
 
+def _refs(args: dict[str, Any], key: str, none: str) -> list[str]:
+    """A request's list of image refs or targets: at least one, at most MAX_IMAGES of at most
+    MAX_REF bytes each (the CLI's and any other caller's values are untrusted alike)."""
+    refs = str_list(args, key)
+    if not refs:
+        raise _bad(none)
+    if len(refs) > MAX_IMAGES or any(len(r) > MAX_REF for r in refs):
+        raise _bad(f"at most {MAX_IMAGES} {key} of at most {MAX_REF} bytes each")
+    return refs
+
+
 def _bad(msg: str) -> errdefs.InvalidArgument:
     return errdefs.InvalidArgument(msg)
 
@@ -338,11 +349,7 @@ class LayersService:
         the answer's ``missing``."""
         args = parse_request(req)
         c = self._container(args["container"])
-        images = str_list(args, "images")
-        if not images:
-            raise _bad("name images to add")
-        if len(images) > MAX_IMAGES or any(len(i) > MAX_REF for i in images):
-            raise _bad(f"at most {MAX_IMAGES} images of at most {MAX_REF} bytes each")
+        images = _refs(args, "images", "name images to add")
         position = parse_position(args.get("position"))
         self._check_stackable(c)
         if not self.containerd:
@@ -481,11 +488,7 @@ class LayersService:
         interpreter is warm (the CLI's process then needs no gRPC, issue 13)."""
         args = parse_request(req)
         c = self._container(args["container"])
-        targets = str_list(args, "targets")
-        if not targets:
-            raise _bad("name layers or images to remove")
-        if len(targets) > MAX_IMAGES or any(len(t) > MAX_REF for t in targets):
-            raise _bad(f"at most {MAX_IMAGES} targets of at most {MAX_REF} bytes each")
+        targets = _refs(args, "targets", "name layers or images to remove")
         self._check_stackable(c)
         if not self.containerd:
             raise errdefs.FailedPrecondition("this shim does not know containerd's address")

@@ -192,14 +192,7 @@ def add_through_shim(address: str, namespace: str, cid: str, refs: list[str], po
     shim = _local_shim(namespace, cid)
     payload = wire.add_images_request(cid, refs, str(position))
     for attempt in (0, 1):
-        try:
-            raw = wire.stack(wire.call(shim, payload, SHIM_TIMEOUT))
-        except wire.WireError as e:
-            if e.code == wire.UNIMPLEMENTED:
-                raise _OldShim(cid) from None
-            if e.code == wire.UNAVAILABLE:
-                raise LayersError(f"cannot {what} {cid}: its shim does not answer ({e.message})") from None
-            raise LayersError(f"cannot {what} {cid}: {e.message}") from None
+        raw = _ask_shim(shim, payload, cid, what)
         missing: dict[str, str] = raw.get("missing") or {}
         if not missing:
             raw["stack"] = stack_of(raw, raw.get("layers") or [], cid)
@@ -216,6 +209,21 @@ def add_through_shim(address: str, namespace: str, cid: str, refs: list[str], po
     raise AssertionError("unreachable")
 
 
+def _ask_shim(shim: str, payload: bytes, cid: str, what: str, **kw: Any) -> dict[str, Any]:
+    """One call to the container's shim, its answer decoded; an older shim (UNIMPLEMENTED) is
+    _OldShim, any other refusal one LayersError line."""
+    from .. import layerswire as wire
+
+    try:
+        return wire.stack(wire.call(shim, payload, SHIM_TIMEOUT, **kw))
+    except wire.WireError as e:
+        if e.code == wire.UNIMPLEMENTED:
+            raise _OldShim(cid) from None
+        if e.code == wire.UNAVAILABLE:
+            raise LayersError(f"cannot {what} {cid}: its shim does not answer ({e.message})") from None
+        raise LayersError(f"cannot {what} {cid}: {e.message}") from None
+
+
 def remove_through_shim(namespace: str, cid: str, targets: list[str], *,
                         what: str = "change layers of") -> dict[str, Any]:
     """`layers rm` without gRPC: the shim's RemoveTargets resolves the targets, restacks and
@@ -224,15 +232,7 @@ def remove_through_shim(namespace: str, cid: str, targets: list[str], *,
 
     t0 = time.monotonic()
     shim = _local_shim(namespace, cid)
-    try:
-        raw = wire.stack(wire.call(shim, wire.remove_targets_request(cid, targets), SHIM_TIMEOUT,
-                                   method=wire.REMOVE_METHOD))
-    except wire.WireError as e:
-        if e.code == wire.UNIMPLEMENTED:
-            raise _OldShim(cid) from None
-        if e.code == wire.UNAVAILABLE:
-            raise LayersError(f"cannot {what} {cid}: its shim does not answer ({e.message})") from None
-        raise LayersError(f"cannot {what} {cid}: {e.message}") from None
+    raw = _ask_shim(shim, wire.remove_targets_request(cid, targets), cid, what, method=wire.REMOVE_METHOD)
     raw["stack"] = stack_of(raw, raw.get("layers") or [], cid)
     raw.setdefault("labels_removed", [])
     raw["cli_ms"] = round((time.monotonic() - t0) * 1000, 2)

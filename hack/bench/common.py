@@ -212,3 +212,20 @@ def run_in_guest(guest: Any, work: str, args: str, timeout: float = 1800) -> dic
         raise SystemExit(f"in-guest benchmark failed (exit {res.exit_code}):\n{out.getvalue().decode(errors='replace')}"
                          f"\n{err.getvalue().decode(errors='replace')[-3000:]}")
     return json.loads(m.group(1))
+
+
+def agent_hello(sock: Any, timeout: float) -> None:
+    """Wait until a booted guest's agent answers `hello` on its port (``sock``, the machine's
+    socket; a dup of it is used and closed, so the VM keeps its own)."""
+    import asyncio
+
+    from ccpu.agent.client import AgentClient
+
+    async def hello() -> None:
+        client = await AgentClient.connect_fd(os.dup(sock.fileno()))
+        try:
+            await asyncio.wait_for(client.hello(), timeout)
+        finally:
+            await client.close()
+
+    asyncio.run(hello())

@@ -32,7 +32,6 @@ on the guest's clock (kernel -> init -> each step -> exec agent -> imported -> `
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import os
@@ -48,10 +47,10 @@ REPO = Path(__file__).resolve().parent.parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
-from ccpu.agent.client import AgentClient  # noqa: E402
 from ccpu.guest import cpio, initramfs  # noqa: E402
 from ccpu.vm import run as vmrun  # noqa: E402
 from ccpu.vm.machine import ConsoleFile, Machine, MachineSpec  # noqa: E402
+from hack.bench.common import agent_hello  # noqa: E402
 
 BARE_INIT = b"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -122,16 +121,7 @@ def boot_agent(guest: initramfs.Guest, tmp: str, with_timeline: bool = False) ->
     t0 = time.monotonic()
     vm.boot()
     try:
-        sock = vm.ports["fractal.agent"]
-
-        async def hello() -> None:
-            client = await AgentClient.connect_fd(os.dup(sock.fileno()))
-            try:
-                await asyncio.wait_for(client.hello(), 120)
-            finally:
-                await client.close()
-
-        asyncio.run(hello())
+        agent_hello(vm.ports["fractal.agent"], 120)
         ready = time.monotonic() - t0
         time.sleep(1)
         out = {"ready_s": ready, "qemu_rss_mb": _rss_kb(vm.pid) / 1024}

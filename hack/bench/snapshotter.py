@@ -432,11 +432,31 @@ def bench_latency(env: FractalEnv, stores: Stores, ref: str, clients: int, ops: 
             f"{op} p50 {summ[op]['p50_ms']:.2f} p99 {summ[op]['p99_ms']:.2f}" for op in OPS)
             + f" ms ({3 * len(keys)} calls in {wall:.1f}s; cleanup {rm_s:.1f}s + gc {gc:.1f}s; CPU per call: "
             + ", ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in cpu.items()) + " ms)")
+    res["targets"]["grpc.aio floor direct"] = bench_floor(clients, ops)
     for ns in nss.values():
         remove_ns(env, ns)
     for sn in SNAPSHOTTERS:
         stores.wait_entries(sn, 0)
     return res
+
+
+def bench_floor(clients: int, ops: int) -> dict[str, Any]:
+    """The same clients against a Snapshots server that does nothing (hack/bench/grpc_floor.py):
+    what grpc.aio alone costs here, the reference fractal's direct figures are read against."""
+    from hack.bench.grpc_floor import floor_server
+
+    with floor_server() as (address, pid):
+        cpu0, self0 = proc_cpu_ms(pid), time.process_time()
+        lat, keys, wall = run_clients(address, "floor", "floor-parent", (), clients, ops, tag="floor")
+        calls = max(1, 3 * len(keys))
+        summ = summarize(lat)
+        summ.update(wall_seconds=wall, ops_per_second=calls / wall if wall else None,
+                    snapshotter_cpu_ms_per_call=(proc_cpu_ms(pid) - cpu0) / calls, containerd_cpu_ms_per_call=0.0,
+                    clients_cpu_ms_per_call=(time.process_time() - self0) * 1000 / calls)
+    log("latency grpc.aio floor direct    : " + ", ".join(
+        f"{op} p50 {summ[op]['p50_ms']:.2f} p99 {summ[op]['p99_ms']:.2f}" for op in OPS)
+        + f" ms (CPU per call: server {summ['snapshotter_cpu_ms_per_call']:.2f} ms)")
+    return summ
 
 
 READ_KEYS = 200  # default: active snapshots the read clients Stat/Mount (and Cleanup walks)
@@ -628,6 +648,14 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
         lines.append("   (client-side times of Python gRPC client threads on the same machine; through containerd")
         lines.append("    all three ops also reach the snapshotter; containerd 1.6 wraps each Prepare in two bolt")
         lines.append("    write transactions (one writer at a time, fsync each): Prepares queue there for any snapshotter)")
+        floor = lt["targets"].get("grpc.aio floor direct")
+        if floor:
+            lines.append("   (grpc.aio floor: the same clients against a Snapshots server that does nothing,")
+            lines.append("    hack/bench/grpc_floor.py: what any handler of a Python grpc.aio server starts from)")
+            worst = max(OPS, key=lambda op: floor[op]["p99_ms"])
+            goals.append((f"reachable: the grpc.aio floor's p99 <= {GOAL_P99_MS:.0f} ms (else no handler can meet it here)",
+                          all(floor[op]["p99_ms"] <= GOAL_P99_MS for op in OPS),
+                          f"worst {worst} p99 {floor[worst]['p99_ms']:.2f} ms"))
         for name in ("fractal direct", "fractal via containerd"):
             t = lt["targets"].get(name)
             if t:
