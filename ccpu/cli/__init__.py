@@ -13,15 +13,12 @@ group, so ``fractal --help`` and ``fractal ps`` do not load what ``fractal image
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import os
 import sys
 
 TYPE_CHECKING = False  # typing, dataclasses and logging cost `fractal --help` ~30 ms of imports
 if TYPE_CHECKING:      # here (issue 13): annotations only, logging once a command runs
     from collections.abc import Sequence
-    from typing import NoReturn
+    from typing import Any
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -73,41 +70,6 @@ EXPECTED_ERRORS = (
 )
 
 
-def _columns() -> int:
-    """The help's width as argparse computes it (``shutil.get_terminal_size``: ``$COLUMNS``, else
-    the terminal's, else 80; minus 2), without importing shutil: argparse imports it for every
-    parser it formats, argument checks included, and with its bz2/lzma/zlib that was ~5 ms of
-    ``fractal layers add``'s imports (issue 13)."""
-    try:
-        columns = int(os.environ.get("COLUMNS", "0"))
-    except ValueError:
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return (columns or 80) - 2
-
-
-class _Formatter(argparse.HelpFormatter):
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        super().__init__(prog, indent_increment, max_help_position, _columns() if width is None else width)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit 2) instead of the usage block, and a help
-    formatter that does not import shutil (:func:`_columns`)."""
-
-    def __init__(self, *args: object, **kw: object) -> None:
-        kw.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kw)  # type: ignore[arg-type]
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
-
-
 def version() -> str:
     """The installed distribution's version; in a source tree without one, its pyproject's."""
     from importlib import metadata
@@ -126,95 +88,21 @@ def version() -> str:
         return "unknown"
 
 
-class _Version(argparse.Action):
-    """``--version``: computed only when asked (importlib.metadata is not free)."""
+def build_parser(argv: Sequence[str] | None = None) -> Any:
+    """The argparse parser (ccpu/cli/parser.py); only the group ``argv`` names gets its arguments.
+    Looked up here by ``main`` so that tests may replace it."""
+    from .parser import build_parser as build
 
-    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print fractal's version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
-        print(f"fractal {version()}")
-        parser.exit(0)
+    return build(argv)
 
 
-def _global_flags(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    # ctr's global flags, accepted before the command too; a flag after the command wins
-    ap.add_argument("-a", "--address", dest="global_address", default=None, metavar="ADDRESS",
-                    help="containerd address (env CONTAINERD_ADDRESS, default /run/containerd/containerd.sock)")
-    ap.add_argument("-n", "--namespace", dest="global_namespace", default=None, metavar="NAMESPACE",
-                    help="containerd namespace (env CONTAINERD_NAMESPACE, default 'default')")
+def __getattr__(name: str) -> Any:
+    """``ccpu.cli.Parser`` and the like, from ccpu/cli/parser.py on first use (see its docstring)."""
+    if name == "Parser":
+        from . import parser
 
-
-class _Probe(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ValueError(message)
-
-
-def _selected(argv: Sequence[str]) -> str | None:
-    """The group the command line names (global options and their values skipped), or None.
-    A probe: no help, no version, no errors of its own (the real parse reports them)."""
-    probe = _Probe(add_help=False, formatter_class=_Formatter)
-    _global_flags(probe)
-    probe.add_argument("command", nargs="?")
-    probe.add_argument("rest", nargs=argparse.REMAINDER)
-    try:
-        ns, _ = probe.parse_known_args(list(argv))
-    except ValueError:
-        return None
-    return ns.command
-
-
-def build_parser(argv: Sequence[str] | None = None) -> Parser:
-    """The whole parser.  Only the group ``argv`` names gets its arguments (imports its module);
-    without ``argv`` every group does (for docs and tests)."""
-    ap = Parser(prog="fractal", description="fractal: many containers, one VM, one copy of every layer")
-    ap.add_argument("-v", "--version", action=_Version)
-    _global_flags(ap)
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    want = None if argv is None else _selected(argv)
-    if argv is not None:  # only the named group's parser is made now (see _LazyParsers)
-        lazy = _LazyParsers(sub)
-        sub._name_parser_map = sub.choices = lazy  # type: ignore[assignment]
-    for g in GROUPS:
-        if argv is None or g.name == want:
-            p = sub.add_parser(g.name, help=g.help, description=g.help)
-            p.set_defaults(parser=p)
-            importlib.import_module(g.module).register(p)
-        else:
-            lazy.later(g)
-    return ap
-
-
-class _LazyParsers(dict):
-    """The subparsers' name -> parser map, a parser made on first use only.
-
-    Why: each argparse parser costs ~2 ms here (gettext looks its messages up on disk for every
-    one, and its formatter compiles regexps), and ``fractal --help`` made 13 that nothing but
-    the one-line help of the group list needs: ~25 ms of an ~80 ms goal (issue 13).  The help
-    list comes from the pseudo-actions registered here; an unnamed group's parser (a usage
-    error naming it, a command line the probe could not read) is made as before when asked."""
-
-    def __init__(self, sub: argparse._SubParsersAction) -> None:
-        super().__init__()
-        self._sub = sub
-
-    def later(self, g: Group) -> None:
-        dict.__setitem__(self, g.name, None)
-        self._sub._choices_actions.append(self._sub._ChoicesPseudoAction(g.name, (), g.help))
-
-    def __getitem__(self, name: str) -> argparse.ArgumentParser:
-        parser = dict.__getitem__(self, name)
-        if parser is None:
-            g = next(g for g in GROUPS if g.name == name)
-            parser = self._sub._parser_class(prog=f"{self._sub._prog_prefix} {name}", description=g.help)
-            parser.set_defaults(parser=parser)
-            dict.__setitem__(self, name, parser)
-        return parser
-
-    def get(self, name, default=None):  # noqa: ANN001, ANN201
-        return self[name] if name in self else default
+        return getattr(parser, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def expected_failure(exc: BaseException) -> bool:
@@ -236,8 +124,12 @@ def setup_logging(debug: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = build_parser(argv)
-    args = ap.parse_args(argv)
+    from .fastargs import parse_layers
+
+    args = parse_layers(argv)  # `layers add|rm` in their plain forms; None: argparse decides
+    if args is None:
+        ap = build_parser(argv)
+        args = ap.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:  # `fractal` or `fractal GROUP` alone: its help, as ctr does
         getattr(args, "parser", ap).print_help()

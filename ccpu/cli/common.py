@@ -5,12 +5,12 @@ Stdlib only: every group imports it, and `fractal --help` must stay cheap.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-TYPE_CHECKING = False  # typing: annotations only (`fractal layers add`'s imports, issue 13)
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # typing and argparse: annotations only (`fractal layers add/rm` parse
+if TYPE_CHECKING:      # without argparse, ccpu/cli/fastargs.py; issue 13)
+    import argparse
     from typing import Any
 
 

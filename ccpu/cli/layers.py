@@ -24,7 +24,6 @@ pulls what it reports missing; ``rm`` asks its ``RemoveTargets`` the same way.  
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -35,6 +34,7 @@ from .common import add_containerd_flags, add_json_flag, human, print_json
 
 TYPE_CHECKING = False  # typing and dataclasses cost `fractal layers add` ~20 ms of imports
 if TYPE_CHECKING:      # (issue 13): annotations only, Layer and Stack are plain classes
+    import argparse
     from typing import Any
 
     from ..client.containerd import ContainerRecord
@@ -53,6 +53,8 @@ def parse_position(text: str) -> str | int:
     try:
         return _parse_position(text)
     except BadPosition as e:
+        import argparse  # here only: `layers add/rm` parse without argparse (ccpu/cli/fastargs.py)
+
         raise argparse.ArgumentTypeError(str(e)) from None
 
 

@@ -39,7 +39,8 @@ with open(sys.argv[1], "w") as f:
 #: (the launcher `fractal install` writes, ccpu/cli/launcher.py) these are the CLI's own cost,
 #: ~50 ms of imports before issue 13's trims (docs/performance.md)
 HEAVY = ("dataclasses", "inspect", "typing", "pathlib", "tempfile", "socket", "logging", "shutil",
-         "subprocess", "asyncio", "grpc")
+         "subprocess", "asyncio", "grpc",
+         "argparse", "gettext", "locale", "ccpu.cli.parser")  # parsed by ccpu/cli/fastargs.py
 
 
 def run_cli(tmp_path: Path, argv: list[str], *flags: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
