@@ -438,7 +438,7 @@ def cmd_add(args: Any) -> int:
         res = add_through_shim(address, namespace, args.container, list(args.images), args.position,
                                plain_http=args.plain_http, pull_missing=not args.no_pull)
     except _OldShim:
-        from . import setup_logging
+        from .groups import setup_logging
 
         setup_logging(args.debug)  # the gRPC path's libraries log
         with _session(args, "change layers of") as s:
@@ -464,7 +464,7 @@ def cmd_rm(args: Any) -> int:
     try:
         res = remove_through_shim(namespace, args.container, list(args.targets))
     except _OldShim:
-        from . import setup_logging
+        from .groups import setup_logging
 
         setup_logging(args.debug)  # the gRPC path's libraries log
         with _session(args, "change layers of") as s:

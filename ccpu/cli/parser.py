@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from . import EXIT_USAGE, GROUPS, Group, version
+from .groups import EXIT_USAGE, GROUPS, Group, version
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -124,7 +124,7 @@ def test_help_makes_no_group_parser_and_loads_no_group_module_or_heavy_stdlib() 
     loaded = set(eval(line.split(" LOADED ", 1)[1]))  # noqa: S307 - our own printed list
     assert made <= 2, line  # fractal's parser and the probe that finds the named group
     # the CLI's own parsing modules only, no group's
-    assert {m for m in loaded if m.startswith("ccpu.")} == {"ccpu.cli", "ccpu.cli.fastargs", "ccpu.cli.parser"}, line
+    assert {m for m in loaded if m.startswith("ccpu.")} == {"ccpu.cli", "ccpu.cli.groups", "ccpu.cli.fastargs", "ccpu.cli.parser"}, line
     assert not loaded & {"logging", "dataclasses", "typing", "inspect", "grpc", "sqlite3"}, line
     assert all(f"    {g.name} " in r.stdout for g in cli.GROUPS), r.stdout  # every group listed
     names = [ln.split()[0] for ln in r.stdout.splitlines() if ln.startswith("    ") and ln[4:5].strip()]
