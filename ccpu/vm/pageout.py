@@ -56,12 +56,15 @@ def page_out(pid: int, paths: Iterable[str]) -> int:
     for p in paths:
         st = os.stat(p)
         files.append((st.st_dev, st.st_ino))
-    ranges = file_ranges(Path(f"/proc/{pid}/maps").read_text(), files)[:IOV_MAX]
-    if not ranges:
-        return 0
-    iov = (_Iovec * len(ranges))(*[_Iovec(start, length) for start, length in ranges])
+    # The pidfd first, the maps after: should ``pid`` exit and its number be reused while the
+    # maps are read, the advice goes to the pidfd's (dead) process and fails with ESRCH instead
+    # of paging out another process's ranges.
     pidfd = os.pidfd_open(pid)
     try:
+        ranges = file_ranges(Path(f"/proc/{pid}/maps").read_text(), files)[:IOV_MAX]
+        if not ranges:
+            return 0
+        iov = (_Iovec * len(ranges))(*[_Iovec(start, length) for start, length in ranges])
         return syscall(SYS_PROCESS_MADVISE, ctypes.c_int(pidfd), iov, ctypes.c_size_t(len(ranges)),
                        ctypes.c_int(MADV_PAGEOUT), ctypes.c_uint(0), what="process_madvise(MADV_PAGEOUT)")
     finally:

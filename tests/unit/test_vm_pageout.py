@@ -54,3 +54,27 @@ def test_a_child_s_mapped_file_leaves_its_resident_set(tmp_path) -> None:  # noq
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_process_is_pinned_by_a_pidfd_before_its_maps_are_read(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A pid read from /proc before the pidfd is opened could be another process by the time the
+    advice is given (the pid reused): the pidfd must come first, so the maps read are those of the
+    process the advice goes to, or the advice fails (ESRCH) on a dead one."""
+    path = tmp_path / "boot.img"
+    path.write_bytes(b"x" * 4096)
+    order: list[str] = []
+    real_open, real_read = pageout.os.pidfd_open, pageout.Path.read_text
+
+    def pidfd_open(pid: int) -> int:
+        order.append("pidfd")
+        return real_open(pid)
+
+    def read_text(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if str(self).endswith("/maps"):
+            order.append("maps")
+        return real_read(self, *a, **kw)
+
+    monkeypatch.setattr(pageout.os, "pidfd_open", pidfd_open)
+    monkeypatch.setattr(pageout.Path, "read_text", read_text)
+    assert pageout.page_out(os.getpid(), [str(path)]) == 0  # not mapped here: nothing advised
+    assert order == ["pidfd", "maps"]
