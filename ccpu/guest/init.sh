@@ -215,6 +215,19 @@ net_up() {  # NAME,MAC,MTU,ITEM...
     done
 }
 
+# free page reporting's order (docs/vm.md "Host memory per VM"): the host passes the kernel's own
+# parameter (page_reporting.page_reporting_order=N), but a 6.1 kernel overwrites it with the
+# pageblock order (9: only free 2 MiB blocks go back to the host) when the balloon registers --
+# virtio_balloon, one of the later modules -- so it is written again once that is loaded.
+set_page_reporting_order() {
+    for a in $cmdline; do
+        case "$a" in
+            page_reporting.page_reporting_order=*)
+                echo "${a#*=}" >/sys/module/page_reporting/parameters/page_reporting_order 2>/dev/null ||
+                    milestone "page_reporting_order ${a#*=} not set" ;;
+        esac
+    done
+}
 # finish_boot: what is left of the boot once the agent can start -- the other modules, the shares,
 # the pod's NICs.  Agent mode over a port runs it beside the agent (the `hello` does not wait for
 # it, every other request does: the agent's --init-done), every other mode before its step.
@@ -222,6 +235,7 @@ finish_boot() {
     ip link set lo up 2>/dev/null
     load_modules /etc/fractal/modules.later
     step "later modules loaded"
+    set_page_reporting_order
     mount_shares
     for n in $nets; do
         net_up "$n"

@@ -16,7 +16,13 @@ seconds after deleting it (free page reporting returns the freed pages then, if 
 Configurations are alternated round by round (the machine is shared: read medians).
 
     python3 hack/bench/tcg.py [--rounds 3] [--runs 6] [--touch 200]
-                              [--config LABEL:CPUS:FRACTAL_TCG[:noballoon|:pr=ORDER]]... [--json FILE]
+                              [--config LABEL:CPUS:FRACTAL_TCG[:EXTRA[,EXTRA]...]]... [--json FILE]
+
+``EXTRA``: ``noballoon``; ``pr=ORDER`` (the guest's free page reporting order, set in the guest
+before the workload); ``drop`` (``echo 3 > drop_caches`` in the guest before the workload: what
+the runc loop pays to read back what was dropped); ``env.NAME=VALUE`` (in QEMU's environment, e.g.
+``env.MALLOC_ARENA_MAX=8`` to undo the shipped setting, ccpu/vm/qemu.py ``QEMU_ENV``).  The last
+sample also breaks QEMU's RSS down by kind (hack/vm_rss.py): guest RAM, TCG buffer, files, heap.
 
 Default configurations: the shipped settings against each lever turned back (balloon off, QEMU's
 own tb-size, a bigger and smaller tb-size, 2 vCPUs and thread=multi).
@@ -70,6 +76,8 @@ class Config:
     tcg: str  # FRACTAL_TCG
     balloon: bool = True
     report_order: int | None = None  # the guest's page_reporting_order (None: the kernel's default)
+    drop_caches: bool = False
+    env: tuple[tuple[str, str], ...] = ()  # in QEMU's environment
 
 
 DEFAULT_CONFIGS = (
@@ -84,14 +92,24 @@ DEFAULT_CONFIGS = (
 
 
 def parse_config(text: str) -> Config:
-    """``LABEL:CPUS:FRACTAL_TCG[:noballoon|:pr=ORDER]``: ``pr=ORDER`` sets the guest's free page
-    reporting order (``page_reporting.page_reporting_order``, default 9: 2 MiB) before the workload."""
+    """``LABEL:CPUS:FRACTAL_TCG[:EXTRA[,EXTRA]...]`` (the module's docstring says what EXTRA is)."""
+    usage = f"{text!r}: expected LABEL:CPUS:FRACTAL_TCG[:noballoon|pr=ORDER|drop|env.NAME=VALUE[,...]]"
     parts = text.split(":")
-    extra = parts[3] if len(parts) == 4 else ""
-    if len(parts) not in (3, 4) or (extra and extra != "noballoon" and not re.fullmatch(r"pr=\d{1,2}", extra)):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL:CPUS:FRACTAL_TCG[:noballoon|:pr=ORDER]")
-    order = int(extra[3:]) if extra.startswith("pr=") else None
-    return Config(parts[0], int(parts[1]), parts[2], extra != "noballoon", order)
+    if len(parts) not in (3, 4) or not parts[1].isdigit():
+        raise argparse.ArgumentTypeError(usage)
+    balloon, order, drop, env = True, None, False, []
+    for item in (parts[3].split(",") if len(parts) == 4 and parts[3] else []):
+        if item == "noballoon":
+            balloon = False
+        elif item == "drop":
+            drop = True
+        elif m := re.fullmatch(r"pr=(\d{1,2})", item):
+            order = int(m.group(1))
+        elif m := re.fullmatch(r"env\.([A-Z_][A-Z0-9_]*)=([\w.-]*)", item):
+            env.append((m.group(1), m.group(2)))
+        else:
+            raise argparse.ArgumentTypeError(usage)
+    return Config(parts[0], int(parts[1]), parts[2], balloon, order, drop, tuple(env))
 
 
 def make_bundle(root: Path) -> None:
@@ -149,7 +167,11 @@ def one(cfg: Config, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     console = tmp / f"console-{cfg.label}.log"
     console.unlink(missing_ok=True)  # a later round must not read this one's milestones
     prefix = ("" if cfg.report_order is None else
-              f"echo {cfg.report_order} > /sys/module/page_reporting/parameters/page_reporting_order")
+              f"echo {cfg.report_order} > /sys/module/page_reporting/parameters/page_reporting_order\n")
+    if cfg.drop_caches:
+        prefix += "sync; echo 3 > /proc/sys/vm/drop_caches; sleep 3\n"
+    saved = {k: os.environ.get(k) for k, _ in cfg.env}
+    os.environ.update(dict(cfg.env))  # QEMU inherits the bench's environment; restored below
     script = (GUEST_SCRIPT.replace("{prefix}", prefix).replace("{runs}", str(args.runs)).replace("{touch}", str(args.touch))
               .replace("{settle}", str(args.settle)))
     (tmp / "bench.sh").write_text(script)
@@ -167,15 +189,26 @@ def one(cfg: Config, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     th.start()
     samples: dict[str, dict[str, float]] = {}
     guest_t: dict[str, float] = {}
-    while th.is_alive():
-        text = console.read_text(errors="replace") if console.exists() else ""
-        for name, up in re.findall(r"bench: (\w+) (\d+\.\d+)", text):
-            if name not in samples:
-                pids = _children(os.getpid())
-                samples[name] = _sample([p for p in pids] + [c for p in pids for c in _children(p)])
-                guest_t[name] = float(up)
-        time.sleep(0.1)
-    th.join()
+    parts: dict[str, float] = {}
+    try:
+        while th.is_alive():
+            text = console.read_text(errors="replace") if console.exists() else ""
+            for name, up in re.findall(r"bench: (\w+) (\d+\.\d+)", text):
+                if name not in samples:
+                    pids = _children(os.getpid())
+                    pids += [c for p in pids for c in _children(p)]
+                    samples[name] = _sample(pids)
+                    guest_t[name] = float(up)
+                    if name == "settled":
+                        parts = _parts(pids)
+            time.sleep(0.1)
+        th.join()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if err:
         raise err[0]
     missing = {"idle", "runs_done", "touched", "settled"} - set(samples)
@@ -186,7 +219,22 @@ def one(cfg: Config, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         "runc_loop_qemu_cpu_s": samples["runs_done"]["qemu_cpu_s"] - samples["idle"]["qemu_cpu_s"],
         "rss_idle_mb": samples["idle"]["rss_mb"], "rss_after_runs_mb": samples["runs_done"]["rss_mb"],
         "rss_touched_mb": samples["touched"]["rss_mb"], "rss_settled_mb": samples["settled"]["rss_mb"],
+        **parts,
     }
+
+
+def _parts(pids: list[int]) -> dict[str, float]:
+    """QEMU's RSS by kind (hack/vm_rss.py), MB: where the settled figure is."""
+    from hack import vm_rss
+
+    for pid in pids:
+        try:
+            if "qemu" in Path(f"/proc/{pid}/comm").read_text():
+                b = vm_rss.breakdown(pid)
+                return {f"{k}_mb": b.parts[k].rss_kb / 1024 for k in ("guest_ram", "tcg_buffer", "file", "heap_anon")}
+        except OSError:
+            continue
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {r + 1} {cfg.label}: {res}")
                 results[cfg.label].append(res)
     keys = ("runc_loop_s", "runc_loop_qemu_cpu_s", "rss_idle_mb", "rss_after_runs_mb", "rss_touched_mb",
-            "rss_settled_mb")
-    med = {label: {k: statistics.median(r[k] for r in rs) for k in keys} for label, rs in results.items()}
+            "rss_settled_mb", "guest_ram_mb", "tcg_buffer_mb", "file_mb", "heap_anon_mb")
+    med = {label: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys} for label, rs in results.items()}
     out = {"command": command_line("hack/bench/tcg.py", argv), "machine": machine_info(),
            "load_during": [min(loads), max(loads)], "configs": [c.__dict__ for c in configs],
            "medians": med, "raw": results}
@@ -223,12 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"medians of {args.rounds} rounds ({args.runs} runc run+delete per boot; {args.touch} MiB touched "
           f"then freed; load average {min(loads):.1f}-{max(loads):.1f}); ratios vs {configs[0].label}")
     print(f"{'config':<14} {'runc loop s':>12} {'QEMU cpu s':>11} {'RSS idle':>9} {'after runs':>11} "
-          f"{'touched':>8} {'freed+' + str(args.settle) + 's':>9}")
+          f"{'touched':>8} {'freed+' + str(args.settle) + 's':>9}   then QEMU: guest RAM / TCG / files / heap")
     for c in configs:
         m = med[c.label]
         print(f"{c.label:<14} {m['runc_loop_s']:>7.1f} {m['runc_loop_s'] / ref['runc_loop_s']:>4.2f}x "
               f"{m['runc_loop_qemu_cpu_s']:>10.1f} {m['rss_idle_mb']:>8.0f}M {m['rss_after_runs_mb']:>10.0f}M "
-              f"{m['rss_touched_mb']:>7.0f}M {m['rss_settled_mb']:>8.0f}M")
+              f"{m['rss_touched_mb']:>7.0f}M {m['rss_settled_mb']:>8.0f}M   {m['guest_ram_mb']:.1f} / "
+              f"{m['tcg_buffer_mb']:.1f} / {m['file_mb']:.1f} / {m['heap_anon_mb']:.1f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -25,12 +25,15 @@ harness's config says ``mode = "host"``; VM sandboxes ask with ``io.fractal.mode
 4. **Memory**: host side, RSS of QEMU + virtiofsd of the sandbox (VmRSS; PSS too) with 1 and
    with 1 + ``--extra`` sleep containers; guest side, ``MemTotal - MemAvailable`` of the
    guest's /proc/meminfo read through ``ctr tasks exec`` in the first container, before and
-   after the extra containers: growth per extra container.  Goal: <= 10 MB.
+   after the extra containers: growth per extra container.  Goal: <= 10 MB.  Between the two,
+   ``--settle`` seconds idle, then the **idle sandbox** (issue 12's host RSS goal): QEMU's RSS by
+   kind (hack/vm_rss.py) beside the guest's reserved and not-free memory and its free page
+   reporting order.
 
 The accelerator is whatever ``ccpu.vm.accel`` picks (TCG when KVM is unusable, as on the build
 VM: then every guest-side figure is ~10x what KVM gives) and is printed.
 
-    python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4]
+    python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4] [--settle 20]
                              [--pool-runs 3] [--pool-nice 0,10] [--pool-warm 0,1] [--pool-hold 0,30]
                              [--share auto|9p|virtiofs] [--json FILE]
                              [--plot DIR]
@@ -317,7 +320,22 @@ def _guest_used_kb(env: FractalEnv, cid: str, tag: str) -> tuple[int, dict[str, 
     return info["MemTotal"] - info["MemAvailable"], info
 
 
-def bench_memory(env: FractalEnv, ref: str, extra: int, share: tuple[str, ...]) -> dict[str, Any]:
+def _guest_idle(env: FractalEnv, cid: str, sb: str) -> dict[str, Any]:
+    """The idle sandbox (issue 12's RSS goal): host RSS by kind, and the guest's own view of it --
+    not free (MemTotal - MemFree: page cache included) and the free page reporting order it runs
+    with -- read at the same moment."""
+    r = env.ctr("tasks", "exec", "--exec-id", "mem-idle", cid, "sh", "-c",
+                "cat /sys/module/page_reporting/parameters/page_reporting_order; cat /proc/meminfo",
+                namespace=NS, timeout=120)
+    order, _, rest = r.stdout.partition("\n")
+    info = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in rest.splitlines()) if v}
+    return {"host": _host_mem(env, sb), "page_reporting_order": int(order),
+            "guest_not_free_mb": (info["MemTotal"] - info["MemFree"]) / 1024,
+            "guest_reserved_mb": 512 - info["MemTotal"] / 1024,
+            "guest_anon_huge_mb": info.get("AnonHugePages", 0) / 1024, "guest_cached_mb": info.get("Cached", 0) / 1024}
+
+
+def bench_memory(env: FractalEnv, ref: str, extra: int, share: tuple[str, ...], settle: float = 20) -> dict[str, Any]:
     sb = "mem"
     ann = ("--annotation", f"io.fractal.sandbox={sb}", *VM, *share)
     cids = [f"{sb}-{i}" for i in range(1 + extra)]
@@ -328,6 +346,8 @@ def bench_memory(env: FractalEnv, ref: str, extra: int, share: tuple[str, ...]) 
         time.sleep(3)  # let the guest settle (agent imports, page cache of the first image)
         host1 = _host_mem(env, sb)
         used1, info1 = _guest_used_kb(env, cids[0], "1")
+        time.sleep(settle)  # idle: what the sandbox holds once the guest reported what it freed
+        idle = _guest_idle(env, cids[0], sb)
         for cid in cids[1:]:
             subprocess.run(ctr_argv(env, ref, cid, *ann, detach=True, cmd=("sleep", "3600")),
                            check=True, capture_output=True, timeout=300)
@@ -337,7 +357,7 @@ def bench_memory(env: FractalEnv, ref: str, extra: int, share: tuple[str, ...]) 
         usedn, infon = _guest_used_kb(env, cids[0], "n")
         return {
             "extra": extra,
-            "host_1": host1, "host_n": hostn,
+            "host_1": host1, "host_n": hostn, "idle": idle, "settle_s": settle,
             "host_per_container_mb": (hostn["rss_mb"] - host1["rss_mb"]) / extra,
             "guest_used_1_mb": used1 / 1024, "guest_used_n_mb": usedn / 1024,
             "guest_per_container_mb": (usedn - used1) / 1024 / extra,
@@ -412,6 +432,18 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
             cnt = 1 if k == "host_1" else 1 + mem["extra"]
             lines.append(f"  host RSS with {cnt} container(s): {v['rss_mb']:.0f} MB (PSS {v['pss_mb']:.0f}) [{who}]")
             lines += ["    " + ln for d in v["detail"].values() for ln in d.get("breakdown", "").splitlines()]
+            if k == "host_1" and "idle" in mem:
+                idle = mem["idle"]
+                parts = next(d["parts"] for d in idle["host"]["detail"].values() if "parts" in d)
+                lines.append(f"  idle ({mem['settle_s']:.0f} s later): host RSS {idle['host']['rss_mb']:.0f} MB "
+                             f"(PSS {idle['host']['pss_mb']:.0f}); QEMU's guest RAM "
+                             f"{parts['guest_ram']['rss_kb'] / 1024:.1f} / TCG buffer "
+                             f"{parts['tcg_buffer']['rss_kb'] / 1024:.1f} / files {parts['file']['rss_kb'] / 1024:.1f} "
+                             f"(PSS {parts['file']['pss_kb'] / 1024:.1f}) / heap {parts['heap_anon']['rss_kb'] / 1024:.1f} MB")
+                lines.append(f"    guest: reserved {idle['guest_reserved_mb']:.1f} + not free (MemTotal-MemFree) "
+                             f"{idle['guest_not_free_mb']:.1f} MB (page cache {idle.get('guest_cached_mb', 0):.1f}, "
+                             f"anon in THPs {idle.get('guest_anon_huge_mb', 0):.1f}); "
+                             f"page_reporting_order {idle['page_reporting_order']}")
         lines.append(f"  host RSS growth per extra container: {mem['host_per_container_mb']:.1f} MB")
         lines.append(f"  guest used (MemTotal-MemAvailable of {mem['guest_memtotal_mb']:.0f} MB): "
                      f"{mem['guest_used_1_mb']:.1f} MB -> {mem['guest_used_n_mb']:.1f} MB with "
@@ -433,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boots", type=int, default=3, help="VM boots (own sandbox each; default 3)")
     ap.add_argument("--runs", type=int, default=10, help="Nth-container runs per mode (default 10)")
     ap.add_argument("--extra", type=int, default=4, help="extra containers for memory (default 4)")
+    ap.add_argument("--settle", type=float, default=20,
+                    help="memory: seconds idle after the first container before the idle sample (default 20)")
     ap.add_argument("--share", choices=["auto", "9p", "virtiofs"], default="auto")
     ap.add_argument("--pool-runs", type=int, default=3, help="new-sandbox runs with the pool warm (default 3)")
     ap.add_argument("--pool-nice", default="",
@@ -498,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                     if len(passes) > 1:
                         result["pool_passes"] = passes
                 if "memory" not in args.skip:
-                    result["memory"] = bench_memory(env, ref, args.extra, share)
+                    result["memory"] = bench_memory(env, ref, args.extra, share, args.settle)
                     log("memory done")
             env.remove_namespace(NS)
 

@@ -253,6 +253,14 @@ def test_free_page_reporting_balloon_by_default_and_on_the_machines_bus() -> Non
     assert not any("balloon" in a for a in qemu.command(cfg(balloon=False)))
 
 
+def test_the_guest_reports_every_free_page_when_the_balloon_is_on() -> None:
+    """docs/vm.md "Host memory per VM": the kernel's default reporting order (9) leaves free memory
+    in blocks under 2 MiB resident on the host; order 0 reports every free page."""
+    args = qemu.kernel_cmdline(cfg()).split()
+    assert "page_reporting.page_reporting_order=0" in args
+    assert not any(a.startswith("page_reporting.") for a in qemu.kernel_cmdline(cfg(balloon=False)).split())
+
+
 def test_tcg_options_parse_and_reach_the_command_line() -> None:
     t = qemu.parse_tcg("thread=multi, tb-size=128,cpu=qemu64")
     assert t == qemu.Tcg(threads="multi", tb_size_mb=128, cpu="qemu64")
