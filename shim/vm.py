@@ -145,6 +145,29 @@ def _check_pidfd(pidfd: int, pid: int) -> None:
     raise ValueError(f"fd {pidfd} is not a pidfd of pid {pid}")
 
 
+def warm_verdict(warmed: Any, asked: bool = True) -> str | None:
+    """None if the agent's ``warm`` answer says its throw-away container ran, exited 0 and left
+    nothing (or an older agent that has no such container); else what went wrong -- starting
+    with ``left `` when something stayed in the guest (bounded: an untrusted guest's words)."""
+    if not isinstance(warmed, dict) or "container" not in warmed:
+        return None
+    c = warmed["container"]
+    if not isinstance(c, dict):
+        return "left an unreadable report"
+    left = c.get("left")
+    if not isinstance(left, list):
+        return "left an unreadable report (no list of leftovers)"
+    if left:
+        return "left " + "; ".join(str(x)[:200] for x in left[:8])[:1000]
+    if not asked:
+        return None
+    if c.get("skipped"):
+        return f"was skipped: {str(c['skipped'])[:200]}"
+    if c.get("ok") is not True:
+        return f"failed: {str(c.get('error') or ('exit status ' + str(c.get('status'))))[:300]}"
+    return None
+
+
 def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
     for v in (namespace, group):
         if not v or "/" in v or v in (".", ".."):
@@ -580,15 +603,27 @@ class VmSandbox(AgentSandbox):
         log.info("pod network %s connected after adoption: %s", self.netns,
                  ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in ifaces) or "no IPv4 interface")
 
-    async def warm(self, timeout: float) -> dict[str, Any]:
+    async def warm(self, timeout: float, container: bool = True) -> dict[str, Any]:
         """Warm the booted guest's create path (the agent's ``warm`` op: the container modules,
-        the Supervisor, runc read and run once) -- the pool's, before it offers the VM, so the
-        adopting sandbox's first container does not pay it (docs/vm.md "The pool")."""
+        the Supervisor, runc read and run once, a throw-away container's life cycle) -- the
+        pool's, before it offers the VM, so the adopting sandbox's first container does not pay
+        it (docs/vm.md "The pool").
+
+        RuntimeError (the pool then discards the VM) if the throw-away container left anything
+        in the guest (``container.left``): a guest is offered only as clean as a fresh one.  A
+        warm-up container that failed but left nothing is only logged: that guest is a fresh
+        guest, merely not warmed, and discarding it would cost a whole boot."""
         import asyncio
 
         if self._client is None:
             raise RuntimeError("the VM's agent is not connected")
-        self.warmed = await asyncio.wait_for(self._client.call("warm"), timeout)
+        self.warmed = await asyncio.wait_for(self._client.call("warm", **({} if container else {"container": False})),
+                                             timeout)
+        verdict = warm_verdict(self.warmed, container)
+        if verdict is not None:
+            if verdict.startswith("left "):
+                raise RuntimeError(f"the warm-up container {verdict}: the VM is not offered")
+            log.warning("VM %s (QEMU pid %s): the warm-up container %s; offered unwarmed", self.group, self.pid, verdict)
         return self.warmed
 
     def _tell_pool_refill(self) -> None:
