@@ -915,19 +915,35 @@ class VmSandbox(AgentSandbox):
             if self._console is not None:
                 self._console.close()  # what QEMU wrote last is read first
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def discard(self) -> None:
+        """The sandbox's end after containerd's Shutdown with no container left: QEMU is ended at
+        once (SIGTERM, then SIGKILL), without the agent's ``shutdown`` and the 2 s for the guest
+        to power off by itself; then the helpers, the views and the run dir as in :meth:`stop`.
+
+        Why that is safe: nothing of the sandbox is left in the guest -- every container was
+        deleted (its processes, output and exit reported), and what they wrote to a volume or
+        the shares reached the host as it was written (9p without a cache, virtiofs without
+        writeback caching); the guest itself is never reused.  Why it matters: containerd runs
+        the ``delete`` verb as soon as our connection closes and ``ctr run --rm`` waits for it;
+        it finds the socket gone and ends the VM from its records (shim/leftovers.py) -- SIGKILL,
+        wait, unmount -- unless we are faster, which we are now (it first starts a Python), so it
+        finds no VM dir and returns (docs/vm.md "The VM's stop at --rm's end")."""
+        log.info("no container left: the VM is discarded at once (QEMU pid %s)", self.pid)
+        await self.stop(graceful=False)
+
+    async def stop(self, timeout: float = 5.0, graceful: bool = True) -> None:
         import asyncio
 
         self._stopping = True
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
-        if self._client is not None and not self._client.closed and not self.lost:
+        if graceful and self._client is not None and not self._client.closed and not self.lost:
             try:
                 await asyncio.wait_for(self._client.call("shutdown"), timeout)
             except Exception as exc:  # noqa: BLE001 - e.g. containers left (SIGTERMed shim)
                 log.warning("agent shutdown: %s", exc)
         # the agent exits -> the guest's init is gone -> panic -> QEMU exits (-no-reboot)
-        await self._kill_all(grace=2.0)
+        await self._kill_all(grace=2.0 if graceful else 0.0)
         if self._client is not None:
             await self._client.close()
         for fd in self._cni.values():  # containers never deleted: their netns go with the VM
