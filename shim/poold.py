@@ -19,8 +19,10 @@ sandbox ends.
 
 Two things keep an adopter's first container as cheap as its Nth (docs/vm.md "Where a new
 sandbox's time went"): a VM is offered only once the agent's ``warm`` op answered (container
-modules imported, the Supervisor built, runc read and run once -- before any sandbox exists in
-that guest, nothing of one touched: what it leaves is what any first create would leave), and
+modules imported, the Supervisor built, runc read and run once, a throw-away container's whole
+life cycle run -- ccpu/agent/warmup.py -- before any sandbox exists in that guest, nothing of one
+touched: what it leaves is what any first container would leave; a guest the throw-away container
+left anything in is discarded, shim/vm.py warm_verdict), and
 the refill after a handover is held until the adopter's shim says its first container runs
 (``refill``), at most :data:`REFILL_HOLD` seconds, so that first create does not share the cores
 with a whole boot.

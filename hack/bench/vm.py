@@ -31,8 +31,8 @@ The accelerator is whatever ``ccpu.vm.accel`` picks (TCG when KVM is unusable, a
 VM: then every guest-side figure is ~10x what KVM gives) and is printed.
 
     python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4]
-                             [--pool-runs 3] [--pool-nice 0,10] [--pool-warm 0,1] [--pool-hold 0,30]
-                             [--share auto|9p|virtiofs] [--json FILE]
+                             [--pool-runs 3] [--pool-nice 0,10] [--pool-warm 0,runc,1] [--pool-hold 0,30]
+                             [--baseline DIR] [--share auto|9p|virtiofs] [--json FILE]
                              [--plot DIR]
 
 ``--pool-nice 0,10``: step 3 once per pool ``--boot-nice`` value (a pool daemon each), to compare
@@ -42,6 +42,11 @@ throw-away container, i.e. main's, as the A side of an A/B in one run) and warme
 container life cycle (the default); a value may repeat (``runc,1,runc,1``: the passes alternate), ``--pool-hold 0,30`` with the refill at the
 handover and held until the adopter's first container runs (``--refill-hold``); the lists are
 crossed, one pass (and pool daemon) per combination.
+
+``--baseline DIR`` (another checkout, e.g. ``git worktree add --detach DIR main``): every pool pass is
+run twice, on this tree and on DIR -- a second containerd env started with ``PYTHONPATH=DIR`` (so its
+shims are DIR's), DIR's pool daemon, and so DIR's guest (the guest build is keyed by its inputs) --
+in the order A B, B A, ... so that neither side always runs first.
 
 ``--plot DIR`` draws ``DIR/vm-boot.svg``: the boot of the sandbox of step 2 on the shim's clock
 (guest found, QEMU spawned, agent hello) and on the guest's (console milestones), with step 1's
