@@ -194,7 +194,10 @@ async def _run(sup: Supervisor, cid: str, base: str) -> int:
     init = sup.containers[cid].init
     await init.reported.wait()  # the exit was seen (and "reported" to nobody)
     out = await sup.delete({"container": cid})
-    await sup.settle()  # the background `runc delete` (cgroup, state dir) done
+    # the background `runc delete` (cgroup, state dir) done: waited for within the life cycle's
+    # own bound, not settle's 3 s -- under TCG on a loaded machine it can take longer, and a
+    # state dir still there would count as left (the guest discarded)
+    await sup.settle(WARM_CONTAINER_TIMEOUT)
     return int(out.get("exit_status", -1))
 
 
