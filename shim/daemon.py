@@ -252,13 +252,20 @@ class Daemon:
         self.stop_event.set()
 
     async def shutdown(self, starting: asyncio.Task[None]) -> None:
+        # containerd's Shutdown after its last task's Delete (and the sandbox up): nothing of the
+        # sandbox is needed any more, so it is discarded at once, beside the pause below --
+        # containerd's `delete` verb, which `ctr run --rm` waits for, starts as our connection
+        # closes and then finds the sandbox gone (Sandbox.discard; shim/vm.py)
+        discarding = None
+        if self.exit_requested and starting.done() and len(self.service.tasks) == 0:
+            discarding = asyncio.ensure_future(self.sandbox.discard())
         # Let the Shutdown answer go out before the listener closes.
         await asyncio.sleep(0.05)
         await self.service.drain_exits()
         if not starting.done():
             starting.cancel()
         try:
-            await self.sandbox.stop()
+            await (discarding if discarding is not None else self.sandbox.stop())
         except Exception:  # noqa: BLE001
             log.exception("sandbox stop failed")
         await self.publisher.close()

@@ -19,8 +19,10 @@ sandbox ends.
 
 Two things keep an adopter's first container as cheap as its Nth (docs/vm.md "Where a new
 sandbox's time went"): a VM is offered only once the agent's ``warm`` op answered (container
-modules imported, the Supervisor built, runc read and run once -- before any sandbox exists in
-that guest, nothing of one touched: what it leaves is what any first create would leave), and
+modules imported, the Supervisor built, runc read and run once, a throw-away container's whole
+life cycle run -- ccpu/agent/warmup.py -- before any sandbox exists in that guest, nothing of one
+touched: what it leaves is what any first container would leave; a guest the throw-away container
+left anything in is discarded, shim/vm.py warm_verdict), and
 the refill after a handover is held until the adopter's shim says its first container runs
 (``refill``), at most :data:`REFILL_HOLD` seconds, so that first create does not share the cores
 with a whole boot.
@@ -108,11 +110,12 @@ def remove_empty_dirs(run_dir: str) -> None:
 
 class Pool:
     def __init__(self, run_dir: str, size: int, cfg: Any, repo_root: str, boot_nice: int = POOL_BOOT_NICE,
-                 warm: bool = True, refill_hold: float = REFILL_HOLD) -> None:
+                 warm: bool = True, refill_hold: float = REFILL_HOLD, warm_container: bool = True) -> None:
         self.run_dir = run_dir
         self.refill_hold = refill_hold  # 0: refill at the handover (the old behaviour)
         self.held: dict[str, asyncio.TimerHandle] = {}  # adopted VM id -> its refill's deadline
         self.warm = warm  # offer only guests whose create path was warmed (agent `warm`)
+        self.warm_container = warm_container  # ... by a throw-away container too (ccpu/agent/warmup.py)
         self.boot_nice = boot_nice
         self.size = size
         self.cfg = cfg
@@ -160,7 +163,7 @@ class Pool:
         try:
             await sb.start()
             if self.warm:  # before the VM is offered: its adopter's first create finds it hot
-                await sb.warm(POOL_WARM_TIMEOUT)
+                await sb.warm(POOL_WARM_TIMEOUT, container=self.warm_container)
         except Exception as exc:  # noqa: BLE001 - logged; retried after a pause
             self.booting.pop(vid, None)
             self.boot_failures += 1
@@ -351,6 +354,7 @@ async def amain(ns: argparse.Namespace) -> int:
         size = 0
     cleanup(run_dir)  # what a dead predecessor left
     p = Pool(run_dir, size, cfg, config.repo_root().path, boot_nice=ns.boot_nice, warm=not ns.no_warm,
+             warm_container=not ns.no_warm_container,
              refill_hold=ns.refill_hold)
     loop = asyncio.get_running_loop()
     p.reaper = Reaper()
@@ -399,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warm", action="store_true",
                     help="offer guests as soon as the agent answers, without warming their create path "
                          "(for comparison: hack/bench/vm.py --pool-warm)")
+    ap.add_argument("--no-warm-container", action="store_true",
+                    help="warm without the throw-away container life cycle (runc read and run only, as "
+                         "before it; for comparison: hack/bench/vm.py --pool-warm runc)")
     ap.add_argument("--refill-hold", type=float, default=REFILL_HOLD,
                     help=f"seconds a refill waits after a handover for the adopter's first container "
                          f"(default {REFILL_HOLD:g}; 0: refill at once)")

@@ -139,6 +139,12 @@ class Sandbox(abc.ABC):
     async def stop(self) -> None:
         """Shut it down and make sure it is gone (the shim is exiting)."""
 
+    async def discard(self) -> None:
+        """:meth:`stop` when containerd asked the shim to leave after its last task's Delete:
+        nothing of the sandbox is needed any more, so a kind may end it faster (a VM: at once,
+        shim/vm.py).  The default is :meth:`stop`."""
+        await self.stop()
+
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """A dict for logs and the sandbox record (mode, pids, ``vm``, ...)."""

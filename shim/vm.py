@@ -145,6 +145,29 @@ def _check_pidfd(pidfd: int, pid: int) -> None:
     raise ValueError(f"fd {pidfd} is not a pidfd of pid {pid}")
 
 
+def warm_verdict(warmed: Any, asked: bool = True) -> str | None:
+    """None if the agent's ``warm`` answer says its throw-away container ran, exited 0 and left
+    nothing (or an older agent that has no such container); else what went wrong -- starting
+    with ``left `` when something stayed in the guest (bounded: an untrusted guest's words)."""
+    if not isinstance(warmed, dict) or "container" not in warmed:
+        return None
+    c = warmed["container"]
+    if not isinstance(c, dict):
+        return "left an unreadable report"
+    left = c.get("left")
+    if not isinstance(left, list):
+        return "left an unreadable report (no list of leftovers)"
+    if left:
+        return "left " + "; ".join(str(x)[:200] for x in left[:8])[:1000]
+    if not asked:
+        return None
+    if c.get("skipped"):
+        return f"was skipped: {str(c['skipped'])[:200]}"
+    if c.get("ok") is not True:
+        return f"failed: {str(c.get('error') or ('exit status ' + str(c.get('status'))))[:300]}"
+    return None
+
+
 def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
     for v in (namespace, group):
         if not v or "/" in v or v in (".", ".."):
@@ -580,15 +603,27 @@ class VmSandbox(AgentSandbox):
         log.info("pod network %s connected after adoption: %s", self.netns,
                  ", ".join(f"{i.name} {i.mac} {','.join(i.addrs)}" for i in ifaces) or "no IPv4 interface")
 
-    async def warm(self, timeout: float) -> dict[str, Any]:
+    async def warm(self, timeout: float, container: bool = True) -> dict[str, Any]:
         """Warm the booted guest's create path (the agent's ``warm`` op: the container modules,
-        the Supervisor, runc read and run once) -- the pool's, before it offers the VM, so the
-        adopting sandbox's first container does not pay it (docs/vm.md "The pool")."""
+        the Supervisor, runc read and run once, a throw-away container's life cycle) -- the
+        pool's, before it offers the VM, so the adopting sandbox's first container does not pay
+        it (docs/vm.md "The pool").
+
+        RuntimeError (the pool then discards the VM) if the throw-away container left anything
+        in the guest (``container.left``): a guest is offered only as clean as a fresh one.  A
+        warm-up container that failed but left nothing is only logged: that guest is a fresh
+        guest, merely not warmed, and discarding it would cost a whole boot."""
         import asyncio
 
         if self._client is None:
             raise RuntimeError("the VM's agent is not connected")
-        self.warmed = await asyncio.wait_for(self._client.call("warm"), timeout)
+        self.warmed = await asyncio.wait_for(self._client.call("warm", **({} if container else {"container": False})),
+                                             timeout)
+        verdict = warm_verdict(self.warmed, container)
+        if verdict is not None:
+            if verdict.startswith("left "):
+                raise RuntimeError(f"the warm-up container {verdict}: the VM is not offered")
+            log.warning("VM %s (QEMU pid %s): the warm-up container %s; offered unwarmed", self.group, self.pid, verdict)
         return self.warmed
 
     def _tell_pool_refill(self) -> None:
@@ -880,19 +915,35 @@ class VmSandbox(AgentSandbox):
             if self._console is not None:
                 self._console.close()  # what QEMU wrote last is read first
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def discard(self) -> None:
+        """The sandbox's end after containerd's Shutdown with no container left: QEMU is ended at
+        once (SIGTERM, then SIGKILL), without the agent's ``shutdown`` and the 2 s for the guest
+        to power off by itself; then the helpers, the views and the run dir as in :meth:`stop`.
+
+        Why that is safe: nothing of the sandbox is left in the guest -- every container was
+        deleted (its processes, output and exit reported), and what they wrote to a volume or
+        the shares reached the host as it was written (9p without a cache, virtiofs without
+        writeback caching); the guest itself is never reused.  Why it matters: containerd runs
+        the ``delete`` verb as soon as our connection closes and ``ctr run --rm`` waits for it;
+        it finds the socket gone and ends the VM from its records (shim/leftovers.py) -- SIGKILL,
+        wait, unmount -- unless we are faster, which we are now (it first starts a Python), so it
+        finds no VM dir and returns (docs/vm.md "The VM's stop at --rm's end")."""
+        log.info("no container left: the VM is discarded at once (QEMU pid %s)", self.pid)
+        await self.stop(graceful=False)
+
+    async def stop(self, timeout: float = 5.0, graceful: bool = True) -> None:
         import asyncio
 
         self._stopping = True
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
-        if self._client is not None and not self._client.closed and not self.lost:
+        if graceful and self._client is not None and not self._client.closed and not self.lost:
             try:
                 await asyncio.wait_for(self._client.call("shutdown"), timeout)
             except Exception as exc:  # noqa: BLE001 - e.g. containers left (SIGTERMed shim)
                 log.warning("agent shutdown: %s", exc)
         # the agent exits -> the guest's init is gone -> panic -> QEMU exits (-no-reboot)
-        await self._kill_all(grace=2.0)
+        await self._kill_all(grace=2.0 if graceful else 0.0)
         if self._client is not None:
             await self._client.close()
         for fd in self._cni.values():  # containers never deleted: their netns go with the VM

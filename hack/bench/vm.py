@@ -34,15 +34,22 @@ The accelerator is whatever ``ccpu.vm.accel`` picks (TCG when KVM is unusable, a
 VM: then every guest-side figure is ~10x what KVM gives) and is printed.
 
     python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4] [--settle 20]
-                             [--pool-runs 3] [--pool-nice 0,10] [--pool-warm 0,1] [--pool-hold 0,30]
-                             [--share auto|9p|virtiofs] [--json FILE]
+                             [--pool-runs 3] [--pool-nice 0,10] [--pool-warm 0,runc,1] [--pool-hold 0,30]
+                             [--baseline DIR] [--share auto|9p|virtiofs] [--json FILE]
                              [--plot DIR]
 
 ``--pool-nice 0,10``: step 3 once per pool ``--boot-nice`` value (a pool daemon each), to compare
-the refill's priority in one run.  ``--pool-warm 0,1`` likewise with the pool's guests offered
-unwarmed (``--no-warm``) and warmed (the default), ``--pool-hold 0,30`` with the refill at the
+the refill's priority in one run.  ``--pool-warm 0,runc,1`` likewise with the pool's guests offered
+unwarmed (``--no-warm``), warmed by runc only (``--no-warm-container``: the warm-up before the
+throw-away container, i.e. main's, as the A side of an A/B in one run) and warmed by a throw-away
+container life cycle (the default); a value may repeat (``runc,1,runc,1``: the passes alternate), ``--pool-hold 0,30`` with the refill at the
 handover and held until the adopter's first container runs (``--refill-hold``); the lists are
 crossed, one pass (and pool daemon) per combination.
+
+``--baseline DIR`` (another checkout, e.g. ``git worktree add --detach DIR main``): every pool pass is
+run twice, on this tree and on DIR -- a second containerd env started with ``PYTHONPATH=DIR`` (so its
+shims are DIR's), DIR's pool daemon, and so DIR's guest (the guest build is keyed by its inputs) --
+in the order A B, B A, ... so that neither side always runs first.
 
 ``--plot DIR`` draws ``DIR/vm-boot.svg``: the boot of the sandbox of step 2 on the shim's clock
 (guest found, QEMU spawned, agent hello) and on the guest's (console milestones), with step 1's
@@ -52,6 +59,7 @@ median to first output (hack/bench/plots.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -77,6 +85,21 @@ VM = ("--annotation", "io.fractal.mode=vm")
 GOAL_NTH_RATIO = 1.5
 GOAL_GUEST_MB_PER_CONTAINER = 10.0
 GOAL_POOL_RATIO = 1.5
+#: the pool's warm-up of a guest before it offers it (``--pool-warm``): none, runc only, runc + a
+#: throw-away container life cycle (ccpu/agent/warmup.py; the default)
+WARM_MODES = ("none", "runc", "container")
+
+
+def warm_mode(value: str) -> str:
+    """A ``--pool-warm`` list item: 0/no/false -> none, runc, 1/yes/true/container -> container."""
+    v = value.strip().lower()
+    if v in ("0", "no", "false", "none"):
+        return "none"
+    if v == "runc":
+        return "runc"
+    if v in ("1", "yes", "true", "container"):
+        return "container"
+    raise ValueError(f"--pool-warm: {value!r} is not 0, runc or 1")
 
 
 def ctr_argv(env: FractalEnv, ref: str, cid: str, *extra: str, detach: bool = False,
@@ -193,9 +216,15 @@ def bench_nth(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...]) -> d
 
 
 def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], nice: int | None = None,
-               tag: str = "", warm: bool = True, hold: float | None = None) -> dict[str, Any]:
-    """``nice``: the pool's ``--boot-nice`` (None: its default); ``warm``: False runs the pool with
-    ``--no-warm`` (guests offered unwarmed, the old behaviour); ``tag``: names of this pass."""
+               tag: str = "", warm: str = "container", hold: float | None = None,
+               baseline: Path | None = None) -> dict[str, Any]:
+    """``nice``: the pool's ``--boot-nice`` (None: its default); ``warm``: ``none`` runs the pool
+    with ``--no-warm`` (guests offered unwarmed), ``runc`` with ``--no-warm-container`` (runc
+    read and run once, no throw-away container: main's warm-up before it), ``container`` the
+    default (:data:`WARM_MODES`); ``tag``: names of this pass; ``baseline``: the pool daemon runs
+    from that checkout (PYTHONPATH; ``env``'s containerd, and so its shims, must be that tree's
+    too: :func:`main` ``--baseline``), where only ``none`` is passed on (an older pool has
+    ``--no-warm`` only: any other mode is its default warm-up)."""
     from hack.bench import phases
     from shim import pool
 
@@ -206,8 +235,15 @@ def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], nic
     argv = [sys.executable, "-m", "shim.poold", "--size", "1"]
     if nice is not None:
         argv += ["--boot-nice", str(nice)]
-    if not warm:
+    if warm not in WARM_MODES:
+        raise ValueError(f"warm mode {warm!r} is not one of {', '.join(WARM_MODES)}")
+    if baseline is not None:
+        penv["PYTHONPATH"] = str(baseline)
+        warm = "none" if warm == "none" else "default"
+    if warm == "none":
         argv += ["--no-warm"]
+    elif warm == "runc":
+        argv += ["--no-warm-container"]
     if hold is not None:
         argv += ["--refill-hold", f"{hold:g}"]
     pool_log = env.log_dir / f"pool{tag}.log"
@@ -273,12 +309,13 @@ def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], nic
         out["ratio"] = out["pooled"]["median"] / out["nth"]["median"]
         out["boot_nice"] = nice
         out["warm"] = warm
+        out["tree"] = str(baseline) if baseline is not None else "this tree"
         out["refill_hold"] = hold
         out["load_average"] = os.getloadavg()
         out["phases"] = phases.table(marked)
         out["marks"] = [{"kind": r.kind, "cid": r.cid, "marks": r.marks, "vm_stopped": r.vm_stopped,
                          "refill_overlap": r.refill_overlap} for r in marked]
-        if warm and unwarmed:
+        if warm != "none" and unwarmed:
             raise RuntimeError(f"adopted VM(s) {unwarmed} were not warmed by a warming pool")
         return out
     finally:
@@ -409,7 +446,9 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
     for pl in result.get("pool_passes") or ([result["pool"]] if result.get("pool") else []):
         lines.append("")
         nice = "" if pl.get("boot_nice") is None else f", pool --boot-nice {pl['boot_nice']}"
-        nice += "" if pl.get("warm", True) else ", pool --no-warm"
+        nice += {"none": ", pool --no-warm", False: ", pool --no-warm",
+                 "runc": ", pool --no-warm-container (runc-only warm-up)"}.get(pl.get("warm", True), "")
+        nice += f", tree {pl['tree']}" if pl.get("tree", "this tree") != "this tree" else ""
         nice += "" if pl.get("refill_hold") is None else f", pool --refill-hold {pl['refill_hold']:g}"
         load = " ".join(f"{x:.1f}" for x in pl.get("load_average", ()))
         lines.append(f"pool warm: ctr run --rm IMAGE idN true  ({pl['runs']} runs each, alternating{nice}; "
@@ -472,11 +511,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-nice", default="",
                     help="comma-separated pool --boot-nice values, one pool pass each (default: the pool's)")
     ap.add_argument("--pool-warm", default="",
-                    help="comma-separated 1/0: a pool pass warming its guests (default) or not (--no-warm), "
-                         "crossed with --pool-nice")
+                    help="comma-separated 1/runc/0: a pool pass warming its guests with a throw-away container "
+                         "(default), with runc only (--no-warm-container, the warm-up before it) or not at all "
+                         "(--no-warm), crossed with --pool-nice; repeat values to alternate passes (1,runc,1,runc)")
     ap.add_argument("--pool-hold", default="",
                     help="comma-separated pool --refill-hold values (s; 0: refill at the handover), crossed "
                          "with the others")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="another checkout (e.g. `git worktree add --detach DIR main`): each pool pass is run "
+                         "twice, on this tree and on DIR (its shims, pool daemon and guest: a second containerd "
+                         "env started with PYTHONPATH=DIR), alternating A B B A ...")
     ap.add_argument("--skip", action="append", default=[], choices=["boot", "nth", "pool", "memory"])
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the boot timeline as DIR/vm-boot.svg")
@@ -507,8 +551,28 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_all = time.monotonic()
 
+    def baseline_env(stack: contextlib.ExitStack) -> FractalEnv | None:
+        """A second env whose containerd (so its shims) runs the baseline checkout's code."""
+        if args.baseline is None:
+            return None
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = str(args.baseline.resolve())
+        try:
+            benv, brefs = stack.enter_context(bench_env(args.image))
+        finally:
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
+        log(f"baseline env {benv.id} up ({args.baseline}); pulling {brefs[args.image]}")
+        benv.pull(brefs[args.image], namespace=NS)
+        result["baseline"] = {"dir": str(args.baseline), "image_ref": brefs[args.image],
+                              "commit": subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "HEAD"],
+                                                       capture_output=True, text=True).stdout.strip()}
+        return benv
+
     def measure() -> None:
-        with bench_env(args.image) as (env, refs):
+        with bench_env(args.image) as (env, refs), contextlib.ExitStack() as stack:
             ref = result["image_ref"] = refs[args.image]
             log(f"env {env.id} up; pulling {ref}")
             env.pull(ref, namespace=NS)
@@ -520,14 +584,21 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"nth done: ratio {result['nth']['ratio']:.2f}")
                 if "pool" not in args.skip:
                     nices = [int(x) for x in args.pool_nice.split(",") if x] or [None]
-                    warms = [x.strip() not in ("0", "no", "false") for x in args.pool_warm.split(",") if x] or [True]
+                    warms = [warm_mode(x) for x in args.pool_warm.split(",") if x] or ["container"]
                     holds = [float(x) for x in args.pool_hold.split(",") if x] or [None]
                     passes = []
+                    benv = baseline_env(stack)
                     for j, (nice, warm, hold) in enumerate((n, w, h) for n in nices for w in warms for h in holds):
-                        passes.append(bench_pool(env, ref, args.pool_runs, share, nice=nice, warm=warm, hold=hold,
-                                                 tag=f"{j}" if j else ""))
-                        log(f"pool done (boot nice {nice}, warm {warm}, refill hold {hold}): "
-                            f"ratio {passes[-1]['ratio']:.2f}")
+                        trees: list[tuple[FractalEnv, str, Path | None]] = [(env, ref, None)]
+                        if benv is not None:  # A B, then B A, ...: neither side always goes first
+                            trees.append((benv, result["baseline"]["image_ref"], args.baseline.resolve()))
+                            trees = trees if j % 2 == 0 else trees[::-1]
+                        for e, r, base in trees:
+                            passes.append(bench_pool(e, r, args.pool_runs, share, nice=nice, warm=warm, hold=hold,
+                                                     tag=f"{'b' if base else ''}{j}" if j or base else "",
+                                                     baseline=base))
+                            log(f"pool done ({passes[-1]['tree']}; boot nice {nice}, warm {warm}, refill hold "
+                                f"{hold}): ratio {passes[-1]['ratio']:.2f}")
                     result["pool"] = passes[-1]
                     if len(passes) > 1:
                         result["pool_passes"] = passes

@@ -149,6 +149,13 @@ def test_run_guest_kernel_output_and_exit_code(fenv: FractalEnv, namespace: str,
     assert "err\n" in r.stderr
     wait_for(lambda: not vm_dir(fenv, namespace, "vm-uname").exists(), what="VM run dir removed")
     assert not qemus(fenv)
+    # the shim ended its VM itself at containerd's Shutdown (no agent shutdown, no 2 s grace), before
+    # containerd's `delete` verb -- which `ctr run --rm` waits for -- could find it and SIGKILL it from
+    # its records under the stopping shim (which then logged its virtiofsd's death as an error)
+    records = [ln for ln in (Path(fenv.log_dir) / "containerd.log").read_text().splitlines()
+               if "sandbox=vm-uname " in ln]
+    assert any("no container left: the VM is discarded at once" in ln for ln in records), records[-10:]
+    assert not any("exited while its VM runs" in ln for ln in records), records[-10:]
 
 
 def test_runtime_config_file_selects_vm(fenv: FractalEnv, namespace: str, images: dict[str, str],

@@ -126,6 +126,10 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
         # offered only once warmed: the guest's agent built its machinery and ran runc
         assert (ready.get("warm") or {}).get("runc", "").startswith("runc version"), ready
         assert ready["warm"]["read_bytes"] > 1 << 20, ready
+        # ... and ran a throw-away container's whole life cycle, which left nothing behind
+        warmed = ready["warm"]["container"]
+        assert warmed["ok"] is True and warmed["status"] == 0 and warmed["left"] == [], ready
+        assert warmed["container"].startswith("fractal-warm-"), ready
         # booted at the pool's low priority, every thread back to 0 once ready (a sandbox's VM)
         assert set(proc.thread_nices(qemu).values()) == {0}, proc.thread_nices(qemu)
         vol = tmp_path / "vol"
