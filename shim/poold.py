@@ -301,7 +301,7 @@ class Pool:
                 return await self._reply(conn, {"ok": False, "why": f"cannot move the VM's dir: {exc}"})
             try:
                 await self._reply(conn, {"ok": True, "vm": {**vm, "id": vid}, "fds": names}, fds)
-            except OSError as exc:  # the shim went away: the VM is nobody's, end it
+            except (OSError, pool.PoolError) as exc:  # the shim went away (or the message was refused): end the VM
                 log.error("pooled VM %s: handover to %s failed (%s): ending it", vid, target, exc)
                 self._release(vid, "not handed over")
                 await sb.forget()

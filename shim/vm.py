@@ -149,7 +149,9 @@ def warm_verdict(warmed: Any, asked: bool = True) -> str | None:
     """None if the agent's ``warm`` answer says its throw-away container ran, exited 0 and left
     nothing (or an older agent that has no such container); else what went wrong -- starting
     with ``left `` when something stayed in the guest (bounded: an untrusted guest's words)."""
-    if not isinstance(warmed, dict) or "container" not in warmed:
+    if not isinstance(warmed, dict):
+        return "left an unreadable report"
+    if "container" not in warmed:
         return None
     c = warmed["container"]
     if not isinstance(c, dict):
@@ -166,6 +168,35 @@ def warm_verdict(warmed: Any, asked: bool = True) -> str | None:
     if c.get("ok") is not True:
         return f"failed: {str(c.get('error') or ('exit status ' + str(c.get('status'))))[:300]}"
     return None
+
+
+def warm_summary(warmed: Any) -> dict[str, Any]:
+    """What of the agent's ``warm`` answer the host keeps (the pool's status, the handover, the
+    sandbox record): known fields, bounded -- the answer is an untrusted guest's, up to a frame
+    (1 MiB), and the pool's messages are ≤ 64 KiB."""
+    if not isinstance(warmed, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, kind in (("runc", str), ("read_bytes", int), ("seconds", (int, float))):
+        v = warmed.get(key)
+        if isinstance(v, kind) and not isinstance(v, bool):
+            out[key] = v[:200] if isinstance(v, str) else v
+    c = warmed.get("container")
+    if isinstance(c, dict):
+        kept: dict[str, Any] = {}
+        for key in ("ok",):
+            if isinstance(c.get(key), bool):
+                kept[key] = c[key]
+        for key in ("status", "seconds"):
+            if isinstance(c.get(key), (int, float)) and not isinstance(c.get(key), bool):
+                kept[key] = c[key]
+        for key, n in (("container", 64), ("error", 300), ("skipped", 200)):
+            if isinstance(c.get(key), str):
+                kept[key] = c[key][:n]
+        if isinstance(c.get("left"), list):
+            kept["left"] = [str(x)[:200] for x in c["left"][:8]]
+        out["container"] = kept
+    return out
 
 
 def vm_run_dir(run_dir: str, namespace: str, group: str) -> str:
@@ -617,9 +648,10 @@ class VmSandbox(AgentSandbox):
 
         if self._client is None:
             raise RuntimeError("the VM's agent is not connected")
-        self.warmed = await asyncio.wait_for(self._client.call("warm", **({} if container else {"container": False})),
-                                             timeout)
-        verdict = warm_verdict(self.warmed, container)
+        answer = await asyncio.wait_for(self._client.call("warm", **({} if container else {"container": False})),
+                                        timeout)
+        self.warmed = warm_summary(answer)
+        verdict = warm_verdict(answer, container)
         if verdict is not None:
             if verdict.startswith("left "):
                 raise RuntimeError(f"the warm-up container {verdict}: the VM is not offered")

@@ -170,17 +170,25 @@ async def container_life_cycle(sup: Supervisor, timeout: float = WARM_CONTAINER_
     own = Supervisor(sup.runc, sup.reaper, _NoEvents(), [base], [base, os.path.dirname(WARM_LOWER)],
                      sup.drain_timeout, cgroup_parent=sup.cgroup_parent)
     result: dict[str, Any] = {"container": cid}
+    timed_out = False
     try:
         status = await asyncio.wait_for(_run(own, cid, base), timeout)
         result.update(ok=status == 0, status=status)
     except asyncio.CancelledError:
         await _clean(own, cid, base, cgroup)
         raise
+    except asyncio.TimeoutError:
+        # the runc call that was cancelled is not killed (Runc never kills on cancel): it may
+        # still make state after the clean-up below, which `leftovers` cannot see coming
+        timed_out = True
+        result.update(ok=False, error=f"timed out after {timeout:.0f} s")
     except Exception as e:  # noqa: BLE001 - reported; the guest is cleaned and judged by `left`
         log.warning("warm-up container %s failed: %s", cid, e)
         result.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
     await _clean(own, cid, base, cgroup)
     result["left"] = leftovers(cid, base, sup.runc.root, cgroup)
+    if timed_out:
+        result["left"].append("timed out: a runc call may still be running")
     if result["left"]:
         log.error("warm-up container %s left %s", cid, "; ".join(result["left"]))
     result["seconds"] = round(time.monotonic() - t0, 3)

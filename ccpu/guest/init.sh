@@ -223,7 +223,7 @@ set_page_reporting_order() {
     for a in $cmdline; do
         case "$a" in
             page_reporting.page_reporting_order=*)
-                echo "${a#*=}" >/sys/module/page_reporting/parameters/page_reporting_order 2>/dev/null ||
+                echo "${a#*=}" 2>/dev/null >/sys/module/page_reporting/parameters/page_reporting_order ||
                     milestone "page_reporting_order ${a#*=} not set" ;;
         esac
     done

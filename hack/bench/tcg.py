@@ -21,7 +21,7 @@ Configurations are alternated round by round (the machine is shared: read median
 ``EXTRA``: ``noballoon``; ``pr=ORDER`` (the guest's free page reporting order, set in the guest
 before the workload); ``drop`` (``echo 3 > drop_caches`` in the guest before the workload: what
 the runc loop pays to read back what was dropped); ``env.NAME=VALUE`` (in QEMU's environment, e.g.
-``env.MALLOC_ARENA_MAX=8`` to undo the shipped setting, ccpu/vm/qemu.py ``QEMU_ENV``).  The last
+``env.MALLOC_ARENA_MAX=1``: measured, not shipped -- docs/vm.md "Host memory per VM").  The last
 sample also breaks QEMU's RSS down by kind (hack/vm_rss.py): guest RAM, TCG buffer, files, heap.
 
 Default configurations: the shipped settings against each lever turned back (balloon off, QEMU's

@@ -22,6 +22,7 @@ from ccpu.agent.client import AgentClient
 from ccpu.agent.warmup import WARM_ARGS, WARM_BASE, WARM_LOWER
 from shim import pool
 from shim.poold import Pool
+from shim.vm import warm_verdict
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNC = shutil.which("runc")
@@ -254,7 +255,8 @@ def test_the_pool_judges_the_warm_answer() -> None:
     assert warm_verdict({"container": {"ok": False, "status": 3, "left": []}}) == "failed: exit status 3"
     assert (warm_verdict({"container": {"ok": False, "skipped": "no /bin/busybox", "left": []}})
             == "was skipped: no /bin/busybox")
-    for bad in ({"container": "x"}, {"container": {"ok": True}}, {"container": {"ok": True, "left": "none"}}):
+    for bad in ({"container": "x"}, {"container": {"ok": True}}, {"container": {"ok": True, "left": "none"}},
+                "not a dict", ["x"]):
         verdict = warm_verdict(bad)
         assert verdict is not None and verdict.startswith("left "), bad
 
@@ -266,3 +268,59 @@ def test_bench_pool_warm_values() -> None:
         "none", "runc", "container", "container", "none", "runc"]
     with pytest.raises(ValueError):
         warm_mode("2")
+
+
+@pytest.mark.skipif(RUNC is None or os.geteuid() != 0, reason="needs runc and root")
+@pytest.mark.skipif(not os.path.isfile(BUSYBOX), reason=f"no {BUSYBOX}")
+def test_a_timed_out_warm_up_counts_as_left_so_the_pool_discards_the_guest(tmp_path: Path) -> None:
+    """The life cycle's bound cancels the runc call it is in, but runc itself goes on (Runc never
+    kills on cancel) and may make state after the clean-up: a timeout must be reported as
+    something left, so warm_verdict discards the guest instead of offering it."""
+    from ccpu.agent.container import Supervisor
+    from ccpu.agent.runc import Runc
+    from ccpu.agent.warmup import _NoEvents, container_life_cycle
+    from ccpu.linux.reaper import Reaper
+
+    assert RUNC is not None
+    slow = tmp_path / "runc-slow"
+    slow.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = create ] && sleep 3; done\nexec "{RUNC}" "$@"\n')
+    slow.chmod(0o755)
+
+    async def go() -> dict[str, Any]:
+        reaper = Reaper()
+        reaper.start(asyncio.get_running_loop())
+        try:
+            sup = Supervisor(Runc(reaper, str(tmp_path / "runc"), str(slow)), reaper, _NoEvents(),
+                             [str(tmp_path)], [str(tmp_path)], 5.0)
+            out = await container_life_cycle(sup, timeout=0.5)
+            await asyncio.sleep(4)  # the slow create's own end, before the reaper stops
+            return out
+        finally:
+            reaper.stop()
+
+    (tmp_path / "runc").mkdir(mode=0o700)
+    out = asyncio.run(go())
+    assert out["ok"] is False and "timed out" in out["error"], out
+    assert any("timed out" in x for x in out["left"]), out
+    assert warm_verdict({"container": out}) is not None and "left" in warm_verdict({"container": out})
+    subprocess.run([RUNC, "--root", str(tmp_path / "runc"), "delete", "--force", out["container"]],
+                   capture_output=True)
+
+
+def test_the_host_keeps_a_bounded_summary_of_the_warm_answer() -> None:
+    """shim/vm.py warm_summary: the guest's answer (up to a 1 MiB frame) goes into the pool's
+    status, the handover message (≤ 64 KiB, shim.pool.send) and the sandbox record: only known
+    fields, bounded, survive -- a huge answer cannot strand a pooled VM at its handover."""
+    import json
+
+    from shim.vm import warm_summary
+
+    huge = {"runc": "r" * 100000, "read_bytes": 12, "seconds": 1.5, "junk": "j" * 500000,
+            "container": {"ok": True, "status": 0, "container": "c" * 1000, "error": "e" * 100000,
+                          "left": ["l" * 1000] * 10000, "more": "m" * 100000}}
+    out = warm_summary(huge)
+    assert len(json.dumps(out)) < 4096
+    assert out["runc"] == "r" * 200 and out["read_bytes"] == 12 and out["seconds"] == 1.5 and "junk" not in out
+    c = out["container"]
+    assert c["ok"] is True and c["status"] == 0 and len(c["left"]) == 8 and "more" not in c
+    assert warm_summary("x") == {} and warm_summary({"seconds": True, "container": []}) == {}
