@@ -18,6 +18,8 @@ Contents (see docs/vm.md for sizes):
   /usr/bin/tpm2, openssl    when the host has them: the attest op's TPM tools, an attested
                             machine's boot TLS key (docs/hardware.md)
   /usr/lib/python3.X/ccpu   the project's stdlib-only modules (agent, linux, stack)
+  /usr/lib/python3X.zip     the agent's ready path (.pyc of the modules it imports before `hello`,
+                            whole packages) in one stored zip, first on sys.path (ccpu/guest/pyzip.py)
 
 Two layouts (``build(layout=...)``, ``fractal guest build --layout``; docs/vm.md "The small guest"):
   image      (the default) the initramfs keeps only /init, busybox, the modules and /etc; everything

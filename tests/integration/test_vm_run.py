@@ -145,7 +145,8 @@ def test_small_guest_ready_path_zip_and_modules(guest: Path, dirs: tuple[Path, P
     assert "ccpu.agent.hello" in mods and "json" in mods
     work, _ = dirs
     code = (f"import sys, importlib; [importlib.import_module(m) for m in {mods!r}]; import ccpu.agent.container; "
-            "print(*(f'FILE {n} {sys.modules[n].__file__}' for n in [*sys.argv[1:], 'ccpu.agent.container']), sep=chr(10))")
+            "print(*(f'FILE {n} {sys.modules[n].__file__}' for n in [*sys.argv[1:], 'ccpu.agent.container']), "
+            "sep=chr(10))")
     rel = manifest["kernel"]["release"]
     names = [ko.rsplit("/", 1)[-1].removesuffix(".xz").removesuffix(".ko").replace("-", "_")
              for ko in manifest["modules"]]

@@ -18,10 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TAG = "cpython-311"
 
 
-def _ready(**origins: str) -> pyzip.Ready:
-    return pyzip.parse_probe(json.dumps({k.replace("__", "."): v for k, v in origins.items()}))
-
-
 def test_zip_path_is_the_interpreters_own_sys_path_entry() -> None:
     assert pyzip.zip_path("/usr/lib/python3.11") == "usr/lib/python311.zip"
     assert pyzip.zip_path("/usr/lib/python3.12/") == "usr/lib/python312.zip"
