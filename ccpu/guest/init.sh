@@ -119,15 +119,34 @@ echo fractal >/proc/sys/kernel/hostname
 # /etc/fractal/modules: what the agent's start needs (the virtio transports, the ports, the system
 # disk); /etc/fractal/modules.later (if any): the rest (shares, NICs, overlay, bridge, ...), loaded
 # by finish_boot -- beside the agent in agent mode, before anything else in the others.
-# busybox insmod does not read module options from the kernel command line as
-# modprobe does: pass NAME.PARAM=VALUE args along (microvm's virtio_mmio.device=).
+# One busybox `modprobe -a` for the whole list (its dependencies from the initramfs's own modules.dep,
+# modules.shipped_modules_dep): under TCG each fork + exec of busybox is ~10 ms.  A module with
+# options on the kernel command line (microvm's virtio_mmio.device=) goes the insmod way with the
+# options passed along (busybox insmod does not read them as modprobe does); so does anything left
+# over if modprobe fails, one by one (what is loaded already is skipped).
 read -r rel </proc/sys/kernel/osrelease
 load_modules() {  # LIST: one module path (below /lib/modules/REL) a line, dependencies first
     [ -e "$1" ] || return 0
+    names="" withparams=""
     while read -r ko; do
         name="${ko##*/}"
         name="${name%.ko}"
         name="${name//-/_}"
+        names="$names $name"
+        for a in $cmdline; do
+            case "$a" in "$name".*=*) withparams=1 ;; esac
+        done
+    done <"$1"
+    if [ -z "$withparams" ] && [ -e "/lib/modules/$rel/modules.dep" ]; then
+        # shellcheck disable=SC2086
+        modprobe -a $names && return 0
+        milestone "modprobe -a failed: insmod one by one"
+    fi
+    while read -r ko; do
+        name="${ko##*/}"
+        name="${name%.ko}"
+        name="${name//-/_}"
+        [ -d "/sys/module/$name" ] && continue
         params=""
         for a in $cmdline; do
             case "$a" in "$name".*=*) params="$params ${a#"$name".}" ;; esac

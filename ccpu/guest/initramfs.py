@@ -18,6 +18,8 @@ Contents (see docs/vm.md for sizes):
   /usr/bin/tpm2, openssl    when the host has them: the attest op's TPM tools, an attested
                             machine's boot TLS key (docs/hardware.md)
   /usr/lib/python3.X/ccpu   the project's stdlib-only modules (agent, linux, stack)
+  /usr/lib/python3X.zip     the agent's ready path (.pyc of the modules it imports before `hello`,
+                            whole packages) in one stored zip, first on sys.path (ccpu/guest/pyzip.py)
 
 Two layouts (``build(layout=...)``, ``fractal guest build --layout``; docs/vm.md "The small guest"):
   image      (the default) the initramfs keeps only /init, busybox, the modules and /etc; everything
@@ -50,12 +52,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cpio, erofs, extend, modules, uki
+from . import cpio, erofs, extend, modules, pyzip, uki
 from .kernel import Kernel, cache_root
 from .kernel import fetch as fetch_kernel
 from .source import Source
 
-BUILDER_VERSION = 5  # bump when the layout changes without any input changing
+BUILDER_VERSION = 7  # bump when the layout changes without any input changing
 
 PYTHON_DEFAULT = "/usr/bin/python3"  # the distribution's python (not pyenv's first-on-PATH); $FRACTAL_GUEST_PYTHON
 BUSYBOX = "/bin/busybox"
@@ -207,12 +209,17 @@ def in_image(dest: str) -> bool:
     return dest.startswith(IMAGE_TOPS) and not dest.startswith(IMAGE_KEEP)
 
 
-def split_layout(sources: Sequence[Source]) -> tuple[list[Source], list[Source]]:
+def split_layout(sources: Sequence[Source], also: Iterable[str] = ()) -> tuple[list[Source], list[Source]]:
     """(initramfs, image) for layout "image": the image's files, and in the initramfs a symlink
     for each highest image directory the initramfs does not have itself (usr ->
-    /.image/usr, lib/x86_64-linux-gnu -> /.image/lib/x86_64-linux-gnu), plus the mount point."""
-    image = [s for s in sources if in_image(s.dest)]
-    initrd = [s for s in sources if not in_image(s.dest)]
+    /.image/usr, lib/x86_64-linux-gnu -> /.image/lib/x86_64-linux-gnu), plus the mount point.
+
+    ``also``: more paths for the image (the modules the init loads only once the image is mounted,
+    /etc/fractal/modules.later): the initramfs keeps what runs before the mount, and under TCG the
+    kernel unpacks every byte of it before the init's first line."""
+    extra = frozenset(also)
+    image = [s for s in sources if in_image(s.dest) or s.dest in extra]
+    initrd = [s for s in sources if not (in_image(s.dest) or s.dest in extra)]
     init_dirs = {s.dest for s in initrd if stat.S_ISDIR(s.mode)}
     for s in initrd:
         parts = s.dest.split("/")
@@ -357,6 +364,9 @@ def collect(kernel: Kernel, root: Path | None = None, layout: str = "initramfs",
             import lzma
             data, ko = lzma.decompress(data), ko[:-3]
         srcs.append(Source(f"lib/modules/{kernel.release}/{ko}", stat.S_IFREG | 0o644, data=data))
+    # busybox modprobe -a loads a list in one process with it (ccpu/guest/init.sh load_modules)
+    srcs.append(Source(f"lib/modules/{kernel.release}/modules.dep", stat.S_IFREG | 0o644,
+                       data=modules.shipped_modules_dep(deps, order).encode()))
     # before the agent starts / while it starts (ccpu/guest/init.sh load_modules, finish_boot)
     srcs.append(Source("etc/fractal/modules", stat.S_IFREG | 0o644,
                        data="".join(k.removesuffix(".xz") + "\n" for k in first).encode()))
@@ -430,6 +440,22 @@ def compile_pyc(sources: Sequence[Source], progress: Callable[[str], None],
         return out
 
 
+def ready_zip(pycs: Sequence[Source], progress: Callable[[str], None], py: Python | None = None,
+              root: Path | None = None) -> tuple[Source, dict]:
+    """The agent's ready path as one stored zip at the interpreter's zip entry of sys.path
+    (ccpu/guest/pyzip.py), and its manifest entry (path, sha256, members, the probed modules)."""
+    py = py or find_python()
+    ready = pyzip.probe(py.binary, str(root or project_root()))
+    prefix = py.pkg_dir + "/"
+    pairs = [(s.dest[len(prefix):], s.read()) for s in pycs if s.dest.startswith(prefix)]
+    blob, names = pyzip.build(pairs, ready, py.cache_tag)
+    dest = pyzip.zip_path(py.stdlib)
+    progress(f"ready-path zip /{dest}: {len(names)} .pyc ({len(blob) / 1e3:.0f} kB) for {len(ready.modules)} modules")
+    desc = {"ready_zip": {"path": "/" + dest, "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob),
+                          "members": len(names), "modules": list(ready.modules)}}
+    return Source(dest, stat.S_IFREG | 0o644, data=blob), desc
+
+
 # ---------------------------------------------------------------------------------------------
 # build
 
@@ -476,11 +502,16 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     out_dir = out_root / key[:32]
     progress(f"collected {len(sources)} files (inputs {key[:16]})")
     extra: list[Source] = compile_pyc(sources, progress) if pyc else []
+    zip_desc: dict = {}
+    if pyc:  # the agent's ready path in one file (ccpu/guest/pyzip.py)
+        extra_zip, zip_desc = ready_zip(extra, progress)
+        extra.append(extra_zip)
     initrd = sources + extra
     image_blob: bytes | None = None
     image_desc: dict = {}
     if layout == "image":
-        initrd, in_img = split_layout(initrd)
+        later = [f"lib/modules/{kern.release}/{ko.removesuffix('.xz')}" for ko in described["modules_later"]]
+        initrd, in_img = split_layout(initrd, later)
         progress(f"writing the read-only image ({len(in_img)} files, erofs)")
         image_blob = erofs.write(image_files(in_img))
         image_sha = hashlib.sha256(image_blob).hexdigest()
@@ -508,6 +539,7 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
                          "format": "vmlinux-pvh" if kern.vmlinux else "bzimage",
                          "vmlinuz_sha256": _sha256(kern.vmlinuz)},
         **image_desc,
+        **zip_desc,
         "layout": layout,
         "inputs_key": key,
         "options": options,

@@ -6,6 +6,7 @@ checks several things so the file stays fast.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -131,3 +132,35 @@ def test_stdin_with_i_reaches_the_command_and_ends_it(guest: Path, dirs: tuple[P
     closed = subprocess.run([sys.executable, "-m", "ccpu.cli", "vm", "run", "--", "sh", "-c", "cat; echo end"],
                             cwd=work, input=b"not for the guest\n", capture_output=True, timeout=300, env=env)
     assert closed.returncode == 0 and closed.stdout == b"end\n", closed
+
+
+def test_small_guest_ready_path_zip_and_modules(guest: Path, dirs: tuple[Path, Path]) -> None:
+    """The boot path (docs/vm.md "The guest's boot timeline"): the agent's ready-path modules are
+    imported from the one stored zip the manifest names (with its hash), a zipped package's other
+    modules still import, and every module of the build is loaded -- the later ones through links
+    into the system image (layout "image")."""
+    manifest = json.loads((guest.parent / "manifest.json").read_text())
+    z = manifest["ready_zip"]
+    mods = [m for m in z["modules"] if m != "__main__"]
+    assert "ccpu.agent.hello" in mods and "json" in mods
+    work, _ = dirs
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {mods!r}]; import ccpu.agent.container; "
+            "print(*(f'FILE {n} {sys.modules[n].__file__}' for n in [*sys.argv[1:], 'ccpu.agent.container']), "
+            "sep=chr(10))")
+    rel = manifest["kernel"]["release"]
+    names = [ko.rsplit("/", 1)[-1].removesuffix(".xz").removesuffix(".ko").replace("-", "_")
+             for ko in manifest["modules"]]
+    later = manifest["modules_later"][0].removesuffix(".xz")
+    script = (f"sha256sum {z['path']}; \"$(cat /etc/fractal/python)\" -S -I -c \"$0\" {' '.join(mods)}; "
+              f"for m in {' '.join(names)}; do [ -d /sys/module/$m ] && echo LOADED $m; done; "
+              f"echo LATER $(readlink -f /lib/modules/{rel}/{later})")
+    res = vm_run(work, "--share-type", "9p", "--", "sh", "-c", script, code)
+    assert res.returncode == 0, res.stderr
+    assert f"{z['sha256']}  {z['path']}" in res.stdout
+    files = dict(line.split()[1:] for line in res.stdout.splitlines() if line.startswith("FILE "))
+    assert set(files) == {*mods, "ccpu.agent.container"}
+    assert all(f.startswith(z["path"] + "/") for f in files.values()), files
+    loaded = {line.split()[1] for line in res.stdout.splitlines() if line.startswith("LOADED ")}
+    assert loaded == set(names)
+    if manifest["layout"] == "image":
+        assert f"LATER /.image/lib/modules/{rel}/{later}" in res.stdout

@@ -72,6 +72,22 @@ def test_image_layout_keeps_init_busybox_modules_and_links_the_rest() -> None:
     assert stat.S_ISDIR(by[".image"].mode)
 
 
+def test_modules_loaded_after_the_mount_go_to_the_image_behind_links() -> None:
+    """modules.later: the init loads them once the image is mounted, so the initramfs (unpacked by
+    the kernel before the init's first line) keeps only what runs before the mount."""
+    srcs = [_src("init"), _src("lib/modules/6.1/kernel/fs/erofs/erofs.ko"),
+            _src("lib/modules/6.1/kernel/fs/overlayfs/overlay.ko"), _src("lib/modules/6.1/kernel/net/bridge/bridge.ko"),
+            _src("lib/modules/6.1/modules.dep"), _src("usr/bin/python3.11")]
+    later = ["lib/modules/6.1/kernel/fs/overlayfs/overlay.ko", "lib/modules/6.1/kernel/net/bridge/bridge.ko"]
+    initrd, image = ini.split_layout(srcs, later)
+    assert [s.dest for s in image] == [*later, "usr/bin/python3.11"]
+    by = {s.dest: s for s in initrd}
+    assert {"lib/modules/6.1/kernel/fs/erofs/erofs.ko", "lib/modules/6.1/modules.dep"} <= set(by)
+    links = {d: s.link for d, s in by.items() if s.link is not None}
+    assert links == {"lib/modules/6.1/kernel/fs/overlayfs": "/.image/lib/modules/6.1/kernel/fs/overlayfs",
+                     "lib/modules/6.1/kernel/net": "/.image/lib/modules/6.1/kernel/net", "usr": "/.image/usr"}
+
+
 def test_image_marker_names_the_image_hash() -> None:
     m = ini.image_marker("ab" * 32)
     assert m.dest == "etc/fractal/image" and m.read() == b"erofs " + b"ab" * 32 + b"\n"

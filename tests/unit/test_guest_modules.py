@@ -94,3 +94,18 @@ def test_split_order_loads_the_boot_set_first_and_the_rest_after() -> None:
     for i, p in enumerate(both):
         assert set(deps[p]) <= set(both[:i])
     assert m.split_order(deps, ["virtio_pci"], [])[1] == []
+
+
+def test_shipped_modules_dep_lists_what_the_guest_carries_decompressed_in_load_order() -> None:
+    """busybox modprobe -a reads it in the guest (ccpu/guest/init.sh load_modules)."""
+    deps = {"k/virtio.ko.xz": ["k/virtio_ring.ko.xz"], "k/virtio_ring.ko.xz": [],
+            "k/virtio_pci.ko.xz": ["k/virtio.ko.xz", "k/virtio_ring.ko.xz"], "k/unused.ko.xz": [],
+            "k/other.ko.xz": ["k/unused.ko.xz"]}
+    order = m.load_order(deps, ["virtio_pci"])
+    text = m.shipped_modules_dep(deps, order)
+    assert text == ("k/virtio_ring.ko:\nk/virtio.ko: k/virtio_ring.ko\n"
+                    "k/virtio_pci.ko: k/virtio.ko k/virtio_ring.ko\n")
+    # what the guest does not carry is never named, not even as a dependency
+    assert "unused" not in m.shipped_modules_dep(deps, [*order, "k/other.ko.xz"])
+    assert m.parse_modules_dep(text) == {"k/virtio_ring.ko": [], "k/virtio.ko": ["k/virtio_ring.ko"],
+                                         "k/virtio_pci.ko": ["k/virtio.ko", "k/virtio_ring.ko"]}
