@@ -148,25 +148,26 @@ def _check_pidfd(pidfd: int, pid: int) -> None:
 def warm_verdict(warmed: Any, asked: bool = True) -> str | None:
     """None if the agent's ``warm`` answer says its throw-away container ran, exited 0 and left
     nothing (or an older agent that has no such container); else what went wrong -- starting
-    with ``left `` when something stayed in the guest (bounded: an untrusted guest's words)."""
+    with ``left `` when something stayed in the guest.  Judged on :func:`warm_summary`, so an
+    untrusted guest's words are bounded in one place."""
     if not isinstance(warmed, dict):
         return "left an unreadable report"
     if "container" not in warmed:
         return None
-    c = warmed["container"]
-    if not isinstance(c, dict):
+    c = warm_summary(warmed).get("container")
+    if c is None:
         return "left an unreadable report"
     left = c.get("left")
-    if not isinstance(left, list):
+    if left is None:
         return "left an unreadable report (no list of leftovers)"
     if left:
-        return "left " + "; ".join(str(x)[:200] for x in left[:8])[:1000]
+        return ("left " + "; ".join(left))[:1005]
     if not asked:
         return None
     if c.get("skipped"):
-        return f"was skipped: {str(c['skipped'])[:200]}"
+        return f"was skipped: {c['skipped']}"
     if c.get("ok") is not True:
-        return f"failed: {str(c.get('error') or ('exit status ' + str(c.get('status'))))[:300]}"
+        return f"failed: {c.get('error') or ('exit status ' + str(c.get('status')))}"
     return None
 
 

@@ -253,6 +253,8 @@ def test_the_pool_judges_the_warm_answer() -> None:
     assert left is not None and left.startswith("left mount /run/x") and len(left) <= 1005
     assert warm_verdict({"container": {"ok": False, "error": "boom", "left": []}}) == "failed: boom"
     assert warm_verdict({"container": {"ok": False, "status": 3, "left": []}}) == "failed: exit status 3"
+    huge = warm_verdict({"container": {"ok": False, "error": "e" * 100000, "left": []}})
+    assert huge is not None and huge.startswith("failed: e") and len(huge) <= 310
     assert (warm_verdict({"container": {"ok": False, "skipped": "no /bin/busybox", "left": []}})
             == "was skipped: no /bin/busybox")
     for bad in ({"container": "x"}, {"container": {"ok": True}}, {"container": {"ok": True, "left": "none"}},
