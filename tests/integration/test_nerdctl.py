@@ -279,25 +279,55 @@ def _cni_network_in_vm(nerd: Nerdctl, busybox: str, fenv: FractalEnv, namespace:
     assert fenv.ctr("containers", "ls", "-q", namespace=namespace).stdout.strip() == ""
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["booted", "pooled"])
 def test_cni_network_in_vm_mode_survives_a_killed_shim(nerd: Nerdctl, busybox: str,
                                                        cni_bridge: tuple[str, str, str],
-                                                       fenv: FractalEnv, namespace: str) -> None:
+                                                       fenv: FractalEnv, namespace: str, pooled: bool) -> None:
     """SIGKILL of the shim of a VM container on a CNI network: QEMU dies with it, and the netns
     the shim held only by an fd goes too, with CNI's veth -- nothing is left on the bridge and no
-    tap anywhere, before any cleanup ran; ``rm -f`` then succeeds."""
+    tap anywhere, before any cleanup ran; ``rm -f`` then succeeds.  ``pooled``: the VM is one the
+    pool had ready (its QEMU is not the shim's child, the tap fd went to it over the handed-over
+    QMP channel): containerd's cleanup of the dead shim (the ``delete`` verb) ends that QEMU, and
+    with it the tap, before any ``rm``.  The tap is looked for in the very netns the shim made
+    (held open by the test meanwhile), so "no tap" cannot pass because the netns vanished."""
     import signal
+
+    from tests.integration.test_shim_vm import fractal_ps
+    from tests.integration.test_vm_pool import PoolProc, alive
 
     name, bridge, _gateway = cni_bridge
     base = list(nerd.base)
     base[base.index("--cni-path") + 1] = "/usr/lib/cni"
-    run_cmd([*base, "run", "-d", "--name", "vmkill", "--runtime", RUNTIME, "--network", name,
-             "--annotation", "io.fractal.mode=vm", busybox, "sleep", "300"], timeout=300, env=nerd.env)
+    pool_proc = PoolProc(fenv) if pooled else None
+    held = -1
     try:
+        ready = pool_proc.ready()[0] if pool_proc is not None else None
+        run_cmd([*base, "run", "-d", "--name", "vmkill", "--runtime", RUNTIME, "--network", name,
+                 "--annotation", "io.fractal.mode=vm", busybox, "sleep", "300"], timeout=300, env=nerd.env)
         assert _ip("-o", "link", "show", "master", bridge).stdout.count("\n") == 1
+        (vm,) = [e["vm"] for e in fractal_ps(fenv, namespace) if e["vm"]]
+        if ready is not None:  # the pooled QEMU took the NIC: adopted, not booted
+            assert vm["pid"] == ready["qemu_pid"] and vm["pooled"]["id"] == ready["id"], (vm, ready)
+        (netns,) = vm["nics"]  # the netns the shim made, by its fd
+        held = os.open(netns, os.O_RDONLY)  # kept by us: a tap left in it stays visible
+        ns_path = f"/proc/{os.getpid()}/fd/{held}"
+        assert _taps_in(ns_path), "no tap in the container's netns"
         shims = procs.daemon_pids(str(fenv.address))  # the one rule (shim/procs.py): forked daemons too
         assert shims, "the container's shim must be running"
         for pid in shims:
             os.kill(pid, signal.SIGKILL)
+        for _ in range(600):  # a deadline for the state, never a speed assertion
+            if not alive(vm["pid"]):
+                break
+            time.sleep(0.1)
+        assert not alive(vm["pid"]), f"QEMU {vm['pid']} outlived its killed shim"
+        for _ in range(600):  # the last fd's close unregisters the tap, a moment after QEMU's exit
+            if not _taps_in(ns_path):
+                break
+            time.sleep(0.1)
+        assert _taps_in(ns_path) == []  # its tap ended with the QEMU holding it
+        os.close(held)
+        held = -1
         for _ in range(300):  # the kernel destroys a netns (and its veth) asynchronously
             if _ip("-o", "link", "show", "master", bridge, check=False).stdout.strip() == "":
                 break
@@ -305,8 +335,22 @@ def test_cni_network_in_vm_mode_survives_a_killed_shim(nerd: Nerdctl, busybox: s
         assert _ip("-o", "link", "show", "master", bridge, check=False).stdout.strip() == ""
         assert "_fractal" not in _ip("-o", "link").stdout
     finally:
+        if held >= 0:
+            os.close(held)
         nerd("rm", "-f", "vmkill", check=False, timeout=120)
+        if pool_proc is not None:
+            pool_proc.stop()
     assert "vmkill" not in nerd("ps", "-a").stdout
+
+
+def _taps_in(netns_path: str) -> list[str]:
+    """The VM taps (ccpu.vm.net.tap_name) in a netns."""
+    from ccpu.vm.net import TAP_SUFFIX
+
+    r = subprocess.run(["nsenter", f"--net={netns_path}", "ip", "-j", "link", "show"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return [link["ifname"] for link in json.loads(r.stdout) if link.get("ifname", "").endswith(TAP_SUFFIX)]
 
 
 def test_nerdctl_paths_stay_in_env(nerd: Nerdctl, busybox: str) -> None:

@@ -20,7 +20,8 @@ import pytest
 
 from hack.containerd_env import FractalEnv
 from ccpu.linux import proc
-from shim import pool
+from ccpu.vm.shares import find_virtiofsd
+from shim import leftovers, pool
 from shim.poold import POOL_BOOT_NICE
 from tests.harness import wait_for
 from tests.integration.test_shim_vm import _proc_cmd, fractal_ps, qemus, start_detached, task_status
@@ -90,6 +91,25 @@ def alive(pid: int) -> bool:
         return False
 
 
+def virtiofsds(run_dir: str) -> list[tuple[int, int]]:
+    """(pid, start time) of the virtiofsd(s) of the VM whose run dir is ``run_dir``, from the
+    record the VM keeps for a dead shim's cleanup (shim/leftovers.py): exactly this VM's, never
+    another env's or session's.  Each is checked to be a live virtiofsd now; with virtiofsd
+    installed the VM has one (its layer share), so the later "gone" checks cannot pass vacuously."""
+    found = [(pid, start) for name, pid, start in leftovers.read_pids(run_dir) if name == "virtiofsd"]
+    for pid, start in found:
+        assert proc.start_time(pid) == start and _proc_cmd(pid)[0].endswith(b"virtiofsd"), (pid, _proc_cmd(pid))
+    if find_virtiofsd() is not None:
+        assert found, f"no virtiofsd recorded in {run_dir}: {leftovers.read_pids(run_dir)}"
+    return found
+
+
+def none_left(recorded: list[tuple[int, int]]) -> bool:
+    """No process of ``recorded`` (pid, start time) is alive (a zombie has no start time here, a
+    reused pid another one)."""
+    return all(proc.start_time(pid) != start for pid, start in recorded)
+
+
 def remove(fenv: FractalEnv, ns: str, cid: str) -> None:
     fenv.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=ns, check=False)
     deadline = time.monotonic() + 60
@@ -110,8 +130,9 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
     """A new VM sandbox runs on the VM the pool had ready (same QEMU) and warmed (its agent ran
     runc once), its layers and a live `fractal layers add` reach that guest, the pool refills with
     a fresh VM once the sandbox's first container runs (the shim says so: the pool's own hold is
-    an hour here), and the adopted VM ends with its sandbox even when the shim is SIGKILLed
-    (containerd's cleanup): no orphan."""
+    an hour here), a live `fractal layers rm` takes the added layers away again, and the adopted
+    VM ends with its sandbox even when the shim is SIGKILLed (containerd's cleanup), the pool's
+    own with the pool's SIGTERM: no orphan QEMU, virtiofsd or mount."""
     p = PoolProc(fenv, extra=("--refill-hold", "3600"))
     cid = "pooled"
     try:
@@ -123,6 +144,7 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
         (ready,) = p.ready()
         qemu = ready["qemu_pid"]
         pool_dir = ready["run_dir"]
+        vfsd = virtiofsds(pool_dir)  # this VM's, by the record it moves with to its adopter
         # offered only once warmed: the guest's agent built its machinery and ran runc
         assert (ready.get("warm") or {}).get("runc", "").startswith("runc version"), ready
         assert ready["warm"]["read_bytes"] > 1 << 20, ready
@@ -152,24 +174,37 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
                            env=env_of(fenv), timeout=180)
         assert r.returncode == 0, r.stderr
         assert ex("c", "cat", "/opt/tools/hello.txt").stdout == "hello from tools\n"
+        # ... and a live `layers rm` of that image takes them away again, in the same guest
+        r = subprocess.run([sys.executable, "-m", "ccpu.cli", "layers", "rm", "-a", str(fenv.address),
+                            "-n", namespace, cid, images["tools"]], capture_output=True, text=True,
+                           env=env_of(fenv), timeout=180)
+        assert r.returncode == 0, r.stderr
+        gone = ex("g", "cat", "/opt/tools/hello.txt", check=False)
+        assert gone.returncode != 0 and "hello from tools" not in gone.stdout, gone
+        assert ex("s", "cat", "/data/hello").stdout == "from the host\n"  # the rest of its root unchanged
+        assert sandbox_vm(fenv, namespace, cid)["pid"] == qemu
         # refilled with a fresh VM, never the used one: released by the shim's word (an hour's hold)
         (again,) = p.ready(timeout=600)
         assert p.status()["held"] == []
         assert f"refill for {ready['id']} released: its adopter's first container runs" in p.log.read_text()
         assert again["qemu_pid"] != qemu and again["id"] != ready["id"]
+        vfsd_again = virtiofsds(again["run_dir"])
+        assert not set(vfsd_again) & set(vfsd)
         # the shim dies: containerd's cleanup (`delete` verb) ends the VM it adopted
         shim_pid = [e for e in fractal_ps(fenv, namespace) if e["vm"] and e["vm"]["pid"] == qemu][0]["shim_pid"]
         os.kill(shim_pid, signal.SIGKILL)
         wait_for(lambda: task_status(fenv, namespace, cid) in ("STOPPED", ""), timeout=60, what="task stopped")
         remove(fenv, namespace, cid)
         wait_for(lambda: not alive(qemu), timeout=60, what=f"adopted QEMU {qemu} gone")
+        wait_for(lambda: none_left(vfsd), timeout=60, what=f"the adopted VM's virtiofsd {vfsd} gone")
         sdir = str(fenv.fractal_run_dir / "vms" / namespace)
         assert mounts_below(sdir) == []
     finally:
         remove(fenv, namespace, cid)
         p.stop()
-    # pool stop: its un-adopted VM is stopped, its mounts and dir removed
+    # pool stop: its un-adopted VM is stopped (QEMU and virtiofsd), its mounts and dir removed
     assert not alive(again["qemu_pid"])
+    wait_for(lambda: none_left(vfsd_again), timeout=60, what=f"the pooled VM's virtiofsd {vfsd_again} gone")
     wait_for(lambda: mounts_below(pool.pool_dir(str(fenv.fractal_run_dir))) == [], timeout=60,
              what="no mount left in the pool dir")
     pdir = pool.pool_dir(str(fenv.fractal_run_dir))
@@ -179,23 +214,28 @@ def test_a_sandbox_adopts_a_pooled_vm_with_live_layers(fenv: FractalEnv, namespa
 
 
 def test_pool_killed_leaves_no_orphan_and_sandboxes_run_on(fenv: FractalEnv, namespace: str,
-                                                           images: dict[str, str]) -> None:
+                                                           images: dict[str, str], tmp_path: Path) -> None:
     """SIGKILL of the pool: the sandbox that adopted a VM keeps running, the un-adopted VM ends
-    by itself (its agent link closed), a shim asking the dead pool is told to boot its own VM,
-    and the next pool removes what the dead one left (mounts, dirs) and serves new sandboxes."""
+    by itself (its agent link closed; QEMU and virtiofsd), a shim asking the dead pool is told to
+    boot its own VM, and the next pool removes what the dead one left (mounts, dirs) and serves
+    new sandboxes -- except a sandbox whose runtime config says ``vm.pool = 0``: it boots its own
+    VM and the pool keeps its ready one."""
     run_dir = str(fenv.fractal_run_dir)
     p = PoolProc(fenv)
     p2 = None
-    a, b = "adopter", "after-pool"
+    a, b, own = "adopter", "after-pool", "no-pool"
     try:
         (ready,) = p.ready()
+        vfsd_ready = virtiofsds(ready["run_dir"])
         start_detached(fenv, namespace, images["busybox"], a, "sleep", "600")
         assert sandbox_vm(fenv, namespace, a)["pid"] == ready["qemu_pid"]
         (waiting,) = p.ready()
+        vfsd_waiting = virtiofsds(waiting["run_dir"])
         p.proc.kill()
         p.proc.wait()
-        # the un-adopted VM ends by itself: no orphan QEMU
+        # the un-adopted VM ends by itself: no orphan QEMU, no orphan virtiofsd
         wait_for(lambda: not alive(waiting["qemu_pid"]), timeout=120, what="un-adopted QEMU gone")
+        wait_for(lambda: none_left(vfsd_waiting), timeout=60, what=f"un-adopted virtiofsd {vfsd_waiting} gone")
         # the adopted one runs on
         assert alive(ready["qemu_pid"])
         assert fenv.ctr("tasks", "exec", "--exec-id", "e", a, "echo", "still", namespace=namespace).stdout == "still\n"
@@ -212,16 +252,28 @@ def test_pool_killed_leaves_no_orphan_and_sandboxes_run_on(fenv: FractalEnv, nam
         assert not os.path.exists(waiting["run_dir"])
         assert mounts_below(waiting["run_dir"]) == []
         assert [m for m in mounts_below(pool.pool_dir(run_dir)) if waiting["id"] in m] == []
-        # and serves new sandboxes
+        # a sandbox whose config turns the pool off (vm.pool = 0) boots its own VM, the pool's stays ready
+        cfg = tmp_path / "no-pool.toml"
+        cfg.write_text("[vm]\npool = 0\n")
+        start_detached(fenv, namespace, images["busybox"], own, "sleep", "600",
+                       extra=("--runtime-config-path", str(cfg)))
+        vm_own = sandbox_vm(fenv, namespace, own)
+        assert vm_own["pid"] not in (ready["qemu_pid"], waiting["qemu_pid"], ready2["qemu_pid"]), (vm_own, ready2)
+        assert vm_own["pooled"] is None, vm_own
+        assert [(v["id"], v["qemu_pid"]) for v in p2.status()["ready"]] == [(ready2["id"], ready2["qemu_pid"])]
+        assert alive(ready2["qemu_pid"]) and os.path.isdir(ready2["run_dir"])
+        # and the pool serves new sandboxes
         start_detached(fenv, namespace, images["busybox"], b, "sleep", "600")
         assert sandbox_vm(fenv, namespace, b)["pid"] == ready2["qemu_pid"]
     finally:
         remove(fenv, namespace, a)
         remove(fenv, namespace, b)
+        remove(fenv, namespace, own)
         if p2 is not None:
             p2.stop()
         if p.proc.poll() is None:
             p.stop()
     # the sandboxes' shims stop their VMs (and unmount the adopted views) after containerd's delete
     wait_for(lambda: not alive(ready["qemu_pid"]), timeout=60, what="adopted QEMU gone with its sandbox")
+    wait_for(lambda: none_left(vfsd_ready), timeout=60, what=f"adopted virtiofsd {vfsd_ready} gone with its sandbox")
     wait_for(lambda: mounts_below(pool.pool_dir(run_dir)) == [], timeout=60, what="no mount left in the pool dir")

@@ -164,3 +164,48 @@ def test_small_guest_ready_path_zip_and_modules(guest: Path, dirs: tuple[Path, P
     assert loaded == set(names)
     if manifest["layout"] == "image":
         assert f"LATER /.image/lib/modules/{rel}/{later}" in res.stdout
+
+
+#: issue 12's goal for the initramfs (unpacked into guest RAM at every boot): init, busybox and
+#: the modules the agent's start needs, at most this many bytes
+INITRAMFS_MAX = 8 * 1000 * 1000
+
+
+def test_small_guest_initramfs_is_init_busybox_and_modules(guest: Path) -> None:
+    """The built guest's initramfs (read from the cpio itself, no boot) is ≤ 8 MB and holds only
+    the init, busybox (and its links), a few /etc files and kernel modules: no python interpreter,
+    no .py/.pyc/zip of the stdlib or the agent -- those live in the read-only system image
+    (layout "image", docs/vm.md "The small guest"); the manifest says so truthfully."""
+    import gzip
+    import hashlib
+    import stat
+
+    sys.path.insert(0, str(REPO))
+    from ccpu.guest import cpio
+    from ccpu.guest.initramfs import LAYOUT_ENV
+
+    if os.environ.get(LAYOUT_ENV) == "initramfs":
+        pytest.skip(f"{LAYOUT_ENV}=initramfs asks for the old all-in-RAM layout")
+    manifest = json.loads((guest.parent / "manifest.json").read_text())
+    assert manifest["layout"] == "image", "the default build must be the small guest (erofs-utils: hack/setup.sh)"
+    data = guest.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == manifest["initramfs"]["sha256"]
+    assert len(data) == manifest["initramfs"]["size"] <= INITRAMFS_MAX, len(data)
+    entries = list(cpio.read(data))
+    raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    assert len(raw) == manifest["initramfs"]["uncompressed_size"] <= INITRAMFS_MAX, len(raw)
+    files = {e.path: e for e in entries if stat.S_ISREG(e.mode)}
+    rel = manifest["kernel"]["release"]
+    other = sorted(p for p in files if p not in ("init", "bin/busybox") and not p.startswith("etc/")
+                   and not (p.startswith(f"lib/modules/{rel}/") and (p.endswith(".ko") or "/modules." in p)))
+    assert other == [], other
+    pythonish = sorted(e.path for e in entries if not e.path.startswith("etc/")
+                       and ("python" in e.path.rsplit("/", 1)[-1] or e.path.endswith((".py", ".pyc", ".zip"))))
+    assert pythonish == [], pythonish
+    # no file is an interpreter under another name: the ELF files are busybox and nothing else
+    assert [p for p, e in files.items() if e.data[:4] == b"\x7fELF" and not p.endswith(".ko")] == ["bin/busybox"]
+    # the interpreter and the agent's zip are in the image instead, behind the links the initramfs has
+    py = manifest["binaries"]["python"]
+    assert py.startswith("/usr/") and manifest["ready_zip"]["path"].startswith("/usr/")
+    assert files["etc/fractal/python"].data.decode().strip() == py  # the init's note of where it is
+    assert next(e for e in entries if e.path == "usr").data == b"/.image/usr"
