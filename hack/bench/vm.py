@@ -411,7 +411,8 @@ def bench_guest_runc(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...
                     times["exec_wall"].append(wall)
             loads.append(os.getloadavg()[0])
         out: dict[str, Any] = {k: stats(v) for k, v in times.items()}
-        out.update(raw=times, runs=runs, load_1min=loads, ratio=out["nth"]["median"] / out["runc"]["median"])
+        out.update(raw=times, runs=runs, load_1min=loads, ratio=out["nth"]["median"] / out["runc"]["median"],
+                   ratio_min=out["nth"]["min"] / out["runc"]["min"])  # load only adds: the floors' ratio
         return out
     finally:
         remove(env, helper)
@@ -605,7 +606,8 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
                          ("exec_wall", "  (ctr tasks exec carrying it, host clock)")):
             v = gr[k]
             lines.append(f"  {label:<44}{v['median']:>10.3f}{v['p90']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}")
-        lines.append(f"  {'ratio Nth / runc run':<44}{gr['ratio']:>10.2f}")
+        lines.append(f"  {'ratio Nth / runc run':<44}{gr['ratio']:>10.2f}"
+                     + (f"   (of the minima: {gr['ratio_min']:.2f})" if "ratio_min" in gr else ""))
         goals.append((f"Nth container / runc run in the same guest <= {GOAL_RUNC_RATIO}",
                       gr["ratio"] <= GOAL_RUNC_RATIO, f"{gr['ratio']:.2f}x"))
     mem = result.get("memory")
