@@ -21,7 +21,7 @@ hash is equal; exit 1 naming what differs; exit 2 when a build could not be made
 Usage (root or a user who can write --scratch; FRACTAL_CACHE says where the kernel is cached):
 
     FRACTAL_CACHE=/var/cache/fractal PYTHONPATH=. python3 hack/guest_repro.py [--layout image]
-        [--scratch DIR] [--keep] [--json FILE]
+        [--scratch DIR] [--keep] [--json FILE] [--full]
 """
 
 from __future__ import annotations
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, default=None, help="where the two scratch caches go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="leave the scratch caches (to diff the builds' files)")
     ap.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--full", action="store_true",
+                    help="print the hashes whole (default: their first 16 hex digits; compared whole either way)")
     args = ap.parse_args(argv)
 
     source = Path(os.environ.get("FRACTAL_CACHE", "/var/cache/fractal")) / "guest"
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     rows = compare(hashes[0], hashes[1])
-    print(render(rows))
+    print(render(rows, width=64 if args.full else 16))
     status, line = verdict(rows)
     print(line)
     if args.json:
