@@ -72,12 +72,12 @@ def test_nth_against_runc_run_in_the_same_guest_is_reported_with_its_goal() -> N
         return {"median": m, "p90": m, "min": m, "max": m}
 
     gr = {"nth": st(2.6), "runc": st(2.0), "exec_wall": st(5.0), "runs": 2, "load_1min": [3.0, 4.5], "ratio": 1.3,
-          "ratio_min": 1.25}
+          "ratio_min": 1.25, "ratio_paired": 1.1}
     machine = {k: "x" for k in ("nproc", "cpu", "mem_total", "kernel", "containerd", "python")}
     text, goals = vm.report({"guest_runc": gr, "machine": machine, "command": "vm.py", "image_ref": "busybox",
                              "accel": "tcg", "accel_reason": "test", "share": "virtiofs"})
     assert "(2 rounds, alternating; load average per round 3.0 4.5)" in text
-    assert "(of the minima: 1.25)" in text and "runc run, same bundle, in the guest" in text
+    assert "(of the minima: 1.25; median of the rounds' own ratios: 1.10)" in text and "runc run, same bundle, in the guest" in text
     assert goals == [("Nth container / runc run in the same guest <= 1.3", True, "1.30x")]
     _text, goals = vm.report({"guest_runc": {**gr, "ratio": 1.31}, "machine": machine, "command": "vm.py",
                               "image_ref": "busybox", "accel": "tcg", "accel_reason": "test", "share": "virtiofs"})
