@@ -359,8 +359,9 @@ dt = time.monotonic() - t0
 shutil.rmtree(bundle, ignore_errors=True)
 print(json.dumps({"s": dt, "rc": r.returncode, "err": r.stderr[-400:]}))
 """
-#: the helper container: privileged (nsenter needs SYS_ADMIN, SYS_CHROOT and SYS_PTRACE; runc's init
-#: then needs what its caller's bounding set and no_new_privs would otherwise deny)
+#: the helper container: privileged (nsenter needs SYS_ADMIN, SYS_CHROOT and SYS_PTRACE; with only those
+#: added, ``runc run`` from it failed in runc's init with EPERM -- cause not pinned down: the helper's
+#: bounding set or no_new_privs -- so all of it, as a privileged workload of the sandbox may ask)
 HELPER_FLAGS = ("--privileged", "--allow-new-privs")
 
 
