@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where a VM's host memory is (issue 12: host RSS per idle sandbox): QEMU's mappings, by kind.
 
-Host RSS of a VM sandbox is QEMU's (+ virtiofsd's, + swtpm's when attested).  QEMU's own is the
+Host RSS of a VM sandbox is QEMU's (+ virtiofsd's, + swtpm's when attested, + the sandbox's
+shim daemon's: hack/bench/vm.py's memory step counts it too, this script only QEMU).  QEMU's own is the
 sum of very different things, and only some of them grow with what the guest does:
 
 - **guest RAM**: the one mapping of the guest's memory size (anonymous, or ``/memfd:mem`` when a

@@ -22,7 +22,9 @@ harness's config says ``mode = "host"``; VM sandboxes ask with ``io.fractal.mode
    per phase (hack/bench/phases.py, from the shim's and the pool's logs): the new shim's start,
    the adoption, create, start, exit, delete, ``ctr``'s exit, the VM's stop, and how long the
    refill boot ran during each kind of run.
-4. **Memory**: host side, RSS of QEMU + virtiofsd of the sandbox (VmRSS; PSS too) with 1 and
+4. **Memory**: host side, RSS of QEMU + virtiofsd of the sandbox (VmRSS; PSS too), and of
+   everything per VM: those + the sandbox's shim daemon (its record's ``shim_pid``; PSS is the fair
+   figure for it: it is forked from the shared fork-server, shim/zygote.py, and shares pages with it), with 1 and
    with 1 + ``--extra`` sleep containers; guest side, ``MemTotal - MemAvailable`` of the
    guest's /proc/meminfo read through ``ctr tasks exec`` in the first container, before and
    after the extra containers: growth per extra container.  Goal: <= 10 MB.  Between the two,
@@ -30,11 +32,17 @@ harness's config says ``mode = "host"``; VM sandboxes ask with ``io.fractal.mode
    kind (hack/vm_rss.py) beside the guest's reserved and not-free memory and its free page
    reporting order.
 
+5. **Nth container / runc run in the same guest** (``--runc-runs``, issue 12: the agent's and
+   the host side's overhead, apart from TCG's): in ONE sandbox, ``ctr run --rm`` of its Nth
+   container alternates with ``runc run`` of a copy of its first container's bundle in its guest
+   (``bench_guest_runc``: through a helper container of the sandbox that joined the guest's pid
+   namespace, nsenter; timed on the guest's clock).  Goal: <= 1.3.
+
 The accelerator is whatever ``ccpu.vm.accel`` picks (TCG when KVM is unusable, as on the build
 VM: then every guest-side figure is ~10x what KVM gives) and is printed.
 
     python3 hack/bench/vm.py [--image busybox] [--boots 3] [--runs 10] [--extra 4] [--settle 20]
-                             [--pool-runs 3] [--pool-nice 0,10] [--pool-warm 0,runc,1] [--pool-hold 0,30]
+                             [--pool-runs 3] [--runc-runs 10] [--pool-nice 0,10] [--pool-warm 0,runc,1] [--pool-hold 0,30]
                              [--baseline DIR] [--share auto|9p|virtiofs] [--json FILE]
                              [--plot DIR]
 
@@ -60,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -85,6 +94,7 @@ VM = ("--annotation", "io.fractal.mode=vm")
 GOAL_NTH_RATIO = 1.5
 GOAL_GUEST_MB_PER_CONTAINER = 10.0
 GOAL_POOL_RATIO = 1.5
+GOAL_RUNC_RATIO = 1.3
 #: the pool's warm-up of a guest before it offers it (``--pool-warm``): none, runc only, runc + a
 #: throw-away container life cycle (ccpu/agent/warmup.py; the default)
 WARM_MODES = ("none", "runc", "container")
@@ -324,6 +334,94 @@ def bench_pool(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], nic
         remove(env, sb)
 
 
+#: Step 5's in-guest side: one ``runc run`` of a copy of a running container's bundle (its spec as
+#: the agent wrote it, args ``true``, its rootfs shared), timed on the guest's clock by the guest's
+#: python.  Run in the guest's namespaces (nsenter from a container that shares the guest's pid
+#: namespace), so runc is the guest's own, as the agent's is.  Prints one JSON line.
+GUEST_RUNC = r"""
+import json, os, shutil, subprocess, sys, time
+src, rid = sys.argv[1], sys.argv[2]
+spec = json.load(open(os.path.join(src, "config.json")))
+spec["process"]["args"] = ["true"]
+spec["process"]["terminal"] = False
+spec["root"]["path"] = os.path.join(src, spec["root"]["path"])
+spec.pop("hooks", None)
+spec.setdefault("linux", {})["cgroupsPath"] = "/fractal-bench/" + rid
+bundle = "/run/fractal-bench/" + rid
+os.makedirs(bundle)
+with open(bundle + "/config.json", "w") as f:
+    json.dump(spec, f)
+runc = shutil.which("runc") or "/usr/sbin/runc"
+t0 = time.monotonic()
+r = subprocess.run([runc, "--root", "/run/fractal-bench/runc", "run", "--bundle", bundle, rid],
+                   stdin=subprocess.DEVNULL, capture_output=True, text=True)
+dt = time.monotonic() - t0
+shutil.rmtree(bundle, ignore_errors=True)
+print(json.dumps({"s": dt, "rc": r.returncode, "err": r.stderr[-400:]}))
+"""
+#: the helper container: privileged (nsenter needs SYS_ADMIN, SYS_CHROOT and SYS_PTRACE; with only those
+#: added, ``runc run`` from it failed in runc's init with EPERM -- cause not pinned down: the helper's
+#: bounding set or no_new_privs -- so all of it, as a privileged workload of the sandbox may ask)
+HELPER_FLAGS = ("--privileged", "--allow-new-privs")
+
+
+def bench_guest_runc(env: FractalEnv, ref: str, runs: int, share: tuple[str, ...], python: str) -> dict[str, Any]:
+    """Step 5 (issue 12: Nth container in a running VM / ``runc run`` of the same bundle directly in
+    the same guest): ONE sandbox, rounds alternating ``ctr run --rm`` of its Nth container (timed on
+    the host, through containerd: what a user waits for) with one ``runc run`` in its guest of a copy
+    of the bundle of the sandbox's first container (the same image and ctr's same default spec as the
+    Nth container's, args ``true``; timed in the guest).  The in-guest run goes through ``ctr tasks
+    exec`` of a helper container of the sandbox that joined the guest's pid namespace
+    (``--with-ns pid:/proc/1/ns/pid``: a /proc/<pid>/ns path, kept as the guest's own by
+    shim/guestspec.py), privileged (nsenter and runc's init need it): no new way into the guest,
+    only what any workload of the sandbox may ask for.  The runc side leaves out making the rootfs (the bundle's is
+    reused): the Nth container's own snapshot and overlay are the agent path's, and counted in it."""
+    sb = "grunc"
+    helper = f"{sb}-ns"
+    ann = ("--annotation", f"io.fractal.sandbox={sb}", *VM, *share)
+    try:
+        subprocess.run(ctr_argv(env, ref, sb, *ann, detach=True, cmd=("sleep", "3600")),
+                       check=True, capture_output=True, timeout=300)
+        wait_running(env, sb, timeout=120)
+        subprocess.run(ctr_argv(env, ref, helper, *ann, "--with-ns", "pid:/proc/1/ns/pid", *HELPER_FLAGS, detach=True,
+                                cmd=("sleep", "3600")), check=True, capture_output=True, timeout=300)
+        wait_running(env, helper, timeout=120)
+
+        def runc_once(rid: str) -> tuple[float, float]:
+            t0 = time.monotonic()
+            r = env.ctr("tasks", "exec", "--exec-id", rid, helper, "nsenter", "-t", "1", "-m", "-u", "-i", "-n",
+                        "-p", "--", python, "-S", "-I", "-c", GUEST_RUNC, f"/run/fractal/bundles/{sb}", rid,
+                        namespace=NS, timeout=300)
+            wall = time.monotonic() - t0
+            got = json.loads(r.stdout.strip().splitlines()[-1])
+            if got["rc"] != 0:
+                raise RuntimeError(f"runc run in the guest failed ({got['rc']}): {got['err']}")
+            return float(got["s"]), wall
+
+        timed(ctr_argv(env, ref, "gwarm", *ann))  # one warm-up each
+        runc_once("rwarm")
+        times: dict[str, list[float]] = {"nth": [], "runc": [], "exec_wall": []}
+        loads: list[float] = []
+        for i in range(runs):
+            for k in (("nth", "runc") if i % 2 == 0 else ("runc", "nth")):
+                if k == "nth":
+                    times["nth"].append(timed(ctr_argv(env, ref, f"g{i}", *ann)))
+                else:
+                    guest_s, wall = runc_once(f"r{i}")
+                    times["runc"].append(guest_s)
+                    times["exec_wall"].append(wall)
+            loads.append(os.getloadavg()[0])
+        out: dict[str, Any] = {k: stats(v) for k, v in times.items()}
+        out.update(raw=times, runs=runs, load_1min=loads, ratio=out["nth"]["median"] / out["runc"]["median"],
+                   ratio_min=out["nth"]["min"] / out["runc"]["min"],  # load only adds: the floors' ratio
+                   # each round's two runs are seconds apart, under about the same load: their ratio's median
+                   ratio_paired=statistics.median(a / b for a, b in zip(times["nth"], times["runc"])))
+        return out
+    finally:
+        remove(env, helper)
+        remove(env, sb)
+
+
 def _vm_pids(env: FractalEnv, group: str) -> dict[str, int]:
     out = {}
     pids = env.fractal_run_dir / "vms" / NS / group / "pids"
@@ -333,11 +431,38 @@ def _vm_pids(env: FractalEnv, group: str) -> dict[str, int]:
     return out
 
 
+def _shim_pid(env: FractalEnv, group: str) -> int | None:
+    """The sandbox's shim daemon (its record, ccpu/sandboxes.py): one Python process per sandbox,
+    forked by the fork-server (shim/zygote.py), which all sandboxes share and is not counted."""
+    import json
+
+    try:
+        rec = json.loads((env.fractal_run_dir / "sandboxes" / NS / f"{group}.json").read_text())
+        return int(rec["shim_pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def host_totals(detail: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Totals of a sandbox's host processes by name (``qemu:PID``, ``virtiofsd:PID``, ``shim:PID``):
+    ``rss_mb``/``pss_mb`` the VM's own (QEMU + virtiofsd (+ swtpm): the figure printed before the
+    shim was counted), ``all_rss_mb``/``all_pss_mb`` everything per VM (the shim daemon too).  Pure."""
+    vm_only = [d for name, d in detail.items() if not name.startswith("shim:")]
+    return {"rss_mb": sum(d["rss_kb"] for d in vm_only) / 1024,
+            "pss_mb": sum(d["pss_kb"] for d in vm_only) / 1024,
+            "all_rss_mb": sum(d["rss_kb"] for d in detail.values()) / 1024,
+            "all_pss_mb": sum(d["pss_kb"] for d in detail.values()) / 1024}
+
+
 def _host_mem(env: FractalEnv, group: str) -> dict[str, Any]:
     from hack import vm_rss
 
     detail: dict[str, Any] = {}
-    for name, pid in _vm_pids(env, group).items():
+    pids = _vm_pids(env, group)
+    shim = _shim_pid(env, group)
+    if shim is not None:
+        pids[f"shim:{shim}"] = shim
+    for name, pid in pids.items():
         st = _status(pid)
         detail[name] = {"rss_kb": _kb(st.get("VmRSS", "")), "pss_kb": pss_kb(pid),
                         "hwm_kb": _kb(st.get("VmHWM", ""))}
@@ -345,9 +470,7 @@ def _host_mem(env: FractalEnv, group: str) -> dict[str, Any]:
             b = vm_rss.breakdown(pid)
             detail[name]["parts"] = {k: {"rss_kb": p.rss_kb, "pss_kb": p.pss_kb} for k, p in b.parts.items()}
             detail[name]["breakdown"] = vm_rss.render(b, top_files=4)
-    return {"rss_mb": sum(d["rss_kb"] for d in detail.values()) / 1024,
-            "pss_mb": sum(d["pss_kb"] for d in detail.values()) / 1024, "detail": detail,
-            "load_average": os.getloadavg()}
+    return {**host_totals(detail), "detail": detail, "load_average": os.getloadavg()}
 
 
 def _guest_used_kb(env: FractalEnv, cid: str, tag: str) -> tuple[int, dict[str, int]]:
@@ -396,6 +519,7 @@ def bench_memory(env: FractalEnv, ref: str, extra: int, share: tuple[str, ...], 
             "extra": extra,
             "host_1": host1, "host_n": hostn, "idle": idle, "settle_s": settle,
             "host_per_container_mb": (hostn["rss_mb"] - host1["rss_mb"]) / extra,
+            "host_all_per_container_mb": (hostn["all_rss_mb"] - host1["all_rss_mb"]) / extra,
             "guest_used_1_mb": used1 / 1024, "guest_used_n_mb": usedn / 1024,
             "guest_per_container_mb": (usedn - used1) / 1024 / extra,
             "guest_memtotal_mb": info1["MemTotal"] / 1024,
@@ -411,6 +535,18 @@ def bench_memory(env: FractalEnv, ref: str, extra: int, share: tuple[str, ...], 
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _per_vm(v: dict[str, Any]) -> str:
+    """One host-memory sample: QEMU + virtiofsd (the VM's processes), then everything per VM."""
+    text = f"QEMU + virtiofsd {v['rss_mb']:.0f} MB (PSS {v['pss_mb']:.0f})"
+    if "all_rss_mb" in v:  # results of before the shim was counted have no such total
+        text += f"; everything per VM (+ the shim daemon) {v['all_rss_mb']:.0f} MB (PSS {v['all_pss_mb']:.0f})"
+    return text
+
+
+def _load(v: dict[str, Any]) -> str:
+    return " ".join(f"{x:.1f}" for x in v.get("load_average", ())) or "?"
 
 
 def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
@@ -461,21 +597,39 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
         lines.extend(pl.get("phases") or [])
         goals.append((f"new sandbox (pool warm) / Nth container <= {GOAL_POOL_RATIO}", pl["ratio"] <= GOAL_POOL_RATIO,
                       f"{pl['ratio']:.2f}x"))
+    gr = result.get("guest_runc")
+    if gr:
+        lines.append("")
+        load = " ".join(f"{x:.1f}" for x in gr.get("load_1min", ()))
+        lines.append(f"Nth container vs runc run in the same guest  ({gr['runs']} rounds, alternating; "
+                     f"load average per round {load})")
+        lines.append(f"  {'':<44}{'median s':>10}{'p90 s':>10}{'min s':>10}{'max s':>10}")
+        for k, label in (("nth", "ctr run --rm, Nth container (host clock)"),
+                         ("runc", "runc run, same bundle, in the guest"),
+                         ("exec_wall", "  (ctr tasks exec carrying it, host clock)")):
+            v = gr[k]
+            lines.append(f"  {label:<44}{v['median']:>10.3f}{v['p90']:>10.3f}{v['min']:>10.3f}{v['max']:>10.3f}")
+        lines.append(f"  {'ratio Nth / runc run':<44}{gr['ratio']:>10.2f}"
+                     + (f"   (of the minima: {gr['ratio_min']:.2f}; median of the rounds' own ratios: "
+                        f"{gr['ratio_paired']:.2f})" if "ratio_paired" in gr else ""))
+        goals.append((f"Nth container / runc run in the same guest <= {GOAL_RUNC_RATIO}",
+                      gr["ratio"] <= GOAL_RUNC_RATIO, f"{gr['ratio']:.2f}x"))
     mem = result.get("memory")
     if mem:
         lines.append("")
         lines.append("memory")
         for k in ("host_1", "host_n"):
             v = mem[k]
-            who = ", ".join(f"{name} {d['rss_kb'] / 1024:.0f}" for name, d in v["detail"].items())
+            who = ", ".join(f"{name} {d['rss_kb'] / 1024:.0f} (PSS {d['pss_kb'] / 1024:.0f})"
+                            for name, d in v["detail"].items())
             cnt = 1 if k == "host_1" else 1 + mem["extra"]
-            lines.append(f"  host RSS with {cnt} container(s): {v['rss_mb']:.0f} MB (PSS {v['pss_mb']:.0f}) [{who}]")
+            lines.append(f"  host RSS with {cnt} container(s): {_per_vm(v)}; load {_load(v)} [{who}]")
             lines += ["    " + ln for d in v["detail"].values() for ln in d.get("breakdown", "").splitlines()]
             if k == "host_1" and "idle" in mem:
                 idle = mem["idle"]
                 parts = next(d["parts"] for d in idle["host"]["detail"].values() if "parts" in d)
-                lines.append(f"  idle ({mem['settle_s']:.0f} s later): host RSS {idle['host']['rss_mb']:.0f} MB "
-                             f"(PSS {idle['host']['pss_mb']:.0f}); QEMU's guest RAM "
+                lines.append(f"  idle ({mem['settle_s']:.0f} s later, load {_load(idle['host'])}): "
+                             f"{_per_vm(idle['host'])}; QEMU's guest RAM "
                              f"{parts['guest_ram']['rss_kb'] / 1024:.1f} / TCG buffer "
                              f"{parts['tcg_buffer']['rss_kb'] / 1024:.1f} / files {parts['file']['rss_kb'] / 1024:.1f} "
                              f"(PSS {parts['file']['pss_kb'] / 1024:.1f}) / heap {parts['heap_anon']['rss_kb'] / 1024:.1f} MB")
@@ -483,7 +637,9 @@ def report(result: dict[str, Any]) -> tuple[str, list[tuple[str, bool, str]]]:
                              f"{idle['guest_not_free_mb']:.1f} MB (page cache {idle.get('guest_cached_mb', 0):.1f}, "
                              f"anon in THPs {idle.get('guest_anon_huge_mb', 0):.1f}); "
                              f"page_reporting_order {idle['page_reporting_order']}")
-        lines.append(f"  host RSS growth per extra container: {mem['host_per_container_mb']:.1f} MB")
+        lines.append(f"  host RSS growth per extra container: {mem['host_per_container_mb']:.1f} MB"
+                     + (f" (with the shim daemon: {mem['host_all_per_container_mb']:.1f} MB)"
+                        if "host_all_per_container_mb" in mem else ""))
         lines.append(f"  guest used (MemTotal-MemAvailable of {mem['guest_memtotal_mb']:.0f} MB): "
                      f"{mem['guest_used_1_mb']:.1f} MB -> {mem['guest_used_n_mb']:.1f} MB with "
                      f"{mem['extra']} more containers (Shmem {mem['guest_shmem_delta_mb']:+.1f} MB)")
@@ -521,7 +677,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="another checkout (e.g. `git worktree add --detach DIR main`): each pool pass is run "
                          "twice, on this tree and on DIR (its shims, pool daemon and guest: a second containerd "
                          "env started with PYTHONPATH=DIR), alternating A B B A ...")
-    ap.add_argument("--skip", action="append", default=[], choices=["boot", "nth", "pool", "memory"])
+    ap.add_argument("--runc-runs", type=int, default=10,
+                    help="step 5: rounds of Nth container vs runc run in the same guest (default 10)")
+    ap.add_argument("--skip", action="append", default=[], choices=["boot", "nth", "pool", "memory", "runc"])
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--plot", type=Path, metavar="DIR", help="draw the boot timeline as DIR/vm-boot.svg")
     ap.add_argument("--no-compile", action="store_true", help="do not byte-compile ccpu/ and shim/ first")
@@ -602,6 +760,10 @@ def main(argv: list[str] | None = None) -> int:
                     result["pool"] = passes[-1]
                     if len(passes) > 1:
                         result["pool_passes"] = passes
+                if "runc" not in args.skip:
+                    result["guest_runc"] = bench_guest_runc(env, ref, args.runc_runs, share,
+                                                            guest.manifest["binaries"]["python"])
+                    log(f"guest runc done: ratio {result['guest_runc']['ratio']:.2f}")
                 if "memory" not in args.skip:
                     result["memory"] = bench_memory(env, ref, args.extra, share, args.settle)
                     log("memory done")
