@@ -209,3 +209,20 @@ def test_small_guest_initramfs_is_init_busybox_and_modules(guest: Path) -> None:
     assert py.startswith("/usr/") and manifest["ready_zip"]["path"].startswith("/usr/")
     assert files["etc/fractal/python"].data.decode().strip() == py  # the init's note of where it is
     assert next(e for e in entries if e.path == "usr").data == b"/.image/usr"
+
+
+def test_the_guest_build_is_reproducible(guest: Path, tmp_path: Path) -> None:
+    """Issue 12 "Must hold": same inputs, same hashes.  hack/guest_repro.py builds the guest twice,
+    each in a fresh scratch cache of its own (the kernel already downloaded is shared), and compares
+    every hash the manifest records and every file of the build; run in CI so a change that makes
+    the build depend on time, order or path fails here, not in a user's attestation."""
+    report = tmp_path / "repro.json"
+    r = subprocess.run([sys.executable, str(REPO / "hack" / "guest_repro.py"), "--scratch", str(tmp_path),
+                        "--json", str(report)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    one, two = json.loads(report.read_text())["builds"]
+    assert one == two
+    for part in ("initramfs", "image", "manifest.json"):
+        assert any(part in key for key in one), (part, sorted(one))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("fractal-repro-")], "scratch caches left"
