@@ -23,9 +23,10 @@
 #                                   then vouches for the disk too; docs/hardware.md)
 #   fractal.sysimage=erofs|squashfs the system image's file system (default erofs: what the build makes;
 #                                   squashfs only for hack/bench/sysimage.py's measured candidates)
-#   fractal.sysdev=blk|pmem         how it is attached (default blk: virtio-blk serial fractal-sys;
+#   fractal.sysdev=blk|pmem|virtiofs how it is attached (default blk: virtio-blk serial fractal-sys;
 #                                   pmem: the only virtio-pmem device, /dev/pmem0, mounted with DAX
-#                                   when the kernel allows); a non-default pair loads the modules of
+#                                   when the kernel allows; virtiofs: the image's tree, the read-only
+#                                   share tag fractalsys, no file system image); a non-default pair loads the modules of
 #                                   /etc/fractal/modules.sysimage first (docs/vm.md "The candidates, measured")
 #   fractal.listen=IP:PORT          agent mode on a machine (docs/hardware.md): no virtio-serial port; the
 #                                   agent listens on TCP with mutual TLS, a key made at boot, and its
@@ -183,16 +184,18 @@ find_pmem() {  # the virtio-pmem disk's node: it probes during insmod, the wait 
 }
 if [ -e /etc/fractal/image ]; then
     case "$sysimage" in erofs | squashfs) ;; *) die "fractal.sysimage=$sysimage: expected erofs or squashfs" ;; esac
-    case "$sysdev" in blk | pmem) ;; *) die "fractal.sysdev=$sysdev: expected blk or pmem" ;; esac
+    case "$sysdev" in blk | pmem | virtiofs) ;; *) die "fractal.sysdev=$sysdev: expected blk, pmem or virtiofs" ;; esac
     sysopts=ro
     if [ "$sysimage/$sysdev" != erofs/blk ]; then
         [ -s /etc/fractal/modules.sysimage ] ||
             die "fractal.sysimage=$sysimage fractal.sysdev=$sysdev: this guest ships no /etc/fractal/modules.sysimage"
         load_modules /etc/fractal/modules.sysimage
     fi
-    if [ "$sysdev" = pmem ]; then
-        # a padded image's hash is not the build's: the measured boot keeps the virtio-blk disk
-        [ "$verify_image" = 1 ] && die "fractal.verify_image=1 needs fractal.sysdev=blk"
+    # a padded image's hash is not the build's, a tree has none: the measured boot keeps the disk
+    [ "$sysdev" != blk ] && [ "$verify_image" = 1 ] && die "fractal.verify_image=1 needs fractal.sysdev=blk"
+    if [ "$sysdev" = virtiofs ]; then
+        sysimage=virtiofs sysdisk=fractalsys
+    elif [ "$sysdev" = pmem ]; then
         sysdisk="$(find_pmem)" || die "no system image on virtio-pmem (/dev/pmem0)"
         # the image's pages mapped into the guest instead of copied into its page cache (kata's
         # way); erofs falls back to the page cache when the device cannot do DAX
@@ -200,7 +203,7 @@ if [ -e /etc/fractal/image ]; then
     else
         sysdisk="$(find_dev /sys/block serial fractal-sys)" || die "no system image disk (virtio-blk serial fractal-sys)"
     fi
-    if [ "$verify_image" = 1 ]; then
+    if [ "$verify_image" = 1 ] && [ "$sysdev" = blk ]; then
         read -r _ want </etc/fractal/image
         got="$(sha256sum "$sysdisk")"
         [ "${got%% *}" = "$want" ] || die "system image $sysdisk is sha256 ${got%% *}, the initramfs names $want: refused"
@@ -233,6 +236,7 @@ mount_shares() {
         IFS=: read -r tag type smode path <<EOF
 $s
 EOF
+        [ "$tag" = fractalsys ] && [ "$sysdev" = virtiofs ] && continue  # the system tree: mounted in 1b
         mount_share "$tag" "$type" "$smode" "$path"
     done
     step "shares mounted"

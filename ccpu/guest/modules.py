@@ -71,6 +71,7 @@ def split_order(deps: Mapping[str, Sequence[str]], first: Iterable[str], wanted:
 SYSIMAGE_MODULES: dict[str, tuple[str, ...]] = {
     "squashfs": ("squashfs",),
     "pmem": ("virtio_pmem", "nd_pmem"),  # + libnvdimm, nd_btt, nd_virtio
+    "virtiofs": ("virtiofs",),  # + fuse: shipped, but as later modules inside the image itself
 }
 
 

@@ -61,7 +61,7 @@ if __package__ in (None, ""):
 
 from ccpu.guest import cpio, initramfs, modules  # noqa: E402
 from ccpu.vm import qemu  # noqa: E402
-from ccpu.vm.machine import ConsoleFile, Machine, MachineSpec  # noqa: E402
+from ccpu.vm.machine import ConsoleFile, DirShare, Machine, MachineSpec  # noqa: E402
 from hack.bench.common import agent_hello  # noqa: E402
 from hack.bench.guest import timeline  # noqa: E402
 
@@ -82,7 +82,8 @@ class Candidate:
 CANDIDATES = {c.name: c for c in (Candidate("erofs-blk", "erofs", "blk"),
                                   Candidate("squashfs-blk", "squashfs", "blk"),
                                   Candidate("squashfs-lz4-blk", "squashfs", "blk", "lz4"),
-                                  Candidate("erofs-pmem", "erofs", "pmem"))}
+                                  Candidate("erofs-pmem", "erofs", "pmem"),
+                                  Candidate("tree-virtiofs", "tree", "virtiofs"))}
 
 #: the guest's memory every second, builtins only but `sleep` (no awk fork per line under TCG)
 MEMLOOP = ("while :; do read -r up _ </proc/uptime; while read -r k v _; do case $k in MemTotal:) t=$v;; "
@@ -106,7 +107,12 @@ def sha256(path: Path) -> str:
 
 def extended_initramfs(guest: initramfs.Guest, out: Path) -> list[str]:
     """The build's initramfs + an archive with the candidates' modules, the guest's modules.dep
-    with their lines, /etc/fractal/modules.sysimage and the memory loop; returns the modules added."""
+    with their lines, /etc/fractal/modules.sysimage and the memory loop; returns the modules the
+    init loads for a non-default candidate.
+
+    A module the build ships among the later ones (fuse, virtiofs) is inside the image, out of
+    reach before it is mounted: a copy goes to lib/modules/REL/sysimage/, and modules.dep names
+    that copy (the later list's `modprobe -a` then loads it from there too)."""
     m = guest.manifest
     rel = m["kernel"]["release"]
     mdir = initramfs.fetch_kernel(lambda s: None, offline=True).modules_dir
@@ -114,24 +120,31 @@ def extended_initramfs(guest: initramfs.Guest, out: Path) -> list[str]:
     builtin_file = mdir / "modules.builtin"
     builtin = builtin_file.read_text().split() if builtin_file.exists() else []
     shipped = list(m["modules"])
+    early = [k for k in shipped if k not in m["modules_later"]]
     names = [n for v in modules.SYSIMAGE_MODULES.values() for n in v]
-    added = [k for k in modules.load_order(deps, names, builtin) if k not in shipped]
+    wanted = [k for k in modules.load_order(deps, names, builtin) if k not in early]
+    moved = {k: f"sysimage/{Path(k).name}" for k in wanted if k in shipped}
+    deps = {moved.get(k, k): [moved.get(d, d) for d in v] for k, v in deps.items()}
+    shipped = [moved.get(k, k) for k in shipped]
+    wanted = [moved.get(k, k) for k in wanted]
+    added = [k for k in wanted if k not in shipped]
     entries = []
-    for ko in added:
-        data = (mdir / ko).read_bytes()
-        if ko.endswith(".xz"):
+    for ko in added + list(moved.values()):
+        src = next((a for a, b in moved.items() if b == ko), ko)
+        data = (mdir / src).read_bytes()
+        if src.endswith(".xz"):
             import lzma
             data = lzma.decompress(data)
         entries.append(cpio.Entry(f"lib/modules/{rel}/{ko.removesuffix('.xz')}", stat.S_IFREG | 0o644, data))
     entries.append(cpio.Entry(f"lib/modules/{rel}/modules.dep", stat.S_IFREG | 0o644,
                               modules.shipped_modules_dep(deps, shipped + added).encode()))
     entries.append(cpio.Entry("etc/fractal/modules.sysimage", stat.S_IFREG | 0o644,
-                              "".join(k.removesuffix(".xz") + "\n" for k in added).encode()))
+                              "".join(k.removesuffix(".xz") + "\n" for k in wanted).encode()))
     entries.append(cpio.Entry("etc/fractal/run-at-boot", stat.S_IFREG | 0o644, (MEMLOOP + "\n").encode()))
     # the directories above the files exist in the first archive (the kernel keeps them; none of
     # these parents is one of its symlinks into the image: checked by the boot loading them)
     out.write_bytes(guest.initramfs.read_bytes() + cpio.write(entries))
-    return added
+    return wanted
 
 
 def make_images(guest: initramfs.Guest, tmp: Path, wanted: list[Candidate]) -> dict[str, Path]:
@@ -139,11 +152,15 @@ def make_images(guest: initramfs.Guest, tmp: Path, wanted: list[Candidate]) -> d
     assert guest.image is not None
     images: dict[str, Path] = {}
     tree = tmp / "tree"
-    if any(c.fs == "squashfs" for c in wanted):
+    if any(c.fs in ("squashfs", "tree") for c in wanted):
         tree.mkdir()
         subprocess.run(["fsck.erofs", f"--extract={tree}", "--preserve", str(guest.image)], check=True,
                        capture_output=True)
     for c in wanted:
+        if c.fs == "tree":
+            images[c.name] = tree
+            log(f"{c.name}: {tree} (the EROFS image's tree, extracted by fsck.erofs)")
+            continue
         if c.fs == "erofs" and c.device == "blk":
             images[c.name] = guest.image
         elif c.fs == "erofs" and c.device == "pmem":
@@ -167,6 +184,11 @@ def make_images(guest: initramfs.Guest, tmp: Path, wanted: list[Candidate]) -> d
     return images
 
 
+def tree_size(root: Path) -> float:
+    """MB of the regular files below ``root``."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) / 1e6
+
+
 def _status_kb(pid: int | None) -> dict[str, float]:
     text = Path(f"/proc/{pid}/status").read_text()
     return {f"qemu_{k.lower()}_mb": int(re.search(rf"{k}:\s+(\d+)", text).group(1)) / 1024  # type: ignore[union-attr]
@@ -175,10 +197,16 @@ def _status_kb(pid: int | None) -> dict[str, float]:
 
 def boot(c: Candidate, guest: initramfs.Guest, initrd: Path, image: Path, tmp: str) -> tuple[dict[str, float], str]:
     console = os.path.join(tmp, f"{c.name}.log")
-    extra = ("fractal.timeline=1",) + ((f"fractal.sysimage={c.fs}",) if c.fs != "erofs" else ())
+    extra = ("fractal.timeline=1",) + ((f"fractal.sysimage={c.fs}",) if c.fs == "squashfs" else ())
+    share: tuple[DirShare, ...] = ()
+    if c.device == "virtiofs":  # the tree, read-only, by a virtiofsd of its own (ccpu.vm.shares)
+        extra += ("fractal.sysdev=virtiofs",)
+        share = (DirShare("fractalsys", str(image), "/.image", True, "virtiofs"),)
     vm = Machine(MachineSpec(kernel=str(guest.kernel), initramfs=str(initrd), workdir=tmp,
-                             system_image=str(image), system_device=c.device, console=ConsoleFile(console),
-                             mode="agent", ports=("fractal.agent",), cmdline_extra=extra))
+                             system_image=None if share else str(image),
+                             system_device="blk" if share else c.device, shares=share,
+                             console=ConsoleFile(console), mode="agent", ports=("fractal.agent",),
+                             cmdline_extra=extra))
     t0 = time.monotonic()
     vm.boot()
     try:
@@ -192,6 +220,7 @@ def boot(c: Candidate, guest: initramfs.Guest, initrd: Path, image: Path, tmp: s
                 raise RuntimeError(f"{c.name}: no memory lines on the console")
             time.sleep(0.05)
         out.update(_status_kb(vm.pid))
+        out["helpers_rss_mb"] = sum(_status_kb(p.pid)["qemu_vmrss_mb"] for _, p in vm.helpers)  # virtiofsd
         text = Path(console).read_text(errors="replace")
         mem = MEMLINE.findall(text)
         out["guest_used_mb"] = int(mem[-1][1]) / 1024
@@ -248,14 +277,14 @@ def main(argv: list[str] | None = None) -> int:
                 raw[c.name].append(one)
                 log(f"round {r} {c.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in one.items()))
             load.append(os.getloadavg())
-        sizes = {n: images[n].stat().st_size / 1e6 for n in names}
-        digests = {n: sha256(images[n]) for n in names}
+        sizes = {n: tree_size(images[n]) if images[n].is_dir() else images[n].stat().st_size / 1e6 for n in names}
+        digests = {n: "(a tree)" if images[n].is_dir() else sha256(images[n]) for n in names}
     med = {n: {k: statistics.median(x[k] for x in v if k in x) for k in v[0]} for n, v in raw.items()}
     ref = names[0]
     print(f"{args.rounds} alternated rounds, medians; load average (1 min) "
           f"{min(x[0] for x in load):.1f}-{max(x[0] for x in load):.1f} during the run")
     print(f"{'candidate':18s} {'ready':>7s} {'vs ' + ref:>14s} {'mounted':>8s} {'imported':>8s} {'hello':>6s} "
-          f"{'guest used':>10s} {'cached':>7s} {'non-free':>8s} {'QEMU RSS':>8s} {'(anon/file/shmem)':>18s} {'image':>8s}")
+          f"{'guest used':>10s} {'cached':>7s} {'non-free':>8s} {'QEMU RSS':>8s} {'(anon/file/shmem)':>18s} {'+helpers':>8s} {'image':>8s}")
     for n in names:
         v = med[n]
         print(f"{n:18s} {v['ready_s']:6.2f}s {v['ready_s'] / med[ref]['ready_s']:13.2f}x "
@@ -263,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{v.get('hello_uptime_s', 0):5.2f}s {v['guest_used_mb']:7.0f} MB {v['guest_cached_mb']:4.0f} MB "
               f"{v['guest_nonfree_mb']:5.0f} MB "
               f"{v['qemu_vmrss_mb']:5.0f} MB ({v['qemu_rssanon_mb']:.0f}/{v['qemu_rssfile_mb']:.0f}/"
-              f"{v['qemu_rssshmem_mb']:.0f} MB) {sizes[n]:5.1f} MB")
+              f"{v['qemu_rssshmem_mb']:.0f} MB) {v['helpers_rss_mb']:5.0f} MB {sizes[n]:5.1f} MB")
     for n in names:
         print(f"  {n}: mounted as {mounted_as[n]}; image sha256 {digests[n][:16]}")
     if args.json:

@@ -72,7 +72,8 @@ def test_no_image_marker_mounts_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, msg", [
     ({"sysimage": "ext4"}, "die fractal.sysimage=ext4: expected erofs or squashfs"),
     ({"sysimage": "erofs -o rw"}, "expected erofs or squashfs"),  # no options smuggled in
-    ({"sysdev": "nvme"}, "die fractal.sysdev=nvme: expected blk or pmem"),
+    ({"sysdev": "nvme"}, "die fractal.sysdev=nvme: expected blk, pmem or virtiofs"),
+    ({"sysdev": "virtiofs", "verify_image": "1"}, "die fractal.verify_image=1 needs fractal.sysdev=blk"),
     ({"sysdev": "pmem", "verify_image": "1"}, "die fractal.verify_image=1 needs fractal.sysdev=blk"),
 ])
 def test_bad_options_stop_the_boot_with_a_clear_message(tmp_path: Path, args: dict, msg: str) -> None:
@@ -104,3 +105,24 @@ def test_erofs_on_virtio_pmem_is_mounted_with_dax(tmp_path: Path) -> None:
 def test_no_pmem_device_stops_the_boot(tmp_path: Path) -> None:
     rc, out = run(tmp_path, {"sysdev": "pmem"}, pmem=False)
     assert rc == 1 and "die no system image on virtio-pmem" in out
+
+
+def test_the_tree_over_virtiofs_mounts_the_reserved_share_read_only(tmp_path: Path) -> None:
+    rc, out = run(tmp_path, {"sysdev": "virtiofs"})
+    assert rc == 0, out
+    assert out.index("load_modules modules.sysimage") < out.index("mount -t virtiofs -o ro fractalsys /.image")
+    assert "find_dev" not in out
+
+
+def test_the_share_list_skips_the_system_tree_only_when_it_is_mounted_as_the_image() -> None:
+    """mount_shares (section 2) must not mount tag fractalsys a second time over /.image."""
+    text = INIT.read_text()
+    start = text.index("mount_shares() {")
+    body = text[start:text.index("\n}\n", start) + 3]
+    script = (STUBS + 'mount_share() { echo "share $*"; }\nrepo=none\n'
+              'shares="fractalsys:virtiofs:ro:/.image vol:9p:rw:/v"\n' + body)
+    for sysdev, want in (("virtiofs", ["share vol 9p rw /v"]),
+                         ("blk", ["share fractalsys virtiofs ro /.image", "share vol 9p rw /v"])):
+        r = subprocess.run([initramfs.BUSYBOX, "sh", "-c", script + f"sysdev={sysdev}\nmount_shares\n"],
+                           capture_output=True, text=True, timeout=60)
+        assert [x for x in r.stdout.splitlines() if x.startswith("share ")] == want, r.stdout
