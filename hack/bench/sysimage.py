@@ -25,7 +25,8 @@ and a run-at-boot command that prints the guest's memory every second on the con
 picks the candidate from ``fractal.sysimage=`` / ``fractal.sysdev=`` (ccpu/guest/init.sh 1b).
 
 Per boot: QEMU start -> the agent answered ``hello`` (wall, the host's clock); the guest's
-uptime at "system image mounted", the agent's "imported" and "hello answered" (fractal.timeline=1,
+uptime at "system image mounted", the agent's "imported" and "hello answered" (and mounted ->
+hello: python and the agent's imports, read from the image" (fractal.timeline=1,
 on for every candidate); then, once the init finished the boot and its memory loop printed twice
 (~1 s apart), the guest's memory (MemTotal - MemAvailable,
 Cached: the page cache, where the image's pages land unless DAX maps them, and MemTotal -
@@ -232,6 +233,8 @@ def boot(c: Candidate, guest: initramfs.Guest, initrd: Path, image: Path, tmp: s
                           ("agent: hello answered", "hello_uptime_s")):
             if key in phases:
                 out[name] = phases[key]
+        if "hello_uptime_s" in out and "mounted_uptime_s" in out:  # python + the agent's imports, on the image
+            out["mounted_to_hello_s"] = out["hello_uptime_s"] - out["mounted_uptime_s"]
         how = IMAGE_LINE.search(text)
         return out, (f"{how.group(1)} {how.group(2)} {how.group(3)}" if how else "erofs (default path)")
     except BaseException:
@@ -283,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     ref = names[0]
     print(f"{args.rounds} alternated rounds, medians; load average (1 min) "
           f"{min(x[0] for x in load):.1f}-{max(x[0] for x in load):.1f} during the run")
-    print(f"{'candidate':18s} {'ready':>7s} {'vs ' + ref:>14s} {'mounted':>8s} {'imported':>8s} {'hello':>6s} "
+    print(f"{'candidate':18s} {'ready':>7s} {'vs ' + ref:>14s} {'mounted':>8s} {'imported':>8s} {'hello':>6s} {'mnt->hello':>10s} "
           f"{'guest used':>10s} {'cached':>7s} {'non-free':>8s} {'QEMU RSS':>8s} {'(anon/file/shmem)':>18s} {'+helpers':>8s} {'image':>8s}")
     for n in names:
         v = med[n]
         print(f"{n:18s} {v['ready_s']:6.2f}s {v['ready_s'] / med[ref]['ready_s']:13.2f}x "
               f"{v.get('mounted_uptime_s', 0):7.2f}s {v.get('imported_uptime_s', 0):7.2f}s "
-              f"{v.get('hello_uptime_s', 0):5.2f}s {v['guest_used_mb']:7.0f} MB {v['guest_cached_mb']:4.0f} MB "
+              f"{v.get('hello_uptime_s', 0):5.2f}s {v.get('mounted_to_hello_s', 0):9.2f}s {v['guest_used_mb']:7.0f} MB {v['guest_cached_mb']:4.0f} MB "
               f"{v['guest_nonfree_mb']:5.0f} MB "
               f"{v['qemu_vmrss_mb']:5.0f} MB ({v['qemu_rssanon_mb']:.0f}/{v['qemu_rssfile_mb']:.0f}/"
               f"{v['qemu_rssshmem_mb']:.0f} MB) {v['helpers_rss_mb']:5.0f} MB {sizes[n]:5.1f} MB")
