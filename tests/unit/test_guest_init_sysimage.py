@@ -126,3 +126,12 @@ def test_the_share_list_skips_the_system_tree_only_when_it_is_mounted_as_the_ima
         r = subprocess.run([initramfs.BUSYBOX, "sh", "-c", script + f"sysdev={sysdev}\nmount_shares\n"],
                            capture_output=True, text=True, timeout=60)
         assert [x for x in r.stdout.splitlines() if x.startswith("share ")] == want, r.stdout
+
+
+def test_the_measured_boot_still_hashes_the_disk_before_mounting_it(tmp_path: Path) -> None:
+    rc, out = run(tmp_path, {"verify_image": "1"})  # the stub's sha256sum says "cafe", as the marker
+    assert rc == 0, out
+    assert out.index("milestone system image verified (sha256 cafe)") < out.index("mount -t erofs -o ro /dev/vda")
+    (tmp_path / "etc" / "image").write_text("erofs beef\n")
+    rc, out = run(tmp_path, {"verify_image": "1"}, image=False)
+    assert rc == 1 and "the initramfs names beef: refused" in out and "mount -t" not in out
