@@ -15,7 +15,10 @@ the machine is shared (medians are reported):
 - ``erofs-pmem``: the EROFS image, padded to whole 2 MiB, on a read-only virtio-pmem device (QEMU
   ``memory-backend-file,readonly=on`` + ``virtio-pmem-pci``), mounted ``-o dax=always`` -- the
   init prints what the kernel made of it (``dax=always`` kept, or erofs's fallback to the page
-  cache).
+  cache);
+- ``tree-virtiofs``: the image's tree (``fsck.erofs --extract``) over virtiofs, read-only, by a
+  virtiofsd of its own (the share code's settings: ``--cache auto``); the init mounts share tag
+  ``fractalsys`` at /.image (``fractal.sysdev=virtiofs``); virtiofsd's RSS is added to QEMU's.
 
 Every candidate boots the *same* initramfs: the build's, with one more cpio archive appended (the
 kernel unpacks concatenated archives in order) that carries the candidates' modules
