@@ -28,14 +28,13 @@ and a run-at-boot command that prints the guest's memory every second on the con
 picks the candidate from ``fractal.sysimage=`` / ``fractal.sysdev=`` (ccpu/guest/init.sh 1b).
 
 Per boot: QEMU start -> the agent answered ``hello`` (wall, the host's clock); the guest's
-uptime at "system image mounted", the agent's "imported" and "hello answered" (and mounted ->
-hello: python and the agent's imports, read from the image" (fractal.timeline=1,
-on for every candidate); then, once the init finished the boot and its memory loop printed twice
-(~1 s apart), the guest's memory (MemTotal - MemAvailable,
-Cached: the page cache, where the image's pages land unless DAX maps them, and MemTotal -
-MemFree: every page the guest holds, page cache included) and QEMU's RSS
-(VmRSS, split into anon / file / shmem: the guest's RAM is a shared memfd, a pmem image's mapping
-is file memory).
+uptime at "system image mounted", the agent's "imported" and "hello answered", and mounted ->
+hello (python and the agent's imports, read from the image; fractal.timeline=1, on for every
+candidate); then, once the init finished the boot and its memory loop printed twice (~1 s apart),
+the guest's memory (MemTotal - MemAvailable; Cached: the page cache, where the image's pages land
+unless DAX maps them; MemTotal - MemFree: every page the guest holds, page cache included) and
+QEMU's RSS (VmRSS, split into anon / file / shmem: the guest's RAM is a shared memfd, a pmem
+image's mapping is file memory), plus its helpers' (virtiofsd).
 
     python3 hack/bench/sysimage.py [--rounds 5] [--candidates erofs-blk,squashfs-blk,...] [--json FILE]
 
