@@ -53,6 +53,8 @@ APT_PACKAGES=(
   python3.11 libcap-ng-dev libseccomp-dev pkg-config
   # the small guest's read-only system image (mkfs.erofs; docs/vm.md "The small guest")
   erofs-utils
+  # benchmark only: hack/bench/sysimage.py builds the squashfs candidates of the system image
+  squashfs-tools
   # the fidelity test image's probe is compiled statically at build time (hack/fsprobe.c, docs/vm.md)
   gcc libc6-dev
 )

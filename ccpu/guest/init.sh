@@ -21,6 +21,13 @@
 #   fractal.verify_image=1          hash the system image disk before mounting it and stop unless it is
 #                                   the one /etc/fractal/image names (vm.attest: the measured initramfs
 #                                   then vouches for the disk too; docs/hardware.md)
+#   fractal.sysimage=erofs|squashfs the system image's file system (default erofs: what the build makes;
+#                                   squashfs only for hack/bench/sysimage.py's measured candidates)
+#   fractal.sysdev=blk|pmem|virtiofs how it is attached (default blk: virtio-blk serial fractal-sys;
+#                                   pmem: the only virtio-pmem device, /dev/pmem0, mounted with DAX
+#                                   when the kernel allows; virtiofs: the image's tree, the read-only
+#                                   share tag fractalsys, no file system image); a non-default pair loads the modules of
+#                                   /etc/fractal/modules.sysimage first (docs/vm.md "The candidates, measured")
 #   fractal.listen=IP:PORT          agent mode on a machine (docs/hardware.md): no virtio-serial port; the
 #                                   agent listens on TCP with mutual TLS, a key made at boot, and its
 #                                   own layer repo on a tmpfs (layers streamed by the host)
@@ -64,7 +71,7 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 exec </dev/null >/dev/console 2>&1
 
-mode=agent repo=none debug=0 timeline=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0 blowers="" binit=/sbin/init listen="" ca=""
+mode=agent repo=none debug=0 timeline=0 shares="" nets="" reserve=64 tty="" stdin=0 verify_image=0 blowers="" binit=/sbin/init listen="" ca="" sysimage=erofs sysdev=blk
 read -r cmdline </proc/cmdline  # a builtin, not a fork: under TCG each fork of busybox costs ms
 for arg in $cmdline; do  # fractal.* only; values have no spaces
     case "$arg" in
@@ -82,6 +89,8 @@ for arg in $cmdline; do  # fractal.* only; values have no spaces
         fractal.boot.init=*) binit="${arg#*=}" ;;
         fractal.listen=*) listen="${arg#*=}" ;;
         fractal.ca=*) ca="${arg#*=}" ;;
+        fractal.sysimage=*) sysimage="${arg#*=}" ;;
+        fractal.sysdev=*) sysdev="${arg#*=}" ;;
     esac
 done
 
@@ -162,18 +171,51 @@ step "modules loaded"
 # python, the agent, runc and their libraries are on a read-only virtio-blk disk
 # (serial fractal-sys, EROFS); the initramfs's symlinks (usr -> /.image/usr, ...)
 # point into its mount.
+# fractal.sysimage / fractal.sysdev: the other candidates hack/bench/sysimage.py measures; the
+# default pair (erofs on virtio-blk) needs nothing more than the early modules.
+find_pmem() {  # the virtio-pmem disk's node: it probes during insmod, the wait is a safety net
+    i=0
+    while [ $i -lt 200 ]; do
+        [ -b /dev/pmem0 ] && { echo /dev/pmem0; return 0; }
+        sleep 0.02
+        i=$((i + 1))
+    done
+    return 1
+}
 if [ -e /etc/fractal/image ]; then
-    sysdisk="$(find_dev /sys/block serial fractal-sys)" || die "no system image disk (virtio-blk serial fractal-sys)"
-    if [ "$verify_image" = 1 ]; then
+    case "$sysimage" in erofs | squashfs) ;; *) die "fractal.sysimage=$sysimage: expected erofs or squashfs" ;; esac
+    case "$sysdev" in blk | pmem | virtiofs) ;; *) die "fractal.sysdev=$sysdev: expected blk, pmem or virtiofs" ;; esac
+    sysopts=ro
+    if [ "$sysimage/$sysdev" != erofs/blk ]; then
+        [ -s /etc/fractal/modules.sysimage ] ||
+            die "fractal.sysimage=$sysimage fractal.sysdev=$sysdev: this guest ships no /etc/fractal/modules.sysimage"
+        load_modules /etc/fractal/modules.sysimage
+    fi
+    # a padded image's hash is not the build's, a tree has none: the measured boot keeps the disk
+    [ "$sysdev" != blk ] && [ "$verify_image" = 1 ] && die "fractal.verify_image=1 needs fractal.sysdev=blk"
+    if [ "$sysdev" = virtiofs ]; then
+        sysimage=virtiofs sysdisk=fractalsys
+    elif [ "$sysdev" = pmem ]; then
+        sysdisk="$(find_pmem)" || die "no system image on virtio-pmem (/dev/pmem0)"
+        # the image's pages mapped into the guest instead of copied into its page cache (kata's
+        # way); erofs falls back to the page cache when the device cannot do DAX
+        [ "$sysimage" = erofs ] && sysopts=ro,dax=always
+    else
+        sysdisk="$(find_dev /sys/block serial fractal-sys)" || die "no system image disk (virtio-blk serial fractal-sys)"
+    fi
+    if [ "$verify_image" = 1 ] && [ "$sysdev" = blk ]; then
         read -r _ want </etc/fractal/image
         got="$(sha256sum "$sysdisk")"
         [ "${got%% *}" = "$want" ] || die "system image $sysdisk is sha256 ${got%% *}, the initramfs names $want: refused"
         milestone "system image verified (sha256 $want)"
     fi
-    mount -t erofs -o ro "$sysdisk" /.image || die "cannot mount the system image $sysdisk"
+    mount -t "$sysimage" -o "$sysopts" "$sysdisk" /.image || die "cannot mount the system image $sysdisk ($sysimage)"
     # larger reads for python's first page faults and file reads (each virtio-blk request costs
     # under TCG): 2 MiB instead of the block layer's 128 KiB
-    echo 2048 >"/sys/block/${sysdisk#/dev/}/queue/read_ahead_kb" 2>/dev/null
+    [ "$sysdev" = blk ] && echo 2048 >"/sys/block/${sysdisk#/dev/}/queue/read_ahead_kb" 2>/dev/null
+    if [ "$sysimage/$sysdev" != erofs/blk ]; then  # what the kernel made of it (dax on or not)
+        while read -r _ mp fs o _; do [ "$mp" = /.image ] && milestone "system image: $fs $sysdisk $o"; done </proc/mounts
+    fi
     step "system image mounted"
 fi
 
@@ -194,6 +236,7 @@ mount_shares() {
         IFS=: read -r tag type smode path <<EOF
 $s
 EOF
+        [ "$tag" = fractalsys ] && [ "$sysdev" = virtiofs ] && continue  # the system tree: mounted in 1b
         mount_share "$tag" "$type" "$smode" "$path"
     done
     step "shares mounted"

@@ -63,6 +63,18 @@ def split_order(deps: Mapping[str, Sequence[str]], first: Iterable[str], wanted:
     return head, [k for k in load_order(deps, [*first, *wanted], built) if k not in done]
 
 
+#: What the system image's other candidates need before the image is mounted, by the init's
+#: fractal.sysimage / fractal.sysdev value (docs/vm.md "The candidates, measured").  The default
+#: build ships none of them (erofs on virtio-blk needs only initramfs.IMAGE_MODULES; these are
+#: ~0.75 MB more to unpack at every boot): hack/bench/sysimage.py appends them, with their
+#: dependencies, to the initramfs it boots, listed in /etc/fractal/modules.sysimage.
+SYSIMAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "squashfs": ("squashfs",),
+    "pmem": ("virtio_pmem", "nd_pmem"),  # + libnvdimm, nd_btt, nd_virtio
+    "virtiofs": ("virtiofs",),  # + fuse: shipped, but as later modules inside the image itself
+}
+
+
 class ModuleError(ValueError):
     """A wanted module or one of its dependencies is missing."""
 

@@ -108,6 +108,7 @@ class MachineSpec:
     workdir: str
     console: ConsoleFile | ConsoleSocket
     system_image: str | None = None  # the guest build's read-only image (Guest.image), a read-only disk
+    system_device: str = "blk"  # blk (the default) | pmem: how the image is attached (qemu.VMConfig)
     mode: str = "agent"  # the guest init's fractal.mode: agent (a sandbox) | run (vm run)
     accel: str = "auto"  # auto | kvm | tcg
     machine: str = "q35"  # q35 | microvm
@@ -174,6 +175,7 @@ def plan(spec: MachineSpec, accel: str, opened: Opened) -> qemu.VMConfig:
     console = spec.console
     return qemu.VMConfig(
         kernel=spec.uki or spec.kernel, initramfs=spec.initramfs, system_image=spec.system_image,
+        system_device=spec.system_device,
         ovmf=(tpm_.OVMF_CODE, opened.ovmf_vars) if spec.uki and opened.ovmf_vars else None, tpm_fd=opened.tpm_fd,
         console_log=console.path if isinstance(console, ConsoleFile) else "",
         console_log_fd=opened.console_fd if isinstance(console, ConsoleFile) else None,

@@ -186,6 +186,12 @@ class VMConfig:
     # the guest's read-only system image (ccpu.guest layout "image"): a read-only virtio-blk disk
     # with serial SYSTEM_DISK_SERIAL, which the guest init mounts
     system_image: str | None = None
+    # how the system image is attached (docs/vm.md "The candidates, measured"): "blk", the read-only
+    # virtio-blk disk (the default), or "pmem", a read-only virtio-pmem device backed by the file
+    # (mapped into QEMU; the guest mounts it with DAX where it can); pmem needs the file's size
+    # (``system_image_size``, set by open_boot_files), a multiple of PMEM_ALIGN
+    system_device: str = "blk"
+    system_image_size: int | None = None
     # QMP (ccpu.vm.qmp) on this connected socket: QEMU's end of a socketpair (spawn(pass_fds=...))
     qmp_fd: int | None = None
     # free pcie-root-ports reserved for NICs added after boot (q35 only; ccpu.vm.qmp)
@@ -204,6 +210,10 @@ class VMConfig:
 
 
 SYSTEM_DISK_SERIAL = "fractal-sys"  # how the init finds the disk (/sys/block/vdX/serial)
+SYSTEM_DEVICES = ("blk", "pmem")
+#: a virtio-pmem region's size and place in the guest's memory map: whole 2 MiB blocks (QEMU's
+#: memory devices are aligned to the host's huge page size; the guest maps them in sub-sections)
+PMEM_ALIGN = 2 << 20
 MAX_HOTPLUG_SLOTS = 8  # each root port takes a PCI bus number and bridge windows
 
 
@@ -257,6 +267,17 @@ def _check(cfg: VMConfig) -> None:
         raise ConfigError(f"TPM fd {cfg.tpm_fd} is not a file descriptor")
     if cfg.hotplug_slots and cfg.qmp_fd is None:
         raise ConfigError("hotplug slots without a QMP channel cannot be used")
+    if cfg.system_device not in SYSTEM_DEVICES:
+        raise ConfigError(f"system image device {cfg.system_device!r}: expected one of {SYSTEM_DEVICES}")
+    if cfg.system_device == "pmem":
+        if not cfg.system_image:
+            raise ConfigError("a virtio-pmem system image needs the image (system_image)")
+        size = cfg.system_image_size
+        if size is None or size <= 0 or size % PMEM_ALIGN:
+            raise ConfigError(f"a virtio-pmem system image must be a non-empty multiple of {PMEM_ALIGN >> 20} MiB "
+                              f"(pad the file), not {size} bytes")
+        if cfg.machine != "q35":
+            raise ConfigError(f"virtio-pmem is a PCI device: machine q35, not {cfg.machine}")
     for p in cfg.ports:
         if (p.socket is None) == (p.fd is None):
             raise ConfigError(f"port {p.name}: give a socket path or a connected fd (one of them)")
@@ -311,10 +332,20 @@ def kernel_cmdline(cfg: VMConfig) -> str:
         args.append(f"page_reporting.page_reporting_order={PAGE_REPORTING_ORDER}")
     if cfg.debug:
         args.append("fractal.debug=1")
+    if cfg.system_image and cfg.system_device != "blk":  # the init looks for the image there
+        args.append(f"fractal.sysdev={cfg.system_device}")
     for s in cfg.shares:
         args.append(f"fractal.share={s.tag}:{s.type}:{'ro' if s.readonly else 'rw'}:{s.guest_path}")
     args += list(cfg.cmdline_extra)
     return " ".join(a for a in args if a)
+
+
+def memory_arg(cfg: VMConfig) -> str:
+    """``-m``: the guest's RAM; with a virtio-pmem system image also room above it for the device
+    (a memory device needs ``maxmem`` beyond the RAM, and a slot)."""
+    if cfg.system_device == "pmem" and cfg.system_image_size:
+        return f"{cfg.memory_mb}M,slots=1,maxmem={cfg.memory_mb * (1 << 20) + cfg.system_image_size}"
+    return f"{cfg.memory_mb}M"
 
 
 def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
@@ -351,7 +382,7 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
     hw = cfg.accel in ("kvm", "hvf")  # hardware virtualisation: the guest sees the host's CPU
     argv += ["-accel", cfg.accel if hw else cfg.tcg.accel_arg(),
              "-cpu", "host" if hw else cfg.tcg.cpu,
-             "-m", f"{cfg.memory_mb}M", "-smp", str(cfg.cpus),
+             "-m", memory_arg(cfg), "-smp", str(cfg.cpus),
              "-kernel", cfg.kernel]
     # a UKI carries its initramfs (systemd-stub hands it over; a -initrd would be a second one)
     argv += ([] if cfg.ovmf else ["-initrd", cfg.initramfs]) + ["-append", kernel_cmdline(cfg)]
@@ -389,7 +420,13 @@ def command(cfg: VMConfig, qboot_exists: bool = False) -> list[str]:
             sock = f"fd={s.fd}" if s.fd is not None else f"path={s.socket}"
             argv += ["-chardev", f"socket,id=vfs{i},{sock}",
                      "-device", f"{dev},chardev=vfs{i},tag={s.tag},queue-size=1024"]
-    if cfg.system_image:
+    if cfg.system_image and cfg.system_device == "pmem":
+        # read-only and private: QEMU opens the file O_RDONLY and maps it PROT_READ, MAP_PRIVATE
+        path = cfg.system_image.replace(",", ",,")
+        argv += ["-object", f"memory-backend-file,id=sysmem,mem-path={path},size={cfg.system_image_size},"
+                            "share=off,readonly=on",
+                 "-device", "virtio-pmem-pci,memdev=sysmem,id=syspmem"]
+    elif cfg.system_image:
         # read-only at every level: the guest cannot write it, QEMU opens it O_RDONLY and takes
         # only a shared lock (every VM on the host attaches the same file)
         path = cfg.system_image.replace(",", ",,")
@@ -505,8 +542,9 @@ def open_boot_files(cfg: VMConfig) -> tuple[VMConfig, list[int]]:
             os.close(fd)
         raise
     named = [f"{cfg.host.fd_dir}/{fd}" for fd in fds]
+    size = os.fstat(fds[2]).st_size if cfg.system_image and cfg.system_device == "pmem" else cfg.system_image_size
     return dataclasses.replace(cfg, kernel=named[0], initramfs=named[1],
-                               system_image=named[2] if cfg.system_image else None), fds
+                               system_image=named[2] if cfg.system_image else None, system_image_size=size), fds
 
 
 def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,

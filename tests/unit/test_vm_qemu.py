@@ -305,3 +305,54 @@ def test_uefi_boot_needs_q35_and_no_other_firmware() -> None:
     for bad in (dict(machine="microvm"), dict(firmware="/x/bios.bin")):
         with pytest.raises(qemu.ConfigError, match="OVMF"):
             qemu.command(cfg(ovmf=("/c", "/v"), **bad))
+
+
+def test_system_image_on_virtio_pmem_is_a_read_only_private_file_mapping() -> None:
+    """hack/bench/sysimage.py's erofs-pmem candidate (docs/vm.md "The candidates, measured")."""
+    size = 34 * qemu.PMEM_ALIGN
+    argv = qemu.command(cfg(system_image="/proc/self/fd/7", system_device="pmem", system_image_size=size))
+    assert opt_after(argv, "-object")[-1] == (f"memory-backend-file,id=sysmem,mem-path=/proc/self/fd/7,size={size},"
+                                              "share=off,readonly=on")
+    assert "virtio-pmem-pci,memdev=sysmem,id=syspmem" in opt_after(argv, "-device")
+    assert "-drive" not in argv  # no virtio-blk disk besides
+    assert opt_after(argv, "-m") == [f"512M,slots=1,maxmem={512 * (1 << 20) + size}"]
+    assert "fractal.sysdev=pmem" in qemu.kernel_cmdline(cfg(system_image="/i", system_device="pmem",
+                                                              system_image_size=size)).split()
+
+
+def test_the_default_system_image_device_is_unchanged() -> None:
+    argv = qemu.command(cfg(system_image="/proc/self/fd/7"))
+    assert opt_after(argv, "-m") == ["512M"]
+    assert not any("pmem" in a or "sysdev" in a for a in argv)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(system_device="nvme"), "expected one of"),
+    (dict(system_device="pmem"), "multiple of 2 MiB"),  # no size
+    (dict(system_device="pmem", system_image_size=qemu.PMEM_ALIGN + 4096), "multiple of 2 MiB"),
+    (dict(system_device="pmem", system_image_size=0), "multiple of 2 MiB"),
+    (dict(system_device="pmem", system_image_size=qemu.PMEM_ALIGN, machine="microvm"), "machine q35"),
+])
+def test_bad_system_image_devices_are_refused(kw: dict, msg: str) -> None:
+    with pytest.raises(qemu.ConfigError, match=msg):
+        qemu.command(cfg(system_image="/img", **kw))
+
+
+def test_a_pmem_image_without_an_image_is_refused() -> None:
+    with pytest.raises(qemu.ConfigError, match="needs the image"):
+        qemu.command(cfg(system_device="pmem", system_image_size=qemu.PMEM_ALIGN))
+
+
+def test_open_boot_files_gives_a_pmem_image_its_size(tmp_path) -> None:
+    for name in ("k", "i"):
+        (tmp_path / name).write_text(name)
+    with open(tmp_path / "s", "wb") as f:
+        f.truncate(3 * qemu.PMEM_ALIGN)
+    for device, want in (("pmem", 3 * qemu.PMEM_ALIGN), ("blk", None)):
+        c, fds = qemu.open_boot_files(cfg(kernel=str(tmp_path / "k"), initramfs=str(tmp_path / "i"),
+                                          system_image=str(tmp_path / "s"), system_device=device))
+        try:
+            assert c.system_image_size == want
+        finally:
+            for fd in fds:
+                os.close(fd)
