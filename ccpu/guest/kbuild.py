@@ -21,6 +21,7 @@ Pure functions (config parsing, the fragment check, the key, modules.builtin fro
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -174,6 +175,26 @@ def root() -> Path:
     return cache_root() / "kernel"
 
 
+def deb_sha256(deb: Path) -> str:
+    """The .deb's sha256, remembered beside it (``<deb>.sha256``, trusted while not older than the
+    .deb): the shim's guest build runs before every VM start, and hashing 140 MB each time would
+    cost ~0.4 s of it."""
+    side = deb.with_name(deb.name + ".sha256")
+    try:
+        if side.stat().st_mtime >= deb.stat().st_mtime:
+            known = side.read_text().strip()
+            if re.fullmatch(r"[0-9a-f]{64}", known):
+                return known
+    except OSError:
+        pass
+    digest = _sha256(deb)
+    try:
+        side.write_text(digest + "\n")
+    except OSError:  # a cache this user cannot write: hashed each time
+        pass
+    return digest
+
+
 def cached_source() -> Source | None:
     """The newest source package already downloaded (``kernel/src/*.deb``), or None."""
     debs = sorted((root() / "src").glob("linux-source-*_all.deb")) if (root() / "src").is_dir() else []
@@ -181,7 +202,7 @@ def cached_source() -> Source | None:
         return None
     deb = debs[-1]
     package, version, _ = deb.name.split("_", 2)
-    return Source(package, version, deb, _sha256(deb))
+    return Source(package, version, deb, deb_sha256(deb))
 
 
 def fetch_source(progress: Callable[[str], None]) -> Source:
@@ -202,7 +223,7 @@ def fetch_source(progress: Callable[[str], None]) -> Source:
             if len(got) != 1:
                 raise KernelError(f"apt-get download {package} produced {len(got)} .deb files")
             os.replace(got[0], deb)
-    return Source(package, version, deb, _sha256(deb))
+    return Source(package, version, deb, deb_sha256(deb))
 
 
 def _tree(source: Source, progress: Callable[[str], None]) -> Path:
@@ -261,6 +282,28 @@ def build(progress: Callable[[str], None] = lambda s: None, *, force: bool = Fal
     if missing := missing_tools():
         raise KernelError(f"building the guest kernel needs {' '.join(missing)} "
                           f"(apt-get install {' '.join(missing)})")
+    with open(root() / ".build.lock", "w") as lock:  # one build at a time in the shared source tree
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / META).exists() and not force:  # another process built it while we waited
+            return load(dest), json.loads((dest / META).read_text())
+        out = Path(tempfile.mkdtemp(dir=root(), prefix=f".{PREFIX}"))
+        try:
+            meta = _compile(source, fragments, key, out, progress, jobs)
+        except BaseException:
+            failed = root() / "build-failed.log"
+            if (out / "build.log").exists():
+                os.replace(out / "build.log", failed)  # kept for the error message's reader
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        shutil.rmtree(dest, ignore_errors=True)
+        os.rename(out, dest)
+    progress(f"built {meta['release']} in {meta['build']['seconds']:.0f}s")
+    return load(dest), meta
+
+
+def _compile(source: Source, fragments: Mapping[str, str], key: str, out: Path,
+             progress: Callable[[str], None], jobs: int | None) -> dict:
+    """Configure and compile in the kept source tree; the results into ``out``; built.json's dict."""
     tree = _tree(source, progress)
     make = ["make", f"ARCH={ARCH}"]
     progress(f"configuring ({BASE_TARGET} + {', '.join(fragments)})")
@@ -275,8 +318,7 @@ def build(progress: Callable[[str], None] = lambda s: None, *, force: bool = Fal
         raise KernelError("kernel config fragments did not survive olddefconfig (a dependency is off): "
                           + ", ".join(f"{k}={v} -> {got}" for k, v, got in lost))
     jobs = jobs or os.cpu_count() or 1
-    progress(f"compiling with {jobs} jobs (minutes; log in {dest.name}/build.log)")
-    out = Path(tempfile.mkdtemp(dir=root(), prefix=f".{PREFIX}"))
+    progress(f"compiling with {jobs} jobs (minutes)")
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
     with open(out / "build.log", "wb") as log:
@@ -285,7 +327,7 @@ def build(progress: Callable[[str], None] = lambda s: None, *, force: bool = Fal
     seconds = time.monotonic() - t0
     if rc != 0:
         tail = (out / "build.log").read_text(errors="replace").strip().splitlines()[-5:]
-        raise KernelError(f"kernel build failed (exit {rc}; {out / 'build.log'}): {' | '.join(tail)}")
+        raise KernelError(f"kernel build failed (exit {rc}; log: {root() / 'build-failed.log'}): {' | '.join(tail)}")
     release = _run([*make, "-s", "kernelrelease"], cwd=tree, env=BUILD_ENV).strip()
     shutil.copyfile(tree / "vmlinux", out / "vmlinux")
     shutil.copyfile(tree / "arch" / "x86" / "boot" / "bzImage", out / "vmlinuz")
@@ -304,7 +346,4 @@ def build(progress: Callable[[str], None] = lambda s: None, *, force: bool = Fal
             "vmlinux_sha256": _sha256(out / "vmlinux"), "builtin_modules": len(builtin)}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     os.chmod(out, 0o755)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.rename(out, dest)
-    progress(f"built {release} in {seconds:.0f}s")
-    return load(dest), meta
+    return meta

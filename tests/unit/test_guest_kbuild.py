@@ -5,6 +5,9 @@ when it has been built."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +136,27 @@ def test_find_loads_a_cached_build(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert kern.modules_dir == dest / "modules" and kern.boot_image == dest / "vmlinux-pvh"
     # the stock kernel's offline fallback (kernel.fetch globs */kernel.json) never takes it for Debian's
     assert not list(root.glob("*/kernel.json"))
+
+
+def test_an_unknown_kernel_choice_is_a_one_line_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "ccpu.cli", "guest", "build"], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), kbuild.KERNEL_ENV: "kata"})
+    assert out.returncode != 0
+    assert "guest kernel 'kata' ($FRACTAL_GUEST_KERNEL): expected one of debian, built" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_deb_sha256_is_remembered_beside_the_deb_and_redone_when_the_deb_is_newer(tmp_path: Path) -> None:
+    import hashlib
+    deb = tmp_path / "linux-source-6.1_6.1.192-3_all.deb"
+    deb.write_bytes(b"one")
+    assert kbuild.deb_sha256(deb) == hashlib.sha256(b"one").hexdigest()
+    side = tmp_path / (deb.name + ".sha256")
+    assert side.read_text().strip() == hashlib.sha256(b"one").hexdigest()
+    side.write_text("0" * 64 + "\n")  # trusted while not older than the .deb
+    assert kbuild.deb_sha256(deb) == "0" * 64
+    deb.write_bytes(b"two")
+    os.utime(side, (1, 1))  # the .deb replaced after the sidecar was written
+    assert kbuild.deb_sha256(deb) == hashlib.sha256(b"two").hexdigest()
+    side.write_text("not a digest")
+    assert kbuild.deb_sha256(deb) == hashlib.sha256(b"two").hexdigest()
