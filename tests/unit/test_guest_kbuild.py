@@ -78,7 +78,7 @@ def test_the_repo_fragments_are_small_and_modules_free() -> None:
     frag = kbuild.parse_config(kbuild.merged_fragments(frags))
     assert frag["CONFIG_MODULES"] == "n" and frag["CONFIG_DEBUG_INFO"] == "n"
     assert int(frag["CONFIG_NR_CPUS"]) <= 64
-    for opt in ("CONFIG_PVH", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_HOTPLUG_PCI_PCIE", "CONFIG_SECCOMP_FILTER",
+    for opt in ("CONFIG_PVH", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_HOTPLUG_PCI_PCIE", "CONFIG_HOTPLUG_PCI_ACPI", "CONFIG_SECCOMP_FILTER",
                 "CONFIG_USER_NS", "CONFIG_PID_NS", "CONFIG_NET_NS", "CONFIG_MEMCG", "CONFIG_CGROUP_PIDS",
                 "CONFIG_CGROUP_BPF", "CONFIG_PAGE_REPORTING", "CONFIG_DEVTMPFS", "CONFIG_TMPFS"):
         assert frag.get(opt) == "y", opt
