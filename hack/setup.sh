@@ -4,7 +4,11 @@
 # every fresh clone run it: machines are handed over with arbitrary leftovers, so
 # the project's own files must install everything it needs.
 #
-#   hack/setup.sh [--with-debian] [--skip-images] [--run]
+#   hack/setup.sh [--with-debian] [--skip-images] [--run] [--with-guest-kernel]
+#
+# --with-guest-kernel: the opt-in guest kernel built for the guest (ccpu/guest/kbuild.py, docs/vm.md
+# "A kernel built for the guest"): installs its build tools (flex bison libelf-dev bc) and builds
+# it (minutes, both cores).  Debian's kernel stays the default; nothing else needs this.
 #
 # --run: only what the main job (`make run`, hack/demo.py) needs: of the Go peers only crictl
 # (the demo's Kubernetes step); containerd 2.x, nerdctl and critest are built by `make test`.
@@ -19,12 +23,14 @@ PY="${PYTHON:-python3}"
 WITH_DEBIAN=0
 SKIP_IMAGES=0
 FOR_RUN=0
+WITH_GUEST_KERNEL=0
 for arg in "$@"; do
   case "$arg" in
     --with-debian) WITH_DEBIAN=1 ;;
     --skip-images) SKIP_IMAGES=1 ;;
     --run) FOR_RUN=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --with-guest-kernel) WITH_GUEST_KERNEL=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "setup: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -168,6 +174,13 @@ fi
 # clone: no pip install needed), so it builds while pip installs.
 build_guest() { cd "$ROOT" && FRACTAL_CACHE="$CACHE" $SUDO "$PY" -m ccpu.cli guest build; }
 bg guest build_guest
+# Opt-in: the kernel built for the guest (its tools only on request; the default guest needs none)
+GUEST_KERNEL_PACKAGES=(flex bison libelf-dev bc)
+build_guest_kernel() {
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${GUEST_KERNEL_PACKAGES[@]}"
+  cd "$ROOT" && FRACTAL_CACHE="$CACHE" $SUDO "$PY" -m ccpu.cli guest kernel
+}
+if [ "$WITH_GUEST_KERNEL" -eq 1 ]; then bg guest-kernel build_guest_kernel; fi
 # virtiofsd needs apt's libcap-ng-dev, libseccomp-dev and pkg-config
 bg virtiofsd build_virtiofsd
 
@@ -232,6 +245,9 @@ if [ "$SKIP_IMAGES" -eq 0 ]; then
 fi
 # --- 5. join the background builds: the guest, virtiofsd, the Go peers, the host trees ---------
 join guest || { echo "setup: the VM guest did not build" >&2; exit 1; }
+if [ "$WITH_GUEST_KERNEL" -eq 1 ]; then
+  join guest-kernel || echo "setup:   WARNING: the guest kernel did not build (fractal guest kernel says why)"
+fi
 join virtiofsd || echo "setup:   WARNING: virtiofsd did not build; the VM uses 9p shares"
 join peers || echo "setup:   WARNING: the peers step failed"
 if [ "$FOR_RUN" -eq 0 ]; then

@@ -17,7 +17,7 @@ def progress(msg: str) -> None:
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
     from ..guest import extend, initramfs
-    from ..guest.kernel import cache_root
+    from ..guest.kernel import KernelError, cache_root
 
     t0 = time.monotonic()
     ext: extend.Extensions | None = None  # None: the recorded extensions
@@ -29,10 +29,13 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
         elif args.clear_extensions:
             ext = extend.Extensions()
         g = initramfs.build(force=args.force, progress=progress, compression=args.compression,
-                             layout=args.layout, extensions=ext)
+                             layout=args.layout, extensions=ext, kernel=args.kernel)
     except extend.ExtensionError as exc:
         print(f"fractal: {exc}", file=sys.stderr)
         return 2
+    except KernelError as exc:
+        print(f"fractal: {exc}", file=sys.stderr)
+        return 1
     if ext is not None:  # recorded only once it built: later builds (the shim's, vm run's) make the same guest
         extend.save(cache_root(), ext)
     m = g.manifest
@@ -63,6 +66,28 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
     print(f"manifest:   {g.manifest_path}")
     print(f"sha256:     {g.sha256}")
     print(f"time:       {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+def cmd_guest_kernel(args: argparse.Namespace) -> int:
+    """Build (or reuse) the guest kernel built for the guest (ccpu/guest/kbuild.py): opt-in, minutes."""
+    from ..guest import kbuild
+    from ..guest.kernel import KernelError
+
+    try:
+        kern, meta = kbuild.build(progress, force=args.force, jobs=args.jobs)
+    except KernelError as exc:
+        print(f"fractal: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump({"vmlinux": str(kern.vmlinux), "release": kern.release, **meta}, sys.stdout, indent=2)
+        print()
+        return 0
+    b = meta["build"]
+    print(f"kernel:     {kern.release} from {meta['source']['package']} {meta['source']['version']}")
+    print(f"vmlinux:    {kern.vmlinux}")
+    print(f"built in:   {b['seconds']:.0f}s with {b['jobs']} jobs (load average {b['loadavg_start']} at the start)")
+    print("use it:     fractal guest build --kernel built  (or FRACTAL_GUEST_KERNEL=built)")
     return 0
 
 
@@ -143,8 +168,21 @@ def register(guest: argparse.ArgumentParser) -> None:
                         "exits, its output on the console (repeatable)")
     p.add_argument("--clear-extensions", action="store_true",
                    help="build the plain guest again (forget earlier --add/--run-at-boot)")
+    p.add_argument("--kernel", choices=("debian", "built"), default=None,
+                   help="debian: the distribution's kernel; built: the one `fractal guest kernel` built "
+                        "(default: $FRACTAL_GUEST_KERNEL, else debian)")
     add_json_flag(p)
     p.set_defaults(func=cmd_guest_build)
+    p = sub.add_parser("kernel", help="build a guest kernel for the guest from Debian's source (opt-in, minutes)",
+                       description="Download Debian's kernel source of the stock guest kernel's release, "
+                                   "configure it from allnoconfig + ccpu/guest/kconfig/*.config (everything the "
+                                   "guest uses built in) and compile it, cached by source + fragments.  Needs "
+                                   "flex bison libelf-dev bc and a C compiler.  Boot it with "
+                                   "`fractal guest build --kernel built`.")
+    p.add_argument("--force", action="store_true", help="rebuild even if this kernel is built")
+    p.add_argument("--jobs", type=int, default=None, help="make -j (default: the CPU count)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_guest_kernel)
     p = sub.add_parser("uki", help="a machine's own EFI image: the build's with a command line built in",
                        description="Write a UKI for one machine booting without a loader (USB stick, disk, UEFI "
                                    "HTTP boot): the guest build's (made or reused as `fractal guest build` would) kernel, initramfs and os-release with "

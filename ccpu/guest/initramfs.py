@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cpio, erofs, extend, modules, pyzip, uki
+from . import cpio, erofs, extend, kbuild, modules, pyzip, uki
 from .kernel import Kernel, cache_root
 from .kernel import fetch as fetch_kernel
 from .source import Source
@@ -462,8 +462,12 @@ def ready_zip(pycs: Sequence[Source], progress: Callable[[str], None], py: Pytho
 
 def build(force: bool = False, progress: Callable[[str], None] = lambda s: None, *, pyc: bool = True,
           compression: str = "none", level: int = 6, offline: bool = False, layout: str | None = None,
-          extensions: extend.Extensions | None = None) -> Guest:
+          extensions: extend.Extensions | None = None, kernel: str | None = None) -> Guest:
     """Build (or reuse) the guest for the current Debian kernel and this tree's project files.
+
+    ``kernel``: "debian" (the stock kernel, ccpu.guest.kernel) or "built" (the one built for the
+    guest, ccpu.guest.kbuild: must have been built with `fractal guest kernel`); None:
+    $FRACTAL_GUEST_KERNEL, else "debian".
 
     ``extensions``: the user's additions and run-at-boot commands; None: the recorded ones
     (``$FRACTAL_CACHE/guest/extensions.json``, ccpu.guest.extend), so every build makes the same guest.
@@ -473,8 +477,8 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     ``offline``: use the newest kernel already in the cache without asking apt (saves ~1.3 s;
     what the shim does before every VM start), falling back to apt when none is cached."""
     t0 = time.monotonic()
-    kern = fetch_kernel(progress, offline=offline)
-    progress(f"kernel {kern.release} ({kern.package_version})")
+    kern = kbuild.find() if kbuild.kernel_choice(kernel) == "built" else fetch_kernel(progress, offline=offline)
+    progress(f"kernel {kern.release} ({kern.package} {kern.package_version})")
     layout = layout or default_layout()
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")

@@ -14,7 +14,13 @@ shared (report medians):
   (MemTotal - MemAvailable: the agent has no op that reports the guest's memory).
 
     python3 hack/bench/guest.py [--rounds 5] [--layouts initramfs,image] [--no-memory] [--baseline DIR]
-                                [--timeline] [--json FILE]
+                                [--kernels debian,built] [--timeline] [--json FILE]
+
+``--kernels debian,built``: every layout (and the bare reference) once per guest kernel -- Debian's
+and the one built for the guest (``fractal guest kernel``, ccpu/guest/kbuild.py) -- in the same
+alternated rounds, each guest's ratio against the bare boot of *its own* kernel; also each kernel's
+vmlinux size and bss (``size``) and the guest's MemTotal and reserved (RAM - MemTotal) under the
+bare init.  Kinds are named ``LAYOUT@KERNEL``.  Without it: the kernel $FRACTAL_GUEST_KERNEL selects.
 
 ``--baseline DIR``: also boot the guest built in DIR (its manifest.json), as "baseline" -- e.g.
 one built from another tree to compare agents in the same run:
@@ -55,7 +61,7 @@ from hack.bench.common import agent_hello  # noqa: E402
 BARE_INIT = b"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 read up _ </proc/uptime
-t=$(/bin/busybox awk '/MemTotal/{t=$2}/MemAvailable/{a=$2}END{print t-a}' /proc/meminfo)
+t=$(/bin/busybox awk '/MemTotal/{t=$2}/MemAvailable/{a=$2}END{print t-a " memtotal_kb=" t}' /proc/meminfo)
 echo "bare: $up used_kb=$t"
 /bin/busybox sleep 60  # the host reads QEMU's RSS, then stops it
 /bin/busybox poweroff -f
@@ -80,6 +86,16 @@ def _rss_kb(pid: int | None) -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
 
 
+def kernel_size(path: str) -> dict[str, float]:
+    """binutils ``size`` of a kernel ELF (text, data, bss: what the guest reserves for the kernel
+    image) and its file size (what QEMU maps)."""
+    import subprocess
+    out = subprocess.run(["size", path], check=True, capture_output=True, text=True).stdout.splitlines()
+    text, data, bss = (int(x) for x in out[1].split()[:3])
+    return {"text_mb": text / 1e6, "data_mb": data / 1e6, "bss_mb": bss / 1e6,
+            "file_mb": os.path.getsize(path) / 1e6}
+
+
 def boot_bare(kernel: str, initrd: Path, tmp: str) -> dict[str, float]:
     console = os.path.join(tmp, "bare.log")
     vm = Machine(MachineSpec(kernel=kernel, initramfs=str(initrd), workdir=tmp, console=ConsoleFile(console),
@@ -88,10 +104,13 @@ def boot_bare(kernel: str, initrd: Path, tmp: str) -> dict[str, float]:
     vm.boot()
     try:
         while time.monotonic() - t0 < 120:
-            m = re.search(r"bare: (\d+\.\d+) used_kb=(\d+)", Path(console).read_text(errors="replace"))
+            m = re.search(r"bare: (\d+\.\d+) used_kb=(\d+) memtotal_kb=(\d+)",
+                          Path(console).read_text(errors="replace"))
             if m:
                 return {"ready_s": time.monotonic() - t0, "uptime_s": float(m.group(1)),
-                        "guest_used_mb": int(m.group(2)) / 1024, "qemu_rss_mb": _rss_kb(vm.pid) / 1024}
+                        "guest_used_mb": int(m.group(2)) / 1024, "qemu_rss_mb": _rss_kb(vm.pid) / 1024,
+                        "memtotal_mb": int(m.group(3)) / 1024,
+                        "reserved_mb": vm.spec.memory_mb - int(m.group(3)) / 1024}
             time.sleep(0.02)
         raise RuntimeError("bare kernel: no line on the console")
     finally:
@@ -157,27 +176,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the guest-used boots")
     ap.add_argument("--baseline", type=Path, metavar="DIR", help="also boot the guest built in DIR")
     ap.add_argument("--timeline", action="store_true", help="boot with fractal.timeline=1: per-phase uptimes")
+    ap.add_argument("--kernels", default="", help="comma-separated guest kernels to compare (debian,built); "
+                                                  "default: the one $FRACTAL_GUEST_KERNEL selects")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     layouts = [x for x in args.layouts.split(",") if x]
     if not layouts or any(x not in ("initramfs", "image") for x in layouts):
         ap.error("--layouts: initramfs and/or image")
-    guests = {layout: initramfs.build(layout=layout, offline=True) for layout in layouts}
-    kernel = str(next(iter(guests.values())).kernel)
+    kernels = [x for x in args.kernels.split(",") if x] or [None]
+    if any(k not in (None, "debian", "built") for k in kernels):
+        ap.error("--kernels: debian and/or built")
+    guests: dict[str, initramfs.Guest] = {}
+    bare_kernel: dict[str, str] = {}  # bare kind -> the kernel it boots
+    bare_of: dict[str, str] = {}  # kind -> the bare kind its ratio is against
+    order: list[str] = []
+    for kern in kernels:
+        tag = f"@{kern}" if kern else ""
+        for layout in layouts:
+            guests[layout + tag] = initramfs.build(layout=layout, offline=True, kernel=kern)
+        bare_kernel["bare" + tag] = str(guests[layouts[0] + tag].kernel)
+        order += ["bare" + tag, *(layout + tag for layout in layouts)]
+        bare_of.update({k: "bare" + tag for k in ["bare" + tag, *(layout + tag for layout in layouts)]})
     if args.baseline is not None:
+        kernel = bare_kernel[order[0]]
         manifest = json.loads((args.baseline / "manifest.json").read_text())
         guests["baseline"] = initramfs._guest(Path(kernel), args.baseline, manifest)
-        layouts.append("baseline")
-    raw: dict[str, list[dict[str, float]]] = {k: [] for k in ("bare", *guests)}
+        order.append("baseline")
+        bare_of["baseline"] = order[0]
+    sizes_k = {b: kernel_size(k) for b, k in bare_kernel.items()}
+    raw: dict[str, list[dict[str, float]]] = {k: [] for k in order}
     with tempfile.TemporaryDirectory(prefix="fractal-bench-guest-") as tmp:
         os.chmod(tmp, 0o700)
         bare = Path(tmp, "bare.cpio")
         bare_initramfs(bare)
-        order = ["bare", *layouts]
         for r in range(args.rounds):
             for kind in order[r % len(order):] + order[:r % len(order)]:
-                if kind == "bare":
-                    one = boot_bare(kernel, bare, tmp)
+                if kind in bare_kernel:
+                    one = boot_bare(bare_kernel[kind], bare, tmp)
                 else:
                     one = boot_agent(guests[kind], tmp, args.timeline)
                     if not args.no_memory:
@@ -187,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: {m: statistics.median(x[m] for x in v if m in x) for m in v[0]} for k, v in raw.items()}
     sizes = {k: {"initramfs_mb": g.manifest["initramfs"].get("uncompressed_size", 0) / 1e6,
                  "image_mb": g.manifest["image"]["size"] / 1e6 if g.image else 0.0} for k, g in guests.items()}
-    result = {"rounds": args.rounds, "load_average": os.getloadavg(), "median": med, "sizes": sizes, "raw": raw}
+    result = {"rounds": args.rounds, "load_average": os.getloadavg(), "median": med, "sizes": sizes,
+              "kernels": {b: {"path": bare_kernel[b], **sizes_k[b]} for b in bare_kernel}, "raw": raw}
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}, {args.rounds} alternated rounds")
+    for b, kpath in bare_kernel.items():
+        z = sizes_k[b]
+        print(f"{b:14s} kernel {kpath}: text {z['text_mb']:.1f} MB  data {z['data_mb']:.1f} MB  "
+              f"bss {z['bss_mb']:.1f} MB  file {z['file_mb']:.1f} MB  guest MemTotal "
+              f"{med[b]['memtotal_mb']:.1f} MB  reserved {med[b]['reserved_mb']:.1f} MB")
     for k, v in med.items():
-        ratio = v["ready_s"] / med["bare"]["ready_s"]
+        ratio = v["ready_s"] / med[bare_of[k]]["ready_s"]
         size = sizes.get(k, {})
         used = f"guest used {v['guest_used_mb']:.0f} MB  " if "guest_used_mb" in v else ""
         print(f"{k:10s} ready {v['ready_s']:.2f} s ({ratio:.2f}x bare)  {used}"
@@ -198,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeline:
         print("guest timeline (uptime medians, s; + since the previous line):")
         for k, v in med.items():
-            if k == "bare":
-                print(f"  bare       its /init's line {v['uptime_s']:.2f}")
+            if k in bare_kernel:
+                print(f"  {k:10s} its /init's line {v['uptime_s']:.2f}")
                 continue
             phases = sorted(((t, m[2:]) for m, t in v.items() if m.startswith("@ ")))
             prev = 0.0
