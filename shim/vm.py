@@ -854,8 +854,10 @@ class VmSandbox(AgentSandbox):
         from ccpu.vm import tpm
 
         if guest.uki is None:
-            raise errdefs.FailedPrecondition("vm.attest: the guest build has no unified kernel image "
-                                             "(apt-get install systemd-boot-efi, then fractal guest build)")
+            from ccpu.guest import uki
+
+            why = guest.manifest.get("uki_missing") or uki.NO_STUB
+            raise errdefs.FailedPrecondition(f"vm.attest: the guest build has no unified kernel image ({why})")
         missing = tpm.missing_tools()
         if missing:
             raise errdefs.FailedPrecondition(f"vm.attest: missing {', '.join(missing)} "

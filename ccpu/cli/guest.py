@@ -113,7 +113,7 @@ def cmd_guest_uki(args: argparse.Namespace) -> int:
 
     g = initramfs.build(progress=progress, offline=args.offline)  # the build for this tree: cached, as a VM's
     if g.uki is None:
-        print("fractal: the guest build has no UKI (apt-get install systemd-boot-efi)", file=sys.stderr)
+        print(f"fractal: the guest build has no UKI ({g.manifest.get('uki_missing') or uki.NO_STUB})", file=sys.stderr)
         return 1
     out = Path(args.output)
     try:

@@ -555,7 +555,9 @@ def build(force: bool = False, progress: Callable[[str], None] = lambda s: None,
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     (tmp_dir / name).write_bytes(blob)
-    if uki.available():  # the EFI image (docs/hardware.md): ~0.3 s and the initramfs's size again
+    if uki.available() and not uki.efi_kernel(kern.vmlinuz):
+        manifest["uki_missing"] = uki.NOT_EFI
+    elif uki.available():  # the EFI image (docs/hardware.md): ~0.3 s and the initramfs's size again
         progress("writing the unified kernel image (systemd-stub + kernel + initramfs)")
         made = uki.build(tmp_dir / uki.FILE, kernel=kern.vmlinuz, initramfs=tmp_dir / name, cmdline=UKI_CMDLINE,
                          osrel=uki.os_release(kern.release, sha))

@@ -95,6 +95,23 @@ def available() -> bool:
     return os.path.exists(STUB)
 
 
+def efi_kernel(kernel: Path) -> bool:
+    """Can the stub start this kernel: is it a PE image (CONFIG_EFI_STUB)?  Debian's is; the kernel
+    built for the guest (ccpu/guest/kbuild.py) boots by PVH only and has no EFI stub, so a UKI of it
+    would never boot under OVMF -- better none, and a clear word where one is asked for."""
+    try:
+        with open(kernel, "rb") as f:
+            pe.sections(f.read())
+    except (OSError, pe.PeError):
+        return False
+    return True
+
+
+#: Why a guest build has no UKI: the manifest's ``uki_missing`` (set only then), else this.
+NO_STUB = "apt-get install systemd-boot-efi, then fractal guest build"
+NOT_EFI = "its kernel has no EFI stub (the kernel built for the guest boots by PVH only: use --kernel debian)"
+
+
 def os_release(kernel_release: str, initramfs_sha256: str) -> bytes:
     """The .osrel section: who this image is (systemd-boot and `bootctl` show it)."""
     return (f'ID=fractal\nNAME="fractal guest"\nPRETTY_NAME="fractal guest {initramfs_sha256[:12]}"\n'

@@ -150,3 +150,18 @@ def test_a_machines_uki_keeps_the_builds_sections_and_builds_its_cmdline_in(tmp_
         uki.with_cmdline(initrd, tmp_path / "x.efi", line)
     with pytest.raises(uki.UkiError, match="unknown boot"):
         one.describe("pxe")
+
+
+def test_a_kernel_without_an_efi_stub_gets_no_uki(tmp_path: Path) -> None:
+    """uki.efi_kernel: only a PE image can be the stub's .linux (the kernel built for the guest boots
+    by PVH only); the guest build then writes no UKI and says why (manifest ``uki_missing``)."""
+    bzimage = tmp_path / "bzImage"
+    bzimage.write_bytes(b"\xeaxx" + bytes(0x300))  # a legacy boot sector's jump, no MZ / PE header
+    assert not uki.efi_kernel(bzimage)
+    assert not uki.efi_kernel(tmp_path / "absent")
+    half = tmp_path / "half"
+    half.write_bytes(_pe(1)[:0x82])  # MZ, then cut inside the PE signature
+    assert not uki.efi_kernel(half)
+    if uki.available():  # the systemd stub is itself a PE/EFI application
+        assert uki.efi_kernel(Path(uki.STUB))
+    assert "--kernel debian" in uki.NOT_EFI
