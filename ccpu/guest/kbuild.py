@@ -164,11 +164,8 @@ def _run(cmd: list[str], cwd: Path | None = None, env: Mapping[str, str] | None 
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def root() -> Path:
